@@ -1,0 +1,71 @@
+"""The state of one block of sequences (gpu_batch_size x num_gpu_batches) during generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Block:
+    tokens: torch.Tensor  # (N, prompt_len + gen_len) on the compute device, left-padded prompts first
+    pad: torch.Tensor  # (N,) left padding of each row
+    prompt_len: int
+    gen_len: int
+    gpu_batch_size: int
+    finished: torch.Tensor  # (N,) bool, on the host
+    eos: tuple[int, ...]
+    length: torch.Tensor  # (N,) tokens each row generated before it finished (its eos included)
+    generated: int = 0  # steps taken
+
+    @classmethod
+    def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
+                     pad_id: int, eos: tuple[int, ...], device: torch.device) -> Block:
+        """Left-pad `prompts` into a block of `rows`; rows past len(prompts) are filler, finished at once."""
+        prompt_len = max(len(p) for p in prompts)
+        tokens = torch.full((rows, prompt_len + gen_len), pad_id, dtype=torch.long)
+        pad = torch.full((rows,), prompt_len - 1, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
+            pad[i] = prompt_len - len(p)
+        tokens[len(prompts):, prompt_len - 1] = prompts[0][-1]
+        finished = torch.zeros(rows, dtype=torch.bool)
+        finished[len(prompts):] = True
+        length = torch.zeros(rows, dtype=torch.long)
+        return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length)
+
+    def rows(self, batch: int) -> slice:
+        return slice(batch * self.gpu_batch_size, (batch + 1) * self.gpu_batch_size)
+
+    def batch_done(self, batch: int) -> bool:
+        return bool(self.finished[self.rows(batch)].all())
+
+    def step_span(self, step: int) -> tuple[int, int]:
+        """(first cache position written, number of new positions) for a step; step 0 is the prefill."""
+        return (0, self.prompt_len) if step == 0 else (self.prompt_len + step - 1, 1)
+
+    def positions(self, batch: int, start: int, t: int) -> torch.Tensor:
+        pos = torch.arange(start, start + t, device=self.tokens.device)[None] - self.pad[self.rows(batch), None]
+        return pos.clamp(min=-1)
+
+    def mask(self, batch: int, start: int, t: int) -> torch.Tensor:
+        """(rows, 1, t, start + t) bool: causal, padding hidden; a padding query sees itself (no NaN)."""
+        device = self.tokens.device
+        q = torch.arange(start, start + t, device=device)[:, None]
+        k = torch.arange(start + t, device=device)[None]
+        real = k[None] >= self.pad[self.rows(batch), None, None]
+        return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
+
+    def record(self, batch: int, next_ids: torch.Tensor) -> None:
+        """Store the tokens chosen at this step; rows that emit eos finish."""
+        rows = self.rows(batch)
+        column = self.prompt_len + self.generated
+        self.length[rows] += (~self.finished[rows]).long()
+        self.tokens[rows, column] = next_ids
+        if self.eos:
+            hit = torch.isin(next_ids, torch.tensor(self.eos, device=next_ids.device)).cpu()
+            self.finished[rows] |= hit
+
+    def new_tokens(self, row: int) -> list[int]:
+        return self.tokens[row, self.prompt_len:self.prompt_len + int(self.length[row])].tolist()

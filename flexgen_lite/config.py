@@ -1,0 +1,164 @@
+"""Model configuration: one dataclass for every supported family, read from a HF config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded: unknown architecture, missing or corrupt files."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "opt" or "llama" (llama covers mistral, qwen2, smollm2)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_positions: int
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # OPT-350m normalises after the residual add
+    final_norm: bool = True
+    activation: str = "relu"  # "relu" | "gelu" | "silu"
+    gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x))
+    positions: str = "learned"  # "learned" (OPT, offset 2) | "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    embed_dim: int = 0  # OPT word_embed_proj_dim; 0 means hidden_size
+    tie_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def word_dim(self) -> int:
+        return self.embed_dim or self.hidden_size
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes of K and V per token over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def num_params(self) -> int:
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = self.num_kv_heads * self.head_dim
+        attn = h * (2 * h + 2 * kv)
+        mlp = h * f * (3 if self.gated_mlp else 2)
+        embed = v * self.word_dim * (1 if self.tie_embeddings else 2)
+        if self.positions == "learned":
+            embed += (self.max_positions + 2) * h
+        if self.word_dim != h:
+            embed += 2 * h * self.word_dim
+        return self.num_layers * (attn + mlp) + embed
+
+
+def _eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _opt_config(c: dict, name: str) -> ModelConfig:
+    act = c.get("activation_function", "relu")
+    if act not in ("relu", "gelu"):
+        raise ModelError(f"OPT activation {act!r} is not supported (relu, gelu)")
+    hidden = c["hidden_size"]
+    pre_norm = c.get("do_layer_norm_before", True)
+    return ModelConfig(
+        family="opt", name=name, vocab_size=c["vocab_size"], hidden_size=hidden,
+        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        num_kv_heads=c["num_attention_heads"], intermediate_size=c["ffn_dim"],
+        max_positions=c["max_position_embeddings"], norm="layernorm", norm_eps=1e-5,
+        pre_norm=pre_norm, final_norm=pre_norm and not c.get("_remove_final_layer_norm", False),
+        activation=act, positions="learned",
+        qkv_bias=c.get("enable_bias", True), out_bias=c.get("enable_bias", True),
+        mlp_bias=c.get("enable_bias", True),
+        embed_dim=c.get("word_embed_proj_dim", hidden) if c.get("word_embed_proj_dim", hidden) != hidden else 0,
+        tie_embeddings=c.get("tie_word_embeddings", True),
+        bos_token_id=c.get("bos_token_id"), eos_token_id=_eos_list(c.get("eos_token_id")),
+        pad_token_id=c.get("pad_token_id"),
+    )
+
+
+def _rope_settings(c: dict) -> tuple[float, dict | None]:
+    """Rope theta and scaling from either the old (rope_theta/rope_scaling) or new (rope_parameters) keys."""
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or params
+    theta = c.get("rope_theta", params.get("rope_theta", 10000.0))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return float(theta), None
+    if kind != "llama3":
+        raise ModelError(f"rope scaling {kind!r} is not supported (default, llama3)")
+    return float(theta), dict(scaling)
+
+
+def _llama_config(c: dict, name: str) -> ModelConfig:
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    if head_dim * heads != c["hidden_size"]:
+        raise ModelError(f"head_dim {head_dim} x heads {heads} != hidden_size {c['hidden_size']} is not supported")
+    act = c.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
+    theta, scaling = _rope_settings(c)
+    qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
+    return ModelConfig(
+        family="llama", name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        num_layers=c["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
+        max_positions=c.get("max_position_embeddings", 4096), norm="rmsnorm",
+        norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias,
+        out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
+        tie_embeddings=c.get("tie_word_embeddings", False),
+        bos_token_id=c.get("bos_token_id"), eos_token_id=_eos_list(c.get("eos_token_id")),
+        pad_token_id=c.get("pad_token_id"),
+    )
+
+
+FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config}
+
+
+def config_from_dict(c: dict, name: str = "") -> ModelConfig:
+    model_type = c.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    try:
+        return FAMILIES[model_type](c, name)
+    except KeyError as e:
+        raise ModelError(f"config of {name or model_type} lacks the field {e.args[0]!r}") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read config.json from a local checkpoint directory."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"{path} has no config.json: pass a local Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{file} is not valid JSON ({e}); re-download the checkpoint") from None
+    return config_from_dict(raw, name=str(path))

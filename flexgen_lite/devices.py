@@ -1,0 +1,116 @@
+"""The compute device and its side streams; the background I/O pool that overlaps transfers with compute."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the OS.
+
+    On VMs where fresh pages fault in slowly, re-touching returned memory dominates decode time;
+    keeping it makes every step after the first reuse warm pages.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
+        libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap
+    except (OSError, AttributeError):
+        pass
+
+
+class ComputeDevice:
+    """Where layers run: CUDA when present, else the CPU. Holds the copy stream used for prefetch."""
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.is_cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """True when `t` can be used by compute without a copy."""
+        return t.device.type == self.device.type
+
+    @contextlib.contextmanager
+    def on_copy_stream(self, after=None):
+        """Context for copies issued from an I/O thread, ordered after the compute event `after`;
+        yields a function that returns an event marking the copies done."""
+        if not self.is_cuda:
+            yield lambda: None
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                self.copy_stream.wait_event(after)
+            def done() -> torch.cuda.Event:
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+                return event
+            yield done
+
+    def compute_event(self):
+        """An event marking the compute stream's progress so far (None on CPU: compute is synchronous)."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait_for(self, event) -> None:
+        """Make compute wait for a copy event (CUDA); nothing to do on CPU."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def free_memory(self) -> int:
+        """Free bytes of compute-device memory (host RAM available on CPU)."""
+        if self.is_cuda:
+            return torch.cuda.mem_get_info(self.device)[0]
+        return host_available_bytes()
+
+
+def host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class IOPool:
+    """Runs transfers in background threads (overlap on) or inline (overlap off).
+
+    Torch copies and file reads release the GIL, so two or three threads overlap I/O with compute.
+    """
+
+    def __init__(self, overlap: bool, workers: int = 3) -> None:
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexgen-io") if overlap else None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # re-raised by result(), like a pool future
+            future.set_exception(e)
+        return future
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

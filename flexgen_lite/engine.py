@@ -1,0 +1,187 @@
+"""The zig-zag block schedule (FlexGen, Algorithm 1).
+
+    for step in generation steps:
+        for layer in layers:
+            wait for this layer's weights; prefetch the next layer's
+            for batch in the block:
+                wait for this batch's cache; prefetch the next batch's (or next layer's first)
+                load hidden; compute; store hidden; store the new cache entries (in the background)
+
+Each layer's weights cross the link once per block of batches rather than once per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .activations import Activations
+from .attention import attend
+from .block import Block
+from .config import ModelConfig
+from .devices import ComputeDevice, IOPool
+from .kv_cache import CacheSlots, KVCache
+from .models import LayerSpec
+from .models import layers as L
+from .policy import Policy
+from .sampling import SamplingConfig, sample
+from .storage import DiskStore, MemoryLedger, Staging, TieredTensor
+from .weights import WeightSlots
+
+
+@dataclass
+class StepTimes:
+    prefill: float = 0.0
+    decode: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, policy: Policy, specs: list[LayerSpec],
+                 weights: list[dict[str, TieredTensor]], device: ComputeDevice, dtype: torch.dtype,
+                 disk: DiskStore, ledger: MemoryLedger) -> None:
+        self.config, self.policy, self.specs, self.weights = config, policy, specs, weights
+        self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
+        self.io = IOPool(policy.overlap)
+        self.staging = Staging(pin=device.is_cuda)
+        self.weight_slots = WeightSlots(device, ledger, self.staging)
+        self.cache_slots = CacheSlots(device, dtype, ledger, self.staging)
+        self.cache: KVCache | None = None
+        self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
+        self.times = StepTimes()
+
+    # ---- the schedule -------------------------------------------------------------------------
+    def run(self, block: Block, sampling: SamplingConfig, on_step=None) -> None:
+        """Generate up to block.gen_len tokens for every row of the block, in place."""
+        self._prepare_cache(block)
+        acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
+                           self.disk, self.ledger)
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.times = StepTimes()
+        for step in range(block.gen_len):
+            if bool(block.finished.all()):
+                break
+            tic = time.perf_counter()
+            self._step(block, step, acts, sampling, generator)
+            self.device.synchronize()
+            elapsed = time.perf_counter() - tic
+            if step == 0:
+                self.times.prefill = elapsed
+            else:
+                self.times.decode.append(elapsed)
+            if on_step is not None:
+                on_step(block)
+
+    def _step(self, block: Block, step: int, acts: Activations, sampling, generator) -> None:
+        start, t = block.step_span(step)
+        batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
+        inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
+        self._cache_loads: dict[tuple[int, int], Future] = {}
+        weights_next = self._prefetch_weights(0)
+        for j, spec in enumerate(self.specs):
+            weights = self._wait(weights_next)
+            if j + 1 < len(self.specs):
+                weights_next = self._prefetch_weights(j + 1)
+            for i, b in enumerate(batches):
+                views = None
+                if spec.kind == "attention":
+                    views = self._wait(self._cache_loads.pop((spec.index, b), None)
+                                       or self._prefetch_cache(spec.index, b, start))
+                    self._prefetch_next_cache(spec.index, batches, i, start)
+                h = None if spec.kind == "embed" else acts.get(b)
+                out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
+                if spec.kind == "head":
+                    block.record(b, sample(out, sampling, generator))
+                else:
+                    acts.put(b, out)
+        block.generated += 1
+
+    def _compute(self, spec, w, h, views, block: Block, b: int, inputs, start: int, t: int):
+        cfg = self.config
+        if spec.kind == "embed":
+            return L.embed(w, block.tokens[block.rows(b), start:start + t], inputs["positions"], cfg)
+        if spec.kind == "mlp":
+            return L.mlp(w, h, cfg)
+        if spec.kind == "head":
+            return L.head(w, h[:, -1], cfg)
+        x = L.norm(h, w, cfg) if cfg.pre_norm else h
+        q, k, v = L.qkv(w, x, inputs["rope"], cfg)
+        outs = []
+        for view in views:
+            r = view.part.rows
+            view.k[:, :, start:start + t] = k[r]
+            view.v[:, :, start:start + t] = v[r]
+            outs.append(attend(q[r], view.k[:, :, :start + t], view.v[:, :, :start + t], inputs["mask"][r]))
+            if not view.part.direct:
+                self._store_cache(spec.index, b, view, k[r], v[r], start)
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return L.attention_output(w, attn, h, cfg)
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
+        positions = block.positions(b, start, t)
+        rope = None
+        if self.inv_freq is not None:
+            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        return {"positions": positions, "mask": block.mask(b, start, t), "rope": rope}
+
+    def _prepare_cache(self, block: Block) -> None:
+        max_len = block.prompt_len + block.gen_len
+        if self.cache is None or self.cache.max_len < max_len:
+            self.cache = None  # free the old one first
+            self.cache_slots.buffers.clear()
+            self.cache = KVCache(self.config.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size,
+                                 max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
+                                 self.policy.percents("cache"), self.device, self.disk, self.ledger,
+                                 pin=self.device.is_cuda)
+        self._pending_stores: dict[tuple[int, int], list[Future]] = {}
+        self._load_count = 0
+
+    # ---- transfers -------------------------------------------------------------------------------
+    def _wait(self, future: Future):
+        value, event = future.result()
+        self.device.wait_for(event)
+        return value
+
+    def _prefetch_weights(self, j: int) -> Future:
+        spec = self.specs[j]
+        after = self.device.compute_event()  # the slot being refilled was last read by compute so far
+        return self.io.submit(self._load_weights, j, (spec.kind, spec.index % 2), after)
+
+    def _load_weights(self, j: int, slot_key: tuple, after):
+        with self.device.on_copy_stream(after) as done:
+            return self.weight_slots.fetch(self.weights[j], slot_key), done()
+
+    def _prefetch_cache(self, layer: int, b: int, start: int) -> Future:
+        for f in self._pending_stores.pop((layer, b), ()):
+            f.result()  # the previous step's new entries must be home before they are read back
+        self._load_count += 1
+        after = self.device.compute_event()
+        return self.io.submit(self._load_cache, layer, b, start, self._load_count % 2, after)
+
+    def _prefetch_next_cache(self, layer: int, batches: list[int], i: int, start: int) -> None:
+        if i + 1 < len(batches):
+            key = (layer, batches[i + 1])
+        elif layer + 1 < self.config.num_layers:
+            key = (layer + 1, batches[0])
+        else:
+            return
+        self._cache_loads[key] = self._prefetch_cache(*key, start)
+
+    def _load_cache(self, layer: int, b: int, length: int, parity: int, after):
+        with self.device.on_copy_stream(after) as done:
+            return self.cache.load(layer, b, length, self.cache_slots, parity), done()
+
+    def _store_cache(self, layer: int, b: int, view, k_new, v_new, start: int) -> None:
+        if view.part.tier == "disk" and self.device.is_cuda:
+            k_new, v_new = k_new.cpu(), v_new.cpu()
+        if view.part.tier != "disk" and self.device.is_cuda:
+            self.cache.store(view, k_new, v_new, start)  # queued on the compute stream, in order
+            return
+        future = self.io.submit(lambda: self.cache.store(view, k_new, v_new, start))
+        self._pending_stores.setdefault((layer, b), []).append(future)
+
+    def close(self) -> None:
+        self.io.close()

@@ -1,0 +1,171 @@
+"""The user-facing API: open a model, place it by a policy, generate text or token ids in blocks."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .block import Block
+from .checkpoint import Checkpoint
+from .config import ModelConfig, ModelError, load_config
+from .devices import ComputeDevice, keep_freed_memory
+from .engine import Engine
+from .memory import check_fits
+from .models import layer_specs
+from .policy import Policy, split_counts
+from .presets import find_preset, preset_config
+from .sampling import SamplingConfig
+from .storage import DiskStore, MemoryLedger
+from .weights import CheckpointSource, DummySource, WeightSource, place_weights, planned_bytes
+
+
+def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
+    """(config, weight source, tokenizer or None) for a checkpoint directory or a preset name (dummy weights)."""
+    path = Path(model)
+    if path.is_dir():
+        config = load_config(path)
+        return config, CheckpointSource(Checkpoint(path)), load_tokenizer(path)
+    if find_preset(model) is None and (path.suffix or path.parent != Path(".")):
+        raise ModelError(f"{model} does not exist: pass a checkpoint directory or a known model name")
+    return preset_config(model), DummySource(), None
+
+
+def load_tokenizer(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class FlexGenLite:
+    """A model placed over gpu / cpu / disk by a policy.
+
+    >>> m = FlexGenLite("path/to/opt-1.3b", policy=Policy(weight_gpu_percent=0, weight_cpu_percent=100))
+    >>> m.generate("Paris is the capital of")
+    """
+
+    def __init__(self, model: str, policy: Policy | None = None, device: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.policy = policy or Policy()
+        self.config, source, self.tokenizer = open_model(model)
+        self.device = ComputeDevice(device)
+        self.dtype = self.policy.torch_dtype(self.device.device)
+        keep_freed_memory()
+        specs = layer_specs(self.config)
+        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype), self.device,
+                   self.policy.offload_dir, f"the weights of {self.config.name}")
+        self.ledger = MemoryLedger()
+        self.disk = DiskStore(self.policy.offload_dir)
+        try:
+            report = (lambda i, n: progress(f"placing weights: layer {i}/{n}")) if progress else None
+            weights = place_weights(specs, self.policy.percents("weight"), source, self.dtype, self.device,
+                                    self.disk, self.ledger, self.policy.pin_weight, report)
+        except BaseException:
+            self.disk.close()
+            raise
+        self.engine = Engine(self.config, self.policy, specs, weights, self.device, self.dtype,
+                             self.disk, self.ledger)
+        self.progress = progress
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: tuple[str, ...] | list[str] = ()) -> str | list[str]:
+        """Completions of one prompt (a str) or many (a list)."""
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+        outputs = [self.decode(ids, sampling.stop) for ids in self.generate_ids(self.encode(texts), sampling)]
+        return outputs[0] if single else outputs
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ModelError(f"{self.config.name} has no tokenizer (dummy weights): pass token ids to generate_ids")
+        return [self.tokenizer(t)["input_ids"] for t in texts]
+
+    def decode(self, ids: list[int], stop: tuple[str, ...] = ()) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+        return text[:cut]
+
+    def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None) -> list[list[int]]:
+        """Generated token ids (prompt excluded) for each prompt, in the order given."""
+        sampling = sampling or SamplingConfig()
+        self._check_prompts(prompts, sampling)
+        if sampling.stop and self.tokenizer is None:
+            raise ModelError("stop strings need a tokenizer; this model has none")
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a block
+        results: list[list[int]] = [[] for _ in prompts]
+        size = self.policy.block_size
+        for first in range(0, len(order), size):
+            chosen = order[first:first + size]
+            block = self._run_block([prompts[i] for i in chosen], sampling)
+            for row, i in enumerate(chosen):
+                results[i] = block.new_tokens(row)
+            if self.progress:
+                self.progress(f"block {first // size + 1}/{-(-len(order) // size)} done")
+        return results
+
+    def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig) -> Block:
+        cfg, policy = self.config, self.policy
+        eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
+        block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, sampling.max_new_tokens,
+                                   pad_id, eos, self.device.device)
+        self._check_cache_fits(block)
+        self.engine.run(block, sampling, self._stop_checker(sampling, len(prompts)) if sampling.stop else None)
+        return block
+
+    def _stop_checker(self, sampling: SamplingConfig, real_rows: int):
+        def check(block: Block) -> None:
+            for row in range(real_rows):
+                if not block.finished[row]:
+                    text = self.tokenizer.decode(block.new_tokens(row), skip_special_tokens=True)
+                    if any(s in text for s in sampling.stop):
+                        block.finished[row] = True
+        return check
+
+    def _check_prompts(self, prompts: list[list[int]], sampling: SamplingConfig) -> None:
+        if not prompts:
+            raise ValueError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + sampling.max_new_tokens > self.config.max_positions:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that exceeds "
+                    f"the model's context of {self.config.max_positions} positions: shorten the prompt or "
+                    "generate fewer tokens")
+            if max(p) >= self.config.vocab_size or min(p) < 0:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def _check_cache_fits(self, block: Block) -> None:
+        engine = self.engine
+        if engine.cache is not None and engine.cache.max_len >= block.prompt_len + block.gen_len:
+            return
+        c = self.config
+        per_seq = 2 * c.num_layers * c.num_kv_heads * c.head_dim * (block.prompt_len + block.gen_len) * self.dtype.itemsize
+        n = self.policy.block_size
+        gpu, cpu, disk = split_counts(n, self.policy.percents("cache"))
+        check_fits({"gpu": gpu * per_seq, "cpu": cpu * per_seq, "disk": disk * per_seq}, self.device,
+                   self.policy.offload_dir, "the KV cache")
+
+    # ---- lifetime --------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        return {"current": dict(self.ledger.current), "peak": dict(self.ledger.peak)}
+
+    def close(self) -> None:
+        self.engine.close()
+        self.disk.close()
+
+    def __enter__(self) -> FlexGenLite:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def print_progress(message: str) -> None:
+    print(f"\r{message}", end="", file=sys.stderr, flush=True)

@@ -1,0 +1,106 @@
+"""The math of each layer kind, as pure functions of (weights, inputs, config).
+
+`w` maps canonical weight names to tensors on the compute device. Attention over the cache lives in
+`attention.py`; here are the projections, norms, positions and MLP around it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
+    if config.norm == "rmsnorm":
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + config.norm_eps)
+        return w["norm.weight"] * xf.to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), w["norm.weight"], w.get("norm.bias"), config.norm_eps)
+
+
+def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Token ids (B, T) and positions (B, T) -> hidden states (B, T, hidden)."""
+    h = F.embedding(ids, w["tokens"])
+    if "project_in" in w:
+        h = F.linear(h, w["project_in"])
+    if config.positions == "learned":
+        h = h + F.embedding(positions.clamp(min=-1) + 2, w["positions"])  # OPT's offset of 2
+    return h
+
+
+def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    s = config.rope_scaling
+    if s:  # llama3: keep high frequencies, divide low ones by factor, blend between
+        factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old_len / low, inv / factor, torch.where(wavelen < old_len / high, inv, blended))
+    return inv
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of shape (B, 1, T, head_dim) for positions (B, T)."""
+    angles = positions.float()[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
+    """Normalised input (B, T, hidden) -> q (B, heads, T, hd), k and v (B, kv_heads, T, hd)."""
+    b, t, _ = x.shape
+    hd = config.head_dim
+    q = linear(x, w, "q").view(b, t, config.num_heads, hd).transpose(1, 2)
+    k = linear(x, w, "k").view(b, t, config.num_kv_heads, hd).transpose(1, 2)
+    v = linear(x, w, "v").view(b, t, config.num_kv_heads, hd).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k, v
+
+
+def attention_output(w: dict, attn: torch.Tensor, residual: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """attn (B, heads, T, hd) -> hidden after the output projection and residual (and post-norm)."""
+    b, _, t, _ = attn.shape
+    h = residual + linear(attn.transpose(1, 2).reshape(b, t, -1), w, "o")
+    return h if config.pre_norm else norm(h, w, config)
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    x = norm(h, w, config) if config.pre_norm else h
+    act = ACTIVATIONS[config.activation]
+    if config.gated_mlp:
+        inner = act(linear(x, w, "gate")) * linear(x, w, "up")
+    else:
+        inner = act(linear(x, w, "up"))
+    out = h + linear(inner, w, "down")
+    return out if config.pre_norm else norm(out, w, config)
+
+
+def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Hidden states of the last position (B, hidden) -> logits (B, vocab) in fp32."""
+    if "norm.weight" in w:
+        h = norm(h, w, config)
+    if "project_out" in w:
+        h = F.linear(h, w["project_out"])
+    return F.linear(h, w["lm_head"]).float()

@@ -1,0 +1,68 @@
+"""Configs of well-known models by name, for benchmarks with dummy weights (no checkpoint needed)."""
+
+from __future__ import annotations
+
+from .config import ModelConfig, ModelError, config_from_dict
+
+# name: (hidden, layers, heads, ffn)
+_OPT = {
+    "opt-125m": (768, 12, 12, 3072),
+    "opt-350m": (1024, 24, 16, 4096),
+    "opt-1.3b": (2048, 24, 32, 8192),
+    "opt-2.7b": (2560, 32, 32, 10240),
+    "opt-6.7b": (4096, 32, 32, 16384),
+    "opt-13b": (5120, 40, 40, 20480),
+    "opt-30b": (7168, 48, 56, 28672),
+    "opt-66b": (9216, 64, 72, 36864),
+    "opt-175b": (12288, 96, 96, 49152),
+}
+
+# name: (model_type, hidden, layers, heads, kv_heads, ffn, vocab, max_positions, rope_theta)
+_LLAMA = {
+    "llama-2-7b": ("llama", 4096, 32, 32, 32, 11008, 32000, 4096, 1e4),
+    "llama-2-13b": ("llama", 5120, 40, 40, 40, 13824, 32000, 4096, 1e4),
+    "llama-2-70b": ("llama", 8192, 80, 64, 8, 28672, 32000, 4096, 1e4),
+    "llama-3-8b": ("llama", 4096, 32, 32, 8, 14336, 128256, 8192, 5e5),
+    "llama-3-70b": ("llama", 8192, 80, 64, 8, 28672, 128256, 8192, 5e5),
+    "mistral-7b": ("mistral", 4096, 32, 32, 8, 14336, 32000, 32768, 1e4),
+    "qwen2.5-7b": ("qwen2", 3584, 28, 28, 4, 18944, 152064, 32768, 1e6),
+    "qwen2.5-72b": ("qwen2", 8192, 80, 64, 8, 29568, 152064, 32768, 1e6),
+}
+
+
+def _hf_dict(key: str) -> dict:
+    if key in _OPT:
+        hidden, layers, heads, ffn = _OPT[key]
+        return {
+            "model_type": "opt", "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "ffn_dim": ffn, "vocab_size": 50272,
+            "max_position_embeddings": 2048, "word_embed_proj_dim": 512 if key == "opt-350m" else hidden,
+            "do_layer_norm_before": key != "opt-350m", "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
+        }
+    model_type, hidden, layers, heads, kv, ffn, vocab, max_pos, theta = _LLAMA[key]
+    return {
+        "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
+        "vocab_size": vocab, "max_position_embeddings": max_pos, "rope_theta": theta,
+        "rms_norm_eps": 1e-5 if model_type == "llama" else 1e-6, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def preset_names() -> list[str]:
+    return sorted(_OPT) + sorted(_LLAMA)
+
+
+def find_preset(name: str) -> ModelConfig | None:
+    """Config for a name like 'facebook/opt-1.3b' or 'llama-3-8b', or None if it names no preset."""
+    key = name.lower().rsplit("/", 1)[-1]
+    key = key.removesuffix("-hf")
+    if key not in _OPT and key not in _LLAMA:
+        return None
+    return config_from_dict(_hf_dict(key), name=name)
+
+
+def preset_config(name: str) -> ModelConfig:
+    config = find_preset(name)
+    if config is None:
+        raise ModelError(f"{name!r} is neither a checkpoint directory nor a known model; known: {', '.join(preset_names())}")
+    return config

@@ -1,0 +1,141 @@
+"""Placing every weight on its home tiers, from a checkpoint or as dummy values, and fetching a layer's
+weights to the compute device."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .config import ModelError
+from .devices import ComputeDevice
+from .models import LayerSpec, WeightSpec
+from .policy import split_counts
+from .storage import DiskStore, MemoryLedger, Part, Staging, TieredTensor
+
+ROW_GRANULARITY = 64  # split points are multiples of 64 rows: whole quantization groups
+
+
+class WeightSource:
+    """Where weight values come from: `read(spec, start, stop)` returns rows of one tensor."""
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CheckpointSource(WeightSource):
+    def __init__(self, checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        shape = self.checkpoint.shape(spec.hf_name)
+        if shape != spec.shape:
+            raise ModelError(f"{spec.hf_name} has shape {shape}, the config implies {spec.shape}")
+        return self.checkpoint.read(spec.hf_name, start, stop)
+
+
+class DummySource(WeightSource):
+    """Reproducible random weights (norm scales are ones), made row range by row range."""
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        shape = (stop - start, *spec.shape[1:])
+        if spec.name == "norm.weight":
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.hf_name}:{start}".encode()))
+        return torch.empty(shape).normal_(0, 0.02, generator=gen)
+
+
+def place_tensor(spec: WeightSpec, percents, source: WeightSource, dtype: torch.dtype,
+                 device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool) -> TieredTensor:
+    """Split one weight's rows over the tiers and fill each part from `source`."""
+    rows = spec.shape[0]
+    n_gpu, n_cpu, n_disk = split_counts(rows, percents, ROW_GRANULARITY)
+    row_bytes = dtype.itemsize * (torch.Size(spec.shape[1:]).numel())
+    parts: list[Part] = []
+    resident = None
+    if not device.is_cuda and n_gpu + n_cpu:
+        # compute memory and host RAM are the same memory here: one tensor, no copies between them
+        host = torch.empty((n_gpu + n_cpu, *spec.shape[1:]), dtype=dtype)
+        host.copy_(source.read(spec, 0, n_gpu + n_cpu))
+        for tier, lo, hi in (("gpu", 0, n_gpu), ("cpu", n_gpu, n_gpu + n_cpu)):
+            if hi > lo:
+                parts.append(Part(tier, lo, hi, host[lo:hi]))
+                ledger.add(tier, (hi - lo) * row_bytes)
+        resident = host if n_disk == 0 else None
+    else:
+        if n_gpu:
+            t = source.read(spec, 0, n_gpu).to(device.device, dtype)
+            parts.append(Part("gpu", 0, n_gpu, t))
+            ledger.add("gpu", n_gpu * row_bytes)
+            resident = t if n_gpu == rows else None
+        if n_cpu:
+            t = source.read(spec, n_gpu, n_gpu + n_cpu).to(dtype)
+            parts.append(Part("cpu", n_gpu, n_gpu + n_cpu, t.pin_memory() if pin and device.is_cuda else t))
+            ledger.add("cpu", n_cpu * row_bytes)
+    if n_disk:
+        lo = n_gpu + n_cpu
+        f = disk.create(n_disk * row_bytes, spec.name)
+        chunk = max(1, (64 << 20) // max(row_bytes, 1))  # write 64 MiB at a time
+        for s in range(lo, rows, chunk):
+            e = min(rows, s + chunk)
+            f.write(source.read(spec, s, e).to(dtype).contiguous(), (s - lo) * row_bytes)
+        parts.append(Part("disk", lo, rows, f))
+        ledger.add("disk", n_disk * row_bytes)
+    return TieredTensor(spec.shape, dtype, parts, resident)
+
+
+def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype: torch.dtype,
+                  device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
+                  progress=None) -> list[dict[str, TieredTensor]]:
+    """Every layer's weights by canonical name. Tied weights (same checkpoint name) are stored once."""
+    by_hf_name: dict[str, TieredTensor] = {}
+    placed = []
+    for layer in layers:
+        weights = {}
+        for spec in layer.weights:
+            if spec.hf_name not in by_hf_name:
+                by_hf_name[spec.hf_name] = place_tensor(spec, percents, source, dtype, device, disk, ledger, pin)
+            weights[spec.name] = by_hf_name[spec.hf_name]
+        placed.append(weights)
+        if progress:
+            progress(len(placed), len(layers))
+    return placed
+
+
+class WeightSlots:
+    """Compute-device buffers that non-resident weights are assembled in: two per layer kind
+    (the layer being computed and the one being prefetched), allocated on first use."""
+
+    def __init__(self, device: ComputeDevice, ledger: MemoryLedger, staging: Staging) -> None:
+        self.device, self.ledger, self.staging = device, ledger, staging
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def fetch(self, weights: dict[str, TieredTensor], slot_key: tuple) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in weights.items():
+            buf = None
+            if t.resident is None:
+                key = (*slot_key, name)
+                buf = self.buffers.get(key)
+                if buf is None:
+                    buf = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
+                    self.buffers[key] = buf
+                    self.ledger.add("gpu", buf.numel() * buf.element_size())
+            out[name] = t.fetch(self.device, buf, self.staging)
+        return out
+
+
+def weight_bytes(layers: list[dict[str, TieredTensor]], tier: str) -> int:
+    seen = {id(t): t for layer in layers for t in layer.values()}
+    return sum(t.nbytes(tier) for t in seen.values())
+
+
+def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes per tier that placing these weights by `percents` will take (tied weights once)."""
+    out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
+    specs = {s.hf_name: s for layer in layers for s in layer.weights}
+    for spec in specs.values():
+        row_bytes = dtype.itemsize * torch.Size(spec.shape[1:]).numel()
+        for tier, rows in zip(out, split_counts(spec.shape[0], percents, ROW_GRANULARITY)):
+            out[tier] += rows * row_bytes
+    return out
