@@ -53,13 +53,16 @@ class Engine:
         self.times = StepTimes()
 
     # ---- the schedule -------------------------------------------------------------------------
-    def run(self, block: Block, sampling: SamplingConfig, on_step=None) -> None:
-        """Generate up to block.gen_len tokens for every row of the block, in place."""
+    def run(self, block: Block, sampling: SamplingConfig, on_step=None, keep_logits: bool = False) -> None:
+        """Generate up to block.gen_len tokens for every row of the block, in place.
+
+        With keep_logits, self.logits[step] holds every row's fp32 logits of that step (for tests)."""
         self._prepare_cache(block)
         acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
                            self.disk, self.ledger)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.times = StepTimes()
+        self.logits = [] if keep_logits else None
         for step in range(block.gen_len):
             if bool(block.finished.all()):
                 break
@@ -94,9 +97,16 @@ class Engine:
                 out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                 if spec.kind == "head":
                     block.record(b, sample(out, sampling, generator))
+                    if self.logits is not None:
+                        self._keep_logits(block, step, b, out)
                 else:
                     acts.put(b, out)
         block.generated += 1
+
+    def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor) -> None:
+        if len(self.logits) == step:
+            self.logits.append(torch.full((block.tokens.shape[0], logits.shape[-1]), float("nan")))
+        self.logits[step][block.rows(b)] = logits.cpu()
 
     def _compute(self, spec, w, h, views, block: Block, b: int, inputs, start: int, t: int):
         cfg = self.config

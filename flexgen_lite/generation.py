@@ -6,6 +6,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .block import Block
 from .checkpoint import Checkpoint
 from .config import ModelConfig, ModelError, load_config
@@ -90,32 +92,39 @@ class FlexGenLite:
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
         return text[:cut]
 
-    def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None) -> list[list[int]]:
-        """Generated token ids (prompt excluded) for each prompt, in the order given."""
+    def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
+                     return_logits: bool = False):
+        """Generated token ids (prompt excluded) for each prompt, in the order given.
+
+        With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab)."""
         sampling = sampling or SamplingConfig()
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a block
         results: list[list[int]] = [[] for _ in prompts]
+        logits: list[torch.Tensor] = [None] * len(prompts)
         size = self.policy.block_size
         for first in range(0, len(order), size):
             chosen = order[first:first + size]
-            block = self._run_block([prompts[i] for i in chosen], sampling)
+            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits)
             for row, i in enumerate(chosen):
                 results[i] = block.new_tokens(row)
+                if return_logits:
+                    logits[i] = torch.stack([s[row] for s in self.engine.logits])[:len(results[i])]
             if self.progress:
                 self.progress(f"block {first // size + 1}/{-(-len(order) // size)} done")
-        return results
+        return (results, logits) if return_logits else results
 
-    def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig) -> Block:
+    def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False) -> Block:
         cfg, policy = self.config, self.policy
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, sampling.max_new_tokens,
                                    pad_id, eos, self.device.device)
         self._check_cache_fits(block)
-        self.engine.run(block, sampling, self._stop_checker(sampling, len(prompts)) if sampling.stop else None)
+        checker = self._stop_checker(sampling, len(prompts)) if sampling.stop else None
+        self.engine.run(block, sampling, checker, keep_logits)
         return block
 
     def _stop_checker(self, sampling: SamplingConfig, real_rows: int):
@@ -146,7 +155,7 @@ class FlexGenLite:
         if engine.cache is not None and engine.cache.max_len >= block.prompt_len + block.gen_len:
             return
         c = self.config
-        per_seq = 2 * c.num_layers * c.num_kv_heads * c.head_dim * (block.prompt_len + block.gen_len) * self.dtype.itemsize
+        per_seq = c.kv_bytes_per_token(self.dtype.itemsize) * (block.prompt_len + block.gen_len)
         n = self.policy.block_size
         gpu, cpu, disk = split_counts(n, self.policy.percents("cache"))
         check_fits({"gpu": gpu * per_seq, "cpu": cpu * per_seq, "disk": disk * per_seq}, self.device,

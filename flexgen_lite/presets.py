@@ -64,5 +64,6 @@ def find_preset(name: str) -> ModelConfig | None:
 def preset_config(name: str) -> ModelConfig:
     config = find_preset(name)
     if config is None:
-        raise ModelError(f"{name!r} is neither a checkpoint directory nor a known model; known: {', '.join(preset_names())}")
+        known = ", ".join(preset_names())
+        raise ModelError(f"{name!r} is neither a checkpoint directory nor a known model; known: {known}")
     return config

@@ -136,6 +136,6 @@ def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype) -> dict
     specs = {s.hf_name: s for layer in layers for s in layer.weights}
     for spec in specs.values():
         row_bytes = dtype.itemsize * torch.Size(spec.shape[1:]).numel()
-        for tier, rows in zip(out, split_counts(spec.shape[0], percents, ROW_GRANULARITY)):
+        for tier, rows in zip(out, split_counts(spec.shape[0], percents, ROW_GRANULARITY), strict=True):
             out[tier] += rows * row_bytes
     return out

@@ -1,0 +1,111 @@
+"""Tiny random checkpoints in Hugging Face format, and transformers as the reference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 512
+
+FAMILY_CONFIGS = {
+    "opt": dict(model_type="opt", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                max_position_embeddings=64, word_embed_proj_dim=128),
+    # OPT-350m's shape: post-layernorm, embeddings projected from a smaller width, no final norm
+    "opt-350m": dict(model_type="opt", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                     max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=False),
+    "llama": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, rope_theta=10000.0),
+    "qwen2": dict(model_type="qwen2", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, intermediate_size=256, max_position_embeddings=64, tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, sliding_window=None),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that greedy output varies from token to token (HF's init gives one token forever)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]) * 1.5)
+
+
+def _word_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over words w0..w511, so tests can use text, stop strings and eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
+    fast.save_pretrained(str(path))
+
+
+def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides):
+    """Save a tiny random model of `family` to `path`; returns the transformers model (fp32, eval)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(FAMILY_CONFIGS[family], vocab_size=VOCAB, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    fields.update(overrides)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _randomize(model, seed)
+    model.save_pretrained(str(path))
+    _word_tokenizer(path)
+    return model
+
+
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """transformers' greedy continuation of each prompt (one at a time, no padding), and the logits that
+    chose each token (recomputed with one forward pass over prompt + continuation)."""
+    ids, logits = [], []
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=1)
+            gen = out[0, len(p):].tolist()
+            full = model(out).logits[0]
+            ids.append(gen)
+            logits.append(full[len(p) - 1:len(p) - 1 + len(gen)].float())
+    return ids, logits
+
+
+PROMPTS = [
+    [2, 17, 43, 99, 120, 7],
+    [2, 300, 5],
+    [2, 88, 91, 92, 93, 94, 95, 96, 97, 11],
+    [2, 400],
+    [2, 250, 251, 252],
+    [2, 9, 9, 9, 9],
+    [2, 61, 62, 63, 64, 65, 66],
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: (checkpoint dir, transformers model)}, made once per test session."""
+    out = {}
+    for i, family in enumerate(FAMILY_CONFIGS):
+        path = tmp_path_factory.mktemp(family)
+        out[family] = (path, make_checkpoint(path, family, seed=i))
+    return out
+
+
+@pytest.fixture(scope="session")
+def references(tiny_models):
+    """transformers' greedy ids and logits for PROMPTS, 8 new tokens, per family."""
+    return {family: hf_greedy(model, PROMPTS, 8) for family, (_, model) in tiny_models.items()}

@@ -1,0 +1,78 @@
+"""Greedy output token-identical to transformers, logits within tolerance, under every kind of placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+
+from .conftest import PROMPTS
+
+# fp32 on both sides; differences come from summation order only
+LOGITS_ATOL = 2e-4
+
+
+def P(percent, gbs=4, nb=1, **kw) -> Policy:
+    w_g, w_c, c_g, c_c, a_g, a_c = percent
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=nb, weight_gpu_percent=w_g, weight_cpu_percent=w_c,
+                  cache_gpu_percent=c_g, cache_cpu_percent=c_c, act_gpu_percent=a_g, act_cpu_percent=a_c,
+                  dtype="float32", **kw)
+
+
+POLICIES = {
+    "all-gpu": P((100, 0, 100, 0, 100, 0)),
+    "weights-cpu": P((0, 100, 100, 0, 100, 0), gbs=2, nb=2),
+    "weights-split-3-tiers": P((30, 40, 100, 0, 100, 0), gbs=3, nb=2),
+    "weights-disk": P((0, 0, 100, 0, 100, 0), gbs=4, nb=2),
+    "cache-cpu": P((100, 0, 0, 100, 100, 0), gbs=2, nb=3),
+    "cache-disk": P((100, 0, 0, 0, 100, 0), gbs=4, nb=2),
+    "cache-split-3-tiers": P((100, 0, 34, 33, 100, 0), gbs=3, nb=3),
+    "act-cpu": P((100, 0, 100, 0, 0, 100), gbs=2, nb=2),
+    "act-disk-split": P((100, 0, 100, 0, 50, 0), gbs=2, nb=2),
+    "no-overlap-offloaded": P((20, 30, 30, 30, 0, 50), gbs=2, nb=3, overlap=False),
+    "all-disk-overlap": P((0, 0, 0, 0, 0, 0), gbs=2, nb=2),
+    "one-row-batches": P((50, 50, 50, 50, 100, 0), gbs=1, nb=4),
+    "block-larger-than-prompts": P((100, 0, 100, 0, 100, 0), gbs=8, nb=2),
+}
+
+
+def check_against_reference(model_dir, reference, policy: Policy, prompts=PROMPTS) -> None:
+    ref_ids, ref_logits = reference
+    with FlexGenLite(str(model_dir), policy=policy) as m:
+        ids, logits = m.generate_ids(prompts, SamplingConfig(max_new_tokens=8, stop_at_eos=False), return_logits=True)
+    assert ids == ref_ids
+    for ours, theirs in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_opt_matches_transformers(tiny_models, references, name):
+    check_against_reference(tiny_models["opt"][0], references["opt"], POLICIES[name])
+
+
+@pytest.mark.parametrize("name", ["all-gpu", "weights-split-3-tiers", "cache-split-3-tiers"])
+def test_opt_350m_shape_matches_transformers(tiny_models, references, name):
+    check_against_reference(tiny_models["opt-350m"][0], references["opt-350m"], POLICIES[name])
+
+
+def test_reference_output_is_not_degenerate(references):
+    """The tiny random models must produce varied tokens, or token equality would prove little."""
+    for ids, _ in references.values():
+        assert len({t for row in ids for t in row}) > 10
+
+
+def test_bfloat16_close_to_float32(tiny_models, references):
+    """The CPU default dtype: logits of the first token within bf16 precision of the fp32 reference."""
+    _, ref_logits = references["opt"]
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=Policy(gpu_batch_size=8, dtype="bfloat16")) as m:
+        _, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=1, stop_at_eos=False), return_logits=True)
+    for ours, theirs in zip(logits, ref_logits, strict=True):
+        scale = theirs[0].abs().max()
+        assert (ours[0] - theirs[0]).abs().max() < 0.05 * scale
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded"])
+def test_llama_family_matches_transformers(tiny_models, references, family, name):
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name])
