@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
@@ -113,7 +113,21 @@ def _meta(reader: GGUFReader, path: str, key: str, default: Any = _MISSING) -> A
         if default is _MISSING:
             raise GGUFError(f"{path}: required GGUF metadata key {key!r} is missing")
         return default
-    return field.contents()
+    return _field_value(field)
+
+
+def _field_value(field: Any) -> Any:
+    """Python value of a metadata field (``ReaderField.contents()`` only exists in newer gguf)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    values = []
+    for idx in field.data:
+        part = field.parts[idx]
+        if field.types[-1] == GGUFValueType.STRING:
+            values.append(bytes(part).decode("utf-8"))
+        else:
+            values.append(part.tolist()[0])
+    return values if field.types[0] == GGUFValueType.ARRAY else values[0]
 
 
 def _uniform(value: Any, key: str, path: str) -> int:
@@ -257,19 +271,18 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     (``reshape(n_head, 2, d/2, ...).swapaxes(1, 2)``); this applies the inverse.
     """
     rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise GGUFError(f"{rows} rows cannot be split into {n_head} rotary heads")
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def iter_gguf_tensors(
     path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` pairs, dequantized to ``dtype``, one tensor at a time.
+    """Iterate ``(hf_name, tensor)`` pairs, dequantized to ``dtype``, one tensor at a time.
 
     Names, shapes and Q/K row order match what ``LlamaForCausalLM.state_dict()``
-    holds. The whole file is validated (architecture, names, tensor types) before
-    the first tensor is yielded.
+    holds (``lm_head.weight`` only when the file has ``output.weight``). The whole
+    file (architecture, tensor names and types) is checked when this is called,
+    before any tensor is dequantized.
     """
     path, reader = _open(path)
     config = _config_from_reader(reader, path)
@@ -286,17 +299,24 @@ def iter_gguf_tensors(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which is not "
                 f"supported (supported: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)})"
             )
-        plan.append((name, t))
-    for name, t in plan:
+        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        n_head = next((n for key, n in heads.items() if f".self_attn.{key}." in name), None)
+        rows = int(t.shape[-1])
+        if n_head is not None and rows % (2 * n_head):
+            raise GGUFError(f"{path}: tensor {t.name!r} has {rows} rows, not {n_head} rotary heads")
+        plan.append((name, t, n_head))
+    return _dequantized(plan, dtype)
+
+
+def _dequantized(plan: list[tuple[str, Any, int | None]], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t, n_head in plan:
         arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         arr = arr.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
         if not arr.flags.writeable:  # F32 data is a read-only view of the memmap
             arr = arr.copy()
         tensor = torch.from_numpy(arr)
-        if ".self_attn.q_proj." in name:
-            tensor = _unpermute_rotary(tensor, config["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
-            tensor = _unpermute_rotary(tensor, config["num_key_value_heads"])
+        if n_head is not None:
+            tensor = _unpermute_rotary(tensor, n_head)
         yield name, tensor.to(dtype)
 
 
