@@ -1,0 +1,78 @@
+"""FlexGen's throughput benchmark: one block of random prompts, prefill and decode timed separately."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from .generation import FlexGenLite
+from .policy import Policy
+from .sampling import SamplingConfig
+from .weights import weight_bytes
+
+GB = 1e9
+
+
+def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, device: str | None = None,
+                  progress=None) -> dict:
+    """Generate gen_len tokens for gpu_batch_size x num_gpu_batches prompts of prompt_len random tokens."""
+    tic = time.perf_counter()
+    with FlexGenLite(model, policy=policy, device=device, progress=progress) as m:
+        load_s = time.perf_counter() - tic
+        n = policy.block_size
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, m.config.vocab_size, (n, prompt_len), generator=gen).tolist()
+        m.generate_ids(prompts, SamplingConfig(max_new_tokens=gen_len, stop_at_eos=False))
+        times = m.engine.times
+        return _report(m, policy, prompt_len, gen_len, times.prefill, sum(times.decode), load_s)
+
+
+def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefill_s: float, decode_s: float,
+            load_s: float) -> dict:
+    n, cfg, itemsize = policy.block_size, m.config, m.dtype.itemsize
+    weights = m.engine.weights
+    off_device = weight_bytes(weights, "cpu") + weight_bytes(weights, "disk")
+    if not m.device.is_cuda:  # host RAM is the compute memory: only disk weights move
+        off_device = weight_bytes(weights, "disk")
+    steps = gen_len - 1
+    peak = m.memory_report()["peak"]
+    report = {
+        "model": cfg.name, "device": str(m.device.device), "dtype": str(m.dtype).replace("torch.", ""),
+        "policy": policy.flags(), "prompt_len": prompt_len, "gen_len": gen_len, "batch": n,
+        "load_s": round(load_s, 2),
+        "prefill_s": round(prefill_s, 3),
+        "decode_s": round(decode_s, 3),
+        "prefill_tok_s": round(n * prompt_len / prefill_s, 1),
+        "decode_tok_s": round(n * steps / decode_s, 2) if steps else None,
+        "total_tok_s": round(n * gen_len / (prefill_s + decode_s), 2),
+        "decode_step_ms": round(1000 * decode_s / steps, 1) if steps else None,
+        "model_gb": round(cfg.num_params() * itemsize / GB, 3),
+        "cache_gb": round(n * (prompt_len + gen_len) * cfg.kv_bytes_per_token(itemsize) / GB, 3),
+        "hidden_gb": round(n * prompt_len * cfg.hidden_size * itemsize / GB, 3),
+        "weights_moved_per_step_gb": round(off_device / GB, 3),
+        "peak_gpu_gb": round(peak["gpu"] / GB, 3), "peak_cpu_gb": round(peak["cpu"] / GB, 3),
+        "peak_disk_gb": round(peak["disk"] / GB, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
+    }
+    if m.device.is_cuda:
+        report["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated(m.device.device) / GB, 3)
+    if steps and off_device:
+        report["weight_gb_s"] = round(off_device * steps / decode_s / GB, 2)
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"model {r['model']} on {r['device']} ({r['dtype']}), policy {r['policy']}",
+        f"prompt {r['prompt_len']} gen {r['gen_len']} batch {r['batch']}; "
+        f"model {r['model_gb']} GB, cache {r['cache_gb']} GB, hidden {r['hidden_gb']} GB",
+        f"prefill {r['prefill_s']} s ({r['prefill_tok_s']} tok/s); decode {r['decode_tok_s']} tok/s "
+        f"({r['decode_step_ms']} ms/step); total {r['total_tok_s']} tok/s",
+        f"peak memory: gpu {r['peak_gpu_gb']} GB, cpu {r['peak_cpu_gb']} GB, disk {r['peak_disk_gb']} GB, "
+        f"process RSS {r['peak_rss_gb']} GB",
+    ]
+    if "weight_gb_s" in r:
+        lines.append(f"weights moved per decode step {r['weights_moved_per_step_gb']} GB at {r['weight_gb_s']} GB/s")
+    return "\n".join(lines)
