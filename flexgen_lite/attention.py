@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q (B, heads, t, hd) over k, v (B, kv_heads, L, hd) with a bool mask (B, 1, t, L)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           sparsity: float = 1.0) -> torch.Tensor:
+    """q (B, heads, t, hd) over k, v (B, kv_heads, L, hd) with a bool mask (B, 1, t, L).
+
+    sparsity < 1 (decode only): attend to the top ceil(sparsity * L) scoring positions per head."""
+    if sparsity < 1 and q.shape[2] == 1:
+        return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2])))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def topk_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, top: int) -> torch.Tensor:
+    """Decode attention reading only the values of the `top` highest-scoring cached positions (FlexGen)."""
+    b, heads, _, hd = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qg = q.view(b, kv_heads, group, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) / math.sqrt(hd)  # (b, kv_heads, group, L)
+    scores = scores.float().masked_fill(~mask.view(b, 1, 1, length), float("-inf"))
+    top_scores, index = scores.topk(min(top, length), dim=-1)
+    probs = top_scores.softmax(-1).to(v.dtype)  # (b, kv_heads, group, top)
+    picked = v[:, :, None].expand(b, kv_heads, group, length, hd).gather(
+        3, index[..., None].expand(*index.shape, hd))
+    return (probs[..., None] * picked).sum(-2).view(b, heads, 1, hd)

@@ -35,7 +35,9 @@ __all__ = [
     "QuantizedTensor",
     "compressed_nbytes",
     "dequantize",
+    "from_bytes",
     "quantize",
+    "to_bytes",
 ]
 
 _FP16_MAX = 65504.0
@@ -214,3 +216,19 @@ def dequantize(
     if out is None:
         return y.to(dtype)
     return out.copy_(y)
+
+
+def to_bytes(q: QuantizedTensor) -> torch.Tensor:
+    """Codes, scales and minima as one flat uint8 tensor (for a single file or copy)."""
+    return torch.cat([t.reshape(-1).view(torch.uint8) for t in (q.data, q.scale, q.minimum)])
+
+
+def from_bytes(buf: torch.Tensor, shape: tuple[int, ...], config: CompressionConfig) -> QuantizedTensor:
+    """Views into a buffer laid out by `to_bytes` for a tensor of `shape`."""
+    outer, _, n_groups, inner, dim = _layout(tuple(shape), config)
+    n_stats = outer * n_groups * inner
+    n_data = -(-n_stats * config.group_size * config.bits // 8)
+    stat_shape = tuple(shape[:dim]) + (n_groups,) + tuple(shape[dim + 1:])
+    scale = buf[n_data:n_data + 2 * n_stats].view(torch.float16).view(stat_shape)
+    minimum = buf[n_data + 2 * n_stats:n_data + 4 * n_stats].view(torch.float16).view(stat_shape)
+    return QuantizedTensor(buf[:n_data], scale, minimum, tuple(shape), config)

@@ -47,7 +47,7 @@ class Engine:
         self.io = IOPool(policy.overlap)
         self.staging = Staging(pin=device.is_cuda)
         self.weight_slots = WeightSlots(device, ledger, self.staging)
-        self.cache_slots = CacheSlots(device, dtype, ledger, self.staging)
+        self.cache_slots = CacheSlots(ledger, self.staging)
         self.cache: KVCache | None = None
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
         self.times = StepTimes()
@@ -89,7 +89,7 @@ class Engine:
                 weights_next = self._prefetch_weights(j + 1)
             for i, b in enumerate(batches):
                 views = None
-                if spec.kind == "attention":
+                if spec.kind == "attention" and step > 0:
                     views = self._wait(self._cache_loads.pop((spec.index, b), None)
                                        or self._prefetch_cache(spec.index, b, start))
                     self._prefetch_next_cache(spec.index, batches, i, start)
@@ -118,16 +118,28 @@ class Engine:
             return L.head(w, h[:, -1], cfg)
         x = L.norm(h, w, cfg) if cfg.pre_norm else h
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
+        if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache
+            attn = attend(q, k, v, inputs["mask"])
+            for part in self.cache.parts[spec.index][b]:
+                self._store_cache(spec.index, b, part, k[part.rows], v[part.rows], 0)
+        else:
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs["mask"], start)
+        return L.attention_output(w, attn, h, cfg)
+
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, mask, start: int) -> torch.Tensor:
+        """Attention of one new token per row, part by part, each where its cache view is."""
         outs = []
         for view in views:
-            r = view.part.rows
-            view.k[:, :, start:start + t] = k[r]
-            view.v[:, :, start:start + t] = v[r]
-            outs.append(attend(q[r], view.k[:, :, :start + t], view.v[:, :, :start + t], inputs["mask"][r]))
+            r, where = view.part.rows, view.k.device
+            k_new, v_new = k[r].to(where, view.k.dtype), v[r].to(where, view.v.dtype)
+            view.k[:, :, start:start + 1] = k_new
+            view.v[:, :, start:start + 1] = v_new
+            out = attend(q[r].to(where, view.k.dtype), view.k[:, :, :start + 1], view.v[:, :, :start + 1],
+                         mask[r].to(where), self.policy.attn_sparsity)
+            outs.append(out.to(q.device, q.dtype, non_blocking=True))
             if not view.part.direct:
-                self._store_cache(spec.index, b, view, k[r], v[r], start)
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return L.attention_output(w, attn, h, cfg)
+                self._store_cache(layer, b, view.part, k_new, v_new, start)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
@@ -145,7 +157,7 @@ class Engine:
             self.cache = KVCache(self.config.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size,
                                  max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
-                                 pin=self.device.is_cuda)
+                                 self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype))
         self._pending_stores: dict[tuple[int, int], list[Future]] = {}
         self._load_count = 0
 
@@ -184,13 +196,15 @@ class Engine:
         with self.device.on_copy_stream(after) as done:
             return self.cache.load(layer, b, length, self.cache_slots, parity), done()
 
-    def _store_cache(self, layer: int, b: int, view, k_new, v_new, start: int) -> None:
-        if view.part.tier == "disk" and self.device.is_cuda:
-            k_new, v_new = k_new.cpu(), v_new.cpu()
-        if view.part.tier != "disk" and self.device.is_cuda:
-            self.cache.store(view, k_new, v_new, start)  # queued on the compute stream, in order
+    def _store_cache(self, layer: int, b: int, part, k_new, v_new, start: int) -> None:
+        """Write new cache entries home: memory copies in stream order; file writes and, on CPU,
+        quantization in the background (later loads of the same part wait for them)."""
+        if part.tier != "disk" and (self.device.is_cuda or self.cache.compression is None):
+            self.cache.store(part, k_new, v_new, start)
             return
-        future = self.io.submit(lambda: self.cache.store(view, k_new, v_new, start))
+        if self.device.is_cuda:
+            k_new, v_new = k_new.cpu(), v_new.cpu()
+        future = self.io.submit(self.cache.store, part, k_new, v_new, start)
         self._pending_stores.setdefault((layer, b), []).append(future)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, ModelError, load_config
 from .devices import ComputeDevice, keep_freed_memory
 from .engine import Engine
+from .kv_cache import cache_bytes_per_token
 from .memory import check_fits
 from .models import layer_specs
 from .policy import Policy, split_counts
@@ -56,14 +57,15 @@ class FlexGenLite:
         self.dtype = self.policy.torch_dtype(self.device.device)
         keep_freed_memory()
         specs = layer_specs(self.config)
-        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype), self.device,
+        compression = self.policy.weight_compression()
+        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression), self.device,
                    self.policy.offload_dir, f"the weights of {self.config.name}")
         self.ledger = MemoryLedger()
         self.disk = DiskStore(self.policy.offload_dir)
         try:
             report = (lambda i, n: progress(f"placing weights: layer {i}/{n}")) if progress else None
             weights = place_weights(specs, self.policy.percents("weight"), source, self.dtype, self.device,
-                                    self.disk, self.ledger, self.policy.pin_weight, report)
+                                    self.disk, self.ledger, self.policy.pin_weight, compression, report)
         except BaseException:
             self.disk.close()
             raise
@@ -155,7 +157,9 @@ class FlexGenLite:
         if engine.cache is not None and engine.cache.max_len >= block.prompt_len + block.gen_len:
             return
         c = self.config
-        per_seq = c.kv_bytes_per_token(self.dtype.itemsize) * (block.prompt_len + block.gen_len)
+        per_token = cache_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
+                                          self.policy.cache_compression())
+        per_seq = per_token * (block.prompt_len + block.gen_len)
         n = self.policy.block_size
         gpu, cpu, disk = split_counts(n, self.policy.percents("cache"))
         check_fits({"gpu": gpu * per_seq, "cpu": cpu * per_seq, "disk": disk * per_seq}, self.device,

@@ -4,8 +4,9 @@ Sequence s of the block lives on one tier (the cache percentages split the block
 GPU batch has up to three parts. Attention is independent per sequence, so each part is attended to
 on its own and the outputs are joined by row: no part ever needs another's data.
 
-Memory tiers hold K and V as (rows, kv_heads, max_len, head_dim); disk files hold them position-major,
-(max_len, rows, kv_heads, head_dim), so reading a prefix or appending a token is one contiguous I/O.
+Memory tiers hold arrays as (rows, kv_heads, max_len, D); disk files hold them position-major,
+(max_len, rows, kv_heads, D), so reading a prefix or appending a token is one contiguous I/O.
+A compressed cache keeps 4-bit codes, scales and minima as three such arrays, grouped along head_dim.
 """
 
 from __future__ import annotations
@@ -14,23 +15,98 @@ from dataclasses import dataclass
 
 import torch
 
+from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, quantize
 from .devices import ComputeDevice
 from .policy import split_counts
-from .storage import DiskFile, DiskStore, MemoryLedger, Staging
+from .storage import DiskStore, MemoryLedger, Staging
+
+
+class Store:
+    """One (rows, kv_heads, max_len, D) array of a tier: a host/device tensor, or a position-major file."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str, where: torch.device | str,
+                 disk: DiskStore, pin: bool) -> None:
+        self.shape, self.dtype = shape, dtype
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        self.tensor = self.file = None
+        if tier == "disk":
+            self.file = disk.create(nbytes, "kv")
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=where, pin_memory=pin)
+        self.nbytes = nbytes
+
+    def read(self, dst: torch.Tensor, length: int, staging: Staging) -> None:
+        """Copy positions [0, length) into dst (rows, kv_heads, >= length, D)."""
+        if self.tensor is not None:
+            dst[:, :, :length].copy_(self.tensor[:, :, :length], non_blocking=True)
+            return
+        rows, heads, _, d = self.shape
+        host = staging.take(length * rows * heads * d, self.dtype)
+        self.file.read_into(host)
+        dst[:, :, :length].copy_(host.view(length, rows, heads, d).permute(1, 2, 0, 3), non_blocking=True)
+        staging.release()
+
+    def write(self, new: torch.Tensor, start: int) -> None:
+        """Store new positions (rows, kv_heads, t, D) at [start, start + t)."""
+        if self.tensor is not None:
+            self.tensor[:, :, start:start + new.shape[2]].copy_(new, non_blocking=True)
+            return
+        rows, heads, _, d = self.shape
+        self.file.write(new.permute(2, 0, 1, 3).contiguous(), start * rows * heads * d * self.dtype.itemsize)
+
+
+class QuantizedStore:
+    """Codes, scales and minima of a group-wise quantized (rows, kv_heads, max_len, head_dim) array."""
+
+    def __init__(self, shape, config: CompressionConfig, tier, where, disk, pin) -> None:
+        self.shape, self.config = shape, config
+        probe = quantize(torch.zeros(shape[0], shape[1], 1, shape[3]), config)
+        code_bytes = probe.data.numel() // (shape[0] * shape[1])
+        groups = probe.scale.shape[-1]
+        rows, heads, max_len, _ = shape
+        self.codes = Store((rows, heads, max_len, code_bytes), torch.uint8, tier, where, disk, pin)
+        self.scale = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin)
+        self.minimum = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin)
+        self.nbytes = self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
+
+    def read(self, dst: torch.Tensor, length: int, staging: Staging, scratch: list[torch.Tensor]) -> None:
+        """Dequantize positions [0, length) into dst; `scratch` holds one buffer per component."""
+        parts = []
+        for store, buf in zip((self.codes, self.scale, self.minimum), scratch, strict=True):
+            if store.tensor is not None and store.tensor.device == dst.device:
+                parts.append(store.tensor[:, :, :length])
+            else:
+                store.read(buf, length, staging)
+                parts.append(buf[:, :, :length])
+        rows, heads, _, d = self.shape
+        q = QuantizedTensor(parts[0].reshape(-1), parts[1], parts[2], (rows, heads, length, d), self.config)
+        dequantize(q, dst.dtype, out=dst[:, :, :length])
+
+    def write(self, new: torch.Tensor, start: int) -> None:
+        q = quantize(new, self.config)
+        rows, heads, t, _ = new.shape
+        self.codes.write(q.data.view(rows, heads, t, -1), start)
+        self.scale.write(q.scale, start)
+        self.minimum.write(q.minimum, start)
+
+    def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(n, s.shape, s.dtype) for n, s in (("codes", self.codes), ("scale", self.scale),
+                                                      ("min", self.minimum))]
 
 
 @dataclass
 class CachePart:
     tier: str
     rows: slice  # rows of the GPU batch
-    k: torch.Tensor | DiskFile
-    v: torch.Tensor | DiskFile
-    direct: bool  # compute can use k and v in place (they are in compute-device memory)
+    k: Store | QuantizedStore
+    v: Store | QuantizedStore
+    on_cpu: bool  # attention over this part runs on the CPU (cpu_cache_compute), in cpu_dtype
+    direct: bool  # attention can use k.tensor and v.tensor in place
 
 
 @dataclass
 class CacheView:
-    """One part's K and V on the compute device for one (layer, batch), and where to store new tokens."""
+    """One part's K and V where its attention runs, for one (layer, batch)."""
 
     part: CachePart
     k: torch.Tensor
@@ -50,94 +126,89 @@ def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int]
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_batches: int, gpu_batch_size: int, max_len: int,
-                 kv_heads: int, head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice,
-                 disk: DiskStore, ledger: MemoryLedger, pin: bool) -> None:
+    def __init__(self, num_layers: int, num_batches: int, gpu_batch_size: int, max_len: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
+                 ledger: MemoryLedger, compression: CompressionConfig | None = None,
+                 cpu_attention_dtype: torch.dtype | None = None) -> None:
+        """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype."""
         self.max_len, self.dtype, self.device = max_len, dtype, device
-        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
+        self.cpu_dtype = cpu_attention_dtype
         self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
-        self.parts: list[list[list[CachePart]]] = []  # [layer][batch] -> parts
-        for _layer in range(num_layers):
-            per_batch = []
-            for b in range(num_batches):
-                per_batch.append([self._alloc(tier, rows, disk, ledger, pin)
-                                  for tier, rows in batch_parts(b, gpu_batch_size, self.tier_rows)])
-            self.parts.append(per_batch)
+        self.parts = [[[self._alloc(tier, rows, disk, ledger)
+                        for tier, rows in batch_parts(b, gpu_batch_size, self.tier_rows)]
+                       for b in range(num_batches)] for _ in range(num_layers)]  # [layer][batch] -> parts
 
-    def _alloc(self, tier: str, rows: slice, disk: DiskStore, ledger: MemoryLedger, pin: bool) -> CachePart:
-        n = rows.stop - rows.start
-        shape = (n, self.kv_heads, self.max_len, self.head_dim)
-        nbytes = torch.Size(shape).numel() * self.dtype.itemsize
-        ledger.add(tier, 2 * nbytes)
-        if tier == "disk":
-            return CachePart(tier, rows, disk.create(nbytes, "k"), disk.create(nbytes, "v"), False)
-        on_device = tier == "gpu" or not self.device.is_cuda
-        where = self.device.device if on_device else "cpu"
-        pinned = pin and not on_device
-        k = torch.zeros(shape, dtype=self.dtype, device=where, pin_memory=pinned)
-        v = torch.zeros(shape, dtype=self.dtype, device=where, pin_memory=pinned)
-        return CachePart(tier, rows, k, v, on_device)
+    def _alloc(self, tier: str, rows: slice, disk: DiskStore, ledger: MemoryLedger) -> CachePart:
+        shape = (rows.stop - rows.start, self.kv_heads, self.max_len, self.head_dim)
+        on_cpu = self.cpu_dtype is not None and tier != "gpu"
+        in_compute_memory = tier == "gpu" or not self.device.is_cuda
+        where = self.device.device if in_compute_memory else "cpu"
+        pin = self.device.is_cuda and not in_compute_memory
+        dtype = self.cpu_dtype if on_cpu else self.dtype
+        if self.compression is not None:
+            k, v = (QuantizedStore(shape, self.compression, tier, where, disk, pin) for _ in range(2))
+        else:
+            k, v = (Store(shape, dtype, tier, where, disk, pin) for _ in range(2))
+        direct = self.compression is None and tier != "disk" and (in_compute_memory or on_cpu)
+        ledger.add(tier, k.nbytes + v.nbytes)
+        return CachePart(tier, rows, k, v, on_cpu, direct)
 
     def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int) -> list[CacheView]:
-        """K and V of every part of (layer, batch) on the compute device, positions [0, length) filled."""
+        """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled."""
         views = []
         for i, part in enumerate(self.parts[layer][batch]):
             if part.direct:
-                views.append(CacheView(part, part.k, part.v))
+                views.append(CacheView(part, part.k.tensor, part.v.tensor))
                 continue
             shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
-            k_buf, v_buf = slots.get((i, parity, shape))
-            if length:
-                for src, dst in ((part.k, k_buf), (part.v, v_buf)):
-                    self._read(src, dst, length, slots.staging)
-            views.append(CacheView(part, k_buf, v_buf))
+            where = "cpu" if part.on_cpu else self.device.device
+            tier = "cpu" if part.on_cpu and self.device.is_cuda else "gpu"
+            dtype = self.cpu_dtype if part.on_cpu else self.dtype
+            bufs = [slots.get((i, parity, half, "values", shape), shape, dtype, where, tier) for half in "kv"]
+            for store, buf, half in zip((part.k, part.v), bufs, "kv", strict=True):
+                if length and isinstance(store, QuantizedStore):
+                    scratch = [slots.get((i, parity, half, name, shape), shape, dt, where, tier)
+                               for name, shape, dt in store.scratch_shapes()]
+                    store.read(buf, length, slots.staging, scratch)
+                elif length:
+                    store.read(buf, length, slots.staging)
+            views.append(CacheView(part, *bufs))
         return views
 
-    def _read(self, src, dst: torch.Tensor, length: int, staging: Staging) -> None:
-        if isinstance(src, DiskFile):
-            rows = dst.shape[0]
-            host = staging.take(length * rows * self.kv_heads * self.head_dim, self.dtype)
-            src.read_into(host)
-            dst[:, :, :length].copy_(host.view(length, rows, self.kv_heads, self.head_dim).permute(1, 2, 0, 3),
-                                     non_blocking=True)
-            staging.release()
-        else:
-            dst[:, :, :length].copy_(src[:, :, :length], non_blocking=True)
-
-    def store(self, view: CacheView, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
-        """Write new tokens (rows, kv_heads, t, hd), already on the host for disk parts, to the part's home."""
-        part = view.part
-        t = k_new.shape[2]
-        for home, new in ((part.k, k_new), (part.v, v_new)):
-            if isinstance(home, DiskFile):
-                token_bytes = new.shape[0] * self.kv_heads * self.head_dim * self.dtype.itemsize
-                home.write(new.permute(2, 0, 1, 3).contiguous(), start * token_bytes)
-            else:
-                home[:, :, start:start + t].copy_(new, non_blocking=True)
+    def store(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
+        """Write new positions (rows, kv_heads, t, head_dim) of one part to its home."""
+        part.k.write(k_new, start)
+        part.v.write(v_new, start)
 
     def bytes_per_tier(self) -> dict[str, int]:
         out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
         for per_batch in self.parts:
             for parts in per_batch:
                 for p in parts:
-                    n = (p.rows.stop - p.rows.start) * self.kv_heads * self.max_len * self.head_dim
-                    out[p.tier] += 2 * n * self.dtype.itemsize
+                    out[p.tier] += p.k.nbytes + p.v.nbytes
         return out
 
 
+def cache_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                          compression: CompressionConfig | None) -> int:
+    """Bytes of K and V for one token of one sequence over all layers."""
+    if compression is None:
+        return 2 * num_layers * kv_heads * head_dim * dtype.itemsize
+    return 2 * num_layers * kv_heads * compressed_nbytes((1, head_dim), compression)
+
+
 class CacheSlots:
-    """Compute-device buffers for cache parts that do not live there; alternate by parity for prefetch."""
+    """Buffers where attention runs, for cache parts not usable in place; alternate by parity for prefetch."""
 
-    def __init__(self, device: ComputeDevice, dtype: torch.dtype, ledger: MemoryLedger, staging: Staging) -> None:
-        self.device, self.dtype, self.ledger, self.staging = device, dtype, ledger, staging
-        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, ledger: MemoryLedger, staging: Staging) -> None:
+        self.ledger, self.staging = ledger, staging
+        self.buffers: dict[tuple, torch.Tensor] = {}
 
-    def get(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffers for key (part index, parity, shape)."""
-        bufs = self.buffers.get(key)
-        if bufs is None:
-            shape = key[-1]
-            bufs = tuple(torch.empty(shape, dtype=self.dtype, device=self.device.device) for _ in range(2))
-            self.buffers[key] = bufs
-            self.ledger.add("gpu", 2 * bufs[0].numel() * bufs[0].element_size())
-        return bufs
+    def get(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype, where, tier: str) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = torch.empty(shape, dtype=dtype, device=where)
+            self.buffers[key] = buf
+            self.ledger.add(tier, buf.numel() * buf.element_size())
+        return buf

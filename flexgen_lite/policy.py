@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .compression import CompressionConfig
+
 
 class PolicyError(ValueError):
     """A policy that cannot be run; the message names the bad field."""
@@ -70,6 +72,21 @@ class Policy:
         if self.dtype:
             return DTYPES[self.dtype]
         return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    def weight_compression(self) -> CompressionConfig | None:
+        """4-bit groups of 64 along the output dimension (FlexGen's setting)."""
+        return CompressionConfig(bits=4, group_size=64, group_dim=0) if self.compress_weight else None
+
+    def cache_compression(self) -> CompressionConfig | None:
+        """4-bit groups of 64 along head_dim (FlexGen's setting)."""
+        return CompressionConfig(bits=4, group_size=64, group_dim=-1) if self.compress_cache else None
+
+    def cpu_attention_dtype(self, compute_dtype: torch.dtype) -> torch.dtype | None:
+        """Dtype of CPU attention (None when off): the compute dtype, but bfloat16 for float16, which
+        CPUs compute slowly."""
+        if not self.cpu_cache_compute:
+            return None
+        return torch.bfloat16 if compute_dtype == torch.float16 else compute_dtype
 
     def flags(self) -> str:
         """The policy as command-line flags, ready to paste."""

@@ -7,6 +7,7 @@ import zlib
 
 import torch
 
+from .compression import CompressionConfig, compressed_nbytes, quantize, to_bytes
 from .config import ModelError
 from .devices import ComputeDevice
 from .models import LayerSpec, WeightSpec
@@ -45,11 +46,16 @@ class DummySource(WeightSource):
         return torch.empty(shape).normal_(0, 0.02, generator=gen)
 
 
-def place_tensor(spec: WeightSpec, percents, source: WeightSource, dtype: torch.dtype,
-                 device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool) -> TieredTensor:
-    """Split one weight's rows over the tiers and fill each part from `source`."""
+def place_tensor(spec: WeightSpec, percents, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
+                 disk: DiskStore, ledger: MemoryLedger, pin: bool,
+                 compression: CompressionConfig | None = None) -> TieredTensor:
+    """Split one weight's rows over the tiers and fill each part from `source` (compressing 2-D weights
+    once, here, when `compression` is set)."""
     rows = spec.shape[0]
-    n_gpu, n_cpu, n_disk = split_counts(rows, percents, ROW_GRANULARITY)
+    counts = split_counts(rows, percents, ROW_GRANULARITY)
+    if compression is not None and len(spec.shape) >= 2:
+        return _place_compressed(spec, counts, source, dtype, device, disk, ledger, pin, compression)
+    n_gpu, n_cpu, n_disk = counts
     row_bytes = dtype.itemsize * (torch.Size(spec.shape[1:]).numel())
     parts: list[Part] = []
     resident = None
@@ -59,19 +65,17 @@ def place_tensor(spec: WeightSpec, percents, source: WeightSource, dtype: torch.
         host.copy_(source.read(spec, 0, n_gpu + n_cpu))
         for tier, lo, hi in (("gpu", 0, n_gpu), ("cpu", n_gpu, n_gpu + n_cpu)):
             if hi > lo:
-                parts.append(Part(tier, lo, hi, host[lo:hi]))
-                ledger.add(tier, (hi - lo) * row_bytes)
+                parts.append(Part(tier, lo, hi, host[lo:hi], (hi - lo) * row_bytes))
         resident = host if n_disk == 0 else None
     else:
         if n_gpu:
             t = source.read(spec, 0, n_gpu).to(device.device, dtype)
-            parts.append(Part("gpu", 0, n_gpu, t))
-            ledger.add("gpu", n_gpu * row_bytes)
+            parts.append(Part("gpu", 0, n_gpu, t, n_gpu * row_bytes))
             resident = t if n_gpu == rows else None
         if n_cpu:
             t = source.read(spec, n_gpu, n_gpu + n_cpu).to(dtype)
-            parts.append(Part("cpu", n_gpu, n_gpu + n_cpu, t.pin_memory() if pin and device.is_cuda else t))
-            ledger.add("cpu", n_cpu * row_bytes)
+            t = t.pin_memory() if pin and device.is_cuda else t
+            parts.append(Part("cpu", n_gpu, n_gpu + n_cpu, t, n_cpu * row_bytes))
     if n_disk:
         lo = n_gpu + n_cpu
         f = disk.create(n_disk * row_bytes, spec.name)
@@ -79,14 +83,37 @@ def place_tensor(spec: WeightSpec, percents, source: WeightSource, dtype: torch.
         for s in range(lo, rows, chunk):
             e = min(rows, s + chunk)
             f.write(source.read(spec, s, e).to(dtype).contiguous(), (s - lo) * row_bytes)
-        parts.append(Part("disk", lo, rows, f))
-        ledger.add("disk", n_disk * row_bytes)
+        parts.append(Part("disk", lo, rows, f, n_disk * row_bytes))
+    for p in parts:
+        ledger.add(p.tier, p.nbytes)
     return TieredTensor(spec.shape, dtype, parts, resident)
+
+
+def _place_compressed(spec, counts, source, dtype, device, disk, ledger, pin, compression) -> TieredTensor:
+    """Each tier's rows quantized once; they stay compressed on every tier, disk included."""
+    parts, lo = [], 0
+    for tier, n in zip(("gpu", "cpu", "disk"), counts, strict=True):
+        if not n:
+            continue
+        q = quantize(source.read(spec, lo, lo + n).to(dtype), compression)
+        if tier == "disk":
+            data = to_bytes(q)
+            f = disk.create(data.numel(), spec.name)
+            f.write(data)
+            parts.append(Part(tier, lo, lo + n, f, data.numel()))
+        else:
+            where = device.device if tier == "gpu" else "cpu"
+            q = q.to(where)
+            parts.append(Part(tier, lo, lo + n, q.pin_memory() if pin and device.is_cuda and tier == "cpu" else q,
+                              q.nbytes))
+        ledger.add(tier, parts[-1].nbytes)
+        lo += n
+    return TieredTensor(spec.shape, dtype, parts, None, compression)
 
 
 def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype: torch.dtype,
                   device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
-                  progress=None) -> list[dict[str, TieredTensor]]:
+                  compression: CompressionConfig | None = None, progress=None) -> list[dict[str, TieredTensor]]:
     """Every layer's weights by canonical name. Tied weights (same checkpoint name) are stored once."""
     by_hf_name: dict[str, TieredTensor] = {}
     placed = []
@@ -94,7 +121,8 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
         weights = {}
         for spec in layer.weights:
             if spec.hf_name not in by_hf_name:
-                by_hf_name[spec.hf_name] = place_tensor(spec, percents, source, dtype, device, disk, ledger, pin)
+                by_hf_name[spec.hf_name] = place_tensor(spec, percents, source, dtype, device, disk, ledger, pin,
+                                                        compression)
             weights[spec.name] = by_hf_name[spec.hf_name]
         placed.append(weights)
         if progress:
@@ -130,12 +158,16 @@ def weight_bytes(layers: list[dict[str, TieredTensor]], tier: str) -> int:
     return sum(t.nbytes(tier) for t in seen.values())
 
 
-def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype) -> dict[str, int]:
+def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
+                  compression: CompressionConfig | None = None) -> dict[str, int]:
     """Bytes per tier that placing these weights by `percents` will take (tied weights once)."""
     out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
     specs = {s.hf_name: s for layer in layers for s in layer.weights}
     for spec in specs.values():
-        row_bytes = dtype.itemsize * torch.Size(spec.shape[1:]).numel()
         for tier, rows in zip(out, split_counts(spec.shape[0], percents, ROW_GRANULARITY), strict=True):
-            out[tier] += rows * row_bytes
+            shape = (rows, *spec.shape[1:])
+            if compression is not None and len(shape) >= 2:
+                out[tier] += compressed_nbytes(shape, compression) if rows else 0
+            else:
+                out[tier] += torch.Size(shape).numel() * dtype.itemsize
     return out

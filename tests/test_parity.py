@@ -34,6 +34,9 @@ POLICIES = {
     "all-disk-overlap": P((0, 0, 0, 0, 0, 0), gbs=2, nb=2),
     "one-row-batches": P((50, 50, 50, 50, 100, 0), gbs=1, nb=4),
     "block-larger-than-prompts": P((100, 0, 100, 0, 100, 0), gbs=8, nb=2),
+    "cpu-attention-cache-cpu": P((0, 100, 0, 100, 100, 0), gbs=2, nb=2, cpu_cache_compute=True),
+    "cpu-attention-cache-disk": P((100, 0, 0, 0, 100, 0), gbs=4, nb=2, cpu_cache_compute=True),
+    "cpu-attention-cache-split": P((30, 30, 34, 33, 50, 0), gbs=3, nb=3, cpu_cache_compute=True),
 }
 
 
@@ -73,6 +76,7 @@ def test_bfloat16_close_to_float32(tiny_models, references):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded"])
+@pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded",
+                                  "cpu-attention-cache-split"])
 def test_llama_family_matches_transformers(tiny_models, references, family, name):
     check_against_reference(tiny_models[family][0], references[family], POLICIES[name])
