@@ -10,7 +10,7 @@ import torch
 
 from .block import Block
 from .checkpoint import Checkpoint
-from .config import ModelConfig, ModelError, load_config
+from .config import ModelConfig, ModelError, config_from_dict, load_config
 from .devices import ComputeDevice, keep_freed_memory
 from .engine import Engine
 from .kv_cache import cache_bytes_per_token
@@ -20,12 +20,18 @@ from .policy import Policy, split_counts
 from .presets import find_preset, preset_config
 from .sampling import SamplingConfig
 from .storage import DiskStore, MemoryLedger
-from .weights import CheckpointSource, DummySource, WeightSource, place_weights, planned_bytes
+from .weights import CheckpointSource, DummySource, GGUFSource, WeightSource, place_weights, planned_bytes
 
 
 def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
-    """(config, weight source, tokenizer or None) for a checkpoint directory or a preset name (dummy weights)."""
+    """(config, weight source, tokenizer or None) for a checkpoint directory, a GGUF file, or a preset
+    name (dummy weights)."""
     path = Path(model)
+    if path.suffix == ".gguf":
+        from .gguf_file import gguf_tokenizer, read_gguf_config
+
+        config = config_from_dict(read_gguf_config(path), name=str(path))
+        return config, GGUFSource(str(path)), gguf_tokenizer(path)
     if path.is_dir():
         config = load_config(path)
         return config, CheckpointSource(Checkpoint(path)), load_tokenizer(path)

@@ -9,6 +9,7 @@ tokenizer.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import math
 import os
@@ -274,19 +275,14 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Iterate ``(hf_name, tensor)`` pairs, dequantized to ``dtype``, one tensor at a time.
+def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | None]]:
+    """HF name -> (GGUF tensor, rotary head count or None) for every tensor to load.
 
-    Names, shapes and Q/K row order match what ``LlamaForCausalLM.state_dict()``
-    holds (``lm_head.weight`` only when the file has ``output.weight``). The whole
-    file (architecture, tensor names and types) is checked when this is called,
-    before any tensor is dequantized.
-    """
+    The whole file (architecture, tensor names and types) is checked here, before any tensor is
+    dequantized; `read_gguf_tensor` then dequantizes one entry on demand."""
     path, reader = _open(path)
     config = _config_from_reader(reader, path)
-    plan = []
+    plan = {}
     for t in reader.tensors:
         try:
             name = _hf_name(t.name)
@@ -304,31 +300,59 @@ def iter_gguf_tensors(
         rows = int(t.shape[-1])
         if n_head is not None and rows % (2 * n_head):
             raise GGUFError(f"{path}: tensor {t.name!r} has {rows} rows, not {n_head} rotary heads")
-        plan.append((name, t, n_head))
-    return _dequantized(plan, dtype)
+        plan[name] = (t, n_head)
+    return plan
 
 
-def _dequantized(plan: list[tuple[str, Any, int | None]], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, t, n_head in plan:
-        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        arr = arr.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
-        if not arr.flags.writeable:  # F32 data is a read-only view of the memmap
-            arr = arr.copy()
-        tensor = torch.from_numpy(arr)
-        if n_head is not None:
-            tensor = _unpermute_rotary(tensor, n_head)
-        yield name, tensor.to(dtype)
+def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One tensor of `gguf_tensors`, dequantized to `dtype` in its HF shape and row order."""
+    t, n_head = entry
+    arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    arr = arr.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+    if not arr.flags.writeable:  # F32 data is a read-only view of the memmap
+        arr = arr.copy()
+    tensor = torch.from_numpy(arr)
+    if n_head is not None:
+        tensor = _unpermute_rotary(tensor, n_head)
+    return tensor.to(dtype)
+
+
+def iter_gguf_tensors(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Iterate ``(hf_name, tensor)`` pairs, dequantized to ``dtype``, one tensor at a time.
+
+    Names, shapes and Q/K row order match what ``LlamaForCausalLM.state_dict()``
+    holds (``lm_head.weight`` only when the file has ``output.weight``). The whole
+    file is checked when this is called, before any tensor is dequantized.
+    """
+    plan = gguf_tensors(path)
+    return ((name, read_gguf_tensor(entry, dtype)) for name, entry in plan.items())
+
+
+def _tokenizer_cache_dir(path: str) -> str:
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "flexgen-lite", f"tokenizer-{key}")
 
 
 def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
     """A ``PreTrainedTokenizerFast`` (with chat template) built from the GGUF metadata.
 
-    Uses transformers' own GGUF tokenizer conversion; works offline.
+    Uses transformers' own GGUF tokenizer conversion (offline), then keeps the result in the user's
+    cache directory: converting takes seconds, loading the saved tokenizer a fraction of one.
     """
     path, reader = _open(path)
-    template = _meta(reader, path, "tokenizer.chat_template", None)
     from transformers import AutoTokenizer
 
+    cached = _tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
+    template = _meta(reader, path, "tokenizer.chat_template", None)
     try:
         tok = AutoTokenizer.from_pretrained(
             os.path.dirname(path),
@@ -341,4 +365,8 @@ def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
         ) from exc
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
+    try:
+        tok.save_pretrained(cached)
+    except OSError:
+        pass  # no writable cache: convert again next time
     return tok

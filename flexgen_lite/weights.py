@@ -35,6 +35,25 @@ class CheckpointSource(WeightSource):
         return self.checkpoint.read(spec.hf_name, start, stop)
 
 
+class GGUFSource(WeightSource):
+    """Tensors of a GGUF file, dequantized one at a time as placement asks for them."""
+
+    def __init__(self, path: str) -> None:
+        from .gguf_file import gguf_tensors
+
+        self.path, self.plan = path, gguf_tensors(path)
+        self.last: tuple[str, torch.Tensor] | None = None
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        from .gguf_file import read_gguf_tensor
+
+        if self.last is None or self.last[0] != spec.hf_name:
+            if spec.hf_name not in self.plan:
+                raise ModelError(f"{self.path} lacks the tensor {spec.hf_name!r}")
+            self.last = (spec.hf_name, read_gguf_tensor(self.plan[spec.hf_name]))
+        return self.last[1][start:stop]
+
+
 class DummySource(WeightSource):
     """Reproducible random weights (norm scales are ones), made row range by row range."""
 
