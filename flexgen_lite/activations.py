@@ -30,9 +30,11 @@ class Activations:
             nbytes = h.numel() * h.element_size()
             f = self.files.get(batch)
             if f is None or f.nbytes < nbytes:
-                f = self.disk.create(nbytes, f"act{batch}")
+                if f is not None:
+                    f.close()
+                f = self.disk.create(nbytes, f"act{batch}")  # deleted when these activations are collected
                 self.files[batch] = f
-                self.ledger.add("disk", nbytes)
+                self.ledger.track(f, "disk", nbytes)
             f.write(h.cpu().contiguous())
             self.shapes[batch] = (h.shape, h.dtype)
 

@@ -18,11 +18,15 @@ class Block:
     eos: tuple[int, ...]
     length: torch.Tensor  # (N,) tokens each row generated before it finished (its eos included)
     generated: int = 0  # steps taken
+    generators: list[torch.Generator] | None = None  # (N,) per-row sampling generators, or None
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
-                     pad_id: int, eos: tuple[int, ...], device: torch.device) -> Block:
-        """Left-pad `prompts` into a block of `rows`; rows past len(prompts) are filler, finished at once."""
+                     pad_id: int, eos: tuple[int, ...], device: torch.device,
+                     generators: list[torch.Generator] | None = None) -> Block:
+        """Left-pad `prompts` into a block of `rows`; rows past len(prompts) are filler, finished at once.
+
+        `generators`, one per row, make each row's samples independent of the other rows."""
         prompt_len = max(len(p) for p in prompts)
         tokens = torch.full((rows, prompt_len + gen_len), pad_id, dtype=torch.long)
         pad = torch.full((rows,), prompt_len - 1, dtype=torch.long)
@@ -33,10 +37,17 @@ class Block:
         finished = torch.zeros(rows, dtype=torch.bool)
         finished[len(prompts):] = True
         length = torch.zeros(rows, dtype=torch.long)
-        return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length)
+        if generators is not None and len(generators) != rows:
+            raise ValueError(f"{len(generators)} generators for a block of {rows} rows")
+        return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length,
+                   generators=generators)
 
     def rows(self, batch: int) -> slice:
         return slice(batch * self.gpu_batch_size, (batch + 1) * self.gpu_batch_size)
+
+    def row_generators(self, batch: int) -> list[torch.Generator] | None:
+        """The per-row sampling generators of GPU batch `batch` (None: sample with the run's generator)."""
+        return None if self.generators is None else self.generators[self.rows(batch)]
 
     def batch_done(self, batch: int) -> bool:
         return bool(self.finished[self.rows(batch)].all())

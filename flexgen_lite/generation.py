@@ -17,8 +17,8 @@ from .kv_cache import cache_bytes_per_token
 from .memory import check_fits
 from .models import layer_specs
 from .policy import Policy, split_counts
-from .presets import find_preset, preset_config
-from .sampling import SamplingConfig
+from .presets import find_preset, preset_config, preset_names
+from .sampling import SamplingConfig, row_generators
 from .storage import DiskStore, MemoryLedger
 from .weights import CheckpointSource, DummySource, GGUFSource, WeightSource, place_weights, planned_bytes
 
@@ -35,8 +35,11 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
     if path.is_dir():
         config = load_config(path)
         return config, CheckpointSource(Checkpoint(path)), load_tokenizer(path)
-    if find_preset(model) is None and (path.suffix or path.parent != Path(".")):
-        raise ModelError(f"{model} does not exist: pass a checkpoint directory or a known model name")
+    if find_preset(model) is None:
+        what = "is a file, not a checkpoint directory or" if path.exists() else \
+            "is neither an existing checkpoint directory nor"
+        raise ModelError(f"{model} {what} a known model name: pass a local Hugging Face checkpoint directory, "
+                         f"a .gguf file, or one of {', '.join(preset_names())} (dummy weights)")
     return preset_config(model), DummySource(), None
 
 
@@ -115,7 +118,7 @@ class FlexGenLite:
         size = self.policy.block_size
         for first in range(0, len(order), size):
             chosen = order[first:first + size]
-            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits)
+            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, chosen)
             for row, i in enumerate(chosen):
                 results[i] = block.new_tokens(row)
                 if return_logits:
@@ -124,12 +127,19 @@ class FlexGenLite:
                 self.progress(f"block {first // size + 1}/{-(-len(order) // size)} done")
         return (results, logits) if return_logits else results
 
-    def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False) -> Block:
+    def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
+                   indices: list[int] | None = None) -> Block:
+        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling)."""
         cfg, policy = self.config, self.policy
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
+        generators = None
+        if sampling.seed is not None and sampling.temperature > 0:
+            indices = list(range(len(prompts))) if indices is None else list(indices)
+            filler = [-1 - i for i in range(policy.block_size - len(prompts))]
+            generators = row_generators(sampling.seed, indices + filler)
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, sampling.max_new_tokens,
-                                   pad_id, eos, self.device.device)
+                                   pad_id, eos, self.device.device, generators)
         self._check_cache_fits(block)
         checker = self._stop_checker(sampling, len(prompts)) if sampling.stop else None
         self.engine.run(block, sampling, checker, keep_logits)

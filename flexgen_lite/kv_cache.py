@@ -151,7 +151,8 @@ class KVCache:
         else:
             k, v = (Store(shape, dtype, tier, where, disk, pin) for _ in range(2))
         direct = self.compression is None and tier != "disk" and (in_compute_memory or on_cpu)
-        ledger.add(tier, k.nbytes + v.nbytes)
+        for store in (k, v):  # off the ledger (and its files off the disk) when a longer cache replaces this one
+            ledger.track(store, tier, store.nbytes)
         return CachePart(tier, rows, k, v, on_cpu, direct)
 
     def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int) -> list[CacheView]:
@@ -210,5 +211,5 @@ class CacheSlots:
         if buf is None:
             buf = torch.empty(shape, dtype=dtype, device=where)
             self.buffers[key] = buf
-            self.ledger.add(tier, buf.numel() * buf.element_size())
+            self.ledger.track(buf, tier, buf.numel() * buf.element_size())  # until the buffers are cleared
         return buf

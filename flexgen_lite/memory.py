@@ -30,9 +30,14 @@ def check_fits(needs: dict[str, int], device: ComputeDevice, offload_dir: str, w
         "cpu": "move more to disk (lower the cpu percentages of --percent) or lower the batch size",
         "disk": "free disk space, point --offload-dir at a larger disk, or keep more in memory",
     }
+    if not device.is_cuda:
+        advice["cpu"] = "move more to disk (lower the gpu and cpu percentages of --percent) or lower the batch size"
     for tier, need in needs.items():
         if need > free[tier]:
+            where = f"the {tier} tier"
+            if tier == "cpu" and not device.is_cuda:
+                where = "the gpu + cpu tiers (both host RAM without CUDA)"
             raise PolicyError(
-                f"{what} needs {need / GiB:.2f} GiB on the {tier} tier but only {free[tier] / GiB:.2f} GiB "
+                f"{what} needs {need / GiB:.2f} GiB on {where} but only {free[tier] / GiB:.2f} GiB "
                 f"is free ({need - free[tier]:.3g} bytes missing): {advice[tier]}"
             )

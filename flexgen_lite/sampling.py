@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +30,21 @@ class SamplingConfig:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from fp32 logits (B, vocab)."""
+def row_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per row, seeded from (seed, the row's prompt index): with these, what a prompt samples
+    depends only on the seed and its place in the request, not on the batching or the other prompts."""
+    out = []
+    for i in indices:
+        digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+    return out
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig,
+           generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token ids (B,) from fp32 logits (B, vocab).
+
+    `generator` is one generator for all rows, or a sequence of one generator per row."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / config.temperature
@@ -42,5 +57,11 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
         drop = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = logits.softmax(-1).cpu()
+    if generator is None or isinstance(generator, torch.Generator):
+        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        if len(generator) != len(probs):
+            raise ValueError(f"{len(generator)} generators for {len(probs)} rows")
+        ids = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
+    return ids.to(logits.device)

@@ -83,7 +83,10 @@ class DiskFile:
         view = memoryview(dst.view(torch.uint8).reshape(-1).numpy())
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise _disk_error(e, self.path, len(view)) from None
             if n == 0:
                 raise OffloadError(errno.EIO, f"offload file {self.path} is shorter than expected")
             done += n
