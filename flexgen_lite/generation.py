@@ -85,17 +85,24 @@ class FlexGenLite:
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: tuple[str, ...] | list[str] = ()) -> str | list[str]:
-        """Completions of one prompt (a str) or many (a list)."""
+                 stop: tuple[str, ...] | list[str] = (), chat: bool = False) -> str | list[str]:
+        """Completions of one prompt (a str) or many (a list); chat applies the model's chat template."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
-        outputs = [self.decode(ids, sampling.stop) for ids in self.generate_ids(self.encode(texts), sampling)]
+        ids = self.generate_ids(self.encode(texts, chat), sampling)
+        outputs = [self.decode(i, sampling.stop) for i in ids]
         return outputs[0] if single else outputs
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], chat: bool = False) -> list[list[int]]:
         if self.tokenizer is None:
             raise ModelError(f"{self.config.name} has no tokenizer (dummy weights): pass token ids to generate_ids")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ModelError(f"{self.config.name} has no chat template; drop --chat")
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                        add_generation_prompt=True) for t in texts]
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
     def decode(self, ids: list[int], stop: tuple[str, ...] = ()) -> str:

@@ -109,3 +109,28 @@ def tiny_models(tmp_path_factory):
 def references(tiny_models):
     """transformers' greedy ids and logits for PROMPTS, 8 new tokens, per family."""
     return {family: hf_greedy(model, PROMPTS, 8) for family, (_, model) in tiny_models.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct (GGUF, Q4_1) and transformers' own model of it (its GGUF loader, fp32)."""
+    import functools
+
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from flexgen_lite.gguf_file import default_model_path
+
+    path = default_model_path()  # fails with the install command if the package is missing
+    folder, name = str(Path(path).parent), Path(path).name
+    with pytest.MonkeyPatch.context() as mp:
+        # transformers rebuilds gguf's (pure) name map once per submodule: ~7 s here; memoize it
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return path, model

@@ -123,10 +123,6 @@ def test_same_seed_same_ids_with_equal_block_size(opt_dir):
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine.py samples each GPU batch with one generator seeded once per block, so a prompt's samples depend "
-    "on the block size and the prompts beside it; Block.row_generators(b) holds per-prompt generators "
-    "for the engine to pass to sample()"))
 def test_same_seed_same_ids_whatever_the_batching(opt_dir):
     """Same seed and prompts give the same samples for any batching, and a prompt alone samples as in a batch."""
     outputs = []

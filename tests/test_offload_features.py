@@ -113,11 +113,12 @@ def test_compressed_weights_equal_transformers_on_the_same_quantized_weights(tin
     """Weights are quantized once and decompressed exactly: output equals transformers running the
     quantize->dequantize of the same weights, whichever tiers hold the codes."""
     model_dir, hf = tiny_models[family]
-    ref_ids, ref_logits = hf_greedy(fake_quantized(hf, CompressionConfig(4, 64, 0)), PROMPTS, 8)
-    ids, logits = run(model_dir, P(percent, gbs=2, nb=2, compress_weight=True))
-    assert ids == ref_ids
-    for a, b in zip(logits, ref_logits, strict=True):
-        torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)
+    for group_dim in (0, 1):
+        ref_ids, ref_logits = hf_greedy(fake_quantized(hf, CompressionConfig(4, 64, group_dim)), PROMPTS, 8)
+        ids, logits = run(model_dir, P(percent, gbs=2, nb=2, compress_weight=True, weight_group_dim=group_dim))
+        assert ids == ref_ids
+        for a, b in zip(logits, ref_logits, strict=True):
+            torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)
 
 
 def test_compressed_weights_take_a_quarter_of_the_bytes(tiny_models):

@@ -1,0 +1,54 @@
+"""A real trained model end to end: SmolLM2-135M-Instruct from its GGUF file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+
+from .conftest import hf_greedy
+
+TEXTS = ["The capital of France is", "def add(a, b):", "Water boils at a temperature of",
+         "Once upon a time, there was a"]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm):
+    path, model = smollm
+    from flexgen_lite.gguf_file import gguf_tokenizer
+
+    tok = gguf_tokenizer(path)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    return prompts, hf_greedy(model, prompts, 12)
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(gpu_batch_size=4, dtype="float32"),
+    Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=20, weight_cpu_percent=40,
+           cache_gpu_percent=0, cache_cpu_percent=50, cpu_cache_compute=True, dtype="float32"),
+], ids=["all-on-compute-device", "weights-and-cache-on-three-tiers"])
+def test_greedy_equals_transformers_on_the_gguf(smollm, reference, policy):
+    prompts, (ref_ids, ref_logits) = reference
+    with FlexGenLite(smollm[0], policy=policy) as m:
+        ids, logits = m.generate_ids(prompts, SamplingConfig(max_new_tokens=12, stop_at_eos=False),
+                                     return_logits=True)
+    assert ids == ref_ids
+    for ours, theirs in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["bf16", "bf16-4bit-weights"])
+def test_answers_a_factual_question(smollm, compress):
+    policy = Policy(gpu_batch_size=2, compress_weight=compress)
+    with FlexGenLite(smollm[0], policy=policy) as m:
+        plain = m.generate("The capital of France is", max_new_tokens=12)
+        chat = m.generate("What is the capital of France?", max_new_tokens=12, chat=True)
+    assert "Paris" in plain and "Paris" in chat
+
+
+def test_chat_template_applied(smollm):
+    with FlexGenLite(smollm[0], policy=Policy(gpu_batch_size=1)) as m:
+        ids = m.encode(["Hi"], chat=True)[0]
+        text = m.tokenizer.decode(ids)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
