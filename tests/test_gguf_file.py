@@ -50,7 +50,7 @@ def _smollm_path() -> str:
     try:
         return default_model_path()
     except GGUFError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"{exc} (scripts/setup.sh installs it)")
 
 
 @pytest.fixture(scope="module")
