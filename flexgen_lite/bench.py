@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
@@ -10,17 +11,25 @@ import torch
 from .generation import FlexGenLite
 from .policy import Policy
 from .sampling import SamplingConfig
+from .storage import DiskFile
 from .weights import weight_bytes
 
 GB = 1e9
 
 
 def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, device: str | None = None,
-                  progress=None) -> dict:
-    """Generate gen_len tokens for gpu_batch_size x num_gpu_batches prompts of prompt_len random tokens."""
+                  progress=None, cold_disk: bool = False) -> dict:
+    """Generate gen_len tokens for gpu_batch_size x num_gpu_batches prompts of prompt_len random tokens.
+
+    cold_disk: offload files are read from the disk itself, not from the page cache."""
     tic = time.perf_counter()
+    DiskFile.page_cache = not cold_disk
     with FlexGenLite(model, policy=policy, device=device, progress=progress) as m:
         load_s = time.perf_counter() - tic
+        if cold_disk:
+            os.sync()  # written offload files must be on disk before their pages can be dropped
+            for f in list(m.disk.files):
+                os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         n = policy.block_size
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, m.config.vocab_size, (n, prompt_len), generator=gen).tolist()
@@ -38,6 +47,7 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
         off_device = weight_bytes(weights, "disk")
     steps = gen_len - 1
     peak = m.memory_report()["peak"]
+    cache_moved = _cache_bytes_read_per_step(m, prompt_len + gen_len / 2)
     report = {
         "model": cfg.name, "device": str(m.device.device), "dtype": str(m.dtype).replace("torch.", ""),
         "policy": policy.flags(), "prompt_len": prompt_len, "gen_len": gen_len, "batch": n,
@@ -52,6 +62,7 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
         "cache_gb": round(n * (prompt_len + gen_len) * cfg.kv_bytes_per_token(itemsize) / GB, 3),
         "hidden_gb": round(n * prompt_len * cfg.hidden_size * itemsize / GB, 3),
         "weights_moved_per_step_gb": round(off_device / GB, 3),
+        "cache_moved_per_step_gb": round(cache_moved / GB, 3),
         "peak_gpu_gb": round(peak["gpu"] / GB, 3), "peak_cpu_gb": round(peak["cpu"] / GB, 3),
         "peak_disk_gb": round(peak["disk"] / GB, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
@@ -61,6 +72,18 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
     if steps and off_device:
         report["weight_gb_s"] = round(off_device * steps / decode_s / GB, 2)
     return report
+
+
+def _cache_bytes_read_per_step(m: FlexGenLite, mean_len: float) -> float:
+    """Bytes of KV cache loaded per decode step: parts read from disk, or copied to the compute device."""
+    cache = m.engine.cache
+    total = 0.0
+    for per_batch in cache.parts:
+        for parts in per_batch:
+            for p in parts:
+                if p.tier == "disk" or not p.direct:
+                    total += (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len
+    return total
 
 
 def format_report(r: dict) -> str:
@@ -75,4 +98,6 @@ def format_report(r: dict) -> str:
     ]
     if "weight_gb_s" in r:
         lines.append(f"weights moved per decode step {r['weights_moved_per_step_gb']} GB at {r['weight_gb_s']} GB/s")
+    if r["cache_moved_per_step_gb"]:
+        lines.append(f"KV cache read per decode step {r['cache_moved_per_step_gb']} GB")
     return "\n".join(lines)

@@ -72,7 +72,7 @@ def cmd_bench(args) -> None:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     prompt_len = args.prompt_len or (512 if cuda else 64)
     policy = policy_from_args(args, default_batch=64 if cuda else 16)
-    report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress)
+    report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk)
     print(file=sys.stderr)
     print(format_report(report))
     print(json.dumps(report))
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=DEFAULT_BENCH_MODEL)
     b.add_argument("--prompt-len", type=int, help="default 512 on CUDA, 64 on CPU")
     b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--cold-disk", action="store_true", help="read offload files from the disk, not the page cache")
     add_policy_flags(b)
     b.set_defaults(func=cmd_bench)
     return parser
