@@ -69,14 +69,17 @@ class Block:
         return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
 
     def record(self, batch: int, next_ids: torch.Tensor) -> None:
-        """Store the tokens chosen at this step; rows that emit eos finish."""
+        """Store the tokens one GPU batch chose at this step."""
         rows = self.rows(batch)
-        column = self.prompt_len + self.generated
         self.length[rows] += (~self.finished[rows]).long()
-        self.tokens[rows, column] = next_ids
+        self.tokens[rows, self.prompt_len + self.generated] = next_ids
+
+    def end_step(self) -> None:
+        """Rows that emitted eos this step finish (one device-to-host read per step, not per batch)."""
         if self.eos:
-            hit = torch.isin(next_ids, torch.tensor(self.eos, device=next_ids.device)).cpu()
-            self.finished[rows] |= hit
+            column = self.tokens[:, self.prompt_len + self.generated]
+            self.finished |= torch.isin(column, torch.tensor(self.eos, device=column.device)).cpu()
+        self.generated += 1
 
     def new_tokens(self, row: int) -> list[int]:
         return self.tokens[row, self.prompt_len:self.prompt_len + int(self.length[row])].tolist()

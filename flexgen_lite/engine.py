@@ -100,7 +100,7 @@ class Engine:
                         self._keep_logits(block, step, b, out)
                 else:
                     acts.put(b, out)
-        block.generated += 1
+        block.end_step()
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor) -> None:
         if len(self.logits) == step:
