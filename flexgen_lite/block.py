@@ -45,9 +45,12 @@ class Block:
     def rows(self, batch: int) -> slice:
         return slice(batch * self.gpu_batch_size, (batch + 1) * self.gpu_batch_size)
 
-    def row_generators(self, batch: int) -> list[torch.Generator] | None:
-        """The per-row sampling generators of GPU batch `batch` (None: sample with the run's generator)."""
-        return None if self.generators is None else self.generators[self.rows(batch)]
+    def row_generators(self, batch: int, active: torch.Tensor | None = None) -> list[torch.Generator] | None:
+        """The per-row sampling generators of GPU batch `batch`'s active rows (None: the global RNG)."""
+        if self.generators is None:
+            return None
+        generators = self.generators[self.rows(batch)]
+        return generators if active is None else [generators[i] for i in active.tolist()]
 
     def batch_done(self, batch: int) -> bool:
         return bool(self.finished[self.rows(batch)].all())
@@ -68,11 +71,17 @@ class Block:
         real = k[None] >= self.pad[self.rows(batch), None, None]
         return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
 
-    def record(self, batch: int, next_ids: torch.Tensor) -> None:
-        """Store the tokens one GPU batch chose at this step."""
+    def active_rows(self, batch: int) -> torch.Tensor | None:
+        """Rows of GPU batch `batch` still generating (host indices within the batch); None when all are."""
+        done = self.finished[self.rows(batch)]
+        return (~done).nonzero().squeeze(1) if done.any() else None
+
+    def record(self, batch: int, next_ids: torch.Tensor, active: torch.Tensor | None) -> None:
+        """Store the tokens the active rows of one GPU batch chose at this step."""
         rows = self.rows(batch)
-        self.length[rows] += (~self.finished[rows]).long()
-        self.tokens[rows, self.prompt_len + self.generated] = next_ids
+        index = torch.arange(rows.start, rows.stop) if active is None else rows.start + active
+        self.length[index] += 1
+        self.tokens[index.to(self.tokens.device), self.prompt_len + self.generated] = next_ids
 
     def end_step(self) -> None:
         """Rows that emitted eos this step finish (one device-to-host read per step, not per batch)."""

@@ -95,46 +95,66 @@ class Engine:
                 h = None if spec.kind == "embed" else acts.get(b)
                 out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                 if spec.kind == "head":
-                    block.record(b, sample(out, sampling, block.row_generators(b)))
+                    active = inputs[b]["active"]
+                    block.record(b, sample(out, sampling, block.row_generators(b, active)), active)
                     if self.logits is not None:
-                        self._keep_logits(block, step, b, out)
+                        self._keep_logits(block, step, b, out, active)
                 else:
                     acts.put(b, out)
         block.end_step()
 
-    def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor) -> None:
+    def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:
         if len(self.logits) == step:
             self.logits.append(torch.full((block.tokens.shape[0], logits.shape[-1]), float("nan")))
-        self.logits[step][block.rows(b)] = logits.cpu()
+        rows = self.logits[step][block.rows(b)]
+        rows[slice(None) if active is None else active] = logits.cpu()
 
     def _compute(self, spec, w, h, views, block: Block, b: int, inputs, start: int, t: int):
         cfg = self.config
         if spec.kind == "embed":
-            return L.embed(w, block.tokens[block.rows(b), start:start + t], inputs["positions"], cfg)
+            tokens = block.tokens[block.rows(b), start:start + t]
+            if inputs["active"] is not None:
+                tokens = tokens[inputs["active_device"]]
+            return L.embed(w, tokens, inputs["positions"], cfg)
         if spec.kind == "mlp":
             return L.mlp(w, h, cfg)
         if spec.kind == "head":
             return L.head(w, h[:, -1], cfg)
         x = L.norm(h, w, cfg) if cfg.pre_norm else h
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
+        active = inputs["active"]
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache
             attn = attend(q, k, v, inputs["mask"])
             for part in self.cache.parts[spec.index][b]:
-                self._store_cache(spec.index, b, part, k[part.rows], v[part.rows], 0)
+                picked, local = _part_rows(part.rows, active)
+                k_part, v_part = k[picked], v[picked]
+                if local is not None:  # rows that left (filler rows) get zeros
+                    k_part, v_part = _scatter_rows(k_part, local, part.rows), _scatter_rows(v_part, local, part.rows)
+                self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
-            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs["mask"], start)
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs["mask"], start, active)
         return L.attention_output(w, attn, h, cfg)
 
-    def _decode_attention(self, layer: int, b: int, views, q, k, v, mask, start: int) -> torch.Tensor:
-        """Attention of one new token per row, part by part, each where its cache view is."""
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, mask, start: int, active) -> torch.Tensor:
+        """Attention of one new token per active row, part by part, each where its cache view is."""
         outs = []
         for view in views:
-            r, where = view.part.rows, view.k.device
-            k_new, v_new = k[r].to(where, view.k.dtype), v[r].to(where, view.v.dtype)
-            view.k[:, :, start:start + 1] = k_new
-            view.v[:, :, start:start + 1] = v_new
-            out = attend(q[r].to(where, view.k.dtype), view.k[:, :, :start + 1], view.v[:, :, :start + 1],
-                         mask[r].to(where), self.policy.attn_sparsity)
+            picked, local = _part_rows(view.part.rows, active)
+            where, dtype, end = view.k.device, view.k.dtype, start + 1
+            k_new, v_new = k[picked].to(where, dtype), v[picked].to(where, dtype)
+            if local is None:
+                view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
+                k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
+            else:  # finished rows left the batch: attend over the active rows' cache only
+                if len(local) == 0:
+                    continue
+                local_dev = local.to(where)
+                view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
+                k_seen = view.k[:, :, :end].index_select(0, local_dev)
+                v_seen = view.v[:, :, :end].index_select(0, local_dev)
+                k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
+            out = attend(q[picked].to(where, dtype), k_seen, v_seen, mask[picked].to(where),
+                         self.policy.attn_sparsity)
             outs.append(out.to(q.device, q.dtype, non_blocking=True))
             if not view.part.direct:
                 self._store_cache(layer, b, view.part, k_new, v_new, start)
@@ -142,11 +162,17 @@ class Engine:
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
-        positions = block.positions(b, start, t)
+        """Positions, mask and rotary tables of the rows of batch b that still generate."""
+        positions, mask = block.positions(b, start, t), block.mask(b, start, t)
+        active = block.active_rows(b)
+        active_device = None
+        if active is not None:
+            active_device = active.to(self.device.device)
+            positions, mask = positions[active_device], mask[active_device]
         rope = None
         if self.inv_freq is not None:
             rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
-        return {"positions": positions, "mask": block.mask(b, start, t), "rope": rope}
+        return {"positions": positions, "mask": mask, "rope": rope, "active": active, "active_device": active_device}
 
     def _prepare_cache(self, block: Block) -> None:
         max_len = block.prompt_len + block.gen_len
@@ -208,3 +234,17 @@ class Engine:
 
     def close(self) -> None:
         self.io.close()
+
+
+def _part_rows(rows: slice, active: torch.Tensor | None):
+    """(index into the active rows, local row indices within the part or None when all rows are active)."""
+    if active is None:
+        return rows, None
+    inside = (active >= rows.start) & (active < rows.stop)
+    return inside.nonzero().squeeze(1), active[inside] - rows.start
+
+
+def _scatter_rows(values: torch.Tensor, local: torch.Tensor, rows: slice) -> torch.Tensor:
+    full = values.new_zeros((rows.stop - rows.start, *values.shape[1:]))
+    full[local.to(values.device)] = values
+    return full

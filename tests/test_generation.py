@@ -172,7 +172,7 @@ def test_stop_string_ends_only_its_row(opt_dir):
         assert out[other] == full[other]
 
 
-def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path):
+def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path, monkeypatch):
     row = next((r for r, ids in enumerate(greedy_ids)
                 if ids[2] not in ids[:2] and not any(ids[2] in o for i, o in enumerate(greedy_ids) if i != r)), None)
     assert row is not None, "no row of the tiny model's output suits this test"
@@ -182,9 +182,15 @@ def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     config["eos_token_id"] = eos
     (model_dir / "config.json").write_text(json.dumps(config))
+    rows_seen = []
+    real_mlp = L.mlp
+    monkeypatch.setattr(L, "mlp", lambda w, h, cfg: rows_seen.append(h.shape[0]) or real_mlp(w, h, cfg))
     with FlexGenLite(str(model_dir), policy=P(gbs=3, nb=2, cache=(0, 50))) as m:
         ids = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8))
+        with_eos = list(rows_seen)
         assert m.generate_ids(PROMPTS, GREEDY) == greedy_ids  # stop_at_eos=False ignores it
+    # the finished row leaves the computation: after step 3 its batch runs one row fewer
+    assert sum(with_eos) < sum(rows_seen[len(with_eos):])
     assert ids[row] == greedy_ids[row][:3]
     assert ids[row][-1] == eos
     for other in set(range(len(PROMPTS))) - {row}:
