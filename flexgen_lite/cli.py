@@ -1,8 +1,9 @@
-"""The `flexgen-lite` command: generate, bench."""
+"""The `flexgen-lite` command: generate, bench, plan, profile."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 
 from .config import ModelError
+from .memory import Budgets, check_budgets, gib, parse_size
 from .policy import Policy, PolicyError
+from .policy_search import AutoPolicy
 from .storage import OffloadError
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
@@ -28,11 +31,15 @@ EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompt
 
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (FlexGen's flags)")
+    g = p.add_argument_group("policy (FlexGen's flags; without --percent the policy is searched: --policy auto)")
+    g.add_argument("--policy", choices=("auto", "manual"),
+                   help="auto: search placement, batch and switches for this workload within the memory budgets "
+                   "(default unless --percent is given); manual: the flags as given, all on gpu by default")
     g.add_argument("--percent", nargs=6, type=float, metavar=("W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"),
-                   help="weights, KV cache and activations on gpu/cpu (disk gets the rest); default all on gpu")
-    g.add_argument("--gpu-batch-size", type=int, help="sequences per GPU batch")
-    g.add_argument("--num-gpu-batches", type=int, default=1, help="GPU batches per block (share each weight load)")
+                   help="weights, KV cache and activations on gpu/cpu (disk gets the rest)")
+    g.add_argument("--gpu-batch-size", type=int, help="sequences per GPU batch (auto: fixes it)")
+    g.add_argument("--num-gpu-batches", type=int,
+                   help="GPU batches per block, sharing each weight load (default 1; auto: fixes it)")
     g.add_argument("--offload-dir", default="", help="directory for the disk tier (default: system temp)")
     g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap I/O with compute")
@@ -40,26 +47,70 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="pin cpu-tier weights (CUDA only)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default float16 on CUDA, bfloat16 on CPU)")
-    g.add_argument("--cpu-cache-compute", action="store_true", help="attention over a CPU-resident cache on the CPU")
+    g.add_argument("--cpu-cache-compute", action=argparse.BooleanOptionalAction,
+                   help="attention over a CPU-resident cache on the CPU (auto: searched unless given)")
     g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
-    g.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weights")
-    g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache")
+    g.add_argument("--compress-weight", action=argparse.BooleanOptionalAction,
+                   help="4-bit group-wise weights (auto: searched unless given)")
+    g.add_argument("--compress-cache", action=argparse.BooleanOptionalAction,
+                   help="4-bit group-wise KV cache (auto: searched unless given)")
     g.add_argument("--weight-group-dim", type=int, default=1, choices=(0, 1),
                    help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
     g.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
+    b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
+    b.add_argument("--gpu-mem", type=parse_size, help="compute-device memory; without a GPU, the compute tier's "
+                   "share of host RAM")
+    b.add_argument("--cpu-mem", type=parse_size, help="host RAM the engine may take (the compute tier's included "
+                   "without a GPU)")
+    b.add_argument("--disk-mem", type=parse_size, help="space for offload files")
 
 
-def policy_from_args(args, default_batch: int) -> Policy:
+def is_auto(args) -> bool:
+    if args.policy == "auto" and args.percent:
+        raise PolicyError("--policy auto chooses the placement: drop --percent, or use --policy manual")
+    return args.policy == "auto" or (args.policy is None and args.percent is None)
+
+
+def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
+    """An explicit Policy, or an AutoPolicy whose given flags fix those choices of the search."""
     percent = args.percent or (100, 0, 100, 0, 100, 0)
-    return Policy(
-        gpu_batch_size=args.gpu_batch_size or default_batch, num_gpu_batches=args.num_gpu_batches,
+    policy = Policy(
+        gpu_batch_size=args.gpu_batch_size or default_batch, num_gpu_batches=args.num_gpu_batches or 1,
         weight_gpu_percent=percent[0], weight_cpu_percent=percent[1], cache_gpu_percent=percent[2],
         cache_cpu_percent=percent[3], act_gpu_percent=percent[4], act_cpu_percent=percent[5],
         overlap=args.overlap, pin_weight=args.pin_weight, offload_dir=args.offload_dir, dtype=args.dtype or "",
-        cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity,
-        compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+        cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
+        compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
         weight_group_dim=args.weight_group_dim,
     )
+    if not is_auto(args):
+        return policy
+    return AutoPolicy(policy, args.gpu_batch_size, args.num_gpu_batches, args.compress_weight, args.compress_cache,
+                      args.cpu_cache_compute)
+
+
+def budgets_from_args(args) -> Budgets | None:
+    if args.gpu_mem is None and args.cpu_mem is None and args.disk_mem is None:
+        return None
+    return Budgets(args.gpu_mem, args.cpu_mem, args.disk_mem)
+
+
+def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True):
+    """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
+    from .devices import ComputeDevice
+    from .generation import model_config
+    from .policy_search import search_policy
+    from .profile import load_profile
+
+    device = ComputeDevice(args.device)
+    budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
+    hardware = load_profile(device, auto.base.offload_dir, progress=progress)
+    tic = time.perf_counter()
+    result = search_policy(model_config(model), workload, hardware, budgets, auto)
+    if show:
+        print(f"auto policy: {result.policy.flags()} (predicted {result.prediction.throughput:.1f} tok/s, "
+              f"searched in {time.perf_counter() - tic:.1f} s)", file=sys.stderr)
+    return result, hardware
 
 
 def progress(message: str) -> None:
@@ -68,14 +119,58 @@ def progress(message: str) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import format_report, run_benchmark
+    from .cost_model import Workload
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     prompt_len = args.prompt_len or (512 if cuda else 64)
-    policy = policy_from_args(args, default_batch=64 if cuda else 16)
+    workload = Workload(prompt_len, args.gen_len)
+    policy, prediction = policy_from_args(args, default_batch=64 if cuda else 16), None
+    if isinstance(policy, AutoPolicy):
+        result, _ = plan_policy(args, args.model, workload, policy)
+        policy, prediction = result.policy, result.prediction
+    else:
+        check_explicit_budgets(args, args.model, workload, policy)
+        if args.predict:
+            prediction = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk)
     print(file=sys.stderr)
+    if prediction is not None:
+        report["predicted_total_tok_s"] = round(prediction.throughput, 2)
+        report["predicted_prefill_s"] = round(prediction.prefill_s, 3)
+        report["predicted_decode_step_ms"] = round(1000 * prediction.decode_step_s, 1)
+        report["prediction_error"] = round(prediction.throughput / report["total_tok_s"] - 1, 3)
     print(format_report(report))
+    if prediction is not None:
+        print(f"predicted {report['predicted_total_tok_s']} tok/s (prefill {report['predicted_prefill_s']} s, "
+              f"decode {report['predicted_decode_step_ms']} ms/step, bound by {prediction.bound}): "
+              f"{100 * report['prediction_error']:+.0f}% vs measured")
     print(json.dumps(report))
+
+
+def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
+    """Refuse an explicit policy whose planned bytes exceed an explicit budget."""
+    from .cost_model import peak_memory
+    from .devices import ComputeDevice
+    from .generation import model_config
+
+    budgets = budgets_from_args(args)
+    if budgets is not None:
+        cuda = ComputeDevice(args.device).is_cuda
+        plan, peak = peak_memory(model_config(model), workload, policy, cuda)
+        check_budgets(peak, plan, budgets, cuda, f"the policy {policy.flags()}")
+
+
+def predict_policy(args, model: str, workload, policy: Policy, cold: bool = False):
+    from .cost_model import predict
+    from .devices import ComputeDevice, host_available_bytes
+    from .generation import model_config
+    from .profile import load_profile
+
+    device = ComputeDevice(args.device)
+    hardware = load_profile(device, policy.offload_dir, progress=progress)
+    plan = predict(model_config(model), workload, policy, hardware)
+    page_cache = 0 if cold else host_available_bytes() - plan.peak["cpu"]
+    return predict(model_config(model), workload, policy, hardware, page_cache)
 
 
 def read_prompts(args) -> list[str]:
@@ -99,10 +194,22 @@ def cmd_generate(args) -> None:
         from .gguf_file import default_model_path
 
         args.model = default_model_path()
-    policy = policy_from_args(args, default_batch=min(len(prompts), 32))
+    policy, workload = policy_from_args(args, default_batch=min(len(prompts), 32)), None
+    if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest tokenized length, their number
+        from .cost_model import Workload
+        from .generation import encode_texts, open_model
+
+        config, _, tokenizer = open_model(args.model)
+        longest = max(len(ids) for ids in encode_texts(tokenizer, prompts[done:] or prompts, args.chat, config.name))
+        workload = Workload(longest, args.max_new_tokens, max(1, len(prompts) - done))
     out = open(args.output, "a") if args.output else sys.stdout  # noqa: SIM115
-    with FlexGenLite(args.model, policy=policy, device=args.device, progress=progress) as m:
+    with FlexGenLite(args.model, policy=policy, device=args.device, progress=progress, workload=workload,
+                     budgets=budgets_from_args(args)) as m:
+        policy = m.policy
         print(file=sys.stderr)
+        if m.search is not None:
+            print(f"auto policy: {policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)",
+                  file=sys.stderr)
         chunk, tokens, tic = policy.block_size * 4, 0, time.perf_counter()
         for first in range(done, len(prompts), chunk):
             texts = prompts[first:first + chunk]
@@ -122,6 +229,76 @@ def cmd_generate(args) -> None:
         print(f"\n{tokens} tokens for {len(prompts) - done} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({m.config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {policy.flags()})",
               file=sys.stderr)
+
+
+def cmd_plan(args) -> None:
+    from .cost_model import Workload
+    from .generation import model_config
+
+    policy = policy_from_args(args, default_batch=1)
+    if not isinstance(policy, AutoPolicy):
+        raise PolicyError("plan searches the policy: drop --percent and --policy manual")
+    workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
+    result, hardware = plan_policy(args, args.model, workload, policy, show=False)
+    if args.json:
+        print(json.dumps(plan_json(result, workload, hardware)))
+        return
+    print(format_plan(result, workload, hardware, model_config(args.model)))
+
+
+def plan_json(result, workload, hardware) -> dict:
+    p = result.prediction
+    return {"flags": result.policy.flags(), "policy": dataclasses.asdict(result.policy),
+            "workload": dataclasses.asdict(workload), "total_tok_s": p.throughput, "prefill_s": p.prefill_s,
+            "decode_step_s": p.decode_step_s, "bound": p.bound, "peak_bytes": p.peak,
+            "budgets": dataclasses.asdict(result.budgets), "memory": p.memory, "decode_seconds_by": p.decode_by,
+            "prefill_seconds_by": p.prefill_by, "disk_from_page_cache": p.disk_cached, "device": hardware.device}
+
+
+def format_plan(result, workload, hardware, config) -> str:
+    p, policy, budgets = result.prediction, result.policy, result.budgets
+    cuda = hardware.is_cuda
+    dtype = str(policy.torch_dtype(torch.device("cuda" if cuda else "cpu"))).removeprefix("torch.")
+    prompts = "one block" if workload.num_prompts is None else f"{workload.num_prompts} prompts"
+    by = sorted(p.decode_by.items(), key=lambda kv: -kv[1])
+    lines = [
+        f"model {config.name} ({config.num_params() / 1e9:.2f} B parameters, {dtype}) on {hardware.device}",
+        f"workload: prompt {workload.prompt_len}, generate {workload.gen_len}, {prompts}",
+        f"budgets: {budgets.describe(cuda)}",
+        "policy (paste into bench or generate):",
+        f"  {policy.flags()}",
+        f"predicted: {p.throughput:.2f} tok/s total (FlexGen's metric), decode {p.decode_throughput:.1f} tok/s; "
+        f"prefill {p.prefill_s:.2f} s, decode {1000 * p.decode_step_s:.1f} ms/step, {p.blocks} block(s)",
+        f"bound by: {p.bound} (decode step: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in by[:4]) + ")",
+        "peak memory: " + ", ".join(
+            f"{tier} {gib(p.peak[tier])}" + (f" of {gib(getattr(budgets, tier))}" if getattr(budgets, tier) else "")
+            for tier in ("gpu", "cpu", "disk")) + ("" if cuda else " (cpu counts all host RAM, gpu tier included)"),
+    ]
+    for tier in ("gpu", "cpu", "disk"):
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in p.memory[tier].items() if v)
+        lines.append(f"  {tier}: {parts or 'nothing'}")
+    if p.disk_cached and p.peak["disk"]:
+        lines.append("disk reads are predicted at page-cache speed: the offload files fit in free RAM beyond the "
+                     "cpu budget")
+    if policy.compress_weight or policy.compress_cache:
+        lines.append("note: 4-bit compression is lossy; pass --no-compress-weight / --no-compress-cache to forbid it")
+    lines.append(f"searched {result.solved} linear programs; profile {hardware.measured_at} "
+                 "(flexgen-lite profile --refresh to measure again)")
+    return "\n".join(lines)
+
+
+def cmd_profile(args) -> None:
+    from .devices import ComputeDevice
+    from .profile import load_profile, profile_path
+
+    device = ComputeDevice(args.device)
+    hardware = load_profile(device, args.offload_dir, refresh=args.refresh, progress=progress)
+    print(file=sys.stderr)
+    if args.json:
+        print(hardware.to_json())
+    else:
+        print(hardware.summary())
+        print(f"cached in {profile_path(device, args.offload_dir)}")
 
 
 def _sampling(args):
@@ -158,8 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, help="default 512 on CUDA, 64 on CPU")
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--cold-disk", action="store_true", help="read offload files from the disk, not the page cache")
+    b.add_argument("--predict", action="store_true", help="also print the cost model's prediction (auto always does)")
     add_policy_flags(b)
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="choose a policy for a workload within memory budgets; print it as flags")
+    p.add_argument("--model", default=DEFAULT_BENCH_MODEL, help="checkpoint directory, GGUF file or model name")
+    p.add_argument("--prompt-len", type=int, required=True)
+    p.add_argument("--gen-len", type=int, required=True)
+    p.add_argument("--num-prompts", type=int, help="prompts to generate for (default: one block, FlexGen's metric)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    add_policy_flags(p)
+    p.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("profile", help="measure this machine for the cost model (cached; --refresh to redo)")
+    r.add_argument("--refresh", action="store_true", help="measure again")
+    r.add_argument("--offload-dir", default="", help="the disk tier's directory to measure (default: system temp)")
+    r.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -11,12 +11,13 @@ import torch
 from .block import Block
 from .checkpoint import Checkpoint
 from .config import ModelConfig, ModelError, config_from_dict, load_config
+from .cost_model import Workload, peak_memory
 from .devices import ComputeDevice, keep_freed_memory
 from .engine import Engine
 from .kv_cache import cache_bytes_per_token
-from .memory import check_fits
+from .memory import Budgets, check_budgets, check_fits
 from .models import layer_specs
-from .policy import Policy, split_counts
+from .policy import Policy, PolicyError, split_counts
 from .presets import find_preset, preset_config, preset_names
 from .sampling import SamplingConfig, row_generators
 from .storage import DiskStore, MemoryLedger
@@ -43,6 +44,23 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
     return preset_config(model), DummySource(), None
 
 
+def model_config(model: str) -> ModelConfig:
+    """The config of a checkpoint directory, GGUF file or preset name, without opening its weights."""
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf_file import read_gguf_config
+
+        return config_from_dict(read_gguf_config(path), name=str(path))
+    return load_config(path) if path.is_dir() else open_model(model)[0]
+
+
+def default_workload(config: ModelConfig) -> Workload:
+    """What policy="auto" plans for when told nothing: 512-token prompts, 32 new tokens, one block
+    (shortened to fit the model's context). Longer prompts at generate time are checked against the budgets."""
+    gen = min(32, config.max_positions // 4)
+    return Workload(min(512, config.max_positions - gen), gen)
+
+
 def load_tokenizer(path: Path):
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
@@ -58,17 +76,24 @@ class FlexGenLite:
     >>> m.generate("Paris is the capital of")
     """
 
-    def __init__(self, model: str, policy: Policy | None = None, device: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
-        self.policy = policy or Policy()
+    def __init__(self, model: str, policy: Policy | str | None = None, device: str | None = None,
+                 progress: Callable[[str], None] | None = None, *, workload: Workload | None = None,
+                 budgets: Budgets | None = None, hardware=None) -> None:
+        """policy: a Policy, "auto" or an AutoPolicy (searched for `workload`, default `default_workload`,
+        within `budgets`, using `hardware` or this machine's cached profile). Explicit budgets are checked
+        for an explicit policy too; `self.search` keeps the auto policy's prediction."""
         self.config, source, self.tokenizer = open_model(model)
         self.device = ComputeDevice(device)
+        self.search, self.budgets = None, budgets
+        self.policy = self._resolve(policy, workload, budgets, hardware, progress)
         self.dtype = self.policy.torch_dtype(self.device.device)
         keep_freed_memory()
         specs = layer_specs(self.config)
         compression = self.policy.weight_compression()
         check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression), self.device,
                    self.policy.offload_dir, f"the weights of {self.config.name}")
+        if self.budgets is not None:
+            self._check_budgets(workload or Workload(1, 1), "the policy")
         self.ledger = MemoryLedger()
         self.disk = DiskStore(self.policy.offload_dir)
         try:
@@ -81,6 +106,29 @@ class FlexGenLite:
         self.engine = Engine(self.config, self.policy, specs, weights, self.device, self.dtype,
                              self.disk, self.ledger)
         self.progress = progress
+
+    def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
+        from .policy_search import AutoPolicy, search_policy
+        from .profile import load_profile
+
+        if policy == "auto":
+            policy = AutoPolicy()
+        if policy is None or isinstance(policy, Policy):
+            return policy or Policy()
+        if not isinstance(policy, AutoPolicy):
+            raise PolicyError(f"policy must be a Policy, an AutoPolicy or 'auto', got {policy!r}")
+        offload = policy.base.offload_dir
+        self.budgets = (budgets or Budgets()).resolved(self.device, offload)
+        hardware = hardware or load_profile(self.device, offload, progress=progress)
+        self.search = search_policy(self.config, workload or default_workload(self.config), hardware,
+                                    self.budgets, policy)
+        return self.search.policy
+
+    def _check_budgets(self, workload: Workload, what: str) -> None:
+        plan, peak = peak_memory(self.config, workload, self.policy, self.device.is_cuda)
+        check_budgets(peak, plan, self.budgets, self.device.is_cuda,
+                      f"{what} ({self.policy.flags()}) for prompts of {workload.prompt_len} + {workload.gen_len} "
+                      "tokens")
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -95,15 +143,7 @@ class FlexGenLite:
         return outputs[0] if single else outputs
 
     def encode(self, texts: list[str], chat: bool = False) -> list[list[int]]:
-        if self.tokenizer is None:
-            raise ModelError(f"{self.config.name} has no tokenizer (dummy weights): pass token ids to generate_ids")
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ModelError(f"{self.config.name} has no chat template; drop --chat")
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                        add_generation_prompt=True) for t in texts]
-            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return [self.tokenizer(t)["input_ids"] for t in texts]
+        return encode_texts(self.tokenizer, texts, chat, self.config.name)
 
     def decode(self, ids: list[int], stop: tuple[str, ...] = ()) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -179,6 +219,8 @@ class FlexGenLite:
         engine = self.engine
         if engine.cache is not None and engine.cache.max_len >= block.prompt_len + block.gen_len:
             return
+        if self.budgets is not None:
+            self._check_budgets(Workload(block.prompt_len, block.gen_len), "this block")
         c = self.config
         per_token = cache_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
                                           self.policy.cache_compression())
@@ -201,6 +243,19 @@ class FlexGenLite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def encode_texts(tokenizer, texts: list[str], chat: bool, name: str) -> list[list[int]]:
+    """Token ids of each text (wrapped in the chat template with `chat`)."""
+    if tokenizer is None:
+        raise ModelError(f"{name} has no tokenizer (dummy weights): pass token ids to generate_ids")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelError(f"{name} has no chat template; drop --chat")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [tokenizer(t)["input_ids"] for t in texts]
 
 
 def print_progress(message: str) -> None:

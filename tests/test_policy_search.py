@@ -1,0 +1,287 @@
+"""Hardware profile, cost model, policy search, budgets: predictions behave, budgets hold, plans paste back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
+from flexgen_lite.cli import build_parser, main, policy_from_args
+from flexgen_lite.cost_model import Workload, peak_memory, predict
+from flexgen_lite.generation import model_config
+from flexgen_lite.memory import Budgets, parse_size
+from flexgen_lite.models import layer_specs
+from flexgen_lite.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
+from flexgen_lite.presets import preset_config
+from flexgen_lite.profile import HardwareProfile, load_profile, measure
+from flexgen_lite.weights import planned_bytes
+
+from .conftest import PROMPTS
+
+G, GiB, MiB = 1e9, 2**30, 2**20
+
+
+def synthetic_profile(cuda: bool = False) -> HardwareProfile:
+    """Rates like this 2-core VM's (ANCHORS.md), fixed so that tests do not depend on the machine."""
+    rates = {"float32": 10 * G, "bfloat16": 8 * G, "float16": 8 * G}
+    return HardwareProfile(
+        device="synthetic", is_cuda=cuda,
+        matmul={"float32": [(1, 6 * G), (4, 24 * G), (16, 80 * G), (64, 120 * G), (256, 128 * G), (1024, 128 * G)],
+                "bfloat16": [(1, 12 * G), (4, 45 * G), (16, 150 * G), (64, 300 * G), (256, 360 * G), (1024, 370 * G)],
+                "float16": [(1, 0.4 * G)]},
+        matmul_shape=(2048, 4096), sdpa_prefill={"float32": 50 * G, "bfloat16": 80 * G, "float16": 80 * G},
+        attention=rates, cpu_attention=rates, h2d_pinned=12 * G, h2d_pageable=12 * G, d2h_pinned=12 * G,
+        d2h_pageable=12 * G, device_copy=12 * G, host_copy=12 * G, strided_copy=3 * G, disk_read=1.5 * G,
+        disk_write=1.2 * G, cached_read=8 * G, cached_write=4 * G, disk_method="O_DIRECT",
+        dequantize=dict.fromkeys(rates, 1 * G), quantize=dict.fromkeys(rates, 0.3 * G), op_overhead=5e-6,
+        offload_dir="/tmp", threads=2, host_memory=20 * GiB)
+
+
+HW = synthetic_profile()
+OPT = preset_config("facebook/opt-1.3b")
+WL = Workload(64, 32)
+
+
+@pytest.fixture
+def profile_file(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    path.write_text(HW.to_json())
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
+    return path
+
+
+# ---- profile --------------------------------------------------------------------------------------------------
+def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLEXGEN_LITE_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    import flexgen_lite.profile as profile
+
+    monkeypatch.setattr(profile, "measure", lambda device, offload_dir, progress: measure(device, offload_dir,
+                                                                                           progress, quick=True))
+    first = load_profile(offload_dir=str(tmp_path / "offload"))
+    files = list((tmp_path / "flexgen-lite").glob("profile-cpu-*.json"))
+    assert len(files) == 1
+    assert load_profile(offload_dir=str(tmp_path / "offload")) == first  # from the cache, not measured again
+    for value in (first.host_copy, first.disk_read, first.disk_write, first.cached_read, first.op_overhead,
+                  first.attention["bfloat16"], first.dequantize["float32"]):
+        assert value > 0
+    assert [m for m, _ in first.matmul["float32"]] == [1, 4, 16, 64, 256, 1024]
+    assert HardwareProfile.from_json(first.to_json()) == first
+
+
+def test_matmul_rate_interpolates_between_measured_rows():
+    assert HW.matmul_rate("bfloat16", 1) == 12 * G
+    assert 150 * G < HW.matmul_rate("bfloat16", 32) < 300 * G
+    assert HW.matmul_rate("bfloat16", 10**6) == 370 * G
+
+
+def test_parse_size():
+    assert parse_size("16GiB") == 16 * GiB
+    assert parse_size("500MiB") == 500 * MiB
+    assert parse_size("1.5G") == int(1.5 * GiB)
+    assert parse_size("2GB") == 2 * 10**9
+    with pytest.raises(ValueError, match="16GiB"):
+        parse_size("lots")
+
+
+# ---- cost model -----------------------------------------------------------------------------------------------
+def test_more_weights_on_disk_means_slower_decode():
+    steps = []
+    for w_gpu in (100, 75, 50, 25, 0):
+        policy = Policy(gpu_batch_size=8, weight_gpu_percent=w_gpu)
+        steps.append(predict(OPT, WL, policy, HW, page_cache=0).decode_step_s)  # cold disk
+    assert steps == sorted(steps) and steps[-1] > 2 * steps[0]
+
+
+def test_bigger_batch_is_faster_until_memory_binds():
+    throughputs = [predict(OPT, WL, Policy(gpu_batch_size=g), HW).throughput for g in (1, 4, 16, 64)]
+    assert throughputs == sorted(throughputs)
+    budget = Budgets(None, 4 * GiB, 100 * GiB)
+    tight = search_policy(OPT, WL, HW, budget, AutoPolicy(num_gpu_batches=1), page_cache=0)
+    roomy = search_policy(OPT, WL, HW, Budgets(None, 16 * GiB, 100 * GiB), AutoPolicy(num_gpu_batches=1),
+                          page_cache=0)
+    assert roomy.prediction.throughput > tight.prediction.throughput
+    bigger = Policy(gpu_batch_size=tight.policy.gpu_batch_size * 2, **_percents(tight.policy))
+    assert peak_memory(OPT, WL, bigger, cuda=False)[1]["cpu"] > budget.cpu  # memory is what stopped it
+
+
+def _percents(p: Policy) -> dict:
+    return {k: getattr(p, k) for k in ("weight_gpu_percent", "weight_cpu_percent", "cache_gpu_percent",
+                                       "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent")}
+
+
+def test_prediction_has_every_part_of_a_step():
+    p = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50), HW, page_cache=0)
+    assert {"compute", "attention", "disk", "copy", "overhead"} <= set(p.decode_by)
+    assert p.prefill_s > p.decode_step_s > 0
+    assert p.throughput == pytest.approx(8 * 32 / (p.prefill_s + 31 * p.decode_step_s))
+    without = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50, overlap=False),
+                      HW, page_cache=0)
+    assert without.decode_step_s > p.decode_step_s  # overlap hides the disk behind compute
+
+
+@pytest.mark.parametrize("name", ["facebook/opt-350m", "llama-3-8b", "qwen2.5-7b"])
+def test_weight_bytes_are_the_engines(name):
+    config = preset_config(name)
+    for policy in (Policy(weight_gpu_percent=37, weight_cpu_percent=21),
+                   Policy(weight_gpu_percent=10, weight_cpu_percent=0, compress_weight=True),
+                   Policy(weight_gpu_percent=0, weight_cpu_percent=0, compress_weight=True, weight_group_dim=0)):
+        plan, _ = peak_memory(config, WL, policy, cuda=True)
+        want = planned_bytes(layer_specs(config), policy.percents("weight"), policy.torch_dtype(torch.device("cuda")),
+                             policy.weight_compression())
+        assert {t: plan[t]["weights"] for t in want} == want
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_memory_model_matches_the_engines_ledger(tiny_models, family):
+    """What the ledger counts (weights, weight slots, KV cache, cache slots, activation files) is what the
+    model predicts, under placements over all tiers."""
+    path = tiny_models[family][0]
+    config = model_config(str(path))
+    policies = [Policy(gpu_batch_size=3, num_gpu_batches=2, dtype="float32", weight_gpu_percent=30,
+                       weight_cpu_percent=30, cache_gpu_percent=34, cache_cpu_percent=33, act_gpu_percent=50,
+                       act_cpu_percent=0),
+                Policy(gpu_batch_size=4, num_gpu_batches=2, dtype="float32", weight_gpu_percent=0,
+                       weight_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0, compress_cache=True),
+                Policy(gpu_batch_size=7, dtype="float32", compress_weight=True, weight_gpu_percent=50)]
+    for policy in policies:
+        with FlexGenLite(str(path), policy=policy) as m:
+            m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=4))
+            peak = m.memory_report()["peak"]
+        plan, _ = peak_memory(config, Workload(max(map(len, PROMPTS)), 4), policy, cuda=False)
+        ledger_gpu = sum(plan["gpu"][k] for k in ("weights", "weight slots", "kv cache", "cache slots"))
+        assert peak["gpu"] == ledger_gpu, policy
+        assert peak["cpu"] == plan["cpu"]["weights"] + plan["cpu"]["kv cache"], policy
+        assert peak["disk"] == sum(plan["disk"].values()), policy
+
+
+# ---- search ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,budgets", [
+    ("facebook/opt-1.3b", Budgets(None, 3 * GiB, 20 * GiB)),
+    ("facebook/opt-1.3b", Budgets(1 * GiB, 3 * GiB, 20 * GiB)),  # the compute tier capped inside host RAM
+    ("llama-2-7b", Budgets(None, 6 * GiB, 40 * GiB)),
+    ("llama-3-8b", Budgets(None, 12 * GiB, 40 * GiB)),
+])
+def test_searched_policies_respect_budgets(name, budgets):
+    config = preset_config(name)
+    result = search_policy(config, WL, HW, budgets, page_cache=0)
+    assert result.ranked
+    for policy, prediction in result.ranked:
+        _, peak = peak_memory(config, WL, policy, cuda=False)
+        assert peak == prediction.peak
+        assert peak["cpu"] <= budgets.cpu and peak["disk"] <= budgets.disk
+        assert budgets.gpu is None or peak["gpu"] <= budgets.gpu
+    best = max(p.throughput for _, p in result.ranked)
+    assert result.prediction.throughput >= best / COMPRESSION_GAIN * (1 - TOLERANCE)  # the stated tolerances
+
+
+def test_search_on_a_gpu_profile_uses_the_link():
+    hw = synthetic_profile(cuda=True)
+    config = preset_config("facebook/opt-6.7b")
+    result = search_policy(config, WL, hw, Budgets(8 * GiB, 40 * GiB, 100 * GiB), AutoPolicy(compress_weight=False),
+                           page_cache=0)
+    p = result.policy
+    assert p.weight_gpu_percent < 100 and p.weight_cpu_percent > 0  # 13 GB of weights do not fit 8 GiB
+    assert result.prediction.peak["gpu"] <= 8 * GiB and result.prediction.decode_by.get("link", 0) > 0
+
+
+def test_impossible_budget_says_what_is_missing_where():
+    with pytest.raises(PolicyError) as e:
+        search_policy(OPT, WL, HW, Budgets(None, 300 * MiB, 1 * GiB), page_cache=0)
+    message = str(e.value)
+    assert "no policy fits opt-1.3b" in message
+    assert "missing on cpu" in message and "weight slots" in message
+    assert "more than all tiers give" in message and "--disk-mem" in message
+
+
+def test_search_keeps_fixed_choices():
+    auto = AutoPolicy(Policy(dtype="float32"), gpu_batch_size=8, num_gpu_batches=2, compress_weight=False)
+    p = search_policy(OPT, WL, HW, Budgets(None, 4 * GiB, 50 * GiB), auto, page_cache=0).policy
+    assert (p.gpu_batch_size, p.num_gpu_batches, p.compress_weight, p.dtype) == (8, 2, False, "float32")
+
+
+# ---- wiring: CLI and API --------------------------------------------------------------------------------------
+def test_plan_prints_flags_that_parse_back_to_the_policy(profile_file, capsys):
+    argv = ["plan", "--model", "facebook/opt-1.3b", "--prompt-len", "64", "--gen-len", "32", "--cpu-mem", "3GiB"]
+    main(argv)
+    text = capsys.readouterr().out
+    flags = text.splitlines()[text.splitlines().index("policy (paste into bench or generate):") + 1].split()
+    assert "bound by:" in text and "peak memory:" in text and "predicted:" in text
+    main([*argv, "--json"])
+    planned = json.loads(capsys.readouterr().out)
+    pasted = policy_from_args(build_parser().parse_args(["bench", *flags]), default_batch=1)
+    assert pasted == Policy(**planned["policy"])
+    assert planned["peak_bytes"]["cpu"] <= 3 * GiB
+
+
+def test_policy_flag_default_is_auto():
+    parse = build_parser().parse_args
+    assert isinstance(policy_from_args(parse(["bench"]), 16), AutoPolicy)
+    assert isinstance(policy_from_args(parse(["bench", "--gpu-batch-size", "4"]), 16), AutoPolicy)
+    manual = policy_from_args(parse(["bench", "--percent", "50", "50", "100", "0", "100", "0"]), 16)
+    assert manual == Policy(gpu_batch_size=16, weight_gpu_percent=50, weight_cpu_percent=50)
+    with pytest.raises(PolicyError, match="drop --percent"):
+        policy_from_args(parse(["bench", "--policy", "auto", "--percent", "0", "0", "0", "0", "0", "0"]), 16)
+
+
+def test_api_auto_policy_generates_like_an_explicit_one(tiny_models, references):
+    path = tiny_models["llama"][0]
+    with FlexGenLite(str(path), policy=AutoPolicy(Policy(dtype="float32")), hardware=HW,
+                     workload=Workload(10, 8, len(PROMPTS)), budgets=Budgets(None, 2 * GiB, 2 * GiB)) as m:
+        assert m.search is not None and m.policy == m.search.policy
+        assert m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8)) == references["llama"][0]
+
+
+def test_explicit_policy_over_an_explicit_budget_is_refused(tiny_models):
+    path = str(tiny_models["opt"][0])
+    policy = Policy(dtype="float32")
+    with pytest.raises(PolicyError, match="cpu needs .* missing"):
+        FlexGenLite(path, policy=policy, budgets=Budgets(cpu=1 * MiB))
+    # without a workload only weights and buffers are checked at first; each block's cache when it is made
+    enough_for_one_token = int(peak_memory(model_config(path), Workload(1, 1), policy, False)[1]["cpu"])
+    with FlexGenLite(path, policy=policy, budgets=Budgets(cpu=enough_for_one_token)) as m, \
+            pytest.raises(PolicyError, match="this block"):
+        m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8))
+
+
+def test_generate_cli_plans_for_its_prompts(tiny_models, profile_file, capsys):
+    path = str(tiny_models["opt"][0])
+    main(["generate", "--model", path, "--dtype", "float32", "--max-new-tokens", "3", "--json", "w5 w6 w7", "w9"])
+    captured = capsys.readouterr()
+    assert "auto policy: --percent 100 0 100 0 100 0" in captured.err
+    assert [len(json.loads(line)["token_ids"]) for line in captured.out.splitlines()] == [3, 3]
+
+
+# ---- the budget promise, in a process of its own --------------------------------------------------------------
+RUNTIME = textwrap.dedent("""
+    import resource, torch, transformers, scipy.optimize, flexgen_lite.cli, flexgen_lite.policy_search
+    torch.nn.functional.linear(torch.randn(64, 768), torch.randn(3072, 768))
+    scipy.optimize.linprog([1, 1], A_ub=[[-1, -1]], b_ub=[-1], method="highs")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+CPU_BUDGET = 450 * MiB  # opt-125m in fp32 is 0.5 GB of weights: most must go to disk
+
+
+def test_auto_policy_keeps_peak_rss_under_the_cpu_budget(profile_file, tmp_path):
+    """Peak RSS of a whole `flexgen-lite bench --cpu-mem 450MiB` run on opt-125m (fp32) <= the budget plus
+    the runtime's own footprint: Python, torch, transformers and scipy imported and warmed up, measured
+    here in a fresh process first (about 0.4 GiB on this VM)."""
+    env = dict(os.environ, FLEXGEN_LITE_PROFILE=str(profile_file))
+    runtime = int(subprocess.run([sys.executable, "-c", RUNTIME], env=env, check=True, capture_output=True,
+                                 text=True).stdout)
+    run = subprocess.run([sys.executable, "-m", "flexgen_lite.cli", "bench", "--model", "facebook/opt-125m",
+                          "--dtype", "float32", "--prompt-len", "16", "--gen-len", "4", "--num-gpu-batches", "1",
+                          "--gpu-batch-size", "4", "--cpu-mem", "450MiB", "--offload-dir", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+    rss = report["peak_rss_gb"] * 1e9
+    print(f"runtime {runtime / MiB:.0f} MiB, run peak RSS {rss / MiB:.0f} MiB, budget {CPU_BUDGET / MiB:.0f} MiB")
+    assert report["peak_disk_gb"] * 1e9 > 250 * MiB  # the weights really went to disk
+    assert rss <= CPU_BUDGET + runtime
