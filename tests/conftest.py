@@ -18,6 +18,11 @@ FAMILY_CONFIGS = {
                      max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=False),
     "llama": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, rope_theta=10000.0),
+    # Llama-3 rope scaling (original context shorter than the prompts so the scaled bands matter)
+    "llama3": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=1, intermediate_size=256, max_position_embeddings=64, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
     "qwen2": dict(model_type="qwen2", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, intermediate_size=256, max_position_embeddings=64, tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
