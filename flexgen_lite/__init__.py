@@ -1,10 +1,14 @@
 """FlexGen-Lite: high-throughput batch generation with models larger than the GPU."""
 
 from .config import ModelConfig, ModelError
+from .cost_model import Workload
 from .generation import FlexGenLite
+from .memory import Budgets
 from .policy import Policy, PolicyError
+from .policy_search import AutoPolicy
 from .sampling import SamplingConfig
 from .storage import OffloadError
 
-__all__ = ["FlexGenLite", "ModelConfig", "ModelError", "OffloadError", "Policy", "PolicyError", "SamplingConfig"]
+__all__ = ["AutoPolicy", "Budgets", "FlexGenLite", "ModelConfig", "ModelError", "OffloadError", "Policy", "PolicyError",
+           "SamplingConfig", "Workload"]
 __version__ = "0.1.0"

@@ -95,7 +95,7 @@ def budgets_from_args(args) -> Budgets | None:
     return Budgets(args.gpu_mem, args.cpu_mem, args.disk_mem)
 
 
-def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True):
+def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
     from .devices import ComputeDevice
     from .generation import model_config
@@ -106,7 +106,7 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True)
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
     hardware = load_profile(device, auto.base.offload_dir, progress=progress)
     tic = time.perf_counter()
-    result = search_policy(model_config(model), workload, hardware, budgets, auto)
+    result = search_policy(model_config(model), workload, hardware, budgets, auto, page_cache=0 if cold else None)
     if show:
         print(f"auto policy: {result.policy.flags()} (predicted {result.prediction.throughput:.1f} tok/s, "
               f"searched in {time.perf_counter() - tic:.1f} s)", file=sys.stderr)
@@ -123,10 +123,10 @@ def cmd_bench(args) -> None:
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     prompt_len = args.prompt_len or (512 if cuda else 64)
-    workload = Workload(prompt_len, args.gen_len)
+    workload = Workload(prompt_len, args.gen_len, args.num_prompts)
     policy, prediction = policy_from_args(args, default_batch=64 if cuda else 16), None
     if isinstance(policy, AutoPolicy):
-        result, _ = plan_policy(args, args.model, workload, policy)
+        result, _ = plan_policy(args, args.model, workload, policy, cold=args.cold_disk)
         policy, prediction = result.policy, result.prediction
     else:
         check_explicit_budgets(args, args.model, workload, policy)
@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--cold-disk", action="store_true", help="read offload files from the disk, not the page cache")
     b.add_argument("--predict", action="store_true", help="also print the cost model's prediction (auto always does)")
+    b.add_argument("--num-prompts", type=int, help="auto: plan for this many prompts (caps the block; the benchmark "
+                   "runs one block)")
     add_policy_flags(b)
     b.set_defaults(func=cmd_bench)
 

@@ -367,13 +367,12 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     logits = s.gbs * c.vocab_size * (s.e + 8)
     gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
     gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
-    load = 0.0  # DummySource / checkpoints yield fp32 (or stored dtype) rows, cast into place
+    load = 0.0  # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place
     for sp, _ in s.groups:
-        g, cc_, d = lay.weight(sp)
+        g, cc_, _ = lay.weight(sp)
         numel = math.prod(sp.shape)
-        resident = (g + cc_) * numel * 4 * (3 if s.compressed(sp) else 1)
-        chunk = min(d * sp.shape[0], max(1, (64 * MiB) // max(1, numel // sp.shape[0] * s.e))) * numel // sp.shape[0]
-        load = max(load, resident, chunk * (4 + s.e))
+        quantizing = (g + cc_) * numel * 4 * 3 if s.compressed(sp) else 0
+        load = max(load, numel * (4 + s.e), quantizing)
     cpu["load"] = load
     cpu["reserve"] = RESERVE
     return {"gpu": gpu, "cpu": cpu, "disk": disk}

@@ -222,11 +222,13 @@ def _matmul(device: ComputeDevice, scale: int) -> dict:
     out = {}
     for name in ("float32", "bfloat16", "float16"):
         dtype, points = DTYPES[name], []
-        w = torch.randn(n, k, device=dev).to(dtype)
+        # as in a model, each matmul reads a weight no cache holds: rotate over 128 MiB of them
+        copies = max(1, (128 * MiB // scale) // (k * n * dtype.itemsize))
+        weights = [torch.randn(n, k, device=dev).to(dtype) for _ in range(copies)]
         for m in rows:
             x = torch.randn(m, k, device=dev).to(dtype)
-            s = _time(lambda x=x, w=w: F.linear(x, w), sync, min_time=0.03)
-            points.append((m, 2 * m * k * n / s))
+            s = _time(lambda x=x, weights=weights: [F.linear(x, w) for w in weights], sync, min_time=0.03)
+            points.append((m, 2 * m * k * n * copies / s))
             if s > 0.25:  # a slow dtype here (float16 on most CPUs): more rows would take seconds
                 break
         out[name] = points
