@@ -17,10 +17,10 @@ import sys
 
 FEATURES = {
     "baseline": [],
-    "--compress-weight": ["--compress-weight"],
-    "--compress-cache": ["--compress-cache"],
-    "--cpu-cache-compute": ["--cpu-cache-compute"],
-    "all three": ["--compress-weight", "--compress-cache", "--cpu-cache-compute"],
+    "compress-weight": ["--compress-weight"],
+    "compress-cache": ["--compress-cache"],
+    "cpu-cache-compute": ["--cpu-cache-compute"],
+    "all-three": ["--compress-weight", "--compress-cache", "--cpu-cache-compute"],
 }
 
 

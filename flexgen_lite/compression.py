@@ -204,6 +204,8 @@ def dequantize(
             f"out must have shape {q.shape}, dtype {dtype} and device {q.device}; "
             f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
         )
+    if out is not None and out.is_contiguous() and length == n_groups * g and n_codes % 2 == 0:
+        return _dequantize_in_place(q, out, (outer, n_groups, g, inner))
     codes = q.data
     if q.config.bits == 4:
         codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(-1)[:n_codes]
@@ -216,6 +218,33 @@ def dequantize(
     if out is None:
         return y.to(dtype)
     return out.copy_(y)
+
+
+def _dequantize_in_place(q: QuantizedTensor, out: torch.Tensor, grouped: tuple[int, int, int, int]) -> torch.Tensor:
+    """The fast path for weights, decompressed on every use: chunk by chunk through a small fp32 buffer
+    that stays in cache, straight into `out` (large temporaries cost more than the arithmetic here)."""
+    outer, n_groups, g, inner = grouped
+    rows, per_row = outer * n_groups, g * inner  # a "row" is one group (x inner)
+    codes = q.data.view(rows, per_row * q.config.bits // 8)
+    scale, minimum = q.scale.reshape(rows, 1, inner), q.minimum.reshape(rows, 1, inner)
+    dst = out.view(rows, g, inner)
+    step = max(1, (1 << 20) // per_row)
+    tmp = torch.empty((min(step, rows), per_row), dtype=torch.float32, device=out.device)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        t, c = tmp[:n], codes[r:r + n]
+        if q.config.bits == 4:
+            pairs = t.view(n, -1, 2)
+            pairs[..., 0].copy_(c & 0x0F)
+            pairs[..., 1].copy_(c >> 4)
+        else:
+            t.copy_(c)
+        t3 = t.view(n, g, inner)
+        t3.mul_(scale[r:r + n]).add_(minimum[r:r + n])
+        if out.dtype == torch.float16:
+            t3.clamp_(-_FP16_MAX, _FP16_MAX)
+        dst[r:r + n].copy_(t3)
+    return out
 
 
 def to_bytes(q: QuantizedTensor) -> torch.Tensor:
