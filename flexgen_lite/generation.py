@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -257,6 +256,3 @@ def encode_texts(tokenizer, texts: list[str], chat: bool, name: str) -> list[lis
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     return [tokenizer(t)["input_ids"] for t in texts]
 
-
-def print_progress(message: str) -> None:
-    print(f"\r{message}", end="", file=sys.stderr, flush=True)
