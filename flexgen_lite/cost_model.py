@@ -29,7 +29,7 @@ from .weights import ROW_GRANULARITY
 
 MiB = 2**20
 RESERVE = 64 * MiB  # allocator slack and small buffers not modelled one by one
-OPS = {"embed": 8, "attention": 28, "mlp": 10, "head": 10, "part": 10}  # torch ops per layer and GPU batch
+OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
 
 
 @dataclass(frozen=True)
@@ -168,21 +168,29 @@ class Layout:
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
+def _host(s: Setup, seg: Seg, resource: str, seconds: float, contention: float | None = None) -> None:
+    """Work of an I/O thread on the host: beside a GPU it overlaps compute; on a CPU it competes with compute
+    for the cores, at the measured contention (x1 when they share them perfectly)."""
+    if s.cuda:
+        seg.add(resource, seconds, waits=True)
+    else:
+        factor = (s.hw.contention if contention is None else contention) if s.policy.overlap else 1.0
+        seg.add(resource, seconds * factor, waits=False)
+
+
 def _disk_read(s: Setup, seg: Seg, nbytes: float) -> None:
-    if s.disk_cached:  # the kernel copies from its page cache: CPU work
-        seg.add("page cache", nbytes / s.hw.cached_read, waits=s.cuda)
+    """A read by an I/O thread: from the page cache it is a copy by the kernel (CPU work), else a wait."""
+    if s.disk_cached:
+        _host(s, seg, "page cache", nbytes / s.hw.cached_read, s.hw.contention_read)
     else:
         seg.add("disk", nbytes / s.hw.disk_read, waits=True)
 
 
-def _disk_write(s: Setup, seg: Seg, nbytes: float, waits: bool = True) -> None:
-    rate = s.hw.cached_write if s.disk_cached else s.hw.disk_write
-    seg.add("page cache" if s.disk_cached else "disk", nbytes / rate, waits=waits and (s.cuda or not s.disk_cached))
-
-
-def _host(s: Setup, seg: Seg, resource: str, seconds: float) -> None:
-    """Work of an I/O thread on the host: beside a GPU it overlaps compute; on a CPU it competes with it."""
-    seg.add(resource, seconds, waits=s.cuda)
+def _disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
+    if s.disk_cached:
+        _host(s, seg, "page cache", nbytes / s.hw.cached_write)
+    else:
+        seg.add("disk", nbytes / s.hw.disk_write, waits=True)
 
 
 def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
@@ -204,7 +212,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
         if s.cuda:
             seg.add("link", g * nbytes / hw.device_copy + c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
         else:
-            seg.add("copy", (g + c) * nbytes / hw.host_copy, waits=False)
+            _host(s, seg, "copy", (g + c) * nbytes / hw.host_copy)
         _disk_read(s, seg, d * nbytes)
     return seg
 
@@ -215,17 +223,20 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
     h, w, f, v = c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     rows = s.gbs * (1 if kind == "head" else t)
-    flops = {"embed": 2 * rows * w * h * (w != h), "attention": 2 * rows * h * (2 * q_out + 2 * kv_out),
-             "mlp": 2 * rows * h * f * (3 if c.gated_mlp else 2),
-             "head": 2 * rows * w * v + 2 * rows * h * w * (w != h)}
+    linears = {"embed": [(w, h)] * (w != h),
+               "attention": [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)],
+               "mlp": [(h, f)] * (3 if c.gated_mlp else 1) + [(f, h)],
+               "head": [(w, v)] + [(h, w)] * (w != h)}  # (in, out) of each matmul
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
-    seg.add("compute", s.nb * (flops[kind] / hw.matmul_rate(s.dname, rows) + passes[kind] / bw), waits=False)
+    matmuls = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in linears[kind])
+    seg.add("compute", s.nb * (matmuls + passes[kind] / bw), waits=False)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
         seg.add("compute", s.nb * sdpa / hw.sdpa_prefill[s.dname], waits=False)
-    seg.add("overhead", s.nb * OPS[kind] * hw.op_overhead, waits=False)
+    per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
+    seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # as measured on tiny models, futures included
     return seg
 
 
@@ -240,25 +251,30 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         if not rows:
             continue
         on_cpu = cpu_compute and tier != "gpu"
-        if not lay.part_direct(tier):
+        if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
-            if tier == "disk":
-                _disk_read(s, seg, rows * stored)
-                _host(s, seg, "copy", rows * stored / hw.strided_copy)  # position-major file -> row-major slot
+            loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
+            if tier == "disk":  # read (from the page cache), then transposed from position-major
+                fixed, rate = hw.cache_disk_load[s.dname]
+                _host(s, seg, "cache load", loads * fixed + rows * stored / rate)
+                if not s.disk_cached:
+                    seg.add("disk", rows * stored / hw.disk_read, waits=True)
             if s.cuda and not on_cpu and not in_place:
                 seg.add("link", rows * stored / hw.h2d_pageable, waits=True)
             if s.ccomp is not None:
-                rate = hw.dequantize[s.dname]
-                if on_cpu or not s.cuda:
-                    _host(s, seg, "dequantize", rows * elements / rate)
-                else:
-                    seg.add("dequantize", rows * elements / rate, waits=True)
+                fixed, rate = hw.cache_dequantize[s.dname]
+                _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
         if on_cpu:
             seg.add("cpu attention", rows * dense / cpu_att, waits=False)
         else:
             seg.add("attention", rows * dense / gpu_att, waits=False)
     parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
-    seg.add("overhead", parts * OPS["part"] * hw.op_overhead, waits=False)
+    seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
+    if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU
+        if s.cuda:
+            seg.add("quantize", parts * hw.cache_store, waits=False)
+        else:
+            _host(s, seg, "quantize", parts * hw.cache_store)
     return seg
 
 
@@ -288,10 +304,9 @@ def _activations(s: Setup, lay: Layout, t: int) -> Seg:
     _, cpu, disk = lay.act_batches
     if s.cuda and cpu:
         seg.add("link", cpu * nbytes * (1 / hw.d2h_pageable + 1 / hw.h2d_pageable), waits=False)
-    if disk:
-        _disk_write(s, seg, disk * nbytes, waits=False)
-        rate = hw.cached_read if s.disk_cached else hw.disk_read
-        seg.add("page cache" if s.disk_cached else "disk", disk * nbytes / rate, waits=False)
+    if disk:  # in the compute thread: nothing overlaps it
+        write, read = (hw.cached_write, hw.cached_read) if s.disk_cached else (hw.disk_write, hw.disk_read)
+        seg.add("page cache" if s.disk_cached else "disk", disk * nbytes * (1 / write + 1 / read), waits=False)
     return seg
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,23 +25,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .attention import attend
 from .compression import CompressionConfig, dequantize, quantize
-from .devices import ComputeDevice, host_available_bytes
+from .devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
 from .policy import DTYPES
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 MiB = 2**20
 
 
 
 @dataclass
 class HardwareProfile:
-    """Measured rates: FLOP/s, bytes/s, elements/s; `matmul` maps dtype -> [(rows, FLOP/s)] of (rows, K) @ (K, N)."""
+    """Measured rates (FLOP/s, bytes/s, elements/s) and fixed costs (seconds) of what the engine does."""
 
     device: str
     is_cuda: bool
-    matmul: dict[str, list[tuple[int, float]]]
-    matmul_shape: tuple[int, int]  # (K, N) of the measured weight
+    matmul: dict[str, list[tuple[int, float, float]]]  # dtype -> [(rows, FLOP/s, fixed seconds per call)]
+    matmul_shape: tuple[int, int]  # (K, N) of the large measured weight
     sdpa_prefill: dict[str, float]  # FLOP/s of masked prefill attention, 4 * B * heads * T^2 * hd per call
     attention: dict[str, float]  # bytes of K and V read per second by decode attention on the compute device
     cpu_attention: dict[str, float]  # the same on the CPU (cpu_cache_compute)
@@ -57,7 +60,14 @@ class HardwareProfile:
     disk_method: str
     dequantize: dict[str, float]  # elements/s of 4-bit dequantization into dtype, compute device
     quantize: dict[str, float]  # elements/s of 4-bit quantization from dtype, compute device
+    cache_disk_load: dict[str, tuple[float, float]]  # KVCache.load of a disk part (page cache): (s, bytes/s)
+    cache_dequantize: dict[str, tuple[float, float]]  # KVCache.load of a compressed part: (s, elements/s)
+    cache_store: float  # seconds of writing one token's k, v into a compressed part (KVCache.store)
     op_overhead: float  # seconds of one small torch op (dispatch, Python)
+    handoff: float  # seconds to hand a task to an I/O thread and wait for it (IOPool)
+    layer_overhead: dict[str, tuple[float, float]]  # family -> (s per layer, s per layer and GPU batch) of a step
+    contention: float  # torch work of an I/O thread beside compute costs this times its own time (CPU only)
+    contention_read: float  # the same for page-cache reads
     offload_dir: str
     threads: int
     host_memory: int
@@ -67,19 +77,21 @@ class HardwareProfile:
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
 
-    def matmul_rate(self, dtype: str, rows: float) -> float:
-        """FLOP/s of a matmul with `rows` rows, interpolated in log(rows) between measured points."""
+    def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
+        """Seconds of (rows, k) @ (k, n): a fixed cost per call plus FLOPs at the rate for that many rows,
+        both interpolated in log(rows) between measured points."""
         points = self.matmul.get(dtype) or self.matmul["float32"]
         rows = max(rows, 1.0)
         if rows <= points[0][0]:
-            return points[0][1] * rows / points[0][0]  # below the first point: weight-read bound
-        for (m0, r0), (m1, r1) in zip(points, points[1:], strict=False):
-            if rows <= m1:
-                import math
-
-                a = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
-                return r0 + a * (r1 - r0)
-        return points[-1][1]
+            rate, fixed = points[0][1] * rows / points[0][0], points[0][2]  # fewer rows: weight-read bound
+        elif rows >= points[-1][0]:
+            rate, fixed = points[-1][1], points[-1][2]
+        else:
+            i = next(i for i, p in enumerate(points) if rows <= p[0])
+            (m0, r0, f0), (m1, r1, f1) = points[i - 1], points[i]
+            a = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
+            rate, fixed = r0 + a * (r1 - r0), f0 + a * (f1 - f0)
+        return fixed + 2 * rows * k * n / rate
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -91,6 +103,8 @@ class HardwareProfile:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
         raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
+        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead"):
+            raw[name] = {k: tuple(v) for k, v in raw[name].items()}
         return cls(**raw)
 
     def summary(self) -> str:
@@ -98,8 +112,8 @@ class HardwareProfile:
         lines = [f"device {self.device}, {self.threads} threads, torch {self.torch_version}, "
                  f"measured {self.measured_at} in {self.seconds:.1f} s"]
         for dtype, points in self.matmul.items():
-            rates = ", ".join(f"{m}:{r / g:.0f}" for m, r in points)
-            lines.append(f"matmul {dtype} GFLOP/s by rows ({self.matmul_shape[0]}x{self.matmul_shape[1]}): {rates}")
+            rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
+            lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
         lines.append("prefill attention GFLOP/s: "
                      + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
         lines.append("decode attention GB/s: device " + ", ".join(f"{k} {v / g:.1f}" for k, v in self.attention.items())
@@ -113,7 +127,16 @@ class HardwareProfile:
                      f"write {self.cached_write / g:.1f}")
         lines.append("4-bit Gelem/s: dequantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.dequantize.items())
                      + "; quantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.quantize.items()))
-        lines.append(f"small op {self.op_overhead * 1e6:.1f} us")
+        lines.append("KV cache part loads (fixed ms + rate): disk " + ", ".join(
+            f"{k} {v[0] * 1e3:.2f} + {v[1] / g:.1f} GB/s" for k, v in self.cache_disk_load.items())
+            + "; compressed " + ", ".join(f"{k} {v[0] * 1e3:.2f} + {v[1] / g:.2f} Gelem/s"
+                                          for k, v in self.cache_dequantize.items())
+            + f"; one-token compressed store {self.cache_store * 1e3:.2f} ms")
+        lines.append(f"small op {self.op_overhead * 1e6:.1f} us, I/O thread hand-off {self.handoff * 1e6:.0f} us, "
+                     f"beside compute: I/O thread torch work x{self.contention:.2f}, "
+                     f"page-cache reads x{self.contention_read:.2f}")
+        lines.append("engine overhead per layer + per layer and batch (us): " + ", ".join(
+            f"{k} {a * 1e6:.0f} + {b * 1e6:.0f}" for k, (a, b) in self.layer_overhead.items()))
         return "\n".join(lines + self.notes)
 
 
@@ -184,11 +207,13 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     """Measure this machine. `quick` shrinks every size (tests); the default takes well under a minute
     on a 2-core VM and a few seconds with a GPU."""
     device = device or ComputeDevice()
+    keep_freed_memory()  # as the engine does: on VMs fresh pages fault in slowly
     tic = time.perf_counter()
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     stages = [("matmul", _matmul), ("attention", _attention), ("links", _links), ("compression", _compression),
-              ("overhead", _overhead), ("disk", lambda device, scale: measure_disk(offload_dir, disk_size))]
+              ("KV cache parts", _cache_parts), ("overhead", _overhead),
+              ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device))]
     found: dict = {}
     for i, (name, fn) in enumerate(stages):
         if progress:
@@ -214,25 +239,32 @@ def _device_name(device: ComputeDevice) -> str:
 
 
 def _matmul(device: ComputeDevice, scale: int) -> dict:
-    """(rows, K) @ (K, N) per dtype over rows from 1 (weight-read bound) up to compute bound."""
+    """(rows, K) @ (K, N) per dtype over rows from 1 (weight-read bound) up to compute bound, for a large and
+    a small weight: per row count, a rate and a fixed cost per call that fit both."""
     dev, sync = device.device, device.synchronize
-    k, n = (8192, 8192) if device.is_cuda else (2048, 4096)
-    k, n = k // scale, n // scale
+    shapes = [(8192, 8192), (1024, 1024)] if device.is_cuda else [(2048, 4096), (768, 768)]
+    shapes = [(k // scale, n // scale) for k, n in shapes]
     rows = (1, 16, 128, 1024, 4096, 16384) if device.is_cuda else (1, 4, 16, 64, 256, 1024)
     out = {}
     for name in ("float32", "bfloat16", "float16"):
         dtype, points = DTYPES[name], []
         # as in a model, each matmul reads a weight no cache holds: rotate over 128 MiB of them
-        copies = max(1, (128 * MiB // scale) // (k * n * dtype.itemsize))
-        weights = [torch.randn(n, k, device=dev).to(dtype) for _ in range(copies)]
+        weights = [[torch.randn(n, k, device=dev).to(dtype)
+                    for _ in range(max(1, (128 * MiB // scale) // (k * n * dtype.itemsize)))] for k, n in shapes]
         for m in rows:
-            x = torch.randn(m, k, device=dev).to(dtype)
-            s = _time(lambda x=x, weights=weights: [F.linear(x, w) for w in weights], sync, min_time=0.03)
-            points.append((m, 2 * m * k * n * copies / s))
+            flops, times = [], []
+            for (k, n), ws in zip(shapes, weights, strict=True):
+                x = torch.randn(m, k, device=dev).to(dtype)
+                s = _time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], sync, min_time=0.1)
+                flops.append(2 * m * k * n)
+                times.append(s / len(ws))
+            rate = (flops[0] - flops[1]) / max(times[0] - times[1], 1e-12)
+            fixed = max(0.0, times[1] - flops[1] / rate)
+            points.append((m, rate, fixed))
             if s > 0.25:  # a slow dtype here (float16 on most CPUs): more rows would take seconds
                 break
         out[name] = points
-    return {"matmul": out, "matmul_shape": (k, n)}
+    return {"matmul": out, "matmul_shape": shapes[0]}
 
 
 def _compute_dtypes(device: ComputeDevice) -> list[str]:
@@ -240,7 +272,8 @@ def _compute_dtypes(device: ComputeDevice) -> list[str]:
 
 
 def _attention(device: ComputeDevice, scale: int) -> dict:
-    """Masked prefill attention (FLOP/s) and one-token decode attention over a cache (bytes of K, V per s)."""
+    """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
+    second), with the engine's own attention function."""
     dev, sync = device.device, device.synchronize
     sdpa, attention, cpu_attention = {}, {}, {}
     for name in _compute_dtypes(device):
@@ -248,16 +281,15 @@ def _attention(device: ComputeDevice, scale: int) -> dict:
         b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
         q = torch.randn(b, heads, t, hd, device=dev).to(dtype)
         mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None].expand(b, 1, t, t)
-        s = _time(lambda q=q, mask=mask: F.scaled_dot_product_attention(q, q, q, attn_mask=mask), sync)
+        s = _time(lambda q=q, mask=mask: attend(q, q, q, mask), sync)
         sdpa[name] = 4 * b * heads * t * t * hd / s
         for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
             cuda = where.type == "cuda"
             b, length = (32, 4096 // scale) if cuda else (8, 2048 // scale)
-            kv = torch.randn(b, heads, length, hd, device=where).to(dtype)
+            kv = torch.randn(b, heads, length + 64, hd, device=where).to(dtype)[:, :, :length]  # a cache prefix
             q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
             m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
-            s = _time(lambda q1=q1, kv=kv, m1=m1: F.scaled_dot_product_attention(q1, kv, kv, attn_mask=m1),
-                      sync if cuda else (lambda: None))
+            s = _time(lambda q1=q1, kv=kv, m1=m1: attend(q1, kv, kv, m1), sync if cuda else (lambda: None))
             out[name] = 2 * kv.numel() * kv.element_size() / s
     for table in (sdpa, attention, cpu_attention):  # a float16 cache is attended in bfloat16 on a CPU
         table.setdefault("float16", table["bfloat16"])
@@ -290,7 +322,7 @@ def _links(device: ComputeDevice, scale: int) -> dict:
 
 
 def _compression(device: ComputeDevice, scale: int) -> dict:
-    """4-bit dequantization (weights, cache loads) and quantization (cache stores), elements per second."""
+    """4-bit dequantization of weights and quantization, elements per second."""
     dq, qz = {}, {}
     for name in _compute_dtypes(device):
         dtype = DTYPES[name]
@@ -305,31 +337,150 @@ def _compression(device: ComputeDevice, scale: int) -> dict:
     return {"dequantize": dq, "quantize": qz}
 
 
+def _cache_parts(device: ComputeDevice, scale: int) -> dict:
+    """The engine's own KVCache.load of a part that is not used in place, at a short and a long prefix:
+    a fixed cost per load and a rate. A disk part (read from the page cache, then transposed), a compressed
+    part in compute memory (dequantized); and one token stored into a compressed part."""
+    from .kv_cache import CacheSlots, KVCache
+    from .storage import DiskStore, MemoryLedger, Staging
+
+    rows, heads, hd, short, long = 8, 12, 64, 16, 512 // scale
+    disk_load, comp_load, store_s = {}, {}, 0.0
+    for name in _compute_dtypes(device):
+        dtype = DTYPES[name]
+        for table, percents, comp in ((disk_load, (0, 0, 100), None),
+                                      (comp_load, (100, 0, 0), CompressionConfig(4, 64, -1))):
+            disk, ledger = DiskStore(), MemoryLedger()
+            kv = KVCache(1, 1, rows, long, heads, hd, dtype, percents, device, disk, ledger, comp)
+            slots = CacheSlots(ledger, Staging(pin=device.is_cuda))
+            token = torch.randn(rows, heads, long, hd, device=device.device).to(dtype)
+            kv.store(kv.parts[0][0][0], token, token, 0)
+            times = [_time(lambda kv=kv, slots=slots, n=n: kv.load(0, 0, n, slots, 0), device.synchronize)
+                     for n in (short, long)]
+            amount = 2 * rows * heads * hd * (1 if comp else dtype.itemsize)  # elements, or bytes, per position
+            rate = amount * (long - short) / max(times[1] - times[0], 1e-9)
+            table[name] = (max(0.0, times[0] - amount * short / rate), rate)
+            if comp:
+                part, one = kv.parts[0][0][0], token[:, :, :1].contiguous()
+                store_s = max(store_s, _time(lambda kv=kv, part=part, one=one: kv.store(part, one, one, 0),
+                                             device.synchronize))
+            disk.close()
+    for table in (disk_load, comp_load):
+        table.setdefault("float16", table["bfloat16"])
+    return {"cache_disk_load": disk_load, "cache_dequantize": comp_load, "cache_store": store_s}
+
+
 def _overhead(device: ComputeDevice, scale: int) -> dict:
-    """Seconds of one tiny op: dispatch and Python, what small layers and batches pay per op."""
+    """Seconds of one tiny op (dispatch and Python, what small layers and batches pay per op), of handing a
+    task to an I/O thread, and how much dearer host I/O work gets when it runs beside compute."""
     x, w = torch.randn(1, 16, device=device.device), torch.randn(16, 16, device=device.device)
 
     def hundred_ops() -> None:
         for _ in range(100):
             F.linear(x, w)
 
-    return {"op_overhead": _time(hundred_ops, device.synchronize) / 100}
+    pool = IOPool(overlap=True)
+    handoff = _time(lambda: [pool.submit(int).result() for _ in range(100)], lambda: None) / 100
+    pool.close()
+    return {"op_overhead": _time(hundred_ops, device.synchronize) / 100, "handoff": handoff,
+            "contention": _contention(device, scale), "layer_overhead": _layer_overhead(device)}
 
 
-def measure_disk(offload_dir: str, size: int) -> dict:
-    """Write and read back `size` bytes in the offload file system, cold and from the page cache."""
+TINY = {  # models whose compute is negligible: a decode step of theirs is the engine's own overhead
+    "opt": {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "ffn_dim": 128, "vocab_size": 128, "max_position_embeddings": 64},
+    "llama": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 128,
+              "max_position_embeddings": 64},
+}
+
+
+def _layer_overhead(device: ComputeDevice) -> dict[str, tuple[float, float]]:
+    """Seconds per layer and per (layer, GPU batch) of the engine's decode step, from tiny models of each
+    family run with 1 and 2 GPU batches of one row (Python, dispatch, futures: what small batches pay)."""
+    from .block import Block
+    from .config import config_from_dict
+    from .engine import Engine
+    from .models import layer_specs
+    from .policy import Policy
+    from .sampling import SamplingConfig
+    from .storage import DiskStore, MemoryLedger
+    from .weights import DummySource, place_weights
+
+    out = {}
+    for family, raw in TINY.items():
+        config = config_from_dict(raw, name=f"tiny-{family}")
+        specs, steps = layer_specs(config), {}
+        for nb in (1, 2):
+            policy = Policy(gpu_batch_size=1, num_gpu_batches=nb, dtype="float32")
+            disk, ledger = DiskStore(), MemoryLedger()
+            weights = place_weights(specs, policy.percents("weight"), DummySource(), torch.float32, device, disk,
+                                    ledger, pin=False)
+            engine = Engine(config, policy, specs, weights, device, torch.float32, disk, ledger)
+            times = []
+            for _ in range(2):
+                block = Block.from_prompts([[5, 6]] * nb, nb, 1, 16, 1, (), device.device)
+                engine.run(block, SamplingConfig(max_new_tokens=16, stop_at_eos=False))
+                times += engine.times.decode
+            engine.close()
+            disk.close()
+            steps[nb] = sorted(times)[len(times) // 2]
+        per_batch = max(0.0, steps[2] - steps[1]) / len(specs)
+        out[family] = (max(0.0, steps[1] / len(specs) - per_batch), per_batch)
+    return out
+
+
+def _contention(device: ComputeDevice, scale: int, io: Callable[[], object] | None = None) -> float:
+    """(time of matmuls with `io` in a thread beside them - matmuls alone) / io alone: 1 when they share the
+    cores perfectly, more when threads oversubscribe them. `io` defaults to dequantization (torch work in an
+    I/O thread). 1 with CUDA (separate devices)."""
+    if device.is_cuda:
+        return 1.0
+    x = torch.randn(16, 768).to(torch.bfloat16)
+    weights = [torch.randn(3072, 768).to(torch.bfloat16) for _ in range(24 // scale)]
+    codes = quantize(torch.randn(3072, 768).to(torch.bfloat16), CompressionConfig(4, 64, 1))
+    out = torch.empty(3072, 768, dtype=torch.bfloat16)
+
+    def compute() -> None:
+        for _ in range(5):
+            for w in weights:
+                F.linear(x, w)
+
+    def dequantizing() -> None:
+        for _ in range(15 // scale or 1):
+            dequantize(codes, torch.bfloat16, out=out)
+
+    io = io or dequantizing
+    nothing = lambda: None  # noqa: E731
+    alone_compute, alone_io = _time(compute, nothing), _time(io, nothing)
+
+    def both() -> None:
+        thread = threading.Thread(target=io)
+        thread.start()
+        compute()
+        thread.join()
+
+    return max(1.0, (_time(both, nothing) - alone_compute) / alone_io)
+
+
+def measure_disk(offload_dir: str, size: int, device: ComputeDevice | None = None) -> dict:
+    """Write and read back `size` bytes in the offload file system, cold and from the page cache, into a
+    buffer as large as the file (as the engine reads into weight slots, not into a cache-sized buffer);
+    and how much dearer page-cache reads get beside compute."""
     parent = offload_dir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
     fd_, path = tempfile.mkstemp(prefix="flexgen-lite-profile-", dir=parent)
     os.close(fd_)
     chunk = 8 * MiB
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(1 << 16) * (chunk >> 16))
+    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(1 << 16) * (size >> 16))
+    view = memoryview(buf)
+    chunks = [(off, view[off:off + chunk]) for off in range(0, size, chunk)]
     try:
         method, fd = "O_DIRECT", None
         try:
             fd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
-            os.pwrite(fd, buf, 0)  # file systems without O_DIRECT (tmpfs) fail here
+            os.pwrite(fd, chunks[0][1], 0)  # file systems without O_DIRECT (tmpfs) fail here
         except OSError:
             if fd is not None:
                 os.close(fd)
@@ -341,33 +492,35 @@ def measure_disk(offload_dir: str, size: int) -> dict:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
+        def each(io) -> float:
+            tic = time.perf_counter()
+            for off, part in chunks:
+                io(fd, part, off)
+            return size / (time.perf_counter() - tic)
+
+        def read(fd, part, off):
+            os.preadv(fd, [part], off)
+
         tic = time.perf_counter()
-        for off in range(0, size, chunk):
-            os.pwrite(fd, buf, off)
+        each(os.pwrite)
         os.fsync(fd)
         write = size / (time.perf_counter() - tic)
         drop()
-        tic = time.perf_counter()
-        for off in range(0, size, chunk):
-            os.preadv(fd, [buf], off)
-        read = size / (time.perf_counter() - tic)
+        cold = each(read)
         os.close(fd)
 
         fd = os.open(path, os.O_RDWR)  # buffered: fill the page cache, then time reads from it
-        for off in range(0, size, chunk):
-            os.preadv(fd, [buf], off)
-        tic = time.perf_counter()
-        for off in range(0, size, chunk):
-            os.preadv(fd, [buf], off)
-        cached_read = size / (time.perf_counter() - tic)
-        tic = time.perf_counter()
-        for off in range(0, size, chunk):
-            os.pwrite(fd, buf, off)
-        cached_write = size / (time.perf_counter() - tic)
+        each(read)
+        cached_read = each(read)
+        cached_write = each(os.pwrite)
+        reads = _contention(device, 1, lambda: each(read)) if device is not None else 1.0
         drop()
         os.close(fd)
     finally:
+        view.release()
+        for _, part in chunks:
+            part.release()
         buf.close()
         os.unlink(path)
-    return {"disk_read": read, "disk_write": write, "cached_read": cached_read, "cached_write": cached_write,
-            "disk_method": method}
+    return {"disk_read": cold, "disk_write": write, "cached_read": cached_read, "cached_write": cached_write,
+            "disk_method": method, "contention_read": reads}

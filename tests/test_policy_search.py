@@ -32,15 +32,17 @@ def synthetic_profile(cuda: bool = False) -> HardwareProfile:
     rates = {"float32": 10 * G, "bfloat16": 8 * G, "float16": 8 * G}
     return HardwareProfile(
         device="synthetic", is_cuda=cuda,
-        matmul={"float32": [(1, 6 * G), (4, 24 * G), (16, 80 * G), (64, 120 * G), (256, 128 * G), (1024, 128 * G)],
-                "bfloat16": [(1, 12 * G), (4, 45 * G), (16, 150 * G), (64, 300 * G), (256, 360 * G), (1024, 370 * G)],
-                "float16": [(1, 0.4 * G)]},
+        matmul={"float32": [(m, r * G, 1e-4) for m, r in ((1, 6), (4, 24), (16, 80), (64, 120), (256, 128))],
+                "bfloat16": [(m, r * G, 1e-4) for m, r in ((1, 12), (4, 45), (16, 150), (64, 300), (1024, 370))],
+                "float16": [(1, 0.4 * G, 1e-4)]},
         matmul_shape=(2048, 4096), sdpa_prefill={"float32": 50 * G, "bfloat16": 80 * G, "float16": 80 * G},
         attention=rates, cpu_attention=rates, h2d_pinned=12 * G, h2d_pageable=12 * G, d2h_pinned=12 * G,
         d2h_pageable=12 * G, device_copy=12 * G, host_copy=12 * G, strided_copy=3 * G, disk_read=1.5 * G,
         disk_write=1.2 * G, cached_read=8 * G, cached_write=4 * G, disk_method="O_DIRECT",
-        dequantize=dict.fromkeys(rates, 1 * G), quantize=dict.fromkeys(rates, 0.3 * G), op_overhead=5e-6,
-        offload_dir="/tmp", threads=2, host_memory=20 * GiB)
+        dequantize=dict.fromkeys(rates, 1 * G), quantize=dict.fromkeys(rates, 0.3 * G),
+        cache_disk_load=dict.fromkeys(rates, (2e-4, 4 * G)), cache_dequantize=dict.fromkeys(rates, (5e-4, 1 * G)),
+        cache_store=5e-4, op_overhead=5e-6, handoff=5e-5, layer_overhead={"opt": (1e-4, 1e-4), "llama": (1e-4, 1e-4)},
+        contention=1.5, contention_read=1.2, offload_dir="/tmp", threads=2, host_memory=20 * GiB)
 
 
 HW = synthetic_profile()
@@ -71,14 +73,15 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
     for value in (first.host_copy, first.disk_read, first.disk_write, first.cached_read, first.op_overhead,
                   first.attention["bfloat16"], first.dequantize["float32"]):
         assert value > 0
-    assert [m for m, _ in first.matmul["float32"]] == [1, 4, 16, 64, 256, 1024]
+    assert [m for m, _, _ in first.matmul["float32"]] == [1, 4, 16, 64, 256, 1024]
     assert HardwareProfile.from_json(first.to_json()) == first
 
 
-def test_matmul_rate_interpolates_between_measured_rows():
-    assert HW.matmul_rate("bfloat16", 1) == 12 * G
-    assert 150 * G < HW.matmul_rate("bfloat16", 32) < 300 * G
-    assert HW.matmul_rate("bfloat16", 10**6) == 370 * G
+def test_matmul_time_interpolates_between_measured_rows():
+    flops = 2 * 2048 * 4096
+    assert HW.matmul_time("bfloat16", 1, 2048, 4096) == pytest.approx(1e-4 + flops / (12 * G))
+    assert 1e-4 + 32 * flops / (300 * G) < HW.matmul_time("bfloat16", 32, 2048, 4096) < 1e-4 + 32 * flops / (150 * G)
+    assert HW.matmul_time("bfloat16", 10**6, 2048, 4096) == pytest.approx(1e-4 + 10**6 * flops / (370 * G))
 
 
 def test_parse_size():
