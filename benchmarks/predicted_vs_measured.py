@@ -50,10 +50,12 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--only", type=int, nargs="*", help="row numbers to run (default all)")
     p.add_argument("--cold-disk", action="store_true", help="offload files read from the disk, not the page cache")
+    p.add_argument("--repeat", type=int, default=1, help="runs per row; the median (and the range) is shown")
     p.add_argument("--timeout", type=int, default=1800)
     args = p.parse_args()
     smollm = None
-    print(f"prompt {args.prompt_len}, gen {args.gen_len}, one block each; error = predicted / measured - 1")
+    print(f"prompt {args.prompt_len}, gen {args.gen_len}, one block each, {args.repeat} run(s) per row "
+          "(median, range); error = predicted / measured - 1")
     print("| # | model | policy | predicted tok/s | measured tok/s | error | prefill s pred / meas "
           "| decode ms/step pred / meas | decode error |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -66,10 +68,12 @@ def main() -> None:
 
                 smollm = default_model_path()
             model = smollm
-        r = run(model, flags, args)
+        runs = sorted((run(model, flags, args) for _ in range(args.repeat)), key=lambda r: r["total_tok_s"])
+        r = runs[len(runs) // 2]  # the median run by total tok/s
+        spread = f" ({runs[0]['total_tok_s']}-{runs[-1]['total_tok_s']})" if len(runs) > 1 else ""
         step_err = r["predicted_decode_step_ms"] / r["decode_step_ms"] - 1
-        print(f"| {i} | {model.rsplit('/', 1)[-1]} | `{flags}` | {r['predicted_total_tok_s']} | {r['total_tok_s']} | "
-              f"{100 * r['prediction_error']:+.0f}% | {r['predicted_prefill_s']} / {r['prefill_s']} | "
+        print(f"| {i} | {model.rsplit('/', 1)[-1]} | `{flags}` | {r['predicted_total_tok_s']} | {r['total_tok_s']}"
+              f"{spread} | {100 * r['prediction_error']:+.0f}% | {r['predicted_prefill_s']} / {r['prefill_s']} | "
               f"{r['predicted_decode_step_ms']} / {r['decode_step_ms']} | {100 * step_err:+.0f}% |", flush=True)
 
 

@@ -264,10 +264,9 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             if s.ccomp is not None:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
-        if on_cpu:
-            seg.add("cpu attention", rows * dense / cpu_att, waits=False)
-        else:
-            seg.add("attention", rows * dense / gpu_att, waits=False)
+        fixed, rate = cpu_att if on_cpu else gpu_att
+        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * dense / rate,
+                waits=False)
     parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
     if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import mmap
 import os
 import platform
@@ -44,8 +43,8 @@ class HardwareProfile:
     matmul: dict[str, list[tuple[int, float, float]]]  # dtype -> [(rows, FLOP/s, fixed seconds per call)]
     matmul_shape: tuple[int, int]  # (K, N) of the large measured weight
     sdpa_prefill: dict[str, float]  # FLOP/s of masked prefill attention, 4 * B * heads * T^2 * hd per call
-    attention: dict[str, float]  # bytes of K and V read per second by decode attention on the compute device
-    cpu_attention: dict[str, float]  # the same on the CPU (cpu_cache_compute)
+    attention: dict[str, tuple[float, float]]  # decode attention on the compute device: (s per call, K+V bytes/s)
+    cpu_attention: dict[str, tuple[float, float]]  # the same on the CPU (cpu_cache_compute)
     h2d_pinned: float
     h2d_pageable: float
     d2h_pinned: float
@@ -65,7 +64,8 @@ class HardwareProfile:
     cache_store: float  # seconds of writing one token's k, v into a compressed part (KVCache.store)
     op_overhead: float  # seconds of one small torch op (dispatch, Python)
     handoff: float  # seconds to hand a task to an I/O thread and wait for it (IOPool)
-    layer_overhead: dict[str, tuple[float, float]]  # family -> (s per layer, s per layer and GPU batch) of a step
+    layer_overhead: dict[str, tuple[float, float]]  # family -> (s per layer, s per layer and batch) not otherwise
+    # counted in a decode step
     contention: float  # torch work of an I/O thread beside compute costs this times its own time (CPU only)
     contention_read: float  # the same for page-cache reads
     offload_dir: str
@@ -78,20 +78,22 @@ class HardwareProfile:
     notes: list[str] = field(default_factory=list)
 
     def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
-        """Seconds of (rows, k) @ (k, n): a fixed cost per call plus FLOPs at the rate for that many rows,
-        both interpolated in log(rows) between measured points."""
+        """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
+        count's rate, interpolated linearly in rows between measured counts (time is about affine there)."""
         points = self.matmul.get(dtype) or self.matmul["float32"]
         rows = max(rows, 1.0)
+
+        def at(point) -> float:
+            m, rate, fixed = point
+            return fixed + 2 * m * k * n / rate
+
         if rows <= points[0][0]:
-            rate, fixed = points[0][1] * rows / points[0][0], points[0][2]  # fewer rows: weight-read bound
-        elif rows >= points[-1][0]:
-            rate, fixed = points[-1][1], points[-1][2]
-        else:
-            i = next(i for i, p in enumerate(points) if rows <= p[0])
-            (m0, r0, f0), (m1, r1, f1) = points[i - 1], points[i]
-            a = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
-            rate, fixed = r0 + a * (r1 - r0), f0 + a * (f1 - f0)
-        return fixed + 2 * rows * k * n / rate
+            return at(points[0]) * rows / points[0][0] if rows < points[0][0] else at(points[0])
+        if rows >= points[-1][0]:
+            return at(points[-1]) * rows / points[-1][0]
+        i = next(i for i, p in enumerate(points) if rows <= p[0])
+        (m0, *_), (m1, *_) = points[i - 1], points[i]
+        return at(points[i - 1]) + (rows - m0) / (m1 - m0) * (at(points[i]) - at(points[i - 1]))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -103,7 +105,7 @@ class HardwareProfile:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
         raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
-        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead"):
+        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention"):
             raw[name] = {k: tuple(v) for k, v in raw[name].items()}
         return cls(**raw)
 
@@ -116,8 +118,9 @@ class HardwareProfile:
             lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
         lines.append("prefill attention GFLOP/s: "
                      + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
-        lines.append("decode attention GB/s: device " + ", ".join(f"{k} {v / g:.1f}" for k, v in self.attention.items())
-                     + "; cpu " + ", ".join(f"{k} {v / g:.1f}" for k, v in self.cpu_attention.items()))
+        lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
+            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
+            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items()))
         lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
                      f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
         lines.append(f"copy GB/s: device {self.device_copy / g:.1f}, host {self.host_copy / g:.1f}, "
@@ -211,10 +214,11 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     tic = time.perf_counter()
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
+    found: dict = {}
     stages = [("matmul", _matmul), ("attention", _attention), ("links", _links), ("compression", _compression),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
-              ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device))]
-    found: dict = {}
+              ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
+              ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
     for i, (name, fn) in enumerate(stages):
         if progress:
             progress(f"profiling {device.device}: {name} ({i + 1}/{len(stages)})")
@@ -244,18 +248,19 @@ def _matmul(device: ComputeDevice, scale: int) -> dict:
     dev, sync = device.device, device.synchronize
     shapes = [(8192, 8192), (1024, 1024)] if device.is_cuda else [(2048, 4096), (768, 768)]
     shapes = [(k // scale, n // scale) for k, n in shapes]
-    rows = (1, 16, 128, 1024, 4096, 16384) if device.is_cuda else (1, 4, 16, 64, 256, 1024)
+    rows = (1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024)
     out = {}
     for name in ("float32", "bfloat16", "float16"):
         dtype, points = DTYPES[name], []
         # as in a model, each matmul reads a weight no cache holds: rotate over 128 MiB of them
-        weights = [[torch.randn(n, k, device=dev).to(dtype)
-                    for _ in range(max(1, (128 * MiB // scale) // (k * n * dtype.itemsize)))] for k, n in shapes]
+        room = 128 * MiB if scale == 1 else 2 * MiB
+        weights = [[torch.randn(n, k, device=dev).to(dtype) for _ in range(max(1, room // (k * n * dtype.itemsize)))]
+                   for k, n in shapes]
         for m in rows:
             flops, times = [], []
             for (k, n), ws in zip(shapes, weights, strict=True):
                 x = torch.randn(m, k, device=dev).to(dtype)
-                s = _time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], sync, min_time=0.1)
+                s = _time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], sync, min_time=0.1 / scale)
                 flops.append(2 * m * k * n)
                 times.append(s / len(ws))
             rate = (flops[0] - flops[1]) / max(times[0] - times[1], 1e-12)
@@ -285,12 +290,17 @@ def _attention(device: ComputeDevice, scale: int) -> dict:
         sdpa[name] = 4 * b * heads * t * t * hd / s
         for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
             cuda = where.type == "cuda"
-            b, length = (32, 4096 // scale) if cuda else (8, 2048 // scale)
-            kv = torch.randn(b, heads, length + 64, hd, device=where).to(dtype)[:, :, :length]  # a cache prefix
+            b, long = (32, 4096 // scale) if cuda else (8, 2048 // scale)
+            cache = torch.randn(b, heads, long + 64, hd, device=where).to(dtype)
             q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
-            m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
-            s = _time(lambda q1=q1, kv=kv, m1=m1: attend(q1, kv, kv, m1), sync if cuda else (lambda: None))
-            out[name] = 2 * kv.numel() * kv.element_size() / s
+            times = []
+            for length in (32, long):  # over a cache prefix, as the engine attends
+                kv, m1 = cache[:, :, :length], torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
+                here = sync if cuda else (lambda: None)
+                times.append(_time(lambda q1=q1, kv=kv, m1=m1: attend(q1, kv, kv, m1), here))
+            per_position = 2 * b * heads * hd * dtype.itemsize
+            rate = per_position * (long - 32) / max(times[1] - times[0], 1e-12)
+            out[name] = (max(0.0, times[0] - per_position * 32 / rate), rate)
     for table in (sdpa, attention, cpu_attention):  # a float16 cache is attended in bfloat16 on a CPU
         table.setdefault("float16", table["bfloat16"])
     return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention}
@@ -383,23 +393,25 @@ def _overhead(device: ComputeDevice, scale: int) -> dict:
     handoff = _time(lambda: [pool.submit(int).result() for _ in range(100)], lambda: None) / 100
     pool.close()
     return {"op_overhead": _time(hundred_ops, device.synchronize) / 100, "handoff": handoff,
-            "contention": _contention(device, scale), "layer_overhead": _layer_overhead(device)}
+            "contention": _contention(device, scale)}
 
 
-TINY = {  # models whose compute is negligible: a decode step of theirs is the engine's own overhead
-    "opt": {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
-            "ffn_dim": 128, "vocab_size": 128, "max_position_embeddings": 64},
-    "llama": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 128,
-              "max_position_embeddings": 64},
+SMALL = {  # decode steps of these, less what the cost model already counts, are the engine's own overhead
+    "opt": {"model_type": "opt", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "ffn_dim": 2048, "vocab_size": 1024, "max_position_embeddings": 128},
+    "llama": {"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "intermediate_size": 1536, "vocab_size": 1024,
+              "max_position_embeddings": 128},
 }
 
 
-def _layer_overhead(device: ComputeDevice) -> dict[str, tuple[float, float]]:
-    """Seconds per layer and per (layer, GPU batch) of the engine's decode step, from tiny models of each
-    family run with 1 and 2 GPU batches of one row (Python, dispatch, futures: what small batches pay)."""
+def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> dict:
+    """Seconds per layer and per (layer, GPU batch) of a decode step that the rest of the cost model does not
+    count (Python, dispatch, futures, waking threads between ops): small models of each family run in the
+    engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term."""
     from .block import Block
     from .config import config_from_dict
+    from .cost_model import Workload, predict
     from .engine import Engine
     from .models import layer_specs
     from .policy import Policy
@@ -407,27 +419,32 @@ def _layer_overhead(device: ComputeDevice) -> dict[str, tuple[float, float]]:
     from .storage import DiskStore, MemoryLedger
     from .weights import DummySource, place_weights
 
-    out = {}
-    for family, raw in TINY.items():
-        config = config_from_dict(raw, name=f"tiny-{family}")
-        specs, steps = layer_specs(config), {}
+    fields = {**found, "layer_overhead": {f: (0.0, 0.0) for f in SMALL}, "offload_dir": "", "threads": 1,
+              "host_memory": 0, "device": "", "is_cuda": device.is_cuda}
+    partial = HardwareProfile(**fields)
+    out, gbs, prompt, gen, runs = {}, 8, 8, (4 if quick else 16), (1 if quick else 3)
+    for family, raw in SMALL.items():
+        config = config_from_dict(raw, name=f"small-{family}")
+        specs, residual = layer_specs(config), {}
         for nb in (1, 2):
-            policy = Policy(gpu_batch_size=1, num_gpu_batches=nb, dtype="float32")
+            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb)
+            dtype = policy.torch_dtype(device.device)
             disk, ledger = DiskStore(), MemoryLedger()
-            weights = place_weights(specs, policy.percents("weight"), DummySource(), torch.float32, device, disk,
-                                    ledger, pin=False)
-            engine = Engine(config, policy, specs, weights, device, torch.float32, disk, ledger)
+            weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
+                                    pin=False)
+            engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)
             times = []
-            for _ in range(2):
-                block = Block.from_prompts([[5, 6]] * nb, nb, 1, 16, 1, (), device.device)
-                engine.run(block, SamplingConfig(max_new_tokens=16, stop_at_eos=False))
+            for _ in range(runs):
+                block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
+                engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
                 times += engine.times.decode
             engine.close()
             disk.close()
-            steps[nb] = sorted(times)[len(times) // 2]
-        per_batch = max(0.0, steps[2] - steps[1]) / len(specs)
-        out[family] = (max(0.0, steps[1] / len(specs) - per_batch), per_batch)
-    return out
+            modelled = predict(config, Workload(prompt, gen), policy, partial).decode_step_s
+            residual[nb] = sorted(times)[len(times) // 2] - modelled
+        per_batch = max(0.0, residual[2] - residual[1]) / len(specs)
+        out[family] = (max(0.0, residual[1] / len(specs) - per_batch), per_batch)
+    return {"layer_overhead": out}
 
 
 def _contention(device: ComputeDevice, scale: int, io: Callable[[], object] | None = None) -> float:

@@ -30,13 +30,14 @@ G, GiB, MiB = 1e9, 2**30, 2**20
 def synthetic_profile(cuda: bool = False) -> HardwareProfile:
     """Rates like this 2-core VM's (ANCHORS.md), fixed so that tests do not depend on the machine."""
     rates = {"float32": 10 * G, "bfloat16": 8 * G, "float16": 8 * G}
+    attention = {k: (1e-4, v) for k, v in rates.items()}
     return HardwareProfile(
         device="synthetic", is_cuda=cuda,
         matmul={"float32": [(m, r * G, 1e-4) for m, r in ((1, 6), (4, 24), (16, 80), (64, 120), (256, 128))],
                 "bfloat16": [(m, r * G, 1e-4) for m, r in ((1, 12), (4, 45), (16, 150), (64, 300), (1024, 370))],
                 "float16": [(1, 0.4 * G, 1e-4)]},
         matmul_shape=(2048, 4096), sdpa_prefill={"float32": 50 * G, "bfloat16": 80 * G, "float16": 80 * G},
-        attention=rates, cpu_attention=rates, h2d_pinned=12 * G, h2d_pageable=12 * G, d2h_pinned=12 * G,
+        attention=attention, cpu_attention=attention, h2d_pinned=12 * G, h2d_pageable=12 * G, d2h_pinned=12 * G,
         d2h_pageable=12 * G, device_copy=12 * G, host_copy=12 * G, strided_copy=3 * G, disk_read=1.5 * G,
         disk_write=1.2 * G, cached_read=8 * G, cached_write=4 * G, disk_method="O_DIRECT",
         dequantize=dict.fromkeys(rates, 1 * G), quantize=dict.fromkeys(rates, 0.3 * G),
@@ -71,17 +72,18 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
     assert len(files) == 1
     assert load_profile(offload_dir=str(tmp_path / "offload")) == first  # from the cache, not measured again
     for value in (first.host_copy, first.disk_read, first.disk_write, first.cached_read, first.op_overhead,
-                  first.attention["bfloat16"], first.dequantize["float32"]):
+                  first.attention["bfloat16"][1], first.dequantize["float32"], first.cache_disk_load["float32"][1]):
         assert value > 0
-    assert [m for m, _, _ in first.matmul["float32"]] == [1, 4, 16, 64, 256, 1024]
+    assert [m for m, _, _ in first.matmul["float32"]] == [1, 4, 8, 16, 32, 64, 128, 256, 1024]
     assert HardwareProfile.from_json(first.to_json()) == first
 
 
 def test_matmul_time_interpolates_between_measured_rows():
     flops = 2 * 2048 * 4096
-    assert HW.matmul_time("bfloat16", 1, 2048, 4096) == pytest.approx(1e-4 + flops / (12 * G))
-    assert 1e-4 + 32 * flops / (300 * G) < HW.matmul_time("bfloat16", 32, 2048, 4096) < 1e-4 + 32 * flops / (150 * G)
-    assert HW.matmul_time("bfloat16", 10**6, 2048, 4096) == pytest.approx(1e-4 + 10**6 * flops / (370 * G))
+    at = {m: 1e-4 + m * flops / (r * G) for m, r in ((16, 150), (64, 300), (1024, 370))}
+    assert HW.matmul_time("bfloat16", 16, 2048, 4096) == pytest.approx(at[16])
+    assert HW.matmul_time("bfloat16", 40, 2048, 4096) == pytest.approx((at[16] + at[64]) / 2)
+    assert HW.matmul_time("bfloat16", 2048, 2048, 4096) == pytest.approx(2 * at[1024])
 
 
 def test_parse_size():
