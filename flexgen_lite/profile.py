@@ -205,13 +205,22 @@ def _time(fn: Callable[[], object], sync: Callable[[], None], min_time: float = 
     return times[len(times) // 2]
 
 
+def _fit(small: float, t_small: float, large: float, t_large: float) -> tuple[float, float]:
+    """(rate, fixed seconds) with t = fixed + amount / rate through two measurements; when noise makes the
+    larger one no slower, a rate from the larger alone and no fixed cost."""
+    if t_large <= t_small * 1.02:
+        return large / t_large, 0.0
+    rate = (large - small) / (t_large - t_small)
+    return rate, max(0.0, t_small - small / rate)
+
+
 def measure(device: ComputeDevice | None = None, offload_dir: str = "",
             progress: Callable[[str], None] | None = None, quick: bool = False) -> HardwareProfile:
     """Measure this machine. `quick` shrinks every size (tests); the default takes well under a minute
     on a 2-core VM and a few seconds with a GPU."""
     device = device or ComputeDevice()
     keep_freed_memory()  # as the engine does: on VMs fresh pages fault in slowly
-    tic = time.perf_counter()
+    tic, load = time.perf_counter(), os.getloadavg()[0]
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
@@ -225,7 +234,11 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
         found.update(fn(device, scale))
     if progress:
         progress("")
-    return HardwareProfile(
+    busy = max(load, os.getloadavg()[0])
+    notes = [] if busy < 0.5 * (os.cpu_count() or 1) else [
+        f"note: the machine was busy while measured (load average {busy:.1f} on {os.cpu_count()} cores): rates may be "
+        "low; run `flexgen-lite profile --refresh` when it is idle"]
+    return HardwareProfile(notes=notes,
         device=_device_name(device), is_cuda=device.is_cuda, offload_dir=_offload_parent(offload_dir),
         threads=torch.get_num_threads(), host_memory=host_available_bytes(),
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.perf_counter() - tic, 1), **found)
@@ -263,8 +276,7 @@ def _matmul(device: ComputeDevice, scale: int) -> dict:
                 s = _time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], sync, min_time=0.1 / scale)
                 flops.append(2 * m * k * n)
                 times.append(s / len(ws))
-            rate = (flops[0] - flops[1]) / max(times[0] - times[1], 1e-12)
-            fixed = max(0.0, times[1] - flops[1] / rate)
+            rate, fixed = _fit(flops[1], times[1], flops[0], times[0])
             points.append((m, rate, fixed))
             if s > 0.25:  # a slow dtype here (float16 on most CPUs): more rows would take seconds
                 break
@@ -299,8 +311,8 @@ def _attention(device: ComputeDevice, scale: int) -> dict:
                 here = sync if cuda else (lambda: None)
                 times.append(_time(lambda q1=q1, kv=kv, m1=m1: attend(q1, kv, kv, m1), here))
             per_position = 2 * b * heads * hd * dtype.itemsize
-            rate = per_position * (long - 32) / max(times[1] - times[0], 1e-12)
-            out[name] = (max(0.0, times[0] - per_position * 32 / rate), rate)
+            rate, fixed = _fit(per_position * 32, times[0], per_position * long, times[1])
+            out[name] = (fixed, rate)
     for table in (sdpa, attention, cpu_attention):  # a float16 cache is attended in bfloat16 on a CPU
         table.setdefault("float16", table["bfloat16"])
     return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention}
@@ -368,8 +380,8 @@ def _cache_parts(device: ComputeDevice, scale: int) -> dict:
             times = [_time(lambda kv=kv, slots=slots, n=n: kv.load(0, 0, n, slots, 0), device.synchronize)
                      for n in (short, long)]
             amount = 2 * rows * heads * hd * (1 if comp else dtype.itemsize)  # elements, or bytes, per position
-            rate = amount * (long - short) / max(times[1] - times[0], 1e-9)
-            table[name] = (max(0.0, times[0] - amount * short / rate), rate)
+            rate, fixed = _fit(amount * short, times[0], amount * long, times[1])
+            table[name] = (fixed, rate)
             if comp:
                 part, one = kv.parts[0][0][0], token[:, :, :1].contiguous()
                 store_s = max(store_s, _time(lambda kv=kv, part=part, one=one: kv.store(part, one, one, 0),
