@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .activations import Activations
 from .attention import attend
@@ -143,20 +142,19 @@ class Engine:
             picked, local = _part_rows(view.part.rows, active)
             where, dtype, end = view.k.device, view.k.dtype, start + 1
             k_new, v_new = k[picked].to(where, dtype), v[picked].to(where, dtype)
-            span = _span(end, view.k.shape[2], self.policy.attn_sparsity)
             if local is None:
                 view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
-                k_seen, v_seen = view.k[:, :, :span], view.v[:, :, :span]
+                k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
             else:  # finished rows left the batch: attend over the active rows' cache only
                 if len(local) == 0:
                     continue
                 local_dev = local.to(where)
                 view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
-                k_seen = view.k[:, :, :span].index_select(0, local_dev)
-                v_seen = view.v[:, :, :span].index_select(0, local_dev)
+                k_seen = view.k[:, :, :end].index_select(0, local_dev)
+                v_seen = view.v[:, :, :end].index_select(0, local_dev)
                 k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
-            seen = F.pad(mask[picked], (0, span - end), value=False).to(where)
-            out = attend(q[picked].to(where, dtype), k_seen, v_seen, seen, self.policy.attn_sparsity)
+            out = attend(q[picked].to(where, dtype), k_seen, v_seen, mask[picked].to(where),
+                         self.policy.attn_sparsity)
             outs.append(out.to(q.device, q.dtype, non_blocking=True))
             if not view.part.direct:
                 self._store_cache(layer, b, view.part, k_new, v_new, start)
@@ -251,16 +249,3 @@ def _scatter_rows(values: torch.Tensor, local: torch.Tensor, rows: slice) -> tor
     full[local.to(values.device)] = values
     return full
 
-
-SPAN_STEP = 64  # decode attention covers the cache in multiples of this many positions
-
-
-def _span(length: int, capacity: int, sparsity: float) -> int:
-    """Positions decode attention reads: `length` rounded up to SPAN_STEP (masked beyond `length`).
-
-    Matmul kernels are compiled and cached per shape; a shape per generated token made the process
-    grow by ~0.7 MB a step and spend time compiling. Sparse attention keeps the exact length (its
-    top-k count depends on it)."""
-    if sparsity < 1:
-        return length
-    return min(capacity, -(-length // SPAN_STEP) * SPAN_STEP)

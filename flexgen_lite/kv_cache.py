@@ -209,7 +209,7 @@ class CacheSlots:
     def get(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype, where, tier: str) -> torch.Tensor:
         buf = self.buffers.get(key)
         if buf is None:
-            buf = torch.zeros(shape, dtype=dtype, device=where)  # finite past what is loaded: attention
-            self.buffers[key] = buf  # spans read a few masked positions beyond it
+            buf = torch.empty(shape, dtype=dtype, device=where)
+            self.buffers[key] = buf
             self.ledger.track(buf, tier, buf.numel() * buf.element_size())  # until the buffers are cleared
         return buf
