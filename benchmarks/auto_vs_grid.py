@@ -51,22 +51,28 @@ def main() -> None:
     p.add_argument("--disk-mem")
     p.add_argument("--dtype")
     p.add_argument("--offload-dir")
+    p.add_argument("--repeat", type=int, default=1, help="runs per policy; the median (upper one of two) is compared")
     p.add_argument("--timeout", type=int, default=1800)
     args = p.parse_args()
     print(f"model {args.model}, prompt {args.prompt_len}, gen {args.gen_len}, budgets gpu {args.gpu_mem or '-'} "
           f"cpu {args.cpu_mem or '-'} disk {args.disk_mem or '-'}; one block each, dummy weights")
-    print("| policy | block | predicted tok/s | measured tok/s | decode ms/step | peak RSS GB | peak disk GB |")
+    print(f"| policy | block | predicted tok/s | measured tok/s ({args.repeat} runs) | decode ms/step | peak RSS GB "
+          "| peak disk GB |")
     print("|---|---|---|---|---|---|---|")
     rows = [("auto", ["--policy", "auto", "--num-prompts", str(args.num_prompts)])] + [("grid", f) for f in GRID]
     results = {}
     for kind, flags in rows:
-        r, error = bench(args, flags)
+        runs = [bench(args, flags) for _ in range(args.repeat)]
         label = "auto: " if kind == "auto" else ""
-        if r is None:
-            print(f"| {' '.join(flags)} | - | - | refused or failed: {error} | - | - | - |", flush=True)
+        if runs[0][0] is None:
+            print(f"| {' '.join(flags)} | - | - | refused or failed: {runs[0][1]} | - | - | - |", flush=True)
             continue
+        runs = sorted((r for r, _ in runs if r is not None), key=lambda r: r["total_tok_s"])
+        r = runs[len(runs) // 2]
+        measured = f"{r['total_tok_s']}" + (f" ({runs[0]['total_tok_s']}-{runs[-1]['total_tok_s']})"
+                                              if len(runs) > 1 else "")
         results.setdefault(kind, []).append(r["total_tok_s"])
-        print(f"| {label}{r['policy']} | {r['batch']} | {r.get('predicted_total_tok_s', '-')} | {r['total_tok_s']} | "
+        print(f"| {label}{r['policy']} | {r['batch']} | {r.get('predicted_total_tok_s', '-')} | {measured} | "
               f"{r['decode_step_ms']} | {r['peak_rss_gb']} | {r['peak_disk_gb']} |", flush=True)
     auto, grid = max(results.get("auto", [0])), max(results.get("grid", [0]))
     verdict = "yes" if auto >= grid else "no"

@@ -205,6 +205,18 @@ def _time(fn: Callable[[], object], sync: Callable[[], None], min_time: float = 
     return times[len(times) // 2]
 
 
+def _others_cpu(since: float = 0.0) -> float:
+    """CPU seconds all processes but this one have used (from /proc/stat), less `since`; 0 where unknown."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+    mine = sum(os.times()[:2])
+    return busy - mine - since
+
+
 def _fit(small: float, t_small: float, large: float, t_large: float) -> tuple[float, float]:
     """(rate, fixed seconds) with t = fixed + amount / rate through two measurements; when noise makes the
     larger one no slower, a rate from the larger alone and no fixed cost."""
@@ -220,7 +232,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     on a 2-core VM and a few seconds with a GPU."""
     device = device or ComputeDevice()
     keep_freed_memory()  # as the engine does: on VMs fresh pages fault in slowly
-    tic, load = time.perf_counter(), os.getloadavg()[0]
+    tic, start_cpu = time.perf_counter(), _others_cpu()
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
@@ -234,10 +246,10 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
         found.update(fn(device, scale))
     if progress:
         progress("")
-    busy = max(load, os.getloadavg()[0])
-    notes = [] if busy < 0.5 * (os.cpu_count() or 1) else [
-        f"note: the machine was busy while measured (load average {busy:.1f} on {os.cpu_count()} cores): rates may be "
-        "low; run `flexgen-lite profile --refresh` when it is idle"]
+    others = _others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
+    notes = [] if others < 0.25 else [
+        f"note: other processes used {others:.1f} cores on average while this was measured: rates may be low; "
+        "run `flexgen-lite profile --refresh` when the machine is idle"]
     return HardwareProfile(notes=notes,
         device=_device_name(device), is_cuda=device.is_cuda, offload_dir=_offload_parent(offload_dir),
         threads=torch.get_num_threads(), host_memory=host_available_bytes(),
