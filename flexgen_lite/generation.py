@@ -14,7 +14,7 @@ from .cost_model import Workload, peak_memory
 from .devices import ComputeDevice, keep_freed_memory
 from .engine import Engine
 from .kv_cache import cache_bytes_per_token
-from .memory import Budgets, check_budgets, check_fits
+from .memory import Budgets, check_budgets, check_fits, return_freed_memory
 from .models import layer_specs
 from .policy import Policy, PolicyError, split_counts
 from .presets import find_preset, preset_config, preset_names
@@ -102,6 +102,7 @@ class FlexGenLite:
         except BaseException:
             self.disk.close()
             raise
+        return_freed_memory()  # placement's temporaries: not held as heap holes through the run
         self.engine = Engine(self.config, self.policy, specs, weights, self.device, self.dtype,
                              self.disk, self.ledger)
         self.progress = progress

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -11,6 +12,16 @@ from .devices import ComputeDevice, host_available_bytes
 from .policy import PolicyError
 
 GiB = 2**30
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim): placing weights frees large fp32
+    temporaries, and with freed memory kept (devices.keep_freed_memory) they would stay resident as holes
+    that later allocations cannot always reuse, beyond what the memory budgets count."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_bytes(device: ComputeDevice, offload_dir: str) -> dict[str, int]:
