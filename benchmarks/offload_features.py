@@ -11,9 +11,8 @@ the disk (host RAM is the compute memory), on a GPU machine CPU RAM or disk as -
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+
+from bench_subprocess import run_bench
 
 FEATURES = {
     "baseline": [],
@@ -25,16 +24,9 @@ FEATURES = {
 
 
 def run(args, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "flexgen_lite.cli", "bench", "--model", args.model,
-           "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-           "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
-           "--percent", *map(str, args.percent), *extra]
-    if args.cold_disk:
-        cmd.append("--cold-disk")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    flags = ["--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
+             "--percent", *map(str, args.percent), *extra]
+    return run_bench(args.model, args.prompt_len, args.gen_len, flags, args.cold_disk, args.timeout)
 
 
 def main() -> None:

@@ -12,9 +12,8 @@ the error of each (predicted / measured - 1). The prediction uses this machine's
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+
+from bench_subprocess import run_bench
 
 # (model, flags): small models, short prompts, placements over memory and disk, switches on and off
 ROWS = [
@@ -34,14 +33,7 @@ ROWS = [
 
 
 def run(model: str, flags: str, args) -> dict:
-    cmd = [sys.executable, "-m", "flexgen_lite.cli", "bench", "--model", model, "--prompt-len", str(args.prompt_len),
-           "--gen-len", str(args.gen_len), "--predict", *flags.split()]
-    if args.cold_disk:
-        cmd.append("--cold-disk")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_bench(model, args.prompt_len, args.gen_len, ["--predict", *flags.split()], args.cold_disk, args.timeout)
 
 
 def main() -> None:
