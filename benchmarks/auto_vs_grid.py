@@ -60,17 +60,21 @@ def main() -> None:
           "| peak disk GB |")
     print("|---|---|---|---|---|---|---|")
     rows = [("auto", ["--policy", "auto", "--num-prompts", str(args.num_prompts)])] + [("grid", f) for f in GRID]
+    runs: list[list[tuple[dict | None, str]]] = [[] for _ in rows]
+    for _ in range(args.repeat):  # round robin: a slow spell of the machine hits every policy alike
+        for i, (_, flags) in enumerate(rows):
+            if not runs[i] or runs[i][0][0] is not None:  # a refused policy is not retried
+                runs[i].append(bench(args, flags))
     results = {}
-    for kind, flags in rows:
-        runs = [bench(args, flags) for _ in range(args.repeat)]
+    for (kind, flags), tries in zip(rows, runs, strict=True):
         label = "auto: " if kind == "auto" else ""
-        if runs[0][0] is None:
-            print(f"| {' '.join(flags)} | - | - | refused or failed: {runs[0][1]} | - | - | - |", flush=True)
+        if tries[0][0] is None:
+            print(f"| {' '.join(flags)} | - | - | refused or failed: {tries[0][1]} | - | - | - |", flush=True)
             continue
-        runs = sorted((r for r, _ in runs if r is not None), key=lambda r: r["total_tok_s"])
-        r = runs[len(runs) // 2]
-        measured = f"{r['total_tok_s']}" + (f" ({runs[0]['total_tok_s']}-{runs[-1]['total_tok_s']})"
-                                              if len(runs) > 1 else "")
+        done = sorted((r for r, _ in tries if r is not None), key=lambda r: r["total_tok_s"])
+        r = done[len(done) // 2]
+        measured = f"{r['total_tok_s']}" + (f" ({done[0]['total_tok_s']}-{done[-1]['total_tok_s']})"
+                                              if len(done) > 1 else "")
         results.setdefault(kind, []).append(r["total_tok_s"])
         print(f"| {label}{r['policy']} | {r['batch']} | {r.get('predicted_total_tok_s', '-')} | {measured} | "
               f"{r['decode_step_ms']} | {r['peak_rss_gb']} | {r['peak_disk_gb']} |", flush=True)

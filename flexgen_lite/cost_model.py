@@ -6,9 +6,10 @@ max(I/O waited on while j computes, compute of j) with overlap (their sum withou
 memory copies, dequantization and page-cache reads run on the same cores as compute, so they count with
 compute there, and only cold disk reads overlap. Decode is costed at the mean context, prompt + gen/2.
 
-Each cost is affine in the placement fractions for fixed "regimes" (are all weights usable in place? is
-all cache attended in place?): `policy_search` reads the LP's coefficients off `phase_times` by
-evaluating it at unit placements, and checks its rounded answer with the exact `Layout.of_policy`.
+Each cost is affine in the placement fractions for a fixed "regime" (is all cache attended in place?):
+`policy_search` reads the LP's coefficients off `phase_times` by evaluating it at unit placements, and
+checks its rounded answer with the exact `Layout.of_policy`. Weights are placed as whole tensors
+(`weights.weight_tiers`); the LP treats each layer kind's share on a tier as continuous.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compression import compressed_nbytes
 from .config import ModelConfig
 from .kv_cache import batch_parts, cache_bytes_per_token
 from .models import LayerSpec, WeightSpec, layer_specs
 from .policy import Policy, PolicyError, split_counts
 from .profile import HardwareProfile
-from .weights import ROW_GRANULARITY
+from .storage import TIERS
+from .weights import stored_nbytes, weight_tiers
 
 MiB = 2**20
 RESERVE = 64 * MiB  # allocator slack and small buffers not modelled one by one
@@ -66,7 +67,6 @@ def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[Weigh
 
 @dataclass(frozen=True)
 class Regime:
-    weights_resident: bool  # every weight usable where it lives (no copy into a weight slot)
     cache_direct: bool  # every cache part attended where it lives (no load into a cache slot)
 
 
@@ -82,6 +82,8 @@ class Setup:
         self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
         self.specs, self.groups = _model_specs(config)
         self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
+        # a head weight tied to the embedding's: its slot still holds it (WeightSlots), so it moves once
+        self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
         self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
         self.gbs, self.nb, self.n = policy.gpu_batch_size, policy.num_gpu_batches, policy.block_size
         c = config
@@ -92,16 +94,9 @@ class Setup:
     def compressed(self, spec: WeightSpec) -> bool:
         return self.wcomp is not None and len(spec.shape) >= 2
 
-    def tensor_bytes(self, spec: WeightSpec, share: float = 1.0, exact: bool = False) -> float:
-        """Bytes of a `share` of a weight's rows as stored (4-bit codes when compressed); `exact` for a
-        whole number of rows, as weights.planned_bytes counts them."""
-        rows = share * spec.shape[0]
-        if exact and self.compressed(spec):
-            rows = round(rows)
-            return compressed_nbytes((rows, *spec.shape[1:]), self.wcomp) if rows else 0
-        if self.compressed(spec):
-            return compressed_nbytes(spec.shape, self.wcomp) * share
-        return math.prod(spec.shape) * self.e * share
+    def tensor_bytes(self, spec: WeightSpec) -> int:
+        """Bytes of a weight as stored (4-bit codes when compressed), as weights.place_tensor stores it."""
+        return stored_nbytes(spec.shape, self.dtype, self.wcomp)
 
 
 @dataclass
@@ -130,34 +125,60 @@ class Seg:
 
 
 class Layout:
-    """Where things live, as the engine sees them: per weight (gpu, cpu, disk) row fractions and residency,
-    block sequences and GPU batches per tier. `of_policy` is exact; `linear` is continuous for the LP."""
+    """Where things live, as the engine sees them: per weight name of a layer kind the share of its layers
+    holding it on (gpu, cpu, disk), weight bytes per tier, block sequences and GPU batches per tier.
+    `of_policy` is exact; `linear` is continuous for the LP."""
 
-    def __init__(self, s: Setup, weight, resident, cache_rows, act_batches, exact: Policy | None = None) -> None:
-        self.s, self.weight, self.resident = s, weight, resident
-        self.cache_rows, self.act_batches, self.exact = cache_rows, act_batches, exact
+    def __init__(self, s: Setup, weight, placed, cache_rows, act_batches, exact: Policy | None = None,
+                 slot_sets: dict | None = None) -> None:
+        self.s, self.weight, self.placed = s, weight, placed
+        self.cache_rows, self.act_batches, self.exact, self.slot_sets = cache_rows, act_batches, exact, slot_sets
 
     @classmethod
     def of_policy(cls, s: Setup, p: Policy) -> Layout:
-        wp = p.percents("weight")
-
-        def weight(spec):
-            return tuple(r / spec.shape[0] for r in split_counts(spec.shape[0], wp, ROW_GRANULARITY))
-
-        def resident(spec):
-            g, _, d = weight(spec)
-            return not s.compressed(spec) and (g == 1 if s.cuda else d == 0)
-
-        return cls(s, weight, resident, split_counts(s.n, p.percents("cache")),
-                   split_counts(s.nb, p.percents("act")), exact=p)
+        tiers = weight_tiers(s.specs, p.percents("weight"), s.dtype, s.wcomp)
+        counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+        slot_sets: dict[tuple[str, str], set] = defaultdict(set)  # WeightSlots keys (kind, index % 2, name)
+        for layer in s.specs:
+            for spec in layer.weights:
+                tier = tiers[spec.hf_name]
+                counts[layer.kind, spec.name][tier] += 1
+                if layer.kind == "head" and spec.hf_name in s.tied:
+                    continue
+                if s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
+                    slot_sets[layer.kind, spec.name].add(layer.index % 2)
+        shares = {key: tuple(c[t] / c.total() for t in TIERS) for key, c in counts.items()}
+        placed = dict.fromkeys(TIERS, 0)
+        for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
+            placed[tiers[spec.hf_name]] += s.tensor_bytes(spec)
+        return cls(s, lambda kind, spec: shares[kind, spec.name], placed, split_counts(s.n, p.percents("cache")),
+                   split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()})
 
     @classmethod
-    def linear(cls, s: Setup, x, regime: Regime) -> Layout:
-        """x = (wg, wc, cg, cc, hg, hc): shares of weight rows, block sequences and GPU batches."""
+    def linear(cls, s: Setup, x) -> Layout:
+        """x = (wg, wc, cg, cc, hg, hc): shares of weight bytes, block sequences and GPU batches."""
         wg, wc, cg, cc, hg, hc = x
-        return cls(s, lambda spec: (wg, wc, 1 - wg - wc),
-                   lambda spec: regime.weights_resident and not s.compressed(spec),
-                   (cg * s.n, cc * s.n, (1 - cg - cc) * s.n), (hg * s.nb, hc * s.nb, (1 - hg - hc) * s.nb))
+        total = sum(n * s.tensor_bytes(sp) for sp, n in s.groups)
+        return cls(s, lambda kind, spec: (wg, wc, 1 - wg - wc), dict(zip(TIERS, (wg * total, wc * total,
+                   (1 - wg - wc) * total), strict=True)), (cg * s.n, cc * s.n, (1 - cg - cc) * s.n),
+                   (hg * s.nb, hc * s.nb, (1 - hg - hc) * s.nb))
+
+    def resident(self, kind: str, spec: WeightSpec) -> float:
+        """The share of a weight name's layers that use it where it lives (weights.place_tensor decides)."""
+        if self.s.compressed(spec):
+            return 0.0
+        g, c, _ = self.weight(kind, spec)
+        return g if self.s.cuda else g + c
+
+    def weight_slots(self, kind: str, spec: WeightSpec) -> float:
+        """Weight slot buffers of a name: two for decoder layers (this layer and the next), one for embed
+        and head, if any layer needs one; continuous in the LP."""
+        if self.slot_sets is not None:
+            return self.slot_sets.get((kind, spec.name), 0)
+        if kind == "head" and spec.hf_name in self.s.tied:
+            return 0.0
+        sets = min(2, self.s.config.num_layers) if kind in ("attention", "mlp") else 1
+        return sets * (1 - self.resident(kind, spec))
 
     def part_direct(self, tier: str) -> bool:
         """As kv_cache.KVCache._alloc decides."""
@@ -198,22 +219,15 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
     for spec in layer.weights:
-        g, c, d = lay.weight(spec)
-        if s.compressed(spec):  # codes move, then dequantize on the compute device
-            nbytes = s.tensor_bytes(spec)
-            if s.cuda:
-                seg.add("link", c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
-            _disk_read(s, seg, d * nbytes)
-            _host(s, seg, "dequantize", math.prod(spec.shape) / hw.dequantize[s.dname])
+        if layer.kind == "head" and spec.hf_name in s.tied:
             continue
-        if lay.resident(spec):
-            continue
+        _, c, d = lay.weight(layer.kind, spec)
         nbytes = s.tensor_bytes(spec)
-        if s.cuda:
-            seg.add("link", g * nbytes / hw.device_copy + c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
-        else:
-            _host(s, seg, "copy", (g + c) * nbytes / hw.host_copy)
+        if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
+            seg.add("link", c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
         _disk_read(s, seg, d * nbytes)
+        if s.compressed(spec):
+            _host(s, seg, "dequantize", math.prod(spec.shape) / hw.dequantize[s.dname])
     return seg
 
 
@@ -346,20 +360,13 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     weights are placed (source rows read as fp32 before the cast)."""
     c, w = s.config, s.workload
     gpu, cpu, disk = {}, {}, {}
-    placed = dict.fromkeys(("gpu", "cpu", "disk"), 0.0)  # weights.planned_bytes, by groups of equal shape
-    for sp, count in s.groups:
-        for tier, share in zip(placed, lay.weight(sp), strict=True):
-            placed[tier] += count * s.tensor_bytes(sp, share, exact=lay.exact is not None)
-    gpu["weights"], cpu["weights"], disk["weights"] = placed["gpu"], placed["cpu"], placed["disk"]
+    gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
     slots, staging = 0.0, 0.0
     for kind, spec in s.kinds.items():
-        sets = min(2, c.num_layers) if kind in ("attention", "mlp") else 1  # WeightSlots keys (kind, index % 2)
         for sp in spec.weights:
-            if not lay.resident(sp):
-                slots += sets * math.prod(sp.shape) * s.e
-            d = lay.weight(sp)[2]
-            if d and (s.cuda or s.compressed(sp)):  # disk rows read into a host staging buffer first
-                staging = max(staging, s.tensor_bytes(sp, d, exact=True) if lay.exact else s.tensor_bytes(sp))
+            slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
+            if lay.weight(kind, sp)[2] and (s.cuda or s.compressed(sp)):  # read into a host staging buffer
+                staging = max(staging, s.tensor_bytes(sp))
     gpu["weight slots"] = slots
     per_seq = s.seq_layer * w.max_len * c.num_layers
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
@@ -383,10 +390,8 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
     load = 0.0  # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place
     for sp, _ in s.groups:
-        g, cc_, _ = lay.weight(sp)
         numel = math.prod(sp.shape)
-        quantizing = (g + cc_) * numel * 4 * 3 if s.compressed(sp) else 0
-        load = max(load, numel * (4 + s.e), quantizing)
+        load = max(load, numel * (4 + s.e), numel * 4 * 3 if s.compressed(sp) else 0)
     cpu["load"] = load
     cpu["reserve"] = RESERVE
     return {"gpu": gpu, "cpu": cpu, "disk": disk}

@@ -28,8 +28,8 @@ from .models import LayerSpec
 from .models import layers as L
 from .policy import Policy
 from .sampling import SamplingConfig, sample
-from .storage import DiskStore, MemoryLedger, Staging, TieredTensor
-from .weights import WeightSlots
+from .storage import DiskStore, MemoryLedger, Staging
+from .weights import StoredWeight, WeightSlots
 
 
 @dataclass
@@ -40,7 +40,7 @@ class StepTimes:
 
 class Engine:
     def __init__(self, config: ModelConfig, policy: Policy, specs: list[LayerSpec],
-                 weights: list[dict[str, TieredTensor]], device: ComputeDevice, dtype: torch.dtype,
+                 weights: list[dict[str, StoredWeight]], device: ComputeDevice, dtype: torch.dtype,
                  disk: DiskStore, ledger: MemoryLedger) -> None:
         self.config, self.policy, self.specs, self.weights = config, policy, specs, weights
         self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
@@ -195,7 +195,8 @@ class Engine:
     def _prefetch_weights(self, j: int) -> Future:
         spec = self.specs[j]
         after = self.device.compute_event()  # the slot being refilled was last read by compute so far
-        return self.io.submit(self._load_weights, j, (spec.kind, spec.index % 2), after)
+        slot_key = (spec.kind, spec.index % 2) if spec.kind in ("attention", "mlp") else None
+        return self.io.submit(self._load_weights, j, slot_key, after)
 
     def _load_weights(self, j: int, slot_key: tuple, after):
         with self.device.on_copy_stream(after) as done:

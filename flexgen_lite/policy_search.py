@@ -108,7 +108,7 @@ def _by_upper_bound(config, workload, hw, auto) -> list[tuple[float, Policy]]:
     out = []
     for shape in _candidates(workload, hw, auto):
         s = Setup(config, workload, shape, hw)
-        lay = Layout.linear(s, np.array([1.0, 0, 1, 0, 1, 0]), Regime(True, True))
+        lay = Layout.linear(s, np.array([1.0, 0, 1, 0, 1, 0]))
         t_pre, t_dec = (phase_times(s, lay, prefill).time(shape.overlap) for prefill in (True, False))
         blocks = 1 if workload.num_prompts is None else -(-workload.num_prompts // s.n)
         tokens = (s.n if workload.num_prompts is None else workload.num_prompts) * workload.gen_len
@@ -117,9 +117,7 @@ def _by_upper_bound(config, workload, hw, auto) -> list[tuple[float, Policy]]:
 
 
 def _regimes(p: Policy) -> list[Regime]:
-    weights = [False] if p.compress_weight else [True, False]
-    cache = [False] if p.compress_cache else [True, False]
-    return [Regime(w, c) for w in weights for c in cache]
+    return [Regime(False)] if p.compress_cache else [Regime(True), Regime(False)]
 
 
 def _all_on_disk(s: Setup) -> float:
@@ -128,10 +126,10 @@ def _all_on_disk(s: Setup) -> float:
 
 
 # ---- the linear program ----------------------------------------------------------------------------------------
-def _numbers(s: Setup, x: np.ndarray, regime: Regime) -> np.ndarray:
+def _numbers(s: Setup, x: np.ndarray) -> np.ndarray:
     """Everything the LP needs at placement x: per phase the serial seconds and each segment's wait and
     work; then gpu, host (running), host (loading) and disk bytes."""
-    lay = Layout.linear(s, x, regime)
+    lay = Layout.linear(s, x)
     out = []
     for prefill in (True, False):
         phase = phase_times(s, lay, prefill)
@@ -154,9 +152,9 @@ def _solve(s: Setup, regime: Regime, budgets: Budgets) -> np.ndarray | None:
     the unit vectors."""
     from scipy.optimize import linprog
 
-    base = _numbers(s, np.zeros(6), regime)
-    grad = np.stack([_numbers(s, np.eye(6)[i], regime) - base for i in range(6)], axis=1)
-    lay0 = Layout.linear(s, np.zeros(6), regime)
+    base = _numbers(s, np.zeros(6))
+    grad = np.stack([_numbers(s, np.eye(6)[i]) - base for i in range(6)], axis=1)
+    lay0 = Layout.linear(s, np.zeros(6))
     mults = [[m for m, _ in phase_times(s, lay0, prefill).segments] for prefill in (True, False)]
     overlap, n_u = s.policy.overlap, sum(len(m) for m in mults)
     width = 6 + (n_u if overlap else 0)
@@ -192,13 +190,11 @@ def _solve(s: Setup, regime: Regime, budgets: Budgets) -> np.ndarray | None:
         a_ub.append(row(np.eye(6)[i] + np.eye(6)[i + 1]))
         b_ub.append(1.0)
     a_eq, b_eq, bounds = [], [], [(0.0, 1.0)] * 6 + [(0.0, None)] * (width - 6)
-    for fixed, i, cpu_ok in ((regime.weights_resident, 0, not s.cuda),
-                             (regime.cache_direct, 2, not s.cuda or s.policy.cpu_cache_compute)):
-        if fixed and cpu_ok:  # all of it in memory the engine uses in place
-            a_eq.append(row(np.eye(6)[i] + np.eye(6)[i + 1]))
-            b_eq.append(1.0)
-        elif fixed:
-            bounds[i], bounds[i + 1] = (1.0, 1.0), (0.0, 0.0)
+    if regime.cache_direct and (not s.cuda or s.policy.cpu_cache_compute):  # all in memory attended in place
+        a_eq.append(row(np.eye(6)[2] + np.eye(6)[3]))
+        b_eq.append(1.0)
+    elif regime.cache_direct:
+        bounds[2], bounds[3] = (1.0, 1.0), (0.0, 0.0)
     scale = max(1e-12, float(np.abs(c).max()))
     res = linprog(c / scale, A_ub=np.array(a_ub), b_ub=np.array(b_ub), A_eq=np.array(a_eq) if a_eq else None,
                   b_eq=np.array(b_eq) if b_eq else None, bounds=bounds, method="highs")
@@ -207,14 +203,13 @@ def _solve(s: Setup, regime: Regime, budgets: Budgets) -> np.ndarray | None:
 
 # ---- rounding and checking -------------------------------------------------------------------------------------
 def _round_to_budgets(s: Setup, x: np.ndarray, regime: Regime, budgets: Budgets) -> Policy | None:
-    """Whole percentages near x (regimes kept exact), then 1% at a time moved off any tier over budget."""
+    """Whole percentages near x (the regime kept exact), then 1% at a time moved off any tier over budget."""
     pct = [round(100 * v) for v in x]
     if not s.cuda and budgets.gpu is None:  # one memory: say "gpu" for all of it
         pct = [pct[0] + pct[1], 0, pct[2] + pct[3], 0, pct[4] + pct[5], 0]
-    for i, exact in ((0, regime.weights_resident), (2, regime.cache_direct)):
-        if exact:
-            pct[i + 1] = 100 - pct[i] if (not s.cuda or (i == 2 and s.policy.cpu_cache_compute)) else 0
-            pct[i] = 100 - pct[i + 1]
+    if regime.cache_direct:
+        pct[3] = 100 - pct[2] if (not s.cuda or s.policy.cpu_cache_compute) else 0
+        pct[2] = 100 - pct[3]
     for i in (0, 2, 4):
         pct[i + 1] = min(pct[i + 1], 100 - pct[i])
     for _ in range(300):

@@ -1,7 +1,7 @@
 """The three tiers: compute-device memory ("gpu"), host RAM ("cpu") and files on disk ("disk").
 
-A `TieredTensor` is split along its first dimension into up to three row ranges, one per tier, so
-placement by percent is exact to a row and every layer moves the same share of its bytes.
+Here: the memory ledger, offload files (pread/pwrite, space claimed up front) and the staging buffers
+disk reads land in. Which tier holds what is decided in weights.py, kv_cache.py and activations.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-
-from .compression import CompressionConfig, QuantizedTensor, dequantize, from_bytes
-from .devices import ComputeDevice
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -157,57 +154,6 @@ def _remove_files(files: weakref.WeakSet, directory: str) -> None:
     for f in list(files):
         f.close()
     shutil.rmtree(directory, ignore_errors=True)
-
-
-@dataclass
-class Part:
-    tier: str
-    start: int
-    stop: int
-    data: torch.Tensor | QuantizedTensor | DiskFile  # a compressed part on disk holds to_bytes(q)
-    nbytes: int
-
-
-class TieredTensor:
-    """A tensor stored as row ranges on the gpu, cpu and disk tiers, optionally 4-bit compressed."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, parts: list[Part],
-                 resident: torch.Tensor | None = None, compression: CompressionConfig | None = None) -> None:
-        self.shape, self.dtype, self.parts, self.compression = tuple(shape), dtype, parts, compression
-        # rows held in compute-device memory as one tensor (all of them, or none): usable without a copy
-        self.resident = resident
-
-    def nbytes(self, tier: str) -> int:
-        return sum(p.nbytes for p in self.parts if p.tier == tier)
-
-    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, staging: Staging) -> torch.Tensor:
-        """The whole tensor on the compute device: `resident` as is, or assembled into `out`."""
-        if self.resident is not None:
-            return self.resident
-        assert out is not None and out.shape == self.shape, "fetch needs a buffer of the tensor's shape"
-        for p in self.parts:
-            dst = out[p.start:p.stop]
-            if self.compression is not None:
-                dequantize(self._quantized(p, device, staging), self.dtype, out=dst)
-            elif isinstance(p.data, DiskFile):
-                if device.is_cuda:
-                    host = staging.take(dst.numel(), dst.dtype)
-                    dst.copy_(p.data.read_into(host).view(dst.shape), non_blocking=True)
-                    staging.release()
-                else:
-                    p.data.read_into(dst)
-            else:
-                dst.copy_(p.data, non_blocking=True)
-        return out
-
-    def _quantized(self, p: Part, device: ComputeDevice, staging: Staging) -> QuantizedTensor:
-        """A compressed part's codes on the compute device (decompressed only there, just before use)."""
-        if not isinstance(p.data, DiskFile):
-            return p.data.to(device.device, non_blocking=True)
-        host = p.data.read_into(staging.take(p.nbytes, torch.uint8))
-        on_device = host.to(device.device, non_blocking=True)
-        staging.release()
-        return from_bytes(on_device, (p.stop - p.start, *self.shape[1:]), self.compression)
 
 
 class Staging:

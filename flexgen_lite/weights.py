@@ -7,14 +7,19 @@ import zlib
 
 import torch
 
-from .compression import CompressionConfig, compressed_nbytes, quantize, to_bytes
+from .compression import (
+    CompressionConfig,
+    QuantizedTensor,
+    compressed_nbytes,
+    dequantize,
+    from_bytes,
+    quantize,
+    to_bytes,
+)
 from .config import ModelError
 from .devices import ComputeDevice
 from .models import LayerSpec, WeightSpec
-from .policy import split_counts
-from .storage import DiskStore, MemoryLedger, Part, Staging, TieredTensor
-
-ROW_GRANULARITY = 64  # split points are multiples of 64 rows: whole quantization groups
+from .storage import TIERS, DiskFile, DiskStore, MemoryLedger, Staging
 
 
 class WeightSource:
@@ -65,83 +70,132 @@ class DummySource(WeightSource):
         return torch.empty(shape).normal_(0, 0.02, generator=gen)
 
 
-def place_tensor(spec: WeightSpec, percents, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
+def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
+                 compression: CompressionConfig | None = None) -> dict[str, str]:
+    """The tier of every stored weight (by checkpoint name; tied weights once). Whole tensors, so one in
+    compute memory is used where it lives, with no copy.
+
+    The embedding and head, which every step uses (a tied one twice), are laid out first and cut at the
+    whole model's shares; then each decoder layer kind (attention, mlp) is laid out name by name, each name
+    across all layers, and cut at the shares that remain. A tensor goes where its middle falls. So every
+    layer keeps the same names in compute memory (they need no weight slot), one name may change tier
+    part-way through the layers, and each tier's bytes are within half a decoder tensor of its share."""
+    by_kind: dict[str, dict[str, list[WeightSpec]]] = {}
+    seen = set()
+    for layer in layers:
+        for spec in layer.weights:
+            if spec.hf_name not in seen:
+                seen.add(spec.hf_name)
+                by_kind.setdefault(layer.kind, {}).setdefault(spec.name, []).append(spec)
+    ordered = {kind: [spec for same_name in names.values() for spec in same_name] for kind, names in by_kind.items()}
+    size = {spec.hf_name: stored_nbytes(spec.shape, dtype, compression) for specs in ordered.values() for spec in specs}
+    want = [p / 100 * sum(size.values()) for p in percents]
+    tiers: dict[str, str] = {}
+    ends = [kind for kind in ordered if kind not in ("attention", "mlp")]
+    _cut([spec for kind in ends for spec in ordered[kind]], size, want, tiers)
+    left = [max(0.0, want[i] - sum(size[h] for h, t in tiers.items() if t == TIERS[i])) for i in range(3)]
+    for kind in ("attention", "mlp"):
+        specs = ordered.get(kind, [])
+        _cut(specs, size, [v / (sum(left) or 1) * sum(size[s.hf_name] for s in specs) for v in left], tiers)
+    return tiers
+
+
+def _cut(specs: list[WeightSpec], size: dict[str, int], want: list[float], tiers: dict[str, str]) -> None:
+    """Lay `specs` out in order and cut after want[0] bytes (gpu) and want[0] + want[1] (cpu)."""
+    placed = 0
+    for spec in specs:
+        middle = placed + size[spec.hf_name] / 2
+        tiers[spec.hf_name] = "gpu" if middle < want[0] else "cpu" if middle < want[0] + want[1] else "disk"
+        placed += size[spec.hf_name]
+
+
+def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: CompressionConfig | None) -> int:
+    """Bytes of a weight as stored: 4-bit codes for compressed matrices."""
+    if compression is not None and len(shape) >= 2:
+        return compressed_nbytes(shape, compression)
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
+class StoredWeight:
+    """A weight in its home tier: a tensor in compute memory or host RAM, 4-bit codes, or a file."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str,
+                 data: torch.Tensor | QuantizedTensor | DiskFile, nbytes: int,
+                 compression: CompressionConfig | None = None, resident: bool = False) -> None:
+        self.shape, self.dtype, self.tier, self.data = tuple(shape), dtype, tier, data
+        self.nbytes, self.compression = nbytes, compression
+        self.resident = resident  # usable as is on the compute device: fetched without a copy
+
+    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, staging: Staging) -> torch.Tensor:
+        """The tensor on the compute device: itself when resident, else copied or decompressed into `out`."""
+        if self.resident:
+            return self.data
+        assert out is not None and out.shape == self.shape, "fetch needs a buffer of the tensor's shape"
+        if self.compression is not None:
+            return dequantize(self._quantized(device, staging), self.dtype, out=out)
+        if not isinstance(self.data, DiskFile):
+            return out.copy_(self.data, non_blocking=True)
+        if not device.is_cuda:
+            return self.data.read_into(out)
+        host = staging.take(out.numel(), out.dtype)
+        out.copy_(self.data.read_into(host).view(out.shape), non_blocking=True)
+        staging.release()
+        return out
+
+    def _quantized(self, device: ComputeDevice, staging: Staging) -> QuantizedTensor:
+        """The 4-bit codes on the compute device (decompressed only there, just before use)."""
+        if not isinstance(self.data, DiskFile):
+            return self.data.to(device.device, non_blocking=True)
+        host = self.data.read_into(staging.take(self.nbytes, torch.uint8))
+        on_device = host.to(device.device, non_blocking=True)
+        staging.release()
+        return from_bytes(on_device, self.shape, self.compression)
+
+
+def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
                  disk: DiskStore, ledger: MemoryLedger, pin: bool,
-                 compression: CompressionConfig | None = None) -> TieredTensor:
-    """Split one weight's rows over the tiers and fill each part from `source` (compressing 2-D weights
-    once, here, when `compression` is set)."""
-    rows = spec.shape[0]
-    counts = split_counts(rows, percents, ROW_GRANULARITY)
-    if compression is not None and len(spec.shape) >= 2:
-        return _place_compressed(spec, counts, source, dtype, device, disk, ledger, pin, compression)
-    n_gpu, n_cpu, n_disk = counts
-    row_bytes = dtype.itemsize * (torch.Size(spec.shape[1:]).numel())
-    parts: list[Part] = []
-    resident = None
-    if not device.is_cuda and n_gpu + n_cpu:
-        # compute memory and host RAM are the same memory here: one tensor, no copies between them
-        host = torch.empty((n_gpu + n_cpu, *spec.shape[1:]), dtype=dtype)
-        host.copy_(source.read(spec, 0, n_gpu + n_cpu))
-        for tier, lo, hi in (("gpu", 0, n_gpu), ("cpu", n_gpu, n_gpu + n_cpu)):
-            if hi > lo:
-                parts.append(Part(tier, lo, hi, host[lo:hi], (hi - lo) * row_bytes))
-        resident = host if n_disk == 0 else None
-    else:
-        if n_gpu:
-            t = source.read(spec, 0, n_gpu).to(device.device, dtype)
-            parts.append(Part("gpu", 0, n_gpu, t, n_gpu * row_bytes))
-            resident = t if n_gpu == rows else None
-        if n_cpu:
-            t = source.read(spec, n_gpu, n_gpu + n_cpu).to(dtype)
-            t = t.pin_memory() if pin and device.is_cuda else t
-            parts.append(Part("cpu", n_gpu, n_gpu + n_cpu, t, n_cpu * row_bytes))
-    if n_disk:
-        lo = n_gpu + n_cpu
-        f = disk.create(n_disk * row_bytes, spec.name)
-        chunk = max(1, (64 << 20) // max(row_bytes, 1))  # write 64 MiB at a time
-        for s in range(lo, rows, chunk):
-            e = min(rows, s + chunk)
-            f.write(source.read(spec, s, e).to(dtype).contiguous(), (s - lo) * row_bytes)
-        parts.append(Part("disk", lo, rows, f, n_disk * row_bytes))
-    for p in parts:
-        ledger.add(p.tier, p.nbytes)
-    return TieredTensor(spec.shape, dtype, parts, resident)
-
-
-def _place_compressed(spec, counts, source, dtype, device, disk, ledger, pin, compression) -> TieredTensor:
-    """Each tier's rows quantized once; they stay compressed on every tier, disk included."""
-    parts, lo = [], 0
-    for tier, n in zip(("gpu", "cpu", "disk"), counts, strict=True):
-        if not n:
-            continue
-        q = quantize(source.read(spec, lo, lo + n).to(dtype), compression)
-        if tier == "disk":
-            data = to_bytes(q)
-            f = disk.create(data.numel(), spec.name)
-            f.write(data)
-            parts.append(Part(tier, lo, lo + n, f, data.numel()))
+                 compression: CompressionConfig | None = None) -> StoredWeight:
+    """Read one weight from `source` into its home tier (compressing a matrix once, here, when
+    `compression` is set)."""
+    rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 else None
+    nbytes = stored_nbytes(spec.shape, dtype, compression)
+    if tier == "disk":
+        data = disk.create(nbytes, spec.name)
+        if compression is not None:
+            data.write(to_bytes(quantize(source.read(spec, 0, rows).to(dtype), compression)))
         else:
-            where = device.device if tier == "gpu" else "cpu"
-            q = q.to(where)
-            parts.append(Part(tier, lo, lo + n, q.pin_memory() if pin and device.is_cuda and tier == "cpu" else q,
-                              q.nbytes))
-        ledger.add(tier, parts[-1].nbytes)
-        lo += n
-    return TieredTensor(spec.shape, dtype, parts, None, compression)
+            row_bytes = nbytes // max(rows, 1)
+            chunk = max(1, (64 << 20) // max(row_bytes, 1))  # written 64 MiB at a time
+            for s in range(0, rows, chunk):
+                data.write(source.read(spec, s, min(rows, s + chunk)).to(dtype).contiguous(), s * row_bytes)
+        resident = False
+    else:
+        where = device.device if tier == "gpu" or not device.is_cuda else "cpu"
+        values = source.read(spec, 0, rows).to(dtype)
+        data = quantize(values, compression).to(where) if compression is not None else values.to(where)
+        if pin and device.is_cuda and tier == "cpu":
+            data = data.pin_memory()
+        # without CUDA, compute memory and host RAM are the same memory: both are used in place
+        resident = compression is None and where == device.device
+    weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident)
+    ledger.add(tier, weight.nbytes)
+    return weight
 
 
 def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype: torch.dtype,
                   device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
-                  compression: CompressionConfig | None = None, progress=None) -> list[dict[str, TieredTensor]]:
-    """Every layer's weights by canonical name. Tied weights (same checkpoint name) are stored once."""
-    by_hf_name: dict[str, TieredTensor] = {}
+                  compression: CompressionConfig | None = None, progress=None) -> list[dict[str, StoredWeight]]:
+    """Every layer's weights by canonical name, on the tiers `weight_tiers` gives them. Tied weights (same
+    checkpoint name) are stored once."""
+    tiers = weight_tiers(layers, percents, dtype, compression)
+    by_hf_name: dict[str, StoredWeight] = {}
     placed = []
     for layer in layers:
         weights = {}
         for spec in layer.weights:
             if spec.hf_name not in by_hf_name:
-                by_hf_name[spec.hf_name] = place_tensor(spec, percents, source, dtype, device, disk, ledger, pin,
-                                                        compression)
+                by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, disk,
+                                                        ledger, pin, compression)
             weights[spec.name] = by_hf_name[spec.hf_name]
         placed.append(weights)
         if progress:
@@ -150,31 +204,36 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
 
 
 class WeightSlots:
-    """Compute-device buffers that non-resident weights are assembled in: two per layer kind
-    (the layer being computed and the one being prefetched), allocated on first use."""
+    """Compute-device buffers that non-resident weights are copied or decompressed into, allocated on first
+    use: two per decoder layer kind and name (the layer computed and the one prefetched), one per weight of
+    the embedding and head. A slot that still holds the weight asked for is not filled again (a tied
+    embedding and head share one)."""
 
     def __init__(self, device: ComputeDevice, ledger: MemoryLedger, staging: Staging) -> None:
         self.device, self.ledger, self.staging = device, ledger, staging
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.holds: dict[tuple, StoredWeight] = {}
 
-    def fetch(self, weights: dict[str, TieredTensor], slot_key: tuple) -> dict[str, torch.Tensor]:
+    def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None) -> dict[str, torch.Tensor]:
+        """`slot_key` (kind, parity) for decoder layers; None for one slot per weight."""
         out = {}
         for name, t in weights.items():
-            buf = None
-            if t.resident is None:
-                key = (*slot_key, name)
-                buf = self.buffers.get(key)
-                if buf is None:
-                    buf = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
-                    self.buffers[key] = buf
-                    self.ledger.add("gpu", buf.numel() * buf.element_size())
-            out[name] = t.fetch(self.device, buf, self.staging)
+            if t.resident:
+                out[name] = t.data
+                continue
+            key = (*slot_key, name) if slot_key is not None else (id(t),)
+            buf = self.buffers.get(key)
+            if buf is None:
+                buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
+                self.ledger.add("gpu", buf.numel() * buf.element_size())
+            out[name] = buf if self.holds.get(key) is t else t.fetch(self.device, buf, self.staging)
+            self.holds[key] = t
         return out
 
 
-def weight_bytes(layers: list[dict[str, TieredTensor]], tier: str) -> int:
+def weight_bytes(layers: list[dict[str, StoredWeight]], tier: str) -> int:
     seen = {id(t): t for layer in layers for t in layer.values()}
-    return sum(t.nbytes(tier) for t in seen.values())
+    return sum(t.nbytes for t in seen.values() if t.tier == tier)
 
 
 def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
@@ -182,11 +241,6 @@ def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
     """Bytes per tier that placing these weights by `percents` will take (tied weights once)."""
     out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
     specs = {s.hf_name: s for layer in layers for s in layer.weights}
-    for spec in specs.values():
-        for tier, rows in zip(out, split_counts(spec.shape[0], percents, ROW_GRANULARITY), strict=True):
-            shape = (rows, *spec.shape[1:])
-            if compression is not None and len(shape) >= 2:
-                out[tier] += compressed_nbytes(shape, compression) if rows else 0
-            else:
-                out[tier] += torch.Size(shape).numel() * dtype.itemsize
+    for hf_name, tier in weight_tiers(layers, percents, dtype, compression).items():
+        out[tier] += stored_nbytes(specs[hf_name].shape, dtype, compression)
     return out

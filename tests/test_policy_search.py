@@ -123,7 +123,7 @@ def _percents(p: Policy) -> dict:
 
 def test_prediction_has_every_part_of_a_step():
     p = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50), HW, page_cache=0)
-    assert {"compute", "attention", "disk", "copy", "overhead"} <= set(p.decode_by)
+    assert {"compute", "attention", "disk", "cache load", "overhead"} <= set(p.decode_by)
     assert p.prefill_s > p.decode_step_s > 0
     assert p.throughput == pytest.approx(8 * 32 / (p.prefill_s + 31 * p.decode_step_s))
     without = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50, overlap=False),
