@@ -1,8 +1,8 @@
 """FlexGen-Lite: high-throughput batch generation with models larger than the GPU."""
 
 from .config import ModelConfig, ModelError
-from .cost_model import Workload
 from .generation import FlexGenLite
+from .layout import Workload
 from .memory import Budgets
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy

@@ -99,8 +99,8 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True,
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
     from .devices import ComputeDevice
     from .generation import model_config
+    from .hardware import load_profile
     from .policy_search import search_policy
-    from .profile import load_profile
 
     device = ComputeDevice(args.device)
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
@@ -119,7 +119,7 @@ def progress(message: str) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import format_report, run_benchmark
-    from .cost_model import Workload
+    from .layout import Workload
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     prompt_len = args.prompt_len or (512 if cuda else 64)
@@ -149,9 +149,9 @@ def cmd_bench(args) -> None:
 
 def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
     """Refuse an explicit policy whose planned bytes exceed an explicit budget."""
-    from .cost_model import peak_memory
     from .devices import ComputeDevice
     from .generation import model_config
+    from .memory_plan import peak_memory
 
     budgets = budgets_from_args(args)
     if budgets is not None:
@@ -164,7 +164,7 @@ def predict_policy(args, model: str, workload, policy: Policy, cold: bool = Fals
     from .cost_model import predict
     from .devices import ComputeDevice, host_available_bytes
     from .generation import model_config
-    from .profile import load_profile
+    from .hardware import load_profile
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, policy.offload_dir, progress=progress)
@@ -196,8 +196,8 @@ def cmd_generate(args) -> None:
         args.model = default_model_path()
     policy, workload = policy_from_args(args, default_batch=min(len(prompts), 32)), None
     if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest tokenized length, their number
-        from .cost_model import Workload
         from .generation import encode_texts, open_model
+        from .layout import Workload
 
         config, _, tokenizer = open_model(args.model)
         longest = max(len(ids) for ids in encode_texts(tokenizer, prompts[done:] or prompts, args.chat, config.name))
@@ -232,8 +232,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .cost_model import Workload
     from .generation import model_config
+    from .layout import Workload
 
     policy = policy_from_args(args, default_batch=1)
     if not isinstance(policy, AutoPolicy):
@@ -289,7 +289,7 @@ def format_plan(result, workload, hardware, config) -> str:
 
 def cmd_profile(args) -> None:
     from .devices import ComputeDevice
-    from .profile import load_profile, profile_path
+    from .hardware import load_profile, profile_path
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, args.offload_dir, refresh=args.refresh, progress=progress)

@@ -1,4 +1,4 @@
-"""Predicted prefill and decode times and peak memory per tier of a policy, mirroring what engine.py does.
+"""Predicted prefill and decode times of a policy, mirroring what engine.py does (memory: memory_plan.py).
 
 Per step, for every layer j the engine waits for j's weights, starts fetching j+1's, and computes j for
 each GPU batch while the next batch's cache loads. So a step is the first fetch, then per layer
@@ -15,88 +15,17 @@ checks its rounded answer with the exact `Layout.of_policy`. Weights are placed 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
-
 from .config import ModelConfig
-from .kv_cache import batch_parts, cache_bytes_per_token
-from .models import LayerSpec, WeightSpec, layer_specs
-from .policy import Policy, PolicyError, split_counts
-from .profile import HardwareProfile
-from .storage import TIERS
-from .weights import stored_nbytes, weight_tiers
+from .hardware import HardwareProfile
+from .layout import Layout, Setup, Workload
+from .memory_plan import memory_plan, tier_peaks
+from .models import LayerSpec
+from .policy import Policy
 
-MiB = 2**20
-RESERVE = 64 * MiB  # allocator slack and small buffers not modelled one by one
 OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What will be generated: prompt and generation length, and how many prompts (None: one block)."""
-
-    prompt_len: int
-    gen_len: int
-    num_prompts: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.prompt_len < 1 or self.gen_len < 1 or (self.num_prompts is not None and self.num_prompts < 1):
-            raise PolicyError(f"workload lengths and prompt count must be positive, got {self}")
-
-    @property
-    def max_len(self) -> int:
-        return self.prompt_len + self.gen_len
-
-
-_SPECS: dict[int, tuple] = {}
-
-
-def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[WeightSpec, int]]]:
-    """Layer specs, and the stored weights (tied ones once) grouped by shape: (one of them, how many)."""
-    hit = _SPECS.get(id(config))
-    if hit is None or hit[0] is not config:
-        specs = layer_specs(config)
-        unique = {w.hf_name: w for layer in specs for w in layer.weights}.values()
-        count = Counter(w.shape for w in unique)
-        first = {w.shape: w for w in unique}
-        hit = _SPECS[id(config)] = (config, specs, [(first[shape], n) for shape, n in count.items()])
-    return hit[1], hit[2]
-
-
-@dataclass(frozen=True)
-class Regime:
-    cache_direct: bool  # every cache part attended where it lives (no load into a cache slot)
-
-
-class Setup:
-    """A model, workload, policy shape (batches, switches, dtype) and machine: what every cost reads."""
-
-    def __init__(self, config: ModelConfig, workload: Workload, policy: Policy, hw: HardwareProfile | None,
-                 disk_cached: bool = True, cuda: bool | None = None) -> None:
-        """hw may be None for memory alone; then `cuda` says whether the compute tier is a GPU."""
-        self.config, self.workload, self.policy, self.hw = config, workload, policy, hw
-        self.cuda, self.disk_cached = (hw.is_cuda if hw is not None else bool(cuda)), disk_cached
-        self.dtype = policy.torch_dtype(torch.device("cuda" if self.cuda else "cpu"))
-        self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
-        self.specs, self.groups = _model_specs(config)
-        self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
-        # a head weight tied to the embedding's: its slot still holds it (WeightSlots), so it moves once
-        self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
-        self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
-        self.gbs, self.nb, self.n = policy.gpu_batch_size, policy.num_gpu_batches, policy.block_size
-        c = config
-        self.seq_layer = cache_bytes_per_token(1, c.num_kv_heads, c.head_dim, self.dtype, self.ccomp)  # k+v
-        self.seq_layer_dense = 2 * c.num_kv_heads * c.head_dim * self.e
-        self.threads = 3 if policy.overlap else 1  # IOPool workers, each with its own staging buffer
-
-    def compressed(self, spec: WeightSpec) -> bool:
-        return self.wcomp is not None and len(spec.shape) >= 2
-
-    def tensor_bytes(self, spec: WeightSpec) -> int:
-        """Bytes of a weight as stored (4-bit codes when compressed), as weights.place_tensor stores it."""
-        return stored_nbytes(spec.shape, self.dtype, self.wcomp)
 
 
 @dataclass
@@ -122,70 +51,6 @@ class Seg:
 
     def time(self, overlap: bool) -> float:
         return max(self.wait, self.work) if overlap else self.wait + self.work
-
-
-class Layout:
-    """Where things live, as the engine sees them: per weight name of a layer kind the share of its layers
-    holding it on (gpu, cpu, disk), weight bytes per tier, block sequences and GPU batches per tier.
-    `of_policy` is exact; `linear` is continuous for the LP."""
-
-    def __init__(self, s: Setup, weight, placed, cache_rows, act_batches, exact: Policy | None = None,
-                 slot_sets: dict | None = None) -> None:
-        self.s, self.weight, self.placed = s, weight, placed
-        self.cache_rows, self.act_batches, self.exact, self.slot_sets = cache_rows, act_batches, exact, slot_sets
-
-    @classmethod
-    def of_policy(cls, s: Setup, p: Policy) -> Layout:
-        tiers = weight_tiers(s.specs, p.percents("weight"), s.dtype, s.wcomp)
-        counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
-        slot_sets: dict[tuple[str, str], set] = defaultdict(set)  # WeightSlots keys (kind, index % 2, name)
-        for layer in s.specs:
-            for spec in layer.weights:
-                tier = tiers[spec.hf_name]
-                counts[layer.kind, spec.name][tier] += 1
-                if layer.kind == "head" and spec.hf_name in s.tied:
-                    continue
-                if s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
-                    slot_sets[layer.kind, spec.name].add(layer.index % 2)
-        shares = {key: tuple(c[t] / c.total() for t in TIERS) for key, c in counts.items()}
-        placed = dict.fromkeys(TIERS, 0)
-        for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
-            placed[tiers[spec.hf_name]] += s.tensor_bytes(spec)
-        return cls(s, lambda kind, spec: shares[kind, spec.name], placed, split_counts(s.n, p.percents("cache")),
-                   split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()})
-
-    @classmethod
-    def linear(cls, s: Setup, x) -> Layout:
-        """x = (wg, wc, cg, cc, hg, hc): shares of weight bytes, block sequences and GPU batches."""
-        wg, wc, cg, cc, hg, hc = x
-        total = sum(n * s.tensor_bytes(sp) for sp, n in s.groups)
-        return cls(s, lambda kind, spec: (wg, wc, 1 - wg - wc), dict(zip(TIERS, (wg * total, wc * total,
-                   (1 - wg - wc) * total), strict=True)), (cg * s.n, cc * s.n, (1 - cg - cc) * s.n),
-                   (hg * s.nb, hc * s.nb, (1 - hg - hc) * s.nb))
-
-    def resident(self, kind: str, spec: WeightSpec) -> float:
-        """The share of a weight name's layers that use it where it lives (weights.place_tensor decides)."""
-        if self.s.compressed(spec):
-            return 0.0
-        g, c, _ = self.weight(kind, spec)
-        return g if self.s.cuda else g + c
-
-    def weight_slots(self, kind: str, spec: WeightSpec) -> float:
-        """Weight slot buffers of a name: two for decoder layers (this layer and the next), one for embed
-        and head, if any layer needs one; continuous in the LP."""
-        if self.slot_sets is not None:
-            return self.slot_sets.get((kind, spec.name), 0)
-        if kind == "head" and spec.hf_name in self.s.tied:
-            return 0.0
-        sets = min(2, self.s.config.num_layers) if kind in ("attention", "mlp") else 1
-        return sets * (1 - self.resident(kind, spec))
-
-    def part_direct(self, tier: str) -> bool:
-        """As kv_cache.KVCache._alloc decides."""
-        s = self.s
-        if s.ccomp is not None:
-            return False
-        return tier == "gpu" or (tier == "cpu" and (not s.cuda or s.policy.cpu_cache_compute))
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
@@ -345,97 +210,15 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
     """The engine's step: fetch(embed); then layer by layer, compute j beside fetch(j+1) and j's cache loads."""
     t = s.workload.prompt_len if prefill else 1
     length = s.workload.prompt_len + s.workload.gen_len / 2
-    fetch = {k: _fetch(s, spec, lay) for k, spec in s.kinds.items()}
+    # a slot that only one layer uses keeps its weights: after the first step they are not fetched again
+    kept = {"embed", "head"} | ({"attention", "mlp"} if s.config.num_layers <= 2 else set())
+    fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay) for k, spec in s.kinds.items()}
     comp = {k: _compute(s, k, t) + _activations(s, lay, t) for k in s.kinds}
     comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
     layers = s.config.num_layers
     segments = [(1, comp["embed"] + fetch["attention"]), (layers, comp["attention"] + fetch["mlp"]),
                 (layers - 1, comp["mlp"] + fetch["attention"]), (1, comp["mlp"] + fetch["head"]), (1, comp["head"])]
     return Phase(fetch["embed"], [(m, seg) for m, seg in segments if m])
-
-
-# ---- memory ----------------------------------------------------------------------------------------------------
-def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
-    """Bytes per tier and component, as the engine allocates them; "load" is the host's transient while
-    weights are placed (source rows read as fp32 before the cast)."""
-    c, w = s.config, s.workload
-    gpu, cpu, disk = {}, {}, {}
-    gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
-    slots, staging = 0.0, 0.0
-    for kind, spec in s.kinds.items():
-        for sp in spec.weights:
-            slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
-            if lay.weight(kind, sp)[2] and (s.cuda or s.compressed(sp)):  # read into a host staging buffer
-                staging = max(staging, s.tensor_bytes(sp))
-    gpu["weight slots"] = slots
-    per_seq = s.seq_layer * w.max_len * c.num_layers
-    for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
-        d["kv cache"] = tier * per_seq
-    slot_bytes, slot_tier = _cache_slots(s, lay)
-    (cpu if slot_tier == "cpu" else gpu)["cache slots"] = slot_bytes
-    if lay.cache_rows[2]:
-        rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
-                    if t == "disk"), default=0) if lay.exact else s.gbs
-        staging = max(staging, rows * s.seq_layer / 2 * w.max_len)  # one of k, v of a part
-    cpu["staging"] = s.threads * staging
-    hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
-    for d, batches in zip((gpu, cpu, disk), lay.act_batches, strict=True):
-        d["activations"] = batches * hidden
-    rows = s.gbs * w.prompt_len
-    h, f, q_kv = c.hidden_size, c.intermediate_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-    working = rows * s.e * max(6 * h + 2 * q_kv, 3 * h + (4 if c.gated_mlp else 2) * f)
-    inputs = s.n * (w.prompt_len * w.prompt_len + 8 * w.max_len) + 2 * s.n * w.prompt_len * c.head_dim * s.e
-    logits = s.gbs * c.vocab_size * (s.e + 8)
-    gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
-    gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
-    load = 0.0  # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place
-    for sp, _ in s.groups:
-        numel = math.prod(sp.shape)
-        load = max(load, numel * (4 + s.e), numel * 4 * 3 if s.compressed(sp) else 0)
-    cpu["load"] = load
-    cpu["reserve"] = RESERVE
-    return {"gpu": gpu, "cpu": cpu, "disk": disk}
-
-
-def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
-    """CacheSlots buffers: per distinct (part index, rows) of parts not used in place, 2 parities x k and v."""
-    c, max_len = s.config, s.workload.max_len
-    on_cpu = s.cuda and s.policy.cpu_cache_compute
-    dense_row = c.num_kv_heads * max_len * c.head_dim * s.e
-    codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
-    tier = "cpu" if on_cpu and any(lay.cache_rows[1:]) else "gpu"
-    if lay.exact is None:
-        direct = all(lay.part_direct(t) or not r for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
-        return (0.0 if direct else 4 * s.gbs * (dense_row + codes_row)), tier
-    keys, count = set(), 0  # engine._prefetch_cache numbers loads layer by layer, batch by batch; parity = count % 2
-    for _ in range(min(2, s.workload.gen_len - 1)):
-        for _ in range(c.num_layers):
-            for b in range(s.nb):
-                count += 1
-                for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
-                    if not lay.part_direct(t):
-                        keys.add((i, rows.stop - rows.start, count % 2))
-    return sum(2 * r * (dense_row + codes_row) for _, r, _ in keys), tier
-
-
-def tier_peaks(plan: dict[str, dict[str, float]], cuda: bool) -> dict[str, float]:
-    """Peak bytes: "gpu" the compute tier, "cpu" all host RAM the engine takes, "disk" offload files.
-    Without CUDA the compute tier is host RAM too, so "cpu" includes it."""
-    gpu = sum(plan["gpu"].values())
-    host_run = sum(v for k, v in plan["cpu"].items() if k != "load")
-    host_load = plan["cpu"]["weights"] + plan["cpu"]["load"] + plan["cpu"]["reserve"]
-    if not cuda:
-        host_run += gpu
-        host_load += plan["gpu"]["weights"]
-    return {"gpu": gpu, "cpu": max(host_run, host_load), "disk": sum(plan["disk"].values())}
-
-
-def peak_memory(config: ModelConfig, workload: Workload, policy: Policy,
-                cuda: bool) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """(bytes per tier and component, peak bytes per tier) of running `workload` with `policy`."""
-    s = Setup(config, workload, policy, None, cuda=cuda)
-    plan = memory_plan(s, Layout.of_policy(s, policy))
-    return plan, tier_peaks(plan, cuda)
 
 
 # ---- the whole prediction ------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import torch
 from .block import Block
 from .checkpoint import Checkpoint
 from .config import ModelConfig, ModelError, config_from_dict, load_config
-from .cost_model import Workload, peak_memory
 from .devices import ComputeDevice, keep_freed_memory
 from .engine import Engine
 from .kv_cache import cache_bytes_per_token
+from .layout import Workload
 from .memory import Budgets, check_budgets, check_fits, return_freed_memory
+from .memory_plan import peak_memory
 from .models import layer_specs
 from .policy import Policy, PolicyError, split_counts
 from .presets import find_preset, preset_config, preset_names
@@ -69,8 +70,9 @@ def load_tokenizer(path: Path):
 
 
 class FlexGenLite:
-    """A model placed over gpu / cpu / disk by a policy.
+    """A model placed over gpu / cpu / disk by a policy (by default searched for this machine).
 
+    >>> m = FlexGenLite("path/to/opt-1.3b")  # policy="auto", planned for 512 + 32 tokens
     >>> m = FlexGenLite("path/to/opt-1.3b", policy=Policy(weight_gpu_percent=0, weight_cpu_percent=100))
     >>> m.generate("Paris is the capital of")
     """
@@ -78,8 +80,9 @@ class FlexGenLite:
     def __init__(self, model: str, policy: Policy | str | None = None, device: str | None = None,
                  progress: Callable[[str], None] | None = None, *, workload: Workload | None = None,
                  budgets: Budgets | None = None, hardware=None) -> None:
-        """policy: a Policy, "auto" or an AutoPolicy (searched for `workload`, default `default_workload`,
-        within `budgets`, using `hardware` or this machine's cached profile). Explicit budgets are checked
+        """policy: a Policy, or "auto" (the default) or an AutoPolicy: searched for `workload` (default
+        `default_workload`) within `budgets`, using `hardware` or this machine's cached profile (measured on
+        first use, ~25 s). Explicit budgets are checked
         for an explicit policy too; `self.search` keeps the auto policy's prediction."""
         self.config, source, self.tokenizer = open_model(model)
         self.device = ComputeDevice(device)
@@ -108,13 +111,13 @@ class FlexGenLite:
         self.progress = progress
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
+        from .hardware import load_profile
         from .policy_search import AutoPolicy, search_policy
-        from .profile import load_profile
 
-        if policy == "auto":
+        if policy is None or policy == "auto":
             policy = AutoPolicy()
-        if policy is None or isinstance(policy, Policy):
-            return policy or Policy()
+        if isinstance(policy, Policy):
+            return policy
         if not isinstance(policy, AutoPolicy):
             raise PolicyError(f"policy must be a Policy, an AutoPolicy or 'auto', got {policy!r}")
         offload = policy.base.offload_dir

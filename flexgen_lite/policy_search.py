@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .cost_model import Layout, Prediction, Regime, Setup, Workload, memory_plan, phase_times, predict, tier_peaks
+from .cost_model import Prediction, phase_times, predict
 from .devices import host_available_bytes
+from .hardware import HardwareProfile
+from .layout import Layout, Regime, Setup, Workload
 from .memory import Budgets, gib, over_budget
+from .memory_plan import memory_plan, tier_peaks
 from .policy import Policy, PolicyError
-from .profile import HardwareProfile
 
 TOLERANCE = 0.02  # within this of the best, prefer the smaller block
 COMPRESSION_GAIN = 1.10  # 4-bit weights or cache are lossy: chosen only when this much faster (or needed)

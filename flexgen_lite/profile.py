@@ -1,4 +1,4 @@
-"""This machine's speeds, measured once and cached as JSON: what the cost model turns into predicted times.
+"""Measuring this machine's speeds (hardware.py holds and caches them).
 
 `flexgen-lite profile` (or the first `--policy auto`) measures, in seconds: matmul rates per dtype over a
 range of batch rows, link bandwidths (host<->device, pinned and pageable; a host memory copy without
@@ -9,8 +9,6 @@ compute device and on the CPU, 4-bit (de)quantization rates and the cost of one 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import mmap
 import os
 import platform
@@ -18,8 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,163 +23,10 @@ import torch.nn.functional as F
 from .attention import attend
 from .compression import CompressionConfig, dequantize, quantize
 from .devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
+from .hardware import HardwareProfile, offload_parent
 from .policy import DTYPES
 
-PROFILE_VERSION = 2
 MiB = 2**20
-
-
-
-@dataclass
-class HardwareProfile:
-    """Measured rates (FLOP/s, bytes/s, elements/s) and fixed costs (seconds) of what the engine does."""
-
-    device: str
-    is_cuda: bool
-    matmul: dict[str, list[tuple[int, float, float]]]  # dtype -> [(rows, FLOP/s, fixed seconds per call)]
-    matmul_shape: tuple[int, int]  # (K, N) of the large measured weight
-    sdpa_prefill: dict[str, float]  # FLOP/s of masked prefill attention, 4 * B * heads * T^2 * hd per call
-    attention: dict[str, tuple[float, float]]  # decode attention on the compute device: (s per call, K+V bytes/s)
-    cpu_attention: dict[str, tuple[float, float]]  # the same on the CPU (cpu_cache_compute)
-    h2d_pinned: float
-    h2d_pageable: float
-    d2h_pinned: float
-    d2h_pageable: float
-    device_copy: float  # a copy within compute-device memory
-    host_copy: float  # memcpy in host RAM
-    strided_copy: float  # the cache's (len, rows, heads, d) -> (rows, heads, len, d) copy, host
-    disk_read: float  # cold: O_DIRECT, or buffered after posix_fadvise(DONTNEED)
-    disk_write: float  # written and synced
-    cached_read: float  # buffered read of a file in the page cache
-    cached_write: float  # buffered write, not synced
-    disk_method: str
-    dequantize: dict[str, float]  # elements/s of 4-bit dequantization into dtype, compute device
-    quantize: dict[str, float]  # elements/s of 4-bit quantization from dtype, compute device
-    cache_disk_load: dict[str, tuple[float, float]]  # KVCache.load of a disk part (page cache): (s, bytes/s)
-    cache_dequantize: dict[str, tuple[float, float]]  # KVCache.load of a compressed part: (s, elements/s)
-    cache_store: float  # seconds of writing one token's k, v into a compressed part (KVCache.store)
-    op_overhead: float  # seconds of one small torch op (dispatch, Python)
-    handoff: float  # seconds to hand a task to an I/O thread and wait for it (IOPool)
-    layer_overhead: dict[str, tuple[float, float]]  # family -> (s per layer, s per layer and batch) not otherwise
-    # counted in a decode step
-    contention: float  # torch work of an I/O thread beside compute costs this times its own time (CPU only)
-    contention_read: float  # the same for page-cache reads
-    offload_dir: str
-    threads: int
-    host_memory: int
-    torch_version: str = torch.__version__
-    measured_at: str = ""
-    seconds: float = 0.0
-    version: int = PROFILE_VERSION
-    notes: list[str] = field(default_factory=list)
-
-    def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
-        """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
-        count's rate, interpolated linearly in rows between measured counts (time is about affine there)."""
-        points = self.matmul.get(dtype) or self.matmul["float32"]
-        rows = max(rows, 1.0)
-
-        def at(point) -> float:
-            m, rate, fixed = point
-            return fixed + 2 * m * k * n / rate
-
-        if rows <= points[0][0]:
-            return at(points[0]) * rows / points[0][0] if rows < points[0][0] else at(points[0])
-        if rows >= points[-1][0]:
-            return at(points[-1]) * rows / points[-1][0]
-        i = next(i for i, p in enumerate(points) if rows <= p[0])
-        (m0, *_), (m1, *_) = points[i - 1], points[i]
-        return at(points[i - 1]) + (rows - m0) / (m1 - m0) * (at(points[i]) - at(points[i - 1]))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> HardwareProfile:
-        raw = json.loads(text)
-        if raw.get("version") != PROFILE_VERSION:
-            raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
-        raw["matmul_shape"] = tuple(raw["matmul_shape"])
-        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention"):
-            raw[name] = {k: tuple(v) for k, v in raw[name].items()}
-        return cls(**raw)
-
-    def summary(self) -> str:
-        g = 1e9
-        lines = [f"device {self.device}, {self.threads} threads, torch {self.torch_version}, "
-                 f"measured {self.measured_at} in {self.seconds:.1f} s"]
-        for dtype, points in self.matmul.items():
-            rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
-            lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
-        lines.append("prefill attention GFLOP/s: "
-                     + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
-        lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
-            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
-            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items()))
-        lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
-                     f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
-        lines.append(f"copy GB/s: device {self.device_copy / g:.1f}, host {self.host_copy / g:.1f}, "
-                     f"cache transpose {self.strided_copy / g:.1f}")
-        lines.append(f"disk GB/s ({self.offload_dir}, {self.disk_method}): read {self.disk_read / g:.2f}, "
-                     f"write {self.disk_write / g:.2f}; page cache read {self.cached_read / g:.1f}, "
-                     f"write {self.cached_write / g:.1f}")
-        lines.append("4-bit Gelem/s: dequantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.dequantize.items())
-                     + "; quantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.quantize.items()))
-        lines.append("KV cache part loads (fixed ms + rate): disk " + ", ".join(
-            f"{k} {v[0] * 1e3:.2f} + {v[1] / g:.1f} GB/s" for k, v in self.cache_disk_load.items())
-            + "; compressed " + ", ".join(f"{k} {v[0] * 1e3:.2f} + {v[1] / g:.2f} Gelem/s"
-                                          for k, v in self.cache_dequantize.items())
-            + f"; one-token compressed store {self.cache_store * 1e3:.2f} ms")
-        lines.append(f"small op {self.op_overhead * 1e6:.1f} us, I/O thread hand-off {self.handoff * 1e6:.0f} us, "
-                     f"beside compute: I/O thread torch work x{self.contention:.2f}, "
-                     f"page-cache reads x{self.contention_read:.2f}")
-        lines.append("engine overhead per layer + per layer and batch (us): " + ", ".join(
-            f"{k} {a * 1e6:.0f} + {b * 1e6:.0f}" for k, (a, b) in self.layer_overhead.items()))
-        return "\n".join(lines + self.notes)
-
-
-# ---- the cache file ------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flexgen-lite"
-
-
-def _offload_parent(offload_dir: str) -> str:
-    return os.path.abspath(offload_dir or tempfile.gettempdir())
-
-
-def profile_path(device: ComputeDevice, offload_dir: str = "") -> Path:
-    """One file per compute device and offload file system."""
-    name = str(device.device)
-    if device.is_cuda:
-        name += "-" + torch.cuda.get_device_name(device.device)
-    key = f"{name}|{_offload_parent(offload_dir)}|{platform.node()}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return cache_dir() / f"profile-{device.device.type}-{digest}.json"
-
-
-def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,
-                 progress: Callable[[str], None] | None = None) -> HardwareProfile:
-    """The cached profile of this machine, measuring it first if there is none (or with `refresh`).
-
-    FLEXGEN_LITE_PROFILE=FILE uses that file instead (tests, or a profile copied from a like machine)."""
-    override = os.environ.get("FLEXGEN_LITE_PROFILE")
-    if override and not refresh:
-        return HardwareProfile.from_json(Path(override).read_text())
-    device = device or ComputeDevice()
-    path = profile_path(device, offload_dir)
-    if path.is_file() and not refresh:
-        try:
-            return HardwareProfile.from_json(path.read_text())
-        except (ValueError, TypeError, KeyError):
-            pass  # an older or damaged file: measure again
-    profile = measure(device, offload_dir, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
-    return profile
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -251,7 +94,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
         f"note: other processes used {others:.1f} cores on average while this was measured: rates may be low; "
         "run `flexgen-lite profile --refresh` when the machine is idle"]
     return HardwareProfile(notes=notes,
-        device=_device_name(device), is_cuda=device.is_cuda, offload_dir=_offload_parent(offload_dir),
+        device=_device_name(device), is_cuda=device.is_cuda, offload_dir=offload_parent(offload_dir),
         threads=torch.get_num_threads(), host_memory=host_available_bytes(),
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.perf_counter() - tic, 1), **found)
 
@@ -435,8 +278,9 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
     engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term."""
     from .block import Block
     from .config import config_from_dict
-    from .cost_model import Workload, predict
+    from .cost_model import predict
     from .engine import Engine
+    from .layout import Workload
     from .models import layer_specs
     from .policy import Policy
     from .sampling import SamplingConfig

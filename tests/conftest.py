@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexgen_lite.hardware import HardwareProfile
+
 VOCAB = 512
+G, GiB = 1e9, 2**30
 
 FAMILY_CONFIGS = {
     "opt": dict(model_type="opt", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
@@ -139,3 +142,33 @@ def smollm():
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     return path, model
+
+
+def synthetic_profile(cuda: bool = False) -> HardwareProfile:
+    """Rates like this 2-core VM's (ANCHORS.md), fixed so that tests do not depend on the machine."""
+    rates = {"float32": 10 * G, "bfloat16": 8 * G, "float16": 8 * G}
+    attention = {k: (1e-4, v) for k, v in rates.items()}
+    return HardwareProfile(
+        device="synthetic", is_cuda=cuda,
+        matmul={"float32": [(m, r * G, 1e-4) for m, r in ((1, 6), (4, 24), (16, 80), (64, 120), (256, 128))],
+                "bfloat16": [(m, r * G, 1e-4) for m, r in ((1, 12), (4, 45), (16, 150), (64, 300), (1024, 370))],
+                "float16": [(1, 0.4 * G, 1e-4)]},
+        matmul_shape=(2048, 4096), sdpa_prefill={"float32": 50 * G, "bfloat16": 80 * G, "float16": 80 * G},
+        attention=attention, cpu_attention=attention, h2d_pinned=12 * G, h2d_pageable=12 * G, d2h_pinned=12 * G,
+        d2h_pageable=12 * G, device_copy=12 * G, host_copy=12 * G, strided_copy=3 * G, disk_read=1.5 * G,
+        disk_write=1.2 * G, cached_read=8 * G, cached_write=4 * G, disk_method="O_DIRECT",
+        dequantize=dict.fromkeys(rates, 1 * G), quantize=dict.fromkeys(rates, 0.3 * G),
+        cache_disk_load=dict.fromkeys(rates, (2e-4, 4 * G)), cache_dequantize=dict.fromkeys(rates, (5e-4, 1 * G)),
+        cache_store=5e-4, op_overhead=5e-6, handoff=5e-5, layer_overhead={"opt": (1e-4, 1e-4), "llama": (1e-4, 1e-4)},
+        contention=1.5, contention_read=1.2, offload_dir="/tmp", threads=2, host_memory=20 * GiB)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _synthetic_machine(tmp_path_factory):
+    """policy="auto" (the API's default) plans with a fixed profile: tests neither depend on this machine's
+    speeds nor measure them. Tests of the profile itself unset this."""
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    path.write_text(synthetic_profile().to_json())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEXGEN_LITE_PROFILE", str(path))
+        yield path

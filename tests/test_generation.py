@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from flexgen_lite.models import layer_specs
 from flexgen_lite.models import layers as L
 from flexgen_lite.presets import preset_config
 from flexgen_lite.sampling import row_generators, sample
-from flexgen_lite.storage import TIERS
+from flexgen_lite.storage import TIERS, DiskFile
 from flexgen_lite.weights import planned_bytes, weight_tiers
 
 from .conftest import PROMPTS
@@ -335,6 +336,39 @@ def test_weight_tiers_keep_the_same_names_in_every_layer():
             assert abs(placed[tier] - share / 100 * total) <= _half_tensor_per_cut(specs, 2), (percents, placed)
             if share == 0:
                 assert placed[tier] == 0
+
+
+@pytest.mark.parametrize("weight", [(30, 30), (0, 0)])
+def test_weights_in_memory_are_used_in_place(monkeypatch, weight):
+    """Without CUDA a weight in RAM (gpu or cpu tier) is computed on where it lives; only disk-homed ones are
+    read into slots, once per step where layers take turns in a slot, else once (the slot keeps it: the
+    embedding and head, tied here, and a decoder name on disk in one layer of a parity only)."""
+    reads = []
+    real = DiskFile.read_into
+    monkeypatch.setattr(DiskFile, "read_into", lambda f, dst, offset=0: reads.append(f.path) or real(f, dst, offset))
+    policy = Policy(gpu_batch_size=2, weight_gpu_percent=weight[0], weight_cpu_percent=weight[1])
+    with FlexGenLite("facebook/opt-125m", policy=policy) as m:
+        ids = m.generate_ids([[2, 100, 200], [2, 300]], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+        step_reads = list(reads)
+        turns = Counter()  # disk-homed weights per decoder slot (kind, parity, name)
+        slot_of = {}
+        for layer, spec in zip(m.engine.weights, m.engine.specs, strict=True):
+            for name, t in layer.items():
+                if t.tier == "disk" and spec.kind in ("attention", "mlp"):
+                    slot_of[id(t)] = (spec.kind, spec.index % 2, name)
+                    turns[slot_of[id(t)]] += 1
+        stored = {id(t): t for layer in m.engine.weights for t in layer.values()}
+        on_disk = [t for t in stored.values() if t.tier == "disk"]
+        assert on_disk and (weight == (0, 0)) == (len(on_disk) == len(stored))
+        for layer in m.engine.weights:
+            fetched = m.engine.weight_slots.fetch(layer, ("test", 0))
+            for name, t in layer.items():
+                assert t.resident == (t.tier != "disk")
+                assert (fetched[name] is t.data) == t.resident
+    assert m.config.tie_embeddings and len(ids[0]) == 3
+    want = [t.data.path for t in on_disk for _ in range(3 if turns[slot_of.get(id(t))] > 1 else 1)]
+    assert sorted(step_reads) == sorted(want)
+    assert len(want) > 2 * len(on_disk)  # most are read every step
 
 
 def test_ledger_counts_the_cache_on_disk(opt_dir):

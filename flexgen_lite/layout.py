@@ -1,0 +1,148 @@
+"""What the cost model and the memory plan read: a model, workload, policy shape and machine (`Setup`), and
+where the policy puts weights, KV cache and activations as the engine sees it (`Layout`: exact for a policy,
+continuous for the LP)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .hardware import HardwareProfile
+from .kv_cache import cache_bytes_per_token
+from .models import LayerSpec, WeightSpec, layer_specs
+from .policy import Policy, PolicyError, split_counts
+from .storage import TIERS
+from .weights import stored_nbytes, weight_tiers
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What will be generated: prompt and generation length, and how many prompts (None: one block)."""
+
+    prompt_len: int
+    gen_len: int
+    num_prompts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.gen_len < 1 or (self.num_prompts is not None and self.num_prompts < 1):
+            raise PolicyError(f"workload lengths and prompt count must be positive, got {self}")
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+_SPECS: dict[int, tuple] = {}
+
+
+def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[WeightSpec, int]]]:
+    """Layer specs, and the stored weights (tied ones once) grouped by shape: (one of them, how many)."""
+    hit = _SPECS.get(id(config))
+    if hit is None or hit[0] is not config:
+        specs = layer_specs(config)
+        unique = {w.hf_name: w for layer in specs for w in layer.weights}.values()
+        count = Counter(w.shape for w in unique)
+        first = {w.shape: w for w in unique}
+        hit = _SPECS[id(config)] = (config, specs, [(first[shape], n) for shape, n in count.items()])
+    return hit[1], hit[2]
+
+
+@dataclass(frozen=True)
+class Regime:
+    cache_direct: bool  # every cache part attended where it lives (no load into a cache slot)
+
+
+class Setup:
+    """A model, workload, policy shape (batches, switches, dtype) and machine: what every cost reads."""
+
+    def __init__(self, config: ModelConfig, workload: Workload, policy: Policy, hw: HardwareProfile | None,
+                 disk_cached: bool = True, cuda: bool | None = None) -> None:
+        """hw may be None for memory alone; then `cuda` says whether the compute tier is a GPU."""
+        self.config, self.workload, self.policy, self.hw = config, workload, policy, hw
+        self.cuda, self.disk_cached = (hw.is_cuda if hw is not None else bool(cuda)), disk_cached
+        self.dtype = policy.torch_dtype(torch.device("cuda" if self.cuda else "cpu"))
+        self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
+        self.specs, self.groups = _model_specs(config)
+        self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
+        # a head weight tied to the embedding's: its slot still holds it (WeightSlots), so it moves once
+        self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
+        self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
+        self.gbs, self.nb, self.n = policy.gpu_batch_size, policy.num_gpu_batches, policy.block_size
+        c = config
+        self.seq_layer = cache_bytes_per_token(1, c.num_kv_heads, c.head_dim, self.dtype, self.ccomp)  # k+v
+        self.seq_layer_dense = 2 * c.num_kv_heads * c.head_dim * self.e
+        self.threads = 3 if policy.overlap else 1  # IOPool workers, each with its own staging buffer
+
+    def compressed(self, spec: WeightSpec) -> bool:
+        return self.wcomp is not None and len(spec.shape) >= 2
+
+    def tensor_bytes(self, spec: WeightSpec) -> int:
+        """Bytes of a weight as stored (4-bit codes when compressed), as weights.place_tensor stores it."""
+        return stored_nbytes(spec.shape, self.dtype, self.wcomp)
+
+
+class Layout:
+    """Where things live, as the engine sees them: per weight name of a layer kind the share of its layers
+    holding it on (gpu, cpu, disk), weight bytes per tier, block sequences and GPU batches per tier.
+    `of_policy` is exact; `linear` is continuous for the LP."""
+
+    def __init__(self, s: Setup, weight, placed, cache_rows, act_batches, exact: Policy | None = None,
+                 slot_sets: dict | None = None) -> None:
+        self.s, self.weight, self.placed = s, weight, placed
+        self.cache_rows, self.act_batches, self.exact, self.slot_sets = cache_rows, act_batches, exact, slot_sets
+
+    @classmethod
+    def of_policy(cls, s: Setup, p: Policy) -> Layout:
+        tiers = weight_tiers(s.specs, p.percents("weight"), s.dtype, s.wcomp)
+        counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+        slot_sets: dict[tuple[str, str], set] = defaultdict(set)  # WeightSlots keys (kind, index % 2, name)
+        for layer in s.specs:
+            for spec in layer.weights:
+                tier = tiers[spec.hf_name]
+                counts[layer.kind, spec.name][tier] += 1
+                if layer.kind == "head" and spec.hf_name in s.tied:
+                    continue
+                if s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
+                    slot_sets[layer.kind, spec.name].add(layer.index % 2)
+        shares = {key: tuple(c[t] / c.total() for t in TIERS) for key, c in counts.items()}
+        placed = dict.fromkeys(TIERS, 0)
+        for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
+            placed[tiers[spec.hf_name]] += s.tensor_bytes(spec)
+        return cls(s, lambda kind, spec: shares[kind, spec.name], placed, split_counts(s.n, p.percents("cache")),
+                   split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()})
+
+    @classmethod
+    def linear(cls, s: Setup, x) -> Layout:
+        """x = (wg, wc, cg, cc, hg, hc): shares of weight bytes, block sequences and GPU batches."""
+        wg, wc, cg, cc, hg, hc = x
+        total = sum(n * s.tensor_bytes(sp) for sp, n in s.groups)
+        return cls(s, lambda kind, spec: (wg, wc, 1 - wg - wc), dict(zip(TIERS, (wg * total, wc * total,
+                   (1 - wg - wc) * total), strict=True)), (cg * s.n, cc * s.n, (1 - cg - cc) * s.n),
+                   (hg * s.nb, hc * s.nb, (1 - hg - hc) * s.nb))
+
+    def resident(self, kind: str, spec: WeightSpec) -> float:
+        """The share of a weight name's layers that use it where it lives (weights.place_tensor decides)."""
+        if self.s.compressed(spec):
+            return 0.0
+        g, c, _ = self.weight(kind, spec)
+        return g if self.s.cuda else g + c
+
+    def weight_slots(self, kind: str, spec: WeightSpec) -> float:
+        """Weight slot buffers of a name: two for decoder layers (this layer and the next), one for embed
+        and head, if any layer needs one; continuous in the LP."""
+        if self.slot_sets is not None:
+            return self.slot_sets.get((kind, spec.name), 0)
+        if kind == "head" and spec.hf_name in self.s.tied:
+            return 0.0
+        sets = min(2, self.s.config.num_layers) if kind in ("attention", "mlp") else 1
+        return sets * (1 - self.resident(kind, spec))
+
+    def part_direct(self, tier: str) -> bool:
+        """As kv_cache.KVCache._alloc decides."""
+        s = self.s
+        if s.ccomp is not None:
+            return False
+        return tier == "gpu" or (tier == "cpu" and (not s.cuda or s.policy.cpu_cache_compute))

@@ -1,0 +1,97 @@
+"""Peak memory per tier of a policy, component by component, as the engine allocates it."""
+
+from __future__ import annotations
+
+import math
+
+from .config import ModelConfig
+from .kv_cache import batch_parts
+from .layout import Layout, Setup, Workload
+from .policy import Policy
+from .storage import TIERS
+
+MiB = 2**20
+RESERVE = 64 * MiB  # allocator slack and small buffers not modelled one by one
+
+
+def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
+    """Bytes per tier and component, as the engine allocates them; "load" is the host's transient while
+    weights are placed (source rows read as fp32 before the cast)."""
+    c, w = s.config, s.workload
+    gpu, cpu, disk = {}, {}, {}
+    gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
+    slots, staging = 0.0, 0.0
+    for kind, spec in s.kinds.items():
+        for sp in spec.weights:
+            slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
+            if lay.weight(kind, sp)[2] and (s.cuda or s.compressed(sp)):  # read into a host staging buffer
+                staging = max(staging, s.tensor_bytes(sp))
+    gpu["weight slots"] = slots
+    per_seq = s.seq_layer * w.max_len * c.num_layers
+    for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
+        d["kv cache"] = tier * per_seq
+    slot_bytes, slot_tier = _cache_slots(s, lay)
+    (cpu if slot_tier == "cpu" else gpu)["cache slots"] = slot_bytes
+    if lay.cache_rows[2]:
+        rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
+                    if t == "disk"), default=0) if lay.exact else s.gbs
+        staging = max(staging, rows * s.seq_layer / 2 * w.max_len)  # one of k, v of a part
+    cpu["staging"] = s.threads * staging
+    hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
+    for d, batches in zip((gpu, cpu, disk), lay.act_batches, strict=True):
+        d["activations"] = batches * hidden
+    rows = s.gbs * w.prompt_len
+    h, f, q_kv = c.hidden_size, c.intermediate_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    working = rows * s.e * max(6 * h + 2 * q_kv, 3 * h + (4 if c.gated_mlp else 2) * f)
+    inputs = s.n * (w.prompt_len * w.prompt_len + 8 * w.max_len) + 2 * s.n * w.prompt_len * c.head_dim * s.e
+    logits = s.gbs * c.vocab_size * (s.e + 8)
+    gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
+    gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
+    load = 0.0  # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place
+    for sp, _ in s.groups:
+        numel = math.prod(sp.shape)
+        load = max(load, numel * (4 + s.e), numel * 4 * 3 if s.compressed(sp) else 0)
+    cpu["load"] = load
+    cpu["reserve"] = RESERVE
+    return {"gpu": gpu, "cpu": cpu, "disk": disk}
+
+
+def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
+    """CacheSlots buffers: per distinct (part index, rows) of parts not used in place, 2 parities x k and v."""
+    c, max_len = s.config, s.workload.max_len
+    on_cpu = s.cuda and s.policy.cpu_cache_compute
+    dense_row = c.num_kv_heads * max_len * c.head_dim * s.e
+    codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
+    tier = "cpu" if on_cpu and any(lay.cache_rows[1:]) else "gpu"
+    if lay.exact is None:
+        direct = all(lay.part_direct(t) or not r for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
+        return (0.0 if direct else 4 * s.gbs * (dense_row + codes_row)), tier
+    keys, count = set(), 0  # engine._prefetch_cache numbers loads layer by layer, batch by batch; parity = count % 2
+    for _ in range(min(2, s.workload.gen_len - 1)):
+        for _ in range(c.num_layers):
+            for b in range(s.nb):
+                count += 1
+                for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
+                    if not lay.part_direct(t):
+                        keys.add((i, rows.stop - rows.start, count % 2))
+    return sum(2 * r * (dense_row + codes_row) for _, r, _ in keys), tier
+
+
+def tier_peaks(plan: dict[str, dict[str, float]], cuda: bool) -> dict[str, float]:
+    """Peak bytes: "gpu" the compute tier, "cpu" all host RAM the engine takes, "disk" offload files.
+    Without CUDA the compute tier is host RAM too, so "cpu" includes it."""
+    gpu = sum(plan["gpu"].values())
+    host_run = sum(v for k, v in plan["cpu"].items() if k != "load")
+    host_load = plan["cpu"]["weights"] + plan["cpu"]["load"] + plan["cpu"]["reserve"]
+    if not cuda:
+        host_run += gpu
+        host_load += plan["gpu"]["weights"]
+    return {"gpu": gpu, "cpu": max(host_run, host_load), "disk": sum(plan["disk"].values())}
+
+
+def peak_memory(config: ModelConfig, workload: Workload, policy: Policy,
+                cuda: bool) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(bytes per tier and component, peak bytes per tier) of running `workload` with `policy`."""
+    s = Setup(config, workload, policy, None, cuda=cuda)
+    plan = memory_plan(s, Layout.of_policy(s, policy))
+    return plan, tier_peaks(plan, cuda)
