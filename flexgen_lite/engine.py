@@ -198,7 +198,7 @@ class Engine:
         slot_key = (spec.kind, spec.index % 2) if spec.kind in ("attention", "mlp") else None
         return self.io.submit(self._load_weights, j, slot_key, after)
 
-    def _load_weights(self, j: int, slot_key: tuple, after):
+    def _load_weights(self, j: int, slot_key: tuple | None, after):
         with self.device.on_copy_stream(after) as done:
             return self.weight_slots.fetch(self.weights[j], slot_key), done()
 

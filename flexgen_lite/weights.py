@@ -76,10 +76,11 @@ def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
     compute memory is used where it lives, with no copy.
 
     The embedding and head are laid out first and cut at the whole model's shares (one homed on disk
-    costs its size in RAM anyway: its slot keeps it); then each decoder layer kind (attention, mlp) is laid out name by name, each name
-    across all layers, and cut at the shares that remain. A tensor goes where its middle falls. So every
-    layer keeps the same names in compute memory (they need no weight slot), one name may change tier
-    part-way through the layers, and each tier's bytes are within half a decoder tensor of its share."""
+    costs its size in RAM anyway: its slot keeps it); then each decoder layer kind (attention, mlp) is
+    laid out name by name, each name across all layers, and cut at the shares that remain. A tensor goes
+    where its middle falls. So every layer keeps the same names in compute memory (they need no weight
+    slot), one name may change tier part-way through the layers, and each tier's bytes are within half a
+    decoder tensor of its share."""
     by_kind: dict[str, dict[str, list[WeightSpec]]] = {}
     seen = set()
     for layer in layers:
