@@ -15,7 +15,7 @@ from .kv_cache import cache_bytes_per_token
 from .models import LayerSpec, WeightSpec, layer_specs
 from .policy import Policy, PolicyError, split_counts
 from .storage import TIERS
-from .weights import stored_nbytes, weight_tiers
+from .weights import DECODER_KINDS, stored_nbytes, weight_tiers
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,15 @@ class Layout:
 
     @classmethod
     def linear(cls, s: Setup, x) -> Layout:
-        """x = (wg, wc, cg, cc, hg, hc): shares of weight bytes, block sequences and GPU batches."""
+        """x = (wg, wc, cg, cc, hg, hc): shares of decoder weight bytes, block sequences and GPU batches
+        (the embedding and head are in compute memory, as weights.weight_tiers places them)."""
         wg, wc, cg, cc, hg, hc = x
-        total = sum(n * s.tensor_bytes(sp) for sp, n in s.groups)
-        return cls(s, lambda kind, spec: (wg, wc, 1 - wg - wc), dict(zip(TIERS, (wg * total, wc * total,
-                   (1 - wg - wc) * total), strict=True)), (cg * s.n, cc * s.n, (1 - cg - cc) * s.n),
-                   (hg * s.nb, hc * s.nb, (1 - hg - hc) * s.nb))
+        ends = sum(s.tensor_bytes(sp) for k in s.kinds if k not in DECODER_KINDS for sp in s.kinds[k].weights
+                   if not (k == "head" and sp.hf_name in s.tied))
+        decoder = sum(n * s.tensor_bytes(sp) for sp, n in s.groups) - ends
+        placed = dict(zip(TIERS, (ends + wg * decoder, wc * decoder, (1 - wg - wc) * decoder), strict=True))
+        return cls(s, lambda kind, spec: (wg, wc, 1 - wg - wc) if kind in DECODER_KINDS else (1.0, 0.0, 0.0),
+                   placed, (cg * s.n, cc * s.n, (1 - cg - cc) * s.n), (hg * s.nb, hc * s.nb, (1 - hg - hc) * s.nb))
 
     def resident(self, kind: str, spec: WeightSpec) -> float:
         """The share of a weight name's layers that use it where it lives (weights.place_tensor decides)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .config import ModelConfig
 from .kv_cache import batch_parts
 from .layout import Layout, Setup, Workload
@@ -47,10 +49,13 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     logits = s.gbs * c.vocab_size * (s.e + 8)
     gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
     gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
-    load = 0.0  # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place
+    # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place; an
+    # fp32 tensor kept in host RAM is the source's own (the cast is a no-op), so only the read counts
+    cast = 0 if s.dtype == torch.float32 and not s.cuda else s.e
+    load = 0.0
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
-        load = max(load, numel * (4 + s.e), numel * 4 * 3 if s.compressed(sp) else 0)
+        load = max(load, numel * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
     cpu["load"] = load
     cpu["reserve"] = RESERVE
     return {"gpu": gpu, "cpu": cpu, "disk": disk}

@@ -19,7 +19,9 @@ from .compression import (
 from .config import ModelError
 from .devices import ComputeDevice
 from .models import LayerSpec, WeightSpec
-from .storage import TIERS, DiskFile, DiskStore, MemoryLedger, Staging
+from .storage import DiskFile, DiskStore, MemoryLedger, Staging
+
+DECODER_KINDS = ("attention", "mlp")
 
 
 class WeightSource:
@@ -75,12 +77,12 @@ def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
     """The tier of every stored weight (by checkpoint name; tied weights once). Whole tensors, so one in
     compute memory is used where it lives, with no copy.
 
-    The embedding and head are laid out first and cut at the whole model's shares (one homed on disk
-    costs its size in RAM anyway: its slot keeps it); then each decoder layer kind (attention, mlp) is
-    laid out name by name, each name across all layers, and cut at the shares that remain. A tensor goes
-    where its middle falls. So every layer keeps the same names in compute memory (they need no weight
-    slot), one name may change tier part-way through the layers, and each tier's bytes are within half a
-    decoder tensor of its share."""
+    The shares apply to the decoder layers. The embedding and head live in compute memory: homed anywhere
+    else, their slots would keep a full copy there anyway (WeightSlots), so other tiers would only add
+    disk space and a read. Each decoder layer kind (attention, mlp) is laid out name by name, each name
+    across all layers, and cut at the shares; a tensor goes where its middle falls. So every layer keeps
+    the same names in compute memory (they need no weight slot), one name may change tier part-way
+    through the layers, and each tier's bytes are within half a tensor per kind of its share."""
     by_kind: dict[str, dict[str, list[WeightSpec]]] = {}
     seen = set()
     for layer in layers:
@@ -88,26 +90,20 @@ def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
             if spec.hf_name not in seen:
                 seen.add(spec.hf_name)
                 by_kind.setdefault(layer.kind, {}).setdefault(spec.name, []).append(spec)
-    ordered = {kind: [spec for same_name in names.values() for spec in same_name] for kind, names in by_kind.items()}
-    size = {spec.hf_name: stored_nbytes(spec.shape, dtype, compression) for specs in ordered.values() for spec in specs}
-    want = [p / 100 * sum(size.values()) for p in percents]
-    tiers: dict[str, str] = {}
-    ends = [kind for kind in ordered if kind not in ("attention", "mlp")]
-    _cut([spec for kind in ends for spec in ordered[kind]], size, want, tiers)
-    left = [max(0.0, want[i] - sum(size[h] for h, t in tiers.items() if t == TIERS[i])) for i in range(3)]
-    for kind in ("attention", "mlp"):
-        specs = ordered.get(kind, [])
-        _cut(specs, size, [v / (sum(left) or 1) * sum(size[s.hf_name] for s in specs) for v in left], tiers)
+    tiers = {}
+    for kind, names in by_kind.items():
+        specs = [spec for same_name in names.values() for spec in same_name]
+        if kind not in DECODER_KINDS:
+            tiers.update(dict.fromkeys((spec.hf_name for spec in specs), "gpu"))
+            continue
+        size = [stored_nbytes(spec.shape, dtype, compression) for spec in specs]
+        cuts = (percents[0] / 100 * sum(size), (percents[0] + percents[1]) / 100 * sum(size))
+        placed = 0
+        for spec, nbytes in zip(specs, size, strict=True):
+            middle = placed + nbytes / 2
+            tiers[spec.hf_name] = "gpu" if middle < cuts[0] else "cpu" if middle < cuts[1] else "disk"
+            placed += nbytes
     return tiers
-
-
-def _cut(specs: list[WeightSpec], size: dict[str, int], want: list[float], tiers: dict[str, str]) -> None:
-    """Lay `specs` out in order and cut after want[0] bytes (gpu) and want[0] + want[1] (cpu)."""
-    placed = 0
-    for spec in specs:
-        middle = placed + size[spec.hf_name] / 2
-        tiers[spec.hf_name] = "gpu" if middle < want[0] else "cpu" if middle < want[0] + want[1] else "disk"
-        placed += size[spec.hf_name]
 
 
 def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: CompressionConfig | None) -> int:

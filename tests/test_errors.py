@@ -218,7 +218,8 @@ def test_policy_too_big_for_memory_fails_before_allocating(tmp_path):
 def test_policy_too_big_for_disk(tmp_path, monkeypatch):
     real = memory_module.free_bytes
     monkeypatch.setattr(memory_module, "free_bytes", lambda *a: {**real(*a), "disk": 10 * 2**20})
-    with pytest.raises(PolicyError, match="needs 0.47 GiB on the disk tier.*--offload-dir"):
+    # the decoder layers (85M parameters in fp32); the embedding stays in memory
+    with pytest.raises(PolicyError, match="needs 0.32 GiB on the disk tier.*--offload-dir"):
         FlexGenLite("facebook/opt-125m", policy=Policy(weight_gpu_percent=0, weight_cpu_percent=0, dtype="float32",
                                                        offload_dir=str(tmp_path)))
     assert os.listdir(tmp_path) == []

@@ -297,7 +297,8 @@ def test_offload_files_removed_when_garbage_collected(opt_dir, tmp_path):
 # ---- placement and the memory ledger ----------------------------------------------------------------------------
 
 def test_weight_placement_follows_percentages():
-    """Whole tensors, each layer kind cut at the percentages: every tier within half a tensor per cut and kind."""
+    """Decoder weights split by the percentages (whole tensors: within half a tensor per kind and cut);
+    the embedding and head in compute memory."""
     policy = Policy(weight_gpu_percent=20, weight_cpu_percent=50, dtype="float32")
     with FlexGenLite("facebook/opt-125m", policy=policy) as m:
         current = m.memory_report()["current"]  # weights only: buffers come with the first generation
@@ -305,14 +306,26 @@ def test_weight_placement_follows_percentages():
         planned = planned_bytes(specs, policy.percents("weight"), m.dtype)
     total = sum(current.values())
     assert abs(total / 4 - m.config.num_params()) < 0.01 * m.config.num_params()  # num_params skips biases
+    ends, decoder = _split_bytes(specs, 4)
+    assert ends + decoder == total
     for tier, want in zip(("gpu", "cpu", "disk"), (20, 50, 30), strict=True):
-        assert abs(current[tier] - want / 100 * total) <= _half_tensor_per_cut(specs, 4), (tier, current)
+        got = current[tier] - (ends if tier == "gpu" else 0)
+        assert abs(got - want / 100 * decoder) <= _half_tensor_per_cut(specs, 4), (tier, current)
     assert planned == current
 
 
+def _split_bytes(specs, itemsize: int) -> tuple[int, int]:
+    """Bytes of the embedding and head (tied weights once), and of the decoder layers."""
+    unique = {w.hf_name: (layer.kind, w) for layer in specs for w in layer.weights}
+    sizes = [(kind in ("attention", "mlp"), itemsize * math.prod(w.shape)) for kind, w in unique.values()]
+    return sum(n for dec, n in sizes if not dec), sum(n for dec, n in sizes if dec)
+
+
 def _half_tensor_per_cut(specs, itemsize: int) -> float:
-    """How far a tier's bytes may be from its share: half the largest tensor of each kind, at each of 2 cuts."""
-    largest = {layer.kind: max(itemsize * math.prod(w.shape) for w in layer.weights) for layer in specs}
+    """How far a tier's decoder bytes may be from its share: half the largest tensor of each kind at each
+    of 2 cuts."""
+    largest = {layer.kind: max(itemsize * math.prod(w.shape) for w in layer.weights) for layer in specs
+               if layer.kind in ("attention", "mlp")}
     return sum(largest.values())
 
 
@@ -320,10 +333,10 @@ def test_weight_tiers_keep_the_same_names_in_every_layer():
     """Per name, its layers' tiers run gpu, then cpu, then disk; only one name per kind and cut mixes them,
     so the other names are resident in all layers or in none."""
     specs = layer_specs(preset_config("facebook/opt-1.3b"))
+    ends, decoder = _split_bytes(specs, 2)
     for percents in ((30, 30, 40), (0, 55, 45), (100, 0, 0), (0, 0, 100), (12.5, 0, 87.5)):
         tiers = weight_tiers(specs, percents, torch.float16)
         placed = planned_bytes(specs, percents, torch.float16)
-        total = sum(placed.values())
         for kind in ("attention", "mlp"):
             layers = [layer for layer in specs if layer.kind == kind]
             mixed = 0
@@ -332,17 +345,20 @@ def test_weight_tiers_keep_the_same_names_in_every_layer():
                 assert run == sorted(run), (kind, name, run)
                 mixed += len(set(run)) - 1
             assert mixed <= sum(1 for p in percents[:2] if 0 < p < 100)
+        assert all(tiers[w.hf_name] == "gpu" for layer in specs if layer.kind in ("embed", "head")
+                   for w in layer.weights)
         for tier, share in zip(TIERS, percents, strict=True):
-            assert abs(placed[tier] - share / 100 * total) <= _half_tensor_per_cut(specs, 2), (percents, placed)
+            got = placed[tier] - (ends if tier == "gpu" else 0)
+            assert abs(got - share / 100 * decoder) <= _half_tensor_per_cut(specs, 2), (percents, placed)
             if share == 0:
-                assert placed[tier] == 0
+                assert got == 0
 
 
 @pytest.mark.parametrize("weight", [(30, 30), (0, 0)])
 def test_weights_in_memory_are_used_in_place(monkeypatch, weight):
     """Without CUDA a weight in RAM (gpu or cpu tier) is computed on where it lives; only disk-homed ones are
-    read into slots, once per step where layers take turns in a slot, else once (the slot keeps it: the
-    embedding and head, tied here, and a decoder name on disk in one layer of a parity only)."""
+    read into slots, once per step where layers take turns in a slot, else once (the slot keeps it: a
+    decoder name on disk in one layer of a parity only). The embedding and head are never on disk."""
     reads = []
     real = DiskFile.read_into
     monkeypatch.setattr(DiskFile, "read_into", lambda f, dst, offset=0: reads.append(f.path) or real(f, dst, offset))
@@ -351,15 +367,18 @@ def test_weights_in_memory_are_used_in_place(monkeypatch, weight):
         ids = m.generate_ids([[2, 100, 200], [2, 300]], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
         step_reads = list(reads)
         turns = Counter()  # disk-homed weights per decoder slot (kind, parity, name)
-        slot_of = {}
+        slot_of, decoder = {}, set()
         for layer, spec in zip(m.engine.weights, m.engine.specs, strict=True):
             for name, t in layer.items():
-                if t.tier == "disk" and spec.kind in ("attention", "mlp"):
+                if spec.kind in ("attention", "mlp"):
+                    decoder.add(id(t))
+                if t.tier == "disk":
                     slot_of[id(t)] = (spec.kind, spec.index % 2, name)
                     turns[slot_of[id(t)]] += 1
         stored = {id(t): t for layer in m.engine.weights for t in layer.values()}
         on_disk = [t for t in stored.values() if t.tier == "disk"]
-        assert on_disk and (weight == (0, 0)) == (len(on_disk) == len(stored))
+        assert on_disk and all(t.tier == "gpu" for i, t in stored.items() if i not in decoder)  # embed, head
+        assert (weight == (0, 0)) == all(stored[i].tier == "disk" for i in decoder)
         for layer in m.engine.weights:
             fetched = m.engine.weight_slots.fetch(layer, ("test", 0))
             for name, t in layer.items():

@@ -258,7 +258,8 @@ CPU_BUDGET = 450 * MiB  # opt-125m in fp32 is 0.5 GB of weights: most must go to
 
 
 def test_auto_policy_keeps_peak_rss_under_the_cpu_budget(profile_file, tmp_path):
-    """Peak RSS of a whole `flexgen-lite bench --cpu-mem 450MiB` run on opt-125m (fp32) <= the budget plus
+    """Peak RSS of a whole `flexgen-lite bench --cpu-mem 450MiB --disk-mem 400MiB` run on opt-125m (fp32) <=
+    the cpu budget plus
     the runtime's own footprint: Python, torch, transformers and scipy imported and warmed up, measured
     here in a fresh process first (about 0.4 GiB on this VM)."""
     env = dict(os.environ, FLEXGEN_LITE_PROFILE=str(profile_file))
@@ -266,11 +267,13 @@ def test_auto_policy_keeps_peak_rss_under_the_cpu_budget(profile_file, tmp_path)
                                  text=True).stdout)
     run = subprocess.run([sys.executable, "-m", "flexgen_lite.cli", "bench", "--model", "facebook/opt-125m",
                           "--dtype", "float32", "--prompt-len", "16", "--gen-len", "4", "--num-gpu-batches", "1",
-                          "--gpu-batch-size", "4", "--cpu-mem", "450MiB", "--offload-dir", str(tmp_path)],
+                          "--gpu-batch-size", "4", "--cpu-mem", "450MiB", "--disk-mem", "400MiB",
+                          "--offload-dir", str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.splitlines()[-1])
     rss = report["peak_rss_gb"] * 1e9
     print(f"runtime {runtime / MiB:.0f} MiB, run peak RSS {rss / MiB:.0f} MiB, budget {CPU_BUDGET / MiB:.0f} MiB")
-    assert report["peak_disk_gb"] * 1e9 > 250 * MiB  # the weights really went to disk
+    # most decoder weights (0.32 GiB) really went to disk, within its budget
+    assert 200 * MiB < report["peak_disk_gb"] * 1e9 <= 400 * MiB
     assert rss <= CPU_BUDGET + runtime
