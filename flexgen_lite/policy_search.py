@@ -123,7 +123,8 @@ def _regimes(p: Policy) -> list[Regime]:
 
 
 def _all_on_disk(s: Setup) -> float:
-    weights = sum(n * s.tensor_bytes(sp) for sp, n in s.groups)
+    """Offload file bytes with every decoder weight and all the KV cache on disk."""
+    weights = Layout.linear(s, np.zeros(6)).placed["disk"]
     return weights + s.n * s.seq_layer * s.workload.max_len * s.config.num_layers
 
 
