@@ -24,6 +24,7 @@ from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 from .models import LayerSpec
 from .policy import Policy
+from .weights import DECODER_KINDS
 
 OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
 
@@ -211,7 +212,7 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
     t = s.workload.prompt_len if prefill else 1
     length = s.workload.prompt_len + s.workload.gen_len / 2
     # a slot that only one layer uses keeps its weights: after the first step they are not fetched again
-    kept = {"embed", "head"} | ({"attention", "mlp"} if s.config.num_layers <= 2 else set())
+    kept = {"embed", "head"} | (set(DECODER_KINDS) if s.config.num_layers <= 2 else set())
     fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay) for k, spec in s.kinds.items()}
     comp = {k: _compute(s, k, t) + _activations(s, lay, t) for k in s.kinds}
     comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)

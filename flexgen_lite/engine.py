@@ -29,7 +29,7 @@ from .models import layers as L
 from .policy import Policy
 from .sampling import SamplingConfig, sample
 from .storage import DiskStore, MemoryLedger, Staging
-from .weights import StoredWeight, WeightSlots
+from .weights import DECODER_KINDS, StoredWeight, WeightSlots
 
 
 @dataclass
@@ -195,7 +195,7 @@ class Engine:
     def _prefetch_weights(self, j: int) -> Future:
         spec = self.specs[j]
         after = self.device.compute_event()  # the slot being refilled was last read by compute so far
-        slot_key = (spec.kind, spec.index % 2) if spec.kind in ("attention", "mlp") else None
+        slot_key = (spec.kind, spec.index % 2) if spec.kind in DECODER_KINDS else None
         return self.io.submit(self._load_weights, j, slot_key, after)
 
     def _load_weights(self, j: int, slot_key: tuple | None, after):

@@ -140,7 +140,7 @@ class Layout:
             return self.slot_sets.get((kind, spec.name), 0)
         if kind == "head" and spec.hf_name in self.s.tied:
             return 0.0
-        sets = min(2, self.s.config.num_layers) if kind in ("attention", "mlp") else 1
+        sets = min(2, self.s.config.num_layers) if kind in DECODER_KINDS else 1
         return sets * (1 - self.resident(kind, spec))
 
     def part_direct(self, tier: str) -> bool:

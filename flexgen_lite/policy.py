@@ -119,12 +119,9 @@ class Policy:
         return " ".join(parts)
 
 
-def split_counts(total: int, percents: tuple[float, float, float], granularity: int = 1) -> tuple[int, int, int]:
-    """Split `total` items into (gpu, cpu, disk) counts by percent, in multiples of `granularity`
-    (except the last part), so that cumulative counts are as close as possible to the request."""
-    units = -(-total // granularity)
-    gpu_units = round(units * percents[0] / 100)
-    cpu_units = round(units * (percents[0] + percents[1]) / 100) - gpu_units
-    gpu = min(total, gpu_units * granularity)
-    cpu = min(total - gpu, cpu_units * granularity)
+def split_counts(total: int, percents: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Split `total` items into (gpu, cpu, disk) counts by percent, so that cumulative counts are as close
+    as possible to the request."""
+    gpu = round(total * percents[0] / 100)
+    cpu = round(total * (percents[0] + percents[1]) / 100) - gpu
     return gpu, cpu, total - gpu - cpu
