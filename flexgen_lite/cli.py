@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from .batch_io import InputError
+from .cli_checks import Parser, check_args, finite_float, positive_int
 from .config import ModelError
 from .memory import Budgets, check_budgets, gib, parse_size
 from .policy import Policy, PolicyError
@@ -18,17 +20,6 @@ from .policy_search import AutoPolicy
 from .storage import OffloadError
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
-EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "Write a haiku about the sea.",
-    "Explain in one sentence what a CPU does.",
-    "Give me a synonym for 'happy'.",
-    "What is 12 times 12?",
-    "Suggest a name for a pet turtle.",
-    "Translate 'good morning' into Spanish.",
-)
-
 
 def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (FlexGen's flags; without --percent the policy is searched: --policy auto)")
@@ -37,8 +28,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    "(default unless --percent is given); manual: the flags as given, all on gpu by default")
     g.add_argument("--percent", nargs=6, type=float, metavar=("W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"),
                    help="weights, KV cache and activations on gpu/cpu (disk gets the rest)")
-    g.add_argument("--gpu-batch-size", type=int, help="sequences per GPU batch (auto: fixes it)")
-    g.add_argument("--num-gpu-batches", type=int,
+    g.add_argument("--gpu-batch-size", type=positive_int, help="sequences per GPU batch (auto: fixes it)")
+    g.add_argument("--num-gpu-batches", type=positive_int,
                    help="GPU batches per block, sharing each weight load (default 1; auto: fixes it)")
     g.add_argument("--offload-dir", default="", help="directory for the disk tier (default: system temp)")
     g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
@@ -173,62 +164,10 @@ def predict_policy(args, model: str, workload, policy: Policy, cold: bool = Fals
     return predict(model_config(model), workload, policy, hardware, page_cache)
 
 
-def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.input:
-        for line in Path(args.input).read_text().splitlines():
-            if line.strip():
-                prompts.append(json.loads(line)["prompt"] if line.lstrip().startswith("{") else line)
-    return prompts or list(EXAMPLE_PROMPTS)
-
-
 def cmd_generate(args) -> None:
-    from .generation import FlexGenLite
+    from .cli_generate import cmd_generate as run
 
-    prompts = read_prompts(args)
-    done = 0
-    if args.output and Path(args.output).exists():  # resume: skip prompts already answered
-        done = sum(1 for line in Path(args.output).read_text().splitlines() if line.strip())
-        print(f"resuming: {done} of {len(prompts)} prompts already in {args.output}", file=sys.stderr)
-    if args.model is None:
-        from .gguf_file import default_model_path
-
-        args.model = default_model_path()
-    policy, workload = policy_from_args(args, default_batch=min(len(prompts), 32)), None
-    if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest tokenized length, their number
-        from .generation import encode_texts, open_model
-        from .layout import Workload
-
-        config, _, tokenizer = open_model(args.model)
-        longest = max(len(ids) for ids in encode_texts(tokenizer, prompts[done:] or prompts, args.chat, config.name))
-        workload = Workload(longest, args.max_new_tokens, max(1, len(prompts) - done))
-    out = open(args.output, "a") if args.output else sys.stdout  # noqa: SIM115
-    with FlexGenLite(args.model, policy=policy, device=args.device, progress=progress, workload=workload,
-                     budgets=budgets_from_args(args)) as m:
-        policy = m.policy
-        print(file=sys.stderr)
-        if m.search is not None:
-            print(f"auto policy: {policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)",
-                  file=sys.stderr)
-        chunk, tokens, tic = policy.block_size * 4, 0, time.perf_counter()
-        for first in range(done, len(prompts), chunk):
-            texts = prompts[first:first + chunk]
-            ids = m.generate_ids(m.encode(texts, args.chat), _sampling(args))
-            for text, gen in zip(texts, ids, strict=True):
-                completion = m.decode(gen, tuple(args.stop))
-                if args.json or args.output:
-                    out.write(json.dumps({"prompt": text, "text": completion, "token_ids": gen}) + "\n")
-                elif args.chat:
-                    out.write(f"> {text}\n{completion.strip()}\n\n")
-                else:
-                    out.write(f"{text}{completion}\n\n")
-                tokens += len(gen)
-            out.flush()
-            progress(f"{min(first + chunk, len(prompts))}/{len(prompts)} prompts done")
-        elapsed = time.perf_counter() - tic
-        print(f"\n{tokens} tokens for {len(prompts) - done} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
-              f"({m.config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {policy.flags()})",
-              file=sys.stderr)
+    run(args, progress)
 
 
 def cmd_plan(args) -> None:
@@ -301,15 +240,8 @@ def cmd_profile(args) -> None:
         print(f"cached in {profile_path(device, args.offload_dir)}")
 
 
-def _sampling(args):
-    from .sampling import SamplingConfig
-
-    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                          tuple(args.stop), stop_at_eos=not args.ignore_eos)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexgen-lite", description=__doc__)
+    parser = Parser(prog="flexgen-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete prompts")
@@ -319,11 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--input", help="file of prompts: one per line, or JSON lines with a 'prompt' field")
     g.add_argument("--output", help="JSON lines file to append results to; a rerun resumes after the last one")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="tokens to generate per prompt (default %(default)s)")
+    g.add_argument("--temperature", type=finite_float, default=0.0, help="0 is greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k likeliest tokens only; 0: all (default %(default)s)")
+    g.add_argument("--top-p", type=finite_float, default=1.0,
+                   help="sample among the likeliest tokens whose probabilities reach p (default %(default)s)")
+    g.add_argument("--seed", type=int, help="seed of sampling: a prompt's samples depend only on it and the "
+                   "prompt's place in the input (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
@@ -331,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="FlexGen's throughput benchmark (dummy weights for a model name)")
-    b.add_argument("--model", default=DEFAULT_BENCH_MODEL)
-    b.add_argument("--prompt-len", type=int, help="default 512 on CUDA, 64 on CPU")
-    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--model", default=DEFAULT_BENCH_MODEL,
+                   help="model name (dummy weights), checkpoint directory or GGUF file (default %(default)s)")
+    b.add_argument("--prompt-len", type=positive_int, help="default 512 on CUDA, 64 on CPU")
+    b.add_argument("--gen-len", type=positive_int, default=32, help="tokens generated (default %(default)s)")
     b.add_argument("--cold-disk", action="store_true", help="read offload files from the disk, not the page cache")
     b.add_argument("--predict", action="store_true", help="also print the cost model's prediction (auto always does)")
     b.add_argument("--num-prompts", type=int, help="auto: plan for this many prompts (caps the block; the benchmark "
@@ -343,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="choose a policy for a workload within memory budgets; print it as flags")
     p.add_argument("--model", default=DEFAULT_BENCH_MODEL, help="checkpoint directory, GGUF file or model name")
-    p.add_argument("--prompt-len", type=int, required=True)
-    p.add_argument("--gen-len", type=int, required=True)
+    p.add_argument("--prompt-len", type=positive_int, required=True)
+    p.add_argument("--gen-len", type=positive_int, required=True)
     p.add_argument("--num-prompts", type=int, help="prompts to generate for (default: one block, FlexGen's metric)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     add_policy_flags(p)
@@ -359,16 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, batch schedulers): unwound like Ctrl-C, so offload files are removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        check_args(args)
         args.func(args)
-    except (ModelError, PolicyError, OffloadError, ValueError) as e:
+    except (ModelError, PolicyError, OffloadError, InputError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("\ninterrupted; offload files removed", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        name, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"\n{name}; offload files removed", file=sys.stderr)
+        raise SystemExit(code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -154,10 +154,11 @@ class FlexGenLite:
         return text[:cut]
 
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
-                     return_logits: bool = False):
+                     return_logits: bool = False, indices: list[int] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
-        With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab)."""
+        With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
+        indices: the prompts' places in a larger input (default 0, 1, ...); with a seed, they seed sampling."""
         sampling = sampling or SamplingConfig()
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
@@ -168,7 +169,8 @@ class FlexGenLite:
         size = self.policy.block_size
         for first in range(0, len(order), size):
             chosen = order[first:first + size]
-            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, chosen)
+            places = chosen if indices is None else [indices[i] for i in chosen]
+            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, places)
             for row, i in enumerate(chosen):
                 results[i] = block.new_tokens(row)
                 if return_logits:

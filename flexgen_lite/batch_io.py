@@ -1,0 +1,162 @@
+"""Prompts in from the command line or an --input file; results out to a resumable JSON-lines --output file.
+
+Each output line carries the prompt's index in the input and a hash of its text, so a rerun knows which
+prompts are done, repairs a line cut by a kill, and refuses a file written for another input. A lock
+(fcntl) keeps a second writer off the same file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """A prompt or output file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    where: str  # "prompts.txt line 31" or "argument 2": how the user finds it
+
+
+def read_prompts(arguments: list[str], input_path: str | None) -> list[Prompt]:
+    """The prompts given as arguments, then those of the input file (one per line, or JSON lines with a
+    "prompt" field; blank lines skipped)."""
+    prompts = [Prompt(text, f"argument {i + 1}") for i, text in enumerate(arguments)]
+    if input_path:
+        prompts += _read_input_file(input_path)
+    for p in prompts:
+        if not p.text.strip():
+            raise InputError(f"the prompt at {p.where} is empty: give it some text or remove it")
+    return prompts
+
+
+def _read_input_file(path: str) -> list[Prompt]:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"--input {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"--input {path} is a directory; pass a file of prompts") from None
+    except OSError as e:
+        raise InputError(f"--input {path}: {e.strerror}") from None
+    prompts = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path} line {number} is not valid UTF-8 (byte {e.start + 1}): save the file as "
+                             "UTF-8") from None
+        if line.strip():
+            prompts.append(Prompt(_prompt_of_line(line, path, number), f"{path} line {number}"))
+    return prompts
+
+
+def _prompt_of_line(line: str, path: str, number: int) -> str:
+    if not line.lstrip().startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} line {number} starts with '{{' but is not valid JSON ({e.msg})") from None
+    prompt = record.get("prompt") if isinstance(record, dict) else None
+    if not isinstance(prompt, str):
+        raise InputError(f"{path} line {number} has no \"prompt\" string field: write "
+                         '{"prompt": "..."} per line, or plain text lines')
+    return prompt
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+RECORD_START = b'{"index": '
+
+
+class ResumableOutput:
+    """The --output file, locked for this process; knows which prompt indices it already holds."""
+
+    def __init__(self, path: str, prompts: list[Prompt]) -> None:
+        self.path = path
+        self.file = _open_output(path)
+        try:
+            _lock(self.file, path)
+            self.repaired, self.done = self._scan(prompts)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _scan(self, prompts: list[Prompt]) -> tuple[bool, set[int]]:
+        """Indices already answered. A last line cut short by a kill is dropped (truncated away) and redone;
+        any other line that does not match a prompt of this input is an error."""
+        self.file.seek(0)
+        data = self.file.read()
+        *complete, last = data.split(b"\n")  # `last` is empty when the file ends with a newline
+        done = set()
+        for number, raw in enumerate(complete, start=1):
+            if raw.strip():
+                done.add(self._check_line(_parse(raw), number, prompts))
+        if last and last[:len(RECORD_START)] != RECORD_START[:len(last)]:  # not a cut record of ours
+            self._check_line(None, len(complete) + 1, prompts)
+        if last:
+            self.file.truncate(len(data) - len(last))
+        return bool(last), done
+
+    def _check_line(self, record: dict | None, number: int, prompts: list[Prompt]) -> int:
+        index = record.get("index") if record else None
+        if not isinstance(index, int):
+            reason = "not a flexgen-lite result line"
+        elif not 0 <= index < len(prompts):
+            reason = f"a result for prompt {index}, but the input has {len(prompts)} prompts"
+        elif record.get("prompt_hash") != prompt_hash(prompts[index].text):
+            reason = f"a result for another text than prompt {index} ({prompts[index].where})"
+        else:
+            return index
+        raise InputError(f"--output {self.path} line {number} does not belong to this input ({reason}): "
+                         "choose another --output file, or move this one away")
+
+    def write(self, index: int, prompt: str, text: str, token_ids: list[int]) -> None:
+        record = {"index": index, "prompt_hash": prompt_hash(prompt), "prompt": prompt, "text": text,
+                  "token_ids": token_ids}
+        self.file.write(json.dumps(record).encode() + b"\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()  # releases the lock
+
+
+def _parse(raw: bytes) -> dict | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _open_output(path: str):
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"--output {path} is a directory; pass a file name, e.g. {p / 'out.jsonl'}")
+    if not p.parent.is_dir():
+        raise InputError(f"--output {path}: the directory {p.parent} does not exist; create it first")
+    try:
+        return open(p, "a+b")  # noqa: SIM115 - kept open (and locked) for the whole run
+    except OSError as e:
+        raise InputError(f"--output {path} cannot be written ({e.strerror}); choose a writable path") from None
+
+
+def _lock(file, path: str) -> None:
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"--output {path} is being written by another flexgen-lite process; wait for it to "
+                         "finish, or choose another --output file") from None

@@ -1,0 +1,126 @@
+"""`flexgen-lite generate`: prompts in, completions out (to stdout, or resumably to an --output file).
+
+Everything that can be checked without the model's weights is checked first: the sampling flags, the input
+file, the output file (locked, and already finished jobs end here), then each prompt's length against the
+context, named by its input line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .batch_io import InputError, Prompt, ResumableOutput, read_prompts
+from .sampling import SamplingConfig
+
+EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a CPU does.",
+    "Give me a synonym for 'happy'.",
+    "What is 12 times 12?",
+    "Suggest a name for a pet turtle.",
+    "Translate 'good morning' into Spanish.",
+)
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                          tuple(args.stop), stop_at_eos=not args.ignore_eos)
+
+
+def cmd_generate(args, progress) -> None:
+    sampling = sampling_from_args(args)
+    prompts = read_prompts(args.prompt, args.input)
+    if not prompts and not args.input:
+        prompts = [Prompt(text, f"example {i + 1}") for i, text in enumerate(EXAMPLE_PROMPTS)]
+    if not prompts:
+        raise InputError(f"--input {args.input} holds no prompts")
+    output = ResumableOutput(args.output, prompts) if args.output else None
+    try:
+        todo = list(range(len(prompts)))
+        if output is not None:
+            todo = [i for i in todo if i not in output.done]
+            _say_resumed(output, len(prompts), len(todo))
+        if todo:
+            _generate(args, prompts, todo, sampling, output, progress)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _say_resumed(output: ResumableOutput, total: int, left: int) -> None:
+    if output.repaired:
+        print(f"{output.path}: dropped a last line cut short (an interrupted write); that prompt is redone",
+              file=sys.stderr)
+    if not left:
+        print(f"all {total} prompts already answered in {output.path}: nothing to do", file=sys.stderr)
+    elif left < total:
+        print(f"resuming: {total - left} of {total} prompts already answered in {output.path}", file=sys.stderr)
+
+
+def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig):
+    """(model path, config, token ids of the prompts to do), each prompt checked against the context."""
+    from .generation import encode_texts, open_model
+
+    model = args.model
+    if model is None:
+        from .gguf_file import default_model_path
+
+        model = default_model_path()
+    config, _, tokenizer = open_model(model)
+    ids = encode_texts(tokenizer, [prompts[i].text for i in todo], args.chat, config.name)
+    for i, prompt_ids in zip(todo, ids, strict=True):
+        if not prompt_ids:
+            raise InputError(f"the prompt at {prompts[i].where} has no tokens")
+        if len(prompt_ids) + sampling.max_new_tokens > config.max_positions:
+            raise InputError(
+                f"the prompt at {prompts[i].where} has {len(prompt_ids)} tokens; with --max-new-tokens "
+                f"{sampling.max_new_tokens} that exceeds the model's context of {config.max_positions} positions: "
+                "shorten it or generate fewer tokens")
+    return model, config, ids
+
+
+def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig, output, progress) -> None:
+    from .cli import budgets_from_args, policy_from_args
+    from .generation import FlexGenLite
+    from .layout import Workload
+    from .policy_search import AutoPolicy
+
+    model, config, ids = encode_and_check(args, prompts, todo, sampling)
+    policy = policy_from_args(args, default_batch=min(len(todo), 32))
+    workload = None
+    if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, their number
+        workload = Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo))
+    with FlexGenLite(model, policy=policy, device=args.device, progress=progress, workload=workload,
+                     budgets=budgets_from_args(args)) as m:
+        print(file=sys.stderr)
+        if m.search is not None:
+            print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)",
+                  file=sys.stderr)
+        chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
+        for first in range(0, len(todo), chunk):
+            indices = todo[first:first + chunk]
+            generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices)
+            for i, gen in zip(indices, generated, strict=True):
+                _write(args, output, i, prompts[i].text, m.decode(gen, sampling.stop), gen)
+                tokens += len(gen)
+            (output or sys.stdout).flush()
+            progress(f"{min(first + chunk, len(todo))}/{len(todo)} prompts done")
+        elapsed = time.perf_counter() - tic
+        print(f"\n{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+              f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {m.policy.flags()})",
+              file=sys.stderr)
+
+
+def _write(args, output: ResumableOutput | None, index: int, prompt: str, completion: str, gen: list[int]) -> None:
+    if output is not None:
+        output.write(index, prompt, completion, gen)
+    elif args.json:
+        print(json.dumps({"index": index, "prompt": prompt, "text": completion, "token_ids": gen}))
+    elif args.chat:
+        print(f"> {prompt}\n{completion.strip()}\n")
+    else:
+        print(f"{prompt}{completion}\n")
