@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,24 @@ from flexgen_lite.hardware import HardwareProfile
 
 VOCAB = 512
 G, GiB = 1e9, 2**30
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--device", default=os.environ.get("FLEXGEN_TEST_DEVICE", "cpu"),
+                     help="compute device of the parity tests and of their transformers reference: cpu (default), "
+                     "cuda, cuda:1 (also env FLEXGEN_TEST_DEVICE)")
+
+
+def pytest_configure(config) -> None:
+    device = config.getoption("--device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: torch sees no CUDA device here")
+
+
+@pytest.fixture(scope="session")
+def compute_device(request) -> str:
+    """The device FlexGen-Lite computes on in the parity tests, and transformers' reference runs on."""
+    return request.config.getoption("--device")
 
 FAMILY_CONFIGS = {
     "opt": dict(model_type="opt", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
@@ -78,18 +98,24 @@ def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides):
 
 
 def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """transformers' greedy continuation of each prompt (one at a time, no padding), and the logits that
-    chose each token (recomputed with one forward pass over prompt + continuation)."""
+    """transformers' greedy continuation of each prompt (one at a time, no padding), on the model's device,
+    and the logits that chose each token (recomputed with one forward pass over prompt + continuation; fp32,
+    on the CPU)."""
     ids, logits = [], []
     with torch.no_grad():
         for p in prompts:
-            out = model.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=1)
+            out = model.generate(torch.tensor([p], device=model.device), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=1)
             gen = out[0, len(p):].tolist()
             full = model(out).logits[0]
             ids.append(gen)
-            logits.append(full[len(p) - 1:len(p) - 1 + len(gen)].float())
+            logits.append(full[len(p) - 1:len(p) - 1 + len(gen)].float().cpu())
     return ids, logits
+
+
+def on_device(model, device: str):
+    """`model` itself on the CPU, else a copy of it on `device` (the session's models stay on the CPU)."""
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
 PROMPTS = [
@@ -114,9 +140,10 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def references(tiny_models):
-    """transformers' greedy ids and logits for PROMPTS, 8 new tokens, per family."""
-    return {family: hf_greedy(model, PROMPTS, 8) for family, (_, model) in tiny_models.items()}
+def references(tiny_models, compute_device):
+    """transformers' greedy ids and logits for PROMPTS, 8 new tokens, per family, computed on the test device."""
+    return {family: hf_greedy(on_device(model, compute_device), PROMPTS, 8)
+            for family, (_, model) in tiny_models.items()}
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,11 @@
-"""Greedy output token-identical to transformers, logits within tolerance, under every kind of placement."""
+"""Greedy output token-identical to transformers, logits within tolerance, under every kind of placement.
+
+Both sides compute on the test device: `pytest --device cuda` (or FLEXGEN_TEST_DEVICE=cuda) runs the same
+matrix on a GPU; the default is the CPU."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +16,10 @@ from .conftest import PROMPTS
 
 # fp32 on both sides; differences come from summation order only
 LOGITS_ATOL = 2e-4
+# float16 compute against the fp32 reference: the first two steps' logits (prefill, then one decode step over
+# the cache) within this share of each row's largest |logit|. Measured on the CPU: 0.3% (step 0) and 0.4% (step 1),
+# 1.7% with CPU attention in bfloat16 (float16 compute attends over CPU parts in bfloat16)
+FP16_RTOL = 0.03
 
 
 def P(percent, gbs=4, nb=1, **kw) -> Policy:
@@ -40,9 +49,9 @@ POLICIES = {
 }
 
 
-def check_against_reference(model_dir, reference, policy: Policy, prompts=PROMPTS) -> None:
+def check_against_reference(model_dir, reference, policy: Policy, device: str = "cpu", prompts=PROMPTS) -> None:
     ref_ids, ref_logits = reference
-    with FlexGenLite(str(model_dir), policy=policy) as m:
+    with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
         ids, logits = m.generate_ids(prompts, SamplingConfig(max_new_tokens=8, stop_at_eos=False), return_logits=True)
     assert ids == ref_ids
     for ours, theirs in zip(logits, ref_logits, strict=True):
@@ -50,13 +59,13 @@ def check_against_reference(model_dir, reference, policy: Policy, prompts=PROMPT
 
 
 @pytest.mark.parametrize("name", POLICIES)
-def test_opt_matches_transformers(tiny_models, references, name):
-    check_against_reference(tiny_models["opt"][0], references["opt"], POLICIES[name])
+def test_opt_matches_transformers(tiny_models, references, compute_device, name):
+    check_against_reference(tiny_models["opt"][0], references["opt"], POLICIES[name], compute_device)
 
 
 @pytest.mark.parametrize("name", ["all-gpu", "weights-split-3-tiers", "cache-split-3-tiers"])
-def test_opt_350m_shape_matches_transformers(tiny_models, references, name):
-    check_against_reference(tiny_models["opt-350m"][0], references["opt-350m"], POLICIES[name])
+def test_opt_350m_shape_matches_transformers(tiny_models, references, compute_device, name):
+    check_against_reference(tiny_models["opt-350m"][0], references["opt-350m"], POLICIES[name], compute_device)
 
 
 def test_reference_output_is_not_degenerate(references):
@@ -65,10 +74,11 @@ def test_reference_output_is_not_degenerate(references):
         assert len({t for row in ids for t in row}) > 10
 
 
-def test_bfloat16_close_to_float32(tiny_models, references):
+def test_bfloat16_close_to_float32(tiny_models, references, compute_device):
     """The CPU default dtype: logits of the first token within bf16 precision of the fp32 reference."""
     _, ref_logits = references["opt"]
-    with FlexGenLite(str(tiny_models["opt"][0]), policy=Policy(gpu_batch_size=8, dtype="bfloat16")) as m:
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=Policy(gpu_batch_size=8, dtype="bfloat16"),
+                     device=compute_device) as m:
         _, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=1, stop_at_eos=False), return_logits=True)
     for ours, theirs in zip(logits, ref_logits, strict=True):
         scale = theirs[0].abs().max()
@@ -78,5 +88,33 @@ def test_bfloat16_close_to_float32(tiny_models, references):
 @pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "mistral"])
 @pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded",
                                   "cpu-attention-cache-split"])
-def test_llama_family_matches_transformers(tiny_models, references, family, name):
-    check_against_reference(tiny_models[family][0], references[family], POLICIES[name])
+def test_llama_family_matches_transformers(tiny_models, references, compute_device, family, name):
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name], compute_device)
+
+
+# finding 1 of issue 12: a disk cache part attended on the CPU is stored in the compute dtype's bytes but read
+# back as the CPU-attention dtype (bfloat16 under float16 compute); the fp32 and bf16 tests cannot see it
+_FP16_DISK_CPU_ATTENTION = pytest.mark.xfail(
+    reason="issue 12 finding 1: float16 k/v bytes written into a bfloat16 disk cache part", strict=False)
+FP16_PLACEMENTS = ["all-gpu", "weights-cpu", "weights-disk", "cache-cpu", "cache-disk", "act-disk-split",
+                   "no-overlap-offloaded", "cpu-attention-cache-cpu",
+                   pytest.param("cpu-attention-cache-disk", marks=_FP16_DISK_CPU_ATTENTION),
+                   pytest.param("cpu-attention-cache-split", marks=_FP16_DISK_CPU_ATTENTION)]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("name", FP16_PLACEMENTS)
+def test_float16_close_to_float32(tiny_models, references, compute_device, family, name):
+    """float16 compute (the CUDA default): the first two steps' logits within FP16_RTOL of the fp32 reference,
+    for rows whose first token matched it (the second step's input is that token)."""
+    ref_ids, ref_logits = references[family]
+    policy = dataclasses.replace(POLICIES[name], dtype="float16")
+    with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=compute_device) as m:
+        ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=2, stop_at_eos=False),
+                                     return_logits=True)
+    same_first = [i for i, (a, b) in enumerate(zip(ids, ref_ids, strict=True)) if a[0] == b[0]]
+    assert len(same_first) >= len(PROMPTS) - 1, (ids, ref_ids)
+    for i, (ours, theirs) in enumerate(zip(logits, ref_logits, strict=True)):
+        for step in (0, 1) if i in same_first else (0,):
+            error = (ours[step] - theirs[step]).abs().max() / theirs[step].abs().max()
+            assert error < FP16_RTOL, (i, step, float(error))
