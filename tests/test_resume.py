@@ -1,0 +1,131 @@
+"""`generate --output FILE` resumes without losing or repeating a prompt: lines carry the prompt's index and
+a hash of its text; a cut last line is redone, a foreign file refused, a second writer locked out."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+
+import pytest
+
+from flexgen_lite import generation
+from flexgen_lite.batch_io import prompt_hash
+from flexgen_lite.cli import main
+
+PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tiny_models):
+    return str(tiny_models["opt"][0])
+
+
+@pytest.fixture
+def input_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def run(opt_dir, input_file, output, *extra) -> None:
+    main(["generate", "--model", opt_dir, "--dtype", "float32", "--policy", "manual", "--gpu-batch-size", "2",
+          "--max-new-tokens", "4", "--temperature", "1", "--seed", "7", "--input", str(input_file),
+          "--output", str(output), *extra])
+
+
+@pytest.fixture
+def finished(opt_dir, input_file, tmp_path) -> list[str]:
+    """The lines of an uninterrupted run."""
+    out = tmp_path / "reference.jsonl"
+    run(opt_dir, input_file, out)
+    return out.read_text().splitlines(keepends=True)
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def refuse_loading(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(generation, "FlexGenLite", refuse)
+    monkeypatch.setattr(generation, "open_model", refuse)
+
+
+def test_lines_carry_index_and_prompt_hash(finished):
+    got = [json.loads(line) for line in finished]
+    assert [r["index"] for r in got] == list(range(len(PROMPTS)))
+    assert [r["prompt_hash"] for r in got] == [prompt_hash(p) for p in PROMPTS]
+    assert all(len(r["token_ids"]) == 4 for r in got)
+
+
+def test_finished_job_exits_before_loading_the_model(opt_dir, input_file, finished, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(finished))
+    refuse_loading(monkeypatch)
+    run(opt_dir, input_file, out)
+    assert "all 5 prompts already answered" in capsys.readouterr().err
+    assert out.read_text() == "".join(finished)
+
+
+def test_resume_after_a_cut_last_line_redoes_that_prompt(opt_dir, input_file, finished, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(finished[:2]) + finished[2][:25])  # killed while writing prompt 2's line
+    run(opt_dir, input_file, out)
+    err = capsys.readouterr().err
+    assert "dropped a last line cut short" in err and "resuming: 2 of 5" in err
+    # the same lines as an uninterrupted run: sampling depends on the seed and the prompt's place only
+    assert out.read_text() == "".join(finished)
+
+
+def test_resume_skips_what_is_done_in_any_order(opt_dir, input_file, finished, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(finished[3] + finished[0])
+    run(opt_dir, input_file, out)
+    assert sorted(r["index"] for r in records(out)) == list(range(len(PROMPTS)))
+    assert sorted(out.read_text().splitlines(keepends=True)) == sorted(finished)
+
+
+def fails(argv_runner, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        argv_runner()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip()
+
+
+@pytest.mark.parametrize("foreign", ["text", "other-input", "too-many"])
+def test_a_file_of_another_input_is_refused(opt_dir, input_file, finished, tmp_path, monkeypatch, capsys, foreign):
+    out = tmp_path / "out.jsonl"
+    other = json.loads(finished[1])
+    out.write_text({
+        "text": "".join(f"line {i}\n" for i in range(200)),
+        "other-input": json.dumps({**other, "prompt_hash": prompt_hash("something else")}) + "\n",
+        "too-many": json.dumps({**other, "index": 9}) + "\n",
+    }[foreign])
+    before = out.read_text()
+    refuse_loading(monkeypatch)
+    err = fails(lambda: run(opt_dir, input_file, out), capsys)
+    assert f"error: --output {out} line 1 does not belong to this input" in err
+    assert "choose another --output file" in err
+    assert out.read_text() == before  # left as it was
+
+
+def test_a_foreign_last_line_without_newline_is_not_truncated(opt_dir, input_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes, no newline at the end")
+    refuse_loading(monkeypatch)
+    assert "does not belong to this input" in fails(lambda: run(opt_dir, input_file, out), capsys)
+    assert out.read_text() == "my notes, no newline at the end"
+
+
+def test_a_second_writer_fails_fast(opt_dir, input_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    refuse_loading(monkeypatch)
+    with open(out, "ab") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # another run writing this file
+        err = fails(lambda: run(opt_dir, input_file, out), capsys)
+    assert "is being written by another flexgen-lite process" in err
+    assert out.read_text() == ""
