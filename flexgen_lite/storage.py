@@ -7,7 +7,9 @@ disk reads land in. Which tier holds what is decided in weights.py, kv_cache.py 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -125,20 +127,26 @@ def _disk_error(e: OSError, path: str, nbytes: int) -> OffloadError:
 
 
 class DiskStore:
-    """A private directory of offload files, removed on close, at exit, or when garbage collected."""
+    """A private directory of offload files, removed on close, at exit, or when garbage collected.
+
+    Its name carries the owner's pid, and the owner holds a lock (flock) on it while alive: a later start
+    removes the directories of owners that died without cleaning up (SIGKILL, a crash, a power cut)."""
 
     def __init__(self, parent: str = "") -> None:
         try:
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            self.directory = tempfile.mkdtemp(prefix="flexgen-lite-", dir=parent or None)
+            remove_stale_stores(parent or tempfile.gettempdir())
+            self.directory = tempfile.mkdtemp(prefix=f"flexgen-lite-{os.getpid()}-", dir=parent or None)
+            lock = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             raise OffloadError(
                 e.errno, f"offload directory {parent!r} is not writable ({e.strerror}); pass --offload-dir DIR"
             ) from None
         self.files: weakref.WeakSet[DiskFile] = weakref.WeakSet()  # files die with their owners
         self._count = 0
-        self._finalizer = weakref.finalize(self, _remove_files, self.files, self.directory)
+        self._finalizer = weakref.finalize(self, _remove_files, self.files, self.directory, lock)
 
     def create(self, nbytes: int, name: str = "t") -> DiskFile:
         self._count += 1
@@ -150,10 +158,52 @@ class DiskStore:
         self._finalizer()
 
 
-def _remove_files(files: weakref.WeakSet, directory: str) -> None:
+def _remove_files(files: weakref.WeakSet, directory: str, lock: int) -> None:
     for f in list(files):
         f.close()
     shutil.rmtree(directory, ignore_errors=True)
+    os.close(lock)  # only now: the directory is never unlocked while its owner lives
+
+
+STORE_NAME = re.compile(r"flexgen-lite-(\d+)-")
+
+
+def remove_stale_stores(parent: str) -> list[str]:
+    """Remove the offload directories in `parent` whose owner is dead: its pid is gone and nobody holds the
+    directory's lock (a pid reused, or one of another PID namespace, is still seen by its lock)."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = STORE_NAME.match(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            pass  # locked: its owner lives
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Staging:

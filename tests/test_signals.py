@@ -1,0 +1,83 @@
+"""Offload files do not outlive their run: SIGTERM is handled like Ctrl-C, and the directory of a run killed
+with SIGKILL is removed by the next start (its owner's pid is dead and its lock free)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flexgen_lite.storage import DiskStore, remove_stale_stores
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tiny_models):
+    return str(tiny_models["opt"][0])
+
+
+def start_generating(opt_dir: str, offload, tmp_path) -> subprocess.Popen:
+    """A long `generate` run with everything on disk, started in its own process."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\n" * 5000)
+    argv = [sys.executable, "-m", "flexgen_lite.cli", "generate", "--model", opt_dir, "--input", str(prompts),
+            "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "50", "--dtype", "float32",
+            "--percent", "0", "0", "0", "0", "0", "0", "--gpu-batch-size", "2", "--offload-dir", str(offload)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_offload_files(proc: subprocess.Popen, offload, timeout: float = 120) -> None:
+    """Until the run has placed its weights on disk and written a result (it is generating)."""
+    deadline = time.monotonic() + timeout
+    out = offload.parent / "out.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        stores = list(offload.iterdir()) if offload.exists() else []
+        if stores and any(any(s.iterdir()) for s in stores) and out.exists() and out.stat().st_size:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the run did not start generating")
+
+
+def test_sigterm_removes_offload_files_and_exits_143(opt_dir, tmp_path):
+    offload = tmp_path / "offload"
+    proc = start_generating(opt_dir, offload, tmp_path)
+    wait_for_offload_files(proc, offload)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM); offload files removed" in err and "Traceback" not in err
+    assert list(offload.iterdir()) == []
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_start(opt_dir, tmp_path):
+    offload = tmp_path / "offload"
+    proc = start_generating(opt_dir, offload, tmp_path)
+    wait_for_offload_files(proc, offload)
+    proc.kill()
+    proc.wait(timeout=30)
+    (stale,) = offload.iterdir()
+    assert stale.name.startswith(f"flexgen-lite-{proc.pid}-") and any(stale.iterdir())
+    store = DiskStore(str(offload))
+    assert [p.name for p in offload.iterdir()] == [os.path.basename(store.directory)]
+    store.close()
+    assert list(offload.iterdir()) == []
+
+
+def test_live_owners_keep_their_directories(tmp_path):
+    first = DiskStore(str(tmp_path))
+    first.create(16, "x")
+    second = DiskStore(str(tmp_path))
+    assert os.path.isdir(first.directory) and os.path.isdir(second.directory)
+    # a dead pid in the name is not enough: the lock of a live owner (here this process) keeps it
+    renamed = tmp_path / "flexgen-lite-999999999-x"
+    os.rename(first.directory, renamed)
+    assert remove_stale_stores(str(tmp_path)) == [] and renamed.is_dir()
+    os.rename(renamed, first.directory)
+    first.close()
+    second.close()
+    assert list(tmp_path.iterdir()) == []
