@@ -64,12 +64,12 @@ class Checkpoint:
         raise ModelError(f"{self.path} lacks the tensor {name!r}; is the checkpoint complete and of this architecture?")
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor, in its stored dtype."""
+        """Rows start:stop of a tensor, in its stored dtype (refused if not all finite)."""
         stored = self.resolve(name)
         source = self.files[stored]
-        if isinstance(source, SafetensorsFile):
-            return source.read(stored, start, stop)
-        return source[stored][start:stop]
+        rows = source.read(stored, start, stop) if isinstance(source, SafetensorsFile) else source[stored][start:stop]
+        check_finite(rows, f"{self.path}: the tensor {stored!r}")
+        return rows
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self.resolve(name)
@@ -77,6 +77,18 @@ class Checkpoint:
         if isinstance(source, SafetensorsFile):
             return source.entries[stored][1]
         return tuple(source[stored].shape)
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse NaN or infinite weights (a corrupt file): they would yield token 0 forever, without an error.
+    Checked 16M values at a time, so the check's temporaries stay small."""
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    for begin in range(0, flat.numel(), 1 << 24):
+        if not torch.isfinite(flat[begin:begin + (1 << 24)]).all():
+            raise ModelError(f"{what} holds NaN or infinite values; the file is corrupt: re-download or "
+                             "re-convert it")
 
 
 SAFETENSORS_DTYPES = {

@@ -22,6 +22,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
+from .checkpoint import check_finite
+
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
     GGMLQuantizationType.F32,
@@ -312,6 +314,7 @@ def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.f
     if not arr.flags.writeable:  # F32 data is a read-only view of the memmap
         arr = arr.copy()
     tensor = torch.from_numpy(arr)
+    check_finite(tensor, f"the GGUF tensor {t.name!r}")
     if n_head is not None:
         tensor = _unpermute_rotary(tensor, n_head)
     return tensor.to(dtype)

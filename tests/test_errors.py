@@ -313,3 +313,20 @@ def test_dummy_model_has_no_tokenizer():
             m.generate_ids([[2, 5]], SamplingConfig(max_new_tokens=2, stop=("w5",)))
         with pytest.raises(ModelError, match="no tokenizer.*pass token ids to generate_ids"):
             m.generate("hello")
+
+
+# ---- corrupt values ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_with_the_tensor_name(copy_of, tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(copy_of / "model.safetensors"))
+    state["model.decoder.layers.1.fc2.weight"][3, 5] = bad
+    save_file(state, str(copy_of / "model.safetensors"), metadata={"format": "pt"})
+    offload = tmp_path / "offload"
+    for weights in ((100, 0), (0, 0)):  # placed in memory, or written to disk
+        policy = Policy(weight_gpu_percent=weights[0], weight_cpu_percent=weights[1], offload_dir=str(offload))
+        with pytest.raises(ModelError, match="'model.decoder.layers.1.fc2.weight' holds NaN or infinite values"):
+            FlexGenLite(str(copy_of), policy=policy)
+        assert os.listdir(offload) == []

@@ -378,3 +378,14 @@ def test_default_model_path_without_package(monkeypatch: pytest.MonkeyPatch) -> 
 def test_default_model_path_is_the_smollm_gguf() -> None:
     path = _smollm_path()
     assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
+
+
+def test_non_finite_tensor_is_refused_with_its_name(tmp_path: Path) -> None:
+    from flexgen_lite.config import ModelError
+
+    path = tmp_path / "nan.gguf"
+    broken = np.random.default_rng(1).standard_normal((96, 64)).astype(np.float32)
+    broken[7, 3] = np.nan  # what a corrupt block dequantizes to
+    _write_tiny_llama(path, raw={"blk.0.ffn_up.weight": (broken, gguf.GGMLQuantizationType.F32)})
+    with pytest.raises(ModelError, match="GGUF tensor 'blk.0.ffn_up.weight' holds NaN"):
+        dict(iter_gguf_tensors(path))
