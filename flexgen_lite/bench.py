@@ -67,8 +67,11 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
         "peak_disk_gb": round(peak["disk"] / GB, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
     }
+    link, disk = _link_and_disk_bytes_per_step(m, prompt_len + gen_len / 2)
+    report["link_moved_per_step_gb"], report["disk_read_per_step_gb"] = round(link / GB, 3), round(disk / GB, 3)
     if m.device.is_cuda:
         report["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated(m.device.device) / GB, 3)
+        report["peak_cuda_reserved_gb"] = round(torch.cuda.max_memory_reserved(m.device.device) / GB, 3)
     if steps and off_device:
         report["weight_gb_s"] = round(off_device * steps / decode_s / GB, 2)
     return report
@@ -84,6 +87,21 @@ def _cache_bytes_read_per_step(m: FlexGenLite, mean_len: float) -> float:
                 if p.tier == "disk" or not p.direct:
                     total += (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len
     return total
+
+
+def _link_and_disk_bytes_per_step(m: FlexGenLite, mean_len: float) -> tuple[float, float]:
+    """Bytes per decode step over the host-to-device link (CUDA only) and read from disk: weights outside compute
+    memory, and cache parts loaded to the compute device (parts attended on the CPU stay off the link)."""
+    weights, cache, cuda = m.engine.weights, m.engine.cache, m.device.is_cuda
+    disk = float(weight_bytes(weights, "disk"))
+    link = weight_bytes(weights, "cpu") + disk if cuda else 0.0
+    for per_batch in cache.parts:
+        for parts in per_batch:
+            for p in parts:
+                nbytes = (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len
+                disk += nbytes if p.tier == "disk" else 0
+                link += nbytes if cuda and p.tier != "gpu" and not p.on_cpu else 0
+    return link, disk
 
 
 def format_report(r: dict) -> str:

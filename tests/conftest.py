@@ -33,6 +33,7 @@ def compute_device(request) -> str:
     """The device FlexGen-Lite computes on in the parity tests, and transformers' reference runs on."""
     return request.config.getoption("--device")
 
+
 FAMILY_CONFIGS = {
     "opt": dict(model_type="opt", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
                 max_position_embeddings=64, word_embed_proj_dim=128),
