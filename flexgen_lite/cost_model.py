@@ -73,6 +73,13 @@ def _disk_read(s: Setup, seg: Seg, nbytes: float) -> None:
         seg.add("disk", nbytes / s.hw.disk_read, waits=True)
 
 
+def _mapped_read(s: Setup, seg: Seg, nbytes: float) -> None:
+    """Pages of a memory-mapped offload file faulted in by an I/O thread (CPU compute): from the page cache
+    they are only mapped (no copy; compute then reads them like RAM), else read from the disk, a wait."""
+    if not s.disk_cached:
+        seg.add("disk", nbytes / s.hw.disk_read, waits=True)
+
+
 def _disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
     if s.disk_cached:
         _host(s, seg, "page cache", nbytes / s.hw.cached_write)
@@ -91,7 +98,9 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
         nbytes = s.tensor_bytes(spec)
         if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
             seg.add("link", c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
-        _disk_read(s, seg, d * nbytes)
+            _disk_read(s, seg, d * nbytes)
+        else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
+            _mapped_read(s, seg, d * nbytes)
         if s.compressed(spec):
             _host(s, seg, "dequantize", math.prod(spec.shape) / hw.dequantize[s.dname])
     return seg
@@ -131,10 +140,12 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         if not rows:
             continue
         on_cpu = cpu_compute and tier != "gpu"
+        if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
+            _mapped_read(s, seg, rows * stored)
         if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
             loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
-            if tier == "disk":  # read (from the page cache), then transposed from position-major
+            if tier == "disk" and s.cuda:  # read (from the page cache), then transposed from position-major
                 fixed, rate = hw.cache_disk_load[s.dname]
                 _host(s, seg, "cache load", loads * fixed + rows * stored / rate)
                 if not s.disk_cached:

@@ -101,6 +101,7 @@ class Engine:
                         self._keep_logits(block, step, b, out, active)
                 else:
                     acts.put(b, out)
+            self.weight_slots.release(self.weights[j])
         block.end_step()
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:
@@ -156,6 +157,7 @@ class Engine:
             out = attend(q[picked].to(where, dtype), k_seen, v_seen, mask[picked].to(where),
                          self.policy.attn_sparsity)
             outs.append(out.to(q.device, q.dtype, non_blocking=True))
+            view.part.release()
             if not view.part.direct:
                 self._store_cache(layer, b, view.part, k_new, v_new, start)
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -22,15 +22,19 @@ from .storage import DiskStore, MemoryLedger, Staging
 
 
 class Store:
-    """One (rows, kv_heads, max_len, D) array of a tier: a host/device tensor, or a position-major file."""
+    """One (rows, kv_heads, max_len, D) array of a tier: a host/device tensor, or a file. On a CPU the file
+    is memory-mapped in that layout and used as the tensor (`mapped`); elsewhere it is position-major."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str, where: torch.device | str,
-                 disk: DiskStore, pin: bool) -> None:
+                 disk: DiskStore, pin: bool, mapped: bool = False) -> None:
         self.shape, self.dtype = shape, dtype
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         self.tensor = self.file = None
+        self.mapped = tier == "disk" and mapped and nbytes > 0
         if tier == "disk":
             self.file = disk.create(nbytes, "kv")
+            if self.mapped:
+                self.tensor = self.file.map(dtype, shape)
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=where, pin_memory=pin)
         self.nbytes = nbytes
@@ -49,24 +53,33 @@ class Store:
     def write(self, new: torch.Tensor, start: int) -> None:
         """Store new positions (rows, kv_heads, t, D) at [start, start + t)."""
         if self.tensor is not None:
-            self.tensor[:, :, start:start + new.shape[2]].copy_(new, non_blocking=True)
+            self.tensor[:, :, start:start + new.shape[2]].copy_(new.to(self.dtype), non_blocking=True)
             return
         rows, heads, _, d = self.shape
-        self.file.write(new.permute(2, 0, 1, 3).contiguous(), start * rows * heads * d * self.dtype.itemsize)
+        new = new.to(self.dtype).permute(2, 0, 1, 3).contiguous()
+        self.file.write(new, start * rows * heads * d * self.dtype.itemsize)
+
+    def prefetch(self) -> None:
+        if self.mapped:
+            self.file.prefetch()
+
+    def release(self) -> None:
+        if self.mapped:
+            self.file.release()
 
 
 class QuantizedStore:
     """Codes, scales and minima of a group-wise quantized (rows, kv_heads, max_len, head_dim) array."""
 
-    def __init__(self, shape, config: CompressionConfig, tier, where, disk, pin) -> None:
+    def __init__(self, shape, config: CompressionConfig, tier, where, disk, pin, mapped: bool = False) -> None:
         self.shape, self.config = shape, config
         probe = quantize(torch.zeros(shape[0], shape[1], 1, shape[3]), config)
         code_bytes = probe.data.numel() // (shape[0] * shape[1])
         groups = probe.scale.shape[-1]
         rows, heads, max_len, _ = shape
-        self.codes = Store((rows, heads, max_len, code_bytes), torch.uint8, tier, where, disk, pin)
-        self.scale = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin)
-        self.minimum = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin)
+        self.codes = Store((rows, heads, max_len, code_bytes), torch.uint8, tier, where, disk, pin, mapped)
+        self.scale = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin, mapped)
+        self.minimum = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin, mapped)
         self.nbytes = self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
 
     def read(self, dst: torch.Tensor, length: int, staging: Staging, scratch: list[torch.Tensor]) -> None:
@@ -89,6 +102,14 @@ class QuantizedStore:
         self.scale.write(q.scale, start)
         self.minimum.write(q.minimum, start)
 
+    def prefetch(self) -> None:
+        for store in (self.codes, self.scale, self.minimum):
+            store.prefetch()
+
+    def release(self) -> None:
+        for store in (self.codes, self.scale, self.minimum):
+            store.release()
+
     def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         return [(n, s.shape, s.dtype) for n, s in (("codes", self.codes), ("scale", self.scale),
                                                       ("min", self.minimum))]
@@ -102,6 +123,11 @@ class CachePart:
     v: Store | QuantizedStore
     on_cpu: bool  # attention over this part runs on the CPU (cpu_cache_compute), in cpu_dtype
     direct: bool  # attention can use k.tensor and v.tensor in place
+
+    def release(self) -> None:
+        """Unmap a memory-mapped disk part's pages after use (no-op for other parts)."""
+        self.k.release()
+        self.v.release()
 
 
 @dataclass
@@ -146,11 +172,12 @@ class KVCache:
         where = self.device.device if in_compute_memory else "cpu"
         pin = self.device.is_cuda and not in_compute_memory
         dtype = self.cpu_dtype if on_cpu else self.dtype
+        mapped = not self.device.is_cuda  # a CPU computes on a disk part's mapped pages
         if self.compression is not None:
-            k, v = (QuantizedStore(shape, self.compression, tier, where, disk, pin) for _ in range(2))
+            k, v = (QuantizedStore(shape, self.compression, tier, where, disk, pin, mapped) for _ in range(2))
         else:
-            k, v = (Store(shape, dtype, tier, where, disk, pin) for _ in range(2))
-        direct = self.compression is None and tier != "disk" and (in_compute_memory or on_cpu)
+            k, v = (Store(shape, dtype, tier, where, disk, pin, mapped) for _ in range(2))
+        direct = self.compression is None and (tier != "disk" or mapped) and (in_compute_memory or on_cpu)
         for store in (k, v):  # off the ledger (and its files off the disk) when a longer cache replaces this one
             ledger.track(store, tier, store.nbytes)
         return CachePart(tier, rows, k, v, on_cpu, direct)
@@ -159,10 +186,14 @@ class KVCache:
         """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled."""
         views = []
         for i, part in enumerate(self.parts[layer][batch]):
+            shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
             if part.direct:
+                for store, half in zip((part.k, part.v), "kv", strict=True):
+                    if store.mapped:  # its pages are in this process until released: counted like a slot
+                        slots.window((i, parity, half, "values", shape), store.nbytes)
+                        store.prefetch()
                 views.append(CacheView(part, part.k.tensor, part.v.tensor))
                 continue
-            shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
             where = "cpu" if part.on_cpu else self.device.device
             tier = "cpu" if part.on_cpu and self.device.is_cuda else "gpu"
             dtype = self.cpu_dtype if part.on_cpu else self.dtype
@@ -174,6 +205,7 @@ class KVCache:
                     store.read(buf, length, slots.staging, scratch)
                 elif length:
                     store.read(buf, length, slots.staging)
+                store.release()
             views.append(CacheView(part, *bufs))
         return views
 
@@ -181,6 +213,7 @@ class KVCache:
         """Write new positions (rows, kv_heads, t, head_dim) of one part to its home."""
         part.k.write(k_new, start)
         part.v.write(v_new, start)
+        part.release()
 
     def bytes_per_tier(self) -> dict[str, int]:
         out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
@@ -205,6 +238,12 @@ class CacheSlots:
     def __init__(self, ledger: MemoryLedger, staging: Staging) -> None:
         self.ledger, self.staging = ledger, staging
         self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def window(self, key: tuple, nbytes: int) -> None:
+        """Count a mapped disk part's pages, in flight while it is used, as the slot `key` would be."""
+        if key not in self.buffers:
+            self.buffers[key] = marker = torch.empty(0)
+            self.ledger.track(marker, "gpu", nbytes)
 
     def get(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype, where, tier: str) -> torch.Tensor:
         buf = self.buffers.get(key)

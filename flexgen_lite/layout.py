@@ -14,7 +14,7 @@ from .hardware import HardwareProfile
 from .kv_cache import cache_bytes_per_token
 from .models import LayerSpec, WeightSpec, layer_specs
 from .policy import Policy, PolicyError, split_counts
-from .storage import TIERS
+from .storage import TIERS, page_aligned
 from .weights import DECODER_KINDS, stored_nbytes, weight_tiers
 
 
@@ -105,12 +105,15 @@ class Layout:
                 counts[layer.kind, spec.name][tier] += 1
                 if layer.kind == "head" and spec.hf_name in s.tied:
                     continue
-                if s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
+                if tier == "disk" and not s.cuda and not s.compressed(spec):
+                    slot_sets[layer.kind, spec.name].add("mapped")  # one layer's pages mapped at a time
+                elif s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
                     slot_sets[layer.kind, spec.name].add(layer.index % 2)
         shares = {key: tuple(c[t] / c.total() for t in TIERS) for key, c in counts.items()}
         placed = dict.fromkeys(TIERS, 0)
         for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
-            placed[tiers[spec.hf_name]] += s.tensor_bytes(spec)
+            tier, nbytes = tiers[spec.hf_name], s.tensor_bytes(spec)
+            placed[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
         return cls(s, lambda kind, spec: shares[kind, spec.name], placed, split_counts(s.n, p.percents("cache")),
                    split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()})
 
@@ -141,6 +144,9 @@ class Layout:
         if kind == "head" and spec.hf_name in self.s.tied:
             return 0.0
         sets = min(2, self.s.config.num_layers) if kind in DECODER_KINDS else 1
+        g, c, d = self.weight(kind, spec)
+        if not self.s.cuda and not self.s.compressed(spec):  # disk pages mapped one layer at a time
+            return d  # exactly 1 per name with any layer on disk (slot_sets); d keeps the LP linear
         return sets * (1 - self.resident(kind, spec))
 
     def part_direct(self, tier: str) -> bool:
@@ -148,4 +154,8 @@ class Layout:
         s = self.s
         if s.ccomp is not None:
             return False
-        return tier == "gpu" or (tier == "cpu" and (not s.cuda or s.policy.cpu_cache_compute))
+        return tier == "gpu" or not s.cuda or (tier == "cpu" and s.policy.cpu_cache_compute)
+
+    def part_mapped(self, tier: str) -> bool:
+        """A disk part a CPU uses in place through a memory map: its pages count like a cache slot."""
+        return tier == "disk" and not self.s.cuda

@@ -24,17 +24,19 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
     slots, staging = 0.0, 0.0
     for kind, spec in s.kinds.items():
+        extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA), or mapped (CPU)
         for sp in spec.weights:
             slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
-            if lay.weight(kind, sp)[2] and (s.cuda or s.compressed(sp)):  # read into a host staging buffer
-                staging = max(staging, s.tensor_bytes(sp))
+            if lay.weight(kind, sp)[2] and (s.cuda or s.compressed(sp)):
+                extent += s.tensor_bytes(sp)
+        staging = max(staging, extent)
     gpu["weight slots"] = slots
     per_seq = s.seq_layer * w.max_len * c.num_layers
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
         d["kv cache"] = tier * per_seq
     slot_bytes, slot_tier = _cache_slots(s, lay)
     (cpu if slot_tier == "cpu" else gpu)["cache slots"] = slot_bytes
-    if lay.cache_rows[2]:
+    if lay.cache_rows[2] and (s.cuda or s.ccomp is not None):  # a CPU maps uncompressed parts (cache slots)
         rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
                     if t == "disk"), default=0) if lay.exact else s.gbs
         staging = max(staging, rows * s.seq_layer / 2 * w.max_len)  # one of k, v of a part
@@ -62,14 +64,16 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
 
 
 def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
-    """CacheSlots buffers: per distinct (part index, rows) of parts not used in place, 2 parities x k and v."""
+    """CacheSlots buffers: per distinct (part index, rows) of parts not used in place, 2 parities x k and v;
+    a CPU's memory-mapped disk parts count the same (their pages are in the process while used)."""
     c, max_len = s.config, s.workload.max_len
     on_cpu = s.cuda and s.policy.cpu_cache_compute
     dense_row = c.num_kv_heads * max_len * c.head_dim * s.e
     codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
     tier = "cpu" if on_cpu and any(lay.cache_rows[1:]) else "gpu"
     if lay.exact is None:
-        direct = all(lay.part_direct(t) or not r for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
+        direct = all((lay.part_direct(t) and not lay.part_mapped(t)) or not r
+                     for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
         return (0.0 if direct else 4 * s.gbs * (dense_row + codes_row)), tier
     keys, count = set(), 0  # engine._prefetch_cache numbers loads layer by layer, batch by batch; parity = count % 2
     for _ in range(min(2, s.workload.gen_len - 1)):
@@ -77,7 +81,7 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
             for b in range(s.nb):
                 count += 1
                 for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
-                    if not lay.part_direct(t):
+                    if not lay.part_direct(t) or lay.part_mapped(t):
                         keys.add((i, rows.stop - rows.start, count % 2))
     return sum(2 * r * (dense_row + codes_row) for _, r, _ in keys), tier
 

@@ -199,7 +199,9 @@ def _solve(s: Setup, regime: Regime, budgets: Budgets) -> np.ndarray | None:
     elif regime.cache_direct:
         bounds[2], bounds[3] = (1.0, 1.0), (0.0, 0.0)
     scale = max(1e-12, float(np.abs(c).max()))
-    res = linprog(c / scale, A_ub=np.array(a_ub), b_ub=np.array(b_ub), A_eq=np.array(a_eq) if a_eq else None,
+    c = c / scale
+    c[:6] -= 1e-6  # ties go to memory: a CPU computes on mapped disk pages as fast, but the page cache can go
+    res = linprog(c, A_ub=np.array(a_ub), b_ub=np.array(b_ub), A_eq=np.array(a_eq) if a_eq else None,
                   b_eq=np.array(b_eq) if b_eq else None, bounds=bounds, method="highs")
     return np.clip(res.x[:6], 0.0, 1.0) if res.status == 0 else None
 

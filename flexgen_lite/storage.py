@@ -1,13 +1,15 @@
 """The three tiers: compute-device memory ("gpu"), host RAM ("cpu") and files on disk ("disk").
 
-Here: the memory ledger, offload files (pread/pwrite, space claimed up front) and the staging buffers
-disk reads land in. Which tier holds what is decided in weights.py, kv_cache.py and activations.py.
+Here: the memory ledger, offload files (space claimed up front; pread/pwrite, or memory-mapped so a CPU
+computes on the page cache in place) and the staging buffers disk reads land in. Which tier holds what is
+decided in weights.py, kv_cache.py and activations.py.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import re
 import shutil
@@ -19,6 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 TIERS = ("gpu", "cpu", "disk")
+PAGE = mmap.PAGESIZE
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python exports it from 3.13
+
+
+def page_aligned(nbytes: int) -> int:
+    """Bytes a tensor takes in a layer's offload file: each starts on a page (mapping, O_DIRECT)."""
+    return -(-nbytes // PAGE) * PAGE
 
 
 class OffloadError(OSError):
@@ -50,11 +59,13 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 
 
 class DiskFile:
-    """One tensor's bytes in a file; reads and writes at byte offsets with pread/pwrite.
+    """An offload file: pread/pwrite at byte offsets, or tensors memory-mapped onto it (`map`), whose pages
+    are faulted in ahead of use (`prefetch`) and dropped from the process after use (`release`).
 
     The file is deleted on close() or when the object is garbage collected."""
 
     page_cache = True  # False: drop what was read from the page cache (benchmarks of a cold disk)
+    mapping: mmap.mmap | None = None
 
     def __init__(self, path: str, nbytes: int) -> None:
         self.path, self.nbytes = path, nbytes
@@ -95,8 +106,38 @@ class DiskFile:
             os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
         return dst
 
+    def map(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
+        """A tensor whose storage is the file's bytes at `offset` (shared: writes go to the file)."""
+        if self.mapping is None:
+            self.mapping = mmap.mmap(self.fd, self.nbytes)
+        count = torch.Size(shape).numel()
+        return torch.frombuffer(self.mapping, dtype=dtype, count=count, offset=offset).view(shape)
+
+    def prefetch(self, offset: int = 0, nbytes: int | None = None) -> None:
+        """Fault the mapped pages of a byte range in now (from the page cache, or read from disk), so that
+        compute finds them mapped; run on an I/O thread, it overlaps the disk with compute."""
+        start, length = self._pages(offset, nbytes)
+        try:
+            self.mapping.madvise(MADV_POPULATE_READ, start, length)
+        except OSError:  # an older kernel: ask for read-ahead and touch one byte a page
+            self.mapping.madvise(mmap.MADV_WILLNEED, start, length)
+            sum(self.mapping[start:start + length:PAGE])
+
+    def release(self, offset: int = 0, nbytes: int | None = None) -> None:
+        """Unmap a byte range's pages from this process (they stay in the page cache, written pages
+        included; a cold-disk benchmark drops them from it too)."""
+        start, length = self._pages(offset, nbytes)
+        self.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+        if not DiskFile.page_cache:
+            os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+
+    def _pages(self, offset: int, nbytes: int | None) -> tuple[int, int]:
+        end = self.nbytes if nbytes is None else offset + nbytes
+        start = offset - offset % PAGE
+        return start, min(end, self.nbytes) - start
+
     def close(self) -> None:
-        """Close and delete the file."""
+        """Close and delete the file (its mapping goes with the last tensor on it)."""
         self.fd = -1
         self._finalizer()
 

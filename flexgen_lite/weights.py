@@ -19,7 +19,7 @@ from .compression import (
 from .config import ModelError
 from .devices import ComputeDevice
 from .models import LayerSpec, WeightSpec
-from .storage import DiskFile, DiskStore, MemoryLedger, Staging
+from .storage import DiskFile, DiskStore, MemoryLedger, Staging, page_aligned
 
 DECODER_KINDS = ("attention", "mlp")
 
@@ -114,57 +114,62 @@ def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: Compr
 
 
 class StoredWeight:
-    """A weight in its home tier: a tensor in compute memory or host RAM, 4-bit codes, or a file."""
+    """A weight in its home tier: a tensor in compute memory or host RAM, 4-bit codes, or bytes at `offset`
+    in its layer's offload file (`mapped`: a CPU computes on the file's pages in place)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str,
                  data: torch.Tensor | QuantizedTensor | DiskFile, nbytes: int,
-                 compression: CompressionConfig | None = None, resident: bool = False) -> None:
+                 compression: CompressionConfig | None = None, resident: bool = False, offset: int = 0) -> None:
         self.shape, self.dtype, self.tier, self.data = tuple(shape), dtype, tier, data
-        self.nbytes, self.compression = nbytes, compression
+        self.nbytes, self.compression, self.offset = nbytes, compression, offset
         self.resident = resident  # usable as is on the compute device: fetched without a copy
+        self.mapped: torch.Tensor | None = None  # on a CPU, disk bytes as a tensor (codes when compressed)
 
-    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, staging: Staging) -> torch.Tensor:
-        """The tensor on the compute device: itself when resident, else copied or decompressed into `out`."""
+    def map(self) -> None:
+        if self.compression is None:
+            self.mapped = self.data.map(self.dtype, self.shape, self.offset)
+        else:
+            self.mapped = self.data.map(torch.uint8, (self.nbytes,), self.offset)
+
+    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, host: torch.Tensor | None) -> torch.Tensor:
+        """The tensor on the compute device: itself when resident or mapped (uncompressed), else copied or
+        decompressed into `out`. `host`: this weight's bytes as read with its layer (CUDA)."""
         if self.resident:
             return self.data
+        if self.mapped is not None and self.compression is None:
+            return self.mapped
         assert out is not None and out.shape == self.shape, "fetch needs a buffer of the tensor's shape"
         if self.compression is not None:
-            return dequantize(self._quantized(device, staging), self.dtype, out=out)
-        if not isinstance(self.data, DiskFile):
-            return out.copy_(self.data, non_blocking=True)
-        if not device.is_cuda:
-            return self.data.read_into(out)
-        host = staging.take(out.numel(), out.dtype)
-        out.copy_(self.data.read_into(host).view(out.shape), non_blocking=True)
-        staging.release()
-        return out
+            return dequantize(self._quantized(device, host), self.dtype, out=out)
+        if host is not None:
+            return out.copy_(host.view(self.dtype).view(out.shape), non_blocking=True)
+        return out.copy_(self.data, non_blocking=True)
 
-    def _quantized(self, device: ComputeDevice, staging: Staging) -> QuantizedTensor:
+    def _quantized(self, device: ComputeDevice, host: torch.Tensor | None) -> QuantizedTensor:
         """The 4-bit codes on the compute device (decompressed only there, just before use)."""
-        if not isinstance(self.data, DiskFile):
-            return self.data.to(device.device, non_blocking=True)
-        host = self.data.read_into(staging.take(self.nbytes, torch.uint8))
-        on_device = host.to(device.device, non_blocking=True)
-        staging.release()
-        return from_bytes(on_device, self.shape, self.compression)
+        if self.mapped is not None:
+            return from_bytes(self.mapped, self.shape, self.compression)
+        if host is not None:
+            return from_bytes(host.to(device.device, non_blocking=True), self.shape, self.compression)
+        return self.data.to(device.device, non_blocking=True)
 
 
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
-                 disk: DiskStore, ledger: MemoryLedger, pin: bool,
-                 compression: CompressionConfig | None = None) -> StoredWeight:
+                 ledger: MemoryLedger, pin: bool, compression: CompressionConfig | None = None,
+                 file: DiskFile | None = None, offset: int = 0) -> StoredWeight:
     """Read one weight from `source` into its home tier (compressing a matrix once, here, when
-    `compression` is set)."""
+    `compression` is set); a disk-homed one into `file` at `offset`."""
     rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
     if tier == "disk":
-        data = disk.create(nbytes, spec.name)
+        data = file
         if compression is not None:
-            data.write(to_bytes(quantize(source.read(spec, 0, rows).to(dtype), compression)))
+            data.write(to_bytes(quantize(source.read(spec, 0, rows).to(dtype), compression)), offset)
         else:
             row_bytes = nbytes // max(rows, 1)
             chunk = max(1, (64 << 20) // max(row_bytes, 1))  # written 64 MiB at a time
             for s in range(0, rows, chunk):
-                data.write(source.read(spec, s, min(rows, s + chunk)).to(dtype).contiguous(), s * row_bytes)
+                data.write(source.read(spec, s, min(rows, s + chunk)).to(dtype).contiguous(), offset + s * row_bytes)
         resident = False
     else:
         where = device.device if tier == "gpu" or not device.is_cuda else "cpu"
@@ -174,8 +179,10 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
             data = data.pin_memory()
         # without CUDA, compute memory and host RAM are the same memory: both are used in place
         resident = compression is None and where == device.device
-    weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident)
-    ledger.add(tier, weight.nbytes)
+    weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident, offset)
+    if tier == "disk" and not device.is_cuda:
+        weight.map()
+    ledger.add(tier, page_aligned(nbytes) if tier == "disk" else nbytes)
     return weight
 
 
@@ -183,18 +190,23 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
                   device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
                   compression: CompressionConfig | None = None, progress=None) -> list[dict[str, StoredWeight]]:
     """Every layer's weights by canonical name, on the tiers `weight_tiers` gives them. Tied weights (same
-    checkpoint name) are stored once."""
+    checkpoint name) are stored once. A layer's disk-homed weights are one file, each at a page-aligned
+    offset: one extent to read (CUDA) or to map and prefetch (CPU)."""
     tiers = weight_tiers(layers, percents, dtype, compression)
     by_hf_name: dict[str, StoredWeight] = {}
     placed = []
     for layer in layers:
-        weights = {}
-        for spec in layer.weights:
-            if spec.hf_name not in by_hf_name:
-                by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, disk,
-                                                        ledger, pin, compression)
-            weights[spec.name] = by_hf_name[spec.hf_name]
-        placed.append(weights)
+        new = [spec for spec in layer.weights if spec.hf_name not in by_hf_name]
+        offsets, extent = {}, 0
+        for spec in new:
+            if tiers[spec.hf_name] == "disk":
+                offsets[spec.hf_name] = extent
+                extent += page_aligned(stored_nbytes(spec.shape, dtype, compression))
+        file = disk.create(extent, f"{layer.kind}{layer.index}") if extent else None
+        for spec in new:
+            by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger, pin,
+                                                    compression, file, offsets.get(spec.hf_name, 0))
+        placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
         if progress:
             progress(len(placed), len(layers))
     return placed
@@ -204,28 +216,77 @@ class WeightSlots:
     """Compute-device buffers that non-resident weights are copied or decompressed into, allocated on first
     use: two per decoder layer kind and name (the layer computed and the one prefetched), one per weight of
     the embedding and head. A slot that still holds the weight asked for is not filled again (a tied
-    embedding and head share one)."""
+    embedding and head share one).
+
+    On a CPU, disk-homed weights need no slot: their layer's file is memory-mapped, its pages faulted in
+    by `fetch` (on an I/O thread, beside compute) and unmapped by `release` once the layer has run. At most
+    one layer per name is mapped at a time; the ledger counts that window once per name."""
 
     def __init__(self, device: ComputeDevice, ledger: MemoryLedger, staging: Staging) -> None:
         self.device, self.ledger, self.staging = device, ledger, staging
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.holds: dict[tuple, StoredWeight] = {}
+        self.windows: set[tuple] = set()
 
     def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None) -> dict[str, torch.Tensor]:
         """`slot_key` (kind, parity) for decoder layers; None for one slot per weight."""
+        to_fill = {name: t for name, t in weights.items()
+                   if not t.resident and self.holds.get(self._key(slot_key, name, t)) is not t}
+        host = self._read_layer(to_fill.values())
         out = {}
         for name, t in weights.items():
+            key = self._key(slot_key, name, t)
             if t.resident:
                 out[name] = t.data
-                continue
-            key = (*slot_key, name) if slot_key is not None else (id(t),)
-            buf = self.buffers.get(key)
-            if buf is None:
-                buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
-                self.ledger.add("gpu", buf.numel() * buf.element_size())
-            out[name] = buf if self.holds.get(key) is t else t.fetch(self.device, buf, self.staging)
-            self.holds[key] = t
+            elif t.mapped is not None and t.compression is None:
+                window = key if slot_key is None else (slot_key[0], name)
+                if window not in self.windows:
+                    self.windows.add(window)
+                    self.ledger.add("gpu", t.nbytes)
+                out[name] = t.mapped
+            else:
+                buf = self.buffers.get(key)
+                if buf is None:
+                    buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
+                    self.ledger.add("gpu", buf.numel() * buf.element_size())
+                out[name] = buf if name not in to_fill else t.fetch(self.device, buf, host.get(id(t)))
+                self.holds[key] = t
+        if host:
+            self.staging.release()
+        for t in to_fill.values():
+            if t.mapped is not None and t.compression is not None:  # the codes were read: unmap them
+                t.data.release(t.offset, t.nbytes)
         return out
+
+    @staticmethod
+    def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:
+        return (*slot_key, name) if slot_key is not None else (id(t),)
+
+    def _read_layer(self, weights) -> dict[int, torch.Tensor]:
+        """Disk-homed weights of one layer: mapped pages faulted in (CPU), or each file's extent read with
+        one large read into staging (CUDA); {id(weight): its bytes in staging}."""
+        files: dict[int, tuple[DiskFile, list[StoredWeight]]] = {}
+        for t in weights:
+            if isinstance(t.data, DiskFile):
+                files.setdefault(id(t.data), (t.data, []))[1].append(t)
+        if not self.device.is_cuda:
+            for file, _ in files.values():
+                file.prefetch()
+            return {}
+        host = {}
+        for file, ts in files.values():  # one file per layer: a layer's extent
+            buf = self.staging.take(file.nbytes, torch.uint8)
+            file.read_into(buf)
+            host.update({id(t): buf[t.offset:t.offset + t.nbytes] for t in ts})
+        return host
+
+    def release(self, weights: dict[str, StoredWeight]) -> None:
+        """Unmap a layer's mapped disk pages once it has run (memory budgets count one layer per name)."""
+        done = set()
+        for t in weights.values():
+            if t.mapped is not None and t.compression is None and id(t.data) not in done:
+                done.add(id(t.data))
+                t.data.release()
 
 
 def weight_bytes(layers: list[dict[str, StoredWeight]], tier: str) -> int:
@@ -239,5 +300,6 @@ def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
     out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
     specs = {s.hf_name: s for layer in layers for s in layer.weights}
     for hf_name, tier in weight_tiers(layers, percents, dtype, compression).items():
-        out[tier] += stored_nbytes(specs[hf_name].shape, dtype, compression)
+        nbytes = stored_nbytes(specs[hf_name].shape, dtype, compression)
+        out[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
     return out
