@@ -92,14 +92,11 @@ def test_llama_family_matches_transformers(tiny_models, references, compute_devi
     check_against_reference(tiny_models[family][0], references[family], POLICIES[name], compute_device)
 
 
-# finding 1 of issue 12: a disk cache part attended on the CPU is stored in the compute dtype's bytes but read
-# back as the CPU-attention dtype (bfloat16 under float16 compute); the fp32 and bf16 tests cannot see it
-_FP16_DISK_CPU_ATTENTION = pytest.mark.xfail(
-    reason="issue 12 finding 1: float16 k/v bytes written into a bfloat16 disk cache part", strict=False)
+# with CPU attention, float16 compute attends over cpu and disk parts in bfloat16: the parts' dtype differs from
+# the compute dtype only here (issue 12, finding 1: fp16 bytes were once written into a bf16 disk part)
 FP16_PLACEMENTS = ["all-gpu", "weights-cpu", "weights-disk", "cache-cpu", "cache-disk", "act-disk-split",
-                   "no-overlap-offloaded", "cpu-attention-cache-cpu",
-                   pytest.param("cpu-attention-cache-disk", marks=_FP16_DISK_CPU_ATTENTION),
-                   pytest.param("cpu-attention-cache-split", marks=_FP16_DISK_CPU_ATTENTION)]
+                   "no-overlap-offloaded", "cpu-attention-cache-cpu", "cpu-attention-cache-disk",
+                   "cpu-attention-cache-split"]
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
