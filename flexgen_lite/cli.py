@@ -90,8 +90,8 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True,
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
     from .devices import ComputeDevice
     from .generation import model_config
-    from .hardware import load_profile
     from .policy_search import search_policy
+    from .profile_store import load_profile
 
     device = ComputeDevice(args.device)
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
@@ -100,8 +100,15 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True,
     result = search_policy(model_config(model), workload, hardware, budgets, auto, page_cache=0 if cold else None)
     if show:
         print(f"auto policy: {result.policy.flags()} (predicted {result.prediction.throughput:.1f} tok/s, "
-              f"searched in {time.perf_counter() - tic:.1f} s)", file=sys.stderr)
+              f"searched in {time.perf_counter() - tic:.1f} s)\ndtype: {dtype_reason(result, auto)}",
+              file=sys.stderr)
     return result, hardware
+
+
+def dtype_reason(result, auto: AutoPolicy) -> str:
+    from .dtype_choice import explain_search
+
+    return explain_search(result, auto.base.dtype)
 
 
 def progress(message: str) -> None:
@@ -121,6 +128,7 @@ def cmd_bench(args) -> None:
         policy, prediction = result.policy, result.prediction
     else:
         check_explicit_budgets(args, args.model, workload, policy)
+        print(f"dtype: {manual_dtype_reason(policy, args.device)}", file=sys.stderr)
         if args.predict:
             prediction = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk)
@@ -136,6 +144,16 @@ def cmd_bench(args) -> None:
               f"decode {report['predicted_decode_step_ms']} ms/step, bound by {prediction.bound}): "
               f"{100 * report['prediction_error']:+.0f}% vs measured")
     print(json.dumps(report))
+
+
+def manual_dtype_reason(policy: Policy, device: str | None) -> str:
+    from .devices import ComputeDevice
+    from .dtype_choice import default_dtype
+
+    if policy.dtype:
+        return f"{policy.dtype} (given by --dtype)"
+    choice = default_dtype(ComputeDevice(device).device.type)
+    return f"{choice.dtype} ({choice.reason})"
 
 
 def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
@@ -155,7 +173,7 @@ def predict_policy(args, model: str, workload, policy: Policy, cold: bool = Fals
     from .cost_model import predict
     from .devices import ComputeDevice, host_available_bytes
     from .generation import model_config
-    from .hardware import load_profile
+    from .profile_store import load_profile
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, policy.offload_dir, progress=progress)
@@ -179,10 +197,12 @@ def cmd_plan(args) -> None:
         raise PolicyError("plan searches the policy: drop --percent and --policy manual")
     workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
     result, hardware = plan_policy(args, args.model, workload, policy, show=False)
+    why = dtype_reason(result, policy)
     if args.json:
-        print(json.dumps(plan_json(result, workload, hardware)))
+        print(json.dumps({**plan_json(result, workload, hardware), "dtype_reason": why}))
         return
     print(format_plan(result, workload, hardware, model_config(args.model)))
+    print(f"dtype: {why}")
 
 
 def plan_json(result, workload, hardware) -> dict:
@@ -228,7 +248,7 @@ def format_plan(result, workload, hardware, config) -> str:
 
 def cmd_profile(args) -> None:
     from .devices import ComputeDevice
-    from .hardware import load_profile, profile_path
+    from .profile_store import load_profile, profile_path
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, args.offload_dir, refresh=args.refresh, progress=progress)

@@ -84,7 +84,8 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
 
 
 def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig, output, progress) -> None:
-    from .cli import budgets_from_args, policy_from_args
+    from .cli import budgets_from_args, manual_dtype_reason, policy_from_args
+    from .dtype_choice import explain_search
     from .generation import FlexGenLite
     from .layout import Workload
     from .policy_search import AutoPolicy
@@ -98,8 +99,10 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
                      budgets=budgets_from_args(args)) as m:
         print(file=sys.stderr)
         if m.search is not None:
-            print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)",
-                  file=sys.stderr)
+            print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)\n"
+                  f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
+        else:
+            print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
         chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
         for first in range(0, len(todo), chunk):
             indices = todo[first:first + chunk]

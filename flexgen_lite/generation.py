@@ -111,8 +111,8 @@ class FlexGenLite:
         self.progress = progress
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
-        from .hardware import load_profile
         from .policy_search import AutoPolicy, search_policy
+        from .profile_store import load_profile
 
         if policy is None or policy == "auto":
             policy = AutoPolicy()

@@ -1,24 +1,16 @@
-"""A machine's measured speeds (`HardwareProfile`), what the cost model turns into predicted times, and the
-JSON file they are cached in: one per compute device and offload file system, measured (profile.py) when
-there is none."""
+"""A machine's measured speeds (`HardwareProfile`): what the cost model turns into predicted times.
+
+Measuring one is profile.py's concern, storing and finding one profile_store.py's; this module imports
+neither, so the cost model and the profiler can both use it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from .devices import ComputeDevice
-
 PROFILE_VERSION = 2
-
 
 
 @dataclass
@@ -128,48 +120,3 @@ class HardwareProfile:
         lines.append("engine overhead per layer + per layer and batch (us): " + ", ".join(
             f"{k} {a * 1e6:.0f} + {b * 1e6:.0f}" for k, (a, b) in self.layer_overhead.items()))
         return "\n".join(lines + self.notes)
-
-
-# ---- the cache file ------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flexgen-lite"
-
-
-def offload_parent(offload_dir: str) -> str:
-    return os.path.abspath(offload_dir or tempfile.gettempdir())
-
-
-def profile_path(device: ComputeDevice, offload_dir: str = "") -> Path:
-    """One file per compute device and offload file system."""
-    name = str(device.device)
-    if device.is_cuda:
-        name += "-" + torch.cuda.get_device_name(device.device)
-    key = f"{name}|{offload_parent(offload_dir)}|{platform.node()}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return cache_dir() / f"profile-{device.device.type}-{digest}.json"
-
-
-def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,
-                 progress: Callable[[str], None] | None = None) -> HardwareProfile:
-    """The cached profile of this machine, measuring it first if there is none (or with `refresh`).
-
-    FLEXGEN_LITE_PROFILE=FILE uses that file instead (tests, or a profile copied from a like machine)."""
-    override = os.environ.get("FLEXGEN_LITE_PROFILE")
-    if override and not refresh:
-        return HardwareProfile.from_json(Path(override).read_text())
-    device = device or ComputeDevice()
-    path = profile_path(device, offload_dir)
-    if path.is_file() and not refresh:
-        try:
-            return HardwareProfile.from_json(path.read_text())
-        except (ValueError, TypeError, KeyError):
-            pass  # an older or damaged file: measure again
-    from .profile import measure  # measuring needs the engine's pieces; loading a profile does not
-
-    profile = measure(device, offload_dir, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
-    return profile

@@ -34,7 +34,7 @@ class Policy:
     overlap: bool = True
     pin_weight: bool = True
     offload_dir: str = ""  # empty: a fresh directory under the system temp dir
-    dtype: str = ""  # empty: float16 on CUDA, bfloat16 on CPU
+    dtype: str = ""  # empty: float16 on CUDA; on a CPU bfloat16 where measured faster, else float32
     cpu_cache_compute: bool = False
     attn_sparsity: float = 1.0
     compress_weight: bool = False
@@ -72,9 +72,12 @@ class Policy:
         return gpu, cpu, max(0.0, 100.0 - gpu - cpu)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype given, else float16 on CUDA and on a CPU the faster of bfloat16 and float32 (dtype_choice)."""
         if self.dtype:
             return DTYPES[self.dtype]
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        from .dtype_choice import default_dtype
+
+        return DTYPES[default_dtype(device.type).dtype]
 
     def weight_compression(self) -> CompressionConfig | None:
         """4-bit groups of 64 along the input dimension.

@@ -14,6 +14,7 @@ import numpy as np
 from .config import ModelConfig
 from .cost_model import Prediction, phase_times, predict
 from .devices import host_available_bytes
+from .dtype_choice import search_options
 from .hardware import HardwareProfile
 from .layout import Layout, Regime, Setup, Workload
 from .memory import Budgets, gib, over_budget
@@ -46,6 +47,7 @@ class SearchResult:
     page_cache: float
     solved: int  # linear programs solved
     ranked: list[tuple[Policy, Prediction]]  # every feasible candidate, best first
+    hardware: HardwareProfile | None = None
 
 
 def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, budgets: Budgets,
@@ -77,7 +79,7 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
         raise PolicyError(_nothing_fits(config, workload, hw, budgets, auto))
     found.sort(key=lambda pp: -pp[1].throughput)
     policy, prediction = _choose(found)
-    return SearchResult(policy, prediction, budgets, page_cache, solved, found)
+    return SearchResult(policy, prediction, budgets, page_cache, solved, found, hw)
 
 
 def _choose(found: list[tuple[Policy, Prediction]]) -> tuple[Policy, Prediction]:
@@ -99,10 +101,11 @@ def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
     counts = [auto.num_gpu_batches] if auto.num_gpu_batches else [n for n in POWERS[:7] if n <= cap]
     choices = [(False, True) if v is None else (v,) for v in (auto.compress_weight, auto.compress_cache)]
     cpu = (False, True) if auto.cpu_cache_compute is None and hw.is_cuda else (bool(auto.cpu_cache_compute),)
-    for gbs, nb, cw, cc, cpu_att in itertools.product(sizes, counts, *choices, cpu):
+    dtypes = search_options(auto.base.dtype, hw.is_cuda)
+    for gbs, nb, cw, cc, cpu_att, dtype in itertools.product(sizes, counts, *choices, cpu, dtypes):
         if gbs * nb <= cap or (auto.gpu_batch_size and auto.num_gpu_batches):
             yield dataclasses.replace(auto.base, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw,
-                                      compress_cache=cc, cpu_cache_compute=cpu_att)
+                                      compress_cache=cc, cpu_cache_compute=cpu_att, dtype=dtype)
 
 
 def _by_upper_bound(config, workload, hw, auto) -> list[tuple[float, Policy]]:

@@ -1,4 +1,4 @@
-"""Measuring this machine's speeds (hardware.py holds and caches them).
+"""Measuring this machine's speeds (hardware.py holds them, profile_store.py caches them).
 
 `flexgen-lite profile` (or the first `--policy auto`) measures, in seconds: matmul rates per dtype over a
 range of batch rows, link bandwidths (host<->device, pinned and pageable; a host memory copy without
@@ -23,10 +23,14 @@ import torch.nn.functional as F
 from .attention import attend
 from .compression import CompressionConfig, dequantize, quantize
 from .devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
-from .hardware import HardwareProfile, offload_parent
+from .hardware import HardwareProfile
 from .policy import DTYPES
 
 MiB = 2**20
+
+
+def offload_parent(offload_dir: str) -> str:
+    return os.path.abspath(offload_dir or tempfile.gettempdir())
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def _matmul(device: ComputeDevice, scale: int) -> dict:
                 times.append(s / len(ws))
             rate, fixed = _fit(flops[1], times[1], flops[0], times[0])
             points.append((m, rate, fixed))
-            if s > 0.25:  # a slow dtype here (float16 on most CPUs): more rows would take seconds
+            if s > 0.25 and scale == 1:  # a slow dtype (float16 on most CPUs): more rows would take seconds
                 break
         out[name] = points
     return {"matmul": out, "matmul_shape": shapes[0]}

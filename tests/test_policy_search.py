@@ -15,7 +15,7 @@ from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
 from flexgen_lite.cli import build_parser, main, policy_from_args
 from flexgen_lite.cost_model import predict
 from flexgen_lite.generation import model_config
-from flexgen_lite.hardware import HardwareProfile, load_profile
+from flexgen_lite.hardware import HardwareProfile
 from flexgen_lite.layout import Workload
 from flexgen_lite.memory import Budgets, parse_size
 from flexgen_lite.memory_plan import peak_memory
@@ -23,6 +23,7 @@ from flexgen_lite.models import layer_specs
 from flexgen_lite.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
 from flexgen_lite.presets import preset_config
 from flexgen_lite.profile import measure
+from flexgen_lite.profile_store import load_profile
 from flexgen_lite.weights import planned_bytes
 
 from .conftest import PROMPTS, synthetic_profile
@@ -49,12 +50,20 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     import flexgen_lite.profile as profile
 
-    monkeypatch.setattr(profile, "measure", lambda device, offload_dir, progress: measure(device, offload_dir,
-                                                                                           progress, quick=True))
+    calls = []
+
+    def quick(device, offload_dir, progress):
+        calls.append(offload_dir)
+        return measure(device, offload_dir, progress, quick=True)
+
+    monkeypatch.setattr(profile, "measure", quick)
     first = load_profile(offload_dir=str(tmp_path / "offload"))
     files = list((tmp_path / "flexgen-lite").glob("profile-cpu-*.json"))
     assert len(files) == 1
     assert load_profile(offload_dir=str(tmp_path / "offload")) == first  # from the cache, not measured again
+    # one profile per file system, not per path: another directory on it is not measured again
+    assert load_profile(offload_dir=str(tmp_path / "another" / "dir")) == first
+    assert len(calls) == 1
     for value in (first.host_copy, first.disk_read, first.disk_write, first.cached_read, first.op_overhead,
                   first.attention["bfloat16"][1], first.dequantize["float32"], first.cache_disk_load["float32"][1]):
         assert value > 0
@@ -95,10 +104,7 @@ def test_bigger_batch_is_faster_until_memory_binds():
     tight = search_policy(OPT, WL, HW, budget, AutoPolicy(num_gpu_batches=1), page_cache=0)
     roomy = search_policy(OPT, WL, HW, Budgets(None, 16 * GiB, 100 * GiB), AutoPolicy(num_gpu_batches=1),
                           page_cache=0)
-    # more memory never costs speed (the search is within 1% of optimal; a CPU computes on mapped disk
-    # pages, so a roomier budget buys little once compute binds)
-    assert roomy.prediction.throughput >= 0.99 * tight.prediction.throughput
-    assert roomy.policy.gpu_batch_size >= tight.policy.gpu_batch_size
+    assert roomy.prediction.throughput > tight.prediction.throughput
     bigger = Policy(gpu_batch_size=tight.policy.gpu_batch_size * 2, **_percents(tight.policy))
     assert peak_memory(OPT, WL, bigger, cuda=False)[1]["cpu"] > budget.cpu  # memory is what stopped it
 
@@ -110,10 +116,7 @@ def _percents(p: Policy) -> dict:
 
 def test_prediction_has_every_part_of_a_step():
     p = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50), HW, page_cache=0)
-    assert {"compute", "attention", "disk", "overhead"} <= set(p.decode_by)
-    gpu = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50),
-                  synthetic_profile(cuda=True), page_cache=0)
-    assert {"compute", "attention", "disk", "cache load", "link", "overhead"} <= set(gpu.decode_by)
+    assert {"compute", "attention", "disk", "cache load", "overhead"} <= set(p.decode_by)
     assert p.prefill_s > p.decode_step_s > 0
     assert p.throughput == pytest.approx(8 * 32 / (p.prefill_s + 31 * p.decode_step_s))
     without = predict(OPT, WL, Policy(gpu_batch_size=8, weight_gpu_percent=50, cache_gpu_percent=50, overlap=False),

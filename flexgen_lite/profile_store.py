@@ -1,0 +1,78 @@
+"""Where profiles live: one JSON file per machine, compute device and offload file system (not per offload
+path), under ~/.cache/flexgen-lite. Loading one is cheap; measuring one (profile.py) takes ~25 s and is
+announced on stderr whenever it happens implicitly, since a busy machine then gives a wrong plan."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .devices import ComputeDevice
+from .hardware import HardwareProfile
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flexgen-lite"
+
+
+def filesystem_id(offload_dir: str = "") -> int:
+    """The device number of the file system that holds (or will hold) `offload_dir`."""
+    path = Path(os.path.abspath(offload_dir or tempfile.gettempdir()))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.stat(path).st_dev
+
+
+def profile_path(device: ComputeDevice, offload_dir: str = "") -> Path:
+    """One file per machine, compute device and offload file system."""
+    name = str(device.device)
+    if device.is_cuda:
+        name += "-" + torch.cuda.get_device_name(device.device)
+    key = f"{name}|fs {filesystem_id(offload_dir)}|{platform.node()}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir() / f"profile-{device.device.type}-{digest}.json"
+
+
+def cached_profile(device: ComputeDevice | None = None, offload_dir: str = "") -> HardwareProfile | None:
+    """The profile already measured for this machine (FLEXGEN_LITE_PROFILE=FILE: that file), or None;
+    never measures."""
+    override = os.environ.get("FLEXGEN_LITE_PROFILE")
+    path = Path(override) if override else profile_path(device or ComputeDevice(), offload_dir)
+    try:
+        return HardwareProfile.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # none yet, or an older or damaged file
+
+
+def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,
+                 progress: Callable[[str], None] | None = None) -> HardwareProfile:
+    """The cached profile of this machine, measuring it first if there is none (or with `refresh`).
+
+    FLEXGEN_LITE_PROFILE=FILE uses that file instead (tests, or a profile copied from a like machine)."""
+    device = device or ComputeDevice()
+    if not refresh:
+        found = cached_profile(device, offload_dir)
+        if found is not None:
+            return found
+        print(f"no profile of this machine yet: measuring it now (~25 s, once; cached in {cache_dir()}). Other "
+              "processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
+              file=sys.stderr)
+    from .profile import measure  # measuring needs the engine's pieces; loading a profile does not
+
+    profile = measure(device, offload_dir, progress)
+    if profile.notes and not refresh:
+        print("\n" + "\n".join(profile.notes), file=sys.stderr)
+    path = profile_path(device, offload_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(profile.to_json())
+    tmp.replace(path)
+    return profile
