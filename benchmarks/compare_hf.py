@@ -23,8 +23,15 @@ Weights on disk (e.g. `--percent 0 0 100 0 100 0`): transformers runs with accel
 `from_pretrained(dir, device_map="auto", max_memory={"cpu": --hf-cpu-memory}, offload_folder=...)`,
 which needs `accelerate` (`pip install accelerate`; without it the peer is skipped). Such rows also
 show the weights moved per decode step and the bound they imply at --disk-gb-s (see
-/work/shared/ANCHORS.md: decode tok/s <= batch / (GB moved per step / disk GB/s)). Freshly written
-files are usually served from the page cache, so that bound is only a reference.
+../shared/ANCHORS.md beside the checkout: decode tok/s <= batch / (GB moved per step / disk GB/s)).
+Freshly written files are usually served from the page cache, so that bound is only a reference there.
+
+--cold-disk reads from the disk itself, for both systems: FlexGen-Lite drops each offload extent from
+the page cache after use (bench's --cold-disk); transformers gets a forward pre-hook that drops the
+checkpoint's and accelerate's offload files (posix_fadvise DONTNEED) before every forward pass.
+
+The checkpoint is written tensor by tensor into 2 GB safetensors shards (never the whole model in
+memory), so a model larger than RAM can be prepared: e.g. OPT-6.7B in float32 is 26.8 GB.
 
 Memory allocator: FlexGen-Lite keeps freed memory (mallopt) itself. transformers runs with glibc's
 defaults unless --hf-malloc-tuned, which sets MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e12 in its
@@ -85,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-gb-s", type=float, default=2.0,
                    help="disk read GB/s for the bound of disk rows (default: ANCHORS' O_DIRECT upper figure)")
     p.add_argument("--timeout", type=float, help="seconds per worker before it is killed")
+    p.add_argument("--cold-disk", action="store_true",
+                   help="both systems read disk-homed weights from the disk, not the page cache")
+    p.add_argument("--cpu-mem", help="FlexGen-Lite's host memory budget (e.g. 4GiB): checked before it runs")
+    p.add_argument("--compress-weight", action="store_true", help="FlexGen-Lite keeps weights 4-bit")
     p.add_argument("--json-out", help="also write all results to this JSON file")
     p.add_argument("--worker", choices=("prepare", "hf", "flexgen"), help=argparse.SUPPRESS)
     return p
@@ -118,11 +129,12 @@ def worker_argv(args, kind: str, batch: int | None = None) -> list[str]:
             "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--dtype", args.dtype,
             "--percent", *(f"{x:g}" for x in args.percent), "--workdir", args.workdir, "--seed", str(args.seed),
             "--hf-cpu-memory", args.hf_cpu_memory, "--repeat", str(args.repeat)]
+    argv += [flag for flag, on in (("--cold-disk", args.cold_disk), ("--compress-weight", args.compress_weight)) if on]
     if batch is not None:
         gbs, nb = block_shape(args, batch)
         argv += ["--batch", str(batch), "--gpu-batch-size", str(gbs), "--num-gpu-batches", str(nb)]
     for flag, value in (("--offload-dir", args.offload_dir), ("--device", args.device),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--cpu-mem", args.cpu_mem)):
         if value:
             argv += [flag, str(value)]
     return argv
@@ -183,30 +195,70 @@ def hf_config(model: str):
 
 
 def prepare(args) -> dict:
-    """Save random weights of the preset's shape once (reused while the directory is complete)."""
+    """Save random weights of the preset's shape once (reused while the directory is complete), tensor by
+    tensor into 2 GB shards: only one shard is ever in memory."""
     path = checkpoint_dir(args)
     done = path / "COMPLETE"
     if done.exists():
         return {"checkpoint": str(path), "created": False}
     torch, _ = setup_torch(args)
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
     tic = time.perf_counter()
-    model = AutoModelForCausalLM.from_config(hf_config(args.model), dtype=getattr(torch, args.dtype))
+    config = hf_config(args.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1 or "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            else:  # larger than HF's init (0.02), so that greedy output does not repeat one token forever
-                p.copy_(torch.randn(p.shape, generator=gen) * (2 / p.shape[-1] ** 0.5))
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
+    shards, shard, size, index = [], {}, 0, {}
+    for name, p in model.state_dict().items():
+        if name in tied:
+            continue
+        if "layer_norm" in name and name.endswith("weight"):
+            t = torch.ones(p.shape)
+        elif p.dim() == 1 or "embed" in name:
+            t = torch.randn(p.shape, generator=gen) * 0.02
+        else:  # larger than HF's init (0.02), so that greedy output does not repeat one token forever
+            t = torch.randn(p.shape, generator=gen) * (2 / p.shape[-1] ** 0.5)
+        shard[name] = t.to(p.dtype)
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= 2 * GB:
+            shards.append(_save_shard(save_file, path, shard, len(shards), index))
+            shard, size = {}, 0
+    if shard:
+        shards.append(_save_shard(save_file, path, shard, len(shards), index))
+    total = sum(os.path.getsize(path / f) for f in shards)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": index}))
+    config.save_pretrained(str(path))
     done.write_text("")
-    return {"checkpoint": str(path), "created": True, "seconds": round(time.perf_counter() - tic, 1)}
+    return {"checkpoint": str(path), "created": True, "seconds": round(time.perf_counter() - tic, 1),
+            "gb": round(total / GB, 2)}
+
+
+def _save_shard(save_file, path: Path, shard: dict, i: int, index: dict) -> str:
+    name = f"model-{i:05d}.safetensors"
+    save_file(shard, str(path / name), metadata={"format": "pt"})
+    index.update(dict.fromkeys(shard, name))
+    return name
+
+
+def drop_from_page_cache(paths: list[str]) -> None:
+    """posix_fadvise(DONTNEED) every file under `paths`: the next reads come from the disk."""
+    for root in paths:
+        for directory, _, files in os.walk(root):
+            for f in files:
+                try:
+                    fd = os.open(os.path.join(directory, f), os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def make_prompts(args, batch: int, vocab: int) -> list[list[int]]:
@@ -267,6 +319,9 @@ def run_hf(args) -> dict:
         r["placement"] = f"{shown}: {disk_bytes / GB:.2f} of {total / GB:.2f} GB of weights on disk"
         r["weights_moved_per_step_gb"] = round(disk_bytes / GB, 3)
         device = torch.device("cpu") if model.device.type == "meta" else model.device  # inputs go here
+        if args.cold_disk:
+            model.register_forward_pre_hook(lambda *_: drop_from_page_cache([str(path), offload]))
+            r["placement"] += "; page cache dropped before every forward"
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
         r["placement"] = f"all on {device.type}"
@@ -311,18 +366,29 @@ def run_hf(args) -> dict:
 
 def run_flexgen(args) -> dict:
     torch, device = setup_torch(args)
-    from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-    from flexgen_lite.bench import _report
+    from flexgen_lite import Budgets, FlexGenLite, Policy, SamplingConfig, Workload
+    from flexgen_lite.bench import _report, drop_offload_pages
+    from flexgen_lite.memory import parse_size
+    from flexgen_lite.storage import DiskFile
 
     w_g, w_c, c_g, c_c, a_g, a_c = args.percent
     policy = Policy(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
                     weight_gpu_percent=w_g, weight_cpu_percent=w_c, cache_gpu_percent=c_g, cache_cpu_percent=c_c,
-                    act_gpu_percent=a_g, act_cpu_percent=a_c, offload_dir=args.offload_dir, dtype=args.dtype)
+                    act_gpu_percent=a_g, act_cpu_percent=a_c, offload_dir=args.offload_dir, dtype=args.dtype,
+                    compress_weight=args.compress_weight)
     r = base_result(args, "flexgen-lite", torch)
-    r["placement"] = policy.flags()
+    r["placement"] = policy.flags() + (f" --cpu-mem {args.cpu_mem}" if args.cpu_mem else "")
+    if args.cold_disk:
+        DiskFile.page_cache = False
+        r["placement"] += " --cold-disk"
+    budgets = Budgets(cpu=parse_size(args.cpu_mem)) if args.cpu_mem else None
     tic = time.perf_counter()
-    with FlexGenLite(str(checkpoint_dir(args)), policy=policy, device=str(device)) as m:
+    workload = Workload(args.prompt_len, args.gen_len, args.batch[0])
+    with FlexGenLite(str(checkpoint_dir(args)), policy=policy, device=str(device), budgets=budgets,
+                     workload=workload) as m:
         load_s = time.perf_counter() - tic
+        if args.cold_disk:
+            drop_offload_pages(m)
         prompts = make_prompts(args, args.batch[0], m.config.vocab_size)
         w = min(WARMUP_PROMPT_LEN, args.prompt_len)
         m.generate_ids([p[:w] for p in prompts], SamplingConfig(max_new_tokens=2, stop_at_eos=False))

@@ -27,15 +27,20 @@ def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, dev
     with FlexGenLite(model, policy=policy, device=device, progress=progress) as m:
         load_s = time.perf_counter() - tic
         if cold_disk:
-            os.sync()  # written offload files must be on disk before their pages can be dropped
-            for f in list(m.disk.files):
-                os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_offload_pages(m)
         n = policy.block_size
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, m.config.vocab_size, (n, prompt_len), generator=gen).tolist()
         m.generate_ids(prompts, SamplingConfig(max_new_tokens=gen_len, stop_at_eos=False))
         times = m.engine.times
         return _report(m, policy, prompt_len, gen_len, times.prefill, sum(times.decode), load_s)
+
+
+def drop_offload_pages(m: FlexGenLite) -> None:
+    """Write the offload files out and drop them from the page cache: the next reads come from the disk."""
+    os.sync()
+    for f in list(m.disk.files):
+        os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefill_s: float, decode_s: float,

@@ -22,14 +22,14 @@ from .activations import Activations
 from .attention import attend
 from .block import Block
 from .config import ModelConfig
-from .devices import ComputeDevice, IOPool
+from .devices import ComputeDevice, IOPool, host_available_bytes
 from .kv_cache import CacheSlots, KVCache
 from .models import LayerSpec
 from .models import layers as L
 from .policy import Policy
 from .sampling import SamplingConfig, sample
-from .storage import DiskStore, MemoryLedger, Staging
-from .weights import DECODER_KINDS, StoredWeight, WeightSlots
+from .storage import DiskFile, DiskStore, MemoryLedger, Staging
+from .weights import DECODER_KINDS, StoredWeight, WeightSlots, weight_bytes
 
 
 @dataclass
@@ -46,7 +46,9 @@ class Engine:
         self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
         self.io = IOPool(policy.overlap)
         self.staging = Staging(pin=device.is_cuda)
-        self.weight_slots = WeightSlots(device, ledger, self.staging)
+        on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (CUDA reads)
+        direct = device.is_cuda and (not DiskFile.page_cache or on_disk > host_available_bytes() // 2)
+        self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
         self.cache_slots = CacheSlots(ledger, self.staging)
         self.cache: KVCache | None = None
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None

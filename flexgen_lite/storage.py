@@ -66,6 +66,7 @@ class DiskFile:
 
     page_cache = True  # False: drop what was read from the page cache (benchmarks of a cold disk)
     mapping: mmap.mmap | None = None
+    direct_fd: int | None = None
 
     def __init__(self, path: str, nbytes: int) -> None:
         self.path, self.nbytes = path, nbytes
@@ -77,9 +78,10 @@ class DiskFile:
             if nbytes:
                 os.posix_fallocate(self.fd, 0, nbytes)  # claim the space now: a full disk fails here, not mid-run
         except OSError as e:
-            _release_file(self.fd, path)
+            _release_file([self.fd], path)
             raise _disk_error(e, path, nbytes) from None
-        self._finalizer = weakref.finalize(self, _release_file, self.fd, path)
+        self._fds = [self.fd]  # with the O_DIRECT one once opened: closed together
+        self._finalizer = weakref.finalize(self, _release_file, self._fds, path)
 
     def write(self, src: torch.Tensor, offset: int = 0) -> None:
         view = _byte_view(src.cpu())
@@ -90,21 +92,33 @@ class DiskFile:
         except OSError as e:
             raise _disk_error(e, self.path, len(view)) from None
 
-    def read_into(self, dst: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Fill the host tensor `dst` (contiguous) from the file."""
+    def read_into(self, dst: torch.Tensor, offset: int = 0, direct: bool = False) -> torch.Tensor:
+        """Fill the host tensor `dst` (contiguous) from the file. `direct`: bypass the page cache (O_DIRECT)
+        when the file system allows and `dst` and `offset` are page-aligned; buffered otherwise."""
         view = memoryview(dst.view(torch.uint8).reshape(-1).numpy())
+        fd = self._direct_fd() if direct and _aligned(dst.data_ptr(), offset, len(view)) else self.fd
         done = 0
         while done < len(view):
             try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
+                n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as e:
                 raise _disk_error(e, self.path, len(view)) from None
             if n == 0:
                 raise OffloadError(errno.EIO, f"offload file {self.path} is shorter than expected")
             done += n
-        if not DiskFile.page_cache:
+        if not DiskFile.page_cache and fd == self.fd:
             os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
         return dst
+
+    def _direct_fd(self) -> int:
+        """A second descriptor with O_DIRECT (opened once), or the buffered one where it is refused."""
+        if self.direct_fd is None:
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                self._fds.append(self.direct_fd)
+            except OSError:  # e.g. tmpfs
+                self.direct_fd = self.fd
+        return self.direct_fd
 
     def map(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
         """A tensor whose storage is the file's bytes at `offset` (shared: writes go to the file)."""
@@ -142,8 +156,13 @@ class DiskFile:
         self._finalizer()
 
 
-def _release_file(fd: int, path: str) -> None:
-    os.close(fd)
+def _aligned(address: int, offset: int, nbytes: int) -> bool:
+    return address % PAGE == 0 and offset % PAGE == 0 and nbytes % 512 == 0
+
+
+def _release_file(fds: list[int], path: str) -> None:
+    for fd in fds:
+        os.close(fd)
     try:
         os.unlink(path)
     except OSError:

@@ -222,8 +222,10 @@ class WeightSlots:
     by `fetch` (on an I/O thread, beside compute) and unmapped by `release` once the layer has run. At most
     one layer per name is mapped at a time; the ledger counts that window once per name."""
 
-    def __init__(self, device: ComputeDevice, ledger: MemoryLedger, staging: Staging) -> None:
-        self.device, self.ledger, self.staging = device, ledger, staging
+    def __init__(self, device: ComputeDevice, ledger: MemoryLedger, staging: Staging,
+                 direct_reads: bool = False) -> None:
+        """direct_reads: read layer extents with O_DIRECT (CUDA, when the page cache cannot keep them)."""
+        self.device, self.ledger, self.staging, self.direct_reads = device, ledger, staging, direct_reads
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.holds: dict[tuple, StoredWeight] = {}
         self.windows: set[tuple] = set()
@@ -276,7 +278,7 @@ class WeightSlots:
         host = {}
         for file, ts in files.values():  # one file per layer: a layer's extent
             buf = self.staging.take(file.nbytes, torch.uint8)
-            file.read_into(buf)
+            file.read_into(buf, direct=self.direct_reads)
             host.update({id(t): buf[t.offset:t.offset + t.nbytes] for t in ts})
         return host
 
