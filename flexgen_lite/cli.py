@@ -17,6 +17,7 @@ from .config import ModelError
 from .memory import Budgets, check_budgets, gib, parse_size
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy
+from .profile_store import prediction_miss
 from .storage import OffloadError
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
@@ -123,14 +124,15 @@ def cmd_bench(args) -> None:
     prompt_len = args.prompt_len or (512 if cuda else 64)
     workload = Workload(prompt_len, args.gen_len, args.num_prompts)
     policy, prediction = policy_from_args(args, default_batch=64 if cuda else 16), None
+    hardware = None
     if isinstance(policy, AutoPolicy):
-        result, _ = plan_policy(args, args.model, workload, policy, cold=args.cold_disk)
+        result, hardware = plan_policy(args, args.model, workload, policy, cold=args.cold_disk)
         policy, prediction = result.policy, result.prediction
     else:
         check_explicit_budgets(args, args.model, workload, policy)
         print(f"dtype: {manual_dtype_reason(policy, args.device)}", file=sys.stderr)
         if args.predict:
-            prediction = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
+            prediction, hardware = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk)
     print(file=sys.stderr)
     if prediction is not None:
@@ -143,6 +145,9 @@ def cmd_bench(args) -> None:
         print(f"predicted {report['predicted_total_tok_s']} tok/s (prefill {report['predicted_prefill_s']} s, "
               f"decode {report['predicted_decode_step_ms']} ms/step, bound by {prediction.bound}): "
               f"{100 * report['prediction_error']:+.0f}% vs measured")
+        miss = prediction_miss(prediction.throughput, report["total_tok_s"], hardware)
+        if miss:
+            print(miss, file=sys.stderr)
     print(json.dumps(report))
 
 
@@ -179,7 +184,7 @@ def predict_policy(args, model: str, workload, policy: Policy, cold: bool = Fals
     hardware = load_profile(device, policy.offload_dir, progress=progress)
     plan = predict(model_config(model), workload, policy, hardware)
     page_cache = 0 if cold else host_available_bytes() - plan.peak["cpu"]
-    return predict(model_config(model), workload, policy, hardware, page_cache)
+    return predict(model_config(model), workload, policy, hardware, page_cache), hardware
 
 
 def cmd_generate(args) -> None:

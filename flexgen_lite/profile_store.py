@@ -76,3 +76,15 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
     tmp.write_text(profile.to_json())
     tmp.replace(path)
     return profile
+
+
+def prediction_miss(predicted_tok_s: float, measured_tok_s: float, hw: HardwareProfile) -> str | None:
+    """A warning when a run's throughput is off its prediction by more than 2x either way: the profile does
+    not describe this machine now (taken while it was busy, or it is busy now)."""
+    ratio = measured_tok_s / max(predicted_tok_s, 1e-12)
+    if 0.5 <= ratio <= 2:
+        return None
+    return (f"warning: measured {measured_tok_s:.2f} tok/s is {ratio:.2g}x the predicted {predicted_tok_s:.2f}: "
+            f"the profile (measured {hw.measured_at or 'elsewhere'}) does not describe this machine now. If the "
+            "machine was busy then, run `flexgen-lite profile --refresh` while it is quiet; if it is busy now, "
+            "rerun later")
