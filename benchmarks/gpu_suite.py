@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fnmatch
+import importlib.util
 import json
 import math
 import os
@@ -132,7 +134,7 @@ TINY = {  # HF configs of the smoke checkpoints
 # ---- running a step ----------------------------------------------------------------------------------------------
 @dataclass
 class Step:
-    status: str  # ok | failed | timeout | skipped
+    status: str  # ok | failed | timeout | skipped | stopped
     rc: int | None = None
     wall_s: float = 0.0
     timeout_s: float = 0.0
@@ -162,7 +164,7 @@ def run_step(cmd: list[str], timeout: float, deadline: Deadline, env: dict | Non
         return Step("skipped", timeout_s=round(max(budget, 0), 1), stderr="time limit of the run reached")
     tic = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=env, start_new_session=True)
+                            env=env, preexec_fn=_child_setup)
     _current = proc
     try:
         out, err = proc.communicate(timeout=budget)
@@ -177,6 +179,14 @@ def run_step(cmd: list[str], timeout: float, deadline: Deadline, env: dict | Non
     finally:
         _current = None
     return Step(status, proc.returncode, round(time.monotonic() - tic, 1), round(budget, 1), out or "", err or "")
+
+
+def _child_setup() -> None:
+    """In the step's process before exec: its own process group (a timeout kills all it started), and killed
+    with the suite if the suite dies (a step must never outlive the run, holding the GPU)."""
+    os.setpgid(0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -501,8 +511,15 @@ def run_steps(suite: Suite, rows: list[Row], device: str, every: float | None, p
     if not args.skip_parity:
         tests = args.parity_tests.split() if args.parity_tests else (SMOKE_PARITY_TESTS if smoke else PARITY_TESTS)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", device, *tests]
+        env = child_env()
+        if args.parity_workers and importlib.util.find_spec("xdist") is not None:  # pytest-xdist
+            cmd[3:3] = ["-n", str(args.parity_workers)]
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parity_workers))
         say(f"parity: {' '.join(cmd[3:])} ...")
-        step = run_step(cmd, args.parity_timeout or (60 if smoke else 150), suite.deadline, child_env())
+        step = run_step(cmd, args.parity_timeout or (60 if smoke else 150), suite.deadline, env)
+        if step.rc == 4 and "-n" in cmd:  # pytest's usage error: this xdist does not take -n; run serially
+            del cmd[3:5]
+            step = run_step(cmd, args.parity_timeout or 150, suite.deadline, child_env())
         (out / "parity.log").write_text(step.stdout + "\n--- stderr ---\n" + step.stderr)
         suite.data["parity"] = {"device": device, "tests": tests, **parity_summary(step)}
         say(f"parity: {suite.data['parity']['status']} ({step.wall_s:.0f} s): {suite.data['parity']['summary']}")
@@ -547,7 +564,12 @@ def run_steps(suite: Suite, rows: list[Row], device: str, every: float | None, p
             step = Step("skipped", stderr="no hardware profile for --policy auto (the profile step failed)")
         else:
             timeout = per_row.get(row.name, every if every is not None else row.timeout)
-            step = run_step(cmd, timeout, suite.deadline, child_env(extra_env), min_time=15)
+            try:
+                step = run_step(cmd, timeout, suite.deadline, child_env(extra_env), min_time=15)
+            except KeyboardInterrupt:  # the suite was stopped during this row: record it, then stop
+                suite.data["rows"].append(row_result(row, Step("stopped", stderr="the suite was stopped"),
+                                                     machine, cmd))
+                raise
         result = row_result(row, step, machine, cmd)
         suite.data["rows"].append(result)
         suite.save()
@@ -582,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity-tests", help="pytest arguments for the parity step (default: "
                    f"{' '.join(PARITY_TESTS)})")
     p.add_argument("--parity-timeout", type=float, help="seconds (default 150; 60 with --cpu-smoke)")
+    p.add_argument("--parity-workers", type=int, default=0, help="pytest-xdist workers for the parity step, where "
+                   "installed (default 0: one process; each worker builds the tiny models and references again)")
     p.add_argument("--device", help="compute device (default cuda; cpu with --cpu-smoke)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: the same steps, table and JSON")
     p.add_argument("--exact-dummy", action="store_true", help="the bench's own dummy weights (slow for 13B+)")
