@@ -113,7 +113,9 @@ def dtype_reason(result, auto: AutoPolicy) -> str:
 
 
 def progress(message: str) -> None:
-    print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+    """One line of progress on stderr, rewritten in place; only when stderr is a terminal (not in logs)."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
 
 
 def cmd_bench(args) -> None:

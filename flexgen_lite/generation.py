@@ -167,20 +167,22 @@ class FlexGenLite:
         results: list[list[int]] = [[] for _ in prompts]
         logits: list[torch.Tensor] = [None] * len(prompts)
         size = self.policy.block_size
+        blocks = -(-len(order) // size)
         for first in range(0, len(order), size):
             chosen = order[first:first + size]
             places = chosen if indices is None else [indices[i] for i in chosen]
-            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, places)
+            label = f"block {first // size + 1}/{blocks}"
+            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, places, label)
             for row, i in enumerate(chosen):
                 results[i] = block.new_tokens(row)
                 if return_logits:
                     logits[i] = torch.stack([s[row] for s in self.engine.logits])[:len(results[i])]
             if self.progress:
-                self.progress(f"block {first // size + 1}/{-(-len(order) // size)} done")
+                self.progress(f"{label} done")
         return (results, logits) if return_logits else results
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
-                   indices: list[int] | None = None) -> Block:
+                   indices: list[int] | None = None, label: str = "block") -> Block:
         """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling)."""
         cfg, policy = self.config, self.policy
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
@@ -194,7 +196,13 @@ class FlexGenLite:
                                    pad_id, eos, self.device.device, generators)
         self._check_cache_fits(block)
         checker = self._stop_checker(sampling, len(prompts)) if sampling.stop else None
-        self.engine.run(block, sampling, checker, keep_logits)
+        on_step = checker
+        if self.progress is not None:
+            def on_step(block: Block) -> None:
+                if checker is not None:
+                    checker(block)
+                self.progress(step_message(label, self.engine.times, len(prompts), block.gen_len))
+        self.engine.run(block, sampling, on_step, keep_logits)
         return block
 
     def _stop_checker(self, sampling: SamplingConfig, real_rows: int):
@@ -248,6 +256,15 @@ class FlexGenLite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def step_message(label: str, times, rows: int, gen_len: int) -> str:
+    """Progress after a step: the prefill's time, then decode step i/n and tokens per second so far."""
+    if not times.decode:
+        return f"{label}: prefill of {rows} prompts {times.prefill:.1f} s"
+    done = len(times.decode)
+    return (f"{label}: decode step {done}/{gen_len - 1}, {rows * done / sum(times.decode):.1f} tok/s "
+            f"({rows} rows)")
 
 
 def encode_texts(tokenizer, texts: list[str], chat: bool, name: str) -> list[list[int]]:
