@@ -424,8 +424,12 @@ class Suite:
         parity = self.data.get("parity")
         if parity:
             parts.append(f"parity ({parity.get('device')}): {parity['status']}: {parity.get('summary', '')}")
-        parts += ["", table(self.data.get("rows", []))]
-        return "\n".join(parts) + "\n"
+        rows = self.data.get("rows", [])
+        parts += ["", table(rows)]
+        notes = [f"- {r['name']}: {r['note']}" for r in rows if r.get("note")]
+        notes += [f"- {r['name']} ({r['status']}): {r['error'].splitlines()[-1][:200]}"
+                  for r in rows if r.get("error") and r["status"] in ("failed", "timeout")]
+        return "\n".join(parts + ([""] + notes if notes else [])) + "\n"
 
 
 def child_env(extra: dict | None = None) -> dict:
