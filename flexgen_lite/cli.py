@@ -12,9 +12,9 @@ import time
 import torch
 
 from .batch_io import InputError
-from .cli_checks import Parser, check_args, finite_float, positive_int
+from .cli_checks import Parser, UsageError, check_args, finite_float, positive_int
 from .config import ModelError
-from .memory import Budgets, check_budgets, gib, parse_size
+from .memory import Budgets, check_budgets, gib, parse_size, runtime_bytes
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy
 from .profile_store import prediction_miss
@@ -82,9 +82,17 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
 
 
 def budgets_from_args(args) -> Budgets | None:
+    """The engine's budgets: --cpu-mem is the whole process, so the runtime's share is taken off it."""
     if args.gpu_mem is None and args.cpu_mem is None and args.disk_mem is None:
         return None
-    return Budgets(args.gpu_mem, args.cpu_mem, args.disk_mem)
+    cpu = args.cpu_mem
+    if cpu is not None:
+        runtime = runtime_bytes()
+        if cpu <= runtime:
+            raise UsageError(f"--cpu-mem {gib(cpu)} does not cover this process's runtime ({gib(runtime)}: Python, "
+                             "torch, the tokenizer, with room to warm up): raise it")
+        cpu -= runtime
+    return Budgets(args.gpu_mem, cpu, args.disk_mem)
 
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
@@ -210,6 +218,9 @@ def cmd_plan(args) -> None:
         return
     print(format_plan(result, workload, hardware, model_config(args.model)))
     print(f"dtype: {why}")
+    if args.cpu_mem is not None:
+        print(f"--cpu-mem {gib(args.cpu_mem)} is the whole process: {gib(args.cpu_mem - result.budgets.cpu)} of it "
+              "is left to the runtime (Python, torch), the rest is the engine's cpu budget above")
 
 
 def plan_json(result, workload, hardware) -> dict:

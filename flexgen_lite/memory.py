@@ -57,6 +57,28 @@ def check_fits(needs: dict[str, int], device: ComputeDevice, offload_dir: str, w
 
 
 # ---- budgets ---------------------------------------------------------------------------------------------------
+# What the runtime still takes after planning: scipy's LP solver, the first use of oneDNN and the tokenizer,
+# the I/O threads' stacks (~70 MiB with torch 2.13 on CPU).
+RUNTIME_GROWTH = 96 * 2**20
+
+
+def process_rss() -> int:
+    """Bytes resident in this process now."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def runtime_bytes() -> int:
+    """Host RAM this process takes besides the engine's allocations: what is resident now (Python, torch,
+    the tokenizer; call it before placing a model) and what the runtime still grows by."""
+    return process_rss() + RUNTIME_GROWTH
+
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 1000, "kib": 2**10, "m": 2**20, "mb": 1000**2, "mib": 2**20,
           "g": 2**30, "gb": 1000**3, "gib": 2**30, "t": 2**40, "tb": 1000**4, "tib": 2**40}
 SAFETY = 0.85  # default budgets leave this share of what is free: other processes, the page cache, slack
