@@ -60,6 +60,15 @@ class Engine:
 
         With keep_logits, self.logits[step] holds every row's fp32 logits of that step (for tests)."""
         self._prepare_cache(block)
+        self._cache_loads: dict[tuple[int, int], Future] = {}
+        try:
+            self._run_steps(block, sampling, on_step, keep_logits)
+        except BaseException:
+            self._drain(quiet=True)
+            raise
+        self._drain()
+
+    def _run_steps(self, block: Block, sampling: SamplingConfig, on_step, keep_logits: bool) -> None:
         acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
                            self.disk, self.ledger)
         self.times = StepTimes()
@@ -181,8 +190,7 @@ class Engine:
     def _prepare_cache(self, block: Block) -> None:
         max_len = block.prompt_len + block.gen_len
         if self.cache is None or self.cache.max_len < max_len:
-            self.cache = None  # free the old one first
-            self.cache_slots.buffers.clear()
+            self.free_cache()
             self.cache = KVCache(self.config.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size,
                                  max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
@@ -236,6 +244,24 @@ class Engine:
             k_new, v_new = k_new.cpu(), v_new.cpu()
         future = self.io.submit(self.cache.store, part, k_new, v_new, start)
         self._pending_stores.setdefault((layer, b), []).append(future)
+
+    def free_cache(self) -> None:
+        """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""
+        self.cache = None
+        self.cache_slots.buffers.clear()
+        if self.device.is_cuda:
+            torch.cuda.empty_cache()  # what they held counts as free for mem_get_info again
+
+    def _drain(self, quiet: bool = False) -> None:
+        """Wait for the block's last background cache writes (their errors surface here, and the next block
+        cannot write a file still being written) and for prefetches a finished step no longer needs."""
+        pending = [f for fs in self._pending_stores.values() for f in fs] + list(self._cache_loads.values())
+        self._pending_stores, self._cache_loads = {}, {}
+        for f in pending:
+            if quiet:
+                f.exception()  # waits; the error being raised already says what went wrong
+            else:
+                f.result()
 
     def close(self) -> None:
         self.io.close()

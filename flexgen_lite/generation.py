@@ -232,6 +232,7 @@ class FlexGenLite:
         engine = self.engine
         if engine.cache is not None and engine.cache.max_len >= block.prompt_len + block.gen_len:
             return
+        engine.free_cache()  # the old cache's room is free for the new one
         if self.budgets is not None:
             self._check_budgets(Workload(block.prompt_len, block.gen_len), "this block")
         c = self.config

@@ -102,3 +102,47 @@ def test_pages_in_flight_stay_within_the_plan(tmp_path, monkeypatch, compress):
     assert max(seen) >= smallest / 2  # a layer's weights (or 4-bit codes) really were used through the map
     assert max(seen) <= window + 16 * PAGE
     assert after == 0
+
+
+def test_the_last_background_cache_write_is_waited_for(tmp_path, monkeypatch):
+    """A disk cache write that fails in the last step (run in the background) surfaces from generate_ids,
+    and the engine holds no pending write after a block."""
+    from flexgen_lite.kv_cache import KVCache
+    from flexgen_lite.storage import OffloadError
+
+    policy = Policy(gpu_batch_size=2, cache_gpu_percent=0, cache_cpu_percent=0, compress_cache=True,
+                    dtype="float32", offload_dir=str(tmp_path))
+    real = KVCache.store
+    with FlexGenLite("facebook/opt-125m", policy=policy) as m:
+        m.generate_ids([[2, 5, 6], [2, 7]], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+        assert not m.engine._pending_stores
+
+        def store(cache, part, k, v, start):
+            if start == 3 + 3 - 2:  # the new token of the last decode step (prompt 3, 3 new tokens)
+                raise OffloadError(28, "offload disk is full")
+            real(cache, part, k, v, start)
+
+        monkeypatch.setattr(KVCache, "store", store)
+        with pytest.raises(OffloadError, match="full"):
+            m.generate_ids([[2, 5, 6], [2, 7]], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+
+
+def test_a_longer_block_may_use_the_room_of_the_cache_it_replaces(monkeypatch):
+    """With room for one KV cache only, a second, longer block runs: the old cache is freed before the
+    new one is checked (on CUDA, mem_get_info would otherwise count both)."""
+    from flexgen_lite import memory
+
+    policy = Policy(gpu_batch_size=2, dtype="float32")
+    with FlexGenLite("facebook/opt-125m", policy=policy) as m:
+        weights = m.ledger.current["gpu"]
+        per_token = m.config.kv_bytes_per_token(4) * policy.block_size
+        room = weights + per_token * (30 + 4) + 2**20  # the longer block's cache and 1 MiB, no more
+
+        def free(device, offload_dir):
+            left = room - m.ledger.current["gpu"]
+            return {"gpu": left, "cpu": left, "disk": 2**40}
+
+        monkeypatch.setattr(memory, "free_bytes", free)
+        m.generate_ids([[2] + [5] * 11] * 2, SamplingConfig(max_new_tokens=4, stop_at_eos=False))  # 2 MiB cache
+        m.generate_ids([[2] + [5] * 29] * 2, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
+        assert m.engine.cache.max_len == 34
