@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 
 import torch
 
 from .generation import FlexGenLite
+from .memory import peak_rss
 from .policy import Policy
 from .sampling import SamplingConfig
 from .storage import DiskFile
@@ -70,7 +70,7 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
         "cache_moved_per_step_gb": round(cache_moved / GB, 3),
         "peak_gpu_gb": round(peak["gpu"] / GB, 3), "peak_cpu_gb": round(peak["cpu"] / GB, 3),
         "peak_disk_gb": round(peak["disk"] / GB, 3),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
+        "peak_rss_gb": round(peak_rss() / GB, 3),
     }
     link, disk = _link_and_disk_bytes_per_step(m, prompt_len + gen_len / 2)
     report["link_moved_per_step_gb"], report["disk_read_per_step_gb"] = round(link / GB, 3), round(disk / GB, 3)

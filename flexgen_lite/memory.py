@@ -73,6 +73,21 @@ def process_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes: VmHWM. (ru_maxrss can hold the parent's peak: Linux keeps it
+    across the exec of a process spawned by a large one, as pytest is.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def runtime_bytes() -> int:
     """Host RAM this process takes besides the engine's allocations: what is resident now (Python, torch,
     the tokenizer; call it before placing a model) and what the runtime still grows by."""
