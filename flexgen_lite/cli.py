@@ -16,7 +16,7 @@ from .cli_checks import Parser, UsageError, check_args, finite_float, positive_i
 from .config import ModelError
 from .memory import Budgets, check_budgets, gib, parse_size, runtime_bytes
 from .policy import Policy, PolicyError
-from .policy_search import AutoPolicy
+from .policy_search import AutoPolicy, check_context
 from .profile_store import prediction_miss
 from .storage import OffloadError
 
@@ -128,11 +128,13 @@ def progress(message: str) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import format_report, run_benchmark
+    from .generation import model_config
     from .layout import Workload
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     prompt_len = args.prompt_len or (512 if cuda else 64)
     workload = Workload(prompt_len, args.gen_len, args.num_prompts)
+    check_context(model_config(args.model), workload)
     policy, prediction = policy_from_args(args, default_batch=64 if cuda else 16), None
     hardware = None
     if isinstance(policy, AutoPolicy):
@@ -211,6 +213,7 @@ def cmd_plan(args) -> None:
     if not isinstance(policy, AutoPolicy):
         raise PolicyError("plan searches the policy: drop --percent and --policy manual")
     workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
+    check_context(model_config(args.model), workload)
     result, hardware = plan_policy(args, args.model, workload, policy, show=False)
     why = dtype_reason(result, policy)
     if args.json:

@@ -56,6 +56,7 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
     gpu may be None without CUDA). `page_cache`: RAM the kernel can give offload files (default: what is
     free beyond the cpu budget)."""
     auto = auto or AutoPolicy()
+    check_context(config, workload)
     if page_cache is None:
         page_cache = max(0.0, host_available_bytes() - (budgets.cpu or 0))
     found: list[tuple[Policy, Prediction]] = []
@@ -80,6 +81,14 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
     found.sort(key=lambda pp: -pp[1].throughput)
     policy, prediction = _choose(found)
     return SearchResult(policy, prediction, budgets, page_cache, solved, found, hw)
+
+
+def check_context(config: ModelConfig, workload: Workload) -> None:
+    """A workload past the model's context is said to be so (the search would report GiB missing)."""
+    if workload.prompt_len + workload.gen_len > config.max_positions:
+        raise PolicyError(f"prompts of {workload.prompt_len} tokens and {workload.gen_len} new ones exceed the "
+                          f"context of {config.name} ({config.max_positions} positions): shorten the prompts or "
+                          "generate fewer tokens")
 
 
 def _choose(found: list[tuple[Policy, Prediction]]) -> tuple[Policy, Prediction]:

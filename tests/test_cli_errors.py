@@ -115,6 +115,12 @@ def test_huge_prompt_exceeds_the_context_not_the_memory(opt_dir, no_loading, cap
     assert "argument 1 has 200000 tokens" in line and "context" in line and "GiB" not in line
 
 
+@pytest.mark.parametrize("command", ["plan", "bench"])
+def test_workload_past_the_context_is_said_so(no_loading, capsys, command):
+    line = fails([command, "--model", "facebook/opt-125m", "--prompt-len", "500000", "--gen-len", "32"], capsys)
+    assert "exceed the context of facebook/opt-125m (2048 positions)" in line and "GiB" not in line
+
+
 def test_help_shows_defaults():
     helps = {name: sub.format_help() for name, sub in
              build_parser()._subparsers._group_actions[0].choices.items()}
