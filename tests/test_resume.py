@@ -20,9 +20,9 @@ def opt_dir(tiny_models):
     return str(tiny_models["opt"][0])
 
 
-@pytest.fixture
-def input_file(tmp_path):
-    path = tmp_path / "prompts.txt"
+@pytest.fixture(scope="module")
+def input_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("input") / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return path
 
@@ -33,10 +33,10 @@ def run(opt_dir, input_file, output, *extra) -> None:
           "--output", str(output), *extra])
 
 
-@pytest.fixture
-def finished(opt_dir, input_file, tmp_path) -> list[str]:
+@pytest.fixture(scope="module")
+def finished(opt_dir, input_file, tmp_path_factory) -> list[str]:
     """The lines of an uninterrupted run."""
-    out = tmp_path / "reference.jsonl"
+    out = tmp_path_factory.mktemp("reference") / "reference.jsonl"
     run(opt_dir, input_file, out)
     return out.read_text().splitlines(keepends=True)
 
