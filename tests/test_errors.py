@@ -8,7 +8,6 @@ import os
 import resource
 import shutil
 import signal
-import time
 
 import pytest
 import torch
@@ -204,11 +203,13 @@ def test_impossible_policy(kw, words):
         Policy(**kw)
 
 
-def test_policy_too_big_for_memory_fails_before_allocating(tmp_path):
-    tic = time.perf_counter()
+def test_policy_too_big_for_memory_fails_before_allocating(tmp_path, monkeypatch):
+    def no_placing(*args, **kwargs):
+        raise AssertionError("placed weights before checking that they fit")
+
+    monkeypatch.setattr("flexgen_lite.generation.place_weights", no_placing)
     with pytest.raises(PolicyError) as e:
         FlexGenLite("facebook/opt-175b", policy=Policy(offload_dir=str(tmp_path)))
-    assert time.perf_counter() - tic < 5
     message = str(e.value)
     assert "weights of facebook/opt-175b needs 325" in message and "GiB" in message
     assert "tier" in message and "--percent" in message
