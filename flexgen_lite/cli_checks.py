@@ -44,6 +44,15 @@ def finite_float(text: str) -> float:
     return value
 
 
+def size(text: str) -> int:
+    from .memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def check_device(device: str | None) -> None:
     """--device names cpu, or a CUDA GPU that is there."""
     if device is None:

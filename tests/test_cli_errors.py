@@ -84,6 +84,7 @@ def test_empty_prompt_argument(opt_dir, no_loading, capsys):
     (["--stop", ""], "--stop \"\" would end every output"),
     (["--top-k", "-1"], "top_k must be >= 0"),
     (["--device", "tpu"], "--device tpu"),
+    (["--cpu-mem", "lots"], "--cpu-mem: cannot read 'lots' as a size: write e.g. 16GiB"),
 ])
 def test_bad_flags(opt_dir, no_loading, capsys, flags, words):
     assert words in fails([*gen(opt_dir, "w5"), *flags], capsys)
