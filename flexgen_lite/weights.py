@@ -18,6 +18,7 @@ from .compression import (
 )
 from .config import ModelError
 from .devices import ComputeDevice
+from .memory import return_freed_memory
 from .models import LayerSpec, WeightSpec
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging, page_aligned
 
@@ -207,6 +208,7 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
             by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger, pin,
                                                     compression, file, offsets.get(spec.hf_name, 0))
         placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
+        return_freed_memory()  # the layer's read buffers: freed heap holes would pile up as resident memory
         if progress:
             progress(len(placed), len(layers))
     return placed

@@ -143,17 +143,22 @@ def test_quantized_cache_store_round_trips_like_quantize():
     torch.testing.assert_close(dst[:, :, 5:9], dequantize(quantize(new, config), torch.float32), atol=0, rtol=0)
 
 
-def test_plain_disk_store_round_trips(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_plain_disk_store_round_trips(tmp_path, mapped):
+    """Position-major file (CUDA) and memory-mapped (CPU) disk stores give back what was written, in the
+    store's dtype: float16 k/v written into a bfloat16 part (CPU attention beside fp16 compute) are cast."""
     from flexgen_lite.storage import DiskStore, Staging
 
     disk = DiskStore(str(tmp_path))
-    store = Store((2, 3, 10, 8), torch.float32, "disk", "cpu", disk, False)
-    new = torch.randn(2, 3, 4, 8)
-    store.write(new[:, :, :1], 0)
-    store.write(new[:, :, 1:], 1)
-    dst = torch.zeros(2, 3, 10, 8)
-    store.read(dst, 4, Staging(pin=False))
-    assert torch.equal(dst[:, :, :4], new)
+    for dtype, new_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
+        store = Store((2, 3, 10, 8), dtype, "disk", "cpu", disk, False, mapped=mapped)
+        assert store.mapped == mapped
+        new = torch.randn(2, 3, 4, 8).to(new_dtype)
+        store.write(new[:, :, :1], 0)
+        store.write(new[:, :, 1:], 1)
+        dst = torch.zeros(2, 3, 10, 8, dtype=dtype)
+        store.read(dst, 4, Staging(pin=False))
+        assert torch.equal(dst[:, :, :4], new.to(dtype))
     disk.close()
 
 
