@@ -146,3 +146,24 @@ def test_a_longer_block_may_use_the_room_of_the_cache_it_replaces(monkeypatch):
         m.generate_ids([[2] + [5] * 11] * 2, SamplingConfig(max_new_tokens=4, stop_at_eos=False))  # 2 MiB cache
         m.generate_ids([[2] + [5] * 29] * 2, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
         assert m.engine.cache.max_len == 34
+
+
+@pytest.mark.parametrize("disk_gb_s,dequantize_g_s,compressed", [(0.5, 5.0, True), (20.0, 0.2, False)])
+def test_search_compresses_weights_on_a_slow_cold_disk(disk_gb_s, dequantize_g_s, compressed):
+    """A model larger than its RAM budget, read from a cold disk: 4-bit weights move ~7x fewer bytes than
+    fp32, so the search takes them when dequantizing costs less than the reads it saves, and not otherwise."""
+    import dataclasses
+
+    from flexgen_lite.memory import Budgets
+    from flexgen_lite.policy_search import AutoPolicy, search_policy
+    from flexgen_lite.presets import preset_config
+
+    from .conftest import synthetic_profile
+
+    hw = dataclasses.replace(synthetic_profile(), disk_read=disk_gb_s * 1e9,
+                             dequantize=dict.fromkeys(("float32", "bfloat16", "float16"), dequantize_g_s * 1e9))
+    result = search_policy(preset_config("facebook/opt-6.7b"), Workload(16, 8, 32), hw,
+                           Budgets(None, 4 * 2**30, 100 * 2**30), AutoPolicy(base=Policy(dtype="float32")),
+                           page_cache=0)
+    assert result.policy.weight_gpu_percent + result.policy.weight_cpu_percent < 50  # most weights on disk
+    assert result.policy.compress_weight == compressed
