@@ -26,7 +26,8 @@ def keep_freed_memory() -> None:
 
 
 class ComputeDevice:
-    """Where layers run: CUDA when present, else the CPU. Holds the copy stream used for prefetch."""
+    """Where layers run: CUDA when present, else the CPU. Holds the copy streams used for prefetch: one for
+    weights, one for the KV cache, so a batch's cache load does not queue behind a layer's weights."""
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         if device is None:
@@ -35,25 +36,27 @@ class ComputeDevice:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.is_cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.copy_streams = {lane: torch.cuda.Stream(self.device) for lane in ("weights", "cache")} \
+            if self.is_cuda else {}
 
     def holds(self, t: torch.Tensor) -> bool:
         """True when `t` can be used by compute without a copy."""
         return t.device.type == self.device.type
 
     @contextlib.contextmanager
-    def on_copy_stream(self, after=None):
-        """Context for copies issued from an I/O thread, ordered after the compute event `after`;
-        yields a function that returns an event marking the copies done."""
+    def on_copy_stream(self, after=None, lane: str = "weights"):
+        """Context for copies issued from an I/O thread on the `lane` copy stream, ordered after the compute
+        event `after`; yields a function that returns an event marking the copies done."""
         if not self.is_cuda:
             yield lambda: None
             return
-        with torch.cuda.stream(self.copy_stream):
+        stream = self.copy_streams[lane]
+        with torch.cuda.stream(stream):
             if after is not None:
-                self.copy_stream.wait_event(after)
+                stream.wait_event(after)
             def done() -> torch.cuda.Event:
                 event = torch.cuda.Event()
-                event.record(self.copy_stream)
+                event.record(stream)
                 return event
             yield done
 

@@ -231,7 +231,7 @@ class Engine:
         self._cache_loads[key] = self._prefetch_cache(*key, start)
 
     def _load_cache(self, layer: int, b: int, length: int, parity: int, after):
-        with self.device.on_copy_stream(after) as done:
+        with self.device.on_copy_stream(after, "cache") as done:
             return self.cache.load(layer, b, length, self.cache_slots, parity), done()
 
     def _store_cache(self, layer: int, b: int, part, k_new, v_new, start: int) -> None:

@@ -289,7 +289,10 @@ class Staging:
         return buf[:nbytes].view(dtype)
 
     def release(self) -> None:
-        """Mark the buffer as read by copies queued on the current CUDA stream."""
+        """Mark the buffer as read by copies queued on the current CUDA stream. The next take() waits on it
+        in the OS (a blocking event), not spinning on a core that CPU attention could use. One buffer a
+        thread is enough for weights: a layer's copies are done before compute uses it, and the layer
+        after next is read only after that."""
         if self.pin:
-            self.local.event = torch.cuda.Event()
+            self.local.event = torch.cuda.Event(blocking=True)
             self.local.event.record()
