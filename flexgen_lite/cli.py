@@ -104,8 +104,8 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True,
     from .profile_store import load_profile
 
     device = ComputeDevice(args.device)
+    hardware = load_profile(device, auto.base.offload_dir, progress=progress)  # first: measuring takes memory
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
-    hardware = load_profile(device, auto.base.offload_dir, progress=progress)
     tic = time.perf_counter()
     result = search_policy(model_config(model), workload, hardware, budgets, auto, page_cache=0 if cold else None)
     if show:

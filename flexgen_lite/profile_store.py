@@ -16,6 +16,7 @@ import torch
 
 from .devices import ComputeDevice
 from .hardware import HardwareProfile
+from .memory import return_freed_memory
 
 
 def cache_dir() -> Path:
@@ -68,6 +69,7 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
     from .profile import measure  # measuring needs the engine's pieces; loading a profile does not
 
     profile = measure(device, offload_dir, progress)
+    return_freed_memory()  # the measurement's buffers: not resident beyond what budgets count
     if profile.notes and not refresh:
         print("\n" + "\n".join(profile.notes), file=sys.stderr)
     path = profile_path(device, offload_dir)
