@@ -116,12 +116,16 @@ def _device_name(device: ComputeDevice) -> str:
     return f"cpu ({model or 'unknown'}, {os.cpu_count()} cores)"
 
 
+def _matmul_shapes(device: ComputeDevice, scale: int) -> list[tuple[int, int]]:
+    shapes = [(8192, 8192), (1024, 1024)] if device.is_cuda else [(2048, 4096), (768, 768)]
+    return [(k // scale, n // scale) for k, n in shapes]
+
+
 def _matmul(device: ComputeDevice, scale: int) -> dict:
     """(rows, K) @ (K, N) per dtype over rows from 1 (weight-read bound) up to compute bound, for a large and
     a small weight: per row count, a rate and a fixed cost per call that fit both."""
     dev, sync = device.device, device.synchronize
-    shapes = [(8192, 8192), (1024, 1024)] if device.is_cuda else [(2048, 4096), (768, 768)]
-    shapes = [(k // scale, n // scale) for k, n in shapes]
+    shapes = _matmul_shapes(device, scale)
     rows = (1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024)
     out = {}
     for name in ("float32", "bfloat16", "float16"):
@@ -159,6 +163,12 @@ def _best_matmul(first: dict, second: dict) -> dict:
         other = dict((p[0], p) for p in second["matmul"].get(dtype, []))
         best[dtype] = [min(p, other.get(p[0], p), key=seconds) for p in points]
     return {"matmul": best}
+
+
+def remeasure_matmul(device: ComputeDevice, hw: HardwareProfile) -> dict:
+    """Matmul rates measured again, the faster of these and `hw`'s kept per dtype and row count."""
+    found = _matmul(device, 1 if tuple(hw.matmul_shape) == _matmul_shapes(device, 1)[0] else 8)
+    return _best_matmul({"matmul": hw.matmul, "matmul_shape": hw.matmul_shape}, found)["matmul"]
 
 
 def _compute_dtypes(device: ComputeDevice) -> list[str]:

@@ -4,11 +4,13 @@ announced on stderr whenever it happens implicitly, since a busy machine then gi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,12 +74,34 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
     return_freed_memory()  # the measurement's buffers: not resident beyond what budgets count
     if profile.notes and not refresh:
         print("\n" + "\n".join(profile.notes), file=sys.stderr)
-    path = profile_path(device, offload_dir)
+    save_profile(profile, profile_path(device, offload_dir))
+    return profile
+
+
+def save_profile(profile: HardwareProfile, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(profile.to_json())
     tmp.replace(path)
-    return profile
+
+
+def remeasure_after_fast_run(device: ComputeDevice, offload_dir: str = "") -> str:
+    """After a compute-bound run more than 2x faster than predicted (a profile taken while the machine was
+    busy): measure the matmul rates again, keep the faster per point, and save them for the next plan."""
+    if os.environ.get("FLEXGEN_LITE_PROFILE"):
+        return "the profile is FLEXGEN_LITE_PROFILE's file: left as it is"
+    hw = cached_profile(device, offload_dir)
+    if hw is None:
+        return "no cached profile to update"
+    from .profile import remeasure_matmul
+
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    updated = dataclasses.replace(hw, matmul=remeasure_matmul(device, hw),
+                                  notes=[*hw.notes, f"matmul rates re-measured {stamp} after a run 2x faster "
+                                         "than predicted"])
+    save_profile(updated, profile_path(device, offload_dir))
+    return f"matmul rates measured again and kept where faster, in {profile_path(device, offload_dir)}: the next " \
+           "plan uses them"
 
 
 def prediction_miss(predicted_tok_s: float, measured_tok_s: float, hw: HardwareProfile) -> str | None:

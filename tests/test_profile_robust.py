@@ -1,14 +1,25 @@
 """The profile is the machine's capability, not a busy moment: the best of two matmul trials is kept,
-an implicit measurement is announced, and a run far off its prediction says so."""
+an implicit measurement is announced, a run far off its prediction says so, and one much faster than
+predicted has the matmul rates measured again."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from flexgen_lite import bench
 from flexgen_lite.cli import main
+from flexgen_lite.devices import ComputeDevice
 from flexgen_lite.profile import _best_matmul
-from flexgen_lite.profile_store import load_profile, prediction_miss
+from flexgen_lite.profile_store import (
+    cached_profile,
+    load_profile,
+    prediction_miss,
+    profile_path,
+    remeasure_after_fast_run,
+    save_profile,
+)
 
 from .conftest import synthetic_profile
 
@@ -50,3 +61,41 @@ def test_bench_reports_a_prediction_off_by_more_than_2x(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "dtype: bfloat16 (" in err  # the synthetic profile's bf16 matmuls are faster
     assert "warning: measured 0.00 tok/s is" in err and "profile --refresh" in err
+
+
+def busy_profile():
+    """What a profile taken while another job had the cores looks like: matmul rates a tenth of the machine's."""
+    hw = synthetic_profile()
+    return dataclasses.replace(hw, matmul={k: [(m, r / 10, f) for m, r, f in v] for k, v in hw.matmul.items()})
+
+
+@pytest.fixture
+def cached_busy_profile(tmp_path, monkeypatch):
+    """The busy profile cached for this machine, and the matmul measurement returning the real rates."""
+    monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    save_profile(busy_profile(), profile_path(ComputeDevice("cpu")))
+    quiet = synthetic_profile()
+    monkeypatch.setattr("flexgen_lite.profile._matmul", lambda device, scale: {
+        "matmul": quiet.matmul, "matmul_shape": quiet.matmul_shape})
+    return quiet
+
+
+def test_a_run_much_faster_than_predicted_remeasures_matmul(cached_busy_profile, monkeypatch, capsys):
+    def fake_run(model, prompt_len, gen_len, policy, *args):
+        return {"total_tok_s": 1e6, "dtype": policy.dtype}
+
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    monkeypatch.setattr(bench, "format_report", lambda report: "report")
+    main(["bench", "--model", "facebook/opt-125m", "--prompt-len", "16", "--gen-len", "4", "--cpu-mem", "2GiB"])
+    assert "matmul rates measured again and kept where faster" in capsys.readouterr().err
+    updated = cached_profile(ComputeDevice("cpu"))
+    assert updated.matmul == cached_busy_profile.matmul and "re-measured" in updated.notes[-1]
+
+
+def test_remeasuring_keeps_what_was_faster(cached_busy_profile, monkeypatch):
+    slower = {k: [(m, r / 100, f) for m, r, f in v] for k, v in cached_busy_profile.matmul.items()}
+    monkeypatch.setattr("flexgen_lite.profile._matmul", lambda device, scale: {
+        "matmul": slower, "matmul_shape": cached_busy_profile.matmul_shape})
+    remeasure_after_fast_run(ComputeDevice("cpu"))
+    assert cached_profile(ComputeDevice("cpu")).matmul == busy_profile().matmul
