@@ -82,11 +82,11 @@ RECORD_START = b'{"index": '
 class ResumableOutput:
     """The --output file, locked for this process; knows which prompt indices it already holds."""
 
-    def __init__(self, path: str, prompts: list[Prompt]) -> None:
-        self.path = path
-        self.file = _open_output(path)
+    def __init__(self, path: str, prompts: list[Prompt], flag: str = "--output") -> None:
+        self.path, self.flag = path, flag
+        self.file = _open_output(path, flag)
         try:
-            _lock(self.file, path)
+            _lock(self.file, path, flag)
             self.repaired, self.done = self._scan(prompts)
         except BaseException:
             self.file.close()
@@ -118,13 +118,19 @@ class ResumableOutput:
             reason = f"a result for another text than prompt {index} ({prompts[index].where})"
         else:
             return index
-        raise InputError(f"--output {self.path} line {number} does not belong to this input ({reason}): "
+        raise InputError(f"{self.flag} {self.path} line {number} does not belong to this input ({reason}): "
                          "choose another --output file, or move this one away")
 
     def write(self, index: int, prompt: str, text: str, token_ids: list[int]) -> None:
         record = {"index": index, "prompt_hash": prompt_hash(prompt), "prompt": prompt, "text": text,
                   "token_ids": token_ids}
         self.file.write(json.dumps(record).encode() + b"\n")
+
+    def write_record(self, index: int, prompt: str, record: dict) -> None:
+        """A line of another format (run-batch's OpenAI lines) that resumes the same way: `record`'s fields
+        follow the index and prompt hash."""
+        line = {"index": index, "prompt_hash": prompt_hash(prompt), **record}
+        self.file.write(json.dumps(line).encode() + b"\n")
 
     def flush(self) -> None:
         self.file.flush()
@@ -142,21 +148,21 @@ def _parse(raw: bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _open_output(path: str):
+def _open_output(path: str, flag: str = "--output"):
     p = Path(path)
     if p.is_dir():
-        raise InputError(f"--output {path} is a directory; pass a file name, e.g. {p / 'out.jsonl'}")
+        raise InputError(f"{flag} {path} is a directory; pass a file name, e.g. {p / 'out.jsonl'}")
     if not p.parent.is_dir():
-        raise InputError(f"--output {path}: the directory {p.parent} does not exist; create it first")
+        raise InputError(f"{flag} {path}: the directory {p.parent} does not exist; create it first")
     try:
         return open(p, "a+b")  # noqa: SIM115 - kept open (and locked) for the whole run
     except OSError as e:
-        raise InputError(f"--output {path} cannot be written ({e.strerror}); choose a writable path") from None
+        raise InputError(f"{flag} {path} cannot be written ({e.strerror}); choose a writable path") from None
 
 
-def _lock(file, path: str) -> None:
+def _lock(file, path: str, flag: str = "--output") -> None:
     try:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise InputError(f"--output {path} is being written by another flexgen-lite process; wait for it to "
-                         "finish, or choose another --output file") from None
+        raise InputError(f"{flag} {path} is being written by another flexgen-lite process; wait for it to "
+                         f"finish, or choose another {flag} file") from None

@@ -1,4 +1,4 @@
-"""The `flexgen-lite` command: generate, bench, plan, profile."""
+"""The `flexgen-lite` command: generate, bench, plan, profile, run-batch, serve."""
 
 from __future__ import annotations
 
@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_profile)
+
+    from .serve.commands import add_commands
+
+    add_commands(sub, add_policy_flags, progress)
     return parser
 
 

