@@ -1,0 +1,122 @@
+"""The Batch API's worker: runs batches in the background through the server's engine queue, one block of
+requests at a time, each block's results committed to the store before the next; resumes unfinished batches
+when the server starts again."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import traceback
+from concurrent.futures import CancelledError
+
+from ..batch_io import InputError
+from .requests import RequestError, Served, Work
+from .run_batch import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
+from .store import Store
+
+
+class BatchRunner:
+    def __init__(self, store: Store, scheduler, served: Served, chunk: int) -> None:
+        self.store, self.scheduler, self.served, self.chunk = store, scheduler, served, chunk
+        self._queue: queue.Queue = queue.Queue()
+        self._stopping = False
+        for batch_id in store.unfinished():  # a restarted server picks up where it stopped
+            self._queue.put(batch_id)
+        self._thread = threading.Thread(target=self._loop, name="flexgen-lite batches", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch_id: str) -> None:
+        self._queue.put(batch_id)
+
+    def close(self) -> None:
+        """Stop after the block in flight; an unfinished batch stays in the store and resumes at the next start."""
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while (batch_id := self._queue.get()) is not None:
+            try:
+                self._process(batch_id)
+            except CancelledError:  # the engine queue closed under it: shutting down
+                return
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                self.store.move(batch_id, "failed", errors=_errors("server_error", f"the batch failed: {e}"))
+
+    def _process(self, batch_id: str) -> None:
+        batch = self.store.get_batch(batch_id)
+        if batch.status in ("cancelling", "finalizing"):
+            self._finish(batch_id)
+            return
+        path = self.store.file_path(batch.input_file_id)
+        if not path.is_file():
+            self.store.move(batch_id, "failed", errors=_errors("file_not_found",
+                                                               f"input file {batch.input_file_id} is gone"))
+            return
+        lines = split_lines(path.read_bytes(), batch.input_file_id)
+        if batch.status == "validating":
+            try:
+                if not lines:
+                    raise InputError(f"input file {batch.input_file_id} holds no requests")
+                check_unique_ids(lines)
+            except InputError as e:
+                self.store.move(batch_id, "failed", errors=_errors("invalid_file", str(e)))
+                return
+            self.store.move(batch_id, "in_progress", total=len(lines))
+        done = self.store.done_lines(batch_id)
+        works, refused = {}, []
+        for i in range(len(lines)):
+            if i in done:
+                continue
+            custom_id, checked = check_request(lines[i].text, self.served)
+            if isinstance(checked, Work) and checked.url != batch.endpoint:
+                error = RequestError(400, f"the line's url {checked.url} is not the batch's endpoint "
+                                     f"{batch.endpoint}", "url", "invalid_url")
+                checked = error_line(custom_id, error, False)
+            if isinstance(checked, Work):
+                works[i] = (custom_id, checked)
+            else:
+                refused.append((i, False, checked))
+        if refused:
+            self.store.add_results(batch_id, refused)
+        for chunk in plan_chunks({i: w for i, (_, w) in works.items()}, self.chunk):
+            if self._stopping:
+                return
+            if self.store.get_batch(batch_id).status == "cancelling":
+                break
+            self.store.add_results(batch_id, self._run_chunk([(i, *works[i]) for i in chunk]))
+        self._finish(batch_id)
+
+    def _run_chunk(self, chunk: list[tuple[int, str, Work]]) -> list[tuple[int, bool, dict]]:
+        try:
+            outputs = self.scheduler.run([j for _, _, w in chunk for j in w.jobs])
+        except CancelledError:
+            raise
+        except Exception as e:  # these requests fail; the batch goes on
+            error = RequestError(500, f"generation failed: {e}", None, "server_error", "server_error")
+            return [(i, False, error_line(custom_id, error, True)) for i, custom_id, _ in chunk]
+        results = []
+        for i, custom_id, work in chunk:
+            mine, outputs = outputs[:len(work.jobs)], outputs[len(work.jobs):]
+            results.append((i, True, answer_line(custom_id, work, mine)))
+        return results
+
+    def _finish(self, batch_id: str) -> None:
+        """Write the output and error files, then mark the batch completed (or cancelled)."""
+        final = "cancelled" if self.store.get_batch(batch_id).status == "cancelling" else "completed"
+        if final == "completed":
+            self.store.move(batch_id, "finalizing")
+        files = {}
+        for ok, field in ((True, "output_file_id"), (False, "error_file_id")):
+            records = self.store.results(batch_id, ok)
+            if records:
+                name = f"{batch_id}_{'output' if ok else 'error'}.jsonl"
+                data = "".join(r + "\n" for r in records).encode()
+                files[field] = self.store.add_file(name, "batch_output", data).id
+        self.store.move(batch_id, final, **files)
+
+
+def _errors(code: str, message: str) -> dict:
+    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}

@@ -1,0 +1,80 @@
+"""The engine behind a queue, on one worker thread: requests that arrive together share blocks.
+
+The worker takes the oldest waiting request, then waits until the requests with its sampling settings fill a
+block or `max_wait_s` has passed, and runs them all at once (one `generate_ids` call: blocks sorted by length)
+while newer requests queue for the next run. Callers get a Future of their outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+from .requests import Job, Output
+from .runner import run_jobs
+
+
+class Scheduler:
+    def __init__(self, model, block_size: int, max_wait_s: float) -> None:
+        self.model, self.block_size, self.max_wait_s = model, block_size, max_wait_s
+        self._cond = threading.Condition()
+        self._pending: list[tuple[list[Job], Future]] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="flexgen-lite engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: list[Job]) -> Future:
+        """Queue a request's jobs; the Future gives their outputs, in order (or the engine's exception)."""
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._pending.append((list(jobs), future))
+            self._cond.notify()
+        return future
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        """Submit and wait (for threads other than the worker, e.g. the Batch API's)."""
+        return self.submit(jobs).result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _take(self) -> list[tuple[list[Job], Future]] | None:
+        """The next run: the oldest request and every waiting one with its sampling settings."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            key = self._pending[0][0][0].sampling
+            deadline = time.monotonic() + self.max_wait_s
+            while not self._closed:
+                waiting = sum(len(jobs) for jobs, _ in self._pending if jobs[0].sampling == key)
+                left = deadline - time.monotonic()
+                if waiting >= self.block_size or left <= 0:
+                    break
+                self._cond.wait(left)
+            taken = [p for p in self._pending if p[0][0].sampling == key]
+            self._pending = [p for p in self._pending if p[0][0].sampling != key]
+            return taken
+
+    def _loop(self) -> None:
+        while (taken := self._take()) is not None:
+            taken = [(jobs, f) for jobs, f in taken if f.set_running_or_notify_cancel()]
+            try:
+                outputs = run_jobs(self.model, [j for jobs, _ in taken for j in jobs])
+            except Exception as e:  # the requests of this run fail; the server goes on
+                for _, future in taken:
+                    future.set_exception(e)
+                continue
+            for jobs, future in taken:
+                future.set_result(outputs[:len(jobs)])
+                outputs = outputs[len(jobs):]
+        with self._cond:
+            for _, future in self._pending:
+                future.cancel()

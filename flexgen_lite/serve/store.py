@@ -1,0 +1,173 @@
+"""The Batch API's durable state, and the only code that touches its database: uploaded files (kept as files
+under the state directory, listed in the database) and batches with their per-request results, in SQLite (WAL).
+
+Results are written one transaction per block of requests, with the batch's counts, so a server killed at any
+point restarts with every finished request kept and none recorded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from .protocol import BatchObject, FileObject, RequestCounts, new_id, now
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL, completion_window TEXT NOT NULL,
+    status TEXT NOT NULL, created_at INTEGER NOT NULL, in_progress_at INTEGER, finalizing_at INTEGER,
+    completed_at INTEGER, failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, expires_at INTEGER,
+    output_file_id TEXT, error_file_id TEXT, total INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    batch_id TEXT NOT NULL, line INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (batch_id, line));
+"""
+
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+# which statuses each status may move to
+TRANSITIONS = {
+    "validating": {"in_progress", "failed", "cancelling"},
+    "in_progress": {"finalizing", "cancelling", "failed"},
+    "cancelling": {"cancelled"},
+    "finalizing": {"completed"},
+}
+
+
+class Store:
+    def __init__(self, state_dir: str) -> None:
+        self.dir = Path(state_dir)
+        self.files_dir = self.dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # one connection, shared by the HTTP and batch threads
+        self._db = sqlite3.connect(self.dir / "batches.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- files ---------------------------------------------------------------------------------------
+    def add_file(self, filename: str, purpose: str, data: bytes) -> FileObject:
+        """Store `data` as a file (written and synced before it is listed)."""
+        file = FileObject(id=new_id("file"), bytes=len(data), created_at=now(), filename=filename, purpose=purpose)
+        path = self.file_path(file.id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._transaction([("INSERT INTO files VALUES (?, ?, ?, ?, ?)",
+                            (file.id, filename, purpose, file.bytes, file.created_at))])
+        return file
+
+    def file_path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def get_file(self, file_id: str) -> FileObject | None:
+        rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
+        return FileObject(**dict(rows[0])) if rows else None
+
+    def list_files(self, purpose: str | None = None) -> list[FileObject]:
+        rows = self._query("SELECT * FROM files WHERE ? IS NULL OR purpose = ? ORDER BY created_at DESC, rowid DESC",
+                           (purpose, purpose))
+        return [FileObject(**dict(r)) for r in rows]
+
+    def delete_file(self, file_id: str) -> bool:
+        if self.get_file(file_id) is None:
+            return False
+        self._transaction([("DELETE FROM files WHERE id = ?", (file_id,))])
+        self.file_path(file_id).unlink(missing_ok=True)
+        return True
+
+    # ---- batches -------------------------------------------------------------------------------------
+    def create_batch(self, input_file_id: str, endpoint: str, window: str, metadata: dict | None) -> BatchObject:
+        batch_id, created = new_id("batch"), now()
+        self._transaction([("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at, "
+                            "expires_at, metadata) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?)",
+                            (batch_id, endpoint, input_file_id, window, created, created + 24 * 3600,
+                             json.dumps(metadata) if metadata else None))])
+        return self.get_batch(batch_id)
+
+    def get_batch(self, batch_id: str) -> BatchObject | None:
+        rows = self._query("SELECT * FROM batches WHERE id = ?", (batch_id,))
+        return _batch(rows[0]) if rows else None
+
+    def list_batches(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
+        """Newest first, starting after the batch `after`; and whether there are more."""
+        rows = self._query("SELECT * FROM batches ORDER BY rowid DESC")
+        ids = [r["id"] for r in rows]
+        start = ids.index(after) + 1 if after in ids else 0
+        chosen = rows[start:start + limit]
+        return [_batch(r) for r in chosen], start + limit < len(rows)
+
+    def unfinished(self) -> list[str]:
+        marks = ",".join("?" * len(UNFINISHED))
+        return [r["id"] for r in self._query(f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY rowid",
+                                              UNFINISHED)]
+
+    def move(self, batch_id: str, status: str, **fields) -> BatchObject | None:
+        """Move a batch to `status` (stamping `<status>_at`), if its current status allows; else leave it."""
+        with self._lock:
+            row = self._db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None or status not in TRANSITIONS.get(row["status"], ()):
+                return None
+            fields = {f"{status}_at": now(), **fields}
+            if fields.get("errors") is not None:
+                fields["errors"] = json.dumps(fields["errors"])
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            self._db.execute(f"UPDATE batches SET status = ?, {sets} WHERE id = ?",
+                             (status, *fields.values(), batch_id))
+        return self.get_batch(batch_id)
+
+    def done_lines(self, batch_id: str) -> set[int]:
+        return {r["line"] for r in self._query("SELECT line FROM results WHERE batch_id = ?", (batch_id,))}
+
+    def add_results(self, batch_id: str, results: list[tuple[int, bool, dict]]) -> None:
+        """(input line, succeeded, output record) of finished requests, with the batch's counts, in one
+        transaction."""
+        ok = sum(1 for _, good, _ in results if good)
+        self._transaction(
+            [("INSERT INTO results VALUES (?, ?, ?, ?)", (batch_id, line, int(good), json.dumps(record)))
+             for line, good, record in results]
+            + [("UPDATE batches SET completed = completed + ?, failed = failed + ? WHERE id = ?",
+                (ok, len(results) - ok, batch_id))])
+
+    def results(self, batch_id: str, ok: bool) -> list[str]:
+        """The output (ok) or error records of a batch as JSON lines, in input order."""
+        rows = self._query("SELECT record FROM results WHERE batch_id = ? AND ok = ? ORDER BY line",
+                           (batch_id, int(ok)))
+        return [r["record"] for r in rows]
+
+
+def _batch(row: sqlite3.Row) -> BatchObject:
+    d = dict(row)
+    counts = RequestCounts(total=d.pop("total"), completed=d.pop("completed"), failed=d.pop("failed"))
+    d["metadata"] = json.loads(d["metadata"]) if d["metadata"] else None
+    d["errors"] = json.loads(d["errors"]) if d["errors"] else None
+    return BatchObject(**d, request_counts=counts)

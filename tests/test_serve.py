@@ -1,0 +1,264 @@
+"""`flexgen-lite serve`, driven by the real `openai` client over loopback: completions and chat (streaming and
+not) equal `FlexGenLite.generate`; concurrent requests share blocks; bad requests get OpenAI-shaped 4xx errors;
+the Batch API runs a file end to end, and a batch survives kill -9 of the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from flexgen_lite.generation import FlexGenLite
+from flexgen_lite.policy import Policy
+
+KEY = "test-key"
+NAME = "tiny-chat"
+PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tiny_models, tmp_path_factory) -> str:
+    """The tiny OPT checkpoint with a chat template (its word tokenizer has none)."""
+    path = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    shutil.copytree(tiny_models["opt"][0], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def offline(chat_dir):
+    """FlexGenLite.generate's greedy texts, 6 new tokens: {"plain" | "chat": [text per prompt]}."""
+    with FlexGenLite(chat_dir, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        return {"plain": m.generate(PROMPTS, max_new_tokens=6),
+                "chat": m.generate(PROMPTS, max_new_tokens=6, chat=True)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw(url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, str]:
+    """(status, response text) of a plain HTTP request (POST when there is a body), bypassing the client."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Server:
+    def __init__(self, model: str, state_dir: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "flexgen_lite.cli", "serve", "--model", model, "--served-model-name", NAME,
+                "--port", str(self.port), "--api-key", KEY, "--state-dir", str(state_dir), "--policy", "manual",
+                "--dtype", "float32", "--max-body-mb", "1", *flags]
+        self.log = state_dir.parent / f"server-{self.port}.log"
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))  # noqa: SIM115
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if raw(f"{self.url}/health", key=None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def rss(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(chat_dir, tmp_path_factory):
+    s = Server(chat_dir, tmp_path_factory.mktemp("state") / "state", "--gpu-batch-size", "4",
+               "--max-wait-ms", "20")
+    yield s
+    s.stop()
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == [NAME]
+    assert raw(f"{server.url}/health", key=None) == (200, '{"status":"ok"}')  # no key needed
+
+
+def test_completions_equal_generate(server, offline):
+    for prompt, text in zip(PROMPTS, offline["plain"], strict=True):
+        r = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == text and r.object == "text_completion"
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens == len(prompt.split())
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    r = server.client.completions.create(model=NAME, prompt=PROMPTS, max_tokens=6, temperature=0)
+    assert [c.text for c in r.choices] == offline["plain"] and [c.index for c in r.choices] == [0, 1, 2, 3, 4]
+
+
+def test_chat_equals_generate_with_chat_template(server, offline):
+    for prompt, text in zip(PROMPTS, offline["chat"], strict=True):
+        r = server.client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                                  max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
+        assert r.usage.completion_tokens <= 6
+
+
+def test_streaming_joins_to_the_same_text(server, offline):
+    events = list(server.client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(e.choices[0].delta.content or "" for e in events if e.choices) == offline["chat"][0]
+    assert events[0].choices[0].delta.role == "assistant"
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] in ("stop", "length")
+    assert events[-1].usage.prompt_tokens > 0
+    events = list(server.client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0,
+                                                   stream=True))
+    assert "".join(e.choices[0].text for e in events) == offline["plain"][3]
+    status, text = raw(f"{server.url}/v1/completions", b'{"prompt": "w9", "max_tokens": 2, "stream": true}')
+    lines = [line for line in text.splitlines() if line]
+    assert status == 200 and lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_concurrent_requests_all_equal_offline_and_memory_stays(server, offline):
+    def ask(i: int) -> str:
+        return server.client.completions.create(model=NAME, prompt=PROMPTS[i % 5], max_tokens=6,
+                                                temperature=0).choices[0].text
+
+    rss = []
+    with ThreadPoolExecutor(64) as pool:
+        for _ in range(2):
+            texts = list(pool.map(ask, range(64), timeout=120))
+            assert texts == [offline["plain"][i % 5] for i in range(64)]
+            rss.append(server.rss())
+    assert rss[1] <= rss[0] * 1.05 + (16 << 20), rss
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
+    c = server.client
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="w5", max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="w5 w6", max_tokens=63)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="gpt-4o", prompt="w5", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    for body, expected in ((b"{not json", 400), (b'{"max_tokens": 2}', 400), (b'["w5"]', 400),
+                           (b'{"prompt": "w5", "temperature": "hot"}', 400), (b"x" * (2 << 20), 413)):
+        status, text = raw(f"{server.url}/v1/completions", body)
+        assert status == expected, text
+        assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+    status, text = raw(f"{server.url}/v1/nothing")
+    assert status == 404 and json.loads(text)["error"]["message"]
+    assert c.completions.create(model=NAME, prompt="w5", max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
+def batch_file(requests: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in requests).encode()
+
+
+def request(custom_id: str, prompt: str, url: str = "/v1/completions", **body) -> dict:
+    if url == "/v1/chat/completions":
+        body = {"messages": [{"role": "user", "content": prompt}], **body}
+    else:
+        body = {"prompt": prompt, **body}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"max_tokens": 6, "temperature": 0, **body}}
+
+
+def wait_for_batch(client, batch_id: str, until=lambda b: b.status in ("completed", "failed", "cancelled")):
+    deadline = time.monotonic() + 120
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.05)
+
+
+def lines_by_id(client, file_id: str) -> dict:
+    out = {}
+    for raw in client.files.content(file_id).text.splitlines():
+        record = json.loads(raw)
+        assert record["custom_id"] not in out, f"{record['custom_id']} twice"
+        out[record["custom_id"]] = record
+    return out
+
+
+def test_batch_api_end_to_end_with_bad_lines(server, offline):
+    c = server.client
+    good = [request(f"chat-{i}", p, "/v1/chat/completions") for i, p in enumerate(PROMPTS)]
+    bad = [request("negative", "w5", "/v1/chat/completions", max_tokens=-2),
+           request("wrong-url", "w5", "/v1/completions")]
+    data = batch_file(good[:2] + bad + good[2:]) + b"{not json\n"
+    file = c.files.create(file=("requests.jsonl", data), purpose="batch")
+    assert c.files.retrieve(file.id).bytes == len(data)
+    batch = c.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status in ("validating", "in_progress")
+    batch = wait_for_batch(c, batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (8, 5, 3)
+    outputs = lines_by_id(c, batch.output_file_id)
+    assert sorted(outputs) == sorted(f"chat-{i}" for i in range(5))
+    for i, text in enumerate(offline["chat"]):
+        body = outputs[f"chat-{i}"]["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
+    errors = c.files.content(batch.error_file_id).text.splitlines()
+    assert len(errors) == 3
+    by_id = {json.loads(e)["custom_id"]: json.loads(e) for e in errors}
+    assert by_id["negative"]["response"]["status_code"] == 400 and by_id["wrong-url"]["error"]["code"]
+    assert batch.id in [b.id for b in c.batches.list().data]
+    with pytest.raises(openai.BadRequestError):
+        c.batches.cancel(batch.id)  # already completed
+    with pytest.raises(openai.NotFoundError):
+        c.batches.retrieve("batch_missing")
+    assert c.files.delete(file.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve(file.id)
+
+
+def test_batch_resumes_after_kill_9(chat_dir, offline, tmp_path):
+    n = 240
+    state = tmp_path / "state"
+    s = Server(chat_dir, state, "--gpu-batch-size", "1")
+    try:
+        file = s.client.files.create(file=("big.jsonl", batch_file([request(f"r{i}", PROMPTS[i % 5])
+                                                                   for i in range(n)])), purpose="batch")
+        batch = s.client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+        killed_at = wait_for_batch(s.client, batch.id, lambda b: b.request_counts.completed > 0)
+        assert killed_at.request_counts.completed < n
+    finally:
+        s.stop(signal.SIGKILL)
+    s = Server(chat_dir, state, "--gpu-batch-size", "4")
+    try:
+        done = wait_for_batch(s.client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == n, done
+        outputs = lines_by_id(s.client, done.output_file_id)  # asserts each custom_id once
+        assert sorted(outputs) == sorted(f"r{i}" for i in range(n))
+        for i in range(n):
+            assert outputs[f"r{i}"]["response"]["body"]["choices"][0]["text"] == offline["plain"][i % 5]
+    finally:
+        s.stop()
