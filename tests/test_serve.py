@@ -240,6 +240,19 @@ def test_batch_api_end_to_end_with_bad_lines(server, offline):
         c.files.retrieve(file.id)
 
 
+def test_cancelled_batch_keeps_what_was_done(server):
+    c = server.client
+    n = 400
+    file = c.files.create(file=("many.jsonl", batch_file([request(f"r{i}", PROMPTS[i % 5]) for i in range(n)])),
+                          purpose="batch")
+    batch = c.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+    assert c.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    batch = wait_for_batch(c, batch.id)
+    assert batch.status == "cancelled" and batch.request_counts.completed < n, batch
+    if batch.output_file_id:
+        assert len(lines_by_id(c, batch.output_file_id)) == batch.request_counts.completed
+
+
 def test_batch_resumes_after_kill_9(chat_dir, offline, tmp_path):
     n = 240
     state = tmp_path / "state"
