@@ -102,7 +102,12 @@ def server(chat_dir, tmp_path_factory):
 
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [NAME]
-    assert raw(f"{server.url}/health", key=None) == (200, '{"status":"ok"}')  # no key needed
+    status, text = raw(f"{server.url}/health", key=None)  # no key needed
+    assert status == 200 and json.loads(text)["status"] == "ok"
+
+
+def engine_runs(server) -> int:
+    return json.loads(raw(f"{server.url}/health")[1])["engine_runs"]
 
 
 def test_completions_equal_generate(server, offline):
@@ -122,6 +127,20 @@ def test_chat_equals_generate_with_chat_template(server, offline):
                                                   max_tokens=6, temperature=0)
         assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
         assert r.usage.completion_tokens <= 6
+
+
+def test_logprobs_of_greedy_tokens_are_the_top_ones(server, offline):
+    r = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == offline["plain"][0] and len(lp.tokens) == r.usage.completion_tokens
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 2 and logprob <= 0 and abs(max(top.values()) - logprob) < 1e-5 and token in top
+    r = server.client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPTS[1]}],
+                                              max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == offline["chat"][1][:len(r.choices[0].message.content)]
+    assert len(content) == r.usage.completion_tokens
+    assert all(c.top_logprobs[0].token == c.token and len(c.top_logprobs) == 3 for c in content)
 
 
 def test_streaming_joins_to_the_same_text(server, offline):
@@ -148,8 +167,10 @@ def test_concurrent_requests_all_equal_offline_and_memory_stays(server, offline)
     rss = []
     with ThreadPoolExecutor(64) as pool:
         for _ in range(2):
+            runs = engine_runs(server)
             texts = list(pool.map(ask, range(64), timeout=120))
             assert texts == [offline["plain"][i % 5] for i in range(64)]
+            assert engine_runs(server) - runs <= 32  # requests shared engine runs (blocks of 4)
             rss.append(server.rss())
     assert rss[1] <= rss[0] * 1.05 + (16 << 20), rss
 

@@ -66,6 +66,7 @@ class Job:
     ids: tuple[int, ...]
     sampling: SamplingConfig
     index: int
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Output:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (eos or a stop string) or "length"
+    # per generated token, when asked: (its text, its log-probability, [(alternative's text, log-probability)])
+    logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
 
 
 @dataclass
@@ -113,8 +116,6 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     if served.tokenizer is None:
         raise RequestError(400, f"{served.name} has no tokenizer (dummy weights): it cannot take text requests",
                            "model", "no_tokenizer")
-    if request.logprobs:
-        raise RequestError(400, "logprobs are not supported by flexgen-lite", "logprobs", "unsupported")
     texts, prompts = _prompts(request, served)
     max_tokens = request.max_tokens
     if url == CHAT:
@@ -132,6 +133,10 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
                                "Shorten the prompt or ask for fewer tokens.", "max_tokens", "context_length_exceeded")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     greedy = request.temperature == 0
+    if url == CHAT:
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        logprobs = request.logprobs
     jobs = []
     for i, ids in enumerate(prompts):
         limit = max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
@@ -140,7 +145,7 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
                                       None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos)
         except ValueError as e:
             raise RequestError(400, str(e), "stop" if "stop" in str(e) else None, "invalid_value") from None
-        jobs += [Job(tuple(ids), sampling, i * request.n + j) for j in range(request.n)]
+        jobs += [Job(tuple(ids), sampling, i * request.n + j, logprobs) for j in range(request.n)]
     return Work(url, request, model, jobs, texts, sum(len(p) for p in prompts))
 
 
@@ -179,12 +184,38 @@ def respond(work: Work, outputs: list[Output]) -> CompletionResponse | ChatCompl
     usage = Usage(prompt_tokens=work.prompt_tokens, completion_tokens=sum(len(o.token_ids) for o in outputs),
                   total_tokens=work.prompt_tokens + sum(len(o.token_ids) for o in outputs))
     if work.url == CHAT:
-        choices = [ChatChoice(index=k, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
-                   for k, o in enumerate(outputs)]
+        choices = [ChatChoice(index=k, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason,
+                              logprobs=_chat_logprobs(o.logprobs)) for k, o in enumerate(outputs)]
         return ChatCompletionResponse(id=work.id, created=work.created, model=work.model, choices=choices,
                                       usage=usage)
     n = work.request.n
-    choices = [CompletionChoice(index=k, finish_reason=o.finish_reason,
-                                text=(work.prompt_texts[k // n] if work.request.echo else "") + o.text)
-               for k, o in enumerate(outputs)]
+    choices = []
+    for k, o in enumerate(outputs):
+        echo = work.prompt_texts[k // n] if work.request.echo else ""
+        choices.append(CompletionChoice(index=k, finish_reason=o.finish_reason, text=echo + o.text,
+                                        logprobs=_completion_logprobs(o.logprobs, len(echo))))
     return CompletionResponse(id=work.id, created=work.created, model=work.model, choices=choices, usage=usage)
+
+
+def _completion_logprobs(logprobs, offset: int) -> dict | None:
+    """The legacy completions form: parallel lists of tokens, their log-probabilities, top alternatives, and
+    where each token starts in the text."""
+    if logprobs is None:
+        return None
+    offsets = []
+    for token, _, _ in logprobs:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": [t for t, _, _ in logprobs], "token_logprobs": [lp for _, lp, _ in logprobs],
+            "top_logprobs": [dict(top) for _, _, top in logprobs], "text_offset": offsets}
+
+
+def _chat_logprobs(logprobs) -> dict | None:
+    if logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                        for t, lp, top in logprobs]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
+
 from .requests import Job, Output
 
 
@@ -20,14 +22,31 @@ def run_jobs(model, jobs: list[Job]) -> list[Output]:
     """Generate every job on `model` (a FlexGenLite); outputs in the order of `jobs`."""
     outputs: list[Output | None] = [None] * len(jobs)
     for sampling, members in group_by_sampling(jobs).items():
-        generated = model.generate_ids([list(jobs[i].ids) for i in members], sampling,
+        want = any(jobs[i].logprobs is not None for i in members)
+        generated = model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
                                        indices=[jobs[i].index for i in members])
-        for i, gen in zip(members, generated, strict=True):
-            outputs[i] = output_of(model, gen, sampling)
+        generated, logits = generated if want else (generated, [None] * len(members))
+        for i, gen, rows in zip(members, generated, logits, strict=True):
+            top = jobs[i].logprobs
+            outputs[i] = output_of(model, gen, sampling, None if top is None else token_logprobs(model, gen, rows, top))
     return outputs
 
 
-def output_of(model, gen: list[int], sampling) -> Output:
+def token_logprobs(model, gen: list[int], logits, top: int) -> list:
+    """(text, log-probability, top alternatives) of each generated token, from the logits that chose it."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs[torch.arange(len(gen)), torch.tensor(gen, dtype=torch.long)].tolist()
+    best = logprobs.topk(top, dim=-1) if top else None
+    out = []
+    for step, token in enumerate(gen):
+        alternatives = [] if best is None else [
+            (model.decode([t]), lp) for t, lp in zip(best.indices[step].tolist(), best.values[step].tolist(),
+                                                     strict=True)]
+        out.append((model.decode([token]), chosen[step], alternatives))
+    return out
+
+
+def output_of(model, gen: list[int], sampling, logprobs=None) -> Output:
     text = model.decode(gen, sampling.stop)
     eos = set(model.config.eos_token_id or ()) if sampling.stop_at_eos else set()
     if sampling.stop and len(text) < len(model.decode(gen)):
@@ -36,7 +55,7 @@ def output_of(model, gen: list[int], sampling) -> Output:
         reason = "stop"
     else:
         reason = "length" if len(gen) >= sampling.max_new_tokens else "stop"
-    return Output(gen, text, reason)
+    return Output(gen, text, reason, logprobs)
 
 
 def text_pieces(model, gen: list[int], sampling, text: str) -> list[str]:

@@ -21,6 +21,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending: list[tuple[list[Job], Future]] = []
         self._closed = False
+        self.runs = self.sequences = 0  # engine runs so far, and the sequences they generated
         self._thread = threading.Thread(target=self._loop, name="flexgen-lite engine", daemon=True)
         self._thread.start()
 
@@ -66,6 +67,8 @@ class Scheduler:
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
             taken = [(jobs, f) for jobs, f in taken if f.set_running_or_notify_cancel()]
+            self.runs += 1
+            self.sequences += sum(len(jobs) for jobs, _ in taken)
             try:
                 outputs = run_jobs(self.model, [j for jobs, _ in taken for j in jobs])
             except Exception as e:  # the requests of this run fail; the server goes on

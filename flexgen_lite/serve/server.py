@@ -39,6 +39,7 @@ from .requests import RequestError, Served, Work, prepare, respond, validation_e
 from .runner import text_pieces
 
 FILE_PURPOSES = ("batch",)
+DRAIN_LIMIT = 64 << 20  # a body declared at most this much past the limit is read (not kept) before the 413
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Gate:
                                  None, "request_too_large")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            if int(length) <= limit + DRAIN_LIMIT:  # read and drop it, so the client reads the 413, not a reset
+                while (await receive()).get("more_body"):
+                    pass
             await error_response(too_large)(scope, receive, send)
             return
         if length is not None:
@@ -135,7 +139,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "engine_runs": state.scheduler.runs, "sequences": state.scheduler.sequences}
 
     @app.get("/v1/models")
     async def models():
