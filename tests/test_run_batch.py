@@ -15,6 +15,8 @@ from flexgen_lite import generation
 from flexgen_lite.cli import main
 from flexgen_lite.generation import FlexGenLite
 from flexgen_lite.policy import Policy
+from flexgen_lite.serve import runner
+from flexgen_lite.serve.runner import run_jobs
 
 PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
 FLAGS = ["--policy", "manual", "--gpu-batch-size", "2", "--dtype", "float32"]
@@ -114,32 +116,43 @@ def test_repeated_custom_id_is_refused(opt_dir, tmp_path, capsys):
     assert e.value.code == 2 and "custom_id 'a' is used at" in capsys.readouterr().err
 
 
-def run_until_some_lines(argv, out, sig) -> None:
-    """Start run-batch in a process, signal it once it has written some results (not all), wait for it."""
+def kill_once_some_lines_are_written(argv, out) -> None:
+    """Start run-batch in a process and kill -9 it once it has written some results (not all)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    before = len(out.read_text().splitlines()) if out.exists() else 0
+    before = len(out.read_text().splitlines())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) > before:
+        if len(out.read_text().splitlines()) > before:
             break
         time.sleep(0.02)
-    proc.send_signal(sig)
+    proc.kill()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode in (130, -signal.SIGKILL), err
+    assert proc.returncode == -signal.SIGKILL, err
 
 
-def test_resume_after_ctrl_c_and_kill_answers_each_request_once(opt_dir, offline, tmp_path):
+def test_resume_after_ctrl_c_and_kill_answers_each_request_once(opt_dir, offline, tmp_path, monkeypatch):
     n = 200
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(line(f"r{i}", {"prompt": PROMPTS[i % 5], "max_tokens": 4, "temperature": 0}) + "\n"
                                 for i in range(n)))
     out = tmp_path / "results.jsonl"
     argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
-    process = [sys.executable, "-m", "flexgen_lite.cli", *argv]
-    run_until_some_lines(process, out, signal.SIGINT)
+    calls = []
+
+    def ctrl_c_on_the_second_block_group(model, jobs):
+        calls.append(len(jobs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_jobs(model, jobs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(runner, "run_jobs", ctrl_c_on_the_second_block_group)
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+    assert e.value.code == 130
     after_ctrl_c = len(out.read_text().splitlines())
-    run_until_some_lines(process, out, signal.SIGKILL)
-    assert 0 < after_ctrl_c < n
+    assert after_ctrl_c == calls[0] < n  # the first group of blocks, one job per request
+    kill_once_some_lines_are_written([sys.executable, "-m", "flexgen_lite.cli", *argv], out)
     main(argv)  # finishes what is left
     got = results(out)  # asserts no custom_id twice
     assert got.pop(None) == [] and sorted(got) == sorted(f"r{i}" for i in range(n))
