@@ -137,6 +137,11 @@ def create_app(state: ServerState) -> FastAPI:
         return error_response(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None,
                                            code))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):
+        return error_response(RequestError(500, f"the server failed: {type(e).__name__}: {e}", None, "server_error",
+                                           "server_error"))
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "engine_runs": state.scheduler.runs, "sequences": state.scheduler.sequences}
