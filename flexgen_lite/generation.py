@@ -154,11 +154,13 @@ class FlexGenLite:
         return text[:cut]
 
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
-                     return_logits: bool = False, indices: list[int] | None = None):
+                     return_logits: bool = False, indices: list[int] | None = None,
+                     on_tokens: Callable[[int, list[int]], None] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
         With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
-        indices: the prompts' places in a larger input (default 0, 1, ...); with a seed, they seed sampling."""
+        indices: the prompts' places in a larger input (default 0, 1, ...); with a seed, they seed sampling.
+        on_tokens(i, ids): after each step, for each prompt i of the running block, its tokens so far (streaming)."""
         sampling = sampling or SamplingConfig()
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
@@ -172,7 +174,12 @@ class FlexGenLite:
             chosen = order[first:first + size]
             places = chosen if indices is None else [indices[i] for i in chosen]
             label = f"block {first // size + 1}/{blocks}"
-            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, places, label)
+            report = None
+            if on_tokens is not None:
+                def report(block: Block, chosen=chosen) -> None:
+                    for row, i in enumerate(chosen):
+                        on_tokens(i, block.new_tokens(row))
+            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, places, label, report)
             for row, i in enumerate(chosen):
                 results[i] = block.new_tokens(row)
                 if return_logits:
@@ -182,7 +189,8 @@ class FlexGenLite:
         return (results, logits) if return_logits else results
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
-                   indices: list[int] | None = None, label: str = "block") -> Block:
+                   indices: list[int] | None = None, label: str = "block",
+                   report: Callable[[Block], None] | None = None) -> Block:
         """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling)."""
         cfg, policy = self.config, self.policy
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
@@ -195,13 +203,17 @@ class FlexGenLite:
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, sampling.max_new_tokens,
                                    pad_id, eos, self.device.device, generators)
         self._check_cache_fits(block)
-        checker = self._stop_checker(sampling, len(prompts)) if sampling.stop else None
-        on_step = checker
+        steps = [self._stop_checker(sampling, len(prompts))] if sampling.stop else []
+        if report is not None:
+            steps.append(report)
         if self.progress is not None:
+            steps.append(lambda block: self.progress(step_message(label, self.engine.times, len(prompts),
+                                                                  block.gen_len)))
+        on_step = None
+        if steps:
             def on_step(block: Block) -> None:
-                if checker is not None:
-                    checker(block)
-                self.progress(step_message(label, self.engine.times, len(prompts), block.gen_len))
+                for step in steps:
+                    step(block)
         self.engine.run(block, sampling, on_step, keep_logits)
         return block
 

@@ -154,6 +154,13 @@ def test_streaming_joins_to_the_same_text(server, offline):
     events = list(server.client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0,
                                                    stream=True))
     assert "".join(e.choices[0].text for e in events) == offline["plain"][3]
+    assert len([e for e in events if e.choices[0].text]) > 1  # sent step by step
+    text = offline["plain"][3]
+    stop = text.split()[2][:-1]  # the start of the third word: held back until it matches, then cut
+    events = list(server.client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=6, temperature=0,
+                                                   stream=True, stop=[stop, "never"]))
+    assert "".join(e.choices[0].text for e in events) == text[:text.find(stop)]
+    assert events[-1].choices[0].finish_reason == "stop"
     status, text = raw(f"{server.url}/v1/completions", b'{"prompt": "w9", "max_tokens": 2, "stream": true}')
     lines = [line for line in text.splitlines() if line]
     assert status == 200 and lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)

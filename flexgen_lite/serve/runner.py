@@ -18,13 +18,19 @@ def group_by_sampling(jobs: list[Job]) -> dict:
     return groups
 
 
-def run_jobs(model, jobs: list[Job]) -> list[Output]:
-    """Generate every job on `model` (a FlexGenLite); outputs in the order of `jobs`."""
+def run_jobs(model, jobs: list[Job], on_tokens=None) -> list[Output]:
+    """Generate every job on `model` (a FlexGenLite); outputs in the order of `jobs`.
+
+    on_tokens(j, ids): after each engine step, job j's tokens so far (for streaming)."""
     outputs: list[Output | None] = [None] * len(jobs)
     for sampling, members in group_by_sampling(jobs).items():
         want = any(jobs[i].logprobs is not None for i in members)
+        report = None
+        if on_tokens is not None:
+            def report(i: int, ids: list[int], members=members) -> None:
+                on_tokens(members[i], ids)
         generated = model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
-                                       indices=[jobs[i].index for i in members])
+                                       indices=[jobs[i].index for i in members], on_tokens=report)
         generated, logits = generated if want else (generated, [None] * len(members))
         for i, gen, rows in zip(members, generated, logits, strict=True):
             top = jobs[i].logprobs
@@ -58,14 +64,15 @@ def output_of(model, gen: list[int], sampling, logprobs=None) -> Output:
     return Output(gen, text, reason, logprobs)
 
 
-def text_pieces(model, gen: list[int], sampling, text: str) -> list[str]:
-    """`text` cut where each token ends (for streaming): the pieces join to `text`."""
-    pieces, done = [], 0
-    for k in range(1, len(gen) + 1):
-        upto = min(len(model.decode(gen[:k])), len(text))
-        if upto > done:
-            pieces.append(text[done:upto])
-            done = upto
-    if done < len(text):
-        pieces.append(text[done:])
-    return pieces
+def settled_text(model, ids: list[int], sampling) -> str:
+    """The text of a sequence still being generated that later tokens cannot change: cut at a stop string,
+    less a tail that may be the start of one, or a character whose bytes are not all there yet."""
+    text = model.decode(ids, sampling.stop)
+    held = 0
+    for stop in sampling.stop:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    text = text[:len(text) - held]
+    return text.rstrip("\ufffd")

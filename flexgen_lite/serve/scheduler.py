@@ -19,19 +19,21 @@ class Scheduler:
     def __init__(self, model, block_size: int, max_wait_s: float) -> None:
         self.model, self.block_size, self.max_wait_s = model, block_size, max_wait_s
         self._cond = threading.Condition()
-        self._pending: list[tuple[list[Job], Future]] = []
+        self._pending: list[tuple[list[Job], Future, object]] = []
         self._closed = False
         self.runs = self.sequences = 0  # engine runs so far, and the sequences they generated
         self._thread = threading.Thread(target=self._loop, name="flexgen-lite engine", daemon=True)
         self._thread.start()
 
-    def submit(self, jobs: list[Job]) -> Future:
-        """Queue a request's jobs; the Future gives their outputs, in order (or the engine's exception)."""
+    def submit(self, jobs: list[Job], on_tokens=None) -> Future:
+        """Queue a request's jobs; the Future gives their outputs, in order (or the engine's exception).
+
+        on_tokens(k, ids), called on the engine thread after each step: job k's tokens so far."""
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            self._pending.append((list(jobs), future))
+            self._pending.append((list(jobs), future, on_tokens))
             self._cond.notify()
         return future
 
@@ -45,7 +47,7 @@ class Scheduler:
             self._cond.notify()
         self._thread.join()
 
-    def _take(self) -> list[tuple[list[Job], Future]] | None:
+    def _take(self) -> list[tuple[list[Job], Future, object]] | None:
         """The next run: the oldest request and every waiting one with its sampling settings."""
         with self._cond:
             while not self._pending and not self._closed:
@@ -55,7 +57,7 @@ class Scheduler:
             key = self._pending[0][0][0].sampling
             deadline = time.monotonic() + self.max_wait_s
             while not self._closed:
-                waiting = sum(len(jobs) for jobs, _ in self._pending if jobs[0].sampling == key)
+                waiting = sum(len(p[0]) for p in self._pending if p[0][0].sampling == key)
                 left = deadline - time.monotonic()
                 if waiting >= self.block_size or left <= 0:
                     break
@@ -66,18 +68,27 @@ class Scheduler:
 
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
-            taken = [(jobs, f) for jobs, f in taken if f.set_running_or_notify_cancel()]
+            taken = [p for p in taken if p[1].set_running_or_notify_cancel()]
             self.runs += 1
-            self.sequences += sum(len(jobs) for jobs, _ in taken)
+            self.sequences += sum(len(jobs) for jobs, _, _ in taken)
+            listeners = [(report, k) for jobs, _, report in taken for k in range(len(jobs))]
+
+            def on_tokens(j: int, ids: list[int], listeners=listeners) -> None:
+                report, k = listeners[j]
+                if report is not None:
+                    report(k, ids)
+
+            streaming = any(report is not None for _, _, report in taken)
             try:
-                outputs = run_jobs(self.model, [j for jobs, _ in taken for j in jobs])
+                outputs = run_jobs(self.model, [j for jobs, _, _ in taken for j in jobs],
+                                   on_tokens if streaming else None)
             except Exception as e:  # the requests of this run fail; the server goes on
-                for _, future in taken:
+                for _, future, _ in taken:
                     future.set_exception(e)
                 continue
-            for jobs, future in taken:
+            for jobs, future, _ in taken:
                 future.set_result(outputs[:len(jobs)])
                 outputs = outputs[len(jobs):]
         with self._cond:
-            for _, future in self._pending:
+            for _, future, _ in self._pending:
                 future.cancel()

@@ -36,7 +36,7 @@ from .protocol import (
     now,
 )
 from .requests import RequestError, Served, Work, prepare, respond, validation_error
-from .runner import text_pieces
+from .runner import settled_text
 
 FILE_PURPOSES = ("batch",)
 DRAIN_LIMIT = 64 << 20  # a body declared at most this much past the limit is read (not kept) before the 413
@@ -163,9 +163,15 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as e:
             raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
         work = prepare(url, body, state.served)
-        future = state.scheduler.submit(work.jobs)
         if work.request.stream:
-            return StreamingResponse(stream(state, work, future), media_type="text/event-stream")
+            loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+
+            def on_tokens(k: int, ids: list[int]) -> None:  # on the engine thread
+                loop.call_soon_threadsafe(tokens.put_nowait, (k, ids))
+
+            future = state.scheduler.submit(work.jobs, on_tokens)
+            return StreamingResponse(stream(state, work, future, tokens), media_type="text/event-stream")
+        future = state.scheduler.submit(work.jobs)
         try:
             outputs = await asyncio.wrap_future(future)
         except ValueError as e:  # the engine refused these prompts (a cache past the budgets, ...)
@@ -185,27 +191,38 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def stream(state: ServerState, work: Work, future):
-    """Server-sent events of a request: each choice's text cut where its tokens end, then [DONE].
-
-    The engine generates a block's tokens together, so the events follow when its block is done."""
+async def stream(state: ServerState, work: Work, future, tokens: asyncio.Queue):
+    """Server-sent events of a request: each choice's new text after each engine step (text that a stop string
+    could still cut is held back until it cannot), its finish reason, optionally the usage, then [DONE]."""
+    chat, n = work.url == CHAT, work.request.n
+    sent = [""] * len(work.jobs)
+    for k in range(len(work.jobs)):  # the role (chat) or the echoed prompt (completions) comes first
+        if chat:
+            yield _chunk(work, k, "", None, role=True)
+        elif work.request.echo:
+            yield _chunk(work, k, work.prompt_texts[k // n], None)
+    done = asyncio.wrap_future(future)
+    while not done.done():
+        step = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({step, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not step.done():
+            step.cancel()
+            break
+        k, ids = step.result()
+        text = settled_text(state.model, ids, work.jobs[k].sampling)
+        if len(text) > len(sent[k]) and text.startswith(sent[k]):
+            yield _chunk(work, k, text[len(sent[k]):], None)
+            sent[k] = text
     try:
-        outputs = await asyncio.wrap_future(future)
+        outputs = done.result()
     except Exception as e:
         error = RequestError(500, f"generation failed: {e}", None, "server_error", "server_error")
         yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
         return
-    chat = work.url == CHAT
-    n = work.request.n
-    for k, (job, out) in enumerate(zip(work.jobs, outputs, strict=True)):
-        pieces = text_pieces(state.model, out.token_ids, job.sampling, out.text)
-        if chat:
-            pieces = [""] + pieces  # the first delta carries the role
-        elif work.request.echo:
-            pieces = [work.prompt_texts[k // n]] + pieces
-        for p, piece in enumerate(pieces):
-            yield _chunk(work, k, piece, None, role=chat and p == 0)
+    for k, out in enumerate(outputs):
+        if len(out.text) > len(sent[k]) and out.text.startswith(sent[k]):
+            yield _chunk(work, k, out.text[len(sent[k]):], None)
         yield _chunk(work, k, "" if not chat else None, out.finish_reason)
     options = work.request.stream_options or {}
     if options.get("include_usage"):
