@@ -95,7 +95,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(chat_dir, tmp_path_factory):
     s = Server(chat_dir, tmp_path_factory.mktemp("state") / "state", "--gpu-batch-size", "4",
-               "--max-wait-ms", "20")
+               "--max-wait-ms", "20", "--max-upload-mb", "1")
     yield s
     s.stop()
 
@@ -202,6 +202,15 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
     status, text = raw(f"{server.url}/v1/nothing")
     assert status == 404 and json.loads(text)["error"]["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        c.files.create(file=("big.jsonl", b"x" * (2 << 20)), purpose="batch")
+    assert e.value.status_code == 413
+    with pytest.raises(openai.BadRequestError):
+        c.files.create(file=("a.jsonl", b"{}\n"), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError):
+        c.batches.create(input_file_id="file_missing", endpoint="/v1/completions", completion_window="24h")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).batches.list()
     assert c.completions.create(model=NAME, prompt="w5", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 

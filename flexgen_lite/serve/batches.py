@@ -29,11 +29,13 @@ class BatchRunner:
     def submit(self, batch_id: str) -> None:
         self._queue.put(batch_id)
 
-    def close(self) -> None:
+    def stop(self) -> None:
         """Stop after the block in flight; an unfinished batch stays in the store and resumes at the next start."""
         self._stopping = True
         self._queue.put(None)
-        self._thread.join(timeout=5)
+
+    def join(self) -> None:
+        self._thread.join()
 
     def _loop(self) -> None:
         while (batch_id := self._queue.get()) is not None:
@@ -95,6 +97,8 @@ class BatchRunner:
         except CancelledError:
             raise
         except Exception as e:  # these requests fail; the batch goes on
+            if self._stopping:  # the engine queue closed under it: left for the next start
+                raise CancelledError from e
             error = RequestError(500, f"generation failed: {e}", None, "server_error", "server_error")
             return [(i, False, error_line(custom_id, error, True)) for i, custom_id, _ in chunk]
         results = []

@@ -345,7 +345,8 @@ def cmd_serve(args) -> None:
               f"{block}; state in {Path(args.state_dir).resolve()})", file=sys.stderr, flush=True)
         try:
             uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
-        finally:
-            runner.close()
+        finally:  # the block in flight finishes and its results are stored; the rest waits for the next start
+            runner.stop()
             scheduler.close()
+            runner.join()
             store.close()
