@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .protocol import (
@@ -265,8 +265,8 @@ def add_batch_routes(app: FastAPI, state: ServerState) -> None:
         if purpose not in FILE_PURPOSES:
             raise RequestError(400, f"purpose must be one of {', '.join(FILE_PURPOSES)}, got {purpose!r}",
                                "purpose", "invalid_value")
-        data = await file.read()
-        return (await asyncio.to_thread(store.add_file, file.filename or "upload.jsonl", purpose, data)).model_dump()
+        added = await asyncio.to_thread(store.add_file, file.filename or "upload.jsonl", purpose, file.file)
+        return added.model_dump()
 
     @app.get("/v1/files")
     async def list_files(purpose: str | None = None):
@@ -279,8 +279,7 @@ def add_batch_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str):
         file_or_404(file_id)
-        data = await asyncio.to_thread(store.file_path(file_id).read_bytes)
-        return Response(data, media_type="application/octet-stream")
+        return FileResponse(store.file_path(file_id), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str):

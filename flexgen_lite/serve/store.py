@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from .protocol import BatchObject, FileObject, RequestCounts, new_id, now
 
@@ -72,16 +74,22 @@ class Store:
             self._db.execute("COMMIT")
 
     # ---- files ---------------------------------------------------------------------------------------
-    def add_file(self, filename: str, purpose: str, data: bytes) -> FileObject:
-        """Store `data` as a file (written and synced before it is listed)."""
-        file = FileObject(id=new_id("file"), bytes=len(data), created_at=now(), filename=filename, purpose=purpose)
-        path = self.file_path(file.id)
+    def add_file(self, filename: str, purpose: str, data: bytes | BinaryIO) -> FileObject:
+        """Store `data` (bytes, or a binary file object copied in pieces) as a file, written and synced before it
+        is listed."""
+        file_id = new_id("file")
+        path = self.file_path(file_id)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, 1 << 20)
             f.flush()
             os.fsync(f.fileno())
+            size = f.tell()
         os.replace(tmp, path)
+        file = FileObject(id=file_id, bytes=size, created_at=now(), filename=filename, purpose=purpose)
         self._transaction([("INSERT INTO files VALUES (?, ?, ?, ?, ?)",
                             (file.id, filename, purpose, file.bytes, file.created_at))])
         return file
