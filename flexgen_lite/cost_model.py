@@ -102,7 +102,10 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
         else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
             _mapped_read(s, seg, d * nbytes)
         if s.compressed(spec):
-            _host(s, seg, "dequantize", math.prod(spec.shape) / hw.dequantize[s.dname])
+            seconds = math.prod(spec.shape) / hw.dequantize[s.dname]
+            mapped = 0.0 if s.cuda else d  # a CPU dequantizes mapped codes in the compute thread
+            _host(s, seg, "dequantize", (1 - mapped) * seconds)
+            seg.add("dequantize", mapped * seconds, waits=False)
     return seg
 
 

@@ -94,7 +94,7 @@ class Engine:
         self._cache_loads: dict[tuple[int, int], Future] = {}
         weights_next = self._prefetch_weights(0)
         for j, spec in enumerate(self.specs):
-            weights = self._wait(weights_next)
+            weights = self.weight_slots.complete(self._wait(weights_next))
             if j + 1 < len(self.specs):
                 weights_next = self._prefetch_weights(j + 1)
             for i, b in enumerate(batches):

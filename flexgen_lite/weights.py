@@ -4,6 +4,7 @@ weights to the compute device."""
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import torch
 
@@ -214,6 +215,14 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
     return placed
 
 
+@dataclass
+class Deferred:
+    """A mapped compressed weight fetched but not yet dequantized into its slot (see WeightSlots.complete)."""
+
+    weight: StoredWeight
+    slot: torch.Tensor
+
+
 class WeightSlots:
     """Compute-device buffers that non-resident weights are copied or decompressed into, allocated on first
     use: two per decoder layer kind and name (the layer computed and the one prefetched), one per weight of
@@ -253,14 +262,26 @@ class WeightSlots:
                 if buf is None:
                     buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
                     self.ledger.add("gpu", buf.numel() * buf.element_size())
-                out[name] = buf if name not in to_fill else t.fetch(self.device, buf, host.get(id(t)))
+                if name not in to_fill:
+                    out[name] = buf
+                elif t.mapped is not None:  # a CPU: dequantized by complete(), in the compute thread
+                    out[name] = Deferred(t, buf)
+                else:
+                    out[name] = t.fetch(self.device, buf, host.get(id(t)))
                 self.holds[key] = t
         if host:
             self.staging.release()
-        for t in to_fill.values():
-            if t.mapped is not None and t.compression is not None:  # the codes were read: unmap them
-                t.data.release(t.offset, t.nbytes)
         return out
+
+    def complete(self, fetched: dict) -> dict[str, torch.Tensor]:
+        """Dequantize, in the calling (compute) thread, the weights `fetch` left mapped. On a CPU an I/O
+        thread dequantizing beside compute only oversubscribes the same cores; there it only pages in."""
+        for name, value in fetched.items():
+            if isinstance(value, Deferred):
+                t = value.weight
+                fetched[name] = t.fetch(self.device, value.slot, None)
+                t.data.release(t.offset, t.nbytes)  # the codes were read: unmap them
+        return fetched
 
     @staticmethod
     def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:
