@@ -97,6 +97,9 @@ GPU_ROWS = [
     Row("opt-13b-auto", "facebook/opt-13b", _f("--policy auto --num-prompts 256"), 180, "searched"),
     Row("opt-30b-16gib-auto", "facebook/opt-30b", _f("--policy auto --gpu-mem 16GiB --num-prompts 256"), 240,
         "a 16 GiB card simulated"),
+    Row("opt-6.7b-disk-weights-cold", "facebook/opt-6.7b",
+        _f("--percent 0 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --cold-disk"), 180,
+        "weights on a cold disk: layer extents read with O_DIRECT into pinned staging (disk bound)"),
     Row("opt-13b-cpu-weights-cpu-attn", "facebook/opt-13b",
         _f("--percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 --cpu-cache-compute"), 150,
         "cache on the GPU: the flag has nothing to do; should match opt-13b-cpu-weights"),
@@ -114,6 +117,8 @@ SMOKE_ROWS = [
     Row("opt-1.3b-auto", "tiny-opt", _f("--policy auto --num-prompts 16"), 30),
     Row("opt-13b-auto", "tiny-opt", _f("--policy auto --num-prompts 8"), 30),
     Row("opt-30b-16gib-auto", "tiny-opt", _f("--policy auto --gpu-mem 1MiB --num-prompts 8"), 30),
+    Row("opt-6.7b-disk-weights-cold", "tiny-opt",
+        _f("--percent 0 0 100 0 100 0 --gpu-batch-size 4 --num-gpu-batches 2 --cold-disk"), 30),
     Row("opt-13b-cpu-weights-cpu-attn", "tiny-opt",
         _f("--percent 0 100 100 0 100 0 --gpu-batch-size 4 --num-gpu-batches 2 --cpu-cache-compute"), 30),
 ]
