@@ -43,12 +43,26 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_batch(args, progress) -> None:
+    _need(("pydantic",), "run-batch")
     from .run_batch import cmd_run_batch
 
     cmd_run_batch(args, progress)
 
 
 def _serve(args) -> None:
+    _need(("pydantic", "fastapi", "uvicorn", "python_multipart"), "serve")
     from .server import cmd_serve
 
     cmd_serve(args)
+
+
+def _need(modules: tuple[str, ...], command: str) -> None:
+    """Refuse in one line, before anything loads, when the `serve` extra is not installed."""
+    import importlib.util
+
+    from ..cli_checks import UsageError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{command} needs {', '.join(missing)}: pip install 'flexgen-lite[serve]' (or "
+                         "pip install fastapi uvicorn pydantic python-multipart)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,7 @@ def add_batch_routes(app: FastAPI, state: ServerState) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from ..batch_io import InputError
     from ..cli import budgets_from_args, policy_from_args
     from ..generation import FlexGenLite
     from .batches import BatchRunner
@@ -330,9 +332,14 @@ def cmd_serve(args) -> None:
     from .scheduler import Scheduler
     from .store import Store
 
+    _check_port(args.host, args.port)
+    try:
+        store = Store(args.state_dir)
+    except (OSError, sqlite3.Error) as e:
+        raise InputError(f"--state-dir {args.state_dir} cannot hold the server's state ({e}): choose a writable "
+                         "directory") from None
     model_path, served = served_model(args)
     served = Served(served.name, served.config, served.tokenizer, frozenset({model_path}))
-    store = Store(args.state_dir)
     policy = policy_from_args(args, default_batch=args.block_size or 32)
     with FlexGenLite(model_path, policy=policy, device=args.device, budgets=budgets_from_args(args)) as m:
         block = args.block_size or m.policy.block_size
@@ -349,3 +356,17 @@ def cmd_serve(args) -> None:
             scheduler.close()
             runner.join()
             store.close()
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before the model loads when the address cannot be bound."""
+    import socket
+
+    from ..cli_checks import UsageError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
