@@ -312,3 +312,18 @@ def test_batch_resumes_after_kill_9(chat_dir, offline, tmp_path):
             assert outputs[f"r{i}"]["response"]["body"]["choices"][0]["text"] == offline["plain"][i % 5]
     finally:
         s.stop()
+
+
+def test_address_in_use_and_bad_state_dir_end_before_loading(chat_dir, tmp_path, capsys):
+    from flexgen_lite.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--model", chat_dir, "--port", str(taken.getsockname()[1]), "--state-dir", str(tmp_path)])
+    assert e.value.code == 2 and "cannot listen on" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", chat_dir, "--port", str(free_port()), "--state-dir", str(tmp_path / "file")])
+    assert e.value.code == 2 and "--state-dir" in capsys.readouterr().err
