@@ -37,15 +37,20 @@ def read_prompts(arguments: list[str], input_path: str | None) -> list[Prompt]:
     return prompts
 
 
-def _read_input_file(path: str) -> list[Prompt]:
+def read_input_bytes(path: str, flag: str = "--input", what: str = "a file of prompts") -> bytes:
+    """The whole input file, or an InputError that names the flag and says what to pass."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
-        raise InputError(f"--input {path}: no such file") from None
+        raise InputError(f"{flag} {path}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"--input {path} is a directory; pass a file of prompts") from None
+        raise InputError(f"{flag} {path} is a directory; pass {what}") from None
     except OSError as e:
-        raise InputError(f"--input {path}: {e.strerror}") from None
+        raise InputError(f"{flag} {path}: {e.strerror}") from None
+
+
+def _read_input_file(path: str) -> list[Prompt]:
+    data = read_input_bytes(path)
     prompts = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:

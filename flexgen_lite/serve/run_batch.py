@@ -16,22 +16,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..batch_io import InputError, Prompt, ResumableOutput
+from ..batch_io import InputError, Prompt, ResumableOutput, read_input_bytes
 from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
 from .requests import RequestError, Served, Work, prepare, respond, validation_error
 
 
 def read_lines(path: str) -> list[Prompt]:
     """The input's non-blank lines, each with where it is (bad UTF-8 is kept, replaced: an error line later)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"-i {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"-i {path} is a directory; pass a batch file (JSON lines)") from None
-    except OSError as e:
-        raise InputError(f"-i {path}: {e.strerror}") from None
-    return split_lines(data, path)
+    return split_lines(read_input_bytes(path, "-i", "a batch file (JSON lines)"), path)
 
 
 def split_lines(data: bytes, name: str) -> list[Prompt]:
