@@ -16,6 +16,10 @@ def add_commands(sub, add_policy_flags, progress) -> None:
                    "file answers only the requests not in it")
     _model_flags(r)
     r.add_argument("--no-progress", action="store_true", help="no progress line (it shows only on a terminal)")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="spread the job over replicas on Ray: "
+                   "alone, a Ray started on this machine; else the cluster's address (auto, HOST:6379, ray://HOST:10001)")
+    r.add_argument("--replicas", type=positive_int, help="with --ray: replicas, each opening the model once (default: "
+                   "one per GPU of the cluster, or 1); the policy flags and budgets are per replica")
     add_policy_flags(r)
     r.set_defaults(func=lambda args: _run_batch(args, progress))
 
@@ -44,6 +48,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _run_batch(args, progress) -> None:
     _need(("pydantic",), "run-batch")
+    if args.ray is not None:
+        _need(("ray", "pyarrow", "pandas"), "run-batch --ray", "ray", "'ray[data]'")
+    elif args.replicas is not None:
+        from ..cli_checks import UsageError
+
+        raise UsageError("--replicas is for --ray: add --ray (a Ray on this machine) or --ray ADDRESS")
     from .run_batch import cmd_run_batch
 
     cmd_run_batch(args, progress)
@@ -56,13 +66,14 @@ def _serve(args) -> None:
     cmd_serve(args)
 
 
-def _need(modules: tuple[str, ...], command: str) -> None:
-    """Refuse in one line, before anything loads, when the `serve` extra is not installed."""
+def _need(modules: tuple[str, ...], command: str, extra: str = "serve",
+          packages: str = "fastapi uvicorn pydantic python-multipart") -> None:
+    """Refuse in one line, before anything loads, when an extra (`serve`, `ray`) is not installed."""
     import importlib.util
 
     from ..cli_checks import UsageError
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise UsageError(f"{command} needs {', '.join(missing)}: pip install 'flexgen-lite[serve]' (or "
-                         "pip install fastapi uvicorn pydantic python-multipart)")
+        raise UsageError(f"{command} needs {', '.join(missing)}: pip install 'flexgen-lite[{extra}]' (or "
+                         f"pip install {packages})")

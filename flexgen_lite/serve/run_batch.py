@@ -107,7 +107,15 @@ def cmd_run_batch(args, progress) -> None:
         if len(todo) < len(lines):
             print(f"resuming: {len(lines) - len(todo)} of {len(lines)} requests already answered in {args.output}",
                   file=sys.stderr)
-        _run(args, lines, todo, output, progress)
+        model, works = check_lines(args, lines, todo, output)
+        if not works:
+            return
+        if getattr(args, "ray", None) is not None:
+            from ..ray.run_batch_ray import run_on_ray
+
+            run_on_ray(args, model, lines, works, output, progress)
+        else:
+            _run(args, model, lines, works, output, progress)
     finally:
         output.close()
 
@@ -146,13 +154,8 @@ def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
     return chunks
 
 
-def _run(args, lines: list[Prompt], todo: list[int], output: ResumableOutput, progress) -> None:
-    from ..cli import budgets_from_args, policy_from_args
-    from ..generation import FlexGenLite
-    from ..layout import Workload
-    from ..policy_search import AutoPolicy
-    from .runner import run_jobs
-
+def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOutput) -> tuple[str, dict[int, Work]]:
+    """(the model, {line index: checked work}); bad lines are answered here, before any model loads."""
     model, served = served_model(args)
     works, errors = {}, 0
     for i in todo:  # bad lines are answered before the model loads
@@ -165,13 +168,29 @@ def _run(args, lines: list[Prompt], todo: list[int], output: ResumableOutput, pr
     output.flush()
     if errors:
         print(f"{errors} of {len(todo)} requests refused (error lines written to {args.output})", file=sys.stderr)
-    if not works:
-        return
+    return model, works
+
+
+def job_policy(args, works: dict[int, Work]):
+    """(policy or AutoPolicy, the workload auto plans for) of the flags, for these requests."""
+    from ..cli import policy_from_args
+    from ..layout import Workload
+    from ..policy_search import AutoPolicy
+
     jobs = [j for w in works.values() for j in w.jobs]
     policy = policy_from_args(args, default_batch=min(len(jobs), 32))
     workload = None
     if isinstance(policy, AutoPolicy):
         workload = Workload(max(len(j.ids) for j in jobs), max(j.sampling.max_new_tokens for j in jobs), len(jobs))
+    return policy, workload
+
+
+def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: ResumableOutput, progress) -> None:
+    from ..cli import budgets_from_args
+    from ..generation import FlexGenLite
+    from .runner import run_jobs
+
+    policy, workload = job_policy(args, works)
     show = None if args.no_progress else progress
     with FlexGenLite(model, policy=policy, device=args.device, progress=show, workload=workload,
                      budgets=budgets_from_args(args)) as m:
