@@ -432,9 +432,21 @@ class Suite:
         rows = self.data.get("rows", [])
         parts += ["", table(rows)]
         notes = [f"- {r['name']}: {r['note']}" for r in rows if r.get("note")]
+        notes += [f"- {r['name']} breakdown: {breakdown_line(r['report']['breakdown'])}" for r in rows
+                  if r.get("report", {}).get("breakdown")]
         notes += [f"- {r['name']} ({r['status']}): {r['error'].splitlines()[-1][:200]}"
                   for r in rows if r.get("error") and r["status"] in ("failed", "timeout")]
         return "\n".join(parts + ([""] + notes if notes else [])) + "\n"
+
+
+def breakdown_line(b: dict) -> str:
+    """A row's --breakdown in one line: the largest stages, waiting on I/O, hidden I/O, the bottleneck."""
+    top = sorted(b.get("stage_ms", {}).items(), key=lambda kv: -kv[1])[:4]
+    util = b.get("bottleneck_utilization")
+    return (f"{b.get('step_ms')} ms/step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in top)
+            + f"; waited on I/O {100 * b.get('io_wait_fraction', 0):.0f}%, I/O hidden "
+            f"{100 * b.get('io_hidden_fraction', 0):.0f}%; bottleneck {b.get('bottleneck')}"
+            + (f" at {100 * util:.0f}% of its bound" if util else ""))
 
 
 def child_env(extra: dict | None = None) -> dict:
@@ -569,6 +581,8 @@ def run_steps(suite: Suite, rows: list[Row], device: str, every: float | None, p
                "--prompt-len", str(row.prompt_len), "--gen-len", str(row.gen_len), *row.flags]
         if args.exact_dummy:
             cmd.insert(3, "--exact-dummy")
+        if args.breakdown:  # the stage table in the row's stdout and JSON, its trace beside gpu_suite.json
+            cmd += ["--breakdown", "--trace", str(out / f"trace-{row.name}.json")]
         if row.auto and extra_env.get("FLEXGEN_LITE_PROFILE") is None and not os.environ.get("FLEXGEN_LITE_PROFILE"):
             step = Step("skipped", stderr="no hardware profile for --policy auto (the profile step failed)")
         else:
@@ -618,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="compute device (default cuda; cpu with --cpu-smoke)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: the same steps, table and JSON")
     p.add_argument("--exact-dummy", action="store_true", help="the bench's own dummy weights (slow for 13B+)")
+    p.add_argument("--breakdown", action="store_true", help="run the rows with --breakdown and --trace (stage times "
+                   "from CUDA events; trace-ROW.json per row; `flexgen-lite report` draws one)")
     p.add_argument("--measure-profile", action="store_true",
                    help="--cpu-smoke: measure a quick profile for the auto rows (~25 s) instead of the tests' one")
     p.add_argument("--list-rows", action="store_true", help="print the rows and exit")

@@ -7,15 +7,17 @@ import torch
 from .devices import ComputeDevice
 from .policy import split_counts
 from .storage import DiskFile, DiskStore, MemoryLedger
+from .trace import ACT_LOAD, ACT_STORE, COMPUTE_LANE, NULL
 
 
 class Activations:
     def __init__(self, num_batches: int, percents, device: ComputeDevice, disk: DiskStore,
-                 ledger: MemoryLedger) -> None:
+                 ledger: MemoryLedger, trace=NULL) -> None:
+        """trace: gets a span per hidden state moved to or from its tier (in the compute thread)."""
         gpu, cpu, _ = split_counts(num_batches, percents)
         self.tiers = ["gpu"] * gpu + ["cpu"] * (num_batches - gpu)
         self.tiers[gpu + cpu:] = ["disk"] * (num_batches - gpu - cpu)
-        self.device, self.disk, self.ledger = device, disk, ledger
+        self.device, self.disk, self.ledger, self.trace = device, disk, ledger, trace
         self.held: dict[int, torch.Tensor] = {}
         self.files: dict[int, DiskFile] = {}
         self.shapes: dict[int, tuple] = {}
@@ -24,7 +26,12 @@ class Activations:
         tier = self.tiers[batch]
         if tier == "gpu" or (tier == "cpu" and not self.device.is_cuda):
             self.held[batch] = h  # already where it lives
-        elif tier == "cpu":
+            return
+        with self.trace.span(ACT_STORE[tier], h.numel() * h.element_size(), stream=COMPUTE_LANE):
+            self._put(batch, tier, h)
+
+    def _put(self, batch: int, tier: str, h: torch.Tensor) -> None:
+        if tier == "cpu":
             self.held[batch] = h.to("cpu")
         else:
             nbytes = h.numel() * h.element_size()
@@ -39,7 +46,13 @@ class Activations:
             self.shapes[batch] = (h.shape, h.dtype)
 
     def get(self, batch: int) -> torch.Tensor:
-        if self.tiers[batch] != "disk":
-            return self.held.pop(batch).to(self.device.device, non_blocking=True)
+        tier = self.tiers[batch]
+        if tier == "gpu" or (tier == "cpu" and not self.device.is_cuda):
+            return self.held.pop(batch)
+        if tier == "cpu":
+            h = self.held.pop(batch)
+            with self.trace.span(ACT_LOAD[tier], h.numel() * h.element_size(), stream=COMPUTE_LANE):
+                return h.to(self.device.device, non_blocking=True)
         shape, dtype = self.shapes[batch]
-        return self.files[batch].read_into(torch.empty(shape, dtype=dtype)).to(self.device.device)
+        with self.trace.span(ACT_LOAD[tier], shape.numel() * dtype.itemsize, stream=COMPUTE_LANE):
+            return self.files[batch].read_into(torch.empty(shape, dtype=dtype)).to(self.device.device)

@@ -18,13 +18,14 @@ GB = 1e9
 
 
 def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, device: str | None = None,
-                  progress=None, cold_disk: bool = False) -> dict:
+                  progress=None, cold_disk: bool = False, trace=None) -> dict:
     """Generate gen_len tokens for gpu_batch_size x num_gpu_batches prompts of prompt_len random tokens.
 
-    cold_disk: offload files are read from the disk itself, not from the page cache."""
+    cold_disk: offload files are read from the disk itself, not from the page cache. trace: a trace.Recorder
+    for the engine's spans (--breakdown, --trace)."""
     tic = time.perf_counter()
     DiskFile.page_cache = not cold_disk
-    with FlexGenLite(model, policy=policy, device=device, progress=progress) as m:
+    with FlexGenLite(model, policy=policy, device=device, progress=progress, trace=trace) as m:
         load_s = time.perf_counter() - tic
         if cold_disk:
             drop_offload_pages(m)

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .batch_io import InputError
+from .cli_breakdown import add_flags as add_breakdown_flags
 from .cli_checks import Parser, UsageError, check_args, finite_float, positive_int, size
 from .config import ModelError
 from .memory import Budgets, check_budgets, gib, runtime_bytes
@@ -129,6 +130,7 @@ def progress(message: str) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import format_report, run_benchmark
+    from .cli_breakdown import build_context, finish, profile_or_none, recorder_for
     from .generation import model_config
     from .layout import Workload
 
@@ -146,7 +148,9 @@ def cmd_bench(args) -> None:
         print(f"dtype: {manual_dtype_reason(policy, args.device)}", file=sys.stderr)
         if args.predict:
             prediction, hardware = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
-    report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk)
+    recorder = recorder_for(args)
+    report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk,
+                           recorder)
     print(file=sys.stderr)
     if prediction is not None:
         report["predicted_total_tok_s"] = round(prediction.throughput, 2)
@@ -165,6 +169,11 @@ def cmd_bench(args) -> None:
                 from .devices import ComputeDevice
 
                 print(remeasure_after_fast_run(ComputeDevice(args.device), policy.offload_dir), file=sys.stderr)
+    if recorder is not None:
+        hw = hardware or profile_or_none(args, policy.offload_dir)
+        context = build_context(recorder, model_config(args.model), policy, report["dtype"], "cuda" in report["device"],
+                                hw, args.cold_disk, workload)
+        report["breakdown"] = finish(args, recorder, context)
     print(json.dumps(report))
 
 
@@ -286,6 +295,12 @@ def cmd_profile(args) -> None:
         print(f"cached in {profile_path(device, args.offload_dir)}")
 
 
+def cmd_report(args) -> None:
+    from .report import cmd_report as run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="flexgen-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     add_policy_flags(g)
+    add_breakdown_flags(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="FlexGen's throughput benchmark (dummy weights for a model name)")
@@ -322,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-prompts", type=int, help="auto: plan for this many prompts (caps the block; the benchmark "
                    "runs one block)")
     add_policy_flags(b)
+    add_breakdown_flags(b)
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="choose a policy for a workload within memory budgets; print it as flags")
@@ -339,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_profile)
+
+    rp = sub.add_parser("report", help="draw a --trace file: timeline by lane, achieved vs bound per resource, "
+                        "predicted vs measured per stage (needs the [report] extra: matplotlib)")
+    rp.add_argument("trace", help="a trace written by bench or generate --trace")
+    rp.add_argument("-o", "--output", default="report.png", help="PNG to write (default %(default)s)")
+    rp.set_defaults(func=cmd_report)
 
     from .serve.commands import add_commands
 

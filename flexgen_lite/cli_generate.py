@@ -85,6 +85,7 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
 
 def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig, output, progress) -> None:
     from .cli import budgets_from_args, manual_dtype_reason, policy_from_args
+    from .cli_breakdown import recorder_for
     from .dtype_choice import explain_search
     from .generation import FlexGenLite
     from .layout import Workload
@@ -95,8 +96,9 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
     workload = None
     if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, their number
         workload = Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo))
+    recorder = recorder_for(args)
     with FlexGenLite(model, policy=policy, device=args.device, progress=progress, workload=workload,
-                     budgets=budgets_from_args(args)) as m:
+                     budgets=budgets_from_args(args), trace=recorder) as m:
         print(file=sys.stderr)
         if m.search is not None:
             print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)\n"
@@ -116,6 +118,18 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
         print(f"\n{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {m.policy.flags()})",
               file=sys.stderr)
+        if recorder is not None:
+            _breakdown(args, m, recorder, Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo)))
+
+
+def _breakdown(args, m, recorder, workload) -> None:
+    """--breakdown's table (on stderr: stdout holds the completions) and --trace's file."""
+    from .cli_breakdown import build_context, finish, profile_or_none
+
+    hw = getattr(m.search, "hardware", None) or profile_or_none(args, m.policy.offload_dir)
+    context = build_context(recorder, m.config, m.policy, str(m.dtype).removeprefix("torch."), m.device.is_cuda, hw,
+                            False, workload)
+    finish(args, recorder, context, out=sys.stderr)
 
 
 def _write(args, output: ResumableOutput | None, index: int, prompt: str, completion: str, gen: list[int]) -> None:

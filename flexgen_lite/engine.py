@@ -29,6 +29,7 @@ from .models import layers as L
 from .policy import Policy
 from .sampling import SamplingConfig, sample
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
+from .trace import ATTENTION, CACHE_STORE, COMPUTE, COMPUTE_LANE, CPU_ATTENTION, NULL, WAIT, NullRecorder, Recorder
 from .weights import DECODER_KINDS, StoredWeight, WeightSlots, weight_bytes
 
 
@@ -41,9 +42,11 @@ class StepTimes:
 class Engine:
     def __init__(self, config: ModelConfig, policy: Policy, specs: list[LayerSpec],
                  weights: list[dict[str, StoredWeight]], device: ComputeDevice, dtype: torch.dtype,
-                 disk: DiskStore, ledger: MemoryLedger) -> None:
+                 disk: DiskStore, ledger: MemoryLedger, trace: Recorder | NullRecorder = NULL) -> None:
+        """trace: where the schedule's spans go (trace.py; --breakdown, --trace); NULL records nothing."""
         self.config, self.policy, self.specs, self.weights = config, policy, specs, weights
         self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
+        self.trace = trace
         self.io = IOPool(policy.overlap)
         self.staging = Staging(pin=device.is_cuda)
         on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (CUDA reads)
@@ -70,16 +73,19 @@ class Engine:
 
     def _run_steps(self, block: Block, sampling: SamplingConfig, on_step, keep_logits: bool) -> None:
         acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
-                           self.disk, self.ledger)
+                           self.disk, self.ledger, self.trace)
         self.times = StepTimes()
         self.logits = [] if keep_logits else None
         for step in range(block.gen_len):
             if bool(block.finished.all()):
                 break
             tic = time.perf_counter()
-            self._step(block, step, acts, sampling)
+            start, t = block.step_span(step)
+            with self.trace.step(step, rows=int((~block.finished).sum()), tokens=t, context=start):
+                self._step(block, step, acts, sampling)
             self.device.synchronize()
             elapsed = time.perf_counter() - tic
+            self.trace.resolve()
             if step == 0:
                 self.times.prefill = elapsed
             else:
@@ -93,21 +99,27 @@ class Engine:
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
         self._cache_loads: dict[tuple[int, int], Future] = {}
         weights_next = self._prefetch_weights(0)
+        span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
         for j, spec in enumerate(self.specs):
-            weights = self.weight_slots.complete(self._wait(weights_next))
+            with span(WAIT, stream=C):
+                fetched = self._wait(weights_next)
+            weights = self.weight_slots.complete(fetched, self.trace)
             if j + 1 < len(self.specs):
                 weights_next = self._prefetch_weights(j + 1)
             for i, b in enumerate(batches):
                 views = None
                 if spec.kind == "attention" and step > 0:
-                    views = self._wait(self._cache_loads.pop((spec.index, b), None)
-                                       or self._prefetch_cache(spec.index, b, start))
-                    self._prefetch_next_cache(spec.index, batches, i, start)
+                    with span(WAIT, stream=C):  # for the load, or for the stores it must read back
+                        views = self._wait(self._cache_loads.pop((spec.index, b), None)
+                                           or self._prefetch_cache(spec.index, b, start))
+                        self._prefetch_next_cache(spec.index, batches, i, start)
                 h = None if spec.kind == "embed" else acts.get(b)
-                out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
+                with span(COMPUTE, stream=C):
+                    out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
+                    if spec.kind == "head":
+                        active = inputs[b]["active"]
+                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active)
                 if spec.kind == "head":
-                    active = inputs[b]["active"]
-                    block.record(b, sample(out, sampling, block.row_generators(b, active)), active)
                     if self.logits is not None:
                         self._keep_logits(block, step, b, out, active)
                 else:
@@ -151,27 +163,37 @@ class Engine:
         """Attention of one new token per active row, part by part, each where its cache view is."""
         outs = []
         for view in views:
-            picked, local = _part_rows(view.part.rows, active)
-            where, dtype, end = view.k.device, view.k.dtype, start + 1
-            k_new, v_new = k[picked].to(where, dtype), v[picked].to(where, dtype)
-            if local is None:
-                view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
-                k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
-            else:  # finished rows left the batch: attend over the active rows' cache only
-                if len(local) == 0:
-                    continue
-                local_dev = local.to(where)
-                view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
-                k_seen = view.k[:, :, :end].index_select(0, local_dev)
-                v_seen = view.v[:, :, :end].index_select(0, local_dev)
-                k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
-            out = attend(q[picked].to(where, dtype), k_seen, v_seen, mask[picked].to(where),
-                         self.policy.attn_sparsity)
-            outs.append(out.to(q.device, q.dtype, non_blocking=True))
-            view.part.release()
-            if not view.part.direct:
-                self._store_cache(layer, b, view.part, k_new, v_new, start)
+            on_cpu = view.part.on_cpu
+            with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
+                out = self._attend_part(layer, b, view, q, k, v, mask, start, active, s)
+            if out is not None:
+                outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, active, span):
+        """Attention over one cache part where it is (None when none of its rows is active); the new token's
+        k, v are written into it first. `span.nbytes`: the K and V bytes attended over."""
+        picked, local = _part_rows(view.part.rows, active)
+        where, dtype, end = view.k.device, view.k.dtype, start + 1
+        k_new, v_new = k[picked].to(where, dtype), v[picked].to(where, dtype)
+        if local is None:
+            view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
+            k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
+        else:  # finished rows left the batch: attend over the active rows' cache only
+            if len(local) == 0:
+                return None
+            local_dev = local.to(where)
+            view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
+            k_seen = view.k[:, :, :end].index_select(0, local_dev)
+            v_seen = view.v[:, :, :end].index_select(0, local_dev)
+            k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
+        span.nbytes = k_seen.nbytes + v_seen.nbytes
+        out = attend(q[picked].to(where, dtype), k_seen, v_seen, mask[picked].to(where), self.policy.attn_sparsity)
+        out = out.to(q.device, q.dtype, non_blocking=True)
+        view.part.release()
+        if not view.part.direct:
+            self._store_cache(layer, b, view.part, k_new, v_new, start)
+        return out
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
@@ -212,7 +234,7 @@ class Engine:
 
     def _load_weights(self, j: int, slot_key: tuple | None, after):
         with self.device.on_copy_stream(after) as done:
-            return self.weight_slots.fetch(self.weights[j], slot_key), done()
+            return self.weight_slots.fetch(self.weights[j], slot_key, self.trace), done()
 
     def _prefetch_cache(self, layer: int, b: int, start: int) -> Future:
         for f in self._pending_stores.pop((layer, b), ()):
@@ -232,18 +254,24 @@ class Engine:
 
     def _load_cache(self, layer: int, b: int, length: int, parity: int, after):
         with self.device.on_copy_stream(after, "cache") as done:
-            return self.cache.load(layer, b, length, self.cache_slots, parity), done()
+            return self.cache.load(layer, b, length, self.cache_slots, parity, self.trace), done()
 
     def _store_cache(self, layer: int, b: int, part, k_new, v_new, start: int) -> None:
         """Write new cache entries home: memory copies in stream order; file writes and, on CPU,
         quantization in the background (later loads of the same part wait for them)."""
+        stage, nbytes = CACHE_STORE[part.tier], part.nbytes_at(k_new.shape[2])
         if part.tier != "disk" and (self.device.is_cuda or self.cache.compression is None):
-            self.cache.store(part, k_new, v_new, start)
+            with self.trace.span(stage, nbytes, stream=COMPUTE_LANE):
+                self.cache.store(part, k_new, v_new, start)
             return
         if self.device.is_cuda:
             k_new, v_new = k_new.cpu(), v_new.cpu()
-        future = self.io.submit(self.cache.store, part, k_new, v_new, start)
+        future = self.io.submit(self._store_in_background, stage, nbytes, part, k_new, v_new, start)
         self._pending_stores.setdefault((layer, b), []).append(future)
+
+    def _store_in_background(self, stage: str, nbytes: int, part, k_new, v_new, start: int) -> None:
+        with self.trace.span(stage, nbytes):
+            self.cache.store(part, k_new, v_new, start)
 
     def free_cache(self) -> None:
         """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""

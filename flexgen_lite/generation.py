@@ -21,6 +21,7 @@ from .policy import Policy, PolicyError, split_counts
 from .presets import find_preset, preset_config, preset_names
 from .sampling import SamplingConfig, row_generators
 from .storage import DiskStore, MemoryLedger
+from .trace import NULL
 from .weights import CheckpointSource, DummySource, GGUFSource, WeightSource, place_weights, planned_bytes
 
 
@@ -79,11 +80,12 @@ class FlexGenLite:
 
     def __init__(self, model: str, policy: Policy | str | None = None, device: str | None = None,
                  progress: Callable[[str], None] | None = None, *, workload: Workload | None = None,
-                 budgets: Budgets | None = None, hardware=None) -> None:
+                 budgets: Budgets | None = None, hardware=None, trace=None) -> None:
         """policy: a Policy, or "auto" (the default) or an AutoPolicy: searched for `workload` (default
         `default_workload`) within `budgets`, using `hardware` or this machine's cached profile (measured on
         first use, ~25 s). Explicit budgets are checked
-        for an explicit policy too; `self.search` keeps the auto policy's prediction."""
+        for an explicit policy too; `self.search` keeps the auto policy's prediction. `trace`: a trace.Recorder
+        that gets the engine's spans (--breakdown, --trace)."""
         self.config, source, self.tokenizer = open_model(model)
         self.device = ComputeDevice(device)
         self.search, self.budgets = None, budgets
@@ -107,7 +109,7 @@ class FlexGenLite:
             raise
         return_freed_memory()  # placement's temporaries: not held as heap holes through the run
         self.engine = Engine(self.config, self.policy, specs, weights, self.device, self.dtype,
-                             self.disk, self.ledger)
+                             self.disk, self.ledger, trace or NULL)
         self.progress = progress
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:

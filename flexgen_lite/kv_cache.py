@@ -19,6 +19,7 @@ from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, 
 from .devices import ComputeDevice
 from .policy import split_counts
 from .storage import DiskStore, MemoryLedger, Staging
+from .trace import CACHE_LOAD, NULL
 
 
 class Store:
@@ -129,6 +130,10 @@ class CachePart:
         self.k.release()
         self.v.release()
 
+    def nbytes_at(self, positions: int) -> int:
+        """Stored bytes of K and V for `positions` positions of all its rows (what a load or store moves)."""
+        return (self.k.nbytes + self.v.nbytes) // self.k.shape[2] * positions
+
 
 @dataclass
 class CacheView:
@@ -182,32 +187,42 @@ class KVCache:
             ledger.track(store, tier, store.nbytes)
         return CachePart(tier, rows, k, v, on_cpu, direct)
 
-    def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int) -> list[CacheView]:
-        """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled."""
+    def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int,
+             trace=NULL) -> list[CacheView]:
+        """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled.
+        `trace` gets a span per part read, copied or decompressed (bytes: its stored K and V up to length)."""
         views = []
         for i, part in enumerate(self.parts[layer][batch]):
-            shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
-            if part.direct:
-                for store, half in zip((part.k, part.v), "kv", strict=True):
-                    if store.mapped:  # its pages are in this process until released: counted like a slot
-                        slots.window((i, parity, half, "values", shape), store.nbytes)
-                        store.prefetch()
+            if part.direct and not (part.k.mapped or part.v.mapped):  # used in place: nothing moves
                 views.append(CacheView(part, part.k.tensor, part.v.tensor))
                 continue
-            where = "cpu" if part.on_cpu else self.device.device
-            tier = "cpu" if part.on_cpu and self.device.is_cuda else "gpu"
-            dtype = self.cpu_dtype if part.on_cpu else self.dtype
-            bufs = [slots.get((i, parity, half, "values", shape), shape, dtype, where, tier) for half in "kv"]
-            for store, buf, half in zip((part.k, part.v), bufs, "kv", strict=True):
-                if length and isinstance(store, QuantizedStore):
-                    scratch = [slots.get((i, parity, half, name, shape), shape, dt, where, tier)
-                               for name, shape, dt in store.scratch_shapes()]
-                    store.read(buf, length, slots.staging, scratch)
-                elif length:
-                    store.read(buf, length, slots.staging)
-                store.release()
-            views.append(CacheView(part, *bufs))
+            stream = None if part.on_cpu else "copy:cache"  # CPU attention's parts are read on the host
+            with trace.span(CACHE_LOAD[part.tier], part.nbytes_at(length), stream=stream):
+                views.append(self._load_part(i, part, length, slots, parity))
         return views
+
+    def _load_part(self, i: int, part: CachePart, length: int, slots: CacheSlots, parity: int) -> CacheView:
+        """One part: a mapped disk part's pages faulted in; any other read, copied or decompressed into slots."""
+        shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
+        if part.direct:
+            for store, half in zip((part.k, part.v), "kv", strict=True):
+                if store.mapped:  # its pages are in this process until released: counted like a slot
+                    slots.window((i, parity, half, "values", shape), store.nbytes)
+                    store.prefetch()
+            return CacheView(part, part.k.tensor, part.v.tensor)
+        where = "cpu" if part.on_cpu else self.device.device
+        tier = "cpu" if part.on_cpu and self.device.is_cuda else "gpu"
+        dtype = self.cpu_dtype if part.on_cpu else self.dtype
+        bufs = [slots.get((i, parity, half, "values", shape), shape, dtype, where, tier) for half in "kv"]
+        for store, buf, half in zip((part.k, part.v), bufs, "kv", strict=True):
+            if length and isinstance(store, QuantizedStore):
+                scratch = [slots.get((i, parity, half, name, shape), shape, dt, where, tier)
+                           for name, shape, dt in store.scratch_shapes()]
+                store.read(buf, length, slots.staging, scratch)
+            elif length:
+                store.read(buf, length, slots.staging)
+            store.release()
+        return CacheView(part, *bufs)
 
     def store(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
         """Write new positions (rows, kv_heads, t, head_dim) of one part to its home."""

@@ -3,6 +3,7 @@ weights to the compute device."""
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from .devices import ComputeDevice
 from .memory import return_freed_memory
 from .models import LayerSpec, WeightSpec
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging, page_aligned
+from .trace import DEQUANTIZE, NULL, WEIGHT_LOAD
 
 DECODER_KINDS = ("attention", "mlp")
 
@@ -241,11 +243,16 @@ class WeightSlots:
         self.holds: dict[tuple, StoredWeight] = {}
         self.windows: set[tuple] = set()
 
-    def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None) -> dict[str, torch.Tensor]:
-        """`slot_key` (kind, parity) for decoder layers; None for one slot per weight."""
+    def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None, trace=NULL) -> dict[str, torch.Tensor]:
+        """`slot_key` (kind, parity) for decoder layers; None for one slot per weight. `trace` gets a span per
+        disk read (its bytes: the weights' stored bytes) and per copy or decompression into a slot."""
         to_fill = {name: t for name, t in weights.items()
                    if not t.resident and self.holds.get(self._key(slot_key, name, t)) is not t}
-        host = self._read_layer(to_fill.values())
+        from_disk = [t for t in to_fill.values() if t.tier == "disk"]
+        host = {}
+        if from_disk:
+            with trace.span(WEIGHT_LOAD["disk"], sum(t.nbytes for t in from_disk)):
+                host = self._read_layer(from_disk)
         out = {}
         for name, t in weights.items():
             key = self._key(slot_key, name, t)
@@ -267,19 +274,29 @@ class WeightSlots:
                 elif t.mapped is not None:  # a CPU: dequantized by complete(), in the compute thread
                     out[name] = Deferred(t, buf)
                 else:
-                    out[name] = t.fetch(self.device, buf, host.get(id(t)))
+                    with trace.span(*self._fill_stage(t), stream="copy:weights"):
+                        out[name] = t.fetch(self.device, buf, host.get(id(t)))
                 self.holds[key] = t
         if host:
             self.staging.release()
         return out
 
-    def complete(self, fetched: dict) -> dict[str, torch.Tensor]:
+    def _fill_stage(self, t: StoredWeight) -> tuple[str, int]:
+        """(stage, bytes) of filling a slot: with CUDA a load from t's tier (its bytes counted at the disk
+        read for disk weights; a compressed one's decompression included); on a CPU only a decompression
+        (bytes: its output)."""
+        if self.device.is_cuda:
+            return WEIGHT_LOAD[t.tier], 0 if t.tier == "disk" else t.nbytes
+        return DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize
+
+    def complete(self, fetched: dict, trace=NULL) -> dict[str, torch.Tensor]:
         """Dequantize, in the calling (compute) thread, the weights `fetch` left mapped. On a CPU an I/O
         thread dequantizing beside compute only oversubscribes the same cores; there it only pages in."""
         for name, value in fetched.items():
             if isinstance(value, Deferred):
                 t = value.weight
-                fetched[name] = t.fetch(self.device, value.slot, None)
+                with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
+                    fetched[name] = t.fetch(self.device, value.slot, None)
                 t.data.release(t.offset, t.nbytes)  # the codes were read: unmap them
         return fetched
 

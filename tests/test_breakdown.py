@@ -1,0 +1,173 @@
+"""--breakdown and --trace: the stage times tile the measured step, bytes per stage equal the engine's counters
+(what bench reports as moved per step), and the trace is valid Chrome trace JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.bench import _cache_bytes_read_per_step
+from flexgen_lite.breakdown import _exclusive, summarize
+from flexgen_lite.chrome_trace import read_trace, write_trace
+from flexgen_lite.cli import main
+from flexgen_lite.trace import COMPUTE_LANE, NULL, Recorder
+from flexgen_lite.weights import weight_bytes
+
+from .conftest import PROMPTS
+
+PLACEMENTS = {  # --percent
+    "all in memory": (100, 0, 100, 0, 100, 0),
+    "weights on disk": (0, 0, 100, 0, 100, 0),
+    "cache and activations on disk": (100, 0, 0, 0, 0, 0),
+}
+NEW_TOKENS = 5
+# the compute lane's stages tile each step exactly; against the engine's own step time (taken outside the
+# step's span, after the device synchronizes) they may differ by this much
+TOLERANCE_S, TOLERANCE_REL = 0.002, 0.02
+
+
+def traced_run(path, percent, tmp_path):
+    w_gpu, w_cpu, c_gpu, c_cpu, a_gpu, a_cpu = percent
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=w_gpu, weight_cpu_percent=w_cpu,
+                    cache_gpu_percent=c_gpu, cache_cpu_percent=c_cpu, act_gpu_percent=a_gpu, act_cpu_percent=a_cpu,
+                    dtype="float32", offload_dir=str(tmp_path))
+    recorder = Recorder()
+    m = FlexGenLite(str(path), policy=policy, trace=recorder)
+    m.generate_ids(PROMPTS[:4], SamplingConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False))
+    return m, recorder
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, tmp_path_factory):
+    out = {}
+    for name, percent in PLACEMENTS.items():
+        m, recorder = traced_run(tiny_models["opt"][0], percent, tmp_path_factory.mktemp("offload"))
+        out[name] = (m, recorder)
+    yield out
+    for m, _ in out.values():
+        m.close()
+
+
+def per_step(recorder: Recorder):
+    """[(step mark, its spans)] with I/O spans given to the step they started in."""
+    marks = sorted(recorder.steps, key=lambda m: m.start)
+    out = []
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start if i + 1 < len(marks) else float("inf")
+        out.append((mark, [s for s in recorder.spans if mark.start <= s.start < end]))
+    return out
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_stage_times_add_up_to_the_step(runs, placement):
+    m, recorder = runs[placement]
+    measured = [m.engine.times.prefill, *m.engine.times.decode]
+    assert len(recorder.steps) == len(measured) == NEW_TOKENS
+    for (mark, spans), step_s in zip(per_step(recorder), measured, strict=True):
+        compute = [(s, t) for s, t in _exclusive([s for s in spans if s.lane == COMPUTE_LANE])]
+        for s, _ in compute:  # every compute-lane span lies inside its step
+            assert mark.start <= s.start <= s.end <= mark.end
+        total = sum(t for _, t in compute)
+        assert total == pytest.approx(mark.end - mark.start, abs=1e-9)
+        assert abs(total - step_s) <= TOLERANCE_S + TOLERANCE_REL * step_s, (total, step_s)
+        stages = {s.stage for s, _ in compute}
+        assert {"compute", "schedule (other)"} <= stages
+    phases = summarize(recorder.spans, recorder.steps)
+    decode = phases["decode"]
+    assert decode.steps == NEW_TOKENS - 1
+    assert decode.compute_lane_total() == pytest.approx(sum(m.engine.times.decode), rel=TOLERANCE_REL,
+                                                        abs=TOLERANCE_S * decode.steps)
+    assert 0.0 <= decode.wait_fraction <= 1.0 and 0.0 <= decode.hidden_fraction <= 1.0
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_bytes_per_stage_equal_the_engines_counters(runs, placement):
+    m, recorder = runs[placement]
+    cache, cfg = m.engine.cache, m.config
+    prompt_len = max(len(p) for p in PROMPTS[:4])
+    disk_weights = weight_bytes(m.engine.weights, "disk")  # what bench reports as weights moved per step
+    for mark, spans in per_step(recorder):
+        moved: dict[str, int] = {}
+        for s in spans:
+            moved[s.stage] = moved.get(s.stage, 0) + s.nbytes
+        assert moved.get("weight load (disk)", 0) == disk_weights
+        loads = sum(v for k, v in moved.items() if k.startswith("cache load"))
+        stores = sum(v for k, v in moved.items() if k.startswith("cache store"))
+        if mark.index == 0:
+            assert loads == 0
+            assert stores == sum(cache.bytes_per_tier().values()) * prompt_len // cache.max_len
+        else:  # bench's cache bytes read per step, at this step's length
+            assert mark.context == prompt_len + mark.index - 1
+            assert loads == pytest.approx(_cache_bytes_read_per_step(m, mark.context), rel=1e-12)
+        act_bytes = (2 * cfg.num_layers + 1) * 4 * mark.tokens * cfg.hidden_size * 4  # puts: embed + each layer
+        expect_acts = act_bytes if placement == "cache and activations on disk" else 0
+        assert moved.get("activation store (disk)", 0) == expect_acts
+        assert moved.get("activation load (disk)", 0) == expect_acts
+    if placement == "all in memory":
+        assert disk_weights == 0 and not any(s.stage.startswith(("weight load", "cache load", "activation"))
+                                             for s in recorder.spans)
+    if placement == "weights on disk":
+        assert disk_weights > 0 and any(s.lane.startswith("io-") for s in recorder.spans)
+
+
+def test_a_disabled_recorder_records_nothing():
+    with NULL.span("compute", 10) as s:
+        s.nbytes = 5  # accepted and dropped
+    with NULL.step(0):
+        pass
+    assert not hasattr(NULL, "spans")
+
+
+def check_chrome_trace(path) -> dict:
+    """Valid Chrome trace JSON: complete events with lanes named, nested and ordered within each track."""
+    data = json.loads(path.read_text())
+    events = data["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all(e["tid"] in names and e["dur"] >= 0 and {"name", "ts", "pid"} <= set(e) for e in spans)
+    for tid in names:
+        track = sorted((e for e in spans if e["tid"] == tid), key=lambda e: (e["ts"], -e["dur"]))
+        open_ends: list[float] = []
+        for e in track:
+            while open_ends and open_ends[-1] <= e["ts"] + 1e-3:
+                open_ends.pop()
+            if open_ends:  # inside the enclosing span, never across its end
+                assert e["ts"] + e["dur"] <= open_ends[-1] + 1e-3, (names[tid], e)
+            open_ends.append(e["ts"] + e["dur"])
+    return data
+
+
+def test_trace_is_valid_chrome_json_and_reads_back(runs, tmp_path):
+    _, recorder = runs["weights on disk"]
+    path = tmp_path / "trace.json"
+    write_trace(path, recorder.spans, recorder.steps, {"model": "tiny"}, recorder.origin)
+    data = check_chrome_trace(path)
+    lanes = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert COMPUTE_LANE in lanes and any(lane.startswith("io-") for lane in lanes)
+    step_names = [e["name"] for e in data["traceEvents"] if e["ph"] == "X" and e["args"]["stage"] == "schedule (other)"]
+    assert step_names == ["prefill"] + [f"decode {i}" for i in range(1, NEW_TOKENS)]
+    spans, steps, _ = read_trace(path)
+    before, after = summarize(recorder.spans, recorder.steps), summarize(spans, steps)
+    for phase in before:
+        assert set(before[phase].rows) == set(after[phase].rows)
+        for stage, row in before[phase].rows.items():
+            assert after[phase].rows[stage].nbytes == row.nbytes
+            assert after[phase].rows[stage].seconds == pytest.approx(row.seconds, abs=1e-5)
+
+
+def test_bench_breakdown_and_trace_flags(tiny_models, tmp_path, capsys):
+    trace = tmp_path / "bench.json"
+    main(["bench", "--model", str(tiny_models["llama"][0]), "--prompt-len", "8", "--gen-len", "4",
+          "--percent", "0", "0", "0", "0", "100", "0", "--gpu-batch-size", "2", "--dtype", "float32",
+          "--offload-dir", str(tmp_path), "--breakdown", "--trace", str(trace)])
+    out = capsys.readouterr().out
+    assert "breakdown (measured with overlap on" in out and "weight load (disk)" in out
+    assert "compute waited on I/O" in out and "bottleneck:" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    b = report["breakdown"]
+    assert b["phase"] == "decode" and b["steps"] == 3
+    assert sum(b["stage_ms"][s] for s in b["stage_ms"] if s in ("compute", "attention", "waiting on I/O",
+                                                                 "schedule (other)")) <= b["step_ms"] + 0.01
+    check_chrome_trace(trace)
