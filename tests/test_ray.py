@@ -75,7 +75,7 @@ def test_replica_rows_equal_generate_without_ray(opt_dir, tmp_path):
     assert out["finish_reason"] == ["length", "stop", "length"]
     assert out["num_input_tokens"] == [len(m.encode([PROMPTS[0]])[0]), len(m.encode([PROMPTS[5]])[0]), len(ids)]
     assert out["num_generated_tokens"] == [len(t) for t in out["generated_tokens"]]
-    assert out["prompt"] is batch["prompt"]  # input columns are kept beside the outputs
+    assert out["prompt"] == [PROMPTS[0], PROMPTS[5], None] and out["stop"] == [None, [stop], None]  # kept
     with pytest.raises(ValueError, match="row 0 of the batch has neither"):
         replica({"prompt": np.array([None], dtype=object)})
 

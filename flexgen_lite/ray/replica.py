@@ -49,7 +49,9 @@ class PromptReplica(Replica):
         rows = len(next(iter(batch.values())))
         works = [self._work(batch, r) for r in range(rows)]
         outputs = run_jobs(self.model, [w.jobs[0] for w in works])
-        out = dict(batch)
+        # nested columns (messages, stop) as Python lists, which Arrow stores as lists of structs, not pickles
+        out = {k: [plain(v) for v in c] if getattr(c, "dtype", None) == np.dtype(object) else c
+               for k, c in batch.items()}
         out["generated_text"] = [o.text for o in outputs]
         out["generated_tokens"] = [list(o.token_ids) for o in outputs]
         out["finish_reason"] = [o.finish_reason for o in outputs]
