@@ -226,7 +226,8 @@ def request(custom_id: str, prompt: str, url: str = "/v1/completions", **body) -
     return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"max_tokens": 6, "temperature": 0, **body}}
 
 
-def wait_for_batch(client, batch_id: str, until=lambda b: b.status in ("completed", "failed", "cancelled")):
+def wait_for_batch(client, batch_id: str,
+                   until=lambda b: b.status in ("completed", "failed", "cancelled", "expired")):
     deadline = time.monotonic() + 120
     while True:
         batch = client.batches.retrieve(batch_id)
@@ -288,6 +289,30 @@ def test_cancelled_batch_keeps_what_was_done(server):
     assert batch.status == "cancelled" and batch.request_counts.completed < n, batch
     if batch.output_file_id:
         assert len(lines_by_id(c, batch.output_file_id)) == batch.request_counts.completed
+
+
+def test_batch_past_its_window_expires_keeping_what_was_done(chat_dir, offline, tmp_path):
+    n = 400
+    s = Server(chat_dir, tmp_path / "state", "--gpu-batch-size", "1", "--batch-expiry-s", "1")
+    try:
+        file = s.client.files.create(file=("big.jsonl", batch_file([request(f"r{i}", PROMPTS[i % 5])
+                                                                   for i in range(n)])), purpose="batch")
+        batch = s.client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+        assert batch.expires_at == batch.created_at + 1
+        batch = wait_for_batch(s.client, batch.id)
+        assert batch.status == "expired" and batch.expired_at >= batch.expires_at, batch
+        counts = batch.request_counts
+        assert counts.completed < n and counts.completed + counts.failed == counts.total == n
+        done = lines_by_id(s.client, batch.output_file_id) if batch.output_file_id else {}
+        expired = lines_by_id(s.client, batch.error_file_id)
+        assert len(done) == counts.completed and len(expired) == counts.failed
+        assert set(done) | set(expired) == {f"r{i}" for i in range(n)}
+        assert {r["error"]["code"] for r in expired.values()} == {"batch_expired"}
+        for custom_id, record in done.items():  # what ran before the window closed is a real answer
+            i = int(custom_id[1:])
+            assert record["response"]["body"]["choices"][0]["text"] == offline["plain"][i % 5]
+    finally:
+        s.stop()
 
 
 def test_batch_resumes_after_kill_9(chat_dir, offline, tmp_path):

@@ -11,6 +11,7 @@ import traceback
 from concurrent.futures import CancelledError
 
 from ..batch_io import InputError
+from .protocol import now
 from .requests import RequestError, Served, Work
 from .run_batch import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
 from .store import Store
@@ -83,11 +84,16 @@ class BatchRunner:
                 refused.append((i, False, checked))
         if refused:
             self.store.add_results(batch_id, refused)
-        for chunk in plan_chunks({i: w for i, (_, w) in works.items()}, self.chunk):
+        for n, chunk in enumerate(chunks := plan_chunks({i: w for i, (_, w) in works.items()}, self.chunk)):
             if self._stopping:
                 return
-            if self.store.get_batch(batch_id).status == "cancelling":
+            batch = self.store.get_batch(batch_id)
+            if batch.status == "cancelling":
                 break
+            if now() >= batch.expires_at:  # past its completion window: what is left is not run
+                self.store.add_results(batch_id, _expired([(i, works[i][0]) for c in chunks[n:] for i in c]))
+                self._finish(batch_id, expired=True)
+                return
             self.store.add_results(batch_id, self._run_chunk([(i, *works[i]) for i in chunk]))
         self._finish(batch_id)
 
@@ -107,9 +113,10 @@ class BatchRunner:
             results.append((i, True, answer_line(custom_id, work, mine)))
         return results
 
-    def _finish(self, batch_id: str) -> None:
-        """Write the output and error files, then mark the batch completed (or cancelled)."""
+    def _finish(self, batch_id: str, expired: bool = False) -> None:
+        """Write the output and error files, then mark the batch completed (or cancelled, or expired)."""
         final = "cancelled" if self.store.get_batch(batch_id).status == "cancelling" else "completed"
+        final = "expired" if expired else final
         if final == "completed":
             self.store.move(batch_id, "finalizing")
         files = {}
@@ -120,6 +127,12 @@ class BatchRunner:
                 data = "".join(r + "\n" for r in records).encode()
                 files[field] = self.store.add_file(name, "batch_output", data).id
         self.store.move(batch_id, final, **files)
+
+
+def _expired(lines: list[tuple[int, str]]) -> list[tuple[int, bool, dict]]:
+    error = RequestError(400, "the batch expired (its completion window passed) before this request ran", None,
+                         "batch_expired")
+    return [(i, False, error_line(custom_id, error, False)) for i, custom_id in lines]
 
 
 def _errors(code: str, message: str) -> dict:

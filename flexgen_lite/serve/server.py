@@ -53,6 +53,7 @@ class ServerState:
     api_key: str | None = None
     max_body: int = 8 << 20
     max_upload: int = 512 << 20
+    batch_expiry_s: int = 24 * 3600
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -297,7 +298,8 @@ def add_batch_routes(app: FastAPI, state: ServerState) -> None:
                 raise validation_error(e) from None
             raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
         file_or_404(create.input_file_id)
-        batch = store.create_batch(create.input_file_id, create.endpoint, create.completion_window, create.metadata)
+        batch = store.create_batch(create.input_file_id, create.endpoint, create.completion_window, create.metadata,
+                                   state.batch_expiry_s)
         state.batches.submit(batch.id)
         return batch.model_dump()
 
@@ -346,7 +348,7 @@ def cmd_serve(args) -> None:
         scheduler = Scheduler(m, block, args.max_wait_ms / 1000)
         runner = BatchRunner(store, scheduler, served, block * 4)
         state = ServerState(served, m, scheduler, store, runner, args.api_key, int(args.max_body_mb * 2**20),
-                            int(args.max_upload_mb * 2**20))
+                            int(args.max_upload_mb * 2**20), args.batch_expiry_s)
         print(f"serving {served.name} on http://{args.host}:{args.port}/v1 ({m.policy.flags()}; blocks of "
               f"{block}; state in {Path(args.state_dir).resolve()})", file=sys.stderr, flush=True)
         try:

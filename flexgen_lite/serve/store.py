@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL, completion_window TEXT NOT NULL,
     status TEXT NOT NULL, created_at INTEGER NOT NULL, in_progress_at INTEGER, finalizing_at INTEGER,
     completed_at INTEGER, failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER, expires_at INTEGER,
+    expired_at INTEGER,
     output_file_id TEXT, error_file_id TEXT, total INTEGER NOT NULL DEFAULT 0,
     completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, metadata TEXT, errors TEXT);
 CREATE TABLE IF NOT EXISTS results (
@@ -35,8 +36,8 @@ CREATE TABLE IF NOT EXISTS results (
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 # which statuses each status may move to
 TRANSITIONS = {
-    "validating": {"in_progress", "failed", "cancelling"},
-    "in_progress": {"finalizing", "cancelling", "failed"},
+    "validating": {"in_progress", "failed", "cancelling", "expired"},
+    "in_progress": {"finalizing", "cancelling", "failed", "expired"},
     "cancelling": {"cancelled"},
     "finalizing": {"completed"},
 }
@@ -53,6 +54,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(batches)")}
+        if "expired_at" not in columns:  # a state directory from before batches could expire
+            self._db.execute("ALTER TABLE batches ADD COLUMN expired_at INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -114,11 +118,12 @@ class Store:
         return True
 
     # ---- batches -------------------------------------------------------------------------------------
-    def create_batch(self, input_file_id: str, endpoint: str, window: str, metadata: dict | None) -> BatchObject:
+    def create_batch(self, input_file_id: str, endpoint: str, window: str, metadata: dict | None,
+                     expires_in: int = 24 * 3600) -> BatchObject:
         batch_id, created = new_id("batch"), now()
         self._transaction([("INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, created_at, "
                             "expires_at, metadata) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?)",
-                            (batch_id, endpoint, input_file_id, window, created, created + 24 * 3600,
+                            (batch_id, endpoint, input_file_id, window, created, created + expires_in,
                              json.dumps(metadata) if metadata else None))])
         return self.get_batch(batch_id)
 
