@@ -11,6 +11,7 @@ dropped, so each custom_id is written exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -85,8 +86,11 @@ def run_on_ray(args, model: str, lines: list[Prompt], works: dict[int, Work], ou
         replicas, threads, gpus = replica_shape(args.replicas, args.device)
         config = job_config(args, model, works, replicas, threads, gpus)
         chunks = plan_chunks(works, config.rows_per_call)
+        if len(chunks) < replicas:  # a replica without a chunk would only open the model
+            replicas = len(chunks)
+            config = dataclasses.replace(config, concurrency=replicas)
         rows = [{"indices": chunk, "lines": [lines[i].text for i in chunk]} for chunk in chunks]
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        quiet_ray_data()
         answers = map_replicas(ray.data.from_items(rows, override_num_blocks=len(rows)), BatchLineReplica, config,
                                batch_size=1)
         show = None if args.no_progress else progress
@@ -100,12 +104,20 @@ def run_on_ray(args, model: str, lines: list[Prompt], works: dict[int, Work], ou
                 show(f"{len(written)}/{len(works)} requests on {replicas} replicas, {tokens / elapsed:.1f} tok/s, "
                      f"ETA {eta:.0f} s")
         elapsed = time.perf_counter() - tic
+        each = f"{threads} CPU thread(s)" + (f" and {gpus} GPU" if gpus else "")
         print(f"\n{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
-              f"({replicas} replicas of {threads} CPU thread(s){f' and {gpus} GPU' if gpus else ''})",
-              file=sys.stderr)
+              f"({replicas} replica{'s' if replicas > 1 else ''} of {each})", file=sys.stderr)
     finally:
         if started:
             ray.shutdown()
+
+
+def quiet_ray_data() -> None:
+    """Our progress line, not Ray Data's bars and per-dataset log lines."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def write_answers(batch: dict, lines: list[Prompt], output: ResumableOutput, written: set[int]) -> int:
