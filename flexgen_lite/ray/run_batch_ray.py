@@ -42,8 +42,12 @@ def connect(address: str) -> bool:
     if address == "local":
         ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False,
                  logging_level=logging.WARNING)
-    else:
+        return True
+    try:
         ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise UsageError(f"--ray {address}: no Ray cluster to join there ({e}); start one with `ray start --head`, "
+                         "or pass --ray alone for a Ray on this machine") from None
     return True
 
 
