@@ -184,14 +184,16 @@ class CudaRecorder(Recorder):
         if self._anchor is None:
             return
         anchor, host = self._anchor
-        for s in self._pending:
+        # spans of background copies still running stay for the next step; I/O threads append meanwhile
+        done = [s for s in list(self._pending) if s.finish.query()]
+        for s in done:
+            self._pending.remove(s)
             s.start = host + anchor.elapsed_time(s.begin) / 1e3
             s.end = host + anchor.elapsed_time(s.finish) / 1e3
             s.begin = s.finish = None
             self.spans.append(s)
             if s.stage == STEP and s.lane == COMPUTE_LANE and self.steps:
                 self.steps[-1].start, self.steps[-1].end = s.start, s.end
-        self._pending.clear()
 
 
 class _EventSpan(Span):
