@@ -103,7 +103,7 @@ class Engine:
         for j, spec in enumerate(self.specs):
             with span(WAIT, stream=C):
                 fetched = self._wait(weights_next)
-            weights = self.weight_slots.complete(fetched, self.trace)
+            weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace)
             if j + 1 < len(self.specs):
                 weights_next = self._prefetch_weights(j + 1)
             for i, b in enumerate(batches):

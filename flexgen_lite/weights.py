@@ -20,6 +20,7 @@ from .compression import (
 )
 from .config import ModelError
 from .devices import ComputeDevice
+from .int4_matmul import Int4Weight, eligible, pack, use_kernel
 from .memory import return_freed_memory
 from .models import LayerSpec, WeightSpec
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging, page_aligned
@@ -123,9 +124,11 @@ class StoredWeight:
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str,
                  data: torch.Tensor | QuantizedTensor | DiskFile, nbytes: int,
-                 compression: CompressionConfig | None = None, resident: bool = False, offset: int = 0) -> None:
+                 compression: CompressionConfig | None = None, resident: bool = False, offset: int = 0,
+                 int4: bool = False) -> None:
         self.shape, self.dtype, self.tier, self.data = tuple(shape), dtype, tier, data
         self.nbytes, self.compression, self.offset = nbytes, compression, offset
+        self.int4 = int4  # stored for the CPU's int4 matmul kernel (int4_matmul.pack): multiplied as it is
         self.resident = resident  # usable as is on the compute device: fetched without a copy
         self.mapped: torch.Tensor | None = None  # on a CPU, disk bytes as a tensor (codes when compressed)
 
@@ -149,6 +152,11 @@ class StoredWeight:
             return out.copy_(host.view(self.dtype).view(out.shape), non_blocking=True)
         return out.copy_(self.data, non_blocking=True)
 
+    def int4_weight(self) -> Int4Weight:
+        """Views into the stored bytes, for the kernel (or for dequantizing them)."""
+        buf = self.mapped if self.mapped is not None else self.data
+        return Int4Weight.from_bytes(buf, self.shape, self.compression.group_size)
+
     def _quantized(self, device: ComputeDevice, host: torch.Tensor | None) -> QuantizedTensor:
         """The 4-bit codes on the compute device (decompressed only there, just before use)."""
         if self.mapped is not None:
@@ -160,15 +168,18 @@ class StoredWeight:
 
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
                  ledger: MemoryLedger, pin: bool, compression: CompressionConfig | None = None,
-                 file: DiskFile | None = None, offset: int = 0) -> StoredWeight:
+                 file: DiskFile | None = None, offset: int = 0, decoder: bool = False) -> StoredWeight:
     """Read one weight from `source` into its home tier (compressing a matrix once, here, when
-    `compression` is set); a disk-homed one into `file` at `offset`."""
+    `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix); a
+    disk-homed one into `file` at `offset`."""
     rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
+    int4 = decoder and dtype != torch.float32 and eligible(spec.shape, compression, device.device)
+    as_stored = pack if int4 else to_bytes
     if tier == "disk":
         data = file
         if compression is not None:
-            data.write(to_bytes(quantize(source.read(spec, 0, rows).to(dtype), compression)), offset)
+            data.write(as_stored(quantize(source.read(spec, 0, rows).to(dtype), compression)), offset)
         else:
             row_bytes = nbytes // max(rows, 1)
             chunk = max(1, (64 << 20) // max(row_bytes, 1))  # written 64 MiB at a time
@@ -178,12 +189,15 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     else:
         where = device.device if tier == "gpu" or not device.is_cuda else "cpu"
         values = source.read(spec, 0, rows).to(dtype)
-        data = quantize(values, compression).to(where) if compression is not None else values.to(where)
+        if int4:
+            data = pack(quantize(values, compression))
+        else:
+            data = quantize(values, compression).to(where) if compression is not None else values.to(where)
         if pin and device.is_cuda and tier == "cpu":
             data = data.pin_memory()
         # without CUDA, compute memory and host RAM are the same memory: both are used in place
         resident = compression is None and where == device.device
-    weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident, offset)
+    weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident, offset, int4)
     if tier == "disk" and not device.is_cuda:
         weight.map()
     ledger.add(tier, page_aligned(nbytes) if tier == "disk" else nbytes)
@@ -209,7 +223,8 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
         file = disk.create(extent, f"{layer.kind}{layer.index}") if extent else None
         for spec in new:
             by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger, pin,
-                                                    compression, file, offsets.get(spec.hf_name, 0))
+                                                    compression, file, offsets.get(spec.hf_name, 0),
+                                                    layer.kind in DECODER_KINDS)
         placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
         return_freed_memory()  # the layer's read buffers: freed heap holes would pile up as resident memory
         if progress:
@@ -271,12 +286,13 @@ class WeightSlots:
                     self.ledger.add("gpu", buf.numel() * buf.element_size())
                 if name not in to_fill:
                     out[name] = buf
-                elif t.mapped is not None:  # a CPU: dequantized by complete(), in the compute thread
-                    out[name] = Deferred(t, buf)
+                elif t.mapped is not None or t.int4:  # a CPU: dequantized (or not) by complete(), in the compute
+                    out[name] = Deferred(t, buf)     # thread
                 else:
                     with trace.span(*self._fill_stage(t), stream="copy:weights"):
                         out[name] = t.fetch(self.device, buf, host.get(id(t)))
-                self.holds[key] = t
+                if not t.int4:  # the kernel's weights may never fill their slot
+                    self.holds[key] = t
         if host:
             self.staging.release()
         return out
@@ -289,16 +305,29 @@ class WeightSlots:
             return WEIGHT_LOAD[t.tier], 0 if t.tier == "disk" else t.nbytes
         return DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize
 
-    def complete(self, fetched: dict, trace=NULL) -> dict[str, torch.Tensor]:
+    def complete(self, fetched: dict, rows: int, trace=NULL) -> dict[str, torch.Tensor]:
         """Dequantize, in the calling (compute) thread, the weights `fetch` left mapped. On a CPU an I/O
-        thread dequantizing beside compute only oversubscribes the same cores; there it only pages in."""
+        thread dequantizing beside compute only oversubscribes the same cores; there it only pages in.
+        Weights stored for the int4 kernel stay as they are when it multiplies `rows` rows faster."""
         for name, value in fetched.items():
-            if isinstance(value, Deferred):
+            if isinstance(value, Deferred) and value.weight.int4:
+                fetched[name] = self._int4(value, rows, trace)
+            elif isinstance(value, Deferred):
                 t = value.weight
                 with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
                     fetched[name] = t.fetch(self.device, value.slot, None)
                 t.data.release(t.offset, t.nbytes)  # the codes were read: unmap them
         return fetched
+
+    def _int4(self, value: Deferred, rows: int, trace) -> torch.Tensor | Int4Weight:
+        """The kernel's weight, or its dequantization into the slot (as W.T, stored (K, N)). Mapped pages stay
+        until `release`: the kernel reads them while the layer computes."""
+        t, weight = value.weight, value.weight.int4_weight()
+        if use_kernel(weight, rows, t.dtype, value.slot):
+            return weight
+        n, k = t.shape
+        with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
+            return weight.dequantize_t(value.slot.view(k, n)).t()
 
     @staticmethod
     def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:
@@ -326,7 +355,7 @@ class WeightSlots:
         """Unmap a layer's mapped disk pages once it has run (memory budgets count one layer per name)."""
         done = set()
         for t in weights.values():
-            if t.mapped is not None and t.compression is None and id(t.data) not in done:
+            if t.mapped is not None and (t.compression is None or t.int4) and id(t.data) not in done:
                 done.add(id(t.data))
                 t.data.release()
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..int4_matmul import Int4Weight
 
 
 def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
@@ -23,7 +24,11 @@ def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+    if isinstance(weight, Int4Weight):  # 4-bit codes multiplied as stored (int4_matmul)
+        y = weight.matmul(x)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:

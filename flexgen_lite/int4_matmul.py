@@ -1,0 +1,143 @@
+"""4-bit weights multiplied as they are stored, on a CPU: torch's int4 weight-only matmul (the kernel
+gpt-fast uses) reads the packed codes and group scales directly, so a decode step reads 0.56 bytes per
+weight instead of dequantizing it into a slot (a pass that costs as much as the multiply at small batch).
+
+A weight qualifies when it is a matrix (N, K) quantized to 4 bits in groups along K of 32, 64, 128 or 256,
+with N a multiple of 64 (the kernel's block of output rows). It is stored as
+
+    packed codes (N * K / 2 bytes, the kernel's layout) | scale (K / g, N) fp16 | minimum (K / g, N) fp16
+
+which is exactly `compressed_nbytes` of the same weight. Large batches (prefill) are faster as one
+dequantization and a dense matmul: `Int4Weight.dequantize_t` unpacks the kernel's layout for them, and
+`use_kernel` measures once per (dtype, rows) which of the two is faster here.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .compression import CompressionConfig, QuantizedTensor, dequantize, quantize
+
+GROUP_SIZES = (32, 64, 128, 256)
+BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
+
+
+def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
+    """Whether a weight of `shape` compressed with `config` is stored for the kernel on `device`."""
+    if config is None or device.type != "cpu" or len(shape) != 2 or config.bits != 4:
+        return False
+    n, k = shape
+    return (config.group_dim % 2 == 1 and config.group_size in GROUP_SIZES and k % config.group_size == 0
+            and n % BLOCK_N == 0 and available())
+
+
+@functools.cache
+def available() -> bool:
+    """The kernel exists in this torch and packs the layout `dequantize_t` unpacks (checked on random codes)."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
+        return False
+    try:
+        w = torch.randn(2 * BLOCK_N, 96, generator=torch.Generator().manual_seed(0))
+        q = quantize(w, CompressionConfig(4, 32, 1))
+        weight = Int4Weight.from_bytes(pack(q), q.shape, 32)
+        expected = dequantize(q, torch.float32)
+        unpacked = weight.dequantize_t(torch.empty(96, 2 * BLOCK_N)).t()
+        x = torch.randn(3, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+        product = weight.matmul(x).float()
+        reference = x.float() @ expected.t()
+    except (RuntimeError, NotImplementedError):
+        return False
+    layout_ok = torch.allclose(unpacked, expected, rtol=1e-6, atol=1e-6)
+    return bool(layout_ok) and float((product - reference).norm() / reference.norm()) < 1e-2
+
+
+def pack(q: QuantizedTensor) -> torch.Tensor:
+    """A 4-bit weight quantized along K, as the bytes it is stored as (see the module docstring)."""
+    n, k = q.shape
+    codes = torch.stack([q.data & 0x0F, q.data >> 4], dim=-1).view(n, k).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    stats = [s.t().contiguous().view(-1).view(torch.uint8) for s in (q.scale, q.minimum)]
+    return torch.cat([packed.view(-1), *stats])
+
+
+@dataclass
+class Int4Weight:
+    """Views into a stored weight's bytes (`pack`): what the layers multiply by, in place of a dense tensor."""
+
+    packed: torch.Tensor  # (N, K / 2) uint8, the kernel's layout
+    scale: torch.Tensor  # (K / g, N) fp16
+    minimum: torch.Tensor  # (K / g, N) fp16
+    group_size: int
+
+    @classmethod
+    def from_bytes(cls, buf: torch.Tensor, shape: tuple[int, ...], group_size: int) -> Int4Weight:
+        n, k = shape
+        groups, codes = k // group_size, n * k // 2
+        stats = buf[codes:codes + 4 * groups * n].view(torch.float16).view(2, groups, n)
+        return cls(buf[:codes].view(n, k // 2), stats[0], stats[1], group_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) @ W.T with the kernel; x.dtype is the compute dtype (bf16, fp16 or fp32)."""
+        # the kernel's dequantization is (q - 8) * scale + zero
+        scale = self.scale.float()
+        scale_zeros = torch.stack([scale, self.minimum.float() + 8 * scale], dim=-1).to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,
+                                                          self.group_size, scale_zeros)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def dequantize_t(self, out: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+        """W.T (K, N) into `out`, a group of K rows at a time through a small fp32 buffer."""
+        n, k = self.shape
+        g = self.group_size
+        src = self.packed.view(n // BLOCK_N, k, BLOCK_N // 2)
+        dst = out.view(k, n)
+        rows = max(g, chunk_rows // g * g)
+        tmp = torch.empty((rows, n // BLOCK_N, 2, BLOCK_N // 2), dtype=torch.float32)
+        for r in range(0, k, rows):
+            m = min(rows, k - r)
+            codes, t = src[:, r:r + m].transpose(0, 1), tmp[:m]
+            t[:, :, 0].copy_(codes & 0x0F)
+            t[:, :, 1].copy_(codes >> 4)
+            t3 = t.view(m // g, g, n)
+            t3.mul_(self.scale[r // g:(r + m) // g, None]).add_(self.minimum[r // g:(r + m) // g, None])
+            dst[r:r + m].copy_(t.view(m, n))
+        return out
+
+
+_faster: dict[tuple, bool] = {}
+
+
+def use_kernel(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Tensor) -> bool:
+    """Whether `rows` rows multiply faster by the kernel than by dequantizing into `slot` and a dense matmul:
+    timed once per (dtype, rows, shape) on this weight, here (which is faster depends on the CPU)."""
+    key = (dtype, rows, weight.shape)
+    if key not in _faster:
+        x = torch.zeros(rows, weight.shape[1], dtype=dtype)
+        dense = slot.view(weight.shape[1], weight.shape[0])
+
+        def by_kernel() -> None:
+            weight.matmul(x)
+
+        def by_dequantizing() -> None:
+            torch.matmul(x, weight.dequantize_t(dense))
+
+        _faster[key] = _best_of(by_kernel) < _best_of(by_dequantizing)
+    return _faster[key]
+
+
+def _best_of(fn, runs: int = 2) -> float:
+    best = float("inf")
+    for _ in range(runs + 1):  # the first run touches fresh memory
+        tic = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - tic)
+    return best

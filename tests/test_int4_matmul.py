@@ -1,0 +1,87 @@
+"""The CPU's int4 weight-only matmul: weights stored in its layout dequantize exactly like `dequantize`, its
+products match a dense matmul of the dequantized weights, and a bf16 model computed through it stays close to
+the plain 4-bit path (whose fp32 output equals transformers on the same quantized weights, test_offload_features)
+and through the dequantization of its layout (the path of large batches) equals it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import flexgen_lite.weights as weights_module
+from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
+from flexgen_lite.int4_matmul import Int4Weight, available, eligible, pack
+
+from .conftest import PROMPTS
+from .test_parity import P
+
+CPU = torch.device("cpu")
+# bf16 activations against an fp32 reference: the product's relative error (measured 0.2-0.7%)
+PRODUCT_RTOL = 1e-2
+# the kernel (bf16 scales, its own summation order) against dense bf16 matmuls of the same dequantized weights:
+# each step's logits within this share of the row's largest |logit| (measured 1.5-2.9% on the tiny models)
+LOGITS_RTOL = 0.05
+
+
+def test_the_kernel_is_found_and_its_layout_checked():
+    assert available()
+
+
+@pytest.mark.parametrize("shape,group", [((128, 96), 32), ((64, 256), 64), ((192, 512), 128), ((64, 256), 256)])
+def test_packed_weight_dequantizes_like_dequantize_and_multiplies_like_it(shape, group):
+    config = CompressionConfig(4, group, 1)
+    q = quantize(torch.randn(shape, generator=torch.Generator().manual_seed(0)), config)
+    stored = pack(q)
+    assert stored.dtype == torch.uint8 and stored.numel() == compressed_nbytes(shape, config)
+    w = Int4Weight.from_bytes(stored, shape, group)
+    assert w.shape == shape
+    expected = dequantize(q, torch.float32)
+    dense_t = w.dequantize_t(torch.empty(shape[1], shape[0]))
+    torch.testing.assert_close(dense_t.t(), expected, rtol=1e-6, atol=1e-6)
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+        product, reference = w.matmul(x).float(), x.float() @ expected.t()
+        assert float((product - reference).norm() / reference.norm()) < PRODUCT_RTOL
+
+
+def test_only_what_the_kernel_can_multiply_is_eligible():
+    g64 = CompressionConfig(4, 64, 1)
+    assert eligible((128, 256), g64, CPU)
+    assert not eligible((96, 256), g64, CPU)  # N not a multiple of the kernel's 64-row block
+    assert not eligible((128, 96), g64, CPU)  # K not a multiple of the group
+    assert not eligible((128, 256), CompressionConfig(4, 64, 0), CPU)  # groups along N
+    assert not eligible((128, 256), CompressionConfig(8, 64, 1), CPU)
+    assert not eligible((128, 256), CompressionConfig(4, 16, 1), CPU)
+    assert not eligible((128, 256), g64, torch.device("cuda"))
+    assert not eligible((128,), g64, CPU) and not eligible((128, 256), None, CPU)
+
+
+def _run(model_dir, percent, monkeypatch, path: str):
+    """bf16 greedy ids and logits with 4-bit weights; path: "kernel", "dequantized" (the int4 layout unpacked
+    for a dense matmul) or "plain" (not stored for the kernel: `dequantize`, tested against transformers)."""
+    policy = dataclasses.replace(P(percent, gbs=2, nb=2, compress_weight=True), dtype="bfloat16")
+    with monkeypatch.context() as patch:
+        patch.setattr(weights_module, "use_kernel", lambda *a: path == "kernel")
+        if path == "plain":
+            patch.setattr(weights_module, "eligible", lambda *a: False)
+        with FlexGenLite(str(model_dir), policy=policy) as m:
+            decoder = [t for layer in m.engine.weights for t in layer.values() if t.int4]
+            assert bool(decoder) == (path != "plain")
+            return m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=4, stop_at_eos=False), return_logits=True)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (0, 0, 100, 0, 100, 0)], ids=["memory", "disk"])
+def test_bf16_model_through_the_int4_layout_matches_the_plain_4bit_path(tiny_models, monkeypatch, family, percent):
+    model_dir = tiny_models[family][0]
+    plain_ids, plain_logits = _run(model_dir, percent, monkeypatch, "plain")
+    ids, logits = _run(model_dir, percent, monkeypatch, "dequantized")
+    assert ids == plain_ids and all(torch.equal(a, b) for a, b in zip(logits, plain_logits, strict=True))
+    ids, logits = _run(model_dir, percent, monkeypatch, "kernel")
+    assert ids == plain_ids
+    for ours, theirs in zip(logits, plain_logits, strict=True):
+        for step in range(len(theirs)):
+            assert (ours[step] - theirs[step]).abs().max() < LOGITS_RTOL * theirs[step].abs().max()
