@@ -5,6 +5,8 @@ each GPU batch while the next batch's cache loads. So a step is the first fetch,
 max(I/O waited on while j computes, compute of j) with overlap (their sum without); on a CPU-only machine
 memory copies, dequantization and page-cache reads run on the same cores as compute, so they count with
 compute there, and only cold disk reads overlap. Decode is costed at the mean context, prompt + gen/2.
+Compressed weights stored for the CPU's int4 kernel cost what int4_cost.py says (kernel or dequantization
+and dense matmul, whichever is faster per batch, as the engine chooses).
 
 Each cost is affine in the placement fractions for a fixed "regime" (is all cache attended in place?):
 `policy_search` reads the LP's coefficients off `phase_times` by evaluating it at unit placements, and
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .hardware import HardwareProfile
+from .int4_cost import int4_cost, kernel_weight
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 from .models import LayerSpec
@@ -101,7 +104,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
             _disk_read(s, seg, d * nbytes)
         else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
             _mapped_read(s, seg, d * nbytes)
-        if s.compressed(spec):
+        if s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape):  # those: see _int4_matmuls
             seconds = math.prod(spec.shape) / hw.dequantize[s.dname]
             mapped = 0.0 if s.cuda else d  # a CPU dequantizes mapped codes in the compute thread
             _host(s, seg, "dequantize", (1 - mapped) * seconds)
@@ -122,14 +125,27 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
-    matmuls = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in linears[kind])
+    dense = [(k, n) for k, n in linears[kind] if not kernel_weight(s, kind, (n, k))]
+    matmuls = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in dense)
     seg.add("compute", s.nb * (matmuls + passes[kind] / bw), waits=False)
+    _int4_matmuls(s, seg, kind, rows, linears[kind])
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
         seg.add("compute", s.nb * sdpa / hw.sdpa_prefill[s.dname], waits=False)
     per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
     seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # as measured on tiny models, futures included
     return seg
+
+
+def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]]) -> None:
+    """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored, or dequantized in the
+    compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as use_kernel chooses."""
+    for k, n in linears:
+        if kernel_weight(s, kind, (n, k)):
+            cost = int4_cost(s.hw, s.dname, rows, s.nb, k, n)
+            seg.add("compute", cost.matmul, waits=False)
+            if cost.dequantize:
+                seg.add("dequantize", cost.dequantize, waits=False)
 
 
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:

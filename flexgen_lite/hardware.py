@@ -55,24 +55,20 @@ class HardwareProfile:
     seconds: float = 0.0
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
+    # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied as stored (int4_matmul's kernel, CPU);
+    # {} where there is none (CUDA, or this torch lacks it); None: not measured (a profile older than it)
+    int4_matmul: dict[str, list[tuple[int, float, float]]] | None = None
 
     def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
         """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
         count's rate, interpolated linearly in rows between measured counts (time is about affine there)."""
-        points = self.matmul.get(dtype) or self.matmul["float32"]
-        rows = max(rows, 1.0)
+        return interpolated_time(self.matmul.get(dtype) or self.matmul["float32"], rows, k, n)
 
-        def at(point) -> float:
-            m, rate, fixed = point
-            return fixed + 2 * m * k * n / rate
-
-        if rows <= points[0][0]:
-            return at(points[0]) * rows / points[0][0] if rows < points[0][0] else at(points[0])
-        if rows >= points[-1][0]:
-            return at(points[-1]) * rows / points[-1][0]
-        i = next(i for i, p in enumerate(points) if rows <= p[0])
-        (m0, *_), (m1, *_) = points[i - 1], points[i]
-        return at(points[i - 1]) + (rows - m0) / (m1 - m0) * (at(points[i]) - at(points[i - 1]))
+    def int4_matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
+        """Seconds of (rows, k) @ W.T for a 4-bit W (n, k) by the int4 kernel, interpolated as `matmul_time`;
+        None where the profile has no kernel for `dtype`."""
+        points = (self.int4_matmul or {}).get(dtype)
+        return interpolated_time(points, rows, k, n) if points else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -82,7 +78,9 @@ class HardwareProfile:
         raw = json.loads(text)
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        raw["matmul"] = {k: [tuple(p) for p in v] for k, v in raw["matmul"].items()}
+        for name in ("matmul", "int4_matmul"):
+            if raw.get(name) is not None:
+                raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
         for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention"):
             raw[name] = {k: tuple(v) for k, v in raw[name].items()}
@@ -95,6 +93,9 @@ class HardwareProfile:
         for dtype, points in self.matmul.items():
             rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
             lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
+        for dtype, points in (self.int4_matmul or {}).items():
+            rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
+            lines.append(f"int4 weight kernel {dtype} GFLOP/s + fixed per call, by rows: {rates}")
         lines.append("prefill attention GFLOP/s: "
                      + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
         lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
@@ -120,3 +121,21 @@ class HardwareProfile:
         lines.append("engine overhead per layer + per layer and batch (us): " + ", ".join(
             f"{k} {a * 1e6:.0f} + {b * 1e6:.0f}" for k, (a, b) in self.layer_overhead.items()))
         return "\n".join(lines + self.notes)
+
+
+def interpolated_time(points: list[tuple[int, float, float]], rows: float, k: int, n: int) -> float:
+    """Seconds of (rows, k) @ (k, n) from measured (rows, FLOP/s, fixed s) points, ascending in rows: each
+    point's fixed cost plus FLOPs at its rate, linear in rows between points, proportional to rows outside."""
+    rows = max(rows, 1.0)
+
+    def at(point) -> float:
+        m, rate, fixed = point
+        return fixed + 2 * m * k * n / rate
+
+    if rows <= points[0][0]:
+        return at(points[0]) * rows / points[0][0] if rows < points[0][0] else at(points[0])
+    if rows >= points[-1][0]:
+        return at(points[-1]) * rows / points[-1][0]
+    i = next(i for i, p in enumerate(points) if rows <= p[0])
+    (m0, *_), (m1, *_) = points[i - 1], points[i]
+    return at(points[i - 1]) + (rows - m0) / (m1 - m0) * (at(points[i]) - at(points[i - 1]))

@@ -28,11 +28,17 @@ BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
     """Whether a weight of `shape` compressed with `config` is stored for the kernel on `device`."""
-    if config is None or device.type != "cpu" or len(shape) != 2 or config.bits != 4:
+    return device.type == "cpu" and layout_fits(shape, config) and available()
+
+
+def layout_fits(shape: tuple[int, ...], config: CompressionConfig | None) -> bool:
+    """Whether the kernel's layout can hold a weight of `shape` compressed with `config` (on any machine:
+    the cost model asks this of a profile's CPU)."""
+    if config is None or len(shape) != 2 or config.bits != 4:
         return False
     n, k = shape
     return (config.group_dim % 2 == 1 and config.group_size in GROUP_SIZES and k % config.group_size == 0
-            and n % BLOCK_N == 0 and available())
+            and n % BLOCK_N == 0)
 
 
 @functools.cache

@@ -4,7 +4,8 @@
 range of batch rows, link bandwidths (host<->device, pinned and pageable; a host memory copy without
 CUDA), disk read/write of the offload directory (O_DIRECT where the file system allows, else buffered
 after dropping the file's pages with posix_fadvise), page-cache reads, decode attention bandwidth on the
-compute device and on the CPU, 4-bit (de)quantization rates and the cost of one small op.
+compute device and on the CPU, 4-bit (de)quantization rates, the CPU's int4 weight kernel and the cost of
+one small op.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .attention import attend
 from .compression import CompressionConfig, dequantize, quantize
 from .devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
 from .hardware import HardwareProfile
+from .int4_matmul import Int4Weight
+from .int4_matmul import available as int4_available
 from .policy import DTYPES
 
 MiB = 2**20
@@ -83,7 +86,8 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
-    stages = [("matmul", _matmul), ("attention", _attention), ("links", _links), ("compression", _compression),
+    stages = [("matmul", _matmul), ("int4 kernel", _int4_matmul), ("attention", _attention), ("links", _links),
+              ("compression", _compression),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates
               ("matmul, second trial", lambda device, scale: _best_matmul(found, _matmul(device, scale))),
@@ -169,6 +173,73 @@ def remeasure_matmul(device: ComputeDevice, hw: HardwareProfile) -> dict:
     """Matmul rates measured again, the faster of these and `hw`'s kept per dtype and row count."""
     found = _matmul(device, 1 if tuple(hw.matmul_shape) == _matmul_shapes(device, 1)[0] else 8)
     return _best_matmul({"matmul": hw.matmul, "matmul_shape": hw.matmul_shape}, found)["matmul"]
+
+
+INT4_ROWS = (1, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (use_kernel)
+INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that none comes from the 32 MiB L3
+
+
+def _int4_matmul(device: ComputeDevice, scale: int) -> dict:
+    """int4_matmul's kernel (CPU; none with CUDA or where this torch lacks it), per dtype it runs in. In
+    bfloat16, as `_matmul`: a rate and a fixed cost per row count fitted to a large and a small weight. In
+    float16 (slow on most CPUs, which auto never computes in) the small weight alone, while a call takes
+    under 2 ms. The fastest of a few calls: on a busy machine a call waits for a core now and then.
+    ~0.1-0.3 s on this VM."""
+    if device.is_cuda or not int4_available():
+        return {"int4_matmul": {}}
+    large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
+    found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
+    return {"int4_matmul": {name: points for name, points in found.items() if points}}
+
+
+def _int4_weights(k: int, n: int, copies: int, group_size: int = 64) -> list[Int4Weight]:
+    """`copies` 4-bit weights (n, k) in the kernel's layout (its time does not depend on the codes)."""
+    stats = torch.full((2, k // group_size, n), 0.01, dtype=torch.float16)
+    return [Int4Weight(torch.full((n, k // 2), 0x93, dtype=torch.uint8), stats[0], stats[1], group_size)
+            for _ in range(copies)]
+
+
+def _int4_points(dtype: torch.dtype, small: tuple[int, int],
+                 large: tuple[int, int] | None = None) -> list[tuple[int, float, float]]:
+    """(rows, FLOP/s, fixed s) of `Int4Weight.matmul` in `dtype` for weights (K, N) `small` and `large` (the
+    large rotated over at few rows); without `large`, from `small` alone with no fixed cost, up to the first
+    row count whose call takes over 2 ms. [] where the kernel refuses the dtype."""
+    small_w = _int4_weights(*small, 1)
+    copies = min(16, max(1, INT4_ROTATION // (large[0] * large[1] // 2))) if large else 0
+    large_w = _int4_weights(*large, copies) if large else []
+    points: list[tuple[int, float, float]] = []
+    for m in INT4_ROWS:
+        flops = 2 * m * small[0] * small[1]
+        try:
+            t_small = _int4_seconds(small_w, m, small[0], dtype)
+            if not large:
+                points.append((m, flops / t_small, 0.0))
+                if t_small > 2e-3:
+                    break
+                continue
+            t_large = _int4_seconds(large_w if m <= 16 else large_w[:1], m, large[0], dtype)  # 64: compute bound
+        except (RuntimeError, NotImplementedError):
+            return []
+        points.append((m, *_fit(flops, t_small, 2 * m * large[0] * large[1], t_large)))
+    return points
+
+
+def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dtype, runs: int = 3) -> float:
+    """Seconds of one `Int4Weight.matmul` of `rows` rows, rotating over `weights`: the fastest of `runs`
+    after a warm-up."""
+    x = torch.randn(rows, k).to(dtype)
+    best = float("inf")
+    for i in range(runs + 1):
+        tic = time.perf_counter()
+        for w in weights:
+            w.matmul(x)
+        best = best if i == 0 else min(best, time.perf_counter() - tic)
+    return best / len(weights)
+
+
+def measure_int4_matmul(device: ComputeDevice) -> dict[str, list[tuple[int, float, float]]]:
+    """The int4 kernel's rates alone: for a cached profile older than them (profile_store)."""
+    return _int4_matmul(device, 1)["int4_matmul"]
 
 
 def _compute_dtypes(device: ComputeDevice) -> list[str]:

@@ -64,7 +64,7 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
     if not refresh:
         found = cached_profile(device, offload_dir)
         if found is not None:
-            return found
+            return _with_int4_rates(found, device, offload_dir)
         print(f"no profile of this machine yet: measuring it now (~25 s, once; cached in {cache_dir()}). Other "
               "processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
               file=sys.stderr)
@@ -76,6 +76,18 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
         print("\n" + "\n".join(profile.notes), file=sys.stderr)
     save_profile(profile, profile_path(device, offload_dir))
     return profile
+
+
+def _with_int4_rates(hw: HardwareProfile, device: ComputeDevice, offload_dir: str) -> HardwareProfile:
+    """A cached profile older than the int4 kernel's rates (None) gets them measured now (a fraction of a
+    second) and saved; FLEXGEN_LITE_PROFILE's file is left as it is (the cost model then assumes no kernel)."""
+    if hw.int4_matmul is not None or os.environ.get("FLEXGEN_LITE_PROFILE"):
+        return hw
+    from .profile import measure_int4_matmul
+
+    updated = dataclasses.replace(hw, int4_matmul=measure_int4_matmul(device))
+    save_profile(updated, profile_path(device, offload_dir))
+    return updated
 
 
 def save_profile(profile: HardwareProfile, path: Path) -> None:

@@ -1,0 +1,109 @@
+"""The cost model knows the CPU's int4 weight kernel: compressed decoder weights multiplied as stored cost the
+kernel's measured time, with no dequantization, where that is faster; the search then compresses on CPUs.
+The profile measures the kernel, and a cached profile older than that gets it measured on load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from flexgen_lite.cost_model import predict
+from flexgen_lite.devices import ComputeDevice
+from flexgen_lite.hardware import HardwareProfile, interpolated_time
+from flexgen_lite.int4_cost import int4_cost
+from flexgen_lite.int4_matmul import available
+from flexgen_lite.layout import Workload
+from flexgen_lite.memory import Budgets
+from flexgen_lite.models import layer_specs
+from flexgen_lite.policy import Policy
+from flexgen_lite.policy_search import AutoPolicy, search_policy
+from flexgen_lite.presets import preset_config
+from flexgen_lite.profile import _int4_matmul
+from flexgen_lite.profile_store import load_profile, profile_path, save_profile
+from flexgen_lite.weights import planned_bytes
+
+from .conftest import synthetic_profile
+
+G, GiB = 1e9, 2**30
+HW = synthetic_profile()  # no kernel (int4_matmul None: as a profile older than it)
+KERNEL = dataclasses.replace(HW, int4_matmul={"bfloat16": [(m, r * G, 2e-5) for m, r in
+                                                            ((1, 30), (4, 100), (16, 200), (64, 220))]})
+OPT = preset_config("facebook/opt-1.3b")
+WL = Workload(64, 32)
+COMPRESSED = Policy(gpu_batch_size=16, compress_weight=True, dtype="bfloat16")
+
+
+def test_kernel_time_interpolates_like_matmul():
+    points = KERNEL.int4_matmul["bfloat16"]
+    assert KERNEL.int4_matmul_time("bfloat16", 10, 2048, 4096) == interpolated_time(points, 10, 2048, 4096)
+    assert KERNEL.matmul_time("bfloat16", 10, 2048, 4096) == interpolated_time(HW.matmul["bfloat16"], 10, 2048, 4096)
+    assert KERNEL.int4_matmul_time("float16", 10, 2048, 4096) is None
+    assert HW.int4_matmul_time("bfloat16", 1, 64, 64) is None
+
+
+def test_a_weight_takes_the_faster_path_for_one_batch():
+    few, many = (int4_cost(KERNEL, "bfloat16", rows, 2, 2048, 8192) for rows in (16, 4096))
+    assert few.dequantize == 0 and few.matmul == pytest.approx(2 * KERNEL.int4_matmul_time("bfloat16", 16, 2048, 8192))
+    assert many.dequantize == pytest.approx(2048 * 8192 / KERNEL.dequantize["bfloat16"])
+    assert many.matmul == pytest.approx(2 * KERNEL.matmul_time("bfloat16", 4096, 2048, 8192))
+    assert int4_cost(HW, "bfloat16", 16, 1, 2048, 8192).dequantize > 0  # no kernel: dequantized
+
+
+def test_the_kernel_makes_compressed_decode_cheaper_and_drops_its_dequantization():
+    with_kernel, without = (predict(OPT, WL, COMPRESSED, hw) for hw in (KERNEL, HW))
+    assert with_kernel.decode_step_s < 0.5 * without.decode_step_s
+    assert "dequantize" not in with_kernel.decode_by and without.decode_by["dequantize"] > 0
+    assert with_kernel.prefill_by["dequantize"] > 0  # 1024 rows: dequantized and dense, as use_kernel would
+    # only where the engine stores weights for the kernel: not in float32, nor with groups along the output
+    for change in ({"dtype": "float32"}, {"weight_group_dim": 0}):
+        policy = dataclasses.replace(COMPRESSED, **change)
+        assert predict(OPT, WL, policy, KERNEL).decode_step_s == predict(OPT, WL, policy, HW).decode_step_s
+    gpu = synthetic_profile(cuda=True)
+    assert predict(OPT, WL, COMPRESSED, gpu).decode_step_s == predict(
+        OPT, WL, COMPRESSED, dataclasses.replace(gpu, int4_matmul=KERNEL.int4_matmul)).decode_step_s
+
+
+def test_search_compresses_on_a_cpu_with_the_kernel_when_uncompressed_weights_do_not_fit():
+    budgets, workload = Budgets(None, int(1.5 * GiB), 20 * GiB), Workload(64, 32, 16)
+    dense = planned_bytes(layer_specs(OPT), (100, 0, 0), COMPRESSED.torch_dtype(ComputeDevice().device))
+    assert sum(dense.values()) > budgets.cpu  # uncompressed, most weights would be read from the (cold) disk
+    auto = AutoPolicy(Policy(dtype="bfloat16"))
+    with_kernel = search_policy(OPT, workload, KERNEL, budgets, auto, page_cache=0)
+    without = search_policy(OPT, workload, HW, budgets, auto, page_cache=0)
+    assert with_kernel.policy.compress_weight and not without.policy.compress_weight
+    assert with_kernel.prediction.throughput > without.prediction.throughput
+
+
+def test_profile_measures_the_kernel_where_torch_has_it():
+    found = _int4_matmul(ComputeDevice(), 8)["int4_matmul"]
+    if not available():
+        assert found == {}
+        return
+    rows = [m for m, _, _ in found["bfloat16"]]
+    assert rows == [1, 4, 16, 64] and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
+
+
+def test_a_cached_profile_older_than_the_kernel_gets_it_measured_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    raw = json.loads(HW.to_json())
+    del raw["int4_matmul"]  # as written before the field existed
+    path = profile_path(ComputeDevice())
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(raw))
+    calls = []
+    monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul",
+                        lambda device: calls.append(1) or KERNEL.int4_matmul)
+    assert load_profile().int4_matmul == KERNEL.int4_matmul
+    assert load_profile().int4_matmul == KERNEL.int4_matmul and len(calls) == 1  # saved with it
+    assert HardwareProfile.from_json(path.read_text()).int4_matmul == KERNEL.int4_matmul
+
+
+def test_a_profile_file_given_by_the_environment_is_left_as_it_is(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    save_profile(HW, path)
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
+    monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul", lambda device: pytest.fail("measured"))
+    assert load_profile().int4_matmul is None
