@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -54,38 +52,21 @@ def _smollm_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def smollm() -> str:
+def gguf_path() -> str:
     return _smollm_path()
 
 
 @pytest.fixture(scope="module")
-def hf_reference(smollm: str) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
-    """transformers' config dict and state dict for the GGUF (loaded once per module)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder, name = os.path.dirname(smollm), os.path.basename(smollm)
-    with pytest.MonkeyPatch.context() as mp:
-        # transformers rebuilds gguf's (pure) tensor-name map once per submodule,
-        # ~7 s for this model; memoize it to keep the test fast.
-        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
-        if importlib.util.find_spec("accelerate") is not None:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-            yield model.config.to_dict(), model.state_dict()
-            return
-        # from_pretrained(gguf_file=...) insists on accelerate; without it, run the
-        # transformers GGUF loader it uses, mapping names with a meta-device model.
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        loaded = load_gguf_checkpoint(smollm, return_tensors=True, model_to_load=model)
-    yield config.to_dict(), loaded["tensors"]
+def hf_reference(smollm) -> tuple[dict, dict[str, torch.Tensor]]:
+    """transformers' config dict and state dict for the GGUF: the session's transformers model of it (conftest
+    `smollm`: transformers' own GGUF loader, also test_real_model's reference), not loaded a second time."""
+    _, model = smollm
+    return model.config.to_dict(), model.state_dict()
 
 
-def test_config_matches_transformers(smollm: str, hf_reference) -> None:
+def test_config_matches_transformers(gguf_path: str, hf_reference) -> None:
     ref, _ = hf_reference
-    cfg = read_gguf_config(smollm)
+    cfg = read_gguf_config(gguf_path)
     for key in CONFIG_KEYS:
         assert cfg[key] == ref[key], key
     ref_theta = ref.get("rope_theta", (ref.get("rope_parameters") or {}).get("rope_theta"))
@@ -99,10 +80,10 @@ def test_config_matches_transformers(smollm: str, hf_reference) -> None:
         assert built[key] == ref[key], key
 
 
-def test_tensors_match_transformers(smollm: str, hf_reference) -> None:
+def test_tensors_match_transformers(gguf_path: str, hf_reference) -> None:
     _, ref = hf_reference
     seen = set()
-    for name, tensor in iter_gguf_tensors(smollm):
+    for name, tensor in iter_gguf_tensors(gguf_path):
         assert name in ref, name
         assert tensor.dtype == torch.float32
         assert tensor.shape == ref[name].shape, name
@@ -113,8 +94,8 @@ def test_tensors_match_transformers(smollm: str, hf_reference) -> None:
     assert seen == expected
 
 
-def test_metadata_fallback_matches_contents(smollm: str) -> None:
-    reader = _open(smollm)[1]
+def test_metadata_fallback_matches_contents(gguf_path: str) -> None:
+    reader = _open(gguf_path)[1]
     for key in [
         "general.architecture",
         "llama.block_count",
@@ -128,14 +109,14 @@ def test_metadata_fallback_matches_contents(smollm: str) -> None:
         assert _field_value(legacy) == field.contents(), key
 
 
-def test_iter_dtype_bf16(smollm: str) -> None:
-    name, tensor = next(iter_gguf_tensors(smollm, dtype=torch.bfloat16))
+def test_iter_dtype_bf16(gguf_path: str) -> None:
+    name, tensor = next(iter_gguf_tensors(gguf_path, dtype=torch.bfloat16))
     assert name == "model.embed_tokens.weight"
     assert tensor.dtype == torch.bfloat16 and tensor.shape == (49152, 576)
 
 
-def test_tokenizer_matches_transformers(smollm: str) -> None:
-    tok = gguf_tokenizer(smollm)
+def test_tokenizer_matches_transformers(gguf_path: str) -> None:
+    tok = gguf_tokenizer(gguf_path)
     text = "The capital of France is"
     ids = tok(text).input_ids
     # Ids from AutoTokenizer.from_pretrained(dir, gguf_file=name) (transformers 5.x),
@@ -309,9 +290,9 @@ def test_llama3_rope_freqs(tmp_path: Path) -> None:
 # --- Errors ----------------------------------------------------------------------------
 
 
-def test_truncated_file(smollm: str, tmp_path: Path) -> None:
+def test_truncated_file(gguf_path: str, tmp_path: Path) -> None:
     path = tmp_path / "truncated.gguf"
-    with open(smollm, "rb") as src:
+    with open(gguf_path, "rb") as src:
         path.write_bytes(src.read(1 << 20))
     with pytest.raises(GGUFError, match="is not a readable GGUF file.*re-download"):
         read_gguf_config(path)

@@ -109,14 +109,30 @@ def fake_quantized(model, config: CompressionConfig):
     return model
 
 
+@pytest.fixture(scope="module")
+def quantized_references(tiny_models):
+    """{(family, group_dim): transformers' greedy ids and logits on the quantize->dequantize of its weights},
+    computed on first use: the same for every placement of the codes."""
+    out = {}
+
+    def get(family: str, group_dim: int):
+        if (family, group_dim) not in out:
+            hf = tiny_models[family][1]
+            out[family, group_dim] = hf_greedy(fake_quantized(hf, CompressionConfig(4, 64, group_dim)), PROMPTS, 8)
+        return out[family, group_dim]
+
+    return get
+
+
 @pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (30, 40, 100, 0, 100, 0), (0, 0, 0, 100, 100, 0)])
-def test_compressed_weights_equal_transformers_on_the_same_quantized_weights(tiny_models, family, percent):
+def test_compressed_weights_equal_transformers_on_the_same_quantized_weights(tiny_models, quantized_references,
+                                                                             family, percent):
     """Weights are quantized once and decompressed exactly: output equals transformers running the
     quantize->dequantize of the same weights, whichever tiers hold the codes."""
-    model_dir, hf = tiny_models[family]
+    model_dir = tiny_models[family][0]
     for group_dim in (0, 1):
-        ref_ids, ref_logits = hf_greedy(fake_quantized(hf, CompressionConfig(4, 64, group_dim)), PROMPTS, 8)
+        ref_ids, ref_logits = quantized_references(family, group_dim)
         ids, logits = run(model_dir, P(percent, gbs=2, nb=2, compress_weight=True, weight_group_dim=group_dim))
         assert ids == ref_ids
         for a, b in zip(logits, ref_logits, strict=True):
@@ -162,10 +178,16 @@ def test_plain_disk_store_round_trips(tmp_path, mapped):
     disk.close()
 
 
+@pytest.fixture(scope="module")
+def compressed_cache_in_memory(tiny_models):
+    """Greedy ids and logits with a 4-bit cache all in compute memory: the baseline of every placement below."""
+    return run(tiny_models["opt"][0], P((100, 0, 100, 0, 100, 0), compress_cache=True))
+
+
 @pytest.mark.parametrize("percent", [(0, 0, 0, 0, 100, 0), (100, 0, 34, 33, 100, 0)])
-def test_compressed_cache_same_under_every_placement(tiny_models, percent):
+def test_compressed_cache_same_under_every_placement(tiny_models, compressed_cache_in_memory, percent):
     """The cache is quantized identically wherever it lives, and read back through the CPU or the device."""
-    base_ids, base_logits = run(tiny_models["opt"][0], P((100, 0, 100, 0, 100, 0), compress_cache=True))
+    base_ids, base_logits = compressed_cache_in_memory
     for cpu_attention in (False, True):
         ids, logits = run(tiny_models["opt"][0], P(percent, gbs=3, nb=3, compress_cache=True,
                                                    cpu_cache_compute=cpu_attention))

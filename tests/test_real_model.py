@@ -38,17 +38,30 @@ def test_greedy_equals_transformers_on_the_gguf(smollm, reference, policy):
         torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("compress", [False, True], ids=["bf16", "bf16-4bit-weights"])
-def test_answers_a_factual_question(smollm, compress):
-    policy = Policy(gpu_batch_size=2, compress_weight=compress)
-    with FlexGenLite(smollm[0], policy=policy) as m:
-        plain = m.generate("The capital of France is", max_new_tokens=12)
-        chat = m.generate("What is the capital of France?", max_new_tokens=12, chat=True)
+@pytest.fixture(scope="module")
+def bf16_model(smollm):
+    """The model as the CPU runs it by default (bf16), loaded once for the tests below that need no other
+    placement (each load of the GGUF dequantizes and checks all its tensors)."""
+    with FlexGenLite(smollm[0], policy=Policy(gpu_batch_size=2)) as m:
+        yield m
+
+
+def answers_a_factual_question(m: FlexGenLite) -> None:
+    plain = m.generate("The capital of France is", max_new_tokens=12)
+    chat = m.generate("What is the capital of France?", max_new_tokens=12, chat=True)
     assert "Paris" in plain and "Paris" in chat
 
 
-def test_chat_template_applied(smollm):
-    with FlexGenLite(smollm[0], policy=Policy(gpu_batch_size=1)) as m:
-        ids = m.encode(["Hi"], chat=True)[0]
-        text = m.tokenizer.decode(ids)
+def test_answers_a_factual_question_bf16(bf16_model):
+    answers_a_factual_question(bf16_model)
+
+
+def test_answers_a_factual_question_bf16_4bit_weights(smollm):
+    with FlexGenLite(smollm[0], policy=Policy(gpu_batch_size=2, compress_weight=True)) as m:
+        answers_a_factual_question(m)
+
+
+def test_chat_template_applied(bf16_model):
+    ids = bf16_model.encode(["Hi"], chat=True)[0]
+    text = bf16_model.tokenizer.decode(ids)
     assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
