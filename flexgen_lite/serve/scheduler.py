@@ -1,7 +1,8 @@
 """The engine behind a queue, on one worker thread: requests that arrive together share blocks.
 
 The worker takes the oldest waiting request, then waits until the requests with its sampling settings fill a
-block or `max_wait_s` has passed, and runs them all at once (one `generate_ids` call: blocks sorted by length)
+block or none has come for `max_wait_s` (a burst arriving over a slow client is taken whole, up to
+MAX_WINDOWS windows), and runs them all at once (one `generate_ids` call: blocks sorted by length)
 while newer requests queue for the next run. Callers get a Future of their outputs.
 """
 
@@ -13,6 +14,8 @@ from concurrent.futures import Future
 
 from .requests import Job, Output
 from .runner import run_jobs
+
+MAX_WINDOWS = 20  # a burst of requests is waited for while it keeps coming, at most this many windows
 
 
 class Scheduler:
@@ -55,13 +58,18 @@ class Scheduler:
             if self._closed:
                 return None
             key = self._pending[0][0][0].sampling
-            deadline = time.monotonic() + self.max_wait_s
+            first = time.monotonic()
+            deadline, seen = first + self.max_wait_s, 0
             while not self._closed:
                 waiting = sum(len(p[0]) for p in self._pending if p[0][0].sampling == key)
-                left = deadline - time.monotonic()
-                if waiting >= self.block_size or left <= 0:
+                if waiting >= self.block_size:
                     break
-                self._cond.wait(left)
+                now = time.monotonic()
+                if waiting > seen:  # still arriving: wait for the rest, up to MAX_WINDOWS windows in all
+                    seen, deadline = waiting, min(now + self.max_wait_s, first + MAX_WINDOWS * self.max_wait_s)
+                if deadline <= now:
+                    break
+                self._cond.wait(deadline - now)
             taken = [p for p in self._pending if p[0][0].sampling == key]
             self._pending = [p for p in self._pending if p[0][0].sampling != key]
             return taken
