@@ -28,8 +28,8 @@ def add_commands(sub, add_policy_flags, progress) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="default %(default)s")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
-    s.add_argument("--max-wait-ms", type=float, default=50.0, help="how long a request waits for others to "
-                   "share its block (default %(default)s)")
+    s.add_argument("--max-wait-ms", type=float, default=50.0, help="a run starts when no new request has come "
+                   "for this long (at most 20 times this after the first; default %(default)s)")
     s.add_argument("--state-dir", default="flexgen-lite-state", help="uploaded files, batch results and the "
                    "batch database (default ./%(default)s)")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default %(default)s)")

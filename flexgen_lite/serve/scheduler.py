@@ -1,9 +1,9 @@
 """The engine behind a queue, on one worker thread: requests that arrive together share blocks.
 
-The worker takes the oldest waiting request, then waits until the requests with its sampling settings fill a
-block or none has come for `max_wait_s` (a burst arriving over a slow client is taken whole, up to
-MAX_WINDOWS windows), and runs them all at once (one `generate_ids` call: blocks sorted by length)
-while newer requests queue for the next run. Callers get a Future of their outputs.
+The worker takes the oldest waiting request, then waits until no request with its sampling settings has come
+for `max_wait_s` (a burst arriving over a slow client is taken whole, up to MAX_WINDOWS windows or MAX_BLOCKS
+blocks, so that one run sorts it into blocks by length as offline generation does), and runs them all at once
+(one `generate_ids` call) while newer requests queue for the next run. Callers get a Future of their outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .requests import Job, Output
 from .runner import run_jobs
 
 MAX_WINDOWS = 20  # a burst of requests is waited for while it keeps coming, at most this many windows
+MAX_BLOCKS = 8  # or until it fills this many blocks: one run sorts the whole burst into blocks by length
 
 
 class Scheduler:
@@ -62,7 +63,7 @@ class Scheduler:
             deadline, seen = first + self.max_wait_s, 0
             while not self._closed:
                 waiting = sum(len(p[0]) for p in self._pending if p[0][0].sampling == key)
-                if waiting >= self.block_size:
+                if waiting >= MAX_BLOCKS * self.block_size:
                     break
                 now = time.monotonic()
                 if waiting > seen:  # still arriving: wait for the rest, up to MAX_WINDOWS windows in all
