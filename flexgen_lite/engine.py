@@ -98,12 +98,14 @@ class Engine:
         batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
         self._cache_loads: dict[tuple[int, int], Future] = {}
-        weights_next = self._prefetch_weights(0)
+        weights_next, releases = self._prefetch_weights(0), []
         span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
         for j, spec in enumerate(self.specs):
             with span(WAIT, stream=C):
                 fetched = self._wait(weights_next)
-            weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace)
+            weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace, len(batches))
+            if releases:  # layer j - 1's pages are out before layer j + 1's come in: one layer mapped per name
+                releases.pop().result()
             if j + 1 < len(self.specs):
                 weights_next = self._prefetch_weights(j + 1)
             for i, b in enumerate(batches):
@@ -124,7 +126,10 @@ class Engine:
                         self._keep_logits(block, step, b, out, active)
                 else:
                     acts.put(b, out)
-            self.weight_slots.release(self.weights[j])
+            # unmapping a layer's pages is a syscall per file: off the compute thread
+            releases.append(self.io.submit(self.weight_slots.release, self.weights[j]))
+        for f in releases:
+            f.result()
         block.end_step()
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:

@@ -305,13 +305,14 @@ class WeightSlots:
             return WEIGHT_LOAD[t.tier], 0 if t.tier == "disk" else t.nbytes
         return DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize
 
-    def complete(self, fetched: dict, rows: int, trace=NULL) -> dict[str, torch.Tensor]:
+    def complete(self, fetched: dict, rows: int, trace=NULL, uses: int = 1) -> dict[str, torch.Tensor]:
         """Dequantize, in the calling (compute) thread, the weights `fetch` left mapped. On a CPU an I/O
         thread dequantizing beside compute only oversubscribes the same cores; there it only pages in.
-        Weights stored for the int4 kernel stay as they are when it multiplies `rows` rows faster."""
+        Weights stored for the int4 kernel stay as they are when it multiplies `uses` batches of `rows` rows
+        faster."""
         for name, value in fetched.items():
             if isinstance(value, Deferred) and value.weight.int4:
-                fetched[name] = self._int4(value, rows, trace)
+                fetched[name] = self._int4(value, rows, uses, trace)
             elif isinstance(value, Deferred):
                 t = value.weight
                 with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
@@ -319,11 +320,11 @@ class WeightSlots:
                 t.data.release(t.offset, t.nbytes)  # the codes were read: unmap them
         return fetched
 
-    def _int4(self, value: Deferred, rows: int, trace) -> torch.Tensor | Int4Weight:
+    def _int4(self, value: Deferred, rows: int, uses: int, trace) -> torch.Tensor | Int4Weight:
         """The kernel's weight, or its dequantization into the slot (as W.T, stored (K, N)). Mapped pages stay
         until `release`: the kernel reads them while the layer computes."""
         t, weight = value.weight, value.weight.int4_weight()
-        if use_kernel(weight, rows, t.dtype, value.slot):
+        if use_kernel(weight, rows, t.dtype, value.slot, uses):
             return weight
         n, k = t.shape
         with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):

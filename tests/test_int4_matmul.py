@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import flexgen_lite.weights as weights_module
-from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite import FlexGenLite, SamplingConfig, native
 from flexgen_lite.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
-from flexgen_lite.int4_matmul import Int4Weight, available, eligible, pack
+from flexgen_lite.int4_matmul import Int4Weight, available, eligible, native_agrees, pack
 
 from .conftest import PROMPTS
 from .test_parity import P
@@ -45,6 +45,37 @@ def test_packed_weight_dequantizes_like_dequantize_and_multiplies_like_it(shape,
         x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
         product, reference = w.matmul(x).float(), x.float() @ expected.t()
         assert float((product - reference).norm() / reference.norm()) < PRODUCT_RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,group", [((128, 96), 32), ((192, 512), 128), ((64, 4096), 256)])
+def test_c_dequantization_is_bit_identical_to_the_torch_path(shape, group, dtype):
+    """The built C kernel (flexgen_lite.native) against the torch path it replaces, in every output dtype; the
+    torch path is exact against `dequantize` (above). Random scales and minimums, so rounding to bf16/fp16 is
+    exercised everywhere."""
+    assert native._compiler() is not None, "this test needs a C compiler (CI has one)"
+    assert native.library() is not None and native_agrees()
+    q = quantize(torch.randn(shape, generator=torch.Generator().manual_seed(3)), CompressionConfig(4, group, 1))
+    w = Int4Weight.from_bytes(pack(q), shape, group)
+    by_c = torch.full((shape[1], shape[0]), float("nan"), dtype=dtype)
+    assert native.int4_dequantize_t(w.packed, w.scale, w.minimum, group, by_c)
+    by_torch = w.dequantize_t(torch.empty_like(by_c), use_native=False)
+    assert torch.equal(by_c.view(-1).view(torch.uint8), by_torch.view(-1).view(torch.uint8))
+    assert not native.int4_dequantize_t(w.packed, w.scale, w.minimum, group, by_c.t())  # non-contiguous: refused
+
+
+def test_without_the_c_kernel_the_torch_path_dequantizes(monkeypatch):
+    monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        q = quantize(torch.randn(128, 256), CompressionConfig(4, 64, 1))
+        w = Int4Weight.from_bytes(pack(q), (128, 256), 64)
+        out = torch.empty(256, 128, dtype=torch.bfloat16)
+        assert not native.int4_dequantize_t(w.packed, w.scale, w.minimum, 64, out)
+        torch.testing.assert_close(w.dequantize_t(out).t().float(), dequantize(q, torch.bfloat16).float())
+    finally:
+        native.library.cache_clear()
 
 
 def test_only_what_the_kernel_can_multiply_is_eligible():

@@ -1,0 +1,103 @@
+"""Small C kernels for the CPU, built on first use with the system's C compiler for this machine's CPU
+(`-march=native`) and loaded with ctypes. Optional: without a compiler, or with FLEXGEN_LITE_NATIVE=0, or when
+a build fails its check, callers fall back to their torch path (slower, same values).
+
+Built libraries are cached under $FLEXGEN_LITE_CACHE (default ~/.cache/flexgen_lite) by a hash of the source,
+the flags, the compiler and the CPU's flags, so a different machine or compiler builds its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int4.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
+OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str, out: Path) -> bool:
+    """Compile SOURCE into `out`, with OpenMP where the compiler has it."""
+    for extra in (["-fopenmp"], []):
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        result = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
+            return True
+        tmp.unlink(missing_ok=True)
+    return False
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (no compiler, disabled, unsupported machine, or a failed build)."""
+    if os.environ.get("FLEXGEN_LITE_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("FLEXGEN_LITE_CACHE", Path.home() / ".cache" / "flexgen_lite")) / "native"
+    path = cache / f"int4-{key}.so"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and not _build(cc, path):
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        try:  # a read-only cache: build into a temporary directory for this process
+            tmp = Path(tempfile.mkdtemp(prefix="flexgen_lite_native_")) / path.name
+            if not _build(cc, tmp):
+                return None
+            lib = ctypes.CDLL(str(tmp))
+        except OSError:
+            return None
+    fn = lib.int4_dequantize_t
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
+                      out: torch.Tensor) -> bool:
+    """W.T (K, N) of a weight in the int4 kernel's layout (int4_matmul.Int4Weight) into `out`; False when the
+    kernel cannot do it here (the caller then takes its torch path)."""
+    lib = library()
+    parts = (packed, scale, minimum, out)
+    if lib is None or out.dtype not in OUT_KIND or not all(p.is_contiguous() and p.device.type == "cpu"
+                                                              for p in parts):
+        return False
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if out.numel() != n * k or scale.dtype != torch.float16 or minimum.dtype != torch.float16:
+        return False
+    lib.int4_dequantize_t(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size,
+                          out.data_ptr(), OUT_KIND[out.dtype], torch.get_num_threads())
+    return True
+

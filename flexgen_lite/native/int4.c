@@ -1,0 +1,103 @@
+/* 4-bit weights in the layout of torch's CPU int4 matmul, dequantized for a dense matmul (see int4_matmul.py).
+
+   packed: (N / 64, K, 32) bytes; byte (b, k, j) holds the codes of rows b*64 + j (low nibble) and b*64 + 32 + j
+   (high nibble) at column k. scale, minimum: (K / g, N) fp16. Value = code * scale + minimum, in fp32 with no
+   fused multiply-add (built with -ffp-contract=off), rounded to nearest even: bit-identical to the torch path. */
+
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+
+#ifdef __AVX512F__
+/* 16 values of one half (low or high nibbles) of 16 code bytes, with their 16 scales and minimums. */
+static inline __m512 values16(__m512i codes, const _Float16 *s, const _Float16 *m) {
+    __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
+    __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale), minimum);
+}
+
+static inline void store16(void *dst, __m512 v, int kind) {
+    if (kind == OUT_F32) {
+        _mm512_storeu_ps(dst, v);
+    } else if (kind == OUT_BF16) {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+        _mm256_storeu_si256(dst, _mm512_cvtepi32_epi16(u));
+    } else {
+        _mm256_storeu_si256(dst, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
+/* Block b's 64 values of column col, as `row` does for all blocks. */
+static inline void block64(const uint8_t *src, const _Float16 *s, const _Float16 *m, char *dst, int kind,
+                           int64_t itemsize) {
+    for (int half = 0; half < 2; half++) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * half)));
+        __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(bytes, 4);
+        store16(dst + 16 * half * itemsize, values16(lo, s + 16 * half, m + 16 * half), kind);
+        store16(dst + (32 + 16 * half) * itemsize, values16(hi, s + 32 + 16 * half, m + 32 + 16 * half), kind);
+    }
+}
+#endif
+
+/* One column k of W, i.e. row k of W.T (N values), into `dst` as `kind`. */
+static void row(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
+                int64_t col, void *dst, int kind) {
+    float lo[32], hi[32];
+    for (int64_t b = 0; b < n / 64; b++) {
+        const uint8_t *src = packed + (b * k + col) * 32;
+        const _Float16 *s = scale + b * 64, *m = minimum + b * 64;
+        for (int j = 0; j < 32; j++) {
+            lo[j] = (float)(src[j] & 15) * (float)s[j] + (float)m[j];
+            hi[j] = (float)(src[j] >> 4) * (float)s[32 + j] + (float)m[32 + j];
+        }
+        if (kind == OUT_F32) {
+            memcpy((float *)dst + b * 64, lo, sizeof lo);
+            memcpy((float *)dst + b * 64 + 32, hi, sizeof hi);
+        } else if (kind == OUT_BF16) {
+            uint16_t *d = (uint16_t *)dst + b * 64;
+            for (int j = 0; j < 32; j++) d[j] = to_bf16(lo[j]);
+            for (int j = 0; j < 32; j++) d[32 + j] = to_bf16(hi[j]);
+        } else {
+            _Float16 *d = (_Float16 *)dst + b * 64;
+            for (int j = 0; j < 32; j++) d[j] = (_Float16)lo[j];
+            for (int j = 0; j < 32; j++) d[32 + j] = (_Float16)hi[j];
+        }
+    }
+}
+
+/* W.T (K, N) into `out` (row-major, element size by `kind`), tiles of columns split over `threads` threads;
+   each tile walks the blocks, reading each block's codes for the tile's columns contiguously. */
+void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n,
+                       int64_t k, int64_t group_size, void *out, int kind, int threads) {
+    int64_t itemsize = kind == OUT_F32 ? 4 : 2, tile = 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t col0 = 0; col0 < k; col0 += tile) {
+        int64_t col1 = col0 + tile < k ? col0 + tile : k;
+#ifdef __AVX512F__
+        for (int64_t b = 0; b < n / 64; b++)
+            for (int64_t col = col0; col < col1; col++) {
+                int64_t group = col / group_size;
+                block64(packed + (b * k + col) * 32, scale + group * n + b * 64, minimum + group * n + b * 64,
+                        (char *)out + (col * n + b * 64) * itemsize, kind, itemsize);
+            }
+#else
+        for (int64_t col = col0; col < col1; col++) {
+            int64_t group = col / group_size;
+            row(packed, scale + group * n, minimum + group * n, n, k, col, (char *)out + col * n * itemsize, kind);
+        }
+#endif
+    }
+}
