@@ -216,7 +216,7 @@ def predict_policy(args, model: str, workload, policy: Policy, cold: bool = Fals
 def cmd_generate(args) -> None:
     from .cli_generate import cmd_generate as run
 
-    run(args, progress)
+    run(args, (lambda message: None) if args.no_progress else progress)
 
 
 def cmd_plan(args) -> None:
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
+    g.add_argument("--no-progress", action="store_true", help="no progress line (it shows only on a terminal)")
     add_policy_flags(g)
     add_breakdown_flags(g)
     g.set_defaults(func=cmd_generate)

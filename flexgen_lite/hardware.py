@@ -58,6 +58,9 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied as stored (int4_matmul's kernel, CPU);
     # {} where there is none (CUDA, or this torch lacks it); None: not measured (a profile older than it)
     int4_matmul: dict[str, list[tuple[int, float, float]]] | None = None
+    # dtype -> elements/s of dequantizing the kernel's layout for a dense matmul (Int4Weight.dequantize_t: the C
+    # kernel where it is built); None: not measured (an older profile)
+    int4_dequantize: dict[str, float] | None = None
 
     def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
         """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
@@ -96,6 +99,9 @@ class HardwareProfile:
         for dtype, points in (self.int4_matmul or {}).items():
             rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
             lines.append(f"int4 weight kernel {dtype} GFLOP/s + fixed per call, by rows: {rates}")
+        if self.int4_dequantize:
+            lines.append("int4 layout dequantize Gelem/s: "
+                         + ", ".join(f"{k} {v / g:.2f}" for k, v in self.int4_dequantize.items()))
         lines.append("prefill attention GFLOP/s: "
                      + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
         lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(

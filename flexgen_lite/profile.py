@@ -183,13 +183,19 @@ def _int4_matmul(device: ComputeDevice, scale: int) -> dict:
     """int4_matmul's kernel (CPU; none with CUDA or where this torch lacks it), per dtype it runs in. In
     bfloat16, as `_matmul`: a rate and a fixed cost per row count fitted to a large and a small weight. In
     float16 (slow on most CPUs, which auto never computes in) the small weight alone, while a call takes
-    under 2 ms. The fastest of a few calls: on a busy machine a call waits for a core now and then.
-    ~0.1-0.3 s on this VM."""
+    under 2 ms. The fastest of a few calls: on a busy machine a call waits for a core now and then. And the
+    rate of dequantizing the layout for a dense matmul (large batches). ~0.1-0.3 s on this VM."""
     if device.is_cuda or not int4_available():
-        return {"int4_matmul": {}}
+        return {"int4_matmul": {}, "int4_dequantize": {}}
     large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
     found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
-    return {"int4_matmul": {name: points for name, points in found.items() if points}}
+    weight = _int4_weights(*large, 1)[0]
+    rates = {}
+    for name, points in found.items():
+        if points:
+            out = torch.empty(large, dtype=getattr(torch, name))
+            rates[name] = out.numel() / _time(lambda out=out: weight.dequantize_t(out), lambda: None)
+    return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates}
 
 
 def _int4_weights(k: int, n: int, copies: int, group_size: int = 64) -> list[Int4Weight]:
@@ -237,9 +243,10 @@ def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dty
     return best / len(weights)
 
 
-def measure_int4_matmul(device: ComputeDevice) -> dict[str, list[tuple[int, float, float]]]:
-    """The int4 kernel's rates alone: for a cached profile older than them (profile_store)."""
-    return _int4_matmul(device, 1)["int4_matmul"]
+def measure_int4_matmul(device: ComputeDevice) -> dict:
+    """The int4 kernel's rates alone (int4_matmul, int4_dequantize): for a cached profile older than them
+    (profile_store)."""
+    return _int4_matmul(device, 1)
 
 
 def _compute_dtypes(device: ComputeDevice) -> list[str]:

@@ -81,11 +81,11 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
 def _with_int4_rates(hw: HardwareProfile, device: ComputeDevice, offload_dir: str) -> HardwareProfile:
     """A cached profile older than the int4 kernel's rates (None) gets them measured now (a fraction of a
     second) and saved; FLEXGEN_LITE_PROFILE's file is left as it is (the cost model then assumes no kernel)."""
-    if hw.int4_matmul is not None or os.environ.get("FLEXGEN_LITE_PROFILE"):
+    if (hw.int4_matmul is not None and hw.int4_dequantize is not None) or os.environ.get("FLEXGEN_LITE_PROFILE"):
         return hw
     from .profile import measure_int4_matmul
 
-    updated = dataclasses.replace(hw, int4_matmul=measure_int4_matmul(device))
+    updated = dataclasses.replace(hw, **measure_int4_matmul(device))
     save_profile(updated, profile_path(device, offload_dir))
     return updated
 

@@ -20,7 +20,7 @@ from .compression import (
 )
 from .config import ModelError
 from .devices import ComputeDevice
-from .int4_matmul import Int4Weight, eligible, pack, use_kernel
+from .int4_matmul import Int4Weight, eligible, quantize_packed, use_kernel
 from .memory import return_freed_memory
 from .models import LayerSpec, WeightSpec
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging, page_aligned
@@ -175,11 +175,14 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
     int4 = decoder and dtype != torch.float32 and eligible(spec.shape, compression, device.device)
-    as_stored = pack if int4 else to_bytes
+
+    def as_stored(values: torch.Tensor) -> torch.Tensor:
+        return quantize_packed(values, compression) if int4 else to_bytes(quantize(values, compression))
+
     if tier == "disk":
         data = file
         if compression is not None:
-            data.write(as_stored(quantize(source.read(spec, 0, rows).to(dtype), compression)), offset)
+            data.write(as_stored(source.read(spec, 0, rows).to(dtype)), offset)
         else:
             row_bytes = nbytes // max(rows, 1)
             chunk = max(1, (64 << 20) // max(row_bytes, 1))  # written 64 MiB at a time
@@ -190,7 +193,7 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
         where = device.device if tier == "gpu" or not device.is_cuda else "cpu"
         values = source.read(spec, 0, rows).to(dtype)
         if int4:
-            data = pack(quantize(values, compression))
+            data = quantize_packed(values, compression)
         else:
             data = quantize(values, compression).to(where) if compression is not None else values.to(where)
         if pin and device.is_cuda and tier == "cpu":

@@ -51,6 +51,18 @@ def test_a_weight_takes_the_faster_path_for_one_batch():
     assert int4_cost(HW, "bfloat16", 16, 1, 2048, 8192).dequantize > 0  # no kernel: dequantized
 
 
+def test_the_batches_of_a_block_share_one_dequantization():
+    """Where a dense matmul beats the kernel per batch, dequantizing once pays off from some number of GPU
+    batches on (use_kernel weighs the same); the layout's own dequantization rate is used when measured."""
+    rows, k, n = 64, 2048, 8192
+    kernel, dense = KERNEL.int4_matmul_time("bfloat16", rows, k, n), KERNEL.matmul_time("bfloat16", rows, k, n)
+    assert dense < kernel
+    hw = dataclasses.replace(KERNEL, int4_dequantize={"bfloat16": k * n / (4 * (kernel - dense))})
+    one, eight = (int4_cost(hw, "bfloat16", rows, batches, k, n) for batches in (1, 8))
+    assert one.dequantize == 0 and one.matmul == pytest.approx(kernel)
+    assert eight.dequantize == pytest.approx(4 * (kernel - dense)) and eight.matmul == pytest.approx(8 * dense)
+
+
 def test_the_kernel_makes_compressed_decode_cheaper_and_drops_its_dequantization():
     with_kernel, without = (predict(OPT, WL, COMPRESSED, hw) for hw in (KERNEL, HW))
     assert with_kernel.decode_step_s < 0.5 * without.decode_step_s
@@ -77,28 +89,31 @@ def test_search_compresses_on_a_cpu_with_the_kernel_when_uncompressed_weights_do
 
 
 def test_profile_measures_the_kernel_where_torch_has_it():
-    found = _int4_matmul(ComputeDevice(), 8)["int4_matmul"]
+    measured = _int4_matmul(ComputeDevice(), 8)
+    found = measured["int4_matmul"]
     if not available():
-        assert found == {}
+        assert found == {} and measured["int4_dequantize"] == {}
         return
     rows = [m for m, _, _ in found["bfloat16"]]
     assert rows == [1, 4, 16, 64] and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
+    assert measured["int4_dequantize"]["bfloat16"] > 0
 
 
-def test_a_cached_profile_older_than_the_kernel_gets_it_measured_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", [("int4_matmul", "int4_dequantize"), ("int4_dequantize",)])
+def test_a_cached_profile_older_than_the_kernel_gets_it_measured_once(tmp_path, monkeypatch, missing):
     monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    raw = json.loads(HW.to_json())
-    del raw["int4_matmul"]  # as written before the field existed
+    raw = json.loads(dataclasses.replace(KERNEL, int4_dequantize={}).to_json())
+    for name in missing:
+        del raw[name]  # as written before the field existed
     path = profile_path(ComputeDevice())
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(raw))
-    calls = []
-    monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul",
-                        lambda device: calls.append(1) or KERNEL.int4_matmul)
-    assert load_profile().int4_matmul == KERNEL.int4_matmul
+    calls, rates = [], {"int4_matmul": KERNEL.int4_matmul, "int4_dequantize": {"bfloat16": 9e9}}
+    monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul", lambda device: calls.append(1) or rates)
+    assert load_profile().int4_dequantize == rates["int4_dequantize"]
     assert load_profile().int4_matmul == KERNEL.int4_matmul and len(calls) == 1  # saved with it
-    assert HardwareProfile.from_json(path.read_text()).int4_matmul == KERNEL.int4_matmul
+    assert HardwareProfile.from_json(path.read_text()).int4_dequantize == rates["int4_dequantize"]
 
 
 def test_a_profile_file_given_by_the_environment_is_left_as_it_is(tmp_path, monkeypatch):

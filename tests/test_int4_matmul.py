@@ -64,6 +64,22 @@ def test_c_dequantization_is_bit_identical_to_the_torch_path(shape, group, dtype
     assert not native.int4_dequantize_t(w.packed, w.scale, w.minimum, group, by_c.t())  # non-contiguous: refused
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,group", [((128, 96), 32), ((192, 512), 128), ((64, 4096), 256)])
+def test_c_quantization_is_bit_identical_to_the_torch_path(shape, group, dtype):
+    """Values over ten orders of magnitude, a constant group, a zero row and (beyond fp16) a clamped one: the same
+    codes, scales and minimums as `pack(quantize(...))`."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * torch.logspace(-6, 4, shape[1])
+    x[3, :group], x[5], x[7, -group:] = 0.5, 0.0, -3.0
+    if dtype != torch.float16:
+        x[9, 0] = 1e6
+    x = x.to(dtype)
+    by_c = native.int4_quantize_pack(x, group)
+    assert by_c is not None and torch.equal(by_c, pack(quantize(x, CompressionConfig(4, group, 1))))
+    assert native.int4_quantize_pack(x[:, :group], group) is None  # not contiguous: refused
+    assert native.int4_quantize_pack(x[:63], group) is None  # not a whole block of 64 rows: refused
+
+
 def test_without_the_c_kernel_the_torch_path_dequantizes(monkeypatch):
     monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
     native.library.cache_clear()
@@ -73,6 +89,7 @@ def test_without_the_c_kernel_the_torch_path_dequantizes(monkeypatch):
         w = Int4Weight.from_bytes(pack(q), (128, 256), 64)
         out = torch.empty(256, 128, dtype=torch.bfloat16)
         assert not native.int4_dequantize_t(w.packed, w.scale, w.minimum, 64, out)
+        assert native.int4_quantize_pack(torch.randn(128, 256), 64) is None
         torch.testing.assert_close(w.dequantize_t(out).t().float(), dequantize(q, torch.bfloat16).float())
     finally:
         native.library.cache_clear()

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -157,3 +159,18 @@ def test_killed_replica_requests_run_again_once(opt_dir, reference, local_ray, t
     for i in range(n):
         text = got[f"r{i}"]["response"]["body"]["choices"][0]["text"]
         assert text == reference[0][(PROMPTS[i % len(PROMPTS)], 4 + 2 * (i % 2))]
+
+
+def test_an_address_where_no_ray_answers_is_refused_at_once(opt_dir, tmp_path, capsys):
+    """Not a minute of ray.init's own retries: a clear error, and nothing written."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: nothing listens there
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    batch_file(requests, 2)
+    tic = time.perf_counter()
+    with pytest.raises(SystemExit) as stop:
+        main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS, "--ray", address])
+    assert stop.value.code == 2 and time.perf_counter() - tic < 20
+    assert f"--ray {address}: cannot reach a Ray cluster there" in capsys.readouterr().err
+    assert not out.exists() or out.read_text() == ""

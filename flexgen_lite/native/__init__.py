@@ -22,7 +22,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("int4.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
-OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the kinds of quantize's input
 
 
 def _cpu_flags() -> str:
@@ -82,6 +82,9 @@ def library() -> ctypes.CDLL | None:
     fn = lib.int4_dequantize_t
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn = lib.int4_quantize_pack
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -101,3 +104,20 @@ def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
                           out.data_ptr(), OUT_KIND[out.dtype], torch.get_num_threads())
     return True
 
+
+
+def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """`int4_matmul.pack(quantize(x, CompressionConfig(4, group_size, 1)))` of a matrix x (N, K), bit for bit,
+    in one pass; None when the kernel cannot do it here."""
+    lib = library()
+    if lib is None or x.dtype not in OUT_KIND or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu":
+        return None
+    n, k = x.shape
+    if n % 64 or k % group_size:
+        return None
+    codes, stats = n * k // 2, k // group_size * n * 2
+    out = torch.empty(codes + 2 * stats, dtype=torch.uint8)
+    scale, minimum = (out[codes + i * stats:codes + (i + 1) * stats] for i in (0, 1))
+    lib.int4_quantize_pack(x.data_ptr(), OUT_KIND[x.dtype], n, k, group_size, out.data_ptr(), scale.data_ptr(),
+                           minimum.data_ptr(), torch.get_num_threads())
+    return out

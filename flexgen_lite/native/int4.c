@@ -101,3 +101,76 @@ void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Floa
 #endif
     }
 }
+
+/* ---- quantizing into the layout (placement of 4-bit weights) ---------------------------------------------- */
+
+enum { IN_F32 = 0, IN_BF16 = 1, IN_F16 = 2 };
+
+static inline float load(const void *x, int64_t i, int kind) {
+    if (kind == IN_F32) return ((const float *)x)[i];
+    if (kind == IN_F16) return (float)((const _Float16 *)x)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f16_bits(_Float16 h) {
+    uint16_t b;
+    memcpy(&b, &h, 2);
+    return b;
+}
+
+static inline _Float16 f16_from_bits(uint16_t b) {
+    _Float16 h;
+    memcpy(&h, &b, 2);
+    return h;
+}
+
+/* fp32 `v` (finite, within fp16 range) rounded to fp16 toward +inf (up) or -inf, as compression._fp16_round. */
+static inline _Float16 round_f16(float v, int up) {
+    _Float16 h = (_Float16)v;
+    uint16_t bits = f16_bits(h);
+    if (up) return (float)h < v ? f16_from_bits(bits + 1) : h;
+    if (!((float)h > v)) return h;
+    if ((float)h > 0) return f16_from_bits(bits - 1);
+    return f16_from_bits(bits == 0 ? 0x8001 : bits + 1);
+}
+
+#define FP16_MAX 65504.0f
+
+/* x (N, K) quantized to 4 bits in groups of g along K exactly as compression.quantize does (min/max per group,
+   minimum rounded down and scale up to fp16, codes rounded half to even), written in the layout the dequantization
+   above reads: codes (N / 64, K, 32) bytes, scale and minimum (K / g, N) fp16. One block of 64 rows per task. */
+void int4_quantize_pack(const void *x, int kind, int64_t n, int64_t k, int64_t g, uint8_t *packed,
+                        _Float16 *scale, _Float16 *minimum, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n / 64; b++) {
+        for (int r = 0; r < 64; r++) {
+            int64_t row = b * 64 + r;
+            const int64_t base = row * k;
+            for (int64_t c0 = 0; c0 < k; c0 += g) {
+                float mn = load(x, base + c0, kind), mx = mn;
+                for (int64_t c = c0 + 1; c < c0 + g; c++) {
+                    float v = load(x, base + c, kind);
+                    mn = v < mn ? v : mn;
+                    mx = v > mx ? v : mx;
+                }
+                mn = mn < -FP16_MAX ? -FP16_MAX : mn > FP16_MAX ? FP16_MAX : mn;
+                mx = mx < -FP16_MAX ? -FP16_MAX : mx > FP16_MAX ? FP16_MAX : mx;
+                _Float16 lo = round_f16(mn, 0);
+                float m = (float)lo, range = mx - m;
+                _Float16 s = round_f16((range > 0 ? range : 0) / 15.0f, 1);
+                float sf = (float)s, inv = sf > 0 ? 1.0f / sf : 0.0f;
+                scale[(c0 / g) * n + row] = s;
+                minimum[(c0 / g) * n + row] = lo;
+                for (int64_t c = c0; c < c0 + g; c++) {
+                    float q = __builtin_nearbyintf((load(x, base + c, kind) - m) * inv);
+                    uint8_t code = (uint8_t)(q < 0 ? 0 : q > 15 ? 15 : q);
+                    uint8_t *byte = packed + (b * k + c) * 32 + (r & 31);
+                    *byte = r < 32 ? code : (uint8_t)(*byte | (code << 4));
+                }
+            }
+        }
+    }
+}

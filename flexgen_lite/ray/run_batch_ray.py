@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -37,6 +38,11 @@ LOCAL_OBJECT_STORE = 256 * 2**20  # answers are small: leave the RAM to the repl
 def connect(address: str) -> bool:
     """Join the Ray cluster at `address` ("local": start one on this machine). True when this call started Ray
     (and so shuts it down); an already initialized Ray is used as it is."""
+    why = unreachable(address)
+    if why:  # ray.init would wait for its own timeout (a minute) before saying so
+        raise UsageError(f"--ray {address}: cannot reach a Ray cluster there ({why}); check the address (the head "
+                         "node's host:port, or ray://host:10001 for a client), or pass --ray alone for a Ray on "
+                         "this machine")
     if ray.is_initialized():
         return False
     if address == "local":
@@ -49,6 +55,19 @@ def connect(address: str) -> bool:
         raise UsageError(f"--ray {address}: no Ray cluster to join there ({e}); start one with `ray start --head`, "
                          "or pass --ray alone for a Ray on this machine") from None
     return True
+
+
+def unreachable(address: str, timeout: float = 3.0) -> str | None:
+    """Why nothing answers at `address` (host:port, or ray://host:port) now; None when something does, or when
+    `address` names no port ("local", "auto")."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    return None
 
 
 def replica_shape(replicas: int | None, device: str | None) -> tuple[int, int, int]:
