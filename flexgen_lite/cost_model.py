@@ -138,8 +138,8 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
 
 
 def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]]) -> None:
-    """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored, or dequantized in the
-    compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as use_kernel chooses."""
+    """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored or by tiles, or dequantized in
+    the compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as int4_path chooses."""
     for k, n in linears:
         if kernel_weight(s, kind, (n, k)):
             cost = int4_cost(s.hw, s.dname, rows, s.nb, k, n)

@@ -61,6 +61,9 @@ class HardwareProfile:
     # dtype -> elements/s of dequantizing the kernel's layout for a dense matmul (Int4Weight.dequantize_t: the C
     # kernel where it is built); None: not measured (an older profile)
     int4_dequantize: dict[str, float] | None = None
+    # dtype -> [(rows, FLOP/s, fixed s)] of the same weights multiplied by tiles (Int4Weight._tiled: the C
+    # kernel); {} without it; None: not measured
+    int4_tiles: dict[str, list[tuple[int, float, float]]] | None = None
 
     def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
         """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
@@ -73,6 +76,11 @@ class HardwareProfile:
         points = (self.int4_matmul or {}).get(dtype)
         return interpolated_time(points, rows, k, n) if points else None
 
+    def int4_tiles_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
+        """Seconds of the same product by tiles (Int4Weight._tiled); None where the profile has none."""
+        points = (self.int4_tiles or {}).get(dtype)
+        return interpolated_time(points, rows, k, n) if points else None
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
@@ -81,7 +89,7 @@ class HardwareProfile:
         raw = json.loads(text)
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul"):
+        for name in ("matmul", "int4_matmul", "int4_tiles"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
@@ -96,9 +104,10 @@ class HardwareProfile:
         for dtype, points in self.matmul.items():
             rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
             lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
-        for dtype, points in (self.int4_matmul or {}).items():
-            rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
-            lines.append(f"int4 weight kernel {dtype} GFLOP/s + fixed per call, by rows: {rates}")
+        for label, found in (("int4 weight kernel", self.int4_matmul), ("int4 by tiles", self.int4_tiles)):
+            for dtype, points in (found or {}).items():
+                rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
+                lines.append(f"{label} {dtype} GFLOP/s + fixed per call, by rows: {rates}")
         if self.int4_dequantize:
             lines.append("int4 layout dequantize Gelem/s: "
                          + ", ".join(f"{k} {v / g:.2f}" for k, v in self.int4_dequantize.items()))

@@ -1,9 +1,10 @@
 """What a 4-bit weight stored for the CPU's int4 kernel (int4_matmul) costs a step, for the cost model.
 
-The engine multiplies such a weight as it is stored, or dequantizes it into its slot in the compute thread
-and runs dense matmuls, whichever `int4_matmul.use_kernel` timed faster for the block's GPU batches (which
-share one dequantization). The cost model makes the same choice from the profile's rates: the kernel's
-(`HardwareProfile.int4_matmul`) against dequantizing the layout (`int4_dequantize`) plus the dense matmuls.
+The engine multiplies such a weight as it is stored, by tiles (a cache-sized slice dequantized and multiplied
+dense at a time), or dequantizes it whole into its slot in the compute thread and runs dense matmuls, whichever
+`int4_matmul.int4_path` timed fastest for the block's GPU batches (which share one whole dequantization). The
+cost model makes the same choice from the profile's rates: the kernel's (`HardwareProfile.int4_matmul`), the
+tiles' (`int4_tiles`), and dequantizing the layout (`int4_dequantize`) plus the dense matmuls.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
 
 
 def int4_cost(hw: HardwareProfile, dtype: str, rows: float, batches: int, k: int, n: int) -> Int4Cost:
-    """A weight (n, k) multiplied by `batches` batches of `rows` rows: by the kernel when that is faster than
-    dequantizing once and dense matmuls (use_kernel's choice), else dequantized once and dense."""
-    kernel = hw.int4_matmul_time(dtype, rows, k, n)
+    """A weight (n, k) multiplied by `batches` batches of `rows` rows the fastest of int4_path's three ways: by
+    the kernel, by tiles, or dequantized once and dense."""
     dequantize = k * n / (hw.int4_dequantize or {}).get(dtype, hw.dequantize[dtype])
-    dense = hw.matmul_time(dtype, rows, k, n)
-    if kernel is not None and batches * kernel <= dequantize + batches * dense:
-        return Int4Cost(0.0, batches * kernel)
-    return Int4Cost(dequantize, batches * dense)
+    ways = [Int4Cost(dequantize, batches * hw.matmul_time(dtype, rows, k, n))]
+    for per_batch in (hw.int4_matmul_time(dtype, rows, k, n), hw.int4_tiles_time(dtype, rows, k, n)):
+        if per_batch is not None:
+            ways.append(Int4Cost(0.0, batches * per_batch))
+    return min(ways, key=lambda way: way.dequantize + way.matmul)

@@ -7,13 +7,16 @@ with N a multiple of 64 (the kernel's block of output rows). It is stored as
 
     packed codes (N * K / 2 bytes, the kernel's layout) | scale (K / g, N) fp16 | minimum (K / g, N) fp16
 
-which is exactly `compressed_nbytes` of the same weight. Large batches (prefill) are faster as one
-dequantization and a dense matmul: `Int4Weight.dequantize_t` unpacks the kernel's layout for them, and
-`use_kernel` measures once per (dtype, rows) which of the two is faster here.
+which is exactly `compressed_nbytes` of the same weight. Two other ways multiply it, both through a C kernel
+that unpacks the layout (flexgen_lite.native, bit-identical to `Int4Weight.dequantize_t`'s torch path): by
+tiles (a cache-sized slice of rows dequantized and multiplied dense at a time: decode batches), or dequantized
+whole once into a slot for dense matmuls (many rows: prefill, or a block's GPU batches sharing it).
+`int4_path` times the three once per (dtype, rows, shape) and takes the fastest here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import warnings
@@ -26,6 +29,7 @@ from .compression import CompressionConfig, QuantizedTensor, dequantize, quantiz
 
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
+TILE_BYTES = 2 << 20  # rows of W dequantized at a time by the tiled product: they stay in the CPU's cache
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
@@ -116,6 +120,7 @@ class Int4Weight:
     scale: torch.Tensor  # (K / g, N) fp16
     minimum: torch.Tensor  # (K / g, N) fp16
     group_size: int
+    tiles: torch.Tensor | None = None  # set: multiplied a tile at a time, dequantized into this buffer (_tiled)
 
     @classmethod
     def from_bytes(cls, buf: torch.Tensor, shape: tuple[int, ...], group_size: int) -> Int4Weight:
@@ -129,13 +134,32 @@ class Int4Weight:
         return self.packed.shape[0], self.packed.shape[1] * 2
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) @ W.T with the kernel; x.dtype is the compute dtype (bf16, fp16 or fp32)."""
+        """x (..., K) @ W.T with the kernel, or by tiles (`tiles` set); x.dtype is the compute dtype (bf16, fp16
+        or fp32)."""
+        if self.tiles is not None:
+            return self._tiled(x)
         # the kernel's dequantization is (q - 8) * scale + zero
         scale = self.scale.float()
         scale_zeros = torch.stack([scale, self.minimum.float() + 8 * scale], dim=-1).to(x.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,
                                                           self.group_size, scale_zeros)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with W dequantized (by the C kernel) TILE_BYTES of rows at a time into `tiles`, each tile
+        multiplied dense while it is in the cache: the weight is read once as 4-bit codes and never written out
+        whole (at decode batches, dequantizing all of it and a dense matmul are both bound by memory)."""
+        n, k = self.shape
+        x2 = x.reshape(-1, k)
+        step = max(BLOCK_N, TILE_BYTES // (k * x.dtype.itemsize) // BLOCK_N * BLOCK_N)
+        parts = []
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            tile = self.tiles[:(r1 - r0) * k].view(k, r1 - r0)
+            if not native.int4_dequantize_t(self.packed, self.scale, self.minimum, self.group_size, tile, (r0, r1)):
+                raise RuntimeError("the tiled int4 product needs the C kernel (flexgen_lite.native)")
+            parts.append(x2 @ tile)
+        return torch.cat(parts, dim=-1).view(*x.shape[:-1], n)
 
     def dequantize_t(self, out: torch.Tensor, chunk_rows: int = 256, use_native: bool = True) -> torch.Tensor:
         """W.T (K, N) into `out`: by the C kernel where it is built (about 9x faster on 2 cores), else a group
@@ -160,22 +184,26 @@ class Int4Weight:
         return out
 
 
-def use_kernel(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Tensor, uses: int = 1) -> bool:
-    """Whether `uses` products of `rows` rows (the GPU batches of a block, sharing one fetch of the weight) are
-    faster by the kernel than by dequantizing once into `slot` and dense matmuls: timed once per (dtype, rows,
-    shape) on this weight, here (which is faster depends on the CPU and on whether the C dequantization is
-    built)."""
+def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Tensor, uses: int = 1) -> str:
+    """The fastest way here to make `uses` products of `rows` rows (the GPU batches of a block, sharing one fetch
+    of the weight): "kernel" (multiplied as stored), "tiles" (dequantized a tile at a time into `slot` and
+    multiplied dense, in cache; needs the C kernel) or "dense" (dequantized once into `slot`, then dense
+    matmuls). Timed once per (dtype, rows, shape) on this weight: which wins depends on the CPU and the rows."""
     key = (dtype, rows, weight.shape)
     if key not in _seconds:
-        x = torch.zeros(rows, weight.shape[1], dtype=dtype)
-        dense = slot.view(weight.shape[1], weight.shape[0])
-        _seconds[key] = (_best_of(lambda: weight.matmul(x)), _best_of(lambda: weight.dequantize_t(dense)),
-                         _best_of(lambda: torch.matmul(x, dense)))
-    kernel, dequantize, matmul = _seconds[key]
-    return uses * kernel < dequantize + uses * matmul
+        n, k = weight.shape
+        x, dense = torch.zeros(rows, k, dtype=dtype), slot.view(k, n)
+        tiled = dataclasses.replace(weight, tiles=slot.view(-1))
+        _seconds[key] = {"kernel": _best_of(lambda: weight.matmul(x)),
+                         "tiles": _best_of(lambda: tiled.matmul(x)) if native_agrees() else float("inf"),
+                         "dequantize": _best_of(lambda: weight.dequantize_t(dense)),
+                         "dense": _best_of(lambda: torch.matmul(x, dense))}
+    s = _seconds[key]
+    cost = {"kernel": uses * s["kernel"], "tiles": uses * s["tiles"], "dense": s["dequantize"] + uses * s["dense"]}
+    return min(cost, key=cost.get)
 
 
-_seconds: dict[tuple, tuple[float, float, float]] = {}  # (dtype, rows, shape) -> kernel, dequantize, dense s
+_seconds: dict[tuple, dict[str, float]] = {}  # (dtype, rows, shape) -> seconds of each path's parts
 
 
 def _best_of(fn, runs: int = 2) -> float:

@@ -25,7 +25,7 @@ from .attention import attend
 from .compression import CompressionConfig, dequantize, quantize
 from .devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
 from .hardware import HardwareProfile
-from .int4_matmul import Int4Weight
+from .int4_matmul import Int4Weight, native_agrees
 from .int4_matmul import available as int4_available
 from .policy import DTYPES
 
@@ -175,7 +175,7 @@ def remeasure_matmul(device: ComputeDevice, hw: HardwareProfile) -> dict:
     return _best_matmul({"matmul": hw.matmul, "matmul_shape": hw.matmul_shape}, found)["matmul"]
 
 
-INT4_ROWS = (1, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (use_kernel)
+INT4_ROWS = (1, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (int4_path)
 INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that none comes from the 32 MiB L3
 
 
@@ -186,7 +186,7 @@ def _int4_matmul(device: ComputeDevice, scale: int) -> dict:
     under 2 ms. The fastest of a few calls: on a busy machine a call waits for a core now and then. And the
     rate of dequantizing the layout for a dense matmul (large batches). ~0.1-0.3 s on this VM."""
     if device.is_cuda or not int4_available():
-        return {"int4_matmul": {}, "int4_dequantize": {}}
+        return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {}}
     large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
     found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
     weight = _int4_weights(*large, 1)[0]
@@ -195,24 +195,30 @@ def _int4_matmul(device: ComputeDevice, scale: int) -> dict:
         if points:
             out = torch.empty(large, dtype=getattr(torch, name))
             rates[name] = out.numel() / _time(lambda out=out: weight.dequantize_t(out), lambda: None)
-    return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates}
+    # by tiles through the C kernel: bfloat16 only (what auto computes in on a CPU with the kernel)
+    tiles = {"bfloat16": _int4_points(torch.bfloat16, small, large, tiled=True)} if native_agrees() else {}
+    return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates,
+            "int4_tiles": {name: points for name, points in tiles.items() if points}}
 
 
-def _int4_weights(k: int, n: int, copies: int, group_size: int = 64) -> list[Int4Weight]:
-    """`copies` 4-bit weights (n, k) in the kernel's layout (its time does not depend on the codes)."""
+def _int4_weights(k: int, n: int, copies: int, group_size: int = 64,
+                  tiled: torch.dtype | None = None) -> list[Int4Weight]:
+    """`copies` 4-bit weights (n, k) in the kernel's layout (its time does not depend on the codes); `tiled`:
+    multiplied by tiles in that dtype, through one shared buffer (as the engine's slot)."""
     stats = torch.full((2, k // group_size, n), 0.01, dtype=torch.float16)
-    return [Int4Weight(torch.full((n, k // 2), 0x93, dtype=torch.uint8), stats[0], stats[1], group_size)
+    tiles = torch.empty(n * k, dtype=tiled) if tiled else None
+    return [Int4Weight(torch.full((n, k // 2), 0x93, dtype=torch.uint8), stats[0], stats[1], group_size, tiles)
             for _ in range(copies)]
 
 
-def _int4_points(dtype: torch.dtype, small: tuple[int, int],
-                 large: tuple[int, int] | None = None) -> list[tuple[int, float, float]]:
-    """(rows, FLOP/s, fixed s) of `Int4Weight.matmul` in `dtype` for weights (K, N) `small` and `large` (the
-    large rotated over at few rows); without `large`, from `small` alone with no fixed cost, up to the first
-    row count whose call takes over 2 ms. [] where the kernel refuses the dtype."""
-    small_w = _int4_weights(*small, 1)
+def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, int] | None = None,
+                 tiled: bool = False) -> list[tuple[int, float, float]]:
+    """(rows, FLOP/s, fixed s) of `Int4Weight.matmul` (by tiles: `tiled`) in `dtype` for weights (K, N) `small`
+    and `large` (the large rotated over at few rows); without `large`, from `small` alone with no fixed cost,
+    up to the first row count whose call takes over 2 ms. [] where the kernel refuses the dtype."""
+    small_w = _int4_weights(*small, 1, tiled=dtype if tiled else None)
     copies = min(16, max(1, INT4_ROTATION // (large[0] * large[1] // 2))) if large else 0
-    large_w = _int4_weights(*large, copies) if large else []
+    large_w = _int4_weights(*large, copies, tiled=dtype if tiled else None) if large else []
     points: list[tuple[int, float, float]] = []
     for m in INT4_ROWS:
         flops = 2 * m * small[0] * small[1]
@@ -244,8 +250,8 @@ def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dty
 
 
 def measure_int4_matmul(device: ComputeDevice) -> dict:
-    """The int4 kernel's rates alone (int4_matmul, int4_dequantize): for a cached profile older than them
-    (profile_store)."""
+    """The int4 kernel's rates alone (int4_matmul, int4_dequantize, int4_tiles): for a cached profile older than
+    them (profile_store)."""
     return _int4_matmul(device, 1)
 
 

@@ -3,6 +3,7 @@ weights to the compute device."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .compression import (
 )
 from .config import ModelError
 from .devices import ComputeDevice
-from .int4_matmul import Int4Weight, eligible, quantize_packed, use_kernel
+from .int4_matmul import Int4Weight, eligible, int4_path, quantize_packed
 from .memory import return_freed_memory
 from .models import LayerSpec, WeightSpec
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging, page_aligned
@@ -324,11 +325,14 @@ class WeightSlots:
         return fetched
 
     def _int4(self, value: Deferred, rows: int, uses: int, trace) -> torch.Tensor | Int4Weight:
-        """The kernel's weight, or its dequantization into the slot (as W.T, stored (K, N)). Mapped pages stay
-        until `release`: the kernel reads them while the layer computes."""
+        """The kernel's weight (multiplied as stored, or by tiles through the slot), or its dequantization into
+        the slot (as W.T, stored (K, N)). Mapped pages stay until `release`: the layer reads them as it runs."""
         t, weight = value.weight, value.weight.int4_weight()
-        if use_kernel(weight, rows, t.dtype, value.slot, uses):
+        path = int4_path(weight, rows, t.dtype, value.slot, uses)
+        if path == "kernel":
             return weight
+        if path == "tiles":
+            return dataclasses.replace(weight, tiles=value.slot.view(-1))
         n, k = t.shape
         with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
             return weight.dequantize_t(value.slot.view(k, n)).t()

@@ -51,9 +51,20 @@ def test_a_weight_takes_the_faster_path_for_one_batch():
     assert int4_cost(HW, "bfloat16", 16, 1, 2048, 8192).dequantize > 0  # no kernel: dequantized
 
 
+def test_tiles_are_taken_where_the_profile_says_they_are_fastest():
+    rows, k, n = 64, 2048, 8192
+    kernel, dense = KERNEL.int4_matmul_time("bfloat16", rows, k, n), KERNEL.matmul_time("bfloat16", rows, k, n)
+    faster = [(m, 2 * m * k * n / (0.5 * min(kernel, dense)), 0.0) for m in (1, 4, 16, 64)]
+    hw = dataclasses.replace(KERNEL, int4_tiles={"bfloat16": faster})
+    for batches in (1, 4):
+        cost = int4_cost(hw, "bfloat16", rows, batches, k, n)
+        assert cost.dequantize == 0 and cost.matmul == pytest.approx(batches * 0.5 * min(kernel, dense))
+    assert int4_cost(hw, "float16", rows, 1, k, n).matmul != pytest.approx(0.5 * min(kernel, dense))  # bf16 only
+
+
 def test_the_batches_of_a_block_share_one_dequantization():
     """Where a dense matmul beats the kernel per batch, dequantizing once pays off from some number of GPU
-    batches on (use_kernel weighs the same); the layout's own dequantization rate is used when measured."""
+    batches on (int4_path weighs the same); the layout's own dequantization rate is used when measured."""
     rows, k, n = 64, 2048, 8192
     kernel, dense = KERNEL.int4_matmul_time("bfloat16", rows, k, n), KERNEL.matmul_time("bfloat16", rows, k, n)
     assert dense < kernel
@@ -67,7 +78,7 @@ def test_the_kernel_makes_compressed_decode_cheaper_and_drops_its_dequantization
     with_kernel, without = (predict(OPT, WL, COMPRESSED, hw) for hw in (KERNEL, HW))
     assert with_kernel.decode_step_s < 0.5 * without.decode_step_s
     assert "dequantize" not in with_kernel.decode_by and without.decode_by["dequantize"] > 0
-    assert with_kernel.prefill_by["dequantize"] > 0  # 1024 rows: dequantized and dense, as use_kernel would
+    assert with_kernel.prefill_by["dequantize"] > 0  # 1024 rows: dequantized and dense, as int4_path would
     # only where the engine stores weights for the kernel: not in float32, nor with groups along the output
     for change in ({"dtype": "float32"}, {"weight_group_dim": 0}):
         policy = dataclasses.replace(COMPRESSED, **change)
@@ -97,23 +108,27 @@ def test_profile_measures_the_kernel_where_torch_has_it():
     rows = [m for m, _, _ in found["bfloat16"]]
     assert rows == [1, 4, 16, 64] and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
     assert measured["int4_dequantize"]["bfloat16"] > 0
+    tiles = measured["int4_tiles"]["bfloat16"]  # CI builds the C kernel (test_int4_matmul asserts it)
+    assert [m for m, _, _ in tiles] == [1, 4, 16, 64] and all(rate > 0 for _, rate, _ in tiles)
 
 
-@pytest.mark.parametrize("missing", [("int4_matmul", "int4_dequantize"), ("int4_dequantize",)])
+@pytest.mark.parametrize("missing", [("int4_matmul", "int4_dequantize", "int4_tiles"), ("int4_tiles",)])
 def test_a_cached_profile_older_than_the_kernel_gets_it_measured_once(tmp_path, monkeypatch, missing):
     monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    raw = json.loads(dataclasses.replace(KERNEL, int4_dequantize={}).to_json())
+    raw = json.loads(dataclasses.replace(KERNEL, int4_dequantize={}, int4_tiles={}).to_json())
     for name in missing:
         del raw[name]  # as written before the field existed
     path = profile_path(ComputeDevice())
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(raw))
-    calls, rates = [], {"int4_matmul": KERNEL.int4_matmul, "int4_dequantize": {"bfloat16": 9e9}}
+    calls, rates = [], {"int4_matmul": KERNEL.int4_matmul, "int4_dequantize": {"bfloat16": 9e9},
+                        "int4_tiles": {"bfloat16": [(64, 400 * G, 1e-4)]}}
     monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul", lambda device: calls.append(1) or rates)
     assert load_profile().int4_dequantize == rates["int4_dequantize"]
     assert load_profile().int4_matmul == KERNEL.int4_matmul and len(calls) == 1  # saved with it
     assert HardwareProfile.from_json(path.read_text()).int4_dequantize == rates["int4_dequantize"]
+    assert HardwareProfile.from_json(path.read_text()).int4_tiles == rates["int4_tiles"]
 
 
 def test_a_profile_file_given_by_the_environment_is_left_as_it_is(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+import flexgen_lite.int4_matmul as int4_matmul
 import flexgen_lite.weights as weights_module
 from flexgen_lite import FlexGenLite, SamplingConfig, native
 from flexgen_lite.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
@@ -22,8 +23,11 @@ CPU = torch.device("cpu")
 # bf16 activations against an fp32 reference: the product's relative error (measured 0.2-0.7%)
 PRODUCT_RTOL = 1e-2
 # the kernel (bf16 scales, its own summation order) against dense bf16 matmuls of the same dequantized weights:
-# each step's logits within this share of the row's largest |logit| (measured 1.5-2.9% on the tiny models)
+# each step's logits within this share of the row's largest |logit| (measured 1.5-2.9% on the tiny models; by
+# tiles, whose bias is added after rounding to bf16, about 1%)
 LOGITS_RTOL = 0.05
+# one tiled product against a dense matmul of the same dequantized weight (bf16 outputs)
+TILES_RTOL = 1e-2
 
 
 def test_the_kernel_is_found_and_its_layout_checked():
@@ -80,6 +84,21 @@ def test_c_quantization_is_bit_identical_to_the_torch_path(shape, group, dtype):
     assert native.int4_quantize_pack(x[:63], group) is None  # not a whole block of 64 rows: refused
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 64 * 1024, 2 << 20])
+def test_the_tiled_product_equals_a_dense_matmul_of_the_dequantized_weight(monkeypatch, tile_bytes):
+    """Tiles of 64 rows, of some, and of all of W (the last tile short): the dense product of each slice."""
+    monkeypatch.setattr(int4_matmul, "TILE_BYTES", tile_bytes)
+    shape = (320, 512)
+    q = quantize(torch.randn(shape, generator=torch.Generator().manual_seed(5)), CompressionConfig(4, 64, 1))
+    w = Int4Weight.from_bytes(pack(q), shape, 64)
+    slot = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    x = torch.randn(2, 3, shape[1], dtype=torch.bfloat16)
+    tiled = dataclasses.replace(w, tiles=slot.view(-1)).matmul(x)
+    dense = x @ dequantize(q, torch.bfloat16).t()
+    assert tiled.shape == (2, 3, shape[0])
+    torch.testing.assert_close(tiled, dense, rtol=TILES_RTOL, atol=TILES_RTOL * float(dense.abs().max()))
+
+
 def test_without_the_c_kernel_the_torch_path_dequantizes(monkeypatch):
     monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
     native.library.cache_clear()
@@ -112,7 +131,8 @@ def _run(model_dir, percent, monkeypatch, path: str):
     for a dense matmul) or "plain" (not stored for the kernel: `dequantize`, tested against transformers)."""
     policy = dataclasses.replace(P(percent, gbs=2, nb=2, compress_weight=True), dtype="bfloat16")
     with monkeypatch.context() as patch:
-        patch.setattr(weights_module, "use_kernel", lambda *a: path == "kernel")
+        patch.setattr(weights_module, "int4_path", lambda *a: {"dequantized": "dense"}.get(path, path))
+        patch.setattr(int4_matmul, "TILE_BYTES", 1)  # tiles of 64 rows: several per matrix
         if path == "plain":
             patch.setattr(weights_module, "eligible", lambda *a: False)
         with FlexGenLite(str(model_dir), policy=policy) as m:
@@ -128,8 +148,9 @@ def test_bf16_model_through_the_int4_layout_matches_the_plain_4bit_path(tiny_mod
     plain_ids, plain_logits = _run(model_dir, percent, monkeypatch, "plain")
     ids, logits = _run(model_dir, percent, monkeypatch, "dequantized")
     assert ids == plain_ids and all(torch.equal(a, b) for a, b in zip(logits, plain_logits, strict=True))
-    ids, logits = _run(model_dir, percent, monkeypatch, "kernel")
-    assert ids == plain_ids
-    for ours, theirs in zip(logits, plain_logits, strict=True):
-        for step in range(len(theirs)):
-            assert (ours[step] - theirs[step]).abs().max() < LOGITS_RTOL * theirs[step].abs().max()
+    for path in ("kernel", "tiles"):  # tiles: dense products a slice of rows at a time, the bias added after
+        ids, logits = _run(model_dir, percent, monkeypatch, path)
+        assert ids == plain_ids
+        for ours, theirs in zip(logits, plain_logits, strict=True):
+            for step in range(len(theirs)):
+                assert (ours[step] - theirs[step]).abs().max() < LOGITS_RTOL * theirs[step].abs().max()

@@ -42,7 +42,7 @@ def test_a_miss_beyond_2x_is_reported_either_way():
 def test_an_implicit_measurement_is_announced(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    busy = dataclasses.replace(synthetic_profile(), int4_matmul={}, int4_dequantize={},  # as measured
+    busy = dataclasses.replace(synthetic_profile(), int4_matmul={}, int4_dequantize={}, int4_tiles={},
                                notes=["note: other processes used 1.5 cores on average"])
     monkeypatch.setattr("flexgen_lite.profile.measure", lambda device, offload_dir, progress: busy)
     assert load_profile() == busy

@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL | None:
             return None
     fn = lib.int4_dequantize_t
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     fn = lib.int4_quantize_pack
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -89,21 +89,24 @@ def library() -> ctypes.CDLL | None:
 
 
 def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
-                      out: torch.Tensor) -> bool:
-    """W.T (K, N) of a weight in the int4 kernel's layout (int4_matmul.Int4Weight) into `out`; False when the
-    kernel cannot do it here (the caller then takes its torch path)."""
+                      out: torch.Tensor, rows: tuple[int, int] | None = None) -> bool:
+    """W.T (K, N) of a weight in the int4 kernel's layout (int4_matmul.Int4Weight) into `out`, or with `rows`
+    (r0, r1), multiples of 64, only W.T[:, r0:r1] as a contiguous (K, r1 - r0); False when the kernel cannot do
+    it here (the caller then takes its torch path)."""
     lib = library()
     parts = (packed, scale, minimum, out)
     if lib is None or out.dtype not in OUT_KIND or not all(p.is_contiguous() and p.device.type == "cpu"
                                                               for p in parts):
         return False
     n, k = packed.shape[0], packed.shape[1] * 2
-    if out.numel() != n * k or scale.dtype != torch.float16 or minimum.dtype != torch.float16:
+    r0, r1 = rows or (0, n)
+    if r0 % 64 or r1 % 64 or not 0 <= r0 < r1 <= n or out.numel() != (r1 - r0) * k:
         return False
-    lib.int4_dequantize_t(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size,
+    if scale.dtype != torch.float16 or minimum.dtype != torch.float16:
+        return False
+    lib.int4_dequantize_t(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, r0, r1,
                           out.data_ptr(), OUT_KIND[out.dtype], torch.get_num_threads())
     return True
-
 
 
 def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:

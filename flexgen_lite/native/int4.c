@@ -52,51 +52,54 @@ static inline void block64(const uint8_t *src, const _Float16 *s, const _Float16
 }
 #endif
 
-/* One column k of W, i.e. row k of W.T (N values), into `dst` as `kind`. */
-static void row(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
-                int64_t col, void *dst, int kind) {
+/* Column `col` of W's rows [b0 * 64, b1 * 64), i.e. part of row `col` of W.T, into `dst` as `kind`. */
+static void row(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t b0, int64_t b1,
+                int64_t k, int64_t col, void *dst, int kind) {
     float lo[32], hi[32];
-    for (int64_t b = 0; b < n / 64; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const uint8_t *src = packed + (b * k + col) * 32;
         const _Float16 *s = scale + b * 64, *m = minimum + b * 64;
         for (int j = 0; j < 32; j++) {
             lo[j] = (float)(src[j] & 15) * (float)s[j] + (float)m[j];
             hi[j] = (float)(src[j] >> 4) * (float)s[32 + j] + (float)m[32 + j];
         }
+        int64_t at = (b - b0) * 64;
         if (kind == OUT_F32) {
-            memcpy((float *)dst + b * 64, lo, sizeof lo);
-            memcpy((float *)dst + b * 64 + 32, hi, sizeof hi);
+            memcpy((float *)dst + at, lo, sizeof lo);
+            memcpy((float *)dst + at + 32, hi, sizeof hi);
         } else if (kind == OUT_BF16) {
-            uint16_t *d = (uint16_t *)dst + b * 64;
+            uint16_t *d = (uint16_t *)dst + at;
             for (int j = 0; j < 32; j++) d[j] = to_bf16(lo[j]);
             for (int j = 0; j < 32; j++) d[32 + j] = to_bf16(hi[j]);
         } else {
-            _Float16 *d = (_Float16 *)dst + b * 64;
+            _Float16 *d = (_Float16 *)dst + at;
             for (int j = 0; j < 32; j++) d[j] = (_Float16)lo[j];
             for (int j = 0; j < 32; j++) d[32 + j] = (_Float16)hi[j];
         }
     }
 }
 
-/* W.T (K, N) into `out` (row-major, element size by `kind`), tiles of columns split over `threads` threads;
-   each tile walks the blocks, reading each block's codes for the tile's columns contiguously. */
+/* Rows [r0, r1) of W (multiples of 64) as W.T[:, r0:r1], a (K, r1 - r0) row-major `out` (element size by `kind`);
+   tiles of columns split over `threads` threads, each tile walking the blocks, reading each block's codes for
+   the tile's columns contiguously. */
 void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n,
-                       int64_t k, int64_t group_size, void *out, int kind, int threads) {
-    int64_t itemsize = kind == OUT_F32 ? 4 : 2, tile = 16;
+                       int64_t k, int64_t group_size, int64_t r0, int64_t r1, void *out, int kind, int threads) {
+    int64_t itemsize = kind == OUT_F32 ? 4 : 2, tile = 16, width = r1 - r0, b0 = r0 / 64, b1 = r1 / 64;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t col0 = 0; col0 < k; col0 += tile) {
         int64_t col1 = col0 + tile < k ? col0 + tile : k;
 #ifdef __AVX512F__
-        for (int64_t b = 0; b < n / 64; b++)
+        for (int64_t b = b0; b < b1; b++)
             for (int64_t col = col0; col < col1; col++) {
                 int64_t group = col / group_size;
                 block64(packed + (b * k + col) * 32, scale + group * n + b * 64, minimum + group * n + b * 64,
-                        (char *)out + (col * n + b * 64) * itemsize, kind, itemsize);
+                        (char *)out + (col * width + (b - b0) * 64) * itemsize, kind, itemsize);
             }
 #else
         for (int64_t col = col0; col < col1; col++) {
             int64_t group = col / group_size;
-            row(packed, scale + group * n, minimum + group * n, n, k, col, (char *)out + col * n * itemsize, kind);
+            row(packed, scale + group * n, minimum + group * n, b0, b1, k, col,
+                (char *)out + col * width * itemsize, kind);
         }
 #endif
     }
