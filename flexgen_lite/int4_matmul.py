@@ -30,7 +30,7 @@ from .compression import CompressionConfig, QuantizedTensor, dequantize, quantiz
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
 TILE_BYTES = 2 << 20  # rows of W dequantized at a time by the tiled product: they stay in the CPU's cache
-TIMED_ROWS = 256  # int4_path times the int4 products on at most this many rows (a prefill's thousands: minutes)
+TIMED_ROWS = 256  # int4_path times the products on at most this many rows (a prefill's thousands: seconds a shape)
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
@@ -193,14 +193,13 @@ def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Ten
     key = (dtype, rows, weight.shape)
     if key not in _seconds:
         n, k = weight.shape
-        x, dense = torch.zeros(rows, k, dtype=dtype), slot.view(k, n)
-        tiled = dataclasses.replace(weight, tiles=slot.view(-1))
-        few = x[:TIMED_ROWS]  # beyond, both int4 products are compute-bound: their time grows with the rows
-        scale = rows / len(few)
+        # beyond TIMED_ROWS every product is compute-bound: its time grows with the rows
+        few, dense = torch.zeros(min(rows, TIMED_ROWS), k, dtype=dtype), slot.view(k, n)
+        tiled, scale = dataclasses.replace(weight, tiles=slot.view(-1)), rows / min(rows, TIMED_ROWS)
         _seconds[key] = {"kernel": scale * _best_of(lambda: weight.matmul(few)),
                          "tiles": scale * _best_of(lambda: tiled.matmul(few)) if native_agrees() else float("inf"),
                          "dequantize": _best_of(lambda: weight.dequantize_t(dense)),
-                         "dense": _best_of(lambda: torch.matmul(x, dense))}
+                         "dense": scale * _best_of(lambda: torch.matmul(few, dense))}
     s = _seconds[key]
     cost = {"kernel": uses * s["kernel"], "tiles": uses * s["tiles"], "dense": s["dequantize"] + uses * s["dense"]}
     return min(cost, key=cost.get)
