@@ -49,8 +49,8 @@ class Engine:
         self.trace = trace
         self.io = IOPool(policy.overlap)
         self.staging = Staging(pin=device.is_cuda)
-        on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (CUDA reads)
-        direct = device.is_cuda and (not DiskFile.page_cache or on_disk > host_available_bytes() // 2)
+        on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
+        direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
         self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
         self.cache_slots = CacheSlots(ledger, self.staging)
         self.cache: KVCache | None = None

@@ -14,6 +14,8 @@ from flexgen_lite.layout import Workload
 from flexgen_lite.memory_plan import peak_memory
 from flexgen_lite.storage import PAGE, DiskFile, DiskStore
 
+from .conftest import PROMPTS
+
 MiB = 2**20
 
 
@@ -172,3 +174,28 @@ def test_search_compresses_weights_on_a_slow_cold_disk(disk_gb_s, dequantize_g_s
                            page_cache=0)
     assert result.policy.weight_gpu_percent + result.policy.weight_cpu_percent < 50  # most weights on disk
     assert result.policy.compress_weight == compressed
+
+
+@pytest.mark.parametrize("dtype,compress", [("float32", False), ("float32", True), ("bfloat16", True)])
+def test_a_cold_disk_is_read_directly_into_buffers_with_the_same_output(tmp_path, monkeypatch, dtype, compress):
+    """Page cache bypassed (a cold disk, or more on disk than it keeps): a CPU reads each layer's file with
+    O_DIRECT into a buffer of its own per (kind, parity), never through the mapping, and generates exactly
+    what it does through mapped pages (plain, 4-bit, and 4-bit for the int4 kernel in bf16)."""
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=0, dtype=dtype,
+                    offload_dir=str(tmp_path), compress_weight=compress)
+    sampling = SamplingConfig(max_new_tokens=4, stop_at_eos=False)
+
+    def run(cold: bool):
+        with monkeypatch.context() as patch:
+            patch.setattr(DiskFile, "page_cache", not cold)
+            if cold:
+                patch.setattr(DiskFile, "prefetch", lambda *a: pytest.fail("a cold layer was read through its map"))
+            with FlexGenLite("facebook/opt-125m", policy=policy) as m:
+                ids, logits = m.generate_ids(PROMPTS, sampling, return_logits=True)
+                return ids, logits, len(m.engine.weight_slots.extents)
+
+    ids, logits, buffers = run(cold=False)
+    cold_ids, cold_logits, cold_buffers = run(cold=True)
+    assert buffers == 0 and cold_buffers == 4  # (attention, mlp) x parity
+    assert cold_ids == ids
+    assert all(torch.equal(a, b) for a, b in zip(cold_logits, logits, strict=True))
