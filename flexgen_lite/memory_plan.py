@@ -22,15 +22,20 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     c, w = s.config, s.workload
     gpu, cpu, disk = {}, {}, {}
     gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
-    slots, staging = 0.0, 0.0
+    slots, staging, direct = 0.0, 0.0, 0.0
     for kind, spec in s.kinds.items():
-        extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA), or mapped (CPU)
-        for sp in spec.weights:
+        extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA); on a CPU mapped, or read
+        for sp in spec.weights:  # into a buffer per parity (WeightSlots._read_extent), counted either way
             slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
-            if lay.weight(kind, sp)[2] and (s.cuda or s.compressed(sp)):
+            if lay.weight(kind, sp)[2]:
                 extent += s.tensor_bytes(sp)
-        staging = max(staging, extent)
+        if s.cuda:
+            staging = max(staging, extent)
+        else:
+            direct += 2 * extent
     gpu["weight slots"] = slots
+    if direct:
+        gpu["disk reads"] = direct
     per_seq = s.seq_layer * w.max_len * c.num_layers
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
         d["kv cache"] = tier * per_seq
