@@ -256,8 +256,10 @@ class WeightSlots:
 
     def __init__(self, device: ComputeDevice, ledger: MemoryLedger, staging: Staging,
                  direct_reads: bool = False) -> None:
-        """direct_reads: read layer extents with O_DIRECT (CUDA, when the page cache cannot keep them)."""
+        """direct_reads: read layer extents with O_DIRECT (when the page cache cannot keep them): into staging
+        with CUDA, into buffers of their own on a CPU (`into_buffers`: nothing of the files is mapped then)."""
         self.device, self.ledger, self.staging, self.direct_reads = device, ledger, staging, direct_reads
+        self.into_buffers = direct_reads and not device.is_cuda
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.extents: dict[tuple, torch.Tensor] = {}  # CPU, direct reads: a layer file's bytes, per (kind, parity)
         self.holds: dict[tuple, StoredWeight] = {}
@@ -322,7 +324,8 @@ class WeightSlots:
                 t = value.weight
                 with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
                     fetched[name] = t.fetch(self.device, value.slot, None)
-                t.data.release(t.offset, t.nbytes)  # the codes were read: unmap them
+                if not self.into_buffers:
+                    t.data.release(t.offset, t.nbytes)  # the codes were read: unmap them
         return fetched
 
     def _int4(self, value: Deferred, rows: int, uses: int, trace) -> torch.Tensor | Int4Weight:
@@ -353,7 +356,7 @@ class WeightSlots:
                 files.setdefault(id(t.data), (t.data, []))[1].append(t)
         if not self.device.is_cuda:
             for file, ts in files.values():
-                if self.direct_reads and slot_key is not None:
+                if self.into_buffers and slot_key is not None:
                     self._read_extent(file, ts, slot_key)
                 else:
                     file.prefetch()
@@ -382,7 +385,7 @@ class WeightSlots:
 
     def release(self, weights: dict[str, StoredWeight]) -> None:
         """Unmap a layer's mapped disk pages once it has run (memory budgets count one layer per name)."""
-        if self.direct_reads and not self.device.is_cuda:
+        if self.into_buffers:
             return  # read into buffers of their own (_read_extent): nothing mapped
         done = set()
         for t in weights.values():
