@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds per worker before it is killed")
     p.add_argument("--cold-disk", action="store_true",
                    help="both systems read disk-homed weights from the disk, not the page cache")
-    p.add_argument("--cpu-mem", help="FlexGen-Lite's host memory budget (e.g. 4GiB): checked before it runs")
+    p.add_argument("--cpu-mem", help="FlexGen-Lite's host memory budget (e.g. 4GiB) for its whole process, as the "
+                   "CLI's --cpu-mem: the runtime (Python, torch, transformers) is taken off before planning")
     p.add_argument("--compress-weight", action="store_true", help="FlexGen-Lite keeps weights 4-bit")
     p.add_argument("--json-out", help="also write all results to this JSON file")
     p.add_argument("--worker", choices=("prepare", "hf", "flexgen"), help=argparse.SUPPRESS)
@@ -404,8 +405,9 @@ def contiguous_linear_inputs(model, torch) -> None:
 
 def run_flexgen(args) -> dict:
     torch, device = setup_torch(args)
-    from flexgen_lite import Budgets, FlexGenLite, Policy, SamplingConfig, Workload
+    from flexgen_lite import FlexGenLite, Policy, SamplingConfig, Workload
     from flexgen_lite.bench import _report, drop_offload_pages
+    from flexgen_lite.cli import budgets_from_args
     from flexgen_lite.memory import parse_size
     from flexgen_lite.storage import DiskFile
 
@@ -419,7 +421,8 @@ def run_flexgen(args) -> dict:
     if args.cold_disk:
         DiskFile.page_cache = False
         r["placement"] += " --cold-disk"
-    budgets = Budgets(cpu=parse_size(args.cpu_mem)) if args.cpu_mem else None
+    budgets = budgets_from_args(argparse.Namespace(gpu_mem=None, cpu_mem=parse_size(args.cpu_mem), disk_mem=None)) \
+        if args.cpu_mem else None
     tic = time.perf_counter()
     workload = Workload(args.prompt_len, args.gen_len, args.batch[0])
     with FlexGenLite(str(checkpoint_dir(args)), policy=policy, device=str(device), budgets=budgets,

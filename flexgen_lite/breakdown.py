@@ -200,10 +200,9 @@ def profile_rates(hw, dtype: str, cuda: bool, cold_disk: bool, pin_weight: bool 
     return g
 
 
-def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, hw=None,
-               dtype: str = "float32") -> dict[str, float]:
-    """Matmul and prefill-attention FLOPs of one step (the linears of cost_model._compute), and the seconds
-    the profile's matmul and prefill-attention rates give for them ("compute_s", with `hw`)."""
+def step_linears(config, rows: int, tokens: int, batches: int = 1) -> list[tuple[float, int, int, int]]:
+    """The matmuls of one step as (rows, k, n, how many): each layer's projections and MLP, the embedding's and
+    the head's (last position only) projections, for `batches` GPU batches sharing `rows`."""
     c = config
     h, w, f, v = c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -212,13 +211,22 @@ def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, h
     head = [(w, v)] + [(h, w)] * (w != h)
     embed = [(w, h)] * (w != h)
     batch_rows = max(rows, 1) / batches
+    return [(m, k, n, times * batches)
+            for linears, m, times in ((per_layer, batch_rows * tokens, c.num_layers),
+                                      (embed, batch_rows * tokens, 1), (head, batch_rows, 1))
+            for k, n in linears]
+
+
+def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, hw=None,
+               dtype: str = "float32") -> dict[str, float]:
+    """Matmul and prefill-attention FLOPs of one step (the linears of cost_model._compute), and the seconds
+    the profile's matmul and prefill-attention rates give for them ("compute_s", with `hw`)."""
+    c = config
     flops, seconds = 0.0, 0.0
-    for linears, m, times in ((per_layer, batch_rows * tokens, c.num_layers), (embed, batch_rows * tokens, 1),
-                              (head, batch_rows, 1)):
-        for k, n in linears:
-            flops += times * batches * 2 * m * k * n
-            if hw is not None:
-                seconds += times * batches * hw.matmul_time(dtype, m, k, n)
+    for m, k, n, times in step_linears(config, rows, tokens, batches):
+        flops += times * 2 * m * k * n
+        if hw is not None:
+            seconds += times * hw.matmul_time(dtype, m, k, n)
     if tokens > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * rows * c.num_heads * tokens * tokens * c.head_dim * c.num_layers
         flops += sdpa

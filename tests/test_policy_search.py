@@ -265,15 +265,17 @@ def test_generate_cli_plans_for_its_prompts(tiny_models, profile_file, capsys):
 CPU_BUDGET = 800 * MiB  # the whole process; opt-125m in fp32 is 0.5 GB of weights: most must go to disk
 
 
-def test_auto_policy_keeps_peak_rss_under_the_cpu_budget(profile_file, tmp_path):
+@pytest.mark.parametrize("cold", [False, True], ids=["page-cache", "cold-direct-reads"])
+def test_auto_policy_keeps_peak_rss_under_the_cpu_budget(profile_file, tmp_path, cold):
     """Peak RSS of a whole `flexgen-lite bench --cpu-mem 800MiB --disk-mem 400MiB` run on opt-125m (fp32) <=
     800 MiB: --cpu-mem is the process, so the runtime's share (Python, torch, ~0.3 GiB here) is measured at
-    start and taken off before planning."""
+    start and taken off before planning. Cold, the disk weights are read with O_DIRECT into buffers the plan
+    counts (two per layer kind) instead of being mapped."""
     env = dict(os.environ, FLEXGEN_LITE_PROFILE=str(profile_file))
     run = subprocess.run([sys.executable, "-m", "flexgen_lite.cli", "bench", "--model", "facebook/opt-125m",
                           "--dtype", "float32", "--prompt-len", "16", "--gen-len", "4", "--num-gpu-batches", "1",
                           "--gpu-batch-size", "4", "--cpu-mem", "800MiB", "--disk-mem", "400MiB",
-                          "--offload-dir", str(tmp_path)],
+                          "--offload-dir", str(tmp_path)] + ["--cold-disk"] * cold,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.splitlines()[-1])
