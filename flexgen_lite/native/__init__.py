@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int4.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the kinds of quantize's input
 
@@ -43,10 +44,11 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, out: Path) -> bool:
-    """Compile SOURCE into `out`, with OpenMP where the compiler has it."""
+    """Compile SOURCES into `out`, with OpenMP where the compiler has it."""
     for extra in (["-fopenmp"], []):
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        result = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        result = subprocess.run([cc, *FLAGS, *extra, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True,
+                                text=True)
         if result.returncode == 0:
             os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
             return True
@@ -63,7 +65,7 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("FLEXGEN_LITE_CACHE", Path.home() / ".cache" / "flexgen_lite")) / "native"
     path = cache / f"int4-{key}.so"
     try:
@@ -85,6 +87,10 @@ def library() -> ctypes.CDLL | None:
     fn = lib.int4_quantize_pack
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    fn = lib.decode_attention
+    fn.restype = None
+    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
     return lib
 
 
@@ -123,4 +129,26 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
     scale, minimum = (out[codes + i * stats:codes + (i + 1) * stats] for i in (0, 1))
     lib.int4_quantize_pack(x.data_ptr(), OUT_KIND[x.dtype], n, k, group_size, out.data_ptr(), scale.data_ptr(),
                            minimum.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(d)) v for one query position: q (B, heads, 1, d) over k, v (B, kv_heads, L, d) with
+    a bool mask (B, 1, 1, L), as torch's scaled_dot_product_attention (fp32 inside); None when the kernel
+    cannot do it here. k and v may be views of longer caches (any strides, rows of d contiguous)."""
+    lib = library()
+    b, heads, t, d = q.shape
+    if (lib is None or t != 1 or q.dtype not in OUT_KIND or not (q.dtype == k.dtype == v.dtype) or d > 512
+            or k.shape != v.shape or k.shape[0] != b or heads % k.shape[1] or mask.dtype != torch.bool
+            or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
+        return None
+    length = k.shape[2]
+    mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
+    out = torch.empty(b, heads, 1, d, dtype=q.dtype)
+    threads = torch.get_num_threads()
+    scores = torch.empty(threads * max(length, 1), dtype=torch.float32)
+    strides = [(ctypes.c_int64 * 3)(*x.stride()[:2], x.stride(2)) for x in (q, k, v, out)]
+    lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                         OUT_KIND[q.dtype], b, heads, k.shape[1], length, d, strides[0], strides[1], strides[2],
+                         length, strides[3], 1.0 / math.sqrt(d), scores.data_ptr(), threads)
     return out

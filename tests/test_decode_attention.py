@@ -1,0 +1,121 @@
+"""The C decode attention (`native.decode_attention`, used by `attention.attend` for one new token on a CPU)
+against torch's scaled_dot_product_attention, and the engine decoding through it. Its agreement with
+transformers end to end is test_parity's (every placement decodes through it on a CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flexgen_lite.attention as attention
+from flexgen_lite import FlexGenLite, SamplingConfig, native
+
+from .conftest import PROMPTS
+from .test_parity import P
+
+# (batch, query heads, kv heads, head dim, positions seen, cache capacity): grouped heads, a head dim that is
+# not a multiple of the 16 lanes, a single position, a longer cache
+SHAPES = [(4, 8, 8, 64, 13, 16), (3, 6, 2, 72, 9, 11), (2, 4, 1, 128, 1, 4), (5, 2, 2, 16, 40, 40)]
+
+
+def _case(shape, dtype, seed=0):
+    b, heads, kv_heads, d, seen, capacity = shape
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, b, kv_heads, capacity, d, generator=g).to(dtype)
+    q = torch.randn(b, heads, 1, d, generator=g).to(dtype)
+    mask = torch.rand(b, 1, 1, seen, generator=g) > 0.3
+    mask[..., -1] = True  # the new token always sees itself
+    return q, cache[0, :, :, :seen], cache[1, :, :, :seen], mask  # k, v: views of a longer cache, as the engine's
+
+
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_c_decode_attention_matches_sdpa(shape, dtype):
+    q, k, v, mask = _case(shape, dtype)
+    out = native.decode_attention(q, k, v, mask)
+    assert out is not None and out.dtype == dtype and out.shape == q.shape
+    exact = _sdpa(q.float(), k.float(), v.float(), mask)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-5)
+    else:  # fp32 inside, one rounding at the end: no further from the exact result than torch's own kernel
+        ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
+        assert ours <= torchs * 1.01 + 1e-6
+
+
+def test_a_row_with_every_position_masked_gets_zeros():
+    q, k, v, mask = _case((3, 4, 4, 32, 6, 6), torch.float32)
+    mask[1] = False
+    out = native.decode_attention(q, k, v, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[[0, 2]], _sdpa(q, k, v, mask)[[0, 2]], rtol=1e-4, atol=1e-5)
+
+
+def test_what_the_kernel_does_not_take_is_left_to_sdpa():
+    q, k, v, mask = _case(SHAPES[0], torch.float32)
+    assert native.decode_attention(q.expand(-1, -1, 2, -1), k, v, mask) is None  # two query positions (prefill)
+    assert native.decode_attention(q, k.to(torch.bfloat16), v, mask) is None  # mixed dtypes
+    assert native.decode_attention(q, k.transpose(-1, -2), v, mask) is None  # rows of the head dim not contiguous
+
+
+def test_without_the_library_attend_is_sdpa(monkeypatch):
+    monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
+    native.library.cache_clear()
+    attention.native_decode_agrees.cache_clear()
+    try:
+        q, k, v, mask = _case(SHAPES[1], torch.float32)
+        assert native.decode_attention(q, k, v, mask) is None
+        assert not attention.native_decode_agrees()
+        assert torch.equal(attention.attend(q, k, v, mask), _sdpa(q, k, v, mask))
+    finally:
+        native.library.cache_clear()
+        attention.native_decode_agrees.cache_clear()
+
+
+def _generate(model_dir, dtype: str):
+    policy = dataclasses.replace(P((100, 0, 100, 0, 100, 0), gbs=2, nb=2), dtype=dtype)
+    with FlexGenLite(str(model_dir), policy=policy) as m:
+        return m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=5, stop_at_eos=False), return_logits=True)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_decodes_through_it_as_through_sdpa(tiny_models, monkeypatch, family, dtype):
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    ids, logits = _generate(tiny_models[family][0], dtype)
+    assert calls  # every decode step of every layer
+    monkeypatch.setattr(attention, "native_decode_agrees", lambda: False)
+    calls.clear()
+    sdpa_ids, sdpa_logits = _generate(tiny_models[family][0], dtype)
+    assert not calls and ids == sdpa_ids
+    if dtype == "float32":
+        for ours, theirs in zip(logits, sdpa_logits, strict=True):
+            for step in range(len(theirs)):  # within 1e-5 of each step's largest |logit|
+                assert (ours[step] - theirs[step]).abs().max() <= 1e-5 * theirs[step].abs().max()
+        return
+    # bf16: the two round differently (ours once, from fp32); ours is no further from the fp32 model's logits
+    exact = _generate(tiny_models[family][0], "float32")
+    ours, torchs = _error((ids, logits), exact), _error((sdpa_ids, sdpa_logits), exact)
+    print(f"bf16 logits off the fp32 model's: {ours:.4f} (ours), {torchs:.4f} (SDPA)")
+    assert ours <= 1.1 * torchs
+
+
+def _error(run, exact) -> float:
+    """The largest |difference| of a step's logits from the fp32 run's, as a share of that step's largest |logit|,
+    over the steps whose context (the tokens generated before) is the same in both runs."""
+    worst = 0.0
+    for ids, logits, exact_ids, exact_logits in zip(*run, *exact, strict=True):
+        for step in range(len(exact_logits)):
+            if ids[:step] != exact_ids[:step]:
+                break
+            diff = (logits[step].float() - exact_logits[step]).abs().max() / exact_logits[step].abs().max()
+            worst = max(worst, float(diff))
+    return worst
