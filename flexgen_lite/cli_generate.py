@@ -105,15 +105,25 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
                   f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
         else:
             print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
-        chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
-        for first in range(0, len(todo), chunk):
-            indices = todo[first:first + chunk]
-            generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices)
-            for i, gen in zip(indices, generated, strict=True):
-                _write(args, output, i, prompts[i].text, m.decode(gen, sampling.stop), gen)
+        chunk, tokens, done, tic = m.policy.block_size * 4, 0, 0, time.perf_counter()
+
+        def save(finished: dict[int, list[int]], indices: list[int]) -> None:
+            nonlocal tokens, done
+            for j, gen in sorted(finished.items()):
+                _write(args, output, indices[j], prompts[indices[j]].text, m.decode(gen, sampling.stop), gen)
                 tokens += len(gen)
             (output or sys.stdout).flush()
-            progress(f"{min(first + chunk, len(todo))}/{len(todo)} prompts done")
+            done += len(finished)
+            progress(f"{done}/{len(todo)} prompts done")
+
+        for first in range(0, len(todo), chunk):  # chunks of 4 blocks: prompts sorted by length within each
+            indices = todo[first:first + chunk]
+            # the --output file gets each block as it ends (a kill loses at most one block); stdout, each chunk in
+            # the prompts' order
+            per_block = None if output is None else (lambda finished, indices=indices: save(finished, indices))
+            generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block)
+            if output is None:
+                save(dict(enumerate(generated)), indices)
         elapsed = time.perf_counter() - tic
         print(f"\n{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {m.policy.flags()})",

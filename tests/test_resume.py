@@ -54,7 +54,7 @@ def refuse_loading(monkeypatch) -> None:
 
 
 def test_lines_carry_index_and_prompt_hash(finished):
-    got = [json.loads(line) for line in finished]
+    got = sorted((json.loads(line) for line in finished), key=lambda r: r["index"])  # written block by block
     assert [r["index"] for r in got] == list(range(len(PROMPTS)))
     assert [r["prompt_hash"] for r in got] == [prompt_hash(p) for p in PROMPTS]
     assert all(len(r["token_ids"]) == 4 for r in got)
@@ -129,3 +129,26 @@ def test_a_second_writer_fails_fast(opt_dir, input_file, tmp_path, monkeypatch, 
         err = fails(lambda: run(opt_dir, input_file, out), capsys)
     assert "is being written by another flexgen-lite process" in err
     assert out.read_text() == ""
+
+
+def test_a_run_stopped_mid_chunk_keeps_the_blocks_it_finished(opt_dir, input_file, finished, tmp_path, monkeypatch):
+    """Blocks of 2 prompts, all 5 in one chunk: each block's lines are written when it ends, so a run stopped in
+    the third block keeps the first four completions, and the rerun does only the last."""
+    out, calls = tmp_path / "out.jsonl", []
+    real = generation.FlexGenLite._run_block
+
+    def third_block_fails(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generation.FlexGenLite, "_run_block", third_block_fails)
+        with pytest.raises(SystemExit):  # Ctrl-C: "interrupted; offload files removed", exit 130
+            run(opt_dir, input_file, out)
+    assert len(records(out)) == 4
+    assert set(out.read_text().splitlines(keepends=True)) <= set(finished)
+    calls.clear()
+    run(opt_dir, input_file, out)
+    assert sorted(out.read_text().splitlines(keepends=True)) == sorted(finished)
