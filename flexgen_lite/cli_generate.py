@@ -120,7 +120,8 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
             indices = todo[first:first + chunk]
             # the --output file gets each block as it ends (a kill loses at most one block); stdout, each chunk in
             # the prompts' order
-            per_block = None if output is None else (lambda finished, indices=indices: save(finished, indices))
+            per_block = None if output is None else (
+                lambda finished, indices=indices: save({j: ids for j, (ids, _) in finished.items()}, indices))
             generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block)
             if output is None:
                 save(dict(enumerate(generated)), indices)

@@ -158,13 +158,14 @@ class FlexGenLite:
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
                      return_logits: bool = False, indices: list[int] | None = None,
                      on_tokens: Callable[[int, list[int]], None] | None = None,
-                     on_block: Callable[[dict[int, list[int]]], None] | None = None):
+                     on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
         With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
         indices: the prompts' places in a larger input (default 0, 1, ...); with a seed, they seed sampling.
         on_tokens(i, ids): after each step, for each prompt i of the running block, its tokens so far (streaming).
-        on_block({i: ids}): after each block, its prompts' final ids (to save them before the next block runs)."""
+        on_block({i: (ids, logits or None)}): after each block, its prompts' final ids (to save them before the
+        next block runs)."""
         sampling = sampling or SamplingConfig()
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
@@ -189,7 +190,7 @@ class FlexGenLite:
                 if return_logits:
                     logits[i] = torch.stack([s[row] for s in self.engine.logits])[:len(results[i])]
             if on_block is not None:
-                on_block({i: results[i] for i in chosen})
+                on_block({i: (results[i], logits[i]) for i in chosen})
             if self.progress:
                 self.progress(f"{label} done")
         return (results, logits) if return_logits else results

@@ -139,11 +139,11 @@ def test_resume_after_ctrl_c_and_kill_answers_each_request_once(opt_dir, offline
     argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
     calls = []
 
-    def ctrl_c_on_the_second_block_group(model, jobs):
+    def ctrl_c_on_the_second_block_group(model, jobs, on_output=None):
         calls.append(len(jobs))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return run_jobs(model, jobs)
+        return run_jobs(model, jobs, on_output=on_output)
 
     with monkeypatch.context() as mp:
         mp.setattr(runner, "run_jobs", ctrl_c_on_the_second_block_group)
@@ -158,3 +158,37 @@ def test_resume_after_ctrl_c_and_kill_answers_each_request_once(opt_dir, offline
     assert got.pop(None) == [] and sorted(got) == sorted(f"r{i}" for i in range(n))
     for i in range(n):
         assert got[f"r{i}"]["response"]["body"]["choices"][0]["text"] == offline[(PROMPTS[i % 5], 4)]
+
+
+def test_a_run_stopped_mid_chunk_keeps_each_request_whose_choices_all_finished(opt_dir, offline, tmp_path,
+                                                                               monkeypatch):
+    """Blocks of 2 jobs, one chunk of 6 requests of 2 choices each (12 jobs; a request's choices have the same
+    length, so they sort next to each other): a stop in the engine's fourth block has written the 3 requests
+    of the first three blocks, each line with both its choices, and the rerun does only the other 3."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(line(f"r{i}", {"prompt": PROMPTS[i % 5], "max_tokens": 4, "temperature": 0,
+                                                "n": 2}) + "\n" for i in range(6)))
+    out = tmp_path / "results.jsonl"
+    argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
+    real, blocks = FlexGenLite._run_block, []
+
+    def fourth_block_fails(self, *a, **k):
+        blocks.append(1)
+        if len(blocks) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(FlexGenLite, "_run_block", fourth_block_fails)
+        with pytest.raises(SystemExit):
+            main(argv)
+    kept = results(out)
+    assert kept.pop(None) == [] and len(kept) == 3
+    for record in kept.values():
+        assert len(record["response"]["body"]["choices"]) == 2
+    main(argv)
+    got = results(out)
+    assert got.pop(None) == [] and sorted(got) == [f"r{i}" for i in range(6)]
+    for i in range(6):
+        for choice in got[f"r{i}"]["response"]["body"]["choices"]:
+            assert choice["text"] == offline[(PROMPTS[i % 5], 4)]

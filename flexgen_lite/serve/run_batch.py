@@ -197,17 +197,29 @@ def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: 
         custom_ids = {i: json.loads(lines[i].text)["custom_id"] for i in works}
         done, tokens, tic = 0, 0, time.perf_counter()
         for chunk in plan_chunks(works, m.policy.block_size * 4):
-            outputs = run_jobs(m, [j for i in chunk for j in works[i].jobs])
-            for i in chunk:
-                mine, outputs = outputs[:len(works[i].jobs)], outputs[len(works[i].jobs):]
+            line_of = [i for i in chunk for _ in works[i].jobs]  # job -> its request's line
+            first = {i: line_of.index(i) for i in chunk}
+            left, got = {i: len(works[i].jobs) for i in chunk}, {}
+
+            def answered(j: int, out, line_of=line_of, first=first, left=left, got=got) -> None:
+                """A request's line is written (and flushed) once all its choices are done: a kill loses at most
+                the engine's running block."""
+                nonlocal done, tokens
+                i = line_of[j]
+                got[j], left[i] = out, left[i] - 1
+                if left[i]:
+                    return
+                mine = [got.pop(k) for k in range(first[i], first[i] + len(works[i].jobs))]
                 output.write_record(i, lines[i].text, answer_line(custom_ids[i], works[i], mine))
+                output.flush()
                 tokens += sum(len(o.token_ids) for o in mine)
-            output.flush()
-            done += len(chunk)
-            if show:
-                elapsed = time.perf_counter() - tic
-                eta = elapsed / done * (len(works) - done)
-                show(f"{done}/{len(works)} requests, {tokens / elapsed:.1f} tok/s, ETA {eta:.0f} s")
+                done += 1
+                if show:
+                    elapsed = time.perf_counter() - tic
+                    eta = elapsed / done * (len(works) - done)
+                    show(f"{done}/{len(works)} requests, {tokens / elapsed:.1f} tok/s, ETA {eta:.0f} s")
+
+            run_jobs(m, [j for i in chunk for j in works[i].jobs], on_output=answered)
         elapsed = time.perf_counter() - tic
         print(f"\n{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({m.policy.flags()})", file=sys.stderr)

@@ -18,10 +18,11 @@ def group_by_sampling(jobs: list[Job]) -> dict:
     return groups
 
 
-def run_jobs(model, jobs: list[Job], on_tokens=None) -> list[Output]:
+def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None) -> list[Output]:
     """Generate every job on `model` (a FlexGenLite); outputs in the order of `jobs`.
 
-    on_tokens(j, ids): after each engine step, job j's tokens so far (for streaming)."""
+    on_tokens(j, ids): after each engine step, job j's tokens so far (for streaming).
+    on_output(j, output): job j's output, as soon as the engine's block that held it ends."""
     outputs: list[Output | None] = [None] * len(jobs)
     for sampling, members in group_by_sampling(jobs).items():
         want = any(jobs[i].logprobs is not None for i in members)
@@ -29,12 +30,17 @@ def run_jobs(model, jobs: list[Job], on_tokens=None) -> list[Output]:
         if on_tokens is not None:
             def report(i: int, ids: list[int], members=members) -> None:
                 on_tokens(members[i], ids)
-        generated = model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
-                                       indices=[jobs[i].index for i in members], on_tokens=report)
-        generated, logits = generated if want else (generated, [None] * len(members))
-        for i, gen, rows in zip(members, generated, logits, strict=True):
-            top = jobs[i].logprobs
-            outputs[i] = output_of(model, gen, sampling, None if top is None else token_logprobs(model, gen, rows, top))
+
+        def finished(block: dict, members=members, sampling=sampling) -> None:
+            for i, (gen, rows) in block.items():
+                j, top = members[i], jobs[members[i]].logprobs
+                outputs[j] = output_of(model, gen, sampling,
+                                       None if top is None else token_logprobs(model, gen, rows, top))
+                if on_output is not None:
+                    on_output(j, outputs[j])
+
+        model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
+                           indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished)
     return outputs
 
 
