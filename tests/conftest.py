@@ -200,3 +200,19 @@ def _synthetic_machine(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEXGEN_LITE_PROFILE", str(path))
         yield path
+
+
+def ctrl_c_in_block(monkeypatch, n: int) -> None:
+    """From now on, the n-th block FlexGenLite runs raises KeyboardInterrupt as it starts, as Ctrl-C there would
+    (the CLI then exits 130); the blocks before it run as usual."""
+    from flexgen_lite.generation import FlexGenLite
+
+    real, started = FlexGenLite._run_block, []
+
+    def run_block(self, *args, **kwargs):
+        started.append(1)
+        if len(started) == n:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlexGenLite, "_run_block", run_block)

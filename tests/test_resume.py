@@ -12,6 +12,8 @@ from flexgen_lite import generation
 from flexgen_lite.batch_io import prompt_hash
 from flexgen_lite.cli import main
 
+from .conftest import ctrl_c_in_block
+
 PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
 
 
@@ -134,21 +136,12 @@ def test_a_second_writer_fails_fast(opt_dir, input_file, tmp_path, monkeypatch, 
 def test_a_run_stopped_mid_chunk_keeps_the_blocks_it_finished(opt_dir, input_file, finished, tmp_path, monkeypatch):
     """Blocks of 2 prompts, all 5 in one chunk: each block's lines are written when it ends, so a run stopped in
     the third block keeps the first four completions, and the rerun does only the last."""
-    out, calls = tmp_path / "out.jsonl", []
-    real = generation.FlexGenLite._run_block
-
-    def third_block_fails(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
+    out = tmp_path / "out.jsonl"
     with monkeypatch.context() as patch:
-        patch.setattr(generation.FlexGenLite, "_run_block", third_block_fails)
+        ctrl_c_in_block(patch, 3)
         with pytest.raises(SystemExit):  # Ctrl-C: "interrupted; offload files removed", exit 130
             run(opt_dir, input_file, out)
     assert len(records(out)) == 4
     assert set(out.read_text().splitlines(keepends=True)) <= set(finished)
-    calls.clear()
     run(opt_dir, input_file, out)
     assert sorted(out.read_text().splitlines(keepends=True)) == sorted(finished)

@@ -18,6 +18,8 @@ from flexgen_lite.policy import Policy
 from flexgen_lite.serve import runner
 from flexgen_lite.serve.runner import run_jobs
 
+from .conftest import ctrl_c_in_block
+
 PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
 FLAGS = ["--policy", "manual", "--gpu-batch-size", "2", "--dtype", "float32"]
 
@@ -170,16 +172,8 @@ def test_a_run_stopped_mid_chunk_keeps_each_request_whose_choices_all_finished(o
                                                 "n": 2}) + "\n" for i in range(6)))
     out = tmp_path / "results.jsonl"
     argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
-    real, blocks = FlexGenLite._run_block, []
-
-    def fourth_block_fails(self, *a, **k):
-        blocks.append(1)
-        if len(blocks) == 4:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
     with monkeypatch.context() as mp:
-        mp.setattr(FlexGenLite, "_run_block", fourth_block_fails)
+        ctrl_c_in_block(mp, 4)
         with pytest.raises(SystemExit):
             main(argv)
     kept = results(out)
