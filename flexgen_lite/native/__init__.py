@@ -65,9 +65,10 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    sources = [p.read_text() for p in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("FLEXGEN_LITE_CACHE", Path.home() / ".cache" / "flexgen_lite")) / "native"
-    path = cache / f"int4-{key}.so"
+    path = cache / f"kernels-{key}.so"
     try:
         cache.mkdir(parents=True, exist_ok=True)
         if not path.exists() and not _build(cc, path):
