@@ -377,7 +377,7 @@ class WeightSlots:
             raw = torch.empty(file.nbytes + PAGE, dtype=torch.uint8)
             start = -raw.data_ptr() % PAGE
             buf = self.extents[slot_key] = raw[start:start + file.nbytes]
-            self.ledger.add("gpu", raw.numel())
+            self.ledger.track(buf, "gpu", raw.numel())  # until a larger one replaces it
         file.read_into(buf[:file.nbytes], direct=True)
         for t in ts:
             part = buf[t.offset:t.offset + t.nbytes]

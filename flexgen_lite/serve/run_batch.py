@@ -9,6 +9,7 @@ input line's index and hash), so a rerun after Ctrl-C or kill -9 does only the r
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -198,7 +199,8 @@ def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: 
         done, tokens, tic = 0, 0, time.perf_counter()
         for chunk in plan_chunks(works, m.policy.block_size * 4):
             line_of = [i for i in chunk for _ in works[i].jobs]  # job -> its request's line
-            first = {i: line_of.index(i) for i in chunk}
+            starts = itertools.accumulate((len(works[i].jobs) for i in chunk), initial=0)
+            first = dict(zip(chunk, starts, strict=False))  # starts has one more: the chunk's end
             left, got = {i: len(works[i].jobs) for i in chunk}, {}
 
             def answered(j: int, out, line_of=line_of, first=first, left=left, got=got) -> None:
