@@ -25,18 +25,26 @@ def keep_freed_memory() -> None:
         pass
 
 
+LINK = "+link"  # "cpu+link": a CPU that keeps its host tiers apart, as a GPU must (tests the GPU's paths)
+
+
 class ComputeDevice:
-    """Where layers run: CUDA when present, else the CPU. Holds the copy streams used for prefetch: one for
-    weights, one for the KV cache, so a batch's cache load does not queue behind a layer's weights."""
+    """Where layers run: CUDA when present, else the CPU. Holds the copy streams: one for weight loads, one
+    for cache loads (a batch's cache does not queue behind a layer's weights), one for stores to the host.
+
+    `host_is_separate`: the cpu and disk tiers are not compute memory, so what they hold is copied across
+    the link before use (CUDA; or "cpu+link", where a CPU makes the same copies to test that logic)."""
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        link = isinstance(device, str) and device.endswith(LINK)
+        self.device = torch.device(device.removesuffix(LINK) if link else device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.is_cuda = self.device.type == "cuda"
-        self.copy_streams = {lane: torch.cuda.Stream(self.device) for lane in ("weights", "cache")} \
+        self.host_is_separate = self.is_cuda or link
+        self.copy_streams = {lane: torch.cuda.Stream(self.device) for lane in ("weights", "cache", "store")} \
             if self.is_cuda else {}
 
     def holds(self, t: torch.Tensor) -> bool:
@@ -55,7 +63,7 @@ class ComputeDevice:
             if after is not None:
                 stream.wait_event(after)
             def done() -> torch.cuda.Event:
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(blocking=True)  # a host thread may wait on it: sleep, not spin
                 event.record(stream)
                 return event
             yield done

@@ -48,7 +48,7 @@ class Engine:
         self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
         self.trace = trace
         self.io = IOPool(policy.overlap)
-        self.staging = Staging(pin=device.is_cuda)
+        self.staging = Staging(pin=device.is_cuda, ledger=ledger)
         on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
         direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
         self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
@@ -73,7 +73,7 @@ class Engine:
 
     def _run_steps(self, block: Block, sampling: SamplingConfig, on_step, keep_logits: bool) -> None:
         acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
-                           self.disk, self.ledger, self.trace)
+                           self.disk, self.ledger, self.io, self.staging, self.trace)
         self.times = StepTimes()
         self.logits = [] if keep_logits else None
         for step in range(block.gen_len):
@@ -262,21 +262,31 @@ class Engine:
             return self.cache.load(layer, b, length, self.cache_slots, parity, self.trace), done()
 
     def _store_cache(self, layer: int, b: int, part, k_new, v_new, start: int) -> None:
-        """Write new cache entries home: memory copies in stream order; file writes and, on CPU,
-        quantization in the background (later loads of the same part wait for them)."""
+        """Write new cache entries home. Memory in stream order (across the link: one asynchronous copy into
+        page-locked host RAM). Files in the background: across the link laid out on the device here, then
+        copied out and written on the store stream; on a CPU quantized there too. Later loads of the same
+        part wait for them."""
         stage, nbytes = CACHE_STORE[part.tier], part.nbytes_at(k_new.shape[2])
-        if part.tier != "disk" and (self.device.is_cuda or self.cache.compression is None):
+        separate = self.device.host_is_separate
+        if part.tier != "disk" and (separate or self.cache.compression is None):
             with self.trace.span(stage, nbytes, stream=COMPUTE_LANE):
                 self.cache.store(part, k_new, v_new, start)
             return
-        if self.device.is_cuda:
-            k_new, v_new = k_new.cpu(), v_new.cpu()
-        future = self.io.submit(self._store_in_background, stage, nbytes, part, k_new, v_new, start)
+        if separate:
+            staged, after = self.cache.stage(part, k_new, v_new), self.device.compute_event()
+            future = self.io.submit(self._write_staged, stage, nbytes, part, staged, start, after)
+        else:
+            future = self.io.submit(self._store_in_background, stage, nbytes, part, k_new, v_new, start)
         self._pending_stores.setdefault((layer, b), []).append(future)
 
     def _store_in_background(self, stage: str, nbytes: int, part, k_new, v_new, start: int) -> None:
         with self.trace.span(stage, nbytes):
             self.cache.store(part, k_new, v_new, start)
+
+    def _write_staged(self, stage: str, nbytes: int, part, staged, start: int, after) -> None:
+        """On an I/O thread: `staged` (device tensors, kept alive here until copied) out to the part's file."""
+        with self.trace.span(stage, nbytes), self.device.on_copy_stream(after, "store"):
+            self.cache.write_staged(part, staged, start, self.staging)
 
     def free_cache(self) -> None:
         """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""

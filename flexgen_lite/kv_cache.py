@@ -4,8 +4,9 @@ Sequence s of the block lives on one tier (the cache percentages split the block
 GPU batch has up to three parts. Attention is independent per sequence, so each part is attended to
 on its own and the outputs are joined by row: no part ever needs another's data.
 
-Memory tiers hold arrays as (rows, kv_heads, max_len, D); disk files hold them position-major,
-(max_len, rows, kv_heads, D), so reading a prefix or appending a token is one contiguous I/O.
+What attention uses in place (compute memory, a CPU's mapped files) holds arrays as (rows, kv_heads,
+max_len, D). What crosses the link (host RAM with a GPU, disk files) holds them position-major,
+(max_len, rows, kv_heads, D), so reading a prefix or appending a token is one contiguous copy or I/O.
 A compressed cache keeps 4-bit codes, scales and minima as three such arrays, grouped along head_dim.
 """
 
@@ -17,48 +18,87 @@ import torch
 
 from .compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, quantize
 from .devices import ComputeDevice
+from .host_memory import HostArena, padded
 from .policy import split_counts
 from .storage import DiskStore, MemoryLedger, Staging
 from .trace import CACHE_LOAD, NULL
 
 
+def component_specs(shape: tuple[int, ...], dtype: torch.dtype,
+                    compression: CompressionConfig | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (rows, kv_heads, max_len, last) arrays one K or V is stored as: its values, or 4-bit codes,
+    scales and minima grouped along head_dim."""
+    if compression is None:
+        return [(shape, dtype)]
+    rows, heads, max_len, d = shape
+    probe = quantize(torch.zeros(1, 1, 1, d), compression)
+    codes, stats = (rows, heads, max_len, probe.data.numel()), (rows, heads, max_len, probe.scale.shape[-1])
+    return [(codes, torch.uint8), (stats, torch.float16), (stats, torch.float16)]
+
+
 class Store:
-    """One (rows, kv_heads, max_len, D) array of a tier: a host/device tensor, or a file. On a CPU the file
-    is memory-mapped in that layout and used as the tensor (`mapped`); elsewhere it is position-major."""
+    """One (rows, kv_heads, max_len, D) array of K or V (or of their 4-bit form). Where attention runs on it
+    in place (compute memory, a CPU's memory-mapped file) it is stored in that layout. Across the link
+    (host RAM with a GPU, files) it is position-major, (max_len, rows, kv_heads, D), so a prefix or new
+    positions are one contiguous range: one DMA from page-locked memory, or one file I/O. `tensor` is then
+    a (rows, kv_heads, max_len, D) view of it."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str, where: torch.device | str,
-                 disk: DiskStore, pin: bool, mapped: bool = False) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, home: str, where: torch.device | str = "cpu",
+                 disk: DiskStore | None = None, arena: HostArena | None = None) -> None:
+        """home: "device" (a tensor on `where`), "host" (a view of `arena`), "mapped" or "file" (on disk)."""
         self.shape, self.dtype = shape, dtype
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        self.tensor = self.file = None
-        self.mapped = tier == "disk" and mapped and nbytes > 0
-        if tier == "disk":
-            self.file = disk.create(nbytes, "kv")
-            if self.mapped:
-                self.tensor = self.file.map(dtype, shape)
+        self.nbytes = torch.Size(shape).numel() * dtype.itemsize
+        rows, heads, max_len, d = shape
+        self.position_shape = (max_len, rows, heads, d)
+        self.position_bytes = rows * heads * d * dtype.itemsize
+        self.tensor = self.positions = self.file = None
+        if home == "device":
+            self.tensor = torch.zeros(shape, dtype=dtype, device=where)
+        elif home == "host":
+            self.positions = arena.tensor(self.position_shape, dtype)
+            self.tensor = self.positions.permute(1, 2, 0, 3)
         else:
-            self.tensor = torch.zeros(shape, dtype=dtype, device=where, pin_memory=pin)
-        self.nbytes = nbytes
+            self.file = disk.create(self.nbytes, "kv")
+            if home == "mapped":
+                self.tensor = self.file.map(dtype, shape)
+        self.mapped = home == "mapped"
+        self.position_major = home in ("host", "file")
 
-    def read(self, dst: torch.Tensor, length: int, staging: Staging) -> None:
-        """Copy positions [0, length) into dst (rows, kv_heads, >= length, D)."""
-        if self.tensor is not None:
-            dst[:, :, :length].copy_(self.tensor[:, :, :length], non_blocking=True)
-            return
-        rows, heads, _, d = self.shape
-        host = staging.take(length * rows * heads * d, self.dtype)
-        self.file.read_into(host)
-        dst[:, :, :length].copy_(host.view(length, rows, heads, d).permute(1, 2, 0, 3), non_blocking=True)
-        staging.release()
+    def read(self, dst: torch.Tensor, length: int, staging: Staging | None, to_device: bool) -> None:
+        """Copy positions [0, length) into `dst`, laid out as `position_shape`: one contiguous copy from host
+        RAM, or a file read (`to_device`: into staging, then one copy to the compute device)."""
+        assert self.position_major, "read() is for stores across the link; the others are used in place"
+        if self.positions is not None:
+            dst[:length].copy_(self.positions[:length], non_blocking=True)
+        elif not to_device:
+            self.file.read_into(dst[:length])
+        else:
+            buf = staging.take("cache", length * self.position_bytes)
+            self.file.read_into(buf.data)
+            dst[:length].copy_(buf.data.view(self.dtype).view(dst[:length].shape), non_blocking=True)
+            staging.release(buf, copied_to_gpu=dst.is_cuda)
+
+    def stage(self, new: torch.Tensor) -> torch.Tensor:
+        """New positions (rows, kv_heads, t, D) as they are stored, on their device."""
+        new = new.to(self.dtype)
+        return new.permute(2, 0, 1, 3).contiguous() if self.position_major else new
 
     def write(self, new: torch.Tensor, start: int) -> None:
         """Store new positions (rows, kv_heads, t, D) at [start, start + t)."""
-        if self.tensor is not None:
-            self.tensor[:, :, start:start + new.shape[2]].copy_(new.to(self.dtype), non_blocking=True)
-            return
-        rows, heads, _, d = self.shape
-        new = new.to(self.dtype).permute(2, 0, 1, 3).contiguous()
-        self.file.write(new, start * rows * heads * d * self.dtype.itemsize)
+        self.write_staged(self.stage(new), start, None)
+
+    def write_staged(self, staged: torch.Tensor, start: int, staging: Staging | None) -> None:
+        """Store what stage() made at [start, start + t): into host RAM, one contiguous copy (from a GPU:
+        asynchronous, into page-locked memory); into a file (from a GPU through staging, which waits here
+        for the copy: run it on an I/O thread)."""
+        if not self.position_major:
+            self.tensor[:, :, start:start + staged.shape[2]].copy_(staged, non_blocking=True)
+        elif self.positions is not None:
+            self.positions[start:start + staged.shape[0]].copy_(staged, non_blocking=True)
+        elif staging is None:
+            self.file.write(staged, start * self.position_bytes)
+        else:
+            staging.write_out("store", self.file, staged, start * self.position_bytes)
 
     def prefetch(self) -> None:
         if self.mapped:
@@ -72,48 +112,50 @@ class Store:
 class QuantizedStore:
     """Codes, scales and minima of a group-wise quantized (rows, kv_heads, max_len, head_dim) array."""
 
-    def __init__(self, shape, config: CompressionConfig, tier, where, disk, pin, mapped: bool = False) -> None:
+    def __init__(self, shape, config: CompressionConfig, home: str, where="cpu", disk=None, arena=None) -> None:
         self.shape, self.config = shape, config
-        probe = quantize(torch.zeros(shape[0], shape[1], 1, shape[3]), config)
-        code_bytes = probe.data.numel() // (shape[0] * shape[1])
-        groups = probe.scale.shape[-1]
-        rows, heads, max_len, _ = shape
-        self.codes = Store((rows, heads, max_len, code_bytes), torch.uint8, tier, where, disk, pin, mapped)
-        self.scale = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin, mapped)
-        self.minimum = Store((rows, heads, max_len, groups), torch.float16, tier, where, disk, pin, mapped)
-        self.nbytes = self.codes.nbytes + self.scale.nbytes + self.minimum.nbytes
+        self.codes, self.scale, self.minimum = self.stores = [
+            Store(s, dt, home, where, disk, arena) for s, dt in component_specs(shape, torch.float16, config)]
+        self.nbytes = sum(s.nbytes for s in self.stores)
 
-    def read(self, dst: torch.Tensor, length: int, staging: Staging, scratch: list[torch.Tensor]) -> None:
-        """Dequantize positions [0, length) into dst; `scratch` holds one buffer per component."""
+    def read(self, dst: torch.Tensor, length: int, staging: Staging | None, scratch: list[torch.Tensor],
+             to_device: bool) -> None:
+        """Dequantize positions [0, length) into dst; `scratch` holds one buffer per component stored
+        across the link (in its position_shape)."""
         parts = []
-        for store, buf in zip((self.codes, self.scale, self.minimum), scratch, strict=True):
-            if store.tensor is not None and store.tensor.device == dst.device:
-                parts.append(store.tensor[:, :, :length])
+        for store, buf in zip(self.stores, scratch, strict=True):
+            if store.position_major:
+                store.read(buf, length, staging, to_device)
+                parts.append(buf[:length].permute(1, 2, 0, 3))
             else:
-                store.read(buf, length, staging)
-                parts.append(buf[:, :, :length])
+                parts.append(store.tensor[:, :, :length])
         rows, heads, _, d = self.shape
         q = QuantizedTensor(parts[0].reshape(-1), parts[1], parts[2], (rows, heads, length, d), self.config)
         dequantize(q, dst.dtype, out=dst[:, :, :length])
 
-    def write(self, new: torch.Tensor, start: int) -> None:
+    def stage(self, new: torch.Tensor) -> list[torch.Tensor]:
         q = quantize(new, self.config)
         rows, heads, t, _ = new.shape
-        self.codes.write(q.data.view(rows, heads, t, -1), start)
-        self.scale.write(q.scale, start)
-        self.minimum.write(q.minimum, start)
+        parts = (q.data.view(rows, heads, t, -1), q.scale, q.minimum)
+        return [store.stage(x) for store, x in zip(self.stores, parts, strict=True)]
+
+    def write(self, new: torch.Tensor, start: int) -> None:
+        self.write_staged(self.stage(new), start, None)
+
+    def write_staged(self, staged: list[torch.Tensor], start: int, staging: Staging | None) -> None:
+        for store, x in zip(self.stores, staged, strict=True):
+            store.write_staged(x, start, staging)
 
     def prefetch(self) -> None:
-        for store in (self.codes, self.scale, self.minimum):
+        for store in self.stores:
             store.prefetch()
 
     def release(self) -> None:
-        for store in (self.codes, self.scale, self.minimum):
+        for store in self.stores:
             store.release()
 
     def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        return [(n, s.shape, s.dtype) for n, s in (("codes", self.codes), ("scale", self.scale),
-                                                      ("min", self.minimum))]
+        return [(n, s.position_shape, s.dtype) for n, s in zip(("codes", "scale", "min"), self.stores, strict=True)]
 
 
 @dataclass
@@ -161,30 +203,52 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
                  cpu_attention_dtype: torch.dtype | None = None) -> None:
-        """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype."""
+        """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype.
+        Across a link the cpu tier's parts share one host arena of their exact size (page-locked with CUDA)."""
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
         self.cpu_dtype = cpu_attention_dtype
         self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
-        self.parts = [[[self._alloc(tier, rows, disk, ledger)
-                        for tier, rows in batch_parts(b, gpu_batch_size, self.tier_rows)]
-                       for b in range(num_batches)] for _ in range(num_layers)]  # [layer][batch] -> parts
+        layout = [[batch_parts(b, gpu_batch_size, self.tier_rows) for b in range(num_batches)]] * num_layers
+        self.arena = None
+        if device.host_is_separate:
+            host = [rows for per_batch in layout for parts in per_batch for tier, rows in parts if tier == "cpu"]
+            self.arena = HostArena(sum(self._host_bytes(rows) for rows in host), device.is_cuda)
+            ledger.track(self.arena.buffer, "cpu", self.arena.nbytes)  # until a longer cache replaces it
+        self.parts = [[[self._alloc(tier, rows, disk, ledger) for tier, rows in parts] for parts in per_batch]
+                      for per_batch in layout]  # [layer][batch] -> parts
+
+    def _home(self, tier: str) -> str:
+        if tier == "gpu" or (tier == "cpu" and not self.device.host_is_separate):
+            return "device"
+        if tier == "cpu":
+            return "host"
+        return "file" if self.device.host_is_separate else "mapped"  # a CPU computes on the mapped pages
+
+    def _shape_dtype(self, tier: str, rows: slice) -> tuple[tuple[int, ...], torch.dtype]:
+        on_cpu = self.cpu_dtype is not None and tier != "gpu"
+        shape = (rows.stop - rows.start, self.kv_heads, self.max_len, self.head_dim)
+        return shape, self.cpu_dtype if on_cpu else self.dtype
+
+    def _host_bytes(self, rows: slice) -> int:
+        """Arena bytes of a cpu-tier part's K and V."""
+        shape, dtype = self._shape_dtype("cpu", rows)
+        return 2 * sum(padded(torch.Size(s).numel() * dt.itemsize)
+                       for s, dt in component_specs(shape, dtype, self.compression))
 
     def _alloc(self, tier: str, rows: slice, disk: DiskStore, ledger: MemoryLedger) -> CachePart:
-        shape = (rows.stop - rows.start, self.kv_heads, self.max_len, self.head_dim)
-        on_cpu = self.cpu_dtype is not None and tier != "gpu"
-        in_compute_memory = tier == "gpu" or not self.device.is_cuda
-        where = self.device.device if in_compute_memory else "cpu"
-        pin = self.device.is_cuda and not in_compute_memory
-        dtype = self.cpu_dtype if on_cpu else self.dtype
-        mapped = not self.device.is_cuda  # a CPU computes on a disk part's mapped pages
+        shape, dtype = self._shape_dtype(tier, rows)
+        on_cpu, home = self.cpu_dtype is not None and tier != "gpu", self._home(tier)
+        args = (home, self.device.device, disk, self.arena)
         if self.compression is not None:
-            k, v = (QuantizedStore(shape, self.compression, tier, where, disk, pin, mapped) for _ in range(2))
+            k, v = (QuantizedStore(shape, self.compression, *args) for _ in range(2))
         else:
-            k, v = (Store(shape, dtype, tier, where, disk, pin, mapped) for _ in range(2))
-        direct = self.compression is None and (tier != "disk" or mapped) and (in_compute_memory or on_cpu)
-        for store in (k, v):  # off the ledger (and its files off the disk) when a longer cache replaces this one
-            ledger.track(store, tier, store.nbytes)
+            k, v = (Store(shape, dtype, *args) for _ in range(2))
+        # used in place by attention: in compute memory, or in host RAM by CPU attention
+        direct = self.compression is None and home != "file" and (home != "host" or on_cpu)
+        if home != "host":  # off the ledger (and its files off the disk) when a longer cache replaces this one
+            for store in (k, v):
+                ledger.track(store, tier, store.nbytes)
         return CachePart(tier, rows, k, v, on_cpu, direct)
 
     def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int,
@@ -202,7 +266,8 @@ class KVCache:
         return views
 
     def _load_part(self, i: int, part: CachePart, length: int, slots: CacheSlots, parity: int) -> CacheView:
-        """One part: a mapped disk part's pages faulted in; any other read, copied or decompressed into slots."""
+        """One part: a mapped disk part's pages faulted in; any other read, copied or decompressed into slots.
+        A part across the link is copied position-major (contiguous) and attended through a strided view."""
         shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
         if part.direct:
             for store, half in zip((part.k, part.v), "kv", strict=True):
@@ -211,24 +276,39 @@ class KVCache:
                     store.prefetch()
             return CacheView(part, part.k.tensor, part.v.tensor)
         where = "cpu" if part.on_cpu else self.device.device
-        tier = "cpu" if part.on_cpu and self.device.is_cuda else "gpu"
+        tier = "cpu" if part.on_cpu and self.device.host_is_separate else "gpu"
         dtype = self.cpu_dtype if part.on_cpu else self.dtype
-        bufs = [slots.get((i, parity, half, "values", shape), shape, dtype, where, tier) for half in "kv"]
-        for store, buf, half in zip((part.k, part.v), bufs, "kv", strict=True):
-            if length and isinstance(store, QuantizedStore):
-                scratch = [slots.get((i, parity, half, name, shape), shape, dt, where, tier)
-                           for name, shape, dt in store.scratch_shapes()]
-                store.read(buf, length, slots.staging, scratch)
-            elif length:
-                store.read(buf, length, slots.staging)
+        views = []
+        for store, half in zip((part.k, part.v), "kv", strict=True):
+            if isinstance(store, QuantizedStore):
+                buf = view = slots.get((i, parity, half, "values", shape), shape, dtype, where, tier)
+                scratch = [slots.get((i, parity, half, name, s), s, dt, where, tier)
+                           for name, s, dt in store.scratch_shapes()]
+                if length:
+                    store.read(buf, length, slots.staging, scratch, not part.on_cpu)
+            else:
+                s = store.position_shape
+                buf = slots.get((i, parity, half, "positions", s), s, dtype, where, tier)
+                view = buf.permute(1, 2, 0, 3)
+                if length:
+                    store.read(buf, length, slots.staging, not part.on_cpu)
             store.release()
-        return CacheView(part, *bufs)
+            views.append(view)
+        return CacheView(part, *views)
 
     def store(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
         """Write new positions (rows, kv_heads, t, head_dim) of one part to its home."""
         part.k.write(k_new, start)
         part.v.write(v_new, start)
         part.release()
+
+    def stage(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple:
+        """New positions laid out as the part stores them, on their device (for write_staged elsewhere)."""
+        return part.k.stage(k_new), part.v.stage(v_new)
+
+    def write_staged(self, part: CachePart, staged: tuple, start: int, staging: Staging) -> None:
+        part.k.write_staged(staged[0], start, staging)
+        part.v.write_staged(staged[1], start, staging)
 
     def bytes_per_tier(self) -> dict[str, int]:
         out = dict.fromkeys(("gpu", "cpu", "disk"), 0)

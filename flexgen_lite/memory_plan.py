@@ -22,7 +22,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     c, w = s.config, s.workload
     gpu, cpu, disk = {}, {}, {}
     gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
-    slots, staging, direct = 0.0, 0.0, 0.0
+    slots, weight_staging, direct = 0.0, 0.0, 0.0
     for kind, spec in s.kinds.items():
         extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA); on a CPU mapped, or read
         for sp in spec.weights:  # into a buffer per parity (WeightSlots._read_extent), counted either way
@@ -30,7 +30,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
             if lay.weight(kind, sp)[2]:
                 extent += s.tensor_bytes(sp)
         if s.cuda:
-            staging = max(staging, extent)
+            weight_staging = max(weight_staging, extent)
         else:
             direct += 2 * extent
     gpu["weight slots"] = slots
@@ -41,12 +41,15 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
         d["kv cache"] = tier * per_seq
     slot_bytes, slot_tier = _cache_slots(s, lay)
     (cpu if slot_tier == "cpu" else gpu)["cache slots"] = slot_bytes
-    if lay.cache_rows[2] and (s.cuda or s.ccomp is not None):  # a CPU maps uncompressed parts (cache slots)
+    cache_staging = 0.0
+    if lay.cache_rows[2] and s.cuda:  # a CPU reads files straight into its slots, or maps them
         rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
                     if t == "disk"), default=0) if lay.exact else s.gbs
-        staging = max(staging, rows * s.seq_layer / 2 * w.max_len)  # one of k, v of a part
-    cpu["staging"] = s.threads * staging
+        cache_staging = rows * s.seq_layer / 2 * w.max_len  # one of k, v of a part
     hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
+    if s.cuda:  # storage.Staging: two buffers per lane for loads, one per I/O thread for stores
+        act_staging = 2 * hidden if lay.act_batches[2] else 0
+        cpu["staging"] = 2 * weight_staging + (2 + s.threads) * cache_staging + act_staging
     for d, batches in zip((gpu, cpu, disk), lay.act_batches, strict=True):
         d["activations"] = batches * hidden
     rows = s.gbs * w.prompt_len

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .host_memory import host_buffer
+
 TIERS = ("gpu", "cpu", "disk")
 PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python exports it from 3.13
@@ -267,32 +269,71 @@ def _alive(pid: int) -> bool:
 
 
 class Staging:
-    """Host buffers that disk reads land in before a copy to the GPU: allocated on first use, reused.
+    """Host buffers between files and the GPU: disk reads land in them before a copy to the device, and
+    device data before a file write. Per lane ("weights", "cache", "store", "act") a buffer is reused once
+    the copies out of it are done; while they run, the next request gets a second buffer (up to `per_lane`,
+    more only while that many are held at once), so a read overlaps the copy before it. Buffers are
+    page-locked at their exact size with CUDA (host_memory), grown to the largest request, in the ledger."""
 
-    One buffer per I/O thread, grown to the largest request; pinned when CUDA is used.
-    """
+    def __init__(self, pin: bool, ledger: MemoryLedger | None = None, per_lane: int = 2) -> None:
+        self.pin, self.ledger, self.per_lane = pin, ledger, per_lane
+        self.lanes: dict[str, list[StagingBuffer]] = {}
+        self.lock = threading.Lock()
 
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
-        self.local = threading.local()
+    def take(self, lane: str, nbytes: int) -> StagingBuffer:
+        """A buffer of the lane holding at least `nbytes` (its `data`: exactly `nbytes`), for this thread
+        until release()."""
+        with self.lock:
+            free = [b for b in self.lanes.setdefault(lane, []) if not b.held]
+            ready = [b for b in free if b.event is None or b.event.query()]
+            if ready:
+                buf = max(ready, key=lambda b: b.memory.numel())
+            elif free and len(self.lanes[lane]) >= self.per_lane:
+                buf = free[0]  # the lane is full: wait for the copies out of the oldest
+            else:
+                buf = StagingBuffer()
+                self.lanes[lane].append(buf)
+            buf.held = True
+        if buf.event is not None:
+            buf.event.synchronize()  # a blocking event: the thread sleeps, no core spins
+            buf.event = None
+        if buf.memory.numel() < nbytes:
+            buf.memory = host_buffer(nbytes, self.pin)
+            if self.ledger is not None:
+                self.ledger.track(buf.memory, "cpu", nbytes)  # until a larger one replaces it
+        buf.data = buf.memory[:nbytes]
+        return buf
 
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
-        buf = getattr(self.local, "buf", None)
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-            self.local.buf = buf
-        event = getattr(self.local, "event", None)
-        if event is not None:  # the last async copy out of this buffer must end before it is overwritten
-            event.synchronize()
-            self.local.event = None
-        return buf[:nbytes].view(dtype)
+    def release(self, buf: StagingBuffer, copied_to_gpu: bool) -> None:
+        """Give the buffer back; `copied_to_gpu`: copies queued on this thread's current stream still read
+        it, so the next take() waits for them (nothing to wait for after host copies, or a synchronized one)."""
+        event = None
+        if copied_to_gpu and self.pin:
+            event = torch.cuda.Event(blocking=True)
+            event.record()
+        with self.lock:
+            buf.event, buf.held = event, False
 
-    def release(self) -> None:
-        """Mark the buffer as read by copies queued on the current CUDA stream. The next take() waits on it
-        in the OS (a blocking event), not spinning on a core that CPU attention could use. One buffer a
-        thread is enough for weights: a layer's copies are done before compute uses it, and the layer
-        after next is read only after that."""
-        if self.pin:
-            self.local.event = torch.cuda.Event(blocking=True)
-            self.local.event.record()
+
+    def write_out(self, lane: str, file: DiskFile, src: torch.Tensor, offset: int = 0) -> None:
+        """Write `src` to `file` at `offset`; from a GPU through a buffer of `lane`: one copy on this thread's
+        current stream, waited for here (run it on an I/O thread), then the file write."""
+        if not src.is_cuda:
+            file.write(src, offset)
+            return
+        buf = self.take(lane, src.numel() * src.element_size())
+        host = buf.data.view(src.dtype).view(src.shape)
+        host.copy_(src, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
+        file.write(host, offset)
+        self.release(buf, copied_to_gpu=False)
+
+
+@dataclass
+class StagingBuffer:
+    memory: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    data: torch.Tensor | None = None
+    event: object = None  # a CUDA event: copies out of `memory` queued before it
+    held: bool = False

@@ -21,6 +21,7 @@ from .compression import (
 )
 from .config import ModelError
 from .devices import ComputeDevice
+from .host_memory import HostArena, padded
 from .int4_matmul import Int4Weight, eligible, int4_path, quantize_packed
 from .memory import return_freed_memory
 from .models import LayerSpec, WeightSpec
@@ -168,14 +169,16 @@ class StoredWeight:
 
 
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
-                 ledger: MemoryLedger, pin: bool, compression: CompressionConfig | None = None,
-                 file: DiskFile | None = None, offset: int = 0, decoder: bool = False) -> StoredWeight:
+                 ledger: MemoryLedger, compression: CompressionConfig | None = None,
+                 file: DiskFile | None = None, offset: int = 0, decoder: bool = False,
+                 arena: HostArena | None = None) -> StoredWeight:
     """Read one weight from `source` into its home tier (compressing a matrix once, here, when
     `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix); a
-    disk-homed one into `file` at `offset`."""
+    disk-homed one into `file` at `offset`; a cpu-homed one across the link into a view of `arena`."""
     rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
-    int4 = decoder and dtype != torch.float32 and eligible(spec.shape, compression, device.device)
+    int4 = decoder and dtype != torch.float32 and not device.host_is_separate and \
+        eligible(spec.shape, compression, device.device)
 
     def as_stored(values: torch.Tensor) -> torch.Tensor:
         return quantize_packed(values, compression) if int4 else to_bytes(quantize(values, compression))
@@ -190,21 +193,28 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
             for s in range(0, rows, chunk):
                 data.write(source.read(spec, s, min(rows, s + chunk)).to(dtype).contiguous(), offset + s * row_bytes)
         resident = False
+    elif tier == "cpu" and device.host_is_separate:
+        values = source.read(spec, 0, rows).to(dtype)
+        view = arena.take(nbytes)
+        if compression is not None:
+            data = from_bytes(view.copy_(to_bytes(quantize(values, compression))), spec.shape, compression)
+        else:
+            data = view.view(dtype).view(spec.shape).copy_(values)
+        resident = False
     else:
-        where = device.device if tier == "gpu" or not device.is_cuda else "cpu"
+        where = device.device
         values = source.read(spec, 0, rows).to(dtype)
         if int4:
             data = quantize_packed(values, compression)
         else:
             data = quantize(values, compression).to(where) if compression is not None else values.to(where)
-        if pin and device.is_cuda and tier == "cpu":
-            data = data.pin_memory()
-        # without CUDA, compute memory and host RAM are the same memory: both are used in place
-        resident = compression is None and where == device.device
+        # without a link, compute memory and host RAM are the same memory: both are used in place
+        resident = compression is None
     weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident, offset, int4)
-    if tier == "disk" and not device.is_cuda:
+    if tier == "disk" and not device.host_is_separate:
         weight.map()
-    ledger.add(tier, page_aligned(nbytes) if tier == "disk" else nbytes)
+    taken = {"disk": page_aligned(nbytes), "cpu": padded(nbytes) if arena is not None else nbytes}
+    ledger.add(tier, taken.get(tier, nbytes))
     return weight
 
 
@@ -213,8 +223,12 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
                   compression: CompressionConfig | None = None, progress=None) -> list[dict[str, StoredWeight]]:
     """Every layer's weights by canonical name, on the tiers `weight_tiers` gives them. Tied weights (same
     checkpoint name) are stored once. A layer's disk-homed weights are one file, each at a page-aligned
-    offset: one extent to read (CUDA) or to map and prefetch (CPU)."""
+    offset: one extent to read (CUDA) or to map and prefetch (CPU). Across a link the cpu-homed ones share
+    one host arena of their exact size, page-locked when `pin` (CUDA)."""
     tiers = weight_tiers(layers, percents, dtype, compression)
+    arena = None
+    if device.host_is_separate:
+        arena = HostArena(host_arena_bytes(layers, tiers, dtype, compression), pin and device.is_cuda)
     by_hf_name: dict[str, StoredWeight] = {}
     placed = []
     for layer in layers:
@@ -226,14 +240,22 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
                 extent += page_aligned(stored_nbytes(spec.shape, dtype, compression))
         file = disk.create(extent, f"{layer.kind}{layer.index}") if extent else None
         for spec in new:
-            by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger, pin,
+            by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger,
                                                     compression, file, offsets.get(spec.hf_name, 0),
-                                                    layer.kind in DECODER_KINDS)
+                                                    layer.kind in DECODER_KINDS, arena)
         placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
         return_freed_memory()  # the layer's read buffers: freed heap holes would pile up as resident memory
         if progress:
             progress(len(placed), len(layers))
     return placed
+
+
+def host_arena_bytes(layers: list[LayerSpec], tiers: dict[str, str], dtype: torch.dtype,
+                     compression: CompressionConfig | None) -> int:
+    """Bytes of the cpu-homed weights' arena: each stored weight once, at an aligned offset."""
+    specs = {s.hf_name: s for layer in layers for s in layer.weights if tiers[s.hf_name] == "cpu"}
+    return sum(padded(stored_nbytes(s.shape, dtype, compression if len(s.shape) >= 2 else None))
+               for s in specs.values())
 
 
 @dataclass
@@ -259,7 +281,7 @@ class WeightSlots:
         """direct_reads: read layer extents with O_DIRECT (when the page cache cannot keep them): into staging
         with CUDA, into buffers of their own on a CPU (`into_buffers`: nothing of the files is mapped then)."""
         self.device, self.ledger, self.staging, self.direct_reads = device, ledger, staging, direct_reads
-        self.into_buffers = direct_reads and not device.is_cuda
+        self.into_buffers = direct_reads and not device.host_is_separate
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.extents: dict[tuple, torch.Tensor] = {}  # CPU, direct reads: a layer file's bytes, per (kind, parity)
         self.holds: dict[tuple, StoredWeight] = {}
@@ -271,10 +293,10 @@ class WeightSlots:
         to_fill = {name: t for name, t in weights.items()
                    if not t.resident and self.holds.get(self._key(slot_key, name, t)) is not t}
         from_disk = [t for t in to_fill.values() if t.tier == "disk"]
-        host = {}
+        host, held = {}, []
         if from_disk:
             with trace.span(WEIGHT_LOAD["disk"], sum(t.nbytes for t in from_disk)):
-                host = self._read_layer(from_disk, slot_key)
+                host, held = self._read_layer(from_disk, slot_key)
         out = {}
         for name, t in weights.items():
             key = self._key(slot_key, name, t)
@@ -300,15 +322,15 @@ class WeightSlots:
                         out[name] = t.fetch(self.device, buf, host.get(id(t)))
                 if not t.int4:  # the kernel's weights may never fill their slot
                     self.holds[key] = t
-        if host:
-            self.staging.release()
+        for buf in held:  # copied out of on this thread's stream: reused once those copies are done
+            self.staging.release(buf, copied_to_gpu=True)
         return out
 
     def _fill_stage(self, t: StoredWeight) -> tuple[str, int]:
-        """(stage, bytes) of filling a slot: with CUDA a load from t's tier (its bytes counted at the disk
+        """(stage, bytes) of filling a slot: across a link a load from t's tier (its bytes counted at the disk
         read for disk weights; a compressed one's decompression included); on a CPU only a decompression
         (bytes: its output)."""
-        if self.device.is_cuda:
+        if self.device.host_is_separate:
             return WEIGHT_LOAD[t.tier], 0 if t.tier == "disk" else t.nbytes
         return DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize
 
@@ -345,28 +367,28 @@ class WeightSlots:
     def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:
         return (*slot_key, name) if slot_key is not None else (id(t),)
 
-    def _read_layer(self, weights, slot_key: tuple | None) -> dict[int, torch.Tensor]:
+    def _read_layer(self, weights, slot_key: tuple | None) -> tuple[dict[int, torch.Tensor], list]:
         """Disk-homed weights of one layer: on a CPU, mapped pages faulted in, or (direct reads: a cold disk,
         or more on disk than the page cache keeps) the file's extent read with O_DIRECT into a buffer of its
         own that the weights then use in place of their mapping; with CUDA each file's extent read with one
-        large read into staging. {id(weight): its bytes in staging} (CUDA)."""
+        large read into staging. ({id(weight): its bytes in staging}, staging buffers held) across a link."""
         files: dict[int, tuple[DiskFile, list[StoredWeight]]] = {}
         for t in weights:
             if isinstance(t.data, DiskFile):
                 files.setdefault(id(t.data), (t.data, []))[1].append(t)
-        if not self.device.is_cuda:
+        if not self.device.host_is_separate:
             for file, ts in files.values():
                 if self.into_buffers and slot_key is not None:
                     self._read_extent(file, ts, slot_key)
                 else:
                     file.prefetch()
-            return {}
-        host = {}
+            return {}, []
+        host, held = {}, []
         for file, ts in files.values():  # one file per layer: a layer's extent
-            buf = self.staging.take(file.nbytes, torch.uint8)
-            file.read_into(buf, direct=self.direct_reads)
-            host.update({id(t): buf[t.offset:t.offset + t.nbytes] for t in ts})
-        return host
+            held.append(buf := self.staging.take("weights", file.nbytes))
+            file.read_into(buf.data, direct=self.direct_reads)
+            host.update({id(t): buf.data[t.offset:t.offset + t.nbytes] for t in ts})
+        return host, held
 
     def _read_extent(self, file: DiskFile, ts: list[StoredWeight], slot_key: tuple) -> None:
         """A CPU's direct read: page cache churn (faulting pages in, dropping them) costs the cores more than

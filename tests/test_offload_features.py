@@ -148,33 +148,44 @@ def test_compressed_weights_take_a_quarter_of_the_bytes(tiny_models):
     assert 6 < full / packed < 32 / 4.5
 
 
-def test_quantized_cache_store_round_trips_like_quantize():
-    config = CompressionConfig(4, 64, -1)
-    store = QuantizedStore((2, 3, 10, 32), config, "cpu", "cpu", None, False)
+@pytest.mark.parametrize("home", ["device", "host", "file"])
+def test_quantized_cache_store_round_trips_like_quantize(tmp_path, home):
+    from flexgen_lite.host_memory import HostArena
+    from flexgen_lite.storage import DiskStore, Staging
+
+    config, disk = CompressionConfig(4, 64, -1), DiskStore(str(tmp_path))
+    store = QuantizedStore((2, 3, 10, 32), config, home, "cpu", disk, HostArena(1 << 16, pin=False))
     new = torch.randn(2, 3, 4, 32)
     store.write(new, 5)
     dst = torch.zeros(2, 3, 10, 32)
     scratch = [torch.empty(s, dtype=d) for _, s, d in store.scratch_shapes()]
-    store.read(dst, 9, None, scratch)
+    store.read(dst, 9, Staging(pin=False), scratch, to_device=True)
     torch.testing.assert_close(dst[:, :, 5:9], dequantize(quantize(new, config), torch.float32), atol=0, rtol=0)
+    disk.close()
 
 
-@pytest.mark.parametrize("mapped", [False, True])
-def test_plain_disk_store_round_trips(tmp_path, mapped):
-    """Position-major file (CUDA) and memory-mapped (CPU) disk stores give back what was written, in the
-    store's dtype: float16 k/v written into a bfloat16 part (CPU attention beside fp16 compute) are cast."""
+@pytest.mark.parametrize("home", ["file", "mapped", "host"])
+@pytest.mark.parametrize("to_device", [False, True])
+def test_plain_cache_store_round_trips(tmp_path, home, to_device):
+    """Position-major stores (a file or host RAM across the link) and memory-mapped ones (a CPU) give back
+    what was written, in the store's dtype: float16 k/v written into a bfloat16 part (CPU attention beside
+    fp16 compute) are cast."""
+    from flexgen_lite.host_memory import HostArena
     from flexgen_lite.storage import DiskStore, Staging
 
-    disk = DiskStore(str(tmp_path))
+    disk, arena = DiskStore(str(tmp_path)), HostArena(1 << 16, pin=False)
     for dtype, new_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16)):
-        store = Store((2, 3, 10, 8), dtype, "disk", "cpu", disk, False, mapped=mapped)
-        assert store.mapped == mapped
+        store = Store((2, 3, 10, 8), dtype, home, "cpu", disk, arena)
+        assert store.mapped == (home == "mapped") and store.position_major == (home != "mapped")
         new = torch.randn(2, 3, 4, 8).to(new_dtype)
         store.write(new[:, :, :1], 0)
         store.write(new[:, :, 1:], 1)
-        dst = torch.zeros(2, 3, 10, 8, dtype=dtype)
-        store.read(dst, 4, Staging(pin=False))
-        assert torch.equal(dst[:, :, :4], new.to(dtype))
+        assert torch.equal(store.tensor[:, :, :4], new.to(dtype)) if store.tensor is not None else True
+        if store.position_major:
+            dst = torch.zeros(store.position_shape, dtype=dtype)
+            store.read(dst, 4, Staging(pin=False), to_device)
+            assert torch.equal(dst[:4].permute(1, 2, 0, 3), new.to(dtype))
+            assert not dst[4:].any()  # only the prefix asked for moved
     disk.close()
 
 

@@ -115,3 +115,24 @@ def test_float16_close_to_float32(tiny_models, references, compute_device, famil
         for step in (0, 1) if i in same_first else (0,):
             error = (ours[step] - theirs[step]).abs().max() / theirs[step].abs().max()
             assert error < FP16_RTOL, (i, step, float(error))
+
+
+# "cpu+link": the CPU computes, but keeps its cpu and disk tiers apart as a GPU must (weights copied into slots
+# from a host arena or through staging, the cache position-major and copied, activations through host buffers and
+# background file writes): every placement of the GPU's data paths, checked here without a GPU
+LINK = "cpu+link"
+link_only_on_cpu = pytest.mark.skipif("config.getoption('--device') != 'cpu'", reason="the CPU's copy of CUDA paths")
+
+
+@link_only_on_cpu
+@pytest.mark.parametrize("name", POLICIES)
+def test_opt_across_a_link_matches_transformers(tiny_models, references, name):
+    check_against_reference(tiny_models["opt"][0], references["opt"], POLICIES[name], LINK)
+
+
+@link_only_on_cpu
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["weights-split-3-tiers", "cache-split-3-tiers", "no-overlap-offloaded",
+                                  "cpu-attention-cache-split", "all-disk-overlap"])
+def test_llama_family_across_a_link_matches_transformers(tiny_models, references, family, name):
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name], LINK)
