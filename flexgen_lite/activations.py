@@ -59,6 +59,8 @@ class Activations:
             if tier == "cpu":
                 return self._host(batch, nbytes).to(self.device.device, non_blocking=True, copy=True)
             self.writes.pop(batch).result()  # its write is done (and its error raised here)
+            if not self.device.host_is_separate:  # a CPU reads it where it computes
+                return self.files[batch].read_into(torch.empty(shape, dtype=dtype))
             buf = self.staging.take("act", nbytes)
             host = self.files[batch].read_into(buf.data).view(dtype).view(shape)
             h = host.to(self.device.device, non_blocking=True, copy=True)

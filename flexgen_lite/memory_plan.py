@@ -47,9 +47,9 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
                     if t == "disk"), default=0) if lay.exact else s.gbs
         cache_staging = rows * s.seq_layer / 2 * w.max_len  # one of k, v of a part
     hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
-    if s.cuda:  # storage.Staging: two buffers per lane for loads, one per I/O thread for stores
-        act_staging = 2 * hidden if lay.act_batches[2] else 0
-        cpu["staging"] = 2 * weight_staging + (2 + s.threads) * cache_staging + act_staging
+    act_staging = 2 * hidden if s.cuda and lay.act_batches[2] else 0
+    # storage.Staging (CUDA): two buffers per lane for loads, one per I/O thread for stores
+    cpu["staging"] = 2 * weight_staging + (2 + s.threads) * cache_staging + act_staging
     for d, batches in zip((gpu, cpu, disk), lay.act_batches, strict=True):
         d["activations"] = batches * hidden
     rows = s.gbs * w.prompt_len

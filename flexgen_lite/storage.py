@@ -331,7 +331,7 @@ class Staging:
         self.release(buf, copied_to_gpu=False)
 
 
-@dataclass
+@dataclass(eq=False)
 class StagingBuffer:
     memory: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     data: torch.Tensor | None = None

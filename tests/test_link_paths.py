@@ -1,0 +1,195 @@
+"""The data paths across the link to a GPU, on a CPU: host memory taken at its exact size (issue 12, finding 2),
+the cache across the link position-major (finding 3), activations through host buffers and background writes
+(finding 7), staging lanes (finding 8). CUDA itself (page-locking, streams, events) is what these cannot show."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.activations import Activations
+from flexgen_lite.devices import ComputeDevice, IOPool
+from flexgen_lite.host_memory import ALIGN, HostArena, host_buffer, padded
+from flexgen_lite.kv_cache import KVCache
+from flexgen_lite.storage import PAGE, DiskStore, MemoryLedger, Staging
+
+from .conftest import PROMPTS
+
+LINK = "cpu+link"
+
+
+def inside(view: torch.Tensor, buf: torch.Tensor) -> tuple[int, int]:
+    """(start, end) byte offsets of `view`'s memory within `buf`; fails if it lies outside."""
+    start = view.data_ptr() - buf.data_ptr()
+    end = start + view.numel() * view.element_size()
+    assert 0 <= start and end <= buf.numel(), (start, end, buf.numel())
+    return start, end
+
+
+def assert_disjoint(spans: list[tuple[int, int]]) -> None:
+    spans = sorted(spans)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start
+
+
+def test_host_buffer_is_page_aligned_and_zeroed():
+    buf = host_buffer(3 * PAGE + 5, pin=False)
+    assert buf.data_ptr() % PAGE == 0 and buf.numel() == 3 * PAGE + 5 and not buf.any()
+
+
+def test_arena_hands_out_aligned_disjoint_views_and_refuses_more_than_planned():
+    sizes = [10, 64, 1, 200, 63]
+    arena = HostArena(sum(padded(n) for n in sizes), pin=False)
+    views = [arena.take(n) for n in sizes]
+    assert [v.numel() for v in views] == sizes
+    assert all((v.data_ptr() - arena.buffer.data_ptr()) % ALIGN == 0 for v in views)
+    assert_disjoint([inside(v, arena.buffer) for v in views])
+    assert arena.used == arena.nbytes
+    with pytest.raises(MemoryError, match="planned wrong"):
+        arena.take(1)
+
+
+def test_cpu_tier_weights_share_one_arena_counted_exactly(tiny_models):
+    """Across the link every cpu-homed weight is a view of one buffer of the planned size: the ledger's cpu
+    bytes are the arena's, not a sum of rounded allocations."""
+    policy = Policy(gpu_batch_size=2, weight_gpu_percent=20, weight_cpu_percent=50, dtype="float32")
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=policy, device=LINK) as m:
+        host = {id(t): t for layer in m.engine.weights for t in layer.values() if t.tier == "cpu"}.values()
+        assert host and not any(t.resident for t in host)
+        storages = {t.data.untyped_storage().data_ptr() for t in host}
+        assert len(storages) == 1  # one buffer
+        buffer = torch.empty(0, dtype=torch.uint8).set_(next(iter(host)).data.untyped_storage())
+        spans = [inside(t.data, buffer) for t in host]
+        assert_disjoint(spans)
+        assert m.ledger.current["cpu"] == buffer.numel() == sum(padded(t.nbytes) for t in host)
+
+
+def test_cache_across_the_link_is_position_major_in_one_arena():
+    device, ledger = ComputeDevice(LINK), MemoryLedger()
+    disk = DiskStore()
+    cache = KVCache(2, 2, 3, 10, 2, 8, torch.float32, (34, 33), device, disk, ledger)
+    host = [s for per_batch in cache.parts for parts in per_batch for p in parts if p.tier == "cpu" for s in (p.k, p.v)]
+    assert host and all(s.position_major and s.positions[:4].is_contiguous() for s in host)
+    assert_disjoint([inside(s.positions, cache.arena.buffer) for s in host])
+    assert ledger.current["cpu"] == cache.arena.nbytes == sum(padded(s.nbytes) for s in host)
+    files = [p for per_batch in cache.parts for parts in per_batch for p in parts if p.tier == "disk"]
+    assert files and all(p.k.file is not None and p.k.position_major and not p.direct for p in files)
+    disk.close()
+
+
+class FakeEvent:
+    """A CUDA event's host side: done when the test says so."""
+
+    made: list[FakeEvent] = []
+
+    def __init__(self, blocking: bool = False) -> None:
+        self.blocking, self.done, self.waited = blocking, False, False
+        FakeEvent.made.append(self)
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+@pytest.fixture
+def fake_cuda_staging(monkeypatch):
+    """A Staging that believes it is pinned, with fake events and plain memory."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr("flexgen_lite.storage.host_buffer", lambda n, pin: torch.zeros(n, dtype=torch.uint8))
+    FakeEvent.made = []
+    ledger = MemoryLedger()
+    return Staging(pin=True, ledger=ledger), ledger
+
+
+def test_staging_reads_into_a_second_buffer_while_copies_leave_the_first(fake_cuda_staging):
+    staging, ledger = fake_cuda_staging
+    a = staging.take("weights", 100)
+    staging.release(a, copied_to_gpu=True)
+    b = staging.take("weights", 100)  # a's copies still run: another buffer, no wait
+    assert b is not a and not FakeEvent.made[0].waited
+    staging.release(b, copied_to_gpu=True)
+    c = staging.take("weights", 100)  # both busy, the lane is full: wait for the oldest
+    assert c is a and FakeEvent.made[0].waited and not FakeEvent.made[1].waited
+    staging.release(c, copied_to_gpu=False)  # host copies only: nothing recorded
+    assert len(FakeEvent.made) == 2
+    d = staging.take("weights", 100)
+    assert d is a and len(staging.lanes["weights"]) == 2
+    staging.release(d, copied_to_gpu=False)
+    other = staging.take("cache", 40)  # lanes do not share buffers
+    assert other not in staging.lanes["weights"] and other.data.numel() == 40
+    assert ledger.current["cpu"] == 2 * 100 + 40
+
+
+def test_staging_grows_a_buffer_and_counts_only_the_larger(fake_cuda_staging):
+    staging, ledger = fake_cuda_staging
+    a = staging.take("store", 100)
+    staging.release(a, copied_to_gpu=False)
+    b = staging.take("store", 300)
+    assert b is a and b.data.numel() == 300
+    import gc
+
+    gc.collect()
+    assert ledger.current["cpu"] == 300
+
+
+def test_staging_lane_holds_more_only_while_more_are_held(fake_cuda_staging):
+    staging, _ = fake_cuda_staging
+    held = [staging.take("store", 10) for _ in range(3)]  # three I/O threads writing at once
+    assert len({id(b) for b in held}) == 3
+    for b in held:
+        staging.release(b, copied_to_gpu=False)
+    assert staging.take("store", 10) in held
+
+
+@pytest.mark.parametrize("percents", [(0, 100), (0, 0), (50, 0)], ids=["cpu", "disk", "gpu-and-disk"])
+def test_activations_across_the_link_round_trip_prefill_then_decode(tmp_path, percents):
+    device, ledger, disk, io = ComputeDevice(LINK), MemoryLedger(), DiskStore(str(tmp_path)), IOPool(True)
+    acts = Activations(2, percents, device, disk, ledger, io, Staging(pin=False))
+    for shape in ((2, 7, 16), (2, 1, 16), (2, 1, 16)):  # prefill, then decode steps in the same buffers
+        hs = [torch.randn(shape) for _ in range(2)]
+        for b, h in enumerate(hs):
+            acts.put(b, h)
+        for b, h in enumerate(hs):
+            got = acts.get(b)
+            assert torch.equal(got, h)
+            if acts.tiers[b] != "gpu":
+                assert got.data_ptr() != h.data_ptr()  # a copy from its home, not the tensor put
+    io.close()
+    disk.close()
+
+
+def test_a_failed_activation_write_surfaces_at_its_read(tmp_path, monkeypatch):
+    device, disk, io = ComputeDevice(LINK), DiskStore(str(tmp_path)), IOPool(True)
+    acts = Activations(1, (0, 0), device, disk, MemoryLedger(), io, Staging(pin=False))
+
+    def full(self, src, offset=0):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("flexgen_lite.storage.DiskFile.write", full)
+    acts.put(0, torch.randn(1, 3, 4))
+    with pytest.raises(OSError, match="No space"):
+        acts.get(0)
+    io.close()
+    disk.close()
+
+
+def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models):
+    """Every tier, 4-bit weights and cache: the copies and layouts change no value (fp32: a CPU's bf16 run
+    would multiply its 4-bit weights with the int4 kernel, which a GPU does not have)."""
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, weight_gpu_percent=30, weight_cpu_percent=30,
+                    cache_gpu_percent=30, cache_cpu_percent=40, act_gpu_percent=30, act_cpu_percent=30,
+                    dtype="float32", compress_weight=True, compress_cache=True)
+    out = {}
+    for device in ("cpu", LINK):
+        with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device=device) as m:
+            out[device] = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
+                                         return_logits=True)
+    assert out["cpu"][0] == out[LINK][0]
+    for a, b in zip(out["cpu"][1], out[LINK][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
