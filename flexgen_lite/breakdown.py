@@ -183,9 +183,9 @@ def profile_rates(hw, dtype: str, cuda: bool, cold_disk: bool, pin_weight: bool 
         g[f"{kind} (disk)"] = disk_w
     if cuda:
         g["weight load (cpu)"] = (hw.h2d_pinned, "h2d pinned") if pin_weight else (hw.h2d_pageable, "h2d pageable")
-        g["cache load (cpu)"] = (hw.h2d_pageable, "h2d pageable")
-        g["activation load (cpu)"] = (hw.h2d_pageable, "h2d pageable")
-        g["activation store (cpu)"] = (hw.d2h_pageable, "d2h pageable")
+        g["cache load (cpu)"] = (hw.h2d_pinned, "h2d pinned")
+        g["activation load (cpu)"] = (hw.h2d_pinned, "h2d pinned")
+        g["activation store (cpu)"] = (hw.d2h_pinned, "d2h pinned")
         g["cache store (cpu)"] = (hw.d2h_pinned, "d2h pinned")
         g["cache store (gpu)"] = (hw.device_copy, "device copy")
     else:

@@ -164,13 +164,13 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
             loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
-            if tier == "disk" and s.cuda:  # read (from the page cache), then transposed from position-major
+            if tier == "disk" and s.cuda:  # read into staging (from the page cache), as measured through it
                 fixed, rate = hw.cache_disk_load[s.dname]
                 _host(s, seg, "cache load", loads * fixed + rows * stored / rate)
                 if not s.disk_cached:
                     seg.add("disk", rows * stored / hw.disk_read, waits=True)
-            if s.cuda and not on_cpu and not in_place:
-                seg.add("link", rows * stored / hw.h2d_pageable, waits=True)
+            if s.cuda and not on_cpu and not in_place:  # position-major prefixes, page-locked: one DMA each
+                seg.add("link", rows * stored / hw.h2d_pinned, waits=True)
             if s.ccomp is not None:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
@@ -207,15 +207,17 @@ def _prefill_cache_store(s: Setup, lay: Layout) -> Seg:
 
 
 def _activations(s: Setup, lay: Layout, t: int) -> Seg:
-    """Activations.put and get around one layer (synchronous): device<->host copies, or file I/O."""
+    """Activations.put and get around one layer: device<->host copies in stream order (page-locked buffers);
+    files written by an I/O thread, read back in the compute thread."""
     seg, hw = Seg(), s.hw
     nbytes = s.gbs * t * s.config.hidden_size * s.e
     _, cpu, disk = lay.act_batches
-    if s.cuda and cpu:
-        seg.add("link", cpu * nbytes * (1 / hw.d2h_pageable + 1 / hw.h2d_pageable), waits=False)
-    if disk:  # in the compute thread: nothing overlaps it
-        write, read = (hw.cached_write, hw.cached_read) if s.disk_cached else (hw.disk_write, hw.disk_read)
-        seg.add("page cache" if s.disk_cached else "disk", disk * nbytes * (1 / write + 1 / read), waits=False)
+    if s.cuda and cpu + disk:
+        seg.add("link", (cpu + disk) * nbytes * (1 / hw.d2h_pinned + 1 / hw.h2d_pinned), waits=False)
+    if disk:
+        _disk_write(s, seg, disk * nbytes)
+        read = hw.cached_read if s.disk_cached else hw.disk_read
+        seg.add("page cache" if s.disk_cached else "disk", disk * nbytes / read, waits=False)
     return seg
 
 
