@@ -161,14 +161,19 @@ class Engine:
                     k_part, v_part = _scatter_rows(k_part, local, part.rows), _scatter_rows(v_part, local, part.rows)
                 self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
-            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs["mask"], start, active)
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start, active)
         return L.attention_output(w, attn, h, cfg)
 
-    def _decode_attention(self, layer: int, b: int, views, q, k, v, mask, start: int, active) -> torch.Tensor:
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, active) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is."""
         outs = []
         for view in views:
             on_cpu = view.part.on_cpu
+            mask = inputs["mask"]
+            if view.k.device != mask.device:  # the same for every layer: moved once a step
+                if "mask_host" not in inputs:
+                    inputs["mask_host"] = mask.to(view.k.device)
+                mask = inputs["mask_host"]
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
                 out = self._attend_part(layer, b, view, q, k, v, mask, start, active, s)
             if out is not None:
@@ -180,7 +185,7 @@ class Engine:
         k, v are written into it first. `span.nbytes`: the K and V bytes attended over."""
         picked, local = _part_rows(view.part.rows, active)
         where, dtype, end = view.k.device, view.k.dtype, start + 1
-        k_new, v_new = k[picked].to(where, dtype), v[picked].to(where, dtype)
+        q_part, k_new, v_new = _rows_to(where, dtype, q[picked], k[picked], v[picked])
         if local is None:
             view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
             k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
@@ -193,7 +198,7 @@ class Engine:
             v_seen = view.v[:, :, :end].index_select(0, local_dev)
             k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
         span.nbytes = k_seen.nbytes + v_seen.nbytes
-        out = attend(q[picked].to(where, dtype), k_seen, v_seen, mask[picked].to(where), self.policy.attn_sparsity)
+        out = attend(q_part, k_seen, v_seen, mask[picked], self.policy.attn_sparsity)
         out = out.to(q.device, q.dtype, non_blocking=True)
         view.part.release()
         if not view.part.direct:
@@ -316,6 +321,14 @@ def _part_rows(rows: slice, active: torch.Tensor | None):
         return rows, None
     inside = (active >= rows.start) & (active < rows.stop)
     return inside.nonzero().squeeze(1), active[inside] - rows.start
+
+
+def _rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """(rows, heads_i, t, D) tensors on `where` in `dtype`; from another device in one copy (one sync, not three)."""
+    if parts[0].device == where:
+        return [p.to(dtype) for p in parts]
+    joined = torch.cat(parts, 1).to(where, dtype)
+    return list(joined.split([p.shape[1] for p in parts], 1))
 
 
 def _scatter_rows(values: torch.Tensor, local: torch.Tensor, rows: slice) -> torch.Tensor:

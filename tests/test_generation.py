@@ -176,7 +176,9 @@ def test_stop_string_ends_only_its_row(opt_dir):
         assert out[other] == full[other]
 
 
-def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device,cpu_attention", [("cpu", False), ("cpu+link", False), ("cpu+link", True)])
+def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path, monkeypatch, device, cpu_attention):
+    """Also across a link (the GPU's copies, made by a CPU), with the cache's parts attended on the CPU."""
     row = next((r for r, ids in enumerate(greedy_ids)
                 if ids[2] not in ids[:2] and not any(ids[2] in o for i, o in enumerate(greedy_ids) if i != r)), None)
     assert row is not None, "no row of the tiny model's output suits this test"
@@ -189,7 +191,8 @@ def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path, monkeypatch):
     rows_seen = []
     real_mlp = L.mlp
     monkeypatch.setattr(L, "mlp", lambda w, h, cfg: rows_seen.append(h.shape[0]) or real_mlp(w, h, cfg))
-    with FlexGenLite(str(model_dir), policy=P(gbs=3, nb=2, cache=(0, 50))) as m:
+    policy = P(gbs=3, nb=2, cache=(0, 50), cpu_cache_compute=cpu_attention)
+    with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
         ids = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8))
         with_eos = list(rows_seen)
         assert m.generate_ids(PROMPTS, GREEDY) == greedy_ids  # stop_at_eos=False ignores it
