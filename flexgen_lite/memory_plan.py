@@ -27,7 +27,10 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
         extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA); on a CPU mapped, or read
         for sp in spec.weights:  # into a buffer per parity (WeightSlots._read_extent), counted either way
             slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
-            if lay.weight(kind, sp)[2]:
+            _, cpu_share, disk_share = lay.weight(kind, sp)
+            if s.cuda and s.compressed(sp) and (cpu_share or disk_share):  # its codes copied in before decompression
+                slots += lay.weight_slots(kind, sp) * s.tensor_bytes(sp)
+            if disk_share:
                 extent += s.tensor_bytes(sp)
         if s.cuda:
             weight_staging = max(weight_staging, extent)

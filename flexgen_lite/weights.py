@@ -140,16 +140,18 @@ class StoredWeight:
         else:
             self.mapped = self.data.map(torch.uint8, (self.nbytes,), self.offset)
 
-    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, host: torch.Tensor | None) -> torch.Tensor:
+    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, host: torch.Tensor | None,
+              codes: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor on the compute device: itself when resident or mapped (uncompressed), else copied or
-        decompressed into `out`. `host`: this weight's bytes as read with its layer (CUDA)."""
+        decompressed into `out`. `host`: this weight's bytes as read with its layer (across the link);
+        `codes`: a compute-device buffer its stored bytes are copied into before decompression."""
         if self.resident:
             return self.data
         if self.mapped is not None and self.compression is None:
             return self.mapped
         assert out is not None and out.shape == self.shape, "fetch needs a buffer of the tensor's shape"
         if self.compression is not None:
-            return dequantize(self._quantized(device, host), self.dtype, out=out)
+            return dequantize(self._quantized(device, host, codes), self.dtype, out=out)
         if host is not None:
             return out.copy_(host.view(self.dtype).view(out.shape), non_blocking=True)
         return out.copy_(self.data, non_blocking=True)
@@ -159,13 +161,16 @@ class StoredWeight:
         buf = self.mapped if self.mapped is not None else self.data
         return Int4Weight.from_bytes(buf, self.shape, self.compression.group_size)
 
-    def _quantized(self, device: ComputeDevice, host: torch.Tensor | None) -> QuantizedTensor:
+    def _quantized(self, device: ComputeDevice, host: torch.Tensor | None,
+                   codes: torch.Tensor | None) -> QuantizedTensor:
         """The 4-bit codes on the compute device (decompressed only there, just before use)."""
         if self.mapped is not None:
             return from_bytes(self.mapped, self.shape, self.compression)
-        if host is not None:
-            return from_bytes(host.to(device.device, non_blocking=True), self.shape, self.compression)
-        return self.data.to(device.device, non_blocking=True)
+        if isinstance(self.data, QuantizedTensor):  # in compute memory
+            return self.data
+        stored = host if host is not None else self.data  # bytes in staging, or in the host arena
+        on_device = codes.copy_(stored, non_blocking=True) if codes is not None else stored.to(device.device)
+        return from_bytes(on_device, self.shape, self.compression)
 
 
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
@@ -196,8 +201,8 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     elif tier == "cpu" and device.host_is_separate:
         values = source.read(spec, 0, rows).to(dtype)
         view = arena.take(nbytes)
-        if compression is not None:
-            data = from_bytes(view.copy_(to_bytes(quantize(values, compression))), spec.shape, compression)
+        if compression is not None:  # bytes as to_bytes lays them out: one copy across the link
+            data = view.copy_(to_bytes(quantize(values, compression)))
         else:
             data = view.view(dtype).view(spec.shape).copy_(values)
         resident = False
@@ -309,22 +314,29 @@ class WeightSlots:
                     self.ledger.add("gpu", t.nbytes)
                 out[name] = t.mapped
             else:
-                buf = self.buffers.get(key)
-                if buf is None:
-                    buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device=self.device.device)
-                    self.ledger.add("gpu", buf.numel() * buf.element_size())
+                buf = self._buffer(key, t.shape, t.dtype)
                 if name not in to_fill:
                     out[name] = buf
                 elif t.mapped is not None or t.int4:  # a CPU: dequantized (or not) by complete(), in the compute
                     out[name] = Deferred(t, buf)     # thread
                 else:
+                    codes = self._buffer((*key, "codes"), (t.nbytes,), torch.uint8) \
+                        if t.compression is not None and t.tier != "gpu" else None
                     with trace.span(*self._fill_stage(t), stream="copy:weights"):
-                        out[name] = t.fetch(self.device, buf, host.get(id(t)))
+                        out[name] = t.fetch(self.device, buf, host.get(id(t)), codes)
                 if not t.int4:  # the kernel's weights may never fill their slot
                     self.holds[key] = t
         for buf in held:  # copied out of on this thread's stream: reused once those copies are done
             self.staging.release(buf, copied_to_gpu=True)
         return out
+
+    def _buffer(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A slot of the compute device, made on first use and counted."""
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.empty(shape, dtype=dtype, device=self.device.device)
+            self.ledger.add("gpu", buf.numel() * buf.element_size())
+        return buf
 
     def _fill_stage(self, t: StoredWeight) -> tuple[str, int]:
         """(stage, bytes) of filling a slot: across a link a load from t's tier (its bytes counted at the disk

@@ -190,6 +190,8 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models):
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device=device) as m:
             out[device] = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
                                          return_logits=True)
+            codes = [k for k in m.engine.weight_slots.buffers if k[-1] == "codes"]
+            assert bool(codes) == (device == LINK)  # 4-bit codes cross into slots of their own, then decompress
     assert out["cpu"][0] == out[LINK][0]
     for a, b in zip(out["cpu"][1], out[LINK][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
