@@ -321,7 +321,7 @@ class WeightSlots:
                     out[name] = Deferred(t, buf)     # thread
                 else:
                     codes = self._buffer((*key, "codes"), (t.nbytes,), torch.uint8) \
-                        if t.compression is not None and t.tier != "gpu" else None
+                        if t.compression is not None and t.tier != "gpu" and self.device.host_is_separate else None
                     with trace.span(*self._fill_stage(t), stream="copy:weights"):
                         out[name] = t.fetch(self.device, buf, host.get(id(t)), codes)
                 if not t.int4:  # the kernel's weights may never fill their slot
