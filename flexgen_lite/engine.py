@@ -227,6 +227,8 @@ class Engine:
                                  max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
                                  self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype))
+        if block.gen_len > 1:
+            self.cache.reserve_slots(self.cache_slots)
         self._pending_stores: dict[tuple[int, int], list[Future]] = {}
         self._load_count = 0
 

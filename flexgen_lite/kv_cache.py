@@ -268,33 +268,56 @@ class KVCache:
     def _load_part(self, i: int, part: CachePart, length: int, slots: CacheSlots, parity: int) -> CacheView:
         """One part: a mapped disk part's pages faulted in; any other read, copied or decompressed into slots.
         A part across the link is copied position-major (contiguous) and attended through a strided view."""
-        shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
         if part.direct:
-            for store, half in zip((part.k, part.v), "kv", strict=True):
-                if store.mapped:  # its pages are in this process until released: counted like a slot
-                    slots.window((i, parity, half, "values", shape), store.nbytes)
-                    store.prefetch()
+            for store in self._slots(i, part, parity, slots):
+                store.prefetch()
             return CacheView(part, part.k.tensor, part.v.tensor)
-        where = "cpu" if part.on_cpu else self.device.device
-        tier = "cpu" if part.on_cpu and self.device.host_is_separate else "gpu"
-        dtype = self.cpu_dtype if part.on_cpu else self.dtype
         views = []
-        for store, half in zip((part.k, part.v), "kv", strict=True):
+        for store, (buf, scratch) in zip((part.k, part.v), self._slots(i, part, parity, slots), strict=True):
             if isinstance(store, QuantizedStore):
-                buf = view = slots.get((i, parity, half, "values", shape), shape, dtype, where, tier)
-                scratch = [slots.get((i, parity, half, name, s), s, dt, where, tier)
-                           for name, s, dt in store.scratch_shapes()]
+                view = buf
                 if length:
                     store.read(buf, length, slots.staging, scratch, not part.on_cpu)
             else:
-                s = store.position_shape
-                buf = slots.get((i, parity, half, "positions", s), s, dtype, where, tier)
                 view = buf.permute(1, 2, 0, 3)
                 if length:
                     store.read(buf, length, slots.staging, not part.on_cpu)
             store.release()
             views.append(view)
         return CacheView(part, *views)
+
+    def _slots(self, i: int, part: CachePart, parity: int, slots: CacheSlots) -> list:
+        """The slots part `i` of a batch uses at `parity`: per half, (buffer, scratch) for a part read into
+        them; for a direct part its mapped stores (their pages counted like slots while in the process)."""
+        shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
+        if part.direct:
+            mapped = [store for store in (part.k, part.v) if store.mapped]
+            for store, half in zip(mapped, "kv"):
+                slots.window((i, parity, half, "values", shape), store.nbytes)
+            return mapped
+        where = "cpu" if part.on_cpu else self.device.device
+        tier = "cpu" if part.on_cpu and self.device.host_is_separate else "gpu"
+        dtype = self.cpu_dtype if part.on_cpu else self.dtype
+        out = []
+        for store, half in zip((part.k, part.v), "kv", strict=True):
+            if isinstance(store, QuantizedStore):
+                buf = slots.get((i, parity, half, "values", shape), shape, dtype, where, tier)
+                out.append((buf, [slots.get((i, parity, half, name, s), s, dt, where, tier)
+                                  for name, s, dt in store.scratch_shapes()]))
+            else:
+                s = store.position_shape
+                out.append((slots.get((i, parity, half, "positions", s), s, dtype, where, tier), None))
+        return out
+
+    def reserve_slots(self, slots: CacheSlots) -> None:
+        """Take every slot decode may use now (loads alternate two parities, and over a run, with a shorter
+        last block or batches that finish early, a part may meet either): memory known from the start."""
+        for per_batch in self.parts[:1]:  # every layer has the same parts
+            for parts in per_batch:
+                for i, part in enumerate(parts):
+                    if not part.direct or part.k.mapped or part.v.mapped:
+                        for parity in (0, 1):
+                            self._slots(i, part, parity, slots)
 
     def store(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
         """Write new positions (rows, kv_heads, t, head_dim) of one part to its home."""

@@ -90,15 +90,17 @@ class Layout:
     `of_policy` is exact; `linear` is continuous for the LP."""
 
     def __init__(self, s: Setup, weight, placed, cache_rows, act_batches, exact: Policy | None = None,
-                 slot_sets: dict | None = None) -> None:
+                 slot_sets: dict | None = None, code_sets: dict | None = None) -> None:
         self.s, self.weight, self.placed = s, weight, placed
         self.cache_rows, self.act_batches, self.exact, self.slot_sets = cache_rows, act_batches, exact, slot_sets
+        self.code_sets = code_sets
 
     @classmethod
     def of_policy(cls, s: Setup, p: Policy) -> Layout:
         tiers = weight_tiers(s.specs, p.percents("weight"), s.dtype, s.wcomp)
         counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
         slot_sets: dict[tuple[str, str], set] = defaultdict(set)  # WeightSlots keys (kind, index % 2, name)
+        code_sets: dict[tuple[str, str], set] = defaultdict(set)  # their "codes" slots (4-bit, across the link)
         for layer in s.specs:
             for spec in layer.weights:
                 tier = tiers[spec.hf_name]
@@ -109,13 +111,16 @@ class Layout:
                     slot_sets[layer.kind, spec.name].add("mapped")  # one layer's pages mapped at a time
                 elif s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
                     slot_sets[layer.kind, spec.name].add(layer.index % 2)
+                if s.cuda and s.compressed(spec) and tier != "gpu":
+                    code_sets[layer.kind, spec.name].add(layer.index % 2)
         shares = {key: tuple(c[t] / c.total() for t in TIERS) for key, c in counts.items()}
         placed = dict.fromkeys(TIERS, 0)
         for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
             tier, nbytes = tiers[spec.hf_name], s.tensor_bytes(spec)
             placed[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
         return cls(s, lambda kind, spec: shares[kind, spec.name], placed, split_counts(s.n, p.percents("cache")),
-                   split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()})
+                   split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()},
+                   {k: len(v) for k, v in code_sets.items()})
 
     @classmethod
     def linear(cls, s: Setup, x) -> Layout:
@@ -148,6 +153,16 @@ class Layout:
         if not self.s.cuda and not self.s.compressed(spec):  # disk pages mapped one layer at a time
             return d  # exactly 1 per name with any layer on disk (slot_sets); d keeps the LP linear
         return sets * (1 - self.resident(kind, spec))
+
+    def code_slots(self, kind: str, spec: WeightSpec) -> float:
+        """Slots a name's 4-bit codes cross the link into before decompression (CUDA, compressed weights off
+        the GPU): one per parity of a layer that needs one; continuous in the LP."""
+        if not (self.s.cuda and self.s.compressed(spec)):
+            return 0.0
+        if self.code_sets is not None:
+            return self.code_sets.get((kind, spec.name), 0)
+        _, c, d = self.weight(kind, spec)
+        return (min(2, self.s.config.num_layers) if kind in DECODER_KINDS else 1) * (c + d)
 
     def part_direct(self, tier: str) -> bool:
         """As kv_cache.KVCache._alloc decides."""

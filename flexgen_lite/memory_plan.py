@@ -27,10 +27,8 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
         extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA); on a CPU mapped, or read
         for sp in spec.weights:  # into a buffer per parity (WeightSlots._read_extent), counted either way
             slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
-            _, cpu_share, disk_share = lay.weight(kind, sp)
-            if s.cuda and s.compressed(sp) and (cpu_share or disk_share):  # its codes copied in before decompression
-                slots += lay.weight_slots(kind, sp) * s.tensor_bytes(sp)
-            if disk_share:
+            slots += lay.code_slots(kind, sp) * s.tensor_bytes(sp)
+            if lay.weight(kind, sp)[2]:
                 extent += s.tensor_bytes(sp)
         if s.cuda:
             weight_staging = max(weight_staging, extent)
@@ -86,15 +84,13 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
         direct = all((lay.part_direct(t) and not lay.part_mapped(t)) or not r
                      for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
         return (0.0 if direct else 4 * s.gbs * (dense_row + codes_row)), tier
-    keys, count = set(), 0  # engine._prefetch_cache numbers loads layer by layer, batch by batch; parity = count % 2
-    for _ in range(min(2, s.workload.gen_len - 1)):
-        for _ in range(c.num_layers):
-            for b in range(s.nb):
-                count += 1
-                for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
-                    if not lay.part_direct(t) or lay.part_mapped(t):
-                        keys.add((i, rows.stop - rows.start, count % 2))
-    return sum(2 * r * (dense_row + codes_row) for _, r, _ in keys), tier
+    # engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
+    # batches, batches that finish early) each distinct (part index, rows) can take both
+    keys = {(i, rows.stop - rows.start) for b in range(s.nb) for i, (t, rows) in
+            enumerate(batch_parts(b, s.gbs, lay.cache_rows)) if not lay.part_direct(t) or lay.part_mapped(t)}
+    if s.workload.gen_len < 2:
+        return 0.0, tier
+    return sum(2 * 2 * r * (dense_row + codes_row) for _, r in keys), tier
 
 
 def tier_peaks(plan: dict[str, dict[str, float]], cuda: bool) -> dict[str, float]:

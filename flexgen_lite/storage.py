@@ -298,6 +298,7 @@ class Staging:
             buf.event.synchronize()  # a blocking event: the thread sleeps, no core spins
             buf.event = None
         if buf.memory.numel() < nbytes:
+            buf.memory = buf.data = None  # the smaller one goes first: never both at once
             buf.memory = host_buffer(nbytes, self.pin)
             if self.ledger is not None:
                 self.ledger.track(buf.memory, "cpu", nbytes)  # until a larger one replaces it

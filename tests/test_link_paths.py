@@ -4,6 +4,8 @@ the cache across the link position-major (finding 3), activations through host b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -195,3 +197,35 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models):
     assert out["cpu"][0] == out[LINK][0]
     for a, b in zip(out["cpu"][1], out[LINK][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(gpu_batch_size=3, num_gpu_batches=2, weight_gpu_percent=30, weight_cpu_percent=30, cache_gpu_percent=34,
+           cache_cpu_percent=33, act_gpu_percent=50, act_cpu_percent=0),
+    Policy(gpu_batch_size=4, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=0, cache_gpu_percent=0,
+           cache_cpu_percent=0, compress_cache=True),
+    Policy(gpu_batch_size=7, compress_weight=True, weight_gpu_percent=20, weight_cpu_percent=50),
+    Policy(gpu_batch_size=3, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=100, cache_gpu_percent=0,
+           cache_cpu_percent=100, act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True),
+    Policy(gpu_batch_size=2, num_gpu_batches=3, weight_gpu_percent=50, weight_cpu_percent=0, cache_gpu_percent=20,
+           cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0, cpu_cache_compute=True),
+], ids=["three-tiers", "all-disk-4-bit-cache", "4-bit-weights", "cpu-attention", "cpu-attention-disk-cache"])
+def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, policy):
+    """The memory plan for CUDA is what the engine takes on its way across the link: compute memory exactly
+    (weights, their slots and codes, cache, cache slots), host RAM exactly but for staging, within its bound."""
+    from flexgen_lite.generation import model_config
+    from flexgen_lite.layout import Workload
+    from flexgen_lite.memory_plan import peak_memory
+
+    policy = dataclasses.replace(policy, dtype="float32")
+    path = tiny_models["opt"][0]
+    with FlexGenLite(str(path), policy=policy, device=LINK) as m:
+        m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=4))
+        peak = m.memory_report()["peak"]
+        staging = sum(b.memory.numel() for lane in m.engine.staging.lanes.values() for b in lane)
+    plan, _ = peak_memory(model_config(str(path)), Workload(max(map(len, PROMPTS)), 4), policy, cuda=True)
+    assert peak["gpu"] == sum(plan["gpu"].get(k, 0) for k in ("weights", "weight slots", "kv cache", "cache slots"))
+    host = ("weights", "kv cache", "activations", "cache slots")  # cache slots: CPU attention's, in host RAM
+    assert peak["cpu"] - staging == sum(plan["cpu"].get(k, 0) for k in host)
+    assert staging <= plan["cpu"]["staging"]
+    assert peak["disk"] == sum(plan["disk"].values())
