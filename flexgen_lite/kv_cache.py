@@ -291,9 +291,11 @@ class KVCache:
         them; for a direct part its mapped stores (their pages counted like slots while in the process)."""
         shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
         if part.direct:
-            mapped = [store for store in (part.k, part.v) if store.mapped]
-            for store, half in zip(mapped, "kv"):
-                slots.window((i, parity, half, "values", shape), store.nbytes)
+            mapped = []
+            for store, half in zip((part.k, part.v), "kv", strict=True):
+                if store.mapped:
+                    slots.window((i, parity, half, "values", shape), store.nbytes)
+                    mapped.append(store)
             return mapped
         where = "cpu" if part.on_cpu else self.device.device
         tier = "cpu" if part.on_cpu and self.device.host_is_separate else "gpu"

@@ -25,13 +25,13 @@ def inside(view: torch.Tensor, buf: torch.Tensor) -> tuple[int, int]:
     """(start, end) byte offsets of `view`'s memory within `buf`; fails if it lies outside."""
     start = view.data_ptr() - buf.data_ptr()
     end = start + view.numel() * view.element_size()
-    assert 0 <= start and end <= buf.numel(), (start, end, buf.numel())
+    assert start >= 0 and end <= buf.numel(), (start, end, buf.numel())
     return start, end
 
 
 def assert_disjoint(spans: list[tuple[int, int]]) -> None:
     spans = sorted(spans)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert end <= start
 
 
