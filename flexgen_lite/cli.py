@@ -52,8 +52,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
     g.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
     b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
-    b.add_argument("--gpu-mem", type=size, help="compute-device memory; without a GPU, the compute tier's "
-                   "share of host RAM")
+    b.add_argument("--gpu-mem", type=size, help="compute-device memory this process may take, the CUDA context "
+                   "included; without a GPU, the compute tier's share of host RAM")
     b.add_argument("--cpu-mem", type=size, help="host RAM this process may take, the runtime's share included "
                    "(and the compute tier's without a GPU)")
     b.add_argument("--disk-mem", type=size, help="space for offload files")
@@ -84,17 +84,27 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
 
 
 def budgets_from_args(args) -> Budgets | None:
-    """The engine's budgets: --cpu-mem is the whole process, so the runtime's share is taken off it."""
+    """The engine's budgets: --cpu-mem and (with CUDA) --gpu-mem are the whole process's use, so the runtime's
+    share is taken off each: Python, torch and the tokenizer in host RAM; the CUDA context on the card."""
     if args.gpu_mem is None and args.cpu_mem is None and args.disk_mem is None:
         return None
-    cpu = args.cpu_mem
+    cpu, gpu = args.cpu_mem, args.gpu_mem
     if cpu is not None:
-        runtime = runtime_bytes()
-        if cpu <= runtime:
-            raise UsageError(f"--cpu-mem {gib(cpu)} does not cover this process's runtime ({gib(runtime)}: Python, "
-                             "torch, the tokenizer, with room to warm up): raise it")
-        cpu -= runtime
-    return Budgets(args.gpu_mem, cpu, args.disk_mem)
+        cpu = _less_runtime(cpu, runtime_bytes(), "--cpu-mem", "Python, torch, the tokenizer, with room to warm up")
+    if gpu is not None:
+        from .devices import ComputeDevice
+
+        device = ComputeDevice(args.device)
+        if device.is_cuda:
+            gpu = _less_runtime(gpu, device.runtime_bytes(), "--gpu-mem", "the CUDA context and kernels")
+    return Budgets(gpu, cpu, args.disk_mem)
+
+
+def _less_runtime(budget: int, runtime: int, flag: str, what: str) -> int:
+    if budget <= runtime:
+        raise UsageError(f"{flag} {gib(budget)} does not cover this process's runtime ({gib(runtime)}: {what}): "
+                         "raise it")
+    return budget - runtime
 
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):

@@ -85,6 +85,14 @@ class ComputeDevice:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def runtime_bytes(self) -> int:
+        """Device memory this process holds outside torch's allocator (the CUDA context, kernels' modules;
+        on a shared card also other processes' use, which only makes this conservative); 0 on a CPU."""
+        if not self.is_cuda:
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device)  # creates the context first
+        return max(0, total - free - torch.cuda.memory_reserved(self.device))
+
     def free_memory(self) -> int:
         """Free bytes of compute-device memory (host RAM available on CPU)."""
         if self.is_cuda:

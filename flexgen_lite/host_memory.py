@@ -10,6 +10,7 @@ counts is what is taken. Without CUDA (pin=False) the same code hands out plain 
 from __future__ import annotations
 
 import mmap
+import warnings
 import weakref
 
 import torch
@@ -22,10 +23,6 @@ def padded(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-class PinError(MemoryError):
-    """Host memory could not be page-locked for the GPU."""
-
-
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """`nbytes` of zeroed host memory as a flat uint8 tensor, page-aligned; page-locked in place if `pin`.
     Registration ends with the tensor's storage (all views of it)."""
@@ -34,10 +31,14 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     buf = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
     if pin:
         err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
-        if err != 0:
-            raise PinError(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the GPU (cudaError "
-                           f"{err}): lower the policy's cpu share, or pass --no-pin-weight for the weights")
-        weakref.finalize(buf.untyped_storage(), _unregister, buf.data_ptr())
+        if err == 0:
+            weakref.finalize(buf.untyped_storage(), _unregister, buf.data_ptr())
+        else:  # still correct, only slower: copies from it go through the driver's own staging
+            clear = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+            if clear is not None:  # or a later kernel launch's check reports this error as its own
+                clear()
+            warnings.warn(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the GPU (cudaError "
+                          f"{err}); using it unlocked, at pageable copy speed", RuntimeWarning, stacklevel=2)
     return buf
 
 

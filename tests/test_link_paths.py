@@ -229,3 +229,72 @@ def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, polic
     assert peak["cpu"] - staging == sum(plan["cpu"].get(k, 0) for k in host)
     assert staging <= plan["cpu"]["staging"]
     assert peak["disk"] == sum(plan["disk"].values())
+
+
+class FakeCudart:
+    """cudaHostRegister and friends as torch.cuda.cudart() offers them, answering `err`."""
+
+    def __init__(self, err: int) -> None:
+        self.err, self.registered, self.unregistered, self.cleared = err, [], [], 0
+
+    def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802 (CUDA's name)
+        self.registered.append((ptr, nbytes))
+        return self.err
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+    def cudaGetLastError(self):  # noqa: N802
+        self.cleared += 1
+        return 0
+
+
+def test_host_buffer_is_page_locked_in_place_until_its_last_view_goes(monkeypatch):
+    import gc
+
+    cudart = FakeCudart(0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    buf = host_buffer(5 * PAGE, pin=True)
+    ptr = buf.data_ptr()
+    assert cudart.registered == [(ptr, 5 * PAGE)]  # exactly its size: no rounding up
+    view = buf[PAGE:]
+    del buf
+    gc.collect()
+    assert cudart.unregistered == []  # a view still reads it
+    del view
+    gc.collect()
+    assert cudart.unregistered == [ptr]
+
+
+def test_memory_that_cannot_be_page_locked_is_used_unlocked_with_a_warning(monkeypatch):
+    cudart = FakeCudart(2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    with pytest.warns(RuntimeWarning, match="could not page-lock"):
+        buf = host_buffer(PAGE, pin=True)
+    assert buf.numel() == PAGE and cudart.cleared == 1  # the runtime's error cleared, not left for a later check
+    del buf
+    assert cudart.unregistered == []
+
+
+def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
+    """--gpu-mem covers the CUDA context, as --cpu-mem covers the runtime in host RAM."""
+    import argparse
+
+    from flexgen_lite import cli
+
+    class CudaDevice:
+        is_cuda = True
+
+        def __init__(self, device=None) -> None:
+            pass
+
+        def runtime_bytes(self) -> int:
+            return 600 * 2**20
+
+    monkeypatch.setattr("flexgen_lite.devices.ComputeDevice", CudaDevice)
+    args = argparse.Namespace(gpu_mem=16 * 2**30, cpu_mem=None, disk_mem=None, device="cuda")
+    assert cli.budgets_from_args(args).gpu == 16 * 2**30 - 600 * 2**20
+    args.gpu_mem = 512 * 2**20
+    with pytest.raises(cli.UsageError, match="--gpu-mem 0.50 GiB does not cover .* the CUDA context"):
+        cli.budgets_from_args(args)
