@@ -347,7 +347,8 @@ def row_result(row: Row, step: Step, machine: dict, cmd: list[str]) -> dict:
         decode_tok_s=report["decode_tok_s"], total_tok_s=report["total_tok_s"], decode_step_s=step_s,
         link_gb_per_step=link, disk_gb_per_step=disk,
         link_gb_s=round(link / step_s, 2) if step_s and link else None,
-        peak_gpu_gb=report.get("peak_cuda_reserved_gb", report["peak_gpu_gb"]),
+        peak_gpu_gb=round(report["peak_cuda_reserved_gb"] + report.get("cuda_runtime_gb", 0), 3)
+        if "peak_cuda_reserved_gb" in report else report["peak_gpu_gb"],  # the process's whole use of the card
         peak_gpu_ledger_gb=report["peak_gpu_gb"],
         gpu_budget_gb=round(budget / GB, 3) if budget else None)
     if h2d and link and step_s:

@@ -78,6 +78,7 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
     if m.device.is_cuda:
         report["peak_cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated(m.device.device) / GB, 3)
         report["peak_cuda_reserved_gb"] = round(torch.cuda.max_memory_reserved(m.device.device) / GB, 3)
+        report["cuda_runtime_gb"] = round(m.device.runtime_bytes() / GB, 3)  # the context: --gpu-mem covers it
     if steps and off_device:
         report["weight_gb_s"] = round(off_device * steps / decode_s / GB, 2)
     return report
