@@ -329,6 +329,10 @@ def _rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> l
     """(rows, heads_i, t, D) tensors on `where` in `dtype`; from another device in one copy (one sync, not three)."""
     if parts[0].device == where:
         return [p.to(dtype) for p in parts]
+    return _joined_to(where, dtype, parts)
+
+
+def _joined_to(where, dtype: torch.dtype, parts) -> list[torch.Tensor]:
     joined = torch.cat(parts, 1).to(where, dtype)
     return list(joined.split([p.shape[1] for p in parts], 1))
 

@@ -30,7 +30,7 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8)
     buf = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
     if pin:
-        err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
+        err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 1))  # 1: portable, as torch does
         if err == 0:
             weakref.finalize(buf.untyped_storage(), _unregister, buf.data_ptr())
         else:  # still correct, only slower: copies from it go through the driver's own staging

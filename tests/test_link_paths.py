@@ -298,3 +298,21 @@ def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
     args.gpu_mem = 512 * 2**20
     with pytest.raises(cli.UsageError, match="--gpu-mem 0.50 GiB does not cover .* the CUDA context"):
         cli.budgets_from_args(args)
+
+
+def test_cpu_attention_inputs_cross_in_one_copy_and_attend_as_separate_ones():
+    """Beside a GPU, a part's q, k, v reach CPU attention as views of one copied tensor: the same values, and
+    attention over them (the C kernel where it takes such views, else SDPA) equals attention over plain copies."""
+    from flexgen_lite.attention import attend
+    from flexgen_lite.engine import _joined_to
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, h, 1, 16, generator=gen) for h in (8, 2, 2))
+    cache_k, cache_v = torch.randn(5, 2, 12, 16, generator=gen), torch.randn(5, 2, 12, 16, generator=gen)
+    q2, k2, v2 = _joined_to(torch.device("cpu"), torch.bfloat16, (q, k, v))
+    for ours, plain in zip((q2, k2, v2), (q, k, v), strict=True):
+        assert torch.equal(ours, plain.to(torch.bfloat16))
+    cache_k[:, :, 11:], cache_v[:, :, 11:] = k2, v2
+    mask = torch.ones(5, 1, 1, 12, dtype=torch.bool)
+    kb, vb = cache_k.to(torch.bfloat16), cache_v.to(torch.bfloat16)
+    torch.testing.assert_close(attend(q2, kb, vb, mask), attend(q2.contiguous(), kb, vb, mask), atol=0, rtol=0)
