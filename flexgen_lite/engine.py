@@ -30,7 +30,8 @@ from .policy import Policy
 from .sampling import SamplingConfig, sample
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
 from .trace import ATTENTION, CACHE_STORE, COMPUTE, COMPUTE_LANE, CPU_ATTENTION, NULL, WAIT, NullRecorder, Recorder
-from .weights import DECODER_KINDS, StoredWeight, WeightSlots, weight_bytes
+from .weight_slots import WeightSlots
+from .weights import DECODER_KINDS, StoredWeight, weight_bytes
 
 
 @dataclass
