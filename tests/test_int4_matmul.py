@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flexgen_lite.int4_matmul as int4_matmul
+import flexgen_lite.weight_slots as slots_module
 import flexgen_lite.weights as weights_module
 from flexgen_lite import FlexGenLite, SamplingConfig, native
 from flexgen_lite.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
@@ -131,7 +132,7 @@ def _run(model_dir, percent, monkeypatch, path: str):
     for a dense matmul) or "plain" (not stored for the kernel: `dequantize`, tested against transformers)."""
     policy = dataclasses.replace(P(percent, gbs=2, nb=2, compress_weight=True), dtype="bfloat16")
     with monkeypatch.context() as patch:
-        patch.setattr(weights_module, "int4_path", lambda *a: {"dequantized": "dense"}.get(path, path))
+        patch.setattr(slots_module, "int4_path", lambda *a: {"dequantized": "dense"}.get(path, path))
         patch.setattr(int4_matmul, "TILE_BYTES", 1)  # tiles of 64 rows: several per matrix
         if path == "plain":
             patch.setattr(weights_module, "eligible", lambda *a: False)
