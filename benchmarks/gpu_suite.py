@@ -133,7 +133,7 @@ SMOKE_ROWS = [
         _f("--percent 0 100 100 0 100 0 --gpu-batch-size 4 --num-gpu-batches 2 --cpu-cache-compute"), 30),
 ]
 for _row in SMOKE_ROWS:
-    _row.prompt_len, _row.gen_len, _row.flags = 32, 4, [*_row.flags, "--device", "cpu"]
+    _row.prompt_len, _row.gen_len, _row.flags = 32, 4, [*_row.flags, "--device", "cpu+link"]  # the GPU's copies
 
 TINY = {  # HF configs of the smoke checkpoints
     "tiny-opt": {"model_type": "opt", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

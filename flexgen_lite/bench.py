@@ -49,7 +49,7 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
     n, cfg, itemsize = policy.block_size, m.config, m.dtype.itemsize
     weights = m.engine.weights
     off_device = weight_bytes(weights, "cpu") + weight_bytes(weights, "disk")
-    if not m.device.is_cuda:  # host RAM is the compute memory: only disk weights move
+    if not m.device.host_is_separate:  # host RAM is the compute memory: only disk weights move
         off_device = weight_bytes(weights, "disk")
     steps = gen_len - 1
     peak = m.memory_report()["peak"]
@@ -97,9 +97,9 @@ def _cache_bytes_read_per_step(m: FlexGenLite, mean_len: float) -> float:
 
 
 def _link_and_disk_bytes_per_step(m: FlexGenLite, mean_len: float) -> tuple[float, float]:
-    """Bytes per decode step over the host-to-device link (CUDA only) and read from disk: weights outside compute
-    memory, and cache parts loaded to the compute device (parts attended on the CPU stay off the link)."""
-    weights, cache, cuda = m.engine.weights, m.engine.cache, m.device.is_cuda
+    """Bytes per decode step over the host-to-device link (CUDA, cpu+link) and read from disk: weights outside
+    compute memory, and cache parts loaded to the compute device (parts attended on the CPU stay off the link)."""
+    weights, cache, cuda = m.engine.weights, m.engine.cache, m.device.host_is_separate
     disk = float(weight_bytes(weights, "disk"))
     link = weight_bytes(weights, "cpu") + disk if cuda else 0.0
     for per_batch in cache.parts:

@@ -50,7 +50,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="4-bit group-wise KV cache (auto: searched unless given)")
     g.add_argument("--weight-group-dim", type=int, default=1, choices=(0, 1),
                    help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
-    g.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
+    g.add_argument("--device", help="compute device (default: cuda if present, else cpu; cpu+link: the CPU, copying "
+                   "across a simulated link as a GPU does, to check the GPU's data paths)")
     b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
     b.add_argument("--gpu-mem", type=size, help="compute-device memory this process may take, the CUDA context "
                    "included; without a GPU, the compute tier's share of host RAM")
