@@ -92,13 +92,6 @@ GPU_ROWS = [
         _f("--percent 100 0 0 100 100 0 --cpu-cache-compute --gpu-batch-size 64 --num-gpu-batches 2 "
            "--gpu-mem 24GiB"), 150,
         "cache 36.5 GB on the CPU, attended there: does not fit beside the weights in 24 GiB"),
-    Row("opt-6.7b-cpu-weights-cpu-cache", "facebook/opt-6.7b",
-        _f("--percent 0 100 0 100 100 0 --gpu-batch-size 32 --num-gpu-batches 4"), 150,
-        "cache on the CPU, attended on the GPU: position-major prefixes copied from page-locked memory "
-        "on their own stream (issue 12, findings 3 and 4)"),
-    Row("opt-6.7b-act-cpu", "facebook/opt-6.7b",
-        _f("--percent 100 0 100 0 0 100 --gpu-batch-size 32 --num-gpu-batches 4"), 120,
-        "hidden states on the CPU between layers: asynchronous copies through page-locked buffers (finding 7)"),
     Row("opt-1.3b-auto", "facebook/opt-1.3b", _f("--policy auto --num-prompts 1024"), 120,
         "the batch the search finds"),
     Row("opt-13b-auto", "facebook/opt-13b", _f("--policy auto --num-prompts 256"), 180, "searched"),
@@ -110,6 +103,13 @@ GPU_ROWS = [
     Row("opt-13b-cpu-weights-cpu-attn", "facebook/opt-13b",
         _f("--percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 --cpu-cache-compute"), 150,
         "cache on the GPU: the flag has nothing to do; should match opt-13b-cpu-weights"),
+    Row("opt-6.7b-cpu-weights-cpu-cache", "facebook/opt-6.7b",
+        _f("--percent 0 100 0 100 100 0 --gpu-batch-size 32 --num-gpu-batches 4"), 150,
+        "cache on the CPU, attended on the GPU: position-major prefixes copied from page-locked memory "
+        "on their own stream (issue 12, findings 3 and 4)"),
+    Row("opt-6.7b-act-cpu", "facebook/opt-6.7b",
+        _f("--percent 100 0 100 0 0 100 --gpu-batch-size 32 --num-gpu-batches 4"), 120,
+        "hidden states on the CPU between layers: asynchronous copies through page-locked buffers (finding 7)"),
 ]
 
 # The same rows on tiny checkpoints (written by the suite), on the CPU: same names, flags scaled down.
