@@ -46,8 +46,9 @@ class Activations:
             if tier == "cpu":
                 self._host(batch, nbytes).copy_(h, non_blocking=True)
             else:
+                h = h.contiguous()  # before the event: the store stream reads what it covers
                 file, after = self._file(batch, nbytes), self.device.compute_event()
-                self.writes[batch] = self.io.submit(self._write, file, h.contiguous(), after)
+                self.writes[batch] = self.io.submit(self._write, file, h, after)
 
     def get(self, batch: int) -> torch.Tensor:
         tier = self.tiers[batch]
@@ -64,7 +65,7 @@ class Activations:
             buf = self.staging.take("act", nbytes)
             host = self.files[batch].read_into(buf.data).view(dtype).view(shape)
             h = host.to(self.device.device, non_blocking=True, copy=True)
-            self.staging.release(buf, copied_to_gpu=h.is_cuda)
+            self.staging.release(buf, h.device)
             return h
 
     def _host(self, batch: int, nbytes: int) -> torch.Tensor:

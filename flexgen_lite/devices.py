@@ -25,6 +25,7 @@ def keep_freed_memory() -> None:
         pass
 
 
+CUDA_LIBRARY_GROWTH = 256 * 2**20  # cuBLAS handles and workspaces, kernels loaded lazily on first use
 LINK = "+link"  # "cpu+link": a CPU that keeps its host tiers apart, as a GPU must (tests the GPU's paths)
 
 
@@ -86,12 +87,13 @@ class ComputeDevice:
             torch.cuda.synchronize(self.device)
 
     def runtime_bytes(self) -> int:
-        """Device memory this process holds outside torch's allocator (the CUDA context, kernels' modules;
-        on a shared card also other processes' use, which only makes this conservative); 0 on a CPU."""
+        """Device memory this process holds, or will, outside torch's allocator: the CUDA context now (on a
+        shared card also other processes' use, which only makes this conservative), and what libraries load
+        on first use (CUDA_LIBRARY_GROWTH); 0 on a CPU."""
         if not self.is_cuda:
             return 0
         free, total = torch.cuda.mem_get_info(self.device)  # creates the context first
-        return max(0, total - free - torch.cuda.memory_reserved(self.device))
+        return max(0, total - free - torch.cuda.memory_reserved(self.device)) + CUDA_LIBRARY_GROWTH
 
     def free_memory(self) -> int:
         """Free bytes of compute-device memory (host RAM available on CPU)."""

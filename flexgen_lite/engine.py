@@ -69,6 +69,10 @@ class Engine:
             self._run_steps(block, sampling, on_step, keep_logits)
         except BaseException:
             self._drain(quiet=True)
+            try:  # copies still queued must not outlive the buffers the unwinding frees
+                self.device.synchronize()
+            except RuntimeError:
+                pass  # a CUDA error: the one being raised says more
             raise
         self._drain()
 

@@ -9,6 +9,7 @@ counts is what is taken. Without CUDA (pin=False) the same code hands out plain 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import warnings
 import weakref
@@ -33,13 +34,31 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
         err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 1))  # 1: portable, as torch does
         if err == 0:
             weakref.finalize(buf.untyped_storage(), _unregister, buf.data_ptr())
-        else:  # still correct, only slower: copies from it go through the driver's own staging
-            clear = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
-            if clear is not None:  # or a later kernel launch's check reports this error as its own
-                clear()
+        elif clear_cuda_error():  # still correct, only slower: copies go through the driver's own staging
             warnings.warn(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the GPU (cudaError "
                           f"{err}); using it unlocked, at pageable copy speed", RuntimeWarning, stacklevel=2)
+        else:
+            raise MemoryError(f"could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the GPU (cudaError "
+                              f"{err}): lower the policy's cpu share, or pass --no-pin-weight for the weights")
     return buf
+
+
+def clear_cuda_error() -> bool:
+    """Reset this thread's last CUDA runtime error (or the next kernel launch's check reports it as its own).
+    torch.cuda.cudart() does not offer cudaGetLastError: call it in the libcudart torch loaded. False when
+    that library is not found (a static runtime)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):  # another copy of the library would have its own error state: not that
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+            return True
+        except (OSError, AttributeError):
+            continue
+    return False
 
 
 def _unregister(ptr: int) -> None:

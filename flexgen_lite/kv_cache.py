@@ -73,10 +73,11 @@ class Store:
         elif not to_device:
             self.file.read_into(dst[:length])
         else:
-            buf = staging.take("cache", length * self.position_bytes)
-            self.file.read_into(buf.data)
-            dst[:length].copy_(buf.data.view(self.dtype).view(dst[:length].shape), non_blocking=True)
-            staging.release(buf, copied_to_gpu=dst.is_cuda)
+            buf = staging.take("cache", self.nbytes)  # its whole size: a prefix that grows each step fits
+            host = buf.data[:length * self.position_bytes]
+            self.file.read_into(host)
+            dst[:length].copy_(host.view(self.dtype).view(dst[:length].shape), non_blocking=True)
+            staging.release(buf, dst.device)
 
     def stage(self, new: torch.Tensor) -> torch.Tensor:
         """New positions (rows, kv_heads, t, D) as they are stored, on their device."""
@@ -304,8 +305,9 @@ class KVCache:
         for store, half in zip((part.k, part.v), "kv", strict=True):
             if isinstance(store, QuantizedStore):
                 buf = slots.get((i, parity, half, "values", shape), shape, dtype, where, tier)
-                out.append((buf, [slots.get((i, parity, half, name, s), s, dt, where, tier)
-                                  for name, s, dt in store.scratch_shapes()]))
+                out.append((buf, [slots.get((i, parity, half, name, s), s, dt, where, tier) if c.position_major
+                                  else None for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(),
+                                                                        strict=True)]))
             else:
                 s = store.position_shape
                 out.append((slots.get((i, parity, half, "positions", s), s, dtype, where, tier), None))

@@ -48,7 +48,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
                     if t == "disk"), default=0) if lay.exact else s.gbs
         cache_staging = rows * s.seq_layer / 2 * w.max_len  # one of k, v of a part
     hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
-    act_staging = 2 * hidden if s.cuda and lay.act_batches[2] else 0
+    act_staging = (1 + s.threads) * hidden if s.cuda and lay.act_batches[2] else 0  # writes on each I/O thread
     # storage.Staging (CUDA): two buffers per lane for loads, one per I/O thread for stores
     cpu["staging"] = 2 * weight_staging + (2 + s.threads) * cache_staging + act_staging
     for d, batches in zip((gpu, cpu, disk), lay.act_batches, strict=True):
@@ -86,11 +86,15 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
         return (0.0 if direct else 4 * s.gbs * (dense_row + codes_row)), tier
     # engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
     # batches, batches that finish early) each distinct (part index, rows) can take both
-    keys = {(i, rows.stop - rows.start) for b in range(s.nb) for i, (t, rows) in
-            enumerate(batch_parts(b, s.gbs, lay.cache_rows)) if not lay.part_direct(t) or lay.part_mapped(t)}
+    keys: dict[tuple[int, int], bool] = {}  # (part index, rows) -> codes read into scratch (across the link)
+    for b in range(s.nb):
+        for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
+            if not lay.part_direct(t) or lay.part_mapped(t):
+                key = (i, rows.stop - rows.start)
+                keys[key] = keys.get(key, False) or (s.cuda and t != "gpu")
     if s.workload.gen_len < 2:
         return 0.0, tier
-    return sum(2 * 2 * r * (dense_row + codes_row) for _, r in keys), tier
+    return sum(2 * 2 * r * (dense_row + (codes_row if across else 0)) for (_, r), across in keys.items()), tier
 
 
 def tier_peaks(plan: dict[str, dict[str, float]], cuda: bool) -> dict[str, float]:

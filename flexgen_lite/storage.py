@@ -305,13 +305,13 @@ class Staging:
         buf.data = buf.memory[:nbytes]
         return buf
 
-    def release(self, buf: StagingBuffer, copied_to_gpu: bool) -> None:
-        """Give the buffer back; `copied_to_gpu`: copies queued on this thread's current stream still read
-        it, so the next take() waits for them (nothing to wait for after host copies, or a synchronized one)."""
+    def release(self, buf: StagingBuffer, gpu: torch.device | None) -> None:
+        """Give the buffer back; `gpu`: the device whose current stream (this thread's) has copies queued that
+        still read it, so the next take() waits for them; None after host copies, or a synchronized one."""
         event = None
-        if copied_to_gpu and self.pin:
+        if gpu is not None and gpu.type == "cuda" and self.pin:
             event = torch.cuda.Event(blocking=True)
-            event.record()
+            event.record(torch.cuda.current_stream(gpu))
         with self.lock:
             buf.event, buf.held = event, False
 
@@ -326,10 +326,10 @@ class Staging:
         host = buf.data.view(src.dtype).view(src.shape)
         host.copy_(src, non_blocking=True)
         done = torch.cuda.Event(blocking=True)
-        done.record()
+        done.record(torch.cuda.current_stream(src.device))
         done.synchronize()
         file.write(host, offset)
-        self.release(buf, copied_to_gpu=False)
+        self.release(buf, None)
 
 
 @dataclass(eq=False)

@@ -80,7 +80,7 @@ class WeightSlots:
                 if not t.int4:  # the kernel's weights may never fill their slot
                     self.holds[key] = t
         for buf in held:  # copied out of on this thread's stream: reused once those copies are done
-            self.staging.release(buf, copied_to_gpu=True)
+            self.staging.release(buf, self.device.device)
         return out
 
     def _buffer(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
