@@ -104,9 +104,13 @@ FP16_PLACEMENTS = ["all-gpu", "weights-cpu", "weights-disk", "cache-cpu", "cache
 def test_float16_close_to_float32(tiny_models, references, compute_device, family, name):
     """float16 compute (the CUDA default): the first two steps' logits within FP16_RTOL of the fp32 reference,
     for rows whose first token matched it (the second step's input is that token)."""
-    ref_ids, ref_logits = references[family]
-    policy = dataclasses.replace(POLICIES[name], dtype="float16")
-    with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=compute_device) as m:
+    check_float16(tiny_models[family][0], references[family], POLICIES[name], compute_device)
+
+
+def check_float16(model_dir, reference, policy: Policy, device: str) -> None:
+    ref_ids, ref_logits = reference
+    policy = dataclasses.replace(policy, dtype="float16")
+    with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
         ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=2, stop_at_eos=False),
                                      return_logits=True)
     same_first = [i for i, (a, b) in enumerate(zip(ids, ref_ids, strict=True)) if a[0] == b[0]]
@@ -136,3 +140,12 @@ def test_opt_across_a_link_matches_transformers(tiny_models, references, name):
                                   "cpu-attention-cache-split", "all-disk-overlap"])
 def test_llama_family_across_a_link_matches_transformers(tiny_models, references, family, name):
     check_against_reference(tiny_models[family][0], references[family], POLICIES[name], LINK)
+
+
+@link_only_on_cpu
+@pytest.mark.parametrize("name", ["cache-cpu", "cache-disk", "cpu-attention-cache-disk", "cpu-attention-cache-split",
+                                  "act-disk-split"])
+def test_float16_across_a_link_close_to_float32(tiny_models, references, name):
+    """float16 compute beside bfloat16 CPU attention, the file branch of disk parts included (on a CPU without a
+    link those parts are memory-mapped): the case of issue 12's finding 1."""
+    check_float16(tiny_models["opt"][0], references["opt"], POLICIES[name], LINK)
