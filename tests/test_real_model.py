@@ -23,14 +23,18 @@ def reference(smollm):
     return prompts, hf_greedy(model, prompts, 12)
 
 
-@pytest.mark.parametrize("policy", [
-    Policy(gpu_batch_size=4, dtype="float32"),
-    Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=20, weight_cpu_percent=40,
-           cache_gpu_percent=0, cache_cpu_percent=50, cpu_cache_compute=True, dtype="float32"),
-], ids=["all-on-compute-device", "weights-and-cache-on-three-tiers"])
-def test_greedy_equals_transformers_on_the_gguf(smollm, reference, policy):
+THREE_TIERS = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=20, weight_cpu_percent=40,
+                     cache_gpu_percent=0, cache_cpu_percent=50, cpu_cache_compute=True, dtype="float32")
+
+
+@pytest.mark.parametrize("policy,device", [
+    (Policy(gpu_batch_size=4, dtype="float32"), "cpu"),
+    (THREE_TIERS, "cpu"),
+    (THREE_TIERS, "cpu+link"),  # the copies a GPU makes, made by the CPU
+], ids=["all-on-compute-device", "weights-and-cache-on-three-tiers", "three-tiers-across-a-link"])
+def test_greedy_equals_transformers_on_the_gguf(smollm, reference, policy, device):
     prompts, (ref_ids, ref_logits) = reference
-    with FlexGenLite(smollm[0], policy=policy) as m:
+    with FlexGenLite(smollm[0], policy=policy, device=device) as m:
         ids, logits = m.generate_ids(prompts, SamplingConfig(max_new_tokens=12, stop_at_eos=False),
                                      return_logits=True)
     assert ids == ref_ids
