@@ -32,6 +32,16 @@ class Activations:
         self.writes: dict[int, Future] = {}
         self.shapes: dict[int, tuple] = {}
 
+    def reset(self) -> Activations:
+        """Ready for a new block: what the last one left is dropped (its writes waited for); buffers and
+        files stay for reuse."""
+        for f in self.writes.values():
+            f.exception()  # waits; a failed write of a finished (or failed) block has nothing left to spoil
+        self.held.clear()
+        self.writes.clear()
+        self.shapes.clear()
+        return self
+
     def _in_place(self, tier: str) -> bool:
         return tier == "gpu" or (tier == "cpu" and not self.device.host_is_separate)
 

@@ -55,6 +55,7 @@ class Engine:
         self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
         self.cache_slots = CacheSlots(ledger, self.staging)
         self.cache: KVCache | None = None
+        self.acts: Activations | None = None
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
         self.times = StepTimes()
 
@@ -77,8 +78,10 @@ class Engine:
         self._drain()
 
     def _run_steps(self, block: Block, sampling: SamplingConfig, on_step, keep_logits: bool) -> None:
-        acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
-                           self.disk, self.ledger, self.io, self.staging, self.trace)
+        if self.acts is None:  # kept across blocks: its host buffers are page-locked once, not per block
+            self.acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
+                                    self.disk, self.ledger, self.io, self.staging, self.trace)
+        acts = self.acts.reset()
         self.times = StepTimes()
         self.logits = [] if keep_logits else None
         for step in range(block.gen_len):

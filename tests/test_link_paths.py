@@ -349,3 +349,19 @@ def test_staging_is_taken_once_not_regrown_as_the_prefix_grows(tiny_models, monk
             m.generate_ids(PROMPTS[:4], SamplingConfig(max_new_tokens=steps, stop_at_eos=False))
         counts.append(len(made))
     assert counts[0] == counts[1] <= 8, counts
+
+
+def test_activation_buffers_are_kept_across_blocks(tiny_models, monkeypatch):
+    """Hidden states' page-locked buffers are made once, not per block (mapping and locking them anew costs
+    as much as the copies they serve)."""
+    import flexgen_lite.activations as activations
+
+    made = []
+    real = activations.host_buffer
+    monkeypatch.setattr(activations, "host_buffer", lambda n, pin: made.append(n) or real(n, pin))
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, act_gpu_percent=0, act_cpu_percent=100, dtype="float32")
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=policy, device=LINK) as m:
+        first = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+        once = len(made)
+        assert m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False)) == first
+    assert 0 < once <= len(PROMPTS) and len(made) == once
