@@ -305,9 +305,9 @@ class KVCache:
         for store, half in zip((part.k, part.v), "kv", strict=True):
             if isinstance(store, QuantizedStore):
                 buf = slots.get((i, parity, half, "values", shape), shape, dtype, where, tier)
-                out.append((buf, [slots.get((i, parity, half, name, s), s, dt, where, tier) if c.position_major
-                                  else None for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(),
-                                                                        strict=True)]))
+                scratch = [slots.get((i, parity, half, name, s), s, dt, where, tier) if c.position_major else None
+                           for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(), strict=True)]
+                out.append((buf, scratch))
             else:
                 s = store.position_shape
                 out.append((slots.get((i, parity, half, "positions", s), s, dtype, where, tier), None))

@@ -315,7 +315,6 @@ class Staging:
         with self.lock:
             buf.event, buf.held = event, False
 
-
     def write_out(self, lane: str, file: DiskFile, src: torch.Tensor, offset: int = 0) -> None:
         """Write `src` to `file` at `offset`; from a GPU through a buffer of `lane`: one copy on this thread's
         current stream, waited for here (run it on an I/O thread), then the file write."""
