@@ -193,10 +193,8 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
 def dequantize(
     q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Reconstruct ``q`` as a ``dtype`` tensor on ``q.device`` (into ``out`` if given)."""
-    outer, length, n_groups, inner, _ = _layout(q.shape, q.config)
-    g = q.config.group_size
-    n_codes = outer * n_groups * g * inner
+    """Reconstruct ``q`` as a ``dtype`` tensor on ``q.device`` (into ``out`` if given); on CUDA by one fused
+    kernel (dequant_triton.py) where it passed its self-check there."""
     if out is not None and (
         tuple(out.shape) != q.shape or out.dtype != dtype or out.device != q.device
     ):
@@ -204,6 +202,19 @@ def dequantize(
             f"out must have shape {q.shape}, dtype {dtype} and device {q.device}; "
             f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
         )
+    if q.data.is_cuda:
+        from . import dequant_triton
+
+        if dequant_triton.supported(q, dtype) and dequant_triton.usable(q.device):
+            return dequant_triton.dequantize(q, dtype, out)
+    return _dequantize_torch(q, dtype, out)
+
+
+def _dequantize_torch(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """The reference (and the path off CUDA): `code * scale`, then `+ minimum`, each rounded in fp32."""
+    outer, length, n_groups, inner, _ = _layout(q.shape, q.config)
+    g = q.config.group_size
+    n_codes = outer * n_groups * g * inner
     if out is not None and out.is_contiguous() and length == n_groups * g and n_codes % 2 == 0:
         return _dequantize_in_place(q, out, (outer, n_groups, g, inner))
     codes = q.data
@@ -212,7 +223,7 @@ def dequantize(
     codes = codes.view(outer, n_groups, g, inner)
     scale = q.scale.reshape(outer, n_groups, 1, inner).float()
     minimum = q.minimum.reshape(outer, n_groups, 1, inner).float()
-    y = torch.addcmul(minimum, codes.float(), scale).clamp_(-_FP16_MAX, _FP16_MAX)
+    y = codes.float().mul_(scale).add_(minimum).clamp_(-_FP16_MAX, _FP16_MAX)  # no FMA (addcmul may fuse)
     y = y.view(outer, n_groups * g, inner)
     y = y[:, :length, :].reshape(q.shape)
     if out is None:
@@ -242,9 +253,7 @@ def _dequantize_in_place(q: QuantizedTensor, out: torch.Tensor, grouped: tuple[i
         else:
             t.copy_(c)
         t3 = t.view(n, g, inner)
-        t3.mul_(scale[r:r + n]).add_(minimum[r:r + n])
-        if out.dtype == torch.float16:
-            t3.clamp_(-_FP16_MAX, _FP16_MAX)
+        t3.mul_(scale[r:r + n]).add_(minimum[r:r + n]).clamp_(-_FP16_MAX, _FP16_MAX)
         dst[r:r + n].copy_(t3)
     return out
 

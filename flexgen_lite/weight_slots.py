@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compression import dequantize, from_bytes
 from .devices import ComputeDevice
 from .int4_matmul import Int4Weight, int4_path
 from .storage import PAGE, DiskFile, MemoryLedger, Staging
@@ -44,6 +45,8 @@ class WeightSlots:
         self.extents: dict[tuple, torch.Tensor] = {}  # CPU, direct reads: a layer file's bytes, per (kind, parity)
         self.holds: dict[tuple, StoredWeight] = {}
         self.windows: set[tuple] = set()
+        self.link_stream = None  # CUDA: 4-bit codes cross on it (_codes_then_dequantize)
+        self.codes_free: dict[tuple, torch.cuda.Event] = {}  # per codes buffer: its last dequantization done
 
     def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None, trace=NULL) -> dict[str, torch.Tensor]:
         """`slot_key` (kind, parity) for decoder layers; None for one slot per weight. `trace` gets a span per
@@ -75,13 +78,41 @@ class WeightSlots:
                 else:
                     codes = self._buffer((*key, "codes"), (t.nbytes,), torch.uint8) \
                         if t.compression is not None and t.tier != "gpu" and self.device.host_is_separate else None
-                    with trace.span(*self._fill_stage(t), stream="copy:weights"):
-                        out[name] = t.fetch(self.device, buf, host.get(id(t)), codes)
+                    if codes is not None and self.device.is_cuda:
+                        out[name] = self._codes_then_dequantize(t, key, buf, codes, host.get(id(t)), trace)
+                    else:
+                        with trace.span(*self._fill_stage(t), stream="copy:weights"):
+                            out[name] = t.fetch(self.device, buf, host.get(id(t)), codes)
                 if not t.int4:  # the kernel's weights may never fill their slot
                     self.holds[key] = t
         for buf in held:  # copied out of on this thread's stream: reused once those copies are done
             self.staging.release(buf, self.device.device)
         return out
+
+    def _codes_then_dequantize(self, t: StoredWeight, key: tuple, slot: torch.Tensor, codes: torch.Tensor,
+                               host: torch.Tensor | None, trace) -> torch.Tensor:
+        """CUDA: 4-bit codes across the link on a stream of their own, then dequantized into the slot on this
+        thread's (weights) copy stream, which the engine ordered after compute's last read of the slot and which
+        compute waits for. The link then waits only for the last dequantization out of this codes buffer (two
+        layers back), never for compute or for this layer's dequantization: the next layer's codes cross
+        while this one is dequantized and computed."""
+        device = self.device.device
+        if self.link_stream is None:
+            self.link_stream = torch.cuda.Stream(device)
+        here, link = torch.cuda.current_stream(device), self.link_stream
+        with torch.cuda.stream(link):
+            if (free := self.codes_free.get(key)) is not None:
+                link.wait_event(free)
+            with trace.span(WEIGHT_LOAD[t.tier], 0 if t.tier == "disk" else t.nbytes, stream="copy:weights"):
+                t.copy_codes(codes, host)
+            arrived = torch.cuda.Event()
+            arrived.record(link)
+        here.wait_event(arrived)  # staging released after this (fetch) waits for the copy too
+        with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="copy:dequantize"):
+            dequantize(from_bytes(codes, t.shape, t.compression), t.dtype, out=slot)
+        self.codes_free[key] = done = torch.cuda.Event()
+        done.record(here)
+        return slot
 
     def _buffer(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A slot of the compute device, made on first use and counted."""

@@ -164,9 +164,15 @@ class StoredWeight:
             return from_bytes(self.mapped, self.shape, self.compression)
         if isinstance(self.data, QuantizedTensor):  # in compute memory
             return self.data
-        stored = host if host is not None else self.data  # bytes in staging, or in the host arena
-        on_device = codes.copy_(stored, non_blocking=True) if codes is not None else stored.to(device.device)
+        on_device = self.copy_codes(codes, host) if codes is not None else self._stored(host).to(device.device)
         return from_bytes(on_device, self.shape, self.compression)
+
+    def copy_codes(self, codes: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
+        """The stored bytes of a compressed weight homed off compute memory, copied into `codes`."""
+        return codes.copy_(self._stored(host), non_blocking=True)
+
+    def _stored(self, host: torch.Tensor | None) -> torch.Tensor:
+        return host if host is not None else self.data  # bytes in staging, or in the host arena
 
 
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,

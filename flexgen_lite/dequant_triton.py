@@ -1,0 +1,147 @@
+"""4-bit (and 8-bit) dequantization on CUDA in one pass: a Triton kernel reading the packed codes and the fp16
+scale and minimum of each group, writing fp16, bf16 or fp32 (compression.py has the layout and the torch path).
+
+The torch path makes ~8 passes over 16M-element chunks (~37 bytes of GPU memory traffic per weight, thousands of
+launches per step); this reads half a byte and writes one value per weight, one launch per tensor. Values are
+bit-identical to the torch path: `code * scale` and `+ minimum` rounded separately in fp32 (no fused
+multiply-add: `enable_fp_fusion=False`), clamped to +-65504, rounded to the output dtype to nearest even (bf16 by
+integer arithmetic, as native/int4.c does, which Triton's interpreter also gets right). `usable` runs a one-time
+self-check against the torch path on the device; until it passes, `compression.dequantize` keeps the torch path.
+TRITON_INTERPRET=1 runs the kernel on a CPU (tests); FLEXGEN_LITE_TRITON=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from .compression import QuantizedTensor, _dequantize_torch, _layout, quantize
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ROWS = 32  # groups per program when a group's elements are contiguous (inner == 1)
+COLS = 64  # elements along the inner dims per program otherwise
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """The jitted kernel (made on first use: Triton decides at `jit` whether it interprets)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_kernel(codes, scale, minimum, out, n_rows, length, inner, n_groups,
+                          G: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, INNER_ONE: tl.constexpr,
+                          PADDED: tl.constexpr):
+        # a "row" is one group: G codes (x inner) with one scale and minimum (per inner index)
+        g = tl.arange(0, G)
+        if INNER_ONE:  # a tile of BLOCK rows x G: codes and output contiguous, stats one per row
+            r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            keep = r < n_rows
+            p = r.to(tl.int64)[:, None] * G + g[None, :]
+            stat = r.to(tl.int64)[:, None] + 0 * g[None, :]
+            if PADDED:
+                o = r // n_groups
+                el = (r - o * n_groups)[:, None] * G + g[None, :]
+                keep2 = keep[:, None] & (el < length)
+                dst = o.to(tl.int64)[:, None] * length + el
+            else:
+                keep2 = keep[:, None] & (g[None, :] < G)
+                dst = p
+        else:  # one row x BLOCK inner indices: stats contiguous along inner
+            r = tl.program_id(0).to(tl.int64)
+            i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            o = r // n_groups
+            el = (r - o * n_groups) * G + g
+            keep2 = (el < length)[:, None] & (i < inner)[None, :]
+            p = r * G * inner + g[:, None] * inner + i[None, :]
+            stat = r * inner + i[None, :] + 0 * g[:, None]
+            dst = o * length * inner + el[:, None] * inner + i[None, :]
+        if BITS == 4:
+            byte = tl.load(codes + (p >> 1), mask=keep2, other=0).to(tl.int32)
+            c = (byte >> ((p & 1) * 4).to(tl.int32)) & 15
+        else:
+            c = tl.load(codes + p, mask=keep2, other=0).to(tl.int32)
+        s = tl.load(scale + stat, mask=keep2, other=0).to(tl.float32)
+        m = tl.load(minimum + stat, mask=keep2, other=0).to(tl.float32)
+        y = c.to(tl.float32) * s + m
+        y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)
+        if out.dtype.element_ty == tl.bfloat16:
+            u = y.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            tl.store(out + dst, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=keep2)
+        else:
+            tl.store(out + dst, y.to(out.dtype.element_ty), mask=keep2)
+
+    return dequantize_kernel
+
+
+def supported(q: QuantizedTensor, dtype: torch.dtype) -> bool:
+    g = q.config.group_size
+    return dtype in DTYPES and q.config.bits in (4, 8) and g & (g - 1) == 0 and 1 <= g <= 1024
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`compression.dequantize` by the kernel (no checks of `out`: the caller's)."""
+    outer, length, n_groups, inner, _ = _layout(q.shape, q.config)
+    target = out if out is not None and out.is_contiguous() else torch.empty(q.shape, dtype=dtype, device=q.device)
+    if target.numel():
+        g, rows = q.config.group_size, outer * n_groups
+        scale, minimum = q.scale.contiguous(), q.minimum.contiguous()
+        if inner == 1:
+            grid, block = (-(-rows // ROWS),), ROWS
+        else:
+            grid, block = (rows, -(-inner // COLS)), COLS
+        _kernel(interpreting())[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups,
+                                      G=g, BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1,
+                                      PADDED=length != n_groups * g, enable_fp_fusion=False)
+    if out is None or target is out:
+        return target
+    return out.copy_(target)
+
+
+SELF_CHECK = [((130, 70), 1), ((96, 200), 0), ((2, 3, 5, 128), -1), ((3, 100, 7), 1)]
+
+
+@functools.cache
+def usable(device: torch.device) -> bool:
+    """Whether the kernel runs on `device` and equals the torch path there, bit for bit (checked once); on CUDA
+    a warning says why not when it does not."""
+    why = None
+    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
+        why = "FLEXGEN_LITE_TRITON=0"
+    else:
+        try:
+            _kernel(interpreting())
+        except Exception as e:  # ImportError, or a triton that cannot build here
+            why = f"triton unavailable: {type(e).__name__}: {e}"
+    if why is None:
+        why = _self_check(device)
+    if why is not None and device.type == "cuda":
+        warnings.warn(f"4-bit dequantization on {device} uses the torch path (slower): {why}", stacklevel=3)
+    return why is None
+
+
+def _self_check(device: torch.device) -> str | None:
+    from .compression import CompressionConfig
+
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for (shape, dim) in SELF_CHECK:
+            x = torch.randn(shape, generator=gen) * 3
+            for bits in (4, 8):
+                for dtype in DTYPES:
+                    q = quantize(x.to(dtype).to(device), CompressionConfig(bits, 64, dim))
+                    got, want = dequantize(q, dtype), _dequantize_torch(q, dtype, None)
+                    if not torch.equal(got, want):
+                        bad = (got.float() - want.float()).abs().max().item()
+                        return f"self-check mismatch ({shape}, group dim {dim}, {bits} bits, {dtype}: {bad:g})"
+    except Exception as e:  # a kernel that fails to compile or launch here
+        return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

@@ -1,0 +1,106 @@
+"""The fused 4-bit dequantization kernel (dequant_triton.py) against the torch path, bit for bit, run on this CPU by
+Triton's interpreter (TRITON_INTERPRET=1). Where triton is not installed these check the fallback instead: the
+kernel's own reference test then runs only where triton exists (the `test` extra installs it on Linux x86-64;
+benchmarks/gpu_checks.py runs it on a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from flexgen_lite import dequant_triton
+from flexgen_lite.compression import CompressionConfig, _dequantize_torch, dequantize, quantize
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: test_fallback_* run instead")
+
+CASES = [  # (shape, group dim, bits): padded and unpadded groups, inner == 1 and inner > 1, odd code counts
+    ((64, 128), 1, 4), ((130, 70), 1, 4), ((96, 200), 0, 4), ((3, 100, 7), 1, 4), ((2, 3, 5, 128), -1, 4),
+    ((5, 33), 0, 4), ((7, 9), 1, 4), ((64, 96), 0, 8), ((40, 70), 1, 8),
+]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
+    dequant_triton.usable.cache_clear()
+    yield
+    dequant_triton.usable.cache_clear()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", dequant_triton.DTYPES)
+@pytest.mark.parametrize("shape,dim,bits", CASES)
+def test_kernel_equals_the_torch_path_bit_for_bit(interpret, shape, dim, bits, dtype):
+    """Exact, not close: both round `code * scale` and then `+ minimum` in fp32 (no FMA), clamp to +-65504 and
+    round to nearest even."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 7 + bits)) * 4
+    q = quantize(x.to(dtype), CompressionConfig(bits, 64, dim))
+    want = _dequantize_torch(q, dtype, None)
+    assert torch.equal(dequant_triton.dequantize(q, dtype), want)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    assert dequant_triton.dequantize(q, dtype, out) is out and torch.equal(out, want)
+    strided = torch.full((*shape[:-1], shape[-1] + 3), float("nan"), dtype=dtype)[..., :shape[-1]]
+    dequant_triton.dequantize(q, dtype, strided)  # a view (the cache's prefix of a slot): through a temporary
+    assert torch.equal(strided, want)
+
+
+@needs_triton
+def test_kernel_saturates_like_the_torch_path(interpret):
+    """Groups spanning fp16's whole range: min + 15 * scale overshoots 65504 and is clamped, every dtype."""
+    x = torch.tensor([[-65504.0] * 32 + [65504.0] * 32, [60000.0] * 63 + [-1.0]])
+    q = quantize(x, CompressionConfig(4, 64, 1))
+    for dtype in dequant_triton.DTYPES:
+        got = dequant_triton.dequantize(q, dtype)
+        assert torch.equal(got, _dequantize_torch(q, dtype, None))
+        assert bool(got.isfinite().all())
+        if dtype != torch.bfloat16:  # bf16 rounds 65504 to 65536, as the torch path does
+            assert got.float().abs().max() <= 65504
+
+
+@needs_triton
+def test_self_check_passes_and_kernel_is_usable(interpret):
+    assert dequant_triton.usable(torch.device("cpu"))
+
+
+@needs_triton
+def test_switched_off_by_the_environment(interpret, monkeypatch):
+    monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
+    assert not dequant_triton.usable(torch.device("cpu"))
+
+
+def test_a_failing_self_check_keeps_the_torch_path(monkeypatch):
+    """A kernel that disagrees with the reference is not used; on CUDA that is said once with a warning."""
+    monkeypatch.setattr(dequant_triton, "_self_check", lambda device: "self-check mismatch (test)")
+    monkeypatch.setattr(dequant_triton, "_kernel", lambda interpret: None)
+    dequant_triton.usable.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="torch path.*self-check mismatch"):
+            assert not dequant_triton.usable(torch.device("cuda", 0))
+        assert not dequant_triton.usable(torch.device("cuda", 0))  # once: cached, no second warning
+    finally:
+        dequant_triton.usable.cache_clear()
+
+
+@pytest.mark.skipif(HAVE_TRITON, reason="triton is installed: the kernel's tests run instead")
+def test_fallback_without_triton(monkeypatch):
+    """Without triton the kernel is not usable (a warning on CUDA) and dequantize is the torch path."""
+    dequant_triton.usable.cache_clear()
+    with pytest.warns(UserWarning, match="triton unavailable"):
+        assert not dequant_triton.usable(torch.device("cuda", 0))
+    dequant_triton.usable.cache_clear()
+    q = quantize(torch.randn(64, 128), CompressionConfig(4, 64, 1))
+    assert torch.equal(dequantize(q, torch.float16), _dequantize_torch(q, torch.float16, None))
+
+
+def test_torch_paths_agree_bit_for_bit():
+    """The chunked in-place path (weights) and the vectorized one (everything else) are the same reference."""
+    for shape, dim, bits in CASES:
+        x = torch.randn(shape) * 4
+        for dtype in dequant_triton.DTYPES:
+            q = quantize(x.to(dtype), CompressionConfig(bits, 64, dim))
+            out = torch.empty(shape, dtype=dtype)
+            assert torch.equal(dequantize(q, dtype, out=out), dequantize(q, dtype))
