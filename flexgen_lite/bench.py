@@ -1,4 +1,5 @@
-"""FlexGen's throughput benchmark: one block of random prompts, prefill and decode timed separately."""
+"""FlexGen's throughput benchmark: one block of random prompts, prefill and decode timed separately, after an
+untimed warm-up of the same block shape (as FlexGen's benchmark: kernels loaded, allocator pools filled)."""
 
 from __future__ import annotations
 
@@ -12,29 +13,60 @@ from .memory import peak_rss
 from .policy import Policy
 from .sampling import SamplingConfig
 from .storage import DiskFile
+from .trace import NULL
 from .weights import weight_bytes
 
 GB = 1e9
+WARMUP_STEPS = 2  # the prefill and one decode step: what the timed run's later steps do is then loaded
 
 
 def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, device: str | None = None,
-                  progress=None, cold_disk: bool = False, trace=None) -> dict:
+                  progress=None, cold_disk: bool = False, trace=None, warmup: bool = True) -> dict:
     """Generate gen_len tokens for gpu_batch_size x num_gpu_batches prompts of prompt_len random tokens.
 
     cold_disk: offload files are read from the disk itself, not from the page cache. trace: a trace.Recorder
-    for the engine's spans (--breakdown, --trace)."""
+    for the engine's spans (--breakdown, --trace). warmup: first the same block for WARMUP_STEPS steps, timed
+    on its own ("warmup_s") and left out of everything else."""
     tic = time.perf_counter()
     DiskFile.page_cache = not cold_disk
     with FlexGenLite(model, policy=policy, device=device, progress=progress, trace=trace) as m:
         load_s = time.perf_counter() - tic
-        if cold_disk:
-            drop_offload_pages(m)
         n = policy.block_size
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, m.config.vocab_size, (n, prompt_len), generator=gen).tolist()
-        m.generate_ids(prompts, SamplingConfig(max_new_tokens=gen_len, stop_at_eos=False))
+        sampling = SamplingConfig(max_new_tokens=gen_len, stop_at_eos=False)
+        warmup_s = warm_up(m, prompts, sampling) if warmup else None
+        if cold_disk:  # after the warm-up, which read them into the page cache
+            drop_offload_pages(m)
+        m.generate_ids(prompts, sampling)
         times = m.engine.times
-        return _report(m, policy, prompt_len, gen_len, times.prefill, sum(times.decode), load_s)
+        report = _report(m, policy, prompt_len, gen_len, times.prefill, sum(times.decode), load_s)
+        report["warmup_s"] = None if warmup_s is None else round(warmup_s, 3)
+        report["prefill_attention_backend"] = _kernels(times.attention[:1])
+        report["attention_backend"] = _kernels(times.attention[1:] or times.attention[:1])
+        return report
+
+
+def warm_up(m: FlexGenLite, prompts: list[list[int]], sampling: SamplingConfig) -> float:
+    """The timed run's block (same engine, same cache: made for the full gen_len) for WARMUP_STEPS steps, not
+    traced; its seconds. CUDA's peak memory statistics start again after it."""
+    def stop(block) -> None:
+        if block.generated >= WARMUP_STEPS:
+            block.finished[:] = True
+
+    tic = time.perf_counter()
+    with m.engine.tracing(NULL):
+        m._run_block(prompts, sampling, label="warm-up", report=stop)
+    m.device.synchronize()
+    if m.device.is_cuda:
+        torch.cuda.reset_peak_memory_stats(m.device.device)
+    return time.perf_counter() - tic
+
+
+def _kernels(per_step: list[str]) -> str | None:
+    """The attention kernels that ran over some steps ("flash", "efficient+flash"), or None."""
+    names = dict.fromkeys(name for step in per_step for name in step.split("+") if name)
+    return "+".join(sorted(names)) or None
 
 
 def drop_offload_pages(m: FlexGenLite) -> None:
@@ -121,6 +153,10 @@ def format_report(r: dict) -> str:
         f"peak memory: gpu {r['peak_gpu_gb']} GB, cpu {r['peak_cpu_gb']} GB, disk {r['peak_disk_gb']} GB, "
         f"process RSS {r['peak_rss_gb']} GB",
     ]
+    if r.get("attention_backend"):
+        lines.append(f"attention kernels: prefill {r['prefill_attention_backend']}, decode {r['attention_backend']}")
+    if r.get("warmup_s") is not None:
+        lines.append(f"warm-up (prefill and {WARMUP_STEPS - 1} decode step, not timed above) {r['warmup_s']} s")
     if "weight_gb_s" in r:
         lines.append(f"weights moved per decode step {r['weights_moved_per_step_gb']} GB at {r['weight_gb_s']} GB/s")
     if r["cache_moved_per_step_gb"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,10 @@ class Block:
     length: torch.Tensor  # (N,) tokens each row generated before it finished (its eos included)
     generated: int = 0  # steps taken
     generators: list[torch.Generator] | None = None  # (N,) per-row sampling generators, or None
+    pad_host: torch.Tensor | None = None  # `pad` on the host: which batches need a mask, without a device read
+    # per batch: (active rows on the host, the same on the compute device), copied when they change
+    _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _eos_ids: torch.Tensor | None = field(default=None, repr=False)  # eos on the compute device
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
@@ -40,7 +44,7 @@ class Block:
         if generators is not None and len(generators) != rows:
             raise ValueError(f"{len(generators)} generators for a block of {rows} rows")
         return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length,
-                   generators=generators)
+                   generators=generators, pad_host=pad)
 
     def rows(self, batch: int) -> slice:
         return slice(batch * self.gpu_batch_size, (batch + 1) * self.gpu_batch_size)
@@ -71,23 +75,45 @@ class Block:
         real = k[None] >= self.pad[self.rows(batch), None, None]
         return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
 
+    def padded(self, batch: int, active: torch.Tensor | None) -> bool:
+        """Whether a row of GPU batch `batch` still generating is padded (else attention needs no mask)."""
+        pad = self.pad_host if self.pad_host is not None else self.pad.cpu()
+        pad = pad[self.rows(batch)]
+        return bool((pad if active is None else pad[active]).any())
+
     def active_rows(self, batch: int) -> torch.Tensor | None:
         """Rows of GPU batch `batch` still generating (host indices within the batch); None when all are."""
         done = self.finished[self.rows(batch)]
         return (~done).nonzero().squeeze(1) if done.any() else None
 
-    def record(self, batch: int, next_ids: torch.Tensor, active: torch.Tensor | None) -> None:
-        """Store the tokens the active rows of one GPU batch chose at this step."""
-        rows = self.rows(batch)
-        index = torch.arange(rows.start, rows.stop) if active is None else rows.start + active
-        self.length[index] += 1
-        self.tokens[index.to(self.tokens.device), self.prompt_len + self.generated] = next_ids
+    def device_rows(self, batch: int, active: torch.Tensor) -> torch.Tensor:
+        """`active` on the compute device, copied only when the batch's active rows changed."""
+        cached = self._device_rows.get(batch)
+        if cached is None or cached[0].shape != active.shape or not torch.equal(cached[0], active):
+            cached = self._device_rows[batch] = (active, active.to(self.tokens.device))
+        return cached[1]
+
+    def record(self, batch: int, next_ids: torch.Tensor, active: torch.Tensor | None,
+               active_device: torch.Tensor | None = None) -> None:
+        """Store the tokens the active rows of one GPU batch chose at this step (`active_device`: `active` on
+        the compute device, when the caller has it)."""
+        rows, column = self.rows(batch), self.prompt_len + self.generated
+        if active is None:
+            self.length[rows] += 1
+            self.tokens[rows, column] = next_ids
+            return
+        self.length[rows.start + active] += 1
+        if active_device is None:
+            active_device = self.device_rows(batch, active)
+        self.tokens[rows.start + active_device, column] = next_ids
 
     def end_step(self) -> None:
         """Rows that emitted eos this step finish (one device-to-host read per step, not per batch)."""
         if self.eos:
             column = self.tokens[:, self.prompt_len + self.generated]
-            self.finished |= torch.isin(column, torch.tensor(self.eos, device=column.device)).cpu()
+            if self._eos_ids is None:
+                self._eos_ids = torch.tensor(self.eos, device=column.device)
+            self.finished |= torch.isin(column, self._eos_ids).cpu()
         self.generated += 1
 
     def new_tokens(self, row: int) -> list[int]:

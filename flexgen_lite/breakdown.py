@@ -57,6 +57,11 @@ class PhaseBreakdown:
     io_exposed: float = 0.0  # of that, the time compute waited (or did the I/O itself)
     flops: float = 0.0
     compute_bound: float = 0.0  # seconds the profile's matmul rates give for these FLOPs
+    kernels: dict[str, None] = field(default_factory=dict)  # attention kernels that ran (flash, efficient, ...)
+
+    @property
+    def attention_kernels(self) -> str:
+        return "+".join(sorted(self.kernels))
 
     @property
     def wait_fraction(self) -> float:
@@ -117,7 +122,7 @@ def summarize(spans: list[Span], steps: list[StepMark], step_info: list[dict] | 
               skip_first_decode: bool = False) -> dict[str, PhaseBreakdown]:
     """{"prefill": ..., "decode": ...} over the recorded steps. Compute-lane spans belong to the step they
     lie in; an I/O span to the step in which it started (or the last one before). `step_info[i]` may give
-    step i's "flops" and "compute_s" (see `step_flops`)."""
+    step i's "flops" and "compute_s" (see `step_flops`), and "attention" (its kernels, when the mark has none)."""
     steps = sorted(steps, key=lambda s: s.start)
     starts = [s.start for s in steps]
     per_step: list[list[Span]] = [[] for _ in steps]
@@ -133,9 +138,12 @@ def summarize(spans: list[Span], steps: list[StepMark], step_info: list[dict] | 
             continue
         pb = phases.setdefault(mark.phase, PhaseBreakdown(mark.phase))
         _add_step(pb, mark, mine)
-        if step_info is not None and i < len(step_info):
-            pb.flops += step_info[i].get("flops", 0.0)
-            pb.compute_bound += step_info[i].get("compute_s", 0.0)
+        info = step_info[i] if step_info is not None and i < len(step_info) else {}
+        pb.flops += info.get("flops", 0.0)
+        pb.compute_bound += info.get("compute_s", 0.0)
+        for name in (mark.attention or info.get("attention", "")).split("+"):
+            if name:
+                pb.kernels[name] = None
     return phases
 
 
@@ -335,6 +343,8 @@ def format_table(pb: PhaseBreakdown, rates: dict[str, tuple], cuda: bool = False
     covered = pb.compute_lane_total()
     lines.append(f"  compute lane stages add up to {1e3 * covered / n:.1f} ms/step of {1e3 * step:.1f} "
                  f"({100 * covered / pb.wall if pb.wall else 0:.1f}%); I/O lanes overlap it")
+    if pb.kernels:
+        lines.append(f"  attention kernels: {pb.attention_kernels}")
     lines.append(f"  compute waited on I/O {100 * pb.wait_fraction:.1f}% of wall time; "
                  f"I/O busy {1e3 * pb.io_busy / n:.1f} ms/step, {100 * pb.hidden_fraction:.0f}% of it hidden "
                  "behind compute")

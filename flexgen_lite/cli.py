@@ -161,7 +161,7 @@ def cmd_bench(args) -> None:
             prediction, hardware = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
     recorder = recorder_for(args)
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk,
-                           recorder)
+                           recorder, not args.no_warmup)
     print(file=sys.stderr)
     if prediction is not None:
         report["predicted_total_tok_s"] = round(prediction.throughput, 2)
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-len", type=positive_int, default=32, help="tokens generated (default %(default)s)")
     b.add_argument("--cold-disk", action="store_true", help="read offload files from the disk, not the page cache")
     b.add_argument("--predict", action="store_true", help="also print the cost model's prediction (auto always does)")
+    b.add_argument("--no-warmup", action="store_true",
+                   help="time the first run (default: a warm-up of the same block first, reported on its own)")
     b.add_argument("--num-prompts", type=int, help="auto: plan for this many prompts (caps the block; the benchmark "
                    "runs one block)")
     add_policy_flags(b)

@@ -39,8 +39,8 @@ def build_context(recorder: Recorder, config, policy, dtype: str, cuda: bool, hw
                "profile": None if hw is None else hw.measured_at, "rates": {}, "predicted": None}
     if hw is not None:
         context["rates"] = {k: list(v) for k, v in profile_rates(hw, dtype, cuda, cold_disk, policy.pin_weight).items()}
-    context["step_info"] = [step_flops(config, m.rows, m.tokens, m.context, policy.num_gpu_batches, hw, dtype)
-                            for m in recorder.steps]
+    context["step_info"] = [{**step_flops(config, m.rows, m.tokens, m.context, policy.num_gpu_batches, hw, dtype),
+                             "attention": m.attention} for m in recorder.steps]
     if hw is not None and workload is not None:
         from .cost_model import predict
 
@@ -88,6 +88,7 @@ def summary_json(pb: PhaseBreakdown | None, rates: dict, cuda: bool) -> dict:
             "stage_ms": {r.stage: round(1e3 * r.seconds / n, 3) for r in pb.rows.values()},
             "stage_bytes": {r.stage: r.nbytes // n for r in pb.rows.values() if r.nbytes},
             "io_wait_fraction": round(pb.wait_fraction, 4), "io_hidden_fraction": round(pb.hidden_fraction, 4),
+            "attention_backend": pb.attention_kernels or None,
             "bottleneck": None if top is None else top["resource"],
             "bottleneck_utilization": None if top is None or top["utilization"] is None
             else round(top["utilization"], 3)}

@@ -12,6 +12,7 @@ Each layer's weights cross the link once per block of batches rather than once p
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .activations import Activations
-from .attention import attend
+from .attention import attend_named
 from .block import Block
 from .config import ModelConfig
 from .devices import ComputeDevice, IOPool, host_available_bytes
@@ -38,6 +39,7 @@ from .weights import DECODER_KINDS, StoredWeight, weight_bytes
 class StepTimes:
     prefill: float = 0.0
     decode: list[float] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # per step, the attention kernels that ran ("a+b")
 
 
 class Engine:
@@ -58,6 +60,26 @@ class Engine:
         self.acts: Activations | None = None
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
         self.times = StepTimes()
+        # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
+        self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
+                         for w in weights]
+        # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
+        self.unpadded_without_mask = device.is_cuda
+        self._kernels: dict[str, None] = {}  # the attention kernels of the running step, in first-run order
+
+    @contextlib.contextmanager
+    def tracing(self, trace: Recorder | NullRecorder):
+        """Spans of the enclosed runs go to `trace` (bench's warm-up: NULL, so its steps are not counted)."""
+        saved = self.trace
+        self.trace = trace
+        if self.acts is not None:
+            self.acts.trace = trace
+        try:
+            yield
+        finally:
+            self.trace = saved
+            if self.acts is not None:
+                self.acts.trace = saved
 
     # ---- the schedule -------------------------------------------------------------------------
     def run(self, block: Block, sampling: SamplingConfig, on_step=None, keep_logits: bool = False) -> None:
@@ -89,10 +111,15 @@ class Engine:
                 break
             tic = time.perf_counter()
             start, t = block.step_span(step)
-            with self.trace.step(step, rows=int((~block.finished).sum()), tokens=t, context=start):
+            self._kernels = {}
+            with self.trace.step(step, rows=int((~block.finished).sum()), tokens=t, context=start) as mark:
                 self._step(block, step, acts, sampling)
             self.device.synchronize()
             elapsed = time.perf_counter() - tic
+            kernels = "+".join(self._kernels)
+            self.times.attention.append(kernels)
+            if mark is not None:
+                mark.attention = kernels
             self.trace.resolve()
             if step == 0:
                 self.times.prefill = elapsed
@@ -109,16 +136,22 @@ class Engine:
         weights_next, releases = self._prefetch_weights(0), []
         span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
         for j, spec in enumerate(self.specs):
-            with span(WAIT, stream=C):
-                fetched = self._wait(weights_next)
-            weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace, len(batches))
+            weights = self.resident[j]
+            if weights is None:
+                with span(WAIT, stream=C):
+                    fetched = self._wait(weights_next)
+                weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace,
+                                                     len(batches))
             if releases:  # layer j - 1's pages are out before layer j + 1's come in: one layer mapped per name
                 releases.pop().result()
             if j + 1 < len(self.specs):
                 weights_next = self._prefetch_weights(j + 1)
             for i, b in enumerate(batches):
                 views = None
-                if spec.kind == "attention" and step > 0:
+                if spec.kind == "attention" and step > 0 and self._in_place[b]:
+                    views = self.cache.load(spec.index, b, start, self.cache_slots, 0)
+                    self._prefetch_next_cache(spec.index, batches, i, start)
+                elif spec.kind == "attention" and step > 0:
                     with span(WAIT, stream=C):  # for the load, or for the stores it must read back
                         views = self._wait(self._cache_loads.pop((spec.index, b), None)
                                            or self._prefetch_cache(spec.index, b, start))
@@ -128,14 +161,15 @@ class Engine:
                     out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                     if spec.kind == "head":
                         active = inputs[b]["active"]
-                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active)
+                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active,
+                                     inputs[b]["active_device"])
                 if spec.kind == "head":
                     if self.logits is not None:
                         self._keep_logits(block, step, b, out, active)
                 else:
                     acts.put(b, out)
-            # unmapping a layer's pages is a syscall per file: off the compute thread
-            releases.append(self.io.submit(self.weight_slots.release, self.weights[j]))
+            if self.resident[j] is None:  # unmapping a layer's pages is a syscall per file: off the compute thread
+                releases.append(self.io.submit(self.weight_slots.release, self.weights[j]))
         for f in releases:
             f.result()
         block.end_step()
@@ -161,7 +195,7 @@ class Engine:
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
         active = inputs["active"]
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache
-            attn = attend(q, k, v, inputs["mask"])
+            attn = self._attend(q, k, v, inputs["mask"])
             for part in self.cache.parts[spec.index][b]:
                 picked, local = _part_rows(part.rows, active)
                 k_part, v_part = k[picked], v[picked]
@@ -178,7 +212,7 @@ class Engine:
         for view in views:
             on_cpu = view.part.on_cpu
             mask = inputs["mask"]
-            if view.k.device != mask.device:  # the same for every layer: moved once a step
+            if mask is not None and view.k.device != mask.device:  # the same for every layer: moved once a step
                 if "mask_host" not in inputs:
                     inputs["mask_host"] = mask.to(view.k.device)
                 mask = inputs["mask_host"]
@@ -206,22 +240,30 @@ class Engine:
             v_seen = view.v[:, :, :end].index_select(0, local_dev)
             k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
         span.nbytes = k_seen.nbytes + v_seen.nbytes
-        out = attend(q_part, k_seen, v_seen, mask[picked], self.policy.attn_sparsity)
+        out = self._attend(q_part, k_seen, v_seen, None if mask is None else mask[picked], self.policy.attn_sparsity)
         out = out.to(q.device, q.dtype, non_blocking=True)
         view.part.release()
         if not view.part.direct:
             self._store_cache(layer, b, view.part, k_new, v_new, start)
         return out
 
+    def _attend(self, q, k, v, mask, sparsity: float = 1.0) -> torch.Tensor:
+        out, kernel = attend_named(q, k, v, mask, sparsity)
+        self._kernels[kernel] = None
+        return out
+
     # ---- inputs ----------------------------------------------------------------------------------
     def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
-        """Positions, mask and rotary tables of the rows of batch b that still generate."""
-        positions, mask = block.positions(b, start, t), block.mask(b, start, t)
+        """Positions, mask (None: causal, no row padded) and rotary tables of the rows of batch b that still
+        generate."""
         active = block.active_rows(b)
-        active_device = None
-        if active is not None:
-            active_device = active.to(self.device.device)
-            positions, mask = positions[active_device], mask[active_device]
+        active_device = None if active is None else block.device_rows(b, active)
+        positions, mask = block.positions(b, start, t), None
+        if not self.unpadded_without_mask or block.padded(b, active):
+            mask = block.mask(b, start, t)
+        if active_device is not None:
+            positions = positions[active_device]
+            mask = None if mask is None else mask[active_device]
         rope = None
         if self.inv_freq is not None:
             rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
@@ -237,6 +279,9 @@ class Engine:
                                  self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype))
         if block.gen_len > 1:
             self.cache.reserve_slots(self.cache_slots)
+        # per batch: every cache part used where it is (views only: nothing to load, wait for or store back)
+        self._in_place = [all(p.direct and not (p.k.mapped or p.v.mapped) for p in parts)
+                          for parts in self.cache.parts[0]]
         self._pending_stores: dict[tuple[int, int], list[Future]] = {}
         self._load_count = 0
 
@@ -246,7 +291,9 @@ class Engine:
         self.device.wait_for(event)
         return value
 
-    def _prefetch_weights(self, j: int) -> Future:
+    def _prefetch_weights(self, j: int) -> Future | None:
+        if self.resident[j] is not None:
+            return None
         spec = self.specs[j]
         after = self.device.compute_event()  # the slot being refilled was last read by compute so far
         slot_key = (spec.kind, spec.index % 2) if spec.kind in DECODER_KINDS else None
@@ -270,7 +317,8 @@ class Engine:
             key = (layer + 1, batches[0])
         else:
             return
-        self._cache_loads[key] = self._prefetch_cache(*key, start)
+        if not self._in_place[key[1]]:
+            self._cache_loads[key] = self._prefetch_cache(*key, start)
 
     def _load_cache(self, layer: int, b: int, length: int, parity: int, after):
         with self.device.on_copy_stream(after, "cache") as done:

@@ -67,6 +67,7 @@ class StepMark:
     rows: int = 0
     tokens: int = 0
     context: int = 0
+    attention: str = ""  # the attention kernels that ran in the step ("flash", "efficient+flash", ...)
 
     @property
     def phase(self) -> str:
@@ -137,12 +138,13 @@ class Recorder:
 
     @contextlib.contextmanager
     def step(self, index: int, rows: int = 0, tokens: int = 0, context: int = 0):
-        """One step of the schedule: its window, and its own time outside every stage (STEP)."""
+        """One step of the schedule: its window, and its own time outside every stage (STEP). Yields the step's
+        StepMark (the engine notes what ran on it)."""
         self._lanes.setdefault(threading.get_ident(), self.schedule_lane)
         mark = StepMark(index, 0.0, rows=rows, tokens=tokens, context=context)
         with self.span(STEP) as s:
             mark.start = s.start
-            yield
+            yield mark
         mark.end = s.end = time.perf_counter()
         self.steps.append(mark)
 
@@ -175,7 +177,7 @@ class CudaRecorder(Recorder):
         self._anchor = (anchor, time.perf_counter())  # the previous step ended synchronized: the GPU is idle
         mark = StepMark(index, self._anchor[1], rows=rows, tokens=tokens, context=context)
         with self.span(STEP, stream=COMPUTE_LANE):
-            yield
+            yield mark
         self.steps.append(mark)
 
     def resolve(self) -> None:

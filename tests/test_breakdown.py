@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig, attention
 from flexgen_lite.bench import _cache_bytes_read_per_step
-from flexgen_lite.breakdown import _exclusive, summarize
+from flexgen_lite.breakdown import _exclusive, format_table, summarize
 from flexgen_lite.chrome_trace import read_trace, write_trace
 from flexgen_lite.cli import main
 from flexgen_lite.trace import COMPUTE_LANE, NULL, Recorder
@@ -112,6 +112,17 @@ def test_bytes_per_stage_equal_the_engines_counters(runs, placement):
         assert disk_weights > 0 and any(s.lane.startswith("io-") for s in recorder.spans)
 
 
+def test_each_step_notes_its_attention_kernels(runs):
+    """The CPU's: torch's SDPA for the prefill, the C kernel (where it is built) for decode steps."""
+    decode_kernel = "cpu-native" if attention.native_decode_agrees() else "sdpa-cpu"
+    m, recorder = runs["all in memory"]
+    assert [s.attention for s in recorder.steps] == ["sdpa-cpu"] + [decode_kernel] * (NEW_TOKENS - 1)
+    assert m.engine.times.attention == [s.attention for s in recorder.steps]
+    phases = summarize(recorder.spans, recorder.steps)
+    assert phases["decode"].attention_kernels == decode_kernel
+    assert f"attention kernels: {decode_kernel}" in format_table(phases["decode"], {})
+
+
 def test_a_disabled_recorder_records_nothing():
     with NULL.span("compute", 10) as s:
         s.nbytes = 5  # accepted and dropped
@@ -167,7 +178,8 @@ def test_bench_breakdown_and_trace_flags(tiny_models, tmp_path, capsys):
     assert "compute waited on I/O" in out and "bottleneck:" in out
     report = json.loads(out.strip().splitlines()[-1])
     b = report["breakdown"]
-    assert b["phase"] == "decode" and b["steps"] == 3
+    assert b["phase"] == "decode" and b["steps"] == 3  # the warm-up's steps are not in it
+    assert b["attention_backend"] == report["attention_backend"]
     assert sum(b["stage_ms"][s] for s in b["stage_ms"] if s in ("compute", "attention", "waiting on I/O",
                                                                  "schedule (other)")) <= b["step_ms"] + 0.01
     check_chrome_trace(trace)

@@ -1,0 +1,258 @@
+"""The GPU's hot path, checked on a CPU: which SDPA kernels CUDA may use (never cuDNN, which plans per shape),
+attention without a mask where no row is padded, no I/O hand-offs or events for what is already in compute
+memory, and bench's warm-up kept out of the timed numbers."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+import flexgen_lite.attention as attention
+import flexgen_lite.engine as engine_module
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.attention import EFFICIENT, FLASH, MATH, attend_named, fold_groups, sdpa_backends
+from flexgen_lite.bench import WARMUP_STEPS, format_report, run_benchmark
+from flexgen_lite.block import Block
+from flexgen_lite.cli import main
+from flexgen_lite.devices import ComputeDevice, IOPool
+from flexgen_lite.engine import Engine
+from flexgen_lite.trace import Recorder
+
+from .conftest import PROMPTS
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def P(percent=(100, 0, 100, 0, 100, 0), gbs=2, nb=2, **kw) -> Policy:
+    w_g, w_c, c_g, c_c, a_g, a_c = percent
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=nb, weight_gpu_percent=w_g, weight_cpu_percent=w_c,
+                  cache_gpu_percent=c_g, cache_cpu_percent=c_c, act_gpu_percent=a_g, act_cpu_percent=a_c,
+                  dtype="float32", **kw)
+
+
+def cpu_kernel() -> str:
+    return "cpu-native" if attention.native_decode_agrees() else "sdpa-cpu"
+
+
+# ---- which kernels CUDA may use ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("has_mask", [False, True])
+def test_cuda_kernels_never_include_cudnn_and_flash_only_without_a_mask_in_half_precision(dtype, has_mask):
+    backends = sdpa_backends("cuda", dtype, has_mask)
+    assert SDPBackend.CUDNN_ATTENTION not in backends
+    assert backends[-2:] == [EFFICIENT, MATH]  # any mask; math last
+    assert (FLASH in backends) == (not has_mask and dtype in HALF)
+    if FLASH in backends:
+        assert backends[0] == FLASH
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_off_cuda_torch_keeps_its_choice(dtype):
+    assert sdpa_backends("cpu", dtype, True) == sdpa_backends("cpu", dtype, False) == []
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(attention, "_failed", set())
+    monkeypatch.setattr(attention, "_chosen", {})
+
+
+def _case(b, heads, kv_heads, t, length, dtype, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, heads, 32, generator=g).transpose(1, 2).to(dtype)  # as layers.qkv lays it out
+    cache = torch.randn(2, b, kv_heads, length + 3, 32, generator=g).to(dtype)
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # strided views of a longer cache, as decode's
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, t, length, generator=g) > 0.4
+        mask[..., -1] = True
+    return q, k, v, mask
+
+
+def _reference(q, k, v, mask):
+    causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+CASES = {  # (query heads, kv heads, query positions, masked)
+    "decode": (4, 4, 1, False), "decode-masked": (4, 4, 1, True), "decode-grouped": (6, 2, 1, False),
+    "decode-grouped-masked": (6, 2, 1, True), "prefill-causal": (4, 4, 7, False),
+    "prefill-grouped-causal": (6, 3, 7, False), "prefill-grouped-masked": (6, 3, 7, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_cuda_path_computes_attention_with_the_kernels_it_allows(fresh_choices, case, dtype):
+    """_cuda_attend's calls (causal, grouped heads folded into query positions, masks repeated for them) run
+    here on the CPU kernels the same flags allow, against plain SDPA in fp32."""
+    heads, kv_heads, t, masked = CASES[case]
+    q, k, v, mask = _case(3, heads, kv_heads, t, 7 if t > 1 else 9, dtype, masked)
+    out, name = attention._cuda_attend(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == dtype and name in ("flash", "math")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), _reference(q, k, v, mask), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_folding_grouped_heads_is_exact(t):
+    q, k, v, mask = _case(2, 8, 2, t, 5 if t > 1 else 11, torch.float32, masked=True)
+    qf, mf = fold_groups(q, mask, kv_heads=2)
+    assert qf.shape == (2, 2, 4 * t, 32) and mf.shape == (2, 1, 4 * t, k.shape[2])
+    folded = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf).reshape(q.shape)
+    torch.testing.assert_close(folded, _reference(q, k, v, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_a_kernel_that_is_not_available_falls_back_to_the_default_once(fresh_choices, monkeypatch):
+    monkeypatch.setattr(attention, "sdpa_backends", lambda *a: [EFFICIENT])  # none on a CPU: "No available kernel"
+    q, k, v, mask = _case(2, 4, 4, 1, 6, torch.float32, masked=True)
+    with pytest.warns(UserWarning, match="the chosen kernels failed here.*default choice from now on"):
+        out, name = attention._cuda_attend(q, k, v, mask)
+    assert name == "default"
+    torch.testing.assert_close(out, _reference(q, k, v, mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert attention._cuda_attend(q, k, v, mask)[1] == "default"
+
+
+def test_without_a_mask_cpu_attention_sees_every_position_or_is_causal():
+    q, k, v, _ = _case(3, 6, 2, 1, 9, torch.float32, masked=False)
+    out, name = attend_named(q, k, v, None)
+    assert name == cpu_kernel()
+    torch.testing.assert_close(out, attend_named(q, k, v, torch.ones(3, 1, 1, 9, dtype=torch.bool))[0])
+    q, k, v, _ = _case(3, 4, 4, 6, 6, torch.float32, masked=False)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(3, 1, 6, 6)
+    out, name = attend_named(q, k, v, None)
+    assert name == "sdpa-cpu"
+    torch.testing.assert_close(out, attend_named(q, k, v, causal)[0])
+    q, k, v, _ = _case(3, 4, 4, 1, 9, torch.float32, masked=False)
+    assert attend_named(q, k, v, None, sparsity=0.5)[1] == "topk"
+
+
+# ---- masks only where a row is padded ------------------------------------------------------------------------
+def test_a_batch_needs_a_mask_only_while_a_padded_row_still_generates():
+    prompts = [[5, 6, 7], [8, 9, 10], [5, 6, 7], [8, 9]]  # batch 0 of equal lengths; batch 1 pads its 2nd row
+    block = Block.from_prompts(prompts, 6, 2, 4, 1, (), torch.device("cpu"))  # batch 2: filler rows
+    assert not block.padded(0, block.active_rows(0))
+    assert block.padded(1, block.active_rows(1))
+    assert block.active_rows(2) is not None and not block.padded(2, block.active_rows(2))  # fillers finished
+    block.finished[3] = True  # the padded row ended
+    assert not block.padded(1, block.active_rows(1))
+
+
+def test_device_rows_are_copied_only_when_the_active_rows_change():
+    block = Block.from_prompts([[5, 6]] * 3, 4, 4, 4, 1, (), torch.device("cpu"))
+    first = block.device_rows(0, block.active_rows(0))
+    assert block.device_rows(0, block.active_rows(0)) is first
+    block.finished[1] = True
+    assert block.device_rows(0, block.active_rows(0)).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("device,cpu_attention", [("cpu", False), ("cpu+link", False), ("cpu+link", True)])
+def test_attention_without_masks_for_unpadded_batches_gives_the_same_tokens(tiny_models, device, cpu_attention,
+                                                                             monkeypatch):
+    """What CUDA does (unpadded batches attend without a mask) done on a CPU: the same ids, the same logits.
+    Rows of equal length share batches; the last batch is padded and its short row ends early (eos)."""
+    prompts = [[2, 17, 43, 99], [2, 300, 5, 6], [2, 88, 91, 92, 93], [2, 400, 401, 402, 403],
+               [2, 250, 251, 252, 253, 254], [2, 9]]
+    percent = (100, 0, 50, 50, 100, 0) if cpu_attention else (100, 0, 100, 0, 100, 0)
+    policy = P(percent, gbs=2, nb=3, cpu_cache_compute=cpu_attention)
+    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    results = []
+    for without_mask in (False, True):
+        with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device=device) as m:
+            m.engine.unpadded_without_mask = without_mask
+            results.append(m.generate_ids(prompts, sampling, return_logits=True))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---- nothing handed to the I/O threads for what is resident ------------------------------------------------------
+def count_handoffs(monkeypatch) -> dict[str, int]:
+    counts = {"submit": 0, "compute_event": 0}
+    submit, event = IOPool.submit, ComputeDevice.compute_event
+
+    def counted_submit(self, *args):
+        counts["submit"] += 1
+        return submit(self, *args)
+
+    def counted_event(self):
+        counts["compute_event"] += 1
+        return event(self)
+
+    monkeypatch.setattr(IOPool, "submit", counted_submit)
+    monkeypatch.setattr(ComputeDevice, "compute_event", counted_event)
+    return counts
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu+link"])
+def test_all_resident_steps_hand_nothing_to_io_threads(tiny_models, monkeypatch, device):
+    counts = count_handoffs(monkeypatch)
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(), device=device) as m:
+        per_step = []
+
+        def note(block):
+            per_step.append(dict(counts))
+
+        m._run_block(PROMPTS[:4], SamplingConfig(max_new_tokens=5, stop_at_eos=False), report=note)
+    assert len(per_step) == 5 and per_step[-1] == {"submit": 0, "compute_event": 0}
+
+
+@pytest.mark.parametrize("percent", [(0, 100, 100, 0, 100, 0), (100, 0, 0, 100, 100, 0)], ids=["weights", "cache"])
+def test_what_crosses_the_link_still_goes_through_io_threads(tiny_models, monkeypatch, percent):
+    counts = count_handoffs(monkeypatch)
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(percent), device="cpu+link") as m:
+        m.generate_ids(PROMPTS[:4], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+    assert counts["submit"] > 0 and counts["compute_event"] > 0
+
+
+# ---- bench's warm-up ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def engine_runs(monkeypatch):
+    """Each Engine.run's (steps taken, decode step times) and how many KV caches were made."""
+    runs, caches = [], []
+    run, kv_cache = Engine.run, engine_module.KVCache
+
+    def recorded_run(self, block, *args, **kw):
+        run(self, block, *args, **kw)
+        runs.append((block.generated, list(self.times.decode)))
+
+    def counted_cache(*args, **kw):
+        caches.append(args)
+        return kv_cache(*args, **kw)
+
+    monkeypatch.setattr(Engine, "run", recorded_run)
+    monkeypatch.setattr(engine_module, "KVCache", counted_cache)
+    return runs, caches
+
+
+def test_bench_warms_up_on_the_same_cache_and_times_only_the_run(tiny_models, engine_runs, tmp_path):
+    runs, caches = engine_runs
+    recorder = Recorder()
+    report = run_benchmark(str(tiny_models["opt"][0]), 6, 5, P(offload_dir=str(tmp_path)), "cpu", trace=recorder)
+    assert [steps for steps, _ in runs] == [WARMUP_STEPS, 5]  # stopped after the prefill and a decode step
+    assert len(caches) == 1  # made for the full length by the warm-up, used again by the timed run
+    assert report["warmup_s"] > 0
+    timed = runs[1][1]
+    assert len(timed) == 4 and report["decode_s"] == round(sum(timed), 3)
+    assert [m.index for m in recorder.steps] == [0, 1, 2, 3, 4]  # the warm-up's steps are not traced
+    assert report["attention_backend"] == cpu_kernel() and report["prefill_attention_backend"] == "sdpa-cpu"
+    text = format_report(report)
+    assert "warm-up (prefill and 1 decode step, not timed above)" in text
+    assert f"attention kernels: prefill sdpa-cpu, decode {cpu_kernel()}" in text
+
+
+def test_bench_no_warmup_flag(tiny_models, engine_runs, tmp_path, capsys):
+    runs, _ = engine_runs
+    main(["bench", "--model", str(tiny_models["opt"][0]), "--prompt-len", "6", "--gen-len", "3", "--percent",
+          "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "2", "--dtype", "float32", "--device", "cpu",
+          "--offload-dir", str(tmp_path), "--no-warmup"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["warmup_s"] is None and [steps for steps, _ in runs] == [3]
