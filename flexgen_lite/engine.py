@@ -193,20 +193,19 @@ class Engine:
             return L.head(w, h[:, -1], cfg)
         x = L.norm(h, w, cfg) if cfg.pre_norm else h
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
-        active = inputs["active"]
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache
             attn = self._attend(q, k, v, inputs["mask"])
             for part in self.cache.parts[spec.index][b]:
-                picked, local = _part_rows(part.rows, active)
+                picked, local = _rows_in_part(inputs, part.rows, k.device)
                 k_part, v_part = k[picked], v[picked]
                 if local is not None:  # rows that left (filler rows) get zeros
                     k_part, v_part = _scatter_rows(k_part, local, part.rows), _scatter_rows(v_part, local, part.rows)
                 self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
-            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start, active)
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start)
         return L.attention_output(w, attn, h, cfg)
 
-    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, active) -> torch.Tensor:
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is."""
         outs = []
         for view in views:
@@ -217,30 +216,32 @@ class Engine:
                     inputs["mask_host"] = mask.to(view.k.device)
                 mask = inputs["mask_host"]
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
-                out = self._attend_part(layer, b, view, q, k, v, mask, start, active, s)
+                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s)
             if out is not None:
                 outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, active, span):
+    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
         k, v are written into it first. `span.nbytes`: the K and V bytes attended over."""
-        picked, local = _part_rows(view.part.rows, active)
-        where, dtype, end = view.k.device, view.k.dtype, start + 1
+        rows, where, dtype, end = view.part.rows, view.k.device, view.k.dtype, start + 1
+        picked, local = _rows_in_part(inputs, rows, q.device)
         q_part, k_new, v_new = _rows_to(where, dtype, q[picked], k[picked], v[picked])
+        if mask is not None:
+            mask = mask[picked if mask.device == q.device else _rows_in_part(inputs, rows, mask.device)[0]]
         if local is None:
             view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
             k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
         else:  # finished rows left the batch: attend over the active rows' cache only
             if len(local) == 0:
                 return None
-            local_dev = local.to(where)
+            local_dev = _rows_in_part(inputs, rows, where)[1]
             view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
             k_seen = view.k[:, :, :end].index_select(0, local_dev)
             v_seen = view.v[:, :, :end].index_select(0, local_dev)
             k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
         span.nbytes = k_seen.nbytes + v_seen.nbytes
-        out = self._attend(q_part, k_seen, v_seen, None if mask is None else mask[picked], self.policy.attn_sparsity)
+        out = self._attend(q_part, k_seen, v_seen, mask, self.policy.attn_sparsity)
         out = out.to(q.device, q.dtype, non_blocking=True)
         view.part.release()
         if not view.part.direct:
@@ -379,6 +380,18 @@ def _part_rows(rows: slice, active: torch.Tensor | None):
         return rows, None
     inside = (active >= rows.start) & (active < rows.stop)
     return inside.nonzero().squeeze(1), active[inside] - rows.start
+
+
+def _rows_in_part(inputs: dict, rows: slice, device: torch.device):
+    """_part_rows of the step's active rows of a batch (`inputs`), both indices on `device`: made once a step
+    and kept in `inputs`, not once a layer (indexing a CUDA tensor with host indices copies them and waits)."""
+    if inputs["active"] is None:
+        return rows, None
+    key = ("rows in part", rows.start, device)
+    if key not in inputs:
+        picked, local = _part_rows(rows, inputs["active"])
+        inputs[key] = picked.to(device), local.to(device)
+    return inputs[key]
 
 
 def _rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> list[torch.Tensor]:
