@@ -298,19 +298,22 @@ class KVCache:
                     slots.window((i, parity, half, "values", shape), store.nbytes)
                     mapped.append(store)
             return mapped
-        where = "cpu" if part.on_cpu else self.device.device
+        where = torch.device("cpu") if part.on_cpu else self.device.device
         tier = "cpu" if part.on_cpu and self.device.host_is_separate else "gpu"
         dtype = self.cpu_dtype if part.on_cpu else self.dtype
         out = []
         for store, half in zip((part.k, part.v), "kv", strict=True):
+            # tier, where and dtype in the key: a part attended on the CPU and one on the device, of the same index
+            # and rows (in different batches), need buffers of their own
+            key = (i, parity, half, tier, str(where), str(dtype))
             if isinstance(store, QuantizedStore):
-                buf = slots.get((i, parity, half, "values", shape), shape, dtype, where, tier)
-                scratch = [slots.get((i, parity, half, name, s), s, dt, where, tier) if c.position_major else None
+                buf = slots.get((*key, "values", shape), shape, dtype, where, tier)
+                scratch = [slots.get((*key, name, s), s, dt, where, tier) if c.position_major else None
                            for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(), strict=True)]
                 out.append((buf, scratch))
             else:
                 s = store.position_shape
-                out.append((slots.get((i, parity, half, "positions", s), s, dtype, where, tier), None))
+                out.append((slots.get((*key, "positions", s), s, dtype, where, tier), None))
         return out
 
     def reserve_slots(self, slots: CacheSlots) -> None:

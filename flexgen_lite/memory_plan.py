@@ -7,7 +7,8 @@ import math
 import torch
 
 from .config import ModelConfig
-from .kv_cache import batch_parts
+from .host_memory import padded
+from .kv_cache import batch_parts, component_specs
 from .layout import Layout, Setup, Workload
 from .policy import Policy
 from .storage import TIERS
@@ -40,8 +41,12 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     per_seq = s.seq_layer * w.max_len * c.num_layers
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
         d["kv cache"] = tier * per_seq
-    slot_bytes, slot_tier = _cache_slots(s, lay)
-    (cpu if slot_tier == "cpu" else gpu)["cache slots"] = slot_bytes
+    if s.cuda and lay.exact is not None and lay.cache_rows[1]:  # one arena: each part's arrays at aligned offsets
+        cpu["kv cache"] = c.num_layers * sum(_host_part_bytes(s, rows) for b in range(s.nb)
+                                             for t, rows in batch_parts(b, s.gbs, lay.cache_rows) if t == "cpu")
+    gpu["cache slots"], on_host = _cache_slots(s, lay)
+    if on_host:
+        cpu["cache slots"] = on_host
     cache_staging = 0.0
     if lay.cache_rows[2] and s.cuda:  # a CPU reads files straight into its slots, or maps them
         rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
@@ -72,29 +77,46 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     return {"gpu": gpu, "cpu": cpu, "disk": disk}
 
 
-def _cache_slots(s: Setup, lay: Layout) -> tuple[float, str]:
-    """CacheSlots buffers: per distinct (part index, rows) of parts not used in place, 2 parities x k and v;
-    a CPU's memory-mapped disk parts count the same (their pages are in the process while used)."""
+def _host_part_bytes(s: Setup, rows: slice) -> int:
+    """Arena bytes of a cpu-tier part's K and V across the link, as KVCache._host_bytes takes them."""
+    c, dtype = s.config, s.policy.cpu_attention_dtype(s.dtype) or s.dtype
+    shape = (rows.stop - rows.start, c.num_kv_heads, s.workload.max_len, c.head_dim)
+    return 2 * sum(padded(math.prod(sh) * dt.itemsize) for sh, dt in component_specs(shape, dtype, s.ccomp))
+
+
+def _cache_slots(s: Setup, lay: Layout) -> tuple[float, float]:
+    """CacheSlots buffers (compute memory, host RAM): per distinct (part index, rows, attended on the CPU) of
+    parts not used in place, 2 parities x k and v, in the dtype and memory where that part is attended (CPU
+    attention's in host RAM across the link); a CPU's memory-mapped disk parts count the same (their pages are
+    in the process while used)."""
     c, max_len = s.config, s.workload.max_len
     on_cpu = s.cuda and s.policy.cpu_cache_compute
-    dense_row = c.num_kv_heads * max_len * c.head_dim * s.e
+    cpu_dtype = s.policy.cpu_attention_dtype(s.dtype) or s.dtype
     codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
-    tier = "cpu" if on_cpu and any(lay.cache_rows[1:]) else "gpu"
+
+    def dense_row(e: int) -> float:
+        return c.num_kv_heads * max_len * c.head_dim * e
+
     if lay.exact is None:
         direct = all((lay.part_direct(t) and not lay.part_mapped(t)) or not r
                      for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
-        return (0.0 if direct else 4 * s.gbs * (dense_row + codes_row)), tier
+        total = 0.0 if direct else 4 * s.gbs * (dense_row(s.e) + codes_row)
+        return (0.0, total) if on_cpu and any(lay.cache_rows[1:]) else (total, 0.0)
+    if s.workload.gen_len < 2:
+        return 0.0, 0.0
     # engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
-    # batches, batches that finish early) each distinct (part index, rows) can take both
-    keys: dict[tuple[int, int], bool] = {}  # (part index, rows) -> codes read into scratch (across the link)
+    # batches, batches that finish early) each distinct (part index, rows, where) can take both
+    keys: dict[tuple, bool] = {}  # (index, rows, in host RAM, dtype) -> codes read into scratch (across the link)
     for b in range(s.nb):
         for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
             if not lay.part_direct(t) or lay.part_mapped(t):
-                key = (i, rows.stop - rows.start)
+                dtype = cpu_dtype if s.policy.cpu_cache_compute and t != "gpu" else s.dtype
+                key = (i, rows.stop - rows.start, on_cpu and t != "gpu", dtype)
                 keys[key] = keys.get(key, False) or (s.cuda and t != "gpu")
-    if s.workload.gen_len < 2:
-        return 0.0, tier
-    return sum(2 * 2 * r * (dense_row + (codes_row if across else 0)) for (_, r), across in keys.items()), tier
+    out = [0.0, 0.0]
+    for (_, r, host, dtype), across in keys.items():
+        out[host] += 2 * 2 * r * (dense_row(dtype.itemsize) + (codes_row if across else 0))
+    return out[0], out[1]
 
 
 def tier_peaks(plan: dict[str, dict[str, float]], cuda: bool) -> dict[str, float]:

@@ -11,6 +11,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.activations import Activations
+from flexgen_lite.compression import CompressionConfig
 from flexgen_lite.devices import ComputeDevice, IOPool
 from flexgen_lite.host_memory import ALIGN, HostArena, host_buffer, padded
 from flexgen_lite.kv_cache import KVCache
@@ -77,6 +78,28 @@ def test_cache_across_the_link_is_position_major_in_one_arena():
     assert ledger.current["cpu"] == cache.arena.nbytes == sum(padded(s.nbytes) for s in host)
     files = [p for per_batch in cache.parts for parts in per_batch for p in parts if p.tier == "disk"]
     assert files and all(p.k.file is not None and p.k.position_major and not p.direct for p in files)
+    disk.close()
+
+
+def test_cache_slots_of_device_and_cpu_attended_parts_are_apart():
+    """A 4-bit part attended on the device and one attended on the CPU, of the same index and rows (batches 0
+    and 1), each get slots in their own dtype and memory (issue 21, fix 5: they shared one, so on CUDA the CPU
+    part's dequantization was handed a GPU buffer; here the CPU part got a float16 one for bfloat16)."""
+    from flexgen_lite.kv_cache import CacheSlots
+
+    device, ledger, disk = ComputeDevice(LINK), MemoryLedger(), DiskStore()
+    cache = KVCache(1, 3, 3, 10, 2, 64, torch.float16, (34, 33), device, disk, ledger, CompressionConfig(4, 64, -1),
+                    torch.bfloat16)
+    slots = CacheSlots(ledger, Staging(pin=False))
+    cache.reserve_slots(slots)
+    (gpu_part,), (cpu_part,) = cache.parts[0][0], cache.parts[0][1]
+    assert (gpu_part.tier, cpu_part.tier, gpu_part.rows, cpu_part.on_cpu) == ("gpu", "cpu", cpu_part.rows, True)
+    for part, dtype in ((gpu_part, torch.float16), (cpu_part, torch.bfloat16)):
+        for parity in (0, 1):
+            for buf, _ in cache._slots(0, part, parity, slots):
+                assert buf.dtype == dtype
+    values = [b for key, b in slots.buffers.items() if "values" in key]
+    assert len({b.data_ptr() for b in values}) == len(values) == 2 * 2 * 2  # parts x parities x (k, v)
     disk.close()
 
 
@@ -213,7 +236,10 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models):
            cache_cpu_percent=100, act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True),
     Policy(gpu_batch_size=2, num_gpu_batches=3, weight_gpu_percent=50, weight_cpu_percent=0, cache_gpu_percent=20,
            cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0, cpu_cache_compute=True),
-], ids=["three-tiers", "all-disk-4-bit-cache", "4-bit-weights", "cpu-attention", "cpu-attention-disk-cache"])
+    Policy(gpu_batch_size=3, num_gpu_batches=3, cache_gpu_percent=34, cache_cpu_percent=33, compress_cache=True,
+           cpu_cache_compute=True),
+], ids=["three-tiers", "all-disk-4-bit-cache", "4-bit-weights", "cpu-attention", "cpu-attention-disk-cache",
+        "4-bit-cache-on-the-device-beside-cpu-attention"])
 def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, policy):
     """The memory plan for CUDA is what the engine takes on its way across the link: compute memory exactly
     (weights, their slots and codes, cache, cache slots), host RAM exactly but for staging, within its bound."""

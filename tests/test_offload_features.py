@@ -19,8 +19,8 @@ from .test_parity import LOGITS_ATOL, POLICIES, P
 GREEDY = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
 
 
-def run(model_dir, policy, sampling=GREEDY):
-    with FlexGenLite(str(model_dir), policy=policy) as m:
+def run(model_dir, policy, sampling=GREEDY, device=None):
+    with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
         return m.generate_ids(PROMPTS, sampling, return_logits=True)
 
 
@@ -35,16 +35,18 @@ def test_cpu_attention_equals_plain_path(tiny_models, percent):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_cpu_attention_places_cache_off_compute_parts(tiny_models):
+@pytest.mark.parametrize("device", [None, "cpu+link"])
+def test_cpu_attention_places_cache_off_compute_parts(tiny_models, device):
     """With cpu_cache_compute, cpu-tier parts are attended to in place, and so are disk parts through their
-    memory map when there is no GPU (on CUDA: through host buffers)."""
-    with FlexGenLite(str(tiny_models["opt"][0]), policy=POLICIES["cpu-attention-cache-split"]) as m:
+    memory map when there is no GPU; across a link (CUDA, or cpu+link) disk parts are read into host buffers."""
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=POLICIES["cpu-attention-cache-split"], device=device) as m:
         m.generate_ids(PROMPTS[:3], SamplingConfig(max_new_tokens=2, stop_at_eos=False))
         parts = [p for per_batch in m.engine.cache.parts for batch in per_batch for p in batch]
+        link = m.engine.device.host_is_separate
     assert {p.tier for p in parts} == {"gpu", "cpu", "disk"}
     assert all(p.on_cpu == (p.tier != "gpu") for p in parts)
-    assert all(p.direct for p in parts)  # without CUDA, disk parts are memory-mapped and used in place too
-    assert all(p.k.mapped == (p.tier == "disk") for p in parts)
+    assert all(p.direct == (p.tier != "disk" or not link) for p in parts)
+    assert all(p.k.mapped == (p.tier == "disk" and not link) for p in parts)
 
 
 # ---- sparse attention ---------------------------------------------------------------------------
@@ -195,13 +197,15 @@ def compressed_cache_in_memory(tiny_models):
     return run(tiny_models["opt"][0], P((100, 0, 100, 0, 100, 0), compress_cache=True))
 
 
+@pytest.mark.parametrize("device", [None, "cpu+link"])
 @pytest.mark.parametrize("percent", [(0, 0, 0, 0, 100, 0), (100, 0, 34, 33, 100, 0)])
-def test_compressed_cache_same_under_every_placement(tiny_models, compressed_cache_in_memory, percent):
-    """The cache is quantized identically wherever it lives, and read back through the CPU or the device."""
+def test_compressed_cache_same_under_every_placement(tiny_models, compressed_cache_in_memory, percent, device):
+    """The cache is quantized identically wherever it lives, and read back through the CPU or the device (with
+    the cache split 3/3/3, a device part and a CPU-attended part of the same rows: slots of their own, fix 5)."""
     base_ids, base_logits = compressed_cache_in_memory
     for cpu_attention in (False, True):
         ids, logits = run(tiny_models["opt"][0], P(percent, gbs=3, nb=3, compress_cache=True,
-                                                   cpu_cache_compute=cpu_attention))
+                                                   cpu_cache_compute=cpu_attention), device=device)
         assert ids == base_ids
         for a, b in zip(logits, base_logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
