@@ -78,7 +78,8 @@ def _cuda_attend(q, k, v, mask) -> tuple[torch.Tensor, str]:
             raise
         except RuntimeError as e:
             _failed.add(kind)
-            warnings.warn(f"attention: the chosen kernels failed here ({str(e).splitlines()[0]}); "
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"attention: the chosen kernels failed here ({reason}); "
                           "torch's default choice from now on", stacklevel=3)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=grouped)
     return out, "default"

@@ -39,7 +39,7 @@ from .weights import DECODER_KINDS, StoredWeight, weight_bytes
 class StepTimes:
     prefill: float = 0.0
     decode: list[float] = field(default_factory=list)
-    attention: list[str] = field(default_factory=list)  # per step, the attention kernels that ran ("a+b")
+    attention: list[str] = field(default_factory=list)  # per step, the attention kernels that ran (sorted, "a+b")
 
 
 class Engine:
@@ -65,7 +65,7 @@ class Engine:
                          for w in weights]
         # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
         self.unpadded_without_mask = device.is_cuda
-        self._kernels: dict[str, None] = {}  # the attention kernels of the running step, in first-run order
+        self._kernels: set[str] = set()  # the attention kernels of the running step
 
     @contextlib.contextmanager
     def tracing(self, trace: Recorder | NullRecorder):
@@ -111,12 +111,12 @@ class Engine:
                 break
             tic = time.perf_counter()
             start, t = block.step_span(step)
-            self._kernels = {}
+            self._kernels = set()
             with self.trace.step(step, rows=int((~block.finished).sum()), tokens=t, context=start) as mark:
                 self._step(block, step, acts, sampling)
             self.device.synchronize()
             elapsed = time.perf_counter() - tic
-            kernels = "+".join(self._kernels)
+            kernels = "+".join(sorted(self._kernels))
             self.times.attention.append(kernels)
             if mark is not None:
                 mark.attention = kernels
@@ -250,7 +250,7 @@ class Engine:
 
     def _attend(self, q, k, v, mask, sparsity: float = 1.0) -> torch.Tensor:
         out, kernel = attend_named(q, k, v, mask, sparsity)
-        self._kernels[kernel] = None
+        self._kernels.add(kernel)
         return out
 
     # ---- inputs ----------------------------------------------------------------------------------

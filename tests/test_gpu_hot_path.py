@@ -4,6 +4,7 @@ memory, and bench's warm-up kept out of the timed numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -256,3 +257,66 @@ def test_bench_no_warmup_flag(tiny_models, engine_runs, tmp_path, capsys):
           "--offload-dir", str(tmp_path), "--no-warmup"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["warmup_s"] is None and [steps for steps, _ in runs] == [3]
+
+
+# ---- on a GPU (skipped here) ---------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CUDA_CASES = {  # case: (dtype, query heads, kv heads, query positions, masked, the kernel expected)
+    "decode-fp16": (torch.float16, 8, 8, 1, False, "flash"),
+    "decode-bf16-grouped": (torch.bfloat16, 8, 2, 1, False, "flash"),
+    "decode-fp16-masked": (torch.float16, 8, 8, 1, True, "efficient"),
+    "decode-bf16-grouped-masked": (torch.bfloat16, 8, 2, 1, True, "efficient"),
+    "decode-fp32": (torch.float32, 8, 8, 1, False, "efficient"),
+    "prefill-fp16-causal": (torch.float16, 8, 8, 64, False, "flash"),
+    "prefill-bf16-grouped-causal": (torch.bfloat16, 8, 2, 64, False, "flash"),
+    "prefill-fp16-masked": (torch.float16, 8, 8, 64, True, "efficient"),
+}
+
+
+@cuda
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_cuda_runs_the_kernel_chosen_and_agrees_with_math(fresh_choices, case):
+    dtype, heads, kv_heads, t, masked, expected = CUDA_CASES[case]
+    q, k, v, mask = (None if x is None else x.cuda()
+                     for x in _case(4, heads, kv_heads, t, 64 if t > 1 else 77, dtype, masked))
+    out, name = attend_named(q, k, v, mask)
+    assert name == expected
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), _reference(q, k, v, mask), atol=tol, rtol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_decode_at_a_new_length_each_step_builds_nothing(fresh_choices, masked):
+    """cuDNN attention built a plan per new cache length (36-450 ms on an H200); these kernels take any."""
+    import time
+
+    q, k, v, mask = (None if x is None else x.cuda()
+                     for x in _case(64, 32, 32, 1, 600, torch.float16, masked))
+    times = []
+    for length in range(500, 540):
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
+        attend_named(q, k[:, :, :length], v[:, :, :length], None if mask is None else mask[..., :length])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - tic)
+    assert max(times[1:]) < 0.02, times
+
+
+@cuda
+def test_cuda_engine_without_masks_for_unpadded_batches(tiny_models):
+    """fp16 on the GPU, prompts of equal length in each batch but the last: flash without a mask where no row is
+    padded, the same logits as memory-efficient attention with the mask."""
+    prompts = [[2, 17, 43, 99], [2, 300, 5, 6], [2, 88, 91, 92], [2, 400]]
+    policy = dataclasses.replace(P(gbs=2, nb=2), dtype="float16")
+    results, kernels = [], []
+    for without_mask in (False, True):
+        with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cuda") as m:
+            m.engine.unpadded_without_mask = without_mask
+            results.append(m.generate_ids(prompts, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
+                                          return_logits=True)[1])
+            kernels.append(m.engine.times.attention)
+    assert kernels[0] == ["efficient"] * 6 and kernels[1] == ["efficient+flash"] * 6
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
