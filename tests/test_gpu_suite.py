@@ -1,9 +1,8 @@
-"""benchmarks/gpu_suite.py in its CPU smoke mode: steps, row selection, timeouts, the JSON and the table."""
+"""benchmarks/gpu_suite.py in its CPU smoke mode (steps, row selection, the time plan, the JSON and the table),
+FlexGen's log as the suite reads it, the ratios, and the dummy-weight hook's byte counts."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,51 +11,90 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "gpu_suite.py"
+BENCH = REPO / "benchmarks"
+SCRIPT = BENCH / "gpu_suite.py"
+sys.path.insert(0, str(BENCH))
+
+import flexgen_peer  # noqa: E402
+import suite_plan  # noqa: E402
+import suite_report  # noqa: E402
+import suite_rows  # noqa: E402
+from suite_steps import Step  # noqa: E402
+
+# FlexGen's own output (write_benchmark_log), as the first H200 run printed it for OPT-13B
+FLEXGEN_LOG = """<run_flexgen>: args.model: facebook/opt-13b
+model size: 23.921 GB, cache size: 53.125 GB, hidden size (prefill): 0.664 GB
+warmup - generate
+benchmark - generate
+TorchDevice: cuda:0
+  cur_mem: 23.9371 GB,  peak_mem: 56.5640 GB
+model size: 23.921 GB\tcache size: 53.125 GB\thidden size (p): 0.664 GB
+peak gpu mem: 56.564 GB\tprojected: False
+prefill latency: 2.898 s\tprefill throughput: 22613.415 token/s
+decode latency: 17.804 s\tdecode throughput: 222.875 token/s
+total latency: 20.702 s\ttotal throughput: 197.857 token/s
+"""
 
 
-@functools.cache
-def _suite_module():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_suite(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, dict]:
-    # the auto rows plan with the tests' synthetic profile (FLEXGEN_LITE_PROFILE, set by conftest)
+def run_suite(tmp_path: Path, *args: str, timeout: float = 150) -> tuple[subprocess.CompletedProcess, dict]:
+    # the rows plan with the tests' synthetic profile (written by the suite in smoke mode)
     out = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path), *args],
                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
     data = json.loads((tmp_path / "gpu_suite.json").read_text()) if (tmp_path / "gpu_suite.json").exists() else {}
     return out, data
 
 
-def test_smoke_run_records_rows_a_timeout_and_continues(tmp_path):
+def test_smoke_run_records_rows_flexgen_a_timeout_and_continues(tmp_path):
     rows = "opt-1.3b-gpu-bs64,opt-13b-cpu-weights,opt-30b-16gib-auto"
-    out, data = run_suite(tmp_path, "--rows", rows, "--row-timeout", "opt-13b-cpu-weights=0.5")
-    assert out.returncode == 1, out.stderr  # a row timed out
+    out, data = run_suite(tmp_path, "--rows", rows, "--row-timeout", "0.01")
+    assert out.returncode == 1, out.stderr  # rows timed out
     assert data["suite"]["mode"] == "cpu-smoke" and data["suite"]["rows"] == rows.split(",")
     assert data["machine"]["gpu"] is None and data["machine"]["torch"]
     assert data["parity"]["status"] == "ok" and data["parity"]["passed"] == 2, data["parity"]
-    assert data["profile"]["status"] == "given"
-
-    first, slow, auto = data["rows"]
+    assert data["profile"]["status"] == "given"  # conftest's synthetic profile (FLEXGEN_LITE_PROFILE)
     assert [r["name"] for r in data["rows"]] == rows.split(",")
+    for r in data["rows"]:
+        assert r["status"] == "timeout" and "report" not in r and r["plan"]["source"] == "cost model"
+        assert r["flexgen"]["status"] in ("skipped", "failed", "ok")  # FlexGen's twin: recorded, never fatal
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files <= {"gpu_suite.json", "gpu_suite.md", "gpu_suite.log", "traces.tar.gz", "profile.json"}
+    assert "===== parity: ok" in (tmp_path / "gpu_suite.log").read_text()
+
+
+def test_smoke_rows_report_where_they_stand(tmp_path):
+    out, data = run_suite(tmp_path, "--rows", "opt-1.3b-gpu-bs64,opt-30b-16gib-auto,opt-175b-4bit-24gib",
+                          "--skip-parity")
+    assert out.returncode == 0, out.stdout + out.stderr
+    first, auto, scale = data["rows"]
+    assert auto["status"] == "ok" and auto["gpu_budget_gb"] == 0.001  # --gpu-mem 1MiB, searched within it
+    # OPT-30B's FlexGen twin (a long one on a GPU) runs after the OPT-175B row
+    assert auto["flexgen"]["status"] != "pending"
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert log.index("===== row opt-175b-4bit-24gib") < log.index("opt-30b-16gib-auto: FlexGen")
     assert first["status"] == "ok" and first["batch"] == 8 and first["total_tok_s"] > 0
     assert first["report"]["prompt_len"] == 32 and first["report"]["gen_len"] == 4
     assert first["policy"].startswith("--percent 100 0 100 0 100 0 --gpu-batch-size 8")
-    assert first["link_gb_per_step"] == 0.0 and first["link_gb_s"] is None  # all in compute memory: nothing crosses
+    assert first["link_gb_per_step"] == 0.0 and first["link_gb_s"] is None  # all in compute memory
     assert first["command"].startswith("flexgen-lite bench --model ")
-    assert slow["status"] == "timeout" and slow["timeout_s"] == 0.5 and "report" not in slow
-    assert auto["status"] == "ok" and auto["gpu_budget_gb"] == 0.001  # --gpu-mem 1MiB, searched within it
+    assert first["bound"] in first["bounds_s"] and first["bound_fraction"] >= 0
+    assert first["report"]["breakdown"]["stage_ms"] and first["peak_host_gb"] > 0
+    assert first["predicted_s"] == first["plan"]["ours_s"] > 0
+    fg = first["flexgen"]
+    if fg["status"] == "skipped":  # no CUDA here (or no flexgen wheel): the reason is recorded
+        assert fg["reason"].startswith(("no CUDA", "flexgen is not importable"))
+    assert "ratio_total" not in first
+    assert scale["status"] == "ok" and "--compress-weight" in scale["policy"] and "flexgen" not in scale
+    assert "4-bit matrices" in log and " 0 4-bit matrices" not in log.split("row opt-175b-4bit-24gib")[1]
 
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.startswith("no GPU: device cpu")
-    assert "| row | status | policy |" in table and "| opt-13b-cpu-weights | **timeout** |" in table
-    assert "| opt-1.3b-gpu-bs64 | ok | `--percent 100 0 100 0 100 0" in table
-    assert out.stdout.rstrip().endswith("gpu_suite.md")
-    assert (tmp_path / "parity.log").read_text().count("passed") >= 1
+    assert "| row | status | policy |" in table and "| opt-1.3b-gpu-bs64 | ok | `--percent 100 0 100 0 100 0" in table
+    assert "FlexGen total (prefill s, decode)" in table and "opt-1.3b-gpu-bs64 breakdown:" in table
+    import tarfile
+
+    with tarfile.open(tmp_path / "traces.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["trace-opt-1.3b-gpu-bs64.json", "trace-opt-175b-4bit-24gib.json",
+                                          "trace-opt-30b-16gib-auto.json"]
 
 
 def test_time_limit_skips_what_does_not_fit(tmp_path):
@@ -74,41 +112,190 @@ def test_unknown_row_is_refused(tmp_path):
 
 
 def test_row_selection_keeps_the_order_given():
-    suite = _suite_module()
-    chosen = suite.select_rows(suite.GPU_ROWS, "llama*,opt-1.3b-*,opt-1.3b-auto")
+    chosen = suite_rows.select_rows(suite_rows.GPU_ROWS, "llama-2*,opt-1.3b-*,opt-1.3b-auto")
     assert [r.name for r in chosen] == ["llama-2-7b-cpu-cache-cpu-attn", "opt-1.3b-gpu-bs64", "opt-1.3b-auto"]
-    assert {r.name for r in suite.GPU_ROWS} == {r.name for r in suite.SMOKE_ROWS}
+    assert [r.name for r in suite_rows.GPU_ROWS] == [r.name for r in suite_rows.SMOKE_ROWS]
 
 
 def test_gpu_rows_are_flexgens_settings():
-    suite = _suite_module()
-    rows = {r.name: r for r in suite.GPU_ROWS}
+    rows = {r.name: r for r in suite_rows.GPU_ROWS}
     assert all((r.prompt_len, r.gen_len) == (512, 32) for r in rows.values())
-    assert " ".join(rows["opt-13b-cpu-weights"].flags) == \
+    peers = [r.name for r in suite_rows.GPU_ROWS if r.flexgen]
+    assert peers == ["opt-1.3b-gpu-bs64", "opt-13b-cpu-weights", "opt-13b-cpu-weights-compress",
+                     "opt-30b-16gib-auto"]
+    assert suite_rows.GPU_ROWS[4].name == "opt-175b-4bit-24gib"  # right after the peers
+    assert " ".join(rows["opt-13b-cpu-weights"].flexgen) == \
         "--percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4"
+    assert rows["opt-13b-cpu-weights-compress"].flexgen[-1] == "--compress-weight"
     assert rows["opt-30b-16gib-auto"].auto and rows["opt-30b-16gib-auto"].gpu_budget == 16 * 2**30
-    assert sum(r.timeout for r in rows.values()) > 470  # the time limit, not the rows, bounds a run
+    assert "--cpu-cache-compute" in rows["opt-30b-16gib-auto"].flexgen
+    for name in ("opt-175b-4bit-24gib", "llama-3-70b-4bit-24gib"):
+        assert rows[name].flag("--gpu-mem") == "24GiB" and "--compress-weight" in rows[name].flags
+    assert rows["opt-1.3b-gpu-bs64"].flexgen_args()[:2] == ["--model", "facebook/opt-1.3b"]
 
 
-def test_numbers_against_the_link_and_the_budget():
-    """Derived columns: link GB/s, its share of the measured H2D bandwidth, the link bound of a step."""
-    suite = _suite_module()
-    row = suite.Row("r", "m", ["--gpu-mem", "16GiB"], 10)
-    report = {"policy": "--percent 0 100 100 0 100 0", "batch": 128, "gen_len": 32, "decode_s": 31.0,
-              "prefill_tok_s": 1.0, "decode_tok_s": 2.0, "total_tok_s": 3.0, "peak_gpu_gb": 10.0,
-              "peak_cuda_reserved_gb": 12.0, "link_moved_per_step_gb": 25.0, "disk_read_per_step_gb": 0.0}
-    step = suite.Step("ok", 0, 40.0, 100.0, json.dumps(report), "")
-    r = suite.row_result(row, step, {"h2d_pinned_gb_s": 50.0, "gpu_memory_gb": 143.0},
-                         ["python", "gpu_suite.py", "--bench-row", "bench", "--model", "m"])
+def test_scale_rows_fit_their_budgets():
+    """OPT-175B and Llama-3-70B: 4-bit weights in host RAM, the plan within 24 GiB and a 128 GiB host."""
+    from flexgen_lite.cli import build_parser, policy_from_args
+    from flexgen_lite.generation import model_config
+    from flexgen_lite.layout import Workload
+    from flexgen_lite.memory_plan import peak_memory
+
+    for row in suite_rows.GPU_ROWS:
+        if "4bit" not in row.name:
+            continue
+        args = build_parser().parse_args(row.bench_args())
+        _, peak = peak_memory(model_config(row.model), Workload(512, 32, None), policy_from_args(args, 64), True)
+        assert peak["gpu"] < row.gpu_budget - 0.5 * 2**30, (row.name, peak)
+        assert peak["cpu"] < 120e9, (row.name, peak)
+
+
+# ---- FlexGen's log and the ratios -----------------------------------------------------------------------------
+def test_flexgen_log_is_parsed():
+    parsed = flexgen_peer.parse_log(FLEXGEN_LOG)
+    assert parsed == {"model_gb": 23.921, "cache_gb": 53.125, "peak_gpu_gb": 56.564, "prefill_s": 2.898,
+                      "prefill_tok_s": 22613.415, "decode_s": 17.804, "decode_tok_s": 222.875, "total_s": 20.702,
+                      "total_tok_s": 197.857, "projected": False}
+    assert flexgen_peer.parse_log("warmup - generate\nTraceback ...\nRuntimeError: CUDA out of memory") is None
+
+
+def test_flexgen_results_and_ratios():
+    ok = suite_report.flexgen_result(Step("ok", 0, 40.0, 100.0, FLEXGEN_LOG, ""),
+                                     flexgen_peer.parse_log(FLEXGEN_LOG))
+    assert ok["status"] == "ok" and ok["total_tok_s"] == 197.857
+    ours = {"total_tok_s": 220.1, "decode_tok_s": 255.69}
+    assert suite_report.ratios(ours, ok) == {"ratio_total": 1.112, "ratio_decode": 1.147}
+
+    skipped = suite_report.flexgen_result(Step("failed", 77, 3.0, 100.0, "", "SKIP: no CUDA: FlexGen ...\n"), None)
+    assert skipped["status"] == "skipped" and skipped["reason"] == "no CUDA: FlexGen ..."
+    assert suite_report.ratios(ours, skipped) == {}
+    crashed = suite_report.flexgen_result(Step("failed", 1, 9.0, 100.0, "warmup - generate\n",
+                                               "Traceback\nRuntimeError: CUDA out of memory"), None)
+    assert crashed["status"] == "failed" and crashed["error"].endswith("CUDA out of memory")
+    ran_badly = suite_report.flexgen_result(Step("ok", 0, 9.0, 100.0, "no log lines", ""), None)
+    assert ran_badly["status"] == "failed"
+
+    row = {"name": "r", "status": "ok", "wall_s": 40, "report": {}, **ours, "flexgen": ok,
+           **suite_report.ratios(ours, ok), "predicted_s": 50.0}
+    line = suite_report.table([row]).splitlines()[-1]
+    assert "| 197.9 (2.898, 222.875) | **1.112x** / 1.147x |" in line and line.endswith("| 50.0 / 40 |")
+
+
+def test_standin_tokenizer_pads_left_as_flex_opt_asks():
+    tok = flexgen_peer.StandInAutoTokenizer.from_pretrained("facebook/opt-30b", padding_side="left")
+    ids = tok([flexgen_peer.PROMPT], padding="max_length", max_length=16).input_ids[0]
+    assert len(ids) == 16 and ids[:9] == [1] * 9 and ids[9] == 2 and min(ids[10:]) >= 100
+    assert tok.pad_token_id == 1 and tok.padding_side == "left"
+
+
+def test_flexgen_peer_without_cuda_skips_with_a_reason():
+    out = subprocess.run([sys.executable, str(BENCH / "flexgen_peer.py"), "--model", "facebook/opt-125m",
+                          "--prompt-len", "32", "--gpu-batch-size", "2"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA here: FlexGen would run")
+    assert out.returncode == flexgen_peer.SKIP_RC, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(("SKIP: no CUDA", "SKIP: flexgen is not importable"))
+
+
+# ---- the time plan -----------------------------------------------------------------------------------------------
+H200 = {"gpu": "NVIDIA H200", "h2d_pinned_gb_s": 55.0, "h2d_pageable_gb_s": 7.0, "gpu_memory_gb": 150.1}
+
+
+def _pred(prefill=3.0, step=0.5, cpu=25e9, gpu=60e9) -> dict:
+    return {"prefill_s": prefill, "decode_step_s": step, "gen_len": 32, "prompt_len": 512, "bound": "link",
+            "decode_by": {"link": step}, "peak": {"gpu": gpu, "cpu": cpu, "disk": 0.0}, "total_tok_s": 1.0}
+
+
+def test_plan_adds_startup_loading_warmup_and_the_run():
+    row = suite_rows.Row("r", "facebook/opt-13b", [], 150, flexgen=["--percent"], expect_s=45, flexgen_expect_s=50)
+    plan = suite_plan.plan_row(row, {"ours": _pred(), "flexgen": _pred()}, H200, touch_gb_s=1.0)
+    parts = plan["parts"]
+    assert parts["startup"] == suite_plan.STARTUP_S["cuda"]
+    assert parts["load"] == pytest.approx(25 + 60 / 7, abs=0.1)  # host bytes at 1 GB/s, GPU bytes at pageable H2D
+    assert parts["run"] == pytest.approx(suite_plan.SLACK * (3.0 + 31 * 0.5), abs=0.1)
+    assert plan["ours_s"] == pytest.approx(sum(parts.values()), abs=0.2) and plan["source"] == "cost model"
+    slower = suite_plan.plan_row(row, {"ours": _pred(), "flexgen": _pred()}, H200, touch_gb_s=0.4)
+    assert slower["ours_s"] > plan["ours_s"] + 30  # a VM's slow first touch is budgeted
+    assert plan["flexgen_s"] > suite_plan.FLEXGEN_SLOWER * (3.0 + 31 * 0.5)
+
+
+def test_plan_without_a_prediction_uses_the_rows_expectation():
+    row = suite_rows.Row("r", "m", [], 150, flexgen=["--percent"], expect_s=45, flexgen_expect_s=50)
+    plan = suite_plan.plan_row(row, {"ours": {"error": "ValueError: no profile"}, "flexgen": None}, H200, 1.0)
+    assert (plan["ours_s"], plan["flexgen_s"]) == (45.0, 50.0) and "ValueError" in plan["source"]
+    assert suite_plan.plan_row(suite_rows.Row("r", "m", [], 150, expect_s=9), None, H200, 1.0)["flexgen_s"] is None
+
+
+def test_what_does_not_fit_is_skipped_and_what_runs_gets_room():
+    assert suite_plan.fits(100, 120) is None
+    assert suite_plan.fits(130, 120) == "predicted 130 s, 120 s left in the run"
+    assert suite_plan.step_timeout(150, 40, 400) == 150  # the row's own timeout
+    assert suite_plan.step_timeout(150, 100, 400) == 200  # twice the prediction
+    assert suite_plan.step_timeout(150, 100, 120) == 120  # never past the run
+
+
+def test_the_scale_row_plan_is_within_one_run():
+    """With the first H200 profile the cost model predicts the 4-bit scale rows, each within one 10-minute run."""
+    profile = REPO.parent / "shared" / "gpu-runs" / "2026-12-04-h200" / "profile-h200.json"
+    if not profile.is_file():
+        pytest.skip("the H200 profile is not beside this checkout")
+    import os
+
+    os.environ["FLEXGEN_LITE_PROFILE"] = str(profile)
+    try:
+        rows = [r for r in suite_rows.GPU_ROWS if "4bit" in r.name]
+        preds = suite_plan.predict_rows([{"name": r.name, "ours": r.bench_args(), "flexgen": None} for r in rows])
+    finally:
+        del os.environ["FLEXGEN_LITE_PROFILE"]
+    for r in rows:
+        plan = suite_plan.plan_row(r, preds[r.name], H200, 1.0)
+        assert plan["source"] == "cost model", plan
+        assert plan["ours_s"] < 600, (r.name, plan)
+
+
+# ---- numbers against the link, the bound and the budget -------------------------------------------------------
+def test_numbers_against_the_link_the_bound_and_the_budget():
+    row = suite_rows.Row("r", "m", ["--gpu-mem", "16GiB"], 10)
+    report = {"policy": "--percent 0 100 100 0 100 0", "batch": 128, "gen_len": 32, "prompt_len": 512,
+              "decode_s": 31.0, "prefill_s": 3.0, "prefill_tok_s": 1.0, "decode_tok_s": 2.0, "total_tok_s": 3.0,
+              "peak_gpu_gb": 10.0, "peak_cuda_reserved_gb": 12.0, "link_moved_per_step_gb": 25.0,
+              "disk_read_per_step_gb": 0.0, "model_gb": 25.0, "cache_gb": 50.0, "dtype": "float16",
+              "peak_rss_gb": 27.0, "attention_backend": "flash"}
+    step = Step("ok", 0, 40.0, 100.0, json.dumps(report), "")
+    profile = {"device_copy": 2e12, "matmul": {"float16": [[8192, 7e14, 0.0]]}, "is_cuda": True}
+    r = suite_report.row_result(row, step, {"h2d_pinned_gb_s": 50.0, "gpu_memory_gb": 143.0,
+                                            "host_memory_gb": 135.0}, ["python", "x", "--bench-row", "bench"],
+                                profile)
     assert r["link_gb_s"] == 25.0 and r["link_gb_s_of_h2d"] == 0.5
     assert r["link_bound_s"] == 0.5 and r["link_bound_fraction"] == 0.5
     assert r["peak_gpu_gb"] == 12.0 and r["gpu_budget_gb"] == pytest.approx(17.18, abs=0.01)
-    line = suite.table([r]).splitlines()[-1]
-    assert "| 25.0 (50%) | 0.5 | 12.0 / 17.18 |" in line
+    assert r["bound"] == "link" and r["bound_fraction"] == 0.5 and set(r["bounds_s"]) == {"link", "HBM", "compute"}
+    assert r["attention_backend"] == "flash" and r["warmup_s"] is None  # read with .get: absent keys are fine
+    line = suite_report.table([r]).splitlines()[-1]
+    assert "| link 50% | 25.0 (25.0, 50%) | 12.0 / 17.18 | 27.0 / 135.0 | flash |" in line
 
 
 def test_parity_summary_counts():
-    suite = _suite_module()
-    step = suite.Step("failed", 1, 9.0, 150.0, "....F\n3 passed, 1 failed, 2 xfailed in 9.10s\n", "")
-    s = suite.parity_summary(step)
+    step = Step("failed", 1, 9.0, 150.0, "....F\n3 passed, 1 failed, 2 xfailed in 9.10s\n", "")
+    s = suite_report.parity_summary(step)
     assert (s["status"], s["passed"], s["failed"], s["xfailed"]) == ("failed", 3, 1, 2)
+
+
+def test_dummy_hook_keeps_byte_counts_and_shapes(tmp_path):
+    """4-bit dummy weights from the byte tile: the same link bytes, host bytes and tok/s-relevant shapes as
+    the bench's own quantized weights (--exact-dummy)."""
+    cmd = [sys.executable, str(SCRIPT), "--bench-row", "bench", "--model", "facebook/opt-125m", "--prompt-len", "8",
+           "--gen-len", "2", "--percent", "0", "100", "100", "0", "100", "0", "--compress-weight",
+           "--gpu-batch-size", "2", "--device", "cpu+link"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    fast = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    exact = subprocess.run(cmd[:3] + ["--exact-dummy"] + cmd[3:], capture_output=True, text=True, timeout=120,
+                           env=env, cwd=REPO)
+    assert fast.returncode == 0 and exact.returncode == 0, fast.stderr[-2000:] + exact.stderr[-2000:]
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (fast, exact))
+    for key in ("weights_moved_per_step_gb", "link_moved_per_step_gb", "peak_cpu_gb", "peak_gpu_gb", "model_gb"):
+        assert a[key] == b[key], key
+    assert "4-bit matrices" in fast.stderr and " 0 4-bit matrices" not in fast.stderr
