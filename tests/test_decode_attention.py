@@ -57,6 +57,58 @@ def test_a_row_with_every_position_masked_gets_zeros():
     torch.testing.assert_close(out[[0, 2]], _sdpa(q, k, v, mask)[[0, 2]], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (40, 20), (12, 3), (32, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_position_major_cache_walked_by_blocks_of_heads(heads, kv_heads, dtype):
+    """The cache across a link, (max_len, rows, kv_heads, d) attended through a (rows, kv_heads, L, d) view: kv
+    heads walked in blocks (a last partial one; one kv head with 32 query heads), one pass with online softmax.
+    A row with every position masked gets zeros."""
+    g = torch.Generator().manual_seed(heads)
+    b, d, seen = 3, 48, 21
+    k_pos, v_pos = (torch.randn(seen + 5, b, kv_heads, d, generator=g).to(dtype) for _ in range(2))
+    k, v = k_pos.permute(1, 2, 0, 3)[:, :, :seen], v_pos.permute(1, 2, 0, 3)[:, :, :seen]
+    q = torch.randn(b, heads, 1, d, generator=g).to(dtype)
+    mask = torch.rand(b, 1, 1, seen, generator=g) > 0.3
+    mask[0, ..., -1], mask[2] = True, False
+    out = native.decode_attention(q, k, v, mask)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    q, k, v, mask, out = q[:2], k[:2], v[:2], mask[:2], out[:2]
+    exact = _sdpa(q.float(), k.float(), v.float(), mask)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-5)
+    else:
+        ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
+        assert ours <= torchs * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("position_major", [False, True])
+def test_threads_split_the_work_and_change_no_value(monkeypatch, position_major):
+    """Work items handed out in chunks to pool threads (here 4, whatever the cores) give what one thread gives,
+    bit for bit: each item is computed alone."""
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(2, 30, 6, 2, 32, generator=g).to(torch.bfloat16)  # position-major: (L, rows, heads, d)
+    if position_major:
+        k, v = cache[0].permute(1, 2, 0, 3), cache[1].permute(1, 2, 0, 3)
+    else:
+        k, v = cache[0].permute(1, 2, 0, 3).contiguous(), cache[1].permute(1, 2, 0, 3).contiguous()
+    q = torch.randn(6, 4, 1, 32, generator=g).to(torch.bfloat16)
+    mask = torch.ones(6, 1, 1, 30, dtype=torch.bool)
+    one = native.decode_attention(q, k, v, mask)
+    monkeypatch.setattr(native, "threads", lambda: 4)
+    monkeypatch.setattr(native, "MIN_WORK", 1)
+    assert torch.equal(native.decode_attention(q, k, v, mask), one)
+
+
+def test_parallel_covers_every_item_once(monkeypatch):
+    monkeypatch.setattr(native, "threads", lambda: 3)
+    seen = []
+    native.parallel(lambda begin, end: seen.extend(range(begin, end)), 37)
+    assert sorted(seen) == list(range(37))
+    seen.clear()
+    native.parallel(lambda begin, end: seen.extend(range(begin, end)), 37, cost=10)  # too little: one thread
+    assert seen == list(range(37))
+
+
 def test_what_the_kernel_does_not_take_is_left_to_sdpa():
     q, k, v, mask = _case(SHAPES[0], torch.float32)
     assert native.decode_attention(q.expand(-1, -1, 2, -1), k, v, mask) is None  # two query positions (prefill)

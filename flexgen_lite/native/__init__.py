@@ -17,6 +17,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -91,7 +93,7 @@ def library() -> ctypes.CDLL | None:
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
-                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
+                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 3)
     return lib
 
 
@@ -136,20 +138,80 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(d)) v for one query position: q (B, heads, 1, d) over k, v (B, kv_heads, L, d) with
     a bool mask (B, 1, 1, L), as torch's scaled_dot_product_attention (fp32 inside); None when the kernel
-    cannot do it here. k and v may be views of longer caches (any strides, rows of d contiguous)."""
+    cannot do it here. k and v may be views of longer caches (any strides, rows of d contiguous), such as the
+    position-major cache across a link. Runs on `threads()` threads."""
     lib = library()
     b, heads, t, d = q.shape
-    if (lib is None or t != 1 or q.dtype not in OUT_KIND or not (q.dtype == k.dtype == v.dtype) or d > 512
-            or k.shape != v.shape or k.shape[0] != b or heads % k.shape[1] or mask.dtype != torch.bool
+    if (lib is None or t != 1 or q.dtype not in OUT_KIND or not (q.dtype == k.dtype == v.dtype)
+            or k.shape != v.shape or k.shape[0] != b or heads % k.shape[1] or heads // k.shape[1] > MAX_GROUP
+            or mask.dtype != torch.bool
             or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
         return None
-    length = k.shape[2]
+    kv_heads, length = k.shape[1], k.shape[2]
     mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
     out = torch.empty(b, heads, 1, d, dtype=q.dtype)
-    threads = torch.get_num_threads()
-    scores = torch.empty(threads * max(length, 1), dtype=torch.float32)
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:2], x.stride(2)) for x in (q, k, v, out)]
-    lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
-                         OUT_KIND[q.dtype], b, heads, k.shape[1], length, d, strides[0], strides[1], strides[2],
-                         length, strides[3], 1.0 / math.sqrt(d), scores.data_ptr(), threads)
+    group = heads // kv_heads  # kv heads walked together: several where a position's rows of them are adjacent
+    block = min(kv_heads, max(1, MAX_Q // group)) if k.stride(2) > k.stride(1) else 1
+
+    def items(begin: int, end: int) -> None:
+        lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                             OUT_KIND[q.dtype], b, heads, kv_heads, length, d, strides[0], strides[1], strides[2],
+                             length, strides[3], 1.0 / math.sqrt(d), block, begin, end)
+
+    parallel(items, b * -(-kv_heads // block), cost=b * heads * length * d)
     return out
+
+
+MAX_Q = 16  # query heads per work item of attention.c, for position-major caches
+MAX_GROUP = 64  # query heads per kv head it takes
+MIN_WORK = 1 << 16  # multiply-adds below which one thread does a call (handing out work costs ~10 us a thread)
+
+
+def threads() -> int:
+    """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def parallel(fn, n: int, cost: int = 1 << 30) -> None:
+    """fn(begin, end) over [0, n) in about 4 chunks a thread, taken in turn by the calling thread and pool
+    threads (ctypes calls release the GIL), so that a thread the OS delays holds up one chunk, not the call.
+    Idle pool threads sleep on a queue: nothing spins beside torch's own pool or the engine's I/O threads."""
+    global _pool, _pool_size
+    workers = min(threads(), n, max(1, cost // MIN_WORK))
+    if workers <= 1:
+        fn(0, n)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size < workers - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads end once idle
+            _pool, _pool_size = ThreadPoolExecutor(workers - 1, thread_name_prefix="flexgen-cpu"), workers - 1
+        pool = _pool
+    step = max(1, -(-n // (4 * workers)))
+    chunks = iter(range(0, n, step))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                begin = next(chunks, None)
+            if begin is None:
+                return
+            fn(begin, min(n, begin + step))
+
+    futures = [pool.submit(work) for _ in range(workers - 1)]
+    try:
+        work()
+    finally:
+        for f in futures:
+            f.result()

@@ -8,17 +8,15 @@
 #pragma GCC optimize("fp-contract=fast")  /* fused multiply-adds here: no bit-identity to keep, unlike int4.c */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
 #define LANES 16
-#define MAX_DIM 512
+#define MAX_GROUP 64  /* query heads per kv head (the caller checks) */
 
 /* n values of `kind` at `src` as fp32 into `dst`. */
 static inline void load_row(const void *src, int kind, int64_t n, float *dst) {
@@ -102,60 +100,132 @@ static inline void axpy_bf16(float *acc, float p, const uint16_t *b, int64_t n) 
     }
 }
 
+/* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
+   second pass finds them in L2), then values. `s` holds `length` floats. */
+static void pair_two_pass(const float *qf, const char *kb, const char *vb, const uint8_t *m, int kind, int64_t item,
+                          int64_t length, int64_t dim, int64_t ks, int64_t vs, float scale, float *s, float *row,
+                          float *acc) {
+    float top = -INFINITY;
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        const char *key = kb + l * ks * item;
+        for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
+            __builtin_prefetch(key + 4 * ks * item + at);
+            __builtin_prefetch(vb + l * vs * item + at);
+        }
+        if (kind == KIND_BF16) {
+            s[l] = dot_bf16(qf, (const uint16_t *)key, dim) * scale;
+        } else {
+            load_row(key, kind, dim, row);
+            s[l] = dot(qf, row, dim) * scale;
+        }
+        top = s[l] > top ? s[l] : top;
+    }
+    memset(acc, 0, dim * sizeof(float));
+    if (top == -INFINITY) return;  /* every position masked: zeros */
+    float total = 0;
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        float p = expf(s[l] - top);
+        total += p;
+        const char *value = vb + l * vs * item;
+        if (kind == KIND_BF16) {
+            axpy_bf16(acc, p, (const uint16_t *)value, dim);
+        } else {
+            load_row(value, kind, dim, row);
+            for (int64_t d = 0; d < dim; d++) acc[d] += p * row[d];
+        }
+    }
+    for (int64_t d = 0; d < dim; d++) acc[d] /= total;
+}
+
 /* out[b, h] = softmax(scale * q[b, h] . k[b, h / group, l] over unmasked l < length) . v[b, h / group, l].
    Strides in elements; each row of `dim` values is contiguous; mask (b, l) is one byte per position, 0 =
-   masked. A row with every position masked gets zeros. `scores` holds `length` floats per thread. */
+   masked. A row with every position masked gets zeros.
+
+   Work items [begin, end) of batch * ceil(kv_heads / block): one sequence's `block` consecutive kv heads and
+   all their query heads, each key and value row read once for the group. Each position's rows of the block
+   are read together: in the position-major cache across a link (l, b, kv_head, d) they are one contiguous
+   run, where one head at a time strides a page or more per position (the caller picks block 1 for
+   head-major caches, whose heads are apart anyway). The caller runs item ranges on threads of its own
+   (native/__init__.py): no OpenMP pool here to spin beside torch's. */
 void decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                       const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
-                      int64_t mask_stride, const int64_t *out_strides, float scale, float *scores, int threads) {
+                      int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block, int64_t begin,
+                      int64_t end) {
     int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t pair = 0; pair < batch * heads; pair++) {
-        int64_t b = pair / heads, h = pair % heads, kh = h / group;
-        float qf[MAX_DIM], row[MAX_DIM], acc[MAX_DIM];
-#ifdef _OPENMP
-        float *s = scores + (int64_t)omp_get_thread_num() * length;
-#else
-        float *s = scores;
-#endif
-        load_row((const char *)q + (b * q_strides[0] + h * q_strides[1]) * item, kind, dim, qf);
-        const char *kb = (const char *)k + (b * k_strides[0] + kh * k_strides[1]) * item;
-        const char *vb = (const char *)v + (b * v_strides[0] + kh * v_strides[1]) * item;
+    int64_t blocks = (kv_heads + block - 1) / block, max_q = block * group;
+    /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
+    int64_t ds = (dim + 15) / 16 * 16, mq = (max_q + 15) / 16 * 16;
+    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? (length + 15) / 16 * 16 : 0);  /* 64-byte multiple */
+    float *qf = aligned_alloc(64, sizeof(float) * floats);
+    if (!qf) return;
+    float *acc = qf + mq * ds, *top = acc + mq * ds, *total = top + mq, *row = total + mq, *scores = row + ds;
+    int direct = kind == KIND_BF16 && group == 1;  /* bf16 rows multiplied as they are, not converted first */
+    for (int64_t it = begin; it < end; it++) {
+        int64_t b = it / blocks, kh0 = (it % blocks) * block, kh1 = kh0 + block < kv_heads ? kh0 + block : kv_heads;
+        int64_t nq = (kh1 - kh0) * group, h0 = kh0 * group;
+        for (int64_t j = 0; j < nq; j++) {
+            load_row((const char *)q + (b * q_strides[0] + (h0 + j) * q_strides[1]) * item, kind, dim, qf + j * ds);
+            top[j] = -INFINITY;
+            total[j] = 0;
+        }
+        const char *kb = (const char *)k + b * k_strides[0] * item, *vb = (const char *)v + b * v_strides[0] * item;
         const uint8_t *m = mask + b * mask_stride;
-        float top = -INFINITY;
+        if (block == 1) {
+            for (int64_t j = 0; j < nq; j++) {
+                pair_two_pass(qf + j * ds, kb + kh0 * k_strides[1] * item, vb + kh0 * v_strides[1] * item, m, kind,
+                              item, length, dim, k_strides[2], v_strides[2], scale, scores, row, acc);
+                store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim, acc);
+            }
+            continue;
+        }
+        memset(acc, 0, nq * ds * sizeof(float));
+        /* position-major: one pass, keys and values of a position together (online softmax: the running sums
+           are rescaled when a larger score comes) */
         for (int64_t l = 0; l < length; l++) {
             if (!m[l]) continue;
-            const char *key = kb + l * k_strides[2] * item;
-            for (int64_t at = 0; at < dim * item; at += 64) {  /* the memory's latency, not its bandwidth, bounds this */
-                __builtin_prefetch(key + 4 * k_strides[2] * item + at);
-                __builtin_prefetch(vb + l * v_strides[2] * item + at);
-            }
-            if (kind == KIND_BF16) {
-                s[l] = dot_bf16(qf, (const uint16_t *)key, dim) * scale;
-            } else {
-                load_row(key, kind, dim, row);
-                s[l] = dot(qf, row, dim) * scale;
-            }
-            top = s[l] > top ? s[l] : top;
-        }
-        memset(acc, 0, dim * sizeof(float));
-        float total = 0;
-        if (top != -INFINITY) {
-            for (int64_t l = 0; l < length; l++) {
-                if (!m[l]) continue;
-                float p = expf(s[l] - top);
-                total += p;
-                const char *value = vb + l * v_strides[2] * item;
-                if (kind == KIND_BF16) {
-                    axpy_bf16(acc, p, (const uint16_t *)value, dim);
+            for (int64_t kh = kh0; kh < kh1; kh++) {
+                const char *key = kb + (kh * k_strides[1] + l * k_strides[2]) * item;
+                const char *value = vb + (kh * v_strides[1] + l * v_strides[2]) * item;
+                for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
+                    __builtin_prefetch(key + 4 * k_strides[2] * item + at);
+                    __builtin_prefetch(value + 4 * v_strides[2] * item + at);
+                }
+                float sc[MAX_GROUP], *a0 = acc + (kh - kh0) * group * ds;
+                int64_t j0 = (kh - kh0) * group;
+                if (direct) {
+                    sc[0] = dot_bf16(qf + j0 * ds, (const uint16_t *)key, dim) * scale;
+                } else {
+                    load_row(key, kind, dim, row);
+                    for (int64_t g = 0; g < group; g++) sc[g] = dot(qf + (j0 + g) * ds, row, dim) * scale;
+                }
+                for (int64_t g = 0; g < group; g++) {
+                    int64_t j = j0 + g;
+                    if (sc[g] > top[j]) {
+                        float shrink = expf(top[j] - sc[g]);  /* 0 for the first position */
+                        for (int64_t d = 0; d < dim; d++) a0[g * ds + d] *= shrink;
+                        total[j] *= shrink;
+                        top[j] = sc[g];
+                    }
+                    sc[g] = expf(sc[g] - top[j]);
+                    total[j] += sc[g];
+                }
+                if (direct) {
+                    axpy_bf16(a0, sc[0], (const uint16_t *)value, dim);
                 } else {
                     load_row(value, kind, dim, row);
-                    for (int64_t d = 0; d < dim; d++) acc[d] += p * row[d];
+                    for (int64_t g = 0; g < group; g++)
+                        for (int64_t d = 0; d < dim; d++) a0[g * ds + d] += sc[g] * row[d];
                 }
             }
-            for (int64_t d = 0; d < dim; d++) acc[d] /= total;
         }
-        store_row((char *)out + (b * out_strides[0] + h * out_strides[1]) * item, kind, dim, acc);
+        for (int64_t j = 0; j < nq; j++) {
+            if (total[j] > 0)  /* else every position masked: zeros */
+                for (int64_t d = 0; d < dim; d++) acc[j * ds + d] /= total[j];
+            store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim, acc + j * ds);
+        }
     }
+    free(qf);
 }
