@@ -106,9 +106,11 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
             _mapped_read(s, seg, d * nbytes)
         if s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape):  # those: see _int4_matmuls
             seconds = math.prod(spec.shape) / hw.dequantize[s.dname]
-            mapped = 0.0 if s.cuda else d  # a CPU dequantizes mapped codes in the compute thread
-            _host(s, seg, "dequantize", (1 - mapped) * seconds)
-            seg.add("dequantize", mapped * seconds, waits=False)
+            if s.cuda:  # on the GPU beside compute, while the next layer's codes cross (WeightSlots): not a wait
+                seg.add("dequantize", seconds, waits=False)
+                continue
+            _host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
+            seg.add("dequantize", d * seconds, waits=False)
     return seg
 
 

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 3  # 3: decode attention on a CPU by the C kernel (~4x SDPA): its rates are measured anew
+PROFILE_VERSION = 4  # 4: CUDA 4-bit dequantization by the fused kernel; CPU attention beside a GPU over the
+# position-major cache on all cores (3: decode attention on a CPU by the C kernel)
 
 
 @dataclass
