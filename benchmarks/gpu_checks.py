@@ -1,0 +1,171 @@
+"""Standalone checks of issue 21's kernels (run by gpu_suite.py's step 3, or by hand):
+
+    python benchmarks/gpu_checks.py                       # on a CUDA machine (~1 min)
+    TRITON_INTERPRET=1 python benchmarks/gpu_checks.py    # a smoke on a CPU (without CUDA it interprets anyway)
+
+1. the fused 4-bit dequantization (flexgen_lite/dequant_triton.py) against the torch path, bit for bit, over
+   layouts (padded groups, inner > 1, the cache's), bits and dtypes; `compression.dequantize` takes it on CUDA;
+2. its speed against the torch path and the link, on OPT-13B's weight shapes (CUDA);
+3. the engine with 4-bit weights in host RAM (OPT-1.3B, dummy weights): token ids equal with the kernel and with
+   the torch path; decode step against its link bound (CUDA);
+4. CPU decode attention (native.decode_attention) over a position-major cache, all threads against one, beside
+   the host's memory copy rate.
+A short table each; the last line sums up; exit 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decides how to jit
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from flexgen_lite import dequant_triton, native  # noqa: E402
+from flexgen_lite.compression import CompressionConfig, _dequantize_torch, quantize  # noqa: E402
+
+DEV = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+failures: list[str] = []
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def best(fn, reps: int = 5) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        tic = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def h2d_seconds(n: int) -> float:
+    """Seconds of copying n bytes from page-locked host memory to the GPU."""
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device=DEV)
+    return best(lambda: dev.copy_(host, non_blocking=True))
+
+
+def check_exact() -> None:
+    print("## 1. fused dequantization == torch path (bit for bit)")
+    if importlib.util.find_spec("triton") is None:
+        print("triton is not installed: skipped")
+        failures.append("no triton") if CUDA else None
+        return
+    shapes = [((5120, 5120), 1), ((1000, 333), 1), ((96, 200), 0), ((8, 32, 17, 128), -1), ((3, 100, 7), 1)]
+    print("| shape | group dim | bits | dtype | exact | max diff |\n|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for shape, dim in shapes if CUDA else shapes[1:]:
+        x = torch.randn(shape, generator=gen) * 3
+        for bits in (4, 8):
+            for dtype in dequant_triton.DTYPES:
+                q = quantize(x.to(dtype).to(DEV), CompressionConfig(bits, 64, dim))
+                got, want = dequant_triton.dequantize(q, dtype), _dequantize_torch(q, dtype, None)
+                same = torch.equal(got, want)
+                diff = (got.float() - want.float()).abs().max().item()
+                print(f"| {shape} | {dim} | {bits} | {str(dtype)[6:]} | {'yes' if same else '**NO**'} | {diff:g} |")
+                if not same:
+                    failures.append(f"kernel != torch {shape} {dim} {bits} {dtype}")
+    if CUDA:
+        used = dequant_triton.usable(DEV)
+        print(f"compression.dequantize on {DEV} takes the kernel: {used}")
+        if not used:
+            failures.append("kernel not used on CUDA")
+
+
+def speed() -> None:
+    print("\n## 2. dequantization speed (OPT-13B shapes, float16 out)")
+    print("| shape | fused ms | GB/s moved | torch ms | x faster | codes over the link ms |\n|---|---|---|---|---|---|")
+    for shape in ((5120, 5120), (20480, 5120), (5120, 20480)):
+        q = quantize(torch.randn(shape, device=DEV, dtype=torch.float16), CompressionConfig(4, 64, 1))
+        out = torch.empty(shape, dtype=torch.float16, device=DEV)
+        fused = best(lambda q=q, out=out: dequant_triton.dequantize(q, torch.float16, out))
+        slow = best(lambda q=q, out=out: _dequantize_torch(q, torch.float16, out), reps=2)
+        moved = q.nbytes + out.numel() * 2
+        link = h2d_seconds(q.data.numel())
+        print(f"| {shape} | {fused * 1e3:.3f} | {moved / fused / 1e9:.0f} | {slow * 1e3:.2f} | {slow / fused:.0f} | "
+              f"{link * 1e3:.2f} |")
+
+
+def engine() -> None:
+    print("\n## 3. engine: OPT-1.3B, 4-bit weights in host RAM (--percent 0 100 100 0 100 0)")
+    from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+    from flexgen_lite.weights import weight_bytes
+
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=100,
+                    compress_weight=True)
+    prompts = [[2] + [100 + (i * 7 + j) % 1000 for j in range(63)] for i in range(64)]
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    h2d = (1 << 28) / h2d_seconds(1 << 28)
+    rows = {}
+    with FlexGenLite("facebook/opt-1.3b", policy=policy, device="cuda") as m:
+        link_bytes = weight_bytes(m.engine.weights, "cpu")
+        for label, env in (("fused", "1"), ("torch", "0")):
+            os.environ["FLEXGEN_LITE_TRITON"] = env
+            dequant_triton.usable.cache_clear()
+            ids = m.generate_ids(prompts, sampling)
+            step = sorted(m.engine.times.decode)[len(m.engine.times.decode) // 2]
+            rows[label] = (ids, step)
+    os.environ.pop("FLEXGEN_LITE_TRITON")
+    dequant_triton.usable.cache_clear()
+    bound = link_bytes / h2d
+    print(f"link {link_bytes / 1e9:.3f} GB a step, H2D {h2d / 1e9:.1f} GB/s: bound {bound * 1e3:.1f} ms")
+    print("| dequantization | decode step ms | x link bound |\n|---|---|---|")
+    for label, (_, step) in rows.items():
+        print(f"| {label} | {step * 1e3:.1f} | {step / bound:.2f} |")
+    same = rows["fused"][0] == rows["torch"][0]
+    print(f"token ids equal: {same}")
+    if not same:
+        failures.append("engine ids differ between the kernel and the torch path")
+
+
+def cpu_attention() -> None:
+    print("\n## 4. CPU decode attention, position-major cache (Llama-2-7B heads, bfloat16)")
+    b, heads, d, length = (64, 32, 128, 544) if CUDA else (8, 32, 128, 256)
+    k, v = (torch.randn(length, b, heads, d).to(torch.bfloat16).permute(1, 2, 0, 3) for _ in range(2))
+    q, mask = torch.randn(b, heads, 1, d).to(torch.bfloat16), torch.ones(b, 1, 1, length, dtype=torch.bool)
+    nbytes = 2 * k.numel() * 2
+    src, dst = torch.ones(nbytes // 2, dtype=torch.uint8), torch.empty(nbytes // 2, dtype=torch.uint8)
+    copy = 2 * src.numel() / best(lambda: dst.copy_(src))
+    print(f"host memcpy {copy / 1e9:.1f} GB/s (read + write); threads {native.threads()} of "
+          f"{len(os.sched_getaffinity(0))} CPUs, torch {torch.get_num_threads()}")
+    print("| threads | ms | K+V GB/s |\n|---|---|---|")
+    all_threads = native.threads
+    for label, fn in (("all", all_threads), ("1", lambda: 1)):
+        native.threads = fn
+        out = native.decode_attention(q, k, v, mask)
+        if out is None:
+            print("the C kernel is not built here: skipped")
+            native.threads = all_threads
+            return
+        t = best(lambda: native.decode_attention(q, k, v, mask))
+        print(f"| {label} ({fn()}) | {t * 1e3:.1f} | {nbytes / t / 1e9:.1f} |")
+    native.threads = all_threads
+
+
+def main() -> int:
+    print(f"device {DEV}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}, torch {torch.__version__}, "
+          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    check_exact()
+    if CUDA:
+        speed()
+        engine()
+    cpu_attention()
+    print(f"\ngpu_checks: {'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
