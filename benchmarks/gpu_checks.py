@@ -78,11 +78,13 @@ def check_exact() -> None:
                 print(f"| {shape} | {dim} | {bits} | {str(dtype)[6:]} | {'yes' if same else '**NO**'} | {diff:g} |")
                 if not same:
                     failures.append(f"kernel != torch {shape} {dim} {bits} {dtype}")
-    if CUDA:
-        used = dequant_triton.usable(DEV)
-        print(f"compression.dequantize on {DEV} takes the kernel: {used}")
-        if not used:
-            failures.append("kernel not used on CUDA")
+                if CUDA and not dequant_triton.usable(q, dtype):
+                    failures.append(f"compression.dequantize does not take the kernel: {shape} {dim} {bits} {dtype}")
+    tic = time.perf_counter()
+    dequant_triton.reset()
+    q = quantize(torch.randn(64, 64, device=DEV), CompressionConfig(4, 64, 1))
+    dequant_triton.usable(q, torch.float16)
+    print(f"one kind's self-check (compiled if not cached): {time.perf_counter() - tic:.2f} s")
 
 
 def speed() -> None:
@@ -114,12 +116,12 @@ def engine() -> None:
         link_bytes = weight_bytes(m.engine.weights, "cpu")
         for label, env in (("fused", "1"), ("torch", "0")):
             os.environ["FLEXGEN_LITE_TRITON"] = env
-            dequant_triton.usable.cache_clear()
+            dequant_triton.reset()
             ids = m.generate_ids(prompts, sampling)
             step = sorted(m.engine.times.decode)[len(m.engine.times.decode) // 2]
             rows[label] = (ids, step)
     os.environ.pop("FLEXGEN_LITE_TRITON")
-    dequant_triton.usable.cache_clear()
+    dequant_triton.reset()
     bound = link_bytes / h2d
     print(f"link {link_bytes / 1e9:.3f} GB a step, H2D {h2d / 1e9:.1f} GB/s: bound {bound * 1e3:.1f} ms")
     print("| dequantization | decode step ms | x link bound |\n|---|---|---|")

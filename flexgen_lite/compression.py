@@ -205,7 +205,7 @@ def dequantize(
     if q.data.is_cuda:
         from . import dequant_triton
 
-        if dequant_triton.supported(q, dtype) and dequant_triton.usable(q.device):
+        if dequant_triton.supported(q, dtype) and dequant_triton.usable(q, dtype):
             return dequant_triton.dequantize(q, dtype, out)
     return _dequantize_torch(q, dtype, out)
 

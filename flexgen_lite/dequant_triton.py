@@ -6,7 +6,8 @@ launches per step); this reads half a byte and writes one value per weight, one 
 bit-identical to the torch path: `code * scale` and `+ minimum` rounded separately in fp32 (no fused
 multiply-add: `enable_fp_fusion=False`), clamped to +-65504, rounded to the output dtype to nearest even (bf16 by
 integer arithmetic, as native/int4.c does, which Triton's interpreter also gets right). `usable` runs a one-time
-self-check against the torch path on the device; until it passes, `compression.dequantize` keeps the torch path.
+self-check against the torch path, per kind of tensor on its device; where it fails, `compression.dequantize` keeps
+the torch path.
 TRITON_INTERPRET=1 runs the kernel on a CPU (tests); FLEXGEN_LITE_TRITON=0 turns it off.
 """
 
@@ -87,6 +88,12 @@ def supported(q: QuantizedTensor, dtype: torch.dtype) -> bool:
     return dtype in DTYPES and q.config.bits in (4, 8) and g & (g - 1) == 0 and 1 <= g <= 1024
 
 
+def _kind(q: QuantizedTensor, dtype: torch.dtype) -> tuple:
+    """What the kernel is compiled for: (dtype, bits, group size, inner == 1, padded groups)."""
+    _, length, n_groups, inner, _ = _layout(q.shape, q.config)
+    return dtype, q.config.bits, q.config.group_size, inner == 1, length != n_groups * q.config.group_size
+
+
 def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """`compression.dequantize` by the kernel (no checks of `out`: the caller's)."""
     outer, length, n_groups, inner, _ = _layout(q.shape, q.config)
@@ -106,42 +113,51 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
     return out.copy_(target)
 
 
-SELF_CHECK = [((130, 70), 1), ((96, 200), 0), ((2, 3, 5, 128), -1), ((3, 100, 7), 1)]
+_warned: list[bool] = []
 
 
-@functools.cache
-def usable(device: torch.device) -> bool:
-    """Whether the kernel runs on `device` and equals the torch path there, bit for bit (checked once); on CUDA
-    a warning says why not when it does not."""
-    why = None
-    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
-        why = "FLEXGEN_LITE_TRITON=0"
-    else:
-        try:
-            _kernel(interpreting())
-        except Exception as e:  # ImportError, or a triton that cannot build here
-            why = f"triton unavailable: {type(e).__name__}: {e}"
-    if why is None:
-        why = _self_check(device)
-    if why is not None and device.type == "cuda":
-        warnings.warn(f"4-bit dequantization on {device} uses the torch path (slower): {why}", stacklevel=3)
+def usable(q: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs here and equals the torch path bit for bit, for this kind of tensor on its device
+    (checked once per kind, on a small one: only what the engine uses is compiled). On CUDA the first refusal is
+    said with a warning."""
+    why = _refusal(q.device, *_kind(q, dtype))
+    if why is not None and q.device.type == "cuda" and not _warned:
+        _warned.append(True)
+        warnings.warn(f"4-bit dequantization on {q.device} uses the torch path (slower): {why}", stacklevel=3)
     return why is None
 
 
-def _self_check(device: torch.device) -> str | None:
+@functools.cache
+def _refusal(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
+             padded: bool) -> str | None:
+    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
+        return "FLEXGEN_LITE_TRITON=0"
+    try:
+        _kernel(interpreting())
+    except Exception as e:  # ImportError, or a triton that cannot build here
+        return f"triton unavailable: {type(e).__name__}: {e}"
+    return _self_check(device, dtype, bits, group, inner_one, padded)
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
+                padded: bool) -> str | None:
     from .compression import CompressionConfig
 
-    gen = torch.Generator().manual_seed(0)
+    length = 2 * group - (5 if padded else 0)
+    shape, dim = ((3, length), 1) if inner_one else ((length, 7), 0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
     try:
-        for (shape, dim) in SELF_CHECK:
-            x = torch.randn(shape, generator=gen) * 3
-            for bits in (4, 8):
-                for dtype in DTYPES:
-                    q = quantize(x.to(dtype).to(device), CompressionConfig(bits, 64, dim))
-                    got, want = dequantize(q, dtype), _dequantize_torch(q, dtype, None)
-                    if not torch.equal(got, want):
-                        bad = (got.float() - want.float()).abs().max().item()
-                        return f"self-check mismatch ({shape}, group dim {dim}, {bits} bits, {dtype}: {bad:g})"
+        q = quantize(x.to(dtype).to(device), CompressionConfig(bits, group, dim))
+        got, want = dequantize(q, dtype), _dequantize_torch(q, dtype, None)
     except Exception as e:  # a kernel that fails to compile or launch here
         return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not torch.equal(got, want):
+        bad = (got.float() - want.float()).abs().max().item()
+        return f"self-check mismatch ({dtype}, {bits} bits, groups of {group}, inner == 1: {inner_one}: {bad:g})"
     return None
+
+
+def reset() -> None:
+    """Forget the checks (tests; after changing FLEXGEN_LITE_TRITON)."""
+    _refusal.cache_clear()
+    _warned.clear()

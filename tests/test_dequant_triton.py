@@ -6,6 +6,8 @@ benchmarks/gpu_checks.py runs it on a GPU)."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,9 +28,9 @@ CASES = [  # (shape, group dim, bits): padded and unpadded groups, inner == 1 an
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
-    dequant_triton.usable.cache_clear()
+    dequant_triton.reset()
     yield
-    dequant_triton.usable.cache_clear()
+    dequant_triton.reset()
 
 
 @needs_triton
@@ -62,36 +64,45 @@ def test_kernel_saturates_like_the_torch_path(interpret):
 
 
 @needs_triton
-def test_self_check_passes_and_kernel_is_usable(interpret):
-    assert dequant_triton.usable(torch.device("cpu"))
+@pytest.mark.parametrize("shape,dim", [((3, 128), 1), ((3, 100), 1), ((128, 5), 0), ((2, 4, 6, 64), -1)])
+def test_self_check_passes_per_kind_and_kernel_is_usable(interpret, shape, dim):
+    for dtype in dequant_triton.DTYPES:
+        assert dequant_triton.usable(quantize(torch.randn(shape), CompressionConfig(4, 64, dim)), dtype)
 
 
 @needs_triton
 def test_switched_off_by_the_environment(interpret, monkeypatch):
     monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
-    assert not dequant_triton.usable(torch.device("cpu"))
+    assert not dequant_triton.usable(quantize(torch.randn(3, 128), CompressionConfig(4, 64, 1)), torch.float16)
+
+
+def cuda_codes() -> SimpleNamespace:
+    """What `usable` reads of a QuantizedTensor on a GPU (only its device, shape and config)."""
+    return SimpleNamespace(device=torch.device("cuda", 0), shape=(3, 128), config=CompressionConfig(4, 64, 1))
 
 
 def test_a_failing_self_check_keeps_the_torch_path(monkeypatch):
     """A kernel that disagrees with the reference is not used; on CUDA that is said once with a warning."""
-    monkeypatch.setattr(dequant_triton, "_self_check", lambda device: "self-check mismatch (test)")
+    monkeypatch.setattr(dequant_triton, "_self_check", lambda *kind: "self-check mismatch (test)")
     monkeypatch.setattr(dequant_triton, "_kernel", lambda interpret: None)
-    dequant_triton.usable.cache_clear()
+    dequant_triton.reset()
     try:
         with pytest.warns(UserWarning, match="torch path.*self-check mismatch"):
-            assert not dequant_triton.usable(torch.device("cuda", 0))
-        assert not dequant_triton.usable(torch.device("cuda", 0))  # once: cached, no second warning
+            assert not dequant_triton.usable(cuda_codes(), torch.float16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            assert not dequant_triton.usable(cuda_codes(), torch.bfloat16)
     finally:
-        dequant_triton.usable.cache_clear()
+        dequant_triton.reset()
 
 
 @pytest.mark.skipif(HAVE_TRITON, reason="triton is installed: the kernel's tests run instead")
-def test_fallback_without_triton(monkeypatch):
+def test_fallback_without_triton():
     """Without triton the kernel is not usable (a warning on CUDA) and dequantize is the torch path."""
-    dequant_triton.usable.cache_clear()
+    dequant_triton.reset()
     with pytest.warns(UserWarning, match="triton unavailable"):
-        assert not dequant_triton.usable(torch.device("cuda", 0))
-    dequant_triton.usable.cache_clear()
+        assert not dequant_triton.usable(cuda_codes(), torch.float16)
+    dequant_triton.reset()
     q = quantize(torch.randn(64, 128), CompressionConfig(4, 64, 1))
     assert torch.equal(dequantize(q, torch.float16), _dequantize_torch(q, torch.float16, None))
 
