@@ -155,8 +155,9 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     seg, hw, pol = Seg(), s.hw, s.policy
     dense, stored = s.seq_layer_dense * length, s.seq_layer * length  # per sequence
     elements = dense / s.e
-    gpu_att, cpu_att = hw.attention[s.dname], hw.cpu_attention[s.dname]
     cpu_compute = s.cuda and pol.cpu_cache_compute
+    cpu_dtype = str(pol.cpu_attention_dtype(s.dtype) or s.dtype).removeprefix("torch.")  # bfloat16 for float16
+    gpu_att, cpu_att = hw.attention[s.dname], hw.cpu_attention[cpu_dtype]
     for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
         if not rows:
             continue

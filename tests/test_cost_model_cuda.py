@@ -1,0 +1,45 @@
+"""The cost model beside a GPU (issue 21): CPU attention costed at the rate of the dtype it runs in, 4-bit weight
+dequantization as GPU work beside the link rather than a wait for it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flexgen_lite.config import config_from_dict
+from flexgen_lite.cost_model import predict
+from flexgen_lite.layout import Workload
+from flexgen_lite.policy import Policy
+
+from .conftest import synthetic_profile
+
+G = 1e9
+CONFIG = config_from_dict({"model_type": "opt", "hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 16,
+                           "ffn_dim": 4096, "vocab_size": 1000, "max_position_embeddings": 2048}, name="opt-test")
+WORK = Workload(512, 32, 64)
+
+
+def test_cpu_attention_beside_a_gpu_costed_in_bfloat16_for_a_float16_model():
+    """A float16 model attends on the CPU in bfloat16 (Policy.cpu_attention_dtype): the CPU's slow float16 rate
+    must not be what the search sees, or it never picks CPU attention (FlexGen's policy for OPT-30B does)."""
+    hw = synthetic_profile(cuda=True)
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100,
+                    cpu_cache_compute=True, dtype="float16")
+    fast = dataclasses.replace(hw, cpu_attention={"float32": (0, 20 * G), "bfloat16": (0, 100 * G),
+                                                  "float16": (0, 1 * G)})
+    slow_bf16 = dataclasses.replace(fast, cpu_attention={**fast.cpu_attention, "bfloat16": (0, 50 * G)})
+    slow_fp16 = dataclasses.replace(fast, cpu_attention={**fast.cpu_attention, "float16": (0, 0.1 * G)})
+    seconds = [predict(CONFIG, WORK, policy, h).decode_by["cpu attention"] for h in (fast, slow_bf16, slow_fp16)]
+    assert seconds[1] == 2 * seconds[0] and seconds[2] == seconds[0]
+
+
+def test_dequantization_on_a_gpu_is_work_beside_the_link_not_a_wait():
+    """4-bit weights in host RAM: their codes cross the link while the previous layer's are dequantized on the GPU
+    (WeightSlots), so a slower dequantization adds to the compute side of each layer, not to the link's."""
+    hw = synthetic_profile(cuda=True)
+    policy = Policy(gpu_batch_size=8, num_gpu_batches=1, weight_gpu_percent=0, weight_cpu_percent=100,
+                    compress_weight=True, dtype="float16")
+    base = predict(CONFIG, WORK, policy, hw)
+    slow = predict(CONFIG, WORK, policy, dataclasses.replace(hw, dequantize=dict.fromkeys(hw.dequantize, 1e6)))
+    assert slow.decode_by["link"] == base.decode_by["link"]
+    assert slow.decode_by["dequantize"] > 100 * base.decode_by["dequantize"]
+    assert slow.bound == "dequantize"
