@@ -5,6 +5,7 @@ transformers end to end is test_parity's (every placement decodes through it on 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 
 import pytest
 import torch
@@ -107,6 +108,20 @@ def test_parallel_covers_every_item_once(monkeypatch):
     seen.clear()
     native.parallel(lambda begin, end: seen.extend(range(begin, end)), 37, cost=10)  # too little: one thread
     assert seen == list(range(37))
+
+
+def _covered_in_child() -> list[int]:
+    seen = []
+    native.parallel(lambda begin, end: seen.extend(range(begin, end)), 12)
+    return sorted(seen)
+
+
+def test_a_forked_child_makes_a_pool_of_its_own(monkeypatch):
+    """The parent's pool threads do not exist in a forked child: it must not queue work for them."""
+    monkeypatch.setattr(native, "threads", lambda: 3)
+    assert _covered_in_child() == list(range(12))  # the pool is made here
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_covered_in_child).get(timeout=60) == list(range(12))
 
 
 def test_what_the_kernel_does_not_take_is_left_to_sdpa():

@@ -178,7 +178,7 @@ def threads() -> int:
 
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_size = _pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -186,16 +186,17 @@ def parallel(fn, n: int, cost: int = 1 << 30) -> None:
     """fn(begin, end) over [0, n) in about 4 chunks a thread, taken in turn by the calling thread and pool
     threads (ctypes calls release the GIL), so that a thread the OS delays holds up one chunk, not the call.
     Idle pool threads sleep on a queue: nothing spins beside torch's own pool or the engine's I/O threads."""
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     workers = min(threads(), n, max(1, cost // MIN_WORK))
     if workers <= 1:
         fn(0, n)
         return
     with _pool_lock:
-        if _pool is None or _pool_size < workers - 1:
-            if _pool is not None:
+        if _pool is None or _pool_size < workers - 1 or _pool_pid != os.getpid():  # a forked child has no threads
+            if _pool is not None and _pool_pid == os.getpid():
                 _pool.shutdown(wait=False)  # its threads end once idle
             _pool, _pool_size = ThreadPoolExecutor(workers - 1, thread_name_prefix="flexgen-cpu"), workers - 1
+            _pool_pid = os.getpid()
         pool = _pool
     step = max(1, -(-n // (4 * workers)))
     chunks = iter(range(0, n, step))
