@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -114,13 +115,15 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
 
 
 _warned: list[bool] = []
+_lock = threading.Lock()
 
 
 def usable(q: QuantizedTensor, dtype: torch.dtype) -> bool:
     """Whether the kernel runs here and equals the torch path bit for bit, for this kind of tensor on its device
     (checked once per kind, on a small one: only what the engine uses is compiled). On CUDA the first refusal is
     said with a warning."""
-    why = _refusal(q.device, *_kind(q, dtype))
+    with _lock:  # I/O threads may ask at once (weights, cache): one compiles and checks, the others wait
+        why = _refusal(q.device, *_kind(q, dtype))
     if why is not None and q.device.type == "cuda" and not _warned:
         _warned.append(True)
         warnings.warn(f"4-bit dequantization on {q.device} uses the torch path (slower): {why}", stacklevel=3)
