@@ -23,8 +23,8 @@ import torch
 from .compression import QuantizedTensor, _dequantize_torch, _layout, quantize
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ROWS = 32  # groups per program when a group's elements are contiguous (inner == 1)
-COLS = 64  # elements along the inner dims per program otherwise
+TILE = 2048  # values per program: ROWS groups x G when a group's values are contiguous (inner == 1), else
+# G x COLS values along the inner dims (groups of 64: 32 x 64, 64 x 64)
 
 
 def interpreting() -> bool:
@@ -103,9 +103,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
         g, rows = q.config.group_size, outer * n_groups
         scale, minimum = q.scale.contiguous(), q.minimum.contiguous()
         if inner == 1:
-            grid, block = (-(-rows // ROWS),), ROWS
+            block = max(1, TILE // g)
+            grid = (-(-rows // block),)
         else:
-            grid, block = (rows, -(-inner // COLS)), COLS
+            block = max(16, 2 * TILE // g)
+            grid = (rows, -(-inner // block))
         _kernel(interpreting())[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups,
                                       G=g, BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1,
                                       PADDED=length != n_groups * g, enable_fp_fusion=False)

@@ -18,9 +18,9 @@ from flexgen_lite.compression import CompressionConfig, _dequantize_torch, dequa
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: test_fallback_* run instead")
 
-CASES = [  # (shape, group dim, bits): padded and unpadded groups, inner == 1 and inner > 1, odd code counts
+CASES = [  # (shape, group dim, bits[, group size]): padded and unpadded groups, inner == 1 and > 1, odd code counts
     ((64, 128), 1, 4), ((130, 70), 1, 4), ((96, 200), 0, 4), ((3, 100, 7), 1, 4), ((2, 3, 5, 128), -1, 4),
-    ((5, 33), 0, 4), ((7, 9), 1, 4), ((64, 96), 0, 8), ((40, 70), 1, 8),
+    ((5, 33), 0, 4), ((7, 9), 1, 4), ((64, 96), 0, 8), ((40, 70), 1, 8), ((9, 100), 1, 4, 32), ((300, 5), 0, 4, 128),
 ]
 
 
@@ -35,12 +35,13 @@ def interpret(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", dequant_triton.DTYPES)
-@pytest.mark.parametrize("shape,dim,bits", CASES)
-def test_kernel_equals_the_torch_path_bit_for_bit(interpret, shape, dim, bits, dtype):
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_equals_the_torch_path_bit_for_bit(interpret, case, dtype):
     """Exact, not close: both round `code * scale` and then `+ minimum` in fp32 (no FMA), clamp to +-65504 and
     round to nearest even."""
+    shape, dim, bits, group = (*case, 64)[:4]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 7 + bits)) * 4
-    q = quantize(x.to(dtype), CompressionConfig(bits, 64, dim))
+    q = quantize(x.to(dtype), CompressionConfig(bits, group, dim))
     want = _dequantize_torch(q, dtype, None)
     assert torch.equal(dequant_triton.dequantize(q, dtype), want)
     out = torch.full(shape, float("nan"), dtype=dtype)
@@ -109,9 +110,9 @@ def test_fallback_without_triton():
 
 def test_torch_paths_agree_bit_for_bit():
     """The chunked in-place path (weights) and the vectorized one (everything else) are the same reference."""
-    for shape, dim, bits in CASES:
+    for shape, dim, bits, group in ((*case, 64)[:4] for case in CASES):
         x = torch.randn(shape) * 4
         for dtype in dequant_triton.DTYPES:
-            q = quantize(x.to(dtype), CompressionConfig(bits, 64, dim))
+            q = quantize(x.to(dtype), CompressionConfig(bits, group, dim))
             out = torch.empty(shape, dtype=dtype)
             assert torch.equal(dequantize(q, dtype, out=out), dequantize(q, dtype))
