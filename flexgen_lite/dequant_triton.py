@@ -13,6 +13,7 @@ TRITON_INTERPRET=1 runs the kernel on a CPU (tests); FLEXGEN_LITE_TRITON=0 turns
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -23,8 +24,8 @@ import torch
 from .compression import QuantizedTensor, _dequantize_torch, _layout, quantize
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TILE = 2048  # values per program: ROWS groups x G when a group's values are contiguous (inner == 1), else
-# G x COLS values along the inner dims (groups of 64: 32 x 64, 64 x 64)
+TILE = 2048  # values per program: TILE / G groups x G when a group's values are contiguous (inner == 1), else
+# G x 2 * TILE / G along the inner dims
 
 
 def interpreting() -> bool:
@@ -108,9 +109,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
         else:
             block = max(16, 2 * TILE // g)
             grid = (rows, -(-inner // block))
-        _kernel(interpreting())[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups,
-                                      G=g, BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1,
-                                      PADDED=length != n_groups * g, enable_fp_fusion=False)
+        on = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+        with on:  # Triton launches on the current device's current stream
+            _kernel(interpreting())[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups,
+                                          G=g, BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1,
+                                          PADDED=length != n_groups * g, enable_fp_fusion=False)
     if out is None or target is out:
         return target
     return out.copy_(target)
