@@ -69,7 +69,7 @@ def check_exact() -> None:
     gen = torch.Generator().manual_seed(0)
     for shape, dim in shapes if CUDA else shapes[1:]:
         x = torch.randn(shape, generator=gen) * 3
-        for bits in (4, 8):
+        for bits in (4, 8) if dim == 0 else (4,):  # each kind compiles once (~1 s)
             for dtype in dequant_triton.DTYPES:
                 q = quantize(x.to(dtype).to(DEV), CompressionConfig(bits, 64, dim))
                 got, want = dequant_triton.dequantize(q, dtype), _dequantize_torch(q, dtype, None)
