@@ -40,7 +40,7 @@ import flexgen_peer  # noqa: E402
 import suite_plan  # noqa: E402
 import suite_report  # noqa: E402
 import suite_rows  # noqa: E402
-from suite_rows import GPU_ROWS, SMOKE_ROWS, Row, select_rows  # noqa: E402
+from suite_rows import GPU_ROWS, SMOKE_DEFAULT, SMOKE_ROWS, Row, select_rows  # noqa: E402
 from suite_steps import REPO, Deadline, Step, child_env, kill_current, last_json, run_step, tail  # noqa: E402
 
 PARITY_TESTS = ["tests/test_parity.py", "tests/test_offload_features.py"]
@@ -78,13 +78,21 @@ class Suite:
         tmp.replace(self.out / "gpu_suite.json")
         (self.out / "gpu_suite.md").write_text(suite_report.markdown(self.data))
 
-    def pack_traces(self) -> None:
-        traces = sorted((self.work / "traces").glob("*.json"))
-        if traces:
-            with tarfile.open(self.out / "traces.tar.gz.tmp", "w:gz") as tar:
-                for t in traces:
+    def pack_traces(self, limit: int = 15 << 20) -> None:
+        """Every row's trace in one archive, under the device tool's 16 MiB a file (the largest left out)."""
+        traces = sorted((self.work / "traces").glob("*.json"), key=lambda t: t.stat().st_size)
+        tmp = self.out / "traces.tar.gz.tmp"
+        while traces:
+            with tarfile.open(tmp, "w:gz") as tar:
+                for t in sorted(traces):
                     tar.add(t, arcname=t.name)
-            (self.out / "traces.tar.gz.tmp").replace(self.out / "traces.tar.gz")
+            if tmp.stat().st_size <= limit:
+                tmp.replace(self.out / "traces.tar.gz")
+                return
+            left_out = self.data["suite"].setdefault("traces_left_out", [])
+            if traces[-1].name not in left_out:
+                left_out.append(traces[-1].name)
+            traces.pop()
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -96,7 +104,7 @@ def run_suite(args: argparse.Namespace) -> int:
     time_limit = args.time_limit or (90 if smoke else 480)
     work = Path(tempfile.mkdtemp(prefix="flexgen-gpu-suite-work-"))
     suite = Suite(args, out, Deadline(time_limit), work)
-    rows = select_rows(SMOKE_ROWS if smoke else GPU_ROWS, args.rows)
+    rows = select_rows(SMOKE_ROWS if smoke else GPU_ROWS, args.rows or (",".join(SMOKE_DEFAULT) if smoke else None))
     suite.data = {"suite": {"mode": "cpu-smoke" if smoke else "gpu", "device": device, "time_limit_s": time_limit,
                             "rows": [r.name for r in rows], "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                             "argv": sys.argv[1:], "host_touch_gb_s": args.host_touch_gb_s}, "rows": []}
@@ -211,14 +219,15 @@ def run_steps(suite: Suite, rows: list[Row], device: str) -> None:
     # 6. the rows
     off = ["--no-flexgen"] if args.no_flexgen else []  # a reason that holds for every twin, once found
     later: list[tuple[Row, dict, dict]] = []  # twins that run after another row (Row.flexgen_after)
-    names = {r.name for r in rows}
-    for row in rows:
+    for i, row in enumerate(rows):
         plan = suite_plan.plan_row(row, preds.get(row.name), machine, args.host_touch_gb_s)
         result = run_row(suite, row, plan, preds.get(row.name), machine, profile, env_extra, models)
         suite.data["rows"].append(result)
         say_row(suite, result)
-        if row.flexgen and result["status"] != "skipped":
-            if row.flexgen_after in names:
+        if row.flexgen and result["status"] == "skipped":
+            result["flexgen"] = {"status": "skipped", "reason": "our row was skipped"}
+        elif row.flexgen:
+            if row.flexgen_after in {r.name for r in rows[i + 1:]}:
                 result["flexgen"] = {"status": "pending", "reason": f"runs after {row.flexgen_after}"}
                 later.append((row, plan, result))
             else:
@@ -238,8 +247,8 @@ def run_row(suite: Suite, row: Row, plan: dict, pred: dict | None, machine: dict
     if not args.no_breakdown:  # the stage table in the row's JSON, its trace into traces.tar.gz
         cmd += ["--breakdown", "--trace", str(suite.work / "traces" / f"trace-{row.name}.json")]
         (suite.work / "traces").mkdir(exist_ok=True)
-    if env_extra and not row.auto:
-        cmd.append("--predict")  # the cost model's figures beside the measured ones
+    if env_extra and not row.auto and "error" not in ((pred or {}).get("ours") or {"error": ""}):
+        cmd.append("--predict")  # the cost model's figures beside the measured ones (where it could predict)
     why = suite_plan.fits(plan["ours_s"], suite.deadline.left())
     if row.auto and not env_extra:
         why = "no hardware profile for --policy auto (the profile step failed)"
@@ -259,6 +268,9 @@ def run_row(suite: Suite, row: Row, plan: dict, pred: dict | None, machine: dict
     suite.log_step(f"row {row.name}", step, limit=6000)
     result = suite_report.row_result(row, step, machine, cmd, profile, pred)
     result.update(plan=plan, predicted_s=plan["ours_s"])
+    ours = (pred or {}).get("ours") or {}
+    if "error" not in ours and ours:  # the cost model's figures the plan used (the prediction's miss: see report)
+        result["predicted"] = {k: ours[k] for k in ("policy", "prefill_s", "decode_step_s", "total_tok_s", "bound")}
     return result
 
 

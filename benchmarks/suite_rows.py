@@ -150,6 +150,12 @@ for _row in GPU_ROWS:
         expect_s=3, flexgen_expect_s=4, prompt_len=32, gen_len=4, flexgen_model="facebook/opt-125m",
         flexgen_after=_row.flexgen_after))
 
+# --cpu-smoke without --rows: one row per code path of the suite (the others add only engine paths, which the
+# test suite covers), so that a smoke stays within 90 s on two cores
+SMOKE_DEFAULT = ["opt-1.3b-gpu-bs64", "opt-13b-cpu-weights", "opt-13b-cpu-weights-compress", "opt-30b-16gib-auto",
+                 "opt-175b-4bit-24gib", "llama-3-70b-4bit-24gib", "llama-2-7b-cpu-cache-cpu-attn",
+                 "opt-6.7b-disk-weights-cold"]
+
 TINY = {  # HF configs of the smoke checkpoints
     "tiny-opt": {"model_type": "opt", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                  "ffn_dim": 512, "vocab_size": 2048, "max_position_embeddings": 256, "word_embed_proj_dim": 128,

@@ -237,25 +237,6 @@ def test_what_does_not_fit_is_skipped_and_what_runs_gets_room():
     assert suite_plan.step_timeout(150, 100, 120) == 120  # never past the run
 
 
-def test_the_scale_row_plan_is_within_one_run():
-    """With the first H200 profile the cost model predicts the 4-bit scale rows, each within one 10-minute run."""
-    profile = REPO.parent / "shared" / "gpu-runs" / "2026-12-04-h200" / "profile-h200.json"
-    if not profile.is_file():
-        pytest.skip("the H200 profile is not beside this checkout")
-    import os
-
-    os.environ["FLEXGEN_LITE_PROFILE"] = str(profile)
-    try:
-        rows = [r for r in suite_rows.GPU_ROWS if "4bit" in r.name]
-        preds = suite_plan.predict_rows([{"name": r.name, "ours": r.bench_args(), "flexgen": None} for r in rows])
-    finally:
-        del os.environ["FLEXGEN_LITE_PROFILE"]
-    for r in rows:
-        plan = suite_plan.plan_row(r, preds[r.name], H200, 1.0)
-        assert plan["source"] == "cost model", plan
-        assert plan["ours_s"] < 600, (r.name, plan)
-
-
 # ---- numbers against the link, the bound and the budget -------------------------------------------------------
 def test_numbers_against_the_link_the_bound_and_the_budget():
     row = suite_rows.Row("r", "m", ["--gpu-mem", "16GiB"], 10)
