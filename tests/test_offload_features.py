@@ -193,8 +193,16 @@ def test_plain_cache_store_round_trips(tmp_path, home, to_device):
 
 @pytest.fixture(scope="module")
 def compressed_cache_in_memory(tiny_models):
-    """Greedy ids and logits with a 4-bit cache all in compute memory: the baseline of every placement below."""
-    return run(tiny_models["opt"][0], P((100, 0, 100, 0, 100, 0), compress_cache=True))
+    """Greedy ids and logits with a 4-bit cache all in compute memory, per device: the baseline of every
+    placement below (a link run against a link baseline: on a GPU machine the other is CUDA's)."""
+    done = {}
+
+    def baseline(device):
+        if device not in done:
+            done[device] = run(tiny_models["opt"][0], P((100, 0, 100, 0, 100, 0), compress_cache=True), device=device)
+        return done[device]
+
+    return baseline
 
 
 @pytest.mark.parametrize("device", [None, "cpu+link"])
@@ -202,7 +210,7 @@ def compressed_cache_in_memory(tiny_models):
 def test_compressed_cache_same_under_every_placement(tiny_models, compressed_cache_in_memory, percent, device):
     """The cache is quantized identically wherever it lives, and read back through the CPU or the device (with
     the cache split 3/3/3, a device part and a CPU-attended part of the same rows: slots of their own, fix 5)."""
-    base_ids, base_logits = compressed_cache_in_memory
+    base_ids, base_logits = compressed_cache_in_memory(device)
     for cpu_attention in (False, True):
         ids, logits = run(tiny_models["opt"][0], P(percent, gbs=3, nb=3, compress_cache=True,
                                                    cpu_cache_compute=cpu_attention), device=device)
