@@ -48,6 +48,9 @@ def row_result(row, step: Step, machine: dict, cmd: list[str], profile: dict | N
         result["link_bound_fraction"] = round(link / h2d / step_s, 3)
     if step_s:
         result.update(where_it_stands(report, step_s, machine, profile or {}, (pred or {}).get("ours")))
+    stages = (report.get("breakdown") or {}).get("stage_ms") or {}
+    if stages:  # --breakdown's largest stages of a decode step, ms
+        result["top_stages_ms"] = dict(sorted(stages.items(), key=lambda kv: -kv[1])[:4])
     return result
 
 

@@ -36,9 +36,11 @@ total latency: 20.702 s\ttotal throughput: 197.857 token/s
 """
 
 
-def run_suite(tmp_path: Path, *args: str, timeout: float = 150) -> tuple[subprocess.CompletedProcess, dict]:
-    # the rows plan with the tests' synthetic profile (written by the suite in smoke mode)
-    out = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path), *args],
+def run_suite(tmp_path: Path, *args: str, timeout: float = 150, checks: bool = False
+              ) -> tuple[subprocess.CompletedProcess, dict]:
+    # the rows plan with the tests' synthetic profile (conftest's FLEXGEN_LITE_PROFILE)
+    more = [] if checks else ["--skip-checks"]  # gpu_checks.py takes ~15 s on a CPU: once is enough
+    out = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path), *more, *args],
                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
     data = json.loads((tmp_path / "gpu_suite.json").read_text()) if (tmp_path / "gpu_suite.json").exists() else {}
     return out, data
@@ -46,12 +48,14 @@ def run_suite(tmp_path: Path, *args: str, timeout: float = 150) -> tuple[subproc
 
 def test_smoke_run_records_rows_flexgen_a_timeout_and_continues(tmp_path):
     rows = "opt-1.3b-gpu-bs64,opt-13b-cpu-weights,opt-30b-16gib-auto"
-    out, data = run_suite(tmp_path, "--rows", rows, "--row-timeout", "0.01")
+    out, data = run_suite(tmp_path, "--rows", rows, "--row-timeout", "0.01", checks=True)
     assert out.returncode == 1, out.stderr  # rows timed out
     assert data["suite"]["mode"] == "cpu-smoke" and data["suite"]["rows"] == rows.split(",")
     assert data["machine"]["gpu"] is None and data["machine"]["torch"]
     assert data["parity"]["status"] == "ok" and data["parity"]["passed"] == 2, data["parity"]
     assert data["profile"]["status"] == "given"  # conftest's synthetic profile (FLEXGEN_LITE_PROFILE)
+    if (BENCH / "gpu_checks.py").is_file():  # another step of its own, its output in the log and the JSON
+        assert data["gpu_checks"]["status"] in ("ok", "failed", "timeout") and data["gpu_checks"]["summary"]
     assert [r["name"] for r in data["rows"]] == rows.split(",")
     for r in data["rows"]:
         assert r["status"] == "timeout" and "report" not in r and r["plan"]["source"] == "cost model"
@@ -78,6 +82,7 @@ def test_smoke_rows_report_where_they_stand(tmp_path):
     assert first["command"].startswith("flexgen-lite bench --model ")
     assert first["bound"] in first["bounds_s"] and first["bound_fraction"] >= 0
     assert first["report"]["breakdown"]["stage_ms"] and first["peak_host_gb"] > 0
+    assert 0 < len(first["top_stages_ms"]) <= 4
     assert first["predicted_s"] == first["plan"]["ours_s"] > 0
     fg = first["flexgen"]
     if fg["status"] == "skipped":  # no CUDA here (or no flexgen wheel): the reason is recorded
