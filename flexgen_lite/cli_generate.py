@@ -12,6 +12,7 @@ import sys
 import time
 
 from .batch_io import InputError, Prompt, ResumableOutput, read_prompts
+from .cli_options import Overall, end_progress
 from .sampling import SamplingConfig
 
 EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
@@ -31,6 +32,24 @@ def sampling_from_args(args) -> SamplingConfig:
                           tuple(args.stop), stop_at_eos=not args.ignore_eos)
 
 
+SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                 "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "ignore_eos": "--ignore-eos",
+                 "chat": "--chat"}
+
+
+def result_settings(args) -> dict:
+    """The generate flags that change what is generated (the policy's numerics are recorded apart)."""
+    return {key: getattr(args, key) for key in SETTING_FLAGS}
+
+
+def model_of(args) -> str:
+    if args.model is not None:
+        return args.model
+    from .gguf_file import default_model_path
+
+    return default_model_path()
+
+
 def cmd_generate(args, progress) -> None:
     sampling = sampling_from_args(args)
     prompts = read_prompts(args.prompt, args.input)
@@ -40,15 +59,33 @@ def cmd_generate(args, progress) -> None:
         raise InputError(f"--input {args.input} holds no prompts")
     output = ResumableOutput(args.output, prompts) if args.output else None
     try:
-        todo = list(range(len(prompts)))
+        todo, run = list(range(len(prompts))), None
         if output is not None:
+            run = _check_record(args, output)
             todo = [i for i in todo if i not in output.done]
             _say_resumed(output, len(prompts), len(todo))
         if todo:
-            _generate(args, prompts, todo, sampling, output, progress)
+            _generate(args, prompts, todo, sampling, output, progress, run)
     finally:
         if output is not None:
             output.close()
+
+
+def _check_record(args, output: ResumableOutput) -> dict | None:
+    """The run record to write (None for a file of an older flexgen-lite, left unrecorded); a resume with
+    another model or settings is refused here, before the model loads."""
+    from . import __version__
+    from .run_record import check_and_adopt, model_identity, settings_hash
+
+    identity, settings = model_identity(model_of(args)), result_settings(args)
+    if output.done and not output.recorded:
+        print(f"{output.path} does not record what made it (an older flexgen-lite): model and settings not checked",
+              file=sys.stderr)
+        return None
+    for note in check_and_adopt(output.recorded, identity, settings, SETTING_FLAGS, args, f"--output {output.path}",
+                                args.force_resume):
+        print(note, file=sys.stderr)
+    return {"version": __version__, "model": identity, "settings": settings, "settings_hash": settings_hash(settings)}
 
 
 def _say_resumed(output: ResumableOutput, total: int, left: int) -> None:
@@ -65,11 +102,7 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
     """(model path, config, token ids of the prompts to do), each prompt checked against the context."""
     from .generation import encode_texts, open_model
 
-    model = args.model
-    if model is None:
-        from .gguf_file import default_model_path
-
-        model = default_model_path()
+    model = model_of(args)
     config, _, tokenizer = open_model(model)
     ids = encode_texts(tokenizer, [prompts[i].text for i in todo], args.chat, config.name)
     for i, prompt_ids in zip(todo, ids, strict=True):
@@ -83,13 +116,15 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
     return model, config, ids
 
 
-def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig, output, progress) -> None:
-    from .cli import budgets_from_args, manual_dtype_reason, policy_from_args
+def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig, output, progress,
+              run: dict | None) -> None:
     from .cli_breakdown import recorder_for
+    from .cli_options import budgets_from_args, manual_dtype_reason, policy_from_args
     from .dtype_choice import explain_search
     from .generation import FlexGenLite
     from .layout import Workload
     from .policy_search import AutoPolicy
+    from .run_record import policy_record
 
     model, config, ids = encode_and_check(args, prompts, todo, sampling)
     policy = policy_from_args(args, default_batch=min(len(todo), 32))
@@ -97,24 +132,29 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
     if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, their number
         workload = Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo))
     recorder = recorder_for(args)
-    with FlexGenLite(model, policy=policy, device=args.device, progress=progress, workload=workload,
+    overall = Overall(progress, len(todo), "prompts")
+    with FlexGenLite(model, policy=policy, device=args.device, progress=overall.engine, workload=workload,
                      budgets=budgets_from_args(args), trace=recorder) as m:
-        print(file=sys.stderr)
+        end_progress()
+        dtype = str(m.dtype).removeprefix("torch.")
+        if output is not None and run is not None:
+            output.record_run({**run, "policy": policy_record(m.policy, dtype)})
+            output.flush()
         if m.search is not None:
             print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)\n"
                   f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
         else:
             print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
-        chunk, tokens, done, tic = m.policy.block_size * 4, 0, 0, time.perf_counter()
+        chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
+        overall.start()
 
         def save(finished: dict[int, list[int]], indices: list[int]) -> None:
-            nonlocal tokens, done
+            nonlocal tokens
             for j, gen in sorted(finished.items()):
                 _write(args, output, indices[j], prompts[indices[j]].text, m.decode(gen, sampling.stop), gen)
                 tokens += len(gen)
             (output or sys.stdout).flush()
-            done += len(finished)
-            progress(f"{done}/{len(todo)} prompts done")
+            overall.advance(len(finished))
 
         for first in range(0, len(todo), chunk):  # chunks of 4 blocks: prompts sorted by length within each
             indices = todo[first:first + chunk]
@@ -126,8 +166,9 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
             if output is None:
                 save(dict(enumerate(generated)), indices)
         elapsed = time.perf_counter() - tic
-        print(f"\n{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
-              f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {str(m.dtype)[6:]}, {m.policy.flags()})",
+        end_progress()
+        print(f"{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+              f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {dtype}, {m.policy.flags()})",
               file=sys.stderr)
         if recorder is not None:
             _breakdown(args, m, recorder, Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo)))

@@ -36,15 +36,28 @@ def run(opt_dir, input_file, output, *extra) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(opt_dir, input_file, tmp_path_factory) -> list[str]:
-    """The lines of an uninterrupted run."""
+def made(opt_dir, input_file, tmp_path_factory) -> list[str]:
+    """The lines of an uninterrupted run: first the run's record, then the results."""
     out = tmp_path_factory.mktemp("reference") / "reference.jsonl"
     run(opt_dir, input_file, out)
     return out.read_text().splitlines(keepends=True)
 
 
+@pytest.fixture(scope="module")
+def meta(made) -> str:
+    assert "flexgen_lite_run" in json.loads(made[0])
+    return made[0]
+
+
+@pytest.fixture(scope="module")
+def finished(made) -> list[str]:
+    """The result lines of an uninterrupted run."""
+    return made[1:]
+
+
 def records(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The result lines of an output file."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "index" in r]
 
 
 def refuse_loading(monkeypatch) -> None:
@@ -62,31 +75,32 @@ def test_lines_carry_index_and_prompt_hash(finished):
     assert all(len(r["token_ids"]) == 4 for r in got)
 
 
-def test_finished_job_exits_before_loading_the_model(opt_dir, input_file, finished, tmp_path, monkeypatch, capsys):
+def test_finished_job_exits_before_loading_the_model(opt_dir, input_file, meta, finished, tmp_path, monkeypatch,
+                                                     capsys):
     out = tmp_path / "out.jsonl"
-    out.write_text("".join(finished))
+    out.write_text(meta + "".join(finished))
     refuse_loading(monkeypatch)
     run(opt_dir, input_file, out)
     assert "all 5 prompts already answered" in capsys.readouterr().err
-    assert out.read_text() == "".join(finished)
+    assert out.read_text() == meta + "".join(finished)
 
 
-def test_resume_after_a_cut_last_line_redoes_that_prompt(opt_dir, input_file, finished, tmp_path, capsys):
+def test_resume_after_a_cut_last_line_redoes_that_prompt(opt_dir, input_file, meta, finished, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
-    out.write_text("".join(finished[:2]) + finished[2][:25])  # killed while writing prompt 2's line
+    out.write_text(meta + "".join(finished[:2]) + finished[2][:25])  # killed while writing prompt 2's line
     run(opt_dir, input_file, out)
     err = capsys.readouterr().err
     assert "dropped a last line cut short" in err and "resuming: 2 of 5" in err
     # the same lines as an uninterrupted run: sampling depends on the seed and the prompt's place only
-    assert out.read_text() == "".join(finished)
+    assert out.read_text() == meta + "".join(finished)
 
 
-def test_resume_skips_what_is_done_in_any_order(opt_dir, input_file, finished, tmp_path):
+def test_resume_skips_what_is_done_in_any_order(opt_dir, input_file, meta, finished, tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_text(finished[3] + finished[0])
+    out.write_text(meta + finished[3] + finished[0])
     run(opt_dir, input_file, out)
     assert sorted(r["index"] for r in records(out)) == list(range(len(PROMPTS)))
-    assert sorted(out.read_text().splitlines(keepends=True)) == sorted(finished)
+    assert sorted(out.read_text().splitlines(keepends=True)) == sorted([meta, *finished])
 
 
 def fails(argv_runner, capsys) -> str:
@@ -142,6 +156,81 @@ def test_a_run_stopped_mid_chunk_keeps_the_blocks_it_finished(opt_dir, input_fil
         with pytest.raises(SystemExit):  # Ctrl-C: "interrupted; offload files removed", exit 130
             run(opt_dir, input_file, out)
     assert len(records(out)) == 4
-    assert set(out.read_text().splitlines(keepends=True)) <= set(finished)
+    assert set(out.read_text().splitlines(keepends=True)[1:]) <= set(finished)
     run(opt_dir, input_file, out)
-    assert sorted(out.read_text().splitlines(keepends=True)) == sorted(finished)
+    assert sorted(records(out), key=lambda r: r["index"]) == sorted(map(json.loads, finished), key=lambda r: r["index"])
+
+
+# ---- the file records what made it ----------------------------------------------------------------------------
+def test_the_file_records_model_settings_and_numerics(meta, opt_dir):
+    run_record = json.loads(meta)["flexgen_lite_run"]
+    assert run_record["model"]["path"] == opt_dir and len(run_record["model"]["fingerprint"]) == 16
+    assert run_record["settings"] == {"max_new_tokens": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 7,
+                                      "stop": [], "ignore_eos": False, "chat": False}
+    assert run_record["policy"]["dtype"] == "float32" and run_record["policy"]["gpu_batch_size"] == 2
+    assert run_record["policy"]["compress_weight"] is False
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--max-new-tokens", "5"], "--max-new-tokens 4, not 5"),
+    (["--temperature", "0.5"], "--temperature 1, not 0.5"),
+    (["--seed", "8"], "--seed 7, not 8"),
+    (["--chat"], "--chat off, not on"),
+    (["--stop", "w9"], '--stop [], not ["w9"]'),
+    (["--dtype", "bfloat16"], "--dtype float32, not bfloat16"),
+    (["--compress-weight"], "--compress-weight off, not on"),
+])
+def test_a_resume_with_other_settings_is_refused(opt_dir, input_file, meta, finished, tmp_path, monkeypatch, capsys,
+                                                 extra, named):
+    out = tmp_path / "out.jsonl"
+    out.write_text(meta + finished[0])
+    before = out.read_text()
+    refuse_loading(monkeypatch)
+    err = fails(lambda: run(opt_dir, input_file, out, *extra), capsys)
+    assert err.startswith(f"error: --output {out} was made with {named}") and "--force-resume" in err, err
+    assert "\n" not in err
+    assert out.read_text() == before
+
+
+def test_a_resume_with_another_model_is_refused(opt_dir, tiny_models, input_file, meta, finished, tmp_path,
+                                                monkeypatch, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text(meta + finished[0])
+    refuse_loading(monkeypatch)
+    other = str(tiny_models["llama"][0])
+    err = fails(lambda: run(other, input_file, out), capsys)
+    assert err.startswith(f"error: --output {out} was made with another model (it was made with {opt_dir}, this run "
+                          f"uses {other})")
+    err = fails(lambda: run("facebook/opt-125m", input_file, out), capsys)
+    assert "another model" in err
+
+
+def test_force_resume_appends_anyway(opt_dir, input_file, meta, finished, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text(meta + finished[0])
+    run(opt_dir, input_file, out, "--max-new-tokens", "3", "--force-resume")
+    assert "--force-resume: appending" in capsys.readouterr().err
+    assert sorted(len(r["token_ids"]) for r in records(out)) == [3, 3, 3, 3, 4]
+    assert out.read_text().startswith(meta)  # the first run's record stays
+
+
+def test_a_resumed_job_keeps_the_first_runs_dtype_and_policy(opt_dir, input_file, meta, finished, tmp_path, capsys):
+    """Resumed without any policy flag (auto would search its own): the recorded dtype and batch are reused, so
+    the rest is computed as the first run computed it."""
+    out = tmp_path / "out.jsonl"
+    out.write_text(meta + "".join(finished[:2]))
+    main(["generate", "--model", opt_dir, "--max-new-tokens", "4", "--temperature", "1", "--seed", "7",
+          "--input", str(input_file), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert "keeping the first run's numerics" in err
+    last = err.strip().splitlines()[-1]
+    assert "float32" in last and "--gpu-batch-size 2" in last, last
+    assert sorted(out.read_text().splitlines(keepends=True)) == sorted([meta, *finished])
+
+
+def test_a_file_of_an_older_version_resumes_unchecked(opt_dir, input_file, finished, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text(finished[0])
+    run(opt_dir, input_file, out)
+    assert "does not record what made it" in capsys.readouterr().err
+    assert len(records(out)) == 5

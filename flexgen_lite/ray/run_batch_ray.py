@@ -88,7 +88,7 @@ def replica_shape(replicas: int | None, device: str | None) -> tuple[int, int, i
 def job_config(args, model: str, works: dict[int, Work], replicas: int, threads: int, gpus: int) -> ProcessorConfig:
     """The replicas' config; an explicit policy gets run-batch's chunks of 4 blocks, auto chunks of a quarter of
     each replica's share (and plans its blocks for a chunk)."""
-    from ..cli import budgets_from_args
+    from ..cli_options import budgets_from_args
 
     policy, workload = job_policy(args, works)
     jobs = sum(len(w.jobs) for w in works.values())

@@ -16,6 +16,8 @@ def add_commands(sub, add_policy_flags, progress) -> None:
                    "file answers only the requests not in it")
     _model_flags(r)
     r.add_argument("--no-progress", action="store_true", help="no progress line (it shows only on a terminal)")
+    r.add_argument("--force-resume", action="store_true", help="append to an -o file made with another model or "
+                   "--served-model-name (refused otherwise)")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="spread the job over replicas on Ray: "
                    "alone, a Ray started on this machine; else the cluster's address (auto, HOST:6379, ray://HOST:10001)")
     r.add_argument("--replicas", type=positive_int, help="with --ray: replicas, each opening the model once (default: "

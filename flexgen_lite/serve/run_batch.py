@@ -23,8 +23,14 @@ from .requests import RequestError, Served, Work, prepare, respond, validation_e
 
 
 def read_lines(path: str) -> list[Prompt]:
-    """The input's non-blank lines, each with where it is (bad UTF-8 is kept, replaced: an error line later)."""
-    return split_lines(read_input_bytes(path, "-i", "a batch file (JSON lines)"), path)
+    """The input's non-blank lines, each with where it is (bad UTF-8 is kept, replaced: an error line later); a
+    binary file (NUL bytes) is refused whole."""
+    data = read_input_bytes(path, "-i", "a batch file (JSON lines)")
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise InputError(f"-i {path} is a binary file (a NUL byte on line {line}), not a batch file: pass JSON lines "
+                         "of requests")
+    return split_lines(data, "standard input" if path == "-" else path)
 
 
 def split_lines(data: bytes, name: str) -> list[Prompt]:
@@ -108,7 +114,8 @@ def cmd_run_batch(args, progress) -> None:
         if len(todo) < len(lines):
             print(f"resuming: {len(lines) - len(todo)} of {len(lines)} requests already answered in {args.output}",
                   file=sys.stderr)
-        model, works = check_lines(args, lines, todo, output)
+        model = _check_record(args, output)
+        model, works = check_lines(args, lines, todo, output, model)
         if not works:
             return
         if getattr(args, "ray", None) is not None:
@@ -121,14 +128,37 @@ def cmd_run_batch(args, progress) -> None:
         output.close()
 
 
-def served_model(args) -> tuple[str, Served]:
+def _check_record(args, output: ResumableOutput) -> str:
+    """The model; a rerun with another model or --served-model-name than the file's record is refused before the
+    model loads, and adopts the first run's numeric policy choices (run_record.py)."""
+    from .. import __version__
+    from ..run_record import check_and_adopt, model_identity
+
+    model = model_path(args)
+    identity, settings = model_identity(model), {"served_model_name": args.served_model_name}
+    if output.done and not output.recorded:
+        print(f"{output.path} does not record what made it (an older flexgen-lite): the model is not checked",
+              file=sys.stderr)
+        return model
+    for note in check_and_adopt(output.recorded, identity, settings, {"served_model_name": "--served-model-name"},
+                                args, f"-o {output.path}", args.force_resume):
+        print(note, file=sys.stderr)
+    output.record_run({"version": __version__, "model": identity, "settings": settings})
+    return model
+
+
+def model_path(args) -> str:
+    if args.model is not None:
+        return args.model
+    from ..gguf_file import default_model_path
+
+    return default_model_path()
+
+
+def served_model(args, model: str | None = None) -> tuple[str, Served]:
     from ..generation import open_model
 
-    model = args.model
-    if model is None:
-        from ..gguf_file import default_model_path
-
-        model = default_model_path()
+    model = model or model_path(args)
     config, _, tokenizer = open_model(model)
     name = args.served_model_name or Path(model).name
     return model, Served(name, config, tokenizer)
@@ -155,10 +185,12 @@ def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
     return chunks
 
 
-def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOutput) -> tuple[str, dict[int, Work]]:
-    """(the model, {line index: checked work}); bad lines are answered here, before any model loads."""
-    model, served = served_model(args)
-    works, errors = {}, 0
+def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOutput,
+                model: str | None = None) -> tuple[str, dict[int, Work]]:
+    """(the model, {line index: checked work}); bad lines are answered here, before any model loads. A job
+    whose every request is refused ends in an error (exit 2): most likely the wrong file."""
+    model, served = served_model(args, model)
+    works, errors, first = {}, 0, None
     for i in todo:  # bad lines are answered before the model loads
         custom_id, checked = check_request(lines[i].text, served)
         if isinstance(checked, Work):
@@ -166,7 +198,13 @@ def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOut
         else:
             output.write_record(i, lines[i].text, checked)
             errors += 1
+            first = first or (lines[i].where, checked)
     output.flush()
+    if errors and not works:
+        where, line = first
+        message = (line.get("error") or line["response"]["body"]["error"])["message"]
+        raise InputError(f"all {errors} requests of -i {args.input} were refused (error lines written to "
+                         f"{args.output}); the first, at {where}: {message}")
     if errors:
         print(f"{errors} of {len(todo)} requests refused (error lines written to {args.output})", file=sys.stderr)
     return model, works
@@ -174,7 +212,7 @@ def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOut
 
 def job_policy(args, works: dict[int, Work]):
     """(policy or AutoPolicy, the workload auto plans for) of the flags, for these requests."""
-    from ..cli import policy_from_args
+    from ..cli_options import policy_from_args
     from ..layout import Workload
     from ..policy_search import AutoPolicy
 
@@ -187,16 +225,21 @@ def job_policy(args, works: dict[int, Work]):
 
 
 def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: ResumableOutput, progress) -> None:
-    from ..cli import budgets_from_args
+    from ..cli_options import Overall, budgets_from_args, end_progress
     from ..generation import FlexGenLite
+    from ..run_record import policy_record
     from .runner import run_jobs
 
     policy, workload = job_policy(args, works)
-    show = None if args.no_progress else progress
-    with FlexGenLite(model, policy=policy, device=args.device, progress=show, workload=workload,
+    overall = Overall(None if args.no_progress else progress, len(works), "requests")
+    with FlexGenLite(model, policy=policy, device=args.device, progress=overall.engine, workload=workload,
                      budgets=budgets_from_args(args)) as m:
+        end_progress()
+        output.record_run({"policy": policy_record(m.policy, str(m.dtype).removeprefix("torch."))})
+        output.flush()
         custom_ids = {i: json.loads(lines[i].text)["custom_id"] for i in works}
-        done, tokens, tic = 0, 0, time.perf_counter()
+        tokens, tic = 0, time.perf_counter()
+        overall.start()
         for chunk in plan_chunks(works, m.policy.block_size * 4):
             line_of = [i for i in chunk for _ in works[i].jobs]  # job -> its request's line
             starts = itertools.accumulate((len(works[i].jobs) for i in chunk), initial=0)
@@ -206,7 +249,7 @@ def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: 
             def answered(j: int, out, line_of=line_of, first=first, left=left, got=got) -> None:
                 """A request's line is written (and flushed) once all its choices are done: a kill loses at most
                 the engine's running block."""
-                nonlocal done, tokens
+                nonlocal tokens
                 i = line_of[j]
                 got[j], left[i] = out, left[i] - 1
                 if left[i]:
@@ -215,13 +258,10 @@ def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: 
                 output.write_record(i, lines[i].text, answer_line(custom_ids[i], works[i], mine))
                 output.flush()
                 tokens += sum(len(o.token_ids) for o in mine)
-                done += 1
-                if show:
-                    elapsed = time.perf_counter() - tic
-                    eta = elapsed / done * (len(works) - done)
-                    show(f"{done}/{len(works)} requests, {tokens / elapsed:.1f} tok/s, ETA {eta:.0f} s")
+                overall.advance()
 
             run_jobs(m, [j for i in chunk for j in works[i].jobs], on_output=answered)
         elapsed = time.perf_counter() - tic
-        print(f"\n{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+        end_progress()
+        print(f"{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({m.policy.flags()})", file=sys.stderr)

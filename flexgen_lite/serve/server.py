@@ -327,7 +327,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from ..batch_io import InputError
-    from ..cli import budgets_from_args, policy_from_args
+    from ..cli_options import budgets_from_args, policy_from_args
     from ..generation import FlexGenLite
     from .batches import BatchRunner
     from .run_batch import served_model
