@@ -323,6 +323,7 @@ def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
     import argparse
 
     from flexgen_lite import cli
+    from flexgen_lite.cli_checks import UsageError
 
     class CudaDevice:
         is_cuda = True
@@ -337,7 +338,7 @@ def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
     args = argparse.Namespace(gpu_mem=16 * 2**30, cpu_mem=None, disk_mem=None, device="cuda")
     assert cli.budgets_from_args(args).gpu == 16 * 2**30 - 600 * 2**20
     args.gpu_mem = 512 * 2**20
-    with pytest.raises(cli.UsageError, match="--gpu-mem 0.50 GiB does not cover .* the CUDA context"):
+    with pytest.raises(UsageError, match="--gpu-mem 0.50 GiB does not cover .* the CUDA context"):
         cli.budgets_from_args(args)
 
 
