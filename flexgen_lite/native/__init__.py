@@ -165,7 +165,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 MAX_Q = 16  # query heads per work item of attention.c, for position-major caches
 MAX_GROUP = 64  # query heads per kv head it takes
-MIN_WORK = 1 << 16  # multiply-adds below which one thread does a call (handing out work costs ~10 us a thread)
+MIN_WORK = 1 << 22  # multiply-adds a thread is given at least (~0.1 ms: handing out work costs tens of us)
 
 
 def threads() -> int:
