@@ -244,7 +244,7 @@ def run_row(suite: Suite, row: Row, plan: dict, pred: dict | None, machine: dict
     cmd = [sys.executable, str(HERE), "--bench-row", *row.bench_args(models.get(row.model))]
     if args.exact_dummy:
         cmd.insert(3, "--exact-dummy")
-    if not args.no_breakdown:  # the stage table in the row's JSON, its trace into traces.tar.gz
+    if not args.no_breakdown and (row.breakdown or args.breakdown_all or args.cpu_smoke):  # stages, a trace
         cmd += ["--breakdown", "--trace", str(suite.work / "traces" / f"trace-{row.name}.json")]
         (suite.work / "traces").mkdir(exist_ok=True)
     if env_extra and not row.auto and "error" not in ((pred or {}).get("ours") or {"error": ""}):
@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                    "time plan (GB/s; a VM's can be 0.4-2)")
     p.add_argument("--no-flexgen", action="store_true", help="skip the original FlexGen's twins")
     p.add_argument("--no-breakdown", action="store_true", help="rows without --breakdown and --trace")
+    p.add_argument("--breakdown-all", action="store_true", help="--breakdown also on the rows that leave it off "
+                   "(OPT-1.3B all on the GPU: its CUDA events would be a share of a few-ms step)")
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--skip-checks", action="store_true", help="skip benchmarks/gpu_checks.py")
     p.add_argument("--checks-timeout", type=float, help="seconds for gpu_checks.py (default 90; 30 smoke)")
