@@ -1,8 +1,9 @@
 """The compute dtype when none is given: float16 on CUDA; on a CPU, bfloat16 only where it is faster.
 
 Many CPUs (x86 without AVX-512 BF16 or AMX) emulate bfloat16 matmuls at a quarter of float32's speed, so the
-choice comes from this machine's measured matmul rates; before a profile exists, from the CPU's flags.
-The policy search also weighs both dtypes itself (`explain_search` says which won and by how much).
+choice comes from this machine's measured matmul rates (the profile); before a profile exists, from the CPU's
+flags. It is one choice per machine, the same for every workload: the policy search keeps it rather than
+weighing both dtypes per workload, so a run of 1 prompt and one of 300 compute alike (docs/outputs.md).
 """
 
 from __future__ import annotations
@@ -87,29 +88,22 @@ def _mtime(path: str) -> int | None:
         return None
 
 
-def search_options(fixed: str, cuda: bool) -> tuple[str, ...]:
-    """The dtypes the policy search weighs: the one given, float16 on CUDA, else float32 and bfloat16."""
-    if fixed:
-        return (fixed,)
-    return ("float16",) if cuda else ("bfloat16", "float32")
+def machine_dtype(hw: HardwareProfile) -> DtypeChoice:
+    """The dtype of every run on this machine that names none: float16 on CUDA, else by the profile's rates.
+    Not by workload: the number of prompts (or their length) must not change how a prompt is computed."""
+    if hw.is_cuda:
+        return DtypeChoice("float16", "CUDA default")
+    return choose_from_profile(hw)
+
+
+def search_options(fixed: str, hw: HardwareProfile) -> tuple[str, ...]:
+    """The dtype the policy search uses: the one given, else this machine's (`machine_dtype`)."""
+    return (fixed or machine_dtype(hw).dtype,)
 
 
 def explain_search(result, fixed: str) -> str:
-    """Why the searched policy (a SearchResult) computes in its dtype: given, the CUDA default, or predicted
-    the faster."""
-    hw = result.hardware
+    """Why the searched policy (a SearchResult) computes in its dtype: given, or this machine's choice."""
     if fixed:
         return f"{fixed} (given by --dtype)"
-    if hw.is_cuda:
-        return "float16 (CUDA default)"
-    best: dict[str, float] = {}
-    for policy, prediction in result.ranked:
-        best.setdefault(policy.dtype, prediction.throughput)
-    (winner, speed), *rest = sorted(best.items(), key=lambda kv: -kv[1])
-    if rest:
-        other, other_speed = rest[0]
-        return (f"{winner} (predicted {speed:.2f} tok/s against {other_speed:.2f} in {other}, from this "
-                "machine's measured rates)")
-    other = "float32" if winner == "bfloat16" else "bfloat16"
-    return (f"{winner} (no {other} policy was predicted as fast or fit the budgets; bfloat16 matmuls ran "
-            f"{bf16_speedup(hw):.2f}x float32's speed in this machine's profile)")
+    choice = machine_dtype(result.hardware)
+    return f"{choice.dtype} ({choice.reason}; one choice per machine, whatever the workload)"

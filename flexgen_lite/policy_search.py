@@ -110,7 +110,7 @@ def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
     counts = [auto.num_gpu_batches] if auto.num_gpu_batches else [n for n in POWERS[:7] if n <= cap]
     choices = [(False, True) if v is None else (v,) for v in (auto.compress_weight, auto.compress_cache)]
     cpu = (False, True) if auto.cpu_cache_compute is None and hw.is_cuda else (bool(auto.cpu_cache_compute),)
-    dtypes = search_options(auto.base.dtype, hw.is_cuda)
+    dtypes = search_options(auto.base.dtype, hw)
     for gbs, nb, cw, cc, cpu_att, dtype in itertools.product(sizes, counts, *choices, cpu, dtypes):
         if gbs * nb <= cap or (auto.gpu_batch_size and auto.num_gpu_batches):
             yield dataclasses.replace(auto.base, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw,

@@ -87,3 +87,16 @@ def test_plan_says_which_dtype_and_why(profile_env, capsys):
     assert line.startswith("dtype: float32 (") and "bfloat16" in line and "0.25x" in line
     main([*argv, "--dtype", "bfloat16", "--json"])
     assert json.loads(capsys.readouterr().out)["dtype_reason"] == "bfloat16 (given by --dtype)"
+
+
+@pytest.mark.parametrize("hw", [FAST_BF16, slow_bf16_profile()], ids=["fast-bf16", "slow-bf16"])
+def test_the_dtype_does_not_depend_on_the_number_of_prompts(hw):
+    """One choice per machine: a 1-prompt and a 300-prompt workload of the same model compute in the same dtype
+    (and the search weighs no other), so a prompt's greedy text does not change with what else is in the run."""
+    config = preset_config("facebook/opt-125m")
+    chosen = set()
+    for prompts in (1, 300):
+        result = search_policy(config, Workload(64, 16, prompts), hw, Budgets(None, 8 * GiB, 8 * GiB), page_cache=0)
+        assert {p.dtype for p, _ in result.ranked} == {result.policy.dtype}
+        chosen.add(result.policy.dtype)
+    assert chosen == {choose_from_profile(hw).dtype}
