@@ -2,6 +2,7 @@
 
 from .config import ModelConfig, ModelError
 from .generation import FlexGenLite
+from .gguf_file import default_model_path
 from .layout import Workload
 from .memory import Budgets
 from .policy import Policy, PolicyError
@@ -10,5 +11,5 @@ from .sampling import SamplingConfig
 from .storage import OffloadError
 
 __all__ = ["AutoPolicy", "Budgets", "FlexGenLite", "ModelConfig", "ModelError", "OffloadError", "Policy", "PolicyError",
-           "SamplingConfig", "Workload"]
+           "SamplingConfig", "Workload", "default_model_path"]
 __version__ = "0.1.0"
