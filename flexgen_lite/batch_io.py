@@ -89,6 +89,7 @@ def prompt_hash(text: str) -> str:
 
 RECORD_START = b'{"index": '
 META_KEY = "flexgen_lite_run"  # a line that records what made the file, not a result
+META_START = b'{"' + META_KEY.encode() + b'": '
 
 
 class ResumableOutput:
@@ -123,7 +124,7 @@ class ResumableOutput:
                     self.recorded.setdefault(key, value)
                 continue
             done.add(self._check_line(record, number, prompts))
-        if last and last[:len(RECORD_START)] != RECORD_START[:len(last)]:  # not a cut record of ours
+        if last and not any(last[:len(start)] == start[:len(last)] for start in (RECORD_START, META_START)):
             self._check_line(None, len(complete) + 1, prompts)
         if last:
             self.file.truncate(len(data) - len(last))

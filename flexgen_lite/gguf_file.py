@@ -336,8 +336,9 @@ def iter_gguf_tensors(
 def _tokenizer_cache_dir(path: str) -> str:
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "flexgen-lite", f"tokenizer-{key}")
+    from .paths import cache_dir
+
+    return str(cache_dir() / f"tokenizer-{key}")
 
 
 def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:

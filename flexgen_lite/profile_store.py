@@ -1,6 +1,6 @@
 """Where profiles live: one JSON file per machine, compute device and offload file system (not per offload
-path), under ~/.cache/flexgen-lite. Loading one is cheap; measuring one (profile.py) takes ~25 s and is
-announced on stderr whenever it happens implicitly, since a busy machine then gives a wrong plan."""
+path), under ~/.cache/flexgen-lite (paths.cache_dir). Loading one is cheap; measuring one (profile.py) takes
+~25 s and is announced on stderr whenever it happens implicitly, since a busy machine then gives a wrong plan."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .devices import ComputeDevice
 from .hardware import HardwareProfile
 from .memory import return_freed_memory
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flexgen-lite"
+    return paths.cache_dir()
 
 
 def filesystem_id(offload_dir: str = "") -> int:

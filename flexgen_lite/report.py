@@ -5,6 +5,8 @@ group against the measured one."""
 
 from __future__ import annotations
 
+import os
+
 from .breakdown import GB, PhaseBreakdown, bottleneck, by_group, resources, summarize
 from .chrome_trace import lane_order, read_trace
 from .config import ModelError
@@ -134,7 +136,28 @@ def cmd_report(args) -> None:
         raise ModelError("report needs matplotlib: pip install -e '.[report]'") from None
     try:
         spans, steps, context = read_trace(args.trace)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{args.trace} is not a trace written by --trace ({e})") from None
-    draw(spans, steps, context, args.output)
+    except FileNotFoundError:
+        raise ModelError(f"{args.trace}: no such file; pass a trace written by bench or generate --trace") from None
+    except OSError as e:
+        raise ModelError(f"{args.trace} cannot be read ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{args.trace} is not a trace written by --trace ({type(e).__name__}: {e})") from None
+    if not spans:
+        raise ModelError(f"{args.trace} holds no timed spans (the run recorded nothing): nothing to draw")
+    _check_writable(args.output)
+    try:
+        draw(spans, steps, context, args.output)
+    except OSError as e:
+        raise ModelError(f"-o {args.output} cannot be written ({e.strerror}); choose a writable path") from None
     print(f"wrote {args.output}")
+
+
+def _check_writable(output: str) -> None:
+    """-o's folder exists and takes files: said before drawing, in one line."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise ModelError(f"-o {output} is a directory; pass a file name, e.g. {os.path.join(output, 'report.png')}")
+    if not os.path.isdir(folder):
+        raise ModelError(f"-o {output}: the directory {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ModelError(f"-o {output}: the directory {folder} is not writable; choose another -o")

@@ -352,3 +352,35 @@ def test_address_in_use_and_bad_state_dir_end_before_loading(chat_dir, tmp_path,
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", chat_dir, "--port", str(free_port()), "--state-dir", str(tmp_path / "file")])
     assert e.value.code == 2 and "--state-dir" in capsys.readouterr().err
+
+
+def test_each_request_is_logged(server):
+    raw(f"{server.url}/health", key=None)
+    raw(f"{server.url}/v1/models", key="wrong key")
+    deadline = time.monotonic() + 10
+    while '"GET /v1/models" 401' not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = server.log.read_text()
+    assert '127.0.0.1 "GET /health" 200' in log and '"GET /v1/models" 401' in log, log
+
+
+def test_state_goes_to_the_cache_folder_by_default(chat_dir, tmp_path, monkeypatch):
+    """Not into the current folder: ~/.cache/flexgen-lite/serve-PORT (here under FLEXGEN_LITE_CACHE)."""
+    from flexgen_lite.cli import main
+    from flexgen_lite.serve import run_batch
+
+    class Loading(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Loading
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("FLEXGEN_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(run_batch, "served_model", stop)
+    port = free_port()
+    with pytest.raises(Loading):
+        main(["serve", "--model", chat_dir, "--port", str(port)])
+    assert (tmp_path / "cache" / f"serve-{port}").is_dir()
+    assert not list((tmp_path / "cwd").iterdir())

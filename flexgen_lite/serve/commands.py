@@ -28,12 +28,13 @@ def add_commands(sub, add_policy_flags, progress) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, Batch API)")
     _model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    s.add_argument("--port", type=port_number, default=8000, help="TCP port, 1..65535 (default %(default)s)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     s.add_argument("--max-wait-ms", type=float, default=50.0, help="a run starts when no new request has come "
                    "for this long (at most 20 times this after the first; default %(default)s)")
-    s.add_argument("--state-dir", default="flexgen-lite-state", help="uploaded files, batch results and the "
-                   "batch database (default ./%(default)s)")
+    s.add_argument("--state-dir", help="uploaded files, batch results and the batch database (default: "
+                   "~/.cache/flexgen-lite/serve-PORT; a restart on it resumes unfinished batches)")
+    s.add_argument("--no-request-log", action="store_true", help="no line on stderr per request")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default %(default)s)")
     s.add_argument("--max-upload-mb", type=float, default=512.0, help="largest file upload (default %(default)s)")
     s.add_argument("--batch-expiry-s", type=int, default=24 * 3600, help="seconds a batch may take (the "
@@ -42,6 +43,16 @@ def add_commands(sub, add_policy_flags, progress) -> None:
     s.add_argument("--block-size", type=positive_int, help="sequences per block (default: the policy's)")
     add_policy_flags(s)
     s.set_defaults(func=_serve)
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    return value
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:

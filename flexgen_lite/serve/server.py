@@ -54,6 +54,7 @@ class ServerState:
     max_body: int = 8 << 20
     max_upload: int = 512 << 20
     batch_expiry_s: int = 24 * 3600
+    request_log: bool = True
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -121,6 +122,10 @@ class Gate:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="flexgen-lite", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Gate, state=state)
+    if state.request_log:
+        from .request_log import RequestLog
+
+        app.add_middleware(RequestLog)  # added last: the outermost, so it logs what Gate refuses too
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
@@ -335,6 +340,10 @@ def cmd_serve(args) -> None:
     from .store import Store
 
     _check_port(args.host, args.port)
+    if args.state_dir is None:
+        from ..paths import cache_dir
+
+        args.state_dir = str(cache_dir() / f"serve-{args.port}")
     try:
         store = Store(args.state_dir)
     except (OSError, sqlite3.Error) as e:
@@ -348,7 +357,7 @@ def cmd_serve(args) -> None:
         scheduler = Scheduler(m, block, args.max_wait_ms / 1000)
         runner = BatchRunner(store, scheduler, served, block * 4)
         state = ServerState(served, m, scheduler, store, runner, args.api_key, int(args.max_body_mb * 2**20),
-                            int(args.max_upload_mb * 2**20), args.batch_expiry_s)
+                            int(args.max_upload_mb * 2**20), args.batch_expiry_s, not args.no_request_log)
         print(f"serving {served.name} on http://{args.host}:{args.port}/v1 ({m.policy.flags()}; blocks of "
               f"{block}; state in {Path(args.state_dir).resolve()})", file=sys.stderr, flush=True)
         try:
