@@ -148,23 +148,26 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
         chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
         overall.start()
 
-        def save(finished: dict[int, list[int]], indices: list[int]) -> None:
+        def save(finished: dict[int, list[int]], indices: list[int], count: bool = True) -> None:
             nonlocal tokens
+            if output is None:
+                end_progress()  # the completions go to stdout, maybe the same terminal
             for j, gen in sorted(finished.items()):
                 _write(args, output, indices[j], prompts[indices[j]].text, m.decode(gen, sampling.stop), gen)
                 tokens += len(gen)
             (output or sys.stdout).flush()
-            overall.advance(len(finished))
+            if count:
+                overall.advance(len(finished))
 
         for first in range(0, len(todo), chunk):  # chunks of 4 blocks: prompts sorted by length within each
             indices = todo[first:first + chunk]
             # the --output file gets each block as it ends (a kill loses at most one block); stdout, each chunk in
             # the prompts' order
-            per_block = None if output is None else (
+            per_block = (lambda finished: overall.advance(len(finished))) if output is None else (
                 lambda finished, indices=indices: save({j: ids for j, (ids, _) in finished.items()}, indices))
             generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block)
             if output is None:
-                save(dict(enumerate(generated)), indices)
+                save(dict(enumerate(generated)), indices, count=False)
         elapsed = time.perf_counter() - tic
         end_progress()
         print(f"{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
