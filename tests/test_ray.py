@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 
 import numpy as np
@@ -45,12 +46,23 @@ def reference(opt_dir):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One small local Ray for all Ray tests: 2 CPUs (a replica each), a small object store, no dashboard."""
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level=logging.WARNING)
+    """One small local Ray for all Ray tests: 2 CPUs (a replica each), a small object store, no dashboard; its
+    session folder in a temporary folder of its own (short: Ray's socket paths must stay under 108 bytes), removed
+    after, so the tests leave nothing under /tmp/ray."""
+    temp = tempfile.mkdtemp(prefix="fgl-ray-")
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level=logging.WARNING,
+             _temp_dir=temp)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    yield
+    yield temp
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_keeps_its_session_in_the_tests_folder(local_ray):
+    from ray._private.worker import _global_node
+
+    assert _global_node.get_session_dir_path().startswith(local_ray + os.sep)
 
 
 def test_replica_rows_equal_generate_without_ray(opt_dir, tmp_path):
