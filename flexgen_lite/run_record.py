@@ -92,7 +92,9 @@ def check_and_adopt(recorded: dict | None, model: dict, settings: dict, flags: d
         if key in policy and getattr(args, attr, None) is None:
             setattr(args, attr, policy[key])
     if policy:
-        return [f"keeping the first run's numerics: {policy.get('flags', '')} --dtype {policy['dtype']}".strip()]
+        flags = policy.get("flags", "")
+        dtype = "" if "--dtype" in flags else f" --dtype {policy['dtype']}"
+        return [f"keeping the first run's numerics: {flags}{dtype}".strip()]
     return []
 
 

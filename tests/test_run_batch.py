@@ -188,3 +188,27 @@ def test_a_run_stopped_mid_chunk_keeps_each_request_whose_choices_all_finished(o
     for i in range(6):
         for choice in got[f"r{i}"]["response"]["body"]["choices"]:
             assert choice["text"] == offline[(PROMPTS[i % 5], 4)]
+
+
+def test_the_output_records_its_run_and_a_rerun_with_another_model_or_dtype_is_refused(opt_dir, tiny_models,
+                                                                                      tmp_path, monkeypatch, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(line(f"r{i}", {"prompt": p, "max_tokens": 2}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "results.jsonl"
+    main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS])
+    first = json.loads(out.read_text().splitlines()[0])["flexgen_lite_run"]
+    assert first["model"]["path"] == opt_dir and first["policy"]["dtype"] == "float32"
+    assert first["settings"] == {"served_model_name": None}
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:3]))  # as left by a stopped run
+    before = out.read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(generation, "open_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for flags, named in ((["--model", str(tiny_models["llama"][0]), *FLAGS], "another model"),
+                         (["--model", opt_dir, *FLAGS[:-1], "bfloat16"], "--dtype float32, not bfloat16"),
+                         (["--model", opt_dir, *FLAGS, "--served-model-name", "x"],
+                          "--served-model-name (none), not x")):
+        with pytest.raises(SystemExit) as e:
+            main(["run-batch", "-i", str(requests), "-o", str(out), *flags])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: -o {out} was made with {named}"), err
+        assert out.read_text() == before

@@ -128,7 +128,10 @@ def run_on_ray(args, model: str, lines: list[Prompt], works: dict[int, Work], ou
                      f"ETA {eta:.0f} s")
         elapsed = time.perf_counter() - tic
         each = f"{threads} CPU thread(s)" + (f" and {gpus} GPU" if gpus else "")
-        print(f"\n{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+        from ..cli_options import end_progress
+
+        end_progress()
+        print(f"{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({replicas} replica{'s' if replicas > 1 else ''} of {each})", file=sys.stderr)
     finally:
         if started:

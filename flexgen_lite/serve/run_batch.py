@@ -104,6 +104,7 @@ def cmd_run_batch(args, progress) -> None:
     check_unique_ids(lines)
     output = ResumableOutput(args.output, lines, flag="-o")
     try:
+        model = _check_record(args, output)
         todo = [i for i in range(len(lines)) if i not in output.done]
         if output.repaired:
             print(f"{args.output}: dropped a last line cut short (an interrupted write); that request is redone",
@@ -114,7 +115,6 @@ def cmd_run_batch(args, progress) -> None:
         if len(todo) < len(lines):
             print(f"resuming: {len(lines) - len(todo)} of {len(lines)} requests already answered in {args.output}",
                   file=sys.stderr)
-        model = _check_record(args, output)
         model, works = check_lines(args, lines, todo, output, model)
         if not works:
             return
