@@ -38,8 +38,12 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
 
 
 def result_settings(args) -> dict:
-    """The generate flags that change what is generated (the policy's numerics are recorded apart)."""
-    return {key: getattr(args, key) for key in SETTING_FLAGS}
+    """The generate flags that change what is generated (the policy's numerics are recorded apart); greedy
+    decoding (temperature 0) ignores the seed, top-k and top-p, so they are not recorded then."""
+    settings = {key: getattr(args, key) for key in SETTING_FLAGS}
+    if settings["temperature"] == 0:
+        settings.update(seed=None, top_k=None, top_p=None)
+    return settings
 
 
 def model_of(args) -> str:

@@ -234,3 +234,12 @@ def test_a_file_of_an_older_version_resumes_unchecked(opt_dir, input_file, finis
     run(opt_dir, input_file, out)
     assert "does not record what made it" in capsys.readouterr().err
     assert len(records(out)) == 5
+
+
+def test_greedy_ignores_the_seed(opt_dir, input_file, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    main(["generate", "--model", opt_dir, "--dtype", "float32", "--max-new-tokens", "2", "--seed", "1", "w5",
+          "--output", str(out)])
+    main(["generate", "--model", opt_dir, "--dtype", "float32", "--max-new-tokens", "2", "--seed", "2", "w5", "w6",
+          "--output", str(out)])
+    assert "resuming: 1 of 2" in capsys.readouterr().err
