@@ -1,5 +1,5 @@
 """The CPU compute dtype follows measured speed: bfloat16 only where its matmuls are faster than float32's
-(the CPU's flags decide before a profile exists), and the policy search weighs both."""
+(the CPU's flags decide before a profile exists), one choice per machine that the policy search keeps."""
 
 from __future__ import annotations
 
