@@ -23,6 +23,7 @@ from .activations import Activations
 from .attention import attend_named
 from .block import Block
 from .config import ModelConfig
+from .decode_graph import StaticDecode, graphs_wanted
 from .devices import ComputeDevice, IOPool, host_available_bytes
 from .kv_cache import CacheSlots, KVCache
 from .models import LayerSpec
@@ -66,6 +67,10 @@ class Engine:
         # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
         self.unpadded_without_mask = device.is_cuda
         self._kernels: set[str] = set()  # the attention kernels of the running step
+        # decode steps of whole batches from static buffers, one CUDA graph each (decode_graph.py), where all
+        # weights are resident; True on a CPU (tests) runs the same step eagerly
+        self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.inv_freq, ledger)
+        self.static_decode = device.is_cuda and graphs_wanted()
 
     @contextlib.contextmanager
     def tracing(self, trace: Recorder | NullRecorder):
@@ -131,6 +136,8 @@ class Engine:
     def _step(self, block: Block, step: int, acts: Activations, sampling) -> None:
         start, t = block.step_span(step)
         batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
+        if step > 0 and self.static_decode:
+            batches = [b for b in batches if not self._static_batch(block, b, step, start, sampling)]
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
         self._cache_loads: dict[tuple[int, int], Future] = {}
         weights_next, releases = self._prefetch_weights(0), []
@@ -173,6 +180,22 @@ class Engine:
         for f in releases:
             f.result()
         block.end_step()
+
+    def _static_batch(self, block: Block, b: int, step: int, start: int, sampling) -> bool:
+        """Batch b's whole decode step at once from static buffers (a CUDA graph's replay), when it can run so;
+        False: it did not, the schedule below computes it."""
+        if not self.static.usable(block, b, self.cache, self._in_place[b], self.acts):
+            return False
+        with self.trace.span(COMPUTE, stream=COMPUTE_LANE):
+            done = self.static.run(self.cache, block, b, start)
+            if done is None:
+                return False
+            logits, kernel = done
+            self._kernels.add(kernel)
+            block.record(b, sample(logits, sampling, block.row_generators(b)), None)
+        if self.logits is not None:
+            self._keep_logits(block, step, b, logits, None)
+        return True
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:
         if len(self.logits) == step:
@@ -355,6 +378,7 @@ class Engine:
     def free_cache(self) -> None:
         """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""
         self.cache = None
+        self.static.reset()
         self.cache_slots.buffers.clear()
         if self.device.is_cuda:
             torch.cuda.empty_cache()  # what they held counts as free for mem_get_info again

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 import flexgen_lite.attention as attention
+import flexgen_lite.decode_graph as decode_graph
 import flexgen_lite.engine as engine_module
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.attention import EFFICIENT, FLASH, MATH, attend_named, fold_groups, sdpa_backends
@@ -314,9 +315,40 @@ def test_cuda_engine_without_masks_for_unpadded_batches(tiny_models):
     for without_mask in (False, True):
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cuda") as m:
             m.engine.unpadded_without_mask = without_mask
+            m.engine.static_decode = False  # the eager schedule's kernels (the graphs': test below)
             results.append(m.generate_ids(prompts, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
                                           return_logits=True)[1])
             kernels.append(m.engine.times.attention)
     assert kernels[0] == ["efficient"] * 6 and kernels[1] == ["efficient+flash"] * 6
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_cuda_graph_decode_matches_eager_and_is_captured_once(tiny_models, monkeypatch, family):
+    """Decode steps replayed from one CUDA graph per GPU batch (decode_graph.py): the eager path's tokens and
+    logits (fp32: tight; fp16: the first two steps within fp16 noise), each batch captured once at its first decode
+    step of a block of 8 and replayed after, and again for a second block on the same cache."""
+    monkeypatch.setattr(decode_graph, "_failed", [])
+    prompts = [[2, 17, 43, 99], [2, 300, 5, 6], [2, 88, 91, 92], [2, 400]]  # batch 1 has a padded row
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    for dtype, tol in (("float32", 1e-4), ("float16", 2e-2)):
+        policy = dataclasses.replace(P(gbs=2, nb=2), dtype=dtype)
+        results = []
+        for static in (False, True):
+            with FlexGenLite(str(tiny_models[family][0]), policy=policy, device="cuda") as m:
+                m.engine.static_decode = static
+                for _ in range(2):
+                    results.append(m.generate_ids(prompts, sampling, return_logits=True))
+                kernels, captures = m.engine.times.attention, m.engine.static.captures
+        assert not decode_graph._failed, decode_graph._failed
+        assert captures == 2, captures  # one graph per GPU batch, for both blocks
+        assert kernels[1:] == ["graph+efficient"] * 7, kernels
+        eager, graph = results[0], results[2]
+        assert results[3][0] == graph[0]  # replayed again on the second block: the same
+        steps = slice(None) if dtype == "float32" else slice(0, 2)
+        if dtype == "float32":
+            assert graph[0] == eager[0]
+        for a, b in zip(eager[1], graph[1], strict=True):
+            torch.testing.assert_close(a[steps], b[steps], atol=tol, rtol=tol)

@@ -1,0 +1,171 @@
+"""The constant-shape decode step (decode_graph.py), run eagerly on the CPU: the same tokens and logits as the
+engine's own path and as transformers; used only where it can run; a failed capture falls back once, with a
+warning. Its CUDA graphs themselves: test_gpu_hot_path.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import flexgen_lite.decode_graph as decode_graph
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.decode_graph import StaticDecode
+
+from .conftest import PROMPTS, hf_greedy
+
+LOGITS_ATOL = 2e-4  # fp32 on both sides, as test_parity
+EQUAL = [[2, 17, 43, 99, 120], [2, 300, 5, 6, 7], [2, 88, 91, 92, 93], [2, 400, 401, 402, 403]]
+SAMPLING = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+
+
+def P(percent=(100, 0, 100, 0, 100, 0), gbs=2, nb=2) -> Policy:
+    w_g, w_c, c_g, c_c, a_g, a_c = percent
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=nb, weight_gpu_percent=w_g, weight_cpu_percent=w_c,
+                  cache_gpu_percent=c_g, cache_cpu_percent=c_c, act_gpu_percent=a_g, act_cpu_percent=a_c,
+                  dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def no_failure_yet(monkeypatch):
+    monkeypatch.setattr(decode_graph, "_failed", [])
+
+
+@pytest.fixture
+def static_runs(monkeypatch) -> list[tuple[int, int]]:
+    """(batch, position written) of every static step run."""
+    runs, real = [], StaticDecode.run
+
+    def run(self, cache, block, b, start):
+        out = real(self, cache, block, b, start)
+        if out is not None:
+            runs.append((b, start))
+        return out
+
+    monkeypatch.setattr(StaticDecode, "run", run)
+    return runs
+
+
+def generate(model_dir, prompts, policy: Policy, static: bool, device: str = "cpu", sampling=SAMPLING):
+    with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
+        m.engine.static_decode = static
+        ids, logits = m.generate_ids(prompts, sampling, return_logits=True)
+        return ids, logits, m.engine.times.attention
+
+
+def assert_same(a, b, atol=LOGITS_ATOL) -> None:
+    assert a[0] == b[0]
+    for x, y in zip(a[1], b[1], strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])  # learned positions; rope with grouped-query heads
+@pytest.mark.parametrize("padded", [False, True], ids=["equal-lengths", "left-padded"])
+def test_static_step_matches_the_engine_and_transformers(tiny_models, references, static_runs, family, padded):
+    model_dir, model = tiny_models[family]
+    prompts = PROMPTS if padded else EQUAL
+    reference = references[family] if padded else hf_greedy(model, EQUAL, 8)
+    static = generate(model_dir, prompts, P(), static=True)
+    assert_same(static, reference)
+    assert_same(static, generate(model_dir, prompts, P(), static=False))
+    used = {b for b, _ in static_runs}
+    assert used == {0, 1} and len(static_runs) >= 2 * 7  # both GPU batches, every decode step of a full block
+    if padded:  # the last block (prompts of 4, 3 and 2 tokens) has a filler row in batch 1: eager there
+        assert static_runs[-7:] == [(0, p) for p in range(4, 11)] and static[2][-1] == "cpu-native+static+sdpa-cpu"
+    else:
+        assert static[2] == ["sdpa-cpu"] + ["static+sdpa-cpu"] * 7
+
+
+def test_not_used_after_a_row_finishes(tiny_models, static_runs):
+    """A row of batch 0 ends after the third step (as eos would): from then on batch 0 runs eagerly, batch 1
+    stays static, and every row's tokens and logits are the engine's own."""
+    def finish_row_0(block) -> None:
+        if block.generated == 3:
+            block.finished[0] = True
+
+    results = []
+    for static in (False, True):
+        with FlexGenLite(str(tiny_models["llama"][0]), policy=P(), device="cpu") as m:
+            m.engine.static_decode = static
+            block = m._run_block(EQUAL, SAMPLING, keep_logits=True, report=finish_row_0)
+            results.append(([block.new_tokens(r) for r in range(4)], torch.stack(m.engine.logits)))
+    assert results[0][0] == results[1][0] and len(results[0][0][0]) == 3
+    torch.testing.assert_close(results[0][1], results[1][1], atol=LOGITS_ATOL, rtol=0, equal_nan=True)
+    prompt_len = len(EQUAL[0])
+    assert [s for b, s in static_runs if b == 0] == [prompt_len, prompt_len + 1]
+    assert [s for b, s in static_runs if b == 1] == list(range(prompt_len, prompt_len + 7))
+
+
+@pytest.mark.parametrize("percent", [(0, 100, 100, 0, 100, 0), (100, 0, 0, 100, 100, 0), (100, 0, 100, 0, 0, 100)],
+                         ids=["weights-off", "cache-off", "activations-off"])
+def test_not_used_off_compute_memory(tiny_models, references, static_runs, percent):
+    """Across a link, weights, cache or activations in host RAM: the eager schedule, the same outputs."""
+    ours = generate(tiny_models["opt"][0], PROMPTS, P(percent), static=True, device="cpu+link")
+    assert static_runs == []
+    assert_same(ours, references["opt"])
+
+
+def test_not_used_with_attention_sparsity(tiny_models, static_runs):
+    import dataclasses
+
+    policy = dataclasses.replace(P(), attn_sparsity=0.5)
+    sparse = generate(tiny_models["opt"][0], EQUAL, policy, static=True)
+    assert static_runs == [] and sparse[2][1:] == ["topk"] * 7
+
+
+class FakeGraph:
+    """A captured graph on a CPU: replay runs the function again."""
+
+    def __init__(self, forward, counts) -> None:
+        self.forward, self.counts = forward, counts
+
+    def replay(self) -> None:
+        self.counts["replays"] += 1
+        self.forward()
+
+
+def test_captured_once_per_batch_and_replayed_each_step(tiny_models, monkeypatch):
+    counts = {"captures": 0, "replays": 0}
+
+    def capture(forward, pool):
+        counts["captures"] += 1
+        return FakeGraph(forward, counts)
+
+    monkeypatch.setattr(decode_graph, "capture_graph", capture)
+    eager = generate(tiny_models["llama"][0], EQUAL, P(), static=False)
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=P(), device="cpu") as m:
+        m.engine.static_decode, m.engine.static.capture = True, True
+        for _ in range(2):  # the second block reuses the first one's cache, buffers and graphs
+            ids, logits = m.generate_ids(EQUAL, SAMPLING, return_logits=True)
+            assert_same((ids, logits), eager)
+            assert m.engine.times.attention[1:] == ["graph+sdpa-cpu"] * 7
+    assert counts == {"captures": 2, "replays": 2 * 2 * 7}
+
+
+def test_a_failed_capture_warns_once_and_runs_eagerly(tiny_models, references, monkeypatch, static_runs):
+    def capture(forward, pool):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(decode_graph, "capture_graph", capture)
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(), device="cpu") as m:
+        m.engine.static_decode, m.engine.static.capture = True, True
+        with pytest.warns(UserWarning, match="CUDA graphs for decode steps failed here.*operation not permitted.*"
+                                             "run eagerly from now on"):
+            first = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            second = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
+        assert "graph" not in "".join(m.engine.times.attention)
+    assert static_runs == [] and decode_graph._failed
+    assert_same(first, references["opt"])
+    assert_same(second, references["opt"])
+
+
+def test_graphs_follow_the_environment(monkeypatch):
+    monkeypatch.delenv(decode_graph.ENV, raising=False)
+    assert decode_graph.graphs_wanted() == (decode_graph.DEFAULT == "1")
+    monkeypatch.setenv(decode_graph.ENV, "0")
+    assert not decode_graph.graphs_wanted()
+    monkeypatch.setenv(decode_graph.ENV, "1")
+    assert decode_graph.graphs_wanted()
