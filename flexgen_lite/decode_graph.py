@@ -50,6 +50,15 @@ def capture_graph(forward, pool) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def pool_bytes(pool) -> int:
+    """Bytes the CUDA caching allocator holds in the private memory pool `pool` (0 where torch does not say)."""
+    try:
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == tuple(pool))
+    except Exception:  # noqa: BLE001 - a statistic only
+        return 0
+
+
 @dataclass
 class _Batch:
     """Static inputs and outputs of one GPU batch's step, and its graph once captured."""
@@ -75,13 +84,14 @@ class StaticDecode:
         self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
         self.batches: dict[int, _Batch] = {}
-        self.pool = None
+        self.pool, self.pool_counted = None, 0  # the graphs' private memory pool, and its bytes on the ledger
         self.kernel: str | None = None  # the SDPA kernel the step's attention runs
         self.captures = 0
 
     def reset(self) -> None:
         """Drop the graphs and buffers (they hold the cache's tensors: a cache replaced must be freed)."""
         self.batches.clear()
+        self.pool, self.pool_counted = None, 0
 
     @property
     def failed(self) -> bool:
@@ -127,18 +137,19 @@ class StaticDecode:
 
     def _capture(self, s: _Batch) -> None:
         """Batch s's step captured (its first run eager, which makes the logits buffer outside the graph);
-        the memory its pool took counted on the ledger while the graph lives."""
+        what the graphs' pool grew by counted on the ledger while this batch's graph lives."""
         cuda = self.device.is_cuda
         with torch.cuda.device(self.device.device) if cuda else contextlib.nullcontext():
-            before = torch.cuda.memory_reserved() if cuda else 0
             s.logits = self._forward(s)
             if cuda and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()  # one pool: the batches' graphs never run at once
             s.graph = capture_graph(lambda: self._forward(s), self.pool)
-            grown = torch.cuda.memory_reserved() - before if cuda else 0
         self.captures += 1
-        if grown > 0:
-            self.ledger.track(s, "gpu", grown)
+        if cuda:
+            pool = pool_bytes(self.pool)
+            grown, self.pool_counted = pool - self.pool_counted, max(pool, self.pool_counted)
+            if grown > 0:
+                self.ledger.track(s, "gpu", grown)
 
     def _buffers(self, cache, b: int) -> _Batch:
         parts = cache.parts
