@@ -97,6 +97,28 @@ def test_not_used_after_a_row_finishes(tiny_models, static_runs):
     assert [s for b, s in static_runs if b == 1] == list(range(prompt_len, prompt_len + 7))
 
 
+def test_not_used_after_eos(tiny_models, static_runs):
+    """Row 0 emits eos (its third token made the model's eos here): from the next step batch 0 runs eagerly; the
+    outputs are the engine's own, cut at eos."""
+    import dataclasses
+
+    model_dir = tiny_models["opt"][0]
+    full = generate(model_dir, EQUAL, P(), static=False)[0]
+    eos = full[0][2]
+    assert eos not in full[0][:2]
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=True)
+    results = []
+    for static in (False, True):
+        with FlexGenLite(str(model_dir), policy=P(), device="cpu") as m:
+            m.config = dataclasses.replace(m.config, eos_token_id=[eos])
+            m.engine.static_decode = static
+            results.append(m.generate_ids(EQUAL, sampling, return_logits=True))
+    assert_same(results[1], results[0])
+    assert results[1][0][0] == full[0][:3]
+    prompt_len = len(EQUAL[0])
+    assert (0, prompt_len + 2) not in static_runs and (0, prompt_len + 1) in static_runs
+
+
 @pytest.mark.parametrize("percent", [(0, 100, 100, 0, 100, 0), (100, 0, 0, 100, 100, 0), (100, 0, 100, 0, 0, 100)],
                          ids=["weights-off", "cache-off", "activations-off"])
 def test_not_used_off_compute_memory(tiny_models, references, static_runs, percent):
