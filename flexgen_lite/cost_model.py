@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .config import ModelConfig
+from .decode_graph import graphs_wanted
 from .hardware import HardwareProfile
 from .int4_cost import int4_cost, kernel_weight
 from .layout import Layout, Setup, Workload
@@ -134,9 +135,19 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
         seg.add("compute", s.nb * sdpa / hw.sdpa_prefill[s.dname], waits=False)
-    per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
-    seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # as measured on tiny models, futures included
+    if not (t == 1 and graph_decode(s)):  # a captured decode step replays without the schedule's Python
+        per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
+        seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # measured eager on tiny models
     return seg
+
+
+def graph_decode(s: Setup) -> bool:
+    """Whether the engine runs this policy's decode steps as CUDA graphs (decode_graph.py): on CUDA, with
+    everything resident and uncompressed in compute memory, attention on the GPU over the whole cache."""
+    p = s.policy
+    resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
+    return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
+            and p.attn_sparsity == 1 and not p.cpu_cache_compute)
 
 
 def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]]) -> None:

@@ -43,3 +43,18 @@ def test_dequantization_on_a_gpu_is_work_beside_the_link_not_a_wait():
     assert slow.decode_by["link"] == base.decode_by["link"]
     assert slow.decode_by["dequantize"] > 100 * base.decode_by["dequantize"]
     assert slow.bound == "dequantize"
+
+
+def test_decode_steps_captured_as_graphs_pay_no_schedule_overhead(monkeypatch):
+    """All resident on CUDA the engine replays a captured decode step (decode_graph.py): the eager schedule's
+    per-layer overhead, measured by the profile, is left out of its decode steps but not of its prefill, nor of
+    an offloaded policy's steps, nor when graphs are switched off."""
+    hw = synthetic_profile(cuda=True)
+    resident = Policy(gpu_batch_size=8, num_gpu_batches=2, dtype="float16")
+    offloaded = Policy(gpu_batch_size=8, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=100,
+                       dtype="float16")
+    graphs = predict(CONFIG, WORK, resident, hw)
+    assert graphs.decode_by.get("overhead", 0) == 0 and graphs.prefill_by["overhead"] > 0
+    assert predict(CONFIG, WORK, offloaded, hw).decode_by["overhead"] > 0
+    monkeypatch.setenv("FLEXGEN_LITE_CUDA_GRAPHS", "0")
+    assert predict(CONFIG, WORK, resident, hw).decode_by["overhead"] > 0
