@@ -59,6 +59,18 @@ def pool_bytes(pool) -> int:
         return 0
 
 
+def check_replay(replayed: torch.Tensor, eager: torch.Tensor | None) -> None:
+    """A graph's first replay gives the eager step's logits for the same inputs (the same kernels: equal up to
+    the rounding of another matmul algorithm) and the same greedy tokens; else it raises, and the engine runs
+    eagerly. Guards against a value baked into the graph at capture, which would go wrong without an error."""
+    if eager is None:
+        return
+    scale = 1.0 + float(eager.abs().max())
+    diff = float((replayed - eager).abs().max())
+    if not diff <= 1e-2 * scale or not torch.equal(replayed.argmax(-1), eager.argmax(-1)):
+        raise RuntimeError(f"the replayed step's logits differ from the eager step's by {diff:.3g}")
+
+
 @dataclass
 class _Batch:
     """Static inputs and outputs of one GPU batch's step, and its graph once captured."""
@@ -119,11 +131,11 @@ class StaticDecode:
         if not self.capture:
             return self._forward(s), f"static+{self.kernel}"
         try:
-            if s.graph is None:
-                self._capture(s)
+            eager = self._capture(s) if s.graph is None else None
             s.graph.replay()
             if not s.replayed:
                 self.device.synchronize()  # a failed first replay surfaces here
+                check_replay(s.logits, eager)
                 s.replayed = True
         except Exception as e:  # noqa: BLE001 - whatever failed, the eager path is known to work
             reason = (str(e).splitlines() or [""])[0]
@@ -135,12 +147,14 @@ class StaticDecode:
             return None
         return s.logits, f"graph+{self.kernel}"
 
-    def _capture(self, s: _Batch) -> None:
+    def _capture(self, s: _Batch) -> torch.Tensor:
         """Batch s's step captured (its first run eager, which makes the logits buffer outside the graph);
-        what the graphs' pool grew by counted on the ledger while this batch's graph lives."""
+        what the graphs' pool grew by counted on the ledger while this batch's graph lives. Returns the eager
+        run's logits, which the first replay of the same inputs must give again (check_replay)."""
         cuda = self.device.is_cuda
         with torch.cuda.device(self.device.device) if cuda else contextlib.nullcontext():
             s.logits = self._forward(s)
+            eager = s.logits.clone()
             if cuda and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()  # one pool: the batches' graphs never run at once
             s.graph = capture_graph(lambda: self._forward(s), self.pool)
@@ -150,6 +164,7 @@ class StaticDecode:
             grown, self.pool_counted = pool - self.pool_counted, max(pool, self.pool_counted)
             if grown > 0:
                 self.ledger.track(s, "gpu", grown)
+        return eager
 
     def _buffers(self, cache, b: int) -> _Batch:
         parts = cache.parts

@@ -184,6 +184,22 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(tiny_models, references, m
     assert_same(second, references["opt"])
 
 
+def test_a_replay_that_disagrees_with_the_eager_step_is_refused(tiny_models, references, monkeypatch):
+    """A graph whose first replay gives other logits than the eager step of the same inputs (a value baked in
+    at capture, say) is dropped with one warning, and the outputs are the eager path's."""
+    class WrongGraph(FakeGraph):
+        def replay(self) -> None:
+            self.forward().mul_(-1)
+
+    monkeypatch.setattr(decode_graph, "capture_graph", lambda forward, pool: WrongGraph(forward, {}))
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(), device="cpu") as m:
+        m.engine.static_decode, m.engine.static.capture = True, True
+        with pytest.warns(UserWarning, match="replayed step's logits differ"):
+            out = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
+        assert "graph" not in "".join(m.engine.times.attention)
+    assert_same(out, references["opt"])
+
+
 def test_graphs_follow_the_environment(monkeypatch):
     monkeypatch.delenv(decode_graph.ENV, raising=False)
     assert decode_graph.graphs_wanted() == (decode_graph.DEFAULT == "1")
