@@ -28,7 +28,7 @@ if not CUDA and importlib.util.find_spec("triton") is not None:
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from flexgen_lite import dequant_triton, native  # noqa: E402
-from flexgen_lite.compression import CompressionConfig, _dequantize_torch, quantize  # noqa: E402
+from flexgen_lite.compression import CompressionConfig, dequantize_reference, quantize  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
 failures: list[str] = []
@@ -72,7 +72,7 @@ def check_exact() -> None:
         for bits in (4, 8) if dim == 0 else (4,):  # each kind compiles once (~1 s)
             for dtype in dequant_triton.DTYPES:
                 q = quantize(x.to(dtype).to(DEV), CompressionConfig(bits, 64, dim))
-                got, want = dequant_triton.dequantize(q, dtype), _dequantize_torch(q, dtype, None)
+                got, want = dequant_triton.dequantize(q, dtype), dequantize_reference(q, dtype, None)
                 same = torch.equal(got, want)
                 diff = (got.float() - want.float()).abs().max().item()
                 print(f"| {shape} | {dim} | {bits} | {str(dtype)[6:]} | {'yes' if same else '**NO**'} | {diff:g} |")
@@ -94,7 +94,7 @@ def speed() -> None:
         q = quantize(torch.randn(shape, device=DEV, dtype=torch.float16), CompressionConfig(4, 64, 1))
         out = torch.empty(shape, dtype=torch.float16, device=DEV)
         fused = best(lambda q=q, out=out: dequant_triton.dequantize(q, torch.float16, out))
-        slow = best(lambda q=q, out=out: _dequantize_torch(q, torch.float16, out), reps=2)
+        slow = best(lambda q=q, out=out: dequantize_reference(q, torch.float16, out), reps=2)
         moved = q.nbytes + out.numel() * 2
         link = h2d_seconds(q.data.numel())
         print(f"| {shape} | {fused * 1e3:.3f} | {moved / fused / 1e9:.0f} | {slow * 1e3:.2f} | {slow / fused:.0f} | "

@@ -1,5 +1,5 @@
 """4-bit (and 8-bit) dequantization on CUDA in one pass: a Triton kernel reading the packed codes and the fp16
-scale and minimum of each group, writing fp16, bf16 or fp32 (compression.py has the layout and the torch path).
+scale and minimum of each group, writing fp16, bf16 or fp32 (quantization.py has the layout and the torch path).
 
 The torch path makes ~8 passes over 16M-element chunks (~37 bytes of GPU memory traffic per weight, thousands of
 launches per step); this reads half a byte and writes one value per weight, one launch per tensor. Values are
@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .compression import QuantizedTensor, _dequantize_torch, _layout, quantize
+from .quantization import QuantizedTensor, _layout, dequantize_reference, quantize
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 2048  # values per program: TILE / G groups x G when a group's values are contiguous (inner == 1), else
@@ -150,14 +150,14 @@ def _refusal(device: torch.device, dtype: torch.dtype, bits: int, group: int, in
 
 def _self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
                 padded: bool) -> str | None:
-    from .compression import CompressionConfig
+    from .quantization import CompressionConfig
 
     length = 2 * group - (5 if padded else 0)
     shape, dim = ((3, length), 1) if inner_one else ((length, 7), 0)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
     try:
         q = quantize(x.to(dtype).to(device), CompressionConfig(bits, group, dim))
-        got, want = dequantize(q, dtype), _dequantize_torch(q, dtype, None)
+        got, want = dequantize(q, dtype), dequantize_reference(q, dtype, None)
     except Exception as e:  # a kernel that fails to compile or launch here
         return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not torch.equal(got, want):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flexgen_lite import dequant_triton
-from flexgen_lite.compression import CompressionConfig, _dequantize_torch, dequantize, quantize
+from flexgen_lite.compression import CompressionConfig, dequantize, dequantize_reference, quantize
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: test_fallback_* run instead")
@@ -42,7 +42,7 @@ def test_kernel_equals_the_torch_path_bit_for_bit(interpret, case, dtype):
     shape, dim, bits, group = (*case, 64)[:4]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 7 + bits)) * 4
     q = quantize(x.to(dtype), CompressionConfig(bits, group, dim))
-    want = _dequantize_torch(q, dtype, None)
+    want = dequantize_reference(q, dtype, None)
     assert torch.equal(dequant_triton.dequantize(q, dtype), want)
     out = torch.full(shape, float("nan"), dtype=dtype)
     assert dequant_triton.dequantize(q, dtype, out) is out and torch.equal(out, want)
@@ -58,7 +58,7 @@ def test_kernel_saturates_like_the_torch_path(interpret):
     q = quantize(x, CompressionConfig(4, 64, 1))
     for dtype in dequant_triton.DTYPES:
         got = dequant_triton.dequantize(q, dtype)
-        assert torch.equal(got, _dequantize_torch(q, dtype, None))
+        assert torch.equal(got, dequantize_reference(q, dtype, None))
         assert bool(got.isfinite().all())
         if dtype != torch.bfloat16:  # bf16 rounds 65504 to 65536, as the torch path does
             assert got.float().abs().max() <= 65504
@@ -105,7 +105,7 @@ def test_fallback_without_triton():
         assert not dequant_triton.usable(cuda_codes(), torch.float16)
     dequant_triton.reset()
     q = quantize(torch.randn(64, 128), CompressionConfig(4, 64, 1))
-    assert torch.equal(dequantize(q, torch.float16), _dequantize_torch(q, torch.float16, None))
+    assert torch.equal(dequantize(q, torch.float16), dequantize_reference(q, torch.float16, None))
 
 
 def test_torch_paths_agree_bit_for_bit():

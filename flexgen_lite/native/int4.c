@@ -130,7 +130,7 @@ static inline _Float16 f16_from_bits(uint16_t b) {
     return h;
 }
 
-/* fp32 `v` (finite, within fp16 range) rounded to fp16 toward +inf (up) or -inf, as compression._fp16_round. */
+/* fp32 `v` (finite, within fp16 range) rounded to fp16 toward +inf (up) or -inf, as quantization._fp16_round. */
 static inline _Float16 round_f16(float v, int up) {
     _Float16 h = (_Float16)v;
     uint16_t bits = f16_bits(h);
