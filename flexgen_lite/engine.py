@@ -61,6 +61,7 @@ class Engine:
         self.acts: Activations | None = None
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
         self.times = StepTimes()
+        self._score = None  # run's `score`
         # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
         self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
                          for w in weights]
@@ -87,10 +88,15 @@ class Engine:
                 self.acts.trace = saved
 
     # ---- the schedule -------------------------------------------------------------------------
-    def run(self, block: Block, sampling: SamplingConfig, on_step=None, keep_logits: bool = False) -> None:
+    def run(self, block: Block, sampling: SamplingConfig, on_step=None, keep_logits: bool = False,
+            score=None) -> None:
         """Generate up to block.gen_len tokens for every row of the block, in place.
 
-        With keep_logits, self.logits[step] holds every row's fp32 logits of that step (for tests)."""
+        With keep_logits, self.logits[step] holds every row's fp32 logits of that step (for tests).
+        score(b, active, head, h): called in the prefill for each GPU batch b with its hidden states h (rows,
+        prompt_len, hidden) at the head, `active` (its rows within the batch, None: all) and head(x), the head's
+        fp32 logits of any slice of h: the log-likelihood of prompts' positions (scoring.py)."""
+        self._score = score
         self._prepare_cache(block)
         self._cache_loads: dict[tuple[int, int], Future] = {}
         try:
@@ -213,12 +219,14 @@ class Engine:
         if spec.kind == "mlp":
             return L.mlp(w, h, cfg)
         if spec.kind == "head":
+            if self._score is not None and start == 0:
+                self._score(b, inputs["active"], lambda x: L.head(w, x, cfg), h)
             return L.head(w, h[:, -1], cfg)
         x = L.norm(h, w, cfg) if cfg.pre_norm else h
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
-        if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache
+        if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             attn = self._attend(q, k, v, inputs["mask"])
-            for part in self.cache.parts[spec.index][b]:
+            for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
                 picked, local = _rows_in_part(inputs, part.rows, k.device)
                 k_part, v_part = k[picked], v[picked]
                 if local is not None:  # rows that left (filler rows) get zeros

@@ -111,6 +111,7 @@ class FlexGenLite:
         self.engine = Engine(self.config, self.policy, specs, weights, self.device, self.dtype,
                              self.disk, self.ledger, trace or NULL)
         self.progress = progress
+        self.score_stats = None
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
         from .policy_search import AutoPolicy, search_policy
@@ -194,6 +195,21 @@ class FlexGenLite:
             if self.progress:
                 self.progress(f"{label} done")
         return (results, logits) if return_logits else results
+
+    # ---- scoring (scoring.py) --------------------------------------------------------------------
+    def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log p(continuation | context) summed, whether greedy decoding gives the continuation) for each
+        (context ids, continuation ids): prefill-only blocks through the engine, no generation.
+        `self.score_stats` then says how many tokens went through in how long."""
+        from .scoring import score_requests
+
+        return score_requests(self, requests)
+
+    def loglikelihood_rolling(self, documents: list[list[int]], prefix_token: int | None = None) -> list[float]:
+        """The log-likelihood of each whole document (ids), in windows of up to the model's context."""
+        from .scoring import loglikelihood_rolling
+
+        return loglikelihood_rolling(self, documents, prefix_token)
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
                    indices: list[int] | None = None, label: str = "block",

@@ -1,0 +1,112 @@
+"""Prefill-only scoring (scoring.py): log-likelihoods equal to transformers' under every kind of placement."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy
+from flexgen_lite.scoring import rolling_windows
+
+from .test_parity import POLICIES
+
+# fp32 on both sides: per scored token, within this
+TOKEN_ATOL = 1e-4
+
+
+def requests(n: int = 11, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        context = [2] + [rng.randrange(3, 512) for _ in range(rng.randrange(0, 30))]
+        out.append((context, [rng.randrange(3, 512) for _ in range(rng.randrange(1, 7))]))
+    return out
+
+
+def hf_score(model, reqs) -> list[tuple[float, bool]]:
+    out = []
+    with torch.no_grad():
+        for context, cont in reqs:
+            full = context + cont
+            logits = model(torch.tensor([full[:-1]])).logits[0, -len(cont):].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).squeeze(-1)
+            out.append((float(lp.sum()), bool((logits.argmax(-1) == torch.tensor(cont)).all())))
+    return out
+
+
+def check(ours, theirs, reqs) -> None:
+    for (a, ga), (b, gb), (_, cont) in zip(ours, theirs, reqs, strict=True):
+        assert abs(a - b) <= TOKEN_ATOL * len(cont), (a, b)
+        assert ga == gb
+
+
+PLACEMENTS = ["all-gpu", "weights-cpu", "weights-disk", "cache-disk", "act-disk-split", "one-row-batches",
+              "cpu-attention-cache-split", "all-disk-overlap"]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("name", PLACEMENTS)
+def test_score_equals_transformers(tiny_models, family, name):
+    path, model = tiny_models[family]
+    reqs = requests()
+    with FlexGenLite(str(path), policy=POLICIES[name]) as m:
+        ours = m.score(reqs)
+        assert m.score_stats.rows == len(reqs)
+    check(ours, hf_score(model, reqs), reqs)
+
+
+def test_greedy_continuations_are_recognized(tiny_models):
+    """A model's own greedy continuation scores as greedy (the reference output is far from degenerate)."""
+    path, model = tiny_models["opt"]
+    with FlexGenLite(str(path), policy=POLICIES["all-gpu"]) as m:
+        prompts = [c for c, _ in requests(5, seed=1)]
+        conts = m.generate_ids(prompts)
+        ours = m.score(list(zip(prompts, [c[:4] for c in conts], strict=True)))
+    assert all(g for _, g in ours)
+
+
+def test_score_in_chunks_equals_one_chunk(tiny_models, monkeypatch):
+    """The head's logits made a few positions at a time give the same sums as all at once."""
+    import flexgen_lite.scoring as scoring
+
+    path, _ = tiny_models["llama"]
+    reqs = requests()
+    with FlexGenLite(str(path), policy=POLICIES["weights-cpu"]) as m:
+        whole = m.score(reqs)
+        monkeypatch.setattr(scoring, "CHUNK_BYTES", 512 * 4 * 3 * 2)  # two positions of one row at a time
+        chunked = m.score(reqs)
+    check(chunked, whole, reqs)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_rolling_over_documents_longer_than_the_context(tiny_models, family):
+    """Documents of 5, 64 and 150 tokens (the models' context: 64): every token scored once, each window's
+    sum as transformers'."""
+    path, model = tiny_models[family]
+    rng = random.Random(3)
+    docs = [[rng.randrange(3, 512) for _ in range(n)] for n in (5, 64, 150)]
+    with FlexGenLite(str(path), policy=Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=0,
+                                              weight_cpu_percent=100, dtype="float32")) as m:
+        ours = m.loglikelihood_rolling(docs, prefix_token=2)
+    for doc, total in zip(docs, ours, strict=True):
+        windows = rolling_windows(doc, 2, 64)
+        assert [t for _, c in windows for t in c] == doc
+        assert all(len(c) + len(x) - 1 <= 64 for x, c in windows)
+        theirs = sum(lp for lp, _ in hf_score(model, windows))
+        assert abs(total - theirs) <= TOKEN_ATOL * len(doc)
+
+
+def test_rolling_windows_are_lm_evals():
+    utils = pytest.importorskip("lm_eval.utils")
+    tokens = list(range(3, 200))
+    for max_len in (1, 7, 64, 196, 197, 300):
+        theirs = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(tokens, 2, max_len, 1)]
+        assert rolling_windows(tokens, 2, max_len) == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_empty_context_is_an_error(tiny_models):
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=POLICIES["all-gpu"]) as m, \
+            pytest.raises(ValueError, match="empty context"):
+        m.score([([], [5])])
