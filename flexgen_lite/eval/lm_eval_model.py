@@ -1,0 +1,155 @@
+"""An lm-eval 0.4 model over FlexGen-Lite: `loglikelihood` and `loglikelihood_rolling` as prefill-only blocks
+through the engine (scoring.py), `generate_until` through `generate_ids`, under any policy.
+
+    lm_eval.simple_evaluate(model=FlexGenLiteLM("path/to/model", policy="auto", compress_weight=True), tasks=...)
+    python -m flexgen_lite.eval --model flexgen-lite --model_args pretrained=PATH,percent=0/100/100/0/100/0 ...
+
+model_args are the CLI's policy flags with underscores (policy, percent as six numbers joined by '/',
+gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, dtype, device, offload_dir,
+gpu_mem, cpu_mem, disk_mem, ...), plus max_length (default: the model's context)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, postprocess_generated_text
+from tqdm import tqdm
+
+from ..cli_options import add_policy_flags, budgets_from_args, policy_from_args
+from ..generation import FlexGenLite, default_workload, model_config
+from ..sampling import SamplingConfig
+from ..scoring import rolling_windows
+
+# lm-eval passes these to every model; the engine's block (gpu_batch_size x num_gpu_batches) is its batch
+IGNORED = ("batch_size", "max_batch_size")
+
+
+def policy_argv(options: dict) -> list[str]:
+    """model_args as the CLI's flags: key=value -> --key value, True -> --key, False -> --no-key."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        elif key == "percent":
+            argv += [flag, *str(value).replace("/", " ").split()]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_model_args(options: dict) -> argparse.Namespace:
+    """The policy flags of `options`; a bad one ends in the parser's `error:` line and exit code 2."""
+    parser = argparse.ArgumentParser(prog="flexgen-lite (lm-eval model_args)", add_help=False)
+    add_policy_flags(parser)
+    return parser.parse_args(policy_argv(options))
+
+
+@register_model("flexgen-lite", "flexgen_lite")
+class FlexGenLiteLM(TemplateLM):
+    """FlexGen-Lite as an lm-eval model: requests run in blocks of the policy's size, sorted by length."""
+
+    def __init__(self, pretrained: str, max_length: int | None = None, progress: bool = True, **options) -> None:
+        super().__init__()
+        for key in IGNORED:
+            options.pop(key, None)
+        device = options.get("device")
+        if device in ("", None) or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            options.pop("device", None)  # lm-eval's own default is cuda, whether or not there is one
+        args = parse_model_args(options)
+        config = model_config(str(pretrained))
+        self.model = FlexGenLite(str(pretrained), policy=policy_from_args(args, 8), device=args.device,
+                                 progress=self._report if progress else None, workload=default_workload(config),
+                                 budgets=budgets_from_args(args))
+        if self.model.tokenizer is None:
+            raise ValueError(f"{pretrained} has no tokenizer: lm-eval needs text")
+        self.tokenizer = self.model.tokenizer
+        self._max_length = int(max_length or self.model.config.max_positions)
+
+    @staticmethod
+    def _report(message: str) -> None:
+        print(f"flexgen-lite: {message}", file=sys.stderr, flush=True)
+
+    # ---- tokens, as lm-eval's hf model makes them --------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special = {"add_special_tokens": False}
+        return self.tokenizer.encode(string, **special)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        results = self.model.score(pairs) if pairs else []
+        for (key, _, _), result in zip(requests, results, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for window in rolling_windows(self.tok_encode(string), self.prefix_token_id, self.max_length):
+                windows.append(window)
+                owner.append(i)
+        sums = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, self.model.score(windows) if windows else [], strict=True):
+            sums[i] += logprob
+        for req, total in zip(requests, sums, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return sums
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, with do_sample) continuations cut at the first stop sequence; requests sharing
+        generation settings run together, in blocks."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="flexgen-lite generate_until")
+        eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
+        for indices in groups.values():
+            kwargs = dict(requests[indices[0]].args[1])
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks))
+            if max_gen >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_gen} leaves no room for a context in {self.max_length} positions")
+            temperature = kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0
+            sampling = SamplingConfig(max_gen, temperature, int(kwargs.get("top_k", 0) or 0),
+                                      float(kwargs.get("top_p", 1.0) or 1.0), kwargs.get("seed"),
+                                      tuple(s for s in until if s))
+            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] or [self.prefix_token_id]
+                       for i in indices]
+            for i, out in zip(indices, self.model.generate_ids(prompts, sampling), strict=True):
+                text = postprocess_generated_text(self.tok_decode(out), until, None)
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(indices))
+        bar.close()
+        return results
