@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ..serve.batch_lines import answer_line, check_request
 from ..serve.protocol import CHAT, COMPLETIONS
 from ..serve.requests import RequestError, Served, Work, prepare
-from ..serve.run_batch import answer_line, check_request
 from ..serve.runner import run_jobs
 from .config import ROW_FIELDS, ReplicaConfig, Sampling
 

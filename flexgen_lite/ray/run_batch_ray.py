@@ -26,8 +26,8 @@ from ..batch_io import Prompt, ResumableOutput
 from ..cli_checks import UsageError
 from ..layout import Workload
 from ..policy import Policy
+from ..serve.batch_lines import job_policy, plan_chunks
 from ..serve.requests import Work
-from ..serve.run_batch import job_policy, plan_chunks
 from .config import ProcessorConfig
 from .processor import map_replicas
 from .replica import BatchLineReplica

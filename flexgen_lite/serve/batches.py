@@ -11,9 +11,9 @@ import traceback
 from concurrent.futures import CancelledError
 
 from ..batch_io import InputError
+from .batch_lines import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
 from .protocol import now
 from .requests import RequestError, Served, Work
-from .run_batch import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
 from .store import Store
 
 

@@ -72,7 +72,10 @@ def _run_batch(args, progress) -> None:
         raise UsageError("--replicas is for --ray: add --ray (a Ray on this machine) or --ray ADDRESS")
     from .run_batch import cmd_run_batch
 
-    cmd_run_batch(args, progress)
+    run = None
+    if args.ray is not None:  # the same checked requests, answered by replicas on a Ray cluster
+        from ..ray.run_batch_ray import run_on_ray as run
+    cmd_run_batch(args, progress, run)
 
 
 def _serve(args) -> None:

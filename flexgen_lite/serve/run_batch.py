@@ -13,91 +13,24 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
-from pydantic import ValidationError
-
-from ..batch_io import InputError, Prompt, ResumableOutput, read_input_bytes
-from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
-from .requests import RequestError, Served, Work, prepare, respond, validation_error
-
-
-def read_lines(path: str) -> list[Prompt]:
-    """The input's non-blank lines, each with where it is (bad UTF-8 is kept, replaced: an error line later); a
-    binary file (NUL bytes) is refused whole."""
-    data = read_input_bytes(path, "-i", "a batch file (JSON lines)")
-    if b"\0" in data:
-        line = data[:data.index(b"\0")].count(b"\n") + 1
-        raise InputError(f"-i {path} is a binary file (a NUL byte on line {line}), not a batch file: pass JSON lines "
-                         "of requests")
-    return split_lines(data, "standard input" if path == "-" else path)
+from ..batch_io import InputError, Prompt, ResumableOutput
+from .batch_lines import (
+    answer_line,
+    check_request,
+    check_unique_ids,
+    job_policy,
+    model_path,
+    plan_chunks,
+    read_lines,
+    served_model,
+)
+from .requests import Work
 
 
-def split_lines(data: bytes, name: str) -> list[Prompt]:
-    lines = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        text = raw.decode("utf-8", errors="replace").removesuffix("\r")
-        if text.strip():
-            lines.append(Prompt(text, f"{name} line {number}"))
-    return lines
-
-
-def parse_line(text: str) -> BatchRequestInput:
-    """A batch line's request; RequestError (with custom_id when known) for a line that is not one."""
-    try:
-        record = json.loads(text)
-    except ValueError as e:
-        raise RequestError(400, f"the line is not valid JSON ({e})", None, "invalid_json") from None
-    try:
-        return BatchRequestInput.model_validate(record)
-    except ValidationError as e:
-        error = validation_error(e)
-        error.custom_id = record.get("custom_id") if isinstance(record, dict) else None
-        raise error from None
-
-
-def check_unique_ids(lines: list[Prompt]) -> None:
-    seen: dict[str, str] = {}
-    for line in lines:
-        try:
-            custom_id = json.loads(line.text).get("custom_id")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(custom_id, str):
-            if custom_id in seen:
-                raise InputError(f"custom_id {custom_id!r} is used at {seen[custom_id]} and at {line.where}: "
-                                 "each request needs its own custom_id")
-            seen[custom_id] = line.where
-
-
-def answer_line(custom_id: str, work: Work, outputs) -> dict:
-    body = respond(work, outputs).model_dump()
-    return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, error=None, response=BatchResponseData(
-        status_code=200, request_id=work.id, body=body)).model_dump()
-
-
-def error_line(custom_id: str | None, error: RequestError, request_level: bool) -> dict:
-    """A request the server refused carries its 4xx response; a line that is no request carries `error` only."""
-    if request_level:
-        response = BatchResponseData(status_code=error.status, request_id=new_id("req"), body=error.body())
-        return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, response=response).model_dump()
-    return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, response=None,
-                              error={"code": error.code, "message": error.message}).model_dump()
-
-
-def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
-    """(custom_id, the checked work) or (custom_id, its error line)."""
-    try:
-        line = parse_line(text)
-    except RequestError as e:
-        return getattr(e, "custom_id", None), error_line(getattr(e, "custom_id", None), e, False)
-    try:
-        return line.custom_id, prepare(line.url, line.body, served)
-    except RequestError as e:
-        return line.custom_id, error_line(line.custom_id, e, True)
-
-
-def cmd_run_batch(args, progress) -> None:
+def cmd_run_batch(args, progress, run=None) -> None:
+    """`run(args, model, lines, works, output, progress)` answers the checked requests (default: here, in this
+    process; `run-batch --ray`: ray.run_batch_ray.run_on_ray)."""
     lines = read_lines(args.input)
     if not lines:
         raise InputError(f"-i {args.input} holds no requests")
@@ -118,12 +51,7 @@ def cmd_run_batch(args, progress) -> None:
         model, works = check_lines(args, lines, todo, output, model)
         if not works:
             return
-        if getattr(args, "ray", None) is not None:
-            from ..ray.run_batch_ray import run_on_ray
-
-            run_on_ray(args, model, lines, works, output, progress)
-        else:
-            _run(args, model, lines, works, output, progress)
+        (run or _run)(args, model, lines, works, output, progress)
     finally:
         output.close()
 
@@ -145,44 +73,6 @@ def _check_record(args, output: ResumableOutput) -> str:
         print(note, file=sys.stderr)
     output.record_run({"version": __version__, "model": identity, "settings": settings})
     return model
-
-
-def model_path(args) -> str:
-    if args.model is not None:
-        return args.model
-    from ..gguf_file import default_model_path
-
-    return default_model_path()
-
-
-def served_model(args, model: str | None = None) -> tuple[str, Served]:
-    from ..generation import open_model
-
-    model = model or model_path(args)
-    config, _, tokenizer = open_model(model)
-    name = args.served_model_name or Path(model).name
-    return model, Served(name, config, tokenizer)
-
-
-def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
-    """Line indices in runs of about `chunk` jobs: grouped by sampling settings, longest prompts first, so each
-    run fills the engine's blocks with prompts of like length."""
-    groups: dict = {}
-    for i, work in works.items():
-        groups.setdefault(work.jobs[0].sampling, []).append(i)
-    chunks = []
-    for members in groups.values():
-        members.sort(key=lambda i: -max(len(j.ids) for j in works[i].jobs))
-        current, size = [], 0
-        for i in members:
-            current.append(i)
-            size += len(works[i].jobs)
-            if size >= chunk:
-                chunks.append(current)
-                current, size = [], 0
-        if current:
-            chunks.append(current)
-    return chunks
 
 
 def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOutput,
@@ -208,20 +98,6 @@ def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOut
     if errors:
         print(f"{errors} of {len(todo)} requests refused (error lines written to {args.output})", file=sys.stderr)
     return model, works
-
-
-def job_policy(args, works: dict[int, Work]):
-    """(policy or AutoPolicy, the workload auto plans for) of the flags, for these requests."""
-    from ..cli_options import policy_from_args
-    from ..layout import Workload
-    from ..policy_search import AutoPolicy
-
-    jobs = [j for w in works.values() for j in w.jobs]
-    policy = policy_from_args(args, default_batch=min(len(jobs), 32))
-    workload = None
-    if isinstance(policy, AutoPolicy):
-        workload = Workload(max(len(j.ids) for j in jobs), max(j.sampling.max_new_tokens for j in jobs), len(jobs))
-    return policy, workload
 
 
 def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: ResumableOutput, progress) -> None:

@@ -334,8 +334,8 @@ def cmd_serve(args) -> None:
     from ..batch_io import InputError
     from ..cli_options import budgets_from_args, policy_from_args
     from ..generation import FlexGenLite
+    from .batch_lines import served_model
     from .batches import BatchRunner
-    from .run_batch import served_model
     from .scheduler import Scheduler
     from .store import Store
 
