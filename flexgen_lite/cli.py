@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.commands import add_commands
 
     add_commands(sub, add_policy_flags, progress)
+    __import__("flexgen_lite.cli_quality").cli_quality.add_command(sub, add_policy_flags, progress)
     return parser
 
 

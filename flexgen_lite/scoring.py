@@ -33,11 +33,12 @@ class ScoreStats:
 
 
 def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                   progress: Callable[[str], None] | None = None) -> list[tuple[float, bool]]:
+                   progress: Callable[[str], None] | None = None, max_len: int | None = None
+                   ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per
     (context ids, continuation ids), in the order given. As lm-eval's hf model: context + continuation is cut
-    from the left to the model's context plus one, its last token is not fed."""
-    max_len = model.config.max_positions
+    from the left to `max_len` (default: the model's context) plus one, its last token is not fed."""
+    max_len = min(max_len or model.config.max_positions, model.config.max_positions)
     inputs, targets = [], []
     for i, (context, continuation) in enumerate(requests):
         context, continuation = list(context), list(continuation)
@@ -141,9 +142,11 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> l
 
 
 def loglikelihood_rolling(model, documents: Sequence[Sequence[int]], prefix_token: int | None = None,
-                          progress: Callable[[str], None] | None = None) -> list[float]:
-    """The log-likelihood of each whole document (token ids), in windows of up to the model's context; the
-    first token is predicted after `prefix_token` (default: the model's bos, else its eos)."""
+                          progress: Callable[[str], None] | None = None, max_len: int | None = None) -> list[float]:
+    """The log-likelihood of each whole document (token ids), in windows of up to `max_len` tokens (default: the
+    model's context); the first token is predicted after `prefix_token` (default: the model's bos, else its
+    eos)."""
+    max_len = min(max_len or model.config.max_positions, model.config.max_positions)
     if prefix_token is None:
         cfg = model.config
         prefix_token = cfg.bos_token_id if getattr(cfg, "bos_token_id", None) is not None else \
@@ -152,10 +155,10 @@ def loglikelihood_rolling(model, documents: Sequence[Sequence[int]], prefix_toke
     for d, doc in enumerate(documents):
         if not doc:
             raise ValueError(f"document {d} is empty")
-        for window in rolling_windows(doc, prefix_token, model.config.max_positions):
+        for window in rolling_windows(doc, prefix_token, max_len):
             requests.append(window)
             owner.append(d)
     sums = [0.0] * len(documents)
-    for d, (logprob, _) in zip(owner, score_requests(model, requests, progress), strict=True):
+    for d, (logprob, _) in zip(owner, score_requests(model, requests, progress, max_len), strict=True):
         sums[d] += logprob
     return sums

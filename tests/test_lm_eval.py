@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm-eval[hf]: its hf model, the reference
 
 from flexgen_lite.eval.lm_eval_model import FlexGenLiteLM  # noqa: E402
 

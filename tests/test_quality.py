@@ -1,0 +1,70 @@
+"""`flexgen-lite quality`: perplexities under a policy and uncompressed, the latter as transformers computes it."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from flexgen_lite.cli import main
+from flexgen_lite.scoring import rolling_windows
+
+from .test_scoring import hf_score
+
+
+def quality(capsys, *argv: str) -> dict:
+    main(["quality", *argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def hf_perplexity(model, ids: list[int], prefix: int, window: int) -> float:
+    windows = rolling_windows(ids, prefix, window)
+    return math.exp(-sum(lp for lp, _ in hf_score(model, windows)) / len(ids))
+
+
+def test_tiny_model(tiny_models, tmp_path, capsys):
+    path, model = tiny_models["llama"]
+    rng = random.Random(0)
+    ids = [rng.randrange(3, 512) for _ in range(200)]
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i}" for i in ids))
+    out = quality(capsys, "--model", str(path), "--text", str(text), "--window", "48", "--compress-weight",
+                  "--percent", "0", "100", "100", "0", "100", "0", "--gpu-batch-size", "2", "--num-gpu-batches", "2",
+                  "--dtype", "float32", "--agreement", "4")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(path))(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert out["tokens"] == len(ids) > 150 and out["window"] == 48
+    reference = hf_perplexity(model, ids, 2, 48)
+    assert out["uncompressed"]["perplexity"] == pytest.approx(reference, rel=1e-4)
+    assert out["policy"]["perplexity"] != out["uncompressed"]["perplexity"]
+    assert "--compress-weight" in out["policy"]["policy"] and "--compress" not in out["uncompressed"]["policy"]
+    assert 0 <= out["greedy_agreement"]["identical"] <= 1
+
+
+def test_smollm_with_4bit_weights(smollm, tmp_path, capsys):
+    path, model = smollm
+    from flexgen_lite.gguf_file import gguf_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Once upon a time, there was a little girl who "
+                    "lived in a village near the forest. Whenever she went out, the little girl wore a red riding "
+                    "cloak, so everyone in the village called her Little Red Riding Hood. " * 3)
+    out = quality(capsys, "--model", path, "--text", str(text), "--window", "64", "--compress-weight",
+                  "--gpu-batch-size", "4", "--dtype", "float32", "--agreement", "2")
+    tok = gguf_tokenizer(path)
+    ids = tok(text.read_text(), add_special_tokens=False)["input_ids"]
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert out["uncompressed"]["perplexity"] == pytest.approx(hf_perplexity(model, ids, prefix, 64), rel=1e-4)
+    assert 1 < out["uncompressed"]["perplexity"] < 20  # a trained model on plain English
+    assert abs(out["relative_difference"]) < 1  # 4-bit weights: a change, not noise
+
+
+def test_unreadable_text_is_one_error_line(tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["quality", "--model", str(tiny_models["opt"][0]), "--text", str(tmp_path / "missing.txt")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --text")
