@@ -367,7 +367,7 @@ def test_each_request_is_logged(server):
 def test_state_goes_to_the_cache_folder_by_default(chat_dir, tmp_path, monkeypatch):
     """Not into the current folder: ~/.cache/flexgen-lite/serve-PORT (here under FLEXGEN_LITE_CACHE)."""
     from flexgen_lite.cli import main
-    from flexgen_lite.serve import run_batch
+    from flexgen_lite.serve import batch_lines
 
     class Loading(Exception):
         pass
@@ -378,7 +378,7 @@ def test_state_goes_to_the_cache_folder_by_default(chat_dir, tmp_path, monkeypat
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("FLEXGEN_LITE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(run_batch, "served_model", stop)
+    monkeypatch.setattr(batch_lines, "served_model", stop)
     port = free_port()
     with pytest.raises(Loading):
         main(["serve", "--model", chat_dir, "--port", str(port)])
