@@ -2,8 +2,10 @@
 (`-march=native`) and loaded with ctypes. Optional: without a compiler, or with FLEXGEN_LITE_NATIVE=0, or when
 a build fails its check, callers fall back to their torch path (slower, same values).
 
-Built libraries are cached under $FLEXGEN_LITE_CACHE (default ~/.cache/flexgen_lite) by a hash of the source,
-the flags, the compiler and the CPU's flags, so a different machine or compiler builds its own.
+Built libraries are cached under paths.cache_dir() (~/.cache/flexgen-lite) by a hash of the source, the flags,
+the compiler and the CPU's flags, so a different machine or compiler builds its own. No OpenMP: the kernels take
+a range of their work and `parallel` hands ranges to threads that sleep when idle (a second OpenMP runtime beside
+torch's would spin against it, and against other processes, between calls).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .. import paths
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
@@ -46,15 +50,13 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, out: Path) -> bool:
-    """Compile SOURCES into `out`, with OpenMP where the compiler has it."""
-    for extra in (["-fopenmp"], []):
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        result = subprocess.run([cc, *FLAGS, *extra, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True,
-                                text=True)
-        if result.returncode == 0:
-            os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
-            return True
-        tmp.unlink(missing_ok=True)
+    """Compile SOURCES into `out`."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    result = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+    if result.returncode == 0:
+        os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
+        return True
+    tmp.unlink(missing_ok=True)
     return False
 
 
@@ -69,7 +71,7 @@ def library() -> ctypes.CDLL | None:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     sources = [p.read_text() for p in SOURCES]
     key = hashlib.sha256("\0".join([*sources, *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("FLEXGEN_LITE_CACHE", Path.home() / ".cache" / "flexgen_lite")) / "native"
+    cache = paths.cache_dir() / "native"
     path = cache / f"kernels-{key}.so"
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -86,10 +88,10 @@ def library() -> ctypes.CDLL | None:
             return None
     fn = lib.int4_dequantize_t
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
     fn = lib.int4_quantize_pack
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
@@ -113,8 +115,9 @@ def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
         return False
     if scale.dtype != torch.float16 or minimum.dtype != torch.float16:
         return False
-    lib.int4_dequantize_t(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, r0, r1,
-                          out.data_ptr(), OUT_KIND[out.dtype], torch.get_num_threads())
+    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, r0, r1, out.data_ptr(),
+            OUT_KIND[out.dtype])
+    parallel(lambda t0, t1: lib.int4_dequantize_t(*args, t0, t1), -(-k // 16), cost=k * (r1 - r0))
     return True
 
 
@@ -130,8 +133,8 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
     codes, stats = n * k // 2, k // group_size * n * 2
     out = torch.empty(codes + 2 * stats, dtype=torch.uint8)
     scale, minimum = (out[codes + i * stats:codes + (i + 1) * stats] for i in (0, 1))
-    lib.int4_quantize_pack(x.data_ptr(), OUT_KIND[x.dtype], n, k, group_size, out.data_ptr(), scale.data_ptr(),
-                           minimum.data_ptr(), torch.get_num_threads())
+    args = (x.data_ptr(), OUT_KIND[x.dtype], n, k, group_size, out.data_ptr(), scale.data_ptr(), minimum.data_ptr())
+    parallel(lambda b0, b1: lib.int4_quantize_pack(*args, b0, b1), n // 64, cost=8 * n * k)
     return out
 
 

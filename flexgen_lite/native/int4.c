@@ -80,13 +80,12 @@ static void row(const uint8_t *packed, const _Float16 *scale, const _Float16 *mi
 }
 
 /* Rows [r0, r1) of W (multiples of 64) as W.T[:, r0:r1], a (K, r1 - r0) row-major `out` (element size by `kind`);
-   tiles of columns split over `threads` threads, each tile walking the blocks, reading each block's codes for
-   the tile's columns contiguously. */
+   only the tiles of 16 columns [t0, t1) (the caller splits them over its threads), each tile walking the blocks,
+   reading each block's codes for the tile's columns contiguously. */
 void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n,
-                       int64_t k, int64_t group_size, int64_t r0, int64_t r1, void *out, int kind, int threads) {
+                       int64_t k, int64_t group_size, int64_t r0, int64_t r1, void *out, int kind, int64_t t0, int64_t t1) {
     int64_t itemsize = kind == OUT_F32 ? 4 : 2, tile = 16, width = r1 - r0, b0 = r0 / 64, b1 = r1 / 64;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t col0 = 0; col0 < k; col0 += tile) {
+    for (int64_t col0 = t0 * tile; col0 < k && col0 < t1 * tile; col0 += tile) {
         int64_t col1 = col0 + tile < k ? col0 + tile : k;
 #ifdef __AVX512F__
         for (int64_t b = b0; b < b1; b++)
@@ -144,11 +143,11 @@ static inline _Float16 round_f16(float v, int up) {
 
 /* x (N, K) quantized to 4 bits in groups of g along K exactly as compression.quantize does (min/max per group,
    minimum rounded down and scale up to fp16, codes rounded half to even), written in the layout the dequantization
-   above reads: codes (N / 64, K, 32) bytes, scale and minimum (K / g, N) fp16. One block of 64 rows per task. */
+   above reads: codes (N / 64, K, 32) bytes, scale and minimum (K / g, N) fp16. Only the blocks of 64 rows [b0, b1)
+   (the caller splits them over its threads). */
 void int4_quantize_pack(const void *x, int kind, int64_t n, int64_t k, int64_t g, uint8_t *packed,
-                        _Float16 *scale, _Float16 *minimum, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n / 64; b++) {
+                        _Float16 *scale, _Float16 *minimum, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
         for (int r = 0; r < 64; r++) {
             int64_t row = b * 64 + r;
             const int64_t base = row * k;
