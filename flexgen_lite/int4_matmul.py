@@ -11,14 +11,12 @@ which is exactly `compressed_nbytes` of the same weight. Two other ways multiply
 that unpacks the layout (flexgen_lite.native, bit-identical to `Int4Weight.dequantize_t`'s torch path): by
 tiles (a cache-sized slice of rows dequantized and multiplied dense at a time: decode batches), or dequantized
 whole once into a slot for dense matmuls (many rows: prefill, or a block's GPU batches sharing it).
-`int4_path` times the three once per (dtype, rows, shape) and takes the fastest here.
+`int4_path` takes the fastest by this machine's stored profile (int4_cost), the same in every run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -30,7 +28,7 @@ from .compression import CompressionConfig, QuantizedTensor, dequantize, quantiz
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
 TILE_BYTES = 2 << 20  # rows of W dequantized at a time by the tiled product: they stay in the CPU's cache
-TIMED_ROWS = 256  # int4_path times the products on at most this many rows (a prefill's thousands: seconds a shape)
+FIXED_ROWS = 64  # without a profile's int4 rates: at most this many rows multiplied by tiles, more dense
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
@@ -189,29 +187,32 @@ def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Ten
     """The fastest way here to make `uses` products of `rows` rows (the GPU batches of a block, sharing one fetch
     of the weight): "kernel" (multiplied as stored), "tiles" (dequantized a tile at a time into `slot` and
     multiplied dense, in cache; needs the C kernel) or "dense" (dequantized once into `slot`, then dense
-    matmuls). Timed once per (dtype, rows, shape) on this weight: which wins depends on the CPU and the rows."""
-    key = (dtype, rows, weight.shape)
-    if key not in _seconds:
-        n, k = weight.shape
-        # beyond TIMED_ROWS every product is compute-bound: its time grows with the rows
-        few, dense = torch.zeros(min(rows, TIMED_ROWS), k, dtype=dtype), slot.view(k, n)
-        tiled, scale = dataclasses.replace(weight, tiles=slot.view(-1)), rows / min(rows, TIMED_ROWS)
-        _seconds[key] = {"kernel": scale * _best_of(lambda: weight.matmul(few)),
-                         "tiles": scale * _best_of(lambda: tiled.matmul(few)) if native_agrees() else float("inf"),
-                         "dequantize": _best_of(lambda: weight.dequantize_t(dense)),
-                         "dense": scale * _best_of(lambda: torch.matmul(few, dense))}
-    s = _seconds[key]
-    cost = {"kernel": uses * s["kernel"], "tiles": uses * s["tiles"], "dense": s["dequantize"] + uses * s["dense"]}
-    return min(cost, key=cost.get)
+    matmuls). Chosen from this machine's stored profile (its int4 rates, as the cost model does), never by
+    timing in the run: the ways round differently, and a timing on a busy machine would pick differently from
+    run to run. Without a profile that has the rates, a fixed rule."""
+    return _choose(dtype, rows, weight.shape, uses)
 
 
-_seconds: dict[tuple, dict[str, float]] = {}  # (dtype, rows, shape) -> seconds of each path's parts
+@functools.cache
+def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) -> str:
+    from .int4_cost import int4_way, int4_ways
+
+    n, k = shape
+    hw, name = cpu_profile(), str(dtype).removeprefix("torch.")
+    if hw is not None and (hw.int4_matmul or {}).get(name):
+        ways = int4_ways(hw, name, rows, uses, k, n)
+        if not native_agrees():
+            ways.pop("tiles", None)
+        return int4_way(ways)
+    if rows > FIXED_ROWS:
+        return "dense"
+    return "tiles" if native_agrees() else "kernel"
 
 
-def _best_of(fn, runs: int = 2) -> float:
-    best = float("inf")
-    for _ in range(runs + 1):  # the first run touches fresh memory
-        tic = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - tic)
-    return best
+@functools.cache
+def cpu_profile():
+    """This machine's stored CPU profile (profile_store.cached_profile: read, never measured), or None."""
+    from .devices import ComputeDevice
+    from .profile_store import cached_profile
+
+    return cached_profile(ComputeDevice("cpu"))
