@@ -35,10 +35,11 @@ DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
     from .devices import ComputeDevice
-    from .generation import model_config
-    from .policy_search import search_policy
+    from .generation import model_config, source_quantization
+    from .policy_search import for_source, search_policy
     from .profile_store import load_profile
 
+    auto = for_source(auto, source_quantization(model))
     device = ComputeDevice(args.device)
     hardware = load_profile(device, auto.base.offload_dir, progress=progress)  # first: measuring takes memory
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)

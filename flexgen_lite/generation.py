@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,28 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
         raise ModelError(f"{model} {what} a known model name: pass a local Hugging Face checkpoint directory, "
                          f"a .gguf file, or one of {', '.join(preset_names())} (dummy weights)")
     return preset_config(model), DummySource(), None
+
+
+def source_quantization(model: str) -> list[str]:
+    """The quantized types a GGUF file stores its weights in ([] for float sources)."""
+    if Path(model).suffix != ".gguf":
+        return []
+    from .gguf_file import quantized_types
+
+    return quantized_types(model)
+
+
+def compression_notice(policy: Policy, searched: bool, source_quantized: list[str]) -> str | None:
+    """One plain line when a run compresses weights or the KV cache to 4 bits (lossy), saying who chose it."""
+    what = [name for name, on in (("weights", policy.compress_weight), ("KV cache", policy.compress_cache)) if on]
+    if not what:
+        return None
+    why = ("chosen by --policy auto: --no-compress-weight / --no-compress-cache forbid it" if searched
+           else "as asked")
+    again = (f"; the weights are already {source_quantized[0]} in the file and are rounded a second time"
+             if policy.compress_weight and source_quantized else "")
+    return (f"note: {' and '.join(what)} compressed to 4 bits, which is lossy (outputs differ from the "
+            f"uncompressed model's), {why}{again}")
 
 
 def model_config(model: str) -> ModelConfig:
@@ -89,7 +112,10 @@ class FlexGenLite:
         self.config, source, self.tokenizer = open_model(model)
         self.device = ComputeDevice(device)
         self.search, self.budgets = None, budgets
+        self.source_quantized = source_quantization(model)
         self.policy = self._resolve(policy, workload, budgets, hardware, progress)
+        if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized)) is not None:
+            print(notice, file=sys.stderr)
         self.dtype = self.policy.torch_dtype(self.device.device)
         keep_freed_memory()
         specs = layer_specs(self.config)
@@ -114,7 +140,7 @@ class FlexGenLite:
         self.score_stats = None
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
-        from .policy_search import AutoPolicy, search_policy
+        from .policy_search import AutoPolicy, for_source, search_policy
         from .profile_store import load_profile
 
         if policy is None or policy == "auto":
@@ -123,6 +149,7 @@ class FlexGenLite:
             return policy
         if not isinstance(policy, AutoPolicy):
             raise PolicyError(f"policy must be a Policy, an AutoPolicy or 'auto', got {policy!r}")
+        policy = for_source(policy, self.source_quantized)
         offload = policy.base.offload_dir
         self.budgets = (budgets or Budgets()).resolved(self.device, offload)
         hardware = hardware or load_profile(self.device, offload, progress=progress)

@@ -306,6 +306,19 @@ def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | Non
     return plan
 
 
+UNQUANTIZED_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def quantized_types(path: str | os.PathLike[str]) -> list[str]:
+    """The quantized types (Q4_1, Q8_0...) the file stores its weight matrices in, most common first; [] for
+    a float file. Such weights are dequantized on load; compressing them again would add a second rounding."""
+    counts: dict[str, int] = {}
+    for t, _ in gguf_tensors(path).values():
+        if t.tensor_type not in UNQUANTIZED_TYPES:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return sorted(counts, key=lambda name: -counts[name])
+
+
 def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One tensor of `gguf_tensors`, dequantized to `dtype` in its HF shape and row order."""
     t, n_head = entry

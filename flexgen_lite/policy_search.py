@@ -50,6 +50,14 @@ class SearchResult:
     hardware: HardwareProfile | None = None
 
 
+def for_source(auto: AutoPolicy, quantized: list[str]) -> AutoPolicy:
+    """A model whose source already stores its weights quantized (a Q4_1 GGUF) is not compressed again by the
+    search (a second, lossy rounding of the same weights): only an explicit compress_weight=True does it."""
+    if quantized and auto.compress_weight is None:
+        return dataclasses.replace(auto, compress_weight=False)
+    return auto
+
+
 def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, budgets: Budgets,
                   auto: AutoPolicy | None = None, page_cache: float | None = None) -> SearchResult:
     """The policy with the best predicted throughput whose exact peak memory fits `budgets` (resolved:
