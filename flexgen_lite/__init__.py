@@ -1,5 +1,8 @@
 """FlexGen-Lite: high-throughput batch generation with models larger than the GPU."""
 
+from . import threads  # noqa: F401  first: OpenMP's spin is read from the environment once, when torch loads it
+
+# isort: split
 from .config import ModelConfig, ModelError
 from .generation import FlexGenLite
 from .gguf_file import default_model_path

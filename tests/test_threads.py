@@ -1,0 +1,56 @@
+"""flexgen_lite bounds OpenMP's spin-wait before torch loads (a spinning pool beside another busy process made
+decode 5-25x slower), leaves a user's own choice alone, and its C kernels bring no OpenMP runtime of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flexgen_lite import native, threads
+
+SHOW = ("import json, os, flexgen_lite; print(json.dumps([{k: os.environ.get(k) for k in "
+        "('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME')}, flexgen_lite.threads.applied()]))")
+
+
+def _fresh(env: dict[str, str], code: str = SHOW):
+    clean = {k: v for k, v in os.environ.items() if k not in threads.USER_CHOICES}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_flexgen_lite_bounds_the_spin_before_torch_loads():
+    seen, applied = _fresh({})
+    assert seen["GOMP_SPINCOUNT"] == threads.BOUNDED_SPIN["GOMP_SPINCOUNT"] and applied
+    assert seen["KMP_BLOCKTIME"] == threads.BOUNDED_SPIN["KMP_BLOCKTIME"]
+
+
+def test_a_users_choice_is_left_alone():
+    seen, applied = _fresh({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert seen == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None} and applied
+    seen, _ = _fresh({"GOMP_SPINCOUNT": "300000"})
+    assert seen["GOMP_SPINCOUNT"] == "300000" and seen["KMP_BLOCKTIME"] is None
+
+
+def test_torch_loaded_first_is_reported():
+    _, applied = _fresh({}, "import torch\n" + SHOW)
+    assert not applied
+
+
+def test_bound_spin_on_a_given_environment():
+    env = {}
+    assert threads.bound_spin(env) == threads.BOUNDED_SPIN == env
+    assert threads.bound_spin({"KMP_BLOCKTIME": "0"}) == {}
+
+
+def test_the_c_kernels_link_no_openmp_runtime():
+    lib = native.library()
+    if lib is None:
+        return  # no compiler here: nothing built
+    maps = Path(f"/proc/{os.getpid()}/maps").read_text()
+    path = next(line.split()[-1] for line in maps.splitlines() if "kernels-" in line)
+    assert "gomp" not in subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+    assert "-fopenmp" not in native.FLAGS
