@@ -100,7 +100,8 @@ def main() -> None:
     ours, ours_s = timed(ours_lm, requests)
     tokens = ours_lm.model.score_stats.tokens
     row = {"system": "flexgen-lite", "model_args": args.model_args, "policy": ours_lm.model.policy.flags(),
-           "seconds": ours_s, "requests_per_s": len(requests) / ours_s, "tokens_per_s": tokens / ours_s}
+           "seconds": ours_s, "requests_per_s": len(requests) / ours_s, "tokens_per_s": tokens / ours_s,
+           "tokens_fed": ours_lm.model.score_stats.fed}
     print(json.dumps(row), flush=True)
     rows = [row]
     ours_lm.model.close()

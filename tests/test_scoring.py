@@ -16,12 +16,13 @@ from .test_parity import POLICIES
 TOKEN_ATOL = 1e-4
 
 
-def requests(n: int = 11, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+def requests(n: int = 11, seed: int = 0, choices: int = 1) -> list[tuple[list[int], list[int]]]:
+    """n contexts, each with `choices` continuations (requests sharing a context share a prefill row)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         context = [2] + [rng.randrange(3, 512) for _ in range(rng.randrange(0, 30))]
-        out.append((context, [rng.randrange(3, 512) for _ in range(rng.randrange(1, 7))]))
+        out += [(context, [rng.randrange(3, 512) for _ in range(rng.randrange(1, 7))]) for _ in range(choices)]
     return out
 
 
@@ -50,10 +51,12 @@ PLACEMENTS = ["all-gpu", "weights-cpu", "weights-disk", "cache-disk", "act-disk-
 @pytest.mark.parametrize("name", PLACEMENTS)
 def test_score_equals_transformers(tiny_models, family, name):
     path, model = tiny_models[family]
-    reqs = requests()
+    reqs = requests() + requests(6, seed=1, choices=4)  # single requests, and contexts shared by four
+    rng = random.Random(2)
+    reqs = [reqs[i] for i in rng.sample(range(len(reqs)), len(reqs))]
     with FlexGenLite(str(path), policy=POLICIES[name]) as m:
         ours = m.score(reqs)
-        assert m.score_stats.rows == len(reqs)
+        assert m.score_stats.rows == len(reqs) and m.score_stats.fed < m.score_stats.tokens
     check(ours, hf_score(model, reqs), reqs)
 
 
@@ -72,7 +75,7 @@ def test_score_in_chunks_equals_one_chunk(tiny_models, monkeypatch):
     import flexgen_lite.scoring as scoring
 
     path, _ = tiny_models["llama"]
-    reqs = requests()
+    reqs = requests() + requests(3, seed=4, choices=3)
     with FlexGenLite(str(path), policy=POLICIES["weights-cpu"]) as m:
         whole = m.score(reqs)
         monkeypatch.setattr(scoring, "CHUNK_BYTES", 512 * 4 * 3 * 2)  # two positions of one row at a time
@@ -104,6 +107,21 @@ def test_rolling_windows_are_lm_evals():
     for max_len in (1, 7, 64, 196, 197, 300):
         theirs = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(tokens, 2, max_len, 1)]
         assert rolling_windows(tokens, 2, max_len) == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_shared_contexts_past_one_row(tiny_models):
+    """Continuations of one context that do not fit one row of the context (64) spill into more rows, and a
+    request cut from the left (longer than the context) is scored alone."""
+    path, model = tiny_models["opt"]
+    rng = random.Random(5)
+    context = [2] + [rng.randrange(3, 512) for _ in range(30)]
+    reqs = [(context, [rng.randrange(3, 512) for _ in range(8)]) for _ in range(6)]
+    reqs.append(([2] + [rng.randrange(3, 512) for _ in range(70)], [7, 8]))
+    with FlexGenLite(str(path), policy=POLICIES["weights-cpu"]) as m:
+        ours = m.score(reqs)
+    full = reqs[-1][0] + reqs[-1][1]
+    cut = [(full[-65:-2], [7, 8])]
+    check(ours, hf_score(model, reqs[:-1] + cut), reqs)
 
 
 def test_empty_context_is_an_error(tiny_models):
