@@ -88,7 +88,7 @@ def test_a_run_much_faster_than_predicted_remeasures_matmul(cached_busy_profile,
 
     monkeypatch.setattr(bench, "run_benchmark", fake_run)
     monkeypatch.setattr(bench, "format_report", lambda report: "report")
-    main(["bench", "--model", "facebook/opt-125m", "--prompt-len", "16", "--gen-len", "4", "--cpu-mem", "2GiB"])
+    main(["bench", "--model", "facebook/opt-125m", "--prompt-len", "16", "--gen-len", "4", "--cpu-mem", "8GiB"])
     assert "matmul rates measured again and kept where faster" in capsys.readouterr().err
     updated = cached_profile(ComputeDevice("cpu"))
     assert updated.matmul == cached_busy_profile.matmul and "re-measured" in updated.notes[-1]
