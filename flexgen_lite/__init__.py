@@ -3,11 +3,11 @@
 from . import threads  # noqa: F401  first: OpenMP's spin is read from the environment once, when torch loads it
 
 # isort: split
+from .budgets import Budgets
 from .config import ModelConfig, ModelError
 from .generation import FlexGenLite
 from .gguf_file import default_model_path
 from .layout import Workload
-from .memory import Budgets
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy
 from .sampling import SamplingConfig

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .batch_io import InputError
+from .budgets import Budgets, check_budgets
 from .cli_breakdown import add_flags as add_breakdown_flags
 from .cli_checks import Parser, check_args, finite_float, positive_int
 from .cli_options import (  # noqa: F401 - budgets_from_args, is_auto: the API other modules and tests import here
@@ -24,10 +25,11 @@ from .cli_options import (  # noqa: F401 - budgets_from_args, is_auto: the API o
     progress,
 )
 from .config import ModelError
-from .memory import Budgets, check_budgets, gib
+from .dtype_choice import compute_dtype
+from .memory import gib
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy, check_context
-from .profile_store import prediction_miss, remeasure_after_fast_run
+from .profile_store import prediction_miss
 from .storage import OffloadError
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
@@ -37,7 +39,7 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True,
     from .devices import ComputeDevice
     from .generation import model_config, source_quantization
     from .policy_search import for_source, search_policy
-    from .profile_store import load_profile
+    from .profile import load_profile
 
     auto = for_source(auto, source_quantization(model))
     device = ComputeDevice(args.device)
@@ -102,6 +104,7 @@ def cmd_bench(args) -> None:
             print(miss, file=sys.stderr)
             if report["total_tok_s"] > 2 * prediction.throughput and prediction.bound == "compute":
                 from .devices import ComputeDevice
+                from .profile import remeasure_after_fast_run
 
                 print(remeasure_after_fast_run(ComputeDevice(args.device), policy.offload_dir), file=sys.stderr)
     if recorder is not None:
@@ -129,7 +132,7 @@ def predict_policy(args, model: str, workload, policy: Policy, cold: bool = Fals
     from .cost_model import predict
     from .devices import ComputeDevice, host_available_bytes
     from .generation import model_config
-    from .profile_store import load_profile
+    from .profile import load_profile
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, policy.offload_dir, progress=progress)
@@ -177,7 +180,7 @@ def plan_json(result, workload, hardware) -> dict:
 def format_plan(result, workload, hardware, config) -> str:
     p, policy, budgets = result.prediction, result.policy, result.budgets
     cuda = hardware.is_cuda
-    dtype = str(policy.torch_dtype(torch.device("cuda" if cuda else "cpu"))).removeprefix("torch.")
+    dtype = str(compute_dtype(policy, "cuda" if cuda else "cpu")).removeprefix("torch.")
     prompts = "one block" if workload.num_prompts is None else f"{workload.num_prompts} prompts"
     by = sorted(p.decode_by.items(), key=lambda kv: -kv[1])
     lines = [
@@ -208,7 +211,8 @@ def format_plan(result, workload, hardware, config) -> str:
 
 def cmd_profile(args) -> None:
     from .devices import ComputeDevice
-    from .profile_store import load_profile, profile_path
+    from .profile import load_profile
+    from .profile_store import profile_path
 
     device = ComputeDevice(args.device)
     hardware = load_profile(device, args.offload_dir, refresh=args.refresh, progress=progress)

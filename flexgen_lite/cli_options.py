@@ -8,8 +8,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from .budgets import Budgets
 from .cli_checks import UsageError, positive_int, size
-from .memory import Budgets, gib, runtime_bytes
+from .memory import gib, runtime_bytes
 from .policy import Policy, PolicyError
 from .policy_search import AutoPolicy
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from .config import ModelConfig
 from .decode_graph import graphs_wanted
 from .hardware import HardwareProfile
-from .int4_cost import int4_cost, kernel_weight
+from .int4_cost import int4_cost
+from .int4_matmul import layout_fits
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 from .models import LayerSpec
@@ -148,6 +149,14 @@ def graph_decode(s: Setup) -> bool:
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
     return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
             and p.attn_sparsity == 1 and not p.cpu_cache_compute)
+
+
+def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
+    """Whether the engine stores a weight of `shape` in a layer of `kind` for the kernel (place_tensor's
+    rule: a compressed decoder matrix the layout fits, a bf16/fp16 compute dtype, a CPU), and the profile has
+    the kernel's rates in that dtype."""
+    return (not s.cuda and kind in DECODER_KINDS and s.dname != "float32" and layout_fits(shape, s.wcomp)
+            and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
 
 
 def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]]) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from .hardware import HardwareProfile
+from .policy import DTYPES, Policy
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of native bfloat16 matmul units
 PROBE_ROWS = (1, 16, 256)  # decode-like to prefill-like batches
@@ -79,6 +82,12 @@ def default_dtype(device_type: str) -> DtypeChoice:
         hw = cached_profile(cpu) if key[1] is not None else None
         _choices[key] = choose_from_profile(hw) if hw is not None else guess_from_flags(cpu_flags())
     return _choices[key]
+
+
+def compute_dtype(policy: Policy, device_type: str) -> torch.dtype:
+    """The policy's dtype, else this machine's default (`default_dtype`): a policy is data, the default is
+    resolved where a run (or a plan) starts."""
+    return DTYPES[policy.dtype or default_dtype(device_type).dtype]
 
 
 def _mtime(path: str) -> int | None:

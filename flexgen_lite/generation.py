@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 from .block import Block
+from .budgets import Budgets, check_budgets, check_fits
 from .checkpoint import Checkpoint
 from .config import ModelConfig, ModelError, config_from_dict, load_config
 from .devices import ComputeDevice, keep_freed_memory
+from .dtype_choice import compute_dtype
 from .engine import Engine
 from .kv_cache import cache_bytes_per_token
 from .layout import Workload
-from .memory import Budgets, check_budgets, check_fits, return_freed_memory
+from .memory import return_freed_memory
 from .memory_plan import peak_memory
 from .models import layer_specs
 from .policy import Policy, PolicyError, split_counts
@@ -116,7 +118,7 @@ class FlexGenLite:
         self.policy = self._resolve(policy, workload, budgets, hardware, progress)
         if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized)) is not None:
             print(notice, file=sys.stderr)
-        self.dtype = self.policy.torch_dtype(self.device.device)
+        self.dtype = compute_dtype(self.policy, self.device.device.type)
         keep_freed_memory()
         specs = layer_specs(self.config)
         compression = self.policy.weight_compression()
@@ -141,7 +143,7 @@ class FlexGenLite:
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
         from .policy_search import AutoPolicy, for_source, search_policy
-        from .profile_store import load_profile
+        from .profile import load_profile
 
         if policy is None or policy == "auto":
             policy = AutoPolicy()

@@ -4,18 +4,21 @@ The engine multiplies such a weight as it is stored, by tiles (a cache-sized sli
 dense at a time), or dequantizes it whole into its slot in the compute thread and runs dense matmuls, whichever
 `int4_way` finds fastest for the block's GPU batches (which share one whole dequantization) from the profile's
 rates: the kernel's (`HardwareProfile.int4_matmul`), the tiles' (`int4_tiles`), and dequantizing the layout
-(`int4_dequantize`) plus the dense matmuls. The engine (`int4_matmul.int4_path`) and the cost model make the
+(`int4_dequantize`) plus the dense matmuls. The engine (`int4_path`) and the cost model make the
 same choice from the same stored profile, never from a timing in the run: identical runs multiply alike.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch
+
+from .devices import ComputeDevice
 from .hardware import HardwareProfile
-from .int4_matmul import layout_fits
-from .layout import Setup
-from .weights import DECODER_KINDS
+from .int4_matmul import FIXED_ROWS, Int4Weight, native_agrees
+from .profile_store import cached_profile
 
 
 @dataclass(frozen=True)
@@ -24,14 +27,6 @@ class Int4Cost:
 
     dequantize: float
     matmul: float
-
-
-def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
-    """Whether the engine stores a weight of `shape` in a layer of `kind` for the kernel (place_tensor's
-    rule: a compressed decoder matrix the layout fits, a bf16/fp16 compute dtype, a CPU), and the profile has
-    the kernel's rates in that dtype."""
-    return (not s.cuda and kind in DECODER_KINDS and s.dname != "float32" and layout_fits(shape, s.wcomp)
-            and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
 
 
 def int4_ways(hw: HardwareProfile, dtype: str, rows: float, batches: int, k: int, n: int) -> dict[str, Int4Cost]:
@@ -55,3 +50,33 @@ def int4_cost(hw: HardwareProfile, dtype: str, rows: float, batches: int, k: int
     """A weight (n, k) multiplied by `batches` batches of `rows` rows the fastest of int4_path's three ways."""
     ways = int4_ways(hw, dtype, rows, batches, k, n)
     return ways[int4_way(ways)]
+
+
+def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Tensor, uses: int = 1) -> str:
+    """The fastest way here to make `uses` products of `rows` rows (the GPU batches of a block, sharing one fetch
+    of the weight): "kernel" (multiplied as stored), "tiles" (dequantized a tile at a time into `slot` and
+    multiplied dense, in cache; needs the C kernel) or "dense" (dequantized once into `slot`, then dense
+    matmuls). Chosen from this machine's stored profile (its int4 rates, as the cost model does), never by
+    timing in the run: the ways round differently, and a timing on a busy machine would pick differently from
+    run to run. Without a profile that has the rates, a fixed rule."""
+    return _choose(dtype, rows, weight.shape, uses)
+
+
+@functools.cache
+def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) -> str:
+    n, k = shape
+    hw, name = cpu_profile(), str(dtype).removeprefix("torch.")
+    if hw is not None and (hw.int4_matmul or {}).get(name):
+        ways = int4_ways(hw, name, rows, uses, k, n)
+        if not native_agrees():
+            ways.pop("tiles", None)
+        return int4_way(ways)
+    if rows > FIXED_ROWS:
+        return "dense"
+    return "tiles" if native_agrees() else "kernel"
+
+
+@functools.cache
+def cpu_profile():
+    """This machine's stored CPU profile (profile_store.cached_profile: read, never measured), or None."""
+    return cached_profile(ComputeDevice("cpu"))

@@ -11,7 +11,7 @@ which is exactly `compressed_nbytes` of the same weight. Two other ways multiply
 that unpacks the layout (flexgen_lite.native, bit-identical to `Int4Weight.dequantize_t`'s torch path): by
 tiles (a cache-sized slice of rows dequantized and multiplied dense at a time: decode batches), or dequantized
 whole once into a slot for dense matmuls (many rows: prefill, or a block's GPU batches sharing it).
-`int4_path` takes the fastest by this machine's stored profile (int4_cost), the same in every run.
+`int4_cost.int4_path` takes the fastest by this machine's stored profile, the same in every run.
 """
 
 from __future__ import annotations
@@ -181,38 +181,3 @@ class Int4Weight:
             t3.mul_(self.scale[r // g:(r + m) // g, None]).add_(self.minimum[r // g:(r + m) // g, None])
             dst[r:r + m].copy_(t.view(m, n))
         return out
-
-
-def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Tensor, uses: int = 1) -> str:
-    """The fastest way here to make `uses` products of `rows` rows (the GPU batches of a block, sharing one fetch
-    of the weight): "kernel" (multiplied as stored), "tiles" (dequantized a tile at a time into `slot` and
-    multiplied dense, in cache; needs the C kernel) or "dense" (dequantized once into `slot`, then dense
-    matmuls). Chosen from this machine's stored profile (its int4 rates, as the cost model does), never by
-    timing in the run: the ways round differently, and a timing on a busy machine would pick differently from
-    run to run. Without a profile that has the rates, a fixed rule."""
-    return _choose(dtype, rows, weight.shape, uses)
-
-
-@functools.cache
-def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) -> str:
-    from .int4_cost import int4_way, int4_ways
-
-    n, k = shape
-    hw, name = cpu_profile(), str(dtype).removeprefix("torch.")
-    if hw is not None and (hw.int4_matmul or {}).get(name):
-        ways = int4_ways(hw, name, rows, uses, k, n)
-        if not native_agrees():
-            ways.pop("tiles", None)
-        return int4_way(ways)
-    if rows > FIXED_ROWS:
-        return "dense"
-    return "tiles" if native_agrees() else "kernel"
-
-
-@functools.cache
-def cpu_profile():
-    """This machine's stored CPU profile (profile_store.cached_profile: read, never measured), or None."""
-    from .devices import ComputeDevice
-    from .profile_store import cached_profile
-
-    return cached_profile(ComputeDevice("cpu"))

@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-import torch
-
 from .config import ModelConfig
+from .dtype_choice import compute_dtype
 from .hardware import HardwareProfile
 from .kv_cache import cache_bytes_per_token
 from .models import LayerSpec, WeightSpec, layer_specs
@@ -63,7 +62,7 @@ class Setup:
         """hw may be None for memory alone; then `cuda` says whether the compute tier is a GPU."""
         self.config, self.workload, self.policy, self.hw = config, workload, policy, hw
         self.cuda, self.disk_cached = (hw.is_cuda if hw is not None else bool(cuda)), disk_cached
-        self.dtype = policy.torch_dtype(torch.device("cuda" if self.cuda else "cpu"))
+        self.dtype = compute_dtype(policy, "cuda" if self.cuda else "cpu")
         self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
         self.specs, self.groups = _model_specs(config)
         self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike

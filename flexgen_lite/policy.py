@@ -71,14 +71,6 @@ class Policy:
         gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
         return gpu, cpu, max(0.0, 100.0 - gpu - cpu)
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype given, else float16 on CUDA and on a CPU the faster of bfloat16 and float32 (dtype_choice)."""
-        if self.dtype:
-            return DTYPES[self.dtype]
-        from .dtype_choice import default_dtype
-
-        return DTYPES[default_dtype(device.type).dtype]
-
     def weight_compression(self) -> CompressionConfig | None:
         """4-bit groups of 64 along the input dimension.
 

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .budgets import Budgets, over_budget
 from .config import ModelConfig
 from .cost_model import Prediction, phase_times, predict
 from .devices import host_available_bytes
 from .dtype_choice import search_options
 from .hardware import HardwareProfile
 from .layout import Layout, Regime, Setup, Workload
-from .memory import Budgets, gib, over_budget
+from .memory import gib
 from .memory_plan import memory_plan, tier_peaks
 from .policy import Policy, PolicyError
 

@@ -1,4 +1,5 @@
-"""Measuring this machine's speeds (hardware.py holds them, profile_store.py caches them).
+"""Measuring this machine's speeds (hardware.py holds them, profile_store.py stores them, profile_probes.py
+times each kernel, copy and disk).
 
 `flexgen-lite profile` (or the first `--policy auto`) measures, in seconds: matmul rates per dtype over a
 range of batch rows, link bandwidths (host<->device, pinned and pageable; a host memory copy without
@@ -10,70 +11,50 @@ one small op.
 
 from __future__ import annotations
 
-import mmap
+import dataclasses
 import os
 import platform
-import tempfile
-import threading
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .attention import attend
-from .compression import CompressionConfig, dequantize, quantize
+from .block import Block
+from .compression import CompressionConfig
+from .config import config_from_dict
+from .cost_model import predict
 from .devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
+from .dtype_choice import compute_dtype
+from .engine import Engine
 from .hardware import HardwareProfile
-from .int4_matmul import Int4Weight, native_agrees
-from .int4_matmul import available as int4_available
-from .policy import DTYPES
-
-MiB = 2**20
-
-
-def offload_parent(offload_dir: str) -> str:
-    return os.path.abspath(offload_dir or tempfile.gettempdir())
-
-
-# ---- measuring -----------------------------------------------------------------------------------------------
-def _time(fn: Callable[[], object], sync: Callable[[], None], min_time: float = 0.05, max_reps: int = 30) -> float:
-    """Median seconds of one call, after a warm-up call."""
-    fn()
-    sync()
-    times: list[float] = []
-    total = 0.0
-    while len(times) < max_reps and (total < min_time or len(times) < 3):
-        tic = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - tic)
-        total += times[-1]
-        if times[-1] > 4 * min_time:  # slow enough: one timed call is representative
-            break
-    times.sort()
-    return times[len(times) // 2]
-
-
-def _others_cpu(since: float = 0.0) -> float:
-    """CPU seconds all processes but this one have used (from /proc/stat), less `since`; 0 where unknown."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
-    mine = sum(os.times()[:2])
-    return busy - mine - since
-
-
-def _fit(small: float, t_small: float, large: float, t_large: float) -> tuple[float, float]:
-    """(rate, fixed seconds) with t = fixed + amount / rate through two measurements; when noise makes the
-    larger one no slower, a rate from the larger alone and no fixed cost."""
-    if t_large <= t_small * 1.02:
-        return large / t_large, 0.0
-    rate = (large - small) / (t_large - t_small)
-    return rate, max(0.0, t_small - small / rate)
+from .kv_cache import CacheSlots, KVCache
+from .layout import Workload
+from .memory import return_freed_memory
+from .models import layer_specs
+from .policy import DTYPES, Policy
+from .profile_probes import (
+    MiB,
+    attention_rates,
+    best_matmul,
+    compression_rates,
+    compute_dtypes,
+    contention,
+    fit,
+    int4_rates,
+    link_rates,
+    matmul_rates,
+    matmul_shapes,
+    measure_disk,
+    offload_parent,
+    others_cpu,
+    timed,
+)
+from .profile_store import cache_dir, cached_profile, profile_path, save_profile
+from .sampling import SamplingConfig
+from .storage import DiskStore, MemoryLedger, Staging
+from .weights import DummySource, place_weights
 
 
 def measure(device: ComputeDevice | None = None, offload_dir: str = "",
@@ -82,15 +63,15 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     on a 2-core VM and a few seconds with a GPU."""
     device = device or ComputeDevice()
     keep_freed_memory()  # as the engine does: on VMs fresh pages fault in slowly
-    tic, start_cpu = time.perf_counter(), _others_cpu()
+    tic, start_cpu = time.perf_counter(), others_cpu()
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
-    stages = [("matmul", _matmul), ("int4 kernel", _int4_matmul), ("attention", _attention), ("links", _links),
-              ("compression", _compression),
+    stages = [("matmul", matmul_rates), ("int4 kernel", int4_rates), ("attention", attention_rates),
+              ("links", link_rates), ("compression", compression_rates),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates
-              ("matmul, second trial", lambda device, scale: _best_matmul(found, _matmul(device, scale))),
+              ("matmul, second trial", lambda device, scale: best_matmul(found, matmul_rates(device, scale))),
               ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
               ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
     for i, (name, fn) in enumerate(stages):
@@ -99,7 +80,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
         found.update(fn(device, scale))
     if progress:
         progress("")
-    others = _others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
+    others = others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
     notes = [] if others < 0.25 else [
         f"note: other processes used {others:.1f} cores on average while this was measured: rates may be low; "
         "run `flexgen-lite profile --refresh` when the machine is idle"]
@@ -120,235 +101,26 @@ def _device_name(device: ComputeDevice) -> str:
     return f"cpu ({model or 'unknown'}, {os.cpu_count()} cores)"
 
 
-def _matmul_shapes(device: ComputeDevice, scale: int) -> list[tuple[int, int]]:
-    shapes = [(8192, 8192), (1024, 1024)] if device.is_cuda else [(2048, 4096), (768, 768)]
-    return [(k // scale, n // scale) for k, n in shapes]
-
-
-def _matmul(device: ComputeDevice, scale: int) -> dict:
-    """(rows, K) @ (K, N) per dtype over rows from 1 (weight-read bound) up to compute bound, for a large and
-    a small weight: per row count, a rate and a fixed cost per call that fit both."""
-    dev, sync = device.device, device.synchronize
-    shapes = _matmul_shapes(device, scale)
-    rows = (1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024)
-    out = {}
-    for name in ("float32", "bfloat16", "float16"):
-        dtype, points = DTYPES[name], []
-        # as in a model, each matmul reads a weight no cache holds: rotate over 128 MiB of them
-        room = 128 * MiB if scale == 1 else 2 * MiB
-        weights = [[torch.randn(n, k, device=dev).to(dtype) for _ in range(max(1, room // (k * n * dtype.itemsize)))]
-                   for k, n in shapes]
-        for m in rows:
-            flops, times = [], []
-            for (k, n), ws in zip(shapes, weights, strict=True):
-                x = torch.randn(m, k, device=dev).to(dtype)
-                s = _time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], sync, min_time=0.1 / scale)
-                flops.append(2 * m * k * n)
-                times.append(s / len(ws))
-            rate, fixed = _fit(flops[1], times[1], flops[0], times[0])
-            points.append((m, rate, fixed))
-            if s > 0.25 and scale == 1:  # a slow dtype (float16 on most CPUs): more rows would take seconds
-                break
-        out[name] = points
-    return {"matmul": out, "matmul_shape": shapes[0]}
-
-
-def _best_matmul(first: dict, second: dict) -> dict:
-    """Per dtype and row count, the faster of two trials taken apart in time: the machine's capability, not
-    a moment when another process had the cores."""
-    k, n = first["matmul_shape"]
-
-    def seconds(point) -> float:
-        m, rate, fixed = point
-        return fixed + 2 * m * k * n / rate
-
-    best = {}
-    for dtype, points in first["matmul"].items():
-        other = dict((p[0], p) for p in second["matmul"].get(dtype, []))
-        best[dtype] = [min(p, other.get(p[0], p), key=seconds) for p in points]
-    return {"matmul": best}
-
-
 def remeasure_matmul(device: ComputeDevice, hw: HardwareProfile) -> dict:
     """Matmul rates measured again, the faster of these and `hw`'s kept per dtype and row count."""
-    found = _matmul(device, 1 if tuple(hw.matmul_shape) == _matmul_shapes(device, 1)[0] else 8)
-    return _best_matmul({"matmul": hw.matmul, "matmul_shape": hw.matmul_shape}, found)["matmul"]
-
-
-INT4_ROWS = (1, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (int4_path)
-INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that none comes from the 32 MiB L3
-
-
-def _int4_matmul(device: ComputeDevice, scale: int) -> dict:
-    """int4_matmul's kernel (CPU; none with CUDA or where this torch lacks it), per dtype it runs in. In
-    bfloat16, as `_matmul`: a rate and a fixed cost per row count fitted to a large and a small weight. In
-    float16 (slow on most CPUs, which auto never computes in) the small weight alone, while a call takes
-    under 2 ms. The fastest of a few calls: on a busy machine a call waits for a core now and then. And the
-    rate of dequantizing the layout for a dense matmul (large batches). ~0.1-0.3 s on this VM."""
-    if device.is_cuda or not int4_available():
-        return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {}}
-    large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
-    found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
-    weight = _int4_weights(*large, 1)[0]
-    rates = {}
-    for name, points in found.items():
-        if points:
-            out = torch.empty(large, dtype=getattr(torch, name))
-            rates[name] = out.numel() / _time(lambda out=out: weight.dequantize_t(out), lambda: None)
-    # by tiles through the C kernel: bfloat16 only (what auto computes in on a CPU with the kernel)
-    tiles = {"bfloat16": _int4_points(torch.bfloat16, small, large, tiled=True)} if native_agrees() else {}
-    return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates,
-            "int4_tiles": {name: points for name, points in tiles.items() if points}}
-
-
-def _int4_weights(k: int, n: int, copies: int, group_size: int = 64,
-                  tiled: torch.dtype | None = None) -> list[Int4Weight]:
-    """`copies` 4-bit weights (n, k) in the kernel's layout (its time does not depend on the codes); `tiled`:
-    multiplied by tiles in that dtype, through one shared buffer (as the engine's slot)."""
-    stats = torch.full((2, k // group_size, n), 0.01, dtype=torch.float16)
-    tiles = torch.empty(n * k, dtype=tiled) if tiled else None
-    return [Int4Weight(torch.full((n, k // 2), 0x93, dtype=torch.uint8), stats[0], stats[1], group_size, tiles)
-            for _ in range(copies)]
-
-
-def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, int] | None = None,
-                 tiled: bool = False) -> list[tuple[int, float, float]]:
-    """(rows, FLOP/s, fixed s) of `Int4Weight.matmul` (by tiles: `tiled`) in `dtype` for weights (K, N) `small`
-    and `large` (the large rotated over at few rows); without `large`, from `small` alone with no fixed cost,
-    up to the first row count whose call takes over 2 ms. [] where the kernel refuses the dtype."""
-    small_w = _int4_weights(*small, 1, tiled=dtype if tiled else None)
-    copies = min(16, max(1, INT4_ROTATION // (large[0] * large[1] // 2))) if large else 0
-    large_w = _int4_weights(*large, copies, tiled=dtype if tiled else None) if large else []
-    points: list[tuple[int, float, float]] = []
-    for m in INT4_ROWS:
-        flops = 2 * m * small[0] * small[1]
-        try:
-            t_small = _int4_seconds(small_w, m, small[0], dtype)
-            if not large:
-                points.append((m, flops / t_small, 0.0))
-                if t_small > 2e-3:
-                    break
-                continue
-            t_large = _int4_seconds(large_w if m <= 16 else large_w[:1], m, large[0], dtype)  # 64: compute bound
-        except (RuntimeError, NotImplementedError):
-            return []
-        points.append((m, *_fit(flops, t_small, 2 * m * large[0] * large[1], t_large)))
-    return points
-
-
-def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dtype, runs: int = 3) -> float:
-    """Seconds of one `Int4Weight.matmul` of `rows` rows, rotating over `weights`: the fastest of `runs`
-    after a warm-up."""
-    x = torch.randn(rows, k).to(dtype)
-    best = float("inf")
-    for i in range(runs + 1):
-        tic = time.perf_counter()
-        for w in weights:
-            w.matmul(x)
-        best = best if i == 0 else min(best, time.perf_counter() - tic)
-    return best / len(weights)
+    found = matmul_rates(device, 1 if tuple(hw.matmul_shape) == matmul_shapes(device, 1)[0] else 8)
+    return best_matmul({"matmul": hw.matmul, "matmul_shape": hw.matmul_shape}, found)["matmul"]
 
 
 def measure_int4_matmul(device: ComputeDevice) -> dict:
     """The int4 kernel's rates alone (int4_matmul, int4_dequantize, int4_tiles): for a cached profile older than
     them (profile_store)."""
-    return _int4_matmul(device, 1)
-
-
-def _compute_dtypes(device: ComputeDevice) -> list[str]:
-    return ["float32", "bfloat16"] + (["float16"] if device.is_cuda else [])
-
-
-def _attention(device: ComputeDevice, scale: int) -> dict:
-    """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
-    second), with the engine's own attention function."""
-    dev, sync = device.device, device.synchronize
-    sdpa, attention, cpu_attention = {}, {}, {}
-    for name in _compute_dtypes(device):
-        dtype = DTYPES[name]
-        b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
-        q = torch.randn(b, heads, t, hd, device=dev).to(dtype)
-        mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None].expand(b, 1, t, t)
-        s = _time(lambda q=q, mask=mask: attend(q, q, q, mask), sync)
-        sdpa[name] = 4 * b * heads * t * t * hd / s
-        for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
-            cuda = where.type == "cuda"
-            b, long = (32, 4096 // scale) if cuda else (8, 2048 // scale)
-            q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
-            if out is cpu_attention:  # beside a GPU it reads the cache across the link in place: position-major,
-                # k and v apart (native.decode_attention, on all cores)
-                k, v = (torch.randn(long + 64, b, heads, hd).to(dtype).permute(1, 2, 0, 3) for _ in range(2))
-            else:
-                k = v = torch.randn(b, heads, long + 64, hd, device=where).to(dtype)
-            times = []
-            for length in (32, long):  # over a cache prefix, as the engine attends
-                kl, vl = k[:, :, :length], v[:, :, :length]
-                m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
-                here = sync if cuda else (lambda: None)
-                times.append(_time(lambda q1=q1, kl=kl, vl=vl, m1=m1: attend(q1, kl, vl, m1), here))
-            per_position = 2 * b * heads * hd * dtype.itemsize
-            rate, fixed = _fit(per_position * 32, times[0], per_position * long, times[1])
-            out[name] = (fixed, rate)
-    for table in (sdpa, attention, cpu_attention):  # a float16 cache is attended in bfloat16 on a CPU
-        table.setdefault("float16", table["bfloat16"])
-    return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention}
-
-
-def _links(device: ComputeDevice, scale: int) -> dict:
-    """Host<->device copies (pinned, pageable), copies within each memory, and the cache's transposing copy."""
-    dev, sync = device.device, device.synchronize
-    size = (256 if device.is_cuda else 128) * MiB // scale
-    host, host2 = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
-    out = {"host_copy": size / _time(lambda: host2.copy_(host), lambda: None)}
-    if device.is_cuda:
-        pinned, on_dev = host.pin_memory(), torch.empty(size, dtype=torch.uint8, device=dev)
-        on_dev2 = torch.empty_like(on_dev)
-        out.update(h2d_pinned=size / _time(lambda: on_dev.copy_(pinned, non_blocking=True), sync),
-                   h2d_pageable=size / _time(lambda: on_dev.copy_(host), sync),
-                   d2h_pinned=size / _time(lambda: pinned.copy_(on_dev, non_blocking=True), sync),
-                   d2h_pageable=size / _time(lambda: host.copy_(on_dev), sync),
-                   device_copy=size / _time(lambda: on_dev2.copy_(on_dev), sync))
-    else:  # the "link" is host memory itself
-        out.update(dict.fromkeys(("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "device_copy"),
-                                 out["host_copy"]))
-    rows, heads, length, hd = 8, 12, 1024 // scale, 64
-    pos_major = torch.randn(length, rows, heads, hd).to(torch.bfloat16)
-    row_major = torch.empty(rows, heads, length, hd, dtype=torch.bfloat16)
-    out["strided_copy"] = pos_major.numel() * 2 / _time(lambda: row_major.copy_(pos_major.permute(1, 2, 0, 3)),
-                                                         lambda: None)
-    return out
-
-
-def _compression(device: ComputeDevice, scale: int) -> dict:
-    """4-bit dequantization of weights (the engine's path: on CUDA the fused kernel where it passed its check, on
-    a matrix the size of a large model's, 8192 x 8192, where launches no longer count) and quantization,
-    elements per second."""
-    dq, qz = {}, {}
-    rows = (8192 if device.is_cuda else 2048) // scale
-    for name in _compute_dtypes(device):
-        dtype = DTYPES[name]
-        x = torch.randn(rows, rows if device.is_cuda else 2048, device=device.device).to(dtype)
-        qt = quantize(x, CompressionConfig(4, 64, 1))
-        out = torch.empty_like(x)
-        dq[name] = x.numel() / _time(lambda qt=qt, out=out, dtype=dtype: dequantize(qt, dtype, out=out),
-                                     device.synchronize)
-        x = x[:2048 // scale] if device.is_cuda else x
-        qz[name] = x.numel() / _time(lambda x=x: quantize(x, CompressionConfig(4, 64, -1)), device.synchronize)
-    for table in (dq, qz):
-        table.setdefault("float16", table["bfloat16"])
-    return {"dequantize": dq, "quantize": qz}
+    return int4_rates(device, 1)
 
 
 def _cache_parts(device: ComputeDevice, scale: int) -> dict:
     """The engine's own KVCache.load of a part that is not used in place, at a short and a long prefix:
     a fixed cost per load and a rate. A disk part (read from the page cache, then transposed), a compressed
     part in compute memory (dequantized); and one token stored into a compressed part."""
-    from .kv_cache import CacheSlots, KVCache
-    from .storage import DiskStore, MemoryLedger, Staging
 
     rows, heads, hd, short, long = 8, 12, 64, 16, 512 // scale
     disk_load, comp_load, store_s = {}, {}, 0.0
-    for name in _compute_dtypes(device):
+    for name in compute_dtypes(device):
         dtype = DTYPES[name]
         for table, percents, comp in ((disk_load, (0, 0, 100), None),
                                       (comp_load, (100, 0, 0), CompressionConfig(4, 64, -1))):
@@ -357,14 +129,14 @@ def _cache_parts(device: ComputeDevice, scale: int) -> dict:
             slots = CacheSlots(ledger, Staging(pin=device.is_cuda))
             token = torch.randn(rows, heads, long, hd, device=device.device).to(dtype)
             kv.store(kv.parts[0][0][0], token, token, 0)
-            times = [_time(lambda kv=kv, slots=slots, n=n: kv.load(0, 0, n, slots, 0), device.synchronize)
+            times = [timed(lambda kv=kv, slots=slots, n=n: kv.load(0, 0, n, slots, 0), device.synchronize)
                      for n in (short, long)]
             amount = 2 * rows * heads * hd * (1 if comp else dtype.itemsize)  # elements, or bytes, per position
-            rate, fixed = _fit(amount * short, times[0], amount * long, times[1])
+            rate, fixed = fit(amount * short, times[0], amount * long, times[1])
             table[name] = (fixed, rate)
             if comp:
                 part, one = kv.parts[0][0][0], token[:, :, :1].contiguous()
-                store_s = max(store_s, _time(lambda kv=kv, part=part, one=one: kv.store(part, one, one, 0),
+                store_s = max(store_s, timed(lambda kv=kv, part=part, one=one: kv.store(part, one, one, 0),
                                              device.synchronize))
             disk.close()
     for table in (disk_load, comp_load):
@@ -382,10 +154,10 @@ def _overhead(device: ComputeDevice, scale: int) -> dict:
             F.linear(x, w)
 
     pool = IOPool(overlap=True)
-    handoff = _time(lambda: [pool.submit(int).result() for _ in range(100)], lambda: None) / 100
+    handoff = timed(lambda: [pool.submit(int).result() for _ in range(100)], lambda: None) / 100
     pool.close()
-    return {"op_overhead": _time(hundred_ops, device.synchronize) / 100, "handoff": handoff,
-            "contention": _contention(device, scale)}
+    return {"op_overhead": timed(hundred_ops, device.synchronize) / 100, "handoff": handoff,
+            "contention": contention(device, scale)}
 
 
 SMALL = {  # decode steps of these, less what the cost model already counts, are the engine's own overhead
@@ -401,17 +173,6 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
     """Seconds per layer and per (layer, GPU batch) of a decode step that the rest of the cost model does not
     count (Python, dispatch, futures, waking threads between ops): small models of each family run in the
     engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term."""
-    from .block import Block
-    from .config import config_from_dict
-    from .cost_model import predict
-    from .engine import Engine
-    from .layout import Workload
-    from .models import layer_specs
-    from .policy import Policy
-    from .sampling import SamplingConfig
-    from .storage import DiskStore, MemoryLedger
-    from .weights import DummySource, place_weights
-
     fields = {**found, "layer_overhead": {f: (0.0, 0.0) for f in SMALL}, "offload_dir": "", "threads": 1,
               "host_memory": 0, "device": "", "is_cuda": device.is_cuda}
     partial = HardwareProfile(**fields)
@@ -421,7 +182,7 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
         specs, residual = layer_specs(config), {}
         for nb in (1, 2):
             policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb)
-            dtype = policy.torch_dtype(device.device)
+            dtype = compute_dtype(policy, device.device.type)
             disk, ledger = DiskStore(), MemoryLedger()
             weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
                                     pin=False)
@@ -441,97 +202,50 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
     return {"layer_overhead": out}
 
 
-def _contention(device: ComputeDevice, scale: int, io: Callable[[], object] | None = None) -> float:
-    """(time of matmuls with `io` in a thread beside them - matmuls alone) / io alone: 1 when they share the
-    cores perfectly, more when threads oversubscribe them. `io` defaults to dequantization (torch work in an
-    I/O thread). 1 with CUDA (separate devices)."""
-    if device.is_cuda:
-        return 1.0
-    x = torch.randn(16, 768).to(torch.bfloat16)
-    weights = [torch.randn(3072, 768).to(torch.bfloat16) for _ in range(24 // scale)]
-    codes = quantize(torch.randn(3072, 768).to(torch.bfloat16), CompressionConfig(4, 64, 1))
-    out = torch.empty(3072, 768, dtype=torch.bfloat16)
+def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,
+                 progress: Callable[[str], None] | None = None) -> HardwareProfile:
+    """The cached profile of this machine, measuring it first if there is none (or with `refresh`).
 
-    def compute() -> None:
-        for _ in range(5):
-            for w in weights:
-                F.linear(x, w)
-
-    def dequantizing() -> None:
-        for _ in range(15 // scale or 1):
-            dequantize(codes, torch.bfloat16, out=out)
-
-    io = io or dequantizing
-    nothing = lambda: None  # noqa: E731
-    alone_compute, alone_io = _time(compute, nothing), _time(io, nothing)
-
-    def both() -> None:
-        thread = threading.Thread(target=io)
-        thread.start()
-        compute()
-        thread.join()
-
-    return max(1.0, (_time(both, nothing) - alone_compute) / alone_io)
+    FLEXGEN_LITE_PROFILE=FILE uses that file instead (tests, or a profile copied from a like machine)."""
+    device = device or ComputeDevice()
+    if not refresh:
+        found = cached_profile(device, offload_dir)
+        if found is not None:
+            return _with_int4_rates(found, device, offload_dir)
+        print(f"no profile of this machine yet: measuring it now (~25 s, once; cached in {cache_dir()}). Other "
+              "processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
+              file=sys.stderr)
+    profile = measure(device, offload_dir, progress)
+    return_freed_memory()  # the measurement's buffers: not resident beyond what budgets count
+    if profile.notes and not refresh:
+        print("\n" + "\n".join(profile.notes), file=sys.stderr)
+    save_profile(profile, profile_path(device, offload_dir))
+    return profile
 
 
-def measure_disk(offload_dir: str, size: int, device: ComputeDevice | None = None) -> dict:
-    """Write and read back `size` bytes in the offload file system, cold and from the page cache, into a
-    buffer as large as the file (as the engine reads into weight slots, not into a cache-sized buffer);
-    and how much dearer page-cache reads get beside compute."""
-    parent = offload_dir or tempfile.gettempdir()
-    os.makedirs(parent, exist_ok=True)
-    fd_, path = tempfile.mkstemp(prefix="flexgen-lite-profile-", dir=parent)
-    os.close(fd_)
-    chunk = 8 * MiB
-    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(1 << 16) * (size >> 16))
-    view = memoryview(buf)
-    chunks = [(off, view[off:off + chunk]) for off in range(0, size, chunk)]
-    try:
-        method, fd = "O_DIRECT", None
-        try:
-            fd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
-            os.pwrite(fd, chunks[0][1], 0)  # file systems without O_DIRECT (tmpfs) fail here
-        except OSError:
-            if fd is not None:
-                os.close(fd)
-            method, fd = "buffered + fadvise(DONTNEED)", os.open(path, os.O_RDWR)
-        if not hasattr(os, "O_DIRECT"):
-            method = "buffered + fadvise(DONTNEED)"
+def _with_int4_rates(hw: HardwareProfile, device: ComputeDevice, offload_dir: str) -> HardwareProfile:
+    """A cached profile older than the int4 kernel's rates (None) gets them measured now (a fraction of a
+    second) and saved; FLEXGEN_LITE_PROFILE's file is left as it is (the cost model then assumes no kernel)."""
+    measured = (hw.int4_matmul, hw.int4_dequantize, hw.int4_tiles)
+    if all(found is not None for found in measured) or os.environ.get("FLEXGEN_LITE_PROFILE"):
+        return hw
+    updated = dataclasses.replace(hw, **measure_int4_matmul(device))
+    save_profile(updated, profile_path(device, offload_dir))
+    return updated
 
-        def drop() -> None:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-        def each(io) -> float:
-            tic = time.perf_counter()
-            for off, part in chunks:
-                io(fd, part, off)
-            return size / (time.perf_counter() - tic)
-
-        def read(fd, part, off):
-            os.preadv(fd, [part], off)
-
-        tic = time.perf_counter()
-        each(os.pwrite)
-        os.fsync(fd)
-        write = size / (time.perf_counter() - tic)
-        drop()
-        cold = each(read)
-        os.close(fd)
-
-        fd = os.open(path, os.O_RDWR)  # buffered: fill the page cache, then time reads from it
-        each(read)
-        cached_read = each(read)
-        cached_write = each(os.pwrite)
-        reads = _contention(device, 1, lambda: each(read)) if device is not None else 1.0
-        drop()
-        os.close(fd)
-    finally:
-        view.release()
-        for _, part in chunks:
-            part.release()
-        buf.close()
-        os.unlink(path)
-    return {"disk_read": cold, "disk_write": write, "cached_read": cached_read, "cached_write": cached_write,
-            "disk_method": method, "contention_read": reads}
+def remeasure_after_fast_run(device: ComputeDevice, offload_dir: str = "") -> str:
+    """After a compute-bound run more than 2x faster than predicted (a profile taken while the machine was
+    busy): measure the matmul rates again, keep the faster per point, and save them for the next plan."""
+    if os.environ.get("FLEXGEN_LITE_PROFILE"):
+        return "the profile is FLEXGEN_LITE_PROFILE's file: left as it is"
+    hw = cached_profile(device, offload_dir)
+    if hw is None:
+        return "no cached profile to update"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    updated = dataclasses.replace(hw, matmul=remeasure_matmul(device, hw),
+                                  notes=[*hw.notes, f"matmul rates re-measured {stamp} after a run 2x faster "
+                                         "than predicted"])
+    save_profile(updated, profile_path(device, offload_dir))
+    return f"matmul rates measured again and kept where faster, in {profile_path(device, offload_dir)}: the next " \
+           "plan uses them"

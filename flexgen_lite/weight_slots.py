@@ -11,7 +11,8 @@ import torch
 
 from .compression import dequantize, from_bytes
 from .devices import ComputeDevice
-from .int4_matmul import Int4Weight, int4_path
+from .int4_cost import int4_path
+from .int4_matmul import Int4Weight
 from .storage import PAGE, DiskFile, MemoryLedger, Staging
 from .trace import DEQUANTIZE, NULL, WEIGHT_LOAD
 from .weights import StoredWeight

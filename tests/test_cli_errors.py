@@ -26,7 +26,7 @@ def no_loading(monkeypatch):
         raise AssertionError("loaded the model before checking the command line")
 
     monkeypatch.setattr(generation, "FlexGenLite", refuse)
-    monkeypatch.setattr("flexgen_lite.profile_store.load_profile", refuse)
+    monkeypatch.setattr("flexgen_lite.profile.load_profile", refuse)
 
 
 def fails(argv: list[str], capsys) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from flexgen_lite import FlexGenLite, Policy, Workload, default_model_path
+from flexgen_lite.budgets import Budgets
 from flexgen_lite.generation import compression_notice, model_config, source_quantization
-from flexgen_lite.memory import Budgets
 from flexgen_lite.policy_search import AutoPolicy, _candidates, for_source, search_policy
 
 from .conftest import synthetic_profile

@@ -9,19 +9,21 @@ import json
 
 import pytest
 
+from flexgen_lite.budgets import Budgets
 from flexgen_lite.cost_model import predict
 from flexgen_lite.devices import ComputeDevice
+from flexgen_lite.dtype_choice import compute_dtype
 from flexgen_lite.hardware import HardwareProfile, interpolated_time
 from flexgen_lite.int4_cost import int4_cost
 from flexgen_lite.int4_matmul import available
 from flexgen_lite.layout import Workload
-from flexgen_lite.memory import Budgets
 from flexgen_lite.models import layer_specs
 from flexgen_lite.policy import Policy
 from flexgen_lite.policy_search import AutoPolicy, search_policy
 from flexgen_lite.presets import preset_config
-from flexgen_lite.profile import _int4_matmul
-from flexgen_lite.profile_store import load_profile, profile_path, save_profile
+from flexgen_lite.profile import load_profile
+from flexgen_lite.profile_probes import int4_rates
+from flexgen_lite.profile_store import profile_path, save_profile
 from flexgen_lite.weights import planned_bytes
 
 from .conftest import synthetic_profile
@@ -90,7 +92,7 @@ def test_the_kernel_makes_compressed_decode_cheaper_and_drops_its_dequantization
 
 def test_search_compresses_on_a_cpu_with_the_kernel_when_uncompressed_weights_do_not_fit():
     budgets, workload = Budgets(None, int(1.5 * GiB), 20 * GiB), Workload(64, 32, 16)
-    dense = planned_bytes(layer_specs(OPT), (100, 0, 0), COMPRESSED.torch_dtype(ComputeDevice().device))
+    dense = planned_bytes(layer_specs(OPT), (100, 0, 0), compute_dtype(COMPRESSED, ComputeDevice().device.type))
     assert sum(dense.values()) > budgets.cpu  # uncompressed, most weights would be read from the (cold) disk
     auto = AutoPolicy(Policy(dtype="bfloat16"))
     with_kernel = search_policy(OPT, workload, KERNEL, budgets, auto, page_cache=0)
@@ -100,7 +102,7 @@ def test_search_compresses_on_a_cpu_with_the_kernel_when_uncompressed_weights_do
 
 
 def test_profile_measures_the_kernel_where_torch_has_it():
-    measured = _int4_matmul(ComputeDevice(), 8)
+    measured = int4_rates(ComputeDevice(), 8)
     found = measured["int4_matmul"]
     if not available():
         assert found == {} and measured["int4_dequantize"] == {}

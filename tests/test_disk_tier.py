@@ -161,7 +161,7 @@ def test_search_compresses_weights_on_a_slow_cold_disk(disk_gb_s, dequantize_g_s
     fp32, so the search takes them when dequantizing costs less than the reads it saves, and not otherwise."""
     import dataclasses
 
-    from flexgen_lite.memory import Budgets
+    from flexgen_lite.budgets import Budgets
     from flexgen_lite.policy_search import AutoPolicy, search_policy
     from flexgen_lite.presets import preset_config
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from flexgen_lite import Policy
+from flexgen_lite.budgets import Budgets
 from flexgen_lite.cli import main
-from flexgen_lite.dtype_choice import choose_from_profile, default_dtype, guess_from_flags
+from flexgen_lite.dtype_choice import choose_from_profile, compute_dtype, default_dtype, guess_from_flags
 from flexgen_lite.layout import Workload
-from flexgen_lite.memory import Budgets
 from flexgen_lite.policy_search import AutoPolicy, search_policy
 from flexgen_lite.presets import preset_config
 
@@ -55,8 +55,8 @@ def test_measured_rates_decide():
 @pytest.mark.parametrize(("hw", "expected"), [(FAST_BF16, torch.bfloat16), (slow_bf16_profile(), torch.float32)])
 def test_policy_default_on_cpu_follows_the_profile(profile_env, hw, expected):
     profile_env(hw)
-    assert Policy().torch_dtype(torch.device("cpu")) == expected
-    assert Policy(dtype="bfloat16").torch_dtype(torch.device("cpu")) == torch.bfloat16  # given: kept
+    assert compute_dtype(Policy(), "cpu") == expected
+    assert compute_dtype(Policy(dtype="bfloat16"), "cpu") == torch.bfloat16  # given: kept
     assert default_dtype("cuda").dtype == "float16"
 
 

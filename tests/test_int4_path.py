@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
+import flexgen_lite.int4_cost as int4_cost
 import flexgen_lite.int4_matmul as int4_matmul
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.compression import CompressionConfig, quantize
-from flexgen_lite.int4_cost import int4_way, int4_ways
-from flexgen_lite.int4_matmul import Int4Weight, int4_path, pack
+from flexgen_lite.int4_cost import int4_path, int4_way, int4_ways
+from flexgen_lite.int4_matmul import Int4Weight, pack
 
 from .conftest import PROMPTS, synthetic_profile
 from .test_parity import P
@@ -22,8 +23,8 @@ G = 1e9
 
 
 def _reset() -> None:
-    int4_matmul._choose.cache_clear()
-    int4_matmul.cpu_profile.cache_clear()
+    int4_cost._choose.cache_clear()
+    int4_cost.cpu_profile.cache_clear()
 
 
 def _weight(n: int = 128, k: int = 256) -> Int4Weight:

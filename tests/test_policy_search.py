@@ -8,21 +8,21 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
+from flexgen_lite.budgets import Budgets
 from flexgen_lite.cli import build_parser, main, policy_from_args
 from flexgen_lite.cost_model import predict
+from flexgen_lite.dtype_choice import compute_dtype
 from flexgen_lite.generation import model_config
 from flexgen_lite.hardware import HardwareProfile
 from flexgen_lite.layout import Workload
-from flexgen_lite.memory import Budgets, parse_size
+from flexgen_lite.memory import parse_size
 from flexgen_lite.memory_plan import peak_memory
 from flexgen_lite.models import layer_specs
 from flexgen_lite.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
 from flexgen_lite.presets import preset_config
-from flexgen_lite.profile import measure
-from flexgen_lite.profile_store import load_profile
+from flexgen_lite.profile import load_profile, measure
 from flexgen_lite.weights import planned_bytes
 
 from .conftest import PROMPTS, synthetic_profile
@@ -136,7 +136,7 @@ def test_weight_bytes_are_the_engines(name):
                    Policy(weight_gpu_percent=10, weight_cpu_percent=0, compress_weight=True),
                    Policy(weight_gpu_percent=0, weight_cpu_percent=0, compress_weight=True, weight_group_dim=0)):
         plan, _ = peak_memory(config, WL, policy, cuda=True)
-        want = planned_bytes(layer_specs(config), policy.percents("weight"), policy.torch_dtype(torch.device("cuda")),
+        want = planned_bytes(layer_specs(config), policy.percents("weight"), compute_dtype(policy, "cuda"),
                              policy.weight_compression())
         assert {t: plan[t]["weights"] for t in want} == want
 

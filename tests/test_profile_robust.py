@@ -11,15 +11,9 @@ import pytest
 from flexgen_lite import bench
 from flexgen_lite.cli import main
 from flexgen_lite.devices import ComputeDevice
-from flexgen_lite.profile import _best_matmul
-from flexgen_lite.profile_store import (
-    cached_profile,
-    load_profile,
-    prediction_miss,
-    profile_path,
-    remeasure_after_fast_run,
-    save_profile,
-)
+from flexgen_lite.profile import load_profile, remeasure_after_fast_run
+from flexgen_lite.profile_probes import best_matmul
+from flexgen_lite.profile_store import cached_profile, prediction_miss, profile_path, save_profile
 
 from .conftest import synthetic_profile
 
@@ -29,7 +23,7 @@ G = 1e9
 def test_best_of_two_matmul_trials_per_point():
     first = {"matmul_shape": (1024, 1024), "matmul": {"float32": [(1, 1 * G, 1e-4), (16, 50 * G, 1e-4)]}}
     second = {"matmul": {"float32": [(1, 4 * G, 1e-4), (16, 20 * G, 1e-4)]}}  # busy for the second point
-    assert _best_matmul(first, second)["matmul"]["float32"] == [(1, 4 * G, 1e-4), (16, 50 * G, 1e-4)]
+    assert best_matmul(first, second)["matmul"]["float32"] == [(1, 4 * G, 1e-4), (16, 50 * G, 1e-4)]
 
 
 def test_a_miss_beyond_2x_is_reported_either_way():
@@ -77,7 +71,7 @@ def cached_busy_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     save_profile(busy_profile(), profile_path(ComputeDevice("cpu")))
     quiet = synthetic_profile()
-    monkeypatch.setattr("flexgen_lite.profile._matmul", lambda device, scale: {
+    monkeypatch.setattr("flexgen_lite.profile.matmul_rates", lambda device, scale: {
         "matmul": quiet.matmul, "matmul_shape": quiet.matmul_shape})
     return quiet
 
@@ -96,7 +90,7 @@ def test_a_run_much_faster_than_predicted_remeasures_matmul(cached_busy_profile,
 
 def test_remeasuring_keeps_what_was_faster(cached_busy_profile, monkeypatch):
     slower = {k: [(m, r / 100, f) for m, r, f in v] for k, v in cached_busy_profile.matmul.items()}
-    monkeypatch.setattr("flexgen_lite.profile._matmul", lambda device, scale: {
+    monkeypatch.setattr("flexgen_lite.profile.matmul_rates", lambda device, scale: {
         "matmul": slower, "matmul_shape": cached_busy_profile.matmul_shape})
     remeasure_after_fast_run(ComputeDevice("cpu"))
     assert cached_profile(ComputeDevice("cpu")).matmul == busy_profile().matmul

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..budgets import Budgets
 from ..layout import Workload
-from ..memory import Budgets
 from ..policy import Policy
 from ..policy_search import AutoPolicy
 
