@@ -187,7 +187,7 @@ def write_tiny_checkpoint(name: str, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from flexgen_lite.config import config_from_dict
-    from flexgen_lite.models import layer_specs
+    from flexgen_lite.models.specs import layer_specs
 
     path = folder / name
     if (path / "model.safetensors").is_file():

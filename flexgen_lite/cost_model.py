@@ -27,7 +27,7 @@ from .int4_cost import int4_cost
 from .int4_matmul import layout_fits
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
-from .models import LayerSpec
+from .models.specs import LayerSpec
 from .policy import Policy
 from .weights import DECODER_KINDS
 

@@ -26,7 +26,7 @@ from .config import ModelConfig
 from .decode_graph import StaticDecode, graphs_wanted
 from .devices import ComputeDevice, IOPool, host_available_bytes
 from .kv_cache import CacheSlots, KVCache
-from .models import LayerSpec
+from .models.specs import LayerSpec
 from .models import layers as L
 from .policy import Policy
 from .sampling import SamplingConfig, sample

@@ -19,7 +19,7 @@ from .kv_cache import cache_bytes_per_token
 from .layout import Workload
 from .memory import return_freed_memory
 from .memory_plan import peak_memory
-from .models import layer_specs
+from .models.specs import layer_specs
 from .policy import Policy, PolicyError, split_counts
 from .presets import find_preset, preset_config, preset_names
 from .sampling import SamplingConfig, row_generators

@@ -11,7 +11,7 @@ from .config import ModelConfig
 from .dtype_choice import compute_dtype
 from .hardware import HardwareProfile
 from .kv_cache import cache_bytes_per_token
-from .models import LayerSpec, WeightSpec, layer_specs
+from .models.specs import LayerSpec, WeightSpec, layer_specs
 from .policy import Policy, PolicyError, split_counts
 from .storage import TIERS, page_aligned
 from .weights import DECODER_KINDS, stored_nbytes, weight_tiers

@@ -32,7 +32,7 @@ from .hardware import HardwareProfile
 from .kv_cache import CacheSlots, KVCache
 from .layout import Workload
 from .memory import return_freed_memory
-from .models import layer_specs
+from .models.specs import layer_specs
 from .policy import DTYPES, Policy
 from .profile_probes import (
     MiB,

@@ -21,7 +21,7 @@ from .devices import ComputeDevice
 from .host_memory import HostArena, padded
 from .int4_matmul import Int4Weight, eligible, quantize_packed
 from .memory import return_freed_memory
-from .models import LayerSpec, WeightSpec
+from .models.specs import LayerSpec, WeightSpec
 from .storage import DiskFile, DiskStore, MemoryLedger, page_aligned
 
 DECODER_KINDS = ("attention", "mlp")

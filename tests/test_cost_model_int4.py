@@ -17,7 +17,7 @@ from flexgen_lite.hardware import HardwareProfile, interpolated_time
 from flexgen_lite.int4_cost import int4_cost
 from flexgen_lite.int4_matmul import available
 from flexgen_lite.layout import Workload
-from flexgen_lite.models import layer_specs
+from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.policy import Policy
 from flexgen_lite.policy_search import AutoPolicy, search_policy
 from flexgen_lite.presets import preset_config

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.models import layer_specs
+from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.models import layers as L
 from flexgen_lite.presets import preset_config
 from flexgen_lite.sampling import row_generators, sample

@@ -19,7 +19,7 @@ from flexgen_lite.hardware import HardwareProfile
 from flexgen_lite.layout import Workload
 from flexgen_lite.memory import parse_size
 from flexgen_lite.memory_plan import peak_memory
-from flexgen_lite.models import layer_specs
+from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
 from flexgen_lite.presets import preset_config
 from flexgen_lite.profile import load_profile, measure

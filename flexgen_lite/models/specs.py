@@ -1,0 +1,58 @@
+"""A model is a list of layers (embed, attention/mlp per decoder layer, head), each naming its weights.
+
+Families differ only in checkpoint names (`opt.py`, `llama.py`) and in config fields that the
+shared layer math (`layers.py`) reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from . import llama, opt
+
+NAMES = {"opt": opt, "llama": llama}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str  # canonical name within its layer, e.g. "q.weight"
+    hf_name: str  # name in the checkpoint
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str  # "embed" | "attention" | "mlp" | "head"
+    index: int  # decoder layer index (-1 for embed and head)
+    weights: tuple[WeightSpec, ...]
+
+
+def _shape(config: ModelConfig, name: str) -> tuple[int, ...]:
+    h, w, hd = config.hidden_size, config.word_dim, config.head_dim
+    q_out, kv_out, f = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
+    shapes = {
+        "tokens": (config.vocab_size, w), "lm_head": (config.vocab_size, w),
+        "positions": (config.max_positions + 2, h), "project_in": (h, w), "project_out": (w, h),
+        "q.weight": (q_out, h), "k.weight": (kv_out, h), "v.weight": (kv_out, h), "o.weight": (h, q_out),
+        "q.bias": (q_out,), "k.bias": (kv_out,), "v.bias": (kv_out,), "o.bias": (h,),
+        "up.weight": (f, h), "gate.weight": (f, h), "down.weight": (h, f),
+        "up.bias": (f,), "gate.bias": (f,), "down.bias": (h,),
+    }
+    if name.startswith("norm."):
+        return (h,)
+    return shapes[name]
+
+
+def _layer(config: ModelConfig, kind: str, index: int, names: dict[str, str]) -> LayerSpec:
+    return LayerSpec(kind, index, tuple(WeightSpec(n, hf, _shape(config, n)) for n, hf in names.items()))
+
+
+def layer_specs(config: ModelConfig) -> list[LayerSpec]:
+    family = NAMES[config.family]
+    layers = [_layer(config, "embed", -1, family.embed_names(config))]
+    for i in range(config.num_layers):
+        layers.append(_layer(config, "attention", i, family.attention_names(config, i)))
+        layers.append(_layer(config, "mlp", i, family.mlp_names(config, i)))
+    layers.append(_layer(config, "head", -1, family.head_names(config)))
+    return layers
