@@ -23,7 +23,7 @@ import torch
 from bench_subprocess import run_bench
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.trace import NULL, Recorder
+from flexgen_lite.engine.trace import NULL, Recorder
 
 CASES = {  # name: (model, prompt, gen, flags)
     "opt-125m all in RAM, batch 8": ("facebook/opt-125m", 32, 16,

@@ -183,7 +183,7 @@ def hf_config(model: str):
     """A transformers OPTConfig with the shape of a flexgen_lite preset."""
     from transformers import AutoConfig
 
-    from flexgen_lite.presets import find_preset
+    from flexgen_lite.models.presets import find_preset
 
     cfg = find_preset(model)
     if cfg is None or cfg.family != "opt":
@@ -406,10 +406,10 @@ def contiguous_linear_inputs(model, torch) -> None:
 def run_flexgen(args) -> dict:
     torch, device = setup_torch(args)
     from flexgen_lite import FlexGenLite, Policy, SamplingConfig, Workload
-    from flexgen_lite.bench import _report, drop_offload_pages
-    from flexgen_lite.cli import budgets_from_args
-    from flexgen_lite.memory import parse_size
-    from flexgen_lite.storage import DiskFile
+    from flexgen_lite.cli.bench import _report, drop_offload_pages
+    from flexgen_lite.cli.main import budgets_from_args
+    from flexgen_lite.engine.storage import DiskFile
+    from flexgen_lite.system.memory import parse_size
 
     w_g, w_c, c_g, c_c, a_g, a_c = args.percent
     policy = Policy(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexgen_lite.breakdown import step_linears  # noqa: E402
-from flexgen_lite.presets import preset_config  # noqa: E402
+from flexgen_lite.cli.breakdown import step_linears  # noqa: E402
+from flexgen_lite.models.presets import preset_config  # noqa: E402
 
 
 def matmul_seconds(m: int, k: int, n: int, dtype: torch.dtype, device: str, runs: int) -> float:

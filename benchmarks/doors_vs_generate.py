@@ -42,10 +42,10 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=50)
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three doors, interleaved")
     args = p.parse_args()
+    from flexgen_lite.engine.policy import Policy
     from flexgen_lite.generation import FlexGenLite
-    from flexgen_lite.gguf_file import default_model_path
-    from flexgen_lite.policy import Policy
-    from flexgen_lite.sampling import SamplingConfig
+    from flexgen_lite.kernels.sampling import SamplingConfig
+    from flexgen_lite.models.gguf_file import default_model_path
 
     model = args.model or default_model_path()
     rng = random.Random(0)

@@ -3,7 +3,7 @@
     python benchmarks/gpu_checks.py                       # on a CUDA machine (~1 min)
     TRITON_INTERPRET=1 python benchmarks/gpu_checks.py    # a smoke on a CPU (without CUDA it interprets anyway)
 
-1. the fused 4-bit dequantization (flexgen_lite/dequant_triton.py) against the torch path, bit for bit, over
+1. the fused 4-bit dequantization (flexgen_lite/kernels/dequant_triton.py) against the torch path, bit for bit, over
    layouts (padded groups, inner > 1, the cache's), bits and dtypes; `compression.dequantize` takes it on CUDA;
 2. its speed against the torch path and the link, on OPT-13B's weight shapes (CUDA);
 3. the engine with 4-bit weights in host RAM (OPT-1.3B, dummy weights): token ids equal with the kernel and with
@@ -27,8 +27,8 @@ if not CUDA and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decides how to jit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from flexgen_lite import dequant_triton, native  # noqa: E402
-from flexgen_lite.compression import CompressionConfig, dequantize_reference, quantize  # noqa: E402
+from flexgen_lite.kernels import dequant_triton, native  # noqa: E402
+from flexgen_lite.kernels.compression import CompressionConfig, dequantize_reference, quantize  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
 failures: list[str] = []
@@ -104,7 +104,7 @@ def speed() -> None:
 def engine() -> None:
     print("\n## 3. engine: OPT-1.3B, 4-bit weights in host RAM (--percent 0 100 100 0 100 0)")
     from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-    from flexgen_lite.weights import weight_bytes
+    from flexgen_lite.engine.weights import weight_bytes
 
     policy = Policy(gpu_batch_size=32, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=100,
                     compress_weight=True)

@@ -16,7 +16,7 @@ step() { local name=$1 t=$2; shift 2; echo "=== $name"; timeout "$t" "$@" >"$OUT
 nvidia-smi -L 2>/dev/null
 step checks 80 "$PY" benchmarks/gpu_checks.py
 step hot 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_hot_path.py tests/test_dequant_triton.py --device "$DEV"
-step bench13 75 "$PY" -c "from flexgen_lite.cli import main; main()" bench --model facebook/opt-1.3b --prompt-len 512 \
+step bench13 75 "$PY" -c "from flexgen_lite.cli.main import main; main()" bench --model facebook/opt-1.3b --prompt-len 512 \
   --gen-len 32 --percent 100 0 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --breakdown --device "$DEV"
 step flexgen13 75 "$PY" benchmarks/flexgen_peer.py --model facebook/opt-1.3b --percent 100 0 100 0 100 0 \
   --gpu-batch-size 64 --num-gpu-batches 1

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         exact = argv[1:2] == ["--exact-dummy"]
         if not exact:
             suite_rows.fast_dummy_weights()
-        from flexgen_lite.cli import main as cli_main
+        from flexgen_lite.cli.main import main as cli_main
 
         try:
             cli_main(argv[2 if exact else 1:])

@@ -56,7 +56,7 @@ def main() -> None:
             continue
         if model == "SMOLLM":
             if smollm is None:
-                from flexgen_lite.gguf_file import default_model_path
+                from flexgen_lite.models.gguf_file import default_model_path
 
                 smollm = default_model_path()
             model = smollm

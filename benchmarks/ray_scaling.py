@@ -51,7 +51,7 @@ def run_plain(args, texts: list[str]) -> dict:
 def run_ray(args, texts: list[str], replicas: int) -> dict:
     import ray.data
 
-    from flexgen_lite.policy import Policy
+    from flexgen_lite.engine.policy import Policy
     from flexgen_lite.ray import ProcessorConfig, Sampling, build_processor
 
     config = ProcessorConfig(args.model, Policy(gpu_batch_size=args.gpu_batch_size, dtype=args.dtype),
@@ -69,7 +69,7 @@ def run_ray(args, texts: list[str], replicas: int) -> dict:
 
 
 def main() -> None:
-    from flexgen_lite.gguf_file import default_model_path
+    from flexgen_lite.models.gguf_file import default_model_path
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (GGUF)")

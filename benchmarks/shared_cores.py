@@ -98,7 +98,7 @@ def main() -> None:
         if engine != "cli":
             rows[engine]["solo_tok_s"] = round(args.batch * args.new_tokens / solo, 1)
         print(f"{engine:8s} solo {solo:6.2f} s, two at once {max(pair):6.2f} s: {max(pair) / solo:.2f}x", flush=True)
-    from flexgen_lite import threads  # what its processes set (unless user_env chose)
+    from flexgen_lite.system import threads  # what its processes set (unless user_env chose)
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
               "cpus": len(os.sched_getaffinity(0)), "load_before": round(load, 2), "batch": args.batch,

@@ -80,10 +80,10 @@ def predict_rows(specs: list[dict]) -> dict:
 
 def _predict_one(argv: list[str]) -> dict:
     try:
-        from flexgen_lite.cli import build_parser, plan_policy, policy_from_args, predict_policy
-        from flexgen_lite.devices import ComputeDevice
-        from flexgen_lite.layout import Workload
-        from flexgen_lite.policy_search import AutoPolicy
+        from flexgen_lite.cli.main import build_parser, plan_policy, policy_from_args, predict_policy
+        from flexgen_lite.planning.layout import Workload
+        from flexgen_lite.planning.policy_search import AutoPolicy
+        from flexgen_lite.system.devices import ComputeDevice
 
         args = build_parser().parse_args(argv)
         cuda = ComputeDevice(args.device).is_cuda

@@ -55,7 +55,7 @@ class Row:
         """The row's --gpu-mem in bytes, if it sets one."""
         if self.flag("--gpu-mem") is None:
             return None
-        from flexgen_lite.memory import parse_size
+        from flexgen_lite.system.memory import parse_size
 
         return parse_size(self.flag("--gpu-mem"))
 
@@ -186,7 +186,7 @@ def write_tiny_checkpoint(name: str, folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from flexgen_lite.config import config_from_dict
+    from flexgen_lite.models.config import config_from_dict
     from flexgen_lite.models.specs import layer_specs
 
     path = folder / name
@@ -212,12 +212,13 @@ FAST_STATS = {"tile_tensors": 0, "code_tensors": 0, "code_bytes": 0}
 
 
 def fast_dummy_weights() -> None:
-    """Patch flexgen_lite.weights: matrices from one random tile, 4-bit matrices from one byte tile (see the
+    """Patch flexgen_lite.engine.weights: matrices from one random tile, 4-bit matrices from one byte tile (see the
     module docstring); 1-D tensors as the bench makes them. Where the engine's placement changes so that the
     4-bit hook is not reached, weights are quantized as before (slower, same result)."""
     import torch
 
-    from flexgen_lite import compression, weights
+    from flexgen_lite.engine import weights
+    from flexgen_lite.kernels import compression
 
     tile = torch.empty(1 << 24).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     exact, place, quantize, to_bytes = (weights.DummySource.read, weights.place_tensor, weights.quantize,

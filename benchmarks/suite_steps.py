@@ -155,7 +155,7 @@ def _driver_version() -> str | None:
 
 
 def measure_profile(device: str, path: str, quick: bool) -> None:
-    from flexgen_lite.devices import ComputeDevice
-    from flexgen_lite.profile import measure
+    from flexgen_lite.profiling.measure import measure
+    from flexgen_lite.system.devices import ComputeDevice
 
     Path(path).write_text(measure(ComputeDevice(device), quick=quick).to_json())

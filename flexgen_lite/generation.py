@@ -8,24 +8,24 @@ from pathlib import Path
 
 import torch
 
-from .block import Block
-from .budgets import Budgets, check_budgets, check_fits
-from .checkpoint import Checkpoint
-from .config import ModelConfig, ModelError, config_from_dict, load_config
-from .devices import ComputeDevice, keep_freed_memory
-from .dtype_choice import compute_dtype
-from .engine import Engine
-from .kv_cache import cache_bytes_per_token
-from .layout import Workload
-from .memory import return_freed_memory
-from .memory_plan import peak_memory
+from .engine.block import Block
+from .engine.block_schedule import Engine
+from .engine.kv_cache import cache_bytes_per_token
+from .engine.policy import Policy, PolicyError, split_counts
+from .engine.storage import DiskStore, MemoryLedger
+from .engine.trace import NULL
+from .engine.weights import CheckpointSource, DummySource, GGUFSource, WeightSource, place_weights, planned_bytes
+from .kernels.sampling import SamplingConfig, row_generators
+from .models.checkpoint import Checkpoint
+from .models.config import ModelConfig, ModelError, config_from_dict, load_config
+from .models.presets import find_preset, preset_config, preset_names
 from .models.specs import layer_specs
-from .policy import Policy, PolicyError, split_counts
-from .presets import find_preset, preset_config, preset_names
-from .sampling import SamplingConfig, row_generators
-from .storage import DiskStore, MemoryLedger
-from .trace import NULL
-from .weights import CheckpointSource, DummySource, GGUFSource, WeightSource, place_weights, planned_bytes
+from .planning.budgets import Budgets, check_budgets, check_fits
+from .planning.dtype_choice import compute_dtype
+from .planning.layout import Workload
+from .planning.memory_plan import peak_memory
+from .system.devices import ComputeDevice, keep_freed_memory
+from .system.memory import return_freed_memory
 
 
 def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
@@ -33,7 +33,7 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
     name (dummy weights)."""
     path = Path(model)
     if path.suffix == ".gguf":
-        from .gguf_file import gguf_tokenizer, read_gguf_config
+        from .models.gguf_file import gguf_tokenizer, read_gguf_config
 
         config = config_from_dict(read_gguf_config(path), name=str(path))
         return config, GGUFSource(str(path)), gguf_tokenizer(path)
@@ -52,7 +52,7 @@ def source_quantization(model: str) -> list[str]:
     """The quantized types a GGUF file stores its weights in ([] for float sources)."""
     if Path(model).suffix != ".gguf":
         return []
-    from .gguf_file import quantized_types
+    from .models.gguf_file import quantized_types
 
     return quantized_types(model)
 
@@ -74,7 +74,7 @@ def model_config(model: str) -> ModelConfig:
     """The config of a checkpoint directory, GGUF file or preset name, without opening its weights."""
     path = Path(model)
     if path.suffix == ".gguf" and path.is_file():
-        from .gguf_file import read_gguf_config
+        from .models.gguf_file import read_gguf_config
 
         return config_from_dict(read_gguf_config(path), name=str(path))
     return load_config(path) if path.is_dir() else open_model(model)[0]
@@ -142,8 +142,8 @@ class FlexGenLite:
         self.score_stats = None
 
     def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
-        from .policy_search import AutoPolicy, for_source, search_policy
-        from .profile import load_profile
+        from .planning.policy_search import AutoPolicy, for_source, search_policy
+        from .profiling.measure import load_profile
 
         if policy is None or policy == "auto":
             policy = AutoPolicy()
@@ -230,13 +230,13 @@ class FlexGenLite:
         """(log p(continuation | context) summed, whether greedy decoding gives the continuation) for each
         (context ids, continuation ids): prefill-only blocks through the engine, no generation.
         `self.score_stats` then says how many tokens went through in how long."""
-        from .scoring import score_requests
+        from .engine.scoring import score_requests
 
         return score_requests(self, requests)
 
     def loglikelihood_rolling(self, documents: list[list[int]], prefix_token: int | None = None) -> list[float]:
         """The log-likelihood of each whole document (ids), in windows of up to the model's context."""
-        from .scoring import loglikelihood_rolling
+        from .engine.scoring import loglikelihood_rolling
 
         return loglikelihood_rolling(self, documents, prefix_token)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexgen_lite.hardware import HardwareProfile
+from flexgen_lite.system.hardware import HardwareProfile
 
 VOCAB = 512
 G, GiB = 1e9, 2**30
@@ -156,7 +156,7 @@ def smollm():
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from flexgen_lite.gguf_file import default_model_path
+    from flexgen_lite.models.gguf_file import default_model_path
 
     path = default_model_path()  # fails with the install command if the package is missing
     folder, name = str(Path(path).parent), Path(path).name

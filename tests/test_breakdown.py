@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from flexgen_lite import FlexGenLite, Policy, SamplingConfig, attention
-from flexgen_lite.bench import _cache_bytes_read_per_step
-from flexgen_lite.breakdown import _exclusive, format_table, summarize
-from flexgen_lite.chrome_trace import read_trace, write_trace
-from flexgen_lite.cli import main
-from flexgen_lite.trace import COMPUTE_LANE, NULL, Recorder
-from flexgen_lite.weights import weight_bytes
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.cli.bench import _cache_bytes_read_per_step
+from flexgen_lite.cli.breakdown import _exclusive, format_table, summarize
+from flexgen_lite.cli.chrome_trace import read_trace, write_trace
+from flexgen_lite.cli.main import main
+from flexgen_lite.engine.trace import COMPUTE_LANE, NULL, Recorder
+from flexgen_lite.engine.weights import weight_bytes
+from flexgen_lite.kernels import attention
 
 from .conftest import PROMPTS
 

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-from flexgen_lite import batch_io, paths, profile_store
-from flexgen_lite.cli import build_parser, main
+from flexgen_lite.cli import batch_io
+from flexgen_lite.cli.main import build_parser, main
+from flexgen_lite.system import paths, profile_store
 
 from .test_cli_errors import fails, gen
 
@@ -184,7 +185,7 @@ def test_one_cache_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXGEN_LITE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert paths.cache_dir() == tmp_path / "flexgen-lite" == profile_store.cache_dir()
-    from flexgen_lite.gguf_file import _tokenizer_cache_dir
+    from flexgen_lite.models.gguf_file import _tokenizer_cache_dir
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")

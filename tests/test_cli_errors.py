@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from flexgen_lite import bench, generation  # noqa: F401 - bench imported first, so it never binds the refusal below
-from flexgen_lite.cli import build_parser, main
+from flexgen_lite import generation  # noqa: F401 - bench imported first, so it never binds the refusal below
+from flexgen_lite.cli.main import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def no_loading(monkeypatch):
         raise AssertionError("loaded the model before checking the command line")
 
     monkeypatch.setattr(generation, "FlexGenLite", refuse)
-    monkeypatch.setattr("flexgen_lite.profile.load_profile", refuse)
+    monkeypatch.setattr("flexgen_lite.profiling.measure.load_profile", refuse)
 
 
 def fails(argv: list[str], capsys) -> str:

@@ -1,4 +1,4 @@
-"""Tests for flexgen_lite.compression (group-wise min-max quantization)."""
+"""Tests for flexgen_lite.kernels.compression (group-wise min-max quantization)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexgen_lite.compression import (
+from flexgen_lite.kernels.compression import (
     CompressionConfig,
     QuantizedTensor,
     compressed_nbytes,

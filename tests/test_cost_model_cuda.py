@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from flexgen_lite.config import config_from_dict
-from flexgen_lite.cost_model import predict
-from flexgen_lite.layout import Workload
-from flexgen_lite.policy import Policy
+from flexgen_lite.engine.policy import Policy
+from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.layout import Workload
 
 from .conftest import synthetic_profile
 

@@ -9,22 +9,22 @@ import json
 
 import pytest
 
-from flexgen_lite.budgets import Budgets
-from flexgen_lite.cost_model import predict
-from flexgen_lite.devices import ComputeDevice
-from flexgen_lite.dtype_choice import compute_dtype
-from flexgen_lite.hardware import HardwareProfile, interpolated_time
-from flexgen_lite.int4_cost import int4_cost
-from flexgen_lite.int4_matmul import available
-from flexgen_lite.layout import Workload
+from flexgen_lite.engine.policy import Policy
+from flexgen_lite.engine.weights import planned_bytes
+from flexgen_lite.kernels.int4_cost import int4_cost
+from flexgen_lite.kernels.int4_matmul import available
+from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
-from flexgen_lite.policy import Policy
-from flexgen_lite.policy_search import AutoPolicy, search_policy
-from flexgen_lite.presets import preset_config
-from flexgen_lite.profile import load_profile
-from flexgen_lite.profile_probes import int4_rates
-from flexgen_lite.profile_store import profile_path, save_profile
-from flexgen_lite.weights import planned_bytes
+from flexgen_lite.planning.budgets import Budgets
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.dtype_choice import compute_dtype
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
+from flexgen_lite.profiling.measure import load_profile
+from flexgen_lite.profiling.probes import int4_rates
+from flexgen_lite.system.devices import ComputeDevice
+from flexgen_lite.system.hardware import HardwareProfile, interpolated_time
+from flexgen_lite.system.profile_store import profile_path, save_profile
 
 from .conftest import synthetic_profile
 
@@ -126,7 +126,7 @@ def test_a_cached_profile_older_than_the_kernel_gets_it_measured_once(tmp_path, 
     path.write_text(json.dumps(raw))
     calls, rates = [], {"int4_matmul": KERNEL.int4_matmul, "int4_dequantize": {"bfloat16": 9e9},
                         "int4_tiles": {"bfloat16": [(64, 400 * G, 1e-4)]}}
-    monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul", lambda device: calls.append(1) or rates)
+    monkeypatch.setattr("flexgen_lite.profiling.measure.measure_int4_matmul", lambda device: calls.append(1) or rates)
     assert load_profile().int4_dequantize == rates["int4_dequantize"]
     assert load_profile().int4_matmul == KERNEL.int4_matmul and len(calls) == 1  # saved with it
     assert HardwareProfile.from_json(path.read_text()).int4_dequantize == rates["int4_dequantize"]
@@ -137,5 +137,5 @@ def test_a_profile_file_given_by_the_environment_is_left_as_it_is(tmp_path, monk
     path = tmp_path / "profile.json"
     save_profile(HW, path)
     monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
-    monkeypatch.setattr("flexgen_lite.profile.measure_int4_matmul", lambda device: pytest.fail("measured"))
+    monkeypatch.setattr("flexgen_lite.profiling.measure.measure_int4_matmul", lambda device: pytest.fail("measured"))
     assert load_profile().int4_matmul is None

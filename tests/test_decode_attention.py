@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import flexgen_lite.attention as attention
-from flexgen_lite import FlexGenLite, SamplingConfig, native
+import flexgen_lite.kernels.attention as attention
+from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.kernels import native
 
 from .conftest import PROMPTS
 from .test_parity import P

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-import flexgen_lite.decode_graph as decode_graph
+import flexgen_lite.engine.decode_graph as decode_graph
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.decode_graph import StaticDecode
+from flexgen_lite.engine.decode_graph import StaticDecode
 
 from .conftest import PROMPTS, hf_greedy
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flexgen_lite import dequant_triton
-from flexgen_lite.compression import CompressionConfig, dequantize, dequantize_reference, quantize
+from flexgen_lite.kernels import dequant_triton
+from flexgen_lite.kernels.compression import CompressionConfig, dequantize, dequantize_reference, quantize
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: test_fallback_* run instead")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.layout import Workload
-from flexgen_lite.memory_plan import peak_memory
-from flexgen_lite.storage import PAGE, DiskFile, DiskStore
+from flexgen_lite.engine.storage import PAGE, DiskFile, DiskStore
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.memory_plan import peak_memory
 
 from .conftest import PROMPTS
 
@@ -114,8 +114,8 @@ def test_pages_in_flight_stay_within_the_plan(tmp_path, monkeypatch, compress):
 def test_the_last_background_cache_write_is_waited_for(tmp_path, monkeypatch):
     """A disk cache write that fails in the last step (run in the background) surfaces from generate_ids,
     and the engine holds no pending write after a block."""
-    from flexgen_lite.kv_cache import KVCache
-    from flexgen_lite.storage import OffloadError
+    from flexgen_lite.engine.kv_cache import KVCache
+    from flexgen_lite.engine.storage import OffloadError
 
     policy = Policy(gpu_batch_size=2, cache_gpu_percent=0, cache_cpu_percent=0, compress_cache=True,
                     dtype="float32", offload_dir=str(tmp_path))
@@ -137,7 +137,7 @@ def test_the_last_background_cache_write_is_waited_for(tmp_path, monkeypatch):
 def test_a_longer_block_may_use_the_room_of_the_cache_it_replaces(monkeypatch):
     """With room for one KV cache only, a second, longer block runs: the old cache is freed before the
     new one is checked (on CUDA, mem_get_info would otherwise count both)."""
-    from flexgen_lite import memory
+    from flexgen_lite.planning import budgets
 
     policy = Policy(gpu_batch_size=2, dtype="float32")
     with FlexGenLite("facebook/opt-125m", policy=policy) as m:
@@ -149,7 +149,7 @@ def test_a_longer_block_may_use_the_room_of_the_cache_it_replaces(monkeypatch):
             left = room - m.ledger.current["gpu"]
             return {"gpu": left, "cpu": left, "disk": 2**40}
 
-        monkeypatch.setattr(memory, "free_bytes", free)
+        monkeypatch.setattr(budgets, "free_bytes", free)
         m.generate_ids([[2] + [5] * 11] * 2, SamplingConfig(max_new_tokens=4, stop_at_eos=False))  # 2 MiB cache
         m.generate_ids([[2] + [5] * 29] * 2, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
         assert m.engine.cache.max_len == 34
@@ -161,9 +161,9 @@ def test_search_compresses_weights_on_a_slow_cold_disk(disk_gb_s, dequantize_g_s
     fp32, so the search takes them when dequantizing costs less than the reads it saves, and not otherwise."""
     import dataclasses
 
-    from flexgen_lite.budgets import Budgets
-    from flexgen_lite.policy_search import AutoPolicy, search_policy
-    from flexgen_lite.presets import preset_config
+    from flexgen_lite.models.presets import preset_config
+    from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
 
     from .conftest import synthetic_profile
 

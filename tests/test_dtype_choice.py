@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from flexgen_lite import Policy
-from flexgen_lite.budgets import Budgets
-from flexgen_lite.cli import main
-from flexgen_lite.dtype_choice import choose_from_profile, compute_dtype, default_dtype, guess_from_flags
-from flexgen_lite.layout import Workload
-from flexgen_lite.policy_search import AutoPolicy, search_policy
-from flexgen_lite.presets import preset_config
+from flexgen_lite.cli.main import main
+from flexgen_lite.models.presets import preset_config
+from flexgen_lite.planning.budgets import Budgets
+from flexgen_lite.planning.dtype_choice import choose_from_profile, compute_dtype, default_dtype, guess_from_flags
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
 
 from .conftest import synthetic_profile
 
@@ -63,7 +63,7 @@ def test_policy_default_on_cpu_follows_the_profile(profile_env, hw, expected):
 def test_without_a_profile_the_flags_decide(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no profile cached here
-    monkeypatch.setattr("flexgen_lite.dtype_choice.cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr("flexgen_lite.planning.dtype_choice.cpu_flags", lambda: {"avx2"})
     assert default_dtype("cpu").dtype == "float32" and "no profile yet" in default_dtype("cpu").reason
 
 

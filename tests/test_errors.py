@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, ModelError, OffloadError, Policy, PolicyError, SamplingConfig
-from flexgen_lite import memory as memory_module
-from flexgen_lite.config import config_from_dict
-from flexgen_lite.storage import DiskStore
+from flexgen_lite.engine.storage import DiskStore
+from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.planning import budgets as budgets_module
 
 from .conftest import PROMPTS
 
@@ -217,8 +217,8 @@ def test_policy_too_big_for_memory_fails_before_allocating(tmp_path, monkeypatch
 
 
 def test_policy_too_big_for_disk(tmp_path, monkeypatch):
-    real = memory_module.free_bytes
-    monkeypatch.setattr(memory_module, "free_bytes", lambda *a: {**real(*a), "disk": 10 * 2**20})
+    real = budgets_module.free_bytes
+    monkeypatch.setattr(budgets_module, "free_bytes", lambda *a: {**real(*a), "disk": 10 * 2**20})
     # the decoder layers (85M parameters in fp32); the embedding stays in memory
     with pytest.raises(PolicyError, match="needs 0.32 GiB on the disk tier.*--offload-dir"):
         FlexGenLite("facebook/opt-125m", policy=Policy(weight_gpu_percent=0, weight_cpu_percent=0, dtype="float32",
@@ -232,7 +232,7 @@ def test_kv_cache_too_big(opt_dir, monkeypatch, cache):
                     dtype="float32")
     with FlexGenLite(str(opt_dir), policy=policy) as m:
         before = m.memory_report()["current"]
-        monkeypatch.setattr(memory_module, "free_bytes", lambda *a: dict.fromkeys(("gpu", "cpu", "disk"), 4096))
+        monkeypatch.setattr(budgets_module, "free_bytes", lambda *a: dict.fromkeys(("gpu", "cpu", "disk"), 4096))
         with pytest.raises(PolicyError, match="the KV cache needs .* GiB on .*tier") as e:
             m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8))
         assert ("on the disk tier" in str(e.value)) == (cache == (0, 0))

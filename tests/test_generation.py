@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.models.specs import layer_specs
+from flexgen_lite.engine.storage import PAGE, TIERS, DiskFile
+from flexgen_lite.engine.weights import planned_bytes, weight_tiers
+from flexgen_lite.kernels.sampling import row_generators, sample
 from flexgen_lite.models import layers as L
-from flexgen_lite.presets import preset_config
-from flexgen_lite.sampling import row_generators, sample
-from flexgen_lite.storage import PAGE, TIERS, DiskFile
-from flexgen_lite.weights import planned_bytes, weight_tiers
+from flexgen_lite.models.presets import preset_config
+from flexgen_lite.models.specs import layer_specs
 
 from .conftest import PROMPTS
 

@@ -1,4 +1,4 @@
-"""Tests for flexgen_lite.gguf_file against transformers' own GGUF loader."""
+"""Tests for flexgen_lite.models.gguf_file against transformers' own GGUF loader."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexgen_lite.gguf_file import (
+from flexgen_lite.models.gguf_file import (
     GGUFError,
     _field_value,
     _open,
@@ -362,7 +362,7 @@ def test_default_model_path_is_the_smollm_gguf() -> None:
 
 
 def test_non_finite_tensor_is_refused_with_its_name(tmp_path: Path) -> None:
-    from flexgen_lite.config import ModelError
+    from flexgen_lite.models.config import ModelError
 
     path = tmp_path / "nan.gguf"
     broken = np.random.default_rng(1).standard_normal((96, 64)).astype(np.float32)

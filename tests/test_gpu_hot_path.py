@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-import flexgen_lite.attention as attention
-import flexgen_lite.decode_graph as decode_graph
-import flexgen_lite.engine as engine_module
+import flexgen_lite.engine.block_schedule as engine_module
+import flexgen_lite.engine.decode_graph as decode_graph
+import flexgen_lite.kernels.attention as attention
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.attention import EFFICIENT, FLASH, MATH, attend_named, fold_groups, sdpa_backends
-from flexgen_lite.bench import WARMUP_STEPS, format_report, run_benchmark
-from flexgen_lite.block import Block
-from flexgen_lite.cli import main
-from flexgen_lite.devices import ComputeDevice, IOPool
-from flexgen_lite.engine import Engine
-from flexgen_lite.trace import Recorder
+from flexgen_lite.cli.bench import WARMUP_STEPS, format_report, run_benchmark
+from flexgen_lite.cli.main import main
+from flexgen_lite.engine.block import Block
+from flexgen_lite.engine.block_schedule import Engine
+from flexgen_lite.engine.trace import Recorder
+from flexgen_lite.kernels.attention import EFFICIENT, FLASH, MATH, attend_named, fold_groups, sdpa_backends
+from flexgen_lite.system.devices import ComputeDevice, IOPool
 
 from .conftest import PROMPTS
 

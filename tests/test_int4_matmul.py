@@ -10,12 +10,13 @@ import dataclasses
 import pytest
 import torch
 
-import flexgen_lite.int4_matmul as int4_matmul
-import flexgen_lite.weight_slots as slots_module
-import flexgen_lite.weights as weights_module
-from flexgen_lite import FlexGenLite, SamplingConfig, native
-from flexgen_lite.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
-from flexgen_lite.int4_matmul import Int4Weight, available, eligible, native_agrees, pack
+import flexgen_lite.engine.weight_slots as slots_module
+import flexgen_lite.engine.weights as weights_module
+import flexgen_lite.kernels.int4_matmul as int4_matmul
+from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.kernels import native
+from flexgen_lite.kernels.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
+from flexgen_lite.kernels.int4_matmul import Int4Weight, available, eligible, native_agrees, pack
 
 from .conftest import PROMPTS
 from .test_parity import P
@@ -55,7 +56,7 @@ def test_packed_weight_dequantizes_like_dequantize_and_multiplies_like_it(shape,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape,group", [((128, 96), 32), ((192, 512), 128), ((64, 4096), 256)])
 def test_c_dequantization_is_bit_identical_to_the_torch_path(shape, group, dtype):
-    """The built C kernel (flexgen_lite.native) against the torch path it replaces, in every output dtype; the
+    """The built C kernel (flexgen_lite.kernels.native) against the torch path it replaces, in every output dtype; the
     torch path is exact against `dequantize` (above). Random scales and minimums, so rounding to bf16/fp16 is
     exercised everywhere."""
     assert native._compiler() is not None, "this test needs a C compiler (CI has one)"

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-import flexgen_lite.int4_cost as int4_cost
-import flexgen_lite.int4_matmul as int4_matmul
+import flexgen_lite.kernels.int4_cost as int4_cost
+import flexgen_lite.kernels.int4_matmul as int4_matmul
 from flexgen_lite import FlexGenLite, SamplingConfig
-from flexgen_lite.compression import CompressionConfig, quantize
-from flexgen_lite.int4_cost import int4_path, int4_way, int4_ways
-from flexgen_lite.int4_matmul import Int4Weight, pack
+from flexgen_lite.kernels.compression import CompressionConfig, quantize
+from flexgen_lite.kernels.int4_cost import int4_path, int4_way, int4_ways
+from flexgen_lite.kernels.int4_matmul import Int4Weight, pack
 
 from .conftest import PROMPTS, synthetic_profile
 from .test_parity import P

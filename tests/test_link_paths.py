@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.activations import Activations
-from flexgen_lite.compression import CompressionConfig
-from flexgen_lite.devices import ComputeDevice, IOPool
-from flexgen_lite.host_memory import ALIGN, HostArena, host_buffer, padded
-from flexgen_lite.kv_cache import KVCache
-from flexgen_lite.storage import PAGE, DiskStore, MemoryLedger, Staging
+from flexgen_lite.engine.activations import Activations
+from flexgen_lite.engine.kv_cache import KVCache
+from flexgen_lite.engine.storage import PAGE, DiskStore, MemoryLedger, Staging
+from flexgen_lite.kernels.compression import CompressionConfig
+from flexgen_lite.system.devices import ComputeDevice, IOPool
+from flexgen_lite.system.host_memory import ALIGN, HostArena, host_buffer, padded
 
 from .conftest import PROMPTS
 
@@ -85,7 +85,7 @@ def test_cache_slots_of_device_and_cpu_attended_parts_are_apart():
     """A 4-bit part attended on the device and one attended on the CPU, of the same index and rows (batches 0
     and 1), each get slots in their own dtype and memory (issue 21, fix 5: they shared one, so on CUDA the CPU
     part's dequantization was handed a GPU buffer; here the CPU part got a float16 one for bfloat16)."""
-    from flexgen_lite.kv_cache import CacheSlots
+    from flexgen_lite.engine.kv_cache import CacheSlots
 
     device, ledger, disk = ComputeDevice(LINK), MemoryLedger(), DiskStore()
     cache = KVCache(1, 3, 3, 10, 2, 64, torch.float16, (34, 33), device, disk, ledger, CompressionConfig(4, 64, -1),
@@ -130,7 +130,7 @@ def fake_cuda_staging(monkeypatch):
     """A Staging that believes it is pinned, with fake events and plain memory."""
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
-    monkeypatch.setattr("flexgen_lite.storage.host_buffer", lambda n, pin: torch.zeros(n, dtype=torch.uint8))
+    monkeypatch.setattr("flexgen_lite.engine.storage.host_buffer", lambda n, pin: torch.zeros(n, dtype=torch.uint8))
     FakeEvent.made = []
     ledger = MemoryLedger()
     return Staging(pin=True, ledger=ledger), ledger
@@ -200,7 +200,7 @@ def test_a_failed_activation_write_surfaces_at_its_read(tmp_path, monkeypatch):
     def full(self, src, offset=0):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("flexgen_lite.storage.DiskFile.write", full)
+    monkeypatch.setattr("flexgen_lite.engine.storage.DiskFile.write", full)
     acts.put(0, torch.randn(1, 3, 4))
     with pytest.raises(OSError, match="No space"):
         acts.get(0)
@@ -244,8 +244,8 @@ def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, polic
     """The memory plan for CUDA is what the engine takes on its way across the link: compute memory exactly
     (weights, their slots and codes, cache, cache slots), host RAM exactly but for staging, within its bound."""
     from flexgen_lite.generation import model_config
-    from flexgen_lite.layout import Workload
-    from flexgen_lite.memory_plan import peak_memory
+    from flexgen_lite.planning.layout import Workload
+    from flexgen_lite.planning.memory_plan import peak_memory
 
     policy = dataclasses.replace(policy, dtype="float32")
     path = tiny_models["opt"][0]
@@ -296,7 +296,7 @@ def test_host_buffer_is_page_locked_in_place_until_its_last_view_goes(monkeypatc
 def test_memory_that_cannot_be_page_locked_is_used_unlocked_with_a_warning(monkeypatch):
     cudart, cleared = FakeCudart(2), []  # 2: cudaErrorMemoryAllocation
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
-    monkeypatch.setattr("flexgen_lite.host_memory.clear_cuda_error", lambda: cleared.append(1) or True)
+    monkeypatch.setattr("flexgen_lite.system.host_memory.clear_cuda_error", lambda: cleared.append(1) or True)
     with pytest.warns(RuntimeWarning, match="could not page-lock"):
         buf = host_buffer(PAGE, pin=True)
     assert buf.numel() == PAGE and cleared == [1]  # the runtime's error cleared, not left for a later check
@@ -307,13 +307,13 @@ def test_memory_that_cannot_be_page_locked_is_used_unlocked_with_a_warning(monke
 def test_a_page_lock_error_that_cannot_be_cleared_stops_there(monkeypatch):
     """Rather than a later, unrelated kernel launch reporting it."""
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(2))
-    monkeypatch.setattr("flexgen_lite.host_memory.clear_cuda_error", lambda: False)
+    monkeypatch.setattr("flexgen_lite.system.host_memory.clear_cuda_error", lambda: False)
     with pytest.raises(MemoryError, match="could not page-lock .* --no-pin-weight"):
         host_buffer(PAGE, pin=True)
 
 
 def test_no_cuda_runtime_here_to_clear():
-    from flexgen_lite.host_memory import clear_cuda_error
+    from flexgen_lite.system.host_memory import clear_cuda_error
 
     assert clear_cuda_error() is False  # it does not claim to clear what is not loaded
 
@@ -322,8 +322,8 @@ def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
     """--gpu-mem covers the CUDA context, as --cpu-mem covers the runtime in host RAM."""
     import argparse
 
-    from flexgen_lite import cli
-    from flexgen_lite.cli_checks import UsageError
+    from flexgen_lite.cli import options
+    from flexgen_lite.cli.checks import UsageError
 
     class CudaDevice:
         is_cuda = True
@@ -334,19 +334,19 @@ def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
         def runtime_bytes(self) -> int:
             return 600 * 2**20
 
-    monkeypatch.setattr("flexgen_lite.devices.ComputeDevice", CudaDevice)
+    monkeypatch.setattr("flexgen_lite.system.devices.ComputeDevice", CudaDevice)
     args = argparse.Namespace(gpu_mem=16 * 2**30, cpu_mem=None, disk_mem=None, device="cuda")
-    assert cli.budgets_from_args(args).gpu == 16 * 2**30 - 600 * 2**20
+    assert options.budgets_from_args(args).gpu == 16 * 2**30 - 600 * 2**20
     args.gpu_mem = 512 * 2**20
     with pytest.raises(UsageError, match="--gpu-mem 0.50 GiB does not cover .* the CUDA context"):
-        cli.budgets_from_args(args)
+        options.budgets_from_args(args)
 
 
 def test_cpu_attention_inputs_cross_in_one_copy_and_attend_as_separate_ones():
     """Beside a GPU, a part's q, k, v reach CPU attention as views of one copied tensor: the same values, and
     attention over them (the C kernel where it takes such views, else SDPA) equals attention over plain copies."""
-    from flexgen_lite.attention import attend
-    from flexgen_lite.engine import _joined_to
+    from flexgen_lite.engine.block_schedule import _joined_to
+    from flexgen_lite.kernels.attention import attend
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(5, h, 1, 16, generator=gen) for h in (8, 2, 2))
@@ -363,7 +363,7 @@ def test_cpu_attention_inputs_cross_in_one_copy_and_attend_as_separate_ones():
 def test_staging_is_taken_once_not_regrown_as_the_prefix_grows(tiny_models, monkeypatch):
     """A disk part's prefix grows a position a step: its staging buffer is its whole size from the start (a
     regrown one would be mapped and page-locked anew every step)."""
-    import flexgen_lite.storage as storage
+    import flexgen_lite.engine.storage as storage
 
     made = []
     real = storage.host_buffer
@@ -381,7 +381,7 @@ def test_staging_is_taken_once_not_regrown_as_the_prefix_grows(tiny_models, monk
 def test_activation_buffers_are_kept_across_blocks(tiny_models, monkeypatch):
     """Hidden states' page-locked buffers are made once, not per block (mapping and locking them anew costs
     as much as the copies they serve)."""
-    import flexgen_lite.activations as activations
+    import flexgen_lite.engine.activations as activations
 
     made = []
     real = activations.host_buffer

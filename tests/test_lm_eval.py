@@ -58,7 +58,7 @@ def test_tiny_models_score_as_hf(tiny_models, tmp_path):
 def test_smollm_scores_as_hf(smollm, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
-    from flexgen_lite.gguf_file import gguf_tokenizer
+    from flexgen_lite.models.gguf_file import gguf_tokenizer
 
     path, model = smollm
     folder = write_tasks(tmp_path / "tasks", ENGLISH, stop="\n", max_gen=8)

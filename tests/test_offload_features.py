@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
-from flexgen_lite.attention import attend
-from flexgen_lite.compression import CompressionConfig, dequantize, quantize
-from flexgen_lite.kv_cache import QuantizedStore, Store
+from flexgen_lite.engine.kv_cache import QuantizedStore, Store
+from flexgen_lite.kernels.attention import attend
+from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quantize
 
 from .conftest import PROMPTS, hf_greedy
 from .test_parity import LOGITS_ATOL, POLICIES, P
@@ -83,7 +83,7 @@ def test_topk_attention_over_all_positions_equals_dense():
     q, k, v = torch.randn(2, 4, 1, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen), torch.randn(2, 2, 9, 8)
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     dense = attend(q, k, v, mask)
-    from flexgen_lite.attention import topk_attend
+    from flexgen_lite.kernels.attention import topk_attend
 
     torch.testing.assert_close(topk_attend(q, k, v, mask, 9), dense, atol=1e-5, rtol=1e-5)
 
@@ -152,8 +152,8 @@ def test_compressed_weights_take_a_quarter_of_the_bytes(tiny_models):
 
 @pytest.mark.parametrize("home", ["device", "host", "file"])
 def test_quantized_cache_store_round_trips_like_quantize(tmp_path, home):
-    from flexgen_lite.host_memory import HostArena
-    from flexgen_lite.storage import DiskStore, Staging
+    from flexgen_lite.engine.storage import DiskStore, Staging
+    from flexgen_lite.system.host_memory import HostArena
 
     config, disk = CompressionConfig(4, 64, -1), DiskStore(str(tmp_path))
     store = QuantizedStore((2, 3, 10, 32), config, home, "cpu", disk, HostArena(1 << 16, pin=False))
@@ -172,8 +172,8 @@ def test_plain_cache_store_round_trips(tmp_path, home, to_device):
     """Position-major stores (a file or host RAM across the link) and memory-mapped ones (a CPU) give back
     what was written, in the store's dtype: float16 k/v written into a bfloat16 part (CPU attention beside
     fp16 compute) are cast."""
-    from flexgen_lite.host_memory import HostArena
-    from flexgen_lite.storage import DiskStore, Staging
+    from flexgen_lite.engine.storage import DiskStore, Staging
+    from flexgen_lite.system.host_memory import HostArena
 
     disk, arena = DiskStore(str(tmp_path)), HostArena(1 << 16, pin=False)
     for dtype, new_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16)):

@@ -10,20 +10,20 @@ import sys
 import pytest
 
 from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
-from flexgen_lite.budgets import Budgets
-from flexgen_lite.cli import build_parser, main, policy_from_args
-from flexgen_lite.cost_model import predict
-from flexgen_lite.dtype_choice import compute_dtype
+from flexgen_lite.cli.main import build_parser, main, policy_from_args
+from flexgen_lite.engine.weights import planned_bytes
 from flexgen_lite.generation import model_config
-from flexgen_lite.hardware import HardwareProfile
-from flexgen_lite.layout import Workload
-from flexgen_lite.memory import parse_size
-from flexgen_lite.memory_plan import peak_memory
+from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
-from flexgen_lite.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
-from flexgen_lite.presets import preset_config
-from flexgen_lite.profile import load_profile, measure
-from flexgen_lite.weights import planned_bytes
+from flexgen_lite.planning.budgets import Budgets
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.dtype_choice import compute_dtype
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.memory_plan import peak_memory
+from flexgen_lite.planning.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
+from flexgen_lite.profiling.measure import load_profile, measure
+from flexgen_lite.system.hardware import HardwareProfile
+from flexgen_lite.system.memory import parse_size
 
 from .conftest import PROMPTS, synthetic_profile
 
@@ -47,7 +47,7 @@ def profile_file(tmp_path, monkeypatch):
 def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXGEN_LITE_PROFILE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    import flexgen_lite.profile as profile
+    import flexgen_lite.profiling.measure as profile
 
     calls = []
 

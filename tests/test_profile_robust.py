@@ -8,12 +8,12 @@ import dataclasses
 
 import pytest
 
-from flexgen_lite import bench
-from flexgen_lite.cli import main
-from flexgen_lite.devices import ComputeDevice
-from flexgen_lite.profile import load_profile, remeasure_after_fast_run
-from flexgen_lite.profile_probes import best_matmul
-from flexgen_lite.profile_store import cached_profile, prediction_miss, profile_path, save_profile
+from flexgen_lite.cli import bench
+from flexgen_lite.cli.main import main
+from flexgen_lite.profiling.measure import load_profile, remeasure_after_fast_run
+from flexgen_lite.profiling.probes import best_matmul
+from flexgen_lite.system.devices import ComputeDevice
+from flexgen_lite.system.profile_store import cached_profile, prediction_miss, profile_path, save_profile
 
 from .conftest import synthetic_profile
 
@@ -38,7 +38,7 @@ def test_an_implicit_measurement_is_announced(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     busy = dataclasses.replace(synthetic_profile(), int4_matmul={}, int4_dequantize={}, int4_tiles={},
                                notes=["note: other processes used 1.5 cores on average"])
-    monkeypatch.setattr("flexgen_lite.profile.measure", lambda device, offload_dir, progress: busy)
+    monkeypatch.setattr("flexgen_lite.profiling.measure.measure", lambda device, offload_dir, progress: busy)
     assert load_profile() == busy
     err = capsys.readouterr().err
     assert "no profile of this machine yet: measuring it now" in err and "other processes used 1.5 cores" in err
@@ -71,7 +71,7 @@ def cached_busy_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     save_profile(busy_profile(), profile_path(ComputeDevice("cpu")))
     quiet = synthetic_profile()
-    monkeypatch.setattr("flexgen_lite.profile.matmul_rates", lambda device, scale: {
+    monkeypatch.setattr("flexgen_lite.profiling.measure.matmul_rates", lambda device, scale: {
         "matmul": quiet.matmul, "matmul_shape": quiet.matmul_shape})
     return quiet
 
@@ -90,7 +90,7 @@ def test_a_run_much_faster_than_predicted_remeasures_matmul(cached_busy_profile,
 
 def test_remeasuring_keeps_what_was_faster(cached_busy_profile, monkeypatch):
     slower = {k: [(m, r / 100, f) for m, r, f in v] for k, v in cached_busy_profile.matmul.items()}
-    monkeypatch.setattr("flexgen_lite.profile.matmul_rates", lambda device, scale: {
+    monkeypatch.setattr("flexgen_lite.profiling.measure.matmul_rates", lambda device, scale: {
         "matmul": slower, "matmul_shape": cached_busy_profile.matmul_shape})
     remeasure_after_fast_run(ComputeDevice("cpu"))
     assert cached_profile(ComputeDevice("cpu")).matmul == busy_profile().matmul

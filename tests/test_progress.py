@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.cli import progress
+from flexgen_lite.cli.main import progress
 
 from .conftest import PROMPTS
 
@@ -51,7 +51,7 @@ def progress_lines(terminal: Terminal) -> list[str]:
 def test_generate_counts_all_prompts_across_chunks_with_an_eta(tiny_models, tmp_path, monkeypatch, capsys):
     """Blocks of 1 prompt, chunks of 4 blocks: the engine's "block i/4" restarts with the second chunk, the
     overall count and ETA in front of it do not."""
-    from flexgen_lite.cli import main
+    from flexgen_lite.cli.main import main
 
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
@@ -68,7 +68,7 @@ def test_generate_counts_all_prompts_across_chunks_with_an_eta(tiny_models, tmp_
 
 def test_run_batch_progress_and_the_engines_share_one_line(tiny_models, tmp_path, monkeypatch):
     pytest.importorskip("pydantic")
-    from flexgen_lite.cli import main
+    from flexgen_lite.cli.main import main
 
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",

@@ -18,9 +18,9 @@ import pytest
 import ray
 import ray.data
 
-from flexgen_lite.cli import main
+from flexgen_lite.cli.main import main
+from flexgen_lite.engine.policy import Policy
 from flexgen_lite.generation import FlexGenLite
-from flexgen_lite.policy import Policy
 from flexgen_lite.ray import ProcessorConfig, Sampling, build_processor, run_batch_ray
 from flexgen_lite.ray.replica import PromptReplica
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flexgen_lite.cli import main
+from flexgen_lite.cli.main import main
 
 pytest.importorskip("matplotlib")
 

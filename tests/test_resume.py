@@ -9,8 +9,8 @@ import json
 import pytest
 
 from flexgen_lite import generation
-from flexgen_lite.batch_io import prompt_hash
-from flexgen_lite.cli import main
+from flexgen_lite.cli.batch_io import prompt_hash
+from flexgen_lite.cli.main import main
 
 from .conftest import ctrl_c_in_block
 

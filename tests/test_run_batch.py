@@ -12,9 +12,9 @@ import time
 import pytest
 
 from flexgen_lite import generation
-from flexgen_lite.cli import main
+from flexgen_lite.cli.main import main
+from flexgen_lite.engine.policy import Policy
 from flexgen_lite.generation import FlexGenLite
-from flexgen_lite.policy import Policy
 from flexgen_lite.serve import runner
 from flexgen_lite.serve.runner import run_jobs
 

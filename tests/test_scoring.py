@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy
-from flexgen_lite.scoring import rolling_windows
+from flexgen_lite.engine.scoring import rolling_windows
 
 from .test_parity import POLICIES
 
@@ -72,7 +72,7 @@ def test_greedy_continuations_are_recognized(tiny_models):
 
 def test_score_in_chunks_equals_one_chunk(tiny_models, monkeypatch):
     """The head's logits made a few positions at a time give the same sums as all at once."""
-    import flexgen_lite.scoring as scoring
+    import flexgen_lite.engine.scoring as scoring
 
     path, _ = tiny_models["llama"]
     reqs = requests() + requests(3, seed=4, choices=3)

@@ -19,8 +19,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from flexgen_lite.engine.policy import Policy
 from flexgen_lite.generation import FlexGenLite
-from flexgen_lite.policy import Policy
 
 KEY = "test-key"
 NAME = "tiny-chat"
@@ -340,7 +340,7 @@ def test_batch_resumes_after_kill_9(chat_dir, offline, tmp_path):
 
 
 def test_address_in_use_and_bad_state_dir_end_before_loading(chat_dir, tmp_path, capsys):
-    from flexgen_lite.cli import main
+    from flexgen_lite.cli.main import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -366,7 +366,7 @@ def test_each_request_is_logged(server):
 
 def test_state_goes_to_the_cache_folder_by_default(chat_dir, tmp_path, monkeypatch):
     """Not into the current folder: ~/.cache/flexgen-lite/serve-PORT (here under FLEXGEN_LITE_CACHE)."""
-    from flexgen_lite.cli import main
+    from flexgen_lite.cli.main import main
     from flexgen_lite.serve import batch_lines
 
     class Loading(Exception):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from flexgen_lite.storage import DiskStore, remove_stale_stores
+from flexgen_lite.engine.storage import DiskStore, remove_stale_stores
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flexgen_lite import native, threads
+from flexgen_lite.kernels import native
+from flexgen_lite.system import threads
 
 SHOW = ("import json, os, flexgen_lite; print(json.dumps([{k: os.environ.get(k) for k in "
-        "('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME')}, flexgen_lite.threads.applied()]))")
+        "('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME')}, flexgen_lite.system.threads.applied()]))")
 
 
 def _fresh(env: dict[str, str], code: str = SHOW):

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import torch
 
-from flexgen_lite.compression import CompressionConfig, dequantize, quantize, to_bytes
-from flexgen_lite.storage import MemoryLedger, Staging
-from flexgen_lite.weight_slots import WeightSlots
-from flexgen_lite.weights import StoredWeight
+from flexgen_lite.engine.storage import MemoryLedger, Staging
+from flexgen_lite.engine.weight_slots import WeightSlots
+from flexgen_lite.engine.weights import StoredWeight
+from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quantize, to_bytes
 
 CONFIG = CompressionConfig(4, 64, 1)
 

@@ -19,10 +19,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, postprocess_generated_text
 from tqdm import tqdm
 
-from ..cli_options import add_policy_flags, budgets_from_args, policy_from_args
+from ..cli.options import add_policy_flags, budgets_from_args, policy_from_args
+from ..engine.scoring import rolling_windows
 from ..generation import FlexGenLite, default_workload, model_config
-from ..sampling import SamplingConfig
-from ..scoring import rolling_windows
+from ..kernels.sampling import SamplingConfig
 
 # lm-eval passes these to every model; the engine's block (gpu_batch_size x num_gpu_batches) is its batch
 IGNORED = ("batch_size", "max_batch_size")

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..int4_matmul import Int4Weight
+from ..kernels.int4_matmul import Int4Weight
+from .config import ModelConfig
 
 
 def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ModelConfig
+from .config import ModelConfig
 
 PREFIX = "model.decoder."
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ModelConfig
 from . import llama, opt
+from .config import ModelConfig
 
 NAMES = {"opt": opt, "llama": llama}
 

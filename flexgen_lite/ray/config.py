@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..budgets import Budgets
-from ..layout import Workload
-from ..policy import Policy
-from ..policy_search import AutoPolicy
+from ..engine.policy import Policy
+from ..planning.budgets import Budgets
+from ..planning.layout import Workload
+from ..planning.policy_search import AutoPolicy
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ import time
 import ray
 import ray.data
 
-from ..batch_io import Prompt, ResumableOutput
-from ..cli_checks import UsageError
-from ..layout import Workload
-from ..policy import Policy
+from ..cli.batch_io import Prompt, ResumableOutput
+from ..cli.checks import UsageError
+from ..engine.policy import Policy
+from ..planning.layout import Workload
 from ..serve.batch_lines import job_policy, plan_chunks
 from ..serve.requests import Work
 from .config import ProcessorConfig
@@ -88,7 +88,7 @@ def replica_shape(replicas: int | None, device: str | None) -> tuple[int, int, i
 def job_config(args, model: str, works: dict[int, Work], replicas: int, threads: int, gpus: int) -> ProcessorConfig:
     """The replicas' config; an explicit policy gets run-batch's chunks of 4 blocks, auto chunks of a quarter of
     each replica's share (and plans its blocks for a chunk)."""
-    from ..cli_options import budgets_from_args
+    from ..cli.options import budgets_from_args
 
     policy, workload = job_policy(args, works)
     jobs = sum(len(w.jobs) for w in works.values())
@@ -128,7 +128,7 @@ def run_on_ray(args, model: str, lines: list[Prompt], works: dict[int, Work], ou
                      f"ETA {eta:.0f} s")
         elapsed = time.perf_counter() - tic
         each = f"{threads} CPU thread(s)" + (f" and {gpus} GPU" if gpus else "")
-        from ..cli_options import end_progress
+        from ..cli.options import end_progress
 
         end_progress()
         print(f"{tokens} tokens for {len(works)} requests in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..batch_io import InputError, Prompt, read_input_bytes
+from ..cli.batch_io import InputError, Prompt, read_input_bytes
 from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
 from .requests import RequestError, Served, Work, prepare, respond, validation_error
 
@@ -85,7 +85,7 @@ def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
 def model_path(args) -> str:
     if args.model is not None:
         return args.model
-    from ..gguf_file import default_model_path
+    from ..models.gguf_file import default_model_path
 
     return default_model_path()
 
@@ -119,9 +119,9 @@ def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
 
 def job_policy(args, works: dict[int, Work]):
     """(policy or AutoPolicy, the workload auto plans for) of the flags, for these requests."""
-    from ..cli_options import policy_from_args
-    from ..layout import Workload
-    from ..policy_search import AutoPolicy
+    from ..cli.options import policy_from_args
+    from ..planning.layout import Workload
+    from ..planning.policy_search import AutoPolicy
 
     jobs = [j for w in works.values() for j in w.jobs]
     policy = policy_from_args(args, default_batch=min(len(jobs), 32))

@@ -10,7 +10,7 @@ import threading
 import traceback
 from concurrent.futures import CancelledError
 
-from ..batch_io import InputError
+from ..cli.batch_io import InputError
 from .batch_lines import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
 from .protocol import now
 from .requests import RequestError, Served, Work

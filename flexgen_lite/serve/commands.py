@@ -7,7 +7,7 @@ import argparse
 
 def add_commands(sub, add_policy_flags, progress) -> None:
     """Add `run-batch` and `serve` to the `flexgen-lite` subparsers `sub`."""
-    from ..cli_checks import positive_int
+    from ..cli.checks import positive_int
 
     r = sub.add_parser("run-batch", help="answer an OpenAI batch file (JSON lines of requests); resumable")
     r.add_argument("-i", "--input", required=True, help="batch input file: one request per line "
@@ -67,7 +67,7 @@ def _run_batch(args, progress) -> None:
     if args.ray is not None:
         _need(("ray", "pyarrow", "pandas"), "run-batch --ray", "ray", "'ray[data]'")
     elif args.replicas is not None:
-        from ..cli_checks import UsageError
+        from ..cli.checks import UsageError
 
         raise UsageError("--replicas is for --ray: add --ray (a Ray on this machine) or --ray ADDRESS")
     from .run_batch import cmd_run_batch
@@ -90,7 +90,7 @@ def _need(modules: tuple[str, ...], command: str, extra: str = "serve",
     """Refuse in one line, before anything loads, when an extra (`serve`, `ray`) is not installed."""
     import importlib.util
 
-    from ..cli_checks import UsageError
+    from ..cli.checks import UsageError
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
-from ..sampling import SamplingConfig
+from ..kernels.sampling import SamplingConfig
 from .protocol import (
     CHAT,
     COMPLETIONS,

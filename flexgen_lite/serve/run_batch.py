@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from ..batch_io import InputError, Prompt, ResumableOutput
+from ..cli.batch_io import InputError, Prompt, ResumableOutput
 from .batch_lines import (
     answer_line,
     check_request,
@@ -60,7 +60,7 @@ def _check_record(args, output: ResumableOutput) -> str:
     """The model; a rerun with another model or --served-model-name than the file's record is refused before the
     model loads, and adopts the first run's numeric policy choices (run_record.py)."""
     from .. import __version__
-    from ..run_record import check_and_adopt, model_identity
+    from ..cli.run_record import check_and_adopt, model_identity
 
     model = model_path(args)
     identity, settings = model_identity(model), {"served_model_name": args.served_model_name}
@@ -101,9 +101,9 @@ def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOut
 
 
 def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: ResumableOutput, progress) -> None:
-    from ..cli_options import Overall, budgets_from_args, end_progress
+    from ..cli.options import Overall, budgets_from_args, end_progress
+    from ..cli.run_record import policy_record
     from ..generation import FlexGenLite
-    from ..run_record import policy_record
     from .runner import run_jobs
 
     policy, workload = job_policy(args, works)

@@ -331,8 +331,8 @@ def add_batch_routes(app: FastAPI, state: ServerState) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from ..batch_io import InputError
-    from ..cli_options import budgets_from_args, policy_from_args
+    from ..cli.batch_io import InputError
+    from ..cli.options import budgets_from_args, policy_from_args
     from ..generation import FlexGenLite
     from .batch_lines import served_model
     from .batches import BatchRunner
@@ -341,7 +341,7 @@ def cmd_serve(args) -> None:
 
     _check_port(args.host, args.port)
     if args.state_dir is None:
-        from ..paths import cache_dir
+        from ..system.paths import cache_dir
 
         args.state_dir = str(cache_dir() / f"serve-{args.port}")
     try:
@@ -373,7 +373,7 @@ def _check_port(host: str, port: int) -> None:
     """Fail before the model loads when the address cannot be bound."""
     import socket
 
-    from ..cli_checks import UsageError
+    from ..cli.checks import UsageError
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:

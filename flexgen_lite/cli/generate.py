@@ -1,0 +1,202 @@
+"""`flexgen-lite generate`: prompts in, completions out (to stdout, or resumably to an --output file).
+
+Everything that can be checked without the model's weights is checked first: the sampling flags, the input
+file, the output file (locked, and already finished jobs end here), then each prompt's length against the
+context, named by its input line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from ..kernels.sampling import SamplingConfig
+from .batch_io import InputError, Prompt, ResumableOutput, read_prompts
+from .options import Overall, end_progress
+
+EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a CPU does.",
+    "Give me a synonym for 'happy'.",
+    "What is 12 times 12?",
+    "Suggest a name for a pet turtle.",
+    "Translate 'good morning' into Spanish.",
+)
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                          tuple(args.stop), stop_at_eos=not args.ignore_eos)
+
+
+SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                 "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "ignore_eos": "--ignore-eos",
+                 "chat": "--chat"}
+
+
+def result_settings(args) -> dict:
+    """The generate flags that change what is generated (the policy's numerics are recorded apart); greedy
+    decoding (temperature 0) ignores the seed, top-k and top-p, so they are not recorded then."""
+    settings = {key: getattr(args, key) for key in SETTING_FLAGS}
+    if settings["temperature"] == 0:
+        settings.update(seed=None, top_k=None, top_p=None)
+    return settings
+
+
+def model_of(args) -> str:
+    if args.model is not None:
+        return args.model
+    from ..models.gguf_file import default_model_path
+
+    return default_model_path()
+
+
+def cmd_generate(args, progress) -> None:
+    sampling = sampling_from_args(args)
+    prompts = read_prompts(args.prompt, args.input)
+    if not prompts and not args.input:
+        prompts = [Prompt(text, f"example {i + 1}") for i, text in enumerate(EXAMPLE_PROMPTS)]
+    if not prompts:
+        raise InputError(f"--input {args.input} holds no prompts")
+    output = ResumableOutput(args.output, prompts) if args.output else None
+    try:
+        todo, run = list(range(len(prompts))), None
+        if output is not None:
+            run = _check_record(args, output)
+            todo = [i for i in todo if i not in output.done]
+            _say_resumed(output, len(prompts), len(todo))
+        if todo:
+            _generate(args, prompts, todo, sampling, output, progress, run)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _check_record(args, output: ResumableOutput) -> dict | None:
+    """The run record to write (None for a file of an older flexgen-lite, left unrecorded); a resume with
+    another model or settings is refused here, before the model loads."""
+    from .. import __version__
+    from .run_record import check_and_adopt, model_identity, settings_hash
+
+    identity, settings = model_identity(model_of(args)), result_settings(args)
+    if output.done and not output.recorded:
+        print(f"{output.path} does not record what made it (an older flexgen-lite): model and settings not checked",
+              file=sys.stderr)
+        return None
+    for note in check_and_adopt(output.recorded, identity, settings, SETTING_FLAGS, args, f"--output {output.path}",
+                                args.force_resume):
+        print(note, file=sys.stderr)
+    return {"version": __version__, "model": identity, "settings": settings, "settings_hash": settings_hash(settings)}
+
+
+def _say_resumed(output: ResumableOutput, total: int, left: int) -> None:
+    if output.repaired:
+        print(f"{output.path}: dropped a last line cut short (an interrupted write); that prompt is redone",
+              file=sys.stderr)
+    if not left:
+        print(f"all {total} prompts already answered in {output.path}: nothing to do", file=sys.stderr)
+    elif left < total:
+        print(f"resuming: {total - left} of {total} prompts already answered in {output.path}", file=sys.stderr)
+
+
+def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig):
+    """(model path, config, token ids of the prompts to do), each prompt checked against the context."""
+    from ..generation import encode_texts, open_model
+
+    model = model_of(args)
+    config, _, tokenizer = open_model(model)
+    ids = encode_texts(tokenizer, [prompts[i].text for i in todo], args.chat, config.name)
+    for i, prompt_ids in zip(todo, ids, strict=True):
+        if not prompt_ids:
+            raise InputError(f"the prompt at {prompts[i].where} has no tokens")
+        if len(prompt_ids) + sampling.max_new_tokens > config.max_positions:
+            raise InputError(
+                f"the prompt at {prompts[i].where} has {len(prompt_ids)} tokens; with --max-new-tokens "
+                f"{sampling.max_new_tokens} that exceeds the model's context of {config.max_positions} positions: "
+                "shorten it or generate fewer tokens")
+    return model, config, ids
+
+
+def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig, output, progress,
+              run: dict | None) -> None:
+    from ..generation import FlexGenLite
+    from ..planning.dtype_choice import explain_search
+    from ..planning.layout import Workload
+    from ..planning.policy_search import AutoPolicy
+    from .breakdown_flags import recorder_for
+    from .options import budgets_from_args, manual_dtype_reason, policy_from_args
+    from .run_record import policy_record
+
+    model, config, ids = encode_and_check(args, prompts, todo, sampling)
+    policy = policy_from_args(args, default_batch=min(len(todo), 32))
+    workload = None
+    if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, their number
+        workload = Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo))
+    recorder = recorder_for(args)
+    overall = Overall(progress, len(todo), "prompts")
+    with FlexGenLite(model, policy=policy, device=args.device, progress=overall.engine, workload=workload,
+                     budgets=budgets_from_args(args), trace=recorder) as m:
+        end_progress()
+        dtype = str(m.dtype).removeprefix("torch.")
+        if output is not None and run is not None:
+            output.record_run({**run, "policy": policy_record(m.policy, dtype)})
+            output.flush()
+        if m.search is not None:
+            print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)\n"
+                  f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
+        else:
+            print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
+        chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
+        overall.start()
+
+        def save(finished: dict[int, list[int]], indices: list[int], count: bool = True) -> None:
+            nonlocal tokens
+            if output is None:
+                end_progress()  # the completions go to stdout, maybe the same terminal
+            for j, gen in sorted(finished.items()):
+                _write(args, output, indices[j], prompts[indices[j]].text, m.decode(gen, sampling.stop), gen)
+                tokens += len(gen)
+            (output or sys.stdout).flush()
+            if count:
+                overall.advance(len(finished))
+
+        for first in range(0, len(todo), chunk):  # chunks of 4 blocks: prompts sorted by length within each
+            indices = todo[first:first + chunk]
+            # the --output file gets each block as it ends (a kill loses at most one block); stdout, each chunk in
+            # the prompts' order
+            per_block = (lambda finished: overall.advance(len(finished))) if output is None else (
+                lambda finished, indices=indices: save({j: ids for j, (ids, _) in finished.items()}, indices))
+            generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block)
+            if output is None:
+                save(dict(enumerate(generated)), indices, count=False)
+        elapsed = time.perf_counter() - tic
+        end_progress()
+        print(f"{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
+              f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {dtype}, {m.policy.flags()})",
+              file=sys.stderr)
+        if recorder is not None:
+            _breakdown(args, m, recorder, Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo)))
+
+
+def _breakdown(args, m, recorder, workload) -> None:
+    """--breakdown's table (on stderr: stdout holds the completions) and --trace's file."""
+    from .breakdown_flags import build_context, finish, profile_or_none
+
+    hw = getattr(m.search, "hardware", None) or profile_or_none(args, m.policy.offload_dir)
+    context = build_context(recorder, m.config, m.policy, str(m.dtype).removeprefix("torch."), m.device.is_cuda, hw,
+                            False, workload)
+    finish(args, recorder, context, out=sys.stderr)
+
+
+def _write(args, output: ResumableOutput | None, index: int, prompt: str, completion: str, gen: list[int]) -> None:
+    if output is not None:
+        output.write(index, prompt, completion, gen)
+    elif args.json:
+        print(json.dumps({"index": index, "prompt": prompt, "text": completion, "token_ids": gen}))
+    elif args.chat:
+        print(f"> {prompt}\n{completion.strip()}\n")
+    else:
+        print(f"{prompt}{completion}\n")

@@ -1,0 +1,445 @@
+"""The zig-zag block schedule (FlexGen, Algorithm 1).
+
+    for step in generation steps:
+        for layer in layers:
+            wait for this layer's weights; prefetch the next layer's
+            for batch in the block:
+                wait for this batch's cache; prefetch the next batch's (or next layer's first)
+                load hidden; compute; store hidden; store the new cache entries (in the background)
+
+Each layer's weights cross the link once per block of batches rather than once per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.attention import attend_named
+from ..kernels.sampling import SamplingConfig, sample
+from ..models import layers as L
+from ..models.config import ModelConfig
+from ..models.specs import LayerSpec
+from ..system.devices import ComputeDevice, IOPool, host_available_bytes
+from .activations import Activations
+from .block import Block
+from .decode_graph import StaticDecode, graphs_wanted
+from .kv_cache import CacheSlots, KVCache
+from .policy import Policy
+from .storage import DiskFile, DiskStore, MemoryLedger, Staging
+from .trace import ATTENTION, CACHE_STORE, COMPUTE, COMPUTE_LANE, CPU_ATTENTION, NULL, WAIT, NullRecorder, Recorder
+from .weight_slots import WeightSlots
+from .weights import DECODER_KINDS, StoredWeight, weight_bytes
+
+
+@dataclass
+class StepTimes:
+    prefill: float = 0.0
+    decode: list[float] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # per step, the attention kernels that ran (sorted, "a+b")
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, policy: Policy, specs: list[LayerSpec],
+                 weights: list[dict[str, StoredWeight]], device: ComputeDevice, dtype: torch.dtype,
+                 disk: DiskStore, ledger: MemoryLedger, trace: Recorder | NullRecorder = NULL) -> None:
+        """trace: where the schedule's spans go (trace.py; --breakdown, --trace); NULL records nothing."""
+        self.config, self.policy, self.specs, self.weights = config, policy, specs, weights
+        self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
+        self.trace = trace
+        self.io = IOPool(policy.overlap)
+        self.staging = Staging(pin=device.is_cuda, ledger=ledger)
+        on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
+        direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
+        self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
+        self.cache_slots = CacheSlots(ledger, self.staging)
+        self.cache: KVCache | None = None
+        self.acts: Activations | None = None
+        self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
+        self.times = StepTimes()
+        self._score = None  # run's `score`
+        # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
+        self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
+                         for w in weights]
+        # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
+        self.unpadded_without_mask = device.is_cuda
+        self._kernels: set[str] = set()  # the attention kernels of the running step
+        # decode steps of whole batches from static buffers, one CUDA graph each (decode_graph.py), where all
+        # weights are resident; True on a CPU (tests) runs the same step eagerly
+        self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.inv_freq, ledger)
+        self.static_decode = device.is_cuda and graphs_wanted()
+
+    @contextlib.contextmanager
+    def tracing(self, trace: Recorder | NullRecorder):
+        """Spans of the enclosed runs go to `trace` (bench's warm-up: NULL, so its steps are not counted)."""
+        saved = self.trace
+        self.trace = trace
+        if self.acts is not None:
+            self.acts.trace = trace
+        try:
+            yield
+        finally:
+            self.trace = saved
+            if self.acts is not None:
+                self.acts.trace = saved
+
+    # ---- the schedule -------------------------------------------------------------------------
+    def run(self, block: Block, sampling: SamplingConfig, on_step=None, keep_logits: bool = False,
+            score=None) -> None:
+        """Generate up to block.gen_len tokens for every row of the block, in place.
+
+        With keep_logits, self.logits[step] holds every row's fp32 logits of that step (for tests).
+        score(b, active, head, h): called in the prefill for each GPU batch b with its hidden states h (rows,
+        prompt_len, hidden) at the head, `active` (its rows within the batch, None: all) and head(x), the head's
+        fp32 logits of any slice of h: the log-likelihood of prompts' positions (scoring.py)."""
+        self._score = score
+        self._prepare_cache(block)
+        self._cache_loads: dict[tuple[int, int], Future] = {}
+        try:
+            self._run_steps(block, sampling, on_step, keep_logits)
+        except BaseException:
+            self._drain(quiet=True)
+            try:  # copies still queued must not outlive the buffers the unwinding frees
+                self.device.synchronize()
+            except RuntimeError:
+                pass  # a CUDA error: the one being raised says more
+            raise
+        self._drain()
+
+    def _run_steps(self, block: Block, sampling: SamplingConfig, on_step, keep_logits: bool) -> None:
+        if self.acts is None:  # kept across blocks: its host buffers are page-locked once, not per block
+            self.acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
+                                    self.disk, self.ledger, self.io, self.staging, self.trace)
+        acts = self.acts.reset()
+        self.times = StepTimes()
+        self.logits = [] if keep_logits else None
+        for step in range(block.gen_len):
+            if bool(block.finished.all()):
+                break
+            tic = time.perf_counter()
+            start, t = block.step_span(step)
+            self._kernels = set()
+            with self.trace.step(step, rows=int((~block.finished).sum()), tokens=t, context=start) as mark:
+                self._step(block, step, acts, sampling)
+            self.device.synchronize()
+            elapsed = time.perf_counter() - tic
+            kernels = "+".join(sorted(self._kernels))
+            self.times.attention.append(kernels)
+            if mark is not None:
+                mark.attention = kernels
+            self.trace.resolve()
+            if step == 0:
+                self.times.prefill = elapsed
+            else:
+                self.times.decode.append(elapsed)
+            if on_step is not None:
+                on_step(block)
+
+    def _step(self, block: Block, step: int, acts: Activations, sampling) -> None:
+        start, t = block.step_span(step)
+        batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
+        if step > 0 and self.static_decode:
+            batches = [b for b in batches if not self._static_batch(block, b, step, start, sampling)]
+        inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
+        self._cache_loads: dict[tuple[int, int], Future] = {}
+        weights_next, releases = self._prefetch_weights(0), []
+        span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
+        for j, spec in enumerate(self.specs):
+            weights = self.resident[j]
+            if weights is None:
+                with span(WAIT, stream=C):
+                    fetched = self._wait(weights_next)
+                weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace,
+                                                     len(batches))
+            if releases:  # layer j - 1's pages are out before layer j + 1's come in: one layer mapped per name
+                releases.pop().result()
+            if j + 1 < len(self.specs):
+                weights_next = self._prefetch_weights(j + 1)
+            for i, b in enumerate(batches):
+                views = None
+                if spec.kind == "attention" and step > 0 and self._in_place[b]:
+                    views = self.cache.load(spec.index, b, start, self.cache_slots, 0)
+                    self._prefetch_next_cache(spec.index, batches, i, start)
+                elif spec.kind == "attention" and step > 0:
+                    with span(WAIT, stream=C):  # for the load, or for the stores it must read back
+                        views = self._wait(self._cache_loads.pop((spec.index, b), None)
+                                           or self._prefetch_cache(spec.index, b, start))
+                        self._prefetch_next_cache(spec.index, batches, i, start)
+                h = None if spec.kind == "embed" else acts.get(b)
+                with span(COMPUTE, stream=C):
+                    out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
+                    if spec.kind == "head":
+                        active = inputs[b]["active"]
+                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active,
+                                     inputs[b]["active_device"])
+                if spec.kind == "head":
+                    if self.logits is not None:
+                        self._keep_logits(block, step, b, out, active)
+                else:
+                    acts.put(b, out)
+            if self.resident[j] is None:  # unmapping a layer's pages is a syscall per file: off the compute thread
+                releases.append(self.io.submit(self.weight_slots.release, self.weights[j]))
+        for f in releases:
+            f.result()
+        block.end_step()
+
+    def _static_batch(self, block: Block, b: int, step: int, start: int, sampling) -> bool:
+        """Batch b's whole decode step at once from static buffers (a CUDA graph's replay), when it can run so;
+        False: it did not, the schedule below computes it."""
+        if not self.static.usable(block, b, self.cache, self._in_place[b], self.acts):
+            return False
+        with self.trace.span(COMPUTE, stream=COMPUTE_LANE):
+            done = self.static.run(self.cache, block, b, start)
+            if done is None:
+                return False
+            logits, kernel = done
+            self._kernels.add(kernel)
+            block.record(b, sample(logits, sampling, block.row_generators(b)), None)
+        if self.logits is not None:
+            self._keep_logits(block, step, b, logits, None)
+        return True
+
+    def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:
+        if len(self.logits) == step:
+            self.logits.append(torch.full((block.tokens.shape[0], logits.shape[-1]), float("nan")))
+        rows = self.logits[step][block.rows(b)]
+        rows[slice(None) if active is None else active] = logits.cpu()
+
+    def _compute(self, spec, w, h, views, block: Block, b: int, inputs, start: int, t: int):
+        cfg = self.config
+        if spec.kind == "embed":
+            tokens = block.tokens[block.rows(b), start:start + t]
+            if inputs["active"] is not None:
+                tokens = tokens[inputs["active_device"]]
+            return L.embed(w, tokens, inputs["positions"], cfg)
+        if spec.kind == "mlp":
+            return L.mlp(w, h, cfg)
+        if spec.kind == "head":
+            if self._score is not None and start == 0:
+                self._score(b, inputs["active"], lambda x: L.head(w, x, cfg), h)
+            return L.head(w, h[:, -1], cfg)
+        x = L.norm(h, w, cfg) if cfg.pre_norm else h
+        q, k, v = L.qkv(w, x, inputs["rope"], cfg)
+        if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
+            attn = self._attend(q, k, v, inputs["mask"])
+            for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
+                picked, local = _rows_in_part(inputs, part.rows, k.device)
+                k_part, v_part = k[picked], v[picked]
+                if local is not None:  # rows that left (filler rows) get zeros
+                    k_part, v_part = _scatter_rows(k_part, local, part.rows), _scatter_rows(v_part, local, part.rows)
+                self._store_cache(spec.index, b, part, k_part, v_part, 0)
+        else:
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start)
+        return L.attention_output(w, attn, h, cfg)
+
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int) -> torch.Tensor:
+        """Attention of one new token per active row, part by part, each where its cache view is."""
+        outs = []
+        for view in views:
+            on_cpu = view.part.on_cpu
+            mask = inputs["mask"]
+            if mask is not None and view.k.device != mask.device:  # the same for every layer: moved once a step
+                if "mask_host" not in inputs:
+                    inputs["mask_host"] = mask.to(view.k.device)
+                mask = inputs["mask_host"]
+            with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
+                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s)
+            if out is not None:
+                outs.append(out)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
+        """Attention over one cache part where it is (None when none of its rows is active); the new token's
+        k, v are written into it first. `span.nbytes`: the K and V bytes attended over."""
+        rows, where, dtype, end = view.part.rows, view.k.device, view.k.dtype, start + 1
+        picked, local = _rows_in_part(inputs, rows, q.device)
+        q_part, k_new, v_new = _rows_to(where, dtype, q[picked], k[picked], v[picked])
+        if mask is not None:
+            mask = mask[picked if mask.device == q.device else _rows_in_part(inputs, rows, mask.device)[0]]
+        if local is None:
+            view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
+            k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
+        else:  # finished rows left the batch: attend over the active rows' cache only
+            if len(local) == 0:
+                return None
+            local_dev = _rows_in_part(inputs, rows, where)[1]
+            view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
+            k_seen = view.k[:, :, :end].index_select(0, local_dev)
+            v_seen = view.v[:, :, :end].index_select(0, local_dev)
+            k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
+        span.nbytes = k_seen.nbytes + v_seen.nbytes
+        out = self._attend(q_part, k_seen, v_seen, mask, self.policy.attn_sparsity)
+        out = out.to(q.device, q.dtype, non_blocking=True)
+        view.part.release()
+        if not view.part.direct:
+            self._store_cache(layer, b, view.part, k_new, v_new, start)
+        return out
+
+    def _attend(self, q, k, v, mask, sparsity: float = 1.0) -> torch.Tensor:
+        out, kernel = attend_named(q, k, v, mask, sparsity)
+        self._kernels.add(kernel)
+        return out
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
+        """Positions, mask (None: causal, no row padded) and rotary tables of the rows of batch b that still
+        generate."""
+        active = block.active_rows(b)
+        active_device = None if active is None else block.device_rows(b, active)
+        positions, mask = block.positions(b, start, t), None
+        if not self.unpadded_without_mask or block.padded(b, active):
+            mask = block.mask(b, start, t)
+        if active_device is not None:
+            positions = positions[active_device]
+            mask = None if mask is None else mask[active_device]
+        rope = None
+        if self.inv_freq is not None:
+            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        return {"positions": positions, "mask": mask, "rope": rope, "active": active, "active_device": active_device}
+
+    def _prepare_cache(self, block: Block) -> None:
+        max_len = block.prompt_len + block.gen_len
+        if self.cache is None or self.cache.max_len < max_len:
+            self.free_cache()
+            self.cache = KVCache(self.config.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size,
+                                 max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
+                                 self.policy.percents("cache"), self.device, self.disk, self.ledger,
+                                 self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype))
+        if block.gen_len > 1:
+            self.cache.reserve_slots(self.cache_slots)
+        # per batch: every cache part used where it is (views only: nothing to load, wait for or store back)
+        self._in_place = [all(p.direct and not (p.k.mapped or p.v.mapped) for p in parts)
+                          for parts in self.cache.parts[0]]
+        self._pending_stores: dict[tuple[int, int], list[Future]] = {}
+        self._load_count = 0
+
+    # ---- transfers -------------------------------------------------------------------------------
+    def _wait(self, future: Future):
+        value, event = future.result()
+        self.device.wait_for(event)
+        return value
+
+    def _prefetch_weights(self, j: int) -> Future | None:
+        if self.resident[j] is not None:
+            return None
+        spec = self.specs[j]
+        after = self.device.compute_event()  # the slot being refilled was last read by compute so far
+        slot_key = (spec.kind, spec.index % 2) if spec.kind in DECODER_KINDS else None
+        return self.io.submit(self._load_weights, j, slot_key, after)
+
+    def _load_weights(self, j: int, slot_key: tuple | None, after):
+        with self.device.on_copy_stream(after) as done:
+            return self.weight_slots.fetch(self.weights[j], slot_key, self.trace), done()
+
+    def _prefetch_cache(self, layer: int, b: int, start: int) -> Future:
+        for f in self._pending_stores.pop((layer, b), ()):
+            f.result()  # the previous step's new entries must be home before they are read back
+        self._load_count += 1
+        after = self.device.compute_event()
+        return self.io.submit(self._load_cache, layer, b, start, self._load_count % 2, after)
+
+    def _prefetch_next_cache(self, layer: int, batches: list[int], i: int, start: int) -> None:
+        if i + 1 < len(batches):
+            key = (layer, batches[i + 1])
+        elif layer + 1 < self.config.num_layers:
+            key = (layer + 1, batches[0])
+        else:
+            return
+        if not self._in_place[key[1]]:
+            self._cache_loads[key] = self._prefetch_cache(*key, start)
+
+    def _load_cache(self, layer: int, b: int, length: int, parity: int, after):
+        with self.device.on_copy_stream(after, "cache") as done:
+            return self.cache.load(layer, b, length, self.cache_slots, parity, self.trace), done()
+
+    def _store_cache(self, layer: int, b: int, part, k_new, v_new, start: int) -> None:
+        """Write new cache entries home. Memory in stream order (across the link: one asynchronous copy into
+        page-locked host RAM). Files in the background: across the link laid out on the device here, then
+        copied out and written on the store stream; on a CPU quantized there too. Later loads of the same
+        part wait for them."""
+        stage, nbytes = CACHE_STORE[part.tier], part.nbytes_at(k_new.shape[2])
+        separate = self.device.host_is_separate
+        if part.tier != "disk" and (separate or self.cache.compression is None):
+            with self.trace.span(stage, nbytes, stream=COMPUTE_LANE):
+                self.cache.store(part, k_new, v_new, start)
+            return
+        if separate:
+            staged, after = self.cache.stage(part, k_new, v_new), self.device.compute_event()
+            future = self.io.submit(self._write_staged, stage, nbytes, part, staged, start, after)
+        else:
+            future = self.io.submit(self._store_in_background, stage, nbytes, part, k_new, v_new, start)
+        self._pending_stores.setdefault((layer, b), []).append(future)
+
+    def _store_in_background(self, stage: str, nbytes: int, part, k_new, v_new, start: int) -> None:
+        with self.trace.span(stage, nbytes):
+            self.cache.store(part, k_new, v_new, start)
+
+    def _write_staged(self, stage: str, nbytes: int, part, staged, start: int, after) -> None:
+        """On an I/O thread: `staged` (device tensors, kept alive here until copied) out to the part's file."""
+        with self.trace.span(stage, nbytes), self.device.on_copy_stream(after, "store"):
+            self.cache.write_staged(part, staged, start, self.staging)
+
+    def free_cache(self) -> None:
+        """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""
+        self.cache = None
+        self.static.reset()
+        self.cache_slots.buffers.clear()
+        if self.device.is_cuda:
+            torch.cuda.empty_cache()  # what they held counts as free for mem_get_info again
+
+    def _drain(self, quiet: bool = False) -> None:
+        """Wait for the block's last background cache writes (their errors surface here, and the next block
+        cannot write a file still being written) and for prefetches a finished step no longer needs."""
+        pending = [f for fs in self._pending_stores.values() for f in fs] + list(self._cache_loads.values())
+        self._pending_stores, self._cache_loads = {}, {}
+        for f in pending:
+            if quiet:
+                f.exception()  # waits; the error being raised already says what went wrong
+            else:
+                f.result()
+
+    def close(self) -> None:
+        self.io.close()
+
+
+def _part_rows(rows: slice, active: torch.Tensor | None):
+    """(index into the active rows, local row indices within the part or None when all rows are active)."""
+    if active is None:
+        return rows, None
+    inside = (active >= rows.start) & (active < rows.stop)
+    return inside.nonzero().squeeze(1), active[inside] - rows.start
+
+
+def _rows_in_part(inputs: dict, rows: slice, device: torch.device):
+    """_part_rows of the step's active rows of a batch (`inputs`), both indices on `device`: made once a step
+    and kept in `inputs`, not once a layer (indexing a CUDA tensor with host indices copies them and waits)."""
+    if inputs["active"] is None:
+        return rows, None
+    key = ("rows in part", rows.start, device)
+    if key not in inputs:
+        picked, local = _part_rows(rows, inputs["active"])
+        inputs[key] = picked.to(device), local.to(device)
+    return inputs[key]
+
+
+def _rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """(rows, heads_i, t, D) tensors on `where` in `dtype`; from another device in one copy (one sync, not three)."""
+    if parts[0].device == where:
+        return [p.to(dtype) for p in parts]
+    return _joined_to(where, dtype, parts)
+
+
+def _joined_to(where, dtype: torch.dtype, parts) -> list[torch.Tensor]:
+    joined = torch.cat(parts, 1).to(where, dtype)
+    return list(joined.split([p.shape[1] for p in parts], 1))
+
+
+def _scatter_rows(values: torch.Tensor, local: torch.Tensor, rows: slice) -> torch.Tensor:
+    full = values.new_zeros((rows.stop - rows.start, *values.shape[1:]))
+    full[local.to(values.device)] = values
+    return full
+

@@ -1,0 +1,219 @@
+"""A decode step of one GPU batch with constant shapes, replayed as one CUDA graph (issue 21).
+
+With everything resident, a decode step is host-bound: ~30 kernel launches per layer from Python. Here the whole
+step of a batch (embedding, every layer, the head) is one function of static buffers: the input ids, the pad of
+each row and the position written, a 1-element device tensor. Attention reads the cache's whole max_len under a
+mask built on the device from that position (later positions and left padding hidden), and the new k, v are
+written with `index_copy_` at it, so every decode step of a block has the same shapes and addresses: captured
+once per batch (and cache), replayed each step. Sampling stays outside (generators, host logic).
+
+On a CPU (tests) the same function runs eagerly. When capturing or the first replay fails, a warning says why
+once and the engine's eager path runs for the rest of the process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from ..kernels import attention
+from ..kernels.attention import fold_groups, sdpa_backends
+from ..models import layers as L
+
+ENV = "FLEXGEN_LITE_CUDA_GRAPHS"  # "1": capture decode steps on CUDA; "0": never
+DEFAULT = "1"
+_failed: list[str] = []  # why capturing failed, once: the eager path from then on, in this process
+
+
+def graphs_wanted() -> bool:
+    return os.environ.get(ENV, DEFAULT) == "1"
+
+
+def capture_graph(forward, pool) -> torch.cuda.CUDAGraph:
+    """torch's recipe: warm up on a side stream (kernels loaded, cuBLAS workspaces made), then capture one call
+    of `forward` into a graph whose intermediates live in the private memory `pool`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the I/O threads may touch CUDA meanwhile without invalidating the capture
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        forward()
+    return graph
+
+
+def pool_bytes(pool) -> int:
+    """Bytes the CUDA caching allocator holds in the private memory pool `pool` (0 where torch does not say)."""
+    try:
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == tuple(pool))
+    except Exception:  # noqa: BLE001 - a statistic only
+        return 0
+
+
+def check_replay(replayed: torch.Tensor, eager: torch.Tensor | None) -> None:
+    """A graph's first replay gives the eager step's logits for the same inputs (the same kernels: equal up to
+    the rounding of another matmul algorithm) and the same greedy tokens; else it raises, and the engine runs
+    eagerly. Guards against a value baked into the graph at capture, which would go wrong without an error."""
+    if eager is None:
+        return
+    scale = 1.0 + float(eager.abs().max())
+    diff = float((replayed - eager).abs().max())
+    if not diff <= 1e-2 * scale or not torch.equal(replayed.argmax(-1), eager.argmax(-1)):
+        raise RuntimeError(f"the replayed step's logits differ from the eager step's by {diff:.3g}")
+
+
+@dataclass
+class _Batch:
+    """Static inputs and outputs of one GPU batch's step, and its graph once captured."""
+
+    cache: object  # the KVCache whose tensors the graph reads and writes (a new cache: captured again)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per attention layer, (k, v) of (rows, kv_heads, max_len, D)
+    ids: torch.Tensor  # (rows, 1) the tokens fed
+    pad: torch.Tensor  # (rows,) left padding of each row
+    write: torch.Tensor  # (1,) the cache position written
+    logits: torch.Tensor | None = None  # (rows, vocab) fp32, the graph's output
+    graph: torch.cuda.CUDAGraph | None = None
+    replayed: bool = False
+
+
+class StaticDecode:
+    """Decode steps of whole GPU batches from static buffers: captured and replayed on CUDA, eager elsewhere."""
+
+    def __init__(self, config, policy, specs, resident: list, device, dtype: torch.dtype, inv_freq, ledger) -> None:
+        """resident: per layer its weights, or None when they are not all resident (then never used)."""
+        self.config, self.specs, self.resident = config, specs, resident
+        # every layer's weights usable where they are, every cached position attended (no top-k)
+        self.possible = all(w is not None for w in resident) and policy.attn_sparsity == 1
+        self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
+        self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
+        self.batches: dict[int, _Batch] = {}
+        self.pool, self.pool_counted = None, 0  # the graphs' private memory pool, and its bytes on the ledger
+        self.kernel: str | None = None  # the SDPA kernel the step's attention runs
+        self.captures = 0
+
+    def reset(self) -> None:
+        """Drop the graphs and buffers (they hold the cache's tensors: a cache replaced must be freed)."""
+        self.batches.clear()
+        self.pool, self.pool_counted = None, 0
+
+    @property
+    def failed(self) -> bool:
+        return self.capture and bool(_failed)
+
+    def usable(self, block, b: int, cache, in_place: bool, acts) -> bool:
+        """Whether batch b's decode step can run here: every row still generating, its whole cache in compute
+        memory used in place (`in_place`: one uncompressed part attended on the device), its activations there."""
+        if not self.possible or self.failed or block.active_rows(b) is not None or not in_place:
+            return False
+        if not acts._in_place(acts.tiers[b]):
+            return False
+        parts = cache.parts[0][b]
+        return len(parts) == 1 and not parts[0].on_cpu and parts[0].k.tensor.device.type == self.device.device.type
+
+    def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str] | None:
+        """Batch b's logits (rows, vocab) for the tokens at `start` and the kernel name; None when capturing
+        failed (the caller runs the eager path: what was written into the cache it writes again)."""
+        s = self.batches.get(b)
+        if s is None or s.cache is not cache:
+            s = self.batches[b] = self._buffers(cache, b)
+        s.ids.copy_(block.tokens[block.rows(b), start:start + 1])
+        s.pad.copy_(block.pad[block.rows(b)])
+        s.write.fill_(start)
+        if not self.capture:
+            return self._forward(s), f"static+{self.kernel}"
+        try:
+            eager = self._capture(s) if s.graph is None else None
+            s.graph.replay()
+            if not s.replayed:
+                self.device.synchronize()  # a failed first replay surfaces here
+                check_replay(s.logits, eager)
+                s.replayed = True
+        except Exception as e:  # noqa: BLE001 - whatever failed, the eager path is known to work
+            reason = (str(e).splitlines() or [""])[0]
+            _failed.append(reason)
+            self.batches.clear()
+            if len(_failed) == 1:
+                warnings.warn(f"CUDA graphs for decode steps failed here ({type(e).__name__}: {reason}); "
+                              f"decode steps run eagerly from now on (set {ENV}=0 to skip them)", stacklevel=3)
+            return None
+        return s.logits, f"graph+{self.kernel}"
+
+    def _capture(self, s: _Batch) -> torch.Tensor:
+        """Batch s's step captured (its first run eager, which makes the logits buffer outside the graph);
+        what the graphs' pool grew by counted on the ledger while this batch's graph lives. Returns the eager
+        run's logits, which the first replay of the same inputs must give again (check_replay)."""
+        cuda = self.device.is_cuda
+        with torch.cuda.device(self.device.device) if cuda else contextlib.nullcontext():
+            s.logits = self._forward(s)
+            eager = s.logits.clone()
+            if cuda and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()  # one pool: the batches' graphs never run at once
+            s.graph = capture_graph(lambda: self._forward(s), self.pool)
+        self.captures += 1
+        if cuda:
+            pool = pool_bytes(self.pool)
+            grown, self.pool_counted = pool - self.pool_counted, max(pool, self.pool_counted)
+            if grown > 0:
+                self.ledger.track(s, "gpu", grown)
+        return eager
+
+    def _buffers(self, cache, b: int) -> _Batch:
+        parts = cache.parts
+        kv = [(parts[spec.index][b][0].k.tensor, parts[spec.index][b][0].v.tensor)
+              for spec in self.specs if spec.kind == "attention"]
+        rows, where = kv[0][0].shape[0], kv[0][0].device
+        return _Batch(cache, kv, torch.zeros(rows, 1, dtype=torch.long, device=where),
+                      torch.zeros(rows, dtype=torch.long, device=where), torch.zeros(1, dtype=torch.long, device=where))
+
+    def _forward(self, s: _Batch) -> torch.Tensor:
+        """The step, plain torch over the static buffers (no host values: a graph would bake them in)."""
+        cfg = self.config
+        max_len = s.kv[0][0].shape[2]
+        positions = (s.write - s.pad[:, None]).clamp(min=-1)  # (rows, 1), as Block.positions
+        keys = torch.arange(max_len, device=s.write.device)
+        real = keys >= s.pad[:, None]
+        mask = ((keys <= s.write) & (real | (keys == s.write)))[:, None, None]  # (rows, 1, 1, max_len), as Block.mask
+        rope = None if self.inv_freq is None else L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        h = logits = None
+        layer = 0
+        for spec, w in zip(self.specs, self.resident, strict=True):
+            if spec.kind == "embed":
+                h = L.embed(w, s.ids, positions, cfg)
+            elif spec.kind == "mlp":
+                h = L.mlp(w, h, cfg)
+            elif spec.kind == "head":
+                logits = L.head(w, h[:, -1], cfg)
+            else:
+                x = L.norm(h, w, cfg) if cfg.pre_norm else h
+                q, k, v = L.qkv(w, x, rope, cfg)
+                k_cache, v_cache = s.kv[layer]
+                layer += 1
+                k_cache.index_copy_(2, s.write, k.to(k_cache.dtype))
+                v_cache.index_copy_(2, s.write, v.to(v_cache.dtype))
+                h = L.attention_output(w, self._attend(q, k_cache, v_cache, mask), h, cfg)
+        if s.logits is not None:
+            s.logits.copy_(logits)
+            return s.logits
+        return logits
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        """q (rows, heads, 1, D) over the whole cache under `mask`; grouped heads folded (attention.fold_groups)."""
+        qf, mf = fold_groups(q, mask, k.shape[1]) if k.shape[1] != q.shape[1] else (q, mask)
+        if q.device.type != "cuda":
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf)
+            self.kernel = self.kernel or f"sdpa-{q.device.type}"
+            return out.reshape(q.shape)
+        with sdpa_kernel(sdpa_backends("cuda", q.dtype, True), set_priority=True):
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf)
+            if self.kernel is None and not torch.cuda.is_current_stream_capturing():
+                self.kernel = attention._picked(qf, k, v, mf, False, False)
+        return out.reshape(q.shape)

@@ -1,0 +1,379 @@
+"""The KV cache of one block, preallocated for prompt + generation length, split over tiers by sequence.
+
+Sequence s of the block lives on one tier (the cache percentages split the block's sequences), so a
+GPU batch has up to three parts. Attention is independent per sequence, so each part is attended to
+on its own and the outputs are joined by row: no part ever needs another's data.
+
+What attention uses in place (compute memory, a CPU's mapped files) holds arrays as (rows, kv_heads,
+max_len, D). What crosses the link (host RAM with a GPU, disk files) holds them position-major,
+(max_len, rows, kv_heads, D), so reading a prefix or appending a token is one contiguous copy or I/O.
+A compressed cache keeps 4-bit codes, scales and minima as three such arrays, grouped along head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.compression import CompressionConfig, QuantizedTensor, compressed_nbytes, dequantize, quantize
+from ..system.devices import ComputeDevice
+from ..system.host_memory import HostArena, padded
+from .policy import split_counts
+from .storage import DiskStore, MemoryLedger, Staging
+from .trace import CACHE_LOAD, NULL
+
+
+def component_specs(shape: tuple[int, ...], dtype: torch.dtype,
+                    compression: CompressionConfig | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (rows, kv_heads, max_len, last) arrays one K or V is stored as: its values, or 4-bit codes,
+    scales and minima grouped along head_dim."""
+    if compression is None:
+        return [(shape, dtype)]
+    rows, heads, max_len, d = shape
+    probe = quantize(torch.zeros(1, 1, 1, d), compression)
+    codes, stats = (rows, heads, max_len, probe.data.numel()), (rows, heads, max_len, probe.scale.shape[-1])
+    return [(codes, torch.uint8), (stats, torch.float16), (stats, torch.float16)]
+
+
+class Store:
+    """One (rows, kv_heads, max_len, D) array of K or V (or of their 4-bit form). Where attention runs on it
+    in place (compute memory, a CPU's memory-mapped file) it is stored in that layout. Across the link
+    (host RAM with a GPU, files) it is position-major, (max_len, rows, kv_heads, D), so a prefix or new
+    positions are one contiguous range: one DMA from page-locked memory, or one file I/O. `tensor` is then
+    a (rows, kv_heads, max_len, D) view of it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, home: str, where: torch.device | str = "cpu",
+                 disk: DiskStore | None = None, arena: HostArena | None = None) -> None:
+        """home: "device" (a tensor on `where`), "host" (a view of `arena`), "mapped" or "file" (on disk)."""
+        self.shape, self.dtype = shape, dtype
+        self.nbytes = torch.Size(shape).numel() * dtype.itemsize
+        rows, heads, max_len, d = shape
+        self.position_shape = (max_len, rows, heads, d)
+        self.position_bytes = rows * heads * d * dtype.itemsize
+        self.tensor = self.positions = self.file = None
+        if home == "device":
+            self.tensor = torch.zeros(shape, dtype=dtype, device=where)
+        elif home == "host":
+            self.positions = arena.tensor(self.position_shape, dtype)
+            self.tensor = self.positions.permute(1, 2, 0, 3)
+        else:
+            self.file = disk.create(self.nbytes, "kv")
+            if home == "mapped":
+                self.tensor = self.file.map(dtype, shape)
+        self.mapped = home == "mapped"
+        self.position_major = home in ("host", "file")
+
+    def read(self, dst: torch.Tensor, length: int, staging: Staging | None, to_device: bool) -> None:
+        """Copy positions [0, length) into `dst`, laid out as `position_shape`: one contiguous copy from host
+        RAM, or a file read (`to_device`: into staging, then one copy to the compute device)."""
+        assert self.position_major, "read() is for stores across the link; the others are used in place"
+        if self.positions is not None:
+            dst[:length].copy_(self.positions[:length], non_blocking=True)
+        elif not to_device:
+            self.file.read_into(dst[:length])
+        else:
+            buf = staging.take("cache", self.nbytes)  # its whole size: a prefix that grows each step fits
+            host = buf.data[:length * self.position_bytes]
+            self.file.read_into(host)
+            dst[:length].copy_(host.view(self.dtype).view(dst[:length].shape), non_blocking=True)
+            staging.release(buf, dst.device)
+
+    def stage(self, new: torch.Tensor) -> torch.Tensor:
+        """New positions (rows, kv_heads, t, D) as they are stored, on their device."""
+        new = new.to(self.dtype)
+        return new.permute(2, 0, 1, 3).contiguous() if self.position_major else new
+
+    def write(self, new: torch.Tensor, start: int) -> None:
+        """Store new positions (rows, kv_heads, t, D) at [start, start + t)."""
+        self.write_staged(self.stage(new), start, None)
+
+    def write_staged(self, staged: torch.Tensor, start: int, staging: Staging | None) -> None:
+        """Store what stage() made at [start, start + t): into host RAM, one contiguous copy (from a GPU:
+        asynchronous, into page-locked memory); into a file (from a GPU through staging, which waits here
+        for the copy: run it on an I/O thread)."""
+        if not self.position_major:
+            self.tensor[:, :, start:start + staged.shape[2]].copy_(staged, non_blocking=True)
+        elif self.positions is not None:
+            self.positions[start:start + staged.shape[0]].copy_(staged, non_blocking=True)
+        elif staging is None:
+            self.file.write(staged, start * self.position_bytes)
+        else:
+            staging.write_out("store", self.file, staged, start * self.position_bytes)
+
+    def prefetch(self) -> None:
+        if self.mapped:
+            self.file.prefetch()
+
+    def release(self) -> None:
+        if self.mapped:
+            self.file.release()
+
+
+class QuantizedStore:
+    """Codes, scales and minima of a group-wise quantized (rows, kv_heads, max_len, head_dim) array."""
+
+    def __init__(self, shape, config: CompressionConfig, home: str, where="cpu", disk=None, arena=None) -> None:
+        self.shape, self.config = shape, config
+        self.codes, self.scale, self.minimum = self.stores = [
+            Store(s, dt, home, where, disk, arena) for s, dt in component_specs(shape, torch.float16, config)]
+        self.nbytes = sum(s.nbytes for s in self.stores)
+
+    def read(self, dst: torch.Tensor, length: int, staging: Staging | None, scratch: list[torch.Tensor],
+             to_device: bool) -> None:
+        """Dequantize positions [0, length) into dst; `scratch` holds one buffer per component stored
+        across the link (in its position_shape)."""
+        parts = []
+        for store, buf in zip(self.stores, scratch, strict=True):
+            if store.position_major:
+                store.read(buf, length, staging, to_device)
+                parts.append(buf[:length].permute(1, 2, 0, 3))
+            else:
+                parts.append(store.tensor[:, :, :length])
+        rows, heads, _, d = self.shape
+        q = QuantizedTensor(parts[0].reshape(-1), parts[1], parts[2], (rows, heads, length, d), self.config)
+        dequantize(q, dst.dtype, out=dst[:, :, :length])
+
+    def stage(self, new: torch.Tensor) -> list[torch.Tensor]:
+        q = quantize(new, self.config)
+        rows, heads, t, _ = new.shape
+        parts = (q.data.view(rows, heads, t, -1), q.scale, q.minimum)
+        return [store.stage(x) for store, x in zip(self.stores, parts, strict=True)]
+
+    def write(self, new: torch.Tensor, start: int) -> None:
+        self.write_staged(self.stage(new), start, None)
+
+    def write_staged(self, staged: list[torch.Tensor], start: int, staging: Staging | None) -> None:
+        for store, x in zip(self.stores, staged, strict=True):
+            store.write_staged(x, start, staging)
+
+    def prefetch(self) -> None:
+        for store in self.stores:
+            store.prefetch()
+
+    def release(self) -> None:
+        for store in self.stores:
+            store.release()
+
+    def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(n, s.position_shape, s.dtype) for n, s in zip(("codes", "scale", "min"), self.stores, strict=True)]
+
+
+@dataclass
+class CachePart:
+    tier: str
+    rows: slice  # rows of the GPU batch
+    k: Store | QuantizedStore
+    v: Store | QuantizedStore
+    on_cpu: bool  # attention over this part runs on the CPU (cpu_cache_compute), in cpu_dtype
+    direct: bool  # attention can use k.tensor and v.tensor in place
+
+    def release(self) -> None:
+        """Unmap a memory-mapped disk part's pages after use (no-op for other parts)."""
+        self.k.release()
+        self.v.release()
+
+    def nbytes_at(self, positions: int) -> int:
+        """Stored bytes of K and V for `positions` positions of all its rows (what a load or store moves)."""
+        return (self.k.nbytes + self.v.nbytes) // self.k.shape[2] * positions
+
+
+@dataclass
+class CacheView:
+    """One part's K and V where its attention runs, for one (layer, batch)."""
+
+    part: CachePart
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int]) -> list[tuple[str, slice]]:
+    """The (tier, rows within the batch) parts of GPU batch `batch`, given the block's per-tier counts."""
+    lo, hi = batch * gpu_batch_size, (batch + 1) * gpu_batch_size
+    parts, start = [], 0
+    for tier, count in zip(("gpu", "cpu", "disk"), tier_rows, strict=True):
+        a, b = max(lo, start), min(hi, start + count)
+        if b > a:
+            parts.append((tier, slice(a - lo, b - lo)))
+        start += count
+    return parts
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_batches: int, gpu_batch_size: int, max_len: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
+                 ledger: MemoryLedger, compression: CompressionConfig | None = None,
+                 cpu_attention_dtype: torch.dtype | None = None) -> None:
+        """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype.
+        Across a link the cpu tier's parts share one host arena of their exact size (page-locked with CUDA)."""
+        self.max_len, self.dtype, self.device = max_len, dtype, device
+        self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
+        self.cpu_dtype = cpu_attention_dtype
+        self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
+        layout = [[batch_parts(b, gpu_batch_size, self.tier_rows) for b in range(num_batches)]] * num_layers
+        self.arena = None
+        if device.host_is_separate:
+            host = [rows for per_batch in layout for parts in per_batch for tier, rows in parts if tier == "cpu"]
+            self.arena = HostArena(sum(self._host_bytes(rows) for rows in host), device.is_cuda)
+            ledger.track(self.arena.buffer, "cpu", self.arena.nbytes)  # until a longer cache replaces it
+        self.parts = [[[self._alloc(tier, rows, disk, ledger) for tier, rows in parts] for parts in per_batch]
+                      for per_batch in layout]  # [layer][batch] -> parts
+
+    def _home(self, tier: str) -> str:
+        if tier == "gpu" or (tier == "cpu" and not self.device.host_is_separate):
+            return "device"
+        if tier == "cpu":
+            return "host"
+        return "file" if self.device.host_is_separate else "mapped"  # a CPU computes on the mapped pages
+
+    def _shape_dtype(self, tier: str, rows: slice) -> tuple[tuple[int, ...], torch.dtype]:
+        on_cpu = self.cpu_dtype is not None and tier != "gpu"
+        shape = (rows.stop - rows.start, self.kv_heads, self.max_len, self.head_dim)
+        return shape, self.cpu_dtype if on_cpu else self.dtype
+
+    def _host_bytes(self, rows: slice) -> int:
+        """Arena bytes of a cpu-tier part's K and V."""
+        shape, dtype = self._shape_dtype("cpu", rows)
+        return 2 * sum(padded(torch.Size(s).numel() * dt.itemsize)
+                       for s, dt in component_specs(shape, dtype, self.compression))
+
+    def _alloc(self, tier: str, rows: slice, disk: DiskStore, ledger: MemoryLedger) -> CachePart:
+        shape, dtype = self._shape_dtype(tier, rows)
+        on_cpu, home = self.cpu_dtype is not None and tier != "gpu", self._home(tier)
+        args = (home, self.device.device, disk, self.arena)
+        if self.compression is not None:
+            k, v = (QuantizedStore(shape, self.compression, *args) for _ in range(2))
+        else:
+            k, v = (Store(shape, dtype, *args) for _ in range(2))
+        # used in place by attention: in compute memory, or in host RAM by CPU attention
+        direct = self.compression is None and home != "file" and (home != "host" or on_cpu)
+        if home != "host":  # off the ledger (and its files off the disk) when a longer cache replaces this one
+            for store in (k, v):
+                ledger.track(store, tier, store.nbytes)
+        return CachePart(tier, rows, k, v, on_cpu, direct)
+
+    def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int,
+             trace=NULL) -> list[CacheView]:
+        """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled.
+        `trace` gets a span per part read, copied or decompressed (bytes: its stored K and V up to length)."""
+        views = []
+        for i, part in enumerate(self.parts[layer][batch]):
+            if part.direct and not (part.k.mapped or part.v.mapped):  # used in place: nothing moves
+                views.append(CacheView(part, part.k.tensor, part.v.tensor))
+                continue
+            stream = None if part.on_cpu else "copy:cache"  # CPU attention's parts are read on the host
+            with trace.span(CACHE_LOAD[part.tier], part.nbytes_at(length), stream=stream):
+                views.append(self._load_part(i, part, length, slots, parity))
+        return views
+
+    def _load_part(self, i: int, part: CachePart, length: int, slots: CacheSlots, parity: int) -> CacheView:
+        """One part: a mapped disk part's pages faulted in; any other read, copied or decompressed into slots.
+        A part across the link is copied position-major (contiguous) and attended through a strided view."""
+        if part.direct:
+            for store in self._slots(i, part, parity, slots):
+                store.prefetch()
+            return CacheView(part, part.k.tensor, part.v.tensor)
+        views = []
+        for store, (buf, scratch) in zip((part.k, part.v), self._slots(i, part, parity, slots), strict=True):
+            if isinstance(store, QuantizedStore):
+                view = buf
+                if length:
+                    store.read(buf, length, slots.staging, scratch, not part.on_cpu)
+            else:
+                view = buf.permute(1, 2, 0, 3)
+                if length:
+                    store.read(buf, length, slots.staging, not part.on_cpu)
+            store.release()
+            views.append(view)
+        return CacheView(part, *views)
+
+    def _slots(self, i: int, part: CachePart, parity: int, slots: CacheSlots) -> list:
+        """The slots part `i` of a batch uses at `parity`: per half, (buffer, scratch) for a part read into
+        them; for a direct part its mapped stores (their pages counted like slots while in the process)."""
+        shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
+        if part.direct:
+            mapped = []
+            for store, half in zip((part.k, part.v), "kv", strict=True):
+                if store.mapped:
+                    slots.window((i, parity, half, "values", shape), store.nbytes)
+                    mapped.append(store)
+            return mapped
+        where = torch.device("cpu") if part.on_cpu else self.device.device
+        tier = "cpu" if part.on_cpu and self.device.host_is_separate else "gpu"
+        dtype = self.cpu_dtype if part.on_cpu else self.dtype
+        out = []
+        for store, half in zip((part.k, part.v), "kv", strict=True):
+            # tier, where and dtype in the key: a part attended on the CPU and one on the device, of the same index
+            # and rows (in different batches), need buffers of their own
+            key = (i, parity, half, tier, str(where), str(dtype))
+            if isinstance(store, QuantizedStore):
+                buf = slots.get((*key, "values", shape), shape, dtype, where, tier)
+                scratch = [slots.get((*key, name, s), s, dt, where, tier) if c.position_major else None
+                           for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(), strict=True)]
+                out.append((buf, scratch))
+            else:
+                s = store.position_shape
+                out.append((slots.get((*key, "positions", s), s, dtype, where, tier), None))
+        return out
+
+    def reserve_slots(self, slots: CacheSlots) -> None:
+        """Take every slot decode may use now (loads alternate two parities, and over a run, with a shorter
+        last block or batches that finish early, a part may meet either): memory known from the start."""
+        for per_batch in self.parts[:1]:  # every layer has the same parts
+            for parts in per_batch:
+                for i, part in enumerate(parts):
+                    if not part.direct or part.k.mapped or part.v.mapped:
+                        for parity in (0, 1):
+                            self._slots(i, part, parity, slots)
+
+    def store(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> None:
+        """Write new positions (rows, kv_heads, t, head_dim) of one part to its home."""
+        part.k.write(k_new, start)
+        part.v.write(v_new, start)
+        part.release()
+
+    def stage(self, part: CachePart, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple:
+        """New positions laid out as the part stores them, on their device (for write_staged elsewhere)."""
+        return part.k.stage(k_new), part.v.stage(v_new)
+
+    def write_staged(self, part: CachePart, staged: tuple, start: int, staging: Staging) -> None:
+        part.k.write_staged(staged[0], start, staging)
+        part.v.write_staged(staged[1], start, staging)
+
+    def bytes_per_tier(self) -> dict[str, int]:
+        out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
+        for per_batch in self.parts:
+            for parts in per_batch:
+                for p in parts:
+                    out[p.tier] += p.k.nbytes + p.v.nbytes
+        return out
+
+
+def cache_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                          compression: CompressionConfig | None) -> int:
+    """Bytes of K and V for one token of one sequence over all layers."""
+    if compression is None:
+        return 2 * num_layers * kv_heads * head_dim * dtype.itemsize
+    return 2 * num_layers * kv_heads * compressed_nbytes((1, head_dim), compression)
+
+
+class CacheSlots:
+    """Buffers where attention runs, for cache parts not usable in place; alternate by parity for prefetch."""
+
+    def __init__(self, ledger: MemoryLedger, staging: Staging) -> None:
+        self.ledger, self.staging = ledger, staging
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def window(self, key: tuple, nbytes: int) -> None:
+        """Count a mapped disk part's pages, in flight while it is used, as the slot `key` would be."""
+        if key not in self.buffers:
+            self.buffers[key] = marker = torch.empty(0)
+            self.ledger.track(marker, "gpu", nbytes)
+
+    def get(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype, where, tier: str) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = torch.empty(shape, dtype=dtype, device=where)
+            self.buffers[key] = buf
+            self.ledger.track(buf, tier, buf.numel() * buf.element_size())  # until the buffers are cleared
+        return buf

@@ -1,0 +1,281 @@
+"""Placing every weight on its home tier, from a checkpoint or as dummy values; a stored weight fetched to the
+compute device (weight_slots.py holds the buffers it is fetched into)."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ..kernels.compression import (
+    CompressionConfig,
+    QuantizedTensor,
+    compressed_nbytes,
+    dequantize,
+    from_bytes,
+    quantize,
+    to_bytes,
+)
+from ..kernels.int4_matmul import Int4Weight, eligible, quantize_packed
+from ..models.config import ModelError
+from ..models.specs import LayerSpec, WeightSpec
+from ..system.devices import ComputeDevice
+from ..system.host_memory import HostArena, padded
+from ..system.memory import return_freed_memory
+from .storage import DiskFile, DiskStore, MemoryLedger, page_aligned
+
+DECODER_KINDS = ("attention", "mlp")
+
+
+class WeightSource:
+    """Where weight values come from: `read(spec, start, stop)` returns rows of one tensor."""
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CheckpointSource(WeightSource):
+    def __init__(self, checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        shape = self.checkpoint.shape(spec.hf_name)
+        if shape != spec.shape:
+            raise ModelError(f"{spec.hf_name} has shape {shape}, the config implies {spec.shape}")
+        return self.checkpoint.read(spec.hf_name, start, stop)
+
+
+class GGUFSource(WeightSource):
+    """Tensors of a GGUF file, dequantized one at a time as placement asks for them."""
+
+    def __init__(self, path: str) -> None:
+        from ..models.gguf_file import gguf_tensors
+
+        self.path, self.plan = path, gguf_tensors(path)
+        self.last: tuple[str, torch.Tensor] | None = None
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        from ..models.gguf_file import read_gguf_tensor
+
+        if self.last is None or self.last[0] != spec.hf_name:
+            if spec.hf_name not in self.plan:
+                raise ModelError(f"{self.path} lacks the tensor {spec.hf_name!r}")
+            self.last = (spec.hf_name, read_gguf_tensor(self.plan[spec.hf_name]))
+        return self.last[1][start:stop]
+
+
+class DummySource(WeightSource):
+    """Reproducible random weights (norm scales are ones), made row range by row range."""
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        shape = (stop - start, *spec.shape[1:])
+        if spec.name == "norm.weight":
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.hf_name}:{start}".encode()))
+        return torch.empty(shape).normal_(0, 0.02, generator=gen)
+
+
+def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
+                 compression: CompressionConfig | None = None) -> dict[str, str]:
+    """The tier of every stored weight (by checkpoint name; tied weights once). Whole tensors, so one in
+    compute memory is used where it lives, with no copy.
+
+    The shares apply to the decoder layers. The embedding and head live in compute memory: homed anywhere
+    else, their slots would keep a full copy there anyway (WeightSlots), so other tiers would only add
+    disk space and a read. Each decoder layer kind (attention, mlp) is laid out name by name, each name
+    across all layers, and cut at the shares; a tensor goes where its middle falls. So every layer keeps
+    the same names in compute memory (they need no weight slot), one name may change tier part-way
+    through the layers, and each tier's bytes are within half a tensor per kind of its share."""
+    by_kind: dict[str, dict[str, list[WeightSpec]]] = {}
+    seen = set()
+    for layer in layers:
+        for spec in layer.weights:
+            if spec.hf_name not in seen:
+                seen.add(spec.hf_name)
+                by_kind.setdefault(layer.kind, {}).setdefault(spec.name, []).append(spec)
+    tiers = {}
+    for kind, names in by_kind.items():
+        specs = [spec for same_name in names.values() for spec in same_name]
+        if kind not in DECODER_KINDS:
+            tiers.update(dict.fromkeys((spec.hf_name for spec in specs), "gpu"))
+            continue
+        size = [stored_nbytes(spec.shape, dtype, compression) for spec in specs]
+        cuts = (percents[0] / 100 * sum(size), (percents[0] + percents[1]) / 100 * sum(size))
+        placed = 0
+        for spec, nbytes in zip(specs, size, strict=True):
+            middle = placed + nbytes / 2
+            tiers[spec.hf_name] = "gpu" if middle < cuts[0] else "cpu" if middle < cuts[1] else "disk"
+            placed += nbytes
+    return tiers
+
+
+def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: CompressionConfig | None) -> int:
+    """Bytes of a weight as stored: 4-bit codes for compressed matrices."""
+    if compression is not None and len(shape) >= 2:
+        return compressed_nbytes(shape, compression)
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
+class StoredWeight:
+    """A weight in its home tier: a tensor in compute memory or host RAM, 4-bit codes, or bytes at `offset`
+    in its layer's offload file (`mapped`: a CPU computes on the file's pages in place)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str,
+                 data: torch.Tensor | QuantizedTensor | DiskFile, nbytes: int,
+                 compression: CompressionConfig | None = None, resident: bool = False, offset: int = 0,
+                 int4: bool = False) -> None:
+        self.shape, self.dtype, self.tier, self.data = tuple(shape), dtype, tier, data
+        self.nbytes, self.compression, self.offset = nbytes, compression, offset
+        self.int4 = int4  # stored for the CPU's int4 matmul kernel (int4_matmul.pack): multiplied as it is
+        self.resident = resident  # usable as is on the compute device: fetched without a copy
+        self.mapped: torch.Tensor | None = None  # on a CPU, disk bytes as a tensor (codes when compressed)
+
+    def map(self) -> None:
+        if self.compression is None:
+            self.mapped = self.data.map(self.dtype, self.shape, self.offset)
+        else:
+            self.mapped = self.data.map(torch.uint8, (self.nbytes,), self.offset)
+
+    def fetch(self, device: ComputeDevice, out: torch.Tensor | None, host: torch.Tensor | None,
+              codes: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor on the compute device: itself when resident or mapped (uncompressed), else copied or
+        decompressed into `out`. `host`: this weight's bytes as read with its layer (across the link);
+        `codes`: a compute-device buffer its stored bytes are copied into before decompression."""
+        if self.resident:
+            return self.data
+        if self.mapped is not None and self.compression is None:
+            return self.mapped
+        assert out is not None and out.shape == self.shape, "fetch needs a buffer of the tensor's shape"
+        if self.compression is not None:
+            return dequantize(self._quantized(device, host, codes), self.dtype, out=out)
+        if host is not None:
+            return out.copy_(host.view(self.dtype).view(out.shape), non_blocking=True)
+        return out.copy_(self.data, non_blocking=True)
+
+    def int4_weight(self) -> Int4Weight:
+        """Views into the stored bytes, for the kernel (or for dequantizing them)."""
+        buf = self.mapped if self.mapped is not None else self.data
+        return Int4Weight.from_bytes(buf, self.shape, self.compression.group_size)
+
+    def _quantized(self, device: ComputeDevice, host: torch.Tensor | None,
+                   codes: torch.Tensor | None) -> QuantizedTensor:
+        """The 4-bit codes on the compute device (decompressed only there, just before use)."""
+        if self.mapped is not None:
+            return from_bytes(self.mapped, self.shape, self.compression)
+        if isinstance(self.data, QuantizedTensor):  # in compute memory
+            return self.data
+        on_device = self.copy_codes(codes, host) if codes is not None else self._stored(host).to(device.device)
+        return from_bytes(on_device, self.shape, self.compression)
+
+    def copy_codes(self, codes: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
+        """The stored bytes of a compressed weight homed off compute memory, copied into `codes`."""
+        return codes.copy_(self._stored(host), non_blocking=True)
+
+    def _stored(self, host: torch.Tensor | None) -> torch.Tensor:
+        return host if host is not None else self.data  # bytes in staging, or in the host arena
+
+
+def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
+                 ledger: MemoryLedger, compression: CompressionConfig | None = None,
+                 file: DiskFile | None = None, offset: int = 0, decoder: bool = False,
+                 arena: HostArena | None = None) -> StoredWeight:
+    """Read one weight from `source` into its home tier (compressing a matrix once, here, when
+    `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix); a
+    disk-homed one into `file` at `offset`; a cpu-homed one across the link into a view of `arena`."""
+    rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 else None
+    nbytes = stored_nbytes(spec.shape, dtype, compression)
+    int4 = decoder and dtype != torch.float32 and not device.host_is_separate and \
+        eligible(spec.shape, compression, device.device)
+
+    def as_stored(values: torch.Tensor) -> torch.Tensor:
+        return quantize_packed(values, compression) if int4 else to_bytes(quantize(values, compression))
+
+    if tier == "disk":
+        data = file
+        if compression is not None:
+            data.write(as_stored(source.read(spec, 0, rows).to(dtype)), offset)
+        else:
+            row_bytes = nbytes // max(rows, 1)
+            chunk = max(1, (64 << 20) // max(row_bytes, 1))  # written 64 MiB at a time
+            for s in range(0, rows, chunk):
+                data.write(source.read(spec, s, min(rows, s + chunk)).to(dtype).contiguous(), offset + s * row_bytes)
+        resident = False
+    elif tier == "cpu" and device.host_is_separate:
+        values = source.read(spec, 0, rows).to(dtype)
+        view = arena.take(nbytes)
+        if compression is not None:  # bytes as to_bytes lays them out: one copy across the link
+            data = view.copy_(to_bytes(quantize(values, compression)))
+        else:
+            data = view.view(dtype).view(spec.shape).copy_(values)
+        resident = False
+    else:
+        where = device.device
+        values = source.read(spec, 0, rows).to(dtype)
+        if int4:
+            data = quantize_packed(values, compression)
+        else:
+            data = quantize(values, compression).to(where) if compression is not None else values.to(where)
+        # without a link, compute memory and host RAM are the same memory: both are used in place
+        resident = compression is None
+    weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident, offset, int4)
+    if tier == "disk" and not device.host_is_separate:
+        weight.map()
+    taken = {"disk": page_aligned(nbytes), "cpu": padded(nbytes) if arena is not None else nbytes}
+    ledger.add(tier, taken.get(tier, nbytes))
+    return weight
+
+
+def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype: torch.dtype,
+                  device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
+                  compression: CompressionConfig | None = None, progress=None) -> list[dict[str, StoredWeight]]:
+    """Every layer's weights by canonical name, on the tiers `weight_tiers` gives them. Tied weights (same
+    checkpoint name) are stored once. A layer's disk-homed weights are one file, each at a page-aligned
+    offset: one extent to read (CUDA) or to map and prefetch (CPU). Across a link the cpu-homed ones share
+    one host arena of their exact size, page-locked when `pin` (CUDA)."""
+    tiers = weight_tiers(layers, percents, dtype, compression)
+    arena = None
+    if device.host_is_separate:
+        arena = HostArena(host_arena_bytes(layers, tiers, dtype, compression), pin and device.is_cuda)
+    by_hf_name: dict[str, StoredWeight] = {}
+    placed = []
+    for layer in layers:
+        new = [spec for spec in layer.weights if spec.hf_name not in by_hf_name]
+        offsets, extent = {}, 0
+        for spec in new:
+            if tiers[spec.hf_name] == "disk":
+                offsets[spec.hf_name] = extent
+                extent += page_aligned(stored_nbytes(spec.shape, dtype, compression))
+        file = disk.create(extent, f"{layer.kind}{layer.index}") if extent else None
+        for spec in new:
+            by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger,
+                                                    compression, file, offsets.get(spec.hf_name, 0),
+                                                    layer.kind in DECODER_KINDS, arena)
+        placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
+        return_freed_memory()  # the layer's read buffers: freed heap holes would pile up as resident memory
+        if progress:
+            progress(len(placed), len(layers))
+    return placed
+
+
+def host_arena_bytes(layers: list[LayerSpec], tiers: dict[str, str], dtype: torch.dtype,
+                     compression: CompressionConfig | None) -> int:
+    """Bytes of the cpu-homed weights' arena: each stored weight once, at an aligned offset."""
+    specs = {s.hf_name: s for layer in layers for s in layer.weights if tiers[s.hf_name] == "cpu"}
+    return sum(padded(stored_nbytes(s.shape, dtype, compression if len(s.shape) >= 2 else None))
+               for s in specs.values())
+
+
+def weight_bytes(layers: list[dict[str, StoredWeight]], tier: str) -> int:
+    seen = {id(t): t for layer in layers for t in layer.values()}
+    return sum(t.nbytes for t in seen.values() if t.tier == tier)
+
+
+def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
+                  compression: CompressionConfig | None = None) -> dict[str, int]:
+    """Bytes per tier that placing these weights by `percents` will take (tied weights once)."""
+    out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
+    specs = {s.hf_name: s for layer in layers for s in layer.weights}
+    for hf_name, tier in weight_tiers(layers, percents, dtype, compression).items():
+        nbytes = stored_nbytes(specs[hf_name].shape, dtype, compression)
+        out[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
+    return out

@@ -1,0 +1,147 @@
+"""Attention over the KV cache, one cache part (a set of sequences on one tier) at a time.
+
+On CUDA the SDPA kernel is chosen here, not left to torch: on sm90 torch ranks cuDNN attention first, and cuDNN
+builds a plan for every new shape (each decode step's cache length), tens to hundreds of ms each."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import native
+
+FLASH, EFFICIENT, MATH = SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
+BACKEND_NAMES = {FLASH: "flash", EFFICIENT: "efficient", MATH: "math", SDPBackend.CUDNN_ATTENTION: "cudnn"}
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def sdpa_backends(device_type: str, dtype: torch.dtype, has_mask: bool) -> list[SDPBackend]:
+    """The SDPA kernels allowed, best first; [] off CUDA (torch's own choice is kept there). Without a mask
+    (a prefill with no padded row: causal; a decode step: every cached position seen) flash, which takes
+    fp16 and bf16 only; memory-efficient attention, which takes any mask; math as the last resort."""
+    if device_type != "cuda":
+        return []
+    flash = [FLASH] if not has_mask and dtype in FLASH_DTYPES else []
+    return [*flash, EFFICIENT, MATH]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           sparsity: float = 1.0) -> torch.Tensor:
+    """q (B, heads, t, hd) over k, v (B, kv_heads, L, hd) with a bool mask (B, 1, t, L); mask None: causal
+    (t = L) or, for one query position, every position seen.
+
+    sparsity < 1 (decode only): attend to the top ceil(sparsity * L) scoring positions per head."""
+    return attend_named(q, k, v, mask, sparsity)[0]
+
+
+def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 sparsity: float = 1.0) -> tuple[torch.Tensor, str]:
+    """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk."""
+    decode = q.shape[2] == 1
+    if sparsity < 1 and decode:
+        return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2]))), "topk"
+    if q.device.type == "cuda":
+        return _cuda_attend(q, k, v, mask)
+    if decode and q.device.type == "cpu" and q.shape[0] and native_decode_agrees():
+        seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
+        out = native.decode_attention(q, k, v, seen)
+        if out is not None:
+            return out, "cpu-native"
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not decode,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out, f"sdpa-{q.device.type}"
+
+
+_failed: set[tuple] = set()  # kinds of call whose chosen kernels failed: torch's default SDPA from then on
+_chosen: dict[tuple, str] = {}  # kind of call -> the kernel torch picked among those allowed
+
+
+def _cuda_attend(q, k, v, mask) -> tuple[torch.Tensor, str]:
+    causal = mask is None and q.shape[2] > 1
+    grouped = k.shape[1] != q.shape[1]
+    fold = grouped and not causal  # memory-efficient attention may not take grouped heads: fold them instead
+    kind = (q.device, q.dtype, mask is not None, causal, grouped, q.shape[-1])
+    if kind not in _failed:
+        qf, mf = fold_groups(q, mask, k.shape[1]) if fold else (q, mask)
+        gqa = grouped and not fold
+        try:
+            with sdpa_kernel(sdpa_backends("cuda", q.dtype, mask is not None), set_priority=True):
+                out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, is_causal=causal, enable_gqa=gqa)
+                name = _chosen.get(kind) or _chosen.setdefault(kind, _picked(qf, k, v, mf, causal, gqa))
+            return (out.reshape(q.shape) if fold else out), name
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            _failed.add(kind)
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"attention: the chosen kernels failed here ({reason}); "
+                          "torch's default choice from now on", stacklevel=3)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=grouped)
+    return out, "default"
+
+
+def _picked(q, k, v, mask, causal: bool, gqa: bool) -> str:
+    """The kernel torch runs for these inputs among those allowed now (asked once per kind of call)."""
+    try:
+        backend = SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, enable_gqa=gqa))
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return "sdpa"
+    return BACKEND_NAMES.get(backend, backend.name.lower())
+
+
+def fold_groups(q: torch.Tensor, mask: torch.Tensor | None, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped-query attention as plain attention: the query heads sharing a kv head become query positions
+    of it, q (B, heads, t, hd) -> (B, kv_heads, group * t, hd), and the mask is repeated for each. Exact for
+    any mask (not for is_causal); the output, (B, kv_heads, group * t, hd), reshapes back to q's shape."""
+    b, heads, t, hd = q.shape
+    group = heads // kv_heads
+    q = q.reshape(b, kv_heads, group * t, hd)
+    if mask is not None:
+        length = mask.shape[-1]
+        mask = mask.expand(b, 1, group, length) if t == 1 else \
+            mask[:, :, None].expand(b, 1, group, t, length).reshape(b, 1, group * t, length)
+    return q, mask
+
+
+def topk_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                top: int) -> torch.Tensor:
+    """Decode attention reading only the values of the `top` highest-scoring cached positions (FlexGen)."""
+    b, heads, _, hd = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qg = q.view(b, kv_heads, group, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) / math.sqrt(hd)  # (b, kv_heads, group, L)
+    scores = scores.float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(b, 1, 1, length), float("-inf"))
+    top_scores, index = scores.topk(min(top, length), dim=-1)
+    probs = top_scores.softmax(-1).to(v.dtype)  # (b, kv_heads, group, top)
+    picked = v[:, :, None].expand(b, kv_heads, group, length, hd).gather(
+        3, index[..., None].expand(*index.shape, hd))
+    return (probs[..., None] * picked).sum(-2).view(b, heads, 1, hd)
+
+
+@functools.cache
+def native_decode_agrees() -> bool:
+    """The C decode attention (flexgen_lite.kernels.native: ~4x torch's SDPA at decode batches on a CPU, which spends
+    microseconds per sequence and head) is built here and matches SDPA on random fp32 inputs with grouped heads,
+    masked positions and a strided cache (checked once per process); otherwise SDPA is used."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 3, 3, 11, 72, generator=g)  # k and v: 3 sequences, 3 kv heads, 9 of 11 positions seen
+    k, v = cache[0, :, :, :9], cache[1, :, :, :9]
+    q = torch.randn(3, 6, 1, 72, generator=g)  # 6 query heads: 2 per kv head
+    mask = torch.rand(3, 1, 1, 9, generator=g) > 0.3
+    mask[..., 0] = True
+    out = native.decode_attention(q, k, v, mask)
+    if out is None:
+        return False
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if not torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
+        warnings.warn("the built decode-attention kernel disagrees with torch here: using torch's", stacklevel=2)
+        return False
+    return True

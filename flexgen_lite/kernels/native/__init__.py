@@ -1,0 +1,221 @@
+"""Small C kernels for the CPU, built on first use with the system's C compiler for this machine's CPU
+(`-march=native`) and loaded with ctypes. Optional: without a compiler, or with FLEXGEN_LITE_NATIVE=0, or when
+a build fails its check, callers fall back to their torch path (slower, same values).
+
+Built libraries are cached under paths.cache_dir() (~/.cache/flexgen-lite) by a hash of the source, the flags,
+the compiler and the CPU's flags, so a different machine or compiler builds its own. No OpenMP: the kernels take
+a range of their work and `parallel` hands ranges to threads that sleep when idle (a second OpenMP runtime beside
+torch's would spin against it, and against other processes, between calls).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ...system import paths
+
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c")]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
+OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the kinds of quantize's input
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str, out: Path) -> bool:
+    """Compile SOURCES into `out`."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    result = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+    if result.returncode == 0:
+        os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
+        return True
+    tmp.unlink(missing_ok=True)
+    return False
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (no compiler, disabled, unsupported machine, or a failed build)."""
+    if os.environ.get("FLEXGEN_LITE_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    sources = [p.read_text() for p in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    cache = paths.cache_dir() / "native"
+    path = cache / f"kernels-{key}.so"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if not path.exists() and not _build(cc, path):
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        try:  # a read-only cache: build into a temporary directory for this process
+            tmp = Path(tempfile.mkdtemp(prefix="flexgen_lite_native_")) / path.name
+            if not _build(cc, tmp):
+                return None
+            lib = ctypes.CDLL(str(tmp))
+        except OSError:
+            return None
+    fn = lib.int4_dequantize_t
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
+    fn = lib.int4_quantize_pack
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    fn = lib.decode_attention
+    fn.restype = None
+    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 3)
+    return lib
+
+
+def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
+                      out: torch.Tensor, rows: tuple[int, int] | None = None) -> bool:
+    """W.T (K, N) of a weight in the int4 kernel's layout (int4_matmul.Int4Weight) into `out`, or with `rows`
+    (r0, r1), multiples of 64, only W.T[:, r0:r1] as a contiguous (K, r1 - r0); False when the kernel cannot do
+    it here (the caller then takes its torch path)."""
+    lib = library()
+    parts = (packed, scale, minimum, out)
+    if lib is None or out.dtype not in OUT_KIND or not all(p.is_contiguous() and p.device.type == "cpu"
+                                                              for p in parts):
+        return False
+    n, k = packed.shape[0], packed.shape[1] * 2
+    r0, r1 = rows or (0, n)
+    if r0 % 64 or r1 % 64 or not 0 <= r0 < r1 <= n or out.numel() != (r1 - r0) * k:
+        return False
+    if scale.dtype != torch.float16 or minimum.dtype != torch.float16:
+        return False
+    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, r0, r1, out.data_ptr(),
+            OUT_KIND[out.dtype])
+    parallel(lambda t0, t1: lib.int4_dequantize_t(*args, t0, t1), -(-k // 16), cost=k * (r1 - r0))
+    return True
+
+
+def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """`int4_matmul.pack(quantize(x, CompressionConfig(4, group_size, 1)))` of a matrix x (N, K), bit for bit,
+    in one pass; None when the kernel cannot do it here."""
+    lib = library()
+    if lib is None or x.dtype not in OUT_KIND or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu":
+        return None
+    n, k = x.shape
+    if n % 64 or k % group_size:
+        return None
+    codes, stats = n * k // 2, k // group_size * n * 2
+    out = torch.empty(codes + 2 * stats, dtype=torch.uint8)
+    scale, minimum = (out[codes + i * stats:codes + (i + 1) * stats] for i in (0, 1))
+    args = (x.data_ptr(), OUT_KIND[x.dtype], n, k, group_size, out.data_ptr(), scale.data_ptr(), minimum.data_ptr())
+    parallel(lambda b0, b1: lib.int4_quantize_pack(*args, b0, b1), n // 64, cost=8 * n * k)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(d)) v for one query position: q (B, heads, 1, d) over k, v (B, kv_heads, L, d) with
+    a bool mask (B, 1, 1, L), as torch's scaled_dot_product_attention (fp32 inside); None when the kernel
+    cannot do it here. k and v may be views of longer caches (any strides, rows of d contiguous), such as the
+    position-major cache across a link. Runs on `threads()` threads."""
+    lib = library()
+    b, heads, t, d = q.shape
+    if (lib is None or t != 1 or q.dtype not in OUT_KIND or not (q.dtype == k.dtype == v.dtype)
+            or k.shape != v.shape or k.shape[0] != b or heads % k.shape[1] or heads // k.shape[1] > MAX_GROUP
+            or mask.dtype != torch.bool
+            or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
+        return None
+    kv_heads, length = k.shape[1], k.shape[2]
+    mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
+    out = torch.empty(b, heads, 1, d, dtype=q.dtype)
+    strides = [(ctypes.c_int64 * 3)(*x.stride()[:2], x.stride(2)) for x in (q, k, v, out)]
+    group = heads // kv_heads  # kv heads walked together: several where a position's rows of them are adjacent
+    block = min(kv_heads, max(1, MAX_Q // group)) if k.stride(2) > k.stride(1) else 1
+
+    def items(begin: int, end: int) -> None:
+        lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
+                             OUT_KIND[q.dtype], b, heads, kv_heads, length, d, strides[0], strides[1], strides[2],
+                             length, strides[3], 1.0 / math.sqrt(d), block, begin, end)
+
+    parallel(items, b * -(-kv_heads // block), cost=b * heads * length * d)
+    return out
+
+
+MAX_Q = 16  # query heads per work item of attention.c, for position-major caches
+MAX_GROUP = 64  # query heads per kv head it takes
+MIN_WORK = 1 << 22  # multiply-adds a thread is given at least (~0.1 ms: handing out work costs tens of us)
+
+
+def threads() -> int:
+    """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = _pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def parallel(fn, n: int, cost: int = 1 << 30) -> None:
+    """fn(begin, end) over [0, n) in about 4 chunks a thread, taken in turn by the calling thread and pool
+    threads (ctypes calls release the GIL), so that a thread the OS delays holds up one chunk, not the call.
+    Idle pool threads sleep on a queue: nothing spins beside torch's own pool or the engine's I/O threads."""
+    global _pool, _pool_size, _pool_pid
+    workers = min(threads(), n, max(1, cost // MIN_WORK))
+    if workers <= 1:
+        fn(0, n)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size < workers - 1 or _pool_pid != os.getpid():  # a forked child has no threads
+            if _pool is not None and _pool_pid == os.getpid():
+                _pool.shutdown(wait=False)  # its threads end once idle
+            _pool, _pool_size = ThreadPoolExecutor(workers - 1, thread_name_prefix="flexgen-cpu"), workers - 1
+            _pool_pid = os.getpid()
+        pool = _pool
+    step = max(1, -(-n // (4 * workers)))
+    chunks = iter(range(0, n, step))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                begin = next(chunks, None)
+            if begin is None:
+                return
+            fn(begin, min(n, begin + step))
+
+    futures = [pool.submit(work) for _ in range(workers - 1)]
+    try:
+        work()
+    finally:
+        for f in futures:
+            f.result()

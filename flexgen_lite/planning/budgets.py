@@ -1,0 +1,88 @@
+"""Memory budgets: the most each tier may hold, and checking a plan against them (and against what is
+free) before anything is allocated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine.policy import PolicyError
+from ..system.devices import ComputeDevice
+from ..system.memory import GiB, free_bytes, gib
+
+SAFETY = 0.85  # default budgets leave this share of what is free: other processes, the page cache, slack
+
+
+def check_fits(needs: dict[str, int], device: ComputeDevice, offload_dir: str, what: str) -> None:
+    """Raise PolicyError naming the tier, the need and the room when `needs` (bytes per tier) cannot fit."""
+    free = free_bytes(device, offload_dir)
+    if not device.is_cuda:  # one pool of host RAM for both
+        needs = {"gpu": 0, "cpu": needs["gpu"] + needs["cpu"], "disk": needs["disk"]}
+    advice = {
+        "gpu": "lower the gpu percentages or the batch size (--percent, --gpu-batch-size)",
+        "cpu": "move more to disk (lower the cpu percentages of --percent) or lower the batch size",
+        "disk": "free disk space, point --offload-dir at a larger disk, or keep more in memory",
+    }
+    if not device.is_cuda:
+        advice["cpu"] = "move more to disk (lower the gpu and cpu percentages of --percent) or lower the batch size"
+    for tier, need in needs.items():
+        if need > free[tier]:
+            where = f"the {tier} tier"
+            if tier == "cpu" and not device.is_cuda:
+                where = "the gpu + cpu tiers (both host RAM without CUDA)"
+            raise PolicyError(
+                f"{what} needs {need / GiB:.2f} GiB on {where} but only {free[tier] / GiB:.2f} GiB "
+                f"is free ({need - free[tier]:.3g} bytes missing): {advice[tier]}"
+            )
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Most bytes the engine may take per tier (None: what is free now, times SAFETY).
+
+    gpu: compute-device memory; without CUDA the compute tier's share of host RAM (no cap when None).
+    cpu: all host RAM the engine takes, the compute tier's included when there is no GPU.
+    disk: offload files."""
+
+    gpu: int | None = None
+    cpu: int | None = None
+    disk: int | None = None
+
+    def resolved(self, device: ComputeDevice, offload_dir: str) -> Budgets:
+        free = free_bytes(device, offload_dir)
+        gpu = self.gpu if self.gpu is not None or not device.is_cuda else int(free["gpu"] * SAFETY)
+        return Budgets(gpu, self.cpu if self.cpu is not None else int(free["cpu"] * SAFETY),
+                       self.disk if self.disk is not None else int(free["disk"] * SAFETY))
+
+    def describe(self, device_is_cuda: bool) -> str:
+        gpu = "no cap (shares host RAM)" if self.gpu is None else gib(self.gpu)
+        host = "host RAM" if device_is_cuda else "host RAM, compute tier included"
+        return f"gpu {gpu}, cpu {gib(self.cpu) if self.cpu is not None else '?'} ({host}), " \
+               f"disk {gib(self.disk) if self.disk is not None else '?'}"
+
+
+def over_budget(peak: dict[str, float], budgets: Budgets) -> dict[str, tuple[float, float]]:
+    """{tier: (need, budget)} for every tier whose peak exceeds its budget."""
+    out = {}
+    for tier in ("gpu", "cpu", "disk"):
+        budget = getattr(budgets, tier)
+        if budget is not None and peak[tier] > budget:
+            out[tier] = (peak[tier], budget)
+    return out
+
+
+def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], budgets: Budgets, cuda: bool,
+                  what: str) -> None:
+    """Raise PolicyError naming each tier over its budget, by how much, and its largest parts."""
+    over = over_budget(peak, budgets)
+    if not over:
+        return
+    lines = []
+    for tier, (need, budget) in over.items():
+        parts = {k: v for k, v in plan[tier].items() if k != "load"}
+        if tier == "cpu" and not cuda:  # host RAM holds the compute tier too
+            parts.update({f"{k} (compute tier)": v for k, v in plan["gpu"].items()})
+        top = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3]
+        lines.append(f"{tier} needs {gib(need)} but its budget is {gib(budget)}: {gib(need - budget)} missing "
+                     f"(largest: {', '.join(f'{k} {gib(v)}' for v, k in top)})")
+    raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines)
+                      + ". Lower the batch size, move more to disk (--percent), raise the budget, or use --policy auto")

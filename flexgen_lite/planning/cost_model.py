@@ -1,0 +1,317 @@
+"""Predicted prefill and decode times of a policy, mirroring what engine.py does (memory: memory_plan.py).
+
+Per step, for every layer j the engine waits for j's weights, starts fetching j+1's, and computes j for
+each GPU batch while the next batch's cache loads. So a step is the first fetch, then per layer
+max(I/O waited on while j computes, compute of j) with overlap (their sum without); on a CPU-only machine
+memory copies, dequantization and page-cache reads run on the same cores as compute, so they count with
+compute there, and only cold disk reads overlap. Decode is costed at the mean context, prompt + gen/2.
+Compressed weights stored for the CPU's int4 kernel cost what int4_cost.py says (kernel or dequantization
+and dense matmul, whichever is faster per batch, as the engine chooses).
+
+Each cost is affine in the placement fractions for a fixed "regime" (is all cache attended in place?):
+`policy_search` reads the LP's coefficients off `phase_times` by evaluating it at unit placements, and
+checks its rounded answer with the exact `Layout.of_policy`. Weights are placed as whole tensors
+(`weights.weight_tiers`); the LP treats each layer kind's share on a tier as continuous.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..engine.decode_graph import graphs_wanted
+from ..engine.policy import Policy
+from ..engine.weights import DECODER_KINDS
+from ..kernels.int4_cost import int4_cost
+from ..kernels.int4_matmul import layout_fits
+from ..models.config import ModelConfig
+from ..models.specs import LayerSpec
+from ..system.hardware import HardwareProfile
+from .layout import Layout, Setup, Workload
+from .memory_plan import memory_plan, tier_peaks
+
+OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
+
+
+@dataclass
+class Seg:
+    """Seconds waited on I/O and seconds of work on the compute path; `by` splits them by resource."""
+
+    wait: float = 0.0
+    work: float = 0.0
+    by: dict = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, resource: str, seconds: float, waits: bool) -> None:
+        if waits:
+            self.wait += seconds
+        else:
+            self.work += seconds
+        self.by[resource] += seconds
+
+    def __add__(self, other: Seg) -> Seg:
+        out = Seg(self.wait + other.wait, self.work + other.work, defaultdict(float, self.by))
+        for k, v in other.by.items():
+            out.by[k] += v
+        return out
+
+    def time(self, overlap: bool) -> float:
+        return max(self.wait, self.work) if overlap else self.wait + self.work
+
+
+# ---- time ------------------------------------------------------------------------------------------------------
+def _host(s: Setup, seg: Seg, resource: str, seconds: float, contention: float | None = None) -> None:
+    """Work of an I/O thread on the host: beside a GPU it overlaps compute; on a CPU it competes with compute
+    for the cores, at the measured contention (x1 when they share them perfectly)."""
+    if s.cuda:
+        seg.add(resource, seconds, waits=True)
+    else:
+        factor = (s.hw.contention if contention is None else contention) if s.policy.overlap else 1.0
+        seg.add(resource, seconds * factor, waits=False)
+
+
+def _disk_read(s: Setup, seg: Seg, nbytes: float) -> None:
+    """A read by an I/O thread: from the page cache it is a copy by the kernel (CPU work), else a wait."""
+    if s.disk_cached:
+        _host(s, seg, "page cache", nbytes / s.hw.cached_read, s.hw.contention_read)
+    else:
+        seg.add("disk", nbytes / s.hw.disk_read, waits=True)
+
+
+def _mapped_read(s: Setup, seg: Seg, nbytes: float) -> None:
+    """Pages of a memory-mapped offload file faulted in by an I/O thread (CPU compute): from the page cache
+    they are only mapped (no copy; compute then reads them like RAM), else read from the disk, a wait."""
+    if not s.disk_cached:
+        seg.add("disk", nbytes / s.hw.disk_read, waits=True)
+
+
+def _disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
+    if s.disk_cached:
+        _host(s, seg, "page cache", nbytes / s.hw.cached_write)
+    else:
+        seg.add("disk", nbytes / s.hw.disk_write, waits=True)
+
+
+def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
+    """WeightSlots.fetch of one layer: non-resident tensors assembled in their slot."""
+    seg, hw = Seg(), s.hw
+    h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
+    for spec in layer.weights:
+        if layer.kind == "head" and spec.hf_name in s.tied:
+            continue
+        _, c, d = lay.weight(layer.kind, spec)
+        nbytes = s.tensor_bytes(spec)
+        if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
+            seg.add("link", c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
+            _disk_read(s, seg, d * nbytes)
+        else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
+            _mapped_read(s, seg, d * nbytes)
+        if s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape):  # those: see _int4_matmuls
+            seconds = math.prod(spec.shape) / hw.dequantize[s.dname]
+            if s.cuda:  # on the GPU beside compute, while the next layer's codes cross (WeightSlots): not a wait
+                seg.add("dequantize", seconds, waits=False)
+                continue
+            _host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
+            seg.add("dequantize", d * seconds, waits=False)
+    return seg
+
+
+def _compute(s: Setup, kind: str, t: int) -> Seg:
+    """Layer math of all GPU batches (models/layers.py), t new tokens per row."""
+    seg, hw, c = Seg(), s.hw, s.config
+    h, w, f, v = c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    rows = s.gbs * (1 if kind == "head" else t)
+    linears = {"embed": [(w, h)] * (w != h),
+               "attention": [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)],
+               "mlp": [(h, f)] * (3 if c.gated_mlp else 1) + [(f, h)],
+               "head": [(w, v)] + [(h, w)] * (w != h)}  # (in, out) of each matmul
+    passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
+              "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
+    bw = hw.device_copy if s.cuda else hw.host_copy
+    dense = [(k, n) for k, n in linears[kind] if not kernel_weight(s, kind, (n, k))]
+    matmuls = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in dense)
+    seg.add("compute", s.nb * (matmuls + passes[kind] / bw), waits=False)
+    _int4_matmuls(s, seg, kind, rows, linears[kind])
+    if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
+        sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
+        seg.add("compute", s.nb * sdpa / hw.sdpa_prefill[s.dname], waits=False)
+    if not (t == 1 and graph_decode(s)):  # a captured decode step replays without the schedule's Python
+        per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
+        seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # measured eager on tiny models
+    return seg
+
+
+def graph_decode(s: Setup) -> bool:
+    """Whether the engine runs this policy's decode steps as CUDA graphs (decode_graph.py): on CUDA, with
+    everything resident and uncompressed in compute memory, attention on the GPU over the whole cache."""
+    p = s.policy
+    resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
+    return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
+            and p.attn_sparsity == 1 and not p.cpu_cache_compute)
+
+
+def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
+    """Whether the engine stores a weight of `shape` in a layer of `kind` for the kernel (place_tensor's
+    rule: a compressed decoder matrix the layout fits, a bf16/fp16 compute dtype, a CPU), and the profile has
+    the kernel's rates in that dtype."""
+    return (not s.cuda and kind in DECODER_KINDS and s.dname != "float32" and layout_fits(shape, s.wcomp)
+            and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
+
+
+def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]]) -> None:
+    """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored or by tiles, or dequantized in
+    the compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as int4_path chooses."""
+    for k, n in linears:
+        if kernel_weight(s, kind, (n, k)):
+            cost = int4_cost(s.hw, s.dname, rows, s.nb, k, n)
+            seg.add("compute", cost.matmul, waits=False)
+            if cost.dequantize:
+                seg.add("dequantize", cost.dequantize, waits=False)
+
+
+def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
+    """KVCache.load of every part not usable in place, and attention over every part (one layer, all batches)."""
+    seg, hw, pol = Seg(), s.hw, s.policy
+    dense, stored = s.seq_layer_dense * length, s.seq_layer * length  # per sequence
+    elements = dense / s.e
+    cpu_compute = s.cuda and pol.cpu_cache_compute
+    cpu_dtype = str(pol.cpu_attention_dtype(s.dtype) or s.dtype).removeprefix("torch.")  # bfloat16 for float16
+    gpu_att, cpu_att = hw.attention[s.dname], hw.cpu_attention[cpu_dtype]
+    for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
+        if not rows:
+            continue
+        on_cpu = cpu_compute and tier != "gpu"
+        if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
+            _mapped_read(s, seg, rows * stored)
+        if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
+            in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
+            loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
+            if tier == "disk" and s.cuda:  # read into staging (from the page cache), as measured through it
+                fixed, rate = hw.cache_disk_load[s.dname]
+                _host(s, seg, "cache load", loads * fixed + rows * stored / rate)
+                if not s.disk_cached:
+                    seg.add("disk", rows * stored / hw.disk_read, waits=True)
+            if s.cuda and not on_cpu and not in_place:  # position-major prefixes, page-locked: one DMA each
+                seg.add("link", rows * stored / hw.h2d_pinned, waits=True)
+            if s.ccomp is not None:
+                fixed, rate = hw.cache_dequantize[s.dname]
+                _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
+        fixed, rate = cpu_att if on_cpu else gpu_att
+        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * dense / rate,
+                waits=False)
+    parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
+    seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
+    if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU
+        if s.cuda:
+            seg.add("quantize", parts * hw.cache_store, waits=False)
+        else:
+            _host(s, seg, "quantize", parts * hw.cache_store)
+    return seg
+
+
+def _prefill_cache_store(s: Setup, lay: Layout) -> Seg:
+    """The prompt's k, v written home (engine._store_cache): copies in order, files and CPU quantization
+    in the background."""
+    seg, hw, t = Seg(), s.hw, s.workload.prompt_len
+    for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
+        dense, stored = rows * s.seq_layer_dense * t, rows * s.seq_layer * t
+        if s.ccomp is not None:  # on CUDA, memory parts quantize in stream order; the rest in the background
+            seconds = dense / s.e / hw.quantize[s.dname]
+            if s.cuda and tier != "disk":
+                seg.add("quantize", seconds, waits=False)
+            else:
+                _host(s, seg, "quantize", seconds)
+        elif tier != "disk":
+            seg.add("copy", dense / (hw.device_copy if tier == "gpu" or not s.cuda else hw.d2h_pinned), waits=False)
+        if tier == "disk":
+            _disk_write(s, seg, stored)
+    return seg
+
+
+def _activations(s: Setup, lay: Layout, t: int) -> Seg:
+    """Activations.put and get around one layer: device<->host copies in stream order (page-locked buffers);
+    files written by an I/O thread, read back in the compute thread."""
+    seg, hw = Seg(), s.hw
+    nbytes = s.gbs * t * s.config.hidden_size * s.e
+    _, cpu, disk = lay.act_batches
+    if s.cuda and cpu + disk:
+        seg.add("link", (cpu + disk) * nbytes * (1 / hw.d2h_pinned + 1 / hw.h2d_pinned), waits=False)
+    if disk:
+        _disk_write(s, seg, disk * nbytes)
+        read = hw.cached_read if s.disk_cached else hw.disk_read
+        seg.add("page cache" if s.disk_cached else "disk", disk * nbytes / read, waits=False)
+    return seg
+
+
+@dataclass
+class Phase:
+    """One step: a serial part (the first weight fetch) and (multiplicity, segment) per layer."""
+
+    serial: Seg
+    segments: list[tuple[int, Seg]]
+
+    def time(self, overlap: bool) -> float:
+        return self.serial.wait + self.serial.work + sum(m * seg.time(overlap) for m, seg in self.segments)
+
+    def by_resource(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for m, seg in [(1, self.serial), *self.segments]:
+            for k, v in seg.by.items():
+                out[k] += m * v
+        return dict(out)
+
+
+def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
+    """The engine's step: fetch(embed); then layer by layer, compute j beside fetch(j+1) and j's cache loads."""
+    t = s.workload.prompt_len if prefill else 1
+    length = s.workload.prompt_len + s.workload.gen_len / 2
+    # a slot that only one layer uses keeps its weights: after the first step they are not fetched again
+    kept = {"embed", "head"} | (set(DECODER_KINDS) if s.config.num_layers <= 2 else set())
+    fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay) for k, spec in s.kinds.items()}
+    comp = {k: _compute(s, k, t) + _activations(s, lay, t) for k in s.kinds}
+    comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
+    layers = s.config.num_layers
+    segments = [(1, comp["embed"] + fetch["attention"]), (layers, comp["attention"] + fetch["mlp"]),
+                (layers - 1, comp["mlp"] + fetch["attention"]), (1, comp["mlp"] + fetch["head"]), (1, comp["head"])]
+    return Phase(fetch["embed"], [(m, seg) for m, seg in segments if m])
+
+
+# ---- the whole prediction ------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    prefill_s: float
+    decode_step_s: float
+    blocks: int
+    throughput: float  # generated tokens / s, prefill included (FlexGen's metric, bench's total tok/s)
+    decode_throughput: float
+    bound: str  # the resource that takes most of a decode step
+    prefill_by: dict[str, float]
+    decode_by: dict[str, float]
+    memory: dict[str, dict[str, float]]
+    peak: dict[str, float]
+    disk_cached: bool
+
+
+def predict(config: ModelConfig, workload: Workload, policy: Policy, hw: HardwareProfile,
+            page_cache: float = math.inf) -> Prediction:
+    """Times and memory of running `workload` with `policy`; disk reads come from the page cache when the
+    offload files fit in `page_cache` bytes (free RAM the kernel can use for them)."""
+    s = Setup(config, workload, policy, hw)
+    lay = Layout.of_policy(s, policy)
+    memory = memory_plan(s, lay)
+    peak = tier_peaks(memory, hw.is_cuda)
+    s.disk_cached = peak["disk"] <= page_cache
+    return _prediction(s, lay, memory, peak)
+
+
+def _prediction(s: Setup, lay: Layout, memory, peak) -> Prediction:
+    pre, dec = phase_times(s, lay, True), phase_times(s, lay, False)
+    t_pre, t_dec = pre.time(s.policy.overlap), dec.time(s.policy.overlap)
+    w = s.workload
+    blocks = 1 if w.num_prompts is None else -(-w.num_prompts // s.n)
+    tokens = (s.n if w.num_prompts is None else w.num_prompts) * w.gen_len
+    total = blocks * (t_pre + (w.gen_len - 1) * t_dec)
+    by = dec.by_resource()
+    return Prediction(t_pre, t_dec, blocks, tokens / total, s.n / t_dec, max(by, key=by.get), pre.by_resource(), by,
+                      memory, peak, s.disk_cached)

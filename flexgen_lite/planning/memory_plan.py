@@ -1,0 +1,139 @@
+"""Peak memory per tier of a policy, component by component, as the engine allocates it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..engine.kv_cache import batch_parts, component_specs
+from ..engine.policy import Policy
+from ..engine.storage import TIERS
+from ..models.config import ModelConfig
+from ..system.host_memory import padded
+from .layout import Layout, Setup, Workload
+
+MiB = 2**20
+RESERVE = 64 * MiB  # allocator slack and small buffers not modelled one by one
+
+
+def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
+    """Bytes per tier and component, as the engine allocates them; "load" is the host's transient while
+    weights are placed (source rows read as fp32 before the cast)."""
+    c, w = s.config, s.workload
+    gpu, cpu, disk = {}, {}, {}
+    gpu["weights"], cpu["weights"], disk["weights"] = (lay.placed[t] for t in TIERS)
+    slots, weight_staging, direct = 0.0, 0.0, 0.0
+    for kind, spec in s.kinds.items():
+        extent = 0.0  # a layer's disk-homed weights: read whole into staging (CUDA); on a CPU mapped, or read
+        for sp in spec.weights:  # into a buffer per parity (WeightSlots._read_extent), counted either way
+            slots += lay.weight_slots(kind, sp) * math.prod(sp.shape) * s.e
+            slots += lay.code_slots(kind, sp) * s.tensor_bytes(sp)
+            if lay.weight(kind, sp)[2]:
+                extent += s.tensor_bytes(sp)
+        if s.cuda:
+            weight_staging = max(weight_staging, extent)
+        else:
+            direct += 2 * extent
+    gpu["weight slots"] = slots
+    if direct:
+        gpu["disk reads"] = direct
+    per_seq = s.seq_layer * w.max_len * c.num_layers
+    for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
+        d["kv cache"] = tier * per_seq
+    if s.cuda and lay.exact is not None and lay.cache_rows[1]:  # one arena: each part's arrays at aligned offsets
+        cpu["kv cache"] = c.num_layers * sum(_host_part_bytes(s, rows) for b in range(s.nb)
+                                             for t, rows in batch_parts(b, s.gbs, lay.cache_rows) if t == "cpu")
+    gpu["cache slots"], on_host = _cache_slots(s, lay)
+    if on_host:
+        cpu["cache slots"] = on_host
+    cache_staging = 0.0
+    if lay.cache_rows[2] and s.cuda:  # a CPU reads files straight into its slots, or maps them
+        rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
+                    if t == "disk"), default=0) if lay.exact else s.gbs
+        cache_staging = rows * s.seq_layer / 2 * w.max_len  # one of k, v of a part
+    hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
+    act_staging = (1 + s.threads) * hidden if s.cuda and lay.act_batches[2] else 0  # writes on each I/O thread
+    # storage.Staging (CUDA): two buffers per lane for loads, one per I/O thread for stores
+    cpu["staging"] = 2 * weight_staging + (2 + s.threads) * cache_staging + act_staging
+    for d, batches in zip((gpu, cpu, disk), lay.act_batches, strict=True):
+        d["activations"] = batches * hidden
+    rows = s.gbs * w.prompt_len
+    h, f, q_kv = c.hidden_size, c.intermediate_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    working = rows * s.e * max(6 * h + 2 * q_kv, 3 * h + (4 if c.gated_mlp else 2) * f)
+    inputs = s.n * (w.prompt_len * w.prompt_len + 8 * w.max_len) + 2 * s.n * w.prompt_len * c.head_dim * s.e
+    logits = s.gbs * c.vocab_size * (s.e + 8)
+    gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
+    gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
+    # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place; an
+    # fp32 tensor kept in host RAM is the source's own (the cast is a no-op), so only the read counts
+    cast = 0 if s.dtype == torch.float32 and not s.cuda else s.e
+    load = 0.0
+    for sp, _ in s.groups:
+        numel = math.prod(sp.shape)
+        load = max(load, numel * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
+    cpu["load"] = load
+    cpu["reserve"] = RESERVE
+    return {"gpu": gpu, "cpu": cpu, "disk": disk}
+
+
+def _host_part_bytes(s: Setup, rows: slice) -> int:
+    """Arena bytes of a cpu-tier part's K and V across the link, as KVCache._host_bytes takes them."""
+    c, dtype = s.config, s.policy.cpu_attention_dtype(s.dtype) or s.dtype
+    shape = (rows.stop - rows.start, c.num_kv_heads, s.workload.max_len, c.head_dim)
+    return 2 * sum(padded(math.prod(sh) * dt.itemsize) for sh, dt in component_specs(shape, dtype, s.ccomp))
+
+
+def _cache_slots(s: Setup, lay: Layout) -> tuple[float, float]:
+    """CacheSlots buffers (compute memory, host RAM): per distinct (part index, rows, attended on the CPU) of
+    parts not used in place, 2 parities x k and v, in the dtype and memory where that part is attended (CPU
+    attention's in host RAM across the link); a CPU's memory-mapped disk parts count the same (their pages are
+    in the process while used)."""
+    c, max_len = s.config, s.workload.max_len
+    on_cpu = s.cuda and s.policy.cpu_cache_compute
+    cpu_dtype = s.policy.cpu_attention_dtype(s.dtype) or s.dtype
+    codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
+
+    def dense_row(e: int) -> float:
+        return c.num_kv_heads * max_len * c.head_dim * e
+
+    if lay.exact is None:
+        direct = all((lay.part_direct(t) and not lay.part_mapped(t)) or not r
+                     for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
+        total = 0.0 if direct else 4 * s.gbs * (dense_row(s.e) + codes_row)
+        return (0.0, total) if on_cpu and any(lay.cache_rows[1:]) else (total, 0.0)
+    if s.workload.gen_len < 2:
+        return 0.0, 0.0
+    # engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
+    # batches, batches that finish early) each distinct (part index, rows, where) can take both
+    keys: dict[tuple, bool] = {}  # (index, rows, in host RAM, dtype) -> codes read into scratch (across the link)
+    for b in range(s.nb):
+        for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
+            if not lay.part_direct(t) or lay.part_mapped(t):
+                dtype = cpu_dtype if s.policy.cpu_cache_compute and t != "gpu" else s.dtype
+                key = (i, rows.stop - rows.start, on_cpu and t != "gpu", dtype)
+                keys[key] = keys.get(key, False) or (s.cuda and t != "gpu")
+    out = [0.0, 0.0]
+    for (_, r, host, dtype), across in keys.items():
+        out[host] += 2 * 2 * r * (dense_row(dtype.itemsize) + (codes_row if across else 0))
+    return out[0], out[1]
+
+
+def tier_peaks(plan: dict[str, dict[str, float]], cuda: bool) -> dict[str, float]:
+    """Peak bytes: "gpu" the compute tier, "cpu" all host RAM the engine takes, "disk" offload files.
+    Without CUDA the compute tier is host RAM too, so "cpu" includes it."""
+    gpu = sum(plan["gpu"].values())
+    host_run = sum(v for k, v in plan["cpu"].items() if k != "load")
+    host_load = plan["cpu"]["weights"] + plan["cpu"]["load"] + plan["cpu"]["reserve"]
+    if not cuda:
+        host_run += gpu
+        host_load += plan["gpu"]["weights"]
+    return {"gpu": gpu, "cpu": max(host_run, host_load), "disk": sum(plan["disk"].values())}
+
+
+def peak_memory(config: ModelConfig, workload: Workload, policy: Policy,
+                cuda: bool) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(bytes per tier and component, peak bytes per tier) of running `workload` with `policy`."""
+    s = Setup(config, workload, policy, None, cuda=cuda)
+    plan = memory_plan(s, Layout.of_policy(s, policy))
+    return plan, tier_peaks(plan, cuda)

@@ -1,0 +1,251 @@
+"""Measuring this machine's speeds (hardware.py holds them, profile_store.py stores them, profile_probes.py
+times each kernel, copy and disk).
+
+`flexgen-lite profile` (or the first `--policy auto`) measures, in seconds: matmul rates per dtype over a
+range of batch rows, link bandwidths (host<->device, pinned and pageable; a host memory copy without
+CUDA), disk read/write of the offload directory (O_DIRECT where the file system allows, else buffered
+after dropping the file's pages with posix_fadvise), page-cache reads, decode attention bandwidth on the
+compute device and on the CPU, 4-bit (de)quantization rates, the CPU's int4 weight kernel and the cost of
+one small op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.block import Block
+from ..engine.block_schedule import Engine
+from ..engine.kv_cache import CacheSlots, KVCache
+from ..engine.policy import DTYPES, Policy
+from ..engine.storage import DiskStore, MemoryLedger, Staging
+from ..engine.weights import DummySource, place_weights
+from ..kernels.compression import CompressionConfig
+from ..kernels.sampling import SamplingConfig
+from ..models.config import config_from_dict
+from ..models.specs import layer_specs
+from ..planning.cost_model import predict
+from ..planning.dtype_choice import compute_dtype
+from ..planning.layout import Workload
+from ..system.devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
+from ..system.hardware import HardwareProfile
+from ..system.memory import return_freed_memory
+from ..system.profile_store import cache_dir, cached_profile, profile_path, save_profile
+from .probes import (
+    MiB,
+    attention_rates,
+    best_matmul,
+    compression_rates,
+    compute_dtypes,
+    contention,
+    fit,
+    int4_rates,
+    link_rates,
+    matmul_rates,
+    matmul_shapes,
+    measure_disk,
+    offload_parent,
+    others_cpu,
+    timed,
+)
+
+
+def measure(device: ComputeDevice | None = None, offload_dir: str = "",
+            progress: Callable[[str], None] | None = None, quick: bool = False) -> HardwareProfile:
+    """Measure this machine. `quick` shrinks every size (tests); the default takes well under a minute
+    on a 2-core VM and a few seconds with a GPU."""
+    device = device or ComputeDevice()
+    keep_freed_memory()  # as the engine does: on VMs fresh pages fault in slowly
+    tic, start_cpu = time.perf_counter(), others_cpu()
+    scale = 8 if quick else 1
+    disk_size = 256 * MiB // (1 if scale == 1 else 16)
+    found: dict = {}
+    stages = [("matmul", matmul_rates), ("int4 kernel", int4_rates), ("attention", attention_rates),
+              ("links", link_rates), ("compression", compression_rates),
+              ("KV cache parts", _cache_parts), ("overhead", _overhead),
+              # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates
+              ("matmul, second trial", lambda device, scale: best_matmul(found, matmul_rates(device, scale))),
+              ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
+              ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
+    for i, (name, fn) in enumerate(stages):
+        if progress:
+            progress(f"profiling {device.device}: {name} ({i + 1}/{len(stages)})")
+        found.update(fn(device, scale))
+    if progress:
+        progress("")
+    others = others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
+    notes = [] if others < 0.25 else [
+        f"note: other processes used {others:.1f} cores on average while this was measured: rates may be low; "
+        "run `flexgen-lite profile --refresh` when the machine is idle"]
+    return HardwareProfile(notes=notes,
+        device=_device_name(device), is_cuda=device.is_cuda, offload_dir=offload_parent(offload_dir),
+        threads=torch.get_num_threads(), host_memory=host_available_bytes(),
+        measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.perf_counter() - tic, 1), **found)
+
+
+def _device_name(device: ComputeDevice) -> str:
+    if device.is_cuda:
+        return f"{device.device} ({torch.cuda.get_device_name(device.device)})"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = platform.processor()
+    return f"cpu ({model or 'unknown'}, {os.cpu_count()} cores)"
+
+
+def remeasure_matmul(device: ComputeDevice, hw: HardwareProfile) -> dict:
+    """Matmul rates measured again, the faster of these and `hw`'s kept per dtype and row count."""
+    found = matmul_rates(device, 1 if tuple(hw.matmul_shape) == matmul_shapes(device, 1)[0] else 8)
+    return best_matmul({"matmul": hw.matmul, "matmul_shape": hw.matmul_shape}, found)["matmul"]
+
+
+def measure_int4_matmul(device: ComputeDevice) -> dict:
+    """The int4 kernel's rates alone (int4_matmul, int4_dequantize, int4_tiles): for a cached profile older than
+    them (profile_store)."""
+    return int4_rates(device, 1)
+
+
+def _cache_parts(device: ComputeDevice, scale: int) -> dict:
+    """The engine's own KVCache.load of a part that is not used in place, at a short and a long prefix:
+    a fixed cost per load and a rate. A disk part (read from the page cache, then transposed), a compressed
+    part in compute memory (dequantized); and one token stored into a compressed part."""
+
+    rows, heads, hd, short, long = 8, 12, 64, 16, 512 // scale
+    disk_load, comp_load, store_s = {}, {}, 0.0
+    for name in compute_dtypes(device):
+        dtype = DTYPES[name]
+        for table, percents, comp in ((disk_load, (0, 0, 100), None),
+                                      (comp_load, (100, 0, 0), CompressionConfig(4, 64, -1))):
+            disk, ledger = DiskStore(), MemoryLedger()
+            kv = KVCache(1, 1, rows, long, heads, hd, dtype, percents, device, disk, ledger, comp)
+            slots = CacheSlots(ledger, Staging(pin=device.is_cuda))
+            token = torch.randn(rows, heads, long, hd, device=device.device).to(dtype)
+            kv.store(kv.parts[0][0][0], token, token, 0)
+            times = [timed(lambda kv=kv, slots=slots, n=n: kv.load(0, 0, n, slots, 0), device.synchronize)
+                     for n in (short, long)]
+            amount = 2 * rows * heads * hd * (1 if comp else dtype.itemsize)  # elements, or bytes, per position
+            rate, fixed = fit(amount * short, times[0], amount * long, times[1])
+            table[name] = (fixed, rate)
+            if comp:
+                part, one = kv.parts[0][0][0], token[:, :, :1].contiguous()
+                store_s = max(store_s, timed(lambda kv=kv, part=part, one=one: kv.store(part, one, one, 0),
+                                             device.synchronize))
+            disk.close()
+    for table in (disk_load, comp_load):
+        table.setdefault("float16", table["bfloat16"])
+    return {"cache_disk_load": disk_load, "cache_dequantize": comp_load, "cache_store": store_s}
+
+
+def _overhead(device: ComputeDevice, scale: int) -> dict:
+    """Seconds of one tiny op (dispatch and Python, what small layers and batches pay per op), of handing a
+    task to an I/O thread, and how much dearer host I/O work gets when it runs beside compute."""
+    x, w = torch.randn(1, 16, device=device.device), torch.randn(16, 16, device=device.device)
+
+    def hundred_ops() -> None:
+        for _ in range(100):
+            F.linear(x, w)
+
+    pool = IOPool(overlap=True)
+    handoff = timed(lambda: [pool.submit(int).result() for _ in range(100)], lambda: None) / 100
+    pool.close()
+    return {"op_overhead": timed(hundred_ops, device.synchronize) / 100, "handoff": handoff,
+            "contention": contention(device, scale)}
+
+
+SMALL = {  # decode steps of these, less what the cost model already counts, are the engine's own overhead
+    "opt": {"model_type": "opt", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "ffn_dim": 2048, "vocab_size": 1024, "max_position_embeddings": 128},
+    "llama": {"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "intermediate_size": 1536, "vocab_size": 1024,
+              "max_position_embeddings": 128},
+}
+
+
+def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> dict:
+    """Seconds per layer and per (layer, GPU batch) of a decode step that the rest of the cost model does not
+    count (Python, dispatch, futures, waking threads between ops): small models of each family run in the
+    engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term."""
+    fields = {**found, "layer_overhead": {f: (0.0, 0.0) for f in SMALL}, "offload_dir": "", "threads": 1,
+              "host_memory": 0, "device": "", "is_cuda": device.is_cuda}
+    partial = HardwareProfile(**fields)
+    out, gbs, prompt, gen, runs = {}, 8, 8, (4 if quick else 16), (1 if quick else 3)
+    for family, raw in SMALL.items():
+        config = config_from_dict(raw, name=f"small-{family}")
+        specs, residual = layer_specs(config), {}
+        for nb in (1, 2):
+            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb)
+            dtype = compute_dtype(policy, device.device.type)
+            disk, ledger = DiskStore(), MemoryLedger()
+            weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
+                                    pin=False)
+            engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)
+            engine.static_decode = False  # the eager schedule's overhead: offloaded policies pay it (decode_graph)
+            times = []
+            for _ in range(runs):
+                block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
+                engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
+                times += engine.times.decode
+            engine.close()
+            disk.close()
+            modelled = predict(config, Workload(prompt, gen), policy, partial).decode_step_s
+            residual[nb] = sorted(times)[len(times) // 2] - modelled
+        per_batch = max(0.0, residual[2] - residual[1]) / len(specs)
+        out[family] = (max(0.0, residual[1] / len(specs) - per_batch), per_batch)
+    return {"layer_overhead": out}
+
+
+def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,
+                 progress: Callable[[str], None] | None = None) -> HardwareProfile:
+    """The cached profile of this machine, measuring it first if there is none (or with `refresh`).
+
+    FLEXGEN_LITE_PROFILE=FILE uses that file instead (tests, or a profile copied from a like machine)."""
+    device = device or ComputeDevice()
+    if not refresh:
+        found = cached_profile(device, offload_dir)
+        if found is not None:
+            return _with_int4_rates(found, device, offload_dir)
+        print(f"no profile of this machine yet: measuring it now (~25 s, once; cached in {cache_dir()}). Other "
+              "processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
+              file=sys.stderr)
+    profile = measure(device, offload_dir, progress)
+    return_freed_memory()  # the measurement's buffers: not resident beyond what budgets count
+    if profile.notes and not refresh:
+        print("\n" + "\n".join(profile.notes), file=sys.stderr)
+    save_profile(profile, profile_path(device, offload_dir))
+    return profile
+
+
+def _with_int4_rates(hw: HardwareProfile, device: ComputeDevice, offload_dir: str) -> HardwareProfile:
+    """A cached profile older than the int4 kernel's rates (None) gets them measured now (a fraction of a
+    second) and saved; FLEXGEN_LITE_PROFILE's file is left as it is (the cost model then assumes no kernel)."""
+    measured = (hw.int4_matmul, hw.int4_dequantize, hw.int4_tiles)
+    if all(found is not None for found in measured) or os.environ.get("FLEXGEN_LITE_PROFILE"):
+        return hw
+    updated = dataclasses.replace(hw, **measure_int4_matmul(device))
+    save_profile(updated, profile_path(device, offload_dir))
+    return updated
+
+
+def remeasure_after_fast_run(device: ComputeDevice, offload_dir: str = "") -> str:
+    """After a compute-bound run more than 2x faster than predicted (a profile taken while the machine was
+    busy): measure the matmul rates again, keep the faster per point, and save them for the next plan."""
+    if os.environ.get("FLEXGEN_LITE_PROFILE"):
+        return "the profile is FLEXGEN_LITE_PROFILE's file: left as it is"
+    hw = cached_profile(device, offload_dir)
+    if hw is None:
+        return "no cached profile to update"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    updated = dataclasses.replace(hw, matmul=remeasure_matmul(device, hw),
+                                  notes=[*hw.notes, f"matmul rates re-measured {stamp} after a run 2x faster "
+                                         "than predicted"])
+    save_profile(updated, profile_path(device, offload_dir))
+    return f"matmul rates measured again and kept where faster, in {profile_path(device, offload_dir)}: the next " \
+           "plan uses them"
