@@ -15,8 +15,8 @@ from flexgen_lite import generation
 from flexgen_lite.cli.main import main
 from flexgen_lite.engine.policy import Policy
 from flexgen_lite.generation import FlexGenLite
-from flexgen_lite.serve import runner
-from flexgen_lite.serve.runner import run_jobs
+from flexgen_lite.openai_api import runner
+from flexgen_lite.openai_api.runner import run_jobs
 
 from .conftest import ctrl_c_in_block
 

@@ -367,7 +367,7 @@ def test_each_request_is_logged(server):
 def test_state_goes_to_the_cache_folder_by_default(chat_dir, tmp_path, monkeypatch):
     """Not into the current folder: ~/.cache/flexgen-lite/serve-PORT (here under FLEXGEN_LITE_CACHE)."""
     from flexgen_lite.cli.main import main
-    from flexgen_lite.serve import batch_lines
+    from flexgen_lite.openai_api import batch_lines
 
     class Loading(Exception):
         pass

@@ -13,7 +13,7 @@ import time
 
 from ..kernels.sampling import SamplingConfig
 from .batch_io import InputError, Prompt, ResumableOutput, read_prompts
-from .options import Overall, end_progress
+from .options import Overall, end_progress, model_of
 
 EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
     "What is the capital of France?",
@@ -44,14 +44,6 @@ def result_settings(args) -> dict:
     if settings["temperature"] == 0:
         settings.update(seed=None, top_k=None, top_p=None)
     return settings
-
-
-def model_of(args) -> str:
-    if args.model is not None:
-        return args.model
-    from ..models.gguf_file import default_model_path
-
-    return default_model_path()
 
 
 def cmd_generate(args, progress) -> None:

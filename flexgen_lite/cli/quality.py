@@ -46,8 +46,7 @@ def read_text(path: str) -> str:
 
 def cmd_quality(args, progress) -> None:
     from ..generation import FlexGenLite, default_workload, model_config
-    from .generate import model_of
-    from .options import budgets_from_args, policy_from_args
+    from .options import budgets_from_args, model_of, policy_from_args
 
     text = read_text(args.text)
     for flag, value in (("--window", args.window), ("--max-tokens", args.max_tokens)):

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..serve.batch_lines import answer_line, check_request
-from ..serve.protocol import CHAT, COMPLETIONS
-from ..serve.requests import RequestError, Served, Work, prepare
-from ..serve.runner import run_jobs
+from ..openai_api.batch_lines import answer_line, check_request
+from ..openai_api.protocol import CHAT, COMPLETIONS
+from ..openai_api.requests import RequestError, Served, Work, prepare
+from ..openai_api.runner import run_jobs
 from .config import ROW_FIELDS, ReplicaConfig, Sampling
 
 OUTPUT_COLUMNS = ("generated_text", "generated_tokens", "finish_reason", "num_input_tokens", "num_generated_tokens")

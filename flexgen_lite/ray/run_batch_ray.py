@@ -25,9 +25,9 @@ import ray.data
 from ..cli.batch_io import Prompt, ResumableOutput
 from ..cli.checks import UsageError
 from ..engine.policy import Policy
+from ..openai_api.batch_lines import job_policy, plan_chunks
+from ..openai_api.requests import Work
 from ..planning.layout import Workload
-from ..serve.batch_lines import job_policy, plan_chunks
-from ..serve.requests import Work
 from .config import ProcessorConfig
 from .processor import map_replicas
 from .replica import BatchLineReplica

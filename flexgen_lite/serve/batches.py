@@ -11,9 +11,9 @@ import traceback
 from concurrent.futures import CancelledError
 
 from ..cli.batch_io import InputError
-from .batch_lines import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
-from .protocol import now
-from .requests import RequestError, Served, Work
+from ..openai_api.batch_lines import answer_line, check_request, check_unique_ids, error_line, plan_chunks, split_lines
+from ..openai_api.protocol import now
+from ..openai_api.requests import RequestError, Served, Work
 from .store import Store
 
 

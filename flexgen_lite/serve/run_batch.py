@@ -15,7 +15,7 @@ import sys
 import time
 
 from ..cli.batch_io import InputError, Prompt, ResumableOutput
-from .batch_lines import (
+from ..openai_api.batch_lines import (
     answer_line,
     check_request,
     check_unique_ids,
@@ -25,7 +25,7 @@ from .batch_lines import (
     read_lines,
     served_model,
 )
-from .requests import Work
+from ..openai_api.requests import Work
 
 
 def cmd_run_batch(args, progress, run=None) -> None:
@@ -104,7 +104,7 @@ def _run(args, model: str, lines: list[Prompt], works: dict[int, Work], output: 
     from ..cli.options import Overall, budgets_from_args, end_progress
     from ..cli.run_record import policy_record
     from ..generation import FlexGenLite
-    from .runner import run_jobs
+    from ..openai_api.runner import run_jobs
 
     policy, workload = job_policy(args, works)
     overall = Overall(None if args.no_progress else progress, len(works), "requests")

@@ -12,8 +12,8 @@ import threading
 import time
 from concurrent.futures import Future
 
-from .requests import Job, Output
-from .runner import run_jobs
+from ..openai_api.requests import Job, Output
+from ..openai_api.runner import run_jobs
 
 MAX_WINDOWS = 20  # a burst of requests is waited for while it keeps coming, at most this many windows
 MAX_BLOCKS = 8  # or until it fills this many blocks: one run sorts the whole burst into blocks by length

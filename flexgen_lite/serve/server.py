@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .protocol import (
+from ..openai_api.protocol import (
     CHAT,
     COMPLETIONS,
     BatchCreate,
@@ -36,8 +36,8 @@ from .protocol import (
     ModelList,
     now,
 )
-from .requests import RequestError, Served, Work, prepare, respond, validation_error
-from .runner import settled_text
+from ..openai_api.requests import RequestError, Served, Work, prepare, respond, validation_error
+from ..openai_api.runner import settled_text
 
 FILE_PURPOSES = ("batch",)
 DRAIN_LIMIT = 64 << 20  # a body declared at most this much past the limit is read (not kept) before the 413
@@ -334,7 +334,7 @@ def cmd_serve(args) -> None:
     from ..cli.batch_io import InputError
     from ..cli.options import budgets_from_args, policy_from_args
     from ..generation import FlexGenLite
-    from .batch_lines import served_model
+    from ..openai_api.batch_lines import served_model
     from .batches import BatchRunner
     from .scheduler import Scheduler
     from .store import Store

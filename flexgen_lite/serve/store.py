@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from .protocol import BatchObject, FileObject, RequestCounts, new_id, now
+from ..openai_api.protocol import BatchObject, FileObject, RequestCounts, new_id, now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (

@@ -7,7 +7,7 @@ import argparse
 
 def add_commands(sub, add_policy_flags, progress) -> None:
     """Add `run-batch` and `serve` to the `flexgen-lite` subparsers `sub`."""
-    from ..cli.checks import positive_int
+    from .checks import positive_int
 
     r = sub.add_parser("run-batch", help="answer an OpenAI batch file (JSON lines of requests); resumable")
     r.add_argument("-i", "--input", required=True, help="batch input file: one request per line "
@@ -67,10 +67,10 @@ def _run_batch(args, progress) -> None:
     if args.ray is not None:
         _need(("ray", "pyarrow", "pandas"), "run-batch --ray", "ray", "'ray[data]'")
     elif args.replicas is not None:
-        from ..cli.checks import UsageError
+        from .checks import UsageError
 
         raise UsageError("--replicas is for --ray: add --ray (a Ray on this machine) or --ray ADDRESS")
-    from .run_batch import cmd_run_batch
+    from ..serve.run_batch import cmd_run_batch
 
     run = None
     if args.ray is not None:  # the same checked requests, answered by replicas on a Ray cluster
@@ -80,7 +80,7 @@ def _run_batch(args, progress) -> None:
 
 def _serve(args) -> None:
     _need(("pydantic", "fastapi", "uvicorn", "python_multipart"), "serve")
-    from .server import cmd_serve
+    from ..serve.server import cmd_serve
 
     cmd_serve(args)
 
@@ -90,7 +90,7 @@ def _need(modules: tuple[str, ...], command: str, extra: str = "serve",
     """Refuse in one line, before anything loads, when an extra (`serve`, `ray`) is not installed."""
     import importlib.util
 
-    from ..cli.checks import UsageError
+    from .checks import UsageError
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
