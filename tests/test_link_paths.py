@@ -345,13 +345,13 @@ def test_gpu_mem_is_the_whole_process_on_a_gpu(monkeypatch):
 def test_cpu_attention_inputs_cross_in_one_copy_and_attend_as_separate_ones():
     """Beside a GPU, a part's q, k, v reach CPU attention as views of one copied tensor: the same values, and
     attention over them (the C kernel where it takes such views, else SDPA) equals attention over plain copies."""
-    from flexgen_lite.engine.block_schedule import _joined_to
+    from flexgen_lite.engine.cache_attention import joined_to
     from flexgen_lite.kernels.attention import attend
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(5, h, 1, 16, generator=gen) for h in (8, 2, 2))
     cache_k, cache_v = torch.randn(5, 2, 12, 16, generator=gen), torch.randn(5, 2, 12, 16, generator=gen)
-    q2, k2, v2 = _joined_to(torch.device("cpu"), torch.bfloat16, (q, k, v))
+    q2, k2, v2 = joined_to(torch.device("cpu"), torch.bfloat16, (q, k, v))
     for ours, plain in zip((q2, k2, v2), (q, k, v), strict=True):
         assert torch.equal(ours, plain.to(torch.bfloat16))
     cache_k[:, :, 11:], cache_v[:, :, 11:] = k2, v2

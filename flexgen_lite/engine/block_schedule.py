@@ -27,6 +27,7 @@ from ..models.specs import LayerSpec
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from .activations import Activations
 from .block import Block
+from .cache_attention import attend_part, rows_in_part, scatter_rows
 from .decode_graph import StaticDecode, graphs_wanted
 from .kv_cache import CacheSlots, KVCache
 from .policy import Policy
@@ -227,10 +228,10 @@ class Engine:
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             attn = self._attend(q, k, v, inputs["mask"])
             for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
-                picked, local = _rows_in_part(inputs, part.rows, k.device)
+                picked, local = rows_in_part(inputs, part.rows, k.device)
                 k_part, v_part = k[picked], v[picked]
                 if local is not None:  # rows that left (filler rows) get zeros
-                    k_part, v_part = _scatter_rows(k_part, local, part.rows), _scatter_rows(v_part, local, part.rows)
+                    k_part, v_part = scatter_rows(k_part, local, part.rows), scatter_rows(v_part, local, part.rows)
                 self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
             attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start)
@@ -254,26 +255,12 @@ class Engine:
 
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
-        k, v are written into it first. `span.nbytes`: the K and V bytes attended over."""
-        rows, where, dtype, end = view.part.rows, view.k.device, view.k.dtype, start + 1
-        picked, local = _rows_in_part(inputs, rows, q.device)
-        q_part, k_new, v_new = _rows_to(where, dtype, q[picked], k[picked], v[picked])
-        if mask is not None:
-            mask = mask[picked if mask.device == q.device else _rows_in_part(inputs, rows, mask.device)[0]]
-        if local is None:
-            view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
-            k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
-        else:  # finished rows left the batch: attend over the active rows' cache only
-            if len(local) == 0:
-                return None
-            local_dev = _rows_in_part(inputs, rows, where)[1]
-            view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
-            k_seen = view.k[:, :, :end].index_select(0, local_dev)
-            v_seen = view.v[:, :, :end].index_select(0, local_dev)
-            k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
-        span.nbytes = k_seen.nbytes + v_seen.nbytes
-        out = self._attend(q_part, k_seen, v_seen, mask, self.policy.attn_sparsity)
-        out = out.to(q.device, q.dtype, non_blocking=True)
+        k, v are written into it first, and home when the part is not used in place."""
+        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity)
+        if found is None:
+            return None
+        out, k_new, v_new, kernel, span.nbytes = found
+        self._kernels.add(kernel)
         view.part.release()
         if not view.part.direct:
             self._store_cache(layer, b, view.part, k_new, v_new, start)
@@ -404,42 +391,3 @@ class Engine:
 
     def close(self) -> None:
         self.io.close()
-
-
-def _part_rows(rows: slice, active: torch.Tensor | None):
-    """(index into the active rows, local row indices within the part or None when all rows are active)."""
-    if active is None:
-        return rows, None
-    inside = (active >= rows.start) & (active < rows.stop)
-    return inside.nonzero().squeeze(1), active[inside] - rows.start
-
-
-def _rows_in_part(inputs: dict, rows: slice, device: torch.device):
-    """_part_rows of the step's active rows of a batch (`inputs`), both indices on `device`: made once a step
-    and kept in `inputs`, not once a layer (indexing a CUDA tensor with host indices copies them and waits)."""
-    if inputs["active"] is None:
-        return rows, None
-    key = ("rows in part", rows.start, device)
-    if key not in inputs:
-        picked, local = _part_rows(rows, inputs["active"])
-        inputs[key] = picked.to(device), local.to(device)
-    return inputs[key]
-
-
-def _rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> list[torch.Tensor]:
-    """(rows, heads_i, t, D) tensors on `where` in `dtype`; from another device in one copy (one sync, not three)."""
-    if parts[0].device == where:
-        return [p.to(dtype) for p in parts]
-    return _joined_to(where, dtype, parts)
-
-
-def _joined_to(where, dtype: torch.dtype, parts) -> list[torch.Tensor]:
-    joined = torch.cat(parts, 1).to(where, dtype)
-    return list(joined.split([p.shape[1] for p in parts], 1))
-
-
-def _scatter_rows(values: torch.Tensor, local: torch.Tensor, rows: slice) -> torch.Tensor:
-    full = values.new_zeros((rows.stop - rows.start, *values.shape[1:]))
-    full[local.to(values.device)] = values
-    return full
-

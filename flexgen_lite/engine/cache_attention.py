@@ -1,0 +1,71 @@
+"""Decode attention over a batch's KV cache part by part, each where it lives (compute memory, or host RAM
+attended on the CPU), for the rows that still generate; the engine (block_schedule.py) stores the new k, v home."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.attention import attend_named
+
+
+def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float):
+    """One new token's attention over the cache part `view` (its k, v written in at `start` first): (output on
+    q's device, the new k and v as the part holds them, the attention kernel that ran, K and V bytes read), or
+    None when none of the part's rows is active."""
+    rows, where, dtype, end = view.part.rows, view.k.device, view.k.dtype, start + 1
+    picked, local = rows_in_part(inputs, rows, q.device)
+    q_part, k_new, v_new = rows_to(where, dtype, q[picked], k[picked], v[picked])
+    if mask is not None:
+        mask = mask[picked if mask.device == q.device else rows_in_part(inputs, rows, mask.device)[0]]
+    if local is None:
+        view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
+        k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
+    else:  # finished rows left the batch: attend over the active rows' cache only
+        if len(local) == 0:
+            return None
+        local_dev = rows_in_part(inputs, rows, where)[1]
+        view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
+        k_seen = view.k[:, :, :end].index_select(0, local_dev)
+        v_seen = view.v[:, :, :end].index_select(0, local_dev)
+        k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
+    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity)
+    return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, kernel, k_seen.nbytes + v_seen.nbytes
+
+
+def part_rows(rows: slice, active: torch.Tensor | None):
+    """(index into the active rows, local row indices within the part or None when all rows are active)."""
+    if active is None:
+        return rows, None
+    inside = (active >= rows.start) & (active < rows.stop)
+    return inside.nonzero().squeeze(1), active[inside] - rows.start
+
+
+def rows_in_part(inputs: dict, rows: slice, device: torch.device):
+    """`part_rows` of the step's active rows of a batch (`inputs`), both indices on `device`: made once a step
+    and kept in `inputs`, not once a layer (indexing a CUDA tensor with host indices copies them and waits)."""
+    if inputs["active"] is None:
+        return rows, None
+    key = ("rows in part", rows.start, device)
+    if key not in inputs:
+        picked, local = part_rows(rows, inputs["active"])
+        inputs[key] = picked.to(device), local.to(device)
+    return inputs[key]
+
+
+def rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """(rows, heads_i, t, D) tensors on `where` in `dtype`; from another device in one copy (one sync, not three)."""
+    if parts[0].device == where:
+        return [p.to(dtype) for p in parts]
+    return joined_to(where, dtype, parts)
+
+
+def joined_to(where, dtype: torch.dtype, parts) -> list[torch.Tensor]:
+    joined = torch.cat(parts, 1).to(where, dtype)
+    return list(joined.split([p.shape[1] for p in parts], 1))
+
+
+def scatter_rows(values: torch.Tensor, local: torch.Tensor, rows: slice) -> torch.Tensor:
+    full = values.new_zeros((rows.stop - rows.start, *values.shape[1:]))
+    full[local.to(values.device)] = values
+    return full
+
