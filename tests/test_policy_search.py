@@ -201,6 +201,21 @@ def test_impossible_budget_says_what_is_missing_where():
     assert "no policy fits opt-1.3b" in message
     assert "missing on cpu" in message and "weight slots" in message
     assert "more than all tiers give" in message and "--disk-mem" in message
+    assert "--dtype bfloat16" not in message  # this profile computes in bfloat16 already
+
+
+def test_impossible_budget_on_a_machine_slow_at_bfloat16_suggests_it():
+    """Without bfloat16 units the search keeps float32; when nothing fits, the error says bfloat16 halves it."""
+    import dataclasses
+
+    slow = {**HW.matmul, "bfloat16": [(m, r / 4, f) for m, r, f in HW.matmul["bfloat16"]]}
+    hw = dataclasses.replace(HW, matmul=slow)
+    with pytest.raises(PolicyError, match="--dtype bfloat16 halves the weights and the cache"):
+        search_policy(OPT, WL, hw, Budgets(None, 300 * MiB, 1 * GiB), AutoPolicy(compress_weight=False), page_cache=0)
+    with pytest.raises(PolicyError) as e:
+        search_policy(OPT, WL, hw, Budgets(None, 300 * MiB, 1 * GiB), AutoPolicy(Policy(dtype="float32")),
+                      page_cache=0)
+    assert "--dtype bfloat16" not in str(e.value)  # given by the user: not second-guessed
 
 
 def test_search_keeps_fixed_choices():

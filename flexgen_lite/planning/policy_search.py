@@ -272,7 +272,8 @@ def _with_percents(p: Policy, pct: list[int]) -> Policy:
 def _nothing_fits(config: ModelConfig, workload: Workload, hw: HardwareProfile, budgets: Budgets,
                   auto: AutoPolicy) -> str:
     """How much is missing where, for the smallest policy: one sequence, weights and cache on disk."""
-    smallest = dataclasses.replace(auto.base, gpu_batch_size=1, num_gpu_batches=1, weight_gpu_percent=0,
+    dtype = search_options(auto.base.dtype, hw)[0]
+    smallest = dataclasses.replace(auto.base, dtype=dtype, gpu_batch_size=1, num_gpu_batches=1, weight_gpu_percent=0,
                                    weight_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
                                    compress_weight=bool(auto.compress_weight), compress_cache=bool(auto.compress_cache))
     s = Setup(config, workload, smallest, hw)
@@ -298,4 +299,12 @@ def _nothing_fits(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
         top = ", ".join(f"{k} {gib(v)}" for v, k in sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3])
         lines.append(f"Even with everything on disk and one sequence, the {tier} tier needs {gib(need)} "
                      f"({top}) but its budget is {gib(budget)}: {gib(need - budget)} missing on {tier}.")
+    smaller = []
+    if not auto.base.dtype and dtype == "float32":
+        smaller.append("--dtype bfloat16 halves the weights and the cache (the search keeps float32 here because "
+                       "this machine's bfloat16 matmuls are slower)")
+    if not auto.compress_weight:
+        smaller.append("--compress-weight stores the weights in 4 bits")
+    if smaller:
+        lines.append("Smaller: " + "; ".join(smaller) + ".")
     return " ".join(lines)
