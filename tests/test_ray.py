@@ -148,6 +148,18 @@ def test_run_batch_on_ray_equals_run_batch_and_resumes(opt_dir, local_ray, tmp_p
     assert answers(on_ray) == answers(plain) and len(answers(plain)) == 40
 
 
+def test_run_batch_on_ray_records_the_replicas_policy(opt_dir, local_ray, tmp_path):
+    """The output's record holds the policy the replicas ran (as run-batch's holds its engine's), so a resume
+    keeps it."""
+    requests, plain, on_ray = tmp_path / "requests.jsonl", tmp_path / "plain.jsonl", tmp_path / "ray.jsonl"
+    batch_file(requests, 4)
+    main(["run-batch", "-i", str(requests), "-o", str(plain), "--model", opt_dir, *FLAGS])
+    main(["run-batch", "-i", str(requests), "-o", str(on_ray), "--model", opt_dir, *FLAGS, "--ray", "--replicas", "1"])
+    records = [json.loads(path.read_text().splitlines()[0])["flexgen_lite_run"] for path in (plain, on_ray)]
+    assert records[1]["policy"] == records[0]["policy"] and records[1]["policy"]["flags"]
+    assert answers(on_ray) == answers(plain)
+
+
 def test_killed_replica_requests_run_again_once(opt_dir, reference, local_ray, tmp_path, monkeypatch):
     """kill -9 of the replica that answered first, while it holds more chunks: Ray restarts it, runs its chunks
     again, and every custom_id is written once with generate's text."""

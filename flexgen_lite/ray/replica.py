@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cli.run_record import policy_record
 from ..openai_api.batch_lines import answer_line, check_request
 from ..openai_api.protocol import CHAT, COMPLETIONS
 from ..openai_api.requests import RequestError, Served, Work, prepare
@@ -82,7 +83,8 @@ class PromptReplica(Replica):
 
 class BatchLineReplica(Replica):
     """`run-batch --ray`: rows of one chunk each (`indices`, `lines`: OpenAI batch lines, checked by the driver)
-    in; one row per line out: its `index`, its output line as JSON (`record`) and this replica's `pid`."""
+    in; one row per line out: its `index`, its output line as JSON (`record`), this replica's `pid` and its
+    engine's policy as the output file records it (`policy`, JSON)."""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         indices, lines = [], []
@@ -97,7 +99,9 @@ class BatchLineReplica(Replica):
             if isinstance(work, Work):
                 work = answer_line(custom_id, work, [next(outputs) for _ in work.jobs])
             records.append(json.dumps(work))
-        return {"index": indices, "record": records, "pid": [os.getpid()] * len(indices)}
+        policy = json.dumps(policy_record(self.model.policy, str(self.model.dtype).removeprefix("torch.")))
+        return {"index": indices, "record": records, "pid": [os.getpid()] * len(indices),
+                "policy": [policy] * len(indices)}
 
 
 def plain(value: Any) -> Any:

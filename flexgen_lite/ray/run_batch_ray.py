@@ -147,8 +147,11 @@ def quiet_ray_data() -> None:
 
 
 def write_answers(batch: dict, lines: list[Prompt], output: ResumableOutput, written: set[int]) -> int:
-    """Append a finished chunk's answers (those not written before) and flush; the tokens they generated."""
+    """Append a finished chunk's answers (those not written before) and flush; the tokens they generated. The
+    replicas' policy is recorded with the first (as run-batch records its engine's)."""
     tokens = 0
+    if len(batch["index"]):
+        output.record_run({"policy": json.loads(batch["policy"][0])})
     for index, record in zip(batch["index"], batch["record"], strict=True):
         index = int(index)
         if index in written:
