@@ -319,10 +319,12 @@ def test_weight_placement_follows_percentages():
 
 
 def _split_bytes(specs, itemsize: int) -> tuple[int, int]:
-    """Bytes of the embedding and head (tied weights once), and of the decoder layers."""
+    """Bytes always in compute memory (the embedding and head, tied weights once, and the decoder layers'
+    vectors), and of the decoder layers' matrices (what the shares cut)."""
     unique = {w.hf_name: (layer.kind, w) for layer in specs for w in layer.weights}
-    sizes = [(kind in ("attention", "mlp"), itemsize * math.prod(w.shape)) for kind, w in unique.values()]
-    return sum(n for dec, n in sizes if not dec), sum(n for dec, n in sizes if dec)
+    sizes = [(kind in ("attention", "mlp") and len(w.shape) == 2, itemsize * math.prod(w.shape))
+             for kind, w in unique.values()]
+    return sum(n for shared, n in sizes if not shared), sum(n for shared, n in sizes if shared)
 
 
 def _half_tensor_per_cut(specs, itemsize: int) -> float:
@@ -335,7 +337,7 @@ def _half_tensor_per_cut(specs, itemsize: int) -> float:
 
 def test_weight_tiers_keep_the_same_names_in_every_layer():
     """Per name, its layers' tiers run gpu, then cpu, then disk; only one name per kind and cut mixes them,
-    so the other names are resident in all layers or in none."""
+    so the other names are resident in all layers or in none. Vectors (norms, biases) are always resident."""
     specs = layer_specs(preset_config("facebook/opt-1.3b"))
     ends, decoder = _split_bytes(specs, 2)
     for percents in ((30, 30, 40), (0, 55, 45), (100, 0, 0), (0, 0, 100), (12.5, 0, 87.5)):
@@ -351,6 +353,7 @@ def test_weight_tiers_keep_the_same_names_in_every_layer():
             assert mixed <= sum(1 for p in percents[:2] if 0 < p < 100)
         assert all(tiers[w.hf_name] == "gpu" for layer in specs if layer.kind in ("embed", "head")
                    for w in layer.weights)
+        assert all(tiers[w.hf_name] == "gpu" for layer in specs for w in layer.weights if len(w.shape) == 1)
         for tier, share in zip(TIERS, percents, strict=True):
             got = placed[tier] - (ends if tier == "gpu" else 0)
             assert abs(got - share / 100 * decoder) <= _half_tensor_per_cut(specs, 2), (percents, placed)
@@ -373,10 +376,10 @@ def test_weights_in_memory_are_used_in_place(monkeypatch, weight):
         ids = m.generate_ids([[2, 100, 200], [2, 300]], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
         step_calls = list(calls)
         decoder = {id(t) for layer, spec in zip(m.engine.weights, m.engine.specs, strict=True)
-                   for t in layer.values() if spec.kind in ("attention", "mlp")}
+                   for t in layer.values() if spec.kind in ("attention", "mlp") and len(t.shape) == 2}
         stored = {id(t): t for layer in m.engine.weights for t in layer.values()}
         on_disk = [t for t in stored.values() if t.tier == "disk"]
-        assert on_disk and all(t.tier == "gpu" for i, t in stored.items() if i not in decoder)  # embed, head
+        assert on_disk and all(t.tier == "gpu" for i, t in stored.items() if i not in decoder)  # embed, head, vectors
         assert (weight == (0, 0)) == all(stored[i].tier == "disk" for i in decoder)
         assert not m.engine.weight_slots.buffers  # no slot: disk weights are used through their map
         for layer in m.engine.weights:
