@@ -225,7 +225,7 @@ class FlexGenLite:
                 self.progress(f"{label} done")
         return (results, logits) if return_logits else results
 
-    # ---- scoring (scoring.py) --------------------------------------------------------------------
+    # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
     def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context) summed, whether greedy decoding gives the continuation) for each
         (context ids, continuation ids): prefill-only blocks through the engine, no generation.

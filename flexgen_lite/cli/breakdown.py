@@ -1,4 +1,4 @@
-"""Where a step's time goes: the recorder's spans (trace.py) summed per stage, with bytes, achieved rates
+"""Where a step's time goes: the recorder's spans (engine/trace.py) summed per stage, with bytes, achieved rates
 against the profile's rate for that link, the share of wall time compute waited on I/O, how much I/O was
 hidden behind compute, and how close each resource came to its bound.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-# stages: what a span was doing (breakdown.py groups and rates them)
+# stages: what a span was doing (cli/breakdown.py groups and rates them)
 STEP = "schedule (other)"  # a step's own time outside every stage below: Python, sampling, hand-offs
 COMPUTE = "compute"
 ATTENTION = "attention"
@@ -59,7 +59,7 @@ class Span:
 @dataclass
 class StepMark:
     """A step's window and what it computed: `rows` active sequences, `tokens` new positions per row,
-    `context` cached positions before them (breakdown.py turns these into FLOPs)."""
+    `context` cached positions before them (cli/breakdown.py turns these into FLOPs)."""
 
     index: int
     start: float

@@ -1,5 +1,5 @@
 """An lm-eval 0.4 model over FlexGen-Lite: `loglikelihood` and `loglikelihood_rolling` as prefill-only blocks
-through the engine (scoring.py), `generate_until` through `generate_ids`, under any policy.
+through the engine (engine/scoring.py), `generate_until` through `generate_ids`, under any policy.
 
     lm_eval.simple_evaluate(model=FlexGenLiteLM("path/to/model", policy="auto", compress_weight=True), tasks=...)
     python -m flexgen_lite.eval --model flexgen-lite --model_args pretrained=PATH,percent=0/100/100/0/100/0 ...

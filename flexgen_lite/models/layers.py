@@ -1,7 +1,7 @@
 """The math of each layer kind, as pure functions of (weights, inputs, config).
 
 `w` maps canonical weight names to tensors on the compute device. Attention over the cache lives in
-`attention.py`; here are the projections, norms, positions and MLP around it.
+`kernels/attention.py`; here are the projections, norms, positions and MLP around it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The lines of an OpenAI batch file and the answers to them: parsing, checking, grouping into the engine's
-blocks. Shared by `run-batch` (run_batch.py), the Batch API (batches.py), the server and Ray (ray/); imports
+blocks. Shared by `run-batch` (serve/run_batch.py), the Batch API (serve/batches.py), the server and Ray (ray/); imports
 no door."""
 
 from __future__ import annotations

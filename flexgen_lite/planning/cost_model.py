@@ -1,11 +1,12 @@
-"""Predicted prefill and decode times of a policy, mirroring what engine.py does (memory: memory_plan.py).
+"""Predicted prefill and decode times of a policy, mirroring what the engine (engine/block_schedule.py) does
+(memory: memory_plan.py).
 
 Per step, for every layer j the engine waits for j's weights, starts fetching j+1's, and computes j for
 each GPU batch while the next batch's cache loads. So a step is the first fetch, then per layer
 max(I/O waited on while j computes, compute of j) with overlap (their sum without); on a CPU-only machine
 memory copies, dequantization and page-cache reads run on the same cores as compute, so they count with
 compute there, and only cold disk reads overlap. Decode is costed at the mean context, prompt + gen/2.
-Compressed weights stored for the CPU's int4 kernel cost what int4_cost.py says (kernel or dequantization
+Compressed weights stored for the CPU's int4 kernel cost what kernels/int4_cost.py says (kernel or dequantization
 and dense matmul, whichever is faster per batch, as the engine chooses).
 
 Each cost is affine in the placement fractions for a fixed "regime" (is all cache attended in place?):
@@ -143,7 +144,7 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
 
 
 def graph_decode(s: Setup) -> bool:
-    """Whether the engine runs this policy's decode steps as CUDA graphs (decode_graph.py): on CUDA, with
+    """Whether the engine runs this policy's decode steps as CUDA graphs (engine/decode_graph.py): on CUDA, with
     everything resident and uncompressed in compute memory, attention on the GPU over the whole cache."""
     p = s.policy
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
@@ -211,7 +212,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
 
 
 def _prefill_cache_store(s: Setup, lay: Layout) -> Seg:
-    """The prompt's k, v written home (engine._store_cache): copies in order, files and CPU quantization
+    """The prompt's k, v written home (Engine._store_cache): copies in order, files and CPU quantization
     in the background."""
     seg, hw, t = Seg(), s.hw, s.workload.prompt_len
     for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):

@@ -104,7 +104,7 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, float]:
         return (0.0, total) if on_cpu and any(lay.cache_rows[1:]) else (total, 0.0)
     if s.workload.gen_len < 2:
         return 0.0, 0.0
-    # engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
+    # Engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
     # batches, batches that finish early) each distinct (part index, rows, where) can take both
     keys: dict[tuple, bool] = {}  # (index, rows, in host RAM, dtype) -> codes read into scratch (across the link)
     for b in range(s.nb):

@@ -1,5 +1,6 @@
-"""Measuring this machine's speeds (hardware.py holds them, profile_store.py stores them, profile_probes.py
-times each kernel, copy and disk).
+"""Measuring this machine's speeds (system/hardware.py holds them, system/profile_store.py stores them,
+probes.py times each kernel, copy and disk); loading the stored profile, measuring it when there is none, and
+re-measuring after a run faster than predicted.
 
 `flexgen-lite profile` (or the first `--policy auto`) measures, in seconds: matmul rates per dtype over a
 range of batch rows, link bandwidths (host<->device, pinned and pageable; a host memory copy without
@@ -109,7 +110,7 @@ def remeasure_matmul(device: ComputeDevice, hw: HardwareProfile) -> dict:
 
 def measure_int4_matmul(device: ComputeDevice) -> dict:
     """The int4 kernel's rates alone (int4_matmul, int4_dequantize, int4_tiles): for a cached profile older than
-    them (profile_store)."""
+    them (load_profile)."""
     return int4_rates(device, 1)
 
 

@@ -58,7 +58,7 @@ def cmd_run_batch(args, progress, run=None) -> None:
 
 def _check_record(args, output: ResumableOutput) -> str:
     """The model; a rerun with another model or --served-model-name than the file's record is refused before the
-    model loads, and adopts the first run's numeric policy choices (run_record.py)."""
+    model loads, and adopts the first run's numeric policy choices (cli/run_record.py)."""
     from .. import __version__
     from ..cli.run_record import check_and_adopt, model_identity
 

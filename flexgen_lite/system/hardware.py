@@ -1,6 +1,6 @@
 """A machine's measured speeds (`HardwareProfile`): what the cost model turns into predicted times.
 
-Measuring one is profile.py's concern, storing and finding one profile_store.py's; this module imports
+Measuring one is profiling/measure.py's concern, storing and finding one profile_store.py's; this module imports
 neither, so the cost model and the profiler can both use it."""
 
 from __future__ import annotations

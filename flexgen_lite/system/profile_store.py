@@ -1,6 +1,6 @@
 """Where profiles live: one JSON file per machine, compute device and offload file system (not per offload
 path), under ~/.cache/flexgen-lite (paths.cache_dir). Loading one is cheap and never measures: measuring (and
-`load_profile`, which measures when no profile is stored) lives above the engine it times, in profile.py."""
+`load_profile`, which measures when no profile is stored) lives above the engine it times, in profiling/measure.py."""
 
 from __future__ import annotations
 
