@@ -112,6 +112,24 @@ def test_smollm_scores_as_hf(smollm, english_tasks):
     assert ours["local_mc"]["acc,none"] > 0
 
 
+def test_an_explicit_policy_is_held_to_the_requests_lengths_not_generations(tiny_models):
+    """A budget that holds the block for short scoring rows, not for 512 + 32-token generations: the model opens
+    and scores (each block is checked at its real length)."""
+    from flexgen_lite import Policy, Workload
+    from flexgen_lite.generation import default_workload, model_config
+    from flexgen_lite.planning.memory_plan import peak_memory
+
+    path = str(tiny_models["opt"][0])
+    config, policy = model_config(path), Policy(gpu_batch_size=64, dtype="float32")
+    short = peak_memory(config, Workload(16, 1), policy, cuda=False)[1]["gpu"]
+    long = peak_memory(config, default_workload(config), policy, cuda=False)[1]["gpu"]
+    assert long > 2 * short
+    lm = FlexGenLiteLM(path, progress=False, gpu_batch_size=64, dtype="float32", percent="100/0/100/0/100/0",
+                       gpu_mem=str(int((short + long) / 2)))
+    (logprob, greedy), = lm._loglikelihood_tokens([(("a", "b"), [2, 100, 200], [300, 400])], disable_tqdm=True)
+    assert logprob < 0 and isinstance(greedy, bool)
+
+
 def test_bad_model_args_end_in_one_error_line(tiny_models, capsys):
     with pytest.raises(SystemExit) as exit_:
         FlexGenLiteLM(str(tiny_models["opt"][0]), percent="0/100/100", progress=False)

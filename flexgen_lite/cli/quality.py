@@ -46,6 +46,7 @@ def read_text(path: str) -> str:
 
 def cmd_quality(args, progress) -> None:
     from ..generation import FlexGenLite, default_workload, model_config
+    from ..planning.policy_search import AutoPolicy
     from .options import budgets_from_args, model_of, policy_from_args
 
     text = read_text(args.text)
@@ -59,7 +60,9 @@ def cmd_quality(args, progress) -> None:
     window = min(args.window, config.max_positions)
     chosen = policy_from_args(args, default_batch=8)
     runs = {}
-    with FlexGenLite(model, policy=chosen, device=args.device, workload=default_workload(config),
+    # auto plans for generation's default lengths; an explicit policy is checked per block at its real lengths
+    workload = default_workload(config) if isinstance(chosen, AutoPolicy) else None
+    with FlexGenLite(model, policy=chosen, device=args.device, workload=workload,
                      budgets=budgets_from_args(args), progress=progress) as m:
         ids = tokens_of(m, text, args.max_tokens)
         prompts = agreement_prompts(ids, args.agreement)

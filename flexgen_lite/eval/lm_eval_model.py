@@ -23,6 +23,7 @@ from ..cli.options import add_policy_flags, budgets_from_args, policy_from_args
 from ..engine.scoring import rolling_windows
 from ..generation import FlexGenLite, default_workload, model_config
 from ..kernels.sampling import SamplingConfig
+from ..planning.policy_search import AutoPolicy
 
 # lm-eval passes these to every model; the engine's block (gpu_batch_size x num_gpu_batches) is its batch
 IGNORED = ("batch_size", "max_batch_size")
@@ -63,9 +64,12 @@ class FlexGenLiteLM(TemplateLM):
         if device in ("", None) or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             options.pop("device", None)  # lm-eval's own default is cuda, whether or not there is one
         args = parse_model_args(options)
-        config = model_config(str(pretrained))
-        self.model = FlexGenLite(str(pretrained), policy=policy_from_args(args, 8), device=args.device,
-                                 progress=self._report if progress else None, workload=default_workload(config),
+        policy = policy_from_args(args, 8)
+        # auto plans for generation's default lengths; an explicit policy is checked per block at its rows'
+        # real lengths (scoring rows are mostly far shorter than 512 + 32)
+        workload = default_workload(model_config(str(pretrained))) if isinstance(policy, AutoPolicy) else None
+        self.model = FlexGenLite(str(pretrained), policy=policy, device=args.device,
+                                 progress=self._report if progress else None, workload=workload,
                                  budgets=budgets_from_args(args))
         if self.model.tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer: lm-eval needs text")
