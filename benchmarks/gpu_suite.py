@@ -102,9 +102,9 @@ def run_suite(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_suite.log").write_text("")
     time_limit = args.time_limit or (90 if smoke else 480)
-    work = Path(tempfile.mkdtemp(prefix="flexgen-gpu-suite-work-"))
-    suite = Suite(args, out, Deadline(time_limit), work)
     rows = select_rows(SMOKE_ROWS if smoke else GPU_ROWS, args.rows or (",".join(SMOKE_DEFAULT) if smoke else None))
+    work = Path(tempfile.mkdtemp(prefix="flexgen-gpu-suite-work-"))  # removed below, however the run ends
+    suite = Suite(args, out, Deadline(time_limit), work)
     suite.data = {"suite": {"mode": "cpu-smoke" if smoke else "gpu", "device": device, "time_limit_s": time_limit,
                             "rows": [r.name for r in rows], "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                             "argv": sys.argv[1:], "host_touch_gb_s": args.host_touch_gb_s}, "rows": []}
