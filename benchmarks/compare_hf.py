@@ -407,7 +407,7 @@ def run_flexgen(args) -> dict:
     torch, device = setup_torch(args)
     from flexgen_lite import FlexGenLite, Policy, SamplingConfig, Workload
     from flexgen_lite.cli.bench import _report, drop_offload_pages
-    from flexgen_lite.cli.main import budgets_from_args
+    from flexgen_lite.cli.options import budgets_from_args
     from flexgen_lite.engine.storage import DiskFile
     from flexgen_lite.system.memory import parse_size
 

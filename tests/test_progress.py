@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.cli.main import progress
+from flexgen_lite.cli.options import progress
 
 from .conftest import PROMPTS
 

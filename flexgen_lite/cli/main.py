@@ -22,17 +22,17 @@ from ..system.profile_store import prediction_miss
 from .batch_io import InputError
 from .breakdown_flags import add_flags as add_breakdown_flags
 from .checks import Parser, check_args, finite_float, positive_int
-from .options import (  # noqa: F401 - budgets_from_args, is_auto: the API other modules and tests import here
+from .options import (
     add_policy_flags,
     budgets_from_args,
     end_progress,
-    is_auto,
     manual_dtype_reason,
     policy_from_args,
     progress,
 )
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
+
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
