@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import types
 from pathlib import Path
 
 import gguf
@@ -15,8 +14,6 @@ import torch
 
 from flexgen_lite.models.gguf_file import (
     GGUFError,
-    _field_value,
-    _open,
     default_model_path,
     gguf_tokenizer,
     iter_gguf_tensors,
@@ -92,21 +89,6 @@ def test_tensors_match_transformers(gguf_path: str, hf_reference) -> None:
         seen.add(name)
     expected = {n for n in ref if n != "lm_head.weight"}  # tied to the embedding
     assert seen == expected
-
-
-def test_metadata_fallback_matches_contents(gguf_path: str) -> None:
-    reader = _open(gguf_path)[1]
-    for key in [
-        "general.architecture",
-        "llama.block_count",
-        "llama.rope.freq_base",
-        "general.languages",
-        "tokenizer.ggml.add_bos_token",
-        "tokenizer.chat_template",
-    ]:
-        field = reader.get_field(key)
-        legacy = types.SimpleNamespace(parts=field.parts, data=field.data, types=field.types)
-        assert _field_value(legacy) == field.contents(), key
 
 
 def test_iter_dtype_bf16(gguf_path: str) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType
 
 from .checkpoint import check_finite
+from .gguf_reader import GGUFContents, dequantize
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
@@ -91,9 +91,9 @@ def _check_path(path: str | os.PathLike[str]) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, _size: int, _mtime_ns: int) -> GGUFReader:
+def _cached_reader(path: str, _size: int, _mtime_ns: int) -> GGUFContents:
     try:
-        return GGUFReader(path, "r")
+        return GGUFContents(path)
     except Exception as exc:  # truncated/corrupt files fail in numpy, struct, enum...
         raise GGUFError(
             f"{path} is not a readable GGUF file ({_size} bytes): {type(exc).__name__}: {exc}; "
@@ -101,7 +101,7 @@ def _cached_reader(path: str, _size: int, _mtime_ns: int) -> GGUFReader:
         ) from exc
 
 
-def _open(path: str | os.PathLike[str]) -> tuple[str, GGUFReader]:
+def _open(path: str | os.PathLike[str]) -> tuple[str, GGUFContents]:
     path = os.path.abspath(_check_path(path))
     st = os.stat(path)
     return path, _cached_reader(path, st.st_size, st.st_mtime_ns)
@@ -110,27 +110,12 @@ def _open(path: str | os.PathLike[str]) -> tuple[str, GGUFReader]:
 _MISSING: Any = object()
 
 
-def _meta(reader: GGUFReader, path: str, key: str, default: Any = _MISSING) -> Any:
-    field = reader.get_field(key)
-    if field is None:
+def _meta(reader: GGUFContents, path: str, key: str, default: Any = _MISSING) -> Any:
+    if key not in reader.metadata:
         if default is _MISSING:
             raise GGUFError(f"{path}: required GGUF metadata key {key!r} is missing")
         return default
-    return _field_value(field)
-
-
-def _field_value(field: Any) -> Any:
-    """Python value of a metadata field (``ReaderField.contents()`` only exists in newer gguf)."""
-    if hasattr(field, "contents"):
-        return field.contents()
-    values = []
-    for idx in field.data:
-        part = field.parts[idx]
-        if field.types[-1] == GGUFValueType.STRING:
-            values.append(bytes(part).decode("utf-8"))
-        else:
-            values.append(part.tolist()[0])
-    return values if field.types[0] == GGUFValueType.ARRAY else values[0]
+    return reader.metadata[key]
 
 
 def _uniform(value: Any, key: str, path: str) -> int:
@@ -160,7 +145,7 @@ def _llama3_rope_factors(
     return np.asarray(out)
 
 
-def _rope_scaling(reader: GGUFReader, path: str, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFContents, path: str, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
     kind = _meta(reader, path, f"{arch}.rope.scaling.type", None)
     factor = _meta(reader, path, f"{arch}.rope.scaling.factor", None)
     if factor is None and _meta(reader, path, f"{arch}.rope.scale_linear", None) is not None:
@@ -177,7 +162,7 @@ def _rope_scaling(reader: GGUFReader, path: str, arch: str, head_dim: int, theta
     if rope_freqs is None:
         return None
     # Llama 3.x: the converter stores per-frequency factors instead of the parameters.
-    found = np.asarray(dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float64).ravel()
+    found = dequantize(rope_freqs).double().numpy().ravel()
     top = float(found.max())
     if np.allclose(found, 1.0):
         return None
@@ -194,7 +179,7 @@ def _rope_scaling(reader: GGUFReader, path: str, arch: str, head_dim: int, theta
     raise GGUFError(f"{path}: rope_freqs.weight does not match llama3 rope scaling; unsupported")
 
 
-def _config_from_reader(reader: GGUFReader, path: str) -> dict[str, Any]:
+def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     arch = _meta(reader, path, "general.architecture", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
@@ -322,11 +307,7 @@ def quantized_types(path: str | os.PathLike[str]) -> list[str]:
 def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One tensor of `gguf_tensors`, dequantized to `dtype` in its HF shape and row order."""
     t, n_head = entry
-    arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-    arr = arr.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
-    if not arr.flags.writeable:  # F32 data is a read-only view of the memmap
-        arr = arr.copy()
-    tensor = torch.from_numpy(arr)
+    tensor = dequantize(t)
     check_finite(tensor, f"the GGUF tensor {t.name!r}")
     if n_head is not None:
         tensor = _unpermute_rotary(tensor, n_head)
