@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,3 +71,20 @@ def test_chat_template_applied(bf16_model):
     ids = bf16_model.encode(["Hi"], chat=True)[0]
     text = bf16_model.tokenizer.decode(ids)
     assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_generate_says_to_use_chat_when_an_instruct_model_ends_at_once(capsys):
+    """SmolLM2-Instruct answers some raw questions with end-of-turn at once (its real greedy output): when most
+    answers are empty `generate` says that --chat applies its template; with --chat none is, and nothing is said."""
+    from flexgen_lite.cli.main import main
+
+    questions = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?"]
+    main(["generate", "--max-new-tokens", "6", "--policy", "manual", "--json", *questions])
+    out, err = capsys.readouterr()
+    texts = [json.loads(line)["text"] for line in out.splitlines()]
+    assert [bool(t.strip()) for t in texts] == [False, True, False]
+    assert "2 of 3 completions are empty" in err and "--chat" in err
+    main(["generate", "--max-new-tokens", "6", "--policy", "manual", "--json", "--chat", *questions])
+    out, err = capsys.readouterr()
+    assert all(json.loads(line)["text"].strip() for line in out.splitlines())
+    assert "completions are empty" not in err

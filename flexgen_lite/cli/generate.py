@@ -141,16 +141,17 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
                   f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
         else:
             print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
-        chunk, tokens, tic = m.policy.block_size * 4, 0, time.perf_counter()
+        chunk, tokens, empty, tic = m.policy.block_size * 4, 0, 0, time.perf_counter()
         overall.start()
 
         def save(finished: dict[int, list[int]], indices: list[int], count: bool = True) -> None:
-            nonlocal tokens
+            nonlocal tokens, empty
             if output is None:
                 end_progress()  # the completions go to stdout, maybe the same terminal
             for j, gen in sorted(finished.items()):
-                _write(args, output, indices[j], prompts[indices[j]].text, m.decode(gen, sampling.stop), gen)
-                tokens += len(gen)
+                text = m.decode(gen, sampling.stop)
+                _write(args, output, indices[j], prompts[indices[j]].text, text, gen)
+                tokens, empty = tokens + len(gen), empty + (not text.strip())
             (output or sys.stdout).flush()
             if count:
                 overall.advance(len(finished))
@@ -169,8 +170,19 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
         print(f"{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "
               f"({config.name.rsplit('/', 1)[-1]}, {m.device.device}, {dtype}, {m.policy.flags()})",
               file=sys.stderr)
+        if (hint := chat_hint(args, m.tokenizer, empty, len(todo))) is not None:
+            print(hint, file=sys.stderr)
         if recorder is not None:
             _breakdown(args, m, recorder, Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo)))
+
+
+def chat_hint(args, tokenizer, empty: int, total: int) -> str | None:
+    """An instruct model given raw text often ends at once (its real greedy answer: end of turn); when most
+    answers are empty and the model has a chat template that --chat was not asked to apply, say so."""
+    if args.chat or empty * 2 < total or not getattr(tokenizer, "chat_template", None):
+        return None
+    return (f"{empty} of {total} completions are empty: the model ended them at once. It has a chat template; "
+            "--chat wraps each prompt in it as a user turn (what an instruct model expects)")
 
 
 def _breakdown(args, m, recorder, workload) -> None:
