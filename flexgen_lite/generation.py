@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,15 @@ from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, PolicyError, split_counts
 from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
-from .engine.weights import CheckpointSource, DummySource, GGUFSource, WeightSource, place_weights, planned_bytes
+from .engine.weights import (
+    STORED_GROUPS,
+    CheckpointSource,
+    DummySource,
+    GGUFSource,
+    WeightSource,
+    place_weights,
+    planned_bytes,
+)
 from .kernels.sampling import SamplingConfig, row_generators
 from .models.checkpoint import Checkpoint
 from .models.config import ModelConfig, ModelError, config_from_dict, load_config
@@ -24,6 +33,7 @@ from .planning.budgets import Budgets, check_budgets, check_fits
 from .planning.dtype_choice import compute_dtype
 from .planning.layout import Workload
 from .planning.memory_plan import peak_memory
+from .planning.policy_search import AutoPolicy
 from .system.devices import ComputeDevice, keep_freed_memory
 from .system.memory import return_freed_memory
 
@@ -57,17 +67,53 @@ def source_quantization(model: str) -> list[str]:
     return quantized_types(model)
 
 
-def compression_notice(policy: Policy, searched: bool, source_quantized: list[str]) -> str | None:
-    """One plain line when a run compresses weights or the KV cache to 4 bits (lossy), saying who chose it."""
-    what = [name for name, on in (("weights", policy.compress_weight), ("KV cache", policy.compress_cache)) if on]
-    if not what:
-        return None
+def stored_groups(model: str) -> bool:
+    """Whether the model is a GGUF whose decoder matrices are all Q4_0/Q4_1: 4-bit groups of 32 that compressed
+    weights keep as they are (weights.STORED_GROUPS)."""
+    if Path(model).suffix != ".gguf":
+        return False
+    from .models.gguf_file import decoder_groups_of_32
+
+    return decoder_groups_of_32(model)
+
+
+def for_model(policy: Policy | AutoPolicy, model: str) -> Policy | AutoPolicy:
+    """The policy with the model's source in mind: a Q4_0/Q4_1 GGUF's compressed weights are its own groups of
+    32 (weight_group_size 32 where it was left 0 and groups run along the input dimension), which a search
+    weighs as lossless (policy_search.for_source)."""
+    from .planning.policy_search import for_source
+
+    groups = stored_groups(model)
+    if isinstance(policy, AutoPolicy):
+        return for_source(policy, source_quantization(model), groups)
+    if groups and policy.compress_weight and policy.weight_group_dim == 1 and policy.weight_group_size == 0:
+        return dataclasses.replace(policy, weight_group_size=32)
+    return policy
+
+
+def kept_as_stored(policy: Policy, model: str) -> bool:
+    """Whether the policy's compressed weights are the model file's own 4-bit groups (no second rounding)."""
+    return policy.compress_weight and policy.weight_compression() == STORED_GROUPS and stored_groups(model)
+
+
+def compression_notice(policy: Policy, searched: bool, source_quantized: list[str], kept: bool = False) -> str | None:
+    """One plain line when a run compresses weights or the KV cache to 4 bits: who chose it, and whether it is
+    lossy (`kept`: the weights are a Q4_0/Q4_1 file's own groups, kept_as_stored)."""
     why = ("chosen by --policy auto: --no-compress-weight / --no-compress-cache forbid it" if searched
            else "as asked")
-    again = (f"; the weights are already {source_quantized[0]} in the file and are rounded a second time"
-             if policy.compress_weight and source_quantized else "")
-    return (f"note: {' and '.join(what)} compressed to 4 bits, which is lossy (outputs differ from the "
-            f"uncompressed model's), {why}{again}")
+    kept = kept and policy.compress_weight
+    lossy = [name for name, on in (("weights", policy.compress_weight and not kept),
+                                   ("KV cache", policy.compress_cache)) if on]
+    if not lossy and not kept:
+        return None
+    said = (f"weights kept in 4 bits as the file stores them ({source_quantized[0]}, groups of 32), with no "
+            "second rounding" if kept else "")
+    if lossy:
+        again = (f"; the weights are already {source_quantized[0]} in the file and are rounded a second time"
+                 if "weights" in lossy and source_quantized else "")
+        said += ("; " if said else "") + (f"{' and '.join(lossy)} compressed to 4 bits, which is lossy (outputs "
+                                          f"differ from the uncompressed model's){again}")
+    return f"note: {said}, {why}"
 
 
 def model_config(model: str) -> ModelConfig:
@@ -115,8 +161,10 @@ class FlexGenLite:
         self.device = ComputeDevice(device)
         self.search, self.budgets = None, budgets
         self.source_quantized = source_quantization(model)
-        self.policy = self._resolve(policy, workload, budgets, hardware, progress)
-        if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized)) is not None:
+        self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
+        self.kept_as_stored = kept_as_stored(self.policy, model)
+        if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized,
+                                         self.kept_as_stored)) is not None:
             print(notice, file=sys.stderr)
         self.dtype = compute_dtype(self.policy, self.device.device.type)
         keep_freed_memory()
@@ -141,17 +189,17 @@ class FlexGenLite:
         self.progress = progress
         self.score_stats = None
 
-    def _resolve(self, policy, workload, budgets, hardware, progress) -> Policy:
-        from .planning.policy_search import AutoPolicy, for_source, search_policy
+    def _resolve(self, policy, workload, budgets, hardware, progress, model: str) -> Policy:
+        from .planning.policy_search import search_policy
         from .profiling.measure import load_profile
 
         if policy is None or policy == "auto":
             policy = AutoPolicy()
+        if not isinstance(policy, Policy | AutoPolicy):
+            raise PolicyError(f"policy must be a Policy, an AutoPolicy or 'auto', got {policy!r}")
+        policy = for_model(policy, model)
         if isinstance(policy, Policy):
             return policy
-        if not isinstance(policy, AutoPolicy):
-            raise PolicyError(f"policy must be a Policy, an AutoPolicy or 'auto', got {policy!r}")
-        policy = for_source(policy, self.source_quantized)
         offload = policy.base.offload_dir
         self.budgets = (budgets or Budgets()).resolved(self.device, offload)
         hardware = hardware or load_profile(self.device, offload, progress=progress)

@@ -152,7 +152,14 @@ def test_bf16_model_through_the_int4_layout_matches_the_plain_4bit_path(tiny_mod
     assert ids == plain_ids and all(torch.equal(a, b) for a, b in zip(logits, plain_logits, strict=True))
     for path in ("kernel", "tiles"):  # tiles: dense products a slice of rows at a time, the bias added after
         ids, logits = _run(model_dir, percent, monkeypatch, path)
-        assert ids == plain_ids
-        for ours, theirs in zip(logits, plain_logits, strict=True):
+        ties = 0
+        for row, (ours, theirs) in enumerate(zip(logits, plain_logits, strict=True)):
             for step in range(len(theirs)):
-                assert (ours[step] - theirs[step]).abs().max() < LOGITS_RTOL * theirs[step].abs().max()
+                scale = float(theirs[step].abs().max())
+                assert (ours[step] - theirs[step]).abs().max() < LOGITS_RTOL * scale
+                if ids[row][step] != plain_ids[row][step]:  # another kernel's rounding may only break a near-tie
+                    top = theirs[step].topk(2).values
+                    assert float(top[0] - top[1]) < LOGITS_RTOL * scale, (row, step)
+                    ties += 1
+                    break  # the rows' inputs differ from here on
+        assert ties <= 2, f"{ties} of {len(ids)} rows parted at near-ties"

@@ -102,11 +102,12 @@ def test_sparsity_one_equals_dense_and_below_one_changes_output(tiny_models):
 # ---- compression --------------------------------------------------------------------------------
 
 def fake_quantized(model, config: CompressionConfig):
-    """A copy of a transformers model whose 2-D weights went through quantize -> dequantize."""
+    """A copy of a transformers model whose decoder layers' 2-D weights went through quantize -> dequantize
+    (the embeddings and the head are not compressed: weights.matrix_compression)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
                 p.copy_(dequantize(quantize(p.data, config), torch.float32))
     return model
 

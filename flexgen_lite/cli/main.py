@@ -36,12 +36,12 @@ DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
-    from ..generation import model_config, source_quantization
-    from ..planning.policy_search import for_source, search_policy
+    from ..generation import for_model, model_config
+    from ..planning.policy_search import search_policy
     from ..profiling.measure import load_profile
     from ..system.devices import ComputeDevice
 
-    auto = for_source(auto, source_quantization(model))
+    auto = for_model(auto, model)
     device = ComputeDevice(args.device)
     hardware = load_profile(device, auto.base.offload_dir, progress=progress)  # first: measuring takes memory
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
@@ -66,7 +66,7 @@ def default_prompt_len(device: str | None) -> int:
 
 
 def cmd_bench(args) -> None:
-    from ..generation import model_config
+    from ..generation import for_model, model_config
     from ..planning.layout import Workload
     from .bench import format_report, run_benchmark
     from .breakdown_flags import build_context, finish, profile_or_none, recorder_for
@@ -75,7 +75,7 @@ def cmd_bench(args) -> None:
     prompt_len = args.prompt_len or default_prompt_len(args.device)
     workload = Workload(prompt_len, args.gen_len, args.num_prompts)
     check_context(model_config(args.model), workload)
-    policy, prediction = policy_from_args(args, default_batch=64 if cuda else 16), None
+    policy, prediction = for_model(policy_from_args(args, default_batch=64 if cuda else 16), args.model), None
     hardware = None
     if isinstance(policy, AutoPolicy):
         result, hardware = plan_policy(args, args.model, workload, policy, cold=args.cold_disk)

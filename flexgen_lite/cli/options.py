@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from ..engine.policy import Policy, PolicyError
+from ..engine.policy import WEIGHT_GROUP_SIZES, Policy, PolicyError
 from ..planning.budgets import Budgets
 from ..planning.policy_search import AutoPolicy
 from ..system.memory import gib, runtime_bytes
@@ -44,6 +44,9 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="4-bit group-wise KV cache (auto: searched unless given)")
     g.add_argument("--weight-group-dim", type=int, default=1, choices=(0, 1),
                    help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
+    g.add_argument("--weight-group-size", type=int, default=0, choices=(0, *WEIGHT_GROUP_SIZES),
+                   help="values per compressed weight group (default 0: 64, or 32 for a GGUF whose weights are "
+                        "Q4_0/Q4_1: kept as stored, no second rounding)")
     g.add_argument("--device", help="compute device (default: cuda if present, else cpu; cpu+link: the CPU, copying "
                    "across a simulated link as a GPU does, to check the GPU's data paths)")
     b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
@@ -86,7 +89,7 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
         overlap=args.overlap, pin_weight=args.pin_weight, offload_dir=args.offload_dir, dtype=args.dtype or "",
         cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
         compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
-        weight_group_dim=args.weight_group_dim,
+        weight_group_dim=args.weight_group_dim, weight_group_size=args.weight_group_size,
     )
     if not is_auto(args):
         return policy

@@ -13,6 +13,8 @@ class PolicyError(ValueError):
     """A policy that cannot be run; the message names the bad field."""
 
 
+WEIGHT_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,6 +42,7 @@ class Policy:
     compress_weight: bool = False
     compress_cache: bool = False
     weight_group_dim: int = 1  # 1: groups along the input dimension; 0: along the output one (FlexGen)
+    weight_group_size: int = 0  # values per group; 0: 64, or 32 for a GGUF's Q4_0 / Q4_1 weights (kept as stored)
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -59,6 +62,8 @@ class Policy:
             raise PolicyError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.weight_group_dim not in (0, 1):
             raise PolicyError(f"weight_group_dim must be 0 or 1, got {self.weight_group_dim}")
+        if self.weight_group_size not in (0, *WEIGHT_GROUP_SIZES):
+            raise PolicyError(f"weight_group_size must be one of {WEIGHT_GROUP_SIZES}, got {self.weight_group_size!r}")
         if not 0 < self.attn_sparsity <= 1:
             raise PolicyError(f"attn_sparsity must be within (0, 1], got {self.attn_sparsity}")
 
@@ -72,14 +77,15 @@ class Policy:
         return gpu, cpu, max(0.0, 100.0 - gpu - cpu)
 
     def weight_compression(self) -> CompressionConfig | None:
-        """4-bit groups of 64 along the input dimension.
+        """4-bit groups of 64 (weight_group_size) along the input dimension.
 
         FlexGen groups weights along the output dimension; on SmolLM2-135M that flipped the top token of
         5 of 6 prompts (KL 1.11 to the uncompressed logits) where input-dimension groups, as llama.cpp
         and GPTQ use, kept all 6 (KL 0.30). Set weight_group_dim=0 for FlexGen's choice."""
         if not self.compress_weight:
             return None
-        return CompressionConfig(bits=4, group_size=64, group_dim=self.weight_group_dim)
+        return CompressionConfig(bits=4, group_size=self.weight_group_size or DEFAULT_GROUP_SIZE,
+                                 group_dim=self.weight_group_dim)
 
     def cache_compression(self) -> CompressionConfig | None:
         """4-bit groups of 64 along head_dim (FlexGen's setting)."""
@@ -104,7 +110,7 @@ class Policy:
             value = getattr(self, f.name)
             if f.name.endswith("percent") or f.name in ("gpu_batch_size", "num_gpu_batches"):
                 continue
-            if value == getattr(defaults, f.name):
+            if value == getattr(defaults, f.name) or (f.name.startswith("weight_group") and not self.compress_weight):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):

@@ -22,7 +22,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .checkpoint import check_finite
-from .gguf_reader import GGUFContents, dequantize
+from .gguf_reader import GROUPS_OF_32, GGUFContents, dequantize, groups_of_32
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
@@ -314,6 +314,25 @@ def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.f
     return tensor.to(dtype)
 
 
+def read_gguf_groups(entry: tuple[Any, int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A Q4_0/Q4_1 matrix of `gguf_tensors` as its own 4-bit groups of 32 along the input dimension, in HF row
+    order: (codes (rows, cols) 0..15, scale, minimum (rows, cols / 32) fp16), value = code * scale + minimum;
+    None for other types (gguf_reader.groups_of_32)."""
+    t, n_head = entry
+    found = groups_of_32(t)
+    if found is None:
+        return None
+    check_finite(torch.cat([found[1].view(-1), found[2].view(-1)]).float(), f"the GGUF tensor {t.name!r}")
+    return tuple(_unpermute_rotary(x, n_head) for x in found) if n_head is not None else found
+
+
+def decoder_groups_of_32(path: str | os.PathLike[str]) -> bool:
+    """Whether every decoder matrix of the file is Q4_0 or Q4_1: 4-bit groups of 32 along the input dimension,
+    which flexgen_lite's compressed weights hold as they are (the only matrices it compresses)."""
+    matrices = [t for t, _ in gguf_tensors(path).values() if t.name.startswith("blk.") and len(t.shape) == 2]
+    return bool(matrices) and all(t.tensor_type in GROUPS_OF_32 for t in matrices)
+
+
 def iter_gguf_tensors(
     path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -335,13 +354,16 @@ def _tokenizer_cache_dir(path: str) -> str:
     return str(cache_dir() / f"tokenizer-{key}")
 
 
-def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
+def gguf_tokenizer(path: str | os.PathLike[str]) -> Any | None:
     """A ``PreTrainedTokenizerFast`` (with chat template) built from the GGUF metadata.
 
     Uses transformers' own GGUF tokenizer conversion (offline), then keeps the result in the user's
-    cache directory: converting takes seconds, loading the saved tokenizer a fraction of one.
+    cache directory: converting takes seconds, loading the saved tokenizer a fraction of one. None for a file
+    without tokenizer metadata (token ids in and out, as for dummy weights).
     """
     path, reader = _open(path)
+    if "tokenizer.ggml.model" not in reader.metadata:
+        return None
     from transformers import AutoTokenizer
 
     cached = _tokenizer_cache_dir(path)

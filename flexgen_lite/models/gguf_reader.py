@@ -149,5 +149,25 @@ def dequantize(t: GGUFTensor) -> torch.Tensor:
     raise ValueError(f"tensor {t.name!r} has type {kind.name}, which this reader does not dequantize")
 
 
+GROUPS_OF_32 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def groups_of_32(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A Q4_0 or Q4_1 matrix's own groups as (codes (rows, cols) uint8 in 0..15, scale, minimum (rows, cols / 32)
+    fp16) with value = code * scale + minimum, as flexgen_lite's 4-bit groups of 32 along the input dimension
+    store them; None for other types. Q4_1 is exactly that (d, m); Q4_0's (code - 8) * d is minimum = -8 d,
+    exact in fp16 (a power of two)."""
+    if t.tensor_type not in GROUPS_OF_32 or len(t.shape) != 2:
+        return None
+    cols, rows = (int(d) for d in t.shape.tolist())
+    blocks = torch.from_numpy(np.array(t.data, copy=True)).reshape(-1, GGML_QUANT_SIZES[t.tensor_type][1])
+    scale = blocks[:, :2].contiguous().view(torch.float16)
+    if t.tensor_type == GGMLQuantizationType.Q4_1:
+        minimum, codes = blocks[:, 2:4].contiguous().view(torch.float16), _nibbles(blocks[:, 4:])
+    else:
+        minimum, codes = scale * -8, _nibbles(blocks[:, 2:])
+    return codes.reshape(rows, cols), scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
+
+
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=1)

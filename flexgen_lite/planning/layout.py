@@ -42,10 +42,10 @@ def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[Weigh
     hit = _SPECS.get(id(config))
     if hit is None or hit[0] is not config:
         specs = layer_specs(config)
-        unique = {w.hf_name: w for layer in specs for w in layer.weights}.values()
-        count = Counter(w.shape for w in unique)
-        first = {w.shape: w for w in unique}
-        hit = _SPECS[id(config)] = (config, specs, [(first[shape], n) for shape, n in count.items()])
+        unique = {w.hf_name: (layer.kind in DECODER_KINDS, w) for layer in specs for w in layer.weights}.values()
+        count = Counter((decoder, w.shape) for decoder, w in unique)  # decoder matrices alone are compressed
+        first = {(decoder, w.shape): w for decoder, w in unique}
+        hit = _SPECS[id(config)] = (config, specs, [(first[key], n) for key, n in count.items()])
     return hit[1], hit[2]
 
 
@@ -66,6 +66,7 @@ class Setup:
         self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
         self.specs, self.groups = _model_specs(config)
         self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
+        self.decoder_names = {w.hf_name for s in self.specs if s.kind in DECODER_KINDS for w in s.weights}
         # a head weight tied to the embedding's: its slot still holds it (WeightSlots), so it moves once
         self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
         self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
@@ -76,11 +77,12 @@ class Setup:
         self.threads = 3 if policy.overlap else 1  # IOPool workers: at most this many stores staged at once
 
     def compressed(self, spec: WeightSpec) -> bool:
-        return self.wcomp is not None and len(spec.shape) >= 2
+        """As weights.matrix_compression: the decoder layers' matrices, when weights are compressed."""
+        return self.wcomp is not None and len(spec.shape) >= 2 and spec.hf_name in self.decoder_names
 
     def tensor_bytes(self, spec: WeightSpec) -> int:
         """Bytes of a weight as stored (4-bit codes when compressed), as weights.place_tensor stores it."""
-        return stored_nbytes(spec.shape, self.dtype, self.wcomp)
+        return stored_nbytes(spec.shape, self.dtype, self.wcomp if self.compressed(spec) else None)
 
 
 class Layout:

@@ -38,6 +38,7 @@ class AutoPolicy:
     compress_weight: bool | None = None
     compress_cache: bool | None = None
     cpu_cache_compute: bool | None = None
+    exact_weights: bool = False  # compressed weights are the source's own 4-bit groups: not a loss (for_source)
 
 
 @dataclass
@@ -51,9 +52,13 @@ class SearchResult:
     hardware: HardwareProfile | None = None
 
 
-def for_source(auto: AutoPolicy, quantized: list[str]) -> AutoPolicy:
-    """A model whose source already stores its weights quantized (a Q4_1 GGUF) is not compressed again by the
-    search (a second, lossy rounding of the same weights): only an explicit compress_weight=True does it."""
+def for_source(auto: AutoPolicy, quantized: list[str], stored_groups: bool = False) -> AutoPolicy:
+    """A GGUF whose decoder matrices are all Q4_0/Q4_1 (`stored_groups`) keeps them as stored when compressed
+    (groups of 32): the search weighs 4-bit weights as lossless. Another quantized source (Q8_0) is not compressed
+    again by the search (a second, lossy rounding): only an explicit compress_weight=True does it."""
+    if stored_groups and auto.base.weight_group_dim == 1 and auto.base.weight_group_size in (0, 32):
+        return dataclasses.replace(auto, base=dataclasses.replace(auto.base, weight_group_size=32),
+                                   exact_weights=True)
     if quantized and auto.compress_weight is None:
         return dataclasses.replace(auto, compress_weight=False)
     return auto
@@ -71,7 +76,7 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
     found: list[tuple[Policy, Prediction]] = []
     solved, best = 0, {False: 0.0, True: 0.0}  # best throughput found, lossless and compressed
     for bound, shape in _by_upper_bound(config, workload, hw, auto):
-        lossy = shape.compress_weight or shape.compress_cache
+        lossy = lossy_policy(shape, auto)
         if bound < best[lossy] * (1 - TOLERANCE):
             continue  # cannot come within TOLERANCE of a policy already found
         for regime in _regimes(shape):
@@ -88,7 +93,7 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
     if not found:
         raise PolicyError(_nothing_fits(config, workload, hw, budgets, auto))
     found.sort(key=lambda pp: -pp[1].throughput)
-    policy, prediction = _choose(found)
+    policy, prediction = _choose(found, auto)
     return SearchResult(policy, prediction, budgets, page_cache, solved, found, hw)
 
 
@@ -100,11 +105,15 @@ def check_context(config: ModelConfig, workload: Workload) -> None:
                           "generate fewer tokens")
 
 
-def _choose(found: list[tuple[Policy, Prediction]]) -> tuple[Policy, Prediction]:
+def lossy_policy(p: Policy, auto: AutoPolicy) -> bool:
+    return (p.compress_weight and not auto.exact_weights) or p.compress_cache
+
+
+def _choose(found: list[tuple[Policy, Prediction]], auto: AutoPolicy) -> tuple[Policy, Prediction]:
     """The fastest, but lossless unless compression gains COMPRESSION_GAIN, and the smallest block within
     TOLERANCE of the fastest."""
     best = found[0][1].throughput
-    lossless = [pp for pp in found if not (pp[0].compress_weight or pp[0].compress_cache)]
+    lossless = [pp for pp in found if not lossy_policy(pp[0], auto)]
     pool = lossless if lossless and lossless[0][1].throughput * COMPRESSION_GAIN >= best else found
     top = pool[0][1].throughput
     near = [pp for pp in pool if pp[1].throughput >= top * (1 - TOLERANCE)]
