@@ -11,8 +11,8 @@ prompt, on the same threads. Each (system, batch) runs in its own subprocess (th
   argmax over the returned logits. Weights as stored in the file (Q4_1: its own 4-bit kernels, activations
   quantized to 8 bits for the dot products).
 - FlexGen-Lite: `FlexGenLite(gguf, policy=Policy(gpu_batch_size=batch))`, the weights dequantized on load to the
-  compute dtype this machine's profile picks (or --dtype), or `--compress-weight` (its own 4-bit, a second
-  rounding of the file's), `generate_ids` with `stop_at_eos=False`.
+  compute dtype this machine's profile picks (or --dtype), or `--compress-weight` (a Q4_0/Q4_1 file's decoder
+  matrices kept in 4 bits as stored, its int4 kernel multiplying them), `generate_ids` with `stop_at_eos=False`.
 - Both: one untimed warm-up (all rows, 8-token prompts, 2 new tokens). prefill s = the prompts' forward pass and
   the first token; decode s = the other gen-1 steps. total tok/s = batch x gen / (prefill + decode) (FlexGen's
   metric), decode tok/s = batch x (gen - 1) / decode. --repeat N: the run with the median total.
@@ -190,10 +190,11 @@ def run_flexgen(args, batch: int, compress: bool) -> dict:
             ids = m.generate_ids(prompts, SamplingConfig(max_new_tokens=args.gen_len, stop_at_eos=False))
             times = m.engine.times
             runs.append((times.prefill, times.prefill + sum(times.decode)))
-        flags, dtype = m.policy.flags(), str(m.dtype).removeprefix("torch.")
+        flags, dtype, kept = m.policy.flags(), str(m.dtype).removeprefix("torch."), m.kept_as_stored
     system = "flexgen-lite 4-bit" if compress else "flexgen-lite"
     return result(args, system, batch, runs, ids, load_s=round(load_s, 2), policy=flags, dtype=dtype,
-                  weights="its 4-bit (re-rounded)" if compress else f"dequantized to {dtype}")
+                  weights=("4-bit as stored" if kept else "its 4-bit (re-rounded)") if compress
+                  else f"dequantized to {dtype}")
 
 
 # ---- the parent ------------------------------------------------------------------------------------------------
