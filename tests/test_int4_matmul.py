@@ -163,3 +163,50 @@ def test_bf16_model_through_the_int4_layout_matches_the_plain_4bit_path(tiny_mod
                     ties += 1
                     break  # the rows' inputs differ from here on
         assert ties <= 2, f"{ties} of {len(ids)} rows parted at near-ties"
+
+
+GEMV_RTOL = 1e-5  # fp32 sums of the same fp32 weight values, in another order
+
+
+@pytest.mark.parametrize("shape,group", [((128, 96), 32), ((576, 1536), 64), ((192, 512), 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_or_two_rows_are_multiplied_by_the_codes_themselves(shape, group, dtype):
+    """native.int4_gemv: each column's codes dequantized in registers, fp32 throughout: x @ W.T of the
+    dequantized weight within fp32 rounding; Int4Weight.matmul uses it for up to GEMV_ROWS rows."""
+    g = torch.Generator().manual_seed(5)
+    q = quantize(torch.randn(*shape, generator=g), CompressionConfig(4, group, 1))
+    weight, dense = Int4Weight.from_bytes(pack(q), shape, group), dequantize(q, torch.float32)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, shape[1], generator=g).to(dtype)
+        want = x.float() @ dense.t()
+        got = native.int4_gemv(weight.packed, weight.scale, weight.minimum, group, x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=GEMV_RTOL * float(want.abs().max()))
+    x = torch.randn(2, 1, shape[1], generator=g).to(dtype)
+    product = weight.matmul(x)
+    assert product.dtype == dtype and product.shape == (2, 1, shape[0])
+    torch.testing.assert_close(product, native.int4_gemv(weight.packed, weight.scale, weight.minimum, group,
+                                                         x.view(2, -1)).to(dtype).view(2, 1, -1))
+
+
+def test_the_portable_gemv_matches_the_avx512_one(tmp_path):
+    """int4.c's plain C loop (machines without AVX-512), built here without it, gives the same products."""
+    import ctypes
+    import subprocess
+
+    cc = native._compiler()
+    if cc is None:
+        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
+    lib_path = tmp_path / "int4_portable.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
+    subprocess.run([cc, *flags, str(native.SOURCES[0]), "-o", str(lib_path), "-lm"], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    q = quantize(torch.randn(128, 256, generator=torch.Generator().manual_seed(6)), CompressionConfig(4, 64, 1))
+    weight = Int4Weight.from_bytes(pack(q), (128, 256), 64)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7))
+    out = torch.empty(3, 128)
+    lib.int4_gemv(*(ctypes.c_void_p(t.data_ptr()) for t in (weight.packed, weight.scale, weight.minimum)),
+                  *(ctypes.c_int64(v) for v in (128, 256, 64)), ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(3),
+                  ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(0), ctypes.c_int64(2))
+    want = native.int4_gemv(weight.packed, weight.scale, weight.minimum, 64, x)
+    torch.testing.assert_close(out, want, rtol=0, atol=GEMV_RTOL * float(want.abs().max()))

@@ -7,11 +7,13 @@ with N a multiple of 64 (the kernel's block of output rows). It is stored as
 
     packed codes (N * K / 2 bytes, the kernel's layout) | scale (K / g, N) fp16 | minimum (K / g, N) fp16
 
-which is exactly `compressed_nbytes` of the same weight. Two other ways multiply it, both through a C kernel
-that unpacks the layout (flexgen_lite.kernels.native, bit-identical to `Int4Weight.dequantize_t`'s torch path): by
-tiles (a cache-sized slice of rows dequantized and multiplied dense at a time: decode batches), or dequantized
-whole once into a slot for dense matmuls (many rows: prefill, or a block's GPU batches sharing it).
-`int4_cost.int4_path` takes the fastest by this machine's stored profile, the same in every run.
+which is exactly `compressed_nbytes` of the same weight. At one or two rows (decode steps of small batches) a C
+kernel multiplies the codes itself (native.int4_gemv), else torch's kernel does. Two other ways multiply it, both
+through a C kernel that unpacks the layout (flexgen_lite.kernels.native, bit-identical to
+`Int4Weight.dequantize_t`'s torch path): by tiles (a cache-sized slice of rows dequantized and multiplied dense at
+a time: decode batches), or dequantized whole once into a slot for dense matmuls (many rows: prefill, or a block's
+GPU batches sharing it). `int4_cost.int4_path` takes the fastest by this machine's stored profile, the same in
+every run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
 TILE_BYTES = 2 << 20  # rows of W dequantized at a time by the tiled product: they stay in the CPU's cache
 FIXED_ROWS = 64  # without a profile's int4 rates: at most this many rows multiplied by tiles, more dense
+GEMV_ROWS = 2  # up to this many rows the C kernel multiplies the codes (2-3x torch's kernel and a dense bf16
+# matmul on 2 cores; at 4 rows and more its fp32 multiply-adds make it slower than either)
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
@@ -137,7 +141,12 @@ class Int4Weight:
         or fp32)."""
         if self.tiles is not None:
             return self._tiled(x)
-        # the kernel's dequantization is (q - 8) * scale + zero
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= GEMV_ROWS and native_agrees():
+            out = native.int4_gemv(self.packed, self.scale, self.minimum, self.group_size, x2)
+            if out is not None:
+                return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+        # torch's kernel: its dequantization is (q - 8) * scale + zero
         scale = self.scale.float()
         scale_zeros = torch.stack([scale, self.minimum.float() + 8 * scale], dim=-1).to(x.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,

@@ -119,7 +119,8 @@ def best_matmul(first: dict, second: dict) -> dict:
     return {"matmul": best}
 
 
-INT4_ROWS = (1, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (int4_path)
+INT4_ROWS = (1, 2, 4, 16, 64)  # decode batches (1, 2: the C kernel, int4_matmul.GEMV_ROWS): beyond them a
+# dense matmul after dequantizing wins (int4_path)
 INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that none comes from the 32 MiB L3
 
 

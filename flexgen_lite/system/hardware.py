@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 4  # 4: CUDA 4-bit dequantization by the fused kernel; CPU attention beside a GPU over the
-# position-major cache on all cores (3: decode attention on a CPU by the C kernel)
+PROFILE_VERSION = 5  # 5: the CPU's int4 products of one or two rows by the C kernel (native.int4_gemv); 4: CUDA
+# 4-bit dequantization by the fused kernel, CPU attention beside a GPU over the position-major cache on all cores
 
 
 @dataclass

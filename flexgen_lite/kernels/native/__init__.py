@@ -92,6 +92,10 @@ def library() -> ctypes.CDLL | None:
     fn = lib.int4_quantize_pack
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    fn = lib.int4_gemv
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \
+        + [ctypes.c_int64] * 2
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
@@ -119,6 +123,25 @@ def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
             OUT_KIND[out.dtype])
     parallel(lambda t0, t1: lib.int4_dequantize_t(*args, t0, t1), -(-k // 16), cost=k * (r1 - r0))
     return True
+
+
+def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
+              x: torch.Tensor) -> torch.Tensor | None:
+    """x (rows, K) @ W.T as fp32 (rows, N), reading W's codes as they are (a few rows: decode steps of small
+    batches); None when the kernel cannot do it here."""
+    lib = library()
+    if lib is None or x.dim() != 2 or scale.dtype != torch.float16 or minimum.dtype != torch.float16 \
+            or not all(p.is_contiguous() and p.device.type == "cpu" for p in (packed, scale, minimum)):
+        return None
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if n % 64 or k % group_size or x.shape[1] != k:
+        return None
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, x.data_ptr(), x.shape[0],
+            out.data_ptr())
+    parallel(lambda b0, b1: lib.int4_gemv(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
+    return out
 
 
 def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:

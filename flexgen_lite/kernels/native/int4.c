@@ -104,6 +104,77 @@ void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Floa
     }
 }
 
+/* ---- a few rows multiplied by the codes as they are (decode steps of small batches) ------------------------ */
+
+/* out (rows, N) fp32 = x (rows, K) fp32 @ W.T, W in the layout above, for the blocks of 64 output rows [b0, b1).
+   Each column's 32 code bytes are read once and multiplied as codes into every row of x; per group the sums
+   are scaled and the minimum times the group's sum of x added (code * scale + minimum, summed over the group):
+   the weight crosses memory as 4-bit codes and is never written out. Rows go 2 at a time (their sums stay in
+   registers). */
+void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
+               int64_t group_size, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1) {
+    enum { R = 2 };
+    for (int64_t b = b0; b < b1; b++) {
+        for (int64_t r0 = 0; r0 < rows; r0 += R) {
+            int64_t nr = rows - r0 < R ? rows - r0 : R;
+#ifdef __AVX512F__
+            __m512 acc[R][4];
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
+            for (int64_t g0 = 0; g0 < k; g0 += group_size) {
+                __m512 part[R][4];
+                float xsum[R] = {0};
+                for (int r = 0; r < R; r++)
+                    for (int i = 0; i < 4; i++) part[r][i] = _mm512_setzero_ps();
+                for (int64_t col = g0; col < g0 + group_size; col++) {
+                    const uint8_t *src = packed + (b * k + col) * 32;
+                    __m512i lo0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
+                    __m512i lo1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16)));
+                    __m512 c[4];  /* codes of rows 0-15, 16-31 (low nibbles), 32-47, 48-63 (high) */
+                    c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(lo0, _mm512_set1_epi32(15)));
+                    c[1] = _mm512_cvtepi32_ps(_mm512_and_si512(lo1, _mm512_set1_epi32(15)));
+                    c[2] = _mm512_cvtepi32_ps(_mm512_srli_epi32(lo0, 4));
+                    c[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(lo1, 4));
+                    for (int r = 0; r < nr; r++) {
+                        float xr = x[(r0 + r) * k + col];
+                        __m512 xv = _mm512_set1_ps(xr);
+                        xsum[r] += xr;
+                        for (int i = 0; i < 4; i++) part[r][i] = _mm512_fmadd_ps(c[i], xv, part[r][i]);
+                    }
+                }
+                const _Float16 *s = scale + (g0 / group_size) * n + b * 64, *m = minimum + (g0 / group_size) * n + b * 64;
+                for (int i = 0; i < 4; i++) {
+                    __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 16 * i)));
+                    __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + 16 * i)));
+                    for (int r = 0; r < nr; r++)
+                        acc[r][i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[r]),
+                                                    _mm512_fmadd_ps(part[r][i], sv, acc[r][i]));
+                }
+            }
+            for (int r = 0; r < nr; r++)
+                for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + (r0 + r) * n + b * 64 + 16 * i, acc[r][i]);
+#else
+            float acc[R][64];
+            memset(acc, 0, sizeof acc);
+            for (int64_t col = 0; col < k; col++) {
+                const uint8_t *src = packed + (b * k + col) * 32;
+                const _Float16 *s = scale + (col / group_size) * n + b * 64, *m = minimum + (col / group_size) * n + b * 64;
+                float w[64];
+                for (int j = 0; j < 32; j++) {
+                    w[j] = (float)(src[j] & 15) * (float)s[j] + (float)m[j];
+                    w[32 + j] = (float)(src[j] >> 4) * (float)s[32 + j] + (float)m[32 + j];
+                }
+                for (int r = 0; r < nr; r++) {
+                    float xv = x[(r0 + r) * k + col];
+                    for (int j = 0; j < 64; j++) acc[r][j] += w[j] * xv;
+                }
+            }
+            for (int r = 0; r < nr; r++) memcpy(out + (r0 + r) * n + b * 64, acc[r], sizeof acc[r]);
+#endif
+        }
+    }
+}
+
 /* ---- quantizing into the layout (placement of 4-bit weights) ---------------------------------------------- */
 
 enum { IN_F32 = 0, IN_BF16 = 1, IN_F16 = 2 };
