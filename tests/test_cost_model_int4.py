@@ -21,7 +21,7 @@ from flexgen_lite.planning.dtype_choice import compute_dtype
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
 from flexgen_lite.profiling.measure import load_profile
-from flexgen_lite.profiling.probes import int4_rates
+from flexgen_lite.profiling.probes import INT4_ROWS, int4_rates
 from flexgen_lite.system.devices import ComputeDevice
 from flexgen_lite.system.hardware import HardwareProfile, interpolated_time
 from flexgen_lite.system.profile_store import profile_path, save_profile
@@ -108,10 +108,11 @@ def test_profile_measures_the_kernel_where_torch_has_it():
         assert found == {} and measured["int4_dequantize"] == {}
         return
     rows = [m for m, _, _ in found["bfloat16"]]
-    assert rows == [1, 4, 16, 64] and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
+    assert rows == list(INT4_ROWS) and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
     assert measured["int4_dequantize"]["bfloat16"] > 0
     tiles = measured["int4_tiles"]["bfloat16"]  # CI builds the C kernel (test_int4_matmul asserts it)
-    assert [m for m, _, _ in tiles] == [1, 4, 16, 64] and all(rate > 0 for _, rate, _ in tiles)
+    assert [m for m, _, _ in tiles] == list(INT4_ROWS) and all(rate > 0 for _, rate, _ in tiles)
+    assert INT4_ROWS[:2] == (1, 2)  # the C kernel's rows (int4_matmul.GEMV_ROWS) are measured apart
 
 
 @pytest.mark.parametrize("missing", [("int4_matmul", "int4_dequantize", "int4_tiles"), ("int4_tiles",)])
