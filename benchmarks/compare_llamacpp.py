@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from compare_hf import agreement  # the same count of rows whose ids agree
+
 RESULT = "RESULT "
 WARMUP_PROMPT_LEN = 8
 
@@ -231,14 +233,6 @@ def machine() -> dict:
 def have_llamacpp() -> bool:
     probe = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True)
     return probe.returncode == 0
-
-
-def agreement(a: dict, b: dict) -> str:
-    if "ids" not in a or "ids" not in b:
-        return "-"
-    same = sum(x == y for x, y in zip(a["ids"], b["ids"], strict=True))
-    first = sum(x[:1] == y[:1] for x, y in zip(a["ids"], b["ids"], strict=True))
-    return f"{same}/{len(a['ids'])} ({first} first)"
 
 
 def report(results: list[dict]) -> str:
