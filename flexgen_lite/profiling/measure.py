@@ -72,7 +72,9 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
               ("links", link_rates), ("compression", compression_rates),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates
-              ("matmul, second trial", lambda device, scale: best_matmul(found, matmul_rates(device, scale))),
+              # of the dtypes the device computes in (float16 on a CPU only predicts a forced --dtype: ~6 s saved)
+              ("matmul, second trial", lambda device, scale: best_matmul(
+                  found, matmul_rates(device, scale, tuple(compute_dtypes(device))))),
               ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
               ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
     for i, (name, fn) in enumerate(stages):
@@ -213,8 +215,8 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
         found = cached_profile(device, offload_dir)
         if found is not None:
             return _with_int4_rates(found, device, offload_dir)
-        print(f"no profile of this machine yet: measuring it now (~25 s, once; cached in {cache_dir()}). Other "
-              "processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
+        print(f"no profile of this machine yet: measuring it now (~40 s on 2 cores, once; cached in {cache_dir()}). "
+              "Other processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
               file=sys.stderr)
     profile = measure(device, offload_dir, progress)
     return_freed_memory()  # the measurement's buffers: not resident beyond what budgets count

@@ -75,14 +75,14 @@ def matmul_shapes(device: ComputeDevice, scale: int) -> list[tuple[int, int]]:
     return [(k // scale, n // scale) for k, n in shapes]
 
 
-def matmul_rates(device: ComputeDevice, scale: int) -> dict:
-    """(rows, K) @ (K, N) per dtype over rows from 1 (weight-read bound) up to compute bound, for a large and
-    a small weight: per row count, a rate and a fixed cost per call that fit both."""
+def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tuple(DTYPES)) -> dict:
+    """(rows, K) @ (K, N) per dtype of `names` over rows from 1 (weight-read bound) up to compute bound, for a
+    large and a small weight: per row count, a rate and a fixed cost per call that fit both."""
     dev, sync = device.device, device.synchronize
     shapes = matmul_shapes(device, scale)
     rows = (1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024)
     out = {}
-    for name in ("float32", "bfloat16", "float16"):
+    for name in names:
         dtype, points = DTYPES[name], []
         # as in a model, each matmul reads a weight no cache holds: rotate over 128 MiB of them
         room = 128 * MiB if scale == 1 else 2 * MiB
