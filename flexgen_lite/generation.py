@@ -383,7 +383,8 @@ def step_message(label: str, times, rows: int, gen_len: int) -> str:
 def encode_texts(tokenizer, texts: list[str], chat: bool, name: str) -> list[list[int]]:
     """Token ids of each text (wrapped in the chat template with `chat`)."""
     if tokenizer is None:
-        raise ModelError(f"{name} has no tokenizer (dummy weights): pass token ids to generate_ids")
+        raise ModelError(f"{name} has no tokenizer (dummy weights, or none in its files): pass token ids to "
+                         "generate_ids")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelError(f"{name} has no chat template; drop --chat")

@@ -89,3 +89,16 @@ def test_the_notice_says_the_weights_are_kept_and_what_is_lossy():
     both = compression_notice(Policy(compress_weight=True, compress_cache=True), True, ["Q4_1"], kept=True)
     assert "KV cache compressed to 4 bits, which is lossy" in both and "weights compressed" not in both
     assert "--policy auto" in both
+
+
+def test_a_gguf_without_a_tokenizer_takes_token_ids_and_refuses_text(tiny_q4, capsys):
+    """A file with weights but no tokenizer metadata opens (token ids in and out, as dummy weights do); text is
+    refused in one line that says why."""
+    from flexgen_lite.cli.main import main
+
+    with FlexGenLite(tiny_q4, policy=FP32) as m:
+        assert m.tokenizer is None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", tiny_q4, "--max-new-tokens", "2", "--policy", "manual", "hello"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "has no tokenizer" in err and "none in its files" in err

@@ -77,7 +77,7 @@ def cmd_quality(args, progress) -> None:
 
 def tokens_of(m, text: str, max_tokens: int | None) -> list[int]:
     if m.tokenizer is None:
-        raise InputError(f"{m.config.name} has no tokenizer (dummy weights): quality needs a real model")
+        raise InputError(f"{m.config.name} has no tokenizer (dummy weights, or none in its files): quality needs one")
     ids = m.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise InputError(f"the text has {len(ids)} token: give at least two")

@@ -114,7 +114,8 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
         raise RequestError(404, f"The model `{model}` does not exist; this server serves `{served.name}`",
                            "model", "model_not_found")
     if served.tokenizer is None:
-        raise RequestError(400, f"{served.name} has no tokenizer (dummy weights): it cannot take text requests",
+        raise RequestError(400, f"{served.name} has no tokenizer (dummy weights, or none in its files): it cannot "
+                           "take text requests",
                            "model", "no_tokenizer")
     texts, prompts = _prompts(request, served)
     max_tokens = request.max_tokens
