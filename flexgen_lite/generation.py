@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -15,19 +13,10 @@ from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, PolicyError, split_counts
 from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
-from .engine.weights import (
-    STORED_GROUPS,
-    CheckpointSource,
-    DummySource,
-    GGUFSource,
-    WeightSource,
-    place_weights,
-    planned_bytes,
-)
+from .engine.weights import place_weights, planned_bytes
 from .kernels.sampling import SamplingConfig, row_generators
-from .models.checkpoint import Checkpoint
-from .models.config import ModelConfig, ModelError, config_from_dict, load_config
-from .models.presets import find_preset, preset_config, preset_names
+from .model_source import compression_notice, for_model, kept_as_stored, open_model, source_quantization
+from .models.config import ModelConfig, ModelError
 from .models.specs import layer_specs
 from .planning.budgets import Budgets, check_budgets, check_fits
 from .planning.dtype_choice import compute_dtype
@@ -38,107 +27,11 @@ from .system.devices import ComputeDevice, keep_freed_memory
 from .system.memory import return_freed_memory
 
 
-def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
-    """(config, weight source, tokenizer or None) for a checkpoint directory, a GGUF file, or a preset
-    name (dummy weights)."""
-    path = Path(model)
-    if path.suffix == ".gguf":
-        from .models.gguf_file import gguf_tokenizer, read_gguf_config
-
-        config = config_from_dict(read_gguf_config(path), name=str(path))
-        return config, GGUFSource(str(path)), gguf_tokenizer(path)
-    if path.is_dir():
-        config = load_config(path)
-        return config, CheckpointSource(Checkpoint(path)), load_tokenizer(path)
-    if find_preset(model) is None:
-        what = "is a file, not a checkpoint directory or" if path.exists() else \
-            "is neither an existing checkpoint directory nor"
-        raise ModelError(f"{model} {what} a known model name: pass a local Hugging Face checkpoint directory, "
-                         f"a .gguf file, or one of {', '.join(preset_names())} (dummy weights)")
-    return preset_config(model), DummySource(), None
-
-
-def source_quantization(model: str) -> list[str]:
-    """The quantized types a GGUF file stores its weights in ([] for float sources)."""
-    if Path(model).suffix != ".gguf":
-        return []
-    from .models.gguf_file import quantized_types
-
-    return quantized_types(model)
-
-
-def stored_groups(model: str) -> bool:
-    """Whether the model is a GGUF whose decoder matrices are all Q4_0/Q4_1: 4-bit groups of 32 that compressed
-    weights keep as they are (weights.STORED_GROUPS)."""
-    if Path(model).suffix != ".gguf":
-        return False
-    from .models.gguf_file import decoder_groups_of_32
-
-    return decoder_groups_of_32(model)
-
-
-def for_model(policy: Policy | AutoPolicy, model: str) -> Policy | AutoPolicy:
-    """The policy with the model's source in mind: a Q4_0/Q4_1 GGUF's compressed weights are its own groups of
-    32 (weight_group_size 32 where it was left 0 and groups run along the input dimension), which a search
-    weighs as lossless (policy_search.for_source)."""
-    from .planning.policy_search import for_source
-
-    groups = stored_groups(model)
-    if isinstance(policy, AutoPolicy):
-        return for_source(policy, source_quantization(model), groups)
-    if groups and policy.compress_weight and policy.weight_group_dim == 1 and policy.weight_group_size == 0:
-        return dataclasses.replace(policy, weight_group_size=32)
-    return policy
-
-
-def kept_as_stored(policy: Policy, model: str) -> bool:
-    """Whether the policy's compressed weights are the model file's own 4-bit groups (no second rounding)."""
-    return policy.compress_weight and policy.weight_compression() == STORED_GROUPS and stored_groups(model)
-
-
-def compression_notice(policy: Policy, searched: bool, source_quantized: list[str], kept: bool = False) -> str | None:
-    """One plain line when a run compresses weights or the KV cache to 4 bits: who chose it, and whether it is
-    lossy (`kept`: the weights are a Q4_0/Q4_1 file's own groups, kept_as_stored)."""
-    why = ("chosen by --policy auto: --no-compress-weight / --no-compress-cache forbid it" if searched
-           else "as asked")
-    kept = kept and policy.compress_weight
-    lossy = [name for name, on in (("weights", policy.compress_weight and not kept),
-                                   ("KV cache", policy.compress_cache)) if on]
-    if not lossy and not kept:
-        return None
-    said = (f"weights kept in 4 bits as the file stores them ({source_quantized[0]}, groups of 32), with no "
-            "second rounding" if kept else "")
-    if lossy:
-        again = (f"; the weights are already {source_quantized[0]} in the file and are rounded a second time"
-                 if "weights" in lossy and source_quantized else "")
-        said += ("; " if said else "") + (f"{' and '.join(lossy)} compressed to 4 bits, which is lossy (outputs "
-                                          f"differ from the uncompressed model's){again}")
-    return f"note: {said}, {why}"
-
-
-def model_config(model: str) -> ModelConfig:
-    """The config of a checkpoint directory, GGUF file or preset name, without opening its weights."""
-    path = Path(model)
-    if path.suffix == ".gguf" and path.is_file():
-        from .models.gguf_file import read_gguf_config
-
-        return config_from_dict(read_gguf_config(path), name=str(path))
-    return load_config(path) if path.is_dir() else open_model(model)[0]
-
-
 def default_workload(config: ModelConfig) -> Workload:
     """What policy="auto" plans for when told nothing: 512-token prompts, 32 new tokens, one block
     (shortened to fit the model's context). Longer prompts at generate time are checked against the budgets."""
     gen = min(32, config.max_positions // 4)
     return Workload(min(512, config.max_positions - gen), gen)
-
-
-def load_tokenizer(path: Path):
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 class FlexGenLite:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from flexgen_lite import FlexGenLite, Policy, Workload, default_model_path
-from flexgen_lite.generation import compression_notice, model_config, source_quantization
+from flexgen_lite.model_source import compression_notice, model_config, source_quantization
 from flexgen_lite.planning.budgets import Budgets
 from flexgen_lite.planning.policy_search import AutoPolicy, _candidates, for_source, search_policy
 

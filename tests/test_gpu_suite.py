@@ -143,7 +143,7 @@ def test_scale_rows_fit_their_budgets():
     """OPT-175B and Llama-3-70B: 4-bit weights in host RAM, the plan within 24 GiB and a 128 GiB host."""
     from flexgen_lite.cli.main import build_parser
     from flexgen_lite.cli.options import policy_from_args
-    from flexgen_lite.generation import model_config
+    from flexgen_lite.model_source import model_config
     from flexgen_lite.planning.layout import Workload
     from flexgen_lite.planning.memory_plan import peak_memory
 

@@ -243,7 +243,7 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models):
 def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, policy):
     """The memory plan for CUDA is what the engine takes on its way across the link: compute memory exactly
     (weights, their slots and codes, cache, cache slots), host RAM exactly but for staging, within its bound."""
-    from flexgen_lite.generation import model_config
+    from flexgen_lite.model_source import model_config
     from flexgen_lite.planning.layout import Workload
     from flexgen_lite.planning.memory_plan import peak_memory
 

@@ -116,7 +116,8 @@ def test_an_explicit_policy_is_held_to_the_requests_lengths_not_generations(tiny
     """A budget that holds the block for short scoring rows, not for 512 + 32-token generations: the model opens
     and scores (each block is checked at its real length)."""
     from flexgen_lite import Policy, Workload
-    from flexgen_lite.generation import default_workload, model_config
+    from flexgen_lite.generation import default_workload
+    from flexgen_lite.model_source import model_config
     from flexgen_lite.planning.memory_plan import peak_memory
 
     path = str(tiny_models["opt"][0])

@@ -13,7 +13,7 @@ from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
 from flexgen_lite.cli.main import build_parser, main
 from flexgen_lite.cli.options import policy_from_args
 from flexgen_lite.engine.weights import planned_bytes
-from flexgen_lite.generation import model_config
+from flexgen_lite.model_source import model_config
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.planning.budgets import Budgets

@@ -96,7 +96,8 @@ def _say_resumed(output: ResumableOutput, total: int, left: int) -> None:
 
 def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: SamplingConfig):
     """(model path, config, token ids of the prompts to do), each prompt checked against the context."""
-    from ..generation import encode_texts, open_model
+    from ..generation import encode_texts
+    from ..model_source import open_model
 
     model = model_of(args)
     config, _, tokenizer = open_model(model)

@@ -36,7 +36,7 @@ DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
-    from ..generation import for_model, model_config
+    from ..model_source import for_model, model_config
     from ..planning.policy_search import search_policy
     from ..profiling.measure import load_profile
     from ..system.devices import ComputeDevice
@@ -66,7 +66,7 @@ def default_prompt_len(device: str | None) -> int:
 
 
 def cmd_bench(args) -> None:
-    from ..generation import for_model, model_config
+    from ..model_source import for_model, model_config
     from ..planning.layout import Workload
     from .bench import format_report, run_benchmark
     from .breakdown_flags import build_context, finish, profile_or_none, recorder_for
@@ -117,7 +117,7 @@ def cmd_bench(args) -> None:
 
 def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
     """Refuse an explicit policy whose planned bytes exceed an explicit budget."""
-    from ..generation import model_config
+    from ..model_source import model_config
     from ..planning.memory_plan import peak_memory
     from ..system.devices import ComputeDevice
 
@@ -129,7 +129,7 @@ def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
 
 
 def predict_policy(args, model: str, workload, policy: Policy, cold: bool = False):
-    from ..generation import model_config
+    from ..model_source import model_config
     from ..planning.cost_model import predict
     from ..profiling.measure import load_profile
     from ..system.devices import ComputeDevice, host_available_bytes
@@ -148,7 +148,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from ..generation import model_config
+    from ..model_source import model_config
     from ..planning.layout import Workload
 
     policy = policy_from_args(args, default_batch=1)

@@ -45,7 +45,8 @@ def read_text(path: str) -> str:
 
 
 def cmd_quality(args, progress) -> None:
-    from ..generation import FlexGenLite, default_workload, model_config
+    from ..generation import FlexGenLite, default_workload
+    from ..model_source import model_config
     from ..planning.policy_search import AutoPolicy
     from .options import budgets_from_args, model_of, policy_from_args
 

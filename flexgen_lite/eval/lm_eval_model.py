@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from ..cli.options import add_policy_flags, budgets_from_args, policy_from_args
 from ..engine.scoring import rolling_windows
-from ..generation import FlexGenLite, default_workload, model_config
+from ..generation import FlexGenLite, default_workload
 from ..kernels.sampling import SamplingConfig
+from ..model_source import model_config
 from ..planning.policy_search import AutoPolicy
 
 # lm-eval passes these to every model; the engine's block (gpu_batch_size x num_gpu_batches) is its batch

@@ -90,7 +90,7 @@ def model_path(args) -> str:
     return default_model_path()
 
 def served_model(args, model: str | None = None) -> tuple[str, Served]:
-    from ..generation import open_model
+    from ..model_source import open_model
 
     model = model or model_path(args)
     config, _, tokenizer = open_model(model)
