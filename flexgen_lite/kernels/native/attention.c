@@ -100,6 +100,42 @@ static inline void axpy_bf16(float *acc, float p, const uint16_t *b, int64_t n) 
     }
 }
 
+/* exp(s[l] - top) into s[l] for unmasked positions, 0 for masked ones; their sum. With AVX-512 16 at a time
+   (Cephes' expf: range reduction by ln 2, a degree-6 polynomial, within 2 ulp), else expf: a scalar expf per
+   position was a third of a short-context decode step's attention. */
+static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, float top) {
+    float total = 0;
+    int64_t l = 0;
+#ifdef __AVX512F__
+    __m512 sum = _mm512_setzero_ps(), t = _mm512_set1_ps(top);
+    for (; l + 16 <= length; l += 16) {
+        __mmask16 keep = _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m + l))),
+                                                _mm512_set1_epi32(0xFF));
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + l), t), _mm512_set1_ps(-87.3f));
+        __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+        p = _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+        _mm512_storeu_ps(s + l, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; l < length; l++) {
+        s[l] = m[l] ? expf(s[l] - top) : 0.0f;
+        total += s[l];
+    }
+    return total;
+}
+
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
 static void pair_two_pass(const float *qf, const char *kb, const char *vb, const uint8_t *m, int kind, int64_t item,
@@ -107,7 +143,10 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
                           float *acc) {
     float top = -INFINITY;
     for (int64_t l = 0; l < length; l++) {
-        if (!m[l]) continue;
+        if (!m[l]) {
+            s[l] = -INFINITY;
+            continue;
+        }
         const char *key = kb + l * ks * item;
         for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
             __builtin_prefetch(key + 4 * ks * item + at);
@@ -123,11 +162,10 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
     }
     memset(acc, 0, dim * sizeof(float));
     if (top == -INFINITY) return;  /* every position masked: zeros */
-    float total = 0;
+    float total = softmax_weights(s, m, length, top);
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
-        float p = expf(s[l] - top);
-        total += p;
+        float p = s[l];
         const char *value = vb + l * vs * item;
         if (kind == KIND_BF16) {
             axpy_bf16(acc, p, (const uint16_t *)value, dim);
