@@ -136,6 +136,23 @@ static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, 
     return total;
 }
 
+#ifdef __AVX512F__
+/* acc (16 * nv floats) = sum over unmasked l of p[l] * v[l] for bf16 rows `stride` bytes apart; nv a constant at
+   each call (4 or 8), so that the sums stay in registers. */
+static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t *m, const char *vb, int64_t length,
+                                      int64_t stride, const int nv) {
+    __m512 sum[8];
+    for (int i = 0; i < nv; i++) sum[i] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        const uint16_t *value = (const uint16_t *)(vb + l * stride);
+        __m512 pv = _mm512_set1_ps(p[l]);
+        for (int i = 0; i < nv; i++) sum[i] = _mm512_fmadd_ps(pv, bf16x16(value + 16 * i), sum[i]);
+    }
+    for (int i = 0; i < nv; i++) _mm512_storeu_ps(acc + 16 * i, sum[i]);
+}
+#endif
+
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
 static void pair_two_pass(const float *qf, const char *kb, const char *vb, const uint8_t *m, int kind, int64_t item,
@@ -163,6 +180,16 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
     memset(acc, 0, dim * sizeof(float));
     if (top == -INFINITY) return;  /* every position masked: zeros */
     float total = softmax_weights(s, m, length, top);
+#ifdef __AVX512F__
+    if (kind == KIND_BF16 && (dim == 64 || dim == 128)) {  /* the sums held in registers across positions */
+        if (dim == 64)
+            weighted_rows_bf16(acc, s, m, vb, length, vs * item, 4);
+        else
+            weighted_rows_bf16(acc, s, m, vb, length, vs * item, 8);
+        for (int64_t d = 0; d < dim; d++) acc[d] /= total;
+        return;
+    }
+#endif
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
         float p = s[l];
