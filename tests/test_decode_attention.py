@@ -19,8 +19,10 @@ from .conftest import PROMPTS
 from .test_parity import P
 
 # (batch, query heads, kv heads, head dim, positions seen, cache capacity): grouped heads, a head dim that is
-# not a multiple of the 16 lanes, a single position, a longer cache
-SHAPES = [(4, 8, 8, 64, 13, 16), (3, 6, 2, 72, 9, 11), (2, 4, 1, 128, 1, 4), (5, 2, 2, 16, 40, 40)]
+# not a multiple of the 16 lanes, a single position, a longer cache, grouped heads of 64 and 128 (whose bf16 value
+# sums stay in registers)
+SHAPES = [(4, 8, 8, 64, 13, 16), (3, 6, 2, 72, 9, 11), (2, 4, 1, 128, 1, 4), (5, 2, 2, 16, 40, 40),
+          (3, 12, 4, 64, 37, 40), (2, 6, 2, 128, 21, 24)]
 
 
 def _case(shape, dtype, seed=0):
