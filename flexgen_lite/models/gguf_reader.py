@@ -131,21 +131,18 @@ class GGUFContents:
 def dequantize(t: GGUFTensor) -> torch.Tensor:
     """t's values as float32, shaped as GGUF's dims reversed (rows last-but-one); a type not read here raises."""
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    raw = torch.from_numpy(np.array(t.data, copy=True))
     kind = t.tensor_type
     if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        return raw.float().reshape(shape)
+        return _raw(t).float().reshape(shape)
     if kind == GGMLQuantizationType.BF16:
-        return raw.view(torch.bfloat16).float().reshape(shape)
-    blocks = raw.reshape(-1, GGML_QUANT_SIZES[kind][1])
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
+        return _raw(t).view(torch.bfloat16).float().reshape(shape)
     if kind == GGMLQuantizationType.Q8_0:  # d, 32 int8
+        blocks = _blocks(t)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
         return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
-    if kind == GGMLQuantizationType.Q4_0:  # d, 16 bytes: low nibbles the first 16 values, high the last 16
-        return (d * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float()).reshape(shape)
-    if kind == GGMLQuantizationType.Q4_1:  # d, m, 16 bytes of nibbles: d * q + m
-        m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-        return (d * _nibbles(blocks[:, 4:]).float() + m).reshape(shape)
+    if kind in GROUPS_OF_32:  # code * scale + minimum: exact for Q4_0's (code - 8) * d too (see _groups)
+        codes, scale, minimum = _groups(t)
+        return (codes.float() * scale.float() + minimum.float()).reshape(shape)
     raise ValueError(f"tensor {t.name!r} has type {kind.name}, which this reader does not dequantize")
 
 
@@ -155,18 +152,31 @@ GROUPS_OF_32 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 def groups_of_32(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """A Q4_0 or Q4_1 matrix's own groups as (codes (rows, cols) uint8 in 0..15, scale, minimum (rows, cols / 32)
     fp16) with value = code * scale + minimum, as flexgen_lite's 4-bit groups of 32 along the input dimension
-    store them; None for other types. Q4_1 is exactly that (d, m); Q4_0's (code - 8) * d is minimum = -8 d,
-    exact in fp16 (a power of two)."""
+    store them; None for other types."""
     if t.tensor_type not in GROUPS_OF_32 or len(t.shape) != 2:
         return None
     cols, rows = (int(d) for d in t.shape.tolist())
-    blocks = torch.from_numpy(np.array(t.data, copy=True)).reshape(-1, GGML_QUANT_SIZES[t.tensor_type][1])
+    codes, scale, minimum = _groups(t)
+    return codes.reshape(rows, cols), scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
+
+
+def _groups(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of 32: (codes (blocks, 32), scale, minimum (blocks, 1) fp16). Q4_1 stores d, m, then 16 bytes whose
+    low nibbles are the first 16 codes and high nibbles the last 16; Q4_0 stores d and the bytes, value (code - 8)
+    d: minimum -8 d, exact in fp16 (a power of two), and code * d - 8 d is exact in fp32 (at most 15 bits)."""
+    blocks = _blocks(t)
     scale = blocks[:, :2].contiguous().view(torch.float16)
     if t.tensor_type == GGMLQuantizationType.Q4_1:
-        minimum, codes = blocks[:, 2:4].contiguous().view(torch.float16), _nibbles(blocks[:, 4:])
-    else:
-        minimum, codes = scale * -8, _nibbles(blocks[:, 2:])
-    return codes.reshape(rows, cols), scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
+        return _nibbles(blocks[:, 4:]), scale, blocks[:, 2:4].contiguous().view(torch.float16)
+    return _nibbles(blocks[:, 2:]), scale, scale * -8
+
+
+def _raw(t: GGUFTensor) -> torch.Tensor:
+    return torch.from_numpy(np.array(t.data, copy=True))
+
+
+def _blocks(t: GGUFTensor) -> torch.Tensor:
+    return _raw(t).reshape(-1, GGML_QUANT_SIZES[t.tensor_type][1])
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
