@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.int4_matmul import Int4Weight
+from ..kernels.small_matmul import linear as dense_linear
 from .config import ModelConfig
 
 
@@ -28,7 +29,7 @@ def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
     if isinstance(weight, Int4Weight):  # 4-bit codes multiplied as stored (int4_matmul)
         y = weight.matmul(x)
         return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+    return dense_linear(x, weight, bias)
 
 
 def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -108,4 +109,4 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         h = norm(h, w, config)
     if "project_out" in w:
         h = F.linear(h, w["project_out"])
-    return F.linear(h, w["lm_head"]).float()
+    return dense_linear(h, w["lm_head"]).float()

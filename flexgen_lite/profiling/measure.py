@@ -47,6 +47,7 @@ from .probes import (
     compute_dtypes,
     contention,
     fit,
+    gemv_rates,
     int4_rates,
     link_rates,
     matmul_rates,
@@ -68,7 +69,8 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
-    stages = [("matmul", matmul_rates), ("int4 kernel", int4_rates), ("attention", attention_rates),
+    stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("int4 kernel", int4_rates),
+              ("attention", attention_rates),
               ("links", link_rates), ("compression", compression_rates),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.policy import DTYPES
+from ..kernels import native
 from ..kernels.attention import attend
 from ..kernels.compression import CompressionConfig, dequantize, quantize
 from ..kernels.int4_matmul import Int4Weight, native_agrees
@@ -75,12 +76,14 @@ def matmul_shapes(device: ComputeDevice, scale: int) -> list[tuple[int, int]]:
     return [(k // scale, n // scale) for k, n in shapes]
 
 
-def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tuple(DTYPES)) -> dict:
+def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tuple(DTYPES),
+                 rows: tuple[int, ...] | None = None, linear: Callable = F.linear) -> dict:
     """(rows, K) @ (K, N) per dtype of `names` over rows from 1 (weight-read bound) up to compute bound, for a
-    large and a small weight: per row count, a rate and a fixed cost per call that fit both."""
+    large and a small weight: per row count, a rate and a fixed cost per call that fit both. `linear`: the
+    product measured (torch's by default)."""
     dev, sync = device.device, device.synchronize
     shapes = matmul_shapes(device, scale)
-    rows = (1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024)
+    rows = rows or ((1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024))
     out = {}
     for name in names:
         dtype, points = DTYPES[name], []
@@ -92,7 +95,7 @@ def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tup
             flops, times = [], []
             for (k, n), ws in zip(shapes, weights, strict=True):
                 x = torch.randn(m, k, device=dev).to(dtype)
-                s = timed(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], sync, min_time=0.1 / scale)
+                s = timed(lambda x=x, ws=ws: [linear(x, w) for w in ws], sync, min_time=0.1 / scale)
                 flops.append(2 * m * k * n)
                 times.append(s / len(ws))
             rate, fixed = fit(flops[1], times[1], flops[0], times[0])
@@ -101,6 +104,19 @@ def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tup
                 break
         out[name] = points
     return {"matmul": out, "matmul_shape": shapes[0]}
+
+
+GEMV_ROWS = (1, 2, 4, 8, 16)  # where the C kernel for a few rows may beat torch's matmul (hardware.gemv_rows)
+
+
+def gemv_rates(device: ComputeDevice, scale: int) -> dict:
+    """native.dense_gemv as `matmul_rates` measures torch's matmul, in the dtypes the CPU computes in (none with
+    CUDA or without the kernel). ~1-2 s on this VM."""
+    probe = torch.ones(2, 64)
+    if device.is_cuda or native.dense_gemv(probe, probe) is None:
+        return {"gemv": {}}
+    found = matmul_rates(device, scale, tuple(compute_dtypes(device)), GEMV_ROWS, native.dense_gemv)
+    return {"gemv": found["matmul"]}
 
 
 def best_matmul(first: dict, second: dict) -> dict:

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 5  # 5: the CPU's int4 products of one or two rows by the C kernel (native.int4_gemv); 4: CUDA
+PROFILE_VERSION = 6  # 6: the CPU's dense products of a few rows by the C kernel (native.dense_gemv); 5: the
+# CPU's int4 products of one or two rows by the C kernel (native.int4_gemv); 4: CUDA
 # 4-bit dequantization by the fused kernel, CPU attention beside a GPU over the position-major cache on all cores
 
 
@@ -65,11 +66,25 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of the same weights multiplied by tiles (Int4Weight._tiled: the C
     # kernel); {} without it; None: not measured
     int4_tiles: dict[str, list[tuple[int, float, float]]] | None = None
+    # dtype -> [(rows, FLOP/s, fixed s)] of dense weights multiplied by the C kernel for a few rows
+    # (native.dense_gemv, CPU); {} without it (CUDA, no compiler)
+    gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
 
     def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
         """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
-        count's rate, interpolated linearly in rows between measured counts (time is about affine there)."""
+        count's rate, interpolated linearly in rows between measured counts (time is about affine there); the
+        C kernel's where it wins (`gemv_wins`: the engine runs it there)."""
+        if self.gemv_wins(dtype, rows, k, n):
+            return interpolated_time(self.gemv[dtype], rows, k, n)
         return interpolated_time(self.matmul.get(dtype) or self.matmul["float32"], rows, k, n)
+
+    def gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
+        """Whether the C kernel for a few rows (native.dense_gemv) is faster than torch's matmul for (rows, k) @
+        (k, n) in `dtype` by this profile's fits of both; never beyond the row counts it was measured at."""
+        points, dense = self.gemv.get(dtype), self.matmul.get(dtype)
+        if not points or not dense or rows > points[-1][0]:
+            return False
+        return interpolated_time(points, rows, k, n) < interpolated_time(dense, rows, k, n)
 
     def int4_matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
         """Seconds of (rows, k) @ W.T for a 4-bit W (n, k) by the int4 kernel, interpolated as `matmul_time`;
@@ -90,7 +105,7 @@ class HardwareProfile:
         raw = json.loads(text)
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul", "int4_tiles"):
+        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
@@ -105,7 +120,8 @@ class HardwareProfile:
         for dtype, points in self.matmul.items():
             rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
             lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
-        for label, found in (("int4 weight kernel", self.int4_matmul), ("int4 by tiles", self.int4_tiles)):
+        for label, found in (("int4 weight kernel", self.int4_matmul), ("int4 by tiles", self.int4_tiles),
+                             ("dense few-row kernel", self.gemv)):
             for dtype, points in (found or {}).items():
                 rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
                 lines.append(f"{label} {dtype} GFLOP/s + fixed per call, by rows: {rates}")

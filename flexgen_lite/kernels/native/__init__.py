@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,8 +28,9 @@ import torch
 
 from ...system import paths
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
+OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the kinds of quantize's input
 
 
@@ -50,12 +52,14 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str, out: Path) -> bool:
-    """Compile SOURCES into `out`."""
+    """Compile SOURCES into `out` (with OpenMP where the compiler has it)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    result = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
-    if result.returncode == 0:
-        os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
-        return True
+    for extra in (OPENMP, []):
+        result = subprocess.run([cc, *FLAGS, *extra, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True,
+                                text=True)
+        if result.returncode == 0:
+            os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
+            return True
     tmp.unlink(missing_ok=True)
     return False
 
@@ -70,7 +74,7 @@ def library() -> ctypes.CDLL | None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     sources = [p.read_text() for p in SOURCES]
-    key = hashlib.sha256("\0".join([*sources, *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*sources, *FLAGS, *OPENMP, version, _cpu_flags()]).encode()).hexdigest()[:16]
     cache = paths.cache_dir() / "native"
     path = cache / f"kernels-{key}.so"
     try:
@@ -96,10 +100,27 @@ def library() -> ctypes.CDLL | None:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \
         + [ctypes.c_int64] * 2
+    fn = lib.int4_gemv_team
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                                   ctypes.c_int]
+    fn = lib.dense_gemv
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64,
+                                                                                    ctypes.c_void_p] \
+        + [ctypes.c_int64] * 2
+    fn = lib.dense_gemv_team
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64,
+                                                                                    ctypes.c_void_p, ctypes.c_int]
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 3)
+    fn = lib.decode_attention_team
+    fn.restype = None
+    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int])
     return lib
 
 
@@ -140,8 +161,64 @@ def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, 
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, x.data_ptr(), x.shape[0],
             out.data_ptr())
-    parallel(lambda b0, b1: lib.int4_gemv(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
+    if team_threads():
+        lib.int4_gemv_team(*args, team_threads())
+    else:
+        parallel(lambda b0, b1: lib.int4_gemv(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
     return out
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (rows, K) @ weight.T (+ bias) in x's dtype, each row of the weight read once from memory (a few rows:
+    decode steps of small batches; gemv.c); None when the kernel cannot do it here."""
+    lib = library()
+    kind = OUT_KIND.get(x.dtype)
+    parts = (x, weight) if bias is None else (x, weight, bias)
+    if (lib is None or kind is None or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]
+            or any(p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous() for p in parts)):
+        return None
+    (rows, k), n = x.shape, weight.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype)
+    b = 0 if bias is None else bias.data_ptr()
+    if team_threads():
+        lib.dense_gemv_team(weight.data_ptr(), b, kind, n, k, x.data_ptr(), rows, out.data_ptr(), team_threads())
+        return out
+    xf = x.float().contiguous()
+    args = (weight.data_ptr(), b, kind, n, k, xf.data_ptr(), rows, out.data_ptr())
+    parallel(lambda n0, n1: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
+    return out
+
+
+def team_threads() -> int:
+    """Threads for gemv.c's teams (`threads()`), or 0 where they cannot run on torch's own OpenMP pool: the
+    library was built without OpenMP, or it loaded a second OpenMP runtime beside torch's (two pools would
+    spin against each other)."""
+    return threads() if _shares_torch_openmp() else 0
+
+
+@functools.cache
+def _shares_torch_openmp() -> bool:
+    return library() is not None and _uses_openmp() and _openmp_runtimes() == 1
+
+
+def _openmp_runtimes() -> int:
+    """Distinct OpenMP runtime files mapped into this process (torch's, and any other that got loaded)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return 0
+    return len({line.split()[-1] for line in maps.splitlines()
+                if re.search(r"/lib(g|i|)omp[^/]*\.so", line.split()[-1] if line.split() else "")})
+
+
+@functools.cache
+def _uses_openmp() -> bool:
+    """The built library links an OpenMP runtime (it was built with -fopenmp)."""
+    lib = library()
+    try:
+        return lib is not None and b"GOMP_" in Path(lib._name).read_bytes()
+    except OSError:
+        return False
 
 
 def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
@@ -180,12 +257,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     group = heads // kv_heads  # kv heads walked together: several where a position's rows of them are adjacent
     block = min(kv_heads, max(1, MAX_Q // group)) if k.stride(2) > k.stride(1) else 1
 
-    def items(begin: int, end: int) -> None:
-        lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(),
-                             OUT_KIND[q.dtype], b, heads, kv_heads, length, d, strides[0], strides[1], strides[2],
-                             length, strides[3], 1.0 / math.sqrt(d), block, begin, end)
-
-    parallel(items, b * -(-kv_heads // block), cost=b * heads * length * d)
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), OUT_KIND[q.dtype], b, heads,
+            kv_heads, length, d, strides[0], strides[1], strides[2], length, strides[3], 1.0 / math.sqrt(d), block)
+    items = b * -(-kv_heads // block)
+    if team_threads():
+        lib.decode_attention_team(*args, items, team_threads())
+    else:
+        parallel(lambda begin, end: lib.decode_attention(*args, begin, end), items, cost=b * heads * length * d)
     return out
 
 
@@ -196,11 +274,16 @@ MIN_WORK = 1 << 22  # multiply-adds a thread is given at least (~0.1 ms: handing
 
 def threads() -> int:
     """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs."""
+    return max(1, min(torch.get_num_threads(), _cpus(os.getpid())))
+
+
+@functools.cache
+def _cpus(pid: int) -> int:
+    """CPUs this process may run on (asked once per process: a decode step calls the kernels hundreds of times)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cpus))
+        return os.cpu_count() or 1
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -212,8 +212,8 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
    all their query heads, each key and value row read once for the group. Each position's rows of the block
    are read together: in the position-major cache across a link (l, b, kv_head, d) they are one contiguous
    run, where one head at a time strides a page or more per position (the caller picks block 1 for
-   head-major caches, whose heads are apart anyway). The caller runs item ranges on threads of its own
-   (native/__init__.py): no OpenMP pool here to spin beside torch's. */
+   head-major caches, whose heads are apart anyway). `decode_attention_team` runs the items on torch's OpenMP
+   pool; where that pool is not shared, the caller hands out ranges itself (native/__init__.py). */
 void decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                       const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
@@ -293,4 +293,18 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
         }
     }
     free(qf);
+}
+
+/* decode_attention over all `items`, in about 4 ranges a thread, on `threads` OpenMP threads (gemv.c's note). */
+void decode_attention_team(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
+                           int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
+                           const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
+                           int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block, int64_t items,
+                           int threads) {
+    int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
+    for (int64_t r = 0; r < ranges; r++)
+        decode_attention(q, k, v, mask, out, kind, batch, heads, kv_heads, length, dim, q_strides, k_strides,
+                         v_strides, mask_stride, out_strides, scale, block, r * step,
+                         (r + 1) * step < items ? (r + 1) * step : items);
 }

@@ -1,0 +1,126 @@
+/* A few rows times a dense weight (decode steps of small batches on a CPU): y = x W^T (+ bias).
+
+   At one to a few rows a matmul is a read of W, and torch's CPU matmul reads a cold weight at about half the
+   memory's speed (its blocking is for many rows). This walks each output row's weight row once, front to back,
+   with the rows of x in fp32 in the cache: W streams at the memory's speed. Sums are fp32, like torch's.
+
+   Each kernel has a `_team` entry that splits its work over OpenMP threads: built with -fopenmp against the
+   libgomp torch has already loaded, the team is torch's own pool (woken in microseconds; nothing spins beside
+   it). native/__init__.py checks that the runtime is shared and otherwise hands ranges out itself. */
+
+#pragma GCC optimize("fp-contract=fast")  /* fused multiply-adds: nothing here is bit-identical to torch */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
+#define XROWS 4  /* rows of x whose sums stay in registers at once */
+#define CHUNK 32  /* output rows per work item */
+
+static inline float value(const void *p, int kind, int64_t i) {
+    if (kind == KIND_F32) return ((const float *)p)[i];
+    if (kind == KIND_F16) return (float)((const _Float16 *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void put(void *p, int kind, int64_t i, float f) {
+    if (kind == KIND_F32) {
+        ((float *)p)[i] = f;
+    } else if (kind == KIND_F16) {
+        ((_Float16 *)p)[i] = (_Float16)f;
+    } else {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        ((uint16_t *)p)[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  /* nearest even */
+    }
+}
+
+#ifdef __AVX512F__
+static inline __m512 load16(const char *row, int kind, int64_t c) {
+    if (kind == KIND_F32) return _mm512_loadu_ps((const float *)row + c);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + c));
+    if (kind == KIND_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* sums[r] = xf[r] . row for r < nr (<= XROWS): 32 columns a step, two sums per row of x. */
+static inline void dots(const char *row, int kind, int64_t k, const float *xf, int64_t nr, float *sums) {
+    __m512 acc[XROWS][2];
+    for (int r = 0; r < XROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= k; c += 32) {
+        __m512 w0 = load16(row, kind, c), w1 = load16(row, kind, c + 16);
+        for (int r = 0; r < nr; r++) {
+            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + r * k + c), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xf + r * k + c + 16), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < nr; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    for (; c < k; c++) {
+        float w = value(row, kind, c);
+        for (int r = 0; r < nr; r++) sums[r] += w * xf[r * k + c];
+    }
+}
+#else
+static inline void dots(const char *row, int kind, int64_t k, const float *xf, int64_t nr, float *sums) {
+    for (int r = 0; r < nr; r++) {
+        float acc[16] = {0};
+        int64_t c = 0;
+        for (; c + 16 <= k; c += 16)
+            for (int j = 0; j < 16; j++) acc[j] += value(row, kind, c + j) * xf[r * k + c + j];
+        float s = 0;
+        for (int j = 0; j < 16; j++) s += acc[j];
+        for (; c < k; c++) s += value(row, kind, c) * xf[r * k + c];
+        sums[r] = s;
+    }
+}
+#endif
+
+/* y (rows, n) = xf (rows, k) fp32 @ w (n, k)^T + bias (n, or NULL), w, bias and y of `kind`; output rows
+   [n0, n1). Each weight row is read from memory once; the rows of x go XROWS at a time over it (in cache). */
+void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k, const float *xf, int64_t rows,
+                void *y, int64_t n0, int64_t n1) {
+    int64_t item = kind == KIND_F32 ? 4 : 2;
+    float sums[XROWS];
+    for (int64_t j = n0; j < n1; j++) {
+        const char *row = (const char *)w + j * k * item;
+        float b = bias ? value(bias, kind, j) : 0.0f;
+        for (int64_t r0 = 0; r0 < rows; r0 += XROWS) {
+            int64_t nr = rows - r0 < XROWS ? rows - r0 : XROWS;
+            dots(row, kind, k, xf + r0 * k, nr, sums);
+            for (int64_t r = 0; r < nr; r++) put(y, kind, (r0 + r) * n + j, sums[r] + b);
+        }
+    }
+}
+
+/* dense_gemv over all output rows, x (rows, k) of `kind` converted to fp32 once, on `threads` OpenMP threads. */
+void dense_gemv_team(const void *w, const void *bias, int kind, int64_t n, int64_t k, const void *x, int64_t rows,
+                     void *y, int threads) {
+    float *xf = malloc(sizeof(float) * rows * k);
+    if (!xf) return;
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = value(x, kind, i);
+    int64_t items = (n + CHUNK - 1) / CHUNK;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t n0 = it * CHUNK, n1 = n0 + CHUNK < n ? n0 + CHUNK : n;
+        dense_gemv(w, bias, kind, n, k, xf, rows, y, n0, n1);
+    }
+    free(xf);
+}
+
+/* The same split for int4.c's kernels (declared there): blocks of 64 output rows, attention's work items. */
+void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
+               int64_t group_size, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1);
+
+void int4_gemv_team(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
+                    int64_t group_size, const float *x, int64_t rows, float *out, int threads) {
+    int64_t blocks = n / 64;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) int4_gemv(packed, scale, minimum, n, k, group_size, x, rows, out, b, b + 1);
+}

@@ -1,0 +1,34 @@
+"""Dense products of a few rows on a CPU (decode steps of small batches): native.dense_gemv reads each weight
+once at the memory's speed, where torch's matmul reads a cold weight at about half of it (its blocking is for
+many rows). Where the kernel wins (rows, shape, dtype) is read from the profile, which measures both."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+from .int4_cost import cpu_profile
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by native.dense_gemv where it is faster for this product here."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type == "cpu" and weight.dim() == 2 and 0 < rows and gemv_wins(x.dtype, rows, *weight.shape):
+        out = native.dense_gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
+        if out is not None:
+            return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def gemv_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
+    """Whether the C kernel multiplies `rows` rows by a weight (n, k) in `dtype` faster than torch here, as this
+    machine's stored profile measured both (the cost model reads the same); without a profile, at one row (a
+    read of the weight, which the kernel makes at the memory's speed)."""
+    hw = cpu_profile()
+    if hw is None:
+        return rows == 1
+    return hw.gemv_wins(str(dtype).removeprefix("torch."), rows, k, n)

@@ -1,0 +1,113 @@
+"""Dense products of a few rows by the C kernel (native.dense_gemv, small_matmul): the same products as torch's
+matmul in every dtype, shape and bias case the layers give it, the same on torch's OpenMP pool and on the
+fallback's threads, the same from a portable (no AVX-512) build, and chosen where the profile says it wins."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexgen_lite.kernels import native, small_matmul
+from flexgen_lite.system.hardware import HardwareProfile
+
+# each output against torch's fp32 product of the same values, as a share of the row's largest |output|: fp32
+# sums in another order (fp32), or the output's own rounding (bf16: 2^-8, fp16: 2^-11)
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _case(dtype, rows, n, k, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    return x, w, b, want
+
+
+def _close(got, want, dtype):
+    assert got.dtype == dtype and got.shape == want.shape
+    scale = want.abs().amax(-1, keepdim=True)
+    assert bool(((got.float() - want).abs() <= RTOL[dtype] * scale).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 64, 64), (2, 100, 96), (3, 576, 576), (5, 33, 40), (8, 1536, 576),
+                                      (1, 7, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_products_equal_torchs(dtype, rows, n, k, bias):
+    x, w, b, want = _case(dtype, rows, n, k, bias)
+    _close(native.dense_gemv(x, w, b), want, dtype)
+
+
+def test_the_fallback_threads_give_the_same_bytes(monkeypatch):
+    """Without torch's OpenMP pool (team_threads 0) ranges go to the Python pool: each output is the same sum."""
+    x, w, b, _ = _case(torch.bfloat16, 3, 1000, 576, True)
+    on_team = native.dense_gemv(x, w, b)
+    monkeypatch.setattr(native, "team_threads", lambda: 0)
+    monkeypatch.setattr(native, "MIN_WORK", 1)  # the fallback splits even this small product
+    assert torch.equal(native.dense_gemv(x, w, b), on_team)
+
+
+def test_refuses_what_it_cannot_multiply():
+    x, w, _, _ = _case(torch.float32, 2, 64, 64, False)
+    assert native.dense_gemv(x.double(), w.double()) is None
+    assert native.dense_gemv(x, w.to(torch.bfloat16)) is None
+    assert native.dense_gemv(x.t(), w) is None  # not contiguous (the layers make it so first)
+    assert native.dense_gemv(x, w[:, :32]) is None
+
+
+def test_the_portable_build_matches(tmp_path):
+    """gemv.c's plain C loop (machines without AVX-512), built here without it, gives the same products."""
+    cc = native._compiler()
+    if cc is None:
+        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
+    lib_path = tmp_path / "gemv_portable.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
+    subprocess.run([cc, *flags, str(native.SOURCES[-1]), str(native.SOURCES[0]), "-o", str(lib_path), "-lm"],
+                   check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, w, b, want = _case(dtype, 3, 70, 100, True, seed=3)
+        out = torch.empty(3, 70, dtype=dtype)
+        xf = x.float().contiguous()
+        lib.dense_gemv(*(ctypes.c_void_p(t.data_ptr()) for t in (w, b)), ctypes.c_int(native.OUT_KIND[dtype]),
+                       ctypes.c_int64(70), ctypes.c_int64(100), ctypes.c_void_p(xf.data_ptr()), ctypes.c_int64(3),
+                       ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(0), ctypes.c_int64(70))
+        _close(out, want, dtype)
+
+
+def test_linear_takes_any_leading_shape_and_strides(monkeypatch):
+    """The layers pass (B, T, K) hidden states and (B, K) slices of them (the head's last position)."""
+    monkeypatch.setattr(small_matmul, "gemv_wins", lambda *a: True)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 3, 96, generator=g)
+    w, b = torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
+    for x in (h[:, :1], h[:, -1], h[:1]):
+        got = small_matmul.linear(x, w, b)
+        assert got.shape == (*x.shape[:-1], 40)
+        _close(got.reshape(-1, 40), F.linear(x, w, b).reshape(-1, 40), torch.float32)
+
+
+def _profile(gemv_rate: float, dense_rate: float) -> HardwareProfile:
+    """A profile with flat rates: the kernel at `gemv_rate` FLOP/s up to 4 rows, torch at `dense_rate`."""
+    fields = {f.name: None for f in dataclasses.fields(HardwareProfile) if f.default is dataclasses.MISSING}
+    return HardwareProfile(**{**fields, "matmul_shape": (2048, 4096),
+                              "matmul": {"bfloat16": [(m, dense_rate, 0.0) for m in (1, 4, 16)]},
+                              "gemv": {"bfloat16": [(m, gemv_rate, 0.0) for m in (1, 2, 4)]}})
+
+
+def test_the_profile_chooses_the_kernel_where_it_measured_it_faster():
+    fast, slow = _profile(2e10, 1e10), _profile(1e10, 2e10)
+    assert fast.gemv_wins("bfloat16", 1, 576, 576) and fast.gemv_wins("bfloat16", 4, 4096, 4096)
+    assert not fast.gemv_wins("bfloat16", 5, 576, 576)  # beyond the rows it was measured at
+    assert not fast.gemv_wins("float32", 1, 576, 576)  # a dtype it was not measured in
+    assert not slow.gemv_wins("bfloat16", 1, 576, 576)
+    # the cost model's time is the kernel's where the engine runs it, torch's elsewhere
+    assert fast.matmul_time("bfloat16", 2, 576, 576) == pytest.approx(2 * 2 * 576 * 576 / 2e10)
+    assert fast.matmul_time("bfloat16", 8, 576, 576) == pytest.approx(2 * 8 * 576 * 576 / 1e10)
+    assert slow.matmul_time("bfloat16", 2, 576, 576) == pytest.approx(2 * 2 * 576 * 576 / 2e10)
