@@ -166,13 +166,14 @@ def test_bf16_model_through_the_int4_layout_matches_the_plain_4bit_path(tiny_mod
 
 
 GEMV_RTOL = 1e-5  # fp32 sums of the same fp32 weight values, in another order
+OUT_RTOL = {torch.float32: GEMV_RTOL, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # and the output's rounding
 
 
 @pytest.mark.parametrize("shape,group", [((128, 96), 32), ((576, 1536), 64), ((192, 512), 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_or_two_rows_are_multiplied_by_the_codes_themselves(shape, group, dtype):
-    """native.int4_gemv: each column's codes dequantized in registers, fp32 throughout: x @ W.T of the
-    dequantized weight within fp32 rounding; Int4Weight.matmul uses it for up to GEMV_ROWS rows."""
+    """native.int4_gemv: each column's codes dequantized in registers, fp32 sums: x @ W.T of the dequantized
+    weight within fp32 rounding, then rounded to x's dtype; Int4Weight.matmul uses it for up to GEMV_ROWS rows."""
     g = torch.Generator().manual_seed(5)
     q = quantize(torch.randn(*shape, generator=g), CompressionConfig(4, group, 1))
     weight, dense = Int4Weight.from_bytes(pack(q), shape, group), dequantize(q, torch.float32)
@@ -180,13 +181,24 @@ def test_one_or_two_rows_are_multiplied_by_the_codes_themselves(shape, group, dt
         x = torch.randn(rows, shape[1], generator=g).to(dtype)
         want = x.float() @ dense.t()
         got = native.int4_gemv(weight.packed, weight.scale, weight.minimum, group, x)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=0, atol=GEMV_RTOL * float(want.abs().max()))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=OUT_RTOL[dtype], atol=GEMV_RTOL * float(want.abs().max()))
     x = torch.randn(2, 1, shape[1], generator=g).to(dtype)
     product = weight.matmul(x)
     assert product.dtype == dtype and product.shape == (2, 1, shape[0])
     torch.testing.assert_close(product, native.int4_gemv(weight.packed, weight.scale, weight.minimum, group,
-                                                         x.view(2, -1)).to(dtype).view(2, 1, -1))
+                                                         x.view(2, -1)).view(2, 1, -1))
+
+
+def test_the_fallback_threads_give_the_same_bytes(monkeypatch):
+    """Without torch's OpenMP pool (team_threads 0) the kernel's blocks go to the Python pool: the same sums."""
+    q = quantize(torch.randn(640, 512, generator=torch.Generator().manual_seed(8)), CompressionConfig(4, 64, 1))
+    weight = Int4Weight.from_bytes(pack(q), (640, 512), 64)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    on_team = native.int4_gemv(weight.packed, weight.scale, weight.minimum, 64, x)
+    monkeypatch.setattr(native, "team_threads", lambda: 0)
+    monkeypatch.setattr(native, "MIN_WORK", 1)
+    assert torch.equal(native.int4_gemv(weight.packed, weight.scale, weight.minimum, 64, x), on_team)
 
 
 def test_the_portable_gemv_matches_the_avx512_one(tmp_path):

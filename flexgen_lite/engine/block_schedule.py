@@ -66,6 +66,9 @@ class Engine:
         # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
         self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
                          for w in weights]
+        # per layer, whether its weights are fetched in the compute thread, with no I/O thread: resident, or 4-bit
+        # codes for the CPU's int4 kernel kept in compute memory (nothing to read, copy or wait for)
+        self.local = [all(t.resident or (t.int4 and t.tier == "gpu") for t in w.values()) for w in weights]
         # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
         self.unpadded_without_mask = device.is_cuda
         self._kernels: set[str] = set()  # the attention kernels of the running step
@@ -152,8 +155,11 @@ class Engine:
         for j, spec in enumerate(self.specs):
             weights = self.resident[j]
             if weights is None:
-                with span(WAIT, stream=C):
-                    fetched = self._wait(weights_next)
+                if self.local[j]:
+                    fetched = self.weight_slots.fetch(self.weights[j], self._slot_key(j), self.trace)
+                else:
+                    with span(WAIT, stream=C):
+                        fetched = self._wait(weights_next)
                 weights = self.weight_slots.complete(fetched, self.policy.gpu_batch_size * t, self.trace,
                                                      len(batches))
             if releases:  # layer j - 1's pages are out before layer j + 1's come in: one layer mapped per name
@@ -182,7 +188,7 @@ class Engine:
                         self._keep_logits(block, step, b, out, active)
                 else:
                     acts.put(b, out)
-            if self.resident[j] is None:  # unmapping a layer's pages is a syscall per file: off the compute thread
+            if not self.local[j]:  # unmapping a layer's pages is a syscall per file: off the compute thread
                 releases.append(self.io.submit(self.weight_slots.release, self.weights[j]))
         for f in releases:
             f.result()
@@ -311,12 +317,14 @@ class Engine:
         return value
 
     def _prefetch_weights(self, j: int) -> Future | None:
-        if self.resident[j] is not None:
+        if self.local[j]:
             return None
-        spec = self.specs[j]
         after = self.device.compute_event()  # the slot being refilled was last read by compute so far
-        slot_key = (spec.kind, spec.index % 2) if spec.kind in DECODER_KINDS else None
-        return self.io.submit(self._load_weights, j, slot_key, after)
+        return self.io.submit(self._load_weights, j, self._slot_key(j), after)
+
+    def _slot_key(self, j: int) -> tuple | None:
+        spec = self.specs[j]
+        return (spec.kind, spec.index % 2) if spec.kind in DECODER_KINDS else None
 
     def _load_weights(self, j: int, slot_key: tuple | None, after):
         with self.device.on_copy_stream(after) as done:

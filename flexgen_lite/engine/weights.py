@@ -163,6 +163,7 @@ class StoredWeight:
         self.int4 = int4  # stored for the CPU's int4 matmul kernel (int4_matmul.pack): multiplied as it is
         self.resident = resident  # usable as is on the compute device: fetched without a copy
         self.mapped: torch.Tensor | None = None  # on a CPU, disk bytes as a tensor (codes when compressed)
+        self._int4_views: Int4Weight | None = None  # int4_weight() of `data` (made once; mapped pages change)
 
     def map(self) -> None:
         if self.compression is None:
@@ -188,8 +189,11 @@ class StoredWeight:
 
     def int4_weight(self) -> Int4Weight:
         """Views into the stored bytes, for the kernel (or for dequantizing them)."""
-        buf = self.mapped if self.mapped is not None else self.data
-        return Int4Weight.from_bytes(buf, self.shape, self.compression.group_size)
+        if self.mapped is not None:
+            return Int4Weight.from_bytes(self.mapped, self.shape, self.compression.group_size)
+        if self._int4_views is None:
+            self._int4_views = Int4Weight.from_bytes(self.data, self.shape, self.compression.group_size)
+        return self._int4_views
 
     def _quantized(self, device: ComputeDevice, host: torch.Tensor | None,
                    codes: torch.Tensor | None) -> QuantizedTensor:

@@ -143,9 +143,9 @@ class Int4Weight:
             return self._tiled(x)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= GEMV_ROWS and native_agrees():
-            out = native.int4_gemv(self.packed, self.scale, self.minimum, self.group_size, x2)
+            out = native.int4_gemv(self.packed, self.scale, self.minimum, self.group_size, x2.contiguous())
             if out is not None:
-                return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+                return out.view(*x.shape[:-1], out.shape[-1])
         # torch's kernel: its dequantization is (q - 8) * scale + zero
         scale = self.scale.float()
         scale_zeros = torch.stack([scale, self.minimum.float() + 8 * scale], dim=-1).to(x.dtype)

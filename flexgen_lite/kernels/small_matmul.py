@@ -15,12 +15,19 @@ from .int4_cost import cpu_profile
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by native.dense_gemv where it is faster for this product here."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type == "cpu" and weight.dim() == 2 and 0 < rows and gemv_wins(x.dtype, rows, *weight.shape):
-        out = native.dense_gemv(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)
-        if out is not None:
-            return out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    return linears(x, [(weight, bias)])[0]
+
+
+def linears(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+    """F.linear(x, w, b) for each (w, b) of `weights` (dense; sharing x: q, k and v), in one call to the kernel
+    where it is faster for every one of them here, else by torch."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if x.device.type == "cpu" and rows and all(w.dim() == 2 and gemv_wins(x.dtype, rows, *w.shape) for w, _ in weights):
+        outs = native.dense_gemv_many(x.reshape(rows, k).contiguous(), weights)
+        if outs is not None:
+            return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
+    return [F.linear(x, w, b) for w, b in weights]
 
 
 @functools.cache

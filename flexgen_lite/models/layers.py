@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..kernels.int4_matmul import Int4Weight
 from ..kernels.small_matmul import linear as dense_linear
+from ..kernels.small_matmul import linears as dense_linears
 from .config import ModelConfig
 
 
@@ -25,11 +26,22 @@ def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-    weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
-    if isinstance(weight, Int4Weight):  # 4-bit codes multiplied as stored (int4_matmul)
-        y = weight.matmul(x)
-        return y if bias is None else y + bias
-    return dense_linear(x, weight, bias)
+    return linears(x, w, (name,))[0]
+
+
+def linears(x: torch.Tensor, w: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """x times each named weight (+ bias): dense ones together (one call of the few-row kernel for q, k and v)."""
+    pairs = [(w[f"{name}.weight"], w.get(f"{name}.bias")) for name in names]
+    if not any(isinstance(weight, Int4Weight) for weight, _ in pairs):
+        return dense_linears(x, pairs)
+    outs = []
+    for weight, bias in pairs:
+        if isinstance(weight, Int4Weight):  # 4-bit codes multiplied as stored (int4_matmul)
+            y = weight.matmul(x)
+            outs.append(y if bias is None else y + bias)
+        else:
+            outs.append(dense_linears(x, [(weight, bias)])[0])
+    return outs
 
 
 def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -74,9 +86,10 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     """Normalised input (B, T, hidden) -> q (B, heads, T, hd), k and v (B, kv_heads, T, hd)."""
     b, t, _ = x.shape
     hd = config.head_dim
-    q = linear(x, w, "q").view(b, t, config.num_heads, hd).transpose(1, 2)
-    k = linear(x, w, "k").view(b, t, config.num_kv_heads, hd).transpose(1, 2)
-    v = linear(x, w, "v").view(b, t, config.num_kv_heads, hd).transpose(1, 2)
+    q, k, v = linears(x, w, ("q", "k", "v"))
+    q = q.view(b, t, config.num_heads, hd).transpose(1, 2)
+    k = k.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
+    v = v.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
@@ -96,7 +109,8 @@ def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     x = norm(h, w, config) if config.pre_norm else h
     act = ACTIVATIONS[config.activation]
     if config.gated_mlp:
-        inner = act(linear(x, w, "gate")) * linear(x, w, "up")
+        gate, up = linears(x, w, ("gate", "up"))
+        inner = act(gate) * up
     else:
         inner = act(linear(x, w, "up"))
     out = h + linear(inner, w, "down")

@@ -102,8 +102,8 @@ def library() -> ctypes.CDLL | None:
         + [ctypes.c_int64] * 2
     fn = lib.int4_gemv_team
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                                                   ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                                                   ctypes.c_void_p, ctypes.c_int]
     fn = lib.dense_gemv
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64,
@@ -111,8 +111,8 @@ def library() -> ctypes.CDLL | None:
         + [ctypes.c_int64] * 2
     fn = lib.dense_gemv_team
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64,
-                                                                                    ctypes.c_void_p, ctypes.c_int]
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
@@ -148,45 +148,65 @@ def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
 
 def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
               x: torch.Tensor) -> torch.Tensor | None:
-    """x (rows, K) @ W.T as fp32 (rows, N), reading W's codes as they are (a few rows: decode steps of small
-    batches); None when the kernel cannot do it here."""
-    lib = library()
-    if lib is None or x.dim() != 2 or scale.dtype != torch.float16 or minimum.dtype != torch.float16 \
-            or not all(p.is_contiguous() and p.device.type == "cpu" for p in (packed, scale, minimum)):
+    """x (rows, K) @ W.T in x's dtype (fp32 sums), reading W's codes as they are (a few rows: decode steps of
+    small batches); None when the kernel cannot do it here."""
+    lib, kind = library(), OUT_KIND.get(x.dtype)
+    if lib is None or kind is None or x.dim() != 2 or scale.dtype != torch.float16 \
+            or minimum.dtype != torch.float16 or not (packed.is_contiguous() and scale.is_contiguous()
+                                                     and minimum.is_contiguous() and x.is_contiguous()) \
+            or x.device.type != "cpu" or packed.device.type != "cpu":
         return None
     n, k = packed.shape[0], packed.shape[1] * 2
     if n % 64 or k % group_size or x.shape[1] != k:
         return None
-    x = x.to(torch.float32).contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, x.data_ptr(), x.shape[0],
-            out.data_ptr())
-    if team_threads():
-        lib.int4_gemv_team(*args, team_threads())
-    else:
-        parallel(lambda b0, b1: lib.int4_gemv(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
-    return out
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    team = team_threads()
+    if team:
+        lib.int4_gemv_team(packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, x.data_ptr(),
+                           kind, x.shape[0], out.data_ptr(), team)
+        return out
+    xf, sums = x.float(), torch.empty(x.shape[0], n)
+    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, xf.data_ptr(), x.shape[0],
+            sums.data_ptr())
+    parallel(lambda b0, b1: lib.int4_gemv(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
+    return out.copy_(sums)
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (rows, K) @ weight.T (+ bias) in x's dtype, each row of the weight read once from memory (a few rows:
     decode steps of small batches; gemv.c); None when the kernel cannot do it here."""
-    lib = library()
-    kind = OUT_KIND.get(x.dtype)
-    parts = (x, weight) if bias is None else (x, weight, bias)
-    if (lib is None or kind is None or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]
-            or any(p.dtype != x.dtype or p.device.type != "cpu" or not p.is_contiguous() for p in parts)):
+    found = dense_gemv_many(x, [(weight, bias)])
+    return None if found is None else found[0]
+
+
+def dense_gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) \
+        -> list[torch.Tensor] | None:
+    """`dense_gemv` of x by each (weight, bias) of `weights` (up to 64, sharing K: q, k and v), in one call to
+    the kernel; None when it cannot do them here."""
+    lib, kind = library(), OUT_KIND.get(x.dtype)
+    if lib is None or kind is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu" \
+            or not 0 < len(weights) <= 64:
         return None
-    (rows, k), n = x.shape, weight.shape[0]
-    out = torch.empty(rows, n, dtype=x.dtype)
-    b = 0 if bias is None else bias.data_ptr()
-    if team_threads():
-        lib.dense_gemv_team(weight.data_ptr(), b, kind, n, k, x.data_ptr(), rows, out.data_ptr(), team_threads())
-        return out
+    (rows, k), dtype = x.shape, x.dtype
+    for w, b in weights:
+        if (w.dim() != 2 or w.shape[1] != k or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
+                or b is not None and (b.dtype != dtype or not b.is_contiguous() or b.device.type != "cpu")):
+            return None
+    outs = [torch.empty(rows, w.shape[0], dtype=dtype) for w, _ in weights]
+    team = team_threads()
+    if team:
+        count, pointers = len(weights), ctypes.c_void_p * len(weights)
+        lib.dense_gemv_team(count, pointers(*(w.data_ptr() for w, _ in weights)),
+                            pointers(*(0 if b is None else b.data_ptr() for _, b in weights)),
+                            (ctypes.c_int64 * count)(*(w.shape[0] for w, _ in weights)), kind, k, x.data_ptr(), rows,
+                            pointers(*(y.data_ptr() for y in outs)), team)
+        return outs
     xf = x.float().contiguous()
-    args = (weight.data_ptr(), b, kind, n, k, xf.data_ptr(), rows, out.data_ptr())
-    parallel(lambda n0, n1: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
-    return out
+    for (w, b), y in zip(weights, outs, strict=True):
+        n = w.shape[0]
+        args = (w.data_ptr(), 0 if b is None else b.data_ptr(), kind, n, k, xf.data_ptr(), rows, y.data_ptr())
+        parallel(lambda n0, n1, args=args: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
+    return outs
 
 
 def team_threads() -> int:

@@ -99,28 +99,44 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
     }
 }
 
-/* dense_gemv over all output rows, x (rows, k) of `kind` converted to fp32 once, on `threads` OpenMP threads. */
-void dense_gemv_team(const void *w, const void *bias, int kind, int64_t n, int64_t k, const void *x, int64_t rows,
-                     void *y, int threads) {
+/* y[i] = x @ w[i]^T + bias[i] for `count` weights (n[i], k) sharing x (rows, k) (q, k and v; gate and up), each
+   as dense_gemv, x converted to fp32 once; all their chunks of output rows on one team of `threads` OpenMP
+   threads. */
+void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
+                     int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
     float *xf = malloc(sizeof(float) * rows * k);
     if (!xf) return;
     for (int64_t i = 0; i < rows * k; i++) xf[i] = value(x, kind, i);
-    int64_t items = (n + CHUNK - 1) / CHUNK;
+    int64_t first[65], items = 0;  /* first[i]: weight i's first work item; the caller passes at most 64 */
+    for (int i = 0; i < count; i++) {
+        first[i] = items;
+        items += (n[i] + CHUNK - 1) / CHUNK;
+    }
+    first[count] = items;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
     for (int64_t it = 0; it < items; it++) {
-        int64_t n0 = it * CHUNK, n1 = n0 + CHUNK < n ? n0 + CHUNK : n;
-        dense_gemv(w, bias, kind, n, k, xf, rows, y, n0, n1);
+        int i = 0;
+        while (it >= first[i + 1]) i++;
+        int64_t n0 = (it - first[i]) * CHUNK, n1 = n0 + CHUNK < n[i] ? n0 + CHUNK : n[i];
+        dense_gemv(w[i], bias[i], kind, n[i], k, xf, rows, y[i], n0, n1);
     }
     free(xf);
 }
 
-/* The same split for int4.c's kernels (declared there): blocks of 64 output rows, attention's work items. */
+/* int4.c's kernel over all blocks of 64 output rows on `threads` OpenMP threads, with x (rows, k) and out
+   (rows, n) of `kind`: x converted to fp32 once, the fp32 sums rounded into out at the end. */
 void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
                int64_t group_size, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1);
 
 void int4_gemv_team(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
-                    int64_t group_size, const float *x, int64_t rows, float *out, int threads) {
+                    int64_t group_size, const void *x, int kind, int64_t rows, void *out, int threads) {
+    float *xf = malloc(sizeof(float) * rows * (k + n));
+    if (!xf) return;
+    float *sums = xf + rows * k;
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = value(x, kind, i);
     int64_t blocks = n / 64;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && blocks > 1)
-    for (int64_t b = 0; b < blocks; b++) int4_gemv(packed, scale, minimum, n, k, group_size, x, rows, out, b, b + 1);
+    for (int64_t b = 0; b < blocks; b++) int4_gemv(packed, scale, minimum, n, k, group_size, xf, rows, sums, b, b + 1);
+    for (int64_t i = 0; i < rows * n; i++) put(out, kind, i, sums[i]);
+    free(xf);
 }
