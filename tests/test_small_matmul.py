@@ -61,13 +61,15 @@ def test_refuses_what_it_cannot_multiply():
     assert native.dense_gemv(x, w[:, :32]) is None
 
 
-def test_the_portable_build_matches(tmp_path):
-    """gemv.c's plain C loop (machines without AVX-512), built here without it, gives the same products."""
+@pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]])
+def test_other_builds_match(tmp_path, march):
+    """gemv.c built for machines without AVX-512 (its plain C loop) and with AVX-512 but without its bf16 dot
+    products (bf16 weights converted to fp32 instead) gives the same products."""
     cc = native._compiler()
     if cc is None:
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
-    lib_path = tmp_path / "gemv_portable.so"
-    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
+    lib_path = tmp_path / "gemv_other.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + march
     subprocess.run([cc, *flags, str(native.SOURCES[-1]), str(native.SOURCES[0]), "-o", str(lib_path), "-lm"],
                    check=True)
     lib = ctypes.CDLL(str(lib_path))
@@ -76,7 +78,8 @@ def test_the_portable_build_matches(tmp_path):
         out = torch.empty(3, 70, dtype=dtype)
         xf = x.float().contiguous()
         lib.dense_gemv(*(ctypes.c_void_p(t.data_ptr()) for t in (w, b)), ctypes.c_int(native.OUT_KIND[dtype]),
-                       ctypes.c_int64(70), ctypes.c_int64(100), ctypes.c_void_p(xf.data_ptr()), ctypes.c_int64(3),
+                       ctypes.c_int64(70), ctypes.c_int64(100), ctypes.c_void_p(x.data_ptr()),
+                       ctypes.c_void_p(xf.data_ptr()), ctypes.c_int64(3),
                        ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(0), ctypes.c_int64(70))
         _close(out, want, dtype)
 

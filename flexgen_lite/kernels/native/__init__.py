@@ -106,9 +106,8 @@ def library() -> ctypes.CDLL | None:
                                                                    ctypes.c_void_p, ctypes.c_int]
     fn = lib.dense_gemv
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64,
-                                                                                    ctypes.c_void_p] \
-        + [ctypes.c_int64] * 2
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 \
+        + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2
     fn = lib.dense_gemv_team
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
@@ -204,7 +203,8 @@ def dense_gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
     xf = x.float().contiguous()
     for (w, b), y in zip(weights, outs, strict=True):
         n = w.shape[0]
-        args = (w.data_ptr(), 0 if b is None else b.data_ptr(), kind, n, k, xf.data_ptr(), rows, y.data_ptr())
+        args = (w.data_ptr(), 0 if b is None else b.data_ptr(), kind, n, k, x.data_ptr(), xf.data_ptr(), rows,
+                y.data_ptr())
         parallel(lambda n0, n1, args=args: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
     return outs
 
