@@ -21,7 +21,7 @@ from flexgen_lite.planning.dtype_choice import compute_dtype
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
 from flexgen_lite.profiling.measure import load_profile
-from flexgen_lite.profiling.probes import INT4_ROWS, int4_rates
+from flexgen_lite.profiling.probes import GEMV_ROWS, INT4_ROWS, int4_rates
 from flexgen_lite.system.devices import ComputeDevice
 from flexgen_lite.system.hardware import HardwareProfile, interpolated_time
 from flexgen_lite.system.profile_store import profile_path, save_profile
@@ -43,6 +43,20 @@ def test_kernel_time_interpolates_like_matmul():
     assert KERNEL.matmul_time("bfloat16", 10, 2048, 4096) == interpolated_time(HW.matmul["bfloat16"], 10, 2048, 4096)
     assert KERNEL.int4_matmul_time("float16", 10, 2048, 4096) is None
     assert HW.int4_matmul_time("bfloat16", 1, 64, 64) is None
+
+
+def test_the_c_kernel_for_a_few_rows_is_costed_where_it_beats_torchs():
+    """int4_gemv (native.int4_gemv, measured apart) replaces torch's kernel's time where it is faster, only up
+    to the rows it was measured at; Int4Weight.matmul makes the same choice (codes_gemv_wins)."""
+    fast = dataclasses.replace(KERNEL, int4_gemv={"bfloat16": [(m, 200 * G, 0.0) for m in (1, 2, 4)]})
+    slow = dataclasses.replace(KERNEL, int4_gemv={"bfloat16": [(m, 10 * G, 0.0) for m in (1, 2, 4)]})
+    k, n = 2048, 4096
+    assert fast.int4_gemv_wins("bfloat16", 1, k, n) and fast.int4_gemv_wins("bfloat16", 4, k, n)
+    assert fast.int4_matmul_time("bfloat16", 2, k, n) == pytest.approx(2 * 2 * k * n / (200 * G))
+    assert not fast.int4_gemv_wins("bfloat16", 16, k, n)  # beyond its measured rows: torch's kernel
+    assert fast.int4_matmul_time("bfloat16", 16, k, n) == interpolated_time(KERNEL.int4_matmul["bfloat16"], 16, k, n)
+    assert not slow.int4_gemv_wins("bfloat16", 1, k, n)
+    assert slow.int4_matmul_time("bfloat16", 1, k, n) == KERNEL.int4_matmul_time("bfloat16", 1, k, n)
 
 
 def test_a_weight_takes_the_faster_path_for_one_batch():
@@ -112,7 +126,8 @@ def test_profile_measures_the_kernel_where_torch_has_it():
     assert measured["int4_dequantize"]["bfloat16"] > 0
     tiles = measured["int4_tiles"]["bfloat16"]  # CI builds the C kernel (test_int4_matmul asserts it)
     assert [m for m, _, _ in tiles] == list(INT4_ROWS) and all(rate > 0 for _, rate, _ in tiles)
-    assert INT4_ROWS[:2] == (1, 2)  # the C kernel's rows (int4_matmul.GEMV_ROWS) are measured apart
+    codes = measured["int4_gemv"]["bfloat16"]  # the C kernel for a few rows, apart from torch's
+    assert [m for m, _, _ in codes] == list(GEMV_ROWS) and all(rate > 0 for _, rate, _ in codes)
 
 
 @pytest.mark.parametrize("missing", [("int4_matmul", "int4_dequantize", "int4_tiles"), ("int4_tiles",)])

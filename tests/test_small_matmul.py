@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from flexgen_lite.kernels import native, small_matmul
 from flexgen_lite.system.hardware import HardwareProfile
 
+from .test_parity import POLICIES, check_against_reference
+
 # each output against torch's fp32 product of the same values, as a share of the row's largest |output|: fp32
 # sums in another order (fp32), or the output's own rounding (bf16: 2^-8, fp16: 2^-11)
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -114,3 +116,14 @@ def test_the_profile_chooses_the_kernel_where_it_measured_it_faster():
     assert fast.matmul_time("bfloat16", 2, 576, 576) == pytest.approx(2 * 2 * 576 * 576 / 2e10)
     assert fast.matmul_time("bfloat16", 8, 576, 576) == pytest.approx(2 * 8 * 576 * 576 / 1e10)
     assert slow.matmul_time("bfloat16", 2, 576, 576) == pytest.approx(2 * 2 * 576 * 576 / 2e10)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("name", ["all-gpu", "one-row-batches", "cpu-attention-cache-split", "weights-disk"])
+def test_the_engine_with_the_kernel_at_every_row_count_matches_transformers(tiny_models, references, monkeypatch,
+                                                                           family, name):
+    """The tests' profile never picks the kernel (its fixed rates have none): here it multiplies every dense
+    product of the model (biases: OPT), prefill included, and greedy outputs stay token-identical to
+    transformers, logits within fp32 summation-order differences."""
+    monkeypatch.setattr(small_matmul, "gemv_wins", lambda *a: True)
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name])

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from flexgen_lite.kernels import native
 from flexgen_lite.system import threads
 
@@ -50,15 +48,17 @@ def test_bound_spin_on_a_given_environment():
     assert threads.bound_spin({"KMP_BLOCKTIME": "0"}) == {}
 
 
-def test_the_c_kernels_run_on_torchs_own_openmp_runtime():
-    """gemv.c's teams are built with -fopenmp; loaded beside torch they must use torch's libgomp, not map a
-    second runtime (two pools would spin against each other)."""
+def test_the_c_kernels_run_on_torchs_own_openmp_runtime_or_none():
+    """gemv.c's teams are built with -fopenmp. Loaded beside torch they run on torch's libgomp (one runtime
+    mapped); where another runtime got mapped (a torch whose bundled libgomp has another name) no team runs at
+    all: the work goes to the Python pool, and no second pool spins against torch's."""
     lib = native.library()
     if lib is None:
         return  # no compiler here: nothing built
     maps = [line.split()[-1] for line in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines() if line.split()]
     runtimes = {path for path in maps if "libgomp" in path or "libiomp" in path or "/libomp" in path}
-    assert len(runtimes) == 1 and torch.__config__.parallel_info().count("OpenMP") >= 1, runtimes
-    if "gomp" in subprocess.run(["ldd", next(p for p in maps if "kernels-" in p)], capture_output=True,
-                                text=True).stdout:
-        assert native.team_threads() == native.threads()
+    if len(runtimes) == 1:
+        linked = subprocess.run(["ldd", next(p for p in maps if "kernels-" in p)], capture_output=True, text=True)
+        assert native.team_threads() == (native.threads() if "gomp" in linked.stdout else 0)
+    else:
+        assert native.team_threads() == 0, runtimes

@@ -31,8 +31,8 @@ GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
 TILE_BYTES = 2 << 20  # rows of W dequantized at a time by the tiled product: they stay in the CPU's cache
 FIXED_ROWS = 64  # without a profile's int4 rates: at most this many rows multiplied by tiles, more dense
-GEMV_ROWS = 2  # up to this many rows the C kernel multiplies the codes (2-3x torch's kernel and a dense bf16
-# matmul on 2 cores; at 4 rows and more its fp32 multiply-adds make it slower than either)
+GEMV_ROWS = 2  # without a profile, up to this many rows the C kernel multiplies the codes (with one, where it
+# measured the C kernel faster than torch's: `codes_gemv_wins`)
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
@@ -115,6 +115,20 @@ def quantize_packed(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
     return pack(quantize(x, config))
 
 
+@functools.cache
+def codes_gemv_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
+    """Whether the C kernel (native.int4_gemv) multiplies `rows` rows by a 4-bit weight (n, k) faster than torch's
+    int4 kernel here, as this machine's stored profile measured both (the cost model reads the same); without a
+    profile that measured it, up to GEMV_ROWS rows."""
+    from ..system.devices import ComputeDevice  # the profile's modules import this one
+    from ..system.profile_store import cached_profile
+
+    hw = cached_profile(ComputeDevice("cpu"))
+    if hw is None or not hw.int4_gemv:
+        return rows <= GEMV_ROWS
+    return hw.int4_gemv_wins(str(dtype).removeprefix("torch."), rows, k, n)
+
+
 @dataclass
 class Int4Weight:
     """Views into a stored weight's bytes (`pack`): what the layers multiply by, in place of a dense tensor."""
@@ -141,12 +155,23 @@ class Int4Weight:
         or fp32)."""
         if self.tiles is not None:
             return self._tiled(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= GEMV_ROWS and native_agrees():
-            out = native.int4_gemv(self.packed, self.scale, self.minimum, self.group_size, x2.contiguous())
+        rows = x.numel() // x.shape[-1]
+        if codes_gemv_wins(x.dtype, rows, *self.shape):
+            out = self.codes_gemv(x)
             if out is not None:
-                return out.view(*x.shape[:-1], out.shape[-1])
-        # torch's kernel: its dequantization is (q - 8) * scale + zero
+                return out
+        return self.torch_kernel(x)
+
+    def codes_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T by the C kernel (native.int4_gemv); None where it is not built or disagrees here."""
+        if not native_agrees():
+            return None
+        out = native.int4_gemv(self.packed, self.scale, self.minimum, self.group_size,
+                               x.reshape(-1, x.shape[-1]).contiguous())
+        return None if out is None else out.view(*x.shape[:-1], out.shape[-1])
+
+    def torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T by torch's int4 kernel: its dequantization is (q - 8) * scale + zero."""
         scale = self.scale.float()
         scale_zeros = torch.stack([scale, self.minimum.float() + 8 * scale], dim=-1).to(x.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,

@@ -135,19 +135,20 @@ def best_matmul(first: dict, second: dict) -> dict:
     return {"matmul": best}
 
 
-INT4_ROWS = (1, 2, 4, 16, 64)  # decode batches (1, 2: the C kernel, int4_matmul.GEMV_ROWS): beyond them a
-# dense matmul after dequantizing wins (int4_path)
+INT4_ROWS = (1, 2, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (int4_path)
 INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that none comes from the 32 MiB L3
 
 
 def int4_rates(device: ComputeDevice, scale: int) -> dict:
-    """int4_matmul's kernel (CPU; none with CUDA or where this torch lacks it), per dtype it runs in. In
-    bfloat16, as `matmul_rates`: a rate and a fixed cost per row count fitted to a large and a small weight. In
-    float16 (slow on most CPUs, which auto never computes in) the small weight alone, while a call takes
-    under 2 ms. The fastest of a few calls: on a busy machine a call waits for a core now and then. And the
-    rate of dequantizing the layout for a dense matmul (large batches). ~0.1-0.3 s on this VM."""
+    """4-bit weights multiplied as stored, on a CPU (none with CUDA or where this torch lacks its int4 kernel),
+    per dtype it runs in: by torch's kernel (`int4_matmul`), by the C kernel for a few rows (`int4_gemv`,
+    native.int4_gemv) and by tiles (`int4_tiles`). In bfloat16, as `matmul_rates`: a rate and a fixed cost per
+    row count fitted to a large and a small weight. In float16 (slow on most CPUs, which auto never computes in)
+    torch's kernel on the small weight alone, while a call takes under 2 ms. The fastest of a few calls: on a
+    busy machine a call waits for a core now and then. And the rate of dequantizing the layout for a dense
+    matmul (large batches). ~0.3-0.5 s on this VM."""
     if device.is_cuda or not int4_available():
-        return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {}}
+        return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {}, "int4_gemv": {}}
     large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
     found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
     weight = _int4_weights(*large, 1)[0]
@@ -156,10 +157,12 @@ def int4_rates(device: ComputeDevice, scale: int) -> dict:
         if points:
             out = torch.empty(large, dtype=getattr(torch, name))
             rates[name] = out.numel() / timed(lambda out=out: weight.dequantize_t(out), lambda: None)
-    # by tiles through the C kernel: bfloat16 only (what auto computes in on a CPU with the kernel)
-    tiles = {"bfloat16": _int4_points(torch.bfloat16, small, large, tiled=True)} if native_agrees() else {}
+    # the C kernels: bfloat16 only (what auto computes in on a CPU with them)
+    tiles = {"bfloat16": _int4_points(torch.bfloat16, small, large, "tiles")} if native_agrees() else {}
+    codes = {"bfloat16": _int4_points(torch.bfloat16, small, large, "codes")} if native_agrees() else {}
     return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates,
-            "int4_tiles": {name: points for name, points in tiles.items() if points}}
+            "int4_tiles": {name: points for name, points in tiles.items() if points},
+            "int4_gemv": {name: points for name, points in codes.items() if points}}
 
 
 def _int4_weights(k: int, n: int, copies: int, group_size: int = 64,
@@ -173,41 +176,51 @@ def _int4_weights(k: int, n: int, copies: int, group_size: int = 64,
 
 
 def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, int] | None = None,
-                 tiled: bool = False) -> list[tuple[int, float, float]]:
-    """(rows, FLOP/s, fixed s) of `Int4Weight.matmul` (by tiles: `tiled`) in `dtype` for weights (K, N) `small`
-    and `large` (the large rotated over at few rows); without `large`, from `small` alone with no fixed cost,
-    up to the first row count whose call takes over 2 ms. [] where the kernel refuses the dtype."""
-    small_w = _int4_weights(*small, 1, tiled=dtype if tiled else None)
+                 way: str = "torch") -> list[tuple[int, float, float]]:
+    """(rows, FLOP/s, fixed s) of a 4-bit weight multiplied one `way` ("torch": torch's int4 kernel, "codes":
+    the C kernel at GEMV_ROWS, "tiles") in `dtype` for weights (K, N) `small` and `large` (the large rotated
+    over at few rows); without `large`, from `small` alone with no fixed cost, up to the first row count whose
+    call takes over 2 ms. [] where the kernel refuses the dtype."""
+    tiled = dtype if way == "tiles" else None
+    small_w = _int4_weights(*small, 1, tiled=tiled)
     copies = min(16, max(1, INT4_ROTATION // (large[0] * large[1] // 2))) if large else 0
-    large_w = _int4_weights(*large, copies, tiled=dtype if tiled else None) if large else []
+    large_w = _int4_weights(*large, copies, tiled=tiled) if large else []
     points: list[tuple[int, float, float]] = []
-    for m in INT4_ROWS:
+    for m in GEMV_ROWS if way == "codes" else INT4_ROWS:
         flops = 2 * m * small[0] * small[1]
         try:
-            t_small = _int4_seconds(small_w, m, small[0], dtype)
+            t_small = _int4_seconds(small_w, m, small[0], dtype, way)
             if not large:
                 points.append((m, flops / t_small, 0.0))
                 if t_small > 2e-3:
                     break
                 continue
-            t_large = _int4_seconds(large_w if m <= 16 else large_w[:1], m, large[0], dtype)  # 64: compute bound
+            t_large = _int4_seconds(large_w if m <= 16 else large_w[:1], m, large[0], dtype, way)  # 64: compute bound
         except (RuntimeError, NotImplementedError):
             return []
         points.append((m, *fit(flops, t_small, 2 * m * large[0] * large[1], t_large)))
     return points
 
 
-def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dtype, runs: int = 3) -> float:
-    """Seconds of one `Int4Weight.matmul` of `rows` rows, rotating over `weights`: the fastest of `runs`
+def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dtype, way: str, runs: int = 3) -> float:
+    """Seconds of one product of `rows` rows `way` (`_int4_points`), rotating over `weights`: the fastest of `runs`
     after a warm-up."""
     x = torch.randn(rows, k).to(dtype)
+    multiply = {"torch": Int4Weight.torch_kernel, "tiles": Int4Weight.matmul, "codes": _codes_gemv}[way]
     best = float("inf")
     for i in range(runs + 1):
         tic = time.perf_counter()
         for w in weights:
-            w.matmul(x)
+            multiply(w, x)
         best = best if i == 0 else min(best, time.perf_counter() - tic)
     return best / len(weights)
+
+
+def _codes_gemv(weight: Int4Weight, x: torch.Tensor) -> torch.Tensor:
+    out = weight.codes_gemv(x)
+    if out is None:
+        raise RuntimeError("the C kernel for 4-bit weights is not built here")
+    return out
 
 
 def compute_dtypes(device: ComputeDevice) -> list[str]:

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 6  # 6: the CPU's dense products of a few rows by the C kernel (native.dense_gemv); 5: the
+PROFILE_VERSION = 6  # 6: the CPU's products of a few rows by the C kernels (native.dense_gemv, native.int4_gemv)
+# apart from torch's; 5: the
 # CPU's int4 products of one or two rows by the C kernel (native.int4_gemv); 4: CUDA
 # 4-bit dequantization by the fused kernel, CPU attention beside a GPU over the position-major cache on all cores
 
@@ -66,6 +67,9 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of the same weights multiplied by tiles (Int4Weight._tiled: the C
     # kernel); {} without it; None: not measured
     int4_tiles: dict[str, list[tuple[int, float, float]]] | None = None
+    # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied by the C kernel for a few rows (native.int4_gemv;
+    # int4_matmul then holds torch's kernel alone); {} without it
+    int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of dense weights multiplied by the C kernel for a few rows
     # (native.dense_gemv, CPU); {} without it (CUDA, no compiler)
     gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
@@ -87,10 +91,21 @@ class HardwareProfile:
         return interpolated_time(points, rows, k, n) < interpolated_time(dense, rows, k, n)
 
     def int4_matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
-        """Seconds of (rows, k) @ W.T for a 4-bit W (n, k) by the int4 kernel, interpolated as `matmul_time`;
-        None where the profile has no kernel for `dtype`."""
+        """Seconds of (rows, k) @ W.T for a 4-bit W (n, k) multiplied as stored, interpolated as `matmul_time`:
+        by the C kernel where it wins (`int4_gemv_wins`), else by torch's int4 kernel; None where the profile
+        has neither for `dtype`."""
+        if self.int4_gemv_wins(dtype, rows, k, n):
+            return interpolated_time(self.int4_gemv[dtype], rows, k, n)
         points = (self.int4_matmul or {}).get(dtype)
         return interpolated_time(points, rows, k, n) if points else None
+
+    def int4_gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
+        """Whether the C kernel for a few rows of 4-bit weights (native.int4_gemv) beats torch's int4 kernel
+        for (rows, k) @ W.T in `dtype` by this profile's fits; never beyond the rows it was measured at."""
+        points, torch_points = self.int4_gemv.get(dtype), (self.int4_matmul or {}).get(dtype)
+        if not points or rows > points[-1][0]:
+            return False
+        return not torch_points or interpolated_time(points, rows, k, n) < interpolated_time(torch_points, rows, k, n)
 
     def int4_tiles_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
         """Seconds of the same product by tiles (Int4Weight._tiled); None where the profile has none."""
@@ -105,7 +120,7 @@ class HardwareProfile:
         raw = json.loads(text)
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv"):
+        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
@@ -121,7 +136,7 @@ class HardwareProfile:
             rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
             lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
         for label, found in (("int4 weight kernel", self.int4_matmul), ("int4 by tiles", self.int4_tiles),
-                             ("dense few-row kernel", self.gemv)):
+                             ("int4 few-row kernel", self.int4_gemv), ("dense few-row kernel", self.gemv)):
             for dtype, points in (found or {}).items():
                 rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
                 lines.append(f"{label} {dtype} GFLOP/s + fixed per call, by rows: {rates}")
