@@ -4,8 +4,10 @@ transformers end to end is test_parity's (every placement decodes through it on 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
+import subprocess
 
 import pytest
 import torch
@@ -51,6 +53,34 @@ def test_c_decode_attention_matches_sdpa(shape, dtype):
     else:  # fp32 inside, one rounding at the end: no further from the exact result than torch's own kernel
         ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
         assert ours <= torchs * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]], ids=str)
+def test_other_builds_match_sdpa(tmp_path, monkeypatch, march):
+    """attention.c built for machines without AVX-512 (plain C loops) and with AVX-512 but without its bf16 dot
+    products (grouped heads' keys converted to fp32) is as close to the exact result as torch's kernel."""
+    cc = native._compiler()
+    if cc is None:
+        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
+    lib_path = tmp_path / "attention_other.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + march
+    subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(lib_path), "-lm"], check=True)
+    other = native.declared(ctypes.CDLL(str(lib_path)))
+    monkeypatch.setattr(native, "library", lambda: other)
+    monkeypatch.setattr(native, "team_threads", lambda: 0)  # built without OpenMP: its ranges on Python threads
+    for shape in SHAPES:
+        q, k, v, mask = _case(shape, torch.bfloat16)
+        out, exact = native.decode_attention(q, k, v, mask), _sdpa(q.float(), k.float(), v.float(), mask)
+        ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
+        assert ours <= torchs * 1.01 + 1e-6, shape
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 4, 64, 7, 8), (2, 8, 2, 128, 5, 5)], ids=str)
+def test_a_row_with_every_position_masked_gets_zeros_with_grouped_heads(shape):
+    q, k, v, mask = _case(shape, torch.bfloat16)
+    mask[1] = False
+    out = native.decode_attention(q, k, v, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and bool(out[0].abs().sum() > 0)
 
 
 def test_a_row_with_every_position_masked_gets_zeros():

@@ -90,6 +90,11 @@ def library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(tmp))
         except OSError:
             return None
+    return declared(lib)
+
+
+def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the kernels' argument types set (also for other builds of the same sources: tests)."""
     fn = lib.int4_dequantize_t
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2

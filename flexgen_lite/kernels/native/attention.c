@@ -153,6 +153,86 @@ static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t 
 }
 #endif
 
+#ifdef __AVX512F__
+/* The query heads [0, g) sharing one kv head of a head-major bf16 cache (grouped-query attention), dim 16 * nv
+   (64 or 128): each key and value row is read and converted to fp32 once for all of them (one head at a time, a
+   grouped shape ran at half the bytes per second of an ungrouped one: the conversions and each head's one chain
+   of multiply-adds bound it). Scores of head j go to s + j * sl; its output to acc + j * ds. */
+static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g,
+                                const char *kb, const char *vb, const uint8_t *m, int64_t length, int64_t ks,
+                                int64_t vs, float scale, float *s, int64_t sl, float *acc, const int nv) {
+    float top[MAX_GROUP];
+    for (int64_t j = 0; j < g; j++) top[j] = -INFINITY;
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) {
+            for (int64_t j = 0; j < g; j++) s[j * sl + l] = -INFINITY;
+            continue;
+        }
+        const uint16_t *key = (const uint16_t *)(kb + l * ks);
+        __builtin_prefetch((const char *)key + 4 * ks);
+        __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2));
+#ifdef __AVX512BF16__
+        (void)qf;
+        __m512bh kp[4];  /* the key's bf16 pairs, multiplied by the query's (bf16 itself) as they are */
+        for (int i = 0; i < nv / 2; i++) kp[i] = (__m512bh)_mm512_loadu_si512(key + 32 * i);
+        for (int64_t j = 0; j < g; j++) {
+            const uint16_t *qj = qb + j * qs;
+            __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), kp[0], (__m512bh)_mm512_loadu_si512(qj));
+            __m512 a1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), kp[1], (__m512bh)_mm512_loadu_si512(qj + 32));
+            if (nv == 8) {
+                a0 = _mm512_dpbf16_ps(a0, kp[2], (__m512bh)_mm512_loadu_si512(qj + 64));
+                a1 = _mm512_dpbf16_ps(a1, kp[3], (__m512bh)_mm512_loadu_si512(qj + 96));
+            }
+            float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            s[j * sl + l] = sc;
+            top[j] = sc > top[j] ? sc : top[j];
+        }
+#else
+        (void)qb, (void)qs;
+        __m512 kv[8];
+        for (int i = 0; i < nv; i++) kv[i] = bf16x16(key + 16 * i);
+        for (int64_t j = 0; j < g; j++) {
+            const float *qj = qf + j * ds;
+            __m512 a0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qj)), a1 = _mm512_mul_ps(kv[1], _mm512_loadu_ps(qj + 16));
+            for (int i = 2; i < nv; i += 2) {
+                a0 = _mm512_fmadd_ps(kv[i], _mm512_loadu_ps(qj + 16 * i), a0);
+                a1 = _mm512_fmadd_ps(kv[i + 1], _mm512_loadu_ps(qj + 16 * i + 16), a1);
+            }
+            float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            s[j * sl + l] = sc;
+            top[j] = sc > top[j] ? sc : top[j];
+        }
+#endif
+    }
+    float total[MAX_GROUP];
+    for (int64_t j = 0; j < g; j++) {
+        memset(acc + j * ds, 0, ds * sizeof(float));
+        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]);
+    }
+    const int chunk = nv == 4 ? 4 : 2;  /* heads whose sums stay in registers at once: 16 accumulators */
+    for (int64_t j0 = 0; j0 < g; j0 += chunk) {
+        int64_t nj = g - j0 < chunk ? g - j0 : chunk;
+        __m512 sum[16];
+        for (int i = 0; i < 16; i++) sum[i] = _mm512_setzero_ps();
+        for (int64_t l = 0; l < length; l++) {
+            if (!m[l]) continue;
+            const uint16_t *value = (const uint16_t *)(vb + l * vs);
+            __m512 vv[8];
+            for (int i = 0; i < nv; i++) vv[i] = bf16x16(value + 16 * i);
+            for (int64_t j = 0; j < nj; j++) {
+                __m512 p = _mm512_set1_ps(s[(j0 + j) * sl + l]);
+                for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_fmadd_ps(p, vv[i], sum[j * nv + i]);
+            }
+        }
+        for (int64_t j = 0; j < nj; j++) {
+            if (total[j0 + j] <= 0) continue;  /* every position masked: zeros */
+            __m512 inv = _mm512_set1_ps(1.0f / total[j0 + j]);
+            for (int i = 0; i < nv; i++) _mm512_storeu_ps(acc + (j0 + j) * ds + 16 * i, _mm512_mul_ps(sum[j * nv + i], inv));
+        }
+    }
+}
+#endif
+
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
 static void pair_two_pass(const float *qf, const char *kb, const char *vb, const uint8_t *m, int kind, int64_t item,
@@ -223,7 +303,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
     int64_t blocks = (kv_heads + block - 1) / block, max_q = block * group;
     /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
     int64_t ds = (dim + 15) / 16 * 16, mq = (max_q + 15) / 16 * 16;
-    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? (length + 15) / 16 * 16 : 0);  /* 64-byte multiple */
+    int64_t sl = (length + 15) / 16 * 16;  /* a head's scores (head-major: each of the group's heads its own) */
+    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? group * sl : 0);  /* 64-byte multiple */
     float *qf = aligned_alloc(64, sizeof(float) * floats);
     if (!qf) return;
     float *acc = qf + mq * ds, *top = acc + mq * ds, *total = top + mq, *row = total + mq, *scores = row + ds;
@@ -238,6 +319,18 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
         }
         const char *kb = (const char *)k + b * k_strides[0] * item, *vb = (const char *)v + b * v_strides[0] * item;
         const uint8_t *m = mask + b * mask_stride;
+#ifdef __AVX512F__
+        if (block == 1 && kind == KIND_BF16 && group > 1 && (dim == 64 || dim == 128)) {
+            const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
+            group_two_pass_bf16(qf, ds, qb, q_strides[1], nq, kb + kh0 * k_strides[1] * item,
+                                vb + kh0 * v_strides[1] * item, m, length, k_strides[2] * item, v_strides[2] * item,
+                                scale, scores, sl, acc, dim / 16);
+            for (int64_t j = 0; j < nq; j++)
+                store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
+                          acc + j * ds);
+            continue;
+        }
+#endif
         if (block == 1) {
             for (int64_t j = 0; j < nq; j++) {
                 pair_two_pass(qf + j * ds, kb + kh0 * k_strides[1] * item, vb + kh0 * v_strides[1] * item, m, kind,
