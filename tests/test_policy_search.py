@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -115,6 +116,21 @@ def test_bigger_batch_is_faster_until_memory_binds():
 def _percents(p: Policy) -> dict:
     return {k: getattr(p, k) for k in ("weight_gpu_percent", "weight_cpu_percent", "cache_gpu_percent",
                                        "cache_cpu_percent", "act_gpu_percent", "act_cpu_percent")}
+
+
+def test_grouped_query_heads_cost_decode_attention_at_their_measured_rate():
+    """A CPU profile measures decode attention ungrouped and over grouped-query heads apart (the grouped shape
+    reads fewer bytes per query head, but each head's sums are work of their own): a model with grouped heads
+    is costed at the grouped rate, an ungrouped one at the other."""
+    fixed, rate = HW.attention["bfloat16"]
+    slow = dataclasses.replace(HW, attention_grouped={"bfloat16": (fixed, rate / 4)})
+    assert slow.decode_attention("bfloat16", 1) == HW.attention["bfloat16"]
+    assert slow.decode_attention("bfloat16", 4) == (fixed, rate / 4) and HW.decode_attention("bfloat16", 4) == (fixed, rate)
+    llama = preset_config("llama-3-8b")
+    assert llama.num_heads // llama.num_kv_heads == 4
+    pol = Policy(gpu_batch_size=8, dtype="bfloat16")
+    assert predict(llama, WL, pol, slow).decode_by["attention"] > 3 * predict(llama, WL, pol, HW).decode_by["attention"]
+    assert predict(OPT, WL, pol, slow).decode_by["attention"] == predict(OPT, WL, pol, HW).decode_by["attention"]
 
 
 def test_prediction_has_every_part_of_a_step():

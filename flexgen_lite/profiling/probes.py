@@ -229,9 +229,9 @@ def compute_dtypes(device: ComputeDevice) -> list[str]:
 
 def attention_rates(device: ComputeDevice, scale: int) -> dict:
     """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
-    second), with the engine's own attention function."""
+    second), with the engine's own attention function; on a CPU compute device also over grouped-query heads."""
     dev, sync = device.device, device.synchronize
-    sdpa, attention, cpu_attention = {}, {}, {}
+    sdpa, attention, cpu_attention, grouped = {}, {}, {}, {}
     for name in compute_dtypes(device):
         dtype = DTYPES[name]
         b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
@@ -240,26 +240,37 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
         s = timed(lambda q=q, mask=mask: attend(q, q, q, mask), sync)
         sdpa[name] = 4 * b * heads * t * t * hd / s
         for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
-            cuda = where.type == "cuda"
-            b, long = (32, 4096 // scale) if cuda else (8, 2048 // scale)
-            q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
-            if out is cpu_attention:  # beside a GPU it reads the cache across the link in place: position-major,
-                # k and v apart (native.decode_attention, on all cores)
-                k, v = (torch.randn(long + 64, b, heads, hd).to(dtype).permute(1, 2, 0, 3) for _ in range(2))
-            else:
-                k = v = torch.randn(b, heads, long + 64, hd, device=where).to(dtype)
-            times = []
-            for length in (32, long):  # over a cache prefix, as the engine attends
-                kl, vl = k[:, :, :length], v[:, :, :length]
-                m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
-                here = sync if cuda else (lambda: None)
-                times.append(timed(lambda q1=q1, kl=kl, vl=vl, m1=m1: attend(q1, kl, vl, m1), here))
-            per_position = 2 * b * heads * hd * dtype.itemsize
-            rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
-            out[name] = (fixed, rate)
-    for table in (sdpa, attention, cpu_attention):  # a float16 cache is attended in bfloat16 on a CPU
-        table.setdefault("float16", table["bfloat16"])
-    return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention}
+            b, long = (32, 4096 // scale) if where.type == "cuda" else (8, 2048 // scale)
+            position_major = out is cpu_attention  # beside a GPU it reads the cache across the link in place
+            out[name] = _decode_attention_rate(where, dtype, b, heads, heads, hd, long, position_major)
+        if not device.is_cuda:  # a CPU computing: grouped heads too, at Llama-3's grouping and head size
+            grouped[name] = _decode_attention_rate(dev, dtype, 8, 16, 4, 128, 2048 // scale, False)
+    for table in (sdpa, attention, cpu_attention, grouped):  # a float16 cache is attended in bfloat16 on a CPU
+        if "bfloat16" in table:
+            table.setdefault("float16", table["bfloat16"])
+    return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention,
+            "attention_grouped": grouped}
+
+
+def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,
+                           long: int, position_major: bool) -> tuple[float, float]:
+    """(fixed s per call, K+V bytes/s) of one new token's attention over cache prefixes of 32 and `long`
+    positions, k and v apart (larger than a CPU's last-level cache at `long`, as a real cache is): position-major
+    as across a link (native.decode_attention on all cores), else head-major as in compute memory."""
+    if position_major:
+        k, v = (torch.randn(long + 64, b, kv_heads, hd).to(dtype).permute(1, 2, 0, 3) for _ in range(2))
+    else:
+        k, v = (torch.randn(b, kv_heads, long + 64, hd, device=where).to(dtype) for _ in range(2))
+    q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
+    times = []
+    for length in (32, long):  # over a cache prefix, as the engine attends
+        kl, vl = k[:, :, :length], v[:, :, :length]
+        m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
+        here = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)
+        times.append(timed(lambda kl=kl, vl=vl, m1=m1: attend(q1, kl, vl, m1), here))
+    per_position = 2 * b * kv_heads * hd * dtype.itemsize
+    rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
+    return fixed, rate
 
 
 def link_rates(device: ComputeDevice, scale: int) -> dict:

@@ -67,6 +67,9 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of the same weights multiplied by tiles (Int4Weight._tiled: the C
     # kernel); {} without it; None: not measured
     int4_tiles: dict[str, list[tuple[int, float, float]]] | None = None
+    # decode attention on a CPU compute device over grouped-query heads (4 query heads per kv head), as `attention`
+    # (which is measured ungrouped); {} on CUDA
+    attention_grouped: dict[str, tuple[float, float]] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied by the C kernel for a few rows (native.int4_gemv;
     # int4_matmul then holds torch's kernel alone); {} without it
     int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
@@ -81,6 +84,13 @@ class HardwareProfile:
         if self.gemv_wins(dtype, rows, k, n):
             return interpolated_time(self.gemv[dtype], rows, k, n)
         return interpolated_time(self.matmul.get(dtype) or self.matmul["float32"], rows, k, n)
+
+    def decode_attention(self, dtype: str, group: int) -> tuple[float, float]:
+        """(s per call, K+V bytes/s) of decode attention on the compute device for `group` query heads per kv
+        head: grouped heads cost a CPU more per byte (each head's sums are its own work)."""
+        if group > 1 and dtype in self.attention_grouped:
+            return self.attention_grouped[dtype]
+        return self.attention[dtype]
 
     def gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
         """Whether the C kernel for a few rows (native.dense_gemv) is faster than torch's matmul for (rows, k) @
@@ -124,8 +134,9 @@ class HardwareProfile:
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
-        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention"):
-            raw[name] = {k: tuple(v) for k, v in raw[name].items()}
+        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention",
+                     "attention_grouped"):
+            raw[name] = {k: tuple(v) for k, v in raw.get(name, {}).items()}
         return cls(**raw)
 
     def summary(self) -> str:
@@ -147,7 +158,10 @@ class HardwareProfile:
                      + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
         lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
-            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items()))
+            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items())
+            + ("; device, grouped heads " + ", ".join(f"{k} {a * 1e3:.2f} + {b / g:.1f}"
+                                                       for k, (a, b) in self.attention_grouped.items())
+               if self.attention_grouped else ""))
         lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
                      f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
         lines.append(f"copy GB/s: device {self.device_copy / g:.1f}, host {self.host_copy / g:.1f}, "
