@@ -61,6 +61,12 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+static inline uint16_t bf16_bits(float f) {  /* nearest even; no NaNs reach here */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 #ifdef __AVX512F__
 static inline __m512 bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -154,6 +160,50 @@ static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t 
 #endif
 
 #ifdef __AVX512F__
+#ifdef __AVX512BF16__
+/* acc[j] (128 floats, rows ds apart) = sum over unmasked l of p[j][l] * v[l] / total[j] for heads j < nj (at most
+   2: 16 accumulators), bf16 value rows vs bytes apart. Two positions at a time: their rows interleaved into bf16
+   pairs, times the pair of weights rounded to bf16 (as torch's bf16 attention rounds them), summed in fp32 by
+   the dot instruction. The sums come out with each 128-bit lane's 8 dimensions as (0 1 2 3 | 4 5 6 7) of the
+   two unpacks: put back in order at the end. */
+static void weighted_pairs_bf16(float *acc, int64_t ds, const float *p, int64_t sl, const float *total, int64_t nj,
+                                const uint8_t *m, const char *vb, int64_t length, int64_t vs) {
+    __m512 sum[2][8];
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < 8; i++) sum[j][i] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t l = 0; l < length; l += 2) {
+        int a = m[l], b = l + 1 < length && m[l + 1];
+        if (!a && !b) continue;
+        const uint16_t *v0 = (const uint16_t *)(vb + l * vs), *v1 = (const uint16_t *)(vb + (l + 1) * vs);
+        __m512i lo[4], hi[4];
+        for (int i = 0; i < 4; i++) {
+            __m512i r0 = a ? _mm512_loadu_si512(v0 + 32 * i) : zero, r1 = b ? _mm512_loadu_si512(v1 + 32 * i) : zero;
+            lo[i] = _mm512_unpacklo_epi16(r0, r1);
+            hi[i] = _mm512_unpackhi_epi16(r0, r1);
+        }
+        for (int64_t j = 0; j < nj; j++) {
+            const float *pj = p + j * sl + l;
+            uint32_t pair = bf16_bits(a ? pj[0] : 0.0f) | (uint32_t)bf16_bits(b ? pj[1] : 0.0f) << 16;
+            __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int i = 0; i < 4; i++) {
+                sum[j][2 * i] = _mm512_dpbf16_ps(sum[j][2 * i], (__m512bh)lo[i], pp);
+                sum[j][2 * i + 1] = _mm512_dpbf16_ps(sum[j][2 * i + 1], (__m512bh)hi[i], pp);
+            }
+        }
+    }
+    for (int64_t j = 0; j < nj; j++) {
+        if (total[j] <= 0) continue;  /* every position masked: zeros */
+        float inv = 1.0f / total[j], lanes[2][16], *out = acc + j * ds;
+        for (int i = 0; i < 4; i++) {
+            _mm512_storeu_ps(lanes[0], sum[j][2 * i]);
+            _mm512_storeu_ps(lanes[1], sum[j][2 * i + 1]);
+            for (int d = 0; d < 32; d++) out[32 * i + d] = lanes[(d % 8) / 4][(d / 8) * 4 + d % 4] * inv;
+        }
+    }
+}
+#endif
+
 /* The query heads [0, g) sharing one kv head of a head-major bf16 cache (grouped-query attention), dim 16 * nv
    (64 or 128): each key and value row is read and converted to fp32 once for all of them (one head at a time, a
    grouped shape ran at half the bytes per second of an ungrouped one: the conversions and each head's one chain
@@ -212,6 +262,12 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
     const int chunk = nv == 4 ? 4 : 2;  /* heads whose sums stay in registers at once: 16 accumulators */
     for (int64_t j0 = 0; j0 < g; j0 += chunk) {
         int64_t nj = g - j0 < chunk ? g - j0 : chunk;
+#ifdef __AVX512BF16__
+        if (nv == 8) {  /* head dim 128: values by pairs of positions (measured 15% faster; slower at 64) */
+            weighted_pairs_bf16(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, nj, m, vb, length, vs);
+            continue;
+        }
+#endif
         __m512 sum[16];
         for (int i = 0; i < 16; i++) sum[i] = _mm512_setzero_ps();
         for (int64_t l = 0; l < length; l++) {
