@@ -123,10 +123,11 @@ def test_grouped_query_heads_cost_decode_attention_at_their_measured_rate():
     reads fewer bytes per query head, but each head's sums are work of their own): a model with grouped heads
     is costed at the grouped rate, an ungrouped one at the other."""
     fixed, rate = HW.attention["bfloat16"]
-    slow = dataclasses.replace(HW, attention_grouped={"bfloat16": (fixed, rate / 4)})
-    assert slow.decode_attention("bfloat16", 1) == HW.attention["bfloat16"]
-    assert slow.decode_attention("bfloat16", 4) == (fixed, rate / 4)
-    assert HW.decode_attention("bfloat16", 4) == (fixed, rate)  # not measured grouped: the ungrouped rate
+    slow = dataclasses.replace(HW, attention_grouped={"bfloat16": [(64, fixed, rate / 2), (128, fixed, rate / 4)]})
+    assert slow.decode_attention("bfloat16", 1, 128) == HW.attention["bfloat16"]
+    assert slow.decode_attention("bfloat16", 4, 128) == (fixed, rate / 4)
+    assert slow.decode_attention("bfloat16", 3, 64) == slow.decode_attention("bfloat16", 3, 80) == (fixed, rate / 2)
+    assert HW.decode_attention("bfloat16", 4, 128) == (fixed, rate)  # not measured grouped: the ungrouped rate
     llama = preset_config("llama-3-8b")
     assert llama.num_heads // llama.num_kv_heads == 4
     pol = Policy(gpu_batch_size=8, dtype="bfloat16")

@@ -243,8 +243,9 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
             b, long = (32, 4096 // scale) if where.type == "cuda" else (8, 2048 // scale)
             position_major = out is cpu_attention  # beside a GPU it reads the cache across the link in place
             out[name] = _decode_attention_rate(where, dtype, b, heads, heads, hd, long, position_major)
-        if not device.is_cuda:  # a CPU computing: grouped heads too, at Llama-3's grouping and head size
-            grouped[name] = _decode_attention_rate(dev, dtype, 8, 16, 4, 128, 2048 // scale, False)
+        if not device.is_cuda:  # a CPU computing: grouped heads too, 4 per kv head, at the common head dims
+            grouped[name] = [(hd, *_decode_attention_rate(dev, dtype, 8, 16, 4, hd, 2048 // scale, False))
+                             for hd in (64, 128)]
     for table in (sdpa, attention, cpu_attention, grouped):  # a float16 cache is attended in bfloat16 on a CPU
         if "bfloat16" in table:
             table.setdefault("float16", table["bfloat16"])

@@ -67,9 +67,9 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of the same weights multiplied by tiles (Int4Weight._tiled: the C
     # kernel); {} without it; None: not measured
     int4_tiles: dict[str, list[tuple[int, float, float]]] | None = None
-    # decode attention on a CPU compute device over grouped-query heads (4 query heads per kv head), as `attention`
-    # (which is measured ungrouped); {} on CUDA
-    attention_grouped: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # dtype -> [(head dim, s per call, K+V bytes/s)]: decode attention on a CPU compute device over grouped-query
+    # heads (4 query heads per kv head), as `attention` (which is measured ungrouped); {} on CUDA
+    attention_grouped: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied by the C kernel for a few rows (native.int4_gemv;
     # int4_matmul then holds torch's kernel alone); {} without it
     int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
@@ -85,11 +85,13 @@ class HardwareProfile:
             return interpolated_time(self.gemv[dtype], rows, k, n)
         return interpolated_time(self.matmul.get(dtype) or self.matmul["float32"], rows, k, n)
 
-    def decode_attention(self, dtype: str, group: int) -> tuple[float, float]:
+    def decode_attention(self, dtype: str, group: int, head_dim: int) -> tuple[float, float]:
         """(s per call, K+V bytes/s) of decode attention on the compute device for `group` query heads per kv
-        head: grouped heads cost a CPU more per byte (each head's sums are its own work)."""
-        if group > 1 and dtype in self.attention_grouped:
-            return self.attention_grouped[dtype]
+        head of `head_dim`: grouped heads cost a CPU more per byte (each head's sums are its own work), at the
+        measured head dim nearest this one."""
+        if group > 1 and self.attention_grouped.get(dtype):
+            _, fixed, rate = min(self.attention_grouped[dtype], key=lambda p: abs(p[0] - head_dim))
+            return fixed, rate
         return self.attention[dtype]
 
     def gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
@@ -130,13 +132,12 @@ class HardwareProfile:
         raw = json.loads(text)
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv"):
+        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "attention_grouped"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
-        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention",
-                     "attention_grouped"):
-            raw[name] = {k: tuple(v) for k, v in raw.get(name, {}).items()}
+        for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention"):
+            raw[name] = {k: tuple(v) for k, v in raw[name].items()}
         return cls(**raw)
 
     def summary(self) -> str:
@@ -159,8 +160,9 @@ class HardwareProfile:
         lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items())
-            + ("; device, grouped heads " + ", ".join(f"{k} {a * 1e3:.2f} + {b / g:.1f}"
-                                                       for k, (a, b) in self.attention_grouped.items())
+            + ("; device, grouped heads " + ", ".join(f"{k} (head dim {d}) {a * 1e3:.2f} + {b / g:.1f}"
+                                                       for k, points in self.attention_grouped.items()
+                                                       for d, a, b in points)
                if self.attention_grouped else ""))
         lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
                      f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
