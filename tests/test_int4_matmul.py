@@ -190,6 +190,23 @@ def test_one_or_two_rows_are_multiplied_by_the_codes_themselves(shape, group, dt
                                                          x.view(2, -1)).view(2, 1, -1))
 
 
+def test_the_dequantization_is_the_same_on_either_pool(monkeypatch):
+    """int4_dequantize_t on torch's OpenMP pool (team) and on the Python pool: the same bytes, whole or a tile."""
+    q = quantize(torch.randn(256, 320, generator=torch.Generator().manual_seed(10)), CompressionConfig(4, 64, 1))
+    weight = Int4Weight.from_bytes(pack(q), (256, 320), 64)
+    outs = []
+    for team in (True, False):
+        if not team:
+            monkeypatch.setattr(native, "team_threads", lambda: 0)
+            monkeypatch.setattr(native, "MIN_WORK", 1)
+        whole, tile = torch.empty(320, 256, dtype=torch.bfloat16), torch.empty(320 * 128, dtype=torch.bfloat16)
+        assert native.int4_dequantize_t(weight.packed, weight.scale, weight.minimum, 64, whole)
+        assert native.int4_dequantize_t(weight.packed, weight.scale, weight.minimum, 64, tile, (64, 192))
+        outs.append((whole, tile))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[0][0], weight.dequantize_t(torch.empty(320, 256, dtype=torch.bfloat16), use_native=False))
+
+
 def test_the_fallback_threads_give_the_same_bytes(monkeypatch):
     """Without torch's OpenMP pool (team_threads 0) the kernel's blocks go to the Python pool: the same sums."""
     q = quantize(torch.randn(640, 512, generator=torch.Generator().manual_seed(8)), CompressionConfig(4, 64, 1))

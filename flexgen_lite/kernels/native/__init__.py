@@ -105,6 +105,9 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \
         + [ctypes.c_int64] * 2
+    fn = lib.int4_dequantize_t_team
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     fn = lib.int4_gemv_team
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
@@ -146,7 +149,10 @@ def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
         return False
     args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, r0, r1, out.data_ptr(),
             OUT_KIND[out.dtype])
-    parallel(lambda t0, t1: lib.int4_dequantize_t(*args, t0, t1), -(-k // 16), cost=k * (r1 - r0))
+    if team_threads():
+        lib.int4_dequantize_t_team(*args, team_threads())
+    else:
+        parallel(lambda t0, t1: lib.int4_dequantize_t(*args, t0, t1), -(-k // 16), cost=k * (r1 - r0))
     return True
 
 

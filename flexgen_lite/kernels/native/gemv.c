@@ -169,3 +169,18 @@ void int4_gemv_team(const uint8_t *packed, const _Float16 *scale, const _Float16
     for (int64_t i = 0; i < rows * n; i++) put(out, kind, i, sums[i]);
     free(xf);
 }
+
+/* int4.c's dequantization of W.T[:, r0:r1] (a slot for dense matmuls, or a tile) over its column tiles of 16 on
+   `threads` OpenMP threads: the decode step's dequantizations run in the compute thread, where handing each to a
+   Python thread cost more than a small weight's dequantization. */
+void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
+                       int64_t group_size, int64_t r0, int64_t r1, void *out, int kind, int64_t t0, int64_t t1);
+
+void int4_dequantize_t_team(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n,
+                            int64_t k, int64_t group_size, int64_t r0, int64_t r1, void *out, int kind, int threads) {
+    int64_t tiles = (k + 15) / 16, step = (tiles + 4 * threads - 1) / (4 * threads), ranges = (tiles + step - 1) / step;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
+    for (int64_t r = 0; r < ranges; r++)
+        int4_dequantize_t(packed, scale, minimum, n, k, group_size, r0, r1, out, kind, r * step,
+                          (r + 1) * step < tiles ? (r + 1) * step : tiles);
+}
