@@ -108,6 +108,11 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.int4_dequantize_t_team
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn = lib.int4_gemv_blocks
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64,
+                                                                                       ctypes.c_void_p] \
+        + [ctypes.c_int64] * 2
     fn = lib.int4_gemv_team
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
@@ -176,9 +181,10 @@ def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, 
                            kind, x.shape[0], out.data_ptr(), team)
         return out
     xf, sums = x.float(), torch.empty(x.shape[0], n)
-    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, xf.data_ptr(), x.shape[0],
-            sums.data_ptr())
-    parallel(lambda b0, b1: lib.int4_gemv(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
+    xb = x.data_ptr() if x.dtype == torch.bfloat16 else 0
+    args = (packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, xf.data_ptr(), xb,
+            x.shape[0], sums.data_ptr())
+    parallel(lambda b0, b1: lib.int4_gemv_blocks(*args, b0, b1), n // 64, cost=x.shape[0] * n * k)
     return out.copy_(sums)
 
 
