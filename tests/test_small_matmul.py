@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_lite.kernels import native, small_matmul
+from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quantize
+from flexgen_lite.kernels.int4_matmul import Int4Weight, pack
 from flexgen_lite.system.hardware import HardwareProfile
 
 from .test_parity import POLICIES, check_against_reference
@@ -72,9 +74,9 @@ def test_other_builds_match(tmp_path, march):
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
     lib_path = tmp_path / "gemv_other.so"
     flags = [f for f in native.FLAGS if f != "-march=native"] + march
-    subprocess.run([cc, *flags, str(native.SOURCES[-1]), str(native.SOURCES[0]), "-o", str(lib_path), "-lm"],
-                   check=True)
-    lib = ctypes.CDLL(str(lib_path))
+    subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(lib_path), "-lm"], check=True)
+    lib = native.declared(ctypes.CDLL(str(lib_path)))
+    _int4_blocks_match(lib)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x, w, b, want = _case(dtype, 3, 70, 100, True, seed=3)
         out = torch.empty(3, 70, dtype=dtype)
@@ -84,6 +86,19 @@ def test_other_builds_match(tmp_path, march):
                        ctypes.c_void_p(xf.data_ptr()), ctypes.c_int64(3),
                        ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(0), ctypes.c_int64(70))
         _close(out, want, dtype)
+
+
+def _int4_blocks_match(lib) -> None:
+    """The build's int4_gemv_blocks with bf16 rows (by pairs of columns where it has the bf16 dot instruction,
+    else as fp32) gives this build's product within fp32 summation differences."""
+    q = quantize(torch.randn(128, 192, generator=torch.Generator().manual_seed(11)), CompressionConfig(4, 32, 1))
+    weight = Int4Weight.from_bytes(pack(q), (128, 192), 32)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    xf, out = x.float(), torch.empty(3, 128)
+    lib.int4_gemv_blocks(weight.packed.data_ptr(), weight.scale.data_ptr(), weight.minimum.data_ptr(), 128, 192, 32,
+                         xf.data_ptr(), x.data_ptr(), 3, out.data_ptr(), 0, 2)
+    want = xf @ dequantize(q, torch.float32).t()
+    assert float((out - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
 def test_linear_takes_any_leading_shape_and_strides(monkeypatch):
