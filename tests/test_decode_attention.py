@@ -69,10 +69,13 @@ def test_other_builds_match_sdpa(tmp_path, monkeypatch, march):
     monkeypatch.setattr(native, "library", lambda: other)
     monkeypatch.setattr(native, "team_threads", lambda: 0)  # built without OpenMP: its ranges on Python threads
     for shape in SHAPES:
-        q, k, v, mask = _case(shape, torch.bfloat16)
-        out, exact = native.decode_attention(q, k, v, mask), _sdpa(q.float(), k.float(), v.float(), mask)
-        ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
-        assert ours <= torchs * 1.01 + 1e-6, shape
+        for position_major in (False, True):
+            q, k, v, mask = _case(shape, torch.bfloat16)
+            if position_major:  # the cache across a link: (L, rows, kv_heads, d) seen as (rows, kv_heads, L, d)
+                k, v = (x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for x in (k, v))
+            out, exact = native.decode_attention(q, k, v, mask), _sdpa(q.float(), k.float(), v.float(), mask)
+            ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
+            assert ours <= torchs * 1.01 + 1e-6, (shape, position_major)
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 4, 64, 7, 8), (2, 8, 2, 128, 5, 5)], ids=str)
@@ -93,12 +96,13 @@ def test_a_row_with_every_position_masked_gets_zeros():
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (40, 20), (12, 3), (32, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_position_major_cache_walked_by_blocks_of_heads(heads, kv_heads, dtype):
+@pytest.mark.parametrize("d", [48, 128])
+def test_position_major_cache_walked_by_blocks_of_heads(heads, kv_heads, dtype, d):
     """The cache across a link, (max_len, rows, kv_heads, d) attended through a (rows, kv_heads, L, d) view: kv
-    heads walked in blocks (a last partial one; one kv head with 32 query heads), one pass with online softmax.
-    A row with every position masked gets zeros."""
+    heads walked in blocks (a last partial one; one kv head with 32 query heads); bf16 in two passes (keys, then
+    values), other dtypes in one with online softmax. A row with every position masked gets zeros."""
     g = torch.Generator().manual_seed(heads)
-    b, d, seen = 3, 48, 21
+    b, seen = 3, 21
     k_pos, v_pos = (torch.randn(seen + 5, b, kv_heads, d, generator=g).to(dtype) for _ in range(2))
     k, v = k_pos.permute(1, 2, 0, 3)[:, :, :seen], v_pos.permute(1, 2, 0, 3)[:, :, :seen]
     q = torch.randn(b, heads, 1, d, generator=g).to(dtype)

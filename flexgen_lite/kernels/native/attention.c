@@ -17,6 +17,9 @@
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
 #define LANES 16
 #define MAX_GROUP 64  /* query heads per kv head (the caller checks) */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 4  /* positions ahead whose rows a position-major walk prefetches */
+#endif
 
 /* n values of `kind` at `src` as fp32 into `dst`. */
 static inline void load_row(const void *src, int kind, int64_t n, float *dst) {
@@ -289,6 +292,72 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
 }
 #endif
 
+#ifdef __AVX512F__
+/* A block of kv heads [0, nkv) and their query heads (group each; nq = nkv * group <= 16, head j on kv head
+   j / group) of a position-major bf16 cache, dim 16 * nv: all keys first (each key row converted once for its
+   group), the scores softmaxed 16 positions at a time, then all values, each value row converted once and
+   added into its query heads' sums (in L1). Where the one-pass walk took an exp per position and head and
+   rescaled its sums at every new maximum. Key (kh, l) at kb + kh * kh_s + l * l_s bytes (values alike). */
+static void block_two_pass_bf16(const float *qf, int64_t ds, int64_t nkv, int64_t group, const char *kb,
+                                const char *vb, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s,
+                                const uint8_t *m, int64_t length, float scale, float *s, int64_t sl, float *acc,
+                                int64_t nv) {
+    int64_t nq = nkv * group;
+    float top[16], total[16];
+    for (int64_t j = 0; j < nq; j++) top[j] = -INFINITY;
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) {
+            for (int64_t j = 0; j < nq; j++) s[j * sl + l] = -INFINITY;
+            continue;
+        }
+        for (int64_t kh = 0; kh < nkv; kh++) {
+            const uint16_t *key = (const uint16_t *)(kb + kh * kh_s + l * l_s);
+            for (int64_t at = 0; at < 32 * nv; at += 64)  /* a run of a few KB a position: latency bounds it */
+                __builtin_prefetch((const char *)key + PREFETCH_AHEAD * l_s + at);
+            __m512 kv[8];
+            for (int64_t i = 0; i < nv; i++) kv[i] = bf16x16(key + 16 * i);
+            for (int64_t j = kh * group; j < (kh + 1) * group; j++) {
+                const float *qj = qf + j * ds;
+                __m512 a0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qj));
+                __m512 a1 = nv > 1 ? _mm512_mul_ps(kv[1], _mm512_loadu_ps(qj + 16)) : _mm512_setzero_ps();
+                for (int64_t i = 2; i + 1 < nv; i += 2) {
+                    a0 = _mm512_fmadd_ps(kv[i], _mm512_loadu_ps(qj + 16 * i), a0);
+                    a1 = _mm512_fmadd_ps(kv[i + 1], _mm512_loadu_ps(qj + 16 * i + 16), a1);
+                }
+                if (nv > 2 && nv % 2) a0 = _mm512_fmadd_ps(kv[nv - 1], _mm512_loadu_ps(qj + 16 * (nv - 1)), a0);
+                float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+                s[j * sl + l] = sc;
+                top[j] = sc > top[j] ? sc : top[j];
+            }
+        }
+    }
+    for (int64_t j = 0; j < nq; j++) {
+        memset(acc + j * ds, 0, ds * sizeof(float));
+        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]);
+    }
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        for (int64_t kh = 0; kh < nkv; kh++) {
+            const uint16_t *value = (const uint16_t *)(vb + kh * vh_s + l * vl_s);
+            for (int64_t at = 0; at < 32 * nv; at += 64)
+                __builtin_prefetch((const char *)value + PREFETCH_AHEAD * vl_s + at);
+            __m512 vv[8];
+            for (int64_t i = 0; i < nv; i++) vv[i] = bf16x16(value + 16 * i);
+            for (int64_t j = kh * group; j < (kh + 1) * group; j++) {
+                __m512 p = _mm512_set1_ps(s[j * sl + l]);
+                float *aj = acc + j * ds;
+                for (int64_t i = 0; i < nv; i++)
+                    _mm512_storeu_ps(aj + 16 * i, _mm512_fmadd_ps(p, vv[i], _mm512_loadu_ps(aj + 16 * i)));
+            }
+        }
+    }
+    for (int64_t j = 0; j < nq; j++) {
+        float inv = total[j] > 0 ? 1.0f / total[j] : 0.0f;  /* every position masked: zeros */
+        for (int64_t d = 0; d < ds; d++) acc[j * ds + d] *= inv;
+    }
+}
+#endif
+
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
 static void pair_two_pass(const float *qf, const char *kb, const char *vb, const uint8_t *m, int kind, int64_t item,
@@ -360,7 +429,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
     /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
     int64_t ds = (dim + 15) / 16 * 16, mq = (max_q + 15) / 16 * 16;
     int64_t sl = (length + 15) / 16 * 16;  /* a head's scores (head-major: each of the group's heads its own) */
-    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? group * sl : 0);  /* 64-byte multiple */
+    int two_pass = kind == KIND_BF16 && block > 1 && dim % 16 == 0 && dim <= 128 && max_q <= 16;
+    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? group : two_pass ? max_q : 0) * sl;  /* 64-byte mult. */
     float *qf = aligned_alloc(64, sizeof(float) * floats);
     if (!qf) return;
     float *acc = qf + mq * ds, *top = acc + mq * ds, *total = top + mq, *row = total + mq, *scores = row + ds;
@@ -381,6 +451,17 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
             group_two_pass_bf16(qf, ds, qb, q_strides[1], nq, kb + kh0 * k_strides[1] * item,
                                 vb + kh0 * v_strides[1] * item, m, length, k_strides[2] * item, v_strides[2] * item,
                                 scale, scores, sl, acc, dim / 16);
+            for (int64_t j = 0; j < nq; j++)
+                store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
+                          acc + j * ds);
+            continue;
+        }
+#endif
+#ifdef __AVX512F__
+        if (two_pass) {
+            block_two_pass_bf16(qf, ds, kh1 - kh0, group, kb + kh0 * k_strides[1] * item, vb + kh0 * v_strides[1] * item,
+                                k_strides[1] * item, k_strides[2] * item, v_strides[1] * item, v_strides[2] * item, m,
+                                length, scale, scores, sl, acc, dim / 16);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
