@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,17 @@ def ctrl_c_in_block(monkeypatch, n: int) -> None:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(FlexGenLite, "_run_block", run_block)
+
+
+def other_native_build(tmp_path: Path, march: list[str]) -> ctypes.CDLL:
+    """The native kernels built here for another machine (`march`: e.g. without AVX-512, or without its bf16
+    dot instruction), without OpenMP, their argument types set as the package's own build's."""
+    from flexgen_lite.kernels import native
+
+    cc = native._compiler()
+    if cc is None:
+        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
+    path = tmp_path / "native_other.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + march
+    subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(path), "-lm"], check=True)
+    return native.declared(ctypes.CDLL(str(path)))

@@ -4,10 +4,8 @@ transformers end to end is test_parity's (every placement decodes through it on 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import multiprocessing
-import subprocess
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import flexgen_lite.kernels.attention as attention
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import native
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, other_native_build
 from .test_parity import P
 
 # (batch, query heads, kv heads, head dim, positions seen, cache capacity): grouped heads, a head dim that is
@@ -59,13 +57,7 @@ def test_c_decode_attention_matches_sdpa(shape, dtype):
 def test_other_builds_match_sdpa(tmp_path, monkeypatch, march):
     """attention.c built for machines without AVX-512 (plain C loops) and with AVX-512 but without its bf16 dot
     products (grouped heads' keys converted to fp32) is as close to the exact result as torch's kernel."""
-    cc = native._compiler()
-    if cc is None:
-        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
-    lib_path = tmp_path / "attention_other.so"
-    flags = [f for f in native.FLAGS if f != "-march=native"] + march
-    subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(lib_path), "-lm"], check=True)
-    other = native.declared(ctypes.CDLL(str(lib_path)))
+    other = other_native_build(tmp_path, march)
     monkeypatch.setattr(native, "library", lambda: other)
     monkeypatch.setattr(native, "team_threads", lambda: 0)  # built without OpenMP: its ranges on Python threads
     for shape in SHAPES:

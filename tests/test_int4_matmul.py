@@ -18,7 +18,7 @@ from flexgen_lite.kernels import native
 from flexgen_lite.kernels.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
 from flexgen_lite.kernels.int4_matmul import Int4Weight, available, eligible, native_agrees, pack
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, other_native_build
 from .test_parity import P
 
 CPU = torch.device("cpu")
@@ -220,22 +220,12 @@ def test_the_fallback_threads_give_the_same_bytes(monkeypatch):
 
 def test_the_portable_gemv_matches_the_avx512_one(tmp_path):
     """int4.c's plain C loop (machines without AVX-512), built here without it, gives the same products."""
-    import ctypes
-    import subprocess
-
-    cc = native._compiler()
-    if cc is None:
-        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
-    lib_path = tmp_path / "int4_portable.so"
-    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
-    subprocess.run([cc, *flags, str(native.SOURCES[0]), "-o", str(lib_path), "-lm"], check=True)
-    lib = ctypes.CDLL(str(lib_path))
+    lib = other_native_build(tmp_path, ["-march=x86-64-v3"])
     q = quantize(torch.randn(128, 256, generator=torch.Generator().manual_seed(6)), CompressionConfig(4, 64, 1))
     weight = Int4Weight.from_bytes(pack(q), (128, 256), 64)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7))
     out = torch.empty(3, 128)
-    lib.int4_gemv(*(ctypes.c_void_p(t.data_ptr()) for t in (weight.packed, weight.scale, weight.minimum)),
-                  *(ctypes.c_int64(v) for v in (128, 256, 64)), ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(3),
-                  ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(0), ctypes.c_int64(2))
+    lib.int4_gemv(weight.packed.data_ptr(), weight.scale.data_ptr(), weight.minimum.data_ptr(), 128, 256, 64,
+                  x.data_ptr(), 3, out.data_ptr(), 0, 2)
     want = native.int4_gemv(weight.packed, weight.scale, weight.minimum, 64, x)
     torch.testing.assert_close(out, want, rtol=0, atol=GEMV_RTOL * float(want.abs().max()))

@@ -4,9 +4,7 @@ fallback's threads, the same from a portable (no AVX-512) build, and chosen wher
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import subprocess
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quan
 from flexgen_lite.kernels.int4_matmul import Int4Weight, pack
 from flexgen_lite.system.hardware import HardwareProfile
 
+from .conftest import other_native_build
 from .test_parity import POLICIES, check_against_reference
 
 # each output against torch's fp32 product of the same values, as a share of the row's largest |output|: fp32
@@ -69,22 +68,14 @@ def test_refuses_what_it_cannot_multiply():
 def test_other_builds_match(tmp_path, march):
     """gemv.c built for machines without AVX-512 (its plain C loop) and with AVX-512 but without its bf16 dot
     products (bf16 weights converted to fp32 instead) gives the same products."""
-    cc = native._compiler()
-    if cc is None:
-        pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
-    lib_path = tmp_path / "gemv_other.so"
-    flags = [f for f in native.FLAGS if f != "-march=native"] + march
-    subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(lib_path), "-lm"], check=True)
-    lib = native.declared(ctypes.CDLL(str(lib_path)))
+    lib = other_native_build(tmp_path, march)
     _int4_blocks_match(lib)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x, w, b, want = _case(dtype, 3, 70, 100, True, seed=3)
         out = torch.empty(3, 70, dtype=dtype)
         xf = x.float().contiguous()
-        lib.dense_gemv(*(ctypes.c_void_p(t.data_ptr()) for t in (w, b)), ctypes.c_int(native.OUT_KIND[dtype]),
-                       ctypes.c_int64(70), ctypes.c_int64(100), ctypes.c_void_p(x.data_ptr()),
-                       ctypes.c_void_p(xf.data_ptr()), ctypes.c_int64(3),
-                       ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(0), ctypes.c_int64(70))
+        lib.dense_gemv(w.data_ptr(), b.data_ptr(), native.OUT_KIND[dtype], 70, 100, x.data_ptr(), xf.data_ptr(), 3,
+                       out.data_ptr(), 0, 70)
         _close(out, want, dtype)
 
 
