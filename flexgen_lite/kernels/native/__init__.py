@@ -29,6 +29,7 @@ import torch
 from ...system import paths
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c")]
+HEADERS = [Path(__file__).with_name("kinds.h")]  # included by the sources: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the kinds of quantize's input
@@ -73,7 +74,7 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    sources = [p.read_text() for p in SOURCES]
+    sources = [p.read_text() for p in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*sources, *FLAGS, *OPENMP, version, _cpu_flags()]).encode()).hexdigest()[:16]
     cache = paths.cache_dir() / "native"
     path = cache / f"kernels-{key}.so"

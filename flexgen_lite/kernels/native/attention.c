@@ -10,11 +10,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kinds.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
 #define LANES 16
 #define MAX_GROUP 64  /* query heads per kv head (the caller checks) */
 #ifndef PREFETCH_AHEAD
@@ -23,34 +24,17 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
 
 /* n values of `kind` at `src` as fp32 into `dst`. */
 static inline void load_row(const void *src, int kind, int64_t n, float *dst) {
-    if (kind == KIND_F32) {
+    if (kind == KIND_F32)
         memcpy(dst, src, n * sizeof(float));
-    } else if (kind == KIND_BF16) {
-        const uint16_t *s = src;
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t u = (uint32_t)s[i] << 16;
-            memcpy(dst + i, &u, 4);
-        }
-    } else {
-        const _Float16 *s = src;
-        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
-    }
+    else
+        for (int64_t i = 0; i < n; i++) dst[i] = kind_value(src, kind, i);
 }
 
 static inline void store_row(void *dst, int kind, int64_t n, const float *src) {
-    if (kind == KIND_F32) {
+    if (kind == KIND_F32)
         memcpy(dst, src, n * sizeof(float));
-    } else if (kind == KIND_BF16) {
-        uint16_t *d = dst;
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t u;
-            memcpy(&u, src + i, 4);
-            d[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  /* nearest even; no NaNs reach here */
-        }
-    } else {
-        _Float16 *d = dst;
-        for (int64_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
-    }
+    else
+        for (int64_t i = 0; i < n; i++) kind_put(dst, kind, i, src[i]);
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -62,12 +46,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     float s = 0;
     for (int j = 0; j < LANES; j++) s += acc[j];
     return s;
-}
-
-static inline uint16_t bf16_bits(float f) {  /* nearest even; no NaNs reach here */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 #ifdef __AVX512F__

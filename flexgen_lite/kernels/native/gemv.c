@@ -12,34 +12,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kinds.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 };
 #define XROWS 4  /* rows of x whose sums stay in registers at once */
 #define CHUNK 32  /* output rows per work item */
-
-static inline float value(const void *p, int kind, int64_t i) {
-    if (kind == KIND_F32) return ((const float *)p)[i];
-    if (kind == KIND_F16) return (float)((const _Float16 *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline void put(void *p, int kind, int64_t i, float f) {
-    if (kind == KIND_F32) {
-        ((float *)p)[i] = f;
-    } else if (kind == KIND_F16) {
-        ((_Float16 *)p)[i] = (_Float16)f;
-    } else {
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        ((uint16_t *)p)[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  /* nearest even */
-    }
-}
 
 #ifdef __AVX512F__
 static inline __m512 load16(const char *row, int kind, int64_t c) {
@@ -63,7 +43,7 @@ static inline void dots(const char *row, int kind, int64_t k, const float *xf, i
     }
     for (int r = 0; r < nr; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
     for (; c < k; c++) {
-        float w = value(row, kind, c);
+        float w = kind_value(row, kind, c);
         for (int r = 0; r < nr; r++) sums[r] += w * xf[r * k + c];
     }
 }
@@ -84,8 +64,8 @@ static inline void dots_bf16(const uint16_t *row, int64_t k, const uint16_t *xb,
     }
     for (int r = 0; r < nr; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
     for (; c < k; c++) {
-        float w = value(row, KIND_BF16, c);
-        for (int r = 0; r < nr; r++) sums[r] += w * value(xb, KIND_BF16, r * k + c);
+        float w = kind_value(row, KIND_BF16, c);
+        for (int r = 0; r < nr; r++) sums[r] += w * kind_value(xb, KIND_BF16, r * k + c);
     }
 }
 #endif
@@ -95,10 +75,10 @@ static inline void dots(const char *row, int kind, int64_t k, const float *xf, i
         float acc[16] = {0};
         int64_t c = 0;
         for (; c + 16 <= k; c += 16)
-            for (int j = 0; j < 16; j++) acc[j] += value(row, kind, c + j) * xf[r * k + c + j];
+            for (int j = 0; j < 16; j++) acc[j] += kind_value(row, kind, c + j) * xf[r * k + c + j];
         float s = 0;
         for (int j = 0; j < 16; j++) s += acc[j];
-        for (; c < k; c++) s += value(row, kind, c) * xf[r * k + c];
+        for (; c < k; c++) s += kind_value(row, kind, c) * xf[r * k + c];
         sums[r] = s;
     }
 }
@@ -113,7 +93,7 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
     (void)x;
     for (int64_t j = n0; j < n1; j++) {
         const char *row = (const char *)w + j * k * item;
-        float b = bias ? value(bias, kind, j) : 0.0f;
+        float b = bias ? kind_value(bias, kind, j) : 0.0f;
         for (int64_t r0 = 0; r0 < rows; r0 += XROWS) {
             int64_t nr = rows - r0 < XROWS ? rows - r0 : XROWS;
 #ifdef __AVX512BF16__
@@ -122,7 +102,7 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
             else
 #endif
             dots(row, kind, k, xf + r0 * k, nr, sums);
-            for (int64_t r = 0; r < nr; r++) put(y, kind, (r0 + r) * n + j, sums[r] + b);
+            for (int64_t r = 0; r < nr; r++) kind_put(y, kind, (r0 + r) * n + j, sums[r] + b);
         }
     }
 }
@@ -135,7 +115,7 @@ void dense_gemv_team(int count, const void *const *w, const void *const *bias, c
                      int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
     float *xf = malloc(sizeof(float) * rows * k);
     if (!xf) return;
-    for (int64_t i = 0; i < rows * k; i++) xf[i] = value(x, kind, i);
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = kind_value(x, kind, i);
     int64_t first[65], items = 0;  /* first[i]: weight i's first work item; the caller passes at most 64 */
     for (int i = 0; i < count; i++) {
         first[i] = items;
@@ -232,13 +212,13 @@ void int4_gemv_team(const uint8_t *packed, const _Float16 *scale, const _Float16
     float *xf = malloc(sizeof(float) * rows * (k + n));
     if (!xf) return;
     float *sums = xf + rows * k;
-    for (int64_t i = 0; i < rows * k; i++) xf[i] = value(x, kind, i);
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = kind_value(x, kind, i);
     const uint16_t *xb = kind == KIND_BF16 ? x : NULL;
     int64_t blocks = n / 64;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && blocks > 1)
     for (int64_t b = 0; b < blocks; b++)
         int4_gemv_blocks(packed, scale, minimum, n, k, group_size, xf, xb, rows, sums, b, b + 1);
-    for (int64_t i = 0; i < rows * n; i++) put(out, kind, i, sums[i]);
+    for (int64_t i = 0; i < rows * n; i++) kind_put(out, kind, i, sums[i]);
     free(xf);
 }
 

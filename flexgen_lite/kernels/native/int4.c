@@ -6,18 +6,11 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include "kinds.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-
-enum { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 
 #ifdef __AVX512F__
 /* 16 values of one half (low or high nibbles) of 16 code bytes, with their 16 scales and minimums. */
@@ -28,9 +21,9 @@ static inline __m512 values16(__m512i codes, const _Float16 *s, const _Float16 *
 }
 
 static inline void store16(void *dst, __m512 v, int kind) {
-    if (kind == OUT_F32) {
+    if (kind == KIND_F32) {
         _mm512_storeu_ps(dst, v);
-    } else if (kind == OUT_BF16) {
+    } else if (kind == KIND_BF16) {
         __m512i u = _mm512_castps_si512(v);
         __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
@@ -64,13 +57,13 @@ static void row(const uint8_t *packed, const _Float16 *scale, const _Float16 *mi
             hi[j] = (float)(src[j] >> 4) * (float)s[32 + j] + (float)m[32 + j];
         }
         int64_t at = (b - b0) * 64;
-        if (kind == OUT_F32) {
+        if (kind == KIND_F32) {
             memcpy((float *)dst + at, lo, sizeof lo);
             memcpy((float *)dst + at + 32, hi, sizeof hi);
-        } else if (kind == OUT_BF16) {
+        } else if (kind == KIND_BF16) {
             uint16_t *d = (uint16_t *)dst + at;
-            for (int j = 0; j < 32; j++) d[j] = to_bf16(lo[j]);
-            for (int j = 0; j < 32; j++) d[32 + j] = to_bf16(hi[j]);
+            for (int j = 0; j < 32; j++) d[j] = bf16_bits(lo[j]);
+            for (int j = 0; j < 32; j++) d[32 + j] = bf16_bits(hi[j]);
         } else {
             _Float16 *d = (_Float16 *)dst + at;
             for (int j = 0; j < 32; j++) d[j] = (_Float16)lo[j];
@@ -84,7 +77,7 @@ static void row(const uint8_t *packed, const _Float16 *scale, const _Float16 *mi
    reading each block's codes for the tile's columns contiguously. */
 void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n,
                        int64_t k, int64_t group_size, int64_t r0, int64_t r1, void *out, int kind, int64_t t0, int64_t t1) {
-    int64_t itemsize = kind == OUT_F32 ? 4 : 2, tile = 16, width = r1 - r0, b0 = r0 / 64, b1 = r1 / 64;
+    int64_t itemsize = kind == KIND_F32 ? 4 : 2, tile = 16, width = r1 - r0, b0 = r0 / 64, b1 = r1 / 64;
     for (int64_t col0 = t0 * tile; col0 < k && col0 < t1 * tile; col0 += tile) {
         int64_t col1 = col0 + tile < k ? col0 + tile : k;
 #ifdef __AVX512F__
@@ -177,17 +170,6 @@ void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *min
 
 /* ---- quantizing into the layout (placement of 4-bit weights) ---------------------------------------------- */
 
-enum { IN_F32 = 0, IN_BF16 = 1, IN_F16 = 2 };
-
-static inline float load(const void *x, int64_t i, int kind) {
-    if (kind == IN_F32) return ((const float *)x)[i];
-    if (kind == IN_F16) return (float)((const _Float16 *)x)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline uint16_t f16_bits(_Float16 h) {
     uint16_t b;
     memcpy(&b, &h, 2);
@@ -223,9 +205,9 @@ void int4_quantize_pack(const void *x, int kind, int64_t n, int64_t k, int64_t g
             int64_t row = b * 64 + r;
             const int64_t base = row * k;
             for (int64_t c0 = 0; c0 < k; c0 += g) {
-                float mn = load(x, base + c0, kind), mx = mn;
+                float mn = kind_value(x, kind, base + c0), mx = mn;
                 for (int64_t c = c0 + 1; c < c0 + g; c++) {
-                    float v = load(x, base + c, kind);
+                    float v = kind_value(x, kind, base + c);
                     mn = v < mn ? v : mn;
                     mx = v > mx ? v : mx;
                 }
@@ -238,7 +220,7 @@ void int4_quantize_pack(const void *x, int kind, int64_t n, int64_t k, int64_t g
                 scale[(c0 / g) * n + row] = s;
                 minimum[(c0 / g) * n + row] = lo;
                 for (int64_t c = c0; c < c0 + g; c++) {
-                    float q = __builtin_nearbyintf((load(x, base + c, kind) - m) * inv);
+                    float q = __builtin_nearbyintf((kind_value(x, kind, base + c) - m) * inv);
                     uint8_t code = (uint8_t)(q < 0 ? 0 : q > 15 ? 15 : q);
                     uint8_t *byte = packed + (b * k + c) * 32 + (r & 31);
                     *byte = r < 32 ? code : (uint8_t)(*byte | (code << 4));
