@@ -128,6 +128,9 @@ def test_grouped_query_heads_cost_decode_attention_at_their_measured_rate():
     assert slow.decode_attention("bfloat16", 4, 128) == (fixed, rate / 4)
     assert slow.decode_attention("bfloat16", 3, 64) == slow.decode_attention("bfloat16", 3, 80) == (fixed, rate / 2)
     assert HW.decode_attention("bfloat16", 4, 128) == (fixed, rate)  # not measured grouped: the ungrouped rate
+    beside = dataclasses.replace(slow, cpu_attention_grouped={"bfloat16": [(128, fixed, rate / 8)]})
+    assert beside.decode_attention("bfloat16", 4, 128, on_cpu=True) == (fixed, rate / 8)  # beside a GPU: its own
+    assert beside.decode_attention("bfloat16", 1, 128, on_cpu=True) == HW.cpu_attention["bfloat16"]
     llama = preset_config("llama-3-8b")
     assert llama.num_heads // llama.num_kv_heads == 4
     pol = Policy(gpu_batch_size=8, dtype="bfloat16")

@@ -179,7 +179,8 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     cpu_compute = s.cuda and pol.cpu_cache_compute
     cpu_dtype = str(pol.cpu_attention_dtype(s.dtype) or s.dtype).removeprefix("torch.")  # bfloat16 for float16
     group = s.config.num_heads // s.config.num_kv_heads
-    gpu_att, cpu_att = hw.decode_attention(s.dname, group, s.config.head_dim), hw.cpu_attention[cpu_dtype]
+    gpu_att = hw.decode_attention(s.dname, group, s.config.head_dim)
+    cpu_att = hw.decode_attention(cpu_dtype, group, s.config.head_dim, on_cpu=True)
     for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
         if not rows:
             continue

@@ -229,9 +229,9 @@ def compute_dtypes(device: ComputeDevice) -> list[str]:
 
 def attention_rates(device: ComputeDevice, scale: int) -> dict:
     """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
-    second), with the engine's own attention function; on a CPU compute device also over grouped-query heads."""
+    second), with the engine's own attention function, ungrouped and (on the CPU) over grouped-query heads."""
     dev, sync = device.device, device.synchronize
-    sdpa, attention, cpu_attention, grouped = {}, {}, {}, {}
+    sdpa, attention, cpu_attention, grouped, cpu_grouped = {}, {}, {}, {}, {}
     for name in compute_dtypes(device):
         dtype = DTYPES[name]
         b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
@@ -243,14 +243,15 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
             b, long = (32, 4096 // scale) if where.type == "cuda" else (8, 2048 // scale)
             position_major = out is cpu_attention  # beside a GPU it reads the cache across the link in place
             out[name] = _decode_attention_rate(where, dtype, b, heads, heads, hd, long, position_major)
-        if not device.is_cuda:  # a CPU computing: grouped heads too, 4 per kv head, at the common head dims
-            grouped[name] = [(hd, *_decode_attention_rate(dev, dtype, 8, 16, 4, hd, 2048 // scale, False))
-                             for hd in (64, 128)]
-    for table in (sdpa, attention, cpu_attention, grouped):  # a float16 cache is attended in bfloat16 on a CPU
+        # grouped heads on a CPU, 4 per kv head, at the common head dims: as the compute device, and beside a GPU
+        for table, position_major in ((cpu_grouped, True),) + (() if device.is_cuda else ((grouped, False),)):
+            table[name] = [(hd, *_decode_attention_rate(torch.device("cpu"), dtype, 8, 16, 4, hd, 2048 // scale,
+                                                        position_major)) for hd in (64, 128)]
+    for table in (sdpa, attention, cpu_attention, grouped, cpu_grouped):  # a float16 cache: bfloat16 on a CPU
         if "bfloat16" in table:
             table.setdefault("float16", table["bfloat16"])
     return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention,
-            "attention_grouped": grouped}
+            "attention_grouped": grouped, "cpu_attention_grouped": cpu_grouped}
 
 
 def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,

@@ -70,6 +70,8 @@ class HardwareProfile:
     # dtype -> [(head dim, s per call, K+V bytes/s)]: decode attention on a CPU compute device over grouped-query
     # heads (4 query heads per kv head), as `attention` (which is measured ungrouped); {} on CUDA
     attention_grouped: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # the same for CPU attention over the position-major cache (`cpu_attention`, beside a GPU)
+    cpu_attention_grouped: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied by the C kernel for a few rows (native.int4_gemv;
     # int4_matmul then holds torch's kernel alone); {} without it
     int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
@@ -85,14 +87,15 @@ class HardwareProfile:
             return interpolated_time(self.gemv[dtype], rows, k, n)
         return interpolated_time(self.matmul.get(dtype) or self.matmul["float32"], rows, k, n)
 
-    def decode_attention(self, dtype: str, group: int, head_dim: int) -> tuple[float, float]:
-        """(s per call, K+V bytes/s) of decode attention on the compute device for `group` query heads per kv
-        head of `head_dim`: grouped heads cost a CPU more per byte (each head's sums are its own work), at the
-        measured head dim nearest this one."""
-        if group > 1 and self.attention_grouped.get(dtype):
-            _, fixed, rate = min(self.attention_grouped[dtype], key=lambda p: abs(p[0] - head_dim))
+    def decode_attention(self, dtype: str, group: int, head_dim: int, on_cpu: bool = False) -> tuple[float, float]:
+        """(s per call, K+V bytes/s) of decode attention on the compute device (on_cpu: the CPU beside it) for
+        `group` query heads per kv head of `head_dim`: grouped heads cost a CPU more per byte (each head's sums
+        are its own work), at the measured head dim nearest this one."""
+        grouped = (self.cpu_attention_grouped if on_cpu else self.attention_grouped).get(dtype)
+        if group > 1 and grouped:
+            _, fixed, rate = min(grouped, key=lambda p: abs(p[0] - head_dim))
             return fixed, rate
-        return self.attention[dtype]
+        return (self.cpu_attention if on_cpu else self.attention)[dtype]
 
     def gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
         """Whether the C kernel for a few rows (native.dense_gemv) is faster than torch's matmul for (rows, k) @
@@ -132,7 +135,8 @@ class HardwareProfile:
         raw = json.loads(text)
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "attention_grouped"):
+        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "attention_grouped",
+                     "cpu_attention_grouped"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
@@ -160,10 +164,10 @@ class HardwareProfile:
         lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items())
-            + ("; device, grouped heads " + ", ".join(f"{k} (head dim {d}) {a * 1e3:.2f} + {b / g:.1f}"
-                                                       for k, points in self.attention_grouped.items()
-                                                       for d, a, b in points)
-               if self.attention_grouped else ""))
+            + "".join(f"; {where}, grouped heads " + ", ".join(f"{k} (head dim {d}) {a * 1e3:.2f} + {b / g:.1f}"
+                                                                for k, points in table.items() for d, a, b in points)
+                      for where, table in (("device", self.attention_grouped), ("cpu", self.cpu_attention_grouped))
+                      if table))
         lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
                      f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
         lines.append(f"copy GB/s: device {self.device_copy / g:.1f}, host {self.host_copy / g:.1f}, "
