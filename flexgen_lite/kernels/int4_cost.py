@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..system.devices import ComputeDevice
 from ..system.hardware import HardwareProfile
-from ..system.profile_store import cached_profile
+from ..system.profile_store import cpu_profile
 from .int4_matmul import FIXED_ROWS, Int4Weight, native_agrees
 
 
@@ -75,8 +74,3 @@ def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) ->
         return "dense"
     return "tiles" if native_agrees() else "kernel"
 
-
-@functools.cache
-def cpu_profile():
-    """This machine's stored CPU profile (profile_store.cached_profile: read, never measured), or None."""
-    return cached_profile(ComputeDevice("cpu"))

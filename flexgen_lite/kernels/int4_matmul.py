@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..system.profile_store import cpu_profile
 from . import native
 from .compression import CompressionConfig, QuantizedTensor, dequantize, quantize
 
@@ -120,10 +121,7 @@ def codes_gemv_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
     """Whether the C kernel (native.int4_gemv) multiplies `rows` rows by a 4-bit weight (n, k) faster than torch's
     int4 kernel here, as this machine's stored profile measured both (the cost model reads the same); without a
     profile that measured it, up to GEMV_ROWS rows."""
-    from ..system.devices import ComputeDevice  # the profile's modules import this one
-    from ..system.profile_store import cached_profile
-
-    hw = cached_profile(ComputeDevice("cpu"))
+    hw = cpu_profile()
     if hw is None or not hw.int4_gemv:
         return rows <= GEMV_ROWS
     return hw.int4_gemv_wins(str(dtype).removeprefix("torch."), rows, k, n)

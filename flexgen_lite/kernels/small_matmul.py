@@ -9,8 +9,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..system.profile_store import cpu_profile
 from . import native
-from .int4_cost import cpu_profile
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

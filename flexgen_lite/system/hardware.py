@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 PROFILE_VERSION = 6  # 6: the CPU's products of a few rows by the C kernels (native.dense_gemv, native.int4_gemv)
-# apart from torch's; 5: the
-# CPU's int4 products of one or two rows by the C kernel (native.int4_gemv); 4: CUDA
+# apart from torch's, grouped-head decode attention; 5: the CPU's int4 products of one or two rows by the C kernel
+# (native.int4_gemv); 4: CUDA
 # 4-bit dequantization by the fused kernel, CPU attention beside a GPU over the position-major cache on all cores
 
 
@@ -100,10 +100,8 @@ class HardwareProfile:
     def gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
         """Whether the C kernel for a few rows (native.dense_gemv) is faster than torch's matmul for (rows, k) @
         (k, n) in `dtype` by this profile's fits of both; never beyond the row counts it was measured at."""
-        points, dense = self.gemv.get(dtype), self.matmul.get(dtype)
-        if not points or not dense or rows > points[-1][0]:
-            return False
-        return interpolated_time(points, rows, k, n) < interpolated_time(dense, rows, k, n)
+        dense = self.matmul.get(dtype)
+        return bool(dense) and _few_rows_win(self.gemv.get(dtype), dense, rows, k, n)
 
     def int4_matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
         """Seconds of (rows, k) @ W.T for a 4-bit W (n, k) multiplied as stored, interpolated as `matmul_time`:
@@ -117,10 +115,7 @@ class HardwareProfile:
     def int4_gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
         """Whether the C kernel for a few rows of 4-bit weights (native.int4_gemv) beats torch's int4 kernel
         for (rows, k) @ W.T in `dtype` by this profile's fits; never beyond the rows it was measured at."""
-        points, torch_points = self.int4_gemv.get(dtype), (self.int4_matmul or {}).get(dtype)
-        if not points or rows > points[-1][0]:
-            return False
-        return not torch_points or interpolated_time(points, rows, k, n) < interpolated_time(torch_points, rows, k, n)
+        return _few_rows_win(self.int4_gemv.get(dtype), (self.int4_matmul or {}).get(dtype), rows, k, n)
 
     def int4_tiles_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
         """Seconds of the same product by tiles (Int4Weight._tiled); None where the profile has none."""
@@ -188,6 +183,14 @@ class HardwareProfile:
         lines.append("engine overhead per layer + per layer and batch (us): " + ", ".join(
             f"{k} {a * 1e6:.0f} + {b * 1e6:.0f}" for k, (a, b) in self.layer_overhead.items()))
         return "\n".join(lines + self.notes)
+
+
+def _few_rows_win(points, other, rows: float, k: int, n: int) -> bool:
+    """Whether a few-row kernel's measured `points` give (rows, k) @ (k, n) faster than `other`'s (None: there
+    is no other); never beyond the rows it was measured at."""
+    if not points or rows > points[-1][0]:
+        return False
+    return not other or interpolated_time(points, rows, k, n) < interpolated_time(other, rows, k, n)
 
 
 def interpolated_time(points: list[tuple[int, float, float]], rows: float, k: int, n: int) -> float:

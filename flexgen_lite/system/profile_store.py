@@ -4,6 +4,7 @@ path), under ~/.cache/flexgen-lite (paths.cache_dir). Loading one is cheap and n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -48,6 +49,13 @@ def cached_profile(device: ComputeDevice | None = None, offload_dir: str = "") -
         return HardwareProfile.from_json(path.read_text())
     except (OSError, ValueError, TypeError, KeyError):
         return None  # none yet, or an older or damaged file
+
+
+@functools.cache
+def cpu_profile() -> HardwareProfile | None:
+    """This machine's stored CPU profile (`cached_profile`: read once, never measured), or None: what the CPU
+    kernels choose their ways by, as the cost model does."""
+    return cached_profile(ComputeDevice("cpu"))
 
 
 def save_profile(profile: HardwareProfile, path: Path) -> None:
