@@ -88,13 +88,14 @@ def test_a_row_with_every_position_masked_gets_zeros():
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (40, 20), (12, 3), (32, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d", [48, 128])
-def test_position_major_cache_walked_by_blocks_of_heads(heads, kv_heads, dtype, d):
+@pytest.mark.parametrize("d,seen", [(48, 21), (64, 70), (128, 21), (128, 77)])
+def test_position_major_cache_walked_by_blocks_of_heads(heads, kv_heads, dtype, d, seen):
     """The cache across a link, (max_len, rows, kv_heads, d) attended through a (rows, kv_heads, L, d) view: kv
     heads walked in blocks (a last partial one; one kv head with 32 query heads); bf16 in two passes (keys, then
-    values), other dtypes in one with online softmax. A row with every position masked gets zeros."""
+    values, the latter 32 positions at a time: lengths past that, an odd one), other dtypes in one with online
+    softmax. A row with every position masked gets zeros."""
     g = torch.Generator().manual_seed(heads)
-    b, seen = 3, 21
+    b = 3
     k_pos, v_pos = (torch.randn(seen + 5, b, kv_heads, d, generator=g).to(dtype) for _ in range(2))
     k, v = k_pos.permute(1, 2, 0, 3)[:, :, :seen], v_pos.permute(1, 2, 0, 3)[:, :, :seen]
     q = torch.randn(b, heads, 1, d, generator=g).to(dtype)

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 6  # 6: the CPU's products of a few rows by the C kernels (native.dense_gemv, native.int4_gemv)
-# apart from torch's, grouped-head decode attention; 5: the CPU's int4 products of one or two rows by the C kernel
-# (native.int4_gemv); 4: CUDA
-# 4-bit dequantization by the fused kernel, CPU attention beside a GPU over the position-major cache on all cores
+PROFILE_VERSION = 7  # measured anew when the code measured changes; 7: CPU attention beside a GPU over the
+# position-major cache, its rows prefetched into L2 (1.6x); 6: the CPU's products of a few rows by the C kernels
+# apart from torch's, grouped-head decode attention; 5: the CPU's int4 products of one or two rows by the C kernel;
+# 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
 
 
 @dataclass

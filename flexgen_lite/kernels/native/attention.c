@@ -87,9 +87,28 @@ static inline void axpy_bf16(float *acc, float p, const uint16_t *b, int64_t n) 
     }
 }
 
+#ifdef __AVX512F__
+/* exp(x) 16 at a time (Cephes' expf: range reduction by ln 2, a degree-6 polynomial, within 2 ulp); x below
+   -87.3 gives ~0. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 /* exp(s[l] - top) into s[l] for unmasked positions, 0 for masked ones; their sum. With AVX-512 16 at a time
-   (Cephes' expf: range reduction by ln 2, a degree-6 polynomial, within 2 ulp), else expf: a scalar expf per
-   position was a third of a short-context decode step's attention. */
+   (exp16), else expf: a scalar expf per position was a third of a short-context decode step's attention. */
 static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, float top) {
     float total = 0;
     int64_t l = 0;
@@ -98,19 +117,7 @@ static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, 
     for (; l + 16 <= length; l += 16) {
         __mmask16 keep = _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m + l))),
                                                 _mm512_set1_epi32(0xFF));
-        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + l), t), _mm512_set1_ps(-87.3f));
-        __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-        p = _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+        __m512 p = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), t)));
         _mm512_storeu_ps(s + l, p);
         sum = _mm512_add_ps(sum, p);
     }
@@ -200,8 +207,8 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
             continue;
         }
         const uint16_t *key = (const uint16_t *)(kb + l * ks);
-        __builtin_prefetch((const char *)key + 4 * ks);
-        __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2));
+        __builtin_prefetch((const char *)key + 4 * ks, 0, 1);
+        __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2), 0, 1);
 #ifdef __AVX512BF16__
         (void)qf;
         __m512bh kp[4];  /* the key's bf16 pairs, multiplied by the query's (bf16 itself) as they are */
@@ -271,67 +278,152 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
 #endif
 
 #ifdef __AVX512F__
-/* A block of kv heads [0, nkv) and their query heads (group each; nq = nkv * group <= 16, head j on kv head
-   j / group) of a position-major bf16 cache, dim 16 * nv: all keys first (each key row converted once for its
-   group), the scores softmaxed 16 positions at a time, then all values, each value row converted once and
-   added into its query heads' sums (in L1). Where the one-pass walk took an exp per position and head and
-   rescaled its sums at every new maximum. Key (kh, l) at kb + kh * kh_s + l * l_s bytes (values alike). */
-static void block_two_pass_bf16(const float *qf, int64_t ds, int64_t nkv, int64_t group, const char *kb,
-                                const char *vb, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s,
-                                const uint8_t *m, int64_t length, float scale, float *s, int64_t sl, float *acc,
-                                int64_t nv) {
-    int64_t nq = nkv * group;
-    float top[16], total[16];
-    for (int64_t j = 0; j < nq; j++) top[j] = -INFINITY;
-    for (int64_t l = 0; l < length; l++) {
-        if (!m[l]) {
-            for (int64_t j = 0; j < nq; j++) s[j * sl + l] = -INFINITY;
-            continue;
+/* Lane j: the sum of a[j]'s 16 lanes. A position's 16 query-head dot products reduced together by a tree of
+   unpacks, shuffles and adds (~3 instructions a head; a horizontal sum apiece takes ~9). */
+static inline __m512 lane_sums16(const __m512 *a) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++)  /* each 128-bit lane: heads 2i, 2i + 1 interleaved, two partial sums each */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* each 128-bit lane: heads 4i .. 4i + 3, one partial sum each */
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+#define TILE 32  /* positions whose rows (a few KB each) the values pass uses up while they are in L2 */
+
+/* a[j] (lanes to be summed) = q_j . key for the `group` query heads j of one kv head, dim 16 * nv; q in fp32
+   (qf, rows ds apart) and as given in bf16 (qb, rows qs apart). */
+static inline __attribute__((always_inline)) void key_dots(__m512 *a, const uint16_t *key, const float *qf,
+                                                           int64_t ds, const uint16_t *qb, int64_t qs,
+                                                           int64_t group, const int nv) {
+#ifdef __AVX512BF16__
+    (void)qf, (void)ds;
+    const int np = (nv + 1) / 2;  /* bf16 pairs of 32 values; an odd tail of 16 zero-extended */
+    __m512bh kp[4];
+    for (int i = 0; i < np; i++)
+        kp[i] = (__m512bh)(2 * i + 1 < nv ? _mm512_loadu_si512(key + 32 * i)
+                                          : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(key + 32 * i))));
+    for (int64_t g = 0; g < group; g++) {
+        const uint16_t *qj = qb + g * qs;
+        __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int i = 0; i < np; i++) {
+            __m512i qp = 2 * i + 1 < nv ? _mm512_loadu_si512(qj + 32 * i)
+                                        : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(qj + 32 * i)));
+            s[i % 2] = _mm512_dpbf16_ps(s[i % 2], kp[i], (__m512bh)qp);
         }
-        for (int64_t kh = 0; kh < nkv; kh++) {
-            const uint16_t *key = (const uint16_t *)(kb + kh * kh_s + l * l_s);
-            for (int64_t at = 0; at < 32 * nv; at += 64)  /* a run of a few KB a position: latency bounds it */
-                __builtin_prefetch((const char *)key + PREFETCH_AHEAD * l_s + at);
-            __m512 kv[8];
-            for (int64_t i = 0; i < nv; i++) kv[i] = bf16x16(key + 16 * i);
-            for (int64_t j = kh * group; j < (kh + 1) * group; j++) {
-                const float *qj = qf + j * ds;
-                __m512 a0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qj));
-                __m512 a1 = nv > 1 ? _mm512_mul_ps(kv[1], _mm512_loadu_ps(qj + 16)) : _mm512_setzero_ps();
-                for (int64_t i = 2; i + 1 < nv; i += 2) {
-                    a0 = _mm512_fmadd_ps(kv[i], _mm512_loadu_ps(qj + 16 * i), a0);
-                    a1 = _mm512_fmadd_ps(kv[i + 1], _mm512_loadu_ps(qj + 16 * i + 16), a1);
+        a[g] = _mm512_add_ps(s[0], s[1]);
+    }
+#else
+    (void)qb, (void)qs;
+    __m512 kv[8];
+    for (int i = 0; i < nv; i++) kv[i] = bf16x16(key + 16 * i);
+    for (int64_t g = 0; g < group; g++) {
+        const float *qj = qf + g * ds;
+        __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int i = 0; i < nv; i++) s[i % 2] = _mm512_fmadd_ps(kv[i], _mm512_loadu_ps(qj + 16 * i), s[i % 2]);
+        a[g] = _mm512_add_ps(s[0], s[1]);
+    }
+#endif
+}
+
+/* acc (head j's row at acc + j * ds, zeroed) += p[l][j] * v[j / group][l] over unmasked l for heads [0, nq), p
+   (length, 16): TILE positions at a time, and within them chunks of heads whose sums stay in registers. (The
+   weights in fp32: the bf16 dot instruction on pairs of positions was no faster here.) */
+static inline __attribute__((always_inline)) void weighted_values(float *acc, int64_t ds, const float *p, int64_t nq,
+                                                                  int64_t nkv, int64_t group, const char *vb,
+                                                                  int64_t vh_s, int64_t vl_s, const uint8_t *m,
+                                                                  int64_t length, const int nv) {
+    const int hc = nv <= 2 ? 8 : nv <= 4 ? 4 : 2;  /* heads a chunk: at most 16 sums; hc divides 16 */
+    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+        int64_t t1 = t0 + TILE < length ? t0 + TILE : length;
+        for (int64_t c0 = 0; c0 < nq; c0 += hc) {  /* a last chunk's extra heads (< 16) are computed, not kept */
+            __m512 sum[16], vv[8];
+            for (int j = 0; j < hc; j++)
+                for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_loadu_ps(acc + (c0 + j) * ds + 16 * i);
+            for (int64_t l = t0; l < t1; l++) {
+                if (!m[l]) continue;
+                for (int j = 0; j < hc; j++) {
+                    int64_t kh = (c0 + j) / group;
+                    kh = kh < nkv ? kh : nkv - 1;
+                    if (j == 0 || kh != (c0 + j - 1) / group) {
+                        const char *row = vb + kh * vh_s + l * vl_s;
+                        for (int at = 0; at < 32 * nv; at += 64) __builtin_prefetch(row + TILE * vl_s + at, 0, 1);
+                        for (int i = 0; i < nv; i++) vv[i] = bf16x16((const uint16_t *)row + 16 * i);
+                    }
+                    __m512 pv = _mm512_set1_ps(p[16 * l + c0 + j]);
+                    for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_fmadd_ps(pv, vv[i], sum[j * nv + i]);
                 }
-                if (nv > 2 && nv % 2) a0 = _mm512_fmadd_ps(kv[nv - 1], _mm512_loadu_ps(qj + 16 * (nv - 1)), a0);
-                float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-                s[j * sl + l] = sc;
-                top[j] = sc > top[j] ? sc : top[j];
             }
+            for (int j = 0; j < hc; j++)
+                for (int i = 0; i < nv; i++) _mm512_storeu_ps(acc + (c0 + j) * ds + 16 * i, sum[j * nv + i]);
         }
     }
-    for (int64_t j = 0; j < nq; j++) {
-        memset(acc + j * ds, 0, ds * sizeof(float));
-        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]);
-    }
+}
+
+/* A block of kv heads [0, nkv) and their query heads (group each; nq = nkv * group <= 16, head j on kv head
+   j / group) of a position-major bf16 cache, dim 16 * nv, in two passes. Keys: each position's scores for all
+   the block's heads come out as one vector, lane j for head j (lane_sums16), so that the softmax's maximum,
+   exponentials and sums run 16 heads at a time and `s` holds (length, 16). Values: TILE positions at a time
+   (weighted_values). Key (kh, l) at kb + kh * kh_s + l * l_s bytes, values alike. Outputs to acc, rows ds
+   apart (room for 16).
+
+   Rows are prefetched into L2, not L1: a position-major walk jumps to a new page at every position, where the
+   hardware's prefetchers stop, and L1's few outstanding misses held it at 20 GB/s (2 cores) against 31-35 for
+   the same bytes read in order. */
+static inline __attribute__((always_inline)) void block_two_pass_nv(
+        const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv, int64_t group, const char *kb,
+        const char *vb, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s, const uint8_t *m, int64_t length,
+        float scale, float *s, float *acc, const int nv) {
+    int64_t nq = nkv * group;
+    __m512 top = _mm512_set1_ps(-INFINITY), a[16];
+    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();  /* lanes of heads past nq: scores 0 */
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
         for (int64_t kh = 0; kh < nkv; kh++) {
-            const uint16_t *value = (const uint16_t *)(vb + kh * vh_s + l * vl_s);
-            for (int64_t at = 0; at < 32 * nv; at += 64)
-                __builtin_prefetch((const char *)value + PREFETCH_AHEAD * vl_s + at);
-            __m512 vv[8];
-            for (int64_t i = 0; i < nv; i++) vv[i] = bf16x16(value + 16 * i);
-            for (int64_t j = kh * group; j < (kh + 1) * group; j++) {
-                __m512 p = _mm512_set1_ps(s[j * sl + l]);
-                float *aj = acc + j * ds;
-                for (int64_t i = 0; i < nv; i++)
-                    _mm512_storeu_ps(aj + 16 * i, _mm512_fmadd_ps(p, vv[i], _mm512_loadu_ps(aj + 16 * i)));
-            }
+            const uint16_t *key = (const uint16_t *)(kb + kh * kh_s + l * l_s);
+            for (int64_t at = 0; at < 32 * nv; at += 64)  /* a run of a few KB a position: latency bounds it */
+                __builtin_prefetch((const char *)key + PREFETCH_AHEAD * l_s + at, 0, 1);
+            key_dots(a + kh * group, key, qf + kh * group * ds, ds, qb + kh * group * qs, qs, group, nv);
         }
+        __m512 sc = _mm512_mul_ps(lane_sums16(a), _mm512_set1_ps(scale));
+        _mm512_storeu_ps(s + 16 * l, sc);
+        top = _mm512_max_ps(top, sc);
     }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * l), top));
+        _mm512_storeu_ps(s + 16 * l, p);
+        total = _mm512_add_ps(total, p);
+    }
+    float totals[16];
+    _mm512_storeu_ps(totals, total);
+    memset(acc, 0, 16 * ds * sizeof(float));
+    weighted_values(acc, ds, s, nq, nkv, group, vb, vh_s, vl_s, m, length, nv);
     for (int64_t j = 0; j < nq; j++) {
-        float inv = total[j] > 0 ? 1.0f / total[j] : 0.0f;  /* every position masked: zeros */
-        for (int64_t d = 0; d < ds; d++) acc[j * ds + d] *= inv;
+        float inv = totals[j] > 0 ? 1.0f / totals[j] : 0.0f;  /* every position masked: zeros */
+        for (int64_t d = 0; d < 16 * nv; d++) acc[j * ds + d] *= inv;
+    }
+}
+
+static void block_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv,
+                                int64_t group, const char *kb, const char *vb, int64_t kh_s, int64_t l_s, int64_t vh_s,
+                                int64_t vl_s, const uint8_t *m, int64_t length, float scale, float *s, float *acc,
+                                int64_t nv) {
+    switch (nv) {  /* the head dim a constant in each: the sums' indices known, so that they stay in registers */
+#define CASE(n) \
+    case n: \
+        block_two_pass_nv(qf, ds, qb, qs, nkv, group, kb, vb, kh_s, l_s, vh_s, vl_s, m, length, scale, s, acc, n); \
+        break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
     }
 }
 #endif
@@ -349,8 +441,8 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
         }
         const char *key = kb + l * ks * item;
         for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
-            __builtin_prefetch(key + 4 * ks * item + at);
-            __builtin_prefetch(vb + l * vs * item + at);
+            __builtin_prefetch(key + 4 * ks * item + at, 0, 1);
+            __builtin_prefetch(vb + l * vs * item + at, 0, 1);
         }
         if (kind == KIND_BF16) {
             s[l] = dot_bf16(qf, (const uint16_t *)key, dim) * scale;
@@ -408,7 +500,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
     int64_t ds = (dim + 15) / 16 * 16, mq = (max_q + 15) / 16 * 16;
     int64_t sl = (length + 15) / 16 * 16;  /* a head's scores (head-major: each of the group's heads its own) */
     int two_pass = kind == KIND_BF16 && block > 1 && dim % 16 == 0 && dim <= 128 && max_q <= 16;
-    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? group : two_pass ? max_q : 0) * sl;  /* 64-byte mult. */
+    int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? group : two_pass ? 16 : 0) * sl;  /* 64-byte mult. */
     float *qf = aligned_alloc(64, sizeof(float) * floats);
     if (!qf) return;
     float *acc = qf + mq * ds, *top = acc + mq * ds, *total = top + mq, *row = total + mq, *scores = row + ds;
@@ -437,9 +529,10 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
 #endif
 #ifdef __AVX512F__
         if (two_pass) {
-            block_two_pass_bf16(qf, ds, kh1 - kh0, group, kb + kh0 * k_strides[1] * item, vb + kh0 * v_strides[1] * item,
-                                k_strides[1] * item, k_strides[2] * item, v_strides[1] * item, v_strides[2] * item, m,
-                                length, scale, scores, sl, acc, dim / 16);
+            const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
+            block_two_pass_bf16(qf, ds, qb, q_strides[1], kh1 - kh0, group, kb + kh0 * k_strides[1] * item,
+                                vb + kh0 * v_strides[1] * item, k_strides[1] * item, k_strides[2] * item,
+                                v_strides[1] * item, v_strides[2] * item, m, length, scale, scores, acc, dim / 16);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
@@ -463,8 +556,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
                 const char *key = kb + (kh * k_strides[1] + l * k_strides[2]) * item;
                 const char *value = vb + (kh * v_strides[1] + l * v_strides[2]) * item;
                 for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
-                    __builtin_prefetch(key + 4 * k_strides[2] * item + at);
-                    __builtin_prefetch(value + 4 * v_strides[2] * item + at);
+                    __builtin_prefetch(key + 4 * k_strides[2] * item + at, 0, 1);
+                    __builtin_prefetch(value + 4 * v_strides[2] * item + at, 0, 1);
                 }
                 float sc[MAX_GROUP], *a0 = acc + (kh - kh0) * group * ds;
                 int64_t j0 = (kh - kh0) * group;
