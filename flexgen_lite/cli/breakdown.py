@@ -239,7 +239,7 @@ def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, h
         sdpa = 4 * rows * c.num_heads * tokens * tokens * c.head_dim * c.num_layers
         flops += sdpa
         if hw is not None and dtype in hw.sdpa_prefill:
-            seconds += sdpa / hw.sdpa_prefill[dtype]
+            seconds += sdpa / hw.prefill_attention_rate(dtype)
     return {"flops": flops, "compute_s": seconds}
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import native
+from .prefill_attention import prefill_attention, prefill_wins
 
 FLASH, EFFICIENT, MATH = SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
 BACKEND_NAMES = {FLASH: "flash", EFFICIENT: "efficient", MATH: "math", SDPBackend.CUDNN_ATTENTION: "cudnn"}
@@ -40,8 +41,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                 sparsity: float = 1.0) -> tuple[torch.Tensor, str]:
-    """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk."""
+                 sparsity: float = 1.0, native_prefill: bool = True) -> tuple[torch.Tensor, str]:
+    """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk.
+    native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the profile)."""
     decode = q.shape[2] == 1
     if sparsity < 1 and decode:
         return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2]))), "topk"
@@ -50,6 +52,10 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     if decode and q.device.type == "cpu" and q.shape[0] and native_decode_agrees():
         seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
         out = native.decode_attention(q, k, v, seen)
+        if out is not None:
+            return out, "cpu-native"
+    if not decode and native_prefill and q.device.type == "cpu" and q.shape[0] and prefill_wins(q.dtype):
+        out = prefill_attention(q, k, v, mask)
         if out is not None:
             return out, "cpu-native"
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not decode,

@@ -136,7 +136,7 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
     _int4_matmuls(s, seg, kind, rows, linears[kind])
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
-        seg.add("compute", s.nb * sdpa / hw.sdpa_prefill[s.dname], waits=False)
+        seg.add("compute", s.nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
     if not (t == 1 and graph_decode(s)):  # a captured decode step replays without the schedule's Python
         per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
         seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # measured eager on tiny models

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 from ..engine.policy import DTYPES
 from ..kernels import native
-from ..kernels.attention import attend
+from ..kernels.attention import attend, attend_named
 from ..kernels.compression import CompressionConfig, dequantize, quantize
 from ..kernels.int4_matmul import Int4Weight, native_agrees
 from ..kernels.int4_matmul import available as int4_available
+from ..kernels.prefill_attention import prefill_attention
 from ..system.devices import ComputeDevice
 
 MiB = 2**20
@@ -231,14 +232,17 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
     """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
     second), with the engine's own attention function, ungrouped and (on the CPU) over grouped-query heads."""
     dev, sync = device.device, device.synchronize
-    sdpa, attention, cpu_attention, grouped, cpu_grouped = {}, {}, {}, {}, {}
+    sdpa, native_prefill, attention, cpu_attention, grouped, cpu_grouped = {}, {}, {}, {}, {}, {}
     for name in compute_dtypes(device):
         dtype = DTYPES[name]
         b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
         q = torch.randn(b, heads, t, hd, device=dev).to(dtype)
         mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None].expand(b, 1, t, t)
-        s = timed(lambda q=q, mask=mask: attend(q, q, q, mask), sync)
+        s = timed(lambda q=q, mask=mask: attend_named(q, q, q, mask, native_prefill=False), sync)
         sdpa[name] = 4 * b * heads * t * t * hd / s
+        if not device.is_cuda and prefill_attention(q, q, q, mask) is not None:  # the C kernel, this dtype here
+            s = timed(lambda q=q, mask=mask: prefill_attention(q, q, q, mask), sync)
+            native_prefill[name] = 4 * b * heads * t * t * hd / s
         for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
             b, long = (32, 4096 // scale) if where.type == "cuda" else (8, 2048 // scale)
             position_major = out is cpu_attention  # beside a GPU it reads the cache across the link in place
@@ -250,8 +254,8 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
     for table in (sdpa, attention, cpu_attention, grouped, cpu_grouped):  # a float16 cache: bfloat16 on a CPU
         if "bfloat16" in table:
             table.setdefault("float16", table["bfloat16"])
-    return {"sdpa_prefill": sdpa, "attention": attention, "cpu_attention": cpu_attention,
-            "attention_grouped": grouped, "cpu_attention_grouped": cpu_grouped}
+    return {"sdpa_prefill": sdpa, "prefill_native": native_prefill, "attention": attention,
+            "cpu_attention": cpu_attention, "attention_grouped": grouped, "cpu_attention_grouped": cpu_grouped}
 
 
 def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,

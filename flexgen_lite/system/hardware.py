@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 PROFILE_VERSION = 7  # measured anew when the code measured changes; 7: CPU attention beside a GPU over the
-# position-major cache, its rows prefetched into L2 (1.6x); 6: the CPU's products of a few rows by the C kernels
-# apart from torch's, grouped-head decode attention; 5: the CPU's int4 products of one or two rows by the C kernel;
-# 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
+# position-major cache, its rows prefetched into L2 (1.6x), and the C prefill attention apart from torch's; 6: the
+# CPU's products of a few rows by the C kernels apart from torch's, grouped-head decode attention; 5: the CPU's
+# int4 products of one or two rows by the C kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU
+# attention beside a GPU on all cores
 
 
 @dataclass
@@ -78,6 +79,16 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of dense weights multiplied by the C kernel for a few rows
     # (native.dense_gemv, CPU); {} without it (CUDA, no compiler)
     gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # dtype -> FLOP/s of prefill attention by the C kernel (native/prefill.c, CPU, bf16), counted as
+    # `sdpa_prefill` (which then holds torch's alone); {} without it
+    prefill_native: dict[str, float] = field(default_factory=dict)
+
+    def prefill_attention_rate(self, dtype: str) -> float:
+        """FLOP/s (4 * B * heads * T^2 * hd per call) of prefill attention as the engine runs it in `dtype`."""
+        return max(self.sdpa_prefill[dtype], self.prefill_native.get(dtype, 0.0))
+
+    def prefill_native_wins(self, dtype: str) -> bool:
+        return self.prefill_native.get(dtype, 0.0) > self.sdpa_prefill.get(dtype, float("inf"))
 
     def matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float:
         """Seconds of (rows, k) @ (k, n): per measured row count a fixed cost per call plus FLOPs at that
@@ -155,7 +166,8 @@ class HardwareProfile:
             lines.append("int4 layout dequantize Gelem/s: "
                          + ", ".join(f"{k} {v / g:.2f}" for k, v in self.int4_dequantize.items()))
         lines.append("prefill attention GFLOP/s: "
-                     + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items()))
+                     + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items())
+                     + "".join(f"; C kernel {k} {v / g:.0f}" for k, v in self.prefill_native.items()))
         lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
             f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items())

@@ -3,9 +3,10 @@
 a build fails its check, callers fall back to their torch path (slower, same values).
 
 Built libraries are cached under paths.cache_dir() (~/.cache/flexgen-lite) by a hash of the source, the flags,
-the compiler and the CPU's flags, so a different machine or compiler builds its own. No OpenMP: the kernels take
-a range of their work and `parallel` hands ranges to threads that sleep when idle (a second OpenMP runtime beside
-torch's would spin against it, and against other processes, between calls).
+the compiler and the CPU's flags, so a different machine or compiler builds its own. Work is split over threads
+by each kernel's `_team` entry on torch's own OpenMP pool where the build maps torch's runtime (`team_threads`);
+otherwise the kernels take a range of their work and `parallel` hands ranges to threads that sleep when idle (a
+second OpenMP runtime beside torch's would spin against it, and against other processes, between calls).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 from ...system import paths
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c")]
-HEADERS = [Path(__file__).with_name("kinds.h")]  # included by the sources: part of what names a build
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h")]  # included: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # also the kinds of quantize's input
@@ -134,6 +135,16 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int])
+    lib.prefill_available.restype = ctypes.c_int
+    lib.prefill_available.argtypes = []
+    fn = lib.prefill_attention_team
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 \
+        + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
+    fn = lib.prefill_attention
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_float] \
+        + [ctypes.c_int64] * 2
     return lib
 
 
