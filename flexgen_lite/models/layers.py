@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..kernels import elementwise
 from ..kernels.int4_matmul import Int4Weight
 from ..kernels.small_matmul import linear as dense_linear
 from ..kernels.small_matmul import linears as dense_linears
@@ -19,6 +20,9 @@ from .config import ModelConfig
 
 def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
     if config.norm == "rmsnorm":
+        out = elementwise.rms_norm(x, w["norm.weight"], config.norm_eps) if x.device.type == "cpu" else None
+        if out is not None:
+            return out
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + config.norm_eps)
         return w["norm.weight"] * xf.to(x.dtype)
@@ -77,6 +81,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    out = elementwise.rope(x, cos, sin) if x.device.type == "cpu" else None
+    if out is not None:
+        return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -110,7 +117,8 @@ def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     act = ACTIVATIONS[config.activation]
     if config.gated_mlp:
         gate, up = linears(x, w, ("gate", "up"))
-        inner = act(gate) * up
+        # in place where the activation can be (gate is this call's own): no new tensor of (rows, ffn) twice
+        inner = F.silu(gate, inplace=True).mul_(up) if config.activation == "silu" else act(gate) * up
     else:
         inner = act(linear(x, w, "up"))
     out = h + linear(inner, w, "down")

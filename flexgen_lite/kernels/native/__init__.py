@@ -29,7 +29,7 @@ import torch
 
 from ...system import paths
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c", "elementwise.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h")]  # included: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
@@ -135,6 +135,13 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int])
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    for name, types in (("rms_norm_range", [ptr] * 3 + [i32, i64, i64, f32, i32, i64, i64]),
+                        ("rms_norm_team", [ptr] * 3 + [i32, i64, i64, i64, f32, i32, i32]),
+                        ("rope_range", [ptr] * 4 + [ctypes.c_int] + [i64] * 3 + [ptr] * 2 + [i64] * 2),
+                        ("rope_team", [ptr] * 4 + [ctypes.c_int] + [i64] * 3 + [ptr] * 2 + [i64, ctypes.c_int])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, types
     lib.prefill_available.restype = ctypes.c_int
     lib.prefill_available.argtypes = []
     fn = lib.prefill_attention_team

@@ -39,4 +39,11 @@ static inline void kind_put(void *p, int kind, int64_t i, float f) {
         ((uint16_t *)p)[i] = bf16_bits(f);
 }
 
+/* f rounded to `kind` and back to fp32 (f itself for fp32): what a torch op of that dtype leaves. */
+static inline float kind_round(float f, int kind) {
+    if (kind == KIND_F32) return f;
+    if (kind == KIND_F16) return (float)(_Float16)f;
+    return bf16_value(bf16_bits(f));
+}
+
 #endif
