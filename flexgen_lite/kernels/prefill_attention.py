@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..system.profile_store import cpu_profile
 from . import native
 
-_last: list = [None, None, None]  # (weak reference to a mask, its version, its intervals): one per prefill step
+_last: tuple = (None, -1, None)  # (weak reference to a mask, its version, its intervals): one per prefill step
 
 
 def intervals(mask: torch.Tensor | None, t: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -29,16 +29,17 @@ def intervals(mask: torch.Tensor | None, t: int, length: int) -> tuple[torch.Ten
             return None
         hi = torch.arange(t, dtype=torch.int32)[None]
         return torch.zeros_like(hi), hi
-    if _last[0] is not None and _last[0]() is mask and _last[1] == mask._version:
-        return _last[2]
+    global _last
+    ref, version, kept = _last  # one read: another thread's engine may replace it meanwhile
+    if ref is not None and ref() is mask and version == mask._version:
+        return kept
     rows = mask.reshape(mask.shape[0], t, length).to(torch.uint8)
-    lo = rows.argmax(-1)
-    hi = length - 1 - rows.flip(-1).argmax(-1)
+    lo = rows.argmax(-1).to(torch.int32).contiguous()
+    hi = (length - 1 - rows.flip(-1).argmax(-1)).to(torch.int32).contiguous()
     keys = torch.arange(length)
-    found = (lo, hi) = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
-    if not torch.equal((keys >= lo[..., None]) & (keys <= hi[..., None]), rows.bool()):
-        found = None
-    _last[:] = weakref.ref(mask), mask._version, found
+    one_interval = torch.equal((keys >= lo[..., None]) & (keys <= hi[..., None]), rows.bool())
+    found = (lo, hi) if one_interval else None
+    _last = (weakref.ref(mask), mask._version, found)
     return found
 
 
