@@ -136,6 +136,7 @@ void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *min
                int64_t group_size, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1);
 
 #ifdef __AVX512BF16__
+#define PAIR_ROWS 4  /* rows of x a pass over the block's codes takes (their sums in 16 registers) */
 /* int4_gemv's block b with bf16 rows of x (xb; xf the same values in fp32) by the CPU's bf16 dot instruction,
    two columns at a time: each row's two codes c become the bf16 pair (128 + c) (0x4300 | c: exact, and no
    conversion instruction), multiplied by the pair of x, and 128 times the group's sum of x taken off after.
@@ -144,15 +145,13 @@ static void int4_gemv_pairs(const uint8_t *packed, const _Float16 *scale, const 
                             int64_t k, int64_t group_size, const float *xf, const uint16_t *xb, int64_t rows,
                             float *out, int64_t b) {
     const __m512i bias = _mm512_set1_epi16(0x4300), low = _mm512_set1_epi16(15);
-    for (int64_t r0 = 0; r0 < rows; r0 += 2) {
-        int64_t nr = rows - r0 < 2 ? rows - r0 : 2;
-        __m512 acc[2][4];
-        for (int r = 0; r < 2; r++)
-            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t r0 = 0; r0 < rows; r0 += PAIR_ROWS) {
+        int64_t nr = rows - r0 < PAIR_ROWS ? rows - r0 : PAIR_ROWS;
+        for (int64_t r = 0; r < nr; r++) memset(out + (r0 + r) * n + b * 64, 0, 64 * sizeof(float));
         for (int64_t g0 = 0; g0 < k; g0 += group_size) {
-            __m512 part[2][4];
-            float xsum[2] = {0, 0};
-            for (int r = 0; r < 2; r++)
+            __m512 part[PAIR_ROWS][4];  /* the group's sums in registers; the totals in `out` (L1) */
+            float xsum[PAIR_ROWS] = {0};
+            for (int r = 0; r < PAIR_ROWS; r++)
                 for (int i = 0; i < 4; i++) part[r][i] = _mm512_setzero_ps();
             for (int64_t col = g0; col < g0 + group_size; col += 2) {
                 const uint8_t *s0 = packed + (b * k + col) * 32, *s1 = s0 + 32;
@@ -165,7 +164,8 @@ static void int4_gemv_pairs(const uint8_t *packed, const _Float16 *scale, const 
                 c[1] = (__m512bh)_mm512_or_si512(_mm512_and_si512(w1, low), bias);
                 c[2] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w0, 4), bias);
                 c[3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w1, 4), bias);
-                for (int r = 0; r < nr; r++) {
+                for (int r = 0; r < PAIR_ROWS; r++) {
+                    if (r >= nr) break;
                     uint32_t pair;
                     memcpy(&pair, xb + (r0 + r) * k + col, 4);
                     __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
@@ -177,15 +177,15 @@ static void int4_gemv_pairs(const uint8_t *packed, const _Float16 *scale, const 
             for (int i = 0; i < 4; i++) {
                 __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16 * i)));
                 __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + 16 * i)));
-                for (int r = 0; r < nr; r++) {
+                for (int r = 0; r < PAIR_ROWS; r++) {
+                    if (r >= nr) break;
+                    float *total = out + (r0 + r) * n + b * 64 + 16 * i;
                     __m512 xs = _mm512_set1_ps(xsum[r]);
                     __m512 codes = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), xs, part[r][i]);  /* sum of code * x */
-                    acc[r][i] = _mm512_fmadd_ps(mv, xs, _mm512_fmadd_ps(codes, sv, acc[r][i]));
+                    _mm512_storeu_ps(total, _mm512_fmadd_ps(mv, xs, _mm512_fmadd_ps(codes, sv, _mm512_loadu_ps(total))));
                 }
             }
         }
-        for (int r = 0; r < nr; r++)
-            for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + (r0 + r) * n + b * 64 + 16 * i, acc[r][i]);
     }
 }
 #endif
