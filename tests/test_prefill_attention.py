@@ -95,11 +95,14 @@ def test_a_mask_edited_in_place_is_read_again():
 
 
 @needs_kernel
-def test_threads_split_the_work_and_change_no_value(monkeypatch):
-    q, k, v, mask = _case((3, 6, 2, 40, 40, 64))
+@pytest.mark.parametrize("threads", [4, 64], ids=["4-threads", "64-threads"])
+def test_threads_split_the_work_and_change_no_value(monkeypatch, threads):
+    """On the Python pool's ranges instead of OpenMP's, and with each head's rows dealt to several items (64
+    threads for 2 sequences of 4 heads): the same bytes."""
+    q, k, v, mask = _case((2, 4, 2, 70, 70, 64))
     one = prefill.prefill_attention(q, k, v, mask)
-    monkeypatch.setattr(native, "team_threads", lambda: 0)  # the Python pool's ranges instead of OpenMP's
-    monkeypatch.setattr(native, "threads", lambda: 4)
+    monkeypatch.setattr(native, "team_threads", lambda: 0)
+    monkeypatch.setattr(native, "threads", lambda: threads)
     monkeypatch.setattr(native, "MIN_WORK", 1)
     assert torch.equal(prefill.prefill_attention(q, k, v, mask), one)
 

@@ -61,13 +61,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lo, hi = (x.expand(b, t).contiguous() for x in found)
     out = torch.empty(b, heads, t, d, dtype=q.dtype)
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:3]) for x in (q, k, v, out)]
+    threads = native.threads()
+    # each (sequence, head)'s blocks of 16 query rows dealt to `splits` items: ~4 items a thread at least
+    splits = max(1, min(-(-t // 16), -(-4 * threads // (b * heads))))
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lo.data_ptr(), hi.data_ptr(), out.data_ptr(), heads, kv_heads, t,
-            length, d, *strides, 1.0 / math.sqrt(d))
-    team = native.team_threads()
+            length, d, *strides, 1.0 / math.sqrt(d), splits)
+    items, team = b * heads * splits, native.team_threads()
     if team:
-        lib.prefill_attention_team(*args, b * heads, team)
+        lib.prefill_attention_team(*args, items, team)
     else:
-        native.parallel(lambda begin, end: lib.prefill_attention(*args, begin, end), b * heads,
+        native.parallel(lambda begin, end: lib.prefill_attention(*args, begin, end), items,
                         cost=b * heads * t * length * d)
     return out
 

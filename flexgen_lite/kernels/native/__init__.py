@@ -147,11 +147,11 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.prefill_attention_team
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 \
-        + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
+        + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     fn = lib.prefill_attention
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_float] \
-        + [ctypes.c_int64] * 2
+        + [ctypes.c_int64] * 3
     return lib
 
 

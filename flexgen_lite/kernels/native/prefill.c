@@ -114,13 +114,15 @@ static void row_block(const uint16_t *q, int64_t qs, const uint16_t *k, int64_t 
 }
 #endif
 
-/* Work items [begin, end) of batch * heads: (b, h) over kv head h / (heads / kv_heads). q (b, h, i, :) at q +
-   b * qst[0] + h * qst[1] + i * qst[2] elements (k, v, out alike; the last dimension contiguous); lo, hi (b, i)
-   at b * t + i. Returns without work where the CPU lacks the instructions (the caller checks prefill_available). */
+/* Work items [begin, end) of batch * heads * splits: (b, h) over kv head h / (heads / kv_heads), its blocks of
+   query rows dealt out to `splits` items in turn (more items than sequences and heads for many cores; in turn,
+   as causal rows cost more the later they come). q (b, h, i, :) at q + b * qst[0] + h * qst[1] + i * qst[2]
+   elements (k, v, out alike; the last dimension contiguous); lo, hi (b, i) at b * t + i. Returns without work
+   where the CPU lacks the instructions (the caller checks prefill_available). */
 void prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *lo, const int32_t *hi,
                        uint16_t *out, int64_t heads, int64_t kv_heads, int64_t t, int64_t length, int64_t dim,
                        const int64_t *qst, const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale,
-                       int64_t begin, int64_t end) {
+                       int64_t splits, int64_t begin, int64_t end) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     int64_t group = heads / kv_heads, padded = (length + 1) / 2 * 2;
     uint32_t *vp = aligned_alloc(64, (padded / 2 * dim + dim / 2 * ROWS) * sizeof(uint32_t) + 64);
@@ -129,13 +131,13 @@ void prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
         uint32_t *qt = vp + padded / 2 * dim;
         int64_t made = -1;  /* the (b, kv head) whose values vp holds */
         for (int64_t it = begin; it < end; it++) {
-            int64_t b = it / heads, h = it % heads, kh = h / group;
+            int64_t b = it / splits / heads, h = it / splits % heads, kh = h / group, part = it % splits;
             const uint16_t *kb = k + b * kst[0] + kh * kst[1], *vb = v + b * vst[0] + kh * vst[1];
             if (b * kv_heads + kh != made) {
                 interleave_values(vp, vb, vst[2], length, dim);
                 made = b * kv_heads + kh;
             }
-            for (int64_t i0 = 0; i0 < t; i0 += ROWS)
+            for (int64_t i0 = part * ROWS; i0 < t; i0 += splits * ROWS)
                 row_block(q + b * qst[0] + h * qst[1], qst[2], kb, kst[2], vp, lo + b * t, hi + b * t, i0, t, dim,
                           scale, out + b * ost[0] + h * ost[1], ost[2], qt, ot);
         }
@@ -144,7 +146,7 @@ void prefill_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
     free(ot);
 #else
     (void)q, (void)k, (void)v, (void)lo, (void)hi, (void)out, (void)heads, (void)kv_heads, (void)t, (void)length;
-    (void)dim, (void)qst, (void)kst, (void)vst, (void)ost, (void)scale, (void)begin, (void)end;
+    (void)dim, (void)qst, (void)kst, (void)vst, (void)ost, (void)scale, (void)splits, (void)begin, (void)end;
 #endif
 }
 
@@ -161,10 +163,10 @@ int prefill_available(void) {
 void prefill_attention_team(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *lo,
                             const int32_t *hi, uint16_t *out, int64_t heads, int64_t kv_heads, int64_t t,
                             int64_t length, int64_t dim, const int64_t *qst, const int64_t *kst, const int64_t *vst,
-                            const int64_t *ost, float scale, int64_t items, int threads) {
+                            const int64_t *ost, float scale, int64_t splits, int64_t items, int threads) {
     int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
     for (int64_t r = 0; r < ranges; r++)
-        prefill_attention(q, k, v, lo, hi, out, heads, kv_heads, t, length, dim, qst, kst, vst, ost, scale, r * step,
-                          (r + 1) * step < items ? (r + 1) * step : items);
+        prefill_attention(q, k, v, lo, hi, out, heads, kv_heads, t, length, dim, qst, kst, vst, ost, scale, splits,
+                          r * step, (r + 1) * step < items ? (r + 1) * step : items);
 }
