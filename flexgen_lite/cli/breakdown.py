@@ -215,7 +215,7 @@ def step_linears(config, rows: int, tokens: int, batches: int = 1) -> list[tuple
     h, w, f, v = c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
     q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_layer = [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)]
-    per_layer += [(h, f)] * (3 if c.gated_mlp else 1) + [(f, h)]
+    per_layer += [(h, f)] * (2 if c.gated_mlp else 1) + [(f, h)]  # gate and up; down
     head = [(w, v)] + [(h, w)] * (w != h)
     embed = [(w, h)] * (w != h)
     batch_rows = max(rows, 1) / batches

@@ -125,7 +125,7 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
     rows = s.gbs * (1 if kind == "head" else t)
     linears = {"embed": [(w, h)] * (w != h),
                "attention": [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)],
-               "mlp": [(h, f)] * (3 if c.gated_mlp else 1) + [(f, h)],
+               "mlp": [(h, f)] * (2 if c.gated_mlp else 1) + [(f, h)],  # gate and up; down
                "head": [(w, v)] + [(h, w)] * (w != h)}  # (in, out) of each matmul
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
