@@ -24,6 +24,7 @@ from ..engine.trace import (
     Span,
     StepMark,
 )
+from ..models.specs import matmul_shapes
 
 IO_PREFIXES = ("weight load", "cache load", "cache store", "activation")
 GB = 1e9
@@ -211,16 +212,11 @@ def profile_rates(hw, dtype: str, cuda: bool, cold_disk: bool, pin_weight: bool 
 def step_linears(config, rows: int, tokens: int, batches: int = 1) -> list[tuple[float, int, int, int]]:
     """The matmuls of one step as (rows, k, n, how many): each layer's projections and MLP, the embedding's and
     the head's (last position only) projections, for `batches` GPU batches sharing `rows`."""
-    c = config
-    h, w, f, v = c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)]
-    per_layer += [(h, f)] * (2 if c.gated_mlp else 1) + [(f, h)]  # gate and up; down
-    head = [(w, v)] + [(h, w)] * (w != h)
-    embed = [(w, h)] * (w != h)
+    shapes = matmul_shapes(config)
+    per_layer, head, embed = shapes["attention"] + shapes["mlp"], shapes["head"], shapes["embed"]
     batch_rows = max(rows, 1) / batches
     return [(m, k, n, times * batches)
-            for linears, m, times in ((per_layer, batch_rows * tokens, c.num_layers),
+            for linears, m, times in ((per_layer, batch_rows * tokens, config.num_layers),
                                       (embed, batch_rows * tokens, 1), (head, batch_rows, 1))
             for k, n in linears]
 

@@ -56,3 +56,20 @@ def layer_specs(config: ModelConfig) -> list[LayerSpec]:
         layers.append(_layer(config, "mlp", i, family.mlp_names(config, i)))
     layers.append(_layer(config, "head", -1, family.head_names(config)))
     return layers
+
+
+LOOKUPS = ("tokens", "positions")  # 2-D weights read by index (embeddings), not multiplied
+
+
+def matmuls(layer: LayerSpec) -> list[tuple[int, int]]:
+    """(in, out) of each matmul of a layer, read off its weights: what the cost model and --breakdown count (a
+    gated MLP's three, OPT's projections in and out, the head's)."""
+    return [(w.shape[1], w.shape[0]) for w in layer.weights if len(w.shape) == 2 and w.name not in LOOKUPS]
+
+
+def matmul_shapes(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
+    """`matmuls` of each layer kind (embed, attention, mlp, head)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for layer in layer_specs(config):
+        out.setdefault(layer.kind, matmuls(layer))
+    return out

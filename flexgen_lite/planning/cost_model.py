@@ -27,7 +27,7 @@ from ..engine.weights import DECODER_KINDS
 from ..kernels.int4_cost import int4_cost
 from ..kernels.int4_matmul import layout_fits
 from ..models.config import ModelConfig
-from ..models.specs import LayerSpec
+from ..models.specs import LayerSpec, matmuls
 from ..system.hardware import HardwareProfile
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
@@ -120,20 +120,16 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
 def _compute(s: Setup, kind: str, t: int) -> Seg:
     """Layer math of all GPU batches (models/layers.py), t new tokens per row."""
     seg, hw, c = Seg(), s.hw, s.config
-    h, w, f, v = c.hidden_size, c.word_dim, c.intermediate_size, c.vocab_size
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     rows = s.gbs * (1 if kind == "head" else t)
-    linears = {"embed": [(w, h)] * (w != h),
-               "attention": [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)],
-               "mlp": [(h, f)] * (2 if c.gated_mlp else 1) + [(f, h)],  # gate and up; down
-               "head": [(w, v)] + [(h, w)] * (w != h)}  # (in, out) of each matmul
+    linears = matmuls(s.kinds[kind])  # (in, out) of each, read off the layer's weights
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
-    dense = [(k, n) for k, n in linears[kind] if not kernel_weight(s, kind, (n, k))]
-    matmuls = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in dense)
-    seg.add("compute", s.nb * (matmuls + passes[kind] / bw), waits=False)
-    _int4_matmuls(s, seg, kind, rows, linears[kind])
+    dense = [(k, n) for k, n in linears if not kernel_weight(s, kind, (n, k))]
+    dense_s = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in dense)
+    seg.add("compute", s.nb * (dense_s + passes[kind] / bw), waits=False)
+    _int4_matmuls(s, seg, kind, rows, linears)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
         seg.add("compute", s.nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
