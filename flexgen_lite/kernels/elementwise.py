@@ -12,6 +12,7 @@ import torch
 from . import native
 
 TEAM_WORK = 1 << 16  # elements below which a call runs on the calling thread (a decode step's rows)
+TORCH_GRAIN = 32768  # a single row this long torch sums on several threads: another order (left to torch)
 
 
 @functools.cache
@@ -56,7 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if not _ready(x, weight) or weight.shape != (n,) or not weight.is_contiguous() or x.numel() == 0:
         return None
     width = torch_lanes()
-    return _rms_norm(x, weight, eps, width) if width and n >= width else None
+    return _rms_norm(x, weight, eps, width) if width and width <= n < TORCH_GRAIN else None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, width: int) -> torch.Tensor | None:
