@@ -136,22 +136,16 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int])
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    prefill = [ptr] * 6 + [i64] * 5 + [ptr] * 4 + [f32, i64]  # q k v lo hi out, shapes, strides, scale, splits
     for name, types in (("rms_norm_range", [ptr] * 3 + [i32, i64, i64, f32, i32, i64, i64]),
                         ("rms_norm_team", [ptr] * 3 + [i32, i64, i64, i64, f32, i32, i32]),
-                        ("rope_range", [ptr] * 4 + [ctypes.c_int] + [i64] * 3 + [ptr] * 2 + [i64] * 2),
-                        ("rope_team", [ptr] * 4 + [ctypes.c_int] + [i64] * 3 + [ptr] * 2 + [i64, ctypes.c_int])):
+                        ("rope_range", [ptr] * 4 + [i32] + [i64] * 3 + [ptr] * 2 + [i64] * 2),
+                        ("rope_team", [ptr] * 4 + [i32] + [i64] * 3 + [ptr] * 2 + [i64, i32]),
+                        ("prefill_attention", prefill + [i64] * 2),
+                        ("prefill_attention_team", prefill + [i64, i32])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, types
-    lib.prefill_available.restype = ctypes.c_int
-    lib.prefill_available.argtypes = []
-    fn = lib.prefill_attention_team
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 \
-        + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    fn = lib.prefill_attention
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_float] \
-        + [ctypes.c_int64] * 3
+    lib.prefill_available.restype, lib.prefill_available.argtypes = ctypes.c_int, []
     return lib
 
 

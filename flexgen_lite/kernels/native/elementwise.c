@@ -13,7 +13,6 @@
 
 #include "kinds.h"
 
-#define LANES 16
 
 #define INLINE static inline __attribute__((always_inline))
 

@@ -23,7 +23,6 @@
 
 #define ROWS 16  /* query rows per block: the vector lanes */
 #define KEYS 16  /* keys per block */
-#define MAX_DIM 256
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 /* vp[(j / 2) * dim + d] = (v[j][d], v[j + 1][d]) as bf16 pairs for j < length (a missing last key: 0). */
