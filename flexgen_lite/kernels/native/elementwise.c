@@ -13,7 +13,6 @@
 
 #include "kinds.h"
 
-
 #define INLINE static inline __attribute__((always_inline))
 
 /* The sum of x[i]^2 over a row of n values in torch's order (ATen's cascade_sum over a contiguous row, which
