@@ -62,3 +62,24 @@ def test_the_c_kernels_run_on_torchs_own_openmp_runtime_or_none():
         assert native.team_threads() == (native.threads() if "gomp" in linked.stdout else 0)
     else:
         assert native.team_threads() == 0, runtimes
+
+
+BUILD_AND_MAP = """
+import os, sys
+from pathlib import Path
+from flexgen_lite.kernels import native
+assert native.library() is not None
+print([line for line in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines() if "kernels-" in line][0])
+"""
+
+
+def test_processes_building_the_kernels_at_once_build_them_once(tmp_path):
+    """Two processes with an empty cache (pytest's workers on a fresh machine): one builds, the other waits and
+    loads the same file; neither has its library replaced under it (mapped from a deleted file)."""
+    env = {**os.environ, "FLEXGEN_LITE_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_AND_MAP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert all("(deleted)" not in out for out, _ in outs), outs
+    assert len(list((tmp_path / "native").glob("kernels-*.so"))) == 1

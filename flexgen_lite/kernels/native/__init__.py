@@ -12,6 +12,7 @@ second OpenMP runtime beside torch's would spin against it, and against other pr
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import math
@@ -60,7 +61,7 @@ def _build(cc: str, out: Path) -> bool:
         result = subprocess.run([cc, *FLAGS, *extra, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True,
                                 text=True)
         if result.returncode == 0:
-            os.replace(tmp, out)  # atomic: concurrent processes each build and the last one wins
+            os.replace(tmp, out)  # atomic: no process finds it half written
             return True
     tmp.unlink(missing_ok=True)
     return False
@@ -81,8 +82,10 @@ def library() -> ctypes.CDLL | None:
     path = cache / f"kernels-{key}.so"
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        if not path.exists() and not _build(cc, path):
-            return None
+        with open(cache / f".kernels-{key}.lock", "w") as lock:  # one process builds, the others wait for it:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second build replacing the file would unmap it from the first
+            if not path.exists() and not _build(cc, path):
+                return None
         lib = ctypes.CDLL(str(path))
     except OSError:
         try:  # a read-only cache: build into a temporary directory for this process
