@@ -28,6 +28,7 @@ from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from .activations import Activations
 from .block import Block
 from .cache_attention import attend_part, rows_in_part, scatter_rows
+from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
 from .kv_cache import CacheSlots, KVCache
 from .policy import Policy
@@ -76,6 +77,9 @@ class Engine:
         # weights are resident; True on a CPU (tests) runs the same step eagerly
         self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.inv_freq, ledger)
         self.static_decode = device.is_cuda and graphs_wanted()
+        # on a CPU, a Llama-family decode step's layers in one C call where everything is in memory (decode_fused.py)
+        self.fused = FusedDecode(config, policy, specs, weights, self.resident, device, dtype, self.inv_freq)
+        self.fused_decode = self.fused.possible
 
     @contextlib.contextmanager
     def tracing(self, trace: Recorder | NullRecorder):
@@ -146,8 +150,11 @@ class Engine:
     def _step(self, block: Block, step: int, acts: Activations, sampling) -> None:
         start, t = block.step_span(step)
         batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
-        if step > 0 and self.static_decode:
+        if step > 0 and (self.static_decode or self.fused_decode):
             batches = [b for b in batches if not self._static_batch(block, b, step, start, sampling)]
+            if not batches:
+                block.end_step()
+                return
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
         self._cache_loads: dict[tuple[int, int], Future] = {}
         weights_next, releases = self._prefetch_weights(0), []
@@ -195,12 +202,13 @@ class Engine:
         block.end_step()
 
     def _static_batch(self, block: Block, b: int, step: int, start: int, sampling) -> bool:
-        """Batch b's whole decode step at once from static buffers (a CUDA graph's replay), when it can run so;
-        False: it did not, the schedule below computes it."""
-        if not self.static.usable(block, b, self.cache, self._in_place[b], self.acts):
+        """Batch b's whole decode step at once (a CUDA graph's replay, or on a CPU its layers in one C call),
+        when it can run so; False: it did not, the schedule below computes it."""
+        runner = self.static if self.static_decode else self.fused
+        if not runner.usable(block, b, self.cache, self._in_place[b], self.acts):
             return False
         with self.trace.span(COMPUTE, stream=COMPUTE_LANE):
-            done = self.static.run(self.cache, block, b, start)
+            done = runner.run(self.cache, block, b, start)
             if done is None:
                 return False
             logits, kernel = done
@@ -382,6 +390,7 @@ class Engine:
         """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""
         self.cache = None
         self.static.reset()
+        self.fused.reset()
         self.cache_slots.buffers.clear()
         if self.device.is_cuda:
             torch.cuda.empty_cache()  # what they held counts as free for mem_get_info again

@@ -30,7 +30,8 @@ import torch
 
 from ...system import paths
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c", "elementwise.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c", "elementwise.c",
+                                                          "decode_layer.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h")]  # included: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
@@ -145,10 +146,14 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                         ("rope_range", [ptr] * 4 + [i32] + [i64] * 3 + [ptr] * 2 + [i64] * 2),
                         ("rope_team", [ptr] * 4 + [i32] + [i64] * 3 + [ptr] * 2 + [i64, i32]),
                         ("prefill_attention", prefill + [i64] * 2),
-                        ("prefill_attention_team", prefill + [i64, i32])):
+                        ("prefill_attention_team", prefill + [i64, i32]),
+                        ("decode_layers", [ptr, i64, ptr]),  # structs: kernels/decode_layers.py
+                        ("decode_silu_mul", [ptr, ptr, i32, i64, ptr, i32, i64, i64])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, types
     lib.prefill_available.restype, lib.prefill_available.argtypes = ctypes.c_int, []
+    lib.decode_layer_exp_lanes.restype, lib.decode_layer_exp_lanes.argtypes = ctypes.c_int, []
+    lib.decode_layer_scratch.restype, lib.decode_layer_scratch.argtypes = ctypes.c_int64, [ptr]
     return lib
 
 
@@ -307,8 +312,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
     out = torch.empty(b, heads, 1, d, dtype=q.dtype)
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:2], x.stride(2)) for x in (q, k, v, out)]
-    group = heads // kv_heads  # kv heads walked together: several where a position's rows of them are adjacent
-    block = min(kv_heads, max(1, MAX_Q // group)) if k.stride(2) > k.stride(1) else 1
+    block = attention_block(kv_heads, heads // kv_heads, k)
 
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), OUT_KIND[q.dtype], b, heads,
             kv_heads, length, d, strides[0], strides[1], strides[2], length, strides[3], 1.0 / math.sqrt(d), block)
@@ -318,6 +322,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     else:
         parallel(lambda begin, end: lib.decode_attention(*args, begin, end), items, cost=b * heads * length * d)
     return out
+
+
+def attention_block(kv_heads: int, group: int, k: torch.Tensor) -> int:
+    """kv heads attention.c walks together over the cache k: several where a position's rows of them are
+    adjacent (position-major), one at a time where they are apart (head-major)."""
+    return min(kv_heads, max(1, MAX_Q // group)) if k.stride(2) > k.stride(1) else 1
 
 
 MAX_Q = 16  # query heads per work item of attention.c, for position-major caches

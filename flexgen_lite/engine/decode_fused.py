@@ -1,0 +1,168 @@
+"""A decode step of one batch with its decoder layers in one C call, on a CPU (the CPU's counterpart of
+decode_graph.py's CUDA graphs).
+
+At a few rows a Llama-family layer is ~1 ms of memory reads, and the eager schedule spends about as long again
+in Python and dispatch (~25 ops and C calls a layer). Here the embedding and the head stay torch's; every layer
+runs in native/decode_layer.c, which calls the same kernels the eager path calls, in the same order, with the
+same roundings: the logits are the eager path's, bit for bit (tests/test_decode_fused.py).
+
+It runs where every product would be the C kernels' in the eager path too (dense gemv or the int4 codes' gemv at
+this many rows, by the profile), with every weight in memory (dense, or 4-bit codes for the int4 kernel), the
+batch's cache one uncompressed part attended in place, all its rows still generating, and SiLU's bits
+reproducible here (decode_layers.silu_exact). Anything else takes the eager path. FLEXGEN_LITE_FUSED_DECODE=0
+turns it off."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import decode_layers as D
+from ..kernels import elementwise, native
+from ..kernels.attention import native_decode_agrees
+from ..kernels.int4_cost import int4_path
+from ..kernels.int4_matmul import Int4Weight, codes_gemv_wins
+from ..kernels.small_matmul import gemv_wins
+from ..models import layers as L
+
+ENV = "FLEXGEN_LITE_FUSED_DECODE"  # "0": never
+KERNEL = "fused+cpu-native"  # the step's attention kernel, as --breakdown reports it
+NAMES = {"norm.weight", *(f"{m}.{p}" for m in D.MATRIX_NAMES for p in ("weight", "bias"))}
+
+
+def fused_wanted() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def config_fits(config) -> bool:
+    """A pre-norm Llama-family layer: RMSNorm, rotary (or no) positions, a SiLU-gated MLP."""
+    return (config.norm == "rmsnorm" and config.pre_norm and config.gated_mlp and config.activation == "silu"
+            and config.positions in ("rope", "none"))
+
+
+def layer_weights(specs, weights: list[dict]) -> list[dict] | None:
+    """Per decoder layer, its attention and MLP weights merged (attention's norm as "attn_norm"), each a tensor
+    in memory or an Int4Weight of codes in memory; None when one is elsewhere (offloaded, or compressed
+    otherwise) or has a name decode_layer.c does not take."""
+    out = []
+    for spec, stored in zip(specs, weights, strict=True):
+        if spec.kind not in ("attention", "mlp"):
+            continue
+        found = {}
+        for name, t in stored.items():
+            if name not in NAMES:
+                return None
+            if t.resident:
+                found[name] = t.data
+            elif t.int4 and t.tier == "gpu" and t.mapped is None:
+                found[name] = t.int4_weight()
+            else:
+                return None
+        if spec.kind == "attention":
+            found["attn_norm"] = found.pop("norm.weight")
+            out.append(found)
+        else:
+            out[-1].update(found)
+    return out
+
+
+@dataclass
+class _Batch:
+    cache: object  # the KVCache whose tensors the layers write and read
+    layers: ctypes.Array  # D.Layer per decoder layer
+    step: D.Step
+    held: list  # what the structs point into and nothing else keeps alive (the scratch)
+
+
+class FusedDecode:
+    """Decode steps of whole batches through native/decode_layer.c (module note)."""
+
+    def __init__(self, config, policy, specs, weights, resident: list, device, dtype: torch.dtype, inv_freq) -> None:
+        """weights: per layer its StoredWeights; resident: per layer its tensors, or None (engine.resident)."""
+        self.config, self.policy, self.specs, self.dtype, self.inv_freq = config, policy, specs, dtype, inv_freq
+        self.layers = layer_weights(specs, weights) if config_fits(config) else None
+        self.embed, self.head = resident[0], resident[-1]
+        self.possible = (fused_wanted() and device.device.type == "cpu" and self.layers is not None
+                         and self.embed is not None and self.head is not None and policy.attn_sparsity == 1
+                         and native.library() is not None and dtype in native.OUT_KIND)
+        self.batches: dict[int, _Batch] = {}
+        self._rows_ok: dict[int, bool] = {}
+
+    def reset(self) -> None:
+        self.batches.clear()
+
+    def usable(self, block, b: int, cache, in_place: bool, acts) -> bool:
+        """Whether batch b's decode step can run here (the module note's conditions)."""
+        if not self.possible or block.active_rows(b) is not None or not in_place or not acts._in_place(acts.tiers[b]):
+            return False
+        parts = cache.parts[0][b]
+        if len(parts) != 1 or not parts[0].direct or parts[0].on_cpu:
+            return False
+        k = parts[0].k.tensor
+        if not isinstance(k, torch.Tensor) or k.dtype != self.dtype or k.device.type != "cpu" or k.stride(-1) != 1:
+            return False
+        return self._rows_native(k.shape[0])
+
+    def _rows_native(self, rows: int) -> bool:
+        """Whether at `rows` rows the eager path runs every op of a layer by the kernels decode_layer.c calls."""
+        if rows not in self._rows_ok:
+            width = elementwise.torch_lanes()
+            self._rows_ok[rows] = (native.team_threads() > 0 and native_decode_agrees() and D.silu_exact(self.dtype)
+                                   and width and width <= self.config.hidden_size < elementwise.TORCH_GRAIN
+                                   and all(self._product_native(layer[f"{name}.weight"], rows)
+                                           for layer in self.layers for name in D.MATRIX_NAMES))
+        return self._rows_ok[rows]
+
+    def _product_native(self, w, rows: int) -> bool:
+        if isinstance(w, Int4Weight):
+            return (w.tiles is None and codes_gemv_wins(self.dtype, rows, *w.shape)
+                    and int4_path(w, rows, self.dtype, None, self.policy.num_gpu_batches) == "kernel")
+        return w.dtype == self.dtype and w.is_contiguous() and gemv_wins(self.dtype, rows, *w.shape)
+
+    def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str]:
+        """Batch b's logits (rows, vocab) for the tokens at `start`, and the kernel name."""
+        s = self.batches.get(b)
+        if s is None or s.cache is not cache:
+            s = self.batches[b] = self._build(cache, b)
+        cfg = self.config
+        positions = block.positions(b, start, 1)
+        h = L.embed(self.embed, block.tokens[block.rows(b), start:start + 1], positions, cfg).contiguous()
+        mask = block.mask(b, start, 1).contiguous()  # (rows, 1, 1, start + 1)
+        step = s.step
+        step.h, step.mask, step.mask_stride, step.start = h.data_ptr(), mask.data_ptr(), start + 1, start
+        cos = sin = None
+        if self.inv_freq is not None:
+            cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        step.cos, step.sin = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
+        step.threads = native.team_threads()
+        step.silu_chunk = D.silu_chunk(h.shape[0] * cfg.intermediate_size, torch.get_num_threads())
+        native.library().decode_layers(ctypes.addressof(s.layers), len(s.layers), ctypes.addressof(step))
+        return L.head(self.head, h[:, -1], cfg), KERNEL
+
+    def _build(self, cache, b: int) -> _Batch:
+        cfg, kind = self.config, native.OUT_KIND[self.dtype]
+        fn, lanes, exp_step = D.torch_exp()
+        layers = (D.Layer * len(self.layers))()
+        attention = [spec.index for spec in self.specs if spec.kind == "attention"]
+        for layer, w, index in zip(layers, self.layers, attention, strict=True):
+            part = cache.parts[index][b][0]
+            k, v = part.k.tensor, part.v.tensor
+            layer.kind, layer.norm_width, layer.exp_lanes = kind, elementwise.torch_lanes(), lanes
+            layer.rows, layer.hidden, layer.ffn = k.shape[0], cfg.hidden_size, cfg.intermediate_size
+            layer.heads, layer.kv_heads, layer.dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            layer.eps, layer.scale = cfg.norm_eps, 1.0 / math.sqrt(cfg.head_dim)
+            layer.attn_norm, layer.mlp_norm = w["attn_norm"].data_ptr(), w["norm.weight"].data_ptr()
+            for i, name in enumerate(D.MATRIX_NAMES):
+                layer.m[i] = D.matrix(w[f"{name}.weight"], w.get(f"{name}.bias"))
+            layer.k_cache, layer.v_cache = k.data_ptr(), v.data_ptr()
+            layer.k_strides[:], layer.v_strides[:] = k.stride()[:3], v.stride()[:3]
+            layer.block = native.attention_block(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, k)
+            layer.exp_fn, layer.exp_step = fn, max(exp_step, 1)
+        scratch = torch.empty(native.library().decode_layer_scratch(ctypes.addressof(layers[0])), dtype=torch.uint8)
+        for layer in layers:
+            layer.work = scratch.data_ptr()  # the layers run one after another: one scratch
+        return _Batch(cache, layers, D.Step(), [scratch])
