@@ -1,0 +1,211 @@
+"""A CPU decode step's layers in one C call (engine/decode_fused.py, native/decode_layer.c): the eager path's
+logits bit for bit, transformers' tokens and logits; used only where every op would be the C kernels' anyway;
+its SiLU torch's own bits on every vector width torch may pick."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flexgen_lite.kernels.int4_cost as int4_cost
+import flexgen_lite.kernels.small_matmul as small_matmul
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.engine import decode_fused
+from flexgen_lite.kernels import decode_layers
+from flexgen_lite.system import profile_store
+
+from .conftest import PROMPTS, make_checkpoint, other_native_build, synthetic_profile
+from .test_parity import LOGITS_ATOL
+
+G = 1e9
+FEW = (1, 2, 4)  # rows at which the test profile has the few-row kernels win
+SAMPLING = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+LLAMAS = ["llama", "llama3", "qwen2", "mistral"]  # grouped heads, scaled rope, q/k/v biases and tied head, plain
+EIGHT = [*PROMPTS, [2, 5, 6]]  # two blocks of 2 x 2 rows, no filler row (a batch with one runs eager)
+
+
+def _forget_profile() -> None:
+    for cached in (profile_store.cpu_profile, small_matmul.gemv_wins, int4_cost._choose):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def few_rows_kernels(tmp_path, monkeypatch):
+    """A profile in which the C kernels multiply up to 4 rows faster than torch (dense and 4-bit), as this VM's
+    own profile has them: the eager path runs them, and the fused step may."""
+    few = {dt: [(m, 60 * G, 0.0) for m in FEW] for dt in ("float32", "bfloat16", "float16")}
+    hw = dataclasses.replace(synthetic_profile(), gemv=few, int4_gemv={"bfloat16": few["bfloat16"]},
+                             int4_matmul={"bfloat16": [(1, 5 * G, 1e-5), (64, 40 * G, 1e-5)]})
+    path = tmp_path / "profile.json"
+    path.write_text(hw.to_json())
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
+    _forget_profile()
+    yield hw
+    _forget_profile()
+
+
+def P(gbs=2, nb=2, dtype="float32", percent=(100, 0, 100, 0, 100, 0), **kw) -> Policy:
+    w_g, w_c, c_g, c_c, a_g, a_c = percent
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=nb, weight_gpu_percent=w_g, weight_cpu_percent=w_c,
+                  cache_gpu_percent=c_g, cache_cpu_percent=c_c, act_gpu_percent=a_g, act_cpu_percent=a_c,
+                  dtype=dtype, **kw)
+
+
+def generate(model_dir, policy: Policy, fused: bool, prompts=PROMPTS, sampling=SAMPLING):
+    """(ids, logits, the attention kernels of each step) with the fused step allowed or not."""
+    with FlexGenLite(str(model_dir), policy=policy) as m:
+        m.engine.fused_decode = fused and m.engine.fused_decode
+        ids, logits = m.generate_ids(prompts, sampling, return_logits=True)
+        return ids, logits, m.engine.times.attention
+
+
+def assert_identical(a, b) -> None:
+    assert a[0] == b[0]
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("family", LLAMAS)
+def test_the_fused_step_gives_the_eager_paths_logits_bit_for_bit(tiny_models, few_rows_kernels, family, dtype):
+    """Padded rows of several lengths, two batches of a block, every decode step fused."""
+    fused = generate(tiny_models[family][0], P(dtype=dtype), True, EIGHT)
+    assert fused[2][1:] == [decode_fused.KERNEL] * 7
+    eager = generate(tiny_models[family][0], P(dtype=dtype), False, EIGHT)
+    assert eager[2][1:] == ["cpu-native"] * 7
+    assert_identical(fused, eager)
+
+
+@pytest.mark.parametrize("family", LLAMAS)
+def test_the_fused_step_matches_transformers(tiny_models, references, few_rows_kernels, family):
+    """Seven prompts in 2 x 4 rows: the batch with the filler row runs eager, the other fused."""
+    ids, logits, kernels = generate(tiny_models[family][0], P(gbs=4, nb=2), True)
+    assert all(decode_fused.KERNEL in k and k != decode_fused.KERNEL for k in kernels[1:])
+    assert ids == references[family][0]
+    for ours, theirs in zip(logits, references[family][1], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_four_bit_weights_fused_give_the_eager_paths_logits(tiny_models, few_rows_kernels):
+    """Decoder matrices kept as 4-bit codes, multiplied by the int4 gemv in both paths."""
+    policy = P(dtype="bfloat16", compress_weight=True)
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=policy) as m:
+        assert all(isinstance(w, decode_fused.Int4Weight) for layer in m.engine.fused.layers
+                   for name, w in layer.items() if name.endswith(".weight") and name != "norm.weight")
+    fused, eager = (generate(tiny_models["llama"][0], policy, on, EIGHT) for on in (True, False))
+    assert fused[2][1:] == [decode_fused.KERNEL] * 7 and eager[2][1:] == ["cpu-native"] * 7
+    assert_identical(fused, eager)
+
+
+def test_rows_finishing_hand_their_batch_back_to_the_eager_path(tiny_models, references, few_rows_kernels,
+                                                                tmp_path):
+    """A row that stops at EOS leaves its batch to the eager path (it attends over the active rows only); the
+    tokens and logits are all-eager's. EOS here: the token the first prompt makes third."""
+    eos = references["llama"][0][0][2]
+    make_checkpoint(tmp_path, "llama", seed=2, eos_token_id=eos)  # the session's tiny Llama, another EOS
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=True)
+    fused, eager = (generate(tmp_path, P(), on, PROMPTS[:4], sampling) for on in (True, False))  # one block
+    assert len(eager[0][0]) == 3
+    assert_identical(fused, eager)
+    assert fused[2][1] == decode_fused.KERNEL and any(k != decode_fused.KERNEL for k in fused[2][3:])
+
+
+@pytest.mark.parametrize("case", ["opt", "offloaded-weights", "cache-split", "rows-past-the-profile", "env-off",
+                                  "no-profile"])
+def test_it_runs_only_where_every_op_is_the_c_kernels(tiny_models, few_rows_kernels, monkeypatch, case):
+    family, policy = "llama", P()
+    if case == "opt":
+        family = "opt"
+    elif case == "offloaded-weights":
+        policy = P(percent=(50, 50, 100, 0, 100, 0))
+    elif case == "cache-split":
+        policy = P(percent=(100, 0, 50, 50, 100, 0))
+    elif case == "rows-past-the-profile":
+        policy = P(gbs=8, nb=1)
+    elif case == "env-off":
+        monkeypatch.setenv(decode_fused.ENV, "0")
+    else:
+        monkeypatch.setenv("FLEXGEN_LITE_PROFILE", os.devnull)
+        _forget_profile()
+    ids, logits, kernels = generate(tiny_models[family][0], policy, True)
+    assert decode_fused.KERNEL not in kernels
+    if family == "llama":  # the eager path it took is the fused one's twin where both run
+        assert ids == generate(tiny_models[family][0], policy, False)[0]
+
+
+def test_a_new_cache_is_walked_by_new_structs(tiny_models, few_rows_kernels):
+    """A longer generation makes a new cache; the fused step follows it (not the freed one)."""
+    model_dir = tiny_models["llama"][0]
+    with FlexGenLite(str(model_dir), policy=P()) as m:
+        short = m.generate_ids(EIGHT, SamplingConfig(max_new_tokens=3, stop_at_eos=False), return_logits=True)
+        long = m.generate_ids(EIGHT, SamplingConfig(max_new_tokens=12, stop_at_eos=False), return_logits=True)
+        assert m.engine.times.attention[-1] == decode_fused.KERNEL
+    eager = generate(model_dir, P(), False, EIGHT, SamplingConfig(max_new_tokens=12, stop_at_eos=False))
+    assert_identical(long, eager[:2])
+    assert [row[:3] for row in eager[0]] == short[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_silu_times_up_is_torchs_in_place_ops_bit_for_bit(dtype, threads):
+    """Lengths below and above torch's grain (split over threads, each part with its own scalar tail)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for n in (16, 1536, 1536 * 3 + 5, 32768, 4 * 11008 + 1, 70001):
+            gate, up = (6 * torch.randn(n, generator=g)).to(dtype), torch.randn(n, generator=g).to(dtype)
+            expected = torch.nn.functional.silu(gate.clone(), inplace=True).mul_(up)
+            decode_layers.silu_mul(gate, up)
+            assert torch.equal(gate, expected), n
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_every_bf16_and_fp16_input_gives_torchs_silu():
+    """All 65536 bit patterns of each 16-bit kind (the claim that libm's expf gives torch's values there)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        x = x[torch.isfinite(x)].contiguous()
+        ones = torch.ones_like(x)
+        ours = x.clone()
+        decode_layers.silu_mul(ours, ones)
+        assert torch.equal(ours, torch.nn.functional.silu(x.clone(), inplace=True).mul_(ones))
+
+
+CHILD = """
+import torch
+from flexgen_lite.kernels import decode_layers as D
+print(torch.backends.cpu.get_cpu_capability(), D.torch_exp()[1], *[D.silu_exact(t) for t in
+      (torch.float32, torch.bfloat16, torch.float16)])
+"""
+
+
+@pytest.mark.parametrize("capability,lanes", [("avx2", 8), ("default", 0)])
+def test_silu_follows_the_vector_width_torch_runs(capability, lanes):
+    """Under torch's AVX2 kernels its 8-lane exp is called; under its scalar ones, libm's: both exact."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split() == [capability.upper(), str(lanes), "True", "True", "True"], done.stderr
+
+
+@pytest.mark.parametrize("march", [["-march=x86-64-v3"], []], ids=["avx2", "portable"])
+def test_other_builds_give_the_same_silu(tmp_path, march):
+    """Builds for machines without AVX-512 (or any vector extension) reach torch's exp at the width they have."""
+    lib = other_native_build(tmp_path, march)
+    fn, lanes, step = decode_layers.torch_exp()
+    lanes_here = lib.decode_layer_exp_lanes()
+    assert lanes_here == (8 if march else 0)
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        gate, up = (6 * torch.randn(40001, generator=g)).to(dtype), torch.randn(40001, generator=g).to(dtype)
+        expected = torch.nn.functional.silu(gate.clone(), inplace=True).mul_(up)
+        use = lanes <= lanes_here  # a build narrower than torch's kernels cannot make fp32 exact: not asked to
+        lib.decode_silu_mul(gate.data_ptr(), up.data_ptr(), 0 if dtype == torch.float32 else 1, gate.numel(),
+                            fn if use else 0, lanes if use else 0, step or 1,
+                            decode_layers.silu_chunk(gate.numel(), torch.get_num_threads()))
+        assert torch.equal(gate, expected) or (dtype == torch.float32 and not use)
