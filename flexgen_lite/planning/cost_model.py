@@ -21,6 +21,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..engine.decode_fused import config_fits, fused_wanted
 from ..engine.decode_graph import graphs_wanted
 from ..engine.policy import Policy
 from ..engine.weights import DECODER_KINDS
@@ -133,10 +134,30 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
         seg.add("compute", s.nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
-    if not (t == 1 and graph_decode(s)):  # a captured decode step replays without the schedule's Python
+    if not (t == 1 and (graph_decode(s) or fused_decode(s))):  # a step without the schedule's Python
         per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
         seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # measured eager on tiny models
     return seg
+
+
+def fused_decode(s: Setup) -> bool:
+    """Whether the engine runs this policy's decode steps' layers in one C call (engine/decode_fused.py): on a
+    CPU, a Llama-family model, everything in memory (weights dense, or 4-bit for the int4 kernel), and every
+    decoder product by the few-row kernels at this batch."""
+    p = s.policy
+    resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
+    if (s.cuda or not resident or s.ccomp is not None or p.attn_sparsity != 1 or not fused_wanted()
+            or not config_fits(s.config)):
+        return False
+    for kind in ("attention", "mlp"):
+        for k, n in matmuls(s.kinds[kind]):
+            if s.wcomp is None:
+                wins = s.hw.gemv_wins(s.dname, s.gbs, k, n)
+            else:
+                wins = kernel_weight(s, kind, (n, k)) and s.hw.int4_gemv_wins(s.dname, s.gbs, k, n)
+            if not wins:
+                return False
+    return True
 
 
 def graph_decode(s: Setup) -> bool:

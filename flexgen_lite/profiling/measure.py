@@ -192,7 +192,8 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
             weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
                                     pin=False)
             engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)
-            engine.static_decode = False  # the eager schedule's overhead: offloaded policies pay it (decode_graph)
+            engine.static_decode = engine.fused_decode = False  # the eager schedule's overhead: offloaded policies
+            # pay it (decode_graph.py, decode_fused.py)
             times = []
             for _ in range(runs):
                 block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
