@@ -26,7 +26,7 @@ G = 1e9
 FEW = (1, 2, 4)  # rows at which the test profile has the few-row kernels win
 SAMPLING = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
 LLAMAS = ["llama", "llama3", "qwen2", "mistral"]  # grouped heads, scaled rope, q/k/v biases and tied head, plain
-EIGHT = [*PROMPTS, [2, 5, 6]]  # two blocks of 2 x 2 rows, no filler row (a batch with one runs eager)
+EIGHT = [*PROMPTS, [2, 5, 6]]  # two blocks of 2 x 2 rows, no filler row
 
 
 def _forget_profile() -> None:
@@ -57,11 +57,17 @@ def P(gbs=2, nb=2, dtype="float32", percent=(100, 0, 100, 0, 100, 0), **kw) -> P
 
 
 def generate(model_dir, policy: Policy, fused: bool, prompts=PROMPTS, sampling=SAMPLING):
-    """(ids, logits, the attention kernels of each step) with the fused step allowed or not."""
+    """(ids, logits, per block the attention kernels of each step) with the fused step allowed or not."""
     with FlexGenLite(str(model_dir), policy=policy) as m:
         m.engine.fused_decode = fused and m.engine.fused_decode
-        ids, logits = m.generate_ids(prompts, sampling, return_logits=True)
-        return ids, logits, m.engine.times.attention
+        kernels = []
+        ids, logits = m.generate_ids(prompts, sampling, return_logits=True,
+                                     on_block=lambda _: kernels.append(list(m.engine.times.attention)))
+        return ids, logits, kernels
+
+
+def all_fused(kernels) -> bool:
+    return all(block[1:] == [decode_fused.KERNEL] * (len(block) - 1) for block in kernels)
 
 
 def assert_identical(a, b) -> None:
@@ -74,17 +80,16 @@ def assert_identical(a, b) -> None:
 def test_the_fused_step_gives_the_eager_paths_logits_bit_for_bit(tiny_models, few_rows_kernels, family, dtype):
     """Padded rows of several lengths, two batches of a block, every decode step fused."""
     fused = generate(tiny_models[family][0], P(dtype=dtype), True, EIGHT)
-    assert fused[2][1:] == [decode_fused.KERNEL] * 7
     eager = generate(tiny_models[family][0], P(dtype=dtype), False, EIGHT)
-    assert eager[2][1:] == ["cpu-native"] * 7
+    assert all_fused(fused[2]) and all(block[1:] == ["cpu-native"] * 7 for block in eager[2])
     assert_identical(fused, eager)
 
 
 @pytest.mark.parametrize("family", LLAMAS)
 def test_the_fused_step_matches_transformers(tiny_models, references, few_rows_kernels, family):
-    """Seven prompts in 2 x 4 rows: the batch with the filler row runs eager, the other fused."""
+    """Seven prompts in 2 x 4 rows: the filler row is computed too, on its own, and never sampled."""
     ids, logits, kernels = generate(tiny_models[family][0], P(gbs=4, nb=2), True)
-    assert all(decode_fused.KERNEL in k and k != decode_fused.KERNEL for k in kernels[1:])
+    assert all_fused(kernels)
     assert ids == references[family][0]
     for ours, theirs in zip(logits, references[family][1], strict=True):
         torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
@@ -97,33 +102,38 @@ def test_four_bit_weights_fused_give_the_eager_paths_logits(tiny_models, few_row
         assert all(isinstance(w, decode_fused.Int4Weight) for layer in m.engine.fused.layers
                    for name, w in layer.items() if name.endswith(".weight") and name != "norm.weight")
     fused, eager = (generate(tiny_models["llama"][0], policy, on, EIGHT) for on in (True, False))
-    assert fused[2][1:] == [decode_fused.KERNEL] * 7 and eager[2][1:] == ["cpu-native"] * 7
+    assert all_fused(fused[2]) and not any(decode_fused.KERNEL in k for block in eager[2] for k in block)
     assert_identical(fused, eager)
 
 
-def test_rows_finishing_hand_their_batch_back_to_the_eager_path(tiny_models, references, few_rows_kernels,
-                                                                tmp_path):
-    """A row that stops at EOS leaves its batch to the eager path (it attends over the active rows only); the
-    tokens and logits are all-eager's. EOS here: the token the first prompt makes third."""
+def test_rows_that_stop_at_eos_leave_the_others_the_eager_paths_values(tiny_models, references, few_rows_kernels,
+                                                                     tmp_path):
+    """A row that stops at EOS is still computed with its batch (each row on its own), never sampled again;
+    the rows still generating get all-eager's tokens and logits (the eager path computes them alone). EOS here:
+    the token the first prompt makes third."""
     eos = references["llama"][0][0][2]
     make_checkpoint(tmp_path, "llama", seed=2, eos_token_id=eos)  # the session's tiny Llama, another EOS
     sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=True)
-    fused, eager = (generate(tmp_path, P(), on, PROMPTS[:4], sampling) for on in (True, False))  # one block
-    assert len(eager[0][0]) == 3
+    fused, eager = (generate(tmp_path, P(), on, EIGHT, sampling) for on in (True, False))
+    assert len(eager[0][0]) == 3 and any(len(row) == 8 for row in eager[0])
     assert_identical(fused, eager)
-    assert fused[2][1] == decode_fused.KERNEL and any(k != decode_fused.KERNEL for k in fused[2][3:])
+    assert all_fused(fused[2])
 
 
-@pytest.mark.parametrize("case", ["opt", "offloaded-weights", "cache-split", "rows-past-the-profile", "env-off",
-                                  "no-profile"])
+@pytest.mark.parametrize("case", ["opt", "weights-on-disk", "cache-on-disk", "cache-split-in-a-batch",
+                                  "compressed-cache", "rows-past-the-profile", "env-off", "no-profile"])
 def test_it_runs_only_where_every_op_is_the_c_kernels(tiny_models, few_rows_kernels, monkeypatch, case):
     family, policy = "llama", P()
     if case == "opt":
         family = "opt"
-    elif case == "offloaded-weights":
-        policy = P(percent=(50, 50, 100, 0, 100, 0))
-    elif case == "cache-split":
-        policy = P(percent=(100, 0, 50, 50, 100, 0))
+    elif case == "weights-on-disk":
+        policy = P(percent=(0, 0, 100, 0, 100, 0))
+    elif case == "cache-on-disk":
+        policy = P(percent=(100, 0, 0, 0, 100, 0))
+    elif case == "cache-split-in-a-batch":
+        policy = P(gbs=4, nb=1, percent=(100, 0, 50, 50, 100, 0))
+    elif case == "compressed-cache":
+        policy = P(dtype="bfloat16", compress_cache=True)
     elif case == "rows-past-the-profile":
         policy = P(gbs=8, nb=1)
     elif case == "env-off":
@@ -132,9 +142,15 @@ def test_it_runs_only_where_every_op_is_the_c_kernels(tiny_models, few_rows_kern
         monkeypatch.setenv("FLEXGEN_LITE_PROFILE", os.devnull)
         _forget_profile()
     ids, logits, kernels = generate(tiny_models[family][0], policy, True)
-    assert decode_fused.KERNEL not in kernels
-    if family == "llama":  # the eager path it took is the fused one's twin where both run
-        assert ids == generate(tiny_models[family][0], policy, False)[0]
+    assert not any(decode_fused.KERNEL in k for block in kernels for k in block)
+
+
+def test_weights_and_cache_on_the_cpu_tier_are_in_memory_too(tiny_models, few_rows_kernels):
+    """On a CPU the cpu tier is compute memory: such weights and cache parts are used in place, so fused."""
+    policy = P(percent=(50, 50, 50, 50, 100, 0))
+    fused, eager = generate(tiny_models["llama"][0], policy, True), generate(tiny_models["llama"][0], policy, False)
+    assert all_fused(fused[2])
+    assert_identical(fused, eager)
 
 
 def test_a_new_cache_is_walked_by_new_structs(tiny_models, few_rows_kernels):
@@ -145,7 +161,7 @@ def test_a_new_cache_is_walked_by_new_structs(tiny_models, few_rows_kernels):
         long = m.generate_ids(EIGHT, SamplingConfig(max_new_tokens=12, stop_at_eos=False), return_logits=True)
         assert m.engine.times.attention[-1] == decode_fused.KERNEL
     eager = generate(model_dir, P(), False, EIGHT, SamplingConfig(max_new_tokens=12, stop_at_eos=False))
-    assert_identical(long, eager[:2])
+    assert_identical(long, eager)
     assert [row[:3] for row in eager[0]] == short[0]
 
 

@@ -213,9 +213,12 @@ class Engine:
                 return False
             logits, kernel = done
             self._kernels.add(kernel)
-            block.record(b, sample(logits, sampling, block.row_generators(b)), None)
+            active = block.active_rows(b)  # all rows were computed (each on its own); those generating choose
+            if active is not None:
+                logits = logits[active]
+            block.record(b, sample(logits, sampling, block.row_generators(b, active)), active)
         if self.logits is not None:
-            self._keep_logits(block, step, b, logits, None)
+            self._keep_logits(block, step, b, logits, active)
         return True
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:

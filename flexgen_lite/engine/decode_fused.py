@@ -8,9 +8,10 @@ same roundings: the logits are the eager path's, bit for bit (tests/test_decode_
 
 It runs where every product would be the C kernels' in the eager path too (dense gemv or the int4 codes' gemv at
 this many rows, by the profile), with every weight in memory (dense, or 4-bit codes for the int4 kernel), the
-batch's cache one uncompressed part attended in place, all its rows still generating, and SiLU's bits
-reproducible here (decode_layers.silu_exact). Anything else takes the eager path. FLEXGEN_LITE_FUSED_DECODE=0
-turns it off."""
+batch's cache one uncompressed part attended in place, and SiLU's bits reproducible here
+(decode_layers.silu_exact). Rows that finished (or fill the batch) are computed too, each row on its own: the
+rows still generating get the eager path's values, which computes them alone; the engine samples theirs.
+Anything else takes the eager path. FLEXGEN_LITE_FUSED_DECODE=0 turns it off."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ class FusedDecode:
 
     def usable(self, block, b: int, cache, in_place: bool, acts) -> bool:
         """Whether batch b's decode step can run here (the module note's conditions)."""
-        if not self.possible or block.active_rows(b) is not None or not in_place or not acts._in_place(acts.tiers[b]):
+        if not self.possible or not in_place or not acts._in_place(acts.tiers[b]):
             return False
         parts = cache.parts[0][b]
         if len(parts) != 1 or not parts[0].direct or parts[0].on_cpu:
