@@ -193,6 +193,23 @@ def synthetic_profile(cuda: bool = False) -> HardwareProfile:
         contention=1.5, contention_read=1.2, offload_dir="/tmp", threads=2, host_memory=20 * GiB)
 
 
+def forget_profile() -> None:
+    """Drop what the kernels cached from the stored profile (their choices of way), to read it again."""
+    from flexgen_lite.kernels import int4_cost, small_matmul
+    from flexgen_lite.system import profile_store
+
+    for cached in (profile_store.cpu_profile, small_matmul.gemv_wins, int4_cost._choose):
+        cached.cache_clear()
+
+
+def set_profile(hw: HardwareProfile, tmp_path: Path, monkeypatch) -> None:
+    """`hw` as this machine's stored profile for the rest of the test (call forget_profile() after it)."""
+    path = tmp_path / "profile.json"
+    path.write_text(hw.to_json())
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
+    forget_profile()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _synthetic_machine(tmp_path_factory):
     """policy="auto" (the API's default) plans with a fixed profile: tests neither depend on this machine's

@@ -12,14 +12,11 @@ import sys
 import pytest
 import torch
 
-import flexgen_lite.kernels.int4_cost as int4_cost
-import flexgen_lite.kernels.small_matmul as small_matmul
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.engine import decode_fused
 from flexgen_lite.kernels import decode_layers
-from flexgen_lite.system import profile_store
 
-from .conftest import PROMPTS, make_checkpoint, other_native_build, synthetic_profile
+from .conftest import PROMPTS, forget_profile, make_checkpoint, other_native_build, set_profile, synthetic_profile
 from .test_parity import LOGITS_ATOL
 
 G = 1e9
@@ -29,11 +26,6 @@ LLAMAS = ["llama", "llama3", "qwen2", "mistral"]  # grouped heads, scaled rope, 
 EIGHT = [*PROMPTS, [2, 5, 6]]  # two blocks of 2 x 2 rows, no filler row
 
 
-def _forget_profile() -> None:
-    for cached in (profile_store.cpu_profile, small_matmul.gemv_wins, int4_cost._choose):
-        cached.cache_clear()
-
-
 @pytest.fixture
 def few_rows_kernels(tmp_path, monkeypatch):
     """A profile in which the C kernels multiply up to 4 rows faster than torch (dense and 4-bit), as this VM's
@@ -41,12 +33,9 @@ def few_rows_kernels(tmp_path, monkeypatch):
     few = {dt: [(m, 60 * G, 0.0) for m in FEW] for dt in ("float32", "bfloat16", "float16")}
     hw = dataclasses.replace(synthetic_profile(), gemv=few, int4_gemv={"bfloat16": few["bfloat16"]},
                              int4_matmul={"bfloat16": [(1, 5 * G, 1e-5), (64, 40 * G, 1e-5)]})
-    path = tmp_path / "profile.json"
-    path.write_text(hw.to_json())
-    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
-    _forget_profile()
+    set_profile(hw, tmp_path, monkeypatch)
     yield hw
-    _forget_profile()
+    forget_profile()
 
 
 def P(gbs=2, nb=2, dtype="float32", percent=(100, 0, 100, 0, 100, 0), **kw) -> Policy:
@@ -140,7 +129,7 @@ def test_it_runs_only_where_every_op_is_the_c_kernels(tiny_models, few_rows_kern
         monkeypatch.setenv(decode_fused.ENV, "0")
     else:
         monkeypatch.setenv("FLEXGEN_LITE_PROFILE", os.devnull)
-        _forget_profile()
+        forget_profile()
     ids, logits, kernels = generate(tiny_models[family][0], policy, True)
     assert not any(decode_fused.KERNEL in k for block in kernels for k in block)
 

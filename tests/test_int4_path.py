@@ -9,22 +9,16 @@ import time
 import pytest
 import torch
 
-import flexgen_lite.kernels.int4_cost as int4_cost
 import flexgen_lite.kernels.int4_matmul as int4_matmul
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels.compression import CompressionConfig, quantize
 from flexgen_lite.kernels.int4_cost import int4_path, int4_way, int4_ways
 from flexgen_lite.kernels.int4_matmul import Int4Weight, pack
 
-from .conftest import PROMPTS, synthetic_profile
+from .conftest import PROMPTS, forget_profile, set_profile, synthetic_profile
 from .test_parity import P
 
 G = 1e9
-
-
-def _reset() -> None:
-    int4_cost._choose.cache_clear()
-    int4_cost.cpu_profile.cache_clear()
 
 
 def _weight(n: int = 128, k: int = 256) -> Int4Weight:
@@ -41,12 +35,9 @@ def profile_with_int4_rates(tmp_path, monkeypatch):
     hw = dataclasses.replace(synthetic_profile(), int4_dequantize={"bfloat16": 2 * G},
                              int4_matmul={"bfloat16": [(1, 5 * G, 1e-5), (64, 40 * G, 1e-5)]},
                              int4_tiles={"bfloat16": [(1, 3 * G, 2e-5), (64, 60 * G, 2e-5)]})
-    path = tmp_path / "profile.json"
-    path.write_text(hw.to_json())
-    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
-    _reset()
+    set_profile(hw, tmp_path, monkeypatch)
     yield hw
-    _reset()
+    forget_profile()
 
 
 def test_the_path_comes_from_the_profile_rates_without_timing(profile_with_int4_rates, monkeypatch):
@@ -60,20 +51,20 @@ def test_the_path_comes_from_the_profile_rates_without_timing(profile_with_int4_
 
 
 def test_without_int4_rates_a_fixed_rule(monkeypatch):
-    _reset()
+    forget_profile()
     monkeypatch.setattr(time, "perf_counter", _no_timer)
     weight, slot = _weight(), torch.empty(128 * 256, dtype=torch.bfloat16)
     few = "tiles" if int4_matmul.native_agrees() else "kernel"
     assert int4_path(weight, 4, torch.bfloat16, slot) == few
     assert int4_path(weight, 4096, torch.bfloat16, slot) == "dense"
-    _reset()
+    forget_profile()
 
 
 def test_identical_runs_with_4bit_weights_give_identical_ids(tiny_models):
     policy = dataclasses.replace(P((100, 0, 100, 0, 100, 0), gbs=2, nb=2, compress_weight=True), dtype="bfloat16")
     runs = []
     for _ in range(3):
-        _reset()  # each run as a fresh process would choose
+        forget_profile()  # each run as a fresh process would choose
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy) as m:
             runs.append(m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False)))
     assert runs[0] == runs[1] == runs[2]
