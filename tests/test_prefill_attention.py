@@ -18,10 +18,13 @@ from flexgen_lite.system.hardware import HardwareProfile
 
 from .conftest import PROMPTS, other_native_build, synthetic_profile
 from .test_decode_attention import _error
-from .test_parity import P
+from .test_parity import LOGITS_ATOL, P
 
-needs_kernel = pytest.mark.skipif(not (native.library() and native.library().prefill_available()),
+BF16, F32 = native.OUT_KIND[torch.bfloat16], native.OUT_KIND[torch.float32]
+needs_kernel = pytest.mark.skipif(not (native.library() and native.library().prefill_available(BF16)),
                                   reason="this CPU lacks AVX512-BF16: the kernel declines (tested below)")
+needs_avx512 = pytest.mark.skipif(not (native.library() and native.library().prefill_available(F32)),
+                                  reason="this CPU lacks AVX-512: the fp32 kernel declines (tested below)")
 
 # (batch, query heads, kv heads, query rows, keys, head dim): ungrouped and grouped, a last partial block of
 # rows and of keys, head dims 32 to 128, more keys than rows (a prefill after cached positions)
@@ -29,13 +32,13 @@ SHAPES = [(2, 4, 4, 16, 16, 64), (3, 6, 2, 37, 37, 64), (2, 8, 1, 50, 50, 128), 
           (2, 4, 2, 33, 70, 80), (2, 3, 3, 130, 130, 128)]
 
 
-def _case(shape, seed=0, pads=(0, 3, 11)):
-    """bf16 q, k, v and the engine's mask: causal over the last `t` of `length` positions, each row's left
-    padding hidden, a padding row seeing itself."""
+def _case(shape, seed=0, pads=(0, 3, 11), dtype=torch.bfloat16):
+    """q, k, v and the engine's mask: causal over the last `t` of `length` positions, each row's left padding
+    hidden, a padding row seeing itself."""
     b, heads, kv_heads, t, length, d = shape
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, heads, t, d, generator=g).to(torch.bfloat16)
-    k, v = (torch.randn(b, kv_heads, length, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, heads, t, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=g).to(dtype) for _ in range(2))
     rows, keys = torch.arange(length - t, length)[:, None], torch.arange(length)[None]
     pad = torch.tensor([pads[i % len(pads)] for i in range(b)])[:, None, None]
     mask = (keys <= rows)[None] & ((keys >= pad) | (keys == rows)[None])
@@ -60,6 +63,19 @@ def test_matches_sdpa_as_closely_as_torch(shape):
     assert ours <= 1.25 * torchs, (float(ours), float(torchs))
 
 
+@needs_avx512
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp32_matches_sdpa_as_closely_as_torch(shape):
+    """fp32 (a CPU without bf16 instructions): within 1e-5 of the exact (fp64) result, and at most twice
+    torch's distance from it (measured: equal to 1.1x)."""
+    q, k, v, mask = _case(shape, dtype=torch.float32)
+    out = prefill.prefill_attention(q, k, v, mask)
+    assert out is not None and out.shape == q.shape and out.dtype == torch.float32
+    exact = _sdpa(q.double(), k.double(), v.double(), mask)
+    ours, torchs = (out.double() - exact).abs().max(), (_sdpa(q, k, v, mask).double() - exact).abs().max()
+    assert ours <= 1e-5 and ours <= 2 * torchs, (float(ours), float(torchs))
+
+
 @needs_kernel
 def test_causal_without_a_mask_is_the_tril_mask():
     q, k, v, _ = _case((2, 4, 2, 45, 45, 64), pads=(0,))
@@ -77,7 +93,7 @@ def test_what_it_does_not_take_is_declined():
     blind = mask.clone()
     blind[1, 0, 4] = False  # a row that sees nothing
     assert prefill.prefill_attention(q, k, v, blind) is None
-    assert prefill.prefill_attention(q.float(), k.float(), v.float(), mask) is None  # bf16 only
+    assert prefill.prefill_attention(q.half(), k.half(), v.half(), mask) is None  # bf16 and fp32 only
     assert prefill.prefill_attention(q[..., :24], k[..., :24], v[..., :24], mask) is None  # head dim 16k
     assert prefill.prefill_attention(q, k.transpose(-1, -2)[..., :20, :], v, mask) is None  # rows not contiguous
 
@@ -109,13 +125,22 @@ def test_threads_split_the_work_and_change_no_value(monkeypatch, threads):
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]], ids=str)
 def test_builds_without_the_bf16_instruction_decline(tmp_path, monkeypatch, march):
-    other = other_native_build(tmp_path, march)
+    """bf16 goes to torch; fp32 runs where the build has AVX-512 (as close to exact as on this build)."""
+    here, other = native.library(), other_native_build(tmp_path, march)
+    avx512 = "-march=native" in march and bool(here and here.prefill_available(F32))
     monkeypatch.setattr(native, "library", lambda: other)
-    assert other.prefill_available() == 0
+    assert other.prefill_available(BF16) == 0
     q, k, v, mask = _case(SHAPES[1])
     assert prefill.prefill_attention(q, k, v, mask) is None
     out, kernel = attention.attend_named(q, k, v, mask)
     assert kernel == "sdpa-cpu" and torch.equal(out, _sdpa(q, k, v, mask))
+    assert other.prefill_available(F32) == int(avx512)
+    q, k, v, mask = _case(SHAPES[1], dtype=torch.float32)
+    out = prefill.prefill_attention(q, k, v, mask)
+    assert (out is not None) == avx512
+    if avx512:
+        exact = _sdpa(q.double(), k.double(), v.double(), mask)
+        assert (out.double() - exact).abs().max() <= 1e-5
 
 
 def test_the_profile_decides(monkeypatch):
@@ -158,3 +183,20 @@ def test_the_engine_prefills_through_it_as_through_sdpa(tiny_models, monkeypatch
     exact = _generate(tiny_models[family][0], "float32")
     ours, torchs = _error((ids, logits), exact), _error((sdpa_ids, sdpa_logits), exact)
     assert ours <= 1.1 * torchs, (ours, torchs)
+
+
+@needs_avx512
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_the_engine_prefills_fp32_through_it_as_transformers(tiny_models, references, monkeypatch, family):
+    """fp32 prompts (some padded) through the kernel: transformers' tokens, logits within test_parity's
+    tolerance."""
+    calls = []
+    real = prefill.prefill_attention
+    monkeypatch.setattr(attention, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention, "prefill_wins", lambda dtype: dtype == torch.float32)
+    ids, logits = _generate(tiny_models[family][0], "float32")
+    assert len(calls) == 2 * -(-len(PROMPTS) // 2)
+    ref_ids, ref_logits = references[family]
+    assert ids == [row[:5] for row in ref_ids]
+    for ours, theirs in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(ours, theirs[:5], atol=LOGITS_ATOL, rtol=0)

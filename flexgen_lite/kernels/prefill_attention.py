@@ -1,5 +1,6 @@
-"""Prefill attention on a CPU by the C kernel (native/prefill.c: bf16 with the CPU's bf16 dot instruction),
-where this machine's profile measured it faster than torch's scaled_dot_product_attention; torch's otherwise.
+"""Prefill attention on a CPU by the C kernel (native/prefill.c: bf16 with the CPU's bf16 dot instruction, fp32
+with AVX-512), where this machine's profile measured it faster than torch's scaled_dot_product_attention;
+torch's otherwise.
 
 The kernel takes each query row's visible keys as one interval [lo, hi], which is what the engine's prefill
 masks are (causal, left padding hidden, a padding row seeing itself); any other mask is left to torch."""
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from ..system.profile_store import cpu_profile
 from . import native
 
+KINDS = {torch.bfloat16: native.OUT_KIND[torch.bfloat16], torch.float32: native.OUT_KIND[torch.float32]}
 _last: tuple = (None, -1, None)  # (weak reference to a mask, its version, its intervals): one per prefill step
 
 
@@ -45,11 +47,11 @@ def intervals(mask: torch.Tensor | None, t: int, length: int) -> tuple[torch.Ten
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(d)) v of bf16 q (B, heads, t, d) over k, v (B, kv_heads, L, d) under `mask` (bool
-    (B, 1, t, L), or None: causal), by the C kernel; None where it cannot do this call here."""
-    lib = native.library()
+    """softmax(q k^T / sqrt(d)) v of bf16 or fp32 q (B, heads, t, d) over k, v (B, kv_heads, L, d) under `mask`
+    (bool (B, 1, t, L), or None: causal), by the C kernel; None where it cannot do this call here."""
+    lib, kind = native.library(), KINDS.get(q.dtype)
     b, heads, t, d = q.shape
-    if (lib is None or not lib.prefill_available() or q.dtype != torch.bfloat16 or k.dtype != q.dtype
+    if (lib is None or kind is None or not lib.prefill_available(kind) or k.dtype != q.dtype
             or v.dtype != q.dtype or k.shape != v.shape or k.shape[0] != b or heads % k.shape[1] or d % 16 or d > 256
             or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))
             or mask is not None and (mask.dtype != torch.bool or mask.shape[-2:] != (t, k.shape[2]))):
@@ -64,8 +66,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     threads = native.threads()
     # each (sequence, head)'s blocks of 16 query rows dealt to `splits` items: ~4 items a thread at least
     splits = max(1, min(-(-t // 16), -(-4 * threads // (b * heads))))
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lo.data_ptr(), hi.data_ptr(), out.data_ptr(), heads, kv_heads, t,
-            length, d, *strides, 1.0 / math.sqrt(d), splits)
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lo.data_ptr(), hi.data_ptr(), out.data_ptr(), kind, heads,
+            kv_heads, t, length, d, *strides, 1.0 / math.sqrt(d), splits)
     items, team = b * heads * splits, native.team_threads()
     if team:
         lib.prefill_attention_team(*args, items, team)
@@ -79,16 +81,16 @@ def prefill_wins(dtype: torch.dtype) -> bool:
     """Whether the C kernel runs prefill attention in `dtype` here: this machine's profile measured it faster
     than torch's (the cost model reads the same), and it agrees with torch (checked once)."""
     hw = cpu_profile()
-    return hw is not None and hw.prefill_native_wins(str(dtype).removeprefix("torch.")) and prefill_agrees()
+    return hw is not None and hw.prefill_native_wins(str(dtype).removeprefix("torch.")) and prefill_agrees(dtype)
 
 
 @functools.cache
-def prefill_agrees() -> bool:
-    """The kernel is built here and matches torch's SDPA on random inputs: grouped heads, left padding, a last
-    partial block of rows (checked once per process); otherwise torch's is used."""
+def prefill_agrees(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The kernel is built here for `dtype` and matches torch's SDPA on random inputs: grouped heads, left
+    padding, a last partial block of rows (checked once per process); otherwise torch's is used."""
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 4, 37, 64, generator=g).to(torch.bfloat16)
-    k, v = (torch.randn(2, 2, 37, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(2, 4, 37, 64, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 37, 64, generator=g).to(dtype) for _ in range(2))
     keys = torch.arange(37)
     pad = torch.tensor([0, 5])
     mask = ((keys[None, :] <= keys[:, None])[None] & ((keys >= pad[:, None, None]) | (keys == keys[:, None])))[:, None]

@@ -140,7 +140,8 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int])
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    prefill = [ptr] * 6 + [i64] * 5 + [ptr] * 4 + [f32, i64]  # q k v lo hi out, shapes, strides, scale, splits
+    prefill = [ptr] * 6 + [i32] + [i64] * 5 + [ptr] * 4 + [f32, i64]  # q k v lo hi out, kind, shapes, strides,
+    # scale, splits
     for name, types in (("rms_norm_range", [ptr] * 3 + [i32, i64, i64, f32, i32, i64, i64]),
                         ("rms_norm_team", [ptr] * 3 + [i32, i64, i64, i64, f32, i32, i32]),
                         ("rope_range", [ptr] * 4 + [i32] + [i64] * 3 + [ptr] * 2 + [i64] * 2),
@@ -151,7 +152,7 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                         ("decode_silu_mul", [ptr, ptr, i32, i64, ptr, i32, i64, i64])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, types
-    lib.prefill_available.restype, lib.prefill_available.argtypes = ctypes.c_int, []
+    lib.prefill_available.restype, lib.prefill_available.argtypes = ctypes.c_int, [ctypes.c_int]
     lib.decode_layer_exp_lanes.restype, lib.decode_layer_exp_lanes.argtypes = ctypes.c_int, []
     lib.decode_layer_scratch.restype, lib.decode_layer_scratch.argtypes = ctypes.c_int64, [ptr]
     return lib
