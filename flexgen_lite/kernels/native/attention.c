@@ -259,24 +259,6 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
 #endif
 
 #ifdef __AVX512F__
-/* Lane j: the sum of a[j]'s 16 lanes. A position's 16 query-head dot products reduced together by a tree of
-   unpacks, shuffles and adds (~3 instructions a head; a horizontal sum apiece takes ~9). */
-static inline __m512 lane_sums16(const __m512 *a) {
-    __m512 b[8], c[4];
-    for (int i = 0; i < 8; i++)  /* each 128-bit lane: heads 2i, 2i + 1 interleaved, two partial sums each */
-        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {  /* each 128-bit lane: heads 4i .. 4i + 3, one partial sum each */
-        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 #define TILE 32  /* positions whose rows (a few KB each) the values pass uses up while they are in L2 */
 
 /* a[j] (lanes to be summed) = q_j . key for the `group` query heads j of one kv head, dim 16 * nv; q in fp32
