@@ -214,3 +214,30 @@ def test_other_builds_give_the_same_silu(tmp_path, march):
                             fn if use else 0, lanes if use else 0, step or 1,
                             decode_layers.silu_chunk(gate.numel(), torch.get_num_threads()))
         assert torch.equal(gate, expected) or (dtype == torch.float32 and not use)
+
+
+def test_it_runs_where_the_profile_finds_it_faster(few_rows_kernels):
+    """The fused step against the eager path's fastest ways plus its overhead per layer: a C kernel slower than
+    torch's matmul still wins where the overhead it saves is larger, and loses where it is not; never at rows
+    the C kernel was not measured at."""
+    products, layers = [(576, 576, False)] * 7, 1
+    slow = {"float32": [(m, 1 * G, 0.0) for m in FEW]}  # 6x slower than the test profile's torch matmul at 1 row
+    for overhead, expected in ((1e-2, True), (1e-7, False)):
+        costs = dict.fromkeys(("llama", "opt"), (overhead, overhead))
+        hw = dataclasses.replace(few_rows_kernels, gemv=slow, layer_overhead=costs)
+        assert decode_fused.fused_wins(hw, "llama", torch.float32, 1, 1, products, layers) is expected
+    assert decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 4, 1, products, layers)
+    assert not decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 8, 1, products, layers)
+
+
+def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
+    """cost_model.fused_decode asks fused_wins with the same products (dense and 4-bit)."""
+    from flexgen_lite.planning.cost_model import fused_decode
+    from flexgen_lite.planning.layout import Setup, Workload
+
+    for policy in (P(), P(dtype="bfloat16", compress_weight=True), P(gbs=8, nb=1)):
+        with FlexGenLite(str(tiny_models["llama"][0]), policy=policy) as m:
+            rows = policy.gpu_batch_size
+            engine_says = m.engine.fused_decode and m.engine.fused._rows_native(rows)
+            setup = Setup(m.config, Workload(8, 8), m.policy, few_rows_kernels)
+            assert fused_decode(setup) == engine_says

@@ -40,7 +40,7 @@ def _close(got, want, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 64, 64), (2, 100, 96), (3, 576, 576), (5, 33, 40), (8, 1536, 576),
-                                      (1, 7, 17)])
+                                      (1, 7, 17), (16, 70, 100), (6, 130, 1536)])  # bf16 tiles: 4 x 4 and tails
 @pytest.mark.parametrize("bias", [False, True])
 def test_products_equal_torchs(dtype, rows, n, k, bias):
     x, w, b, want = _case(dtype, rows, n, k, bias)

@@ -4,14 +4,16 @@ decode_graph.py's CUDA graphs).
 At a few rows a Llama-family layer is ~1 ms of memory reads, and the eager schedule spends about as long again
 in Python and dispatch (~25 ops and C calls a layer). Here the embedding and the head stay torch's; every layer
 runs in native/decode_layer.c, which calls the same kernels the eager path calls, in the same order, with the
-same roundings: the logits are the eager path's, bit for bit (tests/test_decode_fused.py).
+same roundings (tests/test_decode_fused.py).
 
-It runs where every product would be the C kernels' in the eager path too (dense gemv or the int4 codes' gemv at
-this many rows, by the profile), with every weight in memory (dense, or 4-bit codes for the int4 kernel), the
-batch's cache one uncompressed part attended in place, and SiLU's bits reproducible here
-(decode_layers.silu_exact). Rows that finished (or fill the batch) are computed too, each row on its own: the
-rows still generating get the eager path's values, which computes them alone; the engine samples theirs.
-Anything else takes the eager path. FLEXGEN_LITE_FUSED_DECODE=0 turns it off."""
+It runs where the profile says it is faster (`fused_wins`: every product by the C few-row kernels, measured at
+this many rows, against the eager path's fastest ways plus its measured per-layer overhead; without a profile,
+where the eager path would run those kernels too), with every weight in memory (dense, or 4-bit codes for the
+int4 kernel), the batch's cache one uncompressed part attended in place, and SiLU's bits reproducible here
+(decode_layers.silu_exact). Where the eager path runs the same kernels, the logits are its own bit for bit.
+Rows that finished (or fill the batch) are computed too, each row on its own, and never sampled: the rows still
+generating get the values the eager path gives them computing them alone. Anything else takes the eager path.
+FLEXGEN_LITE_FUSED_DECODE=0 turns it off."""
 
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ import torch
 from ..kernels import decode_layers as D
 from ..kernels import elementwise, native
 from ..kernels.attention import native_decode_agrees
-from ..kernels.int4_cost import int4_path
-from ..kernels.int4_matmul import Int4Weight, codes_gemv_wins
+from ..kernels.int4_cost import int4_cost, int4_path
+from ..kernels.int4_matmul import Int4Weight, codes_gemv_wins, native_agrees
 from ..kernels.small_matmul import gemv_wins
 from ..models import layers as L
+from ..system.hardware import interpolated_time
+from ..system.profile_store import cpu_profile
 
 ENV = "FLEXGEN_LITE_FUSED_DECODE"  # "0": never
 KERNEL = "fused+cpu-native"  # the step's attention kernel, as --breakdown reports it
@@ -43,6 +47,24 @@ def config_fits(config) -> bool:
     """A pre-norm Llama-family layer: RMSNorm, rotary (or no) positions, a SiLU-gated MLP."""
     return (config.norm == "rmsnorm" and config.pre_norm and config.gated_mlp and config.activation == "silu"
             and config.positions in ("rope", "none"))
+
+
+def fused_wins(hw, family: str, dtype: torch.dtype, rows: int, batches: int, products: list[tuple[int, int, bool]],
+               layers: int) -> bool:
+    """Whether a decode step of `batches` batches of `rows` rows costs less by the profile `hw` through
+    decode_layer.c (every product (n, k, 4-bit or not) of the decoder's `layers` layers by a C few-row kernel,
+    measured at this many rows) than eagerly (each product its fastest way, plus the schedule's overhead per layer
+    and batch). The engine and the cost model decide alike."""
+    name, fused, eager = str(dtype).removeprefix("torch."), 0.0, 0.0
+    for n, k, int4 in products:
+        points = (hw.int4_gemv if int4 else hw.gemv).get(name)
+        if not points or rows > points[-1][0]:
+            return False
+        fused += batches * interpolated_time(points, rows, k, n)
+        way = int4_cost(hw, name, rows, batches, k, n) if int4 else None
+        eager += way.dequantize + way.matmul if way else batches * hw.matmul_time(name, rows, k, n)
+    per_layer, per_batch = hw.layer_overhead.get(family, hw.layer_overhead["opt"])
+    return fused < eager + layers * 2 * (per_layer + batches * per_batch)  # attention and MLP: 2 specs a layer
 
 
 def layer_weights(specs, weights: list[dict]) -> list[dict] | None:
@@ -112,17 +134,26 @@ class FusedDecode:
         """Whether at `rows` rows the eager path runs every op of a layer by the kernels decode_layer.c calls."""
         if rows not in self._rows_ok:
             width = elementwise.torch_lanes()
+            matrices = [layer[f"{name}.weight"] for layer in self.layers for name in D.MATRIX_NAMES]
             self._rows_ok[rows] = (native.team_threads() > 0 and native_decode_agrees() and D.silu_exact(self.dtype)
                                    and width and width <= self.config.hidden_size < elementwise.TORCH_GRAIN
-                                   and all(self._product_native(layer[f"{name}.weight"], rows)
-                                           for layer in self.layers for name in D.MATRIX_NAMES))
+                                   and all(self._takes(w) for w in matrices) and self._faster(matrices, rows))
         return self._rows_ok[rows]
 
-    def _product_native(self, w, rows: int) -> bool:
+    def _takes(self, w) -> bool:
         if isinstance(w, Int4Weight):
-            return (w.tiles is None and codes_gemv_wins(self.dtype, rows, *w.shape)
-                    and int4_path(w, rows, self.dtype, None, self.policy.num_gpu_batches) == "kernel")
-        return w.dtype == self.dtype and w.is_contiguous() and gemv_wins(self.dtype, rows, *w.shape)
+            return w.tiles is None and native_agrees()
+        return w.dtype == self.dtype and w.is_contiguous()
+
+    def _faster(self, matrices: list, rows: int) -> bool:
+        """`fused_wins` by this machine's profile; without one, where the eager path runs the C kernels too."""
+        hw, nb = cpu_profile(), self.policy.num_gpu_batches
+        if hw is None:
+            return all(codes_gemv_wins(self.dtype, rows, *w.shape)
+                       and int4_path(w, rows, self.dtype, None, nb) == "kernel" if isinstance(w, Int4Weight)
+                       else gemv_wins(self.dtype, rows, *w.shape) for w in matrices)
+        products = [(*w.shape, isinstance(w, Int4Weight)) for w in matrices]
+        return fused_wins(hw, self.config.family, self.dtype, rows, nb, products, len(self.layers))
 
     def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str]:
         """Batch b's logits (rows, vocab) for the tokens at `start`, and the kernel name."""

@@ -21,7 +21,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..engine.decode_fused import config_fits, fused_wanted
+from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
 from ..engine.decode_graph import graphs_wanted
 from ..engine.policy import Policy
 from ..engine.weights import DECODER_KINDS
@@ -142,22 +142,21 @@ def _compute(s: Setup, kind: str, t: int) -> Seg:
 
 def fused_decode(s: Setup) -> bool:
     """Whether the engine runs this policy's decode steps' layers in one C call (engine/decode_fused.py): on a
-    CPU, a Llama-family model, everything in memory (weights dense, or 4-bit for the int4 kernel), and every
-    decoder product by the few-row kernels at this batch."""
+    CPU, a Llama-family model, everything in memory (weights dense, or 4-bit for the int4 kernel), and the
+    profile finding it faster than the eager schedule (`fused_wins`, as the engine decides)."""
     p = s.policy
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
     if (s.cuda or not resident or s.ccomp is not None or p.attn_sparsity != 1 or not fused_wanted()
             or not config_fits(s.config)):
         return False
+    products = []
     for kind in ("attention", "mlp"):
         for k, n in matmuls(s.kinds[kind]):
-            if s.wcomp is None:
-                wins = s.hw.gemv_wins(s.dname, s.gbs, k, n)
-            else:
-                wins = kernel_weight(s, kind, (n, k)) and s.hw.int4_gemv_wins(s.dname, s.gbs, k, n)
-            if not wins:
+            int4 = s.wcomp is not None and kernel_weight(s, kind, (n, k))
+            if s.wcomp is not None and not int4:  # dequantized every step: not in memory as the kernels take it
                 return False
-    return True
+            products += [(n, k, int4)] * s.config.num_layers
+    return fused_wins(s.hw, s.config.family, s.dtype, s.gbs, s.nb, products, s.config.num_layers)
 
 
 def graph_decode(s: Setup) -> bool:
