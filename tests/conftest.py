@@ -195,10 +195,21 @@ def synthetic_profile(cuda: bool = False) -> HardwareProfile:
 
 def forget_profile() -> None:
     """Drop what the kernels cached from the stored profile (their choices of way), to read it again."""
-    from flexgen_lite.kernels import int4_cost, small_matmul
+    from flexgen_lite.kernels import int4_cost, int4_matmul, small_matmul
     from flexgen_lite.system import profile_store
 
-    for cached in (profile_store.cpu_profile, small_matmul.gemv_wins, int4_cost._choose):
+    for cached in (profile_store.cpu_profile, small_matmul.gemv_wins, int4_cost._choose, int4_matmul.codes_gemv_wins):
+        cached.cache_clear()
+
+
+def forget_native() -> None:
+    """Drop the built library and every check cached from it (a test that turns the library off or swaps it
+    must leave none of its answers behind: a cached "the C kernel disagrees" sent later tests to torch's paths)."""
+    from flexgen_lite.kernels import attention, decode_layers, elementwise, int4_matmul, native, prefill_attention
+
+    for cached in (native.library, native._shares_torch_openmp, native._uses_openmp, attention.native_decode_agrees,
+                   elementwise.torch_lanes, decode_layers.torch_exp, decode_layers.silu_exact,
+                   int4_matmul.native_agrees, prefill_attention.prefill_agrees):
         cached.cache_clear()
 
 

@@ -15,7 +15,7 @@ import flexgen_lite.kernels.attention as attention
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import native
 
-from .conftest import PROMPTS, other_native_build
+from .conftest import PROMPTS, forget_native, other_native_build
 from .test_parity import P
 
 # (batch, query heads, kv heads, head dim, positions seen, cache capacity): grouped heads, a head dim that is
@@ -163,16 +163,14 @@ def test_what_the_kernel_does_not_take_is_left_to_sdpa():
 
 def test_without_the_library_attend_is_sdpa(monkeypatch):
     monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
-    native.library.cache_clear()
-    attention.native_decode_agrees.cache_clear()
+    forget_native()
     try:
         q, k, v, mask = _case(SHAPES[1], torch.float32)
         assert native.decode_attention(q, k, v, mask) is None
         assert not attention.native_decode_agrees()
         assert torch.equal(attention.attend(q, k, v, mask), _sdpa(q, k, v, mask))
     finally:
-        native.library.cache_clear()
-        attention.native_decode_agrees.cache_clear()
+        forget_native()  # read again lazily, after the environment is restored
 
 
 def _generate(model_dir, dtype: str):

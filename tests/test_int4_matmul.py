@@ -18,7 +18,7 @@ from flexgen_lite.kernels import native
 from flexgen_lite.kernels.compression import CompressionConfig, compressed_nbytes, dequantize, quantize
 from flexgen_lite.kernels.int4_matmul import Int4Weight, available, eligible, native_agrees, pack
 
-from .conftest import PROMPTS, other_native_build
+from .conftest import PROMPTS, forget_native, other_native_build
 from .test_parity import P
 
 CPU = torch.device("cpu")
@@ -103,7 +103,7 @@ def test_the_tiled_product_equals_a_dense_matmul_of_the_dequantized_weight(monke
 
 def test_without_the_c_kernel_the_torch_path_dequantizes(monkeypatch):
     monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
-    native.library.cache_clear()
+    forget_native()
     try:
         assert native.library() is None
         q = quantize(torch.randn(128, 256), CompressionConfig(4, 64, 1))
@@ -113,7 +113,7 @@ def test_without_the_c_kernel_the_torch_path_dequantizes(monkeypatch):
         assert native.int4_quantize_pack(torch.randn(128, 256), 64) is None
         torch.testing.assert_close(w.dequantize_t(out).t().float(), dequantize(q, torch.bfloat16).float())
     finally:
-        native.library.cache_clear()
+        forget_native()  # read again lazily, after the environment is restored
 
 
 def test_only_what_the_kernel_can_multiply_is_eligible():
