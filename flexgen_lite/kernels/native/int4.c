@@ -13,17 +13,16 @@
 #endif
 
 #ifdef __AVX512F__
-/* 16 values of one half (low or high nibbles) of 16 code bytes, with their 16 scales and minimums. */
-static inline __m512 values16(__m512i codes, const _Float16 *s, const _Float16 *m) {
-    __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
-    __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
-    return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale), minimum);
-}
-
 static inline void store16(void *dst, __m512 v, int kind) {
     if (kind == KIND_F32) {
         _mm512_storeu_ps(dst, v);
     } else if (kind == KIND_BF16) {
+#ifdef __AVX512BF16__
+        /* round to nearest even, as below: the values (code * scale + minimum, fp16 scales and minimums) are 0 or
+           at least 2^-24 in magnitude, never the fp32 subnormals this instruction would flush */
+        _mm256_storeu_si256(dst, (__m256i)_mm512_cvtneps_pbh(v));
+        return;
+#endif
         __m512i u = _mm512_castps_si512(v);
         __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
@@ -33,14 +32,17 @@ static inline void store16(void *dst, __m512 v, int kind) {
     }
 }
 
-/* Block b's 64 values of column col, as `row` does for all blocks. */
-static inline void block64(const uint8_t *src, const _Float16 *s, const _Float16 *m, char *dst, int kind,
+/* Block b's 64 values of column col, as `row` does for all blocks, with the block's 64 scales and minimums of
+   the column's group in fp32 (sv, mv: rows 0-15, 16-31, 32-47, 48-63), loaded once for the columns sharing them. */
+static inline void block64(const uint8_t *src, const __m512 *sv, const __m512 *mv, char *dst, int kind,
                            int64_t itemsize) {
     for (int half = 0; half < 2; half++) {
         __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * half)));
         __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(bytes, 4);
-        store16(dst + 16 * half * itemsize, values16(lo, s + 16 * half, m + 16 * half), kind);
-        store16(dst + (32 + 16 * half) * itemsize, values16(hi, s + 32 + 16 * half, m + 32 + 16 * half), kind);
+        __m512 vlo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), sv[half]), mv[half]);
+        __m512 vhi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), sv[2 + half]), mv[2 + half]);
+        store16(dst + 16 * half * itemsize, vlo, kind);
+        store16(dst + (32 + 16 * half) * itemsize, vhi, kind);
     }
 }
 #endif
@@ -81,12 +83,21 @@ void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Floa
     for (int64_t col0 = t0 * tile; col0 < k && col0 < t1 * tile; col0 += tile) {
         int64_t col1 = col0 + tile < k ? col0 + tile : k;
 #ifdef __AVX512F__
-        for (int64_t b = b0; b < b1; b++)
+        for (int64_t b = b0; b < b1; b++) {
+            __m512 sv[4], mv[4];
+            int64_t group = -1;
             for (int64_t col = col0; col < col1; col++) {
-                int64_t group = col / group_size;
-                block64(packed + (b * k + col) * 32, scale + group * n + b * 64, minimum + group * n + b * 64,
-                        (char *)out + (col * width + (b - b0) * 64) * itemsize, kind, itemsize);
+                if (col / group_size != group) {  /* a tile's 16 columns share a group: loaded once */
+                    group = col / group_size;
+                    for (int i = 0; i < 4; i++) {
+                        sv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + group * n + b * 64 + 16 * i)));
+                        mv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(minimum + group * n + b * 64 + 16 * i)));
+                    }
+                }
+                block64(packed + (b * k + col) * 32, sv, mv, (char *)out + (col * width + (b - b0) * 64) * itemsize,
+                        kind, itemsize);
             }
+        }
 #else
         for (int64_t col = col0; col < col1; col++) {
             int64_t group = col / group_size;
