@@ -14,8 +14,8 @@ PROFILE_VERSION = 8  # measured anew when the code measured changes; 8: the C pr
 # few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's overhead with the
 # fused CPU decode step off; 7: CPU attention beside a GPU over the position-major cache, its rows prefetched into
 # L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by the C kernels
-# apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by the C kernel; 4: CUDA 4-bit dequantization
-# by the fused kernel, CPU attention beside a GPU on all cores
+# apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by the C
+# kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
 
 
 @dataclass
