@@ -107,9 +107,10 @@ class FusedDecode:
     def __init__(self, config, policy, specs, weights, resident: list, device, dtype: torch.dtype, inv_freq) -> None:
         """weights: per layer its StoredWeights; resident: per layer its tensors, or None (engine.resident)."""
         self.config, self.policy, self.specs, self.dtype, self.inv_freq = config, policy, specs, dtype, inv_freq
-        self.layers = layer_weights(specs, weights) if config_fits(config) else None
+        on_cpu = device.device.type == "cpu"
+        self.layers = layer_weights(specs, weights) if on_cpu and config_fits(config) else None
         self.embed, self.head = resident[0], resident[-1]
-        self.possible = (fused_wanted() and device.device.type == "cpu" and self.layers is not None
+        self.possible = (fused_wanted() and self.layers is not None
                          and self.embed is not None and self.head is not None and policy.attn_sparsity == 1
                          and native.library() is not None and dtype in native.OUT_KIND)
         self.batches: dict[int, _Batch] = {}
