@@ -220,14 +220,14 @@ def test_it_runs_where_the_profile_finds_it_faster(few_rows_kernels):
     """The fused step against the eager path's fastest ways plus its overhead per layer: a C kernel slower than
     torch's matmul still wins where the overhead it saves is larger, and loses where it is not; never at rows
     the C kernel was not measured at."""
-    products, layers = [(576, 576, False)] * 7, 1
+    products = [(576, 576, False)] * 7
     slow = {"float32": [(m, 1 * G, 0.0) for m in FEW]}  # 6x slower than the test profile's torch matmul at 1 row
     for overhead, expected in ((1e-2, True), (1e-7, False)):
         costs = dict.fromkeys(("llama", "opt"), (overhead, overhead))
         hw = dataclasses.replace(few_rows_kernels, gemv=slow, layer_overhead=costs)
-        assert decode_fused.fused_wins(hw, "llama", torch.float32, 1, 1, products, layers) is expected
-    assert decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 4, 1, products, layers)
-    assert not decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 8, 1, products, layers)
+        assert decode_fused.fused_wins(hw, "llama", torch.float32, 1, 1, products) is expected
+    assert decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 4, 1, products)
+    assert not decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 8, 1, products)
 
 
 def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):

@@ -49,12 +49,13 @@ def config_fits(config) -> bool:
             and config.positions in ("rope", "none"))
 
 
-def fused_wins(hw, family: str, dtype: torch.dtype, rows: int, batches: int, products: list[tuple[int, int, bool]],
-               layers: int) -> bool:
+def fused_wins(hw, family: str, dtype: torch.dtype, rows: int, batches: int,
+               products: list[tuple[int, int, bool]]) -> bool:
     """Whether a decode step of `batches` batches of `rows` rows costs less by the profile `hw` through
-    decode_layer.c (every product (n, k, 4-bit or not) of the decoder's `layers` layers by a C few-row kernel,
-    measured at this many rows) than eagerly (each product its fastest way, plus the schedule's overhead per layer
-    and batch). The engine and the cost model decide alike."""
+    decode_layer.c (every product (n, k, 4-bit or not) of a decoder layer, `products`, by a C few-row kernel
+    measured at this many rows) than eagerly (each product its fastest way, plus the schedule's overhead per
+    layer and batch), layer for layer: the decoder's layers are alike. The engine and the cost model decide
+    alike."""
     name, fused, eager = str(dtype).removeprefix("torch."), 0.0, 0.0
     for n, k, int4 in products:
         points = (hw.int4_gemv if int4 else hw.gemv).get(name)
@@ -64,7 +65,7 @@ def fused_wins(hw, family: str, dtype: torch.dtype, rows: int, batches: int, pro
         way = int4_cost(hw, name, rows, batches, k, n) if int4 else None
         eager += way.dequantize + way.matmul if way else batches * hw.matmul_time(name, rows, k, n)
     per_layer, per_batch = hw.layer_overhead.get(family, hw.layer_overhead["opt"])
-    return fused < eager + layers * 2 * (per_layer + batches * per_batch)  # attention and MLP: 2 specs a layer
+    return fused < eager + 2 * (per_layer + batches * per_batch)  # per layer; attention and MLP: 2 specs
 
 
 def layer_weights(specs, weights: list[dict]) -> list[dict] | None:
@@ -153,8 +154,8 @@ class FusedDecode:
             return all(codes_gemv_wins(self.dtype, rows, *w.shape)
                        and int4_path(w, rows, self.dtype, None, nb) == "kernel" if isinstance(w, Int4Weight)
                        else gemv_wins(self.dtype, rows, *w.shape) for w in matrices)
-        products = [(*w.shape, isinstance(w, Int4Weight)) for w in matrices]
-        return fused_wins(hw, self.config.family, self.dtype, rows, nb, products, len(self.layers))
+        products = [(*w.shape, isinstance(w, Int4Weight)) for w in matrices[:len(D.MATRIX_NAMES)]]  # layer 0's
+        return fused_wins(hw, self.config.family, self.dtype, rows, nb, products)
 
     def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str]:
         """Batch b's logits (rows, vocab) for the tokens at `start`, and the kernel name."""

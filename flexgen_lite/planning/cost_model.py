@@ -155,8 +155,8 @@ def fused_decode(s: Setup) -> bool:
             int4 = s.wcomp is not None and kernel_weight(s, kind, (n, k))
             if s.wcomp is not None and not int4:  # dequantized every step: not in memory as the kernels take it
                 return False
-            products += [(n, k, int4)] * s.config.num_layers
-    return fused_wins(s.hw, s.config.family, s.dtype, s.gbs, s.nb, products, s.config.num_layers)
+            products.append((n, k, int4))
+    return fused_wins(s.hw, s.config.family, s.dtype, s.gbs, s.nb, products)
 
 
 def graph_decode(s: Setup) -> bool:

@@ -149,14 +149,19 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
 }
 
 /* y[i] = x @ w[i]^T + bias[i] for `count` weights (n[i], k) sharing x (rows, k) (q, k and v; gate and up), each
-   as dense_gemv, x converted to fp32 once; all their chunks of output rows on one team of `threads` OpenMP
-   threads, handed out guided (long runs of rows first: cold weights streamed 12% faster than in chunks taken
-   in turn; the short last ones still go to whichever thread is free). */
+   as dense_gemv, x converted to fp32 once (where the kernel reads it so); all their chunks of output rows on one
+   team of `threads` OpenMP threads, handed out guided (long runs of rows first: cold weights streamed 12% faster
+   than in chunks taken in turn; the short last ones still go to whichever thread is free). */
 void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
                      int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
-    float *xf = malloc(sizeof(float) * rows * k);
-    if (!xf) return;
-    for (int64_t i = 0; i < rows * k; i++) xf[i] = kind_value(x, kind, i);
+#ifdef __AVX512BF16__
+    int convert = kind != KIND_BF16;  /* bf16 rows are multiplied as they are (gemv_bf16) */
+#else
+    int convert = 1;
+#endif
+    float *xf = convert ? malloc(sizeof(float) * rows * k) : NULL;
+    if (convert && !xf) return;
+    for (int64_t i = 0; convert && i < rows * k; i++) xf[i] = kind_value(x, kind, i);
     int64_t first[65], items = 0;  /* first[i]: weight i's first work item; the caller passes at most 64 */
     for (int i = 0; i < count; i++) {
         first[i] = items;
