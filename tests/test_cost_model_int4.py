@@ -21,7 +21,7 @@ from flexgen_lite.planning.dtype_choice import compute_dtype
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
 from flexgen_lite.profiling.measure import load_profile
-from flexgen_lite.profiling.probes import GEMV_ROWS, INT4_ROWS, int4_rates
+from flexgen_lite.profiling.probes import CODES_ROWS, INT4_ROWS, int4_rates
 from flexgen_lite.system.devices import ComputeDevice
 from flexgen_lite.system.hardware import HardwareProfile, interpolated_time
 from flexgen_lite.system.profile_store import profile_path, save_profile
@@ -127,7 +127,7 @@ def test_profile_measures_the_kernel_where_torch_has_it():
     tiles = measured["int4_tiles"]["bfloat16"]  # CI builds the C kernel (test_int4_matmul asserts it)
     assert [m for m, _, _ in tiles] == list(INT4_ROWS) and all(rate > 0 for _, rate, _ in tiles)
     codes = measured["int4_gemv"]["bfloat16"]  # the C kernel for a few rows, apart from torch's
-    assert [m for m, _, _ in codes] == list(GEMV_ROWS) and all(rate > 0 for _, rate, _ in codes)
+    assert [m for m, _, _ in codes] == list(CODES_ROWS) and all(rate > 0 for _, rate, _ in codes)
 
 
 @pytest.mark.parametrize("missing", [("int4_matmul", "int4_dequantize", "int4_tiles"), ("int4_tiles",)])

@@ -5,6 +5,7 @@ and through the dequantization of its layout (the path of large batches) equals 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 
 import pytest
@@ -229,3 +230,70 @@ def test_the_portable_gemv_matches_the_avx512_one(tmp_path):
                   x.data_ptr(), 3, out.data_ptr(), 0, 2)
     want = native.int4_gemv(weight.packed, weight.scale, weight.minimum, 64, x)
     torch.testing.assert_close(out, want, rtol=0, atol=GEMV_RTOL * float(want.abs().max()))
+
+
+PASS_ROWS = (1, 2, 5, 6, 7, 12, 13, 64)  # one pass of rows, a full pass, passes split as evenly as they divide
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_bf16_rows_by_the_codes_at_any_count_and_alone_or_batched(group):
+    """native.int4_gemv of bf16 rows (gemv.c's pairs kernel where the CPU has the bf16 dot instruction): at every
+    row count a pass takes or is split into, x @ W.T of the dequantized weight within fp32 rounding; and each row's
+    product is the one it gets alone, bit for bit (the fused decode step and the eager path rely on it). 5 blocks of
+    64 output rows, fewer than the team's work items want: passes become work items of their own."""
+    g = torch.Generator().manual_seed(21)
+    q = quantize(torch.randn(320, 512, generator=g), CompressionConfig(4, group, 1))
+    weight, dense = Int4Weight.from_bytes(pack(q), (320, 512), group), dequantize(q, torch.float32)
+    x = torch.randn(64, 512, generator=g).to(torch.bfloat16)
+    for rows in PASS_ROWS:
+        got = native.int4_gemv(weight.packed, weight.scale, weight.minimum, group, x[:rows])
+        want = x[:rows].float() @ dense.t()
+        torch.testing.assert_close(got.float(), want, rtol=OUT_RTOL[torch.bfloat16],
+                                   atol=GEMV_RTOL * float(want.abs().max()))
+        for r in {0, rows // 2, rows - 1}:
+            alone = native.int4_gemv(weight.packed, weight.scale, weight.minimum, group, x[r:r + 1].contiguous())
+            assert torch.equal(got[r:r + 1], alone), (rows, r)
+
+
+def test_weights_sharing_x_in_one_team_multiply_as_each_alone():
+    """int4_gemv_team_many (the fused decode step's q, k, v and gate, up): one team over the blocks of all the
+    weights gives each weight's product of a team of its own, bit for bit."""
+    lib = native.library()
+    fn = lib.int4_gemv_team_many
+    fn.restype, fn.argtypes = None, [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + \
+        [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    g = torch.Generator().manual_seed(22)
+    weights = [Int4Weight.from_bytes(pack(quantize(torch.randn(n, 256, generator=g), CompressionConfig(4, 64, 1))),
+                                     (n, 256), 64) for n in (64, 192, 128)]
+    for dtype, rows in ((torch.bfloat16, 9), (torch.bfloat16, 64), (torch.float32, 3)):
+        x = torch.randn(rows, 256, generator=g).to(dtype)
+        outs = [torch.empty(rows, w.shape[0], dtype=dtype) for w in weights]
+        array = ctypes.c_void_p * len(weights)
+        fn(len(weights), array(*(w.packed.data_ptr() for w in weights)), array(*(w.scale.data_ptr() for w in weights)),
+           array(*(w.minimum.data_ptr() for w in weights)),
+           (ctypes.c_int64 * len(weights))(*(w.shape[0] for w in weights)), 256, 64, x.data_ptr(),
+           native.OUT_KIND[dtype], rows, array(*(o.data_ptr() for o in outs)), native.threads())
+        for w, out in zip(weights, outs, strict=True):
+            assert torch.equal(out, native.int4_gemv(w.packed, w.scale, w.minimum, 64, x)), (dtype, rows)
+
+
+def test_the_pairs_kernel_without_the_byte_permute_gives_the_same_products(tmp_path):
+    """A build for a CPU with the bf16 dot instruction but without AVX512-VBMI's byte permute (Cooper Lake) turns
+    the codes into bf16 pairs by unpacking instead: the same pairs, so the same products bit for bit (on a CPU
+    without the bf16 instruction both builds take the fp32 kernel, and still agree)."""
+    other = other_native_build(tmp_path, ["-march=native", "-mno-avx512vbmi"])
+    here = native.library()
+    g = torch.Generator().manual_seed(23)
+    q = quantize(torch.randn(192, 320, generator=g), CompressionConfig(4, 32, 1))
+    weight = Int4Weight.from_bytes(pack(q), (192, 320), 32)
+    x = torch.randn(8, 320, generator=g).to(torch.bfloat16)
+    xf = x.float()
+    outs = []
+    for lib in (here, other):
+        out = torch.empty(8, 192)
+        lib.int4_gemv_blocks(weight.packed.data_ptr(), weight.scale.data_ptr(), weight.minimum.data_ptr(), 192, 320,
+                             32, xf.data_ptr(), x.data_ptr(), 8, out.data_ptr(), 0, 3)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], xf @ dequantize(q, torch.float32).t(), rtol=0,
+                               atol=GEMV_RTOL * float(outs[0].abs().max()))

@@ -137,6 +137,7 @@ def best_matmul(first: dict, second: dict) -> dict:
 
 
 INT4_ROWS = (1, 2, 4, 16, 64)  # decode batches: beyond them a dense matmul after dequantizing wins (int4_path)
+CODES_ROWS = (1, 2, 4, 8, 16, 64)  # the C kernel multiplying the codes (bf16 pairs: near dense speed up to 64 rows)
 INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that none comes from the 32 MiB L3
 
 
@@ -179,7 +180,7 @@ def _int4_weights(k: int, n: int, copies: int, group_size: int = 64,
 def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, int] | None = None,
                  way: str = "torch") -> list[tuple[int, float, float]]:
     """(rows, FLOP/s, fixed s) of a 4-bit weight multiplied one `way` ("torch": torch's int4 kernel, "codes":
-    the C kernel at GEMV_ROWS, "tiles") in `dtype` for weights (K, N) `small` and `large` (the large rotated
+    the C kernel at CODES_ROWS, "tiles") in `dtype` for weights (K, N) `small` and `large` (the large rotated
     over at few rows); without `large`, from `small` alone with no fixed cost, up to the first row count whose
     call takes over 2 ms. [] where the kernel refuses the dtype."""
     tiled = dtype if way == "tiles" else None
@@ -187,7 +188,7 @@ def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, i
     copies = min(16, max(1, INT4_ROTATION // (large[0] * large[1] // 2))) if large else 0
     large_w = _int4_weights(*large, copies, tiled=tiled) if large else []
     points: list[tuple[int, float, float]] = []
-    for m in GEMV_ROWS if way == "codes" else INT4_ROWS:
+    for m in CODES_ROWS if way == "codes" else INT4_ROWS:
         flops = 2 * m * small[0] * small[1]
         try:
             t_small = _int4_seconds(small_w, m, small[0], dtype, way)

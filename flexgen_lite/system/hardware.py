@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 8  # measured anew when the code measured changes; 8: the C prefill attention in fp32 too, bf16
+PROFILE_VERSION = 9  # measured anew when the code measured changes; 9: 4-bit codes multiplied by bf16 pairs
+# converted as read, measured up to 64 rows; 8: the C prefill attention in fp32 too, bf16
 # few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's overhead with the
 # fused CPU decode step off; 7: CPU attention beside a GPU over the position-major cache, its rows prefetched into
 # L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by the C kernels

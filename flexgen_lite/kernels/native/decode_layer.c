@@ -57,8 +57,9 @@ void rope_range(const void *x, const void *cos, const void *sin, void *out, int 
                 int64_t d, const int64_t *xst, const int64_t *cst, int64_t r0, int64_t r1);
 void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
                      int64_t k, const void *x, int64_t rows, void *const *y, int threads);
-void int4_gemv_team(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
-                    int64_t group_size, const void *x, int kind, int64_t rows, void *out, int threads);
+void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16 *const *scale,
+                         const _Float16 *const *minimum, const int64_t *n, int64_t k, int64_t group_size, const void *x,
+                         int kind, int64_t rows, void *const *y, int threads);
 void decode_attention_team(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
@@ -143,22 +144,36 @@ int64_t decode_layer_scratch(const struct layer *L) {
 }
 
 /* y = x W^T (+ bias) for the matrices `which` (count of them, sharing x), as the eager path multiplies them:
-   dense ones in one team (the bias added before rounding); 4-bit ones each, the bias added after (torch's add). */
+   dense ones in one team (the bias added before rounding); 4-bit ones in one team too (each row's products are
+   those of a team per matrix), the bias added after (torch's add). */
 static void linears(const struct layer *L, const struct step *S, const int *which, int count, const void *x, void *const *y) {
-    const void *w[MATRICES], *bias[MATRICES];
-    void *out[MATRICES];
-    int64_t n[MATRICES];
-    int dense = 0;
+    const void *w[MATRICES], *bias[MATRICES], *codes[MATRICES], *scale[MATRICES], *minimum[MATRICES];
+    void *out[MATRICES], *qout[MATRICES];
+    int64_t n[MATRICES], qn[MATRICES];
+    int dense = 0, done[MATRICES] = {0};
     for (int i = 0; i < count; i++) {
         const struct matrix *m = &L->m[which[i]];
-        if (m->scale) {
-            int4_gemv_team(m->w, m->scale, m->minimum, m->n, m->k, m->group, x, L->kind, L->rows, y[i], (int)S->threads);
-            if (m->bias)
-                for (int64_t j = 0; j < L->rows * m->n; j++)
-                    kind_put(y[i], L->kind, j, kind_value(y[i], L->kind, j) + kind_value(m->bias, L->kind, j % m->n));
-        } else {
+        if (!m->scale) {
             w[dense] = m->w, bias[dense] = m->bias, n[dense] = m->n, out[dense++] = y[i];
+            continue;
         }
+        if (done[i]) continue;
+        int quantized = 0;
+        for (int j = i; j < count; j++) {  /* the 4-bit ones of m's group size: one team */
+            const struct matrix *o = &L->m[which[j]];
+            if (!o->scale || o->group != m->group) continue;
+            codes[quantized] = o->w, scale[quantized] = o->scale, minimum[quantized] = o->minimum;
+            qn[quantized] = o->n, qout[quantized++] = y[j], done[j] = 1;
+        }
+        int4_gemv_team_many(quantized, (const uint8_t *const *)codes, (const _Float16 *const *)scale,
+                            (const _Float16 *const *)minimum, qn, m->k, m->group, x, L->kind, L->rows, qout,
+                            (int)S->threads);
+    }
+    for (int i = 0; i < count; i++) {
+        const struct matrix *m = &L->m[which[i]];
+        if (m->scale && m->bias)
+            for (int64_t j = 0; j < L->rows * m->n; j++)
+                kind_put(y[i], L->kind, j, kind_value(y[i], L->kind, j) + kind_value(m->bias, L->kind, j % m->n));
     }
     if (dense) dense_gemv_team(dense, w, bias, n, L->kind, L->m[which[0]].k, x, L->rows, out, (int)S->threads);
 }
