@@ -337,7 +337,11 @@ MIN_WORK = 1 << 22  # multiply-adds a thread is given at least (~0.1 ms: handing
 
 
 def threads() -> int:
-    """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs."""
+    """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs.
+    Under OMP_PROC_BIND the OpenMP runtime pins the main thread to one CPU of the process's places and the team
+    to the others: the main thread's affinity is not the process's CPUs then, and torch's count is kept."""
+    if os.environ.get("OMP_PROC_BIND", "false").strip().lower() not in ("", "false"):
+        return max(1, torch.get_num_threads())
     return max(1, min(torch.get_num_threads(), _cpus(os.getpid())))
 
 
