@@ -337,17 +337,17 @@ MIN_WORK = 1 << 22  # multiply-adds a thread is given at least (~0.1 ms: handing
 
 
 def threads() -> int:
-    """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs.
-    Under OMP_PROC_BIND the OpenMP runtime pins the main thread to one CPU of the process's places and the team
-    to the others: the main thread's affinity is not the process's CPUs then, and torch's count is kept."""
-    if os.environ.get("OMP_PROC_BIND", "false").strip().lower() not in ("", "false"):
-        return max(1, torch.get_num_threads())
+    """Threads for the CPU kernels: torch's intra-op count (all cores by default), within this process's CPUs."""
     return max(1, min(torch.get_num_threads(), _cpus(os.getpid())))
 
 
 @functools.cache
 def _cpus(pid: int) -> int:
-    """CPUs this process may run on (asked once per process: a decode step calls the kernels hundreds of times)."""
+    """CPUs this process may run on (asked once per process: a decode step calls the kernels hundreds of times).
+    Under OMP_PROC_BIND the OpenMP runtime pins the main thread to one CPU of the process's places and its team to
+    the others: the main thread's affinity is not the process's CPUs then, and all the machine's are counted."""
+    if os.environ.get("OMP_PROC_BIND", "false").strip().lower() not in ("", "false"):
+        return os.cpu_count() or 1
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -182,6 +182,11 @@ void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *min
                int64_t group_size, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1);
 
 #define TILE_ROWS 6  /* rows of x a pass over a group of codes takes at most (their sums in 24 registers) */
+
+/* The first row of pass p when `rows` rows go in `passes` passes as evenly as they divide. */
+static inline int64_t pass_start(int64_t rows, int64_t passes, int64_t p) {
+    return p * (rows / passes) + (p < rows % passes ? p : rows % passes);
+}
 #ifdef __AVX512BF16__
 
 /* Columns col and col + 1 of a block (s: column col's 32 bytes; col + 1's follow) as 4 vectors of bf16 pairs
@@ -263,8 +268,8 @@ static void int4_gemv_pairs(const uint8_t *packed, const _Float16 *scale, const 
                 _mm512_store_ps(sv + 16 * i, s16);
                 _mm512_store_ps(mv + 16 * i, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s16, m16));
             }
-            for (int64_t pass = 0, r0 = 0; pass < passes; pass++) {
-                const int64_t nr = rows / passes + (pass < rows % passes);
+            for (int64_t pass = 0; pass < passes; pass++) {
+                const int64_t r0 = pass_start(rows, passes, pass), nr = pass_start(rows, passes, pass + 1) - r0;
                 const uint16_t *x = xb + r0 * k + g * group_size;
                 const float *xs = xsum + r0 * groups + g;
                 float *total = out + r0 * n + b * 64;
@@ -274,7 +279,6 @@ static void int4_gemv_pairs(const uint8_t *packed, const _Float16 *scale, const 
                     case 4: TILE(4); break; case 5: TILE(5); break; default: TILE(TILE_ROWS);
                 }
 #undef TILE
-                r0 += nr;
             }
         }
     }
@@ -346,11 +350,7 @@ void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16
     for (int64_t item = 0; item < blocks * split; item++) {
         int64_t it = item / split, part = item % split, i = 0, offset = 0;
         while (it >= first[i + 1]) offset += n[i++];
-        int64_t b = it - first[i], r0 = 0, r1 = rows;
-        if (split > 1) {  /* the balanced passes of int4_gemv_pairs */
-            for (int64_t p = 0; p < part; p++) r0 += rows / passes + (p < rows % passes);
-            r1 = r0 + rows / passes + (part < rows % passes);
-        }
+        int64_t b = it - first[i], r0 = pass_start(rows, split, part), r1 = pass_start(rows, split, part + 1);
         float *out = sums + rows * offset;
 #ifdef __AVX512BF16__
         if (pairs)
