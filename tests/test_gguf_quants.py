@@ -1,0 +1,143 @@
+"""llama.cpp's K-quants and other block types (models/gguf_quants.py): each dequantized bit for bit as gguf's own
+numpy code does, and tiny Llama GGUFs stored the way Q4_K_M and other common files mix them give transformers'
+outputs (its GGUF loader reading the same file)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.models import gguf_reader
+from flexgen_lite.models.gguf_file import SUPPORTED_TENSOR_TYPES, quantized_types
+from flexgen_lite.models.gguf_quants import DEQUANTIZE
+from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
+
+from .conftest import hf_greedy
+
+Q = gguf.GGMLQuantizationType
+# where each type keeps its fp16 factors (d, and dmin or m), and a size for them that gives weights of ~0.05
+FP16_FIELDS = {Q.Q5_0: ((0,), 5e-3), Q.Q5_1: ((0, 2), 3e-3), Q.Q2_K: ((80, 82), 2e-3), Q.Q3_K: ((108,), 5e-4),
+               Q.Q4_K: ((0, 2), 1e-4), Q.Q5_K: ((0, 2), 5e-5), Q.Q6_K: ((208,), 1e-5), Q.IQ4_NL: ((0,), 5e-4),
+               Q.IQ4_XS: ((0,), 1e-5)}
+LOGITS_ATOL = 2e-4  # fp32 on both sides, as test_parity
+PROMPTS = [[3, 7, 11, 4, 5], [9, 4, 13], [6, 6, 8, 10, 12, 14, 20, 30]]  # no 1: hf_greedy's pad id
+
+
+def random_blocks(kind, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes in `kind`'s layout for a (rows, cols) matrix, with finite fp16 factors of a modest size."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    data = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    offsets, scale = FP16_FIELDS[kind]
+    for at in offsets:
+        factor = rng.uniform(0.2, 1.0, size=len(data)) * scale * rng.choice([-1, 1], size=len(data))
+        data[:, at:at + 2] = factor.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return data.reshape(rows, cols // block * size)
+
+
+def test_every_type_is_read():
+    assert set(FP16_FIELDS) == set(DEQUANTIZE) and set(DEQUANTIZE) <= set(SUPPORTED_TENSOR_TYPES)
+
+
+@pytest.mark.parametrize("kind", list(DEQUANTIZE), ids=lambda k: k.name)
+def test_dequantizes_bit_for_bit_as_gguf_does(kind, tmp_path: Path, monkeypatch):
+    rng = np.random.default_rng(int(kind))
+    data = random_blocks(kind, 6, 512, rng)
+    data[0, :] = 0  # a block of zeros, and one whose factors are the largest finite fp16
+    offsets, _ = FP16_FIELDS[kind]
+    for at in offsets:
+        data[1, at:at + 2] = np.array([65504], dtype=np.float16).view(np.uint8)
+    path = tmp_path / f"{kind.name}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tensor,) = GGUFContents(str(path)).tensors
+    want = gguf.quants.dequantize(tensor.data, kind)
+    got = dequantize(tensor)
+    assert got.dtype == torch.float32 and tuple(got.shape) == want.shape == (6, 512)
+    assert np.array_equal(got.numpy(), want)
+    monkeypatch.setattr(gguf_reader, "CHUNK_VALUES", 1000)  # several chunks, the last one short
+    assert torch.equal(dequantize(tensor), got)
+    assert got[2:].abs().max() > 0 and got[2:].std() > 0  # the random blocks are not all zeros
+
+
+# (the types of q, k, o, gate, up | v, down | embedding | head) as llama.cpp's mixes store them
+MIXES = {
+    "Q4_K_M": (Q.Q4_K, Q.Q6_K, Q.Q4_K, Q.Q6_K),
+    "Q2_K-Q3_K-Q5_K": (Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.Q6_K),
+    "Q5_0-Q5_1-IQ4": (Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.IQ4_XS),
+}
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 256, 4, 2, 512, 64, 2  # K-quant rows hold whole blocks of 256
+
+
+def write_mixed_llama(path: Path, mix: tuple) -> None:
+    """A 2-layer Llama GGUF with random quantized blocks of the mix's types (norms in F32)."""
+    rng = np.random.default_rng(0)
+    body, value_down, embedding, head = mix
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(VOCAB)
+    d = HIDDEN // HEADS
+    tensors = {"token_embd.weight": (embedding, VOCAB, HIDDEN), "output.weight": (head, VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        tensors.update({f"blk.{i}.attn_q.weight": (body, HEADS * d, HIDDEN),
+                        f"blk.{i}.attn_k.weight": (body, KV_HEADS * d, HIDDEN),
+                        f"blk.{i}.attn_v.weight": (value_down, KV_HEADS * d, HIDDEN),
+                        f"blk.{i}.attn_output.weight": (body, HIDDEN, HEADS * d),
+                        f"blk.{i}.ffn_gate.weight": (body, FFN, HIDDEN),
+                        f"blk.{i}.ffn_up.weight": (body, FFN, HIDDEN),
+                        f"blk.{i}.ffn_down.weight": (value_down, HIDDEN, FFN)})
+    for name, (kind, rows, cols) in tensors.items():
+        writer.add_tensor(name, random_blocks(kind, rows, cols, rng), raw_dtype=kind)
+    for name in ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(LAYERS) for n in ("attn", "ffn")]:
+        writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def transformers_model(path: Path):
+    """transformers' own model of the GGUF (its loader dequantizes with gguf), fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_mixed_k_quant_models_give_transformers_outputs(mix, tmp_path: Path):
+    path = tmp_path / f"tiny-{mix}.gguf"
+    write_mixed_llama(path, MIXES[mix])
+    assert set(quantized_types(path)) == {kind.name for kind in MIXES[mix]}
+    want_ids, want_logits = hf_greedy(transformers_model(path), PROMPTS, 8)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=50, weight_cpu_percent=50,
+                    dtype="float32")
+    with FlexGenLite(str(path), policy=policy) as m:
+        ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False), return_logits=True)
+    assert ids == want_ids
+    assert len({tuple(i) for i in ids}) > 1  # not one degenerate answer for every prompt
+    for ours, theirs in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
