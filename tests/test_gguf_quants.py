@@ -1,6 +1,6 @@
 """llama.cpp's K-quants and other block types (models/gguf_quants.py): each dequantized bit for bit as gguf's own
-numpy code does, and tiny Llama GGUFs stored the way Q4_K_M and other common files mix them give transformers'
-outputs (its GGUF loader reading the same file)."""
+numpy code does, and tiny Llama and Qwen2 GGUFs stored the way Q4_K_M and other common files mix them give
+transformers' outputs (its GGUF loader reading the same file)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.models import gguf_reader
-from flexgen_lite.models.gguf_file import SUPPORTED_TENSOR_TYPES, quantized_types
+from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.gguf_file import SUPPORTED_TENSOR_TYPES, quantized_types, read_gguf_config
 from flexgen_lite.models.gguf_quants import DEQUANTIZE
 from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
 
@@ -78,11 +79,12 @@ MIXES = {
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 256, 4, 2, 512, 64, 2  # K-quant rows hold whole blocks of 256
 
 
-def write_mixed_llama(path: Path, mix: tuple) -> None:
-    """A 2-layer Llama GGUF with random quantized blocks of the mix's types (norms in F32)."""
+def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama") -> None:
+    """A 2-layer Llama (or Qwen2: q, k and v biases) GGUF with random quantized blocks of the mix's types (norms
+    and biases in F32)."""
     rng = np.random.default_rng(0)
     body, value_down, embedding, head = mix
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
@@ -106,6 +108,10 @@ def write_mixed_llama(path: Path, mix: tuple) -> None:
         writer.add_tensor(name, random_blocks(kind, rows, cols, rng), raw_dtype=kind)
     for name in ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(LAYERS) for n in ("attn", "ffn")]:
         writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    if arch == "qwen2":
+        for i in range(LAYERS):
+            for name, rows in (("attn_q", HEADS * d), ("attn_k", KV_HEADS * d), ("attn_v", KV_HEADS * d)):
+                writer.add_tensor(f"blk.{i}.{name}.bias", (0.05 * rng.standard_normal(rows)).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -127,11 +133,13 @@ def transformers_model(path: Path):
     return model
 
 
-@pytest.mark.parametrize("mix", MIXES)
-def test_mixed_k_quant_models_give_transformers_outputs(mix, tmp_path: Path):
-    path = tmp_path / f"tiny-{mix}.gguf"
-    write_mixed_llama(path, MIXES[mix])
+@pytest.mark.parametrize("arch,mix", [("llama", mix) for mix in MIXES] + [("qwen2", "Q4_K_M")])
+def test_mixed_k_quant_models_give_transformers_outputs(arch, mix, tmp_path: Path):
+    path = tmp_path / f"tiny-{arch}-{mix}.gguf"
+    write_mixed_llama(path, MIXES[mix], arch)
     assert set(quantized_types(path)) == {kind.name for kind in MIXES[mix]}
+    config = config_from_dict(read_gguf_config(path))
+    assert config.qkv_bias == (arch == "qwen2") and not config.out_bias
     want_ids, want_logits = hf_greedy(transformers_model(path), PROMPTS, 8)
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=50, weight_cpu_percent=50,
                     dtype="float32")

@@ -1,9 +1,11 @@
-"""Read Llama-architecture GGUF files (llama.cpp format) into Hugging Face form.
+"""Read Llama- and Qwen2-architecture GGUF files (llama.cpp format) into Hugging Face form.
 
 The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
-a Hugging Face checkpoint: a ``LlamaConfig``-style dict, ``(name, tensor)`` pairs
-with HF parameter names and shapes (dequantized, one tensor at a time), and a
-tokenizer.
+a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``-style for a
+qwen2 file), ``(name, tensor)`` pairs with HF parameter names and shapes
+(dequantized, one tensor at a time), and a tokenizer. llama.cpp's converter
+reorders a llama file's Q and K rows for its rotary layout (undone here); a qwen2
+file keeps HF's order and adds q, k and v biases.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from .checkpoint import check_finite
 from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, GGUFContents, dequantize, groups_of_32
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -211,8 +214,8 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     scaling = _rope_scaling(reader, path, arch, head_dim, theta)
     rope_parameters = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": arch,
+        "architectures": [HF_ARCHITECTURES[arch]],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(_meta(reader, path, f"{arch}.feed_forward_length")),
@@ -226,7 +229,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "rope_parameters": rope_parameters,
         "rope_scaling": scaling,
         "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in names,
+        "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in names,  # qwen2: q, k, v biases by type
         "mlp_bias": "blk.0.ffn_up.bias" in names,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _meta(reader, path, "tokenizer.ggml.bos_token_id", None),
@@ -249,7 +252,7 @@ def _hf_name(gguf_name: str) -> str | None:
         return None
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m is None or m.group(2) not in _BLOCK_NAMES:
-        raise GGUFError(f"unexpected tensor {gguf_name!r} for a Llama model")
+        raise GGUFError(f"unexpected tensor {gguf_name!r} for a Llama-family model")
     return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
 
 
@@ -284,7 +287,8 @@ def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | Non
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which is not "
                 f"supported (supported: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)})"
             )
-        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        heads = ({"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+                 if config["model_type"] == "llama" else {})  # qwen2's rows are in HF's order
         n_head = next((n for key, n in heads.items() if f".self_attn.{key}." in name), None)
         rows = int(t.shape[-1])
         if n_head is not None and rows % (2 * n_head):
