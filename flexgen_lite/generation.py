@@ -15,7 +15,14 @@ from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
 from .engine.weights import place_weights, planned_bytes
 from .kernels.sampling import SamplingConfig, row_generators
-from .model_source import compression_notice, for_model, kept_as_stored, open_model, source_quantization
+from .model_source import (
+    compression_notice,
+    for_model,
+    kept_as_stored,
+    kept_groups,
+    open_model,
+    source_quantization,
+)
 from .models.config import ModelConfig, ModelError
 from .models.specs import layer_specs
 from .planning.budgets import Budgets, check_budgets, check_fits
@@ -57,7 +64,7 @@ class FlexGenLite:
         self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
         self.kept_as_stored = kept_as_stored(self.policy, model)
         if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized,
-                                         self.kept_as_stored)) is not None:
+                                         self.kept_as_stored, kept_groups(self.policy, model))) is not None:
             print(notice, file=sys.stderr)
         self.dtype = compute_dtype(self.policy, self.device.device.type)
         keep_freed_memory()

@@ -1,6 +1,6 @@
 """What a model's files hold, and what that means for a policy: opening a checkpoint directory, GGUF file or
-preset name (config, weight source, tokenizer); the quantization a GGUF stores; a Q4_0/Q4_1 file's groups kept as
-stored when weights are compressed (`for_model`), and the line that says what a run compresses."""
+preset name (config, weight source, tokenizer); the quantization a GGUF stores; a Q4_0/Q4_1/Q4_K file's groups
+kept as stored when weights are compressed (`for_model`), and the line that says what a run compresses."""
 
 from __future__ import annotations
 
@@ -58,12 +58,22 @@ def for_model(policy: Policy | AutoPolicy, model: str) -> Policy | AutoPolicy:
     """The policy with the model's source in mind: a Q4_0/Q4_1 GGUF's compressed weights are its own groups of
     32 (weight_group_size 32 where it was left 0 and groups run along the input dimension), which a search
     weighs as lossless (policy_search.for_source)."""
-    groups = stored_groups(model)
+    groups, keeps = stored_groups(model), bool(group_types(model)[0])
     if isinstance(policy, AutoPolicy):
-        return for_source(policy, source_quantization(model), groups)
-    if groups and policy.compress_weight and policy.weight_group_dim == 1 and policy.weight_group_size == 0:
+        return for_source(policy, source_quantization(model), groups, keeps)
+    if keeps and policy.compress_weight and policy.weight_group_dim == 1 and policy.weight_group_size == 0:
         return dataclasses.replace(policy, weight_group_size=32)
     return policy
+
+
+def group_types(model: str) -> tuple[list[str], list[str]]:
+    """A GGUF's decoder matrix types whose own 4-bit groups of 32 compressed weights keep, and the others (rounded
+    to 4 bits when compressed); ([], []) for other sources."""
+    if Path(model).suffix != ".gguf":
+        return [], []
+    from .models.gguf_file import kept_and_rounded
+
+    return kept_and_rounded(model)
 
 
 def kept_as_stored(policy: Policy, model: str) -> bool:
@@ -71,12 +81,24 @@ def kept_as_stored(policy: Policy, model: str) -> bool:
     return policy.compress_weight and policy.weight_compression() == STORED_GROUPS and stored_groups(model)
 
 
-def compression_notice(policy: Policy, searched: bool, source_quantized: list[str], kept: bool = False) -> str | None:
+def kept_groups(policy: Policy, model: str) -> tuple[list[str], list[str]]:
+    """group_types(model) when the policy compresses weights into groups of 32 along the input dimension (the
+    file's own are kept); ([], []) otherwise."""
+    if not (policy.compress_weight and policy.weight_compression() == STORED_GROUPS):
+        return [], []
+    return group_types(model)
+
+
+def compression_notice(policy: Policy, searched: bool, source_quantized: list[str], kept: bool = False,
+                       partly: tuple[list[str], list[str]] = ([], [])) -> str | None:
     """One plain line when a run compresses weights or the KV cache to 4 bits: who chose it, and whether it is
-    lossy (`kept`: the weights are a Q4_0/Q4_1 file's own groups, kept_as_stored)."""
+    lossy (`kept`: the weights are a Q4_0/Q4_1 file's own groups, kept_as_stored; `partly`: the types of a file's
+    matrices kept as its groups, and of those rounded, kept_groups)."""
     why = ("chosen by --policy auto: --no-compress-weight / --no-compress-cache forbid it" if searched
            else "as asked")
     kept = kept and policy.compress_weight
+    if policy.compress_weight and not kept and partly[0]:
+        return _partly_kept_notice(policy, *partly, why)
     lossy = [name for name, on in (("weights", policy.compress_weight and not kept),
                                    ("KV cache", policy.compress_cache)) if on]
     if not lossy and not kept:
@@ -88,6 +110,15 @@ def compression_notice(policy: Policy, searched: bool, source_quantized: list[st
                  if "weights" in lossy and source_quantized else "")
         said += ("; " if said else "") + (f"{' and '.join(lossy)} compressed to 4 bits, which is lossy (outputs "
                                           f"differ from the uncompressed model's){again}")
+    return f"note: {said}, {why}"
+
+
+def _partly_kept_notice(policy: Policy, kept: list[str], rounded: list[str], why: str) -> str:
+    said = (f"the file's {'/'.join(kept)} weights kept in 4 bits as it stores them (groups of 32"
+            + (", scales and minima rounded to fp16" if "Q4_K" in kept else "") + ")")
+    lossy = ([f"its {'/'.join(rounded)} weights"] if rounded else []) + (["KV cache"] if policy.compress_cache else [])
+    if lossy:
+        said += f"; {' and '.join(lossy)} compressed to 4 bits, which is lossy (outputs differ from the file's model)"
     return f"note: {said}, {why}"
 
 

@@ -16,7 +16,7 @@ from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.models import gguf_reader
 from flexgen_lite.models.config import config_from_dict
 from flexgen_lite.models.gguf_file import SUPPORTED_TENSOR_TYPES, quantized_types, read_gguf_config
-from flexgen_lite.models.gguf_quants import DEQUANTIZE
+from flexgen_lite.models.gguf_quants import DEQUANTIZE, q4_k_groups
 from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
 
 from .conftest import hf_greedy
@@ -149,3 +149,74 @@ def test_mixed_k_quant_models_give_transformers_outputs(arch, mix, tmp_path: Pat
     assert len({tuple(i) for i in ids}) > 1  # not one degenerate answer for every prompt
     for ours, theirs in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_q4_k_groups_are_the_files_codes_with_fp16_scales(tmp_path: Path):
+    """A Q4_K matrix as 4-bit groups of 32 (gguf_reader.groups_of_32): the file's codes exactly, and each group's
+    scale d * sc and minimum -dmin * m rounded to the nearest fp16."""
+    path = tmp_path / "q4k.gguf"
+    write_mixed_llama(path, (Q.Q4_K, Q.Q4_K, Q.Q4_K, Q.Q6_K))
+    for t in GGUFContents(str(path)).tensors:
+        if t.tensor_type != Q.Q4_K:
+            continue
+        codes, scale, minimum = gguf_reader.groups_of_32(t)
+        exact = torch.from_numpy(gguf.quants.dequantize(t.data, Q.Q4_K))
+        _, want_scale, want_sub = q4_k_groups(torch.from_numpy(np.array(t.data)).reshape(-1, 144))
+        assert scale.dtype == minimum.dtype == torch.float16
+        assert torch.equal(scale.flatten(), want_scale.flatten().half())
+        assert torch.equal(minimum.flatten(), (-want_sub).flatten().half())
+        rows, cols = codes.shape
+        values = codes.float().view(rows, -1, 32) * want_scale.view(rows, -1, 1) - want_sub.view(rows, -1, 1)
+        assert torch.equal(values.view(rows, cols), exact)  # the codes are the file's
+        ours = codes.float().view(rows, -1, 32) * scale.float().view(rows, -1, 1) + minimum.float().view(rows, -1, 1)
+        bound = 2.0 ** -11 * (15 * want_scale.abs() + want_sub.abs()).view(rows, -1, 1)
+        assert ((ours - exact.view(rows, -1, 32)).abs() <= bound * 1.001).all()
+
+
+def test_compressed_q4_k_m_keeps_the_q4_k_groups(tmp_path: Path):
+    """--compress-weight on a Q4_K_M-style file: groups of 32, the Q4_K matrices as the file stores them and its
+    Q6_K ones rounded to 4 bits (closer to the uncompressed model's logits than all of them rounded into groups
+    of 64); the notice says which matrices were kept and which were rounded."""
+    from flexgen_lite.engine.weights import STORED_GROUPS
+    from flexgen_lite.model_source import compression_notice, for_model, kept_groups
+
+    path = tmp_path / "tiny-q4km.gguf"
+    write_mixed_llama(path, MIXES["Q4_K_M"])
+    base = Policy(gpu_batch_size=3, num_gpu_batches=1, dtype="float32")
+    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    results = {}
+    for name, policy in {"plain": base, "kept": Policy(**{**base.__dict__, "compress_weight": True}),
+                         "regrouped": Policy(**{**base.__dict__, "compress_weight": True, "weight_group_size": 64})}.items():
+        policy = for_model(policy, str(path))
+        with FlexGenLite(str(path), policy=policy) as m:
+            results[name] = m.generate_ids(PROMPTS, sampling, return_logits=True)
+            if name == "kept":
+                assert m.policy.weight_compression() == STORED_GROUPS and not m.kept_as_stored
+                notice = compression_notice(m.policy, False, m.source_quantized, False, kept_groups(m.policy, str(path)))
+                assert "Q4_K weights kept in 4 bits as it stores them" in notice and "rounded to fp16" in notice
+                assert "its Q6_K weights compressed to 4 bits, which is lossy" in notice
+    def furthest(name: str) -> float:
+        return max(float((a - b).abs().max()) for a, b in zip(results[name][1], results["plain"][1], strict=True))
+
+    assert furthest("kept") > 0  # the Q6_K matrices were rounded to 4 bits
+    assert furthest("kept") < furthest("regrouped")
+
+
+def test_compressed_q4_k_only_file_is_within_fp16_rounding_of_the_file(tmp_path: Path):
+    """Every decoder matrix Q4_K, compressed: the same tokens, logits ~1e-4 from the uncompressed model's (the
+    groups' fp16 scales), where rounding the same weights again into groups of 64 moves them ~100x as far."""
+    path = tmp_path / "tiny-q4k.gguf"
+    write_mixed_llama(path, (Q.Q4_K, Q.Q4_K, Q.Q4_K, Q.Q6_K))
+    from flexgen_lite.model_source import for_model
+
+    base = Policy(gpu_batch_size=3, num_gpu_batches=1, weight_gpu_percent=50, weight_cpu_percent=50, dtype="float32")
+    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    runs = {}
+    for name, change in {"plain": {}, "kept": {"compress_weight": True},
+                         "regrouped": {"compress_weight": True, "weight_group_size": 64}}.items():
+        with FlexGenLite(str(path), policy=for_model(Policy(**{**base.__dict__, **change}), str(path))) as m:
+            runs[name] = m.generate_ids(PROMPTS, sampling, return_logits=True)
+    assert runs["kept"][0] == runs["plain"][0]
+    far = {name: max(float((a - b).abs().max()) for a, b in zip(runs[name][1], runs["plain"][1], strict=True))
+           for name in ("kept", "regrouped")}
+    assert 0 < far["kept"] < 1e-3 and far["kept"] * 30 < far["regrouped"], far

@@ -69,8 +69,9 @@ class GGUFSource(WeightSource):
         return self.last[1][start:stop]
 
     def groups(self, spec: WeightSpec, compression: CompressionConfig) -> QuantizedTensor | None:
-        """A Q4_0/Q4_1 matrix as it is stored, when `compression` is 4-bit groups of 32 along the input
-        dimension: the file's codes, scales and minima, with no second rounding."""
+        """A Q4_0/Q4_1/Q4_K matrix as it is stored, when `compression` is 4-bit groups of 32 along the input
+        dimension: the file's codes, scales and minima, with no second rounding (Q4_K's scales and minima to
+        fp16); None for other types, which are compressed from their values."""
         from ..models.gguf_file import read_gguf_groups
 
         if compression != STORED_GROUPS or spec.hf_name not in self.plan:

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 
 from .checkpoint import check_finite
 from .gguf_quants import DEQUANTIZE
-from .gguf_reader import GROUPS_OF_32, GGUFContents, dequantize, groups_of_32
+from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, dequantize, groups_of_32
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -321,8 +321,8 @@ def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.f
 
 
 def read_gguf_groups(entry: tuple[Any, int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A Q4_0/Q4_1 matrix of `gguf_tensors` as its own 4-bit groups of 32 along the input dimension, in HF row
-    order: (codes (rows, cols) 0..15, scale, minimum (rows, cols / 32) fp16), value = code * scale + minimum;
+    """A Q4_0/Q4_1/Q4_K matrix of `gguf_tensors` as its own 4-bit groups of 32 along the input dimension, in HF
+    row order: (codes (rows, cols) 0..15, scale, minimum (rows, cols / 32) fp16), value = code * scale + minimum;
     None for other types (gguf_reader.groups_of_32)."""
     t, n_head = entry
     found = groups_of_32(t)
@@ -335,8 +335,22 @@ def read_gguf_groups(entry: tuple[Any, int | None]) -> tuple[torch.Tensor, torch
 def decoder_groups_of_32(path: str | os.PathLike[str]) -> bool:
     """Whether every decoder matrix of the file is Q4_0 or Q4_1: 4-bit groups of 32 along the input dimension,
     which flexgen_lite's compressed weights hold as they are (the only matrices it compresses)."""
-    matrices = [t for t, _ in gguf_tensors(path).values() if t.name.startswith("blk.") and len(t.shape) == 2]
-    return bool(matrices) and all(t.tensor_type in GROUPS_OF_32 for t in matrices)
+    types = decoder_matrix_types(path)
+    return bool(types) and all(GGMLQuantizationType[name] in GROUPS_OF_32 for name in types)
+
+
+def kept_and_rounded(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """The file's decoder matrix types that compressed weights keep as the file's own 4-bit groups of 32 (Q4_0,
+    Q4_1 exactly; Q4_K with fp16 scales), and those they round to 4 bits (Q6_K, Q5_K... F16)."""
+    types = decoder_matrix_types(path)
+    kept = [name for name in types if GGMLQuantizationType[name] in KEPT_GROUPS]
+    return kept, [name for name in types if name not in kept]
+
+
+def decoder_matrix_types(path: str | os.PathLike[str]) -> list[str]:
+    """The types of the file's decoder matrices (the ones compressed weights compress), in name order."""
+    return sorted({t.tensor_type.name for t, _ in gguf_tensors(path).values()
+                   if t.name.startswith("blk.") and len(t.shape) == 2})
 
 
 def iter_gguf_tensors(

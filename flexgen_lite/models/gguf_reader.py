@@ -23,7 +23,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 
-from .gguf_quants import DEQUANTIZE
+from .gguf_quants import DEQUANTIZE, q4_k_groups
 
 MAGIC = b"GGUF"
 STRING, ARRAY = 8, 9
@@ -151,17 +151,24 @@ def dequantize(t: GGUFTensor) -> torch.Tensor:
     raise ValueError(f"tensor {t.name!r} has type {kind.name}, which this reader does not dequantize")
 
 
-GROUPS_OF_32 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+GROUPS_OF_32 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)  # held exactly by 4-bit groups of 32
+# and these with each group's scale and minimum rounded to fp16 (Q4_K's are products of fp16 and 6-bit factors)
+KEPT_GROUPS = (*GROUPS_OF_32, GGMLQuantizationType.Q4_K)
 
 
 def groups_of_32(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A Q4_0 or Q4_1 matrix's own groups as (codes (rows, cols) uint8 in 0..15, scale, minimum (rows, cols / 32)
-    fp16) with value = code * scale + minimum, as flexgen_lite's 4-bit groups of 32 along the input dimension
-    store them; None for other types."""
-    if t.tensor_type not in GROUPS_OF_32 or len(t.shape) != 2:
+    """A Q4_0, Q4_1 or Q4_K matrix's own groups as (codes (rows, cols) uint8 in 0..15, scale, minimum
+    (rows, cols / 32) fp16) with value = code * scale + minimum, as flexgen_lite's 4-bit groups of 32 along the
+    input dimension store them; None for other types. Q4_K's scale d * sc and minimum -dmin * m are rounded to
+    fp16 (within 2^-11 of each; the rest is exact)."""
+    if t.tensor_type not in KEPT_GROUPS or len(t.shape) != 2:
         return None
     cols, rows = (int(d) for d in t.shape.tolist())
-    codes, scale, minimum = _groups(t)
+    if t.tensor_type == GGMLQuantizationType.Q4_K:
+        codes, scale, subtrahend = q4_k_groups(_blocks(t))
+        scale, minimum = scale.half(), (-subtrahend).half()
+    else:
+        codes, scale, minimum = _groups(t)
     return codes.reshape(rows, cols), scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
 
 

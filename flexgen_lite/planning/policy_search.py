@@ -52,13 +52,17 @@ class SearchResult:
     hardware: HardwareProfile | None = None
 
 
-def for_source(auto: AutoPolicy, quantized: list[str], stored_groups: bool = False) -> AutoPolicy:
+def for_source(auto: AutoPolicy, quantized: list[str], stored_groups: bool = False,
+               keeps_groups: bool = False) -> AutoPolicy:
     """A GGUF whose decoder matrices are all Q4_0/Q4_1 (`stored_groups`) keeps them as stored when compressed
-    (groups of 32): the search weighs 4-bit weights as lossless. Another quantized source (Q8_0) is not compressed
-    again by the search (a second, lossy rounding): only an explicit compress_weight=True does it."""
+    (groups of 32): the search weighs 4-bit weights as lossless. Another quantized source (Q8_0, Q4_K_M) is not
+    compressed again by the search (a second, lossy rounding): only an explicit compress_weight=True does it, in
+    groups of 32 where some of the file's own can be kept (`keeps_groups`: Q4_K)."""
     if stored_groups and auto.base.weight_group_dim == 1 and auto.base.weight_group_size in (0, 32):
         return dataclasses.replace(auto, base=dataclasses.replace(auto.base, weight_group_size=32),
                                    exact_weights=True)
+    if keeps_groups and auto.compress_weight and auto.base.weight_group_dim == 1 and auto.base.weight_group_size == 0:
+        auto = dataclasses.replace(auto, base=dataclasses.replace(auto.base, weight_group_size=32))
     if quantized and auto.compress_weight is None:
         return dataclasses.replace(auto, compress_weight=False)
     return auto
