@@ -173,6 +173,25 @@ def test_q4_k_groups_are_the_files_codes_with_fp16_scales(tmp_path: Path):
         assert ((ours - exact.view(rows, -1, 32)).abs() <= bound * 1.001).all()
 
 
+CHANGES = {"plain": {}, "kept": {"compress_weight": True},
+           "regrouped": {"compress_weight": True, "weight_group_size": 64}}
+
+
+def runs_of(path: Path, base: Policy) -> tuple[dict, dict[str, float]]:
+    """Each of CHANGES applied to `base` through for_model (as the CLI does): ({name: (ids, logits)}, {name: the
+    largest logit difference from the plain run})."""
+    from flexgen_lite.model_source import for_model
+
+    runs = {}
+    for name, change in CHANGES.items():
+        with FlexGenLite(str(path), policy=for_model(Policy(**{**base.__dict__, **change}), str(path))) as m:
+            runs[name] = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
+                                        return_logits=True)
+    far = {name: max(float((a - b).abs().max()) for a, b in zip(runs[name][1], runs["plain"][1], strict=True))
+           for name in runs}
+    return runs, far
+
+
 def test_compressed_q4_k_m_keeps_the_q4_k_groups(tmp_path: Path):
     """--compress-weight on a Q4_K_M-style file: groups of 32, the Q4_K matrices as the file stores them and its
     Q6_K ones rounded to 4 bits (closer to the uncompressed model's logits than all of them rounded into groups
@@ -183,40 +202,21 @@ def test_compressed_q4_k_m_keeps_the_q4_k_groups(tmp_path: Path):
     path = tmp_path / "tiny-q4km.gguf"
     write_mixed_llama(path, MIXES["Q4_K_M"])
     base = Policy(gpu_batch_size=3, num_gpu_batches=1, dtype="float32")
-    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
-    results = {}
-    for name, policy in {"plain": base, "kept": Policy(**{**base.__dict__, "compress_weight": True}),
-                         "regrouped": Policy(**{**base.__dict__, "compress_weight": True, "weight_group_size": 64})}.items():
-        policy = for_model(policy, str(path))
-        with FlexGenLite(str(path), policy=policy) as m:
-            results[name] = m.generate_ids(PROMPTS, sampling, return_logits=True)
-            if name == "kept":
-                assert m.policy.weight_compression() == STORED_GROUPS and not m.kept_as_stored
-                notice = compression_notice(m.policy, False, m.source_quantized, False, kept_groups(m.policy, str(path)))
-                assert "Q4_K weights kept in 4 bits as it stores them" in notice and "rounded to fp16" in notice
-                assert "its Q6_K weights compressed to 4 bits, which is lossy" in notice
-    def furthest(name: str) -> float:
-        return max(float((a - b).abs().max()) for a, b in zip(results[name][1], results["plain"][1], strict=True))
-
-    assert furthest("kept") > 0  # the Q6_K matrices were rounded to 4 bits
-    assert furthest("kept") < furthest("regrouped")
+    kept = for_model(Policy(**{**base.__dict__, **CHANGES["kept"]}), str(path))
+    assert kept.weight_compression() == STORED_GROUPS
+    notice = compression_notice(kept, False, ["Q4_K", "Q6_K"], False, kept_groups(kept, str(path)))
+    assert "Q4_K weights kept in 4 bits as it stores them" in notice and "rounded to fp16" in notice
+    assert "its Q6_K weights compressed to 4 bits, which is lossy" in notice
+    _, far = runs_of(path, base)
+    assert 0 < far["kept"] < far["regrouped"]  # > 0: the Q6_K matrices were rounded to 4 bits
 
 
 def test_compressed_q4_k_only_file_is_within_fp16_rounding_of_the_file(tmp_path: Path):
     """Every decoder matrix Q4_K, compressed: the same tokens, logits ~1e-4 from the uncompressed model's (the
-    groups' fp16 scales), where rounding the same weights again into groups of 64 moves them ~100x as far."""
+    groups' fp16 scales), where rounding the same weights again into groups of 64 moves them ~45x as far."""
     path = tmp_path / "tiny-q4k.gguf"
     write_mixed_llama(path, (Q.Q4_K, Q.Q4_K, Q.Q4_K, Q.Q6_K))
-    from flexgen_lite.model_source import for_model
-
     base = Policy(gpu_batch_size=3, num_gpu_batches=1, weight_gpu_percent=50, weight_cpu_percent=50, dtype="float32")
-    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
-    runs = {}
-    for name, change in {"plain": {}, "kept": {"compress_weight": True},
-                         "regrouped": {"compress_weight": True, "weight_group_size": 64}}.items():
-        with FlexGenLite(str(path), policy=for_model(Policy(**{**base.__dict__, **change}), str(path))) as m:
-            runs[name] = m.generate_ids(PROMPTS, sampling, return_logits=True)
+    runs, far = runs_of(path, base)
     assert runs["kept"][0] == runs["plain"][0]
-    far = {name: max(float((a - b).abs().max()) for a, b in zip(runs[name][1], runs["plain"][1], strict=True))
-           for name in ("kept", "regrouped")}
     assert 0 < far["kept"] < 1e-3 and far["kept"] * 30 < far["regrouped"], far
