@@ -53,6 +53,10 @@ FAMILY_CONFIGS = {
                   num_key_value_heads=1, intermediate_size=256, max_position_embeddings=64, tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, sliding_window=None),
+    # Qwen3: q and k normalised per head, and heads x head_dim (4 x 64) wider than hidden (128)
+    "qwen3": dict(model_type="qwen3", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, intermediate_size=256, max_position_embeddings=64,
+                  tie_word_embeddings=True),
 }
 
 

@@ -1,6 +1,6 @@
 """llama.cpp's K-quants and other block types (models/gguf_quants.py): each dequantized bit for bit as gguf's own
-numpy code does, and tiny Llama and Qwen2 GGUFs stored the way Q4_K_M and other common files mix them give
-transformers' outputs (its GGUF loader reading the same file)."""
+numpy code does, and tiny Llama, Qwen2 and Qwen3 GGUFs stored the way Q4_K_M and other common files mix them
+give transformers' outputs (its GGUF loader reading the same file)."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 256, 4, 2, 512, 64, 2  # K-quant r
 
 
 def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama") -> None:
-    """A 2-layer Llama (or Qwen2: q, k and v biases) GGUF with random quantized blocks of the mix's types (norms
-    and biases in F32)."""
+    """A 2-layer Llama GGUF (or Qwen2: q, k and v biases; Qwen3: q and k norms, heads of 128 wider than hidden)
+    with random quantized blocks of the mix's types (norms and biases in F32)."""
     rng = np.random.default_rng(0)
     body, value_down, embedding, head = mix
     writer = gguf.GGUFWriter(str(path), arch)
@@ -91,10 +91,13 @@ def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama") -> None:
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    d = 128 if arch == "qwen3" else HIDDEN // HEADS
+    writer.add_rope_dimension_count(d)
+    if arch == "qwen3":
+        writer.add_key_length(d)
+        writer.add_value_length(d)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(VOCAB)
-    d = HIDDEN // HEADS
     tensors = {"token_embd.weight": (embedding, VOCAB, HIDDEN), "output.weight": (head, VOCAB, HIDDEN)}
     for i in range(LAYERS):
         tensors.update({f"blk.{i}.attn_q.weight": (body, HEADS * d, HIDDEN),
@@ -108,6 +111,10 @@ def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama") -> None:
         writer.add_tensor(name, random_blocks(kind, rows, cols, rng), raw_dtype=kind)
     for name in ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(LAYERS) for n in ("attn", "ffn")]:
         writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    if arch == "qwen3":
+        for i in range(LAYERS):
+            for name in ("attn_q_norm", "attn_k_norm"):
+                writer.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
     if arch == "qwen2":
         for i in range(LAYERS):
             for name, rows in (("attn_q", HEADS * d), ("attn_k", KV_HEADS * d), ("attn_v", KV_HEADS * d)):
@@ -133,13 +140,13 @@ def transformers_model(path: Path):
     return model
 
 
-@pytest.mark.parametrize("arch,mix", [("llama", mix) for mix in MIXES] + [("qwen2", "Q4_K_M")])
+@pytest.mark.parametrize("arch,mix", [("llama", mix) for mix in MIXES] + [("qwen2", "Q4_K_M"), ("qwen3", "Q4_K_M")])
 def test_mixed_k_quant_models_give_transformers_outputs(arch, mix, tmp_path: Path):
     path = tmp_path / f"tiny-{arch}-{mix}.gguf"
     write_mixed_llama(path, MIXES[mix], arch)
     assert set(quantized_types(path)) == {kind.name for kind in MIXES[mix]}
     config = config_from_dict(read_gguf_config(path))
-    assert config.qkv_bias == (arch == "qwen2") and not config.out_bias
+    assert config.qkv_bias == (arch == "qwen2") and not config.out_bias and config.qk_norm == (arch == "qwen3")
     want_ids, want_logits = hf_greedy(transformers_model(path), PROMPTS, 8)
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=50, weight_cpu_percent=50,
                     dtype="float32")

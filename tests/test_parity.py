@@ -85,7 +85,7 @@ def test_bfloat16_close_to_float32(tiny_models, references, compute_device):
         assert (ours[0] - theirs[0]).abs().max() < 0.05 * scale
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded",
                                   "cpu-attention-cache-split"])
 def test_llama_family_matches_transformers(tiny_models, references, compute_device, family, name):

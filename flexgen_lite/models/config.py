@@ -13,7 +13,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "opt" or "llama" (llama covers mistral, qwen2, smollm2)
+    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, smollm2)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -34,6 +34,8 @@ class ModelConfig:
     out_bias: bool = True
     mlp_bias: bool = True
     embed_dim: int = 0  # OPT word_embed_proj_dim; 0 means hidden_size
+    head_size: int = 0  # each head's width where heads x it is not hidden_size (Qwen3); 0: hidden / heads
+    qk_norm: bool = False  # Qwen3: q and k RMS-normalised per head (weights of head_dim) before rotary
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -41,14 +43,14 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if self.hidden_size % self.num_heads and not self.head_size:
             raise ModelError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ModelError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
 
     @property
     def word_dim(self) -> int:
@@ -115,8 +117,6 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
 def _llama_config(c: dict, name: str) -> ModelConfig:
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    if head_dim * heads != c["hidden_size"]:
-        raise ModelError(f"head_dim {head_dim} x heads {heads} != hidden_size {c['hidden_size']} is not supported")
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
@@ -128,7 +128,8 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
         max_positions=c.get("max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
-        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias,
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
+        head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,
         out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
         tie_embeddings=c.get("tie_word_embeddings", False),
         bos_token_id=c.get("bos_token_id"), eos_token_id=_eos_list(c.get("eos_token_id")),
@@ -136,7 +137,8 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
     )
 
 
-FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config}
+FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
+            "qwen3": _llama_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

@@ -1,11 +1,11 @@
-"""Read Llama- and Qwen2-architecture GGUF files (llama.cpp format) into Hugging Face form.
+"""Read Llama-, Qwen2- and Qwen3-architecture GGUF files (llama.cpp format) into Hugging Face form.
 
 The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
-a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``-style for a
-qwen2 file), ``(name, tensor)`` pairs with HF parameter names and shapes
+a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``/``Qwen3Config``
+for those files), ``(name, tensor)`` pairs with HF parameter names and shapes
 (dequantized, one tensor at a time), and a tokenizer. llama.cpp's converter
-reorders a llama file's Q and K rows for its rotary layout (undone here); a qwen2
-file keeps HF's order and adds q, k and v biases.
+reorders a llama file's Q and K rows for its rotary layout (undone here); qwen2 and
+qwen3 files keep HF's order (qwen2 adds q, k and v biases; qwen3 per-head q and k norms).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from .checkpoint import check_finite
 from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, dequantize, groups_of_32
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2")
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -56,6 +56,8 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors llama.cpp adds that are not HF parameters (rope_freqs is folded into the config).

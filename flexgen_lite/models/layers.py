@@ -20,13 +20,18 @@ from .config import ModelConfig
 
 def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
     if config.norm == "rmsnorm":
-        out = elementwise.rms_norm(x, w["norm.weight"], config.norm_eps) if x.device.type == "cpu" else None
-        if out is not None:
-            return out
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + config.norm_eps)
-        return w["norm.weight"] * xf.to(x.dtype)
+        return rms_norm(x, w["norm.weight"], config.norm_eps)
     return F.layer_norm(x, (x.shape[-1],), w["norm.weight"], w.get("norm.bias"), config.norm_eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm over x's last dim."""
+    out = elementwise.rms_norm(x, weight, eps) if x.device.type == "cpu" else None
+    if out is not None:
+        return out
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
@@ -94,8 +99,10 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     b, t, _ = x.shape
     hd = config.head_dim
     q, k, v = linears(x, w, ("q", "k", "v"))
-    q = q.view(b, t, config.num_heads, hd).transpose(1, 2)
-    k = k.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
+    q, k = q.view(b, t, config.num_heads, hd), k.view(b, t, config.num_kv_heads, hd)
+    if config.qk_norm:  # Qwen3: each head's q and k normalised before rotary
+        q, k = rms_norm(q, w["q_norm.weight"], config.norm_eps), rms_norm(k, w["k_norm.weight"], config.norm_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)

@@ -1,4 +1,4 @@
-"""Llama family (Llama 1-3, Mistral, Qwen2, SmolLM2): canonical weight names -> HF checkpoint names."""
+"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2): canonical weight names -> HF checkpoint names."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
         names[f"{ours}.bias"] = f"{p}self_attn.{ours}_proj.bias"
     if config.out_bias:
         names["o.bias"] = f"{p}self_attn.o_proj.bias"
+    for ours in ("q", "k") if config.qk_norm else ():
+        names[f"{ours}_norm.weight"] = f"{p}self_attn.{ours}_norm.weight"
     return names
 
 

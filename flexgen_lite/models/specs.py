@@ -37,7 +37,7 @@ def _shape(config: ModelConfig, name: str) -> tuple[int, ...]:
         "q.weight": (q_out, h), "k.weight": (kv_out, h), "v.weight": (kv_out, h), "o.weight": (h, q_out),
         "q.bias": (q_out,), "k.bias": (kv_out,), "v.bias": (kv_out,), "o.bias": (h,),
         "up.weight": (f, h), "gate.weight": (f, h), "down.weight": (h, f),
-        "up.bias": (f,), "gate.bias": (f,), "down.bias": (h,),
+        "up.bias": (f,), "gate.bias": (f,), "down.bias": (h,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
     }
     if name.startswith("norm."):
         return (h,)
