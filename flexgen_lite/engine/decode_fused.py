@@ -36,7 +36,8 @@ from ..system.profile_store import cpu_profile
 
 ENV = "FLEXGEN_LITE_FUSED_DECODE"  # "0": never
 KERNEL = "fused+cpu-native"  # the step's attention kernel, as --breakdown reports it
-NAMES = {"norm.weight", *(f"{m}.{p}" for m in D.MATRIX_NAMES for p in ("weight", "bias"))}
+NAMES = {"norm.weight", "q_norm.weight", "k_norm.weight", *(f"{m}.{p}" for m in D.MATRIX_NAMES
+                                                             for p in ("weight", "bias"))}
 
 
 def fused_wanted() -> bool:
@@ -139,6 +140,7 @@ class FusedDecode:
             matrices = [layer[f"{name}.weight"] for layer in self.layers for name in D.MATRIX_NAMES]
             self._rows_ok[rows] = (native.team_threads() > 0 and native_decode_agrees() and D.silu_exact(self.dtype)
                                    and width and width <= self.config.hidden_size < elementwise.TORCH_GRAIN
+                                   and (not self.config.qk_norm or width <= self.config.head_dim)
                                    and all(self._takes(w) for w in matrices) and self._faster(matrices, rows))
         return self._rows_ok[rows]
 
@@ -190,6 +192,8 @@ class FusedDecode:
             layer.heads, layer.kv_heads, layer.dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
             layer.eps, layer.scale = cfg.norm_eps, 1.0 / math.sqrt(cfg.head_dim)
             layer.attn_norm, layer.mlp_norm = w["attn_norm"].data_ptr(), w["norm.weight"].data_ptr()
+            if cfg.qk_norm:
+                layer.q_norm, layer.k_norm = w["q_norm.weight"].data_ptr(), w["k_norm.weight"].data_ptr()
             for i, name in enumerate(D.MATRIX_NAMES):
                 layer.m[i] = D.matrix(w[f"{name}.weight"], w.get(f"{name}.bias"))
             layer.k_cache, layer.v_cache = k.data_ptr(), v.data_ptr()

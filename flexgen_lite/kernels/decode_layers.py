@@ -27,6 +27,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("norm_width", ctypes.c_int), ("exp_lanes", ctypes.c_int),
                 ("rows", i64), ("hidden", i64), ("heads", i64), ("kv_heads", i64), ("dim", i64), ("ffn", i64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("attn_norm", ptr), ("mlp_norm", ptr),
+                ("q_norm", ptr), ("k_norm", ptr),
                 ("m", Matrix * len(MATRIX_NAMES)), ("k_cache", ptr), ("v_cache", ptr), ("k_strides", i64 * 3),
                 ("v_strides", i64 * 3), ("block", i64), ("exp_fn", ptr), ("exp_step", i64), ("work", ptr)]
 

@@ -4,7 +4,8 @@
    10-25 us of dispatch: Python, not memory, was half the step. Here each layer is the same kernels the eager
    path calls (gemv.c, int4.c's gemv, attention.c, elementwise.c), called from C, with the eager path's bits:
 
-     x = rms_norm(h); q, k, v = x W^T (+ bias); q, k = rope(q, k); cache[start] = k, v
+     x = rms_norm(h); q, k, v = x W^T (+ bias); [q, k = rms_norm per head (Qwen3)]; q, k = rope(q, k);
+     cache[start] = k, v
      h = h + attention(q, cache[:start + 1]) Wo^T;  x = rms_norm(h)
      h = h + (silu(x Wg^T) * x Wu^T) Wd^T
 
@@ -32,7 +33,7 @@ struct layer {
     int kind, norm_width, exp_lanes;
     int64_t rows, hidden, heads, kv_heads, dim, ffn;
     float eps, scale;
-    const void *attn_norm, *mlp_norm;
+    const void *attn_norm, *mlp_norm, *q_norm, *k_norm;  /* q_norm, k_norm: (dim) each, or NULL */
     struct matrix m[MATRICES];
     void *k_cache, *v_cache;  /* element strides (row, head, position); rows of `dim` contiguous */
     int64_t k_strides[3], v_strides[3], block;  /* block: kv heads per attention work item (attention.c) */
@@ -200,6 +201,10 @@ static void decode_layer(const struct layer *L, const struct step *S) {
 
     rms_norm(L, S, S->h, L->attn_norm, x);
     linears(L, S, (int[]){Q, K, V}, 3, x, (void *[]){q, k, v});
+    if (L->q_norm) {  /* each head's row of q and of k, in place (a row is read whole before it is written) */
+        rms_norm_range(q, L->q_norm, q, L->kind, d, d, L->eps, L->norm_width, 0, r * L->heads);
+        rms_norm_range(k, L->k_norm, k, L->kind, d, d, L->eps, L->norm_width, 0, r * L->kv_heads);
+    }
     const char *qs = q, *ks = k;
     if (S->cos) {  /* q (rows, heads, 1, d) from the rows of q: strides (heads * d, d, heads * d) */
         int64_t qst[3] = {L->heads * d, d, L->heads * d}, kst[3] = {kd, d, kd}, cst[2] = {d, d};
