@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from flexgen_lite.models import gguf_reader
 from flexgen_lite.models.gguf_file import GGUFError, default_model_path, read_gguf_config
 from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
 
@@ -111,8 +112,12 @@ def test_another_version_is_refused(tmp_path: Path) -> None:
         GGUFContents(str(path))
 
 
-def test_dequantizes_as_gguf_does(tmp_path: Path) -> None:
-    """Every type flexgen_lite reads, bit for bit what gguf's numpy dequantization gives."""
+@pytest.mark.parametrize("chunk", [None, 40], ids=["whole", "chunks-of-40-values"])
+def test_dequantizes_as_gguf_does(tmp_path: Path, chunk, monkeypatch) -> None:
+    """Every type flexgen_lite reads, bit for bit what gguf's numpy dequantization gives, whole or a few blocks
+    at a time (the last chunk short)."""
+    if chunk:
+        monkeypatch.setattr(gguf_reader, "CHUNK_VALUES", chunk)
     path = tmp_path / "every.gguf"
     write_every_kind(path)
     for t in GGUFContents(str(path)).tensors:

@@ -8,8 +8,9 @@ aligned to `general.alignment`. Any read past the end, or a tensor whose bytes a
 ValueError (gguf_file.py says which file and what to do).
 
 `dequantize` turns the types flexgen_lite reads into float32 with torch, with the same float32 operations as
-gguf's numpy code (equal bit for bit, tested): SmolLM2's tensors in 0.2 s against gguf's 0.6 (2 cores,
-2026-12-05); the K-quants and the rest (gguf_quants.py) a chunk at a time, ~350M values/s."""
+gguf's numpy code (equal bit for bit, tested), a chunk of blocks at a time: SmolLM2's tensors in 0.15-0.2 s against
+gguf's 0.6 (2 cores, 2026-12-05); a 64M-value Q8_0 matrix at 590M values/s, the transient beyond the output ~70
+MB where the whole matrix at once took 280M values/s and twice the output's size."""
 
 from __future__ import annotations
 
@@ -139,15 +140,8 @@ def dequantize(t: GGUFTensor) -> torch.Tensor:
         return _raw(t).float().reshape(shape)
     if kind == GGMLQuantizationType.BF16:
         return _raw(t).view(torch.bfloat16).float().reshape(shape)
-    if kind == GGMLQuantizationType.Q8_0:  # d, 32 int8
-        blocks = _blocks(t)
-        d = blocks[:, :2].contiguous().view(torch.float16).float()
-        return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(shape)
-    if kind in GROUPS_OF_32:  # code * scale + minimum: exact for Q4_0's (code - 8) * d too (see _groups)
-        codes, scale, minimum = _groups(t)
-        return (codes.float() * scale.float() + minimum.float()).reshape(shape)
-    if kind in DEQUANTIZE:  # the K-quants and the rest (gguf_quants.py)
-        return _by_chunks(DEQUANTIZE[kind], _blocks(t), GGML_QUANT_SIZES[kind][0]).reshape(shape)
+    if kind in BLOCK_TYPES:  # a chunk of blocks at a time: the peak is the output, whatever the temporaries
+        return _by_chunks(BLOCK_TYPES[kind], _blocks(t), GGML_QUANT_SIZES[kind][0]).reshape(shape)
     raise ValueError(f"tensor {t.name!r} has type {kind.name}, which this reader does not dequantize")
 
 
@@ -173,14 +167,31 @@ def groups_of_32(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _groups(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _block_groups(_blocks(t), t.tensor_type)
+
+
+def _block_groups(blocks: torch.Tensor, kind) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per block of 32: (codes (blocks, 32), scale, minimum (blocks, 1) fp16). Q4_1 stores d, m, then 16 bytes whose
     low nibbles are the first 16 codes and high nibbles the last 16; Q4_0 stores d and the bytes, value (code - 8)
     d: minimum -8 d, exact in fp16 (a power of two), and code * d - 8 d is exact in fp32 (at most 15 bits)."""
-    blocks = _blocks(t)
     scale = blocks[:, :2].contiguous().view(torch.float16)
-    if t.tensor_type == GGMLQuantizationType.Q4_1:
+    if kind == GGMLQuantizationType.Q4_1:
         return _nibbles(blocks[:, 4:]), scale, blocks[:, 2:4].contiguous().view(torch.float16)
     return _nibbles(blocks[:, 2:]), scale, scale * -8
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:  # d, 32 int8
+    return blocks[:, 2:].contiguous().view(torch.int8).float() * blocks[:, :2].contiguous().view(torch.float16).float()
+
+
+def _q4(kind):
+    def values(blocks: torch.Tensor) -> torch.Tensor:  # code * scale + minimum: exact for Q4_0's (code - 8) d too
+        codes, scale, minimum = _block_groups(blocks, kind)
+        return codes.float() * scale.float() + minimum.float()
+    return values
+
+
+BLOCK_TYPES = {GGMLQuantizationType.Q8_0: _q8_0, **{kind: _q4(kind) for kind in GROUPS_OF_32}, **DEQUANTIZE}
 
 
 CHUNK_VALUES = 1 << 20  # per call of a block type's function: its temporaries stay small and are reused
@@ -189,8 +200,10 @@ CHUNK_VALUES = 1 << 20  # per call of a block type's function: its temporaries s
 def _by_chunks(fn, blocks: torch.Tensor, block_values: int) -> torch.Tensor:
     """fn over the blocks a chunk at a time, into one output: ~2x faster than over the whole tensor at once,
     whose temporaries (several times the output) are fresh memory, slow to touch the first time."""
-    out = torch.empty(blocks.shape[0], block_values)
     step = max(1, CHUNK_VALUES // block_values)
+    if blocks.shape[0] <= step:
+        return fn(blocks)
+    out = torch.empty(blocks.shape[0], block_values)
     for i in range(0, blocks.shape[0], step):
         out[i:i + step] = fn(blocks[i:i + step])
     return out
