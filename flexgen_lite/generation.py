@@ -235,7 +235,7 @@ class FlexGenLite:
             if len(p) + sampling.max_new_tokens > self.config.max_positions:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that exceeds "
-                    f"the model's context of {self.config.max_positions} positions: shorten the prompt or "
+                    f"the model's context of {self.config.context}: shorten the prompt or "
                     "generate fewer tokens")
             if max(p) >= self.config.vocab_size or min(p) < 0:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{self.config.vocab_size - 1})")

@@ -108,7 +108,7 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
         if len(prompt_ids) + sampling.max_new_tokens > config.max_positions:
             raise InputError(
                 f"the prompt at {prompts[i].where} has {len(prompt_ids)} tokens; with --max-new-tokens "
-                f"{sampling.max_new_tokens} that exceeds the model's context of {config.max_positions} positions: "
+                f"{sampling.max_new_tokens} that exceeds the model's context of {config.context}: "
                 "shorten it or generate fewer tokens")
     return model, config, ids
 

@@ -36,6 +36,7 @@ class ModelConfig:
     embed_dim: int = 0  # OPT word_embed_proj_dim; 0 means hidden_size
     head_size: int = 0  # each head's width where heads x it is not hidden_size (Qwen3); 0: hidden / heads
     qk_norm: bool = False  # Qwen3: q and k RMS-normalised per head (weights of head_dim) before rotary
+    windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -55,6 +56,11 @@ class ModelConfig:
     @property
     def word_dim(self) -> int:
         return self.embed_dim or self.hidden_size
+
+    @property
+    def context(self) -> str:
+        """The context in words, for messages."""
+        return f"{self.max_positions} positions" + (" (its sliding attention window)" if self.windowed else "")
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """Bytes of K and V per token over all layers."""
@@ -114,6 +120,17 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
     return float(theta), dict(scaling)
 
 
+def _full_attention_context(c: dict) -> int:
+    """The context over which every layer attends to every earlier position: the model's, or a shorter sliding
+    window (Mistral v0.1: 4096 of 32768; Qwen2/3 with use_sliding_window). Attention here is always full, so past
+    the window the outputs would not be the model's: the window is the context."""
+    context = c.get("max_position_embeddings", 4096)
+    window = c.get("sliding_window")
+    if c["model_type"] in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+        window = None
+    return min(context, window) if window else context
+
+
 def _llama_config(c: dict, name: str) -> ModelConfig:
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
@@ -126,7 +143,8 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         family="llama", name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         num_layers=c["num_hidden_layers"], num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
-        max_positions=c.get("max_position_embeddings", 4096), norm="rmsnorm",
+        max_positions=_full_attention_context(c), windowed=_full_attention_context(c) < c.get(
+            "max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,

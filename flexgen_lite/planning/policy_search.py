@@ -105,7 +105,7 @@ def check_context(config: ModelConfig, workload: Workload) -> None:
     """A workload past the model's context is said to be so (the search would report GiB missing)."""
     if workload.prompt_len + workload.gen_len > config.max_positions:
         raise PolicyError(f"prompts of {workload.prompt_len} tokens and {workload.gen_len} new ones exceed the "
-                          f"context of {config.name} ({config.max_positions} positions): shorten the prompts or "
+                          f"context of {config.name} ({config.context}): shorten the prompts or "
                           "generate fewer tokens")
 
 
