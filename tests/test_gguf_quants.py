@@ -79,12 +79,12 @@ MIXES = {
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 256, 4, 2, 512, 64, 2  # K-quant rows hold whole blocks of 256
 
 
-def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama") -> None:
+def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama", split_max_tensors: int = 0) -> None:
     """A 2-layer Llama GGUF (or Qwen2: q, k and v biases; Qwen3: q and k norms, heads of 128 wider than hidden)
     with random quantized blocks of the mix's types (norms and biases in F32)."""
     rng = np.random.default_rng(0)
     body, value_down, embedding, head = mix
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)  # parts: <stem>-0000i-of-...
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)

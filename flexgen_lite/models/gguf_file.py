@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType
 from .checkpoint import check_finite
 from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, dequantize, groups_of_32
+from .gguf_split import SplitContents, open_parts
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -97,7 +98,7 @@ def _check_path(path: str | os.PathLike[str]) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=16)  # the parts of a split file each; a mapping holds no memory of its own
 def _cached_reader(path: str, _size: int, _mtime_ns: int) -> GGUFContents:
     try:
         return GGUFContents(path)
@@ -108,10 +109,14 @@ def _cached_reader(path: str, _size: int, _mtime_ns: int) -> GGUFContents:
         ) from exc
 
 
-def _open(path: str | os.PathLike[str]) -> tuple[str, GGUFContents]:
-    path = os.path.abspath(_check_path(path))
+def _read(path: str) -> GGUFContents:
     st = os.stat(path)
-    return path, _cached_reader(path, st.st_size, st.st_mtime_ns)
+    return _cached_reader(path, st.st_size, st.st_mtime_ns)
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[str, GGUFContents | SplitContents]:
+    """(the path that names the model: a split file's first part, the contents: all parts' tensors)."""
+    return open_parts(os.path.abspath(_check_path(path)), _read, GGUFError)
 
 
 _MISSING: Any = object()
