@@ -20,6 +20,7 @@ from .model_source import (
     for_model,
     kept_as_stored,
     kept_groups,
+    kept_groups_hint,
     open_model,
     source_quantization,
 )
@@ -97,14 +98,19 @@ class FlexGenLite:
             policy = AutoPolicy()
         if not isinstance(policy, Policy | AutoPolicy):
             raise PolicyError(f"policy must be a Policy, an AutoPolicy or 'auto', got {policy!r}")
+        asked = policy.compress_weight if isinstance(policy, AutoPolicy) else None
         policy = for_model(policy, model)
         if isinstance(policy, Policy):
             return policy
         offload = policy.base.offload_dir
         self.budgets = (budgets or Budgets()).resolved(self.device, offload)
         hardware = hardware or load_profile(self.device, offload, progress=progress)
-        self.search = search_policy(self.config, workload or default_workload(self.config), hardware,
-                                    self.budgets, policy)
+        workload = workload or default_workload(self.config)
+        self.search = search_policy(self.config, workload, hardware, self.budgets, policy)
+        if asked is None and policy.compress_weight is False:  # a quantized file the search did not round again
+            hint = kept_groups_hint(self.config, workload, hardware, self.budgets, policy, self.search, model)
+            if hint:
+                print(hint, file=sys.stderr)
         return self.search.policy
 
     def _check_budgets(self, workload: Workload, what: str) -> None:

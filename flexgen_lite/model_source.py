@@ -76,6 +76,33 @@ def group_types(model: str) -> tuple[list[str], list[str]]:
     return kept_and_rounded(model)
 
 
+def kept_groups_hint(config: ModelConfig, workload, hardware, budgets, auto: AutoPolicy, found,
+                     model: str) -> str | None:
+    """For a GGUF whose search was kept from compressing its weights again (a second rounding) though some of
+    its matrices are 4-bit groups that compressed weights keep as stored (Q4_K in a Q4_K_M file): one line
+    saying what --compress-weight would predict, when that is COMPRESSION_GAIN faster (the weights would
+    otherwise spill to disk, or be read at 16 bits each step)."""
+    from .planning.policy_search import COMPRESSION_GAIN, PolicyError, search_policy
+
+    kept, rounded = group_types(model)
+    if not kept:
+        return None
+    base = auto.base
+    if base.weight_group_dim == 1 and base.weight_group_size == 0:  # the file's groups of 32, as for_model does
+        base = dataclasses.replace(base, weight_group_size=32)
+    try:
+        trial = search_policy(config, workload, hardware, budgets,
+                              dataclasses.replace(auto, base=base, compress_weight=True))
+    except PolicyError:
+        return None
+    faster, now = trial.prediction.throughput, found.prediction.throughput
+    if faster < COMPRESSION_GAIN * now:
+        return None
+    others = f", its {'/'.join(rounded)} ones rounded to 4 bits (lossy)" if rounded else ""
+    return (f"note: --compress-weight would keep the file's {'/'.join(kept)} weights in 4 bits as it stores them"
+            f"{others}: predicted {faster:.1f} tok/s against {now:.1f}")
+
+
 def kept_as_stored(policy: Policy, model: str) -> bool:
     """Whether the policy's compressed weights are the model file's own 4-bit groups (no second rounding)."""
     return policy.compress_weight and policy.weight_compression() == STORED_GROUPS and stored_groups(model)
