@@ -321,6 +321,7 @@ def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.f
     """One tensor of `gguf_tensors`, dequantized to `dtype` in its HF shape and row order."""
     t, n_head = entry
     tensor = dequantize(t)
+    t.release()  # a copy (or its values) in hand: the file's pages leave the process
     check_finite(tensor, f"the GGUF tensor {t.name!r}")
     if n_head is not None:
         tensor = _unpermute_rotary(tensor, n_head)
@@ -333,6 +334,7 @@ def read_gguf_groups(entry: tuple[Any, int | None]) -> tuple[torch.Tensor, torch
     None for other types (gguf_reader.groups_of_32)."""
     t, n_head = entry
     found = groups_of_32(t)
+    t.release()
     if found is None:
         return None
     check_finite(torch.cat([found[1].view(-1), found[2].view(-1)]).float(), f"the GGUF tensor {t.name!r}")
