@@ -66,7 +66,10 @@ class GGUFSource(WeightSource):
             if spec.hf_name not in self.plan:
                 raise ModelError(f"{self.path} lacks the tensor {spec.hf_name!r}")
             self.last = (spec.hf_name, read_gguf_tensor(self.plan[spec.hf_name]))
-        return self.last[1][start:stop]
+        tensor = self.last[1]
+        if stop >= tensor.shape[0]:
+            self.last = None  # read to its end: not held after its placement (a head in fp32 is 2 GB at 8B)
+        return tensor[start:stop]
 
     def groups(self, spec: WeightSpec, compression: CompressionConfig) -> QuantizedTensor | None:
         """A Q4_0/Q4_1/Q4_K matrix as it is stored, when `compression` is 4-bit groups of 32 along the input
