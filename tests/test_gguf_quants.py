@@ -296,3 +296,21 @@ def test_loading_a_k_quant_file_keeps_peak_rss_under_the_cpu_budget(tmp_path: Pa
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["peak_rss_gb"] * 1e9 <= 1000 * 2**20
+
+
+def test_the_source_holds_a_dequantized_tensor_only_until_its_last_rows_are_read(tmp_path: Path):
+    from flexgen_lite.engine.weights import GGUFSource
+    from flexgen_lite.model_source import model_config
+    from flexgen_lite.models.gguf_file import read_gguf_tensor
+    from flexgen_lite.models.specs import layer_specs
+
+    path = tmp_path / "tiny.gguf"
+    write_mixed_llama(path, MIXES["Q4_K_M"])
+    source = GGUFSource(str(path))
+    spec = next(w for layer in layer_specs(model_config(str(path))) for w in layer.weights if w.name == "up.weight")
+    rows = spec.shape[0]
+    first = source.read(spec, 0, rows // 2)
+    assert source.last is not None  # the rest still to come: dequantized once
+    second = source.read(spec, rows // 2, rows)
+    assert source.last is None
+    assert torch.equal(torch.cat([first, second]), read_gguf_tensor(source.plan[spec.hf_name]))
