@@ -170,7 +170,7 @@ def run_llamacpp(args, batch: int) -> dict:
     for _ in range(args.repeat):
         ids, prefill_s, total_s = lc.generate(prompts, args.gen_len)
         runs.append((prefill_s, total_s))
-    return result(args, "llama.cpp", batch, runs, ids, load_s=round(load_s, 2), weights="as stored (Q4_1)",
+    return result(args, "llama.cpp", batch, runs, ids, load_s=round(load_s, 2), weights="as stored (file_types)",
                   kv_unified=args.kv_unified, n_ubatch=args.n_ubatch, version=llama_cpp.__version__)
 
 
@@ -180,6 +180,7 @@ def run_flexgen(args, batch: int, compress: bool) -> dict:
 
     torch.set_num_threads(args.threads)
     from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+    from flexgen_lite.model_source import kept_groups
 
     policy = Policy(gpu_batch_size=batch, num_gpu_batches=1, dtype=args.dtype, compress_weight=compress)
     tic = time.perf_counter()
@@ -193,10 +194,12 @@ def run_flexgen(args, batch: int, compress: bool) -> dict:
             times = m.engine.times
             runs.append((times.prefill, times.prefill + sum(times.decode)))
         flags, dtype, kept = m.policy.flags(), str(m.dtype).removeprefix("torch."), m.kept_as_stored
+        groups, types = kept_groups(m.policy, model_path(args)), m.source_quantized
     system = "flexgen-lite 4-bit" if compress else "flexgen-lite"
+    partly = f"{'/'.join(groups[0])} as stored, {'/'.join(groups[1])} re-rounded to 4 bits" if groups[1] else ""
     return result(args, system, batch, runs, ids, load_s=round(load_s, 2), policy=flags, dtype=dtype,
-                  weights=("4-bit as stored" if kept else "its 4-bit (re-rounded)") if compress
-                  else f"dequantized to {dtype}")
+                  weights=("4-bit as stored" if kept else partly or "its 4-bit (re-rounded)") if compress
+                  else f"dequantized to {dtype}", file_types=types)
 
 
 # ---- the parent ------------------------------------------------------------------------------------------------
