@@ -91,7 +91,7 @@ def main() -> None:
 
     from flexgen_lite import default_model_path
     from flexgen_lite.eval.lm_eval_model import FlexGenLiteLM
-    from flexgen_lite.models.gguf_file import gguf_tokenizer
+    from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
     path = default_model_path()
     requests = instances(make_requests(args.requests))

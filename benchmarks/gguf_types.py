@@ -70,7 +70,7 @@ def transformers_greedy(path: Path, prompts: list[list[int]], new_tokens: int):
 
 def agreement(path: Path) -> dict:
     from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-    from flexgen_lite.models.gguf_file import gguf_tokenizer
+    from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
     tokenizer = gguf_tokenizer(path)
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]

@@ -20,7 +20,8 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
     name (dummy weights)."""
     path = Path(model)
     if path.suffix == ".gguf":
-        from .models.gguf_file import gguf_tokenizer, read_gguf_config
+        from .models.gguf_file import read_gguf_config
+        from .models.gguf_tokenizer import gguf_tokenizer
 
         config = config_from_dict(read_gguf_config(path), name=str(path))
         return config, GGUFSource(str(path)), gguf_tokenizer(path)
@@ -55,9 +56,9 @@ def stored_groups(model: str) -> bool:
 
 
 def for_model(policy: Policy | AutoPolicy, model: str) -> Policy | AutoPolicy:
-    """The policy with the model's source in mind: a Q4_0/Q4_1 GGUF's compressed weights are its own groups of
-    32 (weight_group_size 32 where it was left 0 and groups run along the input dimension), which a search
-    weighs as lossless (policy_search.for_source)."""
+    """The policy with the model's source in mind: a GGUF's compressed weights keep its own Q4_0/Q4_1/Q4_K groups
+    of 32 (weight_group_size 32 where it was left 0 and groups run along the input dimension); a search weighs
+    them as lossless where all decoder matrices are Q4_0/Q4_1 (policy_search.for_source)."""
     groups, keeps = stored_groups(model), bool(group_types(model)[0])
     if isinstance(policy, AutoPolicy):
         return for_source(policy, source_quantization(model), groups, keeps)

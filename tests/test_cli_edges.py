@@ -185,7 +185,7 @@ def test_one_cache_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXGEN_LITE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert paths.cache_dir() == tmp_path / "flexgen-lite" == profile_store.cache_dir()
-    from flexgen_lite.models.gguf_file import _tokenizer_cache_dir
+    from flexgen_lite.models.gguf_tokenizer import _tokenizer_cache_dir
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")

@@ -15,10 +15,10 @@ import torch
 from flexgen_lite.models.gguf_file import (
     GGUFError,
     default_model_path,
-    gguf_tokenizer,
     iter_gguf_tensors,
     read_gguf_config,
 )
+from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
 CONFIG_KEYS = [
     "model_type",

@@ -101,7 +101,7 @@ def test_tiny_models_score_as_hf(tiny_models, word_tasks, family):
 def test_smollm_scores_as_hf(smollm, english_tasks):
     from lm_eval.models.huggingface import HFLM
 
-    from flexgen_lite.models.gguf_file import gguf_tokenizer
+    from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
     path, model = smollm
     ours = evaluate(FlexGenLiteLM(path, progress=False, percent="50/50/100/0/100/0", gpu_batch_size=4,

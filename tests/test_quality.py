@@ -46,7 +46,7 @@ def test_tiny_model(tiny_models, tmp_path, capsys):
 
 def test_smollm_with_4bit_weights(smollm, tmp_path, capsys):
     path, model = smollm
-    from flexgen_lite.models.gguf_file import gguf_tokenizer
+    from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Once upon a time, there was a little girl who "

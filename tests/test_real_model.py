@@ -19,7 +19,7 @@ TEXTS = ["The capital of France is", "def add(a, b):", "Water boils at a tempera
 @pytest.fixture(scope="module")
 def reference(smollm):
     path, model = smollm
-    from flexgen_lite.models.gguf_file import gguf_tokenizer
+    from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
     tok = gguf_tokenizer(path)
     prompts = [tok(t)["input_ids"] for t in TEXTS]
