@@ -57,6 +57,10 @@ FAMILY_CONFIGS = {
     "qwen3": dict(model_type="qwen3", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, intermediate_size=256, max_position_embeddings=64,
                   tie_word_embeddings=True),
+    # linear rope scaling (positions divided by 4), as long-context fine-tunes of Llama 2 ship
+    "llama-linear": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64,
+                         rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
 
 

@@ -115,8 +115,8 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None
-    if kind != "llama3":
-        raise ModelError(f"rope scaling {kind!r} is not supported (default, llama3)")
+    if kind not in ("llama3", "linear"):
+        raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
     return float(theta), dict(scaling)
 
 

@@ -64,10 +64,12 @@ def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConf
 
 
 def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured."""
+    """Inverse frequencies of the rotary embedding, with linear or Llama-3 scaling when configured."""
     d = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     s = config.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "linear":  # positions divided by the factor
+        return inv / s["factor"]
     if s:  # llama3: keep high frequencies, divide low ones by factor, blend between
         factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         old_len = s["original_max_position_embeddings"]
