@@ -22,8 +22,8 @@ from .test_parity import LOGITS_ATOL
 G = 1e9
 FEW = (1, 2, 4)  # rows at which the test profile has the few-row kernels win
 SAMPLING = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
-LLAMAS = ["llama", "llama3", "qwen2", "mistral", "qwen3"]  # grouped heads, scaled rope, q/k/v biases and tied head,
-# plain, per-head q/k norms with heads wider than hidden
+LLAMAS = ["llama", "llama3", "qwen2", "mistral", "qwen3", "mistral-nemo"]  # grouped heads, scaled rope, q/k/v
+# biases and tied head, plain, per-head q/k norms with heads wider than hidden, heads wider than hidden alone
 EIGHT = [*PROMPTS, [2, 5, 6]]  # two blocks of 2 x 2 rows, no filler row
 
 
