@@ -54,7 +54,20 @@ def test_missing_directory(tmp_path):
 
 
 def test_directory_without_config(tmp_path):
-    with pytest.raises(ModelError, match="no config.json.*Hugging Face checkpoint directory"):
+    with pytest.raises(ModelError, match="no config.json.*Hugging Face checkpoint directory") as e:
+        FlexGenLite(str(tmp_path))
+    assert "here" not in str(e.value)  # no GGUF file to point to
+
+
+def test_a_directory_of_gguf_files_names_one_to_pass(tmp_path):
+    """A folder holding a GGUF model (whole, or in parts) is not a checkpoint directory: the error names the
+    file to pass, the first part of a split one."""
+    (tmp_path / "model-00002-of-00002.gguf").write_bytes(b"GGUF")
+    (tmp_path / "model-00001-of-00002.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match=r"2 GGUF files are here: pass one, e\.g\. --model .*model-00001-of-00002"):
+        FlexGenLite(str(tmp_path))
+    (tmp_path / "model-00002-of-00002.gguf").unlink()
+    with pytest.raises(ModelError, match=r"a GGUF file is here: --model .*model-00001-of-00002\.gguf\)"):
         FlexGenLite(str(tmp_path))
 
 

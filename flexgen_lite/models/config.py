@@ -176,7 +176,12 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     file = path / "config.json"
     if not file.is_file():
-        raise ModelError(f"{path} has no config.json: pass a local Hugging Face checkpoint directory")
+        ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        first = next((g for g in ggufs if "-00001-of-" in g.name), ggufs[0]) if ggufs else None
+        hint = (f" (a GGUF file is here: --model {first})" if len(ggufs) == 1 else
+                f" ({len(ggufs)} GGUF files are here: pass one, e.g. --model {first})" if ggufs else "")
+        raise ModelError(f"{path} has no config.json: pass a local Hugging Face checkpoint directory or a .gguf "
+                         f"file{hint}")
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
