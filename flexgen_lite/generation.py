@@ -107,10 +107,8 @@ class FlexGenLite:
         hardware = hardware or load_profile(self.device, offload, progress=progress)
         workload = workload or default_workload(self.config)
         self.search = search_policy(self.config, workload, hardware, self.budgets, policy)
-        if asked is None and policy.compress_weight is False:  # a quantized file the search did not round again
-            hint = kept_groups_hint(self.config, workload, hardware, self.budgets, policy, self.search, model)
-            if hint:
-                print(hint, file=sys.stderr)
+        if hint := kept_groups_hint(self.config, workload, hardware, self.budgets, policy, self.search, model, asked):
+            print(hint, file=sys.stderr)
         return self.search.policy
 
     def _check_budgets(self, workload: Workload, what: str) -> None:

@@ -77,16 +77,17 @@ def group_types(model: str) -> tuple[list[str], list[str]]:
     return kept_and_rounded(model)
 
 
-def kept_groups_hint(config: ModelConfig, workload, hardware, budgets, auto: AutoPolicy, found,
-                     model: str) -> str | None:
-    """For a GGUF whose search was kept from compressing its weights again (a second rounding) though some of
-    its matrices are 4-bit groups that compressed weights keep as stored (Q4_K in a Q4_K_M file): one line
-    saying what --compress-weight would predict, when that is COMPRESSION_GAIN faster (the weights would
-    otherwise spill to disk, or be read at 16 bits each step)."""
+def kept_groups_hint(config: ModelConfig, workload, hardware, budgets, auto: AutoPolicy, found, model: str,
+                     asked: bool | None) -> str | None:
+    """For a GGUF whose search for_model kept from compressing its weights again (a second rounding; `asked`:
+    the user's compress_weight, None when left to the search) though some of its matrices are 4-bit groups that
+    compressed weights keep as stored (Q4_K in a Q4_K_M file): one line saying what --compress-weight would
+    predict, when that is COMPRESSION_GAIN faster (the weights would otherwise spill to disk, or be read at 16
+    bits each step)."""
     from .planning.policy_search import COMPRESSION_GAIN, PolicyError, search_policy
 
     kept, rounded = group_types(model)
-    if not kept:
+    if asked is not None or auto.compress_weight is not False or not kept:
         return None
     base = auto.base
     if base.weight_group_dim == 1 and base.weight_group_size == 0:  # the file's groups of 32, as for_model does

@@ -236,7 +236,7 @@ def test_compressed_q4_k_only_file_is_within_fp16_rounding_of_the_file(tmp_path:
 
 
 @pytest.mark.parametrize("int4_kernel", [True, False], ids=["int4-kernel-profile", "no-int4-rates"])
-def test_the_search_says_when_compressing_a_k_quant_file_would_pay(tmp_path: Path, capsys, int4_kernel):
+def test_the_search_says_when_compressing_a_k_quant_file_would_pay(tmp_path: Path, capsys, monkeypatch, int4_kernel):
     """The search does not round a quantized file's weights again by itself; where its Q4_K matrices could stay
     as stored and that is predicted 10% faster (a profile whose int4 kernel reads 4-bit weights faster than
     bf16 ones are multiplied), it says so in one line; where it is not (no int4 rates: dequantized every step),
@@ -261,6 +261,19 @@ def test_the_search_says_when_compressing_a_k_quant_file_would_pay(tmp_path: Pat
     with FlexGenLite(str(path), policy=AutoPolicy(compress_weight=False), **options):
         pass
     assert hint not in capsys.readouterr().err
+    if int4_kernel:  # `flexgen-lite plan` says it too, and not when --no-compress-weight was given
+        from flexgen_lite.cli.main import main
+
+        from .conftest import forget_profile, set_profile
+
+        set_profile(hw, tmp_path, monkeypatch)
+        try:
+            for flags, said in (([], True), (["--no-compress-weight"], False)):
+                main(["plan", "--model", str(path), "--prompt-len", "16", "--gen-len", "8", "--num-prompts", "8",
+                      "--cpu-mem", "2GiB", *flags])
+                assert (hint in capsys.readouterr().err) == said
+        finally:
+            forget_profile()
 
 
 def _rss_file_mib() -> float:

@@ -36,17 +36,20 @@ DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
 
 def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True, cold: bool = False):
     """Search the policy for `workload` (the hardware profile measured first if none is cached)."""
-    from ..model_source import for_model, model_config
+    from ..model_source import for_model, kept_groups_hint, model_config
     from ..planning.policy_search import search_policy
     from ..profiling.measure import load_profile
     from ..system.devices import ComputeDevice
 
-    auto = for_model(auto, model)
+    asked, auto = auto.compress_weight, for_model(auto, model)
     device = ComputeDevice(args.device)
     hardware = load_profile(device, auto.base.offload_dir, progress=progress)  # first: measuring takes memory
     budgets = (budgets_from_args(args) or Budgets()).resolved(device, auto.base.offload_dir)
     tic = time.perf_counter()
-    result = search_policy(model_config(model), workload, hardware, budgets, auto, page_cache=0 if cold else None)
+    config = model_config(model)
+    result = search_policy(config, workload, hardware, budgets, auto, page_cache=0 if cold else None)
+    if hint := kept_groups_hint(config, workload, hardware, budgets, auto, result, model, asked):
+        print(hint, file=sys.stderr)
     if show:
         print(f"auto policy: {result.policy.flags()} (predicted {result.prediction.throughput:.1f} tok/s, "
               f"searched in {time.perf_counter() - tic:.1f} s)\ndtype: {dtype_reason(result, auto)}",
