@@ -61,6 +61,10 @@ FAMILY_CONFIGS = {
     "llama-linear": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64,
                          rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # YaRN rope scaling (an original context of 16, shorter than the prompts, so the scaled bands matter)
+    "llama-yarn": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
     # Mistral-Nemo's shape: heads x head_dim (4 x 64) wider than hidden (128), without Qwen3's norms
     "mistral-nemo": dict(model_type="mistral", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, intermediate_size=256, max_position_embeddings=64,

@@ -151,10 +151,13 @@ def test_unsupported_opt_config(changes, words):
         config_from_dict(config)
 
 
-def test_unsupported_rope_scaling():
+@pytest.mark.parametrize("scaling,words", [({"rope_type": "dynamic", "factor": 4.0}, "rope scaling 'dynamic' is not "
+                                            "supported"),
+                                           ({"rope_type": "yarn", "factor": 4.0}, "without original_max_position")])
+def test_unsupported_rope_scaling(scaling, words):
     config = dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=256, vocab_size=512, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ModelError, match="rope scaling 'yarn' is not supported"):
+                  intermediate_size=256, vocab_size=512, rope_scaling=scaling)
+    with pytest.raises(ModelError, match=words):
         config_from_dict(config)
 
 

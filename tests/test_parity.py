@@ -101,7 +101,7 @@ def test_a_sliding_window_is_the_context(tmp_path):
     torch.testing.assert_close(logits[0], want_logits[0], atol=LOGITS_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "llama-linear", "qwen2", "qwen3", "mistral",
+@pytest.mark.parametrize("family", ["llama", "llama3", "llama-linear", "llama-yarn", "qwen2", "qwen3", "mistral",
                                     "mistral-nemo"])
 @pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded",
                                   "cpu-attention-cache-split"])

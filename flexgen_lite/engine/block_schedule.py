@@ -302,7 +302,7 @@ class Engine:
             mask = None if mask is None else mask[active_device]
         rope = None
         if self.inv_freq is not None:
-            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(self.config))
         return {"positions": positions, "mask": mask, "rope": rope, "active": active, "active_device": active_device}
 
     def _prepare_cache(self, block: Block) -> None:

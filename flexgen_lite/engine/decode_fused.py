@@ -172,7 +172,7 @@ class FusedDecode:
         step.h, step.mask, step.mask_stride, step.start = h.data_ptr(), mask.data_ptr(), start + 1, start
         cos = sin = None
         if self.inv_freq is not None:
-            cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+            cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(cfg))
         step.cos, step.sin = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
         step.threads = native.team_threads()
         step.silu_chunk = D.silu_chunk(h.shape[0] * cfg.intermediate_size, torch.get_num_threads())

@@ -182,7 +182,8 @@ class StaticDecode:
         keys = torch.arange(max_len, device=s.write.device)
         real = keys >= s.pad[:, None]
         mask = ((keys <= s.write) & (real | (keys == s.write)))[:, None, None]  # (rows, 1, 1, max_len), as Block.mask
-        rope = None if self.inv_freq is None else L.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        rope = None if self.inv_freq is None else L.rope_cos_sin(positions, self.inv_freq, self.dtype,
+                                                                 L.rope_scale(self.config))
         h = logits = None
         layer = 0
         for spec, w in zip(self.specs, self.resident, strict=True):

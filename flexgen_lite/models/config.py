@@ -115,8 +115,10 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None
-    if kind not in ("llama3", "linear"):
-        raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+    if kind not in ("llama3", "linear", "yarn"):
+        raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, yarn, llama3)")
+    if kind == "yarn" and not scaling.get("original_max_position_embeddings"):
+        raise ModelError("yarn rope scaling without original_max_position_embeddings: the config is incomplete")
     return float(theta), dict(scaling)
 
 

@@ -64,12 +64,15 @@ def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConf
 
 
 def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with linear or Llama-3 scaling when configured."""
+    """Inverse frequencies of the rotary embedding, with linear, YaRN or Llama-3 scaling when configured."""
     d = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     s = config.rope_scaling
-    if s and s.get("rope_type", s.get("type")) == "linear":  # positions divided by the factor
+    kind = (s or {}).get("rope_type", (s or {}).get("type"))
+    if kind == "linear":  # positions divided by the factor
         return inv / s["factor"]
+    if kind == "yarn":
+        return _yarn(inv, s, config)
     if s:  # llama3: keep high frequencies, divide low ones by factor, blend between
         factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         old_len = s["original_max_position_embeddings"]
@@ -80,10 +83,52 @@ def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
     return inv
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of shape (B, 1, T, head_dim) for positions (B, T)."""
+def _yarn_factor(s: dict, config: ModelConfig) -> float:
+    return s.get("factor") or config.max_positions / s["original_max_position_embeddings"]
+
+
+def _yarn(inv: torch.Tensor, s: dict, config: ModelConfig) -> torch.Tensor:
+    """YaRN (Peng et al. 2023), as transformers computes it: frequencies that turn fewer than beta_slow times
+    over the original context are divided by the factor, those turning more than beta_fast times kept, a linear
+    ramp between (in dimension indices, rounded outward unless `truncate` is false)."""
+    d, theta, old = config.head_dim, config.rope_theta, s["original_max_position_embeddings"]
+
+    def dim_of(turns: float) -> float:
+        return d * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=inv.device) - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp
+    return inv / _yarn_factor(s, config) * (1 - kept) + inv * kept
+
+
+def rope_scale(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: YaRN's attention factor (0.1 ln(factor) + 1, or as configured), else 1."""
+    s = config.rope_scaling or {}
+    if s.get("rope_type", s.get("type")) != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor = _yarn_factor(s, config)
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    return mscale(factor)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos and sin of shape (B, 1, T, head_dim) for positions (B, T), times `scale` (rope_scale)."""
     angles = positions.float()[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)[:, None]
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
