@@ -136,6 +136,7 @@ def _full_attention_context(c: dict) -> int:
 def _llama_config(c: dict, name: str) -> ModelConfig:
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    context = _full_attention_context(c)
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
@@ -145,8 +146,7 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         family="llama", name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         num_layers=c["num_hidden_layers"], num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
-        max_positions=_full_attention_context(c), windowed=_full_attention_context(c) < c.get(
-            "max_position_embeddings", 4096), norm="rmsnorm",
+        max_positions=context, windowed=context < c.get("max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,
