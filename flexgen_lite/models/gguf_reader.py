@@ -9,8 +9,8 @@ ValueError (gguf_file.py says which file and what to do).
 
 `dequantize` turns the types flexgen_lite reads into float32 with torch, with the same float32 operations as
 gguf's numpy code (equal bit for bit, tested), a chunk of blocks at a time: SmolLM2's tensors in 0.15-0.2 s against
-gguf's 0.6 (2 cores, 2026-12-05); a 64M-value Q8_0 matrix at 590M values/s, the transient beyond the output ~70
-MB where the whole matrix at once took 280M values/s and twice the output's size."""
+gguf's 0.6 (2 cores, 2026-12-05); a 64M-value Q8_0 matrix at 590M values/s, the transient beyond the output ~7 MB,
+where the whole matrix at once took 280M values/s and twice the output's size."""
 
 from __future__ import annotations
 
