@@ -205,7 +205,7 @@ class FlexGenLite:
             filler = [-1 - i for i in range(policy.block_size - len(prompts))]
             generators = row_generators(sampling.seed, indices + filler)
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, sampling.max_new_tokens,
-                                   pad_id, eos, self.device.device, generators)
+                                   pad_id, eos, self.device.device, generators, policy.share_prefix)
         self._check_cache_fits(block)
         steps = [self._stop_checker(sampling, len(prompts))] if sampling.stop else []
         if report is not None:

@@ -21,19 +21,25 @@ WARMUP_STEPS = 2  # the prefill and one decode step: what the timed run's later 
 
 
 def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, device: str | None = None,
-                  progress=None, cold_disk: bool = False, trace=None, warmup: bool = True) -> dict:
+                  progress=None, cold_disk: bool = False, trace=None, warmup: bool = True,
+                  shared_prefix: int = 0) -> dict:
     """Generate gen_len tokens for gpu_batch_size x num_gpu_batches prompts of prompt_len random tokens.
 
     cold_disk: offload files are read from the disk itself, not from the page cache. trace: a trace.Recorder
     for the engine's spans (--breakdown, --trace). warmup: first the same block for WARMUP_STEPS steps, timed
-    on its own ("warmup_s") and left out of everything else."""
+    on its own ("warmup_s") and left out of everything else. shared_prefix: the prompts' first tokens, the same
+    in all (an instruction before each item); the policy's share_prefix says whether the prefill shares them."""
+    if not 0 <= shared_prefix < prompt_len:
+        raise ValueError(f"a shared prefix of {shared_prefix} tokens must be shorter than the prompts ({prompt_len})")
     tic = time.perf_counter()
     DiskFile.page_cache = not cold_disk
     with FlexGenLite(model, policy=policy, device=device, progress=progress, trace=trace) as m:
         load_s = time.perf_counter() - tic
         n = policy.block_size
         gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, m.config.vocab_size, (n, prompt_len), generator=gen).tolist()
+        prompts = torch.randint(3, m.config.vocab_size, (n, prompt_len), generator=gen)
+        prompts[:, :shared_prefix] = prompts[0, :shared_prefix]
+        prompts = prompts.tolist()
         sampling = SamplingConfig(max_new_tokens=gen_len, stop_at_eos=False)
         warmup_s = warm_up(m, prompts, sampling) if warmup else None
         if cold_disk:  # after the warm-up, which read them into the page cache
@@ -42,6 +48,7 @@ def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, dev
         times = m.engine.times
         report = _report(m, policy, prompt_len, gen_len, times.prefill, sum(times.decode), load_s)
         report["warmup_s"] = None if warmup_s is None else round(warmup_s, 3)
+        report["shared_prefix"], report["prefill_shared"] = shared_prefix, times.shared
         report["prefill_attention_backend"] = _kernels(times.attention[:1])
         report["attention_backend"] = _kernels(times.attention[1:] or times.attention[:1])
         return report
@@ -154,6 +161,9 @@ def format_report(r: dict) -> str:
         f"peak memory: gpu {r['peak_gpu_gb']} GB, cpu {r['peak_cpu_gb']} GB, disk {r['peak_disk_gb']} GB, "
         f"process RSS {r['peak_rss_gb']} GB",
     ]
+    if r.get("shared_prefix"):
+        lines.append(f"prompts share their first {r['shared_prefix']} tokens; the prefill computed "
+                     + (f"{r['prefill_shared']} of them once for all rows" if r["prefill_shared"] else "them per row"))
     if r.get("attention_backend"):
         lines.append(f"attention kernels: prefill {r['prefill_attention_backend']}, decode {r['attention_backend']}")
     if r.get("warmup_s") is not None:

@@ -21,7 +21,7 @@ from ..system.memory import gib
 from ..system.profile_store import prediction_miss
 from .batch_io import InputError
 from .breakdown_flags import add_flags as add_breakdown_flags
-from .checks import Parser, check_args, finite_float, positive_int
+from .checks import Parser, UsageError, check_args, finite_float, positive_int
 from .options import (
     add_policy_flags,
     budgets_from_args,
@@ -89,8 +89,10 @@ def cmd_bench(args) -> None:
         if args.predict:
             prediction, hardware = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
     recorder = recorder_for(args)
+    if not 0 <= args.shared_prefix < prompt_len:
+        raise UsageError(f"--shared-prefix {args.shared_prefix} must be below the prompt length ({prompt_len})")
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk,
-                           recorder, not args.no_warmup)
+                           recorder, not args.no_warmup, args.shared_prefix)
     end_progress()
     if prediction is not None:
         report["predicted_total_tok_s"] = round(prediction.throughput, 2)
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the first run (default: a warm-up of the same block first, reported on its own)")
     b.add_argument("--num-prompts", type=int, help="auto: plan for this many prompts (caps the block; the benchmark "
                    "runs one block)")
+    b.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="the prompts' first N tokens are the same in all (an instruction before each item)")
     add_policy_flags(b)
     add_breakdown_flags(b)
     b.set_defaults(func=cmd_bench)

@@ -47,6 +47,9 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-group-size", type=int, default=0, choices=(0, *WEIGHT_GROUP_SIZES),
                    help="values per compressed weight group (default 0: 64, or 32 for a GGUF whose weights are "
                         "Q4_0/Q4_1: kept as stored, no second rounding)")
+    g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the prompts' common prefix (an instruction, a chat template's system prompt) "
+                   "once per block, not once per prompt")
     g.add_argument("--device", help="compute device (default: cuda if present, else cpu; cpu+link: the CPU, copying "
                    "across a simulated link as a GPU does, to check the GPU's data paths)")
     b = p.add_argument_group("memory budgets (sizes like 16GiB, 500MiB; default: what is free, less a margin)")
@@ -90,6 +93,7 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
         cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
         compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
         weight_group_dim=args.weight_group_dim, weight_group_size=args.weight_group_size,
+        share_prefix=args.share_prefix,
     )
     if not is_auto(args):
         return policy

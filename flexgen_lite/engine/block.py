@@ -20,6 +20,8 @@ class Block:
     generated: int = 0  # steps taken
     generators: list[torch.Generator] | None = None  # (N,) per-row sampling generators, or None
     pad_host: torch.Tensor | None = None  # `pad` on the host: which batches need a mask, without a device read
+    shared: int = 0  # leading columns holding only padding or the prompts' common prefix (shared_columns)
+    prefix: torch.Tensor | None = None  # (1, shared) the common prefix's ids, computed once for all rows
     # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _eos_ids: torch.Tensor | None = field(default=None, repr=False)  # eos on the compute device
@@ -27,10 +29,11 @@ class Block:
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
                      pad_id: int, eos: tuple[int, ...], device: torch.device,
-                     generators: list[torch.Generator] | None = None) -> Block:
+                     generators: list[torch.Generator] | None = None, share_prefix: bool = False) -> Block:
         """Left-pad `prompts` into a block of `rows`; rows past len(prompts) are filler, finished at once.
 
-        `generators`, one per row, make each row's samples independent of the other rows."""
+        `generators`, one per row, make each row's samples independent of the other rows. `share_prefix`: a
+        common prefix worth it (shared_columns) is computed once in the prefill, not once per row."""
         prompt_len = max(len(p) for p in prompts)
         tokens = torch.full((rows, prompt_len + gen_len), pad_id, dtype=torch.long)
         pad = torch.full((rows,), prompt_len - 1, dtype=torch.long)
@@ -43,8 +46,10 @@ class Block:
         length = torch.zeros(rows, dtype=torch.long)
         if generators is not None and len(generators) != rows:
             raise ValueError(f"{len(generators)} generators for a block of {rows} rows")
+        shared = shared_columns(prompts, rows) if share_prefix else 0
+        prefix = torch.tensor([prompts[0][:shared]], device=device) if shared else None
         return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length,
-                   generators=generators, pad_host=pad)
+                   generators=generators, pad_host=pad, shared=shared, prefix=prefix)
 
     def rows(self, batch: int) -> slice:
         return slice(batch * self.gpu_batch_size, (batch + 1) * self.gpu_batch_size)
@@ -60,8 +65,9 @@ class Block:
         return bool(self.finished[self.rows(batch)].all())
 
     def step_span(self, step: int) -> tuple[int, int]:
-        """(first cache position written, number of new positions) for a step; step 0 is the prefill."""
-        return (0, self.prompt_len) if step == 0 else (self.prompt_len + step - 1, 1)
+        """(first position computed per row, number of them) for a step; step 0 is the prefill: of a shared
+        prefix's columns only the prefix is computed (once, before the rows), and the cache is written from 0."""
+        return (self.shared, self.prompt_len - self.shared) if step == 0 else (self.prompt_len + step - 1, 1)
 
     def positions(self, batch: int, start: int, t: int) -> torch.Tensor:
         pos = torch.arange(start, start + t, device=self.tokens.device)[None] - self.pad[self.rows(batch), None]
@@ -118,3 +124,24 @@ class Block:
 
     def new_tokens(self, row: int) -> list[int]:
         return self.tokens[row, self.prompt_len:self.prompt_len + int(self.length[row])].tolist()
+
+
+MIN_SHARED = 16  # fewer common tokens (a bos, a chat template's first line) are not worth a pass of their own
+MIN_SAVED = 0.1  # nor is a prefix that saves less of the prefill's row-positions than this
+
+
+def shared_columns(prompts: list[list[int]], rows: int) -> int:
+    """Leading columns of the left-padded block holding, in every row, only padding or the prompts' common
+    prefix: row i's columns [pad_i, C) are the prefix's first C - pad_i tokens, so their keys and values are
+    the prefix's own, computed once. C is the common prefix less at least one token of the shortest prompt
+    (each row's last position makes its first logits); 0 where that saves too little (MIN_SHARED, MIN_SAVED)."""
+    if len(prompts) < 2:
+        return 0
+    shortest, longest = min(prompts, key=len), max(len(p) for p in prompts)
+    common = len(shortest) - 1
+    for i, token in enumerate(shortest[:common]):
+        if any(p[i] != token for p in prompts):
+            common = i
+            break
+    saved = sum(max(0, common - (longest - len(p))) for p in prompts) - common
+    return common if common >= MIN_SHARED and saved >= MIN_SAVED * rows * longest else 0

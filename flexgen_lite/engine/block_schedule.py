@@ -43,6 +43,7 @@ class StepTimes:
     prefill: float = 0.0
     decode: list[float] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)  # per step, the attention kernels that ran (sorted, "a+b")
+    shared: int = 0  # prompt positions the prefill computed once for all rows (a shared prefix), not per row
 
 
 class Engine:
@@ -64,6 +65,7 @@ class Engine:
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
         self.times = StepTimes()
         self._score = None  # run's `score`
+        self._prefix: dict | None = None  # the prefill's shared prefix: its positions, hidden state, a layer's k, v
         # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
         self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
                          for w in weights]
@@ -104,6 +106,9 @@ class Engine:
         score(b, active, head, h): called in the prefill for each GPU batch b with its hidden states h (rows,
         prompt_len, hidden) at the head, `active` (its rows within the batch, None: all) and head(x), the head's
         fp32 logits of any slice of h: the log-likelihood of prompts' positions (scoring.py)."""
+        if score is not None and block.shared:
+            raise ValueError("scoring needs every prompt position's hidden state: build its block without a "
+                             "shared prefix")
         self._score = score
         self._prepare_cache(block)
         self._cache_loads: dict[tuple[int, int], Future] = {}
@@ -123,7 +128,7 @@ class Engine:
             self.acts = Activations(self.policy.num_gpu_batches, self.policy.percents("act"), self.device,
                                     self.disk, self.ledger, self.io, self.staging, self.trace)
         acts = self.acts.reset()
-        self.times = StepTimes()
+        self.times = StepTimes(shared=block.shared)
         self.logits = [] if keep_logits else None
         for step in range(block.gen_len):
             if bool(block.finished.all()):
@@ -156,6 +161,11 @@ class Engine:
                 block.end_step()
                 return
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
+        shared = step == 0 and block.shared > 0
+        if shared:
+            self._prefix = self._prefix_inputs(block)
+            for b in batches:
+                inputs[b]["prefix index"] = self._prefix_index(block, b, inputs[b])
         self._cache_loads: dict[tuple[int, int], Future] = {}
         weights_next, releases = self._prefetch_weights(0), []
         span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
@@ -173,6 +183,9 @@ class Engine:
                 releases.pop().result()
             if j + 1 < len(self.specs):
                 weights_next = self._prefetch_weights(j + 1)
+            if shared:
+                with span(COMPUTE, stream=C):
+                    self._prefix_through(spec, weights, block)
             for i, b in enumerate(batches):
                 views = None
                 if spec.kind == "attention" and step > 0 and self._in_place[b]:
@@ -199,6 +212,7 @@ class Engine:
                 releases.append(self.io.submit(self.weight_slots.release, self.weights[j]))
         for f in releases:
             f.result()
+        self._prefix = None
         block.end_step()
 
     def _static_batch(self, block: Block, b: int, step: int, start: int, sampling) -> bool:
@@ -243,6 +257,9 @@ class Engine:
         x = L.norm(h, w, cfg) if cfg.pre_norm else h
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
+            if "prefix index" in inputs:
+                index = inputs["prefix index"]
+                k, v = self._with_prefix(k, self._prefix["k"], index), self._with_prefix(v, self._prefix["v"], index)
             attn = self._attend(q, k, v, inputs["mask"])
             for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
                 picked, local = rows_in_part(inputs, part.rows, k.device)
@@ -253,6 +270,42 @@ class Engine:
         else:
             attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start)
         return L.attention_output(w, attn, h, cfg)
+
+    # ---- a shared prompt prefix (block.shared_columns) ----------------------------------------------
+    def _prefix_inputs(self, block: Block) -> dict:
+        positions = torch.arange(block.shared, device=block.prefix.device)[None]
+        rope = None
+        if self.inv_freq is not None:
+            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(self.config))
+        return {"positions": positions, "rope": rope}
+
+    def _prefix_through(self, spec, w, block: Block) -> None:
+        """The block's shared prefix, one row, through layer `spec` before the rows: an attention layer's k, v
+        are then every row's first positions' (_with_prefix)."""
+        cfg, p = self.config, self._prefix
+        if spec.kind == "embed":
+            p["h"] = L.embed(w, block.prefix, p["positions"], cfg)
+        elif spec.kind == "mlp":
+            p["h"] = L.mlp(w, p["h"], cfg)
+        elif spec.kind == "attention":
+            x = L.norm(p["h"], w, cfg) if cfg.pre_norm else p["h"]
+            q, p["k"], p["v"] = L.qkv(w, x, p["rope"], cfg)
+            p["h"] = L.attention_output(w, self._attend(q, p["k"], p["v"], None), p["h"], cfg)
+
+    @staticmethod
+    def _prefix_index(block: Block, b: int, inputs: dict) -> torch.Tensor:
+        """(rows, shared): the prefix position of each row's each shared column (row i's column c holds prefix
+        token c - pad_i; its padding columns, masked, read position 0)."""
+        pad = block.pad[block.rows(b)]
+        if inputs["active_device"] is not None:
+            pad = pad[inputs["active_device"]]
+        return (torch.arange(block.shared, device=pad.device)[None] - pad[:, None]).clamp(min=0)
+
+    @staticmethod
+    def _with_prefix(new: torch.Tensor, prefix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """A batch's prefill k or v (rows, kv_heads, t, D) after its rows' shared columns, taken from the prefix's
+        (1, kv_heads, shared, D): (rows, kv_heads, shared + t, D), what a prefill of whole prompts makes."""
+        return torch.cat((prefix[0][:, index].transpose(0, 1), new), 2)
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is."""
@@ -295,7 +348,7 @@ class Engine:
         active = block.active_rows(b)
         active_device = None if active is None else block.device_rows(b, active)
         positions, mask = block.positions(b, start, t), None
-        if not self.unpadded_without_mask or block.padded(b, active):
+        if not self.unpadded_without_mask or block.padded(b, active) or (start and t > 1):  # a suffix: not causal
             mask = block.mask(b, start, t)
         if active_device is not None:
             positions = positions[active_device]

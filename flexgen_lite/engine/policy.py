@@ -43,6 +43,7 @@ class Policy:
     compress_cache: bool = False
     weight_group_dim: int = 1  # 1: groups along the input dimension; 0: along the output one (FlexGen)
     weight_group_size: int = 0  # values per group; 0: 64, or 32 for a GGUF's Q4_0 / Q4_1 weights (kept as stored)
+    share_prefix: bool = True  # a block's common prompt prefix computed once in the prefill (block.shared_columns)
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
