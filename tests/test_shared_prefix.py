@@ -5,14 +5,19 @@ same tokens as the same run with the prefix computed per row."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
+from flexgen_lite.cli.main import main
 from flexgen_lite.engine.block import MIN_SHARED, Block, shared_columns
+from flexgen_lite.models.presets import preset_config
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.layout import Workload
 
-from .conftest import hf_greedy, on_device
+from .conftest import hf_greedy, on_device, synthetic_profile
 from .test_parity import LOGITS_ATOL, POLICIES
 
 PREFIX = torch.randint(3, 400, (30,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -99,3 +104,42 @@ def test_block_positions_of_a_shared_prefix():
         assert block.tokens[row, 20:23].tolist() == p[20 - pad[row]:]
     unshared = Block.from_prompts(prompts, 2, 2, 4, 1, (), torch.device("cpu"))
     assert unshared.shared == 0 and unshared.step_span(0) == (0, 23)
+
+
+def test_workload_of_prompts_and_its_prediction():
+    """The cost model computes a shared prefix once per block, as the engine does, where the policy shares it."""
+    workload = Workload.of_prompts(SHARED_PROMPTS, 32)
+    assert (workload.prompt_len, workload.num_prompts, workload.shared_len) == (40, 8, 31)
+    assert Workload.of_prompts([SHARED_PROMPTS[0]], 32).shared_len == 0
+    config, hw = preset_config("facebook/opt-1.3b"), synthetic_profile()
+    policy = Policy(gpu_batch_size=32, dtype="bfloat16")
+    whole = predict(config, Workload(512, 32), policy, hw)
+    shared = predict(config, Workload(512, 32, shared_len=448), policy, hw)
+    unshared = predict(config, Workload(512, 32, shared_len=448), dataclasses.replace(policy, share_prefix=False), hw)
+    assert unshared.prefill_s == whole.prefill_s
+    # 32 rows x 64 positions, and one row of 448: about a sixth of 32 x 512 (attention to the whole prompt kept)
+    assert 0.1 * whole.prefill_s < shared.prefill_s < 0.3 * whole.prefill_s
+    assert shared.decode_step_s == whole.decode_step_s
+    few = predict(config, Workload(512, 32, shared_len=MIN_SHARED - 1), policy, hw)
+    assert few.prefill_s == whole.prefill_s  # the engine does not share so few
+    with pytest.raises(PolicyError, match="shorter than the prompts"):
+        Workload(16, 4, shared_len=16)
+
+
+def test_bench_and_plan_take_a_shared_prefix(tiny_models, capsys, tmp_path, monkeypatch):
+    model = str(tiny_models["llama"][0])
+    flags = ["--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "4", "--prompt-len", "40",
+             "--gen-len", "3", "--dtype", "float32", "--device", "cpu"]
+    reports = {}
+    for share in ("--share-prefix", "--no-share-prefix"):
+        main(["bench", "--model", model, *flags, "--shared-prefix", "30", share])
+        reports[share] = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert reports["--share-prefix"]["prefill_shared"] == 30 and reports["--no-share-prefix"]["prefill_shared"] == 0
+    assert "--no-share-prefix" in reports["--no-share-prefix"]["policy"]
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", model, *flags, "--shared-prefix", "40"])
+    assert e.value.code == 2 and "--shared-prefix 40 must be below the prompt length (40)" in capsys.readouterr().err
+    (tmp_path / "profile.json").write_text(synthetic_profile().to_json())
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(tmp_path / "profile.json"))
+    main(["plan", "--model", "facebook/opt-1.3b", "--prompt-len", "512", "--shared-prefix", "400", "--cpu-mem", "8GiB"])
+    assert "the first 400 tokens shared" in capsys.readouterr().out

@@ -126,8 +126,8 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
     model, config, ids = encode_and_check(args, prompts, todo, sampling)
     policy = policy_from_args(args, default_batch=min(len(todo), 32))
     workload = None
-    if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, their number
-        workload = Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo))
+    if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, number, common prefix
+        workload = Workload.of_prompts(ids, sampling.max_new_tokens)
     recorder = recorder_for(args)
     overall = Overall(progress, len(todo), "prompts")
     with FlexGenLite(model, policy=policy, device=args.device, progress=overall.engine, workload=workload,
@@ -174,7 +174,7 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
         if (hint := chat_hint(args, m.tokenizer, empty, len(todo))) is not None:
             print(hint, file=sys.stderr)
         if recorder is not None:
-            _breakdown(args, m, recorder, Workload(max(len(p) for p in ids), sampling.max_new_tokens, len(todo)))
+            _breakdown(args, m, recorder, Workload.of_prompts(ids, sampling.max_new_tokens))
 
 
 def chat_hint(args, tokenizer, empty: int, total: int) -> str | None:

@@ -68,6 +68,18 @@ def default_prompt_len(device: str | None) -> int:
     return 512 if torch.cuda.is_available() and device != "cpu" else 64
 
 
+def add_shared_prefix_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="the prompts' first N tokens are the same in all (an instruction before each item): "
+                   "computed once per block unless --no-share-prefix")
+
+
+def shared_prefix(args, prompt_len: int) -> int:
+    if not 0 <= args.shared_prefix < prompt_len:
+        raise UsageError(f"--shared-prefix {args.shared_prefix} must be below the prompt length ({prompt_len})")
+    return args.shared_prefix
+
+
 def cmd_bench(args) -> None:
     from ..model_source import for_model, model_config
     from ..planning.layout import Workload
@@ -76,7 +88,7 @@ def cmd_bench(args) -> None:
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     prompt_len = args.prompt_len or default_prompt_len(args.device)
-    workload = Workload(prompt_len, args.gen_len, args.num_prompts)
+    workload = Workload(prompt_len, args.gen_len, args.num_prompts, shared_prefix(args, prompt_len))
     check_context(model_config(args.model), workload)
     policy, prediction = for_model(policy_from_args(args, default_batch=64 if cuda else 16), args.model), None
     hardware = None
@@ -89,8 +101,6 @@ def cmd_bench(args) -> None:
         if args.predict:
             prediction, hardware = predict_policy(args, args.model, workload, policy, cold=args.cold_disk)
     recorder = recorder_for(args)
-    if not 0 <= args.shared_prefix < prompt_len:
-        raise UsageError(f"--shared-prefix {args.shared_prefix} must be below the prompt length ({prompt_len})")
     report = run_benchmark(args.model, prompt_len, args.gen_len, policy, args.device, progress, args.cold_disk,
                            recorder, not args.no_warmup, args.shared_prefix)
     end_progress()
@@ -159,7 +169,8 @@ def cmd_plan(args) -> None:
     policy = policy_from_args(args, default_batch=1)
     if not isinstance(policy, AutoPolicy):
         raise PolicyError("plan searches the policy: drop --percent and --policy manual")
-    workload = Workload(args.prompt_len or default_prompt_len(args.device), args.gen_len, args.num_prompts)
+    prompt_len = args.prompt_len or default_prompt_len(args.device)
+    workload = Workload(prompt_len, args.gen_len, args.num_prompts, shared_prefix(args, prompt_len))
     check_context(model_config(args.model), workload)
     result, hardware = plan_policy(args, args.model, workload, policy, show=False)
     why = dtype_reason(result, policy)
@@ -190,7 +201,8 @@ def format_plan(result, workload, hardware, config) -> str:
     by = sorted(p.decode_by.items(), key=lambda kv: -kv[1])
     lines = [
         f"model {config.name} ({config.num_params() / 1e9:.2f} B parameters, {dtype}) on {hardware.device}",
-        f"workload: prompt {workload.prompt_len}, generate {workload.gen_len}, {prompts}",
+        f"workload: prompt {workload.prompt_len}, generate {workload.gen_len}, {prompts}"
+        + (f"; the first {workload.shared_len} tokens shared" if workload.shared_len else ""),
         f"budgets: {budgets.describe(cuda)}",
         "policy (paste into bench or generate):",
         f"  {policy.flags()}",
@@ -280,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the first run (default: a warm-up of the same block first, reported on its own)")
     b.add_argument("--num-prompts", type=int, help="auto: plan for this many prompts (caps the block; the benchmark "
                    "runs one block)")
-    b.add_argument("--shared-prefix", type=int, default=0, metavar="N",
-                   help="the prompts' first N tokens are the same in all (an instruction before each item)")
+    add_shared_prefix_flag(b)
     add_policy_flags(b)
     add_breakdown_flags(b)
     b.set_defaults(func=cmd_bench)
@@ -292,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=positive_int, default=32, help="tokens generated (default %(default)s)")
     p.add_argument("--num-prompts", type=positive_int,
                    help="prompts to generate for (default: one block, FlexGen's metric)")
+    add_shared_prefix_flag(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     add_policy_flags(p)
     p.set_defaults(func=cmd_plan)

@@ -137,11 +137,16 @@ def shared_columns(prompts: list[list[int]], rows: int) -> int:
     (each row's last position makes its first logits); 0 where that saves too little (MIN_SHARED, MIN_SAVED)."""
     if len(prompts) < 2:
         return 0
-    shortest, longest = min(prompts, key=len), max(len(p) for p in prompts)
-    common = len(shortest) - 1
-    for i, token in enumerate(shortest[:common]):
-        if any(p[i] != token for p in prompts):
-            common = i
-            break
+    common, longest = common_prefix(prompts), max(len(p) for p in prompts)
     saved = sum(max(0, common - (longest - len(p))) for p in prompts) - common
     return common if common >= MIN_SHARED and saved >= MIN_SAVED * rows * longest else 0
+
+
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Tokens all `prompts` begin with, less at least the shortest one's last (a prompt's own last position
+    makes its first logits)."""
+    shortest = min(prompts, key=len)
+    for i, token in enumerate(shortest[:-1]):
+        if any(p[i] != token for p in prompts):
+            return i
+    return len(shortest) - 1

@@ -127,5 +127,5 @@ def job_policy(args, works: dict[int, Work]):
     policy = policy_from_args(args, default_batch=min(len(jobs), 32))
     workload = None
     if isinstance(policy, AutoPolicy):
-        workload = Workload(max(len(j.ids) for j in jobs), max(j.sampling.max_new_tokens for j in jobs), len(jobs))
+        workload = Workload.of_prompts([j.ids for j in jobs], max(j.sampling.max_new_tokens for j in jobs))
     return policy, workload

@@ -21,6 +21,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..engine.block import MIN_SHARED
 from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
 from ..engine.decode_graph import graphs_wanted
 from ..engine.policy import Policy
@@ -118,26 +119,44 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
     return seg
 
 
-def _compute(s: Setup, kind: str, t: int) -> Seg:
-    """Layer math of all GPU batches (models/layers.py), t new tokens per row."""
+def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[int, int] | None = None) -> Seg:
+    """Layer math of all GPU batches (models/layers.py), t new tokens per row, a prefill's attending to `keys`
+    positions (default t: the full square); batch: (rows, batches) other than the policy's (a shared prefix's
+    one row)."""
     seg, hw, c = Seg(), s.hw, s.config
     h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
-    rows = s.gbs * (1 if kind == "head" else t)
+    gbs, nb = batch or (s.gbs, s.nb)
+    rows = gbs * (1 if kind == "head" else t)
     linears = matmuls(s.kinds[kind])  # (in, out) of each, read off the layer's weights
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
     dense = [(k, n) for k, n in linears if not kernel_weight(s, kind, (n, k))]
     dense_s = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in dense)
-    seg.add("compute", s.nb * (dense_s + passes[kind] / bw), waits=False)
-    _int4_matmuls(s, seg, kind, rows, linears)
+    seg.add("compute", nb * (dense_s + passes[kind] / bw), waits=False)
+    _int4_matmuls(s, seg, kind, rows, linears, nb)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
-        sdpa = 4 * s.gbs * c.num_heads * t * t * c.head_dim
-        seg.add("compute", s.nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
+        sdpa = 4 * gbs * c.num_heads * t * (keys or t) * c.head_dim
+        seg.add("compute", nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
     if not (t == 1 and (graph_decode(s) or fused_decode(s))):  # a step without the schedule's Python
         per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
-        seg.add("overhead", per_layer + s.nb * per_batch, waits=False)  # measured eager on tiny models
+        seg.add("overhead", per_layer + nb * per_batch, waits=False)  # measured eager on tiny models
     return seg
+
+
+def shared_positions(s: Setup) -> int:
+    """Prompt positions the prefill computes once per block (the engine shares MIN_SHARED or more)."""
+    shared = s.workload.shared_len
+    return shared if s.policy.share_prefix and shared >= MIN_SHARED else 0
+
+
+def _prefill_compute(s: Setup, kind: str) -> Seg:
+    """A prefill's layer math: every prompt position of every row, or with a shared prefix (Workload.shared_len,
+    Engine._prefix_through) the prefix once as one row, then each row's rest attending to the whole prompt."""
+    t, shared = s.workload.prompt_len, shared_positions(s)
+    if not shared or kind == "head":
+        return _compute(s, kind, t)
+    return _compute(s, kind, shared, batch=(1, 1)) + _compute(s, kind, t - shared, keys=t)
 
 
 def fused_decode(s: Setup) -> bool:
@@ -176,12 +195,12 @@ def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
             and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
 
 
-def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]]) -> None:
+def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]], nb: int) -> None:
     """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored or by tiles, or dequantized in
     the compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as int4_path chooses."""
     for k, n in linears:
         if kernel_weight(s, kind, (n, k)):
-            cost = int4_cost(s.hw, s.dname, rows, s.nb, k, n)
+            cost = int4_cost(s.hw, s.dname, rows, nb, k, n)
             seg.add("compute", cost.matmul, waits=False)
             if cost.dequantize:
                 seg.add("dequantize", cost.dequantize, waits=False)
@@ -288,7 +307,9 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
     # a slot that only one layer uses keeps its weights: after the first step they are not fetched again
     kept = {"embed", "head"} | (set(DECODER_KINDS) if s.config.num_layers <= 2 else set())
     fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay) for k, spec in s.kinds.items()}
-    comp = {k: _compute(s, k, t) + _activations(s, lay, t) for k in s.kinds}
+    rows_t = t - (shared_positions(s) if prefill else 0)  # positions computed per row
+    comp = {k: (_prefill_compute(s, k) if prefill else _compute(s, k, t)) + _activations(s, lay, rows_t)
+            for k in s.kinds}
     comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
     layers = s.config.num_layers
     segments = [(1, comp["embed"] + fetch["attention"]), (layers, comp["attention"] + fetch["mlp"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from ..engine.block import common_prefix
 from ..engine.kv_cache import cache_bytes_per_token
 from ..engine.policy import Policy, PolicyError, split_counts
 from ..engine.storage import TIERS, page_aligned
@@ -19,15 +20,25 @@ from .dtype_choice import compute_dtype
 
 @dataclass(frozen=True)
 class Workload:
-    """What will be generated: prompt and generation length, and how many prompts (None: one block)."""
+    """What will be generated: prompt and generation length, how many prompts (None: one block), and how many
+    tokens every prompt begins with (an instruction: computed once per block where the policy shares them)."""
 
     prompt_len: int
     gen_len: int
     num_prompts: int | None = None
+    shared_len: int = 0
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.gen_len < 1 or (self.num_prompts is not None and self.num_prompts < 1):
             raise PolicyError(f"workload lengths and prompt count must be positive, got {self}")
+        if not 0 <= self.shared_len < self.prompt_len:
+            raise PolicyError(f"a shared prefix must be shorter than the prompts, got {self}")
+
+    @classmethod
+    def of_prompts(cls, prompts: list[list[int]], gen_len: int) -> Workload:
+        """The workload of generating gen_len tokens for these token-id prompts."""
+        shared = common_prefix(prompts) if len(prompts) > 1 else 0
+        return cls(max(len(p) for p in prompts), gen_len, len(prompts), shared)
 
     @property
     def max_len(self) -> int:
