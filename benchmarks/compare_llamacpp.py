@@ -16,6 +16,11 @@ prompt, on the same threads. Each (system, batch) runs in its own subprocess (th
 - Both: one untimed warm-up (all rows, 8-token prompts, 2 new tokens). prefill s = the prompts' forward pass and
   the first token; decode s = the other gen-1 steps. total tok/s = batch x gen / (prefill + decode) (FlexGen's
   metric), decode tok/s = batch x (gen - 1) / decode. --repeat N: the run with the median total.
+- --shared-prefix N: every prompt's first N tokens are the same (an instruction before each item). Each system
+  computes them once per batch, as its users would: llama.cpp decodes them as sequence 0 and copies that
+  sequence's cache to the others (`llama_memory_seq_cp`, as its `batched` example and server share a system
+  prompt), then decodes each prompt's rest; FlexGen-Lite's prefill does by default (Policy.share_prefix). With
+  --no-share both compute every prompt whole (the ablation).
 - agreement: rows whose generated ids are identical between the two (and whose first token is): the two
   compute differently (llama.cpp rounds activations to 8 bits), so near-ties can differ; reported, not an error.
 
@@ -56,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-unified", action="store_true",
                    help="llama.cpp: one KV buffer for all sequences (each attends over all of its cells, masked); "
                         "default: a stream per sequence, as llama.cpp's default")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N", help="prompts share their first N tokens")
+    p.add_argument("--no-share", action="store_true", help="with --shared-prefix: each system computes it per prompt")
     p.add_argument("--json-out", default=None)
     p.add_argument("--worker", choices=["llama.cpp", "flexgen-lite"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
@@ -75,7 +82,9 @@ def make_prompts(args, batch: int, vocab: int) -> list[list[int]]:
     import numpy as np
 
     rng = np.random.default_rng(args.seed)
-    return rng.integers(3, vocab, (batch, args.prompt_len)).tolist()
+    prompts = rng.integers(3, vocab, (batch, args.prompt_len))
+    prompts[:, :args.shared_prefix] = prompts[0, :args.shared_prefix]
+    return prompts.tolist()
 
 
 def peak_rss_gib() -> float:
@@ -94,6 +103,7 @@ def result(args, system: str, batch: int, runs: list[tuple[float, float]], ids, 
             "decode_step_ms": round(1000 * decode_s / (gen - 1), 2) if gen > 1 else None,
             "decode_tok_s": round(batch * (gen - 1) / decode_s, 1) if gen > 1 and decode_s > 0 else None,
             "total_tok_s": round(batch * gen / total_s, 1), "repeat_total_s": [round(t, 3) for _, t in runs],
+            "shared_prefix": args.shared_prefix, "shared": args.shared_prefix > 0 and not args.no_share,
             "peak_rss_gib": peak_rss_gib(), "ids": ids, **extra}
 
 
@@ -136,11 +146,20 @@ class LlamaCppBatch:
             return None
         return np.ctypeslib.as_array(self.L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
 
-    def generate(self, prompts: list[list[int]], gen_len: int) -> tuple[list[list[int]], float, float]:
-        """(generated ids per prompt, prefill s, total s)."""
-        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+    def generate(self, prompts: list[list[int]], gen_len: int, shared: int = 0) -> tuple[list[list[int]], float, float]:
+        """(generated ids per prompt, prefill s, total s). shared: the prompts' first `shared` tokens, the same in
+        all, decoded once as sequence 0, whose cache is then copied to the others."""
+        memory = self.L.llama_get_memory(self.ctx)
+        self.L.llama_memory_clear(memory, True)
         tic = time.perf_counter()
-        flat = [(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        if shared:
+            prefix = [(tok, pos, 0, False) for pos, tok in enumerate(prompts[0][:shared])]
+            for first in range(0, shared, self.n_batch):
+                self._decode(prefix[first:first + self.n_batch])
+            for s in range(1, len(prompts)):
+                self.L.llama_memory_seq_cp(memory, 0, s, -1, -1)
+        flat = [(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)
+                if pos >= shared]
         last = []
         for first in range(0, len(flat), self.n_batch):
             logits = self._decode(flat[first:first + self.n_batch])
@@ -167,8 +186,9 @@ def run_llamacpp(args, batch: int) -> dict:
     prompts = make_prompts(args, batch, lc.n_vocab)
     lc.generate([p[:WARMUP_PROMPT_LEN] for p in prompts], 2)
     runs, ids = [], None
+    shared = 0 if args.no_share else args.shared_prefix
     for _ in range(args.repeat):
-        ids, prefill_s, total_s = lc.generate(prompts, args.gen_len)
+        ids, prefill_s, total_s = lc.generate(prompts, args.gen_len, shared)
         runs.append((prefill_s, total_s))
     return result(args, "llama.cpp", batch, runs, ids, load_s=round(load_s, 2), weights="as stored (file_types)",
                   kv_unified=args.kv_unified, n_ubatch=args.n_ubatch, version=llama_cpp.__version__)
@@ -182,7 +202,8 @@ def run_flexgen(args, batch: int, compress: bool) -> dict:
     from flexgen_lite import FlexGenLite, Policy, SamplingConfig
     from flexgen_lite.model_source import kept_groups
 
-    policy = Policy(gpu_batch_size=batch, num_gpu_batches=1, dtype=args.dtype, compress_weight=compress)
+    policy = Policy(gpu_batch_size=batch, num_gpu_batches=1, dtype=args.dtype, compress_weight=compress,
+                    share_prefix=not args.no_share)
     tic = time.perf_counter()
     with FlexGenLite(model_path(args), policy=policy, device="cpu") as m:
         load_s = time.perf_counter() - tic
@@ -193,6 +214,7 @@ def run_flexgen(args, batch: int, compress: bool) -> dict:
             ids = m.generate_ids(prompts, SamplingConfig(max_new_tokens=args.gen_len, stop_at_eos=False))
             times = m.engine.times
             runs.append((times.prefill, times.prefill + sum(times.decode)))
+            assert times.shared == (0 if args.no_share or batch == 1 else args.shared_prefix), times.shared
         flags, dtype, kept = m.policy.flags(), str(m.dtype).removeprefix("torch."), m.kept_as_stored
         groups, types = kept_groups(m.policy, model_path(args)), m.source_quantized
     system = "flexgen-lite 4-bit" if compress else "flexgen-lite"
@@ -207,7 +229,8 @@ def call_worker(args, system: str, batch: int, compress: bool = False) -> dict:
     argv = [sys.executable, __file__, "--worker", system, "--worker-batch", str(batch),
             "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--threads", str(args.threads),
             "--repeat", str(args.repeat), "--seed", str(args.seed), "--n-batch", str(args.n_batch),
-            "--n-ubatch", str(args.n_ubatch)]
+            "--n-ubatch", str(args.n_ubatch), "--shared-prefix", str(args.shared_prefix)]
+    argv += ["--no-share"] if args.no_share else []
     argv += ["--model", args.model] if args.model else []
     argv += ["--dtype", args.dtype] if args.dtype else []
     argv += ["--worker-compress"] if compress else []
