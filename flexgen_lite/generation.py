@@ -13,10 +13,11 @@ from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, PolicyError, split_counts
 from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
-from .engine.weights import place_weights, planned_bytes
+from .engine.weights import on_cpu, place_weights, planned_bytes
 from .kernels.sampling import SamplingConfig, row_generators
 from .model_source import (
     compression_notice,
+    ends_notice,
     for_model,
     kept_as_stored,
     kept_groups,
@@ -67,11 +68,14 @@ class FlexGenLite:
         if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized,
                                          self.kept_as_stored, kept_groups(self.policy, model))) is not None:
             print(notice, file=sys.stderr)
+        if self.policy.compress_weight and on_cpu(self.device):
+            print(f"note: on a CPU, {ends_notice(model)}", file=sys.stderr)
         self.dtype = compute_dtype(self.policy, self.device.device.type)
         keep_freed_memory()
         specs = layer_specs(self.config)
         compression = self.policy.weight_compression()
-        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression), self.device,
+        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression,
+                                 on_cpu(self.device)), self.device,
                    self.policy.offload_dir, f"the weights of {self.config.name}")
         if self.budgets is not None:
             self._check_budgets(workload or Workload(1, 1), "the policy")

@@ -45,6 +45,20 @@ def source_quantization(model: str) -> list[str]:
     return quantized_types(model)
 
 
+def ends_notice(model: str) -> str:
+    """What --compress-weight on a CPU does to the embedding and head (weights.in_8_bits): kept where a GGUF
+    stores them as Q8_0, else rounded to 8 bits."""
+    types = set()
+    if Path(model).suffix == ".gguf":
+        from .models.gguf_file import gguf_tensors
+
+        types = {t.tensor_type.name for name, (t, _) in gguf_tensors(model).items()
+                 if name in ("model.embed_tokens.weight", "lm_head.weight")}
+    if types == {"Q8_0"}:
+        return "the embedding and head kept in 8 bits as the file stores them (Q8_0)"
+    return "the embedding and head rounded to 8 bits (groups of 32, about 0.2% of each group's largest)"
+
+
 def stored_groups(model: str) -> bool:
     """Whether the model is a GGUF whose decoder matrices are all Q4_0/Q4_1: 4-bit groups of 32 that compressed
     weights keep as they are (weights.STORED_GROUPS)."""

@@ -125,8 +125,10 @@ def _write_tiny_llama(
     rope_freqs: np.ndarray | None = None,
     tied: bool = False,
     raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
+    ends_type: gguf.GGMLQuantizationType | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a 1-layer Llama GGUF (hidden 64, 4 heads, 2 kv heads); return the HF weights."""
+    """Write a 1-layer Llama GGUF (hidden 64, 4 heads, 2 kv heads); return the HF weights. ends_type: the
+    embedding's and head's type, where not weight_type's."""
     hidden, n_head, n_kv, ffn, vocab = 64, 4, 2, 96, 32
     head_dim = hidden // n_head
     rng = np.random.default_rng(0)
@@ -184,6 +186,8 @@ def _write_tiny_llama(
         elif hf_name.endswith("k_proj.weight"):
             w = _llama_cpp_permute(w, n_kv)
         qtype = weight_type if w.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if ends_type is not None and gguf_names[hf_name] in ("token_embd.weight", "output.weight"):
+            qtype = ends_type
         if raw and gguf_names[hf_name] in raw:
             data, qtype = raw[gguf_names[hf_name]]
             writer.add_tensor(gguf_names[hf_name], data, raw_dtype=qtype)

@@ -30,7 +30,7 @@ SPREAD = dataclasses.replace(FP32, weight_gpu_percent=30, weight_cpu_percent=30)
 @pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1])
 def tiny_q4(request, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("q4") / f"tiny-{request.param.name}.gguf"
-    _write_tiny_llama(path, weight_type=request.param)
+    _write_tiny_llama(path, weight_type=request.param, ends_type=Q.Q8_0)  # as llama.cpp's Q4_0 files: Q8_0 ends
     return str(path)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.engine import weights
 from flexgen_lite.engine.activations import Activations
 from flexgen_lite.engine.kv_cache import KVCache
 from flexgen_lite.engine.storage import PAGE, DiskStore, MemoryLedger, Staging
@@ -208,9 +209,11 @@ def test_a_failed_activation_write_surfaces_at_its_read(tmp_path, monkeypatch):
     disk.close()
 
 
-def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models):
+def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models, monkeypatch):
     """Every tier, 4-bit weights and cache: the copies and layouts change no value (fp32: a CPU's bf16 run
-    would multiply its 4-bit weights with the int4 kernel, which a GPU does not have)."""
+    would multiply its 4-bit weights with the int4 kernel, which a GPU does not have; and its embedding and head
+    are kept dense here, which a CPU would hold in 8 bits)."""
+    monkeypatch.setattr(weights, "EIGHT_BIT", ())
     policy = Policy(gpu_batch_size=2, num_gpu_batches=3, weight_gpu_percent=30, weight_cpu_percent=30,
                     cache_gpu_percent=30, cache_cpu_percent=40, act_gpu_percent=30, act_cpu_percent=30,
                     dtype="float32", compress_weight=True, compress_cache=True)

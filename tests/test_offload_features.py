@@ -12,6 +12,7 @@ from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.engine.kv_cache import QuantizedStore, Store
 from flexgen_lite.kernels.attention import attend
 from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quantize
+from flexgen_lite.kernels.int8_weight import Int8Weight
 
 from .conftest import PROMPTS, hf_greedy
 from .test_parity import LOGITS_ATOL, POLICIES, P
@@ -102,12 +103,14 @@ def test_sparsity_one_equals_dense_and_below_one_changes_output(tiny_models):
 # ---- compression --------------------------------------------------------------------------------
 
 def fake_quantized(model, config: CompressionConfig):
-    """A copy of a transformers model whose decoder layers' 2-D weights went through quantize -> dequantize
-    (the embeddings and the head are not compressed: weights.matrix_compression)."""
+    """A copy of a transformers model whose decoder layers' 2-D weights went through quantize -> dequantize, and
+    its token embedding and head through 8-bit groups (weights.in_8_bits: on a CPU; positions are not rounded)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            if p.dim() == 2 and ("embed_tokens" in name or "lm_head" in name):
+                p.copy_(Int8Weight.quantize(p.data).dequantize())
+            elif p.dim() == 2 and "embed" not in name:
                 p.copy_(dequantize(quantize(p.data, config), torch.float32))
     return model
 
@@ -132,7 +135,8 @@ def quantized_references(tiny_models):
 def test_compressed_weights_equal_transformers_on_the_same_quantized_weights(tiny_models, quantized_references,
                                                                              family, percent):
     """Weights are quantized once and decompressed exactly: output equals transformers running the
-    quantize->dequantize of the same weights, whichever tiers hold the codes."""
+    quantize->dequantize of the same weights, whichever tiers hold the codes; the embedding and head in 8 bits
+    (their lookups and products by int8_weight's kernels) equal transformers' on the 8-bit values."""
     model_dir = tiny_models[family][0]
     for group_dim in (0, 1):
         ref_ids, ref_logits = quantized_references(family, group_dim)

@@ -17,6 +17,9 @@ from ..kernels.compression import (
     to_bytes,
 )
 from ..kernels.int4_matmul import Int4Weight, eligible, pack, quantize_packed
+from ..kernels.int8_weight import Int8Weight, int8_nbytes
+from ..kernels.int8_weight import fits as int8_fits
+from ..models.checkpoint import check_finite
 from ..models.config import ModelError
 from ..models.specs import LayerSpec, WeightSpec
 from ..system.devices import ComputeDevice
@@ -37,6 +40,17 @@ class WeightSource:
 
     def groups(self, spec: WeightSpec, compression: CompressionConfig) -> QuantizedTensor | None:
         return None
+
+    def int8(self, spec: WeightSpec, dtype: torch.dtype) -> Int8Weight:
+        """The matrix in 8 bits: as the source stores it where that is Q8_0, else rounded here, 64 MiB of fp32
+        rows at a time (a 128,256 x 4096 head is 2 GB in fp32; its rounding's temporaries stay small)."""
+        (n, k), out = spec.shape, Int8Weight.empty(spec.shape, dtype)
+        step = max(1, (64 << 20) // (4 * k))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            part = Int8Weight.quantize(self.read(spec, start, stop))
+            out.codes[start:stop], out.scale[start:stop] = part.codes, part.scale
+        return out
 
 
 class CheckpointSource(WeightSource):
@@ -85,6 +99,19 @@ class GGUFSource(WeightSource):
         codes, scale, minimum = found
         pairs = codes.reshape(-1, 2)
         return QuantizedTensor(pairs[:, 0] | (pairs[:, 1] << 4), scale, minimum, tuple(codes.shape), compression)
+
+    def int8(self, spec: WeightSpec, dtype: torch.dtype) -> Int8Weight:
+        """A Q8_0 matrix as stored, bit for bit (the head and embedding of many files); others rounded here."""
+        from ..models.gguf_reader import q8_0_blocks
+
+        entry = self.plan.get(spec.hf_name)
+        blocks = q8_0_blocks(entry[0]) if entry is not None and entry[1] is None else None
+        if blocks is None:
+            return super().int8(spec, dtype)
+        entry[0].release()
+        weight = Int8Weight.from_q8_0(blocks, spec.shape, dtype)
+        check_finite(weight.scale.float(), f"the GGUF tensor {entry[0].name!r}")
+        return weight
 
 
 class DummySource(WeightSource):
@@ -145,6 +172,24 @@ def matrix_compression(kind: str, shape: tuple[int, ...],
     own groups (STORED_GROUPS) by 5% with them rounded, 0% without. They live in compute memory, a small share
     of a large model's bytes (OPT-175B: 1.4% in fp16)."""
     return compression if kind in DECODER_KINDS and len(shape) >= 2 else None
+
+
+EIGHT_BIT = ("tokens", "lm_head")  # the embedding and head: in 8 bits where weights are compressed on a CPU
+
+
+def in_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu: bool) -> bool:
+    """Whether a weight is stored in 8 bits (int8_weight.py): the embedding and the head when weights are
+    compressed and computed on a CPU (`cpu`; not across a link), where a step of a few rows reads the head whole
+    (kept in the compute dtype, a 128,256-word head is half a 1B model's 4-bit step)."""
+    return compression is not None and cpu and spec.name in EIGHT_BIT and int8_fits(spec.shape)
+
+
+def weight_nbytes(spec: WeightSpec, kind: str, dtype: torch.dtype, compression: CompressionConfig | None,
+                  cpu: bool) -> int:
+    """Bytes of a weight of a layer of `kind` as placed (`cpu`: computed on a CPU, not across a link)."""
+    if in_8_bits(spec, compression, cpu):
+        return int8_nbytes(spec.shape)
+    return stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec.shape, compression))
 
 
 def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: CompressionConfig | None) -> int:
@@ -222,8 +267,13 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
                  file: DiskFile | None = None, offset: int = 0, decoder: bool = False,
                  arena: HostArena | None = None) -> StoredWeight:
     """Read one weight from `source` into its home tier (compressing a matrix once, here, when
-    `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix); a
-    disk-homed one into `file` at `offset`; a cpu-homed one across the link into a view of `arena`."""
+    `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix; the embedding
+    and head in 8 bits on a CPU); a disk-homed one into `file` at `offset`; a cpu-homed one across the link into a
+    view of `arena`."""
+    if tier == "gpu" and in_8_bits(spec, compression, on_cpu(device)):
+        data = source.int8(spec, dtype)
+        ledger.add(tier, data.nbytes)
+        return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)
     rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 and decoder else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
     int4 = decoder and dtype != torch.float32 and not device.host_is_separate and \
@@ -275,6 +325,11 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     return weight
 
 
+def on_cpu(device: ComputeDevice) -> bool:
+    """Whether `device` computes on a CPU with its host RAM (not across a link)."""
+    return device.device.type == "cpu" and not device.host_is_separate
+
+
 def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype: torch.dtype,
                   device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
                   compression: CompressionConfig | None = None, progress=None) -> list[dict[str, StoredWeight]]:
@@ -322,12 +377,13 @@ def weight_bytes(layers: list[dict[str, StoredWeight]], tier: str) -> int:
 
 
 def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
-                  compression: CompressionConfig | None = None) -> dict[str, int]:
-    """Bytes per tier that placing these weights by `percents` will take (tied weights once)."""
+                  compression: CompressionConfig | None = None, cpu: bool = False) -> dict[str, int]:
+    """Bytes per tier that placing these weights by `percents` will take (tied weights once; `cpu`: computed on a
+    CPU, not across a link)."""
     out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
     specs = {s.hf_name: (layer.kind, s) for layer in layers for s in layer.weights}
     for hf_name, tier in weight_tiers(layers, percents, dtype, compression).items():
         kind, spec = specs[hf_name]
-        nbytes = stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec.shape, compression))
+        nbytes = weight_nbytes(spec, kind, dtype, compression, cpu)
         out[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
     return out

@@ -183,6 +183,14 @@ def groups_of_32(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return codes.reshape(rows, cols), scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
 
 
+def q8_0_blocks(t: GGUFTensor) -> torch.Tensor | None:
+    """A Q8_0 matrix's blocks as stored (rows * cols / 32, 34 bytes: fp16 scale, 32 int8 codes), copied out of the
+    mapping; None for other types."""
+    if t.tensor_type != GGMLQuantizationType.Q8_0 or len(t.shape) != 2:
+        return None
+    return _blocks(t).clone()
+
+
 def _groups(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _block_groups(_blocks(t), t.tensor_type)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..kernels import elementwise
 from ..kernels.int4_matmul import Int4Weight
+from ..kernels.int8_weight import Int8Weight
 from ..kernels.small_matmul import linear as dense_linear
 from ..kernels.small_matmul import linears as dense_linears
 from .config import ModelConfig
@@ -55,7 +56,8 @@ def linears(x: torch.Tensor, w: dict, names: tuple[str, ...]) -> list[torch.Tens
 
 def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Token ids (B, T) and positions (B, T) -> hidden states (B, T, hidden)."""
-    h = F.embedding(ids, w["tokens"])
+    tokens = w["tokens"]
+    h = tokens.embedding(ids) if isinstance(tokens, Int8Weight) else F.embedding(ids, tokens)
     if "project_in" in w:
         h = F.linear(h, w["project_in"])
     if config.positions == "learned":
@@ -185,4 +187,5 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         h = norm(h, w, config)
     if "project_out" in w:
         h = F.linear(h, w["project_out"])
-    return dense_linear(h, w["lm_head"]).float()
+    head = w["lm_head"]
+    return (head.matmul(h) if isinstance(head, Int8Weight) else dense_linear(h, head)).float()

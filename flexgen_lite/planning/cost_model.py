@@ -25,9 +25,10 @@ from ..engine.block import MIN_SHARED
 from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
 from ..engine.decode_graph import graphs_wanted
 from ..engine.policy import Policy
-from ..engine.weights import DECODER_KINDS
+from ..engine.weights import DECODER_KINDS, in_8_bits
 from ..kernels.int4_cost import int4_cost
 from ..kernels.int4_matmul import layout_fits
+from ..kernels.int8_weight import GEMV_ROWS, int8_nbytes
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec, matmuls
 from ..system.hardware import HardwareProfile
@@ -132,7 +133,7 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
     dense = [(k, n) for k, n in linears if not kernel_weight(s, kind, (n, k))]
-    dense_s = sum(hw.matmul_time(s.dname, rows, k, n) for k, n in dense)
+    dense_s = sum(_dense_time(s, kind, rows, k, n) for k, n in dense)
     seg.add("compute", nb * (dense_s + passes[kind] / bw), waits=False)
     _int4_matmuls(s, seg, kind, rows, linears, nb)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
@@ -148,6 +149,19 @@ def shared_positions(s: Setup) -> int:
     """Prompt positions the prefill computes once per block (the engine shares MIN_SHARED or more)."""
     shared = s.workload.shared_len
     return shared if s.policy.share_prefix and shared >= MIN_SHARED else 0
+
+
+def _dense_time(s: Setup, kind: str, rows: int, k: int, n: int) -> float:
+    """A product by a weight in the compute dtype; the head in 8 bits (int8_weight) reads half (bf16) or a quarter
+    (fp32) of the bytes where its C kernel runs (a read of the weight: a few rows), and is dequantized by tiles
+    and multiplied dense otherwise."""
+    hw, head = s.hw, next((w for w in s.kinds[kind].weights if w.name == "lm_head"), None)
+    seconds = hw.matmul_time(s.dname, rows, k, n)
+    if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, not s.cuda):
+        return seconds
+    if rows <= GEMV_ROWS and hw.gemv_wins(s.dname, rows, k, n):
+        return seconds * int8_nbytes((n, k)) / (n * k * s.e)
+    return seconds + n * k / hw.dequantize[s.dname]
 
 
 def _prefill_compute(s: Setup, kind: str) -> Seg:

@@ -11,7 +11,8 @@ from ..engine.block import common_prefix
 from ..engine.kv_cache import cache_bytes_per_token
 from ..engine.policy import Policy, PolicyError, split_counts
 from ..engine.storage import TIERS, page_aligned
-from ..engine.weights import DECODER_KINDS, stored_nbytes, weight_tiers
+from ..engine.weights import DECODER_KINDS, in_8_bits, stored_nbytes, weight_tiers
+from ..kernels.int8_weight import int8_nbytes
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec, WeightSpec, layer_specs
 from ..system.hardware import HardwareProfile
@@ -92,7 +93,10 @@ class Setup:
         return self.wcomp is not None and len(spec.shape) >= 2 and spec.hf_name in self.decoder_names
 
     def tensor_bytes(self, spec: WeightSpec) -> int:
-        """Bytes of a weight as stored (4-bit codes when compressed), as weights.place_tensor stores it."""
+        """Bytes of a weight as stored (4-bit codes when compressed; on a CPU the embedding and head then in 8
+        bits), as weights.place_tensor stores it."""
+        if in_8_bits(spec, self.wcomp, not self.cuda):
+            return int8_nbytes(spec.shape)
         return stored_nbytes(spec.shape, self.dtype, self.wcomp if self.compressed(spec) else None)
 
 

@@ -9,6 +9,8 @@ import torch
 from ..engine.kv_cache import batch_parts, component_specs
 from ..engine.policy import Policy
 from ..engine.storage import TIERS
+from ..engine.weights import in_8_bits
+from ..kernels.int8_weight import int8_nbytes
 from ..models.config import ModelConfig
 from ..system.host_memory import padded
 from .layout import Layout, Setup, Workload
@@ -72,6 +74,8 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
         load = max(load, numel * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
+        if in_8_bits(sp, s.wcomp, not s.cuda):  # the source's fp32 rows (a GGUF's whole), codes beside them
+            load = max(load, numel * 4 + int8_nbytes(sp.shape))
     cpu["load"] = load
     cpu["reserve"] = RESERVE
     return {"gpu": gpu, "cpu": cpu, "disk": disk}

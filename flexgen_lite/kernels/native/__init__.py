@@ -31,7 +31,7 @@ import torch
 from ...system import paths
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c", "elementwise.c",
-                                                          "decode_layer.c")]
+                                                          "decode_layer.c", "int8.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h")]  # included: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
@@ -152,6 +152,13 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                         ("decode_silu_mul", [ptr, ptr, i32, i64, ptr, i32, i64, i64])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, types
+    i8 = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.int8_gemv_takes_bf16.restype, lib.int8_gemv_takes_bf16.argtypes = ctypes.c_int, []
+    for name, types in (("int8_gemv", i8 + [i64, i64]), ("int8_gemv_team", i8 + [i32]),
+                        ("int8_dequantize", [ptr, ptr, i64, ptr, i32, i64, i64]),
+                        ("int8_dequantize_team", [ptr, ptr, i64, i64, i64, ptr, i32, i32])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, types
     lib.prefill_available.restype, lib.prefill_available.argtypes = ctypes.c_int, [ctypes.c_int]
     lib.decode_layer_exp_lanes.restype, lib.decode_layer_exp_lanes.argtypes = ctypes.c_int, []
     lib.decode_layer_scratch.restype, lib.decode_layer_scratch.argtypes = ctypes.c_int64, [ptr]
@@ -246,6 +253,48 @@ def dense_gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
                 y.data_ptr())
         parallel(lambda n0, n1, args=args: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
     return outs
+
+
+def int8_gemv(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """x (rows, K) @ W.T in x's dtype (fp32 sums) for 8-bit W (codes int8 (N, K), fp16 scales (N, K / 32)), each
+    weight row read once (int8.c); None when the kernel cannot do it here."""
+    lib, kind = library(), OUT_KIND.get(x.dtype)
+    if lib is None or kind is None or x.dim() != 2 or not _int8_fits(codes, scale) or x.shape[1] != codes.shape[1] \
+            or x.device.type != "cpu":
+        return None
+    (n, k), rows = codes.shape, x.shape[0]
+    x, out = x.contiguous(), torch.empty(rows, n, dtype=x.dtype)
+    as_is = x.dtype == torch.bfloat16 and lib.int8_gemv_takes_bf16()
+    xf = None if as_is else x.float().contiguous()
+    args = (codes.data_ptr(), scale.data_ptr(), n, k, 0 if as_is else xf.data_ptr(), x.data_ptr() if as_is else 0,
+            rows, out.data_ptr(), kind)
+    if team_threads():
+        lib.int8_gemv_team(*args, team_threads())
+    else:
+        parallel(lambda n0, n1: lib.int8_gemv(*args, n0, n1), n, cost=rows * n * k)
+    return out
+
+
+def int8_dequantize(codes: torch.Tensor, scale: torch.Tensor, n0: int, n1: int, out: torch.Tensor) -> bool:
+    """Rows [n0, n1) of 8-bit W into `out` ((n1 - n0, K), its dtype); False when the kernel cannot do it here."""
+    lib, kind = library(), OUT_KIND.get(out.dtype)
+    if lib is None or kind is None or not _int8_fits(codes, scale) or not out.is_contiguous() \
+            or out.shape != (n1 - n0, codes.shape[1]):
+        return False
+    k = codes.shape[1]
+    if team_threads():
+        lib.int8_dequantize_team(codes.data_ptr(), scale.data_ptr(), n0, n1, k, out.data_ptr(), kind, team_threads())
+        return True
+    row_bytes = k * out.element_size()
+    parallel(lambda a, b: lib.int8_dequantize(codes.data_ptr(), scale.data_ptr(), k, out.data_ptr() + a * row_bytes,
+                                              kind, n0 + a, n0 + b), n1 - n0, cost=(n1 - n0) * k)
+    return True
+
+
+def _int8_fits(codes: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (codes.dtype == torch.int8 and scale.dtype == torch.float16 and codes.dim() == 2 and codes.is_contiguous()
+            and scale.is_contiguous() and codes.device.type == "cpu" and codes.shape[1] % 32 == 0
+            and scale.shape == (codes.shape[0], codes.shape[1] // 32))
 
 
 def team_threads() -> int:

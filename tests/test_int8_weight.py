@@ -1,0 +1,88 @@
+"""The embedding and head in 8 bits on a CPU (kernels/int8_weight.py, native/int8.c): the rounding's bound, a GGUF's
+Q8_0 kept bit for bit, the C kernel and the tiles against a dense product of the same values, the placement and
+the memory plan. Generation against transformers on the same 8-bit values: test_offload_features."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.kernels import native
+from flexgen_lite.kernels.int8_weight import GROUP, Int8Weight, int8_nbytes
+from flexgen_lite.models.gguf_file import default_model_path, gguf_tensors, read_gguf_tensor
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.memory_plan import peak_memory
+
+from .conftest import PROMPTS
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="the C kernels are not built here")
+
+
+def test_rounding_is_within_half_a_step_of_each_group():
+    w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different sizes
+    w[3, :GROUP] = 0  # a group of zeros stays zeros
+    q = Int8Weight.quantize(w)
+    step = q.scale.float().repeat_interleave(GROUP, 1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-3 * step).all()
+    assert (q.dequantize()[3, :GROUP] == 0).all() and q.codes.abs().max() <= 127
+    assert q.nbytes == int8_nbytes((64, 96)) == 64 * 96 + 64 * 3 * 2
+
+
+def test_q8_0_is_kept_bit_for_bit():
+    w = np.random.default_rng(0).standard_normal((48, 128)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    want = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+    q = Int8Weight.from_q8_0(torch.from_numpy(blocks.view(np.uint8)), (48, 128))
+    assert torch.equal(q.dequantize(), torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 40])
+def test_products_equal_a_dense_product_of_the_same_values(dtype, rows):
+    """The C kernel (any rows; the engine takes it up to GEMV_ROWS where the profile says) and the tiles (more
+    rows) against x @ W.T on the dequantized values: fp32 sums in another order; bf16 rows multiply values
+    rounded to bf16, as the tiles' dense product does."""
+    g = torch.Generator().manual_seed(rows)
+    q = Int8Weight.quantize(torch.randn(200, 256, generator=g) * 0.05, dtype)
+    x = torch.randn(rows, 256, generator=g).to(dtype)
+    want = x.float() @ q.dequantize(dtype).float().T
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(native.int8_gemv(q.codes, q.scale, x).float(), want, **tol)
+    torch.testing.assert_close(q.matmul(x.view(1, rows, 256)).float()[0], want, **tol)
+    ids = torch.tensor([[5, 0, 199], [7, 7, 1]])
+    assert torch.equal(q.embedding(ids), q.dequantize(torch.float32)[ids].to(dtype))
+
+
+def test_compressed_weights_keep_a_gguf_q8_0_embedding_as_stored():
+    """SmolLM2's file stores its (tied) embedding as Q8_0: with --compress-weight on a CPU it is kept as the file
+    holds it, and the model, 4-bit decoder included, is the file's own."""
+    path = default_model_path()
+    policy = Policy(gpu_batch_size=2, dtype="float32", compress_weight=True)
+    with FlexGenLite(path, policy=policy) as m:
+        tokens = m.engine.weights[0]["tokens"]
+        assert isinstance(tokens.data, Int8Weight) and m.engine.weights[-1]["lm_head"] is tokens
+        assert torch.equal(tokens.data.dequantize(), read_gguf_tensor(gguf_tensors(path)["model.embed_tokens.weight"]))
+        ids = m.generate_ids([[1, 504, 3458, 282]], SamplingConfig(max_new_tokens=4, stop_at_eos=False))
+    assert len(ids[0]) == 4
+
+
+def test_placement_and_plan_count_the_8_bit_ends(tiny_models):
+    """The ledger's bytes in compute memory equal the plan's, 8-bit ends included; across a link (a GPU's
+    paths) the ends stay in the compute dtype."""
+    model_dir = tiny_models["llama"][0]
+    policy = Policy(gpu_batch_size=2, dtype="bfloat16", compress_weight=True)
+    with FlexGenLite(str(model_dir), policy=policy) as m:
+        ends = [m.engine.weights[0]["tokens"], m.engine.weights[-1]["lm_head"]]
+        assert all(isinstance(t.data, Int8Weight) for t in ends)
+        placed = m.memory_report()["current"]["gpu"]
+        ids = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+        plan, _ = peak_memory(m.config, Workload(8, 3), policy, cuda=False)
+    assert plan["gpu"]["weights"] == placed
+    with FlexGenLite(str(model_dir), policy=dataclasses.replace(policy, dtype="float32"), device="cpu+link") as m:
+        assert not isinstance(m.engine.weights[-1]["lm_head"].data, Int8Weight)
+    assert all(len(i) == 3 for i in ids)
