@@ -31,6 +31,7 @@ Q = gguf.GGMLQuantizationType
 FP16_FIELDS = {Q.Q5_0: ((0,), 5e-3), Q.Q5_1: ((0, 2), 3e-3), Q.Q2_K: ((80, 82), 2e-3), Q.Q3_K: ((108,), 5e-4),
                Q.Q4_K: ((0, 2), 1e-4), Q.Q5_K: ((0, 2), 5e-5), Q.Q6_K: ((208,), 1e-5), Q.IQ4_NL: ((0,), 5e-4),
                Q.IQ4_XS: ((0,), 1e-5)}
+OTHER_FIELDS = {Q.Q8_0: ((0,), 4e-4)}  # types gguf_reader reads itself, for files' embeddings and heads
 LOGITS_ATOL = 2e-4  # fp32 on both sides, as test_parity
 PROMPTS = [[3, 7, 11, 4, 5], [9, 4, 13], [6, 6, 8, 10, 12, 14, 20, 30]]  # no 1: hf_greedy's pad id
 
@@ -39,7 +40,7 @@ def random_blocks(kind, rows: int, cols: int, rng: np.random.Generator) -> np.nd
     """Random bytes in `kind`'s layout for a (rows, cols) matrix, with finite fp16 factors of a modest size."""
     block, size = gguf.GGML_QUANT_SIZES[kind]
     data = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    offsets, scale = FP16_FIELDS[kind]
+    offsets, scale = {**FP16_FIELDS, **OTHER_FIELDS}[kind]
     for at in offsets:
         factor = rng.uniform(0.2, 1.0, size=len(data)) * scale * rng.choice([-1, 1], size=len(data))
         data[:, at:at + 2] = factor.astype(np.float16).view(np.uint8).reshape(-1, 2)
@@ -228,7 +229,7 @@ def test_compressed_q4_k_only_file_is_within_fp16_rounding_of_the_file(tmp_path:
     """Every decoder matrix Q4_K, compressed: the same tokens, logits ~1e-4 from the uncompressed model's (the
     groups' fp16 scales), where rounding the same weights again into groups of 64 moves them ~45x as far."""
     path = tmp_path / "tiny-q4k.gguf"
-    write_mixed_llama(path, (Q.Q4_K, Q.Q4_K, Q.Q4_K, Q.Q6_K))
+    write_mixed_llama(path, (Q.Q4_K, Q.Q4_K, Q.Q8_0, Q.Q8_0))  # Q8_0 ends: kept as stored (int8_weight) too
     base = Policy(gpu_batch_size=3, num_gpu_batches=1, weight_gpu_percent=50, weight_cpu_percent=50, dtype="float32")
     runs, far = runs_of(path, base)
     assert runs["kept"][0] == runs["plain"][0]

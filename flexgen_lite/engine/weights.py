@@ -170,7 +170,7 @@ def matrix_compression(kind: str, shape: tuple[int, ...],
     and the head stay in the compute dtype, as GPTQ, AWQ and llama.cpp keep them (FlexGen rounds them too):
     on SmolLM2-135M, 4-bit groups of 64 raised perplexity by 41% with them rounded, 28% without; a Q4_1 file's
     own groups (STORED_GROUPS) by 5% with them rounded, 0% without. They live in compute memory, a small share
-    of a large model's bytes (OPT-175B: 1.4% in fp16)."""
+    of a large model's bytes (OPT-175B: 1.4% in fp16). On a CPU the embedding and head go to 8 bits (in_8_bits)."""
     return compression if kind in DECODER_KINDS and len(shape) >= 2 else None
 
 
