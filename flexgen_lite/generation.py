@@ -13,7 +13,7 @@ from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, PolicyError, split_counts
 from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
-from .engine.weights import on_cpu, place_weights, planned_bytes
+from .engine.weights import in_8_bits, on_cpu, place_weights, planned_bytes
 from .kernels.sampling import SamplingConfig, row_generators
 from .model_source import (
     compression_notice,
@@ -68,15 +68,15 @@ class FlexGenLite:
         if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized,
                                          self.kept_as_stored, kept_groups(self.policy, model))) is not None:
             print(notice, file=sys.stderr)
-        if self.policy.compress_weight and on_cpu(self.device):
-            print(f"note: on a CPU, {ends_notice(model)}", file=sys.stderr)
         self.dtype = compute_dtype(self.policy, self.device.device.type)
         keep_freed_memory()
         specs = layer_specs(self.config)
         compression = self.policy.weight_compression()
-        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression,
-                                 on_cpu(self.device)), self.device,
-                   self.policy.offload_dir, f"the weights of {self.config.name}")
+        cpu_rows = self.policy.gpu_batch_size if on_cpu(self.device) else 0  # weights.in_8_bits
+        if any(in_8_bits(w, compression, cpu_rows) for layer in specs for w in layer.weights):
+            print(f"note: decode steps of {cpu_rows} row(s) on a CPU: {ends_notice(model)}", file=sys.stderr)
+        check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression, cpu_rows),
+                   self.device, self.policy.offload_dir, f"the weights of {self.config.name}")
         if self.budgets is not None:
             self._check_budgets(workload or Workload(1, 1), "the policy")
         self.ledger = MemoryLedger()
@@ -84,7 +84,7 @@ class FlexGenLite:
         try:
             report = (lambda i, n: progress(f"placing weights: layer {i}/{n}")) if progress else None
             weights = place_weights(specs, self.policy.percents("weight"), source, self.dtype, self.device,
-                                    self.disk, self.ledger, self.policy.pin_weight, compression, report)
+                                    self.disk, self.ledger, self.policy.pin_weight, compression, report, cpu_rows)
         except BaseException:
             self.disk.close()
             raise

@@ -13,7 +13,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.kernels import native
-from flexgen_lite.kernels.int8_weight import GROUP, Int8Weight, int8_nbytes
+from flexgen_lite.kernels.int8_weight import GEMV_ROWS, GROUP, Int8Weight, int8_nbytes
 from flexgen_lite.models.gguf_file import default_model_path, gguf_tensors, read_gguf_tensor
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.memory_plan import peak_memory
@@ -73,7 +73,7 @@ def test_compressed_weights_keep_a_gguf_q8_0_embedding_as_stored():
 
 def test_placement_and_plan_count_the_8_bit_ends(tiny_models):
     """The ledger's bytes in compute memory equal the plan's, 8-bit ends included; across a link (a GPU's
-    paths) the ends stay in the compute dtype."""
+    paths), and for batches past GEMV_ROWS, the ends stay in the compute dtype."""
     model_dir = tiny_models["llama"][0]
     policy = Policy(gpu_batch_size=2, dtype="bfloat16", compress_weight=True)
     with FlexGenLite(str(model_dir), policy=policy) as m:
@@ -85,4 +85,9 @@ def test_placement_and_plan_count_the_8_bit_ends(tiny_models):
     assert plan["gpu"]["weights"] == placed
     with FlexGenLite(str(model_dir), policy=dataclasses.replace(policy, dtype="float32"), device="cpu+link") as m:
         assert not isinstance(m.engine.weights[-1]["lm_head"].data, Int8Weight)
+    wide = dataclasses.replace(policy, gpu_batch_size=GEMV_ROWS + 1)  # products that compute: the head stays dense
+    with FlexGenLite(str(model_dir), policy=wide) as m:
+        assert not isinstance(m.engine.weights[-1]["lm_head"].data, Int8Weight)
+        assert peak_memory(m.config, Workload(8, 3), wide, cuda=False)[0]["gpu"]["weights"] == \
+            m.memory_report()["current"]["gpu"]
     assert all(len(i) == 3 for i in ids)

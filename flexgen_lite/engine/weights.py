@@ -17,7 +17,7 @@ from ..kernels.compression import (
     to_bytes,
 )
 from ..kernels.int4_matmul import Int4Weight, eligible, pack, quantize_packed
-from ..kernels.int8_weight import Int8Weight, int8_nbytes
+from ..kernels.int8_weight import GEMV_ROWS, Int8Weight, int8_nbytes
 from ..kernels.int8_weight import fits as int8_fits
 from ..models.checkpoint import check_finite
 from ..models.config import ModelError
@@ -177,17 +177,20 @@ def matrix_compression(kind: str, shape: tuple[int, ...],
 EIGHT_BIT = ("tokens", "lm_head")  # the embedding and head: in 8 bits where weights are compressed on a CPU
 
 
-def in_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu: bool) -> bool:
+def in_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu_rows: int) -> bool:
     """Whether a weight is stored in 8 bits (int8_weight.py): the embedding and the head when weights are
-    compressed and computed on a CPU (`cpu`; not across a link), where a step of a few rows reads the head whole
-    (kept in the compute dtype, a 128,256-word head is half a 1B model's 4-bit step)."""
-    return compression is not None and cpu and spec.name in EIGHT_BIT and int8_fits(spec.shape)
+    compressed and a CPU (not across a link) computes decode steps of `cpu_rows` rows (the policy's GPU batch; 0:
+    not a CPU) up to int8_weight.GEMV_ROWS, where a step reads the head whole (kept in the compute dtype, a
+    128,256-word head is half a 1B model's 4-bit step) and the 8-bit kernel reads half of it; at more rows the
+    products compute, and dequantizing the head every step would cost more than reading it dense."""
+    return (compression is not None and 0 < cpu_rows <= GEMV_ROWS and spec.name in EIGHT_BIT
+            and int8_fits(spec.shape))
 
 
 def weight_nbytes(spec: WeightSpec, kind: str, dtype: torch.dtype, compression: CompressionConfig | None,
-                  cpu: bool) -> int:
-    """Bytes of a weight of a layer of `kind` as placed (`cpu`: computed on a CPU, not across a link)."""
-    if in_8_bits(spec, compression, cpu):
+                  cpu_rows: int) -> int:
+    """Bytes of a weight of a layer of `kind` as placed (cpu_rows: in_8_bits)."""
+    if in_8_bits(spec, compression, cpu_rows):
         return int8_nbytes(spec.shape)
     return stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec.shape, compression))
 
@@ -265,12 +268,12 @@ class StoredWeight:
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
                  file: DiskFile | None = None, offset: int = 0, decoder: bool = False,
-                 arena: HostArena | None = None) -> StoredWeight:
+                 arena: HostArena | None = None, cpu_rows: int = 0) -> StoredWeight:
     """Read one weight from `source` into its home tier (compressing a matrix once, here, when
     `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix; the embedding
     and head in 8 bits on a CPU); a disk-homed one into `file` at `offset`; a cpu-homed one across the link into a
-    view of `arena`."""
-    if tier == "gpu" and in_8_bits(spec, compression, on_cpu(device)):
+    view of `arena`. cpu_rows: in_8_bits."""
+    if tier == "gpu" and in_8_bits(spec, compression, cpu_rows if on_cpu(device) else 0):
         data = source.int8(spec, dtype)
         ledger.add(tier, data.nbytes)
         return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)
@@ -332,7 +335,8 @@ def on_cpu(device: ComputeDevice) -> bool:
 
 def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype: torch.dtype,
                   device: ComputeDevice, disk: DiskStore, ledger: MemoryLedger, pin: bool,
-                  compression: CompressionConfig | None = None, progress=None) -> list[dict[str, StoredWeight]]:
+                  compression: CompressionConfig | None = None, progress=None,
+                  cpu_rows: int = 0) -> list[dict[str, StoredWeight]]:
     """Every layer's weights by canonical name, on the tiers `weight_tiers` gives them. Tied weights (same
     checkpoint name) are stored once. A layer's disk-homed weights are one file, each at a page-aligned
     offset: one extent to read (CUDA) or to map and prefetch (CPU). Across a link the cpu-homed ones share
@@ -355,7 +359,7 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
         for spec in new:
             by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger,
                                                     compression, file, offsets.get(spec.hf_name, 0),
-                                                    layer.kind in DECODER_KINDS, arena)
+                                                    layer.kind in DECODER_KINDS, arena, cpu_rows)
         placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
         return_freed_memory()  # the layer's read buffers: freed heap holes would pile up as resident memory
         if progress:
@@ -377,13 +381,13 @@ def weight_bytes(layers: list[dict[str, StoredWeight]], tier: str) -> int:
 
 
 def planned_bytes(layers: list[LayerSpec], percents, dtype: torch.dtype,
-                  compression: CompressionConfig | None = None, cpu: bool = False) -> dict[str, int]:
-    """Bytes per tier that placing these weights by `percents` will take (tied weights once; `cpu`: computed on a
-    CPU, not across a link)."""
+                  compression: CompressionConfig | None = None, cpu_rows: int = 0) -> dict[str, int]:
+    """Bytes per tier that placing these weights by `percents` will take (tied weights once; cpu_rows:
+    in_8_bits)."""
     out = dict.fromkeys(("gpu", "cpu", "disk"), 0)
     specs = {s.hf_name: (layer.kind, s) for layer in layers for s in layer.weights}
     for hf_name, tier in weight_tiers(layers, percents, dtype, compression).items():
         kind, spec = specs[hf_name]
-        nbytes = weight_nbytes(spec, kind, dtype, compression, cpu)
+        nbytes = weight_nbytes(spec, kind, dtype, compression, cpu_rows)
         out[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
     return out

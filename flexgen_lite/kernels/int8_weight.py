@@ -2,10 +2,8 @@
 along the input dimension, llama.cpp's Q8_0 (a GGUF's Q8_0 tensor is kept as stored, bit for bit).
 
 A decode step of a few rows reads the whole head once: a 128,256-word head of 2048 is 0.53 GB in bf16, half of a
-1B model's 4-bit step, and 0.28 GB here. Up to GEMV_ROWS rows, where this machine's profile measured the dense C
-kernel faster than torch's matmul (`gemv_wins`: the product reads memory rather than computes), native.int8_gemv
-reads the codes as they are; more rows multiply TILE_BYTES of dequantized rows at a time, dense (compute-bound
-there: the dequantization is a small share).
+1B model's 4-bit step, and 0.28 GB here. Up to GEMV_ROWS rows native.int8_gemv reads the codes as they are; more
+rows (a prefill's, a bigger batch's) multiply TILE_BYTES of dequantized rows at a time, dense.
 Symmetric rounding to 8 bits moves a value by at most 1/254 of its group's largest.
 """
 
@@ -16,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from . import native
-from .small_matmul import gemv_wins
 
 GROUP = 32
 TILE_BYTES = 2 << 20  # dequantized rows per dense product: they stay in the CPU's cache
-GEMV_ROWS = 4  # one pass of int8.c over the codes (XROWS): more rows would convert every group again per pass
+GEMV_ROWS = 4  # one pass of int8.c over the codes (XROWS): more rows would convert every group again per pass;
+# measured here (128,256 x 2048, bf16): 9.0 / 10.9 / 13.9 ms at 1 / 2 / 4 rows against the dense head's best 14.9 /
+# 15.3 / 16.0, and at 16 rows 55 ms by tiles against 33: more rows keep the head dense (weights.in_8_bits)
 
 
 def int8_nbytes(shape: tuple[int, ...]) -> int:
@@ -92,7 +91,7 @@ class Int8Weight:
         flat = x.reshape(-1, k).contiguous()
         rows, n = flat.shape[0], self.shape[0]
         y = None
-        if rows <= GEMV_ROWS and gemv_wins(x.dtype, rows, n, k):
+        if rows <= GEMV_ROWS:
             y = native.int8_gemv(self.codes, self.scale, flat)
         if y is None:
             y = torch.empty(rows, n, dtype=x.dtype)

@@ -157,9 +157,9 @@ def _dense_time(s: Setup, kind: str, rows: int, k: int, n: int) -> float:
     and multiplied dense otherwise."""
     hw, head = s.hw, next((w for w in s.kinds[kind].weights if w.name == "lm_head"), None)
     seconds = hw.matmul_time(s.dname, rows, k, n)
-    if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, not s.cuda):
+    if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, s.cpu_rows):
         return seconds
-    if rows <= GEMV_ROWS and hw.gemv_wins(s.dname, rows, k, n):
+    if rows <= GEMV_ROWS:
         return seconds * int8_nbytes((n, k)) / (n * k * s.e)
     return seconds + n * k / hw.dequantize[s.dname]
 

@@ -83,6 +83,7 @@ class Setup:
         self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
         self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
         self.gbs, self.nb, self.n = policy.gpu_batch_size, policy.num_gpu_batches, policy.block_size
+        self.cpu_rows = 0 if self.cuda else self.gbs  # weights.in_8_bits
         c = config
         self.seq_layer = cache_bytes_per_token(1, c.num_kv_heads, c.head_dim, self.dtype, self.ccomp)  # k+v
         self.seq_layer_dense = 2 * c.num_kv_heads * c.head_dim * self.e
@@ -95,7 +96,7 @@ class Setup:
     def tensor_bytes(self, spec: WeightSpec) -> int:
         """Bytes of a weight as stored (4-bit codes when compressed; on a CPU the embedding and head then in 8
         bits), as weights.place_tensor stores it."""
-        if in_8_bits(spec, self.wcomp, not self.cuda):
+        if in_8_bits(spec, self.wcomp, self.cpu_rows):
             return int8_nbytes(spec.shape)
         return stored_nbytes(spec.shape, self.dtype, self.wcomp if self.compressed(spec) else None)
 
