@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .engine.block import Block
+from .engine.block import Block, block_order
 from .engine.block_schedule import Engine
 from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, PolicyError, split_counts
@@ -156,7 +156,7 @@ class FlexGenLite:
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a block
+        order = block_order(prompts, self.policy.share_prefix)  # similar lengths (and instructions) share a block
         results: list[list[int]] = [[] for _ in prompts]
         logits: list[torch.Tensor] = [None] * len(prompts)
         size = self.policy.block_size

@@ -12,7 +12,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
 from flexgen_lite.cli.main import main
-from flexgen_lite.engine.block import MIN_SHARED, Block, shared_columns
+from flexgen_lite.engine.block import MIN_SHARED, Block, block_order, shared_columns
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.planning.cost_model import predict
 from flexgen_lite.planning.layout import Workload
@@ -143,3 +143,23 @@ def test_bench_and_plan_take_a_shared_prefix(tiny_models, capsys, tmp_path, monk
     monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(tmp_path / "profile.json"))
     main(["plan", "--model", "facebook/opt-1.3b", "--prompt-len", "512", "--shared-prefix", "400", "--cpu-mem", "8GiB"])
     assert "the first 400 tokens shared" in capsys.readouterr().out
+
+
+def test_a_job_of_two_instructions_shares_one_in_every_block(tiny_models, compute_device):
+    """Prompts of two instructions, interleaved in the input: gathered by instruction, each block shares one (by
+    length alone the blocks would mix them); outputs as each prompt computed whole, in input order."""
+    other = [2, *torch.randint(3, 400, (24,), generator=torch.Generator().manual_seed(9)).tolist()]
+    prompts = [p for pair in zip(SHARED_PROMPTS, [other + p[31:] for p in SHARED_PROMPTS], strict=True) for p in pair]
+    ids, _, shared = run(tiny_models["llama3"][0], POLICIES["all-gpu"], compute_device, prompts)
+    assert len(shared) == 4 and all(shared), shared
+    whole, _, _ = run(tiny_models["llama3"][0], dataclasses.replace(POLICIES["all-gpu"], share_prefix=False),
+                      compute_device, prompts)
+    assert ids == whole
+
+
+def test_block_order():
+    a, b = list(range(3, 3 + MIN_SHARED)), list(range(100, 100 + MIN_SHARED))
+    prompts = [a + [1], b + [1, 2, 3], a + [1, 2], [5, 6], b + [4], [7] * 30]
+    assert block_order(prompts, by_prefix=False) == [5, 1, 2, 0, 4, 3]  # longest first
+    # groups by their longest (b: 19 tokens, a: 18), each longest first; the others by their own length
+    assert block_order(prompts, by_prefix=True) == [5, 1, 4, 2, 0, 3]

@@ -142,6 +142,21 @@ def shared_columns(prompts: list[list[int]], rows: int) -> int:
     return common if common >= MIN_SHARED and saved >= MIN_SAVED * rows * longest else 0
 
 
+def block_order(prompts: list[list[int]], by_prefix: bool) -> list[int]:
+    """The order prompts are cut into blocks: longest first, so that similar lengths share a block (little
+    padding). by_prefix: prompts that begin with the same MIN_SHARED tokens as another are gathered first (each
+    group longest first, groups by their longest), so a job of several instructions or few-shot sets has one per
+    block where it can (shared_columns); the others keep their places by length."""
+    if not by_prefix:
+        return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    first: dict[tuple, int] = {}  # a group: the first prompt with its head; a prompt too short for one, its own
+    group = [first.setdefault(tuple(p[:MIN_SHARED]), i) if len(p) > MIN_SHARED else i for i, p in enumerate(prompts)]
+    longest: dict[int, int] = {}
+    for p, g in zip(prompts, group, strict=True):
+        longest[g] = max(longest.get(g, 0), len(p))
+    return sorted(range(len(prompts)), key=lambda i: (-longest[group[i]], group[i], -len(prompts[i])))
+
+
 def common_prefix(prompts: list[list[int]]) -> int:
     """Tokens all `prompts` begin with, less at least the shortest one's last (a prompt's own last position
     makes its first logits)."""
