@@ -163,3 +163,15 @@ def test_block_order():
     assert block_order(prompts, by_prefix=False) == [5, 1, 2, 0, 4, 3]  # longest first
     # groups by their longest (b: 19 tokens, a: 18), each longest first; the others by their own length
     assert block_order(prompts, by_prefix=True) == [5, 1, 4, 2, 0, 3]
+
+
+@pytest.mark.parametrize("name", ["cache-cpu", "cpu-attention-cache-split", "weights-disk"])
+def test_shared_prefix_across_a_link(tiny_models, shared_references, name):
+    """The GPU's data paths (cpu+link): the prefix's k, v spread into cache parts that cross the link or are
+    attended on the CPU beside it, as on a CPU."""
+    ids, logits, shared = run(tiny_models["llama3"][0], POLICIES[name], "cpu+link")
+    assert all(shared)
+    want_ids, want_logits = shared_references["llama3"]
+    assert ids == want_ids
+    for ours, theirs in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
