@@ -282,7 +282,8 @@ class FlexGenLite:
 def step_message(label: str, times, rows: int, gen_len: int) -> str:
     """Progress after a step: the prefill's time, then decode step i/n and tokens per second so far."""
     if not times.decode:
-        return f"{label}: prefill of {rows} prompts {times.prefill:.1f} s"
+        shared = f" (their first {times.shared} tokens once)" if times.shared else ""
+        return f"{label}: prefill of {rows} prompts{shared} {times.prefill:.1f} s"
     done = len(times.decode)
     return (f"{label}: decode step {done}/{gen_len - 1}, {rows * done / sum(times.decode):.1f} tok/s "
             f"({rows} rows)")

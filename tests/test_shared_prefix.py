@@ -175,3 +175,10 @@ def test_shared_prefix_across_a_link(tiny_models, shared_references, name):
     assert ids == want_ids
     for ours, theirs in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_progress_says_what_the_prefill_shared(tiny_models):
+    seen: list[str] = []
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=POLICIES["all-gpu"], progress=seen.append) as m:
+        m.generate_ids(SHARED_PROMPTS[:4], SamplingConfig(max_new_tokens=2, stop_at_eos=False))
+    assert any(s.startswith("block 1/1: prefill of 4 prompts (their first 31 tokens once)") for s in seen), seen
