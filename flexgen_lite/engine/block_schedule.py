@@ -32,6 +32,7 @@ from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
 from .kv_cache import CacheSlots, KVCache
 from .policy import Policy
+from .shared_prefix import SharedPrefix
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
 from .trace import ATTENTION, CACHE_STORE, COMPUTE, COMPUTE_LANE, CPU_ATTENTION, NULL, WAIT, NullRecorder, Recorder
 from .weight_slots import WeightSlots
@@ -65,7 +66,7 @@ class Engine:
         self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
         self.times = StepTimes()
         self._score = None  # run's `score`
-        self._prefix: dict | None = None  # the prefill's shared prefix: its positions, hidden state, a layer's k, v
+        self._prefix: SharedPrefix | None = None  # the running prefill's shared prefix
         # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
         self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
                          for w in weights]
@@ -163,9 +164,9 @@ class Engine:
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
         shared = step == 0 and block.shared > 0
         if shared:
-            self._prefix = self._prefix_inputs(block)
+            self._prefix = SharedPrefix(block, self.config, self.inv_freq, self.dtype, self._attend)
             for b in batches:
-                inputs[b]["prefix index"] = self._prefix_index(block, b, inputs[b])
+                inputs[b]["prefix index"] = self._prefix.index(b, inputs[b]["active_device"])
         self._cache_loads: dict[tuple[int, int], Future] = {}
         weights_next, releases = self._prefetch_weights(0), []
         span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
@@ -185,7 +186,7 @@ class Engine:
                 weights_next = self._prefetch_weights(j + 1)
             if shared:
                 with span(COMPUTE, stream=C):
-                    self._prefix_through(spec, weights, block)
+                    self._prefix.through(spec, weights)
             for i, b in enumerate(batches):
                 views = None
                 if spec.kind == "attention" and step > 0 and self._in_place[b]:
@@ -258,8 +259,7 @@ class Engine:
         q, k, v = L.qkv(w, x, inputs["rope"], cfg)
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             if "prefix index" in inputs:
-                index = inputs["prefix index"]
-                k, v = self._with_prefix(k, self._prefix["k"], index), self._with_prefix(v, self._prefix["v"], index)
+                k, v = self._prefix.spread(k, v, inputs["prefix index"])
             attn = self._attend(q, k, v, inputs["mask"])
             for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
                 picked, local = rows_in_part(inputs, part.rows, k.device)
@@ -270,42 +270,6 @@ class Engine:
         else:
             attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start)
         return L.attention_output(w, attn, h, cfg)
-
-    # ---- a shared prompt prefix (block.shared_columns) ----------------------------------------------
-    def _prefix_inputs(self, block: Block) -> dict:
-        positions = torch.arange(block.shared, device=block.prefix.device)[None]
-        rope = None
-        if self.inv_freq is not None:
-            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(self.config))
-        return {"positions": positions, "rope": rope}
-
-    def _prefix_through(self, spec, w, block: Block) -> None:
-        """The block's shared prefix, one row, through layer `spec` before the rows: an attention layer's k, v
-        are then every row's first positions' (_with_prefix)."""
-        cfg, p = self.config, self._prefix
-        if spec.kind == "embed":
-            p["h"] = L.embed(w, block.prefix, p["positions"], cfg)
-        elif spec.kind == "mlp":
-            p["h"] = L.mlp(w, p["h"], cfg)
-        elif spec.kind == "attention":
-            x = L.norm(p["h"], w, cfg) if cfg.pre_norm else p["h"]
-            q, p["k"], p["v"] = L.qkv(w, x, p["rope"], cfg)
-            p["h"] = L.attention_output(w, self._attend(q, p["k"], p["v"], None), p["h"], cfg)
-
-    @staticmethod
-    def _prefix_index(block: Block, b: int, inputs: dict) -> torch.Tensor:
-        """(rows, shared): the prefix position of each row's each shared column (row i's column c holds prefix
-        token c - pad_i; its padding columns, masked, read position 0)."""
-        pad = block.pad[block.rows(b)]
-        if inputs["active_device"] is not None:
-            pad = pad[inputs["active_device"]]
-        return (torch.arange(block.shared, device=pad.device)[None] - pad[:, None]).clamp(min=0)
-
-    @staticmethod
-    def _with_prefix(new: torch.Tensor, prefix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """A batch's prefill k or v (rows, kv_heads, t, D) after its rows' shared columns, taken from the prefix's
-        (1, kv_heads, shared, D): (rows, kv_heads, shared + t, D), what a prefill of whole prompts makes."""
-        return torch.cat((prefix[0][:, index].transpose(0, 1), new), 2)
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is."""

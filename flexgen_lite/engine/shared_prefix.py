@@ -1,0 +1,48 @@
+"""A block's common prompt prefix in the prefill (block.shared_columns): computed once, as one row, at each layer
+before the rows; its k, v are then spread into each row's shared columns, so each row computes only its own
+positions and the cache written home is what a prefill of the whole prompts writes (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..models import layers as L
+from ..models.config import ModelConfig
+from .block import Block
+
+
+class SharedPrefix:
+    def __init__(self, block: Block, config: ModelConfig, inv_freq: torch.Tensor | None, dtype: torch.dtype,
+                 attend: Callable) -> None:
+        """attend(q, k, v, mask): the engine's attention (it records which kernel ran)."""
+        self.block, self.config, self.attend = block, config, attend
+        self.positions = torch.arange(block.shared, device=block.prefix.device)[None]
+        self.rope = None if inv_freq is None else L.rope_cos_sin(self.positions, inv_freq, dtype, L.rope_scale(config))
+        self.h = self.k = self.v = None
+
+    def through(self, spec, w: dict) -> None:
+        """The prefix through layer `spec` (its weights `w`); an attention layer keeps its k, v for the rows."""
+        cfg = self.config
+        if spec.kind == "embed":
+            self.h = L.embed(w, self.block.prefix, self.positions, cfg)
+        elif spec.kind == "mlp":
+            self.h = L.mlp(w, self.h, cfg)
+        elif spec.kind == "attention":
+            x = L.norm(self.h, w, cfg) if cfg.pre_norm else self.h
+            q, self.k, self.v = L.qkv(w, x, self.rope, cfg)
+            self.h = L.attention_output(w, self.attend(q, self.k, self.v, None), self.h, cfg)
+
+    def index(self, b: int, active_device: torch.Tensor | None) -> torch.Tensor:
+        """(rows, shared) for GPU batch b's computing rows: the prefix position of each row's each shared column
+        (row i's column c holds prefix token c - pad_i; its padding columns, masked, read position 0)."""
+        pad = self.block.pad[self.block.rows(b)]
+        if active_device is not None:
+            pad = pad[active_device]
+        return (torch.arange(self.block.shared, device=pad.device)[None] - pad[:, None]).clamp(min=0)
+
+    def spread(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's prefill k, v (rows, kv_heads, t, D) after its rows' shared columns of this layer's prefix:
+        (rows, kv_heads, shared + t, D) each."""
+        return tuple(torch.cat((mine[0][:, index].transpose(0, 1), new), 2) for mine, new in ((self.k, k), (self.v, v)))
