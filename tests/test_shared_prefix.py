@@ -182,3 +182,26 @@ def test_progress_says_what_the_prefill_shared(tiny_models):
     with FlexGenLite(str(tiny_models["llama"][0]), policy=POLICIES["all-gpu"], progress=seen.append) as m:
         m.generate_ids(SHARED_PROMPTS[:4], SamplingConfig(max_new_tokens=2, stop_at_eos=False))
     assert any(s.startswith("block 1/1: prefill of 4 prompts (their first 31 tokens once)") for s in seen), seen
+
+
+@pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-disk", "cpu-attention-cache-split"])
+def test_few_shot_scoring_shares_the_examples(tiny_models, name):
+    """Multiple-choice and single requests after the same 30-token few-shot examples: the log-likelihoods equal
+    transformers' (test_scoring's tolerance), the examples computed once per block; rows scored from before the
+    end of the common prefix (a long continuation) share nothing."""
+    from .test_scoring import check, hf_score
+
+    path, model = tiny_models["llama3"]
+    rng = torch.Generator().manual_seed(3)
+    reqs = []
+    for n in range(8):
+        context = [2, *PREFIX, *torch.randint(3, 400, (3 + n % 5,), generator=rng).tolist()]
+        reqs += [(context, torch.randint(3, 400, (1 + c,), generator=rng).tolist()) for c in range(1 + 3 * (n % 2))]
+    with FlexGenLite(str(path), policy=POLICIES[name]) as m:
+        ours = m.score(reqs)
+        assert all(n >= MIN_SHARED for n in m.score_stats.shared), m.score_stats.shared
+        early = [([2, *PREFIX[:3]], [*PREFIX[3:], 7, 8]), ([2, *PREFIX, 11, 12], [13])]  # scored from column 4
+        ours_early = m.score(early)
+        assert m.score_stats.shared == [0]
+    check(ours, hf_score(model, reqs), reqs)
+    check(ours_early, hf_score(model, early), early)

@@ -105,11 +105,9 @@ class Engine:
 
         With keep_logits, self.logits[step] holds every row's fp32 logits of that step (for tests).
         score(b, active, head, h): called in the prefill for each GPU batch b with its hidden states h (rows,
-        prompt_len, hidden) at the head, `active` (its rows within the batch, None: all) and head(x), the head's
-        fp32 logits of any slice of h: the log-likelihood of prompts' positions (scoring.py)."""
-        if score is not None and block.shared:
-            raise ValueError("scoring needs every prompt position's hidden state: build its block without a "
-                             "shared prefix")
+        prompt_len - block.shared, hidden: the columns the prefill computed per row) at the head, `active` (its
+        rows within the batch, None: all) and head(x), the head's fp32 logits of any slice of h: the
+        log-likelihood of prompts' positions (scoring.py)."""
         self._score = score
         self._prepare_cache(block)
         self._cache_loads: dict[tuple[int, int], Future] = {}
@@ -252,7 +250,7 @@ class Engine:
         if spec.kind == "mlp":
             return L.mlp(w, h, cfg)
         if spec.kind == "head":
-            if self._score is not None and start == 0:
+            if self._score is not None and block.generated == 0:  # the prefill's (from column block.shared)
                 self._score(b, inputs["active"], lambda x: L.head(w, x, cfg), h)
             return L.head(w, h[:, -1], cfg)
         x = L.norm(h, w, cfg) if cfg.pre_norm else h

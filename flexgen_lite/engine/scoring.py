@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.sampling import SamplingConfig
-from .block import Block
+from .block import MIN_SHARED, Block
 
 # bytes of fp32 logits (and their log-softmax) computed at once at the head
 CHUNK_BYTES = 256 * 2**20
@@ -27,6 +27,7 @@ class ScoreStats:
     seconds: float = 0.0
     fed: int = 0  # tokens through the prefill: fewer where requests share a context
     blocks: list[float] = field(default_factory=list)  # seconds per block
+    shared: list[int] = field(default_factory=list)  # per block, its rows' first positions computed once
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,7 +65,7 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     tic = time.perf_counter()
     for first in range(0, len(rows), size):
         started = time.perf_counter()
-        _score_block(model, rows[first:first + size], results)
+        stats.shared.append(_score_block(model, rows[first:first + size], results))
         stats.blocks.append(time.perf_counter() - started)
         report = progress or model.progress
         if report is not None:
@@ -131,12 +132,14 @@ class _PackedBlock(Block):
         return True
 
 
-def _score_block(model, rows: list[_Row], results: list) -> None:
+def _score_block(model, rows: list[_Row], results: list) -> int:
+    """Score a block of rows into `results`; the positions its prefill shared (block.shared)."""
     cfg, policy, device = model.config, model.policy, model.device.device
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
     block = _PackedBlock.from_prompts([r.tokens for r in rows], policy.block_size, policy.gpu_batch_size, 1,
-                                      pad_id, (), device)
+                                      pad_id, (), device, share_prefix=policy.share_prefix)
     n, width = block.tokens.shape[0], block.prompt_len
+    _scored_after_prefix(block, rows)
     seg, pos = torch.full((n, width), -1, dtype=torch.long), torch.full((n, width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         pad = width - len(row.tokens)
@@ -148,7 +151,7 @@ def _score_block(model, rows: list[_Row], results: list) -> None:
     def score(b: int, active: torch.Tensor | None, head, h: torch.Tensor) -> None:
         span = block.rows(b)
         local = range(span.stop - span.start) if active is None else active.tolist()
-        places = [(j, col + width - len(rows[span.start + r].tokens), target, request)
+        places = [(j, col + width - len(rows[span.start + r].tokens) - block.shared, target, request)
                   for j, r in enumerate(local) if span.start + r < len(rows)
                   for col, target, request in rows[span.start + r].scored]
         if not places:
@@ -161,6 +164,17 @@ def _score_block(model, rows: list[_Row], results: list) -> None:
             results[q] = (lp, g)
 
     model.engine.run(block, SamplingConfig(max_new_tokens=1, stop_at_eos=False), score=score)
+    return block.shared
+
+
+def _scored_after_prefix(block: Block, rows: list[_Row]) -> None:
+    """A shared prefix (Block.shared_columns: a few-shot set or instruction before every question) only up to each
+    row's first scored column: the prefill gives the head the columns after it. Its tokens are then all of
+    segment 0 (a context), which attends causally, as the prefix's one row does."""
+    first = min(block.prompt_len - len(r.tokens) + min(col for col, _, _ in r.scored) for r in rows)
+    if block.shared > first:
+        block.shared = first if first >= MIN_SHARED else 0
+        block.prefix = block.prefix[:, :block.shared] if block.shared else None
 
 
 def _logprobs(head, h: torch.Tensor, index: torch.Tensor, requests: int, vocab: int
