@@ -81,14 +81,15 @@ def test_same_prompts_leave_one_token_per_row(tiny_models, compute_device):
 def test_shared_columns():
     prefix = list(range(3, 3 + 20))
     prompts = [prefix + [50, 51], prefix + [60], prefix + [70, 71, 72]]
-    assert shared_columns(prompts, rows=3) == 20
-    assert shared_columns(prompts, rows=64) == 0  # filler rows: 20 shared positions save too little of 64 x 23
-    assert shared_columns([prefix + [50]], rows=1) == 0  # one prompt: nothing to share
-    assert shared_columns([prefix, prefix], rows=2) == 19  # the shortest keeps its last token
+    assert shared_columns(prompts) == 20
+    far = [prefix + [50], prefix + [60] + list(range(200, 400))]  # 20 shared positions of 2 x 221: too few
+    assert shared_columns(far) == 0
+    assert shared_columns([prefix + [50]]) == 0  # one prompt: nothing to share
+    assert shared_columns([prefix, prefix]) == 19  # the shortest keeps its last token
     short = prefix[:MIN_SHARED - 1]
-    assert shared_columns([short + [1, 2], short + [3]], rows=2) == 0  # too short to be worth a pass
+    assert shared_columns([short + [1, 2], short + [3]]) == 0  # too short to be worth a pass
     differs = [prefix + [50], [4] + prefix[1:] + [60]]
-    assert shared_columns(differs, rows=2) == 0
+    assert shared_columns(differs) == 0
 
 
 def test_block_positions_of_a_shared_prefix():

@@ -46,7 +46,7 @@ class Block:
         length = torch.zeros(rows, dtype=torch.long)
         if generators is not None and len(generators) != rows:
             raise ValueError(f"{len(generators)} generators for a block of {rows} rows")
-        shared = shared_columns(prompts, rows) if share_prefix else 0
+        shared = shared_columns(prompts) if share_prefix else 0
         prefix = torch.tensor([prompts[0][:shared]], device=device) if shared else None
         return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length,
                    generators=generators, pad_host=pad, shared=shared, prefix=prefix)
@@ -127,10 +127,11 @@ class Block:
 
 
 MIN_SHARED = 16  # fewer common tokens (a bos, a chat template's first line) are not worth a pass of their own
-MIN_SAVED = 0.1  # nor is a prefix that saves less of the prefill's row-positions than this
+MIN_SAVED = 0.1  # nor is a prefix that saves less of the prefill's row-positions than this (filler rows, finished
+# from the start, are not computed: the prompts' rows count)
 
 
-def shared_columns(prompts: list[list[int]], rows: int) -> int:
+def shared_columns(prompts: list[list[int]]) -> int:
     """Leading columns of the left-padded block holding, in every row, only padding or the prompts' common
     prefix: row i's columns [pad_i, C) are the prefix's first C - pad_i tokens, so their keys and values are
     the prefix's own, computed once. C is the common prefix less at least one token of the shortest prompt
@@ -139,7 +140,7 @@ def shared_columns(prompts: list[list[int]], rows: int) -> int:
         return 0
     common, longest = common_prefix(prompts), max(len(p) for p in prompts)
     saved = sum(max(0, common - (longest - len(p))) for p in prompts) - common
-    return common if common >= MIN_SHARED and saved >= MIN_SAVED * rows * longest else 0
+    return common if common >= MIN_SHARED and saved >= MIN_SAVED * len(prompts) * longest else 0
 
 
 def block_order(prompts: list[list[int]], by_prefix: bool) -> list[int]:
