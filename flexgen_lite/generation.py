@@ -289,15 +289,16 @@ def step_message(label: str, times, rows: int, gen_len: int) -> str:
             f"({rows} rows)")
 
 
-def encode_texts(tokenizer, texts: list[str], chat: bool, name: str) -> list[list[int]]:
-    """Token ids of each text (wrapped in the chat template with `chat`)."""
+def encode_texts(tokenizer, texts: list[str], chat: bool, name: str, system: str | None = None) -> list[list[int]]:
+    """Token ids of each text (wrapped in the chat template with `chat`, after a `system` message if given)."""
     if tokenizer is None:
         raise ModelError(f"{name} has no tokenizer (dummy weights, or none in its files): pass token ids to "
                          "generate_ids")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelError(f"{name} has no chat template; drop --chat")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+        before = [{"role": "system", "content": system}] if system is not None else []
+        texts = [tokenizer.apply_chat_template([*before, {"role": "user", "content": t}], tokenize=False,
                                                add_generation_prompt=True) for t in texts]
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     return [tokenizer(t)["input_ids"] for t in texts]

@@ -206,3 +206,29 @@ def test_few_shot_scoring_shares_the_examples(tiny_models, name):
         assert m.score_stats.shared == [0]
     check(ours, hf_score(model, reqs), reqs)
     check(ours_early, hf_score(model, early), early)
+
+
+def test_generate_takes_an_instruction_once(tiny_models, tmp_path, capsys):
+    """--instruction (text or @FILE) goes before every prompt: the same completions as prompts that hold it, the
+    prefill sharing it; it is recorded, so a resume without it is refused; --system needs --chat."""
+    model = str(tiny_models["llama3"][0])
+    words = " ".join(f"w{i}" for i in range(100, 112))
+    (tmp_path / "instruction.txt").write_text(words + "\n")
+    flags = ["--model", model, "--dtype", "float32", "--policy", "manual", "--gpu-batch-size", "4", "--json",
+             "--max-new-tokens", "3"]
+    items = ["w5 w6", "w7", "w8 w9 w10"]
+    main(["generate", *flags, "--instruction", f"@{tmp_path / 'instruction.txt'}", *items])
+    given = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    main(["generate", *flags, *[f"{words}\n\n{item}" for item in items]])
+    inline = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    assert given == inline and len(given) == 3
+    out = tmp_path / "out.jsonl"
+    main(["generate", *flags, "--instruction", words, "--output", str(out), items[0]])
+    assert json.loads(out.read_text().splitlines()[0])["flexgen_lite_run"]["settings"]["instruction"] == words
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *flags, "--output", str(out), items[0], items[1]])
+    assert e.value.code == 2 and "--instruction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *flags, "--system", "be brief", items[0]])
+    assert e.value.code == 2 and "--system is the chat template's system message: add --chat" in \
+        capsys.readouterr().err

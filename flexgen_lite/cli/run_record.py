@@ -105,4 +105,6 @@ def _show(value) -> str:
         return "on" if value else "off"
     if isinstance(value, list):
         return json.dumps(value)
+    if isinstance(value, str) and len(value) > 60:  # an instruction: its start says which
+        return json.dumps(value[:57] + "...")
     return f"{value:g}" if isinstance(value, float) else str(value)
