@@ -166,7 +166,8 @@ def test_the_file_records_model_settings_and_numerics(meta, opt_dir):
     run_record = json.loads(meta)["flexgen_lite_run"]
     assert run_record["model"]["path"] == opt_dir and len(run_record["model"]["fingerprint"]) == 16
     assert run_record["settings"] == {"max_new_tokens": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 7,
-                                      "stop": [], "ignore_eos": False, "chat": False}
+                                      "stop": [], "ignore_eos": False, "chat": False, "instruction": None,
+                                      "system": None}
     assert run_record["policy"]["dtype"] == "float32" and run_record["policy"]["gpu_batch_size"] == 2
     assert run_record["policy"]["compress_weight"] is False
 
