@@ -232,3 +232,18 @@ def test_generate_takes_an_instruction_once(tiny_models, tmp_path, capsys):
         main(["generate", *flags, "--system", "be brief", items[0]])
     assert e.value.code == 2 and "--system is the chat template's system message: add --chat" in \
         capsys.readouterr().err
+
+
+def test_a_shared_prefill_keeps_peak_rss_under_the_cpu_budget(tmp_path):
+    """The memory plan counts a prefill of whole prompts; a shared one (rows' own positions, the prefix's k, v
+    spread into each row) stays under it: `bench --cpu-mem` in a process of its own, peak RSS within the budget."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "flexgen_lite.cli", "bench", "--model", "facebook/opt-125m", "--dtype",
+                          "bfloat16", "--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "32",
+                          "--prompt-len", "256", "--gen-len", "4", "--shared-prefix", "224", "--cpu-mem", "1150MiB",
+                          "--no-warmup", "--offload-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["prefill_shared"] == 224 and report["peak_rss_gb"] * 1e9 <= 1150 * 2**20
