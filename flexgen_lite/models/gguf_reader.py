@@ -188,7 +188,7 @@ def q8_0_blocks(t: GGUFTensor) -> torch.Tensor | None:
     mapping; None for other types."""
     if t.tensor_type != GGMLQuantizationType.Q8_0 or len(t.shape) != 2:
         return None
-    return _blocks(t).clone()
+    return _blocks(t)  # _raw's copy
 
 
 def _groups(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

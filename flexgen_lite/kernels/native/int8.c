@@ -20,6 +20,13 @@
 #define XROWS 4  /* rows of x whose sums stay in registers at once */
 #define CHUNK 32  /* output rows per work item of a team */
 
+#ifdef __AVX512F__
+/* 16 codes at c times the group's scale d, in fp32 (exact products of an int8 and an fp16 value). */
+static inline __m512 scaled16(const int8_t *c, __m512 d) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))), d);
+}
+#endif
+
 /* sums[r] = x row r . W row (codes w, scales s) for r < nr. */
 static void dots8(const int8_t *w, const _Float16 *s, int64_t k, const float *xf, int64_t nr, float *sums) {
 #ifdef __AVX512F__
@@ -28,9 +35,7 @@ static void dots8(const int8_t *w, const _Float16 *s, int64_t k, const float *xf
     for (int64_t g = 0; g < k / GROUP; g++) {
         const int8_t *c = w + g * GROUP;
         __m512 d = _mm512_set1_ps((float)s[g]);
-        __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))), d);
-        __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)))),
-                                  d);
+        __m512 w0 = scaled16(c, d), w1 = scaled16(c + 16, d);
         for (int64_t r = 0; r < nr; r++) {
             const float *x = xf + r * k + g * GROUP;
             acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[r]);
@@ -61,9 +66,7 @@ static void dots8_bf16(const int8_t *w, const _Float16 *s, int64_t k, const uint
     for (int64_t g = 0; g < k / GROUP; g++) {
         const int8_t *c = w + g * GROUP;
         __m512 d = _mm512_set1_ps((float)s[g]);
-        __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))), d);
-        __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)))),
-                                  d);
+        __m512 lo = scaled16(c, d), hi = scaled16(c + 16, d);
         __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  /* values 0-15 low, 16-31 high: x's order */
         for (int64_t r = 0; r < nr; r++)
             acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(xb + r * k + g * GROUP));
@@ -122,8 +125,7 @@ void int8_dequantize(const int8_t *codes, const _Float16 *scale, int64_t k, void
             float d = (float)s[g];
 #ifdef __AVX512F__
             for (int64_t h = 0; h < GROUP; h += 16) {
-                __m128i c = _mm_loadu_si128((const __m128i *)(w + g * GROUP + h));
-                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), _mm512_set1_ps(d));
+                __m512 v = scaled16(w + g * GROUP + h, _mm512_set1_ps(d));
                 int64_t at = out + g * GROUP + h;
                 if (kind == KIND_F32) {
                     _mm512_storeu_ps((float *)dst + at, v);
