@@ -83,9 +83,11 @@ class Block:
 
     def padded(self, batch: int, active: torch.Tensor | None) -> bool:
         """Whether a row of GPU batch `batch` still generating is padded (else attention needs no mask)."""
-        pad = self.pad_host if self.pad_host is not None else self.pad.cpu()
-        pad = pad[self.rows(batch)]
+        pad = self.host_pad()[self.rows(batch)]
         return bool((pad if active is None else pad[active]).any())
+
+    def host_pad(self) -> torch.Tensor:
+        return self.pad_host if self.pad_host is not None else self.pad.cpu()
 
     def active_rows(self, batch: int) -> torch.Tensor | None:
         """Rows of GPU batch `batch` still generating (host indices within the batch); None when all are."""

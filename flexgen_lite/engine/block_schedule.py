@@ -318,7 +318,10 @@ class Engine:
         rope = None
         if self.inv_freq is not None:
             rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(self.config))
-        return {"positions": positions, "mask": mask, "rope": rope, "active": active, "active_device": active_device}
+        inputs = {"positions": positions, "mask": mask, "rope": rope, "active": active, "active_device": active_device}
+        if block.shared and start >= block.prompt_len:  # decode: the rows' prefix read from one row on a CPU
+            inputs["shared pad"] = (block.host_pad()[block.rows(b)], block.shared)
+        return inputs
 
     def _prepare_cache(self, block: Block) -> None:
         max_len = block.prompt_len + block.gen_len

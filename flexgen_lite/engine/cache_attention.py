@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.attention import attend_named
+from .shared_prefix import shared_rows
 
 
 def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float):
@@ -28,8 +29,27 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float):
         k_seen = view.k[:, :, :end].index_select(0, local_dev)
         v_seen = view.v[:, :, :end].index_select(0, local_dev)
         k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
-    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity)
-    return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, kernel, k_seen.nbytes + v_seen.nbytes
+    shared, read_shared = part_shared(inputs, rows, local) if where.type == "cpu" else (None, 0.0)
+    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity, shared=shared)
+    if kernel != "cpu-native":
+        read_shared = 0.0
+    seen = (k_seen.nbytes + v_seen.nbytes) * (1 - read_shared / k_seen.shape[2])
+    return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, kernel, int(seen)
+
+
+def part_shared(inputs: dict, rows: slice, local: torch.Tensor | None):
+    """(shared_rows of the part's rows present (`local`, or all), the positions a row reads from the source row
+    on average, not from its own memory): made once a step, not once a layer."""
+    if "shared pad" not in inputs:
+        return None, 0.0
+    key = ("shared rows", rows.start)
+    if key not in inputs:
+        pad, columns = inputs["shared pad"]
+        pad = pad[rows] if local is None else pad[rows][local.cpu()]
+        shared = shared_rows(pad, columns)
+        others = 0 if shared is None else int((columns - pad).clamp(min=0).sum()) - (columns - int(pad.min()))
+        inputs[key] = shared, others / len(pad)
+    return inputs[key]
 
 
 def part_rows(rows: slice, active: torch.Tensor | None):

@@ -33,6 +33,7 @@ from ..kernels.small_matmul import gemv_wins
 from ..models import layers as L
 from ..system.hardware import interpolated_time
 from ..system.profile_store import cpu_profile
+from .shared_prefix import shared_rows
 
 ENV = "FLEXGEN_LITE_FUSED_DECODE"  # "0": never
 KERNEL = "fused+cpu-native"  # the step's attention kernel, as --breakdown reports it
@@ -170,6 +171,9 @@ class FusedDecode:
         mask = block.mask(b, start, 1).contiguous()  # (rows, 1, 1, start + 1)
         step = s.step
         step.h, step.mask, step.mask_stride, step.start = h.data_ptr(), mask.data_ptr(), start + 1, start
+        shared = shared_rows(block.host_pad()[block.rows(b)], block.shared)  # every row's, finished ones too
+        step.source, step.shift, step.shared = (0, 0, 0) if shared is None else \
+            (shared[0].data_ptr(), shared[1].data_ptr(), shared[2])
         cos = sin = None
         if self.inv_freq is not None:
             cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(cfg))

@@ -1,6 +1,8 @@
 """A block's common prompt prefix in the prefill (block.shared_columns): computed once, as one row, at each layer
 before the rows; its k, v are then spread into each row's shared columns, so each row computes only its own
-positions and the cache written home is what a prefill of the whole prompts writes (docs/architecture.md)."""
+positions and the cache written home is what a prefill of the whole prompts writes (docs/architecture.md).
+
+Every row then holds the prefix's k, v alike, so decode attention on a CPU reads them from one row (shared_rows)."""
 
 from __future__ import annotations
 
@@ -46,3 +48,15 @@ class SharedPrefix:
         """A batch's prefill k, v (rows, kv_heads, t, D) after its rows' shared columns of this layer's prefix:
         (rows, kv_heads, shared + t, D) each."""
         return tuple(torch.cat((mine[0][:, index].transpose(0, 1), new), 2) for mine, new in ((self.k, k), (self.v, v)))
+
+
+def shared_rows(pad: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Rows left-padded by `pad` (int64, on the host) whose columns [pad, columns) hold a shared prefix, as
+    native.decode_attention takes them: every row's shared positions read from the least padded row's, shifted
+    by the difference of their pads (source, shift, columns); None where no two rows share a position."""
+    if len(pad) < 2 or not columns:
+        return None
+    source = int(pad.argmin())
+    if int(pad[source]) >= columns:
+        return None
+    return torch.full_like(pad, source), (pad - pad[source]).contiguous(), columns

@@ -41,9 +41,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                 sparsity: float = 1.0, native_prefill: bool = True) -> tuple[torch.Tensor, str]:
+                 sparsity: float = 1.0, native_prefill: bool = True, shared=None) -> tuple[torch.Tensor, str]:
     """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk.
-    native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the profile)."""
+    native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the profile).
+    shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py)."""
     decode = q.shape[2] == 1
     if sparsity < 1 and decode:
         return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2]))), "topk"
@@ -51,7 +52,7 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         return _cuda_attend(q, k, v, mask)
     if decode and q.device.type == "cpu" and q.shape[0] and native_decode_agrees():
         seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
-        out = native.decode_attention(q, k, v, seen)
+        out = native.decode_attention(q, k, v, seen, shared)
         if out is not None:
             return out, "cpu-native"
     if not decode and native_prefill and q.device.type == "cpu" and q.shape[0] and prefill_wins(q.dtype):

@@ -131,14 +131,15 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    attention = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
+                 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
+                 + [ctypes.c_int64])  # ... block, source, shift, shared
     fn = lib.decode_attention
     fn.restype = None
-    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
-                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 3)
+    fn.argtypes = attention + [ctypes.c_int64] * 2
     fn = lib.decode_attention_team
     fn.restype = None
-    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
-                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 2 + [ctypes.c_int])
+    fn.argtypes = attention + [ctypes.c_int64, ctypes.c_int]
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     prefill = [ptr] * 6 + [i32] + [i64] * 5 + [ptr] * 4 + [f32, i64]  # q k v lo hi out, kind, shapes, strides,
     # scale, splits
@@ -346,11 +347,15 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
     return out
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     shared: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(d)) v for one query position: q (B, heads, 1, d) over k, v (B, kv_heads, L, d) with
     a bool mask (B, 1, 1, L), as torch's scaled_dot_product_attention (fp32 inside); None when the kernel
     cannot do it here. k and v may be views of longer caches (any strides, rows of d contiguous), such as the
-    position-major cache across a link. Runs on `threads()` threads."""
+    position-major cache across a link. Runs on `threads()` threads.
+
+    shared (source, shift, columns): row b's positions below `columns` are read from row source[b]'s, shift[b]
+    positions earlier (int64 (B,) each on the CPU): a prompt prefix stored alike in every row, read once."""
     lib = library()
     b, heads, t, d = q.shape
     if (lib is None or t != 1 or q.dtype not in OUT_KIND or not (q.dtype == k.dtype == v.dtype)
@@ -364,8 +369,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:2], x.stride(2)) for x in (q, k, v, out)]
     block = attention_block(kv_heads, heads // kv_heads, k)
 
+    source, shift, columns = shared if shared is not None else (None, None, 0)
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), OUT_KIND[q.dtype], b, heads,
-            kv_heads, length, d, strides[0], strides[1], strides[2], length, strides[3], 1.0 / math.sqrt(d), block)
+            kv_heads, length, d, strides[0], strides[1], strides[2], length, strides[3], 1.0 / math.sqrt(d), block,
+            None if source is None else source.data_ptr(), None if shift is None else shift.data_ptr(), columns)
     items = b * -(-kv_heads // block)
     if team_threads():
         lib.decode_attention_team(*args, items, team_threads())

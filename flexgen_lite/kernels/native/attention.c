@@ -23,6 +23,41 @@
 #define PREFETCH_AHEAD 4  /* positions ahead whose rows a position-major walk prefetches */
 #endif
 
+/* One sequence's cached keys and values: position l's rows at k + l * stride (v alike), except below `split`,
+   where they are read from another sequence's rows, k0 + l * stride. That is a prompt prefix the block's rows
+   share (engine/shared_prefix.py: computed once, stored alike in every row): its rows are then read once for
+   the batch, from one row that stays in cache, not once per row from memory. */
+typedef struct {
+    const char *k, *v, *k0, *v0;
+    int64_t split;
+} rows_t;
+
+static inline const char *key_at(const rows_t *r, int64_t l, int64_t stride) {
+    return (l < r->split ? r->k0 : r->k) + l * stride;
+}
+
+static inline const char *value_at(const rows_t *r, int64_t l, int64_t stride) {
+    return (l < r->split ? r->v0 : r->v) + l * stride;
+}
+
+/* r with each pointer `k_off`, `v_off` bytes on (a kv head's rows) */
+static inline rows_t heads_of(rows_t r, int64_t k_off, int64_t v_off) {
+    return (rows_t){r.k + k_off, r.v + v_off, r.k0 + k_off, r.v0 + v_off, r.split};
+}
+
+/* While a shared position l is read (from the source row, in cache), the row's own rows `split` positions on,
+   `bytes` each, are fetched into L2: the own positions after a shared prefix are few, too short a walk for the
+   hardware's prefetchers, and without this they were read at memory latency (measured at head dim 64: the
+   shared step 1.2x faster with it; at 128, where the per-position loop runs, no gain showed). */
+static inline void prefetch_own(const rows_t *r, int64_t l, int64_t length, int64_t ks, int64_t vs, int64_t bytes) {
+    int64_t own = r->split + l;
+    if (l >= r->split || own >= length) return;
+    for (int64_t at = 0; at < bytes; at += 64) {
+        __builtin_prefetch(r->k + own * ks + at, 0, 1);
+        __builtin_prefetch(r->v + own * vs + at, 0, 1);
+    }
+}
+
 /* n values of `kind` at `src` as fp32 into `dst`. */
 static inline void load_row(const void *src, int kind, int64_t n, float *dst) {
     if (kind == KIND_F32)
@@ -114,13 +149,13 @@ static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, 
 #ifdef __AVX512F__
 /* acc (16 * nv floats) = sum over unmasked l of p[l] * v[l] for bf16 rows `stride` bytes apart; nv a constant at
    each call (4 or 8), so that the sums stay in registers. */
-static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t *m, const char *vb, int64_t length,
+static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t *m, const rows_t *c, int64_t length,
                                       int64_t stride, const int nv) {
     __m512 sum[8];
     for (int i = 0; i < nv; i++) sum[i] = _mm512_setzero_ps();
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
-        const uint16_t *value = (const uint16_t *)(vb + l * stride);
+        const uint16_t *value = (const uint16_t *)value_at(c, l, stride);
         __m512 pv = _mm512_set1_ps(p[l]);
         for (int i = 0; i < nv; i++) sum[i] = _mm512_fmadd_ps(pv, bf16x16(value + 16 * i), sum[i]);
     }
@@ -136,7 +171,7 @@ static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t 
    the dot instruction. The sums come out with each 128-bit lane's 8 dimensions as (0 1 2 3 | 4 5 6 7) of the
    two unpacks: put back in order at the end. */
 static void weighted_pairs_bf16(float *acc, int64_t ds, const float *p, int64_t sl, const float *total, int64_t nj,
-                                const uint8_t *m, const char *vb, int64_t length, int64_t vs) {
+                                const uint8_t *m, const rows_t *c, int64_t length, int64_t vs) {
     __m512 sum[2][8];
     for (int j = 0; j < 2; j++)
         for (int i = 0; i < 8; i++) sum[j][i] = _mm512_setzero_ps();
@@ -144,7 +179,7 @@ static void weighted_pairs_bf16(float *acc, int64_t ds, const float *p, int64_t 
     for (int64_t l = 0; l < length; l += 2) {
         int a = m[l], b = l + 1 < length && m[l + 1];
         if (!a && !b) continue;
-        const uint16_t *v0 = (const uint16_t *)(vb + l * vs), *v1 = (const uint16_t *)(vb + (l + 1) * vs);
+        const uint16_t *v0 = (const uint16_t *)value_at(c, l, vs), *v1 = (const uint16_t *)value_at(c, l + 1, vs);
         __m512i lo[4], hi[4];
         for (int i = 0; i < 4; i++) {
             __m512i r0 = a ? _mm512_loadu_si512(v0 + 32 * i) : zero, r1 = b ? _mm512_loadu_si512(v1 + 32 * i) : zero;
@@ -173,55 +208,130 @@ static void weighted_pairs_bf16(float *acc, int64_t ds, const float *p, int64_t 
 }
 #endif
 
+/* acc[j] (rows ds apart) = sum over unmasked l of p[j][l] * v[l] / total[j] for heads j < nj, bf16 value rows of
+   16 * nv, vs bytes apart: nv and nj constants at each call, so that the nj * nv sums stay in registers. */
+static inline __attribute__((always_inline)) void weighted_group(float *acc, int64_t ds, const float *p, int64_t sl,
+                                                                 const float *total, const uint8_t *m, const rows_t *c,
+                                                                 int64_t length, int64_t vs, const int nv,
+                                                                 const int nj) {
+    __m512 sum[16];
+    for (int i = 0; i < nj * nv; i++) sum[i] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        const uint16_t *value = (const uint16_t *)value_at(c, l, vs);
+        __m512 vv[8];
+        for (int i = 0; i < nv; i++) vv[i] = bf16x16(value + 16 * i);
+        for (int j = 0; j < nj; j++) {
+            __m512 pj = _mm512_set1_ps(p[j * sl + l]);
+            for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_fmadd_ps(pj, vv[i], sum[j * nv + i]);
+        }
+    }
+    for (int j = 0; j < nj; j++) {
+        if (total[j] <= 0) continue;  /* every position masked: zeros */
+        __m512 inv = _mm512_set1_ps(1.0f / total[j]);
+        for (int i = 0; i < nv; i++) _mm512_storeu_ps(acc + j * ds + 16 * i, _mm512_mul_ps(sum[j * nv + i], inv));
+    }
+}
+
+/* a[j * step] (lanes to be summed) = q_j . key for the g query heads of a kv head, dim 16 * nv: from the query in bf16
+   as it is (qb, rows qs apart) by the bf16 dot instruction, else from it in fp32 (qf, rows ds apart) with the
+   key converted once for all of them. */
+static inline __attribute__((always_inline)) void group_dots(__m512 *a, const int step, const uint16_t *key,
+                                                             const float *qf, int64_t ds, const uint16_t *qb,
+                                                             int64_t qs, int64_t g, const int nv) {
+#ifdef __AVX512BF16__
+    (void)qf, (void)ds;
+    __m512bh kp[4];
+    for (int k = 0; k < nv / 2; k++) kp[k] = (__m512bh)_mm512_loadu_si512(key + 32 * k);
+    for (int64_t j = 0; j < g; j++) {
+        const uint16_t *qj = qb + j * qs;
+        __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), kp[0], (__m512bh)_mm512_loadu_si512(qj));
+        __m512 a1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), kp[1], (__m512bh)_mm512_loadu_si512(qj + 32));
+        if (nv == 8) {
+            a0 = _mm512_dpbf16_ps(a0, kp[2], (__m512bh)_mm512_loadu_si512(qj + 64));
+            a1 = _mm512_dpbf16_ps(a1, kp[3], (__m512bh)_mm512_loadu_si512(qj + 96));
+        }
+        a[j * step] = _mm512_add_ps(a0, a1);
+    }
+#else
+    (void)qb, (void)qs;
+    __m512 kv[8];
+    for (int k = 0; k < nv; k++) kv[k] = bf16x16(key + 16 * k);
+    for (int64_t j = 0; j < g; j++) {
+        const float *qj = qf + j * ds;
+        __m512 a0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qj)), a1 = _mm512_mul_ps(kv[1], _mm512_loadu_ps(qj + 16));
+        for (int k = 2; k < nv; k += 2) {
+            a0 = _mm512_fmadd_ps(kv[k], _mm512_loadu_ps(qj + 16 * k), a0);
+            a1 = _mm512_fmadd_ps(kv[k + 1], _mm512_loadu_ps(qj + 16 * k + 16), a1);
+        }
+        a[j * step] = _mm512_add_ps(a0, a1);
+    }
+#endif
+}
+
+/* Scores s[j * sl + l] (-inf where masked) and their maximum top[j] of the g heads, 16 positions at a time: each
+   head's 16 dot products summed across lanes together (lane_sums16), not by a horizontal sum apiece. Measured
+   (Zen 4): a third faster at head dim 64; at 128, where the reads bound the pass, 5% slower: not used there. */
+static inline __attribute__((always_inline)) void group_scores_tiled(const float *qf, int64_t ds, const uint16_t *qb,
+                                                                     int64_t qs, int64_t g, const rows_t *c,
+                                                                     const uint8_t *m, int64_t length, int64_t ks,
+                                                                     int64_t vs, float scale, float *s, int64_t sl,
+                                                                     float *top, const int nv) {
+    __m512 lanes[MAX_GROUP][16], tops[MAX_GROUP];
+    for (int64_t j = 0; j < g; j++) tops[j] = _mm512_set1_ps(-INFINITY);
+    for (int64_t l0 = 0; l0 < length; l0 += 16) {
+        int64_t n = length - l0 < 16 ? length - l0 : 16;
+        __mmask16 seen = 0;
+        for (int64_t i = 0; i < 16; i++) {
+            if (i >= n || !m[l0 + i]) {
+                for (int64_t j = 0; j < g; j++) lanes[j][i] = _mm512_setzero_ps();
+                continue;
+            }
+            seen |= (__mmask16)(1u << i);
+            const uint16_t *key = (const uint16_t *)key_at(c, l0 + i, ks);
+            __builtin_prefetch((const char *)key + 4 * ks, 0, 1);
+            __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2), 0, 1);
+            prefetch_own(c, l0 + i, length, ks, vs, 32 * nv);
+            group_dots(&lanes[0][i], 16, key, qf, ds, qb, qs, g, nv);
+        }
+        for (int64_t j = 0; j < g; j++) {
+            __m512 sc = _mm512_mask_blend_ps(seen, _mm512_set1_ps(-INFINITY),
+                                             _mm512_mul_ps(lane_sums16(lanes[j]), _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(s + j * sl + l0, sc);  /* sl: a multiple of 16 */
+            tops[j] = _mm512_max_ps(tops[j], sc);
+        }
+    }
+    for (int64_t j = 0; j < g; j++) top[j] = _mm512_reduce_max_ps(tops[j]);
+}
+
 /* The query heads [0, g) sharing one kv head of a head-major bf16 cache (grouped-query attention), dim 16 * nv
    (64 or 128): each key and value row is read and converted to fp32 once for all of them (one head at a time, a
    grouped shape ran at half the bytes per second of an ungrouped one: the conversions and each head's one chain
    of multiply-adds bound it). Scores of head j go to s + j * sl; its output to acc + j * ds. */
-static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g,
-                                const char *kb, const char *vb, const uint8_t *m, int64_t length, int64_t ks,
-                                int64_t vs, float scale, float *s, int64_t sl, float *acc, const int nv) {
+static inline __attribute__((always_inline)) void group_two_pass_nv(
+        const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g, const rows_t *c, const uint8_t *m,
+        int64_t length, int64_t ks, int64_t vs, float scale, float *s, int64_t sl, float *acc, const int nv) {
     float top[MAX_GROUP];
-    for (int64_t j = 0; j < g; j++) top[j] = -INFINITY;
-    for (int64_t l = 0; l < length; l++) {
-        if (!m[l]) {
-            for (int64_t j = 0; j < g; j++) s[j * sl + l] = -INFINITY;
-            continue;
-        }
-        const uint16_t *key = (const uint16_t *)(kb + l * ks);
-        __builtin_prefetch((const char *)key + 4 * ks, 0, 1);
-        __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2), 0, 1);
-#ifdef __AVX512BF16__
-        (void)qf;
-        __m512bh kp[4];  /* the key's bf16 pairs, multiplied by the query's (bf16 itself) as they are */
-        for (int i = 0; i < nv / 2; i++) kp[i] = (__m512bh)_mm512_loadu_si512(key + 32 * i);
-        for (int64_t j = 0; j < g; j++) {
-            const uint16_t *qj = qb + j * qs;
-            __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), kp[0], (__m512bh)_mm512_loadu_si512(qj));
-            __m512 a1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), kp[1], (__m512bh)_mm512_loadu_si512(qj + 32));
-            if (nv == 8) {
-                a0 = _mm512_dpbf16_ps(a0, kp[2], (__m512bh)_mm512_loadu_si512(qj + 64));
-                a1 = _mm512_dpbf16_ps(a1, kp[3], (__m512bh)_mm512_loadu_si512(qj + 96));
+    if (nv == 4) {
+        group_scores_tiled(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, top, nv);
+    } else {
+        for (int64_t j = 0; j < g; j++) top[j] = -INFINITY;
+        for (int64_t l = 0; l < length; l++) {
+            if (!m[l]) {
+                for (int64_t j = 0; j < g; j++) s[j * sl + l] = -INFINITY;
+                continue;
             }
-            float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-            s[j * sl + l] = sc;
-            top[j] = sc > top[j] ? sc : top[j];
-        }
-#else
-        (void)qb, (void)qs;
-        __m512 kv[8];
-        for (int i = 0; i < nv; i++) kv[i] = bf16x16(key + 16 * i);
-        for (int64_t j = 0; j < g; j++) {
-            const float *qj = qf + j * ds;
-            __m512 a0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qj)), a1 = _mm512_mul_ps(kv[1], _mm512_loadu_ps(qj + 16));
-            for (int i = 2; i < nv; i += 2) {
-                a0 = _mm512_fmadd_ps(kv[i], _mm512_loadu_ps(qj + 16 * i), a0);
-                a1 = _mm512_fmadd_ps(kv[i + 1], _mm512_loadu_ps(qj + 16 * i + 16), a1);
+            const uint16_t *key = (const uint16_t *)key_at(c, l, ks);
+            __builtin_prefetch((const char *)key + 4 * ks, 0, 1);
+            __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2), 0, 1);
+            __m512 a[MAX_GROUP];
+            group_dots(a, 1, key, qf, ds, qb, qs, g, nv);
+            for (int64_t j = 0; j < g; j++) {
+                float sc = _mm512_reduce_add_ps(a[j]) * scale;
+                s[j * sl + l] = sc;
+                top[j] = sc > top[j] ? sc : top[j];
             }
-            float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-            s[j * sl + l] = sc;
-            top[j] = sc > top[j] ? sc : top[j];
         }
-#endif
     }
     float total[MAX_GROUP];
     for (int64_t j = 0; j < g; j++) {
@@ -233,28 +343,29 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
         int64_t nj = g - j0 < chunk ? g - j0 : chunk;
 #ifdef __AVX512BF16__
         if (nv == 8) {  /* head dim 128: values by pairs of positions (measured 15% faster; slower at 64) */
-            weighted_pairs_bf16(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, nj, m, vb, length, vs);
+            weighted_pairs_bf16(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, nj, m, c, length, vs);
             continue;
         }
 #endif
-        __m512 sum[16];
-        for (int i = 0; i < 16; i++) sum[i] = _mm512_setzero_ps();
-        for (int64_t l = 0; l < length; l++) {
-            if (!m[l]) continue;
-            const uint16_t *value = (const uint16_t *)(vb + l * vs);
-            __m512 vv[8];
-            for (int i = 0; i < nv; i++) vv[i] = bf16x16(value + 16 * i);
-            for (int64_t j = 0; j < nj; j++) {
-                __m512 p = _mm512_set1_ps(s[(j0 + j) * sl + l]);
-                for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_fmadd_ps(p, vv[i], sum[j * nv + i]);
-            }
-        }
-        for (int64_t j = 0; j < nj; j++) {
-            if (total[j0 + j] <= 0) continue;  /* every position masked: zeros */
-            __m512 inv = _mm512_set1_ps(1.0f / total[j0 + j]);
-            for (int i = 0; i < nv; i++) _mm512_storeu_ps(acc + (j0 + j) * ds + 16 * i, _mm512_mul_ps(sum[j * nv + i], inv));
+        switch (nv * 8 + nj) {  /* both constants in each: the sums stay in registers */
+#define CASE(v, h) \
+    case v * 8 + h: \
+        weighted_group(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, m, c, length, vs, v, h); \
+        break;
+            CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) CASE(8, 1) CASE(8, 2)
+#undef CASE
         }
     }
+}
+
+/* group_two_pass_nv with the head dim a constant (the sums held in registers) */
+static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g,
+                                const rows_t *c, const uint8_t *m, int64_t length, int64_t ks, int64_t vs,
+                                float scale, float *s, int64_t sl, float *acc, int64_t nv) {
+    if (nv == 4)
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 4);
+    else
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 8);
 }
 #endif
 
@@ -300,7 +411,7 @@ static inline __attribute__((always_inline)) void key_dots(__m512 *a, const uint
    (length, 16): TILE positions at a time, and within them chunks of heads whose sums stay in registers. (The
    weights in fp32: the bf16 dot instruction on pairs of positions was no faster here.) */
 static inline __attribute__((always_inline)) void weighted_values(float *acc, int64_t ds, const float *p, int64_t nq,
-                                                                  int64_t nkv, int64_t group, const char *vb,
+                                                                  int64_t nkv, int64_t group, const rows_t *c,
                                                                   int64_t vh_s, int64_t vl_s, const uint8_t *m,
                                                                   int64_t length, const int nv) {
     const int hc = nv <= 2 ? 8 : nv <= 4 ? 4 : 2;  /* heads a chunk: at most 16 sums; hc divides 16 */
@@ -316,7 +427,7 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc, in
                     int64_t kh = (c0 + j) / group;
                     kh = kh < nkv ? kh : nkv - 1;
                     if (j == 0 || kh != (c0 + j - 1) / group) {
-                        const char *row = vb + kh * vh_s + l * vl_s;
+                        const char *row = value_at(c, l, vl_s) + kh * vh_s;
                         for (int at = 0; at < 32 * nv; at += 64) __builtin_prefetch(row + TILE * vl_s + at, 0, 1);
                         for (int i = 0; i < nv; i++) vv[i] = bf16x16((const uint16_t *)row + 16 * i);
                     }
@@ -334,23 +445,23 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc, in
    j / group) of a position-major bf16 cache, dim 16 * nv, in two passes. Keys: each position's scores for all
    the block's heads come out as one vector, lane j for head j (lane_sums16), so that the softmax's maximum,
    exponentials and sums run 16 heads at a time and `s` holds (length, 16). Values: TILE positions at a time
-   (weighted_values). Key (kh, l) at kb + kh * kh_s + l * l_s bytes, values alike. Outputs to acc, rows ds
+   (weighted_values). Key (kh, l) at key_at(c, l, l_s) + kh * kh_s, values alike. Outputs to acc, rows ds
    apart (room for 16).
 
    Rows are prefetched into L2, not L1: a position-major walk jumps to a new page at every position, where the
    hardware's prefetchers stop, and L1's few outstanding misses held it at 20 GB/s (2 cores) against 31-35 for
    the same bytes read in order. */
 static inline __attribute__((always_inline)) void block_two_pass_nv(
-        const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv, int64_t group, const char *kb,
-        const char *vb, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s, const uint8_t *m, int64_t length,
-        float scale, float *s, float *acc, const int nv) {
+        const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv, int64_t group, const rows_t *c,
+        int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s, const uint8_t *m, int64_t length, float scale, float *s,
+        float *acc, const int nv) {
     int64_t nq = nkv * group;
     __m512 top = _mm512_set1_ps(-INFINITY), a[16];
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();  /* lanes of heads past nq: scores 0 */
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
         for (int64_t kh = 0; kh < nkv; kh++) {
-            const uint16_t *key = (const uint16_t *)(kb + kh * kh_s + l * l_s);
+            const uint16_t *key = (const uint16_t *)(key_at(c, l, l_s) + kh * kh_s);
             for (int64_t at = 0; at < 32 * nv; at += 64)  /* a run of a few KB a position: latency bounds it */
                 __builtin_prefetch((const char *)key + PREFETCH_AHEAD * l_s + at, 0, 1);
             key_dots(a + kh * group, key, qf + kh * group * ds, ds, qb + kh * group * qs, qs, group, nv);
@@ -369,7 +480,7 @@ static inline __attribute__((always_inline)) void block_two_pass_nv(
     float totals[16];
     _mm512_storeu_ps(totals, total);
     memset(acc, 0, 16 * ds * sizeof(float));
-    weighted_values(acc, ds, s, nq, nkv, group, vb, vh_s, vl_s, m, length, nv);
+    weighted_values(acc, ds, s, nq, nkv, group, c, vh_s, vl_s, m, length, nv);
     for (int64_t j = 0; j < nq; j++) {
         float inv = totals[j] > 0 ? 1.0f / totals[j] : 0.0f;  /* every position masked: zeros */
         for (int64_t d = 0; d < 16 * nv; d++) acc[j * ds + d] *= inv;
@@ -377,13 +488,12 @@ static inline __attribute__((always_inline)) void block_two_pass_nv(
 }
 
 static void block_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv,
-                                int64_t group, const char *kb, const char *vb, int64_t kh_s, int64_t l_s, int64_t vh_s,
-                                int64_t vl_s, const uint8_t *m, int64_t length, float scale, float *s, float *acc,
-                                int64_t nv) {
+                                int64_t group, const rows_t *c, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s,
+                                const uint8_t *m, int64_t length, float scale, float *s, float *acc, int64_t nv) {
     switch (nv) {  /* the head dim a constant in each: the sums' indices known, so that they stay in registers */
 #define CASE(n) \
     case n: \
-        block_two_pass_nv(qf, ds, qb, qs, nkv, group, kb, vb, kh_s, l_s, vh_s, vl_s, m, length, scale, s, acc, n); \
+        block_two_pass_nv(qf, ds, qb, qs, nkv, group, c, kh_s, l_s, vh_s, vl_s, m, length, scale, s, acc, n); \
         break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
@@ -393,7 +503,7 @@ static void block_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
 
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
-static void pair_two_pass(const float *qf, const char *kb, const char *vb, const uint8_t *m, int kind, int64_t item,
+static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, int kind, int64_t item,
                           int64_t length, int64_t dim, int64_t ks, int64_t vs, float scale, float *s, float *row,
                           float *acc) {
     float top = -INFINITY;
@@ -402,10 +512,10 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
             s[l] = -INFINITY;
             continue;
         }
-        const char *key = kb + l * ks * item;
+        const char *key = key_at(c, l, ks * item), *value = value_at(c, l, vs * item);
         for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
             __builtin_prefetch(key + 4 * ks * item + at, 0, 1);
-            __builtin_prefetch(vb + l * vs * item + at, 0, 1);
+            __builtin_prefetch(value + at, 0, 1);
         }
         if (kind == KIND_BF16) {
             s[l] = dot_bf16(qf, (const uint16_t *)key, dim) * scale;
@@ -421,9 +531,9 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
 #ifdef __AVX512F__
     if (kind == KIND_BF16 && (dim == 64 || dim == 128)) {  /* the sums held in registers across positions */
         if (dim == 64)
-            weighted_rows_bf16(acc, s, m, vb, length, vs * item, 4);
+            weighted_rows_bf16(acc, s, m, c, length, vs * item, 4);
         else
-            weighted_rows_bf16(acc, s, m, vb, length, vs * item, 8);
+            weighted_rows_bf16(acc, s, m, c, length, vs * item, 8);
         for (int64_t d = 0; d < dim; d++) acc[d] /= total;
         return;
     }
@@ -431,7 +541,7 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
         float p = s[l];
-        const char *value = vb + l * vs * item;
+        const char *value = value_at(c, l, vs * item);
         if (kind == KIND_BF16) {
             axpy_bf16(acc, p, (const uint16_t *)value, dim);
         } else {
@@ -451,12 +561,15 @@ static void pair_two_pass(const float *qf, const char *kb, const char *vb, const
    are read together: in the position-major cache across a link (l, b, kv_head, d) they are one contiguous
    run, where one head at a time strides a page or more per position (the caller picks block 1 for
    head-major caches, whose heads are apart anyway). `decode_attention_team` runs the items on torch's OpenMP
-   pool; where that pool is not shared, the caller hands out ranges itself (native/__init__.py). */
+   pool; where that pool is not shared, the caller hands out ranges itself (native/__init__.py).
+
+   source (or NULL): per sequence b, the sequence whose rows hold b's positions below `shared`, at `shift[b]`
+   positions earlier (rows_t). The result is the same bits: only where the rows are read from changes. */
 void decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                       const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
-                      int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block, int64_t begin,
-                      int64_t end) {
+                      int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
+                      const int64_t *source, const int64_t *shift, int64_t shared, int64_t begin, int64_t end) {
     int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads;
     int64_t blocks = (kv_heads + block - 1) / block, max_q = block * group;
     /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
@@ -477,12 +590,18 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
             total[j] = 0;
         }
         const char *kb = (const char *)k + b * k_strides[0] * item, *vb = (const char *)v + b * v_strides[0] * item;
+        rows_t c = {kb, vb, kb, vb, 0};
+        if (source && source[b] != b) {  /* positions below `shared`: the source row's, `shift` earlier there */
+            c.k0 = (const char *)k + (source[b] * k_strides[0] - shift[b] * k_strides[2]) * item;
+            c.v0 = (const char *)v + (source[b] * v_strides[0] - shift[b] * v_strides[2]) * item;
+            c.split = shared;
+        }
+        rows_t ch = heads_of(c, kh0 * k_strides[1] * item, kh0 * v_strides[1] * item);
         const uint8_t *m = mask + b * mask_stride;
 #ifdef __AVX512F__
         if (block == 1 && kind == KIND_BF16 && group > 1 && (dim == 64 || dim == 128)) {
             const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
-            group_two_pass_bf16(qf, ds, qb, q_strides[1], nq, kb + kh0 * k_strides[1] * item,
-                                vb + kh0 * v_strides[1] * item, m, length, k_strides[2] * item, v_strides[2] * item,
+            group_two_pass_bf16(qf, ds, qb, q_strides[1], nq, &ch, m, length, k_strides[2] * item, v_strides[2] * item,
                                 scale, scores, sl, acc, dim / 16);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
@@ -493,8 +612,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
 #ifdef __AVX512F__
         if (two_pass) {
             const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
-            block_two_pass_bf16(qf, ds, qb, q_strides[1], kh1 - kh0, group, kb + kh0 * k_strides[1] * item,
-                                vb + kh0 * v_strides[1] * item, k_strides[1] * item, k_strides[2] * item,
+            block_two_pass_bf16(qf, ds, qb, q_strides[1], kh1 - kh0, group, &ch, k_strides[1] * item, k_strides[2] * item,
                                 v_strides[1] * item, v_strides[2] * item, m, length, scale, scores, acc, dim / 16);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
@@ -504,7 +622,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
 #endif
         if (block == 1) {
             for (int64_t j = 0; j < nq; j++) {
-                pair_two_pass(qf + j * ds, kb + kh0 * k_strides[1] * item, vb + kh0 * v_strides[1] * item, m, kind,
+                pair_two_pass(qf + j * ds, &ch, m, kind,
                               item, length, dim, k_strides[2], v_strides[2], scale, scores, row, acc);
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim, acc);
             }
@@ -516,8 +634,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
         for (int64_t l = 0; l < length; l++) {
             if (!m[l]) continue;
             for (int64_t kh = kh0; kh < kh1; kh++) {
-                const char *key = kb + (kh * k_strides[1] + l * k_strides[2]) * item;
-                const char *value = vb + (kh * v_strides[1] + l * v_strides[2]) * item;
+                const char *key = key_at(&c, l, k_strides[2] * item) + kh * k_strides[1] * item;
+                const char *value = value_at(&c, l, v_strides[2] * item) + kh * v_strides[1] * item;
                 for (int64_t at = 0; at < dim * item; at += 64) {  /* latency, not bandwidth, bounds a lone walk */
                     __builtin_prefetch(key + 4 * k_strides[2] * item + at, 0, 1);
                     __builtin_prefetch(value + 4 * v_strides[2] * item + at, 0, 1);
@@ -563,12 +681,12 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
 void decode_attention_team(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
-                           int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block, int64_t items,
-                           int threads) {
+                           int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
+                           const int64_t *source, const int64_t *shift, int64_t shared, int64_t items, int threads) {
     int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
     for (int64_t r = 0; r < ranges; r++)
         decode_attention(q, k, v, mask, out, kind, batch, heads, kv_heads, length, dim, q_strides, k_strides,
-                         v_strides, mask_stride, out_strides, scale, block, r * step,
+                         v_strides, mask_stride, out_strides, scale, block, source, shift, shared, r * step,
                          (r + 1) * step < items ? (r + 1) * step : items);
 }

@@ -47,6 +47,8 @@ struct step {  /* what changes from step to step: shared by a batch's layers */
     const void *cos, *sin;  /* (rows, dim) each, or NULL: no rotary embedding */
     const uint8_t *mask;  /* (rows, mask_stride): position l of row r seen when nonzero, l <= start */
     int64_t mask_stride, start;
+    const int64_t *source, *shift;  /* a shared prompt prefix's rows (attention.c), or NULL */
+    int64_t shared;
     int64_t threads, silu_chunk;  /* the teams' threads; SiLU's values per thread as torch splits them */
 };
 
@@ -64,8 +66,8 @@ void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16
 void decode_attention_team(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
-                           int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block, int64_t items,
-                           int threads);
+                           int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
+                           const int64_t *source, const int64_t *shift, int64_t shared, int64_t items, int threads);
 
 /* ---- SiLU(gate) * up as torch's in-place ops give it -------------------------------------------------------- */
 
@@ -223,8 +225,8 @@ static void decode_layer(const struct layer *L, const struct step *S) {
     int64_t qst[3] = {L->heads * d, d, d}, ost[3] = {L->heads * d, d, d};
     int64_t items = r * ((L->kv_heads + L->block - 1) / L->block);
     decode_attention_team(qs, L->k_cache, L->v_cache, S->mask, attn, L->kind, r, L->heads, L->kv_heads, S->start + 1,
-                          d, qst, L->k_strides, L->v_strides, S->mask_stride, ost, L->scale, L->block, items,
-                          (int)S->threads);
+                          d, qst, L->k_strides, L->v_strides, S->mask_stride, ost, L->scale, L->block, S->source,
+                          S->shift, S->shared, items, (int)S->threads);
     linears(L, S, (int[]){O}, 1, attn, (void *[]){o});
     add_into(S->h, o, L->kind, r * L->hidden);
 
