@@ -58,3 +58,17 @@ def test_decode_steps_captured_as_graphs_pay_no_schedule_overhead(monkeypatch):
     assert predict(CONFIG, WORK, offloaded, hw).decode_by["overhead"] > 0
     monkeypatch.setenv("FLEXGEN_LITE_CUDA_GRAPHS", "0")
     assert predict(CONFIG, WORK, resident, hw).decode_by["overhead"] > 0
+
+
+def test_a_shared_prefix_crosses_the_link_once_per_part():
+    """Cache in host RAM attended on the GPU: a prompt prefix shared by the block's rows is read over the link for
+    one row of each part (KVCache.prefix_reads); the rest of every row as before. Disk parts read it whole."""
+    hw = synthetic_profile(cuda=True)
+    host = Policy(gpu_batch_size=32, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100, dtype="float16")
+    whole, shared = (predict(CONFIG, Workload(512, 32, 64, shared_len=n), host, hw).decode_by["link"]
+                     for n in (0, 448))
+    mean = 512 + 32 / 2  # the cache's mean length over the decode steps
+    assert abs(shared / whole - ((mean - 448) * 64 + 448 * 2) / (mean * 64)) < 1e-9
+    unshared = predict(CONFIG, Workload(512, 32, 64, shared_len=448), dataclasses.replace(host, share_prefix=False),
+                       hw).decode_by["link"]
+    assert unshared == whole

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.engine import cache_attention
 from flexgen_lite.engine.decode_fused import FusedDecode
+from flexgen_lite.engine.kv_cache import KVCache
 from flexgen_lite.engine.shared_prefix import shared_rows
+from flexgen_lite.engine.trace import NULL
 from flexgen_lite.kernels import native
 
 from .conftest import FAMILY_CONFIGS, hf_greedy, make_checkpoint, other_native_build
@@ -170,3 +173,47 @@ def test_the_fused_step_reads_a_blocks_prefix_from_one_row(tiny_models, monkeypa
     fused = generate(model, policy, True, SHARED_PROMPTS)
     assert all_fused(fused[2])
     assert_identical(fused, eager)
+
+
+def _spoiling_loads(monkeypatch) -> list[int]:
+    """KVCache.load, spoiling first the home copies (host RAM) of the shared positions its prefix reads skip;
+    the parts read with a prefix are counted."""
+    real, reads = KVCache.load, []
+
+    def spoiling(self, layer, batch, length, slots, parity, trace=NULL, prefixes=None):
+        for i, prefix in (prefixes or {}).items():
+            part = self.parts[layer][batch][i]
+            for store in (part.k, part.v):
+                for component in getattr(store, "stores", [store]):
+                    for row in range(component.positions.shape[1]):
+                        if row != prefix.source:  # its own padding included: masked
+                            component.positions[:prefix.columns, row] = spoiled(component.dtype)
+            reads.append(i)
+        return real(self, layer, batch, length, slots, parity, trace, prefixes)
+
+    monkeypatch.setattr(KVCache, "load", spoiling)
+    return reads
+
+
+def spoiled(dtype: torch.dtype):
+    return float("nan") if dtype.is_floating_point else 255
+
+
+@pytest.mark.parametrize("name,compress", [("cache-cpu", False), ("cache-split-3-tiers", False),
+                                           ("cache-cpu", True)], ids=str)
+def test_across_a_link_the_prefix_crosses_it_for_one_row(tiny_models, shared_references, monkeypatch, name,
+                                                         compress):
+    """cpu+link: the cache parts in host RAM, attended on the device, bring the shared positions over the link
+    for one row and spread them there: with the other rows' home copies spoiled (codes, scales and minima of a
+    4-bit cache too), the tokens and logits are still transformers' (4-bit: the same run unspoiled). Attention
+    reads every row's own positions here, as on a GPU (on cpu+link the C kernel would read the source's)."""
+    policy = dataclasses.replace(POLICIES[name], compress_cache=compress)
+    want_ids, want_logits = run(tiny_models["llama3"][0], policy, "cpu+link")[:2] if compress else \
+        shared_references["llama3"]
+    reads = _spoiling_loads(monkeypatch)
+    monkeypatch.setattr(cache_attention, "part_shared", lambda *_: (None, 0.0))  # as on a GPU: each row's own
+    ids, logits, shared = run(tiny_models["llama3"][0], policy, "cpu+link")
+    assert all(shared) and reads
+    assert ids == want_ids
+    for ours, theirs in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)

@@ -129,11 +129,18 @@ def _cache_bytes_read_per_step(m: FlexGenLite, mean_len: float) -> float:
     cache = m.engine.cache
     total = 0.0
     for per_batch in cache.parts:
-        for parts in per_batch:
-            for p in parts:
+        for b, parts in enumerate(per_batch):
+            for i, p in enumerate(parts):
                 if p.tier == "disk" or not p.direct:
-                    total += (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len
+                    total += (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len * _read_share(m, b, i, mean_len)
     return total
+
+
+def _read_share(m: FlexGenLite, b: int, i: int, mean_len: float) -> float:
+    """The share of part i of batch b's positions a load moves: where its rows share a prompt prefix read for one
+    row (KVCache.prefix_reads, the last block's), less than all."""
+    prefix = m.engine.prefix_reads.get(b, {}).get(i)
+    return 1.0 if prefix is None else prefix.moved(mean_len)
 
 
 def _link_and_disk_bytes_per_step(m: FlexGenLite, mean_len: float) -> tuple[float, float]:
@@ -143,11 +150,11 @@ def _link_and_disk_bytes_per_step(m: FlexGenLite, mean_len: float) -> tuple[floa
     disk = float(weight_bytes(weights, "disk"))
     link = weight_bytes(weights, "cpu") + disk if cuda else 0.0
     for per_batch in cache.parts:
-        for parts in per_batch:
-            for p in parts:
+        for b, parts in enumerate(per_batch):
+            for i, p in enumerate(parts):
                 nbytes = (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len
                 disk += nbytes if p.tier == "disk" else 0
-                link += nbytes if cuda and p.tier != "gpu" and not p.on_cpu else 0
+                link += nbytes * _read_share(m, b, i, mean_len) if cuda and p.tier != "gpu" and not p.on_cpu else 0
     return link, disk
 
 

@@ -67,6 +67,7 @@ class Engine:
         self.times = StepTimes()
         self._score = None  # run's `score`
         self._prefix: SharedPrefix | None = None  # the running prefill's shared prefix
+        self.prefix_reads: dict[int, dict] = {}  # per batch: KVCache.prefix_reads of the running block
         # per layer, its weights when all are usable where they are (nothing to fetch, wait for or release)
         self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
                          for w in weights]
@@ -129,6 +130,8 @@ class Engine:
         acts = self.acts.reset()
         self.times = StepTimes(shared=block.shared)
         self.logits = [] if keep_logits else None
+        self.prefix_reads = {b: self.cache.prefix_reads(b, block.host_pad()[block.rows(b)], block.shared)
+                              for b in range(self.policy.num_gpu_batches)} if block.shared else {}
         for step in range(block.gen_len):
             if bool(block.finished.all()):
                 break
@@ -378,7 +381,8 @@ class Engine:
 
     def _load_cache(self, layer: int, b: int, length: int, parity: int, after):
         with self.device.on_copy_stream(after, "cache") as done:
-            return self.cache.load(layer, b, length, self.cache_slots, parity, self.trace), done()
+            return self.cache.load(layer, b, length, self.cache_slots, parity, self.trace,
+                                   self.prefix_reads.get(b)), done()
 
     def _store_cache(self, layer: int, b: int, part, k_new, v_new, start: int) -> None:
         """Write new cache entries home. Memory in stream order (across the link: one asynchronous copy into

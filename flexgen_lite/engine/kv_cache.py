@@ -20,6 +20,7 @@ from ..kernels.compression import CompressionConfig, QuantizedTensor, compressed
 from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
 from .policy import split_counts
+from .shared_prefix import shared_rows
 from .storage import DiskStore, MemoryLedger, Staging
 from .trace import CACHE_LOAD, NULL
 
@@ -64,11 +65,18 @@ class Store:
         self.mapped = home == "mapped"
         self.position_major = home in ("host", "file")
 
-    def read(self, dst: torch.Tensor, length: int, staging: Staging | None, to_device: bool) -> None:
+    def read(self, dst: torch.Tensor, length: int, staging: Staging | None, to_device: bool,
+             prefix: PrefixRead | None = None) -> None:
         """Copy positions [0, length) into `dst`, laid out as `position_shape`: one contiguous copy from host
-        RAM, or a file read (`to_device`: into staging, then one copy to the compute device)."""
+        RAM, or a file read (`to_device`: into staging, then one copy to the compute device). From host RAM
+        with a shared `prefix`, its positions are copied for one row and spread to the others on the device."""
         assert self.position_major, "read() is for stores across the link; the others are used in place"
-        if self.positions is not None:
+        if self.positions is not None and prefix is not None and length > prefix.columns:
+            c = prefix.columns
+            dst[c:length].copy_(self.positions[c:length], non_blocking=True)
+            dst[:c, prefix.source].copy_(self.positions[:c, prefix.source], non_blocking=True)
+            dst[:c].copy_(dst[:c, prefix.source][prefix.index])
+        elif self.positions is not None:
             dst[:length].copy_(self.positions[:length], non_blocking=True)
         elif not to_device:
             self.file.read_into(dst[:length])
@@ -120,13 +128,13 @@ class QuantizedStore:
         self.nbytes = sum(s.nbytes for s in self.stores)
 
     def read(self, dst: torch.Tensor, length: int, staging: Staging | None, scratch: list[torch.Tensor],
-             to_device: bool) -> None:
+             to_device: bool, prefix: PrefixRead | None = None) -> None:
         """Dequantize positions [0, length) into dst; `scratch` holds one buffer per component stored
         across the link (in its position_shape)."""
         parts = []
         for store, buf in zip(self.stores, scratch, strict=True):
             if store.position_major:
-                store.read(buf, length, staging, to_device)
+                store.read(buf, length, staging, to_device, prefix)
                 parts.append(buf[:length].permute(1, 2, 0, 3))
             else:
                 parts.append(store.tensor[:, :, :length])
@@ -157,6 +165,34 @@ class QuantizedStore:
 
     def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         return [(n, s.position_shape, s.dtype) for n, s in zip(("codes", "scale", "min"), self.stores, strict=True)]
+
+
+@dataclass
+class PrefixRead:
+    """A shared prompt prefix (engine/shared_prefix.py) in a part's rows: its positions [0, columns) are alike in
+    every row but shifted by the rows' pads, so across the link they are read for row `source` alone and spread
+    to the others on the compute device: row r's position l is the source's index[l, r] (its own padding,
+    masked, reads anything)."""
+
+    source: int
+    index: torch.Tensor  # (columns, rows) on the compute device
+    columns: int
+
+    @classmethod
+    def of_rows(cls, pad: torch.Tensor, columns: int, device: torch.device) -> PrefixRead | None:
+        """For rows left-padded by `pad` (host) whose columns [pad, columns) hold the prefix; None when no two
+        rows share a position."""
+        shared = shared_rows(pad, columns)
+        if shared is None:
+            return None
+        source, shift, _ = shared
+        index = (torch.arange(columns)[:, None] - shift[None]).clamp(min=0)
+        return cls(int(source[0]), index.to(device), columns)
+
+    def moved(self, length: float) -> float:
+        """The share of the part's positions [0, length) that crosses the link."""
+        rows = self.index.shape[1]
+        return ((length - self.columns) * rows + self.columns) / (length * rows)
 
 
 @dataclass
@@ -253,20 +289,35 @@ class KVCache:
         return CachePart(tier, rows, k, v, on_cpu, direct)
 
     def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int,
-             trace=NULL) -> list[CacheView]:
+             trace=NULL, prefixes: dict[int, PrefixRead] | None = None) -> list[CacheView]:
         """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled.
-        `trace` gets a span per part read, copied or decompressed (bytes: its stored K and V up to length)."""
+        `trace` gets a span per part read, copied or decompressed (bytes: its stored K and V up to length).
+        prefixes: by part index, a shared prefix of its rows (`prefix_reads`)."""
         views = []
         for i, part in enumerate(self.parts[layer][batch]):
             if part.direct and not (part.k.mapped or part.v.mapped):  # used in place: nothing moves
                 views.append(CacheView(part, part.k.tensor, part.v.tensor))
                 continue
+            prefix = (prefixes or {}).get(i)
+            nbytes = part.nbytes_at(length) * (1 if prefix is None else prefix.moved(length))
             stream = None if part.on_cpu else "copy:cache"  # CPU attention's parts are read on the host
-            with trace.span(CACHE_LOAD[part.tier], part.nbytes_at(length), stream=stream):
-                views.append(self._load_part(i, part, length, slots, parity))
+            with trace.span(CACHE_LOAD[part.tier], int(nbytes), stream=stream):
+                views.append(self._load_part(i, part, length, slots, parity, prefix))
         return views
 
-    def _load_part(self, i: int, part: CachePart, length: int, slots: CacheSlots, parity: int) -> CacheView:
+    def prefix_reads(self, batch: int, pad: torch.Tensor, columns: int) -> dict[int, PrefixRead]:
+        """The parts of `batch` (rows left-padded by `pad`, on the host) read from host RAM across the link, whose
+        rows share a prompt prefix of `columns` columns: each its PrefixRead (the same for every layer)."""
+        out = {}
+        for i, part in enumerate(self.parts[0][batch]):
+            if not part.direct and not part.on_cpu and part.tier == "cpu" and self.device.host_is_separate:
+                prefix = PrefixRead.of_rows(pad[part.rows], columns, self.device.device)
+                if prefix is not None:
+                    out[i] = prefix
+        return out
+
+    def _load_part(self, i: int, part: CachePart, length: int, slots: CacheSlots, parity: int,
+                   prefix: PrefixRead | None = None) -> CacheView:
         """One part: a mapped disk part's pages faulted in; any other read, copied or decompressed into slots.
         A part across the link is copied position-major (contiguous) and attended through a strided view."""
         if part.direct:
@@ -278,11 +329,11 @@ class KVCache:
             if isinstance(store, QuantizedStore):
                 view = buf
                 if length:
-                    store.read(buf, length, slots.staging, scratch, not part.on_cpu)
+                    store.read(buf, length, slots.staging, scratch, not part.on_cpu, prefix)
             else:
                 view = buf.permute(1, 2, 0, 3)
                 if length:
-                    store.read(buf, length, slots.staging, not part.on_cpu)
+                    store.read(buf, length, slots.staging, not part.on_cpu, prefix)
             store.release()
             views.append(view)
         return CacheView(part, *views)

@@ -145,6 +145,13 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     return seg
 
 
+def _link_cache_bytes(s: Setup, tier: str, rows: float, loads: float, stored: float, length: float) -> float:
+    """Cache bytes a decode step's loads of a tier's parts bring over the link: from host RAM, a shared prompt
+    prefix's positions for one row of each part (KVCache.prefix_reads), the others' rest."""
+    shared = min(shared_positions(s), length) if tier == "cpu" else 0
+    return rows * stored * (1 - shared / length) + loads * stored * shared / length
+
+
 def shared_positions(s: Setup) -> int:
     """Prompt positions the prefill computes once per block (the engine shares MIN_SHARED or more)."""
     shared = s.workload.shared_len
@@ -245,7 +252,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
                 if not s.disk_cached:
                     seg.add("disk", rows * stored / hw.disk_read, waits=True)
             if s.cuda and not on_cpu and not in_place:  # position-major prefixes, page-locked: one DMA each
-                seg.add("link", rows * stored / hw.h2d_pinned, waits=True)
+                seg.add("link", _link_cache_bytes(s, tier, rows, loads, stored, length) / hw.h2d_pinned, waits=True)
             if s.ccomp is not None:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
