@@ -74,8 +74,8 @@ class Store:
         if self.positions is not None and prefix is not None and length > prefix.columns:
             c = prefix.columns
             dst[c:length].copy_(self.positions[c:length], non_blocking=True)
-            dst[:c, prefix.source].copy_(self.positions[:c, prefix.source], non_blocking=True)
-            dst[:c].copy_(dst[:c, prefix.source][prefix.index])
+            one = self.positions[:c, prefix.source].to(dst.device, non_blocking=True)  # (c, kv_heads, D)
+            torch.index_select(one, 0, prefix.index.view(-1), out=dst[:c].view(-1, *dst.shape[2:]))
         elif self.positions is not None:
             dst[:length].copy_(self.positions[:length], non_blocking=True)
         elif not to_device:
@@ -175,7 +175,7 @@ class PrefixRead:
     masked, reads anything)."""
 
     source: int
-    index: torch.Tensor  # (columns, rows) on the compute device
+    index: torch.Tensor  # (columns, rows) on the compute device, contiguous
     columns: int
 
     @classmethod
