@@ -75,6 +75,7 @@ def _f(text: str) -> list[str]:
 OPT13_CPU = "--percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4"
 # FlexGen's paper policy for OPT-30B is 48 x 3; its cache (108 GB at 544 positions) and 80% of the weights
 # (48 GB) take 156 GB of host RAM (the paper's T4 host had 208 GB): on a 128 GiB host one GPU batch of 48 fits.
+OPT67_CPU_CACHE = "--percent 100 0 0 100 100 0 --gpu-batch-size 32 --num-gpu-batches 4"
 OPT30_PAPER = "--percent 20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 1 --cpu-cache-compute"
 
 # In run order: the peer rows, then FlexGen's scale, then the rest; under the time limit a row whose predicted
@@ -116,6 +117,12 @@ GPU_ROWS = [
         "weights on a cold disk: layer extents read with O_DIRECT into pinned staging (disk bound)", expect_s=150),
     Row("opt-13b-cpu-weights-cpu-attn", "facebook/opt-13b", _f(OPT13_CPU + " --cpu-cache-compute"), 150,
         "cache on the GPU: the flag has nothing to do; should match opt-13b-cpu-weights", expect_s=45),
+    Row("opt-6.7b-cpu-cache-shared-prefix", "facebook/opt-6.7b", _f(OPT67_CPU_CACHE + " --shared-prefix 448"), 120,
+        "prompts sharing 448 of 512 tokens, cache on the CPU: the prefix over the link for one row a part",
+        expect_s=25),
+    Row("opt-6.7b-cpu-cache-whole-prompts", "facebook/opt-6.7b", _f(OPT67_CPU_CACHE + " --shared-prefix 448 "
+        "--no-share-prefix"), 150, "the same prompts computed and read whole (35 GB of cache over the link a step)",
+        expect_s=60),
 ]
 
 # The same rows on tiny checkpoints (written by the suite), on the CPU: same names, flags scaled down; OPT-175B's
@@ -142,6 +149,10 @@ _SMOKE = {
                                    "--cold-disk"),
     "opt-13b-cpu-weights-cpu-attn": ("tiny-opt", "--percent 0 100 100 0 100 0 --gpu-batch-size 4 "
                                      "--num-gpu-batches 2 --cpu-cache-compute"),
+    "opt-6.7b-cpu-cache-shared-prefix": ("tiny-opt", "--percent 100 0 0 100 100 0 --gpu-batch-size 4 "
+                                         "--num-gpu-batches 2 --shared-prefix 24"),
+    "opt-6.7b-cpu-cache-whole-prompts": ("tiny-opt", "--percent 100 0 0 100 100 0 --gpu-batch-size 4 "
+                                         "--num-gpu-batches 2 --shared-prefix 24 --no-share-prefix"),
 }
 SMOKE_ROWS = []
 for _row in GPU_ROWS:
