@@ -201,18 +201,21 @@ def spoiled(dtype: torch.dtype):
 
 @pytest.mark.parametrize("name,compress", [("cache-cpu", False), ("cache-split-3-tiers", False),
                                            ("cache-cpu", True)], ids=str)
-def test_across_a_link_the_prefix_crosses_it_for_one_row(tiny_models, shared_references, monkeypatch, name,
-                                                         compress):
+def test_across_a_link_the_prefix_crosses_it_for_one_row(tiny_models, shared_references, compute_device,
+                                                         monkeypatch, name, compress):
     """cpu+link: the cache parts in host RAM, attended on the device, bring the shared positions over the link
     for one row and spread them there: with the other rows' home copies spoiled (codes, scales and minima of a
-    4-bit cache too), the tokens and logits are still transformers' (4-bit: the same run unspoiled). Attention
-    reads every row's own positions here, as on a GPU (on cpu+link the C kernel would read the source's)."""
+    4-bit cache too), the tokens and logits are still transformers' (4-bit, or on a GPU: the same prompts
+    computed whole there). Attention reads every row's own positions here, as on a GPU (on cpu+link the C kernel
+    would read the source's). On a GPU (`pytest --device cuda`) the link is real."""
+    device = "cpu+link" if compute_device == "cpu" else compute_device
     policy = dataclasses.replace(POLICIES[name], compress_cache=compress)
-    want_ids, want_logits = run(tiny_models["llama3"][0], policy, "cpu+link")[:2] if compress else \
-        shared_references["llama3"]
+    whole = dataclasses.replace(policy, share_prefix=False)
+    want_ids, want_logits = run(tiny_models["llama3"][0], whole, device)[:2] if compress or device != "cpu+link" \
+        else shared_references["llama3"]
     reads = _spoiling_loads(monkeypatch)
     monkeypatch.setattr(cache_attention, "part_shared", lambda *_: (None, 0.0))  # as on a GPU: each row's own
-    ids, logits, shared = run(tiny_models["llama3"][0], policy, "cpu+link")
+    ids, logits, shared = run(tiny_models["llama3"][0], policy, device)
     assert all(shared) and reads
     assert ids == want_ids
     for ours, theirs in zip(logits, want_logits, strict=True):
