@@ -69,6 +69,16 @@ FAMILY_CONFIGS = {
     "mistral-nemo": dict(model_type="mistral", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, intermediate_size=256, max_position_embeddings=64,
                          sliding_window=None),
+    # Phi-3: q, k, v in one stored matrix, gate and up in another (sliding_window past the context: unused)
+    "phi3": dict(model_type="phi3", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, sliding_window=64,
+                 pad_token_id=1),
+    # Phi-3.5's LongRoPE: per-frequency short factors and an attention factor (original context 32 of 64)
+    "phi3-longrope": dict(model_type="phi3", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, intermediate_size=256, max_position_embeddings=64,
+                          original_max_position_embeddings=32, sliding_window=64, pad_token_id=1,
+                          rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(16)],
+                                        "long_factor": [4.0] * 16}),
 }
 
 

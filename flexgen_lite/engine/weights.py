@@ -58,10 +58,13 @@ class CheckpointSource(WeightSource):
         self.checkpoint = checkpoint
 
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
-        shape = self.checkpoint.shape(spec.hf_name)
-        if shape != spec.shape:
-            raise ModelError(f"{spec.hf_name} has shape {shape}, the config implies {spec.shape}")
-        return self.checkpoint.read(spec.hf_name, start, stop)
+        name, first, rows = spec.stored
+        shape = self.checkpoint.shape(name)
+        if shape != (rows, *spec.shape[1:]):
+            implied = (rows, *spec.shape[1:])
+            what = "" if name == spec.hf_name else f" (rows {first}:{first + spec.shape[0]} of it for {spec.name})"
+            raise ModelError(f"{name} has shape {shape}, the config implies {implied}{what}")
+        return self.checkpoint.read(name, first + start, first + stop)
 
 
 class GGUFSource(WeightSource):
@@ -76,14 +79,15 @@ class GGUFSource(WeightSource):
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
         from ..models.gguf_file import read_gguf_tensor
 
-        if self.last is None or self.last[0] != spec.hf_name:
-            if spec.hf_name not in self.plan:
-                raise ModelError(f"{self.path} lacks the tensor {spec.hf_name!r}")
-            self.last = (spec.hf_name, read_gguf_tensor(self.plan[spec.hf_name]))
+        name, first, _ = spec.stored
+        if self.last is None or self.last[0] != name:
+            if name not in self.plan:
+                raise ModelError(f"{self.path} lacks the tensor {name!r}")
+            self.last = (name, read_gguf_tensor(self.plan[name]))
         tensor = self.last[1]
-        if stop >= tensor.shape[0]:
+        if first + stop >= tensor.shape[0]:
             self.last = None  # read to its end: not held after its placement (a head in fp32 is 2 GB at 8B)
-        return tensor[start:stop]
+        return tensor[first + start:first + stop]
 
     def groups(self, spec: WeightSpec, compression: CompressionConfig) -> QuantizedTensor | None:
         """A Q4_0/Q4_1/Q4_K matrix as it is stored, when `compression` is 4-bit groups of 32 along the input

@@ -13,7 +13,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, smollm2)
+    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, phi3, smollm2)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -36,6 +36,7 @@ class ModelConfig:
     embed_dim: int = 0  # OPT word_embed_proj_dim; 0 means hidden_size
     head_size: int = 0  # each head's width where heads x it is not hidden_size (Qwen3); 0: hidden / heads
     qk_norm: bool = False  # Qwen3: q and k RMS-normalised per head (weights of head_dim) before rotary
+    fused_projections: bool = False  # Phi-3: q, k, v stored as one matrix, gate and up as another
     windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
     tie_embeddings: bool = True
     bos_token_id: int | None = None
@@ -115,11 +116,18 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None
-    if kind not in ("llama3", "linear", "yarn"):
-        raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, yarn, llama3)")
+    if kind not in ("llama3", "linear", "yarn", "longrope"):
+        raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, yarn, llama3, longrope)")
+    scaling = dict(scaling)
+    if kind == "longrope":  # Phi-3: the original context may be a top-level field; the factor derives from both
+        scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings"))
+        scaling.setdefault("max_position_embeddings", c.get("max_position_embeddings"))
+        if not all(scaling.get(k) for k in ("short_factor", "original_max_position_embeddings")):
+            raise ModelError("longrope scaling without short_factor or original_max_position_embeddings: the config "
+                             "is incomplete")
     if kind == "yarn" and not scaling.get("original_max_position_embeddings"):
         raise ModelError("yarn rope scaling without original_max_position_embeddings: the config is incomplete")
-    return float(theta), dict(scaling)
+    return float(theta), scaling
 
 
 def _full_attention_context(c: dict) -> int:
@@ -127,6 +135,10 @@ def _full_attention_context(c: dict) -> int:
     window (Mistral v0.1: 4096 of 32768; Qwen2/3 with use_sliding_window). Attention here is always full, so past
     the window the outputs would not be the model's: the window is the context."""
     context = c.get("max_position_embeddings", 4096)
+    scaling = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":  # past it the model's long factors take over
+        context = min(context, scaling.get("original_max_position_embeddings")
+                      or c.get("original_max_position_embeddings") or context)
     window = c.get("sliding_window")
     if c["model_type"] in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
         window = None
@@ -140,6 +152,10 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
+    partial = c.get("partial_rotary_factor", (c.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ModelError(f"rotary embeddings over part of each head (partial_rotary_factor {partial}, as Phi-4-mini) "
+                         "are not supported")
     theta, scaling = _rope_settings(c)
     qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
     return ModelConfig(
@@ -149,6 +165,7 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         max_positions=context, windowed=context < c.get("max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
+        fused_projections=c["model_type"] == "phi3",
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,
         out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
         tie_embeddings=c.get("tie_word_embeddings", False),
@@ -158,7 +175,7 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
 
 
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
-            "qwen3": _llama_config}
+            "qwen3": _llama_config, "phi3": _llama_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

@@ -75,6 +75,8 @@ def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
         return inv / s["factor"]
     if kind == "yarn":
         return _yarn(inv, s, config)
+    if kind == "longrope":  # Phi-3 within its original context: each frequency divided by its short factor
+        return inv / torch.tensor(s["short_factor"], dtype=torch.float32, device=device)
     if s:  # llama3: keep high frequencies, divide low ones by factor, blend between
         factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         old_len = s["original_max_position_embeddings"]
@@ -109,12 +111,18 @@ def _yarn(inv: torch.Tensor, s: dict, config: ModelConfig) -> torch.Tensor:
 
 
 def rope_scale(config: ModelConfig) -> float:
-    """What cos and sin are multiplied by: YaRN's attention factor (0.1 ln(factor) + 1, or as configured), else 1."""
+    """What cos and sin are multiplied by: YaRN's attention factor (0.1 ln(factor) + 1, or as configured),
+    LongRoPE's (sqrt(1 + ln(factor) / ln(original context))), else 1."""
     s = config.rope_scaling or {}
-    if s.get("rope_type", s.get("type")) != "yarn":
+    kind = s.get("rope_type", s.get("type"))
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
+    if kind == "longrope":
+        old = s["original_max_position_embeddings"]
+        factor = s.get("factor") or (s.get("max_position_embeddings") or old) / old
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old))
 
     def mscale(factor: float, m: float = 1.0) -> float:
         return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0

@@ -1,8 +1,14 @@
-"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2): canonical weight names -> HF checkpoint names."""
+"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3): canonical weight names -> HF checkpoint names.
+Phi-3 stores q, k, v as one matrix and gate, up as another: each of ours is a range of its rows (specs.rows_of)."""
 
 from __future__ import annotations
 
 from .config import ModelConfig
+
+
+def rows_of(name: str, first: int, count: int, total: int) -> str:
+    """The hf_name of rows [first, first + count) of the stored tensor `name` of `total` rows (WeightSpec.stored)."""
+    return f"{name}[{first}:{first + count} of {total}]"
 
 
 def embed_names(config: ModelConfig) -> dict[str, str]:
@@ -14,6 +20,12 @@ def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
     names = {"norm.weight": p + "input_layernorm.weight"}
     for ours in ("q", "k", "v", "o"):
         names[f"{ours}.weight"] = f"{p}self_attn.{ours}_proj.weight"
+    if config.fused_projections:
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        qkv = p + "self_attn.qkv_proj.weight"
+        total = q + 2 * kv
+        names.update({"q.weight": rows_of(qkv, 0, q, total), "k.weight": rows_of(qkv, q, kv, total),
+                      "v.weight": rows_of(qkv, q + kv, kv, total)})
     for ours in ("q", "k", "v") if config.qkv_bias else ():
         names[f"{ours}.bias"] = f"{p}self_attn.{ours}_proj.bias"
     if config.out_bias:
@@ -30,6 +42,9 @@ def mlp_names(config: ModelConfig, i: int) -> dict[str, str]:
         names[f"{ours}.weight"] = f"{p}mlp.{ours}_proj.weight"
         if config.mlp_bias:
             names[f"{ours}.bias"] = f"{p}mlp.{ours}_proj.bias"
+    if config.fused_projections:  # gate first, then up (transformers' Phi3MLP chunks it so)
+        f, fused = config.intermediate_size, p + "mlp.gate_up_proj.weight"
+        names.update({"gate.weight": rows_of(fused, 0, f, 2 * f), "up.weight": rows_of(fused, f, f, 2 * f)})
     return names
 
 

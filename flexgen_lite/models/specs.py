@@ -17,8 +17,17 @@ NAMES = {"opt": opt, "llama": llama}
 @dataclass(frozen=True)
 class WeightSpec:
     name: str  # canonical name within its layer, e.g. "q.weight"
-    hf_name: str  # name in the checkpoint
+    hf_name: str  # name in the checkpoint; rows of a fused tensor (Phi-3's qkv_proj): "name[a:b of n]" (rows_of)
     shape: tuple[int, ...]
+
+    @property
+    def stored(self) -> tuple[str, int, int]:
+        """(the checkpoint tensor holding this weight, the first of its rows there, its rows in all)."""
+        if not self.hf_name.endswith("]"):
+            return self.hf_name, 0, self.shape[0]
+        name, rows = self.hf_name[:-1].rsplit("[", 1)
+        span, total = rows.split(" of ")
+        return name, int(span.split(":")[0]), int(total)
 
 
 @dataclass(frozen=True)

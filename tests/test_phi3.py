@@ -1,0 +1,103 @@
+"""Phi-3 (model_type phi3): a Llama-family layer whose checkpoint stores q, k, v as one matrix and gate, up as
+another (each of ours read as a range of its rows), and Phi-3.5's LongRoPE within its original context:
+transformers' tokens and logits under placements that read the fused matrices differently."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.models.config import ModelError, config_from_dict
+
+from .conftest import FAMILY_CONFIGS, PROMPTS, make_checkpoint
+from .test_parity import POLICIES, check_against_reference
+
+NAMES = ["all-gpu", "weights-split-3-tiers", "cache-split-3-tiers", "cpu-attention-cache-split"]
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3-longrope"])
+@pytest.mark.parametrize("name", NAMES)
+def test_phi3_matches_transformers(tiny_models, references, compute_device, family, name):
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name], compute_device)
+
+
+def test_the_fused_matrices_are_what_transformers_splits(tiny_models):
+    """Our q, k, v and gate, up are the rows transformers' Phi3Attention and Phi3MLP split them into."""
+    path, model = tiny_models["phi3"]
+    with FlexGenLite(str(path), policy=POLICIES["all-gpu"]) as m:
+        attention, mlp = (m.engine.weights[i] for i in (1, 2))
+        qkv = model.model.layers[0].self_attn.qkv_proj.weight
+        gate_up = model.model.layers[0].mlp.gate_up_proj.weight
+        joined = torch.cat([attention[n].data for n in ("q.weight", "k.weight", "v.weight")])
+        assert torch.equal(joined.float(), qkv) and torch.equal(mlp["gate.weight"].data.float(), gate_up[:256])
+        assert torch.equal(mlp["up.weight"].data.float(), gate_up[256:])
+
+
+def test_longrope_context_is_the_original_one(tiny_models):
+    """Past its original context Phi-3.5 switches to its long factors, which are not implemented: a prompt that
+    would reach past it is refused by name, not answered with the short factors' wrong outputs."""
+    config = config_from_dict(FAMILY_CONFIGS["phi3-longrope"] | {"vocab_size": 512})
+    assert config.max_positions == 32
+    with FlexGenLite(str(tiny_models["phi3-longrope"][0]), policy=POLICIES["all-gpu"]) as m, \
+            pytest.raises(ValueError, match="32"):
+        m.generate_ids([list(range(3, 30))], SamplingConfig(max_new_tokens=8))
+
+
+def test_a_fused_matrix_of_another_shape_is_refused(tmp_path):
+    make_checkpoint(tmp_path, "phi3", seed=3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_key_value_heads": 1}))  # k, v now too narrow
+    with pytest.raises(ModelError, match=r"qkv_proj.weight has shape \(256, 128\), the config implies \(192, 128\) "
+                                         r"\(rows 0:128 of it for q.weight\)"):
+        FlexGenLite(str(tmp_path), policy=POLICIES["all-gpu"]).close()
+
+
+def test_partial_rotary_embeddings_are_refused():
+    fields = FAMILY_CONFIGS["phi3"] | {"vocab_size": 512, "partial_rotary_factor": 0.75}
+    with pytest.raises(ModelError, match="partial_rotary_factor 0.75"):
+        config_from_dict(fields)
+
+
+def _as_llama(model, path) -> None:
+    """The same weights as a Llama checkpoint: q, k, v and gate, up stored apart."""
+    from safetensors.torch import save_file
+
+    c, state = model.config, {}
+    head_dim = c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    for name, t in model.state_dict().items():
+        if "qkv_proj" in name:
+            for part, rows in zip("qkv", t.split([q, kv, kv]), strict=True):
+                state[name.replace("qkv_proj", f"{part}_proj")] = rows.contiguous()
+        elif "gate_up_proj" in name:
+            for part, rows in zip(("gate", "up"), t.chunk(2), strict=True):
+                state[name.replace("gate_up_proj", f"{part}_proj")] = rows.contiguous()
+        else:
+            state[name] = t.contiguous()
+    path.mkdir()
+    save_file(state, str(path / "model.safetensors"))
+    fields = {k: getattr(c, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                         "num_key_value_heads", "intermediate_size", "vocab_size", "rms_norm_eps")}
+    (path / "config.json").write_text(json.dumps(fields | {"model_type": "llama", "max_position_embeddings": 64,
+                                                           "tie_word_embeddings": False, "rope_theta": 10000.0}))
+
+
+@pytest.mark.parametrize("switches", [dict(compress_weight=True), dict(compress_weight=True, compress_cache=True)],
+                         ids=str)
+def test_under_4_bit_weights_the_fused_rows_are_a_llamas(tiny_models, compute_device, tmp_path, switches):
+    """4-bit weights are lossy: the reference is the same weights stored apart, as a Llama checkpoint (each row's
+    groups are the same wherever the row is stored): the same logits bit for bit."""
+    path, model = tiny_models["phi3"]
+    _as_llama(model, tmp_path / "llama")
+    policy = dataclasses.replace(POLICIES["weights-split-3-tiers"], **switches)
+    runs = []
+    for checkpoint in (path, tmp_path / "llama"):
+        with FlexGenLite(str(checkpoint), policy=policy, device=compute_device) as m:
+            runs.append(m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
+                                       return_logits=True))
+    (ids, logits), (want_ids, want_logits) = runs
+    assert ids == want_ids and all(torch.equal(a, b) for a, b in zip(logits, want_logits, strict=True))
