@@ -19,7 +19,12 @@ def test_preset_weights_are_transformers_weights(name):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     theirs = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    ours = {w.hf_name: w.shape for layer in layer_specs(preset_config(name)) for w in layer.weights}
+    ours, rows = {}, {}
+    for w in (w for layer in layer_specs(preset_config(name)) for w in layer.weights):
+        stored, first, total = w.stored  # rows of a fused matrix (Phi-3): together they cover it
+        ours[stored] = (total, *w.shape[1:])
+        rows.setdefault(stored, set()).update(range(first, first + w.shape[0]))
     assert ours.items() <= theirs.items()
+    assert all(len(covered) == ours[n][0] for n, covered in rows.items())
     missing = set(theirs) - set(ours)
     assert missing <= {"lm_head.weight"} and (not missing or preset_config(name).tie_embeddings), missing

@@ -30,6 +30,8 @@ _LLAMA = {
     "qwen2.5-72b": ("qwen2", 8192, 80, 64, 8, 29568, 152064, 32768, 1e6),
     "qwen3-8b": ("qwen3", 4096, 36, 32, 8, 12288, 151936, 40960, 1e6),
     "qwen3-32b": ("qwen3", 5120, 64, 64, 8, 25600, 151936, 40960, 1e6),
+    "phi-3-mini-4k": ("phi3", 3072, 32, 32, 32, 8192, 32064, 4096, 1e4),
+    "phi-3-medium-4k": ("phi3", 5120, 40, 40, 10, 17920, 32064, 4096, 1e4),
 }
 HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128}  # where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
 
@@ -48,7 +50,7 @@ def _hf_dict(key: str) -> dict:
         "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
         "vocab_size": vocab, "max_position_embeddings": max_pos, "rope_theta": theta,
-        "rms_norm_eps": 1e-5 if model_type == "llama" else 1e-6, "bos_token_id": 1, "eos_token_id": 2,
+        "rms_norm_eps": 1e-5 if model_type in ("llama", "phi3") else 1e-6, "bos_token_id": 1, "eos_token_id": 2,
         "head_dim": HEAD_DIMS.get(key), "tie_word_embeddings": False,
     }
 
