@@ -101,3 +101,75 @@ def test_under_4_bit_weights_the_fused_rows_are_a_llamas(tiny_models, compute_de
                                        return_logits=True))
     (ids, logits), (want_ids, want_logits) = runs
     assert ids == want_ids and all(torch.equal(a, b) for a, b in zip(logits, want_logits, strict=True))
+
+
+def _write_phi3_gguf(model, path, qtype=None) -> None:
+    """The tiny transformers Phi-3 as llama.cpp's converter writes it: fused attn_qkv and ffn_up in HF's row order,
+    LongRoPE's factors as tensors, its original context and sliding window as metadata."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_sliding_window(c.sliding_window)
+    rope = c.rope_parameters or {}
+    if rope.get("rope_type") == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        for kind in ("short", "long"):
+            writer.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{ours}.weight" for hf, ours in parts.items()})
+    for name, t in model.state_dict().items():
+        w = t.numpy()
+        if qtype is not None and w.ndim == 2:
+            writer.add_tensor(names[name], gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(names[name], w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3-longrope"])
+def test_a_phi3_gguf_file_gives_transformers_outputs(tiny_models, references, compute_device, tmp_path, family):
+    path = tmp_path / f"{family}.gguf"
+    _write_phi3_gguf(tiny_models[family][1], path)
+    check_against_reference(path, references[family], POLICIES["weights-split-3-tiers"], compute_device)
+
+
+def test_a_q4_0_phi3_file_keeps_its_groups_for_each_part_of_a_fused_matrix(tiny_models, tmp_path):
+    """--compress-weight keeps a Q4_0 file's own 4-bit groups (no second rounding): q, k, v each get their rows'
+    groups of the fused matrix, which dequantize to the file's values."""
+    import gguf
+
+    from flexgen_lite.engine.weights import STORED_GROUPS, GGUFSource
+    from flexgen_lite.kernels.compression import dequantize
+    from flexgen_lite.models.gguf_file import read_gguf_config
+    from flexgen_lite.models.specs import layer_specs
+
+    path = tmp_path / "phi3-q4_0.gguf"
+    _write_phi3_gguf(tiny_models["phi3"][1], path, gguf.GGMLQuantizationType.Q4_0)
+    source, config = GGUFSource(str(path)), config_from_dict(read_gguf_config(path))
+    attention = layer_specs(config)[1]
+    parts = [w for w in attention.weights if w.name in ("q.weight", "k.weight", "v.weight")]
+    values = [source.read(w, 0, w.shape[0]) for w in parts]
+    for w, want in zip(parts, values, strict=True):
+        groups = source.groups(w, STORED_GROUPS)
+        assert groups is not None and groups.shape == w.shape
+        assert torch.equal(dequantize(groups, torch.float32), want)
+    assert sum(v.shape[0] for v in values) == 256

@@ -92,15 +92,17 @@ class GGUFSource(WeightSource):
     def groups(self, spec: WeightSpec, compression: CompressionConfig) -> QuantizedTensor | None:
         """A Q4_0/Q4_1/Q4_K matrix as it is stored, when `compression` is 4-bit groups of 32 along the input
         dimension: the file's codes, scales and minima, with no second rounding (Q4_K's scales and minima to
-        fp16); None for other types, which are compressed from their values."""
+        fp16); None for other types, which are compressed from their values. A range of a fused matrix's rows
+        (Phi-3's) is that range of its groups: each row's groups are its own."""
         from ..models.gguf_file import read_gguf_groups
 
-        if compression != STORED_GROUPS or spec.hf_name not in self.plan:
+        name, first, _ = spec.stored
+        if compression != STORED_GROUPS or name not in self.plan:
             return None
-        found = read_gguf_groups(self.plan[spec.hf_name])
+        found = read_gguf_groups(self.plan[name])
         if found is None:
             return None
-        codes, scale, minimum = found
+        codes, scale, minimum = (x[first:first + spec.shape[0]] for x in found)
         pairs = codes.reshape(-1, 2)
         return QuantizedTensor(pairs[:, 0] | (pairs[:, 1] << 4), scale, minimum, tuple(codes.shape), compression)
 

@@ -1,11 +1,13 @@
-"""Read Llama-, Qwen2- and Qwen3-architecture GGUF files (llama.cpp format) into Hugging Face form.
+"""Read Llama-, Qwen2-, Qwen3- and Phi-3-architecture GGUF files (llama.cpp format) into Hugging Face form.
 
 The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
 a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``/``Qwen3Config``
 for those files), ``(name, tensor)`` pairs with HF parameter names and shapes
 (dequantized, one tensor at a time), and a tokenizer. llama.cpp's converter
 reorders a llama file's Q and K rows for its rotary layout (undone here); qwen2 and
-qwen3 files keep HF's order (qwen2 adds q, k and v biases; qwen3 per-head q and k norms).
+qwen3 files keep HF's order (qwen2 adds q, k and v biases; qwen3 per-head q and k norms), as do phi3 files,
+which store q, k, v as one matrix and gate, up as another (ffn_up), as HF's Phi-3 does, and LongRoPE's factors as
+tensors (folded into the config here).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, dequantize, groups_of_32
 from .gguf_split import SplitContents, open_parts
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "phi3": "Phi3ForCausalLM"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -58,10 +61,13 @@ _BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",  # phi3
 }
+_PHI3_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # phi3's ffn_up holds gate and up
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# Tensors llama.cpp adds that are not HF parameters (rope_freqs is folded into the config).
-_SKIPPED_TENSORS = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
+# Tensors llama.cpp adds that are not HF parameters (rope_freqs, rope_factors are folded into the config).
+_SKIPPED_TENSORS = re.compile(r"rope_freqs\.weight|rope_factors_(long|short)\.weight"
+                              r"|blk\.\d+\.attn_rot_embd(\.weight)?")
 
 
 class GGUFError(ValueError):
@@ -190,6 +196,27 @@ def _rope_scaling(reader: GGUFContents, path: str, arch: str, head_dim: int, the
     raise GGUFError(f"{path}: rope_freqs.weight does not match llama3 rope scaling; unsupported")
 
 
+def _longrope(reader: GGUFContents, path: str, arch: str) -> dict[str, Any] | None:
+    """Phi-3.5's LongRoPE as llama.cpp stores it: its factors as the tensors rope_factors_short/long, the original
+    context and the attention factor as metadata."""
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    if not factors:
+        return None
+    if "rope_factors_short.weight" not in factors:
+        raise GGUFError(f"{path}: rope_factors_long.weight without rope_factors_short.weight")
+    scaling: dict[str, Any] = {"rope_type": "longrope", **{
+        f"{kind}_factor": dequantize(factors[f"rope_factors_{kind}.weight"]).double().ravel().tolist()
+        for kind in ("short", "long") if f"rope_factors_{kind}.weight" in factors}}
+    original = _meta(reader, path, f"{arch}.rope.scaling.original_context_length", None)
+    if original is None:
+        raise GGUFError(f"{path}: LongRoPE factors without {arch}.rope.scaling.original_context_length")
+    scaling["original_max_position_embeddings"] = int(original)
+    attn_factor = _meta(reader, path, f"{arch}.rope.scaling.attn_factor", None)
+    if attn_factor is not None:
+        scaling["attention_factor"] = float(attn_factor)
+    return scaling
+
+
 def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     arch = _meta(reader, path, "general.architecture", None)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -217,7 +244,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
             raise GGUFError(f"{path}: no token_embd.weight tensor")
         vocab = int(embd.shape[-1])
     theta = float(_meta(reader, path, f"{arch}.rope.freq_base", 10000.0))
-    scaling = _rope_scaling(reader, path, arch, head_dim, theta)
+    scaling = _longrope(reader, path, arch) if arch == "phi3" else _rope_scaling(reader, path, arch, head_dim, theta)
     rope_parameters = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
     return {
         "model_type": arch,
@@ -241,6 +268,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "bos_token_id": _meta(reader, path, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": _meta(reader, path, "tokenizer.ggml.eos_token_id", None),
         "pad_token_id": _meta(reader, path, "tokenizer.ggml.padding_token_id", None),
+        "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
     }
 
 
@@ -250,16 +278,17 @@ def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _config_from_reader(reader, path)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """HF parameter name for a GGUF tensor name; None for tensors to skip."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if _SKIPPED_TENSORS.fullmatch(gguf_name):
         return None
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _BLOCK_NAMES:
+    names = {**_BLOCK_NAMES, **_PHI3_NAMES} if arch == "phi3" else _BLOCK_NAMES
+    if m is None or m.group(2) not in names:
         raise GGUFError(f"unexpected tensor {gguf_name!r} for a Llama-family model")
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
 
 def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -283,7 +312,7 @@ def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | Non
     plan = {}
     for t in reader.tensors:
         try:
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, config["model_type"])
         except GGUFError as exc:
             raise GGUFError(f"{path}: {exc}") from None
         if name is None:
