@@ -13,7 +13,7 @@ import torch
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.models.config import ModelError, config_from_dict
 
-from .conftest import FAMILY_CONFIGS, PROMPTS, make_checkpoint
+from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy, make_checkpoint
 from .test_parity import POLICIES, check_against_reference
 
 NAMES = ["all-gpu", "weights-split-3-tiers", "cache-split-3-tiers", "cpu-attention-cache-split"]
@@ -56,9 +56,30 @@ def test_a_fused_matrix_of_another_shape_is_refused(tmp_path):
         FlexGenLite(str(tmp_path), policy=POLICIES["all-gpu"]).close()
 
 
-def test_partial_rotary_embeddings_are_refused():
-    fields = FAMILY_CONFIGS["phi3"] | {"vocab_size": 512, "partial_rotary_factor": 0.75}
-    with pytest.raises(ModelError, match="partial_rotary_factor 0.75"):
+@pytest.fixture(scope="module")
+def partial_rotary(tmp_path_factory):
+    """Phi-4-mini's shape: rotary over part of each head (half here), the rest passing through."""
+    path = tmp_path_factory.mktemp("phi3-partial")
+    model = make_checkpoint(path, "phi3", seed=5, partial_rotary_factor=0.5)
+    return path, model, hf_greedy(model, PROMPTS, 8)
+
+
+@pytest.mark.parametrize("name", ["all-gpu", "cpu-attention-cache-split"])
+def test_partial_rotary_matches_transformers(partial_rotary, compute_device, name):
+    path, _, reference = partial_rotary
+    assert config_from_dict(json.loads((path / "config.json").read_text())).rotary_dim == 16
+    check_against_reference(path, reference, POLICIES[name], compute_device)
+
+
+def test_a_partial_rotary_gguf_file(partial_rotary, compute_device, tmp_path):
+    path, model, reference = partial_rotary
+    _write_phi3_gguf(model, tmp_path / "partial.gguf", rotary_dims=16)
+    check_against_reference(tmp_path / "partial.gguf", reference, POLICIES["all-gpu"], compute_device)
+
+
+def test_a_partial_rotary_of_odd_dims_is_refused():
+    fields = FAMILY_CONFIGS["phi3"] | {"vocab_size": 512, "partial_rotary_factor": 0.3}  # 9.6 of 32 dims
+    with pytest.raises(ModelError, match="partial_rotary_factor 0.3 of head_dim 32"):
         config_from_dict(fields)
 
 
@@ -103,7 +124,7 @@ def test_under_4_bit_weights_the_fused_rows_are_a_llamas(tiny_models, compute_de
     assert ids == want_ids and all(torch.equal(a, b) for a, b in zip(logits, want_logits, strict=True))
 
 
-def _write_phi3_gguf(model, path, qtype=None) -> None:
+def _write_phi3_gguf(model, path, qtype=None, rotary_dims: int | None = None) -> None:
     """The tiny transformers Phi-3 as llama.cpp's converter writes it: fused attn_qkv and ffn_up in HF's row order,
     LongRoPE's factors as tensors, its original context and sliding window as metadata."""
     import gguf
@@ -117,7 +138,7 @@ def _write_phi3_gguf(model, path, qtype=None) -> None:
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_dimension_count(rotary_dims or c.hidden_size // c.num_attention_heads)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)

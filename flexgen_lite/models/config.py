@@ -37,6 +37,7 @@ class ModelConfig:
     head_size: int = 0  # each head's width where heads x it is not hidden_size (Qwen3); 0: hidden / heads
     qk_norm: bool = False  # Qwen3: q and k RMS-normalised per head (weights of head_dim) before rotary
     fused_projections: bool = False  # Phi-3: q, k, v stored as one matrix, gate and up as another
+    partial_rotary: float = 1.0  # the share of each head's dims rotated (Phi-4-mini: 0.75); the rest pass through
     windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
     tie_embeddings: bool = True
     bos_token_id: int | None = None
@@ -53,6 +54,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head the rotary embedding turns (transformers' int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary)
 
     @property
     def word_dim(self) -> int:
@@ -152,10 +158,11 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
-    partial = c.get("partial_rotary_factor", (c.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ModelError(f"rotary embeddings over part of each head (partial_rotary_factor {partial}, as Phi-4-mini) "
-                         "are not supported")
+    partial = float(c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor")
+                    or 1.0)
+    if not 0 < partial <= 1 or int(head_dim * partial) % 2:
+        raise ModelError(f"partial_rotary_factor {partial} of head_dim {head_dim} does not give an even number of "
+                         "rotated dims")
     theta, scaling = _rope_settings(c)
     qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
     return ModelConfig(
@@ -165,7 +172,7 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         max_positions=context, windowed=context < c.get("max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
-        fused_projections=c["model_type"] == "phi3",
+        fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,
         out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
         tie_embeddings=c.get("tie_word_embeddings", False),

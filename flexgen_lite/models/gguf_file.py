@@ -234,8 +234,8 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     )
     head_dim = int(_meta(reader, path, f"{arch}.attention.key_length", hidden // n_head))
     n_rot = int(_meta(reader, path, f"{arch}.rope.dimension_count", head_dim))
-    if n_rot != head_dim:
-        raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims) is not supported")
+    if n_rot != head_dim and arch != "phi3":  # Phi-4-mini turns 96 of 128
+        raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims) is not supported for {arch}")
     names = {t.name for t in reader.tensors}
     vocab = _meta(reader, path, f"{arch}.vocab_size", None)
     if vocab is None:
@@ -269,6 +269,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "eos_token_id": _meta(reader, path, "tokenizer.ggml.eos_token_id", None),
         "pad_token_id": _meta(reader, path, "tokenizer.ggml.padding_token_id", None),
         "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
+        "partial_rotary_factor": n_rot / head_dim,
     }
 
 

@@ -67,7 +67,7 @@ def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConf
 
 def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with linear, YaRN or Llama-3 scaling when configured."""
-    d = config.head_dim
+    d = config.rotary_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     s = config.rope_scaling
     kind = (s or {}).get("rope_type", (s or {}).get("type"))
@@ -95,7 +95,7 @@ def _yarn(inv: torch.Tensor, s: dict, config: ModelConfig) -> torch.Tensor:
     """YaRN (Peng et al. 2023), as transformers computes it: frequencies that turn fewer than beta_slow times
     over the original context are divided by the factor, those turning more than beta_fast times kept, a linear
     ramp between (in dimension indices, rounded outward unless `truncate` is false)."""
-    d, theta, old = config.head_dim, config.rope_theta, s["original_max_position_embeddings"]
+    d, theta, old = config.rotary_dim, config.rope_theta, s["original_max_position_embeddings"]
 
     def dim_of(turns: float) -> float:
         return d * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
@@ -134,7 +134,7 @@ def rope_scale(config: ModelConfig) -> float:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
-    """cos and sin of shape (B, 1, T, head_dim) for positions (B, T), times `scale` (rope_scale)."""
+    """cos and sin of shape (B, 1, T, rotary_dim) for positions (B, T), times `scale` (rope_scale)."""
     angles = positions.float()[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)[:, None]
     if scale != 1.0:
@@ -143,6 +143,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:  # partial rotary (Phi-4-mini): the rest of each head passes through
+        return torch.cat((apply_rope(x[..., :rot].contiguous(), cos, sin), x[..., rot:]), dim=-1)
     out = elementwise.rope(x, cos, sin) if x.device.type == "cpu" else None
     if out is not None:
         return out
