@@ -79,6 +79,10 @@ FAMILY_CONFIGS = {
                           original_max_position_embeddings=32, sliding_window=64, pad_token_id=1,
                           rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(16)],
                                         "long_factor": [4.0] * 16}),
+    # Granite: Llama with multipliers of the embeddings, the residual branches, the attention scale and the logits
+    "granite": dict(model_type="granite", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, embedding_multiplier=2.0,
+                    residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=3.0, tie_word_embeddings=True),
 }
 
 

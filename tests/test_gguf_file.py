@@ -316,7 +316,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unsupported_architecture(tmp_path: Path) -> None:
     path = tmp_path / "gpt2.gguf"
     _write_tiny_llama(path, arch="gpt2")
-    with pytest.raises(GGUFError, match="'gpt2' is not supported.*supported: llama"):
+    with pytest.raises(GGUFError, match="'gpt2' is not supported.*supported: llama, qwen2, qwen3, phi3, granite"):
         read_gguf_config(path)
     with pytest.raises(GGUFError, match="gpt2"):
         next(iter_gguf_tensors(path))

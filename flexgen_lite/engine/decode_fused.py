@@ -48,7 +48,7 @@ def fused_wanted() -> bool:
 def config_fits(config) -> bool:
     """A pre-norm Llama-family layer: RMSNorm, rotary over whole heads (or no) positions, a SiLU-gated MLP."""
     return (config.norm == "rmsnorm" and config.pre_norm and config.gated_mlp and config.activation == "silu"
-            and config.positions in ("rope", "none") and config.rotary_dim == config.head_dim)
+            and config.positions in ("rope", "none") and config.rotary_dim == config.head_dim and config.plain)
 
 
 def fused_wins(hw, family: str, dtype: torch.dtype, rows: int, batches: int,

@@ -13,7 +13,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, phi3, smollm2)
+    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, phi3, granite, smollm2)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -38,6 +38,12 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: q and k RMS-normalised per head (weights of head_dim) before rotary
     fused_projections: bool = False  # Phi-3: q, k, v stored as one matrix, gate and up as another
     partial_rotary: float = 1.0  # the share of each head's dims rotated (Phi-4-mini: 0.75); the rest pass through
+    # Granite's multipliers: of the embeddings, of each block's output before its residual add, the attention's
+    # scale (None: 1 / sqrt(head_dim)), and the divisor of the logits
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    attention_scale: float | None = None
+    logits_divisor: float = 1.0
     windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
     tie_embeddings: bool = True
     bos_token_id: int | None = None
@@ -54,6 +60,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def plain(self) -> bool:
+        """Without Granite's multipliers (what the fused CPU decode step computes)."""
+        return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
+                and self.attention_scale in (None, self.head_dim ** -0.5))
 
     @property
     def rotary_dim(self) -> int:
@@ -173,6 +185,8 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
         fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
+        embed_scale=float(c.get("embedding_multiplier", 1.0)), residual_scale=float(c.get("residual_multiplier", 1.0)),
+        attention_scale=c.get("attention_multiplier"), logits_divisor=float(c.get("logits_scaling", 1.0)),
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,
         out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
         tie_embeddings=c.get("tie_word_embeddings", False),
@@ -182,7 +196,7 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
 
 
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
-            "qwen3": _llama_config, "phi3": _llama_config}
+            "qwen3": _llama_config, "phi3": _llama_config, "granite": _llama_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

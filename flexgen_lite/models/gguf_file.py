@@ -29,9 +29,12 @@ from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, dequantize, groups_of_32
 from .gguf_split import SplitContents, open_parts
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "phi3": "Phi3ForCausalLM"}
+                    "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM"}
+PERMUTED = ("llama", "granite")  # architectures whose converter reorders Q and K rows (Granite's is Llama's)
+GRANITE_SCALES = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                  "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -270,6 +273,8 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "pad_token_id": _meta(reader, path, "tokenizer.ggml.padding_token_id", None),
         "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
         "partial_rotary_factor": n_rot / head_dim,
+        **{hf: float(v) for key, hf in GRANITE_SCALES.items()
+           if (v := _meta(reader, path, f"{arch}.{key}", None)) is not None},
     }
 
 
@@ -324,7 +329,7 @@ def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | Non
                 f"supported (supported: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)})"
             )
         heads = ({"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-                 if config["model_type"] == "llama" else {})  # qwen2's rows are in HF's order
+                 if config["model_type"] in PERMUTED else {})  # qwen2's rows are in HF's order
         n_head = next((n for key, n in heads.items() if f".self_attn.{key}." in name), None)
         rows = int(t.shape[-1])
         if n_head is not None and rows % (2 * n_head):

@@ -62,7 +62,7 @@ def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConf
         h = F.linear(h, w["project_in"])
     if config.positions == "learned":
         h = h + F.embedding(positions.clamp(min=-1) + 2, w["positions"])  # OPT's offset of 2
-    return h
+    return scaled(h, config.embed_scale)
 
 
 def rope_frequencies(config: ModelConfig, device: torch.device) -> torch.Tensor:
@@ -166,14 +166,20 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     v = v.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if config.attention_scale is not None:  # Granite: q times it, so that every kernel's 1 / sqrt(hd) leaves it
+        q = (q.float() * (config.attention_scale * math.sqrt(hd))).to(q.dtype)
     return q, k, v
 
 
 def attention_output(w: dict, attn: torch.Tensor, residual: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """attn (B, heads, T, hd) -> hidden after the output projection and residual (and post-norm)."""
     b, _, t, _ = attn.shape
-    h = residual + linear(attn.transpose(1, 2).reshape(b, t, -1), w, "o")
+    h = residual + scaled(linear(attn.transpose(1, 2).reshape(b, t, -1), w, "o"), config.residual_scale)
     return h if config.pre_norm else norm(h, w, config)
+
+
+def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x if factor == 1.0 else x * factor
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -188,7 +194,7 @@ def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         inner = F.silu(gate, inplace=True).mul_(up) if config.activation == "silu" else act(gate) * up
     else:
         inner = act(linear(x, w, "up"))
-    out = h + linear(inner, w, "down")
+    out = h + scaled(linear(inner, w, "down"), config.residual_scale)
     return out if config.pre_norm else norm(out, w, config)
 
 
@@ -199,4 +205,5 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     if "project_out" in w:
         h = F.linear(h, w["project_out"])
     head = w["lm_head"]
-    return (head.matmul(h) if isinstance(head, Int8Weight) else dense_linear(h, head)).float()
+    logits = (head.matmul(h) if isinstance(head, Int8Weight) else dense_linear(h, head)).float()
+    return logits if config.logits_divisor == 1.0 else logits / config.logits_divisor
