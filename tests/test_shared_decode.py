@@ -10,15 +10,18 @@ import dataclasses
 import pytest
 import torch
 
-from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.engine import cache_attention
 from flexgen_lite.engine.decode_fused import FusedDecode
 from flexgen_lite.engine.kv_cache import KVCache
 from flexgen_lite.engine.shared_prefix import shared_rows
 from flexgen_lite.engine.trace import NULL
 from flexgen_lite.kernels import native
+from flexgen_lite.models.presets import preset_config
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.layout import Workload
 
-from .conftest import FAMILY_CONFIGS, hf_greedy, make_checkpoint, other_native_build
+from .conftest import FAMILY_CONFIGS, hf_greedy, make_checkpoint, other_native_build, synthetic_profile
 from .test_decode_fused import P, all_fused, assert_identical, few_rows_kernels, generate  # noqa: F401 (a fixture)
 from .test_parity import LOGITS_ATOL, POLICIES
 from .test_shared_prefix import SHARED_PROMPTS, run
@@ -220,3 +223,22 @@ def test_across_a_link_the_prefix_crosses_it_for_one_row(tiny_models, shared_ref
     assert ids == want_ids
     for ours, theirs in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_the_cost_model_reads_a_shared_prefix_at_its_measured_rate():
+    """On a CPU, decode attention over a shared prefix's positions is costed as the profile measured reading them
+    from one row (attention_shared times faster), the rest at each row's own rate; without that measurement, or
+    when the policy does not share the prefix, all at the latter."""
+    config, policy = preset_config("llama-3-8b"), Policy(gpu_batch_size=16, dtype="bfloat16")
+    base = synthetic_profile()
+    own = dataclasses.replace(base, attention={k: (0.0, rate) for k, (_, rate) in base.attention.items()})
+    fast = dataclasses.replace(own, attention_shared={"bfloat16": 4.0})
+    whole, shared = Workload(512, 32), Workload(512, 32, shared_len=448)
+
+    def seconds(hw, workload, p=policy):
+        return predict(config, workload, p, hw).decode_by["attention"]
+
+    assert seconds(own, shared) == pytest.approx(seconds(own, whole))
+    mean = 512 + 32 / 2  # the cache's mean length over the decode steps
+    assert seconds(fast, shared) / seconds(fast, whole) == pytest.approx((1 - 448 / mean) + 448 / mean / 4)
+    assert seconds(fast, shared, dataclasses.replace(policy, share_prefix=False)) == pytest.approx(seconds(fast, whole))

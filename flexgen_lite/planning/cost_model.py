@@ -145,6 +145,14 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     return seg
 
 
+def _attention_per_byte(s: Setup, rate: float, on_a_cpu: bool, length: float, dtype: str) -> float:
+    """Seconds per byte of a row's cache that decode attention goes over: on a CPU, the positions of a shared
+    prompt prefix at the rate measured for reading them from one row (shared_prefix.shared_rows), the rest at
+    `rate`."""
+    shared = min(shared_positions(s), length) / length if on_a_cpu else 0.0
+    return (1 - shared) / rate + shared / s.hw.shared_attention_rate(dtype, rate)
+
+
 def _link_cache_bytes(s: Setup, tier: str, rows: float, loads: float, stored: float, length: float) -> float:
     """Cache bytes a decode step's loads of a tier's parts bring over the link: from host RAM, a shared prompt
     prefix's positions for one row of each part (KVCache.prefix_reads), the others' rest."""
@@ -257,8 +265,8 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
         fixed, rate = cpu_att if on_cpu else gpu_att
-        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * dense / rate,
-                waits=False)
+        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
+                + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype), waits=False)
     parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
     if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.policy import DTYPES
+from ..engine.shared_prefix import shared_rows
 from ..kernels import native
-from ..kernels.attention import attend, attend_named
+from ..kernels.attention import attend_named
 from ..kernels.compression import CompressionConfig, dequantize, quantize
 from ..kernels.int4_matmul import Int4Weight, native_agrees
 from ..kernels.int4_matmul import available as int4_available
@@ -233,7 +234,7 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
     """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
     second), with the engine's own attention function, ungrouped and (on the CPU) over grouped-query heads."""
     dev, sync = device.device, device.synchronize
-    sdpa, native_prefill, attention, cpu_attention, grouped, cpu_grouped = {}, {}, {}, {}, {}, {}
+    sdpa, native_prefill, attention, cpu_attention, grouped, cpu_grouped, shared = {}, {}, {}, {}, {}, {}, {}
     for name in compute_dtypes(device):
         dtype = DTYPES[name]
         b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
@@ -252,18 +253,34 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
         for table, position_major in ((cpu_grouped, True),) + (() if device.is_cuda else ((grouped, False),)):
             table[name] = [(hd, *_decode_attention_rate(torch.device("cpu"), dtype, 8, 16, 4, hd, 2048 // scale,
                                                         position_major)) for hd in (64, 128)]
-    for table in (sdpa, attention, cpu_attention, grouped, cpu_grouped):  # a float16 cache: bfloat16 on a CPU
+        shared[name] = _shared_speedup(dtype, 2048 // scale, device.is_cuda)
+    for table in (sdpa, attention, cpu_attention, grouped, cpu_grouped, shared):  # a float16 cache: bf16 on a CPU
         if "bfloat16" in table:
             table.setdefault("float16", table["bfloat16"])
     return {"sdpa_prefill": sdpa, "prefill_native": native_prefill, "attention": attention,
-            "cpu_attention": cpu_attention, "attention_grouped": grouped, "cpu_attention_grouped": cpu_grouped}
+            "cpu_attention": cpu_attention, "attention_grouped": grouped, "cpu_attention_grouped": cpu_grouped,
+            "attention_shared": shared}
+
+
+def _shared_speedup(dtype: torch.dtype, long: int, position_major: bool) -> float:
+    """How many times faster per byte CPU decode attention goes over a shared prompt prefix's positions (read from
+    one row) than over each row's own: both measured back to back, twice in turn, over 32 rows (their own cache,
+    67 MB in bf16 at scale 1, past a last-level cache as a decode batch's is); at least 1 (the same work, its bytes
+    from cache rather than memory), so that a noisy pair does not cost sharing more than not."""
+    ratios = []
+    for first_shared in (False, True):
+        rates = {s: _decode_attention_rate(torch.device("cpu"), dtype, 32, 16, 4, 64, long, position_major,
+                                           shared=s)[1] for s in (first_shared, not first_shared)}
+        ratios.append(rates[True] / rates[False])
+    return max(1.0, sum(ratios) / len(ratios))
 
 
 def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,
-                           long: int, position_major: bool) -> tuple[float, float]:
+                           long: int, position_major: bool, shared: bool = False) -> tuple[float, float]:
     """(fixed s per call, K+V bytes/s) of one new token's attention over cache prefixes of 32 and `long`
     positions, k and v apart (larger than a CPU's last-level cache at `long`, as a real cache is): position-major
-    as across a link (native.decode_attention on all cores), else head-major as in compute memory."""
+    as across a link (native.decode_attention on all cores), else head-major as in compute memory. shared: every
+    row's positions a prompt prefix read from row 0 (shared_prefix.shared_rows); bytes counted as the rows'."""
     if position_major:
         k, v = (torch.randn(long + 64, b, kv_heads, hd).to(dtype).permute(1, 2, 0, 3) for _ in range(2))
     else:
@@ -274,7 +291,8 @@ def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, head
         kl, vl = k[:, :, :length], v[:, :, :length]
         m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
         here = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)
-        times.append(timed(lambda kl=kl, vl=vl, m1=m1: attend(q1, kl, vl, m1), here))
+        rows = shared_rows(torch.zeros(b, dtype=torch.long), length) if shared else None
+        times.append(timed(lambda kl=kl, vl=vl, m1=m1, rows=rows: attend_named(q1, kl, vl, m1, shared=rows), here))
     per_position = 2 * b * kv_heads * hd * dtype.itemsize
     rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
     return fixed, rate

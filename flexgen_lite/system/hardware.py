@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 9  # measured anew when the code measured changes; 9: 4-bit codes multiplied by bf16 pairs
+PROFILE_VERSION = 10  # measured anew when the code measured changes; 10: CPU decode attention over a shared
+# prompt prefix, grouped heads of dim 64 scored 16 positions at a time
 # converted as read, measured up to 64 rows; 8: the C prefill attention in fp32 too, bf16
 # few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's overhead with the
 # fused CPU decode step off; 7: CPU attention beside a GPU over the position-major cache, its rows prefetched into
@@ -75,6 +76,10 @@ class HardwareProfile:
     attention_grouped: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # the same for CPU attention over the position-major cache (`cpu_attention`, beside a GPU)
     cpu_attention_grouped: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # dtype -> how many times faster per byte CPU decode attention goes over a shared prompt prefix's positions,
+    # read from one row (attention.c's rows_t), than over each row's own (grouped heads of dim 64, the two measured
+    # back to back: in compute memory on a CPU, else beside the GPU)
+    attention_shared: dict[str, float] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied by the C kernel for a few rows (native.int4_gemv;
     # int4_matmul then holds torch's kernel alone); {} without it
     int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
@@ -109,6 +114,11 @@ class HardwareProfile:
             _, fixed, rate = min(grouped, key=lambda p: abs(p[0] - head_dim))
             return fixed, rate
         return (self.cpu_attention if on_cpu else self.attention)[dtype]
+
+    def shared_attention_rate(self, dtype: str, rate: float) -> float:
+        """K+V bytes/s at which CPU decode attention goes over a shared prefix's positions, given `rate` over each
+        row's own (the same where not measured)."""
+        return rate * self.attention_shared.get(dtype, 1.0)
 
     def gemv_wins(self, dtype: str, rows: float, k: int, n: int) -> bool:
         """Whether the C kernel for a few rows (native.dense_gemv) is faster than torch's matmul for (rows, k) @
@@ -176,7 +186,9 @@ class HardwareProfile:
             + "".join(f"; {where}, grouped heads " + ", ".join(f"{k} (head dim {d}) {a * 1e3:.2f} + {b / g:.1f}"
                                                                 for k, points in table.items() for d, a, b in points)
                       for where, table in (("device", self.attention_grouped), ("cpu", self.cpu_attention_grouped))
-                      if table))
+                      if table)
+            + ("; over a shared prefix on the CPU, times faster: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in self.attention_shared.items()) if self.attention_shared else ""))
         lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
                      f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
         lines.append(f"copy GB/s: device {self.device_copy / g:.1f}, host {self.host_copy / g:.1f}, "
