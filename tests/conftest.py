@@ -278,15 +278,21 @@ def ctrl_c_in_block(monkeypatch, n: int) -> None:
     monkeypatch.setattr(FlexGenLite, "_run_block", run_block)
 
 
+_OTHER_BUILDS: dict[tuple[str, ...], ctypes.CDLL] = {}
+
+
 def other_native_build(tmp_path: Path, march: list[str]) -> ctypes.CDLL:
     """The native kernels built here for another machine (`march`: e.g. without AVX-512, or without its bf16
-    dot instruction), without OpenMP, their argument types set as the package's own build's."""
+    dot instruction), without OpenMP, their argument types set as the package's own build's; built once per
+    session and `march` (several test files use the same ones)."""
     from flexgen_lite.kernels import native
 
+    if tuple(march) in _OTHER_BUILDS:
+        return _OTHER_BUILDS[tuple(march)]
     cc = native._compiler()
     if cc is None:
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
     path = tmp_path / "native_other.so"
     flags = [f for f in native.FLAGS if f != "-march=native"] + march
     subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(path), "-lm"], check=True)
-    return native.declared(ctypes.CDLL(str(path)))
+    return _OTHER_BUILDS.setdefault(tuple(march), native.declared(ctypes.CDLL(str(path))))
