@@ -30,23 +30,12 @@ def test_the_multipliers_are_read_and_keep_the_fused_step_off():
 def test_a_granite_gguf_file_gives_transformers_outputs(tiny_models, references, compute_device, tmp_path):
     """As llama.cpp's converter writes Granite: Llama's tensors (Q and K rows reordered for its rotary layout)
     and the four multipliers as metadata."""
-    import gguf
-
     from .test_gguf_file import _llama_cpp_permute
+    from .test_phi3 import gguf_header, write_gguf
 
     model = tiny_models["granite"][1]
     c, path = model.config, tmp_path / "granite.gguf"
-    writer = gguf.GGUFWriter(str(path), "granite")
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
+    writer = gguf_header(c, path, "granite")
     for key, value in (("embedding_scale", 2.0), ("residual_scale", 0.7), ("attention.scale", 0.3),
                        ("logit_scale", 3.0)):
         writer.add_float32(f"granite.{key}", value)
@@ -61,8 +50,5 @@ def test_a_granite_gguf_file_gives_transformers_outputs(tiny_models, references,
             w = t.numpy()
             heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads if "k_proj" in name else 0
             writer.add_tensor(names[name], _llama_cpp_permute(w, heads) if heads else w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     check_against_reference(path, references["granite"], POLICIES["all-gpu"], compute_device)

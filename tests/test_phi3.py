@@ -124,14 +124,12 @@ def test_under_4_bit_weights_the_fused_rows_are_a_llamas(tiny_models, compute_de
     assert ids == want_ids and all(torch.equal(a, b) for a, b in zip(logits, want_logits, strict=True))
 
 
-def _write_phi3_gguf(model, path, qtype=None, rotary_dims: int | None = None) -> None:
-    """The tiny transformers Phi-3 as llama.cpp's converter writes it: fused attn_qkv and ffn_up in HF's row order,
-    LongRoPE's factors as tensors, its original context and sliding window as metadata."""
+def gguf_header(c, path, arch: str, rotary_dims: int | None = None):
+    """A GGUFWriter of `arch` at `path` with the metadata of the transformers config `c` every llama-family file
+    has (tensors and the architecture's own keys to be added; then write_gguf)."""
     import gguf
-    import numpy as np
 
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -142,6 +140,24 @@ def _write_phi3_gguf(model, path, qtype=None, rotary_dims: int | None = None) ->
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
+    return writer
+
+
+def write_gguf(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_phi3_gguf(model, path, qtype=None, rotary_dims: int | None = None) -> None:
+    """The tiny transformers Phi-3 as llama.cpp's converter writes it: fused attn_qkv and ffn_up in HF's row order,
+    LongRoPE's factors as tensors, its original context and sliding window as metadata."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    writer = gguf_header(c, path, "phi3", rotary_dims)
     writer.add_sliding_window(c.sliding_window)
     rope = c.rope_parameters or {}
     if rope.get("rope_type") == "longrope":
@@ -160,10 +176,7 @@ def _write_phi3_gguf(model, path, qtype=None, rotary_dims: int | None = None) ->
             writer.add_tensor(names[name], gguf.quants.quantize(w, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(names[name], w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
 
 
 @pytest.mark.parametrize("family", ["phi3", "phi3-longrope"])
