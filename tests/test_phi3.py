@@ -32,9 +32,9 @@ def test_the_fused_matrices_are_what_transformers_splits(tiny_models):
         attention, mlp = (m.engine.weights[i] for i in (1, 2))
         qkv = model.model.layers[0].self_attn.qkv_proj.weight
         gate_up = model.model.layers[0].mlp.gate_up_proj.weight
-        joined = torch.cat([attention[n].data for n in ("q.weight", "k.weight", "v.weight")])
-        assert torch.equal(joined.float(), qkv) and torch.equal(mlp["gate.weight"].data.float(), gate_up[:256])
-        assert torch.equal(mlp["up.weight"].data.float(), gate_up[256:])
+        joined = torch.cat([attention[n].data.cpu() for n in ("q.weight", "k.weight", "v.weight")])
+        gate, up = (mlp[f"{n}.weight"].data.cpu().float() for n in ("gate", "up"))
+        assert torch.equal(joined.float(), qkv) and torch.equal(gate, gate_up[:256]) and torch.equal(up, gate_up[256:])
 
 
 def test_longrope_context_is_the_original_one(tiny_models):

@@ -22,7 +22,7 @@ from flexgen_lite.planning.cost_model import predict
 from flexgen_lite.planning.layout import Workload
 
 from .conftest import FAMILY_CONFIGS, hf_greedy, make_checkpoint, other_native_build, synthetic_profile
-from .test_decode_fused import P, all_fused, assert_identical, few_rows_kernels, generate  # noqa: F401 (a fixture)
+from .test_decode_fused import P, all_fused, assert_identical, few_rows_kernels  # noqa: F401 (a fixture)
 from .test_parity import LOGITS_ATOL, POLICIES
 from .test_shared_prefix import SHARED_PROMPTS, run
 
@@ -148,10 +148,10 @@ def test_the_source_row_finishes_and_another_takes_its_place(tiny_models, shared
     make_checkpoint(tmp_path, "llama3", seed=list(FAMILY_CONFIGS).index("llama3"), eos_token_id=eos)
     sampling, policy = SamplingConfig(max_new_tokens=6, stop_at_eos=True), POLICIES["all-gpu"]
     calls = _spoiling_kernel(monkeypatch)
-    with FlexGenLite(str(tmp_path), policy=policy) as m:
+    with FlexGenLite(str(tmp_path), policy=policy, device="cpu") as m:
         ids = m.generate_ids(SHARED_PROMPTS[:4], sampling)
     monkeypatch.undo()
-    with FlexGenLite(str(tmp_path), policy=dataclasses.replace(policy, share_prefix=False)) as m:
+    with FlexGenLite(str(tmp_path), policy=dataclasses.replace(policy, share_prefix=False), device="cpu") as m:
         assert ids == m.generate_ids(SHARED_PROMPTS[:4], sampling)
     assert len(ids[2]) == 2 and max(map(len, ids)) == 6
     assert min(calls) < max(calls)  # steps after a row left attended over fewer rows
@@ -170,10 +170,18 @@ def test_the_fused_step_reads_a_blocks_prefix_from_one_row(tiny_models, monkeypa
             _spoil(part.k.tensor, part.v.tensor, pad, block.shared, int(pad.argmin()))
         return real(self, cache, block, b, start)
 
-    model, policy = tiny_models["llama3"][0], P(gbs=4, nb=2)
-    eager = generate(model, policy, False, SHARED_PROMPTS)
+    def on_the_cpu(fused: bool):  # test_decode_fused.generate, on the CPU whatever the test device
+        with FlexGenLite(str(tiny_models["llama3"][0]), policy=P(gbs=4, nb=2), device="cpu") as m:
+            m.engine.fused_decode = fused and m.engine.fused_decode
+            kernels = []
+            ids, logits = m.generate_ids(SHARED_PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
+                                         return_logits=True,
+                                         on_block=lambda _: kernels.append(list(m.engine.times.attention)))
+            return ids, logits, kernels
+
+    eager = on_the_cpu(False)
     monkeypatch.setattr(FusedDecode, "run", spoiling)
-    fused = generate(model, policy, True, SHARED_PROMPTS)
+    fused = on_the_cpu(True)
     assert all_fused(fused[2])
     assert_identical(fused, eager)
 
