@@ -83,6 +83,15 @@ FAMILY_CONFIGS = {
     "granite": dict(model_type="granite", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64, embedding_multiplier=2.0,
                     residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=3.0, tie_word_embeddings=True),
+    # Gemma: (1 + w) norms in fp32, embeddings times sqrt(hidden), a tanh-GELU gated MLP, tied head
+    "gemma": dict(model_type="gemma", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=64),
+    # Gemma-2: also soft caps on attention scores and logits (low enough to bite), norms after each block, its
+    # own attention scale (untied: a tied head repeats the last token at random weights)
+    "gemma2": dict(model_type="gemma2", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=64,
+                   sliding_window=64, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=8.0,
+                   tie_word_embeddings=False),
 }
 
 

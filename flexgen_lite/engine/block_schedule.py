@@ -291,7 +291,7 @@ class Engine:
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
         k, v are written into it first, and home when the part is not used in place."""
-        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity)
+        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap)
         if found is None:
             return None
         out, k_new, v_new, kernel, span.nbytes = found
@@ -302,7 +302,7 @@ class Engine:
         return out
 
     def _attend(self, q, k, v, mask, sparsity: float = 1.0) -> torch.Tensor:
-        out, kernel = attend_named(q, k, v, mask, sparsity)
+        out, kernel = attend_named(q, k, v, mask, sparsity, softcap=self.config.attn_softcap)
         self._kernels.add(kernel)
         return out
 

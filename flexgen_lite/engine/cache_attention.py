@@ -9,10 +9,10 @@ from ..kernels.attention import attend_named
 from .shared_prefix import shared_rows
 
 
-def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float):
+def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None):
     """One new token's attention over the cache part `view` (its k, v written in at `start` first): (output on
     q's device, the new k and v as the part holds them, the attention kernel that ran, K and V bytes read), or
-    None when none of the part's rows is active."""
+    None when none of the part's rows is active. softcap: the scores' cap (Gemma-2; attend_named)."""
     rows, where, dtype, end = view.part.rows, view.k.device, view.k.dtype, start + 1
     picked, local = rows_in_part(inputs, rows, q.device)
     q_part, k_new, v_new = rows_to(where, dtype, q[picked], k[picked], v[picked])
@@ -30,7 +30,7 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float):
         v_seen = view.v[:, :, :end].index_select(0, local_dev)
         k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
     shared, read_shared = part_shared(inputs, rows, local) if where.type == "cpu" else (None, 0.0)
-    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity, shared=shared)
+    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity, shared=shared, softcap=softcap)
     if kernel != "cpu-native":
         read_shared = 0.0
     seen = (k_seen.nbytes + v_seen.nbytes) * (1 - read_shared / k_seen.shape[2])

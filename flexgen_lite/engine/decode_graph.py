@@ -92,7 +92,8 @@ class StaticDecode:
         """resident: per layer its weights, or None when they are not all resident (then never used)."""
         self.config, self.specs, self.resident = config, specs, resident
         # every layer's weights usable where they are, every cached position attended (no top-k)
-        self.possible = all(w is not None for w in resident) and policy.attn_sparsity == 1
+        self.possible = (all(w is not None for w in resident) and policy.attn_sparsity == 1
+                         and config.attn_softcap is None)  # its SDPA takes no soft cap
         self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
         self.batches: dict[int, _Batch] = {}

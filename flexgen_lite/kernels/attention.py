@@ -41,11 +41,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                 sparsity: float = 1.0, native_prefill: bool = True, shared=None) -> tuple[torch.Tensor, str]:
-    """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk.
-    native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the profile).
-    shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py)."""
+                 sparsity: float = 1.0, native_prefill: bool = True, shared=None,
+                 softcap: float | None = None) -> tuple[torch.Tensor, str]:
+    """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk,
+    softcap. native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the profile).
+    shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py).
+    softcap: scores capped as cap * tanh(score / cap) (Gemma-2), which no fused kernel takes: computed whole."""
     decode = q.shape[2] == 1
+    if softcap is not None:
+        return softcapped_attend(q, k, v, mask, softcap), "softcap"
     if sparsity < 1 and decode:
         return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2]))), "topk"
     if q.device.type == "cuda":
@@ -113,6 +117,23 @@ def fold_groups(q: torch.Tensor, mask: torch.Tensor | None, kv_heads: int) -> tu
         mask = mask.expand(b, 1, group, length) if t == 1 else \
             mask[:, :, None].expand(b, 1, group, t, length).reshape(b, 1, group * t, length)
     return q, mask
+
+
+def softcapped_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      cap: float) -> torch.Tensor:
+    """`attend` with each score capped as cap * tanh(score / cap) before the mask and softmax (fp32 inside), as
+    transformers' eager Gemma-2 attention computes it; mask None: causal (t > 1) or every position seen."""
+    b, heads, t, hd = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kv_heads, heads // kv_heads * t, hd)
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)).view(b, heads, t, length) / math.sqrt(hd)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None and t > 1:
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(q.dtype).view(b, kv_heads, heads // kv_heads * t, length)
+    return torch.matmul(probs, v).view(b, heads, t, hd)
 
 
 def topk_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, phi3, granite, smollm2)
+    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, phi3, granite, gemma, gemma2, smollm2)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -25,7 +27,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     pre_norm: bool = True  # OPT-350m normalises after the residual add
     final_norm: bool = True
-    activation: str = "relu"  # "relu" | "gelu" | "silu"
+    activation: str = "relu"  # "relu" | "gelu" | "gelu_tanh" | "silu"
     gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x))
     positions: str = "learned"  # "learned" (OPT, offset 2) | "rope"
     rope_theta: float = 10000.0
@@ -44,6 +46,14 @@ class ModelConfig:
     residual_scale: float = 1.0
     attention_scale: float | None = None
     logits_divisor: float = 1.0
+    # Gemma: RMSNorm by (1 + weight) in fp32; embeddings times sqrt(hidden) rounded to the compute dtype first;
+    # Gemma-2: attention scores and logits soft-capped (cap * tanh(x / cap)), each block's output normalised
+    # before its residual add (post_norm)
+    norm_offset: float = 0.0
+    embed_scale_in_dtype: bool = False
+    attn_softcap: float | None = None
+    logits_softcap: float | None = None
+    post_norms: bool = False
     windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
     tie_embeddings: bool = True
     bos_token_id: int | None = None
@@ -65,7 +75,8 @@ class ModelConfig:
     def plain(self) -> bool:
         """Without Granite's multipliers (what the fused CPU decode step computes)."""
         return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
-                and self.attention_scale in (None, self.head_dim ** -0.5))
+                and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
+                and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms)
 
     @property
     def rotary_dim(self) -> int:
@@ -195,8 +206,26 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
     )
 
 
+def _gemma_config(c: dict, name: str) -> ModelConfig:
+    """Gemma and Gemma-2: a Llama layer with Gemma's norm and embedding scale, a tanh-GELU gated MLP, tied
+    embeddings; Gemma-2 adds its attention scale, soft caps and post-block norms (ModelConfig's fields)."""
+    gemma2 = c["model_type"] == "gemma2"
+    act = (c.get("hidden_activation") if gemma2 else c.get("hidden_act")) or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu"):
+        raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (gelu_pytorch_tanh, gelu)")
+    base = _llama_config({**c, "hidden_act": "silu", "tie_word_embeddings": c.get("tie_word_embeddings", True)}, name)
+    scalar = c.get("query_pre_attn_scalar") if gemma2 else None
+    return dataclasses.replace(
+        base, activation="gelu_tanh" if act == "gelu_pytorch_tanh" else "gelu", norm_offset=1.0,
+        embed_scale=math.sqrt(c["hidden_size"]), embed_scale_in_dtype=True,
+        attention_scale=None if scalar is None else scalar ** -0.5,
+        attn_softcap=c.get("attn_logit_softcapping") if gemma2 else None,
+        logits_softcap=c.get("final_logit_softcapping") if gemma2 else None, post_norms=gemma2)
+
+
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
-            "qwen3": _llama_config, "phi3": _llama_config, "granite": _llama_config}
+            "qwen3": _llama_config, "phi3": _llama_config, "granite": _llama_config, "gemma": _gemma_config,
+            "gemma2": _gemma_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

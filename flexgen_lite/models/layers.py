@@ -19,10 +19,14 @@ from ..kernels.small_matmul import linears as dense_linears
 from .config import ModelConfig
 
 
-def norm(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
+def norm(x: torch.Tensor, w: dict, config: ModelConfig, name: str = "norm") -> torch.Tensor:
+    if config.norm_offset:  # Gemma: x normalised, times (offset + weight), in fp32
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + config.norm_eps)
+        return (xf * (config.norm_offset + w[f"{name}.weight"].float())).to(x.dtype)
     if config.norm == "rmsnorm":
-        return rms_norm(x, w["norm.weight"], config.norm_eps)
-    return F.layer_norm(x, (x.shape[-1],), w["norm.weight"], w.get("norm.bias"), config.norm_eps)
+        return rms_norm(x, w[f"{name}.weight"], config.norm_eps)
+    return F.layer_norm(x, (x.shape[-1],), w[f"{name}.weight"], w.get(f"{name}.bias"), config.norm_eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,6 +66,8 @@ def embed(w: dict, ids: torch.Tensor, positions: torch.Tensor, config: ModelConf
         h = F.linear(h, w["project_in"])
     if config.positions == "learned":
         h = h + F.embedding(positions.clamp(min=-1) + 2, w["positions"])  # OPT's offset of 2
+    if config.embed_scale_in_dtype:  # Gemma: sqrt(hidden) rounded to the dtype, as transformers multiplies
+        return h * torch.tensor(config.embed_scale, dtype=h.dtype)
     return scaled(h, config.embed_scale)
 
 
@@ -174,15 +180,23 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
 def attention_output(w: dict, attn: torch.Tensor, residual: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """attn (B, heads, T, hd) -> hidden after the output projection and residual (and post-norm)."""
     b, _, t, _ = attn.shape
-    h = residual + scaled(linear(attn.transpose(1, 2).reshape(b, t, -1), w, "o"), config.residual_scale)
+    h = residual + block_output(linear(attn.transpose(1, 2).reshape(b, t, -1), w, "o"), w, config)
     return h if config.pre_norm else norm(h, w, config)
+
+
+def block_output(x: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
+    """A block's output as its residual add takes it: normalised (Gemma-2), scaled (Granite)."""
+    if config.post_norms:
+        x = norm(x, w, config, "post_norm")
+    return scaled(x, config.residual_scale)
 
 
 def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1.0 else x * factor
 
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+               "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -194,7 +208,7 @@ def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         inner = F.silu(gate, inplace=True).mul_(up) if config.activation == "silu" else act(gate) * up
     else:
         inner = act(linear(x, w, "up"))
-    out = h + scaled(linear(inner, w, "down"), config.residual_scale)
+    out = h + block_output(linear(inner, w, "down"), w, config)
     return out if config.pre_norm else norm(out, w, config)
 
 
@@ -206,4 +220,10 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         h = F.linear(h, w["project_out"])
     head = w["lm_head"]
     logits = (head.matmul(h) if isinstance(head, Int8Weight) else dense_linear(h, head)).float()
-    return logits if config.logits_divisor == 1.0 else logits / config.logits_divisor
+    if config.logits_divisor != 1.0:
+        logits = logits / config.logits_divisor
+    return logits if config.logits_softcap is None else softcap(logits, config.logits_softcap)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap

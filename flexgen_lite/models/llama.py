@@ -32,6 +32,8 @@ def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
         names["o.bias"] = f"{p}self_attn.o_proj.bias"
     for ours in ("q", "k") if config.qk_norm else ():
         names[f"{ours}_norm.weight"] = f"{p}self_attn.{ours}_norm.weight"
+    if config.post_norms:  # Gemma-2: the attention's output normalised before the residual add
+        names["post_norm.weight"] = p + "post_attention_layernorm.weight"
     return names
 
 
@@ -42,6 +44,9 @@ def mlp_names(config: ModelConfig, i: int) -> dict[str, str]:
         names[f"{ours}.weight"] = f"{p}mlp.{ours}_proj.weight"
         if config.mlp_bias:
             names[f"{ours}.bias"] = f"{p}mlp.{ours}_proj.bias"
+    if config.post_norms:  # Gemma-2: normalised before the MLP and after it
+        names.update({"norm.weight": p + "pre_feedforward_layernorm.weight",
+                      "post_norm.weight": p + "post_feedforward_layernorm.weight"})
     if config.fused_projections:  # gate first, then up (transformers' Phi3MLP chunks it so)
         f, fused = config.intermediate_size, p + "mlp.gate_up_proj.weight"
         names.update({"gate.weight": rows_of(fused, 0, f, 2 * f), "up.weight": rows_of(fused, f, f, 2 * f)})

@@ -48,7 +48,7 @@ def _shape(config: ModelConfig, name: str) -> tuple[int, ...]:
         "up.weight": (f, h), "gate.weight": (f, h), "down.weight": (h, f),
         "up.bias": (f,), "gate.bias": (f,), "down.bias": (h,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
     }
-    if name.startswith("norm."):
+    if name.startswith(("norm.", "post_norm.")):
         return (h,)
     return shapes[name]
 
