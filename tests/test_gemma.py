@@ -5,9 +5,11 @@ block, its own attention scale. transformers' tokens and logits under placements
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.engine import decode_fused
+from flexgen_lite.kernels import attention
 from flexgen_lite.models.config import ModelError, config_from_dict
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy
@@ -47,3 +49,19 @@ def test_gemma2_with_a_shared_prefix_matches_transformers(tiny_models):
 def test_an_unknown_gemma_activation_is_refused():
     with pytest.raises(ModelError, match="activation 'relu' is not supported for gemma2"):
         config_from_dict(FAMILY_CONFIGS["gemma2"] | {"vocab_size": 512, "hidden_activation": "relu"})
+
+
+def test_a_long_capped_prefill_goes_in_chunks_of_queries(monkeypatch):
+    """The capped attention's scores are fp32 (b, heads, t, L): a prefill takes its queries in chunks that keep
+    them within SCORE_BYTES, with the same result as all at once."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    whole = attention.softcapped_attend(q, k, v, None, 5.0)
+    monkeypatch.setattr(attention, "SCORE_BYTES", 4 * 2 * 4 * 40 * 7)  # 7 queries a chunk
+    assert torch.allclose(attention.softcapped_attend(q, k, v, None, 5.0), whole, atol=1e-6)
+    mask = torch.rand(2, 1, 40, 40, generator=g) > 0.3
+    mask |= torch.eye(40, dtype=torch.bool)
+    chunked = attention.softcapped_attend(q, k, v, mask, 5.0)
+    monkeypatch.setattr(attention, "SCORE_BYTES", 64 << 20)
+    assert torch.allclose(chunked, attention.softcapped_attend(q, k, v, mask, 5.0), atol=1e-6)

@@ -119,17 +119,31 @@ def fold_groups(q: torch.Tensor, mask: torch.Tensor | None, kv_heads: int) -> tu
     return q, mask
 
 
+SCORE_BYTES = 64 << 20  # fp32 scores softcapped_attend holds at once: queries taken in chunks that fit
+
+
 def softcapped_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       cap: float) -> torch.Tensor:
     """`attend` with each score capped as cap * tanh(score / cap) before the mask and softmax (fp32 inside), as
-    transformers' eager Gemma-2 attention computes it; mask None: causal (t > 1) or every position seen."""
+    transformers' eager Gemma-2 attention computes it; mask None: causal (t > 1) or every position seen. A long
+    prefill's queries go in chunks, so that its scores stay within SCORE_BYTES."""
+    b, heads, t, hd = q.shape
+    length = k.shape[2]
+    if mask is None and t > 1:
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
+    step = max(1, SCORE_BYTES // (4 * b * heads * length))
+    if step < t:
+        return torch.cat([_capped(q[:, :, i:i + step], k, v, None if mask is None else mask[:, :, i:i + step], cap)
+                          for i in range(0, t, step)], 2)
+    return _capped(q, k, v, mask, cap)
+
+
+def _capped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cap: float):
     b, heads, t, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     qg = q.reshape(b, kv_heads, heads // kv_heads * t, hd)
     scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)).view(b, heads, t, length) / math.sqrt(hd)
     scores = torch.tanh(scores / cap) * cap
-    if mask is None and t > 1:
-        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1).to(q.dtype).view(b, kv_heads, heads // kv_heads * t, length)
