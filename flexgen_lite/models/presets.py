@@ -32,8 +32,12 @@ _LLAMA = {
     "qwen3-32b": ("qwen3", 5120, 64, 64, 8, 25600, 151936, 40960, 1e6),
     "phi-3-mini-4k": ("phi3", 3072, 32, 32, 32, 8192, 32064, 4096, 1e4),
     "phi-3-medium-4k": ("phi3", 5120, 40, 40, 10, 17920, 32064, 4096, 1e4),
+    "gemma-2-9b": ("gemma2", 3584, 42, 16, 8, 14336, 256000, 8192, 1e4),
+    "gemma-2-27b": ("gemma2", 4608, 46, 32, 16, 36864, 256000, 8192, 1e4),
 }
-HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128}  # where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
+# where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
+HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128}
+TIED = ("gemma2",)  # model types whose head is their embedding
 
 
 def _hf_dict(key: str) -> dict:
@@ -50,8 +54,10 @@ def _hf_dict(key: str) -> dict:
         "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
         "vocab_size": vocab, "max_position_embeddings": max_pos, "rope_theta": theta,
-        "rms_norm_eps": 1e-5 if model_type in ("llama", "phi3") else 1e-6, "bos_token_id": 1, "eos_token_id": 2,
-        "head_dim": HEAD_DIMS.get(key), "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5 if model_type in ("llama", "phi3") else 1e-6,
+        **({"sliding_window": 4096, "query_pre_attn_scalar": 144 if key == "gemma-2-27b" else 256}
+           if model_type == "gemma2" else {}), "bos_token_id": 1, "eos_token_id": 2,
+        "head_dim": HEAD_DIMS.get(key), "tie_word_embeddings": model_type in TIED,
     }
 
 
