@@ -20,7 +20,7 @@ from ..kernels.compression import CompressionConfig, QuantizedTensor, compressed
 from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
 from .policy import split_counts
-from .shared_prefix import shared_rows
+from .shared_prefix import PrefixRead
 from .storage import DiskStore, MemoryLedger, Staging
 from .trace import CACHE_LOAD, NULL
 
@@ -165,34 +165,6 @@ class QuantizedStore:
 
     def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         return [(n, s.position_shape, s.dtype) for n, s in zip(("codes", "scale", "min"), self.stores, strict=True)]
-
-
-@dataclass
-class PrefixRead:
-    """A shared prompt prefix (engine/shared_prefix.py) in a part's rows: its positions [0, columns) are alike in
-    every row but shifted by the rows' pads, so across the link they are read for row `source` alone and spread
-    to the others on the compute device: row r's position l is the source's index[l, r] (its own padding,
-    masked, reads anything)."""
-
-    source: int
-    index: torch.Tensor  # (columns, rows) on the compute device, contiguous
-    columns: int
-
-    @classmethod
-    def of_rows(cls, pad: torch.Tensor, columns: int, device: torch.device) -> PrefixRead | None:
-        """For rows left-padded by `pad` (host) whose columns [pad, columns) hold the prefix; None when no two
-        rows share a position."""
-        shared = shared_rows(pad, columns)
-        if shared is None:
-            return None
-        source, shift, _ = shared
-        index = (torch.arange(columns)[:, None] - shift[None]).clamp(min=0)
-        return cls(int(source[0]), index.to(device), columns)
-
-    def moved(self, length: float) -> float:
-        """The share of the part's positions [0, length) that crosses the link."""
-        rows = self.index.shape[1]
-        return ((length - self.columns) * rows + self.columns) / (length * rows)
 
 
 @dataclass

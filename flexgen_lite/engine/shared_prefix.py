@@ -2,11 +2,13 @@
 before the rows; its k, v are then spread into each row's shared columns, so each row computes only its own
 positions and the cache written home is what a prefill of the whole prompts writes (docs/architecture.md).
 
-Every row then holds the prefix's k, v alike, so decode attention on a CPU reads them from one row (shared_rows)."""
+Every row then holds the prefix's k, v alike, so decode attention on a CPU reads them from one row (shared_rows),
+and a cache part in host RAM brings them across the link for one row (PrefixRead, KVCache.prefix_reads)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -60,3 +62,31 @@ def shared_rows(pad: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Te
     if int(pad[source]) >= columns:
         return None
     return torch.full_like(pad, source), (pad - pad[source]).contiguous(), columns
+
+
+@dataclass
+class PrefixRead:
+    """A shared prompt prefix (engine/shared_prefix.py) in a part's rows: its positions [0, columns) are alike in
+    every row but shifted by the rows' pads, so across the link they are read for row `source` alone and spread
+    to the others on the compute device: row r's position l is the source's index[l, r] (its own padding,
+    masked, reads anything)."""
+
+    source: int
+    index: torch.Tensor  # (columns, rows) on the compute device, contiguous
+    columns: int
+
+    @classmethod
+    def of_rows(cls, pad: torch.Tensor, columns: int, device: torch.device) -> PrefixRead | None:
+        """For rows left-padded by `pad` (host) whose columns [pad, columns) hold the prefix; None when no two
+        rows share a position."""
+        shared = shared_rows(pad, columns)
+        if shared is None:
+            return None
+        source, shift, _ = shared
+        index = (torch.arange(columns)[:, None] - shift[None]).clamp(min=0)
+        return cls(int(source[0]), index.to(device), columns)
+
+    def moved(self, length: float) -> float:
+        """The share of the part's positions [0, length) that crosses the link."""
+        rows = self.index.shape[1]
+        return ((length - self.columns) * rows + self.columns) / (length * rows)
