@@ -66,7 +66,7 @@ def shared_rows(pad: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Te
 
 @dataclass
 class PrefixRead:
-    """A shared prompt prefix (engine/shared_prefix.py) in a part's rows: its positions [0, columns) are alike in
+    """A block's shared prompt prefix in a cache part's rows: its positions [0, columns) are alike in
     every row but shifted by the rows' pads, so across the link they are read for row `source` alone and spread
     to the others on the compute device: row r's position l is the source's index[l, r] (its own padding,
     masked, reads anything)."""
