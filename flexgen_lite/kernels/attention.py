@@ -124,7 +124,7 @@ SCORE_BYTES = 64 << 20  # fp32 scores softcapped_attend holds at once: queries t
 
 def softcapped_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       cap: float) -> torch.Tensor:
-    """`attend` with each score capped as cap * tanh(score / cap) before the mask and softmax (fp32 inside), as
+    """`attend` with each score capped as cap * tanh(score / cap) before the mask and softmax (those in fp32), as
     transformers' eager Gemma-2 attention computes it; mask None: causal (t > 1) or every position seen. A long
     prefill's queries go in chunks, so that its scores stay within SCORE_BYTES."""
     b, heads, t, hd = q.shape
@@ -142,7 +142,8 @@ def _capped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     b, heads, t, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     qg = q.reshape(b, kv_heads, heads // kv_heads * t, hd)
-    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)).view(b, heads, t, length) / math.sqrt(hd)
+    # in the cache's dtype, as transformers multiplies (no fp32 copy of the cache); capped and normalised in fp32
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, heads, t, length).float() / math.sqrt(hd)
     scores = torch.tanh(scores / cap) * cap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
