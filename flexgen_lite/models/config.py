@@ -73,7 +73,7 @@ class ModelConfig:
 
     @property
     def plain(self) -> bool:
-        """Without Granite's multipliers (what the fused CPU decode step computes)."""
+        """Without Granite's multipliers or Gemma's norms, caps and scales: what the fused CPU decode step computes."""
         return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
                 and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
                 and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms)
