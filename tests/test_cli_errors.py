@@ -58,6 +58,20 @@ def test_unusable_output(opt_dir, tmp_path, no_loading, capsys, where):
     assert f"--output {path}" in line
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_model_that_fails_to_load_leaves_no_output_file(tmp_path, capsys, existed):
+    """The --output file is claimed (created and locked) before the model loads; when loading fails, a file this
+    run made and never wrote to is removed again, and one that was there already is left as it was."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    out = tmp_path / "out.jsonl"
+    if existed:
+        out.write_bytes(b"")
+    assert "'gpt2' is not supported" in fails(gen(str(bad), "--output", str(out), "w5 w6"), capsys)
+    assert out.exists() == existed
+
+
 @pytest.mark.parametrize(("content", "words"), [
     ('w5 w6\n{"text": "w7"}\n', "line 2 has no \"prompt\" string field"),
     ('w5 w6\n{"prompt": "w7"\n', "line 2 starts with '{' but is not valid JSON"),

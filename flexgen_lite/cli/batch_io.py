@@ -100,12 +100,15 @@ class ResumableOutput:
         self.broken = False  # a write failed: the buffered rest is lost (the rerun redoes it)
         self.pending: dict = {}  # run record fields to write before the next result
         self.recorded: dict = {}  # the file's run record (its META_KEY lines, first value of a field kept)
+        self.created = not Path(path).exists()  # made by this run: removed again if it ends empty
+        self.locked = False
         self.file = _open_output(path, flag)
         try:
             _lock(self.file, path, flag)
+            self.locked = True
             self.repaired, self.done = self._scan(prompts)
         except BaseException:
-            self.file.close()
+            self.close()
             raise
 
     def _scan(self, prompts: list[Prompt]) -> tuple[bool, set[int]]:
@@ -182,7 +185,11 @@ class ResumableOutput:
                          "make room and rerun the same command to resume") from None
 
     def close(self) -> None:
+        """Flush and unlock; a file this run made and never wrote to (the model failed to load, say) is removed,
+        not left behind empty."""
         try:
+            if self.created and self.locked and not self.file.closed and self.file.seek(0, 2) == 0:
+                Path(self.path).unlink(missing_ok=True)  # while locked: no other run uses it yet
             self.file.close()  # releases the lock (and closes the file even when its last flush fails)
         except OSError as e:
             if not self.broken:  # else the write that failed has said so already
