@@ -1,4 +1,4 @@
-"""Read Llama-, Qwen2-, Qwen3- and Phi-3-architecture GGUF files (llama.cpp format) into Hugging Face form.
+"""Read Llama-, Qwen2-, Qwen3-, Phi-3- and Granite-architecture GGUF files (llama.cpp format) into Hugging Face form.
 
 The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
 a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``/``Qwen3Config``
@@ -7,7 +7,7 @@ for those files), ``(name, tensor)`` pairs with HF parameter names and shapes
 reorders a llama file's Q and K rows for its rotary layout (undone here); qwen2 and
 qwen3 files keep HF's order (qwen2 adds q, k and v biases; qwen3 per-head q and k norms), as do phi3 files,
 which store q, k, v as one matrix and gate, up as another (ffn_up), as HF's Phi-3 does, and LongRoPE's factors as
-tensors (folded into the config here).
+tensors (folded into the config here); granite files are Llama's, with four multipliers as metadata.
 """
 
 from __future__ import annotations
