@@ -256,9 +256,8 @@ def fast_dummy_weights() -> None:
 
     def place_tensor(*args, **kwargs):
         bound = place_sig.bind(*args, **kwargs)
-        spec, compression_config = bound.arguments["spec"], bound.arguments.get("compression")
-        compressed = compression_config is not None and len(spec.shape) >= 2 and bound.arguments.get("decoder")
-        _placing.dtype = bound.arguments["dtype"] if compressed else None  # decoder matrices alone are compressed
+        compressed = bound.arguments.get("compression") is not None and bound.arguments.get("compressible")
+        _placing.dtype = bound.arguments["dtype"] if compressed else None  # weights.compressed_matrix
         try:
             return place(*args, **kwargs)
         finally:

@@ -92,6 +92,20 @@ FAMILY_CONFIGS = {
                    num_key_value_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=64,
                    sliding_window=64, query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=8.0,
                    tie_word_embeddings=False),
+    # Mixtral: each token through its top 2 of 4 experts, their weights renormalised (fp32)
+    "mixtral": dict(model_type="mixtral", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=64, sliding_window=None),
+    # Qwen2-MoE: top 2 of 6 narrow experts (weights as the softmax gives them) plus a gated shared expert; its
+    # second layer a dense MLP (mlp_only_layers)
+    "qwen2-moe": dict(model_type="qwen2_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=64, num_experts=6,
+                      num_experts_per_tok=2, shared_expert_intermediate_size=96, mlp_only_layers=[1],
+                      max_position_embeddings=64, tie_word_embeddings=False),
+    # Qwen3-MoE: top 3 of 8 renormalised, q and k normalised per head, heads x head_dim wider than hidden
+    "qwen3-moe": dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=64,
+                      num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=64),
 }
 
 

@@ -246,12 +246,15 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models, m
 def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, policy):
     """The memory plan for CUDA is what the engine takes on its way across the link: compute memory exactly
     (weights, their slots and codes, cache, cache slots), host RAM exactly but for staging, within its bound."""
+    check_gpu_memory_plan(tiny_models["opt"][0], policy)
+
+
+def check_gpu_memory_plan(path, policy: Policy) -> None:
     from flexgen_lite.model_source import model_config
     from flexgen_lite.planning.layout import Workload
     from flexgen_lite.planning.memory_plan import peak_memory
 
     policy = dataclasses.replace(policy, dtype="float32")
-    path = tiny_models["opt"][0]
     with FlexGenLite(str(path), policy=policy, device=LINK) as m:
         m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=4))
         peak = m.memory_report()["peak"]

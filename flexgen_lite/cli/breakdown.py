@@ -215,10 +215,10 @@ def step_linears(config, rows: int, tokens: int, batches: int = 1) -> list[tuple
     shapes = matmul_shapes(config)
     per_layer, head, embed = shapes["attention"] + shapes["mlp"], shapes["head"], shapes["embed"]
     batch_rows = max(rows, 1) / batches
-    return [(m, k, n, times * batches)
+    return [(m * share, k, n, times * batches)
             for linears, m, times in ((per_layer, batch_rows * tokens, config.num_layers),
                                       (embed, batch_rows * tokens, 1), (head, batch_rows, 1))
-            for k, n in linears]
+            for k, n, share in linears]
 
 
 def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, hw=None,

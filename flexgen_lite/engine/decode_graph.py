@@ -93,7 +93,7 @@ class StaticDecode:
         self.config, self.specs, self.resident = config, specs, resident
         # every layer's weights usable where they are, every cached position attended (no top-k)
         self.possible = (all(w is not None for w in resident) and policy.attn_sparsity == 1
-                         and config.attn_softcap is None)  # its SDPA takes no soft cap
+                         and config.static_step)
         self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
         self.batches: dict[int, _Batch] = {}

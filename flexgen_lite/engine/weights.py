@@ -160,7 +160,7 @@ def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
             continue
         tiers.update({spec.hf_name: "gpu" for spec in specs if len(spec.shape) < 2})
         specs = [spec for spec in specs if len(spec.shape) >= 2]
-        size = [stored_nbytes(spec.shape, dtype, compression) for spec in specs]
+        size = [stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec, compression)) for spec in specs]
         cuts = (percents[0] / 100 * sum(size), (percents[0] + percents[1]) / 100 * sum(size))
         placed = 0
         for spec, nbytes in zip(specs, size, strict=True):
@@ -170,14 +170,23 @@ def weight_tiers(layers: list[LayerSpec], percents, dtype: torch.dtype,
     return tiers
 
 
-def matrix_compression(kind: str, shape: tuple[int, ...],
+ROUTERS = ("router.weight", "shared_gate.weight")  # a MoE's routing: kept dense, as llama.cpp keeps it
+
+
+def compressed_matrix(kind: str, spec: WeightSpec) -> bool:
+    """Whether a weight of a layer of `kind` is one that compression rounds (matrix_compression)."""
+    return kind in DECODER_KINDS and len(spec.shape) >= 2 and spec.name not in ROUTERS
+
+
+def matrix_compression(kind: str, spec: WeightSpec,
                        compression: CompressionConfig | None) -> CompressionConfig | None:
-    """What compresses a weight of a layer of `kind`: the decoder layers' matrices only. Vectors, the embedding
+    """What compresses a weight of a layer of `kind`: the decoder layers' matrices but a MoE's router (a rounded
+    one would send tokens to other experts; it is tiny). Vectors, the embedding
     and the head stay in the compute dtype, as GPTQ, AWQ and llama.cpp keep them (FlexGen rounds them too):
     on SmolLM2-135M, 4-bit groups of 64 raised perplexity by 41% with them rounded, 28% without; a Q4_1 file's
     own groups (STORED_GROUPS) by 5% with them rounded, 0% without. They live in compute memory, a small share
     of a large model's bytes (OPT-175B: 1.4% in fp16). On a CPU the embedding and head go to 8 bits (in_8_bits)."""
-    return compression if kind in DECODER_KINDS and len(shape) >= 2 else None
+    return compression if compressed_matrix(kind, spec) else None
 
 
 EIGHT_BIT = ("tokens", "lm_head")  # the embedding and head: in 8 bits where weights are compressed on a CPU
@@ -198,7 +207,7 @@ def weight_nbytes(spec: WeightSpec, kind: str, dtype: torch.dtype, compression: 
     """Bytes of a weight of a layer of `kind` as placed (cpu_rows: in_8_bits)."""
     if in_8_bits(spec, compression, cpu_rows):
         return int8_nbytes(spec.shape)
-    return stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec.shape, compression))
+    return stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec, compression))
 
 
 def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: CompressionConfig | None) -> int:
@@ -273,19 +282,19 @@ class StoredWeight:
 
 def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch.dtype, device: ComputeDevice,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
-                 file: DiskFile | None = None, offset: int = 0, decoder: bool = False,
+                 file: DiskFile | None = None, offset: int = 0, compressible: bool = False,
                  arena: HostArena | None = None, cpu_rows: int = 0) -> StoredWeight:
-    """Read one weight from `source` into its home tier (compressing a matrix once, here, when
-    `compression` is set: for the CPU's int4 kernel where it can multiply a decoder layer's matrix; the embedding
-    and head in 8 bits on a CPU); a disk-homed one into `file` at `offset`; a cpu-homed one across the link into a
-    view of `arena`. cpu_rows: in_8_bits."""
+    """Read one weight from `source` into its home tier (compressing it once, here, when `compression` is set
+    and it is `compressible` (compressed_matrix): for the CPU's int4 kernel where it can multiply it; the
+    embedding and head in 8 bits on a CPU); a disk-homed one into `file` at `offset`; a cpu-homed one across the
+    link into a view of `arena`. cpu_rows: in_8_bits."""
     if tier == "gpu" and in_8_bits(spec, compression, cpu_rows if on_cpu(device) else 0):
         data = source.int8(spec, dtype)
         ledger.add(tier, data.nbytes)
         return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)
-    rows, compression = spec.shape[0], compression if len(spec.shape) >= 2 and decoder else None
+    rows, compression = spec.shape[0], compression if compressible else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
-    int4 = decoder and dtype != torch.float32 and not device.host_is_separate and \
+    int4 = compressible and dtype != torch.float32 and not device.host_is_separate and \
         eligible(spec.shape, compression, device.device)
 
     exact = source.groups(spec, compression) if compression is not None else None
@@ -360,12 +369,12 @@ def place_weights(layers: list[LayerSpec], percents, source: WeightSource, dtype
             if tiers[spec.hf_name] == "disk":
                 offsets[spec.hf_name] = extent
                 extent += page_aligned(stored_nbytes(spec.shape, dtype,
-                                                     matrix_compression(layer.kind, spec.shape, compression)))
+                                                     matrix_compression(layer.kind, spec, compression)))
         file = disk.create(extent, f"{layer.kind}{layer.index}") if extent else None
         for spec in new:
             by_hf_name[spec.hf_name] = place_tensor(spec, tiers[spec.hf_name], source, dtype, device, ledger,
                                                     compression, file, offsets.get(spec.hf_name, 0),
-                                                    layer.kind in DECODER_KINDS, arena, cpu_rows)
+                                                    compressed_matrix(layer.kind, spec), arena, cpu_rows)
         placed.append({spec.name: by_hf_name[spec.hf_name] for spec in layer.weights})
         return_freed_memory()  # the layer's read buffers: freed heap holes would pile up as resident memory
         if progress:
@@ -377,7 +386,7 @@ def host_arena_bytes(layers: list[LayerSpec], tiers: dict[str, str], dtype: torc
                      compression: CompressionConfig | None) -> int:
     """Bytes of the cpu-homed weights' arena: each stored weight once, at an aligned offset."""
     specs = {s.hf_name: (layer.kind, s) for layer in layers for s in layer.weights if tiers[s.hf_name] == "cpu"}
-    return sum(padded(stored_nbytes(s.shape, dtype, matrix_compression(kind, s.shape, compression)))
+    return sum(padded(stored_nbytes(s.shape, dtype, matrix_compression(kind, s, compression)))
                for kind, s in specs.values())
 
 

@@ -15,7 +15,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "opt" or "llama" (llama covers mistral, qwen2, qwen3, phi3, granite, gemma, gemma2, smollm2)
+    family: str  # "opt" or "llama" (llama covers mistral, qwen2/3, phi3, granite, gemma/2, smollm2 and the MoEs)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -54,6 +54,17 @@ class ModelConfig:
     attn_softcap: float | None = None
     logits_softcap: float | None = None
     post_norms: bool = False
+    # a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token's hidden state goes to
+    # its top experts_per_token of num_experts gated MLPs of expert_size, weighted by their router softmax
+    # (renormalised over the chosen ones when norm_top_k); Qwen2-MoE adds a shared expert behind a sigmoid gate.
+    # moe names the checkpoint layout ("mixtral", "qwen"); dense_layers keep a dense MLP (Qwen's mlp_only_layers)
+    moe: str = ""
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    norm_top_k: bool = True
+    shared_expert_size: int = 0
+    dense_layers: tuple[int, ...] = ()
     windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
     tie_embeddings: bool = True
     bos_token_id: int | None = None
@@ -76,7 +87,24 @@ class ModelConfig:
         """Without Granite's multipliers or Gemma's norms, caps and scales: what the fused CPU decode step computes."""
         return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
                 and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
-                and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms)
+                and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms
+                and not self.moe)
+
+    @property
+    def static_step(self) -> bool:
+        """Whether a decode step's shapes are the same every step (a CUDA graph can replay it): not with experts
+        chosen per token, nor with the capped attention the graph's SDPA does not compute."""
+        return self.attn_softcap is None and not self.moe
+
+    def routed(self, layer: int) -> bool:
+        """Whether decoder layer `layer` runs its experts (a MoE model's layers but its dense_layers)."""
+        return bool(self.moe) and layer not in self.dense_layers
+
+    @property
+    def mlp_width(self) -> int:
+        """The widest of a layer's MLP products: the dense MLP's, an expert's or the shared expert's."""
+        dense = self.intermediate_size if not self.moe or self.dense_layers else 0
+        return max(dense, self.expert_size, self.shared_expert_size)
 
     @property
     def rotary_dim(self) -> int:
@@ -101,12 +129,17 @@ class ModelConfig:
         kv = self.num_kv_heads * self.head_dim
         attn = h * (2 * h + 2 * kv)
         mlp = h * f * (3 if self.gated_mlp else 2)
+        if self.moe:  # the routed layers' experts, router and shared expert with its gate; the others dense
+            routed = self.num_layers - len(self.dense_layers)
+            experts = h * (3 * (self.num_experts * self.expert_size + self.shared_expert_size) + self.num_experts
+                           + (1 if self.shared_expert_size else 0))
+            mlp = (routed * experts + len(self.dense_layers) * mlp) / self.num_layers
         embed = v * self.word_dim * (1 if self.tie_embeddings else 2)
         if self.positions == "learned":
             embed += (self.max_positions + 2) * h
         if self.word_dim != h:
             embed += 2 * h * self.word_dim
-        return self.num_layers * (attn + mlp) + embed
+        return int(self.num_layers * (attn + mlp) + embed)
 
 
 def _eos_list(value) -> list[int]:
@@ -169,7 +202,7 @@ def _full_attention_context(c: dict) -> int:
         context = min(context, scaling.get("original_max_position_embeddings")
                       or c.get("original_max_position_embeddings") or context)
     window = c.get("sliding_window")
-    if c["model_type"] in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+    if c["model_type"].startswith(("qwen2", "qwen3")) and not c.get("use_sliding_window", False):
         window = None
     return min(context, window) if window else context
 
@@ -187,23 +220,45 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         raise ModelError(f"partial_rotary_factor {partial} of head_dim {head_dim} does not give an even number of "
                          "rotated dims")
     theta, scaling = _rope_settings(c)
-    qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
+    qkv_bias = c["model_type"] in ("qwen2", "qwen2_moe") or c.get("attention_bias", False)
     return ModelConfig(
         family="llama", name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         num_layers=c["num_hidden_layers"], num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
         max_positions=context, windowed=context < c.get("max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
-        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] == "qwen3",
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] in ("qwen3", "qwen3_moe"),
         fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
         embed_scale=float(c.get("embedding_multiplier", 1.0)), residual_scale=float(c.get("residual_multiplier", 1.0)),
         attention_scale=c.get("attention_multiplier"), logits_divisor=float(c.get("logits_scaling", 1.0)),
-        head_size=head_dim if head_dim * heads != c["hidden_size"] else 0,
+        head_size=head_dim if head_dim * heads != c["hidden_size"] else 0, **_experts(c),
         out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
         tie_embeddings=c.get("tie_word_embeddings", False),
         bos_token_id=c.get("bos_token_id"), eos_token_id=_eos_list(c.get("eos_token_id")),
         pad_token_id=c.get("pad_token_id"),
     )
+
+
+def _experts(c: dict) -> dict:
+    """ModelConfig's mixture-of-experts fields: Mixtral routes every layer, renormalising its top experts'
+    weights; Qwen2/3-MoE every decoder_sparse_step-th layer but mlp_only_layers, renormalising when norm_topk_prob,
+    Qwen2-MoE with a shared expert."""
+    kind = c["model_type"]
+    if kind not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    experts, top = c.get("num_experts") or c.get("num_local_experts"), c.get("num_experts_per_tok")
+    if not experts or not top:
+        raise ModelError(f"a {kind} config needs num_experts (or num_local_experts) and num_experts_per_tok; "
+                         "this one lacks them or sets 0: the config is incomplete")
+    if not 0 < top <= experts:
+        raise ModelError(f"num_experts_per_tok {top} of {experts} experts: the config is inconsistent")
+    if kind == "mixtral":
+        return dict(moe="mixtral", num_experts=experts, experts_per_token=top, expert_size=c["intermediate_size"])
+    step, only = c.get("decoder_sparse_step", 1) or 1, set(c.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(c["num_hidden_layers"]) if i in only or (i + 1) % step)
+    return dict(moe="qwen", num_experts=experts, experts_per_token=top, expert_size=c["moe_intermediate_size"],
+                norm_top_k=bool(c.get("norm_topk_prob", False)), dense_layers=dense,
+                shared_expert_size=c.get("shared_expert_intermediate_size", 0) if kind == "qwen2_moe" else 0)
 
 
 def _gemma_config(c: dict, name: str) -> ModelConfig:
@@ -224,7 +279,8 @@ def _gemma_config(c: dict, name: str) -> ModelConfig:
 
 
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
-            "qwen3": _llama_config, "phi3": _llama_config, "granite": _llama_config, "gemma": _gemma_config,
+            "qwen3": _llama_config, "phi3": _llama_config, "mixtral": _llama_config, "qwen2_moe": _llama_config,
+            "qwen3_moe": _llama_config, "granite": _llama_config, "gemma": _gemma_config,
             "gemma2": _gemma_config}
 
 

@@ -201,15 +201,44 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
 
 def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     x = norm(h, w, config) if config.pre_norm else h
+    y = experts(w, x, config) if "router.weight" in w else feed_forward(w, x, config)
+    out = h + block_output(y, w, config)
+    return out if config.pre_norm else norm(out, w, config)
+
+
+def feed_forward(w: dict, x: torch.Tensor, config: ModelConfig, prefix: str = "") -> torch.Tensor:
+    """The MLP (an expert's, with its name's prefix) of normalised rows x, before the residual add."""
     act = ACTIVATIONS[config.activation]
     if config.gated_mlp:
-        gate, up = linears(x, w, ("gate", "up"))
+        gate, up = linears(x, w, (prefix + "gate", prefix + "up"))
         # in place where the activation can be (gate is this call's own): no new tensor of (rows, ffn) twice
         inner = F.silu(gate, inplace=True).mul_(up) if config.activation == "silu" else act(gate) * up
     else:
-        inner = act(linear(x, w, "up"))
-    out = h + block_output(linear(inner, w, "down"), w, config)
-    return out if config.pre_norm else norm(out, w, config)
+        inner = act(linear(x, w, prefix + "up"))
+    return linear(inner, w, prefix + "down")
+
+
+def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A mixture of experts over normalised rows x (..., hidden), as transformers computes it: the router's
+    softmax in fp32, each row's top experts (their weights renormalised when norm_top_k; Qwen's rounded to the
+    compute dtype, Mixtral's kept in fp32), each expert over its rows in expert order, plus Qwen2-MoE's shared
+    expert behind its sigmoid gate."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(linear(flat, w, "router").float(), dim=-1)
+    top, chosen = probs.topk(config.experts_per_token, dim=-1)
+    if config.norm_top_k:
+        top = top / top.sum(-1, keepdim=True)
+    if config.moe == "qwen":
+        top = top.to(x.dtype)
+    out = torch.zeros_like(flat)
+    counts = torch.bincount(chosen.flatten(), minlength=config.num_experts).tolist()  # one sync for the loop
+    for e in (e for e, n in enumerate(counts) if n):
+        rows, slot = torch.where(chosen == e)
+        y = feed_forward(w, flat[rows], config, f"experts.{e}.")
+        out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
+    if config.shared_expert_size:
+        out = out + torch.sigmoid(linear(flat, w, "shared_gate")) * feed_forward(w, flat, config, "shared.")
+    return out.view(x.shape)
 
 
 def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:

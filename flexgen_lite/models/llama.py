@@ -1,5 +1,6 @@
-"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3): canonical weight names -> HF checkpoint names.
-Phi-3 stores q, k, v as one matrix and gate, up as another: each of ours is a range of its rows (specs.rows_of)."""
+"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3, the MoEs): canonical weight names -> HF
+checkpoint names. Phi-3 stores q, k, v as one matrix and gate, up as another: each of ours is a range of its
+rows (specs.rows_of). A mixture of experts names its router, each expert and a shared expert (expert_names)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
 def mlp_names(config: ModelConfig, i: int) -> dict[str, str]:
     p = f"model.layers.{i}."
     names = {"norm.weight": p + "post_attention_layernorm.weight"}
+    if config.routed(i):
+        return names | expert_names(config, p)
     for ours in ("gate", "up", "down"):
         names[f"{ours}.weight"] = f"{p}mlp.{ours}_proj.weight"
         if config.mlp_bias:
@@ -50,6 +53,26 @@ def mlp_names(config: ModelConfig, i: int) -> dict[str, str]:
     if config.fused_projections:  # gate first, then up (transformers' Phi3MLP chunks it so)
         f, fused = config.intermediate_size, p + "mlp.gate_up_proj.weight"
         names.update({"gate.weight": rows_of(fused, 0, f, 2 * f), "up.weight": rows_of(fused, f, f, 2 * f)})
+    return names
+
+
+def expert_names(config: ModelConfig, p: str) -> dict[str, str]:
+    """A mixture of experts' router, experts and shared expert with its gate (Qwen2-MoE)."""
+    if config.moe == "mixtral":  # w1 is the gate, w3 the up projection, w2 the down
+        moe = p + "block_sparse_moe."
+        names = {"router.weight": moe + "gate.weight"}
+        for e in range(config.num_experts):
+            names.update({f"experts.{e}.{ours}.weight": f"{moe}experts.{e}.{w}.weight"
+                          for ours, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))})
+        return names
+    names = {"router.weight": p + "mlp.gate.weight"}
+    for e in range(config.num_experts):
+        names.update({f"experts.{e}.{ours}.weight": f"{p}mlp.experts.{e}.{ours}_proj.weight"
+                      for ours in ("gate", "up", "down")})
+    if config.shared_expert_size:
+        names.update({f"shared.{ours}.weight": f"{p}mlp.shared_expert.{ours}_proj.weight"
+                      for ours in ("gate", "up", "down")})
+        names["shared_gate.weight"] = p + "mlp.shared_expert_gate.weight"
     return names
 
 

@@ -34,9 +34,15 @@ _LLAMA = {
     "phi-3-medium-4k": ("phi3", 5120, 40, 40, 10, 17920, 32064, 4096, 1e4),
     "gemma-2-9b": ("gemma2", 3584, 42, 16, 8, 14336, 256000, 8192, 1e4),
     "gemma-2-27b": ("gemma2", 4608, 46, 32, 16, 36864, 256000, 8192, 1e4),
+    "mixtral-8x7b": ("mixtral", 4096, 32, 32, 8, 14336, 32000, 32768, 1e6),
+    "mixtral-8x22b": ("mixtral", 6144, 56, 48, 8, 16384, 32768, 65536, 1e6),
+    "qwen3-30b-a3b": ("qwen3_moe", 2048, 48, 32, 4, 6144, 151936, 40960, 1e6),
 }
+# mixtures of experts: (experts, experts per token, an expert's width, its routing weights renormalised)
+EXPERTS = {"mixtral-8x7b": (8, 2, 14336, True), "mixtral-8x22b": (8, 2, 16384, True),
+           "qwen3-30b-a3b": (128, 8, 768, True)}
 # where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
-HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128}
+HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "qwen3-30b-a3b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128}
 TIED = ("gemma2",)  # model types whose head is their embedding
 
 
@@ -50,7 +56,12 @@ def _hf_dict(key: str) -> dict:
             "do_layer_norm_before": key != "opt-350m", "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
         }
     model_type, hidden, layers, heads, kv, ffn, vocab, max_pos, theta = _LLAMA[key]
-    return {
+    experts = {}
+    if key in EXPERTS:
+        count, top, width, norm = EXPERTS[key]
+        experts = {"num_local_experts": count, "num_experts": count, "num_experts_per_tok": top,
+                   "moe_intermediate_size": width, "norm_topk_prob": norm}
+    return {**experts,
         "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
         "vocab_size": vocab, "max_position_embeddings": max_pos, "rope_theta": theta,

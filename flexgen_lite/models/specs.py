@@ -19,6 +19,7 @@ class WeightSpec:
     name: str  # canonical name within its layer, e.g. "q.weight"
     hf_name: str  # name in the checkpoint; rows of a fused tensor (Phi-3's qkv_proj): "name[a:b of n]" (rows_of)
     shape: tuple[int, ...]
+    share: float = 1.0  # the share of a layer's rows this weight multiplies: a routed expert's, top-k / experts
 
     @property
     def stored(self) -> tuple[str, int, int]:
@@ -50,11 +51,23 @@ def _shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     }
     if name.startswith(("norm.", "post_norm.")):
         return (h,)
+    if name == "router.weight":
+        return (config.num_experts, h)
+    if name == "shared_gate.weight":
+        return (1, h)
+    if name.startswith(("experts.", "shared.")):  # a routed expert's or the shared expert's gated MLP
+        width = config.expert_size if name.startswith("experts.") else config.shared_expert_size
+        return {"gate": (width, h), "up": (width, h), "down": (h, width)}[name.split(".")[-2]]
     return shapes[name]
 
 
+def _share(config: ModelConfig, name: str) -> float:
+    return config.experts_per_token / config.num_experts if name.startswith("experts.") else 1.0
+
+
 def _layer(config: ModelConfig, kind: str, index: int, names: dict[str, str]) -> LayerSpec:
-    return LayerSpec(kind, index, tuple(WeightSpec(n, hf, _shape(config, n)) for n, hf in names.items()))
+    return LayerSpec(kind, index, tuple(WeightSpec(n, hf, _shape(config, n), _share(config, n))
+                                        for n, hf in names.items()))
 
 
 def layer_specs(config: ModelConfig) -> list[LayerSpec]:
@@ -70,13 +83,13 @@ def layer_specs(config: ModelConfig) -> list[LayerSpec]:
 LOOKUPS = ("tokens", "positions")  # 2-D weights read by index (embeddings), not multiplied
 
 
-def matmuls(layer: LayerSpec) -> list[tuple[int, int]]:
-    """(in, out) of each matmul of a layer, read off its weights: what the cost model and --breakdown count (a
-    gated MLP's three, OPT's projections in and out, the head's)."""
-    return [(w.shape[1], w.shape[0]) for w in layer.weights if len(w.shape) == 2 and w.name not in LOOKUPS]
+def matmuls(layer: LayerSpec) -> list[tuple[int, int, float]]:
+    """(in, out, share of the layer's rows) of each matmul of a layer, read off its weights: what the cost model
+    and --breakdown count (a gated MLP's three, OPT's projections in and out, the head's, each expert's)."""
+    return [(w.shape[1], w.shape[0], w.share) for w in layer.weights if len(w.shape) == 2 and w.name not in LOOKUPS]
 
 
-def matmul_shapes(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
+def matmul_shapes(config: ModelConfig) -> dict[str, list[tuple[int, int, float]]]:
     """`matmuls` of each layer kind (embed, attention, mlp, head)."""
     out: dict[str, list[tuple[int, int]]] = {}
     for layer in layer_specs(config):

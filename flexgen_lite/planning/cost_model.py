@@ -125,15 +125,18 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     positions (default t: the full square); batch: (rows, batches) other than the policy's (a shared prefix's
     one row)."""
     seg, hw, c = Seg(), s.hw, s.config
-    h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    h, v = c.hidden_size, c.vocab_size
     gbs, nb = batch or (s.gbs, s.nb)
     rows = gbs * (1 if kind == "head" else t)
-    linears = matmuls(s.kinds[kind])  # (in, out) of each, read off the layer's weights
+    linears = matmuls(s.kinds[kind])  # (in, out, share of the rows) of each, read off the layer's weights
+    f = c.intermediate_size  # a row's MLP width: a routed layer's its top experts' and the shared expert's
+    if c.routed(s.kinds["mlp"].index):
+        f = c.experts_per_token * c.expert_size + c.shared_expert_size
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
-    dense = [(k, n) for k, n in linears if not kernel_weight(s, kind, (n, k))]
-    dense_s = sum(_dense_time(s, kind, rows, k, n) for k, n in dense)
+    dense = [(k, n, share) for k, n, share in linears if not kernel_weight(s, kind, (n, k))]
+    dense_s = sum(_dense_time(s, kind, expert_rows(rows, share), k, n) for k, n, share in dense)
     seg.add("compute", nb * (dense_s + passes[kind] / bw), waits=False)
     _int4_matmuls(s, seg, kind, rows, linears, nb)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
@@ -199,7 +202,7 @@ def fused_decode(s: Setup) -> bool:
         return False
     products = []
     for kind in ("attention", "mlp"):
-        for k, n in matmuls(s.kinds[kind]):
+        for k, n, _ in matmuls(s.kinds[kind]):
             int4 = s.wcomp is not None and kernel_weight(s, kind, (n, k))
             if s.wcomp is not None and not int4:  # dequantized every step: not in memory as the kernels take it
                 return False
@@ -213,7 +216,7 @@ def graph_decode(s: Setup) -> bool:
     p = s.policy
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
     return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
-            and p.attn_sparsity == 1 and not p.cpu_cache_compute)
+            and p.attn_sparsity == 1 and not p.cpu_cache_compute and s.config.static_step)
 
 
 def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
@@ -224,12 +227,17 @@ def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
             and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
 
 
-def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int]], nb: int) -> None:
+def expert_rows(rows: int, share: float) -> int:
+    """The rows a weight multiplies of a layer's `rows`: a routed expert's top-k / experts of them, evenly spread."""
+    return rows if share == 1 else max(1, math.ceil(rows * share))
+
+
+def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int, float]], nb: int) -> None:
     """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored or by tiles, or dequantized in
     the compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as int4_path chooses."""
-    for k, n in linears:
+    for k, n, share in linears:
         if kernel_weight(s, kind, (n, k)):
-            cost = int4_cost(s.hw, s.dname, rows, nb, k, n)
+            cost = int4_cost(s.hw, s.dname, expert_rows(rows, share), nb, k, n)
             seg.add("compute", cost.matmul, waits=False)
             if cost.dequantize:
                 seg.add("dequantize", cost.dequantize, waits=False)

@@ -11,7 +11,7 @@ from ..engine.block import common_prefix
 from ..engine.kv_cache import cache_bytes_per_token
 from ..engine.policy import Policy, PolicyError, split_counts
 from ..engine.storage import TIERS, page_aligned
-from ..engine.weights import DECODER_KINDS, in_8_bits, stored_nbytes, weight_tiers
+from ..engine.weights import DECODER_KINDS, compressed_matrix, in_8_bits, stored_nbytes, weight_tiers
 from ..kernels.int8_weight import int8_nbytes
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec, WeightSpec, layer_specs
@@ -54,9 +54,9 @@ def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[Weigh
     hit = _SPECS.get(id(config))
     if hit is None or hit[0] is not config:
         specs = layer_specs(config)
-        unique = {w.hf_name: (layer.kind in DECODER_KINDS, w) for layer in specs for w in layer.weights}.values()
-        count = Counter((decoder, w.shape) for decoder, w in unique)  # decoder matrices alone are compressed
-        first = {(decoder, w.shape): w for decoder, w in unique}
+        unique = {w.hf_name: (compressed_matrix(layer.kind, w), w) for layer in specs for w in layer.weights}.values()
+        count = Counter((rounded, w.shape) for rounded, w in unique)  # decoder matrices alone are compressed
+        first = {(rounded, w.shape): w for rounded, w in unique}
         hit = _SPECS[id(config)] = (config, specs, [(first[key], n) for key, n in count.items()])
     return hit[1], hit[2]
 
@@ -78,7 +78,10 @@ class Setup:
         self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
         self.specs, self.groups = _model_specs(config)
         self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
-        self.decoder_names = {w.hf_name for s in self.specs if s.kind in DECODER_KINDS for w in s.weights}
+        routed = [s for s in self.specs if s.kind == "mlp" and config.routed(s.index)]
+        if routed:  # a MoE's MLPs are costed as its routed ones (most of them)
+            self.kinds["mlp"] = routed[0]
+        self.compressible = {w.hf_name for s in self.specs for w in s.weights if compressed_matrix(s.kind, w)}
         # a head weight tied to the embedding's: its slot still holds it (WeightSlots), so it moves once
         self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
         self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
@@ -91,7 +94,7 @@ class Setup:
 
     def compressed(self, spec: WeightSpec) -> bool:
         """As weights.matrix_compression: the decoder layers' matrices, when weights are compressed."""
-        return self.wcomp is not None and len(spec.shape) >= 2 and spec.hf_name in self.decoder_names
+        return self.wcomp is not None and spec.hf_name in self.compressible
 
     def tensor_bytes(self, spec: WeightSpec) -> int:
         """Bytes of a weight as stored (4-bit codes when compressed; on a CPU the embedding and head then in 8

@@ -1,0 +1,131 @@
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): each token's hidden state through its top experts'
+gated MLPs. transformers' tokens and logits under placements through each attention path; the router kept dense
+under compression; the cost model counting every expert's bytes and the top experts' work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.cli.breakdown import step_flops
+from flexgen_lite.engine import decode_fused
+from flexgen_lite.models import layers as L
+from flexgen_lite.models.config import ModelError, config_from_dict
+from flexgen_lite.models.presets import preset_config
+from flexgen_lite.models.specs import layer_specs
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.layout import Workload
+
+from .conftest import FAMILY_CONFIGS, PROMPTS, synthetic_profile
+from .test_link_paths import check_gpu_memory_plan
+from .test_parity import POLICIES, check_against_reference
+
+FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe"]
+NAMES = ["all-gpu", "weights-split-3-tiers", "cache-split-3-tiers", "cpu-attention-cache-split", "one-row-batches"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_moe_matches_transformers(tiny_models, references, compute_device, family, name):
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name], compute_device)
+
+
+def test_tokens_spread_over_the_experts_and_dense_layers_stay_dense(tiny_models, monkeypatch):
+    """Every expert of a layer gets rows (the routing is exercised, not one expert for all), and Qwen2-MoE's
+    mlp_only_layers run their dense MLP; the fused CPU step is off (it computes a dense MLP)."""
+    used: dict[str, int] = {}
+    plain = L.feed_forward
+
+    def counted(w, x, config, prefix=""):
+        used[prefix] = used.get(prefix, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+        return plain(w, x, config, prefix)
+
+    monkeypatch.setattr(L, "feed_forward", counted)
+    with FlexGenLite(str(tiny_models["qwen2-moe"][0]), policy=POLICIES["all-gpu"], device="cpu") as m:
+        m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=4, stop_at_eos=False))
+        config = m.config
+    assert config.dense_layers == (1,) and config.shared_expert_size == 96
+    assert {f"experts.{e}." for e in range(6)} <= set(used) and "shared." in used and "" in used
+    rows = used[""]  # layer 1's dense MLP: every row the engine computes (the prompts, padded, and 3 steps)
+    assert rows >= sum(len(p) for p in PROMPTS) + 3 * len(PROMPTS)
+    assert used["shared."] == rows  # layer 0's shared expert, every row
+    assert sum(n for k, n in used.items() if k.startswith("experts.")) == 2 * rows  # each row's top 2
+    assert not decode_fused.config_fits(config) and not config.static_step
+
+
+def test_the_router_stays_dense_under_compression(tiny_models):
+    """4-bit weights round the experts, never the router (a rounded one sends tokens elsewhere), and the memory
+    plan across a link counts it so."""
+    policy = Policy(gpu_batch_size=4, compress_weight=True, weight_gpu_percent=30, weight_cpu_percent=40,
+                    dtype="float32")
+    with FlexGenLite(str(tiny_models["mixtral"][0]), policy=policy, device="cpu") as m:
+        layer = m.engine.weights[2 * 0 + 2]  # embed, attention 0, mlp 0
+        ids = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+    assert layer["router.weight"].compression is None
+    assert layer["experts.0.gate.weight"].compression is not None
+    assert len(ids) == len(PROMPTS)
+    check_gpu_memory_plan(tiny_models["mixtral"][0], policy)
+
+
+def test_the_cost_model_moves_every_expert_and_computes_the_top_ones():
+    """Mixtral-8x7B's step FLOPs are a dense model's with the MLP top-k experts wide (plus the router's); its
+    weights are all eight experts' bytes, and with them in host RAM a decode step brings them all across the link."""
+    mixtral = preset_config("mixtral-8x7b")
+    dense = config_from_dict({"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
+                              "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 2 * 14336,
+                              "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6})
+    router = 2 * 64 * 4096 * 8 * 32  # 64 rows, one token each, every layer
+    assert step_flops(mixtral, 64, 1, 512)["flops"] == step_flops(dense, 64, 1, 512)["flops"] + router
+    expert_bytes = 32 * 8 * 3 * 4096 * 14336 * 2
+    assert abs(mixtral.num_params() * 2 - expert_bytes - 1.6e9 * 2) < 0.1e9 * 2  # attention, embeddings: ~1.6 B
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=100,
+                    dtype="float16")
+    hw = synthetic_profile(cuda=True)
+    link = predict(mixtral, Workload(512, 32), policy, hw).decode_by["link"]  # all decoder weights, every step
+    assert expert_bytes / hw.h2d_pinned < link <= mixtral.num_params() * 2 / hw.h2d_pinned
+
+
+def test_layer_specs_name_every_expert():
+    config = config_from_dict(FAMILY_CONFIGS["qwen2-moe"] | {"vocab_size": 512})
+    mlp0, mlp1 = (s for s in layer_specs(config) if s.kind == "mlp")
+    names = {w.name: w for w in mlp0.weights}
+    assert names["router.weight"].shape == (6, 128) and names["shared_gate.weight"].shape == (1, 128)
+    assert names["experts.5.down.weight"].shape == (128, 64) and names["experts.5.down.weight"].share == 2 / 6
+    assert names["shared.up.weight"].shape == (96, 128) and names["shared.up.weight"].share == 1
+    assert {w.name for w in mlp1.weights} == {"norm.weight", "gate.weight", "up.weight", "down.weight"}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 of 4 experts"),
+    ({"num_local_experts": None}, "needs num_experts .or num_local_experts. and num_experts_per_tok"),
+])
+def test_an_inconsistent_moe_config_is_refused(fields, message):
+    with pytest.raises(ModelError, match=message):
+        config_from_dict(FAMILY_CONFIGS["mixtral"] | {"vocab_size": 512} | fields)
+
+
+def test_experts_weigh_rows_as_transformers_does():
+    """Qwen rounds the top experts' weights to the compute dtype, Mixtral keeps them fp32: in bf16 the two give
+    different bits, each transformers' own (its block run on the same weights)."""
+    from transformers import AutoConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 128).bfloat16()
+    for family, block in (("mixtral", MixtralSparseMoeBlock), ("qwen3-moe", Qwen3MoeSparseMoeBlock)):
+        fields = dict(FAMILY_CONFIGS[family], vocab_size=512)
+        hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        theirs = block(hf).bfloat16()
+        for p in theirs.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        config = config_from_dict(hf.to_dict())
+        experts = theirs.experts
+        w = {"router.weight": theirs.gate.weight.data}
+        for e in range(config.num_experts):
+            gate, up = experts.gate_up_proj[e].data.chunk(2)
+            w |= {f"experts.{e}.gate.weight": gate, f"experts.{e}.up.weight": up,
+                  f"experts.{e}.down.weight": experts.down_proj[e].data}
+        with torch.no_grad():
+            assert torch.equal(L.experts(w, x, config), theirs(x)), family
