@@ -129,3 +129,91 @@ def test_experts_weigh_rows_as_transformers_does():
                   f"experts.{e}.down.weight": experts.down_proj[e].data}
         with torch.no_grad():
             assert torch.equal(L.experts(w, x, config), theirs(x)), family
+
+
+def _write_moe_gguf(model, path, arch: str, qtype=None) -> None:
+    """The tiny transformers MoE as llama.cpp's converter writes it: each matrix's experts stacked (E, rows, cols),
+    Mixtral's Q and K rows reordered as Llama's, Qwen2-MoE's shared expert gate a vector; a dense layer without a
+    router."""
+    import gguf
+    import numpy as np
+
+    from .test_gguf_file import _llama_cpp_permute
+    from .test_phi3 import gguf_header, write_gguf
+
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer = gguf_header(c, path, arch, head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_expert_count(c.num_local_experts if arch == "llama" else c.num_experts)
+    writer.add_expert_used_count(c.num_experts_per_tok)
+    if arch != "llama":
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "mlp.experts.down_proj": "ffn_down_exps", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+             "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for name, t in model.state_dict().items():
+        w = t.numpy()
+        if name.endswith("experts.gate_up_proj"):  # gate's rows first, then up's
+            i = name.split(".")[2]
+            gate, up = np.split(w, 2, axis=1)
+            tensors = {f"blk.{i}.ffn_gate_exps.weight": gate, f"blk.{i}.ffn_up_exps.weight": up}
+        elif name.startswith("model.layers."):
+            i, rest = name.split(".")[2], name.split(".", 3)[3]
+            part, kind = rest.rsplit(".", 1) if rest.endswith(("weight", "bias")) else (rest, "weight")
+            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads if "k_proj" in name else 0
+            if arch == "llama" and heads:
+                w = _llama_cpp_permute(w, heads)
+            tensors = {f"blk.{i}.{parts[part]}.{kind}": w.reshape(-1) if part == "mlp.shared_expert_gate" else w}
+        else:
+            tensors = {names[name]: w}
+        for gguf_name, w in tensors.items():
+            w = np.ascontiguousarray(w)
+            if qtype is not None and w.ndim >= 2 and "ffn_gate_inp" not in gguf_name:
+                writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(gguf_name, w)
+    write_gguf(writer)
+
+
+@pytest.mark.parametrize("family, arch", [("mixtral", "llama"), ("qwen2-moe", "qwen2moe"),
+                                          ("qwen3-moe", "qwen3moe")])
+def test_a_moe_gguf_file_gives_transformers_outputs(tiny_models, references, compute_device, tmp_path, family,
+                                                    arch):
+    path = tmp_path / f"{family}.gguf"
+    _write_moe_gguf(tiny_models[family][1], path, arch)
+    check_against_reference(path, references[family], POLICIES["weights-split-3-tiers"], compute_device)
+
+
+def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path):
+    """--compress-weight keeps a Q4_0 file's own 4-bit groups: each expert's are its rows of the stack's, and
+    dequantize to the file's values; the router (F32 in the file, as llama.cpp keeps it) is neither rounded nor
+    counted among the file's matrix types."""
+    import gguf
+
+    from flexgen_lite.engine.weights import STORED_GROUPS, GGUFSource
+    from flexgen_lite.kernels.compression import dequantize
+    from flexgen_lite.models.gguf_file import decoder_matrix_types, read_gguf_config
+
+    path = tmp_path / "mixtral-q4_0.gguf"
+    _write_moe_gguf(tiny_models["mixtral"][1], path, "llama", gguf.GGMLQuantizationType.Q4_0)
+    assert decoder_matrix_types(path) == ["Q4_0"]
+    source = GGUFSource(str(path))
+    mlp = next(s for s in layer_specs(config_from_dict(read_gguf_config(path))) if s.kind == "mlp")
+    for spec in (w for w in mlp.weights if w.name.startswith("experts.")):
+        groups = source.groups(spec, STORED_GROUPS)
+        assert groups is not None and groups.shape == spec.shape
+        assert torch.equal(dequantize(groups, torch.float32), source.read(spec, 0, spec.shape[0]))
+    with FlexGenLite(str(path), policy=Policy(compress_weight=True, dtype="float32"), device="cpu") as m:
+        layer = m.engine.weights[2]
+        assert layer["router.weight"].compression is None and layer["experts.3.down.weight"].compression
+        assert len(m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=2, stop_at_eos=False))) == len(PROMPTS)

@@ -137,7 +137,7 @@ def gguf_header(c, path, arch: str, rotary_dims: int | None = None):
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_dimension_count(rotary_dims or c.hidden_size // c.num_attention_heads)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     return writer

@@ -1,4 +1,5 @@
-"""Read Llama-, Qwen2-, Qwen3-, Phi-3- and Granite-architecture GGUF files (llama.cpp format) into Hugging Face form.
+"""Read Llama- (Mixtral's too), Qwen2-, Qwen3-, Phi-3-, Granite- and Qwen2/3-MoE-architecture GGUF files
+(llama.cpp format) into Hugging Face form.
 
 The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
 a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``/``Qwen3Config``
@@ -7,7 +8,9 @@ for those files), ``(name, tensor)`` pairs with HF parameter names and shapes
 reorders a llama file's Q and K rows for its rotary layout (undone here); qwen2 and
 qwen3 files keep HF's order (qwen2 adds q, k and v biases; qwen3 per-head q and k norms), as do phi3 files,
 which store q, k, v as one matrix and gate, up as another (ffn_up), as HF's Phi-3 does, and LongRoPE's factors as
-tensors (folded into the config here); granite files are Llama's, with four multipliers as metadata.
+tensors (folded into the config here); granite files are Llama's, with four multipliers as metadata. A mixture of
+experts stores each layer's experts as one stack per matrix (ffn_gate_exps: experts x rows x cols): each expert's
+matrix is a view of its rows there, read as any other matrix.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from gguf import GGMLQuantizationType
 
 from .checkpoint import check_finite
 from .gguf_quants import DEQUANTIZE
-from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, dequantize, groups_of_32
+from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, GGUFTensor, dequantize, groups_of_32
 from .gguf_split import SplitContents, open_parts
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite", "qwen2moe", "qwen3moe")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM"}
-PERMUTED = ("llama", "granite")  # architectures whose converter reorders Q and K rows (Granite's is Llama's)
+                    "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+MOE_TYPES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # with experts: HF's model_type
+PERMUTED = ("llama", "granite", "mixtral")  # model types whose Q and K rows the converter reorders (as Llama's)
 GRANITE_SCALES = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
                   "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
@@ -67,6 +72,17 @@ _BLOCK_NAMES = {
     "attn_qkv": "self_attn.qkv_proj",  # phi3
 }
 _PHI3_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # phi3's ffn_up holds gate and up
+# a mixture of experts: the router; each stack of experts (E, rows, cols) one HF tensor per expert ({e}); Qwen2-MoE's
+# shared expert and its gate (a vector in the file, a (1, hidden) matrix in HF's)
+_MIXTRAL_NAMES = {"ffn_gate_inp": "block_sparse_moe.gate", "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+                  "ffn_up_exps": "block_sparse_moe.experts.{e}.w3", "ffn_down_exps": "block_sparse_moe.experts.{e}.w2"}
+_QWEN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+                   "ffn_up_exps": "mlp.experts.{e}.up_proj", "ffn_down_exps": "mlp.experts.{e}.down_proj",
+                   "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                   "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+_NAMES = {"phi3": {**_BLOCK_NAMES, **_PHI3_NAMES}, "mixtral": {**_BLOCK_NAMES, **_MIXTRAL_NAMES},
+          "qwen2_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "qwen3_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}}
+ROUTERS = re.compile(r".*\.(block_sparse_moe\.gate|mlp\.gate|mlp\.shared_expert_gate)\.weight")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors llama.cpp adds that are not HF parameters (rope_freqs, rope_factors are folded into the config).
 _SKIPPED_TENSORS = re.compile(r"rope_freqs\.weight|rope_factors_(long|short)\.weight"
@@ -226,8 +242,6 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         raise GGUFError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    if int(_meta(reader, path, f"{arch}.expert_count", 0) or 0) > 0:
-        raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported")
     hidden = int(_meta(reader, path, f"{arch}.embedding_length"))
     n_head = _uniform(_meta(reader, path, f"{arch}.attention.head_count"), "head_count", path)
     n_kv = _uniform(
@@ -249,12 +263,16 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     theta = float(_meta(reader, path, f"{arch}.rope.freq_base", 10000.0))
     scaling = _longrope(reader, path, arch) if arch == "phi3" else _rope_scaling(reader, path, arch, head_dim, theta)
     rope_parameters = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+    experts = _experts(reader, path, arch)
+    model_type = MOE_TYPES[arch] if experts else arch
     return {
-        "model_type": arch,
-        "architectures": [HF_ARCHITECTURES[arch]],
+        **experts,
+        "model_type": model_type,
+        "architectures": [HF_ARCHITECTURES[model_type]],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_meta(reader, path, f"{arch}.feed_forward_length")),
+        "intermediate_size": int(_meta(reader, path, f"{arch}.feed_forward_length",
+                                       experts.get("moe_intermediate_size", _MISSING))),
         "num_hidden_layers": int(_meta(reader, path, f"{arch}.block_count")),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
@@ -278,6 +296,32 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     }
 
 
+def _experts(reader: GGUFContents, path: str, arch: str) -> dict[str, Any]:
+    """The HF config's mixture-of-experts fields: llama.cpp renormalises the chosen experts' weights for Mixtral
+    and Qwen3-MoE, not for Qwen2-MoE (unless the file says otherwise); a layer without a router is dense."""
+    count = int(_meta(reader, path, f"{arch}.expert_count", 0) or 0)
+    if arch in ("qwen2moe", "qwen3moe") and not count:
+        raise GGUFError(f"{path}: a {arch} file without {arch}.expert_count")
+    if not count:
+        return {}
+    if arch not in MOE_TYPES:
+        raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported (llama, qwen2moe, qwen3moe)")
+    fields = {"num_local_experts": count, "num_experts": count,
+              "num_experts_per_tok": int(_meta(reader, path, f"{arch}.expert_used_count")),
+              "norm_topk_prob": bool(_meta(reader, path, f"{arch}.expert_weights_norm", arch != "qwen2moe"))}
+    if arch != "llama":  # Mixtral's experts are feed_forward_length wide
+        fields["moe_intermediate_size"] = int(_meta(reader, path, f"{arch}.expert_feed_forward_length"))
+    if arch == "qwen2moe":
+        fields["shared_expert_intermediate_size"] = int(
+            _meta(reader, path, f"{arch}.expert_shared_feed_forward_length", 0))
+    names = {t.name for t in reader.tensors}
+    blocks = int(_meta(reader, path, f"{arch}.block_count"))
+    fields["mlp_only_layers"] = [i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in names]
+    if fields["mlp_only_layers"] and arch == "llama":
+        raise GGUFError(f"{path}: a Mixtral file whose layers {fields['mlp_only_layers']} have no router")
+    return fields
+
+
 def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Hugging Face ``LlamaConfig``-style dict built from the GGUF metadata."""
     path, reader = _open(path)
@@ -285,16 +329,33 @@ def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """HF parameter name for a GGUF tensor name; None for tensors to skip."""
+    """HF parameter name for a GGUF tensor name (with {e} for a stack of experts); None for tensors to skip."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if _SKIPPED_TENSORS.fullmatch(gguf_name):
         return None
     m = _BLOCK_RE.fullmatch(gguf_name)
-    names = {**_BLOCK_NAMES, **_PHI3_NAMES} if arch == "phi3" else _BLOCK_NAMES
+    names = _NAMES.get(arch, _BLOCK_NAMES)
     if m is None or m.group(2) not in names:
         raise GGUFError(f"unexpected tensor {gguf_name!r} for a Llama-family model")
     return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
+
+
+def _as_hf(t: GGUFTensor, name: str) -> Iterator[tuple[str, GGUFTensor]]:
+    """(HF name, tensor) of a file's tensor: a stack of experts as each expert's matrix (a view of its rows in
+    the file), a vector that HF keeps as a one-row matrix (Qwen2-MoE's shared expert gate) as that."""
+    if "{e}" in name:
+        if len(t.shape) != 3:
+            raise GGUFError(f"tensor {t.name!r} should hold a stack of experts, but has shape {t.shape.tolist()}")
+        for e in range(int(t.shape[2])):
+            part = t.data[e]
+            yield name.format(e=e), GGUFTensor(f"{t.name}[{e}]", t.tensor_type, t.shape[:2].copy(), part,
+                                               t.mapping, t.offset + e * part.nbytes)
+    elif name.endswith("shared_expert_gate.weight") and len(t.shape) == 1:
+        yield name, GGUFTensor(t.name, t.tensor_type, np.array([t.shape[0], 1], dtype=np.uint64),
+                               t.data.reshape(1, -1), t.mapping, t.offset)
+    else:
+        yield name, t
 
 
 def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -334,7 +395,10 @@ def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | Non
         rows = int(t.shape[-1])
         if n_head is not None and rows % (2 * n_head):
             raise GGUFError(f"{path}: tensor {t.name!r} has {rows} rows, not {n_head} rotary heads")
-        plan[name] = (t, n_head)
+        try:
+            plan.update((hf, (view, n_head)) for hf, view in _as_hf(t, name))
+        except GGUFError as exc:
+            raise GGUFError(f"{path}: {exc}") from None
     return plan
 
 
@@ -392,8 +456,8 @@ def kept_and_rounded(path: str | os.PathLike[str]) -> tuple[list[str], list[str]
 
 def decoder_matrix_types(path: str | os.PathLike[str]) -> list[str]:
     """The types of the file's decoder matrices (the ones compressed weights compress), in name order."""
-    return sorted({t.tensor_type.name for t, _ in gguf_tensors(path).values()
-                   if t.name.startswith("blk.") and len(t.shape) == 2})
+    return sorted({t.tensor_type.name for name, (t, _) in gguf_tensors(path).items()
+                   if t.name.startswith("blk.") and len(t.shape) == 2 and not ROUTERS.fullmatch(name)})
 
 
 def iter_gguf_tensors(
