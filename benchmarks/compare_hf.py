@@ -65,7 +65,8 @@ WARMUP_PROMPT_LEN = 8
 # ---- arguments -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="facebook/opt-125m", help="OPT preset name, e.g. facebook/opt-1.3b")
+    p.add_argument("--model", default="facebook/opt-125m",
+                   help="a preset's name (facebook/opt-1.3b, mixtral-8x7b) or a config.json of a supported family")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=8)
     p.add_argument("--batch", type=int, nargs="+", default=[4], help="batch sizes, one run each")
@@ -122,7 +123,7 @@ def weights_on_disk(args) -> bool:
 
 
 def checkpoint_dir(args) -> Path:
-    key = args.model.lower().rsplit("/", 1)[-1]
+    key = args.model.lower().rsplit("/", 1)[-1].removesuffix(".json")
     return Path(args.workdir) / f"{key}-{args.dtype}-seed{args.seed}"
 
 
@@ -180,20 +181,21 @@ def setup_torch(args):
 
 
 def hf_config(model: str):
-    """A transformers OPTConfig with the shape of a flexgen_lite preset."""
+    """A transformers config with the shape of a flexgen_lite preset (any family), or read from a config.json
+    (a shape of a supported family, e.g. a small mixture of experts)."""
     from transformers import AutoConfig
 
-    from flexgen_lite.models.presets import find_preset
+    from flexgen_lite.models.presets import _hf_dict, find_preset
 
-    cfg = find_preset(model)
-    if cfg is None or cfg.family != "opt":
-        raise SystemExit(f"error: {model!r} is not an OPT preset of flexgen_lite (e.g. facebook/opt-1.3b)")
-    return AutoConfig.for_model(
-        "opt", hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        ffn_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions,
-        word_embed_proj_dim=cfg.word_dim, do_layer_norm_before=cfg.pre_norm, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id[0], pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings,
-    )
+    if model.endswith(".json"):
+        fields = json.loads(Path(model).read_text())
+    else:
+        cfg = find_preset(model)
+        if cfg is None:
+            raise SystemExit(f"error: {model!r} is neither a preset of flexgen_lite nor a config.json")
+        fields = _hf_dict(model.lower().rsplit("/", 1)[-1].removesuffix("-hf"))
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def prepare(args) -> dict:
@@ -206,6 +208,7 @@ def prepare(args) -> dict:
     torch, _ = setup_torch(args)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -216,10 +219,11 @@ def prepare(args) -> dict:
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     gen = torch.Generator().manual_seed(args.seed)
     shards, shard, size, index = [], {}, 0, {}
-    for name, p in model.state_dict().items():
+    # as a checkpoint stores them (transformers keeps a MoE's experts as one tensor in memory)
+    for name, p in revert_weight_conversion(model, model.state_dict()).items():
         if name in tied:
             continue
-        if "layer_norm" in name and name.endswith("weight"):
+        if "norm" in name and name.endswith("weight"):
             t = torch.ones(p.shape)
         elif p.dim() == 1 or "embed" in name:
             t = torch.randn(p.shape, generator=gen) * 0.02

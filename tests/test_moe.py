@@ -4,6 +4,8 @@ under compression; the cost model counting every expert's bytes and the top expe
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,30 +107,40 @@ def test_an_inconsistent_moe_config_is_refused(fields, message):
         config_from_dict(FAMILY_CONFIGS["mixtral"] | {"vocab_size": 512} | fields)
 
 
-def test_experts_weigh_rows_as_transformers_does():
-    """Qwen rounds the top experts' weights to the compute dtype, Mixtral keeps them fp32: in bf16 the two give
-    different bits, each transformers' own (its block run on the same weights)."""
+def test_experts_weigh_and_sum_rows_as_transformers_does():
+    """transformers' default experts (grouped_mm): Qwen rounds the top experts' weights to the compute dtype, Mixtral
+    keeps them fp32, and each row's weighted outputs are summed at once. In bf16 each choice changes bits, so the
+    products are made exact (integer inputs, router and gate/up weights; one +-1 per row of down) to compare the
+    weighting and summing bit for bit, whatever matmul kernels each side runs."""
     from transformers import AutoConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 128).bfloat16()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (2, 5, 128), generator=g).bfloat16()
     for family, block in (("mixtral", MixtralSparseMoeBlock), ("qwen3-moe", Qwen3MoeSparseMoeBlock)):
         fields = dict(FAMILY_CONFIGS[family], vocab_size=512)
         hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        hf._experts_implementation = "grouped_mm"
         theirs = block(hf).bfloat16()
-        for p in theirs.parameters():
-            torch.nn.init.normal_(p, std=0.2)
-        config = config_from_dict(hf.to_dict())
-        experts = theirs.experts
-        w = {"router.weight": theirs.gate.weight.data}
-        for e in range(config.num_experts):
-            gate, up = experts.gate_up_proj[e].data.chunk(2)
-            w |= {f"experts.{e}.gate.weight": gate, f"experts.{e}.up.weight": up,
-                  f"experts.{e}.down.weight": experts.down_proj[e].data}
+        experts, config = theirs.experts, config_from_dict(hf.to_dict())
         with torch.no_grad():
-            assert torch.equal(L.experts(w, x, config), theirs(x)), family
+            theirs.gate.weight.copy_(torch.randint(-1, 2, theirs.gate.weight.shape, generator=g))
+            experts.gate_up_proj.copy_(torch.randint(-1, 2, experts.gate_up_proj.shape, generator=g) *
+                                       (torch.rand(experts.gate_up_proj.shape, generator=g) < 0.1))
+            down = torch.zeros(experts.down_proj.shape)
+            down.scatter_(2, torch.randint(0, down.shape[2], (*down.shape[:2], 1), generator=g),
+                          torch.randint(0, 2, (*down.shape[:2], 1), generator=g).float() * 2 - 1)
+            experts.down_proj.copy_(down)
+            w = {"router.weight": theirs.gate.weight.data}
+            for e in range(config.num_experts):
+                gate, up = experts.gate_up_proj[e].data.chunk(2)
+                w |= {f"experts.{e}.gate.weight": gate, f"experts.{e}.up.weight": up,
+                      f"experts.{e}.down.weight": experts.down_proj[e].data}
+            ours, want = L.experts(w, x, config), theirs(x)
+            assert want.abs().max() > 0 and torch.equal(ours, want), family
+            other = dataclasses.replace(config, moe="qwen" if family == "mixtral" else "mixtral")
+            assert not torch.equal(L.experts(w, x, other), want), family  # the other rounding changes bits
 
 
 def _write_moe_gguf(model, path, arch: str, qtype=None) -> None:

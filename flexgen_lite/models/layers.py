@@ -219,23 +219,29 @@ def feed_forward(w: dict, x: torch.Tensor, config: ModelConfig, prefix: str = ""
 
 
 def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """A mixture of experts over normalised rows x (..., hidden), as transformers computes it: the router's
-    softmax in fp32, each row's top experts (their weights renormalised when norm_top_k; Qwen's rounded to the
-    compute dtype, Mixtral's kept in fp32), each expert over its rows in expert order, plus Qwen2-MoE's shared
-    expert behind its sigmoid gate."""
-    flat = x.reshape(-1, x.shape[-1])
+    """A mixture of experts over normalised rows x (..., hidden), as transformers' grouped experts compute it: the
+    router's softmax in fp32, each row's top experts (their weights renormalised when norm_top_k; Qwen's rounded to
+    the compute dtype, Mixtral's kept in fp32), the (row, expert) pairs sorted by expert so that each expert runs
+    once over its rows, each row's weighted outputs summed at once (in fp32 where the weights are), plus
+    Qwen2-MoE's shared expert behind its sigmoid gate."""
+    flat, k = x.reshape(-1, x.shape[-1]), config.experts_per_token
     probs = torch.softmax(linear(flat, w, "router").float(), dim=-1)
-    top, chosen = probs.topk(config.experts_per_token, dim=-1)
+    top, chosen = probs.topk(k, dim=-1)
     if config.norm_top_k:
         top = top / top.sum(-1, keepdim=True)
     if config.moe == "qwen":
         top = top.to(x.dtype)
-    out = torch.zeros_like(flat)
-    counts = torch.bincount(chosen.flatten(), minlength=config.num_experts).tolist()  # one sync for the loop
-    for e in (e for e, n in enumerate(counts) if n):
-        rows, slot = torch.where(chosen == e)
-        y = feed_forward(w, flat[rows], config, f"experts.{e}.")
-        out.index_add_(0, rows, (y * top[rows, slot, None]).to(out.dtype))
+    order = chosen.flatten().argsort(stable=True)  # pairs (row, slot) grouped by expert
+    picked = flat[order // k]
+    outs = torch.empty_like(picked)
+    first = 0
+    for e, n in enumerate(torch.bincount(chosen.flatten(), minlength=config.num_experts).tolist()):  # one sync
+        if n:
+            outs[first:first + n] = feed_forward(w, picked[first:first + n], config, f"experts.{e}.")
+            first += n
+    weighted = torch.empty(outs.shape, dtype=torch.promote_types(outs.dtype, top.dtype), device=outs.device)
+    weighted[order] = outs * top.flatten()[order, None]
+    out = weighted.view(-1, k, flat.shape[-1]).sum(1).to(x.dtype)
     if config.shared_expert_size:
         out = out + torch.sigmoid(linear(flat, w, "shared_gate")) * feed_forward(w, flat, config, "shared.")
     return out.view(x.shape)
