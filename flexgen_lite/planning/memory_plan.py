@@ -62,7 +62,8 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
         d["activations"] = batches * hidden
     rows = s.gbs * w.prompt_len
     h, f, q_kv = c.hidden_size, c.mlp_width, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-    routing = (h + 3 * c.num_experts * 4 / s.e) if c.moe else 0  # the experts' sum; router scores, fp32 softmax
+    # a MoE's (row, expert) pairs: rows gathered, outputs, weighted outputs in fp32; the sum; router scores (fp32)
+    routing = (c.experts_per_token * h * (2 + 4 / s.e) + h + 3 * c.num_experts * 4 / s.e) if c.moe else 0
     working = rows * s.e * max(6 * h + 2 * q_kv, 3 * h + (4 if c.gated_mlp else 2) * f + routing)
     inputs = s.n * (w.prompt_len * w.prompt_len + 8 * w.max_len) + 2 * s.n * w.prompt_len * c.head_dim * s.e
     logits = s.gbs * c.vocab_size * (s.e + 8)
