@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import elementwise
+from ..kernels import elementwise, native
 from ..kernels.int4_matmul import Int4Weight
 from ..kernels.int8_weight import Int8Weight
+from ..kernels.small_matmul import gemv_wins
 from ..kernels.small_matmul import linear as dense_linear
 from ..kernels.small_matmul import linears as dense_linears
 from .config import ModelConfig
@@ -233,18 +235,46 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         top = top.to(x.dtype)
     order = chosen.flatten().argsort(stable=True)  # pairs (row, slot) grouped by expert
     picked = flat[order // k]
-    outs = torch.empty_like(picked)
-    first = 0
-    for e, n in enumerate(torch.bincount(chosen.flatten(), minlength=config.num_experts).tolist()):  # one sync
-        if n:
-            outs[first:first + n] = feed_forward(w, picked[first:first + n], config, f"experts.{e}.")
-            first += n
+    counts = torch.bincount(chosen.flatten(), minlength=config.num_experts).tolist()  # one sync
+    spans = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, accumulate(counts), strict=True)) if n]
+    outs = grouped_experts(w, picked, spans, config)
+    if outs is None:  # each expert in turn
+        outs = torch.empty_like(picked)
+        for e, a, b in spans:
+            outs[a:b] = feed_forward(w, picked[a:b], config, f"experts.{e}.")
     weighted = torch.empty(outs.shape, dtype=torch.promote_types(outs.dtype, top.dtype), device=outs.device)
     weighted[order] = outs * top.flatten()[order, None]
     out = weighted.view(-1, k, flat.shape[-1]).sum(1).to(x.dtype)
     if config.shared_expert_size:
         out = out + torch.sigmoid(linear(flat, w, "shared_gate")) * feed_forward(w, flat, config, "shared.")
     return out.view(x.shape)
+
+
+def grouped_experts(w: dict, picked: torch.Tensor, spans: list[tuple[int, int, int]], config: ModelConfig):
+    """Every expert's gated MLP over its rows [a, b) of `picked` (spans (e, a, b)) in two calls of the CPU's
+    few-row kernel (gate and up, then down), where it is the product each expert's rows would take
+    (small_matmul.gemv_wins: a decode step's few rows an expert); the same bits as each expert in turn. None
+    where it does not apply (a GPU, compressed weights, many rows: then each expert in turn)."""
+    if picked.device.type != "cpu" or not config.gated_mlp or not spans:
+        return None
+    gate = [w[f"experts.{e}.gate.weight"] for e, _, _ in spans]
+    if not all(type(t) is torch.Tensor for t in gate):
+        return None
+    (f, h), dtype = gate[0].shape, picked.dtype
+    if not all(gemv_wins(dtype, n, f, h) and gemv_wins(dtype, n, h, f) for n in {b - a for _, a, b in spans}):
+        return None
+    up, down = ([w[f"experts.{e}.{name}.weight"] for e, _, _ in spans] for name in ("up", "down"))
+    g, u = (torch.empty(picked.shape[0], f, dtype=dtype) for _ in range(2))
+    first = [(picked[a:b], gw, g[a:b]) for (_, a, b), gw in zip(spans, gate, strict=True)]
+    first += [(picked[a:b], uw, u[a:b]) for (_, a, b), uw in zip(spans, up, strict=True)]
+    if not native.dense_gemv_groups(first):
+        return None
+    inner = F.silu(g, inplace=True).mul_(u) if config.activation == "silu" else ACTIVATIONS[config.activation](g) * u
+    outs = torch.empty_like(picked)
+    if not native.dense_gemv_groups([(inner[a:b], dw, outs[a:b]) for (_, a, b), dw in zip(spans, down, strict=True)]):
+        for (_, a, b), dw in zip(spans, down, strict=True):
+            outs[a:b] = dense_linears(inner[a:b], [(dw, None)])[0]
+    return outs
 
 
 def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:

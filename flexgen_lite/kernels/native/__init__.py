@@ -131,6 +131,10 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.dense_gemv_groups
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3 \
+        + [ctypes.c_int]
     attention = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                  + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
                  + [ctypes.c_int64])  # ... block, source, shift, shared
@@ -254,6 +258,28 @@ def dense_gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
                 y.data_ptr())
         parallel(lambda n0, n1, args=args: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
     return outs
+
+
+def dense_gemv_groups(products: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> bool:
+    """y = x @ w.T for each (x, w, y) of `products` (dense, sharing K and the dtype, each x its own rows: a mixture
+    of experts' products over each expert's rows), in one call to the kernel's team; False when it cannot do them
+    here (then nothing is written)."""
+    lib, team = library(), team_threads()
+    kind = OUT_KIND.get(products[0][0].dtype) if products else None
+    if lib is None or not team or kind is None:
+        return False
+    k, dtype = products[0][1].shape[1], products[0][0].dtype
+    for x, w, y in products:
+        if (w.dim() != 2 or w.shape[1] != k or x.shape[-1] != k or x.shape[0] != y.shape[0] or w.shape[0] != y.shape[1]
+                or not (x.dtype == w.dtype == y.dtype == dtype) or not all(t.is_contiguous() for t in (x, w, y))
+                or not all(t.device.type == "cpu" for t in (x, w, y))):
+            return False
+    count, pointers, sizes = len(products), ctypes.c_void_p * len(products), ctypes.c_int64 * len(products)
+    xs, ws, ys = zip(*products, strict=True)
+    lib.dense_gemv_groups(count, pointers(*(w.data_ptr() for w in ws)), pointers(*([0] * count)),
+                          sizes(*(w.shape[0] for w in ws)), kind, k, pointers(*(x.data_ptr() for x in xs)),
+                          sizes(*(x.shape[0] for x in xs)), pointers(*(y.data_ptr() for y in ys)), team)
+    return True
 
 
 def int8_gemv(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:

@@ -148,34 +148,56 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
     }
 }
 
-/* y[i] = x @ w[i]^T + bias[i] for `count` weights (n[i], k) sharing x (rows, k) (q, k and v; gate and up), each
-   as dense_gemv, x converted to fp32 once (where the kernel reads it so); all their chunks of output rows on one
-   team of `threads` OpenMP threads, handed out guided (long runs of rows first: cold weights streamed 12% faster
-   than in chunks taken in turn; the short last ones still go to whichever thread is free). */
-void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
-                     int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
+/* y[i] (rows[i], n[i]) = x[i] (rows[i], k) @ w[i]^T + bias[i] for `count` weights, each as dense_gemv, its x
+   converted to fp32 once (where the kernel reads it so); all their chunks of output rows on one team of `threads`
+   OpenMP threads, handed out guided (long runs of rows first: cold weights streamed 12% faster than in chunks
+   taken in turn; the short last ones still go to whichever thread is free). A mixture of experts' products:
+   each expert's weights over its own rows. */
+void dense_gemv_groups(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
+                       int64_t k, const void *const *x, const int64_t *rows, void *const *y, int threads) {
 #ifdef __AVX512BF16__
     int convert = kind != KIND_BF16;  /* bf16 rows are multiplied as they are (gemv_bf16) */
 #else
     int convert = 1;
 #endif
-    float *xf = convert ? malloc(sizeof(float) * rows * k) : NULL;
-    if (convert && !xf) return;
-    for (int64_t i = 0; convert && i < rows * k; i++) xf[i] = kind_value(x, kind, i);
-    int64_t first[65], items = 0;  /* first[i]: weight i's first work item; the caller passes at most 64 */
-    for (int i = 0; i < count; i++) {
+    int64_t *first = malloc(sizeof(int64_t) * 2 * (count + 1)), *xoff = first + count + 1, items = 0;
+    if (!first) return;
+    xoff[0] = 0;
+    for (int i = 0; i < count; i++) {  /* first[i]: weight i's first work item; xoff[i]: its x in xf */
         first[i] = items;
         items += (n[i] + CHUNK - 1) / CHUNK;
+        xoff[i + 1] = xoff[i] + (convert ? rows[i] * k : 0);
     }
     first[count] = items;
+    float *xf = convert ? malloc(sizeof(float) * (xoff[count] ? xoff[count] : 1)) : NULL;
+    if (convert && !xf) {
+        free(first);
+        return;
+    }
+    for (int i = 0; convert && i < count; i++)
+        for (int64_t j = 0; j < rows[i] * k; j++) xf[xoff[i] + j] = kind_value(x[i], kind, j);
     #pragma omp parallel for schedule(guided) num_threads(threads) if (threads > 1 && items > 1)
     for (int64_t it = 0; it < items; it++) {
         int i = 0;
         while (it >= first[i + 1]) i++;
         int64_t n0 = (it - first[i]) * CHUNK, n1 = n0 + CHUNK < n[i] ? n0 + CHUNK : n[i];
-        dense_gemv(w[i], bias[i], kind, n[i], k, x, xf, rows, y[i], n0, n1);
+        dense_gemv(w[i], bias[i], kind, n[i], k, x[i], convert ? xf + xoff[i] : NULL, rows[i], y[i], n0, n1);
     }
     free(xf);
+    free(first);
+}
+
+/* y[i] = x @ w[i]^T + bias[i] for up to 64 weights (n[i], k) sharing x (rows, k): q, k and v; gate and up. */
+void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
+                     int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
+    const void *xs[64];
+    int64_t rs[64];
+    count = count < 64 ? count : 64;
+    for (int i = 0; i < count; i++) {
+        xs[i] = x;
+        rs[i] = rows;
+    }
+    dense_gemv_groups(count, w, bias, n, kind, k, xs, rs, y, threads);
 }
 
 void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
