@@ -143,7 +143,7 @@ def test_experts_weigh_and_sum_rows_as_transformers_does():
             assert not torch.equal(L.experts(w, x, other), want), family  # the other rounding changes bits
 
 
-def _write_moe_gguf(model, path, arch: str, qtype=None) -> None:
+def _write_moe_gguf(model, path, arch: str, qtype=None, skip: tuple[str, ...] = ()) -> None:
     """The tiny transformers MoE as llama.cpp's converter writes it: each matrix's experts stacked (E, rows, cols),
     Mixtral's Q and K rows reordered as Llama's, Qwen2-MoE's shared expert gate a vector; a dense layer without a
     router."""
@@ -189,6 +189,8 @@ def _write_moe_gguf(model, path, arch: str, qtype=None) -> None:
         else:
             tensors = {names[name]: w}
         for gguf_name, w in tensors.items():
+            if gguf_name in skip:
+                continue
             w = np.ascontiguousarray(w)
             if qtype is not None and w.ndim >= 2 and "ffn_gate_inp" not in gguf_name:
                 writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
@@ -204,6 +206,15 @@ def test_a_moe_gguf_file_gives_transformers_outputs(tiny_models, references, com
     path = tmp_path / f"{family}.gguf"
     _write_moe_gguf(tiny_models[family][1], path, arch)
     check_against_reference(path, references[family], POLICIES["weights-split-3-tiers"], compute_device)
+
+
+def test_a_mixtral_file_missing_a_router_is_refused_by_name(tiny_models, tmp_path):
+    from flexgen_lite.models.gguf_file import GGUFError
+
+    path = tmp_path / "mixtral.gguf"
+    _write_moe_gguf(tiny_models["mixtral"][1], path, "llama", skip=("blk.1.ffn_gate_inp.weight",))
+    with pytest.raises(GGUFError, match=r"a Mixtral file whose layers \[1\] have no router"):
+        FlexGenLite(str(path), policy=POLICIES["all-gpu"], device="cpu")
 
 
 def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path):
