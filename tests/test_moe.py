@@ -242,28 +242,38 @@ def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path):
         assert len(m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=2, stop_at_eos=False))) == len(PROMPTS)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_are_each_expert_in_turn(monkeypatch, dtype):
-    """Every expert's products in two calls of the few-row kernel (native.dense_gemv_groups) give the same bits
-    as each expert in turn through the same kernel, for uneven rows per expert and unused experts."""
-    from flexgen_lite.kernels import native
+@pytest.mark.parametrize("dtype, four_bit", [(torch.float32, False), (torch.bfloat16, False),
+                                             (torch.float32, True), (torch.bfloat16, True)])
+def test_grouped_experts_are_each_expert_in_turn(monkeypatch, dtype, four_bit):
+    """Every expert's products in two calls of the few-row kernels (native.dense_gemv_groups, int4_gemv_groups for
+    4-bit codes) give the same bits as each expert in turn through the same kernel, for uneven rows per expert
+    and unused experts."""
+    from flexgen_lite.kernels import int4_matmul, native, small_matmul
+    from flexgen_lite.kernels.compression import CompressionConfig, quantize
 
-    if not native.team_threads():
+    if not native.team_threads() or four_bit and not int4_matmul.native_agrees():
         pytest.skip("the native kernels' OpenMP team is not built here")  # the loop is then the only path
     config = config_from_dict(FAMILY_CONFIGS["qwen3-moe"] | {"vocab_size": 512})
     g = torch.Generator().manual_seed(3)
+
+    def weight(shape):
+        t = (torch.randn(shape, generator=g) / 8).to(dtype)
+        if not four_bit:
+            return t
+        return int4_matmul.Int4Weight.from_bytes(int4_matmul.pack(quantize(t, CompressionConfig(4, 32, 1))), shape, 32)
+
     w = {"router.weight": torch.randn(8, 128, generator=g).to(dtype)}
     for e in range(8):
-        w |= {f"experts.{e}.{n}.weight": (torch.randn(shape, generator=g) / 8).to(dtype)
-              for n, shape in (("gate", (64, 128)), ("up", (64, 128)), ("down", (128, 64)))}
+        w |= {f"experts.{e}.{n}.weight": weight(shape) for n, shape in (("gate", (64, 128)), ("up", (64, 128)),
+                                                                         ("down", (128, 64)))}
     x = torch.randn(5, 1, 128, generator=g).to(dtype)
-    from flexgen_lite.kernels import small_matmul
-
-    for module in (L, small_matmul):  # the kernel for every expert, whatever the profile
-        monkeypatch.setattr(module, "gemv_wins", lambda *_: True)
+    for module, name in ((L, "gemv_wins"), (small_matmul, "gemv_wins"), (L, "codes_gemv_wins"),
+                         (int4_matmul, "codes_gemv_wins")):  # the kernels for every expert, whatever the profile
+        monkeypatch.setattr(module, name, lambda *_: True)
     calls = []
     grouped = L.grouped_experts
-    monkeypatch.setattr(L, "grouped_experts", lambda *a: calls.append(1) or grouped(*a))
+    monkeypatch.setattr(L, "grouped_experts", lambda *a: calls.append(a) or grouped(*a))
     together = L.experts(w, x, config)
+    assert calls and grouped(*calls[0]) is not None  # the grouped path ran
     monkeypatch.setattr(L, "grouped_experts", lambda *a: None)
-    assert calls and torch.equal(together, L.experts(w, x, config))
+    assert torch.equal(together, L.experts(w, x, config))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import elementwise, native
-from ..kernels.int4_matmul import Int4Weight
+from ..kernels.int4_matmul import Int4Weight, codes_gemv_wins, native_agrees
 from ..kernels.int8_weight import Int8Weight
 from ..kernels.small_matmul import gemv_wins
 from ..kernels.small_matmul import linear as dense_linear
@@ -252,28 +252,31 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 def grouped_experts(w: dict, picked: torch.Tensor, spans: list[tuple[int, int, int]], config: ModelConfig):
     """Every expert's gated MLP over its rows [a, b) of `picked` (spans (e, a, b)) in two calls of the CPU's
-    few-row kernel (gate and up, then down), where it is the product each expert's rows would take
-    (small_matmul.gemv_wins: a decode step's few rows an expert); the same bits as each expert in turn. None
-    where it does not apply (a GPU, compressed weights, many rows: then each expert in turn)."""
+    few-row kernels (gate and up, then down; dense or 4-bit), where it is the product each expert's rows would take
+    (a decode step's few rows an expert: small_matmul.gemv_wins, int4_matmul.codes_gemv_wins); the same bits as
+    each expert in turn. None where it does not apply (a GPU, weights by tiles, many rows: each expert in turn)."""
     if picked.device.type != "cpu" or not config.gated_mlp or not spans:
         return None
-    gate = [w[f"experts.{e}.gate.weight"] for e, _, _ in spans]
-    if not all(type(t) is torch.Tensor for t in gate):
+    gate, up, down = ([w[f"experts.{e}.{name}.weight"] for e, _, _ in spans] for name in ("gate", "up", "down"))
+    dense = all(type(t) is torch.Tensor for t in gate + up + down)
+    four_bit = all(isinstance(t, Int4Weight) and t.tiles is None for t in gate + up + down) and native_agrees()
+    if not (dense or four_bit):
         return None
     (f, h), dtype = gate[0].shape, picked.dtype
-    if not all(gemv_wins(dtype, n, f, h) and gemv_wins(dtype, n, h, f) for n in {b - a for _, a, b in spans}):
+    wins = gemv_wins if dense else codes_gemv_wins
+    if not all(wins(dtype, n, f, h) and wins(dtype, n, h, f) for n in {b - a for _, a, b in spans}):
         return None
-    up, down = ([w[f"experts.{e}.{name}.weight"] for e, _, _ in spans] for name in ("up", "down"))
+    products = native.dense_gemv_groups if dense else native.int4_gemv_groups
     g, u = (torch.empty(picked.shape[0], f, dtype=dtype) for _ in range(2))
     first = [(picked[a:b], gw, g[a:b]) for (_, a, b), gw in zip(spans, gate, strict=True)]
     first += [(picked[a:b], uw, u[a:b]) for (_, a, b), uw in zip(spans, up, strict=True)]
-    if not native.dense_gemv_groups(first):
+    if not products(first):
         return None
     inner = F.silu(g, inplace=True).mul_(u) if config.activation == "silu" else ACTIVATIONS[config.activation](g) * u
     outs = torch.empty_like(picked)
-    if not native.dense_gemv_groups([(inner[a:b], dw, outs[a:b]) for (_, a, b), dw in zip(spans, down, strict=True)]):
-        for (_, a, b), dw in zip(spans, down, strict=True):
-            outs[a:b] = dense_linears(inner[a:b], [(dw, None)])[0]
+    if not products([(inner[a:b], dw, outs[a:b]) for (_, a, b), dw in zip(spans, down, strict=True)]):
+        for e, a, b in spans:
+            outs[a:b] = linear(inner[a:b], w, f"experts.{e}.down")
     return outs
 
 

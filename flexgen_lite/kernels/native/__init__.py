@@ -131,6 +131,10 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.int4_gemv_groups
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int] \
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     fn = lib.dense_gemv_groups
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3 \
@@ -279,6 +283,32 @@ def dense_gemv_groups(products: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     lib.dense_gemv_groups(count, pointers(*(w.data_ptr() for w in ws)), pointers(*([0] * count)),
                           sizes(*(w.shape[0] for w in ws)), kind, k, pointers(*(x.data_ptr() for x in xs)),
                           sizes(*(x.shape[0] for x in xs)), pointers(*(y.data_ptr() for y in ys)), team)
+    return True
+
+
+def int4_gemv_groups(products: list[tuple[torch.Tensor, object, torch.Tensor]]) -> bool:
+    """y = x @ W.T for each (x, W, y) of `products`, W an Int4Weight (its packed codes, fp16 scales and minima; all
+    sharing K and the group size), each x its own rows: a mixture of experts' 4-bit products, in one call to the
+    kernel's team (int4_gemv_groups); False when it cannot do them here (then nothing is written)."""
+    lib, team = library(), team_threads()
+    kind = OUT_KIND.get(products[0][0].dtype) if products else None
+    if lib is None or not team or kind is None:
+        return False
+    k, group = products[0][1].packed.shape[1] * 2, products[0][1].group_size
+    for x, w, y in products:
+        n = w.packed.shape[0]
+        if (w.packed.shape[1] * 2 != k or w.group_size != group or n % 64 or k % group or x.shape[-1] != k
+                or x.shape[0] != y.shape[0] or y.shape[1] != n or x.dtype != y.dtype or x.dtype != products[0][0].dtype
+                or w.scale.dtype != torch.float16 or w.minimum.dtype != torch.float16
+                or not all(t.is_contiguous() and t.device.type == "cpu" for t in (x, y, w.packed, w.scale, w.minimum))):
+            return False
+    count, pointers, sizes = len(products), ctypes.c_void_p * len(products), ctypes.c_int64 * len(products)
+    xs, ws, ys = zip(*products, strict=True)
+    lib.int4_gemv_groups(count, pointers(*(w.packed.data_ptr() for w in ws)),
+                         pointers(*(w.scale.data_ptr() for w in ws)), pointers(*(w.minimum.data_ptr() for w in ws)),
+                         sizes(*(w.packed.shape[0] for w in ws)), k,
+                         group, pointers(*(x.data_ptr() for x in xs)), kind, sizes(*(x.shape[0] for x in xs)),
+                         pointers(*(y.data_ptr() for y in ys)), team)
     return True
 
 

@@ -339,52 +339,83 @@ void int4_gemv_blocks(const uint8_t *packed, const _Float16 *scale, const _Float
     int4_gemv(packed, scale, minimum, n, k, group_size, xf, rows, out, b0, b1);
 }
 
-/* y[i] = x @ W[i].T for `count` 4-bit weights (n[i], k) sharing x (rows, k) and the group size (q, k and v; gate and
-   up), x and y[i] of `kind`, on one team of `threads` OpenMP threads; each block's fp32 sums rounded into y[i] by
-   the thread that took it. bf16 rows go to the pairs kernel as they are, a work item being a block of 64 output
-   rows and, where the blocks are few for the threads, one pass of rows over it (a row's sums do not depend on
-   which); others are converted to fp32 once, a work item a block. */
-void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16 *const *scale,
-                         const _Float16 *const *minimum, const int64_t *n, int64_t k, int64_t group_size, const void *x,
-                         int kind, int64_t rows, void *const *y, int threads) {
+/* y[i] (rows[i], n[i]) = x[i] (rows[i], k) @ W[i].T for `count` 4-bit weights sharing k and the group size, x[i]
+   and y[i] of `kind`, on one team of `threads` OpenMP threads; each block's fp32 sums rounded into y[i] by the
+   thread that took it. bf16 rows go to the pairs kernel as they are, a work item being a block of 64 output rows
+   and, where the blocks are few for the threads, one pass of rows over it (a row's sums do not depend on which);
+   others are converted to fp32 once, a work item a block. A mixture of experts' products: each expert's weights
+   over its own rows. */
+void int4_gemv_groups(int count, const uint8_t *const *packed, const _Float16 *const *scale,
+                      const _Float16 *const *minimum, const int64_t *n, int64_t k, int64_t group_size,
+                      const void *const *x, int kind, const int64_t *rows, void *const *y, int threads) {
 #ifdef __AVX512BF16__
     int pairs = PAIRS_TAKE(kind, group_size);
 #else
     int pairs = 0;
 #endif
-    int64_t first[65], blocks = 0, width = 0, groups = k / group_size;  /* first[i]: weight i's first block */
+    int64_t groups = k / group_size, blocks = 0, floats = 0, passes = 1;
+    int64_t *first = malloc(sizeof(int64_t) * 3 * (count + 1));  /* weight i's first block, sums, x floats */
+    if (!first) return;
+    int64_t *out_at = first + count + 1, *x_at = out_at + count + 1;
     for (int i = 0; i < count; i++) {
         first[i] = blocks;
         blocks += n[i] / 64;
-        width += n[i];
+        out_at[i] = floats;
+        floats += rows[i] * n[i];
+        int64_t p = pairs ? (rows[i] + TILE_ROWS - 1) / TILE_ROWS : 1;
+        passes = p > passes ? p : passes;
     }
     first[count] = blocks;
-    int64_t passes = pairs ? (rows + TILE_ROWS - 1) / TILE_ROWS : 1;
+    x_at[0] = floats;
+    for (int i = 0; i < count; i++) x_at[i + 1] = x_at[i] + rows[i] * (pairs ? groups : k);
     int64_t split = pairs && blocks < 8 * threads ? passes : 1;  /* passes a block is cut into as work items */
-    float *sums = malloc(sizeof(float) * rows * (width + (pairs ? groups : k)));
-    if (!sums) return;
-    float *xf = sums + rows * width;  /* pairs: x's group sums; else x in fp32 */
+    float *sums = malloc(sizeof(float) * (x_at[count] ? x_at[count] : 1));
+    if (!sums) {
+        free(first);
+        return;
+    }
+    for (int i = 0; i < count; i++) {  /* pairs: x's group sums; else x in fp32 */
+        float *xf = sums + x_at[i];
 #ifdef __AVX512BF16__
-    if (pairs) pairs_group_sums(x, rows, k, group_size, xf);
+        if (pairs) pairs_group_sums(x[i], rows[i], k, group_size, xf);
 #endif
-    for (int64_t i = 0; !pairs && i < rows * k; i++) xf[i] = kind_value(x, kind, i);
+        for (int64_t j = 0; !pairs && j < rows[i] * k; j++) xf[j] = kind_value(x[i], kind, j);
+    }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && blocks * split > 1)
     for (int64_t item = 0; item < blocks * split; item++) {
-        int64_t it = item / split, part = item % split, i = 0, offset = 0;
-        while (it >= first[i + 1]) offset += n[i++];
-        int64_t b = it - first[i], r0 = pass_start(rows, split, part), r1 = pass_start(rows, split, part + 1);
-        float *out = sums + rows * offset;
+        int64_t it = item / split, part = item % split;
+        int i = 0;
+        while (it >= first[i + 1]) i++;
+        int64_t b = it - first[i], r0 = pass_start(rows[i], split, part), r1 = pass_start(rows[i], split, part + 1);
+        float *out = sums + out_at[i], *xf = sums + x_at[i];
+        if (r1 <= r0) continue;
 #ifdef __AVX512BF16__
         if (pairs)
-            int4_gemv_pairs(packed[i], scale[i], minimum[i], n[i], k, group_size, (const uint16_t *)x + r0 * k,
+            int4_gemv_pairs(packed[i], scale[i], minimum[i], n[i], k, group_size, (const uint16_t *)x[i] + r0 * k,
                             xf + r0 * groups, r1 - r0, out + r0 * n[i], b, b + 1);
         else
 #endif
-            int4_gemv(packed[i], scale[i], minimum[i], n[i], k, group_size, xf, rows, out, b, b + 1);
+            int4_gemv(packed[i], scale[i], minimum[i], n[i], k, group_size, xf, rows[i], out, b, b + 1);
         for (int64_t r = r0; r < r1; r++)
             for (int64_t j = b * 64; j < b * 64 + 64; j++) kind_put(y[i], kind, r * n[i] + j, out[r * n[i] + j]);
     }
     free(sums);
+    free(first);
+}
+
+/* y[i] = x @ W[i].T for up to 64 4-bit weights (n[i], k) sharing x (rows, k) and the group size: q, k and v; gate
+   and up. */
+void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16 *const *scale,
+                         const _Float16 *const *minimum, const int64_t *n, int64_t k, int64_t group_size, const void *x,
+                         int kind, int64_t rows, void *const *y, int threads) {
+    const void *xs[64];
+    int64_t rs[64];
+    count = count < 64 ? count : 64;
+    for (int i = 0; i < count; i++) {
+        xs[i] = x;
+        rs[i] = rows;
+    }
+    int4_gemv_groups(count, packed, scale, minimum, n, k, group_size, xs, kind, rs, y, threads);
 }
 
 /* int4_gemv_team_many of one weight. */
