@@ -187,16 +187,22 @@ void dense_gemv_groups(int count, const void *const *w, const void *const *bias,
     free(first);
 }
 
-/* y[i] = x @ w[i]^T + bias[i] for up to 64 weights (n[i], k) sharing x (rows, k): q, k and v; gate and up. */
-void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
-                     int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
-    const void *xs[64];
-    int64_t rs[64];
+/* The groups' x and rows for up to 64 weights sharing one x: how many. */
+static int shared_x(int count, const void *x, int64_t rows, const void **xs, int64_t *rs) {
     count = count < 64 ? count : 64;
     for (int i = 0; i < count; i++) {
         xs[i] = x;
         rs[i] = rows;
     }
+    return count;
+}
+
+/* y[i] = x @ w[i]^T + bias[i] for up to 64 weights (n[i], k) sharing x (rows, k): q, k and v; gate and up. */
+void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
+                     int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
+    const void *xs[64];
+    int64_t rs[64];
+    count = shared_x(count, x, rows, xs, rs);
     dense_gemv_groups(count, w, bias, n, kind, k, xs, rs, y, threads);
 }
 
@@ -410,11 +416,7 @@ void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16
                          int kind, int64_t rows, void *const *y, int threads) {
     const void *xs[64];
     int64_t rs[64];
-    count = count < 64 ? count : 64;
-    for (int i = 0; i < count; i++) {
-        xs[i] = x;
-        rs[i] = rows;
-    }
+    count = shared_x(count, x, rows, xs, rs);
     int4_gemv_groups(count, packed, scale, minimum, n, k, group_size, xs, kind, rs, y, threads);
 }
 
