@@ -56,22 +56,21 @@ def mlp_names(config: ModelConfig, i: int) -> dict[str, str]:
     return names
 
 
+# a MoE layout's module under the layer, and its experts' names of the gate, up and down projections
+EXPERT_LAYOUTS = {"mixtral": ("block_sparse_moe.", {"gate": "w1", "up": "w3", "down": "w2"}),
+                  "qwen": ("mlp.", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})}
+
+
 def expert_names(config: ModelConfig, p: str) -> dict[str, str]:
     """A mixture of experts' router, experts and shared expert with its gate (Qwen2-MoE)."""
-    if config.moe == "mixtral":  # w1 is the gate, w3 the up projection, w2 the down
-        moe = p + "block_sparse_moe."
-        names = {"router.weight": moe + "gate.weight"}
-        for e in range(config.num_experts):
-            names.update({f"experts.{e}.{ours}.weight": f"{moe}experts.{e}.{w}.weight"
-                          for ours, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))})
-        return names
-    names = {"router.weight": p + "mlp.gate.weight"}
+    moe, parts = EXPERT_LAYOUTS[config.moe]
+    names = {"router.weight": f"{p}{moe}gate.weight"}
     for e in range(config.num_experts):
-        names.update({f"experts.{e}.{ours}.weight": f"{p}mlp.experts.{e}.{ours}_proj.weight"
-                      for ours in ("gate", "up", "down")})
+        names.update({f"experts.{e}.{ours}.weight": f"{p}{moe}experts.{e}.{theirs}.weight"
+                      for ours, theirs in parts.items()})
     if config.shared_expert_size:
-        names.update({f"shared.{ours}.weight": f"{p}mlp.shared_expert.{ours}_proj.weight"
-                      for ours in ("gate", "up", "down")})
+        names.update({f"shared.{ours}.weight": f"{p}mlp.shared_expert.{theirs}.weight"
+                      for ours, theirs in parts.items()})
         names["shared_gate.weight"] = p + "mlp.shared_expert_gate.weight"
     return names
 
