@@ -60,7 +60,8 @@ def assert_same(a, b, atol=LOGITS_ATOL) -> None:
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "qwen3"])  # learned positions; rope, grouped heads; q/k norms
+@pytest.mark.parametrize("family", ["opt", "llama", "qwen3", "mixtral", "qwen2-moe"])  # learned positions;
+# rope, grouped heads; q/k norms; experts (each over every row: layers.every_expert), a shared expert
 @pytest.mark.parametrize("padded", [False, True], ids=["equal-lengths", "left-padded"])
 def test_static_step_matches_the_engine_and_transformers(tiny_models, references, static_runs, family, padded):
     model_dir, model = tiny_models[family]

@@ -12,12 +12,13 @@ import torch
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.cli.breakdown import step_flops
 from flexgen_lite.engine import decode_fused
+from flexgen_lite.engine.decode_graph import EVERY_EXPERT_ROWS, every_expert_wins
 from flexgen_lite.models import layers as L
 from flexgen_lite.models.config import ModelError, config_from_dict
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
-from flexgen_lite.planning.cost_model import predict
-from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.cost_model import _compute, graph_decode, predict
+from flexgen_lite.planning.layout import Setup, Workload
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, synthetic_profile
 from .test_link_paths import check_gpu_memory_plan
@@ -53,7 +54,7 @@ def test_tokens_spread_over_the_experts_and_dense_layers_stay_dense(tiny_models,
     assert rows >= sum(len(p) for p in PROMPTS) + 3 * len(PROMPTS)
     assert used["shared."] == rows  # layer 0's shared expert, every row
     assert sum(n for k, n in used.items() if k.startswith("experts.")) == 2 * rows  # each row's top 2
-    assert not decode_fused.config_fits(config) and not config.static_step
+    assert not decode_fused.config_fits(config)
 
 
 def test_the_router_stays_dense_under_compression(tiny_models):
@@ -86,6 +87,28 @@ def test_the_cost_model_moves_every_expert_and_computes_the_top_ones():
     hw = synthetic_profile(cuda=True)
     link = predict(mixtral, Workload(512, 32), policy, hw).decode_by["link"]  # all decoder weights, every step
     assert expert_bytes / hw.h2d_pinned < link <= mixtral.num_params() * 2 / hw.h2d_pinned
+
+
+def test_a_graph_step_runs_every_expert_where_that_wins():
+    """A CUDA graph's decode step cannot depend on the routing, so there each expert runs over every row. The engine
+    and the search take it where the profile says those products cost no more than each expert over its share plus
+    the eager schedule's overhead: at rows still bound by reading the weights, not at many; without a profile, up
+    to EVERY_EXPERT_ROWS rows x experts / top-k. The search then counts every expert's products at every row."""
+    gpu = synthetic_profile(cuda=True)
+    read_bound = [(1, 1e12, 1e-5), (128, 128e12, 1e-5), (1024, 200e12, 1e-5)]  # as fast at 128 rows as at 1
+    hw = dataclasses.replace(gpu, matmul={"float16": read_bound, "float32": read_bound}, device_copy=1e15)
+    mixtral, dense = preset_config("mixtral-8x7b"), preset_config("llama-2-7b")
+    assert every_expert_wins(hw, mixtral, "float16", 136) and not every_expert_wins(hw, mixtral, "float16", 160)
+    assert every_expert_wins(hw, dense, "float16", 4096)  # nothing routed
+    most = EVERY_EXPERT_ROWS * 2 // 8
+    assert every_expert_wins(None, mixtral, "float16", most) and not every_expert_wins(None, mixtral, "float16",
+                                                                                        most + 1)
+    h, f = 4096, 14336  # an MLP layer's products: every expert's at 136 rows (3.5% more than at their share, 34),
+    for rows, graph, at in ((136, True, 136), (1024, False, 256)):  # at 1024 each one's share
+        setup = Setup(mixtral, Workload(64, 8), Policy(gpu_batch_size=rows, dtype="float16"), hw)
+        assert graph_decode(setup) == graph
+        experts = 8 * (2 * hw.matmul_time("float16", at, h, f) + hw.matmul_time("float16", at, f, h))
+        assert experts < _compute(setup, "mlp", 1).by["compute"] < experts * 1.01
 
 
 def test_layer_specs_name_every_expert():

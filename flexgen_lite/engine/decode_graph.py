@@ -13,6 +13,7 @@ once and the engine's eager path runs for the rest of the process."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,14 +25,36 @@ from torch.nn.attention import sdpa_kernel
 from ..kernels import attention
 from ..kernels.attention import fold_groups, sdpa_backends
 from ..models import layers as L
+from ..system.profile_store import cached_profile
 
 ENV = "FLEXGEN_LITE_CUDA_GRAPHS"  # "1": capture decode steps on CUDA; "0": never
 DEFAULT = "1"
 _failed: list[str] = []  # why capturing failed, once: the eager path from then on, in this process
+EVERY_EXPERT_ROWS = 128  # without a profile: rows x experts / top-k at most this (a GPU's products still read-bound)
 
 
 def graphs_wanted() -> bool:
     return os.environ.get(ENV, DEFAULT) == "1"
+
+
+def every_expert_wins(hw, config, dtype: str, rows: int) -> bool:
+    """Whether a MoE model's decode step of `rows` rows costs less with every routed expert over every row (constant
+    shapes: a CUDA graph) than eagerly with each over its own (an even share of the rows), by the profile `hw`:
+    every expert's products at all the rows against theirs at their share plus the eager schedule's measured
+    overhead per layer. Without a profile, where rows x experts / top-k <= EVERY_EXPERT_ROWS. A dense model: True."""
+    if not config.moe:
+        return True
+    experts, k = config.num_experts, config.experts_per_token
+    if hw is None:
+        return rows * experts / k <= EVERY_EXPERT_ROWS
+    h, f = config.hidden_size, config.expert_size
+
+    def products(n: int) -> float:  # an expert's gate, up and down over n rows
+        return 2 * hw.matmul_time(dtype, n, h, f) + hw.matmul_time(dtype, n, f, h)
+
+    share = max(1, math.ceil(rows * k / experts))
+    per_layer, per_batch = hw.layer_overhead.get(config.family, hw.layer_overhead["opt"])
+    return experts * products(rows) <= experts * products(share) + per_layer + per_batch
 
 
 def capture_graph(forward, pool) -> torch.cuda.CUDAGraph:
@@ -96,6 +119,8 @@ class StaticDecode:
                          and config.static_step)
         self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
+        self.hw = cached_profile(device) if config.moe else None  # to choose every_expert_wins
+        self.dtype_name = str(dtype).removeprefix("torch.")
         self.batches: dict[int, _Batch] = {}
         self.pool, self.pool_counted = None, 0  # the graphs' private memory pool, and its bytes on the ledger
         self.kernel: str | None = None  # the SDPA kernel the step's attention runs
@@ -114,6 +139,8 @@ class StaticDecode:
         """Whether batch b's decode step can run here: every row still generating, its whole cache in compute
         memory used in place (`in_place`: one uncompressed part attended on the device), its activations there."""
         if not self.possible or self.failed or block.active_rows(b) is not None or not in_place:
+            return False
+        if not every_expert_wins(self.hw, self.config, self.dtype_name, block.gpu_batch_size):
             return False
         if not acts._in_place(acts.tiers[b]):
             return False
@@ -191,7 +218,7 @@ class StaticDecode:
             if spec.kind == "embed":
                 h = L.embed(w, s.ids, positions, cfg)
             elif spec.kind == "mlp":
-                h = L.mlp(w, h, cfg)
+                h = L.mlp(w, h, cfg, every_row=True)
             elif spec.kind == "head":
                 logits = L.head(w, h[:, -1], cfg)
             else:

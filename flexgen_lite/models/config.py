@@ -92,9 +92,10 @@ class ModelConfig:
 
     @property
     def static_step(self) -> bool:
-        """Whether a decode step's shapes are the same every step (a CUDA graph can replay it): not with experts
-        chosen per token, nor with the capped attention the graph's SDPA does not compute."""
-        return self.attn_softcap is None and not self.moe
+        """Whether a decode step's shapes can be the same every step (a CUDA graph can replay it): not with the
+        capped attention the graph's SDPA does not compute. Experts chosen per token run each over every row there
+        (layers.every_expert), where that wins (decode_graph.every_expert_wins)."""
+        return self.attn_softcap is None
 
     def routed(self, layer: int) -> bool:
         """Whether decoder layer `layer` runs its experts (a MoE model's layers but its dense_layers)."""

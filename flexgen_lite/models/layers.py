@@ -201,9 +201,10 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
                "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def mlp(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+def mlp(w: dict, h: torch.Tensor, config: ModelConfig, every_row: bool = False) -> torch.Tensor:
+    """The MLP block with its residual; every_row: a MoE layer's experts each over every row (`experts`)."""
     x = norm(h, w, config) if config.pre_norm else h
-    y = experts(w, x, config) if "router.weight" in w else feed_forward(w, x, config)
+    y = experts(w, x, config, every_row) if "router.weight" in w else feed_forward(w, x, config)
     out = h + block_output(y, w, config)
     return out if config.pre_norm else norm(out, w, config)
 
@@ -220,12 +221,15 @@ def feed_forward(w: dict, x: torch.Tensor, config: ModelConfig, prefix: str = ""
     return linear(inner, w, prefix + "down")
 
 
-def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+def experts(w: dict, x: torch.Tensor, config: ModelConfig, every_row: bool = False) -> torch.Tensor:
     """A mixture of experts over normalised rows x (..., hidden), as transformers' grouped experts compute it: the
     router's softmax in fp32, each row's top experts (their weights renormalised when norm_top_k; Qwen's rounded to
     the compute dtype, Mixtral's kept in fp32), the (row, expert) pairs sorted by expert so that each expert runs
     once over its rows, each row's weighted outputs summed at once (in fp32 where the weights are), plus
-    Qwen2-MoE's shared expert behind its sigmoid gate."""
+    Qwen2-MoE's shared expert behind its sigmoid gate.
+
+    every_row: each expert over every row and each row's own picked out (`every_expert`): more products, but the
+    same shapes whatever the routing and no host sync, as a CUDA graph's decode step needs."""
     flat, k = x.reshape(-1, x.shape[-1]), config.experts_per_token
     probs = torch.softmax(linear(flat, w, "router").float(), dim=-1)
     top, chosen = probs.topk(k, dim=-1)
@@ -233,6 +237,9 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         top = top / top.sum(-1, keepdim=True)
     if config.moe == "qwen":
         top = top.to(x.dtype)
+    if every_row:
+        weighted = every_expert(w, flat, chosen, config) * top[..., None]
+        return _with_shared(w, flat, weighted.sum(1).to(x.dtype), config).view(x.shape)
     order = chosen.flatten().argsort(stable=True)  # pairs (row, slot) grouped by expert
     picked = flat[order // k]
     counts = torch.bincount(chosen.flatten(), minlength=config.num_experts).tolist()  # one sync
@@ -245,9 +252,23 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     weighted = torch.empty(outs.shape, dtype=torch.promote_types(outs.dtype, top.dtype), device=outs.device)
     weighted[order] = outs * top.flatten()[order, None]
     out = weighted.view(-1, k, flat.shape[-1]).sum(1).to(x.dtype)
-    if config.shared_expert_size:
-        out = out + torch.sigmoid(linear(flat, w, "shared_gate")) * feed_forward(w, flat, config, "shared.")
-    return out.view(x.shape)
+    return _with_shared(w, flat, out, config).view(x.shape)
+
+
+def _with_shared(w: dict, flat: torch.Tensor, out: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """The routed experts' sum `out` of rows `flat` plus Qwen2-MoE's gated shared expert, where there is one."""
+    if not config.shared_expert_size:
+        return out
+    return out + torch.sigmoid(linear(flat, w, "shared_gate")) * feed_forward(w, flat, config, "shared.")
+
+
+def every_expert(w: dict, flat: torch.Tensor, chosen: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """(rows, k, hidden): each row's chosen (rows, k) experts' outputs, every expert computed over every row of
+    `flat`. Shapes never depend on the routing, and nothing is read back to the host."""
+    every = torch.empty(flat.shape[0], config.num_experts, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for e in range(config.num_experts):
+        every[:, e] = feed_forward(w, flat, config, f"experts.{e}.")
+    return every[torch.arange(flat.shape[0], device=flat.device)[:, None], chosen]
 
 
 def grouped_experts(w: dict, picked: torch.Tensor, spans: list[tuple[int, int, int]], config: ModelConfig):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ..engine.block import MIN_SHARED
 from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
-from ..engine.decode_graph import graphs_wanted
+from ..engine.decode_graph import every_expert_wins, graphs_wanted
 from ..engine.policy import Policy
 from ..engine.weights import DECODER_KINDS, in_8_bits
 from ..kernels.int4_cost import int4_cost
@@ -135,6 +135,8 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
+    if t == 1 and graph_decode(s):  # a CUDA graph's step: every expert over every row (layers.every_expert)
+        linears = [(k, n, 1.0) for k, n, _ in linears]
     dense = [(k, n, share) for k, n, share in linears if not kernel_weight(s, kind, (n, k))]
     dense_s = sum(_dense_time(s, kind, expert_rows(rows, share), k, n) for k, n, share in dense)
     seg.add("compute", nb * (dense_s + passes[kind] / bw), waits=False)
@@ -212,11 +214,13 @@ def fused_decode(s: Setup) -> bool:
 
 def graph_decode(s: Setup) -> bool:
     """Whether the engine runs this policy's decode steps as CUDA graphs (engine/decode_graph.py): on CUDA, with
-    everything resident and uncompressed in compute memory, attention on the GPU over the whole cache."""
+    everything resident and uncompressed in compute memory, attention on the GPU over the whole cache, a MoE's
+    experts each over every row where that wins."""
     p = s.policy
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
     return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
-            and p.attn_sparsity == 1 and not p.cpu_cache_compute and s.config.static_step)
+            and p.attn_sparsity == 1 and not p.cpu_cache_compute and s.config.static_step
+            and every_expert_wins(s.hw, s.config, s.dname, s.gbs))
 
 
 def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
