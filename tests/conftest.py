@@ -106,6 +106,15 @@ FAMILY_CONFIGS = {
     "qwen3-moe": dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=64,
                       num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=64),
+    # OLMoE: top 2 of 6 (not renormalised), q and k normalised across all heads, q, k, v clipped (low enough to bite)
+    "olmoe": dict(model_type="olmoe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, num_experts=6, num_experts_per_tok=2, clip_qkv=1.5,
+                  max_position_embeddings=64, tie_word_embeddings=False),
+    # GraniteMoE: Granite's multipliers, a softmax of the top 2 of 4 logits, gate and up stored as one stack
+    "granitemoe": dict(model_type="granitemoe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=64, embedding_multiplier=2.0, residual_multiplier=0.7,
+                       attention_multiplier=0.3, logits_scaling=3.0, tie_word_embeddings=True),
 }
 
 

@@ -34,6 +34,14 @@ def test_moe_matches_transformers(tiny_models, references, compute_device, famil
     check_against_reference(tiny_models[family][0], references[family], POLICIES[name], compute_device)
 
 
+@pytest.mark.parametrize("family", ["olmoe", "granitemoe"])
+@pytest.mark.parametrize("name", ["all-gpu", "weights-split-3-tiers", "cpu-attention-cache-split"])
+def test_olmoe_and_granitemoe_match_transformers(tiny_models, references, compute_device, family, name):
+    """OLMoE: q and k normalised across all heads, then q, k, v clipped; GraniteMoE: a softmax of the top logits,
+    each expert's gate, up and down rows of the checkpoint's stacks (read as one matrix of all their rows)."""
+    check_against_reference(tiny_models[family][0], references[family], POLICIES[name], compute_device)
+
+
 def test_tokens_spread_over_the_experts_and_dense_layers_stay_dense(tiny_models, monkeypatch):
     """Every expert of a layer gets rows (the routing is exercised, not one expert for all), and Qwen2-MoE's
     mlp_only_layers run their dense MLP; the fused CPU step is off (it computes a dense MLP)."""
@@ -168,8 +176,8 @@ def test_experts_weigh_and_sum_rows_as_transformers_does():
 
 def _write_moe_gguf(model, path, arch: str, qtype=None, skip: tuple[str, ...] = ()) -> None:
     """The tiny transformers MoE as llama.cpp's converter writes it: each matrix's experts stacked (E, rows, cols),
-    Mixtral's Q and K rows reordered as Llama's, Qwen2-MoE's shared expert gate a vector; a dense layer without a
-    router."""
+    gate and up apart; Mixtral's and GraniteMoE's Q and K rows reordered as Llama's, Qwen2-MoE's shared expert gate
+    a vector; OLMoE's clip and Granite's multipliers as metadata; a dense layer without a router."""
     import gguf
     import numpy as np
 
@@ -181,10 +189,16 @@ def _write_moe_gguf(model, path, arch: str, qtype=None, skip: tuple[str, ...] = 
     writer = gguf_header(c, path, arch, head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_expert_count(c.num_local_experts if arch == "llama" else c.num_experts)
+    writer.add_expert_count(getattr(c, "num_local_experts", None) or c.num_experts)
     writer.add_expert_used_count(c.num_experts_per_tok)
-    if arch != "llama":
+    if arch in ("qwen2moe", "qwen3moe"):
         writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if getattr(c, "clip_qkv", None) is not None:
+        writer.add_clamp_kqv(c.clip_qkv)
+    for key, hf in (("embedding_scale", "embedding_multiplier"), ("residual_scale", "residual_multiplier"),
+                    ("attention.scale", "attention_multiplier"), ("logit_scale", "logits_scaling")):
+        if arch == "granitemoe":
+            writer.add_float32(f"{arch}.{key}", getattr(c, hf))
     if arch == "qwen2moe":
         writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -193,11 +207,14 @@ def _write_moe_gguf(model, path, arch: str, qtype=None, skip: tuple[str, ...] = 
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "mlp.experts.down_proj": "ffn_down_exps", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
              "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
-             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+             "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "block_sparse_moe.router": "ffn_gate_inp",
+             "block_sparse_moe.experts.down_proj": "ffn_down_exps"}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for name, t in model.state_dict().items():
         w = t.numpy()
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
         if name.endswith("experts.gate_up_proj"):  # gate's rows first, then up's
             i = name.split(".")[2]
             gate, up = np.split(w, 2, axis=1)
@@ -206,7 +223,7 @@ def _write_moe_gguf(model, path, arch: str, qtype=None, skip: tuple[str, ...] = 
             i, rest = name.split(".")[2], name.split(".", 3)[3]
             part, kind = rest.rsplit(".", 1) if rest.endswith(("weight", "bias")) else (rest, "weight")
             heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads if "k_proj" in name else 0
-            if arch == "llama" and heads:
+            if arch in ("llama", "granitemoe") and heads:
                 w = _llama_cpp_permute(w, heads)
             tensors = {f"blk.{i}.{parts[part]}.{kind}": w.reshape(-1) if part == "mlp.shared_expert_gate" else w}
         else:
@@ -223,7 +240,8 @@ def _write_moe_gguf(model, path, arch: str, qtype=None, skip: tuple[str, ...] = 
 
 
 @pytest.mark.parametrize("family, arch", [("mixtral", "llama"), ("qwen2-moe", "qwen2moe"),
-                                          ("qwen3-moe", "qwen3moe")])
+                                          ("qwen3-moe", "qwen3moe"), ("olmoe", "olmoe"),
+                                          ("granitemoe", "granitemoe")])
 def test_a_moe_gguf_file_gives_transformers_outputs(tiny_models, references, compute_device, tmp_path, family,
                                                     arch):
     path = tmp_path / f"{family}.gguf"
@@ -240,18 +258,20 @@ def test_a_mixtral_file_missing_a_router_is_refused_by_name(tiny_models, tmp_pat
         FlexGenLite(str(path), policy=POLICIES["all-gpu"], device="cpu")
 
 
-def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path):
-    """--compress-weight keeps a Q4_0 file's own 4-bit groups: each expert's are its rows of the stack's, and
-    dequantize to the file's values; the router (F32 in the file, as llama.cpp keeps it) is neither rounded nor
-    counted among the file's matrix types."""
+@pytest.mark.parametrize("family, arch", [("mixtral", "llama"), ("granitemoe", "granitemoe")])
+def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path, family, arch):
+    """--compress-weight keeps a Q4_0 file's own 4-bit groups: each expert's are its rows of the stack's (of the
+    file's stack of its kind where HF stacks gate and up together, GraniteMoE), and dequantize to the file's values;
+    the router (F32 in the file, as llama.cpp keeps it) is neither rounded nor counted among the file's matrix
+    types."""
     import gguf
 
     from flexgen_lite.engine.weights import STORED_GROUPS, GGUFSource
     from flexgen_lite.kernels.compression import dequantize
     from flexgen_lite.models.gguf_file import decoder_matrix_types, read_gguf_config
 
-    path = tmp_path / "mixtral-q4_0.gguf"
-    _write_moe_gguf(tiny_models["mixtral"][1], path, "llama", gguf.GGMLQuantizationType.Q4_0)
+    path = tmp_path / f"{family}-q4_0.gguf"
+    _write_moe_gguf(tiny_models[family][1], path, arch, gguf.GGMLQuantizationType.Q4_0)
     assert decoder_matrix_types(path) == ["Q4_0"]
     source = GGUFSource(str(path))
     mlp = next(s for s in layer_specs(config_from_dict(read_gguf_config(path))) if s.kind == "mlp")

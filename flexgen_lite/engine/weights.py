@@ -3,6 +3,7 @@ compute device (weight_slots.py holds the buffers it is fetched into)."""
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -60,11 +61,12 @@ class CheckpointSource(WeightSource):
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
         name, first, rows = spec.stored
         shape = self.checkpoint.shape(name)
-        if shape != (rows, *spec.shape[1:]):
+        stack = len(shape) == len(spec.shape) + 1  # a stack of experts' matrices, read as one of all their rows
+        if ((math.prod(shape[:2]), *shape[2:]) if stack else shape) != (rows, *spec.shape[1:]):
             implied = (rows, *spec.shape[1:])
             what = "" if name == spec.hf_name else f" (rows {first}:{first + spec.shape[0]} of it for {spec.name})"
             raise ModelError(f"{name} has shape {shape}, the config implies {implied}{what}")
-        return self.checkpoint.read(name, first + start, first + stop)
+        return self.checkpoint.read(name, first + start, first + stop, matrix=stack)
 
 
 class GGUFSource(WeightSource):
@@ -79,7 +81,7 @@ class GGUFSource(WeightSource):
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
         from ..models.gguf_file import read_gguf_tensor
 
-        name, first, _ = spec.stored
+        name, first = self._rows(spec)
         if self.last is None or self.last[0] != name:
             if name not in self.plan:
                 raise ModelError(f"{self.path} lacks the tensor {name!r}")
@@ -89,6 +91,14 @@ class GGUFSource(WeightSource):
             self.last = None  # read to its end: not held after its placement (a head in fp32 is 2 GB at 8B)
         return tensor[first + start:first + stop]
 
+    def _rows(self, spec: WeightSpec) -> tuple[str, int]:
+        """The plan's tensor holding spec's rows and the first of them there: its own (a GraniteMoE expert, its
+        rows of HF's stack, is a view of the file's stack of its kind), else its stored tensor's."""
+        if spec.hf_name in self.plan:
+            return spec.hf_name, 0
+        name, first, _ = spec.stored
+        return name, first
+
     def groups(self, spec: WeightSpec, compression: CompressionConfig) -> QuantizedTensor | None:
         """A Q4_0/Q4_1/Q4_K matrix as it is stored, when `compression` is 4-bit groups of 32 along the input
         dimension: the file's codes, scales and minima, with no second rounding (Q4_K's scales and minima to
@@ -96,7 +106,7 @@ class GGUFSource(WeightSource):
         (Phi-3's) is that range of its groups: each row's groups are its own."""
         from ..models.gguf_file import read_gguf_groups
 
-        name, first, _ = spec.stored
+        name, first = self._rows(spec)
         if compression != STORED_GROUPS or name not in self.plan:
             return None
         found = read_gguf_groups(self.plan[name])

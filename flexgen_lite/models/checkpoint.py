@@ -63,11 +63,16 @@ class Checkpoint:
                 return candidate
         raise ModelError(f"{self.path} lacks the tensor {name!r}; is the checkpoint complete and of this architecture?")
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor, in its stored dtype (refused if not all finite)."""
+    def read(self, name: str, start: int, stop: int, matrix: bool = False) -> torch.Tensor:
+        """Rows start:stop of a tensor, in its stored dtype (refused if not all finite); matrix: of a stack of
+        matrices (experts, rows, cols) as one matrix of all their rows (GraniteMoE's experts)."""
         stored = self.resolve(name)
         source = self.files[stored]
-        rows = source.read(stored, start, stop) if isinstance(source, SafetensorsFile) else source[stored][start:stop]
+        if isinstance(source, SafetensorsFile):
+            rows = source.read(stored, start, stop, matrix)
+        else:
+            whole = source[stored]
+            rows = (whole.reshape(-1, whole.shape[-1]) if matrix else whole)[start:stop]
         check_finite(rows, f"{self.path}: the tensor {stored!r}")
         return rows
 
@@ -125,8 +130,11 @@ class SafetensorsFile:
         except (struct.error, ValueError, KeyError, TypeError) as e:
             raise ModelError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int, matrix: bool = False) -> torch.Tensor:
+        """Rows start:stop (of the matrix of all rows of a stack of matrices, with `matrix`)."""
         dtype, shape, offset = self.entries[name]
+        if matrix and len(shape) > 2:
+            shape = (math.prod(shape[:-1]), shape[-1])
         stop = min(stop, shape[0]) if shape else stop
         out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize

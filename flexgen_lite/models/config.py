@@ -37,7 +37,10 @@ class ModelConfig:
     mlp_bias: bool = True
     embed_dim: int = 0  # OPT word_embed_proj_dim; 0 means hidden_size
     head_size: int = 0  # each head's width where heads x it is not hidden_size (Qwen3); 0: hidden / heads
-    qk_norm: bool = False  # Qwen3: q and k RMS-normalised per head (weights of head_dim) before rotary
+    # q and k RMS-normalised before rotary: "head" (Qwen3: each head, weights of head_dim), "full" (OLMoE: all
+    # heads together, weights of their widths); "": not
+    qk_norm: str = ""
+    clip_qkv: float | None = None  # OLMoE: q, k and v clamped to [-clip, clip] after their norms
     fused_projections: bool = False  # Phi-3: q, k, v stored as one matrix, gate and up as another
     partial_rotary: float = 1.0  # the share of each head's dims rotated (Phi-4-mini: 0.75); the rest pass through
     # Granite's multipliers: of the embeddings, of each block's output before its residual add, the attention's
@@ -54,10 +57,11 @@ class ModelConfig:
     attn_softcap: float | None = None
     logits_softcap: float | None = None
     post_norms: bool = False
-    # a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token's hidden state goes to
-    # its top experts_per_token of num_experts gated MLPs of expert_size, weighted by their router softmax
-    # (renormalised over the chosen ones when norm_top_k); Qwen2-MoE adds a shared expert behind a sigmoid gate.
-    # moe names the checkpoint layout ("mixtral", "qwen"); dense_layers keep a dense MLP (Qwen's mlp_only_layers)
+    # a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): each token's
+    # hidden state goes to its top experts_per_token of num_experts gated MLPs of expert_size, weighted by their
+    # router softmax (renormalised over the chosen ones when norm_top_k; GraniteMoE's a softmax of the top logits);
+    # Qwen2-MoE adds a shared expert behind a sigmoid gate. moe names the routing and checkpoint layout ("mixtral",
+    # "qwen", "granite"); dense_layers keep a dense MLP (Qwen's mlp_only_layers)
     moe: str = ""
     num_experts: int = 0
     experts_per_token: int = 0
@@ -88,7 +92,7 @@ class ModelConfig:
         return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
                 and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
                 and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms
-                and not self.moe)
+                and not self.moe and self.qk_norm != "full" and self.clip_qkv is None)
 
     @property
     def static_step(self) -> bool:
@@ -208,6 +212,9 @@ def _full_attention_context(c: dict) -> int:
     return min(context, window) if window else context
 
 
+QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}
+
+
 def _llama_config(c: dict, name: str) -> ModelConfig:
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
@@ -228,8 +235,8 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
         max_positions=context, windowed=context < c.get("max_position_embeddings", 4096), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
-        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=c["model_type"] in ("qwen3", "qwen3_moe"),
-        fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=QK_NORMS.get(c["model_type"], ""),
+        clip_qkv=c.get("clip_qkv"), fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
         embed_scale=float(c.get("embedding_multiplier", 1.0)), residual_scale=float(c.get("residual_multiplier", 1.0)),
         attention_scale=c.get("attention_multiplier"), logits_divisor=float(c.get("logits_scaling", 1.0)),
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0, **_experts(c),
@@ -242,10 +249,11 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
 
 def _experts(c: dict) -> dict:
     """ModelConfig's mixture-of-experts fields: Mixtral routes every layer, renormalising its top experts'
-    weights; Qwen2/3-MoE every decoder_sparse_step-th layer but mlp_only_layers, renormalising when norm_topk_prob,
-    Qwen2-MoE with a shared expert."""
+    weights; GraniteMoE every layer, by a softmax of its top logits; OLMoE every layer, renormalising when
+    norm_topk_prob; Qwen2/3-MoE every decoder_sparse_step-th layer but mlp_only_layers, renormalising when
+    norm_topk_prob, Qwen2-MoE with a shared expert."""
     kind = c["model_type"]
-    if kind not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if kind not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"):
         return {}
     experts, top = c.get("num_experts") or c.get("num_local_experts"), c.get("num_experts_per_tok")
     if not experts or not top:
@@ -253,8 +261,12 @@ def _experts(c: dict) -> dict:
                          "this one lacks them or sets 0: the config is incomplete")
     if not 0 < top <= experts:
         raise ModelError(f"num_experts_per_tok {top} of {experts} experts: the config is inconsistent")
-    if kind == "mixtral":
-        return dict(moe="mixtral", num_experts=experts, experts_per_token=top, expert_size=c["intermediate_size"])
+    if kind in ("mixtral", "granitemoe"):  # GraniteMoE: a softmax over the top logits
+        return dict(moe="mixtral" if kind == "mixtral" else "granite", num_experts=experts, experts_per_token=top,
+                    expert_size=c["intermediate_size"])
+    if kind == "olmoe":
+        return dict(moe="qwen", num_experts=experts, experts_per_token=top, expert_size=c["intermediate_size"],
+                    norm_top_k=bool(c.get("norm_topk_prob", False)))
     step, only = c.get("decoder_sparse_step", 1) or 1, set(c.get("mlp_only_layers") or ())
     dense = tuple(i for i in range(c["num_hidden_layers"]) if i in only or (i + 1) % step)
     return dict(moe="qwen", num_experts=experts, experts_per_token=top, expert_size=c["moe_intermediate_size"],
@@ -281,7 +293,8 @@ def _gemma_config(c: dict, name: str) -> ModelConfig:
 
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
             "qwen3": _llama_config, "phi3": _llama_config, "mixtral": _llama_config, "qwen2_moe": _llama_config,
-            "qwen3_moe": _llama_config, "granite": _llama_config, "gemma": _gemma_config,
+            "qwen3_moe": _llama_config, "granite": _llama_config, "granitemoe": _llama_config,
+            "olmoe": _llama_config, "gemma": _gemma_config,
             "gemma2": _gemma_config}
 
 

@@ -31,13 +31,18 @@ from .checkpoint import check_finite
 from .gguf_quants import DEQUANTIZE
 from .gguf_reader import GROUPS_OF_32, KEPT_GROUPS, GGUFContents, GGUFTensor, dequantize, groups_of_32
 from .gguf_split import SplitContents, open_parts
+from .llama import rows_of
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite", "qwen2moe", "qwen3moe",
+                                            "olmoe", "granitemoe")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "mixtral": "MixtralForCausalLM",
-                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-MOE_TYPES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}  # with experts: HF's model_type
-PERMUTED = ("llama", "granite", "mixtral")  # model types whose Q and K rows the converter reorders (as Llama's)
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                    "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}
+MOE_TYPES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe",
+             "granitemoe": "granitemoe"}  # with experts: HF's model_type
+# model types whose Q and K rows the converter reorders (as Llama's)
+PERMUTED = ("llama", "granite", "mixtral", "granitemoe")
 GRANITE_SCALES = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
                   "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
@@ -80,9 +85,16 @@ _QWEN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.{e}
                    "ffn_up_exps": "mlp.experts.{e}.up_proj", "ffn_down_exps": "mlp.experts.{e}.down_proj",
                    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
                    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+# GraniteMoE's HF checkpoint stacks its experts too, gate and up in one: each of the file's experts is named as
+# its rows of HF's stack (llama.rows_of), at (experts' rows per expert's rows, offset) of STACK_ROWS
+_GRANITE_MOE_NAMES = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_gate_exps": "block_sparse_moe.input_linear",
+                      "ffn_up_exps": "block_sparse_moe.input_linear", "ffn_down_exps": "block_sparse_moe.output_linear"}
+STACK_ROWS = {"ffn_gate_exps": (2, 0), "ffn_up_exps": (2, 1), "ffn_down_exps": (1, 0)}
 _NAMES = {"phi3": {**_BLOCK_NAMES, **_PHI3_NAMES}, "mixtral": {**_BLOCK_NAMES, **_MIXTRAL_NAMES},
-          "qwen2_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "qwen3_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}}
-ROUTERS = re.compile(r".*\.(block_sparse_moe\.gate|mlp\.gate|mlp\.shared_expert_gate)\.weight")
+          "qwen2_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "qwen3_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES},
+          "olmoe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "granitemoe": {**_BLOCK_NAMES, **_GRANITE_MOE_NAMES}}
+ROUTERS = re.compile(r".*\.(block_sparse_moe\.gate|mlp\.gate|mlp\.shared_expert_gate|block_sparse_moe\.router\.layer)"
+                     r"\.weight")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors llama.cpp adds that are not HF parameters (rope_freqs, rope_factors are folded into the config).
 _SKIPPED_TENSORS = re.compile(r"rope_freqs\.weight|rope_factors_(long|short)\.weight"
@@ -291,6 +303,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "pad_token_id": _meta(reader, path, "tokenizer.ggml.padding_token_id", None),
         "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
         "partial_rotary_factor": n_rot / head_dim,
+        "clip_qkv": _meta(reader, path, f"{arch}.attention.clamp_kqv", None),
         **{hf: float(v) for key, hf in GRANITE_SCALES.items()
            if (v := _meta(reader, path, f"{arch}.{key}", None)) is not None},
     }
@@ -300,16 +313,17 @@ def _experts(reader: GGUFContents, path: str, arch: str) -> dict[str, Any]:
     """The HF config's mixture-of-experts fields: llama.cpp renormalises the chosen experts' weights for Mixtral
     and Qwen3-MoE, not for Qwen2-MoE (unless the file says otherwise); a layer without a router is dense."""
     count = int(_meta(reader, path, f"{arch}.expert_count", 0) or 0)
-    if arch in ("qwen2moe", "qwen3moe") and not count:
+    if arch != "llama" and arch in MOE_TYPES and not count:
         raise GGUFError(f"{path}: a {arch} file without {arch}.expert_count")
     if not count:
         return {}
     if arch not in MOE_TYPES:
-        raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported (llama, qwen2moe, qwen3moe)")
+        raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported ({', '.join(MOE_TYPES)})")
     fields = {"num_local_experts": count, "num_experts": count,
               "num_experts_per_tok": int(_meta(reader, path, f"{arch}.expert_used_count")),
-              "norm_topk_prob": bool(_meta(reader, path, f"{arch}.expert_weights_norm", arch != "qwen2moe"))}
-    if arch != "llama":  # Mixtral's experts are feed_forward_length wide
+              "norm_topk_prob": bool(_meta(reader, path, f"{arch}.expert_weights_norm",
+                                           arch not in ("qwen2moe", "olmoe")))}
+    if arch in ("qwen2moe", "qwen3moe"):  # the others' experts are feed_forward_length wide
         fields["moe_intermediate_size"] = int(_meta(reader, path, f"{arch}.expert_feed_forward_length"))
     if arch == "qwen2moe":
         fields["shared_expert_intermediate_size"] = int(
@@ -343,14 +357,20 @@ def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
 
 def _as_hf(t: GGUFTensor, name: str) -> Iterator[tuple[str, GGUFTensor]]:
     """(HF name, tensor) of a file's tensor: a stack of experts as each expert's matrix (a view of its rows in
-    the file), a vector that HF keeps as a one-row matrix (Qwen2-MoE's shared expert gate) as that."""
-    if "{e}" in name:
+    the file; where HF stacks them too, GraniteMoE, named as its rows there), a vector that HF keeps as a one-row
+    matrix (Qwen2-MoE's shared expert gate) as that."""
+    kind = _BLOCK_RE.fullmatch(t.name)
+    if "{e}" in name or (kind is not None and kind.group(2) in STACK_ROWS):
         if len(t.shape) != 3:
             raise GGUFError(f"tensor {t.name!r} should hold a stack of experts, but has shape {t.shape.tolist()}")
-        for e in range(int(t.shape[2])):
+        rows, experts = int(t.shape[1]), int(t.shape[2])
+        per, offset = STACK_ROWS.get(kind.group(2), (1, 0)) if kind is not None else (1, 0)
+        for e in range(experts):
             part = t.data[e]
-            yield name.format(e=e), GGUFTensor(f"{t.name}[{e}]", t.tensor_type, t.shape[:2].copy(), part,
-                                               t.mapping, t.offset + e * part.nbytes)
+            hf = name.format(e=e) if "{e}" in name else rows_of(name, (per * e + offset) * rows, rows,
+                                                                per * rows * experts)
+            yield hf, GGUFTensor(f"{t.name}[{e}]", t.tensor_type, t.shape[:2].copy(), part, t.mapping,
+                                 t.offset + e * part.nbytes)
     elif name.endswith("shared_expert_gate.weight") and len(t.shape) == 1:
         yield name, GGUFTensor(t.name, t.tensor_type, np.array([t.shape[0], 1], dtype=np.uint64),
                                t.data.reshape(1, -1), t.mapping, t.offset)

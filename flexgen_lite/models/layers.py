@@ -167,8 +167,12 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     b, t, _ = x.shape
     hd = config.head_dim
     q, k, v = linears(x, w, ("q", "k", "v"))
+    if config.qk_norm == "full":  # OLMoE: q and k normalised across all their heads
+        q, k = rms_norm(q, w["q_norm.weight"], config.norm_eps), rms_norm(k, w["k_norm.weight"], config.norm_eps)
+    if config.clip_qkv is not None:
+        q, k, v = (y.clamp(-config.clip_qkv, config.clip_qkv) for y in (q, k, v))
     q, k = q.view(b, t, config.num_heads, hd), k.view(b, t, config.num_kv_heads, hd)
-    if config.qk_norm:  # Qwen3: each head's q and k normalised before rotary
+    if config.qk_norm == "head":  # Qwen3: each head's q and k normalised before rotary
         q, k = rms_norm(q, w["q_norm.weight"], config.norm_eps), rms_norm(k, w["k_norm.weight"], config.norm_eps)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
@@ -231,11 +235,15 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig, every_row: bool = Fal
     every_row: each expert over every row and each row's own picked out (`every_expert`): more products, but the
     same shapes whatever the routing and no host sync, as a CUDA graph's decode step needs."""
     flat, k = x.reshape(-1, x.shape[-1]), config.experts_per_token
-    probs = torch.softmax(linear(flat, w, "router").float(), dim=-1)
-    top, chosen = probs.topk(k, dim=-1)
-    if config.norm_top_k:
-        top = top / top.sum(-1, keepdim=True)
-    if config.moe == "qwen":
+    logits = linear(flat, w, "router").float()
+    if config.moe == "granite":  # a softmax of the top logits
+        top, chosen = logits.topk(k, dim=-1)
+        top = torch.softmax(top, dim=-1)
+    else:
+        top, chosen = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        if config.norm_top_k:
+            top = top / top.sum(-1, keepdim=True)
+    if config.moe != "mixtral":
         top = top.to(x.dtype)
     if every_row:
         weighted = every_expert(w, flat, chosen, config) * top[..., None]

@@ -63,6 +63,8 @@ EXPERT_LAYOUTS = {"mixtral": ("block_sparse_moe.", {"gate": "w1", "up": "w3", "d
 
 def expert_names(config: ModelConfig, p: str) -> dict[str, str]:
     """A mixture of experts' router, experts and shared expert with its gate (Qwen2-MoE)."""
+    if config.moe == "granite":
+        return stacked_expert_names(config, p + "block_sparse_moe.")
     moe, parts = EXPERT_LAYOUTS[config.moe]
     names = {"router.weight": f"{p}{moe}gate.weight"}
     for e in range(config.num_experts):
@@ -72,6 +74,18 @@ def expert_names(config: ModelConfig, p: str) -> dict[str, str]:
         names.update({f"shared.{ours}.weight": f"{p}mlp.shared_expert.{theirs}.weight"
                       for ours, theirs in parts.items()})
         names["shared_gate.weight"] = p + "mlp.shared_expert_gate.weight"
+    return names
+
+
+def stacked_expert_names(config: ModelConfig, p: str) -> dict[str, str]:
+    """GraniteMoE's experts as stored: gate and up stacked (experts, 2 x width, hidden), gate first; down (experts,
+    hidden, width). Each expert's matrix is a range of rows of its stack read as one matrix (specs.rows_of)."""
+    f, h, n = config.expert_size, config.hidden_size, config.num_experts
+    names = {"router.weight": p + "router.layer.weight"}
+    for e in range(n):
+        names.update({f"experts.{e}.gate.weight": rows_of(p + "input_linear.weight", 2 * f * e, f, 2 * f * n),
+                      f"experts.{e}.up.weight": rows_of(p + "input_linear.weight", 2 * f * e + f, f, 2 * f * n),
+                      f"experts.{e}.down.weight": rows_of(p + "output_linear.weight", h * e, h, h * n)})
     return names
 
 

@@ -37,13 +37,18 @@ _LLAMA = {
     "mixtral-8x7b": ("mixtral", 4096, 32, 32, 8, 14336, 32000, 32768, 1e6),
     "mixtral-8x22b": ("mixtral", 6144, 56, 48, 8, 16384, 32768, 65536, 1e6),
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 48, 32, 4, 6144, 151936, 40960, 1e6),
+    "olmoe-1b-7b": ("olmoe", 2048, 16, 16, 16, 1024, 50304, 4096, 1e4),
+    "granite-3.0-3b-a800m": ("granitemoe", 1536, 32, 24, 8, 512, 49155, 4096, 1e4),
 }
 # mixtures of experts: (experts, experts per token, an expert's width, its routing weights renormalised)
 EXPERTS = {"mixtral-8x7b": (8, 2, 14336, True), "mixtral-8x22b": (8, 2, 16384, True),
-           "qwen3-30b-a3b": (128, 8, 768, True)}
+           "qwen3-30b-a3b": (128, 8, 768, True), "olmoe-1b-7b": (64, 8, 1024, False),
+           "granite-3.0-3b-a800m": (40, 8, 512, True)}
+# Granite's multipliers: of the embeddings, of each block's output, the attention's scale, the logits' divisor
+GRANITE = {"granite-3.0-3b-a800m": (12.0, 0.22, 0.015625, 6.0)}
 # where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
 HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "qwen3-30b-a3b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128}
-TIED = ("gemma2",)  # model types whose head is their embedding
+TIED = ("gemma2", "granitemoe")  # model types whose head is their embedding
 
 
 def _hf_dict(key: str) -> dict:
@@ -69,6 +74,8 @@ def _hf_dict(key: str) -> dict:
         **({"sliding_window": 4096, "query_pre_attn_scalar": 144 if key == "gemma-2-27b" else 256}
            if model_type == "gemma2" else {}), "bos_token_id": 1, "eos_token_id": 2,
         "head_dim": HEAD_DIMS.get(key), "tie_word_embeddings": model_type in TIED,
+        **dict(zip(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
+                   GRANITE.get(key, ()), strict=False)),
     }
 
 

@@ -49,6 +49,8 @@ def _shape(config: ModelConfig, name: str) -> tuple[int, ...]:
         "up.weight": (f, h), "gate.weight": (f, h), "down.weight": (h, f),
         "up.bias": (f,), "gate.bias": (f,), "down.bias": (h,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
     }
+    if name in ("q_norm.weight", "k_norm.weight") and config.qk_norm == "full":  # OLMoE: across all heads
+        return (q_out if name[0] == "q" else kv_out,)
     if name.startswith(("norm.", "post_norm.")):
         return (h,)
     if name == "router.weight":
