@@ -52,7 +52,7 @@ def ends_notice(model: str) -> str:
     if Path(model).suffix == ".gguf":
         from .models.gguf_file import gguf_tensors
 
-        types = {t.tensor_type.name for name, (t, _) in gguf_tensors(model).items()
+        types = {t.tensor_type.name for name, (t, *_) in gguf_tensors(model).items()
                  if name in ("model.embed_tokens.weight", "lm_head.weight")}
     if types == {"Q8_0"}:
         return "the embedding and head kept in 8 bits as the file stores them (Q8_0)"

@@ -12,7 +12,7 @@ from flexgen_lite.engine import decode_fused
 from flexgen_lite.kernels import attention
 from flexgen_lite.models.config import ModelError, config_from_dict
 
-from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy
+from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy, make_checkpoint, on_device
 from .test_parity import LOGITS_ATOL, POLICIES, check_against_reference
 from .test_shared_prefix import SHARED_PROMPTS, run
 
@@ -65,3 +65,62 @@ def test_a_long_capped_prefill_goes_in_chunks_of_queries(monkeypatch):
     chunked = attention.softcapped_attend(q, k, v, mask, 5.0)
     monkeypatch.setattr(attention, "SCORE_BYTES", 64 << 20)
     assert torch.allclose(chunked, attention.softcapped_attend(q, k, v, mask, 5.0), atol=1e-6)
+
+
+def _write_gemma_gguf(model, path, arch: str) -> None:
+    """The tiny transformers Gemma as llama.cpp's converter writes it: tensor names by gguf's own map, each norm's
+    1 + w, Gemma-2's soft caps and window as metadata, no tied head; rows in HF's order (its rotary is NEOX)."""
+    import gguf
+
+    from .test_phi3 import gguf_header, write_gguf
+
+    c = model.config
+    writer = gguf_header(c, path, arch, c.head_dim)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    if arch == "gemma2":
+        writer.add_float32(f"{arch}.attn_logit_softcapping", c.attn_logit_softcapping)
+        writer.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+        writer.add_sliding_window(c.sliding_window)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        w = t.numpy() + 1 if name.endswith("norm.weight") else t.numpy()
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), w)
+    write_gguf(writer)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_a_gemma_gguf_file_gives_transformers_outputs(tiny_models, references, compute_device, tmp_path, family):
+    """From a GGUF file as llama.cpp writes it (each norm's 1 + w, HF's w read back). Gemma-2's attention scale is
+    not in the file (llama.cpp's rule gives head_dim here), nor a head of its own: its model is the tiny one with
+    query_pre_attn_scalar = head_dim and the embedding as its head."""
+    model, reference = tiny_models[family][1], references[family]
+    if family == "gemma2":
+        model = make_checkpoint(tmp_path / "hf", family, seed=5, query_pre_attn_scalar=32, tie_word_embeddings=True)
+        reference = hf_greedy(on_device(model, compute_device), PROMPTS, 8)
+    path = tmp_path / f"{family}.gguf"
+    _write_gemma_gguf(model, path, family)
+    check_against_reference(path, reference, POLICIES["weights-split-3-tiers"], compute_device)
+
+
+@pytest.mark.parametrize("layers, scalar", [(42, 256), (46, 4608 // 32)])
+def test_a_gemma2_files_attention_scale_is_llama_cpps(tmp_path, layers, scalar):
+    """The file stores no attention scale: as llama.cpp, hidden / heads for the 27B (46 layers), else head_dim."""
+    from types import SimpleNamespace
+
+    from flexgen_lite.models.gguf_file import read_gguf_config
+
+    from .test_phi3 import gguf_header, write_gguf
+
+    c = SimpleNamespace(num_hidden_layers=layers, max_position_embeddings=8192, hidden_size=4608,
+                        intermediate_size=36864, num_attention_heads=32, num_key_value_heads=16, rms_norm_eps=1e-6,
+                        vocab_size=512, rope_parameters={"rope_theta": 10000.0})
+    path = tmp_path / "header.gguf"
+    writer = gguf_header(c, path, "gemma2", 256)
+    writer.add_key_length(256)
+    write_gguf(writer)
+    config = read_gguf_config(path)
+    assert config["query_pre_attn_scalar"] == scalar and config["model_type"] == "gemma2"
+    assert config_from_dict(config).attention_scale == scalar ** -0.5

@@ -153,7 +153,8 @@ def test_mixed_k_quant_models_give_transformers_outputs(arch, mix, tmp_path: Pat
     write_mixed_llama(path, MIXES[mix], arch)
     assert set(quantized_types(path)) == {kind.name for kind in MIXES[mix]}
     config = config_from_dict(read_gguf_config(path))
-    assert config.qkv_bias == (arch == "qwen2") and not config.out_bias and config.qk_norm == ("head" if arch == "qwen3" else "")
+    assert config.qkv_bias == (arch == "qwen2") and not config.out_bias
+    assert config.qk_norm == ("head" if arch == "qwen3" else "")
     want_ids, want_logits = hf_greedy(transformers_model(path), PROMPTS, 8)
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=50, weight_cpu_percent=50,
                     dtype="float32")

@@ -1,5 +1,5 @@
-"""Read Llama- (Mixtral's too), Qwen2-, Qwen3-, Phi-3-, Granite- and Qwen2/3-MoE-architecture GGUF files
-(llama.cpp format) into Hugging Face form.
+"""Read Llama- (Mixtral's too), Qwen2-, Qwen3-, Phi-3-, Granite-, Gemma-, Gemma-2- and Qwen2/3-, OLMo- and
+Granite-MoE-architecture GGUF files (llama.cpp format) into Hugging Face form.
 
 The helpers here turn a GGUF file into what the rest of flexgen_lite expects from
 a Hugging Face checkpoint: a ``LlamaConfig``-style dict (``Qwen2Config``/``Qwen3Config``
@@ -8,9 +8,10 @@ for those files), ``(name, tensor)`` pairs with HF parameter names and shapes
 reorders a llama file's Q and K rows for its rotary layout (undone here); qwen2 and
 qwen3 files keep HF's order (qwen2 adds q, k and v biases; qwen3 per-head q and k norms), as do phi3 files,
 which store q, k, v as one matrix and gate, up as another (ffn_up), as HF's Phi-3 does, and LongRoPE's factors as
-tensors (folded into the config here); granite files are Llama's, with four multipliers as metadata. A mixture of
-experts stores each layer's experts as one stack per matrix (ffn_gate_exps: experts x rows x cols): each expert's
-matrix is a view of its rows there, read as any other matrix.
+tensors (folded into the config here); granite files are Llama's, with four multipliers as metadata; gemma files
+store each norm's 1 + w (HF's w is read back). A mixture of experts stores each layer's experts as one stack per
+matrix (ffn_gate_exps: experts x rows x cols): each expert's matrix is a view of its rows there, read as any other
+matrix.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from .gguf_split import SplitContents, open_parts
 from .llama import rows_of
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite", "qwen2moe", "qwen3moe",
-                                            "olmoe", "granitemoe")
+                                            "olmoe", "granitemoe", "gemma", "gemma2")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                    "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM"}
+                    "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+GEMMA = ("gemma", "gemma2")  # their files hold each norm's (1 + w), HF's checkpoints its w
 MOE_TYPES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe",
              "granitemoe": "granitemoe"}  # with experts: HF's model_type
 # model types whose Q and K rows the converter reorders (as Llama's)
@@ -90,7 +93,11 @@ _QWEN_MOE_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.{e}
 _GRANITE_MOE_NAMES = {"ffn_gate_inp": "block_sparse_moe.router.layer", "ffn_gate_exps": "block_sparse_moe.input_linear",
                       "ffn_up_exps": "block_sparse_moe.input_linear", "ffn_down_exps": "block_sparse_moe.output_linear"}
 STACK_ROWS = {"ffn_gate_exps": (2, 0), "ffn_up_exps": (2, 1), "ffn_down_exps": (1, 0)}
-_NAMES = {"phi3": {**_BLOCK_NAMES, **_PHI3_NAMES}, "mixtral": {**_BLOCK_NAMES, **_MIXTRAL_NAMES},
+# Gemma-2's norms around each block: after attention, before and after the MLP
+_GEMMA2_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                 "post_ffw_norm": "post_feedforward_layernorm"}
+_NAMES = {"phi3": {**_BLOCK_NAMES, **_PHI3_NAMES}, "gemma2": {**_BLOCK_NAMES, **_GEMMA2_NAMES},
+          "mixtral": {**_BLOCK_NAMES, **_MIXTRAL_NAMES},
           "qwen2_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "qwen3_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES},
           "olmoe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "granitemoe": {**_BLOCK_NAMES, **_GRANITE_MOE_NAMES}}
 ROUTERS = re.compile(r".*\.(block_sparse_moe\.gate|mlp\.gate|mlp\.shared_expert_gate|block_sparse_moe\.router\.layer)"
@@ -304,9 +311,22 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
         "partial_rotary_factor": n_rot / head_dim,
         "clip_qkv": _meta(reader, path, f"{arch}.attention.clamp_kqv", None),
+        **(_gemma(reader, path, arch, hidden, n_head, head_dim) if arch in GEMMA else {}),
         **{hf: float(v) for key, hf in GRANITE_SCALES.items()
            if (v := _meta(reader, path, f"{arch}.{key}", None)) is not None},
     }
+
+
+def _gemma(reader: GGUFContents, path: str, arch: str, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
+    """Gemma's tanh-GELU; Gemma-2's soft caps, and its attention scale, which the file does not store: llama.cpp
+    takes hidden / heads for the 27B (46 layers), else head_dim, as Google's configs set query_pre_attn_scalar."""
+    fields: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+    if arch == "gemma2":
+        layers = int(_meta(reader, path, f"{arch}.block_count"))
+        fields |= {"attn_logit_softcapping": _meta(reader, path, f"{arch}.attn_logit_softcapping", None),
+                   "final_logit_softcapping": _meta(reader, path, f"{arch}.final_logit_softcapping", None),
+                   "query_pre_attn_scalar": hidden // heads if layers == 46 else head_dim}
+    return fields
 
 
 def _experts(reader: GGUFContents, path: str, arch: str) -> dict[str, Any]:
@@ -389,8 +409,9 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | None]]:
-    """HF name -> (GGUF tensor, rotary head count or None) for every tensor to load.
+def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | None, float]]:
+    """HF name -> (GGUF tensor, rotary head count or None, what to subtract: 1 from Gemma's norms) for every tensor
+    to load.
 
     The whole file (architecture, tensor names and types) is checked here, before any tensor is
     dequantized; `read_gguf_tensor` then dequantizes one entry on demand."""
@@ -416,7 +437,8 @@ def gguf_tensors(path: str | os.PathLike[str]) -> dict[str, tuple[Any, int | Non
         if n_head is not None and rows % (2 * n_head):
             raise GGUFError(f"{path}: tensor {t.name!r} has {rows} rows, not {n_head} rotary heads")
         try:
-            plan.update((hf, (view, n_head)) for hf, view in _as_hf(t, name))
+            minus = 1.0 if config["model_type"] in GEMMA and name.endswith("norm.weight") else 0.0
+            plan.update((hf, (view, n_head, minus)) for hf, view in _as_hf(t, name))
         except GGUFError as exc:
             raise GGUFError(f"{path}: {exc}") from None
     return plan
@@ -429,28 +451,30 @@ def quantized_types(path: str | os.PathLike[str]) -> list[str]:
     """The quantized types (Q4_1, Q8_0...) the file stores its weight matrices in, most common first; [] for
     a float file. Such weights are dequantized on load; compressing them again would add a second rounding."""
     counts: dict[str, int] = {}
-    for t, _ in gguf_tensors(path).values():
+    for t, *_ in gguf_tensors(path).values():
         if t.tensor_type not in UNQUANTIZED_TYPES:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return sorted(counts, key=lambda name: -counts[name])
 
 
-def read_gguf_tensor(entry: tuple[Any, int | None], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read_gguf_tensor(entry: tuple[Any, int | None, float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One tensor of `gguf_tensors`, dequantized to `dtype` in its HF shape and row order."""
-    t, n_head = entry
+    t, n_head, minus = entry
     tensor = dequantize(t)
     t.release()  # a copy (or its values) in hand: the file's pages leave the process
     check_finite(tensor, f"the GGUF tensor {t.name!r}")
     if n_head is not None:
         tensor = _unpermute_rotary(tensor, n_head)
+    if minus:  # Gemma's norms: the file's 1 + w, less 1 (exact where 1 + w >= 0.5, so HF's 1 + w is the file's)
+        tensor = tensor - minus
     return tensor.to(dtype)
 
 
-def read_gguf_groups(entry: tuple[Any, int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def read_gguf_groups(entry: tuple[Any, int | None, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """A Q4_0/Q4_1/Q4_K matrix of `gguf_tensors` as its own 4-bit groups of 32 along the input dimension, in HF
     row order: (codes (rows, cols) 0..15, scale, minimum (rows, cols / 32) fp16), value = code * scale + minimum;
     None for other types (gguf_reader.groups_of_32)."""
-    t, n_head = entry
+    t, n_head, _ = entry
     found = groups_of_32(t)
     t.release()
     if found is None:
@@ -476,7 +500,7 @@ def kept_and_rounded(path: str | os.PathLike[str]) -> tuple[list[str], list[str]
 
 def decoder_matrix_types(path: str | os.PathLike[str]) -> list[str]:
     """The types of the file's decoder matrices (the ones compressed weights compress), in name order."""
-    return sorted({t.tensor_type.name for name, (t, _) in gguf_tensors(path).items()
+    return sorted({t.tensor_type.name for name, (t, *_) in gguf_tensors(path).items()
                    if t.name.startswith("blk.") and len(t.shape) == 2 and not ROUTERS.fullmatch(name)})
 
 
