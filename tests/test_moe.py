@@ -119,6 +119,22 @@ def test_a_graph_step_runs_every_expert_where_that_wins():
         assert experts < _compute(setup, "mlp", 1).by["compute"] < experts * 1.01
 
 
+@pytest.mark.parametrize("name, weighted", [("mixtral-8x7b", 4), ("granite-3.0-3b-a800m", 2)])
+def test_the_cost_model_counts_the_routings_passes(name, weighted):
+    """Besides its products, a routed MLP moves each (row, expert) pair's hidden state: gathered, its expert's
+    output copied, weighted (in fp32 for Mixtral), scattered back and summed (layers.experts): 5 passes of the
+    compute dtype and 4 of the weighting's, at the memory's rate (products free here)."""
+    free = [(1, 1e18, 0.0)]
+    hw = dataclasses.replace(synthetic_profile(), matmul={"float32": free, "bfloat16": free})
+    config = preset_config(name)
+    setup = Setup(config, Workload(128, 8), Policy(gpu_batch_size=4, dtype="bfloat16"), hw)
+    rows, h, k = 4 * 128, config.hidden_size, config.experts_per_token
+    f = k * config.expert_size
+    plain = rows * 2 * (4 * h + 3 * f)
+    routing = rows * k * h * (5 * 2 + 4 * weighted)
+    assert _compute(setup, "mlp", 128).by["compute"] == pytest.approx((plain + routing) / hw.host_copy, rel=1e-4)
+
+
 def test_layer_specs_name_every_expert():
     config = config_from_dict(FAMILY_CONFIGS["qwen2-moe"] | {"vocab_size": 512})
     mlp0, mlp1 = (s for s in layer_specs(config) if s.kind == "mlp")

@@ -129,10 +129,14 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     gbs, nb = batch or (s.gbs, s.nb)
     rows = gbs * (1 if kind == "head" else t)
     linears = matmuls(s.kinds[kind])  # (in, out, share of the rows) of each, read off the layer's weights
-    f = c.intermediate_size  # a row's MLP width: a routed layer's its top experts' and the shared expert's
+    f, routing = c.intermediate_size, 0  # a row's MLP width: a routed layer's its top experts' and the shared one's
     if c.routed(s.kinds["mlp"].index):
         f = c.experts_per_token * c.expert_size + c.shared_expert_size
-    passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e, "mlp": rows * s.e * (4 * h + 3 * f),
+        # each (row, expert) pair's hidden state gathered, its expert's output copied, weighted (fp32: Mixtral's),
+        # scattered back and summed (layers.experts)
+        routing = rows * c.experts_per_token * h * (5 * s.e + 4 * (4 if c.moe == "mixtral" else s.e))
+    passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e,
+              "mlp": rows * s.e * (4 * h + 3 * f) + routing,
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
     if t == 1 and graph_decode(s):  # a CUDA graph's step: every expert over every row (layers.every_expert)
