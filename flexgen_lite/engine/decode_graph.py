@@ -114,13 +114,15 @@ class StaticDecode:
     def __init__(self, config, policy, specs, resident: list, device, dtype: torch.dtype, inv_freq, ledger) -> None:
         """resident: per layer its weights, or None when they are not all resident (then never used)."""
         self.config, self.specs, self.resident = config, specs, resident
-        # every layer's weights usable where they are, every cached position attended (no top-k)
+        # every layer's weights usable where they are, every cached position attended (no top-k), a MoE's experts
+        # each over every row where that wins for a batch's rows
         self.possible = (all(w is not None for w in resident) and policy.attn_sparsity == 1
-                         and config.static_step)
+                         and config.static_step
+                         and (not config.moe or every_expert_wins(cached_profile(device), config,
+                                                                  str(dtype).removeprefix("torch."),
+                                                                  policy.gpu_batch_size)))
         self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
-        self.hw = cached_profile(device) if config.moe else None  # to choose every_expert_wins
-        self.dtype_name = str(dtype).removeprefix("torch.")
         self.batches: dict[int, _Batch] = {}
         self.pool, self.pool_counted = None, 0  # the graphs' private memory pool, and its bytes on the ledger
         self.kernel: str | None = None  # the SDPA kernel the step's attention runs
@@ -139,8 +141,6 @@ class StaticDecode:
         """Whether batch b's decode step can run here: every row still generating, its whole cache in compute
         memory used in place (`in_place`: one uncompressed part attended on the device), its activations there."""
         if not self.possible or self.failed or block.active_rows(b) is not None or not in_place:
-            return False
-        if not every_expert_wins(self.hw, self.config, self.dtype_name, block.gpu_batch_size):
             return False
         if not acts._in_place(acts.tiers[b]):
             return False

@@ -101,6 +101,11 @@ class ModelConfig:
         (layers.every_expert), where that wins (decode_graph.every_expert_wins)."""
         return self.attn_softcap is None
 
+    @property
+    def fp32_routing_weights(self) -> bool:
+        """Whether each row's experts are weighted in fp32 (Mixtral) rather than in the compute dtype."""
+        return self.moe == "mixtral"
+
     def routed(self, layer: int) -> bool:
         """Whether decoder layer `layer` runs its experts (a MoE model's layers but its dense_layers)."""
         return bool(self.moe) and layer not in self.dense_layers

@@ -379,12 +379,13 @@ def _as_hf(t: GGUFTensor, name: str) -> Iterator[tuple[str, GGUFTensor]]:
     """(HF name, tensor) of a file's tensor: a stack of experts as each expert's matrix (a view of its rows in
     the file; where HF stacks them too, GraniteMoE, named as its rows there), a vector that HF keeps as a one-row
     matrix (Qwen2-MoE's shared expert gate) as that."""
-    kind = _BLOCK_RE.fullmatch(t.name)
-    if "{e}" in name or (kind is not None and kind.group(2) in STACK_ROWS):
+    block = _BLOCK_RE.fullmatch(t.name)
+    stack = STACK_ROWS.get(block.group(2)) if block else None
+    if "{e}" in name or stack:
         if len(t.shape) != 3:
             raise GGUFError(f"tensor {t.name!r} should hold a stack of experts, but has shape {t.shape.tolist()}")
         rows, experts = int(t.shape[1]), int(t.shape[2])
-        per, offset = STACK_ROWS.get(kind.group(2), (1, 0)) if kind is not None else (1, 0)
+        per, offset = stack or (1, 0)
         for e in range(experts):
             part = t.data[e]
             hf = name.format(e=e) if "{e}" in name else rows_of(name, (per * e + offset) * rows, rows,

@@ -243,7 +243,7 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig, every_row: bool = Fal
         top, chosen = torch.softmax(logits, dim=-1).topk(k, dim=-1)
         if config.norm_top_k:
             top = top / top.sum(-1, keepdim=True)
-    if config.moe != "mixtral":
+    if not config.fp32_routing_weights:
         top = top.to(x.dtype)
     if every_row:
         weighted = every_expert(w, flat, chosen, config) * top[..., None]

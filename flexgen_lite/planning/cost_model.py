@@ -134,7 +134,7 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
         f = c.experts_per_token * c.expert_size + c.shared_expert_size
         # each (row, expert) pair's hidden state gathered, its expert's output copied, weighted (fp32: Mixtral's),
         # scattered back and summed (layers.experts)
-        routing = rows * c.experts_per_token * h * (5 * s.e + 4 * (4 if c.moe == "mixtral" else s.e))
+        routing = rows * c.experts_per_token * h * (5 * s.e + 4 * (4 if c.fp32_routing_weights else s.e))
     passes = {"embed": 3 * rows * h * s.e, "attention": 12 * rows * h * s.e,
               "mlp": rows * s.e * (4 * h + 3 * f) + routing,
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
