@@ -85,22 +85,6 @@ def test_bfloat16_close_to_float32(tiny_models, references, compute_device):
         assert (ours[0] - theirs[0]).abs().max() < 0.05 * scale
 
 
-def test_a_sliding_window_is_the_context(tmp_path):
-    """Mistral v0.1 attends over a window of 4096 of its 32768 positions; attention here is full, so the window is
-    the context: a prompt past it is refused by the context check, one within it is transformers' output."""
-    model = make_checkpoint(tmp_path, "mistral", sliding_window=12)
-    with FlexGenLite(str(tmp_path), policy=P((100, 0, 100, 0, 100, 0))) as m:
-        assert m.config.max_positions == 12
-        assert m.config.windowed
-        with pytest.raises(ValueError, match=r"context of 12 positions \(its sliding attention window\)"):
-            m.generate_ids([list(range(3, 13))], SamplingConfig(max_new_tokens=4, stop_at_eos=False))
-        ids, logits = m.generate_ids([[3, 7, 11, 4, 5]], SamplingConfig(max_new_tokens=7, stop_at_eos=False),
-                                     return_logits=True)
-    want_ids, want_logits = hf_greedy(model, [[3, 7, 11, 4, 5]], 7)
-    assert ids == want_ids
-    torch.testing.assert_close(logits[0], want_logits[0], atol=LOGITS_ATOL, rtol=0)
-
-
 @pytest.mark.parametrize("family", ["llama", "llama3", "llama-linear", "llama-yarn", "qwen2", "qwen3", "mistral",
                                     "mistral-nemo"])
 @pytest.mark.parametrize("name", ["all-gpu", "weights-disk", "cache-split-3-tiers", "no-overlap-offloaded",

@@ -81,6 +81,14 @@ class Block:
         real = k[None] >= self.pad[self.rows(batch), None, None]
         return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
 
+    def windowed(self, batch: int, start: int, t: int, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """`mask` (None: causal, no row padded) with each query's keys limited to its sliding window: a query at
+        position p sees positions p - window < q <= p (by positions, so that packed rows are windowed too)."""
+        if mask is None:
+            mask = self.mask(batch, start, t)
+        pos = self.positions(batch, 0, start + t)
+        return mask & (pos[:, start:, None] - pos[:, None, :] < window)[:, None]
+
     def padded(self, batch: int, active: torch.Tensor | None) -> bool:
         """Whether a row of GPU batch `batch` still generating is padded (else attention needs no mask)."""
         pad = self.host_pad()[self.rows(batch)]
@@ -168,3 +176,9 @@ def common_prefix(prompts: list[list[int]]) -> int:
         if any(p[i] != token for p in prompts):
             return i
     return len(shortest) - 1
+
+
+def layer_mask(inputs: dict, config, layer: int) -> torch.Tensor | None:
+    """A batch's attention mask for decoder layer `layer`: limited to its sliding window where that hides a
+    position (inputs from the schedule's _batch_inputs), else the batch's mask (None: causal, no row padded)."""
+    return inputs["masks"].get(config.window(layer), inputs["mask"])

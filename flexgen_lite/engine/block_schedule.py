@@ -26,7 +26,7 @@ from ..models.config import ModelConfig
 from ..models.specs import LayerSpec
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from .activations import Activations
-from .block import Block
+from .block import Block, layer_mask
 from .cache_attention import attend_part, rows_in_part, scatter_rows
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
@@ -261,7 +261,7 @@ class Engine:
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             if "prefix index" in inputs:
                 k, v = self._prefix.spread(k, v, inputs["prefix index"])
-            attn = self._attend(q, k, v, inputs["mask"])
+            attn = self._attend(q, k, v, layer_mask(inputs, cfg, spec.index))
             for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
                 picked, local = rows_in_part(inputs, part.rows, k.device)
                 k_part, v_part = k[picked], v[picked]
@@ -274,14 +274,15 @@ class Engine:
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is."""
-        outs = []
+        outs, window = [], self.config.window(layer)
         for view in views:
             on_cpu = view.part.on_cpu
-            mask = inputs["mask"]
-            if mask is not None and view.k.device != mask.device:  # the same for every layer: moved once a step
-                if "mask_host" not in inputs:
-                    inputs["mask_host"] = mask.to(view.k.device)
-                mask = inputs["mask_host"]
+            mask = layer_mask(inputs, self.config, layer)
+            if mask is not None and view.k.device != mask.device:  # the same for all layers alike: moved once a step
+                hosted = inputs.setdefault("masks on host", {})
+                if window not in hosted:
+                    hosted[window] = mask.to(view.k.device)
+                mask = hosted[window]
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
                 out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s)
             if out is not None:
@@ -315,13 +316,17 @@ class Engine:
         positions, mask = block.positions(b, start, t), None
         if not self.unpadded_without_mask or block.padded(b, active) or (start and t > 1):  # a suffix: not causal
             mask = block.mask(b, start, t)
+        # per sliding window that hides a position here, the mask limited to it (layer_mask)
+        masks = {w: block.windowed(b, start, t, w, mask) for w in set(self.config.windows) if 0 < w < start + t}
         if active_device is not None:
             positions = positions[active_device]
             mask = None if mask is None else mask[active_device]
+            masks = {w: m[active_device] for w, m in masks.items()}
         rope = None
         if self.inv_freq is not None:
             rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(self.config))
-        inputs = {"positions": positions, "mask": mask, "rope": rope, "active": active, "active_device": active_device}
+        inputs = {"positions": positions, "mask": mask, "masks": masks, "rope": rope, "active": active,
+                  "active_device": active_device}
         if block.shared and start >= block.prompt_len:  # decode: the rows' prefix read from one row on a CPU
             inputs["shared pad"] = (block.host_pad()[block.rows(b)], block.shared)
         return inputs

@@ -126,6 +126,8 @@ class FusedDecode:
         """Whether batch b's decode step can run here (the module note's conditions)."""
         if not self.possible or not in_place or not acts._in_place(acts.tiers[b]):
             return False
+        if self.config.windows_bite(block.prompt_len + block.gen_len):  # one mask for every layer here
+            return False
         parts = cache.parts[0][b]
         if len(parts) != 1 or not parts[0].direct or parts[0].on_cpu:
             return False

@@ -210,6 +210,7 @@ class StaticDecode:
         keys = torch.arange(max_len, device=s.write.device)
         real = keys >= s.pad[:, None]
         mask = ((keys <= s.write) & (real | (keys == s.write)))[:, None, None]  # (rows, 1, 1, max_len), as Block.mask
+        masks = {w: mask & (keys > s.write - w) for w in set(cfg.windows) if 0 < w < max_len}
         rope = None if self.inv_freq is None else L.rope_cos_sin(positions, self.inv_freq, self.dtype,
                                                                  L.rope_scale(self.config))
         h = logits = None
@@ -225,10 +226,11 @@ class StaticDecode:
                 x = L.norm(h, w, cfg) if cfg.pre_norm else h
                 q, k, v = L.qkv(w, x, rope, cfg)
                 k_cache, v_cache = s.kv[layer]
-                layer += 1
                 k_cache.index_copy_(2, s.write, k.to(k_cache.dtype))
                 v_cache.index_copy_(2, s.write, v.to(v_cache.dtype))
-                h = L.attention_output(w, self._attend(q, k_cache, v_cache, mask), h, cfg)
+                seen = masks.get(cfg.window(layer), mask)
+                layer += 1
+                h = L.attention_output(w, self._attend(q, k_cache, v_cache, seen), h, cfg)
         if s.logits is not None:
             s.logits.copy_(logits)
             return s.logits

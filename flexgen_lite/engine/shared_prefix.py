@@ -36,7 +36,12 @@ class SharedPrefix:
         elif spec.kind == "attention":
             x = L.norm(self.h, w, cfg) if cfg.pre_norm else self.h
             q, self.k, self.v = L.qkv(w, x, self.rope, cfg)
-            self.h = L.attention_output(w, self.attend(q, self.k, self.v, None), self.h, cfg)
+            window, n = cfg.window(spec.index), self.block.shared
+            mask = None  # causal
+            if 0 < window < n:
+                keys = torch.arange(n, device=q.device)
+                mask = ((keys[None] <= keys[:, None]) & (keys[:, None] - keys[None] < window))[None, None]
+            self.h = L.attention_output(w, self.attend(q, self.k, self.v, mask), self.h, cfg)
 
     def index(self, b: int, active_device: torch.Tensor | None) -> torch.Tensor:
         """(rows, shared) for GPU batch b's computing rows: the prefix position of each row's each shared column

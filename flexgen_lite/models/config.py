@@ -69,7 +69,9 @@ class ModelConfig:
     norm_top_k: bool = True
     shared_expert_size: int = 0
     dense_layers: tuple[int, ...] = ()
-    windowed: bool = False  # max_positions is the model's sliding attention window, shorter than its context
+    # each decoder layer's sliding attention window (0: full attention); () where no layer has one. A query at
+    # position p sees keys at positions p - window < q <= p (transformers' sliding_window)
+    windows: tuple[int, ...] = ()
     tie_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -128,7 +130,15 @@ class ModelConfig:
     @property
     def context(self) -> str:
         """The context in words, for messages."""
-        return f"{self.max_positions} positions" + (" (its sliding attention window)" if self.windowed else "")
+        return f"{self.max_positions} positions"
+
+    def window(self, layer: int) -> int:
+        """Decoder layer `layer`'s sliding attention window; 0: it attends to every earlier position."""
+        return self.windows[layer] if self.windows else 0
+
+    def windows_bite(self, length: int) -> bool:
+        """Whether some layer's window hides a position from a query among `length` positions."""
+        return any(0 < w < length for w in self.windows)
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """Bytes of K and V per token over all layers."""
@@ -202,19 +212,41 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def _full_attention_context(c: dict) -> int:
-    """The context over which every layer attends to every earlier position: the model's, or a shorter sliding
-    window (Mistral v0.1: 4096 of 32768; Qwen2/3 with use_sliding_window). Attention here is always full, so past
-    the window the outputs would not be the model's: the window is the context."""
+def _context(c: dict) -> int:
+    """The positions the model was trained for; within LongRoPE's original context (past it the model's long
+    factors take over, which are not implemented)."""
     context = c.get("max_position_embeddings", 4096)
     scaling = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    if scaling.get("rope_type", scaling.get("type")) == "longrope":  # past it the model's long factors take over
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
         context = min(context, scaling.get("original_max_position_embeddings")
                       or c.get("original_max_position_embeddings") or context)
-    window = c.get("sliding_window")
-    if c["model_type"].startswith(("qwen2", "qwen3")) and not c.get("use_sliding_window", False):
-        window = None
-    return min(context, window) if window else context
+    return context
+
+
+# the families whose transformers model reads sliding_window (Llama's, Granite's and Gemma's ignore it)
+WINDOWED = ("mistral", "mixtral", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3_text")
+
+
+def _windows(c: dict) -> tuple[int, ...]:
+    """Each layer's sliding window, as transformers reads the config: its layer_types where it has them, else
+    the family's rule (Mistral, Mixtral, Phi-3: every layer; Gemma-2: every other, from the first; Gemma-3:
+    all but every sliding_window_pattern-th; Qwen only with use_sliding_window)."""
+    window, kind, n = c.get("sliding_window") or 0, c["model_type"], c["num_hidden_layers"]
+    if kind not in WINDOWED or kind.startswith(("qwen2", "qwen3")) and not c.get("use_sliding_window", False):
+        window = 0
+    if not window:
+        return ()
+    types = c.get("layer_types")
+    if types is None:
+        pattern = {"gemma2": 2, "gemma3_text": c.get("sliding_window_pattern", 6)}.get(kind)
+        first = c.get("max_window_layers", 0) if kind in ("qwen2", "qwen3") else 0
+        types = ["full_attention" if (pattern and (i + 1) % pattern == 0) or i < first
+                 or (kind == "qwen2_moe" and (i % 2 or i >= c.get("max_window_layers", n))) else "sliding_attention"
+                 for i in range(n)]
+    if len(types) != n:
+        raise ModelError(f"layer_types names {len(types)} layers of {n}: the config is inconsistent")
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    return windows if any(windows) else ()
 
 
 QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}
@@ -223,7 +255,6 @@ QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}
 def _llama_config(c: dict, name: str) -> ModelConfig:
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    context = _full_attention_context(c)
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
@@ -238,7 +269,7 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         family="llama", name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         num_layers=c["num_hidden_layers"], num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
-        max_positions=context, windowed=context < c.get("max_position_embeddings", 4096), norm="rmsnorm",
+        max_positions=_context(c), windows=_windows(c), norm="rmsnorm",
         norm_eps=c.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True, positions="rope",
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=QK_NORMS.get(c["model_type"], ""),
         clip_qkv=c.get("clip_qkv"), fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
