@@ -12,7 +12,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 
-from .conftest import PROMPTS, hf_greedy, make_checkpoint
+from .conftest import PROMPTS
 
 # fp32 on both sides; differences come from summation order only
 LOGITS_ATOL = 2e-4

@@ -20,6 +20,7 @@ from .test_decode_graph import generate as graph_generate
 from .test_decode_graph import no_failure_yet, static_runs  # noqa: F401 (fixtures)
 from .test_parity import LOGITS_ATOL, POLICIES
 from .test_shared_prefix import SHARED_PROMPTS
+from .test_shared_prefix import run as shared_run
 
 WINDOWED = {  # family, its overrides: windows of 5 or 6 positions in prompts of up to 10 and 8 new tokens
     "mistral": dict(sliding_window=5),
@@ -73,10 +74,7 @@ def test_a_shared_prefix_longer_than_the_window(tmp_path, compute_device):
     model = make_checkpoint(tmp_path, "mistral", seed=12, sliding_window=9)
     want_ids, want_logits = hf_greedy(on_device(model, compute_device), SHARED_PROMPTS, 6)
     for name in ("all-gpu", "cpu-attention-cache-split"):
-        shared = []
-        with FlexGenLite(str(tmp_path), policy=POLICIES[name], device=compute_device) as m:
-            ids, logits = m.generate_ids(SHARED_PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
-                                         return_logits=True, on_block=lambda _: shared.append(m.engine.times.shared))
+        ids, logits, shared = shared_run(tmp_path, POLICIES[name], compute_device)
         assert all(n > 9 for n in shared), shared
         assert ids == want_ids, name
         for ours, theirs in zip(logits, want_logits, strict=True):
@@ -108,7 +106,7 @@ def test_each_layers_window_is_transformers(family, overrides):
         assert config_from_dict(c).windows == (want if any(want) else ()), (c.get("layer_types"), want)
 
 
-def test_the_fused_cpu_step_leaves_windowed_blocks_to_the_eager_path(windowed, few_rows_kernels):
+def test_the_fused_cpu_step_leaves_windowed_blocks_to_the_eager_path(windowed, few_rows_kernels):  # noqa: F811
     """Where the fused C step would run (a few rows, everything in memory), a block whose window hides a position
     is decoded by the eager path, with transformers' tokens; a block within its window is still fused."""
     path, _, (want_ids, _) = windowed["mistral"]
@@ -122,7 +120,7 @@ def test_the_fused_cpu_step_leaves_windowed_blocks_to_the_eager_path(windowed, f
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])  # every layer windowed; the second only
-def test_the_constant_shape_step_masks_each_layers_window(windowed, static_runs, family):
+def test_the_constant_shape_step_masks_each_layers_window(windowed, static_runs, family):  # noqa: F811
     """The CUDA graph's step (run eagerly here) builds each window's mask on the device: transformers' tokens."""
     path, _, (want_ids, want_logits) = windowed[family]
     prompts = [p for p in PROMPTS if len(p) > 3][:4]  # full blocks: every row in the constant-shape step

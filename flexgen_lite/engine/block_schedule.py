@@ -63,7 +63,7 @@ class Engine:
         self.cache_slots = CacheSlots(ledger, self.staging)
         self.cache: KVCache | None = None
         self.acts: Activations | None = None
-        self.inv_freq = L.rope_frequencies(config, device.device) if config.positions == "rope" else None
+        self.rotary = L.Rotary.of(config, device.device)
         self.times = StepTimes()
         self._score = None  # run's `score`
         self._prefix: SharedPrefix | None = None  # the running prefill's shared prefix
@@ -79,10 +79,10 @@ class Engine:
         self._kernels: set[str] = set()  # the attention kernels of the running step
         # decode steps of whole batches from static buffers, one CUDA graph each (decode_graph.py), where all
         # weights are resident; True on a CPU (tests) runs the same step eagerly
-        self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.inv_freq, ledger)
+        self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.rotary, ledger)
         self.static_decode = device.is_cuda and graphs_wanted()
         # on a CPU, a Llama-family decode step's layers in one C call where everything is in memory (decode_fused.py)
-        self.fused = FusedDecode(config, policy, specs, weights, self.resident, device, dtype, self.inv_freq)
+        self.fused = FusedDecode(config, policy, specs, weights, self.resident, device, dtype, self.rotary)
         self.fused_decode = self.fused.possible
 
     @contextlib.contextmanager
@@ -165,7 +165,7 @@ class Engine:
         inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
         shared = step == 0 and block.shared > 0
         if shared:
-            self._prefix = SharedPrefix(block, self.config, self.inv_freq, self.dtype, self._attend)
+            self._prefix = SharedPrefix(block, self.config, self.rotary, self.dtype, self._attend)
             for b in batches:
                 inputs[b]["prefix index"] = self._prefix.index(b, inputs[b]["active_device"])
         self._cache_loads: dict[tuple[int, int], Future] = {}
@@ -257,7 +257,7 @@ class Engine:
                 self._score(b, inputs["active"], lambda x: L.head(w, x, cfg), h)
             return L.head(w, h[:, -1], cfg)
         x = L.norm(h, w, cfg) if cfg.pre_norm else h
-        q, k, v = L.qkv(w, x, inputs["rope"], cfg)
+        q, k, v = L.qkv(w, x, L.layer_rope(inputs["rope"], cfg, spec.index), cfg)
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             if "prefix index" in inputs:
                 k, v = self._prefix.spread(k, v, inputs["prefix index"])
@@ -322,9 +322,7 @@ class Engine:
             positions = positions[active_device]
             mask = None if mask is None else mask[active_device]
             masks = {w: m[active_device] for w, m in masks.items()}
-        rope = None
-        if self.inv_freq is not None:
-            rope = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(self.config))
+        rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         inputs = {"positions": positions, "mask": mask, "masks": masks, "rope": rope, "active": active,
                   "active_device": active_device}
         if block.shared and start >= block.prompt_len:  # decode: the rows' prefix read from one row on a CPU

@@ -107,9 +107,9 @@ class _Batch:
 class FusedDecode:
     """Decode steps of whole batches through native/decode_layer.c (module note)."""
 
-    def __init__(self, config, policy, specs, weights, resident: list, device, dtype: torch.dtype, inv_freq) -> None:
+    def __init__(self, config, policy, specs, weights, resident: list, device, dtype: torch.dtype, rotary) -> None:
         """weights: per layer its StoredWeights; resident: per layer its tensors, or None (engine.resident)."""
-        self.config, self.policy, self.specs, self.dtype, self.inv_freq = config, policy, specs, dtype, inv_freq
+        self.config, self.policy, self.specs, self.dtype, self.rotary = config, policy, specs, dtype, rotary
         on_cpu = device.device.type == "cpu"
         self.layers = layer_weights(specs, weights) if on_cpu and config_fits(config) else None
         self.embed, self.head = resident[0], resident[-1]
@@ -177,8 +177,8 @@ class FusedDecode:
         step.source, step.shift, step.shared = (0, 0, 0) if shared is None else \
             (shared[0].data_ptr(), shared[1].data_ptr(), shared[2])
         cos = sin = None
-        if self.inv_freq is not None:
-            cos, sin = L.rope_cos_sin(positions, self.inv_freq, self.dtype, L.rope_scale(cfg))
+        if self.rotary is not None:  # one table for every layer (config_fits: a plain model)
+            cos, sin = self.rotary.tables(positions, self.dtype)["global"]
         step.cos, step.sin = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
         step.threads = native.team_threads()
         step.silu_chunk = D.silu_chunk(h.shape[0] * cfg.intermediate_size, torch.get_num_threads())

@@ -111,7 +111,7 @@ class _Batch:
 class StaticDecode:
     """Decode steps of whole GPU batches from static buffers: captured and replayed on CUDA, eager elsewhere."""
 
-    def __init__(self, config, policy, specs, resident: list, device, dtype: torch.dtype, inv_freq, ledger) -> None:
+    def __init__(self, config, policy, specs, resident: list, device, dtype: torch.dtype, rotary, ledger) -> None:
         """resident: per layer its weights, or None when they are not all resident (then never used)."""
         self.config, self.specs, self.resident = config, specs, resident
         # every layer's weights usable where they are, every cached position attended (no top-k), a MoE's experts
@@ -121,7 +121,7 @@ class StaticDecode:
                          and (not config.moe or every_expert_wins(cached_profile(device), config,
                                                                   str(dtype).removeprefix("torch."),
                                                                   policy.gpu_batch_size)))
-        self.device, self.dtype, self.inv_freq, self.ledger = device, dtype, inv_freq, ledger
+        self.device, self.dtype, self.rotary, self.ledger = device, dtype, rotary, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
         self.batches: dict[int, _Batch] = {}
         self.pool, self.pool_counted = None, 0  # the graphs' private memory pool, and its bytes on the ledger
@@ -211,8 +211,7 @@ class StaticDecode:
         real = keys >= s.pad[:, None]
         mask = ((keys <= s.write) & (real | (keys == s.write)))[:, None, None]  # (rows, 1, 1, max_len), as Block.mask
         masks = {w: mask & (keys > s.write - w) for w in set(cfg.windows) if 0 < w < max_len}
-        rope = None if self.inv_freq is None else L.rope_cos_sin(positions, self.inv_freq, self.dtype,
-                                                                 L.rope_scale(self.config))
+        rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         h = logits = None
         layer = 0
         for spec, w in zip(self.specs, self.resident, strict=True):
@@ -224,7 +223,7 @@ class StaticDecode:
                 logits = L.head(w, h[:, -1], cfg)
             else:
                 x = L.norm(h, w, cfg) if cfg.pre_norm else h
-                q, k, v = L.qkv(w, x, rope, cfg)
+                q, k, v = L.qkv(w, x, L.layer_rope(rope, cfg, layer), cfg)
                 k_cache, v_cache = s.kv[layer]
                 k_cache.index_copy_(2, s.write, k.to(k_cache.dtype))
                 v_cache.index_copy_(2, s.write, v.to(v_cache.dtype))

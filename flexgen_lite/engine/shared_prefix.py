@@ -18,12 +18,12 @@ from .block import Block
 
 
 class SharedPrefix:
-    def __init__(self, block: Block, config: ModelConfig, inv_freq: torch.Tensor | None, dtype: torch.dtype,
+    def __init__(self, block: Block, config: ModelConfig, rotary: L.Rotary | None, dtype: torch.dtype,
                  attend: Callable) -> None:
         """attend(q, k, v, mask): the engine's attention (it records which kernel ran)."""
         self.block, self.config, self.attend = block, config, attend
         self.positions = torch.arange(block.shared, device=block.prefix.device)[None]
-        self.rope = None if inv_freq is None else L.rope_cos_sin(self.positions, inv_freq, dtype, L.rope_scale(config))
+        self.rope = None if rotary is None else rotary.tables(self.positions, dtype)
         self.h = self.k = self.v = None
 
     def through(self, spec, w: dict) -> None:
@@ -35,7 +35,7 @@ class SharedPrefix:
             self.h = L.mlp(w, self.h, cfg)
         elif spec.kind == "attention":
             x = L.norm(self.h, w, cfg) if cfg.pre_norm else self.h
-            q, self.k, self.v = L.qkv(w, x, self.rope, cfg)
+            q, self.k, self.v = L.qkv(w, x, L.layer_rope(self.rope, cfg, spec.index), cfg)
             window, n = cfg.window(spec.index), self.block.shared
             mask = None  # causal
             if 0 < window < n:

@@ -32,6 +32,7 @@ class ModelConfig:
     positions: str = "learned"  # "learned" (OPT, offset 2) | "rope"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    local_rope_theta: float = 0.0  # Gemma-3: the windowed layers' rotary base, unscaled; 0: theirs is every layer's
     qkv_bias: bool = True
     out_bias: bool = True
     mlp_bias: bool = True
@@ -94,7 +95,7 @@ class ModelConfig:
         return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
                 and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
                 and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms
-                and not self.moe and self.qk_norm != "full" and self.clip_qkv is None)
+                and not self.moe and self.qk_norm != "full" and self.clip_qkv is None and not self.local_rope_theta)
 
     @property
     def static_step(self) -> bool:
@@ -131,6 +132,12 @@ class ModelConfig:
     def context(self) -> str:
         """The context in words, for messages."""
         return f"{self.max_positions} positions"
+
+    def local_rope(self) -> ModelConfig | None:
+        """The rotary embedding of the windowed layers where it is their own (Gemma-3), as a config."""
+        if not self.local_rope_theta:
+            return None
+        return dataclasses.replace(self, rope_theta=self.local_rope_theta, rope_scaling=None, local_rope_theta=0.0)
 
     def window(self, layer: int) -> int:
         """Decoder layer `layer`'s sliding attention window; 0: it attends to every earlier position."""

@@ -141,6 +141,33 @@ def rope_scale(config: ModelConfig) -> float:
     return mscale(factor)
 
 
+class Rotary:
+    """A model's rotary embedding: its inverse frequencies, and Gemma-3's windowed layers' own (local_rope_theta,
+    unscaled). `tables` gives cos and sin at positions for each kind; `of_layer` picks a layer's."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        self.config, self.inv_freq, self.scale = config, rope_frequencies(config, device), rope_scale(config)
+        local = config.local_rope()
+        self.local = None if local is None else rope_frequencies(local, device)
+
+    @classmethod
+    def of(cls, config: ModelConfig, device: torch.device) -> Rotary | None:
+        return cls(config, device) if config.positions == "rope" else None
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {"global": rope_cos_sin(positions, self.inv_freq, dtype, self.scale)}
+        if self.local is not None:
+            out["local"] = rope_cos_sin(positions, self.local, dtype)
+        return out
+
+
+def layer_rope(tables: dict | None, config: ModelConfig, layer: int):
+    """Decoder layer `layer`'s cos and sin among `tables` (Rotary.tables; None: learned positions)."""
+    if tables is None:
+        return None
+    return tables["local"] if "local" in tables and config.window(layer) else tables["global"]
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
     """cos and sin of shape (B, 1, T, rotary_dim) for positions (B, T), times `scale` (rope_scale)."""
     angles = positions.float()[..., None] * inv_freq
@@ -168,12 +195,12 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     hd = config.head_dim
     q, k, v = linears(x, w, ("q", "k", "v"))
     if config.qk_norm == "full":  # OLMoE: q and k normalised across all their heads
-        q, k = rms_norm(q, w["q_norm.weight"], config.norm_eps), rms_norm(k, w["k_norm.weight"], config.norm_eps)
+        q, k = norm(q, w, config, "q_norm"), norm(k, w, config, "k_norm")
     if config.clip_qkv is not None:
         q, k, v = (y.clamp(-config.clip_qkv, config.clip_qkv) for y in (q, k, v))
     q, k = q.view(b, t, config.num_heads, hd), k.view(b, t, config.num_kv_heads, hd)
-    if config.qk_norm == "head":  # Qwen3: each head's q and k normalised before rotary
-        q, k = rms_norm(q, w["q_norm.weight"], config.norm_eps), rms_norm(k, w["k_norm.weight"], config.norm_eps)
+    if config.qk_norm == "head":  # Qwen3, Gemma-3: each head's q and k normalised before rotary
+        q, k = norm(q, w, config, "q_norm"), norm(k, w, config, "k_norm")
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(b, t, config.num_kv_heads, hd).transpose(1, 2)
     if rope is not None:
