@@ -57,8 +57,10 @@ class Checkpoint:
                 raise ModelError(f"{self.path} lacks the shard(s) {', '.join(missing)} named in {index.name}")
 
     def resolve(self, name: str) -> str:
-        """The stored name of `name` (older OPT checkpoints omit the 'model.' prefix)."""
-        for candidate in (name, name.removeprefix("model."), "model." + name):
+        """The stored name of `name` (older OPT checkpoints omit the 'model.' prefix; a multimodal checkpoint
+        keeps its text model under language_model)."""
+        bare = name.removeprefix("model.")
+        for candidate in (name, bare, "model." + name, "model.language_model." + bare, "language_model.model." + bare):
             if candidate in self.files:
                 return candidate
         raise ModelError(f"{self.path} lacks the tensor {name!r}; is the checkpoint complete and of this architecture?")

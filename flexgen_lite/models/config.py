@@ -256,7 +256,7 @@ def _windows(c: dict) -> tuple[int, ...]:
     return windows if any(windows) else ()
 
 
-QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}
+QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3_text": "head"}
 
 
 def _llama_config(c: dict, name: str) -> ModelConfig:
@@ -318,27 +318,61 @@ def _experts(c: dict) -> dict:
 
 
 def _gemma_config(c: dict, name: str) -> ModelConfig:
-    """Gemma and Gemma-2: a Llama layer with Gemma's norm and embedding scale, a tanh-GELU gated MLP, tied
-    embeddings; Gemma-2 adds its attention scale, soft caps and post-block norms (ModelConfig's fields)."""
-    gemma2 = c["model_type"] == "gemma2"
-    act = (c.get("hidden_activation") if gemma2 else c.get("hidden_act")) or "gelu_pytorch_tanh"
+    """Gemma, Gemma-2 and Gemma-3: a Llama layer with Gemma's norm and embedding scale, a tanh-GELU gated MLP, tied
+    embeddings; Gemma-2 adds its attention scale, soft caps and post-block norms (ModelConfig's fields); Gemma-3
+    normalises q and k per head, and its windowed layers turn by their own rotary base."""
+    kind = c["model_type"]
+    if kind in ("gemma3", "gemma3_text"):
+        c = _gemma3_text(c)
+    later = kind != "gemma"
+    act = (c.get("hidden_activation") if later else c.get("hidden_act")) or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu"):
-        raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (gelu_pytorch_tanh, gelu)")
+        raise ModelError(f"activation {act!r} is not supported for {kind} (gelu_pytorch_tanh, gelu)")
     base = _llama_config({**c, "hidden_act": "silu", "tie_word_embeddings": c.get("tie_word_embeddings", True)}, name)
-    scalar = c.get("query_pre_attn_scalar") if gemma2 else None
+    scalar = c.get("query_pre_attn_scalar") if later else None
     return dataclasses.replace(
         base, activation="gelu_tanh" if act == "gelu_pytorch_tanh" else "gelu", norm_offset=1.0,
         embed_scale=math.sqrt(c["hidden_size"]), embed_scale_in_dtype=True,
         attention_scale=None if scalar is None else scalar ** -0.5,
-        attn_softcap=c.get("attn_logit_softcapping") if gemma2 else None,
-        logits_softcap=c.get("final_logit_softcapping") if gemma2 else None, post_norms=gemma2)
+        attn_softcap=c.get("attn_logit_softcapping") if later else None,
+        logits_softcap=c.get("final_logit_softcapping") if later else None, post_norms=later,
+        local_rope_theta=float(c.get("rope_local_base_freq", 0.0)))
+
+
+# transformers' Gemma3TextConfig defaults: the multimodal checkpoints' text_config names only what differs
+GEMMA3_TEXT = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                   rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0,
+                   rope_local_base_freq=10_000.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def _gemma3_text(c: dict) -> dict:
+    """A Gemma-3 config as its text model reads it (from a multimodal checkpoint's text_config, filled with the
+    defaults), its rotary settings in the older keys: rope_theta and rope_scaling of the full layers, and
+    rope_local_base_freq of the windowed ones (transformers 5 nests them in rope_parameters per layer type)."""
+    text = c.get("text_config") if c["model_type"] == "gemma3" else c
+    if text is None:
+        raise ModelError("a gemma3 config without text_config: the config is incomplete")
+    ids = {k: c[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if c.get(k) is not None}
+    text = {**GEMMA3_TEXT, **ids, **{k: v for k, v in text.items() if v is not None}, "model_type": "gemma3_text"}
+    if text.get("use_bidirectional_attention"):
+        raise ModelError("a Gemma-3 config with bidirectional attention (an embedding model) cannot generate")
+    params = text.get("rope_parameters") or {}
+    if "full_attention" in params:
+        full, local = params["full_attention"], params.get("sliding_attention") or {}
+        text["rope_theta"] = full.get("rope_theta", GEMMA3_TEXT["rope_theta"])
+        text["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+        text["rope_local_base_freq"] = local.get("rope_theta", GEMMA3_TEXT["rope_local_base_freq"])
+        text.pop("rope_parameters")
+    return text
 
 
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
             "qwen3": _llama_config, "phi3": _llama_config, "mixtral": _llama_config, "qwen2_moe": _llama_config,
             "qwen3_moe": _llama_config, "granite": _llama_config, "granitemoe": _llama_config,
-            "olmoe": _llama_config, "gemma": _gemma_config,
-            "gemma2": _gemma_config}
+            "olmoe": _llama_config, "gemma": _gemma_config, "gemma2": _gemma_config, "gemma3": _gemma_config,
+            "gemma3_text": _gemma_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

@@ -35,13 +35,14 @@ from .gguf_split import SplitContents, open_parts
 from .llama import rows_of
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite", "qwen2moe", "qwen3moe",
-                                            "olmoe", "granitemoe", "gemma", "gemma2")
+                                            "olmoe", "granitemoe", "gemma", "gemma2", "gemma3")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                     "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
-GEMMA = ("gemma", "gemma2")  # their files hold each norm's (1 + w), HF's checkpoints its w
+                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+GEMMA = ("gemma", "gemma2", "gemma3_text")  # their files hold each norm's (1 + w), HF's checkpoints its w
+ARCH_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the arch's name
 MOE_TYPES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe",
              "granitemoe": "granitemoe"}  # with experts: HF's model_type
 # model types whose Q and K rows the converter reorders (as Llama's)
@@ -97,6 +98,7 @@ STACK_ROWS = {"ffn_gate_exps": (2, 0), "ffn_up_exps": (2, 1), "ffn_down_exps": (
 _GEMMA2_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                  "post_ffw_norm": "post_feedforward_layernorm"}
 _NAMES = {"phi3": {**_BLOCK_NAMES, **_PHI3_NAMES}, "gemma2": {**_BLOCK_NAMES, **_GEMMA2_NAMES},
+          "gemma3_text": {**_BLOCK_NAMES, **_GEMMA2_NAMES},
           "mixtral": {**_BLOCK_NAMES, **_MIXTRAL_NAMES},
           "qwen2_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "qwen3_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES},
           "olmoe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "granitemoe": {**_BLOCK_NAMES, **_GRANITE_MOE_NAMES}}
@@ -283,7 +285,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
     scaling = _longrope(reader, path, arch) if arch == "phi3" else _rope_scaling(reader, path, arch, head_dim, theta)
     rope_parameters = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
     experts = _experts(reader, path, arch)
-    model_type = MOE_TYPES[arch] if experts else arch
+    model_type = MOE_TYPES[arch] if experts else ARCH_TYPES.get(arch, arch)
     return {
         **experts,
         "model_type": model_type,
@@ -311,22 +313,27 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
         "partial_rotary_factor": n_rot / head_dim,
         "clip_qkv": _meta(reader, path, f"{arch}.attention.clamp_kqv", None),
-        **(_gemma(reader, path, arch, hidden, n_head, head_dim) if arch in GEMMA else {}),
+        **(_gemma(reader, path, arch, hidden, n_head, head_dim) if arch.startswith("gemma") else {}),
         **{hf: float(v) for key, hf in GRANITE_SCALES.items()
            if (v := _meta(reader, path, f"{arch}.{key}", None)) is not None},
     }
 
 
 def _gemma(reader: GGUFContents, path: str, arch: str, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
-    """Gemma's tanh-GELU; Gemma-2's soft caps, and its attention scale, which the file does not store: llama.cpp
-    takes hidden / heads for the 27B (46 layers), else head_dim, as Google's configs set query_pre_attn_scalar."""
+    """Gemma's tanh-GELU; Gemma-2's soft caps and Gemma-2's and 3's attention scale, which the file does not store:
+    llama.cpp takes hidden / heads for the 27Bs (Gemma-2's 46 layers, Gemma-3's 62), else head_dim, as Google's
+    configs set query_pre_attn_scalar. Gemma-3's window covers five layers of six and turns by its own base
+    (llama.cpp's fixed pattern, and 10k unless the file says)."""
     fields: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+    if arch == "gemma":
+        return fields
+    layers = int(_meta(reader, path, f"{arch}.block_count"))
+    fields["query_pre_attn_scalar"] = hidden // heads if layers == {"gemma2": 46, "gemma3": 62}[arch] else head_dim
     if arch == "gemma2":
-        layers = int(_meta(reader, path, f"{arch}.block_count"))
-        fields |= {"attn_logit_softcapping": _meta(reader, path, f"{arch}.attn_logit_softcapping", None),
-                   "final_logit_softcapping": _meta(reader, path, f"{arch}.final_logit_softcapping", None),
-                   "query_pre_attn_scalar": hidden // heads if layers == 46 else head_dim}
-    return fields
+        return fields | {"attn_logit_softcapping": _meta(reader, path, f"{arch}.attn_logit_softcapping", None),
+                         "final_logit_softcapping": _meta(reader, path, f"{arch}.final_logit_softcapping", None)}
+    return fields | {"sliding_window_pattern": 6,
+                     "rope_local_base_freq": float(_meta(reader, path, f"{arch}.rope.freq_base_swa", 10000.0))}
 
 
 def _experts(reader: GGUFContents, path: str, arch: str) -> dict[str, Any]:
