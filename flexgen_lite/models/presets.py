@@ -34,6 +34,10 @@ _LLAMA = {
     "phi-3-medium-4k": ("phi3", 5120, 40, 40, 10, 17920, 32064, 4096, 1e4),
     "gemma-2-9b": ("gemma2", 3584, 42, 16, 8, 14336, 256000, 8192, 1e4),
     "gemma-2-27b": ("gemma2", 4608, 46, 32, 16, 36864, 256000, 8192, 1e4),
+    "gemma-3-1b": ("gemma3_text", 1152, 26, 4, 1, 6912, 262144, 32768, 1e6),
+    "gemma-3-4b": ("gemma3_text", 2560, 34, 8, 4, 10240, 262208, 131072, 1e6),
+    "gemma-3-12b": ("gemma3_text", 3840, 48, 16, 8, 15360, 262208, 131072, 1e6),
+    "gemma-3-27b": ("gemma3_text", 5376, 62, 32, 16, 21504, 262208, 131072, 1e6),
     "mixtral-8x7b": ("mixtral", 4096, 32, 32, 8, 14336, 32000, 32768, 1e6),
     "mixtral-8x22b": ("mixtral", 6144, 56, 48, 8, 16384, 32768, 65536, 1e6),
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 48, 32, 4, 6144, 151936, 40960, 1e6),
@@ -47,8 +51,12 @@ EXPERTS = {"mixtral-8x7b": (8, 2, 14336, True), "mixtral-8x22b": (8, 2, 16384, T
 # Granite's multipliers: of the embeddings, of each block's output, the attention's scale, the logits' divisor
 GRANITE = {"granite-3.0-3b-a800m": (12.0, 0.22, 0.015625, 6.0)}
 # where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
-HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "qwen3-30b-a3b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128}
-TIED = ("gemma2", "granitemoe")  # model types whose head is their embedding
+HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "qwen3-30b-a3b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128,
+             "gemma-3-1b": 256, "gemma-3-4b": 256, "gemma-3-12b": 256, "gemma-3-27b": 128}
+TIED = ("gemma2", "gemma3_text", "granitemoe")  # model types whose head is their embedding
+# Gemma-2 and 3: (sliding window, query_pre_attn_scalar, the full layers' linear rope factor)
+GEMMA = {"gemma-2-9b": (4096, 256, None), "gemma-2-27b": (4096, 144, None), "gemma-3-1b": (512, 256, None),
+         "gemma-3-4b": (1024, 256, 8.0), "gemma-3-12b": (1024, 256, 8.0), "gemma-3-27b": (1024, 168, 8.0)}
 
 
 def _hf_dict(key: str) -> dict:
@@ -71,12 +79,19 @@ def _hf_dict(key: str) -> dict:
         "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
         "vocab_size": vocab, "max_position_embeddings": max_pos, "rope_theta": theta,
         "rms_norm_eps": 1e-5 if model_type in ("llama", "phi3") else 1e-6,
-        **({"sliding_window": 4096, "query_pre_attn_scalar": 144 if key == "gemma-2-27b" else 256}
-           if model_type == "gemma2" else {}), "bos_token_id": 1, "eos_token_id": 2,
+        **_gemma(key), "bos_token_id": 1, "eos_token_id": 2,
         "head_dim": HEAD_DIMS.get(key), "tie_word_embeddings": model_type in TIED,
         **dict(zip(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
                    GRANITE.get(key, ()), strict=False)),
     }
+
+
+def _gemma(key: str) -> dict:
+    if key not in GEMMA:
+        return {}
+    window, scalar, factor = GEMMA[key]
+    scaling = {"rope_scaling": {"rope_type": "linear", "factor": factor}} if factor else {}
+    return {"sliding_window": window, "query_pre_attn_scalar": scalar, **scaling}
 
 
 def preset_names() -> list[str]:
