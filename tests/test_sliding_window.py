@@ -149,3 +149,24 @@ def test_llamas_sliding_window_is_not_read():
     """transformers' Llama ignores a sliding_window in its config (some files carry one): so do we."""
     fields = dict(FAMILY_CONFIGS["llama"], vocab_size=64, sliding_window=7)
     assert config_from_dict(fields).windows == ()
+
+
+@pytest.mark.parametrize("name", ["all-gpu", "cpu-attention-cache-split"])
+def test_decode_reads_only_each_layers_window(windowed, name):
+    """A decode step's attention reads each windowed layer's last `window` positions, not the whole cache: the
+    bytes its spans record (--breakdown's) are the window's, where the window is shorter than the context."""
+    from flexgen_lite.engine.trace import Recorder
+
+    path, _, (want_ids, _) = windowed["qwen2"]  # layer 0 full, layer 1 a window of 5
+    recorder = Recorder()
+    prompts = [p for p in PROMPTS if len(p) == 10][:1] * 2  # two rows, no padding: every position real
+    with FlexGenLite(str(path), policy=POLICIES[name], trace=recorder) as m:
+        ids = m.generate_ids(prompts, SamplingConfig(max_new_tokens=6, stop_at_eos=False))
+        per_position = 2 * m.config.num_kv_heads * m.config.head_dim * m.engine.cache.dtype.itemsize  # k and v
+    assert ids[0] == want_ids[PROMPTS.index(prompts[0])][:6]
+    marks = recorder.steps
+    for i, mark in enumerate(marks[1:], start=1):
+        end = marks[i + 1].start if i + 1 < len(marks) else float("inf")
+        read = sum(s.nbytes for s in recorder.spans if mark.start <= s.start < end and "attention" in s.stage)
+        length = mark.context + 1  # positions attended, the new one included
+        assert read == 2 * per_position * (length + min(length, 5)), (i, read)

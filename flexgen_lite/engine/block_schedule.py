@@ -292,7 +292,8 @@ class Engine:
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
         k, v are written into it first, and home when the part is not used in place."""
-        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap)
+        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap,
+                            self.config.window(layer))
         if found is None:
             return None
         out, k_new, v_new, kernel, span.nbytes = found
