@@ -170,3 +170,27 @@ def test_decode_reads_only_each_layers_window(windowed, name):
         read = sum(s.nbytes for s in recorder.spans if mark.start <= s.start < end and "attention" in s.stage)
         length = mark.context + 1  # positions attended, the new one included
         assert read == 2 * per_position * (length + min(length, 5)), (i, read)
+
+
+def test_the_cost_model_reads_each_windowed_layers_window():
+    """plan's decode attention: a windowed layer costs its window's positions (Gemma-3-1B: 22 of 26 layers at 512
+    of a mean context of 2080), the cache's memory every position."""
+    import dataclasses
+
+    from flexgen_lite import Policy
+    from flexgen_lite.models.presets import preset_config
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Workload
+
+    from .conftest import synthetic_profile
+
+    hw = synthetic_profile()
+    hw = dataclasses.replace(hw, attention={k: (0.0, rate) for k, (_, rate) in hw.attention.items()})  # bytes alone
+    gemma, work = preset_config("gemma-3-1b"), Workload(prompt_len=2048, gen_len=64)
+    full = dataclasses.replace(gemma, windows=())
+    policy = Policy(gpu_batch_size=32, dtype="bfloat16")
+    windowed, whole = predict(gemma, work, policy, hw), predict(full, work, policy, hw)
+    assert gemma.windows.count(512) == 22 and gemma.windows.count(0) == 4
+    share = (22 * 512 + 4 * 2080) / (26 * 2080)
+    assert windowed.decode_by["attention"] == pytest.approx(whole.decode_by["attention"] * share, rel=1e-6)
+    assert windowed.memory == whole.memory

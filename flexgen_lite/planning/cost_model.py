@@ -256,6 +256,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     seg, hw, pol = Seg(), s.hw, s.policy
     dense, stored = s.seq_layer_dense * length, s.seq_layer * length  # per sequence
     elements = dense / s.e
+    seen = attended_share(s.config, length)  # attention reads a windowed layer's window alone
     cpu_compute = s.cuda and pol.cpu_cache_compute
     cpu_dtype = str(pol.cpu_attention_dtype(s.dtype) or s.dtype).removeprefix("torch.")  # bfloat16 for float16
     group = s.config.num_heads // s.config.num_kv_heads
@@ -266,7 +267,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             continue
         on_cpu = cpu_compute and tier != "gpu"
         if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
-            _mapped_read(s, seg, rows * stored)
+            _mapped_read(s, seg, rows * stored * seen)
         if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
             loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
@@ -282,7 +283,8 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
         fixed, rate = cpu_att if on_cpu else gpu_att
         seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
-                + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype), waits=False)
+                + rows * dense * seen * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
+                waits=False)
     parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
     if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU
@@ -291,6 +293,13 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         else:
             _host(s, seg, "quantize", parts * hw.cache_store)
     return seg
+
+
+def attended_share(config: ModelConfig, length: float) -> float:
+    """The share of a decode step's cached positions its attention reads: a windowed layer's last window only."""
+    if not config.windows:
+        return 1.0
+    return sum(min(w, length) if w else length for w in config.windows) / (len(config.windows) * length)
 
 
 def _prefill_cache_store(s: Setup, lay: Layout) -> Seg:
