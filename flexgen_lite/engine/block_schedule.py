@@ -256,7 +256,7 @@ class Engine:
             if self._score is not None and block.generated == 0:  # the prefill's (from column block.shared)
                 self._score(b, inputs["active"], lambda x: L.head(w, x, cfg), h)
             return L.head(w, h[:, -1], cfg)
-        x = L.norm(h, w, cfg) if cfg.pre_norm else h
+        x = L.block_input(h, w, cfg)
         q, k, v = L.qkv(w, x, L.layer_rope(inputs["rope"], cfg, spec.index), cfg)
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             if "prefix index" in inputs:

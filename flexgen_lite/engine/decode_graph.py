@@ -222,7 +222,7 @@ class StaticDecode:
             elif spec.kind == "head":
                 logits = L.head(w, h[:, -1], cfg)
             else:
-                x = L.norm(h, w, cfg) if cfg.pre_norm else h
+                x = L.block_input(h, w, cfg)
                 q, k, v = L.qkv(w, x, L.layer_rope(rope, cfg, layer), cfg)
                 k_cache, v_cache = s.kv[layer]
                 k_cache.index_copy_(2, s.write, k.to(k_cache.dtype))

@@ -34,7 +34,7 @@ class SharedPrefix:
         elif spec.kind == "mlp":
             self.h = L.mlp(w, self.h, cfg)
         elif spec.kind == "attention":
-            x = L.norm(self.h, w, cfg) if cfg.pre_norm else self.h
+            x = L.block_input(self.h, w, cfg)
             q, self.k, self.v = L.qkv(w, x, L.layer_rope(self.rope, cfg, spec.index), cfg)
             window, n = cfg.window(spec.index), self.block.shared
             mask = None  # causal

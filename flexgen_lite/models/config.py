@@ -26,13 +26,15 @@ class ModelConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     pre_norm: bool = True  # OPT-350m normalises after the residual add
+    input_norms: bool = True  # OLMo-2/3: no norm before attention or MLP, only after each (post_norms)
     final_norm: bool = True
     activation: str = "relu"  # "relu" | "gelu" | "gelu_tanh" | "silu"
     gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x))
     positions: str = "learned"  # "learned" (OPT, offset 2) | "rope"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    local_rope_theta: float = 0.0  # Gemma-3: the windowed layers' rotary base, unscaled; 0: theirs is every layer's
+    local_rope_theta: float = 0.0  # Gemma-3, OLMo-3: the windowed layers' rotary base, unscaled; 0: every layer's
+    unrotated_layers: tuple[int, ...] = ()  # SmolLM3: layers whose q and k take no rotary embedding (NoPE)
     qkv_bias: bool = True
     out_bias: bool = True
     mlp_bias: bool = True
@@ -95,7 +97,8 @@ class ModelConfig:
         return (self.embed_scale == self.residual_scale == self.logits_divisor == 1.0
                 and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
                 and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms
-                and not self.moe and self.qk_norm != "full" and self.clip_qkv is None and not self.local_rope_theta)
+                and not self.moe and self.qk_norm != "full" and self.clip_qkv is None and not self.local_rope_theta
+                and not self.unrotated_layers)
 
     @property
     def static_step(self) -> bool:
@@ -231,23 +234,27 @@ def _context(c: dict) -> int:
 
 
 # the families whose transformers model reads sliding_window (Llama's, Granite's and Gemma's ignore it)
-WINDOWED = ("mistral", "mixtral", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3_text")
+WINDOWED = ("mistral", "mixtral", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3_text",
+            "olmo3", "smollm3")
 
 
 def _windows(c: dict) -> tuple[int, ...]:
     """Each layer's sliding window, as transformers reads the config: its layer_types where it has them, else
     the family's rule (Mistral, Mixtral, Phi-3: every layer; Gemma-2: every other, from the first; Gemma-3:
-    all but every sliding_window_pattern-th; Qwen only with use_sliding_window)."""
+    all but every sliding_window_pattern-th; OLMo-3 three of four; Qwen only with use_sliding_window; SmolLM3 its
+    NoPE layers, with use_sliding_window)."""
     window, kind, n = c.get("sliding_window") or 0, c["model_type"], c["num_hidden_layers"]
-    if kind not in WINDOWED or kind.startswith(("qwen2", "qwen3")) and not c.get("use_sliding_window", False):
+    if kind not in WINDOWED or (kind.startswith(("qwen2", "qwen3", "smollm3"))
+                                and not c.get("use_sliding_window", False)):
         window = 0
     if not window:
         return ()
     types = c.get("layer_types")
     if types is None:
-        pattern = {"gemma2": 2, "gemma3_text": c.get("sliding_window_pattern", 6)}.get(kind)
+        pattern = {"gemma2": 2, "gemma3_text": c.get("sliding_window_pattern", 6), "olmo3": 4}.get(kind)
         first = c.get("max_window_layers", 0) if kind in ("qwen2", "qwen3") else 0
-        types = ["full_attention" if (pattern and (i + 1) % pattern == 0) or i < first
+        nope = set(_unrotated(c)) if kind == "smollm3" else set(range(n))
+        types = ["full_attention" if (pattern and (i + 1) % pattern == 0) or i < first or i not in nope
                  or (kind == "qwen2_moe" and (i % 2 or i >= c.get("max_window_layers", n))) else "sliding_attention"
                  for i in range(n)]
     if len(types) != n:
@@ -256,7 +263,8 @@ def _windows(c: dict) -> tuple[int, ...]:
     return windows if any(windows) else ()
 
 
-QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3_text": "head"}
+QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3_text": "head", "olmo2": "full",
+            "olmo3": "full"}
 
 
 def _llama_config(c: dict, name: str) -> ModelConfig:
@@ -349,8 +357,7 @@ GEMMA3_TEXT = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
 
 def _gemma3_text(c: dict) -> dict:
     """A Gemma-3 config as its text model reads it (from a multimodal checkpoint's text_config, filled with the
-    defaults), its rotary settings in the older keys: rope_theta and rope_scaling of the full layers, and
-    rope_local_base_freq of the windowed ones (transformers 5 nests them in rope_parameters per layer type)."""
+    defaults)."""
     text = c.get("text_config") if c["model_type"] == "gemma3" else c
     if text is None:
         raise ModelError("a gemma3 config without text_config: the config is incomplete")
@@ -358,21 +365,55 @@ def _gemma3_text(c: dict) -> dict:
     text = {**GEMMA3_TEXT, **ids, **{k: v for k, v in text.items() if v is not None}, "model_type": "gemma3_text"}
     if text.get("use_bidirectional_attention"):
         raise ModelError("a Gemma-3 config with bidirectional attention (an embedding model) cannot generate")
-    params = text.get("rope_parameters") or {}
+    return _rope_per_layer_type(text, GEMMA3_TEXT["rope_local_base_freq"])
+
+
+def _rope_per_layer_type(c: dict, local_default: float | None) -> dict:
+    """Gemma-3's and OLMo-3's rotary settings in the older keys: rope_theta and rope_scaling of the full layers,
+    rope_local_base_freq of the windowed ones (transformers 5 nests them in rope_parameters per layer type; an older
+    config's windowed layers take rope_local_base_freq, else `local_default`, else the full layers' base)."""
+    params = c.get("rope_parameters") or {}
     if "full_attention" in params:
         full, local = params["full_attention"], params.get("sliding_attention") or {}
-        text["rope_theta"] = full.get("rope_theta", GEMMA3_TEXT["rope_theta"])
-        text["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
-        text["rope_local_base_freq"] = local.get("rope_theta", GEMMA3_TEXT["rope_local_base_freq"])
-        text.pop("rope_parameters")
-    return text
+        c = {**c, "rope_theta": full.get("rope_theta", c.get("rope_theta", 10000.0)),
+             "rope_scaling": {k: v for k, v in full.items() if k != "rope_theta"}}
+        c["rope_local_base_freq"] = local.get("rope_theta", local_default or c["rope_theta"])
+        c.pop("rope_parameters")
+    else:
+        c = {**c, "rope_local_base_freq": c.get("rope_local_base_freq", local_default or c.get("rope_theta", 10000.0))}
+    return c
+
+
+def _olmo_config(c: dict, name: str) -> ModelConfig:
+    """OLMo-2 and OLMo-3: a Llama layer normalised after attention and after the MLP, not before, with q and k
+    normalised across all heads; OLMo-3's windowed layers turn unscaled (its full layers may take YaRN)."""
+    windowed = c["model_type"] == "olmo3"
+    if windowed:
+        c = _rope_per_layer_type(c, None)
+    base = _llama_config(c, name)
+    return dataclasses.replace(base, input_norms=False, post_norms=True,
+                               local_rope_theta=float(c["rope_local_base_freq"]) if windowed else 0.0)
+
+
+def _unrotated(c: dict) -> tuple[int, ...]:
+    """SmolLM3's NoPE layers: its no_rope_layers flags each layer 1 where it does use the rotary embedding, or
+    every no_rope_layer_interval-th layer goes without."""
+    n = c["num_hidden_layers"]
+    flags = c.get("no_rope_layers") or [int((i + 1) % c.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    if len(flags) != n:
+        raise ModelError(f"no_rope_layers names {len(flags)} layers of {n}: the config is inconsistent")
+    return tuple(i for i, rotated in enumerate(flags) if not rotated)
+
+
+def _smollm3_config(c: dict, name: str) -> ModelConfig:
+    return dataclasses.replace(_llama_config(c, name), unrotated_layers=_unrotated(c))
 
 
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
             "qwen3": _llama_config, "phi3": _llama_config, "mixtral": _llama_config, "qwen2_moe": _llama_config,
             "qwen3_moe": _llama_config, "granite": _llama_config, "granitemoe": _llama_config,
             "olmoe": _llama_config, "gemma": _gemma_config, "gemma2": _gemma_config, "gemma3": _gemma_config,
-            "gemma3_text": _gemma_config}
+            "gemma3_text": _gemma_config, "olmo2": _olmo_config, "olmo3": _olmo_config, "smollm3": _smollm3_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

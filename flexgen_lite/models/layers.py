@@ -162,8 +162,9 @@ class Rotary:
 
 
 def layer_rope(tables: dict | None, config: ModelConfig, layer: int):
-    """Decoder layer `layer`'s cos and sin among `tables` (Rotary.tables; None: learned positions)."""
-    if tables is None:
+    """Decoder layer `layer`'s cos and sin among `tables` (Rotary.tables; None: learned positions, or a layer
+    without rotary embedding)."""
+    if tables is None or layer in config.unrotated_layers:
         return None
     return tables["local"] if "local" in tables and config.window(layer) else tables["global"]
 
@@ -210,6 +211,11 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     return q, k, v
 
 
+def block_input(h: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
+    """What attention or the MLP takes of the hidden states h: normalised, where the model normalises before."""
+    return norm(h, w, config) if config.pre_norm and config.input_norms else h
+
+
 def attention_output(w: dict, attn: torch.Tensor, residual: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """attn (B, heads, T, hd) -> hidden after the output projection and residual (and post-norm)."""
     b, _, t, _ = attn.shape
@@ -234,7 +240,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
 
 def mlp(w: dict, h: torch.Tensor, config: ModelConfig, every_row: bool = False) -> torch.Tensor:
     """The MLP block with its residual; every_row: a MoE layer's experts each over every row (`experts`)."""
-    x = norm(h, w, config) if config.pre_norm else h
+    x = block_input(h, w, config)
     y = experts(w, x, config, every_row) if "router.weight" in w else feed_forward(w, x, config)
     out = h + block_output(y, w, config)
     return out if config.pre_norm else norm(out, w, config)

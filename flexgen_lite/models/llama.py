@@ -18,7 +18,7 @@ def embed_names(config: ModelConfig) -> dict[str, str]:
 
 def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
     p = f"model.layers.{i}."
-    names = {"norm.weight": p + "input_layernorm.weight"}
+    names = {"norm.weight": p + "input_layernorm.weight"} if config.input_norms else {}
     for ours in ("q", "k", "v", "o"):
         names[f"{ours}.weight"] = f"{p}self_attn.{ours}_proj.weight"
     if config.fused_projections:
@@ -33,7 +33,7 @@ def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
         names["o.bias"] = f"{p}self_attn.o_proj.bias"
     for ours in ("q", "k") if config.qk_norm else ():
         names[f"{ours}_norm.weight"] = f"{p}self_attn.{ours}_norm.weight"
-    if config.post_norms:  # Gemma-2: the attention's output normalised before the residual add
+    if config.post_norms:  # Gemma-2, OLMo-2: the attention's output normalised before the residual add
         names["post_norm.weight"] = p + "post_attention_layernorm.weight"
     return names
 
@@ -47,9 +47,11 @@ def mlp_names(config: ModelConfig, i: int) -> dict[str, str]:
         names[f"{ours}.weight"] = f"{p}mlp.{ours}_proj.weight"
         if config.mlp_bias:
             names[f"{ours}.bias"] = f"{p}mlp.{ours}_proj.bias"
-    if config.post_norms:  # Gemma-2: normalised before the MLP and after it
+    if config.post_norms:  # Gemma-2: normalised before the MLP and after it; OLMo-2 only after
         names.update({"norm.weight": p + "pre_feedforward_layernorm.weight",
                       "post_norm.weight": p + "post_feedforward_layernorm.weight"})
+        if not config.input_norms:
+            del names["norm.weight"]
     if config.fused_projections:  # gate first, then up (transformers' Phi3MLP chunks it so)
         f, fused = config.intermediate_size, p + "mlp.gate_up_proj.weight"
         names.update({"gate.weight": rows_of(fused, 0, f, 2 * f), "up.weight": rows_of(fused, f, f, 2 * f)})

@@ -38,6 +38,8 @@ _LLAMA = {
     "gemma-3-4b": ("gemma3_text", 2560, 34, 8, 4, 10240, 262208, 131072, 1e6),
     "gemma-3-12b": ("gemma3_text", 3840, 48, 16, 8, 15360, 262208, 131072, 1e6),
     "gemma-3-27b": ("gemma3_text", 5376, 62, 32, 16, 21504, 262208, 131072, 1e6),
+    "olmo-2-7b": ("olmo2", 4096, 32, 32, 32, 11008, 100352, 4096, 5e5),
+    "smollm3-3b": ("smollm3", 2048, 36, 16, 4, 11008, 128256, 65536, 5e6),
     "mixtral-8x7b": ("mixtral", 4096, 32, 32, 8, 14336, 32000, 32768, 1e6),
     "mixtral-8x22b": ("mixtral", 6144, 56, 48, 8, 16384, 32768, 65536, 1e6),
     "qwen3-30b-a3b": ("qwen3_moe", 2048, 48, 32, 4, 6144, 151936, 40960, 1e6),
@@ -53,7 +55,7 @@ GRANITE = {"granite-3.0-3b-a800m": (12.0, 0.22, 0.015625, 6.0)}
 # where heads x head_dim is not hidden (Qwen3-32B: 8192 vs 5120)
 HEAD_DIMS = {"qwen3-8b": 128, "qwen3-32b": 128, "qwen3-30b-a3b": 128, "gemma-2-9b": 256, "gemma-2-27b": 128,
              "gemma-3-1b": 256, "gemma-3-4b": 256, "gemma-3-12b": 256, "gemma-3-27b": 128}
-TIED = ("gemma2", "gemma3_text", "granitemoe")  # model types whose head is their embedding
+TIED = ("gemma2", "gemma3_text", "granitemoe", "smollm3")  # model types whose head is their embedding
 # Gemma-2 and 3: (sliding window, query_pre_attn_scalar, the full layers' linear rope factor)
 GEMMA = {"gemma-2-9b": (4096, 256, None), "gemma-2-27b": (4096, 144, None), "gemma-3-1b": (512, 256, None),
          "gemma-3-4b": (1024, 256, 8.0), "gemma-3-12b": (1024, 256, 8.0), "gemma-3-27b": (1024, 168, 8.0)}
