@@ -70,3 +70,31 @@ def test_each_models_own_parts_are_read_and_matter(models, compute_device):
                          ("smollm3", dict(unrotated_layers=()))):
         path, (want_ids, _) = models[name]
         assert generate(path, POLICIES["all-gpu"], compute_device, change)[1][0] != want_ids, name
+
+
+@pytest.mark.parametrize("name", ["olmo2", "smollm3"])
+def test_a_gguf_file_gives_transformers_outputs(models, compute_device, tmp_path, name):
+    """From a GGUF file as llama.cpp's converter writes it: gguf's tensor names (OLMo-2's norms after each block),
+    SmolLM3's q and k rows permuted as Llama's, its NoPE layers every fourth by llama.cpp's fixed rule."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from .test_gguf_file import _llama_cpp_permute
+    from .test_phi3 import gguf_header, write_gguf
+
+    path, reference = models[name]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    c = model.config
+    file = tmp_path / f"{name}.gguf"
+    writer = gguf_header(c, file, name)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[name.upper()], c.num_hidden_layers)
+    for hf, t in model.state_dict().items():
+        w = t.numpy()
+        if name == "smollm3" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _llama_cpp_permute(w, c.num_attention_heads if "q_proj" in hf else c.num_key_value_heads)
+        writer.add_tensor(names.get_name(hf, try_suffixes=(".weight",)), w)
+    write_gguf(writer)
+    _, (ids, logits) = generate(file, POLICIES["weights-split-3-tiers"], compute_device)
+    assert ids == reference[0]
+    for ours, theirs in zip(logits, reference[1], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)

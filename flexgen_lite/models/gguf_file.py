@@ -35,18 +35,19 @@ from .gguf_split import SplitContents, open_parts
 from .llama import rows_of
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "granite", "qwen2moe", "qwen3moe",
-                                            "olmoe", "granitemoe", "gemma", "gemma2", "gemma3")
+                                            "olmoe", "granitemoe", "gemma", "gemma2", "gemma3", "olmo2", "smollm3")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "granite": "GraniteForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                     "olmoe": "OlmoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                    "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # their files hold each norm's (1 + w), HF's checkpoints its w
 ARCH_TYPES = {"gemma3": "gemma3_text"}  # HF's model_type where it is not the arch's name
 MOE_TYPES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe",
              "granitemoe": "granitemoe"}  # with experts: HF's model_type
 # model types whose Q and K rows the converter reorders (as Llama's)
-PERMUTED = ("llama", "granite", "mixtral", "granitemoe")
+PERMUTED = ("llama", "granite", "mixtral", "granitemoe", "smollm3")
 GRANITE_SCALES = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
                   "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
 SUPPORTED_TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
@@ -97,8 +98,10 @@ STACK_ROWS = {"ffn_gate_exps": (2, 0), "ffn_up_exps": (2, 1), "ffn_down_exps": (
 # Gemma-2's norms around each block: after attention, before and after the MLP
 _GEMMA2_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                  "post_ffw_norm": "post_feedforward_layernorm"}
+# OLMo-2's norms after attention and after the MLP (none before)
+_OLMO2_NAMES = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _NAMES = {"phi3": {**_BLOCK_NAMES, **_PHI3_NAMES}, "gemma2": {**_BLOCK_NAMES, **_GEMMA2_NAMES},
-          "gemma3_text": {**_BLOCK_NAMES, **_GEMMA2_NAMES},
+          "gemma3_text": {**_BLOCK_NAMES, **_GEMMA2_NAMES}, "olmo2": {**_BLOCK_NAMES, **_OLMO2_NAMES},
           "mixtral": {**_BLOCK_NAMES, **_MIXTRAL_NAMES},
           "qwen2_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "qwen3_moe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES},
           "olmoe": {**_BLOCK_NAMES, **_QWEN_MOE_NAMES}, "granitemoe": {**_BLOCK_NAMES, **_GRANITE_MOE_NAMES}}
