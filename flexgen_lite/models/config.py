@@ -251,16 +251,26 @@ def _windows(c: dict) -> tuple[int, ...]:
         return ()
     types = c.get("layer_types")
     if types is None:
-        pattern = {"gemma2": 2, "gemma3_text": c.get("sliding_window_pattern", 6), "olmo3": 4}.get(kind)
-        first = c.get("max_window_layers", 0) if kind in ("qwen2", "qwen3") else 0
-        nope = set(_unrotated(c)) if kind == "smollm3" else set(range(n))
-        types = ["full_attention" if (pattern and (i + 1) % pattern == 0) or i < first or i not in nope
-                 or (kind == "qwen2_moe" and (i % 2 or i >= c.get("max_window_layers", n))) else "sliding_attention"
-                 for i in range(n)]
+        windowed = _windowed_layers(c, kind, n)
+        types = ["sliding_attention" if i in windowed else "full_attention" for i in range(n)]
     if len(types) != n:
         raise ModelError(f"layer_types names {len(types)} layers of {n}: the config is inconsistent")
     windows = tuple(window if t == "sliding_attention" else 0 for t in types)
     return windows if any(windows) else ()
+
+
+def _windowed_layers(c: dict, kind: str, n: int) -> set[int]:
+    """The layers a family's config without layer_types gives a window (transformers' defaults)."""
+    pattern = {"gemma2": 2, "gemma3_text": c.get("sliding_window_pattern", 6), "olmo3": 4}.get(kind)
+    if pattern:
+        return {i for i in range(n) if (i + 1) % pattern}
+    if kind in ("qwen2", "qwen3"):
+        return set(range(c.get("max_window_layers", 0), n))
+    if kind == "qwen2_moe":
+        return set(range(0, min(n, c.get("max_window_layers", n)), 2))
+    if kind == "smollm3":
+        return set(_unrotated(c))
+    return set(range(n))
 
 
 QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3_text": "head", "olmo2": "full",

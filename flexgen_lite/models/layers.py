@@ -143,10 +143,10 @@ def rope_scale(config: ModelConfig) -> float:
 
 class Rotary:
     """A model's rotary embedding: its inverse frequencies, and Gemma-3's windowed layers' own (local_rope_theta,
-    unscaled). `tables` gives cos and sin at positions for each kind; `of_layer` picks a layer's."""
+    unscaled). `tables` gives cos and sin at positions for each kind; `layer_rope` picks a layer's."""
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
-        self.config, self.inv_freq, self.scale = config, rope_frequencies(config, device), rope_scale(config)
+        self.inv_freq, self.scale = rope_frequencies(config, device), rope_scale(config)
         local = config.local_rope()
         self.local = None if local is None else rope_frequencies(local, device)
 
