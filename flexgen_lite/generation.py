@@ -258,7 +258,7 @@ class FlexGenLite:
         c = self.config
         per_token = cache_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
                                           self.policy.cache_compression())
-        per_seq = per_token * (block.prompt_len + block.gen_len)
+        per_seq = per_token * c.cached_length(block.prompt_len + block.gen_len) / c.num_layers  # rings: windows
         n = self.policy.block_size
         gpu, cpu, disk = split_counts(n, self.policy.percents("cache"))
         check_fits({"gpu": gpu * per_seq, "cpu": cpu * per_seq, "disk": disk * per_seq}, self.device,

@@ -105,7 +105,8 @@ def _report(m: FlexGenLite, policy: Policy, prompt_len: int, gen_len: int, prefi
         "total_tok_s": round(n * gen_len / (prefill_s + decode_s), 2),
         "decode_step_ms": round(1000 * decode_s / steps, 1) if steps else None,
         "model_gb": round(cfg.num_params() * itemsize / GB, 3),
-        "cache_gb": round(n * (prompt_len + gen_len) * cfg.kv_bytes_per_token(itemsize) / GB, 3),
+        "cache_gb": round(n * cfg.cached_length(prompt_len + gen_len) * cfg.kv_bytes_per_token(itemsize)
+                          / cfg.num_layers / GB, 3),
         "hidden_gb": round(n * prompt_len * cfg.hidden_size * itemsize / GB, 3),
         "weights_moved_per_step_gb": round(off_device / GB, 3),
         "cache_moved_per_step_gb": round(cache_moved / GB, 3),
@@ -132,7 +133,7 @@ def _cache_bytes_read_per_step(m: FlexGenLite, mean_len: float) -> float:
         for b, parts in enumerate(per_batch):
             for i, p in enumerate(parts):
                 if p.tier == "disk" or not p.direct:
-                    total += (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len * _read_share(m, b, i, mean_len)
+                    total += p.nbytes_at(min(mean_len, p.capacity)) * _read_share(m, b, i, mean_len)
     return total
 
 
@@ -152,7 +153,7 @@ def _link_and_disk_bytes_per_step(m: FlexGenLite, mean_len: float) -> tuple[floa
     for per_batch in cache.parts:
         for b, parts in enumerate(per_batch):
             for i, p in enumerate(parts):
-                nbytes = (p.k.nbytes + p.v.nbytes) * mean_len / cache.max_len
+                nbytes = p.nbytes_at(min(mean_len, p.capacity))
                 disk += nbytes if p.tier == "disk" else 0
                 link += nbytes * _read_share(m, b, i, mean_len) if cuda and p.tier != "gpu" and not p.on_cpu else 0
     return link, disk

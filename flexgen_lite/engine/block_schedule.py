@@ -30,7 +30,7 @@ from .block import Block, layer_mask
 from .cache_attention import attend_part, rows_in_part, scatter_rows
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
-from .kv_cache import CacheSlots, KVCache
+from .kv_cache import CacheSlots, KVCache, ring_positions
 from .policy import Policy
 from .shared_prefix import SharedPrefix
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
@@ -292,8 +292,7 @@ class Engine:
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
         k, v are written into it first, and home when the part is not used in place."""
-        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap,
-                            self.config.window(layer))
+        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap)
         if found is None:
             return None
         out, k_new, v_new, kernel, span.nbytes = found
@@ -317,8 +316,13 @@ class Engine:
         positions, mask = block.positions(b, start, t), None
         if not self.unpadded_without_mask or block.padded(b, active) or (start and t > 1):  # a suffix: not causal
             mask = block.mask(b, start, t)
-        # per sliding window that hides a position here, the mask limited to it (layer_mask)
-        masks = {w: block.windowed(b, start, t, w, mask) for w in set(self.config.windows) if 0 < w < start + t}
+        # per sliding window that hides a position here, the mask limited to it (layer_mask); in decode, the mask
+        # of the window's ring (kv_cache: no mask where no row is padded)
+        bites = [w for w in set(self.config.windows) if 0 < w < start + t]
+        if start >= block.prompt_len:
+            masks = {w: None if mask is None else mask[..., ring_positions(start, w).to(mask.device)] for w in bites}
+        else:
+            masks = {w: block.windowed(b, start, t, w, mask) for w in bites}
         if active_device is not None:
             positions = positions[active_device]
             mask = None if mask is None else mask[active_device]
@@ -337,7 +341,8 @@ class Engine:
             self.cache = KVCache(self.config.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size,
                                  max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
-                                 self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype))
+                                 self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype),
+                                 [self.config.cached_positions(i, max_len) for i in range(self.config.num_layers)])
         if block.gen_len > 1:
             self.cache.reserve_slots(self.cache_slots)
         # per batch: every cache part used where it is (views only: nothing to load, wait for or store back)
@@ -392,7 +397,8 @@ class Engine:
         """Write new cache entries home. Memory in stream order (across the link: one asynchronous copy into
         page-locked host RAM). Files in the background: across the link laid out on the device here, then
         copied out and written on the store stream; on a CPU quantized there too. Later loads of the same
-        part wait for them."""
+        part wait for them. A ring's part (kv_cache) keeps the positions its window holds, where it holds them."""
+        k_new, v_new, start = part.placed(k_new, v_new, start)
         stage, nbytes = CACHE_STORE[part.tier], part.nbytes_at(k_new.shape[2])
         separate = self.device.host_is_separate
         if part.tier != "disk" and (separate or self.cache.compression is None):

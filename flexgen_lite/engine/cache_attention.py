@@ -9,30 +9,31 @@ from ..kernels.attention import attend_named
 from .shared_prefix import shared_rows
 
 
-def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None,
-                window: int = 0):
+def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None):
     """One new token's attention over the cache part `view` (its k, v written in at `start` first): (output on
     q's device, the new k and v as the part holds them, the attention kernel that ran, K and V bytes read), or
-    None when none of the part's rows is active. softcap: the scores' cap (Gemma-2; attend_named). window: the
-    layer's sliding window (0: none), past which no position is read."""
-    rows, where, dtype, end = view.part.rows, view.k.device, view.k.dtype, start + 1
-    first = end - window if 0 < window < end else 0  # no row sees a position before it
+    None when none of the part's rows is active. softcap: the scores' cap (Gemma-2; attend_named). A windowed
+    layer's part past its window is a ring (kv_cache): the new position at start % capacity, every slot attended
+    under `mask`, the ring's (layer_mask)."""
+    rows, where, dtype, capacity = view.part.rows, view.k.device, view.k.dtype, view.part.capacity
+    slot, end = start % capacity, min(start + 1, capacity)
     picked, local = rows_in_part(inputs, rows, q.device)
     q_part, k_new, v_new = rows_to(where, dtype, q[picked], k[picked], v[picked])
     if mask is not None:
-        mask = mask[picked if mask.device == q.device else rows_in_part(inputs, rows, mask.device)[0]][..., first:]
+        mask = mask[picked if mask.device == q.device else rows_in_part(inputs, rows, mask.device)[0]]
     if local is None:
-        view.k[:, :, start:end], view.v[:, :, start:end] = k_new, v_new
-        k_seen, v_seen = view.k[:, :, first:end], view.v[:, :, first:end]
+        view.k[:, :, slot:slot + 1], view.v[:, :, slot:slot + 1] = k_new, v_new
+        k_seen, v_seen = view.k[:, :, :end], view.v[:, :, :end]
     else:  # finished rows left the batch: attend over the active rows' cache only
         if len(local) == 0:
             return None
         local_dev = rows_in_part(inputs, rows, where)[1]
-        view.k[local_dev, :, start:end], view.v[local_dev, :, start:end] = k_new, v_new
-        k_seen = view.k[:, :, first:end].index_select(0, local_dev)
-        v_seen = view.v[:, :, first:end].index_select(0, local_dev)
-        k_new, v_new = view.k[:, :, start:end].clone(), view.v[:, :, start:end].clone()
-    shared, read_shared = part_shared(inputs, rows, local) if where.type == "cpu" and not first else (None, 0.0)
+        view.k[local_dev, :, slot:slot + 1], view.v[local_dev, :, slot:slot + 1] = k_new, v_new
+        k_seen = view.k[:, :, :end].index_select(0, local_dev)
+        v_seen = view.v[:, :, :end].index_select(0, local_dev)
+        k_new, v_new = view.k[:, :, slot:slot + 1].clone(), view.v[:, :, slot:slot + 1].clone()
+    wrapped = start >= capacity  # a ring's slots no longer hold the shared prefix
+    shared, read_shared = part_shared(inputs, rows, local) if where.type == "cpu" and not wrapped else (None, 0.0)
     out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity, shared=shared, softcap=softcap)
     if kernel != "cpu-native":
         read_shared = 0.0

@@ -2,10 +2,11 @@
 
 With everything resident, a decode step is host-bound: ~30 kernel launches per layer from Python. Here the whole
 step of a batch (embedding, every layer, the head) is one function of static buffers: the input ids, the pad of
-each row and the position written, a 1-element device tensor. Attention reads the cache's whole max_len under a
-mask built on the device from that position (later positions and left padding hidden), and the new k, v are
-written with `index_copy_` at it, so every decode step of a block has the same shapes and addresses: captured
-once per batch (and cache), replayed each step. Sampling stays outside (generators, host logic).
+each row and the position written, a 1-element device tensor. Attention reads the cache's whole max_len (a windowed
+layer's ring: kv_cache) under a mask built on the device from that position (later positions and left padding
+hidden), and the new k, v are written with `index_copy_` at it (in a ring, at it modulo the window), so every
+decode step of a block has the same shapes and addresses: captured once per batch (and cache), replayed each step.
+Sampling stays outside (generators, host logic).
 
 On a CPU (tests) the same function runs eagerly. When capturing or the first replay fails, a warning says why
 once and the engine's eager path runs for the rest of the process."""
@@ -99,7 +100,7 @@ class _Batch:
     """Static inputs and outputs of one GPU batch's step, and its graph once captured."""
 
     cache: object  # the KVCache whose tensors the graph reads and writes (a new cache: captured again)
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per attention layer, (k, v) of (rows, kv_heads, max_len, D)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per attention layer, (k, v) of (rows, kv_heads, positions, D)
     ids: torch.Tensor  # (rows, 1) the tokens fed
     pad: torch.Tensor  # (rows,) left padding of each row
     write: torch.Tensor  # (1,) the cache position written
@@ -205,12 +206,8 @@ class StaticDecode:
     def _forward(self, s: _Batch) -> torch.Tensor:
         """The step, plain torch over the static buffers (no host values: a graph would bake them in)."""
         cfg = self.config
-        max_len = s.kv[0][0].shape[2]
         positions = (s.write - s.pad[:, None]).clamp(min=-1)  # (rows, 1), as Block.positions
-        keys = torch.arange(max_len, device=s.write.device)
-        real = keys >= s.pad[:, None]
-        mask = ((keys <= s.write) & (real | (keys == s.write)))[:, None, None]  # (rows, 1, 1, max_len), as Block.mask
-        masks = {w: mask & (keys > s.write - w) for w in set(cfg.windows) if 0 < w < max_len}
+        slots = {n: self._slots(s, n) for n in {k.shape[2] for k, _ in s.kv}}  # a full cache's, each ring's
         rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         h = logits = None
         layer = 0
@@ -225,15 +222,25 @@ class StaticDecode:
                 x = L.block_input(h, w, cfg)
                 q, k, v = L.qkv(w, x, L.layer_rope(rope, cfg, layer), cfg)
                 k_cache, v_cache = s.kv[layer]
-                k_cache.index_copy_(2, s.write, k.to(k_cache.dtype))
-                v_cache.index_copy_(2, s.write, v.to(v_cache.dtype))
-                seen = masks.get(cfg.window(layer), mask)
+                slot, seen = slots[k_cache.shape[2]]
+                k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
+                v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
                 layer += 1
                 h = L.attention_output(w, self._attend(q, k_cache, v_cache, seen), h, cfg)
         if s.logits is not None:
             s.logits.copy_(logits)
             return s.logits
         return logits
+
+    @staticmethod
+    def _slots(s: _Batch, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """In a cache of `capacity` positions (max_len, or a ring: kv_cache.ring_positions), the slot written and the
+        mask (rows, 1, 1, capacity) of the slots holding a position attended: written, not left padding (as
+        Block.mask), the written one always."""
+        keys = torch.arange(capacity, device=s.write.device)
+        held = s.write - (s.write - keys) % capacity  # negative: nothing yet
+        mask = (held >= 0) & ((held >= s.pad[:, None]) | (held == s.write))
+        return s.write % capacity, mask[:, None, None]
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
         """q (rows, heads, 1, D) over the whole cache under `mask`; grouped heads folded (attention.fold_groups)."""

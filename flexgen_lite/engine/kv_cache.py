@@ -8,6 +8,10 @@ What attention uses in place (compute memory, a CPU's mapped files) holds arrays
 max_len, D). What crosses the link (host RAM with a GPU, disk files) holds them position-major,
 (max_len, rows, kv_heads, D), so reading a prefix or appending a token is one contiguous copy or I/O.
 A compressed cache keeps 4-bit codes, scales and minima as three such arrays, grouped along head_dim.
+
+A layer with a sliding window shorter than max_len keeps only its window: a ring of `window` positions, position p
+at p % window (`ring_placed`). Keys are stored rotated, and attention is a sum over keys in any order, so decode
+attends over the whole ring under a mask of the slots' positions (`ring_positions`) that hides left padding.
 """
 
 from __future__ import annotations
@@ -163,8 +167,30 @@ class QuantizedStore:
         for store in self.stores:
             store.release()
 
-    def scratch_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        return [(n, s.position_shape, s.dtype) for n, s in zip(("codes", "scale", "min"), self.stores, strict=True)]
+    def scratch_shapes(self, max_len: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Each component's buffer across the link: position-major, `max_len` positions."""
+        return [(n, (max_len, *s.position_shape[1:]), s.dtype)
+                for n, s in zip(("codes", "scale", "min"), self.stores, strict=True)]
+
+
+def ring_placed(new: torch.Tensor, start: int, capacity: int) -> tuple[torch.Tensor, int]:
+    """New positions (rows, kv_heads, t, D) from `start`, and where they go in a cache of `capacity` positions kept
+    as a ring: a step's one position at start % capacity; a prompt's last `capacity` positions turned so that
+    position p lands at p % capacity."""
+    t = new.shape[2]
+    if start + t <= capacity:
+        return new, start
+    if t == 1:
+        return new, start % capacity
+    if start:
+        raise ValueError(f"positions [{start}, {start + t}) cannot be written into a ring of {capacity}")
+    return new[:, :, -capacity:].roll(t % capacity, dims=2), 0
+
+
+def ring_positions(written: int, capacity: int) -> torch.Tensor:
+    """The position each slot of a ring of `capacity` holds once position `written` is in it (negative: none yet)."""
+    slots = torch.arange(capacity)
+    return written - (written - slots) % capacity
 
 
 @dataclass
@@ -181,9 +207,20 @@ class CachePart:
         self.k.release()
         self.v.release()
 
+    @property
+    def capacity(self) -> int:
+        """Positions it keeps: max_len, or a windowed layer's window (a ring)."""
+        return self.k.shape[2]
+
+    def placed(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """New positions' k, v (rows, kv_heads, t, D) from `start` as this part keeps them, and the slot they
+        start at (ring_placed)."""
+        (k, slot), (v, _) = ring_placed(k, start, self.capacity), ring_placed(v, start, self.capacity)
+        return k, v, slot
+
     def nbytes_at(self, positions: int) -> int:
         """Stored bytes of K and V for `positions` positions of all its rows (what a load or store moves)."""
-        return (self.k.nbytes + self.v.nbytes) // self.k.shape[2] * positions
+        return (self.k.nbytes + self.v.nbytes) // self.capacity * positions
 
 
 @dataclass
@@ -211,21 +248,24 @@ class KVCache:
     def __init__(self, num_layers: int, num_batches: int, gpu_batch_size: int, max_len: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
-                 cpu_attention_dtype: torch.dtype | None = None) -> None:
+                 cpu_attention_dtype: torch.dtype | None = None, positions: list[int] | None = None) -> None:
         """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype.
+        positions: per layer the positions it keeps (ModelConfig.cached_positions; default max_len each).
         Across a link the cpu tier's parts share one host arena of their exact size (page-locked with CUDA)."""
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
         self.cpu_dtype = cpu_attention_dtype
         self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
+        self.positions = positions or [max_len] * num_layers
         layout = [[batch_parts(b, gpu_batch_size, self.tier_rows) for b in range(num_batches)]] * num_layers
         self.arena = None
         if device.host_is_separate:
-            host = [rows for per_batch in layout for parts in per_batch for tier, rows in parts if tier == "cpu"]
-            self.arena = HostArena(sum(self._host_bytes(rows) for rows in host), device.is_cuda)
+            host = [(rows, n) for per_batch, n in zip(layout, self.positions, strict=True) for parts in per_batch
+                    for tier, rows in parts if tier == "cpu"]
+            self.arena = HostArena(sum(self._host_bytes(rows, n) for rows, n in host), device.is_cuda)
             ledger.track(self.arena.buffer, "cpu", self.arena.nbytes)  # until a longer cache replaces it
-        self.parts = [[[self._alloc(tier, rows, disk, ledger) for tier, rows in parts] for parts in per_batch]
-                      for per_batch in layout]  # [layer][batch] -> parts
+        self.parts = [[[self._alloc(tier, rows, n, disk, ledger) for tier, rows in parts] for parts in per_batch]
+                      for per_batch, n in zip(layout, self.positions, strict=True)]  # [layer][batch] -> parts
 
     def _home(self, tier: str) -> str:
         if tier == "gpu" or (tier == "cpu" and not self.device.host_is_separate):
@@ -234,19 +274,19 @@ class KVCache:
             return "host"
         return "file" if self.device.host_is_separate else "mapped"  # a CPU computes on the mapped pages
 
-    def _shape_dtype(self, tier: str, rows: slice) -> tuple[tuple[int, ...], torch.dtype]:
+    def _shape_dtype(self, tier: str, rows: slice, positions: int) -> tuple[tuple[int, ...], torch.dtype]:
         on_cpu = self.cpu_dtype is not None and tier != "gpu"
-        shape = (rows.stop - rows.start, self.kv_heads, self.max_len, self.head_dim)
+        shape = (rows.stop - rows.start, self.kv_heads, positions, self.head_dim)
         return shape, self.cpu_dtype if on_cpu else self.dtype
 
-    def _host_bytes(self, rows: slice) -> int:
+    def _host_bytes(self, rows: slice, positions: int) -> int:
         """Arena bytes of a cpu-tier part's K and V."""
-        shape, dtype = self._shape_dtype("cpu", rows)
+        shape, dtype = self._shape_dtype("cpu", rows, positions)
         return 2 * sum(padded(torch.Size(s).numel() * dt.itemsize)
                        for s, dt in component_specs(shape, dtype, self.compression))
 
-    def _alloc(self, tier: str, rows: slice, disk: DiskStore, ledger: MemoryLedger) -> CachePart:
-        shape, dtype = self._shape_dtype(tier, rows)
+    def _alloc(self, tier: str, rows: slice, positions: int, disk: DiskStore, ledger: MemoryLedger) -> CachePart:
+        shape, dtype = self._shape_dtype(tier, rows, positions)
         on_cpu, home = self.cpu_dtype is not None and tier != "gpu", self._home(tier)
         args = (home, self.device.device, disk, self.arena)
         if self.compression is not None:
@@ -262,19 +302,20 @@ class KVCache:
 
     def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int,
              trace=NULL, prefixes: dict[int, PrefixRead] | None = None) -> list[CacheView]:
-        """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled.
-        `trace` gets a span per part read, copied or decompressed (bytes: its stored K and V up to length).
-        prefixes: by part index, a shared prefix of its rows (`prefix_reads`)."""
+        """K and V of every part of (layer, batch) where its attention runs, positions [0, length) filled (a ring:
+        its slots). `trace` gets a span per part read, copied or decompressed (bytes: its stored K and V up to
+        length). prefixes: by part index, a shared prefix of its rows (`prefix_reads`), read so until a ring wraps."""
         views = []
         for i, part in enumerate(self.parts[layer][batch]):
             if part.direct and not (part.k.mapped or part.v.mapped):  # used in place: nothing moves
                 views.append(CacheView(part, part.k.tensor, part.v.tensor))
                 continue
-            prefix = (prefixes or {}).get(i)
-            nbytes = part.nbytes_at(length) * (1 if prefix is None else prefix.moved(length))
+            prefix = (prefixes or {}).get(i) if length <= part.capacity else None
+            filled = min(length, part.capacity)
+            nbytes = part.nbytes_at(filled) * (1 if prefix is None else prefix.moved(filled))
             stream = None if part.on_cpu else "copy:cache"  # CPU attention's parts are read on the host
             with trace.span(CACHE_LOAD[part.tier], int(nbytes), stream=stream):
-                views.append(self._load_part(i, part, length, slots, parity, prefix))
+                views.append(self._load_part(i, part, filled, slots, parity, prefix))
         return views
 
     def prefix_reads(self, batch: int, pad: torch.Tensor, columns: int) -> dict[int, PrefixRead]:
@@ -312,13 +353,14 @@ class KVCache:
 
     def _slots(self, i: int, part: CachePart, parity: int, slots: CacheSlots) -> list:
         """The slots part `i` of a batch uses at `parity`: per half, (buffer, scratch) for a part read into
-        them; for a direct part its mapped stores (their pages counted like slots while in the process)."""
+        them; for a direct part its mapped stores (their pages counted like slots while in the process). Slots are
+        max_len long: a ring's part uses their first `capacity` positions."""
         shape = (part.rows.stop - part.rows.start, self.kv_heads, self.max_len, self.head_dim)
         if part.direct:
             mapped = []
             for store, half in zip((part.k, part.v), "kv", strict=True):
                 if store.mapped:
-                    slots.window((i, parity, half, "values", shape), store.nbytes)
+                    slots.window((i, parity, half, "values", shape), store.nbytes // part.capacity * self.max_len)
                     mapped.append(store)
             return mapped
         where = torch.device("cpu") if part.on_cpu else self.device.device
@@ -332,10 +374,10 @@ class KVCache:
             if isinstance(store, QuantizedStore):
                 buf = slots.get((*key, "values", shape), shape, dtype, where, tier)
                 scratch = [slots.get((*key, name, s), s, dt, where, tier) if c.position_major else None
-                           for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(), strict=True)]
+                           for c, (name, s, dt) in zip(store.stores, store.scratch_shapes(self.max_len), strict=True)]
                 out.append((buf, scratch))
             else:
-                s = store.position_shape
+                s = (self.max_len, *store.position_shape[1:])
                 out.append((slots.get((*key, "positions", s), s, dtype, where, tier), None))
         return out
 

@@ -150,6 +150,16 @@ class ModelConfig:
         """Whether some layer's window hides a position from a query among `length` positions."""
         return any(0 < w < length for w in self.windows)
 
+    def cached_positions(self, layer: int, length: int) -> int:
+        """Positions of a `length`-long sequence that layer `layer`'s KV cache keeps: a windowed layer its window
+        (a ring: KVCache), any other all of them."""
+        w = self.window(layer)
+        return w if 0 < w < length else length
+
+    def cached_length(self, length: int) -> int:
+        """Cached positions of a `length`-long sequence summed over the layers (every layer's: num_layers x length)."""
+        return sum(self.cached_positions(layer, length) for layer in range(self.num_layers))
+
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """Bytes of K and V per token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize

@@ -254,9 +254,9 @@ def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     """KVCache.load of every part not usable in place, and attention over every part (one layer, all batches)."""
     seg, hw, pol = Seg(), s.hw, s.policy
-    dense, stored = s.seq_layer_dense * length, s.seq_layer * length  # per sequence
+    seen = attended_share(s.config, length) * length  # positions kept and read: a windowed layer's window alone
+    dense, stored = s.seq_layer_dense * seen, s.seq_layer * seen  # per sequence
     elements = dense / s.e
-    seen = attended_share(s.config, length)  # attention reads a windowed layer's window alone
     cpu_compute = s.cuda and pol.cpu_cache_compute
     cpu_dtype = str(pol.cpu_attention_dtype(s.dtype) or s.dtype).removeprefix("torch.")  # bfloat16 for float16
     group = s.config.num_heads // s.config.num_kv_heads
@@ -267,7 +267,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             continue
         on_cpu = cpu_compute and tier != "gpu"
         if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
-            _mapped_read(s, seg, rows * stored * seen)
+            _mapped_read(s, seg, rows * stored)
         if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
             loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
@@ -283,7 +283,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
         fixed, rate = cpu_att if on_cpu else gpu_att
         seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
-                + rows * dense * seen * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
+                + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
                 waits=False)
     parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
@@ -296,7 +296,8 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
 
 
 def attended_share(config: ModelConfig, length: float) -> float:
-    """The share of a decode step's cached positions its attention reads: a windowed layer's last window only."""
+    """The share of a sequence's `length` positions a layer keeps and decode attention reads, on average over the
+    layers: a windowed layer's window alone (a ring: kv_cache)."""
     if not config.windows:
         return 1.0
     return sum(min(w, length) if w else length for w in config.windows) / (len(config.windows) * length)
@@ -305,7 +306,8 @@ def attended_share(config: ModelConfig, length: float) -> float:
 def _prefill_cache_store(s: Setup, lay: Layout) -> Seg:
     """The prompt's k, v written home (Engine._store_cache): copies in order, files and CPU quantization
     in the background."""
-    seg, hw, t = Seg(), s.hw, s.workload.prompt_len
+    seg, hw, prompt = Seg(), s.hw, s.workload.prompt_len
+    t = attended_share(s.config, prompt) * prompt  # positions kept: a windowed layer's window alone
     for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
         dense, stored = rows * s.seq_layer_dense * t, rows * s.seq_layer * t
         if s.ccomp is not None:  # on CUDA, memory parts quantize in stream order; the rest in the background

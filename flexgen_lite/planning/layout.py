@@ -90,6 +90,7 @@ class Setup:
         c = config
         self.seq_layer = cache_bytes_per_token(1, c.num_kv_heads, c.head_dim, self.dtype, self.ccomp)  # k+v
         self.seq_layer_dense = 2 * c.num_kv_heads * c.head_dim * self.e
+        self.cached = c.cached_length(workload.max_len)  # positions a sequence keeps over all layers (rings: windows)
         self.threads = 3 if policy.overlap else 1  # IOPool workers: at most this many stores staged at once
 
     def compressed(self, spec: WeightSpec) -> bool:

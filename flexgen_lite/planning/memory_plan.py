@@ -40,12 +40,13 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     gpu["weight slots"] = slots
     if direct:
         gpu["disk reads"] = direct
-    per_seq = s.seq_layer * w.max_len * c.num_layers
+    per_seq = s.seq_layer * s.cached
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
         d["kv cache"] = tier * per_seq
     if s.cuda and lay.exact is not None and lay.cache_rows[1]:  # one arena: each part's arrays at aligned offsets
-        cpu["kv cache"] = c.num_layers * sum(_host_part_bytes(s, rows) for b in range(s.nb)
-                                             for t, rows in batch_parts(b, s.gbs, lay.cache_rows) if t == "cpu")
+        cpu["kv cache"] = sum(_host_part_bytes(s, rows, c.cached_positions(layer, w.max_len))
+                              for layer in range(c.num_layers) for b in range(s.nb)
+                              for t, rows in batch_parts(b, s.gbs, lay.cache_rows) if t == "cpu")
     gpu["cache slots"], on_host = _cache_slots(s, lay)
     if on_host:
         cpu["cache slots"] = on_host
@@ -53,7 +54,8 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     if lay.cache_rows[2] and s.cuda:  # a CPU reads files straight into its slots, or maps them
         rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
                     if t == "disk"), default=0) if lay.exact else s.gbs
-        cache_staging = rows * s.seq_layer / 2 * w.max_len  # one of k, v of a part
+        longest = max(c.cached_positions(layer, w.max_len) for layer in range(c.num_layers))
+        cache_staging = rows * s.seq_layer / 2 * longest  # one of k, v of a part
     hidden = s.gbs * w.prompt_len * c.hidden_size * s.e  # a GPU batch's hidden states after prefill layers
     act_staging = (1 + s.threads) * hidden if s.cuda and lay.act_batches[2] else 0  # writes on each I/O thread
     # storage.Staging (CUDA): two buffers per lane for loads, one per I/O thread for stores
@@ -83,10 +85,10 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     return {"gpu": gpu, "cpu": cpu, "disk": disk}
 
 
-def _host_part_bytes(s: Setup, rows: slice) -> int:
+def _host_part_bytes(s: Setup, rows: slice, positions: int) -> int:
     """Arena bytes of a cpu-tier part's K and V across the link, as KVCache._host_bytes takes them."""
     c, dtype = s.config, s.policy.cpu_attention_dtype(s.dtype) or s.dtype
-    shape = (rows.stop - rows.start, c.num_kv_heads, s.workload.max_len, c.head_dim)
+    shape = (rows.stop - rows.start, c.num_kv_heads, positions, c.head_dim)
     return 2 * sum(padded(math.prod(sh) * dt.itemsize) for sh, dt in component_specs(shape, dtype, s.ccomp))
 
 

@@ -159,7 +159,7 @@ def _regimes(p: Policy) -> list[Regime]:
 def _all_on_disk(s: Setup) -> float:
     """Offload file bytes with every decoder weight and all the KV cache on disk."""
     weights = Layout.linear(s, np.zeros(6)).placed["disk"]
-    return weights + s.n * s.seq_layer * s.workload.max_len * s.config.num_layers
+    return weights + s.n * s.seq_layer * s.cached
 
 
 # ---- the linear program ----------------------------------------------------------------------------------------
