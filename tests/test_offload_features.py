@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
-from flexgen_lite.engine.kv_cache import QuantizedStore, Store
+from flexgen_lite.engine.cache_store import QuantizedStore, Store
 from flexgen_lite.kernels.attention import attend
 from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quantize
 from flexgen_lite.kernels.int8_weight import Int8Weight

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from ..engine.kv_cache import batch_parts, component_specs
+from ..engine.cache_store import component_specs
+from ..engine.kv_cache import batch_parts
 from ..engine.policy import Policy
 from ..engine.storage import TIERS
 from ..engine.weights import in_8_bits
