@@ -115,6 +115,13 @@ FAMILY_CONFIGS = {
                        num_key_value_heads=2, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                        max_position_embeddings=64, embedding_multiplier=2.0, residual_multiplier=0.7,
                        attention_multiplier=0.3, logits_scaling=3.0, tie_word_embeddings=True),
+    # gpt-oss: biases on q, k, v, o, a sink per head, a window of 5 on the first layer, top 2 of 4 experts with
+    # biases (gate and up interleaved in one transposed stack), the clamped GLU, YaRN
+    "gpt-oss": dict(model_type="gpt_oss", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, intermediate_size=64, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=5, max_position_embeddings=64, swiglu_limit=2.0,
+                    rope_parameters=dict(rope_type="yarn", factor=2.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                         original_max_position_embeddings=32, rope_theta=150000.0)),
 }
 
 

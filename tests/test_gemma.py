@@ -57,14 +57,14 @@ def test_a_long_capped_prefill_goes_in_chunks_of_queries(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))
     k, v = k[:, :2], v[:, :2]
-    whole = attention.softcapped_attend(q, k, v, None, 5.0)
+    whole = attention.scored_attend(q, k, v, None, 5.0)
     monkeypatch.setattr(attention, "SCORE_BYTES", 4 * 2 * 4 * 40 * 7)  # 7 queries a chunk
-    assert torch.allclose(attention.softcapped_attend(q, k, v, None, 5.0), whole, atol=1e-6)
+    assert torch.allclose(attention.scored_attend(q, k, v, None, 5.0), whole, atol=1e-6)
     mask = torch.rand(2, 1, 40, 40, generator=g) > 0.3
     mask |= torch.eye(40, dtype=torch.bool)
-    chunked = attention.softcapped_attend(q, k, v, mask, 5.0)
+    chunked = attention.scored_attend(q, k, v, mask, 5.0)
     monkeypatch.setattr(attention, "SCORE_BYTES", 64 << 20)
-    assert torch.allclose(chunked, attention.softcapped_attend(q, k, v, mask, 5.0), atol=1e-6)
+    assert torch.allclose(chunked, attention.scored_attend(q, k, v, mask, 5.0), atol=1e-6)
 
 
 def _write_gemma_gguf(model, path, arch: str) -> None:

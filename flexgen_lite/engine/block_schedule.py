@@ -261,7 +261,7 @@ class Engine:
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             if "prefix index" in inputs:
                 k, v = self._prefix.spread(k, v, inputs["prefix index"])
-            attn = self._attend(q, k, v, layer_mask(inputs, cfg, spec.index))
+            attn = self._attend(q, k, v, layer_mask(inputs, cfg, spec.index), w.get("sinks"))
             for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
                 picked, local = rows_in_part(inputs, part.rows, k.device)
                 k_part, v_part = k[picked], v[picked]
@@ -269,11 +269,12 @@ class Engine:
                     k_part, v_part = scatter_rows(k_part, local, part.rows), scatter_rows(v_part, local, part.rows)
                 self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
-            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start)
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start, w.get("sinks"))
         return L.attention_output(w, attn, h, cfg)
 
-    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int) -> torch.Tensor:
-        """Attention of one new token per active row, part by part, each where its cache view is."""
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
+        """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
+        layer's, gpt-oss)."""
         outs, window = [], self.config.window(layer)
         for view in views:
             on_cpu = view.part.on_cpu
@@ -284,15 +285,16 @@ class Engine:
                     hosted[window] = mask.to(view.k.device)
                 mask = hosted[window]
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
-                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s)
+                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
             if out is not None:
                 outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span):
+    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
         k, v are written into it first, and home when the part is not used in place."""
-        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap)
+        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap,
+                            sinks)
         if found is None:
             return None
         out, k_new, v_new, kernel, span.nbytes = found
@@ -302,8 +304,8 @@ class Engine:
             self._store_cache(layer, b, view.part, k_new, v_new, start)
         return out
 
-    def _attend(self, q, k, v, mask, sparsity: float = 1.0) -> torch.Tensor:
-        out, kernel = attend_named(q, k, v, mask, sparsity, softcap=self.config.attn_softcap)
+    def _attend(self, q, k, v, mask, sinks=None) -> torch.Tensor:
+        out, kernel = attend_named(q, k, v, mask, softcap=self.config.attn_softcap, sinks=sinks)
         self._kernels.add(kernel)
         return out
 

@@ -9,10 +9,12 @@ from ..kernels.attention import attend_named
 from .shared_prefix import shared_rows
 
 
-def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None):
+def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None,
+                sinks: torch.Tensor | None = None):
     """One new token's attention over the cache part `view` (its k, v written in at `start` first): (output on
     q's device, the new k and v as the part holds them, the attention kernel that ran, K and V bytes read), or
-    None when none of the part's rows is active. softcap: the scores' cap (Gemma-2; attend_named). A windowed
+    None when none of the part's rows is active. softcap, sinks: the scores' cap (Gemma-2), each head's sink logit
+    (gpt-oss) (attend_named). A windowed
     layer's part past its window is a ring (kv_cache): the new position at start % capacity, every slot attended
     under `mask`, the ring's (layer_mask)."""
     rows, where, dtype, capacity = view.part.rows, view.k.device, view.k.dtype, view.part.capacity
@@ -34,7 +36,7 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, 
         k_new, v_new = view.k[:, :, slot:slot + 1].clone(), view.v[:, :, slot:slot + 1].clone()
     wrapped = start >= capacity  # a ring's slots no longer hold the shared prefix
     shared, read_shared = part_shared(inputs, rows, local) if where.type == "cpu" and not wrapped else (None, 0.0)
-    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity, shared=shared, softcap=softcap)
+    out, kernel = attend_named(q_part, k_seen, v_seen, mask, sparsity, shared=shared, softcap=softcap, sinks=sinks)
     if kernel != "cpu-native":
         read_shared = 0.0
     seen = (k_seen.nbytes + v_seen.nbytes) * (1 - read_shared / k_seen.shape[2])

@@ -57,8 +57,11 @@ class WeightSource:
 class CheckpointSource(WeightSource):
     def __init__(self, checkpoint) -> None:
         self.checkpoint = checkpoint
+        self.experts: dict[tuple[str, int], torch.Tensor] = {}  # the last few experts' stored matrices (`_picked`)
 
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        if spec.picked is not None:
+            return self._picked(spec)[start:stop]
         name, first, rows = spec.stored
         shape = self.checkpoint.shape(name)
         stack = len(shape) == len(spec.shape) + 1  # a stack of experts' matrices, read as one of all their rows
@@ -67,6 +70,27 @@ class CheckpointSource(WeightSource):
             what = "" if name == spec.hf_name else f" (rows {first}:{first + spec.shape[0]} of it for {spec.name})"
             raise ModelError(f"{name} has shape {shape}, the config implies {implied}{what}")
         return self.checkpoint.read(name, first + start, first + stop, matrix=stack)
+
+
+    def _picked(self, spec: WeightSpec) -> torch.Tensor:
+        """A weight that is some columns of one matrix of a stack stored transposed (gpt-oss's experts), as ours:
+        the expert's matrix read once for its gate, up and biases (the last four kept)."""
+        name, expert, first, step = spec.picked
+        key = (name, expert)
+        if key not in self.experts:
+            shape = self.checkpoint.shape(name)
+            if len(shape) != len(spec.shape) + 1 or expert >= shape[0]:
+                raise ModelError(f"{name} has shape {shape}: no expert {expert} of {len(spec.shape)} dimensions")
+            while len(self.experts) >= 4:
+                self.experts.pop(next(iter(self.experts)))
+            self.experts[key] = self.checkpoint.read(name, expert, expert + 1)[0]
+        part = self.experts[key][..., first::step]
+        part = part.T if part.dim() == 2 else part
+        if tuple(part.shape) != spec.shape:
+            raise ModelError(f"{name} has shape {self.checkpoint.shape(name)}; {spec.name} of expert {expert}, its "
+                             f"columns {first}::{step} transposed, would be {tuple(part.shape)}, the config implies "
+                             f"{spec.shape}")
+        return part.contiguous()
 
 
 class GGUFSource(WeightSource):

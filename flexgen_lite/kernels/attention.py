@@ -42,14 +42,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  sparsity: float = 1.0, native_prefill: bool = True, shared=None,
-                 softcap: float | None = None) -> tuple[torch.Tensor, str]:
+                 softcap: float | None = None, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk,
-    softcap. native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the profile).
-    shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py).
-    softcap: scores capped as cap * tanh(score / cap) (Gemma-2), which no fused kernel takes: computed whole."""
+    softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the
+    profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py).
+    softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the softmax's
+    denominator (gpt-oss); no fused kernel takes either: computed whole (`scored_attend`)."""
     decode = q.shape[2] == 1
-    if softcap is not None:
-        return softcapped_attend(q, k, v, mask, softcap), "softcap"
+    if softcap is not None or sinks is not None:
+        return scored_attend(q, k, v, mask, softcap, sinks), "softcap" if softcap is not None else "sinks"
     if sparsity < 1 and decode:
         return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2]))), "topk"
     if q.device.type == "cuda":
@@ -119,35 +120,43 @@ def fold_groups(q: torch.Tensor, mask: torch.Tensor | None, kv_heads: int) -> tu
     return q, mask
 
 
-SCORE_BYTES = 64 << 20  # fp32 scores softcapped_attend holds at once: queries taken in chunks that fit
+SCORE_BYTES = 64 << 20  # fp32 scores scored_attend holds at once: queries taken in chunks that fit
 
 
-def softcapped_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      cap: float) -> torch.Tensor:
-    """`attend` with each score capped as cap * tanh(score / cap) before the mask and softmax (those in fp32), as
-    transformers' eager Gemma-2 attention computes it; mask None: causal (t > 1) or every position seen. A long
-    prefill's queries go in chunks, so that its scores stay within SCORE_BYTES."""
+def scored_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """`attend` from explicit scores: each capped as cap * tanh(score / cap) before the mask and softmax (those in
+    fp32), as transformers' eager Gemma-2 attention computes it; with `sinks` (heads,), each head's sink logit
+    beside its scores in the softmax and dropped after it, as gpt-oss's. mask None: causal (t > 1) or every
+    position seen. A long prefill's queries go in chunks, so that its scores stay within SCORE_BYTES."""
     b, heads, t, hd = q.shape
     length = k.shape[2]
     if mask is None and t > 1:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
     step = max(1, SCORE_BYTES // (4 * b * heads * length))
     if step < t:
-        return torch.cat([_capped(q[:, :, i:i + step], k, v, None if mask is None else mask[:, :, i:i + step], cap)
-                          for i in range(0, t, step)], 2)
-    return _capped(q, k, v, mask, cap)
+        return torch.cat([_scored(q[:, :, i:i + step], k, v, None if mask is None else mask[:, :, i:i + step], cap,
+                                  sinks) for i in range(0, t, step)], 2)
+    return _scored(q, k, v, mask, cap, sinks)
 
 
-def _capped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cap: float):
+def _scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cap: float | None,
+            sinks: torch.Tensor | None):
     b, heads, t, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     qg = q.reshape(b, kv_heads, heads // kv_heads * t, hd)
     # in the cache's dtype, as transformers multiplies (no fp32 copy of the cache); capped and normalised in fp32
     scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, heads, t, length).float() / math.sqrt(hd)
-    scores = torch.tanh(scores / cap) * cap
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1).to(q.dtype).view(b, kv_heads, heads // kv_heads * t, length)
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:
+        sink = sinks.to(scores.device, torch.float32).view(1, heads, 1, 1).expand(b, heads, t, 1)
+        probs = torch.cat((scores, sink), -1).softmax(-1)[..., :length]
+    probs = probs.to(q.dtype).view(b, kv_heads, heads // kv_heads * t, length)
     return torch.matmul(probs, v).view(b, heads, t, hd)
 
 

@@ -60,11 +60,15 @@ class ModelConfig:
     attn_softcap: float | None = None
     logits_softcap: float | None = None
     post_norms: bool = False
+    attn_sinks: bool = False  # gpt-oss: each head's learned logit in its softmax's denominator (a "sinks" weight)
+    # gpt-oss's experts' GLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 0.0
     # a mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): each token's
     # hidden state goes to its top experts_per_token of num_experts gated MLPs of expert_size, weighted by their
-    # router softmax (renormalised over the chosen ones when norm_top_k; GraniteMoE's a softmax of the top logits);
-    # Qwen2-MoE adds a shared expert behind a sigmoid gate. moe names the routing and checkpoint layout ("mixtral",
-    # "qwen", "granite"); dense_layers keep a dense MLP (Qwen's mlp_only_layers)
+    # router softmax (renormalised over the chosen ones when norm_top_k; GraniteMoE's and gpt-oss's a softmax of the
+    # top logits); Qwen2-MoE adds a shared expert behind a sigmoid gate. moe names the routing and checkpoint layout
+    # ("mixtral", "qwen", "granite", "gpt_oss"); dense_layers keep a dense MLP (Qwen's mlp_only_layers)
     moe: str = ""
     num_experts: int = 0
     experts_per_token: int = 0
@@ -98,14 +102,14 @@ class ModelConfig:
                 and self.attention_scale in (None, self.head_dim ** -0.5) and not self.norm_offset
                 and self.attn_softcap is None and self.logits_softcap is None and not self.post_norms
                 and not self.moe and self.qk_norm != "full" and self.clip_qkv is None and not self.local_rope_theta
-                and not self.unrotated_layers)
+                and not self.unrotated_layers and not self.attn_sinks)
 
     @property
     def static_step(self) -> bool:
         """Whether a decode step's shapes can be the same every step (a CUDA graph can replay it): not with the
-        capped attention the graph's SDPA does not compute. Experts chosen per token run each over every row there
-        (layers.every_expert), where that wins (decode_graph.every_expert_wins)."""
-        return self.attn_softcap is None
+        capped attention or the sinks the graph's SDPA does not compute. Experts chosen per token run each over every
+        row there (layers.every_expert), where that wins (decode_graph.every_expert_wins)."""
+        return self.attn_softcap is None and not self.attn_sinks
 
     @property
     def fp32_routing_weights(self) -> bool:
@@ -245,7 +249,7 @@ def _context(c: dict) -> int:
 
 # the families whose transformers model reads sliding_window (Llama's, Granite's and Gemma's ignore it)
 WINDOWED = ("mistral", "mixtral", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3_text",
-            "olmo3", "smollm3")
+            "olmo3", "smollm3", "gpt_oss")
 
 
 def _windows(c: dict) -> tuple[int, ...]:
@@ -271,7 +275,7 @@ def _windows(c: dict) -> tuple[int, ...]:
 
 def _windowed_layers(c: dict, kind: str, n: int) -> set[int]:
     """The layers a family's config without layer_types gives a window (transformers' defaults)."""
-    pattern = {"gemma2": 2, "gemma3_text": c.get("sliding_window_pattern", 6), "olmo3": 4}.get(kind)
+    pattern = {"gemma2": 2, "gpt_oss": 2, "gemma3_text": c.get("sliding_window_pattern", 6), "olmo3": 4}.get(kind)
     if pattern:
         return {i for i in range(n) if (i + 1) % pattern}
     if kind in ("qwen2", "qwen3"):
@@ -429,11 +433,39 @@ def _smollm3_config(c: dict, name: str) -> ModelConfig:
     return dataclasses.replace(_llama_config(c, name), unrotated_layers=_unrotated(c))
 
 
+# transformers' GptOssConfig defaults (gpt-oss-120b's shape) where a config leaves a field out
+GPT_OSS = dict(num_hidden_layers=36, num_local_experts=128, vocab_size=201_088, hidden_size=2880,
+               intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8, sliding_window=128,
+               max_position_embeddings=131_072, rms_norm_eps=1e-5, num_experts_per_tok=4, swiglu_alpha=1.702,
+               swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False, rope_theta=150_000.0,
+               rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": 4096})
+
+
+def _gpt_oss_config(c: dict, name: str) -> ModelConfig:
+    """gpt-oss: a Llama layer with biases on q, k, v and o, a learned sink logit per head in each softmax, a window
+    of 128 on every other layer, and experts with biases, routed by a softmax of the top logits (the router has a
+    bias too), whose GLU clamps its inputs (swiglu_limit) and offsets up by one (swiglu_alpha: sigmoid's slope)."""
+    fields = {k: v for k, v in c.items() if v is not None}
+    if "rope_parameters" in fields:  # transformers 5's keys: the defaults' older ones would hide them
+        fields["rope_scaling"] = fields["rope_theta"] = None
+    c = {**GPT_OSS, "hidden_act": "silu", **fields}
+    c = {k: v for k, v in c.items() if v is not None}
+    base = _llama_config(c, name)
+    experts, top = c["num_local_experts"], c["num_experts_per_tok"]
+    if not 0 < top <= experts:
+        raise ModelError(f"num_experts_per_tok {top} of {experts} experts: the config is inconsistent")
+    return dataclasses.replace(base, moe="gpt_oss", num_experts=experts, experts_per_token=top,
+                               expert_size=c["intermediate_size"], attn_sinks=True,
+                               swiglu_limit=float(c["swiglu_limit"]), swiglu_alpha=float(c["swiglu_alpha"]))
+
+
 FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config, "qwen2": _llama_config,
             "qwen3": _llama_config, "phi3": _llama_config, "mixtral": _llama_config, "qwen2_moe": _llama_config,
             "qwen3_moe": _llama_config, "granite": _llama_config, "granitemoe": _llama_config,
             "olmoe": _llama_config, "gemma": _gemma_config, "gemma2": _gemma_config, "gemma3": _gemma_config,
-            "gemma3_text": _gemma_config, "olmo2": _olmo_config, "olmo3": _olmo_config, "smollm3": _smollm3_config}
+            "gemma3_text": _gemma_config, "olmo2": _olmo_config, "olmo3": _olmo_config, "smollm3": _smollm3_config,
+            "gpt_oss": _gpt_oss_config}
 
 
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:

@@ -248,14 +248,23 @@ def mlp(w: dict, h: torch.Tensor, config: ModelConfig, every_row: bool = False) 
 
 def feed_forward(w: dict, x: torch.Tensor, config: ModelConfig, prefix: str = "") -> torch.Tensor:
     """The MLP (an expert's, with its name's prefix) of normalised rows x, before the residual add."""
-    act = ACTIVATIONS[config.activation]
     if config.gated_mlp:
-        gate, up = linears(x, w, (prefix + "gate", prefix + "up"))
-        # in place where the activation can be (gate is this call's own): no new tensor of (rows, ffn) twice
-        inner = F.silu(gate, inplace=True).mul_(up) if config.activation == "silu" else act(gate) * up
+        inner = glu(*linears(x, w, (prefix + "gate", prefix + "up")), config)
     else:
-        inner = act(linear(x, w, prefix + "up"))
+        inner = ACTIVATIONS[config.activation](linear(x, w, prefix + "up"))
     return linear(inner, w, prefix + "down")
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """act(gate) * up, in place where the activation can be (gate is the caller's own: no new (rows, ffn) tensor
+    twice); gpt-oss's clamped form (ModelConfig.swiglu_limit), in transformers' order."""
+    if config.swiglu_limit:
+        limit = config.swiglu_limit
+        gate, up = gate.clamp_(max=limit), up.clamp_(-limit, limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * config.swiglu_alpha))
+    if config.activation == "silu":
+        return F.silu(gate, inplace=True).mul_(up)
+    return ACTIVATIONS[config.activation](gate) * up
 
 
 def experts(w: dict, x: torch.Tensor, config: ModelConfig, every_row: bool = False) -> torch.Tensor:
@@ -269,7 +278,7 @@ def experts(w: dict, x: torch.Tensor, config: ModelConfig, every_row: bool = Fal
     same shapes whatever the routing and no host sync, as a CUDA graph's decode step needs."""
     flat, k = x.reshape(-1, x.shape[-1]), config.experts_per_token
     logits = linear(flat, w, "router").float()
-    if config.moe == "granite":  # a softmax of the top logits
+    if config.moe in ("granite", "gpt_oss"):  # a softmax of the top logits
         top, chosen = logits.topk(k, dim=-1)
         top = torch.softmax(top, dim=-1)
     else:
@@ -317,7 +326,7 @@ def grouped_experts(w: dict, picked: torch.Tensor, spans: list[tuple[int, int, i
     few-row kernels (gate and up, then down; dense or 4-bit), where it is the product each expert's rows would take
     (a decode step's few rows an expert: small_matmul.gemv_wins, int4_matmul.codes_gemv_wins); the same bits as
     each expert in turn. None where it does not apply (a GPU, weights by tiles, many rows: each expert in turn)."""
-    if picked.device.type != "cpu" or not config.gated_mlp or not spans:
+    if picked.device.type != "cpu" or not config.gated_mlp or not spans or f"experts.{spans[0][0]}.gate.bias" in w:
         return None
     gate, up, down = ([w[f"experts.{e}.{name}.weight"] for e, _, _ in spans] for name in ("gate", "up", "down"))
     dense = all(type(t) is torch.Tensor for t in gate + up + down)
@@ -334,7 +343,7 @@ def grouped_experts(w: dict, picked: torch.Tensor, spans: list[tuple[int, int, i
     first += [(picked[a:b], uw, u[a:b]) for (_, a, b), uw in zip(spans, up, strict=True)]
     if not products(first):
         return None
-    inner = F.silu(g, inplace=True).mul_(u) if config.activation == "silu" else ACTIVATIONS[config.activation](g) * u
+    inner = glu(g, u, config)
     outs = torch.empty_like(picked)
     if not products([(inner[a:b], dw, outs[a:b]) for (_, a, b), dw in zip(spans, down, strict=True)]):
         for e, a, b in spans:

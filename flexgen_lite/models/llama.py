@@ -1,6 +1,7 @@
-"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3, the MoEs): canonical weight names -> HF
+"""Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3, the MoEs, gpt-oss): canonical weight names -> HF
 checkpoint names. Phi-3 stores q, k, v as one matrix and gate, up as another: each of ours is a range of its
-rows (specs.rows_of). A mixture of experts names its router, each expert and a shared expert (expert_names)."""
+rows (rows_of). A mixture of experts names its router, each expert and a shared expert (expert_names); gpt-oss
+stores each layer's experts as one stack of transposed matrices, each of ours some columns of one (columns_of)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from .config import ModelConfig
 def rows_of(name: str, first: int, count: int, total: int) -> str:
     """The hf_name of rows [first, first + count) of the stored tensor `name` of `total` rows (WeightSpec.stored)."""
     return f"{name}[{first}:{first + count} of {total}]"
+
+
+def columns_of(name: str, expert: int, first: int, step: int) -> str:
+    """The hf_name of columns first::step of matrix `expert` of the stack `name` (experts, in, out), transposed to
+    (out, in) as ours are (of a stack of vectors (experts, out): those elements) (WeightSpec.picked)."""
+    return f"{name}{{{expert}}}[{first}::{step}]"
 
 
 def embed_names(config: ModelConfig) -> dict[str, str]:
@@ -33,6 +40,8 @@ def attention_names(config: ModelConfig, i: int) -> dict[str, str]:
         names["o.bias"] = f"{p}self_attn.o_proj.bias"
     for ours in ("q", "k") if config.qk_norm else ():
         names[f"{ours}_norm.weight"] = f"{p}self_attn.{ours}_norm.weight"
+    if config.attn_sinks:
+        names["sinks"] = p + "self_attn.sinks"
     if config.post_norms:  # Gemma-2, OLMo-2: the attention's output normalised before the residual add
         names["post_norm.weight"] = p + "post_attention_layernorm.weight"
     return names
@@ -67,6 +76,8 @@ def expert_names(config: ModelConfig, p: str) -> dict[str, str]:
     """A mixture of experts' router, experts and shared expert with its gate (Qwen2-MoE)."""
     if config.moe == "granite":
         return stacked_expert_names(config, p + "block_sparse_moe.")
+    if config.moe == "gpt_oss":
+        return transposed_expert_names(config, p + "mlp.")
     moe, parts = EXPERT_LAYOUTS[config.moe]
     names = {"router.weight": f"{p}{moe}gate.weight"}
     for e in range(config.num_experts):
@@ -88,6 +99,20 @@ def stacked_expert_names(config: ModelConfig, p: str) -> dict[str, str]:
         names.update({f"experts.{e}.gate.weight": rows_of(p + "input_linear.weight", 2 * f * e, f, 2 * f * n),
                       f"experts.{e}.up.weight": rows_of(p + "input_linear.weight", 2 * f * e + f, f, 2 * f * n),
                       f"experts.{e}.down.weight": rows_of(p + "output_linear.weight", h * e, h, h * n)})
+    return names
+
+
+def transposed_expert_names(config: ModelConfig, p: str) -> dict[str, str]:
+    """gpt-oss's experts as stored: gate and up (experts, hidden, 2 x width) with their columns interleaved, gate
+    first; down (experts, width, hidden); a bias of each; and a router with a bias."""
+    gate_up, down = p + "experts.gate_up_proj", p + "experts.down_proj"
+    names = {"router.weight": p + "router.weight", "router.bias": p + "router.bias"}
+    for e in range(config.num_experts):
+        for part in ("weight", "bias"):
+            tail = "" if part == "weight" else "_bias"
+            names.update({f"experts.{e}.gate.{part}": columns_of(gate_up + tail, e, 0, 2),
+                          f"experts.{e}.up.{part}": columns_of(gate_up + tail, e, 1, 2),
+                          f"experts.{e}.down.{part}": columns_of(down + tail, e, 0, 1)})
     return names
 
 

@@ -22,9 +22,20 @@ class WeightSpec:
     share: float = 1.0  # the share of a layer's rows this weight multiplies: a routed expert's, top-k / experts
 
     @property
+    def picked(self) -> tuple[str, int, int, int] | None:
+        """(stack, expert, first, step) of a weight that is columns first::step of one matrix of a stack stored
+        transposed (llama.columns_of: gpt-oss's experts), else None."""
+        if not self.hf_name.endswith("]") or "}[" not in self.hf_name:
+            return None
+        head, columns = self.hf_name[:-1].rsplit("}[", 1)
+        name, expert = head.rsplit("{", 1)
+        first, step = columns.split("::")
+        return name, int(expert), int(first), int(step)
+
+    @property
     def stored(self) -> tuple[str, int, int]:
         """(the checkpoint tensor holding this weight, the first of its rows there, its rows in all)."""
-        if not self.hf_name.endswith("]"):
+        if not self.hf_name.endswith("]") or self.picked is not None:
             return self.hf_name, 0, self.shape[0]
         name, rows = self.hf_name[:-1].rsplit("[", 1)
         span, total = rows.split(" of ")
@@ -55,10 +66,14 @@ def _shape(config: ModelConfig, name: str) -> tuple[int, ...]:
         return (h,)
     if name == "router.weight":
         return (config.num_experts, h)
+    if name in ("router.bias", "sinks"):
+        return (config.num_experts if name == "router.bias" else config.num_heads,)
     if name == "shared_gate.weight":
         return (1, h)
     if name.startswith(("experts.", "shared.")):  # a routed expert's or the shared expert's gated MLP
         width = config.expert_size if name.startswith("experts.") else config.shared_expert_size
+        if name.endswith(".bias"):
+            return (h,) if name.split(".")[-2] == "down" else (width,)
         return {"gate": (width, h), "up": (width, h), "down": (h, width)}[name.split(".")[-2]]
     return shapes[name]
 
