@@ -261,7 +261,7 @@ class Engine:
         if views is None:  # prefill: attend over the prompt's own k, v; then fill the cache (read by later steps)
             if "prefix index" in inputs:
                 k, v = self._prefix.spread(k, v, inputs["prefix index"])
-            attn = self._attend(q, k, v, layer_mask(inputs, cfg, spec.index), w.get("sinks"))
+            attn = self._attend(q, k, v, layer_mask(inputs, cfg, spec.index), L.sinks(w, cfg))
             for part in self.cache.parts[spec.index][b] if block.gen_len > 1 else ():
                 picked, local = rows_in_part(inputs, part.rows, k.device)
                 k_part, v_part = k[picked], v[picked]
@@ -269,7 +269,7 @@ class Engine:
                     k_part, v_part = scatter_rows(k_part, local, part.rows), scatter_rows(v_part, local, part.rows)
                 self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
-            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start, w.get("sinks"))
+            attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start, L.sinks(w, cfg))
         return L.attention_output(w, attn, h, cfg)
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:

@@ -41,7 +41,7 @@ class SharedPrefix:
             if 0 < window < n:
                 keys = torch.arange(n, device=q.device)
                 mask = ((keys[None] <= keys[:, None]) & (keys[:, None] - keys[None] < window))[None, None]
-            self.h = L.attention_output(w, self.attend(q, self.k, self.v, mask, w.get("sinks")), self.h, cfg)
+            self.h = L.attention_output(w, self.attend(q, self.k, self.v, mask, L.sinks(w, cfg)), self.h, cfg)
 
     def index(self, b: int, active_device: torch.Tensor | None) -> torch.Tensor:
         """(rows, shared) for GPU batch b's computing rows: the prefix position of each row's each shared column

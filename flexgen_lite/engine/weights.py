@@ -22,6 +22,7 @@ from ..kernels.int8_weight import GEMV_ROWS, Int8Weight, int8_nbytes
 from ..kernels.int8_weight import fits as int8_fits
 from ..models.checkpoint import check_finite
 from ..models.config import ModelError
+from ..models.mxfp4 import dequantize_mxfp4
 from ..models.specs import LayerSpec, WeightSpec
 from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
@@ -78,19 +79,31 @@ class CheckpointSource(WeightSource):
         name, expert, first, step = spec.picked
         key = (name, expert)
         if key not in self.experts:
-            shape = self.checkpoint.shape(name)
-            if len(shape) != len(spec.shape) + 1 or expert >= shape[0]:
-                raise ModelError(f"{name} has shape {shape}: no expert {expert} of {len(spec.shape)} dimensions")
             while len(self.experts) >= 4:
                 self.experts.pop(next(iter(self.experts)))
-            self.experts[key] = self.checkpoint.read(name, expert, expert + 1)[0]
+            self.experts[key] = self._expert(name, expert, len(spec.shape))
         part = self.experts[key][..., first::step]
         part = part.T if part.dim() == 2 else part
         if tuple(part.shape) != spec.shape:
-            raise ModelError(f"{name} has shape {self.checkpoint.shape(name)}; {spec.name} of expert {expert}, its "
-                             f"columns {first}::{step} transposed, would be {tuple(part.shape)}, the config implies "
-                             f"{spec.shape}")
+            raise ModelError(f"{name}: {spec.name} of expert {expert}, its columns {first}::{step} transposed, has "
+                             f"shape {tuple(part.shape)}; the config implies {spec.shape}")
         return part.contiguous()
+
+    def _expert(self, name: str, expert: int, dims: int) -> torch.Tensor:
+        """Matrix (or vector) `expert` of the stack `name`, as stored (in, out); from MXFP4 blocks and scales
+        (name_blocks, name_scales: (experts, out, in / 32, 16) and (experts, out, in / 32)) where the checkpoint
+        holds those (gpt-oss as released), dequantized exactly."""
+        if not self.checkpoint.has(name) and self.checkpoint.has(f"{name}_blocks"):
+            blocks, scales = (self.checkpoint.read(f"{name}_{part}", expert, expert + 1)[0]
+                              for part in ("blocks", "scales"))
+            try:
+                return dequantize_mxfp4(blocks, scales).T
+            except ValueError as e:
+                raise ModelError(f"{name}: {e}; the checkpoint is corrupt or of another layout") from None
+        shape = self.checkpoint.shape(name)
+        if len(shape) != dims + 1 or expert >= shape[0]:
+            raise ModelError(f"{name} has shape {shape}: no expert {expert} of {dims} dimensions")
+        return self.checkpoint.read(name, expert, expert + 1)[0]
 
 
 class GGUFSource(WeightSource):

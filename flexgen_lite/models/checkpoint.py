@@ -65,6 +65,13 @@ class Checkpoint:
                 return candidate
         raise ModelError(f"{self.path} lacks the tensor {name!r}; is the checkpoint complete and of this architecture?")
 
+    def has(self, name: str) -> bool:
+        try:
+            self.resolve(name)
+        except ModelError:
+            return False
+        return True
+
     def read(self, name: str, start: int, stop: int, matrix: bool = False) -> torch.Tensor:
         """Rows start:stop of a tensor, in its stored dtype (refused if not all finite); matrix: of a stack of
         matrices (experts, rows, cols) as one matrix of all their rows (GraniteMoE's experts)."""

@@ -224,7 +224,7 @@ def _rope_settings(c: dict) -> tuple[float, dict | None]:
         return float(theta), None
     if kind not in ("llama3", "linear", "yarn", "longrope"):
         raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, yarn, llama3, longrope)")
-    scaling = dict(scaling)
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}  # transformers 5 nests the base there too
     if kind == "longrope":  # Phi-3: the original context may be a top-level field; the factor derives from both
         scaling.setdefault("original_max_position_embeddings", c.get("original_max_position_embeddings"))
         scaling.setdefault("max_position_embeddings", c.get("max_position_embeddings"))

@@ -211,6 +211,11 @@ def qkv(w: dict, x: torch.Tensor, rope, config: ModelConfig):
     return q, k, v
 
 
+def sinks(w: dict, config: ModelConfig) -> torch.Tensor | None:
+    """An attention layer's sink logit per head (gpt-oss), where the model has them."""
+    return w["sinks"] if config.attn_sinks else None
+
+
 def block_input(h: torch.Tensor, w: dict, config: ModelConfig) -> torch.Tensor:
     """What attention or the MLP takes of the hidden states h: normalised, where the model normalises before."""
     return norm(h, w, config) if config.pre_norm and config.input_norms else h
