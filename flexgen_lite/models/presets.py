@@ -59,9 +59,14 @@ TIED = ("gemma2", "gemma3_text", "granitemoe", "smollm3")  # model types whose h
 # Gemma-2 and 3: (sliding window, query_pre_attn_scalar, the full layers' linear rope factor)
 GEMMA = {"gemma-2-9b": (4096, 256, None), "gemma-2-27b": (4096, 144, None), "gemma-3-1b": (512, 256, None),
          "gemma-3-4b": (1024, 256, 8.0), "gemma-3-12b": (1024, 256, 8.0), "gemma-3-27b": (1024, 168, 8.0)}
+# gpt-oss: what differs from transformers' GptOssConfig defaults (the 120b's shape), as released
+_GPT_OSS = {"gpt-oss-20b": {"num_hidden_layers": 24, "num_local_experts": 32}, "gpt-oss-120b": {}}
 
 
 def _hf_dict(key: str) -> dict:
+    if key in _GPT_OSS:
+        return {"model_type": "gpt_oss", **_GPT_OSS[key], "eos_token_id": [200002, 199999, 200012],
+                "pad_token_id": 199999}
     if key in _OPT:
         hidden, layers, heads, ffn = _OPT[key]
         return {
@@ -97,14 +102,14 @@ def _gemma(key: str) -> dict:
 
 
 def preset_names() -> list[str]:
-    return sorted(_OPT) + sorted(_LLAMA)
+    return sorted(_OPT) + sorted(_LLAMA) + sorted(_GPT_OSS)
 
 
 def find_preset(name: str) -> ModelConfig | None:
     """Config for a name like 'facebook/opt-1.3b' or 'llama-3-8b', or None if it names no preset."""
     key = name.lower().rsplit("/", 1)[-1]
     key = key.removesuffix("-hf")
-    if key not in _OPT and key not in _LLAMA:
+    if key not in _OPT and key not in _LLAMA and key not in _GPT_OSS:
         return None
     return config_from_dict(_hf_dict(key), name=name)
 
