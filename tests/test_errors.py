@@ -134,8 +134,8 @@ def test_checkpoint_not_matching_its_config(copy_of):
 def test_unsupported_architecture(copy_of):
     edit_config(copy_of, model_type="gpt2")
     with pytest.raises(ModelError,
-                       match="'gpt2' is not supported; supported: gemma, gemma2, gemma3, gemma3_text, gpt_oss, granite, "
-                             "granitemoe, llama, mistral, mixtral, olmo2"):
+                       match="'gpt2' is not supported; supported: gemma, gemma2, gemma3, gemma3_text, gpt_oss, "
+                             "granite, granitemoe, llama, mistral, mixtral, olmo2"):
         FlexGenLite(str(copy_of))
 
 
