@@ -185,9 +185,17 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[li
     return ids, logits
 
 
+CPU_REFERENCE = ("gemma2", "gpt_oss")  # transformers' CUDA paths for these are not its fp32 eager on a CPU
+
+
 def on_device(model, device: str):
-    """`model` itself on the CPU, else a copy of it on `device` (the session's models stay on the CPU)."""
-    return model if device == "cpu" else copy.deepcopy(model).to(device)
+    """`model` itself on the CPU, else a copy of it on `device` (the session's models stay on the CPU). Gemma-2 and
+    gpt-oss stay on the CPU: on an H100 (2026-12-05) transformers' own CUDA run of them gave other tokens than its
+    CPU run of the same fp32 weights, from the first token (Gemma-2) or the second (gpt-oss's grouped experts),
+    while ours on CUDA gave the CPU's."""
+    if device == "cpu" or model.config.model_type in CPU_REFERENCE:
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 PROMPTS = [

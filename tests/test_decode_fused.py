@@ -47,8 +47,9 @@ def P(gbs=2, nb=2, dtype="float32", percent=(100, 0, 100, 0, 100, 0), **kw) -> P
 
 
 def generate(model_dir, policy: Policy, fused: bool, prompts=PROMPTS, sampling=SAMPLING):
-    """(ids, logits, per block the attention kernels of each step) with the fused step allowed or not."""
-    with FlexGenLite(str(model_dir), policy=policy) as m:
+    """(ids, logits, per block the attention kernels of each step) with the fused step allowed or not: on the CPU,
+    whose kernel it is, also where a GPU is present."""
+    with FlexGenLite(str(model_dir), policy=policy, device="cpu") as m:
         m.engine.fused_decode = fused and m.engine.fused_decode
         kernels = []
         ids, logits = m.generate_ids(prompts, sampling, return_logits=True,

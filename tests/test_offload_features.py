@@ -102,13 +102,16 @@ def test_sparsity_one_equals_dense_and_below_one_changes_output(tiny_models):
 
 # ---- compression --------------------------------------------------------------------------------
 
-def fake_quantized(model, config: CompressionConfig):
+def fake_quantized(model, config: CompressionConfig, ends_in_8_bits: bool = True):
     """A copy of a transformers model whose decoder layers' 2-D weights went through quantize -> dequantize, and
-    its token embedding and head through 8-bit groups (weights.in_8_bits: on a CPU; positions are not rounded)."""
+    its token embedding and head through 8-bit groups where `ends_in_8_bits` (weights.in_8_bits: on a CPU, not on
+    a GPU; positions are not rounded)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and ("embed_tokens" in name or "lm_head" in name):
+                if not ends_in_8_bits:
+                    continue
                 p.copy_(Int8Weight.quantize(p.data).dequantize())
             elif p.dim() == 2 and "embed" not in name:
                 p.copy_(dequantize(quantize(p.data, config), torch.float32))
@@ -116,15 +119,15 @@ def fake_quantized(model, config: CompressionConfig):
 
 
 @pytest.fixture(scope="module")
-def quantized_references(tiny_models):
+def quantized_references(tiny_models, compute_device):
     """{(family, group_dim): transformers' greedy ids and logits on the quantize->dequantize of its weights},
-    computed on first use: the same for every placement of the codes."""
+    computed on first use: the same for every placement of the codes (the embedding and head in 8 bits on a CPU)."""
     out = {}
 
     def get(family: str, group_dim: int):
         if (family, group_dim) not in out:
-            hf = tiny_models[family][1]
-            out[family, group_dim] = hf_greedy(fake_quantized(hf, CompressionConfig(4, 64, group_dim)), PROMPTS, 8)
+            hf = fake_quantized(tiny_models[family][1], CompressionConfig(4, 64, group_dim), compute_device == "cpu")
+            out[family, group_dim] = hf_greedy(hf, PROMPTS, 8)
         return out[family, group_dim]
 
     return get
@@ -133,14 +136,15 @@ def quantized_references(tiny_models):
 @pytest.mark.parametrize("family", ["opt", "llama"])
 @pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (30, 40, 100, 0, 100, 0), (0, 0, 0, 100, 100, 0)])
 def test_compressed_weights_equal_transformers_on_the_same_quantized_weights(tiny_models, quantized_references,
-                                                                             family, percent):
+                                                                             compute_device, family, percent):
     """Weights are quantized once and decompressed exactly: output equals transformers running the
     quantize->dequantize of the same weights, whichever tiers hold the codes; the embedding and head in 8 bits
     (their lookups and products by int8_weight's kernels) equal transformers' on the 8-bit values."""
     model_dir = tiny_models[family][0]
     for group_dim in (0, 1):
         ref_ids, ref_logits = quantized_references(family, group_dim)
-        ids, logits = run(model_dir, P(percent, gbs=2, nb=2, compress_weight=True, weight_group_dim=group_dim))
+        ids, logits = run(model_dir, P(percent, gbs=2, nb=2, compress_weight=True, weight_group_dim=group_dim),
+                          device=compute_device)
         assert ids == ref_ids
         for a, b in zip(logits, ref_logits, strict=True):
             torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)

@@ -81,22 +81,43 @@ def test_rings_in_place_match_transformers(mistral, name):
     check(generate(path, POLICIES[name]), reference)
 
 
+def with_eos(path, tmp_path, want_ids: list[list[int]]) -> tuple[object, int]:
+    """A copy of the checkpoint whose EOS is the 7th greedy token of one row and of no other row's output: (its
+    folder, that row)."""
+    row = next(r for r, ids in enumerate(want_ids)
+               if ids[6] not in ids[:6] and not any(ids[6] in o for i, o in enumerate(want_ids) if i != r))
+    model_dir = tmp_path / "model"
+    shutil.copytree(path, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": want_ids[row][6]}))
+    return model_dir, row
+
+
 @pytest.mark.parametrize("device", [None, "cpu+link"])
 def test_rows_that_finish_leave_their_rings(mistral, tmp_path, device):
     """A row that stops at its EOS leaves the batch; the others go on over their rings (the part's rows gathered)."""
     path, (want_ids, _) = mistral
-    row = next(r for r, ids in enumerate(want_ids)
-               if ids[6] not in ids[:6] and not any(ids[6] in o for i, o in enumerate(want_ids) if i != r))
-    eos = want_ids[row][6]
-    model_dir = tmp_path / "model"
-    shutil.copytree(path, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": eos}))
+    model_dir, row = with_eos(path, tmp_path, want_ids)
     for policy in (P((100, 0, 50, 0, 100, 0), gbs=3, nb=2), P((100, 0, 0, 50, 100, 0), gbs=3, nb=2,
                                                                cpu_cache_compute=True)):
         ids, _, _ = generate(model_dir, policy, device, SamplingConfig(max_new_tokens=8))
         assert ids[row] == want_ids[row][:7]
         assert all(ids[r] == want_ids[r] for r in range(len(PROMPTS)) if r != row)
+
+
+def test_unpadded_rows_that_finish_leave_their_rings(mistral, tmp_path):
+    """As a GPU runs them (Engine.unpadded_without_mask: rows none of which is padded get no mask, and neither do
+    their rings), a finished row leaves a batch whose windows bite (the H100 run of 2026-12-05 failed here)."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [p[-3:] for p in PROMPTS if len(p) >= 3]  # no row padded
+    want_ids, _ = hf_greedy(AutoModelForCausalLM.from_pretrained(str(mistral[0])).eval(), prompts, 8)
+    model_dir, row = with_eos(mistral[0], tmp_path, want_ids)
+    with FlexGenLite(str(model_dir), policy=P((100, 0, 100, 0, 100, 0), gbs=3, nb=2)) as m:
+        m.engine.unpadded_without_mask = True
+        ids = m.generate_ids(prompts, SamplingConfig(max_new_tokens=8))
+    assert ids[row] == want_ids[row][:7]
+    assert all(ids[r] == want_ids[r] for r in range(len(prompts)) if r != row)
 
 
 @pytest.mark.parametrize("device", [None, "cpu+link"])

@@ -328,7 +328,7 @@ class Engine:
         if active_device is not None:
             positions = positions[active_device]
             mask = None if mask is None else mask[active_device]
-            masks = {w: m[active_device] for w, m in masks.items()}
+            masks = {w: None if m is None else m[active_device] for w, m in masks.items()}
         rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         inputs = {"positions": positions, "mask": mask, "masks": masks, "rope": rope, "active": active,
                   "active_device": active_device}
