@@ -322,7 +322,7 @@ class Engine:
         # of the window's ring (kv_cache: no mask where no row is padded)
         bites = [w for w in set(self.config.windows) if 0 < w < start + t]
         if start >= block.prompt_len:
-            masks = {w: None if mask is None else mask[..., ring_positions(start, w).to(mask.device)] for w in bites}
+            masks = {w: None if mask is None else mask[..., ring_positions(start, w, mask.device)] for w in bites}
         else:
             masks = {w: block.windowed(b, start, t, w, mask) for w in bites}
         if active_device is not None:

@@ -14,9 +14,8 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, 
     """One new token's attention over the cache part `view` (its k, v written in at `start` first): (output on
     q's device, the new k and v as the part holds them, the attention kernel that ran, K and V bytes read), or
     None when none of the part's rows is active. softcap, sinks: the scores' cap (Gemma-2), each head's sink logit
-    (gpt-oss) (attend_named). A windowed
-    layer's part past its window is a ring (kv_cache): the new position at start % capacity, every slot attended
-    under `mask`, the ring's (layer_mask)."""
+    (gpt-oss) (attend_named). A windowed layer's part past its window is a ring (kv_cache): the new position at
+    start % capacity, every slot attended under `mask`, the ring's (layer_mask)."""
     rows, where, dtype, capacity = view.part.rows, view.k.device, view.k.dtype, view.part.capacity
     slot, end = start % capacity, min(start + 1, capacity)
     picked, local = rows_in_part(inputs, rows, q.device)

@@ -40,9 +40,10 @@ def ring_placed(new: torch.Tensor, start: int, capacity: int) -> tuple[torch.Ten
     return new[:, :, -capacity:].roll(t % capacity, dims=2), 0
 
 
-def ring_positions(written: int, capacity: int) -> torch.Tensor:
-    """The position each slot of a ring of `capacity` holds once position `written` is in it (negative: none yet)."""
-    slots = torch.arange(capacity)
+def ring_positions(written: int, capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The position each slot of a ring of `capacity` holds once position `written` is in it (negative: none yet),
+    made on `device` (no copy from the host in a GPU's step)."""
+    slots = torch.arange(capacity, device=device)
     return written - (written - slots) % capacity
 
 
