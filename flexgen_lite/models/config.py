@@ -446,11 +446,9 @@ def _gpt_oss_config(c: dict, name: str) -> ModelConfig:
     """gpt-oss: a Llama layer with biases on q, k, v and o, a learned sink logit per head in each softmax, a window
     of 128 on every other layer, and experts with biases, routed by a softmax of the top logits (the router has a
     bias too), whose GLU clamps its inputs (swiglu_limit) and offsets up by one (swiglu_alpha: sigmoid's slope)."""
-    fields = {k: v for k, v in c.items() if v is not None}
-    if "rope_parameters" in fields:  # transformers 5's keys: the defaults' older ones would hide them
-        fields["rope_scaling"] = fields["rope_theta"] = None
-    c = {**GPT_OSS, "hidden_act": "silu", **fields}
-    c = {k: v for k, v in c.items() if v is not None}
+    older = ("rope_scaling", "rope_theta") if c.get("rope_parameters") else ()  # would hide transformers 5's keys
+    c = {**{k: v for k, v in GPT_OSS.items() if k not in older}, "hidden_act": "silu",
+         **{k: v for k, v in c.items() if v is not None}}
     base = _llama_config(c, name)
     experts, top = c["num_local_experts"], c["num_experts_per_tok"]
     if not 0 < top <= experts:
