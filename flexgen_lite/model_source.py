@@ -5,6 +5,7 @@ kept as stored when weights are compressed (`for_model`), and the line that says
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from .engine.policy import Policy
@@ -16,9 +17,11 @@ from .planning.policy_search import AutoPolicy, for_source
 
 
 def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
-    """(config, weight source, tokenizer or None) for a checkpoint directory, a GGUF file, or a preset
-    name (dummy weights)."""
+    """(config, weight source, tokenizer or None) for a checkpoint directory, a GGUF file, a preset name or a
+    config.json file (the last two with dummy weights: a model's shape, for benchmarks)."""
     path = Path(model)
+    if path.suffix == ".json" and path.is_file():
+        return config_from_json(path), DummySource(), None
     if path.suffix == ".gguf":
         from .models.gguf_file import read_gguf_config
         from .models.gguf_tokenizer import gguf_tokenizer
@@ -32,7 +35,8 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
         what = "is a file, not a checkpoint directory or" if path.exists() else \
             "is neither an existing checkpoint directory nor"
         raise ModelError(f"{model} {what} a known model name: pass a local Hugging Face checkpoint directory, "
-                         f"a .gguf file, or one of {', '.join(preset_names())} (dummy weights)")
+                         f"a .gguf file, a config .json (dummy weights) or one of {', '.join(preset_names())} "
+                         "(dummy weights)")
     return preset_config(model), DummySource(), None
 
 
@@ -173,6 +177,16 @@ def model_config(model: str) -> ModelConfig:
 
         return config_from_dict(read_gguf_config(path), name=str(path))
     return load_config(path) if path.is_dir() else open_model(model)[0]
+
+
+def config_from_json(path: Path) -> ModelConfig:
+    """A Hugging Face config.json read as a model's shape (dummy weights)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read it as a config.json ({e}); pass a Hugging Face config file") from e
+    return config_from_dict(raw, name=str(path))
 
 
 def load_tokenizer(path: Path):

@@ -31,7 +31,7 @@ import torch
 from ...system import paths
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c", "elementwise.c",
-                                                          "decode_layer.c", "int8.c")]
+                                                          "decode_layer.c", "int8.c", "attention_q4.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h")]  # included: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial

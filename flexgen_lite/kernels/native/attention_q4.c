@@ -1,0 +1,234 @@
+/* Decode attention over a 4-bit KV cache read as it is stored (quantization.py: codes two a byte, low nibble
+   first, in groups along head_dim, each group with an fp16 scale and minimum), so a CPU attending a compressed
+   cache reads ~4.5 bits a value instead of dequantizing the whole cache into a dense buffer every step.
+
+   Each position's row is rebuilt as compression.dequantize_reference rebuilds it (code * scale, then + minimum,
+   clamped to fp16's range, rounded to the attention's kind), into a buffer of one row that stays in L1; scores
+   and softmax then follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
+   (k_new, v_new) and stand at cache slot `skip`, whose stored row is ignored (it holds an older position in a
+   ring, or nothing yet). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kinds.h"
+#ifdef __AVX512BW__
+#include <immintrin.h>
+#endif
+
+#define FP16_MAX 65504.0f
+
+static inline float clamped(float x) { return x > FP16_MAX ? FP16_MAX : x < -FP16_MAX ? -FP16_MAX : x; }
+
+#ifdef __AVX512BW__
+static inline __m512 rounded16(__m512 x, int kind) {
+    if (kind == KIND_BF16) {  /* to nearest even, as kinds.h's bf16_bits */
+        __m512i u = _mm512_castps_si512(x);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+        return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+    }
+    if (kind == KIND_F16)
+        return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return x;
+}
+
+static inline __m512 value16(__m128i codes, __m512 s, __m512 m, int kind) {
+    __m512 x = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), s), m);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-FP16_MAX)), _mm512_set1_ps(FP16_MAX));
+    return rounded16(x, kind);
+}
+
+/* A group of 64 values from 32 bytes of codes: nibbles spread to one code a byte, in order, then 16 at a time
+   to fp32 (x[0..3]) */
+static inline __attribute__((always_inline)) void group64(const uint8_t *c, float s, float m, int kind,
+                                                          __m512 x[4]) {
+    __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)c));
+    __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
+    __m512i bytes = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 8));
+    __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
+    x[0] = value16(_mm512_extracti32x4_epi32(bytes, 0), vs, vm, kind);
+    x[1] = value16(_mm512_extracti32x4_epi32(bytes, 1), vs, vm, kind);
+    x[2] = value16(_mm512_extracti32x4_epi32(bytes, 2), vs, vm, kind);
+    x[3] = value16(_mm512_extracti32x4_epi32(bytes, 3), vs, vm, kind);
+}
+
+/* One query head (a lone head per kv head: no row to share) straight from the codes: its score, and p times the
+   value row into acc; dim a multiple of 64 */
+static inline float dot_q4(const float *qf, const uint8_t *c, const _Float16 *scale, const _Float16 *minimum,
+                           int64_t dim, int kind) {
+    __m512 acc = _mm512_setzero_ps(), x[4];
+    for (int64_t g = 0; g < dim / 64; g++) {
+        group64(c + 32 * g, (float)scale[g], (float)minimum[g], kind, x);
+        for (int i = 0; i < 4; i++) acc = _mm512_add_ps(acc, _mm512_mul_ps(x[i], _mm512_loadu_ps(qf + 64 * g + 16 * i)));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline void axpy_q4(float *out, float p, const uint8_t *c, const _Float16 *scale, const _Float16 *minimum,
+                           int64_t dim, int kind) {
+    __m512 vp = _mm512_set1_ps(p), x[4];
+    for (int64_t g = 0; g < dim / 64; g++) {
+        group64(c + 32 * g, (float)scale[g], (float)minimum[g], kind, x);
+        for (int i = 0; i < 4; i++) {
+            float *o = out + 64 * g + 16 * i;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(vp, x[i])));
+        }
+    }
+}
+#endif
+
+/* One position's `dim` values into `row` (groups of `gs`; a last group padded past dim is cut) */
+static inline void dequantized_row(const uint8_t *codes, const _Float16 *scale, const _Float16 *minimum,
+                                   int64_t dim, int64_t gs, int kind, float *row) {
+    for (int64_t g0 = 0, gi = 0; g0 < dim; g0 += gs, gi++) {
+        float s = (float)scale[gi], m = (float)minimum[gi];
+        const uint8_t *c = codes + g0 / 2;
+#ifdef __AVX512BW__
+        if (gs == 64 && dim - g0 >= 64) {
+            __m512 x[4];
+            group64(c, s, m, kind, x);
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(row + g0 + 16 * i, x[i]);
+            continue;
+        }
+#endif
+        int64_t n = dim - g0 < gs ? dim - g0 : gs;
+        for (int64_t i = 0; i < n; i++) {
+            float x = (float)((c[i >> 1] >> ((i & 1) * 4)) & 15) * s;
+            row[g0 + i] = kind_round(clamped(x + m), kind);
+        }
+    }
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+#ifdef __AVX512BW__
+    if (n % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16)
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float sum = 0;
+    for (; i < n; i++) sum += a[i] * b[i];
+    for (int j = 0; j < 16; j++) sum += acc[j];
+    return sum;
+}
+
+static inline void axpy_f32(float *acc, float p, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) acc[i] += p * x[i];
+}
+
+static inline void load_kind(const void *src, int kind, int64_t n, float *dst) {
+    for (int64_t i = 0; i < n; i++) dst[i] = kind_value(src, kind, i);
+}
+
+/* Items [begin, end) of (batch row, kv head). q (B, heads, d) and out by (b, h) strides in elements; codes
+   (rows, kv_heads, length, bytes) by (row, head, position) strides in bytes, scales and minima (.., groups) in
+   elements, K's and V's alike; k_new, v_new (B, kv_heads, d) by `new_strides` (NULL: no new token); mask
+   (B, length) of bytes, position `skip` the new token's; rows[b]: the cache row of batch row b (NULL: b). */
+void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, const uint8_t *k_codes,
+                         const _Float16 *k_scale, const _Float16 *k_min, const uint8_t *v_codes,
+                         const _Float16 *v_scale, const _Float16 *v_min, const int64_t *code_strides,
+                         const int64_t *stat_strides, const void *k_new, const void *v_new,
+                         const int64_t *new_strides, const uint8_t *mask, int64_t mask_stride, const int64_t *rows,
+                         void *out, const int64_t *out_strides, int64_t heads, int64_t kv_heads, int64_t length,
+                         int64_t skip, int64_t dim, int64_t gs, float scale, int64_t begin, int64_t end) {
+    int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads;
+    int64_t ds = (dim + 15) / 16 * 16, sl = (length + 1 + 15) / 16 * 16;
+    float *qf = aligned_alloc(64, sizeof(float) * (2 * group * ds + ds + group * sl));
+    if (!qf) return;
+    float *acc = qf + group * ds, *row = acc + group * ds, *scores = row + ds;
+#ifdef __AVX512BW__
+    int lone = group == 1 && gs == 64 && dim % 64 == 0;  /* straight from the codes: no row to share */
+#else
+    int lone = 0;
+#endif
+    for (int64_t it = begin; it < end; it++) {
+        int64_t b = it / kv_heads, kh = it % kv_heads, r = rows ? rows[b] : b, h0 = kh * group;
+        for (int64_t j = 0; j < group; j++)
+            load_kind((const char *)q + (b * q_strides[0] + (h0 + j) * q_strides[1]) * item, kind, dim, qf + j * ds);
+        const uint8_t *m = mask + b * mask_stride;
+        int own = k_new && skip >= 0 && skip < length && m[skip];
+        int64_t c0 = r * code_strides[0] + kh * code_strides[1], s0 = r * stat_strides[0] + kh * stat_strides[1];
+        for (int64_t l = 0; l <= length; l++) {
+            int seen = l < length ? l != skip && m[l] : own;
+            if (!seen) {
+                for (int64_t j = 0; j < group; j++) scores[j * sl + l] = -INFINITY;
+                continue;
+            }
+            if (l < length) {
+                int64_t at = s0 + l * stat_strides[2];
+#ifdef __AVX512BW__
+                if (lone) {
+                    scores[l] = dot_q4(qf, k_codes + c0 + l * code_strides[2], k_scale + at, k_min + at, dim, kind)
+                        * scale;
+                    continue;
+                }
+#endif
+                dequantized_row(k_codes + c0 + l * code_strides[2], k_scale + at, k_min + at, dim, gs, kind, row);
+            } else {
+                load_kind((const char *)k_new + (b * new_strides[0] + kh * new_strides[1]) * item, kind, dim, row);
+            }
+            for (int64_t j = 0; j < group; j++) scores[j * sl + l] = dot_f32(qf + j * ds, row, dim) * scale;
+        }
+        float total[64];  /* the caller keeps group <= 64 */
+        for (int64_t j = 0; j < group; j++) {
+            float *s = scores + j * sl, top = -INFINITY, sum = 0;
+            for (int64_t l = 0; l <= length; l++) top = s[l] > top ? s[l] : top;
+            for (int64_t l = 0; l <= length; l++) {
+                s[l] = top == -INFINITY ? 0.0f : expf(s[l] - top);
+                sum += s[l];
+            }
+            total[j] = sum;
+        }
+        memset(acc, 0, sizeof(float) * group * ds);
+        for (int64_t l = 0; l <= length; l++) {
+            int seen = l < length ? l != skip && m[l] : own;
+            if (!seen) continue;
+            if (l < length) {
+                int64_t at = s0 + l * stat_strides[2];
+#ifdef __AVX512BW__
+                if (lone) {
+                    axpy_q4(acc, scores[l], v_codes + c0 + l * code_strides[2], v_scale + at, v_min + at, dim, kind);
+                    continue;
+                }
+#endif
+                dequantized_row(v_codes + c0 + l * code_strides[2], v_scale + at, v_min + at, dim, gs, kind, row);
+            } else {
+                load_kind((const char *)v_new + (b * new_strides[0] + kh * new_strides[1]) * item, kind, dim, row);
+            }
+            for (int64_t j = 0; j < group; j++) axpy_f32(acc + j * ds, scores[j * sl + l], row, dim);
+        }
+        for (int64_t j = 0; j < group; j++) {
+            char *o = (char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item;
+            for (int64_t d = 0; d < dim; d++)  /* every position masked: zeros */
+                kind_put(o, kind, d, total[j] > 0 ? acc[j * ds + d] / total[j] : 0.0f);
+        }
+    }
+    free(qf);
+}
+
+/* decode_attention_q4 over all `items`, in about 4 ranges a thread, on `threads` OpenMP threads (gemv.c's note) */
+void decode_attention_q4_team(const void *q, const int64_t *q_strides, int kind, const uint8_t *k_codes,
+                              const _Float16 *k_scale, const _Float16 *k_min, const uint8_t *v_codes,
+                              const _Float16 *v_scale, const _Float16 *v_min, const int64_t *code_strides,
+                              const int64_t *stat_strides, const void *k_new, const void *v_new,
+                              const int64_t *new_strides, const uint8_t *mask, int64_t mask_stride,
+                              const int64_t *rows, void *out, const int64_t *out_strides, int64_t heads,
+                              int64_t kv_heads, int64_t length, int64_t skip, int64_t dim, int64_t gs, float scale,
+                              int64_t items, int threads) {
+    int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
+    for (int64_t r = 0; r < ranges; r++)
+        decode_attention_q4(q, q_strides, kind, k_codes, k_scale, k_min, v_codes, v_scale, v_min, code_strides,
+                            stat_strides, k_new, v_new, new_strides, mask, mask_stride, rows, out, out_strides, heads,
+                            kv_heads, length, skip, dim, gs, scale, r * step, (r + 1) * step < items ? (r + 1) * step
+                            : items);
+}
