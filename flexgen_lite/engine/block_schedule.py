@@ -27,7 +27,7 @@ from ..models.specs import LayerSpec
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from .activations import Activations
 from .block import Block, layer_mask
-from .cache_attention import attend_part, rows_in_part, scatter_rows
+from .cache_attention import attend_part, codes_attended, rows_in_part, scatter_rows
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
 from .kv_cache import CacheSlots, KVCache, ring_positions
@@ -300,7 +300,7 @@ class Engine:
         out, k_new, v_new, kernel, span.nbytes = found
         self._kernels.add(kernel)
         view.part.release()
-        if not view.part.direct:
+        if not view.part.direct or view.part.quantized:
             self._store_cache(layer, b, view.part, k_new, v_new, start)
         return out
 
@@ -344,7 +344,8 @@ class Engine:
                                  max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
                                  self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype),
-                                 [self.config.cached_positions(i, max_len) for i in range(self.config.num_layers)])
+                                 [self.config.cached_positions(i, max_len) for i in range(self.config.num_layers)],
+                                 codes_attended(self.config, self.policy))
         if block.gen_len > 1:
             self.cache.reserve_slots(self.cache_slots)
         # per batch: every cache part used where it is (views only: nothing to load, wait for or store back)
@@ -403,7 +404,8 @@ class Engine:
         k_new, v_new, start = part.placed(k_new, v_new, start)
         stage, nbytes = CACHE_STORE[part.tier], part.nbytes_at(k_new.shape[2])
         separate = self.device.host_is_separate
-        if part.tier != "disk" and (separate or self.cache.compression is None):
+        # in order where no load waits for it: a compressed part attended as stored, in place
+        if part.tier != "disk" and (separate or self.cache.compression is None or part.direct):
             with self.trace.span(stage, nbytes, stream=COMPUTE_LANE):
                 self.cache.store(part, k_new, v_new, start)
             return

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import quantized_attention
 from ..kernels.attention import attend_named
 from .shared_prefix import shared_rows
+
+
+def codes_attended(config, policy) -> bool:
+    """Whether compressed cache parts a CPU attends where they live are read as stored by the 4-bit kernel
+    (quantized_attention), not dequantized into slots every step: where it is built here and nothing needs the
+    scores whole (top-k sparsity, Gemma-2's caps, gpt-oss's sinks)."""
+    return (policy.compress_cache and policy.attn_sparsity == 1 and config.attn_softcap is None
+            and not config.attn_sinks and quantized_attention.supported(policy.cache_compression()))
 
 
 def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None,
@@ -16,6 +25,8 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, 
     None when none of the part's rows is active. softcap, sinks: the scores' cap (Gemma-2), each head's sink logit
     (gpt-oss) (attend_named). A windowed layer's part past its window is a ring (kv_cache): the new position at
     start % capacity, every slot attended under `mask`, the ring's (layer_mask)."""
+    if view.part.quantized and view.part.direct:
+        return attend_codes(view, q, k, v, mask, start, inputs)
     rows, where, dtype, capacity = view.part.rows, view.k.device, view.k.dtype, view.part.capacity
     slot, end = start % capacity, min(start + 1, capacity)
     picked, local = rows_in_part(inputs, rows, q.device)
@@ -40,6 +51,27 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, 
         read_shared = 0.0
     seen = (k_seen.nbytes + v_seen.nbytes) * (1 - read_shared / k_seen.shape[2])
     return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, kernel, int(seen)
+
+
+def attend_codes(view, q, k, v, mask, start: int, inputs: dict):
+    """attend_part over a compressed part a CPU attends as stored: the new token's k, v stand at its slot
+    (quantized_attention), and are returned for the part's home, in its rows (the finished rows' zeros)."""
+    part, cpu = view.part, torch.device("cpu")
+    slot, end = start % part.capacity, min(start + 1, part.capacity)
+    picked, local = rows_in_part(inputs, part.rows, q.device)
+    if local is not None and len(local) == 0:
+        return None
+    q_part, k_new, v_new = rows_to(cpu, part.dtype, q[picked], k[picked], v[picked])
+    if mask is not None:
+        mask = mask[picked if mask.device == q.device else rows_in_part(inputs, part.rows, mask.device)[0]]
+    local_cpu = None if local is None else rows_in_part(inputs, part.rows, cpu)[1]
+    out = quantized_attention.attend(q_part, view.k.arrays(end), view.v.arrays(end), view.k.config, mask, slot,
+                                     k_new, v_new, local_cpu)
+    active = part.rows.stop - part.rows.start if local is None else len(local)
+    seen = part.nbytes_at(end) * active // (part.rows.stop - part.rows.start)
+    if local is not None:
+        k_new, v_new = scatter_rows(k_new, local_cpu, part.rows), scatter_rows(v_new, local_cpu, part.rows)
+    return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, "cpu-4bit", int(seen)
 
 
 def part_shared(inputs: dict, rows: slice, local: torch.Tensor | None):

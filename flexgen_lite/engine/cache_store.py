@@ -117,6 +117,16 @@ class QuantizedStore:
         self.codes, self.scale, self.minimum = self.stores = [
             Store(s, dt, home, where, disk, arena) for s, dt in component_specs(shape, torch.float16, config)]
         self.nbytes = sum(s.nbytes for s in self.stores)
+        self.mapped = home == "mapped"
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.tensor.device if self.codes.tensor is not None else torch.device("cpu")
+
+    def arrays(self, length: int) -> tuple[torch.Tensor, ...]:
+        """Codes, scales and minima of positions [0, length), (rows, kv_heads, length, last) views where they
+        are stored (quantized_attention reads them so)."""
+        return tuple(store.tensor[:, :, :length] for store in self.stores)
 
     def read(self, dst: torch.Tensor, length: int, staging: Staging | None, scratch: list[torch.Tensor],
              to_device: bool, prefix: PrefixRead | None = None) -> None:

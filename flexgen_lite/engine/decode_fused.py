@@ -129,7 +129,7 @@ class FusedDecode:
         if self.config.windows_bite(block.prompt_len + block.gen_len):  # one mask for every layer here
             return False
         parts = cache.parts[0][b]
-        if len(parts) != 1 or not parts[0].direct or parts[0].on_cpu:
+        if len(parts) != 1 or not parts[0].direct or parts[0].on_cpu or parts[0].quantized:
             return False
         k = parts[0].k.tensor
         if not isinstance(k, torch.Tensor) or k.dtype != self.dtype or k.device.type != "cpu" or k.stride(-1) != 1:

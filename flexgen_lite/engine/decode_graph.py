@@ -146,7 +146,8 @@ class StaticDecode:
         if not acts._in_place(acts.tiers[b]):
             return False
         parts = cache.parts[0][b]
-        return len(parts) == 1 and not parts[0].on_cpu and parts[0].k.tensor.device.type == self.device.device.type
+        return (len(parts) == 1 and not parts[0].on_cpu and not parts[0].quantized
+                and parts[0].k.tensor.device.type == self.device.device.type)
 
     def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str] | None:
         """Batch b's logits (rows, vocab) for the tokens at `start` and the kernel name; None when capturing

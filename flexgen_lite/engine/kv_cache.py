@@ -54,7 +54,18 @@ class CachePart:
     k: Store | QuantizedStore
     v: Store | QuantizedStore
     on_cpu: bool  # attention over this part runs on the CPU (cpu_cache_compute), in cpu_dtype
-    direct: bool  # attention can use k.tensor and v.tensor in place
+    direct: bool  # attention uses it where it is (a compressed part: its codes, by quantized_attention)
+    dtype: torch.dtype | None = None  # the dtype attention over it runs in
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.k, QuantizedStore)
+
+    def in_place(self) -> CacheView:
+        """The part where it is stored: its K and V, or for a compressed part its QuantizedStores."""
+        if self.quantized:
+            return CacheView(self, self.k, self.v)
+        return CacheView(self, self.k.tensor, self.v.tensor)
 
     def release(self) -> None:
         """Unmap a memory-mapped disk part's pages after use (no-op for other parts)."""
@@ -79,11 +90,12 @@ class CachePart:
 
 @dataclass
 class CacheView:
-    """One part's K and V where its attention runs, for one (layer, batch)."""
+    """One part's K and V where its attention runs, for one (layer, batch): tensors, or a compressed part's
+    QuantizedStores attended as stored (direct)."""
 
     part: CachePart
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | QuantizedStore
+    v: torch.Tensor | QuantizedStore
 
 
 def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int]) -> list[tuple[str, slice]]:
@@ -102,13 +114,15 @@ class KVCache:
     def __init__(self, num_layers: int, num_batches: int, gpu_batch_size: int, max_len: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
-                 cpu_attention_dtype: torch.dtype | None = None, positions: list[int] | None = None) -> None:
+                 cpu_attention_dtype: torch.dtype | None = None, positions: list[int] | None = None,
+                 attend_codes: bool = False) -> None:
         """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype.
         positions: per layer the positions it keeps (ModelConfig.cached_positions; default max_len each).
+        attend_codes: compressed parts attended on the CPU where they live are read as stored (codes_attended).
         Across a link the cpu tier's parts share one host arena of their exact size (page-locked with CUDA)."""
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
-        self.cpu_dtype = cpu_attention_dtype
+        self.cpu_dtype, self.attend_codes = cpu_attention_dtype, attend_codes
         self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
         self.positions = positions or [max_len] * num_layers
         layout = [[batch_parts(b, gpu_batch_size, self.tier_rows) for b in range(num_batches)]] * num_layers
@@ -147,12 +161,16 @@ class KVCache:
             k, v = (QuantizedStore(shape, self.compression, *args) for _ in range(2))
         else:
             k, v = (Store(shape, dtype, *args) for _ in range(2))
-        # used in place by attention: in compute memory, or in host RAM by CPU attention
-        direct = self.compression is None and home != "file" and (home != "host" or on_cpu)
+        # used in place by attention: in compute memory, or in host RAM by CPU attention; compressed, where a CPU
+        # attends it (CPU attention, or a CPU computes) and it is not in a file
+        if self.compression is None:
+            direct = home != "file" and (home != "host" or on_cpu)
+        else:
+            direct = self.attend_codes and home != "file" and (on_cpu or not self.device.host_is_separate)
         if home != "host":  # off the ledger (and its files off the disk) when a longer cache replaces this one
             for store in (k, v):
                 ledger.track(store, tier, store.nbytes)
-        return CachePart(tier, rows, k, v, on_cpu, direct)
+        return CachePart(tier, rows, k, v, on_cpu, direct, dtype)
 
     def load(self, layer: int, batch: int, length: int, slots: CacheSlots, parity: int,
              trace=NULL, prefixes: dict[int, PrefixRead] | None = None) -> list[CacheView]:
@@ -162,7 +180,7 @@ class KVCache:
         views = []
         for i, part in enumerate(self.parts[layer][batch]):
             if part.direct and not (part.k.mapped or part.v.mapped):  # used in place: nothing moves
-                views.append(CacheView(part, part.k.tensor, part.v.tensor))
+                views.append(part.in_place())
                 continue
             prefix = (prefixes or {}).get(i) if length <= part.capacity else None
             filled = min(length, part.capacity)
@@ -190,7 +208,7 @@ class KVCache:
         if part.direct:
             for store in self._slots(i, part, parity, slots):
                 store.prefetch()
-            return CacheView(part, part.k.tensor, part.v.tensor)
+            return part.in_place()
         views = []
         for store, (buf, scratch) in zip((part.k, part.v), self._slots(i, part, parity, slots), strict=True):
             if isinstance(store, QuantizedStore):

@@ -4,10 +4,12 @@ continuous for the LP)."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from ..engine.block import common_prefix
+from ..engine.cache_attention import codes_attended
 from ..engine.kv_cache import cache_bytes_per_token
 from ..engine.policy import Policy, PolicyError, split_counts
 from ..engine.storage import TIERS, page_aligned
@@ -188,9 +190,13 @@ class Layout:
     def part_direct(self, tier: str) -> bool:
         """As kv_cache.KVCache._alloc decides."""
         s = self.s
-        if s.ccomp is not None:
-            return False
+        if s.ccomp is not None:  # its codes attended as stored where a CPU attends it, but not in a file
+            return self.codes_attended and (not s.cuda or (tier == "cpu" and s.policy.cpu_cache_compute))
         return tier == "gpu" or not s.cuda or (tier == "cpu" and s.policy.cpu_cache_compute)
+
+    @functools.cached_property
+    def codes_attended(self) -> bool:
+        return codes_attended(self.s.config, self.s.policy)
 
     def part_mapped(self, tier: str) -> bool:
         """A disk part a CPU uses in place through a memory map: its pages count like a cache slot."""

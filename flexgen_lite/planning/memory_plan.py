@@ -123,8 +123,10 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, float]:
                 key = (i, rows.stop - rows.start, on_cpu and t != "gpu", dtype)
                 keys[key] = keys.get(key, False) or (s.cuda and t != "gpu")
     out = [0.0, 0.0]
+    codes_mapped = s.ccomp is not None and lay.part_direct("disk")  # a mapped part's pages: its codes alone
     for (_, r, host, dtype), across in keys.items():
-        out[host] += 2 * 2 * r * (dense_row(dtype.itemsize) + (codes_row if across else 0))
+        row = codes_row if codes_mapped else dense_row(dtype.itemsize) + (codes_row if across else 0)
+        out[host] += 2 * 2 * r * row
     return out[0], out[1]
 
 
