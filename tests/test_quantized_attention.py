@@ -5,6 +5,9 @@ a CPU attends, with rings and rows that finish; such parts take no slots, and th
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,8 +23,9 @@ from .test_window_ring import with_eos
 
 CONFIG = CompressionConfig(4, 64, -1)
 GREEDY = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
-needs_kernel = pytest.mark.skipif("not __import__('flexgen_lite.kernels.quantized_attention').kernels."
-                                  "quantized_attention.checked()", reason="no C compiler: the torch path runs")
+# without a C compiler the torch path runs (and these tests skip); a kernel that is built but wrong fails them
+needs_kernel = pytest.mark.skipif("__import__('flexgen_lite.kernels.native').kernels.native.library() is None",
+                                  reason="no C compiler: the torch path runs")
 
 
 def stored(x: torch.Tensor, position_major: bool) -> tuple[torch.Tensor, ...]:
@@ -48,6 +52,12 @@ def expected(q, k, v, mask, skip, k_new, v_new, rows):
     keys[:, :, skip], values[:, :, skip] = k_new[:, :, 0].float(), v_new[:, :, 0].float()
     out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, enable_gqa=True)
     return out.to(q.dtype)
+
+
+@needs_kernel
+def test_the_built_kernel_passes_its_own_check():
+    """The check that decides, once per process, whether the engine reads compressed parts as stored."""
+    assert qa.checked()
 
 
 @needs_kernel
@@ -178,3 +188,57 @@ def test_the_memory_plan_counts_parts_read_as_stored(models):
     """Host-RAM parts attended as stored take no slot in host RAM; the plan is the engine's allocation, exactly."""
     check_gpu_memory_plan(models["opt"], P((100, 0, 34, 33, 100, 0), gbs=3, nb=3, compress_cache=True,
                                            cpu_cache_compute=True))
+
+
+@needs_kernel
+def test_the_cost_model_reads_a_cpu_attended_4_bit_cache_at_the_kernels_rate():
+    """Beside a GPU, host-RAM parts of a 4-bit cache attended on the CPU cost their stored bytes at the measured
+    rate of the kernel (no dequantization, no slot); parts on the GPU are still dequantized there. Without a
+    measured rate the dense one stands in."""
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Workload
+
+    from .conftest import synthetic_profile
+    from .test_cost_model_cuda import CONFIG
+
+    policy = P((100, 0, 0, 100, 100, 0), gbs=32, nb=2, compress_cache=True, cpu_cache_compute=True)
+    policy = dataclasses.replace(policy, dtype="float16")
+    hw = synthetic_profile(cuda=True)
+    work = Workload(512, 32, 64)
+    rates = [dataclasses.replace(hw, cpu_attention_codes={"bfloat16": [(1, 0.0, r), (4, 0.0, 1.0)]})
+             for r in (4e9, 2e9)]
+    fast, slow = (predict(CONFIG, work, policy, h) for h in rates)
+    assert "dequantize" not in fast.decode_by
+    assert slow.decode_by["cpu attention"] == pytest.approx(2 * fast.decode_by["cpu attention"])
+    stored = 2 * CONFIG.num_kv_heads * CONFIG.head_dim // 64 * (32 + 4)  # codes and fp16 stats per position
+    positions = 512 + 31 / 2  # on average over the decode steps
+    per_step = 64 * CONFIG.num_layers * stored * positions / 4e9
+    assert fast.decode_by["cpu attention"] == pytest.approx(per_step, rel=0.05)
+    mixed = dataclasses.replace(policy, cache_gpu_percent=50, cache_cpu_percent=50)
+    assert predict(CONFIG, work, mixed, rates[0]).decode_by["dequantize"] > 0  # the GPU's parts
+
+
+@needs_kernel
+def test_the_profile_measures_the_kernel_and_keeps_it():
+    from flexgen_lite.profiling.probes import codes_attention_rates
+    from flexgen_lite.system.devices import ComputeDevice
+    from flexgen_lite.system.hardware import HardwareProfile
+
+    from .conftest import synthetic_profile
+
+    found = codes_attention_rates(ComputeDevice("cpu"), 8)["cpu_attention_codes"]
+    assert {g for g, _, _ in found["bfloat16"]} == {1, 4}
+    assert all(rate > 1e8 and fixed >= 0 for points in found.values() for _, fixed, rate in points)
+    hw = dataclasses.replace(synthetic_profile(), cpu_attention_codes=found)
+    again = HardwareProfile.from_json(json.dumps(dataclasses.asdict(hw)))
+    assert again.codes_attention("bfloat16", 8) == found["bfloat16"][1][1:]
+
+
+def test_a_prefix_dequantized_into_its_slot_is_the_whole_arrays_dequantization():
+    """KVCache.load of a compressed part through the chunked path into the first positions of a longer slot."""
+    x = torch.randn(3, 4, 37, 128)
+    q = quantize(x, CONFIG)
+    slot = torch.full((3, 4, 50, 128), float("nan"), dtype=torch.bfloat16)
+    dequantize_reference(q, torch.bfloat16, slot[:, :, :37])
+    assert torch.equal(slot[:, :, :37], dequantize_reference(q, torch.bfloat16, None))
+    assert slot[:, :, 37:].isnan().all()

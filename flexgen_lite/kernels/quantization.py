@@ -196,8 +196,11 @@ def dequantize_reference(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tens
     outer, length, n_groups, inner, _ = _layout(q.shape, q.config)
     g = q.config.group_size
     n_codes = outer * n_groups * g * inner
-    if out is not None and out.is_contiguous() and length == n_groups * g and n_codes % 2 == 0:
-        return _dequantize_in_place(q, out, (outer, n_groups, g, inner))
+    if out is not None and length == n_groups * g and n_codes % 2 == 0:
+        if out.is_contiguous():
+            return _dequantize_in_place(q, out, (outer, n_groups, g, inner))
+        if _prefix_of_slot(out, q):
+            return _dequantize_in_place(q, out, (outer, n_groups, g, inner), blocks=out.shape[0] * out.shape[1])
     codes = q.data
     if q.config.bits == 4:
         codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(-1)[:n_codes]
@@ -212,14 +215,25 @@ def dequantize_reference(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tens
     return out.copy_(y)
 
 
-def _dequantize_in_place(q: QuantizedTensor, out: torch.Tensor, grouped: tuple[int, int, int, int]) -> torch.Tensor:
+def _prefix_of_slot(out: torch.Tensor, q: QuantizedTensor) -> bool:
+    """Whether `out` is (A, B, L, D), grouped along D, the first L positions of a longer contiguous slot (a cache
+    part's prefix read into its slot): A x B blocks of L x D values, each contiguous."""
+    return (out.dim() == 4 and q.config.group_dim in (-1, 3) and out.stride(3) == 1 and out.stride(2) == out.shape[3]
+            and out.stride(0) == out.shape[1] * out.stride(1))
+
+
+def _dequantize_in_place(q: QuantizedTensor, out: torch.Tensor, grouped: tuple[int, int, int, int],
+                         blocks: int = 1) -> torch.Tensor:
     """The fast path for weights, decompressed on every use: chunk by chunk through a small fp32 buffer
     that stays in cache, straight into `out` (large temporaries cost more than the arithmetic on a CPU;
-    on a GPU chunks are 16x larger, so launches stay few)."""
+    on a GPU chunks are 16x larger, so launches stay few). blocks: `out` is that many contiguous blocks apart
+    (_prefix_of_slot), chunks whole blocks."""
     outer, n_groups, g, inner = grouped
     rows, per_row = outer * n_groups, g * inner  # a "row" is one group (x inner)
     codes = q.data.view(rows, per_row * q.config.bits // 8)
     scale, minimum = q.scale.reshape(rows, 1, inner), q.minimum.reshape(rows, 1, inner)
+    if blocks > 1:
+        return _dequantize_blocks(codes, scale, minimum, out, rows // blocks, g, q.config.bits)
     dst = out.view(rows, g, inner)
     # a CPU wants the chunk in its caches; a GPU wants few kernel launches (~7 per chunk)
     step = max(1, (1 << 24 if out.is_cuda else 1 << 20) // per_row)
@@ -236,6 +250,28 @@ def _dequantize_in_place(q: QuantizedTensor, out: torch.Tensor, grouped: tuple[i
         t3 = t.view(n, g, inner)
         t3.mul_(scale[r:r + n]).add_(minimum[r:r + n]).clamp_(-_FP16_MAX, _FP16_MAX)
         dst[r:r + n].copy_(t3)
+    return out
+
+
+def _dequantize_blocks(codes, scale, minimum, out: torch.Tensor, per_block: int, g: int, bits: int) -> torch.Tensor:
+    """_dequantize_in_place into blocks apart: out (A, B, L, D) viewed (A x B, L x D / g groups, g), whole blocks
+    a chunk; each group's codes, scale and minimum as there (inner 1: groups along the last dim)."""
+    blocks = out.shape[0] * out.shape[1]
+    dst = out.flatten(0, 1).unflatten(2, (-1, g)).flatten(1, 2)  # (blocks, groups a block, g), blocks apart
+    step = max(1, (1 << 24 if out.is_cuda else 1 << 20) // (per_block * g))
+    tmp = torch.empty((min(step, blocks) * per_block, g), dtype=torch.float32, device=out.device)
+    for r in range(0, blocks, step):
+        n = min(step, blocks - r)
+        lo, hi = r * per_block, (r + n) * per_block
+        t, c = tmp[:hi - lo], codes[lo:hi]
+        if bits == 4:
+            pairs = t.view(hi - lo, -1, 2)
+            pairs[..., 0].copy_(c & 0x0F)
+            pairs[..., 1].copy_(c >> 4)
+        else:
+            t.copy_(c)
+        t.mul_(scale[lo:hi, :, 0]).add_(minimum[lo:hi, :, 0]).clamp_(-_FP16_MAX, _FP16_MAX)
+        dst[r:r + n].copy_(t.view(n, per_block, g))
     return out
 
 

@@ -281,6 +281,12 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             if s.ccomp is not None:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
+        codes = hw.codes_attention(cpu_dtype, group) if s.ccomp is not None and lay.part_direct(tier) else None
+        if codes is not None:  # a CPU reads its codes as stored (quantized_attention)
+            fixed, rate = codes
+            seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * stored / rate,
+                    waits=False)
+            continue
         fixed, rate = cpu_att if on_cpu else gpu_att
         seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
                 + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),

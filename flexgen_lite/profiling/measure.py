@@ -43,6 +43,7 @@ from .probes import (
     MiB,
     attention_rates,
     best_matmul,
+    codes_attention_rates,
     compression_rates,
     compute_dtypes,
     contention,
@@ -70,7 +71,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
     stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("int4 kernel", int4_rates),
-              ("attention", attention_rates),
+              ("attention", attention_rates), ("attention over 4-bit caches", codes_attention_rates),
               ("links", link_rates), ("compression", compression_rates),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates
@@ -130,7 +131,8 @@ def _cache_parts(device: ComputeDevice, scale: int) -> dict:
         for table, percents, comp in ((disk_load, (0, 0, 100), None),
                                       (comp_load, (100, 0, 0), CompressionConfig(4, 64, -1))):
             disk, ledger = DiskStore(), MemoryLedger()
-            kv = KVCache(1, 1, rows, long, heads, hd, dtype, percents, device, disk, ledger, comp)
+            # prefixes of a longer cache, as decode reads them
+            kv = KVCache(1, 1, rows, 2 * long, heads, hd, dtype, percents, device, disk, ledger, comp)
             slots = CacheSlots(ledger, Staging(pin=device.is_cuda))
             token = torch.randn(rows, heads, long, hd, device=device.device).to(dtype)
             kv.store(kv.parts[0][0][0], token, token, 0)

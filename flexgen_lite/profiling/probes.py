@@ -262,6 +262,46 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
             "attention_shared": shared}
 
 
+def codes_attention_rates(device: ComputeDevice, scale: int) -> dict:
+    """CPU decode attention over a 4-bit cache read as stored (quantized_attention), 1 and 4 query heads per kv
+    head of 128, over prefixes of 32 and `long` positions of 8 rows, laid out as the engine keeps the parts a CPU
+    attends: (fixed s, stored K+V bytes/s) per CPU attention dtype; {} without the kernel."""
+    from ..kernels import quantized_attention as qa
+    from ..kernels.quantization import CompressionConfig, quantize
+
+    config = CompressionConfig(4, 64, -1)
+    if not qa.supported(config):
+        return {"cpu_attention_codes": {}}
+    rows, hd, long = 8, 128, 2048 // scale
+    out = {}
+    for name in ("float32", "bfloat16"):
+        dtype, points = DTYPES[name], []
+        for group, kv_heads in ((1, 16), (4, 4)):
+            parts = []
+            for _ in "kv":
+                if device.host_is_separate:  # beside a GPU: position-major host RAM
+                    x = quantize(torch.randn(long + 1, rows, kv_heads, hd), config)
+                    parts.append(tuple(p.view(long + 1, rows, kv_heads, -1).permute(1, 2, 0, 3)
+                                       for p in (x.data, x.scale, x.minimum)))
+                else:
+                    x = quantize(torch.randn(rows, kv_heads, long + 1, hd), config)
+                    parts.append((x.data.view(rows, kv_heads, long + 1, -1), x.scale, x.minimum))
+            q = torch.randn(rows, kv_heads * group, 1, hd).to(dtype)
+            new = torch.randn(rows, kv_heads, 1, hd).to(dtype)
+            times = []
+            for length in (32, long):
+                k, v = ([p[:, :, :length] for p in part] for part in parts)
+                mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+                times.append(timed(lambda k=k, v=v, mask=mask, n=length: qa.attend(q, k, v, config, mask, n - 1, new,
+                                                                                    new), lambda: None))
+            per_position = 2 * sum(p[:, :, :1].numel() * p.element_size() for p in parts[0])
+            rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
+            points.append((group, fixed, rate))
+        out[name] = points
+    out["float16"] = out["bfloat16"]  # a float16 cache is attended in bfloat16 on a CPU
+    return {"cpu_attention_codes": out}
+
+
 def _shared_speedup(dtype: torch.dtype, long: int, position_major: bool) -> float:
     """How many times faster per byte CPU decode attention goes over a shared prompt prefix's positions (read from
     one row) than over each row's own: both measured back to back, twice in turn, over 32 rows (their own cache,

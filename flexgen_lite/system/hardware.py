@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 10  # measured anew when the code measured changes; 10: CPU decode attention over a shared
+PROFILE_VERSION = 11  # measured anew when the code measured changes; 11: CPU attention over a 4-bit cache as
+# stored, a compressed part's load measured over a prefix of its slot (the engine's); 10: CPU decode attention over a shared
 # prompt prefix, grouped heads of dim 64 scored 16 positions at a time
 # converted as read, measured up to 64 rows; 8: the C prefill attention in fp32 too, bf16
 # few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's overhead with the
@@ -89,6 +90,19 @@ class HardwareProfile:
     # dtype -> FLOP/s of prefill attention by the C kernel (native/prefill.c, CPU, bf16), counted as
     # `sdpa_prefill` (which then holds torch's alone); {} without it
     prefill_native: dict[str, float] = field(default_factory=dict)
+    # dtype -> [(query heads per kv head, s per call, stored K+V bytes/s)] of CPU decode attention over a 4-bit
+    # cache read as stored (quantized_attention), laid out as the engine keeps the parts a CPU attends (beside a GPU
+    # position-major in host RAM, else head-major); {} without the kernel
+    cpu_attention_codes: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+
+    def codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
+        """(s per call, stored bytes/s) of CPU attention over a 4-bit cache as stored, for `group` query heads per
+        kv head (the measured group nearest), or None where not measured."""
+        points = self.cpu_attention_codes.get(dtype)
+        if not points:
+            return None
+        _, fixed, rate = min(points, key=lambda p: abs(p[0] - group))
+        return fixed, rate
 
     def prefill_attention_rate(self, dtype: str) -> float:
         """FLOP/s (4 * B * heads * T^2 * hd per call) of prefill attention as the engine runs it in `dtype`."""
@@ -154,7 +168,7 @@ class HardwareProfile:
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
         for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "attention_grouped",
-                     "cpu_attention_grouped"):
+                     "cpu_attention_grouped", "cpu_attention_codes"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
