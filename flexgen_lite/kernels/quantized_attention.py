@@ -51,6 +51,7 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
     q, k_new, v_new = (x.contiguous() for x in (q, k_new, v_new))
     out = torch.empty(b, heads, 1, d, dtype=q.dtype)
     rows = None if rows is None else rows.to(torch.int64).contiguous()
+    block = native.attention_block(kv_heads, heads // kv_heads, codes)  # position-major: heads side by side
 
     def strides(x: torch.Tensor, n: int):
         return (ctypes.c_int64 * n)(*x.stride()[:n])
@@ -58,8 +59,8 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
     args = (q.data_ptr(), strides(q, 2), KINDS[q.dtype], *(x.data_ptr() for x in (*k, *v)), strides(codes, 3),
             strides(scale, 3), k_new.data_ptr(), v_new.data_ptr(), strides(k_new, 2), mask.data_ptr(), length,
             None if rows is None else rows.data_ptr(), out.data_ptr(), strides(out, 2), heads, kv_heads, length,
-            skip, d, config.group_size, 1.0 / math.sqrt(d))
-    items = b * kv_heads
+            skip, d, config.group_size, 1.0 / math.sqrt(d), block)
+    items = b * -(-kv_heads // block)
     if native.team_threads():
         lib.decode_attention_q4_team(*args, items, native.team_threads())
     else:
@@ -102,7 +103,8 @@ def _library():
     if lib is None:
         return None
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    common = ([ptr, ptr, i32] + [ptr] * 6 + [ptr] * 2 + [ptr] * 3 + [ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [f32])
+    common = ([ptr, ptr, i32] + [ptr] * 6 + [ptr] * 2 + [ptr] * 3 + [ptr, i64, ptr, ptr, ptr] + [i64] * 6
+              + [f32, i64])
     for name, tail in (("decode_attention_q4", [i64, i64]), ("decode_attention_q4_team", [i64, i32])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, common + tail

@@ -129,57 +129,85 @@ static inline void load_kind(const void *src, int kind, int64_t n, float *dst) {
     for (int64_t i = 0; i < n; i++) dst[i] = kind_value(src, kind, i);
 }
 
-/* Items [begin, end) of (batch row, kv head). q (B, heads, d) and out by (b, h) strides in elements; codes
-   (rows, kv_heads, length, bytes) by (row, head, position) strides in bytes, scales and minima (.., groups) in
-   elements, K's and V's alike; k_new, v_new (B, kv_heads, d) by `new_strides` (NULL: no new token); mask
-   (B, length) of bytes, position `skip` the new token's; rows[b]: the cache row of batch row b (NULL: b). */
+/* The scores of one kv head's `group` query heads (qf, ds apart) at one position, into s (sl apart): from its
+   codes, or (codes NULL) from the new token's dense row `dense`. */
+static inline void head_scores(const float *qf, int64_t ds, int64_t group, const uint8_t *codes, const _Float16 *sc,
+                               const _Float16 *mn, const void *dense, int64_t dim, int64_t gs, int kind, float scale,
+                               float *row, float *s, int64_t sl) {
+#ifdef __AVX512BW__
+    if (codes && group == 1 && gs == 64 && dim % 64 == 0) {  /* straight from the codes: no row to share */
+        s[0] = dot_q4(qf, codes, sc, mn, dim, kind) * scale;
+        return;
+    }
+#endif
+    if (codes)
+        dequantized_row(codes, sc, mn, dim, gs, kind, row);
+    else
+        load_kind(dense, kind, dim, row);
+    for (int64_t j = 0; j < group; j++) s[j * sl] = dot_f32(qf + j * ds, row, dim) * scale;
+}
+
+/* acc (ds apart) += p (sl apart) times one kv head's value row at one position (codes, or the dense row) */
+static inline void head_values(float *acc, int64_t ds, int64_t group, const float *p, int64_t sl,
+                               const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
+                               int64_t dim, int64_t gs, int kind, float *row) {
+#ifdef __AVX512BW__
+    if (codes && group == 1 && gs == 64 && dim % 64 == 0) {
+        axpy_q4(acc, p[0], codes, sc, mn, dim, kind);
+        return;
+    }
+#endif
+    if (codes)
+        dequantized_row(codes, sc, mn, dim, gs, kind, row);
+    else
+        load_kind(dense, kind, dim, row);
+    for (int64_t j = 0; j < group; j++) axpy_f32(acc + j * ds, p[j * sl], row, dim);
+}
+
+/* Items [begin, end) of (batch row, block of `block` kv heads): in a position-major cache one position's rows of
+   the block's heads are adjacent, read together (block 1 where heads are apart). q (B, heads, d) and out by (b, h)
+   strides in elements; codes (rows, kv_heads, length, bytes) by (row, head, position) strides in bytes, scales
+   and minima (.., groups) in elements, K's and V's alike; k_new, v_new (B, kv_heads, d) by `new_strides` (NULL:
+   no new token); mask (B, length) of bytes, position `skip` the new token's; rows[b]: the cache row of batch
+   row b (NULL: b). */
 void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, const uint8_t *k_codes,
                          const _Float16 *k_scale, const _Float16 *k_min, const uint8_t *v_codes,
                          const _Float16 *v_scale, const _Float16 *v_min, const int64_t *code_strides,
                          const int64_t *stat_strides, const void *k_new, const void *v_new,
                          const int64_t *new_strides, const uint8_t *mask, int64_t mask_stride, const int64_t *rows,
                          void *out, const int64_t *out_strides, int64_t heads, int64_t kv_heads, int64_t length,
-                         int64_t skip, int64_t dim, int64_t gs, float scale, int64_t begin, int64_t end) {
-    int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads;
-    int64_t ds = (dim + 15) / 16 * 16, sl = (length + 1 + 15) / 16 * 16;
-    float *qf = aligned_alloc(64, sizeof(float) * (2 * group * ds + ds + group * sl));
+                         int64_t skip, int64_t dim, int64_t gs, float scale, int64_t block, int64_t begin,
+                         int64_t end) {
+    int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads, nq_max = block * group;
+    int64_t ds = (dim + 15) / 16 * 16, sl = (length + 1 + 15) / 16 * 16, blocks = (kv_heads + block - 1) / block;
+    float *qf = aligned_alloc(64, sizeof(float) * (2 * nq_max * ds + ds + nq_max * sl + 16 * ((nq_max + 15) / 16)));
     if (!qf) return;
-    float *acc = qf + group * ds, *row = acc + group * ds, *scores = row + ds;
-#ifdef __AVX512BW__
-    int lone = group == 1 && gs == 64 && dim % 64 == 0;  /* straight from the codes: no row to share */
-#else
-    int lone = 0;
-#endif
+    float *acc = qf + nq_max * ds, *row = acc + nq_max * ds, *scores = row + ds, *total = scores + nq_max * sl;
     for (int64_t it = begin; it < end; it++) {
-        int64_t b = it / kv_heads, kh = it % kv_heads, r = rows ? rows[b] : b, h0 = kh * group;
-        for (int64_t j = 0; j < group; j++)
+        int64_t b = it / blocks, kh0 = (it % blocks) * block, kh1 = kh0 + block < kv_heads ? kh0 + block : kv_heads;
+        int64_t r = rows ? rows[b] : b, h0 = kh0 * group, nq = (kh1 - kh0) * group;
+        for (int64_t j = 0; j < nq; j++)
             load_kind((const char *)q + (b * q_strides[0] + (h0 + j) * q_strides[1]) * item, kind, dim, qf + j * ds);
         const uint8_t *m = mask + b * mask_stride;
         int own = k_new && skip >= 0 && skip < length && m[skip];
-        int64_t c0 = r * code_strides[0] + kh * code_strides[1], s0 = r * stat_strides[0] + kh * stat_strides[1];
+        int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
         for (int64_t l = 0; l <= length; l++) {
             int seen = l < length ? l != skip && m[l] : own;
-            if (!seen) {
-                for (int64_t j = 0; j < group; j++) scores[j * sl + l] = -INFINITY;
-                continue;
-            }
-            if (l < length) {
-                int64_t at = s0 + l * stat_strides[2];
-#ifdef __AVX512BW__
-                if (lone) {
-                    scores[l] = dot_q4(qf, k_codes + c0 + l * code_strides[2], k_scale + at, k_min + at, dim, kind)
-                        * scale;
-                    continue;
+            for (int64_t kh = kh0; kh < kh1; kh++) {
+                int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
+                if (!seen) {
+                    for (int64_t g = 0; g < group; g++) scores[(j + g) * sl + l] = -INFINITY;
+                } else if (l < length) {
+                    head_scores(qf + j * ds, ds, group, k_codes + c0 + kh * code_strides[1] + l * code_strides[2],
+                                k_scale + at, k_min + at, NULL, dim, gs, kind, scale, row, scores + j * sl + l, sl);
+                } else {
+                    const char *dense = (const char *)k_new + (b * new_strides[0] + kh * new_strides[1]) * item;
+                    head_scores(qf + j * ds, ds, group, NULL, NULL, NULL, dense, dim, gs, kind, scale, row,
+                                scores + j * sl + l, sl);
                 }
-#endif
-                dequantized_row(k_codes + c0 + l * code_strides[2], k_scale + at, k_min + at, dim, gs, kind, row);
-            } else {
-                load_kind((const char *)k_new + (b * new_strides[0] + kh * new_strides[1]) * item, kind, dim, row);
             }
-            for (int64_t j = 0; j < group; j++) scores[j * sl + l] = dot_f32(qf + j * ds, row, dim) * scale;
         }
-        float total[64];  /* the caller keeps group <= 64 */
-        for (int64_t j = 0; j < group; j++) {
+        for (int64_t j = 0; j < nq; j++) {
             float *s = scores + j * sl, top = -INFINITY, sum = 0;
             for (int64_t l = 0; l <= length; l++) top = s[l] > top ? s[l] : top;
             for (int64_t l = 0; l <= length; l++) {
@@ -188,25 +216,19 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
             }
             total[j] = sum;
         }
-        memset(acc, 0, sizeof(float) * group * ds);
+        memset(acc, 0, sizeof(float) * nq * ds);
         for (int64_t l = 0; l <= length; l++) {
-            int seen = l < length ? l != skip && m[l] : own;
-            if (!seen) continue;
-            if (l < length) {
-                int64_t at = s0 + l * stat_strides[2];
-#ifdef __AVX512BW__
-                if (lone) {
-                    axpy_q4(acc, scores[l], v_codes + c0 + l * code_strides[2], v_scale + at, v_min + at, dim, kind);
-                    continue;
-                }
-#endif
-                dequantized_row(v_codes + c0 + l * code_strides[2], v_scale + at, v_min + at, dim, gs, kind, row);
-            } else {
-                load_kind((const char *)v_new + (b * new_strides[0] + kh * new_strides[1]) * item, kind, dim, row);
+            if (!(l < length ? l != skip && m[l] : own)) continue;
+            for (int64_t kh = kh0; kh < kh1; kh++) {
+                int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
+                const char *dense = (const char *)v_new + (b * new_strides[0] + kh * new_strides[1]) * item;
+                int stored = l < length;
+                head_values(acc + j * ds, ds, group, scores + j * sl + l, sl,
+                            stored ? v_codes + c0 + kh * code_strides[1] + l * code_strides[2] : NULL,
+                            v_scale + at, v_min + at, stored ? NULL : dense, dim, gs, kind, row);
             }
-            for (int64_t j = 0; j < group; j++) axpy_f32(acc + j * ds, scores[j * sl + l], row, dim);
         }
-        for (int64_t j = 0; j < group; j++) {
+        for (int64_t j = 0; j < nq; j++) {
             char *o = (char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item;
             for (int64_t d = 0; d < dim; d++)  /* every position masked: zeros */
                 kind_put(o, kind, d, total[j] > 0 ? acc[j * ds + d] / total[j] : 0.0f);
@@ -223,12 +245,12 @@ void decode_attention_q4_team(const void *q, const int64_t *q_strides, int kind,
                               const int64_t *new_strides, const uint8_t *mask, int64_t mask_stride,
                               const int64_t *rows, void *out, const int64_t *out_strides, int64_t heads,
                               int64_t kv_heads, int64_t length, int64_t skip, int64_t dim, int64_t gs, float scale,
-                              int64_t items, int threads) {
+                              int64_t block, int64_t items, int threads) {
     int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
     for (int64_t r = 0; r < ranges; r++)
         decode_attention_q4(q, q_strides, kind, k_codes, k_scale, k_min, v_codes, v_scale, v_min, code_strides,
                             stat_strides, k_new, v_new, new_strides, mask, mask_stride, rows, out, out_strides, heads,
-                            kv_heads, length, skip, dim, gs, scale, r * step, (r + 1) * step < items ? (r + 1) * step
-                            : items);
+                            kv_heads, length, skip, dim, gs, scale, block, r * step,
+                            (r + 1) * step < items ? (r + 1) * step : items);
 }
