@@ -71,7 +71,7 @@ def test_the_kernel_is_dequantize_then_attend(dtype, d, heads, kv_heads, positio
     g = torch.Generator().manual_seed(d + heads)
     rows_in_cache, length, skip = 5, 37, 11
     k, v = (stored(torch.randn(rows_in_cache, kv_heads, length, d, generator=g), position_major) for _ in "kv")
-    for codes, scale, minimum in (k, v):  # the slot the new token replaces holds something else entirely
+    for _, scale, _ in (k, v):  # the slot the new token replaces holds something else entirely
         scale[:, :, skip] = 4.0
     rows = torch.tensor([4, 0, 2])
     q = torch.randn(3, heads, 1, d, generator=g).to(dtype)

@@ -21,7 +21,6 @@ from . import native
 from .quantization import CompressionConfig, QuantizedTensor, dequantize_reference
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-MAX_GROUP = 64  # query heads per kv head the kernel takes
 
 
 def supported(config: CompressionConfig | None) -> bool:
@@ -45,6 +44,9 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
     kv_heads, length = codes.shape[1], codes.shape[2]
     if lib is None:
         raise RuntimeError("the 4-bit attention kernel is not built here (quantized_attention.supported)")
+    if not usable(q, k, v):
+        raise ValueError("the 4-bit attention kernel takes CPU arrays with K's and V's laid out alike, uint8 codes, "
+                         "fp16 statistics and rows of the last dim contiguous")
     if mask is None:
         mask = torch.ones(b, length, dtype=torch.bool)
     mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
@@ -70,12 +72,12 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
 
 
 def usable(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]) -> bool:
-    """Whether `attend` takes these arrays (CPU, layouts, dtypes, head groups)."""
+    """Whether `attend` takes these arrays (CPU, layouts, dtypes, whole head groups)."""
     heads, kv_heads = q.shape[1], k[0].shape[1]
     same = all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(k, v, strict=True))
-    return (q.device.type == "cpu" and q.dtype in KINDS and same and heads % kv_heads == 0
-            and heads // kv_heads <= MAX_GROUP and k[0].dtype == torch.uint8 and k[1].dtype == k[2].dtype == torch.float16
-            and k[1].stride() == k[2].stride() and all(x.device.type == "cpu" and x.stride(-1) == 1 for x in (*k, *v)))
+    stats = k[1].dtype == k[2].dtype == torch.float16 and k[1].stride() == k[2].stride()
+    return (q.device.type == "cpu" and q.dtype in KINDS and same and heads % kv_heads == 0 and stats
+            and k[0].dtype == torch.uint8 and all(x.device.type == "cpu" and x.stride(-1) == 1 for x in (*k, *v)))
 
 
 def reference(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], config: CompressionConfig,

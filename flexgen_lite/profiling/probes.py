@@ -292,8 +292,8 @@ def codes_attention_rates(device: ComputeDevice, scale: int) -> dict:
             for length in (32, long):
                 k, v = ([p[:, :, :length] for p in part] for part in parts)
                 mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
-                times.append(timed(lambda k=k, v=v, mask=mask, n=length: qa.attend(q, k, v, config, mask, n - 1, new,
-                                                                                    new), lambda: None))
+                times.append(timed(lambda k=k, v=v, mask=mask, n=length, q=q, new=new: qa.attend(
+                    q, k, v, config, mask, n - 1, new, new), lambda: None))
             per_position = 2 * sum(p[:, :, :1].numel() * p.element_size() for p in parts[0])
             rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
             points.append((group, fixed, rate))
