@@ -3,8 +3,10 @@
 A compressed cache part attended on the CPU (cpu_cache_compute beside a GPU, or any part on a CPU-only machine)
 was dequantized whole into a dense buffer every step, then attended: a write and a read of 16 or 32 bits a
 value, per layer and step. The kernel reads the codes (4 bits a value, and two fp16 statistics per group of 64)
-and rebuilds each position's row where it is used. Its values are the reference's (`reference`): the row each
-code gives, rounded to the attention dtype, as `dequantize` writes it into a buffer of that dtype.
+and rebuilds each position's row where it is used, as `dequantize` rebuilds it into a buffer of the attention
+dtype (`reference`). Where a kv head has one query head, no row is rebuilt: its score is the sum over groups of
+scale x (codes . q) + minimum x sum(q), and its values add p x scale x codes and p x minimum apart; the same sums
+but for the rounding of the rebuilt values to the attention dtype and the order of the additions.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
    cache reads ~4.5 bits a value instead of dequantizing the whole cache into a dense buffer every step.
 
    Each position's row is rebuilt as compression.dequantize_reference rebuilds it (code * scale, then + minimum,
-   clamped to fp16's range, rounded to the attention's kind), into a buffer of one row that stays in L1; scores
-   and softmax then follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
+   clamped to fp16's range, rounded to the attention's kind), into a buffer of one row that stays in L1, and shared
+   by the kv head's query heads; a lone query head works from the codes alone (dot_q4). Scores and softmax then
+   follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
    (k_new, v_new) and stand at cache slot `skip`, whose stored row is ignored (it holds an older position in a
    ring, or nothing yet). */
 
@@ -35,47 +36,57 @@ static inline __m512 rounded16(__m512 x, int kind) {
     return x;
 }
 
-static inline __m512 value16(__m128i codes, __m512 s, __m512 m, int kind) {
-    __m512 x = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), s), m);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-FP16_MAX)), _mm512_set1_ps(FP16_MAX));
-    return rounded16(x, kind);
+/* 64 codes from 32 bytes, as fp32 (x[0..3]), not yet scaled */
+static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m512 x[4]) {
+    __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)c));
+    __m512i bytes = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi16(15)),
+                                    _mm512_slli_epi16(_mm512_srli_epi16(w, 4), 8));
+    x[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 0)));
+    x[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 1)));
+    x[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 2)));
+    x[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 3)));
 }
 
-/* A group of 64 values from 32 bytes of codes: nibbles spread to one code a byte, in order, then 16 at a time
-   to fp32 (x[0..3]) */
+/* A group of 64 values from 32 bytes of codes, rebuilt as dequantize_reference does (x[0..3]) */
 static inline __attribute__((always_inline)) void group64(const uint8_t *c, float s, float m, int kind,
                                                           __m512 x[4]) {
-    __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)c));
-    __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(w, 4);
-    __m512i bytes = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 8));
-    __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
-    x[0] = value16(_mm512_extracti32x4_epi32(bytes, 0), vs, vm, kind);
-    x[1] = value16(_mm512_extracti32x4_epi32(bytes, 1), vs, vm, kind);
-    x[2] = value16(_mm512_extracti32x4_epi32(bytes, 2), vs, vm, kind);
-    x[3] = value16(_mm512_extracti32x4_epi32(bytes, 3), vs, vm, kind);
-}
-
-/* One query head (a lone head per kv head: no row to share) straight from the codes: its score, and p times the
-   value row into acc; dim a multiple of 64 */
-static inline float dot_q4(const float *qf, const uint8_t *c, const _Float16 *scale, const _Float16 *minimum,
-                           int64_t dim, int kind) {
-    __m512 acc = _mm512_setzero_ps(), x[4];
-    for (int64_t g = 0; g < dim / 64; g++) {
-        group64(c + 32 * g, (float)scale[g], (float)minimum[g], kind, x);
-        for (int i = 0; i < 4; i++) acc = _mm512_add_ps(acc, _mm512_mul_ps(x[i], _mm512_loadu_ps(qf + 64 * g + 16 * i)));
+    __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m), top = _mm512_set1_ps(FP16_MAX);
+    codes64(c, x);
+    for (int i = 0; i < 4; i++) {
+        __m512 y = _mm512_add_ps(_mm512_mul_ps(x[i], vs), vm);
+        x[i] = rounded16(_mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-FP16_MAX)), top), kind);
     }
-    return _mm512_reduce_add_ps(acc);
 }
 
-static inline void axpy_q4(float *out, float p, const uint8_t *c, const _Float16 *scale, const _Float16 *minimum,
-                           int64_t dim, int kind) {
-    __m512 vp = _mm512_set1_ps(p), x[4];
+/* A lone query head per kv head (no rebuilt row to share): the row's values are never made. Its score is
+   sum over groups of scale * (codes . q) + minimum * sum(q) (qsum: q's sum per group); a value row adds
+   p * scale * codes to acc and p * minimum to extra[group], spread over the group's values at the end. The same
+   sums as over the rebuilt row, but for its rounding to the attention dtype and the order of the additions. */
+static inline float dot_q4(const float *qf, const float *qsum, const uint8_t *c, const _Float16 *scale,
+                           const _Float16 *minimum, int64_t dim) {
+    __m512 acc = _mm512_setzero_ps(), x[4];
+    float shift = 0;
     for (int64_t g = 0; g < dim / 64; g++) {
-        group64(c + 32 * g, (float)scale[g], (float)minimum[g], kind, x);
+        __m512 part = _mm512_setzero_ps();
+        codes64(c + 32 * g, x);
+        for (int i = 0; i < 4; i++) part = _mm512_add_ps(part, _mm512_mul_ps(x[i], _mm512_loadu_ps(qf + 64 * g + 16 * i)));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(part, _mm512_set1_ps((float)scale[g])));
+        shift += (float)minimum[g] * qsum[g];
+    }
+    return _mm512_reduce_add_ps(acc) + shift;
+}
+
+static inline void axpy_q4(float *out, float *extra, float p, const uint8_t *c, const _Float16 *scale,
+                           const _Float16 *minimum, int64_t dim) {
+    __m512 x[4];
+    for (int64_t g = 0; g < dim / 64; g++) {
+        __m512 ps = _mm512_set1_ps(p * (float)scale[g]);
+        codes64(c + 32 * g, x);
         for (int i = 0; i < 4; i++) {
             float *o = out + 64 * g + 16 * i;
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(vp, x[i])));
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(ps, x[i])));
         }
+        extra[g] += p * (float)minimum[g];
     }
 }
 #endif
@@ -131,12 +142,12 @@ static inline void load_kind(const void *src, int kind, int64_t n, float *dst) {
 
 /* The scores of one kv head's `group` query heads (qf, ds apart) at one position, into s (sl apart): from its
    codes, or (codes NULL) from the new token's dense row `dense`. */
-static inline void head_scores(const float *qf, int64_t ds, int64_t group, const uint8_t *codes, const _Float16 *sc,
-                               const _Float16 *mn, const void *dense, int64_t dim, int64_t gs, int kind, float scale,
-                               float *row, float *s, int64_t sl) {
+static inline void head_scores(const float *qf, const float *qsum, int64_t ds, int64_t group, const uint8_t *codes,
+                               const _Float16 *sc, const _Float16 *mn, const void *dense, int64_t dim, int64_t gs,
+                               int kind, float scale, float *row, float *s, int64_t sl) {
 #ifdef __AVX512BW__
     if (codes && group == 1 && gs == 64 && dim % 64 == 0) {  /* straight from the codes: no row to share */
-        s[0] = dot_q4(qf, codes, sc, mn, dim, kind) * scale;
+        s[0] = dot_q4(qf, qsum, codes, sc, mn, dim) * scale;
         return;
     }
 #endif
@@ -148,12 +159,12 @@ static inline void head_scores(const float *qf, int64_t ds, int64_t group, const
 }
 
 /* acc (ds apart) += p (sl apart) times one kv head's value row at one position (codes, or the dense row) */
-static inline void head_values(float *acc, int64_t ds, int64_t group, const float *p, int64_t sl,
+static inline void head_values(float *acc, float *extra, int64_t ds, int64_t group, const float *p, int64_t sl,
                                const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
                                int64_t dim, int64_t gs, int kind, float *row) {
 #ifdef __AVX512BW__
     if (codes && group == 1 && gs == 64 && dim % 64 == 0) {
-        axpy_q4(acc, p[0], codes, sc, mn, dim, kind);
+        axpy_q4(acc, extra, p[0], codes, sc, mn, dim);
         return;
     }
 #endif
@@ -180,14 +191,24 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                          int64_t end) {
     int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads, nq_max = block * group;
     int64_t ds = (dim + 15) / 16 * 16, sl = (length + 1 + 15) / 16 * 16, blocks = (kv_heads + block - 1) / block;
-    float *qf = aligned_alloc(64, sizeof(float) * (2 * nq_max * ds + ds + nq_max * sl + 16 * ((nq_max + 15) / 16)));
+    int64_t ng = (dim + gs - 1) / gs, ngs = (ng + 15) / 16 * 16;  /* per head: q's sums and the minima's share */
+    float *qf = aligned_alloc(64, sizeof(float) * (2 * nq_max * ds + ds + nq_max * sl + 16 * ((nq_max + 15) / 16)
+                                                   + 2 * nq_max * ngs));
     if (!qf) return;
     float *acc = qf + nq_max * ds, *row = acc + nq_max * ds, *scores = row + ds, *total = scores + nq_max * sl;
+    float *qsum = total + 16 * ((nq_max + 15) / 16), *extra = qsum + nq_max * ngs;
     for (int64_t it = begin; it < end; it++) {
         int64_t b = it / blocks, kh0 = (it % blocks) * block, kh1 = kh0 + block < kv_heads ? kh0 + block : kv_heads;
         int64_t r = rows ? rows[b] : b, h0 = kh0 * group, nq = (kh1 - kh0) * group;
-        for (int64_t j = 0; j < nq; j++)
+        for (int64_t j = 0; j < nq; j++) {
             load_kind((const char *)q + (b * q_strides[0] + (h0 + j) * q_strides[1]) * item, kind, dim, qf + j * ds);
+            for (int64_t g = 0; g < ng; g++) {
+                float sum = 0;
+                for (int64_t d = g * gs; d < (g + 1) * gs && d < dim; d++) sum += qf[j * ds + d];
+                qsum[j * ngs + g] = sum;
+                extra[j * ngs + g] = 0;
+            }
+        }
         const uint8_t *m = mask + b * mask_stride;
         int own = k_new && skip >= 0 && skip < length && m[skip];
         int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
@@ -198,11 +219,12 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                 if (!seen) {
                     for (int64_t g = 0; g < group; g++) scores[(j + g) * sl + l] = -INFINITY;
                 } else if (l < length) {
-                    head_scores(qf + j * ds, ds, group, k_codes + c0 + kh * code_strides[1] + l * code_strides[2],
-                                k_scale + at, k_min + at, NULL, dim, gs, kind, scale, row, scores + j * sl + l, sl);
+                    head_scores(qf + j * ds, qsum + j * ngs, ds, group,
+                                k_codes + c0 + kh * code_strides[1] + l * code_strides[2], k_scale + at, k_min + at,
+                                NULL, dim, gs, kind, scale, row, scores + j * sl + l, sl);
                 } else {
                     const char *dense = (const char *)k_new + (b * new_strides[0] + kh * new_strides[1]) * item;
-                    head_scores(qf + j * ds, ds, group, NULL, NULL, NULL, dense, dim, gs, kind, scale, row,
+                    head_scores(qf + j * ds, NULL, ds, group, NULL, NULL, NULL, dense, dim, gs, kind, scale, row,
                                 scores + j * sl + l, sl);
                 }
             }
@@ -223,15 +245,17 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
                 const char *dense = (const char *)v_new + (b * new_strides[0] + kh * new_strides[1]) * item;
                 int stored = l < length;
-                head_values(acc + j * ds, ds, group, scores + j * sl + l, sl,
+                head_values(acc + j * ds, extra + j * ngs, ds, group, scores + j * sl + l, sl,
                             stored ? v_codes + c0 + kh * code_strides[1] + l * code_strides[2] : NULL,
                             v_scale + at, v_min + at, stored ? NULL : dense, dim, gs, kind, row);
             }
         }
         for (int64_t j = 0; j < nq; j++) {
             char *o = (char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item;
-            for (int64_t d = 0; d < dim; d++)  /* every position masked: zeros */
-                kind_put(o, kind, d, total[j] > 0 ? acc[j * ds + d] / total[j] : 0.0f);
+            for (int64_t d = 0; d < dim; d++) {  /* every position masked: zeros */
+                float a = acc[j * ds + d] + extra[j * ngs + d / gs];
+                kind_put(o, kind, d, total[j] > 0 ? a / total[j] : 0.0f);
+            }
         }
     }
     free(qf);
