@@ -140,21 +140,29 @@ static inline void load_kind(const void *src, int kind, int64_t n, float *dst) {
     for (int64_t i = 0; i < n; i++) dst[i] = kind_value(src, kind, i);
 }
 
+static inline int lone_head(int64_t group, int64_t gs, int64_t dim) { return group == 1 && gs == 64 && dim % 64 == 0; }
+
+/* One position's row: rebuilt from its codes, or (codes NULL) the new token's dense row */
+static inline void position_row(const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
+                                int64_t dim, int64_t gs, int kind, float *row) {
+    if (codes)
+        dequantized_row(codes, sc, mn, dim, gs, kind, row);
+    else
+        load_kind(dense, kind, dim, row);
+}
+
 /* The scores of one kv head's `group` query heads (qf, ds apart) at one position, into s (sl apart): from its
    codes, or (codes NULL) from the new token's dense row `dense`. */
 static inline void head_scores(const float *qf, const float *qsum, int64_t ds, int64_t group, const uint8_t *codes,
                                const _Float16 *sc, const _Float16 *mn, const void *dense, int64_t dim, int64_t gs,
                                int kind, float scale, float *row, float *s, int64_t sl) {
 #ifdef __AVX512BW__
-    if (codes && group == 1 && gs == 64 && dim % 64 == 0) {  /* straight from the codes: no row to share */
+    if (codes && lone_head(group, gs, dim)) {  /* straight from the codes: no row to share */
         s[0] = dot_q4(qf, qsum, codes, sc, mn, dim) * scale;
         return;
     }
 #endif
-    if (codes)
-        dequantized_row(codes, sc, mn, dim, gs, kind, row);
-    else
-        load_kind(dense, kind, dim, row);
+    position_row(codes, sc, mn, dense, dim, gs, kind, row);
     for (int64_t j = 0; j < group; j++) s[j * sl] = dot_f32(qf + j * ds, row, dim) * scale;
 }
 
@@ -163,15 +171,12 @@ static inline void head_values(float *acc, float *extra, int64_t ds, int64_t gro
                                const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
                                int64_t dim, int64_t gs, int kind, float *row) {
 #ifdef __AVX512BW__
-    if (codes && group == 1 && gs == 64 && dim % 64 == 0) {
+    if (codes && lone_head(group, gs, dim)) {
         axpy_q4(acc, extra, p[0], codes, sc, mn, dim);
         return;
     }
 #endif
-    if (codes)
-        dequantized_row(codes, sc, mn, dim, gs, kind, row);
-    else
-        load_kind(dense, kind, dim, row);
+    position_row(codes, sc, mn, dense, dim, gs, kind, row);
     for (int64_t j = 0; j < group; j++) axpy_f32(acc + j * ds, p[j * sl], row, dim);
 }
 
