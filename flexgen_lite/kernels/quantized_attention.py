@@ -3,10 +3,11 @@
 A compressed cache part attended on the CPU (cpu_cache_compute beside a GPU, or any part on a CPU-only machine)
 was dequantized whole into a dense buffer every step, then attended: a write and a read of 16 or 32 bits a
 value, per layer and step. The kernel reads the codes (4 bits a value, and two fp16 statistics per group of 64)
-and rebuilds each position's row where it is used, as `dequantize` rebuilds it into a buffer of the attention
-dtype (`reference`). Where a kv head has one query head, no row is rebuilt: its score is the sum over groups of
-scale x (codes . q) + minimum x sum(q), and its values add p x scale x codes and p x minimum apart; the same sums
-but for the rounding of the rebuilt values to the attention dtype and the order of the additions.
+and turns them into values where they are used: code x scale + minimum in fp32. Where a kv head has one query
+head no row is made at all (its score is the sum over groups of scale x (codes . q) + minimum x sum(q)); grouped
+heads share rows rebuilt 16 positions at a time. The sums are the reference's (`reference`: `dequantize` into a
+buffer of the attention dtype, then SDPA) but for that buffer's rounding and the order of the additions; the
+scalar path (no AVX-512, or groups padded past head_dim) rounds as the buffer does.
 """
 
 from __future__ import annotations

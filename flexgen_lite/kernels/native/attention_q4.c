@@ -2,10 +2,10 @@
    first, in groups along head_dim, each group with an fp16 scale and minimum), so a CPU attending a compressed
    cache reads ~4.5 bits a value instead of dequantizing the whole cache into a dense buffer every step.
 
-   Each position's row is rebuilt as compression.dequantize_reference rebuilds it (code * scale, then + minimum,
-   clamped to fp16's range, rounded to the attention's kind), into a buffer of one row that stays in L1, and shared
-   by the kv head's query heads; a lone query head works from the codes alone (dot_q4). Scores and softmax then
-   follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
+   Values are code * scale + minimum in fp32: a lone query head per kv head works from the codes alone (dot_q4,
+   axpy_q4); grouped heads share rows rebuilt 16 positions at a time into L1 (tile_*). The scalar path rebuilds a
+   row as compression.dequantize_reference does (clamped to fp16's range, rounded to the attention's kind). Scores
+   and softmax follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
    (k_new, v_new) and stand at cache slot `skip`, whose stored row is ignored (it holds an older position in a
    ring, or nothing yet). */
 
@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "kinds.h"
+#include "simd.h"
 #ifdef __AVX512BW__
 #include <immintrin.h>
 #endif
@@ -69,7 +70,8 @@ static inline float dot_q4(const float *qf, const float *qsum, const uint8_t *c,
     for (int64_t g = 0; g < dim / 64; g++) {
         __m512 part = _mm512_setzero_ps();
         codes64(c + 32 * g, x);
-        for (int i = 0; i < 4; i++) part = _mm512_add_ps(part, _mm512_mul_ps(x[i], _mm512_loadu_ps(qf + 64 * g + 16 * i)));
+        for (int i = 0; i < 4; i++)
+            part = _mm512_add_ps(part, _mm512_mul_ps(x[i], _mm512_loadu_ps(qf + 64 * g + 16 * i)));
         acc = _mm512_add_ps(acc, _mm512_mul_ps(part, _mm512_set1_ps((float)scale[g])));
         shift += (float)minimum[g] * qsum[g];
     }
@@ -180,6 +182,65 @@ static inline void head_values(float *acc, float *extra, int64_t ds, int64_t gro
     for (int64_t j = 0; j < group; j++) axpy_f32(acc + j * ds, p[j * sl], row, dim);
 }
 
+#ifdef __AVX512BW__
+#define TILE 16  /* positions rebuilt at a time for grouped heads: 16 rows of up to 256 values stay in L1 */
+
+/* Rows of positions [l0, l0 + n) of one kv head rebuilt into tile (ds apart); a position not seen is zeros (its
+   weight is 0, and a slot never written may hold anything) */
+static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *sc, const _Float16 *mn, int64_t ss,
+                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t dim, float *tile,
+                             int64_t ds) {
+    for (int64_t p = 0; p < TILE; p++) {
+        int64_t l = l0 + p;
+        if (!(p < n && l != skip && m[l])) {
+            memset(tile + p * ds, 0, sizeof(float) * dim);
+            continue;
+        }
+        for (int64_t g = 0; g < dim / 64; g++) {  /* code * scale + minimum, as dot_q4's sums (no rounding) */
+            __m512 x[4], s = _mm512_set1_ps((float)sc[l * ss + g]), mv = _mm512_set1_ps((float)mn[l * ss + g]);
+            codes64(codes + l * cs + 32 * g, x);
+            for (int i = 0; i < 4; i++)
+                _mm512_storeu_ps(tile + p * ds + 64 * g + 16 * i, _mm512_add_ps(_mm512_mul_ps(x[i], s), mv));
+        }
+    }
+}
+
+/* Grouped heads' scores over one tile: per query head j, the 16 positions' dot products summed across lanes
+   together (simd.h's lane_sums16), into s[j * sl + l0 ..] for the n positions there */
+static inline void tile_scores(const float *qf, int64_t ds, int64_t group, const float *tile, int64_t dim,
+                               float scale, float *s, int64_t sl, int64_t l0, int64_t n) {
+    for (int64_t j = 0; j < group; j++) {
+        __m512 a[TILE];
+        for (int p = 0; p < TILE; p++) a[p] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < dim; d += 16) {
+            __m512 qv = _mm512_loadu_ps(qf + j * ds + d);
+            for (int p = 0; p < TILE; p++)
+                a[p] = _mm512_add_ps(a[p], _mm512_mul_ps(qv, _mm512_loadu_ps(tile + p * ds + d)));
+        }
+        float out[TILE];
+        _mm512_storeu_ps(out, _mm512_mul_ps(lane_sums16(a), _mm512_set1_ps(scale)));
+        memcpy(s + j * sl + l0, out, sizeof(float) * n);
+    }
+}
+
+/* acc (ds apart) += each query head's weights (p, sl apart) times the tile's rows, d values at a time in registers */
+static inline void tile_values(float *acc, int64_t ds, int64_t group, const float *p, int64_t sl, int64_t l0,
+                               int64_t n, const float *tile, int64_t dim) {
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t d = 0; d < dim; d += 64) {
+            int64_t w = dim - d < 64 ? dim - d : 64;
+            __m512 a[4];
+            for (int i = 0; i < w / 16; i++) a[i] = _mm512_loadu_ps(acc + j * ds + d + 16 * i);
+            for (int64_t q = 0; q < n; q++) {
+                __m512 pv = _mm512_set1_ps(p[j * sl + l0 + q]);
+                for (int i = 0; i < w / 16; i++)
+                    a[i] = _mm512_add_ps(a[i], _mm512_mul_ps(pv, _mm512_loadu_ps(tile + q * ds + d + 16 * i)));
+            }
+            for (int i = 0; i < w / 16; i++) _mm512_storeu_ps(acc + j * ds + d + 16 * i, a[i]);
+        }
+}
+#endif
+
 /* Items [begin, end) of (batch row, block of `block` kv heads): in a position-major cache one position's rows of
    the block's heads are adjacent, read together (block 1 where heads are apart). q (B, heads, d) and out by (b, h)
    strides in elements; codes (rows, kv_heads, length, bytes) by (row, head, position) strides in bytes, scales
@@ -198,10 +259,15 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
     int64_t ds = (dim + 15) / 16 * 16, sl = (length + 1 + 15) / 16 * 16, blocks = (kv_heads + block - 1) / block;
     int64_t ng = (dim + gs - 1) / gs, ngs = (ng + 15) / 16 * 16;  /* per head: q's sums and the minima's share */
     float *qf = aligned_alloc(64, sizeof(float) * (2 * nq_max * ds + ds + nq_max * sl + 16 * ((nq_max + 15) / 16)
-                                                   + 2 * nq_max * ngs));
+                                                   + 2 * nq_max * ngs + 16 * ds));
     if (!qf) return;
     float *acc = qf + nq_max * ds, *row = acc + nq_max * ds, *scores = row + ds, *total = scores + nq_max * sl;
-    float *qsum = total + 16 * ((nq_max + 15) / 16), *extra = qsum + nq_max * ngs;
+    float *qsum = total + 16 * ((nq_max + 15) / 16), *extra = qsum + nq_max * ngs, *tile = extra + nq_max * ngs;
+#ifdef __AVX512BW__
+    int tiled = group > 1 && gs == 64 && dim % 64 == 0;  /* grouped heads: positions 16 at a time */
+#else
+    int tiled = 0;
+#endif
     for (int64_t it = begin; it < end; it++) {
         int64_t b = it / blocks, kh0 = (it % blocks) * block, kh1 = kh0 + block < kv_heads ? kh0 + block : kv_heads;
         int64_t r = rows ? rows[b] : b, h0 = kh0 * group, nq = (kh1 - kh0) * group;
@@ -217,7 +283,18 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
         const uint8_t *m = mask + b * mask_stride;
         int own = k_new && skip >= 0 && skip < length && m[skip];
         int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
-        for (int64_t l = 0; l <= length; l++) {
+#ifdef __AVX512BW__
+        for (int64_t kh = kh0; kh < kh1 && tiled; kh++) {
+            int64_t j = (kh - kh0) * group, c1 = c0 + kh * code_strides[1], s1 = s0 + kh * stat_strides[1];
+            for (int64_t l0 = 0; l0 < length; l0 += TILE) {
+                int64_t n = length - l0 < TILE ? length - l0 : TILE;
+                tile_rows(k_codes + c1, code_strides[2], k_scale + s1, k_min + s1, stat_strides[2], m, skip, l0, n,
+                          dim, tile, ds);
+                tile_scores(qf + j * ds, ds, group, tile, dim, scale, scores + j * sl, sl, l0, n);
+            }
+        }
+#endif
+        for (int64_t l = tiled ? length : 0; l <= length; l++) {
             int seen = l < length ? l != skip && m[l] : own;
             for (int64_t kh = kh0; kh < kh1; kh++) {
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
@@ -234,6 +311,9 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                 }
             }
         }
+        for (int64_t l = 0; l < length && tiled; l++)  /* the tiles scored every position */
+            if (l == skip || !m[l])
+                for (int64_t j = 0; j < nq; j++) scores[j * sl + l] = -INFINITY;
         for (int64_t j = 0; j < nq; j++) {
             float *s = scores + j * sl, top = -INFINITY, sum = 0;
             for (int64_t l = 0; l <= length; l++) top = s[l] > top ? s[l] : top;
@@ -244,7 +324,18 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
             total[j] = sum;
         }
         memset(acc, 0, sizeof(float) * nq * ds);
-        for (int64_t l = 0; l <= length; l++) {
+#ifdef __AVX512BW__
+        for (int64_t kh = kh0; kh < kh1 && tiled; kh++) {
+            int64_t j = (kh - kh0) * group, c1 = c0 + kh * code_strides[1], s1 = s0 + kh * stat_strides[1];
+            for (int64_t l0 = 0; l0 < length; l0 += TILE) {
+                int64_t n = length - l0 < TILE ? length - l0 : TILE;
+                tile_rows(v_codes + c1, code_strides[2], v_scale + s1, v_min + s1, stat_strides[2], m, skip, l0, n,
+                          dim, tile, ds);
+                tile_values(acc + j * ds, ds, group, scores + j * sl, sl, l0, n, tile, dim);
+            }
+        }
+#endif
+        for (int64_t l = tiled ? length : 0; l <= length; l++) {
             if (!(l < length ? l != skip && m[l] : own)) continue;
             for (int64_t kh = kh0; kh < kh1; kh++) {
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
