@@ -15,7 +15,7 @@ import torch
 
 from flexgen_lite.kernels import native
 from flexgen_lite.kernels import quantized_attention as qa
-from flexgen_lite.kernels.quantization import CompressionConfig, QuantizedTensor, dequantize_reference, quantize
+from flexgen_lite.kernels.quantization import CompressionConfig, QuantizedTensor, dequantize_reference
 
 CONFIG = CompressionConfig(4, 64, -1)
 SHAPES = {"opt-30b (56 heads)": (56, 56, 128), "llama-3-8b (32 over 8)": (32, 8, 128),
@@ -33,11 +33,7 @@ def timed(fn, repeat: int = 5) -> float:
 def one(name: str, heads: int, kv_heads: int, d: int, rows: int, length: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x = [torch.randn(length, rows, kv_heads, d, generator=g) for _ in "kv"]  # position-major, as in host RAM
-    stored = []
-    for t in x:
-        q4 = quantize(t, CONFIG)
-        stored.append(tuple(p.view(length, rows, kv_heads, -1).permute(1, 2, 0, 3)
-                            for p in (q4.data, q4.scale, q4.minimum)))
+    stored = [qa.position_major(t, CONFIG) for t in x]
     q = torch.randn(rows, heads, 1, d, generator=g).bfloat16()
     new = torch.randn(rows, kv_heads, 1, d, generator=g).bfloat16()
     mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)

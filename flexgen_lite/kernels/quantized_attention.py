@@ -127,7 +127,7 @@ def checked() -> bool:
     ok = True
     for d, group in ((128, 2), (96, 1)):
         q = torch.randn(3, 2 * group, 1, d, generator=g).bfloat16()
-        stores = [_quantized_positions(torch.randn(7, 4, 2, d, generator=g), config) for _ in "kv"]
+        stores = [position_major(torch.randn(7, 4, 2, d, generator=g), config) for _ in "kv"]
         k_new, v_new = (torch.randn(3, 2, 1, d, generator=g).bfloat16() for _ in "kv")
         mask = torch.rand(3, 1, 1, 7, generator=g) > 0.3
         mask[..., 2] = True
@@ -140,9 +140,9 @@ def checked() -> bool:
     return ok
 
 
-def _quantized_positions(x: torch.Tensor, config: CompressionConfig) -> tuple[torch.Tensor, ...]:
+def position_major(x: torch.Tensor, config: CompressionConfig) -> tuple[torch.Tensor, ...]:
     """x (positions, rows, kv_heads, d) quantized, each part viewed (rows, kv_heads, positions, last) as a
-    position-major store is (cache_store.Store)."""
+    position-major store is (cache_store.Store): for checks and measurements."""
     from .quantization import quantize
 
     qt = quantize(x, config)

@@ -280,9 +280,7 @@ def codes_attention_rates(device: ComputeDevice, scale: int) -> dict:
             parts = []
             for _ in "kv":
                 if device.host_is_separate:  # beside a GPU: position-major host RAM
-                    x = quantize(torch.randn(long + 1, rows, kv_heads, hd), config)
-                    parts.append(tuple(p.view(long + 1, rows, kv_heads, -1).permute(1, 2, 0, 3)
-                                       for p in (x.data, x.scale, x.minimum)))
+                    parts.append(qa.position_major(torch.randn(long + 1, rows, kv_heads, hd), config))
                 else:
                     x = quantize(torch.randn(rows, kv_heads, long + 1, hd), config)
                     parts.append((x.data.view(rows, kv_heads, long + 1, -1), x.scale, x.minimum))

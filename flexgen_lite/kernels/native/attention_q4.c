@@ -239,6 +239,22 @@ static inline void tile_values(float *acc, int64_t ds, int64_t group, const floa
             for (int i = 0; i < w / 16; i++) _mm512_storeu_ps(acc + j * ds + d + 16 * i, a[i]);
         }
 }
+
+/* One kv head's stored positions tile by tile: its grouped query heads' scores (values 0), or their weights times
+   the value rows into acc (values 1); j: the head's first query head */
+static inline void tiled_head(int values, const float *qf, float *acc, int64_t j, int64_t ds, int64_t group,
+                              const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, int64_t s1, int64_t cs,
+                              int64_t ss, const uint8_t *m, int64_t skip, int64_t length, int64_t dim, float scale,
+                              float *scores, int64_t sl, float *tile) {
+    for (int64_t l0 = 0; l0 < length; l0 += TILE) {
+        int64_t n = length - l0 < TILE ? length - l0 : TILE;
+        tile_rows(codes, cs, sc + s1, mn + s1, ss, m, skip, l0, n, dim, tile, ds);
+        if (values)
+            tile_values(acc + j * ds, ds, group, scores + j * sl, sl, l0, n, tile, dim);
+        else
+            tile_scores(qf + j * ds, ds, group, tile, dim, scale, scores + j * sl, sl, l0, n);
+    }
+}
 #endif
 
 /* Items [begin, end) of (batch row, block of `block` kv heads): in a position-major cache one position's rows of
@@ -284,15 +300,10 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
         int own = k_new && skip >= 0 && skip < length && m[skip];
         int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
 #ifdef __AVX512BW__
-        for (int64_t kh = kh0; kh < kh1 && tiled; kh++) {
-            int64_t j = (kh - kh0) * group, c1 = c0 + kh * code_strides[1], s1 = s0 + kh * stat_strides[1];
-            for (int64_t l0 = 0; l0 < length; l0 += TILE) {
-                int64_t n = length - l0 < TILE ? length - l0 : TILE;
-                tile_rows(k_codes + c1, code_strides[2], k_scale + s1, k_min + s1, stat_strides[2], m, skip, l0, n,
-                          dim, tile, ds);
-                tile_scores(qf + j * ds, ds, group, tile, dim, scale, scores + j * sl, sl, l0, n);
-            }
-        }
+        for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
+            tiled_head(0, qf, acc, (kh - kh0) * group, ds, group, k_codes + c0 + kh * code_strides[1], k_scale,
+                       k_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, dim,
+                       scale, scores, sl, tile);
 #endif
         for (int64_t l = tiled ? length : 0; l <= length; l++) {
             int seen = l < length ? l != skip && m[l] : own;
@@ -325,15 +336,10 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
         }
         memset(acc, 0, sizeof(float) * nq * ds);
 #ifdef __AVX512BW__
-        for (int64_t kh = kh0; kh < kh1 && tiled; kh++) {
-            int64_t j = (kh - kh0) * group, c1 = c0 + kh * code_strides[1], s1 = s0 + kh * stat_strides[1];
-            for (int64_t l0 = 0; l0 < length; l0 += TILE) {
-                int64_t n = length - l0 < TILE ? length - l0 : TILE;
-                tile_rows(v_codes + c1, code_strides[2], v_scale + s1, v_min + s1, stat_strides[2], m, skip, l0, n,
-                          dim, tile, ds);
-                tile_values(acc + j * ds, ds, group, scores + j * sl, sl, l0, n, tile, dim);
-            }
-        }
+        for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
+            tiled_head(1, qf, acc, (kh - kh0) * group, ds, group, v_codes + c0 + kh * code_strides[1], v_scale,
+                       v_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, dim,
+                       scale, scores, sl, tile);
 #endif
         for (int64_t l = tiled ? length : 0; l <= length; l++) {
             if (!(l < length ? l != skip && m[l] : own)) continue;
