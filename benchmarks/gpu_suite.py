@@ -57,6 +57,7 @@ class Suite:
     deadline: Deadline
     work: Path  # scratch: tiny checkpoints, traces before packing
     data: dict = field(default_factory=dict)
+    calibration: suite_plan.Calibration = field(default_factory=suite_plan.Calibration)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -249,16 +250,17 @@ def run_row(suite: Suite, row: Row, plan: dict, pred: dict | None, machine: dict
         (suite.work / "traces").mkdir(exist_ok=True)
     if env_extra and not row.auto and "error" not in ((pred or {}).get("ours") or {"error": ""}):
         cmd.append("--predict")  # the cost model's figures beside the measured ones (where it could predict)
-    why = suite_plan.fits(plan["ours_s"], suite.deadline.left())
+    predicted = suite.calibration.scaled("ours", plan["ours_s"])
+    why = suite_plan.fits(predicted, suite.deadline.left())
     if row.auto and not env_extra:
         why = "no hardware profile for --policy auto (the profile step failed)"
     if why:
         result = suite_report.row_result(row, Step("skipped", stderr=why), machine, cmd)
-        result.update(reason=why, plan=plan, predicted_s=plan["ours_s"])
+        result.update(reason=why, plan=plan, predicted_s=predicted)
         return result
-    suite.say(f"{row.name}: predicted {plan['ours_s']:.0f} s ({plan['source']}) ...")
+    suite.say(f"{row.name}: predicted {predicted:.0f} s ({plan['source']}{_scaled(suite, 'ours')}) ...")
     timeout = (min(args.row_timeout, suite.deadline.left()) if args.row_timeout else
-               suite_plan.step_timeout(row.timeout, plan["ours_s"], suite.deadline.left()))
+               suite_plan.step_timeout(row.timeout, predicted, suite.deadline.left()))
     try:
         step = run_step(cmd, timeout, suite.deadline, child_env(env_extra), min_time=0)
     except KeyboardInterrupt:  # the suite was stopped during this row: record it, then stop
@@ -267,7 +269,9 @@ def run_row(suite: Suite, row: Row, plan: dict, pred: dict | None, machine: dict
         raise
     suite.log_step(f"row {row.name}", step, limit=6000)
     result = suite_report.row_result(row, step, machine, cmd, profile, pred)
-    result.update(plan=plan, predicted_s=plan["ours_s"])
+    result.update(plan=plan, predicted_s=predicted)
+    if step.status == "ok":
+        suite.calibration.observe("ours", plan["ours_s"], step.wall_s)
     ours = (pred or {}).get("ours") or {}
     if "error" not in ours and ours:  # the cost model's figures the plan used (the prediction's miss: see report)
         result["predicted"] = {k: ours[k] for k in ("policy", "prefill_s", "decode_step_s", "total_tok_s", "bound")}
@@ -277,23 +281,30 @@ def run_row(suite: Suite, row: Row, plan: dict, pred: dict | None, machine: dict
 def run_twin(suite: Suite, row: Row, plan: dict, result: dict, off: list[str]) -> None:
     """FlexGen's flex_opt on the row's workload (flexgen_peer.py) into result["flexgen"], with the ratios; its
     failures are recorded, never fatal. `off`: a reason found earlier that holds for every twin."""
-    predicted = plan["flexgen_s"]
+    predicted = suite.calibration.scaled("flexgen", plan["flexgen_s"])
     why = off[0] if off else suite_plan.fits(predicted, suite.deadline.left())
     command = "flex_opt " + " ".join(row.flexgen_args())
     if why:
         result["flexgen"] = {"status": "skipped", "reason": why, "predicted_s": predicted, "command": command}
         suite.say(f"{row.name}: FlexGen skipped: {why}")
         return
-    suite.say(f"{row.name}: FlexGen, predicted {predicted:.0f} s ...")
+    suite.say(f"{row.name}: FlexGen, predicted {predicted:.0f} s{_scaled(suite, 'flexgen')} ...")
     cmd = [sys.executable, str(REPO / "benchmarks" / "flexgen_peer.py"), *row.flexgen_args()]
     timeout = suite_plan.step_timeout(row.timeout, predicted, suite.deadline.left())
     step = run_step(cmd, timeout, suite.deadline, child_env(), min_time=0)
     suite.log_step(f"FlexGen {row.name}", step, limit=6000)
     fg = suite_report.flexgen_result(step, flexgen_peer.parse_log(step.stdout))
     result["flexgen"] = {**fg, "predicted_s": predicted, "command": command}
+    if fg["status"] == "ok":
+        suite.calibration.observe("flexgen", plan["flexgen_s"], step.wall_s)
     result.update(suite_report.ratios(result, fg))
     if fg.get("reason", "").startswith(("no CUDA", "flexgen is not importable")):
         off.append(fg["reason"])
+
+
+def _scaled(suite: Suite, kind: str) -> str:
+    factor = suite.calibration.factor(kind)
+    return "" if factor == 1.0 else f", x{factor:.2f} as the rows so far ran"
 
 
 def finish_row(suite: Suite, result: dict) -> None:

@@ -84,6 +84,9 @@ def test_smoke_rows_report_where_they_stand(tmp_path):
     assert first["report"]["breakdown"]["stage_ms"] and first["peak_host_gb"] > 0
     assert 0 < len(first["top_stages_ms"]) <= 4
     assert first["predicted_s"] == first["plan"]["ours_s"] > 0
+    # later rows' predictions scaled by how the rows before them ran against theirs
+    factor = min(1.5, max(0.5, first["wall_s"] / first["plan"]["ours_s"]))
+    assert auto["predicted_s"] == pytest.approx(auto["plan"]["ours_s"] * factor, rel=0.05, abs=0.15)
     fg = first["flexgen"]
     if fg["status"] == "skipped":  # no CUDA here (or no flexgen wheel): the reason is recorded
         assert fg["reason"].startswith(("no CUDA", "flexgen is not importable"))
@@ -124,7 +127,9 @@ def test_row_selection_keeps_the_order_given():
 
 def test_gpu_rows_are_flexgens_settings():
     rows = {r.name: r for r in suite_rows.GPU_ROWS}
-    assert all((r.prompt_len, r.gen_len) == (512, 32) for r in rows.values())
+    assert all(r.prompt_len == 512 for r in rows.values())
+    # every peer row at FlexGen's gen 32; OPT-175B (no peer) at gen 8, so that it fits the run with the peers
+    assert {r.name for r in rows.values() if r.gen_len != 32} == {"opt-175b-4bit-24gib"}
     peers = [r.name for r in suite_rows.GPU_ROWS if r.flexgen]
     assert peers == ["opt-1.3b-gpu-bs64", "opt-13b-cpu-weights", "opt-13b-cpu-weights-compress",
                      "opt-30b-16gib-auto"]
@@ -241,6 +246,17 @@ def test_what_does_not_fit_is_skipped_and_what_runs_gets_room():
     assert suite_plan.step_timeout(150, 40, 400) == 150  # the row's own timeout
     assert suite_plan.step_timeout(150, 100, 400) == 200  # twice the prediction
     assert suite_plan.step_timeout(150, 100, 120) == 120  # never past the run
+
+
+def test_the_plan_learns_from_the_rows_that_ran():
+    c = suite_plan.Calibration()
+    assert c.scaled("ours", 100) == 100  # nothing seen yet
+    for predicted, wall in ((50, 30), (10, 7), (20, 30)):  # 0.6, 0.7, 1.5
+        c.observe("ours", predicted, wall)
+    assert c.factor("ours") == pytest.approx(0.7) and c.scaled("ours", 100) == 70 and c.factor("flexgen") == 1
+    c.observe("flexgen", 10, 100)  # one odd row moves the plan only so far
+    c.observe("flexgen", 10, None)  # a row without a wall time says nothing
+    assert c.ratios["flexgen"] == [10] and c.factor("flexgen") == c.HIGH
 
 
 # ---- numbers against the link, the bound and the budget -------------------------------------------------------
