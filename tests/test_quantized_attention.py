@@ -96,6 +96,17 @@ def test_a_row_with_every_slot_masked_gets_zeros_and_the_others_their_own():
     torch.testing.assert_close(out[:1], expected(q, k, v, mask, 8, k_new, v_new, torch.arange(2))[:1])
 
 
+@needs_kernel
+def test_no_mask_sees_every_slot():
+    g = torch.Generator().manual_seed(1)
+    k, v = (stored(torch.randn(2, 2, 9, 64, generator=g), False) for _ in "kv")
+    q, k_new, v_new = (torch.randn(2, 2, 1, 64, generator=g) for _ in range(3))
+    out = qa.attend(q, k, v, CONFIG, None, 8, k_new, v_new)
+    every = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    torch.testing.assert_close(out, qa.attend(q, k, v, CONFIG, every, 8, k_new, v_new), rtol=0, atol=0)
+    torch.testing.assert_close(out, expected(q, k, v, every, 8, k_new, v_new, torch.arange(2)))
+
+
 def generate(path, policy, device=None, sampling=GREEDY):
     """(ids, logits, the cache slots taken, the attention kernels that ran: "cpu-4bit" if the kernel ran once)"""
     calls, attend = [], qa.attend

@@ -51,7 +51,7 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
         raise ValueError("the 4-bit attention kernel takes CPU arrays with K's and V's laid out alike, uint8 codes, "
                          "fp16 statistics and rows of the last dim contiguous")
     if mask is None:
-        mask = torch.ones(b, length, dtype=torch.bool)
+        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
     mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
     q, k_new, v_new = (x.contiguous() for x in (q, k_new, v_new))
     out = torch.empty(b, heads, 1, d, dtype=q.dtype)
