@@ -144,6 +144,19 @@ static inline void load_kind(const void *src, int kind, int64_t n, float *dst) {
 
 static inline int lone_head(int64_t group, int64_t gs, int64_t dim) { return group == 1 && gs == 64 && dim % 64 == 0; }
 
+/* In a position-major store one position's rows sit a whole row of the cache (rows x heads) from the next
+   position's, past the page the hardware prefetcher follows: the bytes of a position AHEAD positions on are asked
+   for while this one is read (n bytes of codes, k bytes each of scales and minima) */
+#define AHEAD 4
+static inline void prefetch_position(const uint8_t *codes, int64_t n, const _Float16 *sc, const _Float16 *mn,
+                                     int64_t k) {
+    for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(codes + i);
+    for (int64_t i = 0; i < k; i += 64) {
+        __builtin_prefetch((const char *)sc + i);
+        __builtin_prefetch((const char *)mn + i);
+    }
+}
+
 /* One position's row: rebuilt from its codes, or (codes NULL) the new token's dense row */
 static inline void position_row(const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
                                 int64_t dim, int64_t gs, int kind, float *row) {
@@ -188,10 +201,13 @@ static inline void head_values(float *acc, float *extra, int64_t ds, int64_t gro
 /* Rows of positions [l0, l0 + n) of one kv head rebuilt into tile (ds apart); a position not seen is zeros (its
    weight is 0, and a slot never written may hold anything) */
 static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *sc, const _Float16 *mn, int64_t ss,
-                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t dim, float *tile,
-                             int64_t ds) {
+                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t length, int far,
+                             int64_t dim, float *tile, int64_t ds) {
     for (int64_t p = 0; p < TILE; p++) {
         int64_t l = l0 + p;
+        if (far && l + TILE < length)
+            prefetch_position(codes + (l + TILE) * cs, dim / 2, sc + (l + TILE) * ss, mn + (l + TILE) * ss,
+                              dim / 64 * 2);
         if (!(p < n && l != skip && m[l])) {
             memset(tile + p * ds, 0, sizeof(float) * dim);
             continue;
@@ -244,11 +260,11 @@ static inline void tile_values(float *acc, int64_t ds, int64_t group, const floa
    the value rows into acc (values 1); j: the head's first query head */
 static inline void tiled_head(int values, const float *qf, float *acc, int64_t j, int64_t ds, int64_t group,
                               const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, int64_t s1, int64_t cs,
-                              int64_t ss, const uint8_t *m, int64_t skip, int64_t length, int64_t dim, float scale,
-                              float *scores, int64_t sl, float *tile) {
+                              int64_t ss, const uint8_t *m, int64_t skip, int64_t length, int far, int64_t dim,
+                              float scale, float *scores, int64_t sl, float *tile) {
     for (int64_t l0 = 0; l0 < length; l0 += TILE) {
         int64_t n = length - l0 < TILE ? length - l0 : TILE;
-        tile_rows(codes, cs, sc + s1, mn + s1, ss, m, skip, l0, n, dim, tile, ds);
+        tile_rows(codes, cs, sc + s1, mn + s1, ss, m, skip, l0, n, length, far, dim, tile, ds);
         if (values)
             tile_values(acc + j * ds, ds, group, scores + j * sl, sl, l0, n, tile, dim);
         else
@@ -284,6 +300,7 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
 #else
     int tiled = 0;
 #endif
+    int far = code_strides[2] > code_strides[1];  /* position-major: prefetch_position */
     for (int64_t it = begin; it < end; it++) {
         int64_t b = it / blocks, kh0 = (it % blocks) * block, kh1 = kh0 + block < kv_heads ? kh0 + block : kv_heads;
         int64_t r = rows ? rows[b] : b, h0 = kh0 * group, nq = (kh1 - kh0) * group;
@@ -297,16 +314,21 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
             }
         }
         const uint8_t *m = mask + b * mask_stride;
+        int64_t span = (kh1 - kh0) * code_strides[1], stat_span = (kh1 - kh0) * stat_strides[1] * 2;
         int own = k_new && skip >= 0 && skip < length && m[skip];
         int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
 #ifdef __AVX512BW__
         for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
             tiled_head(0, qf, acc, (kh - kh0) * group, ds, group, k_codes + c0 + kh * code_strides[1], k_scale,
-                       k_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, dim,
-                       scale, scores, sl, tile);
+                       k_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, far,
+                       dim, scale, scores, sl, tile);
 #endif
         for (int64_t l = tiled ? length : 0; l <= length; l++) {
             int seen = l < length ? l != skip && m[l] : own;
+            if (far && l + AHEAD < length)
+                prefetch_position(k_codes + c0 + kh0 * code_strides[1] + (l + AHEAD) * code_strides[2], span,
+                                  k_scale + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2],
+                                  k_min + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2], stat_span);
             for (int64_t kh = kh0; kh < kh1; kh++) {
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
                 if (!seen) {
@@ -338,10 +360,14 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
 #ifdef __AVX512BW__
         for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
             tiled_head(1, qf, acc, (kh - kh0) * group, ds, group, v_codes + c0 + kh * code_strides[1], v_scale,
-                       v_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, dim,
-                       scale, scores, sl, tile);
+                       v_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, far,
+                       dim, scale, scores, sl, tile);
 #endif
         for (int64_t l = tiled ? length : 0; l <= length; l++) {
+            if (far && l + AHEAD < length)
+                prefetch_position(v_codes + c0 + kh0 * code_strides[1] + (l + AHEAD) * code_strides[2], span,
+                                  v_scale + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2],
+                                  v_min + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2], stat_span);
             if (!(l < length ? l != skip && m[l] : own)) continue;
             for (int64_t kh = kh0; kh < kh1; kh++) {
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
