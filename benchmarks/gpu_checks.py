@@ -9,7 +9,7 @@
 3. the engine with 4-bit weights in host RAM (OPT-1.3B, dummy weights): token ids equal with the kernel and with
    the torch path; decode step against its link bound (CUDA);
 4. CPU decode attention (native.decode_attention) over a position-major cache, all threads against one, beside
-   the host's memory copy rate.
+   the host's memory copy rate; the same over a 4-bit cache read as stored (quantized_attention).
 A short table each; the last line sums up; exit 1 on a mismatch.
 """
 
@@ -154,6 +154,29 @@ def cpu_attention() -> None:
             return
         t = best(lambda: native.decode_attention(q, k, v, mask))
         print(f"| {label} ({fn()}) | {t * 1e3:.1f} | {nbytes / t / 1e9:.1f} |")
+    native.threads = all_threads
+    codes_attention(b, heads, d, length)
+
+
+def codes_attention(b: int, heads: int, d: int, length: int) -> None:
+    """The same shape over a 4-bit cache read as stored (kernels/quantized_attention.py), position-major as host
+    RAM beside a GPU keeps it: the rate the cost model's cpu_attention_codes stands for."""
+    from flexgen_lite.kernels import quantized_attention as qa
+
+    if not qa.checked():
+        print("\nthe 4-bit attention kernel is not built here: skipped")
+        return
+    config = CompressionConfig(4, 64, -1)
+    k, v = (qa.position_major(torch.randn(length, b, heads, d), config) for _ in "kv")
+    q, new = torch.randn(b, heads, 1, d).to(torch.bfloat16), torch.randn(b, heads, 1, d).to(torch.bfloat16)
+    stored = sum(x.numel() * x.element_size() for part in (k, v) for x in part)
+    print(f"\n4-bit cache as stored ({stored / 1e9:.2f} GB of codes, scales and minima)\n"
+          "| threads | ms | stored GB/s |\n|---|---|---|")
+    all_threads = native.threads
+    for label, fn in (("all", all_threads), ("1", lambda: 1)):
+        native.threads = fn
+        t = best(lambda: qa.attend(q, k, v, config, None, length - 1, new, new))
+        print(f"| {label} ({fn()}) | {t * 1e3:.1f} | {stored / t / 1e9:.1f} |")
     native.threads = all_threads
 
 
