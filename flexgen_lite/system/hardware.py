@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 11  # measured anew when the code measured changes; 11: CPU attention over a 4-bit cache as
-# stored, a compressed part's load measured over a prefix of its slot (the engine's); 10: CPU decode attention over
-# a shared
-# prompt prefix, grouped heads of dim 64 scored 16 positions at a time
+PROFILE_VERSION = 12  # measured anew when the code measured changes; 12: the 4-bit attention kernel 2-6x faster
+# (a lone head from the codes, grouped heads by tiles, position-major prefetch); 11: CPU attention over a 4-bit cache
+# as stored, a compressed part's load measured over a prefix of its slot (the engine's); 10: CPU decode attention
+# over a shared prompt prefix, grouped heads of dim 64 scored 16 positions at a time
 # converted as read, measured up to 64 rows; 8: the C prefill attention in fp32 too, bf16
 # few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's overhead with the
 # fused CPU decode step off; 7: CPU attention beside a GPU over the position-major cache, its rows prefetched into
