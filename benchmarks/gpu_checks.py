@@ -9,7 +9,8 @@
 3. the engine with 4-bit weights in host RAM (OPT-1.3B, dummy weights): token ids equal with the kernel and with
    the torch path; decode step against its link bound (CUDA);
 4. CPU decode attention (native.decode_attention) over a position-major cache, all threads against one, beside
-   the host's memory copy rate; the same over a 4-bit cache read as stored (quantized_attention).
+   the host's memory copy rate; the same over a 4-bit cache read as stored (quantized_attention);
+5. a decode step's kernels by device time with everything on the GPU (OPT-1.3B, batch 64), against its wall time.
 A short table each; the last line sums up; exit 1 on a mismatch.
 """
 
@@ -180,6 +181,53 @@ def codes_attention(b: int, heads: int, d: int, length: int) -> None:
     native.threads = all_threads
 
 
+def decode_kernels(steps: int = 8) -> None:
+    """Where a decode step's device time goes with everything on the device (OPT-1.3B, batch 64, prompt 512: the
+    suite's opt-1.3b-gpu-bs64 row): kernels by device time per step (torch.profiler, started after the prefill and
+    stopped after `steps` steps, once a first run captured the step's graph), and their sum against the steps' wall
+    time: the rest is the device idle, waiting on the host. On a CPU: OPT-125M, ops by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+
+    model, batch, prompt = ("facebook/opt-1.3b", 64, 512) if CUDA else ("facebook/opt-125m", 4, 32)
+    print(f"\n## 5. decode step's kernels: {model}, batch {batch}, prompt {prompt}, all on {DEV.type}")
+    prompts = [[2] + [100 + (i * 7 + j) % 1000 for j in range(prompt - 1)] for i in range(batch)]
+    sampling = SamplingConfig(max_new_tokens=steps + 2, stop_at_eos=False)
+    prof = profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU])
+    wall = {}
+
+    def window(block) -> None:  # the profiler around decode steps 2 .. steps + 1
+        if block.generated in (2, steps + 2):
+            sync()
+            if block.generated == 2:
+                prof.start()
+                wall["start"] = time.perf_counter()
+            else:
+                wall["s"] = time.perf_counter() - wall["start"]
+                prof.stop()
+
+    with FlexGenLite(model, policy=Policy(gpu_batch_size=batch), device=DEV.type) as m:
+        m.generate_ids(prompts, sampling)  # kernels chosen, the step's graph captured
+        m._check_prompts(prompts, sampling)
+        m._run_block(prompts, sampling, label="kernels", report=window)
+    step_us = wall["s"] / steps * 1e6
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) if CUDA else e.self_cpu_time_total
+        if CUDA and us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us:
+            rows.append((us / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    busy = sum(r[0] for r in rows)
+    print(f"step {step_us / 1e3:.2f} ms (wall); {'kernels' if CUDA else 'ops'} {busy / 1e3:.2f} ms a step "
+          f"({busy / step_us:.0%} of it){'; the rest: the GPU waiting' if CUDA else ''}")
+    print("| kernel | us/step | calls/step | share of step |\n|---|---|---|---|")
+    for us, calls, name in rows[:15]:
+        print(f"| {name[:70]} | {us:.0f} | {calls:.0f} | {us / step_us:.1%} |")
+
+
 def main() -> int:
     print(f"device {DEV}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}, torch {torch.__version__}, "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
@@ -188,6 +236,7 @@ def main() -> int:
         speed()
         engine()
     cpu_attention()
+    decode_kernels()
     print(f"\ngpu_checks: {'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}")
     return 1 if failures else 0
 
