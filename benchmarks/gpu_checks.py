@@ -1,6 +1,6 @@
 """Standalone checks of issue 21's kernels (run by gpu_suite.py's step 3, or by hand):
 
-    python benchmarks/gpu_checks.py                       # on a CUDA machine (~1 min)
+    python benchmarks/gpu_checks.py [SECTION ...]         # on a CUDA machine (~1 min); SECTIONS below, all by default
     TRITON_INTERPRET=1 python benchmarks/gpu_checks.py    # a smoke on a CPU (without CUDA it interprets anyway)
 
 1. the fused 4-bit dequantization (flexgen_lite/kernels/dequant_triton.py) against the torch path, bit for bit, over
@@ -228,18 +228,23 @@ def decode_kernels(steps: int = 8) -> None:
         print(f"| {name[:70]} | {us:.0f} | {calls:.0f} | {us / step_us:.1%} |")
 
 
-def main() -> int:
+SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels}
+CUDA_ONLY = ("speed", "engine")
+
+
+def main(argv: list[str]) -> int:
+    """argv: the sections to run (SECTIONS' names, in their order), all by default."""
+    unknown = set(argv) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}: choose among {', '.join(SECTIONS)}")
     print(f"device {DEV}{' (' + torch.cuda.get_device_name() + ')' if CUDA else ''}, torch {torch.__version__}, "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
-    check_exact()
-    if CUDA:
-        speed()
-        engine()
-    cpu_attention()
-    decode_kernels()
+    for name, section in SECTIONS.items():
+        if (not argv or name in argv) and (CUDA or name not in CUDA_ONLY):
+            section()
     print(f"\ngpu_checks: {'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

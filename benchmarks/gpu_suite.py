@@ -163,7 +163,8 @@ def run_steps(suite: Suite, rows: list[Row], device: str) -> None:
 
     # 3. a kernel's standalone check, where one exists
     if GPU_CHECKS.is_file() and not args.skip_checks:
-        step = run_step([sys.executable, str(GPU_CHECKS)], args.checks_timeout or (30 if smoke else 90),
+        step = run_step([sys.executable, str(GPU_CHECKS), *(args.checks.split(",") if args.checks else [])],
+                        args.checks_timeout or (30 if smoke else 90),
                         suite.deadline, child_env())
         suite.log_step("gpu_checks", step, limit=50000)
         lines = [ln for ln in step.stdout.strip().splitlines() if ln.strip()]
@@ -365,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(OPT-1.3B all on the GPU: its CUDA events would be a share of a few-ms step)")
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--skip-checks", action="store_true", help="skip benchmarks/gpu_checks.py")
+    p.add_argument("--checks", help="gpu_checks.py's sections, comma-separated (exact,speed,engine,cpu,kernels; "
+                   "default all)")
     p.add_argument("--checks-timeout", type=float, help="seconds for gpu_checks.py (default 90; 30 smoke)")
     p.add_argument("--parity-tests", help="pytest arguments for the parity step (default: "
                    f"{' '.join(PARITY_TESTS)})")
