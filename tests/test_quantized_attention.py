@@ -107,7 +107,7 @@ def test_no_mask_sees_every_slot():
     torch.testing.assert_close(out, expected(q, k, v, every, 8, k_new, v_new, torch.arange(2)))
 
 
-def generate(path, policy, device=None, sampling=GREEDY):
+def generate(path, policy, device="cpu", sampling=GREEDY):
     """(ids, logits, the cache slots taken, the attention kernels that ran: "cpu-4bit" if the kernel ran once)"""
     calls, attend = [], qa.attend
     qa.attend = lambda *args: calls.append(1) or attend(*args)
@@ -157,30 +157,36 @@ def test_a_cpu_attends_its_compressed_cache_as_stored(models, family, percent, m
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+@pytest.fixture
+def beside_a_gpu(compute_device):
+    """CUDA under --device cuda, else the CPU playing one across a simulated link."""
+    return compute_device if compute_device.startswith("cuda") else LINK
+
+
 @needs_kernel
-@link_only_on_cpu
 @pytest.mark.parametrize("family", ["opt", "qwen3"])
-def test_cpu_attention_beside_a_gpu_reads_host_parts_as_stored(models, family, monkeypatch):
+def test_cpu_attention_beside_a_gpu_reads_host_parts_as_stored(models, family, monkeypatch, beside_a_gpu):
     """Across the link, host-RAM parts attended on the CPU are read in place as codes; the device's and the
     files' are still dequantized where they are attended (both kernels ran)."""
     policy = P((100, 0, 34, 33, 100, 0), gbs=3, nb=3, compress_cache=True, cpu_cache_compute=True)
-    ids, logits, _, kernels = generate(models[family], policy, LINK)
+    ids, logits, _, kernels = generate(models[family], policy, beside_a_gpu)
     assert "cpu-4bit" in kernels and len(kernels) > 1
-    want_ids, want_logits = dequantized(models[family], policy, LINK, monkeypatch)
+    want_ids, want_logits = dequantized(models[family], policy, beside_a_gpu, monkeypatch)
     assert ids == want_ids
     for a, b in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 @needs_kernel
-@pytest.mark.parametrize("device", [None, pytest.param(LINK, marks=link_only_on_cpu)])
-def test_rows_that_finish_and_rings_are_read_as_stored(tmp_path, monkeypatch, device):
+@pytest.mark.parametrize("beside", [False, True], ids=["cpu", "beside-a-gpu"])
+def test_rows_that_finish_and_rings_are_read_as_stored(tmp_path, monkeypatch, beside, beside_a_gpu):
     """A Mistral whose every layer is a ring of 5 (prompts of up to 10 and 6 new tokens wrap it), one row
     stopping at its EOS: the kernel's new token at its ring slot, over the active rows only."""
     path = tmp_path / "mistral"
     path.mkdir()
     make_checkpoint(path, "mistral", seed=3, sliding_window=5)
     policy = P((100, 0, 50, 50, 100, 0), gbs=3, nb=2, compress_cache=True, cpu_cache_compute=True)
+    device = beside_a_gpu if beside else "cpu"
     eight = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
     want_ids, want_logits = dequantized(path, policy, device, monkeypatch, eight)
     model_dir, row = with_eos(path, tmp_path, want_ids)
