@@ -6,10 +6,11 @@ FlexGen on the same machine, within one bounded run.
 
 Steps, each in its own subprocess with its own timeout, all within --time-limit:
   1. machine: GPU, driver, torch, CUDA; pinned host-to-device and device-to-host bandwidth (1 GiB copies);
-  2. parity: tests/test_parity.py and tests/test_offload_features.py with `--device cuda`;
-  3. gpu_checks: benchmarks/gpu_checks.py, where that file exists (a kernel's standalone check);
-  4. profile: the cost model's hardware profile, measured once (FLEXGEN_LITE_PROFILE=FILE: that one);
-  5. predictions: every row's prefill and decode step from the cost model (suite_plan.py);
+  2. profile: the cost model's hardware profile, measured once (FLEXGEN_LITE_PROFILE=FILE: that one);
+  3. predictions: every row's prefill and decode step from the cost model (suite_plan.py), in the background
+     while step 4 runs;
+  4. parity: tests/test_parity.py and tests/test_offload_features.py with `--device cuda`;
+  5. gpu_checks: benchmarks/gpu_checks.py's sections (--checks), where that file exists;
   6. rows (suite_rows.py): `flexgen-lite bench` with dummy weights, prompt 512, gen 32, `--breakdown`; then
      its FlexGen twin (flexgen_peer.py: FlexGen's own flex_opt benchmark). Before each, its time is predicted
      and what cannot finish in the time left is skipped with that reason.
@@ -41,7 +42,7 @@ import suite_plan  # noqa: E402
 import suite_report  # noqa: E402
 import suite_rows  # noqa: E402
 from suite_rows import GPU_ROWS, SMOKE_DEFAULT, SMOKE_ROWS, Row, select_rows  # noqa: E402
-from suite_steps import REPO, Deadline, Step, child_env, kill_current, last_json, run_step, tail  # noqa: E402
+from suite_steps import REPO, Background, Deadline, Step, child_env, kill_current, last_json, run_step, tail  # noqa: E402
 
 PARITY_TESTS = ["tests/test_parity.py", "tests/test_offload_features.py"]
 # smoke: two quick tests through the same step (the parity matrix itself runs in the CPU test suite)
@@ -129,52 +130,39 @@ def run_suite(args: argparse.Namespace) -> int:
 
 
 def run_steps(suite: Suite, rows: list[Row], device: str) -> None:
-    args, out, smoke = suite.args, suite.out, suite.args.cpu_smoke
-    me = [sys.executable, str(HERE)]
+    machine = probe_machine(suite, device)  # 1
+    env_extra, profile = measure_profile(suite, device)  # 2
+    models = {}
+    if suite.args.cpu_smoke:
+        for name in {r.model for r in rows} & set(suite_rows.TINY):
+            models[name] = str(suite_rows.write_tiny_checkpoint(name, suite.work / "models"))
+    predicting = start_predictions(suite, rows, models, env_extra)  # 3, beside 4
+    try:
+        run_parity(suite, device)  # 4
+        preds = finish_predictions(suite, predicting)
+    finally:
+        if predicting:
+            predicting.kill()
+    run_checks(suite)  # 5 (after the predictions: it times the CPU)
+    run_rows(suite, rows, machine, profile, env_extra, models, preds)  # 6
 
-    # 1. the machine
-    step = run_step([*me, "--probe", device], 60, suite.deadline)
+
+def probe_machine(suite: Suite, device: str) -> dict:
+    step = run_step([sys.executable, str(HERE), "--probe", device], 60, suite.deadline)
     machine = last_json(step.stdout) or {"device": device, "probe_error": tail(step.stderr)}
     suite.data["machine"] = machine
     for line in suite_report.header_lines(machine):
         suite.say(line)
     if step.status != "ok":
         suite.log_step("machine probe", step)
-    suite.say(f"output: {out}")
+    suite.say(f"output: {suite.out}")
     suite.save()
+    return machine
 
-    # 2. parity
-    if not args.skip_parity:
-        tests = args.parity_tests.split() if args.parity_tests else (SMOKE_PARITY_TESTS if smoke else PARITY_TESTS)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", device, *tests]
-        env = child_env()
-        if args.parity_workers and importlib.util.find_spec("xdist") is not None:  # pytest-xdist
-            cmd[3:3] = ["-n", str(args.parity_workers)]
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parity_workers))
-        suite.say(f"parity: {' '.join(cmd[3:])} ...")
-        step = run_step(cmd, args.parity_timeout or (60 if smoke else 150), suite.deadline, env)
-        if step.rc == 4 and "-n" in cmd:  # pytest's usage error: this xdist does not take -n; run serially
-            del cmd[3:5]
-            step = run_step(cmd, args.parity_timeout or 150, suite.deadline, child_env())
-        suite.log_step("parity", step, limit=200000)
-        suite.data["parity"] = {"device": device, "tests": tests, **suite_report.parity_summary(step)}
-        suite.say(f"parity: {suite.data['parity']['status']} ({step.wall_s:.0f} s): {suite.data['parity']['summary']}")
-        suite.save()
 
-    # 3. a kernel's standalone check, where one exists
-    if GPU_CHECKS.is_file() and not args.skip_checks:
-        step = run_step([sys.executable, str(GPU_CHECKS), *(args.checks.split(",") if args.checks else [])],
-                        args.checks_timeout or (30 if smoke else 90),
-                        suite.deadline, child_env())
-        suite.log_step("gpu_checks", step, limit=50000)
-        lines = [ln for ln in step.stdout.strip().splitlines() if ln.strip()]
-        suite.data["gpu_checks"] = {"status": step.status, "rc": step.rc, "wall_s": step.wall_s,
-                                    "summary": lines[-1][:300] if lines else tail(step.stderr, 300),
-                                    "stdout_tail": tail(step.stdout, 4000), "stderr_tail": tail(step.stderr, 2000)}
-        suite.say(f"gpu_checks: {step.status} ({step.wall_s:.0f} s): {suite.data['gpu_checks']['summary']}")
-        suite.save()
-
-    # 4. the profile the predictions, auto rows and breakdowns use
+def measure_profile(suite: Suite, device: str) -> tuple[dict, dict]:
+    """The hardware profile the predictions, auto rows and breakdowns use: (the rows' extra environment, it)."""
+    args, out, smoke = suite.args, suite.out, suite.args.cpu_smoke
     env_extra, profile = {}, {}
     path = out / "profile.json"
     if os.environ.get("FLEXGEN_LITE_PROFILE"):
@@ -187,8 +175,8 @@ def run_steps(suite: Suite, rows: list[Row], device: str) -> None:
         suite.data["profile"] = {"status": "synthetic (tests/conftest.py)", "path": str(path)}
     else:
         suite.say("profile: measuring the machine ...")
-        step = run_step([*me, "--profile-to", str(path), "--device", device] + (["--quick"] if smoke else []),
-                        120, suite.deadline, child_env())
+        step = run_step([sys.executable, str(HERE), "--profile-to", str(path), "--device", device]
+                        + (["--quick"] if smoke else []), 120, suite.deadline, child_env())
         suite.data["profile"] = {"status": step.status, "wall_s": step.wall_s, "path": str(path)}
         if step.status != "ok":
             suite.log_step("profile", step)
@@ -198,27 +186,74 @@ def run_steps(suite: Suite, rows: list[Row], device: str) -> None:
         env_extra["FLEXGEN_LITE_PROFILE"] = str(path)
         profile = json.loads(path.read_text())
     suite.save()
+    return env_extra, profile
 
-    # 5. predictions for the time plan
-    models = {}
-    if smoke:
-        for name in {r.model for r in rows} & set(suite_rows.TINY):
-            models[name] = str(suite_rows.write_tiny_checkpoint(name, suite.work / "models"))
-    preds = {}
-    if profile:
-        specs = [{"name": r.name, "ours": r.bench_args(models.get(r.model)),
-                  "flexgen": [*r.bench_args(models.get(r.model))[:7], *r.flexgen,
-                              *(["--device", r.flag("--device")] if r.flag("--device") else [])]
-                  if r.flexgen and not args.no_flexgen else None} for r in rows]
-        (suite.work / "specs.json").write_text(json.dumps(specs))
-        step = run_step([*me, "--predict-rows", str(suite.work / "specs.json")], 90, suite.deadline,
-                        child_env(env_extra))
-        preds = last_json(step.stdout) or {}
-        if step.status != "ok" or not preds:
-            suite.log_step("predictions", step)
-        suite.say(f"predictions: {step.status} ({step.wall_s:.0f} s)")
 
-    # 6. the rows
+def start_predictions(suite: Suite, rows: list[Row], models: dict, env_extra: dict) -> Background | None:
+    """Every row's prediction for the time plan (suite_plan.py), in the background; None without a profile."""
+    if not env_extra:
+        return None
+    specs = [{"name": r.name, "ours": r.bench_args(models.get(r.model)),
+              "flexgen": [*r.bench_args(models.get(r.model))[:7], *r.flexgen,
+                          *(["--device", r.flag("--device")] if r.flag("--device") else [])]
+              if r.flexgen and not suite.args.no_flexgen else None} for r in rows]
+    (suite.work / "specs.json").write_text(json.dumps(specs))
+    return Background([sys.executable, str(HERE), "--predict-rows", str(suite.work / "specs.json")],
+                      child_env(env_extra))
+
+
+def finish_predictions(suite: Suite, predicting: Background | None) -> dict:
+    if predicting is None:
+        return {}
+    step = predicting.wait(90, suite.deadline)
+    preds = last_json(step.stdout) or {}
+    if step.status != "ok" or not preds:
+        suite.log_step("predictions", step)
+    suite.say(f"predictions: {step.status} ({step.wall_s:.0f} s, beside the parity tests)")
+    return preds
+
+
+def run_parity(suite: Suite, device: str) -> None:
+    args, smoke = suite.args, suite.args.cpu_smoke
+    if args.skip_parity:
+        return
+    tests = args.parity_tests.split() if args.parity_tests else (SMOKE_PARITY_TESTS if smoke else PARITY_TESTS)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", device, *tests]
+    env = child_env()
+    if args.parity_workers and importlib.util.find_spec("xdist") is not None:  # pytest-xdist
+        cmd[3:3] = ["-n", str(args.parity_workers)]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parity_workers))
+    suite.say(f"parity: {' '.join(cmd[3:])} ...")
+    step = run_step(cmd, args.parity_timeout or (60 if smoke else 150), suite.deadline, env)
+    if step.rc == 4 and "-n" in cmd:  # pytest's usage error: this xdist does not take -n; run serially
+        del cmd[3:5]
+        step = run_step(cmd, args.parity_timeout or 150, suite.deadline, child_env())
+    suite.log_step("parity", step, limit=200000)
+    suite.data["parity"] = {"device": device, "tests": tests, **suite_report.parity_summary(step)}
+    suite.say(f"parity: {suite.data['parity']['status']} ({step.wall_s:.0f} s): {suite.data['parity']['summary']}")
+    suite.save()
+
+
+def run_checks(suite: Suite) -> None:
+    """gpu_checks.py's sections (--checks), where that file exists."""
+    args = suite.args
+    if not GPU_CHECKS.is_file() or args.skip_checks:
+        return
+    step = run_step([sys.executable, str(GPU_CHECKS), *(args.checks.split(",") if args.checks else [])],
+                    args.checks_timeout or (30 if args.cpu_smoke else 90), suite.deadline, child_env())
+    suite.log_step("gpu_checks", step, limit=50000)
+    lines = [ln for ln in step.stdout.strip().splitlines() if ln.strip()]
+    suite.data["gpu_checks"] = {"status": step.status, "rc": step.rc, "wall_s": step.wall_s,
+                                "summary": lines[-1][:300] if lines else tail(step.stderr, 300),
+                                "stdout_tail": tail(step.stdout, 4000), "stderr_tail": tail(step.stderr, 2000)}
+    suite.say(f"gpu_checks: {step.status} ({step.wall_s:.0f} s): {suite.data['gpu_checks']['summary']}")
+    suite.save()
+
+
+def run_rows(suite: Suite, rows: list[Row], machine: dict, profile: dict, env_extra: dict, models: dict,
+             preds: dict) -> None:
+    """Each row, then its FlexGen twin (or later, after Row.flexgen_after), each within what is left."""
+    args = suite.args
     off = ["--no-flexgen"] if args.no_flexgen else []  # a reason that holds for every twin, once found
     later: list[tuple[Row, dict, dict]] = []  # twins that run after another row (Row.flexgen_after)
     for i, row in enumerate(rows):

@@ -48,23 +48,42 @@ def run_step(cmd: list[str], timeout: float, deadline: Deadline, env: dict | Non
     budget = min(timeout, deadline.left())
     if budget < min(min_time, timeout):
         return Step("skipped", timeout_s=round(max(budget, 0), 1), stderr="time limit of the run reached")
-    tic = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=env, preexec_fn=_child_setup)
-    _current = proc
+    step = Background(cmd, env)
+    _current = step.proc
     try:
-        out, err = proc.communicate(timeout=budget)
-        status = "ok" if proc.returncode == 0 else "failed"
-    except subprocess.TimeoutExpired:
-        kill_current()
-        try:
-            out, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:  # stuck in the kernel (a driver call): leave it, keep going
-            out, err = "", "did not exit within 10 s of SIGKILL"
-        status = "timeout"
+        return step.wait(budget, deadline)
     finally:
         _current = None
-    return Step(status, proc.returncode, round(time.monotonic() - tic, 1), round(budget, 1), out or "", err or "")
+
+
+class Background:
+    """A step started now and waited for later: the time plan's predictions (arithmetic on the CPU) run beside the
+    parity tests (on the GPU mostly). Its own process group, killed at its timeout or with the suite."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None) -> None:
+        self.tic = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env=env, preexec_fn=_child_setup)
+
+    def wait(self, timeout: float, deadline: Deadline) -> Step:
+        """The step's result once it ends, or killed `timeout` seconds after it started (never past the run)."""
+        budget = max(0.0, min(self.tic + timeout - time.monotonic(), deadline.left()))
+        try:
+            out, err = self.proc.communicate(timeout=budget)
+            status = "ok" if self.proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            self.kill()
+            try:
+                out, err = self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (a driver call): leave it, keep going
+                out, err = "", "did not exit within 10 s of SIGKILL"
+            status = "timeout"
+        return Step(status, self.proc.returncode, round(time.monotonic() - self.tic, 1), round(timeout, 1),
+                    out or "", err or "")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def _child_setup() -> None:
