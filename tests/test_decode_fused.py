@@ -214,7 +214,7 @@ def test_other_builds_give_the_same_silu(tmp_path, march):
         use = lanes <= lanes_here  # a build narrower than torch's kernels cannot make fp32 exact: not asked to
         lib.decode_silu_mul(gate.data_ptr(), up.data_ptr(), 0 if dtype == torch.float32 else 1, gate.numel(),
                             fn if use else 0, lanes if use else 0, step or 1,
-                            decode_layers.silu_chunk(gate.numel(), torch.get_num_threads()))
+                            decode_layers.silu_chunk(gate.numel(), torch.get_num_threads()), torch.get_num_threads())
         assert torch.equal(gate, expected) or (dtype == torch.float32 and not use)
 
 

@@ -74,8 +74,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> None:
     """gate = silu(gate) * up in place by decode_layer.c's loop (tests; the self-check below)."""
     fn, lanes, step = torch_exp()
     n = gate.numel()
+    threads = torch.get_num_threads()
     native.library().decode_silu_mul(gate.data_ptr(), up.data_ptr(), native.OUT_KIND[gate.dtype], n, fn, lanes,
-                                     step or 1, silu_chunk(n, torch.get_num_threads()))
+                                     step or 1, silu_chunk(n, threads), threads)
 
 
 @functools.cache

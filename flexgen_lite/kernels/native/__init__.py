@@ -158,7 +158,7 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                         ("prefill_attention", prefill + [i64] * 2),
                         ("prefill_attention_team", prefill + [i64, i32]),
                         ("decode_layers", [ptr, i64, ptr]),  # structs: kernels/decode_layers.py
-                        ("decode_silu_mul", [ptr, ptr, i32, i64, ptr, i32, i64, i64])):
+                        ("decode_silu_mul", [ptr, ptr, i32, i64, ptr, i32, i64, i64, i32])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, types
     i8 = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i32]

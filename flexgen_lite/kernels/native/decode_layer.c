@@ -102,12 +102,13 @@ static void exp16_by(const float *x, float *e, const void *fn, int lanes) {
 /* gate = round(round(gate / (1 + exp(-gate))) * up) over n values of `kind` (F.silu(gate, inplace=True).mul_(up)).
    bf16 and fp16 values come out the same from libm's expf and Sleef's (checked over every input). fp32 ones need
    torch's own: Sleef (fn) over each thread's chunk of `chunk` values in iterations of `step` (2 vectors), the
-   chunk's tail by expf, as ATen's vectorized loop runs. */
+   chunk's tail by expf, as ATen's vectorized loop runs. The chunks on `threads` threads, as ATen's. */
 void decode_silu_mul(void *gate, const void *up, int kind, int64_t n, const void *fn, int lanes, int64_t step,
-                     int64_t chunk) {
-    if (kind != KIND_F32) fn = NULL;
-    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        int64_t c1 = c0 + chunk < n ? c0 + chunk : n, vec_end = fn ? c0 + (c1 - c0) / step * step : c0;
+                     int64_t chunk, int threads) {
+    int64_t chunks = (n + chunk - 1) / chunk;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t c0 = c * chunk, c1 = c0 + chunk < n ? c0 + chunk : n, vec_end = fn ? c0 + (c1 - c0) / step * step : c0;
         for (int64_t i0 = c0; i0 < c1; i0 += 16) {
             int count = c1 - i0 < 16 ? (int)(c1 - i0) : 16;
             float x[16] = {0}, e[16];
@@ -232,7 +233,8 @@ static void decode_layer(const struct layer *L, const struct step *S) {
 
     rms_norm(L, S, S->h, L->mlp_norm, x);
     linears(L, S, (int[]){GATE, UP}, 2, x, (void *[]){gate, up});
-    decode_silu_mul(gate, up, L->kind, r * L->ffn, L->exp_fn, L->exp_lanes, L->exp_step, S->silu_chunk);
+    decode_silu_mul(gate, up, L->kind, r * L->ffn, L->exp_fn, L->exp_lanes, L->exp_step, S->silu_chunk,
+                    (int)S->threads);
     linears(L, S, (int[]){DOWN}, 1, gate, (void *[]){down});
     add_into(S->h, down, L->kind, r * L->hidden);
 }
