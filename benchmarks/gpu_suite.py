@@ -42,7 +42,7 @@ import suite_plan  # noqa: E402
 import suite_report  # noqa: E402
 import suite_rows  # noqa: E402
 from suite_rows import GPU_ROWS, SMOKE_DEFAULT, SMOKE_ROWS, Row, select_rows  # noqa: E402
-from suite_steps import REPO, Background, Deadline, Step, child_env, kill_current, last_json, run_step, tail  # noqa: E402
+from suite_steps import REPO, Deadline, Step, StepProcess, child_env, kill_current, last_json, run_step, tail  # noqa: E402
 
 PARITY_TESTS = ["tests/test_parity.py", "tests/test_offload_features.py"]
 # smoke: two quick tests through the same step (the parity matrix itself runs in the CPU test suite)
@@ -189,7 +189,7 @@ def measure_profile(suite: Suite, device: str) -> tuple[dict, dict]:
     return env_extra, profile
 
 
-def start_predictions(suite: Suite, rows: list[Row], models: dict, env_extra: dict) -> Background | None:
+def start_predictions(suite: Suite, rows: list[Row], models: dict, env_extra: dict) -> StepProcess | None:
     """Every row's prediction for the time plan (suite_plan.py), in the background; None without a profile."""
     if not env_extra:
         return None
@@ -198,11 +198,11 @@ def start_predictions(suite: Suite, rows: list[Row], models: dict, env_extra: di
                           *(["--device", r.flag("--device")] if r.flag("--device") else [])]
               if r.flexgen and not suite.args.no_flexgen else None} for r in rows]
     (suite.work / "specs.json").write_text(json.dumps(specs))
-    return Background([sys.executable, str(HERE), "--predict-rows", str(suite.work / "specs.json")],
+    return StepProcess([sys.executable, str(HERE), "--predict-rows", str(suite.work / "specs.json")],
                       child_env(env_extra))
 
 
-def finish_predictions(suite: Suite, predicting: Background | None) -> dict:
+def finish_predictions(suite: Suite, predicting: StepProcess | None) -> dict:
     if predicting is None:
         return {}
     step = predicting.wait(90, suite.deadline)

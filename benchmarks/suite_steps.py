@@ -48,7 +48,7 @@ def run_step(cmd: list[str], timeout: float, deadline: Deadline, env: dict | Non
     budget = min(timeout, deadline.left())
     if budget < min(min_time, timeout):
         return Step("skipped", timeout_s=round(max(budget, 0), 1), stderr="time limit of the run reached")
-    step = Background(cmd, env)
+    step = StepProcess(cmd, env)
     _current = step.proc
     try:
         return step.wait(budget, deadline)
@@ -56,9 +56,10 @@ def run_step(cmd: list[str], timeout: float, deadline: Deadline, env: dict | Non
         _current = None
 
 
-class Background:
-    """A step started now and waited for later: the time plan's predictions (arithmetic on the CPU) run beside the
-    parity tests (on the GPU mostly). Its own process group, killed at its timeout or with the suite."""
+class StepProcess:
+    """A step's process, started now and waited for then: at once (run_step), or later, as the time plan's
+    predictions (arithmetic on the CPU), which run beside the parity tests (the GPU mostly). Its own process group,
+    killed at its timeout or with the suite."""
 
     def __init__(self, cmd: list[str], env: dict | None = None) -> None:
         self.tic = time.monotonic()
