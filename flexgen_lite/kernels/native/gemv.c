@@ -275,9 +275,9 @@ static inline __attribute__((always_inline)) void pairs_tile(const uint8_t *src,
 }
 
 /* out (rows, N) fp32 = x (rows, K) bf16 @ W.T for the blocks of 64 output rows [b0, b1), by the CPU's bf16 dot
-   instruction: per block and group, the rows of x go over the group's codes in passes of at most TILE_ROWS (as
-   even as they divide), each converting the codes as it reads them (cheaper than storing them converted and
-   reading them back); the sums are scaled per group and the minimum times the group's sum of x (xsum: (rows,
+   instruction: per block, the rows of x in passes of at most TILE_ROWS (as even as they divide), each over every
+   group's codes in turn, converting them as it reads them (cheaper than storing them converted and reading them
+   back), its rows' sums staying in L1 across the groups; the sums are scaled per group and the minimum times the group's sum of x (xsum: (rows,
    K / group), pairs_group_sums) added. The weight crosses memory as 4-bit codes and is never written out. Each
    row's sums are taken in the same order whatever the rows beside it: a row's product does not depend on the
    batch. */
@@ -288,16 +288,16 @@ static void int4_gemv_pairs(const uint8_t *packed, const _Float16 *scale, const 
     float sv[64] __attribute__((aligned(64))), mv[64] __attribute__((aligned(64)));
     for (int64_t b = b0; b < b1; b++) {
         for (int64_t r = 0; r < rows; r++) memset(out + r * n + b * 64, 0, 64 * sizeof(float));
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *src = packed + (b * k + g * group_size) * 32;
-            for (int i = 0; i < 4; i++) {
-                __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * n + b * 64 + 16 * i)));
-                __m512 m16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(minimum + g * n + b * 64 + 16 * i)));
-                _mm512_store_ps(sv + 16 * i, s16);
-                _mm512_store_ps(mv + 16 * i, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s16, m16));
-            }
-            for (int64_t pass = 0; pass < passes; pass++) {
-                const int64_t r0 = pass_start(rows, passes, pass), nr = pass_start(rows, passes, pass + 1) - r0;
+        for (int64_t pass = 0; pass < passes; pass++) {  /* a pass's rows over every group: their sums stay in L1 */
+            const int64_t r0 = pass_start(rows, passes, pass), nr = pass_start(rows, passes, pass + 1) - r0;
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *src = packed + (b * k + g * group_size) * 32;
+                for (int i = 0; i < 4; i++) {
+                    __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g * n + b * 64 + 16 * i)));
+                    __m512 m16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(minimum + g * n + b * 64 + 16 * i)));
+                    _mm512_store_ps(sv + 16 * i, s16);
+                    _mm512_store_ps(mv + 16 * i, _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), s16, m16));
+                }
                 const uint16_t *x = xb + r0 * k + g * group_size;
                 const float *xs = xsum + r0 * groups + g;
                 float *total = out + r0 * n + b * 64;
