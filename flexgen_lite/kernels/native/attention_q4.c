@@ -146,14 +146,15 @@ static inline int lone_head(int64_t group, int64_t gs, int64_t dim) { return gro
 
 /* In a position-major store one position's rows sit a whole row of the cache (rows x heads) from the next
    position's, past the page the hardware prefetcher follows: the bytes of a position AHEAD positions on are asked
-   for while this one is read (n bytes of codes, k bytes each of scales and minima) */
+   for while this one is read: position l's n bytes of codes (cs apart) and k bytes each of scales and minima
+   (ss elements apart) */
 #define AHEAD 4
-static inline void prefetch_position(const uint8_t *codes, int64_t n, const _Float16 *sc, const _Float16 *mn,
-                                     int64_t k) {
-    for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(codes + i);
+static inline void prefetch_position(const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, int64_t l,
+                                     int64_t cs, int64_t ss, int64_t n, int64_t k) {
+    for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(codes + l * cs + i);
     for (int64_t i = 0; i < k; i += 64) {
-        __builtin_prefetch((const char *)sc + i);
-        __builtin_prefetch((const char *)mn + i);
+        __builtin_prefetch((const char *)(sc + l * ss) + i);
+        __builtin_prefetch((const char *)(mn + l * ss) + i);
     }
 }
 
@@ -206,8 +207,7 @@ static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *s
     for (int64_t p = 0; p < TILE; p++) {
         int64_t l = l0 + p;
         if (far && l + TILE < length)
-            prefetch_position(codes + (l + TILE) * cs, dim / 2, sc + (l + TILE) * ss, mn + (l + TILE) * ss,
-                              dim / 64 * 2);
+            prefetch_position(codes, sc, mn, l + TILE, cs, ss, dim / 2, dim / 64 * 2);
         if (!(p < n && l != skip && m[l])) {
             memset(tile + p * ds, 0, sizeof(float) * dim);
             continue;
@@ -317,6 +317,7 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
         int64_t span = (kh1 - kh0) * code_strides[1], stat_span = (kh1 - kh0) * stat_strides[1] * 2;
         int own = k_new && skip >= 0 && skip < length && m[skip];
         int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
+        int64_t code_at = c0 + kh0 * code_strides[1], stat_at = s0 + kh0 * stat_strides[1];  /* the block's first */
 #ifdef __AVX512BW__
         for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
             tiled_head(0, qf, acc, (kh - kh0) * group, ds, group, k_codes + c0 + kh * code_strides[1], k_scale,
@@ -326,9 +327,8 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
         for (int64_t l = tiled ? length : 0; l <= length; l++) {
             int seen = l < length ? l != skip && m[l] : own;
             if (far && l + AHEAD < length)
-                prefetch_position(k_codes + c0 + kh0 * code_strides[1] + (l + AHEAD) * code_strides[2], span,
-                                  k_scale + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2],
-                                  k_min + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2], stat_span);
+                prefetch_position(k_codes + code_at, k_scale + stat_at, k_min + stat_at, l + AHEAD, code_strides[2],
+                                  stat_strides[2], span, stat_span);
             for (int64_t kh = kh0; kh < kh1; kh++) {
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
                 if (!seen) {
@@ -365,9 +365,8 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
 #endif
         for (int64_t l = tiled ? length : 0; l <= length; l++) {
             if (far && l + AHEAD < length)
-                prefetch_position(v_codes + c0 + kh0 * code_strides[1] + (l + AHEAD) * code_strides[2], span,
-                                  v_scale + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2],
-                                  v_min + s0 + kh0 * stat_strides[1] + (l + AHEAD) * stat_strides[2], stat_span);
+                prefetch_position(v_codes + code_at, v_scale + stat_at, v_min + stat_at, l + AHEAD, code_strides[2],
+                                  stat_strides[2], span, stat_span);
             if (!(l < length ? l != skip && m[l] : own)) continue;
             for (int64_t kh = kh0; kh < kh1; kh++) {
                 int64_t j = (kh - kh0) * group, at = s0 + kh * stat_strides[1] + l * stat_strides[2];
