@@ -240,17 +240,22 @@ def _dequantize_in_place(q: QuantizedTensor, out: torch.Tensor, grouped: tuple[i
     tmp = torch.empty((min(step, rows), per_row), dtype=torch.float32, device=out.device)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        t, c = tmp[:n], codes[r:r + n]
-        if q.config.bits == 4:
-            pairs = t.view(n, -1, 2)
-            pairs[..., 0].copy_(c & 0x0F)
-            pairs[..., 1].copy_(c >> 4)
-        else:
-            t.copy_(c)
-        t3 = t.view(n, g, inner)
-        t3.mul_(scale[r:r + n]).add_(minimum[r:r + n]).clamp_(-_FP16_MAX, _FP16_MAX)
-        dst[r:r + n].copy_(t3)
+        dst[r:r + n].copy_(_chunk_values(tmp[:n], codes[r:r + n], scale[r:r + n], minimum[r:r + n], q.config.bits))
     return out
+
+
+def _chunk_values(t: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                  bits: int) -> torch.Tensor:
+    """A chunk of groups' values in the fp32 buffer t (groups, g x inner): the codes unpacked, times the scale,
+    plus the minimum (each (groups, 1, inner)), clamped to fp16's range; viewed (groups, g, inner)."""
+    n = codes.shape[0]
+    if bits == 4:
+        pairs = t.view(n, -1, 2)
+        pairs[..., 0].copy_(codes & 0x0F)
+        pairs[..., 1].copy_(codes >> 4)
+    else:
+        t.copy_(codes)
+    return t.view(n, -1, scale.shape[-1]).mul_(scale).add_(minimum).clamp_(-_FP16_MAX, _FP16_MAX)
 
 
 def _dequantize_blocks(codes, scale, minimum, out: torch.Tensor, per_block: int, g: int, bits: int) -> torch.Tensor:
@@ -263,15 +268,8 @@ def _dequantize_blocks(codes, scale, minimum, out: torch.Tensor, per_block: int,
     for r in range(0, blocks, step):
         n = min(step, blocks - r)
         lo, hi = r * per_block, (r + n) * per_block
-        t, c = tmp[:hi - lo], codes[lo:hi]
-        if bits == 4:
-            pairs = t.view(hi - lo, -1, 2)
-            pairs[..., 0].copy_(c & 0x0F)
-            pairs[..., 1].copy_(c >> 4)
-        else:
-            t.copy_(c)
-        t.mul_(scale[lo:hi, :, 0]).add_(minimum[lo:hi, :, 0]).clamp_(-_FP16_MAX, _FP16_MAX)
-        dst[r:r + n].copy_(t.view(n, per_block, g))
+        values = _chunk_values(tmp[:hi - lo], codes[lo:hi], scale[lo:hi], minimum[lo:hi], bits)
+        dst[r:r + n].copy_(values.view(n, per_block, g))
     return out
 
 
