@@ -20,20 +20,22 @@ MiB = 2**20
 
 
 def mapped_rss(directory: str) -> int:
-    """Resident bytes of this process's mappings of files under `directory` (from /proc/self/smaps). Read in
-    one go and searched for `directory` rather than split line by line: it is read before every release
-    (hundreds of times a test) and holds thousands of lines, of this process's other mappings mostly."""
-    with open("/proc/self/smaps", "rb") as f:
-        data = f.read()
-    wanted, total, at = directory.encode(), 0, 0
-    while (at := data.find(wanted, at)) >= 0:
-        start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
-        fields = data[start:end].split()
-        at = end
-        # a mapping's header line (start-end perms offset dev inode path) whose path is under `directory`
-        if "-" in fields[0].decode() and len(fields) >= 6 and fields[5].startswith(wanted):
-            rss = data.find(b"\nRss:", end - 1)
-            total += int(data[rss + 5:data.find(b"\n", rss + 1)].split()[0]) * 1024
+    """Resident bytes of this process's mappings of files under `directory`: the mappings are found in
+    /proc/self/maps, and their pages counted present in /proc/self/pagemap (bit 63), as the kernel counts Rss in
+    smaps. Read before every release (hundreds of times a test): whole smaps took 12 ms a read."""
+    wanted, ranges = directory.encode(), []
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith(wanted):
+                start, end = (int(a, 16) for a in fields[0].split(b"-"))
+                ranges.append((start, end))
+    total = 0
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for start, end in ranges:
+            pagemap.seek(start // PAGE * 8)
+            entries = torch.frombuffer(bytearray(pagemap.read((end - start) // PAGE * 8)), dtype=torch.int64)
+            total += int((entries < 0).sum()) * PAGE  # bit 63 set: the page is present
     return total
 
 
