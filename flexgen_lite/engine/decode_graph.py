@@ -244,7 +244,12 @@ class StaticDecode:
         return s.write % capacity, mask[:, None, None]
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
-        """q (rows, heads, 1, D) over the whole cache under `mask`; grouped heads folded (attention.fold_groups)."""
+        """q (rows, heads, 1, D) over the whole cache under `mask`: the Triton split-KV kernel where chosen
+        (attention.decode_attend), else SDPA with grouped heads folded (attention.fold_groups)."""
+        chosen = attention.decode_attend(q, k, v, mask)
+        if chosen is not None:
+            self.kernel = self.kernel or chosen[1]
+            return chosen[0]
         qf, mf = fold_groups(q, mask, k.shape[1]) if k.shape[1] != q.shape[1] else (q, mask)
         if q.device.type != "cuda":
             out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import statistics
+import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import decode_attention_triton as triton_decode
 from . import native
 from .prefill_attention import prefill_attention, prefill_wins
 
@@ -43,8 +47,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  sparsity: float = 1.0, native_prefill: bool = True, shared=None,
                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
-    """`attend`, and which kernel ran: flash, efficient, math, default (CUDA), cpu-native, sdpa-cpu, topk,
-    softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the
+    """`attend`, and which kernel ran: triton (decode_attend), flash, efficient, math, default (CUDA), cpu-native,
+    sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the
     profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py).
     softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the softmax's
     denominator (gpt-oss); no fused kernel takes either: computed whole (`scored_attend`)."""
@@ -53,6 +57,8 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         return scored_attend(q, k, v, mask, softcap, sinks), "softcap" if softcap is not None else "sinks"
     if sparsity < 1 and decode:
         return topk_attend(q, k, v, mask, max(1, math.ceil(sparsity * k.shape[2]))), "topk"
+    if decode and shared is None and (chosen := decode_attend(q, k, v, mask)) is not None:
+        return chosen
     if q.device.type == "cuda":
         return _cuda_attend(q, k, v, mask)
     if decode and q.device.type == "cpu" and q.shape[0] and native_decode_agrees():
@@ -71,6 +77,60 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 
 _failed: set[tuple] = set()  # kinds of call whose chosen kernels failed: torch's default SDPA from then on
 _chosen: dict[tuple, str] = {}  # kind of call -> the kernel torch picked among those allowed
+
+
+DECODE_ENV = "FLEXGEN_LITE_DECODE_ATTENTION"  # "auto" (measured on CUDA), "triton" (anywhere it runs), "sdpa"
+_measured: dict[tuple, str] = {}  # kind of decode call -> the faster kernel, measured once
+
+
+def decode_attend(q, k, v, mask) -> tuple[torch.Tensor, str] | None:
+    """One query position by the Triton split-KV kernel (decode_attention_triton), where it is chosen for this
+    kind of call: on CUDA where measured faster than SDPA (once per kind), anywhere it runs under
+    FLEXGEN_LITE_DECODE_ATTENTION=triton (a CPU: Triton's interpreter, tests). None: SDPA's turn."""
+    want = os.environ.get(DECODE_ENV, "auto")
+    if q.shape[2] != 1 or want == "sdpa" or (want == "auto" and q.device.type != "cuda"):
+        return None
+    if not triton_decode.usable(q, k):
+        return None
+    if want == "auto":
+        kind = (q.device, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[-1], k.shape[2].bit_length(),
+                mask is None)
+        candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask), "sdpa": lambda: _cuda_attend(q, k, v, mask)}
+        if faster(kind, candidates, q.device) != "triton":
+            return None
+    return triton_decode.attend(q, k, v, mask), "triton"
+
+
+def faster(kind: tuple, candidates: dict, device: torch.device, reps: int = 5) -> str:
+    """The name of the fastest of `candidates` (name -> call) for this kind of call: each run once (compiled,
+    warmed), then `reps` times in turn, by the median; measured once per kind. While a CUDA graph is captured
+    nothing is timed: the kind's choice so far, else the last candidate (the default)."""
+    if kind in _measured:
+        return _measured[kind]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return list(candidates)[-1]
+    for call in candidates.values():
+        call()
+    times = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, call in candidates.items():
+            times[name].append(timed_once(call, device))
+    _measured[kind] = min(times, key=lambda name: statistics.median(times[name]))
+    return _measured[kind]
+
+
+def timed_once(call, device: torch.device) -> float:
+    """Seconds one call takes: on CUDA by events on the current stream, else by the clock."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    call()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 def _cuda_attend(q, k, v, mask) -> tuple[torch.Tensor, str]:

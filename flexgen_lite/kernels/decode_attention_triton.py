@@ -1,0 +1,234 @@
+"""One new token's attention over a GPU-resident KV cache in Triton, split along the cache (flash-decoding).
+
+SDPA's fused kernels are built for many queries: at decode (one query per row) the memory-efficient one walks a
+row's whole cache in one program per (row, head) with tiles made for 64 queries, and flash takes no mask (left
+padding needs one). Here each program reads one (row, kv head, split of the positions) once, for all the query
+heads sharing that kv head, keeping a running max and sum in fp32; splits are combined by their log-sum-exp. The
+cache is read in place, any strides (head-major slots, a prefix of max_len, a window's ring), under a bool mask
+(rows or 1, 1, 1, L). Rows x kv heads x splits fill the GPU several times over.
+
+`usable` checks the kernel once per kind of call against SDPA in fp32 on the call's device; attention.py measures it
+against SDPA where both run and keeps the faster. TRITON_INTERPRET=1 runs it on a CPU (tests);
+FLEXGEN_LITE_TRITON=0 turns it off."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .dequant_triton import interpreting
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BROADCAST_VALUES = 8192  # a tile of (query heads x positions x head dim) held in registers without tl.dot
+PROGRAMS_PER_SM = 4  # split the positions until rows x kv heads x splits is at least this many per SM
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """(split kernel, combine kernel), jitted on first use (Triton decides at `jit` whether it interprets)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["length", "split_len"])
+    def split_kernel(q, k, v, seen, out, lse, length, split_len, scale,
+                     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h, so_s, sl_b, sl_h,
+                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                     DOT: tl.constexpr, TF32: tl.constexpr, MASKED: tl.constexpr, ONE_SPLIT: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        g, d = tl.arange(0, GP), tl.arange(0, DP)
+        heads = kv_head * G + g
+        head_ok, d_ok = g < G, d < D
+        qv = tl.load(q + row * sq_b + heads[:, None] * sq_h + d[None, :], mask=head_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        if TF32 or not DOT:
+            qv = qv.to(tl.float32)
+        k_row, v_row = k + row * sk_b + kv_head * sk_h, v + row * sv_b + kv_head * sv_h
+        begin = split * split_len
+        end = tl.minimum(begin + split_len, length)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for offset in range(0, split_len, BLOCK):
+            pos = begin + offset + tl.arange(0, BLOCK)
+            inside = pos < end
+            pos64 = pos.to(tl.int64)
+            tile_ok = inside[:, None] & d_ok[None, :]
+            kt = tl.load(k_row + pos64[:, None] * sk_l + d[None, :], mask=tile_ok, other=0.0)
+            if TF32:  # bf16 values are exact in tf32
+                s = tl.dot(qv, tl.trans(kt.to(tl.float32)), input_precision="tf32") * scale
+            elif DOT:
+                s = tl.dot(qv, tl.trans(kt)) * scale
+            else:
+                s = tl.sum(qv[:, None, :] * kt.to(tl.float32)[None, :, :], 2) * scale
+            ok = inside
+            if MASKED:
+                ok = ok & (tl.load(seen + row * sm_b + pos64 * sm_l, mask=inside, other=0) != 0)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_row + pos64[:, None] * sv_l + d[None, :], mask=tile_ok, other=0.0)
+            if TF32:
+                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="tf32")
+            elif DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], 1)
+            m_i = m_new
+        keep = head_ok[:, None] & d_ok[None, :]
+        if ONE_SPLIT:
+            tl.store(out + row * so_b + heads[:, None] * so_h + d[None, :],
+                     (acc / l_i[:, None]).to(out.dtype.element_ty), mask=keep)
+        else:  # fp32 partial output, normalized, and its log2-sum-exp2 beside it
+            tl.store(out + row * so_b + heads[:, None] * so_h + split * so_s + d[None, :], acc / l_i[:, None],
+                     mask=keep)
+            tl.store(lse + row * sl_b + heads * sl_h + split, m_i + tl.log2(l_i), mask=head_ok)
+
+    @triton.jit
+    def combine_kernel(part, lse, out, splits, sp_b, sp_h, sp_s, sl_b, sl_h, so_b, so_h,
+                       D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        s, d = tl.arange(0, SP), tl.arange(0, DP)
+        s_ok = s < splits
+        at = row * sp_b + head * sp_h
+        weights = tl.load(lse + row * sl_b + head * sl_h + s, mask=s_ok, other=float("-inf"))
+        weights = tl.where(s_ok, tl.exp2(weights - tl.max(weights, 0)), 0.0)
+        parts = tl.load(part + at + s[:, None] * sp_s + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+        o = tl.sum(weights[:, None] * parts, 0) / tl.sum(weights, 0)
+        tl.store(out + row * so_b + head * so_h + d, o.to(out.dtype.element_ty), mask=d < D)
+
+    return split_kernel, combine_kernel
+
+
+def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Decode shapes the kernel takes: one query position, kv heads dividing the query heads, a head dim up to 256,
+    each position's head dim contiguous."""
+    return (q.dim() == 4 and q.shape[2] == 1 and q.dtype in DTYPES and k.dtype == q.dtype
+            and q.shape[1] % k.shape[1] == 0 and q.shape[-1] <= 256 and k.shape[2] > 0)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, bool]:
+    """(padded query heads, positions per tile, tl.dot): 16-bit caches with 4 or more query heads per kv head
+    multiply on tensor cores (tl.dot wants 16 rows); fewer heads, or fp32, multiply and sum in registers."""
+    dp = _pow2(head_dim)
+    if dtype != torch.float32 and group >= 4:
+        return max(16, _pow2(group)), 64, True
+    gp = _pow2(group)
+    return gp, max(16, min(128, BROADCAST_VALUES // (gp * dp))), False
+
+
+def split_plan(programs: int, length: int, block: int, sms: int) -> tuple[int, int]:
+    """(splits, positions per split, a multiple of `block`) of a cache of `length` positions: enough splits that
+    `programs` (rows x kv heads) times them is PROGRAMS_PER_SM per SM, each split two tiles at least."""
+    wanted = -(-PROGRAMS_PER_SM * sms // programs)
+    splits = max(1, min(wanted, length // (2 * block)))
+    split_len = -(-length // splits)
+    split_len = -(-split_len // block) * block
+    return -(-length // split_len), split_len
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (rows, heads, 1, D) over k, v (rows, kv_heads, L, D) where `mask` (rows or 1, 1, 1, L; None: every
+    position) is True: as SDPA with that bool mask, grouped heads shared. Returns (rows, heads, 1, D) in q's dtype."""
+    rows, heads, _, hd = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    q = q.contiguous()
+    gp, block, dot = tiling(q.dtype, group, hd)
+    dp = _pow2(hd)
+    splits, split_len = split_plan(rows * kv_heads, length, block, _sm_count(q.device))
+    out = torch.empty(rows, heads, 1, hd, dtype=q.dtype, device=q.device)
+    if mask is None:
+        seen, sm_b, sm_l = q, 0, 0  # not read
+    else:
+        seen = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        sm_b = seen.stride(0) if seen.shape[0] > 1 else 0
+        sm_l = seen.stride(-1) if seen.shape[-1] > 1 else 0
+    split_kernel, combine_kernel = _kernels(interpreting())
+    scale = math.log2(math.e) / math.sqrt(hd)
+    if splits == 1:
+        target, lse, strides = out, out, (out.stride(0), out.stride(1), 0, 0, 0)
+    else:
+        target = torch.empty(rows, heads, splits, dp, dtype=torch.float32, device=q.device)
+        lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device)
+        strides = (*target.stride()[:3], *lse.stride()[:2])
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        split_kernel[(rows, kv_heads, splits)](
+            q, k, v, seen, target, lse, length, split_len, scale, q.stride(0), q.stride(1),
+            *k.stride()[:3], *v.stride()[:3], sm_b, sm_l, *strides,
+            G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, TF32=dot and q.dtype == torch.bfloat16, MASKED=mask is not None, ONE_SPLIT=splits == 1)
+        if splits > 1:
+            combine_kernel[(rows, heads)](target, lse, out, splits, *strides, out.stride(0), out.stride(1),
+                                          D=hd, DP=dp, SP=_pow2(splits))
+    return out
+
+
+_lock = threading.Lock()
+
+
+def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel runs here for this kind of call and matches SDPA (checked once per kind)."""
+    if not supported(q, k):
+        return False
+    with _lock:
+        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1]) is None
+
+
+def refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the kernel is not used for this kind of call (None: it may be)."""
+    if not supported(q, k):
+        return "not a decode shape the kernel takes"
+    with _lock:
+        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1])
+
+
+@functools.cache
+def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int) -> str | None:
+    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
+        return "FLEXGEN_LITE_TRITON=0"
+    try:
+        _kernels(interpreting())
+    except Exception as e:  # ImportError, or a triton that cannot build here
+        return f"triton unavailable: {type(e).__name__}: {e}"
+    gen = torch.Generator().manual_seed(group * 1000 + head_dim)
+    rows, kv_heads, length = 3, 2, 150  # several splits on any device, a ragged last tile
+    q = torch.randn(rows, kv_heads * group, 1, head_dim, generator=gen)
+    k, v = (torch.randn(rows, kv_heads, length, head_dim, generator=gen) for _ in "kv")
+    mask = torch.rand(rows, 1, 1, length, generator=gen) > 0.3
+    mask[..., -1] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    try:
+        got = attend(*(t.to(device, dtype) for t in (q, k, v)), mask.to(device)).float().cpu()
+    except Exception as e:  # a kernel that fails to compile or launch here
+        return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    error = float((got - want).abs().max())
+    if not error <= tolerance:
+        return f"self-check mismatch ({dtype}, {group} heads per kv head, head dim {head_dim}: {error:.3g})"
+    return None
+
+
+def reset() -> None:
+    """Forget the checks (tests; after changing FLEXGEN_LITE_TRITON)."""
+    _refusal.cache_clear()

@@ -1,0 +1,135 @@
+"""The Triton split-KV decode attention (decode_attention_triton.py) against SDPA, run on this CPU by Triton's
+interpreter (TRITON_INTERPRET=1); its choice against SDPA by measurement (attention.faster); and the engine's eager
+and constant-shape decode steps with it forced (FLEXGEN_LITE_DECODE_ATTENTION=triton) against transformers. On a
+GPU, benchmarks/gpu_checks.py times it against SDPA at the suite's shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.kernels import attention
+from flexgen_lite.kernels import decode_attention_triton as triton_decode
+
+from .conftest import PROMPTS
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+ULP = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}  # outputs of magnitude < 2
+
+# (rows, query heads, kv heads, positions, head dim): one split and several, 1 to 8 query heads per kv head (tl.dot
+# from 4 in 16 bits), a group of 3, one position, head dims not a power of two
+CASES = [(3, 4, 4, 37, 64), (2, 8, 2, 150, 128), (2, 8, 1, 300, 64), (1, 2, 2, 1, 80), (4, 6, 2, 70, 32)]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
+    triton_decode.reset()
+    yield
+    triton_decode.reset()
+
+
+def inputs(rows, heads, kv_heads, length, hd, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, heads, 1, hd, generator=g)
+    if layout == "position-major":  # as a CPU reads a host-RAM cache part beside a GPU
+        k, v = (torch.randn(length, rows, kv_heads, hd, generator=g).permute(1, 2, 0, 3) for _ in "kv")
+    else:  # a prefix of each row's slot of max_len positions, as the engine attends in compute memory
+        k, v = (torch.randn(rows, kv_heads, length + 9, hd, generator=g)[:, :, :length] for _ in "kv")
+    mask = torch.rand(rows, 1, 1, length, generator=g) > 0.3
+    mask[..., -1] = True  # the position just written
+    return q, k, v, mask
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", triton_decode.DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("layout", ["head-major", "position-major"])
+def test_kernel_equals_sdpa(interpret, case, dtype, layout):
+    """Within an output rounding of SDPA in fp32 over the same (rounded) inputs: with a mask per row, one mask
+    for every row (expanded), and none."""
+    q, k, v = (t.to(dtype) for t in inputs(*case, layout)[:3])
+    mask = inputs(*case, layout)[3]
+    rows, heads, kv_heads, length, hd = case
+    full = torch.ones(1, 1, 1, length, dtype=torch.bool).expand(rows, 1, 1, length)
+    for m in (mask, full, None):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                              enable_gqa=heads != kv_heads)
+        got = triton_decode.attend(q, k, v, m)
+        assert got.dtype == dtype and got.shape == (rows, heads, 1, hd)
+        torch.testing.assert_close(got.float(), want, atol=ULP[dtype], rtol=0)
+
+
+def test_split_plan_fills_the_gpu_and_covers_every_position():
+    for programs, length, block, sms in [(2048, 544, 128, 132), (16, 4096, 64, 132), (3, 150, 16, 4), (1, 1, 128, 4)]:
+        splits, split_len = triton_decode.split_plan(programs, length, block, sms)
+        assert split_len % block == 0 and (splits - 1) * split_len < length <= splits * split_len
+        assert splits == 1 or split_len >= 2 * block
+    assert triton_decode.split_plan(2048, 544, 128, 132)[0] == 1  # OPT-1.3B at batch 64: no split needed
+    assert triton_decode.split_plan(16, 4096, 64, 132)[0] == 32  # a few long rows: split to fill 132 SMs
+
+
+@needs_triton
+def test_self_check_passes_and_the_switch_turns_it_off(interpret, monkeypatch):
+    q, k, v, _ = inputs(2, 4, 2, 20, 64, "head-major")
+    assert triton_decode.refusal(q, k) is None and triton_decode.usable(q, k)
+    assert not triton_decode.usable(q.expand(2, 4, 3, 64), k)  # a prefill: not a decode shape
+    monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
+    monkeypatch.setenv(attention.DECODE_ENV, "triton")
+    triton_decode.reset()
+    assert triton_decode.refusal(q, k) == "FLEXGEN_LITE_TRITON=0"
+    assert attention.decode_attend(q, k, v, None) is None
+
+
+def test_decode_attend_is_sdpas_off_cuda_unless_asked(monkeypatch):
+    q, k, v, mask = inputs(2, 4, 2, 20, 64, "head-major")
+    monkeypatch.delenv(attention.DECODE_ENV, raising=False)
+    assert attention.decode_attend(q, k, v, mask) is None  # auto: measured on CUDA only
+    assert attention.attend_named(q, k, v, mask)[1] != "triton"
+    monkeypatch.setenv(attention.DECODE_ENV, "sdpa")
+    assert attention.decode_attend(q, k, v, mask) is None
+
+
+def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
+    monkeypatch.setattr(attention, "_measured", {})
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.02)
+
+    def fast():
+        calls["fast"] += 1
+
+    cpu = torch.device("cpu")
+    assert attention.faster(("a",), {"slow": slow, "fast": fast}, cpu, reps=3) == "fast"
+    assert calls == {"slow": 4, "fast": 4}  # warmed once, then timed 3 times in turn
+    assert attention.faster(("a",), {"slow": slow, "fast": fast}, cpu) == "fast" and calls["slow"] == 4
+    assert attention.faster(("b",), {"fast": fast, "slow": slow}, cpu, reps=1) == "fast"  # not by order
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["opt", "llama", "llama3"])  # 1, 2 and 4 query heads per kv head
+@pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
+def test_engine_with_the_kernel_equals_transformers(interpret, monkeypatch, tiny_models, references, family, static):
+    """Every decode step's attention by the kernel (left-padded rows: masked), the same greedy tokens as
+    transformers and logits within fp32's tolerance (as test_parity), in the engine's eager decode step and in its
+    constant-shape one (decode_graph.py: the whole max_len under a mask, as a CUDA graph replays it)."""
+    monkeypatch.setenv(attention.DECODE_ENV, "triton")
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
+    with FlexGenLite(str(tiny_models[family][0]), policy=policy) as m:
+        m.engine.static_decode, m.engine.fused_decode = static, False
+        ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
+                                     return_logits=True)
+        kernels = m.engine.times.attention
+    ref_ids, ref_logits = references[family]
+    assert ids == ref_ids
+    for ours, theirs in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+    assert kernels[1:] and all(("static+" if static else "") + "triton" in k for k in kernels[1:]), kernels
