@@ -10,7 +10,10 @@
    the torch path; decode step against its link bound (CUDA);
 4. CPU decode attention (native.decode_attention) over a position-major cache, all threads against one, beside
    the host's memory copy rate; the same over a 4-bit cache read as stored (quantized_attention);
-5. a decode step's kernels by device time with everything on the GPU (OPT-1.3B, batch 64), against its wall time.
+5. a decode step's kernels by device time with everything on the GPU (OPT-1.3B, batch 64), against its wall time;
+6. decode attention over a GPU cache: the Triton split-KV kernel (decode_attention_triton.py) against SDPA as the
+   engine calls it, at the suite's shapes: agreement, time, K+V bytes/s against a device copy, and which one the
+   engine's measured choice (attention.faster) keeps.
 A short table each; the last line sums up; exit 1 on a mismatch.
 """
 
@@ -238,7 +241,55 @@ def _profiled_steps(model: str, batch: int, prompt: int, steps: int) -> tuple[fl
     return wall["s"] / steps * 1e6, sorted(rows, reverse=True)
 
 
-SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels}
+ATTENTION_SHAPES = [  # (label, rows, query heads, kv heads, head dim, positions); left padding on every 4th row
+    ("OPT-1.3B, 64 rows", 64, 32, 32, 64, 544), ("OPT-30B, 48 rows", 48, 56, 56, 128, 544),
+    ("Llama-3-70B, 32 rows", 32, 64, 8, 128, 544), ("Llama-2-7B, 8 rows, long", 8, 32, 32, 128, 8192),
+]
+
+
+def decode_attention() -> None:
+    from flexgen_lite.kernels import attention
+    from flexgen_lite.kernels import decode_attention_triton as triton_decode
+
+    print("\n## 6. decode attention over a GPU cache: Triton split-KV against SDPA (masked, as the engine calls it)")
+    if importlib.util.find_spec("triton") is None:
+        print("triton is not installed: skipped")
+        return
+    dtype = torch.float16 if CUDA else torch.float32
+    shapes = ATTENTION_SHAPES if CUDA else [("tiny", 4, 4, 2, 64, 40)]
+    n = 1 << 28 if CUDA else 1 << 20
+    src, dst = torch.empty(n, dtype=torch.uint8, device=DEV), torch.empty(n, dtype=torch.uint8, device=DEV)
+    copy = 2 * n / best(lambda: dst.copy_(src))
+    print(f"device copy {copy / 1e9:.0f} GB/s (read + write)")
+    print("| shape | max diff | triton ms | K+V GB/s | SDPA ms | K+V GB/s | kept |\n|---|---|---|---|---|---|---|")
+    for label, rows, heads, kv_heads, hd, length in shapes:
+        q = torch.randn(rows, heads, 1, hd, device=DEV, dtype=dtype)
+        k, v = (torch.randn(rows, kv_heads, length, hd, device=DEV, dtype=dtype) for _ in "kv")
+        mask = torch.ones(rows, 1, 1, length, dtype=torch.bool, device=DEV)
+        mask[::4, ..., :length // 8] = False
+        why = triton_decode.refusal(q, k)
+        if why is not None:
+            print(f"| {label} | refused: {why} | | | | | |")
+            failures.append(f"triton decode attention refused: {why}") if CUDA else None
+            continue
+        def triton_call(q=q, k=k, v=v, mask=mask):
+            return triton_decode.attend(q, k, v, mask)
+
+        def sdpa_call(q=q, k=k, v=v, mask=mask):  # as the engine calls SDPA on CUDA; on a CPU, its own attention
+            return attention._cuda_attend(q, k, v, mask)[0] if CUDA else attention.attend(q, k, v, mask)
+
+        diff = (triton_call().float() - sdpa_call().float()).abs().max().item()
+        if not diff <= 2e-2:
+            failures.append(f"triton decode attention differs from SDPA at {label}: {diff:g}")
+        ours, theirs = best(triton_call), best(sdpa_call)
+        kept = attention.faster(("check", label), {"triton": triton_call, "sdpa": sdpa_call}, DEV) if CUDA else "-"
+        nbytes = 2 * k.numel() * k.element_size()
+        print(f"| {label} | {diff:.2g} | {ours * 1e3:.3f} | {nbytes / ours / 1e9:.0f} | {theirs * 1e3:.3f} | "
+              f"{nbytes / theirs / 1e9:.0f} | {kept} |")
+
+
+SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels,
+            "attention": decode_attention}
 CUDA_ONLY = ("speed", "engine")
 
 

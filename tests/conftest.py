@@ -28,6 +28,10 @@ def pytest_configure(config) -> None:
     device = config.getoption("--device")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise pytest.UsageError(f"--device {device}: torch sees no CUDA device here")
+    if not device.startswith("cuda"):
+        # Triton kernels tested on the CPU run in Triton's interpreter; it must be chosen before triton.language is
+        # first imported (its own helpers, tl.zeros, tl.sum, are jitted then)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""The Triton split-KV decode attention (decode_attention_triton.py) against SDPA, run on this CPU by Triton's
-interpreter (TRITON_INTERPRET=1); its choice against SDPA by measurement (attention.faster); and the engine's eager
-and constant-shape decode steps with it forced (FLEXGEN_LITE_DECODE_ATTENTION=triton) against transformers. On a
-GPU, benchmarks/gpu_checks.py times it against SDPA at the suite's shapes."""
+"""The Triton split-KV decode attention (decode_attention_triton.py) against SDPA; its choice against SDPA by
+measurement (attention.faster); and the engine's eager and constant-shape decode steps with it forced
+(FLEXGEN_LITE_DECODE_ATTENTION=triton) against transformers. On the CPU Triton's interpreter runs it
+(TRITON_INTERPRET=1); under --device cuda the compiled kernel runs on the GPU, and the constant-shape step is a
+CUDA graph. benchmarks/gpu_checks.py (section 6) times it against SDPA at the suite's shapes."""
 
 from __future__ import annotations
 
@@ -27,11 +28,16 @@ CASES = [(3, 4, 4, 37, 64), (2, 8, 2, 150, 128), (2, 8, 1, 300, 64), (1, 2, 2, 1
 
 
 @pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def kernel_device(monkeypatch, compute_device) -> str:
+    """Where the kernel runs: the GPU under --device cuda (compiled), else the CPU (Triton's interpreter)."""
+    cuda = compute_device.startswith("cuda")
+    if cuda:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
     triton_decode.reset()
-    yield
+    yield compute_device if cuda else "cpu"
     triton_decode.reset()
 
 
@@ -51,17 +57,18 @@ def inputs(rows, heads, kv_heads, length, hd, layout, seed=0):
 @pytest.mark.parametrize("dtype", triton_decode.DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("layout", ["head-major", "position-major"])
-def test_kernel_equals_sdpa(interpret, case, dtype, layout):
+def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
     """Within an output rounding of SDPA in fp32 over the same (rounded) inputs: with a mask per row, one mask
     for every row (expanded), and none."""
-    q, k, v = (t.to(dtype) for t in inputs(*case, layout)[:3])
-    mask = inputs(*case, layout)[3]
+    q, k, v, mask = inputs(*case, layout)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     rows, heads, kv_heads, length, hd = case
     full = torch.ones(1, 1, 1, length, dtype=torch.bool).expand(rows, 1, 1, length)
     for m in (mask, full, None):
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
                                               enable_gqa=heads != kv_heads)
-        got = triton_decode.attend(q, k, v, m)
+        on = (t.to(kernel_device) if t is not None else None for t in (q, k, v, m))
+        got = triton_decode.attend(*on).cpu()
         assert got.dtype == dtype and got.shape == (rows, heads, 1, hd)
         torch.testing.assert_close(got.float(), want, atol=ULP[dtype], rtol=0)
 
@@ -76,8 +83,8 @@ def test_split_plan_fills_the_gpu_and_covers_every_position():
 
 
 @needs_triton
-def test_self_check_passes_and_the_switch_turns_it_off(interpret, monkeypatch):
-    q, k, v, _ = inputs(2, 4, 2, 20, 64, "head-major")
+def test_self_check_passes_and_the_switch_turns_it_off(kernel_device, monkeypatch):
+    q, k, v = (t.to(kernel_device) for t in inputs(2, 4, 2, 20, 64, "head-major")[:3])
     assert triton_decode.refusal(q, k) is None and triton_decode.usable(q, k)
     assert not triton_decode.usable(q.expand(2, 4, 3, 64), k)  # a prefill: not a decode shape
     monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
@@ -117,13 +124,14 @@ def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("family", ["opt", "llama", "llama3"])  # 1, 2 and 4 query heads per kv head
 @pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
-def test_engine_with_the_kernel_equals_transformers(interpret, monkeypatch, tiny_models, references, family, static):
+def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, tiny_models, references, family,
+                                                    static):
     """Every decode step's attention by the kernel (left-padded rows: masked), the same greedy tokens as
     transformers and logits within fp32's tolerance (as test_parity), in the engine's eager decode step and in its
     constant-shape one (decode_graph.py: the whole max_len under a mask, as a CUDA graph replays it)."""
     monkeypatch.setenv(attention.DECODE_ENV, "triton")
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
-    with FlexGenLite(str(tiny_models[family][0]), policy=policy) as m:
+    with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=kernel_device) as m:
         m.engine.static_decode, m.engine.fused_decode = static, False
         ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
                                      return_logits=True)
@@ -132,4 +140,5 @@ def test_engine_with_the_kernel_equals_transformers(interpret, monkeypatch, tiny
     assert ids == ref_ids
     for ours, theirs in zip(logits, ref_logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
-    assert kernels[1:] and all(("static+" if static else "") + "triton" in k for k in kernels[1:]), kernels
+    step = ("graph+" if kernel_device.startswith("cuda") else "static+") if static else ""  # a CUDA graph replayed
+    assert kernels[1:] and all(step + "triton" in k for k in kernels[1:]), kernels

@@ -48,10 +48,10 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  sparsity: float = 1.0, native_prefill: bool = True, shared=None,
                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """`attend`, and which kernel ran: triton (decode_attend), flash, efficient, math, default (CUDA), cpu-native,
-    sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel wins (the
-    profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel (shared_prefix.py).
-    softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the softmax's
-    denominator (gpt-oss); no fused kernel takes either: computed whole (`scored_attend`)."""
+    sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel
+    wins (the profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel
+    (shared_prefix.py). softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the
+    softmax's denominator (gpt-oss); no fused kernel takes either: computed whole (`scored_attend`)."""
     decode = q.shape[2] == 1
     if softcap is not None or sinks is not None:
         return scored_attend(q, k, v, mask, softcap, sinks), "softcap" if softcap is not None else "sinks"
@@ -95,7 +95,8 @@ def decode_attend(q, k, v, mask) -> tuple[torch.Tensor, str] | None:
     if want == "auto":
         kind = (q.device, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[-1], k.shape[2].bit_length(),
                 mask is None)
-        candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask), "sdpa": lambda: _cuda_attend(q, k, v, mask)}
+        candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask),
+                      "sdpa": lambda: _cuda_attend(q, k, v, mask)}
         if faster(kind, candidates, q.device) != "triton":
             return None
     return triton_decode.attend(q, k, v, mask), "triton"

@@ -137,6 +137,10 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
     return gp, max(16, min(128, BROADCAST_VALUES // (gp * dp))), False
 
 
+_lock = threading.Lock()
+_interpreter = threading.Lock()
+
+
 def split_plan(programs: int, length: int, block: int, sms: int) -> tuple[int, int]:
     """(splits, positions per split, a multiple of `block`) of a cache of `length` positions: enough splits that
     `programs` (rows x kv heads) times them is PROGRAMS_PER_SM per SM, each split two tiles at least."""
@@ -173,18 +177,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         target = torch.empty(rows, heads, splits, dp, dtype=torch.float32, device=q.device)
         lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device)
         strides = (*target.stride()[:3], *lse.stride()[:2])
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    # Triton's interpreter is not thread-safe (its patched language is global): one interpreted launch at a time
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _interpreter if interpreting() else \
+            contextlib.nullcontext():
         split_kernel[(rows, kv_heads, splits)](
             q, k, v, seen, target, lse, length, split_len, scale, q.stride(0), q.stride(1),
             *k.stride()[:3], *v.stride()[:3], sm_b, sm_l, *strides,
-            G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, TF32=dot and q.dtype == torch.bfloat16, MASKED=mask is not None, ONE_SPLIT=splits == 1)
+            G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, TF32=dot and q.dtype == torch.bfloat16,
+            MASKED=mask is not None, ONE_SPLIT=splits == 1)
         if splits > 1:
             combine_kernel[(rows, heads)](target, lse, out, splits, *strides, out.stride(0), out.stride(1),
                                           D=hd, DP=dp, SP=_pow2(splits))
     return out
 
 
-_lock = threading.Lock()
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
