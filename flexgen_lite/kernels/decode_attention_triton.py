@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from .dequant_triton import interpreting
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BROADCAST_VALUES = 8192  # a tile of (query heads x positions x head dim) held in registers without tl.dot
+BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in registers (one query head): on sm90, 72-115
+# registers a thread at head dims 64-128, no spills, 16-byte loads (tests/test_decode_attention_triton.py compiles it)
 PROGRAMS_PER_SM = 4  # split the positions until rows x kv heads x splits is at least this many per SM
 
 
@@ -39,7 +40,7 @@ def _kernels(interpret: bool):
     def split_kernel(q, k, v, seen, out, lse, length, split_len, scale,
                      sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h, so_s, sl_b, sl_h,
                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                     DOT: tl.constexpr, TF32: tl.constexpr, MASKED: tl.constexpr, ONE_SPLIT: tl.constexpr):
+                     DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, ONE_SPLIT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -48,7 +49,7 @@ def _kernels(interpret: bool):
         head_ok, d_ok = g < G, d < D
         qv = tl.load(q + row * sq_b + heads[:, None] * sq_h + d[None, :], mask=head_ok[:, None] & d_ok[None, :],
                      other=0.0)
-        if TF32 or not DOT:
+        if not DOT or q.dtype.element_ty == tl.bfloat16:  # bf16 values are exact in tf32
             qv = qv.to(tl.float32)
         k_row, v_row = k + row * sk_b + kv_head * sk_h, v + row * sv_b + kv_head * sv_h
         begin = split * split_len
@@ -58,32 +59,26 @@ def _kernels(interpret: bool):
         acc = tl.zeros([GP, DP], tl.float32)
         for offset in range(0, split_len, BLOCK):
             pos = begin + offset + tl.arange(0, BLOCK)
-            inside = pos < end
-            pos64 = pos.to(tl.int64)
-            tile_ok = inside[:, None] & d_ok[None, :]
-            kt = tl.load(k_row + pos64[:, None] * sk_l + d[None, :], mask=tile_ok, other=0.0)
-            if TF32:  # bf16 values are exact in tf32
-                s = tl.dot(qv, tl.trans(kt.to(tl.float32)), input_precision="tf32") * scale
-            elif DOT:
-                s = tl.dot(qv, tl.trans(kt)) * scale
-            else:
-                s = tl.sum(qv[:, None, :] * kt.to(tl.float32)[None, :, :], 2) * scale
-            ok = inside
+            ok = pos < end
             if MASKED:
-                ok = ok & (tl.load(seen + row * sm_b + pos64 * sm_l, mask=inside, other=0) != 0)
+                ok = ok & (tl.load(seen + row * sm_b + pos.to(tl.int64) * sm_l, mask=ok, other=0) != 0)
+            tile_ok = ok[:, None] & d_ok[None, :]  # positions not attended are not read (left padding)
+            kt = tl.load(k_row + (pos[:, None] * sk_l + d[None, :]), mask=tile_ok, other=0.0)
+            if DOT:  # the query heads of a kv head on tensor cores (padded to 16 rows)
+                s = tl.dot(qv, tl.trans(kt.to(qv.dtype)), input_precision=PRECISION) * scale
+            else:  # one query head: products and sums in registers, 2-D
+                s = tl.sum(qv * kt.to(tl.float32), 1)[None, :] * scale
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_row + pos64[:, None] * sv_l + d[None, :], mask=tile_ok, other=0.0)
-            if TF32:
-                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="tf32")
-            elif DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            vt = tl.load(v_row + (pos[:, None] * sv_l + d[None, :]), mask=tile_ok, other=0.0)
+            if DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(qv.dtype), vt.to(qv.dtype), input_precision=PRECISION)
             else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], 1)
+                acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * vt.to(tl.float32), 0)[None, :]
             m_i = m_new
         keep = head_ok[:, None] & d_ok[None, :]
         if ONE_SPLIT:
@@ -113,9 +108,10 @@ def _kernels(interpret: bool):
 
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Decode shapes the kernel takes: one query position, kv heads dividing the query heads, a head dim up to 256,
-    each position's head dim contiguous."""
+    a (row, kv head)'s positions within 32-bit offsets."""
     return (q.dim() == 4 and q.shape[2] == 1 and q.dtype in DTYPES and k.dtype == q.dtype
-            and q.shape[1] % k.shape[1] == 0 and q.shape[-1] <= 256 and k.shape[2] > 0)
+            and q.shape[1] % k.shape[1] == 0 and q.shape[-1] <= 256 and k.shape[2] > 0
+            and k.shape[2] * max(k.stride(2), k.shape[-1]) < 2 ** 31)
 
 
 def _pow2(n: int) -> int:
@@ -128,13 +124,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, bool]:
-    """(padded query heads, positions per tile, tl.dot): 16-bit caches with 4 or more query heads per kv head
-    multiply on tensor cores (tl.dot wants 16 rows); fewer heads, or fp32, multiply and sum in registers."""
-    dp = _pow2(head_dim)
-    if dtype != torch.float32 and group >= 4:
-        return max(16, _pow2(group)), 64, True
-    gp = _pow2(group)
-    return gp, max(16, min(128, BROADCAST_VALUES // (gp * dp))), False
+    """(padded query heads, positions per tile, tl.dot): one query head per kv head multiplies and sums in
+    registers; more go on tensor cores (tl.dot wants 16 rows): fp16 as stored, bf16 as tf32 (exact for its
+    values), fp32 in full precision."""
+    if group == 1:
+        return 1, max(16, min(64, BROADCAST_VALUES // _pow2(head_dim))), False
+    return max(16, _pow2(group)), 64, True
 
 
 _lock = threading.Lock()
@@ -183,7 +178,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         split_kernel[(rows, kv_heads, splits)](
             q, k, v, seen, target, lse, length, split_len, scale, q.stride(0), q.stride(1),
             *k.stride()[:3], *v.stride()[:3], sm_b, sm_l, *strides,
-            G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, TF32=dot and q.dtype == torch.bfloat16,
+            G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             MASKED=mask is not None, ONE_SPLIT=splits == 1)
         if splits > 1:
             combine_kernel[(rows, heads)](target, lse, out, splits, *strides, out.stride(0), out.stride(1),

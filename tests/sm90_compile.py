@@ -1,0 +1,65 @@
+"""Compile the decode attention's Triton kernel for sm_90 ahead of time, without a GPU, and report what ptxas says
+of each kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split), one JSON object a
+kind on stdout. Run in its own process without TRITON_INTERPRET: a process that interprets Triton cannot compile
+for a GPU (test_triton_sm90.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+POINTERS = ("q", "k", "v", "seen", "out", "lse")
+# strides Triton's launcher finds divisible by 16 at the engine's shapes (head dims 64, 128; contiguous caches and
+# masks of 16k positions): all but the mask's position stride (1, a constant) and the log-sum-exp's
+NOT_DIVISIBLE = ("sm_l", "sl_b", "sl_h")
+
+
+def ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flexgen_lite.kernels import decode_attention_triton as triton_decode
+
+    split_kernel, _ = triton_decode._kernels(False)
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    padded, block, dot = triton_decode.tiling(torch_dtype, group, head_dim)
+    pointer = "*" + dtype
+    names = split_kernel.arg_names
+    strides = names[names.index("scale") + 1:names.index("G")]
+    signature = {"q": pointer, "k": pointer, "v": pointer, "seen": "*u8", "out": pointer if one_split else "*fp32",
+                 "lse": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32", **dict.fromkeys(strides, "i32")}
+    constants = dict(sm_l=1, G=group, GP=padded, D=head_dim, DP=head_dim, BLOCK=block, DOT=dot,
+                     PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True, ONE_SPLIT=one_split)
+    divisible = [n for n in (*POINTERS, *strides) if n not in NOT_DIVISIBLE]
+    src = ASTSource(fn=split_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    report = subprocess.run([ptxas(), "-v", "--gpu-name", "sm_90a", "-o", os.devnull, "-"], input=ptx,
+                            capture_output=True, text=True, check=True).stderr
+    return {"kind": [dtype, group, head_dim, one_split], "block": block, "dot": dot,
+            "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+            "vector_loads": "ld.global.v4" in ptx}
+
+
+def main(kinds: list[str]) -> int:
+    for kind in kinds:
+        dtype, group, head_dim, one = kind.split(",")
+        print(json.dumps(compile_kind(dtype, int(group), int(head_dim), one == "1")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

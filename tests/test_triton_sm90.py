@@ -1,0 +1,47 @@
+"""The decode attention's Triton kernel compiled for an H100/H200 (sm_90) on this CPU, ahead of time, by the triton
+wheel's own compiler and ptxas (tests/sm90_compile.py, in a process of its own): what Triton's interpreter (the
+other tests) cannot see. Each kind the engine launches must compile, keep its registers (no spills, room for 3
+programs of 4 warps per SM) and read the cache in 16-byte loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64"]
+
+
+def have_ptxas() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return False
+    return os.access(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "ptxas"), os.X_OK)
+
+
+pytestmark = pytest.mark.skipif(not have_ptxas(), reason="no triton wheel with ptxas here")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[tuple, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kinds = [f"{kind},{one}" for kind in KINDS for one in (1, 0)]
+    out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {tuple(r["kind"]): r for r in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_attention_compiles_for_sm90_within_its_registers(compiled, kind, one_split):
+    dtype, group, head_dim = kind.split(",")
+    r = compiled[(dtype, int(group), int(head_dim), one_split)]
+    assert r["spill_bytes"] == 0 and r["registers"] <= 168, r  # 168 x 128 threads: 3 programs an SM at least
+    assert r["vector_loads"], r  # K and V rows read 16 bytes at a time
