@@ -261,7 +261,8 @@ def decode_attention() -> None:
     src, dst = torch.empty(n, dtype=torch.uint8, device=DEV), torch.empty(n, dtype=torch.uint8, device=DEV)
     copy = 2 * n / best(lambda: dst.copy_(src))
     print(f"device copy {copy / 1e9:.0f} GB/s (read + write)")
-    print("| shape | max diff | triton ms | K+V GB/s | SDPA ms | K+V GB/s | kept |\n|---|---|---|---|---|---|---|")
+    print("| shape | max diff | triton ms | K+V GB/s | SDPA ms | K+V GB/s | kept | triton ms at 1, 2, 4, 8 splits |\n"
+          "|---|---|---|---|---|---|---|---|")
     for label, rows, heads, kv_heads, hd, length in shapes:
         q = torch.randn(rows, heads, 1, hd, device=DEV, dtype=dtype)
         k, v = (torch.randn(rows, kv_heads, length, hd, device=DEV, dtype=dtype) for _ in "kv")
@@ -272,8 +273,8 @@ def decode_attention() -> None:
             print(f"| {label} | refused: {why} | | | | | |")
             failures.append(f"triton decode attention refused: {why}") if CUDA else None
             continue
-        def triton_call(q=q, k=k, v=v, mask=mask):
-            return triton_decode.attend(q, k, v, mask)
+        def triton_call(splits=None, q=q, k=k, v=v, mask=mask):
+            return triton_decode.attend(q, k, v, mask, splits)
 
         def sdpa_call(q=q, k=k, v=v, mask=mask):  # as the engine calls SDPA on CUDA; on a CPU, its own attention
             return attention._cuda_attend(q, k, v, mask)[0] if CUDA else attention.attend(q, k, v, mask)
@@ -284,8 +285,9 @@ def decode_attention() -> None:
         ours, theirs = best(triton_call), best(sdpa_call)
         kept = attention.faster(("check", label), {"triton": triton_call, "sdpa": sdpa_call}, DEV) if CUDA else "-"
         nbytes = 2 * k.numel() * k.element_size()
+        sweep = ", ".join(f"{best(lambda n=n: triton_call(n)) * 1e3:.3f}" for n in (1, 2, 4, 8))  # against split_plan
         print(f"| {label} | {diff:.2g} | {ours * 1e3:.3f} | {nbytes / ours / 1e9:.0f} | {theirs * 1e3:.3f} | "
-              f"{nbytes / theirs / 1e9:.0f} | {kept} |")
+              f"{nbytes / theirs / 1e9:.0f} | {kept} | {sweep} |")
 
 
 SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels,

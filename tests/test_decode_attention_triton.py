@@ -78,7 +78,8 @@ def test_split_plan_fills_the_gpu_and_covers_every_position():
         splits, split_len = triton_decode.split_plan(programs, length, block, sms)
         assert split_len % block == 0 and (splits - 1) * split_len < length <= splits * split_len
         assert splits == 1 or split_len >= 2 * block
-    assert triton_decode.split_plan(2048, 544, 128, 132)[0] == 1  # OPT-1.3B at batch 64: no split needed
+    assert triton_decode.split_plan(2048, 544, 64, 132)[0] == 2  # OPT-1.3B at batch 64: 2 x 2048 programs
+    assert triton_decode.split_plan(2048, 544, 64, 132, wanted=1)[0] == 1
     assert triton_decode.split_plan(16, 4096, 64, 132)[0] == 32  # a few long rows: split to fill 132 SMs
 
 

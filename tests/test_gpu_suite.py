@@ -48,7 +48,8 @@ def run_suite(tmp_path: Path, *args: str, timeout: float = 150, checks: bool = F
 
 def test_smoke_run_records_rows_flexgen_a_timeout_and_continues(tmp_path):
     rows = "opt-1.3b-gpu-bs64,opt-13b-cpu-weights,opt-30b-16gib-auto"
-    out, data = run_suite(tmp_path, "--rows", rows, "--row-timeout", "0.01", "--checks", "cpu,kernels", checks=True)
+    out, data = run_suite(tmp_path, "--rows", rows, "--row-timeout", "0.01", "--checks", "cpu,kernels,attention",
+                          checks=True)
     assert out.returncode == 1, out.stderr  # rows timed out
     assert data["suite"]["mode"] == "cpu-smoke" and data["suite"]["rows"] == rows.split(",")
     assert data["machine"]["gpu"] is None and data["machine"]["torch"]
@@ -58,6 +59,7 @@ def test_smoke_run_records_rows_flexgen_a_timeout_and_continues(tmp_path):
         assert data["gpu_checks"]["status"] in ("ok", "failed", "timeout") and data["gpu_checks"]["summary"]
         checks = (tmp_path / "gpu_suite.log").read_text().split("===== gpu_checks")[1].split("=====")[0]
         assert "## 5. decode step's kernels" in checks and "## 1. " not in checks  # the sections asked for
+        assert "## 6. decode attention" in checks and "| tiny |" in checks
     assert [r["name"] for r in data["rows"]] == rows.split(",")
     for r in data["rows"]:
         assert r["status"] == "timeout" and "report" not in r and r["plan"]["source"] == "cost model"

@@ -27,7 +27,8 @@ from .dequant_triton import interpreting
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in registers (one query head): on sm90, 72-115
 # registers a thread at head dims 64-128, no spills, 16-byte loads (tests/test_decode_attention_triton.py compiles it)
-PROGRAMS_PER_SM = 4  # split the positions until rows x kv heads x splits is at least this many per SM
+PROGRAMS_PER_SM = 16  # split the positions until rows x kv heads x splits is at least this many per SM (~4 waves of
+# 4-5 resident programs: a short last wave idles less of the GPU)
 
 
 @functools.cache
@@ -136,19 +137,21 @@ _lock = threading.Lock()
 _interpreter = threading.Lock()
 
 
-def split_plan(programs: int, length: int, block: int, sms: int) -> tuple[int, int]:
-    """(splits, positions per split, a multiple of `block`) of a cache of `length` positions: enough splits that
-    `programs` (rows x kv heads) times them is PROGRAMS_PER_SM per SM, each split two tiles at least."""
-    wanted = -(-PROGRAMS_PER_SM * sms // programs)
+def split_plan(programs: int, length: int, block: int, sms: int, wanted: int | None = None) -> tuple[int, int]:
+    """(splits, positions per split, a multiple of `block`) of a cache of `length` positions: `wanted` splits, by
+    default enough that `programs` (rows x kv heads) times them is PROGRAMS_PER_SM per SM; two tiles each at least."""
+    wanted = wanted or -(-PROGRAMS_PER_SM * sms // programs)
     splits = max(1, min(wanted, length // (2 * block)))
     split_len = -(-length // splits)
     split_len = -(-split_len // block) * block
     return -(-length // split_len), split_len
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           splits: int | None = None) -> torch.Tensor:
     """q (rows, heads, 1, D) over k, v (rows, kv_heads, L, D) where `mask` (rows or 1, 1, 1, L; None: every
-    position) is True: as SDPA with that bool mask, grouped heads shared. Returns (rows, heads, 1, D) in q's dtype."""
+    position) is True: as SDPA with that bool mask, grouped heads shared. Returns (rows, heads, 1, D) in q's dtype.
+    splits: parts of the positions read by programs of their own (default: split_plan's)."""
     rows, heads, _, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -156,7 +159,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q = q.contiguous()
     gp, block, dot = tiling(q.dtype, group, hd)
     dp = _pow2(hd)
-    splits, split_len = split_plan(rows * kv_heads, length, block, _sm_count(q.device))
+    splits, split_len = split_plan(rows * kv_heads, length, block, _sm_count(q.device), splits)
     out = torch.empty(rows, heads, 1, hd, dtype=q.dtype, device=q.device)
     if mask is None:
         seen, sm_b, sm_l = q, 0, 0  # not read
