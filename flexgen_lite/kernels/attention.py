@@ -85,7 +85,7 @@ _measured: dict[tuple, str] = {}  # kind of decode call -> the faster kernel, me
 
 def decode_attend(q, k, v, mask) -> tuple[torch.Tensor, str] | None:
     """One query position by the Triton split-KV kernel (decode_attention_triton), where it is chosen for this
-    kind of call: on CUDA where measured faster than SDPA (once per kind), anywhere it runs under
+    kind of call: on CUDA where measured faster than SDPA (once per kind: a few syncs), anywhere it runs under
     FLEXGEN_LITE_DECODE_ATTENTION=triton (a CPU: Triton's interpreter, tests). None: SDPA's turn."""
     want = os.environ.get(DECODE_ENV, "auto")
     if q.shape[2] != 1 or want == "sdpa" or (want == "auto" and q.device.type != "cuda"):
@@ -93,8 +93,9 @@ def decode_attend(q, k, v, mask) -> tuple[torch.Tensor, str] | None:
     if not triton_decode.usable(q, k):
         return None
     if want == "auto":
-        kind = (q.device, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[-1], k.shape[2].bit_length(),
-                mask is None)
+        # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times
+        kind = (q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k.shape[1], q.shape[-1],
+                k.shape[2].bit_length(), mask is None)
         candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask),
                       "sdpa": lambda: _cuda_attend(q, k, v, mask)}
         if faster(kind, candidates, q.device) != "triton":
