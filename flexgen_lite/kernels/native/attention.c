@@ -58,12 +58,28 @@ static inline void prefetch_own(const rows_t *r, int64_t l, int64_t length, int6
     }
 }
 
+#ifdef __AVX512F__
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 values of a 16-bit kind (bf16, fp16) as fp32: both exact */
+static inline __m512 half16(const uint16_t *p, int kind) {
+    return kind == KIND_F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : bf16x16(p);
+}
+#endif
+
 /* n values of `kind` at `src` as fp32 into `dst`. */
 static inline void load_row(const void *src, int kind, int64_t n, float *dst) {
-    if (kind == KIND_F32)
+    if (kind == KIND_F32) {
         memcpy(dst, src, n * sizeof(float));
-    else
-        for (int64_t i = 0; i < n; i++) dst[i] = kind_value(src, kind, i);
+        return;
+    }
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, half16((const uint16_t *)src + i, kind));
+#endif
+    for (; i < n; i++) dst[i] = kind_value(src, kind, i);
 }
 
 static inline void store_row(void *dst, int kind, int64_t n, const float *src) {
@@ -84,43 +100,28 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-#ifdef __AVX512F__
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#endif
-
-static inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
+/* a . b for n values of a 16-bit kind (bf16, fp16) at b, converted as read */
+static inline float dot_half(const float *a, const uint16_t *b, int64_t n, int kind) {
     int64_t i = 0;
     float s = 0;
 #ifdef __AVX512F__
     __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), bf16x16(b + i), acc);
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), half16(b + i, kind), acc);
     s = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < n; i++) {
-        uint32_t u = (uint32_t)b[i] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        s += a[i] * f;
-    }
+    for (; i < n; i++) s += a[i] * kind_value(b, kind, i);
     return s;
 }
 
-/* acc += p * b (n bf16 values) */
-static inline void axpy_bf16(float *acc, float p, const uint16_t *b, int64_t n) {
+/* acc += p * b (n values of a 16-bit kind) */
+static inline void axpy_half(float *acc, float p, const uint16_t *b, int64_t n, int kind) {
     int64_t i = 0;
 #ifdef __AVX512F__
     __m512 pv = _mm512_set1_ps(p);
     for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, bf16x16(b + i), _mm512_loadu_ps(acc + i)));
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, half16(b + i, kind), _mm512_loadu_ps(acc + i)));
 #endif
-    for (; i < n; i++) {
-        uint32_t u = (uint32_t)b[i] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        acc[i] += p * f;
-    }
+    for (; i < n; i++) acc[i] += p * kind_value(b, kind, i);
 }
 
 /* exp(s[l] - top) into s[l] for unmasked positions, 0 for masked ones; their sum. With AVX-512 16 at a time
@@ -147,17 +148,17 @@ static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, 
 }
 
 #ifdef __AVX512F__
-/* acc (16 * nv floats) = sum over unmasked l of p[l] * v[l] for bf16 rows `stride` bytes apart; nv a constant at
-   each call (4 or 8), so that the sums stay in registers. */
-static inline void weighted_rows_bf16(float *acc, const float *p, const uint8_t *m, const rows_t *c, int64_t length,
-                                      int64_t stride, const int nv) {
+/* acc (16 * nv floats) = sum over unmasked l of p[l] * v[l] for rows of a 16-bit kind `stride` bytes apart; nv a
+   constant at each call (4 or 8), so that the sums stay in registers. */
+static inline void weighted_rows_half(float *acc, const float *p, const uint8_t *m, const rows_t *c, int64_t length,
+                                      int64_t stride, const int nv, int kind) {
     __m512 sum[8];
     for (int i = 0; i < nv; i++) sum[i] = _mm512_setzero_ps();
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
         const uint16_t *value = (const uint16_t *)value_at(c, l, stride);
         __m512 pv = _mm512_set1_ps(p[l]);
-        for (int i = 0; i < nv; i++) sum[i] = _mm512_fmadd_ps(pv, bf16x16(value + 16 * i), sum[i]);
+        for (int i = 0; i < nv; i++) sum[i] = _mm512_fmadd_ps(pv, half16(value + 16 * i, kind), sum[i]);
     }
     for (int i = 0; i < nv; i++) _mm512_storeu_ps(acc + 16 * i, sum[i]);
 }
@@ -517,8 +518,8 @@ static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, in
             __builtin_prefetch(key + 4 * ks * item + at, 0, 1);
             __builtin_prefetch(value + at, 0, 1);
         }
-        if (kind == KIND_BF16) {
-            s[l] = dot_bf16(qf, (const uint16_t *)key, dim) * scale;
+        if (kind != KIND_F32) {
+            s[l] = dot_half(qf, (const uint16_t *)key, dim, kind) * scale;
         } else {
             load_row(key, kind, dim, row);
             s[l] = dot(qf, row, dim) * scale;
@@ -529,11 +530,11 @@ static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, in
     if (top == -INFINITY) return;  /* every position masked: zeros */
     float total = softmax_weights(s, m, length, top);
 #ifdef __AVX512F__
-    if (kind == KIND_BF16 && (dim == 64 || dim == 128)) {  /* the sums held in registers across positions */
+    if (kind != KIND_F32 && (dim == 64 || dim == 128)) {  /* the sums held in registers across positions */
         if (dim == 64)
-            weighted_rows_bf16(acc, s, m, c, length, vs * item, 4);
+            weighted_rows_half(acc, s, m, c, length, vs * item, 4, kind);
         else
-            weighted_rows_bf16(acc, s, m, c, length, vs * item, 8);
+            weighted_rows_half(acc, s, m, c, length, vs * item, 8, kind);
         for (int64_t d = 0; d < dim; d++) acc[d] /= total;
         return;
     }
@@ -542,8 +543,8 @@ static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, in
         if (!m[l]) continue;
         float p = s[l];
         const char *value = value_at(c, l, vs * item);
-        if (kind == KIND_BF16) {
-            axpy_bf16(acc, p, (const uint16_t *)value, dim);
+        if (kind != KIND_F32) {
+            axpy_half(acc, p, (const uint16_t *)value, dim, kind);
         } else {
             load_row(value, kind, dim, row);
             for (int64_t d = 0; d < dim; d++) acc[d] += p * row[d];
@@ -580,7 +581,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
     float *qf = aligned_alloc(64, sizeof(float) * floats);
     if (!qf) return;
     float *acc = qf + mq * ds, *top = acc + mq * ds, *total = top + mq, *row = total + mq, *scores = row + ds;
-    int direct = kind == KIND_BF16 && group == 1;  /* bf16 rows multiplied as they are, not converted first */
+    int direct = kind != KIND_F32 && group == 1;  /* 16-bit rows multiplied as read, not converted first */
     for (int64_t it = begin; it < end; it++) {
         int64_t b = it / blocks, kh0 = (it % blocks) * block, kh1 = kh0 + block < kv_heads ? kh0 + block : kv_heads;
         int64_t nq = (kh1 - kh0) * group, h0 = kh0 * group;
@@ -643,7 +644,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
                 float sc[MAX_GROUP], *a0 = acc + (kh - kh0) * group * ds;
                 int64_t j0 = (kh - kh0) * group;
                 if (direct) {
-                    sc[0] = dot_bf16(qf + j0 * ds, (const uint16_t *)key, dim) * scale;
+                    sc[0] = dot_half(qf + j0 * ds, (const uint16_t *)key, dim, kind) * scale;
                 } else {
                     load_row(key, kind, dim, row);
                     for (int64_t g = 0; g < group; g++) sc[g] = dot(qf + (j0 + g) * ds, row, dim) * scale;
@@ -660,7 +661,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
                     total[j] += sc[g];
                 }
                 if (direct) {
-                    axpy_bf16(a0, sc[0], (const uint16_t *)value, dim);
+                    axpy_half(a0, sc[0], (const uint16_t *)value, dim, kind);
                 } else {
                     load_row(value, kind, dim, row);
                     for (int64_t g = 0; g < group; g++)
