@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from flexgen_lite.engine.policy import Policy
 from flexgen_lite.models.config import config_from_dict
 from flexgen_lite.planning.cost_model import predict
@@ -72,3 +74,25 @@ def test_a_shared_prefix_crosses_the_link_once_per_part():
     unshared = predict(CONFIG, Workload(512, 32, 64, shared_len=448), dataclasses.replace(host, share_prefix=False),
                        hw).decode_by["link"]
     assert unshared == whole
+
+
+def test_a_float16_cache_stays_float16_where_the_cpu_attends_it_as_fast():
+    """Where the profile measured the CPU's fp16 attention within HALF_KEPT of its bf16 rate, CPU-attended parts
+    of a float16 model's cache stay float16 (exact, as the GPU computes them) and are costed at that rate; grouped
+    heads, a slower fp16 rate or no profile keep bfloat16."""
+    import torch
+
+    from flexgen_lite.engine.policy import HALF_KEPT
+
+    hw = synthetic_profile(cuda=True)
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100,
+                    cpu_cache_compute=True, dtype="float16")
+    near = dataclasses.replace(hw, cpu_attention={"float32": (0, 20 * G), "bfloat16": (0, 100 * G),
+                                                  "float16": (0, HALF_KEPT * 100 * G)})
+    below = dataclasses.replace(near, cpu_attention={**near.cpu_attention, "float16": (0, 0.8 * 100 * G)})
+    fp16 = torch.float16
+    assert policy.cpu_attention_dtype(fp16, near) == fp16 and policy.cpu_attention_dtype(fp16, near, 4) != fp16
+    assert policy.cpu_attention_dtype(fp16, below) == policy.cpu_attention_dtype(fp16) == torch.bfloat16
+    assert policy.cpu_attention_dtype(torch.float32, below) == torch.float32
+    seconds = [predict(CONFIG, WORK, policy, h).decode_by["cpu attention"] for h in (near, below)]
+    assert seconds[0] == pytest.approx(seconds[1] / HALF_KEPT)  # near: at fp16's rate; below: at bf16's

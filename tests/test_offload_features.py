@@ -237,3 +237,29 @@ def test_compressed_cache_logits_close_to_uncompressed(tiny_models, references):
     for a, b in zip(logits, ref_logits, strict=True):
         torch.testing.assert_close(a[0], b[0], atol=LOGITS_ATOL, rtol=0)  # prefill: exact k, v
         assert (a[1] - b[1]).norm() / b[1].norm() < 0.25
+
+
+@pytest.mark.parametrize("fp16_rate", [8e9, 1e9], ids=["fp16-as-fast", "fp16-slow"])
+def test_cpu_attention_keeps_a_float16_cache_where_the_cpu_attends_it_as_fast(tiny_models, tmp_path, monkeypatch,
+                                                                               fp16_rate):
+    """Across a link, a float16 model's CPU-attended parts are float16 (the values the GPU computed, unrounded)
+    where the profile measured fp16 CPU attention as fast as bf16's (Policy.cpu_attention_dtype), else bfloat16;
+    either way the greedy tokens are the plain path's; with float16 parts, its very logits (bf16's differ by 0.04)."""
+    import dataclasses
+
+    from .conftest import set_profile, synthetic_profile
+
+    hw = synthetic_profile(cuda=True)
+    set_profile(dataclasses.replace(hw, cpu_attention={**hw.cpu_attention, "float16": (1e-4, fp16_rate)}), tmp_path,
+                monkeypatch)
+    plain = dataclasses.replace(P((100, 0, 0, 100, 100, 0), gbs=3, nb=3), dtype="float16")
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=plain, device="cpu+link") as m:
+        ids, logits = m.generate_ids(PROMPTS, GREEDY, return_logits=True)
+    cpu = dataclasses.replace(plain, cpu_cache_compute=True)
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=cpu, device="cpu+link") as m:
+        cpu_ids, cpu_logits = m.generate_ids(PROMPTS, GREEDY, return_logits=True)
+        kept = {p.k.tensor.dtype for per_batch in m.engine.cache.parts for batch in per_batch for p in batch}
+    assert kept == {torch.float16 if fp16_rate == 8e9 else torch.bfloat16}
+    assert cpu_ids == ids
+    error = max(float((a - b).abs().max()) for a, b in zip(cpu_logits, logits, strict=True))
+    assert error == 0 if fp16_rate == 8e9 else error <= 1e-1, error  # float16: the plain path's very logits

@@ -25,6 +25,7 @@ from ..models import layers as L
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes
+from ..system.profile_store import cached_profile
 from .activations import Activations
 from .block import Block, layer_mask
 from .cache_attention import attend_part, codes_attended, rows_in_part, scatter_rows
@@ -336,6 +337,11 @@ class Engine:
             inputs["shared pad"] = (block.host_pad()[block.rows(b)], block.shared)
         return inputs
 
+    def cpu_attention_dtype(self) -> torch.dtype | None:
+        """Policy.cpu_attention_dtype by this machine's profile where one is measured (the cost model's choice)."""
+        group = self.config.num_heads // self.config.num_kv_heads
+        return self.policy.cpu_attention_dtype(self.dtype, cached_profile(self.device, self.policy.offload_dir), group)
+
     def _prepare_cache(self, block: Block) -> None:
         max_len = block.prompt_len + block.gen_len
         if self.cache is None or self.cache.max_len < max_len:
@@ -343,7 +349,7 @@ class Engine:
             self.cache = KVCache(self.config.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size,
                                  max_len, self.config.num_kv_heads, self.config.head_dim, self.dtype,
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
-                                 self.policy.cache_compression(), self.policy.cpu_attention_dtype(self.dtype),
+                                 self.policy.cache_compression(), self.cpu_attention_dtype(),
                                  [self.config.cached_positions(i, max_len) for i in range(self.config.num_layers)],
                                  codes_attended(self.config, self.policy))
         if block.gen_len > 1:

@@ -15,6 +15,7 @@ class PolicyError(ValueError):
 
 WEIGHT_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
+HALF_KEPT = 0.9  # fp16 CPU attention this close to bf16's rate: the fp16 cache kept (cpu_attention_dtype)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,12 +93,18 @@ class Policy:
         """4-bit groups of 64 along head_dim (FlexGen's setting)."""
         return CompressionConfig(bits=4, group_size=64, group_dim=-1) if self.compress_cache else None
 
-    def cpu_attention_dtype(self, compute_dtype: torch.dtype) -> torch.dtype | None:
-        """Dtype of CPU attention (None when off): the compute dtype, but bfloat16 for float16, which
-        CPUs compute slowly."""
+    def cpu_attention_dtype(self, compute_dtype: torch.dtype, hw=None, group: int = 1) -> torch.dtype | None:
+        """Dtype of CPU attention and of the cache parts it reads (None when off): the compute dtype. For float16
+        the same (exact) where the profile `hw` measured the CPU's fp16 attention at HALF_KEPT of its bf16 rate
+        or more, ungrouped heads (grouped ones have bf16 dot-product paths only); else bfloat16 (rounded once when
+        stored), which CPUs without a fast fp16 path attend several times faster."""
         if not self.cpu_cache_compute:
             return None
-        return torch.bfloat16 if compute_dtype == torch.float16 else compute_dtype
+        if compute_dtype != torch.float16:
+            return compute_dtype
+        rates = (getattr(hw, "cpu_attention", None) or {}) if group == 1 else {}
+        half, bf16 = rates.get("float16"), rates.get("bfloat16")
+        return torch.float16 if half and bf16 and half[1] >= HALF_KEPT * bf16[1] else torch.bfloat16
 
     def flags(self) -> str:
         """The policy as command-line flags, ready to paste."""

@@ -258,7 +258,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     dense, stored = s.seq_layer_dense * seen, s.seq_layer * seen  # per sequence
     elements = dense / s.e
     cpu_compute = s.cuda and pol.cpu_cache_compute
-    cpu_dtype = str(pol.cpu_attention_dtype(s.dtype) or s.dtype).removeprefix("torch.")  # bfloat16 for float16
+    cpu_dtype = str(s.cpu_dtype).removeprefix("torch.")  # float16 maybe bfloat16 (Policy.cpu_attention_dtype)
     group = s.config.num_heads // s.config.num_kv_heads
     gpu_att = hw.decode_attention(s.dname, group, s.config.head_dim)
     cpu_att = hw.decode_attention(cpu_dtype, group, s.config.head_dim, on_cpu=True)

@@ -88,7 +88,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
 
 def _host_part_bytes(s: Setup, rows: slice, positions: int) -> int:
     """Arena bytes of a cpu-tier part's K and V across the link, as KVCache._host_bytes takes them."""
-    c, dtype = s.config, s.policy.cpu_attention_dtype(s.dtype) or s.dtype
+    c, dtype = s.config, s.cpu_dtype
     shape = (rows.stop - rows.start, c.num_kv_heads, positions, c.head_dim)
     return 2 * sum(padded(math.prod(sh) * dt.itemsize) for sh, dt in component_specs(shape, dtype, s.ccomp))
 
@@ -100,7 +100,7 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, float]:
     in the process while used)."""
     c, max_len = s.config, s.workload.max_len
     on_cpu = s.cuda and s.policy.cpu_cache_compute
-    cpu_dtype = s.policy.cpu_attention_dtype(s.dtype) or s.dtype
+    cpu_dtype = s.cpu_dtype
     codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
 
     def dense_row(e: int) -> float:
