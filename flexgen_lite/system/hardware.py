@@ -98,8 +98,10 @@ class HardwareProfile:
 
     def codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
         """(s per call, stored bytes/s) of CPU attention over a 4-bit cache as stored, for `group` query heads per
-        kv head (the measured group nearest), or None where not measured."""
-        points = self.cpu_attention_codes.get(dtype)
+        kv head (the measured group nearest), or None where not measured. The kernel reads codes whatever the query's
+        dtype: float16 takes bfloat16's points where it has none of its own (profiles measure the two alike)."""
+        points = self.cpu_attention_codes.get(dtype) or (self.cpu_attention_codes.get("bfloat16")
+                                                         if dtype == "float16" else None)
         if not points:
             return None
         _, fixed, rate = min(points, key=lambda p: abs(p[0] - group))
