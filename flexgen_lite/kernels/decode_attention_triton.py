@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from .dequant_triton import interpreting
+from .dequant_triton import interpreting, unavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in registers (one query head): on sm90, 72-115
@@ -193,10 +192,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the kernel runs here for this kind of call and matches SDPA (checked once per kind)."""
-    if not supported(q, k):
-        return False
-    with _lock:
-        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1]) is None
+    return refusal(q, k) is None
 
 
 def refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -209,12 +205,9 @@ def refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 @functools.cache
 def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int) -> str | None:
-    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
-        return "FLEXGEN_LITE_TRITON=0"
-    try:
-        _kernels(interpreting())
-    except Exception as e:  # ImportError, or a triton that cannot build here
-        return f"triton unavailable: {type(e).__name__}: {e}"
+    why = unavailable(_kernels)
+    if why is not None:
+        return why
     gen = torch.Generator().manual_seed(group * 1000 + head_dim)
     rows, kv_heads, length = 3, 2, 150  # several splits on any device, a ragged last tile
     q = torch.randn(rows, kv_heads * group, 1, head_dim, generator=gen)

@@ -32,6 +32,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unavailable(build) -> str | None:
+    """Why Triton kernels are not used here: FLEXGEN_LITE_TRITON=0, or `build` (jitting them) fails; else None."""
+    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
+        return "FLEXGEN_LITE_TRITON=0"
+    try:
+        build(interpreting())
+    except Exception as e:  # ImportError, or a triton that cannot build here
+        return f"triton unavailable: {type(e).__name__}: {e}"
+    return None
+
+
 @functools.cache
 def _kernel(interpret: bool):
     """The jitted kernel (made on first use: Triton decides at `jit` whether it interprets)."""
@@ -139,13 +150,7 @@ def usable(q: QuantizedTensor, dtype: torch.dtype) -> bool:
 @functools.cache
 def _refusal(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
              padded: bool) -> str | None:
-    if os.environ.get("FLEXGEN_LITE_TRITON", "1") == "0":
-        return "FLEXGEN_LITE_TRITON=0"
-    try:
-        _kernel(interpreting())
-    except Exception as e:  # ImportError, or a triton that cannot build here
-        return f"triton unavailable: {type(e).__name__}: {e}"
-    return _self_check(device, dtype, bits, group, inner_one, padded)
+    return unavailable(_kernel) or _self_check(device, dtype, bits, group, inner_one, padded)
 
 
 def _self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
