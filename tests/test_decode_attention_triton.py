@@ -54,9 +54,10 @@ def inputs(rows, heads, kv_heads, length, hd, layout, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", triton_decode.DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "head-major"), (torch.float16, "head-major"),
+                                          (torch.bfloat16, "head-major"), (torch.bfloat16, "position-major")],
+                         ids=str)  # a GPU's cache is head-major; position-major: other strides, one dtype
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("layout", ["head-major", "position-major"])
 def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
     """Within an output rounding of SDPA in fp32 over the same (rounded) inputs: with a mask per row, one mask
     for every row (expanded), and none."""
@@ -123,7 +124,7 @@ def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["opt", "llama", "llama3"])  # 1, 2 and 4 query heads per kv head
+@pytest.mark.parametrize("family", ["opt", "llama3"])  # 1 and 4 query heads per kv head (registers; tl.dot)
 @pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
 def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, tiny_models, references, family,
                                                     static):
