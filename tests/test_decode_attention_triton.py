@@ -144,3 +144,22 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
         torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     step = ("graph+" if kernel_device.startswith("cuda") else "static+") if static else ""  # a CUDA graph replayed
     assert kernels[1:] and all(step + "triton" in k for k in kernels[1:]), kernels
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: on a GPU, under --device cuda")
+def test_the_graphed_step_measures_both_kernels_as_replays(kernel_device, monkeypatch, tiny_models, references):
+    """On CUDA with the default choice (auto), the constant-shape step's attention is measured once per kind as
+    CUDA-graph replays of each kernel (graphed kinds in attention._measured), then captured with the faster one;
+    its tokens are transformers'."""
+    monkeypatch.delenv(attention.DECODE_ENV, raising=False)
+    monkeypatch.setattr(attention, "_measured", {})
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
+    with FlexGenLite(str(tiny_models["llama3"][0]), policy=policy, device=kernel_device) as m:
+        m.engine.static_decode = True
+        ids = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False))
+        kernels = m.engine.times.attention
+    assert ids == references["llama3"][0]
+    graphed = {kind: name for kind, name in attention._measured.items() if kind[-1]}
+    assert graphed and set(graphed.values()) <= {"triton", "sdpa"}
+    assert any(k.startswith("graph+") for k in kernels), kernels

@@ -246,7 +246,7 @@ class StaticDecode:
     def _attend(self, q, k, v, mask) -> torch.Tensor:
         """q (rows, heads, 1, D) over the whole cache under `mask`: the Triton split-KV kernel where chosen
         (attention.decode_attend), else SDPA with grouped heads folded (attention.fold_groups)."""
-        chosen = attention.decode_attend(q, k, v, mask)
+        chosen = attention.decode_attend(q, k, v, mask, graphed=self.capture)
         if chosen is not None:
             self.kernel = self.kernel or chosen[1]
             return chosen[0]

@@ -83,9 +83,10 @@ DECODE_ENV = "FLEXGEN_LITE_DECODE_ATTENTION"  # "auto" (measured on CUDA), "trit
 _measured: dict[tuple, str] = {}  # kind of decode call -> the faster kernel, measured once
 
 
-def decode_attend(q, k, v, mask) -> tuple[torch.Tensor, str] | None:
+def decode_attend(q, k, v, mask, graphed: bool = False) -> tuple[torch.Tensor, str] | None:
     """One query position by the Triton split-KV kernel (decode_attention_triton), where it is chosen for this
-    kind of call: on CUDA where measured faster than SDPA (once per kind: a few syncs), anywhere it runs under
+    kind of call: on CUDA where measured faster than SDPA (once per kind: a few syncs; `graphed`: as replayed in
+    a CUDA graph, as the constant-shape decode step runs it), anywhere it runs under
     FLEXGEN_LITE_DECODE_ATTENTION=triton (a CPU: Triton's interpreter, tests). None: SDPA's turn."""
     want = os.environ.get(DECODE_ENV, "auto")
     if q.shape[2] != 1 or want == "sdpa" or (want == "auto" and q.device.type != "cuda"):
@@ -95,30 +96,47 @@ def decode_attend(q, k, v, mask) -> tuple[torch.Tensor, str] | None:
     if want == "auto":
         # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times
         kind = (q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k.shape[1], q.shape[-1],
-                k.shape[2].bit_length(), mask is None)
+                k.shape[2].bit_length(), mask is None, graphed)
         candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask),
                       "sdpa": lambda: _cuda_attend(q, k, v, mask)}
-        if faster(kind, candidates, q.device) != "triton":
+        if faster(kind, candidates, q.device, graphed=graphed) != "triton":
             return None
     return triton_decode.attend(q, k, v, mask), "triton"
 
 
-def faster(kind: tuple, candidates: dict, device: torch.device, reps: int = 5) -> str:
+def faster(kind: tuple, candidates: dict, device: torch.device, reps: int = 5, graphed: bool = False) -> str:
     """The name of the fastest of `candidates` (name -> call) for this kind of call: each run once (compiled,
-    warmed), then `reps` times in turn, by the median; measured once per kind. While a CUDA graph is captured
-    nothing is timed: the kind's choice so far, else the last candidate (the default)."""
+    warmed), then `reps` times in turn, by the median; measured once per kind. graphed (CUDA): each captured into
+    a graph and its replays timed, the device's time alone, as a captured step runs it (eager calls also pay
+    their launches); the calls themselves where capturing fails. While a CUDA graph is captured nothing is timed:
+    the kind's choice so far, else the last candidate (the default)."""
     if kind in _measured:
         return _measured[kind]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return list(candidates)[-1]
     for call in candidates.values():
         call()
-    times = {name: [] for name in candidates}
+    calls = dict(candidates)
+    if graphed and device.type == "cuda":
+        try:
+            calls = {name: replayed(call, device) for name, call in candidates.items()}
+        except Exception:  # noqa: BLE001 - a call that cannot be captured: timed as it is
+            calls = dict(candidates)
+    times = {name: [] for name in calls}
     for _ in range(reps):
-        for name, call in candidates.items():
+        for name, call in calls.items():
             times[name].append(timed_once(call, device))
     _measured[kind] = min(times, key=lambda name: statistics.median(times[name]))
     return _measured[kind]
+
+
+def replayed(call, device: torch.device):
+    """`call` captured once into a CUDA graph of its own: the graph's replay."""
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # I/O threads may use CUDA meanwhile
+        call()
+    return graph.replay
 
 
 def timed_once(call, device: torch.device) -> float:
