@@ -77,9 +77,10 @@ def test_a_shared_prefix_crosses_the_link_once_per_part():
 
 
 def test_a_float16_cache_stays_float16_where_the_cpu_attends_it_as_fast():
-    """Where the profile measured the CPU's fp16 attention within HALF_KEPT of its bf16 rate, CPU-attended parts
-    of a float16 model's cache stay float16 (exact, as the GPU computes them) and are costed at that rate; grouped
-    heads, a slower fp16 rate or no profile keep bfloat16."""
+    """Where the profile measured the CPU's fp16 attention within HALF_KEPT of its bf16 rate, at the model's
+    grouping of heads, CPU-attended parts of a float16 model's cache stay float16 (exact, as the GPU computes them)
+    and are costed at that rate; a slower fp16 rate (for grouped heads: the grouped one) or no profile keep
+    bfloat16."""
     import torch
 
     from flexgen_lite.engine.policy import HALF_KEPT
@@ -91,7 +92,10 @@ def test_a_float16_cache_stays_float16_where_the_cpu_attends_it_as_fast():
                                                   "float16": (0, HALF_KEPT * 100 * G)})
     below = dataclasses.replace(near, cpu_attention={**near.cpu_attention, "float16": (0, 0.8 * 100 * G)})
     fp16 = torch.float16
-    assert policy.cpu_attention_dtype(fp16, near) == fp16 and policy.cpu_attention_dtype(fp16, near, 4) != fp16
+    grouped = dataclasses.replace(near, cpu_attention_grouped={"bfloat16": [(128, 0, 100 * G)],
+                                                               "float16": [(128, 0, 60 * G)]})
+    assert policy.cpu_attention_dtype(fp16, near) == policy.cpu_attention_dtype(fp16, near, 4) == fp16
+    assert policy.cpu_attention_dtype(fp16, grouped) == fp16 and policy.cpu_attention_dtype(fp16, grouped, 4) != fp16
     assert policy.cpu_attention_dtype(fp16, below) == policy.cpu_attention_dtype(fp16) == torch.bfloat16
     assert policy.cpu_attention_dtype(torch.float32, below) == torch.float32
     seconds = [predict(CONFIG, WORK, policy, h).decode_by["cpu attention"] for h in (near, below)]

@@ -339,8 +339,9 @@ class Engine:
 
     def cpu_attention_dtype(self) -> torch.dtype | None:
         """Policy.cpu_attention_dtype by this machine's profile where one is measured (the cost model's choice)."""
-        group = self.config.num_heads // self.config.num_kv_heads
-        return self.policy.cpu_attention_dtype(self.dtype, cached_profile(self.device, self.policy.offload_dir), group)
+        cfg = self.config
+        return self.policy.cpu_attention_dtype(self.dtype, cached_profile(self.device, self.policy.offload_dir),
+                                               cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
 
     def _prepare_cache(self, block: Block) -> None:
         max_len = block.prompt_len + block.gen_len

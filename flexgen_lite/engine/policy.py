@@ -93,18 +93,21 @@ class Policy:
         """4-bit groups of 64 along head_dim (FlexGen's setting)."""
         return CompressionConfig(bits=4, group_size=64, group_dim=-1) if self.compress_cache else None
 
-    def cpu_attention_dtype(self, compute_dtype: torch.dtype, hw=None, group: int = 1) -> torch.dtype | None:
+    def cpu_attention_dtype(self, compute_dtype: torch.dtype, hw=None, group: int = 1,
+                            head_dim: int = 128) -> torch.dtype | None:
         """Dtype of CPU attention and of the cache parts it reads (None when off): the compute dtype. For float16
-        the same (exact) where the profile `hw` measured the CPU's fp16 attention at HALF_KEPT of its bf16 rate
-        or more, ungrouped heads (grouped ones have bf16 dot-product paths only); else bfloat16 (rounded once when
-        stored), which CPUs without a fast fp16 path attend several times faster."""
+        the same (exact) where the profile `hw` measured the CPU's fp16 attention, at this grouping of heads, at
+        HALF_KEPT of its bf16 rate or more; else bfloat16 (rounded once when stored), which a CPU without fast
+        fp16 conversions, or with bf16 dot products, attends faster."""
         if not self.cpu_cache_compute:
             return None
         if compute_dtype != torch.float16:
             return compute_dtype
-        rates = (getattr(hw, "cpu_attention", None) or {}) if group == 1 else {}
-        half, bf16 = rates.get("float16"), rates.get("bfloat16")
-        return torch.float16 if half and bf16 and half[1] >= HALF_KEPT * bf16[1] else torch.bfloat16
+        try:
+            half, bf16 = (hw.decode_attention(d, group, head_dim, on_cpu=True)[1] for d in ("float16", "bfloat16"))
+        except (AttributeError, KeyError, TypeError):  # no profile, or none of these rates in it
+            return torch.bfloat16
+        return torch.float16 if half >= HALF_KEPT * bf16 else torch.bfloat16
 
     def flags(self) -> str:
         """The policy as command-line flags, ready to paste."""

@@ -78,8 +78,8 @@ class Setup:
         self.cuda, self.disk_cached = (hw.is_cuda if hw is not None else bool(cuda)), disk_cached
         self.dtype = compute_dtype(policy, "cuda" if self.cuda else "cpu")
         self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
-        group = config.num_heads // config.num_kv_heads
-        self.cpu_dtype = policy.cpu_attention_dtype(self.dtype, hw, group) or self.dtype  # of CPU-attended parts
+        self.cpu_dtype = policy.cpu_attention_dtype(self.dtype, hw, config.num_heads // config.num_kv_heads,
+                                                    config.head_dim) or self.dtype  # of CPU-attended parts
         self.specs, self.groups = _model_specs(config)
         self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
         routed = [s for s in self.specs if s.kind == "mlp" and config.routed(s.index)]

@@ -209,19 +209,20 @@ static void weighted_pairs_bf16(float *acc, int64_t ds, const float *p, int64_t 
 }
 #endif
 
-/* acc[j] (rows ds apart) = sum over unmasked l of p[j][l] * v[l] / total[j] for heads j < nj, bf16 value rows of
-   16 * nv, vs bytes apart: nv and nj constants at each call, so that the nj * nv sums stay in registers. */
+/* acc[j] (rows ds apart) = sum over unmasked l of p[j][l] * v[l] / total[j] for heads j < nj, value rows of a 16-bit
+   kind of 16 * nv, vs bytes apart: nv, nj and kind constants at each call, so that the nj * nv sums stay in
+   registers. */
 static inline __attribute__((always_inline)) void weighted_group(float *acc, int64_t ds, const float *p, int64_t sl,
                                                                  const float *total, const uint8_t *m, const rows_t *c,
                                                                  int64_t length, int64_t vs, const int nv,
-                                                                 const int nj) {
+                                                                 const int nj, const int kind) {
     __m512 sum[16];
     for (int i = 0; i < nj * nv; i++) sum[i] = _mm512_setzero_ps();
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) continue;
         const uint16_t *value = (const uint16_t *)value_at(c, l, vs);
         __m512 vv[8];
-        for (int i = 0; i < nv; i++) vv[i] = bf16x16(value + 16 * i);
+        for (int i = 0; i < nv; i++) vv[i] = half16(value + 16 * i, kind);
         for (int j = 0; j < nj; j++) {
             __m512 pj = _mm512_set1_ps(p[j * sl + l]);
             for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_fmadd_ps(pj, vv[i], sum[j * nv + i]);
@@ -234,14 +235,14 @@ static inline __attribute__((always_inline)) void weighted_group(float *acc, int
     }
 }
 
-/* a[j * step] (lanes to be summed) = q_j . key for the g query heads of a kv head, dim 16 * nv: from the query in bf16
-   as it is (qb, rows qs apart) by the bf16 dot instruction, else from it in fp32 (qf, rows ds apart) with the
-   key converted once for all of them. */
+/* a[j * step] (lanes to be summed) = q_j . key for the g query heads of a kv head, dim 16 * nv: a bf16 key and query
+   as they are (qb, rows qs apart) by the bf16 dot instruction, else from the query in fp32 (qf, rows ds apart) with
+   the key (of `kind`, a constant) converted once for all of them. */
 static inline __attribute__((always_inline)) void group_dots(__m512 *a, const int step, const uint16_t *key,
                                                              const float *qf, int64_t ds, const uint16_t *qb,
-                                                             int64_t qs, int64_t g, const int nv) {
+                                                             int64_t qs, int64_t g, const int nv, const int kind) {
 #ifdef __AVX512BF16__
-    (void)qf, (void)ds;
+    if (kind == KIND_BF16) {
     __m512bh kp[4];
     for (int k = 0; k < nv / 2; k++) kp[k] = (__m512bh)_mm512_loadu_si512(key + 32 * k);
     for (int64_t j = 0; j < g; j++) {
@@ -254,10 +255,12 @@ static inline __attribute__((always_inline)) void group_dots(__m512 *a, const in
         }
         a[j * step] = _mm512_add_ps(a0, a1);
     }
-#else
+    return;
+    }
+#endif
     (void)qb, (void)qs;
     __m512 kv[8];
-    for (int k = 0; k < nv; k++) kv[k] = bf16x16(key + 16 * k);
+    for (int k = 0; k < nv; k++) kv[k] = half16(key + 16 * k, kind);
     for (int64_t j = 0; j < g; j++) {
         const float *qj = qf + j * ds;
         __m512 a0 = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qj)), a1 = _mm512_mul_ps(kv[1], _mm512_loadu_ps(qj + 16));
@@ -267,7 +270,6 @@ static inline __attribute__((always_inline)) void group_dots(__m512 *a, const in
         }
         a[j * step] = _mm512_add_ps(a0, a1);
     }
-#endif
 }
 
 /* Scores s[j * sl + l] (-inf where masked) and their maximum top[j] of the g heads, 16 positions at a time: each
@@ -277,7 +279,7 @@ static inline __attribute__((always_inline)) void group_scores_tiled(const float
                                                                      int64_t qs, int64_t g, const rows_t *c,
                                                                      const uint8_t *m, int64_t length, int64_t ks,
                                                                      int64_t vs, float scale, float *s, int64_t sl,
-                                                                     float *top, const int nv) {
+                                                                     float *top, const int nv, const int kind) {
     __m512 lanes[MAX_GROUP][16], tops[MAX_GROUP];
     for (int64_t j = 0; j < g; j++) tops[j] = _mm512_set1_ps(-INFINITY);
     for (int64_t l0 = 0; l0 < length; l0 += 16) {
@@ -293,7 +295,7 @@ static inline __attribute__((always_inline)) void group_scores_tiled(const float
             __builtin_prefetch((const char *)key + 4 * ks, 0, 1);
             __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2), 0, 1);
             prefetch_own(c, l0 + i, length, ks, vs, 32 * nv);
-            group_dots(&lanes[0][i], 16, key, qf, ds, qb, qs, g, nv);
+            group_dots(&lanes[0][i], 16, key, qf, ds, qb, qs, g, nv, kind);
         }
         for (int64_t j = 0; j < g; j++) {
             __m512 sc = _mm512_mask_blend_ps(seen, _mm512_set1_ps(-INFINITY),
@@ -305,16 +307,17 @@ static inline __attribute__((always_inline)) void group_scores_tiled(const float
     for (int64_t j = 0; j < g; j++) top[j] = _mm512_reduce_max_ps(tops[j]);
 }
 
-/* The query heads [0, g) sharing one kv head of a head-major bf16 cache (grouped-query attention), dim 16 * nv
+/* The query heads [0, g) sharing one kv head of a head-major 16-bit cache (grouped-query attention), dim 16 * nv
    (64 or 128): each key and value row is read and converted to fp32 once for all of them (one head at a time, a
    grouped shape ran at half the bytes per second of an ungrouped one: the conversions and each head's one chain
    of multiply-adds bound it). Scores of head j go to s + j * sl; its output to acc + j * ds. */
 static inline __attribute__((always_inline)) void group_two_pass_nv(
         const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g, const rows_t *c, const uint8_t *m,
-        int64_t length, int64_t ks, int64_t vs, float scale, float *s, int64_t sl, float *acc, const int nv) {
+        int64_t length, int64_t ks, int64_t vs, float scale, float *s, int64_t sl, float *acc, const int nv,
+        const int kind) {
     float top[MAX_GROUP];
     if (nv == 4) {
-        group_scores_tiled(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, top, nv);
+        group_scores_tiled(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, top, nv, kind);
     } else {
         for (int64_t j = 0; j < g; j++) top[j] = -INFINITY;
         for (int64_t l = 0; l < length; l++) {
@@ -326,7 +329,7 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
             __builtin_prefetch((const char *)key + 4 * ks, 0, 1);
             __builtin_prefetch((const char *)key + 4 * ks + 64 * (nv / 2), 0, 1);
             __m512 a[MAX_GROUP];
-            group_dots(a, 1, key, qf, ds, qb, qs, g, nv);
+            group_dots(a, 1, key, qf, ds, qb, qs, g, nv, kind);
             for (int64_t j = 0; j < g; j++) {
                 float sc = _mm512_reduce_add_ps(a[j]) * scale;
                 s[j * sl + l] = sc;
@@ -343,7 +346,7 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
     for (int64_t j0 = 0; j0 < g; j0 += chunk) {
         int64_t nj = g - j0 < chunk ? g - j0 : chunk;
 #ifdef __AVX512BF16__
-        if (nv == 8) {  /* head dim 128: values by pairs of positions (measured 15% faster; slower at 64) */
+        if (nv == 8 && kind == KIND_BF16) {  /* head dim 128: values by pairs of positions (15% faster; not at 64) */
             weighted_pairs_bf16(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, nj, m, c, length, vs);
             continue;
         }
@@ -351,7 +354,7 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
         switch (nv * 8 + nj) {  /* both constants in each: the sums stay in registers */
 #define CASE(v, h) \
     case v * 8 + h: \
-        weighted_group(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, m, c, length, vs, v, h); \
+        weighted_group(acc + j0 * ds, ds, s + j0 * sl, sl, total + j0, m, c, length, vs, v, h, kind); \
         break;
             CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4) CASE(8, 1) CASE(8, 2)
 #undef CASE
@@ -359,14 +362,18 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
     }
 }
 
-/* group_two_pass_nv with the head dim a constant (the sums held in registers) */
-static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g,
+/* group_two_pass_nv with the head dim and the kind (bf16, fp16) constants (the sums held in registers) */
+static void group_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g,
                                 const rows_t *c, const uint8_t *m, int64_t length, int64_t ks, int64_t vs,
-                                float scale, float *s, int64_t sl, float *acc, int64_t nv) {
-    if (nv == 4)
-        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 4);
+                                float scale, float *s, int64_t sl, float *acc, int64_t nv, int kind) {
+    if (kind == KIND_F16 && nv == 4)
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 4, KIND_F16);
+    else if (kind == KIND_F16)
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 8, KIND_F16);
+    else if (nv == 4)
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 4, KIND_BF16);
     else
-        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 8);
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 8, KIND_BF16);
 }
 #endif
 
@@ -374,12 +381,13 @@ static void group_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb,
 #define TILE 32  /* positions whose rows (a few KB each) the values pass uses up while they are in L2 */
 
 /* a[j] (lanes to be summed) = q_j . key for the `group` query heads j of one kv head, dim 16 * nv; q in fp32
-   (qf, rows ds apart) and as given in bf16 (qb, rows qs apart). */
+   (qf, rows ds apart) and as given (qb, rows qs apart): a bf16 key by the bf16 dot instruction, an fp16 one
+   (`kind`, a constant) converted. */
 static inline __attribute__((always_inline)) void key_dots(__m512 *a, const uint16_t *key, const float *qf,
                                                            int64_t ds, const uint16_t *qb, int64_t qs,
-                                                           int64_t group, const int nv) {
+                                                           int64_t group, const int nv, const int kind) {
 #ifdef __AVX512BF16__
-    (void)qf, (void)ds;
+    if (kind == KIND_BF16) {
     const int np = (nv + 1) / 2;  /* bf16 pairs of 32 values; an odd tail of 16 zero-extended */
     __m512bh kp[4];
     for (int i = 0; i < np; i++)
@@ -395,17 +403,18 @@ static inline __attribute__((always_inline)) void key_dots(__m512 *a, const uint
         }
         a[g] = _mm512_add_ps(s[0], s[1]);
     }
-#else
+    return;
+    }
+#endif
     (void)qb, (void)qs;
     __m512 kv[8];
-    for (int i = 0; i < nv; i++) kv[i] = bf16x16(key + 16 * i);
+    for (int i = 0; i < nv; i++) kv[i] = half16(key + 16 * i, kind);
     for (int64_t g = 0; g < group; g++) {
         const float *qj = qf + g * ds;
         __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int i = 0; i < nv; i++) s[i % 2] = _mm512_fmadd_ps(kv[i], _mm512_loadu_ps(qj + 16 * i), s[i % 2]);
         a[g] = _mm512_add_ps(s[0], s[1]);
     }
-#endif
 }
 
 /* acc (head j's row at acc + j * ds, zeroed) += p[l][j] * v[j / group][l] over unmasked l for heads [0, nq), p
@@ -414,7 +423,7 @@ static inline __attribute__((always_inline)) void key_dots(__m512 *a, const uint
 static inline __attribute__((always_inline)) void weighted_values(float *acc, int64_t ds, const float *p, int64_t nq,
                                                                   int64_t nkv, int64_t group, const rows_t *c,
                                                                   int64_t vh_s, int64_t vl_s, const uint8_t *m,
-                                                                  int64_t length, const int nv) {
+                                                                  int64_t length, const int nv, const int kind) {
     const int hc = nv <= 2 ? 8 : nv <= 4 ? 4 : 2;  /* heads a chunk: at most 16 sums; hc divides 16 */
     for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         int64_t t1 = t0 + TILE < length ? t0 + TILE : length;
@@ -430,7 +439,7 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc, in
                     if (j == 0 || kh != (c0 + j - 1) / group) {
                         const char *row = value_at(c, l, vl_s) + kh * vh_s;
                         for (int at = 0; at < 32 * nv; at += 64) __builtin_prefetch(row + TILE * vl_s + at, 0, 1);
-                        for (int i = 0; i < nv; i++) vv[i] = bf16x16((const uint16_t *)row + 16 * i);
+                        for (int i = 0; i < nv; i++) vv[i] = half16((const uint16_t *)row + 16 * i, kind);
                     }
                     __m512 pv = _mm512_set1_ps(p[16 * l + c0 + j]);
                     for (int i = 0; i < nv; i++) sum[j * nv + i] = _mm512_fmadd_ps(pv, vv[i], sum[j * nv + i]);
@@ -443,7 +452,7 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc, in
 }
 
 /* A block of kv heads [0, nkv) and their query heads (group each; nq = nkv * group <= 16, head j on kv head
-   j / group) of a position-major bf16 cache, dim 16 * nv, in two passes. Keys: each position's scores for all
+   j / group) of a position-major 16-bit cache, dim 16 * nv, in two passes. Keys: each position's scores for all
    the block's heads come out as one vector, lane j for head j (lane_sums16), so that the softmax's maximum,
    exponentials and sums run 16 heads at a time and `s` holds (length, 16). Values: TILE positions at a time
    (weighted_values). Key (kh, l) at key_at(c, l, l_s) + kh * kh_s, values alike. Outputs to acc, rows ds
@@ -455,7 +464,7 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc, in
 static inline __attribute__((always_inline)) void block_two_pass_nv(
         const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv, int64_t group, const rows_t *c,
         int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s, const uint8_t *m, int64_t length, float scale, float *s,
-        float *acc, const int nv) {
+        float *acc, const int nv, const int kind) {
     int64_t nq = nkv * group;
     __m512 top = _mm512_set1_ps(-INFINITY), a[16];
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();  /* lanes of heads past nq: scores 0 */
@@ -465,7 +474,7 @@ static inline __attribute__((always_inline)) void block_two_pass_nv(
             const uint16_t *key = (const uint16_t *)(key_at(c, l, l_s) + kh * kh_s);
             for (int64_t at = 0; at < 32 * nv; at += 64)  /* a run of a few KB a position: latency bounds it */
                 __builtin_prefetch((const char *)key + PREFETCH_AHEAD * l_s + at, 0, 1);
-            key_dots(a + kh * group, key, qf + kh * group * ds, ds, qb + kh * group * qs, qs, group, nv);
+            key_dots(a + kh * group, key, qf + kh * group * ds, ds, qb + kh * group * qs, qs, group, nv, kind);
         }
         __m512 sc = _mm512_mul_ps(lane_sums16(a), _mm512_set1_ps(scale));
         _mm512_storeu_ps(s + 16 * l, sc);
@@ -481,22 +490,27 @@ static inline __attribute__((always_inline)) void block_two_pass_nv(
     float totals[16];
     _mm512_storeu_ps(totals, total);
     memset(acc, 0, 16 * ds * sizeof(float));
-    weighted_values(acc, ds, s, nq, nkv, group, c, vh_s, vl_s, m, length, nv);
+    weighted_values(acc, ds, s, nq, nkv, group, c, vh_s, vl_s, m, length, nv, kind);
     for (int64_t j = 0; j < nq; j++) {
         float inv = totals[j] > 0 ? 1.0f / totals[j] : 0.0f;  /* every position masked: zeros */
         for (int64_t d = 0; d < 16 * nv; d++) acc[j * ds + d] *= inv;
     }
 }
 
-static void block_two_pass_bf16(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv,
+static void block_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv,
                                 int64_t group, const rows_t *c, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s,
-                                const uint8_t *m, int64_t length, float scale, float *s, float *acc, int64_t nv) {
-    switch (nv) {  /* the head dim a constant in each: the sums' indices known, so that they stay in registers */
-#define CASE(n) \
-    case n: \
-        block_two_pass_nv(qf, ds, qb, qs, nkv, group, c, kh_s, l_s, vh_s, vl_s, m, length, scale, s, acc, n); \
+                                const uint8_t *m, int64_t length, float scale, float *s, float *acc, int64_t nv,
+                                int kind) {
+    /* the head dim and the kind constants in each: the sums' indices known, so that they stay in registers */
+    switch (nv * 4 + kind) {
+#define CASE(n, k) \
+    case n * 4 + k: \
+        block_two_pass_nv(qf, ds, qb, qs, nkv, group, c, kh_s, l_s, vh_s, vl_s, m, length, scale, s, acc, n, k); \
         break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+        CASE(1, KIND_BF16) CASE(2, KIND_BF16) CASE(3, KIND_BF16) CASE(4, KIND_BF16)
+        CASE(5, KIND_BF16) CASE(6, KIND_BF16) CASE(7, KIND_BF16) CASE(8, KIND_BF16)
+        CASE(1, KIND_F16) CASE(2, KIND_F16) CASE(3, KIND_F16) CASE(4, KIND_F16)
+        CASE(5, KIND_F16) CASE(6, KIND_F16) CASE(7, KIND_F16) CASE(8, KIND_F16)
 #undef CASE
     }
 }
@@ -576,7 +590,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
     /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
     int64_t ds = (dim + 15) / 16 * 16, mq = (max_q + 15) / 16 * 16;
     int64_t sl = (length + 15) / 16 * 16;  /* a head's scores (head-major: each of the group's heads its own) */
-    int two_pass = kind == KIND_BF16 && block > 1 && dim % 16 == 0 && dim <= 128 && max_q <= 16;
+    int two_pass = kind != KIND_F32 && block > 1 && dim % 16 == 0 && dim <= 128 && max_q <= 16;
     int64_t floats = 2 * mq * ds + 2 * mq + ds + (block == 1 ? group : two_pass ? 16 : 0) * sl;  /* 64-byte mult. */
     float *qf = aligned_alloc(64, sizeof(float) * floats);
     if (!qf) return;
@@ -600,10 +614,10 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
         rows_t ch = heads_of(c, kh0 * k_strides[1] * item, kh0 * v_strides[1] * item);
         const uint8_t *m = mask + b * mask_stride;
 #ifdef __AVX512F__
-        if (block == 1 && kind == KIND_BF16 && group > 1 && (dim == 64 || dim == 128)) {
+        if (block == 1 && kind != KIND_F32 && group > 1 && (dim == 64 || dim == 128)) {
             const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
-            group_two_pass_bf16(qf, ds, qb, q_strides[1], nq, &ch, m, length, k_strides[2] * item, v_strides[2] * item,
-                                scale, scores, sl, acc, dim / 16);
+            group_two_pass_half(qf, ds, qb, q_strides[1], nq, &ch, m, length, k_strides[2] * item, v_strides[2] * item,
+                                scale, scores, sl, acc, dim / 16, kind);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
@@ -613,8 +627,9 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
 #ifdef __AVX512F__
         if (two_pass) {
             const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
-            block_two_pass_bf16(qf, ds, qb, q_strides[1], kh1 - kh0, group, &ch, k_strides[1] * item, k_strides[2] * item,
-                                v_strides[1] * item, v_strides[2] * item, m, length, scale, scores, acc, dim / 16);
+            block_two_pass_half(qf, ds, qb, q_strides[1], kh1 - kh0, group, &ch, k_strides[1] * item, k_strides[2] * item,
+                                v_strides[1] * item, v_strides[2] * item, m, length, scale, scores, acc, dim / 16,
+                                kind);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
