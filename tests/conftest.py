@@ -332,10 +332,15 @@ def ctrl_c_in_block(monkeypatch, n: int) -> None:
 _OTHER_BUILDS: dict[tuple[str, ...], ctypes.CDLL] = {}
 
 
-def other_native_build(tmp_path: Path, march: list[str]) -> ctypes.CDLL:
+def other_native_build(march: list[str]) -> ctypes.CDLL:
     """The native kernels built here for another machine (`march`: e.g. without AVX-512, or without its bf16
     dot instruction), without OpenMP, their argument types set as the package's own build's; built once per
-    session and `march` (several test files use the same ones)."""
+    `march`, sources, compiler and CPU, and shared by the test workers (several test files use the same ones; a
+    build takes ~10 s of a core)."""
+    import fcntl
+    import hashlib
+    import tempfile
+
     from flexgen_lite.kernels import native
 
     if tuple(march) in _OTHER_BUILDS:
@@ -343,7 +348,16 @@ def other_native_build(tmp_path: Path, march: list[str]) -> ctypes.CDLL:
     cc = native._compiler()
     if cc is None:
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
-    path = tmp_path / "native_other.so"
     flags = [f for f in native.FLAGS if f != "-march=native"] + march
-    subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(path), "-lm"], check=True)
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in native.SOURCES), *flags, cc,
+                                    native._cpu_flags()]).encode()).hexdigest()[:16]
+    shared = Path(tempfile.gettempdir()) / f"flexgen-lite-test-builds-{os.getuid()}"
+    shared.mkdir(exist_ok=True)
+    path = shared / f"native_{key}.so"
+    with open(shared / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker builds it, the others wait and load it
+        if not path.exists():
+            part = shared / f"native_{key}.{os.getpid()}.part"
+            subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(part), "-lm"], check=True)
+            os.replace(part, path)
     return _OTHER_BUILDS.setdefault(tuple(march), native.declared(ctypes.CDLL(str(path))))

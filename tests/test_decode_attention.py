@@ -54,10 +54,10 @@ def test_c_decode_attention_matches_sdpa(shape, dtype):
 
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]], ids=str)
-def test_other_builds_match_sdpa(tmp_path, monkeypatch, march):
+def test_other_builds_match_sdpa(monkeypatch, march):
     """attention.c built for machines without AVX-512 (plain C loops) and with AVX-512 but without its bf16 dot
     products (grouped heads' keys converted to fp32) is as close to the exact result as torch's kernel."""
-    other = other_native_build(tmp_path, march)
+    other = other_native_build(march)
     monkeypatch.setattr(native, "library", lambda: other)
     monkeypatch.setattr(native, "team_threads", lambda: 0)  # built without OpenMP: its ranges on Python threads
     for shape in SHAPES:

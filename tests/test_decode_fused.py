@@ -201,9 +201,9 @@ def test_silu_follows_the_vector_width_torch_runs(capability, lanes):
 
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], []], ids=["avx2", "portable"])
-def test_other_builds_give_the_same_silu(tmp_path, march):
+def test_other_builds_give_the_same_silu(march):
     """Builds for machines without AVX-512 (or any vector extension) reach torch's exp at the width they have."""
-    lib = other_native_build(tmp_path, march)
+    lib = other_native_build(march)
     fn, lanes, step = decode_layers.torch_exp()
     lanes_here = lib.decode_layer_exp_lanes()
     assert lanes_here == (8 if march else 0)

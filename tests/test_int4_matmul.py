@@ -219,9 +219,9 @@ def test_the_fallback_threads_give_the_same_bytes(monkeypatch):
     assert torch.equal(native.int4_gemv(weight.packed, weight.scale, weight.minimum, 64, x), on_team)
 
 
-def test_the_portable_gemv_matches_the_avx512_one(tmp_path):
+def test_the_portable_gemv_matches_the_avx512_one():
     """int4.c's plain C loop (machines without AVX-512), built here without it, gives the same products."""
-    lib = other_native_build(tmp_path, ["-march=x86-64-v3"])
+    lib = other_native_build(["-march=x86-64-v3"])
     q = quantize(torch.randn(128, 256, generator=torch.Generator().manual_seed(6)), CompressionConfig(4, 64, 1))
     weight = Int4Weight.from_bytes(pack(q), (128, 256), 64)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7))
@@ -277,11 +277,11 @@ def test_weights_sharing_x_in_one_team_multiply_as_each_alone():
             assert torch.equal(out, native.int4_gemv(w.packed, w.scale, w.minimum, 64, x)), (dtype, rows)
 
 
-def test_the_pairs_kernel_without_the_byte_permute_gives_the_same_products(tmp_path):
+def test_the_pairs_kernel_without_the_byte_permute_gives_the_same_products():
     """A build for a CPU with the bf16 dot instruction but without AVX512-VBMI's byte permute (Cooper Lake) turns
     the codes into bf16 pairs by unpacking instead: the same pairs, so the same products bit for bit (on a CPU
     without the bf16 instruction both builds take the fp32 kernel, and still agree)."""
-    other = other_native_build(tmp_path, ["-march=native", "-mno-avx512vbmi"])
+    other = other_native_build(["-march=native", "-mno-avx512vbmi"])
     here = native.library()
     g = torch.Generator().manual_seed(23)
     q = quantize(torch.randn(192, 320, generator=g), CompressionConfig(4, 32, 1))

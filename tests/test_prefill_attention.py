@@ -124,9 +124,9 @@ def test_threads_split_the_work_and_change_no_value(monkeypatch, threads):
 
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]], ids=str)
-def test_builds_without_the_bf16_instruction_decline(tmp_path, monkeypatch, march):
+def test_builds_without_the_bf16_instruction_decline(monkeypatch, march):
     """bf16 goes to torch; fp32 runs where the build has AVX-512 (as close to exact as on this build)."""
-    here, other = native.library(), other_native_build(tmp_path, march)
+    here, other = native.library(), other_native_build(march)
     avx512 = "-march=native" in march and bool(here and here.prefill_available(F32))
     monkeypatch.setattr(native, "library", lambda: other)
     assert other.prefill_available(BF16) == 0

@@ -88,10 +88,10 @@ def test_a_source_row_that_is_padded_too(monkeypatch):
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]],
                          ids=["no-avx512", "no-avx512-bf16"])
-def test_other_builds_read_the_source_row_too(tmp_path, monkeypatch, march):
+def test_other_builds_read_the_source_row_too(monkeypatch, march):
     """attention.c built for machines without AVX-512 (plain loops) or without its bf16 dot products (keys
     converted to fp32): CI's CPU varies."""
-    other = other_native_build(tmp_path, march)
+    other = other_native_build(march)
     monkeypatch.setattr(native, "library", lambda: other)
     monkeypatch.setattr(native, "team_threads", lambda: 0)
     for heads, kv_heads, d in HEADS:

@@ -65,10 +65,10 @@ def test_refuses_what_it_cannot_multiply():
 
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]])
-def test_other_builds_match(tmp_path, march):
+def test_other_builds_match(march):
     """gemv.c built for machines without AVX-512 (its plain C loop) and with AVX-512 but without its bf16 dot
     products (bf16 weights converted to fp32 instead) gives the same products."""
-    lib = other_native_build(tmp_path, march)
+    lib = other_native_build(march)
     _int4_blocks_match(lib)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x, w, b, want = _case(dtype, 3, 70, 100, True, seed=3)
