@@ -60,8 +60,11 @@ def test_off_cuda_torch_keeps_its_choice(dtype):
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
+    """SDPA's own choices afresh, and SDPA at decode too (the Triton decode kernel, measured against it on CUDA:
+    test_decode_attention_triton.py)."""
     monkeypatch.setattr(attention, "_failed", set())
     monkeypatch.setattr(attention, "_chosen", {})
+    monkeypatch.setenv(attention.DECODE_ENV, "sdpa")
 
 
 def _case(b, heads, kv_heads, t, length, dtype, masked, seed=0):
@@ -306,7 +309,7 @@ def test_cuda_decode_at_a_new_length_each_step_builds_nothing(fresh_choices, mas
 
 
 @cuda
-def test_cuda_engine_without_masks_for_unpadded_batches(tiny_models):
+def test_cuda_engine_without_masks_for_unpadded_batches(tiny_models, fresh_choices):
     """fp16 on the GPU, prompts of equal length in each batch but the last: flash without a mask where no row is
     padded, the same logits as memory-efficient attention with the mask."""
     prompts = [[2, 17, 43, 99], [2, 300, 5, 6], [2, 88, 91, 92], [2, 400]]
@@ -347,7 +350,8 @@ def test_cuda_graph_decode_matches_eager_and_is_captured_once(tiny_models, monke
                 kernels, captures = m.engine.times.attention, m.engine.static.captures
         assert not decode_graph._failed, decode_graph._failed
         assert captures == 2, captures  # one graph per GPU batch, for both blocks
-        assert kernels[1:] == ["graph+efficient"] * 7, kernels
+        # SDPA's memory-efficient kernel, or the Triton decode kernel where measured faster (attention.faster)
+        assert len(kernels) == 8 and all(k in ("graph+efficient", "graph+triton") for k in kernels[1:]), kernels
         eager, graph = results[0], results[2]
         assert results[3][0] == graph[0]  # replayed again on the second block: the same
         steps = slice(None) if dtype == "float32" else slice(0, 2)

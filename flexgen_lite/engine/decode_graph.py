@@ -139,9 +139,11 @@ class StaticDecode:
         return self.capture and bool(_failed)
 
     def usable(self, block, b: int, cache, in_place: bool, acts) -> bool:
-        """Whether batch b's decode step can run here: every row still generating, its whole cache in compute
-        memory used in place (`in_place`: one uncompressed part attended on the device), its activations there."""
-        if not self.possible or self.failed or block.active_rows(b) is not None or not in_place:
+        """Whether batch b's decode step can run here: its whole cache in compute memory used in place
+        (`in_place`: one uncompressed part attended on the device), its activations there. Rows that finished
+        (eos) are computed with the others and not sampled (BlockSchedule._static_batch): a replayed step costs
+        the same with them, where the eager path's launches would cost more than their work."""
+        if not self.possible or self.failed or not in_place:
             return False
         if not acts._in_place(acts.tiers[b]):
             return False
