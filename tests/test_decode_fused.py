@@ -232,6 +232,18 @@ def test_it_runs_where_the_profile_finds_it_faster(few_rows_kernels):
     assert not decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 8, 1, products)
 
 
+def test_rows_that_finished_leave_the_eager_path_less_to_do(few_rows_kernels):
+    """The fused step computes every row of a batch, finished ones too; the eager one only those still
+    generating: at 4 rows the fused step wins with all 4 generating and loses with 1 left, where it would cost
+    the same 4 rows' products against one row's (and the per-layer overhead is small)."""
+    products = [(576, 576, False)] * 7
+    costs = dict.fromkeys(("llama", "opt"), (1e-7, 1e-7))
+    hw = dataclasses.replace(few_rows_kernels, layer_overhead=costs)
+    assert decode_fused.fused_wins(hw, "llama", torch.float32, 4, 1, products)
+    assert decode_fused.fused_wins(hw, "llama", torch.float32, 4, 1, products, eager_rows=4)
+    assert not decode_fused.fused_wins(hw, "llama", torch.float32, 4, 1, products, eager_rows=1)
+
+
 def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
     """cost_model.fused_decode asks fused_wins with the same products (dense and 4-bit)."""
     from flexgen_lite.planning.cost_model import fused_decode
@@ -240,6 +252,6 @@ def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
     for policy in (P(), P(dtype="bfloat16", compress_weight=True), P(gbs=8, nb=1)):
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy) as m:
             rows = policy.gpu_batch_size
-            engine_says = m.engine.fused_decode and m.engine.fused._rows_native(rows)
+            engine_says = m.engine.fused_decode and m.engine.fused._rows_native(rows, rows)
             setup = Setup(m.config, Workload(8, 8), m.policy, few_rows_kernels)
             assert fused_decode(setup) == engine_says
