@@ -39,7 +39,7 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool) -> dict
     strides = names[names.index("scale") + 1:names.index("G")]
     signature = {"q": pointer, "k": pointer, "v": pointer, "seen": "*u8", "out": pointer if one_split else "*fp32",
                  "lse": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32", **dict.fromkeys(strides, "i32")}
-    constants = dict(sm_l=1, G=group, GP=padded, D=head_dim, DP=head_dim, BLOCK=block, DOT=dot,
+    constants = dict(sm_l=1, G=group, GP=padded, D=head_dim, DP=triton_decode._pow2(head_dim), BLOCK=block, DOT=dot,
                      PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True, ONE_SPLIT=one_split)
     divisible = [n for n in (*POINTERS, *strides) if n not in NOT_DIVISIBLE]
     src = ASTSource(fn=split_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},

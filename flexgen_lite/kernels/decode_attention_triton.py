@@ -129,7 +129,7 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
     values), fp32 in full precision."""
     if group == 1:
         return 1, max(16, min(64, BROADCAST_VALUES // _pow2(head_dim))), False
-    return max(16, _pow2(group)), 64, True
+    return max(16, _pow2(group)), 64 if head_dim <= 128 else 32, True  # 256: 146-148 registers at 32, 192-204 at 64
 
 
 _lock = threading.Lock()
