@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from .dequant_triton import interpreting, unavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in registers (one query head): on sm90, 72-115
-# registers a thread at head dims 64-128, no spills, 16-byte loads (tests/test_decode_attention_triton.py compiles it)
+BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in registers (one query head): on sm90, 80-94
+# registers a thread at head dims 64-256, no spills, 16-byte loads (tests/test_triton_sm90.py compiles it)
 PROGRAMS_PER_SM = 16  # split the positions until rows x kv heads x splits is at least this many per SM (~4 waves of
 # 4-5 resident programs: a short last wave idles less of the GPU)
+_lock = threading.Lock()  # one self-check per kind at a time
+_interpreter = threading.Lock()  # Triton's interpreter is not thread-safe (its patched language is global)
 
 
 @functools.cache
@@ -132,10 +134,6 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
     return max(16, _pow2(group)), 64 if head_dim <= 128 else 32, True  # 256: 146-148 registers at 32, 192-204 at 64
 
 
-_lock = threading.Lock()
-_interpreter = threading.Lock()
-
-
 def split_plan(programs: int, length: int, block: int, sms: int, wanted: int | None = None) -> tuple[int, int]:
     """(splits, positions per split, a multiple of `block`) of a cache of `length` positions: `wanted` splits, by
     default enough that `programs` (rows x kv heads) times them is PROGRAMS_PER_SM per SM; two tiles each at least."""
@@ -174,7 +172,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         target = torch.empty(rows, heads, splits, dp, dtype=torch.float32, device=q.device)
         lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=q.device)
         strides = (*target.stride()[:3], *lse.stride()[:2])
-    # Triton's interpreter is not thread-safe (its patched language is global): one interpreted launch at a time
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _interpreter if interpreting() else \
             contextlib.nullcontext():
         split_kernel[(rows, kv_heads, splits)](
@@ -186,8 +183,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             combine_kernel[(rows, heads)](target, lse, out, splits, *strides, out.stride(0), out.stride(1),
                                           D=hd, DP=dp, SP=_pow2(splits))
     return out
-
-
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
