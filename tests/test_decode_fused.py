@@ -129,10 +129,10 @@ def test_it_runs_only_where_every_op_is_the_c_kernels(tiny_models, few_rows_kern
         policy = P(gbs=8, nb=1)
     elif case == "env-off":
         monkeypatch.setenv(decode_fused.ENV, "0")
-    else:
+    else:  # no profile: the C kernels taken at one row only (a batch's filler row would leave one: EIGHT has none)
         monkeypatch.setenv("FLEXGEN_LITE_PROFILE", os.devnull)
         forget_profile()
-    ids, logits, kernels = generate(tiny_models[family][0], policy, True)
+    ids, logits, kernels = generate(tiny_models[family][0], policy, True, EIGHT if case == "no-profile" else PROMPTS)
     assert not any(decode_fused.KERNEL in k for block in kernels for k in block)
 
 
@@ -232,16 +232,23 @@ def test_it_runs_where_the_profile_finds_it_faster(few_rows_kernels):
     assert not decode_fused.fused_wins(few_rows_kernels, "llama", torch.float32, 8, 1, products)
 
 
-def test_rows_that_finished_leave_the_eager_path_less_to_do(few_rows_kernels):
-    """The fused step computes every row of a batch, finished ones too; the eager one only those still
-    generating: at 4 rows the fused step wins with all 4 generating and loses with 1 left, where it would cost
-    the same 4 rows' products against one row's (and the per-layer overhead is small)."""
-    products = [(576, 576, False)] * 7
-    costs = dict.fromkeys(("llama", "opt"), (1e-7, 1e-7))
-    hw = dataclasses.replace(few_rows_kernels, layer_overhead=costs)
-    assert decode_fused.fused_wins(hw, "llama", torch.float32, 4, 1, products)
-    assert decode_fused.fused_wins(hw, "llama", torch.float32, 4, 1, products, eager_rows=4)
-    assert not decode_fused.fused_wins(hw, "llama", torch.float32, 4, 1, products, eager_rows=1)
+def test_a_batch_with_finished_rows_computes_those_left(tiny_models, few_rows_kernels, monkeypatch):
+    """A block's filler row (5 prompts in batches of 2 x 2) and rows stopped at eos are not computed: the fused step
+    runs over the rows still generating (Step.rows), each writing and reading its own cache row (Step.row_map),
+    and gives the eager path's tokens and logits bit for bit."""
+    seen = []
+    real = decode_fused.FusedDecode.run
+
+    def run(self, cache, block, b, start):
+        out = real(self, cache, block, b, start)
+        seen.append((self.batches[b].step.rows, 2 if block.active_rows(b) is None else len(block.active_rows(b))))
+        return out
+
+    monkeypatch.setattr(decode_fused.FusedDecode, "run", run)
+    fused = generate(tiny_models["llama"][0], P(), True)
+    eager = generate(tiny_models["llama"][0], P(), False)
+    assert_identical(fused, eager)
+    assert all(rows == left for rows, left in seen) and (1, 1) in seen  # the filler row's batch: one row
 
 
 def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
@@ -252,6 +259,6 @@ def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
     for policy in (P(), P(dtype="bfloat16", compress_weight=True), P(gbs=8, nb=1)):
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy) as m:
             rows = policy.gpu_batch_size
-            engine_says = m.engine.fused_decode and m.engine.fused._rows_native(rows, rows)
+            engine_says = m.engine.fused_decode and m.engine.fused._rows_native(rows)
             setup = Setup(m.config, Workload(8, 8), m.policy, few_rows_kernels)
             assert fused_decode(setup) == engine_says

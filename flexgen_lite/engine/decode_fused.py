@@ -52,22 +52,20 @@ def config_fits(config) -> bool:
 
 
 def fused_wins(hw, family: str, dtype: torch.dtype, rows: int, batches: int,
-               products: list[tuple[int, int, bool]], eager_rows: int | None = None) -> bool:
+               products: list[tuple[int, int, bool]]) -> bool:
     """Whether a decode step of `batches` batches of `rows` rows costs less by the profile `hw` through
     decode_layer.c (every product (n, k, 4-bit or not) of a decoder layer, `products`, by a C few-row kernel
     measured at this many rows) than eagerly (each product its fastest way, plus the schedule's overhead per
     layer and batch), layer for layer: the decoder's layers are alike. The engine and the cost model decide
-    alike. eager_rows: the rows the eager path computes, those still generating (default all); the fused step
-    computes every row of a batch, finished ones too."""
-    eager_rows = eager_rows or rows
+    alike."""
     name, fused, eager = str(dtype).removeprefix("torch."), 0.0, 0.0
     for n, k, int4 in products:
         points = (hw.int4_gemv if int4 else hw.gemv).get(name)
         if not points or rows > points[-1][0]:
             return False
         fused += batches * interpolated_time(points, rows, k, n)
-        way = int4_cost(hw, name, eager_rows, batches, k, n) if int4 else None
-        eager += way.dequantize + way.matmul if way else batches * hw.matmul_time(name, eager_rows, k, n)
+        way = int4_cost(hw, name, rows, batches, k, n) if int4 else None
+        eager += way.dequantize + way.matmul if way else batches * hw.matmul_time(name, rows, k, n)
     per_layer, per_batch = hw.layer_overhead.get(family, hw.layer_overhead["opt"])
     return fused < eager + 2 * (per_layer + batches * per_batch)  # per layer; attention and MLP: 2 specs
 
@@ -119,7 +117,7 @@ class FusedDecode:
                          and self.embed is not None and self.head is not None and policy.attn_sparsity == 1
                          and native.library() is not None and dtype in native.OUT_KIND)
         self.batches: dict[int, _Batch] = {}
-        self._rows_ok: dict[tuple[int, int], bool] = {}  # (rows, rows still generating) -> fused
+        self._rows_ok: dict[int, bool] = {}
 
     def reset(self) -> None:
         self.batches.clear()
@@ -136,49 +134,51 @@ class FusedDecode:
         k = parts[0].k.tensor
         if not isinstance(k, torch.Tensor) or k.dtype != self.dtype or k.device.type != "cpu" or k.stride(-1) != 1:
             return False
-        active = block.active_rows(b)  # rows that finished (eos, filler rows) the eager path does not compute
-        return self._rows_native(k.shape[0], k.shape[0] if active is None else len(active))
+        active = block.active_rows(b)  # the step computes the rows still generating (not finished ones: eos, fillers)
+        return self._rows_native(k.shape[0] if active is None else len(active))
 
-    def _rows_native(self, rows: int, active: int) -> bool:
-        """Whether at `rows` rows the eager path runs every op of a layer by the kernels decode_layer.c calls, and
-        the fused step of them all is faster than the eager one of the `active` rows still generating."""
-        if (rows, active) not in self._rows_ok:
+    def _rows_native(self, rows: int) -> bool:
+        """Whether at `rows` rows the eager path runs every op of a layer by the kernels decode_layer.c calls."""
+        if rows not in self._rows_ok:
             width = elementwise.torch_lanes()
             matrices = [layer[f"{name}.weight"] for layer in self.layers for name in D.MATRIX_NAMES]
-            self._rows_ok[rows, active] = (
-                native.team_threads() > 0 and native_decode_agrees() and D.silu_exact(self.dtype)
-                and width and width <= self.config.hidden_size < elementwise.TORCH_GRAIN
-                and (not self.config.qk_norm or width <= self.config.head_dim)
-                and all(self._takes(w) for w in matrices) and self._faster(matrices, rows, active))
-        return self._rows_ok[rows, active]
+            self._rows_ok[rows] = (native.team_threads() > 0 and native_decode_agrees() and D.silu_exact(self.dtype)
+                                   and width and width <= self.config.hidden_size < elementwise.TORCH_GRAIN
+                                   and (not self.config.qk_norm or width <= self.config.head_dim)
+                                   and all(self._takes(w) for w in matrices) and self._faster(matrices, rows))
+        return self._rows_ok[rows]
 
     def _takes(self, w) -> bool:
         if isinstance(w, Int4Weight):
             return w.tiles is None and native_agrees()
         return w.dtype == self.dtype and w.is_contiguous()
 
-    def _faster(self, matrices: list, rows: int, active: int) -> bool:
-        """`fused_wins` by this machine's profile; without one, where the eager path runs the C kernels too (at
-        every row, finished ones too)."""
+    def _faster(self, matrices: list, rows: int) -> bool:
+        """`fused_wins` by this machine's profile; without one, where the eager path runs the C kernels too."""
         hw, nb = cpu_profile(), self.policy.num_gpu_batches
         if hw is None:
             return all(codes_gemv_wins(self.dtype, rows, *w.shape)
                        and int4_path(w, rows, self.dtype, None, nb) == "kernel" if isinstance(w, Int4Weight)
                        else gemv_wins(self.dtype, rows, *w.shape) for w in matrices)
         products = [(*w.shape, isinstance(w, Int4Weight)) for w in matrices[:len(D.MATRIX_NAMES)]]  # layer 0's
-        return fused_wins(hw, self.config.family, self.dtype, rows, nb, products, active)
+        return fused_wins(hw, self.config.family, self.dtype, rows, nb, products)
 
     def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str]:
-        """Batch b's logits (rows, vocab) for the tokens at `start`, and the kernel name."""
+        """Logits (rows still generating, vocab) of batch b for the tokens at `start`, and the kernel name."""
         s = self.batches.get(b)
         if s is None or s.cache is not cache:
             s = self.batches[b] = self._build(cache, b)
         cfg = self.config
-        positions = block.positions(b, start, 1)
-        h = L.embed(self.embed, block.tokens[block.rows(b), start:start + 1], positions, cfg).contiguous()
-        mask = block.mask(b, start, 1).contiguous()  # (rows, 1, 1, start + 1)
+        positions, tokens = block.positions(b, start, 1), block.tokens[block.rows(b), start:start + 1]
+        mask = block.mask(b, start, 1)  # (rows, 1, 1, start + 1)
+        active = block.active_rows(b)
+        if active is not None:  # the rows still generating alone, each reading and writing its own cache row
+            positions, tokens, mask = positions[active], tokens[active], mask[active]
+        h = L.embed(self.embed, tokens, positions, cfg).contiguous()
+        mask = mask.contiguous()
         step = s.step
         step.h, step.mask, step.mask_stride, step.start = h.data_ptr(), mask.data_ptr(), start + 1, start
+        step.rows, step.row_map = h.shape[0], 0 if active is None else active.data_ptr()
         shared = shared_rows(block.host_pad()[block.rows(b)], block.shared)  # every row's, finished ones too
         step.source, step.shift, step.shared = (0, 0, 0) if shared is None else \
             (shared[0].data_ptr(), shared[1].data_ptr(), shared[2])

@@ -34,7 +34,8 @@ class Layer(ctypes.Structure):
 
 class Step(ctypes.Structure):
     _fields_ = [("h", ptr), ("cos", ptr), ("sin", ptr), ("mask", ptr), ("mask_stride", i64), ("start", i64),
-                ("source", ptr), ("shift", ptr), ("shared", i64), ("threads", i64), ("silu_chunk", i64)]
+                ("source", ptr), ("shift", ptr), ("shared", i64), ("threads", i64), ("silu_chunk", i64),
+                ("rows", i64), ("row_map", ptr)]
 
 
 def matrix(weight, bias: torch.Tensor | None) -> Matrix:

@@ -141,7 +141,7 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
         + [ctypes.c_int]
     attention = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                  + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
-                 + [ctypes.c_int64])  # ... block, source, shift, shared
+                 + [ctypes.c_int64, ctypes.c_void_p])  # ... block, source, shift, shared, row_map
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = attention + [ctypes.c_int64] * 2
@@ -428,7 +428,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     source, shift, columns = shared if shared is not None else (None, None, 0)
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), OUT_KIND[q.dtype], b, heads,
             kv_heads, length, d, strides[0], strides[1], strides[2], length, strides[3], 1.0 / math.sqrt(d), block,
-            None if source is None else source.data_ptr(), None if shift is None else shift.data_ptr(), columns)
+            None if source is None else source.data_ptr(), None if shift is None else shift.data_ptr(), columns,
+            None)
     items = b * -(-kv_heads // block)
     if team_threads():
         lib.decode_attention_team(*args, items, team_threads())

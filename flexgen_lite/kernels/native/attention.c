@@ -579,12 +579,16 @@ static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, in
    pool; where that pool is not shared, the caller hands out ranges itself (native/__init__.py).
 
    source (or NULL): per sequence b, the sequence whose rows hold b's positions below `shared`, at `shift[b]`
-   positions earlier (rows_t). The result is the same bits: only where the rows are read from changes. */
+   positions earlier (rows_t). The result is the same bits: only where the rows are read from changes.
+
+   row_map (or NULL): sequence b of q, mask and out is the cache's row row_map[b] (the rows of a batch still
+   generating; source and shift are indexed by cache rows). */
 void decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                       const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                       int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
-                      const int64_t *source, const int64_t *shift, int64_t shared, int64_t begin, int64_t end) {
+                      const int64_t *source, const int64_t *shift, int64_t shared, const int64_t *row_map,
+                      int64_t begin, int64_t end) {
     int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads;
     int64_t blocks = (kv_heads + block - 1) / block, max_q = block * group;
     /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
@@ -604,11 +608,12 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
             top[j] = -INFINITY;
             total[j] = 0;
         }
-        const char *kb = (const char *)k + b * k_strides[0] * item, *vb = (const char *)v + b * v_strides[0] * item;
+        int64_t cb = row_map ? row_map[b] : b;  /* b's row of the cache */
+        const char *kb = (const char *)k + cb * k_strides[0] * item, *vb = (const char *)v + cb * v_strides[0] * item;
         rows_t c = {kb, vb, kb, vb, 0};
-        if (source && source[b] != b) {  /* positions below `shared`: the source row's, `shift` earlier there */
-            c.k0 = (const char *)k + (source[b] * k_strides[0] - shift[b] * k_strides[2]) * item;
-            c.v0 = (const char *)v + (source[b] * v_strides[0] - shift[b] * v_strides[2]) * item;
+        if (source && source[cb] != cb) {  /* positions below `shared`: the source row's, `shift` earlier there */
+            c.k0 = (const char *)k + (source[cb] * k_strides[0] - shift[cb] * k_strides[2]) * item;
+            c.v0 = (const char *)v + (source[cb] * v_strides[0] - shift[cb] * v_strides[2]) * item;
             c.split = shared;
         }
         rows_t ch = heads_of(c, kh0 * k_strides[1] * item, kh0 * v_strides[1] * item);
@@ -698,11 +703,12 @@ void decode_attention_team(const void *q, const void *k, const void *v, const ui
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                            int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
-                           const int64_t *source, const int64_t *shift, int64_t shared, int64_t items, int threads) {
+                           const int64_t *source, const int64_t *shift, int64_t shared, const int64_t *row_map,
+                           int64_t items, int threads) {
     int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
     for (int64_t r = 0; r < ranges; r++)
         decode_attention(q, k, v, mask, out, kind, batch, heads, kv_heads, length, dim, q_strides, k_strides,
-                         v_strides, mask_stride, out_strides, scale, block, source, shift, shared, r * step,
+                         v_strides, mask_stride, out_strides, scale, block, source, shift, shared, row_map, r * step,
                          (r + 1) * step < items ? (r + 1) * step : items);
 }

@@ -50,6 +50,8 @@ struct step {  /* what changes from step to step: shared by a batch's layers */
     const int64_t *source, *shift;  /* a shared prompt prefix's rows (attention.c), or NULL */
     int64_t shared;
     int64_t threads, silu_chunk;  /* the teams' threads; SiLU's values per thread as torch splits them */
+    int64_t rows;  /* the rows computed (h's, the mask's, cos/sin's): at most the layers' rows */
+    const int64_t *row_map;  /* the cache's row of each, or NULL: the same rows (the batch's rows still generating) */
 };
 
 void rms_norm_range(const void *x, const void *w, void *out, int kind, int64_t n, int64_t xs, float eps, int width,
@@ -67,7 +69,8 @@ void decode_attention_team(const void *q, const void *k, const void *v, const ui
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                            int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
-                           const int64_t *source, const int64_t *shift, int64_t shared, int64_t items, int threads);
+                           const int64_t *source, const int64_t *shift, int64_t shared, const int64_t *row_map,
+                           int64_t items, int threads);
 
 /* ---- SiLU(gate) * up as torch's in-place ops give it -------------------------------------------------------- */
 
@@ -170,23 +173,23 @@ static void linears(const struct layer *L, const struct step *S, const int *whic
             qn[quantized] = o->n, qout[quantized++] = y[j], done[j] = 1;
         }
         int4_gemv_team_many(quantized, (const uint8_t *const *)codes, (const _Float16 *const *)scale,
-                            (const _Float16 *const *)minimum, qn, m->k, m->group, x, L->kind, L->rows, qout,
+                            (const _Float16 *const *)minimum, qn, m->k, m->group, x, L->kind, S->rows, qout,
                             (int)S->threads);
     }
     for (int i = 0; i < count; i++) {
         const struct matrix *m = &L->m[which[i]];
         if (m->scale && m->bias)
-            for (int64_t j = 0; j < L->rows * m->n; j++)
+            for (int64_t j = 0; j < S->rows * m->n; j++)
                 kind_put(y[i], L->kind, j, kind_value(y[i], L->kind, j) + kind_value(m->bias, L->kind, j % m->n));
     }
-    if (dense) dense_gemv_team(dense, w, bias, n, L->kind, L->m[which[0]].k, x, L->rows, out, (int)S->threads);
+    if (dense) dense_gemv_team(dense, w, bias, n, L->kind, L->m[which[0]].k, x, S->rows, out, (int)S->threads);
 }
 
 static void rms_norm(const struct layer *L, const struct step *S, const void *x, const void *w, void *out) {
-    if (L->rows * L->hidden >= (1 << 16))
-        rms_norm_team(x, w, out, L->kind, L->rows, L->hidden, L->hidden, L->eps, L->norm_width, (int)S->threads);
+    if (S->rows * L->hidden >= (1 << 16))
+        rms_norm_team(x, w, out, L->kind, S->rows, L->hidden, L->hidden, L->eps, L->norm_width, (int)S->threads);
     else
-        rms_norm_range(x, w, out, L->kind, L->hidden, L->hidden, L->eps, L->norm_width, 0, L->rows);
+        rms_norm_range(x, w, out, L->kind, L->hidden, L->hidden, L->eps, L->norm_width, 0, S->rows);
 }
 
 /* h += round(y) elementwise, rounded (torch's residual add). */
@@ -195,7 +198,7 @@ static void add_into(void *h, const void *y, int kind, int64_t n) {
 }
 
 static void decode_layer(const struct layer *L, const struct step *S) {
-    int64_t sizes[11], item = item_of(L->kind), r = L->rows, d = L->dim, kd = L->kv_heads * d;
+    int64_t sizes[11], item = item_of(L->kind), r = S->rows, d = L->dim, kd = L->kv_heads * d;
     scratch_sizes(L, sizes);
     char *buf[11], *at = L->work;
     for (int i = 0; i < 11; i++) buf[i] = at, at += sizes[i];
@@ -217,17 +220,17 @@ static void decode_layer(const struct layer *L, const struct step *S) {
     }
     for (int64_t row = 0; row < r; row++)
         for (int64_t head = 0; head < L->kv_heads; head++) {
-            int64_t src = (row * kd + head * d) * item;
-            memcpy((char *)L->k_cache + (row * L->k_strides[0] + head * L->k_strides[1] + S->start * L->k_strides[2])
+            int64_t src = (row * kd + head * d) * item, at = S->row_map ? S->row_map[row] : row;
+            memcpy((char *)L->k_cache + (at * L->k_strides[0] + head * L->k_strides[1] + S->start * L->k_strides[2])
                    * item, ks + src, d * item);
-            memcpy((char *)L->v_cache + (row * L->v_strides[0] + head * L->v_strides[1] + S->start * L->v_strides[2])
+            memcpy((char *)L->v_cache + (at * L->v_strides[0] + head * L->v_strides[1] + S->start * L->v_strides[2])
                    * item, v + src, d * item);
         }
     int64_t qst[3] = {L->heads * d, d, d}, ost[3] = {L->heads * d, d, d};
     int64_t items = r * ((L->kv_heads + L->block - 1) / L->block);
     decode_attention_team(qs, L->k_cache, L->v_cache, S->mask, attn, L->kind, r, L->heads, L->kv_heads, S->start + 1,
                           d, qst, L->k_strides, L->v_strides, S->mask_stride, ost, L->scale, L->block, S->source,
-                          S->shift, S->shared, items, (int)S->threads);
+                          S->shift, S->shared, S->row_map, items, (int)S->threads);
     linears(L, S, (int[]){O}, 1, attn, (void *[]){o});
     add_into(S->h, o, L->kind, r * L->hidden);
 
