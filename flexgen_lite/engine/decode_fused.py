@@ -11,8 +11,9 @@ this many rows, against the eager path's fastest ways plus its measured per-laye
 where the eager path would run those kernels too), with every weight in memory (dense, or 4-bit codes for the
 int4 kernel), the batch's cache one uncompressed part attended in place, and SiLU's bits reproducible here
 (decode_layers.silu_exact). Where the eager path runs the same kernels, the logits are its own bit for bit.
-Rows that finished (or fill the batch) are computed too, each row on its own, and never sampled: the rows still
-generating get the values the eager path gives them computing them alone. Anything else takes the eager path.
+Rows that finished (or fill the batch) are not computed: the step runs over the rows still generating alone, each
+writing and reading its own cache row (Step.row_map), with the values the eager path gives them. Anything else
+takes the eager path.
 FLEXGEN_LITE_FUSED_DECODE=0 turns it off."""
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class FusedDecode:
         step = s.step
         step.h, step.mask, step.mask_stride, step.start = h.data_ptr(), mask.data_ptr(), start + 1, start
         step.rows, step.row_map = h.shape[0], 0 if active is None else active.data_ptr()
-        shared = shared_rows(block.host_pad()[block.rows(b)], block.shared)  # every row's, finished ones too
+        shared = shared_rows(block.host_pad()[block.rows(b)], block.shared)  # by cache row, finished ones too
         step.source, step.shift, step.shared = (0, 0, 0) if shared is None else \
             (shared[0].data_ptr(), shared[1].data_ptr(), shared[2])
         cos = sin = None
