@@ -209,3 +209,27 @@ def test_graphs_follow_the_environment(monkeypatch):
     assert not decode_graph.graphs_wanted()
     monkeypatch.setenv(decode_graph.ENV, "1")
     assert decode_graph.graphs_wanted()
+
+
+def test_a_replay_over_finished_rows_only_where_the_profile_finds_it_cheaper(tiny_models):
+    """On CUDA a batch with finished rows replays its graph over every row, or steps eagerly over those left, by
+    the profile (decode_graph.replay_wins): launches dear and attention cheap, the replay; launches cheap and the
+    cache's reads dear (a large cache), the eager step over the rows left; all rows generating or no profile, the
+    replay."""
+    import dataclasses
+
+    from .conftest import synthetic_profile
+
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=P(gbs=4, nb=1), device="cpu") as m:
+        static = m.engine.static
+        hw = synthetic_profile(cuda=True)
+
+        def wins(overhead: float, attention_rate: float, active: int, profile=True) -> bool:
+            h = dataclasses.replace(hw, layer_overhead=dict.fromkeys(("llama", "opt"), (overhead, overhead)),
+                                    attention=dict.fromkeys(hw.attention, (1e-6, attention_rate)))
+            return decode_graph.replay_wins(h if profile else None, m.config, static.specs, static.resident,
+                                            "float32", 4, active, 2048)
+
+        assert wins(1e-3, 1e12, 1)
+        assert not wins(1e-9, 1e6, 1)
+        assert wins(1e-9, 1e6, 4) and wins(1e-9, 1e6, 1, profile=False)

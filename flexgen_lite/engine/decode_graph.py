@@ -58,6 +58,26 @@ def every_expert_wins(hw, config, dtype: str, rows: int) -> bool:
     return experts * products(rows) <= experts * products(share) + per_layer + per_batch
 
 
+def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active: int, length: int) -> bool:
+    """Whether a replayed step over all `rows` rows of a batch (finished ones computed too) costs less by the
+    profile `hw` than the eager step over the `active` rows still generating plus the eager schedule's measured
+    overhead per layer: every layer's products (its 2-D weights but the embedding's) and attention over `length`
+    positions at each row count. Without a profile: True (replays cost no launches)."""
+    if hw is None or active >= rows:
+        return True
+    matrices = [tuple(w.shape) for spec, layer in zip(specs, resident, strict=True) if spec.kind != "embed"
+                for w in layer.values() if isinstance(w, torch.Tensor) and w.dim() == 2 and min(w.shape) > 1]
+    fixed, rate = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
+    per_row = 2 * config.num_kv_heads * config.head_dim * length * torch.empty(0, dtype=getattr(torch, dtype)).itemsize
+
+    def step(n: int) -> float:
+        products = sum(hw.matmul_time(dtype, n, k, m) for m, k in matrices)
+        return products + config.num_layers * (fixed + n * per_row / rate)
+
+    per_layer, per_batch = hw.layer_overhead.get(config.family, hw.layer_overhead["opt"])
+    return step(rows) <= step(active) + len(resident) * (per_layer + per_batch)
+
+
 def capture_graph(forward, pool) -> torch.cuda.CUDAGraph:
     """torch's recipe: warm up on a side stream (kernels loaded, cuBLAS workspaces made), then capture one call
     of `forward` into a graph whose intermediates live in the private memory `pool`."""
@@ -128,6 +148,8 @@ class StaticDecode:
         self.pool, self.pool_counted = None, 0  # the graphs' private memory pool, and its bytes on the ledger
         self.kernel: str | None = None  # the SDPA kernel the step's attention runs
         self.captures = 0
+        self.policy_rows = policy.gpu_batch_size
+        self._replays: dict[tuple[int, int], bool] = {}  # (rows still generating, max_len) -> replay all rows
 
     def reset(self) -> None:
         """Drop the graphs and buffers (they hold the cache's tensors: a cache replaced must be freed)."""
@@ -141,15 +163,28 @@ class StaticDecode:
     def usable(self, block, b: int, cache, in_place: bool, acts) -> bool:
         """Whether batch b's decode step can run here: its whole cache in compute memory used in place
         (`in_place`: one uncompressed part attended on the device), its activations there. Rows that finished
-        (eos) are computed with the others and not sampled (BlockSchedule._static_batch): a replayed step costs
-        the same with them, where the eager path's launches would cost more than their work."""
+        (eos, fillers) are computed with the others and not sampled (BlockSchedule._static_batch) where the profile
+        finds the replay over every row cheaper than the eager step over those left and its launches
+        (`replay_wins`: a small model's tail of a batch, not a large cache's)."""
         if not self.possible or self.failed or not in_place:
+            return False
+        active = block.active_rows(b)
+        if self.capture and active is not None and not self._replay_wins(block, len(active)):
             return False
         if not acts._in_place(acts.tiers[b]):
             return False
         parts = cache.parts[0][b]
         return (len(parts) == 1 and not parts[0].on_cpu and not parts[0].quantized
                 and parts[0].k.tensor.device.type == self.device.device.type)
+
+    def _replay_wins(self, block, active: int) -> bool:
+        """`replay_wins` for this batch's rows with `active` still generating, at the block's full length (the
+        replayed step reads the whole max_len), by this machine's stored profile; decided once per count."""
+        key = (active, block.prompt_len + block.gen_len)
+        if key not in self._replays:
+            self._replays[key] = replay_wins(cached_profile(self.device), self.config, self.specs, self.resident,
+                                             str(self.dtype).removeprefix("torch."), self.policy_rows, active, key[1])
+        return self._replays[key]
 
     def run(self, cache, block, b: int, start: int) -> tuple[torch.Tensor, str] | None:
         """Batch b's logits (rows, vocab) for the tokens at `start` and the kernel name; None when capturing
