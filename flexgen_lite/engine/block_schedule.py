@@ -230,8 +230,8 @@ class Engine:
                 return False
             logits, kernel = done
             self._kernels.add(kernel)
-            active = block.active_rows(b)  # those generating choose: a graph computed every row (each on its own),
-            if active is not None and logits.shape[0] != len(active):  # the fused step those alone
+            active = block.active_rows(b)  # those generating choose
+            if active is not None and logits.shape[0] != len(active):  # a graph computed every row, each on its own
                 logits = logits[active]
             block.record(b, sample(logits, sampling, block.row_generators(b, active)), active)
         if self.logits is not None:

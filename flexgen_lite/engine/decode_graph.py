@@ -68,7 +68,7 @@ def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active
     matrices = [tuple(w.shape) for spec, layer in zip(specs, resident, strict=True) if spec.kind != "embed"
                 for w in layer.values() if isinstance(w, torch.Tensor) and w.dim() == 2 and min(w.shape) > 1]
     fixed, rate = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
-    per_row = 2 * config.num_kv_heads * config.head_dim * length * torch.empty(0, dtype=getattr(torch, dtype)).itemsize
+    per_row = 2 * config.num_kv_heads * config.head_dim * length * getattr(torch, dtype).itemsize  # K and V bytes
 
     def step(n: int) -> float:
         products = sum(hw.matmul_time(dtype, n, k, m) for m, k in matrices)
