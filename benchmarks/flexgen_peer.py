@@ -100,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         return skip(f"flexgen is not importable ({e}): bring .whl/flexgen-0.1.8-py3-none-any.whl")
     import argparse
 
-    import torch
-
     flex_opt.AutoTokenizer = StandInAutoTokenizer
     parser = argparse.ArgumentParser()
     flex_opt.add_parser_arguments(parser)
-    work = tempfile.mkdtemp(prefix="flexgen-peer-")
-    args = parser.parse_args(["--path", "_DUMMY_", "--offload-dir", f"{work}/offload",
-                              "--log-file", f"{work}/flexgen.log", *argv])
+    with tempfile.TemporaryDirectory(prefix="flexgen-peer-") as work:  # its offload files and log, removed after
+        return run(flex_opt, parser.parse_args(["--path", "_DUMMY_", "--offload-dir", f"{work}/offload",
+                                                "--log-file", f"{work}/flexgen.log", *argv]))
+
+
+def run(flex_opt, args) -> int:
+    """FlexGen's own benchmark (flex_opt.run_flexgen) for `args`, its log printed; a skip where it cannot run."""
+    import torch
+
     try:
         flex_opt.get_opt_config(args.model)
     except Exception as e:  # flex_opt raises ValueError("Invalid model name: ...") for what it does not know
