@@ -106,7 +106,7 @@ def predict_rows(specs: list[dict]) -> dict:
 
 def _predict_one(argv: list[str]) -> dict:
     try:
-        from flexgen_lite.cli.main import build_parser, plan_policy, predict_policy
+        from flexgen_lite.cli.main import build_parser, plan_policy, predict_policy, resolve_share
         from flexgen_lite.cli.options import policy_from_args
         from flexgen_lite.planning.layout import Workload
         from flexgen_lite.planning.policy_search import AutoPolicy
@@ -121,6 +121,7 @@ def _predict_one(argv: list[str]) -> dict:
             result, _ = plan_policy(args, args.model, workload, policy, show=False)
             policy, p = result.policy, result.prediction
         else:
+            policy = resolve_share(args, args.model, workload, policy)
             p, _ = predict_policy(args, args.model, workload, policy)
         return {"policy": policy.flags(), "prefill_s": p.prefill_s, "decode_step_s": p.decode_step_s,
                 "total_tok_s": p.throughput, "bound": p.bound, "decode_by": dict(p.decode_by),

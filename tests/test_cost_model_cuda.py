@@ -100,3 +100,36 @@ def test_a_float16_cache_stays_float16_where_the_cpu_attends_it_as_fast():
     assert policy.cpu_attention_dtype(torch.float32, below) == torch.float32
     seconds = [predict(CONFIG, WORK, policy, h).decode_by["cpu attention"] for h in (near, below)]
     assert seconds[0] == pytest.approx(seconds[1] / HALF_KEPT)  # near: at fp16's rate; below: at bf16's
+
+
+@pytest.mark.parametrize("link_gb_s,best", [(100, (20, 60)), (0.5, (100, 100))], ids=["link-idle", "link-slow"])
+def test_cpu_attention_shared_with_an_idle_link_is_priced_and_chosen(link_gb_s, best):
+    """cpu_attention_percent: the CPU attends its share of the host's cache while the rest crosses the link into
+    the GPU's slots, priced as two lanes at once; best_cpu_share takes the share that balances them (about the
+    CPU's rate over the sum, here 60 of 160 GB/s), all on the CPU where the link is slow, and within the GPU
+    budget (the link's slots are GPU memory)."""
+    from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.planning.policy_search import best_cpu_share
+
+    gpu = {"float16": [(1, 2e12, 1e-5), (64, 1e14, 1e-5), (1024, 5e14, 1e-5)]}  # a GPU's rates: attention bound
+    hw = dataclasses.replace(synthetic_profile(cuda=True), h2d_pinned=link_gb_s * G, matmul=gpu,
+                             attention=dict.fromkeys(("float32", "bfloat16", "float16"), (1e-5, 2000 * G)),
+                             sdpa_prefill=dict.fromkeys(("float32", "bfloat16", "float16"), 1e14),
+                             cpu_attention=dict.fromkeys(("float32", "bfloat16", "float16"), (0, 60 * G)),
+                             cpu_attention_grouped={})
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100,
+                    cpu_cache_compute=True, dtype="float16")
+    whole, half = (predict(CONFIG, WORK, dataclasses.replace(policy, cpu_attention_percent=p), hw) for p in (100, 50))
+    assert half.decode_by["cpu attention"] == pytest.approx(whole.decode_by["cpu attention"] / 2, rel=1e-6)
+    assert "link" not in whole.decode_by or whole.decode_by["link"] == 0
+    assert half.decode_by["link"] > 0
+    chosen, prediction = best_cpu_share(CONFIG, WORK, policy, hw)
+    assert best[0] <= chosen.cpu_attention_percent <= best[1]
+    assert prediction.throughput >= whole.throughput
+    if link_gb_s > 1:
+        assert prediction.decode_step_s < 0.6 * whole.decode_step_s
+        slots = predict(CONFIG, WORK, chosen, hw).peak["gpu"] - whole.peak["gpu"]
+        assert slots > 0  # the link's share is read into slots on the GPU
+        tight = Budgets(gpu=whole.peak["gpu"] + slots / 2, cpu=None, disk=None)
+        assert best_cpu_share(CONFIG, WORK, policy, hw, budgets=tight)[0].cpu_attention_percent > \
+            chosen.cpu_attention_percent

@@ -241,8 +241,13 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models, m
            cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0, cpu_cache_compute=True),
     Policy(gpu_batch_size=3, num_gpu_batches=3, cache_gpu_percent=34, cache_cpu_percent=33, compress_cache=True,
            cpu_cache_compute=True),
+    Policy(gpu_batch_size=3, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100, cpu_cache_compute=True,
+           cpu_attention_percent=50),
+    Policy(gpu_batch_size=3, num_gpu_batches=3, cache_gpu_percent=20, cache_cpu_percent=50, cpu_cache_compute=True,
+           cpu_attention_percent=40, compress_cache=True),
 ], ids=["three-tiers", "all-disk-4-bit-cache", "4-bit-weights", "cpu-attention", "cpu-attention-disk-cache",
-        "4-bit-cache-on-the-device-beside-cpu-attention"])
+        "4-bit-cache-on-the-device-beside-cpu-attention", "cpu-attention-and-the-link",
+        "cpu-attention-and-the-link-4-bit-three-tiers"])
 def test_gpu_memory_plan_matches_what_the_link_path_allocates(tiny_models, policy):
     """The memory plan for CUDA is what the engine takes on its way across the link: compute memory exactly
     (weights, their slots and codes, cache, cache slots), host RAM exactly but for staging, within its bound."""

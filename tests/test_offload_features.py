@@ -50,6 +50,52 @@ def test_cpu_attention_places_cache_off_compute_parts(tiny_models, device):
     assert all(p.k.mapped == (p.tier == "disk" and not link) for p in parts)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("percent,share,compress", [
+    ((100, 0, 0, 100, 100, 0), 50, False),  # the Llama-2-7B suite row's placement, half of the rows each way
+    ((100, 0, 20, 50, 100, 0), 40, False),  # three tiers; the split falls inside a GPU batch
+    ((100, 0, 20, 50, 100, 0), 40, True),  # the same over a 4-bit cache: codes as stored, and dequantized slots
+])
+def test_cpu_attention_shared_with_the_link_equals_transformers(tiny_models, references, compute_device, family,
+                                                                percent, share, compress):
+    """cpu_attention_percent: of the cpu tier's sequences the first `share` % are attended on the CPU in place, the
+    rest copied across the link each step and attended on the device (a GPU under --device cuda); the parts'
+    outputs join by row, and the tokens are transformers' (uncompressed: the logits too, within the parity
+    tolerance)."""
+    device = compute_device if compute_device.startswith("cuda") else "cpu+link"
+    policy = P(percent, gbs=3, nb=3, cpu_cache_compute=True, cpu_attention_percent=share, compress_cache=compress)
+    with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=device) as m:
+        ids, logits = m.generate_ids(PROMPTS, GREEDY, return_logits=True)
+        cache = m.engine.cache
+        parts = [p for batch in cache.parts[0] for p in batch]
+    tiers = cache.tier_rows
+    assert cache.host_attended == round(tiers[1] * share / 100) > 0
+    assert sum(p.rows.stop - p.rows.start for p in parts if p.tier == "cpu" and p.on_cpu) == cache.host_attended
+    across = [p for p in parts if p.tier == "cpu" and not p.on_cpu]
+    assert sum(p.rows.stop - p.rows.start for p in across) == tiers[1] - cache.host_attended
+    assert across and not any(p.direct for p in across)  # read into the device's slots every step
+    assert all(p.direct for p in parts if p.tier == "cpu" and p.on_cpu)
+    assert all(p.on_cpu for p in parts if p.tier == "disk")
+    if compress:
+        baseline = run(tiny_models[family][0], P(percent, gbs=3, nb=3, cpu_cache_compute=True, compress_cache=True),
+                       device=device)
+        assert ids == baseline[0]
+        for a, b in zip(logits, baseline[1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        return
+    ref_ids, ref_logits = references[family]
+    assert ids == ref_ids
+    for a, b in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_cpu_attention_percent_needs_cpu_attention():
+    with pytest.raises(ValueError, match="needs cpu_cache_compute"):
+        P((100, 0, 0, 100, 100, 0), cpu_attention_percent=50)
+    with pytest.raises(ValueError, match="within 0..100"):
+        P((100, 0, 0, 100, 100, 0), cpu_cache_compute=True, cpu_attention_percent=120)
+
+
 # ---- sparse attention ---------------------------------------------------------------------------
 
 def reference_topk_attention(q, k, v, mask, top):

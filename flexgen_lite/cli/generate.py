@@ -147,6 +147,10 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
     workload = None
     if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, number, common prefix
         workload = Workload.of_prompts(ids, sampling.max_new_tokens)
+    else:
+        from .main import resolve_share
+
+        policy = resolve_share(args, model, Workload.of_prompts(ids, sampling.max_new_tokens), policy)
     recorder = recorder_for(args)
     overall = Overall(progress, len(todo), "prompts")
     with FlexGenLite(model, policy=policy, device=args.device, progress=overall.engine, workload=workload,

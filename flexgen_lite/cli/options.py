@@ -4,6 +4,7 @@ budget flags, turning them into a Policy or an AutoPolicy, and the one progress 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,10 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    "measured it faster, else float32: one choice per machine, whatever the workload)")
     g.add_argument("--cpu-cache-compute", action=argparse.BooleanOptionalAction,
                    help="attention over a CPU-resident cache on the CPU (auto: searched unless given)")
+    g.add_argument("--cpu-attention-percent", type=share, metavar="PERCENT|auto",
+                   help="with --cpu-cache-compute beside a GPU: the share of the cpu tier's sequences attended on the "
+                   "CPU (default 100, FlexGen's); the rest are copied across the link and attended on the GPU at the "
+                   "same time. auto: the share this machine's profile predicts fastest (searched with --policy auto)")
     g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
     g.add_argument("--compress-weight", action=argparse.BooleanOptionalAction,
                    help="4-bit group-wise weights (auto: searched unless given)")
@@ -91,14 +96,37 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
         cache_cpu_percent=percent[3], act_gpu_percent=percent[4], act_cpu_percent=percent[5],
         overlap=args.overlap, pin_weight=args.pin_weight, offload_dir=args.offload_dir, dtype=args.dtype or "",
         cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
+        cpu_attention_percent=fixed_share(args),
         compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
         weight_group_dim=args.weight_group_dim, weight_group_size=args.weight_group_size,
         share_prefix=args.share_prefix,
     )
     if not is_auto(args):
         return policy
-    return AutoPolicy(policy, args.gpu_batch_size, args.num_gpu_batches, args.compress_weight, args.compress_cache,
-                      args.cpu_cache_compute)
+    return AutoPolicy(dataclasses.replace(policy, cpu_attention_percent=100.0), args.gpu_batch_size,
+                      args.num_gpu_batches, args.compress_weight, args.compress_cache, args.cpu_cache_compute,
+                      None if args.cpu_attention_percent in (None, "auto") else args.cpu_attention_percent)
+
+
+def share(text: str) -> float | str:
+    """--cpu-attention-percent: a percentage, or auto."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage or auto, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be within 0..100, got {value:g}")
+    return value
+
+
+def fixed_share(args) -> float:
+    """The explicit --cpu-attention-percent (100 when not given, or auto: resolve_share chooses it)."""
+    value = getattr(args, "cpu_attention_percent", None)
+    if value not in (None, "auto") and value != 100 and not args.cpu_cache_compute and args.percent is not None:
+        raise UsageError("--cpu-attention-percent splits the CPU's attention: add --cpu-cache-compute")
+    return 100.0 if value in (None, "auto") or not args.cpu_cache_compute else float(value)
 
 
 def budgets_from_args(args) -> Budgets | None:

@@ -352,7 +352,7 @@ class Engine:
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
                                  self.policy.cache_compression(), self.cpu_attention_dtype(),
                                  [self.config.cached_positions(i, max_len) for i in range(self.config.num_layers)],
-                                 codes_attended(self.config, self.policy))
+                                 codes_attended(self.config, self.policy), self.policy.cpu_attention_percent)
         if block.gen_len > 1:
             self.cache.reserve_slots(self.cache_slots)
         # per batch: every cache part used where it is (views only: nothing to load, wait for or store back)

@@ -20,7 +20,7 @@ from ..kernels.compression import CompressionConfig, compressed_nbytes
 from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
 from .cache_store import QuantizedStore, Store, component_specs
-from .policy import split_counts
+from .policy import host_attended_rows, split_counts
 from .shared_prefix import PrefixRead
 from .storage import DiskStore, MemoryLedger, Staging
 from .trace import CACHE_LOAD, NULL
@@ -98,14 +98,21 @@ class CacheView:
     v: torch.Tensor | QuantizedStore
 
 
-def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int]) -> list[tuple[str, slice]]:
-    """The (tier, rows within the batch) parts of GPU batch `batch`, given the block's per-tier counts."""
+def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int],
+                host_attended: int | None = None) -> list[tuple[str, slice, bool]]:
+    """The (tier, rows within the batch, attended on the CPU) parts of GPU batch `batch`, given the block's
+    per-tier counts. host_attended (host_attended_rows): of the cpu tier's sequences, the first so many are
+    attended on the CPU, the rest across the link; with it, disk parts are attended on the CPU; None: none is."""
     lo, hi = batch * gpu_batch_size, (batch + 1) * gpu_batch_size
+    gpu, cpu, disk = tier_rows
+    on_cpu = host_attended is not None
+    segments = (("gpu", gpu, False), ("cpu", host_attended if on_cpu else 0, True), ("cpu", cpu - (host_attended or 0),
+                False), ("disk", disk, on_cpu))
     parts, start = [], 0
-    for tier, count in zip(("gpu", "cpu", "disk"), tier_rows, strict=True):
+    for tier, count, attended in segments:
         a, b = max(lo, start), min(hi, start + count)
         if b > a:
-            parts.append((tier, slice(a - lo, b - lo)))
+            parts.append((tier, slice(a - lo, b - lo), attended))
         start += count
     return parts
 
@@ -115,8 +122,9 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
                  cpu_attention_dtype: torch.dtype | None = None, positions: list[int] | None = None,
-                 attend_codes: bool = False) -> None:
-        """cpu_attention_dtype: when set, attention over cpu and disk parts runs on the CPU in that dtype.
+                 attend_codes: bool = False, cpu_attention_percent: float = 100.0) -> None:
+        """cpu_attention_dtype: when set, attention over disk parts and cpu_attention_percent of the cpu tier's
+        runs on the CPU in that dtype (the rest of the cpu tier's across the link, host_attended_rows).
         positions: per layer the positions it keeps (ModelConfig.cached_positions; default max_len each).
         attend_codes: compressed parts attended on the CPU where they live are read as stored (codes_attended).
         Across a link the cpu tier's parts share one host arena of their exact size (page-locked with CUDA)."""
@@ -124,15 +132,18 @@ class KVCache:
         self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
         self.cpu_dtype, self.attend_codes = cpu_attention_dtype, attend_codes
         self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
+        self.host_attended = host_attended_rows(self.tier_rows[1], None if cpu_attention_dtype is None
+                                                else cpu_attention_percent)
         self.positions = positions or [max_len] * num_layers
-        layout = [[batch_parts(b, gpu_batch_size, self.tier_rows) for b in range(num_batches)]] * num_layers
+        layout = [[batch_parts(b, gpu_batch_size, self.tier_rows, self.host_attended)
+                   for b in range(num_batches)]] * num_layers
         self.arena = None
         if device.host_is_separate:
-            host = [(rows, n) for per_batch, n in zip(layout, self.positions, strict=True) for parts in per_batch
-                    for tier, rows in parts if tier == "cpu"]
-            self.arena = HostArena(sum(self._host_bytes(rows, n) for rows, n in host), device.is_cuda)
+            host = [(rows, n, on_cpu) for per_batch, n in zip(layout, self.positions, strict=True)
+                    for parts in per_batch for tier, rows, on_cpu in parts if tier == "cpu"]
+            self.arena = HostArena(sum(self._host_bytes(*part) for part in host), device.is_cuda)
             ledger.track(self.arena.buffer, "cpu", self.arena.nbytes)  # until a longer cache replaces it
-        self.parts = [[[self._alloc(tier, rows, n, disk, ledger) for tier, rows in parts] for parts in per_batch]
+        self.parts = [[[self._alloc(*part, n, disk, ledger) for part in parts] for parts in per_batch]
                       for per_batch, n in zip(layout, self.positions, strict=True)]  # [layer][batch] -> parts
 
     def _home(self, tier: str) -> str:
@@ -142,20 +153,20 @@ class KVCache:
             return "host"
         return "file" if self.device.host_is_separate else "mapped"  # a CPU computes on the mapped pages
 
-    def _shape_dtype(self, tier: str, rows: slice, positions: int) -> tuple[tuple[int, ...], torch.dtype]:
-        on_cpu = self.cpu_dtype is not None and tier != "gpu"
+    def _shape_dtype(self, rows: slice, positions: int, on_cpu: bool) -> tuple[tuple[int, ...], torch.dtype]:
         shape = (rows.stop - rows.start, self.kv_heads, positions, self.head_dim)
         return shape, self.cpu_dtype if on_cpu else self.dtype
 
-    def _host_bytes(self, rows: slice, positions: int) -> int:
+    def _host_bytes(self, rows: slice, positions: int, on_cpu: bool) -> int:
         """Arena bytes of a cpu-tier part's K and V."""
-        shape, dtype = self._shape_dtype("cpu", rows, positions)
+        shape, dtype = self._shape_dtype(rows, positions, on_cpu)
         return 2 * sum(padded(torch.Size(s).numel() * dt.itemsize)
                        for s, dt in component_specs(shape, dtype, self.compression))
 
-    def _alloc(self, tier: str, rows: slice, positions: int, disk: DiskStore, ledger: MemoryLedger) -> CachePart:
-        shape, dtype = self._shape_dtype(tier, rows, positions)
-        on_cpu, home = self.cpu_dtype is not None and tier != "gpu", self._home(tier)
+    def _alloc(self, tier: str, rows: slice, on_cpu: bool, positions: int, disk: DiskStore,
+               ledger: MemoryLedger) -> CachePart:
+        shape, dtype = self._shape_dtype(rows, positions, on_cpu)
+        home = self._home(tier)
         args = (home, self.device.device, disk, self.arena)
         if self.compression is not None:
             k, v = (QuantizedStore(shape, self.compression, *args) for _ in range(2))

@@ -39,6 +39,7 @@ class Policy:
     offload_dir: str = ""  # empty: a fresh directory under the system temp dir
     dtype: str = ""  # empty: float16 on CUDA; on a CPU bfloat16 where measured faster, else float32
     cpu_cache_compute: bool = False
+    cpu_attention_percent: float = 100.0  # of the cpu tier's sequences, attended on the CPU; the rest cross the link
     attn_sparsity: float = 1.0
     compress_weight: bool = False
     compress_cache: bool = False
@@ -66,6 +67,10 @@ class Policy:
             raise PolicyError(f"weight_group_dim must be 0 or 1, got {self.weight_group_dim}")
         if self.weight_group_size not in (0, *WEIGHT_GROUP_SIZES):
             raise PolicyError(f"weight_group_size must be one of {WEIGHT_GROUP_SIZES}, got {self.weight_group_size!r}")
+        if not 0 <= self.cpu_attention_percent <= 100:
+            raise PolicyError(f"cpu_attention_percent must be within 0..100, got {self.cpu_attention_percent}")
+        if self.cpu_attention_percent != 100 and not self.cpu_cache_compute:
+            raise PolicyError("cpu_attention_percent splits the CPU's share of attention: it needs cpu_cache_compute")
         if not 0 < self.attn_sparsity <= 1:
             raise PolicyError(f"attn_sparsity must be within (0, 1], got {self.attn_sparsity}")
 
@@ -119,7 +124,7 @@ class Policy:
         defaults = Policy()
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("percent") or f.name in ("gpu_batch_size", "num_gpu_batches"):
+            if f.name.endswith(("gpu_percent", "cpu_percent")) or f.name in ("gpu_batch_size", "num_gpu_batches"):
                 continue
             if value == getattr(defaults, f.name) or (f.name.startswith("weight_group") and not self.compress_weight):
                 continue
@@ -127,8 +132,16 @@ class Policy:
             if isinstance(value, bool):
                 parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
             else:
-                parts.append(f"{flag} {value}")
+                parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
         return " ".join(parts)
+
+
+def host_attended_rows(cpu_rows: int, percent: float | None) -> int | None:
+    """Of a block's `cpu_rows` cpu-tier sequences, how many the CPU attends: the first `percent`
+    (Policy.cpu_attention_percent) of them; the rest are copied across the link each step and attended on the GPU
+    meanwhile, so a step reads the host's cache at the CPU's rate and the link's together. None (percent None):
+    no CPU attention."""
+    return None if percent is None else round(cpu_rows * percent / 100)
 
 
 def split_counts(total: int, percents: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -253,22 +253,22 @@ def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[
 
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     """KVCache.load of every part not usable in place, and attention over every part (one layer, all batches)."""
-    seg, hw, pol = Seg(), s.hw, s.policy
+    seg, hw = Seg(), s.hw
     seen = attended_share(s.config, length) * length  # positions kept and read: a windowed layer's window alone
     dense, stored = s.seq_layer_dense * seen, s.seq_layer * seen  # per sequence
     elements = dense / s.e
-    cpu_compute = s.cuda and pol.cpu_cache_compute
     cpu_dtype = str(s.cpu_dtype).removeprefix("torch.")  # float16 maybe bfloat16 (Policy.cpu_attention_dtype)
     group = s.config.num_heads // s.config.num_kv_heads
     gpu_att = hw.decode_attention(s.dname, group, s.config.head_dim)
     cpu_att = hw.decode_attention(cpu_dtype, group, s.config.head_dim, on_cpu=True)
-    for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
+    parts = s.nb  # about one part per batch, more where tiers meet
+    for tier, rows, on_cpu in lay.cache_parts():
         if not rows:
             continue
-        on_cpu = cpu_compute and tier != "gpu"
+        parts += tier != "gpu"
         if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
             _mapped_read(s, seg, rows * stored)
-        if not lay.part_direct(tier):  # KVCache.load into a slot, costed as measured through it
+        if not lay.part_direct(tier, on_cpu):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
             loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
             if tier == "disk" and s.cuda:  # read into staging (from the page cache), as measured through it
@@ -281,7 +281,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             if s.ccomp is not None:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
-        codes = hw.codes_attention(cpu_dtype, group) if s.ccomp is not None and lay.part_direct(tier) else None
+        codes = hw.codes_attention(cpu_dtype, group) if s.ccomp is not None and lay.part_direct(tier, on_cpu) else None
         if codes is not None:  # a CPU reads its codes as stored (quantized_attention)
             fixed, rate = codes
             seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * stored / rate,
@@ -291,7 +291,6 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
                 + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
                 waits=False)
-    parts = s.nb + sum(1 for r in lay.cache_rows[1:] if r)  # about one part per batch, more where tiers meet
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
     if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU
         if s.cuda:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..engine.block import common_prefix
 from ..engine.cache_attention import codes_attended
 from ..engine.kv_cache import cache_bytes_per_token
-from ..engine.policy import Policy, PolicyError, split_counts
+from ..engine.policy import Policy, PolicyError, host_attended_rows, split_counts
 from ..engine.storage import TIERS, page_aligned
 from ..engine.weights import DECODER_KINDS, compressed_matrix, in_8_bits, stored_nbytes, weight_tiers
 from ..kernels.int8_weight import int8_nbytes
@@ -189,12 +189,22 @@ class Layout:
         _, c, d = self.weight(kind, spec)
         return (min(2, self.s.config.num_layers) if kind in DECODER_KINDS else 1) * (c + d)
 
-    def part_direct(self, tier: str) -> bool:
-        """As kv_cache.KVCache._alloc decides."""
+    def cache_parts(self) -> list[tuple[str, float, bool]]:
+        """(tier, block sequences, attended on the CPU beside a GPU) of the cache, as kv_cache.batch_parts splits
+        it: with CPU attention the cpu tier's sequences in two (Policy.cpu_attention_percent) and disk's on the CPU."""
+        s, (gpu, cpu, disk) = self.s, self.cache_rows
+        if not (s.cuda and s.policy.cpu_cache_compute):
+            return [("gpu", gpu, False), ("cpu", cpu, False), ("disk", disk, False)]
+        share = s.policy.cpu_attention_percent
+        attended = host_attended_rows(cpu, share) if self.exact is not None else cpu * share / 100
+        return [("gpu", gpu, False), ("cpu", attended, True), ("cpu", cpu - attended, False), ("disk", disk, True)]
+
+    def part_direct(self, tier: str, on_cpu: bool) -> bool:
+        """As kv_cache.KVCache._alloc decides (on_cpu: attended on the CPU beside a GPU)."""
         s = self.s
         if s.ccomp is not None:  # its codes attended as stored where a CPU attends it, but not in a file
-            return self.codes_attended and (not s.cuda or (tier == "cpu" and s.policy.cpu_cache_compute))
-        return tier == "gpu" or not s.cuda or (tier == "cpu" and s.policy.cpu_cache_compute)
+            return self.codes_attended and (not s.cuda or (tier == "cpu" and on_cpu))
+        return tier == "gpu" or not s.cuda or (tier == "cpu" and on_cpu)
 
     @functools.cached_property
     def codes_attended(self) -> bool:

@@ -8,7 +8,7 @@ import torch
 
 from ..engine.cache_store import component_specs
 from ..engine.kv_cache import batch_parts
-from ..engine.policy import Policy
+from ..engine.policy import Policy, host_attended_rows
 from ..engine.storage import TIERS
 from ..engine.weights import in_8_bits
 from ..kernels.int8_weight import int8_nbytes
@@ -45,15 +45,15 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
         d["kv cache"] = tier * per_seq
     if s.cuda and lay.exact is not None and lay.cache_rows[1]:  # one arena: each part's arrays at aligned offsets
-        cpu["kv cache"] = sum(_host_part_bytes(s, rows, c.cached_positions(layer, w.max_len))
+        cpu["kv cache"] = sum(_host_part_bytes(s, rows, c.cached_positions(layer, w.max_len), on_cpu)
                               for layer in range(c.num_layers) for b in range(s.nb)
-                              for t, rows in batch_parts(b, s.gbs, lay.cache_rows) if t == "cpu")
+                              for t, rows, on_cpu in _batch_parts(s, lay, b) if t == "cpu")
     gpu["cache slots"], on_host = _cache_slots(s, lay)
     if on_host:
         cpu["cache slots"] = on_host
     cache_staging = 0.0
     if lay.cache_rows[2] and s.cuda:  # a CPU reads files straight into its slots, or maps them
-        rows = max((r.stop - r.start for b in range(s.nb) for t, r in batch_parts(b, s.gbs, lay.cache_rows)
+        rows = max((r.stop - r.start for b in range(s.nb) for t, r, _ in _batch_parts(s, lay, b)
                     if t == "disk"), default=0) if lay.exact else s.gbs
         longest = max(c.cached_positions(layer, w.max_len) for layer in range(c.num_layers))
         cache_staging = rows * s.seq_layer / 2 * longest  # one of k, v of a part
@@ -86,9 +86,16 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     return {"gpu": gpu, "cpu": cpu, "disk": disk}
 
 
-def _host_part_bytes(s: Setup, rows: slice, positions: int) -> int:
+def _batch_parts(s: Setup, lay: Layout, b: int) -> list[tuple[str, slice, bool]]:
+    """kv_cache.batch_parts of an exact layout's batch b, as KVCache splits it."""
+    attended = host_attended_rows(lay.cache_rows[1], s.policy.cpu_attention_percent if s.policy.cpu_cache_compute
+                                  else None)
+    return batch_parts(b, s.gbs, lay.cache_rows, attended)
+
+
+def _host_part_bytes(s: Setup, rows: slice, positions: int, on_cpu: bool) -> int:
     """Arena bytes of a cpu-tier part's K and V across the link, as KVCache._host_bytes takes them."""
-    c, dtype = s.config, s.cpu_dtype
+    c, dtype = s.config, s.cpu_dtype if on_cpu else s.dtype
     shape = (rows.stop - rows.start, c.num_kv_heads, positions, c.head_dim)
     return 2 * sum(padded(math.prod(sh) * dt.itemsize) for sh, dt in component_specs(shape, dtype, s.ccomp))
 
@@ -99,31 +106,29 @@ def _cache_slots(s: Setup, lay: Layout) -> tuple[float, float]:
     attention's in host RAM across the link); a CPU's memory-mapped disk parts count the same (their pages are
     in the process while used)."""
     c, max_len = s.config, s.workload.max_len
-    on_cpu = s.cuda and s.policy.cpu_cache_compute
-    cpu_dtype = s.cpu_dtype
     codes_row = s.seq_layer / 2 * max_len if s.ccomp is not None else 0
 
     def dense_row(e: int) -> float:
         return c.num_kv_heads * max_len * c.head_dim * e
 
-    if lay.exact is None:
-        direct = all((lay.part_direct(t) and not lay.part_mapped(t)) or not r
-                     for t, r in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True))
-        total = 0.0 if direct else 4 * s.gbs * (dense_row(s.e) + codes_row)
-        return (0.0, total) if on_cpu and any(lay.cache_rows[1:]) else (total, 0.0)
+    if lay.exact is None:  # the LP's: per kind of part, slots for a whole GPU batch of it
+        out = [0.0, 0.0]
+        for t, rows, on_cpu in lay.cache_parts():
+            if rows and (not lay.part_direct(t, on_cpu) or lay.part_mapped(t)):
+                out[on_cpu] = 4 * s.gbs * (dense_row((s.cpu_dtype if on_cpu else s.dtype).itemsize) + codes_row)
+        return out[0], out[1]
     if s.workload.gen_len < 2:
         return 0.0, 0.0
     # Engine._prefetch_cache alternates two parities load by load, so over a run (a last block with fewer
     # batches, batches that finish early) each distinct (part index, rows, where) can take both
     keys: dict[tuple, bool] = {}  # (index, rows, in host RAM, dtype) -> codes read into scratch (across the link)
     for b in range(s.nb):
-        for i, (t, rows) in enumerate(batch_parts(b, s.gbs, lay.cache_rows)):
-            if not lay.part_direct(t) or lay.part_mapped(t):
-                dtype = cpu_dtype if s.policy.cpu_cache_compute and t != "gpu" else s.dtype
-                key = (i, rows.stop - rows.start, on_cpu and t != "gpu", dtype)
+        for i, (t, rows, on_cpu) in enumerate(_batch_parts(s, lay, b)):
+            if not lay.part_direct(t, on_cpu) or lay.part_mapped(t):
+                key = (i, rows.stop - rows.start, on_cpu, s.cpu_dtype if on_cpu else s.dtype)
                 keys[key] = keys.get(key, False) or (s.cuda and t != "gpu")
     out = [0.0, 0.0]
-    codes_mapped = s.ccomp is not None and lay.part_direct("disk")  # a mapped part's pages: its codes alone
+    codes_mapped = s.ccomp is not None and lay.part_direct("disk", False)  # a mapped part's pages: its codes alone
     for (_, r, host, dtype), across in keys.items():
         row = codes_row if codes_mapped else dense_row(dtype.itemsize) + (codes_row if across else 0)
         out[host] += 2 * 2 * r * row

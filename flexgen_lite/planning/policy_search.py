@@ -38,6 +38,7 @@ class AutoPolicy:
     compress_weight: bool | None = None
     compress_cache: bool | None = None
     cpu_cache_compute: bool | None = None
+    cpu_attention_percent: float | None = None  # with CPU attention; None: searched (best_cpu_share)
     exact_weights: bool = False  # compressed weights are the source's own 4-bit groups: not a loss (for_source)
 
 
@@ -92,13 +93,40 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
                 continue
             policy = _round_to_budgets(s, x, regime, budgets)
             if policy is not None:
-                found.append((policy, predict(config, workload, policy, hw, page_cache)))
+                found.append(best_cpu_share(config, workload, policy, hw, page_cache, budgets,
+                                            auto.cpu_attention_percent is None))
                 best[lossy] = max(best[lossy], found[-1][1].throughput)
     if not found:
         raise PolicyError(_nothing_fits(config, workload, hw, budgets, auto))
     found.sort(key=lambda pp: -pp[1].throughput)
     policy, prediction = _choose(found, auto)
     return SearchResult(policy, prediction, budgets, page_cache, solved, found, hw)
+
+
+CPU_SHARES = (100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 0)
+
+
+def best_cpu_share(config: ModelConfig, workload: Workload, policy: Policy, hw: HardwareProfile,
+                   page_cache: float | None = None, budgets: Budgets | None = None,
+                   searched: bool = True) -> tuple[Policy, Prediction]:
+    """`policy` with the cpu_attention_percent predicted fastest within `budgets` (searched), and its prediction.
+    Beside a GPU, CPU attention over host RAM and copies of it across the link read the same cache at once: the
+    best share balances the CPU's rate against what the link has left after the weights' loads."""
+    options = [policy]
+    if searched and hw.is_cuda and policy.cpu_cache_compute:
+        rows = Layout.of_policy(Setup(config, workload, policy, hw), policy).cache_rows[1]
+        if rows:
+            options = [dataclasses.replace(policy, cpu_attention_percent=float(p)) for p in CPU_SHARES]
+    best = None
+    for option in options:
+        if budgets is not None and option is not policy:
+            s = Setup(config, workload, option, hw)
+            if over_budget(tier_peaks(memory_plan(s, Layout.of_policy(s, option)), True), budgets):
+                continue
+        found = (option, predict(config, workload, option, hw, math.inf if page_cache is None else page_cache))
+        if best is None or found[1].throughput > best[1].throughput * (1 + 1e-9):
+            best = found
+    return best
 
 
 def check_context(config: ModelConfig, workload: Workload) -> None:
@@ -135,8 +163,10 @@ def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
     dtypes = search_options(auto.base.dtype, hw)
     for gbs, nb, cw, cc, cpu_att, dtype in itertools.product(sizes, counts, *choices, cpu, dtypes):
         if gbs * nb <= cap or (auto.gpu_batch_size and auto.num_gpu_batches):
+            share = (auto.cpu_attention_percent or 100.0) if cpu_att else 100.0
             yield dataclasses.replace(auto.base, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw,
-                                      compress_cache=cc, cpu_cache_compute=cpu_att, dtype=dtype)
+                                      compress_cache=cc, cpu_cache_compute=cpu_att, cpu_attention_percent=share,
+                                      dtype=dtype)
 
 
 def _by_upper_bound(config, workload, hw, auto) -> list[tuple[float, Policy]]:
