@@ -20,6 +20,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 NUMERIC = (("dtype", "dtype", "--dtype"), ("compress_weight", "compress_weight", "--compress-weight"),
            ("compress_cache", "compress_cache", "--compress-cache"),
            ("cpu_cache_compute", "cpu_cache_compute", "--cpu-cache-compute"),
+           ("cpu_attention_percent", "cpu_attention_percent", "--cpu-attention-percent"),
            ("weight_group_dim", "weight_group_dim", "--weight-group-dim"),
            ("attn_sparsity", "attn_sparsity", "--attn-sparsity"))
 BATCH = (("gpu_batch_size", "gpu_batch_size"), ("num_gpu_batches", "num_gpu_batches"))
