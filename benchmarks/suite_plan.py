@@ -106,8 +106,8 @@ def predict_rows(specs: list[dict]) -> dict:
 
 def _predict_one(argv: list[str]) -> dict:
     try:
-        from flexgen_lite.cli.main import build_parser, plan_policy, predict_policy, resolve_share
-        from flexgen_lite.cli.options import policy_from_args
+        from flexgen_lite.cli.main import build_parser, plan_policy, predict_policy
+        from flexgen_lite.cli.options import policy_from_args, resolve_share
         from flexgen_lite.planning.layout import Workload
         from flexgen_lite.planning.policy_search import AutoPolicy
         from flexgen_lite.system.devices import ComputeDevice

@@ -139,7 +139,7 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
     from ..planning.layout import Workload
     from ..planning.policy_search import AutoPolicy
     from .breakdown_flags import recorder_for
-    from .options import budgets_from_args, manual_dtype_reason, policy_from_args
+    from .options import budgets_from_args, manual_dtype_reason, policy_from_args, resolve_share
     from .run_record import policy_record
 
     model, config, ids = encode_and_check(args, prompts, todo, sampling)
@@ -148,8 +148,6 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
     if isinstance(policy, AutoPolicy):  # plan for these prompts: their longest length, number, common prefix
         workload = Workload.of_prompts(ids, sampling.max_new_tokens)
     else:
-        from .main import resolve_share
-
         policy = resolve_share(args, model, Workload.of_prompts(ids, sampling.max_new_tokens), policy)
     recorder = recorder_for(args)
     overall = Overall(progress, len(todo), "prompts")

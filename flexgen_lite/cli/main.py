@@ -29,6 +29,7 @@ from .options import (
     manual_dtype_reason,
     policy_from_args,
     progress,
+    resolve_share,
 )
 
 DEFAULT_BENCH_MODEL = "facebook/opt-1.3b"
@@ -142,25 +143,6 @@ def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
         cuda = ComputeDevice(args.device).is_cuda
         plan, peak = peak_memory(model_config(model), workload, policy, cuda)
         check_budgets(peak, plan, budgets, cuda, f"the policy {policy.flags()}")
-
-
-def resolve_share(args, model: str, workload, policy):
-    """A manual policy's `--cpu-attention-percent auto`: the share this machine's profile predicts fastest within
-    the budgets (best_cpu_share); any other policy as it is."""
-    if getattr(args, "cpu_attention_percent", None) != "auto" or not isinstance(policy, Policy):
-        return policy
-    from ..model_source import model_config
-    from ..planning.policy_search import best_cpu_share
-    from ..profiling.measure import load_profile
-    from ..system.devices import ComputeDevice
-
-    hardware = load_profile(ComputeDevice(args.device), policy.offload_dir, progress=progress)
-    chosen, prediction = best_cpu_share(model_config(model), workload, policy, hardware,
-                                        budgets=budgets_from_args(args))
-    if chosen.cpu_cache_compute and hardware.is_cuda:
-        print(f"--cpu-attention-percent auto: {chosen.cpu_attention_percent:g} (predicted "
-              f"{prediction.throughput:.1f} tok/s)", file=sys.stderr)
-    return chosen
 
 
 def predict_policy(args, model: str, workload, policy: Policy, cold: bool = False):

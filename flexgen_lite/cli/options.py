@@ -229,3 +229,22 @@ def model_of(args) -> str:
     from ..models.gguf_file import default_model_path
 
     return default_model_path()
+
+
+def resolve_share(args, model: str, workload, policy):
+    """A manual policy's `--cpu-attention-percent auto`: the share this machine's profile predicts fastest within
+    the budgets (best_cpu_share); any other policy as it is."""
+    if getattr(args, "cpu_attention_percent", None) != "auto" or not isinstance(policy, Policy):
+        return policy
+    from ..model_source import model_config
+    from ..planning.policy_search import best_cpu_share
+    from ..profiling.measure import load_profile
+    from ..system.devices import ComputeDevice
+
+    hardware = load_profile(ComputeDevice(args.device), policy.offload_dir, progress=progress)
+    chosen, prediction = best_cpu_share(model_config(model), workload, policy, hardware,
+                                        budgets=budgets_from_args(args))
+    if chosen.cpu_cache_compute and hardware.is_cuda:
+        print(f"--cpu-attention-percent auto: {chosen.cpu_attention_percent:g} (predicted "
+              f"{prediction.throughput:.1f} tok/s)", file=sys.stderr)
+    return chosen
