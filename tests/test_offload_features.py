@@ -89,6 +89,44 @@ def test_cpu_attention_shared_with_the_link_equals_transformers(tiny_models, ref
         torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)
 
 
+def test_cpu_attention_starts_before_the_links_copy_is_waited_for(tiny_models, monkeypatch):
+    """A batch with a CPU part and a part across the link waits for the link's copy (a CUDA stream wait on the
+    load's event) only before that part's attention: the CPU's part, attended first, does not wait for it. Copies
+    and waits are marked here as a GPU's would be (events stand for CUDA's)."""
+    import contextlib
+
+    from flexgen_lite.engine import block_schedule
+    from flexgen_lite.system.devices import ComputeDevice
+
+    log = []
+
+    @contextlib.contextmanager
+    def on_copy_stream(self, after=None, lane="weights"):
+        yield lambda: ("copied", lane)
+
+    def wait_for(self, event):
+        if event is not None:
+            log.append(event)
+
+    def attend_part(view, *args, **kwargs):
+        log.append(("attend", view.part.rows.start, view.part.on_cpu, view.part.direct))
+        return real(view, *args, **kwargs)
+
+    real = block_schedule.attend_part
+    monkeypatch.setattr(ComputeDevice, "on_copy_stream", on_copy_stream)
+    monkeypatch.setattr(ComputeDevice, "wait_for", wait_for)
+    monkeypatch.setattr(block_schedule, "attend_part", attend_part)
+    policy = P((100, 0, 0, 100, 100, 0), gbs=4, nb=2, cpu_cache_compute=True, cpu_attention_percent=25)
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cpu+link") as m:
+        m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+    # batch 0: rows 0-1 attended on the CPU, rows 2-3 across the link; batch 1: all four across the link
+    waits = [i for i, e in enumerate(log) if e == ("copied", "cache")]
+    mixed = [i for i in waits if log[i + 1] == ("attend", 2, False, False)]
+    assert len(mixed) == 2 * 2  # two decode steps of two layers
+    assert all(log[i - 1] == ("attend", 0, True, True) for i in mixed)  # the CPU's part went first, unwaited
+    assert all(log[i + 1] == ("attend", 0, False, False) for i in waits if i not in mixed)  # batch 1
+
+
 def test_cpu_attention_percent_needs_cpu_attention():
     with pytest.raises(ValueError, match="needs cpu_cache_compute"):
         P((100, 0, 0, 100, 100, 0), cpu_attention_percent=50)

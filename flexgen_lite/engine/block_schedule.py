@@ -195,9 +195,9 @@ class Engine:
                     views = self.cache.load(spec.index, b, start, self.cache_slots, 0)
                     self._prefetch_next_cache(spec.index, batches, i, start)
                 elif spec.kind == "attention" and step > 0:
-                    with span(WAIT, stream=C):  # for the load, or for the stores it must read back
-                        views = self._wait(self._cache_loads.pop((spec.index, b), None)
-                                           or self._prefetch_cache(spec.index, b, start))
+                    with span(WAIT, stream=C):  # for the load to be issued, or for the stores it must read back
+                        views, inputs[b]["cache ready"] = (self._cache_loads.pop((spec.index, b), None)
+                                                           or self._prefetch_cache(spec.index, b, start)).result()
                         self._prefetch_next_cache(spec.index, batches, i, start)
                 h = None if spec.kind == "embed" else acts.get(b)
                 with span(COMPUTE, stream=C):
@@ -277,7 +277,11 @@ class Engine:
         """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
         layer's, gpt-oss)."""
         outs, window = [], self.config.window(layer)
+        ready = inputs.pop("cache ready", None)  # the copies into slots: waited for by the first part read from one
         for view in views:
+            if not view.part.direct:  # a part used where it lives (compute memory, or the CPU's) does not wait
+                self.device.wait_for(ready)
+                ready = None
             on_cpu = view.part.on_cpu
             mask = layer_mask(inputs, self.config, layer)
             if mask is not None and view.k.device != mask.device:  # the same for all layers alike: moved once a step
@@ -289,6 +293,7 @@ class Engine:
                 out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
             if out is not None:
                 outs.append(out)
+        self.device.wait_for(ready)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
