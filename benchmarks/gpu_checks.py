@@ -13,7 +13,9 @@
 5. a decode step's kernels by device time with everything on the GPU (OPT-1.3B, batch 64), against its wall time;
 6. decode attention over a GPU cache: the Triton split-KV kernel (decode_attention_triton.py) against SDPA as the
    engine calls it, at the suite's shapes: agreement, time, K+V bytes/s against a device copy, and which one the
-   engine's measured choice (attention.faster) keeps.
+   engine's measured choice (attention.faster) keeps;
+7. a decode step's store of one token into a 4-bit cache part (QuantizedStore.write): the fused quantization
+   (quantize_triton.py) against the torch path, bit for bit, and the time a store takes with each.
 A short table each; the last line sums up; exit 1 on a mismatch.
 """
 
@@ -290,8 +292,37 @@ def decode_attention() -> None:
               f"{nbytes / theirs / 1e9:.0f} | {kept} | {sweep} |")
 
 
+def quantized_store() -> None:
+    from flexgen_lite.engine.cache_store import QuantizedStore
+    from flexgen_lite.kernels import quantize_triton
+    from flexgen_lite.kernels.compression import quantize_reference
+
+    print("\n## 7. one token into a 4-bit cache part (a decode step's store): fused quantization against torch's")
+    if importlib.util.find_spec("triton") is None:
+        print("triton is not installed: skipped")
+        return
+    config = CompressionConfig(4, 64, -1)
+    print("| rows x kv heads x head dim | exact | store ms fused | store ms torch | x faster |\n|---|---|---|---|---|")
+    for rows, heads, d in ((16, 56, 128), (48, 56, 128), (12, 96, 128), (4, 4, 64)) if CUDA else ((4, 4, 64),):
+        token = torch.randn(rows, heads, 1, d, device=DEV, dtype=torch.float16 if CUDA else torch.float32)
+        store = QuantizedStore((rows, heads, 64, d), config, "device", DEV)
+        got, want = quantize_triton.quantize(token, config), quantize_reference(token, config)
+        same = all(torch.equal(getattr(got, n), getattr(want, n).reshape(getattr(got, n).shape))
+                   for n in ("data", "scale", "minimum"))
+        if not same:
+            failures.append(f"fused quantization != torch at {(rows, heads, d)}")
+        fused = best(lambda store=store, token=token: store.write(token, 3), reps=20)
+        os.environ["FLEXGEN_LITE_TRITON"] = "0"
+        quantize_triton.reset()
+        slow = best(lambda store=store, token=token: store.write(token, 3), reps=20)
+        os.environ.pop("FLEXGEN_LITE_TRITON")
+        quantize_triton.reset()
+        print(f"| {rows} x {heads} x {d} | {'yes' if same else '**NO**'} | {fused * 1e3:.3f} | {slow * 1e3:.3f} | "
+              f"{slow / fused:.1f} |")
+
+
 SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels,
-            "attention": decode_attention}
+            "attention": decode_attention, "quantize": quantized_store}
 CUDA_ONLY = ("speed", "engine")
 
 

@@ -1,7 +1,7 @@
-"""Compile the decode attention's Triton kernel for sm_90 ahead of time, without a GPU, and report what ptxas says
-of each kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split), one JSON object a
-kind on stdout. Run in its own process without TRITON_INTERPRET: a process that interprets Triton cannot compile
-for a GPU (test_triton_sm90.py)."""
+"""Compile the engine's Triton kernels for sm_90 ahead of time, without a GPU, and report what ptxas says of each
+kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split for the decode attention;
+quantize,dtype,group for the 4-bit quantization), one JSON object a kind on stdout. Run in its own process
+without TRITON_INTERPRET: a process that interprets Triton cannot compile for a GPU (test_triton_sm90.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ def ptxas() -> str:
 
 def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from flexgen_lite.kernels import decode_attention_triton as triton_decode
@@ -45,19 +43,48 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool) -> dict
     src = ASTSource(fn=split_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return {"kind": [dtype, group, head_dim, one_split], "block": block, "dot": dot, **assemble(src, {})}
+
+
+def compile_quantize(dtype: str, group: int) -> dict:
+    from triton.compiler import ASTSource
+
+    from flexgen_lite.kernels import quantize_triton
+
+    kernel = quantize_triton._kernel(False)
+    names = kernel.arg_names
+    signature = {"x": "*" + dtype, "codes": "*u8", "scale": "*fp16", "minimum": "*fp16", "n_groups": "i32",
+                 "inv_levels": "fp32"}
+    constants = dict(G=group, LEVELS=15, BLOCK=quantize_triton.BLOCK, RECIPROCAL=True)
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("x", "codes", "scale", "minimum")})
+    return {"kind": ["quantize", dtype, group], **assemble(src, {"enable_fp_fusion": False})}
+
+
+def assemble(src, options: dict) -> dict:
+    """PTX for sm_90 and what ptxas reports of it: registers, spills, 16-byte loads."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **options}).asm["ptx"]
     report = subprocess.run([ptxas(), "-v", "--gpu-name", "sm_90a", "-o", os.devnull, "-"], input=ptx,
                             capture_output=True, text=True, check=True).stderr
-    return {"kind": [dtype, group, head_dim, one_split], "block": block, "dot": dot,
-            "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-            "vector_loads": "ld.global.v4" in ptx}
+            "vector_loads": "ld.global.v4" in ptx, "ptx": ptx}
 
 
 def main(kinds: list[str]) -> int:
     for kind in kinds:
-        dtype, group, head_dim, one = kind.split(",")
-        print(json.dumps(compile_kind(dtype, int(group), int(head_dim), one == "1")), flush=True)
+        if kind.startswith("quantize,"):
+            _, dtype, group = kind.split(",")
+            found = compile_quantize(dtype, int(group))
+        else:
+            dtype, group, head_dim, one = kind.split(",")
+            found = compile_kind(dtype, int(group), int(head_dim), one == "1")
+        found["division"] = sorted(set(re.findall(r"\b(div\.\w+\.f32|rcp\.\w+\.f32|fma\.rn\.f32)", found.pop("ptx"))))
+        print(json.dumps(found), flush=True)
     return 0
 
 

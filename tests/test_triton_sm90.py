@@ -1,7 +1,8 @@
-"""The decode attention's Triton kernel compiled for an H100/H200 (sm_90) on this CPU, ahead of time, by the triton
-wheel's own compiler and ptxas (tests/sm90_compile.py, in a process of its own): what Triton's interpreter (the
-other tests) cannot see. Each kind the engine launches must compile, keep its registers (no spills, room for 3
-programs of 4 warps per SM) and read the cache in 16-byte loads."""
+"""The engine's Triton kernels compiled for an H100/H200 (sm_90) on this CPU, ahead of time, by the triton wheel's
+own compiler and ptxas (tests/sm90_compile.py, in a process of its own): what Triton's interpreter (the other
+tests) cannot see. Each kind of decode attention the engine launches must compile, keep its registers (no spills,
+room for 3 programs of 4 warps per SM) and read the cache in 16-byte loads; the 4-bit quantization must compile
+with correctly rounded divisions and no fused multiply-adds (it is bit-identical to torch's path)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+QUANTIZE = ["quantize,fp16,64", "quantize,bf16,64", "quantize,fp32,64", "quantize,fp16,128"]
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
          "fp16,4,256", "fp16,2,64"]
 
@@ -32,11 +34,19 @@ pytestmark = pytest.mark.skipif(not have_ptxas(), reason="no triton wheel with p
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    kinds = [f"{kind},{one}" for kind in KINDS for one in (1, 0)]
+    kinds = [f"{kind},{one}" for kind in KINDS for one in (1, 0)] + QUANTIZE
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return {tuple(r["kind"]): r for r in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("kind", QUANTIZE)
+def test_quantization_compiles_for_sm90_with_exact_divisions(compiled, kind):
+    _, dtype, group = kind.split(",")
+    r = compiled[("quantize", dtype, int(group))]
+    assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
+    assert r["division"] == ["div.rn.f32"], r  # correctly rounded as torch's; no approximate division, no FMA
 
 
 @pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])

@@ -1,20 +1,21 @@
-"""Compressed tensors (quantization.py) and their dequantization where they are: on CUDA by one fused kernel
-(dequant_triton.py) where it passed its self-check, elsewhere by the torch path. Importers use this module."""
+"""Compressed tensors (quantization.py), their quantization and dequantization where they are: on CUDA by one
+fused kernel each (quantize_triton.py, dequant_triton.py) where it passed its self-check, elsewhere by the torch
+path. Importers use this module."""
 
 from __future__ import annotations
 
 import torch
 
-from . import dequant_triton
+from . import dequant_triton, quantize_triton
 from .quantization import (
     CompressionConfig,
     QuantizedTensor,
     compressed_nbytes,
     dequantize_reference,
     from_bytes,
-    quantize,
     to_bytes,
 )
+from .quantization import quantize as quantize_reference
 
 __all__ = [
     "CompressionConfig",
@@ -24,8 +25,17 @@ __all__ = [
     "dequantize_reference",
     "from_bytes",
     "quantize",
+    "quantize_reference",
     "to_bytes",
 ]
+
+
+def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
+    """Group-wise quantization of ``x`` where it is (quantization.py); on CUDA by one fused kernel
+    (quantize_triton.py) where it passed its self-check there: a decode step's token in one launch, not ~35."""
+    if x.is_cuda and quantize_triton.supported(x, config) and quantize_triton.usable(x, config):
+        return quantize_triton.quantize(x, config)
+    return quantize_reference(x, config)
 
 
 def dequantize(
