@@ -15,7 +15,8 @@
    engine calls it, at the suite's shapes: agreement, time, K+V bytes/s against a device copy, and which one the
    engine's measured choice (attention.faster) keeps;
 7. a decode step's store of one token into a 4-bit cache part (QuantizedStore.write): the fused quantization
-   (quantize_triton.py) against the torch path, bit for bit, and the time a store takes with each.
+   (quantize_triton.py) against the torch path, bit for bit, and the time a store takes with each; and the load
+   of a 4-bit part's prefix into a slot (dequant_triton.dequantize_prefix) against the torch path.
 A short table each; the last line sums up; exit 1 on a mismatch.
 """
 
@@ -319,6 +320,26 @@ def quantized_store() -> None:
         quantize_triton.reset()
         print(f"| {rows} x {heads} x {d} | {'yes' if same else '**NO**'} | {fused * 1e3:.3f} | {slow * 1e3:.3f} | "
               f"{slow / fused:.1f} |")
+    print("\nand a 4-bit part's first positions into a slot (KVCache.load of a compressed part in GPU memory):")
+    print("| rows x kv heads x positions x head dim | exact | fused ms | values/s | torch ms | values/s |\n"
+          "|---|---|---|---|---|---|")
+    for rows, heads, length, d in ((16, 56, 512, 128), (12, 96, 512, 128)) if CUDA else ((2, 3, 9, 64),):
+        store = QuantizedStore((rows, heads, length + 32, d), config, "device", DEV)
+        store.write(torch.randn(rows, heads, length, d, device=DEV, dtype=torch.float16), 0)
+        slot = torch.empty(rows, heads, length + 32, d, device=DEV, dtype=torch.float16)
+        read = lambda store=store, slot=slot, n=length: store.read(slot, n, None, [None] * 3, True)  # noqa: E731
+        fused, got = best(read), slot.clone()
+        os.environ["FLEXGEN_LITE_TRITON"] = "0"
+        dequant_triton.reset()
+        slow = best(read)
+        os.environ.pop("FLEXGEN_LITE_TRITON")
+        dequant_triton.reset()
+        same = torch.equal(got[:, :, :length], slot[:, :, :length])
+        if not same:
+            failures.append(f"prefix dequantization != torch at {(rows, heads, length, d)}")
+        n = rows * heads * length * d
+        print(f"| {rows} x {heads} x {length} x {d} | {'yes' if same else '**NO**'} | {fused * 1e3:.3f} | "
+              f"{n / fused / 1e9:.0f} G | {slow * 1e3:.3f} | {n / slow / 1e9:.0f} G |")
 
 
 SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels,

@@ -1,6 +1,7 @@
 """Compile the engine's Triton kernels for sm_90 ahead of time, without a GPU, and report what ptxas says of each
 kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split for the decode attention;
-quantize,dtype,group for the 4-bit quantization), one JSON object a kind on stdout. Run in its own process
+quantize,dtype,group for the 4-bit quantization; prefix,dtype,group,head_dim for the dequantization of a cache
+prefix), one JSON object a kind on stdout. Run in its own process
 without TRITON_INTERPRET: a process that interprets Triton cannot compile for a GPU (test_triton_sm90.py)."""
 
 from __future__ import annotations
@@ -62,8 +63,25 @@ def compile_quantize(dtype: str, group: int) -> dict:
     return {"kind": ["quantize", dtype, group], **assemble(src, {"enable_fp_fusion": False})}
 
 
+def compile_prefix(dtype: str, group: int, head_dim: int) -> dict:
+    from triton.compiler import ASTSource
+
+    from flexgen_lite.kernels import dequant_triton
+
+    kernel = dequant_triton._kernels(False)[1]
+    names = kernel.arg_names
+    ints = names[names.index("n_rows"):names.index("G")]
+    signature = {"codes": "*u8", "scale": "*fp16", "minimum": "*fp16", "out": "*" + dtype, **dict.fromkeys(ints, "i32")}
+    constants = dict(G=group, NG=head_dim // group, BLOCK=max(1, dequant_triton.TILE // group))
+    divisible = ("codes", "scale", "minimum", "out", "c0", "c1", "c2", "o0", "o1", "o2")  # head dims of 32 and up
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    return {"kind": ["prefix", dtype, group, head_dim], **assemble(src, {"enable_fp_fusion": False})}
+
+
 def assemble(src, options: dict) -> dict:
-    """PTX for sm_90 and what ptxas reports of it: registers, spills, 16-byte loads."""
+    """PTX for sm_90 and what ptxas reports of it: registers, spills, 16-byte loads and stores."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -72,7 +90,7 @@ def assemble(src, options: dict) -> dict:
                             capture_output=True, text=True, check=True).stderr
     return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-            "vector_loads": "ld.global.v4" in ptx, "ptx": ptx}
+            "vector_loads": "ld.global.v4" in ptx, "vector_stores": "st.global.v4" in ptx, "ptx": ptx}
 
 
 def main(kinds: list[str]) -> int:
@@ -80,6 +98,9 @@ def main(kinds: list[str]) -> int:
         if kind.startswith("quantize,"):
             _, dtype, group = kind.split(",")
             found = compile_quantize(dtype, int(group))
+        elif kind.startswith("prefix,"):
+            _, dtype, group, head_dim = kind.split(",")
+            found = compile_prefix(dtype, int(group), int(head_dim))
         else:
             dtype, group, head_dim, one = kind.split(",")
             found = compile_kind(dtype, int(group), int(head_dim), one == "1")

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from flexgen_lite.kernels import dequant_triton
-from flexgen_lite.kernels.compression import CompressionConfig, dequantize, dequantize_reference, quantize
+from flexgen_lite.kernels.compression import (
+    CompressionConfig,
+    dequantize,
+    dequantize_prefix,
+    dequantize_reference,
+    quantize,
+)
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: test_fallback_* run instead")
@@ -52,6 +58,33 @@ def test_kernel_equals_the_torch_path_bit_for_bit(interpret, case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", dequant_triton.DTYPES)
+@pytest.mark.parametrize("d,group,length", [(128, 64, 5), (64, 64, 1), (256, 32, 9), (128, 128, 7)], ids=str)
+@pytest.mark.parametrize("layout", ["in-place", "position-major"])
+def test_prefix_kernel_reads_a_stored_prefix_into_a_slot_bit_for_bit(interpret, dtype, d, group, length, layout):
+    """dequantize_prefix: a cache part's first positions as they are stored (in compute memory (A, B, P, .); across
+    the link position-major (P, A, B, .)), each array by its own strides, into the first positions of a longer slot,
+    without copies: the torch path's values over the same prefix made contiguous, the slot's rest untouched."""
+    config = CompressionConfig(4, group, -1)
+    x = torch.randn(3, 2, 11, d, generator=torch.Generator().manual_seed(d + length)) * 4
+    if layout == "in-place":
+        q = quantize(x.to(dtype), config)
+        parts = (q.data.view(3, 2, 11, d // 2), q.scale, q.minimum)
+        views = [a[:, :, :length] for a in parts]
+    else:
+        q = quantize(x.permute(2, 0, 1, 3).contiguous().to(dtype), config)
+        parts = (q.data.view(11, 3, 2, d // 2), q.scale, q.minimum)
+        views = [a[:length].permute(1, 2, 0, 3) for a in parts]
+    slot = torch.full((3, 2, 13, d), float("nan"), dtype=dtype)
+    assert dequant_triton.prefix_supported(views[0], slot, config)
+    got = dequant_triton.dequantize_prefix(*views, slot[:, :, :length], config)
+    want = dequantize_reference(quantize(x[:, :, :length].to(dtype), config), dtype, None)
+    assert torch.equal(got, want) and bool(slot[:, :, length:].isnan().all())
+    fallback = torch.full((3, 2, length, d), float("nan"), dtype=dtype)  # the facade off CUDA: the torch path
+    assert torch.equal(dequantize_prefix(*views, fallback, config), want)
+
+
+@needs_triton
 def test_kernel_saturates_like_the_torch_path(interpret):
     """Groups spanning fp16's whole range: min + 15 * scale overshoots 65504 and is clamped, every dtype."""
     x = torch.tensor([[-65504.0] * 32 + [65504.0] * 32, [60000.0] * 63 + [-1.0]])
@@ -85,7 +118,7 @@ def cuda_codes() -> SimpleNamespace:
 def test_a_failing_self_check_keeps_the_torch_path(monkeypatch):
     """A kernel that disagrees with the reference is not used; on CUDA that is said once with a warning."""
     monkeypatch.setattr(dequant_triton, "_self_check", lambda *kind: "self-check mismatch (test)")
-    monkeypatch.setattr(dequant_triton, "_kernel", lambda interpret: None)
+    monkeypatch.setattr(dequant_triton, "_kernels", lambda interpret: None)
     dequant_triton.reset()
     try:
         with pytest.warns(UserWarning, match="torch path.*self-check mismatch"):

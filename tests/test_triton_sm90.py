@@ -2,7 +2,8 @@
 own compiler and ptxas (tests/sm90_compile.py, in a process of its own): what Triton's interpreter (the other
 tests) cannot see. Each kind of decode attention the engine launches must compile, keep its registers (no spills,
 room for 3 programs of 4 warps per SM) and read the cache in 16-byte loads; the 4-bit quantization must compile
-with correctly rounded divisions and no fused multiply-adds (it is bit-identical to torch's path)."""
+with correctly rounded divisions and no fused multiply-adds (it is bit-identical to torch's path), and the
+dequantization of a cache prefix into a slot without FMAs, writing 16 bytes at a time."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTIZE = ["quantize,fp16,64", "quantize,bf16,64", "quantize,fp32,64", "quantize,fp16,128"]
+PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256"]
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
          "fp16,4,256", "fp16,2,64"]
 
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.skipif(not have_ptxas(), reason="no triton wheel with p
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    kinds = [f"{kind},{one}" for kind in KINDS for one in (1, 0)] + QUANTIZE
+    kinds = [f"{kind},{one}" for kind in KINDS for one in (1, 0)] + QUANTIZE + PREFIX
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -47,6 +49,14 @@ def test_quantization_compiles_for_sm90_with_exact_divisions(compiled, kind):
     r = compiled[("quantize", dtype, int(group))]
     assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
     assert r["division"] == ["div.rn.f32"], r  # correctly rounded as torch's; no approximate division, no FMA
+
+
+@pytest.mark.parametrize("kind", PREFIX)
+def test_prefix_dequantization_compiles_for_sm90_writing_16_bytes_at_a_time(compiled, kind):
+    _, dtype, group, head_dim = kind.split(",")
+    r = compiled[("prefix", dtype, int(group), int(head_dim))]
+    assert r["spill_bytes"] == 0 and r["registers"] <= 64 and r["vector_stores"], r
+    assert r["division"] == [], r  # `code * scale` and `+ minimum` rounded apart, as the torch path: no FMA
 
 
 @pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.compression import CompressionConfig, QuantizedTensor, dequantize, quantize
+from ..kernels.compression import CompressionConfig, dequantize_prefix, quantize
 from ..system.host_memory import HostArena
 from .shared_prefix import PrefixRead
 from .storage import DiskStore, Staging
@@ -139,9 +139,7 @@ class QuantizedStore:
                 parts.append(buf[:length].permute(1, 2, 0, 3))
             else:
                 parts.append(store.tensor[:, :, :length])
-        rows, heads, _, d = self.shape
-        q = QuantizedTensor(parts[0].reshape(-1), parts[1], parts[2], (rows, heads, length, d), self.config)
-        dequantize(q, dst.dtype, out=dst[:, :, :length])
+        dequantize_prefix(*parts, dst[:, :, :length], self.config)
 
     def stage(self, new: torch.Tensor) -> list[torch.Tensor]:
         q = quantize(new, self.config)

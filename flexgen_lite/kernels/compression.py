@@ -22,6 +22,7 @@ __all__ = [
     "QuantizedTensor",
     "compressed_nbytes",
     "dequantize",
+    "dequantize_prefix",
     "dequantize_reference",
     "from_bytes",
     "quantize",
@@ -53,3 +54,15 @@ def dequantize(
     if q.data.is_cuda and dequant_triton.supported(q, dtype) and dequant_triton.usable(q, dtype):
         return dequant_triton.dequantize(q, dtype, out)
     return dequantize_reference(q, dtype, out)
+
+
+def dequantize_prefix(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor,
+                      config: CompressionConfig) -> torch.Tensor:
+    """(A, B, L, .) codes, scales and minima of values grouped along the last dimension, any strides (a cache
+    part's first L positions where they are stored), dequantized into `out` (A, B, L, D), any strides (a slot's
+    first L positions): on CUDA in one pass (dequant_triton.dequantize_prefix), else through `dequantize`."""
+    kernel = out.is_cuda and dequant_triton.prefix_supported(codes, out, config)
+    if kernel and dequant_triton.prefix_usable(out, config):
+        return dequant_triton.dequantize_prefix(codes, scale, minimum, out, config)
+    q = QuantizedTensor(codes.reshape(-1), scale, minimum, tuple(out.shape), config)
+    return dequantize(q, out.dtype, out=out)

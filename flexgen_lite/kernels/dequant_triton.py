@@ -44,8 +44,9 @@ def unavailable(build) -> str | None:
 
 
 @functools.cache
-def _kernel(interpret: bool):
-    """The jitted kernel (made on first use: Triton decides at `jit` whether it interprets)."""
+def _kernels(interpret: bool):
+    """The jitted kernels, contiguous and strided (made on first use: Triton decides at `jit` whether it
+    interprets)."""
     import triton
     import triton.language as tl
 
@@ -94,7 +95,35 @@ def _kernel(interpret: bool):
         else:
             tl.store(out + dst, y.to(out.dtype.element_ty), mask=keep2)
 
-    return dequantize_kernel
+
+    # sizes and the scales' strides not specialized on; the codes' and the output's are (16-byte accesses)
+    @triton.jit(do_not_specialize=["n_rows", "heads", "length", "s0", "s1", "s2"])
+    def dequantize_strided(codes, scale, minimum, out, n_rows, heads, length, c0, c1, c2, s0, s1, s2, o0, o1, o2,
+                           G: tl.constexpr, NG: tl.constexpr, BLOCK: tl.constexpr):
+        # a "row" is one group of G values along the last dimension of an (A, B, L, .) array: (a, b, position,
+        # group) in that order; every array by its own strides (a cache part's prefix in place, or a slot's)
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        keep = r < n_rows
+        gi = r % NG
+        t = r // NG
+        ab = t // length
+        a, b, pos = (ab // heads).to(tl.int64), (ab % heads).to(tl.int64), (t % length).to(tl.int64)
+        h = tl.arange(0, G // 2)
+        byte = tl.load(codes + (a * c0 + b * c1 + pos * c2 + gi * (G // 2))[:, None] + h[None, :],
+                       mask=keep[:, None] & (h[None, :] < G // 2), other=0).to(tl.int32)
+        c = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK, G))  # value 2j from the low nibble, 2j + 1 the high
+        stat = a * s0 + b * s1 + pos * s2 + gi
+        s = tl.load(scale + stat, mask=keep, other=0).to(tl.float32)
+        m = tl.load(minimum + stat, mask=keep, other=0).to(tl.float32)
+        y = tl.minimum(tl.maximum(c.to(tl.float32) * s[:, None] + m[:, None], -65504.0), 65504.0)
+        if out.dtype.element_ty == tl.bfloat16:  # to nearest even by integers: then exact in bf16
+            u = y.to(tl.uint32, bitcast=True)
+            y = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        g = tl.arange(0, G)
+        tl.store(out + (a * o0 + b * o1 + pos * o2 + gi * G)[:, None] + g[None, :], y.to(out.dtype.element_ty),
+                 mask=keep[:, None] & (g[None, :] < G))
+
+    return dequantize_kernel, dequantize_strided
 
 
 def supported(q: QuantizedTensor, dtype: torch.dtype) -> bool:
@@ -123,12 +152,40 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
             grid = (rows, -(-inner // block))
         on = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
         with on:  # Triton launches on the current device's current stream
-            _kernel(interpreting())[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups,
-                                          G=g, BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1,
-                                          PADDED=length != n_groups * g, enable_fp_fusion=False)
+            kernel = _kernels(interpreting())[0]
+            kernel[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups, G=g,
+                         BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1, PADDED=length != n_groups * g,
+                         enable_fp_fusion=False)
     if out is None or target is out:
         return target
     return out.copy_(target)
+
+
+def prefix_supported(codes: torch.Tensor, out: torch.Tensor, config) -> bool:
+    """dequantize_prefix's arrays: 4 bits, groups of a power of two along the last dimension, whole, which is
+    contiguous in each array; 4-D."""
+    g = config.group_size
+    return (out.dtype in DTYPES and config.bits == 4 and config.group_dim in (-1, 3) and codes.dim() == out.dim() == 4
+            and g & (g - 1) == 0 and 2 <= g <= 1024 and out.shape[-1] % g == 0 and out.stride(-1) == 1
+            and codes.stride(-1) == 1)
+
+
+def dequantize_prefix(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor,
+                      config) -> torch.Tensor:
+    """(A, B, L, D/2) codes and (A, B, L, D/G) scales and minima, each by its own strides (a cache part's first L
+    positions where it is stored), dequantized into `out` (A, B, L, D, by its strides: a slot's first L positions)
+    in one pass: no gathered copies of the prefix, no temporary. The same values as `dequantize`."""
+    heads, length, d = out.shape[1], out.shape[2], out.shape[3]
+    g = config.group_size
+    rows = out.shape[0] * heads * length * (d // g)
+    if rows:
+        on = torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext()
+        block = max(1, TILE // g)
+        with on:
+            _kernels(interpreting())[1][(-(-rows // block),)](
+                codes, scale, minimum, out, rows, heads, length, *codes.stride()[:3], *scale.stride()[:3],
+                *out.stride()[:3], G=g, NG=d // g, BLOCK=block, enable_fp_fusion=False)
+    return out
 
 
 _warned: list[bool] = []
@@ -150,7 +207,7 @@ def usable(q: QuantizedTensor, dtype: torch.dtype) -> bool:
 @functools.cache
 def _refusal(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
              padded: bool) -> str | None:
-    return unavailable(_kernel) or _self_check(device, dtype, bits, group, inner_one, padded)
+    return unavailable(_kernels) or _self_check(device, dtype, bits, group, inner_one, padded)
 
 
 def _self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int, inner_one: bool,
@@ -168,7 +225,35 @@ def _self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int,
     if not torch.equal(got, want):
         bad = (got.float() - want.float()).abs().max().item()
         return f"self-check mismatch ({dtype}, {bits} bits, groups of {group}, inner == 1: {inner_one}: {bad:g})"
+    if inner_one and not padded and bits == 4:
+        return _self_check_prefix(device, dtype, group)
     return None
+
+
+def _self_check_prefix(device: torch.device, dtype: torch.dtype, group: int) -> str | None:
+    """dequantize_prefix over the first 5 of 8 positions of a stored (2, 3, 8, 2 x group) array, into the first 5 of
+    a 9-position slot, against the torch path over the same prefix made contiguous."""
+    from .quantization import CompressionConfig
+
+    config = CompressionConfig(4, group, -1)
+    x = torch.randn(2, 3, 8, 2 * group, generator=torch.Generator().manual_seed(1)) * 3
+    q = quantize(x.to(dtype).to(device), config)
+    codes = q.data.view(2, 3, 8, group)
+    slot = torch.zeros(2, 3, 9, 2 * group, dtype=dtype, device=device)
+    try:
+        got = dequantize_prefix(codes[:, :, :5], q.scale[:, :, :5], q.minimum[:, :, :5], slot[:, :, :5], config)
+    except Exception as e:
+        return f"self-check of prefixes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    want = dequantize_reference(quantize(x[:, :, :5].to(dtype).to(device), config), dtype, None)
+    if not torch.equal(got, want) or slot[:, :, 5:].any():
+        return f"self-check mismatch of prefixes ({dtype}, groups of {group})"
+    return None
+
+
+def prefix_usable(out: torch.Tensor, config) -> bool:
+    """`usable` for dequantize_prefix: the kernels checked for this kind, prefixes too."""
+    with _lock:
+        return _refusal(out.device, out.dtype, 4, config.group_size, True, False) is None
 
 
 def reset() -> None:
