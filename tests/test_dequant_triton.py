@@ -76,7 +76,7 @@ def test_prefix_kernel_reads_a_stored_prefix_into_a_slot_bit_for_bit(interpret, 
         parts = (q.data.view(11, 3, 2, d // 2), q.scale, q.minimum)
         views = [a[:length].permute(1, 2, 0, 3) for a in parts]
     slot = torch.full((3, 2, 13, d), float("nan"), dtype=dtype)
-    assert dequant_triton.prefix_supported(views[0], slot, config)
+    assert dequant_triton.prefix_supported(*views, slot, config)
     got = dequant_triton.dequantize_prefix(*views, slot[:, :, :length], config)
     want = dequantize_reference(quantize(x[:, :, :length].to(dtype), config), dtype, None)
     assert torch.equal(got, want) and bool(slot[:, :, length:].isnan().all())

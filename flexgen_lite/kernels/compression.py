@@ -61,7 +61,7 @@ def dequantize_prefix(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.T
     """(A, B, L, .) codes, scales and minima of values grouped along the last dimension, any strides (a cache
     part's first L positions where they are stored), dequantized into `out` (A, B, L, D), any strides (a slot's
     first L positions): on CUDA in one pass (dequant_triton.dequantize_prefix), else through `dequantize`."""
-    kernel = out.is_cuda and dequant_triton.prefix_supported(codes, out, config)
+    kernel = out.is_cuda and dequant_triton.prefix_supported(codes, scale, minimum, out, config)
     if kernel and dequant_triton.prefix_usable(out, config):
         return dequant_triton.dequantize_prefix(codes, scale, minimum, out, config)
     q = QuantizedTensor(codes.reshape(-1), scale, minimum, tuple(out.shape), config)

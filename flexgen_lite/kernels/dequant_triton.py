@@ -161,13 +161,14 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
     return out.copy_(target)
 
 
-def prefix_supported(codes: torch.Tensor, out: torch.Tensor, config) -> bool:
-    """dequantize_prefix's arrays: 4 bits, groups of a power of two along the last dimension, whole, which is
-    contiguous in each array; 4-D."""
+def prefix_supported(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor,
+                     config) -> bool:
+    """dequantize_prefix's arrays: 4-D, 4 bits, groups of a power of two along the last dimension, whole, which is
+    contiguous in each array; scales and minima laid out alike."""
     g = config.group_size
     return (out.dtype in DTYPES and config.bits == 4 and config.group_dim in (-1, 3) and codes.dim() == out.dim() == 4
             and g & (g - 1) == 0 and 2 <= g <= 1024 and out.shape[-1] % g == 0 and out.stride(-1) == 1
-            and codes.stride(-1) == 1)
+            and codes.stride(-1) == 1 and scale.stride() == minimum.stride() and scale.stride(-1) == 1)
 
 
 def dequantize_prefix(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor,
