@@ -133,3 +133,29 @@ def test_cpu_attention_shared_with_an_idle_link_is_priced_and_chosen(link_gb_s, 
         tight = Budgets(gpu=whole.peak["gpu"] + slots / 2, cpu=None, disk=None)
         assert best_cpu_share(CONFIG, WORK, policy, hw, budgets=tight)[0].cpu_attention_percent > \
             chosen.cpu_attention_percent
+
+
+def test_cpu_attention_beside_the_links_copies_pays_the_measured_contention():
+    """CPU attention and copies across the link read host RAM at once: where the profile measured each slowed by
+    the other (host_contention), a layer doing both costs more, the more so at a share that runs them together,
+    and where they slow each other enough best_cpu_share does not split; unmeasured (1, 1) costs nothing."""
+    from flexgen_lite.planning.policy_search import best_cpu_share
+
+    gpu = {"float16": [(1, 2e12, 1e-5), (64, 1e14, 1e-5), (1024, 5e14, 1e-5)]}
+    free = dataclasses.replace(synthetic_profile(cuda=True), h2d_pinned=60 * G, matmul=gpu,
+                               attention=dict.fromkeys(("float32", "bfloat16", "float16"), (1e-5, 2000 * G)),
+                               sdpa_prefill=dict.fromkeys(("float32", "bfloat16", "float16"), 1e14),
+                               cpu_attention=dict.fromkeys(("float32", "bfloat16", "float16"), (0, 60 * G)),
+                               cpu_attention_grouped={})
+    shared = dataclasses.replace(free, host_contention=(0.6, 0.6))
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=100,
+                    cpu_cache_compute=True, cpu_attention_percent=50, dtype="float16")
+    alone, both = (predict(CONFIG, WORK, policy, hw) for hw in (free, shared))
+    assert both.decode_step_s > 1.2 * alone.decode_step_s  # each at 0.6 of its rate while both run
+    assert both.decode_by["link"] > alone.decode_by["link"] and both.decode_by["cpu attention"] > alone.decode_by[
+        "cpu attention"]
+    all_cpu = dataclasses.replace(policy, cpu_attention_percent=100)
+    assert predict(CONFIG, WORK, all_cpu, shared).decode_step_s == predict(CONFIG, WORK, all_cpu, free).decode_step_s
+    assert 0 < best_cpu_share(CONFIG, WORK, policy, free)[0].cpu_attention_percent < 100
+    crowded = dataclasses.replace(free, host_contention=(0.3, 0.3))  # together slower than one after the other
+    assert best_cpu_share(CONFIG, WORK, policy, crowded)[0].cpu_attention_percent in (0, 100)

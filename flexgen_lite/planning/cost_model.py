@@ -373,9 +373,27 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
             for k in s.kinds}
     comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
     layers = s.config.num_layers
-    segments = [(1, comp["embed"] + fetch["attention"]), (layers, comp["attention"] + fetch["mlp"]),
+    segments = [(1, comp["embed"] + fetch["attention"]), (layers, _contended(s, comp["attention"] + fetch["mlp"])),
                 (layers - 1, comp["mlp"] + fetch["attention"]), (1, comp["mlp"] + fetch["head"]), (1, comp["head"])]
     return Phase(fetch["embed"], [(m, seg) for m, seg in segments if m])
+
+
+def _contended(s: Setup, seg: Seg) -> Seg:
+    """A layer whose CPU attention runs while copies cross the link (the cache's share, the next layer's weights):
+    both read host RAM, each at its measured share of its rate alone (hw.host_contention) while they overlap, at
+    its own once the shorter is done."""
+    cpu, link = seg.by.get("cpu attention", 0.0), seg.by.get("link", 0.0)
+    f_cpu, f_link = s.hw.host_contention
+    if not (s.cuda and cpu and link) or (f_cpu, f_link) == (1.0, 1.0):
+        return seg
+    if cpu / f_cpu >= link / f_link:  # the copies end first
+        slower_cpu, slower_link = link / f_link * (1 - f_cpu), link / f_link - link
+    else:
+        slower_cpu, slower_link = cpu / f_cpu - cpu, cpu / f_cpu * (1 - f_link)
+    out = seg + Seg()
+    out.add("cpu attention", slower_cpu, waits=False)
+    out.add("link", slower_link, waits=True)
+    return out
 
 
 # ---- the whole prediction ------------------------------------------------------------------------------------

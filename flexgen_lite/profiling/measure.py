@@ -49,6 +49,7 @@ from .probes import (
     contention,
     fit,
     gemv_rates,
+    host_contention,
     int4_rates,
     link_rates,
     matmul_rates,
@@ -72,7 +73,8 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     found: dict = {}
     stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("int4 kernel", int4_rates),
               ("attention", attention_rates), ("attention over 4-bit caches", codes_attention_rates),
-              ("links", link_rates), ("compression", compression_rates),
+              ("links", link_rates), ("CPU attention beside the link", host_contention),
+              ("compression", compression_rates),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates
               # of the dtypes the device computes in (float16 on a CPU only predicts a forced --dtype: ~6 s saved)

@@ -336,6 +336,39 @@ def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, head
     return fixed, rate
 
 
+def host_contention(device: ComputeDevice, scale: int) -> dict:
+    """How much CPU decode attention (bf16, position-major, all cores) and page-locked copies to the GPU slow each
+    other, both reading host RAM (CPU attention beside copies of the cache or weights across the link): each one's
+    rate while the other runs, over its rate alone. (1, 1) without CUDA."""
+    if not device.is_cuda:
+        return {"host_contention": (1.0, 1.0)}
+    b, heads, hd, long = 8, 16, 128, 4096 // scale
+    k, v = (torch.randn(long, b, heads, hd).to(torch.bfloat16).permute(1, 2, 0, 3) for _ in range(2))
+    q, mask = torch.randn(b, heads, 1, hd).to(torch.bfloat16), torch.ones(b, 1, 1, long, dtype=torch.bool)
+    pinned = torch.empty(256 * MiB // scale, dtype=torch.uint8).pin_memory()
+    on_dev, stream = torch.empty(pinned.numel(), dtype=torch.uint8, device=device.device), torch.cuda.Stream()
+
+    def attend() -> None:
+        attend_named(q, k, v, mask)
+
+    def copy() -> None:
+        with torch.cuda.stream(stream):
+            on_dev.copy_(pinned, non_blocking=True)
+
+    attend_alone, copy_alone = timed(attend, lambda: None), timed(copy, stream.synchronize)
+    for _ in range(int(4 * attend_alone / copy_alone) + 2):  # copies queued past the attention calls below
+        copy()
+    attend_beside = timed(attend, lambda: None, min_time=attend_alone, max_reps=3)
+    stream.synchronize()
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: [attend() for _ in iter(stop.is_set, True)], daemon=True)
+    worker.start()  # attention on the cores (its kernel releases the GIL) while copies are timed
+    copy_beside = timed(copy, stream.synchronize)
+    stop.set()
+    worker.join()
+    return {"host_contention": (min(1.0, attend_alone / attend_beside), min(1.0, copy_alone / copy_beside))}
+
+
 def link_rates(device: ComputeDevice, scale: int) -> dict:
     """Host<->device copies (pinned, pageable), copies within each memory, and the cache's transposing copy."""
     dev, sync = device.device, device.synchronize

@@ -95,6 +95,10 @@ class HardwareProfile:
     # cache read as stored (quantized_attention), laid out as the engine keeps the parts a CPU attends (beside a GPU
     # position-major in host RAM, else head-major); {} without the kernel
     cpu_attention_codes: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # beside a GPU, CPU decode attention and page-locked copies to the GPU both read host RAM: (CPU attention's
+    # rate while copies run over its rate alone, the copies' rate while it runs over theirs alone); (1, 1) where
+    # not measured (a CPU, an older profile)
+    host_contention: tuple[float, float] = (1.0, 1.0)
 
     def codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
         """(s per call, stored bytes/s) of CPU attention over a 4-bit cache as stored, for `group` query heads per
@@ -175,6 +179,8 @@ class HardwareProfile:
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
+        if "host_contention" in raw:
+            raw["host_contention"] = tuple(raw["host_contention"])
         for name in ("cache_disk_load", "cache_dequantize", "layer_overhead", "attention", "cpu_attention"):
             raw[name] = {k: tuple(v) for k, v in raw[name].items()}
         return cls(**raw)
@@ -223,6 +229,10 @@ class HardwareProfile:
         lines.append(f"small op {self.op_overhead * 1e6:.1f} us, I/O thread hand-off {self.handoff * 1e6:.0f} us, "
                      f"beside compute: I/O thread torch work x{self.contention:.2f}, "
                      f"page-cache reads x{self.contention_read:.2f}")
+        if self.is_cuda:
+            cpu, link = self.host_contention
+            lines.append(f"CPU attention and H2D copies at once: CPU attention at {cpu:.2f} of its rate, copies at "
+                         f"{link:.2f}")
         lines.append("engine overhead per layer + per layer and batch (us): " + ", ".join(
             f"{k} {a * 1e6:.0f} + {b * 1e6:.0f}" for k, (a, b) in self.layer_overhead.items()))
         return "\n".join(lines + self.notes)
