@@ -89,16 +89,19 @@ def test_cpu_attention_shared_with_the_link_equals_transformers(tiny_models, ref
         torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)
 
 
-def test_cpu_attention_starts_before_the_links_copy_is_waited_for(tiny_models, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False], ids=["on-the-worker", "in-the-schedule"])
+def test_cpu_attention_starts_before_the_links_copy_is_waited_for(tiny_models, monkeypatch, overlap):
     """A batch with a CPU part and a part across the link waits for the link's copy (a CUDA stream wait on the
-    load's event) only before that part's attention: the CPU's part, attended first, does not wait for it. Copies
-    and waits are marked here as a GPU's would be (events stand for CUDA's)."""
+    load's event) only before that part's attention: the CPU's part, first, is handed to the CPU worker (overlap
+    on: pending_attention.py) or attended in the schedule's thread (off) without waiting for it. Copies and waits
+    are marked here as a GPU's would be (events stand for CUDA's)."""
     import contextlib
+    import threading
 
     from flexgen_lite.engine import block_schedule
     from flexgen_lite.system.devices import ComputeDevice
 
-    log = []
+    log, schedule = [], threading.current_thread()
 
     @contextlib.contextmanager
     def on_copy_stream(self, after=None, lane="weights"):
@@ -109,22 +112,60 @@ def test_cpu_attention_starts_before_the_links_copy_is_waited_for(tiny_models, m
             log.append(event)
 
     def attend_part(view, *args, **kwargs):
-        log.append(("attend", view.part.rows.start, view.part.on_cpu, view.part.direct))
+        if threading.current_thread() is schedule:
+            log.append(("attend", view.part.rows.start, view.part.on_cpu, view.part.direct))
         return real(view, *args, **kwargs)
 
     real = block_schedule.attend_part
     monkeypatch.setattr(ComputeDevice, "on_copy_stream", on_copy_stream)
     monkeypatch.setattr(ComputeDevice, "wait_for", wait_for)
     monkeypatch.setattr(block_schedule, "attend_part", attend_part)
-    policy = P((100, 0, 0, 100, 100, 0), gbs=4, nb=2, cpu_cache_compute=True, cpu_attention_percent=25)
+    policy = P((100, 0, 0, 100, 100, 0), gbs=4, nb=2, cpu_cache_compute=True, cpu_attention_percent=25,
+               overlap=overlap)
     with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cpu+link") as m:
+        submit = m.engine.cpu_worker.submit
+
+        def handed(fn, view, *args):
+            log.append(("worker", view.part.rows.start, view.part.on_cpu, view.part.direct))
+            return submit(fn, view, *args)
+
+        m.engine.cpu_worker.submit = handed
         m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False))
     # batch 0: rows 0-1 attended on the CPU, rows 2-3 across the link; batch 1: all four across the link
     waits = [i for i, e in enumerate(log) if e == ("copied", "cache")]
     mixed = [i for i in waits if log[i + 1] == ("attend", 2, False, False)]
     assert len(mixed) == 2 * 2  # two decode steps of two layers
-    assert all(log[i - 1] == ("attend", 0, True, True) for i in mixed)  # the CPU's part went first, unwaited
+    first = ("worker" if overlap else "attend", 0, True, True)
+    assert all(log[i - 1] == first for i in mixed)  # the CPU's part went first, unwaited
     assert all(log[i + 1] == ("attend", 0, False, False) for i in waits if i not in mixed)  # batch 1
+    assert any(e[0] == "worker" for e in log) == overlap  # the CPU's parts on the worker only with overlap
+
+
+@pytest.mark.parametrize("percent,compress", [((100, 0, 0, 100, 100, 0), False), ((100, 0, 30, 70, 100, 0), True)])
+def test_cpu_attention_on_the_worker_equals_the_schedules_own(tiny_models, percent, compress):
+    """Beside a GPU (here across the simulated link) the CPU's parts are attended on the worker while the schedule
+    goes on (overlap on), their outputs finished when the next layer takes them: the very logits of attending them
+    in the schedule's thread (overlap off), with rows finishing at eos, over dense and 4-bit parts."""
+    from flexgen_lite.engine.pending_attention import PendingAttention
+
+    out, pending = {}, []
+    for overlap in (True, False):
+        policy = P(percent, gbs=3, nb=3, cpu_cache_compute=True, compress_cache=compress, overlap=overlap)
+        with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cpu+link") as m:
+            real = m.engine._compute
+
+            def compute(*args, real=real):
+                result = real(*args)
+                pending.append(isinstance(result, PendingAttention))
+                return result
+
+            m.engine._compute = compute
+            out[overlap] = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8), return_logits=True)
+        assert any(pending) == overlap
+        pending.clear()
+    assert out[True][0] == out[False][0]
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_cpu_attention_percent_needs_cpu_attention():

@@ -42,6 +42,10 @@ class Activations:
         self.shapes.clear()
         return self
 
+    def in_place(self, batch: int) -> bool:
+        """Whether batch's hidden state stays where it is computed (put and get hand the same object back)."""
+        return self._in_place(self.tiers[batch])
+
     def _in_place(self, tier: str) -> bool:
         return tier == "gpu" or (tier == "cpu" and not self.device.host_is_separate)
 

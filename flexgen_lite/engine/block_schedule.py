@@ -28,10 +28,11 @@ from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from ..system.profile_store import cached_profile
 from .activations import Activations
 from .block import Block, layer_mask
-from .cache_attention import attend_part, codes_attended, rows_in_part, scatter_rows
+from .cache_attention import attend_part, codes_attended, rows_in_part, rows_to, scatter_rows
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
 from .kv_cache import CacheSlots, KVCache, ring_positions
+from .pending_attention import PendingAttention, pipelined
 from .policy import Policy
 from .shared_prefix import SharedPrefix
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
@@ -57,6 +58,7 @@ class Engine:
         self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
         self.trace = trace
         self.io = IOPool(policy.overlap)
+        self.cpu_worker = IOPool(policy.overlap, workers=1)  # CPU attention beside a GPU (pending_attention.py)
         self.staging = Staging(pin=device.is_cuda, ledger=ledger)
         on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
         direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
@@ -200,6 +202,9 @@ class Engine:
                                                            or self._prefetch_cache(spec.index, b, start)).result()
                         self._prefetch_next_cache(spec.index, batches, i, start)
                 h = None if spec.kind == "embed" else acts.get(b)
+                if isinstance(h, PendingAttention):  # the layer before attended its CPU parts on the worker
+                    with span(WAIT, stream=C):
+                        h.wait()
                 with span(COMPUTE, stream=C):
                     out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                     if spec.kind == "head":
@@ -246,6 +251,8 @@ class Engine:
 
     def _compute(self, spec, w, h, views, block: Block, b: int, inputs, start: int, t: int):
         cfg = self.config
+        if isinstance(h, PendingAttention):
+            h = h.result()
         if spec.kind == "embed":
             tokens = block.tokens[block.rows(b), start:start + t]
             if inputs["active"] is not None:
@@ -271,6 +278,8 @@ class Engine:
                 self._store_cache(spec.index, b, part, k_part, v_part, 0)
         else:
             attn = self._decode_attention(spec.index, b, views, q, k, v, inputs, start, L.sinks(w, cfg))
+            if isinstance(attn, PendingAttention):
+                return attn.then(lambda a, w=w, h=h: L.attention_output(w, a, h, cfg))
         return L.attention_output(w, attn, h, cfg)
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
@@ -278,6 +287,9 @@ class Engine:
         layer's, gpt-oss)."""
         outs, window = [], self.config.window(layer)
         ready = inputs.pop("cache ready", None)  # the copies into slots: waited for by the first part read from one
+        worker = pipelined(views, self.policy.overlap, self.device.host_is_separate, self.acts.in_place(b),
+                           sinks is None and self.config.attn_softcap is None)
+        on_host = None  # the new token's q, k, v on the host for the worker: one copy, in this thread
         for view in views:
             if not view.part.direct:  # a part used where it lives (compute memory, or the CPU's) does not wait
                 self.device.wait_for(ready)
@@ -289,12 +301,39 @@ class Engine:
                 if window not in hosted:
                     hosted[window] = mask.to(view.k.device)
                 mask = hosted[window]
+            if worker and on_cpu:
+                on_host = on_host or rows_to(torch.device("cpu"), q.dtype, q, k, v)
+                outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs))
+                continue
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
                 out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
             if out is not None:
                 outs.append(out)
         self.device.wait_for(ready)
+        if worker:
+            return PendingAttention(outs, lambda f: self._collect(layer, b, f, start))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_on_worker(self, view, q, k, v, mask, start: int, inputs: dict):
+        """attend_part on the CPU worker (q, k, v already on the host): (view, what it found)."""
+        with self.trace.span(CPU_ATTENTION) as s:
+            found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity)
+            if found is not None:
+                s.nbytes = found[4]
+        return view, found
+
+    def _collect(self, layer: int, b: int, future: Future, start: int) -> torch.Tensor | None:
+        """A worker's part, in the schedule's thread: its output on the compute device, its kernel noted, its new
+        k, v stored home where the part is compressed (attended as stored)."""
+        view, found = future.result()
+        if found is None:
+            return None
+        out, k_new, v_new, kernel, _ = found
+        self._kernels.add(kernel)
+        view.part.release()
+        if not view.part.direct or view.part.quantized:
+            self._store_cache(layer, b, view.part, k_new, v_new, start)
+        return out.to(self.device.device, non_blocking=True)
 
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
         """Attention over one cache part where it is (None when none of its rows is active); the new token's
@@ -459,3 +498,4 @@ class Engine:
 
     def close(self) -> None:
         self.io.close()
+        self.cpu_worker.close()
