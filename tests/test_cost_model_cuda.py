@@ -159,3 +159,25 @@ def test_cpu_attention_beside_the_links_copies_pays_the_measured_contention():
     assert 0 < best_cpu_share(CONFIG, WORK, policy, free)[0].cpu_attention_percent < 100
     crowded = dataclasses.replace(free, host_contention=(0.3, 0.3))  # together slower than one after the other
     assert best_cpu_share(CONFIG, WORK, policy, crowded)[0].cpu_attention_percent in (0, 100)
+
+
+def test_cpu_attention_on_the_worker_overlaps_the_gpus_work_of_other_batches():
+    """Beside a GPU the engine attends CPU parts on a worker while it launches the GPU's work
+    (pending_attention.py): a layer costs the larger of the two, plus one batch's share of the other (the first
+    batch's GPU work waits for its CPU attention); with one batch, or overlap off, or hidden states off the GPU
+    (the engine then attends in its own thread), their sum."""
+    hw = synthetic_profile(cuda=True)
+    policy = Policy(gpu_batch_size=16, num_gpu_batches=4, cache_gpu_percent=0, cache_cpu_percent=100,
+                    cpu_cache_compute=True, dtype="float16")
+    worker = predict(CONFIG, WORK, policy, hw)
+    serial = [predict(CONFIG, WORK, dataclasses.replace(policy, **kw), hw)
+              for kw in (dict(overlap=False), dict(act_gpu_percent=0, act_cpu_percent=100))]
+    assert all(worker.decode_step_s < p.decode_step_s for p in serial)
+    assert worker.decode_by["cpu attention"] == pytest.approx(serial[0].decode_by["cpu attention"])
+    from flexgen_lite.planning.cost_model import phase_times
+    from flexgen_lite.planning.layout import Layout, Setup
+
+    one = dataclasses.replace(policy, gpu_batch_size=64, num_gpu_batches=1)
+    s = Setup(CONFIG, WORK, one, hw)
+    layer = phase_times(s, Layout.of_policy(s, one), prefill=False).segments[1][1]
+    assert layer.side > 0 and layer.work == pytest.approx(layer.side)  # one batch: its GPU work and CPU attention

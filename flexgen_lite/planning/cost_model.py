@@ -40,27 +40,31 @@ OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a
 
 @dataclass
 class Seg:
-    """Seconds waited on I/O and seconds of work on the compute path; `by` splits them by resource."""
+    """Seconds waited on I/O, seconds of work on the compute path, and seconds of CPU attention on its worker
+    beside a GPU (`side`: pending_attention.py); `by` splits them by resource."""
 
     wait: float = 0.0
     work: float = 0.0
     by: dict = field(default_factory=lambda: defaultdict(float))
+    side: float = 0.0
 
-    def add(self, resource: str, seconds: float, waits: bool) -> None:
-        if waits:
+    def add(self, resource: str, seconds: float, waits: bool, side: bool = False) -> None:
+        if side:
+            self.side += seconds
+        elif waits:
             self.wait += seconds
         else:
             self.work += seconds
         self.by[resource] += seconds
 
     def __add__(self, other: Seg) -> Seg:
-        out = Seg(self.wait + other.wait, self.work + other.work, defaultdict(float, self.by))
+        out = Seg(self.wait + other.wait, self.work + other.work, defaultdict(float, self.by), self.side + other.side)
         for k, v in other.by.items():
             out.by[k] += v
         return out
 
     def time(self, overlap: bool) -> float:
-        return max(self.wait, self.work) if overlap else self.wait + self.work
+        return max(self.wait, self.work, self.side) if overlap else self.wait + self.work + self.side
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
@@ -262,6 +266,7 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     gpu_att = hw.decode_attention(s.dname, group, s.config.head_dim)
     cpu_att = hw.decode_attention(cpu_dtype, group, s.config.head_dim, on_cpu=True)
     parts = s.nb  # about one part per batch, more where tiers meet
+    worker = cpu_worker(s)
     for tier, rows, on_cpu in lay.cache_parts():
         if not rows:
             continue
@@ -285,12 +290,12 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         if codes is not None:  # a CPU reads its codes as stored (quantized_attention)
             fixed, rate = codes
             seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * stored / rate,
-                    waits=False)
+                    waits=False, side=on_cpu and worker)
             continue
         fixed, rate = cpu_att if on_cpu else gpu_att
         seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
                 + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
-                waits=False)
+                waits=False, side=on_cpu and worker and lay.part_direct(tier, on_cpu))
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
     if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU
         if s.cuda:
@@ -351,7 +356,8 @@ class Phase:
     segments: list[tuple[int, Seg]]
 
     def time(self, overlap: bool) -> float:
-        return self.serial.wait + self.serial.work + sum(m * seg.time(overlap) for m, seg in self.segments)
+        return (self.serial.wait + self.serial.work + self.serial.side
+                + sum(m * seg.time(overlap) for m, seg in self.segments))
 
     def by_resource(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -373,9 +379,27 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
             for k in s.kinds}
     comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
     layers = s.config.num_layers
-    segments = [(1, comp["embed"] + fetch["attention"]), (layers, _contended(s, comp["attention"] + fetch["mlp"])),
+    attention = _overlapped(s, _contended(s, comp["attention"] + fetch["mlp"]))
+    segments = [(1, comp["embed"] + fetch["attention"]), (layers, attention),
                 (layers - 1, comp["mlp"] + fetch["attention"]), (1, comp["mlp"] + fetch["head"]), (1, comp["head"])]
     return Phase(fetch["embed"], [(m, seg) for m, seg in segments if m])
+
+
+def cpu_worker(s: Setup) -> bool:
+    """Whether the engine attends CPU parts on its worker beside the GPU's work (pending_attention.pipelined: the
+    batches' hidden states kept on the GPU, plain attention, overlap on)."""
+    return (s.cuda and s.policy.cpu_cache_compute and s.policy.overlap and not s.config.attn_sinks
+            and s.config.attn_softcap is None and s.policy.percents("act")[0] == 100)
+
+
+def _overlapped(s: Setup, seg: Seg) -> Seg:
+    """A decode layer whose CPU attention runs on the worker: the GPU's work of its first batch waits for that
+    batch's CPU attention, and the last batch's CPU attention for its GPU work; the rest overlaps."""
+    if not seg.side:
+        return seg
+    out = seg + Seg()
+    out.work, out.side = seg.work + seg.side / s.nb, seg.side + seg.work / s.nb
+    return out
 
 
 def _contended(s: Setup, seg: Seg) -> Seg:
@@ -391,7 +415,7 @@ def _contended(s: Setup, seg: Seg) -> Seg:
     else:
         slower_cpu, slower_link = cpu / f_cpu - cpu, cpu / f_cpu * (1 - f_link)
     out = seg + Seg()
-    out.add("cpu attention", slower_cpu, waits=False)
+    out.add("cpu attention", slower_cpu, waits=False, side=seg.side > 0)
     out.add("link", slower_link, waits=True)
     return out
 

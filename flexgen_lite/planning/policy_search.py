@@ -200,9 +200,9 @@ def _numbers(s: Setup, x: np.ndarray) -> np.ndarray:
     out = []
     for prefill in (True, False):
         phase = phase_times(s, lay, prefill)
-        out.append(phase.serial.wait + phase.serial.work)
+        out.append(phase.serial.wait + phase.serial.work + phase.serial.side)
         for _, seg in phase.segments:
-            out += [seg.wait, seg.work]
+            out += [seg.wait, seg.work, seg.side]
     plan = memory_plan(s, lay)
     gpu = sum(plan["gpu"].values())
     host_run = sum(v for k, v in plan["cpu"].items() if k != "load")
@@ -239,13 +239,13 @@ def _solve(s: Setup, regime: Regime, budgets: Budgets) -> np.ndarray | None:
         c[:6] += weight * grad[k]
         k += 1
         for m in mults[phase]:
-            wait, work = k, k + 1
-            k += 2
+            lanes = (k, k + 1, k + 2)  # waits, work, CPU attention on its worker
+            k += 3
             if not overlap:
-                c[:6] += weight * m * (grad[wait] + grad[work])
+                c[:6] += weight * m * sum(grad[i] for i in lanes)
                 continue
             c[u] = weight * m
-            for i in (wait, work):  # u >= that number
+            for i in lanes:  # u >= that number
                 a_ub.append(row(grad[i], u))
                 b_ub.append(-base[i])
             u += 1
