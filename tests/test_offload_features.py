@@ -98,7 +98,7 @@ def test_cpu_attention_starts_before_the_links_copy_is_waited_for(tiny_models, m
     import contextlib
     import threading
 
-    from flexgen_lite.engine import block_schedule
+    from flexgen_lite.engine import decode_attention
     from flexgen_lite.system.devices import ComputeDevice
 
     log, schedule = [], threading.current_thread()
@@ -116,10 +116,10 @@ def test_cpu_attention_starts_before_the_links_copy_is_waited_for(tiny_models, m
             log.append(("attend", view.part.rows.start, view.part.on_cpu, view.part.direct))
         return real(view, *args, **kwargs)
 
-    real = block_schedule.attend_part
+    real = decode_attention.attend_part
     monkeypatch.setattr(ComputeDevice, "on_copy_stream", on_copy_stream)
     monkeypatch.setattr(ComputeDevice, "wait_for", wait_for)
-    monkeypatch.setattr(block_schedule, "attend_part", attend_part)
+    monkeypatch.setattr(decode_attention, "attend_part", attend_part)
     policy = P((100, 0, 0, 100, 100, 0), gbs=4, nb=2, cpu_cache_compute=True, cpu_attention_percent=25,
                overlap=overlap)
     with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cpu+link") as m:

@@ -28,15 +28,16 @@ from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from ..system.profile_store import cached_profile
 from .activations import Activations
 from .block import Block, layer_mask
-from .cache_attention import attend_part, codes_attended, rows_in_part, rows_to, scatter_rows
+from .cache_attention import codes_attended, rows_in_part, scatter_rows
+from .decode_attention import DecodeAttention
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
 from .kv_cache import CacheSlots, KVCache, ring_positions
-from .pending_attention import PendingAttention, pipelined
+from .pending_attention import PendingAttention
 from .policy import Policy
 from .shared_prefix import SharedPrefix
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
-from .trace import ATTENTION, CACHE_STORE, COMPUTE, COMPUTE_LANE, CPU_ATTENTION, NULL, WAIT, NullRecorder, Recorder
+from .trace import CACHE_STORE, COMPUTE, COMPUTE_LANE, NULL, WAIT, NullRecorder, Recorder
 from .weight_slots import WeightSlots
 from .weights import DECODER_KINDS, StoredWeight, weight_bytes
 
@@ -49,7 +50,7 @@ class StepTimes:
     shared: int = 0  # prompt positions the prefill computed once for all rows (a shared prefix), not per row
 
 
-class Engine:
+class Engine(DecodeAttention):
     def __init__(self, config: ModelConfig, policy: Policy, specs: list[LayerSpec],
                  weights: list[dict[str, StoredWeight]], device: ComputeDevice, dtype: torch.dtype,
                  disk: DiskStore, ledger: MemoryLedger, trace: Recorder | NullRecorder = NULL) -> None:
@@ -281,73 +282,6 @@ class Engine:
             if isinstance(attn, PendingAttention):
                 return attn.then(lambda a, w=w, h=h: L.attention_output(w, a, h, cfg))
         return L.attention_output(w, attn, h, cfg)
-
-    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
-        """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
-        layer's, gpt-oss)."""
-        outs, window = [], self.config.window(layer)
-        ready = inputs.pop("cache ready", None)  # the copies into slots: waited for by the first part read from one
-        worker = pipelined(views, self.policy.overlap, self.device.host_is_separate, self.acts.in_place(b),
-                           sinks is None and self.config.attn_softcap is None)
-        on_host = None  # the new token's q, k, v on the host for the worker: one copy, in this thread
-        for view in views:
-            if not view.part.direct:  # a part used where it lives (compute memory, or the CPU's) does not wait
-                self.device.wait_for(ready)
-                ready = None
-            on_cpu = view.part.on_cpu
-            mask = layer_mask(inputs, self.config, layer)
-            if mask is not None and view.k.device != mask.device:  # the same for all layers alike: moved once a step
-                hosted = inputs.setdefault("masks on host", {})
-                if window not in hosted:
-                    hosted[window] = mask.to(view.k.device)
-                mask = hosted[window]
-            if worker and on_cpu:
-                on_host = on_host or rows_to(torch.device("cpu"), q.dtype, q, k, v)
-                outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs))
-                continue
-            with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
-                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
-            if out is not None:
-                outs.append(out)
-        self.device.wait_for(ready)
-        if worker:
-            return PendingAttention(outs, lambda f: self._collect(layer, b, f, start))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _attend_on_worker(self, view, q, k, v, mask, start: int, inputs: dict):
-        """attend_part on the CPU worker (q, k, v already on the host): (view, what it found)."""
-        with self.trace.span(CPU_ATTENTION) as s:
-            found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity)
-            if found is not None:
-                s.nbytes = found[4]
-        return view, found
-
-    def _collect(self, layer: int, b: int, future: Future, start: int) -> torch.Tensor | None:
-        """A worker's part, in the schedule's thread: its output on the compute device, its kernel noted, its new
-        k, v stored home where the part is compressed (attended as stored)."""
-        view, found = future.result()
-        if found is None:
-            return None
-        out, k_new, v_new, kernel, _ = found
-        self._kernels.add(kernel)
-        view.part.release()
-        if not view.part.direct or view.part.quantized:
-            self._store_cache(layer, b, view.part, k_new, v_new, start)
-        return out.to(self.device.device, non_blocking=True)
-
-    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
-        """Attention over one cache part where it is (None when none of its rows is active); the new token's
-        k, v are written into it first, and home when the part is not used in place."""
-        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap,
-                            sinks)
-        if found is None:
-            return None
-        out, k_new, v_new, kernel, span.nbytes = found
-        self._kernels.add(kernel)
-        view.part.release()
-        if not view.part.direct or view.part.quantized:
-            self._store_cache(layer, b, view.part, k_new, v_new, start)
-        return out
 
     def _attend(self, q, k, v, mask, sinks=None) -> torch.Tensor:
         out, kernel = attend_named(q, k, v, mask, softcap=self.config.attn_softcap, sinks=sinks)

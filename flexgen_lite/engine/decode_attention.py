@@ -1,0 +1,87 @@
+"""Decode attention of one layer and GPU batch over its KV cache parts, each where it lives (Engine's part of it):
+compute memory's and slots' on the compute device, host RAM's on the CPU, in the schedule's thread or, beside a
+GPU, on the CPU worker (pending_attention.py); the new token's k, v written into each part first, and home where
+the part is not used in place."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+
+from .block import layer_mask
+from .cache_attention import attend_part, rows_to
+from .pending_attention import PendingAttention, pipelined
+from .trace import ATTENTION, COMPUTE_LANE, CPU_ATTENTION
+
+
+class DecodeAttention:
+    """Engine's methods for decode attention (block_schedule.py holds the state they use: config, policy, device,
+    trace, acts, cpu_worker, _kernels, _store_cache)."""
+
+    def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
+        """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
+        layer's, gpt-oss)."""
+        outs, window = [], self.config.window(layer)
+        ready = inputs.pop("cache ready", None)  # the copies into slots: waited for by the first part read from one
+        worker = pipelined(views, self.policy.overlap, self.device.host_is_separate, self.acts.in_place(b),
+                           sinks is None and self.config.attn_softcap is None)
+        on_host = None  # the new token's q, k, v on the host for the worker: one copy, in this thread
+        for view in views:
+            if not view.part.direct:  # a part used where it lives (compute memory, or the CPU's) does not wait
+                self.device.wait_for(ready)
+                ready = None
+            on_cpu = view.part.on_cpu
+            mask = layer_mask(inputs, self.config, layer)
+            if mask is not None and view.k.device != mask.device:  # the same for all layers alike: moved once a step
+                hosted = inputs.setdefault("masks on host", {})
+                if window not in hosted:
+                    hosted[window] = mask.to(view.k.device)
+                mask = hosted[window]
+            if worker and on_cpu:
+                on_host = on_host or rows_to(torch.device("cpu"), q.dtype, q, k, v)
+                outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs))
+                continue
+            with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
+                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
+            if out is not None:
+                outs.append(out)
+        self.device.wait_for(ready)
+        if worker:
+            return PendingAttention(outs, lambda f: self._collect(layer, b, f, start))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_on_worker(self, view, q, k, v, mask, start: int, inputs: dict):
+        """attend_part on the CPU worker (q, k, v already on the host): (view, what it found)."""
+        with self.trace.span(CPU_ATTENTION) as s:
+            found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity)
+            if found is not None:
+                s.nbytes = found[4]
+        return view, found
+
+    def _collect(self, layer: int, b: int, future: Future, start: int) -> torch.Tensor | None:
+        """A worker's part, in the schedule's thread: its output on the compute device, its kernel noted, its new
+        k, v stored home where the part is compressed (attended as stored)."""
+        view, found = future.result()
+        if found is None:
+            return None
+        out, k_new, v_new, kernel, _ = found
+        self._kernels.add(kernel)
+        view.part.release()
+        if not view.part.direct or view.part.quantized:
+            self._store_cache(layer, b, view.part, k_new, v_new, start)
+        return out.to(self.device.device, non_blocking=True)
+
+    def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
+        """Attention over one cache part where it is (None when none of its rows is active); the new token's
+        k, v are written into it first, and home when the part is not used in place."""
+        found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap,
+                            sinks)
+        if found is None:
+            return None
+        out, k_new, v_new, kernel, span.nbytes = found
+        self._kernels.add(kernel)
+        view.part.release()
+        if not view.part.direct or view.part.quantized:
+            self._store_cache(layer, b, view.part, k_new, v_new, start)
+        return out
