@@ -8,6 +8,8 @@ A compressed cache keeps 4-bit codes, scales and minima as three such arrays, gr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels.compression import CompressionConfig, dequantize_prefix, quantize
@@ -23,9 +25,16 @@ def component_specs(shape: tuple[int, ...], dtype: torch.dtype,
     if compression is None:
         return [(shape, dtype)]
     rows, heads, positions, d = shape
-    probe = quantize(torch.zeros(1, 1, 1, d), compression)
-    codes, stats = (rows, heads, positions, probe.data.numel()), (rows, heads, positions, probe.scale.shape[-1])
+    code_bytes, groups = _row_layout(d, compression)
+    codes, stats = (rows, heads, positions, code_bytes), (rows, heads, positions, groups)
     return [(codes, torch.uint8), (stats, torch.float16), (stats, torch.float16)]
+
+
+@functools.cache
+def _row_layout(d: int, compression: CompressionConfig) -> tuple[int, int]:
+    """Bytes of codes and groups of one row of `d` values, as quantize lays them out (asked of it once)."""
+    probe = quantize(torch.zeros(1, 1, 1, d), compression)
+    return probe.data.numel(), probe.scale.shape[-1]
 
 
 class Store:

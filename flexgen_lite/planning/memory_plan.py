@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -45,9 +46,9 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     for d, tier in zip((gpu, cpu, disk), lay.cache_rows, strict=True):
         d["kv cache"] = tier * per_seq
     if s.cuda and lay.exact is not None and lay.cache_rows[1]:  # one arena: each part's arrays at aligned offsets
-        cpu["kv cache"] = sum(_host_part_bytes(s, rows, c.cached_positions(layer, w.max_len), on_cpu)
-                              for layer in range(c.num_layers) for b in range(s.nb)
-                              for t, rows, on_cpu in _batch_parts(s, lay, b) if t == "cpu")
+        kept = Counter(c.cached_positions(layer, w.max_len) for layer in range(c.num_layers))  # layers by length
+        cpu["kv cache"] = sum(layers * _host_part_bytes(s, rows, n, on_cpu) for n, layers in kept.items()
+                              for b in range(s.nb) for t, rows, on_cpu in _batch_parts(s, lay, b) if t == "cpu")
     gpu["cache slots"], on_host = _cache_slots(s, lay)
     if on_host:
         cpu["cache slots"] = on_host

@@ -118,14 +118,14 @@ def best_cpu_share(config: ModelConfig, workload: Workload, policy: Policy, hw: 
         if rows:
             options = [dataclasses.replace(policy, cpu_attention_percent=float(p)) for p in CPU_SHARES]
     best = None
-    for option in options:
-        if budgets is not None and option is not policy:
-            s = Setup(config, workload, option, hw)
-            if over_budget(tier_peaks(memory_plan(s, Layout.of_policy(s, option)), True), budgets):
-                continue
+    for option in options:  # from 100 down: the step is the larger of two lanes, one falling and one rising with
+        # the share, so the first share no faster than the one before ends the walk; so does one over the budgets
+        # (the link's slots only grow)
         found = (option, predict(config, workload, option, hw, math.inf if page_cache is None else page_cache))
-        if best is None or found[1].throughput > best[1].throughput * (1 + 1e-9):
-            best = found
+        if best is not None and (over_budget(found[1].peak, budgets or Budgets(None, None, None))
+                                 or found[1].throughput <= best[1].throughput * (1 + 1e-9)):
+            break
+        best = found
     return best
 
 
