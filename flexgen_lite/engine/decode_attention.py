@@ -60,26 +60,25 @@ class DecodeAttention:
         return view, found
 
     def _collect(self, layer: int, b: int, future: Future, start: int) -> torch.Tensor | None:
-        """A worker's part, in the schedule's thread: its output on the compute device, its kernel noted, its new
-        k, v stored home where the part is compressed (attended as stored)."""
+        """A worker's part, in the schedule's thread: `_settle`d, its output on the compute device."""
         view, found = future.result()
-        if found is None:
-            return None
-        out, k_new, v_new, kernel, _ = found
-        self._kernels.add(kernel)
-        view.part.release()
-        if not view.part.direct or view.part.quantized:
-            self._store_cache(layer, b, view.part, k_new, v_new, start)
-        return out.to(self.device.device, non_blocking=True)
+        return None if found is None else self._settle(layer, b, view, found, start).to(self.device.device,
+                                                                                       non_blocking=True)
 
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
-        """Attention over one cache part where it is (None when none of its rows is active); the new token's
-        k, v are written into it first, and home when the part is not used in place."""
+        """Attention over one cache part where it is (None when none of its rows is active), `_settle`d."""
         found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, self.config.attn_softcap,
                             sinks)
         if found is None:
             return None
-        out, k_new, v_new, kernel, span.nbytes = found
+        span.nbytes = found[4]
+        return self._settle(layer, b, view, found, start)
+
+    def _settle(self, layer: int, b: int, view, found: tuple, start: int) -> torch.Tensor:
+        """A part's attention done (attend_part's `found`): its kernel noted, a mapped part's pages released, the
+        new token's k, v (written into the part first) stored home where the part is not used in place, or is
+        compressed and attended as stored; its output."""
+        out, k_new, v_new, kernel, _ = found
         self._kernels.add(kernel)
         view.part.release()
         if not view.part.direct or view.part.quantized:
