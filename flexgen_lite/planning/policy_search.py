@@ -122,7 +122,7 @@ def best_cpu_share(config: ModelConfig, workload: Workload, policy: Policy, hw: 
         # the share, so the first share no faster than the one before ends the walk; so does one over the budgets
         # (the link's slots only grow)
         found = (option, predict(config, workload, option, hw, math.inf if page_cache is None else page_cache))
-        if best is not None and (over_budget(found[1].peak, budgets or Budgets(None, None, None))
+        if best is not None and (over_budget(found[1].peak, budgets or Budgets())
                                  or found[1].throughput <= best[1].throughput * (1 + 1e-9)):
             break
         best = found
