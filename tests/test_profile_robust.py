@@ -94,3 +94,25 @@ def test_remeasuring_keeps_what_was_faster(cached_busy_profile, monkeypatch):
         "matmul": slower, "matmul_shape": cached_busy_profile.matmul_shape})
     remeasure_after_fast_run(ComputeDevice("cpu"))
     assert cached_profile(ComputeDevice("cpu")).matmul == busy_profile().matmul
+
+
+def test_two_kinds_of_work_at_once_are_each_timed_beside_the_other():
+    """probes.slowdowns, which the profile's host_contention runs on a GPU machine (CPU attention and page-locked
+    copies): each rate while the other runs over its rate alone, within (0, 1]; work that shares nothing (sleeps)
+    is not slowed (how much two copies slow each other is the machine's, not asserted); the thread it starts is
+    stopped."""
+    import threading
+    import time
+
+    import torch
+
+    from flexgen_lite.profiling.probes import slowdowns
+
+    before = threading.active_count()
+    quiet = slowdowns(lambda: time.sleep(0.004), lambda: time.sleep(0.004), lambda: None)
+    assert all(0.6 < f <= 1.0 for f in quiet), quiet
+    src, dst = torch.ones(1 << 25, dtype=torch.uint8), torch.empty(1 << 25, dtype=torch.uint8)
+    src2, dst2 = torch.ones(1 << 25, dtype=torch.uint8), torch.empty(1 << 25, dtype=torch.uint8)
+    busy = slowdowns(lambda: dst.copy_(src), lambda: dst2.copy_(src2), lambda: None)
+    assert all(0 < f <= 1.0 for f in busy), busy
+    assert threading.active_count() == before
