@@ -119,13 +119,13 @@ def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
 
 def job_policy(args, works: dict[int, Work]):
     """(policy or AutoPolicy, the workload auto plans for) of the flags, for these requests."""
-    from ..cli.options import policy_from_args
+    from ..cli.options import policy_from_args, resolve_share
     from ..planning.layout import Workload
     from ..planning.policy_search import AutoPolicy
 
     jobs = [j for w in works.values() for j in w.jobs]
     policy = policy_from_args(args, default_batch=min(len(jobs), 32))
-    workload = None
+    workload = Workload.of_prompts([j.ids for j in jobs], max(j.sampling.max_new_tokens for j in jobs))
     if isinstance(policy, AutoPolicy):
-        workload = Workload.of_prompts([j.ids for j in jobs], max(j.sampling.max_new_tokens for j in jobs))
-    return policy, workload
+        return policy, workload
+    return resolve_share(args, model_path(args), workload, policy), None
