@@ -168,6 +168,38 @@ def test_cpu_attention_on_the_worker_equals_the_schedules_own(tiny_models, perce
         assert torch.equal(a, b)
 
 
+def test_a_step_that_fails_waits_for_the_cpu_worker_before_it_raises(tiny_models, monkeypatch):
+    """A step that raises while the worker still attends a part (and writes the new token into it) drains the
+    worker first: the error reaches the caller only once no thread touches the cache it may reuse."""
+    import time
+
+    from flexgen_lite.engine import decode_attention
+
+    done, real = [], decode_attention.attend_part
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        found = real(*args, **kwargs)
+        done.append(time.perf_counter())
+        return found
+
+    monkeypatch.setattr(decode_attention, "attend_part", slow)
+    policy = P((100, 0, 0, 100, 100, 0), gbs=3, nb=2, cpu_cache_compute=True)
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cpu+link") as m:
+        real_compute = m.engine._compute
+
+        def failing(spec, *args):
+            if any(not f.done() for f in m.engine._worker_tasks):  # batch 0's CPU parts still on the worker
+                raise RuntimeError("a failure while the worker attends")
+            return real_compute(spec, *args)
+
+        m.engine._compute = failing
+        with pytest.raises(RuntimeError, match="while the worker attends"):
+            m.generate_ids(PROMPTS[:6], SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+        raised = time.perf_counter()
+    assert done and max(done) <= raised  # the worker's parts finished before the error surfaced
+
+
 def test_cpu_attention_percent_needs_cpu_attention():
     with pytest.raises(ValueError, match="needs cpu_cache_compute"):
         P((100, 0, 0, 100, 100, 0), cpu_attention_percent=50)

@@ -39,10 +39,10 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-cache-compute", action=argparse.BooleanOptionalAction,
                    help="attention over a CPU-resident cache on the CPU (auto: searched unless given)")
     g.add_argument("--cpu-attention-percent", type=share, metavar="PERCENT|auto",
-                   help="with --cpu-cache-compute beside a GPU: the share of the cpu tier's sequences attended on the "
-                   "CPU (default 100, FlexGen's); the rest are copied across the link and attended on the GPU at the "
-                   "same time. auto: the share this machine's profile predicts fastest for the prompts (searched with --policy "
-                   "auto)")
+                   help="with --cpu-cache-compute beside a GPU: the share of the host-RAM cache's sequences attended "
+                   "on the CPU (default 100, FlexGen's); the rest are copied across the link and attended on the GPU "
+                   "at the same time. auto: the share this machine's profile predicts fastest for the prompts "
+                   "(searched with --policy auto)")
     g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
     g.add_argument("--compress-weight", action=argparse.BooleanOptionalAction,
                    help="4-bit group-wise weights (auto: searched unless given)")

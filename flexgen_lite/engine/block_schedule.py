@@ -60,6 +60,7 @@ class Engine(DecodeAttention):
         self.trace = trace
         self.io = IOPool(policy.overlap)
         self.cpu_worker = IOPool(policy.overlap, workers=1)  # CPU attention beside a GPU (pending_attention.py)
+        self._worker_tasks: list[Future] = []  # the running step's (drained if it raises)
         self.staging = Staging(pin=device.is_cuda, ledger=ledger)
         on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
         direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
@@ -160,6 +161,7 @@ class Engine(DecodeAttention):
 
     def _step(self, block: Block, step: int, acts: Activations, sampling) -> None:
         start, t = block.step_span(step)
+        self._worker_tasks = []
         batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
         if step > 0 and (self.static_decode or self.fused_decode):
             batches = [b for b in batches if not self._static_batch(block, b, step, start, sampling)]
@@ -423,7 +425,8 @@ class Engine(DecodeAttention):
         """Wait for the block's last background cache writes (their errors surface here, and the next block
         cannot write a file still being written) and for prefetches a finished step no longer needs."""
         pending = [f for fs in self._pending_stores.values() for f in fs] + list(self._cache_loads.values())
-        self._pending_stores, self._cache_loads = {}, {}
+        pending += self._worker_tasks  # CPU attention still reading or writing a part (a step that raised)
+        self._pending_stores, self._cache_loads, self._worker_tasks = {}, {}, []
         for f in pending:
             if quiet:
                 f.exception()  # waits; the error being raised already says what went wrong

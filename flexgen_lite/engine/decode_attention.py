@@ -17,7 +17,7 @@ from .trace import ATTENTION, COMPUTE_LANE, CPU_ATTENTION
 
 class DecodeAttention:
     """Engine's methods for decode attention (block_schedule.py holds the state they use: config, policy, device,
-    trace, acts, cpu_worker, _kernels, _store_cache)."""
+    trace, acts, cpu_worker, _worker_tasks, _kernels, _store_cache)."""
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
@@ -41,6 +41,7 @@ class DecodeAttention:
             if worker and on_cpu:
                 on_host = on_host or rows_to(torch.device("cpu"), q.dtype, q, k, v)
                 outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs))
+                self._worker_tasks.append(outs[-1])
                 continue
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
                 out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
