@@ -17,10 +17,12 @@ FP16_MAX = 65504.0
 
 
 @pytest.fixture
-def interpret(monkeypatch):
+def device(monkeypatch, compute_device) -> str:
+    """Where the kernel runs: the GPU under `--device cuda` (compiled), else the CPU (Triton's interpreter, which
+    conftest chose for the session)."""
     monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
     quantize_triton.reset()
-    yield
+    yield "cuda" if compute_device.startswith("cuda") else "cpu"
     quantize_triton.reset()
 
 
@@ -45,8 +47,7 @@ def edges(d: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", quantize_triton.DTYPES)
 @pytest.mark.parametrize("shape,group", [((7, 4, 3, 128), 64), ((5, 256), 32), ((2, 3, 1, 64), 64),
                                           ((33, 1024), 128), ((1, 8), 8)], ids=str)
-def test_kernel_equals_the_torch_path_bit_for_bit(interpret, compute_device, dtype, shape, group):
-    device = "cuda" if compute_device.startswith("cuda") else "cpu"
+def test_kernel_equals_the_torch_path_bit_for_bit(device, dtype, shape, group):
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 4).to(dtype).to(device)
     config = CompressionConfig(4, group, -1)
     assert quantize_triton.supported(x, config)
@@ -54,8 +55,7 @@ def test_kernel_equals_the_torch_path_bit_for_bit(interpret, compute_device, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_rounds_the_edges_as_the_torch_path(interpret, compute_device, dtype):
-    device = "cuda" if compute_device.startswith("cuda") else "cpu"
+def test_kernel_rounds_the_edges_as_the_torch_path(device, dtype):
     x = edges(64).to(dtype).to(device)
     config = CompressionConfig(4, 64, -1)
     got, want = quantize_triton.quantize(x, config), quantize_reference(x, config)
@@ -63,7 +63,7 @@ def test_kernel_rounds_the_edges_as_the_torch_path(interpret, compute_device, dt
     assert want.scale[0].item() == 1.0 and want.scale[1].item() == 0  # ties were tested; a constant group too
 
 
-def test_on_cuda_the_range_is_divided_as_torch_does_there(interpret):
+def test_on_cuda_the_range_is_divided_as_torch_does_there(device):
     """torch divides a tensor by a scalar on CUDA as `x * fp32(1 / levels)`, on a CPU truly: scales rounded up to
     fp16 then differ where the two land either side of an fp16 value. The kernel's switch follows each: groups
     [0, spread] for spreads where they differ get the CPU's scale without it, the reciprocal's with it."""
@@ -75,13 +75,13 @@ def test_on_cuda_the_range_is_divided_as_torch_does_there(interpret):
     by_reciprocal = _fp16_round(spread * torch.tensor(np.float32(1) / np.float32(15)), up=True)
     differ = (true_div != by_reciprocal).nonzero().squeeze(1)[:8]
     assert len(differ) == 8  # such spreads exist
-    x = torch.stack([torch.zeros(len(differ)), spread[differ]], 1).repeat_interleave(4, 1)  # groups of 8
+    x = torch.stack([torch.zeros(len(differ)), spread[differ]], 1).repeat_interleave(4, 1).to(device)  # groups of 8
     config = CompressionConfig(4, 8, -1)
-    assert torch.equal(quantize_triton.quantize(x, config, reciprocal=False).scale[:, 0], true_div[differ])
-    assert torch.equal(quantize_triton.quantize(x, config, reciprocal=True).scale[:, 0], by_reciprocal[differ])
+    got = {way: quantize_triton.quantize(x, config, reciprocal=way).scale[:, 0].cpu() for way in (False, True)}
+    assert torch.equal(got[False], true_div[differ]) and torch.equal(got[True], by_reciprocal[differ])
 
 
-def test_compression_quantize_uses_the_kernel_on_cuda_only(interpret, compute_device, monkeypatch):
+def test_compression_quantize_uses_the_kernel_on_cuda_only(device, monkeypatch):
     """compression.quantize (the cache's and weights' entry) takes the kernel for CUDA tensors it supports, after
     its self-check; a CPU tensor, or padded groups, take the torch path."""
     calls = []
@@ -92,14 +92,14 @@ def test_compression_quantize_uses_the_kernel_on_cuda_only(interpret, compute_de
     assert_same(quantize(cpu, config), quantize_reference(cpu, config))
     assert not calls
     assert not quantize_triton.supported(torch.randn(4, 100), config)  # a padded group
-    if compute_device.startswith("cuda"):
+    if device == "cuda":
         x = cpu.cuda()
         assert_same(quantize(x, config), quantize_reference(x, config))
         assert calls
 
 
-def test_self_check_passes_and_can_be_switched_off(interpret, monkeypatch):
-    x = torch.zeros(2, 64)
+def test_self_check_passes_and_can_be_switched_off(device, monkeypatch):
+    x = torch.zeros(2, 64, device=device)
     config = CompressionConfig(4, 64, -1)
     assert quantize_triton.usable(x, config)
     monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
