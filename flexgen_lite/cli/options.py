@@ -125,9 +125,13 @@ def share(text: str) -> float | str:
 def fixed_share(args) -> float:
     """The explicit --cpu-attention-percent (100 when not given, or auto: resolve_share chooses it)."""
     value = getattr(args, "cpu_attention_percent", None)
-    if value not in (None, "auto") and value != 100 and not args.cpu_cache_compute and args.percent is not None:
+    if value in (None, "auto", 100):
+        return 100.0
+    if args.cpu_cache_compute:
+        return float(value)
+    if args.percent is not None:  # an explicit policy without CPU attention (auto: the search may turn it on)
         raise UsageError("--cpu-attention-percent splits the CPU's attention: add --cpu-cache-compute")
-    return 100.0 if value in (None, "auto") or not args.cpu_cache_compute else float(value)
+    return 100.0
 
 
 def budgets_from_args(args) -> Budgets | None:

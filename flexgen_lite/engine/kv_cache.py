@@ -105,9 +105,9 @@ def batch_parts(batch: int, gpu_batch_size: int, tier_rows: tuple[int, int, int]
     attended on the CPU, the rest across the link; with it, disk parts are attended on the CPU; None: none is."""
     lo, hi = batch * gpu_batch_size, (batch + 1) * gpu_batch_size
     gpu, cpu, disk = tier_rows
-    on_cpu = host_attended is not None
-    segments = (("gpu", gpu, False), ("cpu", host_attended if on_cpu else 0, True), ("cpu", cpu - (host_attended or 0),
-                False), ("disk", disk, on_cpu))
+    attended = host_attended or 0
+    segments = (("gpu", gpu, False), ("cpu", attended, True), ("cpu", cpu - attended, False),
+                ("disk", disk, host_attended is not None))
     parts, start = [], 0
     for tier, count, attended in segments:
         a, b = max(lo, start), min(hi, start + count)

@@ -195,9 +195,13 @@ class Layout:
         s, (gpu, cpu, disk) = self.s, self.cache_rows
         if not (s.cuda and s.policy.cpu_cache_compute):
             return [("gpu", gpu, False), ("cpu", cpu, False), ("disk", disk, False)]
-        share = s.policy.cpu_attention_percent
-        attended = host_attended_rows(cpu, share) if self.exact is not None else cpu * share / 100
+        attended = self.host_attended() if self.exact is not None else cpu * s.policy.cpu_attention_percent / 100
         return [("gpu", gpu, False), ("cpu", attended, True), ("cpu", cpu - attended, False), ("disk", disk, True)]
+
+    def host_attended(self) -> int | None:
+        """An exact layout's cpu-tier sequences the CPU attends, as KVCache counts them (host_attended_rows)."""
+        p = self.s.policy
+        return host_attended_rows(self.cache_rows[1], p.cpu_attention_percent if p.cpu_cache_compute else None)
 
     def part_direct(self, tier: str, on_cpu: bool) -> bool:
         """As kv_cache.KVCache._alloc decides (on_cpu: attended on the CPU beside a GPU)."""

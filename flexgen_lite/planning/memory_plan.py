@@ -9,7 +9,7 @@ import torch
 
 from ..engine.cache_store import component_specs
 from ..engine.kv_cache import batch_parts
-from ..engine.policy import Policy, host_attended_rows
+from ..engine.policy import Policy
 from ..engine.storage import TIERS
 from ..engine.weights import in_8_bits
 from ..kernels.int8_weight import int8_nbytes
@@ -47,8 +47,9 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
         d["kv cache"] = tier * per_seq
     if s.cuda and lay.exact is not None and lay.cache_rows[1]:  # one arena: each part's arrays at aligned offsets
         kept = Counter(c.cached_positions(layer, w.max_len) for layer in range(c.num_layers))  # layers by length
+        host = [(rows, on_cpu) for b in range(s.nb) for t, rows, on_cpu in _batch_parts(s, lay, b) if t == "cpu"]
         cpu["kv cache"] = sum(layers * _host_part_bytes(s, rows, n, on_cpu) for n, layers in kept.items()
-                              for b in range(s.nb) for t, rows, on_cpu in _batch_parts(s, lay, b) if t == "cpu")
+                              for rows, on_cpu in host)
     gpu["cache slots"], on_host = _cache_slots(s, lay)
     if on_host:
         cpu["cache slots"] = on_host
@@ -89,9 +90,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
 
 def _batch_parts(s: Setup, lay: Layout, b: int) -> list[tuple[str, slice, bool]]:
     """kv_cache.batch_parts of an exact layout's batch b, as KVCache splits it."""
-    attended = host_attended_rows(lay.cache_rows[1], s.policy.cpu_attention_percent if s.policy.cpu_cache_compute
-                                  else None)
-    return batch_parts(b, s.gbs, lay.cache_rows, attended)
+    return batch_parts(b, s.gbs, lay.cache_rows, lay.host_attended())
 
 
 def _host_part_bytes(s: Setup, rows: slice, positions: int, on_cpu: bool) -> int:
