@@ -67,6 +67,22 @@ def test_matches_transformers_across_a_link(gpt_oss, name):
     check(generate(path, POLICIES[name], "cpu+link"), reference)
 
 
+def test_prefills_through_the_c_kernel_as_transformers(gpt_oss, monkeypatch):
+    """The C prefill kernel, which takes each head's sink logit, gives transformers' tokens and logits (fp32),
+    on every layer: windowed and full."""
+    from flexgen_lite.kernels import attention, native, prefill_attention
+
+    if not (native.library() and native.library().prefill_available(native.OUT_KIND[torch.float32])):
+        pytest.skip("this CPU lacks AVX-512: the kernel declines (test_prefill_attention tests that)")
+    calls = []
+    real = prefill_attention.prefill_attention
+    monkeypatch.setattr(attention, "prefill_attention", lambda *a: calls.append(a[4] is not None) or real(*a))
+    monkeypatch.setattr(attention, "prefill_wins", lambda dtype: True)
+    path, _, reference = gpt_oss
+    check(generate(path, POLICIES["all-gpu"], torch.device("cpu")), reference)
+    assert calls and all(calls)
+
+
 def test_each_part_matters(gpt_oss, compute_device):
     """Without the sinks, the GLU's clamp or the window the tokens differ: the tests above would see each dropped."""
     path, _, (want_ids, _) = gpt_oss

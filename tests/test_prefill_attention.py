@@ -76,6 +76,38 @@ def test_fp32_matches_sdpa_as_closely_as_torch(shape):
     assert ours <= 1e-5 and ours <= 2 * torchs, (float(ours), float(torchs))
 
 
+def _exact_with_sinks(q, k, v, mask, sinks):
+    """fp64 softmax over each row's scores and its head's sink logit, the sink's share dropped (gpt-oss)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    sink = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    return torch.cat((scores, sink), -1).softmax(-1)[..., :-1] @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
+def test_sinks_take_their_share_of_each_softmax(shape, dtype):
+    """With each head's sink logit in the denominator: fp32 within 1e-5 of the exact result; bf16 within 1.25x
+    of torch's distance from it (scores and the sink's softmax in fp32, weights rounded to bf16)."""
+    kind = BF16 if dtype == torch.bfloat16 else F32
+    if not (native.library() and native.library().prefill_available(kind)):
+        pytest.skip("this CPU lacks the instructions for this dtype (declining is tested below)")
+    q, k, v, mask = _case(shape, dtype=dtype)
+    sinks = torch.randn(shape[1], generator=torch.Generator().manual_seed(9)) * 3
+    out = prefill.prefill_attention(q, k, v, mask, sinks)
+    exact = _exact_with_sinks(q, k, v, mask, sinks)
+    ours = (out.double() - exact).abs().max()
+    assert (out.double() - _exact_with_sinks(q, k, v, mask, sinks - 20)).abs().max() > 100 * ours  # sinks count
+    if dtype == torch.float32:
+        assert ours <= 1e-5, float(ours)
+    else:
+        torchs = (attention.scored_attend(q, k, v, mask, sinks=sinks).double() - exact).abs().max()
+        assert ours <= 1.25 * torchs, (float(ours), float(torchs))
+    assert prefill.prefill_attention(q, k, v, mask, sinks[1:]) is None  # one per query head
+
+
 @needs_kernel
 def test_causal_without_a_mask_is_the_tril_mask():
     q, k, v, _ = _case((2, 4, 2, 45, 45, 64), pads=(0,))

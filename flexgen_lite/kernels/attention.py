@@ -51,8 +51,14 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel
     wins (the profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel
     (shared_prefix.py). softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the
-    softmax's denominator (gpt-oss); no fused kernel takes either: computed whole (`scored_attend`)."""
+    softmax's denominator (gpt-oss): a CPU prefill's C kernel takes them; otherwise either is computed from the
+    whole scores (`scored_attend`)."""
     decode = q.shape[2] == 1
+    if (softcap is None and sinks is not None and not decode and native_prefill and q.device.type == "cpu"
+            and q.shape[0] and prefill_wins(q.dtype)):
+        out = prefill_attention(q, k, v, mask, sinks)
+        if out is not None:
+            return out, "cpu-native"
     if softcap is not None or sinks is not None:
         return scored_attend(q, k, v, mask, softcap, sinks), "softcap" if softcap is not None else "sinks"
     if sparsity < 1 and decode:

@@ -45,10 +45,11 @@ def intervals(mask: torch.Tensor | None, t: int, length: int) -> tuple[torch.Ten
     return found
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor | None) -> torch.Tensor | None:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(d)) v of bf16 or fp32 q (B, heads, t, d) over k, v (B, kv_heads, L, d) under `mask`
-    (bool (B, 1, t, L), or None: causal), by the C kernel; None where it cannot do this call here."""
+    (bool (B, 1, t, L), or None: causal), by the C kernel; None where it cannot do this call here. sinks (heads,):
+    each head's sink logit, a term of its softmax's denominator only (gpt-oss)."""
     lib, kind = native.library(), KINDS.get(q.dtype)
     b, heads, t, d = q.shape
     if (lib is None or kind is None or not lib.prefill_available(kind) or k.dtype != q.dtype
@@ -61,13 +62,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if found is None:
         return None
     lo, hi = (x.expand(b, t).contiguous() for x in found)
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()
+        if sinks.shape != (heads,) or sinks.device.type != "cpu":
+            return None
     out = torch.empty(b, heads, t, d, dtype=q.dtype)
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:3]) for x in (q, k, v, out)]
     threads = native.threads()
     # each (sequence, head)'s blocks of 16 query rows dealt to `splits` items: ~4 items a thread at least
     splits = max(1, min(-(-t // 16), -(-4 * threads // (b * heads))))
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lo.data_ptr(), hi.data_ptr(), out.data_ptr(), kind, heads,
-            kv_heads, t, length, d, *strides, 1.0 / math.sqrt(d), splits)
+            kv_heads, t, length, d, *strides, 1.0 / math.sqrt(d), None if sinks is None else sinks.data_ptr(), splits)
     items, team = b * heads * splits, native.team_threads()
     if team:
         lib.prefill_attention_team(*args, items, team)

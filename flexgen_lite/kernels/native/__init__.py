@@ -149,8 +149,8 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = attention + [ctypes.c_int64, ctypes.c_int]
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    prefill = [ptr] * 6 + [i32] + [i64] * 5 + [ptr] * 4 + [f32, i64]  # q k v lo hi out, kind, shapes, strides,
-    # scale, splits
+    prefill = [ptr] * 6 + [i32] + [i64] * 5 + [ptr] * 4 + [f32, ptr, i64]  # q k v lo hi out, kind, shapes,
+    # strides, scale, sinks, splits
     for name, types in (("rms_norm_range", [ptr] * 3 + [i32, i64, i64, f32, i32, i64, i64]),
                         ("rms_norm_team", [ptr] * 3 + [i32, i64, i64, i64, f32, i32, i32]),
                         ("rope_range", [ptr] * 4 + [i32] + [i64] * 3 + [ptr] * 2 + [i64] * 2),

@@ -71,12 +71,24 @@ static inline void block_keys(const int32_t *lo, const int32_t *hi, int64_t i0, 
     *lov = _mm512_loadu_si512(lo_l), *hiv = _mm512_loadu_si512(hi_l);
 }
 
+/* Each row's 1 / (sum of its weights), from the block walk's maximum `top` and `total` (weights relative to it);
+   with a sink logit (gpt-oss: a head's extra term in the softmax's denominator, whose value is dropped), 1 /
+   (total + exp(sink - top)). A row that saw no key: zeros. */
+static inline void normalisers(float *inv, __m512 top, __m512 total, const float *sink) {
+    float tops[ROWS], sums[ROWS];
+    _mm512_storeu_ps(tops, top), _mm512_storeu_ps(sums, total);
+    for (int64_t i = 0; i < ROWS; i++) {
+        float denominator = sums[i] + (sink ? expf(*sink - tops[i]) : 0.0f);  /* top -inf: inf, weights 0 */
+        inv[i] = denominator > 0 ? 1.0f / denominator : 0.0f;
+    }
+}
+
 /* The fp32 kernel (AVX-512 without bf16 instructions needed): rows [i0, i0 + ROWS) of one (sequence, head) of
    fp32 q, k, v into out, as row_block below does for bf16, with fused multiply-adds in place of the bf16 dots
    and no rounding of the weights. qt: scratch of dim vectors (q transposed), ot: dim vectors. */
 static void row_block_f32(const float *q, int64_t qs, const float *k, int64_t ks, const float *v, int64_t vs,
                           const int32_t *lo, const int32_t *hi, int64_t i0, int64_t t, int64_t dim, float scale,
-                          float *out, int64_t os, float *qt, float *ot) {
+                          const float *sink, float *out, int64_t os, float *qt, float *ot) {
     int64_t rows = t - i0 < ROWS ? t - i0 : ROWS;
     int32_t first, last;
     __m512i lov, hiv;
@@ -108,12 +120,10 @@ static void row_block_f32(const float *q, int64_t qs, const float *k, int64_t ks
             for (int d = 0; d < 16; d++) _mm512_storeu_ps(ot + 16 * (d0 + d), o[d]);
         }
     }
-    float sums[ROWS];
-    _mm512_storeu_ps(sums, total);
-    for (int64_t i = 0; i < rows; i++) {
-        float inv = sums[i] > 0 ? 1.0f / sums[i] : 0.0f;  /* no key seen: zeros */
-        for (int64_t d = 0; d < dim; d++) out[(i0 + i) * os + d] = ot[16 * d + i] * inv;
-    }
+    float inv[ROWS];
+    normalisers(inv, top, total, sink);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t d = 0; d < dim; d++) out[(i0 + i) * os + d] = ot[16 * d + i] * inv[i];
 }
 #endif
 
@@ -134,7 +144,7 @@ static void interleave_values(uint32_t *vp, const uint16_t *v, int64_t vs, int64
    dim vectors, output dimension d's 16 rows at ot + 16 d. */
 static void row_block(const uint16_t *q, int64_t qs, const uint16_t *k, int64_t ks, const uint32_t *vp,
                       const int32_t *lo, const int32_t *hi, int64_t i0, int64_t t, int64_t dim, float scale,
-                      uint16_t *out, int64_t os, uint32_t *qt, float *ot) {
+                      const float *sink, uint16_t *out, int64_t os, uint32_t *qt, float *ot) {
     int64_t rows = t - i0 < ROWS ? t - i0 : ROWS, pairs = dim / 2;
     int32_t first, last;
     __m512i lov, hiv;
@@ -175,9 +185,8 @@ static void row_block(const uint16_t *q, int64_t qs, const uint16_t *k, int64_t 
             for (int64_t d = 0; d < nd; d++) _mm512_storeu_ps(ot + 16 * (d0 + d), o[d]);
         }
     }
-    float inv[ROWS], sums[ROWS];
-    _mm512_storeu_ps(sums, total);
-    for (int64_t i = 0; i < ROWS; i++) inv[i] = sums[i] > 0 ? 1.0f / sums[i] : 0.0f;  /* no key seen: zeros */
+    float inv[ROWS];
+    normalisers(inv, top, total, sink);
     for (int64_t i = 0; i < rows; i++) {
         uint16_t *o = out + (i0 + i) * os;
         for (int64_t d = 0; d < dim; d++) o[d] = bf16_bits(ot[16 * d + i] * inv[i]);
@@ -189,7 +198,7 @@ static void row_block(const uint16_t *q, int64_t qs, const uint16_t *k, int64_t 
 static void items_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *lo, const int32_t *hi,
                        uint16_t *out, int64_t heads, int64_t kv_heads, int64_t t, int64_t length, int64_t dim,
                        const int64_t *qst, const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale,
-                       int64_t splits, int64_t begin, int64_t end) {
+                       const float *sinks, int64_t splits, int64_t begin, int64_t end) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     int64_t group = heads / kv_heads, padded = (length + 1) / 2 * 2;
     uint32_t *vp = aligned_alloc(64, (padded / 2 * dim + dim / 2 * ROWS) * sizeof(uint32_t) + 64);
@@ -206,22 +215,23 @@ static void items_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
             }
             for (int64_t i0 = part * ROWS; i0 < t; i0 += splits * ROWS)
                 row_block(q + b * qst[0] + h * qst[1], qst[2], kb, kst[2], vp, lo + b * t, hi + b * t, i0, t, dim,
-                          scale, out + b * ost[0] + h * ost[1], ost[2], qt, ot);
+                          scale, sinks ? sinks + h : NULL, out + b * ost[0] + h * ost[1], ost[2], qt, ot);
         }
     }
     free(vp);
     free(ot);
 #else
     (void)q, (void)k, (void)v, (void)lo, (void)hi, (void)out, (void)heads, (void)kv_heads, (void)t, (void)length;
-    (void)dim, (void)qst, (void)kst, (void)vst, (void)ost, (void)scale, (void)splits, (void)begin, (void)end;
+    (void)dim, (void)qst, (void)kst, (void)vst, (void)ost, (void)scale, (void)sinks, (void)splits, (void)begin;
+    (void)end;
 #endif
 }
 
 /* The same of fp32 q, k, v. */
 static void items_f32(const float *q, const float *k, const float *v, const int32_t *lo, const int32_t *hi,
                       float *out, int64_t heads, int64_t kv_heads, int64_t t, int64_t dim, const int64_t *qst,
-                      const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale, int64_t splits,
-                      int64_t begin, int64_t end) {
+                      const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale, const float *sinks,
+                      int64_t splits, int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
     int64_t group = heads / kv_heads;
     float *qt = aligned_alloc(64, 2 * dim * 16 * sizeof(float)), *ot = qt + dim * 16;
@@ -231,13 +241,13 @@ static void items_f32(const float *q, const float *k, const float *v, const int3
             for (int64_t i0 = part * ROWS; i0 < t; i0 += splits * ROWS)
                 row_block_f32(q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + kh * kst[1], kst[2],
                               v + b * vst[0] + kh * vst[1], vst[2], lo + b * t, hi + b * t, i0, t, dim, scale,
-                              out + b * ost[0] + h * ost[1], ost[2], qt, ot);
+                              sinks ? sinks + h : NULL, out + b * ost[0] + h * ost[1], ost[2], qt, ot);
         }
     }
     free(qt);
 #else
     (void)q, (void)k, (void)v, (void)lo, (void)hi, (void)out, (void)heads, (void)kv_heads, (void)t, (void)dim;
-    (void)qst, (void)kst, (void)vst, (void)ost, (void)scale, (void)splits, (void)begin, (void)end;
+    (void)qst, (void)kst, (void)vst, (void)ost, (void)scale, (void)sinks, (void)splits, (void)begin, (void)end;
 #endif
 }
 
@@ -245,17 +255,18 @@ static void items_f32(const float *q, const float *k, const float *v, const int3
    query rows dealt out to `splits` items in turn (more items than sequences and heads for many cores; in turn,
    as causal rows cost more the later they come). q, k, v, out of `kind` (bf16 or fp32); q (b, h, i, :) at q +
    b * qst[0] + h * qst[1] + i * qst[2] elements (k, v, out alike; the last dimension contiguous); lo, hi (b, i)
-   at b * t + i. Returns without work where the CPU lacks the instructions (the caller checks
+   at b * t + i; sinks: NULL, or each query head's sink logit (fp32, gpt-oss). Returns without work where the CPU lacks the instructions (the caller checks
    prefill_available). */
 void prefill_attention(const void *q, const void *k, const void *v, const int32_t *lo, const int32_t *hi, void *out,
                        int kind, int64_t heads, int64_t kv_heads, int64_t t, int64_t length, int64_t dim,
                        const int64_t *qst, const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale,
-                       int64_t splits, int64_t begin, int64_t end) {
+                       const float *sinks, int64_t splits, int64_t begin, int64_t end) {
     if (kind == KIND_BF16)
-        items_bf16(q, k, v, lo, hi, out, heads, kv_heads, t, length, dim, qst, kst, vst, ost, scale, splits, begin,
-                   end);
+        items_bf16(q, k, v, lo, hi, out, heads, kv_heads, t, length, dim, qst, kst, vst, ost, scale, sinks, splits,
+                   begin, end);
     else if (kind == KIND_F32)
-        items_f32(q, k, v, lo, hi, out, heads, kv_heads, t, dim, qst, kst, vst, ost, scale, splits, begin, end);
+        items_f32(q, k, v, lo, hi, out, heads, kv_heads, t, dim, qst, kst, vst, ost, scale, sinks, splits, begin,
+                  end);
 }
 
 /* Whether this build has the kernel for `kind`: AVX-512 for fp32, and its bf16 dot instruction for bf16. */
@@ -274,10 +285,11 @@ int prefill_available(int kind) {
 void prefill_attention_team(const void *q, const void *k, const void *v, const int32_t *lo, const int32_t *hi,
                             void *out, int kind, int64_t heads, int64_t kv_heads, int64_t t, int64_t length,
                             int64_t dim, const int64_t *qst, const int64_t *kst, const int64_t *vst,
-                            const int64_t *ost, float scale, int64_t splits, int64_t items, int threads) {
+                            const int64_t *ost, float scale, const float *sinks, int64_t splits, int64_t items,
+                            int threads) {
     int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
     for (int64_t r = 0; r < ranges; r++)
         prefill_attention(q, k, v, lo, hi, out, kind, heads, kv_heads, t, length, dim, qst, kst, vst, ost, scale,
-                          splits, r * step, (r + 1) * step < items ? (r + 1) * step : items);
+                          sinks, splits, r * step, (r + 1) * step < items ? (r + 1) * step : items);
 }
