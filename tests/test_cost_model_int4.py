@@ -155,3 +155,25 @@ def test_a_profile_file_given_by_the_environment_is_left_as_it_is(tmp_path, monk
     monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
     monkeypatch.setattr("flexgen_lite.profiling.measure.measure_int4_matmul", lambda device: pytest.fail("measured"))
     assert load_profile().int4_matmul is None
+
+
+def test_breakdowns_compute_bound_prices_4_bit_products_as_the_cost_model():
+    """--breakdown's compute bound (step_flops with the run's Setup) counts a decode step's decoder matrices at
+    the int4 kernel's time where the policy stores them for it, not at the dense rate (a batch-1 CPU step once
+    read "0.5x its bound"); without compression, the dense rate as before."""
+    from flexgen_lite.cli.breakdown import step_flops
+    from flexgen_lite.models.specs import matmuls
+    from flexgen_lite.planning.layout import Setup
+
+    rows = 16
+    dense_only = step_flops(OPT, rows, 1, 64, 1, KERNEL, "bfloat16")["compute_s"]
+    plain = Setup(OPT, WL, dataclasses.replace(COMPRESSED, compress_weight=False), KERNEL)
+    assert step_flops(OPT, rows, 1, 64, 1, KERNEL, "bfloat16", plain)["compute_s"] == pytest.approx(dense_only)
+    s = Setup(OPT, WL, COMPRESSED, KERNEL)
+    decoder = sum(KERNEL.int4_matmul_time("bfloat16", rows, k, n) for kind in ("attention", "mlp")
+                  for k, n, _ in matmuls(s.kinds[kind]))
+    dense_decoder = sum(KERNEL.matmul_time("bfloat16", rows, k, n) for kind in ("attention", "mlp")
+                        for k, n, _ in matmuls(s.kinds[kind]))
+    expected = dense_only + OPT.num_layers * (decoder - dense_decoder)
+    assert decoder != pytest.approx(dense_decoder)
+    assert step_flops(OPT, rows, 1, 64, 1, KERNEL, "bfloat16", s)["compute_s"] == pytest.approx(expected)

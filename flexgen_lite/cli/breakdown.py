@@ -222,15 +222,24 @@ def step_linears(config, rows: int, tokens: int, batches: int = 1) -> list[tuple
 
 
 def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, hw=None,
-               dtype: str = "float32") -> dict[str, float]:
+               dtype: str = "float32", setup=None) -> dict[str, float]:
     """Matmul and prefill-attention FLOPs of one step (the linears of cost_model._compute), and the seconds
-    the profile's matmul and prefill-attention rates give for them ("compute_s", with `hw`)."""
+    the profile's rates give for them ("compute_s", with `hw`). setup (a cost_model Setup of the run's policy):
+    its products priced as the cost model prices them (4-bit weights the CPU kernel reads as stored, an 8-bit
+    head), not all as dense ones."""
     c = config
     flops, seconds = 0.0, 0.0
     for m, k, n, times in step_linears(config, rows, tokens, batches):
         flops += times * 2 * m * k * n
-        if hw is not None:
+        if hw is not None and setup is None:
             seconds += times * hw.matmul_time(dtype, m, k, n)
+    if setup is not None:
+        from ..planning.cost_model import products_time
+
+        batch_rows = max(rows, 1) // batches
+        for kind, times, m in (("attention", c.num_layers, batch_rows * tokens), ("mlp", c.num_layers,
+                               batch_rows * tokens), ("embed", 1, batch_rows * tokens), ("head", 1, batch_rows)):
+            seconds += times * products_time(setup, kind, m, batches)[0]
     if tokens > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * rows * c.num_heads * tokens * tokens * c.head_dim * c.num_layers
         flops += sdpa

@@ -4,6 +4,7 @@ where the time went and the Chrome / Perfetto trace of the same spans."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..engine.trace import Recorder, make_recorder
@@ -39,8 +40,13 @@ def build_context(recorder: Recorder, config, policy, dtype: str, cuda: bool, hw
                "profile": None if hw is None else hw.measured_at, "rates": {}, "predicted": None}
     if hw is not None:
         context["rates"] = {k: list(v) for k, v in profile_rates(hw, dtype, cuda, cold_disk, policy.pin_weight).items()}
-    context["step_info"] = [{**step_flops(config, m.rows, m.tokens, m.context, policy.num_gpu_batches, hw, dtype),
-                             "attention": m.attention} for m in recorder.steps]
+    setup = None
+    if hw is not None and workload is not None:
+        from ..planning.layout import Setup
+
+        setup = Setup(config, workload, dataclasses.replace(policy, dtype=dtype), hw)
+    context["step_info"] = [{**step_flops(config, m.rows, m.tokens, m.context, policy.num_gpu_batches, hw, dtype,
+                                          setup), "attention": m.attention} for m in recorder.steps]
     if hw is not None and workload is not None:
         from ..planning.cost_model import predict
 

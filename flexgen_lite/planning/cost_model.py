@@ -114,7 +114,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
             _disk_read(s, seg, d * nbytes)
         else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
             _mapped_read(s, seg, d * nbytes)
-        if s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape):  # those: see _int4_matmuls
+        if s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape):  # those: see products_time
             seconds = math.prod(spec.shape) / hw.dequantize[s.dname]
             if s.cuda:  # on the GPU beside compute, while the next layer's codes cross (WeightSlots): not a wait
                 seg.add("dequantize", seconds, waits=False)
@@ -145,10 +145,10 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     bw = hw.device_copy if s.cuda else hw.host_copy
     if t == 1 and graph_decode(s):  # a CUDA graph's step: every expert over every row (layers.every_expert)
         linears = [(k, n, 1.0) for k, n, _ in linears]
-    dense = [(k, n, share) for k, n, share in linears if not kernel_weight(s, kind, (n, k))]
-    dense_s = sum(_dense_time(s, kind, expert_rows(rows, share), k, n) for k, n, share in dense)
-    seg.add("compute", nb * (dense_s + passes[kind] / bw), waits=False)
-    _int4_matmuls(s, seg, kind, rows, linears, nb)
+    products, dequantize = products_time(s, kind, rows, nb, linears)
+    seg.add("compute", nb * passes[kind] / bw + products, waits=False)
+    if dequantize:
+        seg.add("dequantize", dequantize, waits=False)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * gbs * c.num_heads * t * (keys or t) * c.head_dim
         seg.add("compute", nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
@@ -244,15 +244,19 @@ def expert_rows(rows: int, share: float) -> int:
     return rows if share == 1 else max(1, math.ceil(rows * share))
 
 
-def _int4_matmuls(s: Setup, seg: Seg, kind: str, rows: int, linears: list[tuple[int, int, float]], nb: int) -> None:
-    """Weights stored for the CPU's int4 kernel (int4_cost): multiplied as stored or by tiles, or dequantized in
-    the compute thread (WeightSlots.complete, whatever their tier) and multiplied dense, as int4_path chooses."""
-    for k, n, share in linears:
+def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None) -> tuple[float, float]:
+    """(matmul seconds, dequantization seconds) of `nb` GPU batches' products in a layer of `kind`, `rows` rows
+    each: dense weights at the profile's matmul rate (`_dense_time`); weights stored for the CPU's int4 kernel
+    multiplied as stored, by tiles, or dequantized once in the compute thread and multiplied dense, as
+    int4_path chooses (int4_cost). linears: `matmuls` of the layer's weights (a CUDA graph's: every expert)."""
+    matmul, dequantize = 0.0, 0.0
+    for k, n, share in matmuls(s.kinds[kind]) if linears is None else linears:
         if kernel_weight(s, kind, (n, k)):
             cost = int4_cost(s.hw, s.dname, expert_rows(rows, share), nb, k, n)
-            seg.add("compute", cost.matmul, waits=False)
-            if cost.dequantize:
-                seg.add("dequantize", cost.dequantize, waits=False)
+            matmul, dequantize = matmul + cost.matmul, dequantize + cost.dequantize
+        else:
+            matmul += nb * _dense_time(s, kind, expert_rows(rows, share), k, n)
+    return matmul, dequantize
 
 
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
