@@ -60,8 +60,12 @@ def assert_same(a, b, atol=LOGITS_ATOL) -> None:
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "qwen3", "mixtral", "qwen2-moe"])  # learned positions;
-# rope, grouped heads; q/k norms; experts (each over every row: layers.every_expert), a shared expert
+KERNELS = {"gemma2": "softcap", "gpt-oss": "sinks"}  # attention from the whole scores, in the eager step too
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "qwen3", "mixtral", "qwen2-moe", "gemma2", "gpt-oss"])
+# learned positions; rope, grouped heads; q/k norms; experts (each over every row: layers.every_expert), a shared
+# expert; capped scores and windows (rings); sinks, windows and gpt-oss's experts
 @pytest.mark.parametrize("padded", [False, True], ids=["equal-lengths", "left-padded"])
 def test_static_step_matches_the_engine_and_transformers(tiny_models, references, static_runs, family, padded):
     model_dir, model = tiny_models[family]
@@ -74,9 +78,10 @@ def test_static_step_matches_the_engine_and_transformers(tiny_models, references
     assert used == {0, 1} and len(static_runs) >= 2 * 7  # both GPU batches, every decode step of a full block
     if padded:  # the last block (prompts of 4, 3 and 2 tokens): batch 1's filler row computed, not sampled
         assert sorted(static_runs[-14:]) == [(b, p) for b in (0, 1) for p in range(4, 11)]
-        assert static[2][-1] == "static+sdpa-cpu"
+        assert static[2][-1] == f"static+{KERNELS.get(family, 'sdpa-cpu')}"
     else:
-        assert static[2] == ["sdpa-cpu"] + ["static+sdpa-cpu"] * 7
+        kernel = KERNELS.get(family, "sdpa-cpu")
+        assert static[2] == [kernel] + [f"static+{kernel}"] * 7
 
 
 def test_kept_after_a_row_finishes(tiny_models, static_runs):

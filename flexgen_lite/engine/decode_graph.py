@@ -138,7 +138,6 @@ class StaticDecode:
         # every layer's weights usable where they are, every cached position attended (no top-k), a MoE's experts
         # each over every row where that wins for a batch's rows
         self.possible = (all(w is not None for w in resident) and policy.attn_sparsity == 1
-                         and config.static_step
                          and (not config.moe or every_expert_wins(cached_profile(device), config,
                                                                   str(dtype).removeprefix("torch."),
                                                                   policy.gpu_batch_size)))
@@ -264,7 +263,7 @@ class StaticDecode:
                 k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
                 v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
                 layer += 1
-                h = L.attention_output(w, self._attend(q, k_cache, v_cache, seen), h, cfg)
+                h = L.attention_output(w, self._attend(q, k_cache, v_cache, seen, L.sinks(w, cfg)), h, cfg)
         if s.logits is not None:
             s.logits.copy_(logits)
             return s.logits
@@ -280,9 +279,15 @@ class StaticDecode:
         mask = (held >= 0) & ((held >= s.pad[:, None]) | (held == s.write))
         return s.write % capacity, mask[:, None, None]
 
-    def _attend(self, q, k, v, mask) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, sinks=None) -> torch.Tensor:
         """q (rows, heads, 1, D) over the whole cache under `mask`: the Triton split-KV kernel where chosen
-        (attention.decode_attend), else SDPA with grouped heads folded (attention.fold_groups)."""
+        (attention.decode_attend), else SDPA with grouped heads folded (attention.fold_groups). Capped scores
+        (Gemma-2) or sinks (gpt-oss), which no fused kernel takes: from the whole scores (scored_attend), whose
+        shapes are as constant as the cache's."""
+        cap = self.config.attn_softcap
+        if cap is not None or sinks is not None:
+            self.kernel = self.kernel or ("softcap" if cap is not None else "sinks")
+            return attention.scored_attend(q, k, v, mask, cap, sinks)
         chosen = attention.decode_attend(q, k, v, mask, graphed=self.capture)
         if chosen is not None:
             self.kernel = self.kernel or chosen[1]

@@ -105,13 +105,6 @@ class ModelConfig:
                 and not self.unrotated_layers and not self.attn_sinks)
 
     @property
-    def static_step(self) -> bool:
-        """Whether a decode step's shapes can be the same every step (a CUDA graph can replay it): not with the
-        capped attention or the sinks the graph's SDPA does not compute. Experts chosen per token run each over every
-        row there (layers.every_expert), where that wins (decode_graph.every_expert_wins)."""
-        return self.attn_softcap is None and not self.attn_sinks
-
-    @property
     def fp32_routing_weights(self) -> bool:
         """Whether each row's experts are weighted in fp32 (Mixtral) rather than in the compute dtype."""
         return self.moe == "mixtral"

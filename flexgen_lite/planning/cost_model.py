@@ -227,7 +227,7 @@ def graph_decode(s: Setup) -> bool:
     p = s.policy
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
     return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
-            and p.attn_sparsity == 1 and not p.cpu_cache_compute and s.config.static_step
+            and p.attn_sparsity == 1 and not p.cpu_cache_compute
             and every_expert_wins(s.hw, s.config, s.dname, s.gbs))
 
 
