@@ -67,6 +67,23 @@ def test_matches_transformers_across_a_link(gpt_oss, name):
     check(generate(path, POLICIES[name], "cpu+link"), reference)
 
 
+@link_only_on_cpu
+def test_cpu_attention_on_the_worker_takes_the_sinks(gpt_oss, monkeypatch):
+    """Beside a (simulated) GPU, the CPU's parts are attended on the worker thread by the C decode kernel with the
+    layer's sinks on the host: transformers' tokens and logits. (On CUDA the sinks are copied to the host once per
+    layer, `_host_sinks`: the parity run's CPU-attention placements go through it.)"""
+    from flexgen_lite.engine.decode_attention import DecodeAttention
+
+    calls, real = [], DecodeAttention._attend_on_worker
+    monkeypatch.setattr(DecodeAttention, "_attend_on_worker", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    path, _, reference = gpt_oss
+    with FlexGenLite(str(path), policy=POLICIES["cpu-attention-cache-cpu"], device="cpu+link") as m:
+        check(m.generate_ids(PROMPTS, GREEDY, return_logits=True), reference)
+        kernels = set("+".join(m.engine.times.attention[1:]).split("+"))
+    assert calls and all(s is not None and s.device.type == "cpu" for s in calls)
+    assert "cpu-native" in kernels and "sinks" not in kernels  # the C kernel, never the whole scores
+
+
 def test_prefills_through_the_c_kernel_as_transformers(gpt_oss, monkeypatch):
     """The C prefill kernel, which takes each head's sink logit, gives transformers' tokens and logits (fp32),
     on every layer: windowed and full."""

@@ -82,6 +82,7 @@ class Engine(DecodeAttention):
         # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
         self.unpadded_without_mask = device.is_cuda
         self._kernels: set[str] = set()  # the attention kernels of the running step
+        self._sinks_on_host: dict[int, torch.Tensor] = {}  # per layer, gpt-oss's sink logits for the CPU's parts
         # decode steps of whole batches from static buffers, one CUDA graph each (decode_graph.py), where all
         # weights are resident; True on a CPU (tests) runs the same step eagerly
         self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.rotary, ledger)

@@ -17,7 +17,7 @@ from .trace import ATTENTION, COMPUTE_LANE, CPU_ATTENTION
 
 class DecodeAttention:
     """Engine's methods for decode attention (block_schedule.py holds the state they use: config, policy, device,
-    trace, acts, cpu_worker, _worker_tasks, _kernels, _store_cache)."""
+    trace, acts, cpu_worker, _worker_tasks, _kernels, _sinks_on_host, _store_cache)."""
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
@@ -25,7 +25,7 @@ class DecodeAttention:
         outs, window = [], self.config.window(layer)
         ready = inputs.pop("cache ready", None)  # the copies into slots: waited for by the first part read from one
         worker = pipelined(views, self.policy.overlap, self.device.host_is_separate, self.acts.in_place(b),
-                           sinks is None and self.config.attn_softcap is None)
+                           self.config.attn_softcap is None)
         on_host = None  # the new token's q, k, v on the host for the worker: one copy, in this thread
         for view in views:
             if not view.part.direct:  # a part used where it lives (compute memory, or the CPU's) does not wait
@@ -40,11 +40,13 @@ class DecodeAttention:
                 mask = hosted[window]
             if worker and on_cpu:
                 on_host = on_host or rows_to(torch.device("cpu"), q.dtype, q, k, v)
-                outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs))
+                outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs,
+                                                   self._host_sinks(layer, sinks)))
                 self._worker_tasks.append(outs[-1])
                 continue
             with self.trace.span(CPU_ATTENTION if on_cpu else ATTENTION, stream=None if on_cpu else COMPUTE_LANE) as s:
-                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s, sinks)
+                out = self._attend_part(layer, b, view, q, k, v, mask, start, inputs, s,
+                                        self._host_sinks(layer, sinks) if on_cpu else sinks)
             if out is not None:
                 outs.append(out)
         self.device.wait_for(ready)
@@ -52,13 +54,22 @@ class DecodeAttention:
             return PendingAttention(outs, lambda f: self._collect(layer, b, f, start))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _attend_on_worker(self, view, q, k, v, mask, start: int, inputs: dict):
-        """attend_part on the CPU worker (q, k, v already on the host): (view, what it found)."""
+    def _attend_on_worker(self, view, q, k, v, mask, start: int, inputs: dict, sinks=None):
+        """attend_part on the CPU worker (q, k, v and sinks already on the host): (view, what it found)."""
         with self.trace.span(CPU_ATTENTION) as s:
-            found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity)
+            found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, sinks=sinks)
             if found is not None:
                 s.nbytes = found[4]
         return view, found
+
+    def _host_sinks(self, layer: int, sinks: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer's sink logits on the host (the C kernels take them there), copied once per engine: a copy each
+        step would wait for the GPU's stream."""
+        if sinks is None or sinks.device.type == "cpu":
+            return sinks
+        if layer not in self._sinks_on_host:
+            self._sinks_on_host[layer] = sinks.to("cpu", torch.float32)
+        return self._sinks_on_host[layer]
 
     def _collect(self, layer: int, b: int, future: Future, start: int) -> torch.Tensor | None:
         """A worker's part, in the schedule's thread: `_settle`d, its output on the compute device."""

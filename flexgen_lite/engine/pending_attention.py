@@ -44,8 +44,8 @@ class PendingAttention:
 
 def pipelined(views, overlap: bool, separate: bool, acts_in_place: bool, plain: bool) -> bool:
     """Whether a batch's CPU parts are attended on the worker: beside a GPU (`separate`), with overlap on, the
-    batch's hidden state kept where it is computed, plain attention (no sinks or caps), and every part the CPU
-    attends used where it lives."""
+    batch's hidden state kept where it is computed, attention without capped scores (`plain`: the C kernels take
+    sinks, not caps), and every part the CPU attends used where it lives."""
     on_cpu = [v.part for v in views if v.part.on_cpu]
     return (overlap and separate and acts_in_place and plain and bool(on_cpu)
             and all(p.direct and not (p.k.mapped or p.v.mapped) for p in on_cpu))

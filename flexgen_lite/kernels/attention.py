@@ -51,12 +51,16 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel
     wins (the profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel
     (shared_prefix.py). softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the
-    softmax's denominator (gpt-oss): a CPU prefill's C kernel takes them; otherwise either is computed from the
-    whole scores (`scored_attend`)."""
+    softmax's denominator (gpt-oss): the CPU's C kernels take them; otherwise either is computed from the whole
+    scores (`scored_attend`)."""
     decode = q.shape[2] == 1
-    if (softcap is None and sinks is not None and not decode and native_prefill and q.device.type == "cpu"
-            and q.shape[0] and prefill_wins(q.dtype)):
-        out = prefill_attention(q, k, v, mask, sinks)
+    if softcap is None and sinks is not None and q.device.type == "cpu" and q.shape[0]:  # the C kernels take sinks
+        if decode and native_decode_agrees():
+            seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
+            out = native.decode_attention(q, k, v, seen, shared, sinks)
+        else:
+            out = prefill_attention(q, k, v, mask, sinks) if not decode and native_prefill and prefill_wins(
+                q.dtype) else None
         if out is not None:
             return out, "cpu-native"
     if softcap is not None or sinks is not None:

@@ -141,7 +141,8 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
         + [ctypes.c_int]
     attention = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                  + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
-                 + [ctypes.c_int64, ctypes.c_void_p])  # ... block, source, shift, shared, row_map
+                 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p])  # ... block, source, shift, shared, row_map,
+    # sinks
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = attention + [ctypes.c_int64] * 2
@@ -404,14 +405,16 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     shared: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor | None:
+                     shared: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(d)) v for one query position: q (B, heads, 1, d) over k, v (B, kv_heads, L, d) with
     a bool mask (B, 1, 1, L), as torch's scaled_dot_product_attention (fp32 inside); None when the kernel
     cannot do it here. k and v may be views of longer caches (any strides, rows of d contiguous), such as the
     position-major cache across a link. Runs on `threads()` threads.
 
     shared (source, shift, columns): row b's positions below `columns` are read from row source[b]'s, shift[b]
-    positions earlier (int64 (B,) each on the CPU): a prompt prefix stored alike in every row, read once."""
+    positions earlier (int64 (B,) each on the CPU): a prompt prefix stored alike in every row, read once.
+    sinks (heads,): each head's sink logit, a term of its softmax's denominator only (gpt-oss)."""
     lib = library()
     b, heads, t, d = q.shape
     if (lib is None or t != 1 or q.dtype not in OUT_KIND or not (q.dtype == k.dtype == v.dtype)
@@ -420,6 +423,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             or any(x.device.type != "cpu" or x.stride(-1) != 1 for x in (q, k, v))):
         return None
     kv_heads, length = k.shape[1], k.shape[2]
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()
+        if sinks.shape != (heads,) or sinks.device.type != "cpu":
+            return None
     mask = mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
     out = torch.empty(b, heads, 1, d, dtype=q.dtype)
     strides = [(ctypes.c_int64 * 3)(*x.stride()[:2], x.stride(2)) for x in (q, k, v, out)]
@@ -429,7 +436,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), OUT_KIND[q.dtype], b, heads,
             kv_heads, length, d, strides[0], strides[1], strides[2], length, strides[3], 1.0 / math.sqrt(d), block,
             None if source is None else source.data_ptr(), None if shift is None else shift.data_ptr(), columns,
-            None)
+            None, None if sinks is None else sinks.data_ptr())
     items = b * -(-kv_heads // block)
     if team_threads():
         lib.decode_attention_team(*args, items, team_threads())

@@ -124,6 +124,12 @@ static inline void axpy_half(float *acc, float p, const uint16_t *b, int64_t n, 
     for (; i < n; i++) acc[i] += p * kind_value(b, kind, i);
 }
 
+/* A sink logit's term of head j's softmax denominator (gpt-oss: each head's learned logit, whose value is
+   dropped), relative to the head's maximum score `top`; 0 without sinks. */
+static inline float sink_term(const float *sinks, int64_t j, float top) {
+    return sinks ? expf(sinks[j] - top) : 0.0f;
+}
+
 /* exp(s[l] - top) into s[l] for unmasked positions, 0 for masked ones; their sum. With AVX-512 16 at a time
    (exp16), else expf: a scalar expf per position was a third of a short-context decode step's attention. */
 static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, float top) {
@@ -313,8 +319,8 @@ static inline __attribute__((always_inline)) void group_scores_tiled(const float
    of multiply-adds bound it). Scores of head j go to s + j * sl; its output to acc + j * ds. */
 static inline __attribute__((always_inline)) void group_two_pass_nv(
         const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g, const rows_t *c, const uint8_t *m,
-        int64_t length, int64_t ks, int64_t vs, float scale, float *s, int64_t sl, float *acc, const int nv,
-        const int kind) {
+        int64_t length, int64_t ks, int64_t vs, float scale, const float *sinks, float *s, int64_t sl, float *acc,
+        const int nv, const int kind) {
     float top[MAX_GROUP];
     if (nv == 4) {
         group_scores_tiled(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, top, nv, kind);
@@ -340,7 +346,7 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
     float total[MAX_GROUP];
     for (int64_t j = 0; j < g; j++) {
         memset(acc + j * ds, 0, ds * sizeof(float));
-        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]);
+        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]) + sink_term(sinks, j, top[j]);
     }
     const int chunk = nv == 4 ? 4 : 2;  /* heads whose sums stay in registers at once: 16 accumulators */
     for (int64_t j0 = 0; j0 < g; j0 += chunk) {
@@ -365,15 +371,16 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
 /* group_two_pass_nv with the head dim and the kind (bf16, fp16) constants (the sums held in registers) */
 static void group_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t g,
                                 const rows_t *c, const uint8_t *m, int64_t length, int64_t ks, int64_t vs,
-                                float scale, float *s, int64_t sl, float *acc, int64_t nv, int kind) {
+                                float scale, const float *sinks, float *s, int64_t sl, float *acc, int64_t nv,
+                                int kind) {
     if (kind == KIND_F16 && nv == 4)
-        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 4, KIND_F16);
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, sinks, s, sl, acc, 4, KIND_F16);
     else if (kind == KIND_F16)
-        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 8, KIND_F16);
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, sinks, s, sl, acc, 8, KIND_F16);
     else if (nv == 4)
-        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 4, KIND_BF16);
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, sinks, s, sl, acc, 4, KIND_BF16);
     else
-        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, s, sl, acc, 8, KIND_BF16);
+        group_two_pass_nv(qf, ds, qb, qs, g, c, m, length, ks, vs, scale, sinks, s, sl, acc, 8, KIND_BF16);
 }
 #endif
 
@@ -463,8 +470,8 @@ static inline __attribute__((always_inline)) void weighted_values(float *acc, in
    the same bytes read in order. */
 static inline __attribute__((always_inline)) void block_two_pass_nv(
         const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv, int64_t group, const rows_t *c,
-        int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s, const uint8_t *m, int64_t length, float scale, float *s,
-        float *acc, const int nv, const int kind) {
+        int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s, const uint8_t *m, int64_t length, float scale,
+        const float *sinks, float *s, float *acc, const int nv, const int kind) {
     int64_t nq = nkv * group;
     __m512 top = _mm512_set1_ps(-INFINITY), a[16];
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();  /* lanes of heads past nq: scores 0 */
@@ -487,8 +494,10 @@ static inline __attribute__((always_inline)) void block_two_pass_nv(
         _mm512_storeu_ps(s + 16 * l, p);
         total = _mm512_add_ps(total, p);
     }
-    float totals[16];
-    _mm512_storeu_ps(totals, total);
+    float totals[16], tops[16];
+    _mm512_storeu_ps(totals, total), _mm512_storeu_ps(tops, top);
+    for (int64_t j = 0; j < nq; j++)
+        if (tops[j] != -INFINITY) totals[j] += sink_term(sinks, j, tops[j]);
     memset(acc, 0, 16 * ds * sizeof(float));
     weighted_values(acc, ds, s, nq, nkv, group, c, vh_s, vl_s, m, length, nv, kind);
     for (int64_t j = 0; j < nq; j++) {
@@ -499,13 +508,14 @@ static inline __attribute__((always_inline)) void block_two_pass_nv(
 
 static void block_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb, int64_t qs, int64_t nkv,
                                 int64_t group, const rows_t *c, int64_t kh_s, int64_t l_s, int64_t vh_s, int64_t vl_s,
-                                const uint8_t *m, int64_t length, float scale, float *s, float *acc, int64_t nv,
-                                int kind) {
+                                const uint8_t *m, int64_t length, float scale, const float *sinks, float *s,
+                                float *acc, int64_t nv, int kind) {
     /* the head dim and the kind constants in each: the sums' indices known, so that they stay in registers */
     switch (nv * 4 + kind) {
 #define CASE(n, k) \
     case n * 4 + k: \
-        block_two_pass_nv(qf, ds, qb, qs, nkv, group, c, kh_s, l_s, vh_s, vl_s, m, length, scale, s, acc, n, k); \
+        block_two_pass_nv(qf, ds, qb, qs, nkv, group, c, kh_s, l_s, vh_s, vl_s, m, length, scale, sinks, s, acc, n, \
+                          k); \
         break;
         CASE(1, KIND_BF16) CASE(2, KIND_BF16) CASE(3, KIND_BF16) CASE(4, KIND_BF16)
         CASE(5, KIND_BF16) CASE(6, KIND_BF16) CASE(7, KIND_BF16) CASE(8, KIND_BF16)
@@ -519,8 +529,8 @@ static void block_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb,
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
 static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, int kind, int64_t item,
-                          int64_t length, int64_t dim, int64_t ks, int64_t vs, float scale, float *s, float *row,
-                          float *acc) {
+                          int64_t length, int64_t dim, int64_t ks, int64_t vs, float scale, const float *sink,
+                          float *s, float *row, float *acc) {
     float top = -INFINITY;
     for (int64_t l = 0; l < length; l++) {
         if (!m[l]) {
@@ -542,7 +552,7 @@ static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, in
     }
     memset(acc, 0, dim * sizeof(float));
     if (top == -INFINITY) return;  /* every position masked: zeros */
-    float total = softmax_weights(s, m, length, top);
+    float total = softmax_weights(s, m, length, top) + sink_term(sink, 0, top);
 #ifdef __AVX512F__
     if (kind != KIND_F32 && (dim == 64 || dim == 128)) {  /* the sums held in registers across positions */
         if (dim == 64)
@@ -582,13 +592,15 @@ static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, in
    positions earlier (rows_t). The result is the same bits: only where the rows are read from changes.
 
    row_map (or NULL): sequence b of q, mask and out is the cache's row row_map[b] (the rows of a batch still
-   generating; source and shift are indexed by cache rows). */
+   generating; source and shift are indexed by cache rows).
+
+   sinks (or NULL): each query head's sink logit (fp32, gpt-oss), a term of its softmax's denominator alone. */
 void decode_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int kind,
                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t dim,
                       const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                       int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
                       const int64_t *source, const int64_t *shift, int64_t shared, const int64_t *row_map,
-                      int64_t begin, int64_t end) {
+                      const float *sinks, int64_t begin, int64_t end) {
     int64_t item = kind == KIND_F32 ? 4 : 2, group = heads / kv_heads;
     int64_t blocks = (kv_heads + block - 1) / block, max_q = block * group;
     /* rows at 64-byte boundaries: AVX-512 loads and stores that split cache lines cost twice */
@@ -622,7 +634,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
         if (block == 1 && kind != KIND_F32 && group > 1 && (dim == 64 || dim == 128)) {
             const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
             group_two_pass_half(qf, ds, qb, q_strides[1], nq, &ch, m, length, k_strides[2] * item, v_strides[2] * item,
-                                scale, scores, sl, acc, dim / 16, kind);
+                                scale, sinks ? sinks + h0 : NULL, scores, sl, acc, dim / 16, kind);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
@@ -633,8 +645,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
         if (two_pass) {
             const uint16_t *qb = (const uint16_t *)q + b * q_strides[0] + h0 * q_strides[1];
             block_two_pass_half(qf, ds, qb, q_strides[1], kh1 - kh0, group, &ch, k_strides[1] * item, k_strides[2] * item,
-                                v_strides[1] * item, v_strides[2] * item, m, length, scale, scores, acc, dim / 16,
-                                kind);
+                                v_strides[1] * item, v_strides[2] * item, m, length, scale, sinks ? sinks + h0 : NULL,
+                                scores, acc, dim / 16, kind);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
@@ -643,8 +655,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
 #endif
         if (block == 1) {
             for (int64_t j = 0; j < nq; j++) {
-                pair_two_pass(qf + j * ds, &ch, m, kind,
-                              item, length, dim, k_strides[2], v_strides[2], scale, scores, row, acc);
+                pair_two_pass(qf + j * ds, &ch, m, kind, item, length, dim, k_strides[2], v_strides[2], scale,
+                              sinks ? sinks + h0 + j : NULL, scores, row, acc);
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim, acc);
             }
             continue;
@@ -690,6 +702,7 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
             }
         }
         for (int64_t j = 0; j < nq; j++) {
+            if (total[j] > 0) total[j] += sink_term(sinks, h0 + j, top[j]);
             if (total[j] > 0)  /* else every position masked: zeros */
                 for (int64_t d = 0; d < dim; d++) acc[j * ds + d] /= total[j];
             store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim, acc + j * ds);
@@ -704,11 +717,12 @@ void decode_attention_team(const void *q, const void *k, const void *v, const ui
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                            int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
                            const int64_t *source, const int64_t *shift, int64_t shared, const int64_t *row_map,
-                           int64_t items, int threads) {
+                           const float *sinks, int64_t items, int threads) {
     int64_t step = (items + 4 * threads - 1) / (4 * threads), ranges = (items + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && ranges > 1)
     for (int64_t r = 0; r < ranges; r++)
         decode_attention(q, k, v, mask, out, kind, batch, heads, kv_heads, length, dim, q_strides, k_strides,
-                         v_strides, mask_stride, out_strides, scale, block, source, shift, shared, row_map, r * step,
+                         v_strides, mask_stride, out_strides, scale, block, source, shift, shared, row_map, sinks,
+                         r * step,
                          (r + 1) * step < items ? (r + 1) * step : items);
 }

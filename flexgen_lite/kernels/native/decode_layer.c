@@ -70,6 +70,7 @@ void decode_attention_team(const void *q, const void *k, const void *v, const ui
                            const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                            int64_t mask_stride, const int64_t *out_strides, float scale, int64_t block,
                            const int64_t *source, const int64_t *shift, int64_t shared, const int64_t *row_map,
+                           const float *sinks,
                            int64_t items, int threads);
 
 /* ---- SiLU(gate) * up as torch's in-place ops give it -------------------------------------------------------- */
@@ -230,7 +231,7 @@ static void decode_layer(const struct layer *L, const struct step *S) {
     int64_t items = r * ((L->kv_heads + L->block - 1) / L->block);
     decode_attention_team(qs, L->k_cache, L->v_cache, S->mask, attn, L->kind, r, L->heads, L->kv_heads, S->start + 1,
                           d, qst, L->k_strides, L->v_strides, S->mask_stride, ost, L->scale, L->block, S->source,
-                          S->shift, S->shared, S->row_map, items, (int)S->threads);
+                          S->shift, S->shared, S->row_map, NULL, items, (int)S->threads);
     linears(L, S, (int[]){O}, 1, attn, (void *[]){o});
     add_into(S->h, o, L->kind, r * L->hidden);
 
