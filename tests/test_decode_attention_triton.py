@@ -74,6 +74,23 @@ def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
         torch.testing.assert_close(got.float(), want, atol=ULP[dtype], rtol=0)
 
 
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[1:3] + CASES[4:], ids=str)
+def test_sinks_take_their_share_of_each_softmax(kernel_device, case, dtype, splits):
+    """gpt-oss's sink logits (each head's term of its softmax's denominator alone): in the one-split kernel and in
+    the splits' combination, within an output rounding of the fp32 reference over the same inputs."""
+    q, k, v, mask = inputs(*case, "head-major")
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    sinks = torch.linspace(0, 6, case[1])  # from a small share of a softmax to most of it
+    want = triton_decode.with_sinks(q.float(), k.float(), v.float(), mask, sinks)
+    got = triton_decode.attend(*(t.to(kernel_device) for t in (q, k, v, mask)), splits, sinks.to(kernel_device)).cpu()
+    torch.testing.assert_close(got.float(), want, atol=ULP[dtype], rtol=0)
+    plain = triton_decode.attend(*(t.to(kernel_device) for t in (q, k, v, mask)), splits).cpu()
+    assert (plain.float() - want).abs().max() > 10 * ULP[dtype]  # the sinks count
+
+
 def test_split_plan_fills_the_gpu_and_covers_every_position():
     for programs, length, block, sms in [(2048, 544, 128, 132), (16, 4096, 64, 132), (3, 150, 16, 4), (1, 1, 128, 4)]:
         splits, split_len = triton_decode.split_plan(programs, length, block, sms)
@@ -124,7 +141,8 @@ def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["opt", "llama3"])  # 1 and 4 query heads per kv head (registers; tl.dot)
+@pytest.mark.parametrize("family", ["opt", "llama3", "gpt-oss"])  # 1 and 4 query heads per kv head (registers;
+# tl.dot); gpt-oss's sinks and windows (rings in the constant-shape step)
 @pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
 def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, tiny_models, references, family,
                                                     static):

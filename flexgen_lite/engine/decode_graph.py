@@ -281,17 +281,17 @@ class StaticDecode:
 
     def _attend(self, q, k, v, mask, sinks=None) -> torch.Tensor:
         """q (rows, heads, 1, D) over the whole cache under `mask`: the Triton split-KV kernel where chosen
-        (attention.decode_attend), else SDPA with grouped heads folded (attention.fold_groups). Capped scores
-        (Gemma-2) or sinks (gpt-oss), which no fused kernel takes: from the whole scores (scored_attend), whose
-        shapes are as constant as the cache's."""
+        (attention.decode_attend, sinks too), else SDPA with grouped heads folded (attention.fold_groups). Capped
+        scores (Gemma-2), and sinks (gpt-oss) where the Triton kernel is not chosen: from the whole scores
+        (scored_attend), whose shapes are as constant as the cache's."""
         cap = self.config.attn_softcap
-        if cap is not None or sinks is not None:
-            self.kernel = self.kernel or ("softcap" if cap is not None else "sinks")
-            return attention.scored_attend(q, k, v, mask, cap, sinks)
-        chosen = attention.decode_attend(q, k, v, mask, graphed=self.capture)
+        chosen = attention.decode_attend(q, k, v, mask, graphed=self.capture, sinks=sinks) if cap is None else None
         if chosen is not None:
             self.kernel = self.kernel or chosen[1]
             return chosen[0]
+        if cap is not None or sinks is not None:
+            self.kernel = self.kernel or ("softcap" if cap is not None else "sinks")
+            return attention.scored_attend(q, k, v, mask, cap, sinks)
         qf, mf = fold_groups(q, mask, k.shape[1]) if k.shape[1] != q.shape[1] else (q, mask)
         if q.device.type != "cuda":
             out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf)

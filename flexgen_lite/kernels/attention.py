@@ -51,9 +51,12 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel
     wins (the profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel
     (shared_prefix.py). softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the
-    softmax's denominator (gpt-oss): the CPU's C kernels take them; otherwise either is computed from the whole
-    scores (`scored_attend`)."""
+    softmax's denominator (gpt-oss): the CPU's C kernels and the Triton decode kernel take them; otherwise either
+    is computed from the whole scores (`scored_attend`)."""
     decode = q.shape[2] == 1
+    if (softcap is None and sinks is not None and decode and shared is None
+            and (chosen := decode_attend(q, k, v, mask, sinks=sinks))):
+        return chosen
     if softcap is None and sinks is not None and q.device.type == "cpu" and q.shape[0]:  # the C kernels take sinks
         if decode and native_decode_agrees():
             seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
@@ -93,11 +96,12 @@ DECODE_ENV = "FLEXGEN_LITE_DECODE_ATTENTION"  # "auto" (measured on CUDA), "trit
 _measured: dict[tuple, str] = {}  # kind of decode call -> the faster kernel, measured once
 
 
-def decode_attend(q, k, v, mask, graphed: bool = False) -> tuple[torch.Tensor, str] | None:
+def decode_attend(q, k, v, mask, graphed: bool = False, sinks=None) -> tuple[torch.Tensor, str] | None:
     """One query position by the Triton split-KV kernel (decode_attention_triton), where it is chosen for this
     kind of call: on CUDA where measured faster than SDPA (once per kind: a few syncs; `graphed`: as replayed in
     a CUDA graph, as the constant-shape decode step runs it), anywhere it runs under
-    FLEXGEN_LITE_DECODE_ATTENTION=triton (a CPU: Triton's interpreter, tests). None: SDPA's turn."""
+    FLEXGEN_LITE_DECODE_ATTENTION=triton (a CPU: Triton's interpreter, tests). None: SDPA's turn. sinks (gpt-oss):
+    measured against the whole scores' path (scored_attend), which SDPA's place takes."""
     want = os.environ.get(DECODE_ENV, "auto")
     if q.shape[2] != 1 or want == "sdpa" or (want == "auto" and q.device.type != "cuda"):
         return None
@@ -106,12 +110,15 @@ def decode_attend(q, k, v, mask, graphed: bool = False) -> tuple[torch.Tensor, s
     if want == "auto":
         # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times
         kind = (q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k.shape[1], q.shape[-1],
-                k.shape[2].bit_length(), mask is None, graphed)
-        candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask),
-                      "sdpa": lambda: _cuda_attend(q, k, v, mask)}
+                k.shape[2].bit_length(), mask is None, sinks is None, graphed)
+        candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask, sinks=sinks)}
+        if sinks is None:
+            candidates["sdpa"] = lambda: _cuda_attend(q, k, v, mask)
+        else:
+            candidates["sinks"] = lambda: scored_attend(q, k, v, mask, None, sinks)
         if faster(kind, candidates, q.device, graphed=graphed) != "triton":
             return None
-    return triton_decode.attend(q, k, v, mask), "triton"
+    return triton_decode.attend(q, k, v, mask, sinks=sinks), "triton"
 
 
 def faster(kind: tuple, candidates: dict, device: torch.device, reps: int = 5, graphed: bool = False) -> str:

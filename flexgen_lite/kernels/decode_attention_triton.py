@@ -28,6 +28,7 @@ BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in regist
 # registers a thread at head dims 64-256, no spills, 16-byte loads (tests/test_triton_sm90.py compiles it)
 PROGRAMS_PER_SM = 16  # split the positions until rows x kv heads x splits is at least this many per SM (~4 waves of
 # 4-5 resident programs: a short last wave idles less of the GPU)
+LOG2E = math.log2(math.e)  # the kernels' scores are in log2 units
 _lock = threading.Lock()  # one self-check per kind at a time
 _interpreter = threading.Lock()  # Triton's interpreter is not thread-safe (its patched language is global)
 
@@ -39,10 +40,11 @@ def _kernels(interpret: bool):
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["length", "split_len"])
-    def split_kernel(q, k, v, seen, out, lse, length, split_len, scale,
+    def split_kernel(q, k, v, seen, out, lse, sinks, length, split_len, scale,
                      sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h, so_s, sl_b, sl_h,
                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                     DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, ONE_SPLIT: tl.constexpr):
+                     DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                     SINKS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -84,6 +86,9 @@ def _kernels(interpret: bool):
             m_i = m_new
         keep = head_ok[:, None] & d_ok[None, :]
         if ONE_SPLIT:
+            if SINKS:  # each head's sink logit (log2 units) in its denominator alone
+                sink = tl.load(sinks + heads, mask=head_ok, other=float("-inf")) * LOG2E
+                l_i = l_i + tl.exp2(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
             tl.store(out + row * so_b + heads[:, None] * so_h + d[None, :],
                      (acc / l_i[:, None]).to(out.dtype.element_ty), mask=keep)
         else:  # fp32 partial output, normalized, and its log2-sum-exp2 beside it
@@ -92,17 +97,21 @@ def _kernels(interpret: bool):
             tl.store(lse + row * sl_b + heads * sl_h + split, m_i + tl.log2(l_i), mask=head_ok)
 
     @triton.jit
-    def combine_kernel(part, lse, out, splits, sp_b, sp_h, sp_s, sl_b, sl_h, so_b, so_h,
-                       D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr):
+    def combine_kernel(part, lse, sinks, out, splits, sp_b, sp_h, sp_s, sl_b, sl_h, so_b, so_h,
+                       D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr, SINKS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         s, d = tl.arange(0, SP), tl.arange(0, DP)
         s_ok = s < splits
         at = row * sp_b + head * sp_h
         weights = tl.load(lse + row * sl_b + head * sl_h + s, mask=s_ok, other=float("-inf"))
-        weights = tl.where(s_ok, tl.exp2(weights - tl.max(weights, 0)), 0.0)
+        top = tl.max(weights, 0)
+        weights = tl.where(s_ok, tl.exp2(weights - top), 0.0)
         parts = tl.load(part + at + s[:, None] * sp_s + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
-        o = tl.sum(weights[:, None] * parts, 0) / tl.sum(weights, 0)
+        total = tl.sum(weights, 0)
+        if SINKS:
+            total += tl.exp2(tl.load(sinks + head) * LOG2E - top)
+        o = tl.sum(weights[:, None] * parts, 0) / total
         tl.store(out + row * so_b + head * so_h + d, o.to(out.dtype.element_ty), mask=d < D)
 
     return split_kernel, combine_kernel
@@ -145,10 +154,11 @@ def split_plan(programs: int, length: int, block: int, sms: int, wanted: int | N
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           splits: int | None = None) -> torch.Tensor:
+           splits: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q (rows, heads, 1, D) over k, v (rows, kv_heads, L, D) where `mask` (rows or 1, 1, 1, L; None: every
     position) is True: as SDPA with that bool mask, grouped heads shared. Returns (rows, heads, 1, D) in q's dtype.
-    splits: parts of the positions read by programs of their own (default: split_plan's)."""
+    splits: parts of the positions read by programs of their own (default: split_plan's). sinks (heads,): each
+    head's sink logit, a term of its softmax's denominator alone (gpt-oss)."""
     rows, heads, _, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -166,6 +176,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         sm_l = seen.stride(-1) if seen.shape[-1] > 1 else 0
     split_kernel, combine_kernel = _kernels(interpreting())
     scale = math.log2(math.e) / math.sqrt(hd)
+    if sinks is not None:
+        sinks = sinks.to(q.device, torch.float32).contiguous()
+    sinks_arg = q if sinks is None else sinks  # not read without sinks
     if splits == 1:
         target, lse, strides = out, out, (out.stride(0), out.stride(1), 0, 0, 0)
     else:
@@ -175,13 +188,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _interpreter if interpreting() else \
             contextlib.nullcontext():
         split_kernel[(rows, kv_heads, splits)](
-            q, k, v, seen, target, lse, length, split_len, scale, q.stride(0), q.stride(1),
+            q, k, v, seen, target, lse, sinks_arg, length, split_len, scale, q.stride(0), q.stride(1),
             *k.stride()[:3], *v.stride()[:3], sm_b, sm_l, *strides,
             G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            MASKED=mask is not None, ONE_SPLIT=splits == 1)
+            MASKED=mask is not None, ONE_SPLIT=splits == 1, SINKS=sinks is not None)
         if splits > 1:
-            combine_kernel[(rows, heads)](target, lse, out, splits, *strides, out.stride(0), out.stride(1),
-                                          D=hd, DP=dp, SP=_pow2(splits))
+            combine_kernel[(rows, heads)](target, lse, sinks_arg, out, splits, *strides,
+                                          out.stride(0), out.stride(1), D=hd, DP=dp, SP=_pow2(splits),
+                                          SINKS=sinks is not None)
     return out
 
 
@@ -209,16 +223,30 @@ def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int
     k, v = (torch.randn(rows, kv_heads, length, head_dim, generator=gen) for _ in "kv")
     mask = torch.rand(rows, 1, 1, length, generator=gen) > 0.3
     mask[..., -1] = True
+    sinks = torch.randn(kv_heads * group, generator=gen) * 2
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
     try:
-        got = attend(*(t.to(device, dtype) for t in (q, k, v)), mask.to(device)).float().cpu()
+        args = [t.to(device, dtype) for t in (q, k, v)] + [mask.to(device)]
+        got = attend(*args).float().cpu()
+        got_sinks = attend(*args, sinks=sinks.to(device)).float().cpu()
     except Exception as e:  # a kernel that fails to compile or launch here
         return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    error = float((got - want).abs().max())
+    error = max(float((got - want).abs().max()), float((got_sinks - with_sinks(q, k, v, mask, sinks)).abs().max()))
     if not error <= tolerance:
         return f"self-check mismatch ({dtype}, {group} heads per kv head, head dim {head_dim}: {error:.3g})"
     return None
+
+
+def with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               sinks: torch.Tensor) -> torch.Tensor:
+    """Attention with each head's sink logit beside its scores in the softmax, its share dropped: the reference
+    for the self-check (fp32, whole scores)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+    sink = sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    return torch.cat((scores, sink), -1).softmax(-1)[..., :-1] @ v
 
 
 def reset() -> None:

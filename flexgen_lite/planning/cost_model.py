@@ -392,7 +392,8 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
 def cpu_worker(s: Setup) -> bool:
     """Whether the engine attends CPU parts on its worker beside the GPU's work (pending_attention.pipelined: the
     batches' hidden states kept on the GPU, attention without capped scores, overlap on)."""
-    return (s.cuda and s.policy.cpu_cache_compute and s.policy.overlap and s.config.attn_softcap is None and s.policy.percents("act")[0] == 100)
+    return (s.cuda and s.policy.cpu_cache_compute and s.policy.overlap and s.config.attn_softcap is None
+            and s.policy.percents("act")[0] == 100)
 
 
 def _overlapped(s: Setup, seg: Seg) -> Seg:
