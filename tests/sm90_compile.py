@@ -1,5 +1,5 @@
 """Compile the engine's Triton kernels for sm_90 ahead of time, without a GPU, and report what ptxas says of each
-kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split for the decode attention;
+kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split[,sinks] for the decode attention;
 quantize,dtype,group for the 4-bit quantization; prefix,dtype,group,head_dim for the dequantization of a cache
 prefix), one JSON object a kind on stdout. Run in its own process
 without TRITON_INTERPRET: a process that interprets Triton cannot compile for a GPU (test_triton_sm90.py)."""
@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 
-POINTERS = ("q", "k", "v", "seen", "out", "lse")
+POINTERS = ("q", "k", "v", "seen", "out", "lse", "sinks")
 # strides Triton's launcher finds divisible by 16 at the engine's shapes (head dims 64, 128; contiguous caches and
 # masks of 16k positions): all but the mask's position stride (1, a constant) and the log-sum-exp's
 NOT_DIVISIBLE = ("sm_l", "sl_b", "sl_h")
@@ -24,7 +24,7 @@ def ptxas() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
+def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool, sinks: bool = False) -> dict:
     import torch
     from triton.compiler import ASTSource
 
@@ -37,14 +37,15 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool) -> dict
     names = split_kernel.arg_names
     strides = names[names.index("scale") + 1:names.index("G")]
     signature = {"q": pointer, "k": pointer, "v": pointer, "seen": "*u8", "out": pointer if one_split else "*fp32",
-                 "lse": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32", **dict.fromkeys(strides, "i32")}
+                 "lse": "*fp32", "sinks": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32",
+                 **dict.fromkeys(strides, "i32")}
     constants = dict(sm_l=1, G=group, GP=padded, D=head_dim, DP=triton_decode._pow2(head_dim), BLOCK=block, DOT=dot,
-                     PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True, ONE_SPLIT=one_split)
+                     PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True, ONE_SPLIT=one_split, SINKS=sinks)
     divisible = [n for n in (*POINTERS, *strides) if n not in NOT_DIVISIBLE]
     src = ASTSource(fn=split_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-    return {"kind": [dtype, group, head_dim, one_split], "block": block, "dot": dot, **assemble(src, {})}
+    return {"kind": [dtype, group, head_dim, one_split, sinks], "block": block, "dot": dot, **assemble(src, {})}
 
 
 def compile_quantize(dtype: str, group: int) -> dict:
@@ -102,8 +103,8 @@ def main(kinds: list[str]) -> int:
             _, dtype, group, head_dim = kind.split(",")
             found = compile_prefix(dtype, int(group), int(head_dim))
         else:
-            dtype, group, head_dim, one = kind.split(",")
-            found = compile_kind(dtype, int(group), int(head_dim), one == "1")
+            dtype, group, head_dim, one, *sinks = kind.split(",")
+            found = compile_kind(dtype, int(group), int(head_dim), one == "1", sinks == ["sinks"])
         found["division"] = sorted(set(re.findall(r"\b(div\.\w+\.f32|rcp\.\w+\.f32|fma\.rn\.f32)", found.pop("ptx"))))
         print(json.dumps(found), flush=True)
     return 0

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUANTIZE = ["quantize,fp16,64", "quantize,bf16,64", "quantize,fp32,64", "quantize,fp16,128"]
 PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256"]
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
-         "fp16,4,256", "fp16,2,64"]
+         "fp16,4,256", "fp16,2,64", "bf16,8,64,sinks", "fp16,8,64,sinks"]  # the last: gpt-oss's heads
 
 
 def have_ptxas() -> bool:
@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(not have_ptxas(), reason="no triton wheel with p
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    kinds = [f"{kind},{one}" for kind in KINDS for one in (1, 0)] + QUANTIZE + PREFIX
+    kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
+    kinds += QUANTIZE + PREFIX
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -62,7 +63,7 @@ def test_prefix_dequantization_compiles_for_sm90_writing_16_bytes_at_a_time(comp
 @pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_decode_attention_compiles_for_sm90_within_its_registers(compiled, kind, one_split):
-    dtype, group, head_dim = kind.split(",")
-    r = compiled[(dtype, int(group), int(head_dim), one_split)]
+    dtype, group, head_dim, *sinks = kind.split(",")
+    r = compiled[(dtype, int(group), int(head_dim), one_split, bool(sinks))]
     assert r["spill_bytes"] == 0 and r["registers"] <= 168, r  # 168 x 128 threads: 3 programs an SM at least
     assert r["vector_loads"], r  # K and V rows read 16 bytes at a time

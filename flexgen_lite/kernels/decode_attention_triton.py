@@ -28,7 +28,6 @@ BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in regist
 # registers a thread at head dims 64-256, no spills, 16-byte loads (tests/test_triton_sm90.py compiles it)
 PROGRAMS_PER_SM = 16  # split the positions until rows x kv heads x splits is at least this many per SM (~4 waves of
 # 4-5 resident programs: a short last wave idles less of the GPU)
-LOG2E = math.log2(math.e)  # the kernels' scores are in log2 units
 _lock = threading.Lock()  # one self-check per kind at a time
 _interpreter = threading.Lock()  # Triton's interpreter is not thread-safe (its patched language is global)
 
@@ -86,8 +85,8 @@ def _kernels(interpret: bool):
             m_i = m_new
         keep = head_ok[:, None] & d_ok[None, :]
         if ONE_SPLIT:
-            if SINKS:  # each head's sink logit (log2 units) in its denominator alone
-                sink = tl.load(sinks + heads, mask=head_ok, other=float("-inf")) * LOG2E
+            if SINKS:  # each head's sink logit (times log2(e): the scores' units) in its denominator alone
+                sink = tl.load(sinks + heads, mask=head_ok, other=float("-inf")) * 1.4426950408889634
                 l_i = l_i + tl.exp2(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
             tl.store(out + row * so_b + heads[:, None] * so_h + d[None, :],
                      (acc / l_i[:, None]).to(out.dtype.element_ty), mask=keep)
@@ -110,7 +109,7 @@ def _kernels(interpret: bool):
         parts = tl.load(part + at + s[:, None] * sp_s + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
         total = tl.sum(weights, 0)
         if SINKS:
-            total += tl.exp2(tl.load(sinks + head) * LOG2E - top)
+            total += tl.exp2(tl.load(sinks + head) * 1.4426950408889634 - top)
         o = tl.sum(weights[:, None] * parts, 0) / total
         tl.store(out + row * so_b + head * so_h + d, o.to(out.dtype.element_ty), mask=d < D)
 
