@@ -17,7 +17,7 @@ from flexgen_lite.kernels import prefill_attention as prefill
 from flexgen_lite.system.hardware import HardwareProfile
 
 from .conftest import PROMPTS, other_native_build, synthetic_profile
-from .test_decode_attention import _error
+from .test_decode_attention import _error, _exact_with_sinks
 from .test_parity import LOGITS_ATOL, P
 
 BF16, F32 = native.OUT_KIND[torch.bfloat16], native.OUT_KIND[torch.float32]
@@ -74,16 +74,6 @@ def test_fp32_matches_sdpa_as_closely_as_torch(shape):
     exact = _sdpa(q.double(), k.double(), v.double(), mask)
     ours, torchs = (out.double() - exact).abs().max(), (_sdpa(q, k, v, mask).double() - exact).abs().max()
     assert ours <= 1e-5 and ours <= 2 * torchs, (float(ours), float(torchs))
-
-
-def _exact_with_sinks(q, k, v, mask, sinks):
-    """fp64 softmax over each row's scores and its head's sink logit, the sink's share dropped (gpt-oss)."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
-    sink = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-    return torch.cat((scores, sink), -1).softmax(-1)[..., :-1] @ v
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
