@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import decode_attention_triton as triton_decode
-from . import native
+from . import native, sink_attention
 from .prefill_attention import prefill_attention, prefill_wins
 
 FLASH, EFFICIENT, MATH = SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
@@ -48,11 +48,12 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  sparsity: float = 1.0, native_prefill: bool = True, shared=None,
                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """`attend`, and which kernel ran: triton (decode_attend), flash, efficient, math, default (CUDA), cpu-native,
-    sdpa-cpu, topk, softcap, sinks. native_prefill False: torch's prefill attention on a CPU even where the C kernel
-    wins (the profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel
+    sdpa-cpu, topk, softcap, fused-sinks, sinks. native_prefill False: torch's prefill attention on a CPU even where
+    the C kernel wins (the profile). shared: the rows' shared prefix positions, read from one row by the C decode kernel
     (shared_prefix.py). softcap: scores capped as cap * tanh(score / cap) (Gemma-2); sinks: each head's logit in the
-    softmax's denominator (gpt-oss): the CPU's C kernels and the Triton decode kernel take them; otherwise either
-    is computed from the whole scores (`scored_attend`)."""
+    softmax's denominator (gpt-oss): the CPU's C kernels and the Triton decode kernel take them, a prefill's
+    fused SDPA with its log-sum-exp (sink_attention) elsewhere; otherwise either is computed from the whole scores
+    (`scored_attend`)."""
     decode = q.shape[2] == 1
     if (softcap is None and sinks is not None and decode and shared is None
             and (chosen := decode_attend(q, k, v, mask, sinks=sinks))):
@@ -66,6 +67,9 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                 q.dtype) else None
         if out is not None:
             return out, "cpu-native"
+    if softcap is None and sinks is not None and not decode and (out := sink_attention.attend(q, k, v, mask, sinks)) \
+            is not None:
+        return out, "fused-sinks"
     if softcap is not None or sinks is not None:
         return scored_attend(q, k, v, mask, softcap, sinks), "softcap" if softcap is not None else "sinks"
     if sparsity < 1 and decode:
