@@ -240,7 +240,7 @@ def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int
 def with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                sinks: torch.Tensor) -> torch.Tensor:
     """Attention with each head's sink logit beside its scores in the softmax, its share dropped: the reference
-    for the self-check (fp32, whole scores)."""
+    for the self-checks (fp32, whole scores; here and sink_attention.py)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from .decode_attention_triton import with_sinks
+
 ALIGN = 16  # CUDA's memory-efficient kernel reads its bias in rows of a multiple of 16 elements
 
 
@@ -53,10 +55,8 @@ def _attend(q, k, v, mask, sinks):
 
 @functools.cache
 def agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the path runs on `device` in `dtype` and matches the whole-score path on random inputs: grouped
+    """Whether the path runs on `device` in `dtype` and matches attention from whole scores on random inputs: grouped
     heads, left padding, a window, a length that is not a multiple of ALIGN (checked once; a warning if not)."""
-    from .attention import scored_attend
-
     g = torch.Generator().manual_seed(11)
     t, keys = 21, torch.arange(21)
     q = torch.randn(2, 4, t, 64, generator=g)
@@ -66,7 +66,7 @@ def agrees(device: torch.device, dtype: torch.dtype) -> bool:
     mask = ((keys[None, :] <= keys[:, None]) & (keys[None, :] > keys[:, None] - 8))[None] & (
         (keys >= pad) | (keys == keys[:, None])[None])
     mask = mask[:, None]
-    want = scored_attend(q, k, v, mask, None, sinks)
+    want = with_sinks(q, k, v, mask, sinks)
     try:
         got = _attend(*(x.to(device, dtype) for x in (q, k, v)), mask.to(device), sinks.to(device)).float().cpu()
     except Exception as e:  # noqa: BLE001 - no such kernel here, or it refuses these inputs
