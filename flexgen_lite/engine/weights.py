@@ -3,6 +3,7 @@ compute device (weight_slots.py holds the buffers it is fetched into)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -257,6 +258,7 @@ def weight_nbytes(spec: WeightSpec, kind: str, dtype: torch.dtype, compression: 
     return stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec, compression))
 
 
+@functools.lru_cache(maxsize=4096)  # a policy search asks for the same few shapes millions of times
 def stored_nbytes(shape: tuple[int, ...], dtype: torch.dtype, compression: CompressionConfig | None) -> int:
     """Bytes of a weight as stored: 4-bit codes for compressed matrices."""
     if compression is not None and len(shape) >= 2:

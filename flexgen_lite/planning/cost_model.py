@@ -18,7 +18,7 @@ checks its rounded answer with the exact `Layout.of_policy`. Weights are placed 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from ..engine.block import MIN_SHARED
@@ -101,26 +101,31 @@ def _disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
 
 
 def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
-    """WeightSlots.fetch of one layer: non-resident tensors assembled in their slot."""
+    """WeightSlots.fetch of one layer: non-resident tensors assembled in their slot. Tensors placed and sized
+    alike are priced together (a mixture of experts has hundreds a layer)."""
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
+    alike: Counter = Counter()
     for spec in layer.weights:
         if layer.kind == "head" and spec.hf_name in s.tied:
             continue
         _, c, d = lay.weight(layer.kind, spec)
-        nbytes = s.tensor_bytes(spec)
+        dequantized = s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape)  # kernel ones: products_time
+        alike[c, d, s.tensor_bytes(spec), math.prod(spec.shape) if dequantized else 0] += 1
+    for (c, d, nbytes, values), count in alike.items():
+        nbytes *= count
         if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
             seg.add("link", c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
             _disk_read(s, seg, d * nbytes)
         else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
             _mapped_read(s, seg, d * nbytes)
-        if s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape):  # those: see products_time
-            seconds = math.prod(spec.shape) / hw.dequantize[s.dname]
+        if values:
+            seconds = count * values / hw.dequantize[s.dname]
             if s.cuda:  # on the GPU beside compute, while the next layer's codes cross (WeightSlots): not a wait
                 seg.add("dequantize", seconds, waits=False)
-                continue
-            _host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
-            seg.add("dequantize", d * seconds, waits=False)
+            else:
+                _host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
+                seg.add("dequantize", d * seconds, waits=False)
     return seg
 
 
@@ -183,8 +188,9 @@ def _dense_time(s: Setup, kind: str, rows: int, k: int, n: int) -> float:
     """A product by a weight in the compute dtype; the head in 8 bits (int8_weight) reads half (bf16) or a quarter
     (fp32) of the bytes where its C kernel runs (a read of the weight: a few rows), and is dequantized by tiles
     and multiplied dense otherwise."""
-    hw, head = s.hw, next((w for w in s.kinds[kind].weights if w.name == "lm_head"), None)
+    hw = s.hw
     seconds = hw.matmul_time(s.dname, rows, k, n)
+    head = next((w for w in s.kinds[kind].weights if w.name == "lm_head"), None) if kind == "head" else None
     if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, s.cpu_rows):
         return seconds
     if rows <= GEMV_ROWS:
@@ -250,12 +256,12 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None) -> tupl
     multiplied as stored, by tiles, or dequantized once in the compute thread and multiplied dense, as
     int4_path chooses (int4_cost). linears: `matmuls` of the layer's weights (a CUDA graph's: every expert)."""
     matmul, dequantize = 0.0, 0.0
-    for k, n, share in matmuls(s.kinds[kind]) if linears is None else linears:
-        if kernel_weight(s, kind, (n, k)):
+    for (k, n, share), count in Counter(matmuls(s.kinds[kind]) if linears is None else linears).items():
+        if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
             cost = int4_cost(s.hw, s.dname, expert_rows(rows, share), nb, k, n)
-            matmul, dequantize = matmul + cost.matmul, dequantize + cost.dequantize
+            matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
         else:
-            matmul += nb * _dense_time(s, kind, expert_rows(rows, share), k, n)
+            matmul += count * nb * _dense_time(s, kind, expert_rows(rows, share), k, n)
     return matmul, dequantize
 
 

@@ -51,16 +51,18 @@ class Workload:
 _SPECS: dict[int, tuple] = {}
 
 
-def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[WeightSpec, int]]]:
-    """Layer specs, and the stored weights (tied ones once) grouped by shape: (one of them, how many)."""
+def _model_specs(config: ModelConfig) -> tuple[list[LayerSpec], list[tuple[WeightSpec, int]], set[str]]:
+    """Layer specs, the stored weights (tied ones once) grouped by shape: (one of them, how many), and the names of
+    those compression rounds."""
     hit = _SPECS.get(id(config))
     if hit is None or hit[0] is not config:
         specs = layer_specs(config)
         unique = {w.hf_name: (compressed_matrix(layer.kind, w), w) for layer in specs for w in layer.weights}.values()
         count = Counter((rounded, w.shape) for rounded, w in unique)  # decoder matrices alone are compressed
         first = {(rounded, w.shape): w for rounded, w in unique}
-        hit = _SPECS[id(config)] = (config, specs, [(first[key], n) for key, n in count.items()])
-    return hit[1], hit[2]
+        compressible = {w.hf_name for rounded, w in unique if rounded}
+        hit = _SPECS[id(config)] = (config, specs, [(first[key], n) for key, n in count.items()], compressible)
+    return hit[1], hit[2], hit[3]
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,11 @@ class Setup:
         self.dname, self.e = str(self.dtype).removeprefix("torch."), self.dtype.itemsize
         self.cpu_dtype = policy.cpu_attention_dtype(self.dtype, hw, config.num_heads // config.num_kv_heads,
                                                     config.head_dim) or self.dtype  # of CPU-attended parts
-        self.specs, self.groups = _model_specs(config)
+        self.specs, self.groups, self.compressible = _model_specs(config)
         self.kinds = {s.kind: s for s in self.specs}  # one layer of each kind: decoder layers are alike
         routed = [s for s in self.specs if s.kind == "mlp" and config.routed(s.index)]
         if routed:  # a MoE's MLPs are costed as its routed ones (most of them)
             self.kinds["mlp"] = routed[0]
-        self.compressible = {w.hf_name for s in self.specs for w in s.weights if compressed_matrix(s.kind, w)}
         # a head weight tied to the embedding's: its slot still holds it (WeightSlots), so it moves once
         self.tied = {w.hf_name for w in self.kinds["embed"].weights} & {w.hf_name for w in self.kinds["head"].weights}
         self.wcomp, self.ccomp = policy.weight_compression(), policy.cache_compression()
@@ -96,6 +97,7 @@ class Setup:
         self.seq_layer_dense = 2 * c.num_kv_heads * c.head_dim * self.e
         self.cached = c.cached_length(workload.max_len)  # positions a sequence keeps over all layers (rings: windows)
         self.threads = 3 if policy.overlap else 1  # IOPool workers: at most this many stores staged at once
+        self._bytes: dict[str, int] = {}  # tensor_bytes by checkpoint name (a search asks millions of times)
 
     def compressed(self, spec: WeightSpec) -> bool:
         """As weights.matrix_compression: the decoder layers' matrices, when weights are compressed."""
@@ -104,9 +106,53 @@ class Setup:
     def tensor_bytes(self, spec: WeightSpec) -> int:
         """Bytes of a weight as stored (4-bit codes when compressed; on a CPU the embedding and head then in 8
         bits), as weights.place_tensor stores it."""
-        if in_8_bits(spec, self.wcomp, self.cpu_rows):
-            return int8_nbytes(spec.shape)
-        return stored_nbytes(spec.shape, self.dtype, self.wcomp if self.compressed(spec) else None)
+        found = self._bytes.get(spec.hf_name)
+        if found is None:
+            if in_8_bits(spec, self.wcomp, self.cpu_rows):
+                found = int8_nbytes(spec.shape)
+            else:
+                found = stored_nbytes(spec.shape, self.dtype, self.wcomp if self.compressed(spec) else None)
+            self._bytes[spec.hf_name] = found
+        return found
+
+
+_LAYOUTS: dict[tuple, tuple] = {}  # _weight_layout's answers: a search asks for the same few placements many times
+
+
+def _weight_layout(s: Setup, percents: tuple) -> tuple[dict, dict, dict, dict]:
+    """Of a weight placement (`percents`) in Setup `s`: each (kind, weight name)'s shares of its layers on each
+    tier, the bytes placed on each tier, and the counts of WeightSlots keys (kind, index % 2, name) and of their
+    codes slots, as the engine makes them. Memoized on what they depend on (the model, the shares, the dtype, the
+    compression, the device, the rows that keep an 8-bit head)."""
+    key = (id(s.specs), percents, s.dtype, s.wcomp, s.cuda, s.cpu_rows)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    tiers = weight_tiers(s.specs, percents, s.dtype, s.wcomp)
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    slot_sets: dict[tuple[str, str], set] = defaultdict(set)  # WeightSlots keys (kind, index % 2, name)
+    code_sets: dict[tuple[str, str], set] = defaultdict(set)  # their "codes" slots (4-bit, across the link)
+    for layer in s.specs:
+        for spec in layer.weights:
+            tier = tiers[spec.hf_name]
+            counts[layer.kind, spec.name][tier] += 1
+            if layer.kind == "head" and spec.hf_name in s.tied:
+                continue
+            if tier == "disk" and not s.cuda and not s.compressed(spec):
+                slot_sets[layer.kind, spec.name].add("mapped")  # one layer's pages mapped at a time
+            elif s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
+                slot_sets[layer.kind, spec.name].add(layer.index % 2)
+            if s.cuda and s.compressed(spec) and tier != "gpu":
+                code_sets[layer.kind, spec.name].add(layer.index % 2)
+    placed = dict.fromkeys(TIERS, 0)
+    for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
+        tier, nbytes = tiers[spec.hf_name], s.tensor_bytes(spec)
+        placed[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
+    found = ({name: tuple(c[t] / c.total() for t in TIERS) for name, c in counts.items()}, placed,
+             {k: len(v) for k, v in slot_sets.items()}, {k: len(v) for k, v in code_sets.items()})
+    if len(_LAYOUTS) > 256:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = found
+    return found
 
 
 class Layout:
@@ -122,31 +168,9 @@ class Layout:
 
     @classmethod
     def of_policy(cls, s: Setup, p: Policy) -> Layout:
-        tiers = weight_tiers(s.specs, p.percents("weight"), s.dtype, s.wcomp)
-        counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
-        slot_sets: dict[tuple[str, str], set] = defaultdict(set)  # WeightSlots keys (kind, index % 2, name)
-        code_sets: dict[tuple[str, str], set] = defaultdict(set)  # their "codes" slots (4-bit, across the link)
-        for layer in s.specs:
-            for spec in layer.weights:
-                tier = tiers[spec.hf_name]
-                counts[layer.kind, spec.name][tier] += 1
-                if layer.kind == "head" and spec.hf_name in s.tied:
-                    continue
-                if tier == "disk" and not s.cuda and not s.compressed(spec):
-                    slot_sets[layer.kind, spec.name].add("mapped")  # one layer's pages mapped at a time
-                elif s.compressed(spec) or not (tier == "gpu" or (tier == "cpu" and not s.cuda)):
-                    slot_sets[layer.kind, spec.name].add(layer.index % 2)
-                if s.cuda and s.compressed(spec) and tier != "gpu":
-                    code_sets[layer.kind, spec.name].add(layer.index % 2)
-        shares = {key: tuple(c[t] / c.total() for t in TIERS) for key, c in counts.items()}
-        placed = dict.fromkeys(TIERS, 0)
-        for spec in {w.hf_name: w for layer in s.specs for w in layer.weights}.values():
-            tier, nbytes = tiers[spec.hf_name], s.tensor_bytes(spec)
-            placed[tier] += page_aligned(nbytes) if tier == "disk" else nbytes
+        shares, placed, slot_sets, code_sets = _weight_layout(s, tuple(p.percents("weight")))
         return cls(s, lambda kind, spec: shares[kind, spec.name], placed, split_counts(s.n, p.percents("cache")),
-                   split_counts(s.nb, p.percents("act")), p, {k: len(v) for k, v in slot_sets.items()},
-                   {k: len(v) for k, v in code_sets.items()})
-
+                   split_counts(s.nb, p.percents("act")), p, slot_sets, code_sets)
     @classmethod
     def linear(cls, s: Setup, x) -> Layout:
         """x = (wg, wc, cg, cc, hg, hc): shares of decoder weight bytes, block sequences and GPU batches
