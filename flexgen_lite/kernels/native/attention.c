@@ -346,7 +346,10 @@ static inline __attribute__((always_inline)) void group_two_pass_nv(
     float total[MAX_GROUP];
     for (int64_t j = 0; j < g; j++) {
         memset(acc + j * ds, 0, ds * sizeof(float));
-        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]) + sink_term(sinks, j, top[j]);
+        if (top[j] == -INFINITY)
+            total[j] = 0;
+        else
+            total[j] = softmax_weights(s + j * sl, m, length, top[j]) + sink_term(sinks, j, top[j]);
     }
     const int chunk = nv == 4 ? 4 : 2;  /* heads whose sums stay in registers at once: 16 accumulators */
     for (int64_t j0 = 0; j0 < g; j0 += chunk) {
