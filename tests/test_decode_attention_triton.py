@@ -91,6 +91,17 @@ def test_sinks_take_their_share_of_each_softmax(kernel_device, case, dtype, spli
     assert (plain.float() - want).abs().max() > 10 * ULP[dtype]  # the sinks count
 
 
+@needs_triton
+def test_a_sinks_variant_that_fails_its_check_leaves_the_plain_kernel_usable(kernel_device, monkeypatch):
+    """The sinks variant is checked apart: where it fails, models with sinks go to the whole-score path, and
+    models without keep the kernel."""
+    monkeypatch.setattr(triton_decode, "_sinks_refusal", lambda *args: "broken here")
+    q, k, _, _ = inputs(2, 8, 2, 40, 64, "head-major")
+    q, k = q.to(kernel_device), k.to(kernel_device)
+    assert triton_decode.usable(q, k) and triton_decode.refusal(q, k, sinks=True) == "broken here"
+    assert not triton_decode.usable(q, k, sinks=True)
+
+
 def test_split_plan_fills_the_gpu_and_covers_every_position():
     for programs, length, block, sms in [(2048, 544, 128, 132), (16, 4096, 64, 132), (3, 150, 16, 4), (1, 1, 128, 4)]:
         splits, split_len = triton_decode.split_plan(programs, length, block, sms)

@@ -109,7 +109,7 @@ def decode_attend(q, k, v, mask, graphed: bool = False, sinks=None) -> tuple[tor
     want = os.environ.get(DECODE_ENV, "auto")
     if q.shape[2] != 1 or want == "sdpa" or (want == "auto" and q.device.type != "cuda"):
         return None
-    if not triton_decode.usable(q, k):
+    if not triton_decode.usable(q, k, sinks is not None):
         return None
     if want == "auto":
         # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times

@@ -198,42 +198,66 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out
 
 
-def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the kernel runs here for this kind of call and matches SDPA (checked once per kind)."""
-    return refusal(q, k) is None
+def usable(q: torch.Tensor, k: torch.Tensor, sinks: bool = False) -> bool:
+    """Whether the kernel runs here for this kind of call and matches SDPA (checked once per kind; with sinks, its
+    sinks variant too, against attention from whole scores)."""
+    return refusal(q, k, sinks) is None
 
 
-def refusal(q: torch.Tensor, k: torch.Tensor) -> str | None:
+def refusal(q: torch.Tensor, k: torch.Tensor, sinks: bool = False) -> str | None:
     """Why the kernel is not used for this kind of call (None: it may be)."""
     if not supported(q, k):
         return "not a decode shape the kernel takes"
     with _lock:
-        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1])
+        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1], sinks)
 
 
 @functools.cache
-def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int) -> str | None:
+def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, sinks: bool) -> str | None:
+    """The self-check of a kind: the plain kernel; with `sinks`, the plain one passing, its sinks variant (checked
+    apart, so that a model without sinks never depends on that variant)."""
+    if sinks:
+        return _refusal(device, dtype, group, head_dim, False) or _sinks_refusal(device, dtype, group, head_dim)
     why = unavailable(_kernels)
     if why is not None:
         return why
+    gen, (q, k, v, mask) = _check_inputs(group, head_dim)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    return _checked(device, dtype, group, head_dim, (q, k, v, mask), want, None)
+
+
+def _sinks_refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int) -> str | None:
+    gen, (q, k, v, mask) = _check_inputs(group, head_dim)
+    sinks = torch.randn(q.shape[1], generator=gen) * 2
+    return _checked(device, dtype, group, head_dim, (q, k, v, mask), with_sinks(q, k, v, mask, sinks), sinks)
+
+
+def _check_inputs(group: int, head_dim: int) -> tuple[torch.Generator, tuple]:
+    """A self-check's random q, k, v and mask (fp32, on the CPU): several splits on any device, a ragged last
+    tile; and the generator, for more."""
     gen = torch.Generator().manual_seed(group * 1000 + head_dim)
-    rows, kv_heads, length = 3, 2, 150  # several splits on any device, a ragged last tile
+    rows, kv_heads, length = 3, 2, 150
     q = torch.randn(rows, kv_heads * group, 1, head_dim, generator=gen)
     k, v = (torch.randn(rows, kv_heads, length, head_dim, generator=gen) for _ in "kv")
     mask = torch.rand(rows, 1, 1, length, generator=gen) > 0.3
     mask[..., -1] = True
-    sinks = torch.randn(kv_heads * group, generator=gen) * 2
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    return gen, (q, k, v, mask)
+
+
+def _checked(device, dtype, group: int, head_dim: int, inputs, want: torch.Tensor, sinks) -> str | None:
+    """None where the kernel (with `sinks` if given) gives `want` for `inputs` (fp32, on the CPU) on `device` in
+    `dtype`; else why not."""
+    q, k, v, mask = inputs
     try:
-        args = [t.to(device, dtype) for t in (q, k, v)] + [mask.to(device)]
-        got = attend(*args).float().cpu()
-        got_sinks = attend(*args, sinks=sinks.to(device)).float().cpu()
+        got = attend(*(t.to(device, dtype) for t in (q, k, v)), mask.to(device),
+                     sinks=None if sinks is None else sinks.to(device)).float().cpu()
     except Exception as e:  # a kernel that fails to compile or launch here
         return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    error = max(float((got - want).abs().max()), float((got_sinks - with_sinks(q, k, v, mask, sinks)).abs().max()))
+    error = float((got - want).abs().max())
     if not error <= tolerance:
-        return f"self-check mismatch ({dtype}, {group} heads per kv head, head dim {head_dim}: {error:.3g})"
+        kind = "with sinks, " if sinks is not None else ""
+        return f"self-check mismatch ({dtype}, {kind}{group} heads per kv head, head dim {head_dim}: {error:.3g})"
     return None
 
 
