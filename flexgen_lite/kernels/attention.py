@@ -55,21 +55,9 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     fused SDPA with its log-sum-exp (sink_attention) elsewhere; otherwise either is computed from the whole scores
     (`scored_attend`)."""
     decode = q.shape[2] == 1
-    if (softcap is None and sinks is not None and decode and shared is None
-            and (chosen := decode_attend(q, k, v, mask, sinks=sinks))):
-        return chosen
-    if softcap is None and sinks is not None and q.device.type == "cpu" and q.shape[0]:  # the C kernels take sinks
-        if decode and native_decode_agrees():
-            seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
-            out = native.decode_attention(q, k, v, seen, shared, sinks)
-        else:
-            out = prefill_attention(q, k, v, mask, sinks) if not decode and native_prefill and prefill_wins(
-                q.dtype) else None
-        if out is not None:
-            return out, "cpu-native"
-    if softcap is None and sinks is not None and not decode and (out := sink_attention.attend(q, k, v, mask, sinks)) \
-            is not None:
-        return out, "fused-sinks"
+    if softcap is None and sinks is not None and (found := _fused_sinks(q, k, v, mask, sinks, native_prefill,
+                                                                         shared)):
+        return found
     if softcap is not None or sinks is not None:
         return scored_attend(q, k, v, mask, softcap, sinks), "softcap" if softcap is not None else "sinks"
     if sparsity < 1 and decode:
@@ -90,6 +78,26 @@ def attend_named(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not decode,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out, f"sdpa-{q.device.type}"
+
+
+def _fused_sinks(q, k, v, mask, sinks, native_prefill: bool, shared) -> tuple[torch.Tensor, str] | None:
+    """Attention with sinks by a kernel that takes them: at decode the Triton kernel where chosen, else a CPU's C
+    kernel; at prefill the CPU's C kernel where it wins, else a fused SDPA's log-sum-exp (sink_attention). None:
+    none does here (the whole scores then)."""
+    if q.shape[2] == 1:
+        if shared is None and (chosen := decode_attend(q, k, v, mask, sinks=sinks)):
+            return chosen
+        if q.device.type == "cpu" and q.shape[0] and native_decode_agrees():
+            seen = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[2], dtype=torch.bool)
+            out = native.decode_attention(q, k, v, seen, shared, sinks)
+            return None if out is None else (out, "cpu-native")
+        return None
+    if q.device.type == "cpu" and q.shape[0] and native_prefill and prefill_wins(q.dtype):
+        out = prefill_attention(q, k, v, mask, sinks)
+        if out is not None:
+            return out, "cpu-native"
+    out = sink_attention.attend(q, k, v, mask, sinks)
+    return None if out is None else (out, "fused-sinks")
 
 
 _failed: set[tuple] = set()  # kinds of call whose chosen kernels failed: torch's default SDPA from then on
