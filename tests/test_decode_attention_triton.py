@@ -75,6 +75,18 @@ def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
 
 
 @needs_triton
+@pytest.mark.parametrize("splits", [2, 5])
+def test_a_split_inside_a_rows_padding_adds_nothing(kernel_device, splits):
+    """A row left-padded past whole splits (a short prompt beside long ones, a small batch cut into many splits):
+    those splits see no position and weigh nothing; the row's output is SDPA's, not NaN."""
+    q, k, v, mask = inputs(2, 8, 2, 300, 64, "head-major")
+    mask[0, ..., :250] = False
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = triton_decode.attend(*(t.to(kernel_device) for t in (q, k, v, mask)), splits).cpu()
+    torch.testing.assert_close(got, want, atol=ULP[torch.float32], rtol=0)
+
+
+@needs_triton
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES[1:3] + CASES[4:], ids=str)

@@ -90,9 +90,10 @@ def _kernels(interpret: bool):
                 l_i = l_i + tl.exp2(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
             tl.store(out + row * so_b + heads[:, None] * so_h + d[None, :],
                      (acc / l_i[:, None]).to(out.dtype.element_ty), mask=keep)
-        else:  # fp32 partial output, normalized, and its log2-sum-exp2 beside it
-            tl.store(out + row * so_b + heads[:, None] * so_h + split * so_s + d[None, :], acc / l_i[:, None],
-                     mask=keep)
+        else:  # fp32 partial output, normalized, and its log2-sum-exp2 beside it; a split that saw nothing (a row's
+            # left padding) stores zeros, not 0 / 0, for the combination to weigh by exp2(-inf) = 0
+            part = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+            tl.store(out + row * so_b + heads[:, None] * so_h + split * so_s + d[None, :], part, mask=keep)
             tl.store(lse + row * sl_b + heads * sl_h + split, m_i + tl.log2(l_i), mask=head_ok)
 
     @triton.jit
