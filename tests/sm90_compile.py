@@ -1,6 +1,7 @@
 """Compile the engine's Triton kernels for sm_90 ahead of time, without a GPU, and report what ptxas says of each
 kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split[,sinks] for the decode attention;
-quantize,dtype,group for the 4-bit quantization; prefix,dtype,group,head_dim for the dequantization of a cache
+quantize,dtype,group for the 4-bit quantization; codes,dtype,group,head_dim,one_split for the decode attention over a
+4-bit cache as stored; prefix,dtype,group,head_dim for the dequantization of a cache
 prefix), one JSON object a kind on stdout. Run in its own process
 without TRITON_INTERPRET: a process that interprets Triton cannot compile for a GPU (test_triton_sm90.py)."""
 
@@ -46,6 +47,36 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool, sinks: 
                     constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
     return {"kind": [dtype, group, head_dim, one_split, sinks], "block": block, "dot": dot, **assemble(src, {})}
+
+
+def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
+    """The decode attention over a 4-bit cache as stored (quantized_attention_triton), groups of 64 along head_dim."""
+    import torch
+    from triton.compiler import ASTSource
+
+    from flexgen_lite.kernels import decode_attention_triton as triton_decode
+    from flexgen_lite.kernels import quantized_attention_triton
+
+    kernel = quantized_attention_triton._kernel(False)
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    padded, block, dot = quantized_attention_triton.tiling(torch_dtype, group, head_dim)
+    pointer, names = "*" + dtype, kernel.arg_names
+    strides = names[names.index("scale") + 1:names.index("G")]
+    signature = {"q": pointer, "kc": "*u8", "ks": "*fp16", "km": "*fp16", "vc": "*u8", "vs": "*fp16", "vm": "*fp16",
+                 "k_new": pointer, "v_new": pointer, "seen": "*u8", "row_of": "*i64",
+                 "out": pointer if one_split else "*fp32", "lse": "*fp32", "length": "i32", "split_len": "i32",
+                 "skip": "i32", "scale": "fp32", **dict.fromkeys(strides, "i32")}
+    constants = dict(sm_l=1, ss_l=head_dim // 64, G=group, GP=padded, D=head_dim, DP=triton_decode._pow2(head_dim),
+                     GS=64, BLOCK=block, DOT=dot, PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True,
+                     ROWS=True, ONE_SPLIT=one_split)
+    strides = [n for n in strides if n not in constants]
+    divisible = [n for n in signature if signature[n].startswith("*")] + [
+        n for n in strides if n not in NOT_DIVISIBLE and n not in ("ss_b", "ss_h")]
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    return {"kind": ["codes", dtype, group, head_dim, one_split], "block": block, "dot": dot,
+            **assemble(src, {"num_warps": quantized_attention_triton.WARPS})}
 
 
 def compile_quantize(dtype: str, group: int) -> dict:
@@ -99,6 +130,9 @@ def main(kinds: list[str]) -> int:
         if kind.startswith("quantize,"):
             _, dtype, group = kind.split(",")
             found = compile_quantize(dtype, int(group))
+        elif kind.startswith("codes,"):
+            _, dtype, group, head_dim, one = kind.split(",")
+            found = compile_codes(dtype, int(group), int(head_dim), one == "1")
         elif kind.startswith("prefix,"):
             _, dtype, group, head_dim = kind.split(",")
             found = compile_prefix(dtype, int(group), int(head_dim))

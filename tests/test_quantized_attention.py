@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import quantized_attention as qa
+from flexgen_lite.kernels import quantized_attention_triton as qt
 from flexgen_lite.kernels.quantization import CompressionConfig, QuantizedTensor, dequantize_reference, quantize
 
 from .conftest import PROMPTS, make_checkpoint
@@ -125,6 +126,7 @@ def dequantized(path, policy, device, monkeypatch, sampling=GREEDY):
     """The same run with every compressed part dequantized into slots (the path before the kernel)."""
     with monkeypatch.context() as patch:
         patch.setattr(qa, "supported", lambda config: False)
+        patch.setattr(qt, "supported", lambda config: False)  # and a GPU's (quantized_attention_triton)
         ids, logits, slots, kernels = generate(path, policy, device, sampling)
     assert slots and "cpu-4bit" not in kernels
     return ids, logits
@@ -166,8 +168,9 @@ def beside_a_gpu(compute_device):
 @needs_kernel
 @pytest.mark.parametrize("family", ["opt", "qwen3"])
 def test_cpu_attention_beside_a_gpu_reads_host_parts_as_stored(models, family, monkeypatch, beside_a_gpu):
-    """Across the link, host-RAM parts attended on the CPU are read in place as codes; the device's and the
-    files' are still dequantized where they are attended (both kernels ran)."""
+    """Across the link, host-RAM parts attended on the CPU are read in place as codes; the files' are still
+    dequantized where they are attended, and the device's too on the CPU playing a GPU (a GPU reads them as
+    stored: test_quantized_attention_triton.py) (more than one kernel ran)."""
     policy = P((100, 0, 34, 33, 100, 0), gbs=3, nb=3, compress_cache=True, cpu_cache_compute=True)
     ids, logits, _, kernels = generate(models[family], policy, beside_a_gpu)
     assert "cpu-4bit" in kernels and len(kernels) > 1

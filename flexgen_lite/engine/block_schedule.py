@@ -28,7 +28,7 @@ from ..system.devices import ComputeDevice, IOPool, host_available_bytes
 from ..system.profile_store import cached_profile
 from .activations import Activations
 from .block import Block, layer_mask
-from .cache_attention import codes_attended, rows_in_part, scatter_rows
+from .cache_attention import codes_attended, device_codes_attended, rows_in_part, scatter_rows
 from .decode_attention import DecodeAttention
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graphs_wanted
@@ -333,7 +333,8 @@ class Engine(DecodeAttention):
                                  self.policy.percents("cache"), self.device, self.disk, self.ledger,
                                  self.policy.cache_compression(), self.cpu_attention_dtype(),
                                  [self.config.cached_positions(i, max_len) for i in range(self.config.num_layers)],
-                                 codes_attended(self.config, self.policy), self.policy.cpu_attention_percent)
+                                 codes_attended(self.config, self.policy), self.policy.cpu_attention_percent,
+                                 device_codes_attended(self.config, self.policy, self.device.device, self.dtype))
         if block.gen_len > 1:
             self.cache.reserve_slots(self.cache_slots)
         # per batch: every cache part used where it is (views only: nothing to load, wait for or store back)

@@ -3,9 +3,11 @@ attended on the CPU), for the rows that still generate; the engine (block_schedu
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..kernels import quantized_attention
+from ..kernels import quantized_attention, quantized_attention_triton
 from ..kernels.attention import attend_named
 from .shared_prefix import shared_rows
 
@@ -13,9 +15,23 @@ from .shared_prefix import shared_rows
 def codes_attended(config, policy) -> bool:
     """Whether compressed cache parts a CPU attends where they live are read as stored by the 4-bit kernel
     (quantized_attention), not dequantized into slots every step: where it is built here and nothing needs the
-    scores whole (top-k sparsity, Gemma-2's caps, gpt-oss's sinks)."""
+    scores whole."""
+    return _codes_readable(config, policy) and quantized_attention.supported(policy.cache_compression())
+
+
+def device_codes_attended(config, policy, device, dtype: torch.dtype) -> bool:
+    """Whether compressed cache parts in compute memory (a GPU's) are read as stored by Triton's 4-bit kernel
+    (quantized_attention_triton), not dequantized into slots every step: the same conditions, where it runs."""
+    compression = policy.cache_compression()
+    return (_codes_readable(config, policy) and quantized_attention_triton.supported(compression)
+            and quantized_attention_triton.wanted_on(device, dtype, config.num_heads // config.num_kv_heads,
+                                                     config.head_dim, compression.group_size))
+
+
+def _codes_readable(config, policy) -> bool:
+    """A compressed cache nothing needs the scores of whole (top-k sparsity, Gemma-2's caps, gpt-oss's sinks)."""
     return (policy.compress_cache and policy.attn_sparsity == 1 and config.attn_softcap is None
-            and not config.attn_sinks and quantized_attention.supported(policy.cache_compression()))
+            and not config.attn_sinks)
 
 
 def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, softcap: float | None = None,
@@ -54,24 +70,31 @@ def attend_part(view, q, k, v, mask, start: int, inputs: dict, sparsity: float, 
 
 
 def attend_codes(view, q, k, v, mask, start: int, inputs: dict):
-    """attend_part over a compressed part a CPU attends as stored: the new token's k, v stand at its slot
-    (quantized_attention), and are returned for the part's home, in its rows (the finished rows' zeros)."""
-    part, cpu = view.part, torch.device("cpu")
+    """attend_part over a compressed part attended as stored where it lives: host RAM by the CPU's kernel
+    (quantized_attention), GPU memory by Triton's (quantized_attention_triton). The new token's k, v stand at its
+    slot, and are returned for the part's home, in its rows (the finished rows' zeros)."""
+    part, where = view.part, view.k.device
     slot, end = start % part.capacity, min(start + 1, part.capacity)
     picked, local = rows_in_part(inputs, part.rows, q.device)
     if local is not None and len(local) == 0:
         return None
-    q_part, k_new, v_new = rows_to(cpu, part.dtype, q[picked], k[picked], v[picked])
+    q_part, k_new, v_new = rows_to(where, part.dtype, q[picked], k[picked], v[picked])
     if mask is not None:
         mask = mask[picked if mask.device == q.device else rows_in_part(inputs, part.rows, mask.device)[0]]
-    local_cpu = None if local is None else rows_in_part(inputs, part.rows, cpu)[1]
-    out = quantized_attention.attend(q_part, view.k.arrays(end), view.v.arrays(end), view.k.config, mask, slot,
-                                     k_new, v_new, local_cpu)
+    local_here = None if local is None else rows_in_part(inputs, part.rows, where)[1]
+    keys, values = view.k.arrays(end), view.v.arrays(end)
+    if where.type == "cpu" and os.environ.get(quantized_attention_triton.ENV) != "triton":
+        out = quantized_attention.attend(q_part, keys, values, view.k.config, mask, slot, k_new, v_new, local_here)
+        kernel = "cpu-4bit"
+    else:
+        out = quantized_attention_triton.attend(q_part, keys, values, None if mask is None else mask.to(where), slot,
+                                                k_new, v_new, local_here)
+        kernel = "triton-4bit"
     active = part.rows.stop - part.rows.start if local is None else len(local)
     seen = part.nbytes_at(end) * active // (part.rows.stop - part.rows.start)
     if local is not None:
-        k_new, v_new = scatter_rows(k_new, local_cpu, part.rows), scatter_rows(v_new, local_cpu, part.rows)
-    return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, "cpu-4bit", int(seen)
+        k_new, v_new = scatter_rows(k_new, local_here, part.rows), scatter_rows(v_new, local_here, part.rows)
+    return out.to(q.device, q.dtype, non_blocking=True), k_new, v_new, kernel, int(seen)
 
 
 def part_shared(inputs: dict, rows: slice, local: torch.Tensor | None):

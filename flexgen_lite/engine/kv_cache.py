@@ -122,15 +122,16 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, percents, device: ComputeDevice, disk: DiskStore,
                  ledger: MemoryLedger, compression: CompressionConfig | None = None,
                  cpu_attention_dtype: torch.dtype | None = None, positions: list[int] | None = None,
-                 attend_codes: bool = False, cpu_attention_percent: float = 100.0) -> None:
+                 attend_codes: bool = False, cpu_attention_percent: float = 100.0, device_codes: bool = False) -> None:
         """cpu_attention_dtype: when set, attention over disk parts and cpu_attention_percent of the cpu tier's
         runs on the CPU in that dtype (the rest of the cpu tier's across the link, host_attended_rows).
         positions: per layer the positions it keeps (ModelConfig.cached_positions; default max_len each).
-        attend_codes: compressed parts attended on the CPU where they live are read as stored (codes_attended).
+        attend_codes: compressed parts attended on the CPU where they live are read as stored (codes_attended);
+        device_codes: so are those in compute memory, by Triton's kernel (device_codes_attended).
         Across a link the cpu tier's parts share one host arena of their exact size (page-locked with CUDA)."""
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.kv_heads, self.head_dim, self.compression = kv_heads, head_dim, compression
-        self.cpu_dtype, self.attend_codes = cpu_attention_dtype, attend_codes
+        self.cpu_dtype, self.attend_codes, self.device_codes = cpu_attention_dtype, attend_codes, device_codes
         self.tier_rows = split_counts(num_batches * gpu_batch_size, percents)
         self.host_attended = host_attended_rows(self.tier_rows[1], None if cpu_attention_dtype is None
                                                 else cpu_attention_percent)
@@ -173,11 +174,12 @@ class KVCache:
         else:
             k, v = (Store(shape, dtype, *args) for _ in range(2))
         # used in place by attention: in compute memory, or in host RAM by CPU attention; compressed, where a CPU
-        # attends it (CPU attention, or a CPU computes) and it is not in a file
+        # attends it (CPU attention, or a CPU computes) and it is not in a file, or in a GPU's memory (Triton's)
         if self.compression is None:
             direct = home != "file" and (home != "host" or on_cpu)
         else:
-            direct = self.attend_codes and home != "file" and (on_cpu or not self.device.host_is_separate)
+            direct = home != "file" and ((self.attend_codes and (on_cpu or not self.device.host_is_separate))
+                                         or (self.device_codes and home == "device"))
         if home != "host":  # off the ledger (and its files off the disk) when a longer cache replaces this one
             for store in (k, v):
                 ledger.track(store, tier, store.nbytes)

@@ -296,8 +296,11 @@ def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             if s.ccomp is not None:
                 fixed, rate = hw.cache_dequantize[s.dname]
                 _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
-        codes = hw.codes_attention(cpu_dtype, group) if s.ccomp is not None and lay.part_direct(tier, on_cpu) else None
-        if codes is not None:  # a CPU reads its codes as stored (quantized_attention)
+        codes = None
+        if s.ccomp is not None and lay.part_direct(tier, on_cpu):  # codes read as stored where they are
+            codes = (hw.device_codes_attention(s.dname, group) or gpu_att if s.cuda and tier == "gpu"
+                     else hw.codes_attention(cpu_dtype, group))
+        if codes is not None:  # by a CPU (quantized_attention) or a GPU (Triton's; its dense rate unmeasured)
             fixed, rate = codes
             seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * stored / rate,
                     waits=False, side=on_cpu and worker)

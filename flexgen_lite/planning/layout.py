@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from ..engine.block import common_prefix
-from ..engine.cache_attention import codes_attended
+from ..engine.cache_attention import codes_attended, device_codes_attended
 from ..engine.kv_cache import cache_bytes_per_token
 from ..engine.policy import Policy, PolicyError, host_attended_rows, split_counts
 from ..engine.storage import TIERS, page_aligned
@@ -230,13 +230,19 @@ class Layout:
     def part_direct(self, tier: str, on_cpu: bool) -> bool:
         """As kv_cache.KVCache._alloc decides (on_cpu: attended on the CPU beside a GPU)."""
         s = self.s
-        if s.ccomp is not None:  # its codes attended as stored where a CPU attends it, but not in a file
-            return self.codes_attended and (not s.cuda or (tier == "cpu" and on_cpu))
+        if s.ccomp is not None:  # its codes attended as stored where a CPU attends it (not in a file), or a GPU's
+            return ((self.codes_attended and (not s.cuda or (tier == "cpu" and on_cpu)))
+                    or (tier == "gpu" and self.device_codes_attended))
         return tier == "gpu" or not s.cuda or (tier == "cpu" and on_cpu)
 
     @functools.cached_property
     def codes_attended(self) -> bool:
         return codes_attended(self.s.config, self.s.policy)
+
+    @functools.cached_property
+    def device_codes_attended(self) -> bool:
+        s = self.s
+        return s.cuda and device_codes_attended(s.config, s.policy, "cuda", s.dtype)
 
     def part_mapped(self, tier: str) -> bool:
         """A disk part a CPU uses in place through a memory map: its pages count like a cache slot."""

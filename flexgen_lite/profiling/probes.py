@@ -298,7 +298,40 @@ def codes_attention_rates(device: ComputeDevice, scale: int) -> dict:
             points.append((group, fixed, rate))
         out[name] = points
     out["float16"] = out["bfloat16"]  # a float16 cache is attended in bfloat16 on a CPU
-    return {"cpu_attention_codes": out}
+    return {"cpu_attention_codes": out, "attention_codes": _device_codes_rates(device, config, scale)}
+
+
+def _device_codes_rates(device: ComputeDevice, config, scale: int) -> dict:
+    """GPU decode attention over a 4-bit cache in its memory read as stored (quantized_attention_triton), 1 and 4
+    query heads per kv head of 128, 64 rows over prefixes of 32 and `long` positions: (group, fixed s, stored K+V
+    bytes/s) per compute dtype; {} on a CPU or where the kernel is not used."""
+    from ..kernels import quantized_attention_triton as qt
+    from ..kernels.quantization import quantize
+
+    if not device.is_cuda:
+        return {}
+    rows, hd, long, out = 64, 128, 8192 // scale, {}
+    for name in compute_dtypes(device):
+        dtype, points = DTYPES[name], []
+        for group, kv_heads in ((1, 16), (4, 4)):
+            if not qt.wanted_on(device.device, dtype, group, hd, config.group_size):
+                return {}
+            parts = []
+            for _ in "kv":
+                x = quantize(torch.randn(rows, kv_heads, long, hd, device=device.device, dtype=dtype), config)
+                parts.append((x.data.view(rows, kv_heads, long, -1), x.scale, x.minimum))
+            q = torch.randn(rows, kv_heads * group, 1, hd, device=device.device, dtype=dtype)
+            new = torch.randn(rows, kv_heads, 1, hd, device=device.device, dtype=dtype)
+            times = []
+            for length in (32, long):
+                k, v = ([p[:, :, :length] for p in part] for part in parts)
+                times.append(timed(lambda k=k, v=v, n=length, q=q, new=new: qt.attend(q, k, v, None, n - 1, new, new),
+                                   torch.cuda.synchronize))
+            per_position = 2 * sum(p[:, :, :1].numel() * p.element_size() for p in parts[0])
+            rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
+            points.append((group, fixed, rate))
+        out[name] = points
+    return out
 
 
 def _shared_speedup(dtype: torch.dtype, long: int, position_major: bool) -> float:

@@ -95,6 +95,9 @@ class HardwareProfile:
     # cache read as stored (quantized_attention), laid out as the engine keeps the parts a CPU attends (beside a GPU
     # position-major in host RAM, else head-major); {} without the kernel
     cpu_attention_codes: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # dtype -> [(query heads per kv head, s per call, stored K+V bytes/s)] of decode attention on a GPU over a 4-bit
+    # cache in its memory read as stored (quantized_attention_triton); {} on a CPU, without Triton, or not measured
+    attention_codes: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # beside a GPU, CPU decode attention and page-locked copies to the GPU both read host RAM: (CPU attention's
     # rate while copies run over its rate alone, the copies' rate while it runs over theirs alone); (1, 1) where
     # not measured (a CPU, an older profile)
@@ -110,6 +113,12 @@ class HardwareProfile:
             return None
         _, fixed, rate = min(points, key=lambda p: abs(p[0] - group))
         return fixed, rate
+
+    def device_codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
+        """(s per call, stored bytes/s) of GPU attention over a 4-bit cache as stored (the measured group nearest
+        `group`), or None where not measured."""
+        points = self.attention_codes.get(dtype)
+        return min(points, key=lambda p: abs(p[0] - group))[1:] if points else None
 
     def prefill_attention_rate(self, dtype: str) -> float:
         """FLOP/s (4 * B * heads * T^2 * hd per call) of prefill attention as the engine runs it in `dtype`."""
@@ -175,7 +184,7 @@ class HardwareProfile:
         if raw.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
         for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "attention_grouped",
-                     "cpu_attention_grouped", "cpu_attention_codes"):
+                     "cpu_attention_grouped", "cpu_attention_codes", "attention_codes"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
