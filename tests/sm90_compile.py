@@ -67,7 +67,8 @@ def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool) -> dic
                  "out": pointer if one_split else "*fp32", "lse": "*fp32", "length": "i32", "split_len": "i32",
                  "skip": "i32", "scale": "fp32", **dict.fromkeys(strides, "i32")}
     constants = dict(sm_l=1, ss_l=head_dim // 64, G=group, GP=padded, D=head_dim, DP=triton_decode._pow2(head_dim),
-                     GS=64, BLOCK=block, DOT=dot, PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True,
+                     NG=max(1, triton_decode._pow2(head_dim) // 64), BLOCK=block, DOT=dot,
+                     PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True,
                      ROWS=True, ONE_SPLIT=one_split)
     strides = [n for n in strides if n not in constants]
     divisible = [n for n in signature if signature[n].startswith("*")] + [

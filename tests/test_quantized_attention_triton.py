@@ -101,6 +101,13 @@ def test_self_check_passes_and_the_switch_turns_it_off(kernel_device, monkeypatc
     assert not qt.wanted_on(kernel_device, torch.bfloat16, 4, 128, 64)
 
 
+def test_layouts_it_does_not_read_are_dequantized_as_before():
+    """8 bits, groups along another dim, or groups not a power of two: slots, as before."""
+    assert qt.supported(CompressionConfig(4, 64, -1)) and qt.supported(CompressionConfig(4, 32, -1))
+    for config in (CompressionConfig(8, 64, -1), CompressionConfig(4, 64, 0), CompressionConfig(4, 48, -1), None):
+        assert not qt.supported(config)
+
+
 def test_a_cpu_leaves_it_alone_and_a_plan_without_a_gpu_counts_slots(monkeypatch):
     """Not asked for: a CPU keeps its C kernel, and a plan for a GPU made on a machine without one counts slots."""
     monkeypatch.delenv(qt.ENV, raising=False)

@@ -40,7 +40,7 @@ def _kernel(interpret: bool):
     @triton.jit(do_not_specialize=["length", "split_len", "skip"])
     def codes_kernel(q, kc, ks, km, vc, vs, vm, k_new, v_new, seen, row_of, out, lse, length, split_len, skip, scale,
                      sq_b, sq_h, sc_b, sc_h, sc_l, ss_b, ss_h, ss_l, sn_b, sn_h, sm_b, sm_l, so_b, so_h, so_s, sl_b,
-                     sl_h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, GS: tl.constexpr,
+                     sl_h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NG: tl.constexpr,
                      BLOCK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
                      ROWS: tl.constexpr, ONE_SPLIT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -54,9 +54,10 @@ def _kernel(interpret: bool):
                      other=0.0)
         if not DOT or q.dtype.element_ty == tl.bfloat16:  # bf16 values are exact in tf32
             qv = qv.to(tl.float32)
-        at_codes = cache_row * sc_b + kv_head * sc_h + (d // 2)[None, :]
-        at_stats = cache_row * ss_b + kv_head * ss_h + (d // GS)[None, :]
-        shift = ((d % 2) * 4)[None, :]
+        c, n = tl.arange(0, DP // 2), tl.arange(0, NG)  # a position's bytes (two values each) and its groups
+        at_codes = cache_row * sc_b + kv_head * sc_h + c[None, :]
+        at_stats = cache_row * ss_b + kv_head * ss_h + n[None, :]
+        c_ok, n_ok = (2 * c < D)[None, :], (n * (DP // NG) < D)[None, :]
         begin = split * split_len
         end = tl.minimum(begin + split_len, length)
         m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -67,11 +68,12 @@ def _kernel(interpret: bool):
             ok = (pos < end) & (pos != skip)  # the new token's slot: its stored row is an older position's
             if MASKED:
                 ok = ok & (tl.load(seen + row * sm_b + pos.to(tl.int64) * sm_l, mask=ok, other=0) != 0)
-            tile_ok = ok[:, None] & d_ok[None, :]
             p64 = pos.to(tl.int64)[:, None]
-            codes = tl.load(kc + at_codes + p64 * sc_l, mask=tile_ok, other=0).to(tl.int32)
-            kt = (((codes >> shift) & 15).to(tl.float32) * tl.load(ks + at_stats + p64 * ss_l, mask=tile_ok, other=0.0)
-                  .to(tl.float32) + tl.load(km + at_stats + p64 * ss_l, mask=tile_ok, other=0.0).to(tl.float32))
+            codes = tl.load(kc + at_codes + p64 * sc_l, mask=ok[:, None] & c_ok, other=0)
+            codes = tl.interleave(codes & 15, codes >> 4).to(tl.float32)  # element 2j: byte j's low nibble
+            sk = tl.load(ks + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
+            mk = tl.load(km + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
+            kt = tl.reshape(tl.reshape(codes, [BLOCK, NG, DP // NG]) * sk[:, :, None] + mk[:, :, None], [BLOCK, DP])
             kt = kt.to(q.dtype.element_ty)  # as a dense slot of q's dtype holds it
             if DOT:
                 s = tl.dot(qv, tl.trans(kt.to(qv.dtype)), input_precision=PRECISION) * scale
@@ -83,9 +85,11 @@ def _kernel(interpret: bool):
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            codes = tl.load(vc + at_codes + p64 * sc_l, mask=tile_ok, other=0).to(tl.int32)
-            vt = (((codes >> shift) & 15).to(tl.float32) * tl.load(vs + at_stats + p64 * ss_l, mask=tile_ok, other=0.0)
-                  .to(tl.float32) + tl.load(vm + at_stats + p64 * ss_l, mask=tile_ok, other=0.0).to(tl.float32))
+            codes = tl.load(vc + at_codes + p64 * sc_l, mask=ok[:, None] & c_ok, other=0)
+            codes = tl.interleave(codes & 15, codes >> 4).to(tl.float32)
+            sv = tl.load(vs + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
+            mv = tl.load(vm + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
+            vt = tl.reshape(tl.reshape(codes, [BLOCK, NG, DP // NG]) * sv[:, :, None] + mv[:, :, None], [BLOCK, DP])
             vt = vt.to(q.dtype.element_ty)
             if DOT:
                 acc = acc * alpha[:, None] + tl.dot(p.to(qv.dtype), vt.to(qv.dtype), input_precision=PRECISION)
@@ -124,8 +128,10 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
 
 
 def supported(config: CompressionConfig | None) -> bool:
-    """Whether a cache compressed by `config` has the layout the kernel reads (4 bits, groups along head_dim)."""
-    return config is not None and config.bits == 4 and config.group_dim == -1 and config.group_size % 2 == 0
+    """Whether a cache compressed by `config` has the layout the kernel reads (4 bits, groups of a power of two
+    along head_dim)."""
+    return (config is not None and config.bits == 4 and config.group_dim == -1 and config.group_size >= 2
+            and config.group_size & (config.group_size - 1) == 0)
 
 
 def usable(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]) -> bool:
@@ -136,7 +142,8 @@ def usable(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
     laid_out = (q.dim() == 4 and q.shape[2] == 1 and q.dtype in dense.DTYPES and same and heads % kv_heads == 0
                 and k[0].dtype == torch.uint8 and k[1].dtype == k[2].dtype == torch.float16
                 and k[1].stride() == k[2].stride() and d <= 256 and 2 * k[0].shape[-1] >= d
-                and (2 * k[0].shape[-1]) % k[1].shape[-1] == 0
+                and (2 * k[0].shape[-1]) % k[1].shape[-1] == 0 and supported(CompressionConfig(
+                    4, 2 * k[0].shape[-1] // k[1].shape[-1], -1))
                 and all(x.device == q.device and x.stride(-1) == 1 for x in (*k, *v)))
     if not laid_out:
         return False
@@ -214,9 +221,9 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
         _kernel(interpreting())[(b, kv_heads, splits)](
             q, codes, scale, minimum, *v, k_new, v_new, seen, row_of, target, lse, length, split_len, skip,
             math.log2(math.e) / math.sqrt(hd), q.stride(0), q.stride(1), *codes.stride()[:3], *scale.stride()[:3],
-            k_new.stride(0), k_new.stride(1), sm_b, sm_l, *strides, G=group, GP=gp, D=hd, DP=dp, GS=group_size,
-            BLOCK=block, DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MASKED=mask is not None,
-            ROWS=rows is not None, ONE_SPLIT=splits == 1, num_warps=WARPS)
+            k_new.stride(0), k_new.stride(1), sm_b, sm_l, *strides, G=group, GP=gp, D=hd, DP=dp,
+            NG=max(1, dp // group_size), BLOCK=block, DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            MASKED=mask is not None, ROWS=rows is not None, ONE_SPLIT=splits == 1, num_warps=WARPS)
         if splits > 1:
             dense._kernels(interpreting())[1][(b, heads)](
                 target, lse, q, out, splits, *strides, out.stride(0), out.stride(1), D=hd, DP=dp,
