@@ -266,13 +266,14 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
 def codes_attention_rates(device: ComputeDevice, scale: int) -> dict:
     """CPU decode attention over a 4-bit cache read as stored (quantized_attention), 1 and 4 query heads per kv
     head of 128, over prefixes of 32 and `long` positions of 8 rows, laid out as the engine keeps the parts a CPU
-    attends: (fixed s, stored K+V bytes/s) per CPU attention dtype; {} without the kernel."""
+    attends: (fixed s, stored K+V bytes/s) per CPU attention dtype; {} without the kernel. With CUDA, the GPU's
+    kernel too (`attention_codes`)."""
     from ..kernels import quantized_attention as qa
     from ..kernels.quantization import CompressionConfig, quantize
 
     config = CompressionConfig(4, 64, -1)
     if not qa.supported(config):
-        return {"cpu_attention_codes": {}}
+        return {"cpu_attention_codes": {}, "attention_codes": _device_codes_rates(device, config, scale)}
     rows, hd, long = 8, 128, 2048 // scale
     out = {}
     for name in ("float32", "bfloat16"):
