@@ -13,15 +13,16 @@ import importlib.util
 import pytest
 import torch
 
-from flexgen_lite import FlexGenLite
+from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import quantized_attention as qa
 from flexgen_lite.kernels import quantized_attention_triton as qt
 from flexgen_lite.kernels.quantization import CompressionConfig
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, make_checkpoint
 from .test_link_paths import check_gpu_memory_plan
 from .test_parity import LINK, P, link_only_on_cpu
 from .test_quantized_attention import GREEDY, models  # noqa: F401  (a fixture)
+from .test_window_ring import with_eos
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 ULP = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}  # outputs of magnitude < 2
@@ -118,20 +119,20 @@ def test_a_cpu_leaves_it_alone_and_a_plan_without_a_gpu_counts_slots(monkeypatch
         assert qt.wanted_on("cuda", torch.float16, 1, 64, 64)
 
 
-def generate(path, policy, device):
+def generate(path, policy, device, sampling=GREEDY):
     """(ids, logits, the cache slots taken, the attention kernels that ran)"""
     with FlexGenLite(str(path), policy=policy, device=device) as m:
-        ids, logits = m.generate_ids(PROMPTS, GREEDY, return_logits=True)
+        ids, logits = m.generate_ids(PROMPTS, sampling, return_logits=True)
         return ids, logits, [key for key, buf in m.engine.cache_slots.buffers.items() if buf.numel()], \
             set(m.engine._kernels)
 
 
-def dequantized(path, policy, device, monkeypatch):
+def dequantized(path, policy, device, monkeypatch, sampling=GREEDY):
     """The run with every compressed part dequantized into slots (no kernel over codes)."""
     with monkeypatch.context() as patch:
         patch.setattr(qa, "supported", lambda config: False)
         patch.setattr(qt, "supported", lambda config: False)
-        ids, logits, slots, kernels = generate(path, policy, device)
+        ids, logits, slots, kernels = generate(path, policy, device, sampling)
     assert slots and not {"cpu-4bit", "triton-4bit"} & kernels
     return ids, logits, slots
 
@@ -157,6 +158,26 @@ def test_a_compressed_part_in_compute_memory_is_attended_as_stored(models, famil
     assert ids == want_ids
     for a, b in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@needs_triton
+def test_rows_that_finish_and_rings_are_read_as_stored(tmp_path, kernel_device, beside_a_gpu, monkeypatch):
+    """A Mistral whose every layer is a ring of 5 (prompts of up to 10 and 6 new tokens wrap it), its cache on the
+    GPU, one row stopping at its EOS: the new token at its ring slot, over the active rows by the row map."""
+    path = tmp_path / "mistral"
+    path.mkdir()
+    make_checkpoint(path, "mistral", seed=3, sliding_window=5)
+    policy = P((100, 0, 100, 0, 100, 0), gbs=3, nb=2, compress_cache=True)
+    eight = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    want_ids, want_logits, _ = dequantized(path, policy, beside_a_gpu, monkeypatch, eight)
+    ids, logits, slots, kernels = generate(path, policy, beside_a_gpu, eight)
+    assert "triton-4bit" in kernels and not slots and ids == want_ids
+    for a, b in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    model_dir, row = with_eos(path, tmp_path, want_ids)
+    ids, _, _, _ = generate(model_dir, policy, beside_a_gpu, SamplingConfig(max_new_tokens=8))
+    assert ids[row] == want_ids[row][:7]
+    assert all(ids[r] == want_ids[r] for r in range(len(PROMPTS)) if r != row)
 
 
 @needs_triton
