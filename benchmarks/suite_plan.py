@@ -106,14 +106,21 @@ def predict_rows(specs: list[dict]) -> dict:
 
 def _predict_one(argv: list[str]) -> dict:
     try:
+        import torch
+
         from flexgen_lite.cli.main import build_parser, plan_policy, predict_policy
         from flexgen_lite.cli.options import policy_from_args, resolve_share
+        from flexgen_lite.planning.budgets import SAFETY
         from flexgen_lite.planning.layout import Workload
         from flexgen_lite.planning.policy_search import AutoPolicy
+        from flexgen_lite.profiling.measure import load_profile
         from flexgen_lite.system.devices import ComputeDevice
 
         args = build_parser().parse_args(argv)
         cuda = ComputeDevice(args.device).is_cuda
+        profile = load_profile()
+        if args.cpu_mem is None and profile.is_cuda and not torch.cuda.is_available():
+            args.cpu_mem = int(profile.host_memory * SAFETY)  # offline, for the GPU machine the profile measured
         prompt_len = args.prompt_len or (512 if cuda else 64)
         workload = Workload(prompt_len, args.gen_len, args.num_prompts)
         policy = policy_from_args(args, default_batch=64 if cuda else 16)
