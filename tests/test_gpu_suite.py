@@ -307,3 +307,22 @@ def test_dummy_hook_keeps_byte_counts_and_shapes(tmp_path):
     for key in ("weights_moved_per_step_gb", "link_moved_per_step_gb", "peak_cpu_gb", "peak_gpu_gb", "model_gb"):
         assert a[key] == b[key], key
     assert "4-bit matrices" in fast.stderr and " 0 4-bit matrices" not in fast.stderr
+
+
+@pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="the offline case: no GPU here")
+def test_offline_predictions_for_a_gpu_machine_budget_its_host_ram(tmp_path, monkeypatch):
+    """A prediction made here from a GPU machine's profile searches within that machine's host RAM (the profile's),
+    not this one's: OPT-30B's auto row may then hold more in host RAM than this VM has."""
+    from flexgen_lite.system.memory import GiB
+
+    from .conftest import synthetic_profile
+
+    profile = synthetic_profile(cuda=True)
+    big = tmp_path / "big.json"
+    big.write_text(profile.to_json().replace(f'"host_memory": {profile.host_memory}', f'"host_memory": {200 * GiB}'))
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(big))
+    argv = ["bench", "--model", "facebook/opt-30b", "--prompt-len", "512", "--gen-len", "32", "--policy", "auto",
+            "--gpu-mem", "16GiB", "--num-prompts", "256"]
+    found = suite_plan.predict_rows([{"name": "auto", "ours": argv}])["auto"]["ours"]
+    assert "error" not in found, found
+    assert found["peak"]["cpu"] > 24 * GiB  # more than this VM's RAM: planned for the profile's 200 GiB
