@@ -188,6 +188,29 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
 
 
 @needs_triton
+@pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
+def test_a_short_prompt_beside_a_long_one_in_many_splits(kernel_device, monkeypatch, tiny_models, static):
+    """A batch of a 50-token prompt and a 2-token one, the cache cut into splits of 8 positions (as a GPU of many
+    SMs cuts a long cache at a small batch): the short row's padding covers whole splits, and the constant-shape
+    step's splits past the current length see nothing. Tokens and logits are SDPA's (before the fix: NaN)."""
+    prompts = [[2, *range(3, 52)], [2, 400]]
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=1, dtype="float32")
+    greedy = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    runs = {}
+    for kernel in ("sdpa", "triton"):
+        monkeypatch.setenv(attention.DECODE_ENV, kernel)
+        monkeypatch.setattr(triton_decode, "split_plan", lambda programs, length, *args: (-(-length // 8), 8))
+        with FlexGenLite(str(tiny_models["llama3"][0]), policy=policy, device=kernel_device) as m:
+            m.engine.static_decode, m.engine.fused_decode = static, False
+            runs[kernel] = m.generate_ids(prompts, greedy, return_logits=True)
+            if kernel == "triton":
+                assert any("triton" in k for k in m.engine.times.attention[1:])
+    assert runs["triton"][0] == runs["sdpa"][0]
+    for ours, theirs in zip(runs["triton"][1], runs["sdpa"][1], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+
+
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: on a GPU, under --device cuda")
 def test_the_graphed_step_measures_both_kernels_as_replays(kernel_device, monkeypatch, tiny_models, references):
     """On CUDA with the default choice (auto), the constant-shape step's attention is measured once per kind as
