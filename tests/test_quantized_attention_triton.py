@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -208,3 +209,40 @@ def test_the_cost_model_reads_a_gpu_part_as_stored(monkeypatch):
     stored = 2 * CONFIG.num_kv_heads * CONFIG.head_dim // 64 * (32 + 4)  # codes and fp16 stats per position
     per_step = 64 * CONFIG.num_layers * stored * (512 + 31 / 2) / rate
     assert measured.decode_by["attention"] == pytest.approx(per_step, rel=0.05)
+
+
+@needs_triton
+def test_the_profile_measures_the_gpu_kernel_and_keeps_it(monkeypatch):
+    """The profile's probe of a GPU's kernel (run here in the interpreter, as a GPU would run it compiled): a rate
+    per compute dtype (fp16 here) and group, kept through the profile's JSON and read back by the cost model."""
+    import json
+    import types
+
+    from flexgen_lite.profiling import probes
+    from flexgen_lite.system.hardware import HardwareProfile
+
+    from .conftest import synthetic_profile
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(qt.ENV, "triton")
+    qt.reset()
+    gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), host_is_separate=True,
+                                synchronize=lambda: None)
+    monkeypatch.setattr(probes, "timed", once)  # the interpreter is slow: one timed call each, one dtype
+    monkeypatch.setattr(probes, "compute_dtypes", lambda device: ["float16"])
+    found = probes._device_codes_rates(gpu, CompressionConfig(4, 64, -1), 64)
+    assert set(found) == {"float16"}
+    assert all({g for g, _, _ in points} == {1, 4} for points in found.values())
+    assert all(rate > 0 and fixed >= 0 for points in found.values() for _, fixed, rate in points)
+    hw = dataclasses.replace(synthetic_profile(cuda=True), attention_codes=found)
+    again = HardwareProfile.from_json(json.dumps(dataclasses.asdict(hw)))
+    assert again.device_codes_attention("float16", 8) == found["float16"][1][1:]
+    assert HardwareProfile.from_json(json.dumps(dataclasses.asdict(synthetic_profile(cuda=True)))) \
+        .device_codes_attention("float16", 1) is None  # not measured: the dense rate stands in
+
+
+def once(fn, sync, **_) -> float:
+    tic = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - tic

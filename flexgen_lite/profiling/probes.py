@@ -311,7 +311,7 @@ def _device_codes_rates(device: ComputeDevice, config, scale: int) -> dict:
 
     if not device.is_cuda:
         return {}
-    rows, hd, long, out = 64, 128, 8192 // scale, {}
+    rows, hd, long, out = max(1, 64 // scale), 128, max(64, 8192 // scale), {}
     for name in compute_dtypes(device):
         dtype, points = DTYPES[name], []
         for group, kv_heads in ((1, 16), (4, 4)):
@@ -327,7 +327,7 @@ def _device_codes_rates(device: ComputeDevice, config, scale: int) -> dict:
             for length in (32, long):
                 k, v = ([p[:, :, :length] for p in part] for part in parts)
                 times.append(timed(lambda k=k, v=v, n=length, q=q, new=new: qt.attend(q, k, v, None, n - 1, new, new),
-                                   torch.cuda.synchronize))
+                                   device.synchronize))
             per_position = 2 * sum(p[:, :, :1].numel() * p.element_size() for p in parts[0])
             rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
             points.append((group, fixed, rate))
