@@ -1,9 +1,12 @@
 """Compile the engine's Triton kernels for sm_90 ahead of time, without a GPU, and report what ptxas says of each
-kind: `python -m tests.sm90_compile KIND...` (KIND: dtype,group,head_dim,one_split[,sinks] for the decode attention;
-quantize,dtype,group for the 4-bit quantization; codes,dtype,group,head_dim,one_split for the decode attention over a
-4-bit cache as stored; prefix,dtype,group,head_dim for the dequantization of a cache
-prefix), one JSON object a kind on stdout. Run in its own process
-without TRITON_INTERPRET: a process that interprets Triton cannot compile for a GPU (test_triton_sm90.py)."""
+kind: `python -m tests.sm90_compile KIND...`, KIND one of
+  dtype,group,head_dim,one_split[,sinks]      the decode attention;
+  quantize,dtype,group                        the 4-bit quantization;
+  codes,dtype,group,head_dim,one_split        the decode attention over a 4-bit cache as stored;
+  gemv,dtype,group,rows                       a few rows times a 4-bit weight as stored;
+  prefix,dtype,group,head_dim                 the dequantization of a cache prefix;
+one JSON object a kind on stdout. Run in its own process without TRITON_INTERPRET: a process that interprets
+Triton cannot compile for a GPU (test_triton_sm90.py)."""
 
 from __future__ import annotations
 
@@ -80,6 +83,25 @@ def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool) -> dic
             **assemble(src, {"num_warps": quantized_attention_triton.WARPS})}
 
 
+def compile_gemv(dtype: str, group: int, rows: int) -> dict:
+    """A few rows times a 4-bit weight as stored (int4_gemv_triton), `rows` padded rows."""
+    from triton.compiler import ASTSource
+
+    from flexgen_lite.kernels import int4_gemv_triton as gemv
+
+    kernel, names = gemv._kernel(False), gemv._kernel(False).arg_names
+    ints = names[names.index("rows"):names.index("MP")]
+    signature = {"x": "*" + dtype, "codes": "*u8", "scale": "*fp16", "minimum": "*fp16", "out": "*fp32",
+                 **dict.fromkeys(ints, "i32")}
+    constants = dict(MP=rows, BN=gemv.BLOCK_N, BK=gemv.BLOCK_K, GS=group,
+                     PRECISION="ieee" if dtype == "fp32" else "tf32")
+    divisible = ("x", "codes", "scale", "minimum", "out", "k_in", "split_len", "sx_m", "sc_n", "so_s", "so_m")
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    return {"kind": ["gemv", dtype, group, rows], **assemble(src, {"num_warps": gemv.WARPS})}
+
+
 def compile_quantize(dtype: str, group: int) -> dict:
     from triton.compiler import ASTSource
 
@@ -131,6 +153,9 @@ def main(kinds: list[str]) -> int:
         if kind.startswith("quantize,"):
             _, dtype, group = kind.split(",")
             found = compile_quantize(dtype, int(group))
+        elif kind.startswith("gemv,"):
+            _, dtype, group, rows = kind.split(",")
+            found = compile_gemv(dtype, int(group), int(rows))
         elif kind.startswith("codes,"):
             _, dtype, group, head_dim, one = kind.split(",")
             found = compile_codes(dtype, int(group), int(head_dim), one == "1")

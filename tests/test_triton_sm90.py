@@ -4,7 +4,8 @@ tests) cannot see. Each kind of decode attention the engine launches must compil
 room for 3 programs of 4 warps per SM) and read the cache in 16-byte loads; the 4-bit quantization must compile
 with correctly rounded divisions and no fused multiply-adds (it is bit-identical to torch's path), and the
 dequantization of a cache prefix into a slot without FMAs, writing 16 bytes at a time; the attention over a 4-bit
-cache as stored must compile within the registers of two programs of 8 warps per SM."""
+cache as stored, and a few rows times a 4-bit weight as stored, within the registers of two programs of 8 warps
+per SM."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUANTIZE = ["quantize,fp16,64", "quantize,bf16,64", "quantize,fp32,64", "quantize,fp16,128"]
 CODES = ["codes,fp16,1,128", "codes,bf16,4,128", "codes,fp16,8,128", "codes,fp32,1,64", "codes,bf16,8,64",
          "codes,fp16,4,256", "codes,fp32,4,128"]  # decode attention over a 4-bit cache as stored (groups of 64)
+GEMV = ["gemv,fp16,64,16", "gemv,bf16,64,16", "gemv,fp16,64,64", "gemv,bf16,32,64", "gemv,fp32,64,16",
+        "gemv,fp16,128,32"]  # a few rows (padded) times a 4-bit weight as stored
 PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256"]
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
          "fp16,4,256", "fp16,2,64", "bf16,8,64,sinks", "fp16,8,64,sinks"]  # the last: gpt-oss's heads
@@ -40,7 +43,7 @@ pytestmark = pytest.mark.skipif(not have_ptxas(), reason="no triton wheel with p
 def compiled() -> dict[tuple, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
-    kinds += QUANTIZE + PREFIX + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
+    kinds += QUANTIZE + PREFIX + GEMV + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -78,3 +81,11 @@ def test_attention_over_4_bit_codes_compiles_for_sm90(compiled, kind, one_split)
     _, dtype, group, head_dim = kind.split(",")
     r = compiled[("codes", dtype, int(group), int(head_dim), one_split)]
     assert r["spill_bytes"] == 0 and r["registers"] <= 128, r  # 8 warps x 128: 2 programs an SM at least
+
+
+@pytest.mark.parametrize("kind", GEMV)
+def test_a_few_rows_times_4_bit_codes_compiles_for_sm90(compiled, kind):
+    _, dtype, group, rows = kind.split(",")
+    r = compiled[("gemv", dtype, int(group), int(rows))]
+    assert r["spill_bytes"] == 0, r
+    assert r["registers"] <= (128 if int(rows) <= 16 else 200), r  # 2 programs of 8 warps an SM at 16 rows, 1 at 64

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import int4_gemv_triton
 from ..kernels.compression import dequantize, from_bytes
 from ..kernels.int4_cost import int4_path
+from ..kernels.int4_gemv_triton import CodesMatrix
 from ..kernels.int4_matmul import Int4Weight
+from ..kernels.quantization import QuantizedTensor
 from ..system.devices import ComputeDevice
 from .storage import PAGE, DiskFile, MemoryLedger, Staging
 from .trace import DEQUANTIZE, NULL, WEIGHT_LOAD
@@ -48,6 +51,7 @@ class WeightSlots:
         self.windows: set[tuple] = set()
         self.link_stream = None  # CUDA: 4-bit codes cross on it (_codes_then_dequantize)
         self.codes_free: dict[tuple, torch.cuda.Event] = {}  # per codes buffer: its last dequantization done
+        self.step_rows = 0  # rows of the step being fetched for (the schedule sets it; 0: unknown)
 
     def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None, trace=NULL) -> dict[str, torch.Tensor]:
         """`slot_key` (kind, parity) for decoder layers; None for one slot per weight. `trace` gets a span per
@@ -74,8 +78,8 @@ class WeightSlots:
                 buf = self._buffer(key, t.shape, t.dtype)
                 if name not in to_fill:
                     out[name] = buf
-                elif t.mapped is not None or t.int4:  # a CPU: dequantized (or not) by complete(), in the compute
-                    out[name] = Deferred(t, buf)     # thread
+                elif t.mapped is not None or t.int4 or self._kept_as_codes(t):  # dequantized (or not) by
+                    out[name] = Deferred(t, buf)  # complete(), in the compute thread
                 else:
                     codes = self._buffer((*key, "codes"), (t.nbytes,), torch.uint8) \
                         if t.compression is not None and t.tier != "gpu" and self.device.host_is_separate else None
@@ -84,7 +88,7 @@ class WeightSlots:
                     else:
                         with trace.span(*self._fill_stage(t), stream="copy:weights"):
                             out[name] = t.fetch(self.device, buf, host.get(id(t)), codes)
-                if not t.int4:  # the kernel's weights may never fill their slot
+                if not (t.int4 or self._kept_as_codes(t)):  # the kernels' weights may never fill their slot
                     self.holds[key] = t
         for buf in held:  # copied out of on this thread's stream: reused once those copies are done
             self.staging.release(buf, self.device.device)
@@ -137,7 +141,9 @@ class WeightSlots:
         Weights stored for the int4 kernel stay as they are when it multiplies `uses` batches of `rows` rows
         faster."""
         for name, value in fetched.items():
-            if isinstance(value, Deferred) and value.weight.int4:
+            if isinstance(value, Deferred) and self._kept_as_codes(value.weight):
+                fetched[name] = CodesMatrix(value.weight.data, value.slot)
+            elif isinstance(value, Deferred) and value.weight.int4:
                 fetched[name] = self._int4(value, rows, uses, trace)
             elif isinstance(value, Deferred):
                 t = value.weight
@@ -159,6 +165,13 @@ class WeightSlots:
         n, k = t.shape
         with trace.span(DEQUANTIZE, math.prod(t.shape) * t.dtype.itemsize, stream="compute"):
             return weight.dequantize_t(value.slot.view(k, n)).t()
+
+    def _kept_as_codes(self, t: StoredWeight) -> bool:
+        """A 4-bit matrix in compute memory that a decode step of `step_rows` rows multiplies as stored
+        (int4_gemv_triton.CodesMatrix), not dequantized into its slot beforehand."""
+        return (0 < self.step_rows <= int4_gemv_triton.GEMV_ROWS and isinstance(t.data, QuantizedTensor)
+                and t.mapped is None and t.data.data.device == self.device.device
+                and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(self.device.device))
 
     @staticmethod
     def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:

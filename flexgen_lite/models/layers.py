@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import elementwise, native
+from ..kernels.int4_gemv_triton import CodesMatrix
 from ..kernels.int4_matmul import Int4Weight, codes_gemv_wins, native_agrees
 from ..kernels.int8_weight import Int8Weight
 from ..kernels.small_matmul import gemv_wins
@@ -48,11 +49,11 @@ def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
 def linears(x: torch.Tensor, w: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
     """x times each named weight (+ bias): dense ones together (one call of the few-row kernel for q, k and v)."""
     pairs = [(w[f"{name}.weight"], w.get(f"{name}.bias")) for name in names]
-    if not any(isinstance(weight, Int4Weight) for weight, _ in pairs):
+    if not any(isinstance(weight, (Int4Weight, CodesMatrix)) for weight, _ in pairs):
         return dense_linears(x, pairs)
     outs = []
     for weight, bias in pairs:
-        if isinstance(weight, Int4Weight):  # 4-bit codes multiplied as stored (int4_matmul)
+        if isinstance(weight, (Int4Weight, CodesMatrix)):  # 4-bit codes multiplied as stored (a CPU's, a GPU's)
             y = weight.matmul(x)
             outs.append(y if bias is None else y + bias)
         else:

@@ -1,0 +1,187 @@
+"""A few rows times a 4-bit weight in GPU memory, reading its codes as stored, in Triton.
+
+With `--compress-weight` and the weights in GPU memory, every decode step dequantized each matrix into a dense
+slot (a read of 4 bits and a write of 16 a value) and multiplied the slot (a read of 16): ~4.6 bytes of memory
+traffic a weight where the codes are ~0.56. Here each program reads a block of the weight's output rows and a
+range of its input columns as codes (16 bytes at a time, nibbles interleaved: element 2j is byte j's low one),
+scales them per group of the input dimension in fp32, rounds them to x's dtype as the slot held them, and
+multiplies them into the rows of x on tensor cores; the ranges of columns are summed after. Prefill-sized
+products (more than GEMV_ROWS rows) keep the slot: they are bound by compute, not by the weight's bytes.
+
+The weight is a QuantizedTensor of a matrix (N, K), groups along K (Policy.weight_group_dim 1, the default).
+`refusal` checks the kernel once per (device, dtype, group) against dequantize-then-matmul; TRITON_INTERPRET=1
+runs it on a CPU (tests); FLEXGEN_LITE_TRITON=0 turns it off."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .compression import dequantize
+from .dequant_triton import interpreting, unavailable
+from .quantization import QuantizedTensor, dequantize_reference
+
+GEMV_ROWS = 64  # at most this many rows go through the kernel (padded to 16, tl.dot's least)
+WARPS = 8  # on sm90 76-116 registers a thread at these blocks, no spills (tests/test_triton_sm90.py)
+BLOCK_N, BLOCK_K = 64, 128  # a program's output rows; columns a tile (at least a group)
+ENV = "FLEXGEN_LITE_CODES_MATMUL"  # "triton": also where a CPU computes (Triton's interpreter; tests)
+_lock = threading.Lock()
+_interpreter = threading.Lock()
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["rows"])
+    def gemv_kernel(x, codes, scale, minimum, out, rows, n_out, k_in, split_len, sx_m, sc_n, ss_n, so_s, so_m,
+                    MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        split = tl.program_id(1)
+        m, c, g = tl.arange(0, MP), tl.arange(0, BK // 2), tl.arange(0, BK // GS)
+        n_ok, m_ok = (n < n_out)[:, None], (m < rows)[:, None]
+        acc = tl.zeros([MP, BN], tl.float32)
+        begin = split * split_len
+        for k0 in range(begin, begin + split_len, BK):
+            k = k0 + tl.arange(0, BK)
+            byte = tl.load(codes + n[:, None] * sc_n + (k0 // 2 + c)[None, :],
+                           mask=n_ok & (k0 + 2 * c < k_in)[None, :], other=0)
+            w = tl.interleave(byte & 15, byte >> 4).to(tl.float32)
+            at = n[:, None] * ss_n + (k0 // GS + g)[None, :]
+            g_ok = n_ok & (k0 + g * GS < k_in)[None, :]
+            s = tl.load(scale + at, mask=g_ok, other=0.0).to(tl.float32)
+            lo = tl.load(minimum + at, mask=g_ok, other=0.0).to(tl.float32)
+            w = tl.reshape(tl.reshape(w, [BN, BK // GS, GS]) * s[:, :, None] + lo[:, :, None], [BN, BK])
+            xv = tl.load(x + m[:, None] * sx_m + k[None, :], mask=m_ok & (k < k_in)[None, :], other=0.0)
+            w = w.to(x.dtype.element_ty)  # as the dequantized slot held it
+            if x.dtype.element_ty == tl.bfloat16:  # multiplied as tf32, which holds bf16 values exactly
+                xv, w = xv.to(tl.float32), w.to(tl.float32)
+            acc += tl.dot(xv, tl.trans(w), input_precision=PRECISION)
+        tl.store(out + split * so_s + m[:, None] * so_m + n[None, :], acc, mask=m_ok & (n < n_out)[None, :])
+
+    return gemv_kernel
+
+
+@dataclass
+class CodesMatrix:
+    """A 4-bit matrix in compute memory for a decode step's few rows (WeightSlots.complete): multiplied as stored
+    by the kernel, or dequantized into its slot and multiplied dense, whichever ran faster for this kind of product
+    on this GPU (attention.faster, measured once per kind); the slot path where the kernel is not used."""
+
+    q: QuantizedTensor
+    slot: torch.Tensor  # the weight's slot (its dtype the compute dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not wanted(self.q, x):
+            return self.dense(x)
+        if x.device.type != "cuda" or os.environ.get(ENV) == "triton":  # asked for (tests; a CPU: the interpreter)
+            return matmul(x, self.q)
+        from .attention import faster
+
+        kind = ("int4-gemv", *self.q.shape, x.numel() // x.shape[-1], x.dtype, self.q.config.group_size)
+        chosen = faster(kind, {"codes": lambda: matmul(x, self.q), "slot": lambda: self.dense(x)}, x.device)
+        return matmul(x, self.q) if chosen == "codes" else self.dense(x)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.q, self.slot.dtype, out=self.slot))
+
+
+def enabled_on(device) -> bool:
+    """Whether weights in `device`'s memory may be kept as codes for decode steps: a GPU's where Triton is (each
+    product then checked and measured), any with FLEXGEN_LITE_CODES_MATMUL=triton (tests); FLEXGEN_LITE_TRITON=0
+    turns it off."""
+    if os.environ.get(ENV) == "triton":
+        return True
+    return torch.device(device).type == "cuda" and unavailable(_kernel) is None
+
+
+def supported(q: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """A matrix the kernel reads: 4 bits, groups of a power of two (16 to BLOCK_K) along its input dimension,
+    multiplied in a dtype tl.dot takes."""
+    gs = q.config.group_size
+    return (len(q.shape) == 2 and q.config.bits == 4 and q.config.group_dim in (1, -1) and 16 <= gs <= BLOCK_K
+            and gs & (gs - 1) == 0 and dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def wanted(q: QuantizedTensor, x: torch.Tensor) -> bool:
+    """Whether x's rows go through the kernel: a GPU's weight (or a CPU's with FLEXGEN_LITE_CODES_MATMUL=triton),
+    at most GEMV_ROWS rows, a layout it reads, and its check passed here for this kind."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not (q.data.device == x.device and 0 < rows <= max(GEMV_ROWS, 64) and supported(q, x.dtype)):
+        return False
+    if x.device.type != "cuda" and os.environ.get(ENV) != "triton":
+        return False
+    return refusal(x.device, x.dtype, q.config.group_size) is None
+
+
+def matmul(x: torch.Tensor, q: QuantizedTensor, splits: int | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T for W the 4-bit matrix `q` (N, K), in x's dtype (fp32 sums)."""
+    n, k = q.shape
+    x2 = x.reshape(-1, k).contiguous()
+    rows, gs = x2.shape[0], q.config.group_size
+    kp = -(-k // gs) * gs  # the padded row: codes and statistics are stored for whole groups
+    codes, scale, minimum = q.data.view(n, kp // 2), q.scale.view(n, kp // gs), q.minimum.view(n, kp // gs)
+    programs = -(-n // BLOCK_N)
+    tiles = -(-k // BLOCK_K)
+    splits = splits or max(1, min(tiles, -(-4 * _sm_count(x.device) // programs)))
+    split_len = -(-tiles // splits) * BLOCK_K
+    splits = -(-k // split_len)
+    out = torch.empty(splits, rows, n, dtype=torch.float32, device=x.device)
+    mp = max(16, 1 << (rows - 1).bit_length())
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else _interpreter if interpreting() else \
+            contextlib.nullcontext():
+        _kernel(interpreting())[(programs, splits)](
+            x2, codes, scale, minimum, out, rows, n, k, split_len, x2.stride(0), codes.stride(0), scale.stride(0),
+            out.stride(0), out.stride(1), MP=mp, BN=BLOCK_N, BK=BLOCK_K, GS=gs,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=WARPS)
+    return out.sum(0).to(x.dtype).view(*x.shape[:-1], n)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def refusal(device, dtype: torch.dtype, group_size: int) -> str | None:
+    """Why the kernel is not used for this kind here (None: it is)."""
+    with _lock:
+        return _refusal(torch.device(device), dtype, group_size)
+
+
+@functools.cache
+def _refusal(device: torch.device, dtype: torch.dtype, group_size: int) -> str | None:
+    why = unavailable(_kernel)
+    if why is not None:
+        return why
+    from .quantization import CompressionConfig, quantize
+
+    g = torch.Generator().manual_seed(group_size)
+    w = torch.randn(200, 3 * BLOCK_K + group_size, generator=g)  # a ragged last block of rows, columns past tiles
+    q = quantize(w, CompressionConfig(4, group_size, 1))
+    x = torch.randn(5, w.shape[1], generator=g).to(dtype)
+    want = x.float() @ dequantize_reference(q, dtype, None).float().T
+    try:
+        got = matmul(x.to(device), q.to(device), splits=2).float().cpu()
+    except Exception as e:  # a kernel that fails to compile or launch here
+        return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    error = float((got - want).abs().max() / want.abs().max())
+    if not error <= (1e-5 if dtype == torch.float32 else 1e-2):
+        return f"self-check mismatch ({dtype}, groups of {group_size}: {error:.3g} of the largest output)"
+    return None
+
+
+def reset() -> None:
+    """Forget the checks (tests)."""
+    _refusal.cache_clear()

@@ -1,0 +1,127 @@
+"""A decode step's few rows times a 4-bit weight in compute memory, its codes read as stored, in Triton
+(kernels/int4_gemv_triton.py): the kernel equals dequantize-then-matmul (fp32 reference) over dtypes, group
+sizes, row counts and ragged shapes; the engine keeps a GPU's compressed decoder matrices as codes for decode steps
+(WeightSlots: CodesMatrix), giving the tokens and logits of the path that dequantizes them into slots, and
+dequantizes them for prefills. On the CPU Triton's interpreter runs it (FLEXGEN_LITE_CODES_MATMUL=triton, the
+engine on a simulated link); under --device cuda the compiled kernel, forced by the same variable."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.kernels import int4_gemv_triton as gemv
+from flexgen_lite.kernels.quantization import CompressionConfig, dequantize_reference, quantize
+
+from .conftest import PROMPTS, make_checkpoint
+from .test_parity import LINK, P
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # of the largest output
+# (output rows, input columns, group size, rows of x): ragged blocks of output rows and of columns, 1 to 64 rows
+CASES = [(130, 300, 64, 1), (256, 512, 32, 7), (64, 128, 128, 33), (100, 200, 16, 64), (1, 64, 64, 3)]
+
+
+@pytest.fixture
+def kernel_device(monkeypatch, compute_device) -> str:
+    """The GPU under --device cuda (compiled), else the CPU (Triton's interpreter); the kernel asked for."""
+    cuda = compute_device.startswith("cuda")
+    if cuda:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(gemv.ENV, "triton")
+    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
+    gemv.reset()
+    yield compute_device if cuda else "cpu"
+    gemv.reset()
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_the_kernel_is_dequantize_then_matmul(kernel_device, case, dtype, splits):
+    n, k, gs, rows = case
+    g = torch.Generator().manual_seed(n + k)
+    q = quantize(torch.randn(n, k, generator=g), CompressionConfig(4, gs, 1))
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    want = x.float() @ dequantize_reference(q, dtype, None).float().T
+    got = gemv.matmul(x.to(kernel_device), q.to(kernel_device), splits).cpu()
+    assert got.dtype == dtype and got.shape == (rows, n)
+    assert (got.float() - want).abs().max() <= TOLERANCE[dtype] * want.abs().max()
+
+
+@needs_triton
+def test_self_check_passes_and_the_switch_turns_it_off(kernel_device, monkeypatch):
+    assert gemv.refusal(kernel_device, torch.float16, 64) is None and gemv.enabled_on(kernel_device)
+    monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
+    monkeypatch.delenv(gemv.ENV)
+    gemv.reset()
+    assert gemv.refusal(kernel_device, torch.float16, 64) == "FLEXGEN_LITE_TRITON=0"
+    assert not gemv.enabled_on(kernel_device)
+
+
+def test_what_it_reads_and_what_it_leaves_to_the_slot(monkeypatch):
+    """Groups along the input dimension of a power of two; FlexGen's groups along the output one, 8 bits and other
+    sizes are dequantized into the slot; off a GPU, unasked, the slot's product runs."""
+    w = torch.randn(64, 128)
+    assert gemv.supported(quantize(w, CompressionConfig(4, 64, 1)), torch.float16)
+    for config in (CompressionConfig(4, 64, 0), CompressionConfig(8, 64, 1), CompressionConfig(4, 48, 1)):
+        assert not gemv.supported(quantize(w, config), torch.float16)
+    monkeypatch.delenv(gemv.ENV, raising=False)
+    q = quantize(w, CompressionConfig(4, 64, 1))
+    x = torch.randn(3, 128)
+    assert not gemv.wanted(q, x) and not gemv.enabled_on("cpu")
+    slot = torch.empty(64, 128)
+    torch.testing.assert_close(gemv.CodesMatrix(q, slot).matmul(x), x @ dequantize_reference(q, torch.float32, None).T)
+
+
+def run(path, policy, device):
+    """(ids, logits, the kernel's calls, their rows)"""
+    calls, matmul = [], gemv.matmul
+    gemv.matmul = lambda x, q, splits=None: calls.append(x.numel() // x.shape[-1]) or matmul(x, q, splits)
+    try:
+        with FlexGenLite(str(path), policy=policy, device=device) as m:
+            ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
+                                         return_logits=True)
+    finally:
+        gemv.matmul = matmul
+    return ids, logits, calls
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """OPT and Llama with 4 layers: more than the two slots a kind of layer has, so that every step fills them
+    (a model of 2 keeps its prefill's dequantized matrices in its slots)."""
+    out = {}
+    for family in ("opt", "llama3"):
+        out[family] = tmp_path_factory.mktemp(f"gemv-{family}")
+        make_checkpoint(out[family], family, seed=11, num_hidden_layers=4)
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["opt", "llama3"])
+@pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (50, 50, 100, 0, 100, 0)], ids=["gpu", "gpu-and-cpu"])
+def test_the_engine_keeps_a_gpus_4_bit_matrices_as_codes_for_decode_steps(four_layers, family, percent,
+                                                                         kernel_device, compute_device, monkeypatch):
+    """Decode steps (3 rows) multiply the GPU's compressed matrices as codes; the prefill (3 rows x 10 positions,
+    more than GEMV_ROWS, here 16) dequantizes them into slots; host RAM's cross the link and are dequantized as
+    before.
+    Tokens and logits are those of the run that dequantizes every matrix into its slot."""
+    device = compute_device if compute_device.startswith("cuda") else LINK
+    policy = P(percent, gbs=3, nb=2, compress_weight=True)
+    monkeypatch.setattr(gemv, "GEMV_ROWS", 16)
+    ids, logits, calls = run(four_layers[family], policy, device)
+    assert 3 in calls and max(calls) <= 16, calls  # decode steps' rows (and a shared prefix's 5), no prefill's 30
+    monkeypatch.delenv(gemv.ENV)
+    monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
+    gemv.reset()
+    want_ids, want_logits, none = run(four_layers[family], policy, device)
+    assert not none and ids == want_ids
+    for a, b in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
