@@ -19,7 +19,9 @@
    of a 4-bit part's prefix into a slot (dequant_triton.dequantize_prefix) against the torch path;
 8. decode attention over a 4-bit cache in GPU memory read as stored (quantized_attention_triton.py) against the
    path it replaces (the prefix dequantized into a slot, then attended), at OPT-30B's, OPT-175B's and Llama-3-70B's
-   heads: agreement with the fp32 reference, time, stored bytes/s.
+   heads: agreement with the fp32 reference, time, stored bytes/s;
+9. a decode step's rows times a 4-bit weight in GPU memory read as stored (int4_gemv_triton.py) against its
+   dequantization into a slot and a dense product, at OPT-30B's and Llama-3-70B's matrices, 1, 16 and 64 rows.
 A short table each; the last line sums up; exit 1 on a mismatch.
 """
 
@@ -399,8 +401,48 @@ def codes_decode_attention() -> None:
               f"{stored / ours / 1e9:.0f} | {theirs * 1e3:.3f} | {theirs / ours:.1f} |")
 
 
+def codes_matmul() -> None:
+    import torch.nn.functional as F
+
+    from flexgen_lite.kernels import int4_gemv_triton as gemv
+    from flexgen_lite.kernels.compression import dequantize
+
+    print("\n## 9. a decode step's rows times a 4-bit weight in GPU memory: read as stored (Triton) against its "
+          "dequantization into a slot and a dense product")
+    if importlib.util.find_spec("triton") is None:
+        print("triton is not installed: skipped")
+        return
+    dtype = torch.float16 if CUDA else torch.float32
+    if not CUDA:
+        os.environ[gemv.ENV] = "triton"  # a CPU runs it in Triton's interpreter when asked
+    print("| weight (out x in) | rows | max diff / max | codes ms | codes GB/s | slot ms (dequantize + matmul) | "
+          "x faster |\n|---|---|---|---|---|---|---|")
+    shapes = ((7168, 28672), (28672, 7168), (8192, 8192), (1024, 8192)) if CUDA else ((128, 256),)
+    for n, k in shapes:
+        q = quantize(torch.randn(n, k, device=DEV, dtype=dtype), CompressionConfig(4, 64, 1))
+        slot = torch.empty(n, k, device=DEV, dtype=dtype)
+        for rows in (1, 16, 64) if CUDA else (3,):
+            x = torch.randn(rows, k, device=DEV, dtype=dtype)
+            why = gemv.refusal(DEV, dtype, 64)
+            if why is not None:
+                print(f"| {n} x {k} | {rows} | refused: {why} | | | | |")
+                failures.append(f"4-bit matmul refused: {why}") if CUDA else None
+                break
+            codes = lambda x=x, q=q: gemv.matmul(x, q)  # noqa: E731
+            dense = lambda x=x, q=q, slot=slot: F.linear(x, dequantize(q, dtype, out=slot))  # noqa: E731
+            want = dense().float()
+            diff = ((codes().float() - want).abs().max() / want.abs().max()).item()
+            if not diff <= 1e-2:
+                failures.append(f"4-bit matmul differs from the slot path at {(n, k, rows)}: {diff:g}")
+            ours, theirs = best(codes), best(dense)
+            stored = q.data.numel() + 2 * q.scale.numel() * q.scale.element_size()
+            print(f"| {n} x {k} | {rows} | {diff:.2g} | {ours * 1e3:.3f} | {stored / ours / 1e9:.0f} | "
+                  f"{theirs * 1e3:.3f} | {theirs / ours:.1f} |")
+
+
 SECTIONS = {"exact": check_exact, "speed": speed, "engine": engine, "cpu": cpu_attention, "kernels": decode_kernels,
-            "attention": decode_attention, "quantize": quantized_store, "codes": codes_decode_attention}
+            "attention": decode_attention, "quantize": quantized_store, "codes": codes_decode_attention,
+            "matmul": codes_matmul}
 CUDA_ONLY = ("speed", "engine")
 
 

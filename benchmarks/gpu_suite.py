@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--skip-checks", action="store_true", help="skip benchmarks/gpu_checks.py")
     p.add_argument("--checks", help="gpu_checks.py's sections, comma-separated (exact,speed,engine,cpu,kernels,"
-                   "attention,quantize,codes; default all)")
+                   "attention,quantize,codes,matmul; default all)")
     p.add_argument("--checks-timeout", type=float, help="seconds for gpu_checks.py (default 90; 30 smoke)")
     p.add_argument("--parity-tests", help="pytest arguments for the parity step (default: "
                    f"{' '.join(PARITY_TESTS)})")
