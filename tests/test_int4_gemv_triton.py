@@ -41,8 +41,8 @@ def kernel_device(monkeypatch, compute_device) -> str:
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [None, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,splits", [(torch.float32, None), (torch.float16, None), (torch.float16, 2),
+                                          (torch.bfloat16, None)], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_the_kernel_is_dequantize_then_matmul(kernel_device, case, dtype, splits):
     n, k, gs, rows = case
@@ -105,8 +105,8 @@ def four_layers(tmp_path_factory):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["opt", "llama3"])
-@pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (50, 50, 100, 0, 100, 0)], ids=["gpu", "gpu-and-cpu"])
+@pytest.mark.parametrize("family,percent", [("opt", (100, 0, 100, 0, 100, 0)), ("llama3", (50, 50, 100, 0, 100, 0))],
+                         ids=["opt-gpu", "llama3-gpu-and-cpu"])  # each family, each placement once
 def test_the_engine_keeps_a_gpus_4_bit_matrices_as_codes_for_decode_steps(four_layers, family, percent,
                                                                          kernel_device, compute_device, monkeypatch):
     """Decode steps (3 rows) multiply the GPU's compressed matrices as codes; the prefill (3 rows x 10 positions,

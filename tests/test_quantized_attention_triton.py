@@ -65,8 +65,8 @@ def inputs(rows, heads, kv_heads, length, hd, group_size, dtype, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float32, 3), (torch.float16, 3),
+                                          (torch.bfloat16, 3)], ids=str)  # one split's store: fp32's alone
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_the_kernel_is_dequantize_then_attend(kernel_device, case, dtype, splits):
     config, q, (k, v), k_new, v_new, mask, skip, rows = inputs(*case, dtype)
@@ -145,8 +145,8 @@ def beside_a_gpu(compute_device):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["opt", "qwen3"])
-@pytest.mark.parametrize("percent", [(100, 0, 100, 0, 100, 0), (50, 50, 50, 25, 100, 0)], ids=["gpu", "three-tiers"])
+@pytest.mark.parametrize("family,percent", [("opt", (100, 0, 100, 0, 100, 0)), ("qwen3", (50, 50, 50, 25, 100, 0))],
+                         ids=["opt-gpu", "qwen3-three-tiers"])  # a lone head and grouped ones, each placement once
 def test_a_compressed_part_in_compute_memory_is_attended_as_stored(models, family, percent, kernel_device,  # noqa: F811
                                                                    beside_a_gpu, monkeypatch):
     """Beside a GPU its part is read by the kernel, with no slot; host RAM's and the disk's are still read into
