@@ -40,6 +40,23 @@ def compute_device(request) -> str:
     return request.config.getoption("--device")
 
 
+def triton_device(monkeypatch, compute_device: str, reset, asked: str | None = None):
+    """A Triton kernel's device for its tests (a generator for a fixture): the GPU under --device cuda (compiled),
+    else the CPU (Triton's interpreter); FLEXGEN_LITE_TRITON unset, `asked` (the kernel's variable) set to
+    "triton", `reset` (its checks) called before and after."""
+    cuda = compute_device.startswith("cuda")
+    if cuda:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if asked is not None:
+        monkeypatch.setenv(asked, "triton")
+    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
+    reset()
+    yield compute_device if cuda else "cpu"
+    reset()
+
+
 FAMILY_CONFIGS = {
     "opt": dict(model_type="opt", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
                 max_position_embeddings=64, word_embed_proj_dim=128),

@@ -17,7 +17,7 @@ from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.kernels import attention
 from flexgen_lite.kernels import decode_attention_triton as triton_decode
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, triton_device
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 ULP = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}  # outputs of magnitude < 2
@@ -30,15 +30,7 @@ CASES = [(3, 4, 4, 37, 64), (2, 8, 2, 150, 128), (2, 8, 1, 300, 64), (1, 2, 2, 1
 @pytest.fixture
 def kernel_device(monkeypatch, compute_device) -> str:
     """Where the kernel runs: the GPU under --device cuda (compiled), else the CPU (Triton's interpreter)."""
-    cuda = compute_device.startswith("cuda")
-    if cuda:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
-    triton_decode.reset()
-    yield compute_device if cuda else "cpu"
-    triton_decode.reset()
+    yield from triton_device(monkeypatch, compute_device, triton_decode.reset)
 
 
 def inputs(rows, heads, kv_heads, length, hd, layout, seed=0):

@@ -16,7 +16,7 @@ from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import int4_gemv_triton as gemv
 from flexgen_lite.kernels.quantization import CompressionConfig, dequantize_reference, quantize
 
-from .conftest import PROMPTS, make_checkpoint
+from .conftest import PROMPTS, make_checkpoint, triton_device
 from .test_parity import LINK, P
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -28,16 +28,7 @@ CASES = [(130, 300, 64, 1), (256, 512, 32, 7), (64, 128, 128, 33), (100, 200, 16
 @pytest.fixture
 def kernel_device(monkeypatch, compute_device) -> str:
     """The GPU under --device cuda (compiled), else the CPU (Triton's interpreter); the kernel asked for."""
-    cuda = compute_device.startswith("cuda")
-    if cuda:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(gemv.ENV, "triton")
-    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
-    gemv.reset()
-    yield compute_device if cuda else "cpu"
-    gemv.reset()
+    yield from triton_device(monkeypatch, compute_device, gemv.reset, gemv.ENV)
 
 
 @needs_triton

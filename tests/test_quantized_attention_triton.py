@@ -19,7 +19,7 @@ from flexgen_lite.kernels import quantized_attention as qa
 from flexgen_lite.kernels import quantized_attention_triton as qt
 from flexgen_lite.kernels.quantization import CompressionConfig
 
-from .conftest import PROMPTS, make_checkpoint
+from .conftest import PROMPTS, make_checkpoint, triton_device
 from .test_link_paths import check_gpu_memory_plan
 from .test_parity import LINK, P, link_only_on_cpu
 from .test_quantized_attention import GREEDY, models  # noqa: F401  (a fixture)
@@ -36,16 +36,7 @@ CASES = [(3, 4, 4, 37, 64, 64), (2, 8, 2, 150, 128, 64), (2, 8, 1, 300, 64, 32),
 @pytest.fixture
 def kernel_device(monkeypatch, compute_device) -> str:
     """The GPU under --device cuda (compiled), else the CPU (Triton's interpreter, the kernel asked for)."""
-    cuda = compute_device.startswith("cuda")
-    if cuda:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv(qt.ENV, "triton")
-    monkeypatch.delenv("FLEXGEN_LITE_TRITON", raising=False)
-    qt.reset()
-    yield compute_device if cuda else "cpu"
-    qt.reset()
+    yield from triton_device(monkeypatch, compute_device, qt.reset, qt.ENV)
 
 
 def inputs(rows, heads, kv_heads, length, hd, group_size, dtype, seed=0):
