@@ -211,10 +211,10 @@ def test_the_memory_plan_counts_parts_read_as_stored(models):
 
 
 @needs_kernel
-def test_the_cost_model_reads_a_cpu_attended_4_bit_cache_at_the_kernels_rate():
+def test_the_cost_model_reads_a_cpu_attended_4_bit_cache_at_the_kernels_rate(monkeypatch):
     """Beside a GPU, host-RAM parts of a 4-bit cache attended on the CPU cost their stored bytes at the measured
-    rate of the kernel (no dequantization, no slot); parts on the GPU are still dequantized there. Without a
-    measured rate the dense one stands in."""
+    rate of the kernel (no dequantization, no slot); parts on the GPU, without its own kernel, are dequantized
+    there. Without a measured rate the dense one stands in."""
     from flexgen_lite.planning.cost_model import predict
     from flexgen_lite.planning.layout import Workload
 
@@ -235,7 +235,9 @@ def test_the_cost_model_reads_a_cpu_attended_4_bit_cache_at_the_kernels_rate():
     per_step = 64 * CONFIG.num_layers * stored * positions / 4e9
     assert fast.decode_by["cpu attention"] == pytest.approx(per_step, rel=0.05)
     mixed = dataclasses.replace(policy, cache_gpu_percent=50, cache_cpu_percent=50)
-    assert predict(CONFIG, work, mixed, rates[0]).decode_by["dequantize"] > 0  # the GPU's parts
+    with monkeypatch.context() as patch:  # without a GPU's own 4-bit kernel (test_quantized_attention_triton.py)
+        patch.setattr(qt, "supported", lambda config: False)
+        assert predict(CONFIG, work, mixed, rates[0]).decode_by["dequantize"] > 0  # the GPU's parts
 
 
 @needs_kernel
