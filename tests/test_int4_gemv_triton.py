@@ -116,3 +116,56 @@ def test_the_engine_keeps_a_gpus_4_bit_matrices_as_codes_for_decode_steps(four_l
     assert not none and ids == want_ids
     for a, b in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_the_cost_model_prices_a_decode_step_keeping_codes(monkeypatch):
+    """Where a plan counts on codes kept (planned: a GPU machine with Triton, or asked), a decode step's GPU matrices
+    are not dequantized beside compute: each product costs the kernel's measured time or, slower or unmeasured,
+    its slot's dequantization and dense product one after the other. Elsewhere the dequantization beside compute,
+    as before."""
+    import dataclasses
+
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Workload
+
+    from .conftest import synthetic_profile
+    from .test_cost_model_cuda import CONFIG
+
+    policy = dataclasses.replace(P((100, 0, 100, 0, 100, 0), gbs=16, nb=2, compress_weight=True), dtype="float16")
+    hw, work = synthetic_profile(cuda=True), Workload(512, 32, 64)
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "planned", lambda: False)
+        beside = predict(CONFIG, work, policy, hw).decode_by
+    monkeypatch.setattr(gemv, "planned", lambda: True)
+    serial = predict(CONFIG, work, policy, hw).decode_by
+    dense_rate = hw.matmul["float16"][-1][1]
+    fast = dataclasses.replace(hw, int4_gemv={"float16": [(1, dense_rate, 0.0), (64, 64 * dense_rate, 0.0)]})
+    kernel = predict(CONFIG, work, policy, fast).decode_by
+    assert beside["dequantize"] > 0 and not serial.get("dequantize") and not kernel.get("dequantize")
+    assert serial["compute"] == pytest.approx(beside["compute"] + beside["dequantize"], rel=0.05)
+    assert kernel["compute"] < beside["compute"]  # the kernel at 16 rows: faster than the dense product here
+    prefill = [predict(CONFIG, work, policy, h).prefill_s for h in (hw, fast)]
+    assert prefill[0] == prefill[1]  # prefills keep the slot
+
+
+@needs_triton
+def test_the_profile_measures_the_gpu_kernel(monkeypatch):
+    """The profile's probe of a GPU's kernel (here in the interpreter): points per row count, read back by
+    interpolated_time as the cost model reads them."""
+    import types
+
+    from flexgen_lite.profiling import probes
+    from flexgen_lite.system.hardware import interpolated_time
+
+    from .test_quantized_attention_triton import once
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(gemv.ENV, "triton")
+    gemv.reset()
+    monkeypatch.setattr(probes, "timed", once)
+    monkeypatch.setattr(probes, "compute_dtypes", lambda device: ["float16"])
+    gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), synchronize=lambda: None)
+    found = probes.gpu_codes_points(gpu, 64)
+    assert [m for m, _, _ in found["float16"]] == list(probes.GPU_CODES_ROWS)
+    assert all(rate > 0 and fixed >= 0 for _, rate, fixed in found["float16"])
+    assert interpolated_time(found["float16"], 8, 4096, 4096) > 0

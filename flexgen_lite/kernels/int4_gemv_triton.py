@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .compression import dequantize
 from .dequant_triton import interpreting, unavailable
-from .quantization import QuantizedTensor, dequantize_reference
+from .quantization import CompressionConfig, QuantizedTensor, dequantize_reference
 
 GEMV_ROWS = 64  # at most this many rows go through the kernel (padded to 16, tl.dot's least)
 WARPS = 8  # on sm90 76-116 registers a thread at these blocks, no spills (tests/test_triton_sm90.py)
@@ -108,11 +108,23 @@ def enabled_on(device) -> bool:
 
 
 def supported(q: QuantizedTensor, dtype: torch.dtype) -> bool:
-    """A matrix the kernel reads: 4 bits, groups of a power of two (16 to BLOCK_K) along its input dimension,
-    multiplied in a dtype tl.dot takes."""
-    gs = q.config.group_size
-    return (len(q.shape) == 2 and q.config.bits == 4 and q.config.group_dim in (1, -1) and 16 <= gs <= BLOCK_K
-            and gs & (gs - 1) == 0 and dtype in (torch.float16, torch.bfloat16, torch.float32))
+    """A matrix the kernel reads (`layout_fits`)."""
+    return len(q.shape) == 2 and layout_fits(q.config, dtype)
+
+
+def layout_fits(config: CompressionConfig, dtype: torch.dtype) -> bool:
+    """Matrices compressed by `config` the kernel reads: 4 bits, groups of a power of two (16 to BLOCK_K) along
+    the input dimension, multiplied in a dtype tl.dot takes."""
+    gs = config.group_size
+    return (config.bits == 4 and config.group_dim in (1, -1) and 16 <= gs <= BLOCK_K and gs & (gs - 1) == 0
+            and dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def planned() -> bool:
+    """Whether a plan for a GPU counts on decode steps keeping its 4-bit matrices as codes (enabled_on): made on a
+    GPU machine where Triton is, or anywhere with FLEXGEN_LITE_CODES_MATMUL=triton. A plan made elsewhere prices
+    their dequantization beside compute, as an engine without Triton runs it."""
+    return os.environ.get(ENV) == "triton" or (torch.cuda.is_available() and unavailable(_kernel) is None)
 
 
 def wanted(q: QuantizedTensor, x: torch.Tensor) -> bool:
@@ -165,7 +177,7 @@ def _refusal(device: torch.device, dtype: torch.dtype, group_size: int) -> str |
     why = unavailable(_kernel)
     if why is not None:
         return why
-    from .quantization import CompressionConfig, quantize
+    from .quantization import quantize
 
     g = torch.Generator().manual_seed(group_size)
     w = torch.randn(200, 3 * BLOCK_K + group_size, generator=g)  # a ragged last block of rows, columns past tiles

@@ -26,12 +26,13 @@ from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
 from ..engine.decode_graph import every_expert_wins, graphs_wanted
 from ..engine.policy import Policy
 from ..engine.weights import DECODER_KINDS, in_8_bits
+from ..kernels import int4_gemv_triton
 from ..kernels.int4_cost import int4_cost
 from ..kernels.int4_matmul import layout_fits
 from ..kernels.int8_weight import GEMV_ROWS, int8_nbytes
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec, matmuls
-from ..system.hardware import HardwareProfile
+from ..system.hardware import HardwareProfile, interpolated_time
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 
@@ -100,18 +101,21 @@ def _disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
         seg.add("disk", nbytes / s.hw.disk_write, waits=True)
 
 
-def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
+def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg:
     """WeightSlots.fetch of one layer: non-resident tensors assembled in their slot. Tensors placed and sized
-    alike are priced together (a mixture of experts has hundreds a layer)."""
+    alike are priced together (a mixture of experts has hundreds a layer). A decode step keeping the GPU's 4-bit
+    matrices as codes (codes_kept) dequantizes only those that crossed the link; the rest: products_time."""
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
+    kept = decode and codes_kept(s, s.gbs)
     alike: Counter = Counter()
     for spec in layer.weights:
         if layer.kind == "head" and spec.hf_name in s.tied:
             continue
         _, c, d = lay.weight(layer.kind, spec)
         dequantized = s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape)  # kernel ones: products_time
-        alike[c, d, s.tensor_bytes(spec), math.prod(spec.shape) if dequantized else 0] += 1
+        values = math.prod(spec.shape) * ((c + d) if kept else 1) if dequantized else 0
+        alike[c, d, s.tensor_bytes(spec), values] += 1
     for (c, d, nbytes, values), count in alike.items():
         nbytes *= count
         if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
@@ -129,10 +133,11 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout) -> Seg:
     return seg
 
 
-def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[int, int] | None = None) -> Seg:
+def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[int, int] | None = None,
+             codes: float = 0.0) -> Seg:
     """Layer math of all GPU batches (models/layers.py), t new tokens per row, a prefill's attending to `keys`
     positions (default t: the full square); batch: (rows, batches) other than the policy's (a shared prefix's
-    one row)."""
+    one row); codes: the share of the layer's 4-bit matrices a decode step keeps as codes (codes_share)."""
     seg, hw, c = Seg(), s.hw, s.config
     h, v = c.hidden_size, c.vocab_size
     gbs, nb = batch or (s.gbs, s.nb)
@@ -150,7 +155,7 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     bw = hw.device_copy if s.cuda else hw.host_copy
     if t == 1 and graph_decode(s):  # a CUDA graph's step: every expert over every row (layers.every_expert)
         linears = [(k, n, 1.0) for k, n, _ in linears]
-    products, dequantize = products_time(s, kind, rows, nb, linears)
+    products, dequantize = products_time(s, kind, rows, nb, linears, codes)
     seg.add("compute", nb * passes[kind] / bw + products, waits=False)
     if dequantize:
         seg.add("dequantize", dequantize, waits=False)
@@ -250,19 +255,54 @@ def expert_rows(rows: int, share: float) -> int:
     return rows if share == 1 else max(1, math.ceil(rows * share))
 
 
-def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None) -> tuple[float, float]:
+def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: float = 0.0) -> tuple[float, float]:
     """(matmul seconds, dequantization seconds) of `nb` GPU batches' products in a layer of `kind`, `rows` rows
     each: dense weights at the profile's matmul rate (`_dense_time`); weights stored for the CPU's int4 kernel
     multiplied as stored, by tiles, or dequantized once in the compute thread and multiplied dense, as
-    int4_path chooses (int4_cost). linears: `matmuls` of the layer's weights (a CUDA graph's: every expert)."""
+    int4_path chooses (int4_cost); the `codes` share of a GPU's 4-bit matrices kept as codes (codes_kept) at
+    `_kept_time`. linears: `matmuls` of the layer's weights (a CUDA graph's: every expert)."""
     matmul, dequantize = 0.0, 0.0
+    compressed = {(spec.shape[1], spec.shape[0]) for spec in s.kinds[kind].weights if s.compressed(spec)}
     for (k, n, share), count in Counter(matmuls(s.kinds[kind]) if linears is None else linears).items():
+        m = expert_rows(rows, share)
         if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
-            cost = int4_cost(s.hw, s.dname, expert_rows(rows, share), nb, k, n)
+            cost = int4_cost(s.hw, s.dname, m, nb, k, n)
             matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
+        elif codes and (k, n) in compressed:
+            dense = _dense_time(s, kind, m, k, n)
+            matmul += count * nb * (codes * _kept_time(s, m, k, n, dense) + (1 - codes) * dense)
         else:
-            matmul += count * nb * _dense_time(s, kind, expert_rows(rows, share), k, n)
+            matmul += count * nb * _dense_time(s, kind, m, k, n)
     return matmul, dequantize
+
+
+def codes_kept(s: Setup, rows: int) -> bool:
+    """Whether a decode step of `rows` rows keeps the GPU's 4-bit decoder matrices as codes (WeightSlots: each
+    product by Triton's kernel or by its slot, whichever the engine measured faster; the slot's dequantization
+    then in the compute stream, not beside it), where the plan counts on it (int4_gemv_triton.planned)."""
+    return (s.cuda and s.wcomp is not None and rows <= int4_gemv_triton.GEMV_ROWS
+            and int4_gemv_triton.layout_fits(s.wcomp, s.dtype) and int4_gemv_triton.planned())
+
+
+def codes_share(s: Setup, lay: Layout, kind: str) -> float:
+    """The share (by bytes) of a decoder layer's 4-bit matrices in GPU memory, which a decode step keeping codes
+    multiplies as stored or dequantizes in the compute stream (codes_kept); 0 where it does not keep them."""
+    if kind not in DECODER_KINDS or s.config.num_layers <= 2 or not codes_kept(s, s.gbs):
+        return 0.0  # a model of two layers or fewer keeps each one's matrices dequantized in its own slots
+    specs = [spec for spec in s.kinds[kind].weights if s.compressed(spec)]
+    total = sum(s.tensor_bytes(spec) for spec in specs)
+    return sum(lay.weight(kind, spec)[0] * s.tensor_bytes(spec) for spec in specs) / total if total else 0.0
+
+
+def _kept_time(s: Setup, rows: int, k: int, n: int, dense: float) -> float:
+    """A product by a GPU's 4-bit matrix kept as codes: the kernel's measured time (hw.int4_gemv) or, where it is
+    slower or not measured, its dequantization into the slot and the dense product (`dense`), one after the
+    other."""
+    slot = dense + n * k / s.hw.dequantize[s.dname]
+    points = (s.hw.int4_gemv or {}).get(s.dname)
+    if not points or rows > points[-1][0]:
+        return slot
+    return min(slot, interpolated_time(points, rows, k, n))
 
 
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
@@ -386,10 +426,11 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
     length = s.workload.prompt_len + s.workload.gen_len / 2
     # a slot that only one layer uses keeps its weights: after the first step they are not fetched again
     kept = {"embed", "head"} | (set(DECODER_KINDS) if s.config.num_layers <= 2 else set())
-    fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay) for k, spec in s.kinds.items()}
+    fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay, not prefill)
+             for k, spec in s.kinds.items()}
     rows_t = t - (shared_positions(s) if prefill else 0)  # positions computed per row
-    comp = {k: (_prefill_compute(s, k) if prefill else _compute(s, k, t)) + _activations(s, lay, rows_t)
-            for k in s.kinds}
+    comp = {k: (_prefill_compute(s, k) if prefill else _compute(s, k, t, codes=codes_share(s, lay, k)))
+            + _activations(s, lay, rows_t) for k in s.kinds}
     comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
     layers = s.config.num_layers
     attention = _overlapped(s, _contended(s, comp["attention"] + fetch["mlp"]))

@@ -7,6 +7,7 @@ directory's disk. `measure.py` runs them (and the engine-level ones) in order.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -152,7 +153,8 @@ def int4_rates(device: ComputeDevice, scale: int) -> dict:
     busy machine a call waits for a core now and then. And the rate of dequantizing the layout for a dense
     matmul (large batches). ~0.3-0.5 s on this VM."""
     if device.is_cuda or not int4_available():
-        return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {}, "int4_gemv": {}}
+        return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {},
+                "int4_gemv": gpu_codes_points(device, scale) if device.is_cuda else {}}
     large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
     found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
     weight = _int4_weights(*large, 1)[0]
@@ -167,6 +169,33 @@ def int4_rates(device: ComputeDevice, scale: int) -> dict:
     return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates,
             "int4_tiles": {name: points for name, points in tiles.items() if points},
             "int4_gemv": {name: points for name, points in codes.items() if points}}
+
+
+GPU_CODES_ROWS = (1, 16, 64)  # a decode step's rows, up to int4_gemv_triton.GEMV_ROWS
+
+
+def gpu_codes_points(device: ComputeDevice, scale: int) -> dict:
+    """A GPU's products by 4-bit matrices read as stored (int4_gemv_triton), per compute dtype where its check
+    passes: (rows, FLOP/s, fixed s) fitted to a large and a small matrix, as `int4_rates` on a CPU."""
+    from ..kernels import int4_gemv_triton as gemv
+    from ..kernels.quantization import CompressionConfig, quantize
+
+    config, out = CompressionConfig(4, 64, 1), {}
+    shapes = [(k // scale, n // scale) for k, n in ((8192, 8192), (1024, 1024))]  # (K, N)
+    for name in compute_dtypes(device):
+        dtype = DTYPES[name]
+        if gemv.refusal(device.device, dtype, config.group_size) is not None:
+            continue
+        large, small = (quantize(torch.randn(n, k, device=device.device, dtype=dtype), config) for k, n in shapes)
+        points = []
+        for m in GPU_CODES_ROWS:
+            xs = [torch.randn(m, q.shape[1], device=device.device, dtype=dtype) for q in (small, large)]
+            times = [timed(lambda q=q, x=x: gemv.matmul(x, q), device.synchronize)
+                     for q, x in zip((small, large), xs, strict=True)]
+            points.append((m, *fit(2 * m * math.prod(small.shape), times[0], 2 * m * math.prod(large.shape),
+                                   times[1])))
+        out[name] = points
+    return out
 
 
 def _int4_weights(k: int, n: int, copies: int, group_size: int = 64,
