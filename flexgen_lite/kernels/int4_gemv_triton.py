@@ -90,7 +90,8 @@ class CodesMatrix:
             return matmul(x, self.q)
         from .attention import faster
 
-        kind = ("int4-gemv", *self.q.shape, x.numel() // x.shape[-1], x.dtype, self.q.config.group_size)
+        rows = x.numel() // x.shape[-1]  # measured per power of two of rows: rows that finish do not re-measure
+        kind = ("int4-gemv", *self.q.shape, 1 << (rows - 1).bit_length(), x.dtype, self.q.config.group_size)
         chosen = faster(kind, {"codes": lambda: matmul(x, self.q), "slot": lambda: self.dense(x)}, x.device)
         return matmul(x, self.q) if chosen == "codes" else self.dense(x)
 
