@@ -71,6 +71,29 @@ def test_what_it_reads_and_what_it_leaves_to_the_slot(monkeypatch):
     torch.testing.assert_close(gemv.CodesMatrix(q, slot).matmul(x), x @ dequantize_reference(q, torch.float32, None).T)
 
 
+@needs_triton
+@pytest.mark.parametrize("chosen", ["codes", "slot"])
+def test_on_a_gpu_the_faster_path_is_measured_and_kept(kernel_device, monkeypatch, chosen):
+    """CodesMatrix on a GPU: the kernel and the slot path measured once per kind (attention.faster, rows by powers
+    of two), the faster one run; both give the slot path's values."""
+    from flexgen_lite.kernels import attention
+
+    kinds = []
+    monkeypatch.setattr(gemv, "by_measurement", lambda x: True)
+    monkeypatch.setattr(attention, "faster", lambda kind, calls, device: kinds.append(kind) or (
+        [call() for call in calls.values()] and chosen))
+    q = quantize(torch.randn(128, 256), CompressionConfig(4, 64, 1)).to(kernel_device)
+    weight = gemv.CodesMatrix(q, torch.empty(128, 256, device=kernel_device))
+    ran = []
+    monkeypatch.setattr(weight, "dense", lambda x, dense=weight.dense: ran.append("slot") or dense(x))
+    for rows in (3, 4):
+        x = torch.randn(rows, 256, device=kernel_device)
+        torch.testing.assert_close(weight.matmul(x), x @ dequantize_reference(q, torch.float32, None).T,
+                                   atol=1e-4, rtol=0)
+    assert [k[3] for k in kinds] == [4, 4]  # 3 and 4 rows: one kind
+    assert ran.count("slot") == (4 if chosen == "slot" else 2)  # measured twice; run twice where chosen
+
+
 def run(path, policy, device):
     """(ids, logits, the kernel's calls, their rows)"""
     calls, matmul = [], gemv.matmul

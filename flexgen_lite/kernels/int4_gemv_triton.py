@@ -86,7 +86,7 @@ class CodesMatrix:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not wanted(self.q, x):
             return self.dense(x)
-        if x.device.type != "cuda" or os.environ.get(ENV) == "triton":  # asked for (tests; a CPU: the interpreter)
+        if not by_measurement(x):  # asked for (tests; a CPU: the interpreter)
             return matmul(x, self.q)
         from .attention import faster
 
@@ -97,6 +97,12 @@ class CodesMatrix:
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.q, self.slot.dtype, out=self.slot))
+
+
+def by_measurement(x: torch.Tensor) -> bool:
+    """Whether CodesMatrix chooses between the kernel and the slot by measuring them (a GPU, not asked for the
+    kernel alone)."""
+    return x.device.type == "cuda" and os.environ.get(ENV) != "triton"
 
 
 def enabled_on(device) -> bool:
