@@ -98,6 +98,12 @@ GPU_ROWS = [
         _f("--percent 0 100 100 0 100 0 --compress-weight --compress-cache --gpu-batch-size 12 --gpu-mem 24GiB"),
         420, "FlexGen's scale: 4-bit weights (98 GB) in host RAM, 4-bit cache on the GPU (8.7 GB); gen 8 so that "
         "it fits the run (its decode step is gen 32's; its total weighs the prefill more)", expect_s=200, gen_len=8),
+    Row("opt-13b-4bit-gpu", "facebook/opt-13b",
+        _f("--percent 100 0 100 0 100 0 --compress-weight --gpu-batch-size 32 --num-gpu-batches 2"), 120,
+        "4-bit weights (7.3 GB) in GPU memory: decode steps multiply them as stored (int4_gemv_triton), FlexGen "
+        "dequantizes every layer each step", flexgen=_f("--percent 100 0 100 0 100 0 --compress-weight "
+                                                         "--gpu-batch-size 32 --num-gpu-batches 2"),
+        expect_s=20, flexgen_expect_s=60),
     Row("llama-2-7b-cpu-attn-and-link", "llama-2-7b",
         _f("--percent 100 0 0 100 100 0 --cpu-cache-compute --cpu-attention-percent auto --gpu-batch-size 64 "
            "--num-gpu-batches 2 --gpu-mem 24GiB"), 150,
@@ -145,6 +151,8 @@ _SMOKE = {
                             "--gpu-batch-size 4"),
     "llama-3-70b-4bit-24gib": ("tiny-llama", "--percent 0 100 100 0 100 0 --compress-weight --gpu-batch-size 4 "
                                "--num-gpu-batches 2"),
+    "opt-13b-4bit-gpu": ("tiny-opt", "--percent 100 0 100 0 100 0 --compress-weight --gpu-batch-size 4 "
+                         "--num-gpu-batches 2"),
     "llama-2-7b-cpu-cache-cpu-attn": ("tiny-llama", "--percent 100 0 0 100 100 0 --cpu-cache-compute "
                                       "--gpu-batch-size 4 --num-gpu-batches 2"),
     "llama-2-7b-cpu-attn-and-link": ("tiny-llama", "--percent 100 0 0 100 100 0 --cpu-cache-compute "

@@ -113,7 +113,7 @@ def test_time_limit_skips_what_does_not_fit(tmp_path):
     out, data = run_suite(tmp_path, "--rows", "opt-13b*", "--time-limit", "1", timeout=60)
     assert out.returncode == 1
     assert [r["name"] for r in data["rows"]] == ["opt-13b-cpu-weights", "opt-13b-cpu-weights-compress",
-                                                 "opt-13b-auto", "opt-13b-cpu-weights-cpu-attn"]
+                                                 "opt-13b-4bit-gpu", "opt-13b-auto", "opt-13b-cpu-weights-cpu-attn"]
     assert all(r["status"] == "skipped" for r in data["rows"])
     assert data["parity"]["status"] == "skipped"
 
@@ -137,8 +137,8 @@ def test_gpu_rows_are_flexgens_settings():
     assert {r.name for r in rows.values() if r.gen_len != 32} == {"opt-175b-4bit-24gib"}
     peers = [r.name for r in suite_rows.GPU_ROWS if r.flexgen]
     assert peers == ["opt-1.3b-gpu-bs64", "opt-13b-cpu-weights", "opt-13b-cpu-weights-compress",
-                     "opt-30b-16gib-auto"]
-    assert suite_rows.GPU_ROWS[4].name == "opt-175b-4bit-24gib"  # right after the peers
+                     "opt-30b-16gib-auto", "opt-13b-4bit-gpu"]  # the last after the scale rows: a new one
+    assert suite_rows.GPU_ROWS[4].name == "opt-175b-4bit-24gib"  # right after the issue's peers
     assert " ".join(rows["opt-13b-cpu-weights"].flexgen) == \
         "--percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4"
     assert rows["opt-13b-cpu-weights-compress"].flexgen[-1] == "--compress-weight"
@@ -150,7 +150,8 @@ def test_gpu_rows_are_flexgens_settings():
 
 
 def test_scale_rows_fit_their_budgets():
-    """OPT-175B and Llama-3-70B: 4-bit weights in host RAM, the plan within 24 GiB and a 128 GiB host."""
+    """OPT-175B and Llama-3-70B: 4-bit weights in host RAM, the plan within 24 GiB and a 128 GiB host; OPT-13B's
+    4-bit weights and cache all on an 80 GB card."""
     from flexgen_lite.cli.main import build_parser
     from flexgen_lite.cli.options import policy_from_args
     from flexgen_lite.model_source import model_config
@@ -162,7 +163,7 @@ def test_scale_rows_fit_their_budgets():
             continue
         args = build_parser().parse_args(row.bench_args())
         _, peak = peak_memory(model_config(row.model), Workload(512, 32, None), policy_from_args(args, 64), True)
-        assert peak["gpu"] < row.gpu_budget - 0.5 * 2**30, (row.name, peak)
+        assert peak["gpu"] < (row.gpu_budget or 70e9) - 0.5 * 2**30, (row.name, peak)
         assert peak["cpu"] < 120e9, (row.name, peak)
 
 
