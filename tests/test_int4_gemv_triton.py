@@ -94,6 +94,20 @@ def test_on_a_gpu_the_faster_path_is_measured_and_kept(kernel_device, monkeypatc
     assert ran.count("slot") == (4 if chosen == "slot" else 2)  # measured twice; run twice where chosen
 
 
+@needs_triton
+def test_a_kind_the_slot_won_is_dequantized_beside_compute_again(four_layers, kernel_device, compute_device,
+                                                                  monkeypatch):
+    """Where the slot path measured faster for a kind of product (int4_gemv_triton.slot_chosen), WeightSlots fills
+    the slot when it fetches, as without the kernel: no kernel call, the same tokens."""
+    device = compute_device if compute_device.startswith("cuda") else LINK
+    policy = P((100, 0, 100, 0, 100, 0), gbs=3, nb=2, compress_weight=True)
+    monkeypatch.setattr(gemv, "GEMV_ROWS", 16)
+    ids, _, calls = run(four_layers["opt"], policy, device)
+    monkeypatch.setattr(gemv, "slot_chosen", lambda *args: True)
+    again, _, none = run(four_layers["opt"], policy, device)
+    assert calls and not none and again == ids
+
+
 def run(path, policy, device):
     """(ids, logits, the kernel's calls, their rows)"""
     calls, matmul = [], gemv.matmul
@@ -142,10 +156,10 @@ def test_the_engine_keeps_a_gpus_4_bit_matrices_as_codes_for_decode_steps(four_l
 
 
 def test_the_cost_model_prices_a_decode_step_keeping_codes(monkeypatch):
-    """Where a plan counts on codes kept (planned: a GPU machine with Triton, or asked), a decode step's GPU matrices
-    are not dequantized beside compute: each product costs the kernel's measured time or, slower or unmeasured,
-    its slot's dequantization and dense product one after the other. Elsewhere the dequantization beside compute,
-    as before."""
+    """Where a plan counts on codes kept (planned: a GPU machine with Triton, or asked) and the kernel's measured
+    time is under the slot's dequantization and dense product, a decode step's GPU matrices are multiplied by it
+    and not dequantized; unmeasured or slower, they are dequantized beside compute as before; prefills keep the
+    slot."""
     import dataclasses
 
     from flexgen_lite.planning.cost_model import predict
@@ -156,19 +170,19 @@ def test_the_cost_model_prices_a_decode_step_keeping_codes(monkeypatch):
 
     policy = dataclasses.replace(P((100, 0, 100, 0, 100, 0), gbs=16, nb=2, compress_weight=True), dtype="float16")
     hw, work = synthetic_profile(cuda=True), Workload(512, 32, 64)
-    with monkeypatch.context() as patch:
-        patch.setattr(gemv, "planned", lambda: False)
-        beside = predict(CONFIG, work, policy, hw).decode_by
-    monkeypatch.setattr(gemv, "planned", lambda: True)
-    serial = predict(CONFIG, work, policy, hw).decode_by
     dense_rate = hw.matmul["float16"][-1][1]
     fast = dataclasses.replace(hw, int4_gemv={"float16": [(1, dense_rate, 0.0), (64, 64 * dense_rate, 0.0)]})
-    kernel = predict(CONFIG, work, policy, fast).decode_by
-    assert beside["dequantize"] > 0 and not serial.get("dequantize") and not kernel.get("dequantize")
-    assert serial["compute"] == pytest.approx(beside["compute"] + beside["dequantize"], rel=0.05)
-    assert kernel["compute"] < beside["compute"]  # the kernel at 16 rows: faster than the dense product here
-    prefill = [predict(CONFIG, work, policy, h).prefill_s for h in (hw, fast)]
-    assert prefill[0] == prefill[1]  # prefills keep the slot
+    slow = dataclasses.replace(hw, int4_gemv={"float16": [(1, dense_rate / 1e3, 0.0), (64, dense_rate / 1e2, 0.0)]})
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "planned", lambda: False)
+        beside = predict(CONFIG, work, policy, fast)
+    monkeypatch.setattr(gemv, "planned", lambda: True)
+    kernel, unmeasured, slower = (predict(CONFIG, work, policy, h) for h in (fast, hw, slow))
+    assert beside.decode_by["dequantize"] > 0 and not kernel.decode_by.get("dequantize")
+    assert kernel.decode_by["compute"] < beside.decode_by["compute"]  # the kernel at 16 rows: faster here
+    assert unmeasured.decode_by == pytest.approx(beside.decode_by) and slower.decode_by == pytest.approx(
+        beside.decode_by)  # the slot beside compute, as before
+    assert kernel.prefill_s == beside.prefill_s  # prefills keep the slot
 
 
 @needs_triton

@@ -168,10 +168,12 @@ class WeightSlots:
 
     def _kept_as_codes(self, t: StoredWeight) -> bool:
         """A 4-bit matrix in compute memory that a decode step of `step_rows` rows multiplies as stored
-        (int4_gemv_triton.CodesMatrix), not dequantized into its slot beforehand."""
+        (int4_gemv_triton.CodesMatrix), not dequantized into its slot beforehand: unless this kind of product
+        measured faster through the slot, which is then filled beside compute as before."""
         return (0 < self.step_rows <= int4_gemv_triton.GEMV_ROWS and isinstance(t.data, QuantizedTensor)
                 and t.mapped is None and t.data.data.device == self.device.device
-                and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(self.device.device))
+                and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(self.device.device)
+                and not int4_gemv_triton.slot_chosen(t.shape, self.step_rows, t.dtype, t.compression.group_size))
 
     @staticmethod
     def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:

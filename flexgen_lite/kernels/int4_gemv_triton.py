@@ -90,13 +90,26 @@ class CodesMatrix:
             return matmul(x, self.q)
         from .attention import faster
 
-        rows = x.numel() // x.shape[-1]  # measured per power of two of rows: rows that finish do not re-measure
-        kind = ("int4-gemv", *self.q.shape, 1 << (rows - 1).bit_length(), x.dtype, self.q.config.group_size)
+        kind = choice_kind(self.q.shape, x.numel() // x.shape[-1], x.dtype, self.q.config.group_size)
         chosen = faster(kind, {"codes": lambda: matmul(x, self.q), "slot": lambda: self.dense(x)}, x.device)
         return matmul(x, self.q) if chosen == "codes" else self.dense(x)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.q, self.slot.dtype, out=self.slot))
+
+
+def choice_kind(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int) -> tuple:
+    """The kind of product CodesMatrix measures its two paths for once: rows by powers of two (rows that finish
+    do not measure again)."""
+    return ("int4-gemv", *shape, 1 << (max(1, rows) - 1).bit_length(), dtype, group_size)
+
+
+def slot_chosen(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int) -> bool:
+    """Whether this kind of product measured faster through its slot here: its weight is then dequantized into
+    the slot beside compute again, as without the kernel (WeightSlots)."""
+    from .attention import _measured
+
+    return _measured.get(choice_kind(shape, rows, dtype, group_size)) == "slot"
 
 
 def by_measurement(x: torch.Tensor) -> bool:

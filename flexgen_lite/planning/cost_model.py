@@ -114,7 +114,8 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
             continue
         _, c, d = lay.weight(layer.kind, spec)
         dequantized = s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape)  # kernel ones: products_time
-        values = math.prod(spec.shape) * ((c + d) if kept else 1) if dequantized else 0
+        codes = kept and dequantized and _codes_win(s, expert_rows(s.gbs, spec.share), spec.shape[1], spec.shape[0])
+        values = math.prod(spec.shape) * ((c + d) if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1
     for (c, d, nbytes, values), count in alike.items():
         nbytes *= count
@@ -259,8 +260,9 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
     """(matmul seconds, dequantization seconds) of `nb` GPU batches' products in a layer of `kind`, `rows` rows
     each: dense weights at the profile's matmul rate (`_dense_time`); weights stored for the CPU's int4 kernel
     multiplied as stored, by tiles, or dequantized once in the compute thread and multiplied dense, as
-    int4_path chooses (int4_cost); the `codes` share of a GPU's 4-bit matrices kept as codes (codes_kept) at
-    `_kept_time`. linears: `matmuls` of the layer's weights (a CUDA graph's: every expert)."""
+    int4_path chooses (int4_cost); the `codes` share of a GPU's 4-bit matrices kept as codes (codes_kept) by the
+    kernel where it wins (`_codes_win`). linears: `matmuls` of the layer's weights (a CUDA graph's: every
+    expert)."""
     matmul, dequantize = 0.0, 0.0
     compressed = {(spec.shape[1], spec.shape[0]) for spec in s.kinds[kind].weights if s.compressed(spec)}
     for (k, n, share), count in Counter(matmuls(s.kinds[kind]) if linears is None else linears).items():
@@ -268,9 +270,10 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
         if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
             cost = int4_cost(s.hw, s.dname, m, nb, k, n)
             matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
-        elif codes and (k, n) in compressed:
+        elif codes and (k, n) in compressed and _codes_win(s, m, k, n):
             dense = _dense_time(s, kind, m, k, n)
-            matmul += count * nb * (codes * _kept_time(s, m, k, n, dense) + (1 - codes) * dense)
+            kernel = interpolated_time(s.hw.int4_gemv[s.dname], m, k, n)
+            matmul += count * nb * (codes * kernel + (1 - codes) * dense)
         else:
             matmul += count * nb * _dense_time(s, kind, m, k, n)
     return matmul, dequantize
@@ -278,8 +281,8 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
 
 def codes_kept(s: Setup, rows: int) -> bool:
     """Whether a decode step of `rows` rows keeps the GPU's 4-bit decoder matrices as codes (WeightSlots: each
-    product by Triton's kernel or by its slot, whichever the engine measured faster; the slot's dequantization
-    then in the compute stream, not beside it), where the plan counts on it (int4_gemv_triton.planned)."""
+    product by Triton's kernel where it measured faster than its slot, `_codes_win`), where the plan counts on it
+    (int4_gemv_triton.planned)."""
     return (s.cuda and s.wcomp is not None and rows <= int4_gemv_triton.GEMV_ROWS
             and int4_gemv_triton.layout_fits(s.wcomp, s.dtype) and int4_gemv_triton.planned())
 
@@ -294,15 +297,16 @@ def codes_share(s: Setup, lay: Layout, kind: str) -> float:
     return sum(lay.weight(kind, spec)[0] * s.tensor_bytes(spec) for spec in specs) / total if total else 0.0
 
 
-def _kept_time(s: Setup, rows: int, k: int, n: int, dense: float) -> float:
-    """A product by a GPU's 4-bit matrix kept as codes: the kernel's measured time (hw.int4_gemv) or, where it is
-    slower or not measured, its dequantization into the slot and the dense product (`dense`), one after the
-    other."""
-    slot = dense + n * k / s.hw.dequantize[s.dname]
+def _codes_win(s: Setup, rows: int, k: int, n: int) -> bool:
+    """Whether a GPU's product of `rows` rows by a 4-bit matrix (n, k) kept as codes runs the kernel: its measured
+    time (hw.int4_gemv) under the slot's dequantization and dense product one after the other, as the engine
+    measures the two (int4_gemv_triton.CodesMatrix); the slot wins where it is not measured, and the matrix is then
+    dequantized beside compute as before (WeightSlots)."""
     points = (s.hw.int4_gemv or {}).get(s.dname)
     if not points or rows > points[-1][0]:
-        return slot
-    return min(slot, interpolated_time(points, rows, k, n))
+        return False
+    slot = s.hw.matmul_time(s.dname, rows, k, n) + n * k / s.hw.dequantize[s.dname]
+    return interpolated_time(points, rows, k, n) < slot
 
 
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
