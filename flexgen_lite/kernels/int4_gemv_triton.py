@@ -3,7 +3,7 @@
 With `--compress-weight` and the weights in GPU memory, every decode step dequantized each matrix into a dense
 slot (a read of 4 bits and a write of 16 a value) and multiplied the slot (a read of 16): ~4.6 bytes of memory
 traffic a weight where the codes are ~0.56. Here each program reads a block of the weight's output rows and a
-range of its input columns as codes (16 bytes at a time, nibbles interleaved: element 2j is byte j's low one),
+range of its input columns as codes (each row's bytes contiguous, nibbles interleaved: element 2j is byte j's low one),
 scales them per group of the input dimension in fp32, rounds them to x's dtype as the slot held them, and
 multiplies them into the rows of x on tensor cores; the ranges of columns are summed after. Prefill-sized
 products (more than GEMV_ROWS rows) keep the slot: they are bound by compute, not by the weight's bytes.
