@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -155,7 +156,15 @@ def wanted(q: QuantizedTensor, x: torch.Tensor) -> bool:
         return False
     if x.device.type != "cuda" and os.environ.get(ENV) != "triton":
         return False
-    return refusal(x.device, x.dtype, q.config.group_size) is None
+    why = refusal(x.device, x.dtype, q.config.group_size)
+    if why is not None and x.device.type == "cuda":
+        _say_once(why)
+    return why is None
+
+
+@functools.cache
+def _say_once(why: str) -> None:
+    warnings.warn(f"the Triton 4-bit matmul is not used here ({why}): dequantizing into slots instead", stacklevel=3)
 
 
 def matmul(x: torch.Tensor, q: QuantizedTensor, splits: int | None = None) -> torch.Tensor:
