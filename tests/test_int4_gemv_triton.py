@@ -94,18 +94,36 @@ def test_on_a_gpu_the_faster_path_is_measured_and_kept(kernel_device, monkeypatc
     assert ran.count("slot") == (4 if chosen == "slot" else 2)  # measured twice; run twice where chosen
 
 
-@needs_triton
-def test_a_kind_the_slot_won_is_dequantized_beside_compute_again(four_layers, kernel_device, compute_device,
-                                                                  monkeypatch):
-    """Where the slot path measured faster for a kind of product (int4_gemv_triton.slot_chosen), WeightSlots fills
-    the slot when it fetches, as without the kernel: no kernel call, the same tokens."""
-    device = compute_device if compute_device.startswith("cuda") else LINK
-    policy = P((100, 0, 100, 0, 100, 0), gbs=3, nb=2, compress_weight=True)
-    monkeypatch.setattr(gemv, "GEMV_ROWS", 16)
-    ids, _, calls = run(four_layers["opt"], policy, device)
-    monkeypatch.setattr(gemv, "slot_chosen", lambda *args: True)
-    again, _, none = run(four_layers["opt"], policy, device)
-    assert calls and not none and again == ids
+def test_which_matrices_a_step_keeps_as_codes(monkeypatch):
+    """WeightSlots keeps a 4-bit matrix in compute memory as codes for a step of up to GEMV_ROWS rows where the
+    kernel is enabled, unless its kind of product measured faster through the slot (then the slot is filled when
+    fetched, beside compute, as without the kernel); never a prefill's rows, FlexGen's output-dim groups or a
+    matrix in host RAM."""
+    from flexgen_lite.engine.storage import MemoryLedger
+    from flexgen_lite.engine.weight_slots import WeightSlots
+    from flexgen_lite.engine.weights import StoredWeight
+    from flexgen_lite.system.devices import ComputeDevice
+
+    monkeypatch.setenv(gemv.ENV, "triton")
+    device = ComputeDevice("cpu+link")
+    slots = WeightSlots(device, MemoryLedger(), None)
+    config = CompressionConfig(4, 64, 1)
+
+    def stored(config=config):
+        q = quantize(torch.randn(128, 256), config)
+        return StoredWeight((128, 256), torch.float32, "gpu", q, q.nbytes, config)
+
+    slots.step_rows = 3
+    assert slots._kept_as_codes(stored())
+    assert not slots._kept_as_codes(stored(CompressionConfig(4, 64, 0)))
+    host = torch.zeros(stored().nbytes, dtype=torch.uint8)  # its bytes in host RAM, to cross the link
+    assert not slots._kept_as_codes(StoredWeight((128, 256), torch.float32, "cpu", host, host.numel(), config))
+    monkeypatch.setattr(gemv, "slot_chosen", lambda shape, rows, dtype, group_size: True)
+    assert not slots._kept_as_codes(stored())
+    monkeypatch.undo()
+    monkeypatch.setenv(gemv.ENV, "triton")
+    slots.step_rows = gemv.GEMV_ROWS + 1
+    assert not slots._kept_as_codes(stored())
 
 
 def run(path, policy, device):
