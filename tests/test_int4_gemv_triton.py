@@ -224,3 +224,23 @@ def test_the_profile_measures_the_gpu_kernel(monkeypatch):
     assert [m for m, _, _ in found["float16"]] == list(probes.GPU_CODES_ROWS)
     assert all(rate > 0 and fixed >= 0 for _, rate, fixed in found["float16"])
     assert interpolated_time(found["float16"], 8, 4096, 4096) > 0
+
+
+@needs_triton
+def test_a_kept_matrix_through_its_slot_leaves_no_stale_slot_behind(four_layers, kernel_device, compute_device,
+                                                                    monkeypatch):
+    """A matrix kept as codes whose product runs through its slot (the slot path measured faster, or the kernel
+    refused) writes that slot: the slot no longer holds the layer a prefill left in it, and a later layer of that
+    slot must not take it as its own. Tokens and logits are the slot path's."""
+    device = compute_device if compute_device.startswith("cuda") else LINK
+    policy = P((100, 0, 100, 0, 100, 0), gbs=3, nb=2, compress_weight=True)
+    monkeypatch.setattr(gemv, "GEMV_ROWS", 16)  # the prefill (30 rows) fills the slots; decode steps keep codes
+    monkeypatch.setattr(gemv, "wanted", lambda q, x: False)  # ... and multiply through the slot
+    ids, logits, calls = run(four_layers["opt"], policy, device)
+    monkeypatch.delenv(gemv.ENV)
+    monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
+    gemv.reset()
+    want_ids, want_logits, _ = run(four_layers["opt"], policy, device)
+    assert not calls and ids == want_ids
+    for a, b in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

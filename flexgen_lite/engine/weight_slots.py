@@ -76,10 +76,11 @@ class WeightSlots:
                 out[name] = t.mapped
             else:
                 buf = self._buffer(key, t.shape, t.dtype)
+                kept = name in to_fill and self._kept_as_codes(t)
                 if name not in to_fill:
                     out[name] = buf
-                elif t.mapped is not None or t.int4 or self._kept_as_codes(t):  # dequantized (or not) by
-                    out[name] = Deferred(t, buf)  # complete(), in the compute thread
+                elif t.mapped is not None or t.int4 or kept:  # dequantized (or not) by complete(), in the
+                    out[name] = Deferred(t, buf)             # compute thread
                 else:
                     codes = self._buffer((*key, "codes"), (t.nbytes,), torch.uint8) \
                         if t.compression is not None and t.tier != "gpu" and self.device.host_is_separate else None
@@ -88,7 +89,9 @@ class WeightSlots:
                     else:
                         with trace.span(*self._fill_stage(t), stream="copy:weights"):
                             out[name] = t.fetch(self.device, buf, host.get(id(t)), codes)
-                if not (t.int4 or self._kept_as_codes(t)):  # the kernels' weights may never fill their slot
+                if kept:  # its product may go through the slot (CodesMatrix.dense): no longer what it held
+                    self.holds.pop(key, None)
+                elif not t.int4:  # the kernel's weights may never fill their slot
                     self.holds[key] = t
         for buf in held:  # copied out of on this thread's stream: reused once those copies are done
             self.staging.release(buf, self.device.device)
