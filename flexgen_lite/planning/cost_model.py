@@ -108,13 +108,19 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
     kept = decode and codes_kept(s, s.gbs)
+    wins: dict[tuple, bool] = {}  # _codes_win by product: a mixture's experts are alike
     alike: Counter = Counter()
     for spec in layer.weights:
         if layer.kind == "head" and spec.hf_name in s.tied:
             continue
         _, c, d = lay.weight(layer.kind, spec)
         dequantized = s.compressed(spec) and not kernel_weight(s, layer.kind, spec.shape)  # kernel ones: products_time
-        codes = kept and dequantized and _codes_win(s, expert_rows(s.gbs, spec.share), spec.shape[1], spec.shape[0])
+        codes = False
+        if kept and dequantized:
+            product = (expert_rows(s.gbs, spec.share), spec.shape[1], spec.shape[0])
+            if product not in wins:
+                wins[product] = _codes_win(s, *product)
+            codes = wins[product]
         values = math.prod(spec.shape) * ((c + d) if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1
     for (c, d, nbytes, values), count in alike.items():
@@ -264,7 +270,8 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
     kernel where it wins (`_codes_win`). linears: `matmuls` of the layer's weights (a CUDA graph's: every
     expert)."""
     matmul, dequantize = 0.0, 0.0
-    compressed = {(spec.shape[1], spec.shape[0]) for spec in s.kinds[kind].weights if s.compressed(spec)}
+    compressed = {(spec.shape[1], spec.shape[0]) for spec in s.kinds[kind].weights if s.compressed(spec)} \
+        if codes else set()  # read only where a step keeps codes: not on every plan the search prices
     for (k, n, share), count in Counter(matmuls(s.kinds[kind]) if linears is None else linears).items():
         m = expert_rows(rows, share)
         if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
