@@ -347,29 +347,44 @@ def quantized_store() -> None:
               f"{n / fused / 1e9:.0f} G | {slow * 1e3:.3f} | {n / slow / 1e9:.0f} G |")
 
 
+def codes_section(title: str, env: str) -> torch.dtype | None:
+    """Sections 8 and 9: the title; their dtype, or None where Triton is not installed. A CPU runs the kernels in
+    Triton's interpreter when asked (`env`)."""
+    print("\n" + title)
+    if importlib.util.find_spec("triton") is None:
+        print("triton is not installed: skipped")
+        return None
+    if not CUDA:
+        os.environ[env] = "triton"
+    return torch.float16 if CUDA else torch.float32
+
+
+def refused(row: str, what: str, why: str, empty: int) -> None:
+    """A table row for a kernel its check refused (a failure on a GPU), `empty` cells left blank."""
+    print(f"| {row} | refused: {why} |" + " |" * empty)
+    if CUDA:
+        failures.append(f"{what} refused: {why}")
+
+
 def codes_decode_attention() -> None:
     from flexgen_lite.engine.cache_store import QuantizedStore
     from flexgen_lite.kernels import attention
     from flexgen_lite.kernels import quantized_attention as qa
     from flexgen_lite.kernels import quantized_attention_triton as qt
 
-    print("\n## 8. decode attention over a 4-bit GPU cache: read as stored (Triton) against a slot's dequantization "
-          "and attention")
-    if importlib.util.find_spec("triton") is None:
-        print("triton is not installed: skipped")
+    dtype = codes_section("## 8. decode attention over a 4-bit GPU cache: read as stored (Triton) against a slot's "
+                          "dequantization and attention", qt.ENV)
+    if dtype is None:
         return
-    config, dtype = CompressionConfig(4, 64, -1), torch.float16 if CUDA else torch.float32
-    if not CUDA:
-        os.environ[qt.ENV] = "triton"  # a CPU runs it in Triton's interpreter when asked
+    config = CompressionConfig(4, 64, -1)
     print("| rows x heads / kv heads x positions x head dim | max diff | codes ms | stored GB/s | slot ms "
           "(dequantize + attend) | x faster |\n|---|---|---|---|---|---|")
     shapes = ((16, 56, 56, 512, 128), (12, 96, 96, 512, 128), (32, 64, 8, 1024, 128)) if CUDA else \
         ((2, 4, 2, 40, 64),)
     for rows, heads, kv_heads, length, d in shapes:
-        if not qt.wanted_on(DEV, dtype, heads // kv_heads, d, 64):
-            why = qt.refusal(DEV, dtype, heads // kv_heads, d, 64)
-            print(f"| {rows} x {heads} / {kv_heads} x {length} x {d} | refused: {why} | | | | |")
-            failures.append(f"4-bit cache attention refused: {why}") if CUDA else None
+        why = qt.refusal(DEV, dtype, heads // kv_heads, d, 64)
+        if why is not None:
+            refused(f"{rows} x {heads} / {kv_heads} x {length} x {d}", "4-bit cache attention", why, 4)
             continue
         stores = [QuantizedStore((rows, kv_heads, length + 32, d), config, "device", DEV) for _ in "kv"]
         for s in stores:
@@ -407,14 +422,10 @@ def codes_matmul() -> None:
     from flexgen_lite.kernels import int4_gemv_triton as gemv
     from flexgen_lite.kernels.compression import dequantize
 
-    print("\n## 9. a decode step's rows times a 4-bit weight in GPU memory: read as stored (Triton) against its "
-          "dequantization into a slot and a dense product")
-    if importlib.util.find_spec("triton") is None:
-        print("triton is not installed: skipped")
+    dtype = codes_section("## 9. a decode step's rows times a 4-bit weight in GPU memory: read as stored (Triton) "
+                          "against its dequantization into a slot and a dense product", gemv.ENV)
+    if dtype is None:
         return
-    dtype = torch.float16 if CUDA else torch.float32
-    if not CUDA:
-        os.environ[gemv.ENV] = "triton"  # a CPU runs it in Triton's interpreter when asked
     print("| weight (out x in) | rows | max diff / max | codes ms | codes GB/s | slot ms (dequantize + matmul) | "
           "x faster |\n|---|---|---|---|---|---|---|")
     shapes = ((7168, 28672), (28672, 7168), (8192, 8192), (1024, 8192)) if CUDA else ((128, 256),)
@@ -425,8 +436,7 @@ def codes_matmul() -> None:
             x = torch.randn(rows, k, device=DEV, dtype=dtype)
             why = gemv.refusal(DEV, dtype, 64)
             if why is not None:
-                print(f"| {n} x {k} | {rows} | refused: {why} | | | | |")
-                failures.append(f"4-bit matmul refused: {why}") if CUDA else None
+                refused(f"{n} x {k} | {rows}", "4-bit matmul", why, 4)
                 break
             codes = lambda x=x, q=q: gemv.matmul(x, q)  # noqa: E731
             dense = lambda x=x, q=q, slot=slot: F.linear(x, dequantize(q, dtype, out=slot))  # noqa: E731
