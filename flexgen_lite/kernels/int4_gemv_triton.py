@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .compression import dequantize
+from .decode_attention_triton import _interpreter, _sm_count  # one interpreter lock for every kernel
 from .dequant_triton import interpreting, unavailable
 from .quantization import CompressionConfig, QuantizedTensor, dequantize_reference
 
@@ -33,7 +34,6 @@ WARPS = 8  # on sm90 76-116 registers a thread at these blocks, no spills (tests
 BLOCK_N, BLOCK_K = 64, 128  # a program's output rows; columns a tile (at least a group)
 ENV = "FLEXGEN_LITE_CODES_MATMUL"  # "triton": also where a CPU computes (Triton's interpreter; tests)
 _lock = threading.Lock()
-_interpreter = threading.Lock()
 
 
 @functools.cache
@@ -188,11 +188,6 @@ def matmul(x: torch.Tensor, q: QuantizedTensor, splits: int | None = None) -> to
             out.stride(0), out.stride(1), MP=mp, BN=BLOCK_N, BK=BLOCK_K, GS=gs,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=WARPS)
     return out.sum(0).to(x.dtype).view(*x.shape[:-1], n)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def refusal(device, dtype: torch.dtype, group_size: int) -> str | None:

@@ -134,23 +134,6 @@ def supported(config: CompressionConfig | None) -> bool:
             and config.group_size & (config.group_size - 1) == 0)
 
 
-def usable(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]) -> bool:
-    """Whether `attend` takes these arrays (one device, K's and V's laid out alike, whole head groups) and the
-    kernel passed its check for this kind of call here."""
-    heads, kv_heads, d = q.shape[1], k[0].shape[1], q.shape[-1]
-    same = all(a.shape == b.shape and a.stride() == b.stride() for a, b in zip(k, v, strict=True))
-    laid_out = (q.dim() == 4 and q.shape[2] == 1 and q.dtype in dense.DTYPES and same and heads % kv_heads == 0
-                and k[0].dtype == torch.uint8 and k[1].dtype == k[2].dtype == torch.float16
-                and k[1].stride() == k[2].stride() and d <= 256 and 2 * k[0].shape[-1] >= d
-                and (2 * k[0].shape[-1]) % k[1].shape[-1] == 0 and supported(CompressionConfig(
-                    4, 2 * k[0].shape[-1] // k[1].shape[-1], -1))
-                and all(x.device == q.device and x.stride(-1) == 1 for x in (*k, *v)))
-    if not laid_out:
-        return False
-    group_size = 2 * k[0].shape[-1] // k[1].shape[-1]
-    return refusal(q.device, q.dtype, heads // kv_heads, d, group_size) is None
-
-
 def refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, group_size: int) -> str | None:
     """Why the kernel is not used for this kind of call here (None: it is)."""
     with _lock:
@@ -237,6 +220,8 @@ def wanted_on(device, dtype: torch.dtype, group: int, head_dim: int, group_size:
     FLEXGEN_LITE_CODES_ATTENTION=triton: a CPU then runs it in Triton's interpreter (tests), and a plan for a GPU
     made without one counts on it; without that, such a plan counts slots, as a CPU playing a GPU uses them."""
     device = torch.device(device)
+    if head_dim > 256:  # the split kernels' tiles (decode_attention_triton.supported)
+        return False
     if device.type != "cuda" or not torch.cuda.is_available():
         if os.environ.get(ENV) != "triton":
             return False
