@@ -247,29 +247,38 @@ def references(tiny_models, compute_device):
             for family, (_, model) in tiny_models.items()}
 
 
-@pytest.fixture(scope="session")
-def smollm():
-    """SmolLM2-135M-Instruct (GGUF, Q4_1) and transformers' own model of it (its GGUF loader, fp32)."""
+def transformers_gguf_model(path: str | Path) -> torch.nn.Module:
+    """transformers' own model of a GGUF file (its loader dequantizes with gguf), fp32: the reference."""
     import functools
 
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    with pytest.MonkeyPatch.context() as mp:
+        # transformers rebuilds gguf's (pure) name map once per submodule (~7 s for SmolLM2) and reads the file's
+        # fields (its vocabulary: ~2.5 s) once for the config and again for the tensors: both memoized
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        mp.setattr(gguf, "GGUFReader", functools.cache(gguf.GGUFReader))
+        config = AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+        with no_init_weights():  # every weight is loaded below (a tied head from the embedding): no random init
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if config.tie_word_embeddings else set()), \
+        (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct (GGUF, Q4_1) and transformers' own model of it (its GGUF loader, fp32)."""
     from flexgen_lite.models.gguf_file import default_model_path
 
     path = default_model_path()  # fails with the install command if the package is missing
-    folder, name = str(Path(path).parent), Path(path).name
-    with pytest.MonkeyPatch.context() as mp:
-        # transformers rebuilds gguf's (pure) name map once per submodule: ~7 s here; memoize it
-        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return path, model
+    return path, transformers_gguf_model(path)
 
 
 def synthetic_profile(cuda: bool = False) -> HardwareProfile:

@@ -5,7 +5,6 @@ give transformers' outputs (its GGUF loader reading the same file)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import subprocess
@@ -24,7 +23,7 @@ from flexgen_lite.models.gguf_file import SUPPORTED_TENSOR_TYPES, quantized_type
 from flexgen_lite.models.gguf_quants import DEQUANTIZE, q4_k_groups
 from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
 
-from .conftest import hf_greedy
+from .conftest import hf_greedy, transformers_gguf_model
 
 Q = gguf.GGMLQuantizationType
 # where each type keeps its fp16 factors (d, and dmin or m), and a size for them that gives weights of ~0.05
@@ -132,21 +131,6 @@ def write_mixed_llama(path: Path, mix: tuple, arch: str = "llama", split_max_ten
     writer.close()
 
 
-def transformers_model(path: Path):
-    """transformers' own model of the GGUF (its loader dequantizes with gguf), fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return model
-
-
 @pytest.mark.parametrize("arch,mix", [("llama", mix) for mix in MIXES] + [("qwen2", "Q4_K_M"), ("qwen3", "Q4_K_M")])
 def test_mixed_k_quant_models_give_transformers_outputs(arch, mix, tmp_path: Path):
     path = tmp_path / f"tiny-{arch}-{mix}.gguf"
@@ -155,7 +139,7 @@ def test_mixed_k_quant_models_give_transformers_outputs(arch, mix, tmp_path: Pat
     config = config_from_dict(read_gguf_config(path))
     assert config.qkv_bias == (arch == "qwen2") and not config.out_bias
     assert config.qk_norm == ("head" if arch == "qwen3" else "")
-    want_ids, want_logits = hf_greedy(transformers_model(path), PROMPTS, 8)
+    want_ids, want_logits = hf_greedy(transformers_gguf_model(path), PROMPTS, 8)
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=50, weight_cpu_percent=50,
                     dtype="float32")
     with FlexGenLite(str(path), policy=policy) as m:
