@@ -20,8 +20,8 @@ from flexgen_lite.planning.cost_model import predict
 from flexgen_lite.planning.dtype_choice import compute_dtype
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
+from flexgen_lite.profiling.int4_probes import CODES_ROWS, INT4_ROWS, int4_rates
 from flexgen_lite.profiling.measure import load_profile
-from flexgen_lite.profiling.probes import CODES_ROWS, INT4_ROWS, int4_rates
 from flexgen_lite.system.devices import ComputeDevice
 from flexgen_lite.system.hardware import HardwareProfile, interpolated_time
 from flexgen_lite.system.profile_store import profile_path, save_profile

@@ -209,7 +209,7 @@ def test_the_profile_measures_the_gpu_kernel(monkeypatch):
     interpolated_time as the cost model reads them."""
     import types
 
-    from flexgen_lite.profiling import probes
+    from flexgen_lite.profiling import int4_probes
     from flexgen_lite.system.hardware import interpolated_time
 
     from .test_quantized_attention_triton import once
@@ -217,11 +217,11 @@ def test_the_profile_measures_the_gpu_kernel(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(gemv.ENV, "triton")
     gemv.reset()
-    monkeypatch.setattr(probes, "timed", once)
-    monkeypatch.setattr(probes, "compute_dtypes", lambda device: ["float16"])
+    monkeypatch.setattr(int4_probes, "timed", once)
+    monkeypatch.setattr(int4_probes, "compute_dtypes", lambda device: ["float16"])
     gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), synchronize=lambda: None)
-    found = probes.gpu_codes_points(gpu, 64)
-    assert [m for m, _, _ in found["float16"]] == list(probes.GPU_CODES_ROWS)
+    found = int4_probes.gpu_codes_points(gpu, 64)
+    assert [m for m, _, _ in found["float16"]] == list(int4_probes.GPU_CODES_ROWS)
     assert all(rate > 0 and fixed >= 0 for _, rate, fixed in found["float16"])
     assert interpolated_time(found["float16"], 8, 4096, 4096) > 0
 

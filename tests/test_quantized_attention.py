@@ -242,7 +242,7 @@ def test_the_cost_model_reads_a_cpu_attended_4_bit_cache_at_the_kernels_rate(mon
 
 @needs_kernel
 def test_the_profile_measures_the_kernel_and_keeps_it():
-    from flexgen_lite.profiling.probes import codes_attention_rates
+    from flexgen_lite.profiling.attention_probes import codes_attention_rates
     from flexgen_lite.system.devices import ComputeDevice
     from flexgen_lite.system.hardware import HardwareProfile
 

@@ -210,7 +210,7 @@ def test_the_profile_measures_the_gpu_kernel_and_keeps_it(monkeypatch):
     import json
     import types
 
-    from flexgen_lite.profiling import probes
+    from flexgen_lite.profiling import attention_probes
     from flexgen_lite.system.hardware import HardwareProfile
 
     from .conftest import synthetic_profile
@@ -220,9 +220,9 @@ def test_the_profile_measures_the_gpu_kernel_and_keeps_it(monkeypatch):
     qt.reset()
     gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), host_is_separate=True,
                                 synchronize=lambda: None)
-    monkeypatch.setattr(probes, "timed", once)  # the interpreter is slow: one timed call each, one dtype
-    monkeypatch.setattr(probes, "compute_dtypes", lambda device: ["float16"])
-    found = probes._device_codes_rates(gpu, CompressionConfig(4, 64, -1), 64)
+    monkeypatch.setattr(attention_probes, "timed", once)  # the interpreter is slow: one timed call each, one dtype
+    monkeypatch.setattr(attention_probes, "compute_dtypes", lambda device: ["float16"])
+    found = attention_probes._device_codes_rates(gpu, CompressionConfig(4, 64, -1), 64)
     assert set(found) == {"float16"}
     assert all({g for g, _, _ in points} == {1, 4} for points in found.values())
     assert all(rate > 0 and fixed >= 0 for points in found.values() for _, fixed, rate in points)

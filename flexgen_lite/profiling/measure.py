@@ -39,18 +39,17 @@ from ..system.devices import ComputeDevice, IOPool, host_available_bytes, keep_f
 from ..system.hardware import HardwareProfile
 from ..system.memory import return_freed_memory
 from ..system.profile_store import cache_dir, cached_profile, profile_path, save_profile
+from .attention_probes import attention_rates, codes_attention_rates
+from .int4_probes import int4_rates
 from .probes import (
     MiB,
-    attention_rates,
     best_matmul,
-    codes_attention_rates,
     compression_rates,
     compute_dtypes,
     contention,
     fit,
     gemv_rates,
     host_contention,
-    int4_rates,
     link_rates,
     matmul_rates,
     matmul_shapes,

@@ -1,0 +1,154 @@
+"""Timing attention (probes.py's helpers): masked prefill, one new token's decode attention over a cache prefix on
+the compute device and on the CPU (dense, over grouped heads, over a shared prompt prefix), and over a 4-bit cache
+read as stored (the CPU's kernel and a GPU's). For the profile's attention tables (hardware.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.policy import DTYPES
+from ..engine.shared_prefix import shared_rows
+from ..kernels.attention import attend_named
+from ..kernels.prefill_attention import prefill_attention
+from ..system.devices import ComputeDevice
+from .probes import compute_dtypes, fit, timed
+
+
+def attention_rates(device: ComputeDevice, scale: int) -> dict:
+    """Masked prefill attention (FLOP/s) and one-token decode attention over a cache prefix (bytes of K, V per
+    second), with the engine's own attention function, ungrouped and (on the CPU) over grouped-query heads."""
+    dev, sync = device.device, device.synchronize
+    sdpa, native_prefill, attention, cpu_attention, grouped, cpu_grouped, shared = {}, {}, {}, {}, {}, {}, {}
+    for name in compute_dtypes(device):
+        dtype = DTYPES[name]
+        b, heads, t, hd = (8, 16, 1024, 128) if device.is_cuda else (2, 12, 256 // min(scale, 2), 64)
+        q = torch.randn(b, heads, t, hd, device=dev).to(dtype)
+        mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None].expand(b, 1, t, t)
+        s = timed(lambda q=q, mask=mask: attend_named(q, q, q, mask, native_prefill=False), sync)
+        sdpa[name] = 4 * b * heads * t * t * hd / s
+        if not device.is_cuda and prefill_attention(q, q, q, mask) is not None:  # the C kernel, this dtype here
+            s = timed(lambda q=q, mask=mask: prefill_attention(q, q, q, mask), sync)
+            native_prefill[name] = 4 * b * heads * t * t * hd / s
+        for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
+            b, long = (32, 4096 // scale) if where.type == "cuda" else (8, 2048 // scale)
+            position_major = out is cpu_attention  # beside a GPU it reads the cache across the link in place
+            out[name] = _decode_attention_rate(where, dtype, b, heads, heads, hd, long, position_major)
+        # grouped heads on a CPU, 4 per kv head, at the common head dims: as the compute device, and beside a GPU
+        for table, position_major in ((cpu_grouped, True),) + (() if device.is_cuda else ((grouped, False),)):
+            table[name] = [(hd, *_decode_attention_rate(torch.device("cpu"), dtype, 8, 16, 4, hd, 2048 // scale,
+                                                        position_major)) for hd in (64, 128)]
+        shared[name] = _shared_speedup(dtype, 2048 // scale, device.is_cuda)
+    for table in (sdpa, attention, cpu_attention, grouped, cpu_grouped, shared):  # a float16 cache: bf16 on a CPU
+        if "bfloat16" in table:
+            table.setdefault("float16", table["bfloat16"])
+    return {"sdpa_prefill": sdpa, "prefill_native": native_prefill, "attention": attention,
+            "cpu_attention": cpu_attention, "attention_grouped": grouped, "cpu_attention_grouped": cpu_grouped,
+            "attention_shared": shared}
+
+
+def codes_attention_rates(device: ComputeDevice, scale: int) -> dict:
+    """CPU decode attention over a 4-bit cache read as stored (quantized_attention), 1 and 4 query heads per kv
+    head of 128, over prefixes of 32 and `long` positions of 8 rows, laid out as the engine keeps the parts a CPU
+    attends: (fixed s, stored K+V bytes/s) per CPU attention dtype; {} without the kernel. With CUDA, the GPU's
+    kernel too (`attention_codes`)."""
+    from ..kernels import quantized_attention as qa
+    from ..kernels.quantization import CompressionConfig, quantize
+
+    config = CompressionConfig(4, 64, -1)
+    if not qa.supported(config):
+        return {"cpu_attention_codes": {}, "attention_codes": _device_codes_rates(device, config, scale)}
+    rows, hd, long = 8, 128, 2048 // scale
+    out = {}
+    for name in ("float32", "bfloat16"):
+        dtype, points = DTYPES[name], []
+        for group, kv_heads in ((1, 16), (4, 4)):
+            parts = []
+            for _ in "kv":
+                if device.host_is_separate:  # beside a GPU: position-major host RAM
+                    parts.append(qa.position_major(torch.randn(long + 1, rows, kv_heads, hd), config))
+                else:
+                    x = quantize(torch.randn(rows, kv_heads, long + 1, hd), config)
+                    parts.append((x.data.view(rows, kv_heads, long + 1, -1), x.scale, x.minimum))
+            q = torch.randn(rows, kv_heads * group, 1, hd).to(dtype)
+            new = torch.randn(rows, kv_heads, 1, hd).to(dtype)
+            times = []
+            for length in (32, long):
+                k, v = ([p[:, :, :length] for p in part] for part in parts)
+                mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+                times.append(timed(lambda k=k, v=v, mask=mask, n=length, q=q, new=new: qa.attend(
+                    q, k, v, config, mask, n - 1, new, new), lambda: None))
+            per_position = 2 * sum(p[:, :, :1].numel() * p.element_size() for p in parts[0])
+            rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
+            points.append((group, fixed, rate))
+        out[name] = points
+    out["float16"] = out["bfloat16"]  # a float16 cache is attended in bfloat16 on a CPU
+    return {"cpu_attention_codes": out, "attention_codes": _device_codes_rates(device, config, scale)}
+
+
+def _device_codes_rates(device: ComputeDevice, config, scale: int) -> dict:
+    """GPU decode attention over a 4-bit cache in its memory read as stored (quantized_attention_triton), 1 and 4
+    query heads per kv head of 128, 64 rows over prefixes of 32 and `long` positions: (group, fixed s, stored K+V
+    bytes/s) per compute dtype; {} on a CPU or where the kernel is not used."""
+    from ..kernels import quantized_attention_triton as qt
+    from ..kernels.quantization import quantize
+
+    if not device.is_cuda:
+        return {}
+    rows, hd, long, out = max(1, 64 // scale), 128, max(64, 8192 // scale), {}
+    for name in compute_dtypes(device):
+        dtype, points = DTYPES[name], []
+        for group, kv_heads in ((1, 16), (4, 4)):
+            if not qt.wanted_on(device.device, dtype, group, hd, config.group_size):
+                return {}
+            parts = []
+            for _ in "kv":
+                x = quantize(torch.randn(rows, kv_heads, long, hd, device=device.device, dtype=dtype), config)
+                parts.append((x.data.view(rows, kv_heads, long, -1), x.scale, x.minimum))
+            q = torch.randn(rows, kv_heads * group, 1, hd, device=device.device, dtype=dtype)
+            new = torch.randn(rows, kv_heads, 1, hd, device=device.device, dtype=dtype)
+            times = []
+            for length in (32, long):
+                k, v = ([p[:, :, :length] for p in part] for part in parts)
+                times.append(timed(lambda k=k, v=v, n=length, q=q, new=new: qt.attend(q, k, v, None, n - 1, new, new),
+                                   device.synchronize))
+            per_position = 2 * sum(p[:, :, :1].numel() * p.element_size() for p in parts[0])
+            rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
+            points.append((group, fixed, rate))
+        out[name] = points
+    return out
+
+
+def _shared_speedup(dtype: torch.dtype, long: int, position_major: bool) -> float:
+    """How many times faster per byte CPU decode attention goes over a shared prompt prefix's positions (read from
+    one row) than over each row's own: both measured back to back, twice in turn, over 32 rows (their own cache,
+    67 MB in bf16 at scale 1, past a last-level cache as a decode batch's is); at least 1 (the same work, its bytes
+    from cache rather than memory), so that a noisy pair does not cost sharing more than not."""
+    ratios = []
+    for first_shared in (False, True):
+        rates = {s: _decode_attention_rate(torch.device("cpu"), dtype, 32, 16, 4, 64, long, position_major,
+                                           shared=s)[1] for s in (first_shared, not first_shared)}
+        ratios.append(rates[True] / rates[False])
+    return max(1.0, sum(ratios) / len(ratios))
+
+
+def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,
+                           long: int, position_major: bool, shared: bool = False) -> tuple[float, float]:
+    """(fixed s per call, K+V bytes/s) of one new token's attention over cache prefixes of 32 and `long`
+    positions, k and v apart (larger than a CPU's last-level cache at `long`, as a real cache is): position-major
+    as across a link (native.decode_attention on all cores), else head-major as in compute memory. shared: every
+    row's positions a prompt prefix read from row 0 (shared_prefix.shared_rows); bytes counted as the rows'."""
+    if position_major:
+        k, v = (torch.randn(long + 64, b, kv_heads, hd).to(dtype).permute(1, 2, 0, 3) for _ in range(2))
+    else:
+        k, v = (torch.randn(b, kv_heads, long + 64, hd, device=where).to(dtype) for _ in range(2))
+    q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
+    times = []
+    for length in (32, long):  # over a cache prefix, as the engine attends
+        kl, vl = k[:, :, :length], v[:, :, :length]
+        m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
+        here = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)
+        rows = shared_rows(torch.zeros(b, dtype=torch.long), length) if shared else None
+        times.append(timed(lambda kl=kl, vl=vl, m1=m1, rows=rows: attend_named(q1, kl, vl, m1, shared=rows), here))
+    per_position = 2 * b * kv_heads * hd * dtype.itemsize
+    rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
+    return fixed, rate
