@@ -44,7 +44,7 @@ def source_quantization(model: str) -> list[str]:
     """The quantized types a GGUF file stores its weights in ([] for float sources)."""
     if Path(model).suffix != ".gguf":
         return []
-    from .models.gguf_file import quantized_types
+    from .models.gguf_weights import quantized_types
 
     return quantized_types(model)
 
@@ -54,7 +54,7 @@ def ends_notice(model: str) -> str:
     stores them as Q8_0, else rounded to 8 bits."""
     types = set()
     if Path(model).suffix == ".gguf":
-        from .models.gguf_file import gguf_tensors
+        from .models.gguf_weights import gguf_tensors
 
         types = {t.tensor_type.name for name, (t, *_) in gguf_tensors(model).items()
                  if name in ("model.embed_tokens.weight", "lm_head.weight")}
@@ -68,7 +68,7 @@ def stored_groups(model: str) -> bool:
     weights keep as they are (weights.STORED_GROUPS)."""
     if Path(model).suffix != ".gguf":
         return False
-    from .models.gguf_file import decoder_groups_of_32
+    from .models.gguf_weights import decoder_groups_of_32
 
     return decoder_groups_of_32(model)
 
@@ -90,7 +90,7 @@ def group_types(model: str) -> tuple[list[str], list[str]]:
     to 4 bits when compressed); ([], []) for other sources."""
     if Path(model).suffix != ".gguf":
         return [], []
-    from .models.gguf_file import kept_and_rounded
+    from .models.gguf_weights import kept_and_rounded
 
     return kept_and_rounded(model)
 

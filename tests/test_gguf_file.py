@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexgen_lite.models.gguf_file import (
-    GGUFError,
-    default_model_path,
-    iter_gguf_tensors,
-    read_gguf_config,
-)
+from flexgen_lite.models.gguf_file import GGUFError, default_model_path, read_gguf_config
 from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
+from flexgen_lite.models.gguf_weights import iter_gguf_tensors
 
 CONFIG_KEYS = [
     "model_type",

@@ -15,7 +15,7 @@ from flexgen_lite import FlexGenLite, Policy, SamplingConfig, default_model_path
 from flexgen_lite.engine.weights import STORED_GROUPS
 from flexgen_lite.kernels.compression import dequantize
 from flexgen_lite.model_source import compression_notice, for_model, kept_as_stored
-from flexgen_lite.models.gguf_file import gguf_tensors, read_gguf_tensor
+from flexgen_lite.models.gguf_weights import gguf_tensors, read_gguf_tensor
 from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.planning.policy_search import AutoPolicy
 

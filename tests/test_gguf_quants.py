@@ -19,9 +19,10 @@ import torch
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.models import gguf_reader
 from flexgen_lite.models.config import config_from_dict
-from flexgen_lite.models.gguf_file import SUPPORTED_TENSOR_TYPES, quantized_types, read_gguf_config
+from flexgen_lite.models.gguf_file import read_gguf_config
 from flexgen_lite.models.gguf_quants import DEQUANTIZE, q4_k_groups
 from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
+from flexgen_lite.models.gguf_weights import SUPPORTED_TENSOR_TYPES, quantized_types
 
 from .conftest import hf_greedy, transformers_gguf_model
 
@@ -300,7 +301,7 @@ def test_loading_a_k_quant_file_keeps_peak_rss_under_the_cpu_budget(tmp_path: Pa
 def test_the_source_holds_a_dequantized_tensor_only_until_its_last_rows_are_read(tmp_path: Path):
     from flexgen_lite.engine.weights import GGUFSource
     from flexgen_lite.model_source import model_config
-    from flexgen_lite.models.gguf_file import read_gguf_tensor
+    from flexgen_lite.models.gguf_weights import read_gguf_tensor
     from flexgen_lite.models.specs import layer_specs
 
     path = tmp_path / "tiny.gguf"

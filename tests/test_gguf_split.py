@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.models.gguf_file import GGUFError, gguf_tensors, iter_gguf_tensors, read_gguf_config
+from flexgen_lite.models.gguf_file import GGUFError, read_gguf_config
+from flexgen_lite.models.gguf_weights import gguf_tensors, iter_gguf_tensors
 
 from .test_gguf_quants import MIXES, PROMPTS, write_mixed_llama
 

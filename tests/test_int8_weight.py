@@ -14,7 +14,8 @@ import torch
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.kernels import native
 from flexgen_lite.kernels.int8_weight import GEMV_ROWS, GROUP, Int8Weight, int8_nbytes
-from flexgen_lite.models.gguf_file import default_model_path, gguf_tensors, read_gguf_tensor
+from flexgen_lite.models.gguf_file import default_model_path
+from flexgen_lite.models.gguf_weights import gguf_tensors, read_gguf_tensor
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.memory_plan import peak_memory
 

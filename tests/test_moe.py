@@ -284,7 +284,8 @@ def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path, family
 
     from flexgen_lite.engine.weights import STORED_GROUPS, GGUFSource
     from flexgen_lite.kernels.compression import dequantize
-    from flexgen_lite.models.gguf_file import decoder_matrix_types, read_gguf_config
+    from flexgen_lite.models.gguf_file import read_gguf_config
+    from flexgen_lite.models.gguf_weights import decoder_matrix_types
 
     path = tmp_path / f"{family}-q4_0.gguf"
     _write_moe_gguf(tiny_models[family][1], path, arch, gguf.GGMLQuantizationType.Q4_0)

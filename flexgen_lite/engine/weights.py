@@ -111,13 +111,13 @@ class GGUFSource(WeightSource):
     """Tensors of a GGUF file, dequantized one at a time as placement asks for them."""
 
     def __init__(self, path: str) -> None:
-        from ..models.gguf_file import gguf_tensors
+        from ..models.gguf_weights import gguf_tensors
 
         self.path, self.plan = path, gguf_tensors(path)
         self.last: tuple[str, torch.Tensor] | None = None
 
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
-        from ..models.gguf_file import read_gguf_tensor
+        from ..models.gguf_weights import read_gguf_tensor
 
         name, first = self._rows(spec)
         if self.last is None or self.last[0] != name:
@@ -142,7 +142,7 @@ class GGUFSource(WeightSource):
         dimension: the file's codes, scales and minima, with no second rounding (Q4_K's scales and minima to
         fp16); None for other types, which are compressed from their values. A range of a fused matrix's rows
         (Phi-3's) is that range of its groups: each row's groups are its own."""
-        from ..models.gguf_file import read_gguf_groups
+        from ..models.gguf_weights import read_gguf_groups
 
         name, first = self._rows(spec)
         if compression != STORED_GROUPS or name not in self.plan:
