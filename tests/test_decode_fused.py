@@ -252,9 +252,9 @@ def test_a_batch_with_finished_rows_computes_those_left(tiny_models, few_rows_ke
 
 
 def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
-    """cost_model.fused_decode asks fused_wins with the same products (dense and 4-bit)."""
-    from flexgen_lite.planning.cost_model import fused_decode
+    """products_cost.fused_decode asks fused_wins with the same products (dense and 4-bit)."""
     from flexgen_lite.planning.layout import Setup, Workload
+    from flexgen_lite.planning.products_cost import fused_decode
 
     for policy in (P(), P(dtype="bfloat16", compress_weight=True), P(gbs=8, nb=1)):
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy) as m:

@@ -17,8 +17,9 @@ from flexgen_lite.models import layers as L
 from flexgen_lite.models.config import ModelError, config_from_dict
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
-from flexgen_lite.planning.cost_model import _compute, graph_decode, predict
+from flexgen_lite.planning.cost_model import _compute, predict
 from flexgen_lite.planning.layout import Setup, Workload
+from flexgen_lite.planning.products_cost import graph_decode
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, synthetic_profile
 from .test_link_paths import check_gpu_memory_plan

@@ -234,7 +234,7 @@ def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, h
         if hw is not None and setup is None:
             seconds += times * hw.matmul_time(dtype, m, k, n)
     if setup is not None:
-        from ..planning.cost_model import products_time
+        from ..planning.products_cost import products_time
 
         batch_rows = max(rows, 1) // batches
         for kind, times, m in (("attention", c.num_layers, batch_rows * tokens), ("mlp", c.num_layers,

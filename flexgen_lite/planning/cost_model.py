@@ -6,8 +6,8 @@ each GPU batch while the next batch's cache loads. So a step is the first fetch,
 max(I/O waited on while j computes, compute of j) with overlap (their sum without); on a CPU-only machine
 memory copies, dequantization and page-cache reads run on the same cores as compute, so they count with
 compute there, and only cold disk reads overlap. Decode is costed at the mean context, prompt + gen/2.
-Compressed weights stored for the CPU's int4 kernel cost what kernels/int4_cost.py says (kernel or dequantization
-and dense matmul, whichever is faster per batch, as the engine chooses).
+What the matrix products cost (dense, the CPU's int4 kernel as kernels/int4_cost.py chooses, a GPU's 4-bit codes,
+fused C layers, CUDA graphs): products_cost.py.
 
 Each cost is affine in the placement fractions for a fixed "regime" (is all cache attended in place?):
 `policy_search` reads the LP's coefficients off `phase_times` by evaluating it at unit placements, and
@@ -22,19 +22,23 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from ..engine.block import MIN_SHARED
-from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
-from ..engine.decode_graph import every_expert_wins, graphs_wanted
 from ..engine.policy import Policy
-from ..engine.weights import DECODER_KINDS, in_8_bits
-from ..kernels import int4_gemv_triton
-from ..kernels.int4_cost import int4_cost
-from ..kernels.int4_matmul import layout_fits
-from ..kernels.int8_weight import GEMV_ROWS, int8_nbytes
+from ..engine.weights import DECODER_KINDS
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec, matmuls
-from ..system.hardware import HardwareProfile, interpolated_time
+from ..system.hardware import HardwareProfile
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
+from .products_cost import (
+    codes_kept,
+    codes_share,
+    codes_win,
+    expert_rows,
+    fused_decode,
+    graph_decode,
+    kernel_weight,
+    products_time,
+)
 
 OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
 
@@ -108,7 +112,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
     kept = decode and codes_kept(s, s.gbs)
-    wins: dict[tuple, bool] = {}  # _codes_win by product: a mixture's experts are alike
+    wins: dict[tuple, bool] = {}  # codes_win by product: a mixture's experts are alike
     alike: Counter = Counter()
     for spec in layer.weights:
         if layer.kind == "head" and spec.hf_name in s.tied:
@@ -119,7 +123,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
         if kept and dequantized:
             product = (expert_rows(s.gbs, spec.share), spec.shape[1], spec.shape[0])
             if product not in wins:
-                wins[product] = _codes_win(s, *product)
+                wins[product] = codes_win(s, *product)
             codes = wins[product]
         values = math.prod(spec.shape) * ((c + d) if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1
@@ -196,20 +200,6 @@ def shared_positions(s: Setup) -> int:
     return shared if s.policy.share_prefix and shared >= MIN_SHARED else 0
 
 
-def _dense_time(s: Setup, kind: str, rows: int, k: int, n: int) -> float:
-    """A product by a weight in the compute dtype; the head in 8 bits (int8_weight) reads half (bf16) or a quarter
-    (fp32) of the bytes where its C kernel runs (a read of the weight: a few rows), and is dequantized by tiles
-    and multiplied dense otherwise."""
-    hw = s.hw
-    seconds = hw.matmul_time(s.dname, rows, k, n)
-    head = next((w for w in s.kinds[kind].weights if w.name == "lm_head"), None) if kind == "head" else None
-    if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, s.cpu_rows):
-        return seconds
-    if rows <= GEMV_ROWS:
-        return seconds * int8_nbytes((n, k)) / (n * k * s.e)
-    return seconds + n * k / hw.dequantize[s.dname]
-
-
 def _prefill_compute(s: Setup, kind: str) -> Seg:
     """A prefill's layer math: every prompt position of every row, or with a shared prefix (Workload.shared_len,
     Engine._prefix_through) the prefix once as one row, then each row's rest attending to the whole prompt."""
@@ -217,103 +207,6 @@ def _prefill_compute(s: Setup, kind: str) -> Seg:
     if not shared or kind == "head":
         return _compute(s, kind, t)
     return _compute(s, kind, shared, batch=(1, 1)) + _compute(s, kind, t - shared, keys=t)
-
-
-def fused_decode(s: Setup) -> bool:
-    """Whether the engine runs this policy's decode steps' layers in one C call (engine/decode_fused.py): on a
-    CPU, a Llama-family model, everything in memory (weights dense, or 4-bit for the int4 kernel), and the
-    profile finding it faster than the eager schedule (`fused_wins`, as the engine decides)."""
-    p = s.policy
-    resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
-    if (s.cuda or not resident or s.ccomp is not None or p.attn_sparsity != 1 or not fused_wanted()
-            or not config_fits(s.config)):
-        return False
-    products = []
-    for kind in ("attention", "mlp"):
-        for k, n, _ in matmuls(s.kinds[kind]):
-            int4 = s.wcomp is not None and kernel_weight(s, kind, (n, k))
-            if s.wcomp is not None and not int4:  # dequantized every step: not in memory as the kernels take it
-                return False
-            products.append((n, k, int4))
-    return fused_wins(s.hw, s.config.family, s.dtype, s.gbs, s.nb, products)
-
-
-def graph_decode(s: Setup) -> bool:
-    """Whether the engine runs this policy's decode steps as CUDA graphs (engine/decode_graph.py): on CUDA, with
-    everything resident and uncompressed in compute memory, attention on the GPU over the whole cache, a MoE's
-    experts each over every row where that wins."""
-    p = s.policy
-    resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
-    return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
-            and p.attn_sparsity == 1 and not p.cpu_cache_compute
-            and every_expert_wins(s.hw, s.config, s.dname, s.gbs))
-
-
-def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
-    """Whether the engine stores a weight of `shape` in a layer of `kind` for the kernel (place_tensor's
-    rule: a compressed decoder matrix the layout fits, a bf16/fp16 compute dtype, a CPU), and the profile has
-    the kernel's rates in that dtype."""
-    return (not s.cuda and kind in DECODER_KINDS and s.dname != "float32" and layout_fits(shape, s.wcomp)
-            and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
-
-
-def expert_rows(rows: int, share: float) -> int:
-    """The rows a weight multiplies of a layer's `rows`: a routed expert's top-k / experts of them, evenly spread."""
-    return rows if share == 1 else max(1, math.ceil(rows * share))
-
-
-def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: float = 0.0) -> tuple[float, float]:
-    """(matmul seconds, dequantization seconds) of `nb` GPU batches' products in a layer of `kind`, `rows` rows
-    each: dense weights at the profile's matmul rate (`_dense_time`); weights stored for the CPU's int4 kernel
-    multiplied as stored, by tiles, or dequantized once in the compute thread and multiplied dense, as
-    int4_path chooses (int4_cost); the `codes` share of a GPU's 4-bit matrices kept as codes (codes_kept) by the
-    kernel where it wins (`_codes_win`). linears: `matmuls` of the layer's weights (a CUDA graph's: every
-    expert)."""
-    matmul, dequantize = 0.0, 0.0
-    compressed = {(spec.shape[1], spec.shape[0]) for spec in s.kinds[kind].weights if s.compressed(spec)} \
-        if codes else set()  # read only where a step keeps codes: not on every plan the search prices
-    for (k, n, share), count in Counter(matmuls(s.kinds[kind]) if linears is None else linears).items():
-        m = expert_rows(rows, share)
-        if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
-            cost = int4_cost(s.hw, s.dname, m, nb, k, n)
-            matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
-        elif codes and (k, n) in compressed and _codes_win(s, m, k, n):
-            dense = _dense_time(s, kind, m, k, n)
-            kernel = interpolated_time(s.hw.int4_gemv[s.dname], m, k, n)
-            matmul += count * nb * (codes * kernel + (1 - codes) * dense)
-        else:
-            matmul += count * nb * _dense_time(s, kind, m, k, n)
-    return matmul, dequantize
-
-
-def codes_kept(s: Setup, rows: int) -> bool:
-    """Whether a decode step of `rows` rows keeps the GPU's 4-bit decoder matrices as codes (WeightSlots: each
-    product by Triton's kernel where it measured faster than its slot, `_codes_win`), where the plan counts on it
-    (int4_gemv_triton.planned)."""
-    return (s.cuda and s.wcomp is not None and rows <= int4_gemv_triton.GEMV_ROWS
-            and int4_gemv_triton.layout_fits(s.wcomp, s.dtype) and int4_gemv_triton.planned())
-
-
-def codes_share(s: Setup, lay: Layout, kind: str) -> float:
-    """The share (by bytes) of a decoder layer's 4-bit matrices in GPU memory, which a decode step keeping codes
-    multiplies as stored or dequantizes in the compute stream (codes_kept); 0 where it does not keep them."""
-    if kind not in DECODER_KINDS or s.config.num_layers <= 2 or not codes_kept(s, s.gbs):
-        return 0.0  # a model of two layers or fewer keeps each one's matrices dequantized in its own slots
-    specs = [spec for spec in s.kinds[kind].weights if s.compressed(spec)]
-    total = sum(s.tensor_bytes(spec) for spec in specs)
-    return sum(lay.weight(kind, spec)[0] * s.tensor_bytes(spec) for spec in specs) / total if total else 0.0
-
-
-def _codes_win(s: Setup, rows: int, k: int, n: int) -> bool:
-    """Whether a GPU's product of `rows` rows by a 4-bit matrix (n, k) kept as codes runs the kernel: its measured
-    time (hw.int4_gemv) under the slot's dequantization and dense product one after the other, as the engine
-    measures the two (int4_gemv_triton.CodesMatrix); the slot wins where it is not measured, and the matrix is then
-    dequantized beside compute as before (WeightSlots)."""
-    points = (s.hw.int4_gemv or {}).get(s.dname)
-    if not points or rows > points[-1][0]:
-        return False
-    slot = s.hw.matmul_time(s.dname, rows, k, n) + n * k / s.hw.dequantize[s.dname]
-    return interpolated_time(points, rows, k, n) < slot
 
 
 def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:

@@ -84,7 +84,7 @@ class HardwareProfile:
     attention_shared: dict[str, float] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied as stored for a few rows: on a CPU by the C
     # kernel (native.int4_gemv; int4_matmul then holds torch's kernel alone), on a GPU by Triton's
-    # (int4_gemv_triton, a decode step's products: cost_model._codes_win); {} without it
+    # (int4_gemv_triton, a decode step's products: products_cost.codes_win); {} without it
     int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of dense weights multiplied by the C kernel for a few rows
     # (native.dense_gemv, CPU); {} without it (CUDA, no compiler)
