@@ -214,7 +214,7 @@ def write_tiny_checkpoint(name: str, folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from flexgen_lite.models.config import config_from_dict
+    from flexgen_lite.models.hf_config import config_from_dict
     from flexgen_lite.models.specs import layer_specs
 
     path = folder / name

@@ -11,7 +11,8 @@ from pathlib import Path
 from .engine.policy import Policy
 from .engine.weights import STORED_GROUPS, CheckpointSource, DummySource, GGUFSource, WeightSource
 from .models.checkpoint import Checkpoint
-from .models.config import ModelConfig, ModelError, config_from_dict, load_config
+from .models.config import ModelConfig, ModelError
+from .models.hf_config import config_from_dict, load_config
 from .models.presets import find_preset, preset_config, preset_names
 from .planning.policy_search import AutoPolicy, for_source
 

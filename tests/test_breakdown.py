@@ -17,7 +17,7 @@ from flexgen_lite.cli.main import main
 from flexgen_lite.engine.trace import COMPUTE_LANE, NULL, Recorder
 from flexgen_lite.engine.weights import weight_bytes
 from flexgen_lite.kernels import attention
-from flexgen_lite.models.config import load_config
+from flexgen_lite.models.hf_config import load_config
 
 from .conftest import PROMPTS
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from flexgen_lite.engine.policy import Policy
-from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.hf_config import config_from_dict
 from flexgen_lite.planning.cost_model import predict
 from flexgen_lite.planning.layout import Workload
 

@@ -15,7 +15,7 @@ import torch
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import elementwise, native
 from flexgen_lite.models import layers as L
-from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import PROMPTS
 from .test_parity import P

@@ -14,7 +14,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, ModelError, OffloadError, Policy, PolicyError, SamplingConfig
 from flexgen_lite.engine.storage import DiskStore
-from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.hf_config import config_from_dict
 from flexgen_lite.planning import budgets as budgets_module
 
 from .conftest import PROMPTS

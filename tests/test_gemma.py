@@ -10,7 +10,8 @@ import torch
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.engine import decode_fused
 from flexgen_lite.kernels import attention
-from flexgen_lite.models.config import ModelError, config_from_dict
+from flexgen_lite.models.config import ModelError
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy, make_checkpoint, on_device
 from .test_parity import LOGITS_ATOL, POLICIES, check_against_reference

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
-from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import PROMPTS, VOCAB, _randomize, _word_tokenizer, hf_greedy, on_device
 from .test_parity import LOGITS_ATOL, POLICIES

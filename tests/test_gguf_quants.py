@@ -18,11 +18,11 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.models import gguf_reader
-from flexgen_lite.models.config import config_from_dict
 from flexgen_lite.models.gguf_file import read_gguf_config
 from flexgen_lite.models.gguf_quants import DEQUANTIZE, q4_k_groups
 from flexgen_lite.models.gguf_reader import GGUFContents, dequantize
 from flexgen_lite.models.gguf_weights import SUPPORTED_TENSOR_TYPES, quantized_types
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import hf_greedy, transformers_gguf_model
 

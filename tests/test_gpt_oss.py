@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
-from flexgen_lite.models.config import ModelError, config_from_dict
+from flexgen_lite.models.config import ModelError
+from flexgen_lite.models.hf_config import config_from_dict
 from flexgen_lite.models.mxfp4 import dequantize_mxfp4
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy, make_checkpoint, on_device

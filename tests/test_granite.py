@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from flexgen_lite.engine import decode_fused
-from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import FAMILY_CONFIGS
 from .test_parity import POLICIES, check_against_reference

@@ -14,7 +14,8 @@ from flexgen_lite.cli.breakdown import step_flops
 from flexgen_lite.engine import decode_fused
 from flexgen_lite.engine.decode_graph import EVERY_EXPERT_ROWS, every_expert_wins
 from flexgen_lite.models import layers as L
-from flexgen_lite.models.config import ModelError, config_from_dict
+from flexgen_lite.models.config import ModelError
+from flexgen_lite.models.hf_config import config_from_dict
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.planning.cost_model import _compute, predict

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
-from flexgen_lite.models.config import ModelError, config_from_dict
+from flexgen_lite.models.config import ModelError
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy, make_checkpoint
 from .test_parity import POLICIES, check_against_reference

@@ -9,7 +9,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.engine import decode_fused
-from flexgen_lite.models.config import config_from_dict
+from flexgen_lite.models.hf_config import config_from_dict
 
 from .conftest import FAMILY_CONFIGS, PROMPTS, hf_greedy, make_checkpoint, on_device
 from .test_decode_fused import P as fused_policy

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .config import ModelConfig, ModelError, config_from_dict
+from .config import ModelConfig, ModelError
+from .hf_config import config_from_dict
 
 # name: (hidden, layers, heads, ffn)
 _OPT = {

@@ -30,7 +30,7 @@ from ..engine.storage import DiskStore, MemoryLedger, Staging
 from ..engine.weights import DummySource, place_weights
 from ..kernels.compression import CompressionConfig
 from ..kernels.sampling import SamplingConfig
-from ..models.config import config_from_dict
+from ..models.hf_config import config_from_dict
 from ..models.specs import layer_specs
 from ..planning.cost_model import predict
 from ..planning.dtype_choice import compute_dtype
