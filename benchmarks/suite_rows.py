@@ -240,16 +240,17 @@ FAST_STATS = {"tile_tensors": 0, "code_tensors": 0, "code_bytes": 0}
 
 
 def fast_dummy_weights() -> None:
-    """Patch flexgen_lite.engine.weights: matrices from one random tile, 4-bit matrices from one byte tile (see the
-    module docstring); 1-D tensors as the bench makes them. Where the engine's placement changes so that the
-    4-bit hook is not reached, weights are quantized as before (slower, same result)."""
+    """Patch flexgen_lite.engine.weights (and weight_sources.DummySource): matrices from one random tile, 4-bit
+    matrices from one byte tile (see the module docstring); 1-D tensors as the bench makes them. Where the engine's
+    placement changes so that the 4-bit hook is not reached, weights are quantized as before (slower, same
+    result)."""
     import torch
 
-    from flexgen_lite.engine import weights
+    from flexgen_lite.engine import weight_sources, weights
     from flexgen_lite.kernels import compression
 
     tile = torch.empty(1 << 24).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    exact, place, quantize, to_bytes = (weights.DummySource.read, weights.place_tensor, weights.quantize,
+    exact, place, quantize, to_bytes = (weight_sources.DummySource.read, weights.place_tensor, weights.quantize,
                                         weights.to_bytes)
     place_sig = inspect.signature(place)
 
@@ -296,7 +297,7 @@ def fast_dummy_weights() -> None:
         flat = getattr(q, "suite_flat", None)
         return flat if flat is not None else to_bytes(q)
 
-    weights.DummySource.read = read
+    weight_sources.DummySource.read = read
     weights.place_tensor = place_tensor
     weights.quantize = fast_quantize
     weights.to_bytes = fast_to_bytes

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .engine.policy import Policy
-from .engine.weights import STORED_GROUPS, CheckpointSource, DummySource, GGUFSource, WeightSource
+from .engine.weight_sources import STORED_GROUPS, CheckpointSource, DummySource, GGUFSource, WeightSource
 from .models.checkpoint import Checkpoint
 from .models.config import ModelConfig, ModelError
 from .models.hf_config import config_from_dict, load_config
@@ -66,7 +66,7 @@ def ends_notice(model: str) -> str:
 
 def stored_groups(model: str) -> bool:
     """Whether the model is a GGUF whose decoder matrices are all Q4_0/Q4_1: 4-bit groups of 32 that compressed
-    weights keep as they are (weights.STORED_GROUPS)."""
+    weights keep as they are (weight_sources.STORED_GROUPS)."""
     if Path(model).suffix != ".gguf":
         return False
     from .models.gguf_weights import decoder_groups_of_32

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig, default_model_path
-from flexgen_lite.engine.weights import STORED_GROUPS
+from flexgen_lite.engine.weight_sources import STORED_GROUPS
 from flexgen_lite.kernels.compression import dequantize
 from flexgen_lite.model_source import compression_notice, for_model, kept_as_stored
 from flexgen_lite.models.gguf_weights import gguf_tensors, read_gguf_tensor

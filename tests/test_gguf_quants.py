@@ -196,7 +196,7 @@ def test_compressed_q4_k_m_keeps_the_q4_k_groups(tmp_path: Path):
     """--compress-weight on a Q4_K_M-style file: groups of 32, the Q4_K matrices as the file stores them and its
     Q6_K ones rounded to 4 bits (closer to the uncompressed model's logits than all of them rounded into groups
     of 64); the notice says which matrices were kept and which were rounded."""
-    from flexgen_lite.engine.weights import STORED_GROUPS
+    from flexgen_lite.engine.weight_sources import STORED_GROUPS
     from flexgen_lite.model_source import compression_notice, for_model, kept_groups
 
     path = tmp_path / "tiny-q4km.gguf"
@@ -299,7 +299,7 @@ def test_loading_a_k_quant_file_keeps_peak_rss_under_the_cpu_budget(tmp_path: Pa
 
 
 def test_the_source_holds_a_dequantized_tensor_only_until_its_last_rows_are_read(tmp_path: Path):
-    from flexgen_lite.engine.weights import GGUFSource
+    from flexgen_lite.engine.weight_sources import GGUFSource
     from flexgen_lite.model_source import model_config
     from flexgen_lite.models.gguf_weights import read_gguf_tensor
     from flexgen_lite.models.specs import layer_specs

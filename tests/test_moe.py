@@ -284,7 +284,7 @@ def test_a_q4_0_moe_file_keeps_each_experts_groups(tiny_models, tmp_path, family
     types."""
     import gguf
 
-    from flexgen_lite.engine.weights import STORED_GROUPS, GGUFSource
+    from flexgen_lite.engine.weight_sources import STORED_GROUPS, GGUFSource
     from flexgen_lite.kernels.compression import dequantize
     from flexgen_lite.models.gguf_file import read_gguf_config
     from flexgen_lite.models.gguf_weights import decoder_matrix_types

@@ -192,7 +192,7 @@ def test_a_q4_0_phi3_file_keeps_its_groups_for_each_part_of_a_fused_matrix(tiny_
     groups of the fused matrix, which dequantize to the file's values."""
     import gguf
 
-    from flexgen_lite.engine.weights import STORED_GROUPS, GGUFSource
+    from flexgen_lite.engine.weight_sources import STORED_GROUPS, GGUFSource
     from flexgen_lite.kernels.compression import dequantize
     from flexgen_lite.models.gguf_file import read_gguf_config
     from flexgen_lite.models.specs import layer_specs

@@ -27,7 +27,8 @@ from ..engine.block_schedule import Engine
 from ..engine.kv_cache import CacheSlots, KVCache
 from ..engine.policy import DTYPES, Policy
 from ..engine.storage import DiskStore, MemoryLedger, Staging
-from ..engine.weights import DummySource, place_weights
+from ..engine.weight_sources import DummySource
+from ..engine.weights import place_weights
 from ..kernels.compression import CompressionConfig
 from ..kernels.sampling import SamplingConfig
 from ..models.hf_config import config_from_dict
