@@ -17,7 +17,7 @@ from .trace import ATTENTION, COMPUTE_LANE, CPU_ATTENTION
 
 class DecodeAttention:
     """Engine's methods for decode attention (block_schedule.py holds the state they use: config, policy, device,
-    trace, acts, cpu_worker, _worker_tasks, _kernels, _sinks_on_host, _store_cache)."""
+    trace, acts, cpu_worker, _worker_tasks, _kernels, _sinks_on_host; _store_cache is transfers.py's)."""
 
     def _decode_attention(self, layer: int, b: int, views, q, k, v, inputs, start: int, sinks=None) -> torch.Tensor:
         """Attention of one new token per active row, part by part, each where its cache view is (sinks: the
