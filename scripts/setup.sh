@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
-# a venv already set up from these same files has nothing to install: skip pip's ~12 s of checking so
-# (rm .venv/.setup-stamp to install again)
+# a venv already set up from these same files has nothing to install: return at once rather than spend pip's
+# ~12 s checking it (rm .venv/.setup-stamp to install again)
 stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 done_msg() { .venv/bin/python -c "import torch, flexgen_lite; from flexgen_lite.models.gguf_file import default_model_path
 default_model_path(); print('flexgen-lite', flexgen_lite.__version__, 'torch', torch.__version__)"; }
