@@ -78,6 +78,32 @@ static inline float dot_q4(const float *qf, const float *qsum, const uint8_t *c,
     return _mm512_reduce_add_ps(acc) + shift;
 }
 
+#ifdef __AVX512BF16__
+/* dot_q4 for a bf16 attention, whose q is exact in bf16 (qb: its row as given): each byte's two codes as a bf16
+   pair (128 + low, 128 + high), exact (gemv.c's code_pairs), times q's pairs by the CPU's bf16 dot instruction
+   (exact products, fp32 sums: 4 instructions a 32 values where rebuilding them in fp32 takes 13); the 128s come
+   off with the minima: scale * (dot - 128 qsum) + minimum * qsum a group. */
+static inline float dot_q4_bf16(const uint16_t *qb, const float *qsum, const uint8_t *c, const _Float16 *scale,
+                                const _Float16 *minimum, int64_t dim) {
+    /* a byte b in a 32-bit lane: its low nibble kept at bits 0-3, its high one taken from b << 12 to bits 16-19 */
+    const __m512i own = _mm512_set1_epi32((int)0xFFF0FF0Fu), bias = _mm512_set1_epi32(0x43004300);
+    __m512 acc = _mm512_setzero_ps();
+    float shift = 0;
+    for (int64_t g = 0; g < dim / 64; g++) {
+        __m512 part = _mm512_setzero_ps();
+        for (int h = 0; h < 2; h++) {
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * g + 16 * h)));
+            __m512i pairs = _mm512_or_si512(_mm512_ternarylogic_epi32(own, b, _mm512_slli_epi32(b, 12), 0xCA), bias);
+            part = _mm512_dpbf16_ps(part, (__m512bh)pairs, (__m512bh)_mm512_loadu_si512(qb + 64 * g + 32 * h));
+        }
+        float sg = (float)scale[g];
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(part, _mm512_set1_ps(sg)));
+        shift += ((float)minimum[g] - 128.0f * sg) * qsum[g];
+    }
+    return _mm512_reduce_add_ps(acc) + shift;
+}
+#endif
+
 static inline void axpy_q4(float *out, float *extra, float p, const uint8_t *c, const _Float16 *scale,
                            const _Float16 *minimum, int64_t dim) {
     __m512 x[4];
@@ -169,15 +195,22 @@ static inline void position_row(const uint8_t *codes, const _Float16 *sc, const 
 
 /* The scores of one kv head's `group` query heads (qf, ds apart) at one position, into s (sl apart): from its
    codes, or (codes NULL) from the new token's dense row `dense`. */
-static inline void head_scores(const float *qf, const float *qsum, int64_t ds, int64_t group, const uint8_t *codes,
-                               const _Float16 *sc, const _Float16 *mn, const void *dense, int64_t dim, int64_t gs,
-                               int kind, float scale, float *row, float *s, int64_t sl) {
+static inline void head_scores(const float *qf, const uint16_t *qb, const float *qsum, int64_t ds, int64_t group,
+                               const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
+                               int64_t dim, int64_t gs, int kind, float scale, float *row, float *s, int64_t sl) {
 #ifdef __AVX512BW__
     if (codes && lone_head(group, gs, dim)) {  /* straight from the codes: no row to share */
+#ifdef __AVX512BF16__
+        if (qb) {
+            s[0] = dot_q4_bf16(qb, qsum, codes, sc, mn, dim) * scale;
+            return;
+        }
+#endif
         s[0] = dot_q4(qf, qsum, codes, sc, mn, dim) * scale;
         return;
     }
 #endif
+    (void)qb;
     position_row(codes, sc, mn, dense, dim, gs, kind, row);
     for (int64_t j = 0; j < group; j++) s[j * sl] = dot_f32(qf + j * ds, row, dim) * scale;
 }
@@ -273,6 +306,34 @@ static inline void tiled_head(int values, const float *qf, float *acc, int64_t j
 }
 #endif
 
+/* exp(s[l] - top) into s[l] for the n scores (0 for -inf: a position not seen; all 0 where none is), their sum: 16
+   at a time by exp16 where the CPU has AVX-512, as attention.c's softmax (a scalar expf per position was half of
+   this kernel's time at 1024 positions) */
+static float softmax_weights(float *s, int64_t n) {
+    float top = -INFINITY, total = 0;
+    for (int64_t l = 0; l < n; l++) top = s[l] > top ? s[l] : top;
+    if (top == -INFINITY) {
+        memset(s, 0, sizeof(float) * n);
+        return 0.0f;
+    }
+    int64_t l = 0;
+#ifdef __AVX512F__
+    __m512 sum = _mm512_setzero_ps(), t = _mm512_set1_ps(top), none = _mm512_set1_ps(-INFINITY);
+    for (; l + 16 <= n; l += 16) {
+        __m512 x = _mm512_loadu_ps(s + l);
+        __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, t)));
+        _mm512_storeu_ps(s + l, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; l < n; l++) {
+        s[l] = expf(s[l] - top);  /* 0 for -inf */
+        total += s[l];
+    }
+    return total;
+}
+
 /* Items [begin, end) of (batch row, block of `block` kv heads): in a position-major cache one position's rows of
    the block's heads are adjacent, read together (block 1 where heads are apart). q (B, heads, d) and out by (b, h)
    strides in elements; codes (rows, kv_heads, length, bytes) by (row, head, position) strides in bytes, scales
@@ -313,6 +374,12 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                 extra[j * ngs + g] = 0;
             }
         }
+        const uint16_t *qbs[64], *const *qb = NULL;  /* a bf16 attention's lone heads: q's rows as given */
+        if (kind == KIND_BF16 && group == 1 && nq <= 64) {
+            for (int64_t j = 0; j < nq; j++)
+                qbs[j] = (const uint16_t *)((const char *)q + (b * q_strides[0] + (h0 + j) * q_strides[1]) * item);
+            qb = qbs;
+        }
         const uint8_t *m = mask + b * mask_stride;
         int64_t span = (kh1 - kh0) * code_strides[1], stat_span = (kh1 - kh0) * stat_strides[1] * 2;
         int own = k_new && skip >= 0 && skip < length && m[skip];
@@ -334,28 +401,20 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                 if (!seen) {
                     for (int64_t g = 0; g < group; g++) scores[(j + g) * sl + l] = -INFINITY;
                 } else if (l < length) {
-                    head_scores(qf + j * ds, qsum + j * ngs, ds, group,
+                    head_scores(qf + j * ds, qb ? qb[kh - kh0] : NULL, qsum + j * ngs, ds, group,
                                 k_codes + c0 + kh * code_strides[1] + l * code_strides[2], k_scale + at, k_min + at,
                                 NULL, dim, gs, kind, scale, row, scores + j * sl + l, sl);
                 } else {
                     const char *dense = (const char *)k_new + (b * new_strides[0] + kh * new_strides[1]) * item;
-                    head_scores(qf + j * ds, NULL, ds, group, NULL, NULL, NULL, dense, dim, gs, kind, scale, row,
-                                scores + j * sl + l, sl);
+                    head_scores(qf + j * ds, NULL, NULL, ds, group, NULL, NULL, NULL, dense, dim, gs, kind, scale,
+                                row, scores + j * sl + l, sl);
                 }
             }
         }
         for (int64_t l = 0; l < length && tiled; l++)  /* the tiles scored every position */
             if (l == skip || !m[l])
                 for (int64_t j = 0; j < nq; j++) scores[j * sl + l] = -INFINITY;
-        for (int64_t j = 0; j < nq; j++) {
-            float *s = scores + j * sl, top = -INFINITY, sum = 0;
-            for (int64_t l = 0; l <= length; l++) top = s[l] > top ? s[l] : top;
-            for (int64_t l = 0; l <= length; l++) {
-                s[l] = top == -INFINITY ? 0.0f : expf(s[l] - top);
-                sum += s[l];
-            }
-            total[j] = sum;
-        }
+        for (int64_t j = 0; j < nq; j++) total[j] = softmax_weights(scores + j * sl, length + 1);
         memset(acc, 0, sizeof(float) * nq * ds);
 #ifdef __AVX512BW__
         for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
