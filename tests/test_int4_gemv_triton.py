@@ -204,6 +204,9 @@ def test_the_cost_model_prices_a_decode_step_keeping_codes(monkeypatch):
 
 
 @needs_triton
+# the probe in Triton's interpreter: on a GPU the suite's profile step measures it on the device (there,
+# TRITON_INTERPRET set mid-process found no kernel: 2026-12-06, H100)
+@pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="the interpreter's probe test")
 def test_the_profile_measures_the_gpu_kernel(monkeypatch):
     """The profile's probe of a GPU's kernel (here in the interpreter): points per row count, read back by
     interpolated_time as the cost model reads them."""

@@ -204,6 +204,9 @@ def test_the_cost_model_reads_a_gpu_part_as_stored(monkeypatch):
 
 
 @needs_triton
+# the probe in Triton's interpreter: on a GPU the suite's profile step measures it on the device (there,
+# TRITON_INTERPRET set mid-process found no kernel: 2026-12-06, H100)
+@pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="the interpreter's probe test")
 def test_the_profile_measures_the_gpu_kernel_and_keeps_it(monkeypatch):
     """The profile's probe of a GPU's kernel (run here in the interpreter, as a GPU would run it compiled): a rate
     per compute dtype (fp16 here) and group, kept through the profile's JSON and read back by the cost model."""
