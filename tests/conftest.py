@@ -183,11 +183,29 @@ def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides):
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **reference_attention(model_type)).eval()
+    _follow_config(model)
     _randomize(model, seed)
     model.save_pretrained(str(path))
     _word_tokenizer(path)
     return model
+
+
+def reference_attention(model_type: str) -> dict:
+    """transformers' eager attention where its SDPA would drop a score cap: Gemma-2's soft caps need it (transformers
+    5.17, the GPU image's, made SDPA Gemma-2's default and ran it uncapped; 5.25 refuses SDPA for Gemma-2)."""
+    return {"attn_implementation": "eager"} if model_type == "gemma2" else {}
+
+
+def _follow_config(model) -> None:
+    """gpt-oss's experts with the checkpoint's GLU clamp and slope: transformers up to 5.17 fixed them at 7.0 and
+    1.702 whatever the config said (later versions read them), and these tests clamp at 2.0 so the clamp bites."""
+    config = model.config
+    if config.model_type != "gpt_oss":
+        return
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.limit, experts.alpha = config.swiglu_limit, getattr(config, "swiglu_alpha", experts.alpha)
 
 
 def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
@@ -206,15 +224,9 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> tuple[list[li
     return ids, logits
 
 
-CPU_REFERENCE = ("gemma2", "gpt_oss")  # transformers' CUDA paths for these are not its fp32 eager on a CPU
-
-
 def on_device(model, device: str):
-    """`model` itself on the CPU, else a copy of it on `device` (the session's models stay on the CPU). Gemma-2 and
-    gpt-oss stay on the CPU: on an H100 (2026-12-05) transformers' own CUDA run of them gave other tokens than its
-    CPU run of the same fp32 weights, from the first token (Gemma-2) or the second (gpt-oss's grouped experts),
-    while ours on CUDA gave the CPU's."""
-    if device == "cpu" or model.config.model_type in CPU_REFERENCE:
+    """`model` itself on the CPU, else a copy of it on `device` (the session's models stay on the CPU)."""
+    if device == "cpu":
         return model
     return copy.deepcopy(model).to(device)
 

@@ -154,13 +154,15 @@ def test_llamas_sliding_window_is_not_read():
 @pytest.mark.parametrize("name", ["all-gpu", "cpu-attention-cache-split"])
 def test_decode_reads_only_each_layers_window(windowed, name):
     """A decode step's attention reads each windowed layer's last `window` positions, not the whole cache: the
-    bytes its spans record (--breakdown's) are the window's, where the window is shorter than the context."""
+    bytes its spans record (--breakdown's) are the window's, where the window is shorter than the context. The
+    layer-by-layer step, whose spans these are (on CUDA, not the graph's replay of a whole step)."""
     from flexgen_lite.engine.trace import Recorder
 
     path, _, (want_ids, _) = windowed["qwen2"]  # layer 0 full, layer 1 a window of 5
     recorder = Recorder()
     prompts = [p for p in PROMPTS if len(p) == 10][:1] * 2  # two rows, no padding: every position real
     with FlexGenLite(str(path), policy=POLICIES[name], trace=recorder) as m:
+        m.engine.static_decode = False
         ids = m.generate_ids(prompts, SamplingConfig(max_new_tokens=6, stop_at_eos=False))
         per_position = 2 * m.config.num_kv_heads * m.config.head_dim * m.engine.cache.dtype.itemsize  # k and v
     assert ids[0] == want_ids[PROMPTS.index(prompts[0])][:6]
