@@ -14,7 +14,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.engine import decode_fused
-from flexgen_lite.kernels import decode_layers, native
+from flexgen_lite.kernels import decode_layers
 
 from .conftest import PROMPTS, forget_profile, make_checkpoint, other_native_build, set_profile, synthetic_profile
 from .test_parity import LOGITS_ATOL
@@ -30,11 +30,7 @@ EIGHT = [*PROMPTS, [2, 5, 6]]  # two blocks of 2 x 2 rows, no filler row
 @pytest.fixture
 def few_rows_kernels(tmp_path, monkeypatch):
     """A profile in which the C kernels multiply up to 4 rows faster than torch (dense and 4-bit), as this VM's
-    own profile has them: the eager path runs them, and the fused step may. Its teams as where torch's OpenMP is the
-    only one loaded: transformers 5.17 (the GPU image's) imports scikit-learn, whose own libgomp makes team_threads()
-    decline them (a guard for speed, not for values)."""
-    if native.library() is not None and native._uses_openmp():
-        monkeypatch.setattr(native, "team_threads", native.threads)
+    own profile has them: the eager path runs them, and the fused step may."""
     few = {dt: [(m, 60 * G, 0.0) for m in FEW] for dt in ("float32", "bfloat16", "float16")}
     hw = dataclasses.replace(synthetic_profile(), gemv=few, int4_gemv={"bfloat16": few["bfloat16"]},
                              int4_matmul={"bfloat16": [(1, 5 * G, 1e-5), (64, 40 * G, 1e-5)]})

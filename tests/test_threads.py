@@ -49,19 +49,40 @@ def test_bound_spin_on_a_given_environment():
 
 
 def test_the_c_kernels_run_on_torchs_own_openmp_runtime_or_none():
-    """gemv.c's teams are built with -fopenmp. Loaded beside torch they run on torch's libgomp (one runtime
-    mapped); where another runtime got mapped (a torch whose bundled libgomp has another name) no team runs at
+    """gemv.c's teams are built with -fopenmp. Loaded beside torch their OpenMP calls bind to torch's libgomp, and
+    teams run; where they bound to another runtime (a torch whose bundled libgomp has another name) no team runs at
     all: the work goes to the Python pool, and no second pool spins against torch's."""
     lib = native.library()
     if lib is None:
         return  # no compiler here: nothing built
-    maps = [line.split()[-1] for line in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines() if line.split()]
-    runtimes = {path for path in maps if "libgomp" in path or "libiomp" in path or "/libomp" in path}
-    if len(runtimes) == 1:
-        linked = subprocess.run(["ldd", next(p for p in maps if "kernels-" in p)], capture_output=True, text=True)
-        assert native.team_threads() == (native.threads() if "gomp" in linked.stdout else 0)
-    else:
-        assert native.team_threads() == 0, runtimes
+    ours = native._runtime_file(lib, "GOMP_parallel")
+    torchs = native._runtime_file(native._torch_library(), "omp_get_max_threads")
+    assert torchs is not None and "omp" in Path(torchs).name, torchs
+    assert native.team_threads() == (native.threads() if ours == torchs else 0), (ours, torchs)
+
+
+ANOTHER_RUNTIME = """
+import ctypes, json, os, shutil, sys
+from pathlib import Path
+import torch
+torchs = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line)
+copy = shutil.copy(torchs, sys.argv[1])
+ctypes.CDLL(copy)  # as scikit-learn's renamed libgomp, which transformers 5.17 imports with its tokenizers
+from flexgen_lite.kernels import native
+maps = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+print(json.dumps([len(maps), native.library() is not None and native._uses_openmp(), native.team_threads(),
+                  native.threads()]))
+"""
+
+
+def test_another_runtime_loaded_beside_torchs_leaves_the_teams(tmp_path):
+    """A second OpenMP runtime merely mapped (nothing of ours or torch's calls it) starts no pool: the teams still
+    run on torch's (they once counted runtimes, and transformers 5.17's import of scikit-learn turned them off)."""
+    out = subprocess.run([sys.executable, "-c", ANOTHER_RUNTIME, str(tmp_path / "libgomp-other.so.1")],
+                         capture_output=True, text=True, check=True)
+    runtimes, teams_built, team, threads_ = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runtimes == 2
+    assert team == (threads_ if teams_built else 0) and (team > 0) == teams_built
 
 
 # The build and its lock as library() runs them, of one small source (the whole set takes ~12 s to compile)

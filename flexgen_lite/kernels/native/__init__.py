@@ -18,7 +18,6 @@ import hashlib
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -357,24 +356,41 @@ def _int8_fits(codes: torch.Tensor, scale: torch.Tensor) -> bool:
 
 def team_threads() -> int:
     """Threads for gemv.c's teams (`threads()`), or 0 where they cannot run on torch's own OpenMP pool: the
-    library was built without OpenMP, or it loaded a second OpenMP runtime beside torch's (two pools would
-    spin against each other)."""
+    library was built without OpenMP, or its OpenMP calls bind to another runtime than torch's (two pools would
+    spin against each other). Another runtime merely loaded beside them (scikit-learn's renamed libgomp, which
+    transformers 5.17 imports) is no matter: its pool starts only if something calls it."""
     return threads() if _shares_torch_openmp() else 0
 
 
 @functools.cache
 def _shares_torch_openmp() -> bool:
-    return library() is not None and _uses_openmp() and _openmp_runtimes() == 1
+    if library() is None or not _uses_openmp():
+        return False
+    ours, torchs = _runtime_file(library(), "GOMP_parallel"), _runtime_file(_torch_library(), "omp_get_max_threads")
+    return ours is not None and ours == torchs
 
 
-def _openmp_runtimes() -> int:
-    """Distinct OpenMP runtime files mapped into this process (torch's, and any other that got loaded)."""
+def _torch_library() -> ctypes.CDLL | None:
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        maps = Path("/proc/self/maps").read_text()
+        return ctypes.CDLL(str(path))  # loaded already by `import torch`: a handle to it
     except OSError:
-        return 0
-    return len({line.split()[-1] for line in maps.splitlines()
-                if re.search(r"/lib(g|i|)omp[^/]*\.so", line.split()[-1] if line.split() else "")})
+        return None
+
+
+def _runtime_file(lib: ctypes.CDLL | None, symbol: str) -> str | None:
+    """The file whose code `symbol` resolves to from `lib` (itself or a library it needs), by the process's maps."""
+    try:
+        address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+        maps = Path("/proc/self/maps").read_text()
+    except (AttributeError, OSError, TypeError):
+        return None
+    for line in maps.splitlines():
+        fields = line.split()
+        low, high = (int(a, 16) for a in fields[0].split("-"))
+        if low <= address < high and len(fields) >= 6:
+            return fields[5]
+    return None
 
 
 @functools.cache
