@@ -75,23 +75,60 @@ def test_what_it_reads_and_what_it_leaves_to_the_slot(monkeypatch):
 @pytest.mark.parametrize("chosen", ["codes", "slot"])
 def test_on_a_gpu_the_faster_path_is_measured_and_kept(kernel_device, monkeypatch, chosen):
     """CodesMatrix on a GPU: the kernel and the slot path measured once per kind (attention.faster, rows by powers
-    of two), the faster one run; both give the slot path's values."""
+    of two, the step's products by the matrix), each as a step runs it: its 3 products by the kernel against one
+    dequantization into the slot and 3 dense products; the faster one run; both give the slot path's values."""
     from flexgen_lite.kernels import attention
 
-    kinds = []
-    monkeypatch.setattr(gemv, "by_measurement", lambda x: True)
-    monkeypatch.setattr(attention, "faster", lambda kind, calls, device: kinds.append(kind) or (
-        [call() for call in calls.values()] and chosen))
+    counts, kinds, measured = {"kernel": 0, "dequantize": 0}, [], []
+    kernel, dequant = gemv.matmul, gemv.dequantize
+
+    def counted(name, call):
+        def run(*args, **kwargs):
+            counts[name] += 1
+            return call(*args, **kwargs)
+        return run
+
+    def faster(kind, calls, device):
+        kinds.append(kind)
+        for name, call in calls.items():
+            before = dict(counts)
+            call()
+            measured.append((name, counts["kernel"] - before["kernel"], counts["dequantize"] - before["dequantize"]))
+        return chosen
+
     q = quantize(torch.randn(128, 256), CompressionConfig(4, 64, 1)).to(kernel_device)
-    weight = gemv.CodesMatrix(q, torch.empty(128, 256, device=kernel_device))
-    ran = []
-    monkeypatch.setattr(weight, "dense", lambda x, dense=weight.dense: ran.append("slot") or dense(x))
+    assert gemv.wanted(q, torch.randn(3, 256, device=kernel_device))  # its self-check run, before the counts
+    monkeypatch.setattr(gemv, "by_measurement", lambda x: True)
+    monkeypatch.setattr(gemv, "matmul", counted("kernel", kernel))
+    monkeypatch.setattr(gemv, "dequantize", counted("dequantize", dequant))
+    monkeypatch.setattr(attention, "faster", faster)
+    weight = gemv.CodesMatrix(q, torch.empty(128, 256, device=kernel_device), uses=3)
     for rows in (3, 4):
         x = torch.randn(rows, 256, device=kernel_device)
         torch.testing.assert_close(weight.matmul(x), x @ dequantize_reference(q, torch.float32, None).T,
                                    atol=1e-4, rtol=0)
-    assert [k[3] for k in kinds] == [4, 4]  # 3 and 4 rows: one kind
-    assert ran.count("slot") == (4 if chosen == "slot" else 2)  # measured twice; run twice where chosen
+    assert [k[3] for k in kinds] == [4, 4] and {k[-1] for k in kinds} == {3}  # 3 and 4 rows: one kind
+    assert measured == [("codes", 3, 0), ("slot", 0, 1)] * 2  # (the fake measures each call; faster keeps them)
+    ran = 2 if chosen == "codes" else 0
+    assert counts == {"kernel": 6 + ran, "dequantize": 2 + 2 - ran}
+
+
+def test_the_cost_model_fills_the_slot_once_a_step():
+    """codes_win prices the slot as the engine measures it: one dequantization a step shared by its batches'
+    products. A kernel slower than a dense product plus half a dequantization loses at 2 batches and wins at 1
+    (priced a dequantization per product, as sessions 27-28 did, it won at both)."""
+    import dataclasses
+    import types
+
+    from flexgen_lite.planning.products_cost import codes_win
+
+    from .conftest import synthetic_profile
+
+    hw, (rows, k, n) = synthetic_profile(cuda=True), (16, 4096, 4096)
+    dense, fill = hw.matmul_time("float16", rows, k, n), n * k / hw.dequantize["float16"]
+    hw = dataclasses.replace(hw, int4_gemv={"float16": [(rows, 1e30, dense + 0.75 * fill)]})
+    s = types.SimpleNamespace(hw=hw, dname="float16")
+    assert codes_win(s, rows, k, n, 1) and not codes_win(s, rows, k, n, 2)
 
 
 def test_which_matrices_a_step_keeps_as_codes(monkeypatch):
@@ -118,8 +155,11 @@ def test_which_matrices_a_step_keeps_as_codes(monkeypatch):
     assert not slots._kept_as_codes(stored(CompressionConfig(4, 64, 0)))
     host = torch.zeros(stored().nbytes, dtype=torch.uint8)  # its bytes in host RAM, to cross the link
     assert not slots._kept_as_codes(StoredWeight((128, 256), torch.float32, "cpu", host, host.numel(), config))
-    monkeypatch.setattr(gemv, "slot_chosen", lambda shape, rows, dtype, group_size: True)
+    asked = []
+    monkeypatch.setattr(gemv, "slot_chosen", lambda *kind: asked.append(kind) or True)
+    slots.step_uses = 4
     assert not slots._kept_as_codes(stored())
+    assert asked == [((128, 256), 3, torch.float32, 64, 4)]  # the kind measured: rows and the step's batches
     monkeypatch.undo()
     monkeypatch.setenv(gemv.ENV, "triton")
     slots.step_rows = gemv.GEMV_ROWS + 1

@@ -178,6 +178,7 @@ class Engine(DecodeAttention, Transfers):
                 inputs[b]["prefix index"] = self._prefix.index(b, inputs[b]["active_device"])
         self._cache_loads: dict[tuple[int, int], Future] = {}
         self.weight_slots.step_rows = self.policy.gpu_batch_size * t  # a decode step's few rows: codes kept
+        self.weight_slots.step_uses = len(batches)
         weights_next, releases = self._prefetch_weights(0), []
         span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
         for j, spec in enumerate(self.specs):

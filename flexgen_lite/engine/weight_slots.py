@@ -52,6 +52,7 @@ class WeightSlots:
         self.link_stream = None  # CUDA: 4-bit codes cross on it (_codes_then_dequantize)
         self.codes_free: dict[tuple, torch.cuda.Event] = {}  # per codes buffer: its last dequantization done
         self.step_rows = 0  # rows of the step being fetched for (the schedule sets it; 0: unknown)
+        self.step_uses = 1  # GPU batches of that step, each a product by every matrix
 
     def fetch(self, weights: dict[str, StoredWeight], slot_key: tuple | None, trace=NULL) -> dict[str, torch.Tensor]:
         """`slot_key` (kind, parity) for decoder layers; None for one slot per weight. `trace` gets a span per
@@ -145,7 +146,7 @@ class WeightSlots:
         faster."""
         for name, value in fetched.items():
             if isinstance(value, Deferred) and self._kept_as_codes(value.weight):
-                fetched[name] = CodesMatrix(value.weight.data, value.slot)
+                fetched[name] = CodesMatrix(value.weight.data, value.slot, self.step_uses)
             elif isinstance(value, Deferred) and value.weight.int4:
                 fetched[name] = self._int4(value, rows, uses, trace)
             elif isinstance(value, Deferred):
@@ -176,7 +177,8 @@ class WeightSlots:
         return (0 < self.step_rows <= int4_gemv_triton.GEMV_ROWS and isinstance(t.data, QuantizedTensor)
                 and t.mapped is None and t.data.data.device == self.device.device
                 and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(self.device.device)
-                and not int4_gemv_triton.slot_chosen(t.shape, self.step_rows, t.dtype, t.compression.group_size))
+                and not int4_gemv_triton.slot_chosen(t.shape, self.step_rows, t.dtype, t.compression.group_size,
+                                                     self.step_uses))
 
     @staticmethod
     def _key(slot_key: tuple | None, name: str, t: StoredWeight) -> tuple:

@@ -75,10 +75,15 @@ def _kernel(interpret: bool):
 class CodesMatrix:
     """A 4-bit matrix in compute memory for a decode step's few rows (WeightSlots.complete): multiplied as stored
     by the kernel, or dequantized into its slot and multiplied dense, whichever ran faster for this kind of product
-    on this GPU (attention.faster, measured once per kind); the slot path where the kernel is not used."""
+    on this GPU (attention.faster, measured once per kind); the slot path where the kernel is not used.
+
+    The two are timed as a step runs them: the step's `uses` products (one per GPU batch) by the kernel, against
+    one dequantization into the slot and `uses` dense products (WeightSlots fills a slot once a step, and every
+    batch reads it). Timing a dequantization per product (sessions 27-28) charged the slot `uses` times over."""
 
     q: QuantizedTensor
     slot: torch.Tensor  # the weight's slot (its dtype the compute dtype)
+    uses: int = 1  # the step's products by this matrix
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,26 +96,32 @@ class CodesMatrix:
             return matmul(x, self.q)
         from .attention import faster
 
-        kind = choice_kind(self.q.shape, x.numel() // x.shape[-1], x.dtype, self.q.config.group_size)
-        chosen = faster(kind, {"codes": lambda: matmul(x, self.q), "slot": lambda: self.dense(x)}, x.device)
+        kind = choice_kind(self.q.shape, x.numel() // x.shape[-1], x.dtype, self.q.config.group_size, self.uses)
+        chosen = faster(kind, {"codes": lambda: [matmul(x, self.q) for _ in range(self.uses)],
+                               "slot": lambda: self._slot_step(x)}, x.device)
         return matmul(x, self.q) if chosen == "codes" else self.dense(x)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.q, self.slot.dtype, out=self.slot))
 
+    def _slot_step(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """A step's products through the slot: filled once, read by each of its `uses` products."""
+        weight = dequantize(self.q, self.slot.dtype, out=self.slot)
+        return [F.linear(x, weight) for _ in range(self.uses)]
 
-def choice_kind(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int) -> tuple:
+
+def choice_kind(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int, uses: int = 1) -> tuple:
     """The kind of product CodesMatrix measures its two paths for once: rows by powers of two (rows that finish
-    do not measure again)."""
-    return ("int4-gemv", *shape, 1 << (max(1, rows) - 1).bit_length(), dtype, group_size)
+    do not measure again), and the products a step makes by the matrix."""
+    return ("int4-gemv", *shape, 1 << (max(1, rows) - 1).bit_length(), dtype, group_size, uses)
 
 
-def slot_chosen(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int) -> bool:
+def slot_chosen(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int, uses: int = 1) -> bool:
     """Whether this kind of product measured faster through its slot here: its weight is then dequantized into
     the slot beside compute again, as without the kernel (WeightSlots)."""
     from .attention import _measured
 
-    return _measured.get(choice_kind(shape, rows, dtype, group_size)) == "slot"
+    return _measured.get(choice_kind(shape, rows, dtype, group_size, uses)) == "slot"
 
 
 def by_measurement(x: torch.Tensor) -> bool:

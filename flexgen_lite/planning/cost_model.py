@@ -123,7 +123,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
         if kept and dequantized:
             product = (expert_rows(s.gbs, spec.share), spec.shape[1], spec.shape[0])
             if product not in wins:
-                wins[product] = codes_win(s, *product)
+                wins[product] = codes_win(s, *product, s.nb)
             codes = wins[product]
         values = math.prod(spec.shape) * ((c + d) if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1

@@ -92,7 +92,7 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
         if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
             cost = int4_cost(s.hw, s.dname, m, nb, k, n)
             matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
-        elif codes and (k, n) in compressed and codes_win(s, m, k, n):
+        elif codes and (k, n) in compressed and codes_win(s, m, k, n, nb):
             dense = _dense_time(s, kind, m, k, n)
             kernel = interpolated_time(s.hw.int4_gemv[s.dname], m, k, n)
             matmul += count * nb * (codes * kernel + (1 - codes) * dense)
@@ -119,13 +119,14 @@ def codes_share(s: Setup, lay: Layout, kind: str) -> float:
     return sum(lay.weight(kind, spec)[0] * s.tensor_bytes(spec) for spec in specs) / total if total else 0.0
 
 
-def codes_win(s: Setup, rows: int, k: int, n: int) -> bool:
-    """Whether a GPU's product of `rows` rows by a 4-bit matrix (n, k) kept as codes runs the kernel: its measured
-    time (hw.int4_gemv) under the slot's dequantization and dense product one after the other, as the engine
-    measures the two (int4_gemv_triton.CodesMatrix); the slot wins where it is not measured, and the matrix is then
-    dequantized beside compute as before (WeightSlots)."""
+def codes_win(s: Setup, rows: int, k: int, n: int, uses: int) -> bool:
+    """Whether a GPU's products of `rows` rows by a 4-bit matrix (n, k) kept as codes run the kernel: a step's
+    `uses` products (one per GPU batch) at its measured time (hw.int4_gemv) under one dequantization into the slot
+    and `uses` dense products, as the engine measures the two (int4_gemv_triton.CodesMatrix; the slot is filled
+    once a step and both contend for the same memory); the slot wins where it is not measured, and the matrix is
+    then dequantized beside compute as before (WeightSlots)."""
     points = (s.hw.int4_gemv or {}).get(s.dname)
     if not points or rows > points[-1][0]:
         return False
-    slot = s.hw.matmul_time(s.dname, rows, k, n) + n * k / s.hw.dequantize[s.dname]
-    return interpolated_time(points, rows, k, n) < slot
+    slot = uses * s.hw.matmul_time(s.dname, rows, k, n) + n * k / s.hw.dequantize[s.dname]
+    return uses * interpolated_time(points, rows, k, n) < slot
