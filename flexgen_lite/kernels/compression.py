@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dequant_triton, quantize_triton
+from . import dequant_triton, native, quantize_triton
 from .quantization import (
     CompressionConfig,
     QuantizedTensor,
@@ -33,9 +33,14 @@ __all__ = [
 
 def quantize(x: torch.Tensor, config: CompressionConfig) -> QuantizedTensor:
     """Group-wise quantization of ``x`` where it is (quantization.py); on CUDA by one fused kernel
-    (quantize_triton.py) where it passed its self-check there: a decode step's token in one launch, not ~35."""
+    (quantize_triton.py) where it passed its self-check there: a decode step's token in one launch, not ~35; on a
+    CPU, 4 bits in groups along the last dimension by the C kernel (native.int4_quantize_rows), bit for bit."""
     if x.is_cuda and quantize_triton.supported(x, config) and quantize_triton.usable(x, config):
         return quantize_triton.quantize(x, config)
+    if x.device.type == "cpu" and config.bits == 4 and x.dim() and config.group_dim in (-1, x.dim() - 1):
+        found = native.int4_quantize_rows(x, config.group_size)
+        if found is not None:
+            return QuantizedTensor(*found, shape=tuple(x.shape), config=config)
     return quantize_reference(x, config)
 
 

@@ -106,6 +106,9 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.int4_quantize_pack
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    fn = lib.int4_quantize_rows
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     fn = lib.int4_gemv
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \
@@ -418,6 +421,24 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
     args = (x.data_ptr(), OUT_KIND[x.dtype], n, k, group_size, out.data_ptr(), scale.data_ptr(), minimum.data_ptr())
     parallel(lambda b0, b1: lib.int4_quantize_pack(*args, b0, b1), n // 64, cost=8 * n * k)
     return out
+
+
+def int4_quantize_rows(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...] | None:
+    """`quantize(x, CompressionConfig(4, group_size, -1))`'s codes (flat uint8), scales and minima (x's shape with
+    the last dimension in groups: fp16), bit for bit, in one pass over x; None when the kernel cannot do it here
+    (a KV cache's new tokens stored in host RAM: ~35 torch calls otherwise)."""
+    lib = library()
+    d = x.shape[-1] if x.dim() else 0
+    if (lib is None or x.dtype not in OUT_KIND or x.device.type != "cpu" or not d or group_size % 2
+            or d % group_size):
+        return None
+    x = x.contiguous()
+    rows = x.numel() // d
+    codes = torch.empty(rows * d // 2, dtype=torch.uint8)
+    scale, minimum = (torch.empty(*x.shape[:-1], d // group_size, dtype=torch.float16) for _ in range(2))
+    args = (x.data_ptr(), OUT_KIND[x.dtype], d, group_size, codes.data_ptr(), scale.data_ptr(), minimum.data_ptr())
+    parallel(lambda r0, r1: lib.int4_quantize_rows(*args, r0, r1), rows, cost=8 * rows * d)
+    return codes, scale, minimum
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
