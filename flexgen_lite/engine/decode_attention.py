@@ -39,7 +39,7 @@ class DecodeAttention:
                     hosted[window] = mask.to(view.k.device)
                 mask = hosted[window]
             if worker and on_cpu:
-                on_host = on_host or rows_to(torch.device("cpu"), q.dtype, q, k, v)
+                on_host = on_host or self._to_worker(q, k, v)
                 outs.append(self.cpu_worker.submit(self._attend_on_worker, view, *on_host, mask, start, inputs,
                                                    self._host_sinks(layer, sinks)))
                 self._worker_tasks.append(outs[-1])
@@ -54,8 +54,22 @@ class DecodeAttention:
             return PendingAttention(outs, lambda f: self._collect(layer, b, f, start))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _attend_on_worker(self, view, q, k, v, mask, start: int, inputs: dict, sinks=None):
-        """attend_part on the CPU worker (q, k, v and sinks already on the host): (view, what it found)."""
+    def _to_worker(self, q, k, v) -> tuple:
+        """The new token's q, k, v on the host for the worker, and what it waits for before reading them: from a
+        GPU one asynchronous copy into page-locked memory and its event (a synchronous copy would drain the GPU's
+        queue at every such layer, and the schedule's thread would then launch into an idle GPU); else the
+        tensors themselves, and nothing."""
+        if not self.device.is_cuda:
+            return (*rows_to(torch.device("cpu"), q.dtype, q, k, v), None)
+        joined = torch.cat((q, k, v), 1).to("cpu", non_blocking=True)  # page-locked: torch pins such a copy's output
+        copied = torch.cuda.Event()
+        copied.record()
+        return (*joined.split([q.shape[1], k.shape[1], v.shape[1]], 1), copied)
+
+    def _attend_on_worker(self, view, q, k, v, copied, mask, start: int, inputs: dict, sinks=None):
+        """attend_part on the CPU worker (q, k, v and sinks on the host, once `copied`): (view, what it found)."""
+        if copied is not None:
+            copied.synchronize()
         with self.trace.span(CPU_ATTENTION) as s:
             found = attend_part(view, q, k, v, mask, start, inputs, self.policy.attn_sparsity, sinks=sinks)
             if found is not None:
@@ -74,8 +88,12 @@ class DecodeAttention:
     def _collect(self, layer: int, b: int, future: Future, start: int) -> torch.Tensor | None:
         """A worker's part, in the schedule's thread: `_settle`d, its output on the compute device."""
         view, found = future.result()
-        return None if found is None else self._settle(layer, b, view, found, start).to(self.device.device,
-                                                                                       non_blocking=True)
+        if found is None:
+            return None
+        out = self._settle(layer, b, view, found, start)
+        if self.device.is_cuda:  # from pageable memory the copy would wait for the GPU's queue to drain first
+            out = out.pin_memory()
+        return out.to(self.device.device, non_blocking=True)
 
     def _attend_part(self, layer: int, b: int, view, q, k, v, mask, start: int, inputs: dict, span, sinks=None):
         """Attention over one cache part where it is (None when none of its rows is active), `_settle`d."""
