@@ -145,7 +145,9 @@ def assemble(src, options: dict) -> dict:
                             capture_output=True, text=True, check=True).stderr
     return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-            "vector_loads": "ld.global.v4" in ptx, "vector_stores": "st.global.v4" in ptx, "ptx": ptx}
+            "vector_loads": "ld.global.v4" in ptx, "vector_stores": "st.global.v4" in ptx,
+            "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]8\b", ptx)),
+            "async_16": len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)), "ptx": ptx}
 
 
 def main(kinds: list[str]) -> int:

@@ -53,8 +53,14 @@ def _kernel(interpret: bool):
         begin = split * split_len
         for k0 in range(begin, begin + split_len, BK):
             k = k0 + tl.arange(0, BK)
-            byte = tl.load(codes + n[:, None] * sc_n + (k0 // 2 + c)[None, :],
-                           mask=n_ok & (k0 + 2 * c < k_in)[None, :], other=0)
+            # masked by whole groups (stored whole: a group begun is there to read), so that a group's bytes
+            # load together, pipelined (16 at a time, ahead into shared memory); masked byte by byte, each was a
+            # load of its own. fp32 keeps byte loads: staged its way it spills on sm90 (tests/test_triton_sm90.py)
+            if x.dtype.element_ty == tl.float32:
+                k_ok = k0 + 2 * c < k_in
+            else:
+                k_ok = k0 + c // (GS // 2) * GS < k_in
+            byte = tl.load(codes + n[:, None] * sc_n + (k0 // 2 + c)[None, :], mask=n_ok & k_ok[None, :], other=0)
             w = tl.interleave(byte & 15, byte >> 4).to(tl.float32)
             at = n[:, None] * ss_n + (k0 // GS + g)[None, :]
             g_ok = n_ok & (k0 + g * GS < k_in)[None, :]
