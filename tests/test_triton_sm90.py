@@ -24,7 +24,8 @@ CODES = ["codes,fp16,1,128", "codes,bf16,4,128", "codes,fp16,8,128", "codes,fp32
          "codes,fp16,4,256", "codes,fp32,4,128"]  # decode attention over a 4-bit cache as stored (groups of 64)
 GEMV = ["gemv,fp16,64,16", "gemv,bf16,64,16", "gemv,fp16,64,64", "gemv,bf16,32,64", "gemv,fp32,64,16",
         "gemv,fp16,128,32"]  # a few rows (padded) times a 4-bit weight as stored
-PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256"]
+PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256",
+          "prefix,bf16,32,32"]  # the last (a group a position): a weight's whole groups (dequant_triton.dequantize)
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
          "fp16,4,256", "fp16,2,64", "bf16,8,64,sinks", "fp16,8,64,sinks"]  # the last: gpt-oss's heads
 
@@ -64,6 +65,7 @@ def test_prefix_dequantization_compiles_for_sm90_writing_16_bytes_at_a_time(comp
     r = compiled[("prefix", dtype, int(group), int(head_dim))]
     assert r["spill_bytes"] == 0 and r["registers"] <= 64 and r["vector_stores"], r
     assert r["division"] == [], r  # `code * scale` and `+ minimum` rounded apart, as the torch path: no FMA
+    assert r["byte_loads"] == 0, r  # a group's codes loaded together
 
 
 @pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])
