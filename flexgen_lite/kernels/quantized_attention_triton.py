@@ -27,6 +27,7 @@ from .dequant_triton import interpreting, unavailable
 from .quantization import CompressionConfig
 
 WARPS = 8  # a tile's codes, statistics and values live at once: twice the threads of the dense kernel hold them
+TILE_DIVISOR = 2  # positions a tile: the dense kernel's over this (gpu_checks section 8 times 1 beside it)
 ENV = "FLEXGEN_LITE_CODES_ATTENTION"  # "triton": also where a CPU computes (Triton's interpreter; tests)
 _lock = threading.Lock()
 
@@ -124,7 +125,7 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
     """decode_attention_triton's tiling with half the positions a tile: a tile's codes, statistics and values live
     at once (on sm90, with WARPS warps, no spills at head dims up to 256: tests/test_triton_sm90.py)."""
     padded, block, dot = dense.tiling(dtype, group, head_dim)
-    return padded, max(16, block // 2), dot
+    return padded, max(16, block // TILE_DIVISOR), dot
 
 
 def supported(config: CompressionConfig | None) -> bool:
