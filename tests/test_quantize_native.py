@@ -53,6 +53,7 @@ def test_compression_quantize_takes_it_on_a_cpu(monkeypatch):
     for config in (CompressionConfig(4, 32, 0), CompressionConfig(8, 32, -1)):
         assert_same(quantize(x, config), quantize_reference(x, config))
     assert calls == [32, 32]
+    assert native.int4_quantize_rows(torch.randn(1, 2 * native.ROW_VALUES), 64) is None  # a row past the stack's
     padded, config = torch.randn(4, 100), CompressionConfig(4, 64, -1)
     assert native.int4_quantize_rows(padded, 64) is None
     assert_same(quantize(padded, config), quantize_reference(padded, config))

@@ -423,6 +423,9 @@ def int4_quantize_pack(x: torch.Tensor, group_size: int) -> torch.Tensor | None:
     return out
 
 
+ROW_VALUES = 1 << 16  # int4_quantize_rows holds a row in fp32 on its thread's stack (256 KiB at most)
+
+
 def int4_quantize_rows(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...] | None:
     """`quantize(x, CompressionConfig(4, group_size, -1))`'s codes (flat uint8), scales and minima (x's shape with
     the last dimension in groups: fp16), bit for bit, in one pass over x; None when the kernel cannot do it here
@@ -430,7 +433,7 @@ def int4_quantize_rows(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     lib = library()
     d = x.shape[-1] if x.dim() else 0
     if (lib is None or x.dtype not in OUT_KIND or x.device.type != "cpu" or not d or group_size % 2
-            or d % group_size):
+            or d % group_size or d > ROW_VALUES):
         return None
     x = x.contiguous()
     rows = x.numel() // d
