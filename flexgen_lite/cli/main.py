@@ -354,9 +354,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
-        name, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        end_progress()
-        print(f"{name}; offload files removed", file=sys.stderr)
-        raise SystemExit(code) from None
+        _interrupted(e)
+    except RuntimeError as e:  # an interrupt raised inside a lock's handling (a thread waiting on a Future, say)
+        interrupt = interrupt_behind(e)  # surfaces as "cannot release un-acquired lock", the interrupt behind it
+        if interrupt is None:
+            raise
+        _interrupted(interrupt)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that `e` was raised while handling, if any."""
+    seen = e.__context__
+    while seen is not None and not isinstance(seen, KeyboardInterrupt):
+        seen = seen.__context__
+    return seen
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    name, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+    end_progress()
+    print(f"{name}; offload files removed", file=sys.stderr)
+    raise SystemExit(code) from None
