@@ -139,8 +139,8 @@ def rows_to(where: torch.device, dtype: torch.dtype, *parts: torch.Tensor) -> li
     return joined_to(where, dtype, parts)
 
 
-def joined_to(where, dtype: torch.dtype, parts) -> list[torch.Tensor]:
-    joined = torch.cat(parts, 1).to(where, dtype)
+def joined_to(where, dtype: torch.dtype, parts, non_blocking: bool = False) -> list[torch.Tensor]:
+    joined = torch.cat(parts, 1).to(where, dtype, non_blocking=non_blocking)
     return list(joined.split([p.shape[1] for p in parts], 1))
 
 

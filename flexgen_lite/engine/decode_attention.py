@@ -10,7 +10,7 @@ from concurrent.futures import Future
 import torch
 
 from .block import layer_mask
-from .cache_attention import attend_part, rows_to
+from .cache_attention import attend_part, joined_to, rows_to
 from .pending_attention import PendingAttention, pipelined
 from .trace import ATTENTION, COMPUTE_LANE, CPU_ATTENTION
 
@@ -61,10 +61,10 @@ class DecodeAttention:
         tensors themselves, and nothing."""
         if not self.device.is_cuda:
             return (*rows_to(torch.device("cpu"), q.dtype, q, k, v), None)
-        joined = torch.cat((q, k, v), 1).to("cpu", non_blocking=True)  # page-locked: torch pins such a copy's output
+        on_host = joined_to(torch.device("cpu"), q.dtype, (q, k, v), non_blocking=True)  # torch pins its output
         copied = torch.cuda.Event()
         copied.record()
-        return (*joined.split([q.shape[1], k.shape[1], v.shape[1]], 1), copied)
+        return (*on_host, copied)
 
     def _attend_on_worker(self, view, q, k, v, copied, mask, start: int, inputs: dict, sinks=None):
         """attend_part on the CPU worker (q, k, v and sinks on the host, once `copied`): (view, what it found)."""

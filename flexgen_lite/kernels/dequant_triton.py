@@ -145,32 +145,31 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
         g, rows = q.config.group_size, outer * n_groups
         scale, minimum = q.scale.contiguous(), q.minimum.contiguous()
         if inner == 1 and q.config.bits == 4 and length == n_groups * g:  # whole groups side by side: a group a
-            # "position" of the strided kernel, whose loads take a group's bytes together (this one's, a byte and
-            # two statistics a value: 50 loads a thread where it issues 7 on sm90)
-            return _as_positions(q, scale, minimum, target, rows, out)
-        if inner == 1:
-            block = max(1, TILE // g)
-            grid = (-(-rows // block),)
+            # "position" of the strided kernel, whose loads take a group's bytes together (the kernel below loads a
+            # byte and two statistics a value: 50 loads a thread where that one issues 7 on sm90)
+            dequantize_prefix(q.data.contiguous().view(1, 1, rows, g // 2), scale.view(1, 1, rows, 1),
+                              minimum.view(1, 1, rows, 1), target.view(1, 1, rows, g), q.config)
         else:
-            block = max(16, 2 * TILE // g)
-            grid = (rows, -(-inner // block))
-        on = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-        with on:  # Triton launches on the current device's current stream
-            kernel = _kernels(interpreting())[0]
-            kernel[grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups, G=g,
-                         BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1, PADDED=length != n_groups * g,
-                         enable_fp_fusion=False)
+            _dequantize_rows(q, scale, minimum, target, rows, length, inner, n_groups)
     if out is None or target is out:
         return target
     return out.copy_(target)
 
 
-def _as_positions(q: QuantizedTensor, scale: torch.Tensor, minimum: torch.Tensor, target: torch.Tensor, rows: int,
-                 out: torch.Tensor | None) -> torch.Tensor:
+def _dequantize_rows(q: QuantizedTensor, scale: torch.Tensor, minimum: torch.Tensor, target: torch.Tensor, rows: int,
+                     length: int, inner: int, n_groups: int) -> None:
     g = q.config.group_size
-    dequantize_prefix(q.data.contiguous().view(1, 1, rows, g // 2), scale.view(1, 1, rows, 1),
-                      minimum.view(1, 1, rows, 1), target.view(1, 1, rows, g), q.config)
-    return target if out is None or target is out else out.copy_(target)
+    if inner == 1:
+        block = max(1, TILE // g)
+        grid = (-(-rows // block),)
+    else:
+        block = max(16, 2 * TILE // g)
+        grid = (rows, -(-inner // block))
+    on = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with on:  # Triton launches on the current device's current stream
+        _kernels(interpreting())[0][grid](q.data.contiguous(), scale, minimum, target, rows, length, inner, n_groups,
+                                          G=g, BITS=q.config.bits, BLOCK=block, INNER_ONE=inner == 1,
+                                          PADDED=length != n_groups * g, enable_fp_fusion=False)
 
 
 def prefix_supported(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor,

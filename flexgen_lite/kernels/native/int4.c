@@ -230,13 +230,6 @@ static inline uint8_t code_of(float v, float m, float inv) {
     return (uint8_t)(q < 0 ? 0 : q > 15 ? 15 : q);
 }
 
-/* v (>= 0 or beyond the codes' range, either way clamped) rounded half to even, as torch's round_: adding and
-   taking away 1.5 * 2^23 rounds any |v| < 2^22 in the default rounding mode, and larger ones clamp to 0 or 15
-   anyway. */
-static inline float round_even(float v) {
-    return (v + 12582912.0f) - 12582912.0f;
-}
-
 /* Rows [r0, r1) of x (R, D), each quantized to 4 bits in groups of g along it, exactly as compression.quantize
    does with groups along the last dimension, in its layout: codes (R, D / 2) bytes (value 2j in byte j's low
    nibble), scale and minimum (R, D / g) fp16. A KV cache's new tokens stored in host RAM. A row at a time in
@@ -255,12 +248,8 @@ void int4_quantize_rows(const void *x, int kind, int64_t d, int64_t g, uint8_t *
             float m;
             float inv = group_stats(row, KIND_F32, c0, g, &minimum[r * (d / g) + i], &scale[r * (d / g) + i], &m);
             uint8_t *out = codes + (r * d + c0) / 2;
-            for (int64_t c = 0; c < g; c += 2) {
-                float a = round_even((row[c0 + c] - m) * inv), b = round_even((row[c0 + c + 1] - m) * inv);
-                a = a < 0 ? 0 : a > 15 ? 15 : a;
-                b = b < 0 ? 0 : b > 15 ? 15 : b;
-                out[c / 2] = (uint8_t)((uint8_t)a | (uint8_t)b << 4);
-            }
+            for (int64_t c = 0; c < g; c += 2)
+                out[c / 2] = (uint8_t)(code_of(row[c0 + c], m, inv) | code_of(row[c0 + c + 1], m, inv) << 4);
         }
     }
 }
