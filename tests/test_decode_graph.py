@@ -4,6 +4,7 @@ warning. Its CUDA graphs themselves: test_gpu_hot_path.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -108,8 +109,6 @@ def test_kept_after_a_row_finishes(tiny_models, static_runs):
 def test_kept_after_eos(tiny_models, static_runs):
     """Row 0 emits eos (its third token made the model's eos here): batch 0 stays static; the outputs are the
     engine's own, cut at eos."""
-    import dataclasses
-
     model_dir = tiny_models["opt"][0]
     full = generate(model_dir, EQUAL, P(), static=False)[0]
     eos = full[0][2]
@@ -137,8 +136,6 @@ def test_not_used_off_compute_memory(tiny_models, references, static_runs, perce
 
 
 def test_not_used_with_attention_sparsity(tiny_models, static_runs):
-    import dataclasses
-
     policy = dataclasses.replace(P(), attn_sparsity=0.5)
     sparse = generate(tiny_models["opt"][0], EQUAL, policy, static=True)
     assert static_runs == [] and sparse[2][1:] == ["topk"] * 7
@@ -222,8 +219,6 @@ def test_a_replay_over_finished_rows_only_where_the_profile_finds_it_cheaper(tin
     the profile (decode_graph.replay_wins): launches dear and attention cheap, the replay; launches cheap and the
     cache's reads dear (a large cache), the eager step over the rows left; all rows generating or no profile, the
     replay."""
-    import dataclasses
-
     from .conftest import synthetic_profile
 
     with FlexGenLite(str(tiny_models["llama"][0]), policy=P(gbs=4, nb=1), device="cpu") as m:
@@ -233,9 +228,101 @@ def test_a_replay_over_finished_rows_only_where_the_profile_finds_it_cheaper(tin
         def wins(overhead: float, attention_rate: float, active: int, profile=True) -> bool:
             h = dataclasses.replace(hw, layer_overhead=dict.fromkeys(("llama", "opt"), (overhead, overhead)),
                                     attention=dict.fromkeys(hw.attention, (1e-6, attention_rate)))
-            return decode_graph.replay_wins(h if profile else None, m.config, static.specs, static.resident,
+            return decode_graph.replay_wins(h if profile else None, m.config, static.specs, static.weights,
                                             "float32", 4, active, 2048)
 
         assert wins(1e-3, 1e12, 1)
         assert not wins(1e-9, 1e6, 1)
         assert wins(1e-9, 1e6, 4) and wins(1e-9, 1e6, 1, profile=False)
+
+
+# ---- 4-bit weights held as codes in compute memory -----------------------------------------------------------------
+def test_static_step_multiplies_4_bit_codes_as_stored(tiny_models, static_runs, monkeypatch):
+    """`--compress-weight` with the weights in compute memory: the static step multiplies the decoder's 4-bit
+    matrices by the kernel as stored (Triton's interpreter here; a CUDA graph on a GPU), every decode step of both
+    batches, with the tokens and logits of the engine's eager step over the same codes, and of the eager step
+    that dequantizes them into slots. Without the kernel, no static step."""
+    pytest.importorskip("triton")
+    import flexgen_lite.kernels.int4_gemv_triton as gemv
+
+    monkeypatch.setenv(gemv.ENV, "triton")
+    calls, matmul = [], gemv.matmul
+    monkeypatch.setattr(gemv, "matmul", lambda x, q, splits=None: calls.append(x.numel() // x.shape[-1])
+                        or matmul(x, q, splits))
+    policy = dataclasses.replace(P(), compress_weight=True)
+    model_dir = tiny_models["llama"][0]
+    with FlexGenLite(str(model_dir), policy=policy, device="cpu+link") as m:
+        graphed = [w for w in m.engine.static.weights[1:-1]]  # the decoder's layers
+        assert all(isinstance(w, gemv.CodesMatrix) and w.slot is None for layer in graphed for w in layer.values()
+                   if len(w.shape) == 2) and m.engine.static.possible
+        products = 7 * m.config.num_layers  # q, k, v, o, gate, up, down a layer
+    static = generate(model_dir, EQUAL, policy, static=True, device="cpu+link")
+    assert sorted({b for b, _ in static_runs}) == [0, 1] and len(static_runs) == 2 * 7
+    assert calls.count(2) == 2 * 7 * products  # a batch's 2 rows, every decode step (the prefill's 10 apart)
+    calls.clear()
+    eager = generate(model_dir, EQUAL, policy, static=False, device="cpu+link")
+    assert calls.count(2) == 2 * 7 * products
+    assert_same(static, eager, atol=1e-4)
+    monkeypatch.delenv(gemv.ENV)
+    monkeypatch.setenv("FLEXGEN_LITE_TRITON", "0")
+    static_runs.clear()
+    slots = generate(model_dir, EQUAL, policy, static=True, device="cpu+link")
+    assert static_runs == []
+    assert_same(static, slots, atol=1e-4)
+
+
+def test_codes_in_the_graph_only_where_the_profile_finds_it_cheaper():
+    """decode_graph.codes_graph_wins: a graphed step runs the kernel for every batch's product, the eager step the
+    faster of the kernel and one dequantization plus dense products, and pays its overhead a layer. A kernel no
+    slower than the slot, or overhead dear: the graph; a kernel far slower with cheap launches: the eager step;
+    no measured kernel: the graph."""
+    from flexgen_lite.kernels.quantization import CompressionConfig, quantize
+
+    from .conftest import synthetic_profile
+
+    hw = synthetic_profile(cuda=True)
+    q = quantize(torch.randn(256, 512), CompressionConfig(4, 64, 1))
+    layers = [None, {"w": decode_graph.CodesMatrix(q, None), "b": torch.zeros(256)}, None]
+    assert decode_graph.codes_shapes(layers) == [[], [(256, 512)], []]
+    (n, k), rows = q.shape, 16
+    dense, fill = hw.matmul_time("float16", rows, k, n), n * k / hw.dequantize["float16"]
+
+    def wins(kernel: float, overhead: float, batches: int, measured: bool = True) -> bool:
+        h = dataclasses.replace(hw, int4_gemv={"float16": [(rows, 1e30, kernel)]} if measured else {},
+                                layer_overhead=dict.fromkeys(("llama", "opt"), (overhead, overhead)))
+        return decode_graph.codes_graph_wins(h, "opt", decode_graph.codes_shapes(layers), "float16", rows, batches)
+
+    assert wins(dense, 1e-9, 4)  # as fast as a dense product
+    assert not wins(dense + fill, 1e-9, 4)  # 4 batches: 4 fills' worth against 1
+    assert wins(dense + fill, 1e-3, 4)  # ... unless launches cost more
+    assert wins(dense + fill, 1e-9, 1)  # 1 batch: a fill either way
+    assert wins(1.0, 1e-9, 4, measured=False)
+
+
+def test_the_cost_model_prices_the_graphed_step_over_codes(monkeypatch):
+    """A plan with 4-bit weights in GPU memory, where the kernel is planned and the graph wins with it
+    (codes_graph_wins), prices decode steps as graphs: every product by the kernel, no dequantization, no eager
+    overhead a layer; where the eager step wins (a kernel far slower than its slot, launches cheap), as before."""
+    from flexgen_lite.kernels import int4_gemv_triton as gemv
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Setup, Workload
+    from flexgen_lite.planning.products_cost import graph_decode
+
+    from .conftest import synthetic_profile
+    from .test_cost_model_cuda import CONFIG
+
+    monkeypatch.setattr(gemv, "planned", lambda: True)
+    policy = dataclasses.replace(P(gbs=16, nb=2), compress_weight=True, dtype="float16")
+    hw, work = synthetic_profile(cuda=True), Workload(512, 32, 64)
+    dense_rate = hw.matmul["float16"][-1][1]
+    fast = dataclasses.replace(hw, int4_gemv={"float16": [(1, dense_rate, 0.0), (64, 64 * dense_rate, 0.0)]})
+    slow = dataclasses.replace(hw, int4_gemv={"float16": [(1, dense_rate / 1e3, 0.0), (64, dense_rate / 1e2, 0.0)]},
+                               layer_overhead=dict.fromkeys(("opt", "llama"), (0.0, 0.0)))
+    assert graph_decode(Setup(CONFIG, work, policy, fast)) and not graph_decode(Setup(CONFIG, work, policy, slow))
+    graphed = predict(CONFIG, work, policy, fast)
+    assert not graphed.decode_by.get("dequantize") and not graphed.decode_by.get("overhead")
+    monkeypatch.setenv(decode_graph.ENV, "0")
+    eager = predict(CONFIG, work, policy, fast)
+    assert eager.decode_by["overhead"] > 0 and eager.decode_by["compute"] == pytest.approx(
+        graphed.decode_by["compute"])  # the same products by the kernel (it wins at 2 batches here too)
+    assert graphed.decode_step_s < eager.decode_step_s

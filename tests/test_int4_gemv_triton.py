@@ -217,15 +217,17 @@ def test_the_cost_model_prices_a_decode_step_keeping_codes(monkeypatch):
     """Where a plan counts on codes kept (planned: a GPU machine with Triton, or asked) and the kernel's measured
     time is under the slot's dequantization and dense product, a decode step's GPU matrices are multiplied by it
     and not dequantized; unmeasured or slower, they are dequantized beside compute as before; prefills keep the
-    slot."""
+    slot. (The eager schedule's step: CUDA graphs off; with them, test_decode_graph.py.)"""
     import dataclasses
 
+    from flexgen_lite.engine import decode_graph
     from flexgen_lite.planning.cost_model import predict
     from flexgen_lite.planning.layout import Workload
 
     from .conftest import synthetic_profile
     from .test_cost_model_cuda import CONFIG
 
+    monkeypatch.setenv(decode_graph.ENV, "0")
     policy = dataclasses.replace(P((100, 0, 100, 0, 100, 0), gbs=16, nb=2, compress_weight=True), dtype="float16")
     hw, work = synthetic_profile(cuda=True), Workload(512, 32, 64)
     dense_rate = hw.matmul["float16"][-1][1]

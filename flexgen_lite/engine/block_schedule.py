@@ -31,7 +31,7 @@ from .block import Block, layer_mask
 from .cache_attention import codes_attended, device_codes_attended, rows_in_part, scatter_rows
 from .decode_attention import DecodeAttention
 from .decode_fused import FusedDecode
-from .decode_graph import StaticDecode, graphs_wanted
+from .decode_graph import StaticDecode, graph_weights, graphs_wanted
 from .kv_cache import CacheSlots, KVCache, ring_positions
 from .pending_attention import PendingAttention
 from .policy import Policy
@@ -85,8 +85,10 @@ class Engine(DecodeAttention, Transfers):
         self._kernels: set[str] = set()  # the attention kernels of the running step
         self._sinks_on_host: dict[int, torch.Tensor] = {}  # per layer, gpt-oss's sink logits for the CPU's parts
         # decode steps of whole batches from static buffers, one CUDA graph each (decode_graph.py), where all
-        # weights are resident; True on a CPU (tests) runs the same step eagerly
-        self.static = StaticDecode(config, policy, specs, self.resident, device, dtype, self.rotary, ledger)
+        # weights are resident or 4-bit codes in compute memory; True on a CPU (tests) runs the same step eagerly
+        graphed = graph_weights(weights, self.resident, device.device, dtype, policy.gpu_batch_size) \
+            if graphs_wanted() else self.resident
+        self.static = StaticDecode(config, policy, specs, graphed, device, dtype, self.rotary, ledger)
         self.static_decode = device.is_cuda and graphs_wanted()
         # on a CPU, a Llama-family decode step's layers in one C call where everything is in memory (decode_fused.py)
         self.fused = FusedDecode(config, policy, specs, weights, self.resident, device, dtype, self.rotary)

@@ -6,7 +6,10 @@ each row and the position written, a 1-element device tensor. Attention reads th
 layer's ring: kv_cache) under a mask built on the device from that position (later positions and left padding
 hidden), and the new k, v are written with `index_copy_` at it (in a ring, at it modulo the window), so every
 decode step of a block has the same shapes and addresses: captured once per batch (and cache), replayed each step.
-Sampling stays outside (generators, host logic).
+Sampling stays outside (generators, host logic). 4-bit matrices held as codes in GPU memory (`--compress-weight`
+with the weights there) are multiplied as stored by Triton's kernel inside the graph (graph_weights): the eager
+step's per-product choice and launches are where its host time went (the H100's OPT-13B row: 1.75 ms a layer and
+batch against ~0.45 of device time).
 
 On a CPU (tests) the same function runs eagerly. When capturing or the first replay fails, a warning says why
 once and the engine's eager path runs for the rest of the process."""
@@ -23,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from ..kernels import attention
+from ..kernels import attention, int4_gemv_triton
 from ..kernels.attention import fold_groups, sdpa_backends
+from ..kernels.int4_gemv_triton import CodesMatrix
 from ..models import layers as L
+from ..system.hardware import interpolated_time
 from ..system.profile_store import cached_profile
+from .weight_slots import codes_in_memory
 
 ENV = "FLEXGEN_LITE_CUDA_GRAPHS"  # "1": capture decode steps on CUDA; "0": never
 DEFAULT = "1"
@@ -58,6 +64,50 @@ def every_expert_wins(hw, config, dtype: str, rows: int) -> bool:
     return experts * products(rows) <= experts * products(share) + per_layer + per_batch
 
 
+def graph_weights(weights: list[dict], resident: list, device: torch.device, dtype: torch.dtype,
+                  rows: int) -> list[dict | None]:
+    """Per layer, the weights a graphed step multiplies: its resident tensors (engine.resident), or, where each of
+    the others is a 4-bit matrix held as codes in compute memory that the kernel reads at `rows` rows (on CUDA,
+    its self-check passed), those as CodesMatrix without a slot (the kernel alone); None where a weight must be
+    fetched."""
+    out = []
+    for stored, tensors in zip(weights, resident, strict=True):
+        codes = [t for t in stored.values() if not t.resident]
+        if tensors is not None or not (0 < rows <= int4_gemv_triton.GEMV_ROWS) or not all(
+                codes_in_memory(t, device) and (device.type != "cuda" or int4_gemv_triton.refusal(
+                    device, dtype, t.compression.group_size) is None) for t in codes):
+            out.append(tensors)
+            continue
+        out.append({n: t.data if t.resident else CodesMatrix(t.data, None) for n, t in stored.items()})
+    return out
+
+
+def codes_graph_wins(hw, family: str, codes: list[list[tuple[int, int]]], dtype: str, rows: int,
+                     batches: int) -> bool:
+    """Whether a graphed step whose layers hold 4-bit matrices as codes (`codes`: per layer, their (N, K) shapes)
+    costs less by the profile `hw` than the eager schedule: `batches` products by the kernel per matrix, against
+    what the eager step runs for each (the kernel, or one dequantization into its slot and `batches` dense
+    products: the faster) plus its measured overhead per layer. Without the kernel's measured points: True (a
+    replay costs no launches)."""
+    points = None if hw is None else (hw.int4_gemv or {}).get(dtype)
+    if not points:
+        return True
+    graphed = eager = 0.0
+    per_layer, per_batch = hw.layer_overhead.get(family, hw.layer_overhead["opt"])
+    for shapes in codes:
+        for n, k in shapes:
+            kernel = batches * interpolated_time(points, rows, k, n)
+            graphed += kernel
+            eager += min(kernel, n * k / hw.dequantize[dtype] + batches * hw.matmul_time(dtype, rows, k, n))
+        eager += per_layer + batches * per_batch if shapes else 0.0
+    return graphed <= eager
+
+
+def codes_shapes(layers: list) -> list[list[tuple[int, int]]]:
+    """Per layer of graph_weights, the shapes of its matrices held as codes."""
+    return [[tuple(w.shape) for w in (layer or {}).values() if isinstance(w, CodesMatrix)] for layer in layers]
+
+
 def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active: int, length: int) -> bool:
     """Whether a replayed step over all `rows` rows of a batch (finished ones computed too) costs less by the
     profile `hw` than the eager step over the `active` rows still generating plus the eager schedule's measured
@@ -66,7 +116,8 @@ def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active
     if hw is None or active >= rows:
         return True
     matrices = [tuple(w.shape) for spec, layer in zip(specs, resident, strict=True) if spec.kind != "embed"
-                for w in layer.values() if isinstance(w, torch.Tensor) and w.dim() == 2 and min(w.shape) > 1]
+                for w in layer.values() if isinstance(w, (torch.Tensor, CodesMatrix)) and len(w.shape) == 2
+                and min(w.shape) > 1]
     fixed, rate = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
     per_row = 2 * config.num_kv_heads * config.head_dim * length * getattr(torch, dtype).itemsize  # K and V bytes
 
@@ -132,15 +183,17 @@ class _Batch:
 class StaticDecode:
     """Decode steps of whole GPU batches from static buffers: captured and replayed on CUDA, eager elsewhere."""
 
-    def __init__(self, config, policy, specs, resident: list, device, dtype: torch.dtype, rotary, ledger) -> None:
-        """resident: per layer its weights, or None when they are not all resident (then never used)."""
-        self.config, self.specs, self.resident = config, specs, resident
-        # every layer's weights usable where they are, every cached position attended (no top-k), a MoE's experts
-        # each over every row where that wins for a batch's rows
-        self.possible = (all(w is not None for w in resident) and policy.attn_sparsity == 1
-                         and (not config.moe or every_expert_wins(cached_profile(device), config,
-                                                                  str(dtype).removeprefix("torch."),
-                                                                  policy.gpu_batch_size)))
+    def __init__(self, config, policy, specs, weights: list, device, dtype: torch.dtype, rotary, ledger) -> None:
+        """weights: per layer what the step multiplies (graph_weights), or None when a weight must be fetched
+        (then never used)."""
+        self.config, self.specs, self.weights = config, specs, weights
+        # every layer's weights usable where they are (4-bit codes too, where the graph wins with them), every
+        # cached position attended (no top-k), a MoE's experts each over every row where that wins for its rows
+        hw, name, rows = cached_profile(device), str(dtype).removeprefix("torch."), policy.gpu_batch_size
+        codes = codes_shapes(weights)
+        self.possible = (all(w is not None for w in weights) and policy.attn_sparsity == 1
+                         and (not config.moe or (every_expert_wins(hw, config, name, rows) and not any(codes)))
+                         and codes_graph_wins(hw, config.family, codes, name, rows, policy.num_gpu_batches))
         self.device, self.dtype, self.rotary, self.ledger = device, dtype, rotary, ledger
         self.capture = device.is_cuda  # False: the step runs eagerly (a CPU; tests)
         self.batches: dict[int, _Batch] = {}
@@ -181,7 +234,7 @@ class StaticDecode:
         replayed step reads the whole max_len), by this machine's stored profile; decided once per count."""
         key = (active, block.prompt_len + block.gen_len)
         if key not in self._replays:
-            self._replays[key] = replay_wins(cached_profile(self.device), self.config, self.specs, self.resident,
+            self._replays[key] = replay_wins(cached_profile(self.device), self.config, self.specs, self.weights,
                                              str(self.dtype).removeprefix("torch."), self.policy_rows, active, key[1])
         return self._replays[key]
 
@@ -248,7 +301,7 @@ class StaticDecode:
         rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         h = logits = None
         layer = 0
-        for spec, w in zip(self.specs, self.resident, strict=True):
+        for spec, w in zip(self.specs, self.weights, strict=True):
             if spec.kind == "embed":
                 h = L.embed(w, s.ids, positions, cfg)
             elif spec.kind == "mlp":

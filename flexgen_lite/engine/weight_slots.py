@@ -174,9 +174,7 @@ class WeightSlots:
         """A 4-bit matrix in compute memory that a decode step of `step_rows` rows multiplies as stored
         (int4_gemv_triton.CodesMatrix), not dequantized into its slot beforehand: unless this kind of product
         measured faster through the slot, which is then filled beside compute as before."""
-        return (0 < self.step_rows <= int4_gemv_triton.GEMV_ROWS and isinstance(t.data, QuantizedTensor)
-                and t.mapped is None and t.data.data.device == self.device.device
-                and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(self.device.device)
+        return (0 < self.step_rows <= int4_gemv_triton.GEMV_ROWS and codes_in_memory(t, self.device.device)
                 and not int4_gemv_triton.slot_chosen(t.shape, self.step_rows, t.dtype, t.compression.group_size,
                                                      self.step_uses))
 
@@ -231,3 +229,10 @@ class WeightSlots:
             if t.mapped is not None and (t.compression is None or t.int4) and id(t.data) not in done:
                 done.add(id(t.data))
                 t.data.release()
+
+
+def codes_in_memory(t: StoredWeight, device: torch.device) -> bool:
+    """Whether `t` is a 4-bit matrix held as codes in `device`'s memory that the GPU's kernel may multiply as
+    stored (int4_gemv_triton: a layout it reads, enabled there)."""
+    return (isinstance(t.data, QuantizedTensor) and t.mapped is None and t.data.data.device == device
+            and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(device))

@@ -88,7 +88,8 @@ class CodesMatrix:
     batch reads it). Timing a dequantization per product (sessions 27-28) charged the slot `uses` times over."""
 
     q: QuantizedTensor
-    slot: torch.Tensor  # the weight's slot (its dtype the compute dtype)
+    slot: torch.Tensor | None  # the weight's slot (its dtype the compute dtype); None: the kernel alone (a CUDA
+    # graph's step, decode_graph.py, which has no slot to fill and chose the kernel before capturing)
     uses: int = 1  # the step's products by this matrix
 
     @property
@@ -96,6 +97,8 @@ class CodesMatrix:
         return self.q.shape
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot is None:
+            return matmul(x, self.q)
         if not wanted(self.q, x):
             return self.dense(x)
         if not by_measurement(x):  # asked for (tests; a CPU: the interpreter)

@@ -112,6 +112,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
     kept = decode and codes_kept(s, s.gbs)
+    graphed = kept and graph_decode(s)  # a CUDA graph's step multiplies every 4-bit matrix by the kernel
     wins: dict[tuple, bool] = {}  # codes_win by product: a mixture's experts are alike
     alike: Counter = Counter()
     for spec in layer.weights:
@@ -123,7 +124,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
         if kept and dequantized:
             product = (expert_rows(s.gbs, spec.share), spec.shape[1], spec.shape[0])
             if product not in wins:
-                wins[product] = codes_win(s, *product, s.nb)
+                wins[product] = graphed or codes_win(s, *product, s.nb)
             codes = wins[product]
         values = math.prod(spec.shape) * ((c + d) if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1
@@ -164,16 +165,17 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
               "mlp": rows * s.e * (4 * h + 3 * f) + routing,
               "head": rows * v * (s.e + 12)}  # elementwise bytes: norms, rope, residuals, logits to fp32
     bw = hw.device_copy if s.cuda else hw.host_copy
-    if t == 1 and graph_decode(s):  # a CUDA graph's step: every expert over every row (layers.every_expert)
+    graphed = t == 1 and graph_decode(s)
+    if graphed:  # a CUDA graph's step: every expert over every row (layers.every_expert)
         linears = [(k, n, 1.0) for k, n, _ in linears]
-    products, dequantize = products_time(s, kind, rows, nb, linears, codes)
+    products, dequantize = products_time(s, kind, rows, nb, linears, codes, graphed)
     seg.add("compute", nb * passes[kind] / bw + products, waits=False)
     if dequantize:
         seg.add("dequantize", dequantize, waits=False)
     if kind == "attention" and t > 1:  # prefill attends over its own k, v (masked, full square)
         sdpa = 4 * gbs * c.num_heads * t * (keys or t) * c.head_dim
         seg.add("compute", nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
-    if not (t == 1 and (graph_decode(s) or fused_decode(s))):  # a step without the schedule's Python
+    if not (graphed or (t == 1 and fused_decode(s))):  # a step without the schedule's Python
         per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
         seg.add("overhead", per_layer + nb * per_batch, waits=False)  # measured eager on tiny models
     return seg

@@ -9,7 +9,7 @@ import math
 from collections import Counter
 
 from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
-from ..engine.decode_graph import every_expert_wins, graphs_wanted
+from ..engine.decode_graph import codes_graph_wins, every_expert_wins, graphs_wanted
 from ..engine.weights import DECODER_KINDS, in_8_bits
 from ..kernels import int4_gemv_triton
 from ..kernels.int4_cost import int4_cost
@@ -55,13 +55,19 @@ def fused_decode(s: Setup) -> bool:
 
 def graph_decode(s: Setup) -> bool:
     """Whether the engine runs this policy's decode steps as CUDA graphs (engine/decode_graph.py): on CUDA, with
-    everything resident and uncompressed in compute memory, attention on the GPU over the whole cache, a MoE's
+    everything in compute memory (an uncompressed cache; weights dense, or 4-bit where the kernel multiplies them
+    as stored and the graph wins with it: codes_graph_wins), attention on the GPU over the whole cache, a MoE's
     experts each over every row where that wins."""
     p = s.policy
     resident = all(p.percents(kind)[0] == 100 for kind in ("weight", "cache", "act"))
-    return (s.cuda and resident and graphs_wanted() and s.wcomp is None and s.ccomp is None
-            and p.attn_sparsity == 1 and not p.cpu_cache_compute
-            and every_expert_wins(s.hw, s.config, s.dname, s.gbs))
+    if not (s.cuda and resident and graphs_wanted() and s.ccomp is None and p.attn_sparsity == 1
+            and not p.cpu_cache_compute and every_expert_wins(s.hw, s.config, s.dname, s.gbs)):
+        return False
+    if s.wcomp is None:
+        return True
+    layers = [[spec.shape for spec in s.kinds[kind].weights if s.compressed(spec)] for kind in DECODER_KINDS]
+    return (not s.config.moe and codes_kept(s, s.gbs)
+            and codes_graph_wins(s.hw, s.config.family, layers * s.config.num_layers, s.dname, s.gbs, s.nb))
 
 
 def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
@@ -77,13 +83,14 @@ def expert_rows(rows: int, share: float) -> int:
     return rows if share == 1 else max(1, math.ceil(rows * share))
 
 
-def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: float = 0.0) -> tuple[float, float]:
+def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: float = 0.0,
+                  graphed: bool = False) -> tuple[float, float]:
     """(matmul seconds, dequantization seconds) of `nb` GPU batches' products in a layer of `kind`, `rows` rows
     each: dense weights at the profile's matmul rate (`_dense_time`); weights stored for the CPU's int4 kernel
     multiplied as stored, by tiles, or dequantized once in the compute thread and multiplied dense, as
     int4_path chooses (int4_cost); the `codes` share of a GPU's 4-bit matrices kept as codes (codes_kept) by the
-    kernel where it wins (`codes_win`). linears: `matmuls` of the layer's weights (a CUDA graph's: every
-    expert)."""
+    kernel where it wins (`codes_win`; in a CUDA graph, `graphed`, always). linears: `matmuls` of the layer's
+    weights (a CUDA graph's: every expert)."""
     matmul, dequantize = 0.0, 0.0
     compressed = {(spec.shape[1], spec.shape[0]) for spec in s.kinds[kind].weights if s.compressed(spec)} \
         if codes else set()  # read only where a step keeps codes: not on every plan the search prices
@@ -92,9 +99,10 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
         if kernel_weight(s, kind, (n, k)):  # alike products (a mixture's experts) priced once, times their count
             cost = int4_cost(s.hw, s.dname, m, nb, k, n)
             matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
-        elif codes and (k, n) in compressed and codes_win(s, m, k, n, nb):
+        elif codes and (k, n) in compressed and (graphed or codes_win(s, m, k, n, nb)):
             dense = _dense_time(s, kind, m, k, n)
-            kernel = interpolated_time(s.hw.int4_gemv[s.dname], m, k, n)
+            points = (s.hw.int4_gemv or {}).get(s.dname)  # unmeasured (a graph's step runs it still): as dense
+            kernel = interpolated_time(points, m, k, n) if points else dense
             matmul += count * nb * (codes * kernel + (1 - codes) * dense)
         else:
             matmul += count * nb * _dense_time(s, kind, m, k, n)
@@ -112,7 +120,9 @@ def codes_kept(s: Setup, rows: int) -> bool:
 def codes_share(s: Setup, lay: Layout, kind: str) -> float:
     """The share (by bytes) of a decoder layer's 4-bit matrices in GPU memory, which a decode step keeping codes
     multiplies as stored or dequantizes in the compute stream (codes_kept); 0 where it does not keep them."""
-    if kind not in DECODER_KINDS or s.config.num_layers <= 2 or not codes_kept(s, s.gbs):
+    if kind not in DECODER_KINDS or not codes_kept(s, s.gbs):
+        return 0.0
+    if s.config.num_layers <= 2 and not graph_decode(s):
         return 0.0  # a model of two layers or fewer keeps each one's matrices dequantized in its own slots
     specs = [spec for spec in s.kinds[kind].weights if s.compressed(spec)]
     total = sum(s.tensor_bytes(spec) for spec in specs)
