@@ -362,3 +362,48 @@ def test_cuda_graph_decode_matches_eager_and_is_captured_once(tiny_models, monke
             assert graph[0] == eager[0]
         for a, b in zip(eager[1], graph[1], strict=True):
             torch.testing.assert_close(a[steps], b[steps], atol=tol, rtol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_cuda_graph_decode_over_4_bit_codes(tiny_models, monkeypatch, family):
+    """`--compress-weight` with the weights in GPU memory: decode steps replayed from one graph per batch whose
+    products read the 4-bit codes by the Triton kernel (decode_graph.graph_weights), with the eager step's tokens
+    and logits; the kernel is called from Python while a batch is captured, never by a replay."""
+    import flexgen_lite.kernels.int4_gemv_triton as gemv
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(decode_graph, "_failed", [])
+    monkeypatch.setattr(decode_graph, "codes_graph_wins", lambda *args: True)
+    calls, matmul, run = [], gemv.matmul, decode_graph.StaticDecode.run
+    monkeypatch.setattr(gemv, "matmul", lambda x, q, splits=None: calls.append(1) or matmul(x, q, splits))
+    replays = []
+
+    def counted_run(self, cache, block, b, start):
+        captured, before = b in self.batches and self.batches[b].graph is not None, len(calls)
+        out = run(self, cache, block, b, start)
+        if captured:
+            replays.append(len(calls) - before)
+        return out
+
+    monkeypatch.setattr(decode_graph.StaticDecode, "run", counted_run)
+    prompts = [[2, 17, 43, 99], [2, 300, 5, 6], [2, 88, 91, 92], [2, 400]]
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    for dtype, tol in (("float32", 1e-4), ("float16", 2e-2)):
+        policy = dataclasses.replace(P(gbs=2, nb=2), dtype=dtype, compress_weight=True)
+        results = []
+        for static in (False, True):
+            with FlexGenLite(str(tiny_models[family][0]), policy=policy, device="cuda") as m:
+                m.engine.static_decode = static
+                results.append(m.generate_ids(prompts, sampling, return_logits=True))
+                kernels, static_step = m.engine.times.attention, m.engine.static
+        assert static_step.possible and not decode_graph._failed, decode_graph._failed
+        assert static_step.captures == 2 and all(k.startswith("graph+") for k in kernels[1:]), kernels
+        assert len(replays) == 2 * 6 and not any(replays), replays  # steps 2-7 of both batches: replays alone
+        replays.clear()
+        eager, graph = results
+        steps = slice(None) if dtype == "float32" else slice(0, 2)
+        if dtype == "float32":
+            assert graph[0] == eager[0]
+        for a, b in zip(eager[1], graph[1], strict=True):
+            torch.testing.assert_close(a[steps], b[steps], atol=tol, rtol=tol)
