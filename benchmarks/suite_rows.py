@@ -100,8 +100,8 @@ GPU_ROWS = [
         "it fits the run (its decode step is gen 32's; its total weighs the prefill more)", expect_s=200, gen_len=8),
     Row("opt-13b-4bit-gpu", "facebook/opt-13b",
         _f("--percent 100 0 100 0 100 0 --compress-weight --gpu-batch-size 32 --num-gpu-batches 2"), 120,
-        "4-bit weights (7.3 GB) in GPU memory: decode steps multiply them as stored (int4_gemv_triton), FlexGen "
-        "dequantizes every layer each step", flexgen=_f("--percent 100 0 100 0 100 0 --compress-weight "
+        "4-bit weights (7.3 GB) in GPU memory: decode steps are CUDA graphs multiplying them as stored "
+        "(int4_gemv_triton), FlexGen dequantizes every layer each step", flexgen=_f("--percent 100 0 100 0 100 0 --compress-weight "
                                                          "--gpu-batch-size 32 --num-gpu-batches 2"),
         expect_s=20, flexgen_expect_s=60),
     Row("llama-2-7b-cpu-attn-and-link", "llama-2-7b",
