@@ -33,6 +33,7 @@ from .decode_attention import DecodeAttention
 from .decode_fused import FusedDecode
 from .decode_graph import StaticDecode, graph_weights, graphs_wanted
 from .kv_cache import CacheSlots, KVCache, ring_positions
+from .layer_graph import LayerGraphs
 from .pending_attention import PendingAttention
 from .policy import Policy
 from .shared_prefix import SharedPrefix
@@ -90,6 +91,9 @@ class Engine(DecodeAttention, Transfers):
             if graphs_wanted() else self.resident
         self.static = StaticDecode(config, policy, specs, graphed, device, dtype, self.rotary, ledger)
         self.static_decode = device.is_cuda and graphs_wanted()
+        # where the step is not one graph, its layers each replayed from one (layer_graph.py) where they can be
+        self.layer_graphs = LayerGraphs(self.static, policy)
+        self.layer_graph_decode = device.is_cuda and graphs_wanted()
         # on a CPU, a Llama-family decode step's layers in one C call where everything is in memory (decode_fused.py)
         self.fused = FusedDecode(config, policy, specs, weights, self.resident, device, dtype, self.rotary)
         self.fused_decode = self.fused.possible
@@ -215,7 +219,11 @@ class Engine(DecodeAttention, Transfers):
                     with span(WAIT, stream=C):
                         h.wait()
                 with span(COMPUTE, stream=C):
-                    out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
+                    if isinstance(h, PendingAttention):
+                        h = h.result()  # its output projection (then the next layer may be a graph's)
+                    out = self._graphed_layer(spec, weights, h, block, b, inputs[b], start, step)
+                    if out is None:
+                        out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                     if spec.kind == "head":
                         active = inputs[b]["active"]
                         block.record(b, sample(out, sampling, block.row_generators(b, active)), active,
@@ -251,6 +259,17 @@ class Engine(DecodeAttention, Transfers):
         if self.logits is not None:
             self._keep_logits(block, step, b, logits, active)
         return True
+
+    def _graphed_layer(self, spec, weights, h, block: Block, b: int, inputs: dict, start: int, step: int):
+        """Decoder layer `spec` of batch b's decode step as a CUDA graph's replay (layer_graph.py) where it can run
+        so; None: the caller computes it eagerly."""
+        if not (self.layer_graph_decode and step > 0 and spec.kind in ("attention", "mlp")
+                and self.layer_graphs.usable(spec, weights, h, self.cache, b, inputs, self.acts, self._in_place[b])):
+            return None
+        out = self.layer_graphs.run(spec, weights, h, self.cache, block, b, start)
+        if out is not None and spec.kind == "attention":
+            self._kernels.add(f"graph+{self.static.kernel}")
+        return out
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:
         if len(self.logits) == step:
@@ -352,6 +371,7 @@ class Engine(DecodeAttention, Transfers):
         """Drop the KV cache and its slots (before a longer one is checked and made: no room counted twice)."""
         self.cache = None
         self.static.reset()
+        self.layer_graphs.reset()
         self.fused.reset()
         self.cache_slots.buffers.clear()
         if self.device.is_cuda:

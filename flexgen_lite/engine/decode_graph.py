@@ -300,27 +300,32 @@ class StaticDecode:
         slots = {n: self._slots(s, n) for n in {k.shape[2] for k, _ in s.kv}}  # a full cache's, each ring's
         rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         h = logits = None
-        layer = 0
         for spec, w in zip(self.specs, self.weights, strict=True):
             if spec.kind == "embed":
                 h = L.embed(w, s.ids, positions, cfg)
-            elif spec.kind == "mlp":
-                h = L.mlp(w, h, cfg, every_row=True)
             elif spec.kind == "head":
                 logits = L.head(w, h[:, -1], cfg)
             else:
-                x = L.block_input(h, w, cfg)
-                q, k, v = L.qkv(w, x, L.layer_rope(rope, cfg, layer), cfg)
-                k_cache, v_cache = s.kv[layer]
-                slot, seen = slots[k_cache.shape[2]]
-                k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
-                v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
-                layer += 1
-                h = L.attention_output(w, self._attend(q, k_cache, v_cache, seen, L.sinks(w, cfg)), h, cfg)
+                h = self.layer(spec, w, h, s.kv, slots, rope)
         if s.logits is not None:
             s.logits.copy_(logits)
             return s.logits
         return logits
+
+    def layer(self, spec, w: dict, h: torch.Tensor, kv: list, slots: dict, rope) -> torch.Tensor:
+        """A decoder layer of the static step (`spec` of kind attention or mlp, weights `w`) on hidden states h:
+        attention writes the new k, v into its layer's cache `kv[spec.index]` at the slot and attends the whole
+        cache under the mask, both from `slots` (by capacity: _slots); rope: the rows' tables."""
+        cfg = self.config
+        if spec.kind == "mlp":
+            return L.mlp(w, h, cfg, every_row=True)
+        x = L.block_input(h, w, cfg)
+        q, k, v = L.qkv(w, x, L.layer_rope(rope, cfg, spec.index), cfg)
+        k_cache, v_cache = kv[spec.index]
+        slot, seen = slots[k_cache.shape[2]]
+        k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
+        return L.attention_output(w, self._attend(q, k_cache, v_cache, seen, L.sinks(w, cfg)), h, cfg)
 
     @staticmethod
     def _slots(s: _Batch, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

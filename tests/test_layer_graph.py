@@ -1,0 +1,164 @@
+"""Decode-step layers replayed one at a time (layer_graph.py) where the schedule streams weights, run eagerly on the
+CPU and across the `cpu+link` tier: transformers' tokens and logits under every placement it can take; the eager
+schedule where it cannot (CPU attention, rows that finished, activations off compute memory); each graph captured
+once and replayed; a failed capture warns once and runs eagerly.
+Its CUDA graphs themselves: test_gpu_hot_path.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import flexgen_lite.engine.layer_graph as layer_graph
+from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.engine.layer_graph import LayerGraphs
+
+from .conftest import PROMPTS, make_checkpoint
+from .test_decode_graph import EQUAL, LOGITS_ATOL, SAMPLING, FakeGraph, P, assert_same
+
+WEIGHTS_OFF = (0, 100, 100, 0, 100, 0)
+
+
+@pytest.fixture(autouse=True)
+def no_failure_yet(monkeypatch):
+    monkeypatch.setattr(layer_graph, "_failed", [])
+
+
+@pytest.fixture
+def layer_runs(monkeypatch) -> list[tuple[str, int, int]]:
+    """(kind, batch, position) of every layer run from its graph."""
+    runs, real = [], LayerGraphs.run
+
+    def run(self, spec, weights, h, cache, block, b, start):
+        out = real(self, spec, weights, h, cache, block, b, start)
+        if out is not None:
+            runs.append((spec.kind, b, start))
+        return out
+
+    monkeypatch.setattr(LayerGraphs, "run", run)
+    return runs
+
+
+def generate(model_dir, prompts, policy, graphs: bool, device="cpu+link", sampling=SAMPLING, capture=False):
+    with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
+        m.engine.layer_graph_decode, m.engine.layer_graphs.capture = graphs, capture
+        ids, logits = m.generate_ids(prompts, sampling, return_logits=True)
+        return ids, logits, m.engine.times.attention
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gemma2", "gpt-oss"])
+# learned positions; rope, grouped heads; capped scores, windows (rings); sinks and windows
+def test_layers_from_graphs_match_transformers_with_weights_streamed(tiny_models, references, layer_runs, family):
+    """Weights in host RAM, crossing the link each step into slots: every decode step's attention and MLP layers
+    of both batches run from their graphs, with transformers' tokens and logits (left-padded rows too)."""
+    ours = generate(tiny_models[family][0], PROMPTS, P(WEIGHTS_OFF), graphs=True)
+    assert_same(ours, references[family])
+    layers = tiny_models[family][1].config.num_hidden_layers
+    moe = family == "gpt-oss"  # its experts stay eager (host-side routing)
+    attention = [run for run in layer_runs if run[0] == "attention"]
+    assert len(layer_runs) == len(attention) * (1 if moe else 2)
+    # every layer of each batch's decode steps; the first block's 2 batches x 7 at least (a batch with a filler
+    # row, finished from the start, runs eagerly)
+    assert len(attention) % layers == 0 and len(attention) // layers >= 2 * 7
+    assert "graph+" in ours[2][1], ours[2]  # (the last block: its batch with a filler row eager)
+
+
+@pytest.mark.parametrize("percent,kinds", [
+    ((0, 100, 100, 0, 0, 100), set()),  # hidden states in host RAM between layers: eager
+    ((100, 0, 0, 100, 100, 0), {"mlp"}),  # cache in host RAM, read across the link: MLPs from graphs
+    ((50, 50, 100, 0, 100, 0), {"attention", "mlp"}),  # half the layers resident, half streamed
+], ids=["activations-off", "cache-off", "weights-half"])
+def test_what_each_placement_runs_from_graphs(tiny_models, references, layer_runs, percent, kinds):
+    ours = generate(tiny_models["opt"][0], PROMPTS, P(percent), graphs=True)
+    assert {kind for kind, _, _ in layer_runs} == kinds
+    assert_same(ours, references["opt"])
+
+
+def test_cpu_attention_and_4_bit_weights(tiny_models, layer_runs):
+    """CPU attention beside the link (its layers eager, its MLPs from graphs), and 4-bit weights dequantized into
+    slots (every layer from graphs): the eager schedule's tokens and logits."""
+    model_dir = tiny_models["llama"][0]
+    for policy in (dataclasses.replace(P((100, 0, 0, 100, 100, 0)), cpu_cache_compute=True),
+                   dataclasses.replace(P(WEIGHTS_OFF), compress_weight=True)):
+        layer_runs.clear()
+        graphed = generate(model_dir, PROMPTS, policy, graphs=True)
+        kinds = {kind for kind, _, _ in layer_runs}
+        assert kinds == ({"mlp"} if policy.cpu_cache_compute else {"attention", "mlp"})
+        assert_same(graphed, generate(model_dir, PROMPTS, policy, graphs=False), atol=1e-4)
+
+
+def test_rows_that_finish_run_eagerly(tiny_models, layer_runs):
+    """A batch with a finished row (as eos would end it) runs its layers eagerly from then on (its graphs are for
+    all rows); the other batch stays graphed; the outputs are the eager schedule's."""
+    def finish_row_0(block) -> None:
+        if block.generated == 3:
+            block.finished[0] = True
+
+    results = []
+    for graphs in (False, True):
+        with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF), device="cpu+link") as m:
+            m.engine.layer_graph_decode = graphs
+            block = m._run_block(EQUAL, SAMPLING, keep_logits=True, report=finish_row_0)
+            results.append(([block.new_tokens(r) for r in range(4)], torch.stack(m.engine.logits)))
+    assert results[0][0] == results[1][0] and len(results[0][0][0]) == 3
+    torch.testing.assert_close(results[0][1], results[1][1], atol=LOGITS_ATOL, rtol=0, equal_nan=True)
+    prompt_len = len(EQUAL[0])
+    assert max(start for _, b, start in layer_runs if b == 0) == prompt_len + 1  # graphed until row 0 finished
+    assert max(start for _, b, start in layer_runs if b == 1) == prompt_len + 6
+
+
+def test_each_graph_captured_once_and_replayed(tmp_path, monkeypatch):
+    """A 4-layer model with streamed weights (two slots a kind, each refilled every other layer): per batch, one
+    graph per layer (its norms and biases, resident, are its own), captured at the first decode step and replayed
+    at every later one, a second block included (the same cache); the eager schedule's outputs."""
+    make_checkpoint(tmp_path, "opt", seed=3, num_hidden_layers=4)
+    counts = {"captures": 0, "replays": 0}
+
+    def capture(forward, pool):
+        counts["captures"] += 1
+        return FakeGraph(forward, counts)
+
+    monkeypatch.setattr(layer_graph, "capture_graph", capture)
+    eager = generate(tmp_path, EQUAL, P(WEIGHTS_OFF), graphs=False)
+    with FlexGenLite(str(tmp_path), policy=P(WEIGHTS_OFF), device="cpu+link") as m:
+        m.engine.layer_graph_decode, m.engine.layer_graphs.capture = True, True
+        for _ in range(2):
+            ids, logits = m.generate_ids(EQUAL, SAMPLING, return_logits=True)
+            assert_same((ids, logits), eager)
+        assert m.engine.layer_graphs.captures == counts["captures"]
+    assert counts["captures"] == 2 * 2 * 4  # batches, kinds, layers
+    assert counts["replays"] == 2 * 7 * 2 * 2 * 4  # two blocks, 7 decode steps, batches, kinds, layers
+
+
+def test_a_failed_capture_warns_once_and_runs_eagerly(tiny_models, references, monkeypatch, layer_runs):
+    def capture(forward, pool):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(layer_graph, "capture_graph", capture)
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF), device="cpu+link") as m:
+        m.engine.layer_graph_decode, m.engine.layer_graphs.capture = True, True
+        with pytest.warns(UserWarning, match="decode steps' layers failed here.*operation not permitted"):
+            first = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            second = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
+    assert layer_runs == [] and layer_graph._failed
+    assert_same(first, references["opt"])
+    assert_same(second, references["opt"])
+
+
+def test_a_replay_that_disagrees_with_the_eager_run_is_refused(tiny_models, references, monkeypatch):
+    class WrongGraph(FakeGraph):
+        def replay(self) -> None:
+            self.forward().mul_(-1)
+
+    monkeypatch.setattr(layer_graph, "capture_graph", lambda forward, pool: WrongGraph(forward, {}))
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF), device="cpu+link") as m:
+        m.engine.layer_graph_decode, m.engine.layer_graphs.capture = True, True
+        with pytest.warns(UserWarning, match="differ from the eager step's"):
+            out = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
+                                 return_logits=True)
+    assert_same(out, references["opt"])
