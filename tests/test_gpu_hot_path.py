@@ -407,3 +407,38 @@ def test_cuda_graph_decode_over_4_bit_codes(tiny_models, monkeypatch, family):
             assert graph[0] == eager[0]
         for a, b in zip(eager[1], graph[1], strict=True):
             torch.testing.assert_close(a[steps], b[steps], atol=tol, rtol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("compress", [False, True], ids=["fp", "4-bit"])
+def test_cuda_layer_graphs_where_weights_stream(tiny_models, monkeypatch, family, compress):
+    """Weights in host RAM crossing the link each step (4-bit too, dequantized into slots): each decode-step layer
+    of a batch replayed from its own CUDA graph (layer_graph.py) while the weights' copies run on their streams,
+    with the eager schedule's tokens and logits; captured once (layers x kinds x batches) and replayed after, for
+    a second block too."""
+    import flexgen_lite.engine.layer_graph as layer_graph
+
+    monkeypatch.setattr(layer_graph, "_failed", [])
+    prompts = [[2, 17, 43, 99], [2, 300, 5, 6], [2, 88, 91, 92], [2, 400]]
+    sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
+    for dtype, tol in (("float32", 1e-4), ("float16", 2e-2)):
+        policy = dataclasses.replace(P((0, 100, 100, 0, 100, 0), gbs=2, nb=2), dtype=dtype, compress_weight=compress)
+        results = []
+        for graphs in (False, True):
+            with FlexGenLite(str(tiny_models[family][0]), policy=policy, device="cuda") as m:
+                m.engine.layer_graph_decode = graphs
+                for _ in range(2):
+                    results.append(m.generate_ids(prompts, sampling, return_logits=True))
+                kernels, captures = m.engine.times.attention, m.engine.layer_graphs.captures
+                layers = m.config.num_layers
+        assert not layer_graph._failed, layer_graph._failed
+        assert captures == 2 * 2 * layers, captures
+        assert all("graph+" in k for k in kernels[1:]), kernels
+        eager, graph = results[0], results[2]
+        assert results[3][0] == graph[0]
+        steps = slice(None) if dtype == "float32" else slice(0, 2)
+        if dtype == "float32":
+            assert graph[0] == eager[0]
+        for a, b in zip(eager[1], graph[1], strict=True):
+            torch.testing.assert_close(a[steps], b[steps], atol=tol, rtol=tol)

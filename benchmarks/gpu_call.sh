@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call (docs/gpu.md, "The next GPU session"): the suite, then the compressed OPT-13B row again on the
+# same machine with the suite's profile, with CUDA graphs off (FLEXGEN_LITE_CUDA_GRAPHS=0: the eager schedule's
+# layers, to weigh engine/layer_graph.py) and, where a copy of an older tree was carried in .old-1205/, at that
+# commit (its own profile: it measures one). At most 7 files under $OUT: the suite's five, eager-suite.json,
+# old-1205-suite.json. Each part within its own time; the whole within SUITE_S + 70 + 150 seconds.
+#
+#   run(command="PYTHONUNBUFFERED=1 bash benchmarks/gpu_call.sh 2>&1 | tail -c 8000", carry=[".whl", ".old-1205"])
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_call.sh --cpu-smoke     # every part on tiny models, on the CPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac  # the old tree's script runs from its own folder
+SMOKE=() && [ "${1:-}" = --cpu-smoke ] && SMOKE=(--cpu-smoke)
+PARITY="tests/test_parity.py tests/test_offload_features.py tests/test_gpu_hot_path.py tests/test_decode_graph.py
+tests/test_decode_attention_triton.py tests/test_quantize_triton.py tests/test_shared_decode.py
+tests/test_sliding_window.py tests/test_gemma3.py tests/test_window_ring.py tests/test_gpt_oss.py tests/test_moe.py
+tests/test_quantized_attention.py tests/test_sink_attention.py tests/test_quantized_attention_triton.py
+tests/test_int4_gemv_triton.py"
+ROW=opt-13b-cpu-weights-compress
+
+bash benchmarks/gpu_suite.sh "${SMOKE[@]}" --out "$OUT" --time-limit "${SUITE_S:-380}" \
+  --checks cpu,kernels,attention,quantize,codes,matmul --parity-workers 4 --parity-tests "${PARITY//$'\n'/ }" \
+  ${SMOKE:+--skip-parity --skip-checks} 2>&1 | tail -c 6000
+
+echo "===== $ROW, CUDA graphs off"
+FLEXGEN_LITE_CUDA_GRAPHS=0 FLEXGEN_LITE_PROFILE="$OUT/profile.json" timeout 70 bash benchmarks/gpu_suite.sh \
+  "${SMOKE[@]}" --rows "$ROW" --skip-parity --skip-checks --no-flexgen --time-limit 60 --out /tmp/gpu-call-eager \
+  2>&1 | tail -12
+cp /tmp/gpu-call-eager/gpu_suite.json "$OUT/eager-suite.json"
+
+if [ -d .old-1205 ]; then  # PYTHONPATH at its tree: its script's pip install -e would take over this one's
+  echo "===== $ROW at the 2026-12-05 commit"
+  PYTHONPATH=$PWD/.old-1205 PYTHON=$PY timeout 150 bash .old-1205/benchmarks/gpu_suite.sh "${SMOKE[@]}" --rows "$ROW" \
+    --skip-parity --skip-checks --no-flexgen --time-limit 140 --out /tmp/gpu-call-old 2>&1 | tail -12
+  cp /tmp/gpu-call-old/gpu_suite.json "$OUT/old-1205-suite.json"
+fi
+ls -la "$OUT"
