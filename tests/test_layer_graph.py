@@ -162,3 +162,33 @@ def test_a_replay_that_disagrees_with_the_eager_run_is_refused(tiny_models, refe
             out = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
                                  return_logits=True)
     assert_same(out, references["opt"])
+
+
+def test_the_cost_model_prices_replayed_layers(monkeypatch):
+    """On CUDA a decode step's layers that the engine replays from graphs (products_cost.layer_graphed: as
+    LayerGraphs.usable decides them) cost a replay's few calls a batch, not the eager layer's measured overhead;
+    activations off the GPU, a cache it does not hold or a CPU attending keep theirs; graphs off: all eager."""
+    from flexgen_lite.engine import decode_graph
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Setup, Workload
+    from flexgen_lite.planning.products_cost import layer_graphed
+
+    from .conftest import synthetic_profile
+    from .test_cost_model_cuda import CONFIG
+
+    hw, work = synthetic_profile(cuda=True), Workload(512, 32, 256)
+
+    def policy(percent, **kw):
+        return dataclasses.replace(P(percent, gbs=32, nb=4), dtype="float16", **kw)
+
+    def graphed(p) -> set[str]:
+        return {kind for kind in ("attention", "mlp") if layer_graphed(Setup(CONFIG, work, p, hw), kind)}
+
+    assert graphed(policy(WEIGHTS_OFF)) == graphed(policy(WEIGHTS_OFF, compress_weight=True)) == {"attention", "mlp"}
+    assert graphed(policy((0, 100, 0, 100, 100, 0))) == {"mlp"}
+    assert graphed(policy((0, 100, 100, 0, 0, 100))) == set()
+    assert graphed(policy((100, 0, 0, 100, 100, 0), cpu_cache_compute=True)) == {"mlp"}
+    replayed = predict(CONFIG, work, policy(WEIGHTS_OFF), hw).decode_by["overhead"]
+    monkeypatch.setenv(decode_graph.ENV, "0")
+    assert graphed(policy(WEIGHTS_OFF)) == set()
+    assert predict(CONFIG, work, policy(WEIGHTS_OFF), hw).decode_by["overhead"] > replayed

@@ -30,6 +30,7 @@ from ..system.hardware import HardwareProfile
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 from .products_cost import (
+    REPLAY_OPS,
     codes_kept,
     codes_share,
     codes_win,
@@ -37,6 +38,7 @@ from .products_cost import (
     fused_decode,
     graph_decode,
     kernel_weight,
+    layer_graphed,
     products_time,
 )
 
@@ -177,6 +179,8 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
         seg.add("compute", nb * sdpa / hw.prefill_attention_rate(s.dname), waits=False)
     if not (graphed or (t == 1 and fused_decode(s))):  # a step without the schedule's Python
         per_layer, per_batch = hw.layer_overhead.get(c.family, hw.layer_overhead["opt"])
+        if t == 1 and layer_graphed(s, kind):  # each batch's layer a graph's replay
+            per_batch = REPLAY_OPS * hw.op_overhead
         seg.add("overhead", per_layer + nb * per_batch, waits=False)  # measured eager on tiny models
     return seg
 

@@ -70,6 +70,25 @@ def graph_decode(s: Setup) -> bool:
             and codes_graph_wins(s.hw, s.config.family, layers * s.config.num_layers, s.dname, s.gbs, s.nb))
 
 
+REPLAY_OPS = 3  # a layer graph's replay in host time, in the profile's torch calls (its key, checks and launch)
+
+
+def layer_graphed(s: Setup, kind: str) -> bool:
+    """Whether the engine replays a decode step's layers of `kind` from CUDA graphs, one a layer and batch
+    (engine/layer_graph.py): on CUDA, hidden states in GPU memory, every position attended, weights in slots or
+    resident as tensors (not a GPU's 4-bit codes kept as stored); an MLP of a dense model; an attention layer over a
+    cache all in GPU memory, uncompressed, attended there."""
+    p = s.policy
+    if not (s.cuda and graphs_wanted() and p.attn_sparsity == 1 and p.percents("act")[0] == 100):
+        return False
+    if codes_kept(s, s.gbs) and p.percents("weight")[0] > 0:
+        return False  # layers homed in GPU memory keep codes (eager products); priced as all of them
+    if kind == "mlp":
+        return not s.config.moe
+    return (kind == "attention" and p.percents("cache")[0] == 100 and s.ccomp is None
+            and not p.cpu_cache_compute)
+
+
 def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
     """Whether the engine stores a weight of `shape` in a layer of `kind` for the kernel (place_tensor's
     rule: a compressed decoder matrix the layout fits, a bf16/fp16 compute dtype, a CPU), and the profile has
