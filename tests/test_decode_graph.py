@@ -86,21 +86,27 @@ def test_static_step_matches_the_engine_and_transformers(tiny_models, references
         assert static[2] == [PREFILLS.get(family, "sdpa-cpu")] + [f"static+{kernel}"] * 7
 
 
-def test_kept_after_a_row_finishes(tiny_models, static_runs):
-    """A row of batch 0 ends after the third step (as eos would): both batches stay static to the end (the
-    finished row computed, not sampled), and every row's tokens and logits are the engine's own."""
+def finished_row_runs(model_dir, policy: Policy, device: str, switch: str) -> None:
+    """Row 0 ends after the third step (as eos would): the engine's tokens and logits, every row's, the same with
+    the Engine attribute `switch` off and on."""
     def finish_row_0(block) -> None:
         if block.generated == 3:
             block.finished[0] = True
 
     results = []
-    for static in (False, True):
-        with FlexGenLite(str(tiny_models["llama"][0]), policy=P(), device="cpu") as m:
-            m.engine.static_decode = static
+    for on in (False, True):
+        with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
+            setattr(m.engine, switch, on)
             block = m._run_block(EQUAL, SAMPLING, keep_logits=True, report=finish_row_0)
             results.append(([block.new_tokens(r) for r in range(4)], torch.stack(m.engine.logits)))
     assert results[0][0] == results[1][0] and len(results[0][0][0]) == 3
     torch.testing.assert_close(results[0][1], results[1][1], atol=LOGITS_ATOL, rtol=0, equal_nan=True)
+
+
+def test_kept_after_a_row_finishes(tiny_models, static_runs):
+    """A row of batch 0 ends after the third step (as eos would): both batches stay static to the end (the
+    finished row computed, not sampled), and every row's tokens and logits are the engine's own."""
+    finished_row_runs(tiny_models["llama"][0], P(), "cpu", "static_decode")
     prompt_len = len(EQUAL[0])
     assert [s for b, s in static_runs if b == 0] == list(range(prompt_len, prompt_len + 7))
     assert [s for b, s in static_runs if b == 1] == list(range(prompt_len, prompt_len + 7))

@@ -10,14 +10,13 @@ import dataclasses
 import warnings
 
 import pytest
-import torch
 
 import flexgen_lite.engine.layer_graph as layer_graph
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.engine.layer_graph import LayerGraphs
 
 from .conftest import PROMPTS, make_checkpoint
-from .test_decode_graph import EQUAL, LOGITS_ATOL, SAMPLING, FakeGraph, P, assert_same
+from .test_decode_graph import EQUAL, SAMPLING, FakeGraph, P, assert_same, finished_row_runs
 
 WEIGHTS_OFF = (0, 100, 100, 0, 100, 0)
 
@@ -93,18 +92,7 @@ def test_cpu_attention_and_4_bit_weights(tiny_models, layer_runs):
 def test_rows_that_finish_run_eagerly(tiny_models, layer_runs):
     """A batch with a finished row (as eos would end it) runs its layers eagerly from then on (its graphs are for
     all rows); the other batch stays graphed; the outputs are the eager schedule's."""
-    def finish_row_0(block) -> None:
-        if block.generated == 3:
-            block.finished[0] = True
-
-    results = []
-    for graphs in (False, True):
-        with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF), device="cpu+link") as m:
-            m.engine.layer_graph_decode = graphs
-            block = m._run_block(EQUAL, SAMPLING, keep_logits=True, report=finish_row_0)
-            results.append(([block.new_tokens(r) for r in range(4)], torch.stack(m.engine.logits)))
-    assert results[0][0] == results[1][0] and len(results[0][0][0]) == 3
-    torch.testing.assert_close(results[0][1], results[1][1], atol=LOGITS_ATOL, rtol=0, equal_nan=True)
+    finished_row_runs(tiny_models["opt"][0], P(WEIGHTS_OFF), "cpu+link", "layer_graph_decode")
     prompt_len = len(EQUAL[0])
     assert max(start for _, b, start in layer_runs if b == 0) == prompt_len + 1  # graphed until row 0 finished
     assert max(start for _, b, start in layer_runs if b == 1) == prompt_len + 6
