@@ -185,6 +185,8 @@ def measure_profile(suite: Suite, device: str) -> tuple[dict, dict]:
     if path.is_file():
         env_extra["FLEXGEN_LITE_PROFILE"] = str(path)
         profile = json.loads(path.read_text())
+        if profile.get("stage_seconds") and suite.data["profile"].get("wall_s"):  # where its time went
+            suite.say("profile stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in profile["stage_seconds"].items()))
     suite.save()
     return env_extra, profile
 

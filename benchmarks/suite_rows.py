@@ -101,8 +101,8 @@ GPU_ROWS = [
     Row("opt-13b-4bit-gpu", "facebook/opt-13b",
         _f("--percent 100 0 100 0 100 0 --compress-weight --gpu-batch-size 32 --num-gpu-batches 2"), 120,
         "4-bit weights (7.3 GB) in GPU memory: decode steps are CUDA graphs multiplying them as stored "
-        "(int4_gemv_triton), FlexGen dequantizes every layer each step", flexgen=_f("--percent 100 0 100 0 100 0 --compress-weight "
-                                                         "--gpu-batch-size 32 --num-gpu-batches 2"),
+        "(int4_gemv_triton), FlexGen dequantizes every layer each step",
+        flexgen=_f("--percent 100 0 100 0 100 0 --compress-weight --gpu-batch-size 32 --num-gpu-batches 2"),
         expect_s=20, flexgen_expect_s=60),
     Row("llama-2-7b-cpu-attn-and-link", "llama-2-7b",
         _f("--percent 100 0 0 100 100 0 --cpu-cache-compute --cpu-attention-percent auto --gpu-batch-size 64 "

@@ -82,10 +82,13 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
                   found, matmul_rates(device, scale, tuple(compute_dtypes(device))))),
               ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
               ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
+    stage_seconds = {}
     for i, (name, fn) in enumerate(stages):
         if progress:
             progress(f"profiling {device.device}: {name} ({i + 1}/{len(stages)})")
+        begun = time.perf_counter()
         found.update(fn(device, scale))
+        stage_seconds[name] = round(time.perf_counter() - begun, 2)
     if progress:
         progress("")
     others = others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
@@ -95,7 +98,8 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     return HardwareProfile(notes=notes,
         device=_device_name(device), is_cuda=device.is_cuda, offload_dir=offload_parent(offload_dir),
         threads=torch.get_num_threads(), host_memory=host_available_bytes(),
-        measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.perf_counter() - tic, 1), **found)
+        measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.perf_counter() - tic, 1),
+        stage_seconds=stage_seconds, **found)
 
 
 def _device_name(device: ComputeDevice) -> str:
