@@ -125,8 +125,8 @@ def test_unknown_row_is_refused(tmp_path):
 
 def test_row_selection_keeps_the_order_given():
     chosen = suite_rows.select_rows(suite_rows.GPU_ROWS, "llama-2*,opt-1.3b-*,opt-1.3b-auto")
-    assert [r.name for r in chosen] == ["llama-2-7b-cpu-attn-and-link", "llama-2-7b-cpu-cache-cpu-attn",
-                                        "opt-1.3b-gpu-bs64", "opt-1.3b-auto"]
+    assert [r.name for r in chosen] == ["llama-2-7b-cpu-cache-cpu-attn", "llama-2-7b-cpu-attn-and-link",
+                                        "opt-1.3b-gpu-bs64", "opt-1.3b-auto"]  # a pattern's rows in run order
     assert [r.name for r in suite_rows.GPU_ROWS] == [r.name for r in suite_rows.SMOKE_ROWS]
 
 
@@ -138,7 +138,8 @@ def test_gpu_rows_are_flexgens_settings():
     peers = [r.name for r in suite_rows.GPU_ROWS if r.flexgen]
     assert peers == ["opt-1.3b-gpu-bs64", "opt-13b-cpu-weights", "opt-13b-cpu-weights-compress",
                      "opt-30b-16gib-auto", "opt-13b-4bit-gpu"]  # the last after the scale rows: a new one
-    assert suite_rows.GPU_ROWS[4].name == "opt-175b-4bit-24gib"  # right after the peers
+    # right after the peers: its Llama-2-7B mark row, then FlexGen's scale
+    assert [r.name for r in suite_rows.GPU_ROWS[4:6]] == ["llama-2-7b-cpu-cache-cpu-attn", "opt-175b-4bit-24gib"]
     assert " ".join(rows["opt-13b-cpu-weights"].flexgen) == \
         "--percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4"
     assert rows["opt-13b-cpu-weights-compress"].flexgen[-1] == "--compress-weight"
