@@ -180,3 +180,17 @@ def test_the_cost_model_prices_replayed_layers(monkeypatch):
     monkeypatch.setenv(decode_graph.ENV, "0")
     assert graphed(policy(WEIGHTS_OFF)) == set()
     assert predict(CONFIG, work, policy(WEIGHTS_OFF), hw).decode_by["overhead"] > replayed
+
+
+def test_a_shared_prefix_spread_into_each_row(tiny_models, layer_runs):
+    """Prompts sharing an instruction, computed once in the prefill and spread into every row's cache: the graphed
+    layers attend it there as the eager ones do (transformers' tokens and logits)."""
+    from .conftest import hf_greedy
+    from .test_parity import POLICIES
+    from .test_shared_prefix import SHARED_PROMPTS
+
+    family = "llama3"
+    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    ours = generate(tiny_models[family][0], SHARED_PROMPTS, POLICIES["weights-disk"], graphs=True, sampling=sampling)
+    assert {kind for kind, _, _ in layer_runs} == {"attention", "mlp"}
+    assert_same(ours, hf_greedy(tiny_models[family][1], SHARED_PROMPTS, 6))
