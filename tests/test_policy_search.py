@@ -71,7 +71,7 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
     assert [m for m, _, _ in first.matmul["float32"]] == [1, 4, 8, 16, 32, 64, 128, 256, 1024]
     assert HardwareProfile.from_json(first.to_json()) == first
     assert {"matmul", "links", "engine"} <= set(first.stage_seconds)  # what each stage took: all of it, nearly
-    assert 0 < sum(first.stage_seconds.values()) <= first.seconds
+    assert 0.9 * first.seconds <= sum(first.stage_seconds.values()) <= first.seconds + 0.2  # (each rounded)
 
 
 def test_matmul_time_interpolates_between_measured_rows():
