@@ -332,6 +332,16 @@ def forget_native() -> None:
         cached.cache_clear()
 
 
+@pytest.fixture
+def without_native(monkeypatch):
+    """The C kernels off (every op then an aten op: tests/recorded_graph.py sees them all), and back on after."""
+    monkeypatch.setenv("FLEXGEN_LITE_NATIVE", "0")
+    forget_native()
+    yield
+    monkeypatch.undo()
+    forget_native()
+
+
 def set_profile(hw: HardwareProfile, tmp_path: Path, monkeypatch) -> None:
     """`hw` as this machine's stored profile for the rest of the test (call forget_profile() after it)."""
     path = tmp_path / "profile.json"

@@ -332,3 +332,18 @@ def test_the_cost_model_prices_the_graphed_step_over_codes(monkeypatch):
     assert eager.decode_by["overhead"] > 0 and eager.decode_by["compute"] == pytest.approx(
         graphed.decode_by["compute"])  # the same products by the kernel (it wins at 2 batches here too)
     assert graphed.decode_step_s < eager.decode_step_s
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "mixtral", "gemma2", "gpt-oss"])
+def test_recorded_graphs_replay_as_cuda_would(tiny_models, references, monkeypatch, without_native, family):
+    """Steps captured as RecordedGraph (a CUDA graph's semantics on a CPU: the ops replayed on the captured tensors,
+    Python never rerun, host values baked in): transformers' tokens and logits, each batch captured once."""
+    from .recorded_graph import RecordedGraph
+
+    monkeypatch.setattr(decode_graph, "capture_graph", lambda forward, pool: RecordedGraph(forward))
+    monkeypatch.setattr(decode_graph, "every_expert_wins", lambda *args: True)
+    with FlexGenLite(str(tiny_models[family][0]), policy=P(), device="cpu") as m:
+        m.engine.static_decode, m.engine.static.capture = True, True
+        ours = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
+        assert m.engine.times.attention[1].startswith("graph+") and not decode_graph._failed
+    assert_same(ours, references[family])

@@ -194,3 +194,16 @@ def test_a_shared_prefix_spread_into_each_row(tiny_models, layer_runs):
     ours = generate(tiny_models[family][0], SHARED_PROMPTS, POLICIES["weights-disk"], graphs=True, sampling=sampling)
     assert {kind for kind, _, _ in layer_runs} == {"attention", "mlp"}
     assert_same(ours, hf_greedy(tiny_models[family][1], SHARED_PROMPTS, 6))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gemma2"])
+def test_recorded_graphs_replay_as_cuda_would(tiny_models, references, monkeypatch, without_native, family):
+    """Layers captured as RecordedGraph (a CUDA graph's semantics on a CPU: the ops replayed on the captured
+    tensors, Python never rerun, host values baked in): transformers' tokens and logits, so nothing a step changes
+    is read on the host at capture (positions, masks, the slot's weights are all device-side)."""
+    from .recorded_graph import RecordedGraph
+
+    monkeypatch.setattr(layer_graph, "capture_graph", lambda forward, pool: RecordedGraph(forward))
+    ours = generate(tiny_models[family][0], PROMPTS, P(WEIGHTS_OFF), graphs=True, capture=True)
+    assert "graph+" in ours[2][1] and not layer_graph._failed
+    assert_same(ours, references[family])
