@@ -207,3 +207,20 @@ def test_recorded_graphs_replay_as_cuda_would(tiny_models, references, monkeypat
     ours = generate(tiny_models[family][0], PROMPTS, P(WEIGHTS_OFF), graphs=True, capture=True)
     assert "graph+" in ours[2][1] and not layer_graph._failed
     assert_same(ours, references[family])
+
+
+@pytest.mark.parametrize("policy", [dataclasses.replace(P(WEIGHTS_OFF), compress_weight=True),
+                                    dataclasses.replace(P((100, 0, 0, 100, 100, 0)), cpu_cache_compute=True),
+                                    P((50, 50, 100, 0, 100, 0))],
+                         ids=["4-bit-weights", "cpu-attention", "weights-half"])
+def test_recorded_graphs_under_other_placements(tiny_models, monkeypatch, without_native, policy):
+    """The same recorded replays with 4-bit weights dequantized into slots, CPU attention beside them (its MLPs
+    graphed) and half the layers resident: the eager schedule's tokens and logits."""
+    from .recorded_graph import RecordedGraph
+
+    model_dir = tiny_models["llama"][0]
+    eager = generate(model_dir, PROMPTS, policy, graphs=False)
+    monkeypatch.setattr(layer_graph, "capture_graph", lambda forward, pool: RecordedGraph(forward))
+    ours = generate(model_dir, PROMPTS, policy, graphs=True, capture=True)
+    assert not layer_graph._failed
+    assert_same(ours, eager, atol=1e-4)
