@@ -224,3 +224,22 @@ def test_recorded_graphs_under_other_placements(tiny_models, monkeypatch, withou
     ours = generate(model_dir, PROMPTS, policy, graphs=True, capture=True)
     assert not layer_graph._failed
     assert_same(ours, eager, atol=1e-4)
+
+
+def test_the_cost_model_prices_a_graphs_attention_over_the_whole_cache(monkeypatch):
+    """A graphed layer attends the cache's whole length each step (its shapes constant), the eager one the
+    positions so far: half the generated ones on average. With gen as long as the prompt, the graphed decode
+    attention costs 4/3 of the eager one."""
+    from flexgen_lite.engine import decode_graph
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Workload
+
+    from .conftest import synthetic_profile
+    from .test_cost_model_cuda import CONFIG
+
+    hw, work = synthetic_profile(cuda=True), Workload(512, 512, 64)
+    policy = dataclasses.replace(P(WEIGHTS_OFF, gbs=32, nb=2), dtype="float16")
+    graphed = predict(CONFIG, work, policy, hw).decode_by["attention"]
+    monkeypatch.setenv(decode_graph.ENV, "0")
+    eager = predict(CONFIG, work, policy, hw).decode_by["attention"]
+    assert graphed / eager == pytest.approx(1024 / 768, rel=0.05)

@@ -333,7 +333,8 @@ class Phase:
 def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
     """The engine's step: fetch(embed); then layer by layer, compute j beside fetch(j+1) and j's cache loads."""
     t = s.workload.prompt_len if prefill else 1
-    length = s.workload.prompt_len + s.workload.gen_len / 2
+    graphed = not prefill and (graph_decode(s) or layer_graphed(s, "attention"))
+    length = s.workload.prompt_len + s.workload.gen_len * (1 if graphed else 0.5)  # a graph attends the whole cache
     # a slot that only one layer uses keeps its weights: after the first step they are not fetched again
     kept = {"embed", "head"} | (set(DECODER_KINDS) if s.config.num_layers <= 2 else set())
     fetch = {k: Seg() if k in kept and not prefill else _fetch(s, spec, lay, not prefill)
