@@ -134,6 +134,7 @@ class LayerGraphs:
         """Batch b's static buffers (made anew for a new cache), their pad and position set once a step."""
         s = self.batches.get(b)
         if s is None or s.cache is not cache or s.hidden[0].shape != h.shape or s.hidden[0].dtype != h.dtype:
+            self.graphs = {key: g for key, g in self.graphs.items() if key[2] != b}  # they read the old buffers
             rows, where = h.shape[0], h.device
             s = self.batches[b] = _Batch(cache, torch.zeros(rows, dtype=torch.long, device=where),
                                          torch.zeros(1, dtype=torch.long, device=where),
