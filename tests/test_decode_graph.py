@@ -86,9 +86,9 @@ def test_static_step_matches_the_engine_and_transformers(tiny_models, references
         assert static[2] == [PREFILLS.get(family, "sdpa-cpu")] + [f"static+{kernel}"] * 7
 
 
-def finished_row_runs(model_dir, policy: Policy, device: str, switch: str) -> None:
+def finished_row_runs(model_dir, policy: Policy, device: str, switch: str, prepare=None) -> None:
     """Row 0 ends after the third step (as eos would): the engine's tokens and logits, every row's, the same with
-    the Engine attribute `switch` off and on."""
+    the Engine attribute `switch` off and on (and then prepare(engine), where given)."""
     def finish_row_0(block) -> None:
         if block.generated == 3:
             block.finished[0] = True
@@ -97,6 +97,8 @@ def finished_row_runs(model_dir, policy: Policy, device: str, switch: str) -> No
     for on in (False, True):
         with FlexGenLite(str(model_dir), policy=policy, device=device) as m:
             setattr(m.engine, switch, on)
+            if on and prepare is not None:
+                prepare(m.engine)
             block = m._run_block(EQUAL, SAMPLING, keep_logits=True, report=finish_row_0)
             results.append(([block.new_tokens(r) for r in range(4)], torch.stack(m.engine.logits)))
     assert results[0][0] == results[1][0] and len(results[0][0][0]) == 3

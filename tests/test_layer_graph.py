@@ -89,13 +89,45 @@ def test_cpu_attention_and_4_bit_weights(tiny_models, layer_runs):
         assert_same(graphed, generate(model_dir, PROMPTS, policy, graphs=False), atol=1e-4)
 
 
-def test_rows_that_finish_run_eagerly(tiny_models, layer_runs):
-    """A batch with a finished row (as eos would end it) runs its layers eagerly from then on (its graphs are for
-    all rows); the other batch stays graphed; the outputs are the eager schedule's."""
+@pytest.mark.parametrize("every_row", [False, True], ids=["eager-after", "every-row-replayed"])
+def test_rows_that_finish(tiny_models, layer_runs, monkeypatch, every_row):
+    """A batch with a finished row (as eos would end it): where computing every row wins (the profile:
+    LayerGraphs.every_row_wins), its layers keep replaying over all rows, the finished one computed and not sampled;
+    else they run eagerly over the rows left (the graphs are for all rows). The other batch stays graphed; every
+    row's tokens and logits are the eager schedule's."""
+    monkeypatch.setattr(LayerGraphs, "every_row_wins", lambda self, block, active: every_row)
     finished_row_runs(tiny_models["opt"][0], P(WEIGHTS_OFF), "cpu+link", "layer_graph_decode")
     prompt_len = len(EQUAL[0])
-    assert max(start for _, b, start in layer_runs if b == 0) == prompt_len + 1  # graphed until row 0 finished
+    last = prompt_len + (6 if every_row else 1)  # graphed to the end, or until row 0 finished
+    assert max(start for _, b, start in layer_runs if b == 0) == last
     assert max(start for _, b, start in layer_runs if b == 1) == prompt_len + 6
+
+
+def test_every_row_only_where_the_finished_rows_cost_less_than_the_eager_layers(tiny_models, monkeypatch):
+    """LayerGraphs.every_row_wins: the finished rows' attention over the whole cache, every layer, against the
+    eager layers' measured overhead less a replay's. Dear launches or a cheap cache: every row; cheap launches and a
+    dear cache: the eager layers over the rows left; no profile: every row."""
+    import types
+
+    from .conftest import synthetic_profile
+
+    hw = synthetic_profile(cuda=True)
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF, gbs=8, nb=1), device="cpu+link") as m:
+        graphs = m.engine.layer_graphs
+    block = types.SimpleNamespace(prompt_len=512, gen_len=32)
+
+    def wins(overhead: float, rate: float, active: int, profile: bool = True) -> bool:
+        h = dataclasses.replace(hw, layer_overhead=dict.fromkeys(("llama", "opt"), (overhead, overhead)),
+                                op_overhead=0.0, attention=dict.fromkeys(hw.attention, (1e-6, rate)),
+                                attention_grouped={})
+        monkeypatch.setattr(layer_graph, "cached_profile", lambda device: h if profile else None)
+        graphs._every_row.clear()
+        return graphs.every_row_wins(block, active)
+
+    assert wins(1e-3, 1e12, 1)
+    assert not wins(1e-9, 1e6, 1)
+    assert wins(1e-4, 5e9, 7) and not wins(1e-4, 5e9, 1)  # one row of 8 finished, and seven
+    assert wins(1e-9, 1e6, 1, profile=False)
 
 
 def test_each_graph_captured_once_and_replayed(tmp_path, monkeypatch):
@@ -243,3 +275,16 @@ def test_the_cost_model_prices_a_graphs_attention_over_the_whole_cache(monkeypat
     monkeypatch.setenv(decode_graph.ENV, "0")
     eager = predict(CONFIG, work, policy, hw).decode_by["attention"]
     assert graphed / eager == pytest.approx(1024 / 768, rel=0.05)
+
+
+def test_recorded_graphs_over_every_row_after_one_finished(tiny_models, monkeypatch, without_native, layer_runs):
+    """Recorded replays (CUDA's semantics) over every row of a batch one of whose rows finished: the eager
+    schedule's tokens and logits for every row, the batch graphed to the end."""
+    from .recorded_graph import RecordedGraph
+
+    monkeypatch.setattr(layer_graph, "capture_graph", lambda forward, pool: RecordedGraph(forward))
+    monkeypatch.setattr(LayerGraphs, "every_row_wins", lambda self, block, active: True)
+    finished_row_runs(tiny_models["llama"][0], P(WEIGHTS_OFF), "cpu+link", "layer_graph_decode",
+                      prepare=lambda engine: setattr(engine.layer_graphs, "capture", True))
+    assert max(start for _, b, start in layer_runs if b == 0) == len(EQUAL[0]) + 6
+

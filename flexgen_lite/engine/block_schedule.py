@@ -176,7 +176,7 @@ class Engine(DecodeAttention, Transfers):
             if not batches:
                 block.end_step()
                 return
-        inputs = {b: self._batch_inputs(block, b, start, t) for b in batches}
+        inputs = {b: self._batch_inputs(block, b, start, t, self._every_row(block, b, step)) for b in batches}
         shared = step == 0 and block.shared > 0
         if shared:
             self._prefix = SharedPrefix(block, self.config, self.rotary, self.dtype, self._attend)
@@ -225,9 +225,11 @@ class Engine(DecodeAttention, Transfers):
                     if out is None:
                         out = self._compute(spec, weights, h, views, block, b, inputs[b], start, t)
                     if spec.kind == "head":
-                        active = inputs[b]["active"]
-                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active,
-                                     inputs[b]["active_device"])
+                        active, on_device = inputs[b]["active"], inputs[b]["active_device"]
+                        if inputs[b].get("sampled") is not None:  # every row computed, those generating sampled
+                            active, on_device = inputs[b]["sampled"]
+                            out = out[on_device]
+                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active, on_device)
                 if spec.kind == "head":
                     if self.logits is not None:
                         self._keep_logits(block, step, b, out, active)
@@ -316,10 +318,21 @@ class Engine(DecodeAttention, Transfers):
         return out
 
     # ---- inputs ----------------------------------------------------------------------------------
-    def _batch_inputs(self, block: Block, b: int, start: int, t: int) -> dict:
-        """Positions, mask (None: causal, no row padded) and rotary tables of the rows of batch b that still
-        generate."""
+    def _every_row(self, block: Block, b: int, step: int) -> bool:
+        """Whether batch b's decode step computes every row (finished ones not sampled), so that its layers replay
+        from graphs (layer_graph.py), where that costs less than the eager layers over the rows left."""
+        if step == 0 or not self.layer_graph_decode or not self.acts.in_place(b):
+            return False
         active = block.active_rows(b)
+        return active is not None and self.layer_graphs.every_row_wins(block, len(active))
+
+    def _batch_inputs(self, block: Block, b: int, start: int, t: int, every_row: bool = False) -> dict:
+        """Positions, mask (None: causal, no row padded) and rotary tables of the rows of batch b that still
+        generate (every_row: of all its rows, those generating in "sampled", on the host and the device)."""
+        active = block.active_rows(b)
+        sampled = None
+        if every_row and active is not None:
+            sampled, active = (active, block.device_rows(b, active)), None
         active_device = None if active is None else block.device_rows(b, active)
         positions, mask = block.positions(b, start, t), None
         if not self.unpadded_without_mask or block.padded(b, active) or (start and t > 1):  # a suffix: not causal
@@ -337,7 +350,7 @@ class Engine(DecodeAttention, Transfers):
             masks = {w: None if m is None else m[active_device] for w, m in masks.items()}
         rope = None if self.rotary is None else self.rotary.tables(positions, self.dtype)
         inputs = {"positions": positions, "mask": mask, "masks": masks, "rope": rope, "active": active,
-                  "active_device": active_device}
+                  "active_device": active_device, "sampled": sampled}
         if block.shared and start >= block.prompt_len:  # decode: the rows' prefix read from one row on a CPU
             inputs["shared pad"] = (block.host_pad()[block.rows(b)], block.shared)
         return inputs

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..system.profile_store import cached_profile
 from .decode_graph import ENV, StaticDecode, capture_graph, check_replay, pool_bytes
 
 _failed: list[str] = []  # why capturing failed, once: the eager schedule from then on, in this process
+REPLAY_OPS = 3  # a replay's host time, in the profile's torch calls (its key, checks and launch)
 
 
 @dataclass
@@ -51,7 +53,8 @@ class LayerGraphs:
 
     def __init__(self, static: StaticDecode, policy) -> None:
         self.static, self.capture = static, static.capture
-        self.possible = policy.attn_sparsity == 1
+        self.possible, self.rows = policy.attn_sparsity == 1, policy.gpu_batch_size
+        self._every_row: dict[tuple[int, int], bool] = {}  # (rows generating, length) -> every_row_wins
         self.batches: dict[int, _Batch] = {}
         self.graphs: dict[tuple, _Graph] = {}
         self.pool, self.pool_counted = None, 0
@@ -62,6 +65,29 @@ class LayerGraphs:
         self.batches.clear()
         self.graphs.clear()
         self.pool, self.pool_counted = None, 0
+
+    def every_row_wins(self, block, active: int) -> bool:
+        """Whether a batch with `active` rows still generating costs less with every row computed (its layers then
+        replayed: the graphs are for all rows) than eagerly over those left, by this machine's profile: the
+        finished rows' attention over the whole cache, every layer, against the eager layers' measured overhead
+        less a replay's. A few rows' products read the weights either way. Without a profile: True. Decided once
+        per count of rows and length."""
+        key = (active, block.prompt_len + block.gen_len)
+        if key not in self._every_row:
+            self._every_row[key] = self._every_row_wins(active, key[1])
+        return self._every_row[key]
+
+    def _every_row_wins(self, active: int, length: int) -> bool:
+        static = self.static
+        hw, cfg = cached_profile(static.device), static.config
+        if hw is None:
+            return True
+        dtype = str(static.dtype).removeprefix("torch.")
+        fixed, rate = hw.decode_attention(dtype, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        per_row = 2 * cfg.num_kv_heads * cfg.head_dim * length * static.dtype.itemsize  # its K and V
+        finished = cfg.num_layers * (self.rows - active) * per_row / rate
+        _, per_batch = hw.layer_overhead.get(cfg.family, hw.layer_overhead["opt"])
+        return finished <= 2 * cfg.num_layers * max(0.0, per_batch - REPLAY_OPS * hw.op_overhead)
 
     def usable(self, spec, weights: dict, h, cache, b: int, inputs: dict, acts, in_place: bool) -> bool:
         """Whether layer `spec` of batch b's decode step can run as a graph here: every row still generating, its

@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from ..engine.block import MIN_SHARED
+from ..engine.layer_graph import REPLAY_OPS
 from ..engine.policy import Policy
 from ..engine.weights import DECODER_KINDS
 from ..models.config import ModelConfig
@@ -30,7 +31,6 @@ from ..system.hardware import HardwareProfile
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 from .products_cost import (
-    REPLAY_OPS,
     codes_kept,
     codes_share,
     codes_win,

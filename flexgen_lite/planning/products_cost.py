@@ -70,9 +70,6 @@ def graph_decode(s: Setup) -> bool:
             and codes_graph_wins(s.hw, s.config.family, layers * s.config.num_layers, s.dname, s.gbs, s.nb))
 
 
-REPLAY_OPS = 3  # a layer graph's replay in host time, in the profile's torch calls (its key, checks and launch)
-
-
 def layer_graphed(s: Setup, kind: str) -> bool:
     """Whether the engine replays a decode step's layers of `kind` from CUDA graphs, one a layer and batch
     (engine/layer_graph.py): on CUDA, hidden states in GPU memory, every position attended, weights in slots or
