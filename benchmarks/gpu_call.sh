@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call (docs/gpu.md, "The next GPU session"): the suite, then the compressed OPT-13B row again on the
-# same machine with the suite's profile, with CUDA graphs off (FLEXGEN_LITE_CUDA_GRAPHS=0: the eager schedule's
-# layers, to weigh engine/layer_graph.py) and, where a copy of an older tree was carried in .old-1205/, at that
-# commit (its own profile: it measures one). At most 7 files under $OUT: the suite's five, eager-suite.json,
-# old-1205-suite.json. Each part within its own time; the whole within 600 s (SUITE_S: 520, or 380 with the old
+# One device call (docs/gpu.md, "The next GPU session"): the suite, then the two OPT-13B 4-bit rows again on the
+# same machine with the suite's profile, with CUDA graphs off (FLEXGEN_LITE_CUDA_GRAPHS=0: the eager schedule, to
+# weigh engine/layer_graph.py on the compressed row and the graphed step over codes on the 4-bit-in-GPU row) and,
+# where a copy of an older tree was carried in .old-1205/, the compressed row at that commit (its own profile). At most 7 files under $OUT: the suite's five, eager-suite.json,
+# old-1205-suite.json. Each part within its own time; the whole within 600 s (SUITE_S: 500, or 360 with the old
 # tree's 150 s after it).
 #
 #   run(command="PYTHONUNBUFFERED=1 bash benchmarks/gpu_call.sh 2>&1 | tail -c 8000", carry=[".whl", ".old-1205"])
@@ -21,15 +21,15 @@ tests/test_quantized_attention.py tests/test_sink_attention.py tests/test_quanti
 tests/test_int4_gemv_triton.py"
 ROW=opt-13b-cpu-weights-compress
 
-SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 380 || echo 520)}  # within a 600 s call with the parts after it
+SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 360 || echo 500)}  # within a 600 s call with the parts after it
 bash benchmarks/gpu_suite.sh "${SMOKE[@]}" --out "$OUT" --time-limit "$SUITE_S" \
   --checks speed,cpu,codes,matmul --parity-workers 4 --parity-tests "${PARITY//$'\n'/ }" \
   ${SMOKE:+--skip-parity --skip-checks} 2>&1 | tail -c 6000
 
-echo "===== $ROW, CUDA graphs off"
-FLEXGEN_LITE_CUDA_GRAPHS=0 FLEXGEN_LITE_PROFILE="$OUT/profile.json" timeout 70 bash benchmarks/gpu_suite.sh \
-  "${SMOKE[@]}" --rows "$ROW" --skip-parity --skip-checks --no-flexgen --time-limit 60 --out /tmp/gpu-call-eager \
-  2>&1 | tail -12
+echo "===== $ROW and opt-13b-4bit-gpu, CUDA graphs off"
+FLEXGEN_LITE_CUDA_GRAPHS=0 FLEXGEN_LITE_PROFILE="$OUT/profile.json" timeout 90 bash benchmarks/gpu_suite.sh \
+  "${SMOKE[@]}" --rows "$ROW,opt-13b-4bit-gpu" --skip-parity --skip-checks --no-flexgen --time-limit 80 \
+  --out /tmp/gpu-call-eager 2>&1 | tail -14
 cp /tmp/gpu-call-eager/gpu_suite.json "$OUT/eager-suite.json"
 
 if [ -d .old-1205 ]; then  # PYTHONPATH at its tree: its script's pip install -e would take over this one's
