@@ -182,7 +182,8 @@ class LayerGraphs:
                 self.pool = torch.cuda.graph_pool_handle()  # one pool: no graph's output lives in it
             self.graphs[key] = _Graph(capture_graph(forward, self.pool))
         self.captures += 1
-        if cuda:
+        if cuda and self.captures & (self.captures - 1) == 0:  # at 1, 2, 4, ... captures: the pool grows with the
+            # first ones (later ones reuse what they freed), and reading it walks every allocation (memory_snapshot)
             pool = pool_bytes(self.pool)
             grown, self.pool_counted = pool - self.pool_counted, max(pool, self.pool_counted)
             if grown > 0:
