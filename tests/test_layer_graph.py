@@ -103,6 +103,18 @@ def test_rows_that_finish(tiny_models, layer_runs, monkeypatch, every_row):
     assert max(start for _, b, start in layer_runs if b == 1) == prompt_len + 6
 
 
+def test_not_every_row_where_a_cpu_attends(tiny_models, layer_runs, monkeypatch):
+    """Where a batch's cache is attended on the CPU its attention is never a graph's: computing the finished rows
+    would only give the CPU more to read. After row 0 finishes, batch 0's MLPs run eagerly over the rows left."""
+    monkeypatch.setattr(LayerGraphs, "every_row_wins", lambda self, block, active: True)
+    policy = dataclasses.replace(P((100, 0, 0, 100, 100, 0)), cpu_cache_compute=True)
+    finished_row_runs(tiny_models["llama"][0], policy, "cpu+link", "layer_graph_decode")
+    prompt_len = len(EQUAL[0])
+    assert {kind for kind, _, _ in layer_runs} == {"mlp"}
+    assert max(start for _, b, start in layer_runs if b == 0) == prompt_len + 1
+    assert max(start for _, b, start in layer_runs if b == 1) == prompt_len + 6
+
+
 def test_every_row_only_where_the_finished_rows_cost_less_than_the_eager_layers(tiny_models, monkeypatch):
     """LayerGraphs.every_row_wins: the finished rows' attention over the whole cache, every layer, against the
     eager layers' measured overhead less a replay's. Dear launches or a cheap cache: every row; cheap launches and a

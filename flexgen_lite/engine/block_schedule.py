@@ -320,8 +320,10 @@ class Engine(DecodeAttention, Transfers):
     # ---- inputs ----------------------------------------------------------------------------------
     def _every_row(self, block: Block, b: int, step: int) -> bool:
         """Whether batch b's decode step computes every row (finished ones not sampled), so that its layers replay
-        from graphs (layer_graph.py), where that costs less than the eager layers over the rows left."""
-        if step == 0 or not self.layer_graph_decode or not self.acts.in_place(b):
+        from graphs (layer_graph.py), where that costs less than the eager layers over the rows left; only where its
+        attention is a graph's too (the rows' cache on the GPU: a CPU would attend finished rows for nothing)."""
+        if (step == 0 or not self.layer_graph_decode or not self.acts.in_place(b)
+                or not self.layer_graphs.attends(self.cache, 0, b, self._in_place[b])):
             return False
         active = block.active_rows(b)
         return active is not None and self.layer_graphs.every_row_wins(block, len(active))

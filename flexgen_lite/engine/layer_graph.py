@@ -102,9 +102,14 @@ class LayerGraphs:
             return False
         if spec.kind == "mlp":
             return not self.static.config.moe
-        parts = cache.parts[spec.index][b]
-        return (spec.kind == "attention" and in_place and len(parts) == 1 and not parts[0].on_cpu
-                and not parts[0].quantized and parts[0].k.tensor.device.type == device.type)
+        return spec.kind == "attention" and self.attends(cache, spec.index, b, in_place)
+
+    def attends(self, cache, layer: int, b: int, in_place: bool) -> bool:
+        """Whether batch b's attention at `layer` can be a graph's: one uncompressed cache part in compute memory,
+        used in place (`in_place`: all of the batch's parts are)."""
+        parts = cache.parts[layer][b]
+        return (in_place and len(parts) == 1 and not parts[0].on_cpu and not parts[0].quantized
+                and parts[0].k.tensor.device.type == self.static.device.device.type)
 
     def run(self, spec, weights: dict, h: torch.Tensor, cache, block, b: int, start: int) -> torch.Tensor | None:
         """Batch b's hidden state after layer `spec` (weights `weights`) at position `start`: a static buffer the
