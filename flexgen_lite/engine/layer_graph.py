@@ -83,7 +83,7 @@ class LayerGraphs:
         if hw is None:
             return True
         dtype = str(static.dtype).removeprefix("torch.")
-        fixed, rate = hw.decode_attention(dtype, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        _, rate = hw.decode_attention(dtype, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
         per_row = 2 * cfg.num_kv_heads * cfg.head_dim * length * static.dtype.itemsize  # its K and V
         finished = cfg.num_layers * (self.rows - active) * per_row / rate
         _, per_batch = hw.layer_overhead.get(cfg.family, hw.layer_overhead["opt"])
