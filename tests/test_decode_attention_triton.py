@@ -167,7 +167,7 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
     monkeypatch.setenv(attention.DECODE_ENV, "triton")
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
     with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=kernel_device) as m:
-        m.engine.static_decode, m.engine.fused_decode = static, False
+        m.engine.static_decode, m.engine.fused_decode, m.engine.layer_graph_decode = static, False, False
         ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
                                      return_logits=True)
         kernels = m.engine.times.attention
@@ -193,7 +193,7 @@ def test_a_short_prompt_beside_a_long_one_in_many_splits(kernel_device, monkeypa
         monkeypatch.setenv(attention.DECODE_ENV, kernel)
         monkeypatch.setattr(triton_decode, "split_plan", lambda programs, length, *args: (-(-length // 8), 8))
         with FlexGenLite(str(tiny_models["llama3"][0]), policy=policy, device=kernel_device) as m:
-            m.engine.static_decode, m.engine.fused_decode = static, False
+            m.engine.static_decode, m.engine.fused_decode, m.engine.layer_graph_decode = static, False, False
             runs[kernel] = m.generate_ids(prompts, greedy, return_logits=True)
             if kernel == "triton":
                 assert any("triton" in k for k in m.engine.times.attention[1:])

@@ -318,7 +318,8 @@ def test_cuda_engine_without_masks_for_unpadded_batches(tiny_models, fresh_choic
     for without_mask in (False, True):
         with FlexGenLite(str(tiny_models["llama"][0]), policy=policy, device="cuda") as m:
             m.engine.unpadded_without_mask = without_mask
-            m.engine.static_decode = False  # the eager schedule's kernels (the graphs': test below)
+            m.engine.static_decode = m.engine.layer_graph_decode = False  # the eager schedule's kernels (the
+            # graphs': tests below)
             results.append(m.generate_ids(prompts, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
                                           return_logits=True)[1])
             kernels.append(m.engine.times.attention)
@@ -333,10 +334,12 @@ GRAPH_DTYPES = (("float32", 1e-4), ("float16", 2e-2))  # and the tolerance of ea
 
 def off_and_on(model_dir, policy: Policy, switch: str, blocks: int = 2) -> tuple[list, list]:
     """(results, engines): `blocks` generate_ids runs (ids, logits) of GRAPH_PROMPTS, 8 new tokens, on CUDA with
-    the Engine attribute `switch` off, then as many with it on, and the two engines."""
+    the Engine attribute `switch` off, then as many with it on, and the two engines; the other graphs off (the
+    eager schedule against the graphs under test)."""
     results, engines = [], []
     for on in (False, True):
         with FlexGenLite(str(model_dir), policy=policy, device="cuda") as m:
+            m.engine.static_decode = m.engine.layer_graph_decode = False
             setattr(m.engine, switch, on)
             for _ in range(blocks):
                 results.append(m.generate_ids(GRAPH_PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),

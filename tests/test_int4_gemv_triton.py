@@ -279,6 +279,7 @@ def test_a_kept_matrix_through_its_slot_leaves_no_stale_slot_behind(four_layers,
     slot must not take it as its own. Tokens and logits are the slot path's."""
     device = compute_device if compute_device.startswith("cuda") else LINK
     policy = P((100, 0, 100, 0, 100, 0), gbs=3, nb=2, compress_weight=True)
+    monkeypatch.setenv("FLEXGEN_LITE_CUDA_GRAPHS", "0")  # the eager step's products (a graph's: the kernel alone)
     monkeypatch.setattr(gemv, "GEMV_ROWS", 16)  # the prefill (30 rows) fills the slots; decode steps keep codes
     monkeypatch.setattr(gemv, "wanted", lambda q, x: False)  # ... and multiply through the slot
     ids, logits, calls = run(four_layers["opt"], policy, device)
