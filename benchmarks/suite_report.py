@@ -207,6 +207,10 @@ def markdown(data: dict) -> str:
     notes = [f"- {r['name']}: {r['note']}" for r in rows if r.get("note")]
     notes += [f"- {r['name']} breakdown: {breakdown_line(r['report']['breakdown'])}" for r in rows
               if r.get("report", {}).get("breakdown")]
+    for r in rows:  # bench's CUDA graphs (whole decode steps, layers) and why capturing failed, where any ran
+        captures, failed = (r.get("report", {}).get(k) for k in ("graph_captures", "graph_failures"))
+        if any((captures or {}).values()) or failed:
+            notes.append(f"- {r['name']} CUDA graphs captured: {captures}" + (f", failed: {failed}" if failed else ""))
     for r in rows:
         if r["status"] != "ok":
             notes.append(f"- {r['name']} ({r['status']}): {r.get('reason') or _last_line(r.get('error'))}")

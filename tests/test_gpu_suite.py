@@ -328,3 +328,20 @@ def test_offline_predictions_for_a_gpu_machine_budget_its_host_ram(tmp_path, mon
     found = suite_plan.predict_rows([{"name": "auto", "ours": argv}])["auto"]["ours"]
     assert "error" not in found, found
     assert found["peak"]["cpu"] > 24 * GiB  # more than this VM's RAM: planned for the profile's 200 GiB
+
+
+def test_the_table_notes_the_cuda_graphs_a_row_captured():
+    """A row whose bench captured CUDA graphs (or failed to) gets a note saying how many and why; a row that
+    captured none, none."""
+    rows = [{"name": "graphed", "status": "ok", "report": {"graph_captures": {"steps": 0, "layers": 320},
+                                                           "graph_failures": []}},
+            {"name": "failed", "status": "ok", "report": {"graph_captures": {"steps": 0, "layers": 0},
+                                                          "graph_failures": ["operation not permitted"]}},
+            {"name": "eager", "status": "ok", "report": {"graph_captures": {"steps": 0, "layers": 0},
+                                                         "graph_failures": []}}]
+    for r in rows:
+        r["wall_s"] = 10.0
+    text = suite_report.markdown({"rows": rows, "suite": {}, "machine": {}})
+    assert "- graphed CUDA graphs captured: {'steps': 0, 'layers': 320}" in text
+    assert "- failed CUDA graphs captured: {'steps': 0, 'layers': 0}, failed: ['operation not permitted']" in text
+    assert "- eager CUDA graphs" not in text

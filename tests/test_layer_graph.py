@@ -300,3 +300,19 @@ def test_recorded_graphs_over_every_row_after_one_finished(tiny_models, monkeypa
                       prepare=lambda engine: setattr(engine.layer_graphs, "capture", True))
     assert max(start for _, b, start in layer_runs if b == 0) == len(EQUAL[0]) + 6
 
+
+
+def test_bench_says_which_graphs_ran(tiny_models, tmp_path, monkeypatch):
+    """bench's report counts the graphs captured (whole steps, layers) and why capturing failed, and says so in a
+    line where any were tried: none on a CPU; on a GPU, e.g. the layers of a row whose weights stream."""
+    from flexgen_lite.cli.bench import format_report, run_benchmark
+
+    policy = dataclasses.replace(P(WEIGHTS_OFF), offload_dir=str(tmp_path))
+    report = run_benchmark(str(tiny_models["opt"][0]), 6, 3, policy, "cpu+link")
+    assert report["graph_captures"] == {"steps": 0, "layers": 0} and report["graph_failures"] == []
+    assert "CUDA graphs" not in format_report(report)
+    monkeypatch.setattr(layer_graph, "_failed", ["operation not permitted when stream is capturing"])
+    assert layer_graph.failures() == ["operation not permitted when stream is capturing"]
+    report.update(graph_captures={"steps": 0, "layers": 16}, graph_failures=layer_graph.failures())
+    assert ("CUDA graphs: 0 whole decode steps, 16 decode layers captured; failed: operation not permitted when "
+            "stream is capturing") in format_report(report)

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from ..engine import decode_graph, layer_graph
 from ..engine.policy import Policy
 from ..engine.storage import DiskFile
 from ..engine.trace import NULL
@@ -51,6 +52,8 @@ def run_benchmark(model: str, prompt_len: int, gen_len: int, policy: Policy, dev
         report["shared_prefix"], report["prefill_shared"] = shared_prefix, times.shared
         report["prefill_attention_backend"] = _kernels(times.attention[:1])
         report["attention_backend"] = _kernels(times.attention[1:] or times.attention[:1])
+        report["graph_captures"] = {"steps": m.engine.static.captures, "layers": m.engine.layer_graphs.captures}
+        report["graph_failures"] = [*decode_graph.failures(), *layer_graph.failures()]
         return report
 
 
@@ -174,6 +177,8 @@ def format_report(r: dict) -> str:
                      + (f"{r['prefill_shared']} of them once for all rows" if r["prefill_shared"] else "them per row"))
     if r.get("attention_backend"):
         lines.append(f"attention kernels: prefill {r['prefill_attention_backend']}, decode {r['attention_backend']}")
+    if any((r.get("graph_captures") or {}).values()) or r.get("graph_failures"):
+        lines.append(f"CUDA graphs: {graphs_line(r)}")
     if r.get("warmup_s") is not None:
         lines.append(f"warm-up (prefill and {WARMUP_STEPS - 1} decode step, not timed above) {r['warmup_s']} s")
     if "weight_gb_s" in r:
@@ -181,3 +186,11 @@ def format_report(r: dict) -> str:
     if r["cache_moved_per_step_gb"]:
         lines.append(f"KV cache read per decode step {r['cache_moved_per_step_gb']} GB")
     return "\n".join(lines)
+
+
+def graphs_line(report: dict) -> str:
+    """The CUDA graphs a bench captured (whole decode steps, decode layers) and why capturing failed."""
+    captures = report.get("graph_captures") or {}
+    return (f"{captures.get('steps', 0)} whole decode steps, {captures.get('layers', 0)} decode layers captured"
+            + "".join(f"; failed: {why}" for why in report.get("graph_failures") or []))
+

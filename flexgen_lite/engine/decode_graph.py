@@ -40,6 +40,11 @@ _failed: list[str] = []  # why capturing failed, once: the eager path from then 
 EVERY_EXPERT_ROWS = 128  # without a profile: rows x experts / top-k at most this (a GPU's products still read-bound)
 
 
+def failures() -> list[str]:
+    """Why capturing decode steps as CUDA graphs failed in this process (empty: it never did)."""
+    return list(_failed)
+
+
 def graphs_wanted() -> bool:
     return os.environ.get(ENV, DEFAULT) == "1"
 

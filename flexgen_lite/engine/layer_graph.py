@@ -29,6 +29,11 @@ _failed: list[str] = []  # why capturing failed, once: the eager schedule from t
 REPLAY_OPS = 3  # a replay's host time, in the profile's torch calls (its key, checks and launch)
 
 
+def failures() -> list[str]:
+    """Why capturing decode layers as CUDA graphs failed in this process (empty: it never did)."""
+    return list(_failed)
+
+
 @dataclass
 class _Batch:
     """A GPU batch's static inputs: left padding, the position written, its two hidden-state buffers."""
