@@ -113,6 +113,13 @@ def codes_shapes(layers: list) -> list[list[tuple[int, int]]]:
     return [[tuple(w.shape) for w in (layer or {}).values() if isinstance(w, CodesMatrix)] for layer in layers]
 
 
+def row_attention(hw, config, dtype: str, length: int) -> tuple[float, float]:
+    """(seconds a call, seconds a row) of a layer's decode attention over `length` cached positions on the
+    compute device, by the profile `hw`: a row's K and V bytes at the measured rate."""
+    fixed, rate = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
+    return fixed, 2 * config.num_kv_heads * config.head_dim * length * getattr(torch, dtype).itemsize / rate
+
+
 def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active: int, length: int) -> bool:
     """Whether a replayed step over all `rows` rows of a batch (finished ones computed too) costs less by the
     profile `hw` than the eager step over the `active` rows still generating plus the eager schedule's measured
@@ -123,12 +130,11 @@ def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active
     matrices = [tuple(w.shape) for spec, layer in zip(specs, resident, strict=True) if spec.kind != "embed"
                 for w in layer.values() if isinstance(w, (torch.Tensor, CodesMatrix)) and len(w.shape) == 2
                 and min(w.shape) > 1]
-    fixed, rate = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
-    per_row = 2 * config.num_kv_heads * config.head_dim * length * getattr(torch, dtype).itemsize  # K and V bytes
+    fixed, per_row = row_attention(hw, config, dtype, length)
 
     def step(n: int) -> float:
         products = sum(hw.matmul_time(dtype, n, k, m) for m, k in matrices)
-        return products + config.num_layers * (fixed + n * per_row / rate)
+        return products + config.num_layers * (fixed + n * per_row)
 
     per_layer, per_batch = hw.layer_overhead.get(config.family, hw.layer_overhead["opt"])
     return step(rows) <= step(active) + len(resident) * (per_layer + per_batch)

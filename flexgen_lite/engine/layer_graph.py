@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..system.profile_store import cached_profile
-from .decode_graph import ENV, StaticDecode, capture_graph, check_replay, pool_bytes
+from .decode_graph import ENV, StaticDecode, capture_graph, check_replay, pool_bytes, row_attention
 
 _failed: list[str] = []  # why capturing failed, once: the eager schedule from then on, in this process
 REPLAY_OPS = 3  # a replay's host time, in the profile's torch calls (its key, checks and launch)
@@ -87,10 +87,8 @@ class LayerGraphs:
         hw, cfg = cached_profile(static.device), static.config
         if hw is None:
             return True
-        dtype = str(static.dtype).removeprefix("torch.")
-        _, rate = hw.decode_attention(dtype, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-        per_row = 2 * cfg.num_kv_heads * cfg.head_dim * length * static.dtype.itemsize  # its K and V
-        finished = cfg.num_layers * (self.rows - active) * per_row / rate
+        _, per_row = row_attention(hw, cfg, str(static.dtype).removeprefix("torch."), length)
+        finished = cfg.num_layers * (self.rows - active) * per_row
         _, per_batch = hw.layer_overhead.get(cfg.family, hw.layer_overhead["opt"])
         return finished <= 2 * cfg.num_layers * max(0.0, per_batch - REPLAY_OPS * hw.op_overhead)
 

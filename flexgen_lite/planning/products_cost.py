@@ -65,9 +65,10 @@ def graph_decode(s: Setup) -> bool:
         return False
     if s.wcomp is None:
         return True
+    # decoder layers are alike: one of each kind weighs the step as all of them do
     layers = [[spec.shape for spec in s.kinds[kind].weights if s.compressed(spec)] for kind in DECODER_KINDS]
     return (not s.config.moe and codes_kept(s, s.gbs)
-            and codes_graph_wins(s.hw, s.config.family, layers * s.config.num_layers, s.dname, s.gbs, s.nb))
+            and codes_graph_wins(s.hw, s.config.family, layers, s.dname, s.gbs, s.nb))
 
 
 def layer_graphed(s: Setup, kind: str) -> bool:
