@@ -42,7 +42,7 @@ from .storage import DiskFile, DiskStore, MemoryLedger, Staging
 from .trace import COMPUTE, COMPUTE_LANE, NULL, WAIT, NullRecorder, Recorder
 from .transfers import Transfers
 from .weight_slots import WeightSlots
-from .weights import StoredWeight, weight_bytes
+from .weights import DECODER_KINDS, StoredWeight, weight_bytes
 
 
 @dataclass
@@ -266,7 +266,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
     def _graphed_layer(self, spec, weights, h, block: Block, b: int, inputs: dict, start: int, step: int):
         """Decoder layer `spec` of batch b's decode step as a CUDA graph's replay (layer_graph.py) where it can run
         so; None: the caller computes it eagerly."""
-        if not (self.layer_graph_decode and step > 0 and spec.kind in ("attention", "mlp")
+        if not (self.layer_graph_decode and step > 0 and spec.kind in DECODER_KINDS
                 and self.layer_graphs.usable(spec, weights, h, self.cache, b, inputs, self.acts, self._in_place[b])):
             return None
         out = self.layer_graphs.run(spec, weights, h, self.cache, block, b, start)
