@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# two workers (this VM has two cores), a test file each at a time: the files keep their own order and fixtures
-exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# two workers (this VM has two cores), a test file each at a time: the files keep their own order and fixtures;
+# the slowest files first (conftest.SLOW_FILES), not xdist's order by count of tests
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
