@@ -89,6 +89,32 @@ def test_cpu_attention_and_4_bit_weights(tiny_models, layer_runs):
         assert_same(graphed, generate(model_dir, PROMPTS, policy, graphs=False), atol=1e-4)
 
 
+def test_breakdown_names_a_graphed_attention_layer(tiny_models, layer_runs):
+    """--breakdown: a decode attention layer replayed whole is its own stage (its projections and attention are
+    one launch, which no span splits), one span a replay; no eager attention span is left in those steps, and the
+    compute resource's busy time counts the stage (its products are in the step's FLOPs)."""
+    from flexgen_lite.cli.breakdown import resources, step_flops, summarize
+    from flexgen_lite.engine.trace import ATTENTION, GRAPH_ATTENTION, Recorder
+
+    recorder = Recorder()
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF), device="cpu+link", trace=recorder) as m:
+        m.engine.layer_graph_decode = True
+        m.generate_ids(PROMPTS[:4], SAMPLING)
+        config = m.config
+    decode = [mark for mark in recorder.steps if mark.phase == "decode"]
+    graphed = [s for s in recorder.spans if s.stage == GRAPH_ATTENTION]
+    assert len(graphed) == sum(kind == "attention" for kind, _, _ in layer_runs) == \
+        len(decode) * 2 * config.num_layers
+    assert not any(s.stage == ATTENTION and any(d.start <= s.start <= d.end for d in decode)
+                   for s in recorder.spans)
+    info = [step_flops(config, 4, mark.tokens, mark.context, 2) for mark in recorder.steps]
+    phase = summarize(recorder.spans, recorder.steps, info)["decode"]
+    assert phase.rows[GRAPH_ATTENTION].seconds > 0
+    compute = next(r for r in resources(phase, {}, cuda=False) if r["resource"] == "compute")
+    busy = phase.rows["compute"].seconds + phase.rows[GRAPH_ATTENTION].seconds
+    assert compute["busy_rate"] == pytest.approx(phase.flops / busy)
+
+
 @pytest.mark.parametrize("every_row", [False, True], ids=["eager-after", "every-row-replayed"])
 def test_rows_that_finish(tiny_models, layer_runs, monkeypatch, every_row):
     """A batch with a finished row (as eos would end it): where computing every row wins (the profile:

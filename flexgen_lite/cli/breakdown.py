@@ -19,6 +19,7 @@ from ..engine.trace import (
     COMPUTE_LANE,
     CPU_ATTENTION,
     DEQUANTIZE,
+    GRAPH_ATTENTION,
     STEP,
     WAIT,
     Span,
@@ -257,8 +258,8 @@ def resources(pb: PhaseBreakdown, rates: dict[str, tuple], cuda: bool) -> list[d
     out = []
     if pb.flops:
         rate = pb.flops / pb.compute_bound if pb.compute_bound else None
-        out.append(_resource("compute", pb.flops / n, "FLOP", rate, step,
-                             pb.flops / max(_seconds(pb, COMPUTE), 1e-12)))
+        busy = _seconds(pb, COMPUTE) + _seconds(pb, GRAPH_ATTENTION)  # a graphed layer's products run in it
+        out.append(_resource("compute", pb.flops / n, "FLOP", rate, step, pb.flops / max(busy, 1e-12)))
     disk_read = sum(r.nbytes for r in pb.rows.values() if r.stage.endswith("(disk)") and "store" not in r.stage)
     disk_write = sum(r.nbytes for r in pb.rows.values() if r.stage.endswith("(disk)") and "store" in r.stage)
     if disk_read or disk_write:

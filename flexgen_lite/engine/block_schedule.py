@@ -39,7 +39,7 @@ from .pending_attention import PendingAttention
 from .policy import Policy
 from .shared_prefix import SharedPrefix
 from .storage import DiskFile, DiskStore, MemoryLedger, Staging
-from .trace import COMPUTE, COMPUTE_LANE, NULL, WAIT, NullRecorder, Recorder
+from .trace import COMPUTE, COMPUTE_LANE, GRAPH_ATTENTION, NULL, WAIT, NullRecorder, Recorder
 from .transfers import Transfers
 from .weight_slots import WeightSlots
 from .weights import DECODER_KINDS, StoredWeight, weight_bytes
@@ -269,8 +269,12 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
         if not (self.layer_graph_decode and step > 0 and spec.kind in DECODER_KINDS
                 and self.layer_graphs.usable(spec, weights, h, self.cache, b, inputs, self.acts, self._in_place[b])):
             return None
-        out = self.layer_graphs.run(spec, weights, h, self.cache, block, b, start)
-        if out is not None and spec.kind == "attention":
+        if spec.kind != "attention":
+            return self.layer_graphs.run(spec, weights, h, self.cache, block, b, start)
+        # its own stage: the layer's projections and attention in one replay, which no span can split
+        with self.trace.span(GRAPH_ATTENTION, stream=COMPUTE_LANE):
+            out = self.layer_graphs.run(spec, weights, h, self.cache, block, b, start)
+        if out is not None:
             self._kernels.add(f"graph+{self.static.kernel}")
         return out
 

@@ -21,6 +21,7 @@ import torch
 STEP = "schedule (other)"  # a step's own time outside every stage below: Python, sampling, hand-offs
 COMPUTE = "compute"
 ATTENTION = "attention"
+GRAPH_ATTENTION = "attention layer (graph)"  # a decode attention layer replayed whole (layer_graph.py)
 CPU_ATTENTION = "cpu attention"
 DEQUANTIZE = "dequantize"
 WAIT = "waiting on I/O"
