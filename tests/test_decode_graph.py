@@ -207,7 +207,7 @@ def test_a_replay_that_disagrees_with_the_eager_step_is_refused(tiny_models, ref
     monkeypatch.setattr(decode_graph, "capture_graph", lambda forward, pool: WrongGraph(forward, {}))
     with FlexGenLite(str(tiny_models["opt"][0]), policy=P(), device="cpu") as m:
         m.engine.static_decode, m.engine.static.capture = True, True
-        with pytest.warns(UserWarning, match="replayed step's logits differ"):
+        with pytest.warns(UserWarning, match="replayed graph's output differs"):
             out = m.generate_ids(PROMPTS, SAMPLING, return_logits=True)
         assert "graph" not in "".join(m.engine.times.attention)
     assert_same(out, references["opt"])

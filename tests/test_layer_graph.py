@@ -10,6 +10,7 @@ import dataclasses
 import warnings
 
 import pytest
+import torch
 
 import flexgen_lite.engine.layer_graph as layer_graph
 from flexgen_lite import FlexGenLite, SamplingConfig
@@ -216,10 +217,24 @@ def test_a_replay_that_disagrees_with_the_eager_run_is_refused(tiny_models, refe
     monkeypatch.setattr(layer_graph, "capture_graph", lambda forward, pool: WrongGraph(forward, {}))
     with FlexGenLite(str(tiny_models["opt"][0]), policy=P(WEIGHTS_OFF), device="cpu+link") as m:
         m.engine.layer_graph_decode, m.engine.layer_graphs.capture = True, True
-        with pytest.warns(UserWarning, match="differ from the eager step's"):
+        with pytest.warns(UserWarning, match="differs from the eager run's"):
             out = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
                                  return_logits=True)
     assert_same(out, references["opt"])
+
+
+def test_a_layers_replay_equal_up_to_rounding_is_kept_though_its_largest_entry_moves():
+    """A layer's output is a hidden state, not logits: its largest entry moving by a rounding's worth (a near
+    tie) changes no greedy token, so the layer's graph stays; a step's logits must still keep their tokens."""
+    from flexgen_lite.engine.decode_graph import check_replay
+
+    eager = torch.tensor([[1.0, 3.0, 3.0001, -2.0]])
+    replayed = torch.tensor([[1.0, 3.0002, 3.0001, -2.0]])  # within rounding; the largest entry moved
+    check_replay(replayed, eager, logits=False)
+    with pytest.raises(RuntimeError, match="differs from the eager run's"):
+        check_replay(replayed, eager)  # as logits: another token
+    with pytest.raises(RuntimeError, match="differs from the eager run's by 1"):
+        check_replay(eager + torch.tensor([[0.0, 0.0, 0.0, 1.0]]), eager, logits=False)
 
 
 def test_the_cost_model_prices_replayed_layers(monkeypatch):

@@ -165,16 +165,17 @@ def pool_bytes(pool) -> int:
         return 0
 
 
-def check_replay(replayed: torch.Tensor, eager: torch.Tensor | None) -> None:
-    """A graph's first replay gives the eager step's logits for the same inputs (the same kernels: equal up to
-    the rounding of another matmul algorithm) and the same greedy tokens; else it raises, and the engine runs
-    eagerly. Guards against a value baked into the graph at capture, which would go wrong without an error."""
+def check_replay(replayed: torch.Tensor, eager: torch.Tensor | None, logits: bool = True) -> None:
+    """A graph's first replay gives the eager run's output for the same inputs (the same kernels: equal up to
+    the rounding of another matmul algorithm) and, for `logits`, the same greedy tokens (a hidden state's largest
+    entry is no token: a near tie there may flip harmlessly); else it raises, and the engine runs eagerly. Guards
+    against a value baked into the graph at capture, which would go wrong without an error."""
     if eager is None:
         return
     scale = 1.0 + float(eager.abs().max())
     diff = float((replayed - eager).abs().max())
-    if not diff <= 1e-2 * scale or not torch.equal(replayed.argmax(-1), eager.argmax(-1)):
-        raise RuntimeError(f"the replayed step's logits differ from the eager step's by {diff:.3g}")
+    if not diff <= 1e-2 * scale or (logits and not torch.equal(replayed.argmax(-1), eager.argmax(-1))):
+        raise RuntimeError(f"the replayed graph's output differs from the eager run's by {diff:.3g}")
 
 
 @dataclass
