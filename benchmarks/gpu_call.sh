@@ -23,7 +23,7 @@ ROW=opt-13b-cpu-weights-compress
 
 SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 360 || echo 500)}  # within a 600 s call with the parts after it
 bash benchmarks/gpu_suite.sh "${SMOKE[@]}" --out "$OUT" --time-limit "$SUITE_S" \
-  --checks speed,cpu,codes,matmul --parity-workers 4 --parity-tests "${PARITY//$'\n'/ }" \
+  --checks speed,cpu,attention,codes,matmul --parity-workers 4 --parity-tests "${PARITY//$'\n'/ }" \
   ${SMOKE:+--skip-parity --skip-checks} 2>&1 | tail -c 6000
 
 echo "===== $ROW and opt-13b-4bit-gpu, CUDA graphs off"

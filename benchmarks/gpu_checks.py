@@ -11,9 +11,9 @@
 4. CPU decode attention (native.decode_attention) over a position-major cache, all threads against one, beside
    the host's memory copy rate; the same over a 4-bit cache read as stored (quantized_attention);
 5. a decode step's kernels by device time with everything on the GPU (OPT-1.3B, batch 64), against its wall time;
-6. decode attention over a GPU cache: the Triton split-KV kernel (decode_attention_triton.py) against SDPA as the
-   engine calls it, at the suite's shapes: agreement, time, K+V bytes/s against a device copy, and which one the
-   engine's measured choice (attention.faster) keeps;
+6. decode attention over a GPU cache: the Triton split-KV kernel (decode_attention_triton.py; its lanes variants where a
+   kv head has one query head) against SDPA as the engine calls it, at the suite's shapes: agreement, time, K+V
+   bytes/s against a device copy, and which one the engine's measured choice (attention.faster) keeps;
 7. a decode step's store of one token into a 4-bit cache part (QuantizedStore.write): the fused quantization
    (quantize_triton.py) against the torch path, bit for bit, and the time a store takes with each; and the load
    of a 4-bit part's prefix into a slot (dequant_triton.dequantize_prefix) against the torch path;
@@ -265,13 +265,13 @@ def decode_attention() -> None:
         print("triton is not installed: skipped")
         return
     dtype = torch.float16 if CUDA else torch.float32
-    shapes = ATTENTION_SHAPES if CUDA else [("tiny", 4, 4, 2, 64, 40)]
+    shapes = ATTENTION_SHAPES if CUDA else [("tiny", 4, 4, 2, 64, 40), ("tiny, no groups", 2, 4, 4, 64, 40)]
     n = 1 << 28 if CUDA else 1 << 20
     src, dst = torch.empty(n, dtype=torch.uint8, device=DEV), torch.empty(n, dtype=torch.uint8, device=DEV)
     copy = 2 * n / best(lambda: dst.copy_(src))
     print(f"device copy {copy / 1e9:.0f} GB/s (read + write)")
-    print("| shape | max diff | triton ms | K+V GB/s | SDPA ms | K+V GB/s | kept | triton ms at 1, 2, 4, 8 splits |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| shape | max diff | triton ms | K+V GB/s | SDPA ms | K+V GB/s | lanes ms (ahead) | K+V GB/s (ahead) | kept "
+          "| triton ms at 1, 2, 4, 8 splits |\n|---|---|---|---|---|---|---|---|---|---|")
     for label, rows, heads, kv_heads, hd, length in shapes:
         q = torch.randn(rows, heads, 1, hd, device=DEV, dtype=dtype)
         k, v = (torch.randn(rows, kv_heads, length, hd, device=DEV, dtype=dtype) for _ in "kv")
@@ -292,11 +292,25 @@ def decode_attention() -> None:
         if not diff <= 2e-2:
             failures.append(f"triton decode attention differs from SDPA at {label}: {diff:g}")
         ours, theirs = best(triton_call), best(sdpa_call)
-        kept = attention.faster(("check", label), {"triton": triton_call, "sdpa": sdpa_call}, DEV) if CUDA else "-"
         nbytes = 2 * k.numel() * k.element_size()
+        lanes, rates = [], []
+        for variant in triton_decode.variants(q, k)[1:]:  # one query head per kv head: each lane its own softmax
+            def lanes_call(q=q, k=k, v=v, mask=mask, variant=variant):
+                return triton_decode.attend(q, k, v, mask, variant=variant)
+
+            lanes_diff = (lanes_call().float() - sdpa_call().float()).abs().max().item()
+            if not lanes_diff <= 2e-2:
+                failures.append(f"triton decode attention ({variant}) differs from SDPA at {label}: {lanes_diff:g}")
+            seconds = best(lanes_call)
+            lanes.append(f"{seconds * 1e3:.3f}")
+            rates.append(f"{nbytes / seconds / 1e9:.0f}")
+        candidates = attention.decode_candidates(q, k, v, mask)
+        kept = attention.faster(("check", label), candidates, DEV) if CUDA else "-"
         sweep = ", ".join(f"{best(lambda n=n: triton_call(n)) * 1e3:.3f}" for n in (1, 2, 4, 8))  # against split_plan
+        lanes_cell = f"{lanes[0]} ({lanes[1]})" if lanes else "-"
+        rates_cell = f"{rates[0]} ({rates[1]})" if rates else "-"
         print(f"| {label} | {diff:.2g} | {ours * 1e3:.3f} | {nbytes / ours / 1e9:.0f} | {theirs * 1e3:.3f} | "
-              f"{nbytes / theirs / 1e9:.0f} | {kept} | {sweep} |")
+              f"{nbytes / theirs / 1e9:.0f} | {lanes_cell} | {rates_cell} | {kept} | {sweep} |")
 
 
 def quantized_store() -> None:

@@ -1,6 +1,7 @@
 """Compile the engine's Triton kernels for sm_90 ahead of time, without a GPU, and report what ptxas says of each
 kind: `python -m tests.sm90_compile KIND...`, KIND one of
   dtype,group,head_dim,one_split[,sinks]      the decode attention;
+  lanes,dtype,head_dim,one_split,ahead        its lanes variant (one query head per kv head);
   quantize,dtype,group                        the 4-bit quantization;
   codes,dtype,group,head_dim,one_split        the decode attention over a 4-bit cache as stored;
   gemv,dtype,group,rows                       a few rows times a 4-bit weight as stored;
@@ -34,7 +35,7 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool, sinks: 
 
     from flexgen_lite.kernels import decode_attention_triton as triton_decode
 
-    split_kernel, _ = triton_decode._kernels(False)
+    split_kernel = triton_decode._kernels(False)[0]
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     padded, block, dot = triton_decode.tiling(torch_dtype, group, head_dim)
     pointer = "*" + dtype
@@ -50,6 +51,29 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool, sinks: 
                     constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
     return {"kind": [dtype, group, head_dim, one_split, sinks], "block": block, "dot": dot, **assemble(src, {})}
+
+
+def compile_lanes(dtype: str, head_dim: int, one_split: bool, ahead: bool) -> dict:
+    """The decode attention's lanes variant (each position lane its own softmax), masked, without sinks."""
+    from triton.compiler import ASTSource
+
+    from flexgen_lite.kernels import decode_attention_triton as triton_decode
+
+    kernel = triton_decode._kernels(False)[2]
+    pointer, names = "*" + dtype, kernel.arg_names
+    strides = names[names.index("scale") + 1:names.index("D")]
+    signature = {"q": pointer, "k": pointer, "v": pointer, "seen": "*u8", "out": pointer if one_split else "*fp32",
+                 "lse": "*fp32", "sinks": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32",
+                 **dict.fromkeys(strides, "i32")}
+    dp = triton_decode._pow2(head_dim)
+    block = triton_decode.lanes_block(dp)
+    constants = dict(sm_l=1, D=head_dim, DP=dp, BLOCK=block, MASKED=True, ONE_SPLIT=one_split, SINKS=False,
+                     AHEAD=ahead)
+    divisible = [n for n in (*POINTERS, *strides) if n not in NOT_DIVISIBLE]
+    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                    constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    return {"kind": ["lanes", dtype, head_dim, one_split, ahead], "block": block, **assemble(src, {})}
 
 
 def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
@@ -147,7 +171,21 @@ def assemble(src, options: dict) -> dict:
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
             "vector_loads": "ld.global.v4" in ptx, "vector_stores": "st.global.v4" in ptx,
             "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]8\b", ptx)),
-            "async_16": len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)), "ptx": ptx}
+            "async_16": len(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)),
+            "loop_barriers": loop_barriers(ptx), "ptx": ptx}
+
+
+def loop_barriers(ptx: str) -> int:
+    """bar.sync instructions inside loops (between a label and a branch back to it): a reduction over the
+    program's warps at every iteration."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__\w+):", line.strip()))}
+    inside = set()
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            inside.update(range(labels[m.group(1)], i))
+    return sum("bar.sync" in lines[i] for i in inside)
 
 
 def main(kinds: list[str]) -> int:
@@ -161,6 +199,9 @@ def main(kinds: list[str]) -> int:
         elif kind.startswith("codes,"):
             _, dtype, group, head_dim, one = kind.split(",")
             found = compile_codes(dtype, int(group), int(head_dim), one == "1")
+        elif kind.startswith("lanes,"):
+            _, dtype, head_dim, one, ahead = kind.split(",")
+            found = compile_lanes(dtype, int(head_dim), one == "1", ahead == "1")
         elif kind.startswith("prefix,"):
             _, dtype, group, head_dim = kind.split(",")
             found = compile_prefix(dtype, int(group), int(head_dim))

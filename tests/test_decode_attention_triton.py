@@ -67,6 +67,57 @@ def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
 
 
 @needs_triton
+@pytest.mark.parametrize("variant", ["lanes", "lanes-ahead"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case,splits", [((3, 4, 4, 37, 64), None), ((2, 2, 2, 150, 128), 3), ((1, 2, 2, 1, 80), None),
+                                         ((2, 3, 3, 300, 64), 5), ((2, 2, 2, 100, 256), 2)], ids=str)
+def test_lanes_variants_equal_sdpa(kernel_device, case, splits, dtype, variant):
+    """One query head per kv head, each position lane its own softmax (no reduction over the program inside the
+    loop), with the next tile's loads issued first or not: within an output rounding of SDPA in fp32 for a mask
+    per row, none, a row padded past whole splits, a ragged last tile; with sinks, of the sinks reference."""
+    q, k, v, mask = inputs(*case, "head-major")
+    mask[0, ..., :min(250, case[3] - 1)] = False
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    for m in (mask, None):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+        on = (t.to(kernel_device) if t is not None else None for t in (q, k, v, m))
+        got = triton_decode.attend(*on, splits, variant=variant).cpu()
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=ULP[dtype], rtol=0)
+    sinks = torch.linspace(0, 6, case[1])
+    want = triton_decode.with_sinks(q.float(), k.float(), v.float(), mask, sinks)
+    got = triton_decode.attend(*(t.to(kernel_device) for t in (q, k, v, mask)), splits, sinks.to(kernel_device),
+                               variant=variant).cpu()
+    torch.testing.assert_close(got.float(), want, atol=ULP[dtype], rtol=0)
+
+
+@needs_triton
+def test_the_lanes_take_one_query_head_per_kv_head_and_are_measured_beside_the_tiles(kernel_device, monkeypatch):
+    """Grouped heads (Llama-3's) go to the tiles alone: the lanes refuse them, a forced lanes name falls back to the
+    tiles. Where they take the call, each variant whose self-check passed is a candidate beside SDPA, each giving
+    SDPA's output; a variant failing its check is left out, the others kept."""
+    grouped = [t.to(kernel_device) for t in inputs(2, 8, 2, 40, 64, "head-major")]
+    one = [t.to(kernel_device) for t in inputs(2, 4, 4, 40, 64, "head-major")]
+    assert triton_decode.variants(*grouped[:2]) == ("tiles",)
+    assert "one query head per kv head" in triton_decode.refusal(*grouped[:2], variant="lanes")
+    with pytest.raises(ValueError, match="does not take 8 query heads over 2"):
+        triton_decode.attend(*grouped, variant="lanes")
+    monkeypatch.setenv(attention.DECODE_ENV, "triton-lanes")
+    assert attention.decode_attend(*grouped)[1] == "triton"
+    assert attention.decode_attend(*one)[1] == "triton-lanes"
+    assert list(attention.decode_candidates(*grouped)) == ["triton", "sdpa"]
+    candidates = attention.decode_candidates(*one)
+    assert list(candidates) == ["triton", "triton-lanes", "triton-lanes-ahead", "sdpa"]
+    want = F.scaled_dot_product_attention(*(t.cpu() for t in one[:3]), attn_mask=one[3].cpu())
+    for name in ("triton", "triton-lanes", "triton-lanes-ahead"):
+        torch.testing.assert_close(candidates[name]().cpu(), want, atol=ULP[torch.float32], rtol=0)
+    real = triton_decode._checked
+    monkeypatch.setattr(triton_decode, "_checked", lambda *args: "broken" if args[-1] == "lanes" else real(*args))
+    triton_decode.reset()
+    assert list(attention.decode_candidates(*one)) == ["triton", "triton-lanes-ahead", "sdpa"]
+
+
+@needs_triton
 @pytest.mark.parametrize("splits", [2, 5])
 def test_a_split_inside_a_rows_padding_adds_nothing(kernel_device, splits):
     """A row left-padded past whole splits (a short prompt beside long ones, a small batch cut into many splits):
@@ -156,15 +207,16 @@ def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["opt", "llama3", "gpt-oss"])  # 1 and 4 query heads per kv head (registers;
-# tl.dot); gpt-oss's sinks and windows (rings in the constant-shape step)
+@pytest.mark.parametrize("family,kernel", [("opt", "triton"), ("llama3", "triton"), ("gpt-oss", "triton"),
+                                           ("opt", "triton-lanes-ahead")])  # 1 and 4 query heads per kv head
+# (registers; tl.dot); gpt-oss's sinks and windows (rings in the constant-shape step); the lanes variant
 @pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
 def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, tiny_models, references, family,
-                                                    static):
+                                                    kernel, static):
     """Every decode step's attention by the kernel (left-padded rows: masked), the same greedy tokens as
     transformers and logits within fp32's tolerance (as test_parity), in the engine's eager decode step and in its
     constant-shape one (decode_graph.py: the whole max_len under a mask, as a CUDA graph replays it)."""
-    monkeypatch.setenv(attention.DECODE_ENV, "triton")
+    monkeypatch.setenv(attention.DECODE_ENV, kernel)
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
     with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=kernel_device) as m:
         m.engine.static_decode, m.engine.fused_decode, m.engine.layer_graph_decode = static, False, False
@@ -176,7 +228,7 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
     for ours, theirs in zip(logits, ref_logits, strict=True):
         torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     step = ("graph+" if kernel_device.startswith("cuda") else "static+") if static else ""  # a CUDA graph replayed
-    assert kernels[1:] and all(step + "triton" in k for k in kernels[1:]), kernels
+    assert kernels[1:] and all(step + kernel in k for k in kernels[1:]), kernels
 
 
 @needs_triton
@@ -217,5 +269,5 @@ def test_the_graphed_step_measures_both_kernels_as_replays(kernel_device, monkey
         kernels = m.engine.times.attention
     assert ids == references["llama3"][0]
     graphed = {kind: name for kind, name in attention._measured.items() if kind[-1]}
-    assert graphed and set(graphed.values()) <= {"triton", "sdpa"}
+    assert graphed and set(graphed.values()) <= {*attention.TRITON_NAMES, "sdpa"}
     assert any(k.startswith("graph+") for k in kernels), kernels

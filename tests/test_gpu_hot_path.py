@@ -378,7 +378,7 @@ def test_cuda_graph_decode_matches_eager_and_is_captured_once(tiny_models, monke
         # SDPA's memory-efficient kernel, or the Triton decode kernel where measured faster (attention.faster)
         allowed = {"gemma2": ("graph+softcap",), "gpt-oss": ("graph+sinks", "graph+triton")}.get(family,
                                                                                  ("graph+efficient", "graph+triton"))
-        assert len(kernels) == 8 and all(k in allowed for k in kernels[1:]), kernels
+        assert len(kernels) == 8 and all(k.startswith(allowed) for k in kernels[1:]), kernels
         eager, graph = results[0], results[2]
         assert results[3][0] == graph[0]  # replayed again on the second block: the same
         assert_like_eager(graph, eager, dtype, tol)

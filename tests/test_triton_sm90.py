@@ -26,6 +26,7 @@ GEMV = ["gemv,fp16,64,16", "gemv,bf16,64,16", "gemv,fp16,64,64", "gemv,bf16,32,6
         "gemv,fp16,128,32"]  # a few rows (padded) times a 4-bit weight as stored
 PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256",
           "prefix,bf16,32,32"]  # the last (a group a position): a weight's whole groups (dequant_triton.dequantize)
+LANES = ["fp16,64", "bf16,128", "fp16,256", "fp32,64"]  # the lanes variants (one query head per kv head: OPT, Llama-2)
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
          "fp16,4,256", "fp16,2,64", "bf16,8,64,sinks", "fp16,8,64,sinks"]  # the last: gpt-oss's heads
 
@@ -45,6 +46,7 @@ def compiled() -> dict[tuple, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
     kinds += QUANTIZE + PREFIX + GEMV + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
+    kinds += [f"lanes,{kind},{one},{ahead}" for kind in LANES for one in (1, 0) for ahead in (0, 1)]
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -75,6 +77,20 @@ def test_decode_attention_compiles_for_sm90_within_its_registers(compiled, kind,
     r = compiled[(dtype, int(group), int(head_dim), one_split, bool(sinks))]
     assert r["spill_bytes"] == 0 and r["registers"] <= 168, r  # 168 x 128 threads: 3 programs an SM at least
     assert r["vector_loads"], r  # K and V rows read 16 bytes at a time
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["loads-in-turn", "loads-ahead"])
+@pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])
+@pytest.mark.parametrize("kind", LANES)
+def test_the_lanes_variants_compile_for_sm90_with_no_barrier_in_their_loop(compiled, kind, one_split, ahead):
+    """What they are for: no reduction over the program's warps inside the loop over positions (the tiles' kernel
+    has one at every tile: its max, its sum and its values); registers as the tiles' kernel's limit."""
+    dtype, head_dim = kind.split(",")
+    r = compiled[("lanes", dtype, int(head_dim), one_split, ahead)]
+    assert r["spill_bytes"] == 0 and r["registers"] <= 168 and r["vector_loads"], r
+    assert r["loop_barriers"] == 0, r
+    tiles = compiled[(dtype, 1, int(head_dim), one_split, False)] if f"{dtype},1,{head_dim}" in KINDS else None
+    assert tiles is None or tiles["loop_barriers"] > 0, tiles
 
 
 @pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])

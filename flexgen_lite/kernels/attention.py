@@ -104,33 +104,50 @@ _failed: set[tuple] = set()  # kinds of call whose chosen kernels failed: torch'
 _chosen: dict[tuple, str] = {}  # kind of call -> the kernel torch picked among those allowed
 
 
-DECODE_ENV = "FLEXGEN_LITE_DECODE_ATTENTION"  # "auto" (measured on CUDA), "triton" (anywhere it runs), "sdpa"
+DECODE_ENV = "FLEXGEN_LITE_DECODE_ATTENTION"  # "auto" (measured on CUDA), "sdpa", or a Triton kernel's name
+# (TRITON_NAMES: the default variant for "triton") anywhere it runs
+TRITON_NAMES = {"triton": "tiles", "triton-lanes": "lanes", "triton-lanes-ahead": "lanes-ahead"}  # name -> variant
 _measured: dict[tuple, str] = {}  # kind of decode call -> the faster kernel, measured once
 
 
 def decode_attend(q, k, v, mask, graphed: bool = False, sinks=None) -> tuple[torch.Tensor, str] | None:
     """One query position by the Triton split-KV kernel (decode_attention_triton), where it is chosen for this
-    kind of call: on CUDA where measured faster than SDPA (once per kind: a few syncs; `graphed`: as replayed in
-    a CUDA graph, as the constant-shape decode step runs it), anywhere it runs under
-    FLEXGEN_LITE_DECODE_ATTENTION=triton (a CPU: Triton's interpreter, tests). None: SDPA's turn. sinks (gpt-oss):
-    measured against the whole scores' path (scored_attend), which SDPA's place takes."""
+    kind of call: on CUDA the fastest of its variants and SDPA, measured (once per kind: a few syncs; `graphed`: as
+    replayed in a CUDA graph, as the constant-shape decode step runs it), anywhere it runs under
+    FLEXGEN_LITE_DECODE_ATTENTION=triton (or a variant's name: TRITON_NAMES; a CPU: Triton's interpreter, tests).
+    None: SDPA's turn. sinks (gpt-oss): measured against the whole scores' path (scored_attend), which SDPA's place
+    takes. Returns the output and the kernel's name."""
     want = os.environ.get(DECODE_ENV, "auto")
     if q.shape[2] != 1 or want == "sdpa" or (want == "auto" and q.device.type != "cuda"):
         return None
-    if not triton_decode.usable(q, k, sinks is not None):
-        return None
-    if want == "auto":
-        # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times
-        kind = (q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k.shape[1], q.shape[-1],
-                k.shape[2].bit_length(), mask is None, sinks is None, graphed)
-        candidates = {"triton": lambda: triton_decode.attend(q, k, v, mask, sinks=sinks)}
-        if sinks is None:
-            candidates["sdpa"] = lambda: _cuda_attend(q, k, v, mask)
-        else:
-            candidates["sinks"] = lambda: scored_attend(q, k, v, mask, None, sinks)
-        if faster(kind, candidates, q.device, graphed=graphed) != "triton":
+    if want != "auto":  # a variant that does not take grouped heads: the default one
+        name = want if TRITON_NAMES.get(want) in triton_decode.variants(q, k) else "triton"
+        if not triton_decode.usable(q, k, sinks is not None, TRITON_NAMES[name]):
             return None
-    return triton_decode.attend(q, k, v, mask, sinks=sinks), "triton"
+        return triton_decode.attend(q, k, v, mask, sinks=sinks, variant=TRITON_NAMES[name]), name
+    candidates = decode_candidates(q, k, v, mask, sinks)
+    if not candidates.keys() & TRITON_NAMES.keys():
+        return None
+    # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times
+    kind = (q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k.shape[1], q.shape[-1],
+            k.shape[2].bit_length(), mask is None, sinks is None, graphed)
+    chosen = faster(kind, candidates, q.device, graphed=graphed)
+    if chosen not in TRITON_NAMES:
+        return None
+    return triton_decode.attend(q, k, v, mask, sinks=sinks, variant=TRITON_NAMES[chosen]), chosen
+
+
+def decode_candidates(q, k, v, mask, sinks=None) -> dict:
+    """{name: call} of the decode attention kernels to measure for this call: each Triton variant that takes it and
+    passed its self-check here, then SDPA's place (the last: what a capture takes before anything is measured)."""
+    candidates = {name: functools.partial(triton_decode.attend, q, k, v, mask, sinks=sinks, variant=variant)
+                  for name, variant in TRITON_NAMES.items()
+                  if variant in triton_decode.variants(q, k) and triton_decode.usable(q, k, sinks is not None, variant)}
+    if sinks is None:
+        candidates["sdpa"] = lambda: _cuda_attend(q, k, v, mask)
+    else:
+        candidates["sinks"] = lambda: scored_attend(q, k, v, mask, None, sinks)
+    return candidates
 
 
 def faster(kind: tuple, candidates: dict, device: torch.device, reps: int = 5, graphed: bool = False) -> str:

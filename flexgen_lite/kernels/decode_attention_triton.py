@@ -114,7 +114,76 @@ def _kernels(interpret: bool):
         o = tl.sum(weights[:, None] * parts, 0) / total
         tl.store(out + row * so_b + head * so_h + d, o.to(out.dtype.element_ty), mask=d < D)
 
-    return split_kernel, combine_kernel
+    @triton.jit(do_not_specialize=["length", "split_len"])
+    def lanes_kernel(q, k, v, seen, out, lse, sinks, length, split_len, scale,
+                     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h, so_s, sl_b, sl_h,
+                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                     ONE_SPLIT: tl.constexpr, SINKS: tl.constexpr, AHEAD: tl.constexpr):
+        # one query head per kv head: each of a tile's BLOCK position lanes keeps a softmax of its own (max, sum,
+        # weighted values), so no step of the loop reduces across the program's warps; the lanes are combined once
+        # at the end. AHEAD: the next tile's K and V loads are issued before this tile's math.
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        qv = tl.load(q + row * sq_b + head * sq_h + d, mask=d_ok, other=0.0).to(tl.float32)
+        k_row, v_row, seen_row = k + row * sk_b + head * sk_h, v + row * sv_b + head * sv_h, seen + row * sm_b
+        begin = split * split_len
+        end = tl.minimum(begin + split_len, length)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, DP], tl.float32)
+        pos = begin + tl.arange(0, BLOCK)
+        if AHEAD:
+            ok = pos < end
+            if MASKED:
+                ok = ok & (tl.load(seen_row + pos.to(tl.int64) * sm_l, mask=ok, other=0) != 0)
+            kt = tl.load(k_row + (pos[:, None] * sk_l + d[None, :]), mask=ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(v_row + (pos[:, None] * sv_l + d[None, :]), mask=ok[:, None] & d_ok[None, :], other=0.0)
+        for offset in range(0, split_len, BLOCK):
+            if AHEAD:  # past the split's end the loads are masked whole: nothing read
+                pos_next = pos + BLOCK
+                ok_next = pos_next < end
+                if MASKED:
+                    ok_next = ok_next & (tl.load(seen_row + pos_next.to(tl.int64) * sm_l, mask=ok_next, other=0) != 0)
+                tile_next = ok_next[:, None] & d_ok[None, :]
+                kt_next = tl.load(k_row + (pos_next[:, None] * sk_l + d[None, :]), mask=tile_next, other=0.0)
+                vt_next = tl.load(v_row + (pos_next[:, None] * sv_l + d[None, :]), mask=tile_next, other=0.0)
+            else:
+                pos = begin + offset + tl.arange(0, BLOCK)
+                ok = pos < end
+                if MASKED:
+                    ok = ok & (tl.load(seen_row + pos.to(tl.int64) * sm_l, mask=ok, other=0) != 0)
+                kt = tl.load(k_row + (pos[:, None] * sk_l + d[None, :]), mask=ok[:, None] & d_ok[None, :],
+                             other=0.0)
+                vt = tl.load(v_row + (pos[:, None] * sv_l + d[None, :]), mask=ok[:, None] & d_ok[None, :],
+                             other=0.0)
+            s = tl.where(ok, tl.sum(qv[None, :] * kt.to(tl.float32), 1) * scale, float("-inf"))
+            m_new = tl.maximum(m, s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that saw nothing yet: no NaN
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe)
+            total = total * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
+            m = m_new
+            if AHEAD:
+                pos, ok, kt, vt = pos_next, ok_next, kt_next, vt_next
+        top = tl.max(m, 0)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp2(m - top_safe)  # a lane that saw nothing weighs 0
+        denominator = tl.sum(total * weight, 0)
+        o = tl.sum(acc * weight[:, None], 0)
+        if ONE_SPLIT:
+            if SINKS:
+                denominator += tl.exp2(tl.load(sinks + head) * 1.4426950408889634 - top_safe)
+            tl.store(out + row * so_b + head * so_h + d, (o / denominator).to(out.dtype.element_ty), mask=d_ok)
+        else:  # as split_kernel's: normalized fp32 partial and its log2-sum-exp2; zeros for a split that saw nothing
+            part = tl.where(denominator > 0, o / denominator, 0.0)
+            tl.store(out + row * so_b + head * so_h + split * so_s + d, part, mask=d_ok)
+            tl.store(lse + row * sl_b + head * sl_h + split, top + tl.log2(denominator))
+
+    return split_kernel, combine_kernel, lanes_kernel
 
 
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -134,6 +203,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+VARIANTS = ("tiles", "lanes", "lanes-ahead")  # how a program walks its positions (attend's `variant`)
+
+
+def variants(q: torch.Tensor, k: torch.Tensor) -> tuple[str, ...]:
+    """The variants that take this call: the lanes only where each kv head has one query head (OPT, Llama-2)."""
+    return VARIANTS if q.shape[1] == k.shape[1] else VARIANTS[:1]
+
+
 def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, bool]:
     """(padded query heads, positions per tile, tl.dot): one query head per kv head multiplies and sums in
     registers; more go on tensor cores (tl.dot wants 16 rows): fp16 as stored, bf16 as tf32 (exact for its
@@ -141,6 +218,12 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
     if group == 1:
         return 1, max(16, min(64, BROADCAST_VALUES // _pow2(head_dim))), False
     return max(16, _pow2(group)), 64 if head_dim <= 128 else 32, True  # 256: 146-148 registers at 32, 192-204 at 64
+
+
+def lanes_block(padded_head_dim: int) -> int:
+    """Positions per tile of the lanes variants: each lane's weighted values stay in registers, (positions x head
+    dim) as many as a tile's product holds."""
+    return max(16, BROADCAST_VALUES // padded_head_dim)
 
 
 def split_plan(programs: int, length: int, block: int, sms: int, wanted: int | None = None) -> tuple[int, int]:
@@ -154,11 +237,16 @@ def split_plan(programs: int, length: int, block: int, sms: int, wanted: int | N
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           splits: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+           splits: int | None = None, sinks: torch.Tensor | None = None, variant: str = "tiles") -> torch.Tensor:
     """q (rows, heads, 1, D) over k, v (rows, kv_heads, L, D) where `mask` (rows or 1, 1, 1, L; None: every
     position) is True: as SDPA with that bool mask, grouped heads shared. Returns (rows, heads, 1, D) in q's dtype.
     splits: parts of the positions read by programs of their own (default: split_plan's). sinks (heads,): each
-    head's sink logit, a term of its softmax's denominator alone (gpt-oss)."""
+    head's sink logit, a term of its softmax's denominator alone (gpt-oss). variant (`variants`): "tiles", a tile's
+    softmax statistics reduced over the program at each tile; "lanes", each position lane its own softmax, combined
+    once (one query head per kv head); "lanes-ahead", the same with the next tile's loads issued first."""
+    if variant not in variants(q, k):
+        raise ValueError(f"decode attention variant {variant!r} does not take {q.shape[1]} query heads over "
+                         f"{k.shape[1]} kv heads")
     rows, heads, _, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -166,6 +254,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q = q.contiguous()
     gp, block, dot = tiling(q.dtype, group, hd)
     dp = _pow2(hd)
+    if variant != "tiles":
+        block = lanes_block(dp)
     splits, split_len = split_plan(rows * kv_heads, length, block, _sm_count(q.device), splits)
     out = torch.empty(rows, heads, 1, hd, dtype=q.dtype, device=q.device)
     if mask is None:
@@ -174,7 +264,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         seen = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         sm_b = seen.stride(0) if seen.shape[0] > 1 else 0
         sm_l = seen.stride(-1) if seen.shape[-1] > 1 else 0
-    split_kernel, combine_kernel = _kernels(interpreting())
+    split_kernel, combine_kernel, lanes_kernel = _kernels(interpreting())
     scale = math.log2(math.e) / math.sqrt(hd)
     if sinks is not None:
         sinks = sinks.to(q.device, torch.float32).contiguous()
@@ -187,11 +277,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         strides = (*target.stride()[:3], *lse.stride()[:2])
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _interpreter if interpreting() else \
             contextlib.nullcontext():
-        split_kernel[(rows, kv_heads, splits)](
-            q, k, v, seen, target, lse, sinks_arg, length, split_len, scale, q.stride(0), q.stride(1),
-            *k.stride()[:3], *v.stride()[:3], sm_b, sm_l, *strides,
-            G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            MASKED=mask is not None, ONE_SPLIT=splits == 1, SINKS=sinks is not None)
+        args = (q, k, v, seen, target, lse, sinks_arg, length, split_len, scale, q.stride(0), q.stride(1),
+                *k.stride()[:3], *v.stride()[:3], sm_b, sm_l, *strides)
+        if variant == "tiles":
+            split_kernel[(rows, kv_heads, splits)](
+                *args, G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MASKED=mask is not None,
+                ONE_SPLIT=splits == 1, SINKS=sinks is not None)
+        else:
+            lanes_kernel[(rows, kv_heads, splits)](
+                *args, D=hd, DP=dp, BLOCK=block, MASKED=mask is not None, ONE_SPLIT=splits == 1,
+                SINKS=sinks is not None, AHEAD=variant == "lanes-ahead")
         if splits > 1:
             combine_kernel[(rows, heads)](target, lse, sinks_arg, out, splits, *strides,
                                           out.stride(0), out.stride(1), D=hd, DP=dp, SP=_pow2(splits),
@@ -199,38 +295,44 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, sinks: bool = False) -> bool:
-    """Whether the kernel runs here for this kind of call and matches SDPA (checked once per kind; with sinks, its
-    sinks variant too, against attention from whole scores)."""
-    return refusal(q, k, sinks) is None
+def usable(q: torch.Tensor, k: torch.Tensor, sinks: bool = False, variant: str = "tiles") -> bool:
+    """Whether the kernel (`variant`) runs here for this kind of call and matches SDPA (checked once per kind; with
+    sinks, its sinks variant too, against attention from whole scores)."""
+    return refusal(q, k, sinks, variant) is None
 
 
-def refusal(q: torch.Tensor, k: torch.Tensor, sinks: bool = False) -> str | None:
-    """Why the kernel is not used for this kind of call (None: it may be)."""
+def refusal(q: torch.Tensor, k: torch.Tensor, sinks: bool = False, variant: str = "tiles") -> str | None:
+    """Why the kernel (`variant`) is not used for this kind of call (None: it may be)."""
     if not supported(q, k):
         return "not a decode shape the kernel takes"
+    if variant not in variants(q, k):
+        return f"the {variant} variant takes one query head per kv head"
     with _lock:
-        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1], sinks)
+        return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1], sinks, variant)
 
 
 @functools.cache
-def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, sinks: bool) -> str | None:
+def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, sinks: bool,
+             variant: str = "tiles") -> str | None:
     """The self-check of a kind: the plain kernel; with `sinks`, the plain one passing, its sinks variant (checked
-    apart, so that a model without sinks never depends on that variant)."""
+    apart, so that a model without sinks never depends on that variant). Each variant on its own."""
     if sinks:
-        return _refusal(device, dtype, group, head_dim, False) or _sinks_refusal(device, dtype, group, head_dim)
+        return (_refusal(device, dtype, group, head_dim, False, variant)
+                or _sinks_refusal(device, dtype, group, head_dim, variant))
     why = unavailable(_kernels)
     if why is not None:
         return why
     gen, (q, k, v, mask) = _check_inputs(group, head_dim)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
-    return _checked(device, dtype, group, head_dim, (q, k, v, mask), want, None)
+    return _checked(device, dtype, group, head_dim, (q, k, v, mask), want, None, variant)
 
 
-def _sinks_refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int) -> str | None:
+def _sinks_refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int,
+                   variant: str = "tiles") -> str | None:
     gen, (q, k, v, mask) = _check_inputs(group, head_dim)
     sinks = torch.randn(q.shape[1], generator=gen) * 2
-    return _checked(device, dtype, group, head_dim, (q, k, v, mask), with_sinks(q, k, v, mask, sinks), sinks)
+    return _checked(device, dtype, group, head_dim, (q, k, v, mask), with_sinks(q, k, v, mask, sinks), sinks,
+                    variant)
 
 
 def _check_inputs(group: int, head_dim: int) -> tuple[torch.Generator, tuple]:
@@ -245,20 +347,22 @@ def _check_inputs(group: int, head_dim: int) -> tuple[torch.Generator, tuple]:
     return gen, (q, k, v, mask)
 
 
-def _checked(device, dtype, group: int, head_dim: int, inputs, want: torch.Tensor, sinks) -> str | None:
-    """None where the kernel (with `sinks` if given) gives `want` for `inputs` (fp32, on the CPU) on `device` in
-    `dtype`; else why not."""
+def _checked(device, dtype, group: int, head_dim: int, inputs, want: torch.Tensor, sinks,
+             variant: str = "tiles") -> str | None:
+    """None where the kernel (`variant`, with `sinks` if given) gives `want` for `inputs` (fp32, on the CPU) on
+    `device` in `dtype`; else why not."""
     q, k, v, mask = inputs
     try:
         got = attend(*(t.to(device, dtype) for t in (q, k, v)), mask.to(device),
-                     sinks=None if sinks is None else sinks.to(device)).float().cpu()
+                     sinks=None if sinks is None else sinks.to(device), variant=variant).float().cpu()
     except Exception as e:  # a kernel that fails to compile or launch here
         return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     error = float((got - want).abs().max())
     if not error <= tolerance:
         kind = "with sinks, " if sinks is not None else ""
-        return f"self-check mismatch ({dtype}, {kind}{group} heads per kv head, head dim {head_dim}: {error:.3g})"
+        return (f"self-check mismatch ({variant}, {dtype}, {kind}{group} heads per kv head, head dim {head_dim}: "
+                f"{error:.3g})")
     return None
 
 
