@@ -68,9 +68,10 @@ def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
 
 @needs_triton
 @pytest.mark.parametrize("variant", ["lanes", "lanes-ahead"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case,splits", [((3, 4, 4, 37, 64), None), ((2, 2, 2, 150, 128), 3), ((1, 2, 2, 1, 80), None),
-                                         ((2, 3, 3, 300, 64), 5), ((2, 2, 2, 100, 256), 2)], ids=str)
+@pytest.mark.parametrize("case,splits,dtype", [
+    ((3, 4, 4, 37, 64), None, torch.float32), ((2, 2, 2, 150, 128), 3, torch.bfloat16),
+    ((1, 2, 2, 1, 80), None, torch.float32), ((2, 3, 3, 300, 64), 5, torch.float32),
+    ((2, 2, 2, 100, 256), 2, torch.bfloat16)], ids=str)
 def test_lanes_variants_equal_sdpa(kernel_device, case, splits, dtype, variant):
     """One query head per kv head, each position lane its own softmax (no reduction over the program inside the
     loop), with the next tile's loads issued first or not: within an output rounding of SDPA in fp32 for a mask
@@ -207,10 +208,10 @@ def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("family,kernel", [("opt", "triton"), ("llama3", "triton"), ("gpt-oss", "triton"),
-                                           ("opt", "triton-lanes-ahead")])  # 1 and 4 query heads per kv head
-# (registers; tl.dot); gpt-oss's sinks and windows (rings in the constant-shape step); the lanes variant
-@pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
+@pytest.mark.parametrize("family,kernel,static", [
+    (family, "triton", static) for family in ("opt", "llama3", "gpt-oss") for static in (False, True)]
+    + [("opt", "triton-lanes-ahead", True)], ids=str)  # 1 and 4 query heads per kv head (registers; tl.dot);
+# gpt-oss's sinks and windows (rings in the constant-shape step); a lanes variant, in the step a CUDA graph replays
 def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, tiny_models, references, family,
                                                     kernel, static):
     """Every decode step's attention by the kernel (left-padded rows: masked), the same greedy tokens as
