@@ -252,6 +252,12 @@ def run_checks(suite: Suite) -> None:
     suite.save()
 
 
+def touch_rate(args, profile: dict) -> float:
+    """GB/s of first writes to host memory for the time plan: --host-touch-gb-s, else the profile's (host_touch),
+    else 1.5."""
+    return args.host_touch_gb_s or (profile.get("host_touch") or 1.5e9) / 1e9
+
+
 def run_rows(suite: Suite, rows: list[Row], machine: dict, profile: dict, env_extra: dict, models: dict,
              preds: dict) -> None:
     """Each row, then its FlexGen twin (or later, after Row.flexgen_after), each within what is left."""
@@ -259,7 +265,7 @@ def run_rows(suite: Suite, rows: list[Row], machine: dict, profile: dict, env_ex
     off = ["--no-flexgen"] if args.no_flexgen else []  # a reason that holds for every twin, once found
     later: list[tuple[Row, dict, dict]] = []  # twins that run after another row (Row.flexgen_after)
     for i, row in enumerate(rows):
-        plan = suite_plan.plan_row(row, preds.get(row.name), machine, args.host_touch_gb_s)
+        plan = suite_plan.plan_row(row, preds.get(row.name), machine, touch_rate(args, profile))
         result = run_row(suite, row, plan, preds.get(row.name), machine, profile, env_extra, models)
         suite.data["rows"].append(result)
         say_row(suite, result)
@@ -395,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", help="comma-separated row names or patterns (opt-13b*), in the order to run")
     p.add_argument("--row-timeout", type=float, help="timeout of every row (default: the row's own, or twice "
                    "its prediction if longer)")
-    p.add_argument("--host-touch-gb-s", type=float, default=1.5, help="first-touch rate of host memory in the "
-                   "time plan (GB/s; a VM's can be 0.4-2)")
+    p.add_argument("--host-touch-gb-s", type=float, help="first-touch rate of host memory in the time plan (GB/s; "
+                   "a VM's can be 0.4-2; default: the profile's, else 1.5)")
     p.add_argument("--no-flexgen", action="store_true", help="skip the original FlexGen's twins")
     p.add_argument("--no-breakdown", action="store_true", help="rows without --breakdown and --trace")
     p.add_argument("--breakdown-all", action="store_true", help="--breakdown also on the rows that leave it off "

@@ -2,7 +2,8 @@
 in what is left of the run is skipped with the reason, never killed half-way.
 
 A row's time = start-up (Python, torch, the CUDA context) + loading (host bytes first touched at
---host-touch-gb-s: slow on a VM, 0.4-2 GB/s, ~1.8 seen for our OPT-13B row on the H200; GPU weights at
+--host-touch-gb-s, else the profile's host_touch: slow on a VM, 0.4-2 GB/s, ~1.8 seen for our OPT-13B row on the
+H200; GPU weights at
 pageable H2D speed) + a warm-up (a prefill and a step) + prefill + (gen_len - 1) decode steps, the last three
 from the cost model (`--predict-rows`, a child with the measured profile) times SLACK. FlexGen's twin: the
 same policy through our cost model, times FLEXGEN_SLOWER, plus its own start-up and loading (its dummy

@@ -181,3 +181,35 @@ def test_cpu_attention_on_the_worker_overlaps_the_gpus_work_of_other_batches():
     s = Setup(CONFIG, WORK, one, hw)
     layer = phase_times(s, Layout.of_policy(s, one), prefill=False).segments[1][1]
     assert layer.side > 0 and layer.work == pytest.approx(layer.side)  # one batch: its GPU work and CPU attention
+
+
+H100 = "benchmarks/results/2026-12-06-h100/profile.json"  # the suite's profile of an H100 host (2026-12-06)
+
+
+def test_a_job_of_known_size_counts_the_host_ram_its_plan_first_writes():
+    """OPT-30B on a 16 GiB card beside 110 GiB of host RAM, by the H100's profile: fastest per token is a plan with
+    88 GB of cache in host RAM. Where first writes to fresh host memory run at 1.5 GB/s (host_touch), a job of 256
+    prompts would wait a minute before its tokens: it takes a plan with a fifth of that host RAM, faster as a whole
+    job. A stream (no number of prompts) or a job a hundred times larger takes the fastest per token again; each
+    prediction's setup_s is its plan's host RAM beyond the weights over the rate."""
+    from pathlib import Path
+
+    from flexgen_lite.models.presets import preset_config
+    from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.planning.policy_search import search_policy
+    from flexgen_lite.system.hardware import HardwareProfile
+
+    hw = dataclasses.replace(HardwareProfile.from_json((Path(__file__).parents[1] / H100).read_text()),
+                             host_touch=1.5 * G)
+    config, budgets = preset_config("facebook/opt-30b"), Budgets(16 * 2**30, 110 * 2**30, 60 * 2**30)
+    job, stream, large = (search_policy(config, Workload(512, 32, n), hw, budgets, page_cache=0).prediction
+                          for n in (256, None, 25600))
+    assert stream.setup_s == 0 and stream.peak["cpu"] > 80 * G
+    assert job.peak["cpu"] < stream.peak["cpu"] / 4
+    assert job.setup_s == pytest.approx(sum(v for k, v in job.memory["cpu"].items() if k != "weights") / hw.host_touch)
+    tokens = 256 * 32
+    assert job.job_throughput == pytest.approx(tokens / (tokens / job.throughput + job.setup_s))
+    stream_as_job = tokens / (tokens / stream.throughput  # the stream's plan for this job: faster per token, not
+                              + sum(v for k, v in stream.memory["cpu"].items() if k != "weights") / hw.host_touch)
+    assert job.throughput < stream.throughput and job.job_throughput > stream_as_job  # as a whole
+    assert large.peak["cpu"] == stream.peak["cpu"] and 0 < large.setup_s < 0.05 * 25600 * 32 / large.throughput

@@ -190,7 +190,8 @@ def plan_json(result, workload, hardware) -> dict:
     p = result.prediction
     return {"flags": result.policy.flags(), "policy": dataclasses.asdict(result.policy),
             "workload": dataclasses.asdict(workload), "total_tok_s": p.throughput, "prefill_s": p.prefill_s,
-            "decode_step_s": p.decode_step_s, "bound": p.bound, "peak_bytes": p.peak,
+            "decode_step_s": p.decode_step_s, "bound": p.bound, "peak_bytes": p.peak, "setup_s": p.setup_s,
+            "job_tok_s": p.job_throughput,
             "budgets": dataclasses.asdict(result.budgets), "memory": p.memory, "decode_seconds_by": p.decode_by,
             "prefill_seconds_by": p.prefill_by, "disk_from_page_cache": p.disk_cached, "device": hardware.device}
 
@@ -211,6 +212,9 @@ def format_plan(result, workload, hardware, config) -> str:
         f"predicted: {p.throughput:.2f} tok/s total (FlexGen's metric), decode {p.decode_throughput:.1f} tok/s; "
         f"prefill {p.prefill_s:.2f} s, decode {1000 * p.decode_step_s:.1f} ms/step, {p.blocks} block(s)",
         f"bound by: {p.bound} (decode step: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in by[:4]) + ")",
+        *([f"before the first tokens: {p.setup_s:.1f} s of first writes to the plan's host RAM (this machine's "
+           f"{hardware.host_touch / 1e9:.1f} GB/s; counted in the search, not in tok/s: the whole job "
+           f"{p.job_throughput:.2f} tok/s)"] if p.setup_s else []),
         "peak memory: " + ", ".join(
             f"{tier} {gib(p.peak[tier])}" + (f" of {gib(getattr(budgets, tier))}" if getattr(budgets, tier) else "")
             for tier in ("gpu", "cpu", "disk")) + ("" if cuda else " (cpu counts all host RAM, gpu tier included)"),

@@ -399,6 +399,9 @@ class Prediction:
     memory: dict[str, dict[str, float]]
     peak: dict[str, float]
     disk_cached: bool
+    setup_s: float = 0.0  # the plan's host RAM first written (num_prompts known, host_touch measured): before its
+    # tokens come; what a job of that many prompts waits for beside `throughput`'s time
+    job_throughput: float = 0.0  # generated tokens / s over setup_s and the run: what the search maximizes
 
 
 def predict(config: ModelConfig, workload: Workload, policy: Policy, hw: HardwareProfile,
@@ -421,5 +424,15 @@ def _prediction(s: Setup, lay: Layout, memory, peak) -> Prediction:
     tokens = (s.n if w.num_prompts is None else w.num_prompts) * w.gen_len
     total = blocks * (t_pre + (w.gen_len - 1) * t_dec)
     by = dec.by_resource()
+    setup = setup_seconds(s, memory)
     return Prediction(t_pre, t_dec, blocks, tokens / total, s.n / t_dec, max(by, key=by.get), pre.by_resource(), by,
-                      memory, peak, s.disk_cached)
+                      memory, peak, s.disk_cached, setup, tokens / (total + setup))
+
+
+def setup_seconds(s: Setup, memory: dict) -> float:
+    """Seconds of first writes to the host RAM a plan takes beyond its weights (the cache, staging and buffers:
+    the weights are read in whatever the plan), at the profile's rate (host_touch). 0 where the job's size is not
+    known (a server, a stream: it is paid once) or the rate was not measured."""
+    if s.workload.num_prompts is None or not s.hw.host_touch:
+        return 0.0
+    return sum(v for k, v in memory["cpu"].items() if k != "weights") / s.hw.host_touch

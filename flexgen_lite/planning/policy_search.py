@@ -73,7 +73,9 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
                   auto: AutoPolicy | None = None, page_cache: float | None = None) -> SearchResult:
     """The policy with the best predicted throughput whose exact peak memory fits `budgets` (resolved:
     gpu may be None without CUDA). `page_cache`: RAM the kernel can give offload files (default: what is
-    free beyond the cpu budget)."""
+    free beyond the cpu budget). Where the workload's number of prompts is known, the job's throughput: the first
+    writes to the host RAM a plan takes count too (Prediction.setup_s), so that a job of a few blocks does not wait
+    on tens of GB of cache it barely uses."""
     auto = auto or AutoPolicy()
     check_context(config, workload)
     if page_cache is None:
@@ -95,10 +97,10 @@ def search_policy(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
             if policy is not None:
                 found.append(best_cpu_share(config, workload, policy, hw, page_cache, budgets,
                                             auto.cpu_attention_percent is None))
-                best[lossy] = max(best[lossy], found[-1][1].throughput)
+                best[lossy] = max(best[lossy], found[-1][1].job_throughput)
     if not found:
         raise PolicyError(_nothing_fits(config, workload, hw, budgets, auto))
-    found.sort(key=lambda pp: -pp[1].throughput)
+    found.sort(key=lambda pp: -pp[1].job_throughput)
     policy, prediction = _choose(found, auto)
     return SearchResult(policy, prediction, budgets, page_cache, solved, found, hw)
 
@@ -144,12 +146,12 @@ def lossy_policy(p: Policy, auto: AutoPolicy) -> bool:
 def _choose(found: list[tuple[Policy, Prediction]], auto: AutoPolicy) -> tuple[Policy, Prediction]:
     """The fastest, but lossless unless compression gains COMPRESSION_GAIN, and the smallest block within
     TOLERANCE of the fastest."""
-    best = found[0][1].throughput
+    best = found[0][1].job_throughput
     lossless = [pp for pp in found if not lossy_policy(pp[0], auto)]
-    pool = lossless if lossless and lossless[0][1].throughput * COMPRESSION_GAIN >= best else found
-    top = pool[0][1].throughput
-    near = [pp for pp in pool if pp[1].throughput >= top * (1 - TOLERANCE)]
-    return min(near, key=lambda pp: (pp[0].block_size, pp[1].peak["disk"], -pp[1].throughput))
+    pool = lossless if lossless and lossless[0][1].job_throughput * COMPRESSION_GAIN >= best else found
+    top = pool[0][1].job_throughput
+    near = [pp for pp in pool if pp[1].job_throughput >= top * (1 - TOLERANCE)]
+    return min(near, key=lambda pp: (pp[0].block_size, pp[1].peak["disk"], -pp[1].job_throughput))
 
 
 def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):

@@ -51,6 +51,7 @@ from .probes import (
     fit,
     gemv_rates,
     host_contention,
+    host_touch,
     link_rates,
     matmul_rates,
     matmul_shapes,
@@ -73,7 +74,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     found: dict = {}
     stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("int4 kernel", int4_rates),
               ("attention", attention_rates), ("attention over 4-bit caches", codes_attention_rates),
-              ("links", link_rates), ("CPU attention beside the link", host_contention),
+              ("links", link_rates), ("host memory", host_touch), ("CPU attention beside the link", host_contention),
               ("compression", compression_rates),
               ("KV cache parts", _cache_parts), ("overhead", _overhead),
               # a second trial, seconds after the first; before "engine", whose fit uses the matmul rates

@@ -189,6 +189,22 @@ def slowdowns(first: Callable[[], object], second: Callable[[], object],
     return min(1.0, first_alone / first_beside), min(1.0, second_alone / second_beside)
 
 
+def host_touch(device: ComputeDevice, scale: int) -> dict:
+    """Bytes/s of the first write to fresh host memory (page faults and the kernel's zeroing: 0.4-2 GB/s seen on
+    VMs, where a KV cache of tens of GB in host RAM takes that long to be first written); the faster of two fresh
+    mappings."""
+    size, best = 256 * MiB // scale, 0.0
+    for _ in range(2):
+        region = mmap.mmap(-1, size)
+        buf = torch.frombuffer(region, dtype=torch.uint8)
+        tic = time.perf_counter()
+        buf.fill_(1)
+        best = max(best, size / (time.perf_counter() - tic))
+        del buf
+        region.close()
+    return {"host_touch": best}
+
+
 def link_rates(device: ComputeDevice, scale: int) -> dict:
     """Host<->device copies (pinned, pageable), copies within each memory, and the cache's transposing copy."""
     dev, sync = device.device, device.synchronize

@@ -104,6 +104,9 @@ class HardwareProfile:
     # rate while copies run over its rate alone, the copies' rate while it runs over theirs alone); (1, 1) where
     # not measured (a CPU, an older profile)
     host_contention: tuple[float, float] = (1.0, 1.0)
+    # bytes/s of the first write to fresh host memory (page faults, zeroing): what a plan's host RAM costs before
+    # its job runs; 0: not measured (an older profile)
+    host_touch: float = 0.0
 
     def codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
         """(s per call, stored bytes/s) of CPU attention over a 4-bit cache as stored, for `group` query heads per
