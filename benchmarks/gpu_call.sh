@@ -22,7 +22,11 @@ tests/test_int4_gemv_triton.py"
 ROW=opt-13b-cpu-weights-compress
 
 SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 360 || echo 500)}  # within a 600 s call with the parts after it
-bash benchmarks/gpu_suite.sh "${SMOKE[@]}" --out "$OUT" --time-limit "$SUITE_S" \
+# the rows that sessions 29-31 changed first; the uncompressed OPT-13B row (link-bound at 98% twice, its twin 57 s)
+# last, where it runs if time is left
+ROWS=opt-1.3b-gpu-bs64,$ROW,opt-13b-4bit-gpu,llama-2-7b-cpu-cache-cpu-attn,opt-30b-16gib-auto,opt-175b-4bit-24gib
+ROWS=$ROWS,opt-13b-cpu-weights,llama-2-7b-cpu-attn-and-link,llama-3-70b-4bit-24gib
+bash benchmarks/gpu_suite.sh "${SMOKE[@]}" --out "$OUT" --time-limit "$SUITE_S" --rows "$ROWS" \
   --checks speed,cpu,attention,codes,matmul --parity-workers 4 --parity-tests "${PARITY//$'\n'/ }" \
   ${SMOKE:+--skip-parity --skip-checks} 2>&1 | tail -c 6000
 
