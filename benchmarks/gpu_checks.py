@@ -393,9 +393,10 @@ def codes_decode_attention() -> None:
         return
     config = CompressionConfig(4, 64, -1)
     print("| rows x heads / kv heads x positions x head dim | max diff | codes ms | stored GB/s | slot ms "
-          "(dequantize + attend) | x faster | codes ms, tiles of twice the positions |\n|---|---|---|---|---|---|---|")
+          "(dequantize + attend) | x faster | codes ms, tiles of twice the positions | lanes ms (x faster than the "
+          "slot) |\n|---|---|---|---|---|---|---|---|")
     shapes = ((16, 56, 56, 512, 128), (12, 96, 96, 512, 128), (32, 64, 8, 1024, 128)) if CUDA else \
-        ((2, 4, 2, 40, 64),)
+        ((2, 4, 2, 40, 64), (2, 4, 4, 40, 64))
     for rows, heads, kv_heads, length, d in shapes:
         why = qt.refusal(DEV, dtype, heads // kv_heads, d, 64)
         if why is not None:
@@ -411,8 +412,8 @@ def codes_decode_attention() -> None:
         slots = [torch.empty(rows, kv_heads, length + 32, d, device=DEV, dtype=dtype) for _ in "kv"]
         arrays = [s.arrays(length) for s in stores]
 
-        def codes(arrays=arrays, q=q, new=new, mask=mask, n=length):
-            return qt.attend(q, *arrays, mask, n - 1, new, new)
+        def codes(arrays=arrays, q=q, new=new, mask=mask, n=length, variant="tiles"):
+            return qt.attend(q, *arrays, mask, n - 1, new, new, variant=variant)
 
         def slot(stores=stores, slots=slots, q=q, new=new, mask=mask, n=length):  # KVCache.load, then attend_part
             for store, buf in zip(stores, slots, strict=True):
@@ -428,8 +429,15 @@ def codes_decode_attention() -> None:
         ours, theirs = best(codes), best(slot)
         wider = tiles_of_twice(codes, want)
         stored = 2 * sum(x.numel() * x.element_size() for x in arrays[0])
+        lanes = "-"
+        if "lanes" in qt.variants(heads // kv_heads):  # one query head a kv head: each lane its own softmax
+            lanes_diff = (codes(variant="lanes").float().cpu() - want).abs().max().item()
+            if not lanes_diff <= 2e-2:
+                failures.append(f"4-bit cache attention (lanes) differs at {(rows, heads, length, d)}: {lanes_diff:g}")
+            seconds = best(lambda: codes(variant="lanes"))
+            lanes = f"{seconds * 1e3:.3f} ({theirs / seconds:.1f})"
         print(f"| {rows} x {heads} / {kv_heads} x {length} x {d} | {diff:.2g} | {ours * 1e3:.3f} | "
-              f"{stored / ours / 1e9:.0f} | {theirs * 1e3:.3f} | {theirs / ours:.1f} | {wider} |")
+              f"{stored / ours / 1e9:.0f} | {theirs * 1e3:.3f} | {theirs / ours:.1f} | {wider} | {lanes} |")
 
 
 def tiles_of_twice(codes, want) -> str:

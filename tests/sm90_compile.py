@@ -3,7 +3,7 @@ kind: `python -m tests.sm90_compile KIND...`, KIND one of
   dtype,group,head_dim,one_split[,sinks]      the decode attention;
   lanes,dtype,head_dim,one_split,ahead        its lanes variant (one query head per kv head);
   quantize,dtype,group                        the 4-bit quantization;
-  codes,dtype,group,head_dim,one_split        the decode attention over a 4-bit cache as stored;
+  codes,dtype,group,head_dim,one_split[,lanes] the decode attention over a 4-bit cache as stored;
   gemv,dtype,group,rows                       a few rows times a 4-bit weight as stored;
   prefix,dtype,group,head_dim                 the dequantization of a cache prefix;
 one JSON object a kind on stdout. Run in its own process without TRITON_INTERPRET: a process that interprets
@@ -76,8 +76,9 @@ def compile_lanes(dtype: str, head_dim: int, one_split: bool, ahead: bool) -> di
     return {"kind": ["lanes", dtype, head_dim, one_split, ahead], "block": block, **assemble(src, {})}
 
 
-def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
-    """The decode attention over a 4-bit cache as stored (quantized_attention_triton), groups of 64 along head_dim."""
+def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool, lanes: bool = False) -> dict:
+    """The decode attention over a 4-bit cache as stored (quantized_attention_triton), groups of 64 along head_dim;
+    `lanes`: its lanes variant (one query head per kv head)."""
     import torch
     from triton.compiler import ASTSource
 
@@ -96,14 +97,15 @@ def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool) -> dic
     constants = dict(sm_l=1, ss_l=head_dim // 64, G=group, GP=padded, D=head_dim, DP=triton_decode._pow2(head_dim),
                      NG=max(1, triton_decode._pow2(head_dim) // 64), BLOCK=block, DOT=dot,
                      PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True,
-                     ROWS=True, ONE_SPLIT=one_split)
+                     ROWS=True, ONE_SPLIT=one_split, LANES=lanes)
     strides = [n for n in strides if n not in constants]
     divisible = [n for n in signature if signature[n].startswith("*")] + [
         n for n in strides if n not in NOT_DIVISIBLE and n not in ("ss_b", "ss_h")]
     src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
                     constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-    return {"kind": ["codes", dtype, group, head_dim, one_split], "block": block, "dot": dot,
+    return {"kind": ["codes", dtype, group, head_dim, one_split, *(["lanes"] if lanes else [])], "block": block,
+            "dot": dot,
             **assemble(src, {"num_warps": quantized_attention_triton.WARPS})}
 
 
@@ -197,8 +199,8 @@ def main(kinds: list[str]) -> int:
             _, dtype, group, rows = kind.split(",")
             found = compile_gemv(dtype, int(group), int(rows))
         elif kind.startswith("codes,"):
-            _, dtype, group, head_dim, one = kind.split(",")
-            found = compile_codes(dtype, int(group), int(head_dim), one == "1")
+            _, dtype, group, head_dim, one, *lanes = kind.split(",")
+            found = compile_codes(dtype, int(group), int(head_dim), one == "1", lanes == ["lanes"])
         elif kind.startswith("lanes,"):
             _, dtype, head_dim, one, ahead = kind.split(",")
             found = compile_lanes(dtype, int(head_dim), one == "1", ahead == "1")

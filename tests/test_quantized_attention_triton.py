@@ -71,6 +71,26 @@ def test_the_kernel_is_dequantize_then_attend(kernel_device, case, dtype, splits
 
 
 @needs_triton
+@pytest.mark.parametrize("case,dtype,splits", [((3, 4, 4, 37, 64, 64), torch.float32, 1),
+                                               ((2, 2, 2, 150, 128, 64), torch.bfloat16, 3),
+                                               ((1, 2, 2, 5, 80, 64), torch.float16, 3),
+                                               ((2, 3, 3, 300, 64, 32), torch.float32, 5)], ids=str)
+def test_the_lanes_variant_is_dequantize_then_attend(kernel_device, case, dtype, splits):
+    """One query head per kv head, each position lane its own softmax (no reduction over the warps in the loop):
+    the same as the tiles' variant, the new token at its slot and row 0's padding past whole splits included;
+    grouped heads are refused."""
+    config, q, (k, v), k_new, v_new, mask, skip, rows = inputs(*case, dtype)
+    want = qa.reference(q.float(), k, v, config, mask, skip, k_new.float(), v_new.float(), rows)
+    on = [tuple(x.to(kernel_device) for x in s) for s in (k, v)]
+    got = qt.attend(q.to(kernel_device), *on, mask.to(kernel_device), skip, k_new.to(kernel_device),
+                    v_new.to(kernel_device), rows.to(kernel_device), splits=splits, variant="lanes").cpu()
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), want, atol=2 * ULP[dtype], rtol=0)
+    assert qt.refusal(kernel_device, dtype, 1, case[4], case[5], "lanes") is None
+    assert "one query head per kv head" in qt.refusal(kernel_device, dtype, 4, 128, 64, "lanes")
+
+
+@needs_triton
 def test_the_new_token_stands_at_its_slot_and_the_stored_row_is_not_read(kernel_device):
     config, q, (k, v), k_new, v_new, mask, skip, rows = inputs(2, 8, 2, 150, 128, 64, torch.float32)
     on = [tuple(x.to(kernel_device) for x in s) for s in (k, v)]
@@ -136,12 +156,17 @@ def beside_a_gpu(compute_device):
 
 
 @needs_triton
-@pytest.mark.parametrize("family,percent", [("opt", (100, 0, 100, 0, 100, 0)), ("qwen3", (50, 50, 50, 25, 100, 0))],
-                         ids=["opt-gpu", "qwen3-three-tiers"])  # a lone head and grouped ones, each placement once
-def test_a_compressed_part_in_compute_memory_is_attended_as_stored(models, family, percent, kernel_device,  # noqa: F811
-                                                                   beside_a_gpu, monkeypatch):
+@pytest.mark.parametrize("family,percent,variant", [("opt", (100, 0, 100, 0, 100, 0), "triton"),
+                                                    ("qwen3", (50, 50, 50, 25, 100, 0), "triton"),
+                                                    ("opt", (100, 0, 100, 0, 100, 0), "triton-lanes")],
+                         ids=["opt-gpu", "qwen3-three-tiers", "opt-gpu-lanes"])  # a lone head and grouped ones,
+# each placement once; the lanes variant
+def test_a_compressed_part_in_compute_memory_is_attended_as_stored(models, family, percent, variant,  # noqa: F811
+                                                                   kernel_device, beside_a_gpu, monkeypatch):
     """Beside a GPU its part is read by the kernel, with no slot; host RAM's and the disk's are still read into
     slots; tokens and logits are the dequantizing path's."""
+    if not kernel_device.startswith("cuda"):
+        monkeypatch.setenv(qt.ENV, variant)
     policy = P(percent, gbs=3, nb=3, compress_cache=True)
     ids, logits, slots, kernels = generate(models[family], policy, beside_a_gpu)
     assert "triton-4bit" in kernels and "cpu-4bit" not in kernels

@@ -47,6 +47,7 @@ def compiled() -> dict[tuple, dict]:
     kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
     kinds += QUANTIZE + PREFIX + GEMV + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
     kinds += [f"lanes,{kind},{one},{ahead}" for kind in LANES for one in (1, 0) for ahead in (0, 1)]
+    kinds += [f"{kind},{one},lanes" for kind in CODES if kind.split(",")[2] == "1" for one in (1, 0)]
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -99,6 +100,16 @@ def test_attention_over_4_bit_codes_compiles_for_sm90(compiled, kind, one_split)
     _, dtype, group, head_dim = kind.split(",")
     r = compiled[("codes", dtype, int(group), int(head_dim), one_split)]
     assert r["spill_bytes"] == 0 and r["registers"] <= 128, r  # 8 warps x 128: 2 programs an SM at least
+
+
+@pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])
+@pytest.mark.parametrize("kind", [kind for kind in CODES if kind.split(",")[2] == "1"])
+def test_attention_over_4_bit_codes_in_lanes_compiles_for_sm90_with_no_barrier_in_its_loop(compiled, kind,
+                                                                                           one_split):
+    _, dtype, group, head_dim = kind.split(",")
+    r = compiled[("codes", dtype, int(group), int(head_dim), one_split, "lanes")]
+    assert r["spill_bytes"] == 0 and r["registers"] <= 128 and r["loop_barriers"] == 0, r
+    assert compiled[("codes", dtype, int(group), int(head_dim), one_split)]["loop_barriers"] > 0
 
 
 @pytest.mark.parametrize("kind", GEMV)

@@ -3,8 +3,6 @@ attended on the CPU), for the rows that still generate; the engine (block_schedu
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..kernels import quantized_attention, quantized_attention_triton
@@ -83,7 +81,7 @@ def attend_codes(view, q, k, v, mask, start: int, inputs: dict):
         mask = mask[picked if mask.device == q.device else rows_in_part(inputs, part.rows, mask.device)[0]]
     local_here = None if local is None else rows_in_part(inputs, part.rows, where)[1]
     keys, values = view.k.arrays(end), view.v.arrays(end)
-    if where.type == "cpu" and os.environ.get(quantized_attention_triton.ENV) != "triton":
+    if where.type == "cpu" and not quantized_attention_triton.asked():
         out = quantized_attention.attend(q_part, keys, values, view.k.config, mask, slot, k_new, v_new, local_here)
         kernel = "cpu-4bit"
     else:

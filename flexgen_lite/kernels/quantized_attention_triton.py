@@ -28,7 +28,13 @@ from .quantization import CompressionConfig
 
 WARPS = 8  # a tile's codes, statistics and values live at once: twice the threads of the dense kernel hold them
 TILE_DIVISOR = 2  # positions a tile: the dense kernel's over this (gpu_checks section 8 times 1 beside it)
-ENV = "FLEXGEN_LITE_CODES_ATTENTION"  # "triton": also where a CPU computes (Triton's interpreter; tests)
+ENV = "FLEXGEN_LITE_CODES_ATTENTION"  # "triton" ("triton-lanes": that variant where it applies): also where a CPU
+# computes (Triton's interpreter; tests)
+
+
+def asked() -> bool:
+    """Whether FLEXGEN_LITE_CODES_ATTENTION asks for the kernel where a CPU computes."""
+    return os.environ.get(ENV, "").startswith("triton")
 _lock = threading.Lock()
 
 
@@ -43,7 +49,9 @@ def _kernel(interpret: bool):
                      sq_b, sq_h, sc_b, sc_h, sc_l, ss_b, ss_h, ss_l, sn_b, sn_h, sm_b, sm_l, so_b, so_h, so_s, sl_b,
                      sl_h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NG: tl.constexpr,
                      BLOCK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                     ROWS: tl.constexpr, ONE_SPLIT: tl.constexpr):
+                     ROWS: tl.constexpr, ONE_SPLIT: tl.constexpr, LANES: tl.constexpr):
+        # LANES (one query head per kv head): each of a tile's position lanes keeps its own softmax, combined once
+        # after the loop, as decode_attention_triton's lanes_kernel: no reduction over the warps inside the loop
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -64,6 +72,10 @@ def _kernel(interpret: bool):
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DP], tl.float32)
+        if LANES:
+            lane_m = tl.full([BLOCK], float("-inf"), tl.float32)
+            lane_l = tl.zeros([BLOCK], tl.float32)
+            lane_acc = tl.zeros([BLOCK, DP], tl.float32)
         for offset in range(0, split_len, BLOCK):
             pos = begin + offset + tl.arange(0, BLOCK)
             ok = (pos < end) & (pos != skip)  # the new token's slot: its stored row is an older position's
@@ -76,27 +88,44 @@ def _kernel(interpret: bool):
             mk = tl.load(km + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
             kt = tl.reshape(tl.reshape(codes, [BLOCK, NG, DP // NG]) * sk[:, :, None] + mk[:, :, None], [BLOCK, DP])
             kt = kt.to(q.dtype.element_ty)  # as a dense slot of q's dtype holds it
-            if DOT:
-                s = tl.dot(qv, tl.trans(kt.to(qv.dtype)), input_precision=PRECISION) * scale
+            if LANES:
+                s_lane = tl.where(ok, tl.sum(qv * kt.to(tl.float32), 1) * scale, float("-inf"))
+                lane_new = tl.maximum(lane_m, s_lane)
+                lane_safe = tl.where(lane_new == float("-inf"), 0.0, lane_new)  # a lane that saw nothing yet
+                lane_alpha = tl.exp2(lane_m - lane_safe)
+                lane_p = tl.exp2(s_lane - lane_safe)
+                lane_l = lane_l * lane_alpha + lane_p
+                lane_m = lane_new
             else:
-                s = tl.sum(qv * kt.to(tl.float32), 1)[None, :] * scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+                if DOT:
+                    s = tl.dot(qv, tl.trans(kt.to(qv.dtype)), input_precision=PRECISION) * scale
+                else:
+                    s = tl.sum(qv * kt.to(tl.float32), 1)[None, :] * scale
+                s = tl.where(ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
             codes = tl.load(vc + at_codes + p64 * sc_l, mask=ok[:, None] & c_ok, other=0)
             codes = tl.interleave(codes & 15, codes >> 4).to(tl.float32)
             sv = tl.load(vs + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
             mv = tl.load(vm + at_stats + p64 * ss_l, mask=ok[:, None] & n_ok, other=0.0).to(tl.float32)
             vt = tl.reshape(tl.reshape(codes, [BLOCK, NG, DP // NG]) * sv[:, :, None] + mv[:, :, None], [BLOCK, DP])
             vt = vt.to(q.dtype.element_ty)
-            if DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(qv.dtype), vt.to(qv.dtype), input_precision=PRECISION)
+            if LANES:
+                lane_acc = lane_acc * lane_alpha[:, None] + lane_p[:, None] * vt.to(tl.float32)
             else:
-                acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * vt.to(tl.float32), 0)[None, :]
-            m_i = m_new
+                if DOT:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(qv.dtype), vt.to(qv.dtype), input_precision=PRECISION)
+                else:
+                    acc = acc * alpha[:, None] + tl.sum(tl.trans(p) * vt.to(tl.float32), 0)[None, :]
+                m_i = m_new
+        if LANES:  # the lanes as one softmax: statistics relative to their largest max (a lane that saw nothing: 0)
+            m_i = tl.max(lane_m, 0, keep_dims=True)
+            weight = tl.exp2(lane_m - tl.where(m_i == float("-inf"), 0.0, m_i))
+            l_i = tl.sum(lane_l * weight, 0, keep_dims=True)
+            acc = tl.sum(lane_acc * weight[:, None], 0, keep_dims=True)
         own = (skip >= begin) & (skip < end)  # the new token, in the split holding its slot, where the mask sees it
         if MASKED:
             own = own & (tl.load(seen + row * sm_b + skip.to(tl.int64) * sm_l, mask=own, other=0) != 0)
@@ -135,14 +164,23 @@ def supported(config: CompressionConfig | None) -> bool:
             and config.group_size & (config.group_size - 1) == 0)
 
 
-def refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, group_size: int) -> str | None:
-    """Why the kernel is not used for this kind of call here (None: it is)."""
+def variants(group: int) -> tuple[str, ...]:
+    """How a program walks its positions (decode_attention_triton.VARIANTS): the lanes for one query head a kv head."""
+    return ("tiles", "lanes") if group == 1 else ("tiles",)
+
+
+def refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, group_size: int,
+            variant: str = "tiles") -> str | None:
+    """Why the kernel (`variant`) is not used for this kind of call here (None: it is)."""
+    if variant not in variants(group):
+        return f"the {variant} variant takes one query head per kv head"
     with _lock:
-        return _refusal(torch.device(device), dtype, group, head_dim, group_size)
+        return _refusal(torch.device(device), dtype, group, head_dim, group_size, variant)
 
 
 @functools.cache
-def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, group_size: int) -> str | None:
+def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int, group_size: int,
+             variant: str = "tiles") -> str | None:
     why = unavailable(_kernel)
     if why is not None:
         return why
@@ -161,28 +199,35 @@ def _refusal(device: torch.device, dtype: torch.dtype, group: int, head_dim: int
     try:
         on = [tuple(x.to(device) for x in s) for s in stores]
         got = attend(q.to(device), *on, mask.to(device), 100, k_new.to(device), v_new.to(device),
-                     picked.to(device), splits=3).float().cpu()
+                     picked.to(device), splits=3, variant=variant).float().cpu()
     except Exception as e:  # a kernel that fails to compile or launch here
         return f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     error = float((got - want).abs().max())
     if not error <= (1e-4 if dtype == torch.float32 else 3e-2):
-        return f"self-check mismatch ({dtype}, {group} heads per kv head, head dim {head_dim}: {error:.3g})"
+        return (f"self-check mismatch ({variant}, {dtype}, {group} heads per kv head, head dim {head_dim}: "
+                f"{error:.3g})")
     return None
 
 
 def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], mask: torch.Tensor | None,
            skip: int, k_new: torch.Tensor, v_new: torch.Tensor, rows: torch.Tensor | None = None,
-           splits: int | None = None) -> torch.Tensor:
+           splits: int | None = None, variant: str | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for one query position per row: q (B, heads, 1, d) over a part's stored slots
     [0, L) (k, v: codes (R, kv_heads, L, bytes), scales and minima (R, kv_heads, L, groups)), slot `skip` standing
     for k_new, v_new (B, kv_heads, 1, d). mask (B, 1, 1, L) bool (None: every slot); rows: the cache row of each
     of q's rows (None: the same). Returns (B, heads, 1, d) in q's dtype. As quantized_attention.attend, on q's
-    device."""
+    device. variant (`variants`): "tiles" or "lanes"; None: on CUDA the faster of those that passed their checks,
+    measured once per kind of call (attention.faster), elsewhere FLEXGEN_LITE_CODES_ATTENTION's ("triton-lanes":
+    the lanes where they apply), else the tiles."""
+    if variant is None:
+        variant = _chosen(q, k, v, mask, skip, k_new, v_new, rows, splits)
     b, heads, _, hd = q.shape
     codes, scale, minimum = k
     kv_heads, length, group = codes.shape[1], codes.shape[2], heads // codes.shape[1]
     group_size = 2 * codes.shape[-1] // scale.shape[-1]
     q, k_new, v_new = (x.contiguous() for x in (q, k_new, v_new))
+    if variant not in variants(group):
+        raise ValueError(f"4-bit cache attention variant {variant!r} does not take {group} query heads a kv head")
     gp, block, dot = tiling(q.dtype, group, hd)
     dp = dense._pow2(hd)
     splits, split_len = dense.split_plan(b * kv_heads, length, block, dense._sm_count(q.device), splits)
@@ -207,7 +252,8 @@ def attend(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, 
             math.log2(math.e) / math.sqrt(hd), q.stride(0), q.stride(1), *codes.stride()[:3], *scale.stride()[:3],
             k_new.stride(0), k_new.stride(1), sm_b, sm_l, *strides, G=group, GP=gp, D=hd, DP=dp,
             NG=max(1, dp // group_size), BLOCK=block, DOT=dot, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            MASKED=mask is not None, ROWS=rows is not None, ONE_SPLIT=splits == 1, num_warps=WARPS)
+            MASKED=mask is not None, ROWS=rows is not None, ONE_SPLIT=splits == 1, LANES=variant == "lanes",
+            num_warps=WARPS)
         if splits > 1:
             dense._kernels(interpreting())[1][(b, heads)](
                 target, lse, q, out, splits, *strides, out.stride(0), out.stride(1), D=hd, DP=dp,
@@ -224,7 +270,7 @@ def wanted_on(device, dtype: torch.dtype, group: int, head_dim: int, group_size:
     if head_dim > 256:  # the split kernels' tiles (decode_attention_triton.supported)
         return False
     if device.type != "cuda" or not torch.cuda.is_available():
-        if os.environ.get(ENV) != "triton":
+        if not asked():
             return False
         return device.type == "cuda" or refusal(device, dtype, group, head_dim, group_size) is None
     why = refusal(device, dtype, group, head_dim, group_size)
@@ -242,3 +288,25 @@ def _say_once(why: str) -> None:
 def reset() -> None:
     """Forget the checks (tests)."""
     _refusal.cache_clear()
+
+
+def _chosen(q, k, v, mask, skip, k_new, v_new, rows, splits) -> str:
+    """The variant for this call: see `attend`."""
+    group, head_dim = q.shape[1] // k[0].shape[1], q.shape[-1]
+    if q.device.type != "cuda":
+        lanes = os.environ.get(ENV) == "triton-lanes" and "lanes" in variants(group)
+        return "lanes" if lanes and refusal(q.device, q.dtype, group, head_dim, _group_size(k)) is None else "tiles"
+    names = [name for name in variants(group) if name == "tiles"
+             or refusal(q.device, q.dtype, group, head_dim, _group_size(k), name) is None]
+    if len(names) == 1:
+        return names[0]
+    from .attention import faster
+
+    kind = ("codes", q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k[0].shape[1], head_dim,
+            k[0].shape[2].bit_length(), mask is None, _group_size(k))
+    return faster(kind, {name: functools.partial(attend, q, k, v, mask, skip, k_new, v_new, rows, splits, name)
+                         for name in names}, q.device)
+
+
+def _group_size(k: tuple[torch.Tensor, ...]) -> int:
+    return 2 * k[0].shape[-1] // k[1].shape[-1]
