@@ -67,11 +67,11 @@ def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["lanes", "lanes-ahead"])
-@pytest.mark.parametrize("case,splits,dtype", [
-    ((3, 4, 4, 37, 64), None, torch.float32), ((2, 2, 2, 150, 128), 3, torch.bfloat16),
-    ((1, 2, 2, 1, 80), None, torch.float32), ((2, 3, 3, 300, 64), 5, torch.float32),
-    ((2, 2, 2, 100, 256), 2, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("case,splits,dtype,variant", [
+    ((3, 4, 4, 37, 64), None, torch.float32, "lanes"), ((2, 2, 2, 150, 128), 3, torch.bfloat16, "lanes"),
+    ((2, 3, 3, 300, 64), 5, torch.float32, "lanes"), ((3, 4, 4, 37, 64), None, torch.float32, "lanes-ahead"),
+    ((1, 2, 2, 1, 80), None, torch.float32, "lanes-ahead"), ((2, 3, 3, 300, 64), 5, torch.float32, "lanes-ahead"),
+    ((2, 2, 2, 100, 256), 2, torch.bfloat16, "lanes-ahead")], ids=str)
 def test_lanes_variants_equal_sdpa(kernel_device, case, splits, dtype, variant):
     """One query head per kv head, each position lane its own softmax (no reduction over the program inside the
     loop), with the next tile's loads issued first or not: within an output rounding of SDPA in fp32 for a mask
