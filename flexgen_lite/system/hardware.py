@@ -229,7 +229,8 @@ class HardwareProfile:
         lines.append(f"host->device GB/s pinned {self.h2d_pinned / g:.1f} pageable {self.h2d_pageable / g:.1f}; "
                      f"device->host pinned {self.d2h_pinned / g:.1f} pageable {self.d2h_pageable / g:.1f}")
         lines.append(f"copy GB/s: device {self.device_copy / g:.1f}, host {self.host_copy / g:.1f}, "
-                     f"cache transpose {self.strided_copy / g:.1f}")
+                     f"cache transpose {self.strided_copy / g:.1f}"
+                     + (f"; first writes to fresh host memory {self.host_touch / g:.1f}" if self.host_touch else ""))
         lines.append(f"disk GB/s ({self.offload_dir}, {self.disk_method}): read {self.disk_read / g:.2f}, "
                      f"write {self.disk_write / g:.2f}; page cache read {self.cached_read / g:.1f}, "
                      f"write {self.cached_write / g:.1f}")
