@@ -209,9 +209,10 @@ def test_the_faster_candidate_is_chosen_once_per_kind(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("family,kernel,static", [
-    (family, "triton", static) for family in ("opt", "llama3", "gpt-oss") for static in (False, True)]
-    + [("opt", "triton-lanes-ahead", True)], ids=str)  # 1 and 4 query heads per kv head (registers; tl.dot);
-# gpt-oss's sinks and windows (rings in the constant-shape step); a lanes variant, in the step a CUDA graph replays
+    ("opt", "triton", True), ("opt", "triton-lanes-ahead", True), ("llama3", "triton", False),
+    ("llama3", "triton", True), ("gpt-oss", "triton", False), ("gpt-oss", "triton", True)], ids=str)
+# 1 and 4 query heads per kv head (registers; tl.dot); gpt-oss's sinks and windows (rings in the constant-shape step);
+# a lanes variant; the eager step from the grouped-head families (OPT's register path: in the constant-shape step)
 def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, tiny_models, references, family,
                                                     kernel, static):
     """Every decode step's attention by the kernel (left-padded rows: masked), the same greedy tokens as
