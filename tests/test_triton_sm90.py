@@ -46,7 +46,7 @@ def compiled() -> dict[tuple, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
     kinds += QUANTIZE + PREFIX + GEMV + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
-    kinds += [f"lanes,{kind},{one},{ahead}" for kind in LANES for one in (1, 0) for ahead in (0, 1)]
+    kinds += [f"lanes,{kind},{one},{ahead}" for kind in LANES for one, ahead in ((0, 0), (0, 1), (1, 1))]
     kinds += [f"{kind},{one},lanes" for kind in CODES if kind.split(",")[2] == "1" for one in (1, 0)]
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
@@ -80,8 +80,8 @@ def test_decode_attention_compiles_for_sm90_within_its_registers(compiled, kind,
     assert r["vector_loads"], r  # K and V rows read 16 bytes at a time
 
 
-@pytest.mark.parametrize("ahead", [False, True], ids=["loads-in-turn", "loads-ahead"])
-@pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])
+@pytest.mark.parametrize("one_split,ahead", [(False, False), (False, True), (True, True)],
+                         ids=["splits-loads-in-turn", "splits-loads-ahead", "one-split-loads-ahead"])
 @pytest.mark.parametrize("kind", LANES)
 def test_the_lanes_variants_compile_for_sm90_with_no_barrier_in_their_loop(compiled, kind, one_split, ahead):
     """What they are for: no reduction over the program's warps inside the loop over positions (the tiles' kernel
