@@ -131,9 +131,9 @@ def test_a_split_inside_a_rows_padding_adds_nothing(kernel_device, splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES[1:3] + CASES[4:], ids=str)
+@pytest.mark.parametrize("case,dtype,splits", [(case, dtype, splits) for case in CASES[1:3] + CASES[4:]
+                                                for dtype, splits in ((torch.float32, 1), (torch.bfloat16, 3))],
+                         ids=str)  # the one-split kernel's sinks and the combination's, each in both precisions
 def test_sinks_take_their_share_of_each_softmax(kernel_device, case, dtype, splits):
     """gpt-oss's sink logits (each head's term of its softmax's denominator alone): in the one-split kernel and in
     the splits' combination, within an output rounding of the fp32 reference over the same inputs."""

@@ -51,7 +51,7 @@ def test_smollm_with_4bit_weights(smollm, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Once upon a time, there was a little girl who "
                     "lived in a village near the forest. Whenever she went out, the little girl wore a red riding "
-                    "cloak, so everyone in the village called her Little Red Riding Hood. " * 3)
+                    "cloak, so everyone in the village called her Little Red Riding Hood. " * 2)
     out = quality(capsys, "--model", path, "--text", str(text), "--window", "64", "--compress-weight",
                   "--gpu-batch-size", "4", "--dtype", "float32", "--agreement", "2")
     tok = gguf_tokenizer(path)
