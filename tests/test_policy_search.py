@@ -331,3 +331,17 @@ def test_a_cpu_budget_below_the_runtime_is_refused(capsys):
         main(["plan", "--prompt-len", "8", "--gen-len", "2", "--cpu-mem", "100MiB"])
     assert e.value.code == 2
     assert "--cpu-mem 0.10 GiB does not cover this process's runtime" in capsys.readouterr().err
+
+
+def test_on_a_cpu_a_jobs_start_counts_the_compute_tiers_host_ram():
+    """A CPU's compute tier is host RAM: its cache and buffers are first written before a job's tokens as the cpu
+    tier's are (the weights, read in whatever the plan, are not counted); a stream of prompts counts none."""
+    hw = dataclasses.replace(synthetic_profile(), host_touch=2e9)
+    policy = Policy(gpu_batch_size=16, num_gpu_batches=2, weight_gpu_percent=50, weight_cpu_percent=50,
+                    cache_gpu_percent=50, cache_cpu_percent=50, dtype="float32")
+    config = preset_config("facebook/opt-125m")
+    job = predict(config, Workload(64, 16, 320), policy, hw)
+    written = sum(v for tier in ("gpu", "cpu") for k, v in job.memory[tier].items() if k != "weights")
+    assert job.memory["gpu"]["kv cache"] > 0 and job.setup_s == pytest.approx(written / 2e9)
+    assert job.job_throughput == pytest.approx(320 * 16 / (320 * 16 / job.throughput + job.setup_s))
+    assert predict(config, Workload(64, 16, None), policy, hw).setup_s == 0

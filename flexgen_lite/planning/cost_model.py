@@ -431,8 +431,10 @@ def _prediction(s: Setup, lay: Layout, memory, peak) -> Prediction:
 
 def setup_seconds(s: Setup, memory: dict) -> float:
     """Seconds of first writes to the host RAM a plan takes beyond its weights (the cache, staging and buffers:
-    the weights are read in whatever the plan), at the profile's rate (host_touch). 0 where the job's size is not
-    known (a server, a stream: it is paid once) or the rate was not measured."""
+    the weights are read in whatever the plan; on a CPU the compute tier is host RAM too), at the profile's rate
+    (host_touch). 0 where the job's size is not known (a server, a stream: it is paid once) or the rate was not
+    measured."""
     if s.workload.num_prompts is None or not s.hw.host_touch:
         return 0.0
-    return sum(v for k, v in memory["cpu"].items() if k != "weights") / s.hw.host_touch
+    tiers = ("cpu",) if s.hw.is_cuda else ("cpu", "gpu")
+    return sum(v for t in tiers for k, v in memory[t].items() if k != "weights") / s.hw.host_touch
