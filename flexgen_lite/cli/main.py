@@ -52,8 +52,10 @@ def plan_policy(args, model: str, workload, auto: AutoPolicy, show: bool = True,
     if hint := kept_groups_hint(config, workload, hardware, budgets, auto, result, model, asked):
         print(hint, file=sys.stderr)
     if show:
-        print(f"auto policy: {result.policy.flags()} (predicted {result.prediction.throughput:.1f} tok/s, "
-              f"searched in {time.perf_counter() - tic:.1f} s)\ndtype: {dtype_reason(result, auto)}",
+        start = result.prediction.setup_s
+        print(f"auto policy: {result.policy.flags()} (predicted {result.prediction.throughput:.1f} tok/s"
+              + (f" after a {start:.1f} s start, counted in the search" if start else "")
+              + f", searched in {time.perf_counter() - tic:.1f} s)\ndtype: {dtype_reason(result, auto)}",
               file=sys.stderr)
     return result, hardware
 
