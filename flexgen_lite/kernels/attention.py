@@ -125,13 +125,15 @@ def decode_attend(q, k, v, mask, graphed: bool = False, sinks=None) -> tuple[tor
         if not triton_decode.usable(q, k, sinks is not None, TRITON_NAMES[name]):
             return None
         return triton_decode.attend(q, k, v, mask, sinks=sinks, variant=TRITON_NAMES[name]), name
-    candidates = decode_candidates(q, k, v, mask, sinks)
-    if not candidates.keys() & TRITON_NAMES.keys():
-        return None
     # rows and positions by powers of two: rows finishing early or a growing cache re-measure a few times
     kind = (q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k.shape[1], q.shape[-1],
             k.shape[2].bit_length(), mask is None, sinks is None, graphed)
-    chosen = faster(kind, candidates, q.device, graphed=graphed)
+    chosen = _measured.get(kind)  # a decode step's every layer asks: the candidates only until measured
+    if chosen is None:
+        candidates = decode_candidates(q, k, v, mask, sinks)
+        if not candidates.keys() & TRITON_NAMES.keys():
+            return None
+        chosen = faster(kind, candidates, q.device, graphed=graphed)
     if chosen not in TRITON_NAMES:
         return None
     return triton_decode.attend(q, k, v, mask, sinks=sinks, variant=TRITON_NAMES[chosen]), chosen

@@ -296,14 +296,16 @@ def _chosen(q, k, v, mask, skip, k_new, v_new, rows, splits) -> str:
     if q.device.type != "cuda":
         lanes = os.environ.get(ENV) == "triton-lanes" and "lanes" in variants(group)
         return "lanes" if lanes and refusal(q.device, q.dtype, group, head_dim, _group_size(k)) is None else "tiles"
+    from .attention import _measured, faster
+
+    kind = ("codes", q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k[0].shape[1], head_dim,
+            k[0].shape[2].bit_length(), mask is None, _group_size(k))
+    if kind in _measured:  # every layer of a step asks: the checks and candidates only until measured
+        return _measured[kind]
     names = [name for name in variants(group) if name == "tiles"
              or refusal(q.device, q.dtype, group, head_dim, _group_size(k), name) is None]
     if len(names) == 1:
         return names[0]
-    from .attention import faster
-
-    kind = ("codes", q.device, q.dtype, q.shape[0].bit_length(), q.shape[1], k[0].shape[1], head_dim,
-            k[0].shape[2].bit_length(), mask is None, _group_size(k))
     return faster(kind, {name: functools.partial(attend, q, k, v, mask, skip, k_new, v_new, rows, splits, name)
                          for name in names}, q.device)
 
