@@ -11,9 +11,10 @@
 4. CPU decode attention (native.decode_attention) over a position-major cache, all threads against one, beside
    the host's memory copy rate; the same over a 4-bit cache read as stored (quantized_attention);
 5. a decode step's kernels by device time with everything on the GPU (OPT-1.3B, batch 64), against its wall time;
-6. decode attention over a GPU cache: the Triton split-KV kernel (decode_attention_triton.py; its lanes variants where a
-   kv head has one query head) against SDPA as the engine calls it, at the suite's shapes: agreement, time, K+V
-   bytes/s against a device copy, and which one the engine's measured choice (attention.faster) keeps;
+6. decode attention over a GPU cache: the Triton split-KV kernel (decode_attention_triton.py; its lanes variants: a
+   lane a position where a kv head has one query head, a lane a warp for grouped heads) against SDPA as the engine
+   calls it, at the suite's shapes: agreement, time, K+V bytes/s against a device copy, and which one the engine's
+   measured choice (attention.faster) keeps;
 7. a decode step's store of one token into a 4-bit cache part (QuantizedStore.write): the fused quantization
    (quantize_triton.py) against the torch path, bit for bit, and the time a store takes with each; and the load
    of a 4-bit part's prefix into a slot (dequant_triton.dequantize_prefix) against the torch path;
@@ -266,7 +267,7 @@ def decode_attention() -> None:
     if importlib.util.find_spec("triton") is None:
         print("triton is not installed: skipped")
         return
-    dtype = torch.float16 if CUDA else torch.float32
+    dtype = torch.float16  # on a CPU too: the grouped heads' lanes take 16-bit values
     shapes = ATTENTION_SHAPES if CUDA else [("tiny", 4, 4, 2, 64, 40), ("tiny, no groups", 2, 4, 4, 64, 40)]
     n = 1 << 28 if CUDA else 1 << 20
     src, dst = torch.empty(n, dtype=torch.uint8, device=DEV), torch.empty(n, dtype=torch.uint8, device=DEV)
@@ -296,7 +297,7 @@ def decode_attention() -> None:
         ours, theirs = best(triton_call), best(sdpa_call)
         nbytes = 2 * k.numel() * k.element_size()
         lanes, rates = [], []
-        for variant in triton_decode.variants(q, k)[1:]:  # one query head per kv head: each lane its own softmax
+        for variant in triton_decode.variants(q, k)[1:]:  # each lane its own softmax (grouped heads: a lane a warp)
             def lanes_call(q=q, k=k, v=v, mask=mask, variant=variant):
                 return triton_decode.attend(q, k, v, mask, variant=variant)
 
@@ -309,8 +310,8 @@ def decode_attention() -> None:
         candidates = attention.decode_candidates(q, k, v, mask)
         kept = attention.faster(("check", label), candidates, DEV) if CUDA else "-"
         sweep = ", ".join(f"{best(lambda n=n: triton_call(n)) * 1e3:.3f}" for n in (1, 2, 4, 8))  # against split_plan
-        lanes_cell = f"{lanes[0]} ({lanes[1]})" if lanes else "-"
-        rates_cell = f"{rates[0]} ({rates[1]})" if rates else "-"
+        lanes_cell, rates_cell = (" ".join(f"({x})" if i else x for i, x in enumerate(xs)) or "-"
+                                  for xs in (lanes, rates))  # grouped heads: the lanes alone, no "ahead"
         print(f"| {label} | {diff:.2g} | {ours * 1e3:.3f} | {nbytes / ours / 1e9:.0f} | {theirs * 1e3:.3f} | "
               f"{nbytes / theirs / 1e9:.0f} | {lanes_cell} | {rates_cell} | {kept} | {sweep} |")
 

@@ -2,6 +2,7 @@
 kind: `python -m tests.sm90_compile KIND...`, KIND one of
   dtype,group,head_dim,one_split[,sinks]      the decode attention;
   lanes,dtype,head_dim,one_split,ahead        its lanes variant (one query head per kv head);
+  glanes,dtype,group,head_dim,one_split       its lanes variant for grouped heads (a lane a warp);
   quantize,dtype,group                        the 4-bit quantization;
   codes,dtype,group,head_dim,one_split[,lanes] the decode attention over a 4-bit cache as stored;
   gemv,dtype,group,rows                       a few rows times a 4-bit weight as stored;
@@ -55,25 +56,42 @@ def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool, sinks: 
 
 def compile_lanes(dtype: str, head_dim: int, one_split: bool, ahead: bool) -> dict:
     """The decode attention's lanes variant (each position lane its own softmax), masked, without sinks."""
-    from triton.compiler import ASTSource
-
+    from flexgen_lite.kernels import decode_attention_lanes as lanes
     from flexgen_lite.kernels import decode_attention_triton as triton_decode
 
-    kernel = triton_decode._kernels(False)[2]
+    dp = triton_decode._pow2(head_dim)
+    block = lanes.block(dp, 1)
+    constants = dict(sm_l=1, D=head_dim, DP=dp, BLOCK=block, MASKED=True, ONE_SPLIT=one_split, SINKS=False,
+                     AHEAD=ahead)
+    src = _lanes_source(lanes.kernels(False)[0], dtype, one_split, constants)
+    return {"kind": ["lanes", dtype, head_dim, one_split, ahead], "block": block, **assemble(src, {})}
+
+
+def compile_grouped_lanes(dtype: str, group: int, head_dim: int, one_split: bool) -> dict:
+    """The decode attention's lanes variant for grouped heads (a lane of positions a warp), masked, no sinks."""
+    from flexgen_lite.kernels import decode_attention_lanes as lanes
+    from flexgen_lite.kernels import decode_attention_triton as triton_decode
+
+    constants = dict(sm_l=1, G=group, GP=max(16, triton_decode._pow2(group)), D=head_dim,
+                     DP=triton_decode._pow2(head_dim), W=lanes.LANE_WARPS, SUB=lanes.LANE_POSITIONS, MASKED=True,
+                     ONE_SPLIT=one_split, SINKS=False, UPCAST=False)
+    src = _lanes_source(lanes.kernels(False)[1], dtype, one_split, constants)
+    return {"kind": ["glanes", dtype, group, head_dim, one_split],
+            **assemble(src, {"num_warps": lanes.LANE_WARPS})}
+
+
+def _lanes_source(kernel, dtype: str, one_split: bool, constants: dict):
+    from triton.compiler import ASTSource
+
     pointer, names = "*" + dtype, kernel.arg_names
-    strides = names[names.index("scale") + 1:names.index("D")]
+    strides = names[names.index("scale") + 1:names.index("sl_h") + 1]
     signature = {"q": pointer, "k": pointer, "v": pointer, "seen": "*u8", "out": pointer if one_split else "*fp32",
                  "lse": "*fp32", "sinks": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32",
                  **dict.fromkeys(strides, "i32")}
-    dp = triton_decode._pow2(head_dim)
-    block = triton_decode.lanes_block(dp)
-    constants = dict(sm_l=1, D=head_dim, DP=dp, BLOCK=block, MASKED=True, ONE_SPLIT=one_split, SINKS=False,
-                     AHEAD=ahead)
     divisible = [n for n in (*POINTERS, *strides) if n not in NOT_DIVISIBLE]
-    src = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
-                    constexprs={(names.index(k),): v for k, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-    return {"kind": ["lanes", dtype, head_dim, one_split, ahead], "block": block, **assemble(src, {})}
+    return ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                     constexprs={(names.index(k),): v for k, v in constants.items()},
+                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
 
 
 def compile_codes(dtype: str, group: int, head_dim: int, one_split: bool, lanes: bool = False) -> dict:
@@ -204,6 +222,9 @@ def main(kinds: list[str]) -> int:
         elif kind.startswith("lanes,"):
             _, dtype, head_dim, one, ahead = kind.split(",")
             found = compile_lanes(dtype, int(head_dim), one == "1", ahead == "1")
+        elif kind.startswith("glanes,"):
+            _, dtype, group, head_dim, one = kind.split(",")
+            found = compile_grouped_lanes(dtype, int(group), int(head_dim), one == "1")
         elif kind.startswith("prefix,"):
             _, dtype, group, head_dim = kind.split(",")
             found = compile_prefix(dtype, int(group), int(head_dim))

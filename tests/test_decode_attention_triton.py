@@ -71,16 +71,20 @@ def test_kernel_equals_sdpa(kernel_device, case, dtype, layout):
     ((3, 4, 4, 37, 64), None, torch.float32, "lanes"), ((2, 2, 2, 150, 128), 3, torch.bfloat16, "lanes"),
     ((2, 3, 3, 300, 64), 5, torch.float32, "lanes"), ((3, 4, 4, 37, 64), None, torch.float32, "lanes-ahead"),
     ((1, 2, 2, 1, 80), None, torch.float32, "lanes-ahead"), ((2, 3, 3, 300, 64), 5, torch.float32, "lanes-ahead"),
-    ((2, 2, 2, 100, 256), 2, torch.bfloat16, "lanes-ahead")], ids=str)
+    ((2, 2, 2, 100, 256), 2, torch.bfloat16, "lanes-ahead"),
+    ((2, 8, 2, 150, 128), 3, torch.bfloat16, "lanes"), ((3, 4, 1, 300, 64), 5, torch.float16, "lanes"),
+    ((2, 6, 2, 70, 96), None, torch.float16, "lanes"), ((1, 32, 2, 40, 64), 2, torch.bfloat16, "lanes")], ids=str)
 def test_lanes_variants_equal_sdpa(kernel_device, case, splits, dtype, variant):
-    """One query head per kv head, each position lane its own softmax (no reduction over the program inside the
-    loop), with the next tile's loads issued first or not: within an output rounding of SDPA in fp32 for a mask
-    per row, none, a row padded past whole splits, a ragged last tile; with sinks, of the sinks reference."""
+    """Each lane of positions its own softmax (no reduction over the program inside the loop): one query head per
+    kv head a lane per position, with the next tile's loads issued first or not; grouped heads (2 to 16 a kv head,
+    a group of 3) a lane per warp on tensor cores. Within an output rounding of SDPA in fp32 for a mask per row,
+    none, a row padded past whole splits, a ragged last tile; with sinks, of the sinks reference."""
     q, k, v, mask = inputs(*case, "head-major")
     mask[0, ..., :min(250, case[3] - 1)] = False
     q, k, v = (t.to(dtype) for t in (q, k, v))
     for m in (mask, None):
-        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                              enable_gqa=case[1] != case[2])
         on = (t.to(kernel_device) if t is not None else None for t in (q, k, v, m))
         got = triton_decode.attend(*on, splits, variant=variant).cpu()
         assert got.dtype == dtype
@@ -93,20 +97,26 @@ def test_lanes_variants_equal_sdpa(kernel_device, case, splits, dtype, variant):
 
 
 @needs_triton
-def test_the_lanes_take_one_query_head_per_kv_head_and_are_measured_beside_the_tiles(kernel_device, monkeypatch):
-    """Grouped heads (Llama-3's) go to the tiles alone: the lanes refuse them, a forced lanes name falls back to the
-    tiles. Where they take the call, each variant whose self-check passed is a candidate beside SDPA, each giving
-    SDPA's output; a variant failing its check is left out, the others kept."""
+def test_the_lanes_take_the_calls_they_compile_for_and_are_measured_beside_the_tiles(kernel_device, monkeypatch):
+    """Grouped heads in fp32 (or past 16 a kv head, or head dims past 128: registers they would spill) go to the
+    tiles alone: the lanes refuse them, a forced lanes name falls back to the tiles; in fp16 they take the lanes but
+    not lanes-ahead. Where they take the call, each variant whose self-check passed is a candidate beside SDPA,
+    each giving SDPA's output; a variant failing its check is left out, the others kept."""
     grouped = [t.to(kernel_device) for t in inputs(2, 8, 2, 40, 64, "head-major")]
+    half = [t.to(torch.float16) if t.is_floating_point() else t for t in grouped]
     one = [t.to(kernel_device) for t in inputs(2, 4, 4, 40, 64, "head-major")]
     assert triton_decode.variants(*grouped[:2]) == ("tiles",)
-    assert "one query head per kv head" in triton_decode.refusal(*grouped[:2], variant="lanes")
-    with pytest.raises(ValueError, match="does not take 8 query heads over 2"):
+    assert triton_decode.variants(*half[:2]) == ("tiles", "lanes")
+    assert triton_decode.variants(half[0].repeat(1, 8, 1, 1), half[1]) == ("tiles",)  # 32 a kv head
+    assert "up to 16 in fp16 or bf16" in triton_decode.refusal(*grouped[:2], variant="lanes")
+    with pytest.raises(ValueError, match="does not take 8 query heads over 2 kv heads in torch.float32"):
         triton_decode.attend(*grouped, variant="lanes")
     monkeypatch.setenv(attention.DECODE_ENV, "triton-lanes")
     assert attention.decode_attend(*grouped)[1] == "triton"
+    assert attention.decode_attend(*half)[1] == "triton-lanes"
     assert attention.decode_attend(*one)[1] == "triton-lanes"
     assert list(attention.decode_candidates(*grouped)) == ["triton", "sdpa"]
+    assert list(attention.decode_candidates(*half)) == ["triton", "triton-lanes", "sdpa"]
     candidates = attention.decode_candidates(*one)
     assert list(candidates) == ["triton", "triton-lanes", "triton-lanes-ahead", "sdpa"]
     want = F.scaled_dot_product_attention(*(t.cpu() for t in one[:3]), attn_mask=one[3].cpu())
@@ -234,26 +244,32 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
 
 
 @needs_triton
-@pytest.mark.parametrize("static", [False, True], ids=["eager-step", "constant-shape-step"])
-def test_a_short_prompt_beside_a_long_one_in_many_splits(kernel_device, monkeypatch, tiny_models, static):
+@pytest.mark.parametrize("static,dtype,kernel", [(False, "float32", "triton"), (True, "float32", "triton"),
+                                                 (False, "bfloat16", "triton-lanes")],
+                         ids=["eager-step", "constant-shape-step", "grouped-lanes-bf16"])
+def test_a_short_prompt_beside_a_long_one_in_many_splits(kernel_device, monkeypatch, tiny_models, static, dtype,
+                                                         kernel):
     """A batch of a 50-token prompt and a 2-token one, the cache cut into splits of 8 positions (as a GPU of many
-    SMs cuts a long cache at a small batch): the short row's padding covers whole splits, and the constant-shape
-    step's splits past the current length see nothing. Tokens and logits are SDPA's (before the fix: NaN)."""
+    SMs cuts a long cache at a small batch; the grouped lanes' tiles: 64): the short row's padding covers whole
+    splits, and the constant-shape step's splits past the current length see nothing. Tokens and logits are SDPA's
+    (before the fix: NaN); in bf16 (the grouped lanes take 16-bit values), logits within bf16's rounding."""
     prompts = [[2, *range(3, 52)], [2, 400]]
-    policy = Policy(gpu_batch_size=2, num_gpu_batches=1, dtype="float32")
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=1, dtype=dtype)
     greedy = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    block = 64 if kernel == "triton-lanes" else 8
     runs = {}
-    for kernel in ("sdpa", "triton"):
-        monkeypatch.setenv(attention.DECODE_ENV, kernel)
-        monkeypatch.setattr(triton_decode, "split_plan", lambda programs, length, *args: (-(-length // 8), 8))
+    for name in ("sdpa", kernel):
+        monkeypatch.setenv(attention.DECODE_ENV, name)
+        monkeypatch.setattr(triton_decode, "split_plan", lambda programs, length, *args: (-(-length // block), block))
         with FlexGenLite(str(tiny_models["llama3"][0]), policy=policy, device=kernel_device) as m:
             m.engine.static_decode, m.engine.fused_decode, m.engine.layer_graph_decode = static, False, False
-            runs[kernel] = m.generate_ids(prompts, greedy, return_logits=True)
-            if kernel == "triton":
-                assert any("triton" in k for k in m.engine.times.attention[1:])
-    assert runs["triton"][0] == runs["sdpa"][0]
-    for ours, theirs in zip(runs["triton"][1], runs["sdpa"][1], strict=True):
-        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+            runs[name] = m.generate_ids(prompts, greedy, return_logits=True)
+            if name == kernel:
+                assert all(kernel in k for k in m.engine.times.attention[1:]), m.engine.times.attention
+    assert runs[kernel][0] == runs["sdpa"][0]
+    for ours, theirs in zip(runs[kernel][1], runs["sdpa"][1], strict=True):
+        scale = float(theirs.abs().max())  # bf16: a rounding step of the logits' size is 2**-8 of it to 2**-7
+        torch.testing.assert_close(ours, theirs, atol=2e-4 if dtype == "float32" else 2 ** -6 * scale, rtol=0)
 
 
 @needs_triton

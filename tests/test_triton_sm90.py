@@ -27,6 +27,7 @@ GEMV = ["gemv,fp16,64,16", "gemv,bf16,64,16", "gemv,fp16,64,64", "gemv,bf16,32,6
 PREFIX = ["prefix,fp16,64,128", "prefix,bf16,64,128", "prefix,fp32,64,64", "prefix,fp16,64,256",
           "prefix,bf16,32,32"]  # the last (a group a position): a weight's whole groups (dequant_triton.dequantize)
 LANES = ["fp16,64", "bf16,128", "fp16,256", "fp32,64"]  # the lanes variants (one query head per kv head: OPT, Llama-2)
+GROUPED_LANES = ["fp16,8,128,0", "bf16,8,128,1", "fp16,4,64,0"]  # the lanes for grouped heads: Llama-3-70B, -8B
 KINDS = ["fp16,1,64", "fp16,1,128", "bf16,1,128", "fp16,8,128", "bf16,4,128", "fp32,1,64", "fp16,1,80", "bf16,1,256",
          "fp16,4,256", "fp16,2,64", "bf16,8,64,sinks", "fp16,8,64,sinks"]  # the last: gpt-oss's heads
 
@@ -47,6 +48,7 @@ def compiled() -> dict[tuple, dict]:
     kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
     kinds += QUANTIZE + PREFIX + GEMV + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
     kinds += [f"lanes,{kind},{one},{ahead}" for kind in LANES for one, ahead in ((0, 0), (0, 1), (1, 1))]
+    kinds += [f"glanes,{kind}" for kind in GROUPED_LANES]
     kinds += [f"{kind},{one},lanes" for kind in CODES if kind.split(",")[2] == "1" for one in (1, 0)]
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
@@ -92,6 +94,18 @@ def test_the_lanes_variants_compile_for_sm90_with_no_barrier_in_their_loop(compi
     assert r["loop_barriers"] == 0, r
     tiles = compiled[(dtype, 1, int(head_dim), one_split, False)] if f"{dtype},1,{head_dim}" in KINDS else None
     assert tiles is None or tiles["loop_barriers"] > 0, tiles
+
+
+@pytest.mark.parametrize("kind", GROUPED_LANES)
+def test_the_grouped_heads_lanes_compile_for_sm90_with_fewer_barriers_in_their_loop(compiled, kind):
+    """A lane a warp: the loop keeps the barriers of its staged loads (cp.async into shared memory for tl.dot,
+    two) and none for a reduction over warps, where the tiles' kernel has 9; no spills at 4x the tiles'
+    accumulator."""
+    dtype, group, head_dim, one = kind.split(",")
+    r = compiled[("glanes", dtype, int(group), int(head_dim), one == "1")]
+    assert r["spill_bytes"] == 0 and r["registers"] <= 192 and r["vector_loads"] and r["async_16"] > 0, r
+    tiles = compiled.get((dtype, int(group), int(head_dim), one == "1", False))
+    assert r["loop_barriers"] <= 2 and (tiles is None or tiles["loop_barriers"] > r["loop_barriers"]), (r, tiles)
 
 
 @pytest.mark.parametrize("one_split", [True, False], ids=["one-split", "splits"])

@@ -5,7 +5,8 @@ row's whole cache in one program per (row, head) with tiles made for 64 queries,
 padding needs one). Here each program reads one (row, kv head, split of the positions) once, for all the query
 heads sharing that kv head, keeping a running max and sum in fp32; splits are combined by their log-sum-exp. The
 cache is read in place, any strides (head-major slots, a prefix of max_len, a window's ring), under a bool mask
-(rows or 1, 1, 1, L). Rows x kv heads x splits fill the GPU several times over.
+(rows or 1, 1, 1, L). Rows x kv heads x splits fill the GPU several times over. Its lanes variants
+(decode_attention_lanes.py) walk a split without reducing over the program's warps inside the loop.
 
 `usable` checks the kernel once per kind of call against SDPA in fp32 on the call's device; attention.py measures it
 against SDPA where both run and keeps the faster. TRITON_INTERPRET=1 runs it on a CPU (tests);
@@ -21,11 +22,12 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import decode_attention_lanes as lanes
 from .dequant_triton import interpreting, unavailable
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BROADCAST_VALUES = 4096  # a tile of (positions x head dim) multiplied in registers (one query head): on sm90, 80-94
-# registers a thread at head dims 64-256, no spills, 16-byte loads (tests/test_triton_sm90.py compiles it)
+BROADCAST_VALUES = lanes.BROADCAST_VALUES  # a tile of (positions x head dim) multiplied in registers (one query
+# head): on sm90, 80-94 registers a thread at head dims 64-256, no spills, 16-byte loads (tests/test_triton_sm90.py)
 PROGRAMS_PER_SM = 16  # split the positions until rows x kv heads x splits is at least this many per SM (~4 waves of
 # 4-5 resident programs: a short last wave idles less of the GPU)
 _lock = threading.Lock()  # one self-check per kind at a time
@@ -114,76 +116,7 @@ def _kernels(interpret: bool):
         o = tl.sum(weights[:, None] * parts, 0) / total
         tl.store(out + row * so_b + head * so_h + d, o.to(out.dtype.element_ty), mask=d < D)
 
-    @triton.jit(do_not_specialize=["length", "split_len"])
-    def lanes_kernel(q, k, v, seen, out, lse, sinks, length, split_len, scale,
-                     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l, so_b, so_h, so_s, sl_b, sl_h,
-                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
-                     ONE_SPLIT: tl.constexpr, SINKS: tl.constexpr, AHEAD: tl.constexpr):
-        # one query head per kv head: each of a tile's BLOCK position lanes keeps a softmax of its own (max, sum,
-        # weighted values), so no step of the loop reduces across the program's warps; the lanes are combined once
-        # at the end. AHEAD: the next tile's K and V loads are issued before this tile's math.
-        row = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1).to(tl.int64)
-        split = tl.program_id(2)
-        d = tl.arange(0, DP)
-        d_ok = d < D
-        qv = tl.load(q + row * sq_b + head * sq_h + d, mask=d_ok, other=0.0).to(tl.float32)
-        k_row, v_row, seen_row = k + row * sk_b + head * sk_h, v + row * sv_b + head * sv_h, seen + row * sm_b
-        begin = split * split_len
-        end = tl.minimum(begin + split_len, length)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK], tl.float32)
-        acc = tl.zeros([BLOCK, DP], tl.float32)
-        pos = begin + tl.arange(0, BLOCK)
-        if AHEAD:
-            ok = pos < end
-            if MASKED:
-                ok = ok & (tl.load(seen_row + pos.to(tl.int64) * sm_l, mask=ok, other=0) != 0)
-            kt = tl.load(k_row + (pos[:, None] * sk_l + d[None, :]), mask=ok[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(v_row + (pos[:, None] * sv_l + d[None, :]), mask=ok[:, None] & d_ok[None, :], other=0.0)
-        for offset in range(0, split_len, BLOCK):
-            if AHEAD:  # past the split's end the loads are masked whole: nothing read
-                pos_next = pos + BLOCK
-                ok_next = pos_next < end
-                if MASKED:
-                    ok_next = ok_next & (tl.load(seen_row + pos_next.to(tl.int64) * sm_l, mask=ok_next, other=0) != 0)
-                tile_next = ok_next[:, None] & d_ok[None, :]
-                kt_next = tl.load(k_row + (pos_next[:, None] * sk_l + d[None, :]), mask=tile_next, other=0.0)
-                vt_next = tl.load(v_row + (pos_next[:, None] * sv_l + d[None, :]), mask=tile_next, other=0.0)
-            else:
-                pos = begin + offset + tl.arange(0, BLOCK)
-                ok = pos < end
-                if MASKED:
-                    ok = ok & (tl.load(seen_row + pos.to(tl.int64) * sm_l, mask=ok, other=0) != 0)
-                kt = tl.load(k_row + (pos[:, None] * sk_l + d[None, :]), mask=ok[:, None] & d_ok[None, :],
-                             other=0.0)
-                vt = tl.load(v_row + (pos[:, None] * sv_l + d[None, :]), mask=ok[:, None] & d_ok[None, :],
-                             other=0.0)
-            s = tl.where(ok, tl.sum(qv[None, :] * kt.to(tl.float32), 1) * scale, float("-inf"))
-            m_new = tl.maximum(m, s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that saw nothing yet: no NaN
-            alpha = tl.exp2(m - m_safe)
-            p = tl.exp2(s - m_safe)
-            total = total * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
-            m = m_new
-            if AHEAD:
-                pos, ok, kt, vt = pos_next, ok_next, kt_next, vt_next
-        top = tl.max(m, 0)
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        weight = tl.exp2(m - top_safe)  # a lane that saw nothing weighs 0
-        denominator = tl.sum(total * weight, 0)
-        o = tl.sum(acc * weight[:, None], 0)
-        if ONE_SPLIT:
-            if SINKS:
-                denominator += tl.exp2(tl.load(sinks + head) * 1.4426950408889634 - top_safe)
-            tl.store(out + row * so_b + head * so_h + d, (o / denominator).to(out.dtype.element_ty), mask=d_ok)
-        else:  # as split_kernel's: normalized fp32 partial and its log2-sum-exp2; zeros for a split that saw nothing
-            part = tl.where(denominator > 0, o / denominator, 0.0)
-            tl.store(out + row * so_b + head * so_h + split * so_s + d, part, mask=d_ok)
-            tl.store(lse + row * sl_b + head * sl_h + split, top + tl.log2(denominator))
-
-    return split_kernel, combine_kernel, lanes_kernel
+    return split_kernel, combine_kernel
 
 
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -207,8 +140,11 @@ VARIANTS = ("tiles", "lanes", "lanes-ahead")  # how a program walks its position
 
 
 def variants(q: torch.Tensor, k: torch.Tensor) -> tuple[str, ...]:
-    """The variants that take this call: the lanes only where each kv head has one query head (OPT, Llama-2)."""
-    return VARIANTS if q.shape[1] == k.shape[1] else VARIANTS[:1]
+    """The variants that take this call: all where each kv head has one query head (OPT, Llama-2); for grouped
+    heads, the lanes where decode_attention_lanes.grouped_takes them."""
+    if q.shape[1] == k.shape[1]:
+        return VARIANTS
+    return VARIANTS[:2] if lanes.grouped_takes(q.dtype, q.shape[1] // k.shape[1], q.shape[-1]) else VARIANTS[:1]
 
 
 def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, bool]:
@@ -218,12 +154,6 @@ def tiling(dtype: torch.dtype, group: int, head_dim: int) -> tuple[int, int, boo
     if group == 1:
         return 1, max(16, min(64, BROADCAST_VALUES // _pow2(head_dim))), False
     return max(16, _pow2(group)), 64 if head_dim <= 128 else 32, True  # 256: 146-148 registers at 32, 192-204 at 64
-
-
-def lanes_block(padded_head_dim: int) -> int:
-    """Positions per tile of the lanes variants: each lane's weighted values stay in registers, (positions x head
-    dim) as many as a tile's product holds."""
-    return max(16, BROADCAST_VALUES // padded_head_dim)
 
 
 def split_plan(programs: int, length: int, block: int, sms: int, wanted: int | None = None) -> tuple[int, int]:
@@ -243,10 +173,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     splits: parts of the positions read by programs of their own (default: split_plan's). sinks (heads,): each
     head's sink logit, a term of its softmax's denominator alone (gpt-oss). variant (`variants`): "tiles", a tile's
     softmax statistics reduced over the program at each tile; "lanes", each position lane its own softmax, combined
-    once (one query head per kv head); "lanes-ahead", the same with the next tile's loads issued first."""
+    once (decode_attention_lanes.py: one query head a lane per position, grouped heads a lane per warp);
+    "lanes-ahead" (one query head per kv head), the next tile's loads issued first."""
     if variant not in variants(q, k):
         raise ValueError(f"decode attention variant {variant!r} does not take {q.shape[1]} query heads over "
-                         f"{k.shape[1]} kv heads")
+                         f"{k.shape[1]} kv heads in {q.dtype} at head dim {q.shape[-1]}")
     rows, heads, _, hd = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -255,7 +186,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     gp, block, dot = tiling(q.dtype, group, hd)
     dp = _pow2(hd)
     if variant != "tiles":
-        block = lanes_block(dp)
+        block = lanes.block(dp, group)
     splits, split_len = split_plan(rows * kv_heads, length, block, _sm_count(q.device), splits)
     out = torch.empty(rows, heads, 1, hd, dtype=q.dtype, device=q.device)
     if mask is None:
@@ -264,7 +195,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         seen = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         sm_b = seen.stride(0) if seen.shape[0] > 1 else 0
         sm_l = seen.stride(-1) if seen.shape[-1] > 1 else 0
-    split_kernel, combine_kernel, lanes_kernel = _kernels(interpreting())
+    split_kernel, combine_kernel = _kernels(interpreting())
     scale = math.log2(math.e) / math.sqrt(hd)
     if sinks is not None:
         sinks = sinks.to(q.device, torch.float32).contiguous()
@@ -284,10 +215,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                 *args, G=group, GP=gp, D=hd, DP=dp, BLOCK=block, DOT=dot,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", MASKED=mask is not None,
                 ONE_SPLIT=splits == 1, SINKS=sinks is not None)
-        else:
-            lanes_kernel[(rows, kv_heads, splits)](
+        elif group == 1:
+            lanes.kernels(interpreting())[0][(rows, kv_heads, splits)](
                 *args, D=hd, DP=dp, BLOCK=block, MASKED=mask is not None, ONE_SPLIT=splits == 1,
                 SINKS=sinks is not None, AHEAD=variant == "lanes-ahead")
+        else:
+            lanes.kernels(interpreting())[1][(rows, kv_heads, splits)](
+                *args, G=group, GP=gp, D=hd, DP=dp, W=lanes.LANE_WARPS, SUB=lanes.LANE_POSITIONS,
+                MASKED=mask is not None, ONE_SPLIT=splits == 1, SINKS=sinks is not None,
+                UPCAST=interpreting() and q.dtype == torch.bfloat16, num_warps=lanes.LANE_WARPS)
         if splits > 1:
             combine_kernel[(rows, heads)](target, lse, sinks_arg, out, splits, *strides,
                                           out.stride(0), out.stride(1), D=hd, DP=dp, SP=_pow2(splits),
@@ -306,7 +242,8 @@ def refusal(q: torch.Tensor, k: torch.Tensor, sinks: bool = False, variant: str 
     if not supported(q, k):
         return "not a decode shape the kernel takes"
     if variant not in variants(q, k):
-        return f"the {variant} variant takes one query head per kv head"
+        return (f"the {variant} variant takes one query head per kv head"
+                + ("" if variant == "lanes-ahead" else ", or up to 16 in fp16 or bf16 at head dims up to 128"))
     with _lock:
         return _refusal(q.device, q.dtype, q.shape[1] // k.shape[1], q.shape[-1], sinks, variant)
 
