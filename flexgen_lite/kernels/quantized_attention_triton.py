@@ -51,7 +51,7 @@ def _kernel(interpret: bool):
                      BLOCK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
                      ROWS: tl.constexpr, ONE_SPLIT: tl.constexpr, LANES: tl.constexpr):
         # LANES (one query head per kv head): each of a tile's position lanes keeps its own softmax, combined once
-        # after the loop, as decode_attention_triton's lanes_kernel: no reduction over the warps inside the loop
+        # after the loop, as decode_attention_lanes' head_lanes: no reduction over the warps inside the loop
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
