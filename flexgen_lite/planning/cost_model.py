@@ -7,7 +7,8 @@ max(I/O waited on while j computes, compute of j) with overlap (their sum withou
 memory copies, dequantization and page-cache reads run on the same cores as compute, so they count with
 compute there, and only cold disk reads overlap. Decode is costed at the mean context, prompt + gen/2.
 What the matrix products cost (dense, the CPU's int4 kernel as kernels/int4_cost.py chooses, a GPU's 4-bit codes,
-fused C layers, CUDA graphs): products_cost.py.
+fused C layers, CUDA graphs): products_cost.py; the cache's loads, attention and stores: cache_cost.py; the unit,
+a layer's seconds by resource (Seg): segments.py.
 
 Each cost is affine in the placement fractions for a fixed "regime" (is all cache attended in place?):
 `policy_search` reads the LP's coefficients off `phase_times` by evaluating it at unit placements, and
@@ -19,15 +20,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..engine.block import MIN_SHARED
 from ..engine.layer_graph import REPLAY_OPS
 from ..engine.policy import Policy
 from ..engine.weights import DECODER_KINDS
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec, matmuls
 from ..system.hardware import HardwareProfile
+from .cache_cost import decode_cache, prefill_cache_store, shared_positions
 from .layout import Layout, Setup, Workload
 from .memory_plan import memory_plan, tier_peaks
 from .products_cost import (
@@ -41,72 +42,10 @@ from .products_cost import (
     layer_graphed,
     products_time,
 )
-
-OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
-
-
-@dataclass
-class Seg:
-    """Seconds waited on I/O, seconds of work on the compute path, and seconds of CPU attention on its worker
-    beside a GPU (`side`: pending_attention.py); `by` splits them by resource."""
-
-    wait: float = 0.0
-    work: float = 0.0
-    by: dict = field(default_factory=lambda: defaultdict(float))
-    side: float = 0.0
-
-    def add(self, resource: str, seconds: float, waits: bool, side: bool = False) -> None:
-        if side:
-            self.side += seconds
-        elif waits:
-            self.wait += seconds
-        else:
-            self.work += seconds
-        self.by[resource] += seconds
-
-    def __add__(self, other: Seg) -> Seg:
-        out = Seg(self.wait + other.wait, self.work + other.work, defaultdict(float, self.by), self.side + other.side)
-        for k, v in other.by.items():
-            out.by[k] += v
-        return out
-
-    def time(self, overlap: bool) -> float:
-        return max(self.wait, self.work, self.side) if overlap else self.wait + self.work + self.side
+from .segments import Seg, disk_read, disk_write, mapped_read, on_host
 
 
 # ---- time ------------------------------------------------------------------------------------------------------
-def _host(s: Setup, seg: Seg, resource: str, seconds: float, contention: float | None = None) -> None:
-    """Work of an I/O thread on the host: beside a GPU it overlaps compute; on a CPU it competes with compute
-    for the cores, at the measured contention (x1 when they share them perfectly)."""
-    if s.cuda:
-        seg.add(resource, seconds, waits=True)
-    else:
-        factor = (s.hw.contention if contention is None else contention) if s.policy.overlap else 1.0
-        seg.add(resource, seconds * factor, waits=False)
-
-
-def _disk_read(s: Setup, seg: Seg, nbytes: float) -> None:
-    """A read by an I/O thread: from the page cache it is a copy by the kernel (CPU work), else a wait."""
-    if s.disk_cached:
-        _host(s, seg, "page cache", nbytes / s.hw.cached_read, s.hw.contention_read)
-    else:
-        seg.add("disk", nbytes / s.hw.disk_read, waits=True)
-
-
-def _mapped_read(s: Setup, seg: Seg, nbytes: float) -> None:
-    """Pages of a memory-mapped offload file faulted in by an I/O thread (CPU compute): from the page cache
-    they are only mapped (no copy; compute then reads them like RAM), else read from the disk, a wait."""
-    if not s.disk_cached:
-        seg.add("disk", nbytes / s.hw.disk_read, waits=True)
-
-
-def _disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
-    if s.disk_cached:
-        _host(s, seg, "page cache", nbytes / s.hw.cached_write)
-    else:
-        seg.add("disk", nbytes / s.hw.disk_write, waits=True)
-
-
 def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg:
     """WeightSlots.fetch of one layer: non-resident tensors assembled in their slot. Tensors placed and sized
     alike are priced together (a mixture of experts has hundreds a layer). A decode step keeping the GPU's 4-bit
@@ -134,15 +73,15 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
         nbytes *= count
         if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
             seg.add("link", c * nbytes / h2d + d * nbytes / hw.h2d_pinned, waits=True)
-            _disk_read(s, seg, d * nbytes)
+            disk_read(s, seg, d * nbytes)
         else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
-            _mapped_read(s, seg, d * nbytes)
+            mapped_read(s, seg, d * nbytes)
         if values:
             seconds = count * values / hw.dequantize[s.dname]
             if s.cuda:  # on the GPU beside compute, while the next layer's codes cross (WeightSlots): not a wait
                 seg.add("dequantize", seconds, waits=False)
             else:
-                _host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
+                on_host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
                 seg.add("dequantize", d * seconds, waits=False)
     return seg
 
@@ -185,27 +124,6 @@ def _compute(s: Setup, kind: str, t: int, keys: int | None = None, batch: tuple[
     return seg
 
 
-def _attention_per_byte(s: Setup, rate: float, on_a_cpu: bool, length: float, dtype: str) -> float:
-    """Seconds per byte of a row's cache that decode attention goes over: on a CPU, the positions of a shared
-    prompt prefix at the rate measured for reading them from one row (shared_prefix.shared_rows), the rest at
-    `rate`."""
-    shared = min(shared_positions(s), length) / length if on_a_cpu else 0.0
-    return (1 - shared) / rate + shared / s.hw.shared_attention_rate(dtype, rate)
-
-
-def _link_cache_bytes(s: Setup, tier: str, rows: float, loads: float, stored: float, length: float) -> float:
-    """Cache bytes a decode step's loads of a tier's parts bring over the link: from host RAM, a shared prompt
-    prefix's positions for one row of each part (KVCache.prefix_reads), the others' rest."""
-    shared = min(shared_positions(s), length) if tier == "cpu" else 0
-    return rows * stored * (1 - shared / length) + loads * stored * shared / length
-
-
-def shared_positions(s: Setup) -> int:
-    """Prompt positions the prefill computes once per block (the engine shares MIN_SHARED or more)."""
-    shared = s.workload.shared_len
-    return shared if s.policy.share_prefix and shared >= MIN_SHARED else 0
-
-
 def _prefill_compute(s: Setup, kind: str) -> Seg:
     """A prefill's layer math: every prompt position of every row, or with a shared prefix (Workload.shared_len,
     Engine._prefix_through) the prefix once as one row, then each row's rest attending to the whole prompt."""
@@ -213,87 +131,6 @@ def _prefill_compute(s: Setup, kind: str) -> Seg:
     if not shared or kind == "head":
         return _compute(s, kind, t)
     return _compute(s, kind, shared, batch=(1, 1)) + _compute(s, kind, t - shared, keys=t)
-
-
-def _decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
-    """KVCache.load of every part not usable in place, and attention over every part (one layer, all batches)."""
-    seg, hw = Seg(), s.hw
-    seen = attended_share(s.config, length) * length  # positions kept and read: a windowed layer's window alone
-    dense, stored = s.seq_layer_dense * seen, s.seq_layer * seen  # per sequence
-    elements = dense / s.e
-    cpu_dtype = str(s.cpu_dtype).removeprefix("torch.")  # float16 maybe bfloat16 (Policy.cpu_attention_dtype)
-    group = s.config.num_heads // s.config.num_kv_heads
-    gpu_att = hw.decode_attention(s.dname, group, s.config.head_dim)
-    cpu_att = hw.decode_attention(cpu_dtype, group, s.config.head_dim, on_cpu=True)
-    parts = s.nb  # about one part per batch, more where tiers meet
-    worker = cpu_worker(s)
-    for tier, rows, on_cpu in lay.cache_parts():
-        if not rows:
-            continue
-        parts += tier != "gpu"
-        if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
-            _mapped_read(s, seg, rows * stored)
-        if not lay.part_direct(tier, on_cpu):  # KVCache.load into a slot, costed as measured through it
-            in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
-            loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows
-            if tier == "disk" and s.cuda:  # read into staging (from the page cache), as measured through it
-                fixed, rate = hw.cache_disk_load[s.dname]
-                _host(s, seg, "cache load", loads * fixed + rows * stored / rate)
-                if not s.disk_cached:
-                    seg.add("disk", rows * stored / hw.disk_read, waits=True)
-            if s.cuda and not on_cpu and not in_place:  # position-major prefixes, page-locked: one DMA each
-                seg.add("link", _link_cache_bytes(s, tier, rows, loads, stored, length) / hw.h2d_pinned, waits=True)
-            if s.ccomp is not None:
-                fixed, rate = hw.cache_dequantize[s.dname]
-                _host(s, seg, "dequantize", loads * fixed + rows * elements / rate)
-        codes = None
-        if s.ccomp is not None and lay.part_direct(tier, on_cpu):  # codes read as stored where they are
-            codes = (hw.device_codes_attention(s.dname, group) or gpu_att if s.cuda and tier == "gpu"
-                     else hw.codes_attention(cpu_dtype, group))
-        if codes is not None:  # by a CPU (quantized_attention) or a GPU (Triton's; its dense rate unmeasured)
-            fixed, rate = codes
-            seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * stored / rate,
-                    waits=False, side=on_cpu and worker)
-            continue
-        fixed, rate = cpu_att if on_cpu else gpu_att
-        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
-                + rows * dense * _attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
-                waits=False, side=on_cpu and worker and lay.part_direct(tier, on_cpu))
-    seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead
-    if s.ccomp is not None:  # the new token quantized into every part, in the background on a CPU
-        if s.cuda:
-            seg.add("quantize", parts * hw.cache_store, waits=False)
-        else:
-            _host(s, seg, "quantize", parts * hw.cache_store)
-    return seg
-
-
-def attended_share(config: ModelConfig, length: float) -> float:
-    """The share of a sequence's `length` positions a layer keeps and decode attention reads, on average over the
-    layers: a windowed layer's window alone (a ring: kv_cache)."""
-    if not config.windows:
-        return 1.0
-    return sum(min(w, length) if w else length for w in config.windows) / (len(config.windows) * length)
-
-
-def _prefill_cache_store(s: Setup, lay: Layout) -> Seg:
-    """The prompt's k, v written home (Engine._store_cache): copies in order, files and CPU quantization
-    in the background."""
-    seg, hw, prompt = Seg(), s.hw, s.workload.prompt_len
-    t = attended_share(s.config, prompt) * prompt  # positions kept: a windowed layer's window alone
-    for tier, rows in zip(("gpu", "cpu", "disk"), lay.cache_rows, strict=True):
-        dense, stored = rows * s.seq_layer_dense * t, rows * s.seq_layer * t
-        if s.ccomp is not None:  # on CUDA, memory parts quantize in stream order; the rest in the background
-            seconds = dense / s.e / hw.quantize[s.dname]
-            if s.cuda and tier != "disk":
-                seg.add("quantize", seconds, waits=False)
-            else:
-                _host(s, seg, "quantize", seconds)
-        elif tier != "disk":
-            seg.add("copy", dense / (hw.device_copy if tier == "gpu" or not s.cuda else hw.d2h_pinned), waits=False)
-        if tier == "disk":
-            _disk_write(s, seg, stored)
-    return seg
 
 
 def _activations(s: Setup, lay: Layout, t: int) -> Seg:
@@ -305,7 +142,7 @@ def _activations(s: Setup, lay: Layout, t: int) -> Seg:
     if s.cuda and cpu + disk:
         seg.add("link", (cpu + disk) * nbytes * (1 / hw.d2h_pinned + 1 / hw.h2d_pinned), waits=False)
     if disk:
-        _disk_write(s, seg, disk * nbytes)
+        disk_write(s, seg, disk * nbytes)
         read = hw.cached_read if s.disk_cached else hw.disk_read
         seg.add("page cache" if s.disk_cached else "disk", disk * nbytes / read, waits=False)
     return seg
@@ -342,19 +179,12 @@ def phase_times(s: Setup, lay: Layout, prefill: bool) -> Phase:
     rows_t = t - (shared_positions(s) if prefill else 0)  # positions computed per row
     comp = {k: (_prefill_compute(s, k) if prefill else _compute(s, k, t, codes=codes_share(s, lay, k)))
             + _activations(s, lay, rows_t) for k in s.kinds}
-    comp["attention"] += _prefill_cache_store(s, lay) if prefill else _decode_cache(s, lay, length)
+    comp["attention"] += prefill_cache_store(s, lay) if prefill else decode_cache(s, lay, length)
     layers = s.config.num_layers
     attention = _overlapped(s, _contended(s, comp["attention"] + fetch["mlp"]))
     segments = [(1, comp["embed"] + fetch["attention"]), (layers, attention),
                 (layers - 1, comp["mlp"] + fetch["attention"]), (1, comp["mlp"] + fetch["head"]), (1, comp["head"])]
     return Phase(fetch["embed"], [(m, seg) for m, seg in segments if m])
-
-
-def cpu_worker(s: Setup) -> bool:
-    """Whether the engine attends CPU parts on its worker beside the GPU's work (pending_attention.pipelined: the
-    batches' hidden states kept on the GPU, attention without capped scores, overlap on)."""
-    return (s.cuda and s.policy.cpu_cache_compute and s.policy.overlap and s.config.attn_softcap is None
-            and s.policy.percents("act")[0] == 100)
 
 
 def _overlapped(s: Setup, seg: Seg) -> Seg:
