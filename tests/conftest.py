@@ -407,12 +407,12 @@ def other_native_build(march: list[str]) -> ctypes.CDLL:
 
     if tuple(march) in _OTHER_BUILDS:
         return _OTHER_BUILDS[tuple(march)]
-    cc = native._compiler()
+    cc = native.build.compiler()
     if cc is None:
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
-    flags = [f for f in native.FLAGS if f != "-march=native"] + march
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in native.SOURCES), *flags, cc,
-                                    native._cpu_flags()]).encode()).hexdigest()[:16]
+    flags = [f for f in native.build.FLAGS if f != "-march=native"] + march
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in native.build.SOURCES), *flags, cc,
+                                    native.build.cpu_flags()]).encode()).hexdigest()[:16]
     shared = Path(tempfile.gettempdir()) / f"flexgen-lite-test-builds-{os.getuid()}"
     shared.mkdir(exist_ok=True)
     path = shared / f"native_{key}.so"
@@ -420,6 +420,6 @@ def other_native_build(march: list[str]) -> ctypes.CDLL:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one worker builds it, the others wait and load it
         if not path.exists():
             part = shared / f"native_{key}.{os.getpid()}.part"
-            subprocess.run([cc, *flags, *map(str, native.SOURCES), "-o", str(part), "-lm"], check=True)
+            subprocess.run([cc, *flags, *map(str, native.build.SOURCES), "-o", str(part), "-lm"], check=True)
             os.replace(part, path)
     return _OTHER_BUILDS.setdefault(tuple(march), native.declared(ctypes.CDLL(str(path))))

@@ -55,8 +55,8 @@ def test_the_c_kernels_run_on_torchs_own_openmp_runtime_or_none():
     lib = native.library()
     if lib is None:
         return  # no compiler here: nothing built
-    ours = native._runtime_file(lib, "GOMP_parallel")
-    torchs = native._runtime_file(native._torch_library(), "omp_get_max_threads")
+    ours = native.build.runtime_file(lib, "GOMP_parallel")
+    torchs = native.build.runtime_file(native.build.torch_library(), "omp_get_max_threads")
     assert torchs is not None and "omp" in Path(torchs).name, torchs
     assert native.team_threads() == (native.threads() if ours == torchs else 0), (ours, torchs)
 
@@ -90,7 +90,7 @@ BUILD_AND_MAP = """
 import os, sys
 from pathlib import Path
 from flexgen_lite.kernels import native
-native.SOURCES = [native.SOURCES[0].with_name("elementwise.c")]
+native.build.SOURCES = [native.build.SOURCES[0].with_name("elementwise.c")]
 native.declared = lambda lib: lib
 assert native.library() is not None
 print([line for line in Path(f"/proc/{os.getpid()}/maps").read_text().splitlines() if "kernels-" in line][0])
