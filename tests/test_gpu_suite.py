@@ -218,6 +218,49 @@ def test_flexgen_peer_without_cuda_skips_with_a_reason():
     assert out.stderr.strip().splitlines()[-1].startswith(("SKIP: no CUDA", "SKIP: flexgen is not importable"))
 
 
+def test_flexgens_dummy_weights_are_its_ones_written_once_in_place(tmp_path, monkeypatch):
+    """FlexGen's own init_weight_list (installed by scripts/setup.sh) over homes in CPU memory and on disk: with the
+    hook, the same weights (all ones, each home's shape and dtype) and no full-size np.ones array; without it, one
+    per weight."""
+    import numpy as np
+
+    flex_opt = flexgen_peer.import_flexgen()
+    from flexgen.compression import CompressionConfig
+    from flexgen.pytorch_backend import TorchDevice, TorchDisk, TorchTensor
+    from flexgen.utils import ExecutionEnv
+
+    monkeypatch.setattr(flex_opt, "init_weight_list", flex_opt.init_weight_list)  # the hook's changes undone after
+    monkeypatch.setattr(TorchTensor, "load_from_np", TorchTensor.load_from_np)
+    made, ones = [], np.ones
+    monkeypatch.setattr(np, "ones", lambda shape, *args, **kwargs: made.append(np.prod(shape)) or ones(shape, *args,
+                                                                                                       **kwargs))
+    cpu, disk = TorchDevice("cpu"), TorchDisk(str(tmp_path), num_copy_threads=0)  # its threads want CUDA
+    env = ExecutionEnv(gpu=cpu, cpu=cpu, disk=disk)
+    config = CompressionConfig(num_bits=4, group_size=64, group_dim=0, symmetric=False)
+    policy = flex_opt.Policy(1, 1, 0, 50, 100, 0, 100, 0, overlap=False, sep_layer=True, pin_weight=False,
+                             cpu_cache_compute=False, attn_sparsity=1.0, compress_weight=False,
+                             comp_weight_config=config, compress_cache=False, comp_cache_config=config)
+    specs = [((256, 128), np.float16, "_DUMMY_/fc1"), ((128,), np.float16, "_DUMMY_/b"), ((512, 128), np.float32,
+                                                                                         "_DUMMY_/fc2")]
+
+    def weights() -> list[np.ndarray]:
+        out = flex_opt.init_weight_list(specs, policy, env)
+        return [np.load(w.data) if w.device is disk else w.data.numpy() for w in out]
+
+    try:
+        before = weights()
+        assert max(made) == 512 * 128  # FlexGen's own: np.ones of each weight's shape
+        made.clear()
+        flexgen_peer.fill_dummy_weights_in_place(flex_opt)
+        after = weights()
+    finally:
+        disk.close_copy_threads()
+    assert max(made) == 1 and flex_opt.np is np
+    assert [(w.shape, w.dtype) for w in after] == [(w.shape, w.dtype) for w in before] == [
+        (shape, np.dtype(dtype)) for shape, dtype, _ in specs]
+    assert all((w == 1).all() for w in after)
+
+
 # ---- the time plan -----------------------------------------------------------------------------------------------
 H200 = {"gpu": "NVIDIA H200", "h2d_pinned_gb_s": 55.0, "h2d_pageable_gb_s": 7.0, "gpu_memory_gb": 150.1}
 
