@@ -32,25 +32,14 @@ def ptxas() -> str:
 
 def compile_kind(dtype: str, group: int, head_dim: int, one_split: bool, sinks: bool = False) -> dict:
     import torch
-    from triton.compiler import ASTSource
 
     from flexgen_lite.kernels import decode_attention_triton as triton_decode
 
-    split_kernel = triton_decode._kernels(False)[0]
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     padded, block, dot = triton_decode.tiling(torch_dtype, group, head_dim)
-    pointer = "*" + dtype
-    names = split_kernel.arg_names
-    strides = names[names.index("scale") + 1:names.index("G")]
-    signature = {"q": pointer, "k": pointer, "v": pointer, "seen": "*u8", "out": pointer if one_split else "*fp32",
-                 "lse": "*fp32", "sinks": "*fp32", "length": "i32", "split_len": "i32", "scale": "fp32",
-                 **dict.fromkeys(strides, "i32")}
     constants = dict(sm_l=1, G=group, GP=padded, D=head_dim, DP=triton_decode._pow2(head_dim), BLOCK=block, DOT=dot,
                      PRECISION="ieee" if dtype == "fp32" else "tf32", MASKED=True, ONE_SPLIT=one_split, SINKS=sinks)
-    divisible = [n for n in (*POINTERS, *strides) if n not in NOT_DIVISIBLE]
-    src = ASTSource(fn=split_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
-                    constexprs={(names.index(k),): v for k, v in constants.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    src = _decode_source(triton_decode._kernels(False)[0], dtype, one_split, constants)
     return {"kind": [dtype, group, head_dim, one_split, sinks], "block": block, "dot": dot, **assemble(src, {})}
 
 
@@ -63,7 +52,7 @@ def compile_lanes(dtype: str, head_dim: int, one_split: bool, ahead: bool) -> di
     block = lanes.block(dp, 1)
     constants = dict(sm_l=1, D=head_dim, DP=dp, BLOCK=block, MASKED=True, ONE_SPLIT=one_split, SINKS=False,
                      AHEAD=ahead)
-    src = _lanes_source(lanes.kernels(False)[0], dtype, one_split, constants)
+    src = _decode_source(lanes.kernels(False)[0], dtype, one_split, constants)
     return {"kind": ["lanes", dtype, head_dim, one_split, ahead], "block": block, **assemble(src, {})}
 
 
@@ -75,12 +64,12 @@ def compile_grouped_lanes(dtype: str, group: int, head_dim: int, one_split: bool
     constants = dict(sm_l=1, G=group, GP=max(16, triton_decode._pow2(group)), D=head_dim,
                      DP=triton_decode._pow2(head_dim), W=lanes.LANE_WARPS, SUB=lanes.LANE_POSITIONS, MASKED=True,
                      ONE_SPLIT=one_split, SINKS=False, UPCAST=False)
-    src = _lanes_source(lanes.kernels(False)[1], dtype, one_split, constants)
+    src = _decode_source(lanes.kernels(False)[1], dtype, one_split, constants)
     return {"kind": ["glanes", dtype, group, head_dim, one_split],
             **assemble(src, {"num_warps": lanes.LANE_WARPS})}
 
 
-def _lanes_source(kernel, dtype: str, one_split: bool, constants: dict):
+def _decode_source(kernel, dtype: str, one_split: bool, constants: dict):
     from triton.compiler import ASTSource
 
     pointer, names = "*" + dtype, kernel.arg_names
