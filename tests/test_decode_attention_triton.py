@@ -245,8 +245,10 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
 
 @needs_triton
 @pytest.mark.parametrize("static,dtype,kernel", [(False, "float32", "triton"), (True, "float32", "triton"),
-                                                 (False, "bfloat16", "triton-lanes")],
-                         ids=["eager-step", "constant-shape-step", "grouped-lanes-bf16"])
+                                                 (False, "bfloat16", "triton-lanes"),
+                                                 (True, "bfloat16", "triton-lanes")],
+                         ids=["eager-step", "constant-shape-step", "grouped-lanes-bf16",
+                              "grouped-lanes-bf16-constant-shape"])
 def test_a_short_prompt_beside_a_long_one_in_many_splits(kernel_device, monkeypatch, tiny_models, static, dtype,
                                                          kernel):
     """A batch of a 50-token prompt and a 2-token one, the cache cut into splits of 8 positions (as a GPU of many
