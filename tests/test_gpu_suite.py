@@ -218,6 +218,24 @@ def test_flexgen_peer_without_cuda_skips_with_a_reason():
     assert out.stderr.strip().splitlines()[-1].startswith(("SKIP: no CUDA", "SKIP: flexgen is not importable"))
 
 
+def test_a_gpu_check_section_that_raises_leaves_the_others_to_run(monkeypatch, capsys):
+    """One call on a GPU runs every section: a kernel that fails to build there is a failure of its section, said,
+    and the sections after it still run."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # importing gpu_checks on a CPU sets it: put back after
+    import gpu_checks
+
+    ran = []
+
+    def broken() -> None:
+        raise RuntimeError("no such kernel here\nmore")
+
+    monkeypatch.setattr(gpu_checks, "failures", [])
+    monkeypatch.setattr(gpu_checks, "SECTIONS", {"first": broken, "second": lambda: ran.append("second")})
+    assert gpu_checks.main([]) == 1
+    assert ran == ["second"] and gpu_checks.failures == ["section first raised RuntimeError: no such kernel here"]
+    assert "gpu_checks: FAILED: section first raised" in capsys.readouterr().out
+
+
 def test_flexgens_dummy_weights_are_its_ones_written_once_in_place(tmp_path, monkeypatch):
     """FlexGen's own init_weight_list (installed by scripts/setup.sh) over homes in CPU memory and on disk: with the
     hook, the same weights (all ones, each home's shape and dtype) and no full-size np.ones array; without it, one
