@@ -348,7 +348,7 @@ def test_dummy_hook_keeps_byte_counts_and_shapes(tmp_path):
     the bench's own quantized weights (--exact-dummy)."""
     cmd = [sys.executable, str(SCRIPT), "--bench-row", "bench", "--model", "facebook/opt-125m", "--prompt-len", "8",
            "--gen-len", "2", "--percent", "0", "100", "100", "0", "100", "0", "--compress-weight",
-           "--gpu-batch-size", "2", "--device", "cpu+link"]
+           "--gpu-batch-size", "2", "--device", "cpu+link", "--no-warmup"]
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
     fast = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     exact = subprocess.run(cmd[:3] + ["--exact-dummy"] + cmd[3:], capture_output=True, text=True, timeout=120,
