@@ -94,6 +94,7 @@ def test_smoke_rows_report_where_they_stand(tmp_path):
     fg = first["flexgen"]
     if fg["status"] == "skipped":  # no CUDA here (or no flexgen wheel): flexgen_peer.py's exit code and reason
         assert fg["rc"] == flexgen_peer.SKIP_RC and fg["reason"].startswith(("no CUDA", "flexgen is not importable"))
+        assert f"===== FlexGen {first['name']}: skipped (rc {flexgen_peer.SKIP_RC}" in log  # not "failed"
     assert "ratio_total" not in first
     assert scale["status"] == "ok" and "--compress-weight" in scale["policy"] and "flexgen" not in scale
     assert "4-bit matrices" in log and " 0 4-bit matrices" not in log.split("row opt-175b-4bit-24gib")[1]
