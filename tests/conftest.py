@@ -300,11 +300,43 @@ def transformers_gguf_model(path: str | Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def smollm():
-    """SmolLM2-135M-Instruct (GGUF, Q4_1) and transformers' own model of it (its GGUF loader, fp32)."""
+    """SmolLM2-135M-Instruct (GGUF, Q4_1) and transformers' own model of it (its GGUF loader, fp32), converted once
+    for the test workers (~7 s of a core each) and kept as a checkpoint for the next runs, keyed by the file and
+    the versions of what converts it."""
+    import importlib.metadata
+    import inspect
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
     from flexgen_lite.models.gguf_file import default_model_path
 
     path = default_model_path()  # fails with the install command if the package is missing
-    return path, transformers_gguf_model(path)
+    stat = Path(path).stat()
+    key = [str(path), str(stat.st_size), str(stat.st_mtime_ns), transformers.__version__, torch.__version__,
+           importlib.metadata.version("gguf"), inspect.getsource(transformers_gguf_model)]
+    saved = built_once("smollm-reference", key, lambda part: transformers_gguf_model(path).save_pretrained(part))
+    return path, AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+
+
+def built_once(name: str, key: list[str], make, suffix: str = "") -> Path:
+    """A file or folder the test workers share in the temp dir, made once per `key` by make(path) (into a part,
+    then renamed) while the other workers wait on its lock; kept for later runs."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    shared = Path(tempfile.gettempdir()) / f"flexgen-lite-test-builds-{os.getuid()}"
+    shared.mkdir(exist_ok=True)
+    digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+    path = shared / f"{name}_{digest}{suffix}"
+    with open(shared / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            part = shared / f"{name}_{digest}.{os.getpid()}.part{suffix}"
+            make(part)
+            os.replace(part, path)
+    return path
 
 
 def synthetic_profile(cuda: bool = False) -> HardwareProfile:
@@ -399,10 +431,6 @@ def other_native_build(march: list[str]) -> ctypes.CDLL:
     dot instruction), without OpenMP, their argument types set as the package's own build's; built once per
     `march`, sources, compiler and CPU, and shared by the test workers (several test files use the same ones; a
     build takes ~10 s of a core)."""
-    import fcntl
-    import hashlib
-    import tempfile
-
     from flexgen_lite.kernels import native
 
     if tuple(march) in _OTHER_BUILDS:
@@ -411,15 +439,7 @@ def other_native_build(march: list[str]) -> ctypes.CDLL:
     if cc is None:
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
     flags = [f for f in native.build.FLAGS if f != "-march=native"] + march
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in native.build.SOURCES), *flags, cc,
-                                    native.build.cpu_flags()]).encode()).hexdigest()[:16]
-    shared = Path(tempfile.gettempdir()) / f"flexgen-lite-test-builds-{os.getuid()}"
-    shared.mkdir(exist_ok=True)
-    path = shared / f"native_{key}.so"
-    with open(shared / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker builds it, the others wait and load it
-        if not path.exists():
-            part = shared / f"native_{key}.{os.getpid()}.part"
-            subprocess.run([cc, *flags, *map(str, native.build.SOURCES), "-o", str(part), "-lm"], check=True)
-            os.replace(part, path)
+    key = [*(p.read_text() for p in native.build.SOURCES), *flags, cc, native.build.cpu_flags()]
+    path = built_once("native", key, lambda part: subprocess.run(
+        [cc, *flags, *map(str, native.build.SOURCES), "-o", str(part), "-lm"], check=True), suffix=".so")
     return _OTHER_BUILDS.setdefault(tuple(march), native.declared(ctypes.CDLL(str(path))))
