@@ -250,7 +250,11 @@ def test_search_keeps_fixed_choices():
 
 
 # ---- wiring: CLI and API --------------------------------------------------------------------------------------
-def test_plan_prints_flags_that_parse_back_to_the_policy(profile_file, capsys):
+def test_plan_prints_flags_that_parse_back_to_the_policy(profile_file, capsys, monkeypatch):
+    from flexgen_lite.cli import options
+
+    # --cpu-mem less what the process holds now, which grows between the two calls: the same for both
+    monkeypatch.setattr(options, "runtime_bytes", lambda: 400 * MiB)
     argv = ["plan", "--model", "facebook/opt-1.3b", "--prompt-len", "64", "--gen-len", "32", "--cpu-mem", "3GiB"]
     main(argv)
     text = capsys.readouterr().out

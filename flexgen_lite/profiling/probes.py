@@ -76,6 +76,10 @@ def matmul_shapes(device: ComputeDevice, scale: int) -> list[tuple[int, int]]:
     return [(k // scale, n // scale) for k, n in shapes]
 
 
+ROTATED_ROWS = 64
+MATMUL_MIN_TIME = 0.05  # seconds of calls a point at least times (after a warm-up, at least 3)
+
+
 def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tuple(DTYPES),
                  rows: tuple[int, ...] | None = None, linear: Callable = F.linear) -> dict:
     """(rows, K) @ (K, N) per dtype of `names` over rows from 1 (weight-read bound) up to compute bound, for a
@@ -91,17 +95,19 @@ def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tup
         room = 128 * MiB if scale == 1 else 2 * MiB
         weights = [[torch.randn(n, k, device=dev).to(dtype) for _ in range(max(1, room // (k * n * dtype.itemsize)))]
                    for k, n in shapes]
-        for m in rows:
+        for i, m in enumerate(rows):
             flops, times = [], []
             for (k, n), ws in zip(shapes, weights, strict=True):
                 x = torch.randn(m, k, device=dev).to(dtype)
-                s = timed(lambda x=x, ws=ws: [linear(x, w) for w in ws], sync, min_time=0.1 / scale)
+                ws = ws if m <= ROTATED_ROWS else ws[:1]
+                s = timed(lambda x=x, ws=ws: [linear(x, w) for w in ws], sync, min_time=MATMUL_MIN_TIME / scale)
                 flops.append(2 * m * k * n)
                 times.append(s / len(ws))
             rate, fixed = fit(flops[1], times[1], flops[0], times[0])
             points.append((m, rate, fixed))
-            if s > 0.25 and scale == 1:  # a slow dtype (float16 on most CPUs): more rows would take seconds
-                break
+            further = rows[i + 1] / m if i + 1 < len(rows) else 0
+            if times[0] * further > 0.25 and scale == 1:  # a slow dtype (float16 on most CPUs): the next point's
+                break  # product would take over 0.25 s
         out[name] = points
     return {"matmul": out, "matmul_shape": shapes[0]}
 
