@@ -119,8 +119,8 @@ def _predict_one(argv: list[str]) -> dict:
         from flexgen_lite.system.devices import ComputeDevice
 
         args = build_parser().parse_args(argv)
-        cuda = ComputeDevice(args.device).is_cuda
         profile = load_profile()
+        cuda = ComputeDevice(args.device).is_cuda or profile.is_cuda  # offline: the GPU machine's defaults
         if args.cpu_mem is None and profile.is_cuda and not torch.cuda.is_available():
             args.cpu_mem = int(profile.host_memory * SAFETY)  # offline, for the GPU machine the profile measured
         prompt_len = args.prompt_len or (512 if cuda else 64)
