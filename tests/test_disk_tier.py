@@ -179,7 +179,8 @@ def test_search_compresses_weights_on_a_slow_cold_disk(disk_gb_s, dequantize_g_s
 
 
 @pytest.mark.parametrize("dtype,compress", [("float32", False), ("float32", True), ("bfloat16", True)])
-def test_a_cold_disk_is_read_directly_into_buffers_with_the_same_output(tmp_path, monkeypatch, dtype, compress):
+def test_a_cold_disk_is_read_directly_into_buffers_with_the_same_output(tmp_path, monkeypatch, tiny_models, dtype,
+                                                                        compress):
     """Page cache bypassed (a cold disk, or more on disk than it keeps): a CPU reads each layer's file with
     O_DIRECT into a buffer of its own per (kind, parity), never through the mapping, and generates exactly
     what it does through mapped pages (plain, 4-bit, and 4-bit for the int4 kernel in bf16)."""
@@ -192,7 +193,7 @@ def test_a_cold_disk_is_read_directly_into_buffers_with_the_same_output(tmp_path
             patch.setattr(DiskFile, "page_cache", not cold)
             if cold:
                 patch.setattr(DiskFile, "prefetch", lambda *a: pytest.fail("a cold layer was read through its map"))
-            with FlexGenLite("facebook/opt-125m", policy=policy) as m:
+            with FlexGenLite(str(tiny_models["opt"][0]), policy=policy) as m:
                 ids, logits = m.generate_ids(PROMPTS, sampling, return_logits=True)
                 return ids, logits, len(m.engine.weight_slots.extents)
 

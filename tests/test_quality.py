@@ -53,13 +53,14 @@ def test_smollm_with_4bit_weights(smollm, tmp_path, capsys):
                     "lived in a village near the forest. Whenever she went out, the little girl wore a red riding "
                     "cloak, so everyone in the village called her Little Red Riding Hood. " * 2)
     out = quality(capsys, "--model", path, "--text", str(text), "--window", "64", "--compress-weight",
-                  "--gpu-batch-size", "4", "--dtype", "float32", "--agreement", "2")
+                  "--gpu-batch-size", "4", "--dtype", "float32", "--agreement", "0")  # agreement: the test above
     tok = gguf_tokenizer(path)
     ids = tok(text.read_text(), add_special_tokens=False)["input_ids"]
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     assert out["uncompressed"]["perplexity"] == pytest.approx(hf_perplexity(model, ids, prefix, 64), rel=1e-4)
     assert 1 < out["uncompressed"]["perplexity"] < 20  # a trained model on plain English
     assert abs(out["relative_difference"]) < 1  # 4-bit weights: a change, not noise
+    assert "greedy_agreement" not in out
 
 
 def test_unreadable_text_is_one_error_line(tiny_models, tmp_path, capsys):

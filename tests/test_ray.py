@@ -148,21 +148,10 @@ def test_run_batch_on_ray_equals_run_batch_and_resumes(opt_dir, local_ray, tmp_p
     assert answers(on_ray) == answers(plain) and len(answers(plain)) == 40
 
 
-def test_run_batch_on_ray_records_the_replicas_policy(opt_dir, local_ray, tmp_path):
-    """The output's record holds the policy the replicas ran (as run-batch's holds its engine's), so a resume
-    keeps it."""
-    requests, plain, on_ray = tmp_path / "requests.jsonl", tmp_path / "plain.jsonl", tmp_path / "ray.jsonl"
-    batch_file(requests, 4)
-    main(["run-batch", "-i", str(requests), "-o", str(plain), "--model", opt_dir, *FLAGS])
-    main(["run-batch", "-i", str(requests), "-o", str(on_ray), "--model", opt_dir, *FLAGS, "--ray", "--replicas", "1"])
-    records = [json.loads(path.read_text().splitlines()[0])["flexgen_lite_run"] for path in (plain, on_ray)]
-    assert records[1]["policy"] == records[0]["policy"] and records[1]["policy"]["flags"]
-    assert answers(on_ray) == answers(plain)
-
-
 def test_killed_replica_requests_run_again_once(opt_dir, reference, local_ray, tmp_path, monkeypatch):
     """kill -9 of the replica that answered first, while it holds more chunks: Ray restarts it, runs its chunks
-    again, and every custom_id is written once with generate's text."""
+    again, and every custom_id is written once with generate's text. The output's record holds the policy the
+    replicas ran (as run-batch's holds its engine's), so a resume keeps it."""
     requests, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
     n = 64  # chunks of 8 requests (4 blocks of 2): 8 chunks over 2 replicas, up to 2 in flight on each
     batch_file(requests, n)
@@ -185,6 +174,12 @@ def test_killed_replica_requests_run_again_once(opt_dir, reference, local_ray, t
     for i in range(n):
         text = got[f"r{i}"]["response"]["body"]["choices"][0]["text"]
         assert text == reference[0][(PROMPTS[i % len(PROMPTS)], 4 + 2 * (i % 2))]
+    monkeypatch.undo()
+    plain, few = tmp_path / "plain.jsonl", tmp_path / "few.jsonl"
+    batch_file(few, 2)
+    main(["run-batch", "-i", str(few), "-o", str(plain), "--model", opt_dir, *FLAGS])
+    records = [json.loads(path.read_text().splitlines()[0])["flexgen_lite_run"] for path in (plain, out)]
+    assert records[1]["policy"] == records[0]["policy"] and records[1]["policy"]["flags"]
 
 
 def test_an_address_where_no_ray_answers_is_refused_at_once(opt_dir, tmp_path, capsys):
