@@ -44,16 +44,29 @@ pytestmark = pytest.mark.skipif(not have_ptxas(), reason="no triton wheel with p
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """What ptxas says of each kind, compiled once per kernel sources, kinds and triton (~10-25 s of a core) and
+    kept in the workers' shared temp dir (conftest.built_once)."""
+    import triton
+
+    from .conftest import built_once
+
     kinds = [",".join([*kind.split(",")[:3], str(one), *kind.split(",")[3:]]) for kind in KINDS for one in (1, 0)]
     kinds += QUANTIZE + PREFIX + GEMV + [f"{kind},{one}" for kind in CODES for one in (1, 0)]
     kinds += [f"lanes,{kind},{one},{ahead}" for kind in LANES for one, ahead in ((0, 0), (0, 1), (1, 1))]
     kinds += [f"glanes,{kind}" for kind in GROUPED_LANES]
     kinds += [f"{kind},{one},lanes" for kind in CODES if kind.split(",")[2] == "1" for one in (1, 0)]
+    sources = sorted((REPO / "flexgen_lite" / "kernels").glob("*.py")) + [REPO / "tests" / "sm90_compile.py"]
+    key = [*kinds, triton.__version__, *(p.read_text() for p in sources)]
+    path = built_once("sm90", key, lambda part: part.write_text(_compile(kinds)), suffix=".jsonl")
+    return {tuple(r["kind"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _compile(kinds: list[str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *kinds], capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return {tuple(r["kind"]): r for r in map(json.loads, out.stdout.splitlines())}
+    return out.stdout
 
 
 @pytest.mark.parametrize("kind", QUANTIZE)
