@@ -29,6 +29,7 @@ from ..engine.policy import DTYPES, Policy
 from ..engine.storage import DiskStore, MemoryLedger, Staging
 from ..engine.weight_sources import DummySource
 from ..engine.weights import place_weights
+from ..kernels import native
 from ..kernels.compression import CompressionConfig
 from ..kernels.sampling import SamplingConfig
 from ..models.hf_config import config_from_dict
@@ -68,6 +69,8 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     on a 2-core VM and a few seconds with a GPU."""
     device = device or ComputeDevice()
     keep_freed_memory()  # as the engine does: on VMs fresh pages fault in slowly
+    native.library()  # a first run's build of the C kernels (~20 s of gcc) before, not inside, a stage, and not
+    # counted as other processes' load on the machine
     tic, start_cpu = time.perf_counter(), others_cpu()
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
