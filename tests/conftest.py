@@ -360,11 +360,9 @@ def synthetic_profile(cuda: bool = False) -> HardwareProfile:
 
 def forget_profile() -> None:
     """Drop what the kernels cached from the stored profile (their choices of way), to read it again."""
-    from flexgen_lite.kernels import int4_cost, int4_matmul, small_matmul
     from flexgen_lite.system import profile_store
 
-    for cached in (profile_store.cpu_profile, small_matmul.gemv_wins, int4_cost._choose, int4_matmul.codes_gemv_wins):
-        cached.cache_clear()
+    profile_store.profile_changed()
 
 
 def forget_native() -> None:

@@ -116,3 +116,54 @@ def test_two_kinds_of_work_at_once_are_each_timed_beside_the_other():
     busy = slowdowns(lambda: dst.copy_(src), lambda: dst2.copy_(src2), lambda: None)
     assert all(0 < f <= 1.0 for f in busy), busy
     assert threading.active_count() == before
+
+
+def test_a_process_that_saves_its_first_profile_runs_by_it(tmp_path, monkeypatch):
+    """A first run measures the profile in its own process: what the kernels chose before it existed (by the rules
+    for none) is forgotten when it is saved, so that the run takes the ways the profile measured faster (the
+    README's first `generate --chat` ran at 39-56 tok/s against 270 after)."""
+    import torch
+
+    from flexgen_lite.kernels import small_matmul
+    from flexgen_lite.system import profile_store
+
+    path = tmp_path / "profile.json"
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
+    profile_store.profile_changed()
+    try:
+        assert profile_store.cpu_profile() is None
+        assert not small_matmul.gemv_wins(torch.bfloat16, 4, 1536, 576)  # without a profile: at one row only
+        fast = [(m, 1000 * G, 0.0) for m in (1, 2, 4, 8, 16)]
+        save_profile(dataclasses.replace(synthetic_profile(), gemv={"bfloat16": fast}), path)
+        assert tuple(profile_store.cpu_profile().gemv["bfloat16"][2]) == (4, 1000 * G, 0.0)
+        assert small_matmul.gemv_wins(torch.bfloat16, 4, 1536, 576)
+    finally:
+        profile_store.profile_changed()
+
+
+def test_the_engine_stage_runs_by_the_rates_measured_before_it(tmp_path, monkeypatch):
+    """The profile's engine stage (the overhead a layer and batch) times the engine as it runs once the profile is
+    saved: its kernels choosing by the rates measured so far, not by the stored profile or the rules for none (a
+    first profile's per-batch term was 4-7x too large on this VM); the stored one is read again after."""
+    from flexgen_lite.engine.block_schedule import Engine
+    from flexgen_lite.profiling import measure
+    from flexgen_lite.system import profile_store
+
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(tmp_path / "none.json"))  # nothing stored
+    seen, run = [], Engine.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(profile_store.cpu_profile())
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "run", spy)
+    hw = synthetic_profile()
+    found = {k: v for k, v in dataclasses.asdict(hw).items()
+             if k not in ("layer_overhead", "offload_dir", "threads", "host_memory", "device", "is_cuda")}
+    try:
+        out = measure._layer_overhead(ComputeDevice("cpu"), found, quick=True)
+        assert set(out["layer_overhead"]) == set(measure.SMALL)
+        assert len(seen) == 2 * len(measure.SMALL) and all(p is not None and p.gemv == hw.gemv for p in seen)
+        assert profile_store.cpu_profile() is None
+    finally:
+        profile_store.profile_changed()

@@ -10,13 +10,12 @@ same choice from the same stored profile, never from a timing in the run: identi
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..system.hardware import HardwareProfile
-from ..system.profile_store import cpu_profile
+from ..system.profile_store import cpu_profile, profile_dependent
 from .int4_matmul import FIXED_ROWS, Int4Weight, native_agrees
 
 
@@ -61,7 +60,7 @@ def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Ten
     return _choose(dtype, rows, weight.shape, uses)
 
 
-@functools.cache
+@profile_dependent
 def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) -> str:
     n, k = shape
     hw, name = cpu_profile(), str(dtype).removeprefix("torch.")

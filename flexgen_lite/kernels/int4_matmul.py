@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..system.profile_store import cpu_profile
+from ..system.profile_store import cpu_profile, profile_dependent
 from . import native
 from .compression import CompressionConfig, QuantizedTensor, dequantize, quantize
 
@@ -116,7 +116,7 @@ def quantize_packed(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
     return pack(quantize(x, config))
 
 
-@functools.cache
+@profile_dependent
 def codes_gemv_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
     """Whether the C kernel (native.int4_gemv) multiplies `rows` rows by a 4-bit weight (n, k) faster than torch's
     int4 kernel here, as this machine's stored profile measured both (the cost model reads the same); without a

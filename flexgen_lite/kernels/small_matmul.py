@@ -4,12 +4,10 @@ many rows). Where the kernel wins (rows, shape, dtype) is read from the profile,
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from ..system.profile_store import cpu_profile
+from ..system.profile_store import cpu_profile, profile_dependent
 from . import native
 
 
@@ -30,7 +28,7 @@ def linears(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
     return [F.linear(x, w, b) for w, b in weights]
 
 
-@functools.cache
+@profile_dependent
 def gemv_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
     """Whether the C kernel multiplies `rows` rows by a weight (n, k) in `dtype` faster than torch here, as this
     machine's stored profile measured both (the cost model reads the same); without a profile, at one row (a

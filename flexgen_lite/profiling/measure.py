@@ -35,12 +35,12 @@ from ..kernels.sampling import SamplingConfig
 from ..models.hf_config import config_from_dict
 from ..models.specs import layer_specs
 from ..planning.cost_model import predict
-from ..planning.dtype_choice import compute_dtype
+from ..planning.dtype_choice import compute_dtype, machine_dtype
 from ..planning.layout import Workload
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
 from ..system.hardware import HardwareProfile
 from ..system.memory import return_freed_memory
-from ..system.profile_store import cache_dir, cached_profile, profile_path, save_profile
+from ..system.profile_store import cache_dir, cached_profile, profile_in_force, profile_path, save_profile
 from .attention_probes import attention_rates, codes_attention_rates
 from .int4_probes import int4_rates
 from .probes import (
@@ -189,16 +189,23 @@ SMALL = {  # decode steps of these, less what the cost model already counts, are
 def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> dict:
     """Seconds per layer and per (layer, GPU batch) of a decode step that the rest of the cost model does not
     count (Python, dispatch, futures, waking threads between ops): small models of each family run in the
-    engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term."""
+    engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term. The engine and its
+    kernels choose their ways by the rates measured so far, as they will by the saved profile (on a first profile,
+    the rules for none chose slower ways: a per-batch term 4-7x too large on this VM)."""
     fields = {**found, "layer_overhead": {f: (0.0, 0.0) for f in SMALL}, "offload_dir": "", "threads": 1,
               "host_memory": 0, "device": "", "is_cuda": device.is_cuda}
     partial = HardwareProfile(**fields)
+    with profile_in_force(partial):
+        return {"layer_overhead": _residuals(device, partial, quick)}
+
+
+def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> dict:
     out, gbs, prompt, gen, runs = {}, 8, 8, (4 if quick else 16), (1 if quick else 3)
     for family, raw in SMALL.items():
         config = config_from_dict(raw, name=f"small-{family}")
         specs, residual = layer_specs(config), {}
         for nb in (1, 2):
-            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb)
+            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb, dtype=machine_dtype(partial).dtype)
             dtype = compute_dtype(policy, device.device.type)
             disk, ledger = DiskStore(), MemoryLedger()
             weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
@@ -217,7 +224,7 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
             residual[nb] = sorted(times)[len(times) // 2] - modelled
         per_batch = max(0.0, residual[2] - residual[1]) / len(specs)
         out[family] = (max(0.0, residual[1] / len(specs) - per_batch), per_batch)
-    return {"layer_overhead": out}
+    return out
 
 
 def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,

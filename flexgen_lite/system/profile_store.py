@@ -4,6 +4,7 @@ path), under ~/.cache/flexgen-lite (paths.cache_dir). Loading one is cheap and n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -40,9 +41,15 @@ def profile_path(device: ComputeDevice, offload_dir: str = "") -> Path:
     return cache_dir() / f"profile-{device.device.type}-{digest}.json"
 
 
+_in_force: list[HardwareProfile] = []  # while a profile is measured: the rates found so far (profile_in_force)
+_dependents: list = []  # choices cached from the profile (profile_dependent), cleared when it changes
+
+
 def cached_profile(device: ComputeDevice | None = None, offload_dir: str = "") -> HardwareProfile | None:
     """The profile already measured for this machine (FLEXGEN_LITE_PROFILE=FILE: that file), or None;
-    never measures."""
+    never measures. While one is being measured, the rates found so far (profile_in_force)."""
+    if _in_force and _in_force[-1].is_cuda == (device or ComputeDevice()).is_cuda:
+        return _in_force[-1]
     override = os.environ.get("FLEXGEN_LITE_PROFILE")
     path = Path(override) if override else profile_path(device or ComputeDevice(), offload_dir)
     try:
@@ -58,11 +65,40 @@ def cpu_profile() -> HardwareProfile | None:
     return cached_profile(ComputeDevice("cpu"))
 
 
+def profile_dependent(fn):
+    """functools.cache for a choice made from this machine's profile (a kernel's way at a shape): forgotten when
+    the profile changes, so that a process which measured its first profile runs by it from then on."""
+    cached = functools.cache(fn)
+    _dependents.append(cached)
+    return cached
+
+
+def profile_changed() -> None:
+    """Forget what was read from the stored profile: it was just saved, or stood in for (profile_in_force)."""
+    cpu_profile.cache_clear()
+    for choice in _dependents:
+        choice.cache_clear()
+
+
+@contextlib.contextmanager
+def profile_in_force(profile: HardwareProfile):
+    """The engine and the kernels choose their ways by `profile` inside (the rates measured so far, while the
+    rest is measured), not by the stored one or by the rules for none."""
+    _in_force.append(profile)
+    profile_changed()
+    try:
+        yield
+    finally:
+        _in_force.pop()
+        profile_changed()
+
+
 def save_profile(profile: HardwareProfile, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(profile.to_json())
     tmp.replace(path)
+    profile_changed()
 
 
 def prediction_miss(predicted_tok_s: float, measured_tok_s: float, hw: HardwareProfile) -> str | None:
