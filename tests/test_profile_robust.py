@@ -1,10 +1,12 @@
 """The profile is the machine's capability, not a busy moment: the best of two matmul trials is kept,
 an implicit measurement is announced, a run far off its prediction says so, and one much faster than
-predicted has the matmul rates measured again."""
+predicted has the matmul rates measured again. A process that measures its first profile runs by it, and the
+engine stage times the eager schedule choosing its kernels by the rates measured before it."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -150,9 +152,13 @@ def test_the_engine_stage_runs_by_the_rates_measured_before_it(tmp_path, monkeyp
     from flexgen_lite.system import profile_store
 
     monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(tmp_path / "none.json"))  # nothing stored
+    monkeypatch.setenv("FLEXGEN_LITE_FUSED_DECODE", "1")
+    monkeypatch.delenv("FLEXGEN_LITE_CUDA_GRAPHS", raising=False)
     seen, run = [], Engine.run
 
     def spy(self, *args, **kwargs):
+        assert not (self.static_decode or self.layer_graph_decode or self.fused_decode)  # the eager schedule
+        assert os.environ["FLEXGEN_LITE_CUDA_GRAPHS"] == os.environ["FLEXGEN_LITE_FUSED_DECODE"] == "0"
         seen.append(profile_store.cpu_profile())
         return run(self, *args, **kwargs)
 
@@ -165,5 +171,6 @@ def test_the_engine_stage_runs_by_the_rates_measured_before_it(tmp_path, monkeyp
         assert set(out["layer_overhead"]) == set(measure.SMALL)
         assert len(seen) == 2 * len(measure.SMALL) and all(p is not None and p.gemv == hw.gemv for p in seen)
         assert profile_store.cpu_profile() is None
+        assert os.environ["FLEXGEN_LITE_FUSED_DECODE"] == "1" and "FLEXGEN_LITE_CUDA_GRAPHS" not in os.environ
     finally:
         profile_store.profile_changed()

@@ -12,6 +12,7 @@ one small op.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from ..engine.block import Block
 from ..engine.block_schedule import Engine
+from ..engine.decode_fused import ENV as FUSED_ENV
+from ..engine.decode_graph import ENV as GRAPHS_ENV
 from ..engine.kv_cache import CacheSlots, KVCache
 from ..engine.policy import DTYPES, Policy
 from ..engine.storage import DiskStore, MemoryLedger, Staging
@@ -195,8 +198,25 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
     fields = {**found, "layer_overhead": {f: (0.0, 0.0) for f in SMALL}, "offload_dir": "", "threads": 1,
               "host_memory": 0, "device": "", "is_cuda": device.is_cuda}
     partial = HardwareProfile(**fields)
-    with profile_in_force(partial):
+    with profile_in_force(partial), _eager_schedule():
         return {"layer_overhead": _residuals(device, partial, quick)}
+
+
+@contextlib.contextmanager
+def _eager_schedule():
+    """The engine and the cost model both without CUDA graphs (whole steps or layers) and the CPU's fused step:
+    the overhead measured is the eager schedule's, which the cost model adds where neither runs (a graph's replay
+    and the fused step are priced without it)."""
+    saved = {name: os.environ.get(name) for name in (GRAPHS_ENV, FUSED_ENV)}
+    os.environ.update(dict.fromkeys(saved, "0"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> dict:
@@ -211,8 +231,6 @@ def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> 
             weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
                                     pin=False)
             engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)
-            engine.static_decode = engine.fused_decode = False  # the eager schedule's overhead: offloaded policies
-            # pay it (decode_graph.py, decode_fused.py)
             times = []
             for _ in range(runs):
                 block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
