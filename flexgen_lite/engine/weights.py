@@ -193,8 +193,7 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
         return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)
     rows, compression = spec.shape[0], compression if compressible else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
-    int4 = compressible and dtype != torch.float32 and not device.host_is_separate and \
-        eligible(spec.shape, compression, device.device)
+    int4 = compressible and not device.host_is_separate and eligible(spec.shape, compression, device.device)
 
     exact = source.groups(spec, compression) if compression is not None else None
 

@@ -89,9 +89,9 @@ def layer_graphed(s: Setup, kind: str) -> bool:
 
 def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
     """Whether the engine stores a weight of `shape` in a layer of `kind` for the kernel (place_tensor's
-    rule: a compressed decoder matrix the layout fits, a bf16/fp16 compute dtype, a CPU), and the profile has
-    the kernel's rates in that dtype."""
-    return (not s.cuda and kind in DECODER_KINDS and s.dname != "float32" and layout_fits(shape, s.wcomp)
+    rule: a compressed decoder matrix the layout fits, on a CPU), and the profile has the kernel's rates in the
+    compute dtype."""
+    return (not s.cuda and kind in DECODER_KINDS and layout_fits(shape, s.wcomp)
             and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
 
 

@@ -23,25 +23,27 @@ INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that no
 def int4_rates(device: ComputeDevice, scale: int) -> dict:
     """4-bit weights multiplied as stored, on a CPU (none with CUDA or where this torch lacks its int4 kernel),
     per dtype it runs in: by torch's kernel (`int4_matmul`), by the C kernel for a few rows (`int4_gemv`,
-    native.int4_gemv) and by tiles (`int4_tiles`). In bfloat16, as `matmul_rates`: a rate and a fixed cost per
-    row count fitted to a large and a small weight. In float16 (slow on most CPUs, which auto never computes in)
-    torch's kernel on the small weight alone, while a call takes under 2 ms. The fastest of a few calls: on a
-    busy machine a call waits for a core now and then. And the rate of dequantizing the layout for a dense
-    matmul (large batches). ~0.3-0.5 s on this VM."""
+    native.int4_gemv) and by tiles (`int4_tiles`). In float32 and bfloat16, as `matmul_rates`: a rate and a fixed
+    cost per row count fitted to a large and a small weight. In float16 (slow on most CPUs, which auto never
+    computes in) torch's kernel on the small weight alone, while a call takes under 2 ms. The fastest of a few
+    calls: on a busy machine a call waits for a core now and then. And the rate of dequantizing the layout for a
+    dense matmul (large batches). ~1 s on this VM."""
     if device.is_cuda or not int4_available():
         return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {},
                 "int4_gemv": gpu_codes_points(device, scale) if device.is_cuda else {}}
     large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
-    found = {"bfloat16": _int4_points(torch.bfloat16, small, large), "float16": _int4_points(torch.float16, small)}
+    found = {name: _int4_points(getattr(torch, name), small, large) for name in ("float32", "bfloat16")}
+    found["float16"] = _int4_points(torch.float16, small)
     weight = _int4_weights(*large, 1)[0]
     rates = {}
     for name, points in found.items():
         if points:
             out = torch.empty(large, dtype=getattr(torch, name))
             rates[name] = out.numel() / timed(lambda out=out: weight.dequantize_t(out), lambda: None)
-    # the C kernels: bfloat16 only (what auto computes in on a CPU with them)
-    tiles = {"bfloat16": _int4_points(torch.bfloat16, small, large, "tiles")} if native_agrees() else {}
-    codes = {"bfloat16": _int4_points(torch.bfloat16, small, large, "codes")} if native_agrees() else {}
+    # the C kernels in the dtypes auto computes in on a CPU (float32 where bfloat16 is slow)
+    ways = {way: {name: _int4_points(getattr(torch, name), small, large, way) for name in ("float32", "bfloat16")}
+            for way in ("tiles", "codes")} if native_agrees() else {"tiles": {}, "codes": {}}
+    tiles, codes = ways["tiles"], ways["codes"]
     return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates,
             "int4_tiles": {name: points for name, points in tiles.items() if points},
             "int4_gemv": {name: points for name, points in codes.items() if points}}
