@@ -187,6 +187,9 @@ def measure_profile(suite: Suite, device: str) -> tuple[dict, dict]:
         profile = json.loads(path.read_text())
         if profile.get("stage_seconds") and suite.data["profile"].get("wall_s"):  # where its time went
             suite.say("profile stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in profile["stage_seconds"].items()))
+            if profile.get("stage_compiles"):  # Triton's first compiles of the GPU kernels' probes
+                suite.say("profile stages' Triton compiles (count, s): " + ", ".join(
+                    f"{k} {n}, {t:.1f}" for k, (n, t) in profile["stage_compiles"].items()))
     suite.save()
     return env_extra, profile
 

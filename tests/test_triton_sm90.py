@@ -147,3 +147,24 @@ def test_a_few_rows_times_4_bit_codes_compiles_for_sm90(compiled, kind):
     assert r["registers"] <= (128 if int(rows) <= 16 else 200), r  # 2 programs of 8 warps an SM at 16 rows, 1 at 64
     if dtype != "fp32":  # the codes staged ahead into shared memory, not a load per byte (fp32 keeps those)
         assert r["byte_loads"] == 0, r
+
+
+def test_the_profile_counts_the_triton_compiles_a_stage_makes(tmp_path):
+    """`measure.triton_compiles` (the profile's compiles a stage, which the GPU suite prints: a GPU's first probes of
+    its kernels compile them): a kernel compiled once is counted with its seconds, its cache hit after is not."""
+    script = (
+        "import json\n"
+        "from flexgen_lite.profiling.measure import triton_compiles\n"
+        "from tests.sm90_compile import compile_quantize\n"
+        "first, again = [0, 0.0], [0, 0.0]\n"
+        "with triton_compiles(first):\n"
+        "    compile_quantize('fp16', 64)\n"
+        "with triton_compiles(again):\n"
+        "    compile_quantize('fp16', 64)\n"
+        "print(json.dumps([first, again]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, again = json.loads(out.stdout.splitlines()[-1])
+    assert first[0] == 1 and 0 < first[1] < 60 and again == [0, 0.0]

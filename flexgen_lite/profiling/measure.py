@@ -89,13 +89,16 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
                   found, matmul_rates(device, scale, tuple(compute_dtypes(device))))),
               ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
               ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
-    stage_seconds = {}
+    stage_seconds, stage_compiles = {}, {}
     for i, (name, fn) in enumerate(stages):
         if progress:
             progress(f"profiling {device.device}: {name} ({i + 1}/{len(stages)})")
-        begun = time.perf_counter()
-        found.update(fn(device, scale))
+        begun, compiles = time.perf_counter(), [0, 0.0]
+        with triton_compiles(compiles):
+            found.update(fn(device, scale))
         stage_seconds[name] = round(time.perf_counter() - begun, 2)
+        if compiles[0]:
+            stage_compiles[name] = (compiles[0], round(compiles[1], 2))
     if progress:
         progress("")
     others = others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
@@ -106,7 +109,34 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
         device=_device_name(device), is_cuda=device.is_cuda, offload_dir=offload_parent(offload_dir),
         threads=torch.get_num_threads(), host_memory=host_available_bytes(),
         measured_at=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.perf_counter() - tic, 1),
-        stage_seconds=stage_seconds, **found)
+        stage_seconds=stage_seconds, stage_compiles=stage_compiles, **found)
+
+
+@contextlib.contextmanager
+def triton_compiles(counts: list):
+    """Triton's compiles of kernels inside (not its cache's hits): counts[0] += 1 and counts[1] += the compiler's
+    seconds each, by its compile listener where this triton has one; nothing where it has none (or no triton). A GPU
+    profile's first probes of its Triton kernels compile them (~0.3-1 s each)."""
+    try:
+        from triton import knobs
+
+        previous = knobs.compilation.listener
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def listen(**kwargs) -> None:
+        if not kwargs.get("cache_hit", True):
+            counts[0] += 1
+            counts[1] += getattr(kwargs.get("times"), "total", 0) / 1e6  # microseconds
+        if previous is not None:
+            previous(**kwargs)
+
+    knobs.compilation.listener = listen
+    try:
+        yield
+    finally:
+        knobs.compilation.listener = previous
 
 
 def _device_name(device: ComputeDevice) -> str:

@@ -67,6 +67,8 @@ class HardwareProfile:
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # what each stage of `measure` took
+    stage_compiles: dict[str, tuple[int, float]] = field(default_factory=dict)  # Triton compiles a stage made, and
+    # their seconds (where any)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied as stored (int4_matmul's kernel, CPU);
     # {} where there is none (CUDA, or this torch lacks it); None: not measured (a profile older than it)
     int4_matmul: dict[str, list[tuple[int, float, float]]] | None = None
