@@ -125,12 +125,13 @@ def triton_compiles(counts: list):
         yield
         return
 
-    def listen(**kwargs) -> None:
-        if not kwargs.get("cache_hit", True):
+    def listen(*args, **kwargs) -> None:  # (src, metadata, metadata_group, times, cache_hit), by keyword in 3.4+
+        hit = kwargs.get("cache_hit", args[4] if len(args) > 4 else True)
+        if not hit:
             counts[0] += 1
-            counts[1] += getattr(kwargs.get("times"), "total", 0) / 1e6  # microseconds
+            counts[1] += (getattr(kwargs.get("times", args[3] if len(args) > 3 else None), "total", 0) or 0) / 1e6
         if previous is not None:
-            previous(**kwargs)
+            previous(*args, **kwargs)
 
     knobs.compilation.listener = listen
     try:
