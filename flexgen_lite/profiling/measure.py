@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -233,21 +234,11 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
         return {"layer_overhead": _residuals(device, partial, quick)}
 
 
-@contextlib.contextmanager
 def _eager_schedule():
     """The engine and the cost model both without CUDA graphs (whole steps or layers) and the CPU's fused step:
     the overhead measured is the eager schedule's, which the cost model adds where neither runs (a graph's replay
-    and the fused step are priced without it)."""
-    saved = {name: os.environ.get(name) for name in (GRAPHS_ENV, FUSED_ENV)}
-    os.environ.update(dict.fromkeys(saved, "0"))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    and the fused step are priced without it). The environment as it was after."""
+    return mock.patch.dict(os.environ, dict.fromkeys((GRAPHS_ENV, FUSED_ENV), "0"))
 
 
 def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> dict:
