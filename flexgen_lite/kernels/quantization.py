@@ -127,6 +127,13 @@ def _layout(
     )
 
 
+def grouped(q: QuantizedTensor) -> tuple[int, int, int] | None:
+    """(groups, group size, inner): q's codes in flat order as groups of group-size x inner values, each group with
+    inner scales and minima; None where its groups are padded past the tensor (a length not a multiple)."""
+    outer, length, n_groups, inner, _ = _layout(q.shape, q.config)
+    return (outer * n_groups, q.config.group_size, inner) if length == n_groups * q.config.group_size else None
+
+
 def compressed_nbytes(
     shape: tuple[int, ...] | torch.Size, config: CompressionConfig
 ) -> int:

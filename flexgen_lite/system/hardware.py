@@ -10,18 +10,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 13  # measured anew when the code measured changes; 13: 4-bit weights multiplied as stored in
-# float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12: the 4-bit attention kernel 2-6x faster
-# (a lone head from the codes, grouped heads by tiles, position-major prefetch); 11: CPU attention over a 4-bit cache
-# as stored, a compressed part's load measured over a prefix of its slot (the engine's); 10: CPU decode attention
-# over a shared prompt prefix, grouped heads of dim 64 scored 16 positions at a time; 9: the CPU's 4-bit codes
-# converted as read, measured up to 64 rows; 8: the C prefill attention in fp32 too, bf16
-# few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's overhead with the
-# fused CPU decode step off; 7: CPU attention beside a GPU over the position-major cache, its rows prefetched into
-# L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by the C kernels
-# apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by the C
-# kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
-CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13 changed CPUs' probes)
+PROFILE_VERSION = 14  # measured anew when the code measured changes; 14: a CPU dequantizes 4 bits by the C kernel;
+# 13: 4-bit weights multiplied as stored in float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12:
+# the 4-bit attention kernel 2-6x faster (a lone head from the codes, grouped heads by tiles, position-major
+# prefetch); 11: CPU attention over a 4-bit cache as stored, a compressed part's load measured over a prefix of its
+# slot (the engine's); 10: CPU decode attention over a shared prompt prefix, grouped heads of dim 64 scored 16
+# positions at a time; 9: the CPU's 4-bit codes converted as read, measured up to 64 rows; 8: the C prefill attention
+# in fp32 too, bf16 few-row products by tiles of 4 weight rows, int4 dequantization 2.5x, the eager schedule's
+# overhead with the fused CPU decode step off; 7: CPU attention beside a GPU over the position-major cache, its rows
+# prefetched into L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by
+# the C kernels apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by
+# the C kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
+CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13, 14 changed CPUs' probes)
 
 
 @dataclass

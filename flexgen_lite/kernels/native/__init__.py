@@ -60,6 +60,25 @@ def int4_dequantize_t(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.
     return True
 
 
+def int4_dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, grouped: tuple[int, ...],
+                           out: torch.Tensor) -> bool:
+    """A 4-bit tensor as compression stores it (codes two a byte in the flat order of `grouped` = (groups, g,
+    inner); fp16 scale and minimum, (groups, inner)) dequantized into `out` (contiguous, that many values), bit for
+    bit as dequantize_reference; False when the kernel cannot do it here. Split over `parallel`'s sleeping threads,
+    never an OpenMP team: the engine's I/O threads call it beside the compute thread's."""
+    lib = library()
+    groups, g, inner = grouped
+    if (lib is None or out.dtype not in OUT_KIND or (inner == 1 and g % 2) or (inner > 1 and inner % 2)
+            or scale.dtype != torch.float16 or minimum.dtype != torch.float16 or codes.dtype != torch.uint8
+            or out.numel() != groups * g * inner or codes.numel() * 2 < out.numel()
+            or scale.numel() != groups * inner or minimum.numel() != groups * inner
+            or not all(t.is_contiguous() and t.device.type == "cpu" for t in (codes, scale, minimum, out))):
+        return False
+    args = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), g, inner, out.data_ptr(), OUT_KIND[out.dtype])
+    parallel(lambda q0, q1: lib.int4_dequantize_groups(*args, q0, q1), groups, cost=16 * g * inner * groups)
+    return True
+
+
 def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
               x: torch.Tensor) -> torch.Tensor | None:
     """x (rows, K) @ W.T in x's dtype (fp32 sums), reading W's codes as they are (a few rows: decode steps of

@@ -37,17 +37,6 @@ static inline __m512 rounded16(__m512 x, int kind) {
     return x;
 }
 
-/* 64 codes from 32 bytes, as fp32 (x[0..3]), not yet scaled */
-static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m512 x[4]) {
-    __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)c));
-    __m512i bytes = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi16(15)),
-                                    _mm512_slli_epi16(_mm512_srli_epi16(w, 4), 8));
-    x[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 0)));
-    x[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 1)));
-    x[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 2)));
-    x[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 3)));
-}
-
 /* A group of 64 values from 32 bytes of codes, rebuilt as dequantize_reference does (x[0..3]) */
 static inline __attribute__((always_inline)) void group64(const uint8_t *c, float s, float m, int kind,
                                                           __m512 x[4]) {

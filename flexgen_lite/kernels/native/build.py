@@ -97,6 +97,9 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.int4_quantize_rows
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    fn = lib.int4_dequantize_groups
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
     fn = lib.int4_gemv
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kinds.h"
+#include "simd.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -273,6 +274,97 @@ void int4_quantize_pack(const void *x, int kind, int64_t n, int64_t k, int64_t g
                     uint8_t *byte = packed + (b * k + c) * 32 + (r & 31);
                     *byte = r < 32 ? code : (uint8_t)(*byte | (code << 4));
                 }
+            }
+        }
+    }
+}
+
+/* ---- dequantizing as stored (compression.py's layout, any grouping) ---------------------------------------- */
+
+#define CHUNK 2048 /* columns a pass: a group's scales, minima and one row of values stay in L1 */
+
+static inline float clamp16(float x) { return x > FP16_MAX ? FP16_MAX : x < -FP16_MAX ? -FP16_MAX : x; }
+
+/* n values code * s + m (fp32, no fused multiply-add, clamped to fp16's range) into out of `kind`; s and m
+   per value (sv, mv) or one for all (sv == NULL: s, m) */
+static inline void values_out(const float *x, const float *sv, const float *mv, float s, float m, int64_t n,
+                              void *out, int kind) {
+    if (kind == KIND_F32) {
+        float *o = out;
+        if (sv) for (int64_t i = 0; i < n; i++) o[i] = clamp16(x[i] * sv[i] + mv[i]);
+        else for (int64_t i = 0; i < n; i++) o[i] = clamp16(x[i] * s + m);
+    } else if (kind == KIND_BF16) {
+        uint16_t *o = out;
+        if (sv) for (int64_t i = 0; i < n; i++) o[i] = bf16_bits(clamp16(x[i] * sv[i] + mv[i]));
+        else for (int64_t i = 0; i < n; i++) o[i] = bf16_bits(clamp16(x[i] * s + m));
+    } else {
+        _Float16 *o = out;
+        if (sv) for (int64_t i = 0; i < n; i++) o[i] = (_Float16)clamp16(x[i] * sv[i] + mv[i]);
+        else for (int64_t i = 0; i < n; i++) o[i] = (_Float16)clamp16(x[i] * s + m);
+    }
+}
+
+static inline void unpacked(const uint8_t *c, int64_t n, float *x) { /* n even: byte i holds values 2i, 2i + 1 */
+    for (int64_t i = 0; i < n / 2; i++) {
+        x[2 * i] = (float)(c[i] & 15);
+        x[2 * i + 1] = (float)(c[i] >> 4);
+    }
+}
+
+#ifdef __AVX512BW__
+/* 64 values from 32 bytes of codes into dst, as values_out: scales and minima from sv, mv (64 each) or one for
+   all (sv == NULL: s, m) */
+static inline void values64(const uint8_t *c, const float *sv, const float *mv, float s, float m, char *dst,
+                            int kind, int64_t size) {
+    __m512 x[4];
+    codes64(c, x);
+    for (int i = 0; i < 4; i++) {
+        __m512 y = sv ? _mm512_add_ps(_mm512_mul_ps(x[i], _mm512_loadu_ps(sv + 16 * i)), _mm512_loadu_ps(mv + 16 * i))
+                      : _mm512_add_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(s)), _mm512_set1_ps(m));
+        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-FP16_MAX)), _mm512_set1_ps(FP16_MAX));
+        store16(dst + 16 * i * size, y, kind);
+    }
+}
+#endif
+
+/* n values (n even) from codes c (value 0 at a byte's low nibble), as values_out */
+static inline void row_out(const uint8_t *c, const float *sv, const float *mv, float s, float m, int64_t n,
+                           char *dst, int kind, int64_t size, float *x) {
+    int64_t i = 0;
+#ifdef __AVX512BW__
+    for (; i + 64 <= n; i += 64) values64(c + i / 2, sv ? sv + i : NULL, sv ? mv + i : NULL, s, m, dst + i * size,
+                                          kind, size);
+#endif
+    if (i == n) return;
+    unpacked(c + i / 2, n - i, x);
+    values_out(x, sv ? sv + i : NULL, sv ? mv + i : NULL, s, m, n - i, dst + i * size, kind);
+}
+
+
+/* compression.dequantize_reference of a tensor quantized to 4 bits, read as stored: codes two a byte (low nibble
+   first) in the flat order of (groups, g, inner), scale and minimum (groups, inner) fp16, into out (groups, g,
+   inner) of `kind`, bit for bit. Groups [q0, q1) (the caller splits them over threads). inner is 1 (groups along
+   the last dimension: g even) or even (weights grouped along their output dimension, FlexGen's grouping). */
+void int4_dequantize_groups(const uint8_t *codes, const _Float16 *scale, const _Float16 *minimum, int64_t g,
+                            int64_t inner, void *out, int kind, int64_t q0, int64_t q1) {
+    const int64_t size = kind == KIND_F32 ? 4 : 2;
+    float x[CHUNK], s[CHUNK], m[CHUNK];
+    for (int64_t q = q0; q < q1; q++) {
+        if (inner == 1) {
+            for (int64_t j0 = 0; j0 < g; j0 += CHUNK) {
+                int64_t n = g - j0 < CHUNK ? g - j0 : CHUNK;
+                row_out(codes + (q * g + j0) / 2, NULL, NULL, (float)scale[q], (float)minimum[q], n,
+                        (char *)out + (q * g + j0) * size, kind, size, x);
+            }
+            continue;
+        }
+        for (int64_t c0 = 0; c0 < inner; c0 += CHUNK) {
+            int64_t n = inner - c0 < CHUNK ? inner - c0 : CHUNK;
+            for (int64_t i = 0; i < n; i++)
+                s[i] = (float)scale[q * inner + c0 + i], m[i] = (float)minimum[q * inner + c0 + i];
+            for (int64_t j = 0; j < g; j++) {
+                int64_t at = (q * g + j) * inner + c0;
+                row_out(codes + at / 2, s, m, 0, 0, n, (char *)out + at * size, kind, size, x);
             }
         }
     }

@@ -44,4 +44,17 @@ static inline __attribute__((always_inline)) __m512 lane_sums16(const __m512 *a)
 }
 #endif
 
+#ifdef __AVX512BW__
+/* 64 codes from 32 bytes, as fp32 (x[0..3]), not yet scaled */
+static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m512 x[4]) {
+    __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)c));
+    __m512i bytes = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi16(15)),
+                                    _mm512_slli_epi16(_mm512_srli_epi16(w, 4), 8));
+    x[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 0)));
+    x[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 1)));
+    x[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 2)));
+    x[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 3)));
+}
+#endif
+
 #endif
