@@ -61,9 +61,12 @@ def test_bench_reports_a_prediction_off_by_more_than_2x(monkeypatch, capsys):
 
 
 def busy_profile():
-    """What a profile taken while another job had the cores looks like: matmul rates a tenth of the machine's."""
+    """What a profile taken while another job had the cores looks like: matmul rates a tenth of the machine's (its
+    int4 rates there, none: a profile without them would have them measured on load, ~10-20 s)."""
     hw = synthetic_profile()
-    return dataclasses.replace(hw, matmul={k: [(m, r / 10, f) for m, r, f in v] for k, v in hw.matmul.items()})
+    return dataclasses.replace(hw, matmul={k: [(m, r / 10, f) for m, r, f in v] for k, v in hw.matmul.items()},
+                               int4_matmul=hw.int4_matmul or {}, int4_dequantize=hw.int4_dequantize or {},
+                               int4_tiles=hw.int4_tiles or {})
 
 
 @pytest.fixture

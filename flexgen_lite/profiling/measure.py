@@ -289,8 +289,8 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
 
 
 def _with_int4_rates(hw: HardwareProfile, device: ComputeDevice, offload_dir: str) -> HardwareProfile:
-    """A cached profile older than the int4 kernel's rates (None) gets them measured now (a fraction of a
-    second) and saved; FLEXGEN_LITE_PROFILE's file is left as it is (the cost model then assumes no kernel)."""
+    """A cached profile without the int4 kernel's rates (None: a hand-made file) gets them measured now (~10 s on
+    2 cores) and saved; FLEXGEN_LITE_PROFILE's file is left as it is (the cost model then assumes no kernel)."""
     measured = (hw.int4_matmul, hw.int4_dequantize, hw.int4_tiles)
     if all(found is not None for found in measured) or os.environ.get("FLEXGEN_LITE_PROFILE"):
         return hw
