@@ -258,8 +258,8 @@ def compression_rates(device: ComputeDevice, scale: int) -> dict:
 
 def contention(device: ComputeDevice, scale: int, io: Callable[[], object] | None = None) -> float:
     """(time of matmuls with `io` in a thread beside them - matmuls alone) / io alone: 1 when they share the
-    cores perfectly, more when threads oversubscribe them. `io` defaults to dequantization (torch work in an
-    I/O thread). 1 with CUDA (separate devices)."""
+    cores perfectly, more when threads oversubscribe them. `io` defaults to dequantization (the engine's path, in
+    an I/O thread). 1 with CUDA (separate devices)."""
     if device.is_cuda:
         return 1.0
     x = torch.randn(16, 768).to(torch.bfloat16)

@@ -247,7 +247,7 @@ class HardwareProfile:
                                           for k, v in self.cache_dequantize.items())
             + f"; one-token compressed store {self.cache_store * 1e3:.2f} ms")
         lines.append(f"small op {self.op_overhead * 1e6:.1f} us, I/O thread hand-off {self.handoff * 1e6:.0f} us, "
-                     f"beside compute: I/O thread torch work x{self.contention:.2f}, "
+                     f"beside compute: I/O thread dequantization x{self.contention:.2f}, "
                      f"page-cache reads x{self.contention_read:.2f}")
         if self.is_cuda:
             cpu, link = self.host_contention
