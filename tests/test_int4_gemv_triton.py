@@ -14,6 +14,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, SamplingConfig
 from flexgen_lite.kernels import int4_gemv_triton as gemv
+from flexgen_lite.kernels import native
 from flexgen_lite.kernels.quantization import CompressionConfig, dequantize_reference, quantize
 
 from .conftest import PROMPTS, make_checkpoint, triton_device
@@ -134,8 +135,8 @@ def test_the_cost_model_fills_the_slot_once_a_step():
 def test_which_matrices_a_step_keeps_as_codes(monkeypatch):
     """WeightSlots keeps a 4-bit matrix in compute memory as codes for a step of up to GEMV_ROWS rows where the
     kernel is enabled, unless its kind of product measured faster through the slot (then the slot is filled when
-    fetched, beside compute, as without the kernel); never a prefill's rows, FlexGen's output-dim groups or a
-    matrix in host RAM."""
+    fetched, beside compute, as without the kernel); never a prefill's rows, FlexGen's output-dim groups (but by a
+    CPU's C kernel) or a matrix in host RAM."""
     from flexgen_lite.engine.storage import MemoryLedger
     from flexgen_lite.engine.weight_slots import WeightSlots
     from flexgen_lite.engine.weights import StoredWeight
@@ -164,6 +165,9 @@ def test_which_matrices_a_step_keeps_as_codes(monkeypatch):
     monkeypatch.setenv(gemv.ENV, "triton")
     slots.step_rows = gemv.GEMV_ROWS + 1
     assert not slots._kept_as_codes(stored())
+    monkeypatch.delenv(gemv.ENV)  # a CPU's C kernel reads FlexGen's groups (test_int4_row_groups.py)
+    slots.step_rows = 3
+    assert slots._kept_as_codes(stored(CompressionConfig(4, 64, 0))) == (native.library() is not None)
 
 
 def run(path, policy, device):

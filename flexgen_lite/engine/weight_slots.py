@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import int4_gemv_triton
+from ..kernels import int4_gemv_triton, native
 from ..kernels.compression import dequantize, from_bytes
 from ..kernels.int4_cost import int4_path
 from ..kernels.int4_gemv_triton import CodesMatrix
@@ -174,7 +174,7 @@ class WeightSlots:
         """A 4-bit matrix in compute memory that a decode step of `step_rows` rows multiplies as stored
         (int4_gemv_triton.CodesMatrix), not dequantized into its slot beforehand: unless this kind of product
         measured faster through the slot, which is then filled beside compute as before."""
-        return (0 < self.step_rows <= int4_gemv_triton.GEMV_ROWS and codes_in_memory(t, self.device.device)
+        return (0 < self.step_rows <= codes_rows(self.device.device) and codes_in_memory(t, self.device.device)
                 and not int4_gemv_triton.slot_chosen(t.shape, self.step_rows, t.dtype, t.compression.group_size,
                                                      self.step_uses))
 
@@ -232,7 +232,15 @@ class WeightSlots:
 
 
 def codes_in_memory(t: StoredWeight, device: torch.device) -> bool:
-    """Whether `t` is a 4-bit matrix held as codes in `device`'s memory that the GPU's kernel may multiply as
-    stored (int4_gemv_triton: a layout it reads, enabled there)."""
-    return (isinstance(t.data, QuantizedTensor) and t.mapped is None and t.data.data.device == device
-            and int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(device))
+    """Whether `t` is a 4-bit matrix held as codes in `device`'s memory that a kernel may multiply as stored: the
+    GPU's (int4_gemv_triton: a layout it reads, enabled there), a CPU's for FlexGen's grouping (row_groups_fit)."""
+    if not (isinstance(t.data, QuantizedTensor) and t.mapped is None and t.data.data.device == device):
+        return False
+    if int4_gemv_triton.supported(t.data, t.dtype) and int4_gemv_triton.enabled_on(device):
+        return True
+    return device.type == "cpu" and int4_gemv_triton.row_groups_fit(t.data)
+
+
+def codes_rows(device: torch.device) -> int:
+    """Rows a decode step may have for its 4-bit matrices to be kept as codes: the GPU kernel's, the CPU's."""
+    return native.ROW_GROUP_ROWS if device.type == "cpu" else int4_gemv_triton.GEMV_ROWS

@@ -9,6 +9,8 @@ multiplies them into the rows of x on tensor cores; the ranges of columns are su
 products (more than GEMV_ROWS rows) keep the slot: they are bound by compute, not by the weight's bytes.
 
 The weight is a QuantizedTensor of a matrix (N, K), groups along K (Policy.weight_group_dim 1, the default).
+CodesMatrix serves a CPU too: matrices grouped along N (FlexGen's grouping, which a CPU cannot keep in its int4
+layout) multiplied as stored by the C kernel (native.int4_gemv_row_groups), chosen against the slot by measurement.
 `refusal` checks the kernel once per (device, dtype, group) against dequantize-then-matmul; TRITON_INTERPRET=1
 runs it on a CPU (tests); FLEXGEN_LITE_TRITON=0 turns it off."""
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .compression import dequantize
 from .decode_attention_triton import _interpreter, _sm_count  # one interpreter lock for every kernel
 from .dequant_triton import interpreting, unavailable
@@ -81,7 +84,7 @@ def _kernel(interpret: bool):
 class CodesMatrix:
     """A 4-bit matrix in compute memory for a decode step's few rows (WeightSlots.complete): multiplied as stored
     by the kernel, or dequantized into its slot and multiplied dense, whichever ran faster for this kind of product
-    on this GPU (attention.faster, measured once per kind); the slot path where the kernel is not used.
+    on this GPU or CPU (attention.faster, measured once per kind); the slot path where the kernel is not used.
 
     The two are timed as a step runs them: the step's `uses` products (one per GPU batch) by the kernel, against
     one dequantization into the slot and `uses` dense products (WeightSlots fills a slot once a step, and every
@@ -99,16 +102,17 @@ class CodesMatrix:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot is None:
             return matmul(x, self.q)
-        if not wanted(self.q, x):
+        product = codes_product(self.q, x)
+        if product is None:
             return self.dense(x)
         if not by_measurement(x):  # asked for (tests; a CPU: the interpreter)
-            return matmul(x, self.q)
+            return product(x)
         from .attention import faster
 
         kind = choice_kind(self.q.shape, x.numel() // x.shape[-1], x.dtype, self.q.config.group_size, self.uses)
-        chosen = faster(kind, {"codes": lambda: [matmul(x, self.q) for _ in range(self.uses)],
+        chosen = faster(kind, {"codes": lambda: [product(x) for _ in range(self.uses)],
                                "slot": lambda: self._slot_step(x)}, x.device)
-        return matmul(x, self.q) if chosen == "codes" else self.dense(x)
+        return product(x) if chosen == "codes" else self.dense(x)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.q, self.slot.dtype, out=self.slot))
@@ -117,6 +121,38 @@ class CodesMatrix:
         """A step's products through the slot: filled once, read by each of its `uses` products."""
         weight = dequantize(self.q, self.slot.dtype, out=self.slot)
         return [F.linear(x, weight) for _ in range(self.uses)]
+
+
+def codes_product(q: QuantizedTensor, x: torch.Tensor):
+    """The product x @ W.T reading q's codes as stored here, or None: Triton's kernel (`wanted`), or on a CPU the
+    C kernel for matrices grouped along their output dimension (FlexGen's grouping, `row_groups_fit`)."""
+    if wanted(q, x):
+        return lambda x: matmul(x, q)
+    if x.device.type == "cpu" and x.numel() // max(1, x.shape[-1]) <= native.ROW_GROUP_ROWS and row_groups_fit(q) \
+            and x.dtype in native.OUT_KIND:
+        return lambda x: row_groups_matmul(x, q)
+    return None
+
+
+def row_groups_fit(q: QuantizedTensor) -> bool:
+    """A CPU's 4-bit matrix (N, K) in groups along N that native.int4_gemv_row_groups reads: whole groups, K even,
+    the C kernels built here (and not FLEXGEN_LITE_CODES_MATMUL=triton: Triton's kernel alone, tests)."""
+    n, k = q.shape if len(q.shape) == 2 else (0, 1)
+    return (q.data.device.type == "cpu" and os.environ.get(ENV) != "triton" and q.config.bits == 4
+            and q.config.group_dim in (0, -2) and n > 0 and n % q.config.group_size == 0 and k % 2 == 0
+            and q.scale.dtype == torch.float16 and all(t.is_contiguous() for t in (q.data, q.scale, q.minimum))
+            and native.library() is not None)
+
+
+def row_groups_matmul(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """x (..., K) @ W.T by the C kernel (`row_groups_fit`), in x's dtype."""
+    n, k = q.shape
+    stats = (n // q.config.group_size, k)
+    out = native.int4_gemv_row_groups(q.data, q.scale.view(stats), q.minimum.view(stats), q.config.group_size,
+                                      x.reshape(-1, k))
+    if out is None:  # a row count or dtype the kernel refuses: the dequantized product
+        return F.linear(x, dequantize(q, x.dtype))
+    return out.view(*x.shape[:-1], n)
 
 
 def choice_kind(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_size: int, uses: int = 1) -> tuple:
@@ -134,9 +170,9 @@ def slot_chosen(shape: tuple[int, ...], rows: int, dtype: torch.dtype, group_siz
 
 
 def by_measurement(x: torch.Tensor) -> bool:
-    """Whether CodesMatrix chooses between the kernel and the slot by measuring them (a GPU, not asked for the
-    kernel alone)."""
-    return x.device.type == "cuda" and os.environ.get(ENV) != "triton"
+    """Whether CodesMatrix chooses between the kernel and the slot by measuring them (a GPU, a CPU's C kernel; not
+    when asked for the Triton kernel alone)."""
+    return x.device.type in ("cuda", "cpu") and os.environ.get(ENV) != "triton"
 
 
 def enabled_on(device) -> bool:

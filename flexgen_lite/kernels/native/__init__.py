@@ -79,6 +79,35 @@ def int4_dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: to
     return True
 
 
+ROW_GROUP_ROWS = 16  # int4_row_groups.c's rows of x at most
+
+
+def int4_gemv_row_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
+                         x: torch.Tensor) -> torch.Tensor | None:
+    """x (rows, K) @ W.T in x's dtype (fp32 sums) for W (N, K) stored as compression's 4-bit codes in groups of
+    `group_size` output rows (scale, minimum (N / group_size, K) fp16), read as stored; None when the kernel cannot
+    do it here. A bf16 x is scaled into bf16 and multiplied by the CPU's bf16 dot instruction where it has one."""
+    lib = library()
+    if lib is None or x.dtype not in OUT_KIND or x.dim() != 2 or x.device.type != "cpu" \
+            or not 0 < x.shape[0] <= ROW_GROUP_ROWS or scale.dim() != 2 or scale.dtype != torch.float16 \
+            or minimum.dtype != torch.float16 or codes.dtype != torch.uint8 or codes.device.type != "cpu" \
+            or not all(t.is_contiguous() for t in (codes, scale, minimum)):
+        return None
+    groups, k = scale.shape
+    n = groups * group_size
+    if x.shape[1] != k or k % 2 or minimum.shape != scale.shape or codes.numel() * 2 != n * k:
+        return None
+    xf = x.float().contiguous()
+    out = torch.empty(x.shape[0], n)
+    args = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, xf.data_ptr(), x.shape[0],
+            int(x.dtype == torch.bfloat16 and group_size % 2 == 0), out.data_ptr())
+    if team_threads():
+        lib.int4_gemv_row_groups_team(*args, team_threads())
+    else:
+        parallel(lambda q0, q1: lib.int4_gemv_row_groups(*args, q0, q1), groups, cost=x.shape[0] * n * k)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
 def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
               x: torch.Tensor) -> torch.Tensor | None:
     """x (rows, K) @ W.T in x's dtype (fp32 sums), reading W's codes as they are (a few rows: decode steps of

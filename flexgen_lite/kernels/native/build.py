@@ -19,7 +19,8 @@ import torch
 from ...system import paths
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4.c", "attention.c", "gemv.c", "prefill.c", "elementwise.c",
-                                                          "decode_layer.c", "int8.c", "attention_q4.c")]
+                                                          "decode_layer.c", "int8.c", "attention_q4.c",
+                                                                                      "int4_row_groups.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h")]  # included: part of what names a build
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
@@ -100,6 +101,14 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.int4_dequantize_groups
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
+    fn = lib.int4_gemv_row_groups
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                                   ctypes.c_void_p] + [ctypes.c_int64] * 2
+    fn = lib.int4_gemv_row_groups_team
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                                   ctypes.c_void_p, ctypes.c_int]
     fn = lib.int4_gemv
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \
