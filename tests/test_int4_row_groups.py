@@ -69,14 +69,19 @@ def test_the_kernel_refuses_what_it_cannot_read():
 
 def run(path, policy):
     """(ids, logits, rows of each product by the kernel)"""
-    calls, kernel = [], native.int4_gemv_row_groups
-    native.int4_gemv_row_groups = lambda *a: calls.append(a[-1].shape[0]) or kernel(*a)
+    calls, prepare = [], native.row_groups_product
+
+    def counted(*weight):
+        product = prepare(*weight)
+        return None if product is None else lambda x: calls.append(x.shape[0]) or product(x)
+
+    native.row_groups_product = counted
     try:
         with FlexGenLite(str(path), policy=policy, device="cpu") as m:
             ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
                                          return_logits=True)
     finally:
-        native.int4_gemv_row_groups = kernel
+        native.row_groups_product = prepare
     return ids, logits, calls
 
 

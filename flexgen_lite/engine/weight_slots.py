@@ -146,7 +146,9 @@ class WeightSlots:
         faster."""
         for name, value in fetched.items():
             if isinstance(value, Deferred) and self._kept_as_codes(value.weight):
-                fetched[name] = CodesMatrix(value.weight.data, value.slot, self.step_uses)
+                t = value.weight
+                fetched[name] = CodesMatrix(t.data, value.slot, self.step_uses,
+                                            t.row_groups if self.device.device.type == "cpu" else None)
             elif isinstance(value, Deferred) and value.weight.int4:
                 fetched[name] = self._int4(value, rows, uses, trace)
             elif isinstance(value, Deferred):

@@ -16,6 +16,7 @@ from ..kernels.compression import (
     quantize,
     to_bytes,
 )
+from ..kernels.int4_gemv_triton import row_groups_of
 from ..kernels.int4_matmul import Int4Weight, eligible, pack, quantize_packed
 from ..kernels.int8_weight import GEMV_ROWS, int8_nbytes
 from ..kernels.int8_weight import fits as int8_fits
@@ -152,6 +153,12 @@ class StoredWeight:
         if host is not None:
             return out.copy_(host.view(self.dtype).view(out.shape), non_blocking=True)
         return out.copy_(self.data, non_blocking=True)
+
+    @functools.cached_property
+    def row_groups(self):
+        """A CPU's product of this weight in FlexGen's grouping read as stored (int4_gemv_triton.row_groups_of),
+        checked once; None where the kernel does not read it."""
+        return row_groups_of(self.data) if isinstance(self.data, QuantizedTensor) else None
 
     def int4_weight(self) -> Int4Weight:
         """Views into the stored bytes, for the kernel (or for dequantizing them)."""

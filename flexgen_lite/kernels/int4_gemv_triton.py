@@ -21,6 +21,7 @@ import functools
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,7 @@ class CodesMatrix:
     slot: torch.Tensor | None  # the weight's slot (its dtype the compute dtype); None: the kernel alone (a CUDA
     # graph's step, decode_graph.py, which has no slot to fill and chose the kernel before capturing)
     uses: int = 1  # the step's products by this matrix
+    prepared: Callable | None = None  # a CPU's product of FlexGen's grouping, checked once a weight (row_groups_of)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -102,7 +104,7 @@ class CodesMatrix:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.slot is None:
             return matmul(x, self.q)
-        product = codes_product(self.q, x)
+        product = codes_product(self.q, x, self.prepared)
         if product is None:
             return self.dense(x)
         if not by_measurement(x):  # asked for (tests; a CPU: the interpreter)
@@ -123,14 +125,17 @@ class CodesMatrix:
         return [F.linear(x, weight) for _ in range(self.uses)]
 
 
-def codes_product(q: QuantizedTensor, x: torch.Tensor):
+def codes_product(q: QuantizedTensor, x: torch.Tensor, prepared: Callable | None = None):
     """The product x @ W.T reading q's codes as stored here, or None: Triton's kernel (`wanted`), or on a CPU the
-    C kernel for matrices grouped along their output dimension (FlexGen's grouping, `row_groups_fit`)."""
+    C kernel for matrices grouped along their output dimension (FlexGen's grouping: `prepared`, else
+    row_groups_of)."""
     if wanted(q, x):
         return lambda x: matmul(x, q)
-    if x.device.type == "cpu" and x.numel() // max(1, x.shape[-1]) <= native.ROW_GROUP_ROWS and row_groups_fit(q) \
+    if x.device.type == "cpu" and x.numel() // max(1, x.shape[-1]) <= native.ROW_GROUP_ROWS \
             and x.dtype in native.OUT_KIND:
-        return lambda x: row_groups_matmul(x, q)
+        prepared = prepared or row_groups_of(q)
+        if prepared is not None:
+            return lambda x: row_groups_matmul(x, q, prepared)
     return None
 
 
@@ -144,12 +149,18 @@ def row_groups_fit(q: QuantizedTensor) -> bool:
             and native.library() is not None)
 
 
-def row_groups_matmul(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-    """x (..., K) @ W.T by the C kernel (`row_groups_fit`), in x's dtype."""
+def row_groups_of(q: QuantizedTensor) -> Callable | None:
+    """native.row_groups_product of q where it fits (`row_groups_fit`), else None."""
+    if not row_groups_fit(q):
+        return None
+    stats = (q.shape[0] // q.config.group_size, q.shape[1])
+    return native.row_groups_product(q.data, q.scale.view(stats), q.minimum.view(stats), q.config.group_size)
+
+
+def row_groups_matmul(x: torch.Tensor, q: QuantizedTensor, prepared: Callable) -> torch.Tensor:
+    """x (..., K) @ W.T by the C kernel (`prepared`: row_groups_of(q)), in x's dtype."""
     n, k = q.shape
-    stats = (n // q.config.group_size, k)
-    out = native.int4_gemv_row_groups(q.data, q.scale.view(stats), q.minimum.view(stats), q.config.group_size,
-                                      x.reshape(-1, k))
+    out = prepared(x.reshape(-1, k).contiguous())
     if out is None:  # a row count or dtype the kernel refuses: the dequantized product
         return F.linear(x, dequantize(q, x.dtype))
     return out.view(*x.shape[:-1], n)

@@ -87,25 +87,43 @@ def int4_gemv_row_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torc
     """x (rows, K) @ W.T in x's dtype (fp32 sums) for W (N, K) stored as compression's 4-bit codes in groups of
     `group_size` output rows (scale, minimum (N / group_size, K) fp16), read as stored; None when the kernel cannot
     do it here. A bf16 x is scaled into bf16 and multiplied by the CPU's bf16 dot instruction where it has one."""
+    product = row_groups_product(codes, scale, minimum, group_size)
+    if product is None or x.dim() != 2 or x.device.type != "cpu" or x.shape[1] != scale.shape[1]:
+        return None
+    return product(x.contiguous())
+
+
+def row_groups_product(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int):
+    """int4_gemv_row_groups of one weight, checked once: a function of x (rows, K) on the CPU, contiguous, that
+    returns x @ W.T or None (a row count or dtype it does not take); None where the kernel cannot read the weight.
+    A decode step calls it for every product (~5 us of Python a call, against ~25 through the checks)."""
     lib = library()
-    if lib is None or x.dtype not in OUT_KIND or x.dim() != 2 or x.device.type != "cpu" \
-            or not 0 < x.shape[0] <= ROW_GROUP_ROWS or scale.dim() != 2 or scale.dtype != torch.float16 \
-            or minimum.dtype != torch.float16 or codes.dtype != torch.uint8 or codes.device.type != "cpu" \
+    if lib is None or scale.dim() != 2 or scale.dtype != torch.float16 or minimum.dtype != torch.float16 \
+            or codes.dtype != torch.uint8 or codes.device.type != "cpu" \
             or not all(t.is_contiguous() for t in (codes, scale, minimum)):
         return None
     groups, k = scale.shape
     n = groups * group_size
-    if x.shape[1] != k or k % 2 or minimum.shape != scale.shape or codes.numel() * 2 != n * k:
+    if k % 2 or minimum.shape != scale.shape or codes.numel() * 2 != n * k:
         return None
-    xf = x.float().contiguous()
-    out = torch.empty(x.shape[0], n)
-    args = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, xf.data_ptr(), x.shape[0],
-            int(x.dtype == torch.bfloat16 and group_size % 2 == 0), out.data_ptr())
-    if team_threads():
-        lib.int4_gemv_row_groups_team(*args, team_threads())
-    else:
-        parallel(lambda q0, q1: lib.int4_gemv_row_groups(*args, q0, q1), groups, cost=x.shape[0] * n * k)
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    weight = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size)
+    kernel, team = lib.int4_gemv_row_groups_team, team_threads()
+
+    def product(x: torch.Tensor) -> torch.Tensor | None:
+        rows, kind = x.shape[0], OUT_KIND.get(x.dtype)
+        if kind is None or not 0 < rows <= ROW_GROUP_ROWS:
+            return None
+        xf = x if x.dtype == torch.float32 else x.float()
+        out = torch.empty(rows, n)
+        args = (*weight, xf.data_ptr(), rows, int(kind == OUT_KIND[torch.bfloat16] and group_size % 2 == 0),
+                out.data_ptr())
+        if team:
+            kernel(*args, team)
+        else:
+            parallel(lambda q0, q1: lib.int4_gemv_row_groups(*args, q0, q1), groups, cost=rows * n * k)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    return product
 
 
 def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
