@@ -113,15 +113,14 @@ def row_groups_product(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.
         rows, kind = x.shape[0], OUT_KIND.get(x.dtype)
         if kind is None or not 0 < rows <= ROW_GROUP_ROWS:
             return None
-        xf = x if x.dtype == torch.float32 else x.float()
-        out = torch.empty(rows, n)
-        args = (*weight, xf.data_ptr(), rows, int(kind == OUT_KIND[torch.bfloat16] and group_size % 2 == 0),
+        out = torch.empty(rows, n, dtype=x.dtype)
+        args = (*weight, x.data_ptr(), kind, rows, int(kind == OUT_KIND[torch.bfloat16] and group_size % 2 == 0),
                 out.data_ptr())
         if team:
             kernel(*args, team)
         else:
             parallel(lambda q0, q1: lib.int4_gemv_row_groups(*args, q0, q1), groups, cost=rows * n * k)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+        return out
 
     return product
 

@@ -101,14 +101,11 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.int4_dequantize_groups
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 2
-    fn = lib.int4_gemv_row_groups
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                                                   ctypes.c_void_p] + [ctypes.c_int64] * 2
-    fn = lib.int4_gemv_row_groups_team
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                                                   ctypes.c_void_p, ctypes.c_int]
+    row_groups = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                                                 ctypes.c_int, ctypes.c_void_p]  # ... x, kind, rows,
+    # bf16, out
+    lib.int4_gemv_row_groups.restype, lib.int4_gemv_row_groups.argtypes = None, row_groups + [ctypes.c_int64] * 2
+    lib.int4_gemv_row_groups_team.restype, lib.int4_gemv_row_groups_team.argtypes = None, row_groups + [ctypes.c_int]
     fn = lib.int4_gemv
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] \

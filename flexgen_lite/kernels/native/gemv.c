@@ -23,13 +23,6 @@
 #define CHUNK 32  /* output rows per work item */
 
 #ifdef __AVX512F__
-static inline __m512 load16(const char *row, int kind, int64_t c) {
-    if (kind == KIND_F32) return _mm512_loadu_ps((const float *)row + c);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + c));
-    if (kind == KIND_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* sums[r] = xf[r] . row for r < nr (<= XROWS): 32 columns a step, two sums per row of x. */
 static inline void dots(const char *row, int kind, int64_t k, const float *xf, int64_t nr, float *sums) {
     __m512 acc[XROWS][2];

@@ -131,21 +131,22 @@ static void code_dots(const uint8_t *codes, int64_t k, int64_t o0, int64_t g, in
 }
 
 /* xs = x * s (n values) and the return x . m: a row of x scaled by a group's scales, and its dot with the minima */
-static float scaled(const float *x, const _Float16 *s, const _Float16 *m, int64_t n, float *xs) {
+static float scaled(const void *x, int kind, const _Float16 *s, const _Float16 *m, int64_t n, float *xs) {
     int64_t i = 0;
     float sum = 0;
 #ifdef __AVX512F__
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        __m512 xv = _mm512_loadu_ps(x + i);
+        __m512 xv = load16(x, kind, i);
         _mm512_storeu_ps(xs + i, _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i)))));
         acc = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + i))), acc);
     }
     sum = _mm512_reduce_add_ps(acc);
 #endif
     for (; i < n; i++) {
-        xs[i] = x[i] * (float)s[i];
-        sum += x[i] * (float)m[i];
+        float v = kind_value(x, kind, i);
+        xs[i] = v * (float)s[i];
+        sum += v * (float)m[i];
     }
     return sum;
 }
@@ -153,11 +154,11 @@ static float scaled(const float *x, const _Float16 *s, const _Float16 *m, int64_
 #ifdef __AVX512BF16__
 /* scaled, with xb = x * s rounded to bf16 (to nearest even); returns x . m - 128 sum(xb): the shift that takes
    the 128s of code_row_dots_bf16's pairs off */
-static float scaled_bf16(const float *x, const _Float16 *s, const _Float16 *m, int64_t n, uint16_t *xb) {
+static float scaled_bf16(const void *x, int kind, const _Float16 *s, const _Float16 *m, int64_t n, uint16_t *xb) {
     int64_t i = 0;
     __m512 dot = _mm512_setzero_ps(), total = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        __m512 xv = _mm512_loadu_ps(x + i);
+        __m512 xv = load16(x, kind, i);
         __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i)))));
         _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)v);
         total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16)));
@@ -165,19 +166,21 @@ static float scaled_bf16(const float *x, const _Float16 *s, const _Float16 *m, i
     }
     float sum = _mm512_reduce_add_ps(dot), rounded = _mm512_reduce_add_ps(total);
     for (; i < n; i++) {
-        xb[i] = bf16_bits(x[i] * (float)s[i]);
+        float v = kind_value(x, kind, i);
+        xb[i] = bf16_bits(v * (float)s[i]);
         rounded += bf16_value(xb[i]);
-        sum += x[i] * (float)m[i];
+        sum += v * (float)m[i];
     }
     return sum - 128.0f * rounded;
 }
 #endif
 
-/* x (rows, K) fp32 times W.T into out (rows, N) fp32, output groups [q0, q1) (the caller splits them over its
+/* x (rows, K) of `kind` times W.T into out (rows, N) of `kind` (fp32 sums), output groups [q0, q1) (the caller splits them over its
    threads). K even, N a multiple of g, rows <= ROW_GROUP_ROWS; bf16: x . W by bf16 dot products (g even). */
 void int4_gemv_row_groups(const uint8_t *codes, const _Float16 *scale, const _Float16 *minimum, int64_t n,
-                          int64_t k, int64_t g, const float *x, int64_t rows, int bf16, float *out, int64_t q0,
-                          int64_t q1) {
+                          int64_t k, int64_t g, const void *x, int kind, int64_t rows, int bf16, void *out,
+                          int64_t q0, int64_t q1) {
+    const int64_t size = kind == KIND_F32 ? 4 : 2;
 #ifndef __AVX512BF16__
     bf16 = 0;
 #endif
@@ -193,16 +196,16 @@ void int4_gemv_row_groups(const uint8_t *codes, const _Float16 *scale, const _Fl
             for (int64_t r = 0; r < rows; r++) {
 #ifdef __AVX512BF16__
                 if (bf16) {
-                    shift[r] += scaled_bf16(x + r * k + c0, s, m, w, (uint16_t *)xs + r * w);
+                    shift[r] += scaled_bf16((const char *)x + (r * k + c0) * size, kind, s, m, w, (uint16_t *)xs + r * w);
                     continue;
                 }
 #endif
-                shift[r] += scaled(x + r * k + c0, s, m, w, xs + r * w);
+                shift[r] += scaled((const char *)x + (r * k + c0) * size, kind, s, m, w, xs + r * w);
             }
             code_dots(codes, k, q * g, g, c0, w, xs, bf16, rows, part);
         }
         for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < g; j++) out[r * n + q * g + j] = part[r * g + j] + shift[r];
+            for (int64_t j = 0; j < g; j++) kind_put(out, kind, r * n + q * g + j, part[r * g + j] + shift[r]);
     }
 }
 
@@ -210,11 +213,11 @@ void int4_gemv_row_groups(const uint8_t *codes, const _Float16 *scale, const _Fl
    groups a work item: a decode step makes ~6 such products a layer, where handing each to Python threads cost
    tens of microseconds. */
 void int4_gemv_row_groups_team(const uint8_t *codes, const _Float16 *scale, const _Float16 *minimum, int64_t n,
-                               int64_t k, int64_t g, const float *x, int64_t rows, int bf16, float *out,
+                               int64_t k, int64_t g, const void *x, int kind, int64_t rows, int bf16, void *out,
                                int threads) {
     int64_t groups = n / g, step = (groups + 4 * threads - 1) / (4 * threads), items = (groups + step - 1) / step;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
     for (int64_t i = 0; i < items; i++)
-        int4_gemv_row_groups(codes, scale, minimum, n, k, g, x, rows, bf16, out, i * step,
+        int4_gemv_row_groups(codes, scale, minimum, n, k, g, x, kind, rows, bf16, out, i * step,
                              (i + 1) * step < groups ? (i + 1) * step : groups);
 }

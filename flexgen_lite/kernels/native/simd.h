@@ -3,8 +3,18 @@
 #ifndef FLEXGEN_LITE_SIMD_H
 #define FLEXGEN_LITE_SIMD_H
 
+#include "kinds.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
+
+/* Elements c .. c + 15 of a row of `kind` as fp32. */
+static inline __m512 load16(const char *row, int kind, int64_t c) {
+    if (kind == KIND_F32) return _mm512_loadu_ps((const float *)row + c);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + c));
+    if (kind == KIND_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 /* exp(x) 16 at a time (Cephes' expf: range reduction by ln 2, a degree-6 polynomial, within 2 ulp); x below
    -87.3 gives ~0. */
