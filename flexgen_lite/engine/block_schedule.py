@@ -80,11 +80,12 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
         self.resident = [{n: t.data for n, t in w.items()} if all(t.resident for t in w.values()) else None
                          for w in weights]
         # per layer, whether its weights are fetched in the compute thread, with no I/O thread: resident, or 4-bit
-        # codes in compute memory for the CPU's int4 kernel, or any on a CPU (nothing to read, copy or wait for: a
-        # hand-off a layer to a thread on the same cores cost more than it hid)
+        # codes in compute memory for the CPU's int4 kernel, or any in a CPU's RAM (nothing to read, copy or wait
+        # for: a hand-off a layer to a thread on the same cores cost more than it hid)
         on_cpu = not device.host_is_separate
-        self.local = [all(t.resident or (t.tier == "gpu" and (t.int4 or (on_cpu and t.compression is not None)))
-                          for t in w.values()) for w in weights]
+        self.local = [all(t.resident or (t.int4 and t.tier == "gpu")
+                          or (on_cpu and t.compression is not None and t.tier != "disk") for t in w.values())
+                      for w in weights]
         # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
         self.unpadded_without_mask = device.is_cuda
         self._kernels: set[str] = set()  # the attention kernels of the running step
