@@ -128,7 +128,7 @@ def test_the_cost_model_fills_the_slot_once_a_step():
     hw, (rows, k, n) = synthetic_profile(cuda=True), (16, 4096, 4096)
     dense, fill = hw.matmul_time("float16", rows, k, n), n * k / hw.dequantize["float16"]
     hw = dataclasses.replace(hw, int4_gemv={"float16": [(rows, 1e30, dense + 0.75 * fill)]})
-    s = types.SimpleNamespace(hw=hw, dname="float16")
+    s = types.SimpleNamespace(hw=hw, dname="float16", cuda=True)
     assert codes_win(s, rows, k, n, 1) and not codes_win(s, rows, k, n, 2)
 
 

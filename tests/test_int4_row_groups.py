@@ -100,3 +100,62 @@ def test_the_engine_multiplies_flexgens_grouping_as_stored(tmp_path, family, per
     assert not none and ids == want_ids
     for a, b in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_a_prepared_product_keeps_its_weight_alive():
+    """The product holds the tensors whose pointers it passes (the profile's probe drops its own: a freed weight
+    was read by the kernel)."""
+    import gc
+
+    q, w, g = weight(128, 256, 64)
+    product = native.row_groups_product(q.data.clone(), q.scale.clone(), q.minimum.clone(), 64)
+    gc.collect()
+    x = torch.randn(4, 256, generator=g)
+    assert relative(product(x), x @ w.T) < 1e-5
+
+
+def test_the_profile_measures_the_kernel():
+    """Points per row count up to ROW_GROUP_ROWS in each dtype, read back by interpolated_time."""
+    from flexgen_lite.profiling.int4_probes import ROW_GROUPS_ROWS, row_groups_points
+    from flexgen_lite.system.hardware import interpolated_time
+
+    for dtype in (torch.float32, torch.bfloat16):
+        points = row_groups_points(dtype, (128, 128), (256, 512))
+        assert [m for m, _, _ in points] == list(ROW_GROUPS_ROWS) and max(ROW_GROUPS_ROWS) == native.ROW_GROUP_ROWS
+        assert all(rate > 0 and fixed >= 0 for _, rate, fixed in points)
+        assert interpolated_time(points, 8, 256, 512) > 0
+
+
+def test_the_cost_model_prices_a_cpu_decode_step_keeping_codes():
+    """A CPU plan in FlexGen's grouping: where the profile measured the kernel faster than dequantizing into the
+    slot and a dense product, a decode step multiplies the codes and dequantizes nothing (but what is mapped from
+    disk); unmeasured or slower, dequantized beside compute as before; prefills and steps of more than
+    ROW_GROUP_ROWS rows keep the slot."""
+    import dataclasses
+
+    from flexgen_lite.planning.cost_model import predict
+    from flexgen_lite.planning.layout import Workload
+
+    from .conftest import synthetic_profile
+    from .test_cost_model_cuda import CONFIG
+
+    hw, work = synthetic_profile(), Workload(64, 32, 64)
+    dense = hw.matmul["bfloat16"][-1][1]
+    fast = dataclasses.replace(hw, row_groups_gemv={"bfloat16": [(1, dense, 0.0), (16, 16 * dense, 0.0)]})
+    slow = dataclasses.replace(hw, row_groups_gemv={"bfloat16": [(1, dense / 1e3, 0.0), (16, dense / 1e2, 0.0)]})
+
+    def plan(gbs, percent=(100, 0, 100, 0, 100, 0), group_dim=0):
+        return dataclasses.replace(P(percent, gbs=gbs, nb=2, compress_weight=True, weight_group_dim=group_dim),
+                                   dtype="bfloat16")
+
+    kernel, unmeasured, slower = (predict(CONFIG, work, plan(8), h) for h in (fast, dataclasses.replace(
+        hw, row_groups_gemv={}), slow))
+    assert unmeasured.decode_by.get("dequantize", 0) > 0 and not kernel.decode_by.get("dequantize")
+    assert slower.decode_by == pytest.approx(unmeasured.decode_by) and kernel.prefill_s == unmeasured.prefill_s
+    assert predict(CONFIG, work, plan(8, (0, 100, 100, 0, 100, 0)), fast).decode_by.get("dequantize", 0) == 0
+    mapped = predict(CONFIG, work, plan(8, (0, 50, 100, 0, 100, 0)), fast).decode_by.get("dequantize", 0)
+    assert 0 < mapped < unmeasured.decode_by["dequantize"]  # half the codes mapped from disk: dequantized
+    rows_past = predict(CONFIG, work, plan(32), fast)
+    assert rows_past.decode_by.get("dequantize", 0) > 0
+    assert predict(CONFIG, work, plan(8, group_dim=1), fast).decode_by == predict(CONFIG, work, plan(8, group_dim=1),
+                                                                                  hw).decode_by

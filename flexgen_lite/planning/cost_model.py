@@ -48,8 +48,9 @@ from .segments import Seg, disk_read, disk_write, mapped_read, on_host
 # ---- time ------------------------------------------------------------------------------------------------------
 def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg:
     """WeightSlots.fetch of one layer: non-resident tensors assembled in their slot. Tensors placed and sized
-    alike are priced together (a mixture of experts has hundreds a layer). A decode step keeping the GPU's 4-bit
-    matrices as codes (codes_kept) dequantizes only those that crossed the link; the rest: products_time."""
+    alike are priced together (a mixture of experts has hundreds a layer). A decode step keeping 4-bit matrices in
+    compute memory as codes (codes_kept) dequantizes only those that crossed the link (a CPU: were mapped from
+    disk); the rest: products_time."""
     seg, hw = Seg(), s.hw
     h2d = hw.h2d_pinned if s.policy.pin_weight else hw.h2d_pageable
     kept = decode and codes_kept(s, s.gbs)
@@ -67,7 +68,8 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
             if product not in wins:
                 wins[product] = graphed or codes_win(s, *product, s.nb)
             codes = wins[product]
-        values = math.prod(spec.shape) * ((c + d) if codes else 1) if dequantized else 0
+        crossed = (c + d) if s.cuda else d  # kept as codes: those that crossed the link, or a CPU's mapped ones
+        values = math.prod(spec.shape) * (crossed if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1
     for (c, d, nbytes, values), count in alike.items():
         nbytes *= count

@@ -11,7 +11,7 @@ from collections import Counter
 from ..engine.decode_fused import config_fits, fused_wanted, fused_wins
 from ..engine.decode_graph import codes_graph_wins, every_expert_wins, graphs_wanted
 from ..engine.weights import DECODER_KINDS, in_8_bits
-from ..kernels import int4_gemv_triton
+from ..kernels import int4_gemv_triton, native
 from ..kernels.int4_cost import int4_cost
 from ..kernels.int4_matmul import layout_fits
 from ..kernels.int8_weight import GEMV_ROWS, int8_nbytes
@@ -118,7 +118,7 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
             matmul, dequantize = matmul + count * cost.matmul, dequantize + count * cost.dequantize
         elif codes and (k, n) in compressed and (graphed or codes_win(s, m, k, n, nb)):
             dense = _dense_time(s, kind, m, k, n)
-            points = (s.hw.int4_gemv or {}).get(s.dname)  # unmeasured (a graph's step runs it still): as dense
+            points = codes_points(s)  # unmeasured (a graph's step runs it still): as dense
             kernel = interpolated_time(points, m, k, n) if points else dense
             matmul += count * nb * (codes * kernel + (1 - codes) * dense)
         else:
@@ -127,32 +127,46 @@ def products_time(s: Setup, kind: str, rows: int, nb: int, linears=None, codes: 
 
 
 def codes_kept(s: Setup, rows: int) -> bool:
-    """Whether a decode step of `rows` rows keeps the GPU's 4-bit decoder matrices as codes (WeightSlots: each
-    product by Triton's kernel where it measured faster than its slot, `codes_win`), where the plan counts on it
-    (int4_gemv_triton.planned)."""
-    return (s.cuda and s.wcomp is not None and rows <= int4_gemv_triton.GEMV_ROWS
-            and int4_gemv_triton.layout_fits(s.wcomp, s.dtype) and int4_gemv_triton.planned())
+    """Whether a decode step of `rows` rows keeps the 4-bit decoder matrices in compute memory as codes
+    (WeightSlots: each product by the kernel where it measured faster than its slot, `codes_win`): a GPU's for
+    Triton's kernel where the plan counts on it (int4_gemv_triton.planned); a CPU's in FlexGen's grouping for the
+    C kernel (its rates in the profile: row_groups_gemv)."""
+    if s.wcomp is None:
+        return False
+    if not s.cuda:
+        return (s.wcomp.group_dim == 0 and s.wcomp.bits == 4 and rows <= native.ROW_GROUP_ROWS
+                and bool((s.hw.row_groups_gemv or {}).get(s.dname)))
+    return (rows <= int4_gemv_triton.GEMV_ROWS and int4_gemv_triton.layout_fits(s.wcomp, s.dtype)
+            and int4_gemv_triton.planned())
+
+
+def codes_points(s: Setup) -> list | None:
+    """The profile's (rows, FLOP/s, fixed s) of the products by codes kept (codes_kept): Triton's on a GPU, the C
+    kernel for FlexGen's grouping on a CPU."""
+    return ((s.hw.int4_gemv if s.cuda else s.hw.row_groups_gemv) or {}).get(s.dname)
 
 
 def codes_share(s: Setup, lay: Layout, kind: str) -> float:
-    """The share (by bytes) of a decoder layer's 4-bit matrices in GPU memory, which a decode step keeping codes
-    multiplies as stored or dequantizes in the compute stream (codes_kept); 0 where it does not keep them."""
+    """The share (by bytes) of a decoder layer's 4-bit matrices in compute memory (a GPU's; a CPU's RAM), which a
+    decode step keeping codes multiplies as stored or dequantizes in the compute stream (codes_kept); 0 where it
+    does not keep them."""
     if kind not in DECODER_KINDS or not codes_kept(s, s.gbs):
         return 0.0
     if s.config.num_layers <= 2 and not graph_decode(s):
         return 0.0  # a model of two layers or fewer keeps each one's matrices dequantized in its own slots
     specs = [spec for spec in s.kinds[kind].weights if s.compressed(spec)]
     total = sum(s.tensor_bytes(spec) for spec in specs)
-    return sum(lay.weight(kind, spec)[0] * s.tensor_bytes(spec) for spec in specs) / total if total else 0.0
+    in_memory = (lambda g, c, d: g) if s.cuda else (lambda g, c, d: g + c)  # a CPU's RAM tiers both
+    return sum(in_memory(*lay.weight(kind, spec)) * s.tensor_bytes(spec) for spec in specs) / total if total else 0.0
 
 
 def codes_win(s: Setup, rows: int, k: int, n: int, uses: int) -> bool:
-    """Whether a GPU's products of `rows` rows by a 4-bit matrix (n, k) kept as codes run the kernel: a step's
-    `uses` products (one per GPU batch) at its measured time (hw.int4_gemv) under one dequantization into the slot
+    """Whether products of `rows` rows by a 4-bit matrix (n, k) kept as codes run the kernel: a step's `uses`
+    products (one per GPU batch) at its measured time (codes_points) under one dequantization into the slot
     and `uses` dense products, as the engine measures the two (int4_gemv_triton.CodesMatrix; the slot is filled
     once a step and both contend for the same memory); the slot wins where it is not measured, and the matrix is
     then dequantized beside compute as before (WeightSlots)."""
-    points = (s.hw.int4_gemv or {}).get(s.dname)
+    points = codes_points(s)
     if not points or rows > points[-1][0]:
         return False
     slot = uses * s.hw.matmul_time(s.dname, rows, k, n) + n * k / s.hw.dequantize[s.dname]

@@ -10,6 +10,7 @@ import time
 import torch
 
 from ..engine.policy import DTYPES
+from ..kernels import native
 from ..kernels.int4_matmul import Int4Weight, native_agrees
 from ..kernels.int4_matmul import available as int4_available
 from ..system.devices import ComputeDevice
@@ -44,9 +45,45 @@ def int4_rates(device: ComputeDevice, scale: int) -> dict:
     ways = {way: {name: _int4_points(getattr(torch, name), small, large, way) for name in ("float32", "bfloat16")}
             for way in ("tiles", "codes")} if native_agrees() else {"tiles": {}, "codes": {}}
     tiles, codes = ways["tiles"], ways["codes"]
+    row_groups = {name: row_groups_points(getattr(torch, name), small, large) for name in ("float32", "bfloat16")}
     return {"int4_matmul": {name: points for name, points in found.items() if points}, "int4_dequantize": rates,
             "int4_tiles": {name: points for name, points in tiles.items() if points},
-            "int4_gemv": {name: points for name, points in codes.items() if points}}
+            "int4_gemv": {name: points for name, points in codes.items() if points},
+            "row_groups_gemv": {name: points for name, points in row_groups.items() if points}}
+
+
+ROW_GROUPS_ROWS = (1, 4, 16)  # decode steps' rows, up to native.ROW_GROUP_ROWS
+
+
+def row_groups_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, int]) -> list:
+    """(rows, FLOP/s, fixed s) of 4-bit weights (N, K) in FlexGen's grouping multiplied as stored by the C kernel
+    (native.row_groups_product) in `dtype`, fitted to weights (K, N) `small` and `large` (the large rotated past the
+    L3, as `_int4_points`); [] where the kernel is not built here."""
+    def weights(k: int, n: int, copies: int) -> list:
+        stats = torch.full((2, n // 64, k), 0.01, dtype=torch.float16)
+        return [native.row_groups_product(torch.full((n * k // 2,), 0x93, dtype=torch.uint8), stats[0], stats[1], 64)
+                for _ in range(copies)]
+
+    small_w, large_w = weights(*small, 1), weights(*large, min(16, max(1, INT4_ROTATION // (large[0] * large[1] // 2))))
+    if small_w[0] is None:
+        return []
+    points = []
+    for m in ROW_GROUPS_ROWS:
+        t_small, t_large = (_seconds(w, torch.randn(m, shape[0]).to(dtype)) for w, shape in
+                            ((small_w, small), (large_w, large)))
+        points.append((m, *fit(2 * m * small[0] * small[1], t_small, 2 * m * large[0] * large[1], t_large)))
+    return points
+
+
+def _seconds(products: list, x: torch.Tensor, runs: int = 3) -> float:
+    """Seconds of one call of `products` (rotated over) on x: the fastest of `runs` after a warm-up."""
+    best = float("inf")
+    for i in range(runs + 1):
+        tic = time.perf_counter()
+        for product in products:
+            product(x)
+        best = best if i == 0 else min(best, time.perf_counter() - tic)
+    return best / len(products)
 
 
 GPU_CODES_ROWS = (1, 16, 64)  # a decode step's rows, up to int4_gemv_triton.GEMV_ROWS
@@ -116,15 +153,8 @@ def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, i
 def _int4_seconds(weights: list[Int4Weight], rows: int, k: int, dtype: torch.dtype, way: str, runs: int = 3) -> float:
     """Seconds of one product of `rows` rows `way` (`_int4_points`), rotating over `weights`: the fastest of `runs`
     after a warm-up."""
-    x = torch.randn(rows, k).to(dtype)
     multiply = {"torch": Int4Weight.torch_kernel, "tiles": Int4Weight.matmul, "codes": _codes_gemv}[way]
-    best = float("inf")
-    for i in range(runs + 1):
-        tic = time.perf_counter()
-        for w in weights:
-            multiply(w, x)
-        best = best if i == 0 else min(best, time.perf_counter() - tic)
-    return best / len(weights)
+    return _seconds([lambda x, w=w: multiply(w, x) for w in weights], torch.randn(rows, k).to(dtype), runs)
 
 
 def _codes_gemv(weight: Int4Weight, x: torch.Tensor) -> torch.Tensor:

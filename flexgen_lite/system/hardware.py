@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 14  # measured anew when the code measured changes; 14: a CPU dequantizes 4 bits by the C kernel;
+PROFILE_VERSION = 15  # measured anew when the code measured changes; 15: FlexGen-grouped 4-bit products on a CPU;
+# 14: a CPU dequantizes 4 bits by the C kernel;
 # 13: 4-bit weights multiplied as stored in float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12:
 # the 4-bit attention kernel 2-6x faster (a lone head from the codes, grouped heads by tiles, position-major
 # prefetch); 11: CPU attention over a 4-bit cache as stored, a compressed part's load measured over a prefix of its
@@ -21,7 +22,7 @@ PROFILE_VERSION = 14  # measured anew when the code measured changes; 14: a CPU 
 # prefetched into L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by
 # the C kernels apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by
 # the C kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
-CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13, 14 changed CPUs' probes)
+CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13-15 changed CPUs' probes)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class HardwareProfile:
     # kernel (native.int4_gemv; int4_matmul then holds torch's kernel alone), on a GPU by Triton's
     # (int4_gemv_triton, a decode step's products: products_cost.codes_win); {} without it
     int4_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights in FlexGen's grouping (along the output dimension)
+    # multiplied as stored by a CPU's C kernel (native.int4_gemv_row_groups; products_cost.codes_win); {} without it
+    row_groups_gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
     # dtype -> [(rows, FLOP/s, fixed s)] of dense weights multiplied by the C kernel for a few rows
     # (native.dense_gemv, CPU); {} without it (CUDA, no compiler)
     gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
@@ -193,8 +197,8 @@ class HardwareProfile:
         current = PROFILE_VERSION if not raw.get("is_cuda") else CUDA_PROFILE_SINCE
         if not current <= raw.get("version", 0) <= PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "attention_grouped",
-                     "cpu_attention_grouped", "cpu_attention_codes", "attention_codes"):
+        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "row_groups_gemv",
+                     "attention_grouped", "cpu_attention_grouped", "cpu_attention_codes", "attention_codes"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
         raw["matmul_shape"] = tuple(raw["matmul_shape"])
@@ -212,7 +216,8 @@ class HardwareProfile:
             rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
             lines.append(f"matmul {dtype} GFLOP/s + fixed per call, by rows: {rates}")
         for label, found in (("int4 weight kernel", self.int4_matmul), ("int4 by tiles", self.int4_tiles),
-                             ("int4 few-row kernel", self.int4_gemv), ("dense few-row kernel", self.gemv)):
+                             ("int4 few-row kernel", self.int4_gemv), ("dense few-row kernel", self.gemv),
+                             ("int4 FlexGen-grouped few-row kernel", self.row_groups_gemv)):
             for dtype, points in (found or {}).items():
                 rates = ", ".join(f"{m}:{r / g:.0f}+{f * 1e6:.0f}us" for m, r, f in points)
                 lines.append(f"{label} {dtype} GFLOP/s + fixed per call, by rows: {rates}")

@@ -122,6 +122,7 @@ def row_groups_product(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.
             parallel(lambda q0, q1: lib.int4_gemv_row_groups(*args, q0, q1), groups, cost=rows * n * k)
         return out
 
+    product.weight = (codes, scale, minimum)  # the tensors live as long as their pointers are used
     return product
 
 
