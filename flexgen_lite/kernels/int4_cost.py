@@ -16,7 +16,7 @@ import torch
 
 from ..system.hardware import HardwareProfile
 from ..system.profile_store import cpu_profile, profile_dependent
-from .int4_matmul import FIXED_ROWS, Int4Weight, native_agrees
+from .int4_matmul import GEMV_ROWS, Int4Weight, native_agrees
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,5 @@ def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) ->
         if not native_agrees():
             ways.pop("tiles", None)
         return int4_way(ways)
-    if rows > FIXED_ROWS:
-        return "dense"
-    return "tiles" if native_agrees() else "kernel"
+    return "kernel" if rows <= GEMV_ROWS else "dense"
 

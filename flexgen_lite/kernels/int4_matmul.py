@@ -31,9 +31,9 @@ from .compression import CompressionConfig, QuantizedTensor, dequantize, quantiz
 GROUP_SIZES = (32, 64, 128, 256)
 BLOCK_N = 64  # output rows per block of the kernel's packed layout: byte (block, k, j) holds rows j, j + 32
 TILE_BYTES = 2 << 20  # rows of W dequantized at a time by the tiled product: they stay in the CPU's cache
-FIXED_ROWS = 64  # without a profile's int4 rates: at most this many rows multiplied by tiles, more dense
-GEMV_ROWS = 2  # without a profile, up to this many rows the C kernel multiplies the codes (with one, where it
-# measured the C kernel faster than torch's: `codes_gemv_wins`)
+GEMV_ROWS = 32  # without a profile, up to this many rows the C kernel multiplies the codes, more are dequantized
+# and multiplied dense (with one, where it measured each faster: `codes_gemv_wins`, int4_cost); by tiles, 4-5x the
+# C kernel at 8 rows on this VM (a manual policy's first run had SmolLM2's step at 80-110 ms instead of 15-19)
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
