@@ -64,7 +64,7 @@ def test_compressed_weights_are_the_files_own_and_give_its_outputs(tiny_q4, poli
                                      return_logits=True)
     assert ids == want_ids
     for ours, theirs in zip(logits, want_logits, strict=True):  # the same weights; multiplied as stored, the sums
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # in another order
+        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)  # in another order, through every layer
 
 
 def test_other_sources_and_groupings_are_rounded_as_before(tmp_path: Path):

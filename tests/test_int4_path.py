@@ -54,8 +54,9 @@ def test_without_int4_rates_a_fixed_rule(monkeypatch):
     forget_profile()
     monkeypatch.setattr(time, "perf_counter", _no_timer)
     weight, slot = _weight(), torch.empty(128 * 256, dtype=torch.bfloat16)
-    few = "tiles" if int4_matmul.native_agrees() else "kernel"
-    assert int4_path(weight, 4, torch.bfloat16, slot) == few
+    assert int4_path(weight, 4, torch.bfloat16, slot) == "kernel"  # the C kernel on the codes (torch's without it)
+    assert int4_path(weight, int4_matmul.GEMV_ROWS, torch.bfloat16, slot) == "kernel"
+    assert int4_path(weight, int4_matmul.GEMV_ROWS + 1, torch.bfloat16, slot) == "dense"
     assert int4_path(weight, 4096, torch.bfloat16, slot) == "dense"
     forget_profile()
 

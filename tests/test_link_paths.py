@@ -210,9 +210,9 @@ def test_a_failed_activation_write_surfaces_at_its_read(tmp_path, monkeypatch):
 
 
 def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models, monkeypatch):
-    """Every tier, 4-bit weights and cache: the copies and layouts change no value (fp32: a CPU's bf16 run
-    would multiply its 4-bit weights with the int4 kernel, which a GPU does not have; and its embedding and head
-    are kept dense here, which a CPU would hold in 8 bits)."""
+    """Every tier, 4-bit weights and cache: the copies and layouts change no value but the order of sums (fp32; the
+    CPU multiplies its 4-bit weights with the int4 kernel, which a GPU does not have; its embedding and head are
+    kept dense here, which a CPU would hold in 8 bits)."""
     monkeypatch.setattr(weights, "EIGHT_BIT", ())
     policy = Policy(gpu_batch_size=2, num_gpu_batches=3, weight_gpu_percent=30, weight_cpu_percent=30,
                     cache_gpu_percent=30, cache_cpu_percent=40, act_gpu_percent=30, act_cpu_percent=30,
@@ -225,8 +225,8 @@ def test_link_runs_with_4_bit_weights_and_cache_equal_the_cpu_run(tiny_models, m
             codes = [k for k in m.engine.weight_slots.buffers if k[-1] == "codes"]
             assert bool(codes) == (device == LINK)  # 4-bit codes cross into slots of their own, then decompress
     assert out["cpu"][0] == out[LINK][0]
-    for a, b in zip(out["cpu"][1], out[LINK][1], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(out["cpu"][1], out[LINK][1], strict=True):  # the CPU's int4 kernel sums in another order than
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=0)  # the link's dequantized slots
 
 
 @pytest.mark.parametrize("policy", [
