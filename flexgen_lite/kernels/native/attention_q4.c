@@ -20,10 +20,6 @@
 #include <immintrin.h>
 #endif
 
-#define FP16_MAX 65504.0f
-
-static inline float clamped(float x) { return x > FP16_MAX ? FP16_MAX : x < -FP16_MAX ? -FP16_MAX : x; }
-
 #ifdef __AVX512BW__
 static inline __m512 rounded16(__m512 x, int kind) {
     if (kind == KIND_BF16) {  /* to nearest even, as kinds.h's bf16_bits */
@@ -74,17 +70,13 @@ static inline float dot_q4(const float *qf, const float *qsum, const uint8_t *c,
    off with the minima: scale * (dot - 128 qsum) + minimum * qsum a group. */
 static inline float dot_q4_bf16(const uint16_t *qb, const float *qsum, const uint8_t *c, const _Float16 *scale,
                                 const _Float16 *minimum, int64_t dim) {
-    /* a byte b in a 32-bit lane: its low nibble kept at bits 0-3, its high one taken from b << 12 to bits 16-19 */
-    const __m512i own = _mm512_set1_epi32((int)0xFFF0FF0Fu), bias = _mm512_set1_epi32(0x43004300);
     __m512 acc = _mm512_setzero_ps();
     float shift = 0;
     for (int64_t g = 0; g < dim / 64; g++) {
         __m512 part = _mm512_setzero_ps();
-        for (int h = 0; h < 2; h++) {
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * g + 16 * h)));
-            __m512i pairs = _mm512_or_si512(_mm512_ternarylogic_epi32(own, b, _mm512_slli_epi32(b, 12), 0xCA), bias);
-            part = _mm512_dpbf16_ps(part, (__m512bh)pairs, (__m512bh)_mm512_loadu_si512(qb + 64 * g + 32 * h));
-        }
+        for (int h = 0; h < 2; h++)
+            part = _mm512_dpbf16_ps(part, (__m512bh)code_pairs16(c + 32 * g + 16 * h),
+                                    (__m512bh)_mm512_loadu_si512(qb + 64 * g + 32 * h));
         float sg = (float)scale[g];
         acc = _mm512_add_ps(acc, _mm512_mul_ps(part, _mm512_set1_ps(sg)));
         shift += ((float)minimum[g] - 128.0f * sg) * qsum[g];

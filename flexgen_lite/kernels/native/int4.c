@@ -204,7 +204,6 @@ static inline _Float16 round_f16(float v, int up) {
     return f16_from_bits(bits == 0 ? 0x8001 : bits + 1);
 }
 
-#define FP16_MAX 65504.0f
 
 /* One group of g values of x from `base`: its minimum (rounded down) and scale (rounded up) in fp16, as
    compression.quantize computes them; returns 1 / scale (0 for a constant group, whose codes are all 0). */
@@ -283,24 +282,22 @@ void int4_quantize_pack(const void *x, int kind, int64_t n, int64_t k, int64_t g
 
 #define CHUNK 2048 /* columns a pass: a group's scales, minima and one row of values stay in L1 */
 
-static inline float clamp16(float x) { return x > FP16_MAX ? FP16_MAX : x < -FP16_MAX ? -FP16_MAX : x; }
-
 /* n values code * s + m (fp32, no fused multiply-add, clamped to fp16's range) into out of `kind`; s and m
    per value (sv, mv) or one for all (sv == NULL: s, m) */
 static inline void values_out(const float *x, const float *sv, const float *mv, float s, float m, int64_t n,
                               void *out, int kind) {
     if (kind == KIND_F32) {
         float *o = out;
-        if (sv) for (int64_t i = 0; i < n; i++) o[i] = clamp16(x[i] * sv[i] + mv[i]);
-        else for (int64_t i = 0; i < n; i++) o[i] = clamp16(x[i] * s + m);
+        if (sv) for (int64_t i = 0; i < n; i++) o[i] = clamped(x[i] * sv[i] + mv[i]);
+        else for (int64_t i = 0; i < n; i++) o[i] = clamped(x[i] * s + m);
     } else if (kind == KIND_BF16) {
         uint16_t *o = out;
-        if (sv) for (int64_t i = 0; i < n; i++) o[i] = bf16_bits(clamp16(x[i] * sv[i] + mv[i]));
-        else for (int64_t i = 0; i < n; i++) o[i] = bf16_bits(clamp16(x[i] * s + m));
+        if (sv) for (int64_t i = 0; i < n; i++) o[i] = bf16_bits(clamped(x[i] * sv[i] + mv[i]));
+        else for (int64_t i = 0; i < n; i++) o[i] = bf16_bits(clamped(x[i] * s + m));
     } else {
         _Float16 *o = out;
-        if (sv) for (int64_t i = 0; i < n; i++) o[i] = (_Float16)clamp16(x[i] * sv[i] + mv[i]);
-        else for (int64_t i = 0; i < n; i++) o[i] = (_Float16)clamp16(x[i] * s + m);
+        if (sv) for (int64_t i = 0; i < n; i++) o[i] = (_Float16)clamped(x[i] * sv[i] + mv[i]);
+        else for (int64_t i = 0; i < n; i++) o[i] = (_Float16)clamped(x[i] * s + m);
     }
 }
 

@@ -16,8 +16,8 @@
 #include "kinds.h"
 #include "simd.h"
 
-#define ROW_GROUP_ROWS 16        /* rows of x at most (decode steps of small batches) */
-#define BLOCK_VALUES 8192  /* a block's scaled rows of x stay in L1 (16 KiB) while a group's code rows are read */
+#define BLOCK_VALUES 8192  /* a block's scaled rows of x (8192 values over its rows: 16 KiB in bf16) stay in L1
+                              while a group's code rows are read */
 
 #define BLOCK 8  /* rows of x whose sums stay in registers while a code row is read */
 
@@ -50,22 +50,17 @@ static inline __attribute__((always_inline)) void code_row_dots(const uint8_t *c
 
 #ifdef __AVX512BF16__
 /* code_row_dots for two code rows (c, c + k / 2 bytes) and bf16 scaled rows (xb: pairs of bf16, as the CPU's bf16
-   dot instruction takes them): each byte's two codes as the exact bf16 pair (128 + low, 128 + high) (attention_q4.c's
-   dot_q4_bf16), 32 products a row in one instruction with fp32 sums; the 128s come off with the group's shift
+   dot instruction takes them): each byte's two codes as the exact bf16 pair (128 + low, 128 + high) (simd.h's
+   code_pairs16), 32 products a row in one instruction with fp32 sums; the 128s come off with the group's shift
    (scaled_bf16). A load of the scaled rows serves both code rows, and the 2 x nr sums are reduced together
    (simd.h's lane_sums16): sums[i * BLOCK + r] for code row i. */
 static inline __attribute__((always_inline)) void code_rows_dots_bf16(const uint8_t *c, int64_t k, int64_t kc,
                                                                       const uint16_t *xb, const int nr, float *sums) {
-    const __m512i own = _mm512_set1_epi32((int)0xFFF0FF0Fu), bias = _mm512_set1_epi32(0x43004300);
     __m512 acc[2 * BLOCK];
     for (int r = 0; r < 2 * BLOCK; r++) acc[r] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= kc; i += 32) {
-        __m512i pairs[2];
-        for (int h = 0; h < 2; h++) {
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + h * k / 2 + i / 2)));
-            pairs[h] = _mm512_or_si512(_mm512_ternarylogic_epi32(own, b, _mm512_slli_epi32(b, 12), 0xCA), bias);
-        }
+        __m512i pairs[2] = {code_pairs16(c + i / 2), code_pairs16(c + k / 2 + i / 2)};
         for (int r = 0; r < nr; r++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * kc + i);
             acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)pairs[0], xv);
@@ -159,7 +154,8 @@ static float scaled_bf16(const void *x, int kind, const _Float16 *s, const _Floa
     __m512 dot = _mm512_setzero_ps(), total = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
         __m512 xv = load16(x, kind, i);
-        __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i)))));
+        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i)));
+        __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(xv, sv));
         _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)v);
         total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16)));
         dot = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + i))), dot);
@@ -175,8 +171,9 @@ static float scaled_bf16(const void *x, int kind, const _Float16 *s, const _Floa
 }
 #endif
 
-/* x (rows, K) of `kind` times W.T into out (rows, N) of `kind` (fp32 sums), output groups [q0, q1) (the caller splits them over its
-   threads). K even, N a multiple of g, rows <= ROW_GROUP_ROWS; bf16: x . W by bf16 dot products (g even). */
+/* x (rows, K) of `kind` times W.T into out (rows, N) of `kind` (fp32 sums), output groups [q0, q1) (the caller
+   splits them over its threads). K even, N a multiple of g, rows <= 16 (native.ROW_GROUP_ROWS); bf16: x . W by
+   bf16 dot products (g even). */
 void int4_gemv_row_groups(const uint8_t *codes, const _Float16 *scale, const _Float16 *minimum, int64_t n,
                           int64_t k, int64_t g, const void *x, int kind, int64_t rows, int bf16, void *out,
                           int64_t q0, int64_t q1) {
@@ -196,7 +193,8 @@ void int4_gemv_row_groups(const uint8_t *codes, const _Float16 *scale, const _Fl
             for (int64_t r = 0; r < rows; r++) {
 #ifdef __AVX512BF16__
                 if (bf16) {
-                    shift[r] += scaled_bf16((const char *)x + (r * k + c0) * size, kind, s, m, w, (uint16_t *)xs + r * w);
+                    shift[r] += scaled_bf16((const char *)x + (r * k + c0) * size, kind, s, m, w,
+                                            (uint16_t *)xs + r * w);
                     continue;
                 }
 #endif

@@ -39,6 +39,11 @@ static inline void kind_put(void *p, int kind, int64_t i, float f) {
         ((uint16_t *)p)[i] = bf16_bits(f);
 }
 
+#define FP16_MAX 65504.0f
+
+/* x clamped to fp16's range, as compression's dequantization clamps its values */
+static inline float clamped(float x) { return x > FP16_MAX ? FP16_MAX : x < -FP16_MAX ? -FP16_MAX : x; }
+
 /* f rounded to `kind` and back to fp32 (f itself for fp32): what a torch op of that dtype leaves. */
 static inline float kind_round(float f, int kind) {
     if (kind == KIND_F32) return f;

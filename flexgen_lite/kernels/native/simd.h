@@ -54,6 +54,17 @@ static inline __attribute__((always_inline)) __m512 lane_sums16(const __m512 *a)
 }
 #endif
 
+#ifdef __AVX512F__
+/* 32 codes from 16 bytes as 16 bf16 pairs (128 + low nibble, 128 + high), each exact: a byte b in a 32-bit lane,
+   its low nibble kept at bits 0-3, its high one taken from b << 12 to bits 16-19, 128's exponent or-ed in. For the
+   CPU's bf16 dot instruction; the 128s come off with a row's sum. */
+static inline __attribute__((always_inline)) __m512i code_pairs16(const uint8_t *c) {
+    const __m512i own = _mm512_set1_epi32((int)0xFFF0FF0Fu), bias = _mm512_set1_epi32(0x43004300);
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    return _mm512_or_si512(_mm512_ternarylogic_epi32(own, b, _mm512_slli_epi32(b, 12), 0xCA), bias);
+}
+#endif
+
 #ifdef __AVX512BW__
 /* 64 codes from 32 bytes, as fp32 (x[0..3]), not yet scaled */
 static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m512 x[4]) {
