@@ -115,14 +115,14 @@ def test_search_compresses_on_a_cpu_with_the_kernel_when_uncompressed_weights_do
     assert with_kernel.prediction.throughput > without.prediction.throughput
 
 
-def test_profile_measures_the_kernel_where_torch_has_it():
+def test_profile_measures_the_kernels_that_multiply_the_layout_here():
     measured = int4_rates(ComputeDevice(), 8)
     found = measured["int4_matmul"]
-    if not available():
-        assert found == {} and measured["int4_dequantize"] == {}
-        return
-    rows = [m for m, _, _ in found["bfloat16"]]
-    assert rows == list(INT4_ROWS) and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
+    if available():
+        rows = [m for m, _, _ in found["bfloat16"]]
+        assert rows == list(INT4_ROWS) and all(rate > 0 and fixed >= 0 for _, rate, fixed in found["bfloat16"])
+    else:  # torch's kernel does not read the layout here (AVX2): the C kernels' ways alone
+        assert found == {}
     assert measured["int4_dequantize"]["bfloat16"] > 0
     tiles = measured["int4_tiles"]["bfloat16"]  # CI builds the C kernel (test_int4_matmul asserts it)
     assert [m for m, _, _ in tiles] == list(INT4_ROWS) and all(rate > 0 for _, rate, _ in tiles)

@@ -33,8 +33,10 @@ LOGITS_RTOL = 0.05
 TILES_RTOL = 1e-2
 
 
-def test_the_kernel_is_found_and_its_layout_checked():
-    assert available()
+def test_the_layout_is_multiplied_here():
+    """CI's machines build the C kernels, which multiply the layout on any x86 CPU (torch's int4 kernel only where
+    it reads the layout: test_portable_builds)."""
+    assert native_agrees() and eligible((128, 256), CompressionConfig(4, 64, 1), CPU)
 
 
 @pytest.mark.parametrize("shape,group", [((128, 96), 32), ((64, 256), 64), ((192, 512), 128), ((64, 256), 256)])
@@ -152,8 +154,10 @@ def test_a_model_through_the_int4_layout_matches_the_plain_4bit_path(tiny_models
     model_dir, rtol = tiny_models[family][0], {"bfloat16": LOGITS_RTOL, "float32": 1e-4}[dtype]
     plain_ids, plain_logits = _run(model_dir, percent, monkeypatch, "plain", dtype)
     ids, logits = _run(model_dir, percent, monkeypatch, "dequantized", dtype)
-    # the same weight values; in float32 multiplied transposed (W.T as the layout unpacks it): another sum order
-    exact = 0 if dtype == "bfloat16" else 1e-5
+    # the same weight values multiplied transposed (W.T as the layout unpacks it): in float32 another sum order; in
+    # bfloat16 the same where the CPU has bf16 units, while torch's emulation on AVX2 CPUs rounds OPT's (biased)
+    # products of W and of W.T apart (measured 0.5% of the largest logit; Llama's 0)
+    exact = (1e-5 if dtype == "float32" else 0) if int4_matmul.available() else {"float32": 1e-5, "bfloat16": 2**-6}[dtype]
     assert ids == plain_ids and all((a - b).abs().max() <= exact * b.abs().max()
                                     for a, b in zip(logits, plain_logits, strict=True))
     for path in ("kernel", "tiles"):  # tiles: dense products a slice of rows at a time, the bias added after

@@ -64,7 +64,7 @@ def int4_path(weight: Int4Weight, rows: int, dtype: torch.dtype, slot: torch.Ten
 def _choose(dtype: torch.dtype, rows: int, shape: tuple[int, int], uses: int) -> str:
     n, k = shape
     hw, name = cpu_profile(), str(dtype).removeprefix("torch.")
-    if hw is not None and (hw.int4_matmul or {}).get(name):
+    if hw is not None and hw.multiplies_int4_layout(name):
         ways = int4_ways(hw, name, rows, uses, k, n)
         if not native_agrees():
             ways.pop("tiles", None)

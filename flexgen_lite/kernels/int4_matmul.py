@@ -5,10 +5,13 @@ weight instead of dequantizing it into a slot (a pass that costs as much as the 
 A weight qualifies when it is a matrix (N, K) quantized to 4 bits in groups along K of 32, 64, 128 or 256,
 with N a multiple of 64 (the kernel's block of output rows). It is stored as
 
-    packed codes (N * K / 2 bytes, the kernel's layout) | scale (K / g, N) fp16 | minimum (K / g, N) fp16
+    packed codes (N * K / 2 bytes, the layout below) | scale (K / g, N) fp16 | minimum (K / g, N) fp16
 
-which is exactly `compressed_nbytes` of the same weight. At one or two rows (decode steps of small batches) a C
-kernel multiplies the codes itself (native.int4_gemv), else torch's kernel does. Two other ways multiply it, both
+which is exactly `compressed_nbytes` of the same weight. The layout is torch's AVX-512 one (byte (b, k, j) holds the
+codes of rows 64 b + j and 64 b + 32 + j at column k), made by `pack` itself: torch packs other CPUs' weights
+otherwise (row-major pairs of columns on AVX2), and its int4 kernel is used only where it reads this layout
+(`available`). At a few rows (decode steps of small batches) a C kernel multiplies the codes itself
+(native.int4_gemv), else torch's kernel does where it can. Two other ways multiply it, both
 through a C kernel that unpacks the layout (flexgen_lite.kernels.native, bit-identical to
 `Int4Weight.dequantize_t`'s torch path): by tiles (a cache-sized slice of rows dequantized and multiplied dense at
 a time: decode batches), or dequantized whole once into a slot for dense matmuls (many rows: prefill, or a block's
@@ -37,8 +40,9 @@ GEMV_ROWS = 32  # without a profile, up to this many rows the C kernel multiplie
 
 
 def eligible(shape: tuple[int, ...], config: CompressionConfig | None, device: torch.device) -> bool:
-    """Whether a weight of `shape` compressed with `config` is stored for the kernel on `device`."""
-    return device.type == "cpu" and layout_fits(shape, config) and available()
+    """Whether a weight of `shape` compressed with `config` is stored in the layout on `device`: where the C
+    kernels or torch's int4 kernel multiply it (elsewhere compression's own grouping dequantizes faster)."""
+    return device.type == "cpu" and layout_fits(shape, config) and (native_agrees() or available())
 
 
 def layout_fits(shape: tuple[int, ...], config: CompressionConfig | None) -> bool:
@@ -53,23 +57,25 @@ def layout_fits(shape: tuple[int, ...], config: CompressionConfig | None) -> boo
 
 @functools.cache
 def available() -> bool:
-    """The kernel exists in this torch and packs the layout `dequantize_t` unpacks (checked on random codes)."""
+    """torch's int4 kernel exists here and reads the layout: torch packs codes into it (on AVX2 CPUs it packs
+    pairs of columns instead) and multiplies a random weight so stored close to its dequantized product."""
     ops = torch.ops.aten
     if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
         return False
     try:
         w = torch.randn(2 * BLOCK_N, 96, generator=torch.Generator().manual_seed(0))
         q = quantize(w, CompressionConfig(4, 32, 1))
-        weight = Int4Weight.from_bytes(pack(q), q.shape, 32)
-        expected = dequantize(q, torch.float32)
-        unpacked = weight.dequantize_t(torch.empty(96, 2 * BLOCK_N)).t()
+        stored = pack(q)
+        by_torch = ops._convert_weight_to_int4pack_for_cpu(codes_of(q).to(torch.int32), 2)
+        if not torch.equal(by_torch.view(-1).view(torch.uint8), stored[:by_torch.numel()]):
+            return False
+        weight = Int4Weight.from_bytes(stored, q.shape, 32)
         x = torch.randn(3, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
-        product = weight.matmul(x).float()
-        reference = x.float() @ expected.t()
+        product = weight.torch_kernel(x).float()
+        reference = x.float() @ dequantize(q, torch.float32).t()
     except (RuntimeError, NotImplementedError):
         return False
-    layout_ok = torch.allclose(unpacked, expected, rtol=1e-6, atol=1e-6)
-    return bool(layout_ok) and float((product - reference).norm() / reference.norm()) < 1e-2
+    return float((product - reference).norm() / reference.norm()) < 1e-2
 
 
 @functools.cache
@@ -97,13 +103,19 @@ def native_agrees() -> bool:
     return True
 
 
+def codes_of(q: QuantizedTensor) -> torch.Tensor:
+    """The codes (N, K) uint8 of a 4-bit weight quantized along K (two a byte, low nibble first)."""
+    n, k = q.shape
+    return torch.stack([q.data & 0x0F, q.data >> 4], dim=-1).view(n, k)
+
+
 def pack(q: QuantizedTensor) -> torch.Tensor:
     """A 4-bit weight quantized along K, as the bytes it is stored as (see the module docstring)."""
     n, k = q.shape
-    codes = torch.stack([q.data & 0x0F, q.data >> 4], dim=-1).view(n, k).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    halves = codes_of(q).view(n // BLOCK_N, 2, BLOCK_N // 2, k)  # rows 64 b + j and 64 b + 32 + j
+    packed = (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2)  # (N / 64, K, 32)
     stats = [s.t().contiguous().view(-1).view(torch.uint8) for s in (q.scale, q.minimum)]
-    return torch.cat([packed.view(-1), *stats])
+    return torch.cat([packed.reshape(-1), *stats])
 
 
 def quantize_packed(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
@@ -154,11 +166,14 @@ class Int4Weight:
         if self.tiles is not None:
             return self._tiled(x)
         rows = x.numel() // x.shape[-1]
-        if codes_gemv_wins(x.dtype, rows, *self.shape):
+        if codes_gemv_wins(x.dtype, rows, *self.shape) or not available():
             out = self.codes_gemv(x)
             if out is not None:
                 return out
-        return self.torch_kernel(x)
+        if available():
+            return self.torch_kernel(x)
+        n, k = self.shape  # neither kernel here: dequantized whole
+        return x @ self.dequantize_t(torch.empty(k, n, dtype=x.dtype))
 
     def codes_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         """x @ W.T by the C kernel (native.int4_gemv); None where it is not built or disagrees here."""

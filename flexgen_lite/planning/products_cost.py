@@ -92,7 +92,7 @@ def kernel_weight(s: Setup, kind: str, shape: tuple[int, ...]) -> bool:
     rule: a compressed decoder matrix the layout fits, on a CPU), and the profile has the kernel's rates in the
     compute dtype."""
     return (not s.cuda and kind in DECODER_KINDS and layout_fits(shape, s.wcomp)
-            and s.hw is not None and bool((s.hw.int4_matmul or {}).get(s.dname)))
+            and s.hw is not None and s.hw.multiplies_int4_layout(s.dname))
 
 
 def expert_rows(rows: int, share: float) -> int:

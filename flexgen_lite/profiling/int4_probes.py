@@ -22,23 +22,26 @@ INT4_ROTATION = 40 * MiB  # large weights rotated over up to 16 rows, so that no
 
 
 def int4_rates(device: ComputeDevice, scale: int) -> dict:
-    """4-bit weights multiplied as stored, on a CPU (none with CUDA or where this torch lacks its int4 kernel),
-    per dtype it runs in: by torch's kernel (`int4_matmul`), by the C kernel for a few rows (`int4_gemv`,
+    """4-bit weights multiplied as stored, on a CPU (none with CUDA, or where neither the C kernels nor torch's int4
+    kernel multiply the layout), per dtype it runs in: by torch's kernel (`int4_matmul`; none where it does not
+    read the layout, as on AVX2 CPUs), by the C kernel for a few rows (`int4_gemv`,
     native.int4_gemv) and by tiles (`int4_tiles`). In float32 and bfloat16, as `matmul_rates`: a rate and a fixed
     cost per row count fitted to a large and a small weight. In float16 (slow on most CPUs, which auto never
     computes in) torch's kernel on the small weight alone, while a call takes under 2 ms. The fastest of a few
     calls: on a busy machine a call waits for a core now and then. And the rate of dequantizing the layout for a
     dense matmul (large batches). ~1 s on this VM."""
-    if device.is_cuda or not int4_available():
+    if device.is_cuda or not (int4_available() or native_agrees()):
         return {"int4_matmul": {}, "int4_dequantize": {}, "int4_tiles": {},
                 "int4_gemv": gpu_codes_points(device, scale) if device.is_cuda else {}}
     large, small = [(k // scale, n // scale) for k, n in ((2048, 4096), (1024, 1024))]  # (K, N), multiples of 64
-    found = {name: _int4_points(getattr(torch, name), small, large) for name in ("float32", "bfloat16")}
-    found["float16"] = _int4_points(torch.float16, small)
+    found = {"float32": [], "bfloat16": []}
+    if int4_available():
+        found = {name: _int4_points(getattr(torch, name), small, large) for name in ("float32", "bfloat16")}
+        found["float16"] = _int4_points(torch.float16, small)
     weight = _int4_weights(*large, 1)[0]
     rates = {}
     for name, points in found.items():
-        if points:
+        if points or not int4_available():
             out = torch.empty(large, dtype=getattr(torch, name))
             rates[name] = out.numel() / timed(lambda out=out: weight.dequantize_t(out), lambda: None)
     # the C kernels in the dtypes auto computes in on a CPU (float32 where bfloat16 is slow)
@@ -143,7 +146,11 @@ def _int4_points(dtype: torch.dtype, small: tuple[int, int], large: tuple[int, i
                 if t_small > 2e-3:
                     break
                 continue
-            t_large = _int4_seconds(large_w if m <= 16 else large_w[:1], m, large[0], dtype, way)  # 64: compute bound
+            rotated = large_w if m <= 16 else large_w[:1]  # 64: compute bound
+            if t_small * large[0] * large[1] / (small[0] * small[1]) * len(rotated) > 0.25:
+                break  # a slow way: a call over the rotated weights would take over 0.25 s (tiles where torch's
+                # bf16 matmul is emulated, as on AVX2 CPUs: 26 s of the profile measured whole)
+            t_large = _int4_seconds(rotated, m, large[0], dtype, way)
         except (RuntimeError, NotImplementedError):
             return []
         points.append((m, *fit(flops, t_small, 2 * m * large[0] * large[1], t_large)))

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 15  # measured anew when the code measured changes; 15: FlexGen-grouped 4-bit products on a CPU;
+PROFILE_VERSION = 16  # measured anew when the code measured changes; 16: AVX2 CPUs' kernels (few-row products,
+# 4-bit weights in the layout); 15: FlexGen-grouped 4-bit products on a CPU;
 # 14: a CPU dequantizes 4 bits by the C kernel;
 # 13: 4-bit weights multiplied as stored in float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12:
 # the 4-bit attention kernel 2-6x faster (a lone head from the codes, grouped heads by tiles, position-major
@@ -22,7 +23,7 @@ PROFILE_VERSION = 15  # measured anew when the code measured changes; 15: FlexGe
 # prefetched into L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by
 # the C kernels apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by
 # the C kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
-CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13-15 changed CPUs' probes)
+CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13-16 changed CPUs' probes)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class HardwareProfile:
     stage_compiles: dict[str, tuple[int, float]] = field(default_factory=dict)  # Triton compiles a stage made, and
     # their seconds (where any)
     # dtype -> [(rows, FLOP/s, fixed s)] of 4-bit weights multiplied as stored (int4_matmul's kernel, CPU);
-    # {} where there is none (CUDA, or this torch lacks it); None: not measured (a profile older than it)
+    # {} where there is none (CUDA, this torch lacks it, or it does not read the layout: AVX2); None: not measured
     int4_matmul: dict[str, list[tuple[int, float, float]]] | None = None
     # dtype -> elements/s of dequantizing the kernel's layout for a dense matmul (Int4Weight.dequantize_t: the C
     # kernel where it is built); None: not measured (an older profile)
@@ -168,6 +169,11 @@ class HardwareProfile:
         (k, n) in `dtype` by this profile's fits of both; never beyond the row counts it was measured at."""
         dense = self.matmul.get(dtype)
         return bool(dense) and _few_rows_win(self.gemv.get(dtype), dense, rows, k, n)
+
+    def multiplies_int4_layout(self, dtype: str) -> bool:
+        """Whether this profile measured a kernel multiplying 4-bit weights in int4_matmul's layout in `dtype`: torch's
+        or the C kernel for a few rows (AVX2 CPUs have only the latter)."""
+        return bool((self.int4_matmul or {}).get(dtype) or (self.int4_gemv or {}).get(dtype)) and not self.is_cuda
 
     def int4_matmul_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
         """Seconds of (rows, k) @ W.T for a 4-bit W (n, k) multiplied as stored, interpolated as `matmul_time`:

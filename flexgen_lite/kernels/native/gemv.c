@@ -102,6 +102,26 @@ static void gemv_bf16(const uint16_t *w, const void *bias, int64_t n, int64_t k,
     }
 }
 #endif
+#elif defined(SIMD_AVX2)
+/* sums[r] = xf[r] . row for r < nr (<= XROWS): 16 columns a step, two sums per row of x (8 chains in flight). */
+static inline __attribute__((always_inline)) void dots(const char *row, int kind, int64_t k, const float *xf,
+                                                       int64_t nr, float *sums) {
+    __m256 acc[XROWS][2];
+    for (int r = 0; r < XROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+        __m256 w0 = load8(row, kind, c), w1 = load8(row, kind, c + 8);
+        for (int r = 0; r < nr; r++) {
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xf + r * k + c), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xf + r * k + c + 8), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < nr; r++) sums[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (; c < k; c++) {
+        float w = kind_value(row, kind, c);
+        for (int r = 0; r < nr; r++) sums[r] += w * xf[r * k + c];
+    }
+}
 #else
 static inline void dots(const char *row, int kind, int64_t k, const float *xf, int64_t nr, float *sums) {
     for (int r = 0; r < nr; r++) {
@@ -135,7 +155,16 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
         float b = bias ? kind_value(bias, kind, j) : 0.0f;
         for (int64_t r0 = 0; r0 < rows; r0 += XROWS) {
             int64_t nr = rows - r0 < XROWS ? rows - r0 : XROWS;
+#ifdef SIMD_AVX2
+            switch (nr) {  /* each count of rows its own unrolled loop */
+                case 1: dots(row, kind, k, xf + r0 * k, 1, sums); break;
+                case 2: dots(row, kind, k, xf + r0 * k, 2, sums); break;
+                case 3: dots(row, kind, k, xf + r0 * k, 3, sums); break;
+                default: dots(row, kind, k, xf + r0 * k, 4, sums); break;
+            }
+#else
             dots(row, kind, k, xf + r0 * k, nr, sums);
+#endif
             for (int64_t r = 0; r < nr; r++) kind_put(y, kind, (r0 + r) * n + j, sums[r] + b);
         }
     }

@@ -5,6 +5,7 @@
    fused multiply-add (built with -ffp-contract=off), rounded to nearest even: bit-identical to the torch path. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kinds.h"
@@ -44,6 +45,21 @@ static inline void block64(const uint8_t *src, const __m512 *sv, const __m512 *m
         __m512 vhi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), sv[2 + half]), mv[2 + half]);
         store16(dst + 16 * half * itemsize, vlo, kind);
         store16(dst + (32 + 16 * half) * itemsize, vhi, kind);
+    }
+}
+#endif
+
+#ifdef SIMD_AVX2
+/* block64 in 8 lanes: block b's 64 values of a column from its 32 code bytes, with the column group's 64 scales
+   and minimums in fp32 (sv, mv: 8 rows each). */
+static inline void block64_avx2(const uint8_t *src, const __m256 *sv, const __m256 *mv, char *dst, int kind,
+                                int64_t itemsize) {
+    for (int q = 0; q < 4; q++) {  /* bytes 8q .. 8q + 7: rows 8q .. 8q + 7 (low nibbles), 32 + 8q .. (high) */
+        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * q)));
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+        __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+        store8(dst + 8 * q * itemsize, _mm256_add_ps(_mm256_mul_ps(lo, sv[q]), mv[q]), kind);
+        store8(dst + (32 + 8 * q) * itemsize, _mm256_add_ps(_mm256_mul_ps(hi, sv[4 + q]), mv[4 + q]), kind);
     }
 }
 #endif
@@ -99,6 +115,22 @@ void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Floa
                         kind, itemsize);
             }
         }
+#elif defined(SIMD_AVX2)
+        for (int64_t b = b0; b < b1; b++) {
+            __m256 sv[8], mv[8];
+            int64_t group = -1;
+            for (int64_t col = col0; col < col1; col++) {
+                if (col / group_size != group) {
+                    group = col / group_size;
+                    for (int i = 0; i < 8; i++) {
+                        sv[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + group * n + b * 64 + 8 * i)));
+                        mv[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(minimum + group * n + b * 64 + 8 * i)));
+                    }
+                }
+                block64_avx2(packed + (b * k + col) * 32, sv, mv,
+                             (char *)out + (col * width + (b - b0) * 64) * itemsize, kind, itemsize);
+            }
+        }
 #else
         for (int64_t col = col0; col < col1; col++) {
             int64_t group = col / group_size;
@@ -111,6 +143,80 @@ void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Floa
 
 /* ---- a few rows multiplied by the codes as they are (decode steps of small batches) ------------------------ */
 
+#ifdef SIMD_AVX2
+#define QROWS 4  /* rows of x a pass over a quarter block: 2 x QROWS sums in registers */
+/* A quarter q of one block (bytes 8q .. 8q + 7 of each column: rows 8q .. 8q + 7, low nibbles, and 32 + 8q ..
+   32 + 8q + 7, high) times NR rows of x: each column's 8 bytes converted once for the NR rows; with fewer than 3
+   rows, even and odd columns summed apart (two chains per sum in flight). Each group's sums scaled, and its
+   minimums times the group's sums of x (xsum, rows apart by `groups`) added, into out (rows apart by n). */
+static inline __attribute__((always_inline)) void quarter_avx2(const uint8_t *codes, const _Float16 *scale,
+                                                               const _Float16 *minimum, int64_t n, int64_t k,
+                                                               int64_t g, const float *x, const float *xsum,
+                                                               int64_t groups, const int NR, float *out) {
+    enum { U = 2 };
+    const int u = NR < 3 ? U : 1;
+    for (int r = 0; r < NR; r++) {
+        _mm256_storeu_ps(out + r * n, _mm256_setzero_ps());
+        _mm256_storeu_ps(out + r * n + 32, _mm256_setzero_ps());
+    }
+    for (int64_t g0 = 0; g0 < k; g0 += g) {
+        __m256 part[U][QROWS][2];
+        for (int j = 0; j < U; j++)
+            for (int r = 0; r < QROWS; r++) part[j][r][0] = part[j][r][1] = _mm256_setzero_ps();
+        for (int64_t col = g0; col < g0 + g; col += u) {
+            for (int j = 0; j < u; j++) {
+                __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + (col + j) * 32)));
+                __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15)));
+                __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+                for (int r = 0; r < NR; r++) {
+                    __m256 xv = _mm256_broadcast_ss(x + r * k + col + j);
+                    part[j][r][0] = _mm256_fmadd_ps(lo, xv, part[j][r][0]);
+                    part[j][r][1] = _mm256_fmadd_ps(hi, xv, part[j][r][1]);
+                }
+            }
+        }
+        const _Float16 *s = scale + (g0 / g) * n, *m = minimum + (g0 / g) * n;
+        for (int h = 0; h < 2; h++) {  /* h: the low nibbles' rows, then the high ones' (32 further) */
+            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 32 * h)));
+            __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + 32 * h)));
+            for (int r = 0; r < NR; r++) {
+                __m256 sum = u == 2 ? _mm256_add_ps(part[0][r][h], part[1][r][h]) : part[0][r][h];
+                float *o = out + r * n + 32 * h;
+                __m256 acc = _mm256_fmadd_ps(sum, sv, _mm256_loadu_ps(o));
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(mv, _mm256_set1_ps(xsum[r * groups + g0 / g]), acc));
+            }
+        }
+    }
+}
+
+/* int4_gemv in 8 lanes (AVX2): the group sums of x once, then for each block, its quarters by passes of up to
+   QROWS rows (the block's codes, 32 bytes a column, stay in L2 between them). 0: no memory for the sums. */
+static int int4_gemv_avx2(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
+                          int64_t g, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1) {
+    const int64_t groups = k / g;
+    float *xsum = malloc(sizeof(float) * rows * groups);
+    if (!xsum) return 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < groups; i++) xsum[r * groups + i] = sum_floats(x + r * k + i * g, g);
+    for (int64_t b = b0; b < b1; b++)
+        for (int q = 0; q < 4; q++)
+            for (int64_t r0 = 0; r0 < rows; r0 += QROWS) {
+                const uint8_t *c = packed + b * k * 32 + 8 * q;
+                const _Float16 *s = scale + b * 64 + 8 * q, *m = minimum + b * 64 + 8 * q;
+                const float *xr = x + r0 * k, *xs = xsum + r0 * groups;
+                float *o = out + r0 * n + b * 64 + 8 * q;
+                switch (rows - r0 < QROWS ? rows - r0 : QROWS) {  /* each count of rows its own unrolled loop */
+                    case 1: quarter_avx2(c, s, m, n, k, g, xr, xs, groups, 1, o); break;
+                    case 2: quarter_avx2(c, s, m, n, k, g, xr, xs, groups, 2, o); break;
+                    case 3: quarter_avx2(c, s, m, n, k, g, xr, xs, groups, 3, o); break;
+                    default: quarter_avx2(c, s, m, n, k, g, xr, xs, groups, 4, o); break;
+                }
+            }
+    free(xsum);
+    return 1;
+}
+#endif
+
 /* out (rows, N) fp32 = x (rows, K) fp32 @ W.T, W in the layout above, for the blocks of 64 output rows [b0, b1).
    Each column's 32 code bytes are read once and multiplied as codes into every row of x; per group the sums
    are scaled and the minimum times the group's sum of x added (code * scale + minimum, summed over the group):
@@ -118,6 +224,9 @@ void int4_dequantize_t(const uint8_t *packed, const _Float16 *scale, const _Floa
    registers). */
 void int4_gemv(const uint8_t *packed, const _Float16 *scale, const _Float16 *minimum, int64_t n, int64_t k,
                int64_t group_size, const float *x, int64_t rows, float *out, int64_t b0, int64_t b1) {
+#ifdef SIMD_AVX2
+    if (int4_gemv_avx2(packed, scale, minimum, n, k, group_size, x, rows, out, b0, b1)) return;
+#endif
     enum { R = 2 };
     for (int64_t b = b0; b < b1; b++) {
         for (int64_t r0 = 0; r0 < rows; r0 += R) {
@@ -324,12 +433,30 @@ static inline void values64(const uint8_t *c, const float *sv, const float *mv, 
 }
 #endif
 
+#ifdef SIMD_AVX2
+/* 16 values from 8 bytes of codes into dst, as values_out (sv == NULL: s, m for all) */
+static inline void values16(const uint8_t *c, const float *sv, const float *mv, float s, float m, char *dst,
+                            int kind, int64_t size) {
+    __m256 x[2];
+    codes16(c, x);
+    for (int i = 0; i < 2; i++) {
+        __m256 y = sv ? _mm256_add_ps(_mm256_mul_ps(x[i], _mm256_loadu_ps(sv + 8 * i)), _mm256_loadu_ps(mv + 8 * i))
+                      : _mm256_add_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(s)), _mm256_set1_ps(m));
+        y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-FP16_MAX)), _mm256_set1_ps(FP16_MAX));
+        store8(dst + 8 * i * size, y, kind);
+    }
+}
+#endif
+
 /* n values (n even) from codes c (value 0 at a byte's low nibble), as values_out */
 static inline void row_out(const uint8_t *c, const float *sv, const float *mv, float s, float m, int64_t n,
                            char *dst, int kind, int64_t size, float *x) {
     int64_t i = 0;
 #ifdef __AVX512BW__
     for (; i + 64 <= n; i += 64) values64(c + i / 2, sv ? sv + i : NULL, sv ? mv + i : NULL, s, m, dst + i * size,
+                                          kind, size);
+#elif defined(SIMD_AVX2)
+    for (; i + 16 <= n; i += 16) values16(c + i / 2, sv ? sv + i : NULL, sv ? mv + i : NULL, s, m, dst + i * size,
                                           kind, size);
 #endif
     if (i == n) return;

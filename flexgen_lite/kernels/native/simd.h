@@ -1,4 +1,4 @@
-/* Vector helpers the kernels' files share (AVX-512). */
+/* Vector helpers the kernels' files share: AVX-512, and AVX2 (with FMA and F16C) for CPUs without it. */
 
 #ifndef FLEXGEN_LITE_SIMD_H
 #define FLEXGEN_LITE_SIMD_H
@@ -75,6 +75,58 @@ static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m5
     x[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 1)));
     x[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 2)));
     x[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, 3)));
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+/* AVX2 machines (most desktop CPUs; AMD before Zen 4): the kernels' 8-lane paths */
+#define SIMD_AVX2 1
+#include <immintrin.h>
+
+/* Elements c .. c + 7 of a row of `kind` as fp32. */
+static inline __m256 load8(const char *row, int kind, int64_t c) {
+    if (kind == KIND_F32) return _mm256_loadu_ps((const float *)row + c);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + c));
+    if (kind == KIND_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* v into 8 elements of `kind` at dst, rounded to nearest even as kind_put. */
+static inline void store8(void *dst, __m256 v, int kind) {
+    if (kind == KIND_F32) {
+        _mm256_storeu_ps(dst, v);
+    } else if (kind == KIND_F16) {
+        _mm_storeu_si128(dst, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        __m256i u = _mm256_castps_si256(v);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        _mm_storeu_si128(dst, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* The sum of n floats. */
+static inline float sum_floats(const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+    float s = hsum8(acc);
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+/* 16 codes from 8 bytes (value 2i at byte i's low nibble), as fp32 (x[0..1]), not yet scaled */
+static inline __attribute__((always_inline)) void codes16(const uint8_t *c, __m256 x[2]) {
+    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)c));
+    __m128i lo = _mm_and_si128(w, _mm_set1_epi16(15)), hi = _mm_srli_epi16(w, 4);
+    x[0] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_unpacklo_epi16(lo, hi)));
+    x[1] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_unpackhi_epi16(lo, hi)));
 }
 #endif
 
