@@ -13,6 +13,7 @@ import torch
 from flexgen_lite.kernels import int4_matmul, native
 from flexgen_lite.kernels.compression import CompressionConfig, dequantize, dequantize_reference, grouped, quantize
 from flexgen_lite.kernels.int4_matmul import BLOCK_N, Int4Weight, codes_of, pack
+from flexgen_lite.kernels.int8_weight import Int8Weight
 
 from .conftest import other_native_build
 from .test_dequantize_native import assert_bits
@@ -121,3 +122,24 @@ def test_every_builds_dense_gemv_multiplies_each_dtype(build, dtype):
                        out.data_ptr(), 0, n)
         want = x.double() @ w.double().t() + b.double()
         torch.testing.assert_close(out.double(), want, rtol=0, atol=RTOL[dtype] * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_builds_8_bit_head_kernels(build, dtype):
+    """int8.c (the embedding and head in 8 bits): the dequantized rows are code * scale rounded to the dtype, bit for
+    bit; the products of 1 to 6 rows (a second pass of rows) those of the dequantized values within fp32 sums."""
+    lib = lib_of(build)
+    g = torch.Generator().manual_seed(9)
+    q = Int8Weight.quantize(torch.randn(70, 256, generator=g) * 0.05)
+    values = q.codes.float() * q.scale.float().repeat_interleave(32, dim=1)
+    out = torch.empty(20, 256, dtype=dtype)
+    lib.int8_dequantize(q.codes.data_ptr(), q.scale.data_ptr(), 256, out.data_ptr(), native.OUT_KIND[dtype], 30, 50)
+    assert_bits(out, values[30:50].to(dtype))
+    for rows in (1, 4, 6):
+        x = torch.randn(rows, 256, generator=g)
+        y = torch.empty(rows, 70, dtype=dtype)
+        lib.int8_gemv(q.codes.data_ptr(), q.scale.data_ptr(), 70, 256, x.data_ptr(), None, rows, y.data_ptr(),
+                      native.OUT_KIND[dtype], 0, 70)
+        want = x.double() @ values.double().t()
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=RTOL[dtype] * float(want.abs().max()))

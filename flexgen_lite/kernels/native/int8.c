@@ -12,6 +12,7 @@
 #include <stdlib.h>
 
 #include "kinds.h"
+#include "simd.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -27,8 +28,16 @@ static inline __m512 scaled16(const int8_t *c, __m512 d) {
 }
 #endif
 
+#ifdef SIMD_AVX2
+/* 8 codes at c times the group's scale d, in fp32. */
+static inline __m256 scaled8(const int8_t *c, __m256 d) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)c))), d);
+}
+#endif
+
 /* sums[r] = x row r . W row (codes w, scales s) for r < nr. */
-static void dots8(const int8_t *w, const _Float16 *s, int64_t k, const float *xf, int64_t nr, float *sums) {
+static inline __attribute__((always_inline)) void dots8(const int8_t *w, const _Float16 *s, int64_t k,
+                                                        const float *xf, int64_t nr, float *sums) {
 #ifdef __AVX512F__
     __m512 acc[XROWS];
     for (int r = 0; r < XROWS; r++) acc[r] = _mm512_setzero_ps();
@@ -43,6 +52,19 @@ static void dots8(const int8_t *w, const _Float16 *s, int64_t k, const float *xf
         }
     }
     for (int64_t r = 0; r < nr; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(SIMD_AVX2)
+    __m256 acc[XROWS][2];  /* two sums a row: the group's 4 products a row in two chains */
+    for (int r = 0; r < XROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k / GROUP; g++) {
+        const int8_t *c = w + g * GROUP;
+        __m256 d = _mm256_set1_ps((float)s[g]), wv[4];
+        for (int i = 0; i < 4; i++) wv[i] = scaled8(c + 8 * i, d);
+        for (int64_t r = 0; r < nr; r++) {
+            const float *x = xf + r * k + g * GROUP;
+            for (int i = 0; i < 4; i++) acc[r][i & 1] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(x + 8 * i), acc[r][i & 1]);
+        }
+    }
+    for (int64_t r = 0; r < nr; r++) sums[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
 #else
     for (int64_t r = 0; r < nr; r++) sums[r] = 0.0f;
     for (int64_t g = 0; g < k / GROUP; g++) {
@@ -90,7 +112,12 @@ void int8_gemv(const int8_t *codes, const _Float16 *scale, int64_t n, int64_t k,
                 dots8_bf16(w, s, k, xb + r0 * k, nr, sums);
             else
 #endif
-                dots8(w, s, k, xf + r0 * k, nr, sums);
+                switch (nr) {  /* each count of rows its own unrolled loop */
+                    case 1: dots8(w, s, k, xf + r0 * k, 1, sums); break;
+                    case 2: dots8(w, s, k, xf + r0 * k, 2, sums); break;
+                    case 3: dots8(w, s, k, xf + r0 * k, 3, sums); break;
+                    default: dots8(w, s, k, xf + r0 * k, 4, sums); break;
+                }
             for (int64_t r = 0; r < nr; r++) kind_put(y, kind, (r0 + r) * n + j, sums[r]);
         }
     }
@@ -139,6 +166,10 @@ void int8_dequantize(const int8_t *codes, const _Float16 *scale, int64_t k, void
                     _mm256_storeu_si256((__m256i *)((uint16_t *)dst + at), _mm512_cvtepi32_epi16(u));
                 }
             }
+#elif defined(SIMD_AVX2)
+            for (int64_t h = 0; h < GROUP; h += 8)
+                store8((char *)dst + (out + g * GROUP + h) * (kind == KIND_F32 ? 4 : 2),
+                       scaled8(w + g * GROUP + h, _mm256_set1_ps(d)), kind);
 #else
             for (int64_t c = 0; c < GROUP; c++)
                 kind_put(dst, kind, out + g * GROUP + c, (float)w[g * GROUP + c] * d);
