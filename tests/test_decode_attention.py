@@ -5,6 +5,7 @@ transformers end to end is test_parity's (every placement decodes through it on 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing
 
 import pytest
@@ -90,28 +91,29 @@ def test_sinks_take_their_share_of_each_softmax(shape, dtype, position_major):
 
 @pytest.mark.parametrize("march", [["-march=x86-64-v3"], ["-march=native", "-mno-avx512bf16"]], ids=str)
 def test_other_builds_match_sdpa(monkeypatch, march):
-    """attention.c built for machines without AVX-512 (plain C loops) and with AVX-512 but without its bf16 dot
-    products (grouped heads' keys converted to fp32) is as close to the exact result as torch's kernel."""
+    """attention.c built for machines without AVX-512 (AVX2's 8 lanes: fp32 grouped heads read once for the group,
+    plain C loops for the rest) and with AVX-512 but without its bf16 dot products (grouped heads' keys converted to
+    fp32) is as close to the exact result as torch's kernel, in bf16 and fp32."""
     other = other_native_build(march)
     monkeypatch.setattr(native, "library", lambda: other)
     monkeypatch.setattr(native, "team_threads", lambda: 0)  # built without OpenMP: its ranges on Python threads
-    for shape in SHAPES:
-        for position_major in (False, True):
-            q, k, v, mask = _case(shape, torch.bfloat16)
-            if position_major:  # the cache across a link: (L, rows, kv_heads, d) seen as (rows, kv_heads, L, d)
-                k, v = (x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for x in (k, v))
-            out, exact = native.decode_attention(q, k, v, mask), _sdpa(q.float(), k.float(), v.float(), mask)
-            ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
-            assert ours <= torchs * 1.01 + 1e-6, (shape, position_major)
-            sinks = torch.linspace(-2, 2, shape[1])
-            out, exact = native.decode_attention(q, k, v, mask, sinks=sinks), _exact_with_sinks(q, k, v, mask, sinks)
-            theirs = (attention.scored_attend(q, k, v, mask, sinks=sinks).double() - exact).abs().max()
-            assert (out.double() - exact).abs().max() <= theirs * 1.01 + 1e-6, (shape, position_major, "sinks")
+    for shape, dtype, position_major in itertools.product(SHAPES, (torch.bfloat16, torch.float32), (False, True)):
+        q, k, v, mask = _case(shape, dtype)
+        if position_major:  # the cache across a link: (L, rows, kv_heads, d) seen as (rows, kv_heads, L, d)
+            k, v = (x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for x in (k, v))
+        out, exact = native.decode_attention(q, k, v, mask), _sdpa(q.float(), k.float(), v.float(), mask)
+        ours, torchs = (out.float() - exact).abs().max(), (_sdpa(q, k, v, mask).float() - exact).abs().max()
+        assert ours <= torchs * 1.01 + 1e-6, (shape, position_major)
+        sinks = torch.linspace(-2, 2, shape[1])
+        out, exact = native.decode_attention(q, k, v, mask, sinks=sinks), _exact_with_sinks(q, k, v, mask, sinks)
+        theirs = (attention.scored_attend(q, k, v, mask, sinks=sinks).double() - exact).abs().max()
+        assert (out.double() - exact).abs().max() <= theirs * 1.01 + 1e-6, (shape, position_major, "sinks")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 12, 4, 64, 7, 8), (2, 8, 2, 128, 5, 5)], ids=str)
-def test_a_row_with_every_position_masked_gets_zeros_with_grouped_heads(shape):
-    q, k, v, mask = _case(shape, torch.bfloat16)
+def test_a_row_with_every_position_masked_gets_zeros_with_grouped_heads(shape, dtype):
+    q, k, v, mask = _case(shape, dtype)
     mask[1] = False
     out = native.decode_attention(q, k, v, mask)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and bool(out[0].abs().sum() > 0)

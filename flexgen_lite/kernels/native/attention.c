@@ -145,6 +145,16 @@ static inline float softmax_weights(float *s, const uint8_t *m, int64_t length, 
         sum = _mm512_add_ps(sum, p);
     }
     total = _mm512_reduce_add_ps(sum);
+#elif defined(SIMD_AVX2)
+    __m256 sum = _mm256_setzero_ps(), t = _mm256_set1_ps(top);
+    for (; l + 8 <= length; l += 8) {
+        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + l)));
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
+        __m256 p = _mm256_and_ps(keep, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), t)));
+        _mm256_storeu_ps(s + l, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    total = hsum8(sum);
 #endif
     for (; l < length; l++) {
         s[l] = m[l] ? expf(s[l] - top) : 0.0f;
@@ -529,6 +539,88 @@ static void block_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb,
 }
 #endif
 
+#ifdef SIMD_AVX2
+/* a . b for n values, n a multiple of 8 */
+static inline float dot8(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    if (i < n) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    return hsum8(_mm256_add_ps(s0, s1));
+}
+
+/* acc[j] (rows ds apart) += dims [d0, d0 + 16) (or 8, `two` 0) of sum over unmasked l of p[j][l] * v[l] / total[j]
+   for NJ heads: each position's 16 values loaded once for all of them, 2 x NJ sums in registers. */
+static inline __attribute__((always_inline)) void weighted_f32(float *acc, int64_t ds, const float *p, int64_t sl,
+                                                               const float *total, const uint8_t *m, const rows_t *c,
+                                                               int64_t length, int64_t vs, int64_t d0, int two,
+                                                               const int NJ) {
+    __m256 sum[6][2];
+    for (int j = 0; j < NJ; j++) sum[j][0] = sum[j][1] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) continue;
+        const float *value = (const float *)value_at(c, l, vs) + d0;
+        __m256 v0 = _mm256_loadu_ps(value), v1 = two ? _mm256_loadu_ps(value + 8) : _mm256_setzero_ps();
+        for (int j = 0; j < NJ; j++) {
+            __m256 pj = _mm256_set1_ps(p[j * sl + l]);
+            sum[j][0] = _mm256_fmadd_ps(pj, v0, sum[j][0]);
+            sum[j][1] = _mm256_fmadd_ps(pj, v1, sum[j][1]);
+        }
+    }
+    for (int j = 0; j < NJ; j++) {
+        if (total[j] <= 0) continue;  /* every position masked: zeros */
+        __m256 inv = _mm256_set1_ps(1.0f / total[j]);
+        _mm256_storeu_ps(acc + j * ds + d0, _mm256_mul_ps(sum[j][0], inv));
+        if (two) _mm256_storeu_ps(acc + j * ds + d0 + 8, _mm256_mul_ps(sum[j][1], inv));
+    }
+}
+
+/* The g query heads sharing one kv head of a head-major fp32 cache (g 1 where none share), dim a multiple of 8,
+   in 8 lanes: scores of each key row for every head (the row from L1 after the first), the softmax 8 positions
+   at a time, then the values 16 dims a pass for up to 6 heads, each value row read once for them. Scores of head j
+   go to s + j * sl; its output to acc + j * ds. */
+static void group_two_pass_f32(const float *qf, int64_t ds, int64_t g, const rows_t *c, const uint8_t *m,
+                               int64_t length, int64_t ks, int64_t vs, float scale, const float *sinks, float *s,
+                               int64_t sl, float *acc, int64_t dim) {
+    float top[MAX_GROUP], total[MAX_GROUP];
+    for (int64_t j = 0; j < g; j++) top[j] = -INFINITY;
+    for (int64_t l = 0; l < length; l++) {
+        if (!m[l]) {
+            for (int64_t j = 0; j < g; j++) s[j * sl + l] = -INFINITY;
+            continue;
+        }
+        const float *key = (const float *)key_at(c, l, ks);
+        for (int64_t at = 0; at < dim * 4; at += 64) __builtin_prefetch((const char *)key + 4 * ks + at, 0, 1);
+        for (int64_t j = 0; j < g; j++) {
+            float sc = dot8(qf + j * ds, key, dim) * scale;
+            s[j * sl + l] = sc;
+            top[j] = sc > top[j] ? sc : top[j];
+        }
+    }
+    for (int64_t j = 0; j < g; j++) {
+        memset(acc + j * ds, 0, ds * sizeof(float));
+        total[j] = top[j] == -INFINITY ? 0 : softmax_weights(s + j * sl, m, length, top[j]) + sink_term(sinks, j, top[j]);
+    }
+    for (int64_t j0 = 0; j0 < g; j0 += 6)
+        for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+            float *a = acc + j0 * ds;
+            const float *p = s + j0 * sl, *t = total + j0;
+            int two = d0 + 16 <= dim;
+            switch (g - j0 < 6 ? g - j0 : 6) {  /* each count of heads its own loop: the sums stay in registers */
+                case 1: weighted_f32(a, ds, p, sl, t, m, c, length, vs, d0, two, 1); break;
+                case 2: weighted_f32(a, ds, p, sl, t, m, c, length, vs, d0, two, 2); break;
+                case 3: weighted_f32(a, ds, p, sl, t, m, c, length, vs, d0, two, 3); break;
+                case 4: weighted_f32(a, ds, p, sl, t, m, c, length, vs, d0, two, 4); break;
+                case 5: weighted_f32(a, ds, p, sl, t, m, c, length, vs, d0, two, 5); break;
+                default: weighted_f32(a, ds, p, sl, t, m, c, length, vs, d0, two, 6); break;
+            }
+        }
+}
+#endif
+
 /* One (sequence, query head) of a head-major cache: keys first (the values prefetched meanwhile, so that the
    second pass finds them in L2), then values. `s` holds `length` floats. */
 static void pair_two_pass(const float *qf, const rows_t *c, const uint8_t *m, int kind, int64_t item,
@@ -650,6 +742,16 @@ void decode_attention(const void *q, const void *k, const void *v, const uint8_t
             block_two_pass_half(qf, ds, qb, q_strides[1], kh1 - kh0, group, &ch, k_strides[1] * item, k_strides[2] * item,
                                 v_strides[1] * item, v_strides[2] * item, m, length, scale, sinks ? sinks + h0 : NULL,
                                 scores, acc, dim / 16, kind);
+            for (int64_t j = 0; j < nq; j++)
+                store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
+                          acc + j * ds);
+            continue;
+        }
+#endif
+#ifdef SIMD_AVX2
+        if (block == 1 && kind == KIND_F32 && group > 1 && dim % 8 == 0) {
+            group_two_pass_f32(qf, ds, nq, &ch, m, length, k_strides[2] * item, v_strides[2] * item, scale,
+                               sinks ? sinks + h0 : NULL, scores, sl, acc, dim);
             for (int64_t j = 0; j < nq; j++)
                 store_row((char *)out + (b * out_strides[0] + (h0 + j) * out_strides[1]) * item, kind, dim,
                           acc + j * ds);
