@@ -14,7 +14,7 @@ from flexgen_lite.cli.bench import _cache_bytes_read_per_step
 from flexgen_lite.cli.breakdown import _exclusive, format_table, step_flops, summarize
 from flexgen_lite.cli.chrome_trace import read_trace, write_trace
 from flexgen_lite.cli.main import main
-from flexgen_lite.engine.trace import COMPUTE_LANE, NULL, Recorder
+from flexgen_lite.engine.trace import COMPUTE_LANE, NULL, STEP, Recorder, Span, StepMark
 from flexgen_lite.engine.weights import weight_bytes
 from flexgen_lite.kernels import attention
 from flexgen_lite.models.hf_config import load_config
@@ -170,6 +170,20 @@ def test_trace_is_valid_chrome_json_and_reads_back(runs, tmp_path):
         for stage, row in before[phase].rows.items():
             assert after[phase].rows[stage].nbytes == row.nbytes
             assert after[phase].rows[stage].seconds == pytest.approx(row.seconds, abs=1e-5)
+
+
+def test_a_step_read_back_keeps_the_spans_starting_with_it(tmp_path):
+    """A step's own span starts at the step's start; read back from the trace's microseconds it may round a bit
+    below the step's start in seconds, and must still be the step's (it was summed into the step before)."""
+    origin = 0.0
+    start = next(x for x in (0.0123456789 + k * 1.1e-9 for k in range(10_000)) if (x * 1e6) / 1e6 < x)
+    steps = [StepMark(0, origin, start, rows=1, tokens=4), StepMark(1, start, start + 0.02, rows=1, tokens=1)]
+    spans = [Span(STEP, COMPUTE_LANE, origin, start), Span(STEP, COMPUTE_LANE, start, start + 0.02)]
+    write_trace(tmp_path / "t.json", spans, steps, {}, origin)
+    before, after = summarize(spans, steps), summarize(*read_trace(tmp_path / "t.json")[:2])
+    for phase in ("prefill", "decode"):
+        assert after[phase].rows[STEP].seconds == pytest.approx(before[phase].rows[STEP].seconds, abs=1e-9)
+    assert after["decode"].rows[STEP].seconds == pytest.approx(0.02, abs=1e-9)
 
 
 def test_bench_breakdown_and_trace_flags(tiny_models, tmp_path, capsys):

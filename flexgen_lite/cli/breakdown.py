@@ -123,13 +123,15 @@ def _intersection(x: list[tuple[float, float]], y: list[tuple[float, float]]) ->
 def summarize(spans: list[Span], steps: list[StepMark], step_info: list[dict] | None = None,
               skip_first_decode: bool = False) -> dict[str, PhaseBreakdown]:
     """{"prefill": ..., "decode": ...} over the recorded steps. Compute-lane spans belong to the step they
-    lie in; an I/O span to the step in which it started (or the last one before). `step_info[i]` may give
-    step i's "flops" and "compute_s" (see `step_flops`), and "attention" (its kernels, when the mark has none)."""
+    lie in; an I/O span to the step in which it started (or the last one before; a span starting within a
+    nanosecond of a step's start is the step's: a trace's microseconds read back may round it just before).
+    `step_info[i]` may give step i's "flops" and "compute_s" (see `step_flops`), and "attention" (its kernels,
+    when the mark has none)."""
     steps = sorted(steps, key=lambda s: s.start)
     starts = [s.start for s in steps]
     per_step: list[list[Span]] = [[] for _ in steps]
     for s in spans:
-        i = max(bisect.bisect_right(starts, s.start) - 1, 0)
+        i = max(bisect.bisect_right(starts, s.start + 1e-9) - 1, 0)
         if steps:
             per_step[i].append(s)
     phases: dict[str, PhaseBreakdown] = {}
