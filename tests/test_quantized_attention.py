@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_lite import FlexGenLite, SamplingConfig
+from flexgen_lite.kernels import native
 from flexgen_lite.kernels import quantized_attention as qa
 from flexgen_lite.kernels import quantized_attention_triton as qt
 from flexgen_lite.kernels.quantization import CompressionConfig, QuantizedTensor, dequantize_reference, quantize
 
-from .conftest import PROMPTS, make_checkpoint
+from .conftest import PROMPTS, make_checkpoint, other_native_build
 from .test_link_paths import check_gpu_memory_plan
 from .test_parity import LINK, P, link_only_on_cpu
 from .test_window_ring import with_eos
@@ -61,14 +62,26 @@ def test_the_built_kernel_passes_its_own_check():
     assert qa.checked()
 
 
+@pytest.fixture(params=["native", "avx2", "plain"])
+def build(request, monkeypatch):
+    """The kernel as built for this machine, for AVX2 CPUs without AVX-512 (8 lanes) and for plain x86-64 (its C
+    loops): the other two built here without OpenMP (conftest.other_native_build), their ranges on Python threads."""
+    if request.param != "native":
+        other = qa.declared(other_native_build({"avx2": ["-march=x86-64-v3"], "plain": ["-march=x86-64"]}[
+            request.param]))
+        monkeypatch.setattr(qa, "_library", lambda: other)
+        monkeypatch.setattr(native, "team_threads", lambda: 0)
+    return request.param
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,heads,kv_heads", [(128, 3, 3), (128, 8, 2), (64, 6, 3), (96, 2, 1), (16, 4, 2)],
                          ids=["lone-128", "gqa-128", "gqa-64", "padded-group", "short-head"])
 @pytest.mark.parametrize("position_major", [True, False], ids=["position-major", "head-major"])
-def test_the_kernel_is_dequantize_then_attend(dtype, d, heads, kv_heads, position_major):
+def test_the_kernel_is_dequantize_then_attend(build, dtype, d, heads, kv_heads, position_major):
     """Masked slots, a new token mid-cache (a ring's slot) whose stored row is far off, rows of the part picked
-    (finished rows left): within an ulp or so of the attention dtype (fp32: summation order alone)."""
+    (finished rows left): within an ulp or so of the attention dtype (fp32: summation order alone), on every build."""
     g = torch.Generator().manual_seed(d + heads)
     rows_in_cache, length, skip = 5, 37, 11
     k, v = (stored(torch.randn(rows_in_cache, kv_heads, length, d, generator=g), position_major) for _ in "kv")
@@ -86,7 +99,7 @@ def test_the_kernel_is_dequantize_then_attend(dtype, d, heads, kv_heads, positio
 
 
 @needs_kernel
-def test_a_row_with_every_slot_masked_gets_zeros_and_the_others_their_own():
+def test_a_row_with_every_slot_masked_gets_zeros_and_the_others_their_own(build):
     g = torch.Generator().manual_seed(0)
     k, v = (stored(torch.randn(2, 2, 9, 64, generator=g), True) for _ in "kv")
     q, k_new, v_new = (torch.randn(2, 2, 1, 64, generator=g) for _ in range(3))

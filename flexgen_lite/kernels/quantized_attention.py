@@ -105,8 +105,11 @@ def _dense(parts: tuple[torch.Tensor, ...], config: CompressionConfig, dtype: to
 @functools.cache
 def _library():
     lib = native.library()
-    if lib is None:
-        return None
+    return None if lib is None else declared(lib)
+
+
+def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib (a build of the native kernels) with the 4-bit attention's argument types set."""
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     common = ([ptr, ptr, i32] + [ptr] * 6 + [ptr] * 2 + [ptr] * 3 + [ptr, i64, ptr, ptr, ptr] + [i64] * 6
               + [f32, i64])

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 16  # measured anew when the code measured changes; 16: AVX2 CPUs' kernels (few-row products,
-# 4-bit weights in the layout, grouped fp32 decode attention); 15: FlexGen-grouped 4-bit products on a CPU;
-# 14: a CPU dequantizes 4 bits by the C kernel;
+PROFILE_VERSION = 17  # measured anew when the code measured changes; 17: AVX2 CPUs' attention over a 4-bit cache;
+# 16: AVX2 CPUs' kernels (few-row products, 4-bit weights in the layout, grouped fp32 decode attention);
+# 15: FlexGen-grouped 4-bit products on a CPU; 14: a CPU dequantizes 4 bits by the C kernel;
 # 13: 4-bit weights multiplied as stored in float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12:
 # the 4-bit attention kernel 2-6x faster (a lone head from the codes, grouped heads by tiles, position-major
 # prefetch); 11: CPU attention over a 4-bit cache as stored, a compressed part's load measured over a prefix of its
@@ -23,7 +23,7 @@ PROFILE_VERSION = 16  # measured anew when the code measured changes; 16: AVX2 C
 # prefetched into L2 (1.6x), and the C prefill attention apart from torch's; 6: the CPU's products of a few rows by
 # the C kernels apart from torch's, grouped head decode attention; 5: the CPU's int4 products of one or two rows by
 # the C kernel; 4: CUDA 4-bit dequantization by the fused kernel, CPU attention beside a GPU on all cores
-CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13-16 changed CPUs' probes)
+CUDA_PROFILE_SINCE = 12  # a GPU machine's profile of this version or later is current (13-17 changed CPUs' probes)
 
 
 @dataclass

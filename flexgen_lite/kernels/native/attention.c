@@ -540,18 +540,6 @@ static void block_two_pass_half(const float *qf, int64_t ds, const uint16_t *qb,
 #endif
 
 #ifdef SIMD_AVX2
-/* a . b for n values, n a multiple of 8 */
-static inline float dot8(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    if (i < n) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    return hsum8(_mm256_add_ps(s0, s1));
-}
-
 /* acc[j] (rows ds apart) += dims [d0, d0 + 16) (or 8, `two` 0) of sum over unmasked l of p[j][l] * v[l] / total[j]
    for NJ heads: each position's 16 values loaded once for all of them, 2 x NJ sums in registers. */
 static inline __attribute__((always_inline)) void weighted_f32(float *acc, int64_t ds, const float *p, int64_t sl,

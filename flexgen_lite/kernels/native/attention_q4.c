@@ -100,6 +100,66 @@ static inline void axpy_q4(float *out, float *extra, float p, const uint8_t *c, 
 }
 #endif
 
+#ifdef SIMD_AVX2
+/* AVX2 CPUs: the same routines 8 lanes wide (a group's 64 codes as x[0..7]) */
+static inline __m256 rounded8(__m256 x, int kind) {
+    if (kind == KIND_BF16) {
+        __m256i u = _mm256_castps_si256(x);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+        return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+    if (kind == KIND_F16)
+        return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return x;
+}
+
+static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m256 x[8]) {
+    for (int i = 0; i < 4; i++) codes16(c + 8 * i, x + 2 * i);
+}
+
+static inline __attribute__((always_inline)) void group64(const uint8_t *c, float s, float m, int kind,
+                                                          __m256 x[8]) {
+    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m), top = _mm256_set1_ps(FP16_MAX);
+    codes64(c, x);
+    for (int i = 0; i < 8; i++) {  /* multiply, then add: as dequantize_reference, no fused rounding */
+        __m256 y = _mm256_add_ps(_mm256_mul_ps(x[i], vs), vm);
+        x[i] = rounded8(_mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-FP16_MAX)), top), kind);
+    }
+}
+
+static inline float dot_q4(const float *qf, const float *qsum, const uint8_t *c, const _Float16 *scale,
+                           const _Float16 *minimum, int64_t dim) {
+    __m256 acc = _mm256_setzero_ps(), x[8];
+    float shift = 0;
+    for (int64_t g = 0; g < dim / 64; g++) {
+        __m256 part0 = _mm256_setzero_ps(), part1 = _mm256_setzero_ps();
+        codes64(c + 32 * g, x);
+        for (int i = 0; i < 8; i += 2) {
+            part0 = _mm256_fmadd_ps(x[i], _mm256_loadu_ps(qf + 64 * g + 8 * i), part0);
+            part1 = _mm256_fmadd_ps(x[i + 1], _mm256_loadu_ps(qf + 64 * g + 8 * i + 8), part1);
+        }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(part0, part1), _mm256_set1_ps((float)scale[g]), acc);
+        shift += (float)minimum[g] * qsum[g];
+    }
+    return hsum8(acc) + shift;
+}
+
+static inline void axpy_q4(float *out, float *extra, float p, const uint8_t *c, const _Float16 *scale,
+                           const _Float16 *minimum, int64_t dim) {
+    __m256 x[8];
+    for (int64_t g = 0; g < dim / 64; g++) {
+        __m256 ps = _mm256_set1_ps(p * (float)scale[g]);
+        codes64(c + 32 * g, x);
+        for (int i = 0; i < 8; i++) {
+            float *o = out + 64 * g + 8 * i;
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(ps, x[i], _mm256_loadu_ps(o)));
+        }
+        extra[g] += p * (float)minimum[g];
+    }
+}
+#endif
+
 /* One position's `dim` values into `row` (groups of `gs`; a last group padded past dim is cut) */
 static inline void dequantized_row(const uint8_t *codes, const _Float16 *scale, const _Float16 *minimum,
                                    int64_t dim, int64_t gs, int kind, float *row) {
@@ -111,6 +171,13 @@ static inline void dequantized_row(const uint8_t *codes, const _Float16 *scale, 
             __m512 x[4];
             group64(c, s, m, kind, x);
             for (int i = 0; i < 4; i++) _mm512_storeu_ps(row + g0 + 16 * i, x[i]);
+            continue;
+        }
+#elif defined(SIMD_AVX2)
+        if (gs == 64 && dim - g0 >= 64) {
+            __m256 x[8];
+            group64(c, s, m, kind, x);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(row + g0 + 8 * i, x[i]);
             continue;
         }
 #endif
@@ -130,6 +197,8 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
             acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
         return _mm512_reduce_add_ps(acc);
     }
+#elif defined(SIMD_AVX2)
+    if (n % 8 == 0) return dot8(a, b, n);
 #endif
     float acc[16] = {0};
     int64_t i = 0;
@@ -142,7 +211,12 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
 }
 
 static inline void axpy_f32(float *acc, float p, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) acc[i] += p * x[i];
+    int64_t i = 0;
+#ifdef SIMD_AVX2
+    for (__m256 pv = _mm256_set1_ps(p); i + 8 <= n; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(acc + i)));
+#endif
+    for (; i < n; i++) acc[i] += p * x[i];
 }
 
 static inline void load_kind(const void *src, int kind, int64_t n, float *dst) {
@@ -179,7 +253,7 @@ static inline void position_row(const uint8_t *codes, const _Float16 *sc, const 
 static inline void head_scores(const float *qf, const uint16_t *qb, const float *qsum, int64_t ds, int64_t group,
                                const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
                                int64_t dim, int64_t gs, int kind, float scale, float *row, float *s, int64_t sl) {
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
     if (codes && lone_head(group, gs, dim)) {  /* straight from the codes: no row to share */
 #ifdef __AVX512BF16__
         if (qb) {
@@ -200,7 +274,7 @@ static inline void head_scores(const float *qf, const uint16_t *qb, const float 
 static inline void head_values(float *acc, float *extra, int64_t ds, int64_t group, const float *p, int64_t sl,
                                const uint8_t *codes, const _Float16 *sc, const _Float16 *mn, const void *dense,
                                int64_t dim, int64_t gs, int kind, float *row) {
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
     if (codes && lone_head(group, gs, dim)) {
         axpy_q4(acc, extra, p[0], codes, sc, mn, dim);
         return;
@@ -288,8 +362,8 @@ static inline void tiled_head(int values, const float *qf, float *acc, int64_t j
 #endif
 
 /* exp(s[l] - top) into s[l] for the n scores (0 for -inf: a position not seen; all 0 where none is), their sum: 16
-   at a time by exp16 where the CPU has AVX-512, as attention.c's softmax (a scalar expf per position was ~10% of
-   this kernel's time at 1024 positions) */
+   at a time by exp16 where the CPU has AVX-512 (8 by exp8 with AVX2), as attention.c's softmax (a scalar expf per
+   position was ~10% of this kernel's time at 1024 positions) */
 static float softmax_weights(float *s, int64_t n) {
     float top = -INFINITY, total = 0;
     for (int64_t l = 0; l < n; l++) top = s[l] > top ? s[l] : top;
@@ -307,6 +381,15 @@ static float softmax_weights(float *s, int64_t n) {
         sum = _mm512_add_ps(sum, p);
     }
     total = _mm512_reduce_add_ps(sum);
+#elif defined(SIMD_AVX2)
+    __m256 sum = _mm256_setzero_ps(), t = _mm256_set1_ps(top), none = _mm256_set1_ps(-INFINITY);
+    for (; l + 8 <= n; l += 8) {
+        __m256 x = _mm256_loadu_ps(s + l);
+        __m256 p = _mm256_and_ps(_mm256_cmp_ps(x, none, _CMP_NEQ_OQ), exp8(_mm256_sub_ps(x, t)));
+        _mm256_storeu_ps(s + l, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    total = hsum8(sum);
 #endif
     for (; l < n; l++) {
         s[l] = expf(s[l] - top);  /* 0 for -inf */

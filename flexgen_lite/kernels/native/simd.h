@@ -139,6 +139,18 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* a . b for n values, n a multiple of 8 */
+static inline float dot8(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    if (i < n) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    return hsum8(_mm256_add_ps(s0, s1));
+}
+
 /* 16 codes from 8 bytes (value 2i at byte i's low nibble), as fp32 (x[0..1]), not yet scaled */
 static inline __attribute__((always_inline)) void codes16(const uint8_t *c, __m256 x[2]) {
     __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)c));
