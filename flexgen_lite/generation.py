@@ -73,7 +73,7 @@ class FlexGenLite:
         specs = layer_specs(self.config)
         compression = self.policy.weight_compression()
         cpu_rows = self.policy.gpu_batch_size if on_cpu(self.device) else 0  # weights.in_8_bits
-        if any(in_8_bits(w, compression, cpu_rows) for layer in specs for w in layer.weights):
+        if any(in_8_bits(w, compression, cpu_rows, self.dtype) for layer in specs for w in layer.weights):
             print(f"note: decode steps of {cpu_rows} row(s) on a CPU: {ends_notice(model)}", file=sys.stderr)
         check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression, cpu_rows),
                    self.device, self.policy.offload_dir, f"the weights of {self.config.name}")

@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.engine.weights import in_8_bits
 from flexgen_lite.kernels import native
-from flexgen_lite.kernels.int8_weight import GEMV_ROWS, GROUP, Int8Weight, int8_nbytes
+from flexgen_lite.kernels.int8_weight import GEMV_ROWS, GROUP, Int8Weight, head_wins, int8_nbytes
 from flexgen_lite.models.gguf_file import default_model_path
 from flexgen_lite.models.gguf_weights import gguf_tensors, read_gguf_tensor
+from flexgen_lite.models.hf_config import load_config
+from flexgen_lite.models.specs import layer_specs
 from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.memory_plan import peak_memory
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, forget_profile, set_profile, synthetic_profile
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="the C kernels are not built here")
 
@@ -92,3 +95,40 @@ def test_placement_and_plan_count_the_8_bit_ends(tiny_models):
         assert peak_memory(m.config, Workload(8, 3), wide, cuda=False)[0]["gpu"]["weights"] == \
             m.memory_report()["current"]["gpu"]
     assert all(len(i) == 3 for i in ids)
+
+
+def test_the_ends_go_to_8_bits_where_the_profile_measured_the_kernel_faster(tiny_models, tmp_path, monkeypatch):
+    """Whether the ends are kept in 8 bits is the profile's measure of the 8-bit kernel against the head in the
+    compute dtype (CPUs differ: the dense bf16 head wins from 2-4 rows where bf16 has a dot instruction, the 8-bit
+    kernel wins over fp32 to 32 rows): here it beats fp32 up to its last measured 16 rows and bf16 at 1 row only.
+    Batches of 8 keep fp32 ends in 8 bits, bf16 ones dense, the plan counting what is placed; the kernel runs the
+    8-row products; a profile without the measure keeps the fixed rule (GEMV_ROWS)."""
+    hw = synthetic_profile()
+    hw.int8_gemv = {"float32": [(m, 4 * r, f) for m, r, f in hw.matmul["float32"] if m <= 16],
+                    "bfloat16": [(1, 2 * hw.matmul["bfloat16"][0][1], 1e-4), (2, 4e9, 1e-4), (16, 30e9, 1e-4)]}
+    set_profile(hw, tmp_path, monkeypatch)
+    model_dir = tiny_models["llama"][0]
+    head = next(w for layer in layer_specs(load_config(model_dir)) for w in layer.weights if w.name == "lm_head")
+    policy = Policy(gpu_batch_size=8, dtype="float32", compress_weight=True)
+    compression = policy.weight_compression()
+    try:
+        assert [head_wins(torch.float32, m, *head.shape) for m in (1, 8, 16, 17)] == [True, True, True, False]
+        assert [head_wins(torch.bfloat16, m, *head.shape) for m in (1, 2, 8)] == [True, False, False]
+        assert in_8_bits(head, compression, 8, torch.float32) and not in_8_bits(head, compression, 8, torch.bfloat16)
+        assert not in_8_bits(head, None, 8, torch.float32) and not in_8_bits(head, compression, 0, torch.float32)
+        for dtype, eight in (("float32", True), ("bfloat16", False)):
+            with FlexGenLite(str(model_dir), policy=dataclasses.replace(policy, dtype=dtype)) as m:
+                assert isinstance(m.engine.weights[-1]["lm_head"].data, Int8Weight) == eight
+                placed = m.memory_report()["current"]["gpu"]
+                ids = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False))
+                plan, _ = peak_memory(m.config, Workload(8, 3), m.policy, cuda=False)
+                assert plan["gpu"]["weights"] == placed and all(len(i) == 3 for i in ids)
+        q = Int8Weight.quantize(torch.randn(*head.shape) * 0.05)
+        x = torch.randn(8, head.shape[1])
+        torch.testing.assert_close(q.matmul(x), x @ q.dequantize().T, atol=1e-5, rtol=1e-5)
+        hw.int8_gemv = None  # an older profile: GEMV_ROWS
+        set_profile(hw, tmp_path, monkeypatch)
+        assert [head_wins(torch.float32, m, *head.shape) for m in (GEMV_ROWS, GEMV_ROWS + 1)] == [True, False]
+    finally:
+        monkeypatch.undo()
+        forget_profile()

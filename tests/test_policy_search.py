@@ -14,6 +14,7 @@ from flexgen_lite import FlexGenLite, Policy, PolicyError, SamplingConfig
 from flexgen_lite.cli.main import build_parser, main
 from flexgen_lite.cli.options import policy_from_args
 from flexgen_lite.engine.weights import planned_bytes
+from flexgen_lite.kernels import native
 from flexgen_lite.model_source import model_config
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
@@ -24,6 +25,7 @@ from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.memory_plan import peak_memory
 from flexgen_lite.planning.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
 from flexgen_lite.profiling.measure import load_profile, measure
+from flexgen_lite.profiling.probes import INT8_ROWS
 from flexgen_lite.system.hardware import HardwareProfile
 from flexgen_lite.system.memory import parse_size
 
@@ -70,6 +72,9 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
                   first.attention["bfloat16"][1], first.dequantize["float32"], first.cache_disk_load["float32"][1]):
         assert value > 0
     assert [m for m, _, _ in first.matmul["float32"]] == [1, 4, 8, 16, 32, 64, 128, 256, 1024]
+    if native.library() is not None:  # the 8-bit head's kernel, in the dtypes a CPU computes in
+        assert {d: [m for m, _, _ in p] for d, p in first.int8_gemv.items()} == dict.fromkeys(
+            ("float32", "bfloat16"), list(INT8_ROWS))
     assert HardwareProfile.from_json(first.to_json()) == first
     assert {"matmul", "links", "host memory", "engine"} <= set(first.stage_seconds)  # what each stage took
     assert 0.9 * first.seconds <= sum(first.stage_seconds.values()) <= first.seconds + 0.2  # (each rounded)

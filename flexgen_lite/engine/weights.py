@@ -18,8 +18,8 @@ from ..kernels.compression import (
 )
 from ..kernels.int4_gemv_triton import row_groups_of
 from ..kernels.int4_matmul import Int4Weight, eligible, pack, quantize_packed
-from ..kernels.int8_weight import GEMV_ROWS, int8_nbytes
 from ..kernels.int8_weight import fits as int8_fits
+from ..kernels.int8_weight import head_wins, int8_nbytes
 from ..models.specs import LayerSpec, WeightSpec
 from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
@@ -91,20 +91,20 @@ def matrix_compression(kind: str, spec: WeightSpec,
 EIGHT_BIT = ("tokens", "lm_head")  # the embedding and head: in 8 bits where weights are compressed on a CPU
 
 
-def in_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu_rows: int) -> bool:
+def in_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu_rows: int, dtype: torch.dtype) -> bool:
     """Whether a weight is stored in 8 bits (int8_weight.py): the embedding and the head when weights are
     compressed and a CPU (not across a link) computes decode steps of `cpu_rows` rows (the policy's GPU batch; 0:
-    not a CPU) up to int8_weight.GEMV_ROWS, where a step reads the head whole (kept in the compute dtype, a
-    128,256-word head is half a 1B model's 4-bit step) and the 8-bit kernel reads half of it; at more rows the
-    products compute, and dequantizing the head every step would cost more than reading it dense."""
-    return (compression is not None and 0 < cpu_rows <= GEMV_ROWS and spec.name in EIGHT_BIT
-            and int8_fits(spec.shape))
+    not a CPU) faster by the 8-bit kernel than with the head in the compute `dtype` (int8_weight.head_wins: a step
+    reads the head whole, a 128,256-word head is half a 1B model's 4-bit step; at more rows the products compute,
+    and the head read dense wins)."""
+    return (compression is not None and cpu_rows > 0 and spec.name in EIGHT_BIT and int8_fits(spec.shape)
+            and head_wins(dtype, cpu_rows, *spec.shape))
 
 
 def weight_nbytes(spec: WeightSpec, kind: str, dtype: torch.dtype, compression: CompressionConfig | None,
                   cpu_rows: int) -> int:
     """Bytes of a weight of a layer of `kind` as placed (cpu_rows: in_8_bits)."""
-    if in_8_bits(spec, compression, cpu_rows):
+    if in_8_bits(spec, compression, cpu_rows, dtype):
         return int8_nbytes(spec.shape)
     return stored_nbytes(spec.shape, dtype, matrix_compression(kind, spec, compression))
 
@@ -194,7 +194,7 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     and it is `compressible` (compressed_matrix): for the CPU's int4 kernel where it can multiply it; the
     embedding and head in 8 bits on a CPU); a disk-homed one into `file` at `offset`; a cpu-homed one across the
     link into a view of `arena`. cpu_rows: in_8_bits."""
-    if tier == "gpu" and in_8_bits(spec, compression, cpu_rows if on_cpu(device) else 0):
+    if tier == "gpu" and in_8_bits(spec, compression, cpu_rows if on_cpu(device) else 0, dtype):
         data = source.int8(spec, dtype)
         ledger.add(tier, data.nbytes)
         return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)

@@ -2,8 +2,9 @@
 along the input dimension, llama.cpp's Q8_0 (a GGUF's Q8_0 tensor is kept as stored, bit for bit).
 
 A decode step of a few rows reads the whole head once: a 128,256-word head of 2048 is 0.53 GB in bf16, half of a
-1B model's 4-bit step, and 0.28 GB here. Up to GEMV_ROWS rows native.int8_gemv reads the codes as they are; more
-rows (a prefill's, a bigger batch's) multiply TILE_BYTES of dequantized rows at a time, dense.
+1B model's 4-bit step, and 0.28 GB here. native.int8_gemv reads the codes as they are, for as many rows as it is
+faster than the head in the compute dtype here (`head_wins`: the profile measures both); more rows (a prefill's)
+multiply TILE_BYTES of dequantized rows at a time, dense.
 Symmetric rounding to 8 bits moves a value by at most 1/254 of its group's largest.
 """
 
@@ -13,19 +14,29 @@ from dataclasses import dataclass
 
 import torch
 
+from ..system.profile_store import cpu_profile, profile_dependent
 from . import native
 
 GROUP = 32
 TILE_BYTES = 2 << 20  # dequantized rows per dense product: they stay in the CPU's cache
-GEMV_ROWS = 4  # one pass of int8.c over the codes (XROWS): more rows would convert every group again per pass;
-# measured here (128,256 x 2048, bf16): 9.0 / 10.9 / 13.9 ms at 1 / 2 / 4 rows against the dense head's best 14.9 /
-# 15.3 / 16.0, and at 16 rows 55 ms by tiles against 33: more rows keep the head dense (weights.in_8_bits)
+GEMV_ROWS = 4  # without the profile's measure (head_wins): one pass of int8.c over the codes (XROWS). Where the
+# CPU multiplies bf16 by its dot instruction the dense bf16 head wins from 2-4 rows; in fp32 the 8-bit kernel wins
+# to 32 rows (49,152 x 576 at 8 rows: 3.9 ms against 1.7 dense in bf16, 4.4 against 12.2 in fp32; AVX-512 bf16 VM)
 
 
 def int8_nbytes(shape: tuple[int, ...]) -> int:
     """Bytes of a matrix (N, K) stored in 8 bits: codes and fp16 scales."""
     n, k = shape
     return n * k + n * (k // GROUP) * 2
+
+
+@profile_dependent
+def head_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
+    """Whether a decode step's `rows` rows multiply an 8-bit (n, k) head faster by its C kernel than the head in
+    `dtype` here, as this machine's profile measured both; without that measure, up to GEMV_ROWS rows."""
+    hw = cpu_profile()
+    wins = None if hw is None else hw.int8_head_wins(str(dtype).removeprefix("torch."), rows, k, n)
+    return rows <= GEMV_ROWS if wins is None else wins
 
 
 def fits(shape: tuple[int, ...]) -> bool:
@@ -91,7 +102,7 @@ class Int8Weight:
         flat = x.reshape(-1, k).contiguous()
         rows, n = flat.shape[0], self.shape[0]
         y = None
-        if rows <= GEMV_ROWS:
+        if rows <= GEMV_ROWS or head_wins(x.dtype, rows, n, k):
             y = native.int8_gemv(self.codes, self.scale, flat)
         if y is None:
             y = torch.empty(rows, n, dtype=x.dtype)

@@ -108,7 +108,7 @@ class Setup:
         bits), as weights.place_tensor stores it."""
         found = self._bytes.get(spec.hf_name)
         if found is None:
-            if in_8_bits(spec, self.wcomp, self.cpu_rows):
+            if in_8_bits(spec, self.wcomp, self.cpu_rows, self.dtype):
                 found = int8_nbytes(spec.shape)
             else:
                 found = stored_nbytes(spec.shape, self.dtype, self.wcomp if self.compressed(spec) else None)

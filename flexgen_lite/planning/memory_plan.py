@@ -81,7 +81,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
         load = max(load, numel * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
-        if in_8_bits(sp, s.wcomp, s.cpu_rows):  # the source's fp32 rows (a GGUF's whole), codes beside them
+        if in_8_bits(sp, s.wcomp, s.cpu_rows, s.dtype):  # the source's fp32 rows (a GGUF's whole), codes beside them
             load = max(load, numel * 4 + int8_nbytes(sp.shape))
     cpu["load"] = load
     cpu["reserve"] = RESERVE

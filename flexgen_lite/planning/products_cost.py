@@ -21,14 +21,16 @@ from .layout import Layout, Setup
 
 
 def _dense_time(s: Setup, kind: str, rows: int, k: int, n: int) -> float:
-    """A product by a weight in the compute dtype; the head in 8 bits (int8_weight) reads half (bf16) or a quarter
-    (fp32) of the bytes where its C kernel runs (a read of the weight: a few rows), and is dequantized by tiles
-    and multiplied dense otherwise."""
+    """A product by a weight in the compute dtype; the head in 8 bits (int8_weight) by its C kernel where it runs
+    (a few rows: at the profile's rate, or, where it has none, reading half (bf16) or a quarter (fp32) of the
+    bytes), and dequantized by tiles and multiplied dense otherwise."""
     hw = s.hw
     seconds = hw.matmul_time(s.dname, rows, k, n)
     head = next((w for w in s.kinds[kind].weights if w.name == "lm_head"), None) if kind == "head" else None
-    if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, s.cpu_rows):
+    if head is None or head.shape != (n, k) or not in_8_bits(head, s.wcomp, s.cpu_rows, s.dtype):
         return seconds
+    if (measured := hw.int8_head_time(s.dname, rows, k, n)) is not None:
+        return measured
     if rows <= GEMV_ROWS:
         return seconds * int8_nbytes((n, k)) / (n * k * s.e)
     return seconds + n * k / hw.dequantize[s.dname]

@@ -57,6 +57,7 @@ from .probes import (
     gemv_rates,
     host_contention,
     host_touch,
+    int8_rates,
     link_rates,
     matmul_rates,
     matmul_shapes,
@@ -79,7 +80,8 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
-    stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("int4 kernel", int4_rates),
+    stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("8-bit head", int8_rates),
+              ("int4 kernel", int4_rates),
               ("attention", attention_rates), ("attention over 4-bit caches", codes_attention_rates),
               ("links", link_rates), ("host memory", host_touch), ("CPU attention beside the link", host_contention),
               ("compression", compression_rates),

@@ -23,6 +23,9 @@ from ..engine.policy import DTYPES
 from ..kernels import native
 from ..kernels.attention import attend_named
 from ..kernels.compression import CompressionConfig, dequantize, quantize
+from ..kernels.int8_weight import GROUP as INT8_GROUP
+from ..kernels.int8_weight import Int8Weight
+from ..kernels.int8_weight import fits as int8_fits
 from ..system.devices import ComputeDevice
 
 MiB = 2**20
@@ -81,10 +84,11 @@ MATMUL_MIN_TIME = 0.05  # seconds of calls a point at least times (after a warm-
 
 
 def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tuple(DTYPES),
-                 rows: tuple[int, ...] | None = None, linear: Callable = F.linear) -> dict:
+                 rows: tuple[int, ...] | None = None, linear: Callable = F.linear, weight: Callable | None = None
+                 ) -> dict:
     """(rows, K) @ (K, N) per dtype of `names` over rows from 1 (weight-read bound) up to compute bound, for a
     large and a small weight: per row count, a rate and a fixed cost per call that fit both. `linear`: the
-    product measured (torch's by default)."""
+    product measured (torch's by default); `weight(n, k, dtype)`: a weight it takes (random dense ones)."""
     dev, sync = device.device, device.synchronize
     shapes = matmul_shapes(device, scale)
     rows = rows or ((1, 8, 32, 128, 512, 2048, 8192) if device.is_cuda else (1, 4, 8, 16, 32, 64, 128, 256, 1024))
@@ -93,8 +97,11 @@ def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tup
         dtype, points = DTYPES[name], []
         # as in a model, each matmul reads a weight no cache holds: rotate over 128 MiB of them
         room = 128 * MiB if scale == 1 else 2 * MiB
-        weights = [[torch.randn(n, k, device=dev).to(dtype) for _ in range(max(1, room // (k * n * dtype.itemsize)))]
-                   for k, n in shapes]
+        make = weight or (lambda n, k, dtype: torch.randn(n, k, device=dev).to(dtype))
+        weights = []
+        for k, n in shapes:
+            first = make(n, k, dtype)
+            weights.append([first] + [make(n, k, dtype) for _ in range(max(1, room // first.nbytes) - 1)])
         for i, m in enumerate(rows):
             flops, times = [], []
             for (k, n), ws in zip(shapes, weights, strict=True):
@@ -123,6 +130,27 @@ def gemv_rates(device: ComputeDevice, scale: int) -> dict:
         return {"gemv": {}}
     found = matmul_rates(device, scale, tuple(compute_dtypes(device)), GEMV_ROWS, native.dense_gemv)
     return {"gemv": found["matmul"]}
+
+
+INT8_ROWS = (1, 2, 4, 8, 16, 32)  # a decode step's rows times an 8-bit head (int8_weight.head_wins)
+
+
+def int8_rates(device: ComputeDevice, scale: int) -> dict:
+    """native.int8_gemv (an 8-bit embedding/head, a few rows) as `gemv_rates` measures the dense kernel, in the
+    dtypes the CPU computes in; {} with CUDA or without the kernel. ~1-2 s on this VM."""
+    if device.is_cuda or not int8_fits((32, 32)):
+        return {"int8_gemv": {}}
+
+    codes, taken = torch.randint(-127, 128, (128 * MiB // scale,), dtype=torch.int8), [0]
+
+    def weight(n: int, k: int, dtype: torch.dtype) -> Int8Weight:  # the next n * k random codes (made once)
+        at = taken[0] if taken[0] + n * k <= codes.numel() else 0
+        taken[0] = at + n * k
+        return Int8Weight(codes[at:at + n * k].view(n, k), torch.rand(n, k // INT8_GROUP).mul_(0.01).half(), dtype)
+
+    found = matmul_rates(device, scale, tuple(compute_dtypes(device)), INT8_ROWS,
+                         lambda x, w: native.int8_gemv(w.codes, w.scale, x), weight)
+    return {"int8_gemv": found["matmul"]}
 
 
 def best_matmul(first: dict, second: dict) -> dict:

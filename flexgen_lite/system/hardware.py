@@ -99,6 +99,9 @@ class HardwareProfile:
     # dtype -> [(rows, FLOP/s, fixed s)] of dense weights multiplied by the C kernel for a few rows
     # (native.dense_gemv, CPU); {} without it (CUDA, no compiler)
     gemv: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    # dtype -> [(rows, FLOP/s, fixed s)] of an 8-bit embedding/head multiplied by its C kernel for a few rows
+    # (native.int8_gemv, CPU: int8_weight.head_wins); {} without it; None: not measured (an older profile)
+    int8_gemv: dict[str, list[tuple[int, float, float]]] | None = None
     # dtype -> FLOP/s of prefill attention by the C kernel (native/prefill.c, CPU, bf16), counted as
     # `sdpa_prefill` (which then holds torch's alone); {} without it
     prefill_native: dict[str, float] = field(default_factory=dict)
@@ -170,6 +173,20 @@ class HardwareProfile:
         dense = self.matmul.get(dtype)
         return bool(dense) and _few_rows_win(self.gemv.get(dtype), dense, rows, k, n)
 
+    def int8_head_time(self, dtype: str, rows: float, k: int, n: int) -> float | None:
+        """Seconds of (rows, k) @ W.T for an 8-bit W (n, k) by its C kernel; None where this profile did not
+        measure it or beyond the rows it was measured at."""
+        points = (self.int8_gemv or {}).get(dtype)
+        return interpolated_time(points, rows, k, n) if points and rows <= points[-1][0] else None
+
+    def int8_head_wins(self, dtype: str, rows: float, k: int, n: int) -> bool | None:
+        """Whether the 8-bit kernel multiplies (rows, k) by W (n, k) faster than W in `dtype` (matmul_time: the
+        dense C kernel or torch's, as the engine runs it); None where the profile did not measure it."""
+        if self.int8_gemv is None:
+            return None
+        seconds = self.int8_head_time(dtype, rows, k, n)
+        return seconds is not None and seconds < self.matmul_time(dtype, rows, k, n)
+
     def multiplies_int4_layout(self, dtype: str) -> bool:
         """Whether this profile measured a kernel multiplying 4-bit weights in int4_matmul's layout in `dtype`: torch's
         or the C kernel for a few rows (AVX2 CPUs have only the latter)."""
@@ -203,7 +220,7 @@ class HardwareProfile:
         current = PROFILE_VERSION if not raw.get("is_cuda") else CUDA_PROFILE_SINCE
         if not current <= raw.get("version", 0) <= PROFILE_VERSION:
             raise ValueError(f"profile version {raw.get('version')} is not {PROFILE_VERSION}")
-        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "row_groups_gemv",
+        for name in ("matmul", "int4_matmul", "int4_tiles", "gemv", "int4_gemv", "row_groups_gemv", "int8_gemv",
                      "attention_grouped", "cpu_attention_grouped", "cpu_attention_codes", "attention_codes"):
             if raw.get(name) is not None:
                 raw[name] = {k: [tuple(p) for p in v] for k, v in raw[name].items()}
