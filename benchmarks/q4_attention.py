@@ -1,14 +1,18 @@
 """CPU decode attention over a 4-bit KV cache: read as stored (kernels/quantized_attention.py) against the path it
 replaced (the part dequantized into a dense slot, then the C decode kernel), and against the dense bf16 cache
-alone, on the same random cache, in one process. Prints one JSON line per shape.
+alone, on the same random cache, in one process. Prints one JSON line per shape. `--march x86-64-v3` times the
+kernels as built for another CPU (there: AVX2 without AVX-512), on this one.
 
-    .venv/bin/python benchmarks/q4_attention.py [--rows 32] [--length 544]
+    .venv/bin/python benchmarks/q4_attention.py [--rows 32] [--length 544] [--march x86-64-v3]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -57,15 +61,29 @@ def one(name: str, heads: int, kv_heads: int, d: int, rows: int, length: int) ->
             "dense_gb_s": round(sum(t.nbytes for t in dense) / dense_s / 1e9, 2)}
 
 
+def use_build(march: str) -> None:
+    """The C kernels built with -march=`march` (and OpenMP) in place of this machine's own build."""
+    b = native.build
+    path = f"{tempfile.mkdtemp()}/kernels-{march}.so"
+    flags = [f for f in b.FLAGS if f != "-march=native"] + [f"-march={march}", *b.OPENMP]
+    subprocess.run([b.compiler(), *flags, *map(str, b.SOURCES), "-o", path, "-lm"], check=True)
+    lib = qa.declared(b.declared(ctypes.CDLL(path)))
+    native.library = qa._library = lambda: lib
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--length", type=int, default=544)
+    parser.add_argument("--march", help="time the kernels built for this -march (default: this machine's build)")
     args = parser.parse_args()
+    if args.march:
+        use_build(args.march)
     if not qa.checked():
         raise SystemExit("the 4-bit attention kernel is not built here (no C compiler?)")
     for name, (heads, kv_heads, d) in SHAPES.items():
-        print(json.dumps(one(name, heads, kv_heads, d, args.rows, args.length)), flush=True)
+        print(json.dumps({"build": args.march or "native", **one(name, heads, kv_heads, d, args.rows, args.length)}),
+              flush=True)
 
 
 if __name__ == "__main__":
