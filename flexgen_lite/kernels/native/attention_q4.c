@@ -3,9 +3,9 @@
    cache reads ~4.5 bits a value instead of dequantizing the whole cache into a dense buffer every step.
 
    Values are code * scale + minimum in fp32: a lone query head per kv head works from the codes alone (dot_q4,
-   axpy_q4); grouped heads share rows rebuilt 16 positions at a time into L1 (tile_*). The scalar path rebuilds a
-   row as compression.dequantize_reference does (clamped to fp16's range, rounded to the attention's kind). Scores
-   and softmax follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
+   axpy_q4); grouped heads share rows rebuilt 16 positions at a time into L1 (tile_*); AVX-512's 16 lanes, or
+   AVX2's 8 (most desktop CPUs). The scalar path rebuilds a row as compression.dequantize_reference does (clamped
+   to fp16's range, rounded to the attention's kind). Scores and softmax follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
    (k_new, v_new) and stand at cache slot `skip`, whose stored row is ignored (it holds an older position in a
    ring, or nothing yet). */
 
@@ -284,8 +284,8 @@ static inline void head_values(float *acc, float *extra, int64_t ds, int64_t gro
     for (int64_t j = 0; j < group; j++) axpy_f32(acc + j * ds, p[j * sl], row, dim);
 }
 
-#ifdef __AVX512BW__
 #define TILE 16  /* positions rebuilt at a time for grouped heads: 16 rows of up to 256 values stay in L1 */
+#ifdef __AVX512BW__
 
 /* Rows of positions [l0, l0 + n) of one kv head rebuilt into tile (ds apart); a position not seen is zeros (its
    weight is 0, and a slot never written may hold anything) */
@@ -344,6 +344,69 @@ static inline void tile_values(float *acc, int64_t ds, int64_t group, const floa
         }
 }
 
+#elif defined(SIMD_AVX2)
+/* AVX2's tile routines: the same sums 8 lanes wide, scores 8 positions at a time (lane_sums8) */
+static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *sc, const _Float16 *mn, int64_t ss,
+                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t length, int far,
+                             int64_t dim, float *tile, int64_t ds) {
+    for (int64_t p = 0; p < TILE; p++) {
+        int64_t l = l0 + p;
+        if (far && l + TILE < length)
+            prefetch_position(codes, sc, mn, l + TILE, cs, ss, dim / 2, dim / 64 * 2);
+        if (!(p < n && l != skip && m[l])) {
+            memset(tile + p * ds, 0, sizeof(float) * dim);
+            continue;
+        }
+        for (int64_t g = 0; g < dim / 64; g++) {
+            __m256 x[8], s = _mm256_set1_ps((float)sc[l * ss + g]), mv = _mm256_set1_ps((float)mn[l * ss + g]);
+            codes64(codes + l * cs + 32 * g, x);
+            for (int i = 0; i < 8; i++)
+                _mm256_storeu_ps(tile + p * ds + 64 * g + 8 * i, _mm256_add_ps(_mm256_mul_ps(x[i], s), mv));
+        }
+    }
+}
+
+/* Lane j: the sum of a[j]'s 8 lanes */
+static inline __attribute__((always_inline)) __m256 lane_sums8(const __m256 *a) {
+    __m256 c0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 c1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+
+static inline void tile_scores(const float *qf, int64_t ds, int64_t group, const float *tile, int64_t dim,
+                               float scale, float *s, int64_t sl, int64_t l0, int64_t n) {
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t p0 = 0; p0 < n; p0 += 8) {
+            __m256 a[8];
+            for (int p = 0; p < 8; p++) a[p] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 8) {
+                __m256 qv = _mm256_loadu_ps(qf + j * ds + d);
+                for (int p = 0; p < 8; p++)
+                    a[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(tile + (p0 + p) * ds + d), a[p]);
+            }
+            float out[8];
+            _mm256_storeu_ps(out, _mm256_mul_ps(lane_sums8(a), _mm256_set1_ps(scale)));
+            memcpy(s + j * sl + l0 + p0, out, sizeof(float) * (n - p0 < 8 ? n - p0 : 8));
+        }
+}
+
+static inline void tile_values(float *acc, int64_t ds, int64_t group, const float *p, int64_t sl, int64_t l0,
+                               int64_t n, const float *tile, int64_t dim) {
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t d = 0; d < dim; d += 32) {
+            __m256 a[4];
+            for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(acc + j * ds + d + 8 * i);
+            for (int64_t q = 0; q < n; q++) {
+                __m256 pv = _mm256_set1_ps(p[j * sl + l0 + q]);
+                for (int i = 0; i < 4; i++)
+                    a[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(tile + q * ds + d + 8 * i), a[i]);
+            }
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(acc + j * ds + d + 8 * i, a[i]);
+        }
+}
+#endif
+
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
 /* One kv head's stored positions tile by tile: its grouped query heads' scores (values 0), or their weights times
    the value rows into acc (values 1); j: the head's first query head */
 static inline void tiled_head(int values, const float *qf, float *acc, int64_t j, int64_t ds, int64_t group,
@@ -420,7 +483,7 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
     if (!qf) return;
     float *acc = qf + nq_max * ds, *row = acc + nq_max * ds, *scores = row + ds, *total = scores + nq_max * sl;
     float *qsum = total + 16 * ((nq_max + 15) / 16), *extra = qsum + nq_max * ngs, *tile = extra + nq_max * ngs;
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
     int tiled = group > 1 && gs == 64 && dim % 64 == 0;  /* grouped heads: positions 16 at a time */
 #else
     int tiled = 0;
@@ -449,7 +512,7 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
         int own = k_new && skip >= 0 && skip < length && m[skip];
         int64_t c0 = r * code_strides[0], s0 = r * stat_strides[0];
         int64_t code_at = c0 + kh0 * code_strides[1], stat_at = s0 + kh0 * stat_strides[1];  /* the block's first */
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
         for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
             tiled_head(0, qf, acc, (kh - kh0) * group, ds, group, k_codes + c0 + kh * code_strides[1], k_scale,
                        k_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, far,
@@ -480,7 +543,7 @@ void decode_attention_q4(const void *q, const int64_t *q_strides, int kind, cons
                 for (int64_t j = 0; j < nq; j++) scores[j * sl + l] = -INFINITY;
         for (int64_t j = 0; j < nq; j++) total[j] = softmax_weights(scores + j * sl, length + 1);
         memset(acc, 0, sizeof(float) * nq * ds);
-#ifdef __AVX512BW__
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
         for (int64_t kh = kh0; kh < kh1 && tiled; kh++)
             tiled_head(1, qf, acc, (kh - kh0) * group, ds, group, v_codes + c0 + kh * code_strides[1], v_scale,
                        v_min, s0 + kh * stat_strides[1], code_strides[2], stat_strides[2], m, skip, length, far,
