@@ -5,9 +5,9 @@
    Values are code * scale + minimum in fp32: a lone query head per kv head works from the codes alone (dot_q4,
    axpy_q4); grouped heads share rows rebuilt 16 positions at a time into L1 (tile_*); AVX-512's 16 lanes, or
    AVX2's 8 (most desktop CPUs). The scalar path rebuilds a row as compression.dequantize_reference does (clamped
-   to fp16's range, rounded to the attention's kind). Scores and softmax follow attention.c's (fp32 inside). The new token's k and v, not yet stored, come dense
-   (k_new, v_new) and stand at cache slot `skip`, whose stored row is ignored (it holds an older position in a
-   ring, or nothing yet). */
+   to fp16's range, rounded to the attention's kind). Scores and softmax follow attention.c's (fp32 inside). The
+   new token's k and v, not yet stored, come dense (k_new, v_new) and stand at cache slot `skip`, whose stored
+   row is ignored (it holds an older position in a ring, or nothing yet). */
 
 #include <math.h>
 #include <stdint.h>
