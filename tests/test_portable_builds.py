@@ -143,3 +143,20 @@ def test_every_builds_8_bit_head_kernels(build, dtype):
                       native.OUT_KIND[dtype], 0, 70)
         want = x.double() @ values.double().t()
         torch.testing.assert_close(y.double(), want, rtol=0, atol=RTOL[dtype] * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_every_builds_row_groups_product_multiplies_the_codes(build, rows):
+    """FlexGen's grouping (along the output dimension) read as stored, fp32 x: blocks of 8 rows and a rest,
+    columns past the vectors (100), groups of 32 to 128 rows, against float64."""
+    lib = lib_of(build)
+    for n, k, group in ((192, 768, 64), (128, 100, 32), (256, 520, 128)):
+        g = torch.Generator().manual_seed(rows + n)
+        q = quantize(torch.randn(n, k, generator=g) * 0.05, CompressionConfig(4, group, 0))
+        dense = dequantize_reference(q, torch.float32, None)
+        x, out = torch.randn(rows, k, generator=g), torch.empty(rows, n)
+        lib.int4_gemv_row_groups(q.data.data_ptr(), q.scale.data_ptr(), q.minimum.data_ptr(), n, k, group,
+                                 x.data_ptr(), native.OUT_KIND[torch.float32], rows, 0, out.data_ptr(), 0, n // group)
+        want = x.double() @ dense.double().t()
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))

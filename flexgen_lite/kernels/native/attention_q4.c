@@ -114,10 +114,6 @@ static inline __m256 rounded8(__m256 x, int kind) {
     return x;
 }
 
-static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m256 x[8]) {
-    for (int i = 0; i < 4; i++) codes16(c + 8 * i, x + 2 * i);
-}
-
 static inline __attribute__((always_inline)) void group64(const uint8_t *c, float s, float m, int kind,
                                                           __m256 x[8]) {
     __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m), top = _mm256_set1_ps(FP16_MAX);

@@ -7,7 +7,8 @@
    per output row a dot of the scaled x with the codes, unpacked 64 at a time. Without it a CPU rebuilt the whole
    matrix into a dense slot every decode step (a write of 2 bytes a weight and a read of 2 more, where the codes
    are half a byte). Sums are fp32 and the weights are not rounded to the compute dtype first: the products are
-   within fp32's rounding of x . W, nearer than the dequantized bf16 slot's. */
+   within fp32's rounding of x . W, nearer than the dequantized bf16 slot's. AVX-512 and AVX2 paths, plain loops
+   elsewhere. */
 
 #pragma GCC optimize("fp-contract=fast")  /* fused multiply-adds: nothing here is bit-identical to torch */
 #include <stdint.h>
@@ -41,6 +42,18 @@ static inline __attribute__((always_inline)) void code_row_dots(const uint8_t *c
         }
     }
     for (int r = 0; r < nr; r++) sums[r] += _mm512_reduce_add_ps(acc[r]);
+#elif defined(SIMD_AVX2)
+    __m256 acc[BLOCK];  /* 16 codes at a time: the sums, two code vectors and x's in AVX2's 16 registers */
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    for (; i + 16 <= kc; i += 16) {
+        __m256 w[2];
+        codes16(c + i / 2, w);
+        for (int r = 0; r < nr; r++) {
+            const float *x = xs + r * kc + i;
+            acc[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[r]));
+        }
+    }
+    for (int r = 0; r < nr; r++) sums[r] += hsum8(acc[r]);
 #endif
     for (; i < kc; i += 2) {
         float lo = (float)(c[i / 2] & 15), hi = (float)(c[i / 2] >> 4);
@@ -137,6 +150,14 @@ static float scaled(const void *x, int kind, const _Float16 *s, const _Float16 *
         acc = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + i))), acc);
     }
     sum = _mm512_reduce_add_ps(acc);
+#elif defined(SIMD_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = load8(x, kind, i);
+        _mm256_storeu_ps(xs + i, _mm256_mul_ps(xv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i)))));
+        acc = _mm256_fmadd_ps(xv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + i))), acc);
+    }
+    sum = hsum8(acc);
 #endif
     for (; i < n; i++) {
         float v = kind_value(x, kind, i);

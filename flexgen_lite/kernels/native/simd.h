@@ -158,6 +158,11 @@ static inline __attribute__((always_inline)) void codes16(const uint8_t *c, __m2
     x[0] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_unpacklo_epi16(lo, hi)));
     x[1] = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_unpackhi_epi16(lo, hi)));
 }
+
+/* 64 codes from 32 bytes, as fp32 (x[0..7]), not yet scaled */
+static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m256 x[8]) {
+    for (int i = 0; i < 4; i++) codes16(c + 8 * i, x + 2 * i);
+}
 #endif
 
 #endif
