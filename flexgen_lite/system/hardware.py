@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 PROFILE_VERSION = 17  # measured anew when the code measured changes; 17: the 8-bit head's kernel (int8_gemv), AVX2
-# CPUs' attention over a 4-bit cache and FlexGen-grouped products;
+# CPUs' attention over a 4-bit cache, FlexGen-grouped products and fp32 prefill attention;
 # 16: AVX2 CPUs' kernels (few-row products, 4-bit weights in the layout, grouped fp32 decode attention);
 # 15: FlexGen-grouped 4-bit products on a CPU; 14: a CPU dequantizes 4 bits by the C kernel;
 # 13: 4-bit weights multiplied as stored in float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12:

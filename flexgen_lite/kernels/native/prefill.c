@@ -12,7 +12,7 @@
    - key blocks past every row's interval are never read (causal: half the work).
    Sums in fp32 (flash attention's online softmax over key blocks of 16), one rounding to bf16 at the end.
    fp32 q, k, v (a CPU without bf16 instructions computes in fp32) take the same walk with fused multiply-adds of
-   broadcast key and value elements, needing AVX-512 only. */
+   broadcast key and value elements, needing AVX-512 only, or on AVX2 CPUs 8 rows in the lanes and keys 8 a block. */
 
 #pragma GCC optimize("fp-contract=fast")
 #include <math.h>
@@ -23,8 +23,37 @@
 #include "kinds.h"
 #include "simd.h"
 
+#ifdef __AVX512F__
 #define ROWS 16  /* query rows per block: the vector lanes */
 #define KEYS 16  /* keys per block */
+#else
+#define ROWS 8  /* AVX2 (simd.h's SIMD_AVX2: fp32 only): 8 lanes, and 8 keys a block so that the scores and the */
+#define KEYS 8  /* output sums stay in 16 registers */
+#endif
+
+/* Each row's 1 / (sum of its weights), from the block walk's maximum (tops) and total (weights relative to it);
+   with a sink logit (gpt-oss: a head's extra term in the softmax's denominator, whose value is dropped), 1 /
+   (total + exp(sink - top)). A row that saw no key: zeros. */
+static inline void normalisers(float *inv, const float *tops, const float *sums, const float *sink) {
+    for (int64_t i = 0; i < ROWS; i++) {
+        float denominator = sums[i] + (sink ? expf(*sink - tops[i]) : 0.0f);  /* top -inf: inf, weights 0 */
+        inv[i] = denominator > 0 ? 1.0f / denominator : 0.0f;
+    }
+}
+
+/* Each row's first and last visible key over rows [i0, i0 + rows) (*first > *last: none), and the rows'
+   intervals into lo_l, hi_l (rows past the block's: an empty interval). */
+static inline void row_intervals(const int32_t *lo, const int32_t *hi, int64_t i0, int64_t rows, int32_t *first,
+                                 int32_t *last, int32_t *lo_l, int32_t *hi_l) {
+    *first = INT32_MAX, *last = -1;
+    for (int64_t i = 0; i < ROWS; i++) {
+        lo_l[i] = i < rows ? lo[i0 + i] : 1, hi_l[i] = i < rows ? hi[i0 + i] : 0;
+        if (i < rows) {
+            *first = lo_l[i] < *first ? lo_l[i] : *first;
+            *last = hi_l[i] > *last ? hi_l[i] : *last;
+        }
+    }
+}
 
 #if defined(__AVX512F__)
 /* A block of KEYS scores s[j] (16 rows each, unscaled) -> their softmax weights in place (0 where row i does not
@@ -60,27 +89,14 @@ static inline __m512 block_weights(__m512 *s, __m512i lov, __m512i hiv, int64_t 
 static inline void block_keys(const int32_t *lo, const int32_t *hi, int64_t i0, int64_t rows, int32_t *first,
                               int32_t *last, __m512i *lov, __m512i *hiv) {
     int32_t lo_l[ROWS], hi_l[ROWS];
-    *first = INT32_MAX, *last = -1;
-    for (int64_t i = 0; i < ROWS; i++) {
-        lo_l[i] = i < rows ? lo[i0 + i] : 1, hi_l[i] = i < rows ? hi[i0 + i] : 0;
-        if (i < rows) {
-            *first = lo_l[i] < *first ? lo_l[i] : *first;
-            *last = hi_l[i] > *last ? hi_l[i] : *last;
-        }
-    }
+    row_intervals(lo, hi, i0, rows, first, last, lo_l, hi_l);
     *lov = _mm512_loadu_si512(lo_l), *hiv = _mm512_loadu_si512(hi_l);
 }
 
-/* Each row's 1 / (sum of its weights), from the block walk's maximum `top` and `total` (weights relative to it);
-   with a sink logit (gpt-oss: a head's extra term in the softmax's denominator, whose value is dropped), 1 /
-   (total + exp(sink - top)). A row that saw no key: zeros. */
-static inline void normalisers(float *inv, __m512 top, __m512 total, const float *sink) {
+static inline void vector_normalisers(float *inv, __m512 top, __m512 total, const float *sink) {
     float tops[ROWS], sums[ROWS];
     _mm512_storeu_ps(tops, top), _mm512_storeu_ps(sums, total);
-    for (int64_t i = 0; i < ROWS; i++) {
-        float denominator = sums[i] + (sink ? expf(*sink - tops[i]) : 0.0f);  /* top -inf: inf, weights 0 */
-        inv[i] = denominator > 0 ? 1.0f / denominator : 0.0f;
-    }
+    normalisers(inv, tops, sums, sink);
 }
 
 /* The fp32 kernel (AVX-512 without bf16 instructions needed): rows [i0, i0 + ROWS) of one (sequence, head) of
@@ -121,9 +137,77 @@ static void row_block_f32(const float *q, int64_t qs, const float *k, int64_t ks
         }
     }
     float inv[ROWS];
-    normalisers(inv, top, total, sink);
+    vector_normalisers(inv, top, total, sink);
     for (int64_t i = 0; i < rows; i++)
         for (int64_t d = 0; d < dim; d++) out[(i0 + i) * os + d] = ot[16 * d + i] * inv[i];
+}
+#endif
+
+#ifdef SIMD_AVX2
+/* AVX2: block_weights for 8 rows in the lanes (the masks as lanes of all ones) */
+static inline __m256 block_weights(__m256 *s, __m256i lov, __m256i hiv, int64_t j0, __m256 sv, __m256 *top,
+                                   __m256 *total) {
+    __m256 block_top = *top, seen[KEYS];
+    for (int j = 0; j < KEYS; j++) {
+        __m256i jv = _mm256_set1_epi32((int)(j0 + j));
+        __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi32(lov, jv), _mm256_cmpgt_epi32(jv, hiv));
+        seen[j] = _mm256_castsi256_ps(_mm256_xor_si256(outside, _mm256_set1_epi32(-1)));
+        s[j] = _mm256_mul_ps(s[j], sv);
+        block_top = _mm256_blendv_ps(block_top, _mm256_max_ps(block_top, s[j]), seen[j]);
+    }
+    __m256 shift = _mm256_blendv_ps(block_top, _mm256_setzero_ps(),
+                                    _mm256_cmp_ps(block_top, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+    __m256 rescale = exp8(_mm256_sub_ps(*top, shift));  /* top -inf: ~0, times sums of 0 */
+    *top = block_top;
+    __m256 sum = _mm256_mul_ps(*total, rescale);
+    for (int j = 0; j < KEYS; j++) {
+        s[j] = _mm256_and_ps(seen[j], exp8(_mm256_sub_ps(s[j], shift)));
+        sum = _mm256_add_ps(sum, s[j]);
+    }
+    *total = sum;
+    return rescale;
+}
+
+/* row_block_f32 below for AVX2: 8 rows, blocks of 8 keys, output dims 8 at a time */
+static void row_block_f32(const float *q, int64_t qs, const float *k, int64_t ks, const float *v, int64_t vs,
+                          const int32_t *lo, const int32_t *hi, int64_t i0, int64_t t, int64_t dim, float scale,
+                          const float *sink, float *out, int64_t os, float *qt, float *ot) {
+    int64_t rows = t - i0 < ROWS ? t - i0 : ROWS;
+    int32_t first, last, lo_l[ROWS], hi_l[ROWS];
+    row_intervals(lo, hi, i0, rows, &first, &last, lo_l, hi_l);
+    __m256i lov = _mm256_loadu_si256((const __m256i *)lo_l), hiv = _mm256_loadu_si256((const __m256i *)hi_l);
+    for (int64_t d = 0; d < dim; d++)  /* lane i: row i's element d (rows past t: 0) */
+        for (int64_t i = 0; i < ROWS; i++) qt[d * ROWS + i] = i < rows ? q[(i0 + i) * qs + d] : 0.0f;
+    __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps(), sv = _mm256_set1_ps(scale);
+    for (int64_t d = 0; d < dim; d++) _mm256_storeu_ps(ot + ROWS * d, _mm256_setzero_ps());
+    for (int64_t j0 = first / KEYS * KEYS; j0 <= last; j0 += KEYS) {
+        __m256 s[KEYS];
+        const float *kp[KEYS];
+        int keys = (int)(last - j0 + 1 < KEYS ? last - j0 + 1 : KEYS);
+        for (int j = 0; j < KEYS; j++) {
+            s[j] = _mm256_setzero_ps();
+            kp[j] = k + (j < keys ? j0 + j : last) * ks;  /* past the last: masked */
+        }
+        for (int64_t d = 0; d < dim; d++) {
+            __m256 qv = _mm256_loadu_ps(qt + d * ROWS);
+            for (int j = 0; j < KEYS; j++) s[j] = _mm256_fmadd_ps(qv, _mm256_set1_ps(kp[j][d]), s[j]);
+        }
+        __m256 rescale = block_weights(s, lov, hiv, j0, sv, &top, &total);
+        for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+            __m256 o[8];
+            for (int d = 0; d < 8; d++) o[d] = _mm256_mul_ps(_mm256_loadu_ps(ot + ROWS * (d0 + d)), rescale);
+            for (int j = 0; j < keys; j++) {
+                const float *row = v + (j0 + j) * vs + d0;
+                for (int d = 0; d < 8; d++) o[d] = _mm256_fmadd_ps(s[j], _mm256_set1_ps(row[d]), o[d]);
+            }
+            for (int d = 0; d < 8; d++) _mm256_storeu_ps(ot + ROWS * (d0 + d), o[d]);
+        }
+    }
+    float inv[ROWS], tops[ROWS], sums[ROWS];
+    _mm256_storeu_ps(tops, top), _mm256_storeu_ps(sums, total);
+    normalisers(inv, tops, sums, sink);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t d = 0; d < dim; d++) out[(i0 + i) * os + d] = ot[ROWS * d + i] * inv[i];
 }
 #endif
 
@@ -186,7 +270,7 @@ static void row_block(const uint16_t *q, int64_t qs, const uint16_t *k, int64_t 
         }
     }
     float inv[ROWS];
-    normalisers(inv, top, total, sink);
+    vector_normalisers(inv, top, total, sink);
     for (int64_t i = 0; i < rows; i++) {
         uint16_t *o = out + (i0 + i) * os;
         for (int64_t d = 0; d < dim; d++) o[d] = bf16_bits(ot[16 * d + i] * inv[i]);
@@ -232,7 +316,7 @@ static void items_f32(const float *q, const float *k, const float *v, const int3
                       float *out, int64_t heads, int64_t kv_heads, int64_t t, int64_t dim, const int64_t *qst,
                       const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale, const float *sinks,
                       int64_t splits, int64_t begin, int64_t end) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SIMD_AVX2)
     int64_t group = heads / kv_heads;
     float *qt = aligned_alloc(64, 2 * dim * 16 * sizeof(float)), *ot = qt + dim * 16;
     if (qt) {
@@ -255,8 +339,8 @@ static void items_f32(const float *q, const float *k, const float *v, const int3
    query rows dealt out to `splits` items in turn (more items than sequences and heads for many cores; in turn,
    as causal rows cost more the later they come). q, k, v, out of `kind` (bf16 or fp32); q (b, h, i, :) at q +
    b * qst[0] + h * qst[1] + i * qst[2] elements (k, v, out alike; the last dimension contiguous); lo, hi (b, i)
-   at b * t + i; sinks: NULL, or each query head's sink logit (fp32, gpt-oss). Returns without work where the CPU lacks the instructions (the caller checks
-   prefill_available). */
+   at b * t + i; sinks: NULL, or each query head's sink logit (fp32, gpt-oss). Returns without work where the CPU
+   lacks the instructions (the caller checks prefill_available). */
 void prefill_attention(const void *q, const void *k, const void *v, const int32_t *lo, const int32_t *hi, void *out,
                        int kind, int64_t heads, int64_t kv_heads, int64_t t, int64_t length, int64_t dim,
                        const int64_t *qst, const int64_t *kst, const int64_t *vst, const int64_t *ost, float scale,
@@ -269,11 +353,11 @@ void prefill_attention(const void *q, const void *k, const void *v, const int32_
                   end);
 }
 
-/* Whether this build has the kernel for `kind`: AVX-512 for fp32, and its bf16 dot instruction for bf16. */
+/* Whether this build has the kernel for `kind`: AVX-512 or AVX2 for fp32, AVX-512's bf16 dot instruction for bf16. */
 int prefill_available(int kind) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     return kind == KIND_BF16 || kind == KIND_F32;
-#elif defined(__AVX512F__)
+#elif defined(__AVX512F__) || defined(SIMD_AVX2)
     return kind == KIND_F32;
 #else
     (void)kind;
