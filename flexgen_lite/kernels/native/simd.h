@@ -78,9 +78,14 @@ static inline __attribute__((always_inline)) void codes64(const uint8_t *c, __m5
 }
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
-/* AVX2 machines (most desktop CPUs; AMD before Zen 4): the kernels' 8-lane paths */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* 8-lane helpers, on every CPU with AVX2 (AVX-512 ones too: a path written in 8 lanes that beats the 16-lane
+   one's absence, such as attention.c's fp32 grouped heads) */
+#define SIMD_LANES8 1
+#if !defined(__AVX512F__)
+/* AVX2 machines (most desktop CPUs; AMD before Zen 4): the kernels' 8-lane paths stand in for the 16-lane ones */
 #define SIMD_AVX2 1
+#endif
 #include <immintrin.h>
 
 /* Elements c .. c + 7 of a row of `kind` as fp32. */
@@ -151,6 +156,9 @@ static inline float dot8(const float *a, const float *b, int64_t n) {
     return hsum8(_mm256_add_ps(s0, s1));
 }
 
+#endif
+
+#ifdef SIMD_AVX2
 /* 16 codes from 8 bytes (value 2i at byte i's low nibble), as fp32 (x[0..1]), not yet scaled */
 static inline __attribute__((always_inline)) void codes16(const uint8_t *c, __m256 x[2]) {
     __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)c));
