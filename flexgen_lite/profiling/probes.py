@@ -137,7 +137,7 @@ INT8_ROWS = (1, 2, 4, 8, 16, 32)  # a decode step's rows times an 8-bit head (in
 
 def int8_rates(device: ComputeDevice, scale: int) -> dict:
     """native.int8_gemv (an 8-bit embedding/head, a few rows) as `gemv_rates` measures the dense kernel, in the
-    dtypes the CPU computes in; {} with CUDA or without the kernel. ~1-2 s on this VM."""
+    dtypes the CPU computes in; {} with CUDA or without the kernel. ~4 s on this VM."""
     if device.is_cuda or not int8_fits((32, 32)):
         return {"int8_gemv": {}}
 
