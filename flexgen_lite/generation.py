@@ -56,7 +56,7 @@ class FlexGenLite:
                  budgets: Budgets | None = None, hardware=None, trace=None) -> None:
         """policy: a Policy, or "auto" (the default) or an AutoPolicy: searched for `workload` (default
         `default_workload`) within `budgets`, using `hardware` or this machine's cached profile (measured on
-        first use, ~25 s on 2 cores). Explicit budgets are checked
+        first use, ~35-55 s on 2 cores). Explicit budgets are checked
         for an explicit policy too; `self.search` keeps the auto policy's prediction. `trace`: a trace.Recorder
         that gets the engine's spans (--breakdown, --trace)."""
         self.config, source, self.tokenizer = open_model(model)
