@@ -25,7 +25,7 @@ from flexgen_lite.planning.layout import Workload
 from flexgen_lite.planning.memory_plan import peak_memory
 from flexgen_lite.planning.policy_search import COMPRESSION_GAIN, TOLERANCE, AutoPolicy, search_policy
 from flexgen_lite.profiling.measure import load_profile, measure
-from flexgen_lite.profiling.probes import INT8_ROWS
+from flexgen_lite.profiling.probes import COARSE_ROWS, INT8_ROWS
 from flexgen_lite.system.hardware import HardwareProfile
 from flexgen_lite.system.memory import parse_size
 
@@ -72,6 +72,7 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
                   first.attention["bfloat16"][1], first.dequantize["float32"], first.cache_disk_load["float32"][1]):
         assert value > 0
     assert [m for m, _, _ in first.matmul["float32"]] == [1, 4, 8, 16, 32, 64, 128, 256, 1024]
+    assert [m for m, _, _ in first.matmul["float16"]] == list(COARSE_ROWS)  # a CPU's forced --dtype alone
     if native.library() is not None:  # the 8-bit head's kernel, in the dtypes a CPU computes in
         assert {d: [m for m, _, _ in p] for d, p in first.int8_gemv.items()} == dict.fromkeys(
             ("float32", "bfloat16"), list(INT8_ROWS))

@@ -53,6 +53,7 @@ from .probes import (
     compression_rates,
     compute_dtypes,
     contention,
+    every_matmul_rate,
     fit,
     gemv_rates,
     host_contention,
@@ -80,7 +81,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
     found: dict = {}
-    stages = [("matmul", matmul_rates), ("few-row kernel", gemv_rates), ("8-bit head", int8_rates),
+    stages = [("matmul", every_matmul_rate), ("few-row kernel", gemv_rates), ("8-bit head", int8_rates),
               ("int4 kernel", int4_rates),
               ("attention", attention_rates), ("attention over 4-bit caches", codes_attention_rates),
               ("links", link_rates), ("host memory", host_touch), ("CPU attention beside the link", host_contention),

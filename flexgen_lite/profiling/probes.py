@@ -119,6 +119,19 @@ def matmul_rates(device: ComputeDevice, scale: int, names: tuple[str, ...] = tup
     return {"matmul": out, "matmul_shape": shapes[0]}
 
 
+COARSE_ROWS = (1, 16, 128)  # a dtype the device computes in only when forced (float16 on a CPU)
+
+
+def every_matmul_rate(device: ComputeDevice, scale: int) -> dict:
+    """`matmul_rates` in the dtypes the device computes in, and at COARSE_ROWS in the others (float16 on a CPU,
+    whose rates only predict a forced --dtype: ~1 s there instead of ~4 on this VM)."""
+    found = matmul_rates(device, scale, tuple(compute_dtypes(device)))
+    others = tuple(name for name in DTYPES if name not in compute_dtypes(device))
+    if others:
+        found["matmul"].update(matmul_rates(device, scale, others, COARSE_ROWS)["matmul"])
+    return found
+
+
 GEMV_ROWS = (1, 2, 4, 8, 16)  # where the C kernel for a few rows may beat torch's matmul (hardware.gemv_rows)
 
 
