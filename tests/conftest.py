@@ -437,7 +437,7 @@ def other_native_build(march: list[str]) -> ctypes.CDLL:
     if cc is None:
         pytest.fail("no C compiler: the native kernels are built with one (gcc on these machines)")
     flags = [f for f in native.build.FLAGS if f != "-march=native"] + march
-    key = [*(p.read_text() for p in native.build.SOURCES), *flags, cc, native.build.cpu_flags()]
+    key = [*(p.read_text() for p in native.build.SOURCES + native.build.HEADERS), *flags, cc, native.build.cpu_flags()]
     path = built_once("native", key, lambda part: subprocess.run(
         [cc, *flags, *map(str, native.build.SOURCES), "-o", str(part), "-lm"], check=True), suffix=".so")
     return _OTHER_BUILDS.setdefault(tuple(march), native.declared(ctypes.CDLL(str(path))))
