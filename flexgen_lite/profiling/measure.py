@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -245,29 +246,41 @@ def _eager_schedule():
 
 
 def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> dict:
-    out, gbs, prompt, gen, runs = {}, 8, 8, (4 if quick else 16), (1 if quick else 3)
+    """Per family, (per layer, per layer and batch) from the median decode step at 1 and at 2 GPU batches. The
+    per-batch term is a difference of the two, so the runs alternate between them: a slow spell of the machine
+    (this VM's come and go within seconds) lands on both rather than on one (one run after the other, two
+    profiles' per-batch terms differed by 5x)."""
+    out, gbs, prompt, gen, rounds = {}, 8, 8, (4 if quick else 16), (1 if quick else 5)
     for family, raw in SMALL.items():
         config = config_from_dict(raw, name=f"small-{family}")
         specs, residual = layer_specs(config), {}
-        for nb in (1, 2):
-            policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb, dtype=machine_dtype(partial).dtype)
-            dtype = compute_dtype(policy, device.device.type)
-            disk, ledger = DiskStore(), MemoryLedger()
-            weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger,
-                                    pin=False)
-            engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)
-            times = []
-            for _ in range(runs):
-                block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
-                engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
-                times += engine.times.decode
-            engine.close()
-            disk.close()
-            modelled = predict(config, Workload(prompt, gen), policy, partial).decode_step_s
-            residual[nb] = sorted(times)[len(times) // 2] - modelled
+        with contextlib.ExitStack() as stack:
+            engines = {nb: _small_engine(stack, config, specs, device, partial, gbs, nb) for nb in (1, 2)}
+            times = {nb: [] for nb in engines}
+            for _ in range(rounds):
+                for nb, engine in engines.items():
+                    block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
+                    engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
+                    times[nb] += engine.times.decode
+        for nb, engine in engines.items():
+            modelled = predict(config, Workload(prompt, gen), engine.policy, partial).decode_step_s
+            residual[nb] = statistics.median(times[nb]) - modelled
         per_batch = max(0.0, residual[2] - residual[1]) / len(specs)
         out[family] = (max(0.0, residual[1] / len(specs) - per_batch), per_batch)
     return out
+
+
+def _small_engine(stack: contextlib.ExitStack, config, specs, device: ComputeDevice, partial: HardwareProfile,
+                  gbs: int, nb: int) -> Engine:
+    """An engine of `config` (dummy weights in memory) at nb GPU batches of gbs rows, closed with `stack`."""
+    policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb, dtype=machine_dtype(partial).dtype)
+    dtype = compute_dtype(policy, device.device.type)
+    disk, ledger = DiskStore(), MemoryLedger()
+    stack.callback(disk.close)
+    weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger, pin=False)
+    engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)
+    stack.callback(engine.close)
+    return engine
 
 
 def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", refresh: bool = False,
