@@ -19,10 +19,11 @@ import torch
 from ...system import paths
 
 SOURCES = [Path(__file__).with_name(name) for name in (
-    "int4.c", "attention.c", "attention_groups.c", "attention_blocks.c", "gemv.c", "prefill.c", "elementwise.c",
-    "decode_layer.c", "int8.c", "attention_q4.c", "int4_row_groups.c")]
+    "int4.c", "int4_quantize.c", "int4_gemv.c", "int4_row_groups.c", "int8.c", "gemv.c", "attention.c",
+    "attention_groups.c", "attention_blocks.c", "attention_q4.c", "attention_q4_tiles.c", "prefill.c", "elementwise.c",
+    "decode_layer.c")]
 # included by the sources: part of what names a build
-HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h", "attention_rows.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("kinds.h", "simd.h", "attention_rows.h", "attention_q4_rows.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no FMA: bit-identical to torch
 OPENMP = ["-fopenmp"]  # gemv.c's teams; a compiler without it builds them serial
 
