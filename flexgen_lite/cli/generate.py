@@ -159,7 +159,8 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
             output.record_run({**run, "policy": policy_record(m.policy, dtype)})
             output.flush()
         if m.search is not None:
-            print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s)\n"
+            print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s with every "
+                  f"prompt generating its {sampling.max_new_tokens} tokens)\n"
                   f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
         else:
             print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
