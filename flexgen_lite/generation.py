@@ -32,6 +32,7 @@ from .planning.dtype_choice import compute_dtype
 from .planning.layout import Workload
 from .planning.memory_plan import peak_memory
 from .planning.policy_search import AutoPolicy
+from .stragglers import Carried, next_group, worth_ending
 from .system.devices import ComputeDevice, keep_freed_memory
 from .system.memory import return_freed_memory
 
@@ -144,14 +145,17 @@ class FlexGenLite:
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
                      return_logits: bool = False, indices: list[int] | None = None,
                      on_tokens: Callable[[int, list[int]], None] | None = None,
-                     on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None):
+                     on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None,
+                     carry_over: bool | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
         With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
         indices: the prompts' places in a larger input (default 0, 1, ...); with a seed, they seed sampling.
         on_tokens(i, ids): after each step, for each prompt i of the running block, its tokens so far (streaming).
-        on_block({i: (ids, logits or None)}): after each block, its prompts' final ids (to save them before the
-        next block runs)."""
+        on_block({i: (ids, logits or None)}): after each block, the prompts it finished (to save them before
+        the next block runs). carry_over: a block whose few last rows still generate while others wait ends
+        early and those rows go on in a later block (stragglers.py): None where measured worth it, False never,
+        True wherever few are left."""
         sampling = sampling or SamplingConfig()
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
@@ -160,26 +164,50 @@ class FlexGenLite:
         results: list[list[int]] = [[] for _ in prompts]
         logits: list[torch.Tensor] = [None] * len(prompts)
         size = self.policy.block_size
-        blocks = -(-len(order) // size)
-        for first in range(0, len(order), size):
-            chosen = order[first:first + size]
-            places = chosen if indices is None else [indices[i] for i in chosen]
-            label = f"block {first // size + 1}/{blocks}"
-            report = None
-            if on_tokens is not None:
-                def report(block: Block, chosen=chosen) -> None:
-                    for row, i in enumerate(chosen):
-                        on_tokens(i, block.new_tokens(row))
-            block = self._run_block([prompts[i] for i in chosen], sampling, return_logits, places, label, report)
+        queue = [order[first:first + size] for first in range(0, len(order), size)]
+        carried: dict[int, Carried] = {}
+        bound = max(len(p) for p in prompts) + sampling.max_new_tokens  # positions a block was planned for
+        done = 0
+        while queue or carried:
+            chosen = queue.pop(0) if queue else next_group(
+                list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
+                {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
+            moving = {row: carried.pop(i) for row, i in enumerate(chosen) if i in carried}
+            done += 1
+            label = f"block {done}/{done + len(queue) + bool(carried)}"
+            waiting = bool(queue) or bool(carried)
+            block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
+                                     for row, i in enumerate(chosen)], sampling, return_logits,
+                                    chosen if indices is None else [indices[i] for i in chosen], label,
+                                    on_tokens and self._streamer(chosen, moving, on_tokens), moving,
+                                    waiting and carry_over is not False, carry_over)
+            finished = {}
             for row, i in enumerate(chosen):
-                results[i] = block.new_tokens(row)
+                before = moving.get(row, Carried([]))
+                part = (torch.stack([s[row] for s in self.engine.logits])[:int(block.length[row])]
+                        if return_logits else None)
+                tokens = before.tokens + block.new_tokens(row)
+                if block.stopped and not bool(block.finished[row]):
+                    generator = block.generators[row] if block.generators is not None else None
+                    carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator)
+                    continue
+                results[i] = tokens
                 if return_logits:
-                    logits[i] = torch.stack([s[row] for s in self.engine.logits])[:len(results[i])]
-            if on_block is not None:
-                on_block({i: (results[i], logits[i]) for i in chosen})
+                    logits[i] = torch.cat(before.logits + [part])
+                finished[i] = (results[i], logits[i])
+            if on_block is not None and finished:
+                on_block(finished)
             if self.progress:
-                self.progress(f"{label} done")
+                self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
+                                                 if block.stopped else ""))
         return (results, logits) if return_logits else results
+
+    @staticmethod
+    def _streamer(chosen: list[int], moving: dict[int, Carried], on_tokens):
+        def report(block: Block) -> None:
+            for row, i in enumerate(chosen):
+                on_tokens(i, (moving[row].tokens if row in moving else []) + block.new_tokens(row))
+        return report
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
     def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -198,9 +226,12 @@ class FlexGenLite:
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
                    indices: list[int] | None = None, label: str = "block",
-                   report: Callable[[Block], None] | None = None) -> Block:
-        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling)."""
-        cfg, policy = self.config, self.policy
+                   report: Callable[[Block], None] | None = None, moving: dict[int, Carried] | None = None,
+                   may_end: bool = False, rule: bool | None = None) -> Block:
+        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling).
+        moving: rows carried on from an earlier block (their tokens already end their prompts here; their
+        generators go on). may_end: the block may end early where few rows are left (stragglers.worth_ending)."""
+        cfg, policy, moving = self.config, self.policy, moving or {}
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
         generators = None
@@ -208,15 +239,22 @@ class FlexGenLite:
             indices = list(range(len(prompts))) if indices is None else list(indices)
             filler = [-1 - i for i in range(policy.block_size - len(prompts))]
             generators = row_generators(sampling.seed, indices + filler)
-        block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, sampling.max_new_tokens,
-                                   pad_id, eos, self.device.device, generators, policy.share_prefix)
+            for row, carry in moving.items():
+                generators[row] = carry.generator
+        limits = [sampling.max_new_tokens - len(moving[row].tokens) if row in moving else sampling.max_new_tokens
+                  for row in range(len(prompts))]
+        block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, max(limits), pad_id, eos,
+                                   self.device.device, generators, policy.share_prefix,
+                                   limits if moving else None)
         self._check_cache_fits(block)
-        steps = [self._stop_checker(sampling, len(prompts))] if sampling.stop else []
+        steps = [self._stop_checker(sampling, len(prompts), moving)] if sampling.stop else []
         if report is not None:
             steps.append(report)
         if self.progress is not None:
             steps.append(lambda block: self.progress(step_message(label, self.engine.times, len(prompts),
                                                                   block.gen_len)))
+        if may_end:
+            steps.append(self._straggler_check(len(prompts), rule))
         on_step = None
         if steps:
             def on_step(block: Block) -> None:
@@ -225,11 +263,30 @@ class FlexGenLite:
         self.engine.run(block, sampling, on_step, keep_logits)
         return block
 
-    def _stop_checker(self, sampling: SamplingConfig, real_rows: int):
+    def _straggler_check(self, real_rows: int, rule: bool | None):
+        """An on_step that ends the block where stragglers.worth_ending says so."""
+        rows_at: list[int] = []  # rows each decode step computed
+
+        def check(block: Block) -> None:
+            active = int((~block.finished[:real_rows]).sum())
+            if block.generated > 1:  # a decode step ran, over the rows active after the step before
+                rows_at.append(check.before)
+            check.before = active
+            # the active rows' prefill in a later block: this one's, for their rows and their positions by then
+            refill = (self.engine.times.prefill * active / real_rows
+                      * (block.prompt_len + block.generated) / block.prompt_len)
+            if worth_ending(self.engine.times.decode, rows_at, active, real_rows,
+                            block.gen_len - block.generated, True, rule, refill):
+                block.stopped = True
+        check.before = real_rows
+        return check
+
+    def _stop_checker(self, sampling: SamplingConfig, real_rows: int, moving: dict[int, Carried]):
         def check(block: Block) -> None:
             for row in range(real_rows):
                 if not block.finished[row]:
-                    text = self.tokenizer.decode(block.new_tokens(row), skip_special_tokens=True)
+                    ids = (moving[row].tokens if row in moving else []) + block.new_tokens(row)
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
                     if any(s in text for s in sampling.stop):
                         block.finished[row] = True
         return check

@@ -35,6 +35,7 @@ def sampling_from_args(args) -> SamplingConfig:
 SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
                  "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "ignore_eos": "--ignore-eos",
                  "chat": "--chat", "instruction": "--instruction", "system": "--system"}
+CARRY_OVER = {"auto": None, "always": True, "never": False}  # --carry-over: generate_ids' carry_over
 
 
 def result_settings(args) -> dict:
@@ -185,7 +186,8 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
             # the prompts' order
             per_block = (lambda finished: overall.advance(len(finished))) if output is None else (
                 lambda finished, indices=indices: save({j: ids for j, (ids, _) in finished.items()}, indices))
-            generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block)
+            generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block,
+                                       carry_over=CARRY_OVER[args.carry_over])
             if output is None:
                 save(dict(enumerate(generated)), indices, count=False)
         elapsed = time.perf_counter() - tic

@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompt's place in the input (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--carry-over", choices=["auto", "always", "never"], default="auto",
+                   help="a block whose last few prompts still generate while others wait ends early, those going "
+                   "on in a later block: where a step costs about as much for them as for the full block "
+                   "(auto, measured each block), wherever few are left (always), or never (default %(default)s)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     g.add_argument("--no-progress", action="store_true", help="no progress line (it shows only on a terminal)")
     g.add_argument("--force-resume", action="store_true", help="append to an --output file made with another model "

@@ -23,17 +23,22 @@ class Block:
     shared: int = 0  # leading columns holding only padding or the prompts' common prefix (shared_columns)
     prefix: torch.Tensor | None = None  # (1, shared) the common prefix's ids, computed once for all rows
     # per batch: (active rows on the host, the same on the compute device), copied when they change
+    limit: torch.Tensor | None = None  # (N,) on the host: tokens each row may generate here, where rows differ
+    stopped: bool = False  # set between steps: the block ends there, its unfinished rows left to the caller
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _eos_ids: torch.Tensor | None = field(default=None, repr=False)  # eos on the compute device
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
                      pad_id: int, eos: tuple[int, ...], device: torch.device,
-                     generators: list[torch.Generator] | None = None, share_prefix: bool = False) -> Block:
+                     generators: list[torch.Generator] | None = None, share_prefix: bool = False,
+                     limits: list[int] | None = None) -> Block:
         """Left-pad `prompts` into a block of `rows`; rows past len(prompts) are filler, finished at once.
 
         `generators`, one per row, make each row's samples independent of the other rows. `share_prefix`: a
-        common prefix worth it (shared_columns) is computed once in the prefill, not once per row."""
+        common prefix worth it (shared_columns) is computed once in the prefill, not once per row. `limits`: the
+        tokens each prompt may generate, where they differ (rows carried on from another block; gen_len their
+        largest)."""
         prompt_len = max(len(p) for p in prompts)
         tokens = torch.full((rows, prompt_len + gen_len), pad_id, dtype=torch.long)
         pad = torch.full((rows,), prompt_len - 1, dtype=torch.long)
@@ -48,8 +53,12 @@ class Block:
             raise ValueError(f"{len(generators)} generators for a block of {rows} rows")
         shared = shared_columns(prompts) if share_prefix else 0
         prefix = torch.tensor([prompts[0][:shared]], device=device) if shared else None
+        limit = None
+        if limits is not None:
+            limit = torch.full((rows,), gen_len, dtype=torch.long)
+            limit[:len(limits)] = torch.tensor(limits, dtype=torch.long)
         return cls(tokens.to(device), pad.to(device), prompt_len, gen_len, gpu_batch_size, finished, eos, length,
-                   generators=generators, pad_host=pad, shared=shared, prefix=prefix)
+                   generators=generators, pad_host=pad, shared=shared, prefix=prefix, limit=limit)
 
     def rows(self, batch: int) -> slice:
         return slice(batch * self.gpu_batch_size, (batch + 1) * self.gpu_batch_size)
@@ -124,12 +133,15 @@ class Block:
         self.tokens[rows.start + active_device, column] = next_ids
 
     def end_step(self) -> None:
-        """Rows that emitted eos this step finish (one device-to-host read per step, not per batch)."""
+        """Rows that emitted eos this step finish (one device-to-host read per step, not per batch), and rows
+        that reached their own limit."""
         if self.eos:
             column = self.tokens[:, self.prompt_len + self.generated]
             if self._eos_ids is None:
                 self._eos_ids = torch.tensor(self.eos, device=column.device)
             self.finished |= torch.isin(column, self._eos_ids).cpu()
+        if self.limit is not None:
+            self.finished |= self.length >= self.limit
         self.generated += 1
 
     def new_tokens(self, row: int) -> list[int]:

@@ -151,7 +151,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
         self.prefix_reads = {b: self.cache.prefix_reads(b, block.host_pad()[block.rows(b)], block.shared)
                               for b in range(self.policy.num_gpu_batches)} if block.shared else {}
         for step in range(block.gen_len):
-            if bool(block.finished.all()):
+            if block.stopped or bool(block.finished.all()):
                 break
             start, t = block.step_span(step)
             self._kernels, rows = set(), int((~block.finished).sum())

@@ -1,0 +1,115 @@
+"""Rows still generating when most of their block has finished go on in a later block (stragglers.py): their
+tokens are those of the run that kept them, and transformers' (greedy); the rule that ends a block early."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.engine.block import block_order
+from flexgen_lite.stragglers import next_group, worth_ending
+
+from .conftest import PROMPTS, hf_greedy
+
+EIGHT = PROMPTS + [[2, 33, 34, 35, 36]]
+NEW = 12
+POLICY = Policy(gpu_batch_size=4, num_gpu_batches=1, dtype="float32")  # blocks of 4: two of EIGHT
+
+
+def stopping_ids(outputs: list[list[int]]) -> tuple[set[int], set[int]]:
+    """EOS ids that end three rows of each block of 4 at their second token while one row (the straggler)
+    never meets one, and the stragglers' rows; EIGHT's blocks as the engine cuts them."""
+    blocks = [block_order(EIGHT, True)[i:i + 4] for i in (0, 4)]
+    for pick in range(4):  # the straggler of each block: rows tried in turn
+        stragglers = {block[pick] for block in blocks}
+        eos = {outputs[r][1] for block in blocks for r in block if r not in stragglers}
+        enders_stop = all(outputs[r][0] not in eos for block in blocks for r in block if r not in stragglers)
+        if enders_stop and not any(t in eos for r in stragglers for t in outputs[r]):
+            return eos, stragglers
+    pytest.fail("no straggler for this tiny model's outputs: change the prompts")
+
+
+def with_eos(tiny_dir, tmp_path, eos: set[int]):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["eos_token_id"] = sorted(eos)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def run(model_dir, sampling: SamplingConfig, carry_over: bool | None, policy: Policy = POLICY, device=None):
+    said = []
+    with FlexGenLite(str(model_dir), policy=policy, device=device, progress=said.append) as m:
+        ids, logits = m.generate_ids(EIGHT, sampling, return_logits=True, carry_over=carry_over)
+    return ids, logits, [s for s in said if s.endswith("done") or "carried on" in s]
+
+
+def cut(tokens: list[int], eos: set[int]) -> list[int]:
+    return next((tokens[:i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
+
+
+@pytest.mark.parametrize("policy,device", [
+    (POLICY, None),
+    (Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu_percent=50, cache_cpu_percent=50, dtype="float32"),
+     "cpu+link"),  # two GPU batches, the cache split over a link
+], ids=["one-batch", "two-batches-cache-across-a-link"])
+def test_carried_rows_end_as_transformers_greedy_and_as_kept_rows(tiny_models, tmp_path, policy, device):
+    tiny_dir, model = tiny_models["llama"]
+    reference, reference_logits = hf_greedy(model, EIGHT, NEW)
+    eos, stragglers = stopping_ids(reference)
+    model_dir = with_eos(tiny_dir, tmp_path, eos)
+    sampling = SamplingConfig(max_new_tokens=NEW)
+    carried, carried_logits, said = run(model_dir, sampling, True, policy, device)
+    kept, kept_logits, kept_said = run(model_dir, sampling, False, policy, device)
+    assert sum("carried on" in s for s in said) == 2 and len(said) == 3  # two blocks end early, a third goes on
+    assert len(kept_said) == 2 and not any("carried on" in s for s in kept_said)
+    assert carried == kept == [cut(r, eos) for r in reference]
+    assert all(len(carried[r]) == NEW for r in stragglers)
+    for row in range(len(EIGHT)):  # each token's logits, the carried rows' first in their new block by a prefill
+        assert carried_logits[row].shape == (len(carried[row]), model.config.vocab_size)
+        torch.testing.assert_close(carried_logits[row], kept_logits[row], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(carried_logits[row], reference_logits[row][:len(carried[row])], atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_sampled_rows_keep_their_generators_across_blocks(tiny_models, tmp_path):
+    """Each row samples from its own generator (seeded by its place): a carried row's goes on where it was, so
+    its tokens are those it makes when kept in its block, and those it makes with no EOS at all, cut."""
+    tiny_dir, _ = tiny_models["llama"]
+    sampling = SamplingConfig(max_new_tokens=NEW, temperature=1.0, seed=7)
+    with FlexGenLite(str(tiny_dir), policy=POLICY) as m:
+        free = m.generate_ids(EIGHT, SamplingConfig(max_new_tokens=NEW, temperature=1.0, seed=7, stop_at_eos=False))
+    eos, _ = stopping_ids(free)
+    model_dir = with_eos(tiny_dir, tmp_path, eos)
+    carried, _, said = run(model_dir, sampling, True)
+    kept, _, _ = run(model_dir, sampling, False)
+    assert sum("carried on" in s for s in said) == 2
+    assert carried == kept == [cut(r, eos) for r in free]
+
+
+def test_a_block_ends_early_only_where_a_step_costs_about_a_full_ones():
+    full = [0.10, 0.10, 0.10]
+    assert worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True)  # a step reading every weight anyway
+    assert not worth_ending(full + [0.03], [16, 16, 16, 3], 2, 16, 20, True)  # few rows cost little: go on
+    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, False)  # nothing else waits
+    assert not worth_ending(full + [0.09], [16, 16, 16, 6], 5, 16, 20, True)  # more than a quarter still going
+    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 3, True)  # the end is near
+    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True, rule=False)
+    assert worth_ending(full + [0.03], [16, 16, 16, 3], 2, 16, 20, True, rule=True)
+    assert not worth_ending([], [], 2, 16, 20, True, rule=True)  # no decode step yet: a row would carry nothing
+    assert worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True, refill=0.3)  # their prefill: < 4 steps
+    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True, refill=0.4)
+
+
+def test_a_carried_block_needs_no_more_positions_than_the_prompts_block():
+    context = {0: 40, 1: 12, 2: 30, 3: 12}  # prompt and tokens so far
+    remaining = {0: 2, 1: 30, 2: 12, 3: 28}  # of max_new_tokens 32; the longest prompt 10 + 32 = bound 42
+    assert next_group([0, 1, 2, 3], context, remaining, 4, 42) == [1, 3]  # 12 + 30; with 2: 30 + 30 > 42
+    assert next_group([0, 2], context, remaining, 4, 42) == [2]  # with 0: 40 + 12 > 42
+    assert next_group([0], context, remaining, 4, 42) == [0]  # each row alone fits: its prompt + max_new_tokens
+    assert next_group([1, 3], context, remaining, 1, 42) == [1]  # at most a block's rows
