@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ from .planning.dtype_choice import compute_dtype
 from .planning.layout import Workload
 from .planning.memory_plan import peak_memory
 from .planning.policy_search import AutoPolicy
-from .stragglers import Carried, next_group, worth_ending
+from .stragglers import Carried, later_rows, next_group, worth_ending
 from .system.devices import ComputeDevice, keep_freed_memory
 from .system.memory import return_freed_memory
 
@@ -175,12 +176,12 @@ class FlexGenLite:
             moving = {row: carried.pop(i) for row, i in enumerate(chosen) if i in carried}
             done += 1
             label = f"block {done}/{done + len(queue) + bool(carried)}"
-            waiting = bool(queue) or bool(carried)
+            sharing = functools.partial(later_rows, blocks=len(queue), waiting=len(carried), size=size)
             block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
                                      for row, i in enumerate(chosen)], sampling, return_logits,
                                     chosen if indices is None else [indices[i] for i in chosen], label,
                                     on_tokens and self._streamer(chosen, moving, on_tokens), moving,
-                                    waiting and carry_over is not False, carry_over)
+                                    sharing if carry_over is not False else None, carry_over)
             finished = {}
             for row, i in enumerate(chosen):
                 before = moving.get(row, Carried([]))
@@ -227,10 +228,11 @@ class FlexGenLite:
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
                    indices: list[int] | None = None, label: str = "block",
                    report: Callable[[Block], None] | None = None, moving: dict[int, Carried] | None = None,
-                   may_end: bool = False, rule: bool | None = None) -> Block:
+                   sharing: Callable[[int], int] | None = None, rule: bool | None = None) -> Block:
         """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling).
         moving: rows carried on from an earlier block (their tokens already end their prompts here; their
-        generators go on). may_end: the block may end early where few rows are left (stragglers.worth_ending)."""
+        generators go on). sharing(active): the rows a later block would hold with this one's `active` last rows
+        (stragglers.worth_ending); None: the block runs to its end."""
         cfg, policy, moving = self.config, self.policy, moving or {}
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
@@ -253,8 +255,8 @@ class FlexGenLite:
         if self.progress is not None:
             steps.append(lambda block: self.progress(step_message(label, self.engine.times, len(prompts),
                                                                   block.gen_len)))
-        if may_end:
-            steps.append(self._straggler_check(len(prompts), rule))
+        if sharing is not None:
+            steps.append(self._straggler_check(len(prompts), sharing, rule))
         on_step = None
         if steps:
             def on_step(block: Block) -> None:
@@ -263,7 +265,7 @@ class FlexGenLite:
         self.engine.run(block, sampling, on_step, keep_logits)
         return block
 
-    def _straggler_check(self, real_rows: int, rule: bool | None):
+    def _straggler_check(self, real_rows: int, sharing: Callable[[int], int], rule: bool | None):
         """An on_step that ends the block where stragglers.worth_ending says so."""
         rows_at: list[int] = []  # rows each decode step computed
 
@@ -272,11 +274,13 @@ class FlexGenLite:
             if block.generated > 1:  # a decode step ran, over the rows active after the step before
                 rows_at.append(check.before)
             check.before = active
-            # the active rows' prefill in a later block: this one's, for their rows and their positions by then
-            refill = (self.engine.times.prefill * active / real_rows
+            # their share of a later block's prefill: this one's for as many rows (the larger share: a prefill
+            # bound by its weights' reads costs the same for fewer rows), over their positions by then
+            share = sharing(active)
+            refill = (self.engine.times.prefill * active / max(min(share, real_rows), active, 1)
                       * (block.prompt_len + block.generated) / block.prompt_len)
             if worth_ending(self.engine.times.decode, rows_at, active, real_rows,
-                            block.gen_len - block.generated, True, rule, refill):
+                            block.gen_len - block.generated, share, rule, refill):
                 block.stopped = True
         check.before = real_rows
         return check

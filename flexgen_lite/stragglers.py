@@ -2,11 +2,15 @@
 
 A block runs until its last row ends (eos, a stop string, or max_new_tokens). Where a decode step costs about the
 same whatever the rows (weights read across a link or from disk, CUDA graphs over every row, a CPU reading each
-weight for a few rows), the last few rows' steps cost as much as the full block's. When other prompts are waiting,
-such a block ends early instead: its unfinished rows go on in a later block of other such rows, from their prompt
-and the tokens they have (one prefill), with their own sampling generators and what is left of max_new_tokens.
-Their tokens are the model's continuation either way (greedy: the same ids up to the rounding of a prefill
-against a decode step)."""
+weight for a few rows), the last few rows' steps cost nearly as much as the full block's. When other prompts are
+waiting, such a block ends early instead: its unfinished rows go on in a later block with the rows other blocks
+leave, from their prompt and the tokens they have (one prefill), with their own sampling generators and what is
+left of max_new_tokens. Their tokens are the model's continuation either way (greedy: the same ids up to the
+rounding of a prefill against a decode step).
+
+Whether it pays is measured on the block's own steps: the rest of the tail (taken as half the steps left) at the
+last step's cost, against the same steps shared with the later block's other rows at a full step's cost, plus
+the prefill that carrying costs."""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 STRAGGLER_SHARE = 0.25  # a block ends early once at most this share of its prompts is still generating
-FLAT_STEP = 0.5  # ... and its last step took at least this share of a step over (nearly) all of them
 MIN_STEPS_LEFT = 4  # ... and at least this many steps may be left (near the end, finishing costs little)
 
 
@@ -30,12 +33,13 @@ class Carried:
 
 
 def worth_ending(step_times: list[float], step_rows: list[int], active: int, rows: int, steps_left: int,
-                 others_waiting: bool, rule: bool | None = None, refill: float = 0.0) -> bool:
+                 sharing: int, rule: bool | None = None, refill: float = 0.0) -> bool:
     """Whether a block whose decode steps took `step_times` over `step_rows` rows each, `active` of its `rows`
-    prompts still generating and `steps_left` steps at most to go, should end here. rule: None measures: the
-    last step cost about a full one (FLAT_STEP) and `refill` seconds (the active rows' prefill in a later block)
-    fewer than MIN_STEPS_LEFT such steps; True ends wherever the other conditions hold, False never."""
-    if rule is False or not others_waiting or not step_times or active == 0:
+    prompts still generating and `steps_left` steps at most to go, should end here, its active rows going on
+    in a later block of about `sharing` rows (theirs included; 0: no other work waits). rule: None measures
+    (the module's note; `refill`: the seconds of the active rows' prefill there), True ends wherever few rows
+    are left and others wait, False never."""
+    if rule is False or sharing <= 0 or not step_times or active == 0:
         return False
     if active > STRAGGLER_SHARE * rows or steps_left < MIN_STEPS_LEFT:
         return False
@@ -44,8 +48,14 @@ def worth_ending(step_times: list[float], step_rows: list[int], active: int, row
     full = [t for t, r in zip(step_times, step_rows, strict=True) if r >= (1 - STRAGGLER_SHARE) * rows]
     if not full:
         return False
-    last = min(step_times[-2:])
-    return last >= FLAT_STEP * statistics.median(full[:3]) and refill <= MIN_STEPS_LEFT * last
+    last, whole = min(step_times[-2:]), statistics.median(full[:3])
+    return steps_left / 2 * (last - whole * active / max(sharing, active)) > refill
+
+
+def later_rows(active: int, blocks: int, waiting: int, size: int) -> int:
+    """The rows of the later block a block's `active` last rows would go on in: the `waiting` ones carried
+    already, and as many again as theirs from each of the `blocks` still to run; 0 where no other work waits."""
+    return 0 if not (blocks or waiting) else min(size, active * (1 + blocks) + waiting)
 
 
 def next_group(waiting: list[int], context: dict[int, int], remaining: dict[int, int], rows: int,

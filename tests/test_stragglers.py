@@ -11,7 +11,7 @@ import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.engine.block import block_order
-from flexgen_lite.stragglers import next_group, worth_ending
+from flexgen_lite.stragglers import later_rows, next_group, worth_ending
 
 from .conftest import PROMPTS, hf_greedy
 
@@ -92,18 +92,28 @@ def test_sampled_rows_keep_their_generators_across_blocks(tiny_models, tmp_path)
     assert carried == kept == [cut(r, eos) for r in free]
 
 
-def test_a_block_ends_early_only_where_a_step_costs_about_a_full_ones():
-    full = [0.10, 0.10, 0.10]
-    assert worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True)  # a step reading every weight anyway
-    assert not worth_ending(full + [0.03], [16, 16, 16, 3], 2, 16, 20, True)  # few rows cost little: go on
-    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, False)  # nothing else waits
-    assert not worth_ending(full + [0.09], [16, 16, 16, 6], 5, 16, 20, True)  # more than a quarter still going
-    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 3, True)  # the end is near
-    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True, rule=False)
-    assert worth_ending(full + [0.03], [16, 16, 16, 3], 2, 16, 20, True, rule=True)
-    assert not worth_ending([], [], 2, 16, 20, True, rule=True)  # no decode step yet: a row would carry nothing
-    assert worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True, refill=0.3)  # their prefill: < 4 steps
-    assert not worth_ending(full + [0.09], [16, 16, 16, 3], 2, 16, 20, True, refill=0.4)
+def test_a_block_ends_early_only_where_its_tail_costs_more_than_carrying_it():
+    full, rows = [0.10, 0.10, 0.10], [16, 16, 16, 3]
+    # 2 rows left of 16, 20 steps: the tail (10 steps taken) at 0.09 s a step against sharing a block of 16
+    assert worth_ending(full + [0.09], rows, 2, 16, 20, 16)  # 10 x (0.09 - 0.1 x 2 / 16) = 0.78 s saved
+    assert not worth_ending(full + [0.09], rows, 2, 16, 20, 2)  # no one to share with: 10 x (0.09 - 0.1) < 0
+    assert worth_ending(full + [0.03], rows, 2, 16, 20, 16)  # cheaper steps still pay: 10 x 0.0175 s
+    assert not worth_ending(full + [0.03], rows, 2, 16, 20, 16, refill=0.2)  # ... but not a dearer prefill
+    assert not worth_ending(full + [0.012], rows, 2, 16, 20, 16)  # a step as cheap as its share: go on
+    assert not worth_ending(full + [0.09], rows, 2, 16, 20, 0)  # nothing else waits
+    assert not worth_ending(full + [0.09], [16, 16, 16, 6], 5, 16, 20, 16)  # more than a quarter still going
+    assert not worth_ending(full + [0.09], rows, 2, 16, 3, 16)  # the end is near
+    assert not worth_ending(full + [0.09], rows, 2, 16, 20, 16, rule=False)
+    assert worth_ending(full + [0.012], rows, 2, 16, 20, 16, rule=True)
+    assert not worth_ending(full + [0.09], rows, 2, 16, 20, 0, rule=True)
+    assert not worth_ending([], [], 2, 16, 20, 16, rule=True)  # no decode step yet: a row would carry nothing
+
+
+def test_the_later_block_holds_the_stragglers_of_the_blocks_to_come_and_those_waiting():
+    assert later_rows(2, blocks=3, waiting=0, size=16) == 8  # 2 from this block and each of 3 more
+    assert later_rows(2, blocks=0, waiting=5, size=16) == 7
+    assert later_rows(4, blocks=9, waiting=3, size=16) == 16  # at most a block
+    assert later_rows(2, blocks=0, waiting=0, size=16) == 0  # nothing else: the block runs to its end
 
 
 def test_a_carried_block_needs_no_more_positions_than_the_prompts_block():
