@@ -123,3 +123,27 @@ def test_a_carried_block_needs_no_more_positions_than_the_prompts_block():
     assert next_group([0, 2], context, remaining, 4, 42) == [2]  # with 0: 40 + 12 > 42
     assert next_group([0], context, remaining, 4, 42) == [0]  # each row alone fits: its prompt + max_new_tokens
     assert next_group([1, 3], context, remaining, 1, 42) == [1]  # at most a block's rows
+
+
+def test_streams_and_stop_strings_see_a_carried_rows_tokens_from_its_start(tiny_models, tmp_path):
+    """A stop string spanning the carry (a straggler's second token, made before it, and its third, after) ends
+    the row as in the kept run; streaming reports each row's tokens from the first."""
+    tiny_dir, model = tiny_models["llama"]
+    reference, _ = hf_greedy(model, EIGHT, NEW)
+    eos, stragglers = stopping_ids(reference)
+    row = min(stragglers)
+    stop = f"w{reference[row][1]} w{reference[row][2]}"
+    assert stop not in " ".join(f"w{t}" for t in reference[row][:2])
+    model_dir = with_eos(tiny_dir, tmp_path, eos)
+    sampling = SamplingConfig(max_new_tokens=NEW, stop=(stop,))
+    outputs = {}
+    for carry in (True, False):
+        streamed, said = {}, []
+        with FlexGenLite(str(model_dir), policy=POLICY, progress=said.append) as m:
+            ids = m.generate_ids(EIGHT, sampling, on_tokens=streamed.__setitem__,
+                                 carry_over=carry)
+        assert streamed == dict(enumerate(ids))
+        assert any("carried on" in s for s in said) == carry
+        outputs[carry] = ids
+    assert outputs[True] == outputs[False]
+    assert outputs[True][row] == reference[row][:3]
