@@ -268,12 +268,14 @@ class FlexGenLite:
     def _straggler_check(self, real_rows: int, sharing: Callable[[int], int], rule: bool | None):
         """An on_step that ends the block where stragglers.worth_ending says so."""
         rows_at: list[int] = []  # rows each decode step computed
+        before = real_rows  # rows active after the step before
 
         def check(block: Block) -> None:
+            nonlocal before
             active = int((~block.finished[:real_rows]).sum())
             if block.generated > 1:  # a decode step ran, over the rows active after the step before
-                rows_at.append(check.before)
-            check.before = active
+                rows_at.append(before)
+            before = active
             # their share of a later block's prefill: this one's for as many rows (the larger share: a prefill
             # bound by its weights' reads costs the same for fewer rows), over their positions by then
             share = sharing(active)
@@ -282,7 +284,6 @@ class FlexGenLite:
             if worth_ending(self.engine.times.decode, rows_at, active, real_rows,
                             block.gen_len - block.generated, share, rule, refill):
                 block.stopped = True
-        check.before = real_rows
         return check
 
     def _stop_checker(self, sampling: SamplingConfig, real_rows: int, moving: dict[int, Carried]):

@@ -22,9 +22,9 @@ class Block:
     pad_host: torch.Tensor | None = None  # `pad` on the host: which batches need a mask, without a device read
     shared: int = 0  # leading columns holding only padding or the prompts' common prefix (shared_columns)
     prefix: torch.Tensor | None = None  # (1, shared) the common prefix's ids, computed once for all rows
-    # per batch: (active rows on the host, the same on the compute device), copied when they change
     limit: torch.Tensor | None = None  # (N,) on the host: tokens each row may generate here, where rows differ
     stopped: bool = False  # set between steps: the block ends there, its unfinished rows left to the caller
+    # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _eos_ids: torch.Tensor | None = field(default=None, repr=False)  # eos on the compute device
 
