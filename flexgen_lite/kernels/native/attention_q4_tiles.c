@@ -7,26 +7,11 @@
 #define TILE 16  /* positions rebuilt at a time for grouped heads: 16 rows of up to 256 values stay in L1 */
 #ifdef __AVX512BW__
 
-/* Rows of positions [l0, l0 + n) of one kv head rebuilt into tile (ds apart); a position not seen is zeros (its
-   weight is 0, and a slot never written may hold anything) */
-static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *sc, const _Float16 *mn, int64_t ss,
-                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t length, int far,
-                             int64_t dim, float *tile, int64_t ds) {
-    for (int64_t p = 0; p < TILE; p++) {
-        int64_t l = l0 + p;
-        if (far && l + TILE < length)
-            prefetch_position(codes, sc, mn, l + TILE, cs, ss, dim / 2, dim / 64 * 2);
-        if (!(p < n && l != skip && m[l])) {
-            memset(tile + p * ds, 0, sizeof(float) * dim);
-            continue;
-        }
-        for (int64_t g = 0; g < dim / 64; g++) {  /* code * scale + minimum, as dot_q4's sums (no rounding) */
-            __m512 x[4], s = _mm512_set1_ps((float)sc[l * ss + g]), mv = _mm512_set1_ps((float)mn[l * ss + g]);
-            codes64(codes + l * cs + 32 * g, x);
-            for (int i = 0; i < 4; i++)
-                _mm512_storeu_ps(tile + p * ds + 64 * g + 16 * i, _mm512_add_ps(_mm512_mul_ps(x[i], s), mv));
-        }
-    }
+/* A group's 64 values code * s + m from its 32 bytes of codes into dst */
+static inline void group_values(const uint8_t *c, float scale, float minimum, float *dst) {
+    __m512 x[4], s = _mm512_set1_ps(scale), mv = _mm512_set1_ps(minimum);
+    codes64(c, x);
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(dst + 16 * i, _mm512_add_ps(_mm512_mul_ps(x[i], s), mv));
 }
 
 /* Grouped heads' scores over one tile: per query head j, the 16 positions' dot products summed across lanes
@@ -66,24 +51,10 @@ static inline void tile_values(float *acc, int64_t ds, int64_t group, const floa
 
 #elif defined(SIMD_AVX2)
 /* AVX2's tile routines: the same sums 8 lanes wide, scores 8 positions at a time (lane_sums8) */
-static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *sc, const _Float16 *mn, int64_t ss,
-                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t length, int far,
-                             int64_t dim, float *tile, int64_t ds) {
-    for (int64_t p = 0; p < TILE; p++) {
-        int64_t l = l0 + p;
-        if (far && l + TILE < length)
-            prefetch_position(codes, sc, mn, l + TILE, cs, ss, dim / 2, dim / 64 * 2);
-        if (!(p < n && l != skip && m[l])) {
-            memset(tile + p * ds, 0, sizeof(float) * dim);
-            continue;
-        }
-        for (int64_t g = 0; g < dim / 64; g++) {
-            __m256 x[8], s = _mm256_set1_ps((float)sc[l * ss + g]), mv = _mm256_set1_ps((float)mn[l * ss + g]);
-            codes64(codes + l * cs + 32 * g, x);
-            for (int i = 0; i < 8; i++)
-                _mm256_storeu_ps(tile + p * ds + 64 * g + 8 * i, _mm256_add_ps(_mm256_mul_ps(x[i], s), mv));
-        }
-    }
+static inline void group_values(const uint8_t *c, float scale, float minimum, float *dst) {
+    __m256 x[8], s = _mm256_set1_ps(scale), mv = _mm256_set1_ps(minimum);
+    codes64(c, x);
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + 8 * i, _mm256_add_ps(_mm256_mul_ps(x[i], s), mv));
 }
 
 /* Lane j: the sum of a[j]'s 8 lanes */
@@ -123,6 +94,26 @@ static inline void tile_values(float *acc, int64_t ds, int64_t group, const floa
             }
             for (int i = 0; i < 4; i++) _mm256_storeu_ps(acc + j * ds + d + 8 * i, a[i]);
         }
+}
+#endif
+
+#if defined(__AVX512BW__) || defined(SIMD_AVX2)
+/* Rows of positions [l0, l0 + n) of one kv head rebuilt into tile (ds apart); a position not seen is zeros (its
+   weight is 0, and a slot never written may hold anything) */
+static inline void tile_rows(const uint8_t *codes, int64_t cs, const _Float16 *sc, const _Float16 *mn, int64_t ss,
+                             const uint8_t *m, int64_t skip, int64_t l0, int64_t n, int64_t length, int far,
+                             int64_t dim, float *tile, int64_t ds) {
+    for (int64_t p = 0; p < TILE; p++) {
+        int64_t l = l0 + p;
+        if (far && l + TILE < length)
+            prefetch_position(codes, sc, mn, l + TILE, cs, ss, dim / 2, dim / 64 * 2);
+        if (!(p < n && l != skip && m[l])) {
+            memset(tile + p * ds, 0, sizeof(float) * dim);
+            continue;
+        }
+        for (int64_t g = 0; g < dim / 64; g++)  /* code * scale + minimum, as dot_q4's sums (no rounding) */
+            group_values(codes + l * cs + 32 * g, (float)sc[l * ss + g], (float)mn[l * ss + g], tile + p * ds + 64 * g);
+    }
 }
 #endif
 
