@@ -232,13 +232,13 @@ def test_engine_with_the_kernel_equals_transformers(kernel_device, monkeypatch, 
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32")
     with FlexGenLite(str(tiny_models[family][0]), policy=policy, device=kernel_device) as m:
         m.engine.static_decode, m.engine.fused_decode, m.engine.layer_graph_decode = static, False, False
-        ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8, stop_at_eos=False),
+        ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=5, stop_at_eos=False),
                                      return_logits=True)
         kernels = m.engine.times.attention
-    ref_ids, ref_logits = references[family]
-    assert ids == ref_ids
+    ref_ids, ref_logits = references[family]  # 8 tokens: the first 5 (the interpreter's kernel is slow)
+    assert ids == [r[:5] for r in ref_ids]
     for ours, theirs in zip(logits, ref_logits, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+        torch.testing.assert_close(ours, theirs[:5], atol=2e-4, rtol=0)
     step = ("graph+" if kernel_device.startswith("cuda") else "static+") if static else ""  # a CUDA graph replayed
     assert kernels[1:] and all(step + kernel in k for k in kernels[1:]), kernels
 

@@ -176,7 +176,7 @@ def run(path, policy, device):
     gemv.matmul = lambda x, q, splits=None: calls.append(x.numel() // x.shape[-1]) or matmul(x, q, splits)
     try:
         with FlexGenLite(str(path), policy=policy, device=device) as m:
-            ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, stop_at_eos=False),
+            ids, logits = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=3, stop_at_eos=False),
                                          return_logits=True)
     finally:
         gemv.matmul = matmul
