@@ -28,10 +28,10 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
         from .models.gguf_tokenizer import gguf_tokenizer
 
         config = config_from_dict(read_gguf_config(path), name=str(path))
-        return config, GGUFSource(str(path)), gguf_tokenizer(path)
+        return config, GGUFSource(str(path)), _opened_tokenizer(path, gguf_tokenizer)
     if path.is_dir():
         config = load_config(path)
-        return config, CheckpointSource(Checkpoint(path)), load_tokenizer(path)
+        return config, CheckpointSource(Checkpoint(path)), _opened_tokenizer(path, load_tokenizer)
     if find_preset(model) is None:
         what = "is a file, not a checkpoint directory or" if path.exists() else \
             "is neither an existing checkpoint directory nor"
@@ -188,6 +188,20 @@ def config_from_json(path: Path) -> ModelConfig:
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: cannot read it as a config.json ({e}); pass a Hugging Face config file") from e
     return config_from_dict(raw, name=str(path))
+
+
+_tokenizers: dict[tuple, object] = {}  # by path and its files' sizes and times: a job opens its model twice
+
+
+def _opened_tokenizer(path: Path, load):
+    """load(path), once per process while the files it reads are unchanged (a tokenizer is only read: the CLI
+    checks the prompts with it, then FlexGenLite opens the model again; a load takes ~0.25 s)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if "token" in p.name or p.suffix == ".json")
+    stamp = tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
+    key = (str(path.resolve()), stamp)
+    if key not in _tokenizers:
+        _tokenizers[key] = load(path)
+    return _tokenizers[key]
 
 
 def load_tokenizer(path: Path):

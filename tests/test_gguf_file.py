@@ -352,3 +352,21 @@ def test_non_finite_tensor_is_refused_with_its_name(tmp_path: Path) -> None:
     _write_tiny_llama(path, raw={"blk.0.ffn_up.weight": (broken, gguf.GGMLQuantizationType.F32)})
     with pytest.raises(ModelError, match="GGUF tensor 'blk.0.ffn_up.weight' holds NaN"):
         dict(iter_gguf_tensors(path))
+
+
+def test_a_model_opened_twice_loads_its_tokenizer_once(gguf_path: str, tmp_path: Path, tiny_models) -> None:
+    """The CLI checks the prompts with the tokenizer, then FlexGenLite opens the model again: one load while the
+    files are unchanged (a GGUF file; a checkpoint directory's tokenizer files), a new one once they change."""
+    import shutil
+
+    from flexgen_lite.model_source import open_model
+
+    first = open_model(gguf_path)[2]
+    assert open_model(gguf_path)[2] is first and first("hi").input_ids
+    directory = tmp_path / "checkpoint"
+    shutil.copytree(tiny_models["llama"][0], directory)
+    first.save_pretrained(directory)
+    tok = open_model(str(directory))[2]
+    assert open_model(str(directory))[2] is tok and tok("hi").input_ids == first("hi").input_ids
+    os.utime(directory / "tokenizer_config.json", ns=(1, 1))
+    assert open_model(str(directory))[2] is not tok
