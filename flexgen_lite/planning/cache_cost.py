@@ -5,9 +5,10 @@ the prompt's k, v home. Mirrors engine/cache_attention.py and engine/transfers.p
 from __future__ import annotations
 
 from ..engine.block import MIN_SHARED
+from ..engine.storage import PAGE
 from ..models.config import ModelConfig
 from .layout import Layout, Setup
-from .segments import Seg, cpu_worker, disk_write, mapped_read, on_host
+from .segments import Seg, cpu_worker, disk_write, mapped_cache, on_host
 
 OPS_PER_PART = 10  # torch ops of decode attention over one more cache part of a batch
 
@@ -49,8 +50,12 @@ def decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
         if not rows:
             continue
         parts += tier != "gpu"
-        if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed)
-            mapped_read(s, seg, rows * stored)
+        if lay.part_mapped(tier):  # used in place (dequantized from in place when compressed): a part's pages
+            # over max_len mapped in and out, the new token's k and v written on a page per row and head each
+            kept = attended_share(s.config, s.workload.max_len) * s.workload.max_len
+            pages = rows * s.seq_layer * kept / PAGE
+            mapped_cache(s, seg, rows * s.seq_layer * kept, min(pages, 2 * rows * s.config.num_kv_heads),
+                         s.nb * rows / s.n)
         if not lay.part_direct(tier, on_cpu):  # KVCache.load into a slot, costed as measured through it
             in_place = tier == "gpu" or (tier == "cpu" and (not s.cuda or on_cpu))
             loads = s.nb * rows / s.n  # parts of this tier, about one per batch holding its rows

@@ -71,6 +71,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
         crossed = (c + d) if s.cuda else d  # kept as codes: those that crossed the link, or a CPU's mapped ones
         values = math.prod(spec.shape) * (crossed if codes else 1) if dequantized else 0
         alike[c, d, s.tensor_bytes(spec), values] += 1
+    mapped = 0.0  # bytes of the layer's weights a CPU maps from disk
     for (c, d, nbytes, values), count in alike.items():
         nbytes *= count
         if s.cuda:  # weights in compute memory are used in place (compressed ones dequantized there)
@@ -78,6 +79,7 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
             disk_read(s, seg, d * nbytes)
         else:  # disk-homed ones are memory-mapped, computed on (or dequantized from) in place
             mapped_read(s, seg, d * nbytes)
+            mapped += d * nbytes
         if values:
             seconds = count * values / hw.dequantize[s.dname]
             if s.cuda:  # on the GPU beside compute, while the next layer's codes cross (WeightSlots): not a wait
@@ -85,6 +87,8 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
             else:
                 on_host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
                 seg.add("dequantize", d * seconds, waits=False)
+    if mapped:  # the engine's work per layer mapped (its share on disk: affine in the placement for the LP)
+        seg.add("mapped pages", mapped / sum(n * k for (_, _, n, _), k in alike.items()) * hw.mapped_fetch, waits=False)
     return seg
 
 

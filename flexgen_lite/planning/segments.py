@@ -64,6 +64,17 @@ def mapped_read(s: Setup, seg: Seg, nbytes: float) -> None:
         seg.add("disk", nbytes / s.hw.disk_read, waits=True)
 
 
+def mapped_cache(s: Setup, seg: Seg, nbytes: float, writes: float, parts: float) -> None:
+    """A CPU's cache parts mapped from offload files, one layer of a decode step: their `nbytes` (pages written
+    through the map: 4 KiB each in the page cache) faulted in and out of the process (the I/O thread's, competing
+    with compute), `writes` pages first written by the new token, and the engine's own work per part used."""
+    mapped_read(s, seg, nbytes)
+    hw = s.hw
+    if hw.mapped_read:
+        on_host(s, seg, "mapped pages", nbytes / hw.mapped_read)
+    seg.add("mapped pages", writes * hw.mapped_write + parts * hw.mapped_part, waits=False)
+
+
 def disk_write(s: Setup, seg: Seg, nbytes: float) -> None:
     if s.disk_cached:
         on_host(s, seg, "page cache", nbytes / s.hw.cached_write)

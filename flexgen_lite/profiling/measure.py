@@ -47,6 +47,7 @@ from ..system.hardware import HardwareProfile
 from ..system.memory import return_freed_memory
 from ..system.profile_store import cache_dir, cached_profile, profile_in_force, profile_path, save_profile
 from .attention_probes import attention_rates, codes_attention_rates
+from .disk_probes import mapped_pages, measure_disk
 from .int4_probes import int4_rates
 from .probes import (
     MiB,
@@ -63,7 +64,6 @@ from .probes import (
     link_rates,
     matmul_rates,
     matmul_shapes,
-    measure_disk,
     offload_parent,
     others_cpu,
     timed,
@@ -93,7 +93,9 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
               ("matmul, second trial", lambda device, scale: best_matmul(
                   found, matmul_rates(device, scale, tuple(compute_dtypes(device))))),
               ("disk", lambda device, scale: measure_disk(offload_dir, disk_size, device)),
-              ("engine", lambda device, scale: _layer_overhead(device, found, quick=scale > 1))]
+              ("mapped files", lambda device, scale: {} if device.is_cuda
+               else mapped_pages(offload_dir, 32 * MiB // scale)),
+              ("engine", lambda device, scale: _layer_overhead(device, found, offload_dir, quick=scale > 1))]
     stage_seconds, stage_compiles = {}, {}
     for i, (name, fn) in enumerate(stages):
         if progress:
@@ -225,7 +227,7 @@ SMALL = {  # decode steps of these, less what the cost model already counts, are
 }
 
 
-def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> dict:
+def _layer_overhead(device: ComputeDevice, found: dict, offload_dir: str = "", quick: bool = False) -> dict:
     """Seconds per layer and per (layer, GPU batch) of a decode step that the rest of the cost model does not
     count (Python, dispatch, futures, waking threads between ops): small models of each family run in the
     engine with 1 and 2 GPU batches of 8 rows, less their prediction without this term. The engine and its
@@ -235,7 +237,35 @@ def _layer_overhead(device: ComputeDevice, found: dict, quick: bool = False) -> 
               "host_memory": 0, "device": "", "is_cuda": device.is_cuda}
     partial = HardwareProfile(**fields)
     with profile_in_force(partial), _eager_schedule():
-        return {"layer_overhead": _residuals(device, partial, quick)}
+        overhead = _residuals(device, partial, quick)
+        if device.is_cuda:
+            return {"layer_overhead": overhead}
+        partial = dataclasses.replace(partial, layer_overhead=overhead)
+        return {"layer_overhead": overhead, **_mapped_overheads(device, partial, offload_dir, quick)}
+
+
+def _mapped_overheads(device: ComputeDevice, partial: HardwareProfile, offload_dir: str, quick: bool) -> dict:
+    """A CPU's engine per layer whose weights it maps from an offload file and per cache part it maps, beyond what
+    the cost model counts (hand-offs to the I/O thread, a file's calls, reading through 4 KiB page tables): the
+    small Llama's decode steps with its weights on disk, with its cache there, and all in memory, alternated,
+    each less its prediction."""
+    config = config_from_dict(SMALL["llama"], name="small-llama")
+    specs, gbs, prompt, gen, rounds = layer_specs(config), 8, 8, (4 if quick else 16), (1 if quick else 5)
+    places = {"memory": {}, "weights": dict(weight_gpu_percent=0, weight_cpu_percent=0),
+              "cache": dict(cache_gpu_percent=0, cache_cpu_percent=0)}
+    times: dict[str, list[float]] = {k: [] for k in places}
+    with contextlib.ExitStack() as stack:
+        engines = {k: _small_engine(stack, config, specs, device, partial, gbs, 1, offload_dir=offload_dir, **v)
+                   for k, v in places.items()}
+        for _ in range(rounds):
+            for k, engine in engines.items():
+                block = Block.from_prompts([[5] * prompt] * gbs, gbs, gbs, gen, 1, (), device.device)
+                engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
+                times[k] += engine.times.decode
+    residual = {k: statistics.median(times[k]) - predict(config, Workload(prompt, gen), engines[k].policy,
+                                                          partial).decode_step_s for k in places}
+    return {"mapped_fetch": max(0.0, residual["weights"] - residual["memory"]) / (2 * config.num_layers),
+            "mapped_part": max(0.0, residual["cache"] - residual["memory"]) / config.num_layers}
 
 
 def _eager_schedule():
@@ -271,11 +301,12 @@ def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> 
 
 
 def _small_engine(stack: contextlib.ExitStack, config, specs, device: ComputeDevice, partial: HardwareProfile,
-                  gbs: int, nb: int) -> Engine:
-    """An engine of `config` (dummy weights in memory) at nb GPU batches of gbs rows, closed with `stack`."""
-    policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb, dtype=machine_dtype(partial).dtype)
+                  gbs: int, nb: int, **placed) -> Engine:
+    """An engine of `config` (dummy weights, in memory unless `placed` says otherwise: Policy's fields) at nb GPU
+    batches of gbs rows, closed with `stack`."""
+    policy = Policy(gpu_batch_size=gbs, num_gpu_batches=nb, dtype=machine_dtype(partial).dtype, **placed)
     dtype = compute_dtype(policy, device.device.type)
-    disk, ledger = DiskStore(), MemoryLedger()
+    disk, ledger = DiskStore(policy.offload_dir), MemoryLedger()
     stack.callback(disk.close)
     weights = place_weights(specs, policy.percents("weight"), DummySource(), dtype, device, disk, ledger, pin=False)
     engine = Engine(config, policy, specs, weights, device, dtype, disk, ledger)

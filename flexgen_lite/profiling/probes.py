@@ -1,9 +1,9 @@
 """Timing the machine's kernels, copies and disk: each probe returns rates for the profile (hardware.py).
 
 Here the timing helpers the other probes share, matmul rates per dtype over a range of batch rows, host<->device
-links, 4-bit (de)quantization, how much dearer work gets beside I/O, and the offload directory's disk; attention in
-attention_probes.py, 4-bit weights as stored in int4_probes.py. `measure.py` runs them (and the engine-level ones)
-in order.
+links, 4-bit (de)quantization, how much dearer work gets beside I/O; attention in attention_probes.py, 4-bit weights
+as stored in int4_probes.py, the offload directory's file system in disk_probes.py. `measure.py` runs them (and the
+engine-level ones) in order.
 """
 
 from __future__ import annotations
@@ -328,66 +328,3 @@ def contention(device: ComputeDevice, scale: int, io: Callable[[], object] | Non
         thread.join()
 
     return max(1.0, (timed(both, nothing) - alone_compute) / alone_io)
-
-
-def measure_disk(offload_dir: str, size: int, device: ComputeDevice | None = None) -> dict:
-    """Write and read back `size` bytes in the offload file system, cold and from the page cache, into a
-    buffer as large as the file (as the engine reads into weight slots, not into a cache-sized buffer);
-    and how much dearer page-cache reads get beside compute."""
-    parent = offload_dir or tempfile.gettempdir()
-    os.makedirs(parent, exist_ok=True)
-    fd_, path = tempfile.mkstemp(prefix="flexgen-lite-profile-", dir=parent)
-    os.close(fd_)
-    chunk = 8 * MiB
-    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(1 << 16) * (size >> 16))
-    view = memoryview(buf)
-    chunks = [(off, view[off:off + chunk]) for off in range(0, size, chunk)]
-    try:
-        method, fd = "O_DIRECT", None
-        try:
-            fd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
-            os.pwrite(fd, chunks[0][1], 0)  # file systems without O_DIRECT (tmpfs) fail here
-        except OSError:
-            if fd is not None:
-                os.close(fd)
-            method, fd = "buffered + fadvise(DONTNEED)", os.open(path, os.O_RDWR)
-        if not hasattr(os, "O_DIRECT"):
-            method = "buffered + fadvise(DONTNEED)"
-
-        def drop() -> None:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-        def each(io) -> float:
-            tic = time.perf_counter()
-            for off, part in chunks:
-                io(fd, part, off)
-            return size / (time.perf_counter() - tic)
-
-        def read(fd, part, off):
-            os.preadv(fd, [part], off)
-
-        tic = time.perf_counter()
-        each(os.pwrite)
-        os.fsync(fd)
-        write = size / (time.perf_counter() - tic)
-        drop()
-        cold = each(read)
-        os.close(fd)
-
-        fd = os.open(path, os.O_RDWR)  # buffered: fill the page cache, then time reads from it
-        each(read)
-        cached_read = each(read)
-        cached_write = each(os.pwrite)
-        reads = contention(device, 1, lambda: each(read)) if device is not None else 1.0
-        drop()
-        os.close(fd)
-    finally:
-        view.release()
-        for _, part in chunks:
-            part.release()
-        buf.close()
-        os.unlink(path)
-    return {"disk_read": cold, "disk_write": write, "cached_read": cached_read, "cached_write": cached_write,
-            "disk_method": method, "contention_read": reads}

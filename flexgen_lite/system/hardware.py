@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 17  # measured anew when the code measured changes; 17: the 8-bit head's kernel (int8_gemv), AVX2
-# CPUs' attention over a 4-bit cache, FlexGen-grouped products and fp32 prefill attention;
+PROFILE_VERSION = 18  # measured anew when the code measured changes; 18: a CPU's mapped files (mapped_read, _write);
+# 17: the 8-bit head's kernel (int8_gemv), AVX2 CPUs' attention over a 4-bit cache, FlexGen-grouped products and
+# fp32 prefill attention;
 # 16: AVX2 CPUs' kernels (few-row products, 4-bit weights in the layout, grouped fp32 decode attention);
 # 15: FlexGen-grouped 4-bit products on a CPU; 14: a CPU dequantizes 4 bits by the C kernel;
 # 13: 4-bit weights multiplied as stored in float32 too (torch's int4 kernel, the C kernel for a few rows, tiles); 12:
@@ -120,6 +121,15 @@ class HardwareProfile:
     # bytes/s of the first write to fresh host memory (page faults, zeroing): what a plan's host RAM costs before
     # its job runs; 0: not measured (an older profile)
     host_touch: float = 0.0
+    # a CPU computing on offload files memory-mapped in place: bytes/s of faulting pages written through a map (a
+    # cache part's) in and out of the process (DiskFile.prefetch, release), seconds per mapped page first written
+    # (a cache part's new token, a page per row and head), and the engine's seconds beyond what the cost model
+    # counts per layer whose weights it maps and per cache part it maps (decode steps of a small model with either
+    # on disk against all in memory); 0: not measured (CUDA, an older profile)
+    mapped_read: float = 0.0
+    mapped_write: float = 0.0
+    mapped_fetch: float = 0.0
+    mapped_part: float = 0.0
 
     def codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
         """(s per call, stored bytes/s) of CPU attention over a 4-bit cache as stored, for `group` query heads per
@@ -267,7 +277,10 @@ class HardwareProfile:
                      + (f"; first writes to fresh host memory {self.host_touch / g:.1f}" if self.host_touch else ""))
         lines.append(f"disk GB/s ({self.offload_dir}, {self.disk_method}): read {self.disk_read / g:.2f}, "
                      f"write {self.disk_write / g:.2f}; page cache read {self.cached_read / g:.1f}, "
-                     f"write {self.cached_write / g:.1f}")
+                     f"write {self.cached_write / g:.1f}"
+                     + (f"; mapped in and out {self.mapped_read / g:.1f}, a page's first write "
+                        f"{self.mapped_write * 1e6:.2f} us, per layer mapped {self.mapped_fetch * 1e6:.0f} us, "
+                        f"per cache part {self.mapped_part * 1e6:.0f} us" if self.mapped_read else ""))
         lines.append("4-bit Gelem/s: dequantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.dequantize.items())
                      + "; quantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.quantize.items()))
         lines.append("KV cache part loads (fixed ms + rate): disk " + ", ".join(

@@ -1,0 +1,56 @@
+"""A CPU computing on offload files mapped in place: the profile's probe of what mapping costs, and the cost model
+pricing it (a layer's weights mapped from disk, a cache part's pages faulted in and out and first written)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flexgen_lite.engine.policy import Policy
+from flexgen_lite.engine.storage import PAGE
+from flexgen_lite.models.hf_config import config_from_dict
+from flexgen_lite.planning.cost_model import predict
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.profiling.disk_probes import mapped_pages
+from flexgen_lite.profiling.measure import SMALL
+
+from .conftest import synthetic_profile
+
+CONFIG = config_from_dict(SMALL["llama"], name="small-llama")  # 4 layers, 4 kv heads of 64
+WORK = Workload(32, 16)
+FETCH, PART, READ, WRITE = 3e-4, 1e-4, 15e9, 2e-6
+
+
+def step(hw, **placed) -> float:
+    return predict(CONFIG, WORK, Policy(gpu_batch_size=8, dtype="float32", **placed), hw).decode_step_s
+
+
+def test_the_probe_measures_mapping_on_this_file_system(tmp_path):
+    found = mapped_pages(str(tmp_path), 4 * 2**20)
+    assert found["mapped_read"] > 0 and found["mapped_write"] >= 0
+    assert list(tmp_path.iterdir()) == []  # its file removed
+
+
+def test_weights_mapped_from_disk_cost_each_layer_its_measured_overhead():
+    plain = synthetic_profile()
+    hw = dataclasses.replace(plain, mapped_fetch=FETCH, mapped_part=PART, mapped_read=READ, mapped_write=WRITE)
+    on_disk = dict(weight_gpu_percent=0, weight_cpu_percent=0)
+    assert step(hw) == pytest.approx(step(plain))  # nothing mapped: nothing priced
+    added = step(hw, **on_disk) - step(plain, **on_disk)
+    assert added == pytest.approx(2 * CONFIG.num_layers * FETCH, rel=0.01)  # each layer's attention, MLP (norms in RAM)
+    half = step(hw, weight_gpu_percent=50, weight_cpu_percent=0) - step(plain, weight_gpu_percent=50,
+                                                                         weight_cpu_percent=0)
+    assert 0 < half < added  # a layer partly on disk: its share (the LP reads costs as affine in the placement)
+
+
+def test_cache_parts_mapped_from_disk_cost_their_pages_writes_and_parts():
+    plain = synthetic_profile()
+    hw = dataclasses.replace(plain, mapped_fetch=FETCH, mapped_part=PART, mapped_read=READ, mapped_write=WRITE)
+    on_disk = dict(cache_gpu_percent=0, cache_cpu_percent=0)
+    added = step(hw, **on_disk) - step(plain, **on_disk)
+    rows, heads = 8, CONFIG.num_kv_heads
+    nbytes = rows * 2 * heads * CONFIG.head_dim * 4 * WORK.max_len  # k and v, float32, every position planned
+    pages = nbytes / READ * plain.contention  # the I/O thread's, beside compute on a CPU
+    writes = min(nbytes / PAGE, 2 * rows * heads) * WRITE  # a page per row and head, k and v
+    assert added == pytest.approx(CONFIG.num_layers * (pages + writes + PART))
