@@ -89,7 +89,10 @@ def mapped_pages(offload_dir: str, size: int) -> dict:
     path = os.path.join(parent, f"flexgen-lite-profile-mapped-{os.getpid()}")
     file = DiskFile(path, size)
     try:
-        pages = file.map(torch.uint8, (size,))
+        try:
+            pages = file.map(torch.uint8, (size,))
+        except OSError:  # a file system without shared memory maps: nothing measured, nothing priced
+            return {}
         pages.fill_(1)  # every page in the page cache, as the engine's files are after their first write
         file.release()
         nothing = lambda: None  # noqa: E731
