@@ -54,3 +54,26 @@ def test_cache_parts_mapped_from_disk_cost_their_pages_writes_and_parts():
     pages = nbytes / READ * plain.contention  # the I/O thread's, beside compute on a CPU
     writes = min(nbytes / PAGE, 2 * rows * heads) * WRITE  # a page per row and head, k and v
     assert added == pytest.approx(CONFIG.num_layers * (pages + writes + PART))
+
+
+def test_decode_attention_is_timed_over_caches_no_cache_holds(monkeypatch):
+    """The profile's CPU decode attention rotates over `room` bytes of distinct caches (a decode step reads each
+    layer's once), each call over one of them, all of them in turn; then they are given back."""
+    import torch
+
+    from flexgen_lite.profiling import attention_probes as probes
+
+    seen, attend = [], probes.attend_named
+    monkeypatch.setattr(probes, "attend_named",
+                        lambda q, k, v, mask, shared=None: seen.append((k.data_ptr(), v.data_ptr(), k.shape[2]))
+                        or attend(q, k, v, mask, shared=shared))
+    b, heads, hd, long = 2, 4, 64, 256
+    per_copy = 2 * b * heads * (long + 64) * hd * 4
+    fixed, rate = probes._decode_attention_rate(torch.device("cpu"), torch.float32, b, heads, heads, hd, long, False,
+                                                room=5 * per_copy)
+    assert rate > 0 and fixed >= 0
+    caches = {(k, v) for k, v, _ in seen}
+    assert len(caches) == 5 and len({p for pair in caches for p in pair}) == 10  # 5 copies of k and v, apart
+    assert {length for *_, length in seen} == {32, long}
+    assert all(seen[i][:2] != seen[i + 1][:2] for i in range(len(seen) - 1) if seen[i][2] == seen[i + 1][2])
+    probes._kept.clear()

@@ -11,7 +11,9 @@ from ..engine.shared_prefix import shared_rows
 from ..kernels.attention import attend_named
 from ..kernels.prefill_attention import prefill_attention
 from ..system.devices import ComputeDevice
-from .probes import compute_dtypes, fit, timed
+from .probes import MiB, compute_dtypes, fit, timed
+
+ROTATED_CACHES = 128 * MiB  # a CPU's decode attention timed over caches this large together (none in a cache)
 
 
 def attention_rates(device: ComputeDevice, scale: int) -> dict:
@@ -29,15 +31,17 @@ def attention_rates(device: ComputeDevice, scale: int) -> dict:
         if not device.is_cuda and prefill_attention(q, q, q, mask) is not None:  # the C kernel, this dtype here
             s = timed(lambda q=q, mask=mask: prefill_attention(q, q, q, mask), sync)
             native_prefill[name] = 4 * b * heads * t * t * hd / s
+        room = ROTATED_CACHES // scale
         for where, out in ((dev, attention), (torch.device("cpu"), cpu_attention)):
             b, long = (32, 4096 // scale) if where.type == "cuda" else (8, 2048 // scale)
             position_major = out is cpu_attention  # beside a GPU it reads the cache across the link in place
-            out[name] = _decode_attention_rate(where, dtype, b, heads, heads, hd, long, position_major)
+            out[name] = _decode_attention_rate(where, dtype, b, heads, heads, hd, long, position_major, room=room)
         # grouped heads on a CPU, 4 per kv head, at the common head dims: as the compute device, and beside a GPU
         for table, position_major in ((cpu_grouped, True),) + (() if device.is_cuda else ((grouped, False),)):
             table[name] = [(hd, *_decode_attention_rate(torch.device("cpu"), dtype, 8, 16, 4, hd, 2048 // scale,
-                                                        position_major)) for hd in (64, 128)]
+                                                        position_major, room=room)) for hd in (64, 128)]
         shared[name] = _shared_speedup(dtype, 2048 // scale, device.is_cuda)
+    _kept.clear()
     for table in (sdpa, attention, cpu_attention, grouped, cpu_grouped, shared):  # a float16 cache: bf16 on a CPU
         if "bfloat16" in table:
             table.setdefault("float16", table["bfloat16"])
@@ -132,23 +136,51 @@ def _shared_speedup(dtype: torch.dtype, long: int, position_major: bool) -> floa
 
 
 def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,
-                           long: int, position_major: bool, shared: bool = False) -> tuple[float, float]:
+                           long: int, position_major: bool, shared: bool = False,
+                           room: int = 0) -> tuple[float, float]:
     """(fixed s per call, K+V bytes/s) of one new token's attention over cache prefixes of 32 and `long`
-    positions, k and v apart (larger than a CPU's last-level cache at `long`, as a real cache is): position-major
-    as across a link (native.decode_attention on all cores), else head-major as in compute memory. shared: every
-    row's positions a prompt prefix read from row 0 (shared_prefix.shared_rows); bytes counted as the rows'."""
-    if position_major:
-        k, v = (torch.randn(long + 64, b, kv_heads, hd).to(dtype).permute(1, 2, 0, 3) for _ in range(2))
-    else:
-        k, v = (torch.randn(b, kv_heads, long + 64, hd, device=where).to(dtype) for _ in range(2))
+    positions, k and v apart: position-major as across a link (native.decode_attention on all cores), else
+    head-major as in compute memory. shared: every row's positions a prompt prefix read from row 0
+    (shared_prefix.shared_rows); bytes counted as the rows'. `room`: on a CPU, bytes of caches rotated over (each
+    call reads one no cache holds, as a decode step reads each layer's once: timed over one, a cache of 50 MB was
+    read 1.4-1.8x as fast as the engine's, past a 32 MiB L3 but partly in it)."""
+    per_copy = 2 * b * kv_heads * (long + 64) * hd * dtype.itemsize
+    copies = max(1, room // per_copy) if where.type == "cpu" else 1
+    caches = _caches(where, dtype, b, kv_heads, hd, long, position_major, copies)
     q1 = torch.randn(b, heads, 1, hd, device=where).to(dtype)
+    here = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)
     times = []
     for length in (32, long):  # over a cache prefix, as the engine attends
-        kl, vl = k[:, :, :length], v[:, :, :length]
         m1 = torch.ones(b, 1, 1, length, dtype=torch.bool, device=where)
-        here = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)
         rows = shared_rows(torch.zeros(b, dtype=torch.long), length) if shared else None
-        times.append(timed(lambda kl=kl, vl=vl, m1=m1, rows=rows: attend_named(q1, kl, vl, m1, shared=rows), here))
+        views = [(k[:, :, :length], v[:, :, :length]) for k, v in caches]
+        calls = lambda views=views, m1=m1, rows=rows: [attend_named(q1, k, v, m1, shared=rows)  # noqa: E731
+                                                       for k, v in views]
+        times.append(timed(calls, here) / copies)
     per_position = 2 * b * kv_heads * hd * dtype.itemsize
     rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
     return fixed, rate
+
+
+def _caches(where: torch.device, dtype: torch.dtype, b: int, kv_heads: int, hd: int, long: int,
+            position_major: bool, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`copies` (k, v) pairs of (b, kv_heads, long + 64, hd) (views of position-major arrays where asked), filled
+    with values in [-2, 2]: views of one buffer kept while the probes run (fresh memory is slow to touch here)."""
+    shape = (long + 64, b, kv_heads, hd) if position_major else (b, kv_heads, long + 64, hd)
+    n = torch.Size(shape).numel()
+    flat = _buffer(where, 2 * copies * n * dtype.itemsize)[:2 * copies * n * dtype.itemsize].view(dtype)
+    flat.uniform_(-2, 2)
+    arrays = [flat[i * n:(i + 1) * n].view(shape) for i in range(2 * copies)]
+    if position_major:
+        arrays = [a.permute(1, 2, 0, 3) for a in arrays]
+    return [(arrays[2 * i], arrays[2 * i + 1]) for i in range(copies)]
+
+
+_kept: dict[str, torch.Tensor] = {}  # per device, the probes' cache buffer while attention_rates runs
+
+
+def _buffer(where: torch.device, nbytes: int) -> torch.Tensor:
+    found = _kept.get(str(where))
+    if found is None or found.numel() < nbytes:
+        found = _kept[str(where)] = torch.empty(nbytes, dtype=torch.uint8, device=where)
+    return found
