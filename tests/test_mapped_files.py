@@ -77,3 +77,55 @@ def test_decode_attention_is_timed_over_caches_no_cache_holds(monkeypatch):
     assert {length for *_, length in seen} == {32, long}
     assert all(seen[i][:2] != seen[i + 1][:2] for i in range(len(seen) - 1) if seen[i][2] == seen[i + 1][2])
     probes._kept.clear()
+
+
+def test_without_overlap_the_engine_s_own_mapped_costs_are_its_inline_ones():
+    """Overlap off: the engine's own work per layer and part mapped is the inline one measured, and the pages
+    mapped in and out are the compute thread's (no contention factor)."""
+    hw = dataclasses.replace(synthetic_profile(), mapped_fetch=FETCH, mapped_part=PART, mapped_fetch_inline=FETCH / 3,
+                             mapped_part_inline=PART / 3, mapped_read=READ, mapped_write=WRITE)
+    plain = dataclasses.replace(hw, mapped_fetch=0.0, mapped_part=0.0, mapped_fetch_inline=0.0, mapped_part_inline=0.0)
+    on_disk = dict(weight_gpu_percent=0, weight_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0)
+
+    def pages(h, overlap: bool) -> float:
+        policy = Policy(gpu_batch_size=8, dtype="float32", overlap=overlap, **on_disk)
+        return predict(CONFIG, WORK, policy, h).decode_by["mapped pages"]
+
+    layers = CONFIG.num_layers
+    for overlap, (fetch, part) in ((True, (FETCH, PART)), (False, (FETCH / 3, PART / 3))):
+        assert pages(hw, overlap) - pages(plain, overlap) == pytest.approx(2 * layers * fetch + layers * part,
+                                                                           rel=0.01)
+    nbytes = 8 * 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4 * WORK.max_len / READ  # a layer's, as above
+    assert pages(plain, True) - pages(plain, False) == pytest.approx(layers * nbytes * (hw.contention - 1))
+
+
+def test_a_cpu_search_weighs_overlap_and_keeps_what_is_asked():
+    """On a CPU whose engine pays less without overlap for mapped files, the search turns it off for a model on
+    disk; asked (--overlap / --no-overlap) it keeps it; all in memory the two tie and overlap stays on; beside a GPU
+    it is not searched."""
+    from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.planning.policy_search import AutoPolicy, search_policy
+
+    hw = dataclasses.replace(synthetic_profile(), mapped_fetch=2e-3, mapped_part=1e-3, mapped_fetch_inline=1e-4,
+                             mapped_part_inline=1e-4, mapped_read=READ, mapped_write=WRITE)
+    work, tight, roomy = Workload(32, 16, 64), Budgets(cpu=int(0.09 * 2**30)), Budgets(cpu=2**33)
+    assert search_policy(CONFIG, work, hw, tight, page_cache=2**33).policy.overlap is False
+    asked = AutoPolicy(dataclasses.replace(AutoPolicy().base, overlap=True), overlap=True)
+    assert search_policy(CONFIG, work, hw, tight, asked, page_cache=2**33).policy.overlap is True
+    assert search_policy(CONFIG, work, hw, roomy, page_cache=2**33).policy.overlap is True
+    gpu = dataclasses.replace(synthetic_profile(cuda=True))
+    assert all(p.overlap for p, _ in search_policy(CONFIG, work, gpu, Budgets(gpu=2**30, cpu=2**33),
+                                                   page_cache=2**33).ranked)
+
+
+def test_the_cli_leaves_overlap_to_the_search_unless_asked():
+    from flexgen_lite.cli.main import build_parser
+    from flexgen_lite.cli.options import policy_from_args
+
+    def parsed(*flags):
+        return policy_from_args(build_parser().parse_args(["generate", "--model", "m", *flags]), 8)
+
+    assert parsed().overlap is None and parsed().base.overlap is True
+    assert parsed("--no-overlap").overlap is False and parsed("--no-overlap").base.overlap is False
+    manual = ("--percent", "100", "0", "100", "0", "100", "0")
+    assert parsed(*manual).overlap is True and parsed(*manual, "--no-overlap").overlap is False

@@ -29,8 +29,8 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-batches", type=positive_int,
                    help="GPU batches per block, sharing each weight load (default 1; auto: fixes it)")
     g.add_argument("--offload-dir", default="", help="directory for the disk tier (default: system temp)")
-    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
-                   help="overlap I/O with compute")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap I/O with compute (default: on; --policy auto on a CPU weighs both)")
     g.add_argument("--pin-weight", action=argparse.BooleanOptionalAction, default=True,
                    help="pin cpu-tier weights (CUDA only)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -95,7 +95,8 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
         gpu_batch_size=args.gpu_batch_size or default_batch, num_gpu_batches=args.num_gpu_batches or 1,
         weight_gpu_percent=percent[0], weight_cpu_percent=percent[1], cache_gpu_percent=percent[2],
         cache_cpu_percent=percent[3], act_gpu_percent=percent[4], act_cpu_percent=percent[5],
-        overlap=args.overlap, pin_weight=args.pin_weight, offload_dir=args.offload_dir, dtype=args.dtype or "",
+        overlap=args.overlap is not False, pin_weight=args.pin_weight, offload_dir=args.offload_dir,
+        dtype=args.dtype or "",
         cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
         cpu_attention_percent=fixed_share(args),
         compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
@@ -106,7 +107,8 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
         return policy
     return AutoPolicy(dataclasses.replace(policy, cpu_attention_percent=100.0), args.gpu_batch_size,
                       args.num_gpu_batches, args.compress_weight, args.compress_cache, args.cpu_cache_compute,
-                      None if args.cpu_attention_percent in (None, "auto") else args.cpu_attention_percent)
+                      None if args.cpu_attention_percent in (None, "auto") else args.cpu_attention_percent,
+                      overlap=args.overlap)
 
 
 def share(text: str) -> float | str:

@@ -88,7 +88,8 @@ def _fetch(s: Setup, layer: LayerSpec, lay: Layout, decode: bool = False) -> Seg
                 on_host(s, seg, "dequantize", (1 - d) * seconds)  # a CPU dequantizes mapped codes in the compute thread
                 seg.add("dequantize", d * seconds, waits=False)
     if mapped:  # the engine's work per layer mapped (its share on disk: affine in the placement for the LP)
-        seg.add("mapped pages", mapped / sum(n * k for (_, _, n, _), k in alike.items()) * hw.mapped_fetch, waits=False)
+        per_layer = hw.mapped_overheads(s.policy.overlap)[0]
+        seg.add("mapped pages", mapped / sum(n * k for (_, _, n, _), k in alike.items()) * per_layer, waits=False)
     return seg
 
 

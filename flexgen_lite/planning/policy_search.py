@@ -40,6 +40,9 @@ class AutoPolicy:
     cpu_cache_compute: bool | None = None
     cpu_attention_percent: float | None = None  # with CPU attention; None: searched (best_cpu_share)
     exact_weights: bool = False  # compressed weights are the source's own 4-bit groups: not a loss (for_source)
+    # None: on a CPU both weighed (the I/O thread's page work and hand-offs compete with compute for the cores:
+    # where the offload files are in the page cache, off can be faster), on beside a GPU; else base's as given
+    overlap: bool | None = None
 
 
 @dataclass
@@ -145,13 +148,14 @@ def lossy_policy(p: Policy, auto: AutoPolicy) -> bool:
 
 def _choose(found: list[tuple[Policy, Prediction]], auto: AutoPolicy) -> tuple[Policy, Prediction]:
     """The fastest, but lossless unless compression gains COMPRESSION_GAIN, and the smallest block within
-    TOLERANCE of the fastest."""
+    TOLERANCE of the fastest (then the least disk, then overlap on: a cold disk's reads hide behind compute)."""
     best = found[0][1].job_throughput
     lossless = [pp for pp in found if not lossy_policy(pp[0], auto)]
     pool = lossless if lossless and lossless[0][1].job_throughput * COMPRESSION_GAIN >= best else found
     top = pool[0][1].job_throughput
     near = [pp for pp in pool if pp[1].job_throughput >= top * (1 - TOLERANCE)]
-    return min(near, key=lambda pp: (pp[0].block_size, pp[1].peak["disk"], -pp[1].job_throughput))
+    return min(near, key=lambda pp: (pp[0].block_size, pp[1].peak["disk"], not pp[0].overlap,
+                                     -pp[1].job_throughput))
 
 
 def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
@@ -163,12 +167,14 @@ def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
     choices = [(False, True) if v is None else (v,) for v in (auto.compress_weight, auto.compress_cache)]
     cpu = (False, True) if auto.cpu_cache_compute is None and hw.is_cuda else (bool(auto.cpu_cache_compute),)
     dtypes = search_options(auto.base.dtype, hw)
-    for gbs, nb, cw, cc, cpu_att, dtype in itertools.product(sizes, counts, *choices, cpu, dtypes):
+    overlaps = (True, False) if auto.overlap is None and not hw.is_cuda else (auto.base.overlap,)
+    for gbs, nb, cw, cc, cpu_att, dtype, overlap in itertools.product(sizes, counts, *choices, cpu, dtypes,
+                                                                      overlaps):
         if gbs * nb <= cap or (auto.gpu_batch_size and auto.num_gpu_batches):
             share = (auto.cpu_attention_percent or 100.0) if cpu_att else 100.0
             yield dataclasses.replace(auto.base, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw,
                                       compress_cache=cc, cpu_cache_compute=cpu_att, cpu_attention_percent=share,
-                                      dtype=dtype)
+                                      dtype=dtype, overlap=overlap)
 
 
 def _by_upper_bound(config, workload, hw, auto) -> list[tuple[float, Policy]]:

@@ -72,7 +72,7 @@ def mapped_cache(s: Setup, seg: Seg, nbytes: float, writes: float, parts: float)
     hw = s.hw
     if hw.mapped_read:
         on_host(s, seg, "mapped pages", nbytes / hw.mapped_read)
-    seg.add("mapped pages", writes * hw.mapped_write + parts * hw.mapped_part, waits=False)
+    seg.add("mapped pages", writes * hw.mapped_write + parts * hw.mapped_overheads(s.policy.overlap)[1], waits=False)
 
 
 def disk_write(s: Setup, seg: Seg, nbytes: float) -> None:

@@ -247,12 +247,13 @@ def _layer_overhead(device: ComputeDevice, found: dict, offload_dir: str = "", q
 def _mapped_overheads(device: ComputeDevice, partial: HardwareProfile, offload_dir: str, quick: bool) -> dict:
     """A CPU's engine per layer whose weights it maps from an offload file and per cache part it maps, beyond what
     the cost model counts (hand-offs to the I/O thread, a file's calls, reading through 4 KiB page tables): the
-    small Llama's decode steps with its weights on disk, with its cache there, and all in memory, alternated,
-    each less its prediction."""
+    small Llama's decode steps with its weights on disk, with its cache there, each with overlap and without, and
+    all in memory, alternated, each less its prediction."""
     config = config_from_dict(SMALL["llama"], name="small-llama")
     specs, gbs, prompt, gen, rounds = layer_specs(config), 8, 8, (4 if quick else 16), (1 if quick else 5)
-    places = {"memory": {}, "weights": dict(weight_gpu_percent=0, weight_cpu_percent=0),
-              "cache": dict(cache_gpu_percent=0, cache_cpu_percent=0)}
+    weights, cache = dict(weight_gpu_percent=0, weight_cpu_percent=0), dict(cache_gpu_percent=0, cache_cpu_percent=0)
+    places = {"memory": {}, "weights": weights, "cache": cache, "weights_inline": dict(weights, overlap=False),
+              "cache_inline": dict(cache, overlap=False)}
     times: dict[str, list[float]] = {k: [] for k in places}
     with contextlib.ExitStack() as stack:
         engines = {k: _small_engine(stack, config, specs, device, partial, gbs, 1, offload_dir=offload_dir, **v)
@@ -264,8 +265,9 @@ def _mapped_overheads(device: ComputeDevice, partial: HardwareProfile, offload_d
                 times[k] += engine.times.decode
     residual = {k: statistics.median(times[k]) - predict(config, Workload(prompt, gen), engines[k].policy,
                                                           partial).decode_step_s for k in places}
-    return {"mapped_fetch": max(0.0, residual["weights"] - residual["memory"]) / (2 * config.num_layers),
-            "mapped_part": max(0.0, residual["cache"] - residual["memory"]) / config.num_layers}
+    units = (("fetch", "weights", 2 * config.num_layers), ("part", "cache", config.num_layers))
+    return {f"mapped_{unit}{way}": max(0.0, residual[place + way] - residual["memory"]) / count
+            for unit, place, count in units for way in ("", "_inline")}
 
 
 def _eager_schedule():

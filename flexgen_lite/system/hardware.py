@@ -125,11 +125,19 @@ class HardwareProfile:
     # cache part's) in and out of the process (DiskFile.prefetch, release), seconds per mapped page first written
     # (a cache part's new token, a page per row and head), and the engine's seconds beyond what the cost model
     # counts per layer whose weights it maps and per cache part it maps (decode steps of a small model with either
-    # on disk against all in memory); 0: not measured (CUDA, an older profile)
+    # on disk against all in memory), with overlap (the I/O thread's) and without (`_inline`: in the compute
+    # thread); 0: not measured (CUDA, an older profile)
     mapped_read: float = 0.0
     mapped_write: float = 0.0
     mapped_fetch: float = 0.0
     mapped_part: float = 0.0
+    mapped_fetch_inline: float = 0.0
+    mapped_part_inline: float = 0.0
+
+    def mapped_overheads(self, overlap: bool) -> tuple[float, float]:
+        """(per layer mapped, per cache part mapped) of the engine with overlap on or off."""
+        return (self.mapped_fetch, self.mapped_part) if overlap else (self.mapped_fetch_inline,
+                                                                     self.mapped_part_inline)
 
     def codes_attention(self, dtype: str, group: int) -> tuple[float, float] | None:
         """(s per call, stored bytes/s) of CPU attention over a 4-bit cache as stored, for `group` query heads per
@@ -279,8 +287,10 @@ class HardwareProfile:
                      f"write {self.disk_write / g:.2f}; page cache read {self.cached_read / g:.1f}, "
                      f"write {self.cached_write / g:.1f}"
                      + (f"; mapped in and out {self.mapped_read / g:.1f}, a page's first write "
-                        f"{self.mapped_write * 1e6:.2f} us, per layer mapped {self.mapped_fetch * 1e6:.0f} us, "
-                        f"per cache part {self.mapped_part * 1e6:.0f} us" if self.mapped_read else ""))
+                        f"{self.mapped_write * 1e6:.2f} us, per layer mapped {self.mapped_fetch * 1e6:.0f} us "
+                        f"({self.mapped_fetch_inline * 1e6:.0f} without overlap), per cache part "
+                        f"{self.mapped_part * 1e6:.0f} us ({self.mapped_part_inline * 1e6:.0f})"
+                        if self.mapped_read else ""))
         lines.append("4-bit Gelem/s: dequantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.dequantize.items())
                      + "; quantize " + ", ".join(f"{k} {v / g:.2f}" for k, v in self.quantize.items()))
         lines.append("KV cache part loads (fixed ms + rate): disk " + ", ".join(
