@@ -213,3 +213,10 @@ def test_step_flops_are_what_transformers_runs(tiny_models, family):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.tensor([[1]]))
     assert step_flops(load_config(str(path)), rows=1, tokens=1, context=1)["flops"] == counter.get_total_flops()
+
+
+def test_the_breakdown_says_whether_overlap_was_on(tiny_models, tmp_path, capsys):
+    main(["bench", "--model", str(tiny_models["llama"][0]), "--prompt-len", "8", "--gen-len", "2",
+          "--percent", "0", "0", "100", "0", "100", "0", "--gpu-batch-size", "2", "--dtype", "float32",
+          "--offload-dir", str(tmp_path), "--breakdown", "--no-overlap"])
+    assert "breakdown (measured with overlap off" in capsys.readouterr().out

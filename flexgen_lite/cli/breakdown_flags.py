@@ -70,7 +70,9 @@ def finish(args, recorder: Recorder, context: dict, out=None) -> dict:
     phases = summarize(recorder.spans, recorder.steps, context["step_info"])
     rates = {k: tuple(v) for k, v in context["rates"].items()}
     if args.breakdown:
-        print("\nbreakdown (measured with overlap on; compute lane: exclusive times; I/O lanes overlap it)", file=out)
+        overlap = "off" if "--no-overlap" in context["policy"] else "on"
+        print(f"\nbreakdown (measured with overlap {overlap}; compute lane: exclusive times; I/O lanes overlap it)",
+              file=out)
         if not rates:
             print("  no profile of this machine cached: `flexgen-lite profile` measures the rates to compare with",
                   file=out)
