@@ -254,17 +254,10 @@ def _mapped_overheads(device: ComputeDevice, partial: HardwareProfile, offload_d
     weights, cache = dict(weight_gpu_percent=0, weight_cpu_percent=0), dict(cache_gpu_percent=0, cache_cpu_percent=0)
     places = {"memory": {}, "weights": weights, "cache": cache, "weights_inline": dict(weights, overlap=False),
               "cache_inline": dict(cache, overlap=False)}
-    times: dict[str, list[float]] = {k: [] for k in places}
     with contextlib.ExitStack() as stack:
         engines = {k: _small_engine(stack, config, specs, device, partial, gbs, 1, offload_dir=offload_dir, **v)
                    for k, v in places.items()}
-        for _ in range(rounds):
-            for k, engine in engines.items():
-                block = Block.from_prompts([[5] * prompt] * gbs, gbs, gbs, gen, 1, (), device.device)
-                engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
-                times[k] += engine.times.decode
-    residual = {k: statistics.median(times[k]) - predict(config, Workload(prompt, gen), engines[k].policy,
-                                                          partial).decode_step_s for k in places}
+        residual = _alternated(engines, config, partial, device, prompt, gen, rounds)
     units = (("fetch", "weights", 2 * config.num_layers), ("part", "cache", config.num_layers))
     return {f"mapped_{unit}{way}": max(0.0, residual[place + way] - residual["memory"]) / count
             for unit, place, count in units for way in ("", "_inline")}
@@ -285,21 +278,29 @@ def _residuals(device: ComputeDevice, partial: HardwareProfile, quick: bool) -> 
     out, gbs, prompt, gen, rounds = {}, 8, 8, (4 if quick else 16), (1 if quick else 5)
     for family, raw in SMALL.items():
         config = config_from_dict(raw, name=f"small-{family}")
-        specs, residual = layer_specs(config), {}
+        specs = layer_specs(config)
         with contextlib.ExitStack() as stack:
             engines = {nb: _small_engine(stack, config, specs, device, partial, gbs, nb) for nb in (1, 2)}
-            times = {nb: [] for nb in engines}
-            for _ in range(rounds):
-                for nb, engine in engines.items():
-                    block = Block.from_prompts([[5] * prompt] * (gbs * nb), gbs * nb, gbs, gen, 1, (), device.device)
-                    engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
-                    times[nb] += engine.times.decode
-        for nb, engine in engines.items():
-            modelled = predict(config, Workload(prompt, gen), engine.policy, partial).decode_step_s
-            residual[nb] = statistics.median(times[nb]) - modelled
+            residual = _alternated(engines, config, partial, device, prompt, gen, rounds)
         per_batch = max(0.0, residual[2] - residual[1]) / len(specs)
         out[family] = (max(0.0, residual[1] / len(specs) - per_batch), per_batch)
     return out
+
+
+def _alternated(engines: dict, config, partial: HardwareProfile, device: ComputeDevice, prompt: int, gen: int,
+                rounds: int) -> dict:
+    """Per engine, its median decode step over `rounds` blocks of its policy's size, the engines run in turn, less
+    the cost model's prediction by `partial`."""
+    times = {k: [] for k in engines}
+    for _ in range(rounds):
+        for k, engine in engines.items():
+            p = engine.policy
+            block = Block.from_prompts([[5] * prompt] * p.block_size, p.block_size, p.gpu_batch_size, gen, 1, (),
+                                       device.device)
+            engine.run(block, SamplingConfig(max_new_tokens=gen, stop_at_eos=False))
+            times[k] += engine.times.decode
+    return {k: statistics.median(times[k]) - predict(config, Workload(prompt, gen), engine.policy,
+                                                     partial).decode_step_s for k, engine in engines.items()}
 
 
 def _small_engine(stack: contextlib.ExitStack, config, specs, device: ComputeDevice, partial: HardwareProfile,
