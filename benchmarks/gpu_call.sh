@@ -3,7 +3,7 @@
 # same machine with the suite's profile, with CUDA graphs off (FLEXGEN_LITE_CUDA_GRAPHS=0: the eager schedule, to
 # weigh engine/layer_graph.py on the compressed row and the graphed step over codes on the 4-bit-in-GPU row) and,
 # where a copy of an older tree was carried in .old-1205/, the compressed row at that commit (its own profile). At most 7 files under $OUT: the suite's five, eager-suite.json,
-# old-1205-suite.json. Each part within its own time; the whole within 600 s (SUITE_S: 500, or 360 with the old
+# old-1205-suite.json. Each part within its own time; the whole within 600 s (SUITE_S: 460, or 330 with the old
 # tree's 150 s after it).
 #
 #   run(command="PYTHONUNBUFFERED=1 bash benchmarks/gpu_call.sh 2>&1 | tail -c 8000", carry=[".whl", ".old-1205"])
@@ -21,7 +21,7 @@ tests/test_quantized_attention.py tests/test_sink_attention.py tests/test_quanti
 tests/test_int4_gemv_triton.py"
 ROW=opt-13b-cpu-weights-compress
 
-SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 360 || echo 500)}  # within a 600 s call with the parts after it
+SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 330 || echo 460)}  # a 600 s call: ~10 s of installs a part, eager 90 s
 # the rows that sessions 29-31 changed first; the uncompressed OPT-13B row (link-bound at 98% twice, its twin 57 s)
 # last, where it runs if time is left
 ROWS=opt-1.3b-gpu-bs64,$ROW,opt-13b-4bit-gpu,llama-2-7b-cpu-cache-cpu-attn,opt-30b-16gib-auto,opt-175b-4bit-24gib

@@ -62,8 +62,8 @@ class DecodeAttention:
         if not self.device.is_cuda:
             return (*rows_to(torch.device("cpu"), q.dtype, q, k, v), None)
         on_host = joined_to(torch.device("cpu"), q.dtype, (q, k, v), non_blocking=True)  # torch pins its output
-        copied = torch.cuda.Event()
-        copied.record()
+        copied = torch.cuda.Event(blocking=True)  # the worker sleeps on it, no core spins
+        copied.record(torch.cuda.current_stream(self.device.device))  # this device's, not the current device's
         return (*on_host, copied)
 
     def _attend_on_worker(self, view, q, k, v, copied, mask, start: int, inputs: dict, sinks=None):

@@ -17,6 +17,7 @@ once and the engine's eager path runs for the rest of the process."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -116,8 +117,8 @@ def codes_shapes(layers: list) -> list[list[tuple[int, int]]]:
 def row_attention(hw, config, dtype: str, length: int) -> tuple[float, float]:
     """(seconds a call, seconds a row) of a layer's decode attention over `length` cached positions on the
     compute device, by the profile `hw`: a row's K and V bytes at the measured rate."""
-    fixed, rate = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
-    return fixed, 2 * config.num_kv_heads * config.head_dim * length * getattr(torch, dtype).itemsize / rate
+    fixed, rate, pair = hw.decode_attention(dtype, config.num_heads // config.num_kv_heads, config.head_dim)
+    return fixed, config.num_kv_heads * (pair + 2 * config.head_dim * length * getattr(torch, dtype).itemsize / rate)
 
 
 def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active: int, length: int) -> bool:
@@ -143,7 +144,7 @@ def replay_wins(hw, config, specs, resident: list, dtype: str, rows: int, active
 def capture_graph(forward, pool) -> torch.cuda.CUDAGraph:
     """torch's recipe: warm up on a side stream (kernels loaded, cuBLAS workspaces made), then capture one call
     of `forward` into a graph whose intermediates live in the private memory `pool`."""
-    side = torch.cuda.Stream()
+    side = warmup_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
@@ -154,6 +155,14 @@ def capture_graph(forward, pool) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         forward()
     return graph
+
+
+@functools.cache
+def warmup_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per GPU for every capture's warm-up: cuBLAS keeps a workspace per stream it ran on, for
+    good, and a new torch stream a capture would walk its pool of 32 (hundreds of layer graphs: ~1 GiB outside
+    the memory plan)."""
+    return torch.cuda.Stream(device)
 
 
 def pool_bytes(pool) -> int:

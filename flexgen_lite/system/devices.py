@@ -44,6 +44,8 @@ class ComputeDevice:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.is_cuda = self.device.type == "cuda"
+        if self.is_cuda:
+            torch.cuda.set_device(self.device)  # what torch calls without a device (graphs, events) means this one
         self.host_is_separate = self.is_cuda or link
         self.copy_streams = {lane: torch.cuda.Stream(self.device) for lane in ("weights", "cache", "store")} \
             if self.is_cuda else {}
