@@ -65,7 +65,9 @@ def test_answers_equal_generate_and_bad_lines_get_errors(opt_dir, offline, tmp_p
            line("negative", {"prompt": "w5", "max_tokens": -1}),
            line("too_long", {"prompt": "w5 w6", "max_tokens": 63}),
            line("chat", {"messages": [{"role": "user", "content": "w5"}]}, url="/v1/chat/completions"),
-           json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "w5"}})]
+           json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "w5"}}),
+           line("ids_below", {"prompt": [-1], "max_tokens": 2}), line("ids_past", {"prompt": [[5], [10**12]]}),
+           json.dumps({"custom_id": 10, "method": "POST", "url": "/v1/completions", "body": {"prompt": "w5"}})]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(good[:3] + bad + good[3:]) + "\n\n")
     out = tmp_path / "results.jsonl"
@@ -85,11 +87,12 @@ def test_answers_equal_generate_and_bad_lines_get_errors(opt_dir, offline, tmp_p
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
     assert [c["text"] for c in choices] == [p + offline[(p, 6)] for p in PROMPTS[:2] for _ in range(2)]
     # lines that are no request: `error` only; requests refused: a 4xx response with an OpenAI error body
-    invalid_json = got[None]
-    assert len(invalid_json) == 2 and all(r["response"] is None and r["error"]["message"] for r in invalid_json)
+    invalid_json = got[None]  # and the line whose custom_id is a number: no request, its id null
+    assert len(invalid_json) == 3 and all(r["response"] is None and r["error"]["message"] for r in invalid_json)
     assert got["url"]["response"] is None and "url" in got["url"]["error"]["message"]
     for custom_id, code in (("negative", "invalid_value"), ("too_long", "context_length_exceeded"),
-                            ("chat", "no_chat_template")):
+                            ("chat", "no_chat_template"), ("ids_below", "invalid_value"),
+                            ("ids_past", "invalid_value")):
         response = got[custom_id]["response"]
         assert response["status_code"] == 400 and response["body"]["error"]["code"] == code, response
         assert set(response["body"]["error"]) == {"message", "type", "param", "code"}

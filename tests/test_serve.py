@@ -211,7 +211,16 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         c.batches.create(input_file_id="file_missing", endpoint="/v1/completions", completion_window="24h")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).batches.list()
+    for prompt in ([-1], [10**12], [[5], [-3]], [10**6]):  # token ids outside the vocabulary, even past a C long
+        status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": prompt}).encode())
+        assert status == 400 and json.loads(text)["error"]["code"] == "invalid_value", text
     assert c.completions.create(model=NAME, prompt="w5", max_tokens=2, temperature=0).usage.completion_tokens == 2
+    default = json.dumps({"prompt": "w5", "max_tokens": None, "temperature": 0, "ignore_eos": True}).encode()
+    status, text = raw(f"{server.url}/v1/completions", default)
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 16, text  # null: OpenAI's default
+    lower = urllib.request.Request(f"{server.url}/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    with urllib.request.urlopen(lower, timeout=60) as r:  # the scheme is case-insensitive (RFC 7235)
+        assert r.status == 200
 
 
 def batch_file(requests: list[dict]) -> bytes:
@@ -250,7 +259,7 @@ def test_batch_api_end_to_end_with_bad_lines(server, offline):
     c = server.client
     good = [request(f"chat-{i}", p, "/v1/chat/completions") for i, p in enumerate(PROMPTS)]
     bad = [request("negative", "w5", "/v1/chat/completions", max_tokens=-2),
-           request("wrong-url", "w5", "/v1/completions")]
+           request("wrong-url", "w5", "/v1/completions"), {**request("number", "w5"), "custom_id": 7}]
     data = batch_file(good[:2] + bad + good[2:]) + b"{not json\n"
     file = c.files.create(file=("requests.jsonl", data), purpose="batch")
     assert c.files.retrieve(file.id).bytes == len(data)
@@ -258,15 +267,16 @@ def test_batch_api_end_to_end_with_bad_lines(server, offline):
     assert batch.status in ("validating", "in_progress")
     batch = wait_for_batch(c, batch.id)
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (8, 5, 3)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (9, 5, 4)
     outputs = lines_by_id(c, batch.output_file_id)
     assert sorted(outputs) == sorted(f"chat-{i}" for i in range(5))
     for i, text in enumerate(offline["chat"]):
         body = outputs[f"chat-{i}"]["response"]["body"]
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
     errors = c.files.content(batch.error_file_id).text.splitlines()
-    assert len(errors) == 3
+    assert len(errors) == 4
     by_id = {json.loads(e)["custom_id"]: json.loads(e) for e in errors}
+    assert by_id[None]["error"]["code"]  # the invalid JSON and the numeric custom_id: no request, its id null
     assert by_id["negative"]["response"]["status_code"] == 400 and by_id["wrong-url"]["error"]["code"]
     assert batch.id in [b.id for b in c.batches.list().data]
     with pytest.raises(openai.BadRequestError):

@@ -42,7 +42,8 @@ def parse_line(text: str) -> BatchRequestInput:
         return BatchRequestInput.model_validate(record)
     except ValidationError as e:
         error = validation_error(e)
-        error.custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        custom_id = record.get("custom_id") if isinstance(record, dict) else None
+        error.custom_id = custom_id if isinstance(custom_id, str) else None  # the output line's is a string or null
         raise error from None
 
 def check_unique_ids(lines: list[Prompt]) -> None:
@@ -81,6 +82,10 @@ def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
         return line.custom_id, prepare(line.url, line.body, served)
     except RequestError as e:
         return line.custom_id, error_line(line.custom_id, e, True)
+    except Exception as e:  # a fault of ours on this line alone: its 500, and the job goes on
+        error = RequestError(500, f"the server failed on this request: {type(e).__name__}: {e}", None,
+                             "server_error", "server_error")
+        return line.custom_id, error_line(line.custom_id, error, True)
 
 def model_path(args) -> str:
     if args.model is not None:

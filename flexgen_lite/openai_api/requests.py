@@ -26,6 +26,7 @@ from .protocol import (
 )
 
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat without max_tokens: this many, or what the context leaves
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for completions
 
 
 class RequestError(Exception):
@@ -121,12 +122,13 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     max_tokens = request.max_tokens
     if url == CHAT:
         max_tokens = request.max_completion_tokens or request.max_tokens
+    elif max_tokens is None:  # an explicit null: OpenAI's default for completions
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
     context = served.config.max_positions
     for i, ids in enumerate(prompts):
         if not ids:
             raise RequestError(400, f"prompt {i} has no tokens", "prompt", "empty_prompt")
-        if max(ids) >= served.config.vocab_size or min(ids) < 0:
-            raise RequestError(400, f"prompt {i} has token ids outside the vocabulary", "prompt", "invalid_value")
+        check_vocabulary(i, ids, served)
         limit = max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
         if len(ids) + limit > context or limit < 1:
             raise RequestError(400, f"This model's maximum context length is {context} tokens. However, you requested "
@@ -177,7 +179,15 @@ def _prompts(request, served: Served) -> tuple[list[str], list[list[int]]]:
         prompt = [prompt]
     if isinstance(prompt[0], str):
         return list(prompt), [tokenizer(t)["input_ids"] for t in prompt]
+    for i, ids in enumerate(prompt):
+        check_vocabulary(i, ids, served)  # before decoding them: an id past a C integer fails there
     return [tokenizer.decode(p) for p in prompt], [list(p) for p in prompt]
+
+
+def check_vocabulary(i: int, ids, served: Served) -> None:
+    if ids and (max(ids) >= served.config.vocab_size or min(ids) < 0):
+        raise RequestError(400, f"prompt {i} has token ids outside the vocabulary (0..{served.config.vocab_size - 1})",
+                           "prompt", "invalid_value")
 
 
 def respond(work: Work, outputs: list[Output]) -> CompletionResponse | ChatCompletionResponse:

@@ -75,8 +75,8 @@ class Gate:
         headers = dict(scope["headers"])
         key = self.state.api_key
         if key and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                 error = RequestError(401, "Incorrect API key provided: pass 'Authorization: Bearer KEY' with the "
                                      "server's --api-key", None, "invalid_api_key")
                 await error_response(error)(scope, receive, send)
