@@ -53,6 +53,8 @@ class FlexGenLite:
     >>> m.generate("Paris is the capital of")
     """
 
+    closed = False
+
     def __init__(self, model: str, policy: Policy | str | None = None, device: str | None = None,
                  progress: Callable[[str], None] | None = None, *, workload: Workload | None = None,
                  budgets: Budgets | None = None, hardware=None, trace=None) -> None:
@@ -126,11 +128,12 @@ class FlexGenLite:
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: tuple[str, ...] | list[str] = (), chat: bool = False) -> str | list[str]:
-        """Completions of one prompt (a str) or many (a list); chat applies the model's chat template."""
+                 stop: str | tuple[str, ...] | list[str] = (), chat: bool = False) -> str | list[str]:
+        """Completions of one prompt (a str) or many (a list); chat applies the model's chat template. stop: a
+        string or several; an output ends before the first."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
-        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop)
         ids = self.generate_ids(self.encode(texts, chat), sampling)
         outputs = [self.decode(i, sampling.stop) for i in ids]
         return outputs[0] if single else outputs
@@ -147,7 +150,7 @@ class FlexGenLite:
                      return_logits: bool = False, indices: list[int] | None = None,
                      on_tokens: Callable[[int, list[int]], None] | None = None,
                      on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None,
-                     carry_over: bool | None = None):
+                     carry_over: bool | None = None, cancelled: Callable[[int], bool] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
         With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
@@ -156,8 +159,11 @@ class FlexGenLite:
         on_block({i: (ids, logits or None)}): after each block, the prompts it finished (to save them before
         the next block runs). carry_over: a block whose few last rows still generate while others wait ends
         early and those rows go on in a later block (stragglers.py): None where measured worth it, False never,
-        True wherever few are left."""
+        True wherever few are left. cancelled(i): prompt i is no longer wanted (its client left, its batch was
+        cancelled): asked before each block and after each step, its row stops there and on_block never gets it
+        (its ids: what it had generated)."""
         sampling = sampling or SamplingConfig()
+        self._check_open()
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
@@ -170,6 +176,12 @@ class FlexGenLite:
         bound = max(len(p) for p in prompts) + sampling.max_new_tokens  # positions a block was planned for
         done = 0
         while queue or carried:
+            if cancelled is not None:
+                queue = [[i for i in group if not cancelled(i)] for group in queue]
+                queue = [group for group in queue if group]
+                carried = {i: c for i, c in carried.items() if not cancelled(i)}
+                if not (queue or carried):
+                    break
             chosen = queue.pop(0) if queue else next_group(
                 list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
                 {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
@@ -181,7 +193,8 @@ class FlexGenLite:
                                      for row, i in enumerate(chosen)], sampling, return_logits,
                                     chosen if indices is None else [indices[i] for i in chosen], label,
                                     on_tokens and self._streamer(chosen, moving, on_tokens), moving,
-                                    sharing if carry_over is not False else None, carry_over)
+                                    sharing if carry_over is not False else None, carry_over,
+                                    cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
             finished = {}
             for row, i in enumerate(chosen):
                 before = moving.get(row, Carried([]))
@@ -195,7 +208,8 @@ class FlexGenLite:
                 results[i] = tokens
                 if return_logits:
                     logits[i] = torch.cat(before.logits + [part])
-                finished[i] = (results[i], logits[i])
+                if cancelled is None or not cancelled(i):
+                    finished[i] = (results[i], logits[i])
             if on_block is not None and finished:
                 on_block(finished)
             if self.progress:
@@ -217,22 +231,26 @@ class FlexGenLite:
         `self.score_stats` then says how many tokens went through in how long."""
         from .engine.scoring import score_requests
 
+        self._check_open()
         return score_requests(self, requests)
 
     def loglikelihood_rolling(self, documents: list[list[int]], prefix_token: int | None = None) -> list[float]:
         """The log-likelihood of each whole document (ids), in windows of up to the model's context."""
         from .engine.scoring import loglikelihood_rolling
 
+        self._check_open()
         return loglikelihood_rolling(self, documents, prefix_token)
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
                    indices: list[int] | None = None, label: str = "block",
                    report: Callable[[Block], None] | None = None, moving: dict[int, Carried] | None = None,
-                   sharing: Callable[[int], int] | None = None, rule: bool | None = None) -> Block:
+                   sharing: Callable[[int], int] | None = None, rule: bool | None = None,
+                   cancelled: Callable[[int], bool] | None = None) -> Block:
         """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling).
         moving: rows carried on from an earlier block (their tokens already end their prompts here; their
         generators go on). sharing(active): the rows a later block would hold with this one's `active` last rows
-        (stragglers.worth_ending); None: the block runs to its end."""
+        (stragglers.worth_ending); None: the block runs to its end. cancelled(row): its row stops after the
+        next step."""
         cfg, policy, moving = self.config, self.policy, moving or {}
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
@@ -250,6 +268,8 @@ class FlexGenLite:
                                    limits if moving else None)
         self._check_cache_fits(block)
         steps = [self._stop_checker(sampling, len(prompts), moving)] if sampling.stop else []
+        if cancelled is not None:
+            steps.append(self._cancel_checker(cancelled, len(prompts)))
         if report is not None:
             steps.append(report)
         if self.progress is not None:
@@ -284,6 +304,14 @@ class FlexGenLite:
             if worth_ending(self.engine.times.decode, rows_at, active, real_rows,
                             block.gen_len - block.generated, share, rule, refill):
                 block.stopped = True
+        return check
+
+    @staticmethod
+    def _cancel_checker(cancelled: Callable[[int], bool], real_rows: int):
+        def check(block: Block) -> None:
+            for row in range(real_rows):
+                if not block.finished[row] and cancelled(row):
+                    block.finished[row] = True
         return check
 
     def _stop_checker(self, sampling: SamplingConfig, real_rows: int, moving: dict[int, Carried]):
@@ -331,8 +359,13 @@ class FlexGenLite:
         return {"current": dict(self.ledger.current), "peak": dict(self.ledger.peak)}
 
     def close(self) -> None:
+        self.closed = True
         self.engine.close()
         self.disk.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ModelError(f"this FlexGenLite ({self.config.name}) was closed: open the model again to use it")
 
     def __enter__(self) -> FlexGenLite:
         return self

@@ -196,7 +196,8 @@ def test_token_ids_outside_the_vocabulary(model, bad):
 
 
 @pytest.mark.parametrize(("kw", "field"), [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens must be a whole"),
+    (dict(temperature=-0.5), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
 ])
 def test_bad_sampling_settings(kw, field):

@@ -18,6 +18,7 @@ from flexgen_lite.engine.storage import PAGE, TIERS, DiskFile
 from flexgen_lite.engine.weights import planned_bytes, weight_tiers
 from flexgen_lite.kernels.sampling import row_generators, sample
 from flexgen_lite.models import layers as L
+from flexgen_lite.models.config import ModelError
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
 
@@ -167,6 +168,7 @@ def test_stop_string_ends_only_its_row(opt_dir):
         stop = words(base[row])[2]
         ids = m.generate_ids(prompts, SamplingConfig(max_new_tokens=8, stop=(stop,), stop_at_eos=False))
         out = m.generate(texts, max_new_tokens=8, stop=[stop])
+        assert m.generate(texts, max_new_tokens=8, stop=stop) == out  # one string: that string, not its characters
         assert out[row].rstrip() == m.decode(base[row][:2])  # cut before the stop string
     assert ids[row] == base[row][:3]  # ends with the token that completed the stop string
     assert len(ids[row]) < 8
@@ -242,6 +244,8 @@ def test_offload_files_removed_on_close(opt_dir, tmp_path):
     assert os.listdir(tmp_path / store)
     m.close()
     assert os.listdir(tmp_path) == []
+    with pytest.raises(ModelError, match="was closed"):  # used after close: said so, not a thread pool's error
+        m.generate_ids(PROMPTS, GREEDY)
 
 
 def test_offload_files_do_not_pile_up(opt_dir, tmp_path):

@@ -18,11 +18,12 @@ def group_by_sampling(jobs: list[Job]) -> dict:
     return groups
 
 
-def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None) -> list[Output]:
+def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None) -> list[Output | None]:
     """Generate every job on `model` (a FlexGenLite); outputs in the order of `jobs`.
 
     on_tokens(j, ids): after each engine step, job j's tokens so far (for streaming).
-    on_output(j, output): job j's output, as soon as the engine's block that held it ends."""
+    on_output(j, output): job j's output, as soon as the engine's block that held it ends.
+    cancelled(j): job j is no longer wanted; it stops at the next step and its output is None."""
     outputs: list[Output | None] = [None] * len(jobs)
     for sampling, members in group_by_sampling(jobs).items():
         want = any(jobs[i].logprobs is not None for i in members)
@@ -39,8 +40,10 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None) -> list[Out
                 if on_output is not None:
                     on_output(j, outputs[j])
 
+        gone = None if cancelled is None else (lambda i, members=members: cancelled(members[i]))
         model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
-                           indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished)
+                           indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished,
+                           cancelled=gone)
     return outputs
 
 

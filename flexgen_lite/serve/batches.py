@@ -1,6 +1,6 @@
-"""The Batch API's worker: runs batches in the background through the server's engine queue, one block of
-requests at a time, each block's results committed to the store before the next; resumes unfinished batches
-when the server starts again."""
+"""The Batch API's worker: runs batches in the background through the server's engine queue, a few blocks of
+requests at a time (`chunk` jobs), each chunk's results committed to the store before the next; a cancelled or
+expired batch stops at the engine's next step; resumes unfinished batches when the server starts again."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class BatchRunner:
         self.store, self.scheduler, self.served, self.chunk = store, scheduler, served, chunk
         self._queue: queue.Queue = queue.Queue()
         self._stopping = False
+        self._cancelled: set[str] = set()  # batches whose requests stop at the engine's next step
         for batch_id in store.unfinished():  # a restarted server picks up where it stopped
             self._queue.put(batch_id)
         self._thread = threading.Thread(target=self._loop, name="flexgen-lite batches", daemon=True)
@@ -29,6 +30,10 @@ class BatchRunner:
 
     def submit(self, batch_id: str) -> None:
         self._queue.put(batch_id)
+
+    def cancel(self, batch_id: str) -> None:
+        """The batch's running requests stop at the engine's next step (the store already says "cancelling")."""
+        self._cancelled.add(batch_id)
 
     def stop(self) -> None:
         """Stop after the block in flight; an unfinished batch stays in the store and resumes at the next start."""
@@ -94,12 +99,19 @@ class BatchRunner:
                 self.store.add_results(batch_id, _expired([(i, works[i][0]) for c in chunks[n:] for i in c]))
                 self._finish(batch_id, expired=True)
                 return
-            self.store.add_results(batch_id, self._run_chunk([(i, *works[i]) for i in chunk]))
+            self.store.add_results(batch_id, self._run_chunk([(i, *works[i]) for i in chunk], batch_id,
+                                                             batch.expires_at))
         self._finish(batch_id)
 
-    def _run_chunk(self, chunk: list[tuple[int, str, Work]]) -> list[tuple[int, bool, dict]]:
+    def _run_chunk(self, chunk: list[tuple[int, str, Work]], batch_id: str,
+                   expires_at: int) -> list[tuple[int, bool, dict]]:
+        """The chunk's result lines; its requests stopped mid-run by a cancel get none (as those never run), by
+        the batch's window passing an expired line."""
+        def stopped() -> bool:
+            return batch_id in self._cancelled or now() >= expires_at
+
         try:
-            outputs = self.scheduler.run([j for _, _, w in chunk for j in w.jobs])
+            outputs = self.scheduler.run([j for _, _, w in chunk for j in w.jobs], stopped)
         except CancelledError:
             raise
         except Exception as e:  # these requests fail; the batch goes on
@@ -110,7 +122,10 @@ class BatchRunner:
         results = []
         for i, custom_id, work in chunk:
             mine, outputs = outputs[:len(work.jobs)], outputs[len(work.jobs):]
-            results.append((i, True, answer_line(custom_id, work, mine)))
+            if None not in mine:
+                results.append((i, True, answer_line(custom_id, work, mine)))
+            elif batch_id not in self._cancelled:
+                results += _expired([(i, custom_id)])
         return results
 
     def _finish(self, batch_id: str, expired: bool = False) -> None:
@@ -127,6 +142,7 @@ class BatchRunner:
                 data = "".join(r + "\n" for r in records).encode()
                 files[field] = self.store.add_file(name, "batch_output", data).id
         self.store.move(batch_id, final, **files)
+        self._cancelled.discard(batch_id)
 
 
 def _expired(lines: list[tuple[int, str]]) -> list[tuple[int, bool, dict]]:

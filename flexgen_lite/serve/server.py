@@ -11,13 +11,14 @@ import hmac
 import json
 import sqlite3
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..openai_api.protocol import (
@@ -41,6 +42,7 @@ from ..openai_api.runner import settled_text
 
 FILE_PURPOSES = ("batch",)
 DRAIN_LIMIT = 64 << 20  # a body declared at most this much past the limit is read (not kept) before the 413
+DISCONNECT_POLL_S = 0.5  # a request waiting on the engine asks this often whether its client is still there
 
 
 @dataclass
@@ -151,7 +153,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "engine_runs": state.scheduler.runs, "sequences": state.scheduler.sequences}
+        return {"status": "ok", "engine_runs": state.scheduler.runs, "sequences": state.scheduler.sequences,
+                "cancelled": state.scheduler.cancelled}
 
     @app.get("/v1/models")
     async def models():
@@ -170,17 +173,23 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as e:
             raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
         work = prepare(url, body, state.served)
+        gone = threading.Event()  # the client left: its rows stop at the engine's next step
         if work.request.stream:
             loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
 
             def on_tokens(k: int, ids: list[int]) -> None:  # on the engine thread
                 loop.call_soon_threadsafe(tokens.put_nowait, (k, ids))
 
-            future = state.scheduler.submit(work.jobs, on_tokens)
-            return StreamingResponse(stream(state, work, future, tokens), media_type="text/event-stream")
-        future = state.scheduler.submit(work.jobs)
+            future = state.scheduler.submit(work.jobs, on_tokens, gone.is_set)
+            return StreamingResponse(stream(state, work, future, tokens, gone), media_type="text/event-stream")
+        future = state.scheduler.submit(work.jobs, cancelled=gone.is_set)
+        done = asyncio.wrap_future(future)
+        while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                gone.set()
+                return Response(status_code=499)  # nobody reads it
         try:
-            outputs = await asyncio.wrap_future(future)
+            outputs = done.result()
         except ValueError as e:  # the engine refused these prompts (a cache past the budgets, ...)
             raise RequestError(400, str(e), None, "invalid_request") from None
         return respond(work, outputs).model_dump()
@@ -198,7 +207,17 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def stream(state: ServerState, work: Work, future, tokens: asyncio.Queue):
+async def stream(state: ServerState, work: Work, future, tokens: asyncio.Queue, gone: threading.Event):
+    """`events`, and `gone` set when they end: the client left before the last (the response's task cancelled), or
+    they were all sent."""
+    try:
+        async for event in events(state, work, future, tokens):
+            yield event
+    finally:
+        gone.set()
+
+
+async def events(state: ServerState, work: Work, future, tokens: asyncio.Queue):
     """Server-sent events of a request: each choice's new text after each engine step (text that a stop string
     could still cut is held back until it cannot), its finish reason, optionally the usage, then [DONE]."""
     chat, n = work.url == CHAT, work.request.n
@@ -322,6 +341,8 @@ def add_batch_routes(app: FastAPI, state: ServerState) -> None:
     async def cancel_batch(batch_id: str):
         batch = batch_or_404(batch_id)
         moved = store.move(batch_id, "cancelling")
+        if moved is not None:
+            state.batches.cancel(batch_id)
         if moved is None and batch.status not in ("cancelling", "cancelled"):
             raise RequestError(400, f"batch {batch_id} is {batch.status}: it cannot be cancelled", None,
                                "invalid_state")

@@ -1,0 +1,151 @@
+"""Requests no longer wanted stop at the engine's next step: a prompt cancelled before its block is not run, one
+cancelled mid-block stops there, and the others' outputs are what they are without it; through the server's
+queue, a streaming client that leaves and a cancelled batch stop their rows (the queue then serves the next)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import pytest
+
+from flexgen_lite.engine.policy import Policy
+from flexgen_lite.generation import FlexGenLite
+from flexgen_lite.kernels.sampling import SamplingConfig
+from flexgen_lite.openai_api.requests import Job
+from flexgen_lite.serve.scheduler import Scheduler
+
+from .test_serve import KEY, NAME, Server, batch_file, raw, request, wait_for_batch
+
+PROMPTS = ["w5 w6 w7", "w9", "w30 w31", "w40 w41 w42 w43", "w50"]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=Policy(gpu_batch_size=2, dtype="float32")) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    return [model.tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def test_cancelled_prompts_stop_and_the_others_are_unchanged(model, prompts):
+    sampling = SamplingConfig(NEW, stop_at_eos=False)
+    reference = model.generate_ids(prompts, sampling)
+    seen: dict[int, int] = {}  # tokens each prompt had at the last step reported
+    blocks, reported = [], []
+    run = model.engine.run
+    model.engine.run = lambda block, *a, **k: blocks.append(block) or run(block, *a, **k)
+    try:
+        got = model.generate_ids(prompts, sampling, on_tokens=lambda i, ids: seen.__setitem__(i, len(ids)),
+                                 on_block=lambda done: reported.extend(done),
+                                 cancelled=lambda i: i in (1, 4) or (i == 3 and seen.get(3, 0) >= 2))
+    finally:
+        del model.engine.run
+    assert 3 in seen and 1 not in seen and 4 not in seen  # 1, 4: never run (4 had a block of its own)
+    assert got[3] == reference[3][:3]  # the step after its second token's report: cancelled, stopped there
+    assert sorted(reported) == [0, 2]
+    assert [got[i] for i in (0, 2)] == [reference[i] for i in (0, 2)]
+    assert len(blocks) == 2  # of three: the one holding 4 alone was skipped
+
+
+def test_the_queue_stops_a_request_that_left_and_serves_the_rest(model, prompts):
+    sampling = SamplingConfig(NEW, stop_at_eos=False)
+    reference = model.generate_ids(prompts, sampling)
+    scheduler = Scheduler(model, model.policy.block_size, max_wait_s=0.2)
+    try:
+        steps = []
+        left = scheduler.submit([Job(tuple(prompts[3]), sampling, 0)], lambda k, ids: steps.append(len(ids)),
+                                cancelled=lambda: len(steps) >= 3)
+        stays = scheduler.submit([Job(tuple(p), sampling, i) for i, p in enumerate(prompts[:3])],
+                                 cancelled=lambda: False)
+        assert left.result(timeout=120) == [None] and max(steps) < NEW
+        assert [o.token_ids for o in stays.result(timeout=120)] == reference[:3]
+        assert scheduler.cancelled == 1
+        runs = scheduler.runs
+        gone = scheduler.submit([Job(tuple(prompts[0]), sampling, 0)], cancelled=lambda: True)
+        wait([gone], timeout=120)
+        assert gone.cancelled() and scheduler.runs == runs  # left while it waited: never run
+    finally:
+        scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_models, tmp_path_factory):
+    """The tiny Llama with a long context (its rotary positions need no weights): generations of thousands of
+    tokens, so that a client leaves long before one ends."""
+    path = tmp_path_factory.mktemp("cancel") / "tiny-long"
+    shutil.copytree(tiny_models["llama"][0], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    s = Server(str(path), tmp_path_factory.mktemp("state") / "state", "--gpu-batch-size", "4", "--max-wait-ms", "20")
+    yield s
+    s.stop()
+
+
+def health(server) -> dict:
+    return json.loads(raw(f"{server.url}/health", key=None)[1])
+
+
+def until(condition, what: str, seconds: float = 120):
+    deadline = time.monotonic() + seconds
+    while not (found := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return found
+
+
+def test_a_streaming_client_that_leaves_stops_its_generation(long_server):
+    c = long_server.client
+    before = health(long_server)["cancelled"]
+    stream = c.completions.create(model=NAME, prompt="w5 w6", max_tokens=4000, temperature=0, stream=True,
+                                  extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    until(lambda: health(long_server)["cancelled"] == before + 1, "the stream's generation went on")
+    answer = c.completions.create(model=NAME, prompt="w9", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 3
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(long_server):
+    before = health(long_server)["cancelled"]
+    body = json.dumps({"model": NAME, "prompt": "w5", "max_tokens": 4000, "ignore_eos": True}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        timed_out = pool.submit(lambda: _post_with_timeout(f"{long_server.url}/v1/completions", body, 1.0))
+        assert timed_out.result() == "timed out"
+    until(lambda: health(long_server)["cancelled"] == before + 1, "the request's generation went on")
+
+
+def _post_with_timeout(url: str, body: bytes, seconds: float) -> str:
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=seconds).read()
+    except TimeoutError:
+        return "timed out"
+    except OSError as e:
+        return "timed out" if "timed out" in str(e) else str(e)
+    return "answered"
+
+
+def test_a_cancelled_batch_stops_mid_run(long_server):
+    """Fewer requests than one run of the batch worker: the cancel stops them where they are (it was seen only
+    between runs before)."""
+    c = long_server.client
+    lines = [request(f"r{i}", "w5 w6", max_tokens=4000, ignore_eos=True) for i in range(3)]
+    file = c.files.create(file=("long.jsonl", batch_file(lines)), purpose="batch")
+    runs = health(long_server)["engine_runs"]
+    batch = c.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+    until(lambda: health(long_server)["engine_runs"] > runs, "the batch did not start")
+    c.batches.cancel(batch.id)
+    batch = wait_for_batch(c, batch.id)
+    assert batch.status == "cancelled" and batch.request_counts.completed == 0, batch
+    assert batch.output_file_id is None
