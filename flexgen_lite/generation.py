@@ -82,7 +82,7 @@ class FlexGenLite:
         check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression, cpu_rows),
                    self.device, self.policy.offload_dir, f"the weights of {self.config.name}")
         if self.budgets is not None:
-            self._check_budgets(workload or Workload(1, 1), "the policy")
+            self._check_budgets(workload, "the policy")
         self.ledger = MemoryLedger()
         self.disk = DiskStore(self.policy.offload_dir)
         try:
@@ -119,11 +119,13 @@ class FlexGenLite:
             print(hint, file=sys.stderr)
         return self.search.policy
 
-    def _check_budgets(self, workload: Workload, what: str) -> None:
-        plan, peak = peak_memory(self.config, workload, self.policy, self.device.is_cuda)
-        check_budgets(peak, plan, self.budgets, self.device.is_cuda,
-                      f"{what} ({self.policy.flags()}) for prompts of {workload.prompt_len} + {workload.gen_len} "
-                      "tokens")
+    def _check_budgets(self, workload: Workload | None, what: str) -> None:
+        """Raise PolicyError where the policy's peaks for `workload` (None: before any prompt, a token's worth of
+        cache) pass the budgets."""
+        plan, peak = peak_memory(self.config, workload or Workload(1, 1), self.policy, self.device.is_cuda)
+        prompts = (f"for prompts of {workload.prompt_len} + {workload.gen_len} tokens" if workload else
+                   "before any prompt (weights and buffers)")
+        check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({self.policy.flags()}) {prompts}")
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,

@@ -12,10 +12,11 @@ import signal
 import pytest
 import torch
 
-from flexgen_lite import FlexGenLite, ModelError, OffloadError, Policy, PolicyError, SamplingConfig
+from flexgen_lite import Budgets, FlexGenLite, ModelError, OffloadError, Policy, PolicyError, SamplingConfig
 from flexgen_lite.engine.storage import DiskStore
 from flexgen_lite.models.hf_config import config_from_dict
 from flexgen_lite.planning import budgets as budgets_module
+from flexgen_lite.system.memory import GiB, gib
 
 from .conftest import PROMPTS
 
@@ -235,6 +236,16 @@ def test_policy_too_big_for_memory_fails_before_allocating(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == []  # no offload directory was made, nothing was written
 
 
+def test_sizes_in_messages_keep_their_digits():
+    assert [gib(n) for n in (3 * GiB, 0.5 * GiB, 100 * 2**20, 1.5 * 2**20, 2048, 0)] == [
+        "3.00 GiB", "0.50 GiB", "100.00 MiB", "1.50 MiB", "2.00 KiB", "0.00 KiB"]
+
+
+def test_a_budget_too_small_for_the_weights_says_so_before_any_prompt(opt_dir):
+    with pytest.raises(PolicyError, match=r"before any prompt \(weights and buffers\).*needs \d+\.\d\d [KM]iB"):
+        FlexGenLite(str(opt_dir), policy=Policy(dtype="float32"), budgets=Budgets(gpu=1024, cpu=1024))
+
+
 def test_policy_too_big_for_disk(tmp_path, monkeypatch):
     real = budgets_module.free_bytes
     monkeypatch.setattr(budgets_module, "free_bytes", lambda *a: {**real(*a), "disk": 10 * 2**20})
@@ -252,7 +263,7 @@ def test_kv_cache_too_big(opt_dir, monkeypatch, cache):
     with FlexGenLite(str(opt_dir), policy=policy) as m:
         before = m.memory_report()["current"]
         monkeypatch.setattr(budgets_module, "free_bytes", lambda *a: dict.fromkeys(("gpu", "cpu", "disk"), 4096))
-        with pytest.raises(PolicyError, match="the KV cache needs .* GiB on .*tier") as e:
+        with pytest.raises(PolicyError, match=r"the KV cache needs \d+\.\d\d [KM]iB on .*tier") as e:
             m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=8))
         assert ("on the disk tier" in str(e.value)) == (cache == (0, 0))
         assert m.memory_report()["current"] == before  # nothing was allocated

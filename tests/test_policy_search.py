@@ -133,13 +133,13 @@ def test_grouped_query_heads_cost_decode_attention_at_their_measured_rate():
     is costed at the grouped rate, an ungrouped one at the other."""
     fixed, rate = HW.attention["bfloat16"]
     slow = dataclasses.replace(HW, attention_grouped={"bfloat16": [(64, fixed, rate / 2), (128, fixed, rate / 4)]})
-    assert slow.decode_attention("bfloat16", 1, 128) == HW.attention["bfloat16"]
-    assert slow.decode_attention("bfloat16", 4, 128) == (fixed, rate / 4)
-    assert slow.decode_attention("bfloat16", 3, 64) == slow.decode_attention("bfloat16", 3, 80) == (fixed, rate / 2)
-    assert HW.decode_attention("bfloat16", 4, 128) == (fixed, rate)  # not measured grouped: the ungrouped rate
+    assert slow.decode_attention("bfloat16", 1, 128) == (*HW.attention["bfloat16"], 0.0)
+    assert slow.decode_attention("bfloat16", 4, 128) == (fixed, rate / 4, 0.0)
+    assert slow.decode_attention("bfloat16", 3, 64) == slow.decode_attention("bfloat16", 3, 80) == (fixed, rate / 2, 0)
+    assert HW.decode_attention("bfloat16", 4, 128) == (fixed, rate, 0.0)  # not measured grouped: the ungrouped rate
     beside = dataclasses.replace(slow, cpu_attention_grouped={"bfloat16": [(128, fixed, rate / 8)]})
-    assert beside.decode_attention("bfloat16", 4, 128, on_cpu=True) == (fixed, rate / 8)  # beside a GPU: its own
-    assert beside.decode_attention("bfloat16", 1, 128, on_cpu=True) == HW.cpu_attention["bfloat16"]
+    assert beside.decode_attention("bfloat16", 4, 128, on_cpu=True) == (fixed, rate / 8, 0.0)  # beside a GPU: its own
+    assert beside.decode_attention("bfloat16", 1, 128, on_cpu=True) == (*HW.cpu_attention["bfloat16"], 0.0)
     llama = preset_config("llama-3-8b")
     assert llama.num_heads // llama.num_kv_heads == 4
     pol = Policy(gpu_batch_size=8, dtype="bfloat16")
@@ -341,7 +341,7 @@ def test_a_cpu_budget_below_the_runtime_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", "--prompt-len", "8", "--gen-len", "2", "--cpu-mem", "100MiB"])
     assert e.value.code == 2
-    assert "--cpu-mem 0.10 GiB does not cover this process's runtime" in capsys.readouterr().err
+    assert "--cpu-mem 100.00 MiB does not cover this process's runtime" in capsys.readouterr().err
 
 
 def test_on_a_cpu_a_jobs_start_counts_the_compute_tiers_host_ram():

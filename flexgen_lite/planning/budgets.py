@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..engine.policy import PolicyError
 from ..system.devices import ComputeDevice
-from ..system.memory import GiB, free_bytes, gib
+from ..system.memory import free_bytes, gib
 
 SAFETY = 0.85  # default budgets leave this share of what is free: other processes, the page cache, slack
 
@@ -30,8 +30,8 @@ def check_fits(needs: dict[str, int], device: ComputeDevice, offload_dir: str, w
             if tier == "cpu" and not device.is_cuda:
                 where = "the gpu + cpu tiers (both host RAM without CUDA)"
             raise PolicyError(
-                f"{what} needs {need / GiB:.2f} GiB on {where} but only {free[tier] / GiB:.2f} GiB "
-                f"is free ({need - free[tier]:.3g} bytes missing): {advice[tier]}"
+                f"{what} needs {gib(need)} on {where} but only {gib(free[tier])} is free ({gib(need - free[tier])} "
+                f"missing): {advice[tier]}"
             )
 
 

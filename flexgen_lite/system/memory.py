@@ -82,4 +82,8 @@ def parse_size(text: str) -> int:
 
 
 def gib(nbytes: float) -> str:
-    return f"{nbytes / GiB:.2f} GiB"
+    """Bytes for a message: GiB, or MiB / KiB where GiB would print a size as 0.00."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20)):
+        if abs(nbytes) >= 0.1 * size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes / 2**10:.2f} KiB"
