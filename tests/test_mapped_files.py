@@ -65,17 +65,22 @@ def test_decode_attention_is_timed_over_caches_no_cache_holds(monkeypatch):
 
     seen, attend = [], probes.attend_named
     monkeypatch.setattr(probes, "attend_named",
-                        lambda q, k, v, mask, shared=None: seen.append((k.data_ptr(), v.data_ptr(), k.shape[2]))
+                        lambda q, k, v, mask, shared=None: seen.append((k.data_ptr(), v.data_ptr(), k.shape[2],
+                                                                        k.shape[0]))
                         or attend(q, k, v, mask, shared=shared))
     b, heads, hd, long = 2, 4, 64, 256
     per_copy = 2 * b * heads * (long + 64) * hd * 4
-    fixed, rate = probes._decode_attention_rate(torch.device("cpu"), torch.float32, b, heads, heads, hd, long, False,
-                                                room=5 * per_copy)
-    assert rate > 0 and fixed >= 0
-    caches = {(k, v) for k, v, _ in seen}
+    fixed, rate, pair = probes._decode_attention_rate(torch.device("cpu"), torch.float32, b, heads, heads, hd, long,
+                                                      False, room=5 * per_copy)
+    assert rate > 0 and fixed >= 0 and pair >= 0
+    rates = [call[:3] for call in seen if call[3] == b]
+    caches = {(k, v) for k, v, _ in rates}
     assert len(caches) == 5 and len({p for pair in caches for p in pair}) == 10  # 5 copies of k and v, apart
-    assert {length for *_, length in seen} == {32, long}
-    assert all(seen[i][:2] != seen[i + 1][:2] for i in range(len(seen) - 1) if seen[i][2] == seen[i + 1][2])
+    assert {length for *_, length in rates} == {32, long}
+    assert all(rates[i][:2] != rates[i + 1][:2] for i in range(len(rates) - 1) if rates[i][2] == rates[i + 1][2])
+    many = [call for call in seen if call[3] != b]  # the cost per (row, kv head): many rows, 32 positions, rotated
+    assert many and {call[2:] for call in many} == {(32, b * probes.PAIR_ROWS)}
+    assert len({call[:2] for call in many}) > 1
     probes._kept.clear()
 
 

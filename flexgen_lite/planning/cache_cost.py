@@ -41,7 +41,8 @@ def decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
     dense, stored = s.seq_layer_dense * seen, s.seq_layer * seen  # per sequence
     elements = dense / s.e
     cpu_dtype = str(s.cpu_dtype).removeprefix("torch.")  # float16 maybe bfloat16 (Policy.cpu_attention_dtype)
-    group = s.config.num_heads // s.config.num_kv_heads
+    kv_heads = s.config.num_kv_heads
+    group = s.config.num_heads // kv_heads
     gpu_att = hw.decode_attention(s.dname, group, s.config.head_dim)
     cpu_att = hw.decode_attention(cpu_dtype, group, s.config.head_dim, on_cpu=True)
     parts = s.nb  # about one part per batch, more where tiers meet
@@ -74,12 +75,12 @@ def decode_cache(s: Setup, lay: Layout, length: float) -> Seg:
             codes = (hw.device_codes_attention(s.dname, group) or gpu_att if s.cuda and tier == "gpu"
                      else hw.codes_attention(cpu_dtype, group))
         if codes is not None:  # by a CPU (quantized_attention) or a GPU (Triton's; its dense rate unmeasured)
-            fixed, rate = codes
+            fixed, rate, *_ = codes
             seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * stored / rate,
                     waits=False, side=on_cpu and worker)
             continue
-        fixed, rate = cpu_att if on_cpu else gpu_att
-        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed
+        fixed, rate, pair = cpu_att if on_cpu else gpu_att
+        seg.add("cpu attention" if on_cpu else "attention", s.nb * rows / s.n * fixed + rows * kv_heads * pair
                 + rows * dense * attention_per_byte(s, rate, on_cpu or not s.cuda, length, cpu_dtype),
                 waits=False, side=on_cpu and worker and lay.part_direct(tier, on_cpu))
     seg.add("overhead", (parts - s.nb) * OPS_PER_PART * hw.op_overhead, waits=False)  # one part is in layer_overhead

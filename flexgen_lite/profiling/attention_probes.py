@@ -137,13 +137,13 @@ def _shared_speedup(dtype: torch.dtype, long: int, position_major: bool) -> floa
 
 def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int,
                            long: int, position_major: bool, shared: bool = False,
-                           room: int = 0) -> tuple[float, float]:
-    """(fixed s per call, K+V bytes/s) of one new token's attention over cache prefixes of 32 and `long`
-    positions, k and v apart: position-major as across a link (native.decode_attention on all cores), else
-    head-major as in compute memory. shared: every row's positions a prompt prefix read from row 0
-    (shared_prefix.shared_rows); bytes counted as the rows'. `room`: on a CPU, bytes of caches rotated over (each
-    call reads one no cache holds, as a decode step reads each layer's once: timed over one, a cache of 50 MB was
-    read 1.4-1.8x as fast as the engine's, past a 32 MiB L3 but partly in it)."""
+                           room: int = 0) -> tuple[float, float, float]:
+    """(fixed s per call, K+V bytes/s, s per (row, kv head): a CPU's `_pair_cost`, else 0) of one new token's
+    attention over cache prefixes of 32 and `long` positions, k and v apart: position-major as across a link
+    (native.decode_attention on all cores), else head-major as in compute memory. shared: every row's positions a
+    prompt prefix read from row 0 (shared_prefix.shared_rows); bytes counted as the rows'. `room`: on a CPU, bytes
+    of caches rotated over (each call reads one no cache holds, as a decode step reads each layer's once: timed
+    over one, a cache of 50 MB was read 1.4-1.8x as fast as the engine's, past a 32 MiB L3 but partly in it)."""
     per_copy = 2 * b * kv_heads * (long + 64) * hd * dtype.itemsize
     copies = max(1, room // per_copy) if where.type == "cpu" else 1
     caches = _caches(where, dtype, b, kv_heads, hd, long, position_major, copies)
@@ -159,7 +159,32 @@ def _decode_attention_rate(where: torch.device, dtype: torch.dtype, b: int, head
         times.append(timed(calls, here) / copies)
     per_position = 2 * b * kv_heads * hd * dtype.itemsize
     rate, fixed = fit(per_position * 32, times[0], per_position * long, times[1])
-    return fixed, rate
+    if where.type != "cpu" or shared:
+        return fixed, rate, 0.0
+    pair = _pair_cost(dtype, b, heads, kv_heads, hd, position_major, room, times[0], per_position * 32 / rate)
+    return max(0.0, fixed - b * kv_heads * pair), rate, pair
+
+
+PAIR_ROWS = 8  # times the probe's rows, over 32 positions: what a CPU spends per (row, kv head) besides the bytes
+
+
+def _pair_cost(dtype: torch.dtype, b: int, heads: int, kv_heads: int, hd: int, position_major: bool, room: int,
+               t_short: float, read_short: float) -> float:
+    """Seconds per (row, kv head) of a CPU's decode attention beside its bytes (a work item's set-up, the first
+    lines of its rows fetched at memory latency): the same 32 positions over PAIR_ROWS times the rows, less the
+    extra bytes at the fitted rate (`read_short`: seconds of the probe's 32-position bytes); at least 0. Short
+    caches of many rows (a batch of short prompts) are read at half the long-row rate or less without it."""
+    many = b * PAIR_ROWS
+    per_copy = 2 * many * kv_heads * (32 + 64) * hd * dtype.itemsize
+    copies = max(1, room // per_copy)
+    cpu = torch.device("cpu")
+    caches = [(k[:, :, :32], v[:, :, :32]) for k, v in _caches(cpu, dtype, many, kv_heads, hd, 32, position_major,
+                                                                copies)]
+    q = torch.randn(many, heads, 1, hd).to(dtype)
+    mask = torch.ones(many, 1, 1, 32, dtype=torch.bool)
+    t_many = timed(lambda: [attend_named(q, k, v, mask) for k, v in caches], lambda: None) / copies
+    extra_pairs = (many - b) * kv_heads
+    return max(0.0, (t_many - t_short - (PAIR_ROWS - 1) * read_short) / extra_pairs)
 
 
 def _caches(where: torch.device, dtype: torch.dtype, b: int, kv_heads: int, hd: int, long: int,

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 18  # measured anew when the code measured changes; 18: a CPU's mapped files (mapped_read, _write);
+PROFILE_VERSION = 19  # measured anew when the code measured changes; 19: a CPU's decode attention per row and kv
+# head; 18: a CPU's mapped files (mapped_read, _write);
 # 17: the 8-bit head's kernel (int8_gemv), AVX2 CPUs' attention over a 4-bit cache, FlexGen-grouped products and
 # fp32 prefill attention;
 # 16: AVX2 CPUs' kernels (few-row products, 4-bit weights in the layout, grouped fp32 decode attention);
@@ -171,15 +172,18 @@ class HardwareProfile:
             return interpolated_time(self.gemv[dtype], rows, k, n)
         return interpolated_time(self.matmul.get(dtype) or self.matmul["float32"], rows, k, n)
 
-    def decode_attention(self, dtype: str, group: int, head_dim: int, on_cpu: bool = False) -> tuple[float, float]:
-        """(s per call, K+V bytes/s) of decode attention on the compute device (on_cpu: the CPU beside it) for
-        `group` query heads per kv head of `head_dim`: grouped heads cost a CPU more per byte (each head's sums
-        are its own work), at the measured head dim nearest this one."""
+    def decode_attention(self, dtype: str, group: int, head_dim: int,
+                         on_cpu: bool = False) -> tuple[float, float, float]:
+        """(s per call, K+V bytes/s, s per row and kv head) of decode attention on the compute device (on_cpu: the
+        CPU beside it) for `group` query heads per kv head of `head_dim`: grouped heads cost a CPU more per byte
+        (each head's sums are its own work), at the measured head dim nearest this one. The last: a CPU's work per
+        (row, kv head) besides its bytes (0 where not measured: a GPU, an older profile)."""
         grouped = (self.cpu_attention_grouped if on_cpu else self.attention_grouped).get(dtype)
         if group > 1 and grouped:
-            _, fixed, rate = min(grouped, key=lambda p: abs(p[0] - head_dim))
-            return fixed, rate
-        return (self.cpu_attention if on_cpu else self.attention)[dtype]
+            _, fixed, rate, *pair = min(grouped, key=lambda p: abs(p[0] - head_dim))
+        else:
+            fixed, rate, *pair = (self.cpu_attention if on_cpu else self.attention)[dtype]
+        return fixed, rate, pair[0] if pair else 0.0
 
     def shared_attention_rate(self, dtype: str, rate: float) -> float:
         """K+V bytes/s at which CPU decode attention goes over a shared prefix's positions, given `rate` over each
@@ -269,11 +273,11 @@ class HardwareProfile:
         lines.append("prefill attention GFLOP/s: "
                      + ", ".join(f"{k} {v / g:.0f}" for k, v in self.sdpa_prefill.items())
                      + "".join(f"; C kernel {k} {v / g:.0f}" for k, v in self.prefill_native.items()))
-        lines.append("decode attention (fixed ms + GB/s): device " + ", ".join(
-            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.attention.items()) + "; cpu " + ", ".join(
-            f"{k} {a * 1e3:.2f} + {b / g:.1f}" for k, (a, b) in self.cpu_attention.items())
-            + "".join(f"; {where}, grouped heads " + ", ".join(f"{k} (head dim {d}) {a * 1e3:.2f} + {b / g:.1f}"
-                                                                for k, points in table.items() for d, a, b in points)
+        lines.append("decode attention (fixed ms + GB/s [+ us per row and kv head]): device " + ", ".join(
+            f"{k} {_attention_rate(*p)}" for k, p in self.attention.items()) + "; cpu " + ", ".join(
+            f"{k} {_attention_rate(*p)}" for k, p in self.cpu_attention.items())
+            + "".join(f"; {where}, grouped heads " + ", ".join(f"{k} (head dim {d}) {_attention_rate(*p)}"
+                                                                for k, points in table.items() for d, *p in points)
                       for where, table in (("device", self.attention_grouped), ("cpu", self.cpu_attention_grouped))
                       if table)
             + ("; over a shared prefix on the CPU, times faster: " + ", ".join(
@@ -334,3 +338,7 @@ def interpolated_time(points: list[tuple[int, float, float]], rows: float, k: in
     i = next(i for i, p in enumerate(points) if rows <= p[0])
     (m0, *_), (m1, *_) = points[i - 1], points[i]
     return at(points[i - 1]) + (rows - m0) / (m1 - m0) * (at(points[i]) - at(points[i - 1]))
+
+
+def _attention_rate(fixed: float, rate: float, pair: float = 0.0) -> str:
+    return f"{fixed * 1e3:.2f} + {rate / 1e9:.1f}" + (f" + {pair * 1e6:.2f}" if pair else "")
