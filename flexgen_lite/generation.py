@@ -227,14 +227,16 @@ class FlexGenLite:
         return report
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
-    def score(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def score(self, requests: list[tuple[list[int], list[int]]], max_len: int | None = None
+              ) -> list[tuple[float, bool]]:
         """(log p(continuation | context) summed, whether greedy decoding gives the continuation) for each
-        (context ids, continuation ids): prefill-only blocks through the engine, no generation.
+        (context ids, continuation ids): prefill-only blocks through the engine, no generation; a request past
+        `max_len` tokens (default and at most: the model's context) cut from the left, as lm-eval's hf model does.
         `self.score_stats` then says how many tokens went through in how long."""
         from .engine.scoring import score_requests
 
         self._check_open()
-        return score_requests(self, requests)
+        return score_requests(self, requests, max_len=max_len)
 
     def loglikelihood_rolling(self, documents: list[list[int]], prefix_token: int | None = None) -> list[float]:
         """The log-likelihood of each whole document (ids), in windows of up to the model's context."""

@@ -172,3 +172,26 @@ def test_command_line(tiny_models, word_tasks, monkeypatch, capfd):
     registered = model_registry.get("flexgen-lite")
     assert registered is not FlexGenLiteLM and registered.__module__ == "flexgen_lite.eval.lm_eval_model"
     assert "local_mc" in out and "flexgen-lite" in out
+
+
+def test_max_length_cuts_as_hf_and_is_held_to_the_context(tiny_models, capsys):
+    """max_length below the context cuts a request's tokens from the left as hf's model does (its log-likelihood
+    equal to hf's); above the model's context it is the context, said once (windows past it would lose targets)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    path = str(tiny_models["llama"][0])
+    context = " ".join(f"w{5 + i}" for i in range(40))
+    request = [Instance("loglikelihood", {}, (context, " w5 w6"), 0)]
+    ours = FlexGenLiteLM(path, progress=False, max_length=16, **WEIGHTS_CPU).loglikelihood(request)
+    theirs = HFLM(pretrained=path, dtype="float32", device="cpu", max_length=16, batch_size=1).loglikelihood(request)
+    assert ours[0][0] == pytest.approx(theirs[0][0], abs=LL_ATOL)
+    uncut = FlexGenLiteLM(path, progress=False, **WEIGHTS_CPU).loglikelihood(request)
+    assert abs(uncut[0][0] - ours[0][0]) > 1e-3  # the cut changed it
+
+    document = [Instance("loglikelihood_rolling", {}, (" ".join(f"w{5 + i % 300}" for i in range(200)),), 0)]
+    capsys.readouterr()
+    long = FlexGenLiteLM(path, progress=False, max_length=128, **WEIGHTS_CPU)
+    assert long.max_length == 64 and "exceeds" in capsys.readouterr().err
+    default = FlexGenLiteLM(path, progress=False, **WEIGHTS_CPU)
+    assert long.loglikelihood_rolling(document) == default.loglikelihood_rolling(document)

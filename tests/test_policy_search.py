@@ -356,3 +356,12 @@ def test_on_a_cpu_a_jobs_start_counts_the_compute_tiers_host_ram():
     assert job.memory["gpu"]["kv cache"] > 0 and job.setup_s == pytest.approx(written / 2e9)
     assert job.job_throughput == pytest.approx(320 * 16 / (320 * 16 / job.throughput + job.setup_s))
     assert predict(config, Workload(64, 16, None), policy, hw).setup_s == 0
+
+
+@pytest.mark.parametrize(("fixed", "block"), [(dict(gpu_batch_size=8), (8, 1)), (dict(num_gpu_batches=4), (1, 4))])
+def test_a_batch_shape_fixed_past_the_prompts_is_kept(fixed, block):
+    """Two prompts cap the searched block at 2, but a batch size or count the user fixed past that is theirs: the
+    search fills the rest (it found no candidate, and blamed the budgets)."""
+    few = Workload(64, 32, num_prompts=2)
+    found = search_policy(OPT, few, HW, Budgets(None, 16 * GiB, 100 * GiB), AutoPolicy(**fixed), page_cache=0)
+    assert (found.policy.gpu_batch_size, found.policy.num_gpu_batches) == block

@@ -75,7 +75,11 @@ class FlexGenLiteLM(TemplateLM):
         if self.model.tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer: lm-eval needs text")
         self.tokenizer = self.model.tokenizer
-        self._max_length = int(max_length or self.model.config.max_positions)
+        context = self.model.config.max_positions
+        self._max_length = min(int(max_length or context), context)
+        if self._max_length < int(max_length or context):  # windows past it would be cut: targets lost
+            print(f"flexgen-lite: max_length={max_length} exceeds {self.model.config.name}'s context of {context} "
+                  f"positions: using {context}", file=sys.stderr)
 
     @staticmethod
     def _report(message: str) -> None:
@@ -111,7 +115,7 @@ class FlexGenLiteLM(TemplateLM):
     # ---- requests ----------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]
-        results = self.model.score(pairs) if pairs else []
+        results = self.model.score(pairs, max_len=self.max_length) if pairs else []
         for (key, _, _), result in zip(requests, results, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, result)
@@ -124,7 +128,8 @@ class FlexGenLiteLM(TemplateLM):
                 windows.append(window)
                 owner.append(i)
         sums = [0.0] * len(requests)
-        for i, (logprob, _) in zip(owner, self.model.score(windows) if windows else [], strict=True):
+        for i, (logprob, _) in zip(owner, self.model.score(windows, max_len=self.max_length) if windows else [],
+                                   strict=True):
             sums[i] += logprob
         for req, total in zip(requests, sums, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)

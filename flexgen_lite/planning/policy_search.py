@@ -162,6 +162,7 @@ def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
     cap = 4096 if hw.is_cuda else 1024
     if workload.num_prompts is not None:
         cap = min(cap, 1 << max(0, math.ceil(math.log2(workload.num_prompts))))
+    cap = max(cap, (auto.gpu_batch_size or 1) * (auto.num_gpu_batches or 1))  # what was fixed, however few prompts
     sizes = [auto.gpu_batch_size] if auto.gpu_batch_size else [g for g in POWERS if g <= cap]
     counts = [auto.num_gpu_batches] if auto.num_gpu_batches else [n for n in POWERS[:7] if n <= cap]
     choices = [(False, True) if v is None else (v,) for v in (auto.compress_weight, auto.compress_cache)]
@@ -170,7 +171,7 @@ def _candidates(workload: Workload, hw: HardwareProfile, auto: AutoPolicy):
     overlaps = (True, False) if auto.overlap is None and not hw.is_cuda else (auto.base.overlap,)
     for gbs, nb, cw, cc, cpu_att, dtype, overlap in itertools.product(sizes, counts, *choices, cpu, dtypes,
                                                                       overlaps):
-        if gbs * nb <= cap or (auto.gpu_batch_size and auto.num_gpu_batches):
+        if gbs * nb <= cap:
             share = (auto.cpu_attention_percent or 100.0) if cpu_att else 100.0
             yield dataclasses.replace(auto.base, gpu_batch_size=gbs, num_gpu_batches=nb, compress_weight=cw,
                                       compress_cache=cc, cpu_cache_compute=cpu_att, cpu_attention_percent=share,
