@@ -192,3 +192,16 @@ def test_one_cache_folder(tmp_path, monkeypatch):
     assert _tokenizer_cache_dir(str(model)).startswith(str(tmp_path / "flexgen-lite") + os.sep)
     monkeypatch.setenv("FLEXGEN_LITE_CACHE", str(tmp_path / "elsewhere"))
     assert profile_store.cache_dir() == tmp_path / "elsewhere"
+
+
+def test_plan_says_when_its_peaks_pass_what_this_machine_has(capsys, monkeypatch):
+    """Budgets may describe another machine: the plan stands, with a note for each tier this one lacks."""
+    from flexgen_lite.planning import budgets
+
+    main(["plan", "--model", "facebook/opt-1.3b", "--cpu-mem", "8GiB"])
+    assert "note: this plan peaks" not in capsys.readouterr().out
+    real = budgets.free_bytes
+    monkeypatch.setattr(budgets, "free_bytes", lambda *a: {**real(*a), "cpu": 2**20})
+    main(["plan", "--model", "facebook/opt-1.3b", "--cpu-mem", "8GiB"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: this plan peaks")]
+    assert len(notes) == 1 and "of host RAM, where this machine has 1.00 MiB free" in notes[0]

@@ -14,9 +14,10 @@ import torch
 from ..engine.policy import Policy, PolicyError
 from ..engine.storage import OffloadError
 from ..models.config import ModelError
-from ..planning.budgets import Budgets, check_budgets
+from ..planning.budgets import Budgets, beyond_this_machine, check_budgets
 from ..planning.dtype_choice import compute_dtype
 from ..planning.policy_search import AutoPolicy, check_context
+from ..system.devices import ComputeDevice
 from ..system.memory import gib
 from ..system.profile_store import prediction_miss
 from .batch_io import InputError
@@ -183,6 +184,8 @@ def cmd_plan(args) -> None:
         return
     print(format_plan(result, workload, hardware, model_config(args.model)))
     print(f"dtype: {why}")
+    for note in beyond_this_machine(result.prediction.peak, ComputeDevice(args.device), result.policy.offload_dir):
+        print(note)
     if args.cpu_mem is not None:
         print(f"--cpu-mem {gib(args.cpu_mem)} is the whole process: {gib(args.cpu_mem - result.budgets.cpu)} of it "
               "is left to the runtime (Python, torch), the rest is the engine's cpu budget above")

@@ -12,6 +12,17 @@ from ..system.memory import free_bytes, gib
 SAFETY = 0.85  # default budgets leave this share of what is free: other processes, the page cache, slack
 
 
+def beyond_this_machine(peak: dict[str, float], device: ComputeDevice, offload_dir: str) -> list[str]:
+    """A line for each tier whose planned peak is more than this machine has free (budgets given for another
+    machine: the plan stands for that one, a run here would be refused)."""
+    free = free_bytes(device, offload_dir)
+    needs = dict(peak) if device.is_cuda else {"cpu": peak["cpu"], "disk": peak["disk"]}  # cpu: all host RAM
+    names = {"gpu": "GPU memory", "cpu": "host RAM", "disk": f"disk ({offload_dir or 'system temp'})"}
+    return [f"note: this plan peaks at {gib(need)} of {names[tier]}, where this machine has {gib(free[tier])} free: "
+            "it is for a machine with the budgets given, and would not fit here"
+            for tier, need in needs.items() if need > free[tier]]
+
+
 def check_fits(needs: dict[str, int], device: ComputeDevice, offload_dir: str, what: str) -> None:
     """Raise PolicyError naming the tier, the need and the room when `needs` (bytes per tier) cannot fit."""
     free = free_bytes(device, offload_dir)
