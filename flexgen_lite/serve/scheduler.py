@@ -79,12 +79,20 @@ class Scheduler:
             self._pending = [p for p in self._pending if p[0][0].sampling != key]
             return taken
 
+    def _wanted(self, jobs: list[Job], future: Future, report, cancelled) -> bool:
+        """Whether a request taken for a run is still wanted: not cancelled by its caller, nor left while it waited
+        (then its outputs are None, as those of a request left mid-run, and it never runs)."""
+        if not future.set_running_or_notify_cancel():
+            return False
+        if cancelled is not None and cancelled():
+            self.cancelled += len(jobs)
+            future.set_result([None] * len(jobs))
+            return False
+        return True
+
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
-            for _, future, _, left in taken:
-                if left is not None and left():  # left while it waited
-                    future.cancel()
-            taken = [p for p in taken if p[1].set_running_or_notify_cancel()]
+            taken = [p for p in taken if self._wanted(*p)]
             if not taken:
                 continue
             self.runs += 1
