@@ -33,7 +33,8 @@ from .planning.dtype_choice import compute_dtype
 from .planning.layout import Workload
 from .planning.memory_plan import peak_memory
 from .planning.policy_search import AutoPolicy
-from .stragglers import Carried, later_rows, next_group, worth_ending
+from .step_checks import cancel_check, step_message, stop_check, straggler_check, streamer
+from .stragglers import Carried, later_rows, next_group
 from .system.devices import ComputeDevice, keep_freed_memory
 from .system.memory import return_freed_memory
 
@@ -194,7 +195,7 @@ class FlexGenLite:
             block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
                                      for row, i in enumerate(chosen)], sampling, return_logits,
                                     chosen if indices is None else [indices[i] for i in chosen], label,
-                                    on_tokens and self._streamer(chosen, moving, on_tokens), moving,
+                                    on_tokens and streamer(chosen, moving, on_tokens), moving,
                                     sharing if carry_over is not False else None, carry_over,
                                     cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
             finished = {}
@@ -218,13 +219,6 @@ class FlexGenLite:
                 self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
                                                  if block.stopped else ""))
         return (results, logits) if return_logits else results
-
-    @staticmethod
-    def _streamer(chosen: list[int], moving: dict[int, Carried], on_tokens):
-        def report(block: Block) -> None:
-            for row, i in enumerate(chosen):
-                on_tokens(i, (moving[row].tokens if row in moving else []) + block.new_tokens(row))
-        return report
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
     def score(self, requests: list[tuple[list[int], list[int]]], max_len: int | None = None
@@ -271,16 +265,16 @@ class FlexGenLite:
                                    self.device.device, generators, policy.share_prefix,
                                    limits if moving else None)
         self._check_cache_fits(block)
-        steps = [self._stop_checker(sampling, len(prompts), moving)] if sampling.stop else []
+        steps = [stop_check(self.tokenizer, sampling, len(prompts), moving)] if sampling.stop else []
         if cancelled is not None:
-            steps.append(self._cancel_checker(cancelled, len(prompts)))
+            steps.append(cancel_check(cancelled, len(prompts)))
         if report is not None:
             steps.append(report)
         if self.progress is not None:
             steps.append(lambda block: self.progress(step_message(label, self.engine.times, len(prompts),
                                                                   block.gen_len)))
         if sharing is not None:
-            steps.append(self._straggler_check(len(prompts), sharing, rule))
+            steps.append(straggler_check(self.engine, len(prompts), sharing, rule))
         on_step = None
         if steps:
             def on_step(block: Block) -> None:
@@ -288,45 +282,6 @@ class FlexGenLite:
                     step(block)
         self.engine.run(block, sampling, on_step, keep_logits)
         return block
-
-    def _straggler_check(self, real_rows: int, sharing: Callable[[int], int], rule: bool | None):
-        """An on_step that ends the block where stragglers.worth_ending says so."""
-        rows_at: list[int] = []  # rows each decode step computed
-        before = real_rows  # rows active after the step before
-
-        def check(block: Block) -> None:
-            nonlocal before
-            active = int((~block.finished[:real_rows]).sum())
-            if block.generated > 1:  # a decode step ran, over the rows active after the step before
-                rows_at.append(before)
-            before = active
-            # their share of a later block's prefill: this one's for as many rows (the larger share: a prefill
-            # bound by its weights' reads costs the same for fewer rows), over their positions by then
-            share = sharing(active)
-            refill = (self.engine.times.prefill * active / max(min(share, real_rows), active, 1)
-                      * (block.prompt_len + block.generated) / block.prompt_len)
-            if worth_ending(self.engine.times.decode, rows_at, active, real_rows,
-                            block.gen_len - block.generated, share, rule, refill):
-                block.stopped = True
-        return check
-
-    @staticmethod
-    def _cancel_checker(cancelled: Callable[[int], bool], real_rows: int):
-        def check(block: Block) -> None:
-            for row in range(real_rows):
-                if not block.finished[row] and cancelled(row):
-                    block.finished[row] = True
-        return check
-
-    def _stop_checker(self, sampling: SamplingConfig, real_rows: int, moving: dict[int, Carried]):
-        def check(block: Block) -> None:
-            for row in range(real_rows):
-                if not block.finished[row]:
-                    ids = (moving[row].tokens if row in moving else []) + block.new_tokens(row)
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    if any(s in text for s in sampling.stop):
-                        block.finished[row] = True
-        return check
 
     def _check_prompts(self, prompts: list[list[int]], sampling: SamplingConfig) -> None:
         if not prompts:
@@ -376,16 +331,6 @@ class FlexGenLite:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def step_message(label: str, times, rows: int, gen_len: int) -> str:
-    """Progress after a step: the prefill's time, then decode step i/n and tokens per second so far."""
-    if not times.decode:
-        shared = f" (their first {times.shared} tokens once)" if times.shared else ""
-        return f"{label}: prefill of {rows} prompts{shared} {times.prefill:.1f} s"
-    done = len(times.decode)
-    return (f"{label}: decode step {done}/{gen_len - 1}, {rows * done / sum(times.decode):.1f} tok/s "
-            f"({rows} rows)")
 
 
 def encode_texts(tokenizer, texts: list[str], chat: bool, name: str, system: str | None = None) -> list[list[int]]:

@@ -1,0 +1,74 @@
+"""What runs after each step of a block (`FlexGenLite._run_block`'s on_step): stop strings and cancellations end
+rows, a block whose last rows straggle ends early (stragglers.py), streaming and progress report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .engine.block import Block
+from .kernels.sampling import SamplingConfig
+from .stragglers import Carried, worth_ending
+
+
+def streamer(chosen: list[int], moving: dict[int, Carried], on_tokens):
+    """on_tokens(i, ids) for each prompt i of the block (`chosen`): its tokens so far, those of an earlier block
+    included."""
+    def report(block: Block) -> None:
+        for row, i in enumerate(chosen):
+            on_tokens(i, (moving[row].tokens if row in moving else []) + block.new_tokens(row))
+    return report
+
+
+def straggler_check(engine, real_rows: int, sharing: Callable[[int], int], rule: bool | None):
+    """Ends the block where stragglers.worth_ending says so, by the engine's step times so far (its `times`:
+    the running block's, made anew by each run)."""
+    rows_at: list[int] = []  # rows each decode step computed
+    before = real_rows  # rows active after the step before
+
+    def check(block: Block) -> None:
+        nonlocal before
+        times = engine.times
+        active = int((~block.finished[:real_rows]).sum())
+        if block.generated > 1:  # a decode step ran, over the rows active after the step before
+            rows_at.append(before)
+        before = active
+        # their share of a later block's prefill: this one's for as many rows (the larger share: a prefill
+        # bound by its weights' reads costs the same for fewer rows), over their positions by then
+        share = sharing(active)
+        refill = (times.prefill * active / max(min(share, real_rows), active, 1)
+                  * (block.prompt_len + block.generated) / block.prompt_len)
+        if worth_ending(times.decode, rows_at, active, real_rows, block.gen_len - block.generated, share, rule,
+                        refill):
+            block.stopped = True
+    return check
+
+
+def cancel_check(cancelled: Callable[[int], bool], real_rows: int):
+    """Ends the rows whose prompt is no longer wanted (`cancelled(row)`)."""
+    def check(block: Block) -> None:
+        for row in range(real_rows):
+            if not block.finished[row] and cancelled(row):
+                block.finished[row] = True
+    return check
+
+
+def stop_check(tokenizer, sampling: SamplingConfig, real_rows: int, moving: dict[int, Carried]):
+    """Ends the rows whose text so far holds a stop string."""
+    def check(block: Block) -> None:
+        for row in range(real_rows):
+            if not block.finished[row]:
+                ids = (moving[row].tokens if row in moving else []) + block.new_tokens(row)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                if any(s in text for s in sampling.stop):
+                    block.finished[row] = True
+    return check
+
+
+def step_message(label: str, times, rows: int, gen_len: int) -> str:
+    """Progress after a step: the prefill's time, then decode step i/n and tokens per second so far."""
+    if not times.decode:
+        shared = f" (their first {times.shared} tokens once)" if times.shared else ""
+        return f"{label}: prefill of {rows} prompts{shared} {times.prefill:.1f} s"
+    done = len(times.decode)
+    return (f"{label}: decode step {done}/{gen_len - 1}, {rows * done / sum(times.decode):.1f} tok/s "
+            f"({rows} rows)")
