@@ -76,14 +76,19 @@ def test_the_queue_stops_a_request_that_left_and_serves_the_rest(model, prompts)
 
 
 @pytest.fixture(scope="module")
-def long_server(tiny_models, tmp_path_factory):
+def tiny_long(tiny_models, tmp_path_factory) -> str:
     """The tiny Llama with a long context (its rotary positions need no weights): generations of thousands of
     tokens, so that a client leaves long before one ends."""
     path = tmp_path_factory.mktemp("cancel") / "tiny-long"
     shutil.copytree(tiny_models["llama"][0], path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
-    s = Server(str(path), tmp_path_factory.mktemp("state") / "state", "--gpu-batch-size", "4", "--max-wait-ms", "20")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_long, tmp_path_factory):
+    s = Server(tiny_long, tmp_path_factory.mktemp("state") / "state", "--gpu-batch-size", "4", "--max-wait-ms", "20")
     yield s
     s.stop()
 
@@ -110,6 +115,7 @@ def test_a_streaming_client_that_leaves_stops_its_generation(long_server):
             break
     stream.close()
     until(lambda: health(long_server)["cancelled"] == before + 1, "the stream's generation went on")
+    until(lambda: '"POST /v1/completions" 499' in long_server.log.read_text(), "the stream left unlogged")
     answer = c.completions.create(model=NAME, prompt="w9", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     assert answer.usage.completion_tokens == 3
 
@@ -149,3 +155,22 @@ def test_a_cancelled_batch_stops_mid_run(long_server):
     batch = wait_for_batch(c, batch.id)
     assert batch.status == "cancelled" and batch.request_counts.completed == 0, batch
     assert batch.output_file_id is None
+
+
+def test_a_batch_whose_window_passes_in_its_last_run_expires(tiny_long, tmp_path):
+    """One run holds the whole batch: the window passing mid-run stops it, and the batch ends expired (it ended
+    completed, every request failed), each request in the error file once."""
+    s = Server(tiny_long, tmp_path / "state", "--gpu-batch-size", "4", "--batch-expiry-s", "2")
+    try:
+        lines = [request(f"r{i}", "w5 w6", max_tokens=4000, ignore_eos=True) for i in range(3)]
+        file = s.client.files.create(file=("long.jsonl", batch_file(lines)), purpose="batch")
+        batch = s.client.batches.create(input_file_id=file.id, endpoint="/v1/completions", completion_window="24h")
+        batch = wait_for_batch(s.client, batch.id)
+        assert batch.status == "expired" and batch.expired_at, batch
+        counts = batch.request_counts
+        assert (counts.total, counts.completed, counts.failed) == (3, 0, 3)
+        errors = [json.loads(line) for line in s.client.files.content(batch.error_file_id).text.splitlines()]
+        assert sorted(e["custom_id"] for e in errors) == ["r0", "r1", "r2"]
+        assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    finally:
+        s.stop()

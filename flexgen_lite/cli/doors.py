@@ -37,7 +37,7 @@ def add_commands(sub, add_policy_flags, progress) -> None:
     s.add_argument("--no-request-log", action="store_true", help="no line on stderr per request")
     s.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default %(default)s)")
     s.add_argument("--max-upload-mb", type=float, default=512.0, help="largest file upload (default %(default)s)")
-    s.add_argument("--batch-expiry-s", type=int, default=24 * 3600, help="seconds a batch may take (the "
+    s.add_argument("--batch-expiry-s", type=positive_int, default=24 * 3600, help="seconds a batch may take (the "
                    "completion window, default 24 h); then it expires: requests not done go to its error file as "
                    "batch_expired")
     s.add_argument("--block-size", type=positive_int, help="sequences per block (default: the policy's)")

@@ -99,8 +99,12 @@ class BatchRunner:
                 self.store.add_results(batch_id, _expired([(i, works[i][0]) for c in chunks[n:] for i in c]))
                 self._finish(batch_id, expired=True)
                 return
-            self.store.add_results(batch_id, self._run_chunk([(i, *works[i]) for i in chunk], batch_id,
-                                                             batch.expires_at))
+            results = self._run_chunk([(i, *works[i]) for i in chunk], batch_id, batch.expires_at)
+            self.store.add_results(batch_id, results)
+            if any(line["error"] and line["error"]["code"] == EXPIRED for _, _, line in results):  # mid-run
+                self.store.add_results(batch_id, _expired([(i, works[i][0]) for c in chunks[n + 1:] for i in c]))
+                self._finish(batch_id, expired=True)
+                return
         self._finish(batch_id)
 
     def _run_chunk(self, chunk: list[tuple[int, str, Work]], batch_id: str,
@@ -145,9 +149,12 @@ class BatchRunner:
         self._cancelled.discard(batch_id)
 
 
+EXPIRED = "batch_expired"
+
+
 def _expired(lines: list[tuple[int, str]]) -> list[tuple[int, bool, dict]]:
     error = RequestError(400, "the batch expired (its completion window passed) before this request ran", None,
-                         "batch_expired")
+                         EXPIRED)
     return [(i, False, error_line(custom_id, error, False)) for i, custom_id in lines]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
+CLIENT_LEFT = 499  # the status logged for a response its client did not wait for (nginx's)
+
 
 class RequestLog:
     """ASGI middleware; outermost, so refusals of the API key or body size are logged too."""
@@ -17,13 +19,14 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        tic, status = time.perf_counter(), [0]
+        tic, status, logged = time.perf_counter(), [0], [False]
 
         async def logged_send(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                logged[0] = True
                 self._line(scope, status[0], time.perf_counter() - tic)
 
         try:
@@ -31,6 +34,8 @@ class RequestLog:
         except BaseException:
             self._line(scope, status[0] or 500, time.perf_counter() - tic)
             raise
+        if not logged[0]:  # a stream its client left: the response ended without its last body
+            self._line(scope, CLIENT_LEFT, time.perf_counter() - tic)
 
     def _line(self, scope, status: int, seconds: float) -> None:
         client = scope.get("client") or ("-", 0)

@@ -28,7 +28,7 @@ class Scheduler:
         self._pending: list[tuple[list[Job], Future, object, object]] = []
         self._closed = False
         self.runs = self.sequences = 0  # engine runs so far, and the sequences they generated
-        self.cancelled = 0  # of those, the ones stopped because their request was no longer wanted
+        self.cancelled = 0  # sequences stopped because their request was no longer wanted (queued or running)
         self._thread = threading.Thread(target=self._loop, name="flexgen-lite engine", daemon=True)
         self._thread.start()
 

@@ -36,6 +36,7 @@ from ..openai_api.protocol import (
 from ..openai_api.requests import RequestError, Served, Work, prepare, respond
 from ..openai_api.runner import settled_text
 from .batch_routes import add_batch_routes
+from .request_log import CLIENT_LEFT
 
 DRAIN_LIMIT = 64 << 20  # a body declared at most this much past the limit is read (not kept) before the 413
 DISCONNECT_POLL_S = 0.5  # a request waiting on the engine asks this often whether its client is still there
@@ -183,7 +184,7 @@ def create_app(state: ServerState) -> FastAPI:
         while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL_S))[0]:
             if await request.is_disconnected():
                 gone.set()
-                return Response(status_code=499)  # nobody reads it
+                return Response(status_code=CLIENT_LEFT)  # nobody reads it
         try:
             outputs = done.result()
         except ValueError as e:  # the engine refused these prompts (a cache past the budgets, ...)
