@@ -174,3 +174,24 @@ def test_a_batch_whose_window_passes_in_its_last_run_expires(tiny_long, tmp_path
         assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     finally:
         s.stop()
+
+
+def test_a_cancel_that_lands_while_a_batch_ends_wins(tmp_path):
+    """The worker read the batch in progress and finishes it as expired (or completed) while the cancel route
+    moves it to cancelling: it ends cancelled (it stayed cancelling: neither move is allowed from there)."""
+    from flexgen_lite.serve.batches import BatchRunner
+    from flexgen_lite.serve.store import Store
+
+    store = Store(str(tmp_path / "state"))
+    runner = BatchRunner(store, None, None, 1)  # an empty store: nothing for its thread to resume
+    try:
+        file = store.add_file("in.jsonl", "batch", b"{}\n")
+        batch = store.create_batch(file.id, "/v1/completions", "24h", None)
+        store.move(batch.id, "in_progress", total=1)
+        store.move(batch.id, "cancelling")
+        runner._finish(batch.id, expired=True)
+        assert store.get_batch(batch.id).status == "cancelled"
+    finally:
+        runner.stop()
+        runner.join()
+        store.close()
