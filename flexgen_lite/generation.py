@@ -232,6 +232,15 @@ class FlexGenLite:
         self._check_open()
         return score_requests(self, requests, max_len=max_len)
 
+    def prompt_logprobs(self, prompts: list[list[int]], top: int = 0
+                        ) -> list[list[tuple[float, list[tuple[int, float]]] | None]]:
+        """Per prompt (ids), per token: None for the first, then (log p(token | the tokens before), the `top`
+        likeliest tokens there as (id, log-probability)): prefill-only blocks, as `score`."""
+        from .engine.scoring import prompt_logprobs
+
+        self._check_open()
+        return prompt_logprobs(self, prompts, top)
+
     def loglikelihood_rolling(self, documents: list[list[int]], prefix_token: int | None = None) -> list[float]:
         """The log-likelihood of each whole document (ids), in windows of up to the model's context."""
         from .engine.scoring import loglikelihood_rolling

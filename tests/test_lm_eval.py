@@ -12,7 +12,10 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval[hf]: its hf model, the reference
 
+import torch  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from flexgen_lite.eval.lm_eval_model import FlexGenLiteLM  # noqa: E402
 
@@ -66,13 +69,15 @@ def evaluate(model, tasks, **kwargs) -> dict:
     scores["generated"] = {s["doc_id"]: s["filtered_resps"] for s in out["samples"]["local_gen"]}
     scores["choices"] = {s["doc_id"]: [(float(lp), bool(greedy)) for lp, greedy in s["filtered_resps"]]
                          for s in out["samples"]["local_mc"]}
+    scores["documents"] = {s["doc_id"]: (s["doc"]["text"], float(s["filtered_resps"][0]))
+                           for s in out["samples"]["local_ppl"]}
     return scores
 
 
 def assert_same_scores(ours: dict, theirs: dict) -> None:
     """Accuracies, exact matches, generated texts and greedy flags to the last digit; perplexities within
     PPL_RTOL; the choices' log-likelihoods within LL_ATOL."""
-    assert ours.keys() == theirs.keys() == {*TASK_NAMES, "generated", "choices"}
+    assert ours.keys() == theirs.keys() == {*TASK_NAMES, "generated", "choices", "documents"}
     assert ours["generated"] == theirs["generated"]
     assert any(text.strip() for texts in ours["generated"].values() for text in texts)  # not all empty
     assert ours["choices"].keys() == theirs["choices"].keys()
@@ -195,3 +200,41 @@ def test_max_length_cuts_as_hf_and_is_held_to_the_context(tiny_models, capsys):
     assert long.max_length == 64 and "exceeds" in capsys.readouterr().err
     default = FlexGenLiteLM(path, progress=False, **WEIGHTS_CPU)
     assert long.loglikelihood_rolling(document) == default.loglikelihood_rolling(document)
+
+
+def test_local_completions_against_the_server_scores_as_hf(tiny_models, word_tasks, tmp_path, monkeypatch):
+    """lm-eval's own OpenAI client (`local-completions`) against `flexgen-lite serve`: the prompts' tokens scored
+    through echo + logprobs, the tokenizer read from the server (/tokenizer_info, /tokenize), generations through
+    the queue: the same scores as lm-eval's hf model, and each document's log-likelihood as transformers' over the
+    API's windows (a token shorter than hf's: each request also generates one)."""
+    pytest.importorskip("tenacity")  # lm-eval[api]
+    from .test_serve import KEY, NAME, Server
+
+    path = str(tiny_models["opt"][0])
+    context = 64  # the tiny models'
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = Server(path, tmp_path / "state", "--gpu-batch-size", "4", "--max-wait-ms", "20")
+    try:
+        ours = evaluate("local-completions", word_tasks, model_args=f"base_url={server.url}/v1/completions,"
+                        f"model={NAME},max_length={context},batch_size=4")
+    finally:
+        server.stop()
+    theirs = evaluate("hf", word_tasks, model_args=f"pretrained={path},dtype=float32,device=cpu", batch_size=4)
+    ppl = "local_ppl"
+    assert_same_scores({**ours, ppl: theirs[ppl], "documents": {}}, {**theirs, "documents": {}})
+    assert 0 < ours["local_mc"]["acc,none"] < 1
+    # the documents in the API's windows (api_models.py: predicting up to context - 2 tokens after one)
+    model, tokenizer = tiny_models["opt"][1], AutoTokenizer.from_pretrained(path)
+    for text, logprob in ours["documents"].values():
+        expected = 0.0
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for window in get_rolling_token_windows(tokens, tokenizer.eos_token_id, context - 2, 1):
+            before, continuation = make_disjoint_window(window)
+            ids = before + continuation
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].float()
+            targets = torch.tensor(ids[len(ids) - len(continuation):])
+            expected += torch.log_softmax(logits[len(ids) - len(continuation) - 1:-1], -1).gather(
+                1, targets[:, None]).sum().item()
+        assert logprob == pytest.approx(expected, abs=LL_ATOL * len(tokens)), text[:40]
+    assert max(len(text.split()) for text, _ in ours["documents"].values()) > context  # windowed

@@ -54,10 +54,19 @@ def test_score_equals_transformers(tiny_models, family, name):
     reqs = requests() + requests(6, seed=1, choices=4)  # single requests, and contexts shared by four
     rng = random.Random(2)
     reqs = [reqs[i] for i in rng.sample(range(len(reqs)), len(reqs))]
+    prompts = [context + cont for context, cont in reqs[:7]] + [[2]]
     with FlexGenLite(str(path), policy=POLICIES[name]) as m:
         ours = m.score(reqs)
         assert m.score_stats.rows == len(reqs) and m.score_stats.fed < m.score_stats.tokens
+        each = m.prompt_logprobs(prompts, top=3)
     check(ours, hf_score(model, reqs), reqs)
+    for prompt, places in zip(prompts, each, strict=True):  # every token's, and the top 3 there
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+        assert len(places) == len(prompt) and places[0] is None
+        for n, (logprob, top) in enumerate(places[1:]):
+            assert logprob == pytest.approx(reference[n, prompt[n + 1]].item(), abs=TOKEN_ATOL)
+            assert [lp for _, lp in top] == pytest.approx(reference[n].topk(3).values.tolist(), abs=TOKEN_ATOL)
 
 
 def test_greedy_continuations_are_recognized(tiny_models):

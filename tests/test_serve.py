@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 from flexgen_lite.engine.policy import Policy
 from flexgen_lite.generation import FlexGenLite
@@ -141,6 +142,59 @@ def test_logprobs_of_greedy_tokens_are_the_top_ones(server, offline):
     assert r.choices[0].message.content == offline["chat"][1][:len(r.choices[0].message.content)]
     assert len(content) == r.usage.completion_tokens
     assert all(c.top_logprobs[0].token == c.token and len(c.top_logprobs) == 3 for c in content)
+
+
+def test_echo_scores_the_prompt_as_transformers(server, tiny_models):
+    """echo + logprobs (lm-eval's local-completions asks so, max_tokens 1; max_tokens 0 scores alone): each prompt
+    token's log-probability and top alternatives are transformers' (fp32, within 1e-4), the first token's null."""
+    hf = tiny_models["opt"][1]
+    ids = [[2, 40, 41, 42, 43, 44], [2, 9, 300]]
+    r = server.client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, logprobs=2, echo=True)
+    alone = server.client.completions.create(model=NAME, prompt=ids, max_tokens=0, logprobs=2, echo=True)
+    for prompt, choice, scored in zip(ids, r.choices, alone.choices, strict=True):
+        with torch.no_grad():
+            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for n in range(1, len(prompt)):
+            assert lp.token_logprobs[n] == pytest.approx(reference[n - 1, prompt[n]].item(), abs=1e-4)
+            best = reference[n - 1].topk(2)
+            assert list(lp.top_logprobs[n].values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert lp.token_logprobs[-1] == pytest.approx(reference[-1].max().item(), abs=1e-4)  # the greedy token
+        assert scored.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:-1], abs=1e-6)
+        assert scored.text == choice.text[:len(scored.text)] and scored.finish_reason == "length"
+    assert alone.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as e:  # nothing to do
+        server.client.completions.create(model=NAME, prompt="w5", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_logprobs_end_where_a_stop_string_cut_the_text(server, offline):
+    words = offline["plain"][0].split()
+    r = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1,
+                                         stop=[f" {words[2]}"])
+    assert r.choices[0].text.split() == words[:2] and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].logprobs.tokens == words[:2]  # not the stop string's token, nor those after it
+
+
+def test_the_tokenizer_as_vllm_serves_it(server):
+    """/tokenize, /detokenize, /tokenizer_info: what lm-eval's remote tokenizer reads, without a key as vLLM's."""
+    status, text = raw(f"{server.url}/tokenize", json.dumps({"prompt": "w5 w6", "add_special_tokens": False}).encode(),
+                       key=None)
+    tokens = json.loads(text)["tokens"]
+    assert status == 200 and len(tokens) == 2
+    status, text = raw(f"{server.url}/detokenize", json.dumps({"tokens": tokens}).encode(), key=None)
+    assert status == 200 and json.loads(text)["prompt"].split() == ["w5", "w6"]
+    status, text = raw(f"{server.url}/tokenizer_info", key=None)
+    assert status == 200 and json.loads(text)["chat_template"] == TEMPLATE
+    chat = {"messages": [{"role": "user", "content": "w5"}]}
+    status, text = raw(f"{server.url}/tokenize", json.dumps(chat).encode(), key=None)
+    assert status == 200 and json.loads(text)["count"] == 2  # "w5 w3"
+    for body in ({"tokens": [-1]}, {"tokens": [10**6]}):
+        status, text = raw(f"{server.url}/detokenize", json.dumps(body).encode(), key=None)
+        assert status == 400, text
+    status, _ = raw(f"{server.url}/tokenize", b"{}", key=None)
+    assert status == 400
 
 
 def test_streaming_joins_to_the_same_text(server, offline):

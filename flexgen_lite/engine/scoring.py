@@ -63,9 +63,17 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
                                            fed=sum(len(r.tokens) for r in rows))
     blocks = -(-len(rows) // size)
     tic = time.perf_counter()
+    def sums(head, h: torch.Tensor, index: torch.Tensor, keys: list[int]) -> None:
+        requests = sorted(set(keys))
+        which = {q: n for n, q in enumerate(requests)}
+        index = torch.cat([index, torch.tensor([which[q] for q in keys], device=index.device)[:, None]], 1)
+        logprob, greedy = _logprobs(head, h, index, len(requests), model.config.vocab_size)
+        for q, lp, g in zip(requests, logprob.tolist(), greedy.tolist(), strict=True):
+            results[q] = (lp, g)
+
     for first in range(0, len(rows), size):
         started = time.perf_counter()
-        stats.shared.append(_score_block(model, rows[first:first + size], results))
+        stats.shared.append(_score_block(model, rows[first:first + size], sums))
         stats.blocks.append(time.perf_counter() - started)
         report = progress or model.progress
         if report is not None:
@@ -132,8 +140,9 @@ class _PackedBlock(Block):
         return True
 
 
-def _score_block(model, rows: list[_Row], results: list) -> int:
-    """Score a block of rows into `results`; the positions its prefill shared (block.shared)."""
+def _score_block(model, rows: list[_Row], measure: Callable) -> int:
+    """Run a block of rows' prefill; measure(head, h, index, keys) gets each GPU batch's scored places (`index`:
+    row of h, column, target; `keys`: each place's key from _Row.scored). Returns block.shared."""
     cfg, policy, device = model.config, model.policy, model.device.device
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
     block = _PackedBlock.from_prompts([r.tokens for r in rows], policy.block_size, policy.gpu_batch_size, 1,
@@ -156,12 +165,8 @@ def _score_block(model, rows: list[_Row], results: list) -> int:
                   for col, target, request in rows[span.start + r].scored]
         if not places:
             return
-        requests = sorted({p[3] for p in places})
-        which = {q: n for n, q in enumerate(requests)}
-        index = torch.tensor([[j, col, t, which[q]] for j, col, t, q in places]).to(h.device)
-        logprob, greedy = _logprobs(head, h, index, len(requests), cfg.vocab_size)
-        for q, lp, g in zip(requests, logprob.tolist(), greedy.tolist(), strict=True):
-            results[q] = (lp, g)
+        index = torch.tensor([[j, col, t] for j, col, t, _ in places]).to(h.device)
+        measure(head, h, index, [p[3] for p in places])
 
     model.engine.run(block, SamplingConfig(max_new_tokens=1, stop_at_eos=False), score=score)
     return block.shared
@@ -192,6 +197,39 @@ def _logprobs(head, h: torch.Tensor, index: torch.Tensor, requests: int, vocab: 
         sums.index_add_(0, q, lp)
         misses.index_add_(0, q, (logits.argmax(-1) != t).long())
     return sums.cpu(), (misses == 0).cpu()
+
+
+def prompt_logprobs(model, prompts: Sequence[Sequence[int]], top: int = 0
+                    ) -> list[list[tuple[float, list[tuple[int, float]]] | None]]:
+    """Per prompt (token ids), per token: None for the first (nothing predicts it), then (log p(token | the
+    tokens before it), the `top` likeliest tokens there as (id, log-probability)): one prefill per block of
+    prompts, no generation, under the model's policy. Identical prompts are computed once."""
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    found: dict = {}
+    rows = [_Row(list(p[:-1]), [(n, p[n + 1], (u, n + 1)) for n in range(len(p) - 1)])
+            for u, p in enumerate(unique) if len(p) > 1]
+    rows.sort(key=lambda r: -len(r.tokens))
+    vocab = model.config.vocab_size
+    if any(min(p) < 0 or max(p) >= vocab for p in unique if p):
+        raise ValueError(f"a prompt has token ids outside the vocabulary (0..{vocab - 1})")
+
+    def each(head, h: torch.Tensor, index: torch.Tensor, keys: list) -> None:
+        chunk = max(1, CHUNK_BYTES // (vocab * 4 * 3))
+        for c in range(0, len(index), chunk):
+            rows_, cols, t = index[c:c + chunk].unbind(1)
+            lp = torch.log_softmax(head(h[rows_, cols]).float(), dim=-1)
+            chosen = lp.gather(-1, t[:, None]).squeeze(-1).tolist()
+            best = lp.topk(top, dim=-1) if top else None
+            for n, key in enumerate(keys[c:c + chunk]):
+                found[key] = (chosen[n], [] if best is None else
+                              list(zip(best.indices[n].tolist(), best.values[n].tolist(), strict=True)))
+
+    size = model.policy.block_size
+    for first in range(0, len(rows), size):
+        _score_block(model, rows[first:first + size], each)
+    by_prompt = [[None] + [found[(u, n)] for n in range(1, len(p))] if p else [] for u, p in enumerate(unique)]
+    where = {p: u for u, p in enumerate(unique)}
+    return [by_prompt[where[tuple(p)]] for p in prompts]
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:

@@ -42,7 +42,7 @@ class Request(BaseModel):
 
 class CompletionRequest(Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 (with echo): score the prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 

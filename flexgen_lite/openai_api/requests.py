@@ -68,6 +68,8 @@ class Job:
     sampling: SamplingConfig
     index: int
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
+    generates: bool = True  # False: max_tokens 0, the prompt scored alone
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Output:
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     # per generated token, when asked: (its text, its log-probability, [(alternative's text, log-probability)])
     logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
+    # per prompt token, when asked (echo): the same, (its text, None, None) for the first
+    prompt_logprobs: list[tuple[str, float | None, list[tuple[str, float]] | None]] | None = None
 
 
 @dataclass
@@ -124,13 +128,17 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
         max_tokens = request.max_completion_tokens or request.max_tokens
     elif max_tokens is None:  # an explicit null: OpenAI's default for completions
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
+    elif max_tokens == 0 and not request.echo:
+        raise RequestError(400, "max_tokens 0 asks for nothing unless echo is true (the prompt, scored with "
+                           "logprobs)", "max_tokens", "invalid_value")
+    scored_only = url == COMPLETIONS and max_tokens == 0
     context = served.config.max_positions
     for i, ids in enumerate(prompts):
         if not ids:
             raise RequestError(400, f"prompt {i} has no tokens", "prompt", "empty_prompt")
         check_vocabulary(i, ids, served)
-        limit = max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
-        if len(ids) + limit > context or limit < 1:
+        limit = 0 if scored_only else max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
+        if len(ids) + limit > context or (limit < 1 and not scored_only):
             raise RequestError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} to generate). "
                                "Shorten the prompt or ask for fewer tokens.", "max_tokens", "context_length_exceeded")
@@ -140,15 +148,17 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
         logprobs = request.logprobs
+    prompt_logprobs = logprobs if url == COMPLETIONS and request.echo else None
     jobs = []
     for i, ids in enumerate(prompts):
-        limit = max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
+        limit = 1 if scored_only else max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
         try:
             sampling = SamplingConfig(limit, request.temperature, request.top_k, request.top_p,
                                       None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos)
         except ValueError as e:
             raise RequestError(400, str(e), "stop" if "stop" in str(e) else None, "invalid_value") from None
-        jobs += [Job(tuple(ids), sampling, i * request.n + j, logprobs) for j in range(request.n)]
+        jobs += [Job(tuple(ids), sampling, i * request.n + j, logprobs, prompt_logprobs, not scored_only)
+                 for j in range(request.n)]
     return Work(url, request, model, jobs, texts, sum(len(p) for p in prompts))
 
 
@@ -203,8 +213,10 @@ def respond(work: Work, outputs: list[Output]) -> CompletionResponse | ChatCompl
     choices = []
     for k, o in enumerate(outputs):
         echo = work.prompt_texts[k // n] if work.request.echo else ""
+        logprobs = o.logprobs if o.prompt_logprobs is None else o.prompt_logprobs + (o.logprobs or [])
+        start = 0 if o.prompt_logprobs is not None else len(echo)
         choices.append(CompletionChoice(index=k, finish_reason=o.finish_reason, text=echo + o.text,
-                                        logprobs=_completion_logprobs(o.logprobs, len(echo))))
+                                        logprobs=_completion_logprobs(logprobs, start)))
     return CompletionResponse(id=work.id, created=work.created, model=work.model, choices=choices, usage=usage)
 
 
@@ -218,7 +230,7 @@ def _completion_logprobs(logprobs, offset: int) -> dict | None:
         offsets.append(offset)
         offset += len(token)
     return {"tokens": [t for t, _, _ in logprobs], "token_logprobs": [lp for _, lp, _ in logprobs],
-            "top_logprobs": [dict(top) for _, _, top in logprobs], "text_offset": offsets}
+            "top_logprobs": [None if top is None else dict(top) for _, _, top in logprobs], "text_offset": offsets}
 
 
 def _chat_logprobs(logprobs) -> dict | None:

@@ -10,12 +10,30 @@ import torch
 from .requests import Job, Output
 
 
-def group_by_sampling(jobs: list[Job]) -> dict:
-    """{sampling settings: indices of the jobs that share them}, in first-seen order."""
+def group_by_sampling(jobs: list[Job | None]) -> dict:
+    """{sampling settings: indices of the jobs that share them}, in first-seen order (None: under None)."""
     groups: dict = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[job.sampling].append(i)
+        groups[None if job is None else job.sampling].append(i)
     return groups
+
+
+def _prompt_logprobs(model, jobs: list[Job], cancelled) -> dict[int, list]:
+    """{job: its prompt's tokens as (text, log-probability, top alternatives)} for the jobs that ask (echo with
+    logprobs) and are still wanted: one prefill-only pass for all of them."""
+    asking = [j for j, job in enumerate(jobs) if job.prompt_logprobs is not None
+              and not (cancelled is not None and cancelled(j))]
+    if not asking:
+        return {}
+    top = max(jobs[j].prompt_logprobs for j in asking)
+    found = model.prompt_logprobs([list(jobs[j].ids) for j in asking], top)
+    out = {}
+    for j, places in zip(asking, found, strict=True):
+        want = jobs[j].prompt_logprobs
+        out[j] = [(model.decode([t]), None, None) if place is None else
+                  (model.decode([t]), place[0], [(model.decode([a]), lp) for a, lp in place[1][:want]])
+                  for t, place in zip(jobs[j].ids, places, strict=True)]
+    return out
 
 
 def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None) -> list[Output | None]:
@@ -25,7 +43,15 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
     on_output(j, output): job j's output, as soon as the engine's block that held it ends.
     cancelled(j): job j is no longer wanted; it stops at the next step and its output is None."""
     outputs: list[Output | None] = [None] * len(jobs)
-    for sampling, members in group_by_sampling(jobs).items():
+    prompt_logprobs = _prompt_logprobs(model, jobs, cancelled)
+    for j, job in enumerate(jobs):
+        if not job.generates and not (cancelled is not None and cancelled(j)):
+            outputs[j] = Output([], "", "length", None if job.logprobs is None else [], prompt_logprobs[j])
+            if on_output is not None:
+                on_output(j, outputs[j])
+    for sampling, members in group_by_sampling([j if j.generates else None for j in jobs]).items():
+        if sampling is None:
+            continue
         want = any(jobs[i].logprobs is not None for i in members)
         report = None
         if on_tokens is not None:
@@ -36,7 +62,8 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
             for i, (gen, rows) in block.items():
                 j, top = members[i], jobs[members[i]].logprobs
                 outputs[j] = output_of(model, gen, sampling,
-                                       None if top is None else token_logprobs(model, gen, rows, top))
+                                       None if top is None else token_logprobs(model, gen, rows, top),
+                                       prompt_logprobs.get(j))
                 if on_output is not None:
                     on_output(j, outputs[j])
 
@@ -61,16 +88,21 @@ def token_logprobs(model, gen: list[int], logits, top: int) -> list:
     return out
 
 
-def output_of(model, gen: list[int], sampling, logprobs=None) -> Output:
+def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=None) -> Output:
+    """gen's text (cut at a stop string), why it ended, and the log-probabilities of the tokens that made that
+    text (those of a stop string that began at a token's start are not in it)."""
     text = model.decode(gen, sampling.stop)
     eos = set(model.config.eos_token_id or ()) if sampling.stop_at_eos else set()
     if sampling.stop and len(text) < len(model.decode(gen)):
         reason = "stop"  # cut at a stop string
+        if logprobs is not None:
+            kept = next(k for k in range(len(gen) + 1) if len(model.decode(gen[:k])) >= len(text))
+            logprobs = logprobs[:kept]
     elif gen and gen[-1] in eos:
         reason = "stop"
     else:
         reason = "length" if len(gen) >= sampling.max_new_tokens else "stop"
-    return Output(gen, text, reason, logprobs)
+    return Output(gen, text, reason, logprobs, prompt_logprobs)
 
 
 def settled_text(model, ids: list[int], sampling) -> str:

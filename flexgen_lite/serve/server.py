@@ -37,8 +37,11 @@ from ..openai_api.requests import RequestError, Served, Work, prepare, respond
 from ..openai_api.runner import settled_text
 from .batch_routes import add_batch_routes
 from .request_log import CLIENT_LEFT
+from .tokenizer_routes import add_tokenizer_routes
 
 DRAIN_LIMIT = 64 << 20  # a body declared at most this much past the limit is read (not kept) before the 413
+# what needs no API key: as vLLM, whose clients (lm-eval's local-completions) ask for the tokenizer without one
+OPEN_PATHS = ("/health", "/tokenize", "/detokenize", "/tokenizer_info")
 DISCONNECT_POLL_S = 0.5  # a request waiting on the engine asks this often whether its client is still there
 
 
@@ -61,7 +64,7 @@ def error_response(error: RequestError) -> JSONResponse:
 
 
 class Gate:
-    """ASGI middleware: the API key on every route but /health, and a bound on body size (a body past it is
+    """ASGI middleware: the API key on every route but OPEN_PATHS, and a bound on body size (a body past it is
     refused with 413 as soon as it is known to be too long, never buffered beyond the bound)."""
 
     def __init__(self, app, state: ServerState) -> None:
@@ -73,7 +76,7 @@ class Gate:
             return
         headers = dict(scope["headers"])
         key = self.state.api_key
-        if key and scope["path"] != "/health":
+        if key and scope["path"] not in OPEN_PATHS:
             scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                 error = RequestError(401, "Incorrect API key provided: pass 'Authorization: Bearer KEY' with the "
@@ -199,6 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         return await generate(CHAT, request)
 
+    add_tokenizer_routes(app, state)
     if state.store is not None:
         add_batch_routes(app, state)
     return app

@@ -1,0 +1,71 @@
+"""The served model's tokenizer over HTTP, as vLLM serves it (`/tokenize`, `/detokenize`, `/tokenizer_info`): what
+clients that count or build prompts in token ids need (lm-eval's `local-completions` uses these instead of a local
+copy of the tokenizer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..openai_api.requests import RequestError, check_vocabulary
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None  # a chat, through the model's chat template
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int] = Field(default_factory=list)
+
+
+def add_tokenizer_routes(app: FastAPI, state) -> None:
+    served = state.served
+
+    def tokenizer():
+        if served.tokenizer is None:
+            raise RequestError(400, f"{served.name} has no tokenizer (dummy weights, or none in its files)",
+                               "model", "no_tokenizer")
+        return served.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tok = tokenizer()
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError(400, "give exactly one of prompt (text) or messages (a chat)", "prompt",
+                               "invalid_value")
+        if body.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise RequestError(400, f"{served.name} has no chat template", "messages", "no_chat_template")
+            try:
+                text = tok.apply_chat_template(body.messages, tokenize=False,
+                                               add_generation_prompt=body.add_generation_prompt)
+            except Exception as e:  # the template's own checks
+                raise RequestError(400, f"the chat template refused these messages: {e}", "messages",
+                                   "invalid_value") from None
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.config.max_positions}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_vocabulary(0, body.tokens, served)
+        return {"prompt": tokenizer().decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = tokenizer()
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": served.config.max_positions, "vocab_size": served.config.vocab_size}
