@@ -268,6 +268,17 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     for prompt in ([-1], [10**12], [[5], [-3]], [10**6]):  # token ids outside the vocabulary, even past a C long
         status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": prompt}).encode())
         assert status == 400 and json.loads(text)["error"]["code"] == "invalid_value", text
+    # fields that change outputs and are not done here: refused, not ignored; their neutral values pass
+    for field, value in (("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 100}),
+                         ("best_of", 3), ("suffix", "w9"), ("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("repetition_penalty", 1.2)):
+        status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": "w5", field: value}).encode())
+        assert status == 400 and json.loads(text)["error"]["param"] == field, text
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": "",
+               "response_format": {"type": "text"}, "tools": [], "max_tokens": 2, "temperature": 0}
+    status, text = raw(f"{server.url}/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "w5"}], **neutral}).encode())
+    assert status == 200, text
     assert c.completions.create(model=NAME, prompt="w5", max_tokens=2, temperature=0).usage.completion_tokens == 2
     default = json.dumps({"prompt": "w5", "max_tokens": None, "temperature": 0, "ignore_eos": True}).encode()
     status, text = raw(f"{server.url}/v1/completions", default)

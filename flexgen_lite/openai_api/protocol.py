@@ -38,6 +38,27 @@ class Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
+    # fields that change outputs and that this server does not do: a value other than these neutral ones is a 400
+    # (unsupported()), never silently ignored
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server would otherwise ignore, or None."""
+        neutral = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+                   "logit_bias": (None, {}), "min_tokens": (None, 0), "tools": (None, []), "functions": (None, [])}
+        for name, values in neutral.items():
+            if getattr(self, name) not in values:
+                return name
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
+        return None
 
 
 class CompletionRequest(Request):
@@ -45,6 +66,15 @@ class CompletionRequest(Request):
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 (with echo): score the prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> str | None:
+        if self.best_of not in (None, self.n):
+            return "best_of"
+        if self.suffix:
+            return "suffix"
+        return super().unsupported()
 
 
 class ChatMessage(BaseModel):

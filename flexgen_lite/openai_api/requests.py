@@ -114,6 +114,10 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
             request = kind.model_validate(body)
         except ValidationError as e:
             raise validation_error(e) from None
+    unsupported = request.unsupported()
+    if unsupported is not None:
+        raise RequestError(400, f"{unsupported} is not supported by this server (its outputs would not be what you "
+                           "asked for): leave it out", unsupported, "unsupported_parameter")
     model = request.model or served.name
     if served.aliases is not None and model != served.name and model not in served.aliases:
         raise RequestError(404, f"The model `{model}` does not exist; this server serves `{served.name}`",
