@@ -153,7 +153,8 @@ class FlexGenLite:
                      return_logits: bool = False, indices: list[int] | None = None,
                      on_tokens: Callable[[int, list[int]], None] | None = None,
                      on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None,
-                     carry_over: bool | None = None, cancelled: Callable[[int], bool] | None = None):
+                     carry_over: bool | None = None, cancelled: Callable[[int], bool] | None = None,
+                     deferred: Callable[[int], bool] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
         With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
@@ -164,7 +165,8 @@ class FlexGenLite:
         early and those rows go on in a later block (stragglers.py): None where measured worth it, False never,
         True wherever few are left. cancelled(i): prompt i is no longer wanted (its client left, its batch was
         cancelled): asked before each block and after each step, its row stops there and on_block never gets it
-        (its ids: what it had generated)."""
+        (its ids: what it had generated). deferred(i): asked before each block for the prompts yet to start, those
+        for which it is true are not run (their ids empty, not given to on_block): the caller runs them later."""
         sampling = sampling or SamplingConfig()
         self._check_open()
         self._check_prompts(prompts, sampling)
@@ -179,10 +181,11 @@ class FlexGenLite:
         bound = max(len(p) for p in prompts) + sampling.max_new_tokens  # positions a block was planned for
         done = 0
         while queue or carried:
-            if cancelled is not None:
-                queue = [[i for i in group if not cancelled(i)] for group in queue]
+            if cancelled is not None or deferred is not None:
+                queue = [[i for i in group if not (cancelled and cancelled(i)) and not (deferred and deferred(i))]
+                         for group in queue]
                 queue = [group for group in queue if group]
-                carried = {i: c for i, c in carried.items() if not cancelled(i)}
+                carried = {i: c for i, c in carried.items() if not (cancelled and cancelled(i))}
                 if not (queue or carried):
                     break
             chosen = queue.pop(0) if queue else next_group(

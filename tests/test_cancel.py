@@ -75,6 +75,32 @@ def test_the_queue_stops_a_request_that_left_and_serves_the_rest(model, prompts)
         scheduler.close()
 
 
+def test_a_background_run_yields_to_a_request_between_blocks(model, prompts):
+    """A background request (the Batch API's) of three blocks, and an interactive one arriving during its first
+    block: that one runs next, then the rest of the background request, whose outputs are those of an
+    uninterrupted run."""
+    sampling = SamplingConfig(NEW, stop_at_eos=False)
+    reference = model.generate_ids(prompts, sampling)
+    scheduler = Scheduler(model, model.policy.block_size, max_wait_s=0.01)
+    order, arrived = [], []
+    try:
+        def first_step(k: int, ids: list[int]) -> None:  # the engine thread, in the background run's first block
+            if not arrived:
+                arrived.append(scheduler.submit([Job(tuple(prompts[1]), sampling, 0)]))
+                arrived[0].add_done_callback(lambda f: order.append("interactive"))
+
+        background = scheduler.submit([Job(tuple(p), sampling, i) for i, p in enumerate(prompts)], first_step,
+                                      background=True)
+        background.add_done_callback(lambda f: order.append("background"))
+        outputs = background.result(timeout=120)
+        assert [o.token_ids for o in arrived[0].result(timeout=120)] == [reference[1]]
+        assert [o.token_ids for o in outputs] == reference
+        assert order == ["interactive", "background"] and scheduler.runs == 3
+        assert scheduler.sequences == len(prompts) + 1 and scheduler.cancelled == 0
+    finally:
+        scheduler.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_long(tiny_models, tmp_path_factory) -> str:
     """The tiny Llama with a long context (its rotary positions need no weights): generations of thousands of

@@ -36,12 +36,15 @@ def _prompt_logprobs(model, jobs: list[Job], cancelled) -> dict[int, list]:
     return out
 
 
-def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None) -> list[Output | None]:
+def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None,
+             deferred=None) -> list[Output | None]:
     """Generate every job on `model` (a FlexGenLite); outputs in the order of `jobs`.
 
     on_tokens(j, ids): after each engine step, job j's tokens so far (for streaming).
     on_output(j, output): job j's output, as soon as the engine's block that held it ends.
-    cancelled(j): job j is no longer wanted; it stops at the next step and its output is None."""
+    cancelled(j): job j is no longer wanted; it stops at the next step and its output is None.
+    deferred(j): asked before each engine block for the jobs yet to start: those it holds for are not run (their
+    outputs None)."""
     outputs: list[Output | None] = [None] * len(jobs)
     prompt_logprobs = _prompt_logprobs(model, jobs, cancelled)
     for j, job in enumerate(jobs):
@@ -68,9 +71,10 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
                     on_output(j, outputs[j])
 
         gone = None if cancelled is None else (lambda i, members=members: cancelled(members[i]))
+        later = None if deferred is None else (lambda i, members=members: deferred(members[i]))
         model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
                            indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished,
-                           cancelled=gone)
+                           cancelled=gone, deferred=later)
     return outputs
 
 

@@ -115,7 +115,7 @@ class BatchRunner:
             return batch_id in self._cancelled or now() >= expires_at
 
         try:
-            outputs = self.scheduler.run([j for _, _, w in chunk for j in w.jobs], stopped)
+            outputs = self.scheduler.run([j for _, _, w in chunk for j in w.jobs], stopped, background=True)
         except CancelledError:
             raise
         except Exception as e:  # these requests fail; the batch goes on
