@@ -96,16 +96,16 @@ class Int8Weight:
         values = codes.float().reshape(codes.shape[0], -1, GROUP) * scale[..., None].float()
         return values.to(self.dtype).reshape(*ids.shape, self.shape[1])
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) @ W.T in x's dtype."""
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x (..., K) @ W.T in `out_dtype` (default x's: the kernel's fp32 sums kept in fp32 where asked)."""
         k = x.shape[-1]
         flat = x.reshape(-1, k).contiguous()
         rows, n = flat.shape[0], self.shape[0]
         y = None
         if rows <= GEMV_ROWS or head_wins(x.dtype, rows, n, k):
-            y = native.int8_gemv(self.codes, self.scale, flat)
+            y = native.int8_gemv(self.codes, self.scale, flat, out_dtype)
         if y is None:
-            y = torch.empty(rows, n, dtype=x.dtype)
+            y = torch.empty(rows, n, dtype=out_dtype or x.dtype)
             step = max(1, TILE_BYTES // (k * x.element_size()))
             for n0 in range(0, n, step):
                 n1 = min(n, n0 + step)

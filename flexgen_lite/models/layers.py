@@ -364,10 +364,29 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     if "project_out" in w:
         h = F.linear(h, w["project_out"])
     head = w["lm_head"]
-    logits = (head.matmul(h) if isinstance(head, Int8Weight) else dense_linear(h, head)).float()
+    if isinstance(head, Int8Weight):
+        logits = head.matmul(h, torch.float32)  # the kernel's fp32 sums, not rounded to the compute dtype
+    else:
+        logits = dense_linear(h, head).float()
+        if head.dtype != torch.float32 and logits.device.type == "cpu":
+            exact_at_the_top(logits, h, head)
     if config.logits_divisor != 1.0:
         logits = logits / config.logits_divisor
     return logits if config.logits_softcap is None else softcap(logits, config.logits_softcap)
+
+
+def exact_at_the_top(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor) -> None:
+    """Logits (B, vocab) rounded to the head's dtype made exact (fp32 sums) where that rounding could have
+    changed which is the largest: a bf16 logit of ~16 is a multiple of 1/8, so two tokens a few hundredths
+    apart often tie, and the tie went to the lower id (greedy outputs that fp32 logits would not give). Each
+    logit within twice the rounding's bound of its row's largest is recomputed; others stay as they are."""
+    rounding = torch.finfo(head.dtype).eps / 2  # bf16: 2^-8 of the value at most
+    best = logits.amax(-1, keepdim=True)
+    near = (logits >= best - 2 * rounding * best.abs()).nonzero()
+    if len(near) == logits.shape[0]:  # each row's largest alone: its order stands
+        return
+    rows, tokens = near.unbind(1)
+    logits[rows, tokens] = torch.linalg.vecdot(h[rows].float(), head[tokens].float())
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:

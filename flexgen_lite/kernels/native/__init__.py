@@ -239,15 +239,17 @@ def int4_gemv_groups(products: list[tuple[torch.Tensor, object, torch.Tensor]]) 
     return True
 
 
-def int8_gemv(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """x (rows, K) @ W.T in x's dtype (fp32 sums) for 8-bit W (codes int8 (N, K), fp16 scales (N, K / 32)), each
-    weight row read once (int8.c); None when the kernel cannot do it here."""
-    lib, kind = library(), OUT_KIND.get(x.dtype)
-    if lib is None or kind is None or x.dim() != 2 or not _int8_fits(codes, scale) or x.shape[1] != codes.shape[1] \
-            or x.device.type != "cpu":
+def int8_gemv(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """x (rows, K) @ W.T in `out_dtype` (default x's; fp32 sums) for 8-bit W (codes int8 (N, K), fp16 scales
+    (N, K / 32)), each weight row read once (int8.c); None when the kernel cannot do it here."""
+    out_dtype = out_dtype or x.dtype
+    lib, kind = library(), OUT_KIND.get(out_dtype)
+    if lib is None or kind is None or x.dtype not in OUT_KIND or x.dim() != 2 or not _int8_fits(codes, scale) \
+            or x.shape[1] != codes.shape[1] or x.device.type != "cpu":
         return None
     (n, k), rows = codes.shape, x.shape[0]
-    x, out = x.contiguous(), torch.empty(rows, n, dtype=x.dtype)
+    x, out = x.contiguous(), torch.empty(rows, n, dtype=out_dtype)
     as_is = x.dtype == torch.bfloat16 and lib.int8_gemv_takes_bf16()
     xf = None if as_is else x.float().contiguous()
     args = (codes.data_ptr(), scale.data_ptr(), n, k, 0 if as_is else xf.data_ptr(), x.data_ptr() if as_is else 0,

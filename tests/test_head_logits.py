@@ -1,0 +1,65 @@
+"""The head's logits in fp32 where they decide: a bf16 or fp16 head's output is rounded to its dtype (a logit of ~16
+is a multiple of 1/8), which ties tokens a few hundredths apart, and greedy decoding then took the lower id. The
+logits near each row's largest are made exact; an 8-bit head's kernel hands out its fp32 sums as they are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgen_lite.kernels.int8_weight import Int8Weight
+from flexgen_lite.models.layers import exact_at_the_top, head
+
+
+class _Config:
+    logits_divisor, logits_softcap = 1.0, None
+
+
+def tied_head(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (2 rows) and a head of 10 tokens where tokens 3 and 7 tie once rounded to `dtype` (16 + 1/256 and
+    16 + 1/128 in fp32), 7 the larger; row 1 has one clear largest (token 2)."""
+    w = torch.zeros(10, 8)
+    w[:, 0] = torch.linspace(-4, 4, 10)
+    w[3, :2] = torch.tensor([16.0, 1 / 256])
+    w[7, :2] = torch.tensor([16.0, 1 / 128])
+    w[2, 2] = 9.0
+    h = torch.zeros(2, 8)
+    h[0, :2] = 1.0
+    h[1, 2] = 1.0
+    return h.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_tie_made_by_rounding_goes_to_the_larger_logit(dtype):
+    h, w = tied_head(dtype)
+    rounded = torch.nn.functional.linear(h, w).float()
+    exact = torch.nn.functional.linear(h.float(), w.float())
+    assert rounded[0, 3] == rounded[0, 7] and rounded[0].argmax() == 3  # the tie, and who took it
+    logits = head({"lm_head": w}, h, _Config())
+    assert logits.dtype == torch.float32 and logits.argmax(-1).tolist() == [7, 2] == exact.argmax(-1).tolist()
+    assert logits[0, [3, 7]].tolist() == exact[0, [3, 7]].tolist()
+    far = torch.ones(10, dtype=torch.bool)
+    far[[3, 7]] = False
+    assert torch.equal(logits[0, far], rounded[0, far])  # the rest as the product gave them
+    assert torch.equal(logits[1], rounded[1])  # a row with one largest: untouched
+
+
+def test_a_row_without_a_tie_is_not_recomputed(monkeypatch):
+    h, w = tied_head(torch.bfloat16)
+    logits = torch.nn.functional.linear(h, w).float()[1:]
+    calls = []
+    monkeypatch.setattr(torch.linalg, "vecdot", lambda *a: calls.append(a))
+    exact_at_the_top(logits, h[1:], w)
+    assert calls == []
+
+
+def test_an_8_bit_head_gives_its_fp32_sums():
+    torch.manual_seed(0)
+    weight = Int8Weight.quantize(torch.randn(300, 64) * 4, torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    exact = x.float() @ weight.dequantize(torch.float32).T
+    y = weight.matmul(x, torch.float32)
+    assert y.dtype == torch.float32 and torch.allclose(y, exact, rtol=0.02, atol=0.2)
+    rounded = weight.matmul(x)  # the same sums rounded to bf16, as they were handed out before
+    assert rounded.dtype == torch.bfloat16 and torch.equal(y.to(torch.bfloat16), rounded)
+    assert not torch.equal(rounded.float(), y)
