@@ -70,7 +70,11 @@ class FlexGenLite:
         self.source_quantized = source_quantization(model)
         self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
         self.kept_as_stored = kept_as_stored(self.policy, model)
-        if (notice := compression_notice(self.policy, self.search is not None, self.source_quantized,
+        searched = self.search is not None and any(  # a compression the search chose, not a flag
+            on and getattr(policy, name, None) is None
+            for name, on in (("compress_weight", self.policy.compress_weight),
+                             ("compress_cache", self.policy.compress_cache)))
+        if (notice := compression_notice(self.policy, searched, self.source_quantized,
                                          self.kept_as_stored, kept_groups(self.policy, model))) is not None:
             print(notice, file=sys.stderr)
         self.dtype = compute_dtype(self.policy, self.device.device.type)

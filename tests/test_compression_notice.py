@@ -50,3 +50,13 @@ def test_a_compressed_run_says_so_on_stderr(tiny_models, capsys):
     with FlexGenLite(str(tiny_models["opt"][0]), policy=dataclasses.replace(policy, compress_weight=False)):
         pass
     assert "compressed" not in capsys.readouterr().err
+
+
+def test_a_compression_given_to_the_search_is_as_asked(tiny_models, capsys):
+    """--policy auto with --compress-weight: the search kept what it was given, and the notice says so."""
+    base = Policy(dtype="float32")
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=AutoPolicy(base, compress_weight=True, compress_cache=False),
+                     hardware=synthetic_profile(), workload=Workload(8, 4, 4)) as m:
+        assert m.search is not None and m.policy.compress_weight
+    err = capsys.readouterr().err
+    assert "weights compressed to 4 bits" in err and "as asked" in err and "--policy auto" not in err, err

@@ -69,3 +69,33 @@ def test_unreadable_text_is_one_error_line(tiny_models, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --text")
+
+
+def test_the_uncompressed_run_keeps_the_budgets(tiny_models, tmp_path, capsys):
+    """Weights on disk, 4 bits, within a --disk-mem that their uncompressed twin would pass: that run takes the
+    uncompressed policy the search finds within the budgets (the twin used to run past them, unchecked)."""
+    import dataclasses
+
+    from flexgen_lite import Policy, Workload
+    from flexgen_lite.model_source import model_config
+    from flexgen_lite.planning.memory_plan import peak_memory
+
+    path, model = tiny_models["llama"]
+    rng = random.Random(1)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 512)}" for _ in range(120)))
+    policy = Policy(gpu_batch_size=2, weight_gpu_percent=0, weight_cpu_percent=0, compress_weight=True,
+                    dtype="float32")
+    config, workload = model_config(str(path)), Workload(48, 1)
+    small = peak_memory(config, workload, policy, False)[1]["disk"]
+    large = peak_memory(config, workload, dataclasses.replace(policy, compress_weight=False), False)[1]["disk"]
+    assert large > 2 * small
+    out = quality(capsys, "--model", str(path), "--text", str(text), "--window", "48", "--compress-weight",
+                  "--percent", "0", "0", "100", "0", "100", "0", "--gpu-batch-size", "2", "--dtype", "float32",
+                  "--agreement", "0", "--disk-mem", str(int((small + large) / 2)), "--offload-dir", str(tmp_path))
+    assert "--percent 0 0" in out["policy"]["policy"] and "--compress-weight" in out["policy"]["policy"]
+    assert "--percent 0 0" not in out["uncompressed"]["policy"]  # off the disk, to fit
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(path))(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert out["uncompressed"]["perplexity"] == pytest.approx(hf_perplexity(model, ids, 2, 48), rel=1e-4)

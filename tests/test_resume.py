@@ -229,6 +229,25 @@ def test_a_resumed_job_keeps_the_first_runs_dtype_and_policy(opt_dir, input_file
     assert sorted(out.read_text().splitlines(keepends=True)) == sorted([meta, *finished])
 
 
+def test_a_resume_keeps_the_first_runs_weight_groups(opt_dir, input_file, tmp_path, capsys):
+    """Compressed weights in groups of 32: a resume without the flags takes them (and the dtype, said so) from the
+    record, and gives what an uninterrupted run gives; another group size is refused (it was ignored)."""
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    run(opt_dir, input_file, whole, "--compress-weight", "--weight-group-size", "32")
+    lines = whole.read_text().splitlines(keepends=True)
+    assert json.loads(lines[0])["flexgen_lite_run"]["policy"]["weight_group_size"] == 32
+    out.write_text("".join(lines[:3]))
+    capsys.readouterr()
+    main(["generate", "--model", opt_dir, "--max-new-tokens", "4", "--temperature", "1", "--seed", "7",
+          "--input", str(input_file), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert "keeping the first run's numerics: --dtype float32 --compress-weight --weight-group-size 32" in err, err
+    assert "float32 (kept from the first run of --output)" in err, err
+    assert sorted(out.read_text().splitlines(keepends=True)) == sorted(lines)
+    err = fails(lambda: run(opt_dir, input_file, out, "--weight-group-size", "64"), capsys)
+    assert "was made with --weight-group-size 32, not 64" in err, err
+
+
 def test_a_file_of_an_older_version_resumes_unchecked(opt_dir, input_file, finished, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     out.write_text(finished[0])

@@ -137,3 +137,23 @@ def test_empty_context_is_an_error(tiny_models):
     with FlexGenLite(str(tiny_models["opt"][0]), policy=POLICIES["all-gpu"]) as m, \
             pytest.raises(ValueError, match="empty context"):
         m.score([([], [5])])
+
+
+def test_logits_are_made_in_chunks_the_budgets_leave_room_for(tiny_models):
+    """The head's fp32 logits of scored places (and their log-softmax) are not in the block's memory plan beyond a
+    GPU batch's: with a budget, as many places at once as the room left beside the planned peak holds."""
+    from flexgen_lite import Budgets, Workload
+    from flexgen_lite.engine import scoring
+    from flexgen_lite.model_source import model_config
+    from flexgen_lite.planning.memory_plan import peak_memory
+
+    path = str(tiny_models["llama"][0])
+    policy, config = Policy(gpu_batch_size=2, dtype="float32"), model_config(path)
+    vocab, place = config.vocab_size, config.vocab_size * 4 * 3
+    peak = peak_memory(config, Workload(40, 1), policy, False)[1]["cpu"]
+    with FlexGenLite(path, policy=policy) as m:
+        assert scoring._chunk_places(m, 40) == scoring.CHUNK_BYTES // place
+    with FlexGenLite(path, policy=policy, budgets=Budgets(cpu=int(peak) + 10 * place)) as m:
+        assert scoring._chunk_places(m, 40) == (10 * place + 2 * vocab * (4 + 8)) // place
+        reqs = requests(4)
+        check(m.score(reqs), hf_score(tiny_models["llama"][1], reqs), reqs)

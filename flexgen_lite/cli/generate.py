@@ -162,9 +162,11 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
         if m.search is not None:
             print(f"auto policy: {m.policy.flags()} (predicted {m.search.prediction.throughput:.1f} tok/s with every "
                   f"prompt generating its {sampling.max_new_tokens} tokens)\n"
-                  f"dtype: {explain_search(m.search, policy.base.dtype)}", file=sys.stderr)
+                  f"dtype: {explain_search(m.search, policy.base.dtype, getattr(args, 'dtype_kept', False))}",
+                  file=sys.stderr)
         else:
-            print(f"dtype: {manual_dtype_reason(m.policy, args.device)}", file=sys.stderr)
+            print(f"dtype: {manual_dtype_reason(m.policy, args.device, getattr(args, 'dtype_kept', False))}",
+                  file=sys.stderr)
         chunk, tokens, empty, tic = m.policy.block_size * 4, 0, 0, time.perf_counter()
         overall.start()
 

@@ -43,14 +43,14 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                    "on the CPU (default 100, FlexGen's); the rest are copied across the link and attended on the GPU "
                    "at the same time. auto: the share this machine's profile predicts fastest for the prompts "
                    "(searched with --policy auto)")
-    g.add_argument("--attn-sparsity", type=float, default=1.0, help="attend to this fraction of cached positions")
+    g.add_argument("--attn-sparsity", type=float, help="attend to this fraction of cached positions (default 1)")
     g.add_argument("--compress-weight", action=argparse.BooleanOptionalAction,
                    help="4-bit group-wise weights (auto: searched unless given)")
     g.add_argument("--compress-cache", action=argparse.BooleanOptionalAction,
                    help="4-bit group-wise KV cache (auto: searched unless given)")
-    g.add_argument("--weight-group-dim", type=int, default=1, choices=(0, 1),
-                   help="compressed weight groups along the input (1) or output (0, FlexGen) dimension")
-    g.add_argument("--weight-group-size", type=int, default=0, choices=(0, *WEIGHT_GROUP_SIZES),
+    g.add_argument("--weight-group-dim", type=int, choices=(0, 1),
+                   help="compressed weight groups along the input (1, the default) or output (0, FlexGen) dimension")
+    g.add_argument("--weight-group-size", type=int, choices=(0, *WEIGHT_GROUP_SIZES),
                    help="values per compressed weight group (default 0: 64, or 32 for a GGUF whose weights are "
                         "Q4_0/Q4_1: kept as stored, no second rounding)")
     g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
@@ -88,8 +88,9 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
     """An explicit Policy, or an AutoPolicy whose given flags fix those choices of the search."""
     if args.percent is not None:
         check_percent(args.percent)
-    if not 0 < args.attn_sparsity <= 1:
-        raise UsageError(f"--attn-sparsity must be within (0, 1], got {args.attn_sparsity:g}")
+    sparsity = 1.0 if args.attn_sparsity is None else args.attn_sparsity
+    if not 0 < sparsity <= 1:
+        raise UsageError(f"--attn-sparsity must be within (0, 1], got {sparsity:g}")
     percent = args.percent or (100, 0, 100, 0, 100, 0)
     policy = Policy(
         gpu_batch_size=args.gpu_batch_size or default_batch, num_gpu_batches=args.num_gpu_batches or 1,
@@ -97,10 +98,11 @@ def policy_from_args(args, default_batch: int) -> Policy | AutoPolicy:
         cache_cpu_percent=percent[3], act_gpu_percent=percent[4], act_cpu_percent=percent[5],
         overlap=args.overlap is not False, pin_weight=args.pin_weight, offload_dir=args.offload_dir,
         dtype=args.dtype or "",
-        cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=args.attn_sparsity,
+        cpu_cache_compute=bool(args.cpu_cache_compute), attn_sparsity=sparsity,
         cpu_attention_percent=fixed_share(args),
         compress_weight=bool(args.compress_weight), compress_cache=bool(args.compress_cache),
-        weight_group_dim=args.weight_group_dim, weight_group_size=args.weight_group_size,
+        weight_group_dim=1 if args.weight_group_dim is None else args.weight_group_dim,
+        weight_group_size=args.weight_group_size or 0,
         share_prefix=args.share_prefix,
     )
     if not is_auto(args):
@@ -160,12 +162,17 @@ def _less_runtime(budget: int, runtime: int, flag: str, what: str) -> int:
     return budget - runtime
 
 
-def manual_dtype_reason(policy: Policy, device: str | None) -> str:
+def dtype_source(kept: bool) -> str:
+    """Where a fixed dtype came from: the flag, or an --output file's first run (run_record.check_and_adopt)."""
+    return "kept from the first run of --output" if kept else "given by --dtype"
+
+
+def manual_dtype_reason(policy: Policy, device: str | None, kept: bool = False) -> str:
     from ..planning.dtype_choice import default_dtype
     from ..system.devices import ComputeDevice
 
     if policy.dtype:
-        return f"{policy.dtype} (given by --dtype)"
+        return f"{policy.dtype} ({dtype_source(kept)})"
     choice = default_dtype(ComputeDevice(device).device.type)
     return f"{choice.dtype} ({choice.reason})"
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
+from ..engine.policy import PolicyError
 from .batch_io import InputError
+from .options import model_of
 
 
 def add_command(sub, add_policy_flags, progress) -> None:
@@ -45,10 +48,10 @@ def read_text(path: str) -> str:
 
 
 def cmd_quality(args, progress) -> None:
-    from ..generation import FlexGenLite, default_workload
+    from ..generation import FlexGenLite
     from ..model_source import model_config
-    from ..planning.policy_search import AutoPolicy
-    from .options import budgets_from_args, model_of, policy_from_args
+    from ..planning.layout import Workload
+    from .options import budgets_from_args, policy_from_args
 
     text = read_text(args.text)
     for flag, value in (("--window", args.window), ("--max-tokens", args.max_tokens)):
@@ -59,21 +62,53 @@ def cmd_quality(args, progress) -> None:
     model = model_of(args)
     config = model_config(model)
     window = min(args.window, config.max_positions)
-    chosen = policy_from_args(args, default_batch=8)
+    if args.window > window:
+        print(f"note: --window {args.window} is past {model}'s context: windows of {window}", file=sys.stderr)
+    chosen, budgets = policy_from_args(args, default_batch=8), budgets_from_args(args)
     runs = {}
-    # auto plans for generation's default lengths; an explicit policy is checked per block at its real lengths
-    workload = default_workload(config) if isinstance(chosen, AutoPolicy) else None
-    with FlexGenLite(model, policy=chosen, device=args.device, workload=workload,
-                     budgets=budgets_from_args(args), progress=progress) as m:
+    # auto plans for the windows (and the agreement prompts' generations); an explicit policy is checked per
+    # block at its real lengths
+    workload = Workload(window, AGREE_NEW if args.agreement else 1)
+    with FlexGenLite(model, policy=chosen, device=args.device, workload=workload, budgets=budgets,
+                     progress=progress) as m:
         ids = tokens_of(m, text, args.max_tokens)
         prompts = agreement_prompts(ids, args.agreement)
         runs["policy"] = measure(m, ids, window, prompts)
         policy = m.policy
     baseline = dataclasses.replace(policy, compress_weight=False, compress_cache=False)
+    skipped = None
     if baseline != policy:
-        with FlexGenLite(model, policy=baseline, device=args.device, progress=progress) as m:
-            runs["uncompressed"] = measure(m, ids, window, prompts)
-    report(args, policy, baseline, runs, len(ids), window)
+        try:
+            twin = uncompressed_model(model, baseline, args.device, workload, budgets, progress)
+        except PolicyError as e:
+            skipped = str(e)
+        else:
+            with twin as m:
+                runs["uncompressed"] = measure(m, ids, window, prompts)
+                baseline = m.policy
+    report(args, policy, baseline, runs, len(ids), window, skipped)
+
+
+def uncompressed_model(model: str, baseline, device, workload, budgets, progress):
+    """The model under the policy's uncompressed twin, or, where that passes the budgets, under the uncompressed
+    policy the search finds within them (PolicyError where none fits: 4 bits made the run fit)."""
+    from ..generation import FlexGenLite
+    from ..planning.policy_search import AutoPolicy
+
+    try:
+        twin = FlexGenLite(model, policy=baseline, device=device, budgets=budgets, progress=progress)
+        if budgets is not None:
+            try:
+                twin._check_budgets(workload, "the uncompressed twin")  # its windows, before any is scored
+            except PolicyError:
+                twin.close()
+                raise
+        return twin
+    except PolicyError as e:
+        print(f"note: the uncompressed twin does not fit ({e}); searching an uncompressed policy that does",
+              file=sys.stderr)
+    return FlexGenLite(model, policy=AutoPolicy(baseline, compress_weight=False, compress_cache=False),
+                       device=device, workload=workload, budgets=budgets, progress=progress)
 
 
 def tokens_of(m, text: str, max_tokens: int | None) -> list[int]:
@@ -120,21 +155,28 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
             "tokens_before_first_difference": sum(same) / sum(len(p) for p in a)}
 
 
-def report(args, policy, baseline, runs: dict, tokens: int, window: int) -> None:
+def report(args, policy, baseline, runs: dict, tokens: int, window: int, skipped: str | None = None) -> None:
+    """skipped: why no uncompressed run fits the budgets (then the policy's run is reported alone)."""
     ours = runs["policy"]
     base = runs.get("uncompressed", ours)
-    result = {"model": args.model, "text": args.text, "tokens": tokens, "window": window,
-              "policy": without_continuations(ours), "uncompressed": without_continuations(base),
-              "perplexity_difference": ours["perplexity"] - base["perplexity"],
-              "relative_difference": ours["perplexity"] / base["perplexity"] - 1}
-    if "continuations" in ours:
-        result["greedy_agreement"] = agreement(ours["continuations"], base["continuations"])
+    result = {"model": model_of(args), "text": args.text, "tokens": tokens, "window": window,
+              "policy": without_continuations(ours), "uncompressed": None if skipped else without_continuations(base)}
+    if skipped:
+        result["uncompressed_skipped"] = skipped
+    else:
+        result.update({"perplexity_difference": ours["perplexity"] - base["perplexity"],
+                       "relative_difference": ours["perplexity"] / base["perplexity"] - 1})
+        if "continuations" in ours:
+            result["greedy_agreement"] = agreement(ours["continuations"], base["continuations"])
     if args.json:
         print(json.dumps(result))
         return
     print(f"{tokens} tokens in windows of {window}")
-    for name, run in (("policy", ours), ("uncompressed", base)):
+    for name, run in (("policy", ours),) if skipped else (("policy", ours), ("uncompressed", base)):
         print(f"{name:>12}: perplexity {run['perplexity']:.4f}  {run['tokens_per_s']:.0f} tok/s  ({run['policy']})")
+    if skipped:
+        print(f"(no uncompressed policy fits the budgets: {skipped})")
+        return
     if "uncompressed" not in runs:
         print("(the policy compresses nothing: it is its own uncompressed run)")
     print(f"  difference: {result['perplexity_difference']:+.4f} ({100 * result['relative_difference']:+.2f}%)")

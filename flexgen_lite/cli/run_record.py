@@ -22,7 +22,14 @@ NUMERIC = (("dtype", "dtype", "--dtype"), ("compress_weight", "compress_weight",
            ("cpu_cache_compute", "cpu_cache_compute", "--cpu-cache-compute"),
            ("cpu_attention_percent", "cpu_attention_percent", "--cpu-attention-percent"),
            ("weight_group_dim", "weight_group_dim", "--weight-group-dim"),
+           ("weight_group_size", "weight_group_size", "--weight-group-size"),
            ("attn_sparsity", "attn_sparsity", "--attn-sparsity"))
+GROUPING = ("weight_group_dim", "weight_group_size")  # of compressed weights only: compared where they were
+DEFAULT_GROUP_SIZE = 64  # Policy.weight_group_size 0
+# what a policy is without its flags: not worth a word in the note of what a resume kept
+UNSAID = {"compress_weight": False, "compress_cache": False, "cpu_cache_compute": False,
+          "cpu_attention_percent": 100.0, "weight_group_dim": 1, "weight_group_size": DEFAULT_GROUP_SIZE,
+          "attn_sparsity": 1.0}
 BATCH = (("gpu_batch_size", "gpu_batch_size"), ("num_gpu_batches", "num_gpu_batches"))
 
 
@@ -50,6 +57,7 @@ def model_identity(model: str) -> dict:
 def policy_record(policy, dtype: str) -> dict:
     """The numeric choices of the engine's policy (dtype resolved), and its flags for the record."""
     record = {key: getattr(policy, key) for key, _, _ in NUMERIC[1:]}
+    record["weight_group_size"] = policy.weight_group_size or DEFAULT_GROUP_SIZE
     record.update({key: getattr(policy, key) for key, _ in BATCH})
     return {"dtype": dtype, **record, "flags": policy.flags()}
 
@@ -75,7 +83,12 @@ def check_and_adopt(recorded: dict | None, model: dict, settings: dict, flags: d
     for key in sorted(set(settings) | set(old_settings)):
         if settings.get(key) != old_settings.get(key):
             diffs.append(f"{flags.get(key, key)} {_show(old_settings.get(key))}, not {_show(settings.get(key))}")
-    policy = recorded.get("policy") or {}
+    policy = dict(recorded.get("policy") or {})
+    if not policy.get("compress_weight"):  # its grouping meant nothing
+        for key in GROUPING:
+            policy.pop(key, None)
+    if policy.get("weight_group_size") is not None and not getattr(args, "weight_group_size", None):
+        args.weight_group_size = None  # 0: the default, which the record resolves
     for key, attr, flag in NUMERIC:
         given = getattr(args, attr, None)
         if key in policy and given is not None and given != policy[key]:
@@ -86,17 +99,22 @@ def check_and_adopt(recorded: dict | None, model: dict, settings: dict, flags: d
                          "another output file, or pass --force-resume to append anyway")
     if diffs:
         return [f"--force-resume: appending to {where} although it was made with " + "; ".join(diffs)]
-    for key, attr, _ in NUMERIC:
+    kept = []
+    for key, attr, flag in [*NUMERIC, *((key, attr, "--" + key.replace("_", "-")) for key, attr in BATCH)]:
         if key in policy and getattr(args, attr, None) is None:
             setattr(args, attr, policy[key])
-    for key, attr in BATCH:
-        if key in policy and getattr(args, attr, None) is None:
-            setattr(args, attr, policy[key])
-    if policy:
-        flags = policy.get("flags", "")
-        dtype = "" if "--dtype" in flags else f" --dtype {policy['dtype']}"
-        return [f"keeping the first run's numerics: {flags}{dtype}".strip()]
-    return []
+            if key == "dtype":
+                args.dtype_kept = True  # the "dtype:" line says where it came from
+            if UNSAID.get(key, object()) != policy[key]:
+                kept.append(_flag(flag, policy[key]))
+    return [f"keeping the first run's numerics: {' '.join(kept)}"] if kept else []
+
+
+def _flag(flag: str, value) -> str:
+    """A kept setting as its flag: "--compress-weight", "--no-compress-weight", "--dtype bfloat16"."""
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {_show(value)}"
 
 
 def _show(value) -> str:

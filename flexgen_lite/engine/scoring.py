@@ -63,11 +63,11 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
                                            fed=sum(len(r.tokens) for r in rows))
     blocks = -(-len(rows) // size)
     tic = time.perf_counter()
-    def sums(head, h: torch.Tensor, index: torch.Tensor, keys: list[int]) -> None:
+    def sums(head, h: torch.Tensor, index: torch.Tensor, keys: list[int], chunk: int) -> None:
         requests = sorted(set(keys))
         which = {q: n for n, q in enumerate(requests)}
         index = torch.cat([index, torch.tensor([which[q] for q in keys], device=index.device)[:, None]], 1)
-        logprob, greedy = _logprobs(head, h, index, len(requests), model.config.vocab_size)
+        logprob, greedy = _logprobs(head, h, index, len(requests), chunk)
         for q, lp, g in zip(requests, logprob.tolist(), greedy.tolist(), strict=True):
             results[q] = (lp, g)
 
@@ -141,8 +141,9 @@ class _PackedBlock(Block):
 
 
 def _score_block(model, rows: list[_Row], measure: Callable) -> int:
-    """Run a block of rows' prefill; measure(head, h, index, keys) gets each GPU batch's scored places (`index`:
-    row of h, column, target; `keys`: each place's key from _Row.scored). Returns block.shared."""
+    """Run a block of rows' prefill; measure(head, h, index, keys, chunk) gets each GPU batch's scored places
+    (`index`: row of h, column, target; `keys`: each place's key from _Row.scored) and how many of them to make
+    logits for at once. Returns block.shared."""
     cfg, policy, device = model.config, model.policy, model.device.device
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
     block = _PackedBlock.from_prompts([r.tokens for r in rows], policy.block_size, policy.gpu_batch_size, 1,
@@ -156,6 +157,7 @@ def _score_block(model, rows: list[_Row], measure: Callable) -> int:
         pos[r, pad:] = torch.tensor(row.positions) if row.positions else torch.arange(len(row.tokens))
     block.seg, block.pos = seg.to(device), pos.to(device)
     model._check_cache_fits(block)
+    chunk = _chunk_places(model, block.prompt_len)
 
     def score(b: int, active: torch.Tensor | None, head, h: torch.Tensor) -> None:
         span = block.rows(b)
@@ -166,7 +168,7 @@ def _score_block(model, rows: list[_Row], measure: Callable) -> int:
         if not places:
             return
         index = torch.tensor([[j, col, t] for j, col, t, _ in places]).to(h.device)
-        measure(head, h, index, [p[3] for p in places])
+        measure(head, h, index, [p[3] for p in places], chunk)
 
     model.engine.run(block, SamplingConfig(max_new_tokens=1, stop_at_eos=False), score=score)
     return block.shared
@@ -182,12 +184,30 @@ def _scored_after_prefix(block: Block, rows: list[_Row]) -> None:
         block.prefix = block.prefix[:, :block.shared] if block.shared else None
 
 
-def _logprobs(head, h: torch.Tensor, index: torch.Tensor, requests: int, vocab: int
+def _chunk_places(model, prompt_len: int) -> int:
+    """Scored places whose logits (and their log-softmax: fp32, ~3 copies) are made at once: CHUNK_BYTES' worth,
+    or what the budgets leave beside the block's planned peak (which counts a GPU batch's logits) where less."""
+    vocab = model.config.vocab_size
+    room = CHUNK_BYTES
+    if model.budgets is not None:
+        from ..planning.layout import Workload
+        from ..planning.memory_plan import peak_memory
+
+        cuda = model.device.is_cuda
+        _, peak = peak_memory(model.config, Workload(prompt_len, 1), model.policy, cuda)
+        counted = model.policy.gpu_batch_size * vocab * (model.dtype.itemsize + 8)
+        for tier in ("gpu",) if cuda else ("cpu", "gpu"):
+            budget = getattr(model.budgets, tier)
+            if budget is not None:
+                room = min(room, max(budget - peak[tier], 0) + counted)
+    return max(1, int(room) // (vocab * 4 * 3))
+
+
+def _logprobs(head, h: torch.Tensor, index: torch.Tensor, requests: int, chunk: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """For scored places `index` (row of h, position, target, request): per request the fp32 sum of the
-    targets' log-softmax, and whether the argmax is the target at each of its places; the logits made for a
-    chunk of places at a time."""
-    chunk = max(1, CHUNK_BYTES // (vocab * 4 * 3))
+    targets' log-softmax, and whether the argmax is the target at each of its places; the logits made for
+    `chunk` places at a time."""
     sums = torch.zeros(requests, device=h.device)
     misses = torch.zeros(requests, dtype=torch.long, device=h.device)
     for c in range(0, len(index), chunk):
@@ -213,8 +233,7 @@ def prompt_logprobs(model, prompts: Sequence[Sequence[int]], top: int = 0
     if any(min(p) < 0 or max(p) >= vocab for p in unique if p):
         raise ValueError(f"a prompt has token ids outside the vocabulary (0..{vocab - 1})")
 
-    def each(head, h: torch.Tensor, index: torch.Tensor, keys: list) -> None:
-        chunk = max(1, CHUNK_BYTES // (vocab * 4 * 3))
+    def each(head, h: torch.Tensor, index: torch.Tensor, keys: list, chunk: int) -> None:
         for c in range(0, len(index), chunk):
             rows_, cols, t = index[c:c + chunk].unbind(1)
             lp = torch.log_softmax(head(h[rows_, cols]).float(), dim=-1)

@@ -110,9 +110,11 @@ def search_options(fixed: str, hw: HardwareProfile) -> tuple[str, ...]:
     return (fixed or machine_dtype(hw).dtype,)
 
 
-def explain_search(result, fixed: str) -> str:
+def explain_search(result, fixed: str, kept: bool = False) -> str:
     """Why the searched policy (a SearchResult) computes in its dtype: given, or this machine's choice."""
     if fixed:
-        return f"{fixed} (given by --dtype)"
+        from ..cli.options import dtype_source
+
+        return f"{fixed} ({dtype_source(kept)})"
     choice = machine_dtype(result.hardware)
     return f"{choice.dtype} ({choice.reason}; one choice per machine, whatever the workload)"
