@@ -126,6 +126,18 @@ def test_checkpoint_missing_a_shard(copy_of):
         FlexGenLite(str(copy_of))
 
 
+def test_a_weight_stored_as_integers_is_refused(copy_of):
+    """A float weight stored as int8 (a corrupt file, or another format's codes) was cast and ran: other text."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(copy_of / "model.safetensors"))
+    name = "model.decoder.layers.0.self_attn.k_proj.weight"
+    state[name] = state[name].to(torch.int8)
+    save_file(state, str(copy_of / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=f"{name}' is stored as torch.int8, not as floating-point.*GGUF"):
+        FlexGenLite(str(copy_of))
+
+
 def test_checkpoint_not_matching_its_config(copy_of):
     edit_config(copy_of, ffn_dim=384)
     with pytest.raises(ModelError, match="fc1.weight has shape"):

@@ -56,7 +56,12 @@ class CheckpointSource(WeightSource):
             implied = (rows, *spec.shape[1:])
             what = "" if name == spec.hf_name else f" (rows {first}:{first + spec.shape[0]} of it for {spec.name})"
             raise ModelError(f"{name} has shape {shape}, the config implies {implied}{what}")
-        return self.checkpoint.read(name, first + start, first + stop, matrix=stack)
+        rows = self.checkpoint.read(name, first + start, first + stop, matrix=stack)
+        if not rows.is_floating_point():  # a float weight stored as integers: corrupt, or another format's codes
+            raise ModelError(f"{self.checkpoint.path}: the tensor {name!r} is stored as {rows.dtype}, not as "
+                             "floating-point values: a corrupt file, or quantized codes of a format not read here "
+                             "(GPTQ, AWQ, bitsandbytes); use the model's unquantized checkpoint or a GGUF file")
+        return rows
 
 
     def _picked(self, spec: WeightSpec) -> torch.Tensor:
