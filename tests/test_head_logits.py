@@ -63,3 +63,27 @@ def test_an_8_bit_head_gives_its_fp32_sums():
     rounded = weight.matmul(x)  # the same sums rounded to bf16, as they were handed out before
     assert rounded.dtype == torch.bfloat16 and torch.equal(y.to(torch.bfloat16), rounded)
     assert not torch.equal(rounded.float(), y)
+
+
+def test_a_head_of_many_rows_takes_the_faster_product_timed_once_per_power_of_two(monkeypatch):
+    from flexgen_lite.kernels import small_matmul
+
+    torch.manual_seed(1)
+    w = torch.randn(500, 64).to(torch.bfloat16)
+    exact = lambda x: x.float() @ w.float().T  # noqa: E731
+    asked = []
+    for faster in (True, False):
+        monkeypatch.setattr(small_matmul, "_timed", {})
+        monkeypatch.setattr(small_matmul, "_kernel_faster",
+                            lambda x, w, faster=faster: asked.append(x.shape[0]) or faster)
+        for rows in (40, 64, 33, 17, 32):
+            x = torch.randn(rows, 64).to(torch.bfloat16)
+            y = small_matmul.head_product(x, w)
+            if faster:  # the C kernel's fp32 sums
+                assert y.dtype == torch.float32 and torch.allclose(y, exact(x), rtol=1e-5, atol=1e-4)
+            else:  # torch's product, in bf16 (head() then settles its close calls)
+                assert y.dtype == torch.bfloat16
+    assert asked == [40, 17, 40, 17]  # rows 33-64 timed once, 17-32 once; each time the kernel's choice kept
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    assert small_matmul.head_product(x, w).shape == (4, 500)  # a few rows: by the profile, not timed
+    assert asked == [40, 17, 40, 17]

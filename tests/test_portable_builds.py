@@ -118,7 +118,8 @@ def test_every_builds_dense_gemv_multiplies_each_dtype(build, dtype):
         x, w, b = (torch.randn(shape, generator=g).to(dtype) for shape in ((rows, k), (n, k), (n,)))
         out = torch.empty(rows, n, dtype=dtype)
         xf = x.float().contiguous()
-        lib.dense_gemv(w.data_ptr(), b.data_ptr(), native.OUT_KIND[dtype], n, k, x.data_ptr(), xf.data_ptr(), rows,
+        kind = native.OUT_KIND[dtype]
+        lib.dense_gemv(w.data_ptr(), b.data_ptr(), kind, kind, n, k, x.data_ptr(), xf.data_ptr(), rows,
                        out.data_ptr(), 0, n)
         want = x.double() @ w.double().t() + b.double()
         torch.testing.assert_close(out.double(), want, rtol=0, atol=RTOL[dtype] * float(want.abs().max()))

@@ -74,7 +74,8 @@ def test_other_builds_match(march):
         x, w, b, want = _case(dtype, 3, 70, 100, True, seed=3)
         out = torch.empty(3, 70, dtype=dtype)
         xf = x.float().contiguous()
-        lib.dense_gemv(w.data_ptr(), b.data_ptr(), native.OUT_KIND[dtype], 70, 100, x.data_ptr(), xf.data_ptr(), 3,
+        kind = native.OUT_KIND[dtype]
+        lib.dense_gemv(w.data_ptr(), b.data_ptr(), kind, kind, 70, 100, x.data_ptr(), xf.data_ptr(), 3,
                        out.data_ptr(), 0, 70)
         _close(out, want, dtype)
 

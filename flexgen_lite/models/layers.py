@@ -16,8 +16,7 @@ from ..kernels import elementwise, native
 from ..kernels.int4_gemv_triton import CodesMatrix
 from ..kernels.int4_matmul import Int4Weight, codes_gemv_wins, native_agrees
 from ..kernels.int8_weight import Int8Weight
-from ..kernels.small_matmul import gemv_wins
-from ..kernels.small_matmul import linear as dense_linear
+from ..kernels.small_matmul import gemv_wins, head_product
 from ..kernels.small_matmul import linears as dense_linears
 from .config import ModelConfig
 
@@ -367,9 +366,11 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     if isinstance(head, Int8Weight):
         logits = head.matmul(h, torch.float32)  # the kernel's fp32 sums, not rounded to the compute dtype
     else:
-        logits = dense_linear(h, head).float()
-        if head.dtype != torch.float32 and logits.device.type == "cpu":
-            exact_at_the_top(logits, h, head)
+        logits = head_product(h, head)  # the C kernel's fp32 sums, or torch's product
+        if logits.dtype != torch.float32:  # rounded to the head's dtype
+            logits = logits.float()
+            if logits.device.type == "cpu":
+                exact_at_the_top(logits, h, head)
     if config.logits_divisor != 1.0:
         logits = logits / config.logits_divisor
     return logits if config.logits_softcap is None else softcap(logits, config.logits_softcap)

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-PROFILE_VERSION = 19  # measured anew when the code measured changes; 19: a CPU's decode attention per row and kv
-# head; 18: a CPU's mapped files (mapped_read, _write);
+PROFILE_VERSION = 20  # measured anew when the code measured changes; 20: the dense few-row kernel to 64 rows;
+# 19: a CPU's decode attention per row and kv head; 18: a CPU's mapped files (mapped_read, _write);
 # 17: the 8-bit head's kernel (int8_gemv), AVX2 CPUs' attention over a 4-bit cache, FlexGen-grouped products and
 # fp32 prefill attention;
 # 16: AVX2 CPUs' kernels (few-row products, 4-bit weights in the layout, grouped fp32 decode attention);

@@ -153,40 +153,43 @@ def int4_gemv(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, 
     return out.copy_(sums)
 
 
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (rows, K) @ weight.T (+ bias) in x's dtype, each row of the weight read once from memory (a few rows:
-    decode steps of small batches; gemv.c); None when the kernel cannot do it here."""
-    found = dense_gemv_many(x, [(weight, bias)])
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """x (rows, K) @ weight.T (+ bias) in `out_dtype` (default x's; float32: the fp32 sums as they are), each row
+    of the weight read once from memory (a few rows: decode steps of small batches; gemv.c); None when the kernel
+    cannot do it here."""
+    found = dense_gemv_many(x, [(weight, bias)], out_dtype)
     return None if found is None else found[0]
 
 
-def dense_gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) \
-        -> list[torch.Tensor] | None:
+def dense_gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+                    out_dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
     """`dense_gemv` of x by each (weight, bias) of `weights` (up to 64, sharing K: q, k and v), in one call to
     the kernel; None when it cannot do them here."""
-    lib, kind = library(), OUT_KIND.get(x.dtype)
-    if lib is None or kind is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu" \
-            or not 0 < len(weights) <= 64:
+    out_dtype = out_dtype or x.dtype
+    lib, kind, out_kind = library(), OUT_KIND.get(x.dtype), OUT_KIND.get(out_dtype)
+    if lib is None or kind is None or out_kind is None or x.dim() != 2 or not x.is_contiguous() \
+            or x.device.type != "cpu" or not 0 < len(weights) <= 64:
         return None
     (rows, k), dtype = x.shape, x.dtype
     for w, b in weights:
         if (w.dim() != 2 or w.shape[1] != k or w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
                 or b is not None and (b.dtype != dtype or not b.is_contiguous() or b.device.type != "cpu")):
             return None
-    outs = [torch.empty(rows, w.shape[0], dtype=dtype) for w, _ in weights]
+    outs = [torch.empty(rows, w.shape[0], dtype=out_dtype) for w, _ in weights]
     team = team_threads()
     if team:
         count, pointers = len(weights), ctypes.c_void_p * len(weights)
         lib.dense_gemv_team(count, pointers(*(w.data_ptr() for w, _ in weights)),
                             pointers(*(0 if b is None else b.data_ptr() for _, b in weights)),
-                            (ctypes.c_int64 * count)(*(w.shape[0] for w, _ in weights)), kind, k, x.data_ptr(), rows,
-                            pointers(*(y.data_ptr() for y in outs)), team)
+                            (ctypes.c_int64 * count)(*(w.shape[0] for w, _ in weights)), kind, out_kind, k,
+                            x.data_ptr(), rows, pointers(*(y.data_ptr() for y in outs)), team)
         return outs
     xf = x.float().contiguous()
     for (w, b), y in zip(weights, outs, strict=True):
         n = w.shape[0]
-        args = (w.data_ptr(), 0 if b is None else b.data_ptr(), kind, n, k, x.data_ptr(), xf.data_ptr(), rows,
-                y.data_ptr())
+        args = (w.data_ptr(), 0 if b is None else b.data_ptr(), kind, out_kind, n, k, x.data_ptr(), xf.data_ptr(),
+                rows, y.data_ptr())
         parallel(lambda n0, n1, args=args: lib.dense_gemv(*args, n0, n1), n, cost=rows * n * k)
     return outs
 
@@ -208,7 +211,7 @@ def dense_gemv_groups(products: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     count, pointers, sizes = len(products), ctypes.c_void_p * len(products), ctypes.c_int64 * len(products)
     xs, ws, ys = zip(*products, strict=True)
     lib.dense_gemv_groups(count, pointers(*(w.data_ptr() for w in ws)), pointers(*([0] * count)),
-                          sizes(*(w.shape[0] for w in ws)), kind, k, pointers(*(x.data_ptr() for x in xs)),
+                          sizes(*(w.shape[0] for w in ws)), kind, kind, k, pointers(*(x.data_ptr() for x in xs)),
                           sizes(*(x.shape[0] for x in xs)), pointers(*(y.data_ptr() for y in ys)), team)
     return True
 

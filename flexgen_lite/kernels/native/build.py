@@ -126,20 +126,21 @@ def declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                                                                    ctypes.c_void_p, ctypes.c_int]
     fn = lib.dense_gemv
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 \
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 \
         + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2
     fn = lib.dense_gemv_team
     fn.restype = None
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                                                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                              ctypes.c_int]
     fn = lib.int4_gemv_groups
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int] \
         + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     fn = lib.dense_gemv_groups
     fn.restype = None
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3 \
-        + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64] \
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     attention = ([ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 3
                  + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 2
                  + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p])  # ... block, source, shift, shared, row_map,

@@ -61,7 +61,7 @@ void rms_norm_team(const void *x, const void *w, void *out, int kind, int64_t ro
 void rope_range(const void *x, const void *cos, const void *sin, void *out, int kind, int64_t heads, int64_t t,
                 int64_t d, const int64_t *xst, const int64_t *cst, int64_t r0, int64_t r1);
 void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
-                     int64_t k, const void *x, int64_t rows, void *const *y, int threads);
+                     int out_kind, int64_t k, const void *x, int64_t rows, void *const *y, int threads);
 void int4_gemv_team_many(int count, const uint8_t *const *packed, const _Float16 *const *scale,
                          const _Float16 *const *minimum, const int64_t *n, int64_t k, int64_t group_size, const void *x,
                          int kind, int64_t rows, void *const *y, int threads);
@@ -183,7 +183,8 @@ static void linears(const struct layer *L, const struct step *S, const int *whic
             for (int64_t j = 0; j < S->rows * m->n; j++)
                 kind_put(y[i], L->kind, j, kind_value(y[i], L->kind, j) + kind_value(m->bias, L->kind, j % m->n));
     }
-    if (dense) dense_gemv_team(dense, w, bias, n, L->kind, L->m[which[0]].k, x, S->rows, out, (int)S->threads);
+    if (dense)
+        dense_gemv_team(dense, w, bias, n, L->kind, L->kind, L->m[which[0]].k, x, S->rows, out, (int)S->threads);
 }
 
 static void rms_norm(const struct layer *L, const struct step *S, const void *x, const void *w, void *out) {

@@ -77,9 +77,9 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *w, i
                 sums[r * WROWS + i] += kind_value(wr[i], KIND_BF16, c) * kind_value(xb, KIND_BF16, r * k + c);
 }
 
-/* dense_gemv's output rows [n0, n1) for bf16: tiles of WROWS weight rows by XROWS rows of x. */
+/* dense_gemv's output rows [n0, n1) for bf16 (y of out_kind): tiles of WROWS weight rows by XROWS rows of x. */
 static void gemv_bf16(const uint16_t *w, const void *bias, int64_t n, int64_t k, const uint16_t *x, int64_t rows,
-                      void *y, int64_t n0, int64_t n1) {
+                      void *y, int out_kind, int64_t n0, int64_t n1) {
     float sums[XROWS * WROWS];
     for (int64_t j = n0; j < n1; j += WROWS) {
         int64_t nw = n1 - j < WROWS ? n1 - j : WROWS;
@@ -96,7 +96,7 @@ static void gemv_bf16(const uint16_t *w, const void *bias, int64_t n, int64_t k,
             }
             for (int64_t r = 0; r < nr; r++)
                 for (int64_t i = 0; i < nw; i++)
-                    kind_put(y, KIND_BF16, (r0 + r) * n + j + i,
+                    kind_put(y, out_kind, (r0 + r) * n + j + i,
                              sums[r * WROWS + i] + (bias ? kind_value(bias, KIND_BF16, j + i) : 0.0f));
         }
     }
@@ -137,15 +137,16 @@ static inline void dots(const char *row, int kind, int64_t k, const float *xf, i
 }
 #endif
 
-/* y (rows, n) = x (rows, k) @ w (n, k)^T + bias (n, or NULL), x, w, bias and y of `kind`, xf: x in fp32; output
-   rows [n0, n1). Each weight row is read from memory once; the rows of x go XROWS at a time over it (in cache). */
-void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k, const void *x, const float *xf,
-                int64_t rows, void *y, int64_t n0, int64_t n1) {
+/* y (rows, n) = x (rows, k) @ w (n, k)^T + bias (n, or NULL), x, w and bias of `kind`, y of `out_kind` (the fp32
+   sums as they are where that is fp32: a head's logits), xf: x in fp32; output rows [n0, n1). Each weight row is
+   read from memory once; the rows of x go XROWS at a time over it (in cache). */
+void dense_gemv(const void *w, const void *bias, int kind, int out_kind, int64_t n, int64_t k, const void *x,
+                const float *xf, int64_t rows, void *y, int64_t n0, int64_t n1) {
     int64_t item = kind == KIND_F32 ? 4 : 2;
     float sums[XROWS];
 #ifdef __AVX512BF16__
     if (kind == KIND_BF16) {
-        gemv_bf16(w, bias, n, k, x, rows, y, n0, n1);
+        gemv_bf16(w, bias, n, k, x, rows, y, out_kind, n0, n1);
         return;
     }
 #endif
@@ -165,7 +166,7 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
 #else
             dots(row, kind, k, xf + r0 * k, nr, sums);
 #endif
-            for (int64_t r = 0; r < nr; r++) kind_put(y, kind, (r0 + r) * n + j, sums[r] + b);
+            for (int64_t r = 0; r < nr; r++) kind_put(y, out_kind, (r0 + r) * n + j, sums[r] + b);
         }
     }
 }
@@ -176,7 +177,8 @@ void dense_gemv(const void *w, const void *bias, int kind, int64_t n, int64_t k,
    taken in turn; the short last ones still go to whichever thread is free). A mixture of experts' products:
    each expert's weights over its own rows. */
 void dense_gemv_groups(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
-                       int64_t k, const void *const *x, const int64_t *rows, void *const *y, int threads) {
+                       int out_kind, int64_t k, const void *const *x, const int64_t *rows, void *const *y,
+                       int threads) {
 #ifdef __AVX512BF16__
     int convert = kind != KIND_BF16;  /* bf16 rows are multiplied as they are (gemv_bf16) */
 #else
@@ -203,7 +205,8 @@ void dense_gemv_groups(int count, const void *const *w, const void *const *bias,
         int i = 0;
         while (it >= first[i + 1]) i++;
         int64_t n0 = (it - first[i]) * CHUNK, n1 = n0 + CHUNK < n[i] ? n0 + CHUNK : n[i];
-        dense_gemv(w[i], bias[i], kind, n[i], k, x[i], convert ? xf + xoff[i] : NULL, rows[i], y[i], n0, n1);
+        dense_gemv(w[i], bias[i], kind, out_kind, n[i], k, x[i], convert ? xf + xoff[i] : NULL, rows[i], y[i], n0,
+                   n1);
     }
     free(xf);
     free(first);
@@ -221,9 +224,9 @@ int shared_x(int count, const void *x, int64_t rows, const void **xs, int64_t *r
 
 /* y[i] = x @ w[i]^T + bias[i] for up to 64 weights (n[i], k) sharing x (rows, k): q, k and v; gate and up. */
 void dense_gemv_team(int count, const void *const *w, const void *const *bias, const int64_t *n, int kind,
-                     int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
+                     int out_kind, int64_t k, const void *x, int64_t rows, void *const *y, int threads) {
     const void *xs[64];
     int64_t rs[64];
     count = shared_x(count, x, rows, xs, rs);
-    dense_gemv_groups(count, w, bias, n, kind, k, xs, rs, y, threads);
+    dense_gemv_groups(count, w, bias, n, kind, out_kind, k, xs, rs, y, threads);
 }
