@@ -124,6 +124,17 @@ class FlexGenLite:
             print(hint, file=sys.stderr)
         return self.search.policy
 
+    def room_beside(self, prompt_len: int, gen_len: int) -> float | None:
+        """Bytes the budgets leave on the compute device (a CPU: host RAM) beside the planned peak of a block of
+        these lengths; None without budgets."""
+        if self.budgets is None:
+            return None
+        cuda = self.device.is_cuda
+        _, peak = peak_memory(self.config, Workload(prompt_len, gen_len), self.policy, cuda)
+        left = [budget - peak[tier] for tier in (("gpu",) if cuda else ("cpu", "gpu"))
+                if (budget := getattr(self.budgets, tier)) is not None]
+        return max(0.0, min(left)) if left else None
+
     def _check_budgets(self, workload: Workload | None, what: str) -> None:
         """Raise PolicyError where the policy's peaks for `workload` (None: before any prompt, a token's worth of
         cache) pass the budgets."""

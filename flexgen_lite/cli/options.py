@@ -162,13 +162,8 @@ def _less_runtime(budget: int, runtime: int, flag: str, what: str) -> int:
     return budget - runtime
 
 
-def dtype_source(kept: bool) -> str:
-    """Where a fixed dtype came from: the flag, or an --output file's first run (run_record.check_and_adopt)."""
-    return "kept from the first run of --output" if kept else "given by --dtype"
-
-
 def manual_dtype_reason(policy: Policy, device: str | None, kept: bool = False) -> str:
-    from ..planning.dtype_choice import default_dtype
+    from ..planning.dtype_choice import default_dtype, dtype_source
     from ..system.devices import ComputeDevice
 
     if policy.dtype:

@@ -188,18 +188,9 @@ def _chunk_places(model, prompt_len: int) -> int:
     """Scored places whose logits (and their log-softmax: fp32, ~3 copies) are made at once: CHUNK_BYTES' worth,
     or what the budgets leave beside the block's planned peak (which counts a GPU batch's logits) where less."""
     vocab = model.config.vocab_size
-    room = CHUNK_BYTES
-    if model.budgets is not None:
-        from ..planning.layout import Workload
-        from ..planning.memory_plan import peak_memory
-
-        cuda = model.device.is_cuda
-        _, peak = peak_memory(model.config, Workload(prompt_len, 1), model.policy, cuda)
-        counted = model.policy.gpu_batch_size * vocab * (model.dtype.itemsize + 8)
-        for tier in ("gpu",) if cuda else ("cpu", "gpu"):
-            budget = getattr(model.budgets, tier)
-            if budget is not None:
-                room = min(room, max(budget - peak[tier], 0) + counted)
+    room = model.room_beside(prompt_len, 1)
+    counted = model.policy.gpu_batch_size * vocab * (model.dtype.itemsize + 8)
+    room = CHUNK_BYTES if room is None else min(CHUNK_BYTES, room + counted)
     return max(1, int(room) // (vocab * 4 * 3))
 
 

@@ -49,7 +49,7 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
     prompt_logprobs = _prompt_logprobs(model, jobs, cancelled)
     for j, job in enumerate(jobs):
         if not job.generates and not (cancelled is not None and cancelled(j)):
-            outputs[j] = Output([], "", "length", None if job.logprobs is None else [], prompt_logprobs[j])
+            outputs[j] = Output([], "", "length", None if job.logprobs is None else [], prompt_logprobs.get(j))
             if on_output is not None:
                 on_output(j, outputs[j])
     for sampling, members in group_by_sampling([j if j.generates else None for j in jobs]).items():

@@ -110,11 +110,14 @@ def search_options(fixed: str, hw: HardwareProfile) -> tuple[str, ...]:
     return (fixed or machine_dtype(hw).dtype,)
 
 
+def dtype_source(kept: bool) -> str:
+    """Where a fixed dtype came from: --dtype, or an --output file's first run (cli/run_record.check_and_adopt)."""
+    return "kept from the first run of --output" if kept else "given by --dtype"
+
+
 def explain_search(result, fixed: str, kept: bool = False) -> str:
     """Why the searched policy (a SearchResult) computes in its dtype: given, or this machine's choice."""
     if fixed:
-        from ..cli.options import dtype_source
-
         return f"{fixed} ({dtype_source(kept)})"
     choice = machine_dtype(result.hardware)
     return f"{choice.dtype} ({choice.reason}; one choice per machine, whatever the workload)"
