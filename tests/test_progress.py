@@ -49,8 +49,8 @@ def progress_lines(terminal: Terminal) -> list[str]:
 
 
 def test_generate_counts_all_prompts_across_chunks_with_an_eta(tiny_models, tmp_path, monkeypatch, capsys):
-    """Blocks of 1 prompt, chunks of 4 blocks: the engine's "block i/4" restarts with the second chunk, the
-    overall count and ETA in front of it do not."""
+    """Blocks of 1 prompt, chunks of 4 blocks: the engine's "block i/4" restarts with the second chunk, which the
+    line names ("part 2/2"); the overall count and ETA in front of it do not restart."""
     from flexgen_lite.cli.main import main
 
     terminal = Terminal()
@@ -61,7 +61,8 @@ def test_generate_counts_all_prompts_across_chunks_with_an_eta(tiny_models, tmp_
     lines = [m for m in progress_lines(terminal) if " prompts" in m and "|" in m]
     counts = [int(m.split("/", 1)[0]) for m in lines]
     assert counts == sorted(counts) and counts[-1] == 5 and all(m.split(" prompts")[0].endswith("/5") for m in lines)
-    assert any(m.startswith("4/5 prompts, ETA ") and "block 1/1" in m for m in lines), lines  # the second chunk
+    assert any(m.startswith("4/5 prompts, ETA ") and "| part 2/2, block 1/1" in m for m in lines), lines
+    assert any("| part 1/2, block 4/4" in m for m in lines), lines
     assert any("ETA" in m and "decode step" in m for m in lines)
     assert "tokens for 5 prompts" in terminal.getvalue()
 

@@ -182,8 +182,10 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
             if count:
                 overall.advance(len(finished))
 
+        parts = -(-len(todo) // chunk)
         for first in range(0, len(todo), chunk):  # chunks of 4 blocks: prompts sorted by length within each
             indices = todo[first:first + chunk]
+            overall.part = f"part {first // chunk + 1}/{parts}, " if parts > 1 else ""
             # the --output file gets each block as it ends (a kill loses at most one block); stdout, each chunk in
             # the prompts' order
             per_block = (lambda finished: overall.advance(len(finished))) if output is None else (

@@ -198,13 +198,14 @@ class Overall:
     def __init__(self, show: Callable[[str], None] | None, total: int, unit: str) -> None:
         self.show, self.total, self.unit = show, total, unit
         self.done, self.tic, self.engine_message = 0, None, ""
+        self.part = ""  # which of the job's engine calls runs ("part 2/5, "): each numbers its own blocks
 
     def start(self) -> None:
         """The clock of the ETA starts with generation (not with loading the model)."""
         self.tic = time.perf_counter()
 
     def engine(self, message: str) -> None:
-        self.engine_message = message
+        self.engine_message = self.part + message
         self._draw()
 
     def advance(self, count: int = 1) -> None:
