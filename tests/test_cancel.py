@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import pytest
 
@@ -98,6 +99,48 @@ def test_a_background_run_yields_to_a_request_between_blocks(model, prompts):
         assert order == ["interactive", "background"] and scheduler.runs == 3
         assert scheduler.sequences == len(prompts) + 1 and scheduler.cancelled == 0
     finally:
+        scheduler.close()
+
+
+def test_background_scoring_yields_too_and_a_closing_queue_defers_it(model, prompts):
+    """Echoed prompts scored in the background (max_tokens 0) yield between blocks of them as generation does;
+    and when the queue closes, what has not started is left (the Batch API runs it at the next start)."""
+    sampling = SamplingConfig(NEW, stop_at_eos=False)
+    scored = [Job(tuple(p), sampling, i, 1, 1, False) for i, p in enumerate(prompts)]
+    reference = model.prompt_logprobs([list(p) for p in prompts], 1)
+    scheduler = Scheduler(model, model.policy.block_size, max_wait_s=0.01)
+    order, arrived = [], []
+    real = model.prompt_logprobs
+
+    def scoring(rows, top):  # the engine thread, at each block of scored prompts
+        if not arrived:
+            arrived.append(scheduler.submit([Job(tuple(prompts[1]), sampling, 0)]))
+            arrived[0].add_done_callback(lambda f: order.append("interactive"))
+        return real(rows, top)
+
+    model.prompt_logprobs = scoring
+    try:
+        background = scheduler.submit(scored, background=True)
+        background.add_done_callback(lambda f: order.append("background"))
+        outputs = background.result(timeout=120)
+        assert order == ["interactive", "background"] and scheduler.runs == 3
+        for o, r in zip(outputs, reference, strict=True):  # fp32: as scored alone, but for the sums' order
+            assert o.prompt_logprobs[0][1] is None
+            assert [lp for _, lp, _ in o.prompt_logprobs[1:]] == pytest.approx([p[0] for p in r[1:]], abs=1e-5)
+    finally:
+        del model.prompt_logprobs
+        scheduler.close()
+    scheduler = Scheduler(model, model.policy.block_size, max_wait_s=0.01)
+    closing = []
+    model.prompt_logprobs = lambda rows, top: closing.append(threading.Thread(target=scheduler.close).start()) \
+        or real(rows, top) if not closing else real(rows, top)
+    try:
+        left = scheduler.submit(scored, background=True)
+        with pytest.raises(CancelledError):
+            left.result(timeout=120)
+        assert scheduler.sequences < len(scored)  # the first block's, not the rest
+    finally:
+        del model.prompt_logprobs
         scheduler.close()
 
 

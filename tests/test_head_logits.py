@@ -72,7 +72,11 @@ def test_a_head_of_many_rows_takes_the_faster_product_timed_once_per_power_of_tw
     w = torch.randn(500, 64).to(torch.bfloat16)
     exact = lambda x: x.float() @ w.float().T  # noqa: E731
     asked = []
+    stored = {}
+    monkeypatch.setattr(small_matmul, "_stored", lambda: dict(stored))
+    monkeypatch.setattr(small_matmul, "_store", lambda verdicts: stored.update(verdicts))
     for faster in (True, False):
+        stored.clear()
         monkeypatch.setattr(small_matmul, "_timed", {})
         monkeypatch.setattr(small_matmul, "_kernel_faster",
                             lambda x, w, faster=faster: asked.append(x.shape[0]) or faster)
@@ -84,6 +88,10 @@ def test_a_head_of_many_rows_takes_the_faster_product_timed_once_per_power_of_tw
             else:  # torch's product, in bf16 (head() then settles its close calls)
                 assert y.dtype == torch.bfloat16
     assert asked == [40, 17, 40, 17]  # rows 33-64 timed once, 17-32 once; each time the kernel's choice kept
+    assert stored == {"bfloat16 64 500x64": False, "bfloat16 32 500x64": False}  # kept for the next process
+    monkeypatch.setattr(small_matmul, "_timed", {})
+    small_matmul.head_product(torch.randn(50, 64).to(torch.bfloat16), w)  # a new process: the stored verdict
+    assert asked == [40, 17, 40, 17]
     x = torch.randn(4, 64).to(torch.bfloat16)
     assert small_matmul.head_product(x, w).shape == (4, 500)  # a few rows: by the profile, not timed
     assert asked == [40, 17, 40, 17]

@@ -192,7 +192,10 @@ def test_the_tokenizer_as_vllm_serves_it(server):
     assert status == 200 and json.loads(text)["count"] == 2  # "w5 w3"
     for body in ({"tokens": [-1]}, {"tokens": [10**6]}):
         status, text = raw(f"{server.url}/detokenize", json.dumps(body).encode(), key=None)
-        assert status == 400, text
+        assert status == 400 and json.loads(text)["error"]["param"] == "tokens", text
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "w5"}]}]}  # as chat takes them
+    status, text = raw(f"{server.url}/tokenize", json.dumps(parts).encode(), key=None)
+    assert status == 200 and json.loads(text)["count"] == 2, text
     status, _ = raw(f"{server.url}/tokenize", b"{}", key=None)
     assert status == 400
 
@@ -271,11 +274,15 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     # fields that change outputs and are not done here: refused, not ignored; their neutral values pass
     for field, value in (("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 100}),
                          ("best_of", 3), ("suffix", "w9"), ("response_format", {"type": "json_object"}),
-                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("repetition_penalty", 1.2)):
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("repetition_penalty", 1.2),
+                         ("min_p", 0.9), ("stop_token_ids", [13]), ("guided_choice", ["w5"]),
+                         ("prompt_logprobs", 1), ("use_beam_search", True), ("skip_special_tokens", False),
+                         ("tool_choice", "required")):
         status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": "w5", field: value}).encode())
         assert status == 400 and json.loads(text)["error"]["param"] == field, text
-    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": "",
-               "response_format": {"type": "text"}, "tools": [], "max_tokens": 2, "temperature": 0}
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {"5": 0}, "best_of": 1, "suffix": "",
+               "response_format": {"type": "text"}, "tools": [], "max_tokens": 2, "temperature": 0,
+               "skip_special_tokens": True, "stop_token_ids": [], "tool_choice": "auto"}
     status, text = raw(f"{server.url}/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "w5"}], **neutral}).encode())
     assert status == 200, text

@@ -215,6 +215,7 @@ def prompt_logprobs(model, prompts: Sequence[Sequence[int]], top: int = 0
     """Per prompt (token ids), per token: None for the first (nothing predicts it), then (log p(token | the
     tokens before it), the `top` likeliest tokens there as (id, log-probability)): one prefill per block of
     prompts, no generation, under the model's policy. Identical prompts are computed once."""
+    top = min(top, model.config.vocab_size)
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
     found: dict = {}
     rows = [_Row(list(p[:-1]), [(n, p[n + 1], (u, n + 1)) for n in range(len(p) - 1)])

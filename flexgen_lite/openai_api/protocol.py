@@ -48,14 +48,38 @@ class Request(BaseModel):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # vLLM's extensions of the same kind
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    prompt_logprobs: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this server would otherwise ignore, or None."""
         neutral = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-                   "logit_bias": (None, {}), "min_tokens": (None, 0), "tools": (None, []), "functions": (None, [])}
+                   "min_tokens": (None, 0), "tools": (None, []), "functions": (None, []),
+                   "tool_choice": (None, "none", "auto"), "min_p": (None, 0), "stop_token_ids": (None, []),
+                   "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,),
+                   "use_beam_search": (None, False), "length_penalty": (None, 1), "truncate_prompt_tokens": (None,),
+                   "allowed_token_ids": (None,), "bad_words": (None, []), "skip_special_tokens": (None, True),
+                   "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+                   "guided_grammar": (None,)}
         for name, values in neutral.items():
             if getattr(self, name) not in values:
                 return name
+        if self.logit_bias and any(v != 0 for v in self.logit_bias.values()):
+            return "logit_bias"
         if self.response_format not in (None, {"type": "text"}):
             return "response_format"
         return None
@@ -96,6 +120,10 @@ class ChatCompletionRequest(Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None  # vLLM's: the last message echoed
+
+    def unsupported(self) -> str | None:
+        return "echo" if self.echo else super().unsupported()
 
 
 class Usage(BaseModel):

@@ -18,22 +18,28 @@ def group_by_sampling(jobs: list[Job | None]) -> dict:
     return groups
 
 
-def _prompt_logprobs(model, jobs: list[Job], cancelled) -> dict[int, list]:
-    """{job: its prompt's tokens as (text, log-probability, top alternatives)} for the jobs that ask (echo with
-    logprobs) and are still wanted: one prefill-only pass for all of them."""
+def _prompt_logprobs(model, jobs: list[Job], cancelled, deferred) -> tuple[dict[int, list], set[int]]:
+    """({job: its prompt's tokens as (text, log-probability, top alternatives)} for the jobs that ask (echo with
+    logprobs) and are still wanted, the jobs deferred): prefill-only passes of a block of them at a time,
+    `deferred` asked before each."""
     asking = [j for j, job in enumerate(jobs) if job.prompt_logprobs is not None
               and not (cancelled is not None and cancelled(j))]
-    if not asking:
-        return {}
-    top = max(jobs[j].prompt_logprobs for j in asking)
-    found = model.prompt_logprobs([list(jobs[j].ids) for j in asking], top)
+    found, size = [], model.policy.block_size
+    for first in range(0, len(asking), size):
+        part = asking[first:first + size]
+        if deferred is not None and deferred(part[0]):
+            asking, later = asking[:first], set(asking[first:])
+            break
+        found += model.prompt_logprobs([list(jobs[j].ids) for j in part], max(jobs[j].prompt_logprobs for j in part))
+    else:
+        later = set()
     out = {}
     for j, places in zip(asking, found, strict=True):
         want = jobs[j].prompt_logprobs
         out[j] = [(model.decode([t]), None, None) if place is None else
                   (model.decode([t]), place[0], [(model.decode([a]), lp) for a, lp in place[1][:want]])
                   for t, place in zip(jobs[j].ids, places, strict=True)]
-    return out
+    return out, later
 
 
 def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None,
@@ -46,13 +52,14 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
     deferred(j): asked before each engine block for the jobs yet to start: those it holds for are not run (their
     outputs None)."""
     outputs: list[Output | None] = [None] * len(jobs)
-    prompt_logprobs = _prompt_logprobs(model, jobs, cancelled)
+    prompt_logprobs, later = _prompt_logprobs(model, jobs, cancelled, deferred)
     for j, job in enumerate(jobs):
-        if not job.generates and not (cancelled is not None and cancelled(j)):
+        if not job.generates and j not in later and not (cancelled is not None and cancelled(j)):
             outputs[j] = Output([], "", "length", None if job.logprobs is None else [], prompt_logprobs.get(j))
             if on_output is not None:
                 on_output(j, outputs[j])
-    for sampling, members in group_by_sampling([j if j.generates else None for j in jobs]).items():
+    runs = [j if j.generates and i not in later else None for i, j in enumerate(jobs)]  # deferred: output None
+    for sampling, members in group_by_sampling(runs).items():
         if sampling is None:
             continue
         want = any(jobs[i].logprobs is not None for i in members)

@@ -127,7 +127,8 @@ class Scheduler:
                 outputs = run_jobs(self.model, [r.jobs[k] for r, k in members],
                                    on_tokens if any(r.report for r in taken) else None,
                                    cancelled=cancelled if any(r.cancelled for r in taken) else None,
-                                   deferred=(lambda j: self._interactive_waiting()) if background else None)
+                                   deferred=(lambda j: self._closed or self._interactive_waiting())
+                                   if background else None)
             except Exception as e:  # the requests of this run fail; the server goes on
                 for request in taken:
                     request.future.set_exception(e)

@@ -294,6 +294,8 @@ def cmd_serve(args) -> None:
                          "directory") from None
     model_path, served = served_model(args)
     served = Served(served.name, served.config, served.tokenizer, frozenset({model_path}))
+    if args.block_size and args.gpu_batch_size is None and args.num_gpu_batches is None:
+        args.gpu_batch_size, args.num_gpu_batches = args.block_size, 1  # the engine's block too, auto or not
     policy = policy_from_args(args, default_batch=args.block_size or 32)
     with FlexGenLite(model_path, policy=policy, device=args.device, budgets=budgets_from_args(args)) as m:
         block = args.block_size or m.policy.block_size

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..openai_api.requests import RequestError, check_vocabulary
+from ..openai_api.requests import RequestError
 
 
 class TokenizeRequest(BaseModel):
@@ -38,8 +38,9 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
                                "model", "no_tokenizer")
         return served.tokenizer
 
+    # plain functions, which FastAPI runs on its thread pool: a long text is not tokenized on the event loop
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    def tokenize(body: TokenizeRequest):
         tok = tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise RequestError(400, "give exactly one of prompt (text) or messages (a chat)", "prompt",
@@ -47,8 +48,9 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
         if body.messages is not None:
             if not getattr(tok, "chat_template", None):
                 raise RequestError(400, f"{served.name} has no chat template", "messages", "no_chat_template")
+            messages = [{**m, "content": _text(m.get("content"))} for m in body.messages]
             try:
-                text = tok.apply_chat_template(body.messages, tokenize=False,
+                text = tok.apply_chat_template(messages, tokenize=False,
                                                add_generation_prompt=body.add_generation_prompt)
             except Exception as e:  # the template's own checks
                 raise RequestError(400, f"the chat template refused these messages: {e}", "messages",
@@ -59,13 +61,26 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
         return {"tokens": ids, "count": len(ids), "max_model_len": served.config.max_positions}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        check_vocabulary(0, body.tokens, served)
+    def detokenize(body: DetokenizeRequest):
+        vocab = served.config.vocab_size
+        if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= vocab):
+            raise RequestError(400, f"tokens holds ids outside the vocabulary (0..{vocab - 1})", "tokens",
+                               "invalid_value")
         return {"prompt": tokenizer().decode(body.tokens)}
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info():
+    def tokenizer_info():
         tok = tokenizer()
         return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
                 "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
                 "model_max_length": served.config.max_positions, "vocab_size": served.config.vocab_size}
+
+
+def _text(content) -> str | None:
+    """A message's content: a string, or OpenAI's content parts, whose text parts are joined (as chat requests'
+    are)."""
+    if content is None or isinstance(content, str):
+        return content
+    if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+        raise RequestError(400, "only text content parts are supported", "messages", "invalid_value")
+    return "".join(p.get("text", "") for p in content)
