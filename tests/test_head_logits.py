@@ -95,3 +95,14 @@ def test_a_head_of_many_rows_takes_the_faster_product_timed_once_per_power_of_tw
     x = torch.randn(4, 64).to(torch.bfloat16)
     assert small_matmul.head_product(x, w).shape == (4, 500)  # a few rows: by the profile, not timed
     assert asked == [40, 17, 40, 17]
+
+
+def test_near_uniform_logits_are_made_exact_row_by_row():
+    """An untrained model's logits can all be near the largest: made exact by whole rows in parts, not by a
+    gather of vocab x hidden per row."""
+    torch.manual_seed(2)
+    w = (torch.randn(3000, 16) * 1e-3 + 1).to(torch.bfloat16)  # every logit ~16
+    h = torch.ones(2, 16).to(torch.bfloat16)
+    logits = torch.nn.functional.linear(h, w).float()
+    exact_at_the_top(logits, h, w)
+    assert torch.allclose(logits, h.float() @ w.float().T, rtol=0, atol=1e-5)

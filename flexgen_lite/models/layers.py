@@ -386,8 +386,17 @@ def exact_at_the_top(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor) 
     near = (logits >= best - 2 * rounding * best.abs()).nonzero()
     if len(near) == logits.shape[0]:  # each row's largest alone: its order stands
         return
+    if len(near) > NEAR_AT_MOST * logits.shape[0]:  # near-uniform logits (an untrained model): whole rows, in parts
+        for row in near[:, 0].unique().tolist():
+            for start in range(0, head.shape[0], 1 << 14):
+                part = head[start:start + (1 << 14)].float()
+                logits[row, start:start + part.shape[0]] = part @ h[row].float()
+        return
     rows, tokens = near.unbind(1)
     logits[rows, tokens] = torch.linalg.vecdot(h[rows].float(), head[tokens].float())
+
+
+NEAR_AT_MOST = 64  # near-ties per row (on average) made exact one by one; more: the rows' whole products
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
