@@ -106,3 +106,23 @@ def test_near_uniform_logits_are_made_exact_row_by_row():
     logits = torch.nn.functional.linear(h, w).float()
     exact_at_the_top(logits, h, w)
     assert torch.allclose(logits, h.float() @ w.float().T, rtol=0, atol=1e-5)
+
+
+def test_an_8_bit_head_by_tiles_settles_its_ties_too(monkeypatch):
+    """An 8-bit head multiplied by tiles in bf16 (where its kernel is not used) rounds its logits as a bf16 head
+    does: the near-ties are made exact from its exact values (codes x scale) all the same."""
+    from flexgen_lite.kernels import int8_weight, native
+
+    codes = torch.zeros(10, 32, dtype=torch.int8)
+    codes[3, :2] = torch.tensor([127, 1])
+    codes[7, :2] = torch.tensor([127, 2])  # 15.875 + 1/8 and + 1/4 in its values: x below ties them in bf16
+    weight = Int8Weight(codes, torch.full((10, 1), 0.125, dtype=torch.float16), torch.bfloat16)
+    x = torch.zeros(40, 32)
+    x[:, 0], x[:, 1] = 1.0, 1 / 16
+    x = x.to(torch.bfloat16)
+    monkeypatch.setattr(native, "int8_gemv", lambda *a, **k: None)  # the tiles
+    monkeypatch.setattr(int8_weight, "head_wins", lambda *a: False)
+    rounded = weight.matmul(x, torch.float32)
+    assert rounded[0, 3] == rounded[0, 7]  # the tie
+    logits = head({"lm_head": weight}, x, _Config())
+    assert (logits.argmax(-1) == 7).all() and logits[0, 7] - logits[0, 3] == pytest.approx(1 / 128)

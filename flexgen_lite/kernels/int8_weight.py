@@ -92,9 +92,13 @@ class Int8Weight:
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """The rows `ids` of W in the compute dtype (an embedding lookup)."""
+        return self.rows(ids).to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows `ids` of W in fp32, exact."""
         codes, scale = self.codes[ids.reshape(-1)], self.scale[ids.reshape(-1)]
         values = codes.float().reshape(codes.shape[0], -1, GROUP) * scale[..., None].float()
-        return values.to(self.dtype).reshape(*ids.shape, self.shape[1])
+        return values.reshape(*ids.shape, self.shape[1])
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x (..., K) @ W.T in `out_dtype` (default x's: the kernel's fp32 sums kept in fp32 where asked)."""

@@ -364,7 +364,9 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         h = F.linear(h, w["project_out"])
     head = w["lm_head"]
     if isinstance(head, Int8Weight):
-        logits = head.matmul(h, torch.float32)  # the kernel's fp32 sums, not rounded to the compute dtype
+        logits = head.matmul(h, torch.float32)  # the kernel's fp32 sums, or tiles' product in the compute dtype
+        if h.dtype != torch.float32:
+            exact_at_the_top(logits, h, head)
     else:
         logits = head_product(h, head)  # the C kernel's fp32 sums, or torch's product
         if logits.dtype != torch.float32:  # rounded to the head's dtype
@@ -376,12 +378,12 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return logits if config.logits_softcap is None else softcap(logits, config.logits_softcap)
 
 
-def exact_at_the_top(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor) -> None:
+def exact_at_the_top(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor | Int8Weight) -> None:
     """Logits (B, vocab) rounded to the head's dtype made exact (fp32 sums) where that rounding could have
     changed which is the largest: a bf16 logit of ~16 is a multiple of 1/8, so two tokens a few hundredths
     apart often tie, and the tie went to the lower id (greedy outputs that fp32 logits would not give). Each
     logit within twice the rounding's bound of its row's largest is recomputed; others stay as they are."""
-    rounding = torch.finfo(head.dtype).eps / 2  # bf16: 2^-8 of the value at most
+    rounding = torch.finfo(h.dtype).eps / 2  # bf16: 2^-8 of the value at most
     best = logits.amax(-1, keepdim=True)
     near = (logits >= best - 2 * rounding * best.abs()).nonzero()
     if len(near) == logits.shape[0]:  # each row's largest alone: its order stands
@@ -389,11 +391,15 @@ def exact_at_the_top(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor) 
     if len(near) > NEAR_AT_MOST * logits.shape[0]:  # near-uniform logits (an untrained model): whole rows, in parts
         for row in near[:, 0].unique().tolist():
             for start in range(0, head.shape[0], 1 << 14):
-                part = head[start:start + (1 << 14)].float()
+                part = _head_rows(head, torch.arange(start, min(start + (1 << 14), head.shape[0])))
                 logits[row, start:start + part.shape[0]] = part @ h[row].float()
         return
     rows, tokens = near.unbind(1)
-    logits[rows, tokens] = torch.linalg.vecdot(h[rows].float(), head[tokens].float())
+    logits[rows, tokens] = torch.linalg.vecdot(h[rows].float(), _head_rows(head, tokens))
+
+
+def _head_rows(head: torch.Tensor | Int8Weight, tokens: torch.Tensor) -> torch.Tensor:
+    return head.rows(tokens) if isinstance(head, Int8Weight) else head[tokens].float()
 
 
 NEAR_AT_MOST = 64  # near-ties per row (on average) made exact one by one; more: the rows' whole products
