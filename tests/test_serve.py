@@ -174,7 +174,7 @@ def test_logprobs_end_where_a_stop_string_cut_the_text(server, offline):
     r = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1,
                                          stop=[f" {words[2]}"])
     assert r.choices[0].text.split() == words[:2] and r.choices[0].finish_reason == "stop"
-    assert r.choices[0].logprobs.tokens == words[:2]  # not the stop string's token, nor those after it
+    assert "".join(r.choices[0].logprobs.tokens) == r.choices[0].text  # not the stop's token nor those after
 
 
 def test_the_tokenizer_as_vllm_serves_it(server):
@@ -466,3 +466,23 @@ def test_state_goes_to_the_cache_folder_by_default(chat_dir, tmp_path, monkeypat
         main(["serve", "--model", chat_dir, "--port", str(port)])
     assert (tmp_path / "cache" / f"serve-{port}").is_dir()
     assert not list((tmp_path / "cwd").iterdir())
+
+
+def test_token_texts_join_into_the_text():
+    """logprobs' token texts (and so text_offset): a character whose bytes span tokens is the last one's, a
+    special token is "", and they join into the decoded text (each token alone decodes to a replacement mark)."""
+    from flexgen_lite import default_model_path
+    from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
+    from flexgen_lite.openai_api.runner import token_texts
+
+    tokenizer = gguf_tokenizer(default_model_path())
+
+    class Decoder:
+        def decode(self, ids):
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+    for text in ["café ☃ 日本語", "<|im_start|>user\nHi<|im_end|>", "Hello world"]:
+        ids = tokenizer(text)["input_ids"]
+        texts = token_texts(Decoder(), ids)
+        assert "".join(texts) == Decoder().decode(ids) and "\ufffd" not in "".join(texts), texts
+    assert any(tokenizer.decode([i]).endswith("\ufffd") for i in tokenizer("日本語")["input_ids"])  # what it mends

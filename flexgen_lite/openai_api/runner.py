@@ -36,10 +36,41 @@ def _prompt_logprobs(model, jobs: list[Job], cancelled, deferred) -> tuple[dict[
     out = {}
     for j, places in zip(asking, found, strict=True):
         want = jobs[j].prompt_logprobs
-        out[j] = [(model.decode([t]), None, None) if place is None else
-                  (model.decode([t]), place[0], [(model.decode([a]), lp) for a, lp in place[1][:want]])
-                  for t, place in zip(jobs[j].ids, places, strict=True)]
+        texts = _texts_in_context(model, list(jobs[j].ids))
+        out[j] = [(text, None, None) if place is None else
+                  (text, place[0], [(_text_after(model, context, a), lp) for a, lp in place[1][:want]])
+                  for (text, context), place in zip(texts, places, strict=True)]
     return out, later
+
+
+def token_texts(model, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text of `ids`, so that the texts join into it: what it adds to the text
+    of the tokens before it (a few, for a word's leading space); a character whose bytes span tokens is the last
+    one's (the others ""), a special token "" (the text skips it)."""
+    return [text for text, _ in _texts_in_context(model, ids)]
+
+
+def _texts_in_context(model, ids: list[int]) -> list[tuple[str, list[int]]]:
+    """token_texts, each with the tokens before it that its text was read after (for its alternatives)."""
+    out, given = [], 0  # tokens whose text is given out
+    for k in range(len(ids)):
+        first = max(0, given - CONTEXT_TOKENS)
+        head, whole = model.decode(ids[first:given]), model.decode(ids[first:k + 1])
+        if whole.endswith("\ufffd") or not whole.startswith(head):  # a character not complete yet
+            out.append(("", ids[first:k]))
+            continue
+        out.append((whole[len(head):], ids[first:k]))
+        given = k + 1
+    return out
+
+
+def _text_after(model, context: list[int], token: int) -> str:
+    """What `token` adds to the text of `context` (an alternative's text, as the chosen token's is read)."""
+    head, whole = model.decode(context), model.decode(context + [token])
+    return whole[len(head):] if whole.startswith(head) else model.decode([token])
+
+
+CONTEXT_TOKENS = 6  # tokens decoded before one to find its text (a character's bytes, a word's leading space)
 
 
 def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None,
@@ -91,11 +122,11 @@ def token_logprobs(model, gen: list[int], logits, top: int) -> list:
     chosen = logprobs[torch.arange(len(gen)), torch.tensor(gen, dtype=torch.long)].tolist()
     best = logprobs.topk(top, dim=-1) if top else None
     out = []
-    for step, token in enumerate(gen):
+    for step, (text, context) in enumerate(_texts_in_context(model, gen)):
         alternatives = [] if best is None else [
-            (model.decode([t]), lp) for t, lp in zip(best.indices[step].tolist(), best.values[step].tolist(),
-                                                     strict=True)]
-        out.append((model.decode([token]), chosen[step], alternatives))
+            (_text_after(model, context, t), lp) for t, lp in zip(best.indices[step].tolist(),
+                                                                  best.values[step].tolist(), strict=True)]
+        out.append((text, chosen[step], alternatives))
     return out
 
 
