@@ -38,10 +38,11 @@ def pytest_configure(config) -> None:
 # (scripts/test.sh: --dist loadfile), and a long file dealt last leaves one worker running it alone. Files not
 # named keep their order, after these.
 SLOW_FILES = {"test_gpu_suite.py": 55, "test_ray.py": 54, "test_real_model.py": 51,
-              "test_decode_attention_triton.py": 41, "test_disk_tier.py": 32, "test_policy_search.py": 27,
-              "test_quantized_attention_triton.py": 25, "test_threads.py": 18, "test_serve.py": 17,
-              "test_gguf_quants.py": 17, "test_quality.py": 16, "test_int4_gemv_triton.py": 14, "test_presets.py": 14,
-              "test_parity.py": 12, "test_lm_eval.py": 12, "test_shared_prefix.py": 11, "test_decode_graph.py": 11}
+              "test_decode_attention_triton.py": 41, "test_disk_tier.py": 32, "test_serve.py": 30,
+              "test_lm_eval.py": 29, "test_policy_search.py": 27, "test_quantized_attention_triton.py": 25,
+              "test_cancel.py": 22, "test_threads.py": 18, "test_gguf_quants.py": 17, "test_quality.py": 14,
+              "test_int4_gemv_triton.py": 14, "test_presets.py": 14, "test_parity.py": 12, "test_shared_prefix.py": 11,
+              "test_decode_graph.py": 11, "test_run_batch.py": 11, "test_scoring.py": 10}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
