@@ -15,6 +15,7 @@ from .protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -166,23 +167,30 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     return Work(url, request, model, jobs, texts, sum(len(p) for p in prompts))
 
 
+def chat_text(messages: list[ChatMessage], served: Served, add_generation_prompt: bool = True) -> str:
+    """The messages through the served model's chat template (text content parts only); a 400 for what it
+    cannot take."""
+    tokenizer = served.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError(400, f"{served.name} has no chat template: use {COMPLETIONS}", "messages",
+                           "no_chat_template")
+    for m in messages:
+        if not isinstance(m.content, str) and m.content is not None and \
+                any(p.get("type") != "text" for p in m.content):
+            raise RequestError(400, "only text content parts are supported", "messages", "invalid_value")
+    try:
+        return tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # the template's own checks (roles, order)
+        raise RequestError(400, f"the chat template refused these messages: {e}", "messages",
+                           "invalid_value") from None
+
+
 def _prompts(request, served: Served) -> tuple[list[str], list[list[int]]]:
     """(texts to echo, token ids) of each prompt of the request."""
     tokenizer = served.tokenizer
     if isinstance(request, ChatCompletionRequest):
-        if not getattr(tokenizer, "chat_template", None):
-            raise RequestError(400, f"{served.name} has no chat template: use {COMPLETIONS}", "messages",
-                               "no_chat_template")
-        for m in request.messages:
-            if not isinstance(m.content, str) and m.content is not None and \
-                    any(p.get("type") != "text" for p in m.content):
-                raise RequestError(400, "only text content parts are supported", "messages", "invalid_value")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # the template's own checks (roles, order)
-            raise RequestError(400, f"the chat template refused these messages: {e}", "messages",
-                               "invalid_value") from None
+        text = chat_text(request.messages, served)
         return [text], [tokenizer(text, add_special_tokens=False)["input_ids"]]
     prompt = request.prompt
     if isinstance(prompt, str):

@@ -4,12 +4,11 @@ copy of the tokenizer)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..openai_api.requests import RequestError
+from ..openai_api.protocol import ChatMessage
+from ..openai_api.requests import RequestError, chat_text
 
 
 class TokenizeRequest(BaseModel):
@@ -17,7 +16,7 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None  # a chat, through the model's chat template
+    messages: list[ChatMessage] | None = None  # a chat, through the model's chat template
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -46,15 +45,7 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
             raise RequestError(400, "give exactly one of prompt (text) or messages (a chat)", "prompt",
                                "invalid_value")
         if body.messages is not None:
-            if not getattr(tok, "chat_template", None):
-                raise RequestError(400, f"{served.name} has no chat template", "messages", "no_chat_template")
-            messages = [{**m, "content": _text(m.get("content"))} for m in body.messages]
-            try:
-                text = tok.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=body.add_generation_prompt)
-            except Exception as e:  # the template's own checks
-                raise RequestError(400, f"the chat template refused these messages: {e}", "messages",
-                                   "invalid_value") from None
+            text = chat_text(body.messages, served, body.add_generation_prompt)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
@@ -75,12 +66,3 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
                 "pad_token": tok.pad_token, "chat_template": getattr(tok, "chat_template", None),
                 "model_max_length": served.config.max_positions, "vocab_size": served.config.vocab_size}
 
-
-def _text(content) -> str | None:
-    """A message's content: a string, or OpenAI's content parts, whose text parts are joined (as chat requests'
-    are)."""
-    if content is None or isinstance(content, str):
-        return content
-    if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-        raise RequestError(400, "only text content parts are supported", "messages", "invalid_value")
-    return "".join(p.get("text", "") for p in content)
