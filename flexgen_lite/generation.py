@@ -70,10 +70,10 @@ class FlexGenLite:
         self.source_quantized = source_quantization(model)
         self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
         self.kept_as_stored = kept_as_stored(self.policy, model)
-        searched = self.search is not None and any(  # a compression the search chose, not a flag
-            on and getattr(policy, name, None) is None
-            for name, on in (("compress_weight", self.policy.compress_weight),
-                             ("compress_cache", self.policy.compress_cache)))
+        searched = tuple(said for said, name, on in (  # the compressions the search chose, not a flag
+            ("weights", "compress_weight", self.policy.compress_weight),
+            ("KV cache", "compress_cache", self.policy.compress_cache))
+            if self.search is not None and on and getattr(policy, name, None) is None)
         if (notice := compression_notice(self.policy, searched, self.source_quantized,
                                          self.kept_as_stored, kept_groups(self.policy, model))) is not None:
             print(notice, file=sys.stderr)

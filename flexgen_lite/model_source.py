@@ -137,13 +137,13 @@ def kept_groups(policy: Policy, model: str) -> tuple[list[str], list[str]]:
     return group_types(model)
 
 
-def compression_notice(policy: Policy, searched: bool, source_quantized: list[str], kept: bool = False,
-                       partly: tuple[list[str], list[str]] = ([], [])) -> str | None:
+def compression_notice(policy: Policy, searched: bool | tuple[str, ...], source_quantized: list[str],
+                       kept: bool = False, partly: tuple[list[str], list[str]] = ([], [])) -> str | None:
     """One plain line when a run compresses weights or the KV cache to 4 bits: who chose it, and whether it is
     lossy (`kept`: the weights are a Q4_0/Q4_1 file's own groups, kept_as_stored; `partly`: the types of a file's
-    matrices kept as its groups, and of those rounded, kept_groups)."""
-    why = ("chosen by --policy auto: --no-compress-weight / --no-compress-cache forbid it" if searched
-           else "as asked")
+    matrices kept as its groups, and of those rounded, kept_groups). searched: the search chose every
+    compression (True), none (False), or those named ("weights", "KV cache")."""
+    why = _who_chose(policy, searched)
     kept = kept and policy.compress_weight
     if policy.compress_weight and not kept and partly[0]:
         return _partly_kept_notice(policy, *partly, why)
@@ -159,6 +159,18 @@ def compression_notice(policy: Policy, searched: bool, source_quantized: list[st
         said += ("; " if said else "") + (f"{' and '.join(lossy)} compressed to 4 bits, which is lossy (outputs "
                                           f"differ from the uncompressed model's){again}")
     return f"note: {said}, {why}"
+
+
+def _who_chose(policy: Policy, searched: bool | tuple[str, ...]) -> str:
+    on = [name for name, c in (("weights", policy.compress_weight), ("KV cache", policy.compress_cache)) if c]
+    chosen = on if searched is True else [] if searched is False else [n for n in on if n in searched]
+    if not chosen:
+        return "as asked"
+    if len(chosen) == len(on):
+        return "chosen by --policy auto: --no-compress-weight / --no-compress-cache forbid it"
+    flag = "--no-compress-weight" if chosen == ["weights"] else "--no-compress-cache"
+    asked = next(n for n in on if n not in chosen)
+    return f"the {asked} as asked, the {chosen[0]} chosen by --policy auto ({flag} forbids it)"
 
 
 def _partly_kept_notice(policy: Policy, kept: list[str], rounded: list[str], why: str) -> str:

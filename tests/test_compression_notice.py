@@ -39,6 +39,11 @@ def test_the_notice_says_what_is_compressed_and_who_chose_it():
     assert "already Q4_1" in asked and "\n" not in asked
     auto = compression_notice(Policy(compress_cache=True), True, [])
     assert "KV cache" in auto and "--policy auto" in auto and "weights" not in auto
+    both = Policy(compress_weight=True, compress_cache=True)  # the weights asked for, the cache searched
+    mixed = compression_notice(both, ("KV cache",), [])
+    assert mixed.endswith("the weights as asked, the KV cache chosen by --policy auto (--no-compress-cache forbids it)")
+    assert compression_notice(both, ("weights", "KV cache"), []).endswith("--no-compress-cache forbid it")
+    assert compression_notice(both, (), []).endswith(", as asked")
 
 
 def test_a_compressed_run_says_so_on_stderr(tiny_models, capsys):

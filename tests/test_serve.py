@@ -53,9 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw(url: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, str]:
+def raw(url: str, body: bytes | None = None, key: str | None = KEY, content_type: str | None = "application/json"
+        ) -> tuple[int, str]:
     """(status, response text) of a plain HTTP request (POST when there is a body), bypassing the client."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    headers = {**({"Content-Type": content_type} if content_type else {}),
+               **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
         with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=60) as r:
             return r.status, r.read().decode()
@@ -198,6 +200,13 @@ def test_the_tokenizer_as_vllm_serves_it(server):
     assert status == 200 and json.loads(text)["count"] == 2, text
     status, _ = raw(f"{server.url}/tokenize", b"{}", key=None)
     assert status == 400
+    for kind in (None, "text/plain"):  # JSON whatever the Content-Type says, as the completion routes read it
+        for url, body in (("tokenize", {"prompt": "w5 w6"}), ("v1/completions", {"model": NAME, "prompt": "w5",
+                                                                                "max_tokens": 0, "echo": True})):
+            status, text = raw(f"{server.url}/{url}", json.dumps(body).encode(), content_type=kind)
+            assert status == 200, text
+    status, text = raw(f"{server.url}/detokenize", b"[1, 2", key=None, content_type=None)
+    assert status == 400 and json.loads(text)["error"]["code"] == "invalid_json"
 
 
 def test_streaming_joins_to_the_same_text(server, offline):

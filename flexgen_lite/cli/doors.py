@@ -29,7 +29,8 @@ def add_commands(sub, add_policy_flags, progress) -> None:
     _model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=port_number, default=8000, help="TCP port, 1..65535 (default %(default)s)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the "
+                   "tokenizer's (/tokenize, /detokenize, /tokenizer_info)")
     s.add_argument("--max-wait-ms", type=float, default=50.0, help="a run starts when no new request has come "
                    "for this long (at most 20 times this after the first; default %(default)s)")
     s.add_argument("--state-dir", help="uploaded files, batch results and the batch database (default: "

@@ -3,6 +3,7 @@ completion objects made from the generated tokens. No HTTP here, and no generati
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
@@ -101,20 +102,30 @@ class Work:
         self.id = self.id or new_id("chatcmpl" if self.url == CHAT else "cmpl")
 
 
+def read_json(raw: bytes) -> object:
+    """An HTTP request's body as JSON, whatever its Content-Type says; a 400 where it is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+
+
+def validated(body: object, kind: type[BaseModel]) -> BaseModel:
+    """`body` (a JSON object) as `kind`; a 400 naming the first field that is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object", "body", "invalid_request")
+    try:
+        return kind.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
 def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     """Check and tokenize a request for `url`; raises RequestError (status 400/404) for what cannot be served."""
     if url not in (COMPLETIONS, CHAT):
         raise RequestError(400, f"url must be {COMPLETIONS} or {CHAT}, got {url!r}", "url", "invalid_url")
     kind = CompletionRequest if url == COMPLETIONS else ChatCompletionRequest
-    if isinstance(body, BaseModel):
-        request = body
-    else:
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object", "body", "invalid_request")
-        try:
-            request = kind.model_validate(body)
-        except ValidationError as e:
-            raise validation_error(e) from None
+    request = body if isinstance(body, BaseModel) else validated(body, kind)
     unsupported = request.unsupported()
     if unsupported is not None:
         raise RequestError(400, f"{unsupported} is not supported by this server (its outputs would not be what you "

@@ -327,7 +327,7 @@ def load_profile(device: ComputeDevice | None = None, offload_dir: str = "", ref
         found = cached_profile(device, offload_dir)
         if found is not None:
             return _with_int4_rates(found, device, offload_dir)
-        print(f"no profile of this machine yet: measuring it now (~30-55 s on 2 cores, once; cached in {cache_dir()}). "
+        print(f"no profile of this machine yet: measuring it now (~35-55 s on 2 cores, once; cached in {cache_dir()}). "
               "Other processes' load would make the plans wrong: `flexgen-lite profile --refresh` measures again",
               file=sys.stderr)
     profile = measure(device, offload_dir, progress)

@@ -33,7 +33,7 @@ from ..openai_api.protocol import (
     ModelList,
     now,
 )
-from ..openai_api.requests import RequestError, Served, Work, prepare, respond
+from ..openai_api.requests import RequestError, Served, Work, prepare, read_json, respond
 from ..openai_api.runner import settled_text
 from .batch_routes import add_batch_routes
 from .request_log import CLIENT_LEFT
@@ -167,12 +167,7 @@ def create_app(state: ServerState) -> FastAPI:
         return ModelCard(id=model, created=now()).model_dump()
 
     async def generate(url: str, request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-        work = prepare(url, body, state.served)
+        work = prepare(url, read_json(await request.body()), state.served)
         gone = threading.Event()  # the client left: its rows stop at the engine's next step
         if work.request.stream:
             loop, tokens = asyncio.get_running_loop(), asyncio.Queue()

@@ -4,11 +4,12 @@ copy of the tokenizer)."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from ..openai_api.protocol import ChatMessage
-from ..openai_api.requests import RequestError, chat_text
+from ..openai_api.requests import RequestError, chat_text, read_json, validated
 
 
 class TokenizeRequest(BaseModel):
@@ -37,9 +38,13 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
                                "model", "no_tokenizer")
         return served.tokenizer
 
-    # plain functions, which FastAPI runs on its thread pool: a long text is not tokenized on the event loop
+    # the bodies read as JSON whatever their Content-Type (as the completion routes read theirs); the work on the
+    # thread pool: a long text is not tokenized on the event loop
     @app.post("/tokenize")
-    def tokenize(body: TokenizeRequest):
+    async def tokenize(request: Request):
+        return await run_in_threadpool(tokenized, validated(read_json(await request.body()), TokenizeRequest))
+
+    def tokenized(body: TokenizeRequest) -> dict:
         tok = tokenizer()
         if (body.prompt is None) == (body.messages is None):
             raise RequestError(400, "give exactly one of prompt (text) or messages (a chat)", "prompt",
@@ -52,7 +57,10 @@ def add_tokenizer_routes(app: FastAPI, state) -> None:
         return {"tokens": ids, "count": len(ids), "max_model_len": served.config.max_positions}
 
     @app.post("/detokenize")
-    def detokenize(body: DetokenizeRequest):
+    async def detokenize(request: Request):
+        return await run_in_threadpool(detokenized, validated(read_json(await request.body()), DetokenizeRequest))
+
+    def detokenized(body: DetokenizeRequest) -> dict:
         vocab = served.config.vocab_size
         if body.tokens and (min(body.tokens) < 0 or max(body.tokens) >= vocab):
             raise RequestError(400, f"tokens holds ids outside the vocabulary (0..{vocab - 1})", "tokens",
