@@ -14,7 +14,7 @@ from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, PolicyError, split_counts
 from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
-from .engine.weights import in_8_bits, on_cpu, place_weights, planned_bytes
+from .engine.weights import in_8_bits, on_cpu, place_weights, planned_bytes, rounded_to_8_bits
 from .kernels.sampling import SamplingConfig, row_generators
 from .model_source import (
     compression_notice,
@@ -82,8 +82,13 @@ class FlexGenLite:
         specs = layer_specs(self.config)
         compression = self.policy.weight_compression()
         cpu_rows = self.policy.gpu_batch_size if on_cpu(self.device) else 0  # weights.in_8_bits
-        if any(in_8_bits(w, compression, cpu_rows, self.dtype) for layer in specs for w in layer.weights):
-            print(f"note: decode steps of {cpu_rows} row(s) on a CPU: {ends_notice(model)}", file=sys.stderr)
+        ends = [w for layer in specs for w in layer.weights if rounded_to_8_bits(w, compression, cpu_rows > 0)]
+        if ends:
+            stored = (f"stored so for decode steps of {cpu_rows} row(s)" if in_8_bits(ends[0], compression, cpu_rows,
+                                                                                     self.dtype)
+                      else f"held in {str(self.dtype).removeprefix('torch.')} for steps of {cpu_rows} rows")
+            print(f"note: compressed weights on a CPU: {ends_notice(model)}, whatever the batch; {stored}",
+                  file=sys.stderr)
         check_fits(planned_bytes(specs, self.policy.percents("weight"), self.dtype, compression, cpu_rows),
                    self.device, self.policy.offload_dir, f"the weights of {self.config.name}")
         if self.budgets is not None:

@@ -97,6 +97,35 @@ def test_placement_and_plan_count_the_8_bit_ends(tiny_models):
     assert all(len(i) == 3 for i in ids)
 
 
+def test_the_ends_hold_their_8_bit_values_whatever_the_batch(tiny_models):
+    """fp32, --compress-weight: a batch of GEMV_ROWS rows keeps the ends as 8-bit codes, a wider one holds their
+    values dense (the decoder's 4-bit matrices in compute memory or on disk): the same greedy text and logits
+    within fp32's sums for each prompt whatever the batch (the ends were rounded only where stored in 8 bits: the
+    text followed the batch, helper-20). Across a link nothing is rounded."""
+    model_dir = str(tiny_models["llama"][0])
+    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    base = Policy(dtype="float32", compress_weight=True)
+    runs = {}
+    for rows, percent in ((1, (100, 0, 100, 0, 100, 0)), (GEMV_ROWS, (100, 0, 100, 0, 100, 0)),
+                          (GEMV_ROWS + 3, (100, 0, 100, 0, 100, 0)), (GEMV_ROWS + 3, (0, 0, 100, 0, 100, 0))):
+        policy = dataclasses.replace(base, gpu_batch_size=rows, weight_gpu_percent=percent[0],
+                                     weight_cpu_percent=percent[1])
+        with FlexGenLite(model_dir, policy=policy) as m:
+            head = m.engine.weights[-1]["lm_head"]
+            assert isinstance(head.data, Int8Weight) == (rows <= GEMV_ROWS) and head.tier == "gpu"
+            runs[rows, percent] = m.generate_ids(PROMPTS, sampling, return_logits=True)
+    (ids, logits), *others = runs.values()
+    for other_ids, other_logits in others:
+        assert other_ids == ids
+        for a, b in zip(other_logits, logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    with FlexGenLite(model_dir, policy=dataclasses.replace(base, gpu_batch_size=GEMV_ROWS + 3)) as m:
+        _, dense = m.generate_ids(PROMPTS, sampling, return_logits=True)
+    with FlexGenLite(model_dir, policy=dataclasses.replace(base, gpu_batch_size=GEMV_ROWS + 3), device="cpu+link") as m:
+        _, unrounded = m.generate_ids(PROMPTS, sampling, return_logits=True)
+    assert not torch.equal(dense[0], unrounded[0])  # the ends' rounding shows in the logits
+
+
 def test_the_ends_go_to_8_bits_where_the_profile_measured_the_kernel_faster(tiny_models, tmp_path, monkeypatch):
     """Whether the ends are kept in 8 bits is the profile's measure of the 8-bit kernel against the head in the
     compute dtype (CPUs differ: the dense bf16 head wins from 2-4 rows where bf16 has a dot instruction, the 8-bit

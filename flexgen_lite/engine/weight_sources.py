@@ -41,6 +41,17 @@ class WeightSource:
         return out
 
 
+class RoundedRows(WeightSource):
+    """A matrix's rows as its 8-bit form holds them (in fp32, exact): what a tier other than the 8-bit store
+    keeps of a weight rounded to 8 bits (weights.rounded_to_8_bits)."""
+
+    def __init__(self, weight: Int8Weight) -> None:
+        self.weight = weight
+
+    def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
+        return self.weight.dequantize(torch.float32, (start, stop))
+
+
 class CheckpointSource(WeightSource):
     def __init__(self, checkpoint) -> None:
         self.checkpoint = checkpoint

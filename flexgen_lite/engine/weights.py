@@ -25,7 +25,7 @@ from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
 from ..system.memory import return_freed_memory
 from .storage import DiskFile, DiskStore, MemoryLedger, page_aligned
-from .weight_sources import WeightSource
+from .weight_sources import RoundedRows, WeightSource
 
 DECODER_KINDS = ("attention", "mlp")
 
@@ -84,21 +84,28 @@ def matrix_compression(kind: str, spec: WeightSpec,
     and the head stay in the compute dtype, as GPTQ, AWQ and llama.cpp keep them (FlexGen rounds them too):
     on SmolLM2-135M, 4-bit groups of 64 raised perplexity by 41% with them rounded, 28% without; a Q4_1 file's
     own groups (STORED_GROUPS) by 5% with them rounded, 0% without. They live in compute memory, a small share
-    of a large model's bytes (OPT-175B: 1.4% in fp16). On a CPU the embedding and head go to 8 bits (in_8_bits)."""
+    of a large model's bytes (OPT-175B: 1.4% in fp16). On a CPU the embedding and head go to 8 bits
+    (rounded_to_8_bits)."""
     return compression if compressed_matrix(kind, spec) else None
 
 
 EIGHT_BIT = ("tokens", "lm_head")  # the embedding and head: in 8 bits where weights are compressed on a CPU
 
 
+def rounded_to_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu: bool) -> bool:
+    """Whether a weight's values are its 8-bit form's (int8_weight.py): the embedding and the head when weights
+    are compressed and a CPU (not across a link) computes, whatever the batch, so that a prompt's text does not
+    depend on how many rows run beside it; stored in 8 bits where in_8_bits, else those values in the compute
+    dtype (a GGUF's Q8_0 ones are the file's)."""
+    return compression is not None and cpu and spec.name in EIGHT_BIT and int8_fits(spec.shape)
+
+
 def in_8_bits(spec: WeightSpec, compression: CompressionConfig | None, cpu_rows: int, dtype: torch.dtype) -> bool:
-    """Whether a weight is stored in 8 bits (int8_weight.py): the embedding and the head when weights are
-    compressed and a CPU (not across a link) computes decode steps of `cpu_rows` rows (the policy's GPU batch; 0:
-    not a CPU) faster by the 8-bit kernel than with the head in the compute `dtype` (int8_weight.head_wins: a step
-    reads the head whole, a 128,256-word head is half a 1B model's 4-bit step; at more rows the products compute,
-    and the head read dense wins)."""
-    return (compression is not None and cpu_rows > 0 and spec.name in EIGHT_BIT and int8_fits(spec.shape)
-            and head_wins(dtype, cpu_rows, *spec.shape))
+    """Whether a weight is stored in 8 bits: rounded_to_8_bits where a CPU computes decode steps of `cpu_rows`
+    rows (the policy's GPU batch; 0: not a CPU) faster by the 8-bit kernel than with the head in the compute
+    `dtype` (int8_weight.head_wins: a step reads the head whole, a 128,256-word head is half a 1B model's 4-bit
+    step; at more rows the products compute, and the head read dense wins)."""
+    return rounded_to_8_bits(spec, compression, cpu_rows > 0) and head_wins(dtype, cpu_rows, *spec.shape)
 
 
 def weight_nbytes(spec: WeightSpec, kind: str, dtype: torch.dtype, compression: CompressionConfig | None,
@@ -194,10 +201,12 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     and it is `compressible` (compressed_matrix): for the CPU's int4 kernel where it can multiply it; the
     embedding and head in 8 bits on a CPU); a disk-homed one into `file` at `offset`; a cpu-homed one across the
     link into a view of `arena`. cpu_rows: in_8_bits."""
-    if tier == "gpu" and in_8_bits(spec, compression, cpu_rows if on_cpu(device) else 0, dtype):
+    if rounded_to_8_bits(spec, compression, on_cpu(device)):
         data = source.int8(spec, dtype)
-        ledger.add(tier, data.nbytes)
-        return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)
+        if tier == "gpu" and in_8_bits(spec, compression, cpu_rows, dtype):
+            ledger.add(tier, data.nbytes)
+            return StoredWeight(spec.shape, dtype, tier, data, data.nbytes, resident=True)
+        source = RoundedRows(data)  # the same values on whatever tier, in the compute dtype
     rows, compression = spec.shape[0], compression if compressible else None
     nbytes = stored_nbytes(spec.shape, dtype, compression)
     int4 = compressible and not device.host_is_separate and eligible(spec.shape, compression, device.device)

@@ -11,7 +11,7 @@ from ..engine.cache_store import component_specs
 from ..engine.kv_cache import batch_parts
 from ..engine.policy import Policy
 from ..engine.storage import TIERS
-from ..engine.weights import in_8_bits
+from ..engine.weights import rounded_to_8_bits
 from ..kernels.int8_weight import int8_nbytes
 from ..models.config import ModelConfig
 from ..system.host_memory import padded
@@ -81,7 +81,7 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
         load = max(load, numel * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
-        if in_8_bits(sp, s.wcomp, s.cpu_rows, s.dtype):  # the source's fp32 rows (a GGUF's whole), codes beside them
+        if rounded_to_8_bits(sp, s.wcomp, s.cpu_rows > 0):  # the source's fp32 rows (a GGUF's whole), codes beside
             load = max(load, numel * 4 + int8_nbytes(sp.shape))
     cpu["load"] = load
     cpu["reserve"] = RESERVE
