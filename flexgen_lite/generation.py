@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 from collections.abc import Callable
 
@@ -350,9 +351,17 @@ class FlexGenLite:
         return {"current": dict(self.ledger.current), "peak": dict(self.ledger.peak)}
 
     def close(self) -> None:
+        """End the engine's threads, remove its offload files, and give its memory back: weights, cache and
+        buffers freed and their pages returned to the OS (freed memory is otherwise kept, keep_freed_memory), so
+        that a model opened next in this process has the budgets' room."""
+        if self.closed:
+            return
         self.closed = True
         self.engine.close()
         self.disk.close()
+        self.engine = None
+        gc.collect()  # the engine's reference cycles (threads' closures) hold its tensors until collected
+        return_freed_memory()
 
     def _check_open(self) -> None:
         if self.closed:

@@ -99,3 +99,41 @@ def test_the_uncompressed_run_keeps_the_budgets(tiny_models, tmp_path, capsys):
 
     ids = AutoTokenizer.from_pretrained(str(path))(text.read_text(), add_special_tokens=False)["input_ids"]
     assert out["uncompressed"]["perplexity"] == pytest.approx(hf_perplexity(model, ids, 2, 48), rel=1e-4)
+
+
+def test_windows_of_the_whole_context_with_agreement_prompts(tiny_models, tmp_path, capsys):
+    """--window at the model's context (64) under --policy auto: the windows are prefill rows and need no position
+    past it, the agreement prompts' 32 + 16 fit (auto planned for 64 + 16 and refused)."""
+    path, model = tiny_models["llama"]
+    rng = random.Random(2)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 512)}" for _ in range(150)))
+    out = quality(capsys, "--model", str(path), "--text", str(text), "--window", "64", "--compress-weight",
+                  "--dtype", "float32", "--agreement", "2")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(path))(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert out["window"] == 64 and 0 <= out["greedy_agreement"]["identical"] <= 1
+    assert out["uncompressed"]["perplexity"] == pytest.approx(hf_perplexity(model, ids, 2, 64), rel=1e-4)
+
+
+def test_a_closed_model_gives_its_memory_back(tmp_path):
+    """close() frees the engine's weights and returns their pages (freed memory is otherwise kept: a second model,
+    quality's uncompressed twin, ran 29% past --cpu-mem beside the first's holes, helper-21)."""
+    import gc
+
+    from flexgen_lite import FlexGenLite, Policy
+    from flexgen_lite.system.memory import process_rss, return_freed_memory
+
+    from .conftest import make_checkpoint
+
+    path = tmp_path / "llama"
+    make_checkpoint(path, "llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=4)
+    gc.collect()
+    return_freed_memory()
+    before = process_rss()
+    m = FlexGenLite(str(path), policy=Policy(gpu_batch_size=2, dtype="bfloat16", compress_weight=True))
+    held = process_rss() - before
+    m.close()
+    assert held > 8 << 20  # 4-bit codes, bf16 ends and vectors on the heap
+    assert process_rss() - before < held / 4

@@ -66,9 +66,12 @@ def cmd_quality(args, progress) -> None:
         print(f"note: --window {args.window} is past {model}'s context: windows of {window}", file=sys.stderr)
     chosen, budgets = policy_from_args(args, default_batch=8), budgets_from_args(args)
     runs = {}
-    # auto plans for the windows (and the agreement prompts' generations); an explicit policy is checked per
-    # block at its real lengths
-    workload = Workload(window, AGREE_NEW if args.agreement else 1)
+    # auto plans for the windows (prefill rows: a window of the whole context needs no position past it) and the
+    # agreement prompts' generations where those are longer; an explicit policy is checked per block at its lengths
+    if args.agreement and window < AGREE_PROMPT + AGREE_NEW:
+        workload = Workload(AGREE_PROMPT, AGREE_NEW)
+    else:
+        workload = Workload(min(window, config.max_positions - 1), 1)
     with FlexGenLite(model, policy=chosen, device=args.device, workload=workload, budgets=budgets,
                      progress=progress) as m:
         ids = tokens_of(m, text, args.max_tokens)
@@ -95,15 +98,9 @@ def uncompressed_model(model: str, baseline, device, workload, budgets, progress
     from ..generation import FlexGenLite
     from ..planning.policy_search import AutoPolicy
 
-    try:
-        twin = FlexGenLite(model, policy=baseline, device=device, budgets=budgets, progress=progress)
-        if budgets is not None:
-            try:
-                twin._check_budgets(workload, "the uncompressed twin")  # its windows, before any is scored
-            except PolicyError:
-                twin.close()
-                raise
-        return twin
+    try:  # checked for its windows before its weights are placed (the first model's memory given back: close)
+        return FlexGenLite(model, policy=baseline, device=device, workload=workload, budgets=budgets,
+                           progress=progress)
     except PolicyError as e:
         print(f"note: the uncompressed twin does not fit ({e}); searching an uncompressed policy that does",
               file=sys.stderr)
