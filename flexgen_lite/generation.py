@@ -147,7 +147,8 @@ class FlexGenLite:
         plan, peak = peak_memory(self.config, workload or Workload(1, 1), self.policy, self.device.is_cuda)
         prompts = (f"for prompts of {workload.prompt_len} + {workload.gen_len} tokens" if workload else
                    "before any prompt (weights and buffers)")
-        check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({self.policy.flags()}) {prompts}")
+        check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({self.policy.flags()}) {prompts}",
+                      searched=self.search is not None)
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -335,6 +336,7 @@ class FlexGenLite:
         if engine.cache is not None and engine.cache.max_len >= block.prompt_len + block.gen_len:
             return
         engine.free_cache()  # the old cache's room is free for the new one
+        return_freed_memory()  # and its pages given back: kept, they stayed resident beside the new, longer one
         if self.budgets is not None:
             self._check_budgets(Workload(block.prompt_len, block.gen_len), "this block")
         c = self.config

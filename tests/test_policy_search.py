@@ -229,10 +229,39 @@ def test_impossible_budget_says_what_is_missing_where():
     with pytest.raises(PolicyError) as e:
         search_policy(OPT, WL, HW, Budgets(None, 300 * MiB, 1 * GiB), page_cache=0)
     message = str(e.value)
-    assert "no policy fits opt-1.3b" in message
+    assert "no policy fits opt-1.3b" in message and "missing on cpu" in message
+    assert "--dtype bfloat16" not in message  # this profile computes in bfloat16 already
+    # the smallest policy is the search's own, compressed: no hint to compress (it was tried), a flag to raise
+    assert "Smaller" not in message and "(--cpu-mem that much larger)" in message
+    assert "(compute tier)" in message  # the parts listed are those the tier's need adds up from
+    with pytest.raises(PolicyError) as e:
+        search_policy(OPT, WL, HW, Budgets(None, 300 * MiB, 1 * GiB), AutoPolicy(compress_weight=False),
+                      page_cache=0)
+    message = str(e.value)
     assert "missing on cpu" in message and "weight slots" in message
     assert "more than all tiers give" in message and "--disk-mem" in message
-    assert "--dtype bfloat16" not in message  # this profile computes in bfloat16 already
+    assert "without --no-compress-weight the weights could be stored in 4 bits" in message
+
+
+def test_an_over_budget_policy_says_what_would_fit():
+    """Which flag to raise and by how much; a disk over its budget is not told to move more to disk; a searched
+    policy is not told to use --policy auto."""
+    from flexgen_lite.planning.budgets import check_budgets
+
+    plan = {"gpu": {"weights": 100 * MiB, "kv cache": 50 * MiB}, "cpu": {"reserve": 64 * MiB},
+            "disk": {"weights": 500 * MiB}}
+    peak = {"gpu": 0.0, "cpu": 214 * MiB, "disk": 500 * MiB}
+    with pytest.raises(PolicyError) as e:
+        check_budgets(peak, plan, Budgets(None, 1 * GiB, 400 * MiB), cuda=False, what="the policy")
+    message = str(e.value)
+    assert "disk needs 0.49 GiB but its budget is 0.39 GiB: 100.00 MiB missing" in message
+    assert "--disk-mem 100.00 MiB larger would fit it" in message
+    assert "move more to disk" not in message and "Keep more in memory" in message and "--policy auto" in message
+    with pytest.raises(PolicyError) as e:
+        check_budgets(peak, plan, Budgets(None, 200 * MiB, None), cuda=False, what="this block", searched=True)
+    message = str(e.value)
+    assert "--cpu-mem 14.00 MiB larger" in message and "weights (compute tier) 100.00 MiB" in message
+    assert "move more to disk" in message and "--policy auto" not in message
 
 
 def test_impossible_budget_on_a_machine_slow_at_bfloat16_suggests_it():

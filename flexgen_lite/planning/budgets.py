@@ -81,19 +81,33 @@ def over_budget(peak: dict[str, float], budgets: Budgets) -> dict[str, tuple[flo
     return out
 
 
+BUDGET_FLAGS = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
+
+
+def largest_parts(plan: dict[str, dict[str, float]], tier: str, cuda: bool, count: int = 3) -> str:
+    """A tier's largest planned parts, 'name size, ...' (host RAM's include the compute tier's on a CPU)."""
+    parts = {k: v for k, v in plan[tier].items() if k != "load"}
+    if tier == "cpu" and not cuda:  # host RAM holds the compute tier too
+        parts.update({f"{k} (compute tier)": v for k, v in plan["gpu"].items() if k != "load"})
+    top = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:count]
+    return ", ".join(f"{k} {gib(v)}" for v, k in top)
+
+
 def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], budgets: Budgets, cuda: bool,
-                  what: str) -> None:
-    """Raise PolicyError naming each tier over its budget, by how much, and its largest parts."""
+                  what: str, searched: bool = False) -> None:
+    """Raise PolicyError naming each tier over its budget, by how much, its largest parts, and what would make
+    it fit (searched: the policy is --policy auto's, which cannot be asked for again)."""
     over = over_budget(peak, budgets)
     if not over:
         return
     lines = []
     for tier, (need, budget) in over.items():
-        parts = {k: v for k, v in plan[tier].items() if k != "load"}
-        if tier == "cpu" and not cuda:  # host RAM holds the compute tier too
-            parts.update({f"{k} (compute tier)": v for k, v in plan["gpu"].items()})
-        top = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3]
         lines.append(f"{tier} needs {gib(need)} but its budget is {gib(budget)}: {gib(need - budget)} missing "
-                     f"(largest: {', '.join(f'{k} {gib(v)}' for v, k in top)})")
-    raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines)
-                      + ". Lower the batch size, move more to disk (--percent), raise the budget, or use --policy auto")
+                     f"(largest: {largest_parts(plan, tier, cuda)}); {BUDGET_FLAGS[tier]} {gib(need - budget)} "
+                     "larger would fit it")
+    if "disk" in over and len(over) == 1:
+        remedy = "Keep more in memory (--percent), compress (--compress-weight, --compress-cache)"
+    else:
+        remedy = "Lower the batch size, move more to disk (--percent), compress (--compress-weight, --compress-cache)"
+    raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines) + f". {remedy}, raise the budget"
+                      + (", or shorten the prompts" if searched else ", or use --policy auto"))

@@ -16,7 +16,7 @@ from ..models.config import ModelConfig
 from ..system.devices import host_available_bytes
 from ..system.hardware import HardwareProfile
 from ..system.memory import gib
-from .budgets import Budgets, over_budget
+from .budgets import BUDGET_FLAGS, Budgets, largest_parts, over_budget
 from .cost_model import Prediction, phase_times, predict
 from .dtype_choice import search_options
 from .layout import Layout, Regime, Setup, Workload
@@ -327,7 +327,8 @@ def _nothing_fits(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
     dtype = search_options(auto.base.dtype, hw)[0]
     smallest = dataclasses.replace(auto.base, dtype=dtype, gpu_batch_size=1, num_gpu_batches=1, weight_gpu_percent=0,
                                    weight_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
-                                   compress_weight=bool(auto.compress_weight), compress_cache=bool(auto.compress_cache))
+                                   compress_weight=auto.compress_weight is not False,  # searched: its smallest
+                                   compress_cache=auto.compress_cache is not False)
     s = Setup(config, workload, smallest, hw)
     plan = memory_plan(s, Layout.of_policy(s, smallest))
     peak = tier_peaks(plan, hw.is_cuda)
@@ -345,18 +346,15 @@ def _nothing_fits(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
     for tier, (need, budget) in over_budget(peak, budgets).items():
         if tier == "disk":
             continue
-        parts = {k: v for k, v in plan[tier].items() if k not in ("weights", "kv cache", "load")}
-        if tier == "cpu" and not hw.is_cuda:
-            parts.update({k: v for k, v in plan["gpu"].items() if k not in ("weights", "kv cache")})
-        top = ", ".join(f"{k} {gib(v)}" for v, k in sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3])
         lines.append(f"Even with everything on disk and one sequence, the {tier} tier needs {gib(need)} "
-                     f"({top}) but its budget is {gib(budget)}: {gib(need - budget)} missing on {tier}.")
+                     f"(largest: {largest_parts(plan, tier, hw.is_cuda)}) but its budget is {gib(budget)}: "
+                     f"{gib(need - budget)} missing on {tier} ({BUDGET_FLAGS[tier]} that much larger).")
     smaller = []
     if not auto.base.dtype and dtype == "float32":
         smaller.append("--dtype bfloat16 halves the weights and the cache (the search keeps float32 here because "
                        "this machine's bfloat16 matmuls are slower)")
-    if not auto.compress_weight:
-        smaller.append("--compress-weight stores the weights in 4 bits")
+    if auto.compress_weight is False:
+        smaller.append("without --no-compress-weight the weights could be stored in 4 bits")
     if smaller:
         lines.append("Smaller: " + "; ".join(smaller) + ".")
     return " ".join(lines)
