@@ -37,7 +37,9 @@ from .planning.policy_search import AutoPolicy
 from .step_checks import cancel_check, step_message, stop_check, straggler_check, streamer
 from .stragglers import Carried, later_rows, next_group
 from .system.devices import ComputeDevice, keep_freed_memory
-from .system.memory import return_freed_memory
+from .system.memory import process_rss, return_freed_memory
+
+HOLD_AT = 0.9  # hold_budget: the share of the host budget past which freed pages are given back between blocks
 
 
 def default_workload(config: ModelConfig) -> Workload:
@@ -68,6 +70,7 @@ class FlexGenLite:
         self.config, source, self.tokenizer = open_model(model)
         self.device = ComputeDevice(device)
         self.search, self.budgets = None, budgets
+        self._rss_before = process_rss()  # hold_budget: the runtime's share, beside the engine's budgets
         self.source_quantized = source_quantization(model)
         self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
         self.kept_as_stored = kept_as_stored(self.policy, model)
@@ -315,7 +318,16 @@ class FlexGenLite:
                 for step in steps:
                     step(block)
         self.engine.run(block, sampling, on_step, keep_logits)
+        self.hold_budget()
         return block
+
+    def hold_budget(self) -> None:
+        """Between blocks: where this process holds 90% of the host budget beyond what it held before the model
+        (freed memory is kept for speed, keep_freed_memory, and blocks of other lengths leave holes the plan does
+        not count), give the freed pages back, so the next block's peak stays within the budget."""
+        if self.budgets is not None and self.budgets.cpu is not None and \
+                process_rss() - self._rss_before > HOLD_AT * self.budgets.cpu:
+            return_freed_memory()
 
     def _check_prompts(self, prompts: list[list[int]], sampling: SamplingConfig) -> None:
         if not prompts:

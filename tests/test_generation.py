@@ -417,3 +417,30 @@ def test_ledger_counts_the_cache_on_disk(opt_dir):
     cache = m.config.kv_bytes_per_token(4) * policy.block_size * (prompt_len + GREEDY.max_new_tokens)
     assert report["current"]["disk"] == cache
     assert report["peak"]["disk"] >= cache
+
+
+def test_blocks_give_freed_pages_back_only_near_the_host_budget(tiny_models, monkeypatch):
+    """Freed memory is kept for speed; between blocks it is given back where the process holds 90% of the host
+    budget beyond what it held before the model (heap holes left by blocks of other lengths took run-batch 5%
+    and a server 11% past --cpu-mem, helper-21), and never without a budget."""
+    from flexgen_lite import generation
+    from flexgen_lite.planning.budgets import Budgets
+
+    trims, held = [], {"rss": 0}
+    path, sampling = str(tiny_models["llama"][0]), SamplingConfig(max_new_tokens=2, stop_at_eos=False)
+    policy = Policy(gpu_batch_size=2, dtype="float32")
+    for budgets, expected in ((Budgets(None, 100 << 20, None), [95 << 20]), (None, [])):
+        with FlexGenLite(path, policy=policy, budgets=budgets) as m:
+            monkeypatch.setattr(generation, "return_freed_memory", lambda: trims.append(held["rss"]))
+            monkeypatch.setattr(generation, "process_rss", lambda: m._rss_before + held["rss"])
+            trims.clear()
+            for rss in (50 << 20, 89 << 20, 95 << 20):  # 50%, 89%, 95% of the budget
+                held["rss"] = rss
+                m.hold_budget()
+            assert trims == expected
+            monkeypatch.undo()
+            blocks = []
+            monkeypatch.setattr(m, "hold_budget", lambda: blocks.append(1))
+            m.generate_ids(PROMPTS[:3], sampling)  # two blocks of 2 rows, each followed by the check
+            assert len(blocks) == 2
+            monkeypatch.undo()

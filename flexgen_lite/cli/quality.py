@@ -66,12 +66,12 @@ def cmd_quality(args, progress) -> None:
         print(f"note: --window {args.window} is past {model}'s context: windows of {window}", file=sys.stderr)
     chosen, budgets = policy_from_args(args, default_batch=8), budgets_from_args(args)
     runs = {}
-    # auto plans for the windows (prefill rows: a window of the whole context needs no position past it) and the
-    # agreement prompts' generations where those are longer; an explicit policy is checked per block at its lengths
-    if args.agreement and window < AGREE_PROMPT + AGREE_NEW:
-        workload = Workload(AGREE_PROMPT, AGREE_NEW)
-    else:
-        workload = Workload(min(window, config.max_positions - 1), 1)
+    # auto plans for the windows and the agreement prompts' generations (a window of the whole context is prefill
+    # rows, no position past it); an explicit policy is checked per block at its real lengths
+    new = AGREE_NEW if args.agreement else 1
+    if window + new > config.max_positions and window >= AGREE_PROMPT + AGREE_NEW:
+        new = 1
+    workload = Workload(min(window, config.max_positions - new), new)
     with FlexGenLite(model, policy=chosen, device=args.device, workload=workload, budgets=budgets,
                      progress=progress) as m:
         ids = tokens_of(m, text, args.max_tokens)
