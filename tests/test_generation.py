@@ -440,7 +440,7 @@ def test_blocks_give_freed_pages_back_only_near_the_host_budget(tiny_models, mon
             assert trims == expected
             monkeypatch.undo()
             blocks = []
-            monkeypatch.setattr(m, "hold_budget", lambda: blocks.append(1))
+            monkeypatch.setattr(m, "hold_budget", lambda blocks=blocks: blocks.append(1))
             m.generate_ids(PROMPTS[:3], sampling)  # two blocks of 2 rows, each followed by the check
             assert len(blocks) == 2
             monkeypatch.undo()
