@@ -257,9 +257,11 @@ def test_an_over_budget_policy_says_what_would_fit():
     assert "disk needs 0.49 GiB but its budget is 0.39 GiB: 100.00 MiB missing" in message
     assert "--disk-mem 100.00 MiB larger would fit it" in message
     assert "move more to disk" not in message and "Keep more in memory" in message and "--policy auto" in message
-    with pytest.raises(PolicyError) as e:
-        check_budgets(peak, plan, Budgets(None, 200 * MiB, None), cuda=False, what="this block", searched=True)
+    with pytest.raises(PolicyError) as e:  # the budget as the user gave it, less the runtime taken off
+        check_budgets(peak, plan, Budgets(None, 200 * MiB, None, (("cpu", 300 * MiB),)), cuda=False,
+                      what="this block", searched=True)
     message = str(e.value)
+    assert "its budget is 0.20 GiB (--cpu-mem 0.49 GiB less 0.29 GiB of runtime)" in message
     assert "--cpu-mem 14.00 MiB larger" in message and "weights (compute tier) 100.00 MiB" in message
     assert "move more to disk" in message and "--policy auto" not in message
 

@@ -143,16 +143,20 @@ def budgets_from_args(args) -> Budgets | None:
     share is taken off each: Python, torch and the tokenizer in host RAM; the CUDA context on the card."""
     if args.gpu_mem is None and args.cpu_mem is None and args.disk_mem is None:
         return None
-    cpu, gpu = args.cpu_mem, args.gpu_mem
+    cpu, gpu, taken_off = args.cpu_mem, args.gpu_mem, []
     if cpu is not None:
-        cpu = _less_runtime(cpu, runtime_bytes(), "--cpu-mem", "Python, torch, the tokenizer, with room to warm up")
+        runtime = runtime_bytes()
+        cpu = _less_runtime(cpu, runtime, "--cpu-mem", "Python, torch, the tokenizer, with room to warm up")
+        taken_off.append(("cpu", runtime))
     if gpu is not None:
         from ..system.devices import ComputeDevice
 
         device = ComputeDevice(args.device)
         if device.is_cuda:
-            gpu = _less_runtime(gpu, device.runtime_bytes(), "--gpu-mem", "the CUDA context and kernels")
-    return Budgets(gpu, cpu, args.disk_mem)
+            runtime = device.runtime_bytes()
+            gpu = _less_runtime(gpu, runtime, "--gpu-mem", "the CUDA context and kernels")
+            taken_off.append(("gpu", runtime))
+    return Budgets(gpu, cpu, args.disk_mem, tuple(taken_off))
 
 
 def _less_runtime(budget: int, runtime: int, flag: str, what: str) -> int:

@@ -10,6 +10,7 @@ from ..system.devices import ComputeDevice
 from ..system.memory import free_bytes, gib
 
 SAFETY = 0.85  # default budgets leave this share of what is free: other processes, the page cache, slack
+BUDGET_FLAGS = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
 
 
 def beyond_this_machine(peak: dict[str, float], device: ComputeDevice, offload_dir: str) -> list[str]:
@@ -57,18 +58,25 @@ class Budgets:
     gpu: int | None = None
     cpu: int | None = None
     disk: int | None = None
+    taken_off: tuple[tuple[str, int], ...] = ()  # (tier, bytes): the runtime's share taken off the user's figure
 
     def resolved(self, device: ComputeDevice, offload_dir: str) -> Budgets:
         free = free_bytes(device, offload_dir)
         gpu = self.gpu if self.gpu is not None or not device.is_cuda else int(free["gpu"] * SAFETY)
         return Budgets(gpu, self.cpu if self.cpu is not None else int(free["cpu"] * SAFETY),
-                       self.disk if self.disk is not None else int(free["disk"] * SAFETY))
+                       self.disk if self.disk is not None else int(free["disk"] * SAFETY), self.taken_off)
+
+    def of(self, tier: str) -> str:
+        """A tier's budget as the user can read it: the figure given, less the runtime's share where taken off."""
+        budget, runtime = getattr(self, tier), dict(self.taken_off).get(tier)
+        if budget is None or not runtime:
+            return gib(budget) if budget is not None else "?"
+        return f"{gib(budget)} ({BUDGET_FLAGS[tier]} {gib(budget + runtime)} less {gib(runtime)} of runtime)"
 
     def describe(self, device_is_cuda: bool) -> str:
-        gpu = "no cap (shares host RAM)" if self.gpu is None else gib(self.gpu)
+        gpu = "no cap (shares host RAM)" if self.gpu is None else self.of("gpu")
         host = "host RAM" if device_is_cuda else "host RAM, compute tier included"
-        return f"gpu {gpu}, cpu {gib(self.cpu) if self.cpu is not None else '?'} ({host}), " \
-               f"disk {gib(self.disk) if self.disk is not None else '?'}"
+        return f"gpu {gpu}, cpu {self.of('cpu')} ({host}), disk {self.of('disk')}"
 
 
 def over_budget(peak: dict[str, float], budgets: Budgets) -> dict[str, tuple[float, float]]:
@@ -79,9 +87,6 @@ def over_budget(peak: dict[str, float], budgets: Budgets) -> dict[str, tuple[flo
         if budget is not None and peak[tier] > budget:
             out[tier] = (peak[tier], budget)
     return out
-
-
-BUDGET_FLAGS = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
 
 
 def largest_parts(plan: dict[str, dict[str, float]], tier: str, cuda: bool, count: int = 3) -> str:
@@ -102,7 +107,7 @@ def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], bud
         return
     lines = []
     for tier, (need, budget) in over.items():
-        lines.append(f"{tier} needs {gib(need)} but its budget is {gib(budget)}: {gib(need - budget)} missing "
+        lines.append(f"{tier} needs {gib(need)} but its budget is {budgets.of(tier)}: {gib(need - budget)} missing "
                      f"(largest: {largest_parts(plan, tier, cuda)}); {BUDGET_FLAGS[tier]} {gib(need - budget)} "
                      "larger would fit it")
     if "disk" in over and len(over) == 1:

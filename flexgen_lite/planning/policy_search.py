@@ -347,7 +347,7 @@ def _nothing_fits(config: ModelConfig, workload: Workload, hw: HardwareProfile, 
         if tier == "disk":
             continue
         lines.append(f"Even with everything on disk and one sequence, the {tier} tier needs {gib(need)} "
-                     f"(largest: {largest_parts(plan, tier, hw.is_cuda)}) but its budget is {gib(budget)}: "
+                     f"(largest: {largest_parts(plan, tier, hw.is_cuda)}) but its budget is {budgets.of(tier)}: "
                      f"{gib(need - budget)} missing on {tier} ({BUDGET_FLAGS[tier]} that much larger).")
     smaller = []
     if not auto.base.dtype and dtype == "float32":
