@@ -98,13 +98,14 @@ class Server:
 @pytest.fixture(scope="module")
 def server(chat_dir, tmp_path_factory):
     s = Server(chat_dir, tmp_path_factory.mktemp("state") / "state", "--gpu-batch-size", "4",
-               "--max-wait-ms", "20", "--max-upload-mb", "1")
+               "--max-wait-ms", "20", "--max-upload-mb", "1", "--max-model-len", "64")
     yield s
     s.stop()
 
 
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [NAME]
+    assert "planned for requests of up to 64 tokens" in server.log.read_text()
     status, text = raw(f"{server.url}/health", key=None)  # no key needed
     assert status == 200 and json.loads(text)["status"] == "ok"
 
@@ -495,3 +496,32 @@ def test_token_texts_join_into_the_text():
         texts = token_texts(Decoder(), ids)
         assert "".join(texts) == Decoder().decode(ids) and "\ufffd" not in "".join(texts), texts
     assert any(tokenizer.decode([i]).endswith("\ufffd") for i in tokenizer("日本語")["input_ids"])  # what it mends
+
+
+def test_max_model_len_plans_for_a_block_of_the_longest_requests(tmp_path):
+    """--max-model-len: auto plans a block of requests that long (the longest prompt's prefill, the longest cache);
+    planned for 512 + 32 (the default), a block of 990-token prompts passed the budget and was refused (helper-21:
+    a burst of 587-token requests all 400); past the context, a usage error."""
+    from flexgen_lite import SamplingConfig
+    from flexgen_lite.cli.checks import UsageError
+    from flexgen_lite.engine.policy import PolicyError
+    from flexgen_lite.model_source import model_config
+    from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.planning.policy_search import AutoPolicy
+    from flexgen_lite.serve.server import planned_workload
+
+    from .conftest import make_checkpoint, synthetic_profile
+
+    path = tmp_path / "m"
+    make_checkpoint(path, "llama", max_position_embeddings=1024)
+    config, long = model_config(str(path)), [[5] * 990] * 3
+    for workload in (None, planned_workload(1000, config)):
+        with FlexGenLite(str(path), policy=AutoPolicy(Policy(dtype="float32")), budgets=Budgets(None, 80 << 20),
+                         workload=workload, hardware=synthetic_profile()) as m:
+            if workload is None:
+                with pytest.raises(PolicyError, match="exceeds the memory budgets"):
+                    m.generate_ids(long, SamplingConfig(max_new_tokens=8))
+            else:
+                assert [len(ids) for ids in m.generate_ids(long, SamplingConfig(max_new_tokens=8))] == [8] * 3
+    with pytest.raises(UsageError, match="past the model's context"):
+        planned_workload(1025, config)

@@ -42,6 +42,10 @@ def add_commands(sub, add_policy_flags, progress) -> None:
                    "completion window, default 24 h); then it expires: requests not done go to its error file as "
                    "batch_expired")
     s.add_argument("--block-size", type=positive_int, help="sequences per block (default: the policy's)")
+    s.add_argument("--max-model-len", type=positive_int, help="the longest request (prompt + tokens generated) a "
+                   "whole block of them must fit within the budgets: --policy auto plans for it, an explicit "
+                   "policy is checked for it at start (default: 512 + 32, or the model's context if shorter; "
+                   "longer requests run where the budgets allow)")
     add_policy_flags(s)
     s.set_defaults(func=_serve)
 

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..engine.policy import PolicyError
 from ..openai_api.protocol import (
     CHAT,
     COMPLETIONS,
@@ -57,6 +58,13 @@ class ServerState:
     max_upload: int = 512 << 20
     batch_expiry_s: int = 24 * 3600
     request_log: bool = True
+
+
+def refused(e: ValueError) -> RequestError:
+    """The engine's refusal of a request's prompts as a 400; past the budgets, with what would make it fit."""
+    hint = (" (a server whose requests may be this long: start it with --max-model-len covering them)"
+            if isinstance(e, PolicyError) else "")
+    return RequestError(400, f"{e}{hint}", None, "invalid_request")
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -186,7 +194,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             outputs = done.result()
         except ValueError as e:  # the engine refused these prompts (a cache past the budgets, ...)
-            raise RequestError(400, str(e), None, "invalid_request") from None
+            raise refused(e) from None
         return respond(work, outputs).model_dump()
 
     @app.post("/v1/completions")
@@ -238,7 +246,8 @@ async def events(state: ServerState, work: Work, future, tokens: asyncio.Queue):
     try:
         outputs = done.result()
     except Exception as e:
-        error = RequestError(500, f"generation failed: {e}", None, "server_error", "server_error")
+        error = refused(e) if isinstance(e, ValueError) else RequestError(500, f"generation failed: {e}", None,
+                                                                            "server_error", "server_error")
         yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
         return
@@ -292,14 +301,17 @@ def cmd_serve(args) -> None:
     if args.block_size and args.gpu_batch_size is None and args.num_gpu_batches is None:
         args.gpu_batch_size, args.num_gpu_batches = args.block_size, 1  # the engine's block too, auto or not
     policy = policy_from_args(args, default_batch=args.block_size or 32)
-    with FlexGenLite(model_path, policy=policy, device=args.device, budgets=budgets_from_args(args)) as m:
+    workload = planned_workload(args.max_model_len, served.config)
+    with FlexGenLite(model_path, policy=policy, device=args.device, budgets=budgets_from_args(args),
+                     workload=workload) as m:
         block = args.block_size or m.policy.block_size
         scheduler = Scheduler(m, block, args.max_wait_ms / 1000)
         runner = BatchRunner(store, scheduler, served, block * 4)
         state = ServerState(served, m, scheduler, store, runner, args.api_key, int(args.max_body_mb * 2**20),
                             int(args.max_upload_mb * 2**20), args.batch_expiry_s, not args.no_request_log)
+        planned = f"; planned for requests of up to {args.max_model_len} tokens" if args.max_model_len else ""
         print(f"serving {served.name} on http://{args.host}:{args.port}/v1 ({m.policy.flags()}; blocks of "
-              f"{block}; state in {Path(args.state_dir).resolve()})", file=sys.stderr, flush=True)
+              f"{block}{planned}; state in {Path(args.state_dir).resolve()})", file=sys.stderr, flush=True)
         try:
             uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
         finally:  # the block in flight finishes and its results are stored; the rest waits for the next start
@@ -307,6 +319,20 @@ def cmd_serve(args) -> None:
             scheduler.close()
             runner.join()
             store.close()
+
+
+def planned_workload(max_model_len: int | None, config):
+    """What the policy is planned (auto) or checked (explicit) for: requests of up to `max_model_len` tokens in
+    all, a block of them (None: default_workload, and for an explicit policy weights and buffers only)."""
+    if max_model_len is None:
+        return None
+    from ..cli.checks import UsageError
+    from ..planning.layout import Workload
+
+    if max_model_len > config.max_positions:
+        raise UsageError(f"--max-model-len {max_model_len} is past the model's context ({config.max_positions} "
+                         "positions): give at most that")
+    return Workload(max(1, max_model_len - 1), 1)  # the longest prompt's prefill and the longest cache
 
 
 def _check_port(host: str, port: int) -> None:
