@@ -37,7 +37,7 @@ def pytest_configure(config) -> None:
 # Files that take longest (seconds on a 2-core VM, 2026-12-06), run first: the two workers take whole files
 # (scripts/test.sh: --dist loadfile), and a long file dealt last leaves one worker running it alone. Files not
 # named keep their order, after these.
-SLOW_FILES = {"test_gpu_suite.py": 55, "test_ray.py": 54, "test_real_model.py": 51,
+SLOW_FILES = {"test_gpu_suite.py": 45, "test_ray.py": 54, "test_real_model.py": 51,
               "test_decode_attention_triton.py": 41, "test_disk_tier.py": 32, "test_serve.py": 30,
               "test_lm_eval.py": 29, "test_policy_search.py": 27, "test_quantized_attention_triton.py": 25,
               "test_cancel.py": 22, "test_threads.py": 18, "test_gguf_quants.py": 17, "test_quality.py": 14,
