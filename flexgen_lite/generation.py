@@ -376,6 +376,8 @@ class FlexGenLite:
         self.engine = None
         gc.collect()  # the engine's reference cycles (threads' closures) hold its tensors until collected
         return_freed_memory()
+        if self.device.is_cuda:
+            torch.cuda.empty_cache()  # torch's cached blocks too: a model opened next measures what is free
 
     def _check_open(self) -> None:
         if self.closed:
