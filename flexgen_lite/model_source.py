@@ -28,7 +28,7 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
         from .models.gguf_tokenizer import gguf_tokenizer
 
         config = config_from_dict(read_gguf_config(path), name=str(path))
-        return config, GGUFSource(str(path)), _opened_tokenizer(path, gguf_tokenizer)
+        return config, GGUFSource(str(path), config.num_layers), _opened_tokenizer(path, gguf_tokenizer)
     if path.is_dir():
         config = load_config(path)
         return config, CheckpointSource(Checkpoint(path)), _opened_tokenizer(path, load_tokenizer)

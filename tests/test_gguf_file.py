@@ -370,3 +370,43 @@ def test_a_model_opened_twice_loads_its_tokenizer_once(gguf_path: str, tmp_path:
     assert open_model(str(directory))[2] is tok and tok("hi").input_ids == first("hi").input_ids
     os.utime(directory / "tokenizer_config.json", ns=(1, 1))
     assert open_model(str(directory))[2] is not tok
+
+
+def test_a_cached_tokenizer_keeps_its_pre_tokenizer(gguf_path: str, tmp_path: Path, monkeypatch) -> None:
+    """The cached copy is read as its tokenizer.json holds it: a Qwen2 or Gemma file's converted tokenizer, reloaded
+    by its own class, rebuilt that class's default pre-tokenizer ("a\\n\\nb": 4 ids converted, 3 reloaded;
+    helper-24)."""
+    import json
+
+    from flexgen_lite.models import gguf_tokenizer as module
+
+    text = "a\n\nb  c\ndef f(x):\n    return x"
+    want = gguf_tokenizer(gguf_path)(text).input_ids
+    cached = tmp_path / "tokenizer"
+    gguf_tokenizer(gguf_path).save_pretrained(cached)
+    config = json.loads((cached / "tokenizer_config.json").read_text())  # as a qwen2 file's conversion saves it
+    (cached / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    monkeypatch.setattr(module, "_tokenizer_cache_dir", lambda path: str(cached))
+    assert gguf_tokenizer(gguf_path)(text).input_ids == want
+
+
+def test_tensors_of_other_shapes_than_the_metadata_are_refused(tmp_path: Path) -> None:
+    """A tensor whose shape is not the one the metadata implies (v of 4 heads where 2 kv heads are said), or layers
+    past block_count: a named error, not a run with wrong outputs (helper-24)."""
+    from flexgen_lite import FlexGenLite, Policy
+    from flexgen_lite.models.config import ModelError
+
+    path = tmp_path / "wide-v.gguf"
+    _write_tiny_llama(path, raw={"blk.0.attn_v.weight": (np.ones((64, 64), np.float32),
+                                                         gguf.GGMLQuantizationType.F32)})
+    with pytest.raises(ModelError, match=r"'model.layers.0.self_attn.v_proj.weight' has shape \(64, 64\), the "
+                                         r"file's metadata implies \(32, 64\)"):
+        FlexGenLite(str(path), policy=Policy(dtype="float32"))
+    reader = gguf.GGUFReader(str(tmp_path / "wide-v.gguf"))
+    assert reader.fields["llama.block_count"].contents() == 1
+    from flexgen_lite.engine.weight_sources import GGUFSource
+
+    ok = tmp_path / "ok.gguf"
+    _write_tiny_llama(ok)
+    with pytest.raises(ModelError, match="holds tensors of layer 0 but its metadata"):
+        GGUFSource(str(ok), num_layers=0)

@@ -111,11 +111,24 @@ class CheckpointSource(WeightSource):
 class GGUFSource(WeightSource):
     """Tensors of a GGUF file, dequantized one at a time as placement asks for them."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, num_layers: int | None = None) -> None:
         from ..models.gguf_weights import gguf_tensors
 
         self.path, self.plan = path, gguf_tensors(path)
         self.last: tuple[str, torch.Tensor] | None = None
+        layers = {int(n.split(".")[2]) for n in self.plan if n.startswith("model.layers.")}
+        beyond = sorted(i for i in layers if num_layers is not None and i >= num_layers)
+        if beyond:
+            raise ModelError(f"{path} holds tensors of layer {beyond[0]} but its metadata (block_count) gives "
+                             f"{num_layers} layers: the file is corrupt or its metadata wrong")
+
+    def _check_shape(self, spec: WeightSpec, name: str, shape: tuple[int, ...]) -> None:
+        """The file's tensor holds the rows the metadata's config implies (another shape ran silently wrong, or
+        failed deep in a layer)."""
+        implied = tuple(spec.shape) if name == spec.hf_name else (spec.stored[2], *spec.shape[1:])
+        if tuple(shape) != implied:
+            raise ModelError(f"{self.path}: the tensor {name!r} has shape {tuple(shape)}, the file's metadata "
+                             f"implies {implied}: the file is corrupt or its metadata wrong")
 
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
         from ..models.gguf_weights import read_gguf_tensor
@@ -125,6 +138,7 @@ class GGUFSource(WeightSource):
             if name not in self.plan:
                 raise ModelError(f"{self.path} lacks the tensor {name!r}")
             self.last = (name, read_gguf_tensor(self.plan[name]))
+            self._check_shape(spec, name, self.last[1].shape)
         tensor = self.last[1]
         if first + stop >= tensor.shape[0]:
             self.last = None  # read to its end: not held after its placement (a head in fp32 is 2 GB at 8B)
@@ -151,6 +165,7 @@ class GGUFSource(WeightSource):
         found = read_gguf_groups(self.plan[name])
         if found is None:
             return None
+        self._check_shape(spec, name, found[0].shape)
         codes, scale, minimum = (x[first:first + spec.shape[0]] for x in found)
         pairs = codes.reshape(-1, 2)
         return QuantizedTensor(pairs[:, 0] | (pairs[:, 1] << 4), scale, minimum, tuple(codes.shape), compression)
@@ -163,6 +178,7 @@ class GGUFSource(WeightSource):
         blocks = q8_0_blocks(entry[0]) if entry is not None and entry[1] is None else None
         if blocks is None:
             return super().int8(spec, dtype)
+        self._check_shape(spec, spec.hf_name, tuple(int(n) for n in reversed(entry[0].shape)))
         entry[0].release()
         weight = Int8Weight.from_q8_0(blocks, spec.shape, dtype)
         check_finite(weight.scale.float(), f"the GGUF tensor {entry[0].name!r}")

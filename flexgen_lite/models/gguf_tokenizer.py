@@ -27,12 +27,12 @@ def gguf_tokenizer(path: str | os.PathLike[str]) -> Any | None:
     path, reader = _open(path)
     if "tokenizer.ggml.model" not in reader.metadata:
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     cached = _tokenizer_cache_dir(path)
     if os.path.isfile(os.path.join(cached, "tokenizer.json")):
-        try:
-            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        try:  # the saved tokenizer.json as it is: a model's own class (Qwen2's, Gemma's) rebuilds its pre-tokenizer
+            return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True)
         except Exception:  # a damaged cache entry: rebuild it below
             pass
     template = _meta(reader, path, "tokenizer.chat_template", None)
