@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -39,6 +40,27 @@ from .stragglers import Carried, later_rows, next_group
 from .system.devices import ComputeDevice, keep_freed_memory
 from .system.memory import process_rss, return_freed_memory
 
+
+def one_call(method):
+    """A FlexGenLite call that runs the engine: one at a time per model. Calls from other threads wait their turn
+    (the engine keeps a run's state: two at once crashed or mixed their tokens); a call from inside one of the
+    model's own callbacks is refused, as it would overwrite the running call's state."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self._caller == threading.get_ident():
+            raise ModelError(f"{method.__name__} was called while this model runs a call on the same thread (from "
+                             "one of its callbacks): one call at a time; open a second FlexGenLite for nested work")
+        with self._running:
+            self._caller = threading.get_ident()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._caller = None
+
+    return call
+
+
 HOLD_AT = 0.9  # hold_budget: the share of the host budget past which freed pages are given back between blocks
 
 
@@ -58,6 +80,7 @@ class FlexGenLite:
     """
 
     closed = False
+    _caller: int | None = None  # the thread running a call (one_call)
 
     def __init__(self, model: str, policy: Policy | str | None = None, device: str | None = None,
                  progress: Callable[[str], None] | None = None, *, workload: Workload | None = None,
@@ -70,6 +93,7 @@ class FlexGenLite:
         self.config, source, self.tokenizer = open_model(model)
         self.device = ComputeDevice(device)
         self.search, self.budgets = None, budgets
+        self._running = threading.Lock()  # one_call
         self._rss_before = process_rss()  # hold_budget: the runtime's share, beside the engine's budgets
         self.source_quantized = source_quantization(model)
         self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
@@ -174,6 +198,7 @@ class FlexGenLite:
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
         return text[:cut]
 
+    @one_call
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
                      return_logits: bool = False, indices: list[int] | None = None,
                      on_tokens: Callable[[int, list[int]], None] | None = None,
@@ -249,6 +274,7 @@ class FlexGenLite:
         return (results, logits) if return_logits else results
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
+    @one_call
     def score(self, requests: list[tuple[list[int], list[int]]], max_len: int | None = None
               ) -> list[tuple[float, bool]]:
         """(log p(continuation | context) summed, whether greedy decoding gives the continuation) for each
@@ -260,6 +286,7 @@ class FlexGenLite:
         self._check_open()
         return score_requests(self, requests, max_len=max_len)
 
+    @one_call
     def prompt_logprobs(self, prompts: list[list[int]], top: int = 0
                         ) -> list[list[tuple[float, list[tuple[int, float]]] | None]]:
         """Per prompt (ids), per token: None for the first, then (log p(token | the tokens before), the `top`
@@ -269,6 +296,7 @@ class FlexGenLite:
         self._check_open()
         return prompt_logprobs(self, prompts, top)
 
+    @one_call
     def loglikelihood_rolling(self, documents: list[list[int]], prefix_token: int | None = None) -> list[float]:
         """The log-likelihood of each whole document (ids), in windows of up to the model's context."""
         from .engine.scoring import loglikelihood_rolling

@@ -444,3 +444,65 @@ def test_blocks_give_freed_pages_back_only_near_the_host_budget(tiny_models, mon
             m.generate_ids(PROMPTS[:3], sampling)  # two blocks of 2 rows, each followed by the check
             assert len(blocks) == 2
             monkeypatch.undo()
+
+
+def test_calls_from_two_threads_take_turns_and_a_callback_may_not_call_in(tiny_models):
+    """One model from two threads: each call waits for the other (two at once crashed or mixed their tokens,
+    helper-23); from inside its own callback, a named error, and the running call's tokens are intact."""
+    import threading
+
+    sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=Policy(gpu_batch_size=2, dtype="float32")) as m:
+        want = m.generate_ids(PROMPTS, sampling)
+        got, errors = {}, []
+
+        def run(name: str) -> None:
+            try:
+                for k in range(3):
+                    got[name, k] = m.generate_ids(PROMPTS, sampling)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in "ab"]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors and len(got) == 6 and all(ids == want for ids in got.values())
+        inner = []
+
+        def on_tokens(i: int, ids: list[int]) -> None:
+            if not inner:
+                with pytest.raises(ModelError, match="one call at a time"):
+                    m.generate_ids(PROMPTS[:1], sampling)
+                inner.append(i)
+
+        assert m.generate_ids(PROMPTS, sampling, on_tokens=on_tokens) == want and inner
+
+
+def test_sampling_settings_at_their_edges_and_of_the_wrong_type():
+    """A tiny temperature or top_p is greedy (they made inf - inf and an empty set: torch's 'probability tensor
+    contains inf, nan'); numpy's integers are whole numbers; a seed or top_k that is not one, a temperature given
+    as text, are named errors (helper-23)."""
+    import numpy as np
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 8
+    greedy = logits.argmax(-1)
+    for config in (SamplingConfig(temperature=1e-40), SamplingConfig(temperature=1.0, top_p=1e-300)):
+        assert torch.equal(sample(logits, config, torch.Generator().manual_seed(1)), greedy)
+    config = SamplingConfig(max_new_tokens=np.int64(3), top_k=np.int32(2), seed=np.int64(7), stop=None)
+    assert (config.max_new_tokens, config.top_k, config.seed, config.stop) == (3, 2, 7, ())
+    assert type(config.max_new_tokens) is int
+    for bad, name in ((dict(seed="abc"), "seed"), (dict(seed=1.5), "seed"), (dict(top_k=2.5), "top_k"),
+                      (dict(temperature="0.5"), "temperature"), (dict(stop=[1]), "stop")):
+        with pytest.raises(ValueError, match=name):
+            SamplingConfig(**bad)
+
+
+def test_prompt_logprobs_refuses_what_it_cannot_score(tiny_models):
+    """Past the context (OPT's positions: an IndexError; Llama's: values past what it was trained for), an empty
+    prompt, a negative number of alternatives: named errors, as generate_ids gives (helper-23)."""
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=Policy(gpu_batch_size=2, dtype="float32")) as m:
+        for prompts, top, said in (([[5] * 65], 0, "past the model's context of 64"), ([[]], 0, "prompt 0 is empty"),
+                                   ([[5, 6]], -1, "top must be")):
+            with pytest.raises(ValueError, match=said):
+                m.prompt_logprobs(prompts, top)
+        assert len(m.prompt_logprobs([[5] * 64])[0]) == 64

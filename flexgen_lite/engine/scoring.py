@@ -216,6 +216,14 @@ def prompt_logprobs(model, prompts: Sequence[Sequence[int]], top: int = 0
     """Per prompt (token ids), per token: None for the first (nothing predicts it), then (log p(token | the
     tokens before it), the `top` likeliest tokens there as (id, log-probability)): one prefill per block of
     prompts, no generation, under the model's policy. Identical prompts are computed once."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"top must be a whole number of alternatives, 0 or more, got {top!r}")
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) > model.config.max_positions:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, past the model's context of "
+                             f"{model.config.max_positions} positions: shorten it")
     top = min(top, model.config.vocab_size)
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
     found: dict = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,10 +22,20 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
+        if self.stop is None:
+            object.__setattr__(self, "stop", ())
         if not isinstance(self.stop, tuple):  # a string is one stop string (as OpenAI takes it), not its characters
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
-            raise ValueError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
+        for name in ("max_new_tokens", "top_k", "seed"):  # numpy's and torch's integers too
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool) and isinstance(value, numbers.Integral):
+                object.__setattr__(self, name, int(value))
+            elif name != "seed" or value is not None:
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:
@@ -33,6 +44,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop strings must be strings, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty (an empty one would end every output at once)")
 
@@ -54,7 +67,8 @@ def sample(logits: torch.Tensor, config: SamplingConfig,
     `generator` is one generator for all rows, or a sequence of one generator per row."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+    # shifted by each row's largest first: a tiny temperature sends the others to -inf, not to inf - inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / config.temperature
     if config.top_k:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,6 +76,7 @@ def sample(logits: torch.Tensor, config: SamplingConfig,
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and the likeliest token always (a top_p below fp32's least value dropped them all)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1).cpu()
