@@ -219,6 +219,9 @@ class FlexGenLite:
         for which it is true are not run (their ids empty, not given to on_block): the caller runs them later."""
         sampling = sampling or SamplingConfig()
         self._check_open()
+        prompts = id_lists(prompts)
+        if indices is not None and len(indices) != len(prompts):
+            raise ValueError(f"indices has {len(indices)} places for {len(prompts)} prompts")
         self._check_prompts(prompts, sampling)
         if sampling.stop and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
@@ -363,6 +366,8 @@ class FlexGenLite:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
+            if not all(isinstance(t, int) for t in (p[0], p[-1])):
+                raise ValueError(f"prompt {i} must be token ids (whole numbers), got {str(p)[:60]}")
             if len(p) + sampling.max_new_tokens > self.config.max_positions:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that exceeds "
@@ -404,6 +409,7 @@ class FlexGenLite:
         self.engine = None
         gc.collect()  # the engine's reference cycles (threads' closures) hold its tensors until collected
         return_freed_memory()
+        self.ledger.current.update(dict.fromkeys(self.ledger.current, 0))  # memory_report: nothing held now
         if self.device.is_cuda:
             torch.cuda.empty_cache()  # torch's cached blocks too: a model opened next measures what is free
 
@@ -416,6 +422,20 @@ class FlexGenLite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def id_lists(prompts) -> list[list[int]]:
+    """Prompts as lists of token ids: lists as given; tuples, numpy arrays and 1-D tensors each, or one 2-D
+    tensor or array, converted."""
+    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", 1) == 2:
+        return prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or hasattr(prompts, "tolist"):
+        raise ValueError("prompts must be lists of token ids (or a 2-D tensor of them); give text to generate()")
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        raise ValueError("prompts must be a list of prompts, each a list of token ids: wrap one prompt's ids in a "
+                         "list, [[...]]")
+    return [p if type(p) is list else p.tolist() if hasattr(p, "tolist") else list(p) for p in prompts]
 
 
 def encode_texts(tokenizer, texts: list[str], chat: bool, name: str, system: str | None = None) -> list[list[int]]:

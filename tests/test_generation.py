@@ -506,3 +506,42 @@ def test_prompt_logprobs_refuses_what_it_cannot_score(tiny_models):
             with pytest.raises(ValueError, match=said):
                 m.prompt_logprobs(prompts, top)
         assert len(m.prompt_logprobs([[5] * 64])[0]) == 64
+
+
+def test_prompts_as_tuples_arrays_and_tensors(tiny_models):
+    """Token ids as a tuple, a numpy array, a 1-D tensor each, or one 2-D tensor: the same ids as lists; a flat list
+    of ids, text, floats and a wrong number of indices are named errors (helper-23: TypeErrors from deep in the
+    code); after close, memory_report holds nothing."""
+    import numpy as np
+
+    sampling = SamplingConfig(max_new_tokens=3, stop_at_eos=False)
+    m = FlexGenLite(str(tiny_models["llama"][0]), policy=Policy(gpu_batch_size=2, dtype="float32"))
+    want = m.generate_ids([[2, 17, 43], [2, 300, 5]], sampling)
+    for prompts in ([(2, 17, 43), (2, 300, 5)], [np.array([2, 17, 43]), torch.tensor([2, 300, 5])],
+                    torch.tensor([[2, 17, 43], [2, 300, 5]]), ([2, 17, 43], [2, 300, 5])):
+        assert m.generate_ids(prompts, sampling) == want
+    for prompts, said in (([2, 17, 43], "wrap one prompt's ids"), ("2 17", "give text to generate"),
+                          ([[2.0, 17.0]], "must be token ids")):
+        with pytest.raises(ValueError, match=said):
+            m.generate_ids(prompts, sampling)
+    with pytest.raises(ValueError, match="indices has 1 places for 2 prompts"):
+        m.generate_ids([[2, 17], [2, 5]], sampling, indices=[0])
+    m.close()
+    assert not any(m.memory_report()["current"].values())
+
+
+def test_api_arguments_a_shell_would_have_checked():
+    """device='cuda' without one, a negative budget: named errors; an offload_dir of '~/...' is the home's, not a
+    folder called '~' (helper-23)."""
+    import os
+
+    from flexgen_lite.engine.policy import PolicyError
+    from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.system.devices import ComputeDevice
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here"):
+            ComputeDevice("cuda")
+    with pytest.raises(PolicyError, match="cpu budget must be a number of bytes"):
+        Budgets(cpu=-5)
+    assert Policy(offload_dir="~/offload").offload_dir == os.path.expanduser("~/offload")

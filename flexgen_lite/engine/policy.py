@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -48,6 +49,8 @@ class Policy:
     share_prefix: bool = True  # a block's common prompt prefix computed once in the prefill (block.shared_columns)
 
     def __post_init__(self) -> None:
+        if self.offload_dir.startswith("~"):  # as a shell would (the API's callers have none)
+            object.__setattr__(self, "offload_dir", os.path.expanduser(self.offload_dir))
         for name in ("gpu_batch_size", "num_gpu_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -60,6 +60,13 @@ class Budgets:
     disk: int | None = None
     taken_off: tuple[tuple[str, int], ...] = ()  # (tier, bytes): the runtime's share taken off the user's figure
 
+    def __post_init__(self) -> None:
+        for tier in ("gpu", "cpu", "disk"):
+            value = getattr(self, tier)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                      not 0 <= value < float("inf")):
+                raise PolicyError(f"the {tier} budget must be a number of bytes, 0 or more, got {value!r}")
+
     def resolved(self, device: ComputeDevice, offload_dir: str) -> Budgets:
         free = free_bytes(device, offload_dir)
         gpu = self.gpu if self.gpu is not None or not device.is_cuda else int(free["gpu"] * SAFETY)

@@ -41,6 +41,9 @@ class ComputeDevice:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         link = isinstance(device, str) and device.endswith(LINK)
         self.device = torch.device(device.removesuffix(LINK) if link else device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here (a CPU build, or no GPU): leave the "
+                             "device out, or give 'cpu'")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.is_cuda = self.device.type == "cuda"
