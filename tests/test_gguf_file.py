@@ -410,3 +410,14 @@ def test_tensors_of_other_shapes_than_the_metadata_are_refused(tmp_path: Path) -
     _write_tiny_llama(ok)
     with pytest.raises(ModelError, match="holds tensors of layer 0 but its metadata"):
         GGUFSource(str(ok), num_layers=0)
+
+
+def test_a_width_that_does_not_split_into_its_heads_is_named() -> None:
+    """hidden 64 over 3 heads: said so, not 'partial_rotary_factor 1.0 of head_dim 21' (helper-24)."""
+    from flexgen_lite.models.config import ModelError
+    from flexgen_lite.models.hf_config import config_from_dict
+
+    fields = dict(model_type="llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=3,
+                  num_key_value_heads=1, intermediate_size=96, vocab_size=32, max_position_embeddings=64)
+    with pytest.raises(ModelError, match="hidden_size 64 does not split into 3 attention heads"):
+        config_from_dict(fields, name="tiny")

@@ -196,10 +196,16 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "head_count_kv",
         path,
     )
-    head_dim = int(_meta(reader, path, f"{arch}.attention.key_length", hidden // n_head))
+    key_length = _meta(reader, path, f"{arch}.attention.key_length", None)
+    if key_length is None and hidden % n_head:
+        raise GGUFError(f"{path}: embedding_length {hidden} does not split into {n_head} attention heads (and no "
+                        "key_length is given): the file's metadata is wrong")
+    head_dim = int(key_length if key_length is not None else hidden // n_head)
     n_rot = int(_meta(reader, path, f"{arch}.rope.dimension_count", head_dim))
     if n_rot != head_dim and arch != "phi3":  # Phi-4-mini turns 96 of 128
-        raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims) is not supported for {arch}")
+        raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims: rope.dimension_count against "
+                        f"embedding_length {hidden} / head_count {n_head}) is not supported for {arch}, or the "
+                        "file's metadata is wrong")
     names = {t.name for t in reader.tensors}
     vocab = _meta(reader, path, f"{arch}.vocab_size", None)
     if vocab is None:

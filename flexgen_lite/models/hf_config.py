@@ -119,6 +119,9 @@ QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full", "gemma3_text"
 
 def _llama_config(c: dict, name: str) -> ModelConfig:
     heads = c["num_attention_heads"]
+    if not c.get("head_dim") and c["hidden_size"] % heads:
+        raise ModelError(f"{name or 'the config'}: hidden_size {c['hidden_size']} does not split into "
+                         f"{heads} attention heads, and no head_dim is given")
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     act = c.get("hidden_act", "silu")
     if act != "silu":
