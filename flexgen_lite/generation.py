@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from .block_shapes import BlockShapes
 from .engine.block import Block, block_order
 from .engine.block_schedule import Engine
 from .engine.kv_cache import cache_bytes_per_token
@@ -133,6 +134,7 @@ class FlexGenLite:
         return_freed_memory()  # placement's temporaries: not held as heap holes through the run
         self.engine = Engine(self.config, self.policy, specs, weights, self.device, self.dtype,
                              self.disk, self.ledger, trace or NULL)
+        self.shapes = BlockShapes(self.engine)  # narrower blocks where a long prompt's would pass the budgets
         self.progress = progress
         self.score_stats = None
 
@@ -168,14 +170,34 @@ class FlexGenLite:
                 if (budget := getattr(self.budgets, tier)) is not None]
         return max(0.0, min(left)) if left else None
 
-    def _check_budgets(self, workload: Workload | None, what: str) -> None:
-        """Raise PolicyError where the policy's peaks for `workload` (None: before any prompt, a token's worth of
-        cache) pass the budgets."""
-        plan, peak = peak_memory(self.config, workload or Workload(1, 1), self.policy, self.device.is_cuda)
+    def _check_budgets(self, workload: Workload | None, what: str, policy: Policy | None = None) -> None:
+        """Raise PolicyError where the policy's (default: the running one's) peaks for `workload` (None: before
+        any prompt, a token's worth of cache) pass the budgets."""
+        policy = policy or self.policy
+        plan, peak = peak_memory(self.config, workload or Workload(1, 1), policy, self.device.is_cuda)
         prompts = (f"for prompts of {workload.prompt_len} + {workload.gen_len} tokens" if workload else
                    "before any prompt (weights and buffers)")
-        check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({self.policy.flags()}) {prompts}",
+        check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({policy.flags()}) {prompts}",
                       searched=self.search is not None)
+
+    def _narrowed(self, group: list[int], prompts: list[list[int]], carried: dict[int, Carried],
+                  max_new_tokens: int) -> int:
+        """How many of `group` (prompts' places; carried ones with their tokens so far) one block holds within the
+        budgets (block_shapes.py), the running engine set to that block's shape."""
+        policy = self.shapes.planned
+        if self.budgets is not None:
+            made = [len(carried[i].tokens) if i in carried else 0 for i in group]
+            longest = max(len(prompts[i]) + n for i, n in zip(group, made, strict=True))
+            workload = Workload(longest, max_new_tokens - min(made))
+            policy = self.shapes.shape_for(workload, len(group),
+                                           lambda p, w: self._check_budgets(w, "this block", p))
+        self.engine, self.policy = self.shapes.use(policy), policy
+        return min(len(group), policy.block_size)
+
+    def _narrowed_back(self) -> None:
+        """The planned shape again after a call (a narrower one's cache freed)."""
+        if self.engine is not None:
+            self.engine, self.policy = self.shapes.use(self.shapes.planned), self.shapes.planned
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -233,47 +255,54 @@ class FlexGenLite:
         carried: dict[int, Carried] = {}
         bound = max(len(p) for p in prompts) + sampling.max_new_tokens  # positions a block was planned for
         done = 0
-        while queue or carried:
-            if cancelled is not None or deferred is not None:
-                queue = [[i for i in group if not (cancelled and cancelled(i)) and not (deferred and deferred(i))]
-                         for group in queue]
-                queue = [group for group in queue if group]
-                carried = {i: c for i, c in carried.items() if not (cancelled and cancelled(i))}
-                if not (queue or carried):
-                    break
-            chosen = queue.pop(0) if queue else next_group(
-                list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
-                {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
-            moving = {row: carried.pop(i) for row, i in enumerate(chosen) if i in carried}
-            done += 1
-            label = f"block {done}/{done + len(queue) + bool(carried)}"
-            sharing = functools.partial(later_rows, blocks=len(queue), waiting=len(carried), size=size)
-            block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
-                                     for row, i in enumerate(chosen)], sampling, return_logits,
-                                    chosen if indices is None else [indices[i] for i in chosen], label,
-                                    on_tokens and streamer(chosen, moving, on_tokens), moving,
-                                    sharing if carry_over is not False else None, carry_over,
-                                    cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
-            finished = {}
-            for row, i in enumerate(chosen):
-                before = moving.get(row, Carried([]))
-                part = (torch.stack([s[row] for s in self.engine.logits])[:int(block.length[row])]
-                        if return_logits else None)
-                tokens = before.tokens + block.new_tokens(row)
-                if block.stopped and not bool(block.finished[row]):
-                    generator = block.generators[row] if block.generators is not None else None
-                    carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator)
-                    continue
-                results[i] = tokens
-                if return_logits:
-                    logits[i] = torch.cat(before.logits + [part])
-                if cancelled is None or not cancelled(i):
-                    finished[i] = (results[i], logits[i])
-            if on_block is not None and finished:
-                on_block(finished)
-            if self.progress:
-                self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
-                                                 if block.stopped else ""))
+        try:
+            while queue or carried:
+                if cancelled is not None or deferred is not None:
+                    queue = [[i for i in group if not (cancelled and cancelled(i)) and not (deferred and deferred(i))]
+                             for group in queue]
+                    queue = [group for group in queue if group]
+                    carried = {i: c for i, c in carried.items() if not (cancelled and cancelled(i))}
+                    if not (queue or carried):
+                        break
+                chosen = queue.pop(0) if queue else next_group(
+                    list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
+                    {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
+                rows = self._narrowed(chosen, prompts, carried, sampling.max_new_tokens)
+                if rows < len(chosen) and chosen[0] not in carried:
+                    queue.insert(0, chosen[rows:])  # the rest: a block of their own next (carried rows stay carried)
+                chosen = chosen[:rows]
+                moving = {row: carried.pop(i) for row, i in enumerate(chosen) if i in carried}
+                done += 1
+                label = f"block {done}/{done + len(queue) + bool(carried)}"
+                sharing = functools.partial(later_rows, blocks=len(queue), waiting=len(carried), size=size)
+                block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
+                                         for row, i in enumerate(chosen)], sampling, return_logits,
+                                        chosen if indices is None else [indices[i] for i in chosen], label,
+                                        on_tokens and streamer(chosen, moving, on_tokens), moving,
+                                        sharing if carry_over is not False else None, carry_over,
+                                        cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
+                finished = {}
+                for row, i in enumerate(chosen):
+                    before = moving.get(row, Carried([]))
+                    part = (torch.stack([s[row] for s in self.engine.logits])[:int(block.length[row])]
+                            if return_logits else None)
+                    tokens = before.tokens + block.new_tokens(row)
+                    if block.stopped and not bool(block.finished[row]):
+                        generator = block.generators[row] if block.generators is not None else None
+                        carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator)
+                        continue
+                    results[i] = tokens
+                    if return_logits:
+                        logits[i] = torch.cat(before.logits + [part])
+                    if cancelled is None or not cancelled(i):
+                        finished[i] = (results[i], logits[i])
+                if on_block is not None and finished:
+                    on_block(finished)
+                if self.progress:
+                    self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
+                                                     if block.stopped else ""))
+        finally:
+            self._narrowed_back()
         return (results, logits) if return_logits else results
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
@@ -382,13 +411,14 @@ class FlexGenLite:
             return
         engine.free_cache()  # the old cache's room is free for the new one
         return_freed_memory()  # and its pages given back: kept, they stayed resident beside the new, longer one
+        n, planned = self.policy.block_size, self.shapes.planned.block_size
         if self.budgets is not None:
-            self._check_budgets(Workload(block.prompt_len, block.gen_len), "this block")
+            self._check_budgets(Workload(block.prompt_len, block.gen_len), "this block" if planned == n else
+                                f"this block, narrowed from the policy's {planned} rows to {n},")
         c = self.config
         per_token = cache_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype,
                                           self.policy.cache_compression())
         per_seq = per_token * c.cached_length(block.prompt_len + block.gen_len) / c.num_layers  # rings: windows
-        n = self.policy.block_size
         gpu, cpu, disk = split_counts(n, self.policy.percents("cache"))
         check_fits({"gpu": gpu * per_seq, "cpu": cpu * per_seq, "disk": disk * per_seq}, self.device,
                    self.policy.offload_dir, "the KV cache")
@@ -404,7 +434,7 @@ class FlexGenLite:
         if self.closed:
             return
         self.closed = True
-        self.engine.close()
+        self.shapes.close()
         self.disk.close()
         self.engine = None
         self.ledger.current.update(dict.fromkeys(self.ledger.current, 0))  # memory_report: nothing held now

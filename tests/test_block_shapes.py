@@ -1,0 +1,65 @@
+"""A prompt longer than the policy was planned for, where a whole block of it would pass the budgets, runs in
+a narrower block (block_shapes.py): transformers' tokens, the engine's memory within the budget, the planned
+shape back after the call; without budgets, or where the block fits, the policy's shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexgen_lite import Budgets, FlexGenLite, Policy, PolicyError, SamplingConfig
+from flexgen_lite.block_shapes import narrower
+from flexgen_lite.model_source import model_config
+from flexgen_lite.planning.layout import Workload
+from flexgen_lite.planning.memory_plan import peak_memory
+
+from .conftest import PROMPTS, hf_greedy, on_device
+
+PLANNED = Policy(gpu_batch_size=4, num_gpu_batches=2, dtype="float32")
+LONG = [2] + [10 + i % 400 for i in range(50)]  # 51 tokens: with 8 new, near the tiny models' context of 64
+NEW = 8
+
+
+def test_narrower_shapes_fewer_batches_then_fewer_rows():
+    shapes = [(p.gpu_batch_size, p.num_gpu_batches) for p in narrower(Policy(gpu_batch_size=3, num_gpu_batches=3))]
+    assert shapes == [(3, 2), (3, 1), (2, 1), (1, 1)]
+    assert all(p.weight_gpu_percent == PLANNED.weight_gpu_percent for p in narrower(PLANNED))
+
+
+def cpu_peak(path, policy: Policy, prompt_len: int) -> int:
+    return int(peak_memory(model_config(path), Workload(prompt_len, NEW), policy, False)[1]["cpu"])
+
+
+def test_a_long_prompt_past_the_budget_runs_in_a_narrower_block(tiny_models, references, compute_device):
+    path, model = tiny_models["llama"]
+    budget = cpu_peak(path, PLANNED, len(LONG)) - 1  # a whole block of LONG passes it; a block of PROMPTS does not
+    assert cpu_peak(path, PLANNED, max(map(len, PROMPTS))) < budget
+    expected = references["llama"][0] + hf_greedy(on_device(model, compute_device), [LONG], NEW)[0]
+    with FlexGenLite(str(path), policy=PLANNED, device=compute_device, budgets=Budgets(cpu=budget)) as m:
+        with pytest.raises(PolicyError, match="this block"):
+            m._check_budgets(Workload(len(LONG), NEW), "this block")
+        blocks = []
+        ids = m.generate_ids(PROMPTS + [LONG], SamplingConfig(max_new_tokens=NEW),
+                             on_block=lambda done: blocks.append(sorted(done)))
+        assert ids == expected
+        assert len(blocks) > 1 and len(PROMPTS) in blocks[0]  # the long prompt's block came first, narrower
+        assert m.policy == PLANNED and m.engine is m.shapes.engines[(4, 2)]  # the planned shape after the call
+        narrow = [e for shape, e in m.shapes.engines.items() if shape != (4, 2)]
+        assert narrow and all(e.cache is None for e in narrow)  # the narrower block's cache given back
+        assert m.memory_report()["peak"]["cpu"] <= budget
+        assert m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=NEW)) == references["llama"][0]
+
+
+def test_one_row_past_the_budget_is_still_refused(tiny_models, compute_device):
+    path = tiny_models["llama"][0]
+    one_row = Policy(gpu_batch_size=1, dtype="float32")
+    budget = cpu_peak(path, one_row, len(LONG)) - 100 * 1024
+    with FlexGenLite(str(path), policy=PLANNED, device=compute_device, budgets=Budgets(cpu=budget)) as m, \
+            pytest.raises(PolicyError, match=r"narrowed from the policy's 8 rows to 1, \(.*--gpu-batch-size 1 "
+                                            r"--num-gpu-batches 1 .* 100.00 KiB larger would fit it"):
+        m.generate_ids([LONG], SamplingConfig(max_new_tokens=NEW))
+
+
+def test_without_budgets_the_block_keeps_its_shape(tiny_models, compute_device):
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=PLANNED, device=compute_device) as m:
+        m.generate_ids([LONG], SamplingConfig(max_new_tokens=2))
+        assert list(m.shapes.engines) == [(4, 2)]
