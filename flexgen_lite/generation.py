@@ -472,8 +472,9 @@ def id_lists(prompts) -> list[list[int]]:
 def encode_texts(tokenizer, texts: list[str], chat: bool, name: str, system: str | None = None) -> list[list[int]]:
     """Token ids of each text (wrapped in the chat template with `chat`, after a `system` message if given)."""
     if tokenizer is None:
-        raise ModelError(f"{name} has no tokenizer (dummy weights, or none in its files): pass token ids to "
-                         "generate_ids")
+        raise ModelError(f"{name} has no tokenizer (dummy weights, or no tokenizer files in its directory): add the "
+                         "model's tokenizer files (tokenizer.json, tokenizer_config.json), or pass token ids "
+                         "(FlexGenLite.generate_ids)")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelError(f"{name} has no chat template; drop --chat")

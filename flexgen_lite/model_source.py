@@ -221,4 +221,11 @@ def load_tokenizer(path: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # a damaged file: the libraries' own error types, or Python's from their parsers
+        libraries = ("transformers", "tokenizers", "huggingface_hub", "json", "builtins")
+        if type(e).__module__.split(".")[0] not in libraries or isinstance(e, MemoryError):
+            raise
+        raise ModelError(f"{path}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}); re-download "
+                         "its tokenizer files (tokenizer.json, tokenizer_config.json)") from None

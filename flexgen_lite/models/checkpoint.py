@@ -48,10 +48,7 @@ class Checkpoint:
 
     def _check_index(self) -> None:
         for index in self.path.glob("*.index.json"):
-            try:
-                expected = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise ModelError(f"{index} is not a valid checkpoint index; re-download it") from None
+            expected = weight_map(index)
             missing = sorted({f for n, f in expected.items() if n not in self.files})
             if missing:
                 raise ModelError(f"{self.path} lacks the shard(s) {', '.join(missing)} named in {index.name}")
@@ -112,6 +109,27 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: tensor name -> shard file."""
+    try:
+        names = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        names = None
+    if not isinstance(names, dict) or not all(isinstance(f, str) for f in names.values()):
+        raise ModelError(f"{index} is not a valid checkpoint index (a weight_map of tensor names to files); "
+                         "re-download it")
+    return names
+
+
+def stores_tensor(path: Path, name: str) -> bool:
+    """Whether a checkpoint directory holds a tensor of this name, from its index or its safetensors headers
+    (without opening the weights; False for pytorch_model*.bin checkpoints)."""
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        return name in weight_map(indexes[0])
+    return any(name in SafetensorsFile(f).entries for f in sorted(path.glob("*.safetensors")))
 
 
 class SafetensorsFile:

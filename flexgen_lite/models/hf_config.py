@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from .checkpoint import stores_tensor
 from .config import ModelConfig, ModelError
 
 
@@ -22,6 +23,9 @@ def _opt_config(c: dict, name: str) -> ModelConfig:
     act = c.get("activation_function", "relu")
     if act not in ("relu", "gelu"):
         raise ModelError(f"OPT activation {act!r} is not supported (relu, gelu)")
+    if c.get("layer_norm_elementwise_affine", True) is False:
+        raise ModelError("an OPT config with layer_norm_elementwise_affine false (norms without weights) is not "
+                         "supported")
     hidden = c["hidden_size"]
     pre_norm = c.get("do_layer_norm_before", True)
     return ModelConfig(
@@ -40,11 +44,19 @@ def _opt_config(c: dict, name: str) -> ModelConfig:
     )
 
 
+# transformers' rope bases where a config names none (10000 for the other families)
+DEFAULT_THETA = {"mixtral": 1e6, "smollm3": 2e6, "olmo3": 5e5, "gpt_oss": 150_000.0}
+
+
+def default_theta(c: dict) -> float:
+    return DEFAULT_THETA.get(c.get("model_type"), 10000.0)
+
+
 def _rope_settings(c: dict) -> tuple[float, dict | None]:
     """Rope theta and scaling from either the old (rope_theta/rope_scaling) or new (rope_parameters) keys."""
     params = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or params
-    theta = c.get("rope_theta", params.get("rope_theta", 10000.0))
+    theta = c.get("rope_theta", params.get("rope_theta", default_theta(c)))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None
@@ -126,13 +138,17 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
     act = c.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"activation {act!r} is not supported for {c['model_type']} (silu)")
-    partial = float(c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor")
-                    or 1.0)
+    partial = 1.0
+    if c["model_type"] == "phi3":  # the one family whose transformers model rotates part of each head
+        partial = float(c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor")
+                        or 1.0)
     if not 0 < partial <= 1 or int(head_dim * partial) % 2:
         raise ModelError(f"partial_rotary_factor {partial} of head_dim {head_dim} does not give an even number of "
                          "rotated dims")
     theta, scaling = _rope_settings(c)
-    qkv_bias = c["model_type"] in ("qwen2", "qwen2_moe") or c.get("attention_bias", False)
+    kind = c["model_type"]
+    qkv_bias = kind == "qwen2" or (c.get("qkv_bias", True) if kind == "qwen2_moe" else c.get("attention_bias", False))
+    granite = kind in ("granite", "granitemoe")  # transformers' default multiplier 1.0, not 1 / sqrt(head_dim)
     return ModelConfig(
         family="llama", name=name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         num_layers=c["num_hidden_layers"], num_heads=heads,
@@ -142,10 +158,11 @@ def _llama_config(c: dict, name: str) -> ModelConfig:
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=QK_NORMS.get(c["model_type"], ""),
         clip_qkv=c.get("clip_qkv"), fused_projections=c["model_type"] == "phi3", partial_rotary=partial,
         embed_scale=float(c.get("embedding_multiplier", 1.0)), residual_scale=float(c.get("residual_multiplier", 1.0)),
-        attention_scale=c.get("attention_multiplier"), logits_divisor=float(c.get("logits_scaling", 1.0)),
+        attention_scale=c.get("attention_multiplier", 1.0 if granite else None),
+        logits_divisor=float(c.get("logits_scaling", 1.0)),
         head_size=head_dim if head_dim * heads != c["hidden_size"] else 0, **_experts(c),
         out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
-        tie_embeddings=c.get("tie_word_embeddings", False),
+        tie_embeddings=c.get("tie_word_embeddings", kind == "smollm3"),
         bos_token_id=c.get("bos_token_id"), eos_token_id=_eos_list(c.get("eos_token_id")),
         pad_token_id=c.get("pad_token_id"),
     )
@@ -187,6 +204,8 @@ def _gemma_config(c: dict, name: str) -> ModelConfig:
         c = _gemma3_text(c)
     later = kind != "gemma"
     act = (c.get("hidden_activation") if later else c.get("hidden_act")) or "gelu_pytorch_tanh"
+    if kind == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # the original releases' legacy value, meant as tanh (transformers rewrites it)
     if act not in ("gelu_pytorch_tanh", "gelu"):
         raise ModelError(f"activation {act!r} is not supported for {kind} (gelu_pytorch_tanh, gelu)")
     base = _llama_config({**c, "hidden_act": "silu", "tie_word_embeddings": c.get("tie_word_embeddings", True)}, name)
@@ -195,7 +214,7 @@ def _gemma_config(c: dict, name: str) -> ModelConfig:
         base, activation="gelu_tanh" if act == "gelu_pytorch_tanh" else "gelu", norm_offset=1.0,
         embed_scale=math.sqrt(c["hidden_size"]), embed_scale_in_dtype=True,
         attention_scale=None if scalar is None else scalar ** -0.5,
-        attn_softcap=c.get("attn_logit_softcapping") if later else None,
+        attn_softcap=c.get("attn_logit_softcapping") if kind == "gemma2" else None,  # Gemma-3 keeps it unused
         logits_softcap=c.get("final_logit_softcapping") if later else None, post_norms=later,
         local_rope_theta=float(c.get("rope_local_base_freq", 0.0)))
 
@@ -228,12 +247,16 @@ def _rope_per_layer_type(c: dict, local_default: float | None) -> dict:
     params = c.get("rope_parameters") or {}
     if "full_attention" in params:
         full, local = params["full_attention"], params.get("sliding_attention") or {}
-        c = {**c, "rope_theta": full.get("rope_theta", c.get("rope_theta", 10000.0)),
+        if local.get("rope_type", local.get("type", "default")) not in (None, "default"):
+            raise ModelError(f"rope scaling {local.get('rope_type', local.get('type'))!r} of the windowed layers "
+                             "(rope_parameters.sliding_attention) is not supported: only their full layers' scale")
+        c = {**c, "rope_theta": full.get("rope_theta", c.get("rope_theta", default_theta(c))),
              "rope_scaling": {k: v for k, v in full.items() if k != "rope_theta"}}
         c["rope_local_base_freq"] = local.get("rope_theta", local_default or c["rope_theta"])
         c.pop("rope_parameters")
     else:
-        c = {**c, "rope_local_base_freq": c.get("rope_local_base_freq", local_default or c.get("rope_theta", 10000.0))}
+        c = {**c, "rope_local_base_freq": c.get("rope_local_base_freq",
+                                                local_default or c.get("rope_theta", default_theta(c)))}
     return c
 
 
@@ -295,7 +318,36 @@ FAMILIES = {"opt": _opt_config, "llama": _llama_config, "mistral": _llama_config
             "gpt_oss": _gpt_oss_config}
 
 
+COUNTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size", "ffn_dim", "max_position_embeddings", "head_dim", "moe_intermediate_size",
+          "num_experts", "num_local_experts", "num_experts_per_tok")
+NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+OPTIONAL_COUNTS = ("head_dim", "num_key_value_heads", "moe_intermediate_size", "num_experts", "num_local_experts",
+                   "num_experts_per_tok")
+
+
+def _check_fields(c: dict, name: str, nulls: bool = False) -> None:
+    """Counts are positive whole numbers and the norms' epsilons and rope bases numbers, where a config gives them
+    (a field left out takes transformers' default, as does null where it means so: optional counts, and `nulls`
+    for readers that fill them; a field set wrong would run with wrong outputs, or fail deep in the engine)."""
+    for key in COUNTS + NUMBERS:
+        value = c.get(key)
+        if key not in c or (value is None and (nulls or key in OPTIONAL_COUNTS)):
+            continue
+        real = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        if not real or (key in COUNTS and not isinstance(value, int)):
+            what = "a positive whole number" if key in COUNTS else "a positive number"
+            raise ModelError(f"the config of {name or c.get('model_type')} sets {key} to {value!r}, not {what}: "
+                             "the file is damaged or not a Hugging Face config")
+
+
 def config_from_dict(c: dict, name: str = "") -> ModelConfig:
+    if not isinstance(c, dict):
+        raise ModelError(f"the config of {name or 'this model'} is a JSON {type(c).__name__}, not an object: the "
+                         "file is damaged or not a Hugging Face config")
+    _check_fields(c, name, nulls=c.get("model_type") == "gpt_oss")
+    if isinstance(c.get("text_config"), dict):
+        _check_fields(c["text_config"], name, nulls=True)
     model_type = c.get("model_type")
     if model_type not in FAMILIES:
         raise ModelError(
@@ -318,8 +370,21 @@ def load_config(path: str | Path) -> ModelConfig:
                 f" ({len(ggufs)} GGUF files are here: pass one, e.g. --model {first})" if ggufs else "")
         raise ModelError(f"{path} has no config.json: pass a local Hugging Face checkpoint directory or a .gguf "
                          f"file{hint}")
+    config = config_from_dict(_json_file(file), name=str(path))
+    generation = path / "generation_config.json"
+    if generation.is_file():  # where instruct models name their end-of-turn ids (transformers' generate stops there)
+        eos = _eos_list(_json_file(generation).get("eos_token_id"))
+        config = dataclasses.replace(config, eos_token_id=eos or config.eos_token_id)
+    if config.tie_embeddings and stores_tensor(path, "lm_head.weight"):
+        config = dataclasses.replace(config, tie_embeddings=False)  # a stored head is used, as transformers does
+    return config
+
+
+def _json_file(file: Path) -> dict:
     try:
         raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{file} is not valid JSON ({e}); re-download the checkpoint") from None
-    return config_from_dict(raw, name=str(path))
+    if not isinstance(raw, dict):
+        raise ModelError(f"{file} holds a JSON {type(raw).__name__}, not an object; re-download the checkpoint")
+    return raw
