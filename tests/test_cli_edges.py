@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from flexgen_lite.cli import batch_io
+from flexgen_lite.cli.generate import read_texts
 from flexgen_lite.cli.main import build_parser, main
 from flexgen_lite.system import paths, profile_store
 
@@ -179,6 +180,26 @@ def test_input_dash_reads_standard_input(opt_dir, monkeypatch, capsys):
     main(gen(opt_dir, "--input", "-", "--json", "--policy", "manual"))
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["index"], r["prompt"]) for r in records] == [(0, "w5 w6"), (1, "w7")]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(opt_dir, tmp_path, capsys):
+    """Windows editors start UTF-8 files with a BOM: prompts files (text and JSON lines) and --instruction @FILE
+    read without it."""
+    (tmp_path / "plain.txt").write_bytes("\ufeffw5 w6\nw7\n".encode())
+    (tmp_path / "lines.jsonl").write_bytes("\ufeff{\"prompt\": \"w5 w6\"}\n".encode())
+    (tmp_path / "instruction.txt").write_bytes("\ufeffw9\n".encode())
+    for name in ("plain.txt", "lines.jsonl"):
+        main(gen(opt_dir, "--input", str(tmp_path / name), "--json", "--policy", "manual"))
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert records[0]["prompt"] == "w5 w6"
+    args = build_parser().parse_args(gen(opt_dir, "--instruction", f"@{tmp_path / 'instruction.txt'}", "w5"))
+    read_texts(args)
+    assert args.instruction == "w9"
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused(opt_dir, capsys):
+    """/dev/full read back for resuming gave zeros forever (a MemoryError after all of RAM)."""
+    assert "--output /dev/full is not a regular file" in fails(gen(opt_dir, "--output", "/dev/full", "w5"), capsys)
 
 
 def test_one_cache_folder(tmp_path, monkeypatch):

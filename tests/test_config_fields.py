@@ -92,6 +92,7 @@ def test_generation_config_eos_ids_stop_generation(tmp_path):
     (dict(model_type="llama", hidden_size="64"), "sets hidden_size to '64', not a positive whole number"),
     (dict(model_type="llama", num_hidden_layers=-1), "sets num_hidden_layers to -1"),
     (dict(model_type="llama", rms_norm_eps=None), "sets rms_norm_eps to None, not a positive number"),
+    (dict(model_type="opt", layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine false"),
     (dict(model_type="gemma3_text", rope_parameters=dict(
         full_attention=dict(rope_type="default", rope_theta=1e6),
         sliding_attention=dict(rope_type="linear", factor=4.0, rope_theta=1e4))),

@@ -40,12 +40,14 @@ def read_prompts(arguments: list[str], input_path: str | None) -> list[Prompt]:
     return prompts
 
 
+BOM = "\ufeff".encode()
+
+
 def read_input_bytes(path: str, flag: str = "--input", what: str = "a file of prompts") -> bytes:
     """The whole input file ("-": standard input), or an InputError that names the flag and says what to pass."""
-    if path == "-":
-        return sys.stdin.buffer.read()
     try:
-        return Path(path).read_bytes()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        return data.removeprefix(BOM)  # Windows editors start UTF-8 files with one: not part of the first line
     except FileNotFoundError:
         raise InputError(f"{flag} {path}: no such file") from None
     except IsADirectoryError:
@@ -210,10 +212,13 @@ def _open_output(path: str, flag: str = "--output"):
         raise InputError(f"{flag} {path} is a directory; pass a file name, e.g. {p / 'out.jsonl'}")
     if not p.parent.is_dir():
         raise InputError(f"{flag} {path}: the directory {p.parent} does not exist; create it first")
+    if p.exists() and not p.is_file():  # a device or a pipe: it can be neither read back nor resumed
+        raise InputError(f"{flag} {path} is not a regular file; pass a file name (the output is read back to "
+                         "resume)")
     try:
         return open(p, "a+b")  # noqa: SIM115 - kept open (and locked) for the whole run
     except OSError as e:
-        raise InputError(f"{flag} {path} cannot be written ({e.strerror}); choose a writable path") from None
+        raise InputError(f"{flag} {path} cannot be written ({e.strerror or e}); choose a writable path") from None
 
 
 def _lock(file, path: str, flag: str = "--output") -> None:

@@ -53,7 +53,7 @@ def read_texts(args) -> None:
         value = getattr(args, flag)
         if value is not None and value.startswith("@"):
             try:
-                with open(value[1:], encoding="utf-8") as f:
+                with open(value[1:], encoding="utf-8-sig") as f:  # a BOM is not text
                     value = f.read().strip()
             except (OSError, UnicodeDecodeError) as e:
                 raise InputError(f"--{flag} {value}: cannot read it ({e})") from None
