@@ -115,7 +115,7 @@ def test_checkpoint_missing_a_tensor(copy_of, tmp_path):
     offload = tmp_path / "offload"
     with pytest.raises(ModelError, match="lacks the tensor 'model.decoder.layers.1.fc2.weight'.*complete"):
         FlexGenLite(str(copy_of), policy=Policy(weight_gpu_percent=0, weight_cpu_percent=0, offload_dir=str(offload)))
-    assert os.listdir(offload) == []  # the weights already written to disk are gone
+    assert not offload.exists()  # the weights already written to disk are gone, and the folder made for them
 
 
 def test_checkpoint_missing_a_shard(copy_of):
@@ -347,6 +347,17 @@ def test_disk_store_files_are_deleted_with_their_owner(tmp_path):
         kept.read_into(torch.empty(256, dtype=torch.int32))
 
 
+def test_offload_folders_a_store_made_are_removed_with_it(tmp_path):
+    """--offload-dir a/b/c where none exists: the store makes the three and removes them on close, leaving a
+    folder someone else put a file in since."""
+    DiskStore(str(tmp_path / "a" / "b" / "c")).close()
+    assert os.listdir(tmp_path) == []
+    store = DiskStore(str(tmp_path / "a" / "b" / "c"))
+    (tmp_path / "a" / "note.txt").write_text("kept")
+    store.close()
+    assert os.listdir(tmp_path / "a") == ["note.txt"]
+
+
 # ---- features that need a tokenizer -----------------------------------------------------------------------------
 
 def test_dummy_model_has_no_tokenizer():
@@ -372,4 +383,4 @@ def test_non_finite_weights_are_refused_with_the_tensor_name(copy_of, tmp_path, 
         policy = Policy(weight_gpu_percent=weights[0], weight_cpu_percent=weights[1], offload_dir=str(offload))
         with pytest.raises(ModelError, match="'model.decoder.layers.1.fc2.weight' holds NaN or infinite values"):
             FlexGenLite(str(copy_of), policy=policy)
-        assert os.listdir(offload) == []
+        assert not offload.exists()

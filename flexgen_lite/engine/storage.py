@@ -195,6 +195,7 @@ class DiskStore:
     removes the directories of owners that died without cleaning up (SIGKILL, a crash, a power cut)."""
 
     def __init__(self, parent: str = "") -> None:
+        made = _missing_folders(parent) if parent else []  # removed again on close where left empty
         try:
             if parent:
                 os.makedirs(parent, exist_ok=True)
@@ -208,7 +209,7 @@ class DiskStore:
             ) from None
         self.files: weakref.WeakSet[DiskFile] = weakref.WeakSet()  # files die with their owners
         self._count = 0
-        self._finalizer = weakref.finalize(self, _remove_files, self.files, self.directory, lock)
+        self._finalizer = weakref.finalize(self, _remove_files, self.files, self.directory, lock, made)
 
     def create(self, nbytes: int, name: str = "t") -> DiskFile:
         self._count += 1
@@ -220,11 +221,25 @@ class DiskStore:
         self._finalizer()
 
 
-def _remove_files(files: weakref.WeakSet, directory: str, lock: int) -> None:
+def _missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_files(files: weakref.WeakSet, directory: str, lock: int, made: list[str]) -> None:
     for f in list(files):
         f.close()
     shutil.rmtree(directory, ignore_errors=True)
     os.close(lock)  # only now: the directory is never unlocked while its owner lives
+    for folder in made:  # the --offload-dir folders this store made, where nothing else was put in them
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 STORE_NAME = re.compile(r"flexgen-lite-(\d+)-")
