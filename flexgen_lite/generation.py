@@ -58,6 +58,8 @@ def one_call(method):
                 return method(self, *args, **kwargs)
             finally:
                 self._caller = None
+                if not self.closed:  # the planned block shape again (a narrower one's cache freed)
+                    self.engine, self.policy = self.shapes.use(self.shapes.planned), self.shapes.planned
 
     return call
 
@@ -180,24 +182,15 @@ class FlexGenLite:
         check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({policy.flags()}) {prompts}",
                       searched=self.search is not None)
 
-    def _narrowed(self, group: list[int], prompts: list[list[int]], carried: dict[int, Carried],
-                  max_new_tokens: int) -> int:
-        """How many of `group` (prompts' places; carried ones with their tokens so far) one block holds within the
-        budgets (block_shapes.py), the running engine set to that block's shape."""
+    def block_rows(self, lengths: list[int], gen_len: int) -> int:
+        """How many of the next prompts (their lengths, a planned block's worth) one block of `gen_len` new tokens
+        holds within the budgets, the running engine set to that block's shape (block_shapes.py)."""
         policy = self.shapes.planned
         if self.budgets is not None:
-            made = [len(carried[i].tokens) if i in carried else 0 for i in group]
-            longest = max(len(prompts[i]) + n for i, n in zip(group, made, strict=True))
-            workload = Workload(longest, max_new_tokens - min(made))
-            policy = self.shapes.shape_for(workload, len(group),
+            policy = self.shapes.shape_for(Workload(max(lengths), gen_len), len(lengths),
                                            lambda p, w: self._check_budgets(w, "this block", p))
         self.engine, self.policy = self.shapes.use(policy), policy
-        return min(len(group), policy.block_size)
-
-    def _narrowed_back(self) -> None:
-        """The planned shape again after a call (a narrower one's cache freed)."""
-        if self.engine is not None:
-            self.engine, self.policy = self.shapes.use(self.shapes.planned), self.shapes.planned
+        return min(len(lengths), policy.block_size)
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -255,54 +248,53 @@ class FlexGenLite:
         carried: dict[int, Carried] = {}
         bound = max(len(p) for p in prompts) + sampling.max_new_tokens  # positions a block was planned for
         done = 0
-        try:
-            while queue or carried:
-                if cancelled is not None or deferred is not None:
-                    queue = [[i for i in group if not (cancelled and cancelled(i)) and not (deferred and deferred(i))]
-                             for group in queue]
-                    queue = [group for group in queue if group]
-                    carried = {i: c for i, c in carried.items() if not (cancelled and cancelled(i))}
-                    if not (queue or carried):
-                        break
-                chosen = queue.pop(0) if queue else next_group(
-                    list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
-                    {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
-                rows = self._narrowed(chosen, prompts, carried, sampling.max_new_tokens)
-                if rows < len(chosen) and chosen[0] not in carried:
-                    queue.insert(0, chosen[rows:])  # the rest: a block of their own next (carried rows stay carried)
-                chosen = chosen[:rows]
-                moving = {row: carried.pop(i) for row, i in enumerate(chosen) if i in carried}
-                done += 1
-                label = f"block {done}/{done + len(queue) + bool(carried)}"
-                sharing = functools.partial(later_rows, blocks=len(queue), waiting=len(carried), size=size)
-                block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
-                                         for row, i in enumerate(chosen)], sampling, return_logits,
-                                        chosen if indices is None else [indices[i] for i in chosen], label,
-                                        on_tokens and streamer(chosen, moving, on_tokens), moving,
-                                        sharing if carry_over is not False else None, carry_over,
-                                        cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
-                finished = {}
-                for row, i in enumerate(chosen):
-                    before = moving.get(row, Carried([]))
-                    part = (torch.stack([s[row] for s in self.engine.logits])[:int(block.length[row])]
-                            if return_logits else None)
-                    tokens = before.tokens + block.new_tokens(row)
-                    if block.stopped and not bool(block.finished[row]):
-                        generator = block.generators[row] if block.generators is not None else None
-                        carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator)
-                        continue
-                    results[i] = tokens
-                    if return_logits:
-                        logits[i] = torch.cat(before.logits + [part])
-                    if cancelled is None or not cancelled(i):
-                        finished[i] = (results[i], logits[i])
-                if on_block is not None and finished:
-                    on_block(finished)
-                if self.progress:
-                    self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
-                                                     if block.stopped else ""))
-        finally:
-            self._narrowed_back()
+        while queue or carried:
+            if cancelled is not None or deferred is not None:
+                queue = [[i for i in group if not (cancelled and cancelled(i)) and not (deferred and deferred(i))]
+                         for group in queue]
+                queue = [group for group in queue if group]
+                carried = {i: c for i, c in carried.items() if not (cancelled and cancelled(i))}
+                if not (queue or carried):
+                    break
+            chosen = queue.pop(0) if queue else next_group(
+                list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
+                {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
+            made = [len(carried[i].tokens) if i in carried else 0 for i in chosen]
+            rows = self.block_rows([len(prompts[i]) + n for i, n in zip(chosen, made, strict=True)],
+                                   sampling.max_new_tokens - min(made))
+            if rows < len(chosen) and chosen[0] not in carried:
+                queue.insert(0, chosen[rows:])  # the rest: a block of their own next (carried rows stay carried)
+            chosen = chosen[:rows]
+            moving = {row: carried.pop(i) for row, i in enumerate(chosen) if i in carried}
+            done += 1
+            label = f"block {done}/{done + len(queue) + bool(carried)}"
+            sharing = functools.partial(later_rows, blocks=len(queue), waiting=len(carried), size=size)
+            block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
+                                     for row, i in enumerate(chosen)], sampling, return_logits,
+                                    chosen if indices is None else [indices[i] for i in chosen], label,
+                                    on_tokens and streamer(chosen, moving, on_tokens), moving,
+                                    sharing if carry_over is not False else None, carry_over,
+                                    cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
+            finished = {}
+            for row, i in enumerate(chosen):
+                before = moving.get(row, Carried([]))
+                part = (torch.stack([s[row] for s in self.engine.logits])[:int(block.length[row])]
+                        if return_logits else None)
+                tokens = before.tokens + block.new_tokens(row)
+                if block.stopped and not bool(block.finished[row]):
+                    generator = block.generators[row] if block.generators is not None else None
+                    carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator)
+                    continue
+                results[i] = tokens
+                if return_logits:
+                    logits[i] = torch.cat(before.logits + [part])
+                if cancelled is None or not cancelled(i):
+                    finished[i] = (results[i], logits[i])
+            if on_block is not None and finished:
+                on_block(finished)
+            if self.progress:
+                self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
+                                                 if block.stopped else ""))
         return (results, logits) if return_logits else results
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import json
 import math
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -187,6 +189,17 @@ def _word_tokenizer(path: Path) -> None:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w1", eos_token="w2")
     fast.save_pretrained(str(path))
+
+
+def copy_with_eos(source: Path, path: Path, eos) -> Path:
+    """A copy of a checkpoint directory whose generation stops at `eos` (an id or ids): config.json's and, where
+    there is one, generation_config.json's (which transformers, and the engine, read first)."""
+    shutil.copytree(source, path)
+    for name in ("config.json", "generation_config.json"):
+        if (path / name).is_file():
+            config = json.loads((path / name).read_text())
+            (path / name).write_text(json.dumps(config | {"eos_token_id": eos}))
+    return path
 
 
 def make_checkpoint(path: Path, family: str, seed: int = 0, **overrides):

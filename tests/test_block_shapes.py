@@ -25,8 +25,8 @@ def test_narrower_shapes_fewer_batches_then_fewer_rows():
     assert all(p.weight_gpu_percent == PLANNED.weight_gpu_percent for p in narrower(PLANNED))
 
 
-def cpu_peak(path, policy: Policy, prompt_len: int) -> int:
-    return int(peak_memory(model_config(path), Workload(prompt_len, NEW), policy, False)[1]["cpu"])
+def cpu_peak(path, policy: Policy, prompt_len: int, gen_len: int = NEW) -> int:
+    return int(peak_memory(model_config(path), Workload(prompt_len, gen_len), policy, False)[1]["cpu"])
 
 
 def test_a_long_prompt_past_the_budget_runs_in_a_narrower_block(tiny_models, references, compute_device):
@@ -47,6 +47,20 @@ def test_a_long_prompt_past_the_budget_runs_in_a_narrower_block(tiny_models, ref
         assert narrow and all(e.cache is None for e in narrow)  # the narrower block's cache given back
         assert m.memory_report()["peak"]["cpu"] <= budget
         assert m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=NEW)) == references["llama"][0]
+
+
+def test_scoring_a_long_request_past_the_budget_runs_in_a_narrower_block(tiny_models, compute_device):
+    path = tiny_models["llama"][0]
+    budget = cpu_peak(path, PLANNED, len(LONG) - 1, 1) - 1  # scoring: prefill blocks of one new position
+    requests = [(LONG[:40], LONG[40:])] + [(p[:-2], p[-2:]) for p in PROMPTS if len(p) > 2]
+    with FlexGenLite(str(path), policy=PLANNED, device=compute_device) as m:
+        expected, expected_top = m.score(requests), m.prompt_logprobs([LONG], top=2)
+    with FlexGenLite(str(path), policy=PLANNED, device=compute_device, budgets=Budgets(cpu=budget)) as m:
+        found, found_top = m.score(requests), m.prompt_logprobs([LONG], top=2)
+        assert len(m.shapes.engines) == 2 and m.policy == PLANNED
+    assert [g for _, g in found] == [g for _, g in expected]
+    assert [lp for lp, _ in found] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
+    assert [t[0] for t in found_top[0][1:]] == pytest.approx([t[0] for t in expected_top[0][1:]], abs=1e-4)
 
 
 def test_one_row_past_the_budget_is_still_refused(tiny_models, compute_device):

@@ -4,10 +4,8 @@ disk-tier clean-up and the memory ledger."""
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
-import shutil
 from collections import Counter
 
 import pytest
@@ -22,7 +20,7 @@ from flexgen_lite.models.config import ModelError
 from flexgen_lite.models.presets import preset_config
 from flexgen_lite.models.specs import layer_specs
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, copy_with_eos
 
 
 def P(gbs=4, nb=1, weight=(100, 0), cache=(100, 0), act=(100, 0), **kw) -> Policy:
@@ -185,11 +183,7 @@ def test_eos_ends_only_its_row(opt_dir, greedy_ids, tmp_path, monkeypatch, devic
                 if ids[2] not in ids[:2] and not any(ids[2] in o for i, o in enumerate(greedy_ids) if i != r)), None)
     assert row is not None, "no row of the tiny model's output suits this test"
     eos = greedy_ids[row][2]
-    model_dir = tmp_path / "model"
-    shutil.copytree(opt_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["eos_token_id"] = eos
-    (model_dir / "config.json").write_text(json.dumps(config))
+    model_dir = copy_with_eos(opt_dir, tmp_path / "model", eos)
     rows_seen = []
     real_mlp = L.mlp
     monkeypatch.setattr(L, "mlp", lambda w, h, cfg: rows_seen.append(h.shape[0]) or real_mlp(w, h, cfg))

@@ -3,9 +3,6 @@ tokens are those of the run that kept them, and transformers' (greedy); the rule
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -13,7 +10,7 @@ from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.engine.block import block_order
 from flexgen_lite.stragglers import later_rows, next_group, worth_ending
 
-from .conftest import PROMPTS, hf_greedy
+from .conftest import PROMPTS, copy_with_eos, hf_greedy
 
 EIGHT = PROMPTS + [[2, 33, 34, 35, 36]]
 NEW = 12
@@ -34,12 +31,7 @@ def stopping_ids(outputs: list[list[int]]) -> tuple[set[int], set[int]]:
 
 
 def with_eos(tiny_dir, tmp_path, eos: set[int]):
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["eos_token_id"] = sorted(eos)
-    (model_dir / "config.json").write_text(json.dumps(config))
-    return model_dir
+    return copy_with_eos(tiny_dir, tmp_path / "model", sorted(eos))
 
 
 def run(model_dir, sampling: SamplingConfig, carry_over: bool | None, policy: Policy = POLICY, device=None):

@@ -5,16 +5,13 @@ memory plan counts the rings exactly."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
 from flexgen_lite.engine.kv_cache import ring_placed, ring_positions
 
-from .conftest import PROMPTS, hf_greedy, make_checkpoint
+from .conftest import PROMPTS, copy_with_eos, hf_greedy, make_checkpoint
 from .test_link_paths import check_gpu_memory_plan
 from .test_parity import LOGITS_ATOL, POLICIES, P, link_only_on_cpu
 from .test_shared_prefix import SHARED_PROMPTS
@@ -86,11 +83,7 @@ def with_eos(path, tmp_path, want_ids: list[list[int]]) -> tuple[object, int]:
     folder, that row)."""
     row = next(r for r, ids in enumerate(want_ids)
                if ids[6] not in ids[:6] and not any(ids[6] in o for i, o in enumerate(want_ids) if i != r))
-    model_dir = tmp_path / "model"
-    shutil.copytree(path, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": want_ids[row][6]}))
-    return model_dir, row
+    return copy_with_eos(path, tmp_path / "model", want_ids[row][6]), row
 
 
 @pytest.mark.parametrize("device", [None, "cpu+link"])

@@ -58,10 +58,9 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     rows = _rows(inputs, targets, contexts, max_len)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
     rows.sort(key=lambda r: -len(r.tokens))  # similar lengths share a block
-    size = model.policy.block_size
     stats = model.score_stats = ScoreStats(rows=len(inputs), tokens=sum(len(i) for i in inputs),
                                            fed=sum(len(r.tokens) for r in rows))
-    blocks = -(-len(rows) // size)
+    blocks = -(-len(rows) // model.policy.block_size)
     tic = time.perf_counter()
     def sums(head, h: torch.Tensor, index: torch.Tensor, keys: list[int], chunk: int) -> None:
         requests = sorted(set(keys))
@@ -71,15 +70,17 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
         for q, lp, g in zip(requests, logprob.tolist(), greedy.tolist(), strict=True):
             results[q] = (lp, g)
 
-    for first in range(0, len(rows), size):
+    done = 0
+    for number, block in enumerate(_blocks(model, rows), start=1):
         started = time.perf_counter()
-        stats.shared.append(_score_block(model, rows[first:first + size], sums))
+        stats.shared.append(_score_block(model, block, sums))
         stats.blocks.append(time.perf_counter() - started)
+        done += len(block)
+        blocks = number + -(-(len(rows) - done) // model.shapes.planned.block_size)
         report = progress or model.progress
         if report is not None:
-            done = min(first + size, len(rows))
             rate = sum(len(r.tokens) for r in rows[:done]) / (time.perf_counter() - tic)
-            report(f"scoring: block {first // size + 1}/{blocks} done, {done}/{len(rows)} rows, {rate:.0f} tok/s")
+            report(f"scoring: block {number}/{blocks} done, {done}/{len(rows)} rows, {rate:.0f} tok/s")
     stats.seconds = time.perf_counter() - tic
     return results
 
@@ -138,6 +139,17 @@ class _PackedBlock(Block):
 
     def padded(self, batch: int, active: torch.Tensor | None) -> bool:
         return True
+
+
+def _blocks(model, rows: list[_Row]):
+    """The rows (longest first) a block at a time: the policy's block, or fewer where a block of it at their length
+    would pass the budgets (FlexGenLite.block_rows)."""
+    first = 0
+    while first < len(rows):
+        ahead = rows[first:first + model.shapes.planned.block_size]
+        size = model.block_rows([len(r.tokens) for r in ahead], 1)
+        yield ahead[:size]
+        first += size
 
 
 def _score_block(model, rows: list[_Row], measure: Callable) -> int:
@@ -244,9 +256,8 @@ def prompt_logprobs(model, prompts: Sequence[Sequence[int]], top: int = 0
                 found[key] = (chosen[n], [] if best is None else
                               list(zip(best.indices[n].tolist(), best.values[n].tolist(), strict=True)))
 
-    size = model.policy.block_size
-    for first in range(0, len(rows), size):
-        _score_block(model, rows[first:first + size], each)
+    for block in _blocks(model, rows):
+        _score_block(model, block, each)
     by_prompt = [[None] + [found[(u, n)] for n in range(1, len(p))] if p else [] for u, p in enumerate(unique)]
     where = {p: u for u, p in enumerate(unique)}
     return [by_prompt[where[tuple(p)]] for p in prompts]
