@@ -28,7 +28,6 @@ CONFIG_KEYS = [
     "rms_norm_eps",
     "tie_word_embeddings",
     "bos_token_id",
-    "eos_token_id",
     "pad_token_id",
     "head_dim",
     "attention_bias",
@@ -62,6 +61,8 @@ def test_config_matches_transformers(gguf_path: str, hf_reference) -> None:
     cfg = read_gguf_config(gguf_path)
     for key in CONFIG_KEYS:
         assert cfg[key] == ref[key], key
+    # the file's eos first, then the chat format's other end of turn (SmolLM2: <|endoftext|> beside <|im_end|>)
+    assert cfg["eos_token_id"] == [ref["eos_token_id"], 0]
     ref_theta = ref.get("rope_theta", (ref.get("rope_parameters") or {}).get("rope_theta"))
     assert cfg["rope_theta"] == ref_theta == cfg["rope_parameters"]["rope_theta"]
     assert cfg["rope_scaling"] is None
@@ -122,6 +123,7 @@ def _write_tiny_llama(
     tied: bool = False,
     raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
     ends_type: gguf.GGMLQuantizationType | None = None,
+    metadata=None,
 ) -> dict[str, np.ndarray]:
     """Write a 1-layer Llama GGUF (hidden 64, 4 heads, 2 kv heads); return the HF weights. ends_type: the
     embedding's and head's type, where not weight_type's."""
@@ -193,6 +195,8 @@ def _write_tiny_llama(
             writer.add_tensor(gguf_names[hf_name], gguf.quants.quantize(w, qtype), raw_dtype=qtype)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    if metadata is not None:
+        metadata(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -270,6 +274,18 @@ def test_llama3_rope_freqs(tmp_path: Path) -> None:
 
 
 # --- Errors ----------------------------------------------------------------------------
+
+
+def test_generation_ends_at_the_files_end_of_turn_tokens(tmp_path: Path) -> None:
+    """An instruct file's turn ends beside its eos (Gemma's <end_of_turn>; Llama-3's eot id): both end generation,
+    as its original checkpoint's generation_config.json says."""
+    def ids(writer) -> None:
+        writer.add_token_list(["<unk>", "<s>", "</s>", "<|eot_id|>", "<end_of_turn>"] + [f"t{i}" for i in range(5, 32)])
+        writer.add_eos_token_id(2)
+        writer.add_eot_token_id(3)
+
+    _write_tiny_llama(tmp_path / "m.gguf", metadata=ids)
+    assert read_gguf_config(tmp_path / "m.gguf")["eos_token_id"] == [2, 3, 4]
 
 
 def test_truncated_file(gguf_path: str, tmp_path: Path) -> None:

@@ -101,6 +101,20 @@ def _meta(reader: GGUFContents, path: str, key: str, default: Any = _MISSING) ->
     return reader.metadata[key]
 
 
+# chat formats' end-of-turn tokens (Llama-3, ChatML, Phi-3, Gemma, GPT-style, gpt-oss's final answer)
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|return|>")
+
+
+def _end_ids(reader: GGUFContents, path: str) -> list[int]:
+    """The ids that end a generation: the file's eos, eot and eom ids and its tokens spelled as a chat format's end
+    of turn. An instruct model's turn ends beside its eos (Gemma's <end_of_turn>, Llama-3's <|eot_id|>), which its
+    original checkpoint lists in generation_config.json and a GGUF's eos alone does not."""
+    ids = [_meta(reader, path, f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot", "eom")]
+    tokens = _meta(reader, path, "tokenizer.ggml.tokens", [])
+    ids += [i for i, text in enumerate(tokens) if text in END_OF_TURN]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def _uniform(value: Any, key: str, path: str) -> int:
     """Per-layer arrays (e.g. head counts) must be uniform for a plain Llama model."""
     if isinstance(value, list):
@@ -240,7 +254,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "mlp_bias": "blk.0.ffn_up.bias" in names,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _meta(reader, path, "tokenizer.ggml.bos_token_id", None),
-        "eos_token_id": _meta(reader, path, "tokenizer.ggml.eos_token_id", None),
+        "eos_token_id": _end_ids(reader, path),
         "pad_token_id": _meta(reader, path, "tokenizer.ggml.padding_token_id", None),
         "sliding_window": _meta(reader, path, f"{arch}.attention.sliding_window", None),
         "partial_rotary_factor": n_rot / head_dim,
