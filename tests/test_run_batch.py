@@ -215,3 +215,20 @@ def test_the_output_records_its_run_and_a_rerun_with_another_model_or_dtype_is_r
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith(f"error: -o {out} was made with {named}"), err
         assert out.read_text() == before
+
+
+def test_a_leading_bom_is_no_part_of_the_first_line_and_a_line_not_utf8_gets_an_error_line(opt_dir, offline,
+                                                                                            tmp_path):
+    """A BOM (Windows editors) made the first line invalid JSON; latin-1 bytes were answered from U+FFFD text."""
+    latin = b'{"custom_id": "latin", "url": "/v1/completions", "body": {"prompt": "caf\xe9 w5", "max_tokens": 4}}'
+    bad_id = b'{"custom_id": "caf\xe9", "url": "/v1/completions", "body": {"prompt": "w5", "max_tokens": 4}}'
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b"\xef\xbb\xbf" + line("p0", {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+                         .encode() + b"\n" + latin + b"\n" + bad_id + b"\n")
+    out = tmp_path / "results.jsonl"
+    main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS])
+    got = results(out)
+    assert got["p0"]["response"]["body"]["choices"][0]["text"] == offline[(PROMPTS[0], 4)]
+    assert got["latin"]["response"] is None and got["latin"]["error"]["code"] == "invalid_utf8"
+    assert f"{requests} line 2 is not valid UTF-8" in got["latin"]["error"]["message"]
+    assert [r["error"]["code"] for r in got[None]] == ["invalid_utf8"]  # its custom_id unreadable: null

@@ -8,12 +8,14 @@ import json
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import openai
@@ -166,6 +168,9 @@ def test_echo_scores_the_prompt_as_transformers(server, tiny_models):
         assert lp.token_logprobs[-1] == pytest.approx(reference[-1].max().item(), abs=1e-4)  # the greedy token
         assert scored.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:-1], abs=1e-6)
         assert scored.text == choice.text[:len(scored.text)] and scored.finish_reason == "length"
+        # the echoed text is the tokens' texts (the special token 2's ""), so tokens and text_offset follow it
+        assert "".join(lp.tokens) == choice.text and "".join(scored.logprobs.tokens) == scored.text
+        assert [choice.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens, strict=True)] == lp.tokens
     assert alone.usage.completion_tokens == 0
     with pytest.raises(openai.BadRequestError) as e:  # nothing to do
         server.client.completions.create(model=NAME, prompt="w5", max_tokens=0)
@@ -178,6 +183,12 @@ def test_logprobs_end_where_a_stop_string_cut_the_text(server, offline):
                                          stop=[f" {words[2]}"])
     assert r.choices[0].text.split() == words[:2] and r.choices[0].finish_reason == "stop"
     assert "".join(r.choices[0].logprobs.tokens) == r.choices[0].text  # not the stop's token nor those after
+    r = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1,
+                                         stop=[words[2]])  # begins inside the token " w..", after its space
+    text, tokens = r.choices[0].text, r.choices[0].logprobs.tokens
+    assert text == offline["plain"][0][:offline["plain"][0].find(words[2])]
+    # as docs/doors.md says: the token the stop string begins in is kept whole, the last one
+    assert "".join(tokens).startswith(text) and len("".join(tokens[:-1])) < len(text) < len("".join(tokens))
 
 
 def test_the_tokenizer_as_vllm_serves_it(server):
@@ -300,6 +311,18 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     default = json.dumps({"prompt": "w5", "max_tokens": None, "temperature": 0, "ignore_eos": True}).encode()
     status, text = raw(f"{server.url}/v1/completions", default)
     assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 16, text  # null: OpenAI's default
+    nulls = ("temperature", "top_p", "top_k", "n", "stop", "seed", "stream", "stream_options", "ignore_eos",
+             "presence_penalty", "frequency_penalty", "logit_bias", "user", "model")
+    for field in (*nulls, "echo", "logprobs", "max_tokens", "best_of", "suffix"):  # null: OpenAI's default
+        status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": "w5", field: None}).encode())
+        assert status == 200 and json.loads(text)["object"] == "text_completion", (field, text)
+    for field in (*nulls, "logprobs", "top_logprobs", "max_tokens", "max_completion_tokens"):
+        body = {"messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, field: None}
+        status, text = raw(f"{server.url}/v1/chat/completions", json.dumps(body).encode())
+        assert status == 200 and json.loads(text)["object"] == "chat.completion", (field, text)
+    with pytest.raises(openai.BadRequestError) as e:  # as OpenAI: not silently without them
+        c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "w5"}], top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
     lower = urllib.request.Request(f"{server.url}/v1/models", headers={"Authorization": f"bearer {KEY}"})
     with urllib.request.urlopen(lower, timeout=60) as r:  # the scheme is case-insensitive (RFC 7235)
         assert r.status == 200
@@ -342,22 +365,24 @@ def test_batch_api_end_to_end_with_bad_lines(server, offline):
     good = [request(f"chat-{i}", p, "/v1/chat/completions") for i, p in enumerate(PROMPTS)]
     bad = [request("negative", "w5", "/v1/chat/completions", max_tokens=-2),
            request("wrong-url", "w5", "/v1/completions"), {**request("number", "w5"), "custom_id": 7}]
-    data = batch_file(good[:2] + bad + good[2:]) + b"{not json\n"
+    not_utf8 = b'{"custom_id": "latin", "url": "/v1/chat/completions", "body": {"messages": [], "x": "caf\xe9"}}\n'
+    data = b"\xef\xbb\xbf" + batch_file(good[:2] + bad + good[2:]) + b"{not json\n" + not_utf8  # a BOM: not line 1's
     file = c.files.create(file=("requests.jsonl", data), purpose="batch")
     assert c.files.retrieve(file.id).bytes == len(data)
     batch = c.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.status in ("validating", "in_progress")
     batch = wait_for_batch(c, batch.id)
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (9, 5, 4)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (10, 5, 5)
     outputs = lines_by_id(c, batch.output_file_id)
     assert sorted(outputs) == sorted(f"chat-{i}" for i in range(5))
     for i, text in enumerate(offline["chat"]):
         body = outputs[f"chat-{i}"]["response"]["body"]
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
     errors = c.files.content(batch.error_file_id).text.splitlines()
-    assert len(errors) == 4
+    assert len(errors) == 5
     by_id = {json.loads(e)["custom_id"]: json.loads(e) for e in errors}
+    assert by_id["latin"]["error"]["code"] == "invalid_utf8" and "line 10" in by_id["latin"]["error"]["message"]
     assert by_id[None]["error"]["code"]  # the invalid JSON and the numeric custom_id: no request, its id null
     assert by_id["negative"]["response"]["status_code"] == 400 and by_id["wrong-url"]["error"]["code"]
     assert batch.id in [b.id for b in c.batches.list().data]
@@ -368,6 +393,57 @@ def test_batch_api_end_to_end_with_bad_lines(server, offline):
     assert c.files.delete(file.id).deleted
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(file.id)
+
+
+def test_files_and_batches_list_page_as_the_openai_client_reads_them(server):
+    """The client's iterator asks for the page after the last id until has_more is false: an `after` ignored (and
+    no has_more) paged forever."""
+    c = server.client
+    uploaded = [c.files.create(file=(f"f{i}.jsonl", batch_file([request("a", "w5")])), purpose="batch").id
+                for i in range(3)]
+    for i in range(2):
+        c.batches.create(input_file_id=uploaded[i], endpoint="/v1/completions", completion_window="24h")
+    everything = c.files.list()
+    assert not everything.has_more and everything.data[:3] == [c.files.retrieve(f) for f in uploaded[::-1]]
+    ids = [f.id for f in everything.data]
+    assert [f.id for f in islice(c.files.list(limit=2), len(ids) + 1)] == ids  # pages of 2, each after the last
+    page = c.files.list(limit=2, order="asc")
+    assert [f.id for f in page.data] == ids[::-1][:2] and page.has_more
+    assert [f.id for f in islice(c.files.list(purpose="batch", limit=1), len(ids) + 1)] == [
+        f.id for f in everything.data if f.purpose == "batch"]
+    batches = [b.id for b in c.batches.list(limit=100).data]
+    assert len(batches) >= 2 and [b.id for b in islice(c.batches.list(limit=1), len(batches) + 1)] == batches
+    for url in ("files?after=file_missing", "batches?after=batch_missing"):
+        status, text = raw(f"{server.url}/v1/{url}")
+        assert status == 404 and json.loads(text)["error"]["param"] == "after", text
+
+
+def test_a_batch_stopped_while_finalizing_completes_on_restart(chat_dir, offline, tmp_path):
+    """A server killed after the batch was "finalizing" and its output file listed, before "completed": the next
+    start completes it with one output file (it stayed finalizing, and each start listed one more)."""
+    state = tmp_path / "state"
+    s = Server(chat_dir, state, "--gpu-batch-size", "4")
+    try:
+        lines = batch_file([request(f"r{i}", p) for i, p in enumerate(PROMPTS)])
+        file = s.client.files.create(file=("in.jsonl", lines), purpose="batch")
+        batch = wait_for_batch(s.client, s.client.batches.create(
+            input_file_id=file.id, endpoint="/v1/completions", completion_window="24h").id)
+        assert batch.status == "completed"
+    finally:
+        s.stop(signal.SIGKILL)
+    with sqlite3.connect(state / "batches.sqlite3") as db:  # as the kill between the two left it
+        db.execute("UPDATE batches SET status = 'finalizing', completed_at = NULL, output_file_id = NULL")
+    s = Server(chat_dir, state, "--gpu-batch-size", "4")
+    try:
+        done = wait_for_batch(s.client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == len(PROMPTS), done
+        outputs = [f.id for f in s.client.files.list() if f.filename == f"{batch.id}_output.jsonl"]
+        assert outputs == [done.output_file_id]  # the one listed before the kill replaced
+        texts = {k: r["response"]["body"]["choices"][0]["text"]
+                 for k, r in lines_by_id(s.client, done.output_file_id).items()}
+        assert texts == {f"r{i}": t for i, t in enumerate(offline["plain"])}
+    finally:
+        s.stop()
 
 
 def test_cancelled_batch_keeps_what_was_done(server):
@@ -500,11 +576,10 @@ def test_token_texts_join_into_the_text():
 
 def test_max_model_len_plans_for_a_block_of_the_longest_requests(tmp_path):
     """--max-model-len: auto plans a block of requests that long (the longest prompt's prefill, the longest cache);
-    planned for 512 + 32 (the default), a block of 990-token prompts passed the budget and was refused (helper-21:
-    a burst of 587-token requests all 400); past the context, a usage error."""
+    planned for 512 + 32 (the default), a block of 990-token prompts would pass the budget (helper-21: a burst of
+    587-token requests all 400): they run in narrower blocks (block_shapes.py); past the context, a usage error."""
     from flexgen_lite import SamplingConfig
     from flexgen_lite.cli.checks import UsageError
-    from flexgen_lite.engine.policy import PolicyError
     from flexgen_lite.model_source import model_config
     from flexgen_lite.planning.budgets import Budgets
     from flexgen_lite.planning.policy_search import AutoPolicy
@@ -515,13 +590,10 @@ def test_max_model_len_plans_for_a_block_of_the_longest_requests(tmp_path):
     path = tmp_path / "m"
     make_checkpoint(path, "llama", max_position_embeddings=1024)
     config, long = model_config(str(path)), [[5] * 990] * 3
-    for workload in (None, planned_workload(1000, config)):
+    for workload, shapes in ((None, 2), (planned_workload(1000, config), 1)):
         with FlexGenLite(str(path), policy=AutoPolicy(Policy(dtype="float32")), budgets=Budgets(None, 80 << 20),
                          workload=workload, hardware=synthetic_profile()) as m:
-            if workload is None:
-                with pytest.raises(PolicyError, match="exceeds the memory budgets"):
-                    m.generate_ids(long, SamplingConfig(max_new_tokens=8))
-            else:
-                assert [len(ids) for ids in m.generate_ids(long, SamplingConfig(max_new_tokens=8))] == [8] * 3
+            assert [len(ids) for ids in m.generate_ids(long, SamplingConfig(max_new_tokens=8))] == [8] * 3
+            assert len(m.shapes.engines) == shapes  # the planned block's shape, and a narrower one where needed
     with pytest.raises(UsageError, match="past the model's context"):
         planned_workload(1025, config)

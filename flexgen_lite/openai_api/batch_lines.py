@@ -9,14 +9,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..cli.batch_io import InputError, Prompt, read_input_bytes
+from ..cli.batch_io import BOM, InputError, Prompt, read_input_bytes
 from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
 from .requests import RequestError, Served, Work, prepare, respond, validation_error
 
 
 def read_lines(path: str) -> list[Prompt]:
-    """The input's non-blank lines, each with where it is (bad UTF-8 is kept, replaced: an error line later); a
-    binary file (NUL bytes) is refused whole."""
+    """The input's non-blank lines, each with where it is (a line of bad UTF-8 is kept, for an error line later);
+    a binary file (NUL bytes) is refused whole."""
     data = read_input_bytes(path, "-i", "a batch file (JSON lines)")
     if b"\0" in data:
         line = data[:data.index(b"\0")].count(b"\n") + 1
@@ -24,12 +24,25 @@ def read_lines(path: str) -> list[Prompt]:
                          "of requests")
     return split_lines(data, "standard input" if path == "-" else path)
 
+class NotUtf8(str):
+    """A line whose bytes are not valid UTF-8, decoded with replacement marks (so that it still has a hash to
+    resume by): check_request answers it with an error line, never with a completion of the marks."""
+
+    problem: str
+
 def split_lines(data: bytes, name: str) -> list[Prompt]:
+    """The non-blank lines of a batch file (less a leading BOM), each with where it is."""
     lines = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(data.removeprefix(BOM).split(b"\n"), start=1):
         text = raw.decode("utf-8", errors="replace").removesuffix("\r")
-        if text.strip():
-            lines.append(Prompt(text, f"{name} line {number}"))
+        if not text.strip():
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            text = NotUtf8(text)
+            text.problem = f"{name} line {number} is not valid UTF-8 (byte {e.start + 1}): save the file as UTF-8"
+        lines.append(Prompt(text, f"{name} line {number}"))
     return lines
 
 def parse_line(text: str) -> BatchRequestInput:
@@ -74,6 +87,9 @@ def error_line(custom_id: str | None, error: RequestError, request_level: bool) 
 
 def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
     """(custom_id, the checked work) or (custom_id, its error line)."""
+    if isinstance(text, NotUtf8):
+        custom_id = _readable_custom_id(text)
+        return custom_id, error_line(custom_id, RequestError(400, text.problem, None, "invalid_utf8"), False)
     try:
         line = parse_line(text)
     except RequestError as e:
@@ -86,6 +102,14 @@ def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
         error = RequestError(500, f"the server failed on this request: {type(e).__name__}: {e}", None,
                              "server_error", "server_error")
         return line.custom_id, error_line(line.custom_id, error, True)
+
+def _readable_custom_id(text: str) -> str | None:
+    """The line's custom_id where the bad bytes left it whole, else None."""
+    try:
+        custom_id = json.loads(text).get("custom_id")
+    except (ValueError, AttributeError):
+        return None
+    return custom_id if isinstance(custom_id, str) and "\ufffd" not in custom_id else None
 
 def model_path(args) -> str:
     if args.model is not None:

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
@@ -64,6 +64,15 @@ class Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, body: Any) -> Any:
+        """OpenAI takes an explicit null for an optional field as its default (clients send one for None)."""
+        if not isinstance(body, dict):
+            return body
+        return {k: v for k, v in body.items()
+                if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required()}
 
     def unsupported(self) -> str | None:
         """The first field set to something this server would otherwise ignore, or None."""
@@ -256,6 +265,9 @@ class FileObject(BaseModel):
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 class FileDeleted(BaseModel):

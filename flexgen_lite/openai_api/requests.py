@@ -130,6 +130,8 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     if unsupported is not None:
         raise RequestError(400, f"{unsupported} is not supported by this server (its outputs would not be what you "
                            "asked for): leave it out", unsupported, "unsupported_parameter")
+    if url == CHAT and request.top_logprobs is not None and not request.logprobs:
+        raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
     model = request.model or served.name
     if served.aliases is not None and model != served.name and model not in served.aliases:
         raise RequestError(404, f"The model `{model}` does not exist; this server serves `{served.name}`",
@@ -236,6 +238,8 @@ def respond(work: Work, outputs: list[Output]) -> CompletionResponse | ChatCompl
     choices = []
     for k, o in enumerate(outputs):
         echo = work.prompt_texts[k // n] if work.request.echo else ""
+        if o.prompt_logprobs is not None:  # the prompt's token texts: the text they join into, with text_offset
+            echo = "".join(text for text, _, _ in o.prompt_logprobs)
         logprobs = o.logprobs if o.prompt_logprobs is None else o.prompt_logprobs + (o.logprobs or [])
         start = 0 if o.prompt_logprobs is not None else len(echo)
         choices.append(CompletionChoice(index=k, finish_reason=o.finish_reason, text=echo + o.text,

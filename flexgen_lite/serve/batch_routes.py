@@ -14,6 +14,7 @@ from ..openai_api.protocol import BatchCreate, BatchList, FileDeleted, FileList
 from ..openai_api.requests import RequestError, validation_error
 
 FILE_PURPOSES = ("batch",)
+FILES_LIMIT = 10000  # OpenAI's default and largest page of files (of batches: 20 and 100)
 
 
 def add_batch_routes(app: FastAPI, state) -> None:
@@ -41,8 +42,16 @@ def add_batch_routes(app: FastAPI, state) -> None:
         return added.model_dump()
 
     @app.get("/v1/files")
-    async def list_files(purpose: str | None = None):
-        return FileList(data=store.list_files(purpose)).model_dump()
+    async def list_files(purpose: str | None = None, after: str | None = None, limit: int = FILES_LIMIT,
+                         order: str = "desc"):
+        if order not in ("asc", "desc"):
+            raise RequestError(400, f"order must be asc or desc, got {order!r}", "order", "invalid_value")
+        page = store.list_files(purpose, after, max(1, min(limit, FILES_LIMIT)), order == "desc")
+        if page is None:
+            raise RequestError(404, f"No such File object: {after}", "after", "file_not_found")
+        files, more = page
+        return FileList(data=files, first_id=files[0].id if files else None,
+                        last_id=files[-1].id if files else None, has_more=more).model_dump()
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str):
@@ -75,7 +84,10 @@ def add_batch_routes(app: FastAPI, state) -> None:
 
     @app.get("/v1/batches")
     async def list_batches(after: str | None = None, limit: int = 20):
-        batches, more = store.list_batches(after, max(1, min(limit, 100)))
+        page = store.list_batches(after, max(1, min(limit, 100)))
+        if page is None:
+            raise RequestError(404, f"No such Batch object: {after}", "after", "batch_not_found")
+        batches, more = page
         return BatchList(data=batches, first_id=batches[0].id if batches else None,
                          last_id=batches[-1].id if batches else None, has_more=more).model_dump()
 

@@ -134,10 +134,11 @@ class BatchRunner:
 
     def _finish(self, batch_id: str, expired: bool = False) -> None:
         """Write the output and error files, then mark the batch completed (or cancelled, or expired); a cancel
-        that the store took meanwhile ("cancelling") wins, whenever it came."""
-        cancelling = self.store.get_batch(batch_id).status == "cancelling"
-        final = "cancelled" if cancelling else "expired" if expired else "completed"
-        if final == "completed" and self.store.move(batch_id, "finalizing") is None:
+        that the store took meanwhile ("cancelling") wins, whenever it came. A batch already finalizing (a server
+        stopped while writing its files) completes, its files written again in place of any listed before."""
+        status = self.store.get_batch(batch_id).status
+        final = "cancelled" if status == "cancelling" else "expired" if expired else "completed"
+        if final == "completed" and status != "finalizing" and self.store.move(batch_id, "finalizing") is None:
             final = "cancelled"  # cancelled since the status was read
         files = {}
         for ok, field in ((True, "output_file_id"), (False, "error_file_id")):
@@ -145,7 +146,7 @@ class BatchRunner:
             if records:
                 name = f"{batch_id}_{'output' if ok else 'error'}.jsonl"
                 data = "".join(r + "\n" for r in records).encode()
-                files[field] = self.store.add_file(name, "batch_output", data).id
+                files[field] = self.store.add_file(name, "batch_output", data, replace=True).id
         if self.store.move(batch_id, final, **files) is None:  # expiring, cancelled since the status was read
             self.store.move(batch_id, "cancelled", **files)
         self._cancelled.discard(batch_id)

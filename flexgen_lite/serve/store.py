@@ -78,9 +78,10 @@ class Store:
             self._db.execute("COMMIT")
 
     # ---- files ---------------------------------------------------------------------------------------
-    def add_file(self, filename: str, purpose: str, data: bytes | BinaryIO) -> FileObject:
+    def add_file(self, filename: str, purpose: str, data: bytes | BinaryIO, replace: bool = False) -> FileObject:
         """Store `data` (bytes, or a binary file object copied in pieces) as a file, written and synced before it
-        is listed."""
+        is listed; `replace`: in the same transaction, unlist the files of the same name and purpose (a batch's
+        output that a killed server had written), so that one of them is listed at any time."""
         file_id = new_id("file")
         path = self.file_path(file_id)
         tmp = path.with_suffix(".tmp")
@@ -94,8 +95,13 @@ class Store:
             size = f.tell()
         os.replace(tmp, path)
         file = FileObject(id=file_id, bytes=size, created_at=now(), filename=filename, purpose=purpose)
-        self._transaction([("INSERT INTO files VALUES (?, ?, ?, ?, ?)",
-                            (file.id, filename, purpose, file.bytes, file.created_at))])
+        replaced = self._query("SELECT id FROM files WHERE filename = ? AND purpose = ?",
+                               (filename, purpose)) if replace else []
+        self._transaction([("DELETE FROM files WHERE id = ?", (r["id"],)) for r in replaced]
+                          + [("INSERT INTO files VALUES (?, ?, ?, ?, ?)",
+                              (file.id, filename, purpose, file.bytes, file.created_at))])
+        for r in replaced:
+            self.file_path(r["id"]).unlink(missing_ok=True)
         return file
 
     def file_path(self, file_id: str) -> Path:
@@ -105,10 +111,12 @@ class Store:
         rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
         return FileObject(**dict(rows[0])) if rows else None
 
-    def list_files(self, purpose: str | None = None) -> list[FileObject]:
-        rows = self._query("SELECT * FROM files WHERE ? IS NULL OR purpose = ? ORDER BY created_at DESC, rowid DESC",
-                           (purpose, purpose))
-        return [FileObject(**dict(r)) for r in rows]
+    def list_files(self, purpose: str | None, after: str | None, limit: int,
+                   newest_first: bool = True) -> tuple[list[FileObject], bool] | None:
+        """Files (of `purpose`, if given) in upload order or its reverse, starting after the file `after`; and
+        whether there are more. None where `after` is no file."""
+        rows = self._page("files", "(? IS NULL OR purpose = ?)", (purpose, purpose), after, limit, newest_first)
+        return None if rows is None else ([FileObject(**dict(r)) for r in rows[:limit]], len(rows) > limit)
 
     def delete_file(self, file_id: str) -> bool:
         if self.get_file(file_id) is None:
@@ -131,13 +139,25 @@ class Store:
         rows = self._query("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return _batch(rows[0]) if rows else None
 
-    def list_batches(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool]:
-        """Newest first, starting after the batch `after`; and whether there are more."""
-        rows = self._query("SELECT * FROM batches ORDER BY rowid DESC")
-        ids = [r["id"] for r in rows]
-        start = ids.index(after) + 1 if after in ids else 0
-        chosen = rows[start:start + limit]
-        return [_batch(r) for r in chosen], start + limit < len(rows)
+    def list_batches(self, after: str | None, limit: int) -> tuple[list[BatchObject], bool] | None:
+        """Newest first, starting after the batch `after`; and whether there are more. None where `after` is no
+        batch."""
+        rows = self._page("batches", "1", (), after, limit, True)
+        return None if rows is None else ([_batch(r) for r in rows[:limit]], len(rows) > limit)
+
+    def _page(self, table: str, where: str, args: tuple, after: str | None, limit: int,
+              newest_first: bool) -> list[sqlite3.Row] | None:
+        """Up to limit + 1 rows of `table` past the row `after` (the extra one: there are more), in the order
+        of insertion (rowid) or its reverse; None where `after` is not in the table."""
+        start = None
+        if after is not None:
+            found = self._query(f"SELECT rowid FROM {table} WHERE id = ?", (after,))
+            if not found:
+                return None
+            start = found[0]["rowid"]
+        past, order = ("<", "DESC") if newest_first else (">", "ASC")
+        return self._query(f"SELECT * FROM {table} WHERE {where} AND (? IS NULL OR rowid {past} ?) "
+                           f"ORDER BY rowid {order} LIMIT ?", (*args, start, start, limit + 1))
 
     def unfinished(self) -> list[str]:
         marks = ",".join("?" * len(UNFINISHED))
