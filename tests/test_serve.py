@@ -308,6 +308,12 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         {"messages": [{"role": "user", "content": "w5"}], **neutral}).encode())
     assert status == 200, text
     assert c.completions.create(model=NAME, prompt="w5", max_tokens=2, temperature=0).usage.completion_tokens == 2
+    sampled = dict(model=NAME, prompt="w5", max_tokens=4, temperature=1.0, seed=3)
+    texts = [c.completions.create(**sampled, extra_body={"top_k": k}).choices[0].text for k in (-1, 0)]
+    assert texts[0] == texts[1]  # vLLM's -1: no top-k, as 0
+    listed = c.completions.create(**{**sampled, "prompt": ["w7 w8", "w5"], "n": 2}).choices
+    alone = c.completions.create(**sampled, n=2).choices
+    assert [ch.text for ch in listed[2:]] == [ch.text for ch in alone]  # a list's prompt samples as it would alone
     default = json.dumps({"prompt": "w5", "max_tokens": None, "temperature": 0, "ignore_eos": True}).encode()
     status, text = raw(f"{server.url}/v1/completions", default)
     assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 16, text  # null: OpenAI's default

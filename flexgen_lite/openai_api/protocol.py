@@ -31,7 +31,7 @@ class Request(BaseModel):
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # vLLM's -1 (and 0): no top-k
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = None

@@ -168,15 +168,15 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
         logprobs = request.logprobs
     prompt_logprobs = logprobs if url == COMPLETIONS and request.echo else None
     jobs = []
-    for i, ids in enumerate(prompts):
+    for ids in prompts:
         limit = 1 if scored_only else max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
         try:
-            sampling = SamplingConfig(limit, request.temperature, request.top_k, request.top_p,
+            sampling = SamplingConfig(limit, request.temperature, max(request.top_k, 0), request.top_p,
                                       None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos)
         except ValueError as e:
             raise RequestError(400, str(e), "stop" if "stop" in str(e) else None, "invalid_value") from None
-        jobs += [Job(tuple(ids), sampling, i * request.n + j, logprobs, prompt_logprobs, not scored_only)
-                 for j in range(request.n)]
+        # seeded by its choice alone: a prompt of a list samples as it would sent alone (as vLLM's)
+        jobs += [Job(tuple(ids), sampling, j, logprobs, prompt_logprobs, not scored_only) for j in range(request.n)]
     return Work(url, request, model, jobs, texts, sum(len(p) for p in prompts))
 
 
