@@ -18,7 +18,7 @@ from .engine.policy import Policy, PolicyError, split_counts
 from .engine.storage import DiskStore, MemoryLedger
 from .engine.trace import NULL
 from .engine.weights import in_8_bits, on_cpu, place_weights, planned_bytes, rounded_to_8_bits
-from .kernels.sampling import SamplingConfig, row_generators
+from .kernels.sampling import SamplingConfig, per_prompt, row_generators
 from .model_source import (
     compression_notice,
     ends_notice,
@@ -214,7 +214,7 @@ class FlexGenLite:
         return text[:cut]
 
     @one_call
-    def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
+    def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] | None = None,
                      return_logits: bool = False, indices: list[int] | None = None,
                      on_tokens: Callable[[int, list[int]], None] | None = None,
                      on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None,
@@ -222,7 +222,9 @@ class FlexGenLite:
                      deferred: Callable[[int], bool] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
-        With return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab).
+        sampling: one SamplingConfig for all, or one per prompt, differing in max_new_tokens and seed alone (the
+        rows of a block share how they sample and stop). With return_logits, also each prompt's fp32 logits per
+        generated token, (tokens, vocab).
         indices: the prompts' places in a larger input (default 0, 1, ...); with a seed, they seed sampling.
         on_tokens(i, ids): after each step, for each prompt i of the running block, its tokens so far (streaming).
         on_block({i: (ids, logits or None)}): after each block, the prompts it finished (to save them before
@@ -232,12 +234,12 @@ class FlexGenLite:
         cancelled): asked before each block and after each step, its row stops there and on_block never gets it
         (its ids: what it had generated). deferred(i): asked before each block for the prompts yet to start, those
         for which it is true are not run (their ids empty, not given to on_block): the caller runs them later."""
-        sampling = sampling or SamplingConfig()
         self._check_open()
         prompts = id_lists(prompts)
         if indices is not None and len(indices) != len(prompts):
             raise ValueError(f"indices has {len(indices)} places for {len(prompts)} prompts")
-        self._check_prompts(prompts, sampling)
+        sampling, limits, seeds = per_prompt(sampling or SamplingConfig(), len(prompts))
+        self._check_prompts(prompts, limits)
         if sampling.stop and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
         order = block_order(prompts, self.policy.share_prefix)  # similar lengths (and instructions) share a block
@@ -246,7 +248,7 @@ class FlexGenLite:
         size = self.policy.block_size
         queue = [order[first:first + size] for first in range(0, len(order), size)]
         carried: dict[int, Carried] = {}
-        bound = max(len(p) for p in prompts) + sampling.max_new_tokens  # positions a block was planned for
+        bound = max(len(p) + n for p, n in zip(prompts, limits, strict=True))  # positions a block was planned for
         done = 0
         while queue or carried:
             if cancelled is not None or deferred is not None:
@@ -258,10 +260,10 @@ class FlexGenLite:
                     break
             chosen = queue.pop(0) if queue else next_group(
                 list(carried), {i: len(prompts[i]) + len(carried[i].tokens) for i in carried},
-                {i: sampling.max_new_tokens - len(carried[i].tokens) for i in carried}, size, bound)
+                {i: limits[i] - len(carried[i].tokens) for i in carried}, size, bound)
             made = [len(carried[i].tokens) if i in carried else 0 for i in chosen]
             rows = self.block_rows([len(prompts[i]) + n for i, n in zip(chosen, made, strict=True)],
-                                   sampling.max_new_tokens - min(made))
+                                   max(limits[i] - n for i, n in zip(chosen, made, strict=True)))
             if rows < len(chosen) and chosen[0] not in carried:
                 queue.insert(0, chosen[rows:])  # the rest: a block of their own next (carried rows stay carried)
             chosen = chosen[:rows]
@@ -271,6 +273,7 @@ class FlexGenLite:
             sharing = functools.partial(later_rows, blocks=len(queue), waiting=len(carried), size=size)
             block = self._run_block([prompts[i] + (moving[row].tokens if row in moving else [])
                                      for row, i in enumerate(chosen)], sampling, return_logits,
+                                    [limits[i] for i in chosen], [seeds[i] for i in chosen],
                                     chosen if indices is None else [indices[i] for i in chosen], label,
                                     on_tokens and streamer(chosen, moving, on_tokens), moving,
                                     sharing if carry_over is not False else None, carry_over,
@@ -329,30 +332,33 @@ class FlexGenLite:
         return loglikelihood_rolling(self, documents, prefix_token)
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
+                   limits: list[int] | None = None, seeds: list[int | None] | None = None,
                    indices: list[int] | None = None, label: str = "block",
                    report: Callable[[Block], None] | None = None, moving: dict[int, Carried] | None = None,
                    sharing: Callable[[int], int] | None = None, rule: bool | None = None,
                    cancelled: Callable[[int], bool] | None = None) -> Block:
-        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling).
-        moving: rows carried on from an earlier block (their tokens already end their prompts here; their
-        generators go on). sharing(active): the rows a later block would hold with this one's `active` last rows
-        (stragglers.worth_ending); None: the block runs to its end. cancelled(row): its row stops after the
-        next step."""
+        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling), up to
+        `limits` new tokens each with `seeds` (default: sampling's). moving: rows carried on from an earlier block
+        (their tokens already end their prompts here; their generators go on). sharing(active): the rows a later
+        block would hold with this one's `active` last rows (stragglers.worth_ending); None: the block runs to its
+        end. cancelled(row): its row stops after the next step."""
         cfg, policy, moving = self.config, self.policy, moving or {}
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
+        limits = limits or [sampling.max_new_tokens] * len(prompts)
+        seeds = seeds or [sampling.seed] * len(prompts)
         generators = None
-        if sampling.seed is not None and sampling.temperature > 0:
+        if sampling.temperature > 0 and any(seed is not None for seed in seeds):
             indices = list(range(len(prompts))) if indices is None else list(indices)
-            filler = [-1 - i for i in range(policy.block_size - len(prompts))]
-            generators = row_generators(sampling.seed, indices + filler)
+            fillers = policy.block_size - len(prompts)  # rows without prompts: never sampled
+            generators = [row_generators(unseeded() if seed is None else seed, [index])[0]
+                          for seed, index in zip(seeds + [0] * fillers, indices + [-1] * fillers, strict=True)]
             for row, carry in moving.items():
                 generators[row] = carry.generator
-        limits = [sampling.max_new_tokens - len(moving[row].tokens) if row in moving else sampling.max_new_tokens
-                  for row in range(len(prompts))]
+        limits = [n - len(moving[row].tokens) if row in moving else n for row, n in enumerate(limits)]
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, max(limits), pad_id, eos,
                                    self.device.device, generators, policy.share_prefix,
-                                   limits if moving else None)
+                                   limits if moving or len(set(limits)) > 1 else None)
         self._check_cache_fits(block)
         steps = [stop_check(self.tokenizer, sampling, len(prompts), moving)] if sampling.stop else []
         if cancelled is not None:
@@ -381,7 +387,7 @@ class FlexGenLite:
                 process_rss() - self._rss_before > HOLD_AT * self.budgets.cpu:
             return_freed_memory()
 
-    def _check_prompts(self, prompts: list[list[int]], sampling: SamplingConfig) -> None:
+    def _check_prompts(self, prompts: list[list[int]], limits: list[int]) -> None:
         if not prompts:
             raise ValueError("no prompts given")
         for i, p in enumerate(prompts):
@@ -389,9 +395,9 @@ class FlexGenLite:
                 raise ValueError(f"prompt {i} is empty")
             if not all(isinstance(t, int) for t in (p[0], p[-1])):
                 raise ValueError(f"prompt {i} must be token ids (whole numbers), got {str(p)[:60]}")
-            if len(p) + sampling.max_new_tokens > self.config.max_positions:
+            if len(p) + limits[i] > self.config.max_positions:
                 raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} that exceeds "
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={limits[i]} that exceeds "
                     f"the model's context of {self.config.context}: shorten the prompt or "
                     "generate fewer tokens")
             if max(p) >= self.config.vocab_size or min(p) < 0:
@@ -445,6 +451,12 @@ class FlexGenLite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def unseeded() -> int:
+    """A seed for a row without one in a block of seeded rows, drawn from torch's generator (torch.manual_seed
+    makes it repeat)."""
+    return int(torch.randint(2**62, ()))
 
 
 def id_lists(prompts) -> list[list[int]]:

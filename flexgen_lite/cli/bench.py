@@ -64,7 +64,7 @@ def warm_up(m: FlexGenLite, prompts: list[list[int]], sampling: SamplingConfig) 
         if block.generated >= WARMUP_STEPS:
             block.finished[:] = True
 
-    m._check_prompts(prompts, sampling)
+    m._check_prompts(prompts, [sampling.max_new_tokens] * len(prompts))
     tic = time.perf_counter()
     with m.engine.tracing(NULL):
         m._run_block(prompts, sampling, label="warm-up", report=stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import numbers
@@ -48,6 +49,28 @@ class SamplingConfig:
             raise ValueError(f"stop strings must be strings, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty (an empty one would end every output at once)")
+
+
+def block_settings(config: SamplingConfig) -> tuple:
+    """What the rows of one block share: how they sample and stop (greedy: whatever top_k and top_p say).
+    max_new_tokens and the seed may differ from row to row."""
+    if config.temperature == 0:
+        return 0.0, 0, 1.0, config.stop, config.stop_at_eos
+    return config.temperature, config.top_k, config.top_p, config.stop, config.stop_at_eos
+
+
+def per_prompt(sampling: SamplingConfig | Sequence[SamplingConfig], n: int
+               ) -> tuple[SamplingConfig, list[int], list[int | None]]:
+    """One SamplingConfig for n prompts, or one each, as (the settings their rows share, with the largest
+    max_new_tokens; each prompt's max_new_tokens; each prompt's seed)."""
+    configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)
+    if len(configs) != n or not all(isinstance(c, SamplingConfig) for c in configs):
+        raise ValueError(f"sampling must be a SamplingConfig or one for each of the {n} prompts")
+    if any(block_settings(c) != block_settings(configs[0]) for c in configs):
+        raise ValueError("the prompts' sampling settings may differ in max_new_tokens and seed alone (a block's rows "
+                         "sample and stop alike): generate the others in another call")
+    limits = [c.max_new_tokens for c in configs]
+    return dataclasses.replace(configs[0], max_new_tokens=max(limits)), limits, [c.seed for c in configs]
 
 
 def row_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..cli.batch_io import BOM, InputError, Prompt, read_input_bytes
+from ..kernels.sampling import block_settings
 from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
 from .requests import RequestError, Served, Work, prepare, respond, validation_error
 
@@ -127,11 +128,11 @@ def served_model(args, model: str | None = None) -> tuple[str, Served]:
     return model, Served(name, config, tokenizer)
 
 def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
-    """Line indices in runs of about `chunk` jobs: grouped by sampling settings, longest prompts first, so each
-    run fills the engine's blocks with prompts of like length."""
+    """Line indices in runs of about `chunk` jobs: grouped by how they sample and stop (their lengths and seeds may
+    differ), longest prompts first, so each run fills the engine's blocks with prompts of like length."""
     groups: dict = {}
     for i, work in works.items():
-        groups.setdefault(work.jobs[0].sampling, []).append(i)
+        groups.setdefault(block_settings(work.jobs[0].sampling), []).append(i)
     chunks = []
     for members in groups.values():
         members.sort(key=lambda i: -max(len(j.ids) for j in works[i].jobs))

@@ -1,5 +1,6 @@
-"""Jobs through the engine: grouped by sampling settings (one `generate_ids` call per group, which sorts its
-prompts by length into the engine's blocks), decoded into texts with finish reasons."""
+"""Jobs through the engine: grouped by how they sample and stop (one `generate_ids` call per group, which sorts
+its prompts by length into the engine's blocks; their lengths and seeds may differ), decoded into texts with
+finish reasons."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from collections import defaultdict
 
 import torch
 
+from ..kernels.sampling import block_settings
 from .requests import Job, Output
 
 
 def group_by_sampling(jobs: list[Job | None]) -> dict:
-    """{sampling settings: indices of the jobs that share them}, in first-seen order (None: under None)."""
+    """{how they sample and stop (block_settings): indices of the jobs that share it}, in first-seen order (None:
+    under None)."""
     groups: dict = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[None if job is None else job.sampling].append(i)
+        groups[None if job is None else block_settings(job.sampling)].append(i)
     return groups
 
 
@@ -90,8 +93,8 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
             if on_output is not None:
                 on_output(j, outputs[j])
     runs = [j if j.generates and i not in later else None for i, j in enumerate(jobs)]  # deferred: output None
-    for sampling, members in group_by_sampling(runs).items():
-        if sampling is None:
+    for settings, members in group_by_sampling(runs).items():
+        if settings is None:
             continue
         want = any(jobs[i].logprobs is not None for i in members)
         report = None
@@ -99,10 +102,10 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
             def report(i: int, ids: list[int], members=members) -> None:
                 on_tokens(members[i], ids)
 
-        def finished(block: dict, members=members, sampling=sampling) -> None:
+        def finished(block: dict, members=members) -> None:
             for i, (gen, rows) in block.items():
                 j, top = members[i], jobs[members[i]].logprobs
-                outputs[j] = output_of(model, gen, sampling,
+                outputs[j] = output_of(model, gen, jobs[j].sampling,
                                        None if top is None else token_logprobs(model, gen, rows, top),
                                        prompt_logprobs.get(j))
                 if on_output is not None:
@@ -110,7 +113,8 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
 
         gone = None if cancelled is None else (lambda i, members=members: cancelled(members[i]))
         later = None if deferred is None else (lambda i, members=members: deferred(members[i]))
-        model.generate_ids([list(jobs[i].ids) for i in members], sampling, return_logits=want,
+        model.generate_ids([list(jobs[i].ids) for i in members], [jobs[i].sampling for i in members],
+                           return_logits=want,
                            indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished,
                            cancelled=gone, deferred=later)
     return outputs

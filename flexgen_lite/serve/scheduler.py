@@ -1,6 +1,6 @@
 """The engine behind a queue, on one worker thread: requests that arrive together share blocks.
 
-The worker takes the oldest waiting request, then waits until no request with its sampling settings has come
+The worker takes the oldest waiting request, then waits until no request that samples and stops as it does has come
 for `max_wait_s` (a burst arriving over a slow client is taken whole, up to MAX_WINDOWS windows or MAX_BLOCKS
 blocks, so that one run sorts it into blocks by length as offline generation does), and runs them all at once
 (one `generate_ids` call) while newer requests queue for the next run. Callers get a Future of their outputs;
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
+from ..kernels.sampling import block_settings
 from ..openai_api.requests import Job, Output
 from ..openai_api.runner import run_jobs
 
@@ -180,4 +181,4 @@ class _Request:
 
     @property
     def key(self):
-        return self.jobs[0].sampling
+        return block_settings(self.jobs[0].sampling)  # requests share a run where they sample and stop alike

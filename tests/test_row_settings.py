@@ -1,0 +1,67 @@
+"""Prompts of one call with their own max_new_tokens and seed share blocks (kernels/sampling.per_prompt): each
+row's tokens are those it gets generated alone, and the doors run requests that differ only so in one call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.kernels.sampling import block_settings, per_prompt
+from flexgen_lite.openai_api.batch_lines import check_request
+from flexgen_lite.openai_api.requests import Served
+from flexgen_lite.openai_api.runner import run_jobs
+
+from .conftest import PROMPTS
+
+POLICY = Policy(gpu_batch_size=4, num_gpu_batches=2, dtype="float32")
+
+
+def test_per_prompt_settings_share_how_rows_sample_and_stop():
+    greedy = [SamplingConfig(4), SamplingConfig(9, top_p=0.5)]  # greedy: top_p does not matter
+    shared, limits, seeds = per_prompt(greedy, 2)
+    assert shared.max_new_tokens == 9 and limits == [4, 9] and seeds == [None, None]
+    assert per_prompt(SamplingConfig(3, seed=5), 2)[1:] == ([3, 3], [5, 5])
+    assert block_settings(SamplingConfig(4, 0.7, seed=1)) == block_settings(SamplingConfig(8, 0.7, seed=2))
+    with pytest.raises(ValueError, match="differ in max_new_tokens and seed alone"):
+        per_prompt([SamplingConfig(4, 0.7), SamplingConfig(4, 0.8)], 2)
+    with pytest.raises(ValueError, match="one for each of the 3 prompts"):
+        per_prompt([SamplingConfig(4)] * 2, 3)
+
+
+def test_rows_of_their_own_lengths_and_seeds_generate_as_alone(tiny_models, references):
+    path = tiny_models["llama"][0]
+    greedy = [SamplingConfig(max_new_tokens=2 + i, stop_at_eos=False) for i in range(len(PROMPTS))]
+    sampled = [SamplingConfig(max_new_tokens=3 + i % 3, temperature=1.0, seed=10 + i, stop_at_eos=False)
+               for i in range(len(PROMPTS))]
+    sampled[1] = SamplingConfig(max_new_tokens=5, temperature=1.0, seed=None, stop_at_eos=False)  # unseeded
+    with FlexGenLite(str(path), policy=POLICY) as m:
+        blocks = []
+        ids = m.generate_ids(PROMPTS, greedy, on_block=lambda done: blocks.append(len(done)))
+        assert blocks == [len(PROMPTS)]  # one block: the rows stopped at their own lengths
+        assert ids == [ref[:2 + i] for i, ref in enumerate(references["llama"][0])]
+        together = m.generate_ids(PROMPTS, sampled)
+        alone = [m.generate_ids([p], s, indices=[i])[0] for i, (p, s) in enumerate(zip(PROMPTS, sampled, strict=True))]
+    assert [len(t) for t in together] == [s.max_new_tokens for s in sampled]
+    assert [t for i, t in enumerate(together) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
+
+
+def test_the_doors_run_requests_of_other_lengths_and_seeds_in_one_call(tiny_models, monkeypatch):
+    path = tiny_models["llama"][0]
+    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"prompt": "w5 w6 w7", "max_tokens": 2 + i, "temperature": 0.8, "seed": i}})
+             for i in range(6)]
+    with FlexGenLite(str(path), policy=POLICY) as m:
+        served = Served("tiny", m.config, m.tokenizer)
+        jobs = [job for line in lines for job in check_request(line, served)[1].jobs]
+        calls = []
+        generate_ids = m.generate_ids
+        monkeypatch.setattr(m, "generate_ids", lambda prompts, *a, **k: calls.append(len(prompts))
+                            or generate_ids(prompts, *a, **k))
+        outputs = run_jobs(m, jobs)
+        assert calls == [6]  # one engine call for all six
+        alone = [run_jobs(m, [job])[0] for job in jobs]
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in alone]
+    assert [len(o.token_ids) for o in outputs] == [2 + i for i in range(6)]
+    assert all(o.finish_reason == "length" for o in outputs)
