@@ -417,7 +417,7 @@ def test_blocks_give_freed_pages_back_only_near_the_host_budget(tiny_models, mon
     """Freed memory is kept for speed; between blocks it is given back where the process holds 90% of the host
     budget beyond what it held before the model (heap holes left by blocks of other lengths took run-batch 5%
     and a server 11% past --cpu-mem, helper-21), and never without a budget."""
-    from flexgen_lite import generation
+    from flexgen_lite import block_runs
     from flexgen_lite.planning.budgets import Budgets
 
     trims, held = [], {"rss": 0}
@@ -425,8 +425,8 @@ def test_blocks_give_freed_pages_back_only_near_the_host_budget(tiny_models, mon
     policy = Policy(gpu_batch_size=2, dtype="float32")
     for budgets, expected in ((Budgets(None, 100 << 20, None), [95 << 20]), (None, [])):
         with FlexGenLite(path, policy=policy, budgets=budgets) as m:
-            monkeypatch.setattr(generation, "return_freed_memory", lambda: trims.append(held["rss"]))
-            monkeypatch.setattr(generation, "process_rss", lambda: m._rss_before + held["rss"])
+            monkeypatch.setattr(block_runs, "return_freed_memory", lambda: trims.append(held["rss"]))
+            monkeypatch.setattr(block_runs, "process_rss", lambda: m._rss_before + held["rss"])
             trims.clear()
             for rss in (50 << 20, 89 << 20, 95 << 20):  # 50%, 89%, 95% of the budget
                 held["rss"] = rss

@@ -19,7 +19,7 @@ LAYERS = [
     ("engine", ["engine"]),
     ("planning", ["planning"]),
     ("profiling", ["profiling"]),
-    ("api", ["", "generation", "step_checks", "stragglers", "model_source", "block_shapes"]),
+    ("api", ["", "generation", "step_checks", "stragglers", "model_source", "block_shapes", "block_runs"]),
     ("shared by the doors", ["cli", "cli.options", "cli.checks", "cli.batch_io", "cli.run_record", "cli.breakdown",
                              "cli.chrome_trace", "cli.breakdown_flags", "openai_api"]),
     ("doors", ["cli.generate", "cli.quality", "cli.bench", "cli.report", "serve", "ray", "eval"]),

@@ -64,6 +64,8 @@ def per_prompt(sampling: SamplingConfig | Sequence[SamplingConfig], n: int
     """One SamplingConfig for n prompts, or one each, as (the settings their rows share, with the largest
     max_new_tokens; each prompt's max_new_tokens; each prompt's seed)."""
     configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)
+    if n == 0:  # the caller refuses no prompts
+        return sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(), [], []
     if len(configs) != n or not all(isinstance(c, SamplingConfig) for c in configs):
         raise ValueError(f"sampling must be a SamplingConfig or one for each of the {n} prompts")
     if any(block_settings(c) != block_settings(configs[0]) for c in configs):
