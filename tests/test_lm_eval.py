@@ -104,15 +104,16 @@ def test_tiny_models_score_as_hf(tiny_models, word_tasks, family):
 
 
 def test_smollm_scores_as_hf(smollm, english_tasks):
+    """A real model, its prompts through its chat template (lm-eval's --apply_chat_template)."""
     from lm_eval.models.huggingface import HFLM
 
     from flexgen_lite.models.gguf_tokenizer import gguf_tokenizer
 
     path, model = smollm
     ours = evaluate(FlexGenLiteLM(path, progress=False, percent="50/50/100/0/100/0", gpu_batch_size=4,
-                                  dtype="float32"), english_tasks)
+                                  dtype="float32"), english_tasks, apply_chat_template=True)
     theirs = evaluate(HFLM(pretrained=model, tokenizer=gguf_tokenizer(path), batch_size=4, device="cpu"),
-                      english_tasks)
+                      english_tasks, apply_chat_template=True)
     assert_same_scores(ours, theirs)
     assert ours["local_mc"]["acc,none"] > 0
 

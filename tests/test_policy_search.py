@@ -238,7 +238,7 @@ def test_impossible_budget_says_what_is_missing_where():
         search_policy(OPT, WL, HW, Budgets(None, 300 * MiB, 1 * GiB), AutoPolicy(compress_weight=False),
                       page_cache=0)
     message = str(e.value)
-    assert "missing on cpu" in message and "weight slots" in message
+    assert "missing on cpu" in message and "(largest: load 0.58 GiB" in message  # loading sets its peak
     assert "more than all tiers give" in message and "--disk-mem" in message
     assert "without --no-compress-weight the weights could be stored in 4 bits" in message
 
@@ -246,7 +246,7 @@ def test_impossible_budget_says_what_is_missing_where():
 def test_an_over_budget_policy_says_what_would_fit():
     """Which flag to raise and by how much; a disk over its budget is not told to move more to disk; a searched
     policy is not told to use --policy auto."""
-    from flexgen_lite.planning.budgets import check_budgets
+    from flexgen_lite.planning.budgets import check_budgets, largest_parts
 
     plan = {"gpu": {"weights": 100 * MiB, "kv cache": 50 * MiB}, "cpu": {"reserve": 64 * MiB},
             "disk": {"weights": 500 * MiB}}
@@ -263,6 +263,9 @@ def test_an_over_budget_policy_says_what_would_fit():
     message = str(e.value)
     assert "its budget is 0.20 GiB (--cpu-mem 0.49 GiB less 0.29 GiB of runtime)" in message
     assert "--cpu-mem 14.00 MiB larger" in message and "weights (compute tier) 100.00 MiB" in message
+    loading = {**plan, "cpu": {"reserve": 64 * MiB, "weights": 10 * MiB, "load": 160 * MiB, "kv cache": 20 * MiB}}
+    assert largest_parts(loading, "cpu", cuda=False) == \
+        "load 0.16 GiB, weights (compute tier) 100.00 MiB, reserve 64.00 MiB"  # loading sets the peak: its parts
     assert "move more to disk" in message and "--policy auto" not in message
 
 

@@ -195,3 +195,16 @@ def test_an_address_where_no_ray_answers_is_refused_at_once(opt_dir, tmp_path, c
     assert stop.value.code == 2 and time.perf_counter() - tic < 20
     assert f"--ray {address}: cannot reach a Ray cluster there" in capsys.readouterr().err
     assert not out.exists() or out.read_text() == ""
+
+
+def test_more_replicas_than_this_machines_cpus_are_refused_before_anything_is_written(opt_dir, tmp_path, capsys):
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    batch_file(requests, 2)
+    requests.write_text(requests.read_text() + "not json\n")  # a bad line, whose error line is not written either
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(SystemExit) as stop:
+        main(["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS, "--ray", "--replicas",
+              str(too_many)])
+    assert stop.value.code == 2
+    assert f"--replicas {too_many} needs a CPU each" in capsys.readouterr().err
+    assert not out.exists()

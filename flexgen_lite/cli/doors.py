@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_commands(sub, add_policy_flags, progress) -> None:
@@ -69,11 +70,15 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _run_batch(args, progress) -> None:
     _need(("pydantic",), "run-batch")
+    from .checks import UsageError
+
     if args.ray is not None:
         _need(("ray", "pyarrow", "pandas"), "run-batch --ray", "ray", "'ray[data]'")
+        cpus = os.cpu_count() or 1
+        if args.ray == "local" and (args.replicas or 1) > cpus:  # a cluster's CPUs are known once joined
+            raise UsageError(f"--replicas {args.replicas} needs a CPU each; this machine has {cpus}: ask for at most "
+                             f"{cpus}")
     elif args.replicas is not None:
-        from .checks import UsageError
-
         raise UsageError("--replicas is for --ray: add --ray (a Ray on this machine) or --ray ADDRESS")
     from ..serve.run_batch import cmd_run_batch
 

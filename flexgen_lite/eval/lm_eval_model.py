@@ -85,6 +85,17 @@ class FlexGenLiteLM(TemplateLM):
     def _report(message: str) -> None:
         print(f"flexgen-lite: {message}", file=sys.stderr, flush=True)
 
+    # ---- chat templates (--apply_chat_template), as lm-eval's hf model applies them -------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval's request cache keys templated prompts by."""
+        return str(self.tokenizer.name_or_path or self.model.config.name).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
     # ---- tokens, as lm-eval's hf model makes them --------------------------------------------------
     @property
     def eot_token_id(self) -> int:

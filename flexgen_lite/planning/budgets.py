@@ -97,10 +97,15 @@ def over_budget(peak: dict[str, float], budgets: Budgets) -> dict[str, tuple[flo
 
 
 def largest_parts(plan: dict[str, dict[str, float]], tier: str, cuda: bool, count: int = 3) -> str:
-    """A tier's largest planned parts, 'name size, ...' (host RAM's include the compute tier's on a CPU)."""
+    """A tier's largest planned parts, 'name size, ...', in the phase that sets its peak (host RAM: the run, or
+    loading the weights, whose transient is "load"; on a CPU with the compute tier's parts)."""
     parts = {k: v for k, v in plan[tier].items() if k != "load"}
     if tier == "cpu" and not cuda:  # host RAM holds the compute tier too
         parts.update({f"{k} (compute tier)": v for k, v in plan["gpu"].items() if k != "load"})
+    loading = {k: parts[k] for k in ("weights", "reserve", "weights (compute tier)") if k in parts}
+    loading["load"] = plan[tier].get("load", 0)
+    if tier == "cpu" and sum(loading.values()) > sum(parts.values()):  # loading the weights sets the peak
+        parts = loading
     top = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:count]
     return ", ".join(f"{k} {gib(v)}" for v, k in top)
 

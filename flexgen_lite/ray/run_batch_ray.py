@@ -15,8 +15,10 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 
 import ray
@@ -45,15 +47,19 @@ def connect(address: str) -> bool:
                          "this machine")
     if ray.is_initialized():
         return False
-    if address == "local":
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False,
-                 logging_level=logging.WARNING)
-        return True
+    ours = signal.getsignal(signal.SIGTERM)  # ray.init puts its own (a stack dump, then abort) in its place
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as e:
         raise UsageError(f"--ray {address}: no Ray cluster to join there ({e}); start one with `ray start --head`, "
                          "or pass --ray alone for a Ray on this machine") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)  # SIGTERM unwinds as Ctrl-C does: answers kept, exit 143
     return True
 
 
