@@ -81,3 +81,4 @@ class BlockShapes:
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
+        self.running = None  # nothing of the engines is held: their memory is freed with them

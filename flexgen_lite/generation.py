@@ -361,7 +361,7 @@ def id_lists(prompts) -> list[list[int]]:
 def encode_texts(tokenizer, texts: list[str], chat: bool, name: str, system: str | None = None) -> list[list[int]]:
     """Token ids of each text (wrapped in the chat template with `chat`, after a `system` message if given)."""
     if tokenizer is None:
-        raise ModelError(f"{name} has no tokenizer (dummy weights, or no tokenizer files in its directory): add the "
+        raise ModelError(f"{name} has no tokenizer (dummy weights, or none among its files): add the "
                          "model's tokenizer files (tokenizer.json, tokenizer_config.json), or pass token ids "
                          "(FlexGenLite.generate_ids)")
     if chat:

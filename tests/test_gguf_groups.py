@@ -107,4 +107,4 @@ def test_a_gguf_without_a_tokenizer_takes_token_ids_and_refuses_text(tiny_q4, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", tiny_q4, "--max-new-tokens", "2", "--policy", "manual", "hello"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "has no tokenizer" in err and "none in its files" in err
+    assert exit_info.value.code == 2 and "has no tokenizer" in err and "none among its files" in err
