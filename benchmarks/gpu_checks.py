@@ -243,7 +243,7 @@ def _profiled_steps(model: str, batch: int, prompt: int, steps: int) -> tuple[fl
 
     with FlexGenLite(model, policy=Policy(gpu_batch_size=batch), device=DEV.type) as m:
         m.generate_ids(prompts, sampling)  # kernels chosen, the step's graph captured
-        m._check_prompts(prompts, sampling)
+        m._check_prompts(prompts, [sampling.max_new_tokens] * len(prompts))
         m._run_block(prompts, sampling, label="kernels", report=window)
     rows = []
     for e in prof.key_averages():

@@ -59,7 +59,7 @@ def test_smoke_rows_report_where_they_stand(tmp_path):
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "===== parity: ok" in log
     if (BENCH / "gpu_checks.py").is_file():  # another step of its own, its output in the log and the JSON
-        assert data["gpu_checks"]["status"] in ("ok", "failed", "timeout") and data["gpu_checks"]["summary"]
+        assert data["gpu_checks"]["status"] in ("ok", "timeout") and data["gpu_checks"]["summary"], data["gpu_checks"]
         checks = log.split("===== gpu_checks")[1].split("=====")[0]
         assert "## 5. decode step's kernels" in checks and "## 4. " not in checks  # the sections asked for
         assert "## 6. decode attention" in checks and "| tiny |" in checks
