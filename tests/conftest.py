@@ -36,15 +36,16 @@ def pytest_configure(config) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# Files that take longest (seconds on a 2-core VM, 2026-12-06), run first: the two workers take whole files
-# (scripts/test.sh: --dist loadfile), and a long file dealt last leaves one worker running it alone. Files not
-# named keep their order, after these.
-SLOW_FILES = {"test_gpu_suite.py": 45, "test_ray.py": 54, "test_real_model.py": 51,
-              "test_decode_attention_triton.py": 41, "test_disk_tier.py": 32, "test_serve.py": 30,
-              "test_lm_eval.py": 29, "test_policy_search.py": 27, "test_quantized_attention_triton.py": 25,
-              "test_cancel.py": 22, "test_threads.py": 18, "test_gguf_quants.py": 17, "test_quality.py": 14,
-              "test_int4_gemv_triton.py": 14, "test_presets.py": 14, "test_parity.py": 12, "test_shared_prefix.py": 11,
-              "test_decode_graph.py": 11, "test_run_batch.py": 11, "test_scoring.py": 10}
+# Files that take longest (seconds on a 2-core VM, 2026-12-07), run first: the two workers take whole files
+# (scripts/test.sh: --dist loadfile), each the next in this order as it finishes one, and a long file dealt last
+# leaves one worker running it alone. Files not named keep their order, after these.
+SLOW_FILES = {"test_ray.py": 57, "test_gpu_suite.py": 49, "test_policy_search.py": 45, "test_serve.py": 39,
+              "test_real_model.py": 38, "test_decode_attention_triton.py": 31,
+              "test_quantized_attention_triton.py": 30, "test_lm_eval.py": 25, "test_threads.py": 24,
+              "test_gguf_quants.py": 18, "test_cancel.py": 14, "test_quality.py": 13, "test_int4_gemv_triton.py": 12,
+              "test_disk_tier.py": 12, "test_decode_graph.py": 12, "test_parity.py": 11, "test_shared_prefix.py": 10,
+              "test_offload_features.py": 9, "test_decode_fused.py": 8, "test_signals.py": 8, "test_generation.py": 7,
+              "test_cost_model_cuda.py": 7, "test_examples.py": 6}
 
 
 def pytest_collection_modifyitems(config, items) -> None:

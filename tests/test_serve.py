@@ -424,34 +424,6 @@ def test_files_and_batches_list_page_as_the_openai_client_reads_them(server):
         assert status == 404 and json.loads(text)["error"]["param"] == "after", text
 
 
-def test_a_batch_stopped_while_finalizing_completes_on_restart(chat_dir, offline, tmp_path):
-    """A server killed after the batch was "finalizing" and its output file listed, before "completed": the next
-    start completes it with one output file (it stayed finalizing, and each start listed one more)."""
-    state = tmp_path / "state"
-    s = Server(chat_dir, state, "--gpu-batch-size", "4")
-    try:
-        lines = batch_file([request(f"r{i}", p) for i, p in enumerate(PROMPTS)])
-        file = s.client.files.create(file=("in.jsonl", lines), purpose="batch")
-        batch = wait_for_batch(s.client, s.client.batches.create(
-            input_file_id=file.id, endpoint="/v1/completions", completion_window="24h").id)
-        assert batch.status == "completed"
-    finally:
-        s.stop(signal.SIGKILL)
-    with sqlite3.connect(state / "batches.sqlite3") as db:  # as the kill between the two left it
-        db.execute("UPDATE batches SET status = 'finalizing', completed_at = NULL, output_file_id = NULL")
-    s = Server(chat_dir, state, "--gpu-batch-size", "4")
-    try:
-        done = wait_for_batch(s.client, batch.id)
-        assert done.status == "completed" and done.request_counts.completed == len(PROMPTS), done
-        outputs = [f.id for f in s.client.files.list() if f.filename == f"{batch.id}_output.jsonl"]
-        assert outputs == [done.output_file_id]  # the one listed before the kill replaced
-        texts = {k: r["response"]["body"]["choices"][0]["text"]
-                 for k, r in lines_by_id(s.client, done.output_file_id).items()}
-        assert texts == {f"r{i}": t for i, t in enumerate(offline["plain"])}
-    finally:
-        s.stop()
-
-
 def test_cancelled_batch_keeps_what_was_done(server):
     c = server.client
     n = 400
@@ -509,6 +481,19 @@ def test_batch_resumes_after_kill_9(chat_dir, offline, tmp_path):
         assert sorted(outputs) == sorted(f"r{i}" for i in range(n))
         for i in range(n):
             assert outputs[f"r{i}"]["response"]["body"]["choices"][0]["text"] == offline["plain"][i % 5]
+    finally:
+        s.stop(signal.SIGKILL)
+    # killed after the batch was "finalizing" and its output file listed, before "completed": the next start
+    # completes it with one output file (it stayed finalizing, and each start listed one more)
+    with sqlite3.connect(state / "batches.sqlite3") as db:
+        db.execute("UPDATE batches SET status = 'finalizing', completed_at = NULL, output_file_id = NULL")
+    s = Server(chat_dir, state, "--gpu-batch-size", "4")
+    try:
+        again = wait_for_batch(s.client, batch.id)
+        assert again.status == "completed" and again.request_counts.completed == n, again
+        listed = [f.id for f in s.client.files.list() if f.filename == f"{batch.id}_output.jsonl"]
+        assert listed == [again.output_file_id]  # the one listed before the kill replaced
+        assert lines_by_id(s.client, again.output_file_id) == outputs
     finally:
         s.stop()
 
