@@ -111,9 +111,10 @@ def largest_parts(plan: dict[str, dict[str, float]], tier: str, cuda: bool, coun
 
 
 def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], budgets: Budgets, cuda: bool,
-                  what: str, searched: bool = False) -> None:
+                  what: str, searched: bool = False, one_row: bool = False) -> None:
     """Raise PolicyError naming each tier over its budget, by how much, its largest parts, and what would make
-    it fit (searched: the policy is --policy auto's, which cannot be asked for again)."""
+    it fit (searched: the policy is --policy auto's, which cannot be asked for again; one_row: a block of one row,
+    whose batch cannot be lowered)."""
     over = over_budget(peak, budgets)
     if not over:
         return
@@ -125,6 +126,7 @@ def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], bud
     if "disk" in over and len(over) == 1:
         remedy = "Keep more in memory (--percent), compress (--compress-weight, --compress-cache)"
     else:
-        remedy = "Lower the batch size, move more to disk (--percent), compress (--compress-weight, --compress-cache)"
+        remedy = "Move more to disk (--percent), compress (--compress-weight, --compress-cache)"
+        remedy = remedy if one_row else "Lower the batch size, " + remedy[0].lower() + remedy[1:]
     raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines) + f". {remedy}, raise the budget"
                       + (", or shorten the prompts" if searched else ", or use --policy auto"))
