@@ -10,7 +10,7 @@ import torch
 from .engine.block import Block
 from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, split_counts
-from .kernels.sampling import SamplingConfig, row_generators
+from .kernels.sampling import SamplingConfig, row_generators, warpers
 from .planning.budgets import check_budgets, check_fits
 from .planning.layout import Workload
 from .planning.memory_plan import peak_memory
@@ -62,23 +62,23 @@ class BlockRuns:
         return min(len(lengths), policy.block_size)
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
-                   limits: list[int] | None = None, seeds: list[int | None] | None = None,
-                   indices: list[int] | None = None, label: str = "block",
+                   configs: list[SamplingConfig] | None = None, indices: list[int] | None = None, label: str = "block",
                    report: Callable[[Block], None] | None = None, moving: dict[int, Carried] | None = None,
                    sharing: Callable[[int], int] | None = None, rule: bool | None = None,
                    cancelled: Callable[[int], bool] | None = None) -> Block:
-        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling), up to
-        `limits` new tokens each with `seeds` (default: sampling's). moving: rows carried on from an earlier block
-        (their tokens already end their prompts here; their generators go on). sharing(active): the rows a later
-        block would hold with this one's `active` last rows (stragglers.worth_ending); None: the block runs to its
-        end. cancelled(row): its row stops after the next step."""
+        """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling), each by
+        its `configs` (default: sampling): its max_new_tokens, seed, temperature, top-k and top-p. moving: rows
+        carried on from an earlier block (their tokens already end their prompts here; their generators go on).
+        sharing(active): the rows a later block would hold with this one's `active` last rows
+        (stragglers.worth_ending); None: the block runs to its end. cancelled(row): its row stops after the next
+        step."""
         cfg, policy, moving = self.config, self.policy, moving or {}
         eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
-        limits = limits or [sampling.max_new_tokens] * len(prompts)
-        seeds = seeds or [sampling.seed] * len(prompts)
+        configs = configs or [sampling] * len(prompts)
+        limits, seeds = [c.max_new_tokens for c in configs], [c.seed for c in configs]
         generators = None
-        if sampling.temperature > 0 and any(seed is not None for seed in seeds):
+        if any(c.temperature > 0 and c.seed is not None for c in configs):
             indices = list(range(len(prompts))) if indices is None else list(indices)
             fillers = policy.block_size - len(prompts)  # rows without prompts: never sampled
             generators = [row_generators(unseeded() if seed is None else seed, [index])[0]
@@ -89,6 +89,8 @@ class BlockRuns:
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, max(limits), pad_id, eos,
                                    self.device.device, generators, policy.share_prefix,
                                    limits if moving or len(set(limits)) > 1 else None)
+        if len({warpers(c) for c in configs}) > 1:  # rows that pick their tokens differently
+            block.samplings = configs + [configs[0]] * (policy.block_size - len(prompts))
         self._check_cache_fits(block)
         steps = [stop_check(self.tokenizer, sampling, len(prompts), moving)] if sampling.stop else []
         if cancelled is not None:

@@ -1,5 +1,6 @@
-"""Prompts of one call with their own max_new_tokens and seed share blocks (kernels/sampling.per_prompt): each
-row's tokens are those it gets generated alone, and the doors run requests that differ only so in one call."""
+"""Prompts of one call with their own max_new_tokens, seed, temperature, top-k and top-p share blocks
+(kernels/sampling.per_prompt): each row's tokens are those it gets generated alone, and the doors run requests that
+differ only so in one call."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.kernels.sampling import block_settings, per_prompt
+from flexgen_lite.kernels.sampling import block_settings, per_prompt, warpers
 from flexgen_lite.openai_api.batch_lines import check_request
 from flexgen_lite.openai_api.requests import Served
 from flexgen_lite.openai_api.runner import run_jobs
@@ -18,14 +19,15 @@ from .conftest import PROMPTS
 POLICY = Policy(gpu_batch_size=4, num_gpu_batches=2, dtype="float32")
 
 
-def test_per_prompt_settings_share_how_rows_sample_and_stop():
-    greedy = [SamplingConfig(4), SamplingConfig(9, top_p=0.5)]  # greedy: top_p does not matter
-    shared, limits, seeds = per_prompt(greedy, 2)
-    assert shared.max_new_tokens == 9 and limits == [4, 9] and seeds == [None, None]
-    assert per_prompt(SamplingConfig(3, seed=5), 2)[1:] == ([3, 3], [5, 5])
-    assert block_settings(SamplingConfig(4, 0.7, seed=1)) == block_settings(SamplingConfig(8, 0.7, seed=2))
-    with pytest.raises(ValueError, match="differ in max_new_tokens and seed alone"):
-        per_prompt([SamplingConfig(4, 0.7), SamplingConfig(4, 0.8)], 2)
+def test_per_prompt_settings_share_how_rows_stop():
+    mixed = [SamplingConfig(4), SamplingConfig(9, 0.7, top_p=0.5, seed=3)]
+    shared, configs = per_prompt(mixed, 2)
+    assert shared.max_new_tokens == 9 and configs == mixed
+    assert per_prompt(SamplingConfig(3, seed=5), 2)[1] == [SamplingConfig(3, seed=5)] * 2
+    assert block_settings(SamplingConfig(4, 0.7, seed=1)) == block_settings(SamplingConfig(8, 0.2, top_k=3))
+    assert warpers(SamplingConfig(4, top_p=0.5)) == warpers(SamplingConfig(4))  # greedy: top_p does not matter
+    with pytest.raises(ValueError, match="may differ in all but stop and stop_at_eos"):
+        per_prompt([SamplingConfig(4, stop=("w5",)), SamplingConfig(4)], 2)
     with pytest.raises(ValueError, match="one for each of the 3 prompts"):
         per_prompt([SamplingConfig(4)] * 2, 3)
 
@@ -33,9 +35,10 @@ def test_per_prompt_settings_share_how_rows_sample_and_stop():
 def test_rows_of_their_own_lengths_and_seeds_generate_as_alone(tiny_models, references):
     path = tiny_models["llama"][0]
     greedy = [SamplingConfig(max_new_tokens=2 + i, stop_at_eos=False) for i in range(len(PROMPTS))]
-    sampled = [SamplingConfig(max_new_tokens=3 + i % 3, temperature=1.0, seed=10 + i, stop_at_eos=False)
-               for i in range(len(PROMPTS))]
+    sampled = [SamplingConfig(max_new_tokens=3 + i % 3, temperature=0.5 + 0.25 * (i % 3), top_k=(0, 5)[i % 2],
+                              top_p=(1.0, 0.9)[i % 2], seed=10 + i, stop_at_eos=False) for i in range(len(PROMPTS))]
     sampled[1] = SamplingConfig(max_new_tokens=5, temperature=1.0, seed=None, stop_at_eos=False)  # unseeded
+    sampled[2] = SamplingConfig(max_new_tokens=4, stop_at_eos=False)  # greedy beside sampled rows
     with FlexGenLite(str(path), policy=POLICY) as m:
         blocks = []
         ids = m.generate_ids(PROMPTS, greedy, on_block=lambda done: blocks.append(len(done)))
@@ -50,7 +53,8 @@ def test_rows_of_their_own_lengths_and_seeds_generate_as_alone(tiny_models, refe
 def test_the_doors_run_requests_of_other_lengths_and_seeds_in_one_call(tiny_models, monkeypatch):
     path = tiny_models["llama"][0]
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"prompt": "w5 w6 w7", "max_tokens": 2 + i, "temperature": 0.8, "seed": i}})
+                         "body": {"prompt": "w5 w6 w7", "max_tokens": 2 + i, "temperature": 0.5 + 0.1 * i,
+                                  "top_p": 0.95, "seed": i}})
              for i in range(6)]
     with FlexGenLite(str(path), policy=POLICY) as m:
         served = Served("tiny", m.config, m.tokenizer)

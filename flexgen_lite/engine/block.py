@@ -19,6 +19,7 @@ class Block:
     length: torch.Tensor  # (N,) tokens each row generated before it finished (its eos included)
     generated: int = 0  # steps taken
     generators: list[torch.Generator] | None = None  # (N,) per-row sampling generators, or None
+    samplings: list | None = None  # (N,) each row's SamplingConfig where rows pick their tokens differently
     pad_host: torch.Tensor | None = None  # `pad` on the host: which batches need a mask, without a device read
     shared: int = 0  # leading columns holding only padding or the prompts' common prefix (shared_columns)
     prefix: torch.Tensor | None = None  # (1, shared) the common prefix's ids, computed once for all rows
@@ -69,6 +70,13 @@ class Block:
             return None
         generators = self.generators[self.rows(batch)]
         return generators if active is None else [generators[i] for i in active.tolist()]
+
+    def row_samplings(self, batch: int, active: torch.Tensor | None = None) -> list | None:
+        """Each of GPU batch `batch`'s active rows' SamplingConfig (None: the block's, for every row)."""
+        if self.samplings is None:
+            return None
+        samplings = self.samplings[self.rows(batch)]
+        return samplings if active is None else [samplings[i] for i in active.tolist()]
 
     def batch_done(self, batch: int) -> bool:
         return bool(self.finished[self.rows(batch)].all())

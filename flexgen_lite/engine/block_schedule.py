@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.attention import attend_named
-from ..kernels.sampling import SamplingConfig, sample
+from ..kernels.sampling import SamplingConfig, sample_rows
 from ..models import layers as L
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec
@@ -234,7 +234,8 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
                         if inputs[b].get("sampled") is not None:  # every row computed, those generating sampled
                             active, on_device = inputs[b]["sampled"]
                             out = out[on_device]
-                        block.record(b, sample(out, sampling, block.row_generators(b, active)), active, on_device)
+                        block.record(b, sample_rows(out, block.row_samplings(b, active) or sampling,
+                                                    block.row_generators(b, active)), active, on_device)
                 if spec.kind == "head":
                     if self.logits is not None:
                         self._keep_logits(block, step, b, out, active)
@@ -262,7 +263,8 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
             active = block.active_rows(b)  # those generating choose
             if active is not None and logits.shape[0] != len(active):  # a graph computed every row, each on its own
                 logits = logits[active]
-            block.record(b, sample(logits, sampling, block.row_generators(b, active)), active)
+            block.record(b, sample_rows(logits, block.row_samplings(b, active) or sampling,
+                                        block.row_generators(b, active)), active)
         if self.logits is not None:
             self._keep_logits(block, step, b, logits, active)
         return True

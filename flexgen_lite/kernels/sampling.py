@@ -52,27 +52,29 @@ class SamplingConfig:
 
 
 def block_settings(config: SamplingConfig) -> tuple:
-    """What the rows of one block share: how they sample and stop (greedy: whatever top_k and top_p say).
-    max_new_tokens and the seed may differ from row to row."""
-    if config.temperature == 0:
-        return 0.0, 0, 1.0, config.stop, config.stop_at_eos
-    return config.temperature, config.top_k, config.top_p, config.stop, config.stop_at_eos
+    """What the rows of one block share: how they stop. Their lengths, seeds, temperatures, top-k and top-p may
+    differ from row to row."""
+    return config.stop, config.stop_at_eos
+
+
+def warpers(config: SamplingConfig) -> tuple[float, int, float]:
+    """How a row picks its token: (temperature, top_k, top_p); greedy whatever top_k and top_p say."""
+    return (0.0, 0, 1.0) if config.temperature == 0 else (config.temperature, config.top_k, config.top_p)
 
 
 def per_prompt(sampling: SamplingConfig | Sequence[SamplingConfig], n: int
-               ) -> tuple[SamplingConfig, list[int], list[int | None]]:
+               ) -> tuple[SamplingConfig, list[SamplingConfig]]:
     """One SamplingConfig for n prompts, or one each, as (the settings their rows share, with the largest
-    max_new_tokens; each prompt's max_new_tokens; each prompt's seed)."""
+    max_new_tokens; each prompt's own)."""
     configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)
     if n == 0:  # the caller refuses no prompts
-        return sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(), [], []
+        return sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(), []
     if len(configs) != n or not all(isinstance(c, SamplingConfig) for c in configs):
         raise ValueError(f"sampling must be a SamplingConfig or one for each of the {n} prompts")
     if any(block_settings(c) != block_settings(configs[0]) for c in configs):
-        raise ValueError("the prompts' sampling settings may differ in max_new_tokens and seed alone (a block's rows "
-                         "sample and stop alike): generate the others in another call")
-    limits = [c.max_new_tokens for c in configs]
-    return dataclasses.replace(configs[0], max_new_tokens=max(limits)), limits, [c.seed for c in configs]
+        raise ValueError("the prompts' sampling settings may differ in all but stop and stop_at_eos (a block's rows "
+                         "stop alike): generate the others in another call")
+    return dataclasses.replace(configs[0], max_new_tokens=max(c.max_new_tokens for c in configs)), configs
 
 
 def row_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -83,6 +85,23 @@ def row_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
         digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
         out.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
     return out
+
+
+def sample_rows(logits: torch.Tensor, config: SamplingConfig | Sequence[SamplingConfig],
+                generator: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """`sample`, with one config for all rows or one per row: rows that pick alike sampled together."""
+    if isinstance(config, SamplingConfig):
+        return sample(logits, config, generator)
+    groups: dict[tuple, list[int]] = {}
+    for row, c in enumerate(config):
+        groups.setdefault(warpers(c), []).append(row)
+    if len(groups) == 1:
+        return sample(logits, config[0], generator)
+    ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        ids[index] = sample(logits[index], config[rows[0]], None if generator is None else [generator[r] for r in rows])
+    return ids
 
 
 def sample(logits: torch.Tensor, config: SamplingConfig,

@@ -128,7 +128,7 @@ def served_model(args, model: str | None = None) -> tuple[str, Served]:
     return model, Served(name, config, tokenizer)
 
 def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
-    """Line indices in runs of about `chunk` jobs: grouped by how they sample and stop (their lengths and seeds may
+    """Line indices in runs of about `chunk` jobs: grouped by how they stop (their lengths, seeds and sampling may
     differ), longest prompts first, so each run fills the engine's blocks with prompts of like length."""
     groups: dict = {}
     for i, work in works.items():

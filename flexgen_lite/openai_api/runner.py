@@ -1,6 +1,6 @@
-"""Jobs through the engine: grouped by how they sample and stop (one `generate_ids` call per group, which sorts
-its prompts by length into the engine's blocks; their lengths and seeds may differ), decoded into texts with
-finish reasons."""
+"""Jobs through the engine: grouped by how they stop (one `generate_ids` call per group, which sorts its prompts
+by length into the engine's blocks; their lengths, seeds, temperatures, top-k and top-p may differ), decoded into
+texts with finish reasons."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from .requests import Job, Output
 
 
 def group_by_sampling(jobs: list[Job | None]) -> dict:
-    """{how they sample and stop (block_settings): indices of the jobs that share it}, in first-seen order (None:
-    under None)."""
+    """{how they stop (block_settings): indices of the jobs that share it}, in first-seen order (None: under
+    None)."""
     groups: dict = defaultdict(list)
     for i, job in enumerate(jobs):
         groups[None if job is None else block_settings(job.sampling)].append(i)

@@ -1,8 +1,8 @@
 """The engine behind a queue, on one worker thread: requests that arrive together share blocks.
 
-The worker takes the oldest waiting request, then waits until no request that samples and stops as it does has come
-for `max_wait_s` (a burst arriving over a slow client is taken whole, up to MAX_WINDOWS windows or MAX_BLOCKS
-blocks, so that one run sorts it into blocks by length as offline generation does), and runs them all at once
+The worker takes the oldest waiting request, then waits until no request that stops as it does (stop strings,
+eos) has come for `max_wait_s` (a burst arriving over a slow client is taken whole, up to MAX_WINDOWS windows or
+MAX_BLOCKS blocks, so that one run sorts it into blocks by length as offline generation does), and runs them all at once
 (one `generate_ids` call) while newer requests queue for the next run. Callers get a Future of their outputs;
 a request whose `cancelled()` turns true (its client left, its batch was cancelled) stops at the engine's next
 step, and its outputs are None. Background requests (the Batch API's) run when no other request waits, and
@@ -181,4 +181,4 @@ class _Request:
 
     @property
     def key(self):
-        return block_settings(self.jobs[0].sampling)  # requests share a run where they sample and stop alike
+        return block_settings(self.jobs[0].sampling)  # requests share a run where they stop alike
