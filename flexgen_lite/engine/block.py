@@ -66,17 +66,17 @@ class Block:
 
     def row_generators(self, batch: int, active: torch.Tensor | None = None) -> list[torch.Generator] | None:
         """The per-row sampling generators of GPU batch `batch`'s active rows (None: the global RNG)."""
-        if self.generators is None:
-            return None
-        generators = self.generators[self.rows(batch)]
-        return generators if active is None else [generators[i] for i in active.tolist()]
+        return self._of_rows(self.generators, batch, active)
 
     def row_samplings(self, batch: int, active: torch.Tensor | None = None) -> list | None:
         """Each of GPU batch `batch`'s active rows' SamplingConfig (None: the block's, for every row)."""
-        if self.samplings is None:
+        return self._of_rows(self.samplings, batch, active)
+
+    def _of_rows(self, values: list | None, batch: int, active: torch.Tensor | None) -> list | None:
+        if values is None:
             return None
-        samplings = self.samplings[self.rows(batch)]
-        return samplings if active is None else [samplings[i] for i in active.tolist()]
+        values = values[self.rows(batch)]
+        return values if active is None else [values[i] for i in active.tolist()]
 
     def batch_done(self, batch: int) -> bool:
         return bool(self.finished[self.rows(batch)].all())
