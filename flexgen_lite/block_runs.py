@@ -73,9 +73,9 @@ class BlockRuns:
         (stragglers.worth_ending); None: the block runs to its end. cancelled(row): its row stops after the next
         step."""
         cfg, policy, moving = self.config, self.policy, moving or {}
-        eos = tuple(cfg.eos_token_id) if sampling.stop_at_eos else ()
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
         configs = configs or [sampling] * len(prompts)
+        eos = tuple(cfg.eos_token_id) if any(c.stop_at_eos for c in configs) else ()
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
         limits, seeds = [c.max_new_tokens for c in configs], [c.seed for c in configs]
         generators = None
         if any(c.temperature > 0 and c.seed is not None for c in configs):
@@ -89,10 +89,14 @@ class BlockRuns:
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, max(limits), pad_id, eos,
                                    self.device.device, generators, policy.share_prefix,
                                    limits if moving or len(set(limits)) > 1 else None)
+        fillers = [configs[0]] * (policy.block_size - len(prompts))
         if len({warpers(c) for c in configs}) > 1:  # rows that pick their tokens differently
-            block.samplings = configs + [configs[0]] * (policy.block_size - len(prompts))
+            block.samplings = configs + fillers
+        if len({c.stop_at_eos for c in configs}) > 1:
+            block.ends_at_eos = torch.tensor([c.stop_at_eos for c in configs + fillers])
         self._check_cache_fits(block)
-        steps = [stop_check(self.tokenizer, sampling, len(prompts), moving)] if sampling.stop else []
+        stops = [c.stop for c in configs]
+        steps = [stop_check(self.tokenizer, stops, moving)] if any(stops) else []
         if cancelled is not None:
             steps.append(cancel_check(cancelled, len(prompts)))
         if report is not None:

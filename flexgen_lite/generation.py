@@ -187,18 +187,17 @@ class FlexGenLite(BlockRuns):
                      deferred: Callable[[int], bool] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
-        sampling: one SamplingConfig for all, or one per prompt, alike in stop and stop_at_eos (the rows of a block
-        stop alike; their lengths, seeds, temperatures, top-k and top-p may differ). With return_logits, also each
-        prompt's fp32 logits per generated token, (tokens, vocab). indices: the prompts' places in a larger input
-        (default 0, 1, ...); with a seed, they seed sampling. on_tokens(i, ids): after each step, for each prompt i of
-        the running block, its tokens so far (streaming). on_block({i: (ids, logits or None)}): after each block, the
-        prompts it finished (to save them before the next block runs). carry_over: a block whose few last rows still
-        generate while others wait ends early and those rows go on in a later block (stragglers.py): None where
-        measured worth it, False never, True wherever few are left. cancelled(i): prompt i is no longer wanted (its
-        client left, its batch was cancelled): asked before each block and after each step, its row stops there and
-        on_block never gets it (its ids: what it had generated). deferred(i): asked before each block for the prompts
-        yet to start, those for which it is true are not run (their ids empty, not given to on_block): the caller runs
-        them later."""
+        sampling: one SamplingConfig for all, or one per prompt (rows of a block may differ in every setting). With
+        return_logits, also each prompt's fp32 logits per generated token, (tokens, vocab). indices: the prompts'
+        places in a larger input (default 0, 1, ...); with a seed, they seed sampling. on_tokens(i, ids): after each
+        step, for each prompt i of the running block, its tokens so far (streaming). on_block({i: (ids, logits or
+        None)}): after each block, the prompts it finished (to save them before the next block runs). carry_over: a
+        block whose few last rows still generate while others wait ends early and those rows go on in a later block
+        (stragglers.py): None where measured worth it, False never, True wherever few are left. cancelled(i): prompt
+        i is no longer wanted (its client left, its batch was cancelled): asked before each block and after each
+        step, its row stops there and on_block never gets it (its ids: what it had generated). deferred(i): asked
+        before each block for the prompts yet to start, those for which it is true are not run (their ids empty, not
+        given to on_block): the caller runs them later."""
         self._check_open()
         prompts = id_lists(prompts)
         if indices is not None and len(indices) != len(prompts):
@@ -206,7 +205,7 @@ class FlexGenLite(BlockRuns):
         sampling, configs = per_prompt(sampling or SamplingConfig(), len(prompts))
         limits = [c.max_new_tokens for c in configs]
         self._check_prompts(prompts, limits)
-        if sampling.stop and self.tokenizer is None:
+        if any(c.stop for c in configs) and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
         order = block_order(prompts, self.policy.share_prefix)  # similar lengths (and instructions) share a block
         results: list[list[int]] = [[] for _ in prompts]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .engine.block import Block
-from .kernels.sampling import SamplingConfig
 from .stragglers import Carried, worth_ending
 
 
@@ -52,14 +51,14 @@ def cancel_check(cancelled: Callable[[int], bool], real_rows: int):
     return check
 
 
-def stop_check(tokenizer, sampling: SamplingConfig, real_rows: int, moving: dict[int, Carried]):
-    """Ends the rows whose text so far holds a stop string."""
+def stop_check(tokenizer, stops: list[tuple[str, ...]], moving: dict[int, Carried]):
+    """Ends the rows whose text so far holds one of their stop strings (`stops`: each prompt's row's)."""
     def check(block: Block) -> None:
-        for row in range(real_rows):
-            if not block.finished[row]:
+        for row, stop in enumerate(stops):
+            if stop and not block.finished[row]:
                 ids = (moving[row].tokens if row in moving else []) + block.new_tokens(row)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                if any(s in text for s in sampling.stop):
+                if any(s in text for s in stop):
                     block.finished[row] = True
     return check
 

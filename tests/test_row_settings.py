@@ -1,6 +1,6 @@
-"""Prompts of one call with their own max_new_tokens, seed, temperature, top-k and top-p share blocks
-(kernels/sampling.per_prompt): each row's tokens are those it gets generated alone, and the doors run requests that
-differ only so in one call."""
+"""Prompts of one call with their own max_new_tokens, seed, temperature, top-k, top-p, stop strings and eos
+handling share blocks (kernels/sampling.per_prompt): each row's tokens are those it gets generated alone, and the
+doors run requests that differ so in one call."""
 
 from __future__ import annotations
 
@@ -9,27 +9,41 @@ import json
 import pytest
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.kernels.sampling import block_settings, per_prompt, warpers
+from flexgen_lite.kernels.sampling import per_prompt, warpers
 from flexgen_lite.openai_api.batch_lines import check_request
 from flexgen_lite.openai_api.requests import Served
 from flexgen_lite.openai_api.runner import run_jobs
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, copy_with_eos
 
 POLICY = Policy(gpu_batch_size=4, num_gpu_batches=2, dtype="float32")
 
 
-def test_per_prompt_settings_share_how_rows_stop():
-    mixed = [SamplingConfig(4), SamplingConfig(9, 0.7, top_p=0.5, seed=3)]
+def test_per_prompt_settings():
+    mixed = [SamplingConfig(4, stop=("w5",)), SamplingConfig(9, 0.7, top_p=0.5, seed=3, stop_at_eos=False)]
     shared, configs = per_prompt(mixed, 2)
     assert shared.max_new_tokens == 9 and configs == mixed
     assert per_prompt(SamplingConfig(3, seed=5), 2)[1] == [SamplingConfig(3, seed=5)] * 2
-    assert block_settings(SamplingConfig(4, 0.7, seed=1)) == block_settings(SamplingConfig(8, 0.2, top_k=3))
     assert warpers(SamplingConfig(4, top_p=0.5)) == warpers(SamplingConfig(4))  # greedy: top_p does not matter
-    with pytest.raises(ValueError, match="may differ in all but stop and stop_at_eos"):
-        per_prompt([SamplingConfig(4, stop=("w5",)), SamplingConfig(4)], 2)
     with pytest.raises(ValueError, match="one for each of the 3 prompts"):
         per_prompt([SamplingConfig(4)] * 2, 3)
+
+
+def test_rows_stopping_their_own_ways_generate_as_alone(tiny_models, references, tmp_path):
+    """In one block: rows that end at eos beside rows that ignore it, rows with stop strings of their own beside
+    rows without: each ends where it ends generated alone."""
+    refs = references["llama"][0]  # 8 greedy tokens a prompt, eos ignored
+    path = copy_with_eos(tiny_models["llama"][0], tmp_path / "m", refs[1][3])  # prompt 1's 4th token: eos
+    prompts = PROMPTS[:6] + [PROMPTS[1]]  # prompt 1 twice: ignoring eos (row 1), ending at it (row 6)
+    with FlexGenLite(str(path), policy=POLICY) as m:
+        stop = m.decode(refs[2][1:2])  # prompt 2's second token's text
+        configs = [SamplingConfig(8, stop_at_eos=i != 1, stop=(stop,) if i == 2 else ()) for i in range(7)]
+        blocks = []
+        together = m.generate_ids(prompts, configs, on_block=lambda done: blocks.append(len(done)))
+        alone = [m.generate_ids([p], c)[0] for p, c in zip(prompts, configs, strict=True)]
+    assert blocks == [len(prompts)] and together == alone
+    assert together[1] == refs[1] and together[6] == refs[1][:4]  # past its eos; ended at it
+    assert together[2] == refs[2][:2] and together[3] == refs[3][:len(together[3])]  # at its stop string; not
 
 
 def test_rows_of_their_own_lengths_and_seeds_generate_as_alone(tiny_models, references):
@@ -50,11 +64,12 @@ def test_rows_of_their_own_lengths_and_seeds_generate_as_alone(tiny_models, refe
     assert [t for i, t in enumerate(together) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
 
 
-def test_the_doors_run_requests_of_other_lengths_and_seeds_in_one_call(tiny_models, monkeypatch):
+def test_the_doors_run_requests_of_other_lengths_seeds_and_stops_in_one_call(tiny_models, monkeypatch):
     path = tiny_models["llama"][0]
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                          "body": {"prompt": "w5 w6 w7", "max_tokens": 2 + i, "temperature": 0.5 + 0.1 * i,
-                                  "top_p": 0.95, "seed": i}})
+                                  "top_p": 0.95, "seed": i, "ignore_eos": i % 2 == 1,
+                                  "stop": ["w1"] if i == 5 else None}})
              for i in range(6)]
     with FlexGenLite(str(path), policy=POLICY) as m:
         served = Served("tiny", m.config, m.tokenizer)
@@ -67,5 +82,6 @@ def test_the_doors_run_requests_of_other_lengths_and_seeds_in_one_call(tiny_mode
         assert calls == [6]  # one engine call for all six
         alone = [run_jobs(m, [job])[0] for job in jobs]
     assert [o.token_ids for o in outputs] == [o.token_ids for o in alone]
-    assert [len(o.token_ids) for o in outputs] == [2 + i for i in range(6)]
-    assert all(o.finish_reason == "length" for o in outputs)
+    assert [o.text for o in outputs] == [o.text for o in alone]
+    assert [len(o.token_ids) for o in outputs[:5]] == [2 + i for i in range(5)]
+    assert all(o.finish_reason == "length" for o in outputs[:5])

@@ -24,6 +24,7 @@ class Block:
     shared: int = 0  # leading columns holding only padding or the prompts' common prefix (shared_columns)
     prefix: torch.Tensor | None = None  # (1, shared) the common prefix's ids, computed once for all rows
     limit: torch.Tensor | None = None  # (N,) on the host: tokens each row may generate here, where rows differ
+    ends_at_eos: torch.Tensor | None = None  # (N,) bool on the host: rows that end at eos, where rows differ
     stopped: bool = False  # set between steps: the block ends there, its unfinished rows left to the caller
     # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -141,13 +142,14 @@ class Block:
         self.tokens[rows.start + active_device, column] = next_ids
 
     def end_step(self) -> None:
-        """Rows that emitted eos this step finish (one device-to-host read per step, not per batch), and rows
-        that reached their own limit."""
+        """Rows that emitted eos this step finish (those that end at eos; one device-to-host read per step, not per
+        batch), and rows that reached their own limit."""
         if self.eos:
             column = self.tokens[:, self.prompt_len + self.generated]
             if self._eos_ids is None:
                 self._eos_ids = torch.tensor(self.eos, device=column.device)
-            self.finished |= torch.isin(column, self._eos_ids).cpu()
+            hit = torch.isin(column, self._eos_ids).cpu()
+            self.finished |= hit if self.ends_at_eos is None else hit & self.ends_at_eos
         if self.limit is not None:
             self.finished |= self.length >= self.limit
         self.generated += 1

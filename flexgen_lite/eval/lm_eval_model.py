@@ -147,30 +147,32 @@ class FlexGenLiteLM(TemplateLM):
         return sums
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with do_sample) continuations cut at the first stop sequence; requests sharing
-        generation settings run together, in blocks."""
-        results: list[str | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="flexgen-lite generate_until")
+        """Greedy (or sampled, with do_sample) continuations cut at the first stop sequence; all in one engine call,
+        in blocks (requests' settings may differ row by row)."""
         eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
-        for indices in groups.values():
-            kwargs = dict(requests[indices[0]].args[1])
+        prompts, samplings, stops = [], [], []
+        for req in requests:
+            kwargs = dict(req.args[1])
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks))
             if max_gen >= self.max_length:
                 raise ValueError(f"max_gen_toks={max_gen} leaves no room for a context in {self.max_length} positions")
             temperature = kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0
-            sampling = SamplingConfig(max_gen, temperature, int(kwargs.get("top_k", 0) or 0),
-                                      float(kwargs.get("top_p", 1.0) or 1.0), kwargs.get("seed"),
-                                      tuple(s for s in until if s))
-            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] or [self.prefix_token_id]
-                       for i in indices]
-            for i, out in zip(indices, self.model.generate_ids(prompts, sampling), strict=True):
-                text = postprocess_generated_text(self.tok_decode(out), until, None)
-                results[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)
-            bar.update(len(indices))
+            samplings.append(SamplingConfig(max_gen, temperature, int(kwargs.get("top_k", 0) or 0),
+                                            float(kwargs.get("top_p", 1.0) or 1.0), kwargs.get("seed"),
+                                            tuple(s for s in until if s)))
+            prompts.append(self.tok_encode(req.args[0])[-(self.max_length - max_gen):] or [self.prefix_token_id])
+            stops.append(until)
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="flexgen-lite generate_until")
+
+        def finished(block: dict) -> None:
+            for i, (out, _) in block.items():
+                results[i] = postprocess_generated_text(self.tok_decode(out), stops[i], None)
+                self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+            bar.update(len(block))
+
+        if requests:
+            self.model.generate_ids(prompts, samplings, on_block=finished)
         bar.close()
         return results

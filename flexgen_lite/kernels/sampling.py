@@ -51,12 +51,6 @@ class SamplingConfig:
             raise ValueError("stop strings must not be empty (an empty one would end every output at once)")
 
 
-def block_settings(config: SamplingConfig) -> tuple:
-    """What the rows of one block share: how they stop. Their lengths, seeds, temperatures, top-k and top-p may
-    differ from row to row."""
-    return config.stop, config.stop_at_eos
-
-
 def warpers(config: SamplingConfig) -> tuple[float, int, float]:
     """How a row picks its token: (temperature, top_k, top_p); greedy whatever top_k and top_p say."""
     return (0.0, 0, 1.0) if config.temperature == 0 else (config.temperature, config.top_k, config.top_p)
@@ -64,16 +58,13 @@ def warpers(config: SamplingConfig) -> tuple[float, int, float]:
 
 def per_prompt(sampling: SamplingConfig | Sequence[SamplingConfig], n: int
                ) -> tuple[SamplingConfig, list[SamplingConfig]]:
-    """One SamplingConfig for n prompts, or one each, as (the settings their rows share, with the largest
-    max_new_tokens; each prompt's own)."""
+    """One SamplingConfig for n prompts, or one each (rows of a block may differ in every setting), as (the
+    first's with the largest max_new_tokens, for what a block sizes by; each prompt's own)."""
     configs = [sampling] * n if isinstance(sampling, SamplingConfig) else list(sampling)
     if n == 0:  # the caller refuses no prompts
         return sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(), []
     if len(configs) != n or not all(isinstance(c, SamplingConfig) for c in configs):
         raise ValueError(f"sampling must be a SamplingConfig or one for each of the {n} prompts")
-    if any(block_settings(c) != block_settings(configs[0]) for c in configs):
-        raise ValueError("the prompts' sampling settings may differ in all but stop and stop_at_eos (a block's rows "
-                         "stop alike): generate the others in another call")
     return dataclasses.replace(configs[0], max_new_tokens=max(c.max_new_tokens for c in configs)), configs
 
 

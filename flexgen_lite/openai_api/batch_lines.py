@@ -10,7 +10,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..cli.batch_io import BOM, InputError, Prompt, read_input_bytes
-from ..kernels.sampling import block_settings
 from .protocol import BatchRequestInput, BatchRequestOutput, BatchResponseData, new_id
 from .requests import RequestError, Served, Work, prepare, respond, validation_error
 
@@ -128,24 +127,16 @@ def served_model(args, model: str | None = None) -> tuple[str, Served]:
     return model, Served(name, config, tokenizer)
 
 def plan_chunks(works: dict[int, Work], chunk: int) -> list[list[int]]:
-    """Line indices in runs of about `chunk` jobs: grouped by how they stop (their lengths, seeds and sampling may
-    differ), longest prompts first, so each run fills the engine's blocks with prompts of like length."""
-    groups: dict = {}
-    for i, work in works.items():
-        groups.setdefault(block_settings(work.jobs[0].sampling), []).append(i)
-    chunks = []
-    for members in groups.values():
-        members.sort(key=lambda i: -max(len(j.ids) for j in works[i].jobs))
-        current, size = [], 0
-        for i in members:
-            current.append(i)
-            size += len(works[i].jobs)
-            if size >= chunk:
-                chunks.append(current)
-                current, size = [], 0
-        if current:
+    """Line indices in runs of about `chunk` jobs (their settings may differ), longest prompts first, so each run
+    fills the engine's blocks with prompts of like length."""
+    chunks, current, size = [], [], 0
+    for i in sorted(works, key=lambda i: -max(len(j.ids) for j in works[i].jobs)):
+        current.append(i)
+        size += len(works[i].jobs)
+        if size >= chunk:
             chunks.append(current)
-    return chunks
+            current, size = [], 0
+    return chunks + [current] if current else chunks
 
 def job_policy(args, works: dict[int, Work]):
     """(policy or AutoPolicy, the workload auto plans for) of the flags, for these requests."""

@@ -1,24 +1,11 @@
-"""Jobs through the engine: grouped by how they stop (one `generate_ids` call per group, which sorts its prompts
-by length into the engine's blocks; their lengths, seeds, temperatures, top-k and top-p may differ), decoded into
-texts with finish reasons."""
+"""Jobs through the engine (one `generate_ids` call, which sorts their prompts by length into the engine's blocks;
+their sampling settings and stop conditions may differ row by row), decoded into texts with finish reasons."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
-from ..kernels.sampling import block_settings
 from .requests import Job, Output
-
-
-def group_by_sampling(jobs: list[Job | None]) -> dict:
-    """{how they stop (block_settings): indices of the jobs that share it}, in first-seen order (None: under
-    None)."""
-    groups: dict = defaultdict(list)
-    for i, job in enumerate(jobs):
-        groups[None if job is None else block_settings(job.sampling)].append(i)
-    return groups
 
 
 def _prompt_logprobs(model, jobs: list[Job], cancelled, deferred) -> tuple[dict[int, list], set[int]]:
@@ -92,31 +79,28 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
             outputs[j] = Output([], "", "length", None if job.logprobs is None else [], prompt_logprobs.get(j))
             if on_output is not None:
                 on_output(j, outputs[j])
-    runs = [j if j.generates and i not in later else None for i, j in enumerate(jobs)]  # deferred: output None
-    for settings, members in group_by_sampling(runs).items():
-        if settings is None:
-            continue
-        want = any(jobs[i].logprobs is not None for i in members)
-        report = None
-        if on_tokens is not None:
-            def report(i: int, ids: list[int], members=members) -> None:
-                on_tokens(members[i], ids)
+    members = [i for i, j in enumerate(jobs) if j.generates and i not in later]  # deferred: output None
+    if not members:
+        return outputs
+    report = None
+    if on_tokens is not None:
+        def report(i: int, ids: list[int]) -> None:
+            on_tokens(members[i], ids)
 
-        def finished(block: dict, members=members) -> None:
-            for i, (gen, rows) in block.items():
-                j, top = members[i], jobs[members[i]].logprobs
-                outputs[j] = output_of(model, gen, jobs[j].sampling,
-                                       None if top is None else token_logprobs(model, gen, rows, top),
-                                       prompt_logprobs.get(j))
-                if on_output is not None:
-                    on_output(j, outputs[j])
+    def finished(block: dict) -> None:
+        for i, (gen, rows) in block.items():
+            j, top = members[i], jobs[members[i]].logprobs
+            outputs[j] = output_of(model, gen, jobs[j].sampling,
+                                   None if top is None else token_logprobs(model, gen, rows, top),
+                                   prompt_logprobs.get(j))
+            if on_output is not None:
+                on_output(j, outputs[j])
 
-        gone = None if cancelled is None else (lambda i, members=members: cancelled(members[i]))
-        later = None if deferred is None else (lambda i, members=members: deferred(members[i]))
-        model.generate_ids([list(jobs[i].ids) for i in members], [jobs[i].sampling for i in members],
-                           return_logits=want,
-                           indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished,
-                           cancelled=gone, deferred=later)
+    model.generate_ids([list(jobs[i].ids) for i in members], [jobs[i].sampling for i in members],
+                       return_logits=any(jobs[i].logprobs is not None for i in members),
+                       indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished,
+                       cancelled=None if cancelled is None else (lambda i: cancelled(members[i])),
+                       deferred=None if deferred is None else (lambda i: deferred(members[i])))
     return outputs
 
 

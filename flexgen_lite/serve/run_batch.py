@@ -2,8 +2,8 @@
 
 Each input line is a request (`custom_id`, `method`, `url`, `body`); each output line is its answer in the
 OpenAI batch output format, in the order requests finish. A bad line gets an error line and the job goes on.
-Requests are grouped by how they stop (max_tokens, seed and sampling may differ) and sorted by length into the
-engine's blocks; results are appended and flushed after each group of blocks through the resumable output of
+Requests (whatever their max_tokens, seeds, sampling and stop conditions) are sorted by length into the engine's
+blocks; results are appended and flushed after each group of blocks through the resumable output of
 `generate --output` (its lines carry the input line's index and hash), so a rerun after Ctrl-C or kill -9 does only
 the requests not answered yet.
 """

@@ -1,11 +1,11 @@
 """The engine behind a queue, on one worker thread: requests that arrive together share blocks.
 
-The worker takes the oldest waiting request, then waits until no request that stops as it does (stop strings,
-eos) has come for `max_wait_s` (a burst arriving over a slow client is taken whole, up to MAX_WINDOWS windows or
-MAX_BLOCKS blocks, so that one run sorts it into blocks by length as offline generation does), and runs them all at once
-(one `generate_ids` call) while newer requests queue for the next run. Callers get a Future of their outputs;
-a request whose `cancelled()` turns true (its client left, its batch was cancelled) stops at the engine's next
-step, and its outputs are None. Background requests (the Batch API's) run when no other request waits, and
+The worker takes the oldest waiting request, then waits until no other has come for `max_wait_s` (a burst arriving
+over a slow client is taken whole, up to MAX_WINDOWS windows or MAX_BLOCKS blocks, so that one run sorts it into
+blocks by length as offline generation does), and runs them all at once (one `generate_ids` call: their sampling
+settings and stop conditions may differ) while newer requests queue for the next run. Callers get a Future of
+their outputs; a request whose `cancelled()` turns true (its client left, its batch was cancelled) stops at the
+engine's next step, and its outputs are None. Background requests (the Batch API's) run when no other request waits, and
 yield to one that comes: their jobs not yet started wait for the next run, so an interactive request waits for
 at most the block in flight.
 """
@@ -18,7 +18,6 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
-from ..kernels.sampling import block_settings
 from ..openai_api.requests import Job, Output
 from ..openai_api.runner import run_jobs
 
@@ -66,17 +65,17 @@ class Scheduler:
 
     def _take(self) -> list[_Request] | None:
         """The next run: the oldest request (not a background one while others wait) and every waiting one of its
-        kind with its sampling settings."""
+        kind (interactive or background; their sampling settings may differ)."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
             first_request = next((r for r in self._pending if not r.background), self._pending[0])
-            key = (first_request.key, first_request.background)
+            background = first_request.background
 
             def same(r: _Request) -> bool:
-                return (r.key, r.background) == key
+                return r.background == background
 
             first = time.monotonic()
             deadline, seen = first + self.max_wait_s, 0
@@ -87,7 +86,7 @@ class Scheduler:
                 now = time.monotonic()
                 if waiting > seen:  # still arriving: wait for the rest, up to MAX_WINDOWS windows in all
                     seen, deadline = waiting, min(now + self.max_wait_s, first + MAX_WINDOWS * self.max_wait_s)
-                if deadline <= now or (key[1] and self._interactive_waiting()):
+                if deadline <= now or (background and self._interactive_waiting()):
                     break
                 self._cond.wait(deadline - now)
             taken = [r for r in self._pending if same(r)]
@@ -178,7 +177,3 @@ class _Request:
     def __post_init__(self) -> None:
         self.todo = list(range(len(self.jobs)))
         self.outputs = [None] * len(self.jobs)
-
-    @property
-    def key(self):
-        return block_settings(self.jobs[0].sampling)  # requests share a run where they stop alike
