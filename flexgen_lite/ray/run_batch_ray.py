@@ -2,7 +2,7 @@
 local or remote Ray cluster.
 
 The driver reads and checks the file, answers bad lines, and cuts the rest into the chunks run-batch itself runs
-(grouped by sampling settings, longest prompts first). Each chunk is one row of a Ray Dataset, mapped through the
+(longest prompts first). Each chunk is one row of a Ray Dataset, mapped through the
 replicas (`BatchLineReplica`); answers come back as each chunk finishes and are appended and flushed through
 run-batch's resumable output, so the output is run-batch's and a rerun answers only what is missing. A replica
 whose process dies is restarted by Ray and its chunks are run again; an answer for a line already written is
