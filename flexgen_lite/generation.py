@@ -302,8 +302,8 @@ class FlexGenLite(BlockRuns):
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
-            if not all(isinstance(t, int) for t in (p[0], p[-1])):
-                raise ValueError(f"prompt {i} must be token ids (whole numbers), got {str(p)[:60]}")
+            if any(type(t) is not int for t in p):  # not bools, floats or numpy scalars (their lists: tolist())
+                raise ValueError(f"prompt {i} must be token ids (Python ints), got {str(p)[:60]}")
             if len(p) + limits[i] > self.config.max_positions:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={limits[i]} that exceeds "

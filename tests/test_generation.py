@@ -515,7 +515,8 @@ def test_prompts_as_tuples_arrays_and_tensors(tiny_models):
                     torch.tensor([[2, 17, 43], [2, 300, 5]]), ([2, 17, 43], [2, 300, 5])):
         assert m.generate_ids(prompts, sampling) == want
     for prompts, said in (([2, 17, 43], "wrap one prompt's ids"), ("2 17", "give text to generate"),
-                          ([[2.0, 17.0]], "must be token ids")):
+                          ([[2.0, 17.0]], "must be token ids"), ([[2, True, 5]], "must be token ids"),
+                          ([[2, 17.5, 5]], "must be token ids")):
         with pytest.raises(ValueError, match=said):
             m.generate_ids(prompts, sampling)
     with pytest.raises(ValueError, match="indices has 1 places for 2 prompts"):

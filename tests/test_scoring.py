@@ -133,10 +133,13 @@ def test_shared_contexts_past_one_row(tiny_models):
     check(ours, hf_score(model, reqs[:-1] + cut), reqs)
 
 
-def test_empty_context_is_an_error(tiny_models):
-    with FlexGenLite(str(tiny_models["opt"][0]), policy=POLICIES["all-gpu"]) as m, \
-            pytest.raises(ValueError, match="empty context"):
-        m.score([([], [5])])
+def test_empty_context_and_no_room_are_errors(tiny_models):
+    with FlexGenLite(str(tiny_models["opt"][0]), policy=POLICIES["all-gpu"]) as m:
+        with pytest.raises(ValueError, match="empty context"):
+            m.score([([], [5])])
+        for max_len in (0, -3, True, 2.5):  # not the model's context
+            with pytest.raises(ValueError, match="max_len must be a whole number >= 1"):
+                m.score([([2, 7], [5])], max_len=max_len)
 
 
 def test_logits_are_made_in_chunks_the_budgets_leave_room_for(tiny_models):

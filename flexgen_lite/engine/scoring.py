@@ -40,7 +40,7 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per
     (context ids, continuation ids), in the order given. As lm-eval's hf model: context + continuation is cut
     from the left to `max_len` (default: the model's context) plus one, its last token is not fed."""
-    max_len = min(max_len or model.config.max_positions, model.config.max_positions)
+    max_len = context_length(model, max_len)
     inputs, targets, contexts = [], [], {}
     for i, (context, continuation) in enumerate(requests):
         context, continuation = list(context), list(continuation)
@@ -263,6 +263,13 @@ def prompt_logprobs(model, prompts: Sequence[Sequence[int]], top: int = 0
     return [by_prompt[where[tuple(p)]] for p in prompts]
 
 
+def context_length(model, max_len: int | None) -> int:
+    """Positions a scored row may hold: `max_len` (at most the model's context), default the model's context."""
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"max_len must be a whole number >= 1 (or None: the model's context), got {max_len!r}")
+    return min(max_len or model.config.max_positions, model.config.max_positions)
+
+
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) windows that score every token of `tokens` once, each with as much preceding
     text as fits in `max_len` positions (the first after `prefix_token`): lm-eval's rolling windows with a
@@ -285,7 +292,7 @@ def loglikelihood_rolling(model, documents: Sequence[Sequence[int]], prefix_toke
     """The log-likelihood of each whole document (token ids), in windows of up to `max_len` tokens (default: the
     model's context); the first token is predicted after `prefix_token` (default: the model's bos, else its
     eos)."""
-    max_len = min(max_len or model.config.max_positions, model.config.max_positions)
+    max_len = context_length(model, max_len)
     if prefix_token is None:
         cfg = model.config
         prefix_token = cfg.bos_token_id if getattr(cfg, "bos_token_id", None) is not None else \
