@@ -112,6 +112,8 @@ def test_two_replicas_equal_generate(opt_dir, reference, local_ray):
         assert r["prompt"] == PROMPTS[r["id"]] and r["generated_text"] == texts[(r["prompt"], new)]
         assert r["num_generated_tokens"] == len(r["generated_tokens"]) == new  # the tiny model never emits eos
         assert r["finish_reason"] == "length" and r["num_input_tokens"] == tokens[r["prompt"]]
+        assert r["max_tokens"] == (6 if r["id"] % 3 == 0 else None)  # the rows' own column: ints, not 6.0 / nan
+        assert type(r["max_tokens"]) is (int if r["id"] % 3 == 0 else type(None))
 
 
 def batch_file(path, n: int) -> None:

@@ -20,7 +20,7 @@ def map_replicas(ds: ray.data.Dataset, replica: type, config: ProcessorConfig, b
     `constructor`), `batch_size` rows per call. A dead actor is restarted and its calls are retried, without limit:
     Ray Data's defaults for an actor pool (max_restarts=-1, max_task_retries=-1)."""
     return ds.map_batches(
-        replica, batch_size=batch_size, batch_format="numpy",
+        replica, batch_size=batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"config": config.replica(), **constructor},
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.cpus_per_replica, num_gpus=config.num_gpus or None)

@@ -1,5 +1,6 @@
 """The replicas: Ray Data callable classes whose constructor opens the model once and whose `__call__` answers a
-batch of rows (a dict of columns) through the engine's blocks. Plain Python: they run without Ray too."""
+batch of rows through the engine's blocks: an Arrow table, as Ray Data hands it (its columns' types, nulls
+included, kept in the rows out), or a dict of columns (numpy arrays or lists: they run without Ray too)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..cli.run_record import policy_record
 from ..openai_api.batch_lines import answer_line, check_request
@@ -46,28 +48,29 @@ class PromptReplica(Replica):
         super().__init__(config)
         self.defaults = (sampling or Sampling()).body()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = len(next(iter(batch.values())))
-        works = [self._work(batch, r) for r in range(rows)]
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> pa.Table | dict[str, Any]:
+        columns = plain_columns(batch)
+        works = [self._work(columns, r) for r in range(len(next(iter(columns.values()))))]
         outputs = run_jobs(self.model, [w.jobs[0] for w in works])
-        # nested columns (messages, stop) as Python lists, which Arrow stores as lists of structs, not pickles
-        out = {k: [plain(v) for v in c] if getattr(c, "dtype", None) == np.dtype(object) else c
-               for k, c in batch.items()}
-        out["generated_text"] = [o.text for o in outputs]
-        out["generated_tokens"] = [list(o.token_ids) for o in outputs]
-        out["finish_reason"] = [o.finish_reason for o in outputs]
-        out["num_input_tokens"] = [w.prompt_tokens for w in works]
-        out["num_generated_tokens"] = [len(o.token_ids) for o in outputs]
-        return out
+        out = {"generated_text": [o.text for o in outputs],
+               "generated_tokens": [list(o.token_ids) for o in outputs],
+               "finish_reason": [o.finish_reason for o in outputs],
+               "num_input_tokens": [w.prompt_tokens for w in works],
+               "num_generated_tokens": [len(o.token_ids) for o in outputs]}
+        if isinstance(batch, pa.Table):  # the rows' own columns as they came (an int column with nulls stays ints)
+            for name, values in out.items():
+                batch = batch.append_column(name, pa.array(values))
+            return batch
+        return columns | out
 
-    def _work(self, batch: dict[str, Any], row: int) -> Work:
+    def _work(self, columns: dict[str, list], row: int) -> Work:
         body = dict(self.defaults)
         for name in ROW_FIELDS:
-            value = plain(batch[name][row]) if name in batch else None
+            value = columns[name][row] if name in columns else None
             if value is not None:
                 body[name] = value
-        messages = plain(batch["messages"][row]) if "messages" in batch else None
-        prompt = plain(batch["prompt"][row]) if "prompt" in batch else None
+        messages = columns["messages"][row] if "messages" in columns else None
+        prompt = columns["prompt"][row] if "prompt" in columns else None
         if messages is not None:
             url, body["messages"] = CHAT, messages
         elif isinstance(prompt, str):
@@ -86,9 +89,9 @@ class BatchLineReplica(Replica):
     in; one row per line out: its `index`, its output line as JSON (`record`), this replica's `pid` and its
     engine's policy as the output file records it (`policy`, JSON)."""
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        indices, lines = [], []
-        for chunk_indices, chunk_lines in zip(batch["indices"], batch["lines"], strict=True):
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> dict[str, Any]:
+        indices, lines, columns = [], [], plain_columns(batch)
+        for chunk_indices, chunk_lines in zip(columns["indices"], columns["lines"], strict=True):
             indices += [int(i) for i in chunk_indices]
             lines += [str(t) for t in chunk_lines]
         checked = [check_request(text, self.served) for text in lines]
@@ -102,6 +105,13 @@ class BatchLineReplica(Replica):
         policy = json.dumps(policy_record(self.model.policy, str(self.model.dtype).removeprefix("torch.")))
         return {"index": indices, "record": records, "pid": [os.getpid()] * len(indices),
                 "policy": [policy] * len(indices)}
+
+
+def plain_columns(batch: pa.Table | dict[str, Any]) -> dict[str, list]:
+    """A batch's columns as lists of plain Python values (None for nulls and NaN)."""
+    if isinstance(batch, pa.Table):
+        return {name: [plain(v) for v in batch.column(name).to_pylist()] for name in batch.column_names}
+    return {name: [plain(v) for v in column] for name, column in batch.items()}
 
 
 def plain(value: Any) -> Any:
