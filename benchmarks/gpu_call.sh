@@ -18,7 +18,7 @@ PARITY="tests/test_parity.py tests/test_offload_features.py tests/test_gpu_hot_p
 tests/test_decode_attention_triton.py tests/test_quantize_triton.py tests/test_shared_decode.py
 tests/test_sliding_window.py tests/test_gemma3.py tests/test_window_ring.py tests/test_gpt_oss.py tests/test_moe.py
 tests/test_quantized_attention.py tests/test_sink_attention.py tests/test_quantized_attention_triton.py
-tests/test_int4_gemv_triton.py"
+tests/test_int4_gemv_triton.py tests/test_block_shapes.py tests/test_row_settings.py"
 ROW=opt-13b-cpu-weights-compress
 
 SUITE_S=${SUITE_S:-$([ -d .old-1205 ] && echo 330 || echo 460)}  # a 600 s call: ~10 s of installs a part, eager 90 s
