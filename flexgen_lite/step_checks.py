@@ -52,15 +52,28 @@ def cancel_check(cancelled: Callable[[int], bool], real_rows: int):
 
 
 def stop_check(tokenizer, stops: list[tuple[str, ...]], moving: dict[int, Carried]):
-    """Ends the rows whose text so far holds one of their stop strings (`stops`: each prompt's row's)."""
+    """Ends the rows whose text holds one of their stop strings (`stops`: each prompt's row's). Asked after every
+    step, so a stop string new in a row's text ends at its last token: only the text of its last tokens, as many as
+    the longest stop string could span (stop_window), is decoded, not the whole text at every step. (A stop string
+    spread past them, by special tokens between its characters, is still cut from the output at the end.)"""
+    windows = [stop_window(stop) for stop in stops]
+
     def check(block: Block) -> None:
         for row, stop in enumerate(stops):
             if stop and not block.finished[row]:
-                ids = (moving[row].tokens if row in moving else []) + block.new_tokens(row)
+                ids = block.new_tokens(row, windows[row])
+                if len(ids) < windows[row] and row in moving:
+                    ids = moving[row].tokens[-(windows[row] - len(ids)):] + ids
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 if any(s in text for s in stop):
                     block.finished[row] = True
     return check
+
+
+def stop_window(stop: tuple[str, ...]) -> int:
+    """Tokens a stop string can span: one per UTF-8 byte of it (byte-level tokens), and a few more whose text
+    may begin with the string's start (a leading space, a character's first bytes)."""
+    return max((len(s.encode()) for s in stop), default=0) + 4
 
 
 def step_message(label: str, times, rows: int, gen_len: int) -> str:

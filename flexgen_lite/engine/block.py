@@ -154,8 +154,11 @@ class Block:
             self.finished |= self.length >= self.limit
         self.generated += 1
 
-    def new_tokens(self, row: int) -> list[int]:
-        return self.tokens[row, self.prompt_len:self.prompt_len + int(self.length[row])].tolist()
+    def new_tokens(self, row: int, last: int | None = None) -> list[int]:
+        """The tokens the row generated here (only its `last` ones, where given)."""
+        end = self.prompt_len + int(self.length[row])
+        start = self.prompt_len if last is None else max(self.prompt_len, end - last)
+        return self.tokens[row, start:end].tolist()
 
 
 MIN_SHARED = 16  # fewer common tokens (a bos, a chat template's first line) are not worth a pass of their own

@@ -1,0 +1,47 @@
+"""The stop-string check after each step (step_checks.stop_check) decodes only a row's last tokens: it ends a row at
+the same step as decoding its whole text would, on a byte-level tokenizer (SmolLM2's) whose tokens split
+characters, for rows carried on from an earlier block too."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from flexgen_lite import default_model_path
+from flexgen_lite.engine.block import Block
+from flexgen_lite.model_source import open_model
+from flexgen_lite.step_checks import stop_check
+from flexgen_lite.stragglers import Carried
+
+
+def first_step(check, ids: list[int], carried: int) -> int | None:
+    """The step after which `check` ends a row generating `ids`, its first `carried` made in an earlier block."""
+    block = Block.from_prompts([[1]], 1, 1, len(ids) - carried, 0, (), torch.device("cpu"))
+    for k, token in enumerate(ids[carried:], start=1):
+        block.tokens[0, block.prompt_len + k - 1] = token
+        block.length[0] = k
+        check(block)
+        if block.finished[0]:
+            return carried + k
+    return None
+
+
+def test_a_stop_string_ends_its_row_at_the_step_the_whole_text_first_holds_it():
+    tokenizer = open_model(default_model_path())[2]
+    rng = random.Random(0)
+    words = [tokenizer.encode(w, add_special_tokens=False) for w in
+             (" the", " Human:", "\n\n", " ünïcödé", " 日本語", " ok", "Ж", " —", "ab", "🙂", " x")]
+    checked = 0
+    for _ in range(60):
+        ids = [t for _ in range(rng.randrange(8, 30)) for t in rng.choice(words + [[rng.randrange(17, 49152)]])]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        start = rng.randrange(len(text))
+        stop = (text[start:start + rng.randrange(1, 9)],)
+        whole = next(k for k in range(1, len(ids) + 1)
+                     if stop[0] in tokenizer.decode(ids[:k], skip_special_tokens=True))
+        carried = rng.randrange(0, whole)
+        check = stop_check(tokenizer, [stop], {0: Carried(ids[:carried])} if carried else {})
+        assert first_step(check, ids, carried) == whole, (ids, stop, carried)
+        checked += 1
+    assert checked == 60
