@@ -65,13 +65,14 @@ class BlockRuns:
                    configs: list[SamplingConfig] | None = None, indices: list[int] | None = None, label: str = "block",
                    report: Callable[[Block], None] | None = None, moving: dict[int, Carried] | None = None,
                    sharing: Callable[[int], int] | None = None, rule: bool | None = None,
-                   cancelled: Callable[[int], bool] | None = None) -> Block:
+                   cancelled: Callable[[int], bool] | None = None, logprobs: list[int | None] | None = None
+                   ) -> Block:
         """Generate for `prompts`, whose places in the caller's request are `indices` (they seed sampling), each by
         its `configs` (default: sampling): its max_new_tokens, seed, temperature, top-k and top-p. moving: rows
         carried on from an earlier block (their tokens already end their prompts here; their generators go on).
         sharing(active): the rows a later block would hold with this one's `active` last rows
         (stragglers.worth_ending); None: the block runs to its end. cancelled(row): its row stops after the next
-        step."""
+        step. logprobs: each prompt's alternatives to keep with its tokens' logprobs, or None (Block.logprobs)."""
         cfg, policy, moving = self.config, self.policy, moving or {}
         configs = configs or [sampling] * len(prompts)
         eos = tuple(cfg.eos_token_id) if any(c.stop_at_eos for c in configs) else ()
@@ -94,6 +95,10 @@ class BlockRuns:
             block.samplings = configs + fillers
         if len({c.stop_at_eos for c in configs}) > 1:
             block.ends_at_eos = torch.tensor([c.stop_at_eos for c in configs + fillers])
+        if logprobs is not None and any(k is not None for k in logprobs):
+            block.logprobs = list(logprobs) + [None] * len(fillers)
+            block.row_logprobs = [list(moving[row].logprobs) if row in moving else [] for row in range(len(prompts))]
+            block.row_logprobs += [[] for _ in fillers]
         self._check_cache_fits(block)
         stops = [c.stop for c in configs]
         steps = [stop_check(self.tokenizer, stops, moving)] if any(stops) else []

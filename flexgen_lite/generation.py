@@ -184,7 +184,7 @@ class FlexGenLite(BlockRuns):
                      on_tokens: Callable[[int, list[int]], None] | None = None,
                      on_block: Callable[[dict[int, tuple[list[int], torch.Tensor | None]]], None] | None = None,
                      carry_over: bool | None = None, cancelled: Callable[[int], bool] | None = None,
-                     deferred: Callable[[int], bool] | None = None):
+                     deferred: Callable[[int], bool] | None = None, logprobs: list[int | None] | None = None):
         """Generated token ids (prompt excluded) for each prompt, in the order given.
 
         sampling: one SamplingConfig for all, or one per prompt (rows of a block may differ in every setting). With
@@ -197,11 +197,15 @@ class FlexGenLite(BlockRuns):
         i is no longer wanted (its client left, its batch was cancelled): asked before each block and after each
         step, its row stops there and on_block never gets it (its ids: what it had generated). deferred(i): asked
         before each block for the prompts yet to start, those for which it is true are not run (their ids empty, not
-        given to on_block): the caller runs them later."""
+        given to on_block): the caller runs them later. logprobs (instead of return_logits): for each prompt, None or
+        k: per generated token, its log-probability and the k likeliest tokens' [(id, log-probability)], kept as the
+        block runs (a few numbers a token, where logits hold the vocabulary's), given where logits would be."""
         self._check_open()
         prompts = id_lists(prompts)
         if indices is not None and len(indices) != len(prompts):
             raise ValueError(f"indices has {len(indices)} places for {len(prompts)} prompts")
+        if logprobs is not None and (return_logits or len(logprobs) != len(prompts)):
+            raise ValueError("logprobs: one entry (None or a count) per prompt, and not with return_logits")
         sampling, configs = per_prompt(sampling or SamplingConfig(), len(prompts))
         limits = [c.max_new_tokens for c in configs]
         self._check_prompts(prompts, limits)
@@ -242,20 +246,24 @@ class FlexGenLite(BlockRuns):
                                     chosen if indices is None else [indices[i] for i in chosen], label,
                                     on_tokens and streamer(chosen, moving, on_tokens), moving,
                                     sharing if carry_over is not False else None, carry_over,
-                                    cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])))
+                                    cancelled and (lambda row, chosen=chosen: cancelled(chosen[row])),
+                                    logprobs and [logprobs[i] for i in chosen])
             finished = {}
             for row, i in enumerate(chosen):
                 before = moving.get(row, Carried([]))
                 part = (torch.stack([s[row] for s in self.engine.logits])[:int(block.length[row])]
                         if return_logits else None)
+                kept = block.row_logprobs[row] if block.row_logprobs is not None else []  # carried ones first
                 tokens = before.tokens + block.new_tokens(row)
                 if block.stopped and not bool(block.finished[row]):
                     generator = block.generators[row] if block.generators is not None else None
-                    carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator)
+                    carried[i] = Carried(tokens, before.logits + ([part] if part is not None else []), generator, kept)
                     continue
                 results[i] = tokens
                 if return_logits:
                     logits[i] = torch.cat(before.logits + [part])
+                elif logprobs is not None and logprobs[i] is not None:
+                    logits[i] = kept
                 if cancelled is None or not cancelled(i):
                     finished[i] = (results[i], logits[i])
             if on_block is not None and finished:
@@ -263,7 +271,7 @@ class FlexGenLite(BlockRuns):
             if self.progress:
                 self.progress(f"{label} done" + (f" ({len(chosen) - len(finished)} rows carried on)"
                                                  if block.stopped else ""))
-        return (results, logits) if return_logits else results
+        return (results, logits) if return_logits or logprobs is not None else results
 
     # ---- scoring (engine/scoring.py) --------------------------------------------------------------------
     @one_call

@@ -30,6 +30,7 @@ class Carried:
     tokens: list[int]
     logits: list[torch.Tensor] = field(default_factory=list)  # (tokens, vocab) parts, where kept
     generator: torch.Generator | None = None
+    logprobs: list = field(default_factory=list)  # (its logprob, [(id, logprob)]) per token, where kept
 
 
 def worth_ending(step_times: list[float], step_rows: list[int], active: int, rows: int, steps_left: int,

@@ -34,10 +34,14 @@ def with_eos(tiny_dir, tmp_path, eos: set[int]):
     return copy_with_eos(tiny_dir, tmp_path / "model", sorted(eos))
 
 
-def run(model_dir, sampling: SamplingConfig, carry_over: bool | None, policy: Policy = POLICY, device=None):
+def run(model_dir, sampling: SamplingConfig, carry_over: bool | None, policy: Policy = POLICY, device=None,
+        logprobs: list[int | None] | None = None):
+    """(ids, logits, or with `logprobs` what was kept of them, the progress lines of blocks)."""
     said = []
     with FlexGenLite(str(model_dir), policy=policy, device=device, progress=said.append) as m:
-        ids, logits = m.generate_ids(EIGHT, sampling, return_logits=True, carry_over=carry_over)
+        ids, logits = m.generate_ids(EIGHT, sampling, return_logits=logprobs is None, carry_over=carry_over,
+                                     logprobs=logprobs)
+        assert (m.engine.logits is None) == (logprobs is not None)  # no vocabulary-wide logits kept for logprobs
     return ids, logits, [s for s in said if s.endswith("done") or "carried on" in s]
 
 
@@ -67,6 +71,20 @@ def test_carried_rows_end_as_transformers_greedy_and_as_kept_rows(tiny_models, t
         torch.testing.assert_close(carried_logits[row], kept_logits[row], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(carried_logits[row], reference_logits[row][:len(carried[row])], atol=1e-4,
                                    rtol=1e-4)
+    asked = [3, None, 0, 3, 1, None, 3, 2]  # alternatives per row: logprobs kept as the blocks run, carried too
+    ids, kept, said = run(model_dir, sampling, True, policy, device, asked)
+    assert ids == carried and sum("carried on" in s for s in said) == 2
+    for row, k in enumerate(asked):
+        if k is None:
+            assert kept[row] is None
+            continue
+        logprobs = carried_logits[row].log_softmax(-1)
+        assert len(kept[row]) == len(ids[row])
+        for step, (chosen, best) in enumerate(kept[row]):
+            assert chosen == pytest.approx(logprobs[step, ids[row][step]].item(), abs=1e-4)
+            top = logprobs[step].topk(k)
+            assert [t for t, _ in best] == top.indices.tolist()
+            assert [v for _, v in best] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
 def test_sampled_rows_keep_their_generators_across_blocks(tiny_models, tmp_path):

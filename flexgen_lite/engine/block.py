@@ -25,6 +25,8 @@ class Block:
     prefix: torch.Tensor | None = None  # (1, shared) the common prefix's ids, computed once for all rows
     limit: torch.Tensor | None = None  # (N,) on the host: tokens each row may generate here, where rows differ
     ends_at_eos: torch.Tensor | None = None  # (N,) bool on the host: rows that end at eos, where rows differ
+    logprobs: list[int | None] | None = None  # (N,) alternatives each row's kept logprobs list (None: none kept)
+    row_logprobs: list[list] | None = None  # (N,) per row, per token it generated: (its logprob, [(id, logprob)])
     stopped: bool = False  # set between steps: the block ends there, its unfinished rows left to the caller
     # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -114,6 +116,25 @@ class Block:
 
     def host_pad(self) -> torch.Tensor:
         return self.pad_host if self.pad_host is not None else self.pad.cpu()
+
+    def keep_logprobs(self, batch: int, logits: torch.Tensor, active: torch.Tensor | None) -> None:
+        """Of the rows of GPU batch `batch` that chose their token this step (`active`; None: all) and keep
+        logprobs: the chosen token's log-probability and the likeliest tokens' (as many as the row asked), from
+        `logits`, their rows' logits: a few numbers a token, not the vocabulary's."""
+        first = batch * self.gpu_batch_size
+        rows = range(first, first + logits.shape[0]) if active is None else [first + i for i in active.tolist()]
+        want = [(i, row) for i, row in enumerate(rows) if self.logprobs[row] is not None]
+        if not want:
+            return
+        device = logits.device
+        logprobs = logits[torch.tensor([i for i, _ in want], device=device)].float().log_softmax(-1)
+        chosen = self.tokens[torch.tensor([row for _, row in want], device=device), self.prompt_len + self.generated]
+        top = logprobs.topk(max(self.logprobs[row] for _, row in want), dim=-1)
+        values = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        for j, (_, row) in enumerate(want):
+            k = self.logprobs[row]
+            self.row_logprobs[row].append((values[j], list(zip(top_ids[j][:k], top_values[j][:k], strict=True))))
 
     def active_rows(self, batch: int) -> torch.Tensor | None:
         """Rows of GPU batch `batch` still generating (host indices within the batch); None when all are."""

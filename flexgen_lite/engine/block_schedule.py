@@ -237,8 +237,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
                         block.record(b, sample_rows(out, block.row_samplings(b, active) or sampling,
                                                     block.row_generators(b, active)), active, on_device)
                 if spec.kind == "head":
-                    if self.logits is not None:
-                        self._keep_logits(block, step, b, out, active)
+                    self._keep_logits(block, step, b, out, active)
                 else:
                     acts.put(b, out)
             if not self.local[j]:  # unmapping a layer's pages is a syscall per file: off the compute thread
@@ -265,8 +264,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
                 logits = logits[active]
             block.record(b, sample_rows(logits, block.row_samplings(b, active) or sampling,
                                         block.row_generators(b, active)), active)
-        if self.logits is not None:
-            self._keep_logits(block, step, b, logits, active)
+        self._keep_logits(block, step, b, logits, active)
         return True
 
     def _graphed_layer(self, spec, weights, h, block: Block, b: int, inputs: dict, start: int, step: int):
@@ -285,6 +283,12 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
         return out
 
     def _keep_logits(self, block: Block, step: int, b: int, logits: torch.Tensor, active) -> None:
+        """Batch b's logits of this step into self.logits (keep_logits), and its rows' logprobs into the block's
+        (block.logprobs)."""
+        if block.logprobs is not None:
+            block.keep_logprobs(b, logits, active)
+        if self.logits is None:
+            return
         if len(self.logits) == step:
             self.logits.append(torch.full((block.tokens.shape[0], logits.shape[-1]), float("nan")))
         rows = self.logits[step][block.rows(b)]

@@ -3,8 +3,6 @@ their sampling settings and stop conditions may differ row by row), decoded into
 
 from __future__ import annotations
 
-import torch
-
 from .requests import Job, Output
 
 
@@ -88,34 +86,28 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
             on_tokens(members[i], ids)
 
     def finished(block: dict) -> None:
-        for i, (gen, rows) in block.items():
+        for i, (gen, kept) in block.items():
             j, top = members[i], jobs[members[i]].logprobs
             outputs[j] = output_of(model, gen, jobs[j].sampling,
-                                   None if top is None else token_logprobs(model, gen, rows, top),
+                                   None if top is None else token_logprobs(model, gen, kept),
                                    prompt_logprobs.get(j))
             if on_output is not None:
                 on_output(j, outputs[j])
 
+    asked = [jobs[i].logprobs for i in members]
     model.generate_ids([list(jobs[i].ids) for i in members], [jobs[i].sampling for i in members],
-                       return_logits=any(jobs[i].logprobs is not None for i in members),
+                       logprobs=asked if any(k is not None for k in asked) else None,
                        indices=[jobs[i].index for i in members], on_tokens=report, on_block=finished,
                        cancelled=None if cancelled is None else (lambda i: cancelled(members[i])),
                        deferred=None if deferred is None else (lambda i: deferred(members[i])))
     return outputs
 
 
-def token_logprobs(model, gen: list[int], logits, top: int) -> list:
-    """(text, log-probability, top alternatives) of each generated token, from the logits that chose it."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs[torch.arange(len(gen)), torch.tensor(gen, dtype=torch.long)].tolist()
-    best = logprobs.topk(top, dim=-1) if top else None
-    out = []
-    for step, (text, context) in enumerate(_texts_in_context(model, gen)):
-        alternatives = [] if best is None else [
-            (_text_after(model, context, t), lp) for t, lp in zip(best.indices[step].tolist(),
-                                                                  best.values[step].tolist(), strict=True)]
-        out.append((text, chosen[step], alternatives))
-    return out
+def token_logprobs(model, gen: list[int], kept: list) -> list:
+    """(text, log-probability, top alternatives as (text, log-probability)) of each generated token, from what
+    the engine kept of the logits that chose it (generate_ids' logprobs)."""
+    return [(text, chosen, [(_text_after(model, context, t), lp) for t, lp in best])
+            for (text, context), (chosen, best) in zip(_texts_in_context(model, gen), kept, strict=True)]
 
 
 def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=None) -> Output:
