@@ -116,7 +116,7 @@ class BlockRuns:
             def on_step(block: Block) -> None:
                 for step in steps:
                     step(block)
-        self.engine.run(block, sampling, on_step, keep_logits)
+        self.engine.run(block, configs[0], on_step, keep_logits)  # how rows pick where block.samplings does not say
         self.hold_budget()
         return block
 

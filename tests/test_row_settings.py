@@ -29,6 +29,21 @@ def test_per_prompt_settings():
         per_prompt([SamplingConfig(4)] * 2, 3)
 
 
+def test_a_block_of_rows_alike_picks_as_they_ask_not_as_the_calls_first(tiny_models):
+    """The call's first prompt is greedy; a block holding only sampled rows samples them (helper-32: such a block
+    picked by the first prompt's settings, greedily)."""
+    path = tiny_models["llama"][0]
+    prompts = [PROMPTS[0]] + [p for p in PROMPTS for _ in range(2)]  # 15 prompts: two blocks of 8
+    configs = [SamplingConfig(6, stop_at_eos=False)] + [SamplingConfig(6, 1.0, seed=i, stop_at_eos=False)
+                                                        for i in range(len(prompts) - 1)]
+    with FlexGenLite(str(path), policy=POLICY) as m:
+        blocks = []
+        together = m.generate_ids(prompts, configs, on_block=lambda done: blocks.append(sorted(done)))
+        alone = [m.generate_ids([p], c, indices=[i])[0] for i, (p, c) in enumerate(zip(prompts, configs, strict=True))]
+    assert any(0 not in block for block in blocks)  # a block of sampled rows alone
+    assert together == alone
+
+
 def test_rows_stopping_their_own_ways_generate_as_alone(tiny_models, references, tmp_path):
     """In one block: rows that end at eos beside rows that ignore it, rows with stop strings of their own beside
     rows without: each ends where it ends generated alone."""
