@@ -1,16 +1,19 @@
 """The stop-string check after each step (step_checks.stop_check) decodes only a row's last tokens: it ends a row at
 the same step as decoding its whole text would, on a byte-level tokenizer (SmolLM2's) whose tokens split
-characters, for rows carried on from an earlier block too."""
+characters, for rows carried on from an earlier block too. The text a stream sends after each step
+(runner.settled_text) is never cut later by a stop string."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import torch
 
-from flexgen_lite import default_model_path
+from flexgen_lite import FlexGenLite, SamplingConfig, default_model_path
 from flexgen_lite.engine.block import Block
 from flexgen_lite.model_source import open_model
+from flexgen_lite.openai_api.runner import settled_text
 from flexgen_lite.step_checks import stop_check
 from flexgen_lite.stragglers import Carried
 
@@ -45,3 +48,19 @@ def test_a_stop_string_ends_its_row_at_the_step_the_whole_text_first_holds_it():
         assert first_step(check, ids, carried) == whole, (ids, stop, carried)
         checked += 1
     assert checked == 60
+
+
+def test_streamed_text_is_never_cut_later():
+    """Each step's settled text begins the final (stop-cut) text; helper-32: a stop of three emoji streamed two of
+    them, while the third's bytes were split across tokens."""
+    tokenizer = open_model(default_model_path())[2]
+    model = SimpleNamespace(tokenizer=tokenizer)
+    model.decode = lambda ids, stop=(): FlexGenLite.decode(model, ids, stop)
+    for text, stop in (("Hi 🌟🌟🌟 there", "🌟🌟🌟"), ("Fin — voilà é", "— voi"), ("a\n\nHuman: b", "\n\nHuman:"),
+                       ("日本語のテキスト", "のテ")):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        sampling = SamplingConfig(len(ids), stop=(stop,))
+        final = model.decode(ids, sampling.stop)
+        assert final == text[:text.index(stop)]
+        for k in range(1, len(ids) + 1):
+            assert final.startswith(settled_text(model, ids[:k], sampling)), (text, k)

@@ -130,12 +130,11 @@ def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=No
 def settled_text(model, ids: list[int], sampling) -> str:
     """The text of a sequence still being generated that later tokens cannot change: cut at a stop string,
     less a tail that may be the start of one, or a character whose bytes are not all there yet."""
-    text = model.decode(ids, sampling.stop)
+    text = model.decode(ids, sampling.stop).rstrip("\ufffd")  # first: a stop's start may precede a split character
     held = 0
     for stop in sampling.stop:
         for n in range(min(len(stop) - 1, len(text)), held, -1):
             if text.endswith(stop[:n]):
                 held = n
                 break
-    text = text[:len(text) - held]
-    return text.rstrip("\ufffd")
+    return text[:len(text) - held]
