@@ -1,6 +1,7 @@
 """Dense products of a few rows by the C kernel (native.dense_gemv, small_matmul): the same products as torch's
 matmul in every dtype, shape and bias case the layers give it, the same on torch's OpenMP pool and on the
-fallback's threads, the same from a portable (no AVX-512) build, and chosen where the profile says it wins."""
+fallback's threads, the same from a portable (no AVX-512) build, and chosen where the profile says it wins (without
+one, where it won when both were timed on the shape)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flexgen_lite.kernels.compression import CompressionConfig, dequantize, quan
 from flexgen_lite.kernels.int4_matmul import Int4Weight, pack
 from flexgen_lite.system.hardware import HardwareProfile
 
-from .conftest import other_native_build
+from .conftest import forget_profile, other_native_build
 from .test_parity import POLICIES, check_against_reference
 
 # each output against torch's fp32 product of the same values, as a share of the row's largest |output|: fp32
@@ -123,6 +124,33 @@ def test_the_profile_chooses_the_kernel_where_it_measured_it_faster():
     assert fast.matmul_time("bfloat16", 2, 576, 576) == pytest.approx(2 * 2 * 576 * 576 / 2e10)
     assert fast.matmul_time("bfloat16", 8, 576, 576) == pytest.approx(2 * 8 * 576 * 576 / 1e10)
     assert slow.matmul_time("bfloat16", 2, 576, 576) == pytest.approx(2 * 2 * 576 * 576 / 2e10)
+
+
+def test_without_a_profile_the_kernel_is_chosen_where_it_won_when_timed_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLEXGEN_LITE_PROFILE")
+    monkeypatch.setenv("FLEXGEN_LITE_CACHE", str(tmp_path))  # no stored profile, nor verdicts
+    monkeypatch.setattr(small_matmul, "_timed", {})
+    forget_profile()
+    timed = []
+    monkeypatch.setattr(small_matmul, "_kernel_faster",
+                        lambda x, w: timed.append((x.shape[0], *w.shape, x.dtype)) or x.shape[0] <= 4)
+    try:
+        wins = [small_matmul.gemv_wins(torch.bfloat16, rows, 96, 64) for rows in (1, 3, 4, 5, 16, 65)]
+        assert wins == [True, True, True, False, False, False]  # one row: always; past 64: torch's
+        assert timed == [(4, 96, 64, torch.bfloat16), (8, 96, 64, torch.bfloat16), (16, 96, 64, torch.bfloat16)]
+        stored = small_matmul._stored()  # for the next process
+        assert stored == {"bfloat16 4 96x64": True, "bfloat16 8 96x64": False, "bfloat16 16 96x64": False}
+        big = small_matmul.gemv_wins(torch.float32, 2, 1 << 15, 1024)  # timed on as much of it as TIMED_BYTES
+        assert big and timed[-1] == (2, small_matmul.TIMED_BYTES // 4096, 1024, torch.float32)
+        monkeypatch.setattr(small_matmul, "_timed", {})
+        forget_profile()
+        assert small_matmul.gemv_wins(torch.bfloat16, 3, 96, 64) and len(timed) == 4  # the stored verdict
+        x, w = torch.randn(3, 64).to(torch.bfloat16), torch.randn(96, 64).to(torch.bfloat16)
+        if native.library() is not None:  # the kernel's fp32 sums handed out as asked
+            assert small_matmul.linear(x, w, sums_dtype=torch.float32).dtype == torch.float32
+    finally:
+        monkeypatch.undo()
+        forget_profile()
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

@@ -1,6 +1,7 @@
 """Dense products of a few rows on a CPU (decode steps of small batches): native.dense_gemv reads each weight
 once at the memory's speed, where torch's matmul reads a cold weight at about half of it (its blocking is for
-many rows). Where the kernel wins (rows, shape, dtype) is read from the profile, which measures both."""
+many rows). Where the kernel wins (rows, shape, dtype) is read from the profile, which measures both; without one,
+both are timed on the shape once (per power of two of rows) and the verdict kept beside where the profile would be."""
 
 from __future__ import annotations
 
@@ -35,11 +36,25 @@ def linears(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | No
 def gemv_wins(dtype: torch.dtype, rows: int, n: int, k: int) -> bool:
     """Whether the C kernel multiplies `rows` rows by a weight (n, k) in `dtype` faster than torch here, as this
     machine's stored profile measured both (the cost model reads the same); without a profile, at one row (a
-    read of the weight, which the kernel makes at the memory's speed)."""
+    read of the weight, which the kernel makes at the memory's speed), and up to UNPROFILED_ROWS rows as both
+    were timed on random data of the shape (helper-31: at 4 rows the kernel took 96 us, torch 142 on an AMX Xeon,
+    where the eager path's torch products left batch 4 at 0.81x llama.cpp; at 16 rows torch won there)."""
     hw = cpu_profile()
-    if hw is None:
+    if hw is not None:
+        return hw.gemv_wins(str(dtype).removeprefix("torch."), rows, k, n)
+    if rows == 1 or rows > UNPROFILED_ROWS:
         return rows == 1
-    return hw.gemv_wins(str(dtype).removeprefix("torch."), rows, k, n)
+    bucket = 1 << (rows - 1).bit_length()
+    n_timed = min(n, max(256, TIMED_BYTES // (k * dtype.itemsize)))  # a big weight's first rows stand for it
+
+    def operands() -> tuple[torch.Tensor, torch.Tensor]:  # rows, weight
+        return torch.randn(bucket, k).to(dtype), torch.randn(n_timed, k).to(dtype)
+
+    return _verdict(f"{str(dtype).removeprefix('torch.')} {bucket} {n}x{k}", operands)
+
+
+UNPROFILED_ROWS = 64  # past this many rows torch's blocking is the product's way without a profile
+TIMED_BYTES = 32 << 20  # a weight timed without a profile: at most this much of it
 
 
 # the head at a decode step: one product over a weight of vocab x hidden, whose shape the profile's two do not
@@ -57,16 +72,23 @@ def head_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or rows <= TIMED_ROWS:
         return linear(x, weight, sums_dtype=torch.float32)
     key = f"{str(x.dtype).removeprefix('torch.')} {1 << (rows - 1).bit_length()} {n}x{k}"
-    if not _timed:
-        _timed.update(_stored())
-    if key not in _timed:
-        _timed[key] = _kernel_faster(x.contiguous(), weight)
-        _store(_timed)
-    if _timed[key]:
+    if _verdict(key, lambda: (x.contiguous(), weight)):
         out = native.dense_gemv(x.contiguous(), weight, out_dtype=torch.float32)
         if out is not None:
             return out
     return F.linear(x, weight)
+
+
+def _verdict(key: str, operands) -> bool:
+    """Whether the C kernel won the product `key` ("dtype rows NxK") here: as stored, else timed now on
+    `operands()` (x, weight) and stored for good (the two round differently: a seeded sample must not depend on a
+    race run again)."""
+    if not _timed:
+        _timed.update(_stored())
+    if key not in _timed:
+        _timed[key] = _kernel_faster(*operands())
+        _store(_timed)
+    return _timed[key]
 
 
 def _kernel_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
