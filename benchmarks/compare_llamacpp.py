@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-unified", action="store_true",
                    help="llama.cpp: one KV buffer for all sequences (each attends over all of its cells, masked); "
                         "default: a stream per sequence, as llama.cpp's default")
+    p.add_argument("--no-repack", action="store_true",
+                   help="llama.cpp: no extra buffer types (its AMX / CPU repack of the weights): a native build "
+                   "crashed in llama_decode with them on an AMX Xeon (2026-12-07, llama-cpp-python 0.3.36)")
     p.add_argument("--shared-prefix", type=int, default=0, metavar="N", help="prompts share their first N tokens")
     p.add_argument("--no-share", action="store_true", help="with --shared-prefix: each system computes it per prompt")
     p.add_argument("--json-out", default=None)
@@ -112,12 +115,14 @@ class LlamaCppBatch:
     """Greedy batched generation with llama.cpp's C API: one sequence id per prompt."""
 
     def __init__(self, path: str, batch: int, max_len: int, threads: int, n_batch: int, n_ubatch: int,
-                 unified: bool) -> None:
+                 unified: bool, repack: bool = True) -> None:
         import llama_cpp as L
 
         self.L = L
         L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+        params = L.llama_model_default_params()
+        params.use_extra_bufts = repack
+        self.model = L.llama_model_load_from_file(path.encode(), params)
         if not self.model:
             raise SystemExit(f"llama.cpp could not load {path}")
         cp = L.llama_context_default_params()
@@ -181,7 +186,7 @@ def run_llamacpp(args, batch: int) -> dict:
     path = model_path(args)
     tic = time.perf_counter()
     lc = LlamaCppBatch(path, batch, args.prompt_len + args.gen_len, args.threads, args.n_batch,
-                       args.n_ubatch, args.kv_unified)
+                       args.n_ubatch, args.kv_unified, not args.no_repack)
     load_s = time.perf_counter() - tic
     prompts = make_prompts(args, batch, lc.n_vocab)
     lc.generate([p[:WARMUP_PROMPT_LEN] for p in prompts], 2)
@@ -235,6 +240,7 @@ def call_worker(args, system: str, batch: int, compress: bool = False) -> dict:
     argv += ["--dtype", args.dtype] if args.dtype else []
     argv += ["--worker-compress"] if compress else []
     argv += ["--kv-unified"] if args.kv_unified else []
+    argv += ["--no-repack"] if args.no_repack else []
     proc = subprocess.run(argv, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
