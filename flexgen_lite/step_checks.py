@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from .engine.block import Block
 from .stragglers import Carried, worth_ending
 
@@ -55,18 +57,27 @@ def stop_check(tokenizer, stops: list[tuple[str, ...]], moving: dict[int, Carrie
     """Ends the rows whose text holds one of their stop strings (`stops`: each prompt's row's). Asked after every
     step, so a stop string new in a row's text ends at its last token: only the text of its last tokens, as many as
     the longest stop string could span (stop_window), is decoded, not the whole text at every step. (A stop string
-    spread past them, by special tokens between its characters, is still cut from the output at the end.)"""
+    spread past them, by special tokens between its characters, is still cut from the output at the end.) The
+    rows' last tokens are read from the compute device at once: one read a step, not one a row."""
     windows = [stop_window(stop) for stop in stops]
 
     def check(block: Block) -> None:
-        for row, stop in enumerate(stops):
-            if stop and not block.finished[row]:
-                ids = block.new_tokens(row, windows[row])
-                if len(ids) < windows[row] and row in moving:
-                    ids = moving[row].tokens[-(windows[row] - len(ids)):] + ids
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                if any(s in text for s in stop):
-                    block.finished[row] = True
+        rows = [row for row, stop in enumerate(stops) if stop and not block.finished[row]]
+        if not rows:
+            return
+        lengths = block.length[rows].tolist()
+        end = max(lengths)
+        width = min(end, max(windows[row] for row in rows))
+        index = torch.tensor(rows, device=block.tokens.device)
+        recent = block.tokens[index, block.prompt_len + end - width:block.prompt_len + end].tolist()
+        for row, tokens, length in zip(rows, recent, lengths, strict=True):
+            # rows still generating made as many tokens (those that did not are finished); else its own read
+            ids = tokens[-windows[row]:] if length == end else block.new_tokens(row, windows[row])
+            if len(ids) < windows[row] and row in moving:
+                ids = moving[row].tokens[-(windows[row] - len(ids)):] + ids
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if any(s in text for s in stops[row]):
+                block.finished[row] = True
     return check
 
 
