@@ -13,10 +13,23 @@ from .stragglers import Carried, worth_ending
 
 def streamer(chosen: list[int], moving: dict[int, Carried], on_tokens):
     """on_tokens(i, ids) for each prompt i of the block (`chosen`): its tokens so far, those of an earlier block
-    included."""
+    included. The tokens a step added are read from the compute device at once (one read a step, not one a row)
+    and kept on the host."""
+    made: list[list[int]] = [list(moving[row].tokens) if row in moving else [] for row in range(len(chosen))]
+    before = [len(m) for m in made]  # tokens from an earlier block
+
     def report(block: Block) -> None:
+        lengths = block.length[:len(chosen)].tolist()
+        grown = [row for row, n in enumerate(lengths) if before[row] + n > len(made[row])]
+        if grown:
+            first = min(len(made[row]) - before[row] for row in grown)
+            index = torch.tensor(grown, device=block.tokens.device)
+            columns = block.tokens[index, block.prompt_len + first:block.prompt_len + max(lengths)].tolist()
+            for row, tokens in zip(grown, columns, strict=True):
+                have = len(made[row]) - before[row]
+                made[row] += tokens[have - first:lengths[row] - first]
         for row, i in enumerate(chosen):
-            on_tokens(i, (moving[row].tokens if row in moving else []) + block.new_tokens(row))
+            on_tokens(i, list(made[row]))
     return report
 
 

@@ -36,12 +36,19 @@ def with_eos(tiny_dir, tmp_path, eos: set[int]):
 
 def run(model_dir, sampling: SamplingConfig, carry_over: bool | None, policy: Policy = POLICY, device=None,
         logprobs: list[int | None] | None = None):
-    """(ids, logits, or with `logprobs` what was kept of them, the progress lines of blocks)."""
-    said = []
+    """(ids, logits, or with `logprobs` what was kept of them, the progress lines of blocks); what each step
+    streamed (on_tokens) checked to grow into each prompt's ids, carried rows' included."""
+    said, streamed = [], {}
+
+    def on_tokens(i: int, tokens: list[int]) -> None:
+        assert tokens[:len(streamed.get(i, []))] == streamed.get(i, [])  # each step's tokens begin with the last's
+        streamed[i] = tokens
+
     with FlexGenLite(str(model_dir), policy=policy, device=device, progress=said.append) as m:
         ids, logits = m.generate_ids(EIGHT, sampling, return_logits=logprobs is None, carry_over=carry_over,
-                                     logprobs=logprobs)
+                                     logprobs=logprobs, on_tokens=on_tokens)
         assert (m.engine.logits is None) == (logprobs is not None)  # no vocabulary-wide logits kept for logprobs
+    assert [streamed[i] for i in range(len(EIGHT))] == ids
     return ids, logits, [s for s in said if s.endswith("done") or "carried on" in s]
 
 
