@@ -540,3 +540,16 @@ def test_api_arguments_a_shell_would_have_checked():
     with pytest.raises(PolicyError, match="cpu budget must be a number of bytes"):
         Budgets(cpu=-5)
     assert Policy(offload_dir="~/offload").offload_dir == os.path.expanduser("~/offload")
+
+
+def test_greedy_picks_what_argmax_picks_ties_and_nans_included():
+    from flexgen_lite.kernels.sampling import greedy
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5000)
+    logits[3, [7, 9, 4000]] = 50.0  # a tie: the first
+    logits[5] = 1.0  # all equal
+    logits[6, [11, 12]] = float("nan")  # NaN counts as the largest, the first of them
+    logits[7, 2] = float("inf")
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    assert greedy(logits)[[3, 5, 6, 7]].tolist() == [7, 0, 11, 2]
