@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=8)
     p.add_argument("--num-prompts", type=int, default=64, help="auto plans for this many prompts (caps its block)")
     p.add_argument("--gpu-mem")
-    p.add_argument("--cpu-mem", default="2GiB")
+    p.add_argument("--cpu-mem", default="2GiB", help="the budget of every run (default 2GiB; \"\" for none)")
     p.add_argument("--disk-mem")
     p.add_argument("--dtype")
     p.add_argument("--offload-dir")
