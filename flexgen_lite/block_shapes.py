@@ -73,7 +73,8 @@ class BlockShapes:
             for other in [k for k in self.engines if k != self._key(self.planned)]:
                 self.engines.pop(other).close()  # the planned shape's engine and one narrower one are kept
             engine = self.engines[key] = Engine(old.config, policy, old.specs, old.weights, old.device, old.dtype,
-                                                old.disk, old.ledger, old.trace)
+                                                old.disk, old.ledger, old.trace,
+                                                sharing=self.engines[self._key(self.planned)])
         self.running = engine
         return engine
 

@@ -56,18 +56,24 @@ class StepTimes:
 class Engine(BatchInputs, DecodeAttention, Transfers):
     def __init__(self, config: ModelConfig, policy: Policy, specs: list[LayerSpec],
                  weights: list[dict[str, StoredWeight]], device: ComputeDevice, dtype: torch.dtype,
-                 disk: DiskStore, ledger: MemoryLedger, trace: Recorder | NullRecorder = NULL) -> None:
-        """trace: where the schedule's spans go (trace.py; --breakdown, --trace); NULL records nothing."""
+                 disk: DiskStore, ledger: MemoryLedger, trace: Recorder | NullRecorder = NULL,
+                 sharing: Engine | None = None) -> None:
+        """trace: where the schedule's spans go (trace.py; --breakdown, --trace); NULL records nothing. sharing: an
+        engine of the same weights in another block shape (block_shapes.py), never run at the same time: its
+        staging and weight slots are this one's too (the memory plan counts one set)."""
         self.config, self.policy, self.specs, self.weights = config, policy, specs, weights
         self.device, self.dtype, self.disk, self.ledger = device, dtype, disk, ledger
         self.trace = trace
         self.io = IOPool(policy.overlap)
         self.cpu_worker = IOPool(policy.overlap, workers=1)  # CPU attention beside a GPU (pending_attention.py)
         self._worker_tasks: list[Future] = []  # the running step's (drained if it raises)
-        self.staging = Staging(pin=device.is_cuda, ledger=ledger)
-        on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
-        direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
-        self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
+        if sharing is not None:
+            self.staging, self.weight_slots = sharing.staging, sharing.weight_slots
+        else:
+            self.staging = Staging(pin=device.is_cuda, ledger=ledger)
+            on_disk = weight_bytes(weights, "disk")  # the page cache cannot keep them: bypass it (O_DIRECT reads)
+            direct = not DiskFile.page_cache or on_disk > host_available_bytes() // 2
+            self.weight_slots = WeightSlots(device, ledger, self.staging, direct)
         self.cache_slots = CacheSlots(ledger, self.staging)
         self.cache: KVCache | None = None
         self.acts: Activations | None = None
