@@ -78,10 +78,10 @@ class BlockRuns:
         eos = tuple(cfg.eos_token_id) if any(c.stop_at_eos for c in configs) else ()
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or [0])[0]
         limits, seeds = [c.max_new_tokens for c in configs], [c.seed for c in configs]
+        fillers = policy.block_size - len(prompts)  # rows without prompts: never sampled
         generators = None
         if any(c.temperature > 0 and c.seed is not None for c in configs):
             indices = list(range(len(prompts))) if indices is None else list(indices)
-            fillers = policy.block_size - len(prompts)  # rows without prompts: never sampled
             generators = [row_generators(unseeded() if seed is None else seed, [index])[0]
                           for seed, index in zip(seeds + [0] * fillers, indices + [-1] * fillers, strict=True)]
             for row, carry in moving.items():
@@ -90,15 +90,14 @@ class BlockRuns:
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, max(limits), pad_id, eos,
                                    self.device.device, generators, policy.share_prefix,
                                    limits if moving or len(set(limits)) > 1 else None)
-        fillers = [configs[0]] * (policy.block_size - len(prompts))
         if len({warpers(c) for c in configs}) > 1:  # rows that pick their tokens differently
-            block.samplings = configs + fillers
+            block.samplings = configs + [configs[0]] * fillers
         if len({c.stop_at_eos for c in configs}) > 1:
-            block.ends_at_eos = torch.tensor([c.stop_at_eos for c in configs + fillers])
+            block.ends_at_eos = torch.tensor([c.stop_at_eos for c in configs] + [True] * fillers)
         if logprobs is not None and any(k is not None for k in logprobs):
-            block.logprobs = list(logprobs) + [None] * len(fillers)
+            block.logprobs = list(logprobs) + [None] * fillers
             block.row_logprobs = [list(moving[row].logprobs) if row in moving else [] for row in range(len(prompts))]
-            block.row_logprobs += [[] for _ in fillers]
+            block.row_logprobs += [[] for _ in range(fillers)]
         self._check_cache_fits(block)
         stops = [c.stop for c in configs]
         steps = [stop_check(self.tokenizer, stops, moving)] if any(stops) else []
