@@ -1,5 +1,5 @@
 """A FlexGenLite's blocks: each block's shape within the budgets (block_shapes.py), its cache checked when made,
-its rows' limits and generators, the checks after each step, and the budget held between blocks."""
+its rows' limits and generators, the checks after each step, and the heap's limit within the host budget."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from .planning.layout import Workload
 from .planning.memory_plan import peak_memory
 from .step_checks import cancel_check, step_message, stop_check, straggler_check
 from .stragglers import Carried
-from .system.memory import process_rss, return_freed_memory
+from .system.memory import return_freed_memory
 
-HOLD_AT = 0.9  # hold_budget: the share of the host budget past which freed pages are given back between blocks
+HOST_TRANSIENT = 0.1  # heap_limit with CUDA: the host budget's share kept for a layer's host-side temporaries
 
 
 def unseeded() -> int:
@@ -59,7 +59,19 @@ class BlockRuns:
             policy = self.shapes.shape_for(Workload(max(lengths), gen_len), len(lengths),
                                            lambda p, w: self._check_budgets(w, "this block", p))
         self.engine, self.policy = self.shapes.use(policy), policy
+        self.engine.heap_limit = self.heap_limit(Workload(max(lengths), gen_len))
         return min(len(lengths), policy.block_size)
+
+    def heap_limit(self, workload: Workload) -> int | None:
+        """The resident bytes past which the engine gives freed heap pages back before a step or a prefill's layer
+        (Engine._hold_heap): the host budget beyond what this process held before the model, less what a layer
+        may allocate on top (a CPU's: the plan's working set); None without a host budget."""
+        if self.budgets is None or self.budgets.cpu is None:
+            return None
+        cuda = self.device.is_cuda
+        plan, _ = peak_memory(self.config, workload, self.policy, cuda)
+        transient = HOST_TRANSIENT * self.budgets.cpu if cuda else plan["gpu"]["working set"]
+        return int(self._rss_before + self.budgets.cpu - transient)
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
                    configs: list[SamplingConfig] | None = None, indices: list[int] | None = None, label: str = "block",
@@ -116,16 +128,7 @@ class BlockRuns:
                 for step in steps:
                     step(block)
         self.engine.run(block, configs[0], on_step, keep_logits)  # how rows pick where block.samplings does not say
-        self.hold_budget()
         return block
-
-    def hold_budget(self) -> None:
-        """Between blocks: where this process holds 90% of the host budget beyond what it held before the model
-        (freed memory is kept for speed, keep_freed_memory, and blocks of other lengths leave holes the plan does
-        not count), give the freed pages back, so the next block's peak stays within the budget."""
-        if self.budgets is not None and self.budgets.cpu is not None and \
-                process_rss() - self._rss_before > HOLD_AT * self.budgets.cpu:
-            return_freed_memory()
 
     def _check_cache_fits(self, block: Block) -> None:
         engine = self.engine

@@ -93,7 +93,7 @@ class FlexGenLite(BlockRuns):
         self.device = ComputeDevice(device)
         self.search, self.budgets = None, budgets
         self._running = threading.Lock()  # one_call
-        self._rss_before = process_rss()  # hold_budget: the runtime's share, beside the engine's budgets
+        self._rss_before = process_rss()  # heap_limit: the runtime's share, beside the engine's budgets
         self.source_quantized = source_quantization(model)
         self.policy = self._resolve(policy, workload, budgets, hardware, progress, model)
         self.kept_as_stored = kept_as_stored(self.policy, model)

@@ -413,31 +413,26 @@ def test_ledger_counts_the_cache_on_disk(opt_dir):
     assert report["peak"]["disk"] >= cache
 
 
-def test_blocks_give_freed_pages_back_only_near_the_host_budget(tiny_models, monkeypatch):
-    """Freed memory is kept for speed; between blocks it is given back where the process holds 90% of the host
-    budget beyond what it held before the model (heap holes left by blocks of other lengths took run-batch 5%
-    and a server 11% past --cpu-mem, helper-21), and never without a budget."""
-    from flexgen_lite import block_runs
+def test_heap_holes_go_back_past_the_host_budget_and_never_without_one(tiny_models):
+    """Freed memory is kept for speed (keep_freed_memory), so tensors of other shapes leave holes in the heap that no
+    plan counts (helper-33: a prefill of mixed lengths held 1.7 GiB of holes beside 0.6 GiB in use, and a run with
+    --cpu-mem 2GiB peaked at 2.4 GiB); with a host budget the engine gives them back before a step or a prefill's
+    layer once this process holds the budget less a layer's working set; without one it keeps them."""
     from flexgen_lite.planning.budgets import Budgets
+    from flexgen_lite.system.memory import process_rss, return_freed_memory
 
-    trims, held = [], {"rss": 0}
     path, sampling = str(tiny_models["llama"][0]), SamplingConfig(max_new_tokens=2, stop_at_eos=False)
-    policy = Policy(gpu_batch_size=2, dtype="float32")
-    for budgets, expected in ((Budgets(None, 100 << 20, None), [95 << 20]), (None, [])):
-        with FlexGenLite(path, policy=policy, budgets=budgets) as m:
-            monkeypatch.setattr(block_runs, "return_freed_memory", lambda: trims.append(held["rss"]))
-            monkeypatch.setattr(block_runs, "process_rss", lambda: m._rss_before + held["rss"])
-            trims.clear()
-            for rss in (50 << 20, 89 << 20, 95 << 20):  # 50%, 89%, 95% of the budget
-                held["rss"] = rss
-                m.hold_budget()
-            assert trims == expected
-            monkeypatch.undo()
-            blocks = []
-            monkeypatch.setattr(m, "hold_budget", lambda blocks=blocks: blocks.append(1))
-            m.generate_ids(PROMPTS[:3], sampling)  # two blocks of 2 rows, each followed by the check
-            assert len(blocks) == 2
-            monkeypatch.undo()
+    for budgets, given_back in ((Budgets(None, 200 << 20, None), True), (None, False)):
+        with FlexGenLite(path, policy=Policy(gpu_batch_size=2, dtype="float32"), budgets=budgets) as m:
+            m.generate_ids(PROMPTS[:3], sampling)  # the cache made (a new one's room is given back before it)
+            assert (m.engine.heap_limit is not None) == given_back
+            return_freed_memory()  # no holes resident yet (a test before this one in the process may leave some)
+            hole = max(256 << 20, (m.engine.heap_limit or 0) - process_rss() + (128 << 20))
+            torch.ones(hole // 4)  # made and freed: its pages stay in the heap, resident
+            before = process_rss()
+            assert m.engine.heap_limit is None or before > m.engine.heap_limit
+            m.generate_ids(PROMPTS[:3], sampling)
+            assert (before - process_rss() > hole // 2) == given_back, (before >> 20, process_rss() >> 20)
 
 
 def test_calls_from_two_threads_take_turns_and_a_callback_may_not_call_in(tiny_models):

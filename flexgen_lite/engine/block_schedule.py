@@ -25,6 +25,7 @@ from ..models import layers as L
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes
+from ..system.memory import process_rss, return_freed_memory
 from ..system.profile_store import cached_profile
 from .activations import Activations
 from .batch_inputs import BatchInputs
@@ -95,6 +96,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
         # a batch without padded rows attends without a mask (CUDA: then flash runs); a CPU keeps its masks
         self.unpadded_without_mask = device.is_cuda
         self._kernels: set[str] = set()  # the attention kernels of the running step
+        self.heap_limit: int | None = None  # resident bytes past which freed heap pages go back (_hold_heap)
         self._sinks_on_host: dict[int, torch.Tensor] = {}  # per layer, gpt-oss's sink logits for the CPU's parts
         # decode steps of whole batches from static buffers, one CUDA graph each (decode_graph.py), where all
         # weights are resident or 4-bit codes in compute memory; True on a CPU (tests) runs the same step eagerly
@@ -181,6 +183,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
     def _step(self, block: Block, step: int, acts: Activations, sampling) -> None:
         start, t = block.step_span(step)
         self._worker_tasks = []
+        self._hold_heap()
         batches = [b for b in range(self.policy.num_gpu_batches) if not block.batch_done(b)]
         if step > 0 and (self.static_decode or self.fused_decode):
             batches = [b for b in batches if not self._static_batch(block, b, step, start, sampling)]
@@ -199,6 +202,8 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
         weights_next, releases = self._prefetch_weights(0), []
         span, C = self.trace.span, COMPUTE_LANE  # stages of the compute lane: trace.py
         for j, spec in enumerate(self.specs):
+            if step == 0 and j:  # a prefill's layers each free large tensors of their own
+                self._hold_heap()
             weights = self.resident[j]
             if weights is None:
                 if self.local[j]:
@@ -252,6 +257,13 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
             f.result()
         self._prefix = None
         block.end_step()
+
+    def _hold_heap(self) -> None:
+        """Freed memory is kept for speed (devices.keep_freed_memory), so tensors of other shapes leave holes in the
+        heap that no plan counts (a prefill of mixed lengths: 1.7 GiB of holes beside 0.6 GiB in use); past
+        `heap_limit` (the budget less what a layer may add, set per block by block_runs) they are given back."""
+        if self.heap_limit is not None and process_rss() > self.heap_limit:
+            return_freed_memory()
 
     def _static_batch(self, block: Block, b: int, step: int, start: int, sampling) -> bool:
         """Batch b's whole decode step at once (a CUDA graph's replay, or on a CPU its layers in one C call),

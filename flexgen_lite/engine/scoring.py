@@ -183,7 +183,6 @@ def _score_block(model, rows: list[_Row], measure: Callable) -> int:
         measure(head, h, index, [p[3] for p in places], chunk)
 
     model.engine.run(block, SamplingConfig(max_new_tokens=1, stop_at_eos=False), score=score)
-    model.hold_budget()
     return block.shared
 
 

@@ -256,8 +256,18 @@ def feed_forward(w: dict, x: torch.Tensor, config: ModelConfig, prefix: str = ""
     if config.gated_mlp:
         inner = glu(*linears(x, w, (prefix + "gate", prefix + "up")), config)
     else:
-        inner = ACTIVATIONS[config.activation](linear(x, w, prefix + "up"))
+        inner = activated(linear(x, w, prefix + "up"), config.activation)
     return linear(inner, w, prefix + "down")
+
+
+def activated(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation of x, in place where it can be (x is the caller's own: a prefill's (rows, ffn) tensor once,
+    not twice)."""
+    if activation == "relu":
+        return F.relu(x, inplace=True)
+    if activation == "silu":
+        return F.silu(x, inplace=True)
+    return ACTIVATIONS[activation](x)
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -267,9 +277,7 @@ def glu(gate: torch.Tensor, up: torch.Tensor, config: ModelConfig) -> torch.Tens
         limit = config.swiglu_limit
         gate, up = gate.clamp_(max=limit), up.clamp_(-limit, limit)
         return (up + 1) * (gate * torch.sigmoid(gate * config.swiglu_alpha))
-    if config.activation == "silu":
-        return F.silu(gate, inplace=True).mul_(up)
-    return ACTIVATIONS[config.activation](gate) * up
+    return activated(gate, config.activation).mul_(up)
 
 
 def experts(w: dict, x: torch.Tensor, config: ModelConfig, every_row: bool = False) -> torch.Tensor:
