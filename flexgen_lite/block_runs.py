@@ -49,7 +49,7 @@ class BlockRuns:
         prompts = (f"for prompts of {workload.prompt_len} + {workload.gen_len} tokens" if workload else
                    "before any prompt (weights and buffers)")
         check_budgets(peak, plan, self.budgets, self.device.is_cuda, f"{what} ({policy.flags()}) {prompts}",
-                      searched=self.search is not None, one_row=policy.block_size == 1)
+                      searched=self.search is not None, policy=policy)
 
     def block_rows(self, lengths: list[int], gen_len: int) -> int:
         """How many of the next prompts (their lengths, a planned block's worth) one block of `gen_len` new tokens

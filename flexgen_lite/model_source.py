@@ -24,10 +24,9 @@ def open_model(model: str) -> tuple[ModelConfig, WeightSource, object]:
     if path.suffix == ".json" and path.is_file():
         return config_from_json(path), DummySource(), None
     if path.suffix == ".gguf":
-        from .models.gguf_file import read_gguf_config
         from .models.gguf_tokenizer import gguf_tokenizer
 
-        config = config_from_dict(read_gguf_config(path), name=str(path))
+        config = gguf_model_config(path)
         return config, GGUFSource(str(path), config.num_layers), _opened_tokenizer(path, gguf_tokenizer)
     if path.is_dir():
         config = load_config(path)
@@ -186,10 +185,15 @@ def model_config(model: str) -> ModelConfig:
     """The config of a checkpoint directory, GGUF file or preset name, without opening its weights."""
     path = Path(model)
     if path.suffix == ".gguf" and path.is_file():
-        from .models.gguf_file import read_gguf_config
-
-        return config_from_dict(read_gguf_config(path), name=str(path))
+        return gguf_model_config(path)
     return load_config(path) if path.is_dir() else open_model(model)[0]
+
+
+def gguf_model_config(path: Path) -> ModelConfig:
+    """A GGUF file's config; its source dequantizes each tensor whole (placement holds it in fp32)."""
+    from .models.gguf_file import read_gguf_config
+
+    return dataclasses.replace(config_from_dict(read_gguf_config(path), name=str(path)), whole_tensor_reads=True)
 
 
 def config_from_json(path: Path) -> ModelConfig:

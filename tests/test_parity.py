@@ -6,6 +6,7 @@ matrix on a GPU; the default is the CPU."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -150,3 +151,20 @@ def test_float16_across_a_link_close_to_float32(tiny_models, references, name):
     """float16 compute beside bfloat16 CPU attention, the file branch of disk parts included (on a CPU without a
     link those parts are memory-mapped): the case of issue 12's finding 1."""
     check_float16(tiny_models["opt"][0], references["opt"], POLICIES[name], LINK)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param(LINK, marks=link_only_on_cpu)])
+def test_weights_read_a_few_rows_at_a_time_match_transformers(tiny_models, references, monkeypatch, device):
+    """Placement reads each weight a chunk of rows at a time (weights.READ_CHUNK: OPT-1.3B's embedding was read
+    whole in fp32 beside its cast, 0.58 GiB of the smallest plan): chunks of 1 KiB, every weight in many, into each
+    tier (in place, into a host arena across a link, into its disk file) give transformers' tokens and logits."""
+    from flexgen_lite.engine import weights
+    from flexgen_lite.engine.weight_sources import CheckpointSource
+
+    monkeypatch.setattr(weights, "READ_CHUNK", 1024)
+    reads, read = [], CheckpointSource.read
+    monkeypatch.setattr(CheckpointSource, "read", lambda self, spec, a, b: reads.append((spec.shape, b - a))
+                        or read(self, spec, a, b))
+    check_against_reference(tiny_models["opt"][0], references["opt"], POLICIES["weights-split-3-tiers"], device)
+    assert all(rows * math.prod(shape[1:]) * 4 <= 1024 or rows == 1 for shape, rows in reads)
+    assert sum(rows < shape[0] for shape, rows in reads) > len(reads) / 2  # most weights in several reads

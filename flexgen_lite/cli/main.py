@@ -145,7 +145,7 @@ def check_explicit_budgets(args, model: str, workload, policy: Policy) -> None:
     if budgets is not None:
         cuda = ComputeDevice(args.device).is_cuda
         plan, peak = peak_memory(model_config(model), workload, policy, cuda)
-        check_budgets(peak, plan, budgets, cuda, f"the policy {policy.flags()}")
+        check_budgets(peak, plan, budgets, cuda, f"the policy {policy.flags()}", policy=policy)
 
 
 def predict_policy(args, model: str, workload, policy: Policy, cold: bool = False):

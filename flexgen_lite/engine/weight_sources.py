@@ -19,6 +19,9 @@ from ..models.specs import WeightSpec
 STORED_GROUPS = CompressionConfig(bits=4, group_size=32, group_dim=1)  # GGUF's Q4_0 / Q4_1, as they are
 
 
+ROUNDED_ROWS = 4 << 20  # values of a matrix rounded to 8 bits at once (16 MiB in fp32; ~4x that while rounded)
+
+
 class WeightSource:
     """Where weight values come from: `read(spec, start, stop)` returns rows of one tensor; `groups` a matrix's
     own 4-bit groups where the source stores them as `compression` would (else None: quantized here)."""
@@ -30,10 +33,10 @@ class WeightSource:
         return None
 
     def int8(self, spec: WeightSpec, dtype: torch.dtype) -> Int8Weight:
-        """The matrix in 8 bits: as the source stores it where that is Q8_0, else rounded here, 64 MiB of fp32
-        rows at a time (a 128,256 x 4096 head is 2 GB in fp32; its rounding's temporaries stay small)."""
+        """The matrix in 8 bits: as the source stores it where that is Q8_0, else rounded here, ROUNDED_ROWS of
+        fp32 values at a time (a 128,256 x 4096 head is 2 GB in fp32; its rounding's temporaries stay small)."""
         (n, k), out = spec.shape, Int8Weight.empty(spec.shape, dtype)
-        step = max(1, (64 << 20) // (4 * k))
+        step = max(1, ROUNDED_ROWS // k)
         for start in range(0, n, step):
             stop = min(n, start + step)
             part = Int8Weight.quantize(self.read(spec, start, stop))

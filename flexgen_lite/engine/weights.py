@@ -4,6 +4,7 @@ compute device (weight_slots.py holds the buffers it is fetched into)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -228,16 +229,15 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
             data.write(as_stored(), offset)
         else:
             row_bytes = nbytes // max(rows, 1)
-            chunk = max(1, (64 << 20) // max(row_bytes, 1))  # written 64 MiB at a time
-            for s in range(0, rows, chunk):
-                data.write(source.read(spec, s, min(rows, s + chunk)).to(dtype).contiguous(), offset + s * row_bytes)
+            for s, rows_read in read_in_chunks(spec, source, dtype):
+                data.write(rows_read.contiguous(), offset + s * row_bytes)
         resident = False
     elif tier == "cpu" and device.host_is_separate:
         view = arena.take(nbytes)
         if compression is not None:  # bytes as to_bytes lays them out: one copy across the link
             data = view.copy_(to_bytes(quantized()))
         else:
-            data = view.view(dtype).view(spec.shape).copy_(source.read(spec, 0, rows).to(dtype))
+            data = filled(view.view(dtype).view(spec.shape), spec, source)
         resident = False
     else:
         where = device.device
@@ -245,8 +245,10 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
             data = as_stored()
         elif compression is not None:
             data = quantized().to(where)
-        else:
+        elif rows <= read_chunk_rows(spec, dtype):  # one read (on a CPU in the compute dtype: the tensor itself)
             data = source.read(spec, 0, rows).to(dtype).to(where)
+        else:
+            data = filled(torch.empty(spec.shape, dtype=dtype, device=where), spec, source)
         # without a link, compute memory and host RAM are the same memory: both are used in place
         resident = compression is None
     weight = StoredWeight(spec.shape, dtype, tier, data, nbytes, compression, resident, offset, int4)
@@ -255,6 +257,31 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     taken = {"disk": page_aligned(nbytes), "cpu": padded(nbytes) if arena is not None else nbytes}
     ledger.add(tier, taken.get(tier, nbytes))
     return weight
+
+
+READ_CHUNK = 16 << 20  # placement reads an uncompressed weight this many bytes (in the compute dtype) at a time
+
+
+def read_chunk_rows(spec: WeightSpec, dtype: torch.dtype) -> int:
+    """Rows of `spec` read at once: READ_CHUNK's worth (the same on every tier: DummySource's values depend on the
+    rows read together)."""
+    return max(1, READ_CHUNK // max(1, math.prod(spec.shape[1:]) * dtype.itemsize))
+
+
+def read_in_chunks(spec: WeightSpec, source: WeightSource, dtype: torch.dtype):
+    """(first row, rows in `dtype`) of spec from `source`, a chunk at a time: placement's transient is a chunk
+    in the source's dtype and the compute dtype, not the whole tensor twice (a Llama-3-8B's embedding read in fp32
+    and cast took 3 GiB)."""
+    rows, chunk = spec.shape[0], read_chunk_rows(spec, dtype)
+    for s in range(0, rows, chunk):
+        yield s, source.read(spec, s, min(rows, s + chunk)).to(dtype)
+
+
+def filled(out: torch.Tensor, spec: WeightSpec, source: WeightSource) -> torch.Tensor:
+    """`out` (spec's shape, in memory of its own) with spec's values, read a chunk at a time."""
+    for s, rows_read in read_in_chunks(spec, source, out.dtype):
+        out[s:s + rows_read.shape[0]].copy_(rows_read)
+    return out
 
 
 def on_cpu(device: ComputeDevice) -> bool:

@@ -81,6 +81,7 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     name: str = ""
+    whole_tensor_reads: bool = False  # its weights' source yields each tensor whole (a GGUF's, dequantized to fp32)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads and not self.head_size:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.policy import PolicyError
+from ..engine.policy import Policy, PolicyError
 from ..system.devices import ComputeDevice
 from ..system.memory import free_bytes, gib
 
@@ -111,10 +111,10 @@ def largest_parts(plan: dict[str, dict[str, float]], tier: str, cuda: bool, coun
 
 
 def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], budgets: Budgets, cuda: bool,
-                  what: str, searched: bool = False, one_row: bool = False) -> None:
+                  what: str, searched: bool = False, policy: Policy | None = None) -> None:
     """Raise PolicyError naming each tier over its budget, by how much, its largest parts, and what would make
-    it fit (searched: the policy is --policy auto's, which cannot be asked for again; one_row: a block of one row,
-    whose batch cannot be lowered)."""
+    it fit (searched: the policy is --policy auto's, which cannot be asked for again; `policy`: the one planned,
+    whose remedies already taken are not offered)."""
     over = over_budget(peak, budgets)
     if not over:
         return
@@ -123,10 +123,19 @@ def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], bud
         lines.append(f"{tier} needs {gib(need)} but its budget is {budgets.of(tier)}: {gib(need - budget)} missing "
                      f"(largest: {largest_parts(plan, tier, cuda)}); {BUDGET_FLAGS[tier]} {gib(need - budget)} "
                      "larger would fit it")
-    if "disk" in over and len(over) == 1:
-        remedy = "Keep more in memory (--percent), compress (--compress-weight, --compress-cache)"
-    else:
-        remedy = "Move more to disk (--percent), compress (--compress-weight, --compress-cache)"
-        remedy = remedy if one_row else "Lower the batch size, " + remedy[0].lower() + remedy[1:]
-    raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines) + f". {remedy}, raise the budget"
+    remedy = ", ".join(_remedies(policy, disk_only="disk" in over and len(over) == 1))
+    raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines) + f". {remedy[0].upper()}{remedy[1:]}"
+                      + ", raise the budget"
                       + (", or shorten the prompts" if searched else ", or use --policy auto"))
+
+
+def _remedies(policy: Policy | None, disk_only: bool) -> list[str]:
+    """What would lower a policy's peaks, less what it already does (everything on disk, one row, compressed)."""
+    flags = [f for f, on in (("--compress-weight", policy and policy.compress_weight),
+                             ("--compress-cache", policy and policy.compress_cache)) if not on]
+    compress = [f"compress ({', '.join(flags)})"] if flags else []
+    if disk_only:
+        return ["keep more in memory (--percent)", *compress]
+    on_disk = policy is not None and all(policy.percents(kind)[2] == 100 for kind in ("weight", "cache", "act"))
+    return ([] if policy is not None and policy.block_size == 1 else ["lower the batch size"]) \
+        + ([] if on_disk else ["move more to disk (--percent)"]) + compress

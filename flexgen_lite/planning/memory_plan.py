@@ -11,7 +11,8 @@ from ..engine.cache_store import component_specs
 from ..engine.kv_cache import batch_parts
 from ..engine.policy import Policy
 from ..engine.storage import TIERS
-from ..engine.weights import rounded_to_8_bits
+from ..engine.weight_sources import ROUNDED_ROWS
+from ..engine.weights import read_chunk_rows, rounded_to_8_bits
 from ..kernels.int8_weight import int8_nbytes
 from ..models.config import ModelConfig
 from ..system.host_memory import padded
@@ -74,15 +75,18 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     logits = s.gbs * c.vocab_size * (s.e + 8)
     gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
     gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
-    # sources yield fp32 rows (a GGUF source a whole dequantized tensor), cast or quantized into place; an
-    # fp32 tensor kept in host RAM is the source's own (the cast is a no-op), so only the read counts
+    # sources yield rows in fp32 at most (a GGUF source a whole dequantized tensor), cast into place a chunk at a
+    # time (weights.read_in_chunks), or quantized whole; an fp32 tensor kept in host RAM is the source's own (the
+    # cast is a no-op), so only the read counts
     cast = 0 if s.dtype == torch.float32 and not s.cuda else s.e
     load = 0.0
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
-        load = max(load, numel * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
-        if rounded_to_8_bits(sp, s.wcomp, s.cpu_rows > 0):  # the source's fp32 rows (a GGUF's whole), codes beside
-            load = max(load, numel * 4 + int8_nbytes(sp.shape))
+        read = numel if c.whole_tensor_reads else min(numel, read_chunk_rows(sp, s.dtype) * numel // sp.shape[0])
+        load = max(load, read * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
+        if rounded_to_8_bits(sp, s.wcomp, s.cpu_rows > 0):  # fp32 rows rounded a chunk at a time, codes beside
+            rounding = 4 * 4 * min(numel, ROUNDED_ROWS)  # the rows and their rounding's temporaries
+            load = max(load, (numel * 4 if c.whole_tensor_reads else 0) + rounding + int8_nbytes(sp.shape))
     cpu["load"] = load
     cpu["reserve"] = RESERVE
     return {"gpu": gpu, "cpu": cpu, "disk": disk}

@@ -321,21 +321,31 @@ def _with_percents(p: Policy, pct: list[int]) -> Policy:
     return dataclasses.replace(p, **{n: float(v) for n, v in zip(names, pct, strict=True)})
 
 
+def _allowed(asked: bool | None) -> tuple[bool, ...]:
+    """A compression's settings the search may pick: the one asked for, else both."""
+    return (True, False) if asked is None else (asked,)
+
+
 def _nothing_fits(config: ModelConfig, workload: Workload, hw: HardwareProfile, budgets: Budgets,
                   auto: AutoPolicy) -> str:
     """How much is missing where, for the smallest policy: one sequence, weights and cache on disk."""
     dtype = search_options(auto.base.dtype, hw)[0]
-    smallest = dataclasses.replace(auto.base, dtype=dtype, gpu_batch_size=1, num_gpu_batches=1, weight_gpu_percent=0,
-                                   weight_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
-                                   compress_weight=auto.compress_weight is not False,  # searched: its smallest
-                                   compress_cache=auto.compress_cache is not False)
-    s = Setup(config, workload, smallest, hw)
-    plan = memory_plan(s, Layout.of_policy(s, smallest))
-    peak = tier_peaks(plan, hw.is_cuda)
+    memory_tiers = ["gpu", "cpu"] if hw.is_cuda else ["cpu"]
+    smallest = None
+    for weights, cache in itertools.product(_allowed(auto.compress_weight), _allowed(auto.compress_cache)):
+        policy = dataclasses.replace(auto.base, dtype=dtype, gpu_batch_size=1, num_gpu_batches=1, weight_gpu_percent=0,
+                                     weight_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
+                                     compress_weight=weights, compress_cache=cache)
+        s = Setup(config, workload, policy, hw)
+        plan = memory_plan(s, Layout.of_policy(s, policy))
+        peak = tier_peaks(plan, hw.is_cuda)
+        over = sum(max(0.0, peak[t] - (getattr(budgets, t) or math.inf)) for t in memory_tiers)
+        if smallest is None or over < smallest[0]:  # compressed weights are smaller on disk, not always in RAM
+            smallest = over, plan, peak  # (their placement rounds a whole matrix at a time)
+    _, plan, peak = smallest
     name = config.name.rsplit("/", 1)[-1] or "the model"
     lines = [f"no policy fits {name} (prompt {workload.prompt_len} + gen {workload.gen_len}) within the budgets "
              f"({budgets.describe(hw.is_cuda)})."]
-    memory_tiers = ["gpu", "cpu"] if hw.is_cuda else ["cpu"]
     movable = plan["disk"]["weights"] + plan["disk"]["kv cache"]
     room = sum(max(0.0, (getattr(budgets, t) or 0) - peak[t]) for t in memory_tiers if getattr(budgets, t))
     total_missing = movable - room - (budgets.disk or 0)
