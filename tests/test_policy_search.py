@@ -280,6 +280,17 @@ def test_an_over_budget_policy_says_what_would_fit():
     assert largest_parts(loading, "cpu", cuda=False) == \
         "load 0.16 GiB, weights (compute tier) 100.00 MiB, reserve 64.00 MiB"  # loading sets the peak: its parts
     assert "move more to disk" in message and "--policy auto" not in message
+    # an explicit policy is offered only what it does not do already (helper-33: an all-disk policy was told to
+    # move more to disk)
+    all_disk = Policy(gpu_batch_size=1, weight_gpu_percent=0, weight_cpu_percent=0, cache_gpu_percent=0,
+                      cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0, compress_weight=True)
+    for policy, offered, left_out in ((all_disk, ["Compress (--compress-cache)"],
+                                       ["move more to disk", "batch size", "--compress-weight"]),
+                                      (dataclasses.replace(all_disk, gpu_batch_size=4, cache_gpu_percent=50),
+                                       ["Lower the batch size, move more to disk (--percent), compress"], [])):
+        with pytest.raises(PolicyError) as e:
+            check_budgets(peak, plan, Budgets(None, 100 * MiB, None), cuda=False, what="the policy", policy=policy)
+        assert all(s in str(e.value) for s in offered) and not any(s in str(e.value) for s in left_out), e.value
 
 
 def test_impossible_budget_on_a_machine_slow_at_bfloat16_suggests_it():
