@@ -190,10 +190,13 @@ def model_config(model: str) -> ModelConfig:
 
 
 def gguf_model_config(path: Path) -> ModelConfig:
-    """A GGUF file's config; its source dequantizes each tensor whole (placement holds it in fp32)."""
+    """A GGUF file's config, with whether its rotary q and k rows are permuted (GGUFSource reads those whole)."""
     from .models.gguf_file import read_gguf_config
+    from .models.gguf_weights import PERMUTED
 
-    return dataclasses.replace(config_from_dict(read_gguf_config(path), name=str(path)), whole_tensor_reads=True)
+    raw = read_gguf_config(path)
+    permuted = raw["model_type"] in PERMUTED
+    return dataclasses.replace(config_from_dict(raw, name=str(path)), rotary_rows_permuted=permuted)
 
 
 def config_from_json(path: Path) -> ModelConfig:

@@ -298,7 +298,10 @@ def test_loading_a_k_quant_file_keeps_peak_rss_under_the_cpu_budget(tmp_path: Pa
     assert report["peak_rss_gb"] * 1e9 <= 1000 * 2**20
 
 
-def test_the_source_holds_a_dequantized_tensor_only_until_its_last_rows_are_read(tmp_path: Path):
+def test_the_source_dequantizes_the_rows_asked_for_and_a_rotary_q_whole_until_read_to_its_end(tmp_path: Path):
+    """Placement reads a chunk of rows at a time: a GGUF source dequantizes only their blocks (a Llama-3-8B's
+    embedding whole was 2.1 GB of fp32 beside its placement); a rotary q or k, whose rows llama.cpp permuted, is
+    dequantized whole once and held until its last rows are read."""
     from flexgen_lite.engine.weight_sources import GGUFSource
     from flexgen_lite.model_source import model_config
     from flexgen_lite.models.gguf_weights import read_gguf_tensor
@@ -307,10 +310,13 @@ def test_the_source_holds_a_dequantized_tensor_only_until_its_last_rows_are_read
     path = tmp_path / "tiny.gguf"
     write_mixed_llama(path, MIXES["Q4_K_M"])
     source = GGUFSource(str(path))
-    spec = next(w for layer in layer_specs(model_config(str(path))) for w in layer.weights if w.name == "up.weight")
-    rows = spec.shape[0]
-    first = source.read(spec, 0, rows // 2)
-    assert source.last is not None  # the rest still to come: dequantized once
-    second = source.read(spec, rows // 2, rows)
-    assert source.last is None
-    assert torch.equal(torch.cat([first, second]), read_gguf_tensor(source.plan[spec.hf_name]))
+    config = model_config(str(path))
+    assert config.rotary_rows_permuted
+    for name, held in (("up.weight", False), ("tokens", False), ("q.weight", True)):
+        spec = next(w for layer in layer_specs(config) for w in layer.weights if w.name == name)
+        rows = spec.shape[0]
+        first = source.read(spec, 0, rows // 2 + 1)  # an odd split: not at a block's or a head's border
+        assert (source.last is not None) == held
+        second = source.read(spec, rows // 2 + 1, rows)
+        assert source.last is None
+        assert torch.equal(torch.cat([first, second]), read_gguf_tensor(source.plan[spec.hf_name])), name

@@ -243,17 +243,17 @@ def test_impossible_budget_says_what_is_missing_where():
     assert "without --no-compress-weight the weights could be stored in 4 bits" in message
 
 
-def test_placement_reads_a_chunk_at_a_time_unless_the_source_dequantizes_whole_tensors():
+def test_placement_reads_a_chunk_at_a_time_and_a_ggufs_rotary_q_and_k_whole():
     """Loading's host transient: a chunk of rows in fp32 and the compute dtype (weights.read_in_chunks), where it was
-    OPT-1.3B's whole embedding twice (0.58 GiB, the largest part of the smallest plan); a GGUF's source dequantizes
-    a whole tensor to fp32, which the plan still counts."""
+    OPT-1.3B's whole embedding twice (0.58 GiB, the largest part of the smallest plan); a GGUF's rotary q and k,
+    their rows permuted by llama.cpp, are dequantized whole, which the plan counts."""
     from flexgen_lite.planning.memory_plan import peak_memory
 
     policy = Policy(gpu_batch_size=1, weight_gpu_percent=0, weight_cpu_percent=0, dtype="bfloat16")
-    embedding = OPT.vocab_size * OPT.hidden_size
-    chunked = peak_memory(OPT, WL, policy, cuda=False)[0]["cpu"]["load"]
-    whole = peak_memory(dataclasses.replace(OPT, whole_tensor_reads=True), WL, policy, cuda=False)[0]["cpu"]["load"]
-    assert chunked <= 48 * MiB and whole == embedding * 6
+    llama = preset_config("llama-3-8b")
+    chunked = peak_memory(llama, WL, policy, cuda=False)[0]["cpu"]["load"]
+    permuted = dataclasses.replace(llama, rotary_rows_permuted=True)
+    assert chunked <= 48 * MiB and peak_memory(permuted, WL, policy, cuda=False)[0]["cpu"]["load"] == 4096**2 * 6
 
 
 def test_an_over_budget_policy_says_what_would_fit():

@@ -134,13 +134,19 @@ class GGUFSource(WeightSource):
                              f"implies {implied}: the file is corrupt or its metadata wrong")
 
     def read(self, spec: WeightSpec, start: int, stop: int) -> torch.Tensor:
-        from ..models.gguf_weights import read_gguf_tensor
+        """Rows start:stop of spec, only their blocks dequantized; a rotary q or k (its rows permuted by llama.cpp)
+        dequantized whole and held until read to its end."""
+        from ..models.gguf_weights import read_gguf_rows, read_gguf_tensor
 
         name, first = self._rows(spec)
+        if name not in self.plan:
+            raise ModelError(f"{self.path} lacks the tensor {name!r}")
+        entry = self.plan[name]
+        if entry[1] is None:
+            self._check_shape(spec, name, tuple(int(d) for d in reversed(entry[0].shape.tolist())))
+            return read_gguf_rows(entry, first + start, first + stop)
         if self.last is None or self.last[0] != name:
-            if name not in self.plan:
-                raise ModelError(f"{self.path} lacks the tensor {name!r}")
-            self.last = (name, read_gguf_tensor(self.plan[name]))
+            self.last = (name, read_gguf_tensor(entry))
             self._check_shape(spec, name, self.last[1].shape)
         tensor = self.last[1]
         if first + stop >= tensor.shape[0]:

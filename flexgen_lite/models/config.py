@@ -81,7 +81,8 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     name: str = ""
-    whole_tensor_reads: bool = False  # its weights' source yields each tensor whole (a GGUF's, dequantized to fp32)
+    # a GGUF of llama.cpp's converter: rotary q and k rows permuted, so placement dequantizes those two whole
+    rotary_rows_permuted: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads and not self.head_size:

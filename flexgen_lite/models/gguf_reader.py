@@ -46,6 +46,16 @@ class GGUFTensor:
     mapping: mmap.mmap | None = None  # the file's mapping `data` views, at byte `offset` (release)
     offset: int = 0
 
+    def rows(self, start: int, stop: int) -> GGUFTensor:
+        """Rows start:stop of its HF shape's first dimension (GGUF's last) as a tensor of their own, a view of the
+        same bytes: dequantized alone, a few rows of a large tensor are all placement holds at once."""
+        stop = min(stop, self.data.shape[0])
+        row_bytes = self.data.nbytes // max(1, self.data.shape[0])
+        shape = self.shape.copy()
+        shape[-1] = stop - start
+        return GGUFTensor(self.name, self.tensor_type, shape, self.data[start:stop], self.mapping,
+                          self.offset + start * row_bytes)
+
     def release(self) -> None:
         """Drop this tensor's pages from the process (they stay in the page cache): a file read through a
         mapping otherwise stays in RSS whole after loading, beyond any memory budget (Q4_K_M 8B: +4.9 GB).

@@ -193,6 +193,19 @@ def read_gguf_tensor(entry: tuple[Any, int | None, float], dtype: torch.dtype = 
     return tensor.to(dtype)
 
 
+def read_gguf_rows(entry: tuple[Any, int | None, float], start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a tensor of `gguf_tensors` that llama.cpp did not permute (not a rotary q or k, whose rows
+    `read_gguf_tensor` reorders whole), dequantized to float32; their pages leave the process after."""
+    t, n_head, minus = entry
+    if n_head is not None:
+        raise ValueError(f"{t.name}: a rotary q or k is read whole (read_gguf_tensor)")
+    part = t.rows(start, stop)
+    tensor = dequantize(part)
+    part.release()
+    check_finite(tensor, f"the GGUF tensor {t.name!r}")
+    return tensor - minus if minus else tensor
+
+
 def read_gguf_groups(entry: tuple[Any, int | None, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """A Q4_0/Q4_1/Q4_K matrix of `gguf_tensors` as its own 4-bit groups of 32 along the input dimension, in HF
     row order: (codes (rows, cols) 0..15, scale, minimum (rows, cols / 32) fp16), value = code * scale + minimum;

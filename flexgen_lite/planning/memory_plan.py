@@ -75,18 +75,19 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     logits = s.gbs * c.vocab_size * (s.e + 8)
     gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
     gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
-    # sources yield rows in fp32 at most (a GGUF source a whole dequantized tensor), cast into place a chunk at a
-    # time (weights.read_in_chunks), or quantized whole; an fp32 tensor kept in host RAM is the source's own (the
-    # cast is a no-op), so only the read counts
+    # sources yield rows in fp32 at most, cast into place a chunk at a time (weights.read_in_chunks; a GGUF's rotary
+    # q and k whole: their rows are permuted), or quantized whole; an fp32 tensor kept in host RAM is the source's
+    # own (the cast is a no-op), so only the read counts
     cast = 0 if s.dtype == torch.float32 and not s.cuda else s.e
     load = 0.0
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
-        read = numel if c.whole_tensor_reads else min(numel, read_chunk_rows(sp, s.dtype) * numel // sp.shape[0])
+        read = min(numel, read_chunk_rows(sp, s.dtype) * numel // sp.shape[0])
         load = max(load, read * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
         if rounded_to_8_bits(sp, s.wcomp, s.cpu_rows > 0):  # fp32 rows rounded a chunk at a time, codes beside
-            rounding = 4 * 4 * min(numel, ROUNDED_ROWS)  # the rows and their rounding's temporaries
-            load = max(load, (numel * 4 if c.whole_tensor_reads else 0) + rounding + int8_nbytes(sp.shape))
+            load = max(load, 4 * 4 * min(numel, ROUNDED_ROWS) + int8_nbytes(sp.shape))  # rows, their rounding's
+    if c.rotary_rows_permuted:  # a GGUF's rotary q, whole
+        load = max(load, c.num_heads * c.head_dim * c.hidden_size * (4 + cast))
     cpu["load"] = load
     cpu["reserve"] = RESERVE
     return {"gpu": gpu, "cpu": cpu, "disk": disk}
