@@ -65,13 +65,15 @@ class BlockRuns:
     def heap_limit(self, workload: Workload) -> int | None:
         """The resident bytes past which the engine gives freed heap pages back before a step or a prefill's layer
         (Engine._hold_heap): the host budget beyond what this process held before the model, less what a layer
-        may allocate on top (a CPU's: the plan's working set); None without a host budget."""
+        may allocate on top (a CPU's: the plan's working set) and the plan's reserve (small buffers: a server's
+        requests; helper-34 saw a server at 1500.5 MiB under --cpu-mem 1500MiB without it); None without a host
+        budget."""
         if self.budgets is None or self.budgets.cpu is None:
             return None
         cuda = self.device.is_cuda
         plan, _ = peak_memory(self.config, workload, self.policy, cuda)
         transient = HOST_TRANSIENT * self.budgets.cpu if cuda else plan["gpu"]["working set"]
-        return int(self._rss_before + self.budgets.cpu - transient)
+        return int(self._rss_before + self.budgets.cpu - transient - plan["cpu"]["reserve"])
 
     def _run_block(self, prompts: list[list[int]], sampling: SamplingConfig, keep_logits: bool = False,
                    configs: list[SamplingConfig] | None = None, indices: list[int] | None = None, label: str = "block",

@@ -20,7 +20,7 @@ def keep_freed_memory() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
-        libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int: 1 << 40 was masked to 0, trimming every free)
     except (OSError, AttributeError):
         pass
 
