@@ -183,3 +183,17 @@ def test_the_engine_stage_runs_by_the_rates_measured_before_it(tmp_path, monkeyp
         assert os.environ["FLEXGEN_LITE_FUSED_DECODE"] == "1" and "FLEXGEN_LITE_CUDA_GRAPHS" not in os.environ
     finally:
         profile_store.profile_changed()
+
+
+def test_an_offload_disk_without_room_for_the_probes_is_refused_before_measuring(tmp_path, capsys):
+    """helper-35: a first run whose --offload-dir had 40 MiB free measured for 50 s, then crashed in 'No space left
+    on device' with nothing saved; the probes' room is checked first, the directory named, what to do said."""
+    import shutil
+
+    from flexgen_lite.engine.storage import OffloadError
+    from flexgen_lite.profiling.measure import check_room
+
+    free = shutil.disk_usage(tmp_path).free
+    check_room(str(tmp_path / "not-yet"), 1 << 20)  # a directory made later: its nearest existing parent's room
+    with pytest.raises(OffloadError, match=r"writes .* of probe files into .* which has .* free: free space"):
+        check_room(str(tmp_path / "not-yet"), free + (1 << 40))

@@ -95,6 +95,19 @@ def test_resume_after_a_cut_last_line_redoes_that_prompt(opt_dir, input_file, me
     assert out.read_text() == meta + "".join(finished)
 
 
+def test_a_whole_last_line_without_its_newline_is_kept(opt_dir, input_file, meta, finished, tmp_path, capsys,
+                                                       monkeypatch):
+    """helper-35: a result line whole but for its newline (written by hand, or cut just before it) was dropped as
+    cut short and its prompt redone; it is kept, its newline added."""
+    out = tmp_path / "out.jsonl"
+    out.write_text(meta + "".join(finished[:4]) + finished[4].rstrip("\n"))
+    refuse_loading(monkeypatch)  # nothing left to do: the model is not even opened
+    run(opt_dir, input_file, out)
+    err = capsys.readouterr().err
+    assert "dropped" not in err and "all 5 prompts already answered" in err
+    assert out.read_text() == meta + "".join(finished)
+
+
 def test_resume_skips_what_is_done_in_any_order(opt_dir, input_file, meta, finished, tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text(meta + finished[3] + finished[0])

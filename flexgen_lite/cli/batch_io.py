@@ -114,11 +114,16 @@ class ResumableOutput:
             raise
 
     def _scan(self, prompts: list[Prompt]) -> tuple[bool, set[int]]:
-        """Indices already answered. A last line cut short by a kill is dropped (truncated away) and redone;
-        any other line that does not match a prompt of this input is an error."""
+        """Indices already answered. A last line cut short by a kill is dropped (truncated away) and redone (one
+        whole but for its newline, written by hand or cut just before it, is kept: helper-35); any other line that
+        does not match a prompt of this input is an error."""
         self.file.seek(0)
         data = self.file.read()
         *complete, last = data.split(b"\n")  # `last` is empty when the file ends with a newline
+        if last and _parse(last) is not None:
+            self.file.write(b"\n")  # appended ("a+b")
+            self.file.flush()
+            complete, last, data = [*complete, last], b"", data + b"\n"
         done = set()
         for number, raw in enumerate(complete, start=1):
             if not raw.strip():

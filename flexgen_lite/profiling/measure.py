@@ -16,8 +16,10 @@ import contextlib
 import dataclasses
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from unittest import mock
@@ -31,7 +33,7 @@ from ..engine.decode_fused import ENV as FUSED_ENV
 from ..engine.decode_graph import ENV as GRAPHS_ENV
 from ..engine.kv_cache import CacheSlots, KVCache
 from ..engine.policy import DTYPES, Policy
-from ..engine.storage import DiskStore, MemoryLedger, Staging
+from ..engine.storage import DiskStore, MemoryLedger, OffloadError, Staging
 from ..engine.weight_sources import DummySource
 from ..engine.weights import place_weights
 from ..kernels import native
@@ -44,7 +46,7 @@ from ..planning.dtype_choice import compute_dtype, machine_dtype
 from ..planning.layout import Workload
 from ..system.devices import ComputeDevice, IOPool, host_available_bytes, keep_freed_memory
 from ..system.hardware import HardwareProfile
-from ..system.memory import return_freed_memory
+from ..system.memory import gib, return_freed_memory
 from ..system.profile_store import cache_dir, cached_profile, profile_in_force, profile_path, save_profile
 from .attention_probes import attention_rates, codes_attention_rates
 from .disk_probes import mapped_pages, measure_disk
@@ -70,6 +72,19 @@ from .probes import (
 )
 
 
+def check_room(offload_dir: str, needed: int) -> None:
+    """Refuse, before a minute of measuring, an offload file system without room for the disk's probe files
+    (helper-35: a 40 MiB tmpfs ended the first run in 'No space left on device' after 50 s, nothing saved)."""
+    where = offload_dir or tempfile.gettempdir()
+    while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where or ".").free
+    if free < needed:
+        raise OffloadError(f"measuring this machine writes {gib(needed)} of probe files into {where} (the offload "
+                           f"directory's file system), which has {gib(free)} free: free space there, or point "
+                           "--offload-dir at a larger disk")
+
+
 def measure(device: ComputeDevice | None = None, offload_dir: str = "",
             progress: Callable[[str], None] | None = None, quick: bool = False) -> HardwareProfile:
     """Measure this machine. `quick` shrinks every size (tests); the default takes well under a minute
@@ -81,6 +96,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
     tic, start_cpu = time.perf_counter(), others_cpu()
     scale = 8 if quick else 1
     disk_size = 256 * MiB // (1 if scale == 1 else 16)
+    check_room(offload_dir, disk_size + 32 * MiB // scale)  # the disk's and the mapped files' probes
     found: dict = {}
     stages = [("matmul", every_matmul_rate), ("few-row kernel", gemv_rates), ("8-bit head", int8_rates),
               ("int4 kernel", int4_rates),
