@@ -167,6 +167,38 @@ def test_resume_after_ctrl_c_and_kill_answers_each_request_once(opt_dir, offline
         assert got[f"r{i}"]["response"]["body"]["choices"][0]["text"] == offline[(PROMPTS[i % 5], 4)]
 
 
+def test_a_refused_request_fixed_in_the_input_is_tried_again_on_resume(opt_dir, offline, tmp_path, capsys):
+    """helper-35: after a refused request was fixed in the input, the rerun stopped at its error line ("does not
+    belong to this input") and the job could not resume; a wrong input file, every request refused, left a file
+    that the right input could not resume either. Error lines are not results: dropped, their requests tried
+    again, the answered ones kept."""
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    good = [line(f"r{i}", {"prompt": PROMPTS[i], "max_tokens": 4, "temperature": 0}) for i in range(3)]
+    requests.write_text("\n".join([good[0], line("r1", {"prompt": PROMPTS[1], "max_tokens": 0}), good[2]]) + "\n")
+    argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
+    main(argv)
+    assert "1 of 3 requests refused" in capsys.readouterr().err
+    first = results(out)
+    assert first["r1"]["response"]["status_code"] == 400
+    requests.write_text("\n".join(good) + "\n")  # the request fixed
+    main(argv)
+    err = capsys.readouterr().err
+    assert "dropped the error lines of 1 refused requests" in err and "resuming: 2 of 3" in err
+    got = results(out)
+    assert got.pop(None) == [] and sorted(got) == ["r0", "r1", "r2"]
+    assert got["r0"] == first["r0"] and got["r2"] == first["r2"]  # kept as they were, not redone
+    assert got["r1"]["response"]["body"]["choices"][0]["text"] == offline[(PROMPTS[1], 4)]
+    wrong = tmp_path / "prompts.txt"  # a plain prompts file for -i: every line refused, the job ends in an error
+    wrong.write_text("\n".join(PROMPTS) + "\n")
+    out2 = tmp_path / "results2.jsonl"
+    with pytest.raises(SystemExit):
+        main(["run-batch", "-i", str(wrong), "-o", str(out2), "--model", opt_dir, *FLAGS])
+    main(["run-batch", "-i", str(requests), "-o", str(out2), "--model", opt_dir, *FLAGS])
+    assert "dropped the error lines of 5 refused requests" in capsys.readouterr().err
+    assert {k: v["response"]["body"]["choices"][0]["text"] for k, v in results(out2).items() if k} == \
+        {f"r{i}": offline[(PROMPTS[i], 4)] for i in range(3)}
+
+
 def test_a_run_stopped_mid_chunk_keeps_each_request_whose_choices_all_finished(opt_dir, offline, tmp_path,
                                                                                monkeypatch):
     """Blocks of 2 jobs, one chunk of 6 requests of 2 choices each (12 jobs; a request's choices have the same

@@ -115,8 +115,9 @@ class ResumableOutput:
 
     def _scan(self, prompts: list[Prompt]) -> tuple[bool, set[int]]:
         """Indices already answered. A last line cut short by a kill is dropped (truncated away) and redone (one
-        whole but for its newline, written by hand or cut just before it, is kept: helper-35); any other line that
-        does not match a prompt of this input is an error."""
+        whole but for its newline, written by hand or cut just before it, is kept: helper-35); a refused request's
+        error line is dropped and the request tried again (`retried` counts them); any other line that does not
+        match a prompt of this input is an error."""
         self.file.seek(0)
         data = self.file.read()
         *complete, last = data.split(b"\n")  # `last` is empty when the file ends with a newline
@@ -124,7 +125,7 @@ class ResumableOutput:
             self.file.write(b"\n")  # appended ("a+b")
             self.file.flush()
             complete, last, data = [*complete, last], b"", data + b"\n"
-        done = set()
+        done, kept, self.retried = set(), [], 0
         for number, raw in enumerate(complete, start=1):
             if not raw.strip():
                 continue
@@ -132,11 +133,19 @@ class ResumableOutput:
             if record is not None and isinstance(record.get(META_KEY), dict) and "index" not in record:
                 for key, value in record[META_KEY].items():
                     self.recorded.setdefault(key, value)
+            elif _refusal(record):  # its request may be fixed since (helper-35: a fix locked the job out)
+                self.retried += 1
                 continue
-            done.add(self._check_line(record, number, prompts))
+            else:
+                done.add(self._check_line(record, number, prompts))
+            kept.append(raw)
         if last and not any(last[:len(start)] == start[:len(last)] for start in (RECORD_START, META_START)):
             self._check_line(None, len(complete) + 1, prompts)
-        if last:
+        if self.retried:  # rewritten without the refusals (killed meanwhile: lines not yet back are redone)
+            self.file.truncate(0)
+            self.file.write(b"".join(raw + b"\n" for raw in kept))
+            self.flush()
+        elif last:
             self.file.truncate(len(data) - len(last))
         return bool(last), done
 
@@ -201,6 +210,15 @@ class ResumableOutput:
         except OSError as e:
             if not self.broken:  # else the write that failed has said so already
                 self._failed(e)
+
+
+def _refusal(record: dict | None) -> bool:
+    """An OpenAI batch line of a refused request (run-batch's error lines): not a result, tried again on resume."""
+    if not isinstance(record, dict) or "index" not in record:
+        return False
+    response = record.get("response")
+    status = response.get("status_code", 200) if isinstance(response, dict) else 200
+    return record.get("error") is not None or (isinstance(status, int) and status >= 400)
 
 
 def _parse(raw: bytes) -> dict | None:

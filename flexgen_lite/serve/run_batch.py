@@ -43,6 +43,9 @@ def cmd_run_batch(args, progress, run=None) -> None:
         if output.repaired:
             print(f"{args.output}: dropped a last line cut short (an interrupted write); that request is redone",
                   file=sys.stderr)
+        if output.retried:
+            print(f"{args.output}: dropped the error lines of {output.retried} refused requests; they are tried again",
+                  file=sys.stderr)
         if not todo:
             print(f"all {len(lines)} requests already answered in {args.output}: nothing to do", file=sys.stderr)
             return
