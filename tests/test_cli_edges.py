@@ -226,3 +226,16 @@ def test_plan_says_when_its_peaks_pass_what_this_machine_has(capsys, monkeypatch
     main(["plan", "--model", "facebook/opt-1.3b", "--cpu-mem", "8GiB"])
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: this plan peaks")]
     assert len(notes) == 1 and "of host RAM, where this machine has 1.00 MiB free" in notes[0]
+
+
+def test_json_prompt_lines_say_which_of_their_fields_are_not_read(tmp_path, capsys):
+    """helper-35: {"prompt": "a", "max_tokens": 3} ran with the default 32 tokens without a word: the fields beside
+    "prompt" are named once, where first seen; lines of "prompt" alone say nothing."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a", "max_tokens": 3}\n{"prompt": "b"}\n{"prompt": "c", "foo": 1, "max_tokens": 4}\n')
+    assert [p.text for p in batch_io.read_prompts([], str(path))] == ["a", "b", "c"]
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "'max_tokens' (line 1), 'foo' (line 3)" in err and "run-batch" in err
+    path.write_text('{"prompt": "a"}\nplain text\n')
+    batch_io.read_prompts([], str(path))
+    assert capsys.readouterr().err == ""

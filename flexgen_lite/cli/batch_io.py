@@ -59,7 +59,7 @@ def read_input_bytes(path: str, flag: str = "--input", what: str = "a file of pr
 def _read_input_file(path: str) -> list[Prompt]:
     data = read_input_bytes(path)
     path = "standard input" if path == "-" else path
-    prompts = []
+    prompts, unread = [], {}
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8").removesuffix("\r")
@@ -67,11 +67,17 @@ def _read_input_file(path: str) -> list[Prompt]:
             raise InputError(f"{path} line {number} is not valid UTF-8 (byte {e.start + 1}): save the file as "
                              "UTF-8") from None
         if line.strip():
-            prompts.append(Prompt(_prompt_of_line(line, path, number), f"{path} line {number}"))
+            prompts.append(Prompt(_prompt_of_line(line, path, number, unread), f"{path} line {number}"))
+    if unread:  # helper-35: {"prompt": ..., "max_tokens": 3} ran with the default 32 tokens, without a word
+        fields = ", ".join(f"{name!r} ({where})" for name, where in unread.items())
+        print(f"note: {path}: only each line's \"prompt\" is read, not {fields}: settings come from the flags "
+              "(run-batch reads them per request)", file=sys.stderr)
     return prompts
 
 
-def _prompt_of_line(line: str, path: str, number: int) -> str:
+def _prompt_of_line(line: str, path: str, number: int, unread: dict[str, str]) -> str:
+    """The line's prompt: the line, or a JSON line's "prompt" (its other fields into `unread`: name -> where
+    first seen)."""
     if not line.lstrip().startswith("{"):
         return line
     try:
@@ -82,6 +88,8 @@ def _prompt_of_line(line: str, path: str, number: int) -> str:
     if not isinstance(prompt, str):
         raise InputError(f"{path} line {number} has no \"prompt\" string field: write "
                          '{"prompt": "..."} per line, or plain text lines')
+    for name in sorted(record.keys() - {"prompt"}):
+        unread.setdefault(name, f"line {number}")
     return prompt
 
 
