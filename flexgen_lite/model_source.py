@@ -234,5 +234,7 @@ def load_tokenizer(path: Path):
         libraries = ("transformers", "tokenizers", "huggingface_hub", "json", "builtins")
         if type(e).__module__.split(".")[0] not in libraries or isinstance(e, MemoryError):
             raise
-        raise ModelError(f"{path}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}); re-download "
-                         "its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+        why = " ".join(str(e).split())  # one line (transformers' messages run over several)
+        why = why if len(why) <= 300 else why[:300].rsplit(" ", 1)[0] + " ..."  # cut between words
+        raise ModelError(f"{path}: its tokenizer cannot be loaded ({type(e).__name__}: {why}); re-download its "
+                         "tokenizer files (tokenizer.json, tokenizer_config.json)") from None

@@ -112,3 +112,7 @@ def test_damaged_index_and_tokenizer_are_refused_by_name(tmp_path):
     (path / "tokenizer.json").write_text("{junk")
     with pytest.raises(ModelError, match="its tokenizer cannot be loaded"):
         FlexGenLite(str(path), policy=Policy(dtype="float32"))
+    (path / "tokenizer.json").unlink()  # helper-35: transformers' own message ran over five lines, cut in a word
+    with pytest.raises(ModelError, match="its tokenizer cannot be loaded") as e:
+        FlexGenLite(str(path), policy=Policy(dtype="float32"))
+    assert "\n" not in str(e.value) and str(e.value).endswith("(tokenizer.json, tokenizer_config.json)")

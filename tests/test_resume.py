@@ -160,14 +160,19 @@ def test_a_second_writer_fails_fast(opt_dir, input_file, tmp_path, monkeypatch, 
     assert out.read_text() == ""
 
 
-def test_a_run_stopped_mid_chunk_keeps_the_blocks_it_finished(opt_dir, input_file, finished, tmp_path, monkeypatch):
+def test_a_run_stopped_mid_chunk_keeps_the_blocks_it_finished(opt_dir, input_file, finished, tmp_path, monkeypatch,
+                                                              capsys):
     """Blocks of 2 prompts, all 5 in one chunk: each block's lines are written when it ends, so a run stopped in
-    the third block keeps the first four completions, and the rerun does only the last."""
+    the third block keeps the first four completions, says so and how to go on, and the rerun does only the
+    last."""
     out = tmp_path / "out.jsonl"
     with monkeypatch.context() as patch:
         ctrl_c_in_block(patch, 3)
-        with pytest.raises(SystemExit):  # Ctrl-C: "interrupted; offload files removed", exit 130
+        with pytest.raises(SystemExit) as e:
             run(opt_dir, input_file, out)
+    assert e.value.code == 130
+    assert f"interrupted; offload files removed; 4 results kept in {out}: rerun the same command to resume" in \
+        capsys.readouterr().err
     assert len(records(out)) == 4
     assert set(out.read_text().splitlines(keepends=True)[1:]) <= set(finished)
     run(opt_dir, input_file, out)

@@ -220,6 +220,15 @@ class ResumableOutput:
                 self._failed(e)
 
 
+def results_in(path: str) -> int:
+    """Whole result lines of a resumable output file (the run's record lines not counted)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(line.startswith(RECORD_START) and line.endswith(b"\n") for line in f)
+    except OSError:
+        return 0
+
+
 def _refusal(record: dict | None) -> bool:
     """An OpenAI batch line of a refused request (run-batch's error lines): not a result, tried again on resume."""
     if not isinstance(record, dict) or "index" not in record:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from ..planning.policy_search import AutoPolicy, check_context
 from ..system.devices import ComputeDevice
 from ..system.memory import gib
 from ..system.profile_store import prediction_miss
-from .batch_io import InputError
+from .batch_io import InputError, results_in
 from .breakdown_flags import add_flags as add_breakdown_flags
 from .checks import Parser, UsageError, check_args, finite_float, positive_int
 from .options import (
@@ -367,12 +368,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
-        _interrupted(e)
+        _interrupted(e, getattr(args, "output", None))
     except RuntimeError as e:  # an interrupt raised inside a lock's handling (a thread waiting on a Future, say)
         interrupt = interrupt_behind(e)  # surfaces as "cannot release un-acquired lock", the interrupt behind it
         if interrupt is None:
             raise
-        _interrupted(interrupt)
+        _interrupted(interrupt, getattr(args, "output", None))
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -385,8 +386,11 @@ def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
     return seen
 
 
-def _interrupted(e: KeyboardInterrupt) -> None:
+def _interrupted(e: KeyboardInterrupt, output: str | None) -> None:
+    """Exit 130 (143: SIGTERM), saying what an --output file keeps and how to go on (helper-35: it said neither)."""
     name, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
     end_progress()
-    print(f"{name}; offload files removed", file=sys.stderr)
+    kept = f"; {results_in(output)} results kept in {output}: rerun the same command to resume" \
+        if output and os.path.isfile(output) else ""
+    print(f"{name}; offload files removed{kept}", file=sys.stderr)
     raise SystemExit(code) from None
