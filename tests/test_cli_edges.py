@@ -239,3 +239,15 @@ def test_json_prompt_lines_say_which_of_their_fields_are_not_read(tmp_path, caps
     path.write_text('{"prompt": "a"}\nplain text\n')
     batch_io.read_prompts([], str(path))
     assert capsys.readouterr().err == ""
+
+
+def test_checking_an_offload_dir_leaves_no_folders_behind(tmp_path):
+    """helper-35: `--offload-dir a/b/c` left a, b and c behind, empty, after the run: the check that the folders can
+    be made and written removes those it made (the offload store makes them again, and removes them on close)."""
+    from flexgen_lite.cli.checks import check_offload_dir
+
+    check_offload_dir(str(tmp_path / "a" / "b" / "c"))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "kept").mkdir()
+    check_offload_dir(str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir()

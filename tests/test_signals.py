@@ -51,7 +51,7 @@ def test_sigterm_removes_offload_files_and_exits_143(opt_dir, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM); offload files removed" in err and "Traceback" not in err
-    assert list(offload.iterdir()) == []
+    assert not offload.exists()  # the folder the run made, with its files
 
 
 def test_sigkill_leftovers_are_removed_by_the_next_start(opt_dir, tmp_path):

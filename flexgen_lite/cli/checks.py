@@ -75,9 +75,13 @@ def check_device(device: str | None) -> None:
 
 
 def check_offload_dir(path: str) -> None:
-    """The offload directory can be made and written (the profile and the disk tier need it)."""
+    """The offload directory can be made and written (the profile and the disk tier need it); folders made to
+    check it are removed again (helper-35: a run left `a/b/c` behind, empty)."""
     if not path:
         return
+    from ..engine.storage import missing_folders, remove_empty
+
+    made = missing_folders(path)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -85,6 +89,8 @@ def check_offload_dir(path: str) -> None:
     except OSError as e:
         raise UsageError(f"--offload-dir {path} is not a writable directory ({e.strerror}); pass a writable "
                          "--offload-dir DIR") from None
+    finally:
+        remove_empty(made)
 
 
 def check_args(args: argparse.Namespace) -> None:

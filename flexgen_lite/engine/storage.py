@@ -195,7 +195,7 @@ class DiskStore:
     removes the directories of owners that died without cleaning up (SIGKILL, a crash, a power cut)."""
 
     def __init__(self, parent: str = "") -> None:
-        made = _missing_folders(parent) if parent else []  # removed again on close where left empty
+        made = missing_folders(parent) if parent else []  # removed again on close where left empty
         try:
             if parent:
                 os.makedirs(parent, exist_ok=True)
@@ -221,7 +221,7 @@ class DiskStore:
         self._finalizer()
 
 
-def _missing_folders(path: str) -> list[str]:
+def missing_folders(path: str) -> list[str]:
     """The folders of `path` that do not exist yet, deepest first."""
     missing, path = [], os.path.abspath(path)
     while not os.path.exists(path):
@@ -230,16 +230,21 @@ def _missing_folders(path: str) -> list[str]:
     return missing
 
 
+def remove_empty(folders: list[str]) -> None:
+    """Remove `folders` (missing_folders' list, made since), deepest first, while nothing else was put in them."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
 def _remove_files(files: weakref.WeakSet, directory: str, lock: int, made: list[str]) -> None:
     for f in list(files):
         f.close()
     shutil.rmtree(directory, ignore_errors=True)
     os.close(lock)  # only now: the directory is never unlocked while its owner lives
-    for folder in made:  # the --offload-dir folders this store made, where nothing else was put in them
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break
+    remove_empty(made)  # the --offload-dir folders this store made
 
 
 STORE_NAME = re.compile(r"flexgen-lite-(\d+)-")
