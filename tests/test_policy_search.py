@@ -61,6 +61,7 @@ def test_profile_measures_caches_and_reloads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(profile, "measure", quick)
     first = load_profile(offload_dir=str(tmp_path / "offload"))
+    assert not (tmp_path / "offload").exists()  # the probes' folder, made for them, is not left behind (helper-35)
     files = list((tmp_path / "flexgen-lite").glob("profile-cpu-*.json"))
     assert len(files) == 1
     assert load_profile(offload_dir=str(tmp_path / "offload")) == first  # from the cache, not measured again

@@ -33,7 +33,7 @@ from ..engine.decode_fused import ENV as FUSED_ENV
 from ..engine.decode_graph import ENV as GRAPHS_ENV
 from ..engine.kv_cache import CacheSlots, KVCache
 from ..engine.policy import DTYPES, Policy
-from ..engine.storage import DiskStore, MemoryLedger, OffloadError, Staging
+from ..engine.storage import DiskStore, MemoryLedger, OffloadError, Staging, missing_folders, remove_empty
 from ..engine.weight_sources import DummySource
 from ..engine.weights import place_weights
 from ..kernels import native
@@ -113,6 +113,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
                else mapped_pages(offload_dir, 32 * MiB // scale)),
               ("engine", lambda device, scale: _layer_overhead(device, found, offload_dir, quick=scale > 1))]
     stage_seconds, stage_compiles = {}, {}
+    made = missing_folders(offload_dir) if offload_dir else []  # the probes' folders: not left behind, empty
     for i, (name, fn) in enumerate(stages):
         if progress:
             progress(f"profiling {device.device}: {name} ({i + 1}/{len(stages)})")
@@ -122,6 +123,7 @@ def measure(device: ComputeDevice | None = None, offload_dir: str = "",
         stage_seconds[name] = round(time.perf_counter() - begun, 2)
         if compiles[0]:
             stage_compiles[name] = (compiles[0], round(compiles[1], 2))
+    remove_empty(made)
     if progress:
         progress("")
     others = others_cpu(start_cpu) / max(1e-9, time.perf_counter() - tic)
