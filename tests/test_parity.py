@@ -155,13 +155,13 @@ def test_float16_across_a_link_close_to_float32(tiny_models, references, name):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param(LINK, marks=link_only_on_cpu)])
 def test_weights_read_a_few_rows_at_a_time_match_transformers(tiny_models, references, monkeypatch, device):
-    """Placement reads each weight a chunk of rows at a time (weights.READ_CHUNK: OPT-1.3B's embedding was read
+    """Placement reads each weight a chunk of rows at a time (weight_reading.READ_CHUNK: OPT-1.3B's embedding was read
     whole in fp32 beside its cast, 0.58 GiB of the smallest plan): chunks of 1 KiB, every weight in many, into each
     tier (in place, into a host arena across a link, into its disk file) give transformers' tokens and logits."""
-    from flexgen_lite.engine import weights
+    from flexgen_lite.engine import weight_reading
     from flexgen_lite.engine.weight_sources import CheckpointSource
 
-    monkeypatch.setattr(weights, "READ_CHUNK", 1024)
+    monkeypatch.setattr(weight_reading, "READ_CHUNK", 1024)
     reads, read = [], CheckpointSource.read
     monkeypatch.setattr(CheckpointSource, "read", lambda self, spec, a, b: reads.append((spec.shape, b - a))
                         or read(self, spec, a, b))

@@ -4,7 +4,6 @@ compute device (weight_slots.py holds the buffers it is fetched into)."""
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -14,11 +13,10 @@ from ..kernels.compression import (
     compressed_nbytes,
     dequantize,
     from_bytes,
-    quantize,
     to_bytes,
 )
 from ..kernels.int4_gemv_triton import row_groups_of
-from ..kernels.int4_matmul import Int4Weight, eligible, pack, quantize_packed
+from ..kernels.int4_matmul import Int4Weight, eligible, pack
 from ..kernels.int8_weight import fits as int8_fits
 from ..kernels.int8_weight import head_wins, int8_nbytes
 from ..models.specs import LayerSpec, WeightSpec
@@ -26,6 +24,7 @@ from ..system.devices import ComputeDevice
 from ..system.host_memory import HostArena, padded
 from ..system.memory import return_freed_memory
 from .storage import DiskFile, DiskStore, MemoryLedger, page_aligned
+from .weight_reading import filled, packed_rows, quantized_rows, read_chunk_rows, read_in_chunks
 from .weight_sources import RoundedRows, WeightSource
 
 DECODER_KINDS = ("attention", "mlp")
@@ -215,12 +214,11 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     exact = source.groups(spec, compression) if compression is not None else None
 
     def quantized() -> QuantizedTensor:
-        return exact if exact is not None else quantize(source.read(spec, 0, rows).to(dtype), compression)
+        return exact if exact is not None else quantized_rows(spec, source, dtype, compression)
 
     def as_stored() -> torch.Tensor:
         if int4:
-            return pack(exact) if exact is not None else quantize_packed(source.read(spec, 0, rows).to(dtype),
-                                                                         compression)
+            return pack(exact) if exact is not None else packed_rows(spec, source, dtype, compression)
         return to_bytes(quantized())
 
     if tier == "disk":
@@ -257,31 +255,6 @@ def place_tensor(spec: WeightSpec, tier: str, source: WeightSource, dtype: torch
     taken = {"disk": page_aligned(nbytes), "cpu": padded(nbytes) if arena is not None else nbytes}
     ledger.add(tier, taken.get(tier, nbytes))
     return weight
-
-
-READ_CHUNK = 16 << 20  # placement reads an uncompressed weight this many bytes (in the compute dtype) at a time
-
-
-def read_chunk_rows(spec: WeightSpec, dtype: torch.dtype) -> int:
-    """Rows of `spec` read at once: READ_CHUNK's worth (the same on every tier: DummySource's values depend on the
-    rows read together)."""
-    return max(1, READ_CHUNK // max(1, math.prod(spec.shape[1:]) * dtype.itemsize))
-
-
-def read_in_chunks(spec: WeightSpec, source: WeightSource, dtype: torch.dtype):
-    """(first row, rows in `dtype`) of spec from `source`, a chunk at a time: placement's transient is a chunk
-    in the source's dtype and the compute dtype, not the whole tensor twice (a Llama-3-8B's embedding read in fp32
-    and cast took 3 GiB)."""
-    rows, chunk = spec.shape[0], read_chunk_rows(spec, dtype)
-    for s in range(0, rows, chunk):
-        yield s, source.read(spec, s, min(rows, s + chunk)).to(dtype)
-
-
-def filled(out: torch.Tensor, spec: WeightSpec, source: WeightSource) -> torch.Tensor:
-    """`out` (spec's shape, in memory of its own) with spec's values, read a chunk at a time."""
-    for s, rows_read in read_in_chunks(spec, source, out.dtype):
-        out[s:s + rows_read.shape[0]].copy_(rows_read)
-    return out
 
 
 def on_cpu(device: ComputeDevice) -> bool:

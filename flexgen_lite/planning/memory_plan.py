@@ -11,8 +11,10 @@ from ..engine.cache_store import component_specs
 from ..engine.kv_cache import batch_parts
 from ..engine.policy import Policy
 from ..engine.storage import TIERS
+from ..engine.weight_reading import chunk_rows, read_chunk_rows
 from ..engine.weight_sources import ROUNDED_ROWS
-from ..engine.weights import read_chunk_rows, rounded_to_8_bits
+from ..engine.weights import rounded_to_8_bits
+from ..kernels.compression import compressed_nbytes
 from ..kernels.int8_weight import int8_nbytes
 from ..models.config import ModelConfig
 from ..system.host_memory import padded
@@ -75,15 +77,19 @@ def memory_plan(s: Setup, lay: Layout) -> dict[str, dict[str, float]]:
     logits = s.gbs * c.vocab_size * (s.e + 8)
     gather = 2 * s.gbs * c.num_kv_heads * w.max_len * c.head_dim * s.e  # a part's k, v for rows still generating
     gpu["working set"] = max(working, gather) + inputs + logits + 2 * hidden
-    # sources yield rows in fp32 at most, cast into place a chunk at a time (weights.read_in_chunks; a GGUF's rotary
-    # q and k whole: their rows are permuted), or quantized whole; an fp32 tensor kept in host RAM is the source's
-    # own (the cast is a no-op), so only the read counts
+    # sources yield rows in fp32 at most, cast into place (or quantized: fp32 copy, codes) a chunk at a time
+    # (weight_reading.py; a GGUF's rotary q and k whole: their rows are permuted); an fp32 tensor kept in host
+    # RAM is the source's own (the cast is a no-op), so only the read counts
     cast = 0 if s.dtype == torch.float32 and not s.cuda else s.e
     load = 0.0
     for sp, _ in s.groups:
         numel = math.prod(sp.shape)
         read = min(numel, read_chunk_rows(sp, s.dtype) * numel // sp.shape[0])
-        load = max(load, read * (4 + cast), numel * 4 * 3 if s.compressed(sp) else 0)
+        if s.compressed(sp):  # a chunk of rows quantized, the whole one's bytes twice at most
+            step = chunk_rows(sp, s.dtype, s.wcomp, packed=True)
+            read = numel if step is None else min(numel, step * numel // sp.shape[0])
+            load = max(load, read * (9 + cast) + 2 * compressed_nbytes(sp.shape, s.wcomp))
+        load = max(load, read * (4 + cast))
         if rounded_to_8_bits(sp, s.wcomp, s.cpu_rows > 0):  # fp32 rows rounded a chunk at a time, codes beside
             load = max(load, 4 * 4 * min(numel, ROUNDED_ROWS) + int8_nbytes(sp.shape))  # rows, their rounding's
     if c.rotary_rows_permuted:  # a GGUF's rotary q, whole
