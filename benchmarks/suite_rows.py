@@ -250,8 +250,8 @@ def fast_dummy_weights() -> None:
     from flexgen_lite.kernels import compression
 
     tile = torch.empty(1 << 24).normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    exact, place, quantize, to_bytes = (weight_sources.DummySource.read, weights.place_tensor, weights.quantize,
-                                        weights.to_bytes)
+    exact, place, quantized_rows, to_bytes = (weight_sources.DummySource.read, weights.place_tensor,
+                                              weights.quantized_rows, weights.to_bytes)
     place_sig = inspect.signature(place)
 
     def read(self, spec, start: int, stop: int):
@@ -259,7 +259,7 @@ def fast_dummy_weights() -> None:
             return exact(self, spec, start, stop)
         shape = (stop - start, *spec.shape[1:])
         dtype = getattr(_placing, "dtype", None)
-        if dtype is not None:  # stands for values quantize() below never reads
+        if dtype is not None:  # stands for values fast_quantized_rows below never reads
             return torch.zeros((), dtype=dtype).expand(shape)
         FAST_STATS["tile_tensors"] += 1
         n, offset = math.prod(shape), zlib.crc32(f"{spec.hf_name}:{start}".encode()) % tile.numel()
@@ -281,13 +281,13 @@ def fast_dummy_weights() -> None:
         finally:
             _placing.dtype = None
 
-    def fast_quantize(x, config):
-        if getattr(_placing, "dtype", None) is None or any(x.stride()):
-            return quantize(x, config)
-        nbytes = compression.compressed_nbytes(tuple(x.shape), config)
-        start = (zlib.crc32(repr(tuple(x.shape)).encode()) % (1 << 20)) * 2  # even: fp16 stays aligned
+    def fast_quantized_rows(spec, source, dtype, config):
+        if getattr(_placing, "dtype", None) is None:
+            return quantized_rows(spec, source, dtype, config)
+        nbytes = compression.compressed_nbytes(spec.shape, config)
+        start = (zlib.crc32(repr(tuple(spec.shape)).encode()) % (1 << 20)) * 2  # even: fp16 stays aligned
         flat = _byte_tile(torch, start + nbytes)[start:start + nbytes]
-        q = compression.from_bytes(flat, tuple(x.shape), config)
+        q = compression.from_bytes(flat, tuple(spec.shape), config)
         q.suite_flat = flat  # to_bytes hands these bytes on as they are
         FAST_STATS["code_tensors"] += 1
         FAST_STATS["code_bytes"] += nbytes
@@ -299,7 +299,7 @@ def fast_dummy_weights() -> None:
 
     weight_sources.DummySource.read = read
     weights.place_tensor = place_tensor
-    weights.quantize = fast_quantize
+    weights.quantized_rows = fast_quantized_rows
     weights.to_bytes = fast_to_bytes
 
 
