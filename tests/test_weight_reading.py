@@ -12,6 +12,7 @@ from flexgen_lite.kernels.compression import CompressionConfig, quantize, to_byt
 from flexgen_lite.kernels.int4_matmul import quantize_packed
 from flexgen_lite.models.specs import WeightSpec
 from flexgen_lite.system.devices import ComputeDevice
+from flexgen_lite.system.host_memory import HostArena
 
 
 class TensorSource(WeightSource):
@@ -60,16 +61,18 @@ def test_packed_by_chunks_is_the_whole_matrix_packed(small_chunks):
     assert torch.equal(chunked, quantize_packed(source.values.to(torch.bfloat16), config))
 
 
-@pytest.mark.parametrize("tier", ["gpu", "cpu", "disk"])
-def test_placement_reads_a_compressed_weight_a_chunk_at_a_time(small_chunks, tier, tmp_path):
+@pytest.mark.parametrize(("tier", "device_name"), [("gpu", "cpu"), ("cpu", "cpu"), ("disk", "cpu"),
+                                                   ("gpu", "cpu+link"), ("cpu", "cpu+link")])
+def test_placement_reads_a_compressed_weight_a_chunk_at_a_time(small_chunks, tier, device_name, tmp_path):
     """Every tier's compressed weight was read and quantized whole (a 235M-value matrix: 2.8 GB of fp32 beside
     it); it now holds a chunk, and the stored weight gives back the same values."""
     config = CompressionConfig(4, 64, 1)
     spec, source = spec_and_source(256, 128)
-    device, ledger, store = ComputeDevice("cpu"), MemoryLedger(), DiskStore(str(tmp_path))
+    device, ledger, store = ComputeDevice(device_name), MemoryLedger(), DiskStore(str(tmp_path))
     file = store.create(1 << 20) if tier == "disk" else None
+    arena = HostArena(1 << 20, pin=False) if device.host_is_separate else None  # a link's host RAM
     stored = weights.place_tensor(spec, tier, source, torch.bfloat16, device, ledger, config, file=file,
-                                  compressible=True)
+                                  compressible=True, arena=arena)
     assert len(source.reads) > 2 and max(source.reads) < 256
     expected = weights.dequantize(quantize(source.values.to(torch.bfloat16), config), torch.bfloat16)
     if stored.int4:
