@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flexgen_lite import FlexGenLite, ModelError, Policy, SamplingConfig
-from flexgen_lite.models.hf_config import config_from_dict, load_config
+from flexgen_lite.models.hf_config import FAMILIES, config_from_dict, load_config
 
 from .conftest import PROMPTS, make_checkpoint, reference_attention
 
@@ -70,8 +70,12 @@ def without_theta(config: dict) -> None:
     ("qwen2-moe", lambda c: None, dict(qkv_bias=False)),
     # tied in the config, but the checkpoint stores a head of its own: transformers uses the stored head
     ("llama", lambda c: c.update(tie_word_embeddings=True), {}),
+    # fields left out: Phi-3's norms at transformers' 1e-5 (not 1e-6), Qwen3's heads 128 wide whatever the width
+    ("phi3", lambda c: c.pop("rms_norm_eps"), {}),
+    ("qwen3", lambda c: c.pop("head_dim"), dict(head_dim=128)),
 ], ids=["gemma-legacy-gelu", "llama-partial-rotary-ignored", "gemma3-attention-cap-unused",
-        "granite-default-multiplier", "mixtral-default-rope-base", "qwen2-moe-without-biases", "stored-head-untied"])
+        "granite-default-multiplier", "mixtral-default-rope-base", "qwen2-moe-without-biases", "stored-head-untied",
+                           "phi3-default-norm-eps", "qwen3-default-head-dim"])
 def test_read_as_transformers_reads_it(tmp_path, family, edit, overrides):
     assert_as_transformers(edited(tmp_path / family, family, edit, **overrides))
 
@@ -116,3 +120,35 @@ def test_damaged_index_and_tokenizer_are_refused_by_name(tmp_path):
     with pytest.raises(ModelError, match="its tokenizer cannot be loaded") as e:
         FlexGenLite(str(path), policy=Policy(dtype="float32"))
     assert "\n" not in str(e.value) and str(e.value).endswith("(tokenizer.json, tokenizer_config.json)")
+
+
+LEFT_OUT = ("rms_norm_eps", "head_dim", "sliding_window", "max_position_embeddings", "max_window_layers")
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["", "use-sliding-window"])
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - {"gemma3"}))
+def test_fields_left_out_take_transformers_defaults(model_type, windowed):
+    """A config.json without a field reads as transformers' config class reads it: its family's default, not one
+    of ours (helper-38: Phi-3's and OLMo-2's norms took 1e-6 where transformers takes 1e-5, logits 2.4e-3 apart; a
+    Qwen3 without head_dim, 128 in transformers, was refused for its weights' shapes; Gemma-2's and OLMo-3's
+    default windows of 4096 were none). Each family's full config from transformers, the fields taken out."""
+    from transformers import AutoConfig
+
+    small = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=34, num_attention_heads=4,
+                 num_key_value_heads=2, use_sliding_window=windowed)
+    if model_type == "opt":
+        small = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+    reference = AutoConfig.for_model(model_type, **small)
+    fields = {k: v for k, v in reference.to_dict().items() if k not in LEFT_OUT + ("layer_types",)}
+    fields.pop("rope_scaling", None) if fields.get("rope_scaling") is None else None
+    ours = config_from_dict(fields)
+    assert ours.max_positions == reference.max_position_embeddings
+    if model_type != "opt":
+        assert ours.norm_eps == reference.rms_norm_eps
+        assert ours.head_dim == (getattr(reference, "head_dim", None) or 64 // 4)
+    window, types = getattr(reference, "sliding_window", None), getattr(reference, "layer_types", None)
+    if not window:
+        assert ours.windows == ()
+    else:  # by layer type where the config has them, else every layer (Mistral, Qwen3-MoE)
+        windows = tuple(window if t == "sliding_attention" else 0 for t in types or ["sliding_attention"] * 34)
+        assert (ours.windows or (0,) * 34) == windows

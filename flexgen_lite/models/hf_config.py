@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import stores_tensor
 from .config import ModelConfig, ModelError
+from .hf_defaults import default_theta, with_family_defaults
 
 
 def _eos_list(value) -> list[int]:
@@ -42,14 +43,6 @@ def _opt_config(c: dict, name: str) -> ModelConfig:
         bos_token_id=c.get("bos_token_id"), eos_token_id=_eos_list(c.get("eos_token_id")),
         pad_token_id=c.get("pad_token_id"),
     )
-
-
-# transformers' rope bases where a config names none (10000 for the other families)
-DEFAULT_THETA = {"mixtral": 1e6, "smollm3": 2e6, "olmo3": 5e5, "gpt_oss": 150_000.0}
-
-
-def default_theta(c: dict) -> float:
-    return DEFAULT_THETA.get(c.get("model_type"), 10000.0)
 
 
 def _rope_settings(c: dict) -> tuple[float, dict | None]:
@@ -354,7 +347,7 @@ def config_from_dict(c: dict, name: str = "") -> ModelConfig:
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
         )
     try:
-        return FAMILIES[model_type](c, name)
+        return FAMILIES[model_type](with_family_defaults(c), name)
     except KeyError as e:
         raise ModelError(f"config of {name or model_type} lacks the field {e.args[0]!r}") from None
 
