@@ -12,6 +12,7 @@ import torch
 
 from .block_runs import BlockRuns
 from .block_shapes import BlockShapes
+from .completion_text import cut_at_stop, text_after
 from .engine.block import block_order
 from .engine.block_schedule import Engine
 from .engine.policy import Policy, PolicyError
@@ -166,17 +167,18 @@ class FlexGenLite(BlockRuns):
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop)
-        ids = self.generate_ids(self.encode(texts, chat), sampling)
-        outputs = [self.decode(i, sampling.stop) for i in ids]
+        prompt_ids = self.encode(texts, chat)
+        ids = self.generate_ids(prompt_ids, sampling)
+        outputs = [self.decode(i, sampling.stop, p) for i, p in zip(ids, prompt_ids, strict=True)]
         return outputs[0] if single else outputs
 
     def encode(self, texts: list[str], chat: bool = False) -> list[list[int]]:
         return encode_texts(self.tokenizer, texts, chat, self.config.name)
 
-    def decode(self, ids: list[int], stop: tuple[str, ...] = ()) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-        return text[:cut]
+    def decode(self, ids: list[int], stop: tuple[str, ...] = (), context: list[int] = ()) -> str:
+        """The text of `ids` (special tokens skipped) after `context`, the tokens before them (their prompt's:
+        completion_text.py), up to the first stop string in it."""
+        return cut_at_stop(text_after(self.tokenizer, list(context), ids), stop)
 
     @one_call
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] | None = None,

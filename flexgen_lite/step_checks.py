@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from .completion_text import CONTEXT_TOKENS, text_after
 from .engine.block import Block
 from .stragglers import Carried, worth_ending
 
@@ -70,8 +71,11 @@ def stop_check(tokenizer, stops: list[tuple[str, ...]], moving: dict[int, Carrie
     """Ends the rows whose text holds one of their stop strings (`stops`: each prompt's row's). Asked after every
     step, so a stop string new in a row's text ends at its last token: only the text of its last tokens, as many as
     the longest stop string could span (stop_window), is decoded, not the whole text at every step. (A stop string
-    spread past them, by special tokens between its characters, is still cut from the output at the end.) The
-    rows' last tokens are read from the compute device at once: one read a step, not one a row."""
+    spread past them, by special tokens between its characters, is still cut from the output at the end.) While
+    those reach back to the row's first generated token, they are decoded after the prompt's last tokens, as the
+    output's text is (completion_text.py: a first word's leading space). The rows' last tokens, a row's prompt (and
+    tokens carried from an earlier block) before them in the block, are read from the compute device at once: one
+    read a step, not one a row."""
     windows = [stop_window(stop) for stop in stops]
 
     def check(block: Block) -> None:
@@ -80,15 +84,19 @@ def stop_check(tokenizer, stops: list[tuple[str, ...]], moving: dict[int, Carrie
             return
         lengths = block.length[rows].tolist()
         end = max(lengths)
-        width = min(end, max(windows[row] for row in rows))
+        width = min(block.prompt_len + end, max(windows[row] for row in rows) + CONTEXT_TOKENS)
         index = torch.tensor(rows, device=block.tokens.device)
         recent = block.tokens[index, block.prompt_len + end - width:block.prompt_len + end].tolist()
         for row, tokens, length in zip(rows, recent, lengths, strict=True):
-            # rows still generating made as many tokens (those that did not are finished); else its own read
-            ids = tokens[-windows[row]:] if length == end else block.new_tokens(row, windows[row])
-            if len(ids) < windows[row] and row in moving:
-                ids = moving[row].tokens[-(windows[row] - len(ids)):] + ids
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if length != end:  # finished rows made fewer tokens: its own read
+                stop_at = block.prompt_len + length
+                tokens = block.tokens[row, max(0, stop_at - width):stop_at].tolist()
+            made = length + (len(moving[row].tokens) if row in moving else 0)  # generated, this block and before
+            last = min(windows[row], made)
+            if not last:
+                continue
+            context = tokens[:-last][-CONTEXT_TOKENS:] if last == made else []
+            text = text_after(tokenizer, context, tokens[-last:])
             if any(s in text for s in stops[row]):
                 block.finished[row] = True
     return check

@@ -504,7 +504,8 @@ def test_sampling_settings_at_their_edges_and_of_the_wrong_type():
 
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 8
     greedy = logits.argmax(-1)
-    for config in (SamplingConfig(temperature=1e-40), SamplingConfig(temperature=1.0, top_p=1e-300)):
+    for config in (SamplingConfig(temperature=1e-40), SamplingConfig(temperature=1e-46),  # 0 in fp32 (helper-36)
+                   SamplingConfig(temperature=5e-324), SamplingConfig(temperature=1.0, top_p=1e-300)):
         assert torch.equal(sample(logits, config, torch.Generator().manual_seed(1)), greedy)
     config = SamplingConfig(max_new_tokens=np.int64(3), top_k=np.int32(2), seed=np.int64(7), stop=None)
     assert (config.max_new_tokens, config.top_k, config.seed, config.stop) == (3, 2, 7, ())

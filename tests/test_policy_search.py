@@ -245,8 +245,8 @@ def test_impossible_budget_says_what_is_missing_where():
 
 
 def test_placement_reads_a_chunk_at_a_time_and_a_ggufs_rotary_q_and_k_whole():
-    """Loading's host transient: a chunk of rows in fp32 and the compute dtype (weight_reading.read_in_chunks), where it was
-    OPT-1.3B's whole embedding twice (0.58 GiB, the largest part of the smallest plan); a GGUF's rotary q and k,
+    """Loading's host transient: a chunk of rows in fp32 and the compute dtype (weight_reading.read_in_chunks), where
+    it was OPT-1.3B's whole embedding twice (0.58 GiB, the largest part of the smallest plan); a GGUF's rotary q and k,
     their rows permuted by llama.cpp, are dequantized whole, which the plan counts."""
     from flexgen_lite.planning.memory_plan import peak_memory
 

@@ -170,12 +170,13 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
         chunk, tokens, empty, tic = m.policy.block_size * 4, 0, 0, time.perf_counter()
         overall.start()
 
-        def save(finished: dict[int, list[int]], indices: list[int], count: bool = True) -> None:
+        def save(finished: dict[int, list[int]], indices: list[int], prompt_ids: list[list[int]],
+                 count: bool = True) -> None:
             nonlocal tokens, empty
             if output is None:
                 end_progress()  # the completions go to stdout, maybe the same terminal
             for j, gen in sorted(finished.items()):
-                text = m.decode(gen, sampling.stop)
+                text = m.decode(gen, sampling.stop, prompt_ids[j])
                 _write(args, output, indices[j], prompts[indices[j]].text, text, gen)
                 tokens, empty = tokens + len(gen), empty + (not text.strip())
             (output or sys.stdout).flush()
@@ -189,11 +190,12 @@ def _generate(args, prompts: list[Prompt], todo: list[int], sampling: SamplingCo
             # the --output file gets each block as it ends (a kill loses at most one block); stdout, each chunk in
             # the prompts' order
             per_block = (lambda finished: overall.advance(len(finished))) if output is None else (
-                lambda finished, indices=indices: save({j: ids for j, (ids, _) in finished.items()}, indices))
+                lambda finished, indices=indices, first=first: save({j: gen for j, (gen, _) in finished.items()},
+                                                                    indices, ids[first:first + chunk]))
             generated = m.generate_ids(ids[first:first + chunk], sampling, indices=indices, on_block=per_block,
                                        carry_over=CARRY_OVER[args.carry_over])
             if output is None:
-                save(dict(enumerate(generated)), indices, count=False)
+                save(dict(enumerate(generated)), indices, ids[first:first + chunk], count=False)
         elapsed = time.perf_counter() - tic
         end_progress()
         print(f"{tokens} tokens for {len(todo)} prompts in {elapsed:.1f} s: {tokens / elapsed:.1f} tok/s "

@@ -109,8 +109,10 @@ def sample(logits: torch.Tensor, config: SamplingConfig,
     `generator` is one generator for all rows, or a sequence of one generator per row."""
     if config.temperature == 0:
         return greedy(logits)
-    # shifted by each row's largest first: a tiny temperature sends the others to -inf, not to inf - inf
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / config.temperature
+    # shifted by each row's largest first: a tiny temperature sends the others to -inf, not to inf - inf; one below
+    # fp32's least normal (1e-46) would be 0 in fp32, and the largest 0 / 0
+    temperature = max(config.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if config.top_k:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

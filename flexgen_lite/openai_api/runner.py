@@ -3,6 +3,7 @@ their sampling settings and stop conditions may differ row by row), decoded into
 
 from __future__ import annotations
 
+from ..completion_text import CONTEXT_TOKENS
 from .requests import Job, Output
 
 
@@ -38,16 +39,20 @@ def token_texts(model, ids: list[int]) -> list[str]:
     return [text for text, _ in _texts_in_context(model, ids)]
 
 
-def _texts_in_context(model, ids: list[int]) -> list[tuple[str, list[int]]]:
-    """token_texts, each with the tokens before it that its text was read after (for its alternatives)."""
-    out, given = [], 0  # tokens whose text is given out
-    for k in range(len(ids)):
+def _texts_in_context(model, ids: list[int], context: list[int] = ()) -> list[tuple[str, list[int]]]:
+    """token_texts, each with the tokens before it that its text was read after (for its alternatives); the first
+    ones read after `context` (their prompt's last tokens: completion_text.py), unless its text ends mid-character."""
+    context = list(context[-CONTEXT_TOKENS:])
+    if context and model.decode(context).endswith("\ufffd"):
+        context = []
+    seq, out, given = context + list(ids), [], len(context)  # tokens whose text is given out
+    for k in range(len(context), len(seq)):
         first = max(0, given - CONTEXT_TOKENS)
-        head, whole = model.decode(ids[first:given]), model.decode(ids[first:k + 1])
+        head, whole = model.decode(seq[first:given]), model.decode(seq[first:k + 1])
         if whole.endswith("\ufffd") or not whole.startswith(head):  # a character not complete yet
-            out.append(("", ids[first:k]))
+            out.append(("", seq[first:k]))
             continue
-        out.append((whole[len(head):], ids[first:k]))
+        out.append((whole[len(head):], seq[first:k]))
         given = k + 1
     return out
 
@@ -56,9 +61,6 @@ def _text_after(model, context: list[int], token: int) -> str:
     """What `token` adds to the text of `context` (an alternative's text, as the chosen token's is read)."""
     head, whole = model.decode(context), model.decode(context + [token])
     return whole[len(head):] if whole.startswith(head) else model.decode([token])
-
-
-CONTEXT_TOKENS = 6  # tokens decoded before one to find its text (a character's bytes, a word's leading space)
 
 
 def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=None,
@@ -88,9 +90,10 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
     def finished(block: dict) -> None:
         for i, (gen, kept) in block.items():
             j, top = members[i], jobs[members[i]].logprobs
+            prompt = list(jobs[j].ids)
             outputs[j] = output_of(model, gen, jobs[j].sampling,
-                                   None if top is None else token_logprobs(model, gen, kept),
-                                   prompt_logprobs.get(j))
+                                   None if top is None else token_logprobs(model, gen, kept, prompt),
+                                   prompt_logprobs.get(j), prompt)
             if on_output is not None:
                 on_output(j, outputs[j])
 
@@ -103,22 +106,23 @@ def run_jobs(model, jobs: list[Job], on_tokens=None, on_output=None, cancelled=N
     return outputs
 
 
-def token_logprobs(model, gen: list[int], kept: list) -> list:
+def token_logprobs(model, gen: list[int], kept: list, prompt: list[int] = ()) -> list:
     """(text, log-probability, top alternatives as (text, log-probability)) of each generated token, from what
-    the engine kept of the logits that chose it (generate_ids' logprobs)."""
+    the engine kept of the logits that chose it (generate_ids' logprobs); texts read after the prompt's."""
     return [(text, chosen, [(_text_after(model, context, t), lp) for t, lp in best])
-            for (text, context), (chosen, best) in zip(_texts_in_context(model, gen), kept, strict=True)]
+            for (text, context), (chosen, best) in zip(_texts_in_context(model, gen, prompt), kept, strict=True)]
 
 
-def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=None) -> Output:
-    """gen's text (cut at a stop string), why it ended, and the log-probabilities of the tokens that made that
-    text (those of a stop string that began at a token's start are not in it)."""
-    text = model.decode(gen, sampling.stop)
+def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=None, prompt: list[int] = ()
+              ) -> Output:
+    """gen's text after its prompt's (cut at a stop string), why it ended, and the log-probabilities of the tokens
+    that made that text (those of a stop string that began at a token's start are not in it)."""
+    text = model.decode(gen, sampling.stop, prompt)
     eos = set(model.config.eos_token_id or ()) if sampling.stop_at_eos else set()
-    if sampling.stop and len(text) < len(model.decode(gen)):
+    if sampling.stop and len(text) < len(model.decode(gen, (), prompt)):
         reason = "stop"  # cut at a stop string
         if logprobs is not None:
-            kept = next(k for k in range(len(gen) + 1) if len(model.decode(gen[:k])) >= len(text))
+            kept = next(k for k in range(len(gen) + 1) if len(model.decode(gen[:k], (), prompt)) >= len(text))
             logprobs = logprobs[:kept]
     elif gen and gen[-1] in eos:
         reason = "stop"
@@ -127,10 +131,11 @@ def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=No
     return Output(gen, text, reason, logprobs, prompt_logprobs)
 
 
-def settled_text(model, ids: list[int], sampling) -> str:
-    """The text of a sequence still being generated that later tokens cannot change: cut at a stop string,
-    less a tail that may be the start of one, or a character whose bytes are not all there yet."""
-    text = model.decode(ids, sampling.stop).rstrip("\ufffd")  # first: a stop's start may precede a split character
+def settled_text(model, ids: list[int], sampling, prompt: list[int] = ()) -> str:
+    """The text of a sequence still being generated (after its prompt's) that later tokens cannot change: cut at a
+    stop string, less a tail that may be the start of one, or a character whose bytes are not all there yet."""
+    # the split character first: a stop's start may precede it
+    text = model.decode(ids, sampling.stop, prompt).rstrip("\ufffd")
     held = 0
     for stop in sampling.stop:
         for n in range(min(len(stop) - 1, len(text)), held, -1):

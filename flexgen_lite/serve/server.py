@@ -239,7 +239,7 @@ async def events(state: ServerState, work: Work, future, tokens: asyncio.Queue):
             step.cancel()
             break
         k, ids = step.result()
-        text = settled_text(state.model, ids, work.jobs[k].sampling)
+        text = settled_text(state.model, ids, work.jobs[k].sampling, list(work.jobs[k].ids))
         if len(text) > len(sent[k]) and text.startswith(sent[k]):
             yield _chunk(work, k, text[len(sent[k]):], None)
             sent[k] = text

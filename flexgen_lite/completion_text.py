@@ -1,0 +1,25 @@
+"""A completion's text as the continuation of its prompt's: its tokens decoded after the prompt's last few, so
+the text keeps what those tokens add there. A SentencePiece tokenizer (Llama-2's, Mistral's) drops a leading
+space when it decodes from a sequence's first token: decoded alone, a completion " Paris" read "Paris", and a
+stop string " Paris" could not be found at its first token (helper-36). vLLM decodes the same way."""
+
+from __future__ import annotations
+
+CONTEXT_TOKENS = 6  # tokens decoded before one to find its text (a character's bytes, a word's leading space)
+
+
+def text_after(tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text `ids` add to the text of `context` (the tokens before them; special tokens skipped); their text
+    alone where the context's own text is not a prefix of it (a character split between the two)."""
+    alone = tokenizer.decode(ids, skip_special_tokens=True)
+    if not context:
+        return alone
+    context = list(context[-CONTEXT_TOKENS:])
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    whole = tokenizer.decode(context + list(ids), skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) and not head.endswith("\ufffd") else alone
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the first of the stop strings in it."""
+    return text[:min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
