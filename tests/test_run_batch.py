@@ -264,3 +264,46 @@ def test_a_leading_bom_is_no_part_of_the_first_line_and_a_line_not_utf8_gets_an_
     assert got["latin"]["response"] is None and got["latin"]["error"]["code"] == "invalid_utf8"
     assert f"{requests} line 2 is not valid UTF-8" in got["latin"]["error"]["message"]
     assert [r["error"]["code"] for r in got[None]] == ["invalid_utf8"]  # its custom_id unreadable: null
+
+
+def test_dropping_error_lines_replaces_the_file_whole(tmp_path, monkeypatch):
+    """helper-37: the error lines were dropped by truncating the file and writing the kept lines back, and a kill
+    between the two lost every answer (19,999 of them, 3 kills of 3). The kept lines go to a new file renamed over
+    the old one: stopped before the rename, the file is as it was; after it, the new file is the one locked."""
+    import fcntl
+    import os
+
+    from flexgen_lite.cli.batch_io import InputError, Prompt, ResumableOutput, prompt_hash
+
+    prompts = [Prompt(f"p{i}", f"line {i + 1}") for i in range(3)]
+
+    def result(i: int, status: int = 200) -> str:
+        return json.dumps({"index": i, "prompt_hash": prompt_hash(f"p{i}"), "custom_id": f"r{i}",
+                           "response": {"status_code": status, "body": {}}})
+
+    out = tmp_path / "out.jsonl"
+    before = "\n".join([result(0), result(1, 400), result(2)]) + "\n"
+    out.write_text(before)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ResumableOutput(str(out), prompts)
+    assert out.read_text() == before
+    output = ResumableOutput(str(out), prompts)
+    try:
+        assert output.done == {0, 2} and output.retried == 1
+        assert out.read_text() == "\n".join([result(0), result(2)]) + "\n"
+        assert not (tmp_path / "out.jsonl.tmp").exists()
+        with open(out, "a+b") as other, pytest.raises(BlockingIOError):  # another process: refused
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="another flexgen-lite process"):
+            ResumableOutput(str(out), prompts)
+        output.write_record(1, "p1", {"custom_id": "r1"})
+        output.flush()
+        assert json.loads(out.read_text().splitlines()[-1])["custom_id"] == "r1"  # written to the new file
+    finally:
+        output.close()

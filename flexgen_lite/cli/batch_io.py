@@ -149,13 +149,37 @@ class ResumableOutput:
             kept.append(raw)
         if last and not any(last[:len(start)] == start[:len(last)] for start in (RECORD_START, META_START)):
             self._check_line(None, len(complete) + 1, prompts)
-        if self.retried:  # rewritten without the refusals (killed meanwhile: lines not yet back are redone)
-            self.file.truncate(0)
-            self.file.write(b"".join(raw + b"\n" for raw in kept))
-            self.flush()
+        if self.retried:  # without the refusals
+            self._replace_with(b"".join(raw + b"\n" for raw in kept))
         elif last:
             self.file.truncate(len(data) - len(last))
         return bool(last), done
+
+    def _replace_with(self, data: bytes) -> None:
+        """The file rewritten as `data`: written to PATH.tmp, locked, synced, then renamed over it, so a kill leaves
+        the old file or the new one (helper-37: truncated and rewritten in place, a kill between the two left none
+        of 19,999 answers)."""
+        tmp = f"{self.path}.tmp"
+        try:
+            new = open(tmp, "w+b")  # noqa: SIM115 - becomes self.file
+        except OSError as e:
+            self._failed(e)
+        try:
+            _lock(new, self.path, self.flag)
+            os.chmod(tmp, os.stat(self.path).st_mode & 0o7777)
+            new.write(data)
+            new.flush()
+            os.fsync(new.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            new.close()
+            Path(tmp).unlink(missing_ok=True)
+            self._failed(e)
+        except BaseException:
+            new.close()
+            raise
+        self.file.close()
+        self.file = new
 
     def _check_line(self, record: dict | None, number: int, prompts: list[Prompt]) -> int:
         index = record.get("index") if record else None
