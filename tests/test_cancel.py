@@ -264,3 +264,61 @@ def test_a_cancel_that_lands_while_a_batch_ends_wins(tmp_path):
         runner.stop()
         runner.join()
         store.close()
+
+
+def test_a_batch_whose_output_cannot_be_written_tries_again(tmp_path, monkeypatch):
+    """helper-37: a full disk while a batch's output file was written left it "finalizing" for good (its move to
+    failed is not allowed from there) until a restart. Its results are stored: it tries again later, and completes
+    once the disk has room; a half-written file is not left behind."""
+    import errno
+
+    from flexgen_lite.serve import batches
+    from flexgen_lite.serve.batches import BatchRunner
+    from flexgen_lite.serve.store import Store
+
+    monkeypatch.setattr(batches, "RETRY_S", 0.05)
+    store = Store(str(tmp_path / "state"))
+    file = store.add_file("in.jsonl", "batch", b"{}\n")
+    batch = store.create_batch(file.id, "/v1/completions", "24h", None)
+    store.move(batch.id, "in_progress", total=1)
+    store.add_results(batch.id, [(0, True, {"custom_id": "r0"})])
+    store.move(batch.id, "finalizing")
+    add_file, full = store.add_file, [2]
+
+    def disk_full(*args, **kwargs):
+        if full[0]:
+            full[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return add_file(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_file", disk_full)
+    runner = BatchRunner(store, None, None, 1)  # resumes the finalizing batch
+    try:
+        deadline = time.monotonic() + 20
+        while store.get_batch(batch.id).status != "completed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = store.get_batch(batch.id)
+        assert done.status == "completed" and full[0] == 0
+        assert store.file_path(done.output_file_id).read_text() == '{"custom_id": "r0"}\n'
+    finally:
+        runner.stop()
+        runner.join()
+        store.close()
+
+
+def test_a_state_directory_serves_one_server(tmp_path):
+    """helper-37: a second server on the same --state-dir queued the first one's unfinished batches too, and both
+    failed them (UNIQUE constraint failed: results.batch_id, results.line). The directory is locked while a store
+    holds it; a half-written upload of a killed server is removed at the next start."""
+    from flexgen_lite.serve.store import StateDirBusy, Store
+
+    store = Store(str(tmp_path / "state"))
+    try:
+        (store.files_dir / "file-x.tmp").write_bytes(b"partial")
+        with pytest.raises(StateDirBusy):
+            Store(str(tmp_path / "state"))
+    finally:
+        store.close()
+    again = Store(str(tmp_path / "state"))
+    assert not list(again.files_dir.glob("*.tmp"))
+    again.close()

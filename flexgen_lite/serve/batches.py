@@ -16,6 +16,8 @@ from ..openai_api.protocol import now
 from ..openai_api.requests import RequestError, Served, Work
 from .store import Store
 
+RETRY_S = 30.0  # a batch whose output files could not be written (a full disk) tries again after this long
+
 
 class BatchRunner:
     def __init__(self, store: Store, scheduler, served: Served, chunk: int) -> None:
@@ -49,9 +51,23 @@ class BatchRunner:
                 self._process(batch_id)
             except CancelledError:  # the engine queue closed under it: shutting down
                 return
+            except OSError as e:
+                if self.store.get_batch(batch_id).status not in ("finalizing", "cancelling"):
+                    self._failed(batch_id, e)
+                    continue
+                # its results are stored: its files are written again later (a full disk: helper-37's batch
+                # stayed finalizing until a restart)
+                print(f"batch {batch_id}: its output could not be written ({e.strerror or e}); trying again in "
+                      f"{RETRY_S:.0f} s", file=sys.stderr, flush=True)
+                retry = threading.Timer(RETRY_S, self._queue.put, (batch_id,))
+                retry.daemon = True
+                retry.start()
             except Exception as e:
-                traceback.print_exc(file=sys.stderr)
-                self.store.move(batch_id, "failed", errors=_errors("server_error", f"the batch failed: {e}"))
+                self._failed(batch_id, e)
+
+    def _failed(self, batch_id: str, e: Exception) -> None:
+        traceback.print_exc(file=sys.stderr)
+        self.store.move(batch_id, "failed", errors=_errors("server_error", f"the batch failed: {e}"))
 
     def _process(self, batch_id: str) -> None:
         batch = self.store.get_batch(batch_id)

@@ -284,7 +284,7 @@ def cmd_serve(args) -> None:
     from ..openai_api.batch_lines import served_model
     from .batches import BatchRunner
     from .scheduler import Scheduler
-    from .store import Store
+    from .store import StateDirBusy, Store
 
     _check_port(args.host, args.port)
     if args.state_dir is None:
@@ -293,6 +293,9 @@ def cmd_serve(args) -> None:
         args.state_dir = str(cache_dir() / f"serve-{args.port}")
     try:
         store = Store(args.state_dir)
+    except StateDirBusy:
+        raise InputError(f"--state-dir {args.state_dir} is in use by another running server (which runs its "
+                         "batches): stop that one, or give this server a --state-dir of its own") from None
     except (OSError, sqlite3.Error) as e:
         raise InputError(f"--state-dir {args.state_dir} cannot hold the server's state ({e}): choose a writable "
                          "directory") from None

@@ -7,6 +7,7 @@ point restarts with every finished request kept and none recorded twice.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -39,15 +40,30 @@ TRANSITIONS = {
     "validating": {"in_progress", "failed", "cancelling", "expired"},
     "in_progress": {"finalizing", "cancelling", "failed", "expired"},
     "cancelling": {"cancelled"},
-    "finalizing": {"completed"},
+    "finalizing": {"completed", "failed"},
 }
+
+
+class StateDirBusy(Exception):
+    """Another server keeps its state in this directory."""
 
 
 class Store:
     def __init__(self, state_dir: str) -> None:
+        """The state in `state_dir`, owned by this process while it is open (a second server on the same directory
+        queued the first one's batches too and failed them: helper-37); files a killed upload left half-written
+        are removed."""
         self.dir = Path(state_dir)
         self.files_dir = self.dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = open(self.dir / "server.lock", "a+b")  # noqa: SIM115 - held (locked) until close
+        try:
+            fcntl.flock(self._owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner.close()
+            raise StateDirBusy(state_dir) from None
+        for partial in self.files_dir.glob("*.tmp"):
+            partial.unlink(missing_ok=True)
         self._lock = threading.Lock()  # one connection, shared by the HTTP and batch threads
         self._db = sqlite3.connect(self.dir / "batches.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -61,6 +77,7 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner.close()
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -85,15 +102,19 @@ class Store:
         file_id = new_id("file")
         path = self.file_path(file_id)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                shutil.copyfileobj(data, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                if isinstance(data, bytes):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, 1 << 20)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: the part written would hold its space until a restart (helper-37)
+            tmp.unlink(missing_ok=True)
+            raise
         file = FileObject(id=file_id, bytes=size, created_at=now(), filename=filename, purpose=purpose)
         replaced = self._query("SELECT id FROM files WHERE filename = ? AND purpose = ?",
                                (filename, purpose)) if replace else []
