@@ -197,3 +197,25 @@ def test_an_offload_disk_without_room_for_the_probes_is_refused_before_measuring
     check_room(str(tmp_path / "not-yet"), 1 << 20)  # a directory made later: its nearest existing parent's room
     with pytest.raises(OffloadError, match=r"writes .* of probe files into .* which has .* free: free space"):
         check_room(str(tmp_path / "not-yet"), free + (1 << 40))
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "3", '{"matmul": []}'])
+def test_a_profile_file_of_another_shape_is_measured_again(tmp_path, monkeypatch, text):
+    """helper-37: a profile file of valid JSON but another shape (`[]`, `null`) made every command fail with an
+    AttributeError, even with an explicit policy; damaged files are read as none (measured again)."""
+    path = tmp_path / "profile.json"
+    path.write_text(text)
+    monkeypatch.setenv("FLEXGEN_LITE_PROFILE", str(path))
+    assert cached_profile(ComputeDevice("cpu")) is None
+
+
+def test_a_profile_that_cannot_be_saved_is_used_and_said_so(tmp_path, capsys):
+    """helper-37: a full cache disk failed the run with a traceback after the whole measurement, and left a
+    partial .tmp file. The run goes on with what it measured, and says the next one measures again."""
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    path = blocked / "profile.json"  # its folder is a file: cannot be written
+    save_profile(synthetic_profile(), path)
+    err = capsys.readouterr().err
+    assert "could not be saved" in err and str(path) in err and "this run uses it" in err
+    assert list(tmp_path.iterdir()) == [blocked]

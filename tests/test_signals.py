@@ -112,3 +112,24 @@ def test_an_interrupt_inside_a_locks_handling_still_ends_as_one(monkeypatch, cap
     parser.set_defaults(func=failing)
     with pytest.raises(RuntimeError, match="of its own"):
         cli.main([])
+
+
+def test_a_killed_profiles_probe_file_is_removed_by_the_next_start(tmp_path):
+    """helper-37: a profile killed while probing the disk left its 256 MiB file, which nothing removed (its name
+    held no pid). Probe files are named with their pid and locked while in use: a dead one's is removed where the
+    next run or profile starts, a live one's kept."""
+    from flexgen_lite.engine.storage import probe_file
+
+    dead = tmp_path / "flexgen-lite-profile-999999999-disk-abc"
+    dead.write_bytes(b"x" * 4096)
+    with probe_file(str(tmp_path), "disk") as path:
+        assert not dead.exists() and os.path.basename(path).startswith(f"flexgen-lite-profile-{os.getpid()}-disk-")
+        renamed = tmp_path / "flexgen-lite-profile-999999998-disk-live"
+        os.rename(path, renamed)  # a dead pid in the name is not enough: this process holds its lock
+        assert remove_stale_stores(str(tmp_path)) == [] and renamed.exists()
+        os.rename(renamed, path)
+    assert list(tmp_path.iterdir()) == []
+    DiskStore(str(tmp_path)).close()  # a run's offload store removes a dead probe's file too
+    dead.write_bytes(b"x")
+    DiskStore(str(tmp_path)).close()
+    assert list(tmp_path.iterdir()) == []

@@ -250,7 +250,8 @@ def cmd_profile(args) -> None:
         print(hardware.to_json())
     else:
         print(hardware.summary())
-        print(f"cached in {profile_path(device, args.offload_dir)}")
+        path = profile_path(device, args.offload_dir)
+        print(f"cached in {path}" if path.is_file() else f"not cached: {path} could not be written")
 
 
 def cmd_report(args) -> None:

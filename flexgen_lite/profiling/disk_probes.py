@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..engine.storage import PAGE, DiskFile
+from ..engine.storage import PAGE, DiskFile, probe_file
 from ..system.devices import ComputeDevice
 from .probes import MiB, contention, timed
 
@@ -22,8 +22,11 @@ def measure_disk(offload_dir: str, size: int, device: ComputeDevice | None = Non
     and how much dearer page-cache reads get beside compute."""
     parent = offload_dir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
-    fd_, path = tempfile.mkstemp(prefix="flexgen-lite-profile-", dir=parent)
-    os.close(fd_)
+    with probe_file(parent, "disk") as path:
+        return _read_and_write(path, size, device)
+
+
+def _read_and_write(path: str, size: int, device: ComputeDevice | None) -> dict:
     chunk = 8 * MiB
     buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
     buf.write(os.urandom(1 << 16) * (size >> 16))
@@ -74,7 +77,6 @@ def measure_disk(offload_dir: str, size: int, device: ComputeDevice | None = Non
         for _, part in chunks:
             part.release()
         buf.close()
-        os.unlink(path)
     return {"disk_read": cold, "disk_write": write, "cached_read": cached_read, "cached_write": cached_write,
             "disk_method": method, "contention_read": reads}
 
@@ -86,8 +88,11 @@ def mapped_pages(offload_dir: str, size: int) -> dict:
     `size` bytes in the page cache, and seconds per page first written between them (a write fault)."""
     parent = offload_dir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
-    path = os.path.join(parent, f"flexgen-lite-profile-mapped-{os.getpid()}")
-    file = DiskFile(path, size)
+    with probe_file(parent, "mapped") as path:
+        return _mapped(DiskFile(path, size), size)
+
+
+def _mapped(file: DiskFile, size: int) -> dict:
     try:
         try:
             pages = file.map(torch.uint8, (size,))

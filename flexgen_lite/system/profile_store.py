@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def cached_profile(device: ComputeDevice | None = None, offload_dir: str = "") -
     path = Path(override) if override else profile_path(device or ComputeDevice(), offload_dir)
     try:
         return HardwareProfile.from_json(path.read_text())
-    except (OSError, ValueError, TypeError, KeyError):
-        return None  # none yet, or an older or damaged file
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None  # none yet, or an older or damaged file (JSON of another shape: `[]`, helper-37)
 
 
 @functools.cache
@@ -94,10 +95,20 @@ def profile_in_force(profile: HardwareProfile):
 
 
 def save_profile(profile: HardwareProfile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Keep `profile` at `path` (whole: written beside it and renamed). Where it cannot be written (a full disk,
+    a read-only cache), this run still uses it, and says so, rather than failing after minutes of measuring
+    (helper-37)."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(profile.to_json())
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        print(f"warning: the hardware profile could not be saved to {path} ({e.strerror or e}): this run uses it, "
+              "the next one measures again (make room there, or set FLEXGEN_LITE_CACHE to a writable folder)",
+              file=sys.stderr)
     profile_changed()
 
 
