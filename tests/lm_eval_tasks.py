@@ -1,5 +1,7 @@
 """Local lm-eval tasks over JSONL files written by the tests (no network): multiple choice, generation, rolling
-log-likelihood."""
+log-likelihood. Generations are compared without their leading whitespace, as generation tasks filter them: lm-eval's
+hf model decodes a continuation alone, an OpenAI server (vLLM's, ours) as the prompt's continuation, which keeps the
+space a word-level or SentencePiece tokenizer puts before its first word."""
 
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs: {{until: ["{stop}"], max_gen_toks: {max_gen}, do_sample: false}}
+filter_list:
+  - name: none
+    filter:
+      - function: remove_whitespace
+      - function: take_first
 metric_list:
   - metric: exact_match
 """,

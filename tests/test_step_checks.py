@@ -19,8 +19,9 @@ from flexgen_lite.stragglers import Carried
 
 
 def first_step(check, ids: list[int], carried: int) -> int | None:
-    """The step after which `check` ends a row generating `ids`, its first `carried` made in an earlier block."""
-    block = Block.from_prompts([[1]], 1, 1, len(ids) - carried, 0, (), torch.device("cpu"))
+    """The step after which `check` ends a row generating `ids`, its first `carried` made in an earlier block (and
+    in this one's prompt, after the first's, as the engine carries a row on)."""
+    block = Block.from_prompts([[1] + ids[:carried]], 1, 1, len(ids) - carried, 0, (), torch.device("cpu"))
     for k, token in enumerate(ids[carried:], start=1):
         block.tokens[0, block.prompt_len + k - 1] = token
         block.length[0] = k
@@ -55,7 +56,7 @@ def test_streamed_text_is_never_cut_later():
     them, while the third's bytes were split across tokens."""
     tokenizer = open_model(default_model_path())[2]
     model = SimpleNamespace(tokenizer=tokenizer)
-    model.decode = lambda ids, stop=(): FlexGenLite.decode(model, ids, stop)
+    model.decode = lambda ids, stop=(), context=(): FlexGenLite.decode(model, ids, stop, context)
     for text, stop in (("Hi 🌟🌟🌟 there", "🌟🌟🌟"), ("Fin — voilà é", "— voi"), ("a\n\nHuman: b", "\n\nHuman:"),
                        ("日本語のテキスト", "のテ")):
         ids = tokenizer.encode(text, add_special_tokens=False)
