@@ -125,3 +125,32 @@ def test_a_gemma2_files_attention_scale_is_llama_cpps(tmp_path, layers, scalar):
     config = read_gguf_config(path)
     assert config["query_pre_attn_scalar"] == scalar and config["model_type"] == "gemma2"
     assert config_from_dict(config).attention_scale == scalar ** -0.5
+
+
+def test_a_gemma2_file_without_soft_caps_takes_transformers_and_llama_cpps(tmp_path):
+    """helper-39: a Gemma-2 file without its caps' metadata (early converters wrote none) ran uncapped, its logits
+    0.26 off transformers'; llama.cpp and transformers both take 50 and 30 then. A count stored as a float is
+    refused by name (it was read as int(5.6e-45) = 0, then blamed on the rotary dims)."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config
+
+    from flexgen_lite.models.gguf_file import GGUFError, read_gguf_config
+
+    from .test_phi3 import gguf_header, write_gguf
+
+    c = SimpleNamespace(num_hidden_layers=2, max_position_embeddings=8192, hidden_size=64, intermediate_size=128,
+                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=512,
+                        rope_parameters={"rope_theta": 10000.0})
+    writer = gguf_header(c, tmp_path / "g.gguf", "gemma2", 16)
+    write_gguf(writer)
+    config, reference = read_gguf_config(tmp_path / "g.gguf"), Gemma2Config()
+    assert config["attn_logit_softcapping"] == reference.attn_logit_softcapping == 50.0
+    assert config["final_logit_softcapping"] == reference.final_logit_softcapping == 30.0
+    data = (tmp_path / "g.gguf").read_bytes()
+    key = data.index(b"gemma2.embedding_length") + len(b"gemma2.embedding_length")
+    value_type = int.from_bytes(data[key:key + 4], "little")
+    (tmp_path / "f.gguf").write_bytes(data[:key] + (6).to_bytes(4, "little") + data[key + 4:])  # 6: float32
+    assert value_type in (4, 5)  # a 32-bit integer, read now as a float
+    with pytest.raises(GGUFError, match="'gemma2.embedding_length' is .*not a whole number"):
+        read_gguf_config(tmp_path / "f.gguf")

@@ -125,3 +125,69 @@ def test_dequantizes_as_gguf_does(tmp_path: Path, chunk, monkeypatch) -> None:
         got = dequantize(t)
         assert got.dtype == torch.float32 and tuple(got.shape) == want.shape, t.name
         assert np.array_equal(got.numpy(), want), t.name
+
+
+def test_vectors_stored_as_bytes_are_read_by_their_values(tmp_path: Path) -> None:
+    """helper-39: a BF16 vector's (a norm's) `rows` sliced its bytes, so a file with BF16 norms failed to load
+    ("shape '[64]' is invalid for input of size 32"); a vector of blocks likewise. Values a:b, as gguf reads them."""
+    from flexgen_lite.models.gguf_weights import read_gguf_rows
+
+    rng = np.random.default_rng(3)
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "llama")
+    values = {"bf16": rng.standard_normal(64).astype(np.float32), "q8": rng.standard_normal(96).astype(np.float32)}
+    w.add_tensor("bf16", gguf.quants.quantize(values["bf16"], Q.BF16), raw_dtype=Q.BF16)
+    w.add_tensor("q8", gguf.quants.quantize(values["q8"], Q.Q8_0), raw_dtype=Q.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for t in GGUFContents(str(tmp_path / "v.gguf")).tensors:
+        want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        spans = [(0, len(want)), (0, 32), (32, 64)] + ([(10, 20)] if t.tensor_type == Q.BF16 else [])
+        for a, b in spans:
+            assert np.array_equal(read_gguf_rows((t, None, 0.0), a, b).numpy(), want[a:b]), (t.name, a, b)
+        if t.tensor_type == Q.Q8_0:
+            with pytest.raises(ValueError, match="cut its blocks of 32"):
+                t.rows(10, 20)
+
+
+def test_a_q4_0_scale_past_fp16s_reach_of_minus_8_d(tmp_path: Path) -> None:
+    """helper-39: Q4_0's value (code - 8) d took -8 d in fp16, inf from d = 8192: a block of d = 16384 read -inf
+    where gguf reads -131072; its groups are then not kept as stored (their minimum cannot be fp16)."""
+    from flexgen_lite.models.gguf_reader import groups_of_32
+
+    block = np.zeros(18, dtype=np.uint8)
+    block[:2] = np.frombuffer(np.float16(16384).tobytes(), np.uint8)
+    block[2:] = 0x80  # codes 0 (value -8 d) and 8 (value 0)
+    w = gguf.GGUFWriter(str(tmp_path / "big.gguf"), "llama")
+    w.add_tensor("m", np.tile(block, (2, 1)), raw_dtype=Q.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (t,) = GGUFContents(str(tmp_path / "big.gguf")).tensors
+    want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    assert want.min() == -131072 and np.array_equal(dequantize(t).numpy(), want)
+    assert groups_of_32(t) is None
+
+
+@pytest.mark.parametrize("what", ["alignment 7", "alignment 0", "offset"])
+def test_a_bad_alignment_or_a_misplaced_tensor_is_refused(tmp_path: Path, what) -> None:
+    """helper-39: an alignment of 7 (gguf's reader and llama.cpp refuse it) was taken, 0 divided by zero, and a
+    tensor moved off its alignment was read shifted, without a word."""
+    path = tmp_path / "every.gguf"
+    write_every_kind(path, 64)
+    data = bytearray(path.read_bytes())
+    if what.startswith("alignment"):
+        key = data.index(b"general.alignment") + len("general.alignment")
+        data[key + 4:key + 8] = int(what.split()[1]).to_bytes(4, "little")  # after the value's type: a uint32
+        message = "not a power of two"
+    else:
+        reader = gguf.GGUFReader(str(path))
+        field = next(t for t in reader.tensors if t.name == "vec")
+        at = data.index(b"vec") + 3 + 4 + 8 + 4  # the name, its dims count, one dim, its type: then the offset
+        data[at:at + 8] = (int(field.data_offset - reader.data_offset) + 4).to_bytes(8, "little")
+        message = "not a multiple of the file's alignment 64"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=message):
+        GGUFContents(str(path))

@@ -101,6 +101,15 @@ def _meta(reader: GGUFContents, path: str, key: str, default: Any = _MISSING) ->
     return reader.metadata[key]
 
 
+def _whole(reader: GGUFContents, path: str, key: str, default: Any = _MISSING) -> int:
+    """A count from the metadata: refused, naming the key, where the file stores something else (a float read as
+    int(5.6e-45) gave a width of 0, and an error about rotary dims: helper-39)."""
+    value = _meta(reader, path, key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GGUFError(f"{path}: GGUF metadata key {key!r} is {value!r}, not a whole number: the file is damaged")
+    return value
+
+
 # chat formats' end-of-turn tokens (Llama-3, ChatML, Phi-3, Gemma, GPT-style, gpt-oss's final answer)
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|return|>")
 
@@ -203,7 +212,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         raise GGUFError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    hidden = int(_meta(reader, path, f"{arch}.embedding_length"))
+    hidden = _whole(reader, path, f"{arch}.embedding_length")
     n_head = _uniform(_meta(reader, path, f"{arch}.attention.head_count"), "head_count", path)
     n_kv = _uniform(
         _meta(reader, path, f"{arch}.attention.head_count_kv", n_head),
@@ -215,7 +224,7 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         raise GGUFError(f"{path}: embedding_length {hidden} does not split into {n_head} attention heads (and no "
                         "key_length is given): the file's metadata is wrong")
     head_dim = int(key_length if key_length is not None else hidden // n_head)
-    n_rot = int(_meta(reader, path, f"{arch}.rope.dimension_count", head_dim))
+    n_rot = _whole(reader, path, f"{arch}.rope.dimension_count", head_dim)
     if n_rot != head_dim and arch != "phi3":  # Phi-4-mini turns 96 of 128
         raise GGUFError(f"{path}: partial rotary ({n_rot} of {head_dim} dims: rope.dimension_count against "
                         f"embedding_length {hidden} / head_count {n_head}) is not supported for {arch}, or the "
@@ -238,13 +247,13 @@ def _config_from_reader(reader: GGUFContents, path: str) -> dict[str, Any]:
         "architectures": [HF_ARCHITECTURES[model_type]],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_meta(reader, path, f"{arch}.feed_forward_length",
-                                       experts.get("moe_intermediate_size", _MISSING))),
-        "num_hidden_layers": int(_meta(reader, path, f"{arch}.block_count")),
+        "intermediate_size": _whole(reader, path, f"{arch}.feed_forward_length",
+                                    experts.get("moe_intermediate_size", _MISSING)),
+        "num_hidden_layers": _whole(reader, path, f"{arch}.block_count"),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "max_position_embeddings": int(_meta(reader, path, f"{arch}.context_length", 2048)),
+        "max_position_embeddings": _whole(reader, path, f"{arch}.context_length", 2048),
         "rms_norm_eps": float(_meta(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
         "rope_parameters": rope_parameters,
@@ -273,11 +282,12 @@ def _gemma(reader: GGUFContents, path: str, arch: str, hidden: int, heads: int, 
     fields: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
     if arch == "gemma":
         return fields
-    layers = int(_meta(reader, path, f"{arch}.block_count"))
+    layers = _whole(reader, path, f"{arch}.block_count")
     fields["query_pre_attn_scalar"] = hidden // heads if layers == {"gemma2": 46, "gemma3": 62}[arch] else head_dim
-    if arch == "gemma2":
-        return fields | {"attn_logit_softcapping": _meta(reader, path, f"{arch}.attn_logit_softcapping", None),
-                         "final_logit_softcapping": _meta(reader, path, f"{arch}.final_logit_softcapping", None)}
+    if arch == "gemma2":  # caps a file leaves out: 50 and 30, as llama.cpp and transformers default them (an early
+        # converter wrote none: helper-39's file was uncapped, its logits 0.26 off transformers')
+        return fields | {"attn_logit_softcapping": _meta(reader, path, f"{arch}.attn_logit_softcapping", 50.0),
+                         "final_logit_softcapping": _meta(reader, path, f"{arch}.final_logit_softcapping", 30.0)}
     return fields | {"sliding_window_pattern": 6,
                      "rope_local_base_freq": float(_meta(reader, path, f"{arch}.rope.freq_base_swa", 10000.0))}
 
@@ -285,7 +295,7 @@ def _gemma(reader: GGUFContents, path: str, arch: str, hidden: int, heads: int, 
 def _experts(reader: GGUFContents, path: str, arch: str) -> dict[str, Any]:
     """The HF config's mixture-of-experts fields: llama.cpp renormalises the chosen experts' weights for Mixtral
     and Qwen3-MoE, not for Qwen2-MoE (unless the file says otherwise); a layer without a router is dense."""
-    count = int(_meta(reader, path, f"{arch}.expert_count", 0) or 0)
+    count = _whole(reader, path, f"{arch}.expert_count", 0)
     if arch != "llama" and arch in MOE_TYPES and not count:
         raise GGUFError(f"{path}: a {arch} file without {arch}.expert_count")
     if not count:
@@ -293,16 +303,16 @@ def _experts(reader: GGUFContents, path: str, arch: str) -> dict[str, Any]:
     if arch not in MOE_TYPES:
         raise GGUFError(f"{path}: mixture-of-experts {arch} models are not supported ({', '.join(MOE_TYPES)})")
     fields = {"num_local_experts": count, "num_experts": count,
-              "num_experts_per_tok": int(_meta(reader, path, f"{arch}.expert_used_count")),
+              "num_experts_per_tok": _whole(reader, path, f"{arch}.expert_used_count"),
               "norm_topk_prob": bool(_meta(reader, path, f"{arch}.expert_weights_norm",
                                            arch not in ("qwen2moe", "olmoe")))}
     if arch in ("qwen2moe", "qwen3moe"):  # the others' experts are feed_forward_length wide
-        fields["moe_intermediate_size"] = int(_meta(reader, path, f"{arch}.expert_feed_forward_length"))
+        fields["moe_intermediate_size"] = _whole(reader, path, f"{arch}.expert_feed_forward_length")
     if arch == "qwen2moe":
         fields["shared_expert_intermediate_size"] = int(
             _meta(reader, path, f"{arch}.expert_shared_feed_forward_length", 0))
     names = {t.name for t in reader.tensors}
-    blocks = int(_meta(reader, path, f"{arch}.block_count"))
+    blocks = _whole(reader, path, f"{arch}.block_count")
     fields["mlp_only_layers"] = [i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" not in names]
     if fields["mlp_only_layers"] and arch == "llama":
         raise GGUFError(f"{path}: a Mixtral file whose layers {fields['mlp_only_layers']} have no router")

@@ -49,12 +49,27 @@ class GGUFTensor:
     def rows(self, start: int, stop: int) -> GGUFTensor:
         """Rows start:stop of its HF shape's first dimension (GGUF's last) as a tensor of their own, a view of the
         same bytes: dequantized alone, a few rows of a large tensor are all placement holds at once."""
+        if len(self.shape) == 1 and self.tensor_type not in TYPED_DATA:
+            return self._values(start, stop)
         stop = min(stop, self.data.shape[0])
         row_bytes = self.data.nbytes // max(1, self.data.shape[0])
         shape = self.shape.copy()
         shape[-1] = stop - start
         return GGUFTensor(self.name, self.tensor_type, shape, self.data[start:stop], self.mapping,
                           self.offset + start * row_bytes)
+
+    def _values(self, start: int, stop: int) -> GGUFTensor:
+        """Values start:stop of a vector stored as bytes (BF16, or blocks: whole ones), where its bytes are no rows
+        (helper-39: a BF16 norm's rows were its bytes, and it failed to load)."""
+        block, size = GGML_QUANT_SIZES[self.tensor_type]
+        n = int(self.shape[0])
+        stop = min(stop, n)
+        if start % block or (stop % block and stop != n):
+            raise ValueError(f"values {start}:{stop} of {self.name!r} cut its blocks of {block}")
+        first, last = start // block * size, -(-stop // block) * size
+        shape = self.shape.copy()
+        shape[0] = stop - start
+        return GGUFTensor(self.name, self.tensor_type, shape, self.data[first:last], self.mapping, self.offset + first)
 
     def release(self) -> None:
         """Drop this tensor's pages from the process (they stay in the page cache): a file read through a
@@ -130,7 +145,13 @@ class GGUFContents:
             key = c.string()
             self.metadata[key] = c.value(c.scalar("<I"))
         infos = [self._tensor_info(c) for _ in range(n_tensors)]
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if type(align) is not int or align <= 0 or align & (align - 1):  # as gguf's reader and llama.cpp refuse it
+            raise ValueError(f"its general.alignment is {align!r}, not a power of two")
+        misplaced = next((info for info in infos if info[3] % align), None)
+        if misplaced is not None:
+            raise ValueError(f"tensor {misplaced[0]!r} is at offset {misplaced[3]}, not a multiple of the file's "
+                             f"alignment {align}")
         start = -(-c.pos // align) * align
         data = np.frombuffer(self._map, np.uint8)
         self.tensors = [self._tensor(data, self._map, start, *info) for info in infos]
@@ -190,6 +211,8 @@ def groups_of_32(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         scale, minimum = scale.half(), (-subtrahend).half()
     else:
         codes, scale, minimum = _groups(t)
+    if not bool(torch.isfinite(minimum).all()):  # a Q4_0 scale of 8192 or more: its -8 d is past fp16's range
+        return None
     return codes.reshape(rows, cols), scale.reshape(rows, cols // 32), minimum.reshape(rows, cols // 32)
 
 
@@ -222,6 +245,8 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:  # d, 32 int8
 def _q4(kind):
     def values(blocks: torch.Tensor) -> torch.Tensor:  # code * scale + minimum: exact for Q4_0's (code - 8) d too
         codes, scale, minimum = _block_groups(blocks, kind)
+        if kind == GGMLQuantizationType.Q4_0:  # -8 d in fp32: in fp16 it is inf from d = 8192 on (helper-39)
+            minimum = scale.float() * -8
         return codes.float() * scale.float() + minimum.float()
     return values
 
