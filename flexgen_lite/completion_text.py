@@ -11,13 +11,13 @@ CONTEXT_TOKENS = 6  # tokens decoded before one to find its text (a character's 
 def text_after(tokenizer, context: list[int], ids: list[int]) -> str:
     """The text `ids` add to the text of `context` (the tokens before them; special tokens skipped); their text
     alone where the context's own text is not a prefix of it (a character split between the two)."""
-    alone = tokenizer.decode(ids, skip_special_tokens=True)
-    if not context:
-        return alone
-    context = list(context[-CONTEXT_TOKENS:])
-    head = tokenizer.decode(context, skip_special_tokens=True)
-    whole = tokenizer.decode(context + list(ids), skip_special_tokens=True)
-    return whole[len(head):] if whole.startswith(head) and not head.endswith("\ufffd") else alone
+    if context:
+        context = list(context[-CONTEXT_TOKENS:])
+        head = tokenizer.decode(context, skip_special_tokens=True)
+        whole = tokenizer.decode(context + list(ids), skip_special_tokens=True)
+        if whole.startswith(head) and not head.endswith("\ufffd"):
+            return whole[len(head):]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
