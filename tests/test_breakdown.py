@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,7 +20,7 @@ from flexgen_lite.engine.weights import weight_bytes
 from flexgen_lite.kernels import attention
 from flexgen_lite.models.hf_config import load_config
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, synthetic_profile
 
 PLACEMENTS = {  # --percent
     "all in memory": (100, 0, 100, 0, 100, 0),
@@ -220,3 +221,52 @@ def test_the_breakdown_says_whether_overlap_was_on(tiny_models, tmp_path, capsys
           "--percent", "0", "0", "100", "0", "100", "0", "--gpu-batch-size", "2", "--dtype", "float32",
           "--offload-dir", str(tmp_path), "--breakdown", "--no-overlap"])
     assert "breakdown (measured with overlap off" in capsys.readouterr().out
+
+
+def test_a_trace_that_cannot_be_written_is_refused_before_the_run(tiny_models, tmp_path, capsys):
+    """helper-41: --trace into a missing folder (or onto a folder) ran the whole benchmark, then failed with a
+    traceback, its results line lost."""
+    for trace, said in ((tmp_path / "missing" / "t.json", "does not exist; create it first"),
+                        (tmp_path, "is a directory; pass a file name")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--model", str(tiny_models["llama"][0]), "--prompt-len", "8", "--gen-len", "2",
+                  "--percent", "100", "0", "100", "0", "100", "0", "--dtype", "float32", "--trace", str(trace)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "Traceback" not in err and "prefill" not in err
+
+
+def test_step_flops_price_the_batches_that_hold_rows_and_a_shared_prefix(tiny_models):
+    """helper-41: rows // batches priced one row of two batches as none (only fixed costs: the same bound for 1,
+    2 or 3 rows); a prefill after a shared prefix left the prefix, computed once, out (2.2x fewer FLOPs). The
+    prefix's FLOPs are a one-row prefill's of its length; the rows' queries attend over it too."""
+    from flexgen_lite.cli.breakdown import _linears
+    from flexgen_lite.planning.layout import Setup, Workload
+
+    config = load_config(str(tiny_models["llama"][0]))
+    hw = synthetic_profile()
+    setup = Setup(config, Workload(8, 4, 4), Policy(gpu_batch_size=2, num_gpu_batches=2, dtype="float32"), hw)
+    one_row = [step_flops(config, 1, 1, 8, batches, hw, "float32", setup)["compute_s"] for batches in (1, 2)]
+    assert one_row[0] > 0 and one_row[1] == pytest.approx(one_row[0])  # one batch holds it, the other is empty
+    assert _linears(config, 3, 1, 2, hw, "float32", setup)[1] == pytest.approx(
+        _linears(config, 2, 1, 1, hw, "float32", setup)[1] + _linears(config, 1, 1, 1, hw, "float32", setup)[1])
+    plain, shared = step_flops(config, 4, 8, 0), step_flops(config, 4, 8, 40)
+    prefix = step_flops(config, 1, 40, 0)["flops"]
+    rows_over_prefix = 4 * 4 * config.num_heads * 8 * 40 * config.head_dim * config.num_layers
+    assert shared["flops"] == pytest.approx(plain["flops"] + prefix + rows_over_prefix)
+
+
+def test_a_cpus_mapped_pages_are_priced_as_mapped_not_as_page_cache_reads():
+    """helper-41: a CPU's disk-homed weights are mapped in place; their 'weight load' faults pages in at the
+    profile's mapped rate, but was priced at the page-cache read rate and named the bottleneck at 2033% of it.
+    The cost model's "mapped pages" seconds are in the report's I/O group (they were in none), and a stage's lanes
+    are named whole ('io x3', not 'io-0,io-1,io')."""
+    from flexgen_lite.cli.breakdown import GROUPS, _lanes_label, profile_rates
+
+    hw = dataclasses.replace(synthetic_profile(), mapped_read=20e9)
+    cpu = profile_rates(hw, "float32", cuda=False, cold_disk=False)
+    assert cpu["weight load (disk)"] == cpu["cache load (disk)"] == (hw.mapped_read, "mapped in and out")
+    assert profile_rates(hw, "float32", cuda=False, cold_disk=True)["weight load (disk)"][1] == "disk read"
+    assert profile_rates(hw, "float32", cuda=True, cold_disk=False)["weight load (disk)"][1] == "page-cache read"
+    assert "mapped pages" in GROUPS["I/O (busy)"][1]
+    assert _lanes_label({"io-2", "io-0", "io-1"}) == "io x3" and _lanes_label({COMPUTE_LANE, "io-1"}) == \
+        f"{COMPUTE_LANE},io-1"

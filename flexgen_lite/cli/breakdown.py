@@ -11,6 +11,7 @@ steps and a context dict), so `report` computes the same from a trace file.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..engine.trace import (
@@ -191,6 +192,9 @@ def profile_rates(hw, dtype: str, cuda: bool, cold_disk: bool, pin_weight: bool 
     disk_w = (hw.disk_write, "disk write") if cold_disk else (hw.cached_write, "page-cache write")
     for kind in ("weight load", "cache load", "activation load"):
         g[f"{kind} (disk)"] = disk_r
+    if not cuda and not cold_disk and hw.mapped_read:  # a CPU maps weights and cache in place: its "load" faults
+        # the pages in (helper-41: priced as a page-cache read, they were "the bottleneck" at 2033% of its rate)
+        g["weight load (disk)"] = g["cache load (disk)"] = (hw.mapped_read, "mapped in and out")
     for kind in ("cache store", "activation store"):
         g[f"{kind} (disk)"] = disk_w
     if cuda:
@@ -229,8 +233,25 @@ def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, h
     """Matmul and prefill-attention FLOPs of one step (the linears of cost_model._compute), and the seconds
     the profile's rates give for them ("compute_s", with `hw`). setup (a cost_model Setup of the run's policy):
     its products priced as the cost model prices them (4-bit weights the CPU kernel reads as stored, an 8-bit
-    head), not all as dense ones."""
+    head), not all as dense ones. A prefill after `context` positions (a shared prefix) computed that prefix once
+    for the block, and its rows attend over it too (helper-41: it was left out, 2.2x fewer FLOPs)."""
     c = config
+    flops, seconds = _linears(config, rows, tokens, batches, hw, dtype, setup)
+    if tokens > 1:  # prefill attends over its own k, v (masked, full square) and a shared prefix before them
+        sdpa = 4 * rows * c.num_heads * tokens * (context + tokens) * c.head_dim * c.num_layers
+        if context:
+            more_flops, more_seconds = _linears(config, 1, context, 1, hw, dtype, setup)
+            flops, seconds = flops + more_flops, seconds + more_seconds
+            sdpa += 4 * c.num_heads * context * context * c.head_dim * c.num_layers
+        flops += sdpa
+        if hw is not None and dtype in hw.sdpa_prefill:
+            seconds += sdpa / hw.prefill_attention_rate(dtype)
+    return {"flops": flops, "compute_s": seconds}
+
+
+def _linears(config, rows: int, tokens: int, batches: int, hw, dtype: str, setup) -> tuple[float, float]:
+    """(FLOPs, seconds) of a step's products for `rows` rows over the GPU batches that hold any (as even as the
+    block's rows split: 3 rows in 2 batches are one of 2 and one of 1; helper-41: rows // batches priced none)."""
     flops, seconds = 0.0, 0.0
     for m, k, n, times in step_linears(config, rows, tokens, batches):
         flops += times * 2 * m * k * n
@@ -239,16 +260,14 @@ def step_flops(config, rows: int, tokens: int, context: int, batches: int = 1, h
     if setup is not None:
         from ..planning.products_cost import products_time
 
-        batch_rows = max(rows, 1) // batches
-        for kind, times, m in (("attention", c.num_layers, batch_rows * tokens), ("mlp", c.num_layers,
-                               batch_rows * tokens), ("embed", 1, batch_rows * tokens), ("head", 1, batch_rows)):
-            seconds += times * products_time(setup, kind, m, batches)[0]
-    if tokens > 1:  # prefill attends over its own k, v (masked, full square)
-        sdpa = 4 * rows * c.num_heads * tokens * tokens * c.head_dim * c.num_layers
-        flops += sdpa
-        if hw is not None and dtype in hw.sdpa_prefill:
-            seconds += sdpa / hw.prefill_attention_rate(dtype)
-    return {"flops": flops, "compute_s": seconds}
+        rows, active = max(rows, 1), min(batches, max(rows, 1))
+        sizes = Counter(rows // active + (b < rows % active) for b in range(active))
+        for size, nb in sizes.items():
+            for kind, times, m in (("attention", config.num_layers, size * tokens),
+                                   ("mlp", config.num_layers, size * tokens), ("embed", 1, size * tokens),
+                                   ("head", 1, size)):
+                seconds += times * products_time(setup, kind, m, nb)[0]
+    return flops, seconds
 
 
 # ---- resources: how close each came to its bound -----------------------------------------------------------------
@@ -309,7 +328,7 @@ GROUPS = {  # group: (measured stages by prefix, the cost model's resources)
     "compute": ((COMPUTE,), ("compute",)),
     "attention": ((ATTENTION, CPU_ATTENTION), ("attention", "cpu attention")),
     "dequantize": ((DEQUANTIZE,), ("dequantize", "quantize")),
-    "I/O (busy)": (IO_PREFIXES, ("disk", "page cache", "link", "cache load", "copy")),
+    "I/O (busy)": (IO_PREFIXES, ("disk", "page cache", "mapped pages", "link", "cache load", "copy")),
     "waiting on I/O": ((WAIT,), ()),
     "schedule (other)": ((STEP,), ("overhead",)),
 }
@@ -327,6 +346,13 @@ def by_group(pb: PhaseBreakdown, predicted_by: dict[str, float] | None) -> list[
 
 
 # ---- the table -------------------------------------------------------------------------------------------------------
+def _lanes_label(lanes) -> str:
+    """The lanes a stage ran on, the I/O threads counted (helper-41: 'io-0,io-1,io-2' was cut to 'io-0,io-1,io')."""
+    io = sorted(lane for lane in lanes if lane.startswith("io-"))
+    named = sorted((lane for lane in lanes if not lane.startswith("io-")), key=lambda x: (x != COMPUTE_LANE, x))
+    return ",".join(named + (io if len(io) < 2 else [f"io x{len(io)}"]))
+
+
 def format_table(pb: PhaseBreakdown, rates: dict[str, tuple], cuda: bool = False) -> str:
     """The breakdown of one phase as text: per stage, then the overlap and bound lines."""
     n = max(pb.steps, 1)
@@ -339,7 +365,7 @@ def format_table(pb: PhaseBreakdown, rates: dict[str, tuple], cuda: bool = False
         return (COMPUTE_LANE not in row.lanes, -row.seconds)
 
     for row in sorted(pb.rows.values(), key=order):
-        lanes = ",".join(sorted(row.lanes, key=lambda x: (x != COMPUTE_LANE, x)))
+        lanes = _lanes_label(row.lanes)
         gbs = row.nbytes / row.seconds / GB if row.nbytes and row.seconds else None
         prof = rates.get(row.stage)
         ratio = f"{100 * gbs * GB / prof[0]:5.0f}%" if gbs and prof and prof[0] else ""

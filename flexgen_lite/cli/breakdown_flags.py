@@ -80,9 +80,12 @@ def finish(args, recorder: Recorder, context: dict, out=None) -> dict:
             if phase in phases:
                 print(format_table(phases[phase], rates, context["cuda"]), file=out)
     if args.trace:
-        write_trace(args.trace, recorder.spans, recorder.steps, context, recorder.origin)
-        print(f"trace written to {args.trace}: open it in https://ui.perfetto.dev or chrome://tracing; "
-              f"`flexgen-lite report {args.trace} -o report.png` draws it", file=sys.stderr)
+        try:
+            write_trace(args.trace, recorder.spans, recorder.steps, context, recorder.origin)
+            print(f"trace written to {args.trace}: open it in https://ui.perfetto.dev or chrome://tracing; "
+                  f"`flexgen-lite report {args.trace} -o report.png` draws it", file=sys.stderr)
+        except OSError as e:  # checked before the run; a disk filled since: the run's results still printed
+            print(f"error: --trace {args.trace} could not be written ({e.strerror or e})", file=sys.stderr)
     return summary_json(phases.get("decode") or phases.get("prefill"), rates, context["cuda"])
 
 

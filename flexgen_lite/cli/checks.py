@@ -93,9 +93,23 @@ def check_offload_dir(path: str) -> None:
         remove_empty(made)
 
 
+def check_writable(flag: str, path: str, example: str) -> None:
+    """The file `flag` names can be written: its folder exists and takes files (said before the run, in one line;
+    `example`: a file name to suggest in a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; pass a file name, e.g. {os.path.join(path, example)}")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the directory {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the directory {folder} is not writable; choose another {flag}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """What every command's flags must satisfy, checked before the model or the profile is loaded."""
     check_device(getattr(args, "device", None))
     check_offload_dir(getattr(args, "offload_dir", ""))
+    if hasattr(args, "breakdown") and getattr(args, "trace", None):  # bench's and generate's --trace FILE.json:
+        check_writable("--trace", args.trace, "trace.json")  # a bad one failed after the run (helper-41)
     if getattr(args, "stop", None) and any(s == "" for s in args.stop):
         raise UsageError('--stop "" would end every output at once; give a non-empty stop string')

@@ -10,6 +10,7 @@ import os
 from ..engine.trace import COMPUTE_LANE, STEP, Span, StepMark
 from ..models.config import ModelError
 from .breakdown import GB, PhaseBreakdown, bottleneck, by_group, resources, summarize
+from .checks import check_writable
 from .chrome_trace import lane_order, read_trace
 
 COLORS = {"compute": "#4c72b0", "attention": "#8172b2", "cpu attention": "#64b5cd", "dequantize": "#ccb974",
@@ -144,20 +145,17 @@ def cmd_report(args) -> None:
         raise ModelError(f"{args.trace} is not a trace written by --trace ({type(e).__name__}: {e})") from None
     if not spans:
         raise ModelError(f"{args.trace} holds no timed spans (the run recorded nothing): nothing to draw")
-    _check_writable(args.output)
+    if not set(context) - {"step_info"}:
+        raise ModelError(f"{args.trace} holds no run context (its otherData): not a trace written by --trace, or "
+                         "one of another version; nothing to draw the spans against")
+    if not os.path.splitext(args.output)[1]:
+        args.output += ".png"  # as matplotlib names it (helper-41: 'wrote noext' of noext.png)
+    check_writable("-o", args.output, "report.png")
     try:
         draw(spans, steps, context, args.output)
     except OSError as e:
         raise ModelError(f"-o {args.output} cannot be written ({e.strerror}); choose a writable path") from None
+    except (TypeError, AttributeError, KeyError, ValueError) as e:  # a context of another shape (another version)
+        raise ModelError(f"{args.trace} is not a trace written by --trace ({type(e).__name__}: {e})") from None
     print(f"wrote {args.output}")
 
-
-def _check_writable(output: str) -> None:
-    """-o's folder exists and takes files: said before drawing, in one line."""
-    folder = os.path.dirname(os.path.abspath(output))
-    if os.path.isdir(output):
-        raise ModelError(f"-o {output} is a directory; pass a file name, e.g. {os.path.join(output, 'report.png')}")
-    if not os.path.isdir(folder):
-        raise ModelError(f"-o {output}: the directory {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise ModelError(f"-o {output}: the directory {folder} is not writable; choose another -o")
