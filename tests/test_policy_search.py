@@ -269,7 +269,7 @@ def test_an_over_budget_policy_says_what_would_fit():
         check_budgets(peak, plan, Budgets(None, 1 * GiB, 400 * MiB), cuda=False, what="the policy")
     message = str(e.value)
     assert "disk needs 0.49 GiB but its budget is 0.39 GiB: 100.00 MiB missing" in message
-    assert "--disk-mem 100.00 MiB larger would fit it" in message
+    assert "--disk-mem 100.00 MiB larger would fit it (--disk-mem 500MiB)" in message
     assert "move more to disk" not in message and "Keep more in memory" in message and "--policy auto" in message
     with pytest.raises(PolicyError) as e:  # the budget as the user gave it, less the runtime taken off
         check_budgets(peak, plan, Budgets(None, 200 * MiB, None, (("cpu", 300 * MiB),)), cuda=False,
@@ -277,6 +277,8 @@ def test_an_over_budget_policy_says_what_would_fit():
     message = str(e.value)
     assert "its budget is 0.20 GiB (--cpu-mem 0.49 GiB less 0.29 GiB of runtime)" in message
     assert "--cpu-mem 14.00 MiB larger" in message and "weights (compute tier) 100.00 MiB" in message
+    # the whole flag that fits, rounded up (helper-40: two rounded figures summed were 1 MiB short)
+    assert "would fit it (--cpu-mem 514MiB)" in message
     loading = {**plan, "cpu": {"reserve": 64 * MiB, "weights": 10 * MiB, "load": 160 * MiB, "kv cache": 20 * MiB}}
     assert largest_parts(loading, "cpu", cuda=False) == \
         "load 0.16 GiB, weights (compute tier) 100.00 MiB, reserve 64.00 MiB"  # loading sets the peak: its parts

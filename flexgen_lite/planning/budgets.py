@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..engine.policy import Policy, PolicyError
 from ..system.devices import ComputeDevice
-from ..system.memory import free_bytes, gib
+from ..system.memory import free_bytes, gib, mib_up
 
 SAFETY = 0.85  # default budgets leave this share of what is free: other processes, the page cache, slack
 BUDGET_FLAGS = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "disk": "--disk-mem"}
@@ -120,9 +120,10 @@ def check_budgets(peak: dict[str, float], plan: dict[str, dict[str, float]], bud
         return
     lines = []
     for tier, (need, budget) in over.items():
+        given = need + dict(budgets.taken_off).get(tier, 0)  # what the flag would have to say
         lines.append(f"{tier} needs {gib(need)} but its budget is {budgets.of(tier)}: {gib(need - budget)} missing "
                      f"(largest: {largest_parts(plan, tier, cuda)}); {BUDGET_FLAGS[tier]} {gib(need - budget)} "
-                     "larger would fit it")
+                     f"larger would fit it ({BUDGET_FLAGS[tier]} {mib_up(given)})")
     remedy = ", ".join(_remedies(policy, disk_only="disk" in over and len(over) == 1))
     raise PolicyError(f"{what} exceeds the memory budgets: " + "; ".join(lines) + f". {remedy[0].upper()}{remedy[1:]}"
                       + ", raise the budget"

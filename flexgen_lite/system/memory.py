@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import shutil
@@ -79,6 +80,12 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size: write e.g. 16GiB, 500MiB or 2GB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def mib_up(nbytes: float) -> str:
+    """Bytes as a flag's value that holds them: whole MiB, rounded up (helper-40: the sum of two rounded figures
+    in a refusal, taken as the budget, was refused again for 1 MiB)."""
+    return f"{math.ceil(nbytes / 2**20)}MiB"
 
 
 def gib(nbytes: float) -> str:
