@@ -106,7 +106,9 @@ def trace(tmp_path):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": [
         {"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "compute"}},
-        {"ph": "X", "name": "compute", "tid": 1, "ts": 0, "dur": 1000, "args": {}}], "otherData": {}}))
+        {"ph": "X", "name": "compute", "tid": 1, "ts": 0, "dur": 1000, "args": {}}],
+        "otherData": {"model": "tiny", "policy": "", "dtype": "float32", "cuda": False, "rates": {},
+                      "predicted": None}}))
     return path
 
 
