@@ -8,11 +8,24 @@ from __future__ import annotations
 CONTEXT_TOKENS = 6  # tokens decoded before one to find its text (a character's bytes, a word's leading space)
 
 
+def context_tail(tokenizer, context: list[int]) -> list[int]:
+    """The last CONTEXT_TOKENS tokens of `context` that have text: special tokens (skipped when decoding) do not
+    count (helper-42: a prompt ending in six of them left its completion without its first word's space)."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    tail = []
+    for token in reversed(context):
+        if token not in special:
+            tail.append(token)
+            if len(tail) == CONTEXT_TOKENS:
+                break
+    return tail[::-1]
+
+
 def text_after(tokenizer, context: list[int], ids: list[int]) -> str:
     """The text `ids` add to the text of `context` (the tokens before them; special tokens skipped); their text
     alone where the context's own text is not a prefix of it (a character split between the two)."""
     if context:
-        context = list(context[-CONTEXT_TOKENS:])
+        context = context_tail(tokenizer, context)
         head = tokenizer.decode(context, skip_special_tokens=True)
         whole = tokenizer.decode(context + list(ids), skip_special_tokens=True)
         if whole.startswith(head) and not head.endswith("\ufffd"):

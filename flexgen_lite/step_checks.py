@@ -84,22 +84,27 @@ def stop_check(tokenizer, stops: list[tuple[str, ...]], moving: dict[int, Carrie
             return
         lengths = block.length[rows].tolist()
         end = max(lengths)
-        width = min(block.prompt_len + end, max(windows[row] for row in rows) + CONTEXT_TOKENS)
+        width = min(block.prompt_len + end, max(windows[row] for row in rows) + CONTEXT_READ)
         index = torch.tensor(rows, device=block.tokens.device)
         recent = block.tokens[index, block.prompt_len + end - width:block.prompt_len + end].tolist()
+        pad = block.host_pad().tolist()
         for row, tokens, length in zip(rows, recent, lengths, strict=True):
+            stop_at = block.prompt_len + length
             if length != end:  # finished rows made fewer tokens: its own read
-                stop_at = block.prompt_len + length
                 tokens = block.tokens[row, max(0, stop_at - width):stop_at].tolist()
+            tokens = tokens[max(0, pad[row] - (stop_at - len(tokens))):]  # the row's own: not its left padding
             made = length + (len(moving[row].tokens) if row in moving else 0)  # generated, this block and before
             last = min(windows[row], made)
             if not last:
                 continue
-            context = tokens[:-last][-CONTEXT_TOKENS:] if last == made else []
+            context = tokens[:-last] if last == made else []
             text = text_after(tokenizer, context, tokens[-last:])
             if any(s in text for s in stops[row]):
                 block.finished[row] = True
     return check
+
+
+CONTEXT_READ = 2 * CONTEXT_TOKENS  # prompt tokens read before a row's window: its last few with text among them
 
 
 def stop_window(stop: tuple[str, ...]) -> int:

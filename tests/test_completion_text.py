@@ -63,3 +63,38 @@ def test_a_stop_string_with_a_leading_space_is_found_at_the_first_token(model):
     assert model.generate(PROMPT, max_new_tokens=6, stop=first) == ""
     third = text_after(model.tokenizer, prompt + gen[:2], gen[2:3])  # later tokens: found as before
     assert model.generate_ids([prompt], SamplingConfig(6, stop=(third,), stop_at_eos=False))[0] == gen[:3]
+
+
+def test_special_tokens_at_the_prompts_end_are_not_its_context(model):
+    """helper-42: the context was the prompt's last six tokens, special ones (skipped when decoding) included; a
+    prompt ending in six of them (a chat template's end tokens) gave its completion no context: no leading space,
+    and a stop string with it not found. Its last tokens with text are the context."""
+    eos = model.tokenizer.eos_token_id
+    prompt = model.encode(["w5 w6"])[0] + [eos] * 7
+    gen = model.generate_ids([prompt], SamplingConfig(4, stop_at_eos=False))[0]
+    tokenizer = model.tokenizer
+    whole = tokenizer.decode(prompt + gen, skip_special_tokens=True)
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
+    assert text_after(tokenizer, prompt, gen) == whole[len(head):] and whole[len(head)] == " "
+    first = text_after(tokenizer, prompt, gen[:1])
+    assert model.generate_ids([prompt], SamplingConfig(4, stop=(first,), stop_at_eos=False))[0] == gen[:1]
+
+
+def test_a_rows_left_padding_is_not_its_context(tmp_path):
+    """helper-42: the stop check read a row's context from the block, left padding included; with a pad id that is
+    an ordinary word and a prompt without text, a stop string matched the pad's text and the row stopped early,
+    batched beside a longer prompt only (its text had no stop string, its finish reason said stop)."""
+    path = tmp_path / "llama"
+    make_checkpoint(path, "llama", seed=5, pad_token_id=5)  # the config's pad: '▁w5', a word
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    metaspace_tokenizer(path)
+    with FlexGenLite(str(path), policy=Policy(gpu_batch_size=2, dtype="float32"), device="cpu") as m:
+        short, long = [m.tokenizer.eos_token_id], m.encode(["w9 w10 w11 w12 w13 w14 w15 w16"])[0]
+        gen = m.generate_ids([short], SamplingConfig(6, stop_at_eos=False))[0]
+        words = m.decode(gen, (), short).split()
+        later = next(k for k in range(1, 6) if words[k] == words[0])  # the first word again
+        stop = " " + words[0]  # found where the word comes again, not at the first (nothing before it)
+        alone = m.generate_ids([short], SamplingConfig(6, stop=(stop,), stop_at_eos=False))[0]
+        batched = m.generate_ids([short, long], SamplingConfig(6, stop=(stop,), stop_at_eos=False))[0]
+    assert alone == batched == gen[:later + 1]

@@ -3,7 +3,7 @@ their sampling settings and stop conditions may differ row by row), decoded into
 
 from __future__ import annotations
 
-from ..completion_text import CONTEXT_TOKENS
+from ..completion_text import CONTEXT_TOKENS, context_tail
 from .requests import Job, Output
 
 
@@ -42,7 +42,7 @@ def token_texts(model, ids: list[int]) -> list[str]:
 def _texts_in_context(model, ids: list[int], context: list[int] = ()) -> list[tuple[str, list[int]]]:
     """token_texts, each with the tokens before it that its text was read after (for its alternatives); the first
     ones read after `context` (their prompt's last tokens: completion_text.py), unless its text ends mid-character."""
-    context = list(context[-CONTEXT_TOKENS:])
+    context = context_tail(model.tokenizer, list(context))
     if context and model.decode(context).endswith("\ufffd"):
         context = []
     seq, out, given = context + list(ids), [], len(context)  # tokens whose text is given out
