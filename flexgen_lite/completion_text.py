@@ -5,13 +5,16 @@ stop string " Paris" could not be found at its first token (helper-36). vLLM dec
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 CONTEXT_TOKENS = 6  # tokens decoded before one to find its text (a character's bytes, a word's leading space)
 
 
 def context_tail(tokenizer, context: list[int]) -> list[int]:
     """The last CONTEXT_TOKENS tokens of `context` that have text: special tokens (skipped when decoding) do not
     count (helper-42: a prompt ending in six of them left its completion without its first word's space)."""
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    special = _special_ids(tokenizer)
     tail = []
     for token in reversed(context):
         if token not in special:
@@ -19,6 +22,20 @@ def context_tail(tokenizer, context: list[int]) -> list[int]:
             if len(tail) == CONTEXT_TOKENS:
                 break
     return tail[::-1]
+
+
+_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special ids, read once (the stop check asks for every row of a step's first steps)."""
+    try:
+        return _SPECIAL[tokenizer]
+    except (KeyError, TypeError):
+        ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        with contextlib.suppress(TypeError):  # an object without weak references: read each time
+            _SPECIAL[tokenizer] = ids
+        return ids
 
 
 def text_after(tokenizer, context: list[int], ids: list[int]) -> str:
