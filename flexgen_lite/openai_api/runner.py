@@ -42,7 +42,7 @@ def token_texts(model, ids: list[int]) -> list[str]:
 def _texts_in_context(model, ids: list[int], context: list[int] = ()) -> list[tuple[str, list[int]]]:
     """token_texts, each with the tokens before it that its text was read after (for its alternatives); the first
     ones read after `context` (their prompt's last tokens: completion_text.py), unless its text ends mid-character."""
-    context = context_tail(model.tokenizer, list(context))
+    context = context_tail(model.tokenizer, list(context)) if context else []
     if context and model.decode(context).endswith("\ufffd"):
         context = []
     seq, out, given = context + list(ids), [], len(context)  # tokens whose text is given out
