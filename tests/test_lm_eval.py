@@ -247,3 +247,23 @@ def test_local_completions_against_the_server_scores_as_hf(tiny_models, word_tas
                 1, targets[:, None]).sum().item()
         assert logprob == pytest.approx(expected, abs=LL_ATOL * len(tokens)), text[:40]
     assert max(len(text.split()) for text, _ in ours["documents"].values()) > context  # windowed
+
+
+def test_a_template_that_refuses_a_system_message_is_applied_without_it():
+    """helper-43: with --system_instruction, a chat template that refuses a system message (Gemma's) failed the
+    whole run; lm-eval's hf model applies it again without the system messages. Both, on the same tokenizer."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<bot>"
+                               "{% endif %}")
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    theirs = HFLM.apply_chat_template(SimpleNamespace(tokenizer=tokenizer, chat_template_args={}), history)
+    ours = FlexGenLiteLM.apply_chat_template(SimpleNamespace(tokenizer=tokenizer), history)
+    assert ours == theirs == "<user>hi<bot>"

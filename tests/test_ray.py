@@ -211,3 +211,21 @@ def test_more_replicas_than_this_machines_cpus_are_refused_before_anything_is_wr
     assert stop.value.code == 2
     assert f"--replicas {too_many} needs a CPU each" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_row_that_cannot_be_served_is_named_by_its_id(opt_dir):
+    """helper-43: a prompt past the context failed the job as "row 1 of the batch", its place in a batch of 3, not
+    the dataset's row 7; its id column names it where it has one."""
+    from types import SimpleNamespace
+
+    from flexgen_lite.model_source import open_model
+    from flexgen_lite.openai_api.requests import Served
+
+    config, _, tokenizer = open_model(opt_dir)
+    replica = SimpleNamespace(defaults={"max_tokens": 4}, served=Served("opt", config, tokenizer))
+    long = " ".join(["w300"] * (config.max_positions + 1))
+    columns = {"prompt": ["a", long], "custom_id": ["r6", "r7"]}
+    with pytest.raises(ValueError, match="custom_id 'r7' .* cannot be served"):
+        PromptReplica._work(replica, columns, 1)
+    with pytest.raises(ValueError, match="row 1 of a batch .* cannot be served"):
+        PromptReplica._work(replica, {"prompt": ["a", long]}, 1)

@@ -140,6 +140,10 @@ def test_empty_context_and_no_room_are_errors(tiny_models):
         for max_len in (0, -3, True, 2.5):  # not the model's context
             with pytest.raises(ValueError, match="max_len must be a whole number >= 1"):
                 m.score([([2, 7], [5])], max_len=max_len)
+        # a continuation past max_len was scored in part, without a word (helper-43); lm-eval's hf model refuses it
+        assert len(m.score([([2, 7], list(range(3, 11)))], max_len=8)) == 1  # as long as max_len: whole
+        with pytest.raises(ValueError, match="continuation has 9 tokens, more than the 8 a request can score"):
+            m.score([([2, 7], list(range(3, 12)))], max_len=8)
 
 
 def test_logits_are_made_in_chunks_the_budgets_leave_room_for(tiny_models):

@@ -47,6 +47,9 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
         if not context or not continuation:
             raise ValueError(f"request {i} has an empty {'context' if not context else 'continuation'}: "
                              "give a context of at least one token (a bos or eos token) and a continuation")
+        if len(continuation) > max_len:  # cut, it would be scored in part (helper-43); lm-eval's hf model refuses it
+            raise ValueError(f"request {i}'s continuation has {len(continuation)} tokens, more than the "
+                             f"{max_len} a request can score (max_length): shorten it")
         full = (context + continuation)[-(max_len + 1):]
         ids = full[:-1]
         if max(full) >= model.config.vocab_size or min(full) < 0:

@@ -92,9 +92,21 @@ class FlexGenLiteLM(TemplateLM):
         return str(self.tokenizer.name_or_path or self.model.config.name).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        """As lm-eval's hf model: a template that refuses a system message (Gemma's) is applied without it
+        (helper-43: the whole --system_instruction run failed)."""
+        from jinja2.exceptions import TemplateError
+
+        def render(history):
+            return self.tokenizer.apply_chat_template(history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+        try:
+            return render(chat_history)
+        except TemplateError:
+            without = [m for m in chat_history if m.get("role") != "system"]
+            if len(without) == len(chat_history):
+                raise
+            return render(without)
 
     # ---- tokens, as lm-eval's hf model makes them --------------------------------------------------
     @property

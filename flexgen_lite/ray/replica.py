@@ -40,6 +40,9 @@ class Replica:
         return os.getpid()
 
 
+ID_COLUMNS = ("custom_id", "id", "index", "doc_id")  # columns that name a row, in a failed row's message
+
+
 class PromptReplica(Replica):
     """Rows with `prompt` (text) or `messages` (chat) and optional sampling columns in; the same rows out with
     generated_text, generated_tokens, finish_reason, num_input_tokens and num_generated_tokens beside them."""
@@ -80,8 +83,11 @@ class PromptReplica(Replica):
         try:
             return prepare(url, body, self.served)
         except RequestError as e:
-            raise ValueError(f"row {row} of the batch ({'messages' if url == CHAT else 'prompt'} "
-                             f"{str(body.get('prompt', messages))[:60]!r}) cannot be served: {e.message}") from None
+            named = [f"{key} {columns[key][row]!r}" for key in ID_COLUMNS if key in columns]  # a batch's row number
+            # is not the dataset's (helper-43): its own id column names it, where it has one
+            raise ValueError(f"{' '.join(named[:1]) or f'row {row} of a batch'} "
+                             f"({'messages' if url == CHAT else 'prompt'} {str(body.get('prompt', messages))[:60]!r})"
+                             f" cannot be served: {e.message}") from None
 
 
 class BatchLineReplica(Replica):
