@@ -77,6 +77,8 @@ def test_a_model_that_fails_to_load_leaves_no_output_file(tmp_path, capsys, exis
     ('w5 w6\n{"prompt": "w7"\n', "line 2 starts with '{' but is not valid JSON"),
     ('w5 w6\n\n{"prompt": ""}\n', "line 3 is empty"),
     (b"w5 w6\nw7\nw8 \xff\xfe\n", "line 3 is not valid UTF-8"),
+    (b"w5 w6\n\0\0\0\n", "is a binary file (a NUL byte on line 2)"),  # it decodes as UTF-8 (helper-44)
+    ("{x} is a placeholder\n", 'given as a JSON line: {"prompt": "..."}'),  # how to give such a prompt
 ])
 def test_bad_input_lines_are_named(opt_dir, tmp_path, no_loading, capsys, content, words):
     path = tmp_path / "prompts.txt"
@@ -157,3 +159,17 @@ def test_json_input_lines_and_plain_lines_mix(opt_dir, tmp_path, capsys):
     main(gen(opt_dir, "--input", str(path), "--json", "--policy", "manual"))
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["index"], r["prompt"]) for r in records] == [(0, "w5 w6"), (1, "w7 w8")]
+
+
+def test_a_closed_stdout_ends_generate_quietly(opt_dir):
+    """helper-44: `generate ... | head -1` ended with a BrokenPipeError traceback and exit 1; as a Unix tool, it
+    ends quietly with SIGPIPE's code."""
+    cmd = [sys.executable, "-m", "flexgen_lite.cli", "generate", "--model", opt_dir, "--json", "--no-progress",
+           "--max-new-tokens", "2", "--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "4",
+           "--dtype", "float32", *(f"w{i} w{i + 1}" for i in range(300, 340))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and json.loads(first)["index"] == 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

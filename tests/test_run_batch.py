@@ -288,22 +288,42 @@ def test_dropping_error_lines_replaces_the_file_whole(tmp_path, monkeypatch):
     def killed(*args):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", killed)
-        with pytest.raises(KeyboardInterrupt):
-            ResumableOutput(str(out), prompts)
-    assert out.read_text() == before
     output = ResumableOutput(str(out), prompts)
     try:
-        assert output.done == {0, 2} and output.retried == 1
-        assert out.read_text() == "\n".join([result(0), result(2)]) + "\n"
-        assert not (tmp_path / "out.jsonl.tmp").exists()
+        assert output.done == {0, 2} and output.retried == 1 and out.read_text() == before  # rewritten at a write
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed)
+            with pytest.raises(KeyboardInterrupt):
+                output.write_record(1, "p1", {"custom_id": "r1"})
+        assert out.read_text() == before and not (tmp_path / "out.jsonl.tmp").exists()
+        output.write_record(1, "p1", {"custom_id": "r1"})
+        output.flush()
+        lines = out.read_text().splitlines()
+        assert lines[:2] == [result(0), result(2)] and json.loads(lines[2])["custom_id"] == "r1"
         with open(out, "a+b") as other, pytest.raises(BlockingIOError):  # another process: refused
             fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(InputError, match="another flexgen-lite process"):
             ResumableOutput(str(out), prompts)
-        output.write_record(1, "p1", {"custom_id": "r1"})
-        output.flush()
-        assert json.loads(out.read_text().splitlines()[-1])["custom_id"] == "r1"  # written to the new file
     finally:
         output.close()
+
+
+def test_a_refused_rerun_leaves_the_file_as_it_was(opt_dir, tmp_path, capsys):
+    """helper-44: a rerun refused for its settings (another --served-model-name) had already dropped the file's
+    error lines; the file is rewritten without them only once a run writes to it. The count of results an
+    interrupted run says it kept leaves the error lines out (3664 "kept", 2000 of them errors); a line that is not
+    JSON is named by its line in the input, not the decoder's "line 1"."""
+    from flexgen_lite.cli.batch_io import results_in
+
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    requests.write_text("\n".join([line("r0", {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}),
+                                   "{broken json", line("r2", {"prompt": PROMPTS[2], "max_tokens": 0})]) + "\n")
+    argv = ["run-batch", "-i", str(requests), "-o", str(out), "--model", opt_dir, *FLAGS]
+    main(argv)
+    capsys.readouterr()
+    before = out.read_bytes()
+    assert f"{requests} line 2 is not valid JSON" in out.read_text()
+    assert results_in(str(out)) == 1  # r0's answer; the two refusals are not kept results
+    with pytest.raises(SystemExit):
+        main(argv + ["--served-model-name", "other"])
+    assert "--served-model-name" in capsys.readouterr().err and out.read_bytes() == before

@@ -59,6 +59,10 @@ def read_input_bytes(path: str, flag: str = "--input", what: str = "a file of pr
 def _read_input_file(path: str) -> list[Prompt]:
     data = read_input_bytes(path)
     path = "standard input" if path == "-" else path
+    if b"\0" in data:  # helper-44: a binary file that decodes as UTF-8 ran as prompts of NUL characters
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise InputError(f"{path} is a binary file (a NUL byte on line {line}), not prompts: pass a text file, one "
+                         "prompt per line, or JSON lines with a \"prompt\" field")
     prompts, unread = [], {}
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:
@@ -83,7 +87,8 @@ def _prompt_of_line(line: str, path: str, number: int, unread: dict[str, str]) -
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise InputError(f"{path} line {number} starts with '{{' but is not valid JSON ({e.msg})") from None
+        raise InputError(f"{path} line {number} starts with '{{' but is not valid JSON ({e.msg}); a text prompt "
+                         "that begins with '{' is given as a JSON line: {\"prompt\": \"...\"}") from None
     prompt = record.get("prompt") if isinstance(record, dict) else None
     if not isinstance(prompt, str):
         raise InputError(f"{path} line {number} has no \"prompt\" string field: write "
@@ -111,6 +116,7 @@ class ResumableOutput:
         self.pending: dict = {}  # run record fields to write before the next result
         self.recorded: dict = {}  # the file's run record (its META_KEY lines, first value of a field kept)
         self.created = not Path(path).exists()  # made by this run: removed again if it ends empty
+        self._kept: bytes | None = None  # the file less its refused requests' lines: what it becomes at the first write
         self.locked = False
         self.file = _open_output(path, flag)
         try:
@@ -124,8 +130,8 @@ class ResumableOutput:
     def _scan(self, prompts: list[Prompt]) -> tuple[bool, set[int]]:
         """Indices already answered. A last line cut short by a kill is dropped (truncated away) and redone (one
         whole but for its newline, written by hand or cut just before it, is kept: helper-35); a refused request's
-        error line is dropped and the request tried again (`retried` counts them); any other line that does not
-        match a prompt of this input is an error."""
+        error line is dropped (when this run first writes) and the request tried again (`retried` counts them); any
+        other line that does not match a prompt of this input is an error."""
         self.file.seek(0)
         data = self.file.read()
         *complete, last = data.split(b"\n")  # `last` is empty when the file ends with a newline
@@ -149,8 +155,8 @@ class ResumableOutput:
             kept.append(raw)
         if last and not any(last[:len(start)] == start[:len(last)] for start in (RECORD_START, META_START)):
             self._check_line(None, len(complete) + 1, prompts)
-        if self.retried:  # without the refusals
-            self._replace_with(b"".join(raw + b"\n" for raw in kept))
+        if self.retried:  # without the refusals, once this run writes (a run refused before is no change: helper-44)
+            self._kept = b"".join(raw + b"\n" for raw in kept)
         elif last:
             self.file.truncate(len(data) - len(last))
         return bool(last), done
@@ -171,12 +177,11 @@ class ResumableOutput:
             new.flush()
             os.fsync(new.fileno())
             os.replace(tmp, self.path)
-        except OSError as e:
+        except BaseException as e:
             new.close()
             Path(tmp).unlink(missing_ok=True)
-            self._failed(e)
-        except BaseException:
-            new.close()
+            if isinstance(e, OSError):
+                self._failed(e)
             raise
         self.file.close()
         self.file = new
@@ -209,6 +214,9 @@ class ResumableOutput:
         self._write_result({"index": index, "prompt_hash": prompt_hash(prompt), **record})
 
     def _write_result(self, record: dict) -> None:
+        if self._kept is not None:
+            self._replace_with(self._kept)
+            self._kept = None
         lines = [record]
         if self.pending:
             lines.insert(0, {META_KEY: self.pending})
@@ -245,10 +253,12 @@ class ResumableOutput:
 
 
 def results_in(path: str) -> int:
-    """Whole result lines of a resumable output file (the run's record lines not counted)."""
+    """Whole result lines of a resumable output file: not the run's record lines, nor refused requests' error
+    lines (redone on resume: helper-44, 3664 "kept" of which 2000 were errors)."""
     try:
         with open(path, "rb") as f:
-            return sum(line.startswith(RECORD_START) and line.endswith(b"\n") for line in f)
+            return sum(line.startswith(RECORD_START) and line.endswith(b"\n") and not _refusal(_parse(line))
+                       for line in f)
     except OSError:
         return 0
 

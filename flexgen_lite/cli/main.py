@@ -353,6 +353,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, systemd, batch schedulers): unwound like Ctrl-C, so offload files are removed."""
 
 
+def _stdout_closed() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush would hit the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (captured, in tests)
+        pass
+
+
 def _terminate(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise Terminated
@@ -370,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         _interrupted(e, getattr(args, "output", None))
+    except BrokenPipeError:  # stdout's reader left (`| head -1`): ended quietly, as a Unix tool is (helper-44)
+        _stdout_closed()
+        raise SystemExit(128 + signal.SIGPIPE) from None
     except RuntimeError as e:  # an interrupt raised inside a lock's handling (a thread waiting on a Future, say)
         interrupt = interrupt_behind(e)  # surfaces as "cannot release un-acquired lock", the interrupt behind it
         if interrupt is None:

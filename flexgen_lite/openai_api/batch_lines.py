@@ -45,12 +45,13 @@ def split_lines(data: bytes, name: str) -> list[Prompt]:
         lines.append(Prompt(text, f"{name} line {number}"))
     return lines
 
-def parse_line(text: str) -> BatchRequestInput:
-    """A batch line's request; RequestError (with custom_id when known) for a line that is not one."""
+def parse_line(text: str, where: str = "") -> BatchRequestInput:
+    """A batch line's request; RequestError (with custom_id when known) for a line that is not one. where: the
+    line's place in its file, for the message (helper-44: every bad line read "line 1", the decoder's)."""
     try:
         record = json.loads(text)
     except ValueError as e:
-        raise RequestError(400, f"the line is not valid JSON ({e})", None, "invalid_json") from None
+        raise RequestError(400, f"{where or 'the line'} is not valid JSON ({e})", None, "invalid_json") from None
     try:
         return BatchRequestInput.model_validate(record)
     except ValidationError as e:
@@ -85,13 +86,13 @@ def error_line(custom_id: str | None, error: RequestError, request_level: bool) 
     return BatchRequestOutput(id=new_id("batch_req"), custom_id=custom_id, response=None,
                               error={"code": error.code, "message": error.message}).model_dump()
 
-def check_request(text: str, served: Served) -> tuple[str | None, Work | dict]:
-    """(custom_id, the checked work) or (custom_id, its error line)."""
+def check_request(text: str, served: Served, where: str = "") -> tuple[str | None, Work | dict]:
+    """(custom_id, the checked work) or (custom_id, its error line); where: the line's place in its file."""
     if isinstance(text, NotUtf8):
         custom_id = _readable_custom_id(text)
         return custom_id, error_line(custom_id, RequestError(400, text.problem, None, "invalid_utf8"), False)
     try:
-        line = parse_line(text)
+        line = parse_line(text, where)
     except RequestError as e:
         return getattr(e, "custom_id", None), error_line(getattr(e, "custom_id", None), e, False)
     try:

@@ -94,7 +94,7 @@ class BatchRunner:
         for i in range(len(lines)):
             if i in done:
                 continue
-            custom_id, checked = check_request(lines[i].text, self.served)
+            custom_id, checked = check_request(lines[i].text, self.served, lines[i].where)
             if isinstance(checked, Work) and checked.url != batch.endpoint:
                 error = RequestError(400, f"the line's url {checked.url} is not the batch's endpoint "
                                      f"{batch.endpoint}", "url", "invalid_url")

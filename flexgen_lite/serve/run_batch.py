@@ -86,7 +86,7 @@ def check_lines(args, lines: list[Prompt], todo: list[int], output: ResumableOut
     model, served = served_model(args, model)
     works, errors, first = {}, 0, None
     for i in todo:  # bad lines are answered before the model loads
-        custom_id, checked = check_request(lines[i].text, served)
+        custom_id, checked = check_request(lines[i].text, served, lines[i].where)
         if isinstance(checked, Work):
             works[i] = checked
         else:
