@@ -10,6 +10,7 @@ import torch
 from .engine.block import Block
 from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, split_counts
+from .kernels.logit_rules import LogitRules, ending_tokens
 from .kernels.sampling import SamplingConfig, row_generators, warpers
 from .planning.budgets import check_budgets, check_fits
 from .planning.layout import Workload
@@ -104,8 +105,14 @@ class BlockRuns:
         block = Block.from_prompts(prompts, policy.block_size, policy.gpu_batch_size, max(limits), pad_id, eos,
                                    self.device.device, generators, policy.share_prefix,
                                    limits if moving or len(set(limits)) > 1 else None)
+        rows = configs + [configs[0]] * fillers
         if len({warpers(c) for c in configs}) > 1:  # rows that pick their tokens differently
-            block.samplings = configs + [configs[0]] * fillers
+            block.samplings = rows
+        block.rules = LogitRules.of(rows, cfg.eos_token_id or (), self.device.device)
+        block.ended_by = ending_tokens(rows, cfg.eos_token_id or (), self.device.device)
+        if moving and block.rules is not None:  # a carried row's output so far ends its prompt here
+            carried = [len(moving[row].tokens) if row in moving else 0 for row in range(len(rows))]
+            block.output_from = (block.prompt_len - torch.tensor(carried)).to(self.device.device)
         if len({c.stop_at_eos for c in configs}) > 1:
             block.ends_at_eos = torch.tensor([c.stop_at_eos for c in configs] + [True] * fillers)
         if logprobs is not None and any(k is not None for k in logprobs):

@@ -161,12 +161,13 @@ class FlexGenLite(BlockRuns):
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | tuple[str, ...] | list[str] = (), chat: bool = False) -> str | list[str]:
+                 stop: str | tuple[str, ...] | list[str] = (), chat: bool = False, **rules) -> str | list[str]:
         """Completions of one prompt (a str) or many (a list); chat applies the model's chat template. stop: a
-        string or several; an output ends before the first."""
+        string or several; an output ends before the first. rules: SamplingConfig's others (min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, logit_bias, min_tokens, stop_token_ids)."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
-        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop, **rules)
         prompt_ids = self.encode(texts, chat)
         ids = self.generate_ids(prompt_ids, sampling)
         outputs = [self.decode(i, sampling.stop, p) for i, p in zip(ids, prompt_ids, strict=True)]
@@ -211,6 +212,7 @@ class FlexGenLite(BlockRuns):
         sampling, configs = per_prompt(sampling or SamplingConfig(), len(prompts))
         limits = [c.max_new_tokens for c in configs]
         self._check_prompts(prompts, limits)
+        self._check_token_ids(configs)
         if any(c.stop for c in configs) and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
         order = block_order(prompts, self.policy.share_prefix)  # similar lengths (and instructions) share a block
@@ -321,6 +323,13 @@ class FlexGenLite(BlockRuns):
                     "generate fewer tokens")
             if max(p) >= self.config.vocab_size or min(p) < 0:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def _check_token_ids(self, configs: list[SamplingConfig]) -> None:
+        vocab = self.config.vocab_size
+        for i, c in enumerate(configs):
+            if any(t >= vocab for t in c.token_ids()):
+                raise ValueError(f"prompt {i}'s logit_bias or stop_token_ids names a token outside the vocabulary "
+                                 f"(0..{vocab - 1})")
 
     # ---- lifetime --------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, dict[str, int]]:

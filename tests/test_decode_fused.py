@@ -262,3 +262,12 @@ def test_the_cost_model_decides_as_the_engine(tiny_models, few_rows_kernels):
             engine_says = m.engine.fused_decode and m.engine.fused._rows_native(rows)
             setup = Setup(m.config, Workload(8, 8), m.policy, few_rows_kernels)
             assert fused_decode(setup) == engine_says
+
+
+def test_penalties_and_bias_apply_to_the_fused_steps_logits(tiny_models, few_rows_kernels):
+    """A row's rules (logit_rules.py) on the logits the fused step computes: its tokens are the eager path's."""
+    sampling = dataclasses.replace(SAMPLING, frequency_penalty=1.5, repetition_penalty=1.4, logit_bias={77: 3.0})
+    fused = generate(tiny_models["llama"][0], P(), True, EIGHT, sampling)
+    eager = generate(tiny_models["llama"][0], P(), False, EIGHT, sampling)
+    plain = generate(tiny_models["llama"][0], P(), True, EIGHT)
+    assert all_fused(fused[2]) and fused[0] == eager[0] != plain[0]

@@ -135,6 +135,21 @@ def test_chat_equals_generate_with_chat_template(server, offline):
         assert r.usage.completion_tokens <= 6
 
 
+def test_penalties_bias_and_min_p_as_generate_takes_them(server, chat_dir):
+    """OpenAI's fields through the openai client, vLLM's in extra_body: the texts FlexGenLite.generate gives."""
+    rules = dict(frequency_penalty=1.2, presence_penalty=0.4, logit_bias={"77": 5.0, "6": -100.0})
+    extra = dict(repetition_penalty=1.5, min_tokens=3, min_p=0.05)
+    settings = dict(max_tokens=8, temperature=0.8, seed=11)
+    got = [server.client.completions.create(model=NAME, prompt=p, **settings, **rules, extra_body=extra)
+           .choices[0].text for p in PROMPTS]
+    with FlexGenLite(chat_dir, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        expected = [m.generate(p, max_new_tokens=8, temperature=0.8, seed=11, logit_bias={77: 5.0, 6: -100.0},
+                               **{k: v for k, v in (rules | extra).items() if k != "logit_bias"}) for p in PROMPTS]
+        plain = m.generate(PROMPTS, max_new_tokens=8, temperature=0.8, seed=11)
+    assert got == expected and got != plain
+    assert not any("w6" in text.split() for text in got)  # banned by -100 (prompt 0 holds it)
+
+
 def test_logprobs_of_greedy_tokens_are_the_top_ones(server, offline):
     r = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
@@ -293,12 +308,15 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": prompt}).encode())
         assert status == 400 and json.loads(text)["error"]["code"] == "invalid_value", text
     # fields that change outputs and are not done here: refused, not ignored; their neutral values pass
-    for field, value in (("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 100}),
-                         ("best_of", 3), ("suffix", "w9"), ("response_format", {"type": "json_object"}),
-                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("repetition_penalty", 1.2),
-                         ("min_p", 0.9), ("stop_token_ids", [13]), ("guided_choice", ["w5"]),
+    for field, value in (("best_of", 3), ("suffix", "w9"), ("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("guided_choice", ["w5"]),
                          ("prompt_logprobs", 1), ("use_beam_search", True), ("skip_special_tokens", False),
-                         ("tool_choice", "required")):
+                         ("tool_choice", "required"),
+                         # the logits' rules outside their ranges
+                         ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+                         ("min_p", 1.5), ("min_tokens", -1), ("logit_bias", {"w5": 1}), ("logit_bias", {"5": 101}),
+                         ("logit_bias", {"512": 1}), ("stop_token_ids", [512]), ("stop_token_ids", [-1]),
+                         ("min_tokens", 40)):
         status, text = raw(f"{server.url}/v1/completions", json.dumps({"prompt": "w5", field: value}).encode())
         assert status == 400 and json.loads(text)["error"]["param"] == field, text
     neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {"5": 0}, "best_of": 1, "suffix": "",

@@ -13,6 +13,7 @@ import time
 
 from ..kernels.sampling import SamplingConfig
 from .batch_io import InputError, Prompt, ResumableOutput, read_prompts
+from .checks import finite_float
 from .options import Overall, end_progress, model_of
 
 EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompts
@@ -27,23 +28,69 @@ EXAMPLE_PROMPTS = (  # what `flexgen-lite generate` answers when given no prompt
 )
 
 
+def add_sampling_flags(g) -> None:
+    g.add_argument("--temperature", type=finite_float, default=0.0, help="0 is greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k likeliest tokens only; 0: all (default %(default)s)")
+    g.add_argument("--top-p", type=finite_float, default=1.0,
+                   help="sample among the likeliest tokens whose probabilities reach p (default %(default)s)")
+    g.add_argument("--min-p", type=finite_float, default=0.0,
+                   help="sample among the tokens at least p times as likely as the likeliest (default %(default)s)")
+    g.add_argument("--seed", type=int, help="seed of sampling: a prompt's samples depend only on it and the "
+                   "prompt's place in the input (default: random)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="> 1 discourages the tokens of the "
+                   "prompt and the output (transformers' and vLLM's; default %(default)s: none)")
+    g.add_argument("--presence-penalty", type=finite_float, default=0.0,
+                   help="subtracted from the logit of each token the output holds (OpenAI's; default %(default)s)")
+    g.add_argument("--frequency-penalty", type=finite_float, default=0.0,
+                   help="subtracted once per time the output holds a token (OpenAI's; default %(default)s)")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS to token ID's logit (repeatable; -100 bans it, as OpenAI's logit_bias)")
+    g.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence (nor --stop-token-id) before this "
+                   "many tokens (default %(default)s)")
+    g.add_argument("--stop-token-id", dest="stop_token_ids", action="append", default=[], type=int, metavar="ID",
+                   help="a token that ends the output as end-of-sequence does (repeatable)")
+
+
+def logit_bias(pairs: list[str]) -> dict[int, float]:
+    """--logit-bias ID=BIAS flags as a dict; InputError naming a malformed one."""
+    bias = {}
+    for pair in pairs:
+        token, _, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise InputError(f"--logit-bias {pair}: give a token id and a number, as 50256=-100") from None
+    return bias
+
+
 def sampling_from_args(args) -> SamplingConfig:
+    rules = {key: getattr(args, key) for key in RULES} | {"logit_bias": logit_bias(args.logit_bias)}
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                          tuple(args.stop), stop_at_eos=not args.ignore_eos)
+                          tuple(args.stop), stop_at_eos=not args.ignore_eos, **rules)
 
 
 SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
                  "top_p": "--top-p", "seed": "--seed", "stop": "--stop", "ignore_eos": "--ignore-eos",
                  "chat": "--chat", "instruction": "--instruction", "system": "--system"}
+# the logits' rules and their neutral values: recorded only where set (a file made before they existed resumes)
+RULES = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+         "logit_bias": [], "min_tokens": 0, "stop_token_ids": []}
+RULE_FLAGS = {key: "--" + key.replace("_", "-").replace("-ids", "-id") for key in RULES}
 CARRY_OVER = {"auto": None, "always": True, "never": False}  # --carry-over: generate_ids' carry_over
 
 
 def result_settings(args) -> dict:
     """The generate flags that change what is generated (the policy's numerics are recorded apart); greedy
-    decoding (temperature 0) ignores the seed, top-k and top-p, so they are not recorded then."""
+    decoding (temperature 0) ignores the seed, top-k, top-p and min-p, so they are not recorded then."""
     settings = {key: getattr(args, key) for key in SETTING_FLAGS}
+    settings.update({key: value for key, neutral in RULES.items()
+                     if (value := getattr(args, key)) != neutral})
     if settings["temperature"] == 0:
         settings.update(seed=None, top_k=None, top_p=None)
+        settings.pop("min_p", None)
     return settings
 
 
@@ -97,8 +144,8 @@ def _check_record(args, output: ResumableOutput) -> dict | None:
         print(f"{output.path} does not record what made it (an older flexgen-lite): model and settings not checked",
               file=sys.stderr)
         return None
-    for note in check_and_adopt(output.recorded, identity, settings, SETTING_FLAGS, args, f"--output {output.path}",
-                                args.force_resume):
+    for note in check_and_adopt(output.recorded, identity, settings, SETTING_FLAGS | RULE_FLAGS, args,
+                                f"--output {output.path}", args.force_resume):
         print(note, file=sys.stderr)
     return {"version": __version__, "model": identity, "settings": settings, "settings_hash": settings_hash(settings)}
 
@@ -120,6 +167,9 @@ def encode_and_check(args, prompts: list[Prompt], todo: list[int], sampling: Sam
 
     model = model_of(args)
     config, _, tokenizer = open_model(model)
+    if any(t >= config.vocab_size for t in sampling.token_ids()):
+        raise InputError(f"--logit-bias or --stop-token-id names a token outside {config.name}'s vocabulary "
+                         f"(0..{config.vocab_size - 1})")
     texts = [prompts[i].text if args.instruction is None else f"{args.instruction}\n\n{prompts[i].text}" for i in todo]
     ids = encode_texts(tokenizer, texts, args.chat, config.name, args.system)
     for i, prompt_ids in zip(todo, ids, strict=True):

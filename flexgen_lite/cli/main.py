@@ -23,7 +23,8 @@ from ..system.memory import gib
 from ..system.profile_store import prediction_miss
 from .batch_io import InputError, results_in
 from .breakdown_flags import add_flags as add_breakdown_flags
-from .checks import Parser, UsageError, check_args, finite_float, positive_int
+from .checks import Parser, UsageError, check_args, positive_int
+from .generate import add_sampling_flags
 from .options import (
     add_policy_flags,
     budgets_from_args,
@@ -280,15 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="JSON lines file to append results to; a rerun does only the prompts not in it")
     g.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="tokens to generate per prompt (default %(default)s)")
-    g.add_argument("--temperature", type=finite_float, default=0.0, help="0 is greedy (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=0,
-                   help="sample among the k likeliest tokens only; 0: all (default %(default)s)")
-    g.add_argument("--top-p", type=finite_float, default=1.0,
-                   help="sample among the likeliest tokens whose probabilities reach p (default %(default)s)")
-    g.add_argument("--seed", type=int, help="seed of sampling: a prompt's samples depend only on it and the "
-                   "prompt's place in the input (default: random)")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    add_sampling_flags(g)
     g.add_argument("--carry-over", choices=["auto", "always", "never"], default="auto",
                    help="a block whose last few prompts still generate while others wait ends early, those going "
                    "on in a later block: where a step costs about as much for them as for the full block "

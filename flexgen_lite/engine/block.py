@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.logit_rules import LogitRules
+
 
 @dataclass
 class Block:
@@ -27,6 +29,10 @@ class Block:
     ends_at_eos: torch.Tensor | None = None  # (N,) bool on the host: rows that end at eos, where rows differ
     logprobs: list[int | None] | None = None  # (N,) alternatives each row's kept logprobs list (None: none kept)
     row_logprobs: list[list] | None = None  # (N,) per row, per token it generated: (its logprob, [(id, logprob)])
+    rules: LogitRules | None = None  # the rows' penalties, logit bias and min_tokens, where any row has them
+    output_from: torch.Tensor | None = None  # (N,) on the device: each row's first output column (default
+    # prompt_len; earlier for rows carried on from another block, whose output so far ends their prompt here)
+    ended_by: torch.Tensor | None = None  # (N, E) on the device: each row's ending tokens, where rows have their own
     stopped: bool = False  # set between steps: the block ends there, its unfinished rows left to the caller
     # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -80,6 +86,19 @@ class Block:
             return None
         values = values[self.rows(batch)]
         return values if active is None else [values[i] for i in active.tolist()]
+
+    def ruled(self, batch: int, active_device: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """The logits (rows: GPU batch `batch`'s active ones, `active_device` on the compute device; None: all)
+        after the rows' rules (logit_rules.py), or as they are where no row has any."""
+        if self.rules is None:
+            return logits
+        first = batch * self.gpu_batch_size
+        rows = (torch.arange(first, first + logits.shape[0], device=logits.device) if active_device is None
+                else active_device + first)
+        if self.output_from is None:
+            self.output_from = torch.full_like(self.pad, self.prompt_len)
+        return self.rules.apply(logits, rows, self.tokens, self.pad, self.output_from,
+                                self.prompt_len + self.generated)
 
     def batch_done(self, batch: int) -> bool:
         return bool(self.finished[self.rows(batch)].all())
@@ -165,7 +184,10 @@ class Block:
     def end_step(self) -> None:
         """Rows that emitted eos this step finish (those that end at eos; one device-to-host read per step, not per
         batch), and rows that reached their own limit."""
-        if self.eos:
+        if self.ended_by is not None:  # rows with stop tokens of their own
+            column = self.tokens[:, self.prompt_len + self.generated]
+            self.finished |= (column[:, None] == self.ended_by).any(-1).cpu()
+        elif self.eos:
             column = self.tokens[:, self.prompt_len + self.generated]
             if self._eos_ids is None:
                 self._eos_ids = torch.tensor(self.eos, device=column.device)

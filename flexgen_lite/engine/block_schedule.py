@@ -245,7 +245,8 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
                         if inputs[b].get("sampled") is not None:  # every row computed, those generating sampled
                             active, on_device = inputs[b]["sampled"]
                             out = out[on_device]
-                        block.record(b, sample_rows(out, block.row_samplings(b, active) or sampling,
+                        block.record(b, sample_rows(block.ruled(b, on_device, out),
+                                                    block.row_samplings(b, active) or sampling,
                                                     block.row_generators(b, active)), active, on_device)
                 if spec.kind == "head":
                     self._keep_logits(block, step, b, out, active)
@@ -280,8 +281,9 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
             active = block.active_rows(b)  # those generating choose
             if active is not None and logits.shape[0] != len(active):  # a graph computed every row, each on its own
                 logits = logits[active]
-            block.record(b, sample_rows(logits, block.row_samplings(b, active) or sampling,
-                                        block.row_generators(b, active)), active)
+            on_device = None if active is None else block.device_rows(b, active)
+            block.record(b, sample_rows(block.ruled(b, on_device, logits), block.row_samplings(b, active) or sampling,
+                                        block.row_generators(b, active)), active, on_device)
         self._keep_logits(block, step, b, logits, active)
         return True
 

@@ -172,7 +172,9 @@ class FlexGenLiteLM(TemplateLM):
             temperature = kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0
             samplings.append(SamplingConfig(max_gen, temperature, int(kwargs.get("top_k", 0) or 0),
                                             float(kwargs.get("top_p", 1.0) or 1.0), kwargs.get("seed"),
-                                            tuple(s for s in until if s)))
+                                            tuple(s for s in until if s),
+                                            repetition_penalty=float(kwargs.get("repetition_penalty", 1.0) or 1.0),
+                                            min_p=float(kwargs.get("min_p", 0.0) or 0.0)))
             prompts.append(self.tok_encode(req.args[0])[-(self.max_length - max_gen):] or [self.prefix_token_id])
             stops.append(until)
         results: list[str | None] = [None] * len(requests)

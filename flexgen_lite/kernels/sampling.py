@@ -1,4 +1,5 @@
-"""Choosing the next token: greedy, or sampling with temperature, top-k and top-p."""
+"""Choosing the next token: greedy, or sampling with temperature, min-p, top-k and top-p (what a row's penalties,
+logit bias and min_tokens do to its logits before: logit_rules.py)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,21 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     stop_at_eos: bool = True
+    # the logits' rules (logit_rules.py), vLLM's meanings: neutral by default
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (transformers' rule)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of each token the output holds
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the output holds the token
+    min_p: float = 0.0  # sampling keeps the tokens at least min_p times as likely as the likeliest
+    min_tokens: int = 0  # no eos (nor stop_token_ids) before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the output as eos does (kept in its ids)
 
     def __post_init__(self) -> None:
         if self.stop is None:
             object.__setattr__(self, "stop", ())
         if not isinstance(self.stop, tuple):  # a string is one stop string (as OpenAI takes it), not its characters
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        self._check_rules()
         for name in ("max_new_tokens", "top_k", "seed"):  # numpy's and torch's integers too
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool) and isinstance(value, numbers.Integral):
@@ -49,11 +59,60 @@ class SamplingConfig:
             raise ValueError(f"stop strings must be strings, got {self.stop!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty (an empty one would end every output at once)")
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+        if self.min_tokens and self.stop:
+            raise ValueError("min_tokens with stop strings is not supported (a stop string before the min_tokens-th "
+                             "token would be cut from the output): use one or the other")
+
+    def _check_rules(self) -> None:
+        """The logits' rules' values as numbers (pairs and dicts as tuples, so that the config stays hashable)."""
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be within [0, 1], got {self.min_p}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, numbers.Integral) \
+                or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be a whole number >= 0, got {self.min_tokens!r}")
+        object.__setattr__(self, "min_tokens", int(self.min_tokens))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or ())
+        pairs = {}
+        for pair in bias:
+            token, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (pair, None)
+            if not _token_id(token) or isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value):
+                raise ValueError(f"logit_bias: each entry is a token id and a finite number, got {pair!r}")
+            pairs[int(token)] = pairs.get(int(token), 0.0) + float(value)
+        object.__setattr__(self, "logit_bias", tuple(sorted(pairs.items())))
+        ids = self.stop_token_ids or ()
+        if not isinstance(ids, (tuple, list)) or not all(_token_id(i) for i in ids):
+            raise ValueError(f"stop_token_ids must be token ids (whole numbers >= 0), got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+
+    def rules(self) -> bool:
+        """Whether this config changes its logits before picking (logit_rules.py)."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or bool(self.logit_bias) or (self.min_tokens > 0 and (self.stop_at_eos or bool(self.stop_token_ids))))
+
+    def token_ids(self) -> list[int]:
+        """The token ids this config names (logit_bias, stop_token_ids), to check against a vocabulary."""
+        return [i for i, _ in self.logit_bias] + list(self.stop_token_ids)
 
 
-def warpers(config: SamplingConfig) -> tuple[float, int, float]:
-    """How a row picks its token: (temperature, top_k, top_p); greedy whatever top_k and top_p say."""
-    return (0.0, 0, 1.0) if config.temperature == 0 else (config.temperature, config.top_k, config.top_p)
+def _token_id(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 0
+
+
+def warpers(config: SamplingConfig) -> tuple[float, int, float, float]:
+    """How a row picks its token: (temperature, top_k, top_p, min_p); greedy whatever the others say."""
+    if config.temperature == 0:
+        return 0.0, 0, 1.0, 0.0
+    return config.temperature, config.top_k, config.top_p, config.min_p
 
 
 def per_prompt(sampling: SamplingConfig | Sequence[SamplingConfig], n: int
@@ -102,17 +161,15 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices if logits.device.type == "cpu" else logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig,
-           generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """Next token ids (B,) from fp32 logits (B, vocab).
-
-    `generator` is one generator for all rows, or a sequence of one generator per row."""
-    if config.temperature == 0:
-        return greedy(logits)
+def warped(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """fp32 logits (B, vocab) as a sampling row draws from them: over the temperature, shifted so each row's
+    largest is 0, then -inf for the tokens min-p, top-k and top-p leave out (vLLM's order)."""
     # shifted by each row's largest first: a tiny temperature sends the others to -inf, not to inf - inf; one below
     # fp32's least normal (1e-46) would be 0 in fp32, and the largest 0 / 0
     temperature = max(config.temperature, torch.finfo(torch.float32).tiny)
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if config.min_p > 0:  # the likeliest is 0 now: a token's probability over its, exp(logit), against min_p
+        logits = logits.masked_fill(logits < math.log(config.min_p), float("-inf"))
     if config.top_k:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -123,6 +180,17 @@ def sample(logits: torch.Tensor, config: SamplingConfig,
         drop[:, 0] = False  # and the likeliest token always (a top_p below fp32's least value dropped them all)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig,
+           generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token ids (B,) from fp32 logits (B, vocab).
+
+    `generator` is one generator for all rows, or a sequence of one generator per row."""
+    if config.temperature == 0:
+        return greedy(logits)
+    logits = warped(logits, config)
     probs = logits.softmax(-1).cpu()
     if generator is None or isinstance(generator, torch.Generator):
         ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

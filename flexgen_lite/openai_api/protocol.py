@@ -38,20 +38,21 @@ class Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
+    # the logits' rules (kernels/logit_rules.py): OpenAI's ranges, vLLM's extensions
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> -100..100
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    min_p: float = Field(0.0, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
     # fields that change outputs and that this server does not do: a value other than these neutral ones is a 400
     # (unsupported()), never silently ignored
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    min_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # vLLM's extensions of the same kind
-    min_p: float | None = None
-    stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     prompt_logprobs: int | None = None
     use_beam_search: bool | None = None
@@ -74,11 +75,21 @@ class Request(BaseModel):
         return {k: v for k, v in body.items()
                 if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required()}
 
+    def rules(self) -> dict[str, Any]:
+        """The logits' rules as SamplingConfig's fields; ValueError naming the field for a bad logit_bias."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit() or not -100 <= value <= 100:
+                raise ValueError(f"logit_bias maps token ids (as text: \"50256\") to numbers within -100..100, got "
+                                 f"{key!r}: {value!r}")
+            bias[int(key)] = value
+        return dict(presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,
+                    logit_bias=bias, stop_token_ids=tuple(self.stop_token_ids or ()))
+
     def unsupported(self) -> str | None:
         """The first field set to something this server would otherwise ignore, or None."""
-        neutral = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-                   "min_tokens": (None, 0), "tools": (None, []), "functions": (None, []),
-                   "tool_choice": (None, "none", "auto"), "min_p": (None, 0), "stop_token_ids": (None, []),
+        neutral = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
                    "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,),
                    "use_beam_search": (None, False), "length_penalty": (None, 1), "truncate_prompt_tokens": (None,),
                    "allowed_token_ids": (None,), "bad_words": (None, []), "skip_special_tokens": (None, True),
@@ -87,8 +98,6 @@ class Request(BaseModel):
         for name, values in neutral.items():
             if getattr(self, name) not in values:
                 return name
-        if self.logit_bias and any(v != 0 for v in self.logit_bias.values()):
-            return "logit_bias"
         if self.response_format not in (None, {"type": "text"}):
             return "response_format"
         return None

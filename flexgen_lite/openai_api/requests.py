@@ -162,6 +162,14 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
                                "Shorten the prompt or ask for fewer tokens.", "max_tokens", "context_length_exceeded")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     greedy = request.temperature == 0
+    try:
+        rules = request.rules()
+    except ValueError as e:
+        raise RequestError(400, str(e), "logit_bias", "invalid_value") from None
+    for name in ("logit_bias", "stop_token_ids"):
+        if any(not 0 <= int(i) < served.config.vocab_size for i in rules[name]):
+            raise RequestError(400, f"{name} names a token outside the vocabulary (0..{served.config.vocab_size - 1})",
+                               name, "invalid_value")
     if url == CHAT:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
@@ -172,9 +180,11 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
         limit = 1 if scored_only else max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, context - len(ids))
         try:
             sampling = SamplingConfig(limit, request.temperature, max(request.top_k, 0), request.top_p,
-                                      None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos)
+                                      None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos,
+                                      **rules)
         except ValueError as e:
-            raise RequestError(400, str(e), "stop" if "stop" in str(e) else None, "invalid_value") from None
+            field = next((f for f in ("min_tokens", "stop") if f in str(e)), None)
+            raise RequestError(400, str(e), field, "invalid_value") from None
         # seeded by its choice alone: a prompt of a list samples as it would sent alone (as vLLM's)
         jobs += [Job(tuple(ids), sampling, j, logprobs, prompt_logprobs, not scored_only) for j in range(request.n)]
     return Work(url, request, model, jobs, texts, sum(len(p) for p in prompts))

@@ -1,0 +1,102 @@
+"""What a row's settings do to its logits before it picks a token, in vLLM's order: min_tokens (no eos or stop
+token before them), OpenAI's logit_bias, then the repetition penalty (transformers' rule, over the prompt and the
+output: a seen token's positive logit divided by it, a negative one multiplied), the frequency penalty (OpenAI's:
+subtracted once per time the output holds the token) and the presence penalty (once if it holds it). Temperature,
+min-p, top-k and top-p follow (sampling.py). Logprobs are the model's, before these rules (vLLM's default).
+
+Every tensor lives on the compute device and is indexed by device-side rows: a step reads nothing back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import SamplingConfig
+
+
+@dataclass
+class LogitRules:
+    """A block's rows' rules, (N, ...) tensors on the compute device; `uses` names the rules any row has."""
+
+    repetition: torch.Tensor  # (N,) float, 1: none
+    frequency: torch.Tensor  # (N,) float
+    presence: torch.Tensor  # (N,) float
+    min_tokens: torch.Tensor  # (N,) long: eos and stop tokens banned while the output holds fewer
+    ended_by: torch.Tensor  # (N, E) long: each row's eos and stop tokens, -1 where it has fewer
+    bias_ids: torch.Tensor  # (N, K) long: each row's logit_bias ids (padded with 0, whose bias is 0)
+    bias: torch.Tensor  # (N, K) float
+    uses: frozenset[str]
+
+    @classmethod
+    def of(cls, configs: Sequence[SamplingConfig], eos: Sequence[int], device: torch.device) -> LogitRules | None:
+        """The rules of a block's rows (`configs`, fillers included; `eos`: the model's), None where no row has
+        one (the step then pays nothing for them)."""
+        if not any(c.rules() for c in configs):
+            return None
+        most = max(1, max(len(c.logit_bias) for c in configs))
+        bias_ids = torch.zeros((len(configs), most), dtype=torch.long)
+        bias = torch.zeros((len(configs), most))
+        for row, c in enumerate(configs):
+            if c.logit_bias:
+                bias_ids[row, :len(c.logit_bias)] = torch.tensor([i for i, _ in c.logit_bias])
+                bias[row, :len(c.logit_bias)] = torch.tensor([v for _, v in c.logit_bias])
+        uses = {name for name, on in (("repetition", any(c.repetition_penalty != 1 for c in configs)),
+                                      ("counts", any(c.frequency_penalty or c.presence_penalty for c in configs)),
+                                      ("min_tokens", any(c.min_tokens for c in configs)),
+                                      ("bias", any(c.logit_bias for c in configs))) if on}
+        floats = [torch.tensor([getattr(c, name) for c in configs]) for name in
+                  ("repetition_penalty", "frequency_penalty", "presence_penalty")]
+        return cls(*(t.to(device) for t in floats), torch.tensor([c.min_tokens for c in configs]).to(device),
+                   ending_tokens(configs, eos, device, always=True), bias_ids.to(device), bias.to(device),
+                   frozenset(uses))
+
+    def apply(self, logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, context_from: torch.Tensor,
+              output_from: torch.Tensor, end: int) -> torch.Tensor:
+        """`logits` (R, vocab) of block rows `rows` (R,) with the rules applied (a new tensor: the model's logits
+        stay as they were for logprobs). tokens: the block's (N, columns); a row's context is its columns from
+        `context_from` (its left padding's end) to `end`, its output from `output_from` (tokens carried from an
+        earlier block are output too)."""
+        logits = logits.float().clone()
+        start = output_from[rows]
+        if "min_tokens" in self.uses:
+            ended_by, vocab = self.ended_by[rows], logits.shape[-1]
+            early = (end - start < self.min_tokens[rows])[:, None].expand(ended_by.shape)
+            banned = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=logits.device)
+            banned.scatter_(1, torch.where(ended_by >= 0, ended_by, vocab), early)  # -1: past the vocabulary
+            logits.masked_fill_(banned[:, :vocab], float("-inf"))
+        if "bias" in self.uses:
+            logits.scatter_add_(1, self.bias_ids[rows], self.bias[rows])
+        if not self.uses & {"repetition", "counts"}:
+            return logits
+        vocab, history, columns = logits.shape[-1], tokens[rows, :end], torch.arange(end, device=logits.device)
+        if "repetition" in self.uses:
+            seen = _counts(history, columns >= context_from[rows][:, None], vocab) > 0
+            penalty = self.repetition[rows][:, None]
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        if "counts" in self.uses:
+            counts = _counts(history, columns >= start[:, None], vocab)
+            logits -= self.frequency[rows][:, None] * counts + self.presence[rows][:, None] * (counts > 0)
+        return logits
+
+
+def ending_tokens(configs: Sequence[SamplingConfig], eos: Sequence[int], device: torch.device,
+                  always: bool = False) -> torch.Tensor | None:
+    """(N, E) long on `device`: the tokens that end each row (the model's `eos` where it ends at eos, and its
+    stop_token_ids), -1 past a row's own; None where no row has stop_token_ids (eos alone: Block.eos) unless
+    `always`."""
+    if not always and not any(c.stop_token_ids for c in configs):
+        return None
+    ended = [(tuple(eos) if c.stop_at_eos else ()) + c.stop_token_ids for c in configs]
+    table = torch.full((len(configs), max(1, max(len(e) for e in ended))), -1, dtype=torch.long)
+    for row, ids in enumerate(ended):
+        table[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return table.to(device)
+
+
+def _counts(history: torch.Tensor, kept: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(R, vocab) float: how often each row's `history` (R, L) holds each token, over its `kept` columns."""
+    index = torch.where(kept, history, vocab)  # the others counted in a column past the vocabulary, then dropped
+    counts = torch.zeros((history.shape[0], vocab + 1), device=history.device)
+    return counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))[:, :vocab]
