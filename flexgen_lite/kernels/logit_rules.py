@@ -57,27 +57,31 @@ class LogitRules:
         """`logits` (R, vocab) of block rows `rows` (R,) with the rules applied (a new tensor: the model's logits
         stay as they were for logprobs). tokens: the block's (N, columns); a row's context is its columns from
         `context_from` (its left padding's end) to `end`, its output from `output_from` (tokens carried from an
-        earlier block are output too)."""
+        earlier block are output too). Each rule touches only the tokens it names (a few per row), never a pass
+        over the vocabulary: SmolLM2's 64 rows took 11 ms a step through vocabulary-wide counts."""
         logits = logits.float().clone()
         start = output_from[rows]
         if "min_tokens" in self.uses:
-            ended_by, vocab = self.ended_by[rows], logits.shape[-1]
-            early = (end - start < self.min_tokens[rows])[:, None].expand(ended_by.shape)
-            banned = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=logits.device)
-            banned.scatter_(1, torch.where(ended_by >= 0, ended_by, vocab), early)  # -1: past the vocabulary
-            logits.masked_fill_(banned[:, :vocab], float("-inf"))
+            ended_by = self.ended_by[rows]
+            banned = (ended_by >= 0) & (end - start < self.min_tokens[rows])[:, None]
+            logits.scatter_add_(1, ended_by.clamp(min=0), torch.zeros_like(logits[:, :1]).expand(ended_by.shape)
+                                .masked_fill(banned, float("-inf")))
         if "bias" in self.uses:
             logits.scatter_add_(1, self.bias_ids[rows], self.bias[rows])
         if not self.uses & {"repetition", "counts"}:
             return logits
-        vocab, history, columns = logits.shape[-1], tokens[rows, :end], torch.arange(end, device=logits.device)
-        if "repetition" in self.uses:
-            seen = _counts(history, columns >= context_from[rows][:, None], vocab) > 0
-            penalty = self.repetition[rows][:, None]
-            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        history, columns = tokens[rows, :end], torch.arange(end, device=logits.device)
+        if "repetition" in self.uses:  # a seen token's logit set once, whatever its count: its duplicates agree
+            ids = torch.where(columns >= context_from[rows][:, None], history, history[:, -1:])  # the last: context
+            seen, penalty = logits.gather(1, ids), self.repetition[rows][:, None]
+            logits.scatter_(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
         if "counts" in self.uses:
-            counts = _counts(history, columns >= start[:, None], vocab)
-            logits -= self.frequency[rows][:, None] * counts + self.presence[rows][:, None] * (counts > 0)
+            vocab = logits.shape[-1]
+            ids = torch.where(columns >= start[:, None], history, vocab).sort(dim=1).values  # the prompt's last
+            output = ids < vocab
+            first = output & torch.cat([torch.ones_like(output[:, :1]), ids[:, 1:] != ids[:, :-1]], dim=1)
+            less = self.frequency[rows][:, None] * output + self.presence[rows][:, None] * first
+            logits.scatter_add_(1, torch.where(output, ids, 0), -less)  # a prompt's token: 0 added to token 0
         return logits
 
 
@@ -93,10 +97,3 @@ def ending_tokens(configs: Sequence[SamplingConfig], eos: Sequence[int], device:
     for row, ids in enumerate(ended):
         table[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return table.to(device)
-
-
-def _counts(history: torch.Tensor, kept: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(R, vocab) float: how often each row's `history` (R, L) holds each token, over its `kept` columns."""
-    index = torch.where(kept, history, vocab)  # the others counted in a column past the vocabulary, then dropped
-    counts = torch.zeros((history.shape[0], vocab + 1), device=history.device)
-    return counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))[:, :vocab]
