@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flexgen_lite.kernels.int8_weight import Int8Weight
-from flexgen_lite.models.layers import exact_at_the_top, head
+from flexgen_lite.models.layers import exact_at_the_top, exact_top_k, head
 
 
 class _Config:
@@ -126,3 +126,22 @@ def test_an_8_bit_head_by_tiles_settles_its_ties_too(monkeypatch):
     assert rounded[0, 3] == rounded[0, 7]  # the tie
     logits = head({"lm_head": weight}, x, _Config())
     assert (logits.argmax(-1) == 7).all() and logits[0, 7] - logits[0, 3] == pytest.approx(1 / 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_gpus_head_makes_its_top_logits_exact_in_fixed_shapes(dtype):
+    """On CUDA (helper-45: no correction there) each row's EXACT_TOP largest logits are recomputed with fp32 sums
+    by ops of fixed shapes, as a graph's capture allows: the tie goes to the larger logit, and over many rows
+    greedy is fp32's."""
+    h, w = tied_head(dtype)
+    rounded = torch.nn.functional.linear(h, w).float()
+    exact = torch.nn.functional.linear(h.float(), w.float())
+    logits = exact_top_k(rounded, h, w)
+    assert logits.argmax(-1).tolist() == [7, 2] and logits[0, [3, 7]].tolist() == exact[0, [3, 7]].tolist()
+    torch.manual_seed(0)
+    w, h = (torch.randn(32000, 256) * 0.5).to(dtype), torch.randn(64, 256).to(dtype)
+    truth = torch.nn.functional.linear(h.float(), w.float()).argmax(-1)
+    rounded = torch.nn.functional.linear(h, w).float()
+    assert torch.equal(exact_top_k(rounded, h, w).argmax(-1), truth)
+    if dtype == torch.bfloat16:  # the rounding alone does change a row here
+        assert not torch.equal(rounded.argmax(-1), truth)

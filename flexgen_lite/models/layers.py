@@ -381,6 +381,8 @@ def head(w: dict, h: torch.Tensor, config: ModelConfig) -> torch.Tensor:
             logits = logits.float()
             if logits.device.type == "cpu":
                 exact_at_the_top(logits, h, head)
+            else:
+                logits = exact_top_k(logits, h, head)
     if config.logits_divisor != 1.0:
         logits = logits / config.logits_divisor
     return logits if config.logits_softcap is None else softcap(logits, config.logits_softcap)
@@ -404,6 +406,19 @@ def exact_at_the_top(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor |
         return
     rows, tokens = near.unbind(1)
     logits[rows, tokens] = torch.linalg.vecdot(h[rows].float(), _head_rows(head, tokens))
+
+
+EXACT_TOP = 8  # a GPU's near-ties made exact: each row's largest rounded logits, a fixed number of them
+
+
+def exact_top_k(logits: torch.Tensor, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """exact_at_the_top's work in fixed shapes (no host read: it runs inside a CUDA graph's capture): each row's
+    EXACT_TOP largest rounded logits recomputed with fp32 sums (helper-45: on CUDA a bf16 head's ties went to the
+    lower id). A near-tie ranked past EXACT_TOP (more than that many within the rounding of the largest, as an
+    untrained model's near-uniform logits have) keeps its rounded value."""
+    top = logits.topk(min(EXACT_TOP, logits.shape[-1]), dim=-1).indices  # (B, K)
+    exact = torch.linalg.vecdot(head[top].float(), h.float()[:, None, :])  # (B, K)
+    return logits.scatter(-1, top, exact)
 
 
 def _head_rows(head: torch.Tensor | Int8Weight, tokens: torch.Tensor) -> torch.Tensor:
