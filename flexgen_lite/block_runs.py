@@ -10,6 +10,7 @@ import torch
 from .engine.block import Block
 from .engine.kv_cache import cache_bytes_per_token
 from .engine.policy import Policy, split_counts
+from .guided import Guide
 from .kernels.logit_rules import LogitRules, ending_tokens
 from .kernels.sampling import SamplingConfig, row_generators, warpers
 from .planning.budgets import check_budgets, check_fits
@@ -110,6 +111,9 @@ class BlockRuns:
             block.samplings = rows
         block.rules = LogitRules.of(rows, cfg.eos_token_id or (), self.device.device)
         block.ended_by = ending_tokens(rows, cfg.eos_token_id or (), self.device.device)
+        if any(c.guided for c in configs):
+            block.guides = [self._guide(c, p, moving.get(row), cfg.eos_token_id or ()) if c.guided else None
+                            for row, (c, p) in enumerate(zip(configs, prompts, strict=True))] + [None] * fillers
         if moving and block.rules is not None:  # a carried row's output so far ends its prompt here
             carried = [len(moving[row].tokens) if row in moving else 0 for row in range(len(rows))]
             block.output_from = (block.prompt_len - torch.tensor(carried)).to(self.device.device)
@@ -138,6 +142,12 @@ class BlockRuns:
                     step(block)
         self.engine.run(block, configs[0], on_step, keep_logits)  # how rows pick where block.samplings does not say
         return block
+
+    def _guide(self, config: SamplingConfig, prompt: list[int], carried: Carried | None, eos) -> Guide:
+        """A guided row's Guide: its prompt, and the tokens it made in an earlier block (they end its prompt here)."""
+        made = carried.tokens if carried is not None else []
+        return Guide(config.guided, self.tokenizer, prompt[:len(prompt) - len(made)], made, tuple(eos),
+                     config.stop_at_eos)
 
     def _check_cache_fits(self, block: Block) -> None:
         engine = self.engine

@@ -215,6 +215,8 @@ class FlexGenLite(BlockRuns):
         self._check_token_ids(configs)
         if any(c.stop for c in configs) and self.tokenizer is None:
             raise ModelError("stop strings need a tokenizer; this model has none")
+        if any(c.guided for c in configs) and self.tokenizer is None:
+            raise ModelError("a guided output (choice, regex, JSON) needs a tokenizer; this model has none")
         order = block_order(prompts, self.policy.share_prefix)  # similar lengths (and instructions) share a block
         results: list[list[int]] = [[] for _ in prompts]
         logits: list[torch.Tensor] = [None] * len(prompts)

@@ -20,7 +20,7 @@ LAYERS = [
     ("planning", ["planning"]),
     ("profiling", ["profiling"]),
     ("api", ["", "generation", "step_checks", "stragglers", "model_source", "block_shapes", "block_runs",
-             "completion_text"]),
+             "completion_text", "guided"]),
     ("shared by the doors", ["cli", "cli.options", "cli.checks", "cli.batch_io", "cli.run_record", "cli.breakdown",
                              "cli.chrome_trace", "cli.breakdown_flags", "openai_api"]),
     ("doors", ["cli.generate", "cli.quality", "cli.bench", "cli.report", "serve", "ray", "eval"]),

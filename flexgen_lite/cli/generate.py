@@ -50,6 +50,10 @@ def add_sampling_flags(g) -> None:
                    help="add BIAS to token ID's logit (repeatable; -100 bans it, as OpenAI's logit_bias)")
     g.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence (nor --stop-token-id) before this "
                    "many tokens (default %(default)s)")
+    g.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                   help="the output is one of these texts (repeatable; vLLM's guided_choice)")
+    g.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression whole")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object (OpenAI's JSON mode)")
     g.add_argument("--stop-token-id", dest="stop_token_ids", action="append", default=[], type=int, metavar="ID",
                    help="a token that ends the output as end-of-sequence does (repeatable)")
 
@@ -66,10 +70,19 @@ def logit_bias(pairs: list[str]) -> dict[int, float]:
     return bias
 
 
+def guided(args) -> tuple:
+    """The output's form from --choice, --regex or --json-object (one of them at most)."""
+    forms = [form for form, given in ((("choice", *args.choice), args.choice), (("regex", args.regex), args.regex),
+                                      (("json_object",), args.json_object)) if given]
+    if len(forms) > 1:
+        raise InputError("--choice, --regex and --json-object each give the output a form: use one")
+    return forms[0] if forms else ()
+
+
 def sampling_from_args(args) -> SamplingConfig:
     rules = {key: getattr(args, key) for key in RULES} | {"logit_bias": logit_bias(args.logit_bias)}
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                          tuple(args.stop), stop_at_eos=not args.ignore_eos, **rules)
+                          tuple(args.stop), stop_at_eos=not args.ignore_eos, guided=guided(args), **rules)
 
 
 SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -78,7 +91,8 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
 # the logits' rules and their neutral values: recorded only where set (a file made before they existed resumes)
 RULES = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
          "logit_bias": [], "min_tokens": 0, "stop_token_ids": []}
-RULE_FLAGS = {key: "--" + key.replace("_", "-").replace("-ids", "-id") for key in RULES}
+RULE_FLAGS = {key: "--" + key.replace("_", "-").replace("-ids", "-id") for key in RULES} | {
+    "guided": "--choice/--regex/--json-object"}
 CARRY_OVER = {"auto": None, "always": True, "never": False}  # --carry-over: generate_ids' carry_over
 
 
@@ -88,6 +102,8 @@ def result_settings(args) -> dict:
     settings = {key: getattr(args, key) for key in SETTING_FLAGS}
     settings.update({key: value for key, neutral in RULES.items()
                      if (value := getattr(args, key)) != neutral})
+    if form := guided(args):
+        settings["guided"] = list(form)
     if settings["temperature"] == 0:
         settings.update(seed=None, top_k=None, top_p=None)
         settings.pop("min_p", None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.logit_rules import LogitRules
+from ..kernels.sampling import sample_rows
 
 
 @dataclass
@@ -33,10 +34,12 @@ class Block:
     output_from: torch.Tensor | None = None  # (N,) on the device: each row's first output column (default
     # prompt_len; earlier for rows carried on from another block, whose output so far ends their prompt here)
     ended_by: torch.Tensor | None = None  # (N, E) on the device: each row's ending tokens, where rows have their own
+    guides: list | None = None  # (N,) each row's guided.Guide or None, where a row's output has a form
     stopped: bool = False  # set between steps: the block ends there, its unfinished rows left to the caller
     # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _eos_ids: torch.Tensor | None = field(default=None, repr=False)  # eos on the compute device
+    _ending: list[int] = field(default_factory=list, repr=False)  # rows whose form ends them after this step
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
@@ -86,6 +89,32 @@ class Block:
             return None
         values = values[self.rows(batch)]
         return values if active is None else [values[i] for i in active.tolist()]
+
+    def choose(self, batch: int, active: torch.Tensor | None, active_device: torch.Tensor | None,
+               logits: torch.Tensor, sampling) -> torch.Tensor:
+        """The next token of GPU batch `batch`'s active rows (`active` on the host, `active_device` on the compute
+        device; None: all) from their `logits`: by each row's rules and sampling (`sampling`: where rows do not
+        have their own), and for a guided row by its form."""
+        logits = self.ruled(batch, active_device, logits)
+        ids = sample_rows(logits, self.row_samplings(batch, active) or sampling, self.row_generators(batch, active))
+        if self.guides is None:
+            return ids
+        first = batch * self.gpu_batch_size
+        rows = range(first, first + logits.shape[0]) if active is None else (first + active).tolist()
+        guided = [(i, row) for i, row in enumerate(rows) if self.guides[row] is not None]
+        if not guided:
+            return ids
+        index = torch.tensor([i for i, _ in guided], device=logits.device)
+        picked = ids[index].tolist()
+        for k, ((_, row), row_logits) in enumerate(zip(guided, logits[index].float().cpu(), strict=True)):
+            config = self.samplings[row] if self.samplings is not None else sampling
+            generator = self.generators[row] if self.generators is not None else None
+            picked[k], ends = self.guides[row].pick(row_logits, config, generator, picked[k])
+            if ends:
+                self._ending.append(row)
+        ids = ids.clone()
+        ids[index] = torch.tensor(picked, device=ids.device)
+        return ids
 
     def ruled(self, batch: int, active_device: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
         """The logits (rows: GPU batch `batch`'s active ones, `active_device` on the compute device; None: all)
@@ -195,6 +224,9 @@ class Block:
             self.finished |= hit if self.ends_at_eos is None else hit & self.ends_at_eos
         if self.limit is not None:
             self.finished |= self.length >= self.limit
+        if self._ending:  # guided rows whose form is whole and cannot grow
+            self.finished[self._ending] = True
+            self._ending.clear()
         self.generated += 1
 
     def new_tokens(self, row: int, last: int | None = None) -> list[int]:

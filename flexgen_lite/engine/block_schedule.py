@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.attention import attend_named
-from ..kernels.sampling import SamplingConfig, sample_rows
+from ..kernels.sampling import SamplingConfig
 from ..models import layers as L
 from ..models.config import ModelConfig
 from ..models.specs import LayerSpec
@@ -245,9 +245,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
                         if inputs[b].get("sampled") is not None:  # every row computed, those generating sampled
                             active, on_device = inputs[b]["sampled"]
                             out = out[on_device]
-                        block.record(b, sample_rows(block.ruled(b, on_device, out),
-                                                    block.row_samplings(b, active) or sampling,
-                                                    block.row_generators(b, active)), active, on_device)
+                        block.record(b, block.choose(b, active, on_device, out, sampling), active, on_device)
                 if spec.kind == "head":
                     self._keep_logits(block, step, b, out, active)
                 else:
@@ -282,8 +280,7 @@ class Engine(BatchInputs, DecodeAttention, Transfers):
             if active is not None and logits.shape[0] != len(active):  # a graph computed every row, each on its own
                 logits = logits[active]
             on_device = None if active is None else block.device_rows(b, active)
-            block.record(b, sample_rows(block.ruled(b, on_device, logits), block.row_samplings(b, active) or sampling,
-                                        block.row_generators(b, active)), active, on_device)
+            block.record(b, block.choose(b, active, on_device, logits, sampling), active, on_device)
         self._keep_logits(block, step, b, logits, active)
         return True
 

@@ -30,6 +30,8 @@ class SamplingConfig:
     min_tokens: int = 0  # no eos (nor stop_token_ids) before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the output as eos does (kept in its ids)
+    # the output's form (guided.py): ("choice", text, ...), ("regex", pattern) or ("json_object",); () none
+    guided: tuple = ()
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -93,6 +95,28 @@ class SamplingConfig:
         if not isinstance(ids, (tuple, list)) or not all(_token_id(i) for i in ids):
             raise ValueError(f"stop_token_ids must be token ids (whole numbers >= 0), got {ids!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        self._check_guided()
+
+    def _check_guided(self) -> None:
+        guided = tuple(self.guided or ())
+        object.__setattr__(self, "guided", guided)
+        if not guided:
+            return
+        kind, *args = guided
+        if kind == "choice" and args and all(isinstance(a, str) and a for a in args):
+            return
+        if kind == "regex" and len(args) == 1 and isinstance(args[0], str):
+            import regex
+
+            try:
+                regex.compile(args[0])
+            except regex.error as e:
+                raise ValueError(f"guided regex {args[0]!r} does not compile: {e}") from None
+            return
+        if kind == "json_object" and not args:
+            return
+        raise ValueError(f"guided must be ('choice', text, ...) with non-empty texts, ('regex', pattern) or "
+                         f"('json_object',), got {guided!r}")
 
     def rules(self) -> bool:
         """Whether this config changes its logits before picking (logit_rules.py)."""

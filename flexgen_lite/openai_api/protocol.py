@@ -85,7 +85,21 @@ class Request(BaseModel):
             bias[int(key)] = value
         return dict(presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,
-                    logit_bias=bias, stop_token_ids=tuple(self.stop_token_ids or ()))
+                    logit_bias=bias, stop_token_ids=tuple(self.stop_token_ids or ()), guided=self.guided())
+
+    def guided(self) -> tuple:
+        """The output's form (SamplingConfig.guided) from vLLM's guided_choice and guided_regex, or OpenAI's JSON
+        mode; ValueError where more than one is asked."""
+        forms = []
+        if self.guided_choice is not None:
+            forms.append(("choice", *self.guided_choice))
+        if self.guided_regex is not None:
+            forms.append(("regex", self.guided_regex))
+        if (self.response_format or {}).get("type") == "json_object":
+            forms.append(("json_object",))
+        if len(forms) > 1:
+            raise ValueError("guided_choice, guided_regex and response_format json_object: give one at most")
+        return forms[0] if forms else ()
 
     def unsupported(self) -> str | None:
         """The first field set to something this server would otherwise ignore, or None."""
@@ -93,12 +107,11 @@ class Request(BaseModel):
                    "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,),
                    "use_beam_search": (None, False), "length_penalty": (None, 1), "truncate_prompt_tokens": (None,),
                    "allowed_token_ids": (None,), "bad_words": (None, []), "skip_special_tokens": (None, True),
-                   "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-                   "guided_grammar": (None,)}
+                   "guided_json": (None,), "guided_grammar": (None,)}
         for name, values in neutral.items():
             if getattr(self, name) not in values:
                 return name
-        if self.response_format not in (None, {"type": "text"}):
+        if self.response_format not in (None, {"type": "text"}, {"type": "json_object"}):
             return "response_format"
         return None
 

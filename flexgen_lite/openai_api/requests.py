@@ -165,7 +165,8 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     try:
         rules = request.rules()
     except ValueError as e:
-        raise RequestError(400, str(e), "logit_bias", "invalid_value") from None
+        field = "logit_bias" if "logit_bias" in str(e) else "guided_choice"
+        raise RequestError(400, str(e), field, "invalid_value") from None
     for name in ("logit_bias", "stop_token_ids"):
         if any(not 0 <= int(i) < served.config.vocab_size for i in rules[name]):
             raise RequestError(400, f"{name} names a token outside the vocabulary (0..{served.config.vocab_size - 1})",
@@ -183,7 +184,9 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
                                       None if greedy else request.seed, stop, stop_at_eos=not request.ignore_eos,
                                       **rules)
         except ValueError as e:
-            field = next((f for f in ("min_tokens", "stop") if f in str(e)), None)
+            field = next((f for f in ("min_tokens", "stop", "guided") if f in str(e)), None)
+            if field == "guided":
+                field = "guided_regex" if request.guided_regex is not None else "guided_choice"
             raise RequestError(400, str(e), field, "invalid_value") from None
         # seeded by its choice alone: a prompt of a list samples as it would sent alone (as vLLM's)
         jobs += [Job(tuple(ids), sampling, j, logprobs, prompt_logprobs, not scored_only) for j in range(request.n)]

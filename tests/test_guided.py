@@ -1,0 +1,187 @@
+"""Outputs held to a form (guided.py): the JSON object check against Python's json module, guided greedy output
+token-identical to transformers' logits picked under the same rule, sampling drawing from the distribution
+restricted to the tokens that keep the form, and the doors and the command line taking vLLM's and OpenAI's fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import regex
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexgen_lite import FlexGenLite, Policy, SamplingConfig
+from flexgen_lite.guided import json_object_state
+
+from .conftest import PROMPTS
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=4), st.sampled_from([None, 1, 2]),
+       st.booleans(), st.booleans())
+def test_every_prefix_of_a_json_object_is_open_and_the_object_whole(obj, indent, compact, ascii_only):
+    text = json.dumps(obj, indent=indent, separators=(",", ":") if compact and indent is None else None,
+                      ensure_ascii=ascii_only)
+    assert json_object_state(text) == "whole"
+    assert all(json_object_state(text[:i]) == "open" for i in range(len(text)))
+    assert json_object_state(text + " ") is None and json_object_state(text + "}") is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='{}[]":,-.0123456789eEtruefalsn \\u', max_size=24))
+def test_what_it_calls_a_whole_object_json_reads_as_one(text):
+    state = json_object_state(text)
+    if state == "whole":
+        assert isinstance(json.loads(text), dict)
+    try:
+        whole = isinstance(json.loads(text), dict) and text == text.strip()
+    except ValueError:
+        whole = False
+    assert whole == (state == "whole") or len(text) - len(text.lstrip()) > 0  # none before the object
+
+
+def reference(model, tokenizer, prompt, form, new_tokens, eos=None):
+    """transformers' logits, each step's token the likeliest whose text (the word tokenizer's, after the prompt:
+    its first word's space) keeps the form after its leading space; its special tokens other than eos never taken;
+    eos only where the text is whole; ends where the text is whole and cannot grow (a choice)."""
+    kind, *args = form
+    pattern = regex.compile(args[0]) if kind == "regex" else None
+
+    def viable(text):
+        return any(c.startswith(text) for c in args) if kind == "choice" else \
+            pattern.fullmatch(text, partial=True) is not None
+
+    def whole(text):
+        if kind == "choice":
+            return text in args
+        match = pattern.fullmatch(text, partial=True)
+        return match is not None and not match.partial
+
+    made = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([prompt + made])).logits[0, -1]
+            text = tokenizer.decode(made, skip_special_tokens=True)
+            for token in logits.argsort(descending=True).tolist():
+                if token == eos:
+                    if whole(text):
+                        return made + [token]
+                elif token not in tokenizer.all_special_ids and viable(
+                        tokenizer.decode(made + [token], skip_special_tokens=True)):
+                    made.append(token)
+                    break
+            else:  # no token keeps the form (a word tokenizer cannot spell w300 after w30): the row ends at eos
+                return made + [eos]
+            text = tokenizer.decode(made, skip_special_tokens=True)  # the words joined: no leading space
+            if kind == "choice" and whole(text) and not any(len(c) > len(text) and c.startswith(text) for c in args):
+                return made
+    return made
+
+
+FORMS = [("choice", "w5 w6 w7", "w5 w9", "w300"), ("regex", r"w[0-9]*7( w[0-9]+)*"),
+         ("regex", r"(w[0-9]+ ){1,3}w1[0-9]*")]
+
+
+@pytest.mark.parametrize("policy,device", [
+    (Policy(gpu_batch_size=4, num_gpu_batches=1, dtype="float32"), None),
+    (Policy(gpu_batch_size=2, num_gpu_batches=2, weight_gpu_percent=0, weight_cpu_percent=100, cache_gpu_percent=50,
+            cache_cpu_percent=50, dtype="float32"), "cpu+link")], ids=["in-memory", "across-a-link"])
+def test_guided_greedy_is_transformers_logits_picked_by_the_form(tiny_models, policy, device):
+    tiny_dir, model = tiny_models["llama"]
+    eos = 2  # the word tokenizer's eos: special, so not in the text
+    with FlexGenLite(str(tiny_dir), policy=policy, device=device) as m:
+        for form in FORMS:
+            got = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6, guided=form))
+            expected = [reference(model, m.tokenizer, p, form, 6, eos) for p in PROMPTS]
+            assert got == expected, form
+            texts = [m.decode(ids, (), p) for ids, p in zip(got, PROMPTS, strict=True)]
+            if form[0] == "choice":  # a choice, or at a dead end (ended at eos) a choice's beginning
+                assert all(t.strip() in form[1:] or ids[-1] == eos and any(c.startswith(t.strip()) for c in form[1:])
+                           for t, ids in zip(texts, got, strict=True))
+                assert sum(t.strip() in form[1:] for t in texts) >= 3
+        free = m.generate_ids(PROMPTS, SamplingConfig(max_new_tokens=6))
+        assert free != got  # the forms changed what was generated
+
+
+def test_sampling_draws_from_the_distribution_restricted_to_the_form(tiny_models):
+    """A first token under three choices: the tokens that keep the form are the words that begin one (w3 and w30
+    begin w300); their frequencies over 600 rows within 4.5 sigma of the model's probabilities renormalised over
+    them. Rows with their own seeds sample as alone, and again the same."""
+    tiny_dir, model = tiny_models["llama"]
+    prompt = PROMPTS[0]
+    choices, keep = ("w5", "w9", "w300"), [5, 9, 3, 30, 300]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    probs = logits[keep].softmax(-1)
+    config = SamplingConfig(max_new_tokens=1, temperature=1.0, seed=3, guided=("choice", *choices))
+    with FlexGenLite(str(tiny_dir), policy=Policy(gpu_batch_size=100, num_gpu_batches=2, dtype="float32")) as m:
+        ids = m.generate_ids([prompt] * 600, config)
+        again = m.generate_ids([prompt] * 600, config)
+        alone = [m.generate_ids([prompt], config, indices=[i])[0] for i in (0, 7, 599)]
+    assert ids == again and [ids[i] for i in (0, 7, 599)] == alone
+    counts = torch.tensor([sum(i == [t] for i in ids) for t in keep], dtype=torch.float)
+    assert counts.sum() == 600
+    sigma = (600 * probs * (1 - probs)).sqrt()
+    assert ((counts - 600 * probs).abs() <= 4.5 * sigma + 1).all(), (counts, 600 * probs)
+
+
+def test_rows_of_their_own_forms_share_a_block_and_carry_on(tiny_models):
+    tiny_dir, _ = tiny_models["llama"]
+    configs = [SamplingConfig(6, guided=FORMS[i % 3]) if i % 2 else SamplingConfig(6) for i in range(len(PROMPTS))]
+    with FlexGenLite(str(tiny_dir), policy=Policy(gpu_batch_size=4, num_gpu_batches=2, dtype="float32")) as m:
+        together = m.generate_ids(PROMPTS, configs)
+        alone = [m.generate_ids([p], c)[0] for p, c in zip(PROMPTS, configs, strict=True)]
+        carried = m.generate_ids(PROMPTS, configs, carry_over=True)
+    assert together == alone == carried
+
+
+def test_json_mode_gives_json_objects_from_a_real_model(smollm):
+    path, _ = smollm
+    asks = ["Give a fictional person's name and age as JSON.", "Describe a cat as JSON with keys color and legs."]
+    with FlexGenLite(path, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        greedy = m.generate(asks, chat=True, max_new_tokens=48, guided=("json_object",))
+        sampled = m.generate(asks, chat=True, max_new_tokens=48, guided=("json_object",), temperature=1.0, seed=0)
+        choice = m.generate(["Is Paris the capital of France? Answer yes or no."], chat=True,
+                            guided=("choice", "yes", "no"))
+    for text in greedy + sampled:  # an object, or where 48 tokens ran out, its beginning
+        assert json_object_state(text) in ("whole", "open")
+        if json_object_state(text) == "whole":
+            assert isinstance(json.loads(text), dict)
+    assert isinstance(json.loads(greedy[0]), dict) and json.loads(greedy[0])
+    assert choice == ["yes"]
+
+
+def test_the_doors_and_the_command_line_take_the_forms(tiny_models, capsys):
+    from flexgen_lite.cli.main import main
+    from flexgen_lite.openai_api.batch_lines import check_request
+    from flexgen_lite.openai_api.requests import RequestError, Served, prepare
+    from flexgen_lite.openai_api.runner import run_jobs
+
+    tiny_dir = str(tiny_models["llama"][0])
+    with FlexGenLite(tiny_dir, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        served = Served("tiny", m.config, m.tokenizer)
+        bodies = [{"guided_choice": ["w5 w6 w7", "w300"]}, {"guided_regex": r"w[0-9]*7( w[0-9]+)*"}]
+        lines = [json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/completions",
+                             "body": {"prompt": "w17 w43", "max_tokens": 6, "temperature": 0, **b}})
+                 for i, b in enumerate(bodies)]
+        outputs = run_jobs(m, [job for line in lines for job in check_request(line, served)[1].jobs])
+        expected = [m.generate("w17 w43", max_new_tokens=6, guided=form) for form in
+                    (("choice", "w5 w6 w7", "w300"), ("regex", r"w[0-9]*7( w[0-9]+)*"))]
+        assert [o.text for o in outputs] == expected
+        for bad, field in (({"guided_regex": "("}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
+                           ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+                           ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+                           ({"guided_json": {"type": "object"}}, "guided_json")):
+            with pytest.raises(RequestError) as e:
+                prepare("/v1/completions", {"prompt": "w5", **bad}, served)
+            assert e.value.status == 400 and e.value.param == field, (bad, e.value.message)
+    main(["generate", "--model", tiny_dir, "--dtype", "float32", "--policy", "manual", "--max-new-tokens", "6",
+          "--json", "--choice", "w5 w6 w7", "--choice", "w300", "w17 w43"])
+    assert json.loads(capsys.readouterr().out)["text"] == expected[0]
