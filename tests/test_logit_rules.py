@@ -213,8 +213,41 @@ def test_the_generate_command_takes_them_and_a_resume_checks_them(tiny_models, t
     with pytest.raises(SystemExit):
         main(base[:-2] + ["--output", str(out), "w5 w6 w7", "w9 w9"])
     assert "made with --frequency-penalty 1.5, not (none)" in capsys.readouterr().err
+    same = [f.replace("77=4", "77=4.0") if f == "77=4" else f for f in flags] + ["--stop-token-id", "9"]
+    main(base[:-2] + ["--output", str(out), "w5 w6 w7", "w9 w9"] + same)  # the same rules written otherwise
+    assert "resuming: 1 of 2" in capsys.readouterr().err
     plain = tmp_path / "plain.jsonl"  # a file whose record names no rule (as one made before they existed)
     main(base[:-2] + ["--output", str(plain), "w5 w6 w7"])
     assert "frequency_penalty" not in json.loads(plain.read_text().splitlines()[0])["flexgen_lite_run"]["settings"]
     main(base[:-2] + ["--output", str(plain), "w5 w6 w7", "w9 w9"])
     assert "resuming: 1 of 2" in capsys.readouterr().err
+
+
+def test_helper_46s_cases():
+    """A repetition penalty that is 0 in fp32 (its -inf * 0 made NaN of min_tokens' ban) and biases past fp32's
+    range are refused; the ban comes last, so no rule can make it NaN; a bias named twice is refused; stop tokens
+    are a sorted set."""
+    for bad in (dict(repetition_penalty=1e-50), dict(logit_bias={5: -1e39}), dict(frequency_penalty=1e39),
+                dict(logit_bias=[(5, 1.0), (5, 2.0)])):
+        with pytest.raises(ValueError):
+            SamplingConfig(max_new_tokens=8, **bad)
+    logits, tokens = history(5)
+    tiny = SamplingConfig(max_new_tokens=16, min_tokens=9, repetition_penalty=torch.finfo(torch.float32).tiny)
+    out = ruled(logits, tokens, [tiny] * ROWS, output_from=12, eos=(tokens[0, 3].item(),))
+    assert not out.isnan().any() and torch.isinf(out[:, tokens[0, 3]]).all()
+    assert SamplingConfig(stop_token_ids=(9, 3, 9)).stop_token_ids == (3, 9)
+
+
+def test_a_stop_token_on_the_last_allowed_token_is_a_stop(tiny_models):
+    """helper-46: the doors said "length" where a stop token id ended the output at max_tokens (eos: "stop")."""
+    from flexgen_lite.openai_api.requests import Served, prepare
+    from flexgen_lite.openai_api.runner import run_jobs
+
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        served = Served("tiny", m.config, m.tokenizer)
+        body = {"prompt": "w17 w43", "max_tokens": 4, "temperature": 0}
+        free = run_jobs(m, prepare("/v1/completions", body, served).jobs)[0].token_ids
+        for at in (2, 3):
+            work = prepare("/v1/completions", body | {"stop_token_ids": [free[at]]}, served)
+            out = run_jobs(m, work.jobs)[0]
+            assert out.token_ids == free[:at + 1] and out.finish_reason == "stop"

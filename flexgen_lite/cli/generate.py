@@ -64,9 +64,12 @@ def logit_bias(pairs: list[str]) -> dict[int, float]:
     for pair in pairs:
         token, _, value = pair.partition("=")
         try:
-            bias[int(token)] = float(value)
+            token, value = int(token), float(value)
         except ValueError:
             raise InputError(f"--logit-bias {pair}: give a token id and a number, as 50256=-100") from None
+        if token in bias:
+            raise InputError(f"--logit-bias names token {token} twice")
+        bias[token] = value
     return bias
 
 
@@ -100,8 +103,13 @@ def result_settings(args) -> dict:
     """The generate flags that change what is generated (the policy's numerics are recorded apart); greedy
     decoding (temperature 0) ignores the seed, top-k, top-p and min-p, so they are not recorded then."""
     settings = {key: getattr(args, key) for key in SETTING_FLAGS}
+    sampling = sampling_from_args(args)  # the values as generation takes them: 77=4 and 77=4.0 alike
     settings.update({key: value for key, neutral in RULES.items()
                      if (value := getattr(args, key)) != neutral})
+    if "logit_bias" in settings:
+        settings["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if "stop_token_ids" in settings:
+        settings["stop_token_ids"] = list(sampling.stop_token_ids)
     if form := guided(args):
         settings["guided"] = list(form)
     if settings["temperature"] == 0:

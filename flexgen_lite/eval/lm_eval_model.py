@@ -173,8 +173,8 @@ class FlexGenLiteLM(TemplateLM):
             samplings.append(SamplingConfig(max_gen, temperature, int(kwargs.get("top_k", 0) or 0),
                                             float(kwargs.get("top_p", 1.0) or 1.0), kwargs.get("seed"),
                                             tuple(s for s in until if s),
-                                            repetition_penalty=float(kwargs.get("repetition_penalty", 1.0) or 1.0),
-                                            min_p=float(kwargs.get("min_p", 0.0) or 0.0)))
+                                            repetition_penalty=_number(kwargs, "repetition_penalty", 1.0),
+                                            min_p=_number(kwargs, "min_p", 0.0)))
             prompts.append(self.tok_encode(req.args[0])[-(self.max_length - max_gen):] or [self.prefix_token_id])
             stops.append(until)
         results: list[str | None] = [None] * len(requests)
@@ -190,3 +190,9 @@ class FlexGenLiteLM(TemplateLM):
             self.model.generate_ids(prompts, samplings, on_block=finished)
         bar.close()
         return results
+
+
+def _number(kwargs: dict, name: str, default: float) -> float:
+    """A generation kwarg as a number (None: its default; 0 stays 0, for SamplingConfig to refuse where it must)."""
+    value = kwargs.get(name)
+    return default if value is None else float(value)

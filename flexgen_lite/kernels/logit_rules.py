@@ -61,15 +61,10 @@ class LogitRules:
         over the vocabulary: SmolLM2's 64 rows took 11 ms a step through vocabulary-wide counts."""
         logits = logits.float().clone()
         start = output_from[rows]
-        if "min_tokens" in self.uses:
-            ended_by = self.ended_by[rows]
-            banned = (ended_by >= 0) & (end - start < self.min_tokens[rows])[:, None]
-            logits.scatter_add_(1, ended_by.clamp(min=0), torch.zeros_like(logits[:, :1]).expand(ended_by.shape)
-                                .masked_fill(banned, float("-inf")))
         if "bias" in self.uses:
             logits.scatter_add_(1, self.bias_ids[rows], self.bias[rows])
         if not self.uses & {"repetition", "counts"}:
-            return logits
+            return self._min_tokens(logits, rows, start, end)
         history, columns = tokens[rows, :end], torch.arange(end, device=logits.device)
         if "repetition" in self.uses:  # a seen token's logit set once, whatever its count: its duplicates agree
             ids = torch.where(columns >= context_from[rows][:, None], history, history[:, -1:])  # the last: context
@@ -82,6 +77,16 @@ class LogitRules:
             first = output & torch.cat([torch.ones_like(output[:, :1]), ids[:, 1:] != ids[:, :-1]], dim=1)
             less = self.frequency[rows][:, None] * output + self.presence[rows][:, None] * first
             logits.scatter_add_(1, torch.where(output, ids, 0), -less)  # a prompt's token: 0 added to token 0
+        return self._min_tokens(logits, rows, start, end)
+
+    def _min_tokens(self, logits: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, end: int) -> torch.Tensor:
+        """The ban of eos and stop tokens before min_tokens, last (vLLM bans first; the same, but no rule after
+        it can turn its -inf into NaN: -inf times a repetition penalty that is 0 in fp32)."""
+        if "min_tokens" in self.uses:
+            ended_by = self.ended_by[rows]
+            banned = (ended_by >= 0) & (end - start < self.min_tokens[rows])[:, None]
+            logits.scatter_add_(1, ended_by.clamp(min=0), torch.zeros_like(logits[:, :1]).expand(ended_by.shape)
+                                .masked_fill(banned, float("-inf")))
         return logits
 
 

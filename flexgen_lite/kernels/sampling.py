@@ -74,8 +74,13 @@ class SamplingConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}")
+        most = torch.finfo(torch.float32)
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):  # as fp32 logits take them
+            if abs(getattr(self, name)) > most.max:
+                raise ValueError(f"{name} must be within float32's range (|x| <= {most.max:.3g})")
+        if not most.tiny <= self.repetition_penalty:  # one that rounds to 0 in fp32 would make -inf * 0
+            raise ValueError(f"repetition_penalty must be > 0 and at least {most.tiny:.3g} (1: none), got "
+                             f"{self.repetition_penalty}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be within [0, 1], got {self.min_p}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, numbers.Integral) \
@@ -87,14 +92,17 @@ class SamplingConfig:
         for pair in bias:
             token, value = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (pair, None)
             if not _token_id(token) or isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                    or not math.isfinite(value):
-                raise ValueError(f"logit_bias: each entry is a token id and a finite number, got {pair!r}")
-            pairs[int(token)] = pairs.get(int(token), 0.0) + float(value)
+                    or not abs(value) <= torch.finfo(torch.float32).max:
+                raise ValueError(f"logit_bias: each entry is a token id and a number within float32's range, got "
+                                 f"{pair!r}")
+            if int(token) in pairs:
+                raise ValueError(f"logit_bias names token {int(token)} twice")
+            pairs[int(token)] = float(value)
         object.__setattr__(self, "logit_bias", tuple(sorted(pairs.items())))
         ids = self.stop_token_ids or ()
         if not isinstance(ids, (tuple, list)) or not all(_token_id(i) for i in ids):
             raise ValueError(f"stop_token_ids must be token ids (whole numbers >= 0), got {ids!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        object.__setattr__(self, "stop_token_ids", tuple(sorted({int(i) for i in ids})))
         self._check_guided()
 
     def _check_guided(self) -> None:

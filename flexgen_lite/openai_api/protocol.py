@@ -79,9 +79,11 @@ class Request(BaseModel):
         """The logits' rules as SamplingConfig's fields; ValueError naming the field for a bad logit_bias."""
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.strip().isdigit() or not -100 <= value <= 100:
+            if not (key.strip().isascii() and key.strip().isdigit()) or not -100 <= value <= 100:
                 raise ValueError(f"logit_bias maps token ids (as text: \"50256\") to numbers within -100..100, got "
                                  f"{key!r}: {value!r}")
+            if int(key) in bias:
+                raise ValueError(f"logit_bias names token {int(key)} twice")
             bias[int(key)] = value
         return dict(presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,

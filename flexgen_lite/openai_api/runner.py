@@ -118,7 +118,7 @@ def output_of(model, gen: list[int], sampling, logprobs=None, prompt_logprobs=No
     """gen's text after its prompt's (cut at a stop string), why it ended, and the log-probabilities of the tokens
     that made that text (those of a stop string that began at a token's start are not in it)."""
     text = model.decode(gen, sampling.stop, prompt)
-    eos = set(model.config.eos_token_id or ()) if sampling.stop_at_eos else set()
+    eos = (set(model.config.eos_token_id or ()) if sampling.stop_at_eos else set()) | set(sampling.stop_token_ids)
     if sampling.stop and len(text) < len(model.decode(gen, (), prompt)):
         reason = "stop"  # cut at a stop string
         if logprobs is not None:
