@@ -13,6 +13,8 @@ prompt and the tokens before it)."""
 
 from __future__ import annotations
 
+import bisect
+
 import regex
 import torch
 
@@ -20,7 +22,7 @@ from .completion_text import _special_ids, text_after
 from .kernels.sampling import SamplingConfig, warped
 
 UNREAD = 1e-4  # sampling: the tokens that keep the form are read until the others' mass is below this of theirs
-READ_AT_MOST = 4096  # ... or this many tokens have been read (a form the model finds unlikely: the rest's mass,
+READ_AT_MOST = 1024  # ... or this many tokens have been read (a form the model finds unlikely: the rest's mass,
 # a little of the whole, is left out)
 BLANK_RUN = 16  # whitespace a JSON object may hold in a row (a model in JSON mode can emit it without end)
 NUMBER = regex.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
@@ -28,27 +30,42 @@ LITERALS = ("true", "false", "null")
 BEGUN = ("\u00e9", "\u4e2d", "\U0001f600")  # characters of 2, 3 and 4 UTF-8 bytes
 
 
-class Choice:
-    def __init__(self, choices: tuple[str, ...]):
-        self.choices = choices
-
-    def viable(self, text: str) -> bool:
-        return any(c.startswith(text) for c in self.choices)
-
-    def whole(self, text: str) -> bool:
-        return text in self.choices
-
-    def grows(self, text: str) -> bool:
-        return any(len(c) > len(text) and c.startswith(text) for c in self.choices)
-
-    def viable_begun(self, text: str) -> bool:
-        return any(len(c) > len(text) and c.startswith(text) and not c[len(text)].isascii() for c in self.choices)
-
-
 class Form:
     def viable_begun(self, text: str) -> bool:
-        """Whether a character of more than one byte may follow `text` (one of each length is tried)."""
+        """Whether a character of more than one byte may follow `text` (one of each length is tried: a form that
+        needs another such character there, one the tokenizer spells in bytes, is not reached)."""
         return any(self.viable(text + c) for c in BEGUN)
+
+    def starts_blank(self) -> bool:
+        """Whether the form itself may begin with whitespace (then a text's leading whitespace is its own)."""
+        return any(self.viable(c) for c in " \n\t")
+
+
+class Choice(Form):
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices, self.sorted, self.set = choices, sorted(set(choices)), frozenset(choices)
+
+    def _from(self, text: str) -> int:
+        return bisect.bisect_left(self.sorted, text)  # the choices beginning with `text` follow it in order
+
+    def viable(self, text: str) -> bool:
+        i = self._from(text)
+        return i < len(self.sorted) and self.sorted[i].startswith(text)
+
+    def whole(self, text: str) -> bool:
+        return text in self.set
+
+    def grows(self, text: str) -> bool:
+        i = self._from(text) + (text in self.set)
+        return i < len(self.sorted) and self.sorted[i].startswith(text)
+
+    def viable_begun(self, text: str) -> bool:
+        i = self._from(text)
+        while i < len(self.sorted) and self.sorted[i].startswith(text):
+            if len(self.sorted[i]) > len(text) and not self.sorted[i][len(text)].isascii():
+                return True
+            i += 1
+        return False
 
 
 class Pattern(Form):
@@ -89,37 +106,51 @@ class Guide:
     def __init__(self, guided: tuple, tokenizer, prompt: list[int], made: list[int], eos: tuple[int, ...],
                  ends_at_eos: bool):
         self.form, self.tokenizer, self.context, self.made = form_of(guided), tokenizer, list(prompt), list(made)
-        self.eos, self.ends_at_eos = frozenset(eos), ends_at_eos
-        self.special = _special_ids(tokenizer) - self.eos
-        self.text = self._text([])
+        self.eos, self.ends_at_eos = eos, ends_at_eos
+        self.special = _special_ids(tokenizer) - set(eos)
+        self.blank_ahead = not self.form.starts_blank()  # a tokenizer's leading space is not the form's
+        self.text = text_after(tokenizer, self.context, self.made) if self.made else ""
 
-    def _text(self, more: list[int]) -> str:
-        return text_after(self.tokenizer, self.context, self.made + more) if self.made or more else ""
+    def _with(self, token: int) -> str:
+        """The text with `token` after it: what the token adds after the tokens before it (a few decoded), or
+        the whole text decoded again where it ends inside a character."""
+        if self.text.endswith("\ufffd") or not self.made:
+            return text_after(self.tokenizer, self.context, self.made + [token])
+        return self.text + text_after(self.tokenizer, self.context + self.made, [token])
+
+    def _form_text(self, text: str) -> str | None:
+        """The part of `text` the form checks: all of it, or where the form does not begin with whitespace, what
+        follows at most BLANK_RUN characters of it; None where those are more."""
+        if not self.blank_ahead:
+            return text
+        form = text.lstrip()
+        return form if len(text) - len(form) <= BLANK_RUN else None
 
     def _takes(self, token: int) -> bool:
         if token in self.eos:
-            return self.ends_at_eos and self.form.whole(self.text.lstrip())
-        if token in self.special:  # no text: it would never bring the form nearer
+            form = self._form_text(self.text)
+            return self.ends_at_eos and form is not None and self.form.whole(form)
+        if token in self.special:
             return False
-        text = self._text([token])
-        form = text.lstrip()
-        if len(text) - len(form) > BLANK_RUN:
+        text = self._with(token)
+        form = self._form_text(text)
+        if form is None or text == self.text or not form:  # nothing added (an unlisted special token), or blank
             return False
         if form.endswith("\ufffd"):  # a character begun (its first bytes): one the form takes there may come
             return self.form.viable_begun(form[:-1])
         return self.form.viable(form)
 
-    def pick(self, logits: torch.Tensor, config: SamplingConfig, generator, first: int) -> tuple[int, bool]:
+    def pick(self, logits: torch.Tensor, config: SamplingConfig, generator, first: int) -> tuple[int | None, bool]:
         """(the token, whether the row ends after it) from the row's logits (vocab,) on the host; `first`: the
-        token it picked unguided."""
+        token it picked unguided. (None, True): no token keeps the form, the row ends without one."""
         token = first if self._takes(first) else self._search(logits, config, generator, first)
-        if token is None:  # no token keeps the form: the row ends where it is
-            return (min(self.eos) if self.eos else first), True
+        if token is None:
+            return None, True
         if token not in self.eos:
+            self.text = self._with(token)
             self.made.append(token)
-            self.text = self._text([])
-        form = self.text.lstrip()
-        return token, token in self.eos or (self.form.whole(form) and not self.form.grows(form))
+        form = self._form_text(self.text)
+        return token, token in self.eos or (form is not None and self.form.whole(form) and not self.form.grows(form))
 
     def _search(self, logits: torch.Tensor, config: SamplingConfig, generator, refused: int) -> int | None:
         """Greedy: the likeliest token that keeps the form. Sampling: a draw from the row's distribution over the
@@ -140,8 +171,13 @@ class Guide:
             if kept:
                 pick = torch.multinomial(probs[kept], 1, generator=generator)
                 return kept[int(pick)]
-        order = logits.argsort(descending=True).tolist()  # greedy, or no token the warpers keep keeps the form
-        return next((t for t in order if t != refused and self._takes(t)), None)
+        allowed, order = logits.sort(descending=True)  # greedy, or no token the warpers keep keeps the form
+        for token, logit in zip(order.tolist(), allowed.tolist(), strict=True):
+            if logit == float("-inf"):  # banned (min_tokens, a bias): none of the rest either
+                return None
+            if token != refused and self._takes(token):
+                return token
+        return None
 
 
 def json_object_state(text: str) -> str | None:

@@ -75,7 +75,8 @@ def logit_bias(pairs: list[str]) -> dict[int, float]:
 
 def guided(args) -> tuple:
     """The output's form from --choice, --regex or --json-object (one of them at most)."""
-    forms = [form for form, given in ((("choice", *args.choice), args.choice), (("regex", args.regex), args.regex),
+    forms = [form for form, given in ((("choice", *args.choice), args.choice),
+                                      (("regex", args.regex), args.regex is not None),
                                       (("json_object",), args.json_object)) if given]
     if len(forms) > 1:
         raise InputError("--choice, --regex and --json-object each give the output a form: use one")

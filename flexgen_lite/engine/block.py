@@ -39,7 +39,8 @@ class Block:
     # per batch: (active rows on the host, the same on the compute device), copied when they change
     _device_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _eos_ids: torch.Tensor | None = field(default=None, repr=False)  # eos on the compute device
-    _ending: list[int] = field(default_factory=list, repr=False)  # rows whose form ends them after this step
+    _ending: list[tuple[int, bool]] = field(default_factory=list, repr=False)  # guided rows that end after this
+    # step, and whether the token they chose is kept
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], rows: int, gpu_batch_size: int, gen_len: int,
@@ -109,9 +110,10 @@ class Block:
         for k, ((_, row), row_logits) in enumerate(zip(guided, logits[index].float().cpu(), strict=True)):
             config = self.samplings[row] if self.samplings is not None else sampling
             generator = self.generators[row] if self.generators is not None else None
-            picked[k], ends = self.guides[row].pick(row_logits, config, generator, picked[k])
-            if ends:
-                self._ending.append(row)
+            token, ends = self.guides[row].pick(row_logits, config, generator, picked[k])
+            if ends:  # its form is whole and cannot grow, or nothing keeps it (no token: this one is dropped)
+                self._ending.append((row, token is not None))
+            picked[k] = picked[k] if token is None else token
         ids = ids.clone()
         ids[index] = torch.tensor(picked, device=ids.device)
         return ids
@@ -224,9 +226,10 @@ class Block:
             self.finished |= hit if self.ends_at_eos is None else hit & self.ends_at_eos
         if self.limit is not None:
             self.finished |= self.length >= self.limit
-        if self._ending:  # guided rows whose form is whole and cannot grow
-            self.finished[self._ending] = True
-            self._ending.clear()
+        for row, kept in self._ending:  # guided rows whose form is whole and cannot grow, or is out of reach
+            self.finished[row] = True
+            self.length[row] -= int(not kept)
+        self._ending.clear()
         self.generated += 1
 
     def new_tokens(self, row: int, last: int | None = None) -> list[int]:
