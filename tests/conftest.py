@@ -45,7 +45,7 @@ SLOW_FILES = {"test_ray.py": 57, "test_gpu_suite.py": 49, "test_policy_search.py
               "test_gguf_quants.py": 18, "test_cancel.py": 14, "test_quality.py": 13, "test_int4_gemv_triton.py": 12,
               "test_disk_tier.py": 12, "test_decode_graph.py": 12, "test_parity.py": 11, "test_shared_prefix.py": 10,
               "test_offload_features.py": 9, "test_decode_fused.py": 8, "test_signals.py": 8, "test_generation.py": 7,
-              "test_cost_model_cuda.py": 7, "test_examples.py": 6}
+              "test_cost_model_cuda.py": 7, "test_examples.py": 6, "test_guided.py": 12}
 
 
 def pytest_collection_modifyitems(config, items) -> None:

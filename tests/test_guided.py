@@ -111,8 +111,8 @@ def test_guided_greedy_is_transformers_logits_picked_by_the_form(tiny_models, po
 
 def test_sampling_draws_from_the_distribution_restricted_to_the_form(tiny_models):
     """A first token under three choices: the tokens that keep the form are the words that begin one (w3 and w30
-    begin w300); their frequencies over 600 rows within 4.5 sigma of the model's probabilities renormalised over
-    them. Rows with their own seeds sample as alone, and again the same."""
+    begin w300); their frequencies over 300 rows within 4.5 sigma of the model's probabilities renormalised over
+    them. Rows with their own seeds sample as alone."""
     tiny_dir, model = tiny_models["llama"]
     prompt = PROMPTS[0]
     choices, keep = ("w5", "w9", "w300"), [5, 9, 3, 30, 300]
@@ -121,14 +121,13 @@ def test_sampling_draws_from_the_distribution_restricted_to_the_form(tiny_models
     probs = logits[keep].softmax(-1)
     config = SamplingConfig(max_new_tokens=1, temperature=1.0, seed=3, guided=("choice", *choices))
     with FlexGenLite(str(tiny_dir), policy=Policy(gpu_batch_size=100, num_gpu_batches=2, dtype="float32")) as m:
-        ids = m.generate_ids([prompt] * 600, config)
-        again = m.generate_ids([prompt] * 600, config)
-        alone = [m.generate_ids([prompt], config, indices=[i])[0] for i in (0, 7, 599)]
-    assert ids == again and [ids[i] for i in (0, 7, 599)] == alone
+        ids = m.generate_ids([prompt] * 300, config)
+        alone = [m.generate_ids([prompt], config, indices=[i])[0] for i in (0, 7, 299)]
+    assert [ids[i] for i in (0, 7, 299)] == alone
     counts = torch.tensor([sum(i == [t] for i in ids) for t in keep], dtype=torch.float)
-    assert counts.sum() == 600
-    sigma = (600 * probs * (1 - probs)).sqrt()
-    assert ((counts - 600 * probs).abs() <= 4.5 * sigma + 1).all(), (counts, 600 * probs)
+    assert counts.sum() == 300
+    sigma = (300 * probs * (1 - probs)).sqrt()
+    assert ((counts - 300 * probs).abs() <= 4.5 * sigma + 1).all(), (counts, 300 * probs)
 
 
 def test_rows_of_their_own_forms_share_a_block_and_carry_on(tiny_models):
@@ -146,10 +145,11 @@ def test_json_mode_gives_json_objects_from_a_real_model(smollm):
     asks = ["Give a fictional person's name and age as JSON.", "Describe a cat as JSON with keys color and legs."]
     with FlexGenLite(path, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
         greedy = m.generate(asks, chat=True, max_new_tokens=48, guided=("json_object",))
-        sampled = m.generate(asks, chat=True, max_new_tokens=48, guided=("json_object",), temperature=1.0, seed=0)
+        sampled = m.generate(asks[1:], chat=True, max_new_tokens=32, guided=("json_object",), temperature=1.0,
+                             seed=0)
         choice = m.generate(["Is Paris the capital of France? Answer yes or no."], chat=True,
                             guided=("choice", "yes", "no"))
-    for text in greedy + sampled:  # an object, or where 48 tokens ran out, its beginning
+    for text in greedy + sampled:  # an object, or where the tokens ran out, its beginning
         assert json_object_state(text) in ("whole", "open")
         if json_object_state(text) == "whole":
             assert isinstance(json.loads(text), dict)
