@@ -1,5 +1,5 @@
-"""Outputs held to a form (vLLM's guided decoding, OpenAI's JSON mode): one of given choices, a whole match of a
-regular expression, or a JSON object.
+"""Outputs held to a form (vLLM's guided decoding, OpenAI's JSON mode and structured outputs): one of given
+choices, a whole match of a regular expression, a JSON object, or JSON of a schema (kernels/json_form.py).
 
 A guided row picks its token on the host, from its logits after its rules (logit_rules.py): the token it would
 pick anyway (greedy: the likeliest; sampling: its draw) unless that token leaves no way to the form; then the
@@ -14,19 +14,18 @@ prompt and the tokens before it)."""
 from __future__ import annotations
 
 import bisect
+import json
 
 import regex
 import torch
 
 from .completion_text import _special_ids, text_after
+from .kernels.json_form import BLANK_RUN, json_state
 from .kernels.sampling import SamplingConfig, warped
 
 UNREAD = 1e-4  # sampling: the tokens that keep the form are read until the others' mass is below this of theirs
 READ_AT_MOST = 1024  # ... or this many tokens have been read (a form the model finds unlikely: the rest's mass,
 # a little of the whole, is left out)
-BLANK_RUN = 16  # whitespace a JSON object may hold in a row (a model in JSON mode can emit it without end)
-NUMBER = regex.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
-LITERALS = ("true", "false", "null")
 BEGUN = ("\u00e9", "\u4e2d", "\U0001f600")  # characters of 2, 3 and 4 UTF-8 bytes
 
 
@@ -83,12 +82,15 @@ class Pattern(Form):
         return True  # a regular expression's whole match may go on (a row ends at eos, or at a token no form takes)
 
 
-class JsonObject(Form):
+class Json(Form):
+    def __init__(self, schema: dict):
+        self.schema = schema
+
     def viable(self, text: str) -> bool:
-        return json_object_state(text) is not None
+        return json_state(text, self.schema) is not None
 
     def whole(self, text: str) -> bool:
-        return json_object_state(text) == "whole"
+        return json_state(text, self.schema) == "whole"
 
     def grows(self, text: str) -> bool:
         return not self.whole(text)
@@ -97,7 +99,7 @@ class JsonObject(Form):
 def form_of(guided: tuple):
     kind, *args = guided
     return {"choice": lambda: Choice(tuple(args)), "regex": lambda: Pattern(args[0]),
-            "json_object": JsonObject}[kind]()
+            "json_object": lambda: Json({"type": "object"}), "json_schema": lambda: Json(json.loads(args[0]))}[kind]()
 
 
 class Guide:
@@ -178,85 +180,3 @@ class Guide:
             if token != refused and self._takes(token):
                 return token
         return None
-
-
-def json_object_state(text: str) -> str | None:
-    """Whether `text` begins a JSON object ("open"), is one ("whole": nothing after its last brace), or neither
-    (None). Whitespace between tokens at most BLANK_RUN characters in a row; none before or after the object."""
-    stack: list[str] = []
-    expect, i, n, blank = "start", 0, len(text), 0
-    while i < n:
-        ch = text[i]
-        if ch in " \t\n\r" and expect not in ("start", "end"):
-            blank += 1
-            if blank > BLANK_RUN:
-                return None
-            i += 1
-            continue
-        blank = 0
-        if expect == "start" and ch == "{" or expect in ("value", "value_or_close") and ch in "{[":
-            stack.append(ch)
-            expect, i = ("key_or_close" if ch == "{" else "value_or_close"), i + 1
-        elif expect in ("key_or_close", "comma_or_close") and ch == "}" and stack[-1] == "{" \
-                or expect in ("value_or_close", "comma_or_close") and ch == "]" and stack[-1] == "[":
-            stack.pop()
-            expect, i = ("comma_or_close" if stack else "end"), i + 1
-        elif expect in ("key_or_close", "key") and ch == '"' or expect in ("value", "value_or_close") and ch == '"':
-            end = _string_end(text, i)
-            if end is None or end == n:
-                return None if end is None else "open"
-            expect, i = ("colon" if expect.startswith("key") else "comma_or_close"), end
-        elif expect == "colon" and ch == ":":
-            expect, i = "value", i + 1
-        elif expect == "comma_or_close" and ch == ",":
-            expect, i = ("key" if stack[-1] == "{" else "value"), i + 1
-        elif expect in ("value", "value_or_close") and (ch == "-" or ch.isdigit() and ch.isascii()):
-            end = i
-            while end < n and text[end] in "0123456789.eE+-":
-                end += 1
-            match = NUMBER.fullmatch(text[i:end], partial=end == n)
-            if match is None:
-                return None
-            if end == n:
-                return "open"
-            expect, i = "comma_or_close", end
-        elif expect in ("value", "value_or_close") and ch in "tfn":
-            word = next(w for w in LITERALS if w[0] == ch)
-            if not word.startswith(text[i:i + len(word)]):
-                return None
-            if i + len(word) > n:
-                return "open"
-            expect, i = "comma_or_close", i + len(word)
-        else:
-            return None
-    return "whole" if expect == "end" else "open"
-
-
-def _string_end(text: str, i: int) -> int | None:
-    """The index after the JSON string opening at text[i], len(text) where it is still open, None where it is
-    not a JSON string's beginning."""
-    j, n = i + 1, len(text)
-    while j < n:
-        ch = text[j]
-        if ch == '"':
-            return j + 1
-        if ch == "\\":
-            if j + 1 == n:
-                return n
-            escape = text[j + 1]
-            if escape == "u":
-                digits = text[j + 2:j + 6]
-                if any(c not in "0123456789abcdefABCDEF" for c in digits):
-                    return None
-                if len(digits) < 4:
-                    return n
-                j += 6
-            elif escape in '"\\/bfnrt':
-                j += 2
-            else:
-                return None
-        elif ord(ch) < 0x20:
-            return None
-        else:
-            j += 1
-    return n

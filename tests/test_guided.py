@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexgen_lite import FlexGenLite, Policy, SamplingConfig
-from flexgen_lite.guided import json_object_state
+from flexgen_lite.kernels.json_form import json_object_state
 
 from .conftest import PROMPTS
 
@@ -144,8 +144,8 @@ def test_json_mode_gives_json_objects_from_a_real_model(smollm):
     path, _ = smollm
     asks = ["Give a fictional person's name and age as JSON.", "Describe a cat as JSON with keys color and legs."]
     with FlexGenLite(path, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
-        greedy = m.generate(asks, chat=True, max_new_tokens=48, guided=("json_object",))
-        sampled = m.generate(asks[1:], chat=True, max_new_tokens=32, guided=("json_object",), temperature=1.0,
+        greedy = m.generate(asks[:1], chat=True, max_new_tokens=48, guided=("json_object",))
+        sampled = m.generate(asks[1:], chat=True, max_new_tokens=24, guided=("json_object",), temperature=1.0,
                              seed=0)
         choice = m.generate(["Is Paris the capital of France? Answer yes or no."], chat=True,
                             guided=("choice", "yes", "no"))
@@ -177,7 +177,8 @@ def test_the_doors_and_the_command_line_take_the_forms(tiny_models, capsys):
         for bad, field in (({"guided_regex": "("}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
                            ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
                            ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-                           ({"guided_json": {"type": "object"}}, "guided_json")):
+                           ({"guided_grammar": "root ::= x"}, "guided_grammar"),
+                           ({"guided_json": {"type": "object", "oneOf": []}}, "guided_json")):
             with pytest.raises(RequestError) as e:
                 prepare("/v1/completions", {"prompt": "w5", **bad}, served)
             assert e.value.status == 400 and e.value.param == field, (bad, e.value.message)
@@ -215,3 +216,86 @@ def test_helper_47s_cases_on_a_real_tokenizer(smollm):
     logits = torch.full_like(logits, float("-inf"))
     logits[0] = 1.0
     assert banned.pick(logits, SamplingConfig(4), None, 0) == (None, True)  # y and n banned: not taken
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets", "role", "boss"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                         "pets": {"type": "array", "items": {"$ref": "#/$defs/pet"}, "maxItems": 2},
+                         "role": {"enum": ["admin", "user"]}, "boss": {"anyOf": [{"type": "null"}, {"type": "string"}]},
+                         "score": {"type": "number"}},
+          "$defs": {"pet": {"type": "object", "properties": {"kind": {"type": "string"}, "legs": {"type": "integer"}},
+                            "required": ["kind"]}}}
+PETS = st.lists(st.fixed_dictionaries({"kind": st.text(max_size=4)}, optional={"legs": st.integers(0, 8)}),
+                max_size=2)
+PEOPLE = st.fixed_dictionaries(
+    {"name": st.text(max_size=6), "age": st.integers(-5, 200), "pets": PETS, "role": st.sampled_from(["admin", "user"]),
+     "boss": st.none() | st.text(max_size=4)},
+    optional={"score": st.floats(allow_nan=False, allow_infinity=False)})
+
+
+@settings(max_examples=200, deadline=None)
+@given(PEOPLE, st.sampled_from([None, 2]), st.randoms())
+def test_a_schemas_instances_read_whole_and_their_prefixes_open(person, indent, rnd):
+    """jsonschema (the reference) takes every instance; the reader calls each whole and each prefix open, and the
+    instance with a key dropped, a key added, or a value of another type never whole."""
+    import jsonschema
+
+    from flexgen_lite.kernels.json_form import json_state
+
+    jsonschema.validate(person, PERSON)
+    keys = list(person)
+    rnd.shuffle(keys)
+    text = json.dumps({k: person[k] for k in keys}, indent=indent)  # any order of the keys
+    assert json_state(text, PERSON) == "whole"
+    assert all(json_state(text[:i], PERSON) == "open" for i in range(len(text)))
+    dropped = rnd.choice(PERSON["required"])
+    for broken in ({k: v for k, v in person.items() if k != dropped}, person | {"x": 1},
+                   person | {"age": 1.5}, person | {"role": "root"}, person | {"pets": [{"legs": 2}]},
+                   person | {"pets": [{"kind": "a"}] * 3}):
+        assert json_state(json.dumps(broken, indent=indent), PERSON) != "whole"
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, PERSON)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet='{}[]":, nameg1-.0adminusertrulkpsbo', max_size=40))
+def test_what_it_calls_whole_jsonschema_validates(text):
+    import jsonschema
+
+    from flexgen_lite.kernels.json_form import json_state
+
+    if json_state(text, PERSON) == "whole":
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_a_real_model_writes_json_of_a_schema_through_the_api_the_doors_and_the_command_line(smollm, tmp_path,
+                                                                                              capsys):
+    import jsonschema
+
+    from flexgen_lite.cli.main import main
+    from flexgen_lite.openai_api.requests import RequestError, Served, prepare
+    from flexgen_lite.openai_api.runner import run_jobs
+
+    path, _ = smollm
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "role": {"enum": ["admin", "user"]}},
+              "required": ["name", "age", "role"], "additionalProperties": False}
+    ask = "Describe a fictional person as JSON."
+    with FlexGenLite(path, policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        text = m.generate(ask, chat=True, max_new_tokens=40, guided=("json_schema", json.dumps(schema)))
+        served = Served("smol", m.config, m.tokenizer)
+        body = {"messages": [{"role": "user", "content": ask}], "max_tokens": 40, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}
+        door = run_jobs(m, prepare("/v1/chat/completions", body, served).jobs)[0].text
+        for bad in ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string",
+                                                                                          "minLength": 2}}}},
+                    {"guided_json": "{not json"}, {"response_format": {"type": "json_schema"}}):
+            with pytest.raises(RequestError) as e:
+                prepare("/v1/chat/completions", {**body, "response_format": None} | bad, served)
+            assert e.value.status == 400 and e.value.param in ("response_format", "guided_json"), e.value.message
+    jsonschema.validate(json.loads(text), schema)
+    assert door == text
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    main(["generate", "--model", path, "--dtype", "float32", "--policy", "manual", "--max-new-tokens", "40", "--chat",
+          "--json", "--json-schema", f"@{tmp_path / 'schema.json'}", ask])
+    assert json.loads(capsys.readouterr().out)["text"] == text

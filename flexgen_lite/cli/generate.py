@@ -54,6 +54,8 @@ def add_sampling_flags(g) -> None:
                    help="the output is one of these texts (repeatable; vLLM's guided_choice)")
     g.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression whole")
     g.add_argument("--json-object", action="store_true", help="the output is a JSON object (OpenAI's JSON mode)")
+    g.add_argument("--json-schema", metavar="SCHEMA", help="the output is JSON of this JSON schema (its text, or "
+                   "@FILE; OpenAI's structured outputs)")
     g.add_argument("--stop-token-id", dest="stop_token_ids", action="append", default=[], type=int, metavar="ID",
                    help="a token that ends the output as end-of-sequence does (repeatable)")
 
@@ -75,11 +77,19 @@ def logit_bias(pairs: list[str]) -> dict[int, float]:
 
 def guided(args) -> tuple:
     """The output's form from --choice, --regex or --json-object (one of them at most)."""
+    schema = args.json_schema
+    if schema is not None and schema.startswith("@"):
+        try:
+            with open(schema[1:], encoding="utf-8-sig") as f:
+                schema = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--json-schema {schema}: cannot read it ({e})") from None
     forms = [form for form, given in ((("choice", *args.choice), args.choice),
                                       (("regex", args.regex), args.regex is not None),
-                                      (("json_object",), args.json_object)) if given]
+                                      (("json_object",), args.json_object),
+                                      (("json_schema", schema), schema is not None)) if given]
     if len(forms) > 1:
-        raise InputError("--choice, --regex and --json-object each give the output a form: use one")
+        raise InputError("--choice, --regex, --json-object and --json-schema each give the output a form: use one")
     return forms[0] if forms else ()
 
 
@@ -96,7 +106,7 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
 RULES = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
          "logit_bias": [], "min_tokens": 0, "stop_token_ids": []}
 RULE_FLAGS = {key: "--" + key.replace("_", "-").replace("-ids", "-id") for key in RULES} | {
-    "guided": "--choice/--regex/--json-object"}
+    "guided": "--choice/--regex/--json-object/--json-schema"}
 CARRY_OVER = {"auto": None, "always": True, "never": False}  # --carry-over: generate_ids' carry_over
 
 

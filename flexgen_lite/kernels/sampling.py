@@ -30,7 +30,8 @@ class SamplingConfig:
     min_tokens: int = 0  # no eos (nor stop_token_ids) before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the output as eos does (kept in its ids)
-    # the output's form (guided.py): ("choice", text, ...), ("regex", pattern) or ("json_object",); () none
+    # the output's form (guided.py): ("choice", text, ...), ("regex", pattern), ("json_object",) or ("json_schema",
+    # the schema as JSON text); () none
     guided: tuple = ()
 
     def __post_init__(self) -> None:
@@ -123,8 +124,17 @@ class SamplingConfig:
             return
         if kind == "json_object" and not args:
             return
-        raise ValueError(f"guided must be ('choice', text, ...) with non-empty texts, ('regex', pattern) or "
-                         f"('json_object',), got {guided!r}")
+        if kind == "json_schema" and len(args) == 1 and isinstance(args[0], str):
+            import json
+
+            from .json_form import check_schema
+            try:
+                check_schema(json.loads(args[0]))
+            except ValueError as e:  # the text is not JSON, or the schema asks what is not read
+                raise ValueError(f"guided json_schema: {e}") from None
+            return
+        raise ValueError(f"guided must be ('choice', text, ...) with non-empty texts, ('regex', pattern), "
+                         f"('json_object',) or ('json_schema', schema as JSON text), got {guided!r}")
 
     def rules(self) -> bool:
         """Whether this config changes its logits before picking (logit_rules.py)."""

@@ -5,6 +5,7 @@ Requests ignore unknown fields (as the OpenAI API does) and refuse invalid value
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -97,10 +98,20 @@ class Request(BaseModel):
             forms.append(("choice", *self.guided_choice))
         if self.guided_regex is not None:
             forms.append(("regex", self.guided_regex))
-        if (self.response_format or {}).get("type") == "json_object":
+        response = self.response_format or {}
+        if response.get("type") == "json_object":
             forms.append(("json_object",))
+        if response.get("type") == "json_schema":  # OpenAI's structured outputs
+            schema = (response.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs json_schema.schema, an object")
+            forms.append(("json_schema", json.dumps(schema)))
+        if self.guided_json is not None:  # vLLM's: the schema, or its JSON text
+            forms.append(("json_schema", self.guided_json if isinstance(self.guided_json, str)
+                          else json.dumps(self.guided_json)))
         if len(forms) > 1:
-            raise ValueError("guided_choice, guided_regex and response_format json_object: give one at most")
+            raise ValueError("guided_choice, guided_regex, guided_json and response_format json_object or "
+                             "json_schema: give one at most")
         return forms[0] if forms else ()
 
     def unsupported(self) -> str | None:
@@ -109,11 +120,11 @@ class Request(BaseModel):
                    "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,),
                    "use_beam_search": (None, False), "length_penalty": (None, 1), "truncate_prompt_tokens": (None,),
                    "allowed_token_ids": (None,), "bad_words": (None, []), "skip_special_tokens": (None, True),
-                   "guided_json": (None,), "guided_grammar": (None,)}
+                   "guided_grammar": (None,)}
         for name, values in neutral.items():
             if getattr(self, name) not in values:
                 return name
-        if self.response_format not in (None, {"type": "text"}, {"type": "json_object"}):
+        if (self.response_format or {}).get("type") not in (None, "text", "json_object", "json_schema"):
             return "response_format"
         return None
 

@@ -165,7 +165,7 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
     try:
         rules = request.rules()
     except ValueError as e:
-        field = "logit_bias" if "logit_bias" in str(e) else "guided_choice"
+        field = str(e).split()[0].strip(",:")  # each of rules()'s messages begins with its field
         raise RequestError(400, str(e), field, "invalid_value") from None
     for name in ("logit_bias", "stop_token_ids"):
         if any(not 0 <= int(i) < served.config.vocab_size for i in rules[name]):
@@ -185,8 +185,9 @@ def prepare(url: str, body: dict | BaseModel, served: Served) -> Work:
                                       **rules)
         except ValueError as e:
             field = next((f for f in ("min_tokens", "stop", "guided") if f in str(e)), None)
-            if field == "guided":
-                field = "guided_regex" if request.guided_regex is not None else "guided_choice"
+            if field == "guided":  # the field that gave the form
+                field = next((f for f in ("guided_choice", "guided_regex", "guided_json") if getattr(request, f)
+                              is not None), "response_format")
             raise RequestError(400, str(e), field, "invalid_value") from None
         # seeded by its choice alone: a prompt of a list samples as it would sent alone (as vLLM's)
         jobs += [Job(tuple(ids), sampling, j, logprobs, prompt_logprobs, not scored_only) for j in range(request.n)]
