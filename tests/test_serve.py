@@ -309,7 +309,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         assert status == 400 and json.loads(text)["error"]["code"] == "invalid_value", text
     # fields that change outputs and are not done here: refused, not ignored; their neutral values pass
     for field, value in (("best_of", 3), ("suffix", "w9"), ("response_format", {"type": "json_schema"}),
-                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("guided_json", {}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("guided_json", {"oneOf": []}),
                          ("guided_regex", "("), ("guided_choice", []),
                          ("prompt_logprobs", 1), ("use_beam_search", True), ("skip_special_tokens", False),
                          ("tool_choice", "required"),
