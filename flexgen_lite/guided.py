@@ -20,7 +20,7 @@ import regex
 import torch
 
 from .completion_text import _special_ids, text_after
-from .kernels.json_form import BLANK_RUN, json_state
+from .kernels.json_form import BLANK_RUN, json_grows, json_state
 from .kernels.sampling import SamplingConfig, warped
 
 UNREAD = 1e-4  # sampling: the tokens that keep the form are read until the others' mass is below this of theirs
@@ -93,7 +93,7 @@ class Json(Form):
         return json_state(text, self.schema) == "whole"
 
     def grows(self, text: str) -> bool:
-        return not self.whole(text)
+        return json_grows(text, self.schema)
 
 
 def form_of(guided: tuple):

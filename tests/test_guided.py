@@ -299,3 +299,29 @@ def test_a_real_model_writes_json_of_a_schema_through_the_api_the_doors_and_the_
     main(["generate", "--model", path, "--dtype", "float32", "--policy", "manual", "--max-new-tokens", "40", "--chat",
           "--json", "--json-schema", f"@{tmp_path / 'schema.json'}", ask])
     assert json.loads(capsys.readouterr().out)["text"] == text
+
+
+def test_helper_48s_schemas():
+    """Schemas a reader of one keyword at a time would misread, loop on or crash at are refused by name up front
+    (a $ref loop hung the engine; a missing one failed every request batched with it); numbers at the top end
+    whole and may go on; a number literal is not the start of a longer one; an enum's value in any spelling."""
+    from flexgen_lite.kernels.json_form import SchemaError, check_schema, json_grows, json_state
+
+    refused = [{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+               {"$ref": "#/$defs/zz"}, {"$ref": "#/$defs/a/properties/b", "$defs": {"a": {}}}, {"type": 5},
+               {"properties": [1]}, {"$ref": 5}, {"anyOf": 5}, {"anyOf": []}, {"enum": []}, {"required": True},
+               {"minItems": "2"}, {"type": "object", "anyOf": [{"type": "string"}]}, {"const": 1, "enum": [2]},
+               {"$defs": {"o": {"type": "object"}}, "$ref": "#/$defs/o", "required": ["x"]},
+               {"enum": [[]], "minItems": 1}, {"properties": {"a": {"type": "string"}}, "required": ["b"]},
+               {"type": "array", "minItems": 2, "maxItems": 1}]
+    for schema in refused:
+        with pytest.raises(SchemaError):
+            check_schema(schema)
+    assert json_state("12", {"type": "integer"}) == "whole" and json_grows("12", {"type": "integer"})
+    assert json_state("18.", {"type": "number"}) == "open"
+    assert json_state("12", {"enum": [1, 12]}) == json_state("[12]", {"items": {"enum": [1, 12]}}) == "whole"
+    assert json_state('{"a":1}', {"enum": [{"a": 1}]}) == json_state('"é"', {"enum": ["é"]}) == "whole"
+    assert json_state("1", {"type": "string", "enum": ["a", 1]}) is None
+    assert json_state('{"é', {"properties": {"é": {"type": "integer"}}}) == "open"
+    assert json_state("{}", {"anyOf": [False, {"type": "object"}]}) == "whole"
+    assert not json_grows('{"a": 1}', {"type": "object"})
