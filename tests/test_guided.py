@@ -325,3 +325,17 @@ def test_helper_48s_schemas():
     assert json_state('{"é', {"properties": {"é": {"type": "integer"}}}) == "open"
     assert json_state("{}", {"anyOf": [False, {"type": "object"}]}) == "whole"
     assert not json_grows('{"a": 1}', {"type": "object"})
+
+
+def test_a_row_ended_without_a_token_keeps_logprobs_for_its_tokens_alone(tiny_models):
+    """A dead end (w30 and nothing spells w300's last 0) drops the step's token, and its logprobs with it."""
+    from flexgen_lite.openai_api.requests import Served, prepare
+    from flexgen_lite.openai_api.runner import run_jobs
+
+    with FlexGenLite(str(tiny_models["llama"][0]), policy=Policy(gpu_batch_size=4, dtype="float32")) as m:
+        served = Served("tiny", m.config, m.tokenizer)
+        bodies = [{"prompt": "w300 w5", "max_tokens": 6, "temperature": 0, "logprobs": 2, "guided_choice": choices}
+                  for choices in (["w300"], ["w30 w7", "w300"])]
+        for body in bodies:
+            out = run_jobs(m, prepare("/v1/completions", body, served).jobs)[0]
+            assert len(out.logprobs) == len(out.token_ids) >= 1

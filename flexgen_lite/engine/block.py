@@ -229,6 +229,8 @@ class Block:
         for row, kept in self._ending:  # guided rows whose form is whole and cannot grow, or is out of reach
             self.finished[row] = True
             self.length[row] -= int(not kept)
+            if not kept and self.logprobs is not None and self.logprobs[row] is not None:
+                self.row_logprobs[row].pop()  # the dropped token's
         self._ending.clear()
         self.generated += 1
 
